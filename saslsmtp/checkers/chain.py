@@ -1,0 +1,62 @@
+"""The backend chain: the first backend that accepts wins.
+
+None accepts and at least one failed temporarily -> ``TemporaryFailure`` (454 4.7.0);
+every one rejected -> ``UnauthorizedLogin`` (535 5.7.8).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from saslsmtp.credentials import AuthenticatedIdentity, IAuthenticatedIdentity
+from saslsmtp.errors import TemporaryFailure
+
+log = Logger()
+
+
+@implementer(ICredentialsChecker)
+class BackendChain:
+    """Tries named checkers in order for ``IUsernamePassword`` credentials."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, backends: Sequence[tuple[str, ICredentialsChecker]]) -> None:
+        self.backends = list(backends)
+
+    @inlineCallbacks
+    def requestAvatarId(self, credentials):  # type: ignore[no-untyped-def]
+        temporary = False
+        for name, checker in self.backends:
+            try:
+                avatar_id = yield maybeDeferred(checker.requestAvatarId, credentials)
+            except UnauthorizedLogin:
+                continue
+            except TemporaryFailure as e:
+                log.info("backend {name} failed temporarily: {why}", name=name, why=str(e))
+                temporary = True
+                continue
+            except Exception:
+                log.failure("backend {name} raised an unexpected error", name=name)
+                temporary = True
+                continue
+            return avatar_id
+        if temporary:
+            raise TemporaryFailure("no backend accepted and at least one failed temporarily")
+        raise UnauthorizedLogin("no backend accepted the credentials")
+
+
+@implementer(ICredentialsChecker)
+class TrustedIdentityChecker:
+    """Turns an ``AuthenticatedIdentity`` (an exchange that proved itself) into an avatar id."""
+
+    credentialInterfaces = (IAuthenticatedIdentity,)
+
+    def requestAvatarId(self, credentials: AuthenticatedIdentity) -> "Deferred[bytes]":
+        return maybeDeferred(lambda: credentials.username)

@@ -1,0 +1,70 @@
+"""Credentials that carry the SMTP session with them, so backends can see it.
+
+``PasswordCredentials`` provides Twisted's ``IUsernamePassword``; any stock checker
+works with it.  Our backends also read ``credentials.session`` (remote IP, TLS,
+mechanism) when they need it, e.g. the HTTP and Dovecot backends.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+
+from twisted.cred.credentials import IUsernamePassword
+from zope.interface import Interface, implementer
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a mechanism, checker or script may know about the connection."""
+
+    remote_ip: str = ""
+    remote_port: int = 0
+    local_ip: str = ""
+    local_port: int = 0
+    helo: str = ""
+    tls: bool = False
+    hostname: str = "localhost"
+    mechanism: str = ""
+
+
+@implementer(IUsernamePassword)
+class PasswordCredentials:
+    """A username and password from PLAIN or LOGIN, plus the session they came from.
+
+    ``username`` and ``password`` are UTF-8 bytes, as ``IUsernamePassword`` wants;
+    ``repr()`` never shows the password.
+    """
+
+    def __init__(self, username: bytes, password: bytes, session: SessionInfo | None = None,
+                 authzid: bytes = b"") -> None:
+        self.username = username
+        self.password = password
+        self.authzid = authzid
+        self.session = session or SessionInfo()
+        # Filled in by a checker that has a reason to send with 235 (the AUTH script).
+        self.success_text: str | None = None
+
+    def checkPassword(self, password: bytes) -> bool:
+        """Constant-time comparison against a plaintext stored password."""
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return hmac.compare_digest(self.password, password)
+
+    def __repr__(self) -> str:
+        return f"<PasswordCredentials username={self.username!r} password=***>"
+
+
+class IAuthenticatedIdentity(Interface):
+    """Credentials whose exchange has already proven the identity (a script's Accept,
+    a SCRAM proof); the portal's trusting checker only turns them into an avatar id."""
+
+
+@implementer(IAuthenticatedIdentity)
+@dataclass(frozen=True)
+class AuthenticatedIdentity:
+    """The outcome of an exchange that verified itself; ``success_text`` goes with 235."""
+
+    username: bytes
+    mechanism: str = ""
+    success_text: str | None = field(default=None)
