@@ -1,0 +1,42 @@
+"""What every mechanism provides, and the spec the engine needs to offer it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Secret, Session
+
+
+class Mechanism(Protocol):
+    """One AUTH exchange.  See the theory of operation in ``saslsmtp.sasl``."""
+
+    def start(self, initial: bytes | None) -> Outcome: ...
+
+    def receive(self, response: bytes) -> Outcome: ...
+
+    def resume(self, secret: Secret | None) -> Outcome: ...
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """How the engine offers a mechanism.
+
+    ``plaintext``: the password crosses the wire (hidden before TLS under require_tls).
+    ``client_first``: an initial response is allowed (server-first ones answer 501).
+    ``needs_tls``: never offered without TLS (OAUTHBEARER, the -PLUS variants, EXTERNAL).
+    ``factory(session)``: a fresh mechanism for one exchange.
+    """
+
+    name: str
+    factory: Callable[[Session], Mechanism]
+    plaintext: bool = False
+    client_first: bool = True
+    needs_tls: bool = False
+
+
+class NoLookup:
+    """Mixin for mechanisms that never return ``Lookup``."""
+
+    def resume(self, secret: Secret | None) -> Outcome:
+        raise MechanismStateError(f"{type(self).__name__} never asked for a secret")

@@ -1,0 +1,109 @@
+"""Frozen outcome values shared by built-in mechanisms and the AUTH script.
+
+``Accept``, ``Reject``, ``Defer`` and ``Reply`` are also exactly what an AUTH script
+returns (``saslsmtp.script`` re-exports them), so there is one result convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send ``334 base64(payload)``; the next client line continues the exchange."""
+
+    payload: bytes | str = b""
+
+    def payload_bytes(self) -> bytes:
+        p = self.payload
+        return p.encode("utf-8") if isinstance(p, str) else bytes(p)
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Success: ``235 2.7.0 <reason>``; ``username`` is the authenticated identity."""
+
+    username: str | bytes | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Permanent failure: ``535 5.7.8 <reason>`` unless told otherwise."""
+
+    reason: str | None = None
+    code: int = 535
+    enhanced: str | None = "5.7.8"
+    disconnect: bool = False
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Temporary failure: ``454 4.7.0 <reason>`` unless told otherwise."""
+
+    reason: str | None = None
+    code: int = 454
+    enhanced: str | None = "4.7.0"
+    disconnect: bool = False
+
+
+@dataclass(frozen=True, repr=False)
+class Verify:
+    """Ask the backends whether ``password`` is right for ``username``."""
+
+    username: str
+    password: str
+    authzid: str = ""
+
+    def __repr__(self) -> str:
+        return f"Verify(username={self.username!r}, password=***, authzid={self.authzid!r})"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Ask the backends for a stored secret of ``username`` in one of ``kinds``
+    (e.g. ``"plaintext"``, ``"cram-md5"``, ``"scram-sha-256"``); then ``resume``."""
+
+    username: str
+    kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True, repr=False)
+class Secret:
+    """A stored secret handed back to ``resume``: its ``kind`` and ``value``."""
+
+    kind: str
+    value: object
+
+    def __repr__(self) -> str:
+        return f"Secret(kind={self.kind!r}, value=***)"
+
+
+Outcome = Union[Reply, Accept, Reject, Defer, Verify, Lookup]
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a mechanism may know about the connection.
+
+    ``channel_bindings`` maps a channel-binding type (``"tls-unique"``,
+    ``"tls-exporter"``, ``"tls-server-end-point"``) to its data when TLS is up;
+    ``client_certificate`` is the verified TLS client certificate identity fields.
+    """
+
+    remote_ip: str = ""
+    remote_port: int = 0
+    local_ip: str = ""
+    local_port: int = 0
+    helo: str = ""
+    tls: bool = False
+    hostname: str = "localhost"
+    mechanism: str = ""
+    channel_bindings: Mapping[str, bytes] = field(default_factory=dict)
+    client_certificate: Mapping[str, object] | None = None
+
+
+class MechanismStateError(RuntimeError):
+    """A mechanism was driven out of order (a bug in the caller, not the client)."""

@@ -1,0 +1,49 @@
+"""PLAIN (RFC 4616): one client message ``[authzid] NUL authcid NUL passwd``."""
+
+from __future__ import annotations
+
+from saslsmtp.sasl.mechanism import MechanismSpec, NoLookup
+from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reject, Reply, Session, Verify
+
+MAX_FIELD = 255 * 4  # RFC 4616 asks for at least 255 octets per field; allow UTF-8 slack
+
+MALFORMED = Reject("Malformed PLAIN response")
+BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
+
+
+class Plain(NoLookup):
+    """Client-first: without an initial response the server sends an empty challenge."""
+
+    def __init__(self, session: Session | None = None) -> None:
+        self._stage = "new"
+
+    def start(self, initial: bytes | None) -> Outcome:
+        if self._stage != "new":
+            raise MechanismStateError("PLAIN already started")
+        if initial is None:
+            self._stage = "waiting"
+            return Reply(b"")
+        return self._finish(initial)
+
+    def receive(self, response: bytes) -> Outcome:
+        if self._stage != "waiting":
+            raise MechanismStateError("PLAIN is not waiting for a response")
+        return self._finish(response)
+
+    def _finish(self, message: bytes) -> Outcome:
+        self._stage = "done"
+        parts = message.split(b"\0")
+        if len(parts) != 3:
+            return MALFORMED
+        try:
+            authzid, authcid, passwd = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            return MALFORMED
+        if not authcid or any(len(p) > MAX_FIELD for p in parts):
+            return MALFORMED
+        if authzid and authzid != authcid:
+            return BAD_AUTHZID
+        return Verify(authcid, passwd, authzid)
+
+
+SPEC = MechanismSpec("PLAIN", Plain, plaintext=True, client_first=True)
