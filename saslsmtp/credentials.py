@@ -13,19 +13,7 @@ from dataclasses import dataclass, field
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import Interface, implementer
 
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What a mechanism, checker or script may know about the connection."""
-
-    remote_ip: str = ""
-    remote_port: int = 0
-    local_ip: str = ""
-    local_port: int = 0
-    helo: str = ""
-    tls: bool = False
-    hostname: str = "localhost"
-    mechanism: str = ""
+from saslsmtp.sasl.outcome import Session
 
 
 @implementer(IUsernamePassword)
@@ -36,12 +24,12 @@ class PasswordCredentials:
     ``repr()`` never shows the password.
     """
 
-    def __init__(self, username: bytes, password: bytes, session: SessionInfo | None = None,
+    def __init__(self, username: bytes, password: bytes, session: Session | None = None,
                  authzid: bytes = b"") -> None:
         self.username = username
         self.password = password
         self.authzid = authzid
-        self.session = session or SessionInfo()
+        self.session = session or Session()
         # Filled in by a checker that has a reason to send with 235 (the AUTH script).
         self.success_text: str | None = None
 
