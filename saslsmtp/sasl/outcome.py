@@ -101,8 +101,11 @@ class Session:
     tls: bool = False
     hostname: str = "localhost"
     mechanism: str = ""
-    channel_bindings: Mapping[str, bytes] = field(default_factory=dict)
+    channel_bindings: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     client_certificate: Mapping[str, object] | None = None
+    # The AUTH script's per-connection ``context`` dict (mutable, shared by every
+    # exchange of one connection; a new connection starts with an empty one).
+    context: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class MechanismStateError(RuntimeError):
