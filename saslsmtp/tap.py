@@ -1,0 +1,241 @@
+"""``twistd saslsmtp``: command-line options and the wiring of every part.
+
+``build(config, reactor)`` turns a parsed ``Config`` into a running service: thread
+pools, backend checkers, the portal, the mechanisms and one listener per endpoint.
+Nothing else in the package knows about the configuration file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.application import service, strports
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.logger import Logger
+from twisted.python import usage
+
+from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.checkers.registry import BackendDeps, build_checker
+from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.config import Config, ConfigError, load_config
+from saslsmtp.delivery import Maildir, MaildirRealm
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
+from saslsmtp.replies import REPLIES
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import Lookup, Session
+from saslsmtp.smtp import EngineSettings, SubmissionESMTP
+from saslsmtp.threads import ThreadPoolRunner
+
+log = Logger(namespace="saslsmtp")
+
+
+class Options(usage.Options):
+    """``twistd saslsmtp`` options."""
+
+    synopsis = "[--config FILE] [--check]"
+    longdesc = ("An SMTP submission server with scriptable SASL authentication. "
+                "Configuration: a TOML file (see etc/saslsmtp.toml and the README).")
+    optParameters = [
+        ["config", "c", "etc/saslsmtp.toml", "The TOML configuration file."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration (and the users file, script and backends "
+                        "it names, without contacting servers), print problems, exit 0 or 1."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = load(self["config"])
+            if self["check"]:
+                from twisted.internet import reactor
+                build(self["parsed"], reactor)
+        except ConfigError as e:
+            print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
+            raise SystemExit(1)
+        if self["check"]:
+            print(f"{self['config']}: OK")
+            raise SystemExit(0)
+
+
+def load(path: str) -> Config:
+    """Parse the configuration; mechanisms must be built in or served by the script."""
+    return load_config(path, known_mechanisms=BUILTIN_NAMES)
+
+
+def makeService(options: Options) -> service.IService:
+    """The twistd entry point."""
+    from twisted.internet import reactor
+    return build(options["parsed"], reactor)
+
+
+@dataclass
+class Wiring:
+    """Everything ``build`` made, for tests and for embedding."""
+
+    config: Config
+    portal: Portal
+    settings: EngineSettings
+    mechanisms: dict[str, MechanismSpec]
+    checkers: dict[str, ICredentialsChecker]
+    runners: list[Any] = field(default_factory=list)
+    tls_context: Any = None
+    resolver: Callable[[Any, Session], "defer.Deferred[Any]"] | None = None
+
+
+def wire(config: Config, reactor: Any) -> Wiring:
+    """Build checkers, portal, mechanisms and TLS context (no listening)."""
+    runners: list[Any] = []
+
+    def make_runner(name: str, max_threads: int) -> ThreadPoolRunner:
+        runner = ThreadPoolRunner(reactor, name, max_threads)
+        runners.append(runner)
+        return runner
+
+    hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
+    deps = BackendDeps(reactor=reactor, hash_runner=hash_runner, make_runner=make_runner)
+    checkers: dict[str, ICredentialsChecker] = {}
+    for name, backend in config.backends.items():
+        try:
+            checkers[name] = build_checker(backend, deps)
+        except ConfigError:
+            raise
+        except Exception as e:  # a backend refusing its options: a config error, not a traceback
+            from saslsmtp.config import ConfigProblem
+            raise ConfigError([ConfigProblem(config.path, f"backends.{name}", None, str(e))]) from None
+    chain = BackendChain([(name, checkers[name]) for name in config.auth.backends])
+    delivery_runner = make_runner("saslsmtp-delivery", 4)
+    realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname), delivery_runner)
+    password_checker: ICredentialsChecker = chain
+    mechanisms = {name: spec for name, spec in builtin_mechanisms().items()
+                  if name in config.auth.mechanisms}
+    portal = Portal(realm, [password_checker, TrustedIdentityChecker()])
+    settings = EngineSettings(
+        hostname=config.server.hostname,
+        mechanisms=config.auth.mechanisms,
+        require_tls=config.auth.require_tls,
+        require_auth=config.server.submission,
+        failure_delay=config.auth.failure_delay,
+        max_failures=config.auth.max_failures,
+        max_steps=config.auth.script_max_steps,
+        max_message_size=config.server.max_message_size,
+        max_recipients=config.server.max_recipients,
+        idle_timeout=config.server.idle_timeout,
+    )
+    sources = [checkers[name] for name in config.auth.backends
+               if ISecretSource.providedBy(checkers[name])]
+    return Wiring(config, portal, settings, mechanisms, checkers, runners,
+                  tls_context(config), secret_resolver(sources))
+
+
+def secret_resolver(sources: list[Any]) -> Callable[[Any, Session], "defer.Deferred[Any]"]:
+    """Answer ``Lookup`` from the first backend that has a secret of a wanted kind."""
+
+    @defer.inlineCallbacks
+    def resolve(request: Any, session: Session):  # type: ignore[no-untyped-def]
+        if not isinstance(request, Lookup):
+            raise TemporaryFailure(f"nothing can answer {type(request).__name__}")
+        for source in sources:
+            secret = yield source.lookup_secret(request.username, request.kinds)
+            if secret is not None:
+                return secret
+        return None
+
+    return resolve
+
+
+def tls_context(config: Config) -> Any:
+    """Server TLS options from ``[tls]``, or ``None``."""
+    if config.tls is None:
+        return None
+    from cryptography import x509
+    from OpenSSL import crypto
+    cert_pem = Path(config.tls.certificate).read_bytes()
+    key_pem = Path(config.tls.private_key).read_bytes()
+    certs = x509.load_pem_x509_certificates(cert_pem)
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    chain = [crypto.X509.from_cryptography(c) for c in certs]
+    return ssl.CertificateOptions(
+        privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+class SubmissionFactory(protocol.ServerFactory):
+    """Builds one ``SubmissionESMTP`` per connection and keeps track of them."""
+
+    def __init__(self, wiring: Wiring, clock: Any) -> None:
+        self.wiring = wiring
+        self.clock = clock
+        self.connections: set[SubmissionESMTP] = set()
+
+    def buildProtocol(self, addr: Any) -> SubmissionESMTP:
+        w = self.wiring
+        p = _TrackedSubmission(portal=w.portal, settings=w.settings, mechanisms=w.mechanisms,
+                               clock=self.clock, tls_context=w.tls_context, resolver=w.resolver)
+        p.factory = self
+        return p
+
+
+class _TrackedSubmission(SubmissionESMTP):
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+
+
+class SaslSmtpService(service.MultiService):
+    """Listeners plus the thread pools; on stop, idle sessions get 421 4.3.2."""
+
+    def __init__(self, wiring: Wiring, factory: SubmissionFactory) -> None:
+        super().__init__()
+        self.wiring = wiring
+        self.factory = factory
+
+    def startService(self) -> None:
+        for runner in self.wiring.runners:
+            runner.start()
+        super().startService()
+        log.info("saslsmtp ready: mechanisms {mechs}", mechs=" ".join(self.wiring.settings.mechanisms))
+
+    def stopService(self) -> "defer.Deferred[None]":
+        d = defer.maybeDeferred(super().stopService)
+
+        def close_sessions(_: Any) -> None:
+            for p in list(self.factory.connections):
+                p._send(REPLIES["shutting_down"])
+                p.transport.loseConnection()
+            for checker in self.wiring.checkers.values():
+                stop = getattr(checker, "stop", None)
+                if callable(stop):
+                    stop()
+            for runner in self.wiring.runners:
+                runner.stop()
+        return d.addCallback(close_sessions)
+
+
+def endpoint_description(description: str, config: Config) -> str:
+    """``ssl:PORT`` without key options gets the ``[tls]`` certificate and key."""
+    inner = description[len("haproxy:"):] if description.startswith("haproxy:") else description
+    if inner.startswith("ssl:") and "privateKey=" not in inner and config.tls is not None:
+        q = endpoints.quoteStringArgument
+        description += f":privateKey={q(config.tls.private_key)}:certKey={q(config.tls.certificate)}"
+    return description
+
+
+def build(config: Config, reactor: Any) -> SaslSmtpService:
+    """The whole daemon as a service (not started)."""
+    wiring = wire(config, reactor)
+    factory = SubmissionFactory(wiring, reactor)
+    top = SaslSmtpService(wiring, factory)
+    for description in config.server.listen:
+        strports.service(endpoint_description(description, config), factory,
+                         reactor=reactor).setServiceParent(top)
+    return top

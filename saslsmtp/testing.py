@@ -1,0 +1,179 @@
+"""Test helpers for users of saslsmtp: drive ``SubmissionESMTP`` without sockets.
+
+Example (pytest)::
+
+    from saslsmtp.testing import SMTPHarness
+
+    def test_login():
+        h = SMTPHarness(users={"alice": "secret"})
+        h.send(b"EHLO client.example\\r\\n")
+        assert h.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\\r\\n") == (
+            b"235 2.7.0 Authentication successful\\r\\n")
+
+Everything is injected: a ``task.Clock`` (advance it for failure delays and script
+timeouts), any cred checkers, mechanisms (built-in or scripted), a resolver for
+``Lookup``, and an in-memory realm that keeps delivered messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterable, Mapping
+
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.testing import StringTransport
+from twisted.mail import smtp
+from twisted.mail.interfaces import IMessageDelivery
+from zope.interface import alsoProvides, implementer
+
+from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.mechanisms import builtin_mechanisms
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.smtp import EngineSettings, SubmissionESMTP
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that can "start TLS": it records the call and then provides
+    ``ISSLTransport``, as a real TCP transport does after the handshake."""
+
+    tls_started_with: Any = None
+
+    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
+        self.tls_started_with = contextFactory
+        alsoProvides(self, ISSLTransport)
+
+
+@implementer(smtp.IMessage)
+class MemoryMessage:
+    """A message kept in memory; ``data`` once complete."""
+
+    def __init__(self, store: list[bytes]) -> None:
+        self._store = store
+        self._lines: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self._lines.append(line)
+
+    def eomReceived(self) -> "defer.Deferred[None]":
+        self._store.append(b"\r\n".join(self._lines) + b"\r\n")
+        return defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        self._lines = []
+
+
+@implementer(IMessageDelivery)
+class MemoryDelivery:
+    """Avatar for tests: one shared message per transaction."""
+
+    def __init__(self, username: str, store: list[bytes]) -> None:
+        self.username = username
+        self._store = store
+        self._message: MemoryMessage | None = None
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
+        return None
+
+    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        self._message = None
+        return origin
+
+    def validateTo(self, user: smtp.User) -> Any:
+        def message() -> MemoryMessage:
+            if self._message is None:
+                self._message = MemoryMessage(self._store)
+            return self._message
+        return message
+
+
+@implementer(IRealm)
+class MemoryRealm:
+    """Keeps every delivered message in ``messages``; logins in ``logins``."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.logins: list[str] = []
+        self.logouts = 0
+
+    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> tuple:
+        name = avatarId.decode("utf-8")
+        self.logins.append(name)
+
+        def logout() -> None:
+            self.logouts += 1
+        return IMessageDelivery, MemoryDelivery(name, self.messages), logout
+
+
+class SMTPHarness:
+    """One ``SubmissionESMTP`` connection over a string transport.
+
+    ``send(data)`` feeds client bytes and returns what the server wrote since.
+    Pass ``users`` (name -> password) or your own ``checkers``; ``mechanisms`` may
+    include scripted ones; ``settings`` overrides ``EngineSettings`` fields
+    (by default ``require_tls=False`` and ``failure_delay=0`` for brevity).
+    """
+
+    def __init__(self, *, users: Mapping[str, str] | None = None,
+                 checkers: Iterable[ICredentialsChecker] | None = None,
+                 mechanisms: Mapping[str, MechanismSpec] | None = None,
+                 settings: EngineSettings | None = None,
+                 resolver: Any = None, tls: bool = False, starttls: bool = False,
+                 clock: task.Clock | None = None, peer: str = "192.0.2.10",
+                 **overrides: Any) -> None:
+        self.clock = clock or task.Clock()
+        self.realm = MemoryRealm()
+        if checkers is None:
+            db = InMemoryUsernamePasswordDatabaseDontUse()
+            for name, password in (users or {}).items():
+                db.addUser(name.encode("utf-8"), password.encode("utf-8"))
+            checkers = [BackendChain([("memory", db)])]
+        self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])
+        self.mechanisms = dict(mechanisms) if mechanisms is not None else builtin_mechanisms()
+        base = settings or EngineSettings(require_tls=False, failure_delay=0.0)
+        base = replace(base, mechanisms=tuple(overrides.pop("mechanism_names", None)
+                                              or base.mechanisms
+                                              if settings else tuple(self.mechanisms)))
+        self.settings = replace(base, **overrides)
+        transport_class = TLSStringTransport if starttls else StringTransport
+        self.transport = transport_class(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 587),
+            peerAddress=IPv4Address("TCP", peer, 54321))
+        if tls:
+            alsoProvides(self.transport, ISSLTransport)
+        kwargs: dict[str, Any] = {}
+        if resolver is not None:
+            kwargs["resolver"] = resolver
+        self.protocol = SubmissionESMTP(
+            portal=self.portal, settings=self.settings, mechanisms=self.mechanisms,
+            clock=self.clock, tls_context=object() if starttls else None, **kwargs)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        """What the server wrote since the last call."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def send(self, data: bytes) -> bytes:
+        """Feed ``data`` as if the client sent it; return the server's output."""
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def login(self, username: str, password: str) -> bytes:
+        """EHLO + AUTH PLAIN with an initial response; returns the AUTH reply."""
+        import base64
+        self.send(b"EHLO client.example\r\n")
+        blob = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode())
+        return self.send(b"AUTH PLAIN " + blob + b"\r\n")
+
+    def close(self) -> None:
+        """Drop the connection (runs ``connectionLost``)."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        self.protocol.connectionLost(Failure(ConnectionDone()))
