@@ -1,0 +1,207 @@
+"""Running a real saslsmtp on loopback inside a pytest-twisted test.
+
+In-process (fast, same reactor)::
+
+    @pytest_twisted.ensureDeferred
+    async def test_something(tmp_path):
+        server = await start_server(tmp_path, BACKEND_TOML, mechanisms=["PLAIN", "LOGIN"])
+        try:
+            code, reply = await smtp_login(server.port, "alice", "secret")   # smtplib in a thread
+        finally:
+            await server.stop()
+
+As a real daemon (``twistd -n saslsmtp``) in a subprocess: ``start_daemon(...)``.
+
+``write_config`` makes the TOML: listen on 127.0.0.1 (port 0 in-process, a free port for
+daemons), delivery into ``tmp_path/mail``, ``failure_delay = 0`` unless given, plus
+whatever backend tables and extra sections the caller passes.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from twisted.internet import endpoints, threads
+
+from saslsmtp.tap import SubmissionFactory, load, wire
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def write_config(tmp_path: Path, backends_toml: str = "", *, mechanisms: Sequence[str] = ("PLAIN", "LOGIN"),
+                 backends: Sequence[str] | None = None, listen: Sequence[str] | None = None,
+                 require_tls: bool = False, failure_delay: float = 0.0, max_failures: int = 3,
+                 script: str | None = None, tls: tuple[str, str] | None = None,
+                 extra_auth: str = "", extra: str = "", hostname: str = "mx.example.test") -> Path:
+    """Write a saslsmtp.toml into ``tmp_path`` and return its path.
+
+    ``backends`` defaults to every ``[backends.NAME]`` found in ``backends_toml``.
+    """
+    if backends is None:
+        backends = [line.strip()[len("[backends."):-1] for line in backends_toml.splitlines()
+                    if line.strip().startswith("[backends.")]
+    listen = listen or ["tcp:0:interface=127.0.0.1"]
+    parts = [
+        "[server]",
+        f'hostname = "{hostname}"',
+        f"listen = {toml_list(listen)}",
+        "",
+        "[auth]",
+        f"mechanisms = {toml_list(mechanisms)}",
+        f"require_tls = {'true' if require_tls else 'false'}",
+        f"backends = {toml_list(backends)}",
+        f"failure_delay = {failure_delay}",
+        f"max_failures = {max_failures}",
+    ]
+    if script:
+        parts.append(f'script = "{script}"')
+    if extra_auth:
+        parts.append(extra_auth)
+    if tls:
+        parts += ["", "[tls]", f'certificate = "{tls[0]}"', f'private_key = "{tls[1]}"']
+    parts += ["", "[delivery]", 'type = "maildir"', f'path = "{tmp_path / "mail"}"', "",
+              backends_toml, extra]
+    path = tmp_path / "saslsmtp.toml"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+@dataclass
+class RunningServer:
+    """A saslsmtp listening on 127.0.0.1:``port`` in this process."""
+
+    port: int
+    wiring: Any
+    factory: SubmissionFactory
+    listening: Any
+    maildir: Path
+
+    async def stop(self) -> None:
+        for p in list(self.factory.connections):
+            p.transport.abortConnection()
+        await self.listening.stopListening()
+        for checker in self.wiring.checkers.values():
+            stop = getattr(checker, "stop", None)
+            if callable(stop):
+                result = stop()
+                if hasattr(result, "addCallback"):
+                    await result
+        for runner in self.wiring.runners:
+            runner.stop()
+
+    def messages(self) -> list[bytes]:
+        new = self.maildir / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+async def start_server(tmp_path: Path, backends_toml: str = "", **kwargs: Any) -> RunningServer:
+    """Parse a config like the daemon does and listen on a free loopback port."""
+    from twisted.internet import reactor
+    path = write_config(tmp_path, backends_toml, **kwargs)
+    config = load(str(path))
+    wiring = wire(config, reactor)
+    for runner in wiring.runners:
+        runner.start()
+    factory = SubmissionFactory(wiring, reactor)
+    endpoint = endpoints.serverFromString(reactor, config.server.listen[0])
+    listening = await endpoint.listen(factory)
+    return RunningServer(listening.getHost().port, wiring, factory, listening,
+                         Path(config.delivery.path))
+
+
+def _smtplib_login(port: int, user: str, password: str, mechanism: str | None,
+                   starttls: bool, timeout: float) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as s:
+        s.ehlo("client.example")
+        if starttls:
+            import ssl
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s.starttls(context=ctx)
+            s.ehlo("client.example")
+        if mechanism:
+            s.user, s.password = user, password
+            auth_object = getattr(s, "auth_" + mechanism.lower().replace("-", "_"))
+            try:
+                return s.auth(mechanism, auth_object, initial_response_ok=True)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code, e.smtp_error
+        try:
+            return s.login(user, password)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code, e.smtp_error
+
+
+async def smtp_login(port: int, user: str, password: str, *, mechanism: str | None = "PLAIN",
+                     starttls: bool = False, timeout: float = 15.0) -> tuple[int, bytes]:
+    """Log in with Python's smtplib (in a thread, so the reactor keeps serving);
+    return the final (code, text) of the AUTH exchange."""
+    return await threads.deferToThread(_smtplib_login, port, user, password, mechanism,
+                                       starttls, timeout)
+
+
+@dataclass
+class Daemon:
+    """``twistd -n saslsmtp`` in a subprocess."""
+
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def twistd_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+            "--pidfile=", "--logfile=-", "saslsmtp", "--config", str(config), *extra]
+
+
+def start_daemon(config: Path, port: int, log: Path, timeout: float = 20.0) -> Daemon:
+    """Start the daemon (blocking: call from a fixture) and wait until it accepts."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config), cwd=config.parent, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"saslsmtp exited with {proc.returncode}:\n{daemon.log_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.recv(100)
+                return daemon
+        except OSError:
+            time.sleep(0.1)
+    daemon.stop()
+    raise RuntimeError(f"saslsmtp did not listen on {port}:\n{daemon.log_text()}")
