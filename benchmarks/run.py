@@ -1,0 +1,649 @@
+#!/usr/bin/env python3
+"""Benchmark saslsmtp against aiosmtpd, in the same run, with the same load generator.
+
+For every scenario point (mechanism x concurrency) it runs ``smtp_auth_load.py --json``
+against each server in turn (alternating which goes first), and reports handshakes/s,
+session and AUTH latency p50/p99, and the server's CPU per session (utime+stime of the
+server process from /proc/PID/stat, before/after the run, divided by the sessions it
+served), side by side with saslsmtp/aiosmtpd ratios.
+
+    python3 benchmarks/run.py                       # PLAIN at concurrency 1, 16, 64
+    python3 benchmarks/run.py --mech PLAIN --mech LOGIN --concurrency 16 --duration 10
+    python3 benchmarks/run.py --mode mail
+    python3 benchmarks/run.py --saslsmtp-config my.toml   # a prepared config (other backends)
+
+Both servers listen on free loopback ports, are started here and always stopped at the
+end (also on errors and Ctrl-C). Results: benchmarks/results/<date>-<label>.json and .md,
+and benchmarks/results/latest.md; the markdown table also goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LOADGEN = HERE / "smtp_auth_load.py"
+PEER = HERE / "aiosmtpd_peer.py"
+NULL_SERVER = HERE / "null_smtp_server.py"
+RESULTS = HERE / "results"
+SERVERS = ("saslsmtp", "aiosmtpd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGET_CONCURRENCY = 16  # issue 2: saslsmtp >= aiosmtpd at concurrency 16
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a server did not start, the generator failed...)."""
+
+
+# --------------------------------------------------------------------------
+# Server processes
+# --------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime+stime (+ waited-for children) of ``pid`` in seconds, from /proc/PID/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # the process is gone
+        return float("nan")
+    fields = raw[raw.rindex(")") + 2:].split()  # fields after "pid (comm) "
+    # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+
+
+@dataclass
+class Server:
+    """One server under test, running as a child process."""
+
+    name: str
+    argv: list[str]
+    port: int
+    cwd: Path
+    env: dict[str, str] | None = None
+    description: str = ""
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the process and wait until it sends a 220 greeting."""
+        self.log_path = self.cwd / f"{self.name}.stderr"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        last_error = "no attempt"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with status {self.proc.returncode} "
+                                 f"before accepting connections:\n{self.output_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+                    s.settimeout(5.0)
+                    greeting = s.recv(512)
+                    if greeting.startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        with contextlib.suppress(OSError):
+                            s.recv(512)
+                        return
+                    last_error = f"greeting {greeting[:80]!r}"
+            except OSError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} did not greet on 127.0.0.1:{self.port} within "
+                         f"{timeout:.0f} s ({last_error}):\n{self.output_tail()}")
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def output_tail(self, lines: int = 30) -> str:
+        """The end of the process's stdout/stderr."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no output)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:]) or "(no output)"
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; idempotent."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------
+# saslsmtp configuration
+# --------------------------------------------------------------------------
+
+def toml_string(value: str) -> str:
+    """A TOML basic string."""
+    return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+
+
+def generated_config(port: int, workdir: Path, args: argparse.Namespace) -> Path:
+    """Write the benchmark's saslsmtp config (and users file) into ``workdir``."""
+    users = workdir / "users"
+    lines = [f"{args.user}:{{PLAIN}}{args.password}", *args.users_line]
+    users.write_text("\n".join(lines) + "\n")
+    mechanisms = list(dict.fromkeys(m.upper() for m in (args.auth_mechanisms or ["PLAIN", "LOGIN"])))
+    for mech in args.mech:
+        if mech not in mechanisms:
+            mechanisms.append(mech)
+    backends = args.auth_backends or ["bench"]
+    auth_extra = "".join(f"{item}\n" for item in args.auth_option)
+    text = f"""# generated by benchmarks/run.py
+[server]
+hostname = "saslsmtp.bench.test"
+listen = [{toml_string(f"tcp:{port}:interface=127.0.0.1")}]
+
+[auth]
+mechanisms = [{", ".join(toml_string(m) for m in mechanisms)}]
+require_tls = false
+backends = [{", ".join(toml_string(b) for b in backends)}]
+failure_delay = 0
+{auth_extra}
+[backends.bench]
+type = "file"
+path = "users"
+
+[delivery]
+type = "maildir"
+path = "mail"
+"""
+    for fragment in args.config_fragment:
+        text += f"\n# from {fragment}\n" + Path(fragment).read_text()
+    config = workdir / "saslsmtp.toml"
+    config.write_text(text)
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"generated config is not valid TOML ({exc}):\n{text}") from None
+    return config
+
+
+def port_of_config(path: Path) -> int:
+    """The port of the first plain ``tcp:`` listener in a prepared saslsmtp config."""
+    data = tomllib.loads(path.read_text())
+    for endpoint in data.get("server", {}).get("listen", []):
+        match = re.match(r"^tcp:(\d+)(:|$)", endpoint)
+        if match:
+            return int(match.group(1))
+    raise BenchError(f"{path}: no tcp:PORT listener in [server] listen; use --saslsmtp-port")
+
+
+def saslsmtp_server(workdir: Path, args: argparse.Namespace) -> Server:
+    """The saslsmtp daemon under twistd (or, for developing this harness, a stand-in)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if args.stand_in == "null":
+        port = free_port()
+        argv = [sys.executable, str(NULL_SERVER), "--port", str(port),
+                "--user", args.user, "--password", args.password]
+        return Server("saslsmtp", argv, port, workdir, env,
+                      "STAND-IN: benchmarks/null_smtp_server.py, not saslsmtp")
+    if args.stand_in == "aiosmtpd":
+        port = free_port()
+        argv = [sys.executable, str(PEER), str(port), "--user", args.user,
+                "--password", args.password]
+        return Server("saslsmtp", argv, port, workdir, env,
+                      "STAND-IN: a second aiosmtpd peer, not saslsmtp")
+    if args.saslsmtp_config:
+        config = Path(args.saslsmtp_config).resolve()
+        port = args.saslsmtp_port or port_of_config(config)
+        description = f"twistd saslsmtp, prepared config {config}"
+    else:
+        port = free_port()
+        config = generated_config(port, workdir, args)
+        description = "twistd saslsmtp, file backend ({PLAIN} entry), failure_delay=0"
+    # twistd itself, in this interpreter, so the PID we watch is the server's
+    # (`python -m twisted` would be `twist`, not `twistd`).
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "--logfile=/dev/null", "saslsmtp", "--config", str(config)]
+    return Server("saslsmtp", argv, port, workdir, env, description)
+
+
+def aiosmtpd_server(workdir: Path, args: argparse.Namespace) -> Server:
+    """The aiosmtpd peer with the equivalent one-user authenticator."""
+    port = free_port()
+    argv = [sys.executable, str(PEER), str(port), "--user", args.user,
+            "--password", args.password]
+    return Server("aiosmtpd", argv, port, workdir, None,
+                  "aiosmtpd 1.4.6, one-user authenticator, auth_require_tls=False")
+
+
+@contextlib.contextmanager
+def running(servers: list[Server]) -> Iterator[None]:
+    """Start every server; stop them all on the way out, whatever happens."""
+    try:
+        for server in servers:
+            server.start()
+        yield
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# --------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------
+
+@dataclass
+class Measurement:
+    """One load-generator run against one server."""
+
+    server: str
+    mech: str
+    mode: str
+    concurrency: int
+    repeat: int
+    ok: bool
+    problem: str
+    handshakes_per_s: float | None
+    session_ms: dict[str, Any]
+    auth_ms: dict[str, Any]
+    sessions: int
+    errors: int
+    server_cpu_s: float
+    server_cpu_ms_per_session: float | None
+    client_cpu_pct: float | None
+    loadgen: dict[str, Any] = field(repr=False)
+
+
+def measure(server: Server, mech: str, concurrency: int, repeat: int,
+            args: argparse.Namespace) -> Measurement:
+    """Run the load generator once against ``server`` and read its CPU around the run."""
+    argv = [sys.executable, str(LOADGEN), "--host", "127.0.0.1", "--port", str(server.port),
+            "--mech", mech, "--mode", args.mode, "--user", args.user,
+            "--password", args.load_password or args.password,
+            "--concurrency", str(concurrency), "--duration", str(args.duration),
+            "--warmup", str(args.warmup), "--json"]
+    if args.expect_fail:
+        argv.append("--expect-fail")
+    if not server.alive():
+        raise BenchError(f"{server.name} is no longer running:\n{server.output_tail()}")
+    cpu_before = process_cpu_s(server.pid)
+    hard = args.warmup + args.duration + 60
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=hard + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"load generator hung against {server.name}") from None
+    cpu_used = process_cpu_s(server.pid) - cpu_before
+    try:
+        result = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(f"load generator failed against {server.name} (status "
+                         f"{done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}") from None
+    served = (result["sessions_measured"] + result["sessions_warmup"]
+              + result.get("sessions_cancelled", 0))
+    problem = ""
+    if done.returncode != 0:
+        problem = f"load generator status {done.returncode}: {result['errors']} errors"
+        details = {k: result[k] for k in ("auth_failures", "unexpected_replies", "protocol_errors",
+                                          "connection_errors", "timeouts") if result.get(k)}
+        if details:
+            problem += f" {json.dumps(details)}"
+    if not server.alive():
+        problem = (problem + "; " if problem else "") + "server died during the run"
+    return Measurement(
+        server=server.name, mech=mech, mode=args.mode, concurrency=concurrency,
+        repeat=repeat, ok=done.returncode == 0 and server.alive(), problem=problem,
+        handshakes_per_s=result["handshakes_per_s"],
+        session_ms=result["latency_ms"]["session"], auth_ms=result["latency_ms"]["auth"],
+        sessions=result["sessions_measured"], errors=result["errors"],
+        server_cpu_s=round(cpu_used, 3),
+        server_cpu_ms_per_session=(round(1000.0 * cpu_used / served, 4)
+                                   if served and cpu_used == cpu_used else None),
+        client_cpu_pct=result.get("client_cpu_pct_of_one_core"),
+        loadgen=result,
+    )
+
+
+def median_run(runs: list[Measurement]) -> Measurement:
+    """The repeat with the median handshakes/s (the lower middle for even counts)."""
+    ordered = sorted(runs, key=lambda m: m.handshakes_per_s or 0.0)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return None
+    return a / b
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A number for the table, '-' when missing."""
+    if value is None or value != value:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(points: list[dict[str, Measurement]], meta: dict[str, Any]) -> str:
+    """The side-by-side table (saslsmtp | aiosmtpd | ratio) and the issue-2 verdict."""
+    out = [f"# saslsmtp vs aiosmtpd — {meta['started']}", ""]
+    out.append(f"- saslsmtp: {meta['servers']['saslsmtp']}")
+    out.append(f"- aiosmtpd: {meta['servers']['aiosmtpd']}")
+    out.append(f"- load: smtp_auth_load.py, mode {meta['mode']}, {meta['warmup_s']} s warm-up + "
+               f"{meta['duration_s']} s per point, median of {meta['repeat']} run(s), servers "
+               f"measured alternately; {meta['cpus']} CPUs shared by servers and generator")
+    out.append("- latency = whole session (connect … 221) p50 / p99 in ms; AUTH = the AUTH "
+               "exchange alone; CPU = server process CPU ms per session; ratio = saslsmtp / aiosmtpd")
+    out.append("")
+    out.append("| mech | C | hs/s saslsmtp | hs/s aiosmtpd | hs/s ratio "
+               "| session p50/p99 saslsmtp | session p50/p99 aiosmtpd "
+               "| AUTH p50/p99 saslsmtp | AUTH p50/p99 aiosmtpd "
+               "| CPU ms/session saslsmtp | CPU ms/session aiosmtpd | CPU ratio | gen CPU % s/a |")
+    out.append("|" + " --- |" * 13)
+    notes: list[str] = []
+    for point in points:
+        s, a = point.get("saslsmtp"), point.get("aiosmtpd")
+        any_m = s or a
+        assert any_m is not None
+        def lat(m: Measurement | None, key: str) -> str:
+            if m is None:
+                return "-"
+            d = m.session_ms if key == "session" else m.auth_ms
+            return f"{fmt(d.get('p50'))} / {fmt(d.get('p99'))}"
+        out.append(
+            f"| {any_m.mech} | {any_m.concurrency} "
+            f"| {fmt(s and s.handshakes_per_s, 0)} | {fmt(a and a.handshakes_per_s, 0)} "
+            f"| {fmt(ratio(s and s.handshakes_per_s, a and a.handshakes_per_s))} "
+            f"| {lat(s, 'session')} | {lat(a, 'session')} | {lat(s, 'auth')} | {lat(a, 'auth')} "
+            f"| {fmt(s and s.server_cpu_ms_per_session, 3)} "
+            f"| {fmt(a and a.server_cpu_ms_per_session, 3)} "
+            f"| {fmt(ratio(s and s.server_cpu_ms_per_session, a and a.server_cpu_ms_per_session))} "
+            f"| {fmt(s and s.client_cpu_pct, 0)} / {fmt(a and a.client_cpu_pct, 0)} |")
+        for m in (s, a):
+            if m is not None and not m.ok:
+                notes.append(f"- {m.server} {m.mech} C={m.concurrency}: {m.problem}")
+    out.append("")
+    verdicts = []
+    for point in points:
+        s, a = point.get("saslsmtp"), point.get("aiosmtpd")
+        if s and a and s.concurrency == TARGET_CONCURRENCY:
+            r = ratio(s.handshakes_per_s, a.handshakes_per_s)
+            met = r is not None and r >= 1.0 and s.ok and a.ok
+            verdicts.append(f"- target (issue 2) saslsmtp >= aiosmtpd at concurrency "
+                            f"{TARGET_CONCURRENCY}, {s.mech}: **{'met' if met else 'NOT met'}** "
+                            f"(ratio {fmt(r)})")
+    out.extend(verdicts)
+    if notes:
+        out.append("")
+        out.append("Errors:")
+        out.extend(notes)
+    if any(m.client_cpu_pct and m.client_cpu_pct >= 90 for p in points for m in p.values()):
+        out.append("")
+        out.append("Note: the load generator used >= 90 % of a core on some points; there it, "
+                   "not the server, limits handshakes/s — compare CPU ms/session instead.")
+    if meta["stand_in"]:
+        out.append("")
+        out.append(f"**Harness check only: the 'saslsmtp' column is a {meta['stand_in']} "
+                   "stand-in, not saslsmtp.**")
+    return "\n".join(out) + "\n"
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD commit (and '+dirty' when saslsmtp/ has uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "saslsmtp", "twisted"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the interpreter and the servers' frameworks."""
+    found = {"python": platform.python_version()}
+    from importlib import metadata
+    for dist in ("twisted", "aiosmtpd", "saslsmtp"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    return found
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def concurrency_list(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]."""
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+    if not values or any(v < 1 or v > 1024 for v in values):
+        raise argparse.ArgumentTypeError("concurrency values must be 1..1024")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    load = p.add_argument_group("load")
+    load.add_argument("--mech", action="append", type=str.upper,
+                      choices=("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"),
+                      help="mechanism to measure (repeatable; default PLAIN)")
+    load.add_argument("--concurrency", "-c", type=concurrency_list, default=[1, 16, 64],
+                      help="comma-separated concurrency levels (default 1,16,64)")
+    load.add_argument("--duration", "-d", type=float, default=5.0,
+                      help="measured seconds per point and server (default 5)")
+    load.add_argument("--warmup", type=float, default=1.0,
+                      help="uncounted warm-up seconds before each run (default 1)")
+    load.add_argument("--mode", choices=("auth", "mail"), default="auth",
+                      help="auth: AUTH then QUIT; mail: also send a ~2 KB message")
+    load.add_argument("--repeat", type=int, default=1,
+                      help="runs per point and server; the median run is reported (default 1)")
+    load.add_argument("--user", default="bench", help="username (both servers accept it)")
+    load.add_argument("--password", default="benchpass", help="its password")
+    load.add_argument("--load-password", default=None,
+                      help="password the generator sends (default --password), with "
+                           "--expect-fail for wrong-password load")
+    load.add_argument("--expect-fail", action="store_true",
+                      help="535 is the expected AUTH outcome (wrong-password load)")
+    load.add_argument("--servers", default="saslsmtp,aiosmtpd",
+                      help="comma-separated subset of saslsmtp,aiosmtpd (default both)")
+
+    conf = p.add_argument_group("saslsmtp configuration")
+    conf.add_argument("--saslsmtp-config", metavar="FILE",
+                      help="use this prepared config instead of the generated one; it must "
+                           "accept --user/--password with --mech and listen on loopback")
+    conf.add_argument("--saslsmtp-port", type=int,
+                      help="port of --saslsmtp-config (default: its first tcp: listener)")
+    conf.add_argument("--auth-mechanisms", nargs="+", metavar="MECH",
+                      help="[auth] mechanisms of the generated config (default PLAIN LOGIN "
+                           "plus every --mech)")
+    conf.add_argument("--auth-backends", nargs="+", metavar="NAME",
+                      help="[auth] backends (default: bench, the generated users file)")
+    conf.add_argument("--auth-option", action="append", default=[], metavar="KEY=TOML",
+                      help="extra raw [auth] line, e.g. 'hash_threads = 8' (repeatable)")
+    conf.add_argument("--users-line", action="append", default=[], metavar="LINE",
+                      help="extra line for the generated users file (repeatable)")
+    conf.add_argument("--config-fragment", action="append", default=[], metavar="FILE",
+                      help="TOML appended to the generated config, e.g. a [backends.ldap] "
+                           "table to name in --auth-backends (repeatable)")
+
+    outp = p.add_argument_group("output")
+    outp.add_argument("--label", help="results file label (default: <mechs>-<mode>)")
+    outp.add_argument("--results-dir", default=str(RESULTS), help="default benchmarks/results")
+    outp.add_argument("--no-save", action="store_true", help="print only, write no files")
+    # Developing the harness while the daemon does not run yet: replace saslsmtp.
+    p.add_argument("--stand-in", choices=("null", "aiosmtpd"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.mech = list(dict.fromkeys(args.mech or ["PLAIN"]))
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not args.servers or any(s not in SERVERS for s in args.servers):
+        p.error("--servers takes a comma-separated subset of saslsmtp,aiosmtpd")
+    if args.repeat < 1 or args.duration <= 0 or args.warmup < 0:
+        p.error("--repeat >= 1, --duration > 0 and --warmup >= 0 please")
+    if args.saslsmtp_config and (args.config_fragment or args.users_line or args.auth_option
+                                 or args.auth_backends or args.auth_mechanisms):
+        p.error("--saslsmtp-config replaces the generated config; the options changing "
+                "the generated config cannot be combined with it")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every point against every server; print and save the results."""
+    started = dt.datetime.now().astimezone()
+    with tempfile.TemporaryDirectory(prefix="saslsmtp-bench-") as tmp:
+        workdir = Path(tmp)
+        builders = {"saslsmtp": saslsmtp_server, "aiosmtpd": aiosmtpd_server}
+        servers = [builders[name](workdir, args) for name in args.servers]
+        points: list[dict[str, Measurement]] = []
+        all_runs: list[Measurement] = []
+        with running(servers):
+            print(f"servers up: " + ", ".join(f"{s.name} 127.0.0.1:{s.port} (pid {s.pid})"
+                                             for s in servers), file=sys.stderr)
+            index = 0
+            for mech in args.mech:
+                for concurrency in args.concurrency:
+                    runs: dict[str, list[Measurement]] = {s.name: [] for s in servers}
+                    for repeat in range(args.repeat):
+                        order = servers if index % 2 == 0 else list(reversed(servers))
+                        index += 1
+                        for server in order:
+                            m = measure(server, mech, concurrency, repeat, args)
+                            runs[server.name].append(m)
+                            all_runs.append(m)
+                            print(f"  {m.server:9s} {mech:13s} C={concurrency:<3d} "
+                                  f"{fmt(m.handshakes_per_s, 0):>7s} hs/s  p50 "
+                                  f"{fmt(m.session_ms.get('p50'))} p99 "
+                                  f"{fmt(m.session_ms.get('p99'))} ms  CPU "
+                                  f"{fmt(m.server_cpu_ms_per_session, 3)} ms/session"
+                                  + ("" if m.ok else f"  !! {m.problem}"),
+                                  file=sys.stderr, flush=True)
+                    points.append({name: median_run(rs) for name, rs in runs.items()})
+        server_desc = {s.name: s.description for s in servers}
+    for name in SERVERS:
+        server_desc.setdefault(name, "not run")
+    meta = {
+        "started": started.isoformat(timespec="seconds"),
+        "mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
+        "repeat": args.repeat, "mechs": args.mech, "concurrency": args.concurrency,
+        "expect_fail": args.expect_fail, "servers": server_desc,
+        "stand_in": args.stand_in, "cpus": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(), "commit": git_commit(), "versions": versions(),
+        "platform": platform.platform(),
+        "saslsmtp_config": args.saslsmtp_config,
+    }
+    table = markdown(points, meta)
+    print(table)
+    if not args.no_save:
+        results = Path(args.results_dir)
+        results.mkdir(parents=True, exist_ok=True)
+        label = args.label or "-".join([*(m.lower() for m in args.mech), args.mode])
+        if args.stand_in:
+            label += f"-standin-{args.stand_in}"
+        label = re.sub(r"[^A-Za-z0-9._-]+", "-", label)
+        stem = f"{started.strftime('%Y%m%d-%H%M%S')}-{label}"
+        payload = {
+            "meta": meta,
+            "points": [
+                {"mech": next(iter(p.values())).mech,
+                 "concurrency": next(iter(p.values())).concurrency,
+                 **{name: summary(m) for name, m in p.items()},
+                 "ratios_saslsmtp_over_aiosmtpd": ratios(p)}
+                for p in points],
+            "runs": [dict(summary(m), loadgen=m.loadgen) for m in all_runs],
+        }
+        (results / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        (results / f"{stem}.md").write_text(table)
+        (results / "latest.md").write_text(table)
+        print(f"saved {results / (stem + '.json')} and .md, and latest.md", file=sys.stderr)
+    failed = [m for m in all_runs if not m.ok]
+    return 1 if failed else 0
+
+
+def summary(m: Measurement) -> dict[str, Any]:
+    """The figures of one measurement, without the generator's full output."""
+    return {
+        "server": m.server, "mech": m.mech, "mode": m.mode, "concurrency": m.concurrency,
+        "repeat": m.repeat, "ok": m.ok, "problem": m.problem,
+        "handshakes_per_s": m.handshakes_per_s, "session_ms": m.session_ms,
+        "auth_ms": m.auth_ms, "sessions": m.sessions, "errors": m.errors,
+        "server_cpu_s": m.server_cpu_s, "server_cpu_ms_per_session": m.server_cpu_ms_per_session,
+        "client_cpu_pct_of_one_core": m.client_cpu_pct,
+    }
+
+
+def ratios(point: dict[str, Measurement]) -> dict[str, float | None] | None:
+    """saslsmtp / aiosmtpd for throughput, latency and CPU per session."""
+    s, a = point.get("saslsmtp"), point.get("aiosmtpd")
+    if s is None or a is None:
+        return None
+    r = lambda x, y: None if ratio(x, y) is None else round(ratio(x, y), 3)  # noqa: E731
+    return {
+        "handshakes_per_s": r(s.handshakes_per_s, a.handshakes_per_s),
+        "session_p50": r(s.session_ms.get("p50"), a.session_ms.get("p50")),
+        "session_p99": r(s.session_ms.get("p99"), a.session_ms.get("p99")),
+        "auth_p50": r(s.auth_ms.get("p50"), a.auth_ms.get("p50")),
+        "auth_p99": r(s.auth_ms.get("p99"), a.auth_ms.get("p99")),
+        "server_cpu_ms_per_session": r(s.server_cpu_ms_per_session, a.server_cpu_ms_per_session),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: SIGTERM/SIGHUP unwind like Ctrl-C so the servers are stopped."""
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"benchmarks/run.py: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmarks/run.py: interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
