@@ -1,0 +1,434 @@
+"""Exact-byte transcripts of ``SubmissionESMTP`` over StringTransport.
+
+Each row of CONTRACT.md section 4, the five stock-Twisted defects of ARCHITECTURE.md,
+pipelining with a pending step, STARTTLS injection and hostile input.  The tests fire
+the Deferreds and advance the Clock themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from saslsmtp.checkers.chain import BackendChain
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.replies import REPLIES
+from saslsmtp.testing import MemoryDelivery, SMTPHarness
+
+OK = REPLIES["auth_ok"].to_bytes()
+INVALID = REPLIES["auth_invalid"].to_bytes()
+TEMPFAIL = REPLIES["auth_tempfail"].to_bytes()
+
+# RFC 4616 section 4 and RFC 4954 section 4 examples.
+RFC4616_TIM = b"AHRpbQB0YW5zdGFhZnRhbnN0YWFm"  # \0tim\0tanstaaftanstaaf
+RFC4616_URSEL = b"VXJzZWwAS3VydAB4aXBqM3BsbXE="  # Ursel\0Kurt\0xipj3plmq
+RFC4954_TEST = b"dGVzdAB0ZXN0ADEyMzQ="  # test\0test\01234
+
+USERS = {"tim": "tanstaaftanstaaf", "test": "1234", "Kurt": "xipj3plmq"}
+EHLO = b"EHLO client.example\r\n"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def harness(**kw) -> SMTPHarness:
+    h = SMTPHarness(users=USERS, **kw)
+    h.send(EHLO)
+    return h
+
+
+@implementer(ICredentialsChecker)
+class PendingChecker:
+    """A checker whose answers the test fires by hand."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, defer.Deferred]] = []
+
+    def requestAvatarId(self, credentials):
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((credentials, d))
+        return d
+
+
+def test_greeting_and_ehlo_exact() -> None:
+    """The banner and the EHLO keywords, AUTH last."""
+    h = SMTPHarness(users=USERS, hostname="mx.example.test")
+    assert h.greeting == b"220 mx.example.test ESMTP saslsmtp\r\n"
+    assert h.send(EHLO) == (
+        b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n")
+
+
+def test_rfc4616_plain_success() -> None:
+    """RFC 4616's tim/tanstaaftanstaaf vector logs in: 235 2.7.0."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == OK
+    assert h.realm.logins == ["tim"]
+
+
+def test_rfc4954_plain_authzid_equal_to_user() -> None:
+    """RFC 4954's example has authzid == authcid ("test"): accepted."""
+    assert harness().send(b"AUTH PLAIN " + RFC4954_TEST + b"\r\n") == OK
+
+
+def test_rfc4616_plain_other_authzid_refused() -> None:
+    """Ursel acting as Kurt is refused even with Kurt's right password."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN " + RFC4616_URSEL + b"\r\n") == (
+        b"535 5.7.8 Not authorized to requested authorization identity\r\n")
+    assert h.realm.logins == []
+
+
+def test_plain_without_initial_response_gets_empty_challenge() -> None:
+    """`AUTH PLAIN` -> `334 ` (with the space), then the response."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN\r\n") == b"334 \r\n"
+    assert h.send(RFC4616_TIM + b"\r\n") == OK
+
+
+def test_wrong_password() -> None:
+    """Wrong credentials: 535 5.7.8."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN " + b64(b"\0tim\0wrong") + b"\r\n") == INVALID
+
+
+def test_login_prompts_and_initial_response() -> None:
+    """LOGIN prompts Username:/Password:, and skips the first with an initial response."""
+    h = harness()
+    assert h.send(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert h.send(b64(b"tim") + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert h.send(b64(b"tanstaaftanstaaf") + b"\r\n") == OK
+    h2 = harness()
+    assert h2.send(b"AUTH LOGIN " + b64(b"tim") + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert h2.send(b64(b"nope") + b"\r\n") == INVALID
+
+
+def test_login_empty_password_line() -> None:
+    """An empty line is an empty response (here: an empty, wrong password)."""
+    h = harness()
+    h.send(b"AUTH LOGIN " + b64(b"tim") + b"\r\n")
+    assert h.send(b"\r\n") == INVALID
+
+
+def test_cancel_with_star() -> None:
+    """`*` cancels: 501 5.7.0, and the next command works."""
+    h = harness()
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"*\r\n") == b"501 5.7.0 Authentication aborted\r\n"
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_bad_base64_initial_and_continuation() -> None:
+    """Stock defect 3: lenient base64.  Strict decoding answers 501 5.5.2."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN AHVzZXIAcHc=!!!\r\n") == b"501 5.5.2 Cannot decode response\r\n"
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"dGVzd=A\r\n") == b"501 5.5.2 Cannot decode response\r\n"
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_equals_is_empty_initial_response() -> None:
+    """`=` is a present, empty initial response: for PLAIN a malformed message."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN =\r\n") == b"535 5.7.8 Malformed PLAIN response\r\n"
+
+
+def test_bare_auth_is_a_syntax_error() -> None:
+    """Stock defect 1: a bare AUTH raised IndexError and dropped the connection."""
+    h = harness()
+    assert h.send(b"AUTH\r\n") == b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+    assert not h.transport.disconnecting
+
+
+def test_malformed_plain_blob() -> None:
+    """Stock defect 2: malformed PLAIN raised IllegalClientResponse; now a 535 reply."""
+    h = harness()
+    assert h.send(b"AUTH PLAIN " + b64(b"alice\0pw") + b"\r\n") == (
+        b"535 5.7.8 Malformed PLAIN response\r\n")
+    assert not h.transport.disconnecting
+
+
+def test_backend_error_is_454_not_451() -> None:
+    """Stock defect 5: a non-UnauthorizedLogin failure answered 451; RFC 4954 wants 454 4.7.0."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[BackendChain([("p", checker)])])
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b""
+    checker.calls[0][1].errback(TemporaryFailure("ldap down"))
+    assert h.take() == TEMPFAIL
+
+
+def test_unexpected_exception_is_454() -> None:
+    """A checker bug (any exception) is a temporary failure too, never a dropped connection."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    checker.calls[0][1].errback(ZeroDivisionError())
+    assert h.take() == TEMPFAIL
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_async_step_with_initial_response_sends_nothing_until_decided() -> None:
+    """Stock defect 4: IChallengeResponse could not wait.  The reply waits for the checker."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b""
+    assert h.transport.producerState == "paused"
+    checker.calls[0][1].callback(b"tim")
+    assert h.take() == OK
+    assert h.transport.producerState == "producing"
+
+
+def test_unknown_mechanism() -> None:
+    assert harness().send(b"AUTH FOO\r\n") == b"504 5.5.4 Unrecognized authentication type\r\n"
+
+
+def test_auth_after_success() -> None:
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b"503 5.5.1 Already authenticated\r\n"
+
+
+def test_auth_inside_transaction() -> None:
+    """AUTH between MAIL and the end of the transaction: 503 (RFC 4954 section 4).
+
+    Reaching MAIL needs an authenticated session on a submission listener, so this runs
+    with require_auth off (a relay-style listener)."""
+    h = harness(require_auth=False)
+    h.protocol._avatar = MemoryDelivery("anonymous", h.realm.messages)
+    assert h.send(b"MAIL FROM:<a@example.test>\r\n") == b"250 2.1.0 Sender OK\r\n"
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == (
+        b"503 5.5.1 AUTH not permitted during a mail transaction\r\n")
+
+
+def test_auth_before_ehlo() -> None:
+    h = SMTPHarness(users=USERS)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b"503 5.5.1 Send EHLO first\r\n"
+
+
+def test_auth_line_too_long() -> None:
+    """A continuation line over 12288 octets: 500 5.5.6, the exchange ends."""
+    h = harness()
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"A" * 12292 + b"\r\n") == (
+        b"500 5.5.6 Authentication Exchange line is too long\r\n")
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_auth_line_at_limit_is_accepted() -> None:
+    """12288 octets of base64 is within the limit (decoded and judged, not refused)."""
+    h = harness()
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"QUFB" * 3072 + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+
+
+def test_require_tls_hides_and_refuses_plaintext() -> None:
+    """Before TLS under require_tls: no AUTH line, and PLAIN gets 538 5.7.11."""
+    h = SMTPHarness(users=USERS, require_tls=True)
+    assert b"AUTH" not in h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == (
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+
+
+def test_require_tls_allows_after_implicit_tls() -> None:
+    """On an implicit-TLS connection PLAIN is offered and works."""
+    h = SMTPHarness(users=USERS, require_tls=True, tls=True)
+    assert b"250 AUTH PLAIN LOGIN\r\n" in h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == OK
+
+
+def test_mail_without_auth() -> None:
+    assert harness().send(b"MAIL FROM:<a@example.test>\r\n") == b"530 5.7.0 Authentication required\r\n"
+
+
+def test_full_submission_and_received_header() -> None:
+    """After AUTH a message is accepted, with a Received header naming the user (ESMTPA)."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    out = h.send(b"MAIL FROM:<tim@example.test> SIZE=100 BODY=8BITMIME\r\n"
+                 b"RCPT TO:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert out == (b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n250 2.1.5 Recipient OK\r\n"
+                   b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert h.send(b"Subject: t\r\n\r\n..leading dot\r\n.\r\n") == b"250 2.0.0 OK: queued\r\n"
+    [message] = h.realm.messages
+    assert b"with ESMTPA\r\n\t(authenticated user tim)" in message
+    assert message.endswith(b"Subject: t\r\n\r\n.leading dot\r\n")
+
+
+def test_size_enforced() -> None:
+    """SIZE= over the limit: 552 at MAIL; a body over the limit: 552 at the end of DATA."""
+    h = harness(max_message_size=1000)
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    assert h.send(b"MAIL FROM:<t@example.test> SIZE=5000\r\n") == (
+        b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+    h.send(b"MAIL FROM:<t@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n")
+    assert h.send((b"x" * 100 + b"\r\n") * 20 + b".\r\n") == (
+        b"552 5.3.4 Message size exceeds fixed maximum message size\r\n")
+    assert h.realm.messages == []
+
+
+def test_pipelined_auth_and_mail_in_one_packet_with_pending_step() -> None:
+    """AUTH PLAIN with IR, MAIL, RCPT, DATA in one packet while the checker is pending:
+    nothing is answered out of order; everything follows once the checker says yes."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    out = h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\nMAIL FROM:<tim@example.test>\r\n"
+                 b"RCPT TO:<a@example.test>\r\nDATA\r\n")
+    assert out == b""
+    checker.calls[0][1].callback(b"tim")
+    assert h.take() == (OK + b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n"
+                        b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+
+def test_pipelined_after_failed_auth_is_not_taken_as_auth_data() -> None:
+    """A pipelined NOOP after a failing AUTH gets its own 250 after the 535."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\nNOOP\r\n") == b""
+    checker.calls[0][1].errback(UnauthorizedLogin())
+    assert h.take() == INVALID + b"250 2.0.0 OK\r\n"
+
+
+def test_pipelined_quit_after_data_waits_for_250() -> None:
+    """`.` then QUIT in one packet: the 250 comes before the 221."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    out = h.send(b"MAIL FROM:<t@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n"
+                 b"hello\r\n.\r\nQUIT\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK: queued\r\n"
+                        b"221 2.0.0 Bye\r\n")
+
+
+def test_failure_delay_uses_the_clock() -> None:
+    """The 535 waits failure_delay seconds on the injected clock; lines queue meanwhile."""
+    h = harness(failure_delay=2.0)
+    assert h.send(b"AUTH PLAIN " + b64(b"\0tim\0bad") + b"\r\nNOOP\r\n") == b""
+    h.clock.advance(1.9)
+    assert h.take() == b""
+    h.clock.advance(0.2)
+    assert h.take() == INVALID + b"250 2.0.0 OK\r\n"
+
+
+def test_max_failures_closes_with_421() -> None:
+    """The third failure: 535, then 421 4.7.0 and the connection closes."""
+    h = harness(max_failures=3)
+    bad = b"AUTH PLAIN " + b64(b"\0tim\0bad") + b"\r\n"
+    assert h.send(bad) == INVALID
+    assert h.send(bad) == INVALID
+    assert h.send(bad) == INVALID + (
+        b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n")
+    assert h.transport.disconnecting
+
+
+def test_starttls_injection_is_discarded() -> None:
+    """Plaintext pipelined after STARTTLS is thrown away; the session resets after TLS."""
+    h = SMTPHarness(users=USERS, starttls=True, require_tls=True)
+    ehlo = h.send(EHLO)
+    assert ehlo.endswith(b"250 STARTTLS\r\n") and b"AUTH" not in ehlo
+    out = h.send(b"STARTTLS\r\nAUTH PLAIN " + RFC4616_TIM + b"\r\nMAIL FROM:<x@y>\r\n")
+    assert out == b"220 2.0.0 Ready to start TLS\r\n"
+    assert h.transport.tls_started_with is not None
+    assert h.realm.logins == []
+    # After the handshake: EHLO again is required, and AUTH is now offered.
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b"503 5.5.1 Send EHLO first\r\n"
+    ehlo = h.send(EHLO)
+    assert b"STARTTLS" not in ehlo and b"250 AUTH PLAIN LOGIN\r\n" in ehlo
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == OK
+
+
+def test_starttls_partial_line_is_discarded() -> None:
+    """A partial plaintext line after STARTTLS does not survive into the TLS session."""
+    h = SMTPHarness(users=USERS, starttls=True)
+    h.send(EHLO)
+    h.send(b"STARTTLS\r\nNOO")
+    assert h.send(b"P\r\n") == b"500 5.5.2 Command not recognized\r\n"
+
+
+def test_non_ascii_verb() -> None:
+    """Stock Twisted crashed on a non-ASCII verb; here it is an unknown command."""
+    h = harness()
+    assert h.send("ÄUTH PLAIN\r\n".encode("utf-8")) == b"500 5.5.2 Command not recognized\r\n"
+    assert not h.transport.disconnecting
+
+
+def test_nul_bytes_in_command() -> None:
+    assert harness().send(b"NO\0OP\r\n") == b"500 5.5.2 NUL characters are not allowed\r\n"
+
+
+def test_bare_lf_is_refused_and_closes() -> None:
+    """Bare LF line endings are refused (SMTP smuggling) and the connection closes."""
+    h = harness()
+    assert h.send(b"NOOP\n") == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
+    assert h.transport.disconnecting
+
+
+def test_one_megabyte_line() -> None:
+    """A 1 MB line without CRLF: one 500, the buffer is dropped, the session goes on."""
+    h = harness()
+    out = h.send(b"X" * (1 << 20))
+    assert out == b"500 5.5.2 Line too long\r\n"
+    assert len(h.protocol._buffer) == 0
+    assert h.send(b"rest of the long line\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_one_megabyte_auth_line() -> None:
+    """A 1 MB continuation line in AUTH mode: 500 5.5.6 and the exchange ends."""
+    h = harness()
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"A" * (1 << 20)) == b"500 5.5.6 Authentication Exchange line is too long\r\n"
+    assert h.send(b"\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_disconnect_while_step_pending() -> None:
+    """The client leaves while the checker is deciding: nothing is written, the pending
+    Deferred is cancelled, and a late answer is harmless."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    h.close()
+    d = checker.calls[0][1]
+    assert d.called  # cancelled
+    assert h.take() == b""
+    assert h.realm.logins == []
+
+
+def test_too_many_errors_close_the_connection() -> None:
+    """Twenty protocol errors in a row: 421 and close."""
+    h = harness()
+    out = h.send(b"BOGUS\r\n" * 20)
+    assert out.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
+    assert h.transport.disconnecting
+
+
+def test_noop_vrfy_rset_quit() -> None:
+    h = harness()
+    assert h.send(b"NOOP\r\nVRFY x\r\nRSET\r\nQUIT\r\n") == (
+        b"250 2.0.0 OK\r\n252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+        b"250 2.0.0 Reset state\r\n221 2.0.0 Bye\r\n")
+
+
+def test_idle_timeout() -> None:
+    h = harness(idle_timeout=30.0)
+    h.clock.advance(31)
+    assert h.take() == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+    assert h.transport.disconnecting
+
+
+def test_every_reply_has_an_enhanced_code() -> None:
+    """Every table entry but 354 carries an RFC 3463 code."""
+    for name, reply in REPLIES.items():
+        if reply.code != 354:
+            assert reply.enhanced and reply.enhanced[0] == str(reply.code)[0], name
