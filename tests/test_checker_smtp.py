@@ -1,0 +1,564 @@
+"""The ``smtp`` backend against a real, foreign SMTP server: aiosmtpd on loopback.
+
+aiosmtpd runs in its own thread (its ``Controller``) with an authenticator that records
+every call; a subclass of its ``SMTP`` also counts the AUTH *commands* it receives, so
+"exactly one AUTH attempt per check" is measured at the upstream, not assumed.
+Certificates come from ``tests.tlsutil`` (a private CA, a cert for the wrong host, a
+trusted cert without subjectAltName).
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import ssl as tssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher, formatEvent
+
+from saslsmtp.checkers.registry import BackendDeps
+from saslsmtp.checkers.smtp import SmtpForwardChecker, _capabilities, from_config
+from saslsmtp.checkers.tlsclient import load_trust_root
+from saslsmtp.config import SmtpBackendConfig
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.sasl.outcome import Session
+from saslsmtp.threads import SynchronousRunner
+from tests.tlsutil import issue_cert, make_ca, server_ssl_context
+
+USERS = {b"alice": b"correct horse", b"b\xc3\xb6b": b"p\xc3\xa4ss w\xc3\xb6rd"}
+WRONG = b"wrong battery"
+TEMPFAIL_REPLY = "454 4.7.0 Temporary authentication failure"
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def creds(username: bytes, password: bytes) -> PasswordCredentials:
+    """Credentials as the SMTP engine builds them."""
+    return PasswordCredentials(username, password,
+                               Session(remote_ip="192.0.2.7", mechanism="PLAIN"))
+
+
+class Recorder:
+    """aiosmtpd authenticator checking ``USERS``; records each call; ``tempfail`` mode."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.commands: list[str] = []  # every AUTH command line's mechanism
+        self.tempfail = False
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        self.calls.append((mechanism, auth_data.login))
+        if self.tempfail:
+            return AuthResult(success=False, handled=False, message=TEMPFAIL_REPLY)
+        ok = USERS.get(auth_data.login) == auth_data.password
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+
+class Upstream:
+    """An aiosmtpd server on a fixed loopback port that can be stopped and started again.
+
+    ``mode``: ``"plain"`` (AUTH without TLS), ``"starttls"`` (AUTH only after STARTTLS)
+    or ``"implicit"`` (TLS from the first byte).  ``exclude`` hides mechanisms.
+    """
+
+    def __init__(self, mode: str = "plain", cert: Any = None, exclude: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.mode = mode
+        self.cert = cert
+        self.exclude = exclude
+        self.recorder = Recorder()
+        self.controller: Controller | None = None
+
+    def start(self) -> None:
+        """Start listening (blocking; run it in a thread from inside a test)."""
+        recorder = self.recorder
+
+        class CountingSMTP(SMTP):
+            async def smtp_AUTH(self, arg: str) -> None:
+                recorder.commands.append(arg.split()[0].upper() if arg else "")
+                await super().smtp_AUTH(arg)
+
+        class CountingController(Controller):
+            def factory(self) -> SMTP:
+                return CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+        kwargs: dict[str, Any] = dict(authenticator=recorder, auth_exclude_mechanism=
+                                      list(self.exclude), hostname="127.0.0.1",
+                                      port=self.port, ready_timeout=5)
+        if self.mode == "plain":
+            kwargs.update(auth_require_tls=False)
+        elif self.mode == "starttls":
+            kwargs.update(tls_context=server_ssl_context(self.cert), require_starttls=True,
+                          auth_require_tls=True)
+        elif self.mode == "implicit":
+            kwargs.update(ssl_context=server_ssl_context(self.cert), auth_require_tls=False)
+        self.controller = CountingController(_Handler(), **kwargs)
+        self.controller.start()
+
+    def stop(self) -> None:
+        """Stop listening (blocking; run it in a thread from inside a test)."""
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def reset(self) -> None:
+        """Forget the recorded AUTH attempts."""
+        self.recorder.calls.clear()
+        self.recorder.commands.clear()
+        self.recorder.tempfail = False
+
+
+class _Handler:
+    """Accepts nothing: the checker must never get as far as MAIL."""
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: Any) -> str:
+        return "550 5.7.1 this upstream takes no mail in tests"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: Any) -> dict[str, Any]:
+    """A CA; certificates for 127.0.0.1+localhost, for the wrong host, without SAN;
+    and a second CA nobody trusts."""
+    tmp = tmp_path_factory.mktemp("pki")
+    ca = make_ca(tmp)
+    other = make_ca(tmp, "untrusted CA")
+    return {
+        "ca": ca,
+        "good": issue_cert(ca, tmp, names=["localhost", "127.0.0.1"]),
+        "wrong": issue_cert(ca, tmp, names=["wrong.example"]),
+        "nosan": issue_cert(ca, tmp, names=["127.0.0.1"], san=False),
+        "untrusted": issue_cert(other, tmp, names=["localhost", "127.0.0.1"]),
+    }
+
+
+def _upstream(request: Any, *args: Any, **kwargs: Any) -> Upstream:
+    up = Upstream(*args, **kwargs)
+    up.start()
+    request.addfinalizer(up.stop)
+    return up
+
+
+@pytest.fixture(scope="module")
+def plain_upstream(request: Any) -> Upstream:
+    """aiosmtpd offering AUTH PLAIN LOGIN without TLS."""
+    return _upstream(request, "plain")
+
+
+@pytest.fixture(scope="module")
+def login_only_upstream(request: Any) -> Upstream:
+    """aiosmtpd offering only AUTH LOGIN."""
+    return _upstream(request, "plain", exclude=("PLAIN",))
+
+
+@pytest.fixture(scope="module")
+def starttls_upstream(request: Any, pki: dict[str, Any]) -> Upstream:
+    """aiosmtpd requiring STARTTLS (cert for 127.0.0.1 and localhost) before AUTH."""
+    return _upstream(request, "starttls", cert=pki["good"])
+
+
+@pytest.fixture
+def fresh(plain_upstream: Upstream, login_only_upstream: Upstream,
+          starttls_upstream: Upstream) -> None:
+    """Each test starts with empty AUTH records."""
+    for up in (plain_upstream, login_only_upstream, starttls_upstream):
+        up.reset()
+
+
+def deps() -> BackendDeps:
+    """Backend dependencies with the test reactor."""
+    from twisted.internet import reactor
+    return BackendDeps(reactor=reactor, hash_runner=SynchronousRunner(),
+                       make_runner=lambda name, n: SynchronousRunner())
+
+
+def checker(port: int, **options: Any) -> SmtpForwardChecker:
+    """A checker built from config options, as the daemon builds it."""
+    options.setdefault("starttls", False)
+    options.setdefault("timeout", 5.0)
+    return from_config("upstream", SmtpBackendConfig(host="127.0.0.1", port=port, **options),
+                       deps())
+
+
+# ---- plain upstream: verdicts and one attempt per check -----------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_right_password_accepted_with_one_plain_attempt(plain_upstream, fresh):
+    """235 upstream -> the username, after exactly one AUTH PLAIN."""
+    result = await checker(plain_upstream.port).requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert result == b"alice"
+    assert plain_upstream.recorder.commands == ["PLAIN"]
+    assert plain_upstream.recorder.calls == [("PLAIN", b"alice")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_rejected_after_exactly_one_attempt(plain_upstream, fresh):
+    """535 upstream -> UnauthorizedLogin; the upstream saw ONE AUTH (Twisted's stock
+    PLAIN client would have sent a second one with another authzid)."""
+    with pytest.raises(UnauthorizedLogin):
+        await checker(plain_upstream.port).requestAvatarId(creds(b"alice", WRONG))
+    assert plain_upstream.recorder.commands == ["PLAIN"]
+    assert plain_upstream.recorder.calls == [("PLAIN", b"alice")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_user_rejected(plain_upstream, fresh):
+    """An unknown user is a plain 535 too."""
+    with pytest.raises(UnauthorizedLogin):
+        await checker(plain_upstream.port).requestAvatarId(creds(b"mallory", WRONG))
+    assert len(plain_upstream.recorder.commands) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_credentials_pass_through_unchanged(plain_upstream, fresh):
+    """UTF-8 usernames and passwords reach the upstream byte for byte."""
+    user = b"b\xc3\xb6b"
+    assert await checker(plain_upstream.port).requestAvatarId(creds(user, USERS[user])) == user
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_454_is_temporary_and_not_retried(plain_upstream, fresh):
+    """454 4.7.0 upstream -> TemporaryFailure, still one AUTH."""
+    plain_upstream.recorder.tempfail = True
+    with pytest.raises(TemporaryFailure):
+        await checker(plain_upstream.port).requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert plain_upstream.recorder.commands == ["PLAIN"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_password_rejected_without_contacting_upstream(plain_upstream, fresh):
+    """No SMTP server accepts an empty password: reject at once, no connection."""
+    with pytest.raises(UnauthorizedLogin):
+        await checker(plain_upstream.port).requestAvatarId(creds(b"alice", b""))
+    assert plain_upstream.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_used_when_plain_not_offered(login_only_upstream, fresh):
+    """Only LOGIN offered -> AUTH LOGIN; right and wrong passwords, one attempt each."""
+    c = checker(login_only_upstream.port)
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds(b"alice", WRONG))
+    assert login_only_upstream.recorder.commands == ["LOGIN", "LOGIN"]
+    assert login_only_upstream.recorder.calls == [("LOGIN", b"alice"), ("LOGIN", b"alice")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_configured_but_not_offered_is_temporary(plain_upstream, fresh):
+    """starttls = true against a server without STARTTLS: fail closed, no AUTH sent."""
+    c = checker(plain_upstream.port, starttls=True)
+    with pytest.raises(TemporaryFailure, match="STARTTLS"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert plain_upstream.recorder.commands == []
+
+
+# ---- TLS ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls_hostname", [None, "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_starttls_with_private_ca(starttls_upstream, pki, fresh, tls_hostname):
+    """STARTTLS, cert checked against ca_file and the IP (host) or the DNS name
+    (tls_hostname); right -> accept, wrong -> reject, one AUTH each."""
+    c = checker(starttls_upstream.port, starttls=True, ca_file=pki["ca"].cert_path,
+                tls_hostname=tls_hostname)
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds(b"alice", WRONG))
+    assert starttls_upstream.recorder.commands == ["PLAIN", "PLAIN"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_certificate_for_wrong_host_refused(request, pki):
+    """A trusted certificate for another host name: TemporaryFailure, no AUTH sent."""
+    up = _upstream(request, "starttls", cert=pki["wrong"])
+    c = checker(up.port, starttls=True, ca_file=pki["ca"].cert_path)
+    with pytest.raises(TemporaryFailure, match="TLS"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert up.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_wrong_tls_hostname_refused(starttls_upstream, pki, fresh):
+    """The good certificate, but tls_hostname names another host: refused."""
+    c = checker(starttls_upstream.port, starttls=True, ca_file=pki["ca"].cert_path,
+                tls_hostname="mail.example.net")
+    with pytest.raises(TemporaryFailure, match="TLS"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert starttls_upstream.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_trusted_certificate_without_san_refused(request, pki):
+    """TWISTED.md 3.3: a CA-signed certificate with CN=127.0.0.1 but no subjectAltName
+    must be refused (Twisted's own verifier lets it through), and no AUTH sent."""
+    up = _upstream(request, "starttls", cert=pki["nosan"])
+    c = checker(up.port, starttls=True, ca_file=pki["ca"].cert_path)
+    with pytest.raises(TemporaryFailure, match="subjectAltName"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert up.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_handshake_check_refuses_san_less_certificate(request, pki):
+    """Defence in depth: even with Twisted's fail-open TLS options (which accept the
+    SAN-less certificate during the handshake), the checker inspects the peer
+    certificate after the handshake and never sends AUTH."""
+    from twisted.internet import reactor
+
+    up = _upstream(request, "starttls", cert=pki["nosan"])
+    lenient = tssl.optionsForClientTLS("127.0.0.1",
+                                       trustRoot=load_trust_root(pki["ca"].cert_path))
+    c = SmtpForwardChecker(reactor=reactor, endpoint=HostnameEndpoint(reactor, "127.0.0.1",
+                                                                      up.port),
+                           upstream="test", tls_creator=lenient, starttls=True,
+                           implicit_tls=False, tls_hostname="127.0.0.1", timeout=5)
+    with pytest.raises(TemporaryFailure, match="subjectAltName"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert up.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_twisted_alone_accepts_the_san_less_certificate(request, pki):
+    """Control for the two tests above: plain ``optionsForClientTLS`` completes a TLS
+    session with the SAN-less certificate (the trap is real with these test certs)."""
+    from twisted.internet import reactor
+
+    up = _upstream(request, "implicit", cert=pki["nosan"])
+    lenient = tssl.optionsForClientTLS("127.0.0.1",
+                                       trustRoot=load_trust_root(pki["ca"].cert_path))
+    greeting: Deferred[bytes] = Deferred()
+
+    class Greeting(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            if not greeting.called:
+                greeting.callback(data)
+            self.transport.loseConnection()
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if not greeting.called:
+                greeting.errback(reason)
+
+    from twisted.internet.endpoints import wrapClientTLS
+    await connectProtocol(wrapClientTLS(lenient, HostnameEndpoint(reactor, "127.0.0.1",
+                                                                  up.port)), Greeting())
+    assert (await greeting).startswith(b"220 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_untrusted_ca_refused(request, pki):
+    """A certificate from a CA not in ca_file: handshake fails, TemporaryFailure."""
+    up = _upstream(request, "starttls", cert=pki["untrusted"])
+    c = checker(up.port, starttls=True, ca_file=pki["ca"].cert_path)
+    with pytest.raises(TemporaryFailure, match="TLS"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert up.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls(request, pki):
+    """tls = true (port 465 style): right -> accept, wrong -> reject, one AUTH each."""
+    up = _upstream(request, "implicit", cert=pki["good"])
+    c = checker(up.port, tls=True, ca_file=pki["ca"].cert_path)
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds(b"alice", WRONG))
+    assert up.recorder.commands == ["PLAIN", "PLAIN"]
+
+
+@pytest.mark.parametrize("cert", ["wrong", "nosan"])
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_bad_identity_refused(request, pki, cert):
+    """Implicit TLS with a wrong-host or SAN-less certificate: refused, no AUTH."""
+    up = _upstream(request, "implicit", cert=pki[cert])
+    c = checker(up.port, tls=True, ca_file=pki["ca"].cert_path)
+    with pytest.raises(TemporaryFailure, match="TLS"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    assert up.recorder.commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_endpoint_string(starttls_upstream, pki, fresh):
+    """``endpoint`` (a client endpoint string) instead of host/port; the certificate is
+    still checked against tls_hostname."""
+    c = from_config("upstream", SmtpBackendConfig(
+        endpoint=f"tcp:host=127.0.0.1:port={starttls_upstream.port}", starttls=True,
+        ca_file=pki["ca"].cert_path, tls_hostname="localhost", timeout=5.0), deps())
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+
+
+# ---- availability: stopped, back, hanging ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_stopped_then_back(request):
+    """Upstream down -> TemporaryFailure (refused); started again -> the same checker
+    accepts again."""
+    up = _upstream(request, "plain")
+    c = checker(up.port)
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+    await deferToThread(up.stop)
+    with pytest.raises(TemporaryFailure, match="connect"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    await deferToThread(up.start)
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+
+
+@pytest.fixture
+def hanging_port():
+    """A loopback port that accepts TCP connections and never says anything."""
+    from twisted.internet import reactor
+
+    connections: list[Protocol] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            connections.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    yield port.getHost().port, connections
+    port.stopListening()
+    for p in connections:
+        p.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hanging_upstream_times_out(hanging_port):
+    """Accepts TCP, never greets: TemporaryFailure after ``timeout`` (measured), and the
+    connection is dropped."""
+    port, connections = hanging_port
+    c = checker(port, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TemporaryFailure, match="0.5s"):
+        await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 1.0, elapsed
+    assert len(connections) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_deadline_timer_cancelled_on_verdict(plain_upstream, fresh):
+    """The whole-check timer is cancelled as soon as the verdict is known."""
+    from twisted.internet import reactor
+
+    created: list[Any] = []
+
+    class RecordingClock:
+        def callLater(self, *a: Any, **kw: Any) -> Any:
+            call = reactor.callLater(*a, **kw)
+            created.append(call)
+            return call
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(reactor, name)
+
+    c = from_config("upstream", SmtpBackendConfig(host="127.0.0.1", port=plain_upstream.port,
+                                                  starttls=False, timeout=30.0),
+                    BackendDeps(RecordingClock(), SynchronousRunner(),
+                                lambda n, m: SynchronousRunner()))
+    assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
+    deadline = [d for d in created if d.getTime() - time.time() > 20 or d.cancelled]
+    assert deadline and not deadline[0].active()
+
+
+# ---- secrets ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_password_in_logs_errors_or_transcript(plain_upstream, request, pki, fresh):
+    """Neither the password nor any base64 carrying it appears in log events, exception
+    messages or reprs, for accept, reject, temporary failure and TLS refusal."""
+    password = USERS[b"alice"]
+    secrets = [password, base64.b64encode(b"\0alice\0" + password),
+               base64.b64encode(password), base64.b64encode(b"alice\0alice\0" + password)]
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    texts: list[str] = []
+    try:
+        c = checker(plain_upstream.port)
+        await c.requestAvatarId(creds(b"alice", password))
+        with pytest.raises(UnauthorizedLogin) as e1:
+            await c.requestAvatarId(creds(b"alice", password + b"x"))
+        plain_upstream.recorder.tempfail = True
+        with pytest.raises(TemporaryFailure) as e2:
+            await c.requestAvatarId(creds(b"alice", password))
+        bad = _upstream(request, "starttls", cert=pki["nosan"])
+        with pytest.raises(TemporaryFailure) as e3:
+            await checker(bad.port, starttls=True, ca_file=pki["ca"].cert_path
+                          ).requestAvatarId(creds(b"alice", password))
+        texts += [str(e.value) + repr(e.value) for e in (e1, e2, e3)] + [repr(c)]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts += [formatEvent(e) + repr(e) for e in events]
+    joined = "\n".join(texts).encode("utf-8", "replace")
+    for secret in secrets:
+        assert secret not in joined
+
+
+def test_transcript_redacts_auth_payloads():
+    """The probe's transcript shows the AUTH command but never its payload."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from saslsmtp.checkers.smtp import AuthProbe
+
+    probe = AuthProbe(b"alice", b"s3cret!", clock=Clock(), tls_creator=None, starttls=False,
+                      implicit_tls=False, tls_hostname="x", helo="client.test", upstream="t")
+    transport = StringTransport()
+    probe.makeConnection(transport)
+    verdicts: list[Any] = []
+    probe.result.addErrback(verdicts.append)
+    for line in (b"220 hi", b"250-hi", b"250 AUTH LOGIN", b"334 VXNlcm5hbWU6",
+                 b"334 UGFzc3dvcmQ6", b"535 5.7.8 no"):
+        probe.dataReceived(line + b"\r\n")
+    sent = transport.value()
+    assert verdicts and verdicts[0].check(UnauthorizedLogin)
+    assert base64.b64encode(b"s3cret!") in sent  # it was really sent...
+    transcript = "\n".join(probe.transcript)
+    assert "s3cret" not in transcript and base64.b64encode(b"s3cret!").decode() not in transcript
+    assert "C: <redacted>" in transcript  # ...and redacted in the record
+    assert sent.endswith(b"QUIT\r\n")
+    assert "s3cret" not in repr(probe)
+
+
+def test_ehlo_capabilities_parsing():
+    """EHLO keywords are case-insensitive; the pre-RFC ``AUTH=`` form counts too."""
+    caps = _capabilities([b"PIPELINING", b"auth plain Login", b"AUTH=CRAM-MD5", b"starttls"])
+    assert caps["AUTH"] == ["PLAIN", "LOGIN", "CRAM-MD5"]
+    assert "STARTTLS" in caps
+
+
+def test_malformed_reply_is_temporary():
+    """A reply that is not ``NNN[ -]text`` ends the check with TemporaryFailure."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from saslsmtp.checkers.smtp import AuthProbe
+
+    probe = AuthProbe(b"a", b"b", clock=Clock(), tls_creator=None, starttls=False,
+                      implicit_tls=False, tls_hostname="x", helo=None, upstream="t")
+    probe.makeConnection(StringTransport())
+    probe.dataReceived(b"hello there\r\n")
+    failures: list[Any] = []
+    probe.result.addErrback(failures.append)
+    assert failures and failures[0].check(TemporaryFailure)
