@@ -85,10 +85,19 @@ def _no_resolver(request: Any, session: Session) -> "defer.Deferred[Any]":
     return defer.fail(TemporaryFailure(f"no resolver for {type(request).__name__}"))
 
 
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
 def _as_reply(base: Reply, code: int | None, enhanced: str | None, reason: str | None) -> Reply:
-    """A reply from a script/mechanism result, with CR/LF and non-ASCII made harmless."""
-    text = base.text if reason is None else _clean_text(reason)
-    return Reply(code or base.code, enhanced if code is not None else base.enhanced, text)
+    """A reply from a script/mechanism result: the code stays in the class of ``base``
+    (4xx for Defer, 5xx for Reject), the enhanced code matches it, and CR/LF or
+    non-ASCII in the reason cannot break the framing."""
+    text = base.text if reason is None else (_clean_text(reason) or base.text)
+    if not isinstance(code, int) or code // 100 != base.code // 100 or not 400 <= code <= 599:
+        code = base.code
+    if not isinstance(enhanced, str) or not _ENHANCED.match(enhanced) or enhanced[0] != str(code)[0]:
+        enhanced = base.enhanced if code == base.code else _DEFAULT_ENHANCED[code // 100]
+    return Reply(code, enhanced, text)
 
 
 def _clean_text(text: str | bytes) -> str:

@@ -22,12 +22,13 @@ from twisted.python import usage
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource
-from saslsmtp.config import Config, ConfigError, load_config
+from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script, scripted_spec
 from saslsmtp.sasl.outcome import Lookup, Session
 from saslsmtp.smtp import EngineSettings, SubmissionESMTP
 from saslsmtp.threads import ThreadPoolRunner
@@ -106,14 +107,26 @@ def wire(config: Config, reactor: Any) -> Wiring:
         except ConfigError:
             raise
         except Exception as e:  # a backend refusing its options: a config error, not a traceback
-            from saslsmtp.config import ConfigProblem
             raise ConfigError([ConfigProblem(config.path, f"backends.{name}", None, str(e))]) from None
     chain = BackendChain([(name, checkers[name]) for name in config.auth.backends])
     delivery_runner = make_runner("saslsmtp-delivery", 4)
     realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname), delivery_runner)
     password_checker: ICredentialsChecker = chain
-    mechanisms = {name: spec for name, spec in builtin_mechanisms().items()
-                  if name in config.auth.mechanisms}
+    builtins = builtin_mechanisms()
+    mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
+    if config.auth.script is not None:
+        script = load_script(config.auth.script, config.path)
+        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
+        password_checker = ScriptPasswordChecker(runner)
+        for name in config.auth.mechanisms:
+            if name in builtins:
+                continue
+            if script.mechanisms is not None and name not in script.mechanisms:
+                raise ConfigError([ConfigProblem(
+                    config.path, "auth.mechanisms", None,
+                    f"{name} is not built in and {config.auth.script} does not serve it"
+                    f" (its MECHANISMS: {', '.join(sorted(script.mechanisms)) or 'none'})")])
+            mechanisms[name] = scripted_spec(name, runner)
     portal = Portal(realm, [password_checker, TrustedIdentityChecker()])
     settings = EngineSettings(
         hostname=config.server.hostname,

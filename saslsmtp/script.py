@@ -1,0 +1,306 @@
+"""The AUTH script: a Python module whose ``auth(arguments, context)`` decides each step.
+
+What a script imports::
+
+    from saslsmtp.script import Accept, Defer, Reject, Reply
+
+``Accept``/``Reject``/``Defer``/``Reply`` are the same frozen values the built-in
+mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mapping):
+
+* ``mechanism`` (upper case), ``state`` (0, then +1 after each ``Reply``),
+  ``response`` (decoded bytes; ``None`` at state 0 without an initial response,
+  ``b""`` for ``=``);
+* ``username``, ``password``, ``authzid`` (str) for PLAIN and LOGIN, whose exchange the
+  server runs itself (``state`` 0, ``response`` ``None``);
+* ``remote_ip``, ``remote_port``, ``local_ip``, ``local_port``, ``helo``, ``tls`` (bool),
+  ``hostname`` (the server's),
+  ``channel_bindings`` (TLS channel-binding data by type), ``client_certificate``;
+* ``backends``: ``await arguments["backends"].verify("name", username, password)``
+  returns ``Verdict.ACCEPT``, ``Verdict.REJECT`` or ``Verdict.TEMPORARY``.
+
+``context`` is a dict kept for the whole connection.  A script that returns nothing
+rejects; one that raises or runs past ``script_timeout`` defers (454 4.7.0) and is logged
+with its traceback; an exchange longer than ``script_max_steps`` is refused.
+
+An optional module-level ``MECHANISMS = ["CRAM-MD5", ...]`` lists the custom mechanisms
+the script serves; when present, configuring any other non-built-in mechanism is a
+startup error.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import inspect
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from saslsmtp.config import ConfigError, ConfigProblem
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.replies import REPLIES, Reply as SMTPReply
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session
+
+__all__ = ["Accept", "Defer", "Reject", "Reply", "Verdict", "Backends", "AuthScript",
+           "load_script", "ScriptMechanism", "ScriptPasswordChecker", "scripted_spec"]
+
+log = Logger(namespace="saslsmtp.script")
+
+RESULTS = (Accept, Defer, Reject, Reply)
+
+
+class Verdict(str, enum.Enum):
+    """What a backend said about a username and password."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPORARY = "temporary"
+
+
+class Backends:
+    """The configured backends, by name, for scripts: ``await backends.verify(...)``."""
+
+    def __init__(self, checkers: Mapping[str, ICredentialsChecker]) -> None:
+        self._checkers = dict(checkers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._checkers)
+
+    def verify(self, name: str, username: str | bytes, password: str | bytes,
+               session: Session | None = None) -> "defer.Deferred[Verdict]":
+        """Check ``username``/``password`` against backend ``name``."""
+        checker = self._checkers.get(name)
+        if checker is None:
+            return defer.fail(KeyError(f"no backend named {name!r} (have: {', '.join(self._checkers)})"))
+        creds = PasswordCredentials(_bytes(username), _bytes(password), session or Session())
+        d = defer.maybeDeferred(checker.requestAvatarId, creds)
+
+        def failed(f: Any) -> Verdict:
+            if f.check(UnauthorizedLogin):
+                return Verdict.REJECT
+            if not f.check(TemporaryFailure):
+                log.failure("backend {name} raised", failure=f, name=name)
+            else:
+                log.info("backend {name} failed temporarily: {why}", name=name, why=str(f.value))
+            return Verdict.TEMPORARY
+        return d.addCallbacks(lambda _: Verdict.ACCEPT, failed)
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+@dataclass(frozen=True)
+class AuthScript:
+    """A loaded script: its ``auth`` callable and the mechanisms it declares."""
+
+    path: str
+    auth: Callable[..., Any]
+    mechanisms: frozenset[str] | None  # None: serves any custom mechanism
+
+
+def load_script(path: str, config_file: str = "<config>") -> AuthScript:
+    """Import the script once; any problem is a ``ConfigError`` with file and line."""
+    def problem(message: str, line: int | None = None, file: str = path) -> ConfigError:
+        return ConfigError([ConfigProblem(file, "auth.script", line, message)])
+
+    source_path = Path(path)
+    try:
+        source = source_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise problem(f"cannot read: {e.strerror}") from None
+    try:
+        code = compile(source, str(source_path), "exec")
+    except SyntaxError as e:
+        raise problem(f"syntax error: {e.msg}", e.lineno) from None
+    name = f"saslsmtp_auth_script_{abs(hash(str(source_path.resolve())))}"
+    module = types.ModuleType(name)
+    module.__file__ = str(source_path)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        tb = e.__traceback__
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == str(source_path):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise problem(f"raised {type(e).__name__} while loading: {e}", line) from None
+    auth = getattr(module, "auth", None)
+    if not callable(auth):
+        raise problem("defines no callable auth(arguments, context)")
+    declared = getattr(module, "MECHANISMS", None)
+    mechanisms = None
+    if declared is not None:
+        if not isinstance(declared, (list, tuple, set, frozenset)) or not all(
+                isinstance(m, str) for m in declared):
+            raise problem("MECHANISMS must be a list of mechanism names")
+        mechanisms = frozenset(m.upper() for m in declared)
+    return AuthScript(str(source_path), auth, mechanisms)
+
+
+class ScriptRunner:
+    """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time;
+    every error becomes ``Defer`` (logged), ``None`` becomes ``Reject``."""
+
+    def __init__(self, script: AuthScript, clock: Any, timeout: float, backends: Backends) -> None:
+        self.script = script
+        self.clock = clock
+        self.timeout = timeout
+        self.backends = backends
+
+    def arguments(self, session: Session, mechanism: str, **extra: Any) -> dict[str, Any]:
+        """The ``arguments`` mapping for one call."""
+        args: dict[str, Any] = {
+            "mechanism": mechanism, "state": 0, "response": None,
+            "remote_ip": session.remote_ip, "remote_port": session.remote_port,
+            "local_ip": session.local_ip, "local_port": session.local_port,
+            "helo": session.helo, "tls": session.tls, "hostname": session.hostname,
+            "channel_bindings": dict(session.channel_bindings),
+            "client_certificate": session.client_certificate,
+            "backends": _SessionBackends(self.backends, session),
+        }
+        args.update(extra)
+        return args
+
+    def run(self, arguments: Mapping[str, Any], context: dict) -> "defer.Deferred[Any]":
+        """One call of ``auth``; fires with an ``Accept``/``Defer``/``Reject``/``Reply``."""
+        mechanism = arguments.get("mechanism")
+        state = arguments.get("state")
+
+        def call() -> Any:
+            result = self.script.auth(types.MappingProxyType(dict(arguments)), context)
+            if inspect.iscoroutine(result):
+                return defer.Deferred.fromCoroutine(result)
+            return result
+
+        d = defer.maybeDeferred(call)
+        d.addTimeout(self.timeout, self.clock)
+
+        def checked(result: Any) -> Any:
+            if result is None:
+                return Reject()
+            if isinstance(result, RESULTS):
+                return result
+            log.error("AUTH script {path} returned {kind} for {mechanism} state {state};"
+                      " expected Accept, Defer, Reject or Reply", path=self.script.path,
+                      kind=type(result).__name__, mechanism=mechanism, state=state)
+            return Defer()
+
+        def failed(f: Any) -> Defer:
+            if f.check(defer.TimeoutError):
+                log.error("AUTH script {path} timed out after {t} s ({mechanism} state {state})",
+                          path=self.script.path, t=self.timeout, mechanism=mechanism, state=state)
+            elif f.check(defer.CancelledError):
+                raise f.value  # the connection went away: nothing to answer
+            else:
+                log.failure("AUTH script {path} raised ({mechanism} state {state})", failure=f,
+                            path=self.script.path, mechanism=mechanism, state=state)
+            return Defer()
+
+        return d.addCallbacks(checked, failed)
+
+
+class _SessionBackends:
+    """``arguments["backends"]``: ``verify`` with the connection's session attached."""
+
+    def __init__(self, backends: Backends, session: Session) -> None:
+        self._backends = backends
+        self._session = session
+        self.names = backends.names
+
+    def verify(self, name: str, username: str | bytes, password: str | bytes) -> "defer.Deferred[Verdict]":
+        return self._backends.verify(name, username, password, self._session)
+
+
+class ScriptMechanism:
+    """A custom mechanism served by the script, step by step (not sans-I/O: steps are
+    Deferreds).  ``*`` and base64 are the engine's business; the script sees bytes."""
+
+    def __init__(self, runner: ScriptRunner, session: Session) -> None:
+        self._runner = runner
+        self._session = session
+        self._state = -1
+
+    def start(self, initial: bytes | None) -> "defer.Deferred[Any]":
+        return self._call(initial)
+
+    def receive(self, response: bytes) -> "defer.Deferred[Any]":
+        return self._call(response)
+
+    def resume(self, secret: Secret | None) -> Any:
+        raise RuntimeError("a scripted mechanism never asks for a secret")
+
+    def _call(self, response: bytes | None) -> "defer.Deferred[Any]":
+        self._state += 1
+        args = self._runner.arguments(self._session, self._session.mechanism,
+                                      state=self._state, response=response)
+        d = self._runner.run(args, self._session.context)
+
+        def require_username(result: Any) -> Any:
+            if isinstance(result, Accept) and not result.username:
+                log.error("AUTH script {path}: Accept() for custom mechanism {mechanism} must"
+                          " name the user (Accept(username=...))", path=self._runner.script.path,
+                          mechanism=self._session.mechanism)
+                return Defer()
+            return result
+        return d.addCallback(require_username)
+
+
+def scripted_spec(name: str, runner: ScriptRunner) -> MechanismSpec:
+    """A ``MechanismSpec`` whose exchanges the script runs (client-first allowed)."""
+    return MechanismSpec(name, lambda session: ScriptMechanism(runner, session))
+
+
+def _reply(base: SMTPReply, result: Reject | Defer) -> SMTPReply:
+    return SMTPReply(result.code, result.enhanced, result.reason or base.text)
+
+
+@implementer(ICredentialsChecker)
+class ScriptPasswordChecker:
+    """PLAIN and LOGIN when a script is configured: the script decides with the decoded
+    username and password (and may ask the backends itself)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, runner: ScriptRunner) -> None:
+        self.runner = runner
+
+    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[bytes]":
+        session = getattr(credentials, "session", None) or Session()
+        username = credentials.username.decode("utf-8", "replace")
+        args = self.runner.arguments(
+            session, session.mechanism or "PLAIN", username=username,
+            password=credentials.password.decode("utf-8", "replace"),
+            authzid=getattr(credentials, "authzid", b"").decode("utf-8", "replace"))
+        d = self.runner.run(args, session.context)
+
+        def decide(result: Any) -> bytes:
+            if isinstance(result, Accept):
+                if result.reason is not None:
+                    credentials.success_text = result.reason
+                name = result.username or username
+                return name if isinstance(name, bytes) else name.encode("utf-8")
+            if isinstance(result, Reject):
+                raise AuthRejected(_reply(REPLIES["auth_invalid"], result), result.disconnect)
+            if isinstance(result, Defer):
+                raise TemporaryFailure("AUTH script deferred", _reply(REPLIES["auth_tempfail"], result),
+                                       result.disconnect)
+            log.error("AUTH script {path} answered Reply() for {mechanism}; only custom"
+                      " mechanisms can send challenges", path=self.runner.script.path,
+                      mechanism=session.mechanism)
+            raise TemporaryFailure("AUTH script answered Reply() for a password mechanism")
+        return d.addCallback(decide)
