@@ -408,6 +408,7 @@ def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
             p.problem(f"{prefix}.search_filter", "must be set and contain {username}")
         if o.timeout <= 0:
             p.problem(f"{prefix}.timeout", "must be positive")
+        _check_ldap(p, prefix, o)
     elif kind == "http":
         if not o.url.startswith(("http://", "https://")):
             p.problem(f"{prefix}.url", "must be an http:// or https:// URL")
@@ -417,6 +418,31 @@ def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
     for attr in ("timeout",):
         if hasattr(o, attr) and getattr(o, attr) <= 0:
             p.problem(f"{prefix}.{attr}", "must be positive")
+
+
+def _check_ldap(p: _Parser, prefix: str, o: Any) -> None:
+    """``type = "ldap"``: server URLs, TLS, service account and filter shape."""
+    from urllib.parse import urlsplit
+    for url in o.url:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("ldap", "ldaps") or not parts.hostname \
+                or parts.path not in ("", "/") or parts.query or parts.username:
+            p.problem(f"{prefix}.url", f"{url!r} is not ldap://host[:port] or ldaps://host[:port]")
+        elif o.start_tls and parts.scheme.lower() == "ldaps":
+            p.problem(f"{prefix}.start_tls", f"cannot be used with {url!r} (ldaps:// is TLS"
+                      " already)")
+    if o.threads < 1:
+        p.problem(f"{prefix}.threads", "must be at least 1")
+    if (o.search_dn is None) != (o.search_password is None):
+        p.problem(f"{prefix}.search_password" if o.search_dn else f"{prefix}.search_dn",
+                  "search_dn and search_password go together")
+    if o.search_dn is not None and not o.search_base:
+        p.problem(f"{prefix}.search_dn", "is only used with search_base (search-then-bind)")
+    if o.ca_file and not Path(o.ca_file).is_file():
+        p.problem(f"{prefix}.ca_file", f"no such file: {o.ca_file}")
+    if o.require_filter is not None and not (o.require_filter.startswith("(")
+                                             and o.require_filter.endswith(")")):
+        p.problem(f"{prefix}.require_filter", "must be an LDAP filter in parentheses")
 
 
 def load_config(path: str, *, known_mechanisms: frozenset[str] = frozenset()) -> Config:

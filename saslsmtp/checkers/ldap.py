@@ -1,0 +1,474 @@
+"""The ``type = "ldap"`` backend: bind to a directory as the user, with ldap3, off the reactor.
+
+Theory of operation
+-------------------
+
+``LdapChecker`` (the ``ICredentialsChecker``) does the cheap checks on the reactor thread
+(the username must be UTF-8 and non-empty, the password non-empty: an empty simple bind is an
+*unauthenticated* bind that servers accept) and hands everything else to ``Directory.verify``
+in a dedicated bounded runner (``deps.make_runner("ldap-<name>", threads)``).  No ldap3 call
+ever runs on the reactor thread or in the reactor's default pool.
+
+``Directory`` (blocking, thread-safe) finds the user's DN, either from the ``user_dn``
+template (the username escaped as an RFC 4514 attribute value) or by a search with the
+``search_filter`` (the username escaped per RFC 4515) over a reused service connection
+(``search_dn``/``search_password``, or anonymous); zero or several matches reject.  It then
+binds as that DN on a fresh connection, checks ``require_filter`` (a base-scope search of
+the user's own entry, on the user's connection), and always unbinds and closes it.
+
+Failures are translated once: invalidCredentials (49) on the *user's* bind, no entry, an
+ambiguous search and an unmatched ``require_filter`` reject (``UnauthorizedLogin``);
+everything else (refused, timed out, busy, unavailable, unwilling, a failed service bind,
+a TLS error) is a ``TemporaryFailure`` whose message names the server and the error,
+never the password.
+
+Several ``url`` values mean failover, in order: a server that failed at the transport
+level (refused, reset, timed out, TLS) or answered busy/unavailable is tried last for
+``DOWN_SECONDS``, then first again.  ``timeout`` bounds the TCP connect and every request
+(StartTLS and the TLS handshake included) per server.  Broken service connections are
+dropped (all idle ones with them) and the search is retried once on a fresh connection,
+so a restarted server is used again at once, without restarting saslsmtp.
+
+ldap3's own ``ServerPool`` is not used: it keeps a reference to every ``Connection`` ever
+made with it (one per login here), and when every server is down it sleeps
+``POOLING_LOOP_TIMEOUT`` (10 s) before giving up.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import ldap3
+from ldap3.core.exceptions import LDAPException
+from ldap3.core.tls import Tls
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from saslsmtp.config import LdapBackendConfig
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.threads import BlockingRunner
+
+log = Logger()
+
+INVALID_CREDENTIALS = 49
+SIZE_LIMIT_EXCEEDED = 4
+# Answers after which another server may do better.
+FAILOVER_RESULTS = frozenset({51, 52})  # busy, unavailable
+DOWN_SECONDS = 30.0
+
+_DN_SPECIALS = frozenset('"+,;<>\\=')
+_FILTER_SPECIALS = frozenset("*()\\\x00")
+
+
+def escape_dn_value(value: str) -> str:
+    """Escape ``value`` as an RFC 4514 attribute value (section 2.4).
+
+    ``"+,;<>\\=`` get a backslash, a leading ``#`` or space and a trailing space too;
+    NUL and other control characters become ``\\XX`` hex pairs.  (ldap3's
+    ``escape_rdn`` writes a backslash before a raw NUL, which RFC 4514 does not allow,
+    and fails on an empty string.)
+    """
+    out = []
+    last = len(value) - 1
+    for i, ch in enumerate(value):
+        if ch in _DN_SPECIALS:
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ch == "\x7f":
+            out.append("".join(f"\\{b:02x}" for b in ch.encode("utf-8")))
+        elif (i == 0 and ch in "# ") or (i == last and ch == " "):
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape_filter_value(value: str) -> str:
+    """Escape ``value`` for an RFC 4515 filter assertion value.
+
+    ``*()\\`` and NUL must be ``\\XX`` hex pairs (what ldap3's ``escape_filter_chars``
+    does); other control characters get the same treatment here, so a filter never
+    carries raw control bytes into logs.  Non-ASCII stays UTF-8, as RFC 4515 allows.
+    """
+    return "".join(f"\\{ord(ch):02x}" if ch in _FILTER_SPECIALS or ord(ch) < 0x20
+                   or ch == "\x7f" else ch for ch in value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One server from ``url``: ``ldap://host[:389]`` or ``ldaps://host[:636]``."""
+
+    host: str
+    port: int
+    ssl: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "Endpoint":
+        """Parse an LDAP URL; ``ValueError`` if it is not ``ldap[s]://host[:port][/]``."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"not an ldap:// or ldaps:// server URL: {url!r}")
+        return cls(parts.hostname, parts.port or (636 if scheme == "ldaps" else 389),
+                   scheme == "ldaps")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'ldaps' if self.ssl else 'ldap'}://{host}:{self.port}"
+
+
+class VerifyingTls(Tls):
+    """ldap3 ``Tls`` with the standard library's certificate and hostname checks.
+
+    ldap3 turns ``check_hostname`` off and matches names itself with
+    ``ssl.match_hostname`` (gone in Python 3.12); this uses ``SSLContext.check_hostname``
+    and SNI instead.  The chain is always verified (``ca_file`` or the system store);
+    ``verify_hostname = false`` only skips the name check.
+    """
+
+    def __init__(self, ca_file: str | None, verify_hostname: bool) -> None:
+        super().__init__(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file)
+        self._verify_hostname = verify_hostname
+
+    def wrap_socket(self, connection: Any, do_handshake: bool = False) -> None:
+        """Wrap ``connection.socket`` in TLS (the handshake is bounded by the socket timeout)."""
+        context = ssl.create_default_context(cafile=self.ca_certs_file)
+        context.check_hostname = self._verify_hostname
+        context.verify_mode = ssl.CERT_REQUIRED
+        connection.socket = context.wrap_socket(
+            connection.socket, server_side=False, do_handshake_on_connect=do_handshake,
+            server_hostname=connection.server.host)
+
+
+class _Transport(Exception):
+    """This server did not answer usefully; another one might (internal)."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def _describe(error: BaseException) -> str:
+    """A log-safe one-line description of an ldap3/socket error (never holds a password)."""
+    text = str(error).strip() or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def _result(conn: Any) -> tuple[int, str]:
+    result = conn.result or {}
+    return int(result.get("result", -1)), str(result.get("description", "no result"))
+
+
+def close_quietly(conn: Any) -> None:
+    """Unbind and close an ldap3 connection, whatever state it is in."""
+    try:
+        conn.unbind()
+    except Exception:
+        pass
+    try:
+        if not conn.closed:
+            conn.strategy.close()
+    except Exception:
+        pass
+
+
+@dataclass
+class _Pooled:
+    conn: Any
+    endpoint: Endpoint
+
+
+class Directory:
+    """The blocking half: find the DN, bind as the user, check ``require_filter``.
+
+    Thread-safe: connections are never shared between threads at the same time.  Only
+    ever called from the backend's runner threads.  ``connection_factory`` and
+    ``server_factory`` default to ldap3's classes (tests may wrap them to watch calls).
+    """
+
+    def __init__(self, options: LdapBackendConfig, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 connection_factory: Callable[..., Any] = ldap3.Connection,
+                 server_factory: Callable[..., Any] = ldap3.Server) -> None:
+        self.options = options
+        self.endpoints = tuple(Endpoint.parse(u) for u in options.url)
+        if not self.endpoints:
+            raise ValueError("ldap backend needs at least one url")
+        self._clock = clock
+        self._connection_factory = connection_factory
+        self._server_factory = server_factory
+        uses_tls = options.start_tls or any(e.ssl for e in self.endpoints)
+        self._tls = VerifyingTls(options.ca_file, options.verify_hostname) if uses_tls else None
+        self._lock = threading.Lock()
+        self._down_until: dict[Endpoint, float] = {}
+        self._idle: list[_Pooled] = []
+        self._max_idle = max(1, options.threads)
+        self._closed = False
+
+    # ---- the one public operation ----------------------------------------
+
+    def verify(self, username: str, password: bytes) -> str:
+        """Return the user's DN if ``password`` binds as it; raise ``UnauthorizedLogin``
+        (wrong credentials) or ``TemporaryFailure`` (anything else)."""
+        if not password:  # an empty simple bind is an anonymous bind: never send it
+            raise UnauthorizedLogin("empty password")
+        if self.options.user_dn:
+            dn = self.options.user_dn.replace("{username}", escape_dn_value(username))
+        else:
+            dn = self._search_dn(username)
+        conn, endpoint = self._open(dn, password, user=True)
+        try:
+            if self.options.require_filter:
+                self._check_require_filter(conn, endpoint, dn)
+        finally:
+            close_quietly(conn)
+        return dn
+
+    def close(self) -> None:
+        """Close the idle service connections (at shutdown)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            close_quietly(pooled.conn)
+
+    # ---- servers and connections -----------------------------------------
+
+    def _ordered(self) -> list[Endpoint]:
+        """Endpoints in configured order; those that failed recently go last."""
+        now = self._clock()
+        with self._lock:
+            down = {e for e, until in self._down_until.items() if until > now}
+        return [e for e in self.endpoints if e not in down] + \
+               [e for e in self.endpoints if e in down]
+
+    def _mark(self, endpoint: Endpoint, up: bool) -> None:
+        with self._lock:
+            if up:
+                self._down_until.pop(endpoint, None)
+            else:
+                self._down_until[endpoint] = self._clock() + DOWN_SECONDS
+
+    def _any_up(self, besides: Endpoint) -> bool:
+        now = self._clock()
+        with self._lock:
+            return any(self._down_until.get(e, 0.0) <= now
+                       for e in self.endpoints if e != besides)
+
+    def _open(self, dn: str | None, password: bytes | None, user: bool) -> tuple[Any, Endpoint]:
+        """A connection bound as ``dn`` (anonymous if None), failing over between servers."""
+        errors: list[str] = []
+        for endpoint in self._ordered():
+            try:
+                conn = self._connect(endpoint, dn, password, user)
+            except _Transport as e:
+                self._mark(endpoint, up=False)
+                errors.append(f"{endpoint}: {e}")
+                continue
+            self._mark(endpoint, up=True)
+            return conn, endpoint
+        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+
+    def _connect(self, endpoint: Endpoint, dn: str | None, password: bytes | None,
+                 user: bool) -> Any:
+        """Connect, StartTLS if configured, bind; raise ``_Transport`` to try the next one."""
+        timeout = self.options.timeout
+        server = self._server_factory(
+            endpoint.host, port=endpoint.port, use_ssl=endpoint.ssl, tls=self._tls,
+            get_info=ldap3.NONE, connect_timeout=timeout)
+        conn = self._connection_factory(
+            server, user=dn, password=password,
+            authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
+            client_strategy=ldap3.SYNC, auto_bind=ldap3.AUTO_BIND_NONE, read_only=True,
+            receive_timeout=None, raise_exceptions=False, auto_referrals=False)
+        try:
+            # ldap3 packs receive_timeout with struct 'LL', so a float one fails.  Without
+            # it the socket keeps connect_timeout (socket.settimeout) for every later recv
+            # and send, TLS handshakes included: one bound for every step.
+            conn.open()
+            if self.options.start_tls and not endpoint.ssl:
+                conn.start_tls()
+            if dn is not None and not conn.bind():
+                code, description = _result(conn)
+                if code == INVALID_CREDENTIALS and user:
+                    raise UnauthorizedLogin("invalid credentials")
+                if code == INVALID_CREDENTIALS:
+                    raise TemporaryFailure(f"{endpoint}: service account bind as {dn!r} "
+                                           "refused (invalidCredentials): check search_dn and "
+                                           "search_password")
+                if code in FAILOVER_RESULTS:
+                    raise _Transport(f"bind answered {code} {description}")
+                raise TemporaryFailure(f"{endpoint}: bind answered {code} {description}")
+        except (LDAPException, OSError) as e:
+            close_quietly(conn)
+            raise _Transport(_describe(e), timed_out=isinstance(e, TimeoutError)) from None
+        except BaseException:
+            close_quietly(conn)
+            raise
+        return conn
+
+    # ---- search-then-bind -------------------------------------------------
+
+    def _acquire(self) -> tuple[_Pooled, bool]:
+        """An idle service connection (reused=True) or a new one."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        conn, endpoint = self._open(self.options.search_dn,
+                                    _bytes(self.options.search_password), user=False)
+        return _Pooled(conn, endpoint), False
+
+    def _release(self, pooled: _Pooled) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(pooled)
+                return
+        close_quietly(pooled.conn)
+
+    def _drop_idle(self) -> None:
+        """A service connection broke: the idle ones are probably stale too."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            close_quietly(pooled.conn)
+
+    def _search_dn(self, username: str) -> str:
+        """The one DN that ``search_filter`` finds for ``username``; reject 0 or >1."""
+        assert self.options.search_base and self.options.search_filter
+        query = self.options.search_filter.replace("{username}", escape_filter_value(username))
+        for attempt in (1, 2):
+            pooled, reused = self._acquire()
+            try:
+                pooled.conn.search(self.options.search_base, query, search_scope=ldap3.SUBTREE,
+                                   attributes=[ldap3.NO_ATTRIBUTES], size_limit=2,
+                                   dereference_aliases=ldap3.DEREF_NEVER)
+            except (LDAPException, OSError) as e:
+                close_quietly(pooled.conn)
+                self._drop_idle()
+                timed_out = isinstance(e, TimeoutError)
+                if timed_out:
+                    self._mark(pooled.endpoint, up=False)
+                if attempt == 1 and reused and (not timed_out or self._any_up(pooled.endpoint)):
+                    continue  # stale connection (server restarted): once more, on a fresh one
+                raise TemporaryFailure(f"{pooled.endpoint}: search failed: {_describe(e)}") \
+                    from None
+            code, description = _result(pooled.conn)
+            entries = [r["dn"] for r in pooled.conn.response or ()
+                       if r.get("type") == "searchResEntry"]
+            if code not in (0, SIZE_LIMIT_EXCEEDED):
+                close_quietly(pooled.conn)
+                if code in FAILOVER_RESULTS:
+                    self._mark(pooled.endpoint, up=False)
+                raise TemporaryFailure(f"{pooled.endpoint}: search answered {code} {description}")
+            self._release(pooled)
+            if code == SIZE_LIMIT_EXCEEDED or len(entries) > 1:
+                raise UnauthorizedLogin("search_filter matches more than one entry")
+            if not entries:
+                raise UnauthorizedLogin("no entry matches search_filter")
+            return entries[0]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- require_filter ---------------------------------------------------
+
+    def _check_require_filter(self, conn: Any, endpoint: Endpoint, dn: str) -> None:
+        """Reject unless the user's own entry matches ``require_filter``."""
+        try:
+            conn.search(dn, self.options.require_filter, search_scope=ldap3.BASE,
+                        attributes=[ldap3.NO_ATTRIBUTES], dereference_aliases=ldap3.DEREF_NEVER)
+        except (LDAPException, OSError) as e:
+            raise TemporaryFailure(f"{endpoint}: require_filter search failed: {_describe(e)}") \
+                from None
+        code, description = _result(conn)
+        if code != 0:
+            raise TemporaryFailure(
+                f"{endpoint}: require_filter search of {dn!r} answered {code} {description}")
+        if not any(r.get("type") == "searchResEntry" for r in conn.response or ()):
+            raise UnauthorizedLogin("entry does not match require_filter")
+
+
+def _bytes(value: str | None) -> bytes | None:
+    return value.encode("utf-8") if value is not None else None
+
+
+@implementer(ICredentialsChecker)
+class LdapChecker:
+    """``ICredentialsChecker`` for ``IUsernamePassword``: an LDAP bind as the user.
+
+    ``directory.verify`` runs in ``runner`` (the backend's own bounded pool); this object
+    only does the cheap checks and the logging, on the reactor thread.  ``stop()`` closes
+    the idle service connections and stops the runner: the service that owns the checker
+    calls it at shutdown (it waits for in-flight LDAP calls, each bounded by ``timeout``).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, name: str, directory: Directory, runner: BlockingRunner) -> None:
+        self.name = name
+        self.directory = directory
+        self.runner = runner
+
+    def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
+        """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
+        raw_username = credentials.username
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if isinstance(raw_username, str):
+            raw_username = raw_username.encode("utf-8")
+        try:
+            username = raw_username.decode("utf-8")
+        except UnicodeDecodeError:
+            return fail(UnauthorizedLogin("username is not UTF-8"))
+        if not username:
+            return fail(UnauthorizedLogin("empty username"))
+        if not password:
+            log.info("ldap backend {name}: {username!r} rejected: empty password (no bind sent)",
+                     name=self.name, username=username)
+            return fail(UnauthorizedLogin("empty password"))
+        d = self.runner.run(self.directory.verify, username, password)
+
+        def accepted(dn: str) -> bytes:
+            log.debug("ldap backend {name}: {username!r} bound as {dn!r}",
+                      name=self.name, username=username, dn=dn)
+            return raw_username
+
+        def failed(reason: Failure) -> Failure:
+            if reason.check(UnauthorizedLogin):
+                log.info("ldap backend {name}: {username!r} rejected: {why}",
+                         name=self.name, username=username, why=str(reason.value))
+                return reason
+            if reason.check(TemporaryFailure):
+                return reason
+            # Our bug, or an ldap3 error that escaped: temporary, logged without locals.
+            log.failure("ldap backend {name}: unexpected error", reason,
+                        name=self.name)
+            return Failure(TemporaryFailure(f"ldap backend {self.name}: unexpected "
+                                            f"{type(reason.value).__name__}"))
+
+        return d.addCallbacks(accepted, failed)
+
+    def stop(self) -> None:
+        """Stop the runner (waits for in-flight calls) and close idle connections."""
+        stop = getattr(self.runner, "stop", None)
+        if stop is not None:
+            stop()
+        self.directory.close()
+
+    def __repr__(self) -> str:
+        return f"<LdapChecker {self.name} {', '.join(map(str, self.directory.endpoints))}>"
+
+
+def from_config(name: str, options: LdapBackendConfig, deps: Any) -> LdapChecker:
+    """Build the checker for ``[backends.<name>]`` with its own runner ``ldap-<name>``."""
+    runner = deps.make_runner(f"ldap-{name}", max(1, options.threads))
+    return LdapChecker(name, Directory(options), runner)

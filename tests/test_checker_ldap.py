@@ -1,0 +1,625 @@
+"""The ``type = "ldap"`` checker against a real OpenLDAP slapd (tests/slapd.py).
+
+Each test builds an ``LdapChecker`` with a real ``ThreadPoolRunner`` on pytest-twisted's
+reactor and talks to one module-wide slapd on loopback.  Tests that stop or pause slapd
+bring it back in ``finally``.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import ldap3
+import pytest
+import pytest_twisted
+from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import globalLogPublisher, formatEvent
+
+from saslsmtp.checkers import ldap as ldap_module
+from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, escape_dn_value,
+                                    escape_filter_value, from_config)
+from saslsmtp.checkers.registry import BackendDeps
+from saslsmtp.config import ConfigError, LdapBackendConfig, parse_config
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.threads import ThreadPoolRunner
+from tests.slapd import (ALICE, BOB, ODD_DN, ODD_FILTER, PEOPLE, READER_DN, READER_PASSWORD,
+                         REQUIRE_GROUP, SlapdServer, free_port, running_slapd)
+
+TEMPLATE = f"uid={{username}},{PEOPLE}"
+TIMEOUT = 1.0
+# The timeout tests allow this much on top of ``timeout`` (measured: about 2-5 ms).
+MARGIN = 0.5
+
+# RFC 4514 section 4 examples (attribute values) and RFC 4515 section 4 examples.
+RFC4514_VALUES = [
+    ('James "Jim" Smith, III', 'James \\"Jim\\" Smith\\, III'),
+    ("Before\rAfter", "Before\\0dAfter"),
+    ("Sales+J. Smith", "Sales\\+J. Smith"),
+    (" Sue ", "\\ Sue\\ "),
+    ("#hash", "\\#hash"),
+    ("a=b;c<d>e\\f", "a\\=b\\;c\\<d\\>e\\\\f"),
+    ("nul\x00", "nul\\00"),
+    ("Lu\u010di\u0107", "Lu\u010di\u0107"),
+]
+RFC4515_VALUES = [
+    ("Parens R Us (for all your parenthetical needs)",
+     "Parens R Us \\28for all your parenthetical needs\\29"),
+    ("*", "\\2a"),
+    ("C:\\MyFile", "C:\\5cMyFile"),
+    ("\x00\x00\x00\x04", "\\00\\00\\00\\04"),
+]
+
+
+@pytest.fixture(scope="module")
+def slapd() -> Iterator[SlapdServer]:
+    """One seeded slapd for the whole module."""
+    yield from running_slapd()
+
+
+@pytest.fixture
+def make_checker(slapd: SlapdServer) -> Iterator[Callable[..., LdapChecker]]:
+    """Factory: ``make_checker(**options)`` -> a checker on a fresh runner, stopped afterwards.
+
+    Defaults: the plain URL, ``timeout = TIMEOUT``, 4 threads, DN template mode.
+    """
+    from twisted.internet import reactor
+    made: list[LdapChecker] = []
+
+    def make(directory_kwargs: dict[str, Any] | None = None, **options: Any) -> LdapChecker:
+        values: dict[str, Any] = {"url": (slapd.url,), "timeout": TIMEOUT, "threads": 4}
+        if "search_base" not in options:
+            values["user_dn"] = TEMPLATE
+        values.update(options)
+        config = LdapBackendConfig(**values)
+        runner = ThreadPoolRunner(reactor, "ldap-test", config.threads)
+        checker = LdapChecker("test", Directory(config, **(directory_kwargs or {})), runner)
+        made.append(checker)
+        return checker
+
+    yield make
+    for checker in made:
+        checker.stop()
+
+
+def search_options(**more: Any) -> dict[str, Any]:
+    """Search-then-bind by uid with the reader service account."""
+    return {"search_base": PEOPLE, "search_filter": "(&(objectClass=inetOrgPerson)(uid={username}))",
+            "search_dn": READER_DN, "search_password": READER_PASSWORD, **more}
+
+
+async def outcome(checker: LdapChecker, username: str | bytes, password: str | bytes) -> str:
+    """'accept', 'reject' or 'tempfail' for one login; checks the avatar id on accept."""
+    user = username.encode("utf-8") if isinstance(username, str) else username
+    pw = password.encode("utf-8") if isinstance(password, str) else password
+    try:
+        avatar = await checker.requestAvatarId(PasswordCredentials(user, pw))
+    except UnauthorizedLogin:
+        return "reject"
+    except TemporaryFailure:
+        return "tempfail"
+    assert avatar == user
+    return "accept"
+
+
+class LogCapture:
+    """Collects formatted twisted.logger events while installed."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.lines.append(formatEvent(event) + repr(event.get("log_failure", "")))
+
+
+@pytest.fixture
+def captured_log() -> Iterator[LogCapture]:
+    """Every log event emitted during the test, formatted."""
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    yield capture
+    globalLogPublisher.removeObserver(capture)
+
+
+# ---- escaping (pure) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,escaped", RFC4514_VALUES)
+def test_escape_dn_value_rfc4514(value: str, escaped: str) -> None:
+    """DN values are escaped per RFC 4514 section 2.4 (its section 4 examples included)."""
+    assert escape_dn_value(value) == escaped
+
+
+@pytest.mark.parametrize("value,escaped", RFC4515_VALUES)
+def test_escape_filter_value_rfc4515(value: str, escaped: str) -> None:
+    """Filter values are escaped per RFC 4515 (its section 4 examples)."""
+    assert escape_filter_value(value).lower() == escaped.lower()
+
+
+@pytest.mark.parametrize("url,endpoint", [
+    ("ldap://127.0.0.1", Endpoint("127.0.0.1", 389, False)),
+    ("ldaps://ldap.example.test", Endpoint("ldap.example.test", 636, True)),
+    ("LDAP://[::1]:3389/", Endpoint("::1", 3389, False)),
+])
+def test_endpoint_parse(url: str, endpoint: Endpoint) -> None:
+    """Server URLs: scheme picks TLS and the default port."""
+    assert Endpoint.parse(url) == endpoint
+
+
+@pytest.mark.parametrize("url", ["http://x", "ldap://", "ldap://h/dc=x", "ldapi:///run/s",
+                                 "ldap://u@h"])
+def test_endpoint_parse_rejects(url: str) -> None:
+    """Anything but ``ldap[s]://host[:port]`` is refused."""
+    with pytest.raises(ValueError):
+        Endpoint.parse(url)
+
+
+# ---- DN template ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_template_bind(make_checker: Callable[..., LdapChecker]) -> None:
+    """Template bind: right password accepts, wrong password and unknown user reject."""
+    checker = make_checker()
+    assert await outcome(checker, "alice", ALICE.password) == "accept"  # {SSHA} stored
+    assert await outcome(checker, "bob", BOB.password) == "accept"  # non-ASCII password
+    assert await outcome(checker, "alice", "wrong") == "reject"
+    assert await outcome(checker, "alice", BOB.password) == "reject"
+    assert await outcome(checker, "nobody", "whatever") == "reject"
+
+
+@pytest_twisted.ensureDeferred
+async def test_template_escapes_dn_specials(make_checker: Callable[..., LdapChecker]) -> None:
+    """A uid full of DN specials (``,=+\\"``) reaches its own entry, so escaping is right."""
+    checker = make_checker()
+    assert await outcome(checker, ODD_DN.uid, ODD_DN.password) == "accept"
+    assert await outcome(checker, ODD_DN.uid, "wrong") == "reject"
+
+
+@pytest.mark.parametrize("username", [
+    "alice,ou=people,dc=example,dc=test", "alice+uid=alice", "\\", "=", ",", "alice\\",
+    "alice\x00", "#alice", "alice,", "uid=alice", "*", "alice)(uid=*",
+])
+@pytest_twisted.ensureDeferred
+async def test_template_injection_rejected(make_checker: Callable[..., LdapChecker],
+                                           username: str) -> None:
+    """DN injection attempts are rejected as wrong credentials (never a 454 from a bad DN)."""
+    assert await outcome(make_checker(), username, ALICE.password) == "reject"
+
+
+@pytest_twisted.ensureDeferred
+async def test_directory_matching_rules_apply(make_checker: Callable[..., LdapChecker]) -> None:
+    """Name matching is the directory's: uid is caseIgnoreMatch in OpenLDAP, which also
+    drops leading and trailing spaces, so these are alice (and reported as typed)."""
+    checker = make_checker()
+    for typed in ("ALICE", " alice", "alice "):
+        assert await outcome(checker, typed, ALICE.password) == "accept"
+
+
+# ---- search then bind -----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_then_bind(make_checker: Callable[..., LdapChecker]) -> None:
+    """Search-then-bind with the reader account: ok, wrong password, unknown user."""
+    checker = make_checker(**search_options())
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
+    assert await outcome(checker, "bob", BOB.password) == "accept"
+    assert await outcome(checker, "alice", "wrong") == "reject"
+    assert await outcome(checker, "nobody", "whatever") == "reject"
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_by_mail_and_ambiguity(make_checker: Callable[..., LdapChecker]) -> None:
+    """A filter on mail finds the unique entry; two entries with one address reject."""
+    checker = make_checker(**search_options(search_filter="(mail={username})"))
+    assert await outcome(checker, ALICE.mail, ALICE.password) == "accept"
+    assert await outcome(checker, "shared@example.test", "twin-pw") == "reject"
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_anonymous(make_checker: Callable[..., LdapChecker]) -> None:
+    """Without search_dn the search is anonymous (this directory allows it)."""
+    checker = make_checker(search_base=PEOPLE, search_filter="(uid={username})")
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_escapes_filter_specials(make_checker: Callable[..., LdapChecker]) -> None:
+    """A uid with ``*()`` in it is found exactly, so the filter value is escaped."""
+    checker = make_checker(**search_options())
+    assert await outcome(checker, ODD_FILTER.uid, ODD_FILTER.password) == "accept"
+
+
+@pytest.mark.parametrize("username", [
+    "*", "al*", "*ice", "a*e", "*)(uid=*", "alice)(|(uid=*", "alice)(uid=*", "alice)",
+    "(uid=alice)", "alice\x00", "\\61lice", "alice\\",
+])
+@pytest_twisted.ensureDeferred
+async def test_search_injection_rejected(make_checker: Callable[..., LdapChecker],
+                                         username: str) -> None:
+    """Filter injection attempts with alice's password are rejected.
+
+    Unescaped, ``al*`` would find exactly alice and log in as her, ``\\61lice`` would be
+    ``alice``, and the broken filters would be a 454, not a 535.
+    """
+    assert await outcome(make_checker(**search_options()), username, ALICE.password) == "reject"
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_service_password_is_temporary(
+        make_checker: Callable[..., LdapChecker], captured_log: LogCapture) -> None:
+    """A refused service-account bind is our configuration problem: 454, not 535."""
+    checker = make_checker(**search_options(search_password="not-the-reader-password"))
+    try:
+        await checker.requestAvatarId(PasswordCredentials(b"alice", ALICE.password.encode()))
+    except TemporaryFailure as e:
+        assert "search_password" in str(e)
+        assert "not-the-reader-password" not in str(e)
+        assert ALICE.password not in str(e)
+    else:
+        pytest.fail("expected TemporaryFailure")
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_connection_reused_user_connections_closed(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """Five search-then-bind logins: the reader binds once; every user connection is closed."""
+    made: list[Any] = []
+
+    def connection(*args: Any, **kwargs: Any) -> Any:
+        conn = ldap3.Connection(*args, **kwargs)
+        made.append(conn)
+        return conn
+
+    checker = make_checker(directory_kwargs={"connection_factory": connection},
+                           **search_options(threads=1))
+    before = len(slapd.bind_lines())
+    for _ in range(5):
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+    binds = slapd.bind_lines()[before:]
+    reader_binds = [b for b in binds if f'dn="{READER_DN}" method=128' in b]
+    alice_binds = [b for b in binds if f'dn="{ALICE.dn}" method=128' in b]
+    assert len(reader_binds) == 1 and len(alice_binds) == 5
+    user_conns = [c for c in made if c.user == ALICE.dn]
+    assert len(user_conns) == 5 and all(c.closed for c in user_conns)
+    reader_conns = [c for c in made if c.user == READER_DN]
+    assert len(reader_conns) == 1 and not reader_conns[0].closed
+
+
+# ---- empty password ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_password_rejected_without_bind(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """An empty password is rejected up front: slapd's log shows no bind for it.
+
+    bob's login afterwards proves the log segment is complete.
+    """
+    made: list[Any] = []
+
+    def connection(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs.get("user"))
+        return ldap3.Connection(*args, **kwargs)
+
+    for checker in (make_checker(directory_kwargs={"connection_factory": connection}),
+                    make_checker(directory_kwargs={"connection_factory": connection},
+                                 **search_options())):
+        before = len(slapd.bind_lines())
+        assert await outcome(checker, "alice", b"") == "reject"
+        assert made == []
+        assert await outcome(checker, "bob", BOB.password) == "accept"
+        binds = slapd.bind_lines()[before:]
+        assert any(f'dn="{BOB.dn}"' in b for b in binds)
+        assert not any(f'dn="{ALICE.dn}"' in b or 'BIND dn=""' in b for b in binds)
+        made.clear()
+
+
+def test_directory_refuses_empty_password_itself() -> None:
+    """``Directory.verify`` refuses an empty password too, before any connection."""
+    def no_connection(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("no connection may be made")
+
+    directory = Directory(LdapBackendConfig(url=("ldap://127.0.0.1:1",), user_dn=TEMPLATE),
+                          connection_factory=no_connection)
+    with pytest.raises(UnauthorizedLogin):
+        directory.verify("alice", b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_or_undecodable_username_rejected(
+        make_checker: Callable[..., LdapChecker]) -> None:
+    """An empty or non-UTF-8 username is rejected without reaching the directory."""
+    checker = make_checker()
+    assert await outcome(checker, b"", ALICE.password) == "reject"
+    assert await outcome(checker, b"\xff\xfe", ALICE.password) == "reject"
+
+
+# ---- require_filter --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_require_filter(make_checker: Callable[..., LdapChecker]) -> None:
+    """Group membership via memberOf: alice (member) passes, bob (right password) fails."""
+    for options in ({}, search_options()):
+        checker = make_checker(require_filter=REQUIRE_GROUP, **options)
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+        assert await outcome(checker, "bob", BOB.password) == "reject"
+        assert await outcome(checker, "alice", "wrong") == "reject"
+
+
+# ---- TLS -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ldaps_and_start_tls(slapd: SlapdServer,
+                                   make_checker: Callable[..., LdapChecker]) -> None:
+    """ldaps:// and StartTLS with the test CA log in; slapd sees the bind encrypted."""
+    ca = str(slapd.ca_file)
+    for checker in (make_checker(url=(slapd.tls_url,), ca_file=ca),
+                    make_checker(start_tls=True, ca_file=ca)):
+        before = len(slapd.bind_lines())
+        assert await outcome(checker, "bob", BOB.password) == "accept"
+        done = [b for b in slapd.bind_lines()[before:] if f'dn="{BOB.dn}" mech=SIMPLE' in b]
+        assert len(done) == 1 and "ssf=256" in done[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_verification(slapd: SlapdServer,
+                                make_checker: Callable[..., LdapChecker]) -> None:
+    """Unknown CA and wrong host name are temporary failures; verify_hostname=false
+    skips only the name check."""
+    ca = str(slapd.ca_file)
+    by_name = slapd.tls_url.replace("127.0.0.1", "localhost")  # cert names 127.0.0.1 only
+    assert await outcome(make_checker(url=(slapd.tls_url,)), "bob", BOB.password) == "tempfail"
+    assert await outcome(make_checker(start_tls=True), "bob", BOB.password) == "tempfail"
+    assert await outcome(make_checker(url=(by_name,), ca_file=ca), "bob",
+                         BOB.password) == "tempfail"
+    assert await outcome(make_checker(url=(by_name,), ca_file=ca, verify_hostname=False),
+                         "bob", BOB.password) == "accept"
+    assert await outcome(make_checker(url=(slapd.tls_url,), verify_hostname=False), "bob",
+                         BOB.password) == "tempfail"
+
+
+# ---- server down, restarted, hung ----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_down_then_restarted(slapd: SlapdServer, make_checker: Callable[..., LdapChecker],
+                                   captured_log: LogCapture) -> None:
+    """slapd stopped -> temporary failure; started again -> the same checkers accept.
+
+    The search checker's warm service connection goes stale; the first login after the
+    restart must still succeed (a broken connection is never stuck in the pool).
+    No password reaches the failure messages or the log.
+    """
+    template = make_checker()
+    search = make_checker(**search_options())
+    assert await outcome(search, "alice", ALICE.password) == "accept"  # warm service connection
+    slapd.stop()
+    try:
+        for checker in (template, search):
+            try:
+                await checker.requestAvatarId(
+                    PasswordCredentials(b"alice", ALICE.password.encode()))
+            except TemporaryFailure as e:
+                assert ALICE.password not in str(e) and READER_PASSWORD not in str(e)
+                assert "refused" in str(e).lower()
+            else:
+                pytest.fail("expected TemporaryFailure while slapd is down")
+    finally:
+        slapd.start()
+    assert await outcome(template, "alice", ALICE.password) == "accept"
+    assert await outcome(search, "alice", ALICE.password) == "accept"
+    # A restart between two logins: the stale pooled connection is replaced in-request.
+    slapd.stop()
+    slapd.start()
+    assert await outcome(search, "alice", ALICE.password) == "accept"
+    text = "\n".join(captured_log.lines)
+    assert ALICE.password not in text and READER_PASSWORD not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_unresponsive_server_times_out(slapd: SlapdServer,
+                                             make_checker: Callable[..., LdapChecker]) -> None:
+    """A SIGSTOPped slapd (TCP accepted, no answer) -> temporary failure within timeout.
+
+    Both modes; the search checker has a warm service connection.  After SIGCONT the
+    same checkers accept again.
+    """
+    template = make_checker()
+    search = make_checker(**search_options())
+    assert await outcome(search, "alice", ALICE.password) == "accept"
+    slapd.pause()
+    try:
+        for checker in (template, search):
+            started = time.monotonic()
+            assert await outcome(checker, "alice", ALICE.password) == "tempfail"
+            elapsed = time.monotonic() - started
+            assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN, elapsed
+    finally:
+        slapd.resume()
+    assert await outcome(template, "alice", ALICE.password) == "accept"
+    assert await outcome(search, "alice", ALICE.password) == "accept"
+
+
+# ---- failover ------------------------------------------------------------------
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """``ldap://`` URL of a socket that accepts TCP connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"ldap://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failover(slapd: SlapdServer, make_checker: Callable[..., LdapChecker],
+                        blackhole: str) -> None:
+    """Several URLs: a refused or hung first server fails over to the next one.
+
+    The hung one costs ``timeout`` once, then it is tried last (the next login is quick).
+    """
+    dead = f"ldap://127.0.0.1:{free_port()}"
+    assert await outcome(make_checker(url=(dead, slapd.url)), "alice",
+                         ALICE.password) == "accept"
+    for options in ({}, search_options()):
+        checker = make_checker(url=(blackhole, slapd.url), **options)
+        started = time.monotonic()
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+        second = time.monotonic() - started
+        assert TIMEOUT * 0.9 <= first <= TIMEOUT + MARGIN, first
+        assert second < TIMEOUT / 2, second
+    assert await outcome(make_checker(url=(dead, blackhole)), "alice",
+                         ALICE.password) == "tempfail"
+
+
+def test_down_server_is_retried_after_a_while() -> None:
+    """A failed endpoint goes last for DOWN_SECONDS, then is first again (injected clock)."""
+    now = [100.0]
+    directory = Directory(LdapBackendConfig(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
+                          clock=lambda: now[0])
+    a, b = directory.endpoints
+    directory._mark(a, up=False)
+    assert directory._ordered() == [b, a]
+    now[0] += ldap_module.DOWN_SECONDS + 0.1
+    assert directory._ordered() == [a, b]
+
+
+# ---- threads, wiring --------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ldap3_runs_in_the_backend_pool(make_checker: Callable[..., LdapChecker]) -> None:
+    """Every ldap3 connection is made on a thread of the backend's own pool."""
+    threads: list[str] = []
+
+    def connection(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return ldap3.Connection(*args, **kwargs)
+
+    checker = make_checker(directory_kwargs={"connection_factory": connection},
+                           **search_options())
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
+    assert len(threads) == 2
+    assert all("ldap-test" in name for name in threads), threads
+    assert threading.main_thread().name not in threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_logins_bounded(make_checker: Callable[..., LdapChecker]) -> None:
+    """16 logins at once with threads=2: all answered, never more than 2 in flight."""
+    from twisted.internet.defer import gatherResults, ensureDeferred
+    active = [0]
+    peak = [0]
+    lock = threading.Lock()
+    real_verify = Directory.verify
+
+    class Counting(Directory):
+        def verify(self, username: str, password: bytes) -> str:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                return real_verify(self, username, password)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    checker = make_checker(**search_options(threads=2))
+    checker.directory = Counting(checker.directory.options)
+    results = await gatherResults([
+        ensureDeferred(outcome(checker, "alice" if i % 2 else "bob",
+                               ALICE.password if i % 2 else BOB.password)) for i in range(16)])
+    assert results == ["accept"] * 16
+    assert peak[0] == 2
+    checker.directory.close()
+
+
+def test_from_config_uses_a_dedicated_runner() -> None:
+    """``from_config`` asks deps for ``ldap-<name>`` with ``threads`` workers."""
+    asked: list[tuple[str, int]] = []
+
+    class Runner:
+        stopped = False
+
+        def run(self, f: Any, *a: Any, **kw: Any) -> Any:
+            raise AssertionError("not called here")
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    runner = Runner()
+
+    def make_runner(name: str, threads: int) -> Runner:
+        asked.append((name, threads))
+        return runner
+
+    deps = BackendDeps(reactor=None, hash_runner=None, make_runner=make_runner)  # type: ignore
+    options = LdapBackendConfig(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
+    checker = from_config("directory", options, deps)
+    assert asked == [("ldap-directory", 3)]
+    checker.stop()
+    assert runner.stopped
+
+
+def test_repr_has_no_secret() -> None:
+    """The checker's repr names the servers, never the service password."""
+    options = LdapBackendConfig(url=("ldap://127.0.0.1",), search_base=PEOPLE,
+                                search_filter="(uid={username})", search_dn=READER_DN,
+                                search_password="s3cr3t-service")
+    checker = LdapChecker("dir", Directory(options), None)  # type: ignore[arg-type]
+    assert "s3cr3t-service" not in repr(checker)
+    assert "ldap://127.0.0.1:389" in repr(checker)
+
+
+# ---- configuration -------------------------------------------------------------------
+
+
+LDAP_TOML = """
+[auth]
+mechanisms = ["PLAIN"]
+backends = ["dir"]
+
+[backends.dir]
+type = "ldap"
+{body}
+"""
+
+
+def test_config_url_string_or_list() -> None:
+    """``url`` may be one string or a list (failover order)."""
+    one = parse_config(LDAP_TOML.format(body='url = "ldap://a"\nuser_dn = "uid={username},o=x"'))
+    assert one.backends["dir"].options.url == ("ldap://a",)
+    two = parse_config(LDAP_TOML.format(
+        body='url = ["ldap://a", "ldaps://b:1636"]\nuser_dn = "uid={username},o=x"'))
+    assert two.backends["dir"].options.url == ("ldap://a", "ldaps://b:1636")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('url = "http://a"\nuser_dn = "uid={username},o=x"', "backends.dir.url"),
+    ('url = "ldaps://a"\nstart_tls = true\nuser_dn = "uid={username},o=x"', "start_tls"),
+    ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nthreads = 0', "backends.dir.threads"),
+    ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nsearch_dn = "cn=r"', "search_dn"),
+    ('url = "ldap://a"\nsearch_base = "o=x"\nsearch_filter = "(uid={username})"\n'
+     'search_dn = "cn=r"', "search_password"),
+    ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nca_file = "/nonexistent/ca.pem"',
+     "ca_file"),
+    ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nrequire_filter = "memberOf=x"',
+     "require_filter"),
+])
+def test_config_problems(body: str, needle: str) -> None:
+    """Bad ldap options are startup errors naming the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(LDAP_TOML.format(body=body), "test.toml")
+    assert needle in str(info.value)
