@@ -1,0 +1,264 @@
+"""The ``file`` backend: a Dovecot passwd-file of users and password hashes.
+
+Format (one user a line, as Dovecot's passwd-file)::
+
+    # comment
+    user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra_fields]
+
+Blank lines and lines starting with ``#`` are ignored; only the first two fields are
+used.  A bare hash (no ``{SCHEME}``) uses ``default_scheme`` (Dovecot's default:
+``CRYPT``).  User names are compared exactly, as Dovecot does by default.
+
+* **Reloading**: every lookup does a cheap ``os.stat``; when the device, inode, size or
+  mtime changed, the file is read again (synchronously: it is small) and parsed.  A line
+  that cannot be used is logged with file and line number (never its content) and
+  skipped; the first of two lines for the same user wins.  A file that cannot be read is
+  a ``TemporaryFailure`` (454), even if it was read before: a deleted file must not
+  keep its users alive.
+* **Hashing** runs through the injected ``BlockingRunner`` (the shared bounded pool);
+  only cheap schemes (PLAIN and single digests) are compared inline.
+* **Unknown users** cost what a typical user costs: the password is verified against a
+  *dummy*, the stored hash of the first entry whose scheme and cost parameters
+  (``passwords.cost_key``) are the most common in the file, and the result is thrown
+  away.  So an unknown user goes through the same scheme, the same parameters and the
+  same runner as most known users; with an empty file, a fixed SHA512-CRYPT hash is used.
+  (In a file that mixes costs, users of a rarer cost remain distinguishable by timing;
+  keep one scheme per file.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from saslsmtp import passwords
+from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.passwords import PasswordError, StoredPassword
+from saslsmtp.sasl.outcome import Secret
+from saslsmtp.threads import BlockingRunner
+
+log = Logger()
+
+#: Every kind a passwd-file can hold ({PLAIN}, {CRAM-MD5}, {SCRAM-SHA-1}, {SCRAM-SHA-256}).
+SECRET_KINDS = frozenset({"plaintext", "cram-md5", "scram-sha-1", "scram-sha-256"})
+
+#: Dummy for an empty file: SHA512-CRYPT, 100000 rounds (saslsmtp-passwd's default),
+#: of a random password nobody knows.
+FALLBACK_DUMMY = ("{SHA512-CRYPT}$6$rounds=100000$96Clan1Hld9/kGjp$jpITHQKSWj4H5tTbvlMaiFv6j/2ZP2w"
+                  "yg0vOPLcJGtOAAwdfggQ1GVHdBHmrK3WrhwLH73b1mZzCbOfm7zcFN.")
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """One usable line: the user name, its parsed password, and where it came from."""
+
+    username: str
+    password: StoredPassword = field(repr=False)
+    line: int
+
+
+@dataclass(frozen=True)
+class ParsedUsers:
+    """The usable entries of a users file, and ``(line, problem)`` for every skipped line."""
+
+    users: Mapping[str, UserEntry]
+    problems: tuple[tuple[int, str], ...]
+
+
+def parse_users(data: bytes, default_scheme: str = "CRYPT") -> ParsedUsers:
+    """Parse passwd-file bytes.  Problems name the line, never its content."""
+    users: dict[str, UserEntry] = {}
+    problems: list[tuple[int, str]] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip() or raw.lstrip().startswith(b"#"):
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append((number, "not valid UTF-8"))
+            continue
+        user, sep, rest = line.partition(":")
+        if not sep:
+            problems.append((number, "no ':' (want user:{SCHEME}password)"))
+            continue
+        if not user:
+            problems.append((number, "empty user name"))
+            continue
+        secret = rest.split(":", 1)[0]
+        if not secret:
+            problems.append((number, "empty password field"))
+            continue
+        try:
+            stored = passwords.parse_password(secret, default_scheme)
+        except PasswordError as e:
+            problems.append((number, str(e)))
+            continue
+        if user in users:
+            problems.append((number, f"duplicate user (first defined on line {users[user].line})"))
+            continue
+        users[user] = UserEntry(user, stored, number)
+    return ParsedUsers(users, tuple(problems))
+
+
+def pick_dummy(users: Mapping[str, UserEntry]) -> StoredPassword:
+    """The stored password an unknown user is verified against (see the module doc)."""
+    if not users:
+        return passwords.parse_password(FALLBACK_DUMMY)
+    keys = {name: passwords.cost_key(entry.password) for name, entry in users.items()}
+    common, _ = Counter(keys.values()).most_common(1)[0]
+    first = min((e for n, e in users.items() if keys[n] == common), key=lambda e: e.line)
+    return first.password
+
+
+def _verify(stored: StoredPassword, password: bytes, username: str | None) -> bool:
+    return passwords.verify_password(stored, password, username=username)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@implementer(ICredentialsChecker, ISecretSource)
+class FileChecker:
+    """Checks usernames and passwords against a Dovecot passwd-file.
+
+    ``hash_runner`` runs expensive verifications; ``stat`` and ``read`` are
+    injectable for tests (defaults: ``os.stat`` and reading the whole file).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path: str, hash_runner: BlockingRunner, default_scheme: str = "CRYPT",
+                 *, name: str = "file", stat: Callable[[str], Any] = os.stat,
+                 read: Callable[[str], bytes] = _read_bytes) -> None:
+        try:
+            passwords.parse_password("{%s}x" % default_scheme)
+        except passwords.UnknownScheme:
+            raise ValueError(f"unknown default_scheme {default_scheme!r}") from None
+        except PasswordError:
+            pass  # the scheme exists; "x" is just not valid data for it
+        self.path = path
+        self.name = name
+        self.default_scheme = default_scheme
+        self._runner = hash_runner
+        self._stat = stat
+        self._read = read
+        self._signature: tuple[int, int, int, int] | None = None
+        self._users: Mapping[str, UserEntry] = {}
+        self._dummy = passwords.parse_password(FALLBACK_DUMMY)
+
+    def __repr__(self) -> str:
+        return f"<FileChecker {self.name} path={self.path!r}>"
+
+    # ---- the file ------------------------------------------------------------------
+
+    def users(self) -> Mapping[str, UserEntry]:
+        """The current entries, re-reading the file if it changed since the last call.
+
+        Fails with ``TemporaryFailure`` if the file cannot be stat'ed or read.
+        """
+        try:
+            st = self._stat(self.path)
+            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if signature == self._signature:
+                return self._users
+            data = self._read(self.path)
+        except OSError as e:
+            self._signature = None
+            raise TemporaryFailure(f"users file {self.path} cannot be read:"
+                                   f" {e.strerror or type(e).__name__}") from None
+        parsed = parse_users(data, self.default_scheme)
+        for line, problem in parsed.problems:
+            log.warn("{file}:{line}: {problem}; line skipped", file=self.path, line=line,
+                     problem=problem)
+        self._users = parsed.users
+        self._dummy = pick_dummy(parsed.users)
+        self._signature = signature
+        log.info("backend {name}: loaded {count} users from {file}", name=self.name,
+                 count=len(parsed.users), file=self.path)
+        return self._users
+
+    # ---- ICredentialsChecker ---------------------------------------------------------
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
+        """Verify the password; fire with the username bytes, or fail with
+        ``UnauthorizedLogin`` (wrong password, unknown user) / ``TemporaryFailure``."""
+        try:
+            users = self.users()
+        except TemporaryFailure:
+            return fail()
+        raw_name = credentials.username
+        if isinstance(raw_name, str):
+            raw_name = raw_name.encode("utf-8")
+        try:
+            username: str | None = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            username = None
+        entry = users.get(username) if username is not None else None
+        stored = entry.password if entry is not None else self._dummy
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if stored.expensive:
+            d = maybeDeferred(self._runner.run, _verify, stored, password, username)
+        else:
+            d = maybeDeferred(_verify, stored, password, username)
+
+        def decide(ok: bool) -> bytes:
+            if entry is None or not ok:
+                raise UnauthorizedLogin("unknown user or wrong password")
+            return raw_name
+
+        def trouble(f: Failure) -> Failure:
+            if f.check(UnauthorizedLogin):
+                return f
+            if f.check(PasswordError) and entry is not None:
+                log.error("{file}:{line}: stored password unusable: {why}", file=self.path,
+                          line=entry.line, why=str(f.value))
+                return Failure(UnauthorizedLogin("stored password unusable"))
+            log.error("backend {name}: password verification failed: {why}", name=self.name,
+                      why=type(f.value).__name__)
+            return Failure(TemporaryFailure("password verification failed"))
+
+        d.addCallback(decide)
+        d.addErrback(trouble)
+        return d
+
+    # ---- ISecretSource ---------------------------------------------------------------
+
+    def secret_kinds(self) -> frozenset[str]:
+        """All kinds a passwd-file can hold (the file may change at any time)."""
+        return SECRET_KINDS
+
+    def lookup_secret(self, username: str, kinds: tuple[str, ...]) -> "Deferred[Secret | None]":
+        """The user's stored secret of the first wanted kind it has, or ``None``."""
+        try:
+            users = self.users()
+        except TemporaryFailure:
+            return fail()
+        entry = users.get(username)
+        if entry is None:
+            return succeed(None)
+        available = passwords.stored_secrets(entry.password)
+        for kind in kinds:
+            if kind in available:
+                return succeed(Secret(kind, available[kind]))
+        return succeed(None)
+
+
+def from_config(name: str, options: Any, deps: Any) -> FileChecker:
+    """Build the checker for a ``[backends.NAME]`` table of ``type = "file"``."""
+    return FileChecker(options.path, deps.hash_runner, options.default_scheme, name=name)
