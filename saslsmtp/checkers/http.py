@@ -1,0 +1,154 @@
+"""``type = "http"``: ask an HTTP API whether a username and password are right.
+
+One check = one ``POST`` of JSON ``{"username", "password", "mechanism", "remote_ip"}``
+(``mechanism`` and ``remote_ip`` come from the SMTP session; ``null`` when unknown) to
+``url``, with the configured extra ``headers`` (e.g. an API token).
+
+Verdicts: ``2xx`` -> the username; ``401`` / ``403`` -> ``UnauthorizedLogin``; any other
+status (redirects are not followed: the password goes nowhere else), a connection or TLS
+error, or no complete answer within ``timeout`` (request and body) ->
+``TemporaryFailure``.
+
+Connections are kept alive in a small pool.  A POST that fails before any answer arrives
+(``RequestTransmissionFailed`` / ``ResponseNeverReceived``: typically a kept-alive
+connection the server had just closed) is sent once more on a fresh connection, within
+the same deadline; Twisted never retries a POST by itself.  The API may therefore see a
+request twice when the server dies mid-request.
+
+HTTPS uses ``StrictHTTPSPolicy``: the chain checked against ``ca_file`` (or the system
+trust store) and the host name against the certificate's subjectAltName, failing closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import treq
+from treq.client import HTTPClient
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFailed,
+                                ResponseNeverReceived)
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from saslsmtp.checkers.tlsclient import StrictHTTPSPolicy, load_trust_root
+from saslsmtp.config import HttpBackendConfig
+from saslsmtp.errors import TemporaryFailure
+
+log = Logger()
+
+USER_AGENT = "saslsmtp"
+REJECT_STATUSES = frozenset({401, 403})
+_STALE = (RequestTransmissionFailed, ResponseNeverReceived)
+
+
+@implementer(ICredentialsChecker)
+class HttpChecker:
+    """Checks a username and password with a JSON POST to ``url``.
+
+    ``client`` is anything with treq's ``request(method, url, **kwargs)`` (a
+    ``treq.client.HTTPClient``, or ``treq.testing.StubTreq`` in unit tests); ``reactor``
+    provides time (the deadline) and is passed to treq so it never uses the global one.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, *, url: str, client: Any, reactor: IReactorTime, timeout: float = 5.0,
+                 headers: Mapping[str, str] | None = None, name: str = "http") -> None:
+        self.url = url
+        self.name = name
+        self.timeout = timeout
+        self._client = client
+        self._reactor = reactor
+        header_map: dict[bytes, list[bytes]] = {b"User-Agent": [USER_AGENT.encode()]}
+        for key, value in (headers or {}).items():
+            header_map[key.encode("latin-1")] = [value.encode("latin-1")]
+        self._headers = header_map
+
+    def __repr__(self) -> str:  # the headers may hold an API token: never shown
+        return f"<HttpChecker {self.name} {self.url}>"
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
+        """One verdict from the API (see the module docstring)."""
+        username, password = credentials.username, credentials.password
+        try:
+            user_text = username.decode("utf-8") if isinstance(username, bytes) else username
+            password_text = (password.decode("utf-8") if isinstance(password, bytes)
+                             else password)
+        except UnicodeDecodeError:
+            return fail(UnauthorizedLogin("credentials are not UTF-8"))
+        session = getattr(credentials, "session", None)
+        body = {
+            "username": user_text,
+            "password": password_text,
+            "mechanism": getattr(session, "mechanism", "") or None,
+            "remote_ip": getattr(session, "remote_ip", "") or None,
+        }
+        check = Deferred.fromCoroutine(self._ask(body))
+        timer = self._reactor.callLater(self.timeout, check.cancel)
+
+        def settle(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                if result.check(UnauthorizedLogin, TemporaryFailure):
+                    return result
+                if result.check(CancelledError) or (result.check(*_STALE) and any(
+                        r.check(CancelledError) for r in result.value.reasons)):
+                    return Failure(TemporaryFailure(
+                        f"http backend {self.name}: no answer within {self.timeout:g}s"))
+                return Failure(TemporaryFailure(
+                    f"http backend {self.name}: {result.value.__class__.__name__}"))
+            return username if isinstance(username, bytes) else username.encode("utf-8")
+
+        return check.addBoth(settle)
+
+    async def _ask(self, body: dict[str, Any]) -> None:
+        for attempt in (1, 2):
+            try:
+                response = await self._client.request(
+                    "POST", self.url, json=body, headers=Headers(self._headers),
+                    allow_redirects=False, unbuffered=True, reactor=self._reactor)
+            except _STALE as e:
+                if attempt == 2 or any(r.check(CancelledError) for r in e.reasons):
+                    raise
+                log.debug("http backend {name}: no answer on a kept-alive connection,"
+                          " retrying once", name=self.name)
+                continue
+            break
+        await treq.collect(response, _discard)  # drain, so the connection can be reused
+        code = response.code
+        if 200 <= code < 300:
+            return
+        if code in REJECT_STATUSES:
+            raise UnauthorizedLogin(f"API answered {code}")
+        raise TemporaryFailure(f"http backend {self.name}: API answered {code}")
+
+
+def _discard(chunk: bytes) -> None:
+    """Body chunks are not needed; only the status decides."""
+
+
+def make_client(reactor: Any, ca_file: str | None, timeout: float) -> HTTPClient:
+    """A treq client over a persistent connection pool and the strict HTTPS policy."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 30
+    pool.retryAutomatically = False  # only ever for idempotent methods; we retry ourselves
+    agent = Agent(reactor, contextFactory=StrictHTTPSPolicy(load_trust_root(ca_file)),
+                  pool=pool, connectTimeout=timeout)
+    return HTTPClient(agent)
+
+
+def from_config(name: str, options: HttpBackendConfig, deps: Any) -> HttpChecker:
+    """The checker for ``[backends.NAME] type = "http"``."""
+    return HttpChecker(url=options.url, client=make_client(deps.reactor, options.ca_file,
+                                                           options.timeout),
+                       reactor=deps.reactor, timeout=options.timeout,
+                       headers=dict(options.headers), name=name)

@@ -1,0 +1,460 @@
+"""The ``http`` backend: unit tests over ``treq.testing.StubTreq``, then a real
+twisted.web server on a free loopback port (plain HTTP and HTTPS with a private CA).
+
+The real server's resource checks the JSON it gets, answers 200/401/403/500, records
+every request (body and headers) and can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from saslsmtp.checkers.http import HttpChecker, from_config
+from saslsmtp.checkers.registry import BackendDeps
+from saslsmtp.config import HttpBackendConfig
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.sasl.outcome import Session
+from saslsmtp.threads import SynchronousRunner
+from tests.tlsutil import issue_cert, make_ca, twisted_server_options
+
+USERS = {"alice": "correct horse", "b\u00f6b": "p\u00e4ss w\u00f6rd"}
+BLOCKED = "blocked"  # the API answers 403 for this user, whatever the password
+TOKEN = "Bearer t0ken-for-the-api"
+
+
+def creds(username: str, password: str, mechanism: str = "PLAIN",
+          remote_ip: str = "192.0.2.7") -> PasswordCredentials:
+    """Credentials as the SMTP engine builds them (UTF-8 bytes + session)."""
+    return PasswordCredentials(username.encode(), password.encode(),
+                               Session(remote_ip=remote_ip, mechanism=mechanism))
+
+
+class AuthAPI(Resource):
+    """A small auth API: POST JSON -> 200 / 401 / 403; ``mode`` "500" or "hang"."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict[str, Any]] = []
+        self.mode = "normal"
+        self.hanging: list[Any] = []
+
+    def render_POST(self, request: Any) -> bytes | int:
+        raw = request.content.read()
+        headers = {k.decode().lower(): v[0].decode()
+                   for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.requests.append({"path": request.path, "headers": headers, "raw": raw})
+        if self.mode == "hang":
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        if self.mode == "500":
+            request.setResponseCode(500)
+            return b"internal error"
+        try:
+            body = json.loads(raw)
+            assert headers.get("content-type", "").startswith("application/json")
+            assert set(body) == {"username", "password", "mechanism", "remote_ip"}
+        except (ValueError, AssertionError):
+            request.setResponseCode(400)
+            return b"bad request"
+        if body["username"] == BLOCKED:
+            request.setResponseCode(403)
+            return b"forbidden"
+        if USERS.get(body["username"]) == body["password"]:
+            request.setResponseCode(200)
+            return b'{"ok": true}'
+        request.setResponseCode(401)
+        return b'{"ok": false}'
+
+
+# ---- unit tests over StubTreq (no sockets, a Clock) -------------------------------------
+
+
+class Status(Resource):
+    """Answers every POST with a fixed status (or never, for ``None``)."""
+
+    isLeaf = True
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__()
+        self.code = code
+        self.bodies: list[bytes] = []
+
+    def render_POST(self, request: Any) -> bytes | int:
+        self.bodies.append(request.content.read())
+        if self.code is None:
+            return NOT_DONE_YET
+        request.setResponseCode(self.code)
+        if 300 <= self.code < 400:
+            request.setHeader(b"Location", b"http://elsewhere.test/steal")
+        return b"body"
+
+
+def stub_checker(code: int | None, **kw: Any) -> tuple[HttpChecker, StubTreq, Status, Clock]:
+    """A checker over a StubTreq whose resource answers ``code``."""
+    resource = Status(code)
+    stub = StubTreq(resource)
+    clock = Clock()
+    return (HttpChecker(url="http://api.test/auth", client=stub, reactor=clock, **kw),
+            stub, resource, clock)
+
+
+def verdict(d: Deferred) -> Any:
+    """The result or Failure a fired Deferred holds (fails if it has not fired)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the check has not finished"
+    return out[0]
+
+
+@pytest.mark.parametrize("code", [200, 201, 204])
+def test_stub_2xx_accepts(code):
+    """Any 2xx -> the username, as bytes."""
+    c, stub, _, _ = stub_checker(code)
+    d = c.requestAvatarId(creds("alice", "pw"))
+    stub.flush()
+    assert verdict(d) == b"alice"
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_stub_401_403_reject(code):
+    """401 and 403 -> UnauthorizedLogin."""
+    c, stub, _, _ = stub_checker(code)
+    d = c.requestAvatarId(creds("alice", "pw"))
+    stub.flush()
+    assert verdict(d).check(UnauthorizedLogin)
+
+
+@pytest.mark.parametrize("code", [302, 307, 400, 404, 429, 500, 502, 503])
+def test_stub_other_statuses_are_temporary(code):
+    """Redirects (not followed), other 4xx and 5xx -> TemporaryFailure."""
+    c, stub, resource, _ = stub_checker(code)
+    d = c.requestAvatarId(creds("alice", "pw"))
+    stub.flush()
+    failure = verdict(d)
+    assert failure.check(TemporaryFailure) and not failure.check(UnauthorizedLogin)
+    assert str(code) in str(failure.value)
+    assert len(resource.bodies) == 1  # a redirect was not followed
+
+
+def test_stub_body_fields_from_session():
+    """The JSON carries username, password, mechanism and remote_ip from the session."""
+    c, stub, resource, _ = stub_checker(200)
+    stub.flush()
+    verdict(c.requestAvatarId(creds("b\u00f6b", "p\u00e4ss", "LOGIN", "2001:db8::1")))
+    assert json.loads(resource.bodies[0]) == {
+        "username": "b\u00f6b", "password": "p\u00e4ss", "mechanism": "LOGIN",
+        "remote_ip": "2001:db8::1"}
+
+
+def test_stub_plain_twisted_credentials_send_nulls():
+    """Credentials without a session (stock UsernamePassword): mechanism/remote_ip null."""
+    c, stub, resource, _ = stub_checker(200)
+    d = c.requestAvatarId(UsernamePassword(b"alice", b"pw"))
+    stub.flush()
+    assert verdict(d) == b"alice"
+    assert json.loads(resource.bodies[0]) == {"username": "alice", "password": "pw",
+                                              "mechanism": None, "remote_ip": None}
+
+
+def test_stub_non_utf8_password_rejected_without_request():
+    """A password that is not UTF-8 cannot be put in JSON: reject, send nothing."""
+    c, stub, resource, _ = stub_checker(200)
+    d = c.requestAvatarId(PasswordCredentials(b"alice", b"\xff\xfe"))
+    assert verdict(d).check(UnauthorizedLogin)
+    assert resource.bodies == []
+
+
+def test_stub_timeout_is_temporary():
+    """No answer within ``timeout`` (Clock-driven) -> TemporaryFailure."""
+    c, stub, _, clock = stub_checker(None, timeout=3.0)
+    d = c.requestAvatarId(creds("alice", "pw"))
+    stub.flush()
+    clock.advance(2.9)
+    assert not d.called
+    clock.advance(0.2)
+    failure = verdict(d)
+    assert failure.check(TemporaryFailure) and "3s" in str(failure.value)
+
+
+def test_stub_timer_cancelled_after_verdict():
+    """The deadline is cancelled once the verdict is known (nothing left on the clock)."""
+    c, stub, _, clock = stub_checker(200, timeout=3.0)
+    d = c.requestAvatarId(creds("alice", "pw"))
+    stub.flush()
+    assert verdict(d) == b"alice"
+    assert clock.getDelayedCalls() == []
+
+
+def test_repr_hides_headers():
+    """The checker's repr shows neither the headers (API tokens) nor anything secret."""
+    c, _, _, _ = stub_checker(200, headers={"Authorization": TOKEN})
+    assert TOKEN not in repr(c) and "t0ken" not in repr(c)
+
+
+# ---- a real twisted.web server on loopback ---------------------------------------------
+
+
+class Server:
+    """A twisted.web Site on a fixed loopback port, stoppable (closing its open
+    connections, as a dying process would) and startable again."""
+
+    def __init__(self, resource: Resource, tls_options: Any = None) -> None:
+        self.resource = resource
+        self.tls_options = tls_options
+        self.port: int = 0
+        self.listener: Any = None
+        self.site = Site(resource)
+        self.factory = WrappingFactory(self.site)  # knows its open connections
+
+    def start(self) -> None:
+        """Listen on 127.0.0.1 (the same port as before after a stop)."""
+        from twisted.internet import reactor
+        if self.tls_options is not None:
+            self.listener = reactor.listenSSL(self.port, self.factory, self.tls_options,
+                                              interface="127.0.0.1")
+        else:
+            self.listener = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+        self.port = self.listener.getHost().port
+
+    async def stop(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self.listener is not None:
+            await self.listener.stopListening()
+            self.listener = None
+        for connection in list(self.factory.protocols):
+            connection.transport.abortConnection()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls_options is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/auth"
+
+
+@pytest.fixture
+def api():
+    """A fresh AuthAPI on a free loopback port."""
+    server = Server(AuthAPI())
+    server.start()
+    yield server
+    pytest_twisted.blockon(Deferred.fromCoroutine(server.stop()))
+
+
+def deps() -> BackendDeps:
+    """Backend dependencies with the test reactor."""
+    from twisted.internet import reactor
+    return BackendDeps(reactor=reactor, hash_runner=SynchronousRunner(),
+                       make_runner=lambda name, n: SynchronousRunner())
+
+
+def checker(url: str, **options: Any) -> HttpChecker:
+    """A checker built from config options, as the daemon builds it."""
+    options.setdefault("timeout", 5.0)
+    return from_config("api", HttpBackendConfig(url=url, **options), deps())
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_right_wrong_blocked(api):
+    """200 -> accept, 401 -> reject, 403 -> reject; the API got valid JSON each time."""
+    c = checker(api.url)
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    assert await c.requestAvatarId(creds("b\u00f6b", USERS["b\u00f6b"])) == "b\u00f6b".encode()
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds("alice", "wrong"))
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds(BLOCKED, "anything"))
+    assert len(api.resource.requests) == 4  # one request per check, no retries
+    body = json.loads(api.resource.requests[0]["raw"])
+    assert body == {"username": "alice", "password": USERS["alice"], "mechanism": "PLAIN",
+                    "remote_ip": "192.0.2.7"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_extra_headers_sent(api):
+    """Configured headers (an API token) go with the request, beside the JSON type."""
+    c = checker(api.url, headers={"Authorization": TOKEN, "X-Api-Client": "saslsmtp-test"})
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    headers = api.resource.requests[0]["headers"]
+    assert headers["authorization"] == TOKEN
+    assert headers["x-api-client"] == "saslsmtp-test"
+    assert headers["content-type"].startswith("application/json")
+    assert headers["user-agent"] == "saslsmtp"
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_500_is_temporary(api):
+    """The API answering 500 -> TemporaryFailure, one request."""
+    api.resource.mode = "500"
+    with pytest.raises(TemporaryFailure, match="500"):
+        await checker(api.url).requestAvatarId(creds("alice", USERS["alice"]))
+    assert len(api.resource.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_hang_times_out(api):
+    """The API never answers: TemporaryFailure after ``timeout`` (measured); the
+    request is abandoned (its connection closed)."""
+    api.resource.mode = "hang"
+    c = checker(api.url, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TemporaryFailure, match="0.5s"):
+        await c.requestAvatarId(creds("alice", USERS["alice"]))
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 1.0, elapsed
+    assert len(api.resource.requests) == 1  # a timeout is not retried
+    gone: Deferred = api.resource.hanging[0].notifyFinish()
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    await deferLater(reactor, 0.05, lambda: None)
+    assert gone.called  # the server saw the client go away
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_stopped_then_back(api):
+    """Server down -> TemporaryFailure; up again on the same port -> the same checker
+    accepts again (kept-alive connections from before are not a problem)."""
+    c = checker(api.url)
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    await api.stop()
+    with pytest.raises(TemporaryFailure):
+        await c.requestAvatarId(creds("alice", USERS["alice"]))
+    api.start()
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+
+
+class ForgetfulHTTP(Protocol):
+    """Answers the first request on a connection (keep-alive), then closes the
+    connection silently when the second one arrives: a stale kept-alive connection."""
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.answered = 0
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.factory.requests += 1
+            if self.answered:
+                self.transport.loseConnection()
+                return
+            self.answered += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_kept_alive_connection_retried_once():
+    """A POST on a kept-alive connection that the server drops unanswered is sent once
+    more on a fresh connection (Twisted itself never retries a POST)."""
+    from twisted.internet import reactor
+    factory = Factory.forProtocol(ForgetfulHTTP)
+    factory.connections = factory.requests = 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        c = checker(f"http://127.0.0.1:{port.getHost().port}/auth")
+        assert await c.requestAvatarId(creds("alice", "x")) == b"alice"
+        assert await c.requestAvatarId(creds("alice", "x")) == b"alice"
+        assert (factory.connections, factory.requests) == (2, 3)
+    finally:
+        await port.stopListening()
+
+
+# ---- HTTPS --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: Any) -> dict[str, Any]:
+    """A CA and certificates: good (127.0.0.1 + localhost), wrong host, no SAN,
+    and one from a CA nobody trusts."""
+    tmp = tmp_path_factory.mktemp("pki")
+    ca = make_ca(tmp)
+    other = make_ca(tmp, "untrusted CA")
+    return {"ca": ca,
+            "good": issue_cert(ca, tmp, names=["localhost", "127.0.0.1"]),
+            "wrong": issue_cert(ca, tmp, names=["wrong.example"]),
+            "nosan": issue_cert(ca, tmp, names=["127.0.0.1"], san=False),
+            "untrusted": issue_cert(other, tmp, names=["localhost", "127.0.0.1"])}
+
+
+def https_server(request: Any, cert: Any) -> Server:
+    server = Server(AuthAPI(), twisted_server_options(cert))
+    server.start()
+    request.addfinalizer(lambda: pytest_twisted.blockon(Deferred.fromCoroutine(server.stop())))
+    return server
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_https_with_private_ca(request, pki, host):
+    """https:// verified against ca_file (IP SAN or DNS SAN): right and wrong passwords."""
+    server = https_server(request, pki["good"])
+    c = checker(f"https://{host}:{server.port}/auth", ca_file=pki["ca"].cert_path)
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    with pytest.raises(UnauthorizedLogin):
+        await c.requestAvatarId(creds("alice", "wrong"))
+
+
+@pytest.mark.parametrize("cert", ["wrong", "nosan", "untrusted"])
+@pytest_twisted.ensureDeferred
+async def test_https_bad_certificate_refused(request, pki, cert):
+    """A certificate for another host, without subjectAltName, or from an untrusted CA:
+    TemporaryFailure, and the password never reaches the server."""
+    server = https_server(request, pki[cert])
+    c = checker(server.url, ca_file=pki["ca"].cert_path)
+    with pytest.raises(TemporaryFailure):
+        await c.requestAvatarId(creds("alice", USERS["alice"]))
+    assert server.resource.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_password_or_token_in_logs_or_errors(api):
+    """Neither the password nor the API token appears in log events, exception
+    messages or reprs (accept, reject, 500, timeout, refused connection)."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    texts: list[str] = []
+    password = USERS["alice"]
+    try:
+        c = checker(api.url, headers={"Authorization": TOKEN}, timeout=0.3)
+        await c.requestAvatarId(creds("alice", password))
+        for mode in ("normal", "500", "hang"):
+            api.resource.mode = mode
+            with pytest.raises(Exception) as e:
+                await c.requestAvatarId(creds("alice", password + ("x" if mode == "normal"
+                                                                    else "")))
+            texts.append(str(e.value) + repr(e.value))
+        await api.stop()
+        with pytest.raises(TemporaryFailure) as e:
+            await c.requestAvatarId(creds("alice", password))
+        texts.append(str(e.value) + repr(e.value) + repr(c))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    joined = "\n".join(texts + [formatEvent(e) + repr(e) for e in events])
+    assert password not in joined and TOKEN not in joined and "t0ken" not in joined
