@@ -415,6 +415,8 @@ def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
     elif kind == "dovecot":
         if not o.socket:
             p.problem(f"{prefix}.socket", "is required")
+    if kind in ("smtp", "http") and o.ca_file and not Path(o.ca_file).is_file():
+        p.problem(f"{prefix}.ca_file", f"no such file: {o.ca_file}")
     for attr in ("timeout",):
         if hasattr(o, attr) and getattr(o, attr) <= 0:
             p.problem(f"{prefix}.{attr}", "must be positive")
