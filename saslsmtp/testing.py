@@ -113,31 +113,60 @@ class SMTPHarness:
     """One ``SubmissionESMTP`` connection over a string transport.
 
     ``send(data)`` feeds client bytes and returns what the server wrote since.
-    Pass ``users`` (name -> password) or your own ``checkers``; ``mechanisms`` may
-    include scripted ones; ``settings`` overrides ``EngineSettings`` fields
-    (by default ``require_tls=False`` and ``failure_delay=0`` for brevity).
+
+    * ``users`` (name -> password) become an in-memory backend named ``"users"``;
+      ``backends`` adds named checkers (fakes or real ones); the password mechanisms
+      use them in order, like ``auth.backends``.  ``checkers`` replaces the portal's
+      password checkers entirely.
+    * ``script``: a path to an AUTH script (or an ``auth`` callable): PLAIN/LOGIN then
+      go to it, and every name in ``mechanism_names`` that is not built in is served by it.
+    * ``settings`` / keyword overrides: ``EngineSettings`` fields (by default
+      ``require_tls=False`` and ``failure_delay=0`` for brevity).
+    * ``clock``: a ``task.Clock`` (created if omitted) for failure delays and timeouts.
     """
 
     def __init__(self, *, users: Mapping[str, str] | None = None,
+                 backends: Mapping[str, ICredentialsChecker] | None = None,
                  checkers: Iterable[ICredentialsChecker] | None = None,
+                 script: Any = None, script_timeout: float = 10.0,
                  mechanisms: Mapping[str, MechanismSpec] | None = None,
+                 mechanism_names: Iterable[str] | None = None,
                  settings: EngineSettings | None = None,
                  resolver: Any = None, tls: bool = False, starttls: bool = False,
                  clock: task.Clock | None = None, peer: str = "192.0.2.10",
                  **overrides: Any) -> None:
+        from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
+                                     load_script, scripted_spec)
         self.clock = clock or task.Clock()
         self.realm = MemoryRealm()
-        if checkers is None:
+        named: dict[str, ICredentialsChecker] = {}
+        if users is not None:
             db = InMemoryUsernamePasswordDatabaseDontUse()
-            for name, password in (users or {}).items():
+            for name, password in users.items():
                 db.addUser(name.encode("utf-8"), password.encode("utf-8"))
-            checkers = [BackendChain([("memory", db)])]
+            named["users"] = db
+        named.update(backends or {})
+        self.backends = named
+        specs = dict(mechanisms) if mechanisms is not None else builtin_mechanisms()
+        password_checker: ICredentialsChecker = BackendChain(list(named.items()))
+        names = tuple(mechanism_names) if mechanism_names is not None else None
+        if script is not None:
+            loaded = (script if isinstance(script, AuthScript) else
+                      AuthScript("<test>", script, None) if callable(script) else load_script(str(script)))
+            self.script_runner = ScriptRunner(loaded, self.clock, script_timeout, Backends(named))
+            password_checker = ScriptPasswordChecker(self.script_runner)
+            for name in names or ():
+                if name not in specs:
+                    specs[name] = scripted_spec(name, self.script_runner)
+        if checkers is None:
+            checkers = [password_checker]
         self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])
-        self.mechanisms = dict(mechanisms) if mechanisms is not None else builtin_mechanisms()
+        self.mechanisms = specs
         base = settings or EngineSettings(require_tls=False, failure_delay=0.0)
-        base = replace(base, mechanisms=tuple(overrides.pop("mechanism_names", None)
-                                              or base.mechanisms
-                                              if settings else tuple(self.mechanisms)))
+        if names is not None:
+            base = replace(base, mechanisms=names)
+        elif settings is None:
+            base = replace(base, mechanisms=tuple(specs))
         self.settings = replace(base, **overrides)
         transport_class = TLSStringTransport if starttls else StringTransport
         self.transport = transport_class(

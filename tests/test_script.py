@@ -1,0 +1,403 @@
+"""The AUTH script (CONTRACT.md section 3): transcripts over StringTransport.
+
+Scripts here are small callables, plus the two shipped examples in etc/.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from saslsmtp.config import ConfigError
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.script import Accept, Defer, Reject, Reply, Verdict, load_script
+from saslsmtp.testing import SMTPHarness
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+EHLO = b"EHLO client.example\r\n"
+OK = b"235 2.7.0 Authentication successful\r\n"
+INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"
+TEMPFAIL = b"454 4.7.0 Temporary authentication failure\r\n"
+
+
+def b64(data: bytes | str) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+def scripted(auth: Any, names: tuple[str, ...] = ("X-TEST", "PLAIN", "LOGIN"), **kw: Any) -> SMTPHarness:
+    h = SMTPHarness(script=auth, mechanism_names=names, **kw)
+    h.send(EHLO)
+    return h
+
+
+@pytest.fixture
+def logged() -> list[dict]:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+# -- the four results, default and custom -------------------------------------------
+
+
+@pytest.mark.parametrize("result, wire", [
+    (Accept(username="u"), OK),
+    (Accept(username="u", reason="Welcome back"), b"235 2.7.0 Welcome back\r\n"),
+    (Reject(), INVALID),
+    (Reject("Go away"), b"535 5.7.8 Go away\r\n"),
+    (Reject("Too weak", code=534, enhanced="5.7.9"), b"534 5.7.9 Too weak\r\n"),
+    (Reject("Not a 5xx", code=250), b"535 5.7.8 Not a 5xx\r\n"),
+    (Defer(), TEMPFAIL),
+    (Defer("Try later"), b"454 4.7.0 Try later\r\n"),
+    (Defer("Transition", code=432, enhanced="4.7.12"), b"432 4.7.12 Transition\r\n"),
+    (Reply(b"challenge"), b"334 " + b64(b"challenge") + b"\r\n"),
+    (Reply("text"), b"334 dGV4dA==\r\n"),
+    (Reply(b""), b"334 \r\n"),
+    (Reply(b"\x00\xff\x01binary"), b"334 " + b64(b"\x00\xff\x01binary") + b"\r\n"),
+    (None, INVALID),
+])
+def test_result_on_the_wire(result: Any, wire: bytes) -> None:
+    """Each result with default and custom options gives its exact reply."""
+    h = scripted(lambda a, c: result)
+    assert h.send(b"AUTH X-TEST\r\n") == wire
+
+
+def test_accept_for_custom_mechanism_needs_username(logged: list[dict]) -> None:
+    """A custom mechanism's Accept() without username defers and says why in the log."""
+    h = scripted(lambda a, c: Accept())
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    assert any("must name the user" in str(e.get("log_format", "")) for e in logged)
+
+
+def test_accept_goes_through_the_portal() -> None:
+    """Accept logs in through portal.login: the realm sees the user."""
+    h = scripted(lambda a, c: Accept(username="carol"))
+    assert h.send(b"AUTH X-TEST\r\n") == OK
+    assert h.realm.logins == ["carol"]
+    assert h.protocol.auth_user == "carol"
+
+
+@pytest.mark.parametrize("result", [Reject("bye", disconnect=True), Defer("bye", disconnect=True)])
+def test_disconnect(result: Any) -> None:
+    h = scripted(lambda a, c: result)
+    out = h.send(b"AUTH X-TEST\r\nNOOP\r\n")
+    assert out in (b"535 5.7.8 bye\r\n", b"454 4.7.0 bye\r\n")
+    assert h.transport.disconnecting
+
+
+def test_reason_with_crlf_and_non_ascii_cannot_break_framing() -> None:
+    h = scripted(lambda a, c: Reject("line one\r\n250 2.0.0 fake\r\nsmørrebrød\x00"))
+    assert h.send(b"AUTH X-TEST\r\n") == b"535 5.7.8 line one 250 2.0.0 fake sm rrebr d\r\n"
+
+
+# -- arguments and context --------------------------------------------------------
+
+
+def test_arguments_for_custom_mechanism() -> None:
+    """state, response (None without initial response, b"" for "="), connection data."""
+    seen: list[dict] = []
+
+    def auth(arguments, context):
+        seen.append(dict(arguments))
+        return Reply(b"") if arguments["state"] == 0 else Reject()
+
+    h = scripted(auth)
+    h.send(b"AUTH x-test\r\n")
+    h.send(b"\r\n")
+    h.send(b"AUTH X-TEST =\r\n")
+    h.send(b"*\r\n")
+    h.send(b"AUTH X-TEST " + b64(b"\x00bin\xff") + b"\r\n")
+    first, second, third, fourth = seen
+    assert (first["mechanism"], first["state"], first["response"]) == ("X-TEST", 0, None)
+    assert (second["state"], second["response"]) == (1, b"")
+    assert (third["state"], third["response"]) == (0, b"")
+    assert (fourth["state"], fourth["response"]) == (0, b"\x00bin\xff")
+    assert first["remote_ip"] == "192.0.2.10" and first["helo"] == "client.example"
+    assert first["tls"] is False and first["hostname"] == "localhost"
+
+
+def test_plain_and_login_give_username_and_password() -> None:
+    seen: list[dict] = []
+
+    def auth(arguments, context):
+        seen.append(dict(arguments))
+        return Accept() if arguments["password"] == "pw" else Reject()
+
+    h = scripted(auth)
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == OK
+    assert (seen[0]["mechanism"], seen[0]["username"], seen[0]["password"], seen[0]["authzid"],
+            seen[0]["state"], seen[0]["response"]) == ("PLAIN", "alice", "pw", "", 0, None)
+    h2 = scripted(auth)
+    h2.send(b"AUTH LOGIN " + b64("bob") + b"\r\n")
+    assert h2.send(b64("bad") + b"\r\n") == INVALID
+    assert (seen[1]["mechanism"], seen[1]["username"]) == ("LOGIN", "bob")
+
+
+def test_context_across_steps_and_auth_commands_and_not_connections() -> None:
+    """context lives for the connection: kept across steps and AUTH commands; a new
+    connection starts empty."""
+    def auth(arguments, context):
+        context["calls"] = context.get("calls", 0) + 1
+        if arguments["state"] == 0:
+            return Reply(str(context["calls"]))
+        return Reject(f"calls={context['calls']}")
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\n") == b"334 " + b64("1") + b"\r\n"
+    assert h.send(b"\r\n") == b"535 5.7.8 calls=2\r\n"
+    assert h.send(b"AUTH X-TEST\r\n") == b"334 " + b64("3") + b"\r\n"
+    h2 = scripted(auth)
+    assert h2.send(b"AUTH X-TEST\r\n") == b"334 " + b64("1") + b"\r\n"
+
+
+def test_star_in_the_middle_does_not_call_the_script() -> None:
+    calls: list[int] = []
+
+    def auth(arguments, context):
+        calls.append(arguments["state"])
+        return Reply(b"more")
+
+    h = scripted(auth)
+    h.send(b"AUTH X-TEST\r\n")
+    h.send(b"\r\n")
+    assert h.send(b"*\r\n") == b"501 5.7.0 Authentication aborted\r\n"
+    assert calls == [0, 1]
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_three_round_custom_mechanism() -> None:
+    """Three challenges, then Accept on the fourth call."""
+    def auth(arguments, context):
+        state = arguments["state"]
+        if state == 0:
+            context["seen"] = []
+        else:
+            context["seen"].append(arguments["response"])
+        if state < 3:
+            return Reply(f"round {state + 1}")
+        if context["seen"] == [b"a", b"b", b"c"]:
+            return Accept(username="three")
+        return Reject()
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\n") == b"334 " + b64("round 1") + b"\r\n"
+    assert h.send(b64("a") + b"\r\n") == b"334 " + b64("round 2") + b"\r\n"
+    assert h.send(b64("b") + b"\r\n") == b"334 " + b64("round 3") + b"\r\n"
+    assert h.send(b64("c") + b"\r\n") == OK
+
+
+def test_step_limit() -> None:
+    """An exchange longer than script_max_steps challenges is refused."""
+    h = scripted(lambda a, c: Reply(b"again"), max_steps=3)
+    out = h.send(b"AUTH X-TEST\r\n") + h.send(b"\r\n") + h.send(b"\r\n")
+    assert out == (b"334 " + b64("again") + b"\r\n") * 3
+    assert h.send(b"\r\n") == b"535 5.7.8 Authentication exchange too long\r\n"
+
+
+# -- asynchronous scripts, errors, timeouts ----------------------------------------
+
+
+def test_deferred_script_fired_by_the_test() -> None:
+    pending: list[defer.Deferred] = []
+
+    def auth(arguments, context):
+        d: defer.Deferred = defer.Deferred()
+        pending.append(d)
+        return d
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\nNOOP\r\n") == b""
+    pending[0].callback(Accept(username="late"))
+    assert h.take() == OK + b"250 2.0.0 OK\r\n"
+
+
+def test_async_def_script_awaiting_a_deferred() -> None:
+    gate: defer.Deferred = defer.Deferred()
+
+    async def auth(arguments, context):
+        value = await gate
+        return Accept(username=value)
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\n") == b""
+    gate.callback("asyncuser")
+    assert h.take() == OK
+    assert h.realm.logins == ["asyncuser"]
+
+
+def test_exception_defers_and_logs_traceback(logged: list[dict]) -> None:
+    def auth(arguments, context):
+        raise ValueError("boom in script")
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert any(e["log_failure"].check(ValueError) for e in failures)
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_exception_in_async_script() -> None:
+    async def auth(arguments, context):
+        raise RuntimeError("async boom")
+
+    assert scripted(auth).send(b"AUTH X-TEST\r\n") == TEMPFAIL
+
+
+def test_wrong_return_type_defers() -> None:
+    assert scripted(lambda a, c: "yes").send(b"AUTH X-TEST\r\n") == TEMPFAIL
+
+
+def test_timeout_with_injected_clock(logged: list[dict]) -> None:
+    """A script still running after script_timeout is cancelled and defers."""
+    never: defer.Deferred = defer.Deferred()
+    h = scripted(lambda a, c: never, script_timeout=5.0)
+    assert h.send(b"AUTH X-TEST\r\n") == b""
+    h.clock.advance(4.9)
+    assert h.take() == b""
+    h.clock.advance(0.2)
+    assert h.take() == TEMPFAIL
+    assert never.called  # cancelled
+    assert any("timed out" in str(e.get("log_format", "")) for e in logged)
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+# -- backends from scripts ------------------------------------------------------------
+
+
+@implementer(ICredentialsChecker)
+class DownBackend:
+    """A backend that is down: every check is a temporary failure."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials):
+        return defer.fail(TemporaryFailure("connection refused"))
+
+
+def test_script_verifies_against_backends() -> None:
+    verdicts: list[Verdict] = []
+
+    async def auth(arguments, context):
+        verdict = await arguments["backends"].verify("users", arguments["username"],
+                                                     arguments["password"])
+        verdicts.append(verdict)
+        return {Verdict.ACCEPT: Accept(), Verdict.REJECT: Reject(),
+                Verdict.TEMPORARY: Defer()}[verdict]
+
+    h = scripted(auth, users={"alice": "pw"})
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == OK
+    h2 = scripted(auth, users={"alice": "pw"})
+    assert h2.send(b"AUTH PLAIN " + b64("\0alice\0nope") + b"\r\n") == INVALID
+    assert verdicts == [Verdict.ACCEPT, Verdict.REJECT]
+
+
+def test_script_backend_down_is_454() -> None:
+    async def auth(arguments, context):
+        verdict = await arguments["backends"].verify("ldap", arguments["username"],
+                                                     arguments["password"])
+        return Defer() if verdict is Verdict.TEMPORARY else Reject()
+
+    h = scripted(auth, backends={"ldap": DownBackend()})
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == TEMPFAIL
+
+
+def test_script_unknown_backend_name_defers() -> None:
+    async def auth(arguments, context):
+        await arguments["backends"].verify("nope", "a", "b")
+        return Accept()
+
+    assert scripted(auth).send(b"AUTH PLAIN " + b64("\0a\0b") + b"\r\n") == TEMPFAIL
+
+
+# -- the shipped examples ------------------------------------------------------------
+
+
+def cram_response(user: str, secret: str, challenge_line: bytes) -> bytes:
+    challenge = base64.b64decode(challenge_line[4:].strip())
+    digest = hmac.new(secret.encode(), challenge, hashlib.md5).hexdigest()
+    return b64(f"{user} {digest}") + b"\r\n"
+
+
+def test_example_cram_md5_script() -> None:
+    """etc/auth_cram_md5.py: challenge <uuid@hostname>, right and wrong secrets."""
+    h = scripted(ETC / "auth_cram_md5.py", names=("CRAM-MD5", "PLAIN", "LOGIN"),
+                 hostname="mx.example.test")
+    challenge = h.send(b"AUTH CRAM-MD5\r\n")
+    assert challenge.startswith(b"334 ")
+    text = base64.b64decode(challenge[4:].strip()).decode()
+    assert text.startswith("<") and text.endswith("@mx.example.test>")
+    assert h.send(cram_response("tim", "tanstaaftanstaaf", challenge)) == OK
+    h2 = scripted(ETC / "auth_cram_md5.py", names=("CRAM-MD5",), max_failures=5)
+    challenge = h2.send(b"AUTH CRAM-MD5\r\n")
+    assert h2.send(cram_response("tim", "wrong", challenge)) == INVALID
+    challenge = h2.send(b"AUTH CRAM-MD5\r\n")
+    assert h2.send(cram_response("nobody", "x", challenge)) == INVALID
+    challenge = h2.send(b"AUTH CRAM-MD5\r\n")
+    assert h2.send(b64("no-space-here") + b"\r\n") == b"535 5.7.8 Malformed CRAM-MD5 response\r\n"
+
+
+def test_example_cram_md5_script_plain_uses_backends_in_order() -> None:
+    h = scripted(ETC / "auth_cram_md5.py", users={"alice": "pw"}, backends={"directory": DownBackend()})
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == OK
+    h2 = scripted(ETC / "auth_cram_md5.py", users={"alice": "pw"}, backends={"directory": DownBackend()})
+    assert h2.send(b"AUTH PLAIN " + b64("\0alice\0bad") + b"\r\n") == TEMPFAIL
+
+
+def load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ETC / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_totp_three_rounds() -> None:
+    """etc/auth_totp.py: Username, Password, Code, then 235; a wrong code -> 535."""
+    totp = load_example("auth_totp")
+    h = scripted(ETC / "auth_totp.py", names=("X-PASSWORD-TOTP",), users={"demo": "demo-password"})
+    assert h.send(b"AUTH X-PASSWORD-TOTP\r\n") == b"334 " + b64("Username:") + b"\r\n"
+    assert h.send(b64("demo") + b"\r\n") == b"334 " + b64("Password:") + b"\r\n"
+    assert h.send(b64("demo-password") + b"\r\n") == b"334 " + b64("Code:") + b"\r\n"
+    assert h.send(b64(totp.totp(totp.TOTP_SECRETS["demo"])) + b"\r\n") == OK
+    h2 = scripted(ETC / "auth_totp.py", names=("X-PASSWORD-TOTP",), users={"demo": "demo-password"})
+    h2.send(b"AUTH X-PASSWORD-TOTP " + b64("demo") + b"\r\n")
+    h2.send(b64("wrong-password") + b"\r\n")
+    assert h2.send(b64(totp.totp(totp.TOTP_SECRETS["demo"])) + b"\r\n") == INVALID
+
+
+def test_totp_rfc6238_vector() -> None:
+    """RFC 6238 appendix B, SHA-1, T=59: 94287082 (8 digits)."""
+    totp = load_example("auth_totp")
+    secret = base64.b32encode(b"12345678901234567890").decode()
+    assert totp.totp(secret, at=59, digits=8) == "94287082"
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def test_load_errors_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def auth(arguments, context):\n    return (\n")
+    with pytest.raises(ConfigError) as e:
+        load_script(str(bad))
+    assert f"{bad}:2" in str(e.value) or f"{bad}:3" in str(e.value)
+    none = tmp_path / "none.py"
+    none.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no callable auth"):
+        load_script(str(none))
+    raising = tmp_path / "raising.py"
+    raising.write_text("import os\n\nraise RuntimeError('at import')\n")
+    with pytest.raises(ConfigError) as e:
+        load_script(str(raising))
+    assert f"{raising}:3" in str(e.value) and "RuntimeError" in str(e.value)
