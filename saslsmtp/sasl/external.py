@@ -1,0 +1,55 @@
+"""EXTERNAL (RFC 4422 appendix A): the identity comes from the verified TLS client certificate.
+
+One client message, the authorization identity in UTF-8 (empty: "the identity of my
+credentials").  ``Session.client_certificate["identity"]`` is the name the engine mapped
+from the certificate (CN or e-mail SAN, per configuration); without it EXTERNAL fails.
+"""
+
+from __future__ import annotations
+
+from saslsmtp.sasl.mechanism import MechanismSpec, NoLookup
+from saslsmtp.sasl.outcome import Accept, MechanismStateError, Outcome, Reject, Reply, Session
+
+MALFORMED = Reject("Malformed EXTERNAL response")
+NO_CERTIFICATE = Reject("No verified client certificate")
+BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
+
+
+class External(NoLookup):
+    """Client-first: without an initial response the server sends an empty challenge."""
+
+    def __init__(self, session: Session | None = None) -> None:
+        certificate = (session or Session()).client_certificate
+        identity = certificate.get("identity") if certificate else None
+        self._identity = identity if isinstance(identity, str) and identity else None
+        self._stage = "new"
+
+    def start(self, initial: bytes | None) -> Outcome:
+        if self._stage != "new":
+            raise MechanismStateError("EXTERNAL already started")
+        if initial is None:
+            self._stage = "waiting"
+            return Reply(b"")
+        return self._finish(initial)
+
+    def receive(self, response: bytes) -> Outcome:
+        if self._stage != "waiting":
+            raise MechanismStateError(f"EXTERNAL is not waiting for a response (stage {self._stage})")
+        return self._finish(response)
+
+    def _finish(self, message: bytes) -> Outcome:
+        self._stage = "done"
+        try:
+            authzid = message.decode("utf-8")
+        except UnicodeDecodeError:
+            return MALFORMED
+        if "\0" in authzid:
+            return MALFORMED
+        if self._identity is None:
+            return NO_CERTIFICATE
+        if authzid and authzid != self._identity:
+            return BAD_AUTHZID
+        return Accept(self._identity)
+
+
+SPEC = MechanismSpec("EXTERNAL", External, plaintext=False, client_first=True, needs_tls=True)

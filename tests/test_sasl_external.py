@@ -1,0 +1,94 @@
+"""EXTERNAL (RFC 4422 appendix A) over a verified TLS client certificate."""
+
+from __future__ import annotations
+
+import ast
+import base64
+
+import pytest
+
+from saslsmtp.sasl import external
+from saslsmtp.sasl.external import BAD_AUTHZID, MALFORMED, NO_CERTIFICATE, SPEC, External
+from saslsmtp.sasl.outcome import Accept, MechanismStateError, Reply, Session
+
+CERT = {"identity": "alice@example.com", "subject": "CN=Alice", "email": "alice@example.com"}
+WITH_CERT = Session(tls=True, client_certificate=CERT)
+# RFC 4954 section 4: "AUTH EXTERNAL =" is the empty initial response
+RFC4954_EMPTY_INITIAL = b"="
+
+
+def test_empty_initial_response_accepts_the_certificate_identity() -> None:
+    """AUTH EXTERNAL = (empty authzid): the mapped certificate identity is authenticated."""
+    assert RFC4954_EMPTY_INITIAL == b"="  # the engine turns "=" into b""
+    assert External(WITH_CERT).start(b"") == Accept("alice@example.com")
+
+
+def test_authzid_equal_to_identity_is_accepted() -> None:
+    """An authzid that names the certificate identity is fine."""
+    assert External(WITH_CERT).start(b"alice@example.com") == Accept("alice@example.com")
+
+
+def test_other_authzid_is_refused() -> None:
+    """Acting as another user is refused (535)."""
+    outcome = External(WITH_CERT).start(base64.b64decode(b"Ym9iQGV4YW1wbGUuY29t"))  # bob@example.com
+    assert outcome == BAD_AUTHZID
+    assert BAD_AUTHZID.code == 535
+
+
+def test_without_initial_response_sends_empty_challenge() -> None:
+    """No initial response: an empty 334, then the client's (empty) answer decides."""
+    m = External(WITH_CERT)
+    assert m.start(None) == Reply(b"")
+    assert m.receive(b"") == Accept("alice@example.com")
+
+
+@pytest.mark.parametrize(
+    "certificate",
+    [None, {}, {"subject": "CN=Alice"}, {"identity": ""}, {"identity": None}, {"identity": 42}],
+)
+def test_no_usable_certificate_is_refused(certificate: dict | None) -> None:
+    """No verified certificate (or no mapped identity): EXTERNAL fails, whatever the authzid."""
+    session = Session(tls=True, client_certificate=certificate)
+    assert External(session).start(b"") == NO_CERTIFICATE
+    assert External(session).start(b"alice@example.com") == NO_CERTIFICATE
+    assert NO_CERTIFICATE.code == 535
+
+
+@pytest.mark.parametrize("message", [b"alice\x00", b"\xff", b"\x00"])
+def test_malformed_authzid(message: bytes) -> None:
+    """An authzid that is not UTF-8 or contains NUL is malformed."""
+    assert External(WITH_CERT).start(message) == MALFORMED
+
+
+def test_out_of_order_calls_raise() -> None:
+    """Every call out of order raises MechanismStateError; EXTERNAL never looks anything up."""
+    with pytest.raises(MechanismStateError):
+        External(WITH_CERT).receive(b"")
+    with pytest.raises(MechanismStateError):
+        External(WITH_CERT).resume(None)
+    m = External(WITH_CERT)
+    m.start(None)
+    with pytest.raises(MechanismStateError):
+        m.start(None)
+    m.receive(b"")
+    with pytest.raises(MechanismStateError):
+        m.receive(b"")
+    done = External(WITH_CERT)
+    done.start(b"")
+    with pytest.raises(MechanismStateError):
+        done.receive(b"")
+
+
+def test_spec_needs_tls() -> None:
+    """EXTERNAL is client-first, not plaintext, and never offered without TLS."""
+    assert SPEC.name == "EXTERNAL"
+    assert (SPEC.plaintext, SPEC.client_first, SPEC.needs_tls) == (False, True, True)
+    assert isinstance(SPEC.factory(WITH_CERT), External)
+
+
+def test_module_imports_no_twisted() -> None:
+    """saslsmtp.sasl.external imports no Twisted (the sans-I/O rule)."""
+    tree = ast.parse(open(external.__file__, encoding="utf-8").read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("twisted", "zope")]
