@@ -154,7 +154,7 @@ class HttpBackendConfig:
 class DovecotBackendConfig:
     """``type = "dovecot"``: Dovecot's auth client protocol."""
 
-    socket: str = ""
+    socket: str = field(default="", metadata=PATH)  # a UNIX socket path, or "tcp:HOST:PORT"
     timeout: float = 5.0
     service: str = "smtp"
 
@@ -415,6 +415,10 @@ def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
     elif kind == "dovecot":
         if not o.socket:
             p.problem(f"{prefix}.socket", "is required")
+        elif o.socket.startswith("tcp:"):
+            tcp = re.fullmatch(r"tcp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):([0-9]{1,5})", o.socket)
+            if not tcp or not 0 < int(tcp.group(2)) < 65536:
+                p.problem(f"{prefix}.socket", "must be a UNIX socket path or tcp:HOST:PORT")
     if kind in ("smtp", "http") and o.ca_file and not Path(o.ca_file).is_file():
         p.problem(f"{prefix}.ca_file", f"no such file: {o.ca_file}")
     for attr in ("timeout",):

@@ -36,7 +36,7 @@ from saslsmtp.checkers.dovecot import (
     tab_unescape,
 )
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.config import DovecotBackendConfig
+from saslsmtp.config import ConfigError, DovecotBackendConfig, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
@@ -528,12 +528,45 @@ def test_endpoint_description(socket: str, expected: str) -> None:
     assert endpoint_description(socket, 4.5) == expected
 
 
-@pytest.mark.parametrize("socket", ["tcp:127.0.0.1", "tcp:host:0", "tcp::12345",
-                                    "tcp:h:99999", "unix:"])
+MALFORMED_SOCKETS = ["tcp:127.0.0.1", "tcp:host:0", "tcp::12345", "tcp:h:99999", "tcp::1:25",
+                     "tcp:h:25x"]
+
+
+@pytest.mark.parametrize("socket", MALFORMED_SOCKETS + ["unix:"])
 def test_endpoint_description_rejects_malformed(socket: str) -> None:
     """Malformed socket values are refused with a message naming them."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="socket|tcp:HOST:PORT|path"):
         endpoint_description(socket, 5.0)
+
+
+CONFIG = """\
+[auth]
+backends = ["dovecot"]
+[backends.dovecot]
+type = "dovecot"
+socket = "{socket}"
+"""
+
+
+@pytest.mark.parametrize("socket", MALFORMED_SOCKETS)
+def test_config_rejects_malformed_tcp_socket(socket: str) -> None:
+    """``--check`` already names a malformed tcp: socket, with its key and line."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(CONFIG.format(socket=socket), "/etc/saslsmtp/saslsmtp.toml")
+    assert "/etc/saslsmtp/saslsmtp.toml:5: backends.dovecot.socket:" in str(info.value)
+
+
+@pytest.mark.parametrize("socket,expected", [
+    ("auth-client", "/etc/saslsmtp/auth-client"),
+    ("/run/dovecot/auth-client", "/run/dovecot/auth-client"),
+    ("tcp:127.0.0.1:12345", "tcp:127.0.0.1:12345"),
+    ("tcp:[::1]:12345", "tcp:[::1]:12345"),
+])
+def test_config_socket_forms(socket: str, expected: str) -> None:
+    """A relative socket path is relative to the config file; tcp: values stay as given."""
+    config = parse_config(CONFIG.format(socket=socket), "/etc/saslsmtp/saslsmtp.toml")
+    options = config.backends["dovecot"].options
+    assert (options.socket, options.timeout, options.service) == (expected, 5.0, "smtp")
 
 
 # --------------------------------------------------------------------------

@@ -491,10 +491,13 @@ def endpoint_description(socket: str, timeout: float) -> str:
     """``socket`` (a UNIX path, ``unix:PATH`` or ``tcp:HOST:PORT``) -> an endpoint string."""
     connect_timeout = max(1, int(timeout + 0.999))
     if socket.startswith("tcp:"):
-        host, sep, port = socket[4:].rpartition(":")
-        host = host.strip("[]")
+        rest = socket[4:]
+        if rest.startswith("["):  # tcp:[::1]:PORT
+            host, sep, port = rest[1:].partition("]:")
+        else:
+            host, sep, port = rest.partition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{socket!r} is not tcp:HOST:PORT")
+            raise ValueError(f"{socket!r} is not tcp:HOST:PORT (IPv6 as [ADDRESS])")
         return (f"tcp:host={quoteStringArgument(host)}:port={int(port)}"
                 f":timeout={connect_timeout}")
     path = socket[5:] if socket.startswith("unix:") else socket
