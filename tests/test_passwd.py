@@ -1,0 +1,193 @@
+"""Tests for saslsmtp.passwd, the ``saslsmtp-passwd`` command."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saslsmtp import passwords
+from saslsmtp.checkers.file import parse_users
+from saslsmtp.passwd import DEFAULT_SCHEME, main
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "correct horse battery staple"
+
+#: Cheap costs so the whole file stays fast.
+FAST = {"BLF-CRYPT": "4", "ARGON2ID": "1", "ARGON2I": "1", "SHA512-CRYPT": "1000",
+        "SHA256-CRYPT": "1000", "PBKDF2": "1000"}
+
+
+class TTY(io.StringIO):
+    """A fake terminal: isatty() is true, and nothing should be read from it."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, *args: object) -> str:  # type: ignore[override]
+        raise AssertionError("a terminal password must come from getpass")
+
+
+def run(argv: list[str], stdin: io.StringIO | None = None, getpass=None) -> tuple[int, str, str]:
+    """main() with injected streams: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, stdin=stdin if stdin is not None else io.StringIO(PASSWORD + "\n"),
+                stdout=out, stderr=err, getpass=getpass)
+    return code, out.getvalue(), err.getvalue()
+
+
+def the_field(output: str, user: str) -> str:
+    """The one printed line must be USER:{SCHEME}..., parseable as a users file."""
+    assert output.endswith("\n") and output.count("\n") == 1
+    parsed = parse_users(output.encode())
+    assert parsed.problems == ()
+    assert list(parsed.users) == [user]
+    prefix = user + ":"
+    assert output.startswith(prefix)
+    return output[len(prefix):].rstrip("\n")
+
+
+def test_default_scheme_from_stdin() -> None:
+    """No --scheme: SHA512-CRYPT with 100000 rounds; the line verifies the password."""
+    code, out, err = run(["alice"])
+    assert (code, err) == (0, "")
+    field = the_field(out, "alice")
+    assert DEFAULT_SCHEME == "SHA512-CRYPT"
+    assert field.startswith("{SHA512-CRYPT}$6$rounds=100000$")
+    assert passwords.verify_password(field, PASSWORD) is True
+    assert passwords.verify_password(field, PASSWORD + "!") is False
+
+
+@pytest.mark.parametrize("scheme", passwords.MAKE_SCHEMES)
+def test_every_scheme(scheme: str) -> None:
+    """Each listed scheme prints a line that passwords.py verifies (lower-case name ok)."""
+    argv = ["--scheme", scheme.lower(), "bob@example.test"]
+    if scheme in FAST:
+        argv[2:2] = ["--rounds", FAST[scheme]]
+    code, out, err = run(argv)
+    assert code == 0, err
+    field = the_field(out, "bob@example.test")
+    assert field.upper().startswith("{" + scheme + "}")
+    assert passwords.verify_password(field, PASSWORD, username="bob@example.test") is True
+    assert passwords.verify_password(field, "wrong", username="bob@example.test") is False
+
+
+def test_rounds_are_used() -> None:
+    """--rounds sets the crypt rounds / SCRAM iterations / bcrypt cost."""
+    assert "$rounds=2000$" in run(["-s", "SHA256-CRYPT", "-r", "2000", "u"])[1]
+    assert run(["-s", "SCRAM-SHA-256", "-r", "5000", "u"])[1].startswith("u:{SCRAM-SHA-256}5000,")
+    assert "$2b$05$" in run(["-s", "BLF-CRYPT", "-r", "5", "u"])[1]
+    code, out, err = run(["-r", "0", "u"])
+    assert (code, out) == (2, "") and "--rounds" in err
+
+
+def test_terminal_asks_twice() -> None:
+    """On a terminal the password comes from getpass, twice, and must match."""
+    prompts: list[str] = []
+
+    def fake_getpass(prompt: str) -> str:
+        prompts.append(prompt)
+        return "s3cret-pw"
+
+    code, out, err = run(["-s", "SSHA256", "carol"], stdin=TTY(), getpass=fake_getpass)
+    assert code == 0 and len(prompts) == 2
+    assert passwords.verify_password(the_field(out, "carol"), "s3cret-pw") is True
+
+
+def test_terminal_mismatch_fails() -> None:
+    """Two different answers: exit 1, nothing on stdout."""
+    answers = iter(["one", "two"])
+    code, out, err = run(["carol"], stdin=TTY(), getpass=lambda prompt: next(answers))
+    assert (code, out) == (1, "")
+    assert "do not match" in err and "one" not in err and "two" not in err
+
+
+def test_stdin_line_endings_are_stripped() -> None:
+    """Only the first line counts; its CRLF is not part of the password."""
+    code, out, _ = run(["-s", "SSHA", "dave"], stdin=io.StringIO("pw one\r\nsecond line\n"))
+    field = the_field(out, "dave")
+    assert passwords.verify_password(field, "pw one") is True
+
+
+@pytest.mark.parametrize("stdin", ["", "\n"])
+def test_missing_or_empty_password_fails(stdin: str) -> None:
+    """EOF or an empty line: exit 1 with a message, nothing on stdout."""
+    code, out, err = run(["erin"], stdin=io.StringIO(stdin))
+    assert (code, out) == (1, "") and err
+
+
+@pytest.mark.parametrize("user", ["", "a:b", "a\nb", "#comment"])
+def test_bad_user_names(user: str) -> None:
+    """A name that would break the users file is a usage error (exit 2)."""
+    code, out, err = run([user])
+    assert (code, out) == (2, "") and err.startswith("saslsmtp-passwd: ")
+
+
+def test_help_lists_every_scheme() -> None:
+    """--help exits 0 and names every scheme and the default."""
+    code, out, _ = run(["--help"])
+    assert code == 0
+    for scheme in passwords.MAKE_SCHEMES:
+        assert f"  {scheme} " in out
+    assert "default SHA512-CRYPT" in out
+
+
+def test_unknown_scheme_is_a_usage_error() -> None:
+    """An unknown --scheme exits 2 and says which ones exist."""
+    code, out, err = run(["--scheme", "ROT13", "u"])
+    assert (code, out) == (2, "")
+    assert "ROT13" in err and "ARGON2ID" in err
+
+
+def test_missing_user_is_a_usage_error() -> None:
+    """USER is required."""
+    code, out, err = run([])
+    assert (code, out) == (2, "") and "USER" in err
+
+
+def test_plain_with_colon_switches_to_b64() -> None:
+    """A PLAIN password with ':' is written as {PLAIN.B64} so the line stays parseable."""
+    code, out, err = run(["-s", "PLAIN", "frank"], stdin=io.StringIO("a:b\n"))
+    assert code == 0 and "PLAIN.B64" in err
+    field = the_field(out, "frank")
+    assert field.startswith("{PLAIN.B64}") and passwords.verify_password(field, "a:b")
+
+
+def test_bcrypt_too_long_password_fails_cleanly() -> None:
+    """bcrypt's 72-byte limit is a clear error that does not echo the password."""
+    long_pw = "x" * 73
+    code, out, err = run(["-s", "BLF-CRYPT", "-r", "4", "gina"], stdin=io.StringIO(long_pw + "\n"))
+    assert (code, out) == (1, "")
+    assert "72 bytes" in err and long_pw not in err
+
+
+def test_hashes_never_echo_the_password() -> None:
+    """For hashing schemes the password appears nowhere in the output."""
+    for scheme in ("SHA512-CRYPT", "SSHA512", "SCRAM-SHA-256", "CRAM-MD5"):
+        code, out, err = run(["-s", scheme, "-r", "4096", "h"])
+        assert code == 0 and PASSWORD not in out and PASSWORD not in err
+
+
+def test_no_arguments_reads_sys_argv(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """main() with no arguments (the console-script entry point) uses sys.argv and sys.stdin."""
+    monkeypatch.setattr(sys, "argv", ["saslsmtp-passwd", "--scheme", "SSHA256", "henry"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from-argv\n"))
+    assert main() == 0
+    field = the_field(capsys.readouterr().out, "henry")
+    assert passwords.verify_password(field, "from-argv") is True
+
+
+def test_entry_point_is_declared() -> None:
+    """setup.cfg declares the console script saslsmtp-passwd = saslsmtp.passwd:main."""
+    assert "saslsmtp-passwd = saslsmtp.passwd:main" in (ROOT / "setup.cfg").read_text()
+
+
+def test_runs_as_a_program() -> None:
+    """A real process reading the password from a pipe prints a verifiable line."""
+    result = subprocess.run([sys.executable, "-m", "saslsmtp.passwd", "-s", "ARGON2ID", "-r", "1", "ivy"],
+                            input="piped pw\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert passwords.verify_password(the_field(result.stdout, "ivy"), "piped pw") is True
