@@ -20,9 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp.checkers.http import HttpChecker, from_config
 from saslsmtp.checkers.registry import BackendDeps
@@ -32,9 +31,8 @@ from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
 from tests.tlsutil import issue_cert, make_ca, twisted_server_options
+from tests.upstreams import BLOCKED, USERS, AuthAPI, WebServer as Server
 
-USERS = {"alice": "correct horse", "b\u00f6b": "p\u00e4ss w\u00f6rd"}
-BLOCKED = "blocked"  # the API answers 403 for this user, whatever the password
 TOKEN = "Bearer t0ken-for-the-api"
 
 
@@ -43,45 +41,6 @@ def creds(username: str, password: str, mechanism: str = "PLAIN",
     """Credentials as the SMTP engine builds them (UTF-8 bytes + session)."""
     return PasswordCredentials(username.encode(), password.encode(),
                                Session(remote_ip=remote_ip, mechanism=mechanism))
-
-
-class AuthAPI(Resource):
-    """A small auth API: POST JSON -> 200 / 401 / 403; ``mode`` "500" or "hang"."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[dict[str, Any]] = []
-        self.mode = "normal"
-        self.hanging: list[Any] = []
-
-    def render_POST(self, request: Any) -> bytes | int:
-        raw = request.content.read()
-        headers = {k.decode().lower(): v[0].decode()
-                   for k, v in request.requestHeaders.getAllRawHeaders()}
-        self.requests.append({"path": request.path, "headers": headers, "raw": raw})
-        if self.mode == "hang":
-            self.hanging.append(request)
-            return NOT_DONE_YET
-        if self.mode == "500":
-            request.setResponseCode(500)
-            return b"internal error"
-        try:
-            body = json.loads(raw)
-            assert headers.get("content-type", "").startswith("application/json")
-            assert set(body) == {"username", "password", "mechanism", "remote_ip"}
-        except (ValueError, AssertionError):
-            request.setResponseCode(400)
-            return b"bad request"
-        if body["username"] == BLOCKED:
-            request.setResponseCode(403)
-            return b"forbidden"
-        if USERS.get(body["username"]) == body["password"]:
-            request.setResponseCode(200)
-            return b'{"ok": true}'
-        request.setResponseCode(401)
-        return b'{"ok": false}'
 
 
 # ---- unit tests over StubTreq (no sockets, a Clock) -------------------------------------
@@ -210,42 +169,6 @@ def test_repr_hides_headers():
 
 
 # ---- a real twisted.web server on loopback ---------------------------------------------
-
-
-class Server:
-    """A twisted.web Site on a fixed loopback port, stoppable (closing its open
-    connections, as a dying process would) and startable again."""
-
-    def __init__(self, resource: Resource, tls_options: Any = None) -> None:
-        self.resource = resource
-        self.tls_options = tls_options
-        self.port: int = 0
-        self.listener: Any = None
-        self.site = Site(resource)
-        self.factory = WrappingFactory(self.site)  # knows its open connections
-
-    def start(self) -> None:
-        """Listen on 127.0.0.1 (the same port as before after a stop)."""
-        from twisted.internet import reactor
-        if self.tls_options is not None:
-            self.listener = reactor.listenSSL(self.port, self.factory, self.tls_options,
-                                              interface="127.0.0.1")
-        else:
-            self.listener = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
-        self.port = self.listener.getHost().port
-
-    async def stop(self) -> None:
-        """Stop listening and drop every open connection."""
-        if self.listener is not None:
-            await self.listener.stopListening()
-            self.listener = None
-        for connection in list(self.factory.protocols):
-            connection.transport.abortConnection()
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.tls_options is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}/auth"
 
 
 @pytest.fixture
@@ -458,3 +381,26 @@ async def test_no_password_or_token_in_logs_or_errors(api):
         globalLogPublisher.removeObserver(events.append)
     joined = "\n".join(texts + [formatEvent(e) + repr(e) for e in events])
     assert password not in joined and TOKEN not in joined and "t0ken" not in joined
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_kept_alive_connections(api):
+    """``stop()`` (called by the service on shutdown) closes the pooled connections."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    c = checker(api.url)
+    assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    assert len(api.factory.protocols) == 1  # kept alive
+    await c.stop()
+    await deferLater(reactor, 0.05, lambda: None)
+    assert len(api.factory.protocols) == 0
+
+
+def test_config_missing_ca_file_is_a_config_error(tmp_path):
+    """A ca_file that does not exist is reported with its key (so ``--check`` finds it)."""
+    from saslsmtp.config import ConfigError, parse_config
+    text = ('[auth]\nbackends = ["api"]\n[backends.api]\ntype = "http"\n'
+            'url = "https://127.0.0.1/auth"\nca_file = "missing-ca.pem"\n')
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, str(tmp_path / "saslsmtp.toml"))
+    assert "backends.api.ca_file" in str(e.value)

@@ -10,15 +10,11 @@ trusted cert without subjectAltName).
 from __future__ import annotations
 
 import base64
-import socket
-import ssl
 import time
 from typing import Any
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import ssl as tssl
 from twisted.internet.defer import Deferred
@@ -35,103 +31,17 @@ from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
-from tests.tlsutil import issue_cert, make_ca, server_ssl_context
+from tests.tlsutil import issue_cert, make_ca
+from tests.upstreams import USERS_BYTES, AiosmtpdUpstream as Upstream
 
-USERS = {b"alice": b"correct horse", b"b\xc3\xb6b": b"p\xc3\xa4ss w\xc3\xb6rd"}
+USERS = USERS_BYTES
 WRONG = b"wrong battery"
-TEMPFAIL_REPLY = "454 4.7.0 Temporary authentication failure"
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def creds(username: bytes, password: bytes) -> PasswordCredentials:
     """Credentials as the SMTP engine builds them."""
     return PasswordCredentials(username, password,
                                Session(remote_ip="192.0.2.7", mechanism="PLAIN"))
-
-
-class Recorder:
-    """aiosmtpd authenticator checking ``USERS``; records each call; ``tempfail`` mode."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, bytes]] = []
-        self.commands: list[str] = []  # every AUTH command line's mechanism
-        self.tempfail = False
-
-    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                 auth_data: Any) -> AuthResult:
-        self.calls.append((mechanism, auth_data.login))
-        if self.tempfail:
-            return AuthResult(success=False, handled=False, message=TEMPFAIL_REPLY)
-        ok = USERS.get(auth_data.login) == auth_data.password
-        return AuthResult(success=ok, handled=False, auth_data=auth_data)
-
-
-class Upstream:
-    """An aiosmtpd server on a fixed loopback port that can be stopped and started again.
-
-    ``mode``: ``"plain"`` (AUTH without TLS), ``"starttls"`` (AUTH only after STARTTLS)
-    or ``"implicit"`` (TLS from the first byte).  ``exclude`` hides mechanisms.
-    """
-
-    def __init__(self, mode: str = "plain", cert: Any = None, exclude: tuple[str, ...] = ()):
-        self.port = free_port()
-        self.mode = mode
-        self.cert = cert
-        self.exclude = exclude
-        self.recorder = Recorder()
-        self.controller: Controller | None = None
-
-    def start(self) -> None:
-        """Start listening (blocking; run it in a thread from inside a test)."""
-        recorder = self.recorder
-
-        class CountingSMTP(SMTP):
-            async def smtp_AUTH(self, arg: str) -> None:
-                recorder.commands.append(arg.split()[0].upper() if arg else "")
-                await super().smtp_AUTH(arg)
-
-        class CountingController(Controller):
-            def factory(self) -> SMTP:
-                return CountingSMTP(self.handler, **self.SMTP_kwargs)
-
-        kwargs: dict[str, Any] = dict(authenticator=recorder, auth_exclude_mechanism=
-                                      list(self.exclude), hostname="127.0.0.1",
-                                      port=self.port, ready_timeout=5)
-        if self.mode == "plain":
-            kwargs.update(auth_require_tls=False)
-        elif self.mode == "starttls":
-            kwargs.update(tls_context=server_ssl_context(self.cert), require_starttls=True,
-                          auth_require_tls=True)
-        elif self.mode == "implicit":
-            kwargs.update(ssl_context=server_ssl_context(self.cert), auth_require_tls=False)
-        self.controller = CountingController(_Handler(), **kwargs)
-        self.controller.start()
-
-    def stop(self) -> None:
-        """Stop listening (blocking; run it in a thread from inside a test)."""
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
-
-    def reset(self) -> None:
-        """Forget the recorded AUTH attempts."""
-        self.recorder.calls.clear()
-        self.recorder.commands.clear()
-        self.recorder.tempfail = False
-
-
-class _Handler:
-    """Accepts nothing: the checker must never get as far as MAIL."""
-
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: Any) -> str:
-        return "550 5.7.1 this upstream takes no mail in tests"
 
 
 @pytest.fixture(scope="module")
@@ -562,3 +472,17 @@ def test_malformed_reply_is_temporary():
     failures: list[Any] = []
     probe.result.addErrback(failures.append)
     assert failures and failures[0].check(TemporaryFailure)
+
+
+def test_config_options_and_missing_ca_file(tmp_path):
+    """The smtp table parses into SmtpBackendConfig; a missing ca_file names its key."""
+    from saslsmtp.config import ConfigError, parse_config
+    table = ('[auth]\nbackends = ["up"]\n[backends.up]\ntype = "smtp"\nhost = "mx.test"\n'
+             'port = 465\ntls = true\ntls_hostname = "smtp.example.test"\ntimeout = 3\n')
+    config = parse_config(table, str(tmp_path / "saslsmtp.toml"))
+    options = config.backends["up"].options
+    assert (options.host, options.port, options.tls, options.tls_hostname, options.timeout) \
+        == ("mx.test", 465, True, "smtp.example.test", 3.0)
+    with pytest.raises(ConfigError) as e:
+        parse_config(table + 'ca_file = "nope.pem"\n', str(tmp_path / "saslsmtp.toml"))
+    assert "backends.up.ca_file" in str(e.value)

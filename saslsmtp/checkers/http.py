@@ -60,8 +60,10 @@ class HttpChecker:
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, *, url: str, client: Any, reactor: IReactorTime, timeout: float = 5.0,
-                 headers: Mapping[str, str] | None = None, name: str = "http") -> None:
+                 headers: Mapping[str, str] | None = None, name: str = "http",
+                 pool: HTTPConnectionPool | None = None) -> None:
         self.url = url
+        self._pool = pool
         self.name = name
         self.timeout = timeout
         self._client = client
@@ -70,6 +72,10 @@ class HttpChecker:
         for key, value in (headers or {}).items():
             header_map[key.encode("latin-1")] = [value.encode("latin-1")]
         self._headers = header_map
+
+    def stop(self) -> "Deferred[None] | None":
+        """Close the kept-alive connections (the service calls this on shutdown)."""
+        return self._pool.closeCachedConnections() if self._pool is not None else None
 
     def __repr__(self) -> str:  # the headers may hold an API token: never shown
         return f"<HttpChecker {self.name} {self.url}>"
@@ -135,12 +141,18 @@ def _discard(chunk: bytes) -> None:
     """Body chunks are not needed; only the status decides."""
 
 
-def make_client(reactor: Any, ca_file: str | None, timeout: float) -> HTTPClient:
-    """A treq client over a persistent connection pool and the strict HTTPS policy."""
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    """A small pool of kept-alive connections (we retry a stale one ourselves)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 30
     pool.retryAutomatically = False  # only ever for idempotent methods; we retry ourselves
+    return pool
+
+
+def make_client(reactor: Any, pool: HTTPConnectionPool, ca_file: str | None,
+                timeout: float) -> HTTPClient:
+    """A treq client over ``pool`` with the strict HTTPS policy."""
     agent = Agent(reactor, contextFactory=StrictHTTPSPolicy(load_trust_root(ca_file)),
                   pool=pool, connectTimeout=timeout)
     return HTTPClient(agent)
@@ -148,7 +160,8 @@ def make_client(reactor: Any, ca_file: str | None, timeout: float) -> HTTPClient
 
 def from_config(name: str, options: HttpBackendConfig, deps: Any) -> HttpChecker:
     """The checker for ``[backends.NAME] type = "http"``."""
-    return HttpChecker(url=options.url, client=make_client(deps.reactor, options.ca_file,
-                                                           options.timeout),
-                       reactor=deps.reactor, timeout=options.timeout,
-                       headers=dict(options.headers), name=name)
+    pool = make_pool(deps.reactor)
+    client = make_client(deps.reactor, pool, options.ca_file, options.timeout)
+    return HttpChecker(url=options.url, client=client, reactor=deps.reactor,
+                       timeout=options.timeout, headers=dict(options.headers), name=name,
+                       pool=pool)
