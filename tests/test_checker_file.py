@@ -25,7 +25,7 @@ from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Secret
 from saslsmtp.threads import SynchronousRunner, ThreadPoolRunner
-from test_passwords import ALL_VECTORS, DIGEST_MD5_VECTOR, RFC5802_FIELD, RFC7677_FIELD
+from tests.test_passwords import ALL_VECTORS, DIGEST_MD5_VECTOR, RFC5802_FIELD, RFC7677_FIELD
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -419,3 +419,70 @@ async def test_shipped_users_file() -> None:
     assert await outcome(checker, "demo", "demo-password") == b"demo"
     assert await outcome(checker, "demo", "demo") is UnauthorizedLogin
     assert await outcome(checker, "bench", "benchpass") == b"bench"
+
+
+# ---- the whole SMTP path: smtplib against a real saslsmtp on loopback -----------------
+
+def smtp_users_file(tmp_path: Path) -> Path:
+    """Users of several expensive and cheap schemes, cheap costs to stay fast."""
+    lines = [
+        f"crypt:{passwords.make_hash('SHA512-CRYPT', 'pw-crypt', rounds=1000)}",
+        f"bcrypt:{passwords.make_hash('BLF-CRYPT', 'pw-bcrypt', rounds=4)}",
+        f"argon:{passwords.make_hash('ARGON2ID', 'pw-argon', rounds=1)}",
+        f"scram:{passwords.make_hash('SCRAM-SHA-256', 'pw-scram')}",
+        "plain:{PLAIN}pw-plain",
+    ]
+    return write(tmp_path / "users", "\n".join(lines) + "\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_plain_and_login_against_the_file(tmp_path: Path, captured_logs: list) -> None:
+    """AUTH PLAIN and LOGIN over a real socket: 235 for each scheme, 535 for wrong or unknown."""
+    from tests.support import smtp_login, start_server
+    users = smtp_users_file(tmp_path)
+    server = await start_server(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n')
+    try:
+        for user in ("crypt", "bcrypt", "argon", "scram", "plain"):
+            code, _ = await smtp_login(server.port, user, f"pw-{user}", mechanism="PLAIN")
+            assert code == 235, user
+        code, _ = await smtp_login(server.port, "bcrypt", "pw-bcrypt", mechanism="LOGIN")
+        assert code == 235
+        code, _ = await smtp_login(server.port, "crypt", "pw-bcrypt", mechanism="PLAIN")
+        assert code == 535
+        code, _ = await smtp_login(server.port, "nobody", "pw-crypt", mechanism="LOGIN")
+        assert code == 535
+    finally:
+        await server.stop()
+    for event in captured_logs:
+        text = formatEvent(event) + repr(event)
+        assert "pw-crypt" not in text and "pw-bcrypt" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_sees_edits_and_missing_file(tmp_path: Path) -> None:
+    """A user added while running logs in at once; a deleted users file answers 454."""
+    from tests.support import smtp_login, start_server
+    users = write(tmp_path / "users", "a:{PLAIN}first\n")
+    server = await start_server(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n')
+    try:
+        assert (await smtp_login(server.port, "a", "first"))[0] == 235
+        write(users, "a:{PLAIN}first\n" + f"b:{passwords.make_hash('SHA256-CRYPT', 'second', rounds=1000)}\n")
+        assert (await smtp_login(server.port, "b", "second"))[0] == 235
+        users.unlink()
+        code, text = await smtp_login(server.port, "a", "first")
+        assert code == 454 and text.startswith(b"4.7.0")
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_demo_user_of_the_shipped_users_file(tmp_path: Path) -> None:
+    """etc/users through the server: demo / demo-password is accepted."""
+    from tests.support import smtp_login, start_server
+    users = ROOT / "etc" / "users"
+    server = await start_server(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n')
+    try:
+        assert (await smtp_login(server.port, "demo", "demo-password"))[0] == 235
+        assert (await smtp_login(server.port, "demo", "wrong"))[0] == 535
+    finally:
+        await server.stop()
