@@ -6,7 +6,12 @@ import ast
 import base64
 import hashlib
 import hmac
+import os
 import re
+import select
+import shutil
+import smtplib
+import subprocess
 
 import pytest
 
@@ -248,3 +253,72 @@ def test_module_imports_only_stdlib_and_sasl() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] in ("twisted", "zope")]
+
+
+# -- real clients: Python's smtplib and GNU SASL (Debian package gsasl) ----------------------
+
+
+def test_smtplib_client_response_verifies_against_context() -> None:
+    """smtplib's own CRAM-MD5 answer (SMTP.auth_cram_md5) is accepted against the stored context."""
+    client = smtplib.SMTP()
+    client.user, client.password = "user", "test"
+    mech = CramMD5(Session(hostname="mx.example.org"))
+    challenge = mech.start(None).payload_bytes()
+    response = client.auth_cram_md5(challenge).encode()
+    assert mech.receive(response) == Lookup("user", KINDS)
+    assert mech.resume(Secret("cram-md5", DOVECOT_TEST_CONTEXT)) == Accept("user")
+
+
+GSASL_PROMPT = b"Enter base64 authentication data from server (press RET if none):\n"
+
+
+def gsasl_binary() -> str:
+    """The gsasl executable; in CI its absence is a failure, elsewhere a skip."""
+    path = shutil.which("gsasl")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("gsasl is not installed (Debian package gsasl)")
+        pytest.skip("gsasl is not installed")
+    return path
+
+
+def gsasl_cram_md5(password: str, secret: Secret) -> object:
+    """Drive ``gsasl --client --mechanism CRAM-MD5`` through one exchange; the final outcome."""
+    proc = subprocess.Popen(
+        [gsasl_binary(), "--client", "--mechanism", "CRAM-MD5", "-a", "user", "-p", password],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    mech = CramMD5(Session(hostname="mx.example.org"))
+    buf = b""
+    try:
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], 10)
+            assert ready, f"gsasl hangs: {buf!r}"
+            chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
+            assert chunk, f"gsasl exited: {buf!r}"
+            buf += chunk
+            if not buf.endswith(GSASL_PROMPT):
+                continue
+            sent = re.findall(rb"Output from client:\n(.*)\n", buf)
+            buf = b""
+            if mech.challenge == b"":  # server-first: gsasl offers an empty initial output
+                assert sent in ([], [b""]), sent
+                outcome = mech.start(None)
+            else:
+                outcome = mech.receive(base64.b64decode(sent[-1]))
+                if isinstance(outcome, Lookup):
+                    return mech.resume(secret)
+                return outcome
+            proc.stdin.write(base64.b64encode(outcome.payload_bytes()) + b"\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_gsasl_client_against_plaintext_and_context() -> None:
+    """GNU SASL's CRAM-MD5 client logs in against the plaintext and Dovecot's context; a wrong
+    password fails."""
+    assert gsasl_cram_md5("test", Secret("plaintext", "test")) == Accept("user")
+    assert gsasl_cram_md5("test", Secret("cram-md5", DOVECOT_TEST_CONTEXT)) == Accept("user")
+    assert gsasl_cram_md5("tesT", Secret("cram-md5", DOVECOT_TEST_CONTEXT)) == Reject()

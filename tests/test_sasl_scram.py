@@ -11,6 +11,11 @@ import ast
 import base64
 import hashlib
 import hmac
+import os
+import re
+import select
+import shutil
+import subprocess
 
 import pytest
 import scramp
@@ -588,3 +593,76 @@ def test_module_imports_no_twisted() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] in ("twisted", "zope", "scramp")]
+
+
+# -- a real client: GNU SASL (Debian package gsasl) over its stdin/stdout ------------------
+
+GSASL_PROMPT = b"Enter base64 authentication data from server (press RET if none):\n"
+
+
+def gsasl_binary() -> str:
+    """The gsasl executable; in CI its absence is a failure, elsewhere a skip."""
+    path = shutil.which("gsasl")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("gsasl is not installed (Debian package gsasl)")
+        pytest.skip("gsasl is not installed")
+    return path
+
+
+def gsasl_login(mechanism: str, m: Scram, password: str, secret: Secret | None) -> list[object]:
+    """Drive ``gsasl --client`` against ``m``; the list of outcomes, Lookups resolved with
+    ``secret``.  gsasl checks the server signature itself and fails if it is wrong."""
+    proc = subprocess.Popen(
+        [gsasl_binary(), "--client", "--mechanism", mechanism, "-a", "user", "-p", password, "--no-cb"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    outcomes: list[object] = []
+    buf = b""
+    try:
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], 10)
+            assert ready, f"gsasl hangs: {buf!r}"
+            chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
+            if not chunk:
+                outcomes.append(("gsasl exited", buf))
+                return outcomes
+            buf += chunk
+            if not buf.endswith(GSASL_PROMPT):
+                continue
+            sent = re.findall(rb"Output from client:\n(.*)\n", buf)[-1]
+            buf = b""
+            response = base64.b64decode(sent)
+            outcome = m.start(response) if not outcomes else m.receive(response)
+            if isinstance(outcome, Lookup):
+                outcome = m.resume(secret)
+            outcomes.append(outcome)
+            if not isinstance(outcome, Reply):
+                return outcomes
+            proc.stdin.write(base64.b64encode(outcome.payload_bytes()) + b"\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("name", ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_gsasl_client_with_plaintext(name: str) -> None:
+    """GNU SASL's client logs in against a plaintext secret, and verifies our v=."""
+    outcomes = gsasl_login(name, Scram(Session(), name=name), "pencil", Secret("plaintext", "pencil"))
+    assert len(outcomes) == 3 and outcomes[-1] == Accept("user"), outcomes
+    assert outcomes[1].payload_bytes().startswith(b"v=")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+def test_gsasl_mkpasswd_verifier_serves_gsasl_client(name: str) -> None:
+    """A verifier written by ``gsasl --mkpasswd`` (Dovecot format) serves gsasl's client;
+    the wrong password fails with the plain 535."""
+    out = subprocess.run(
+        [gsasl_binary(), "--mkpasswd", "--mechanism", name, "--password", "pencil", "--iteration-count", "4096"],
+        check=True, capture_output=True, timeout=30,
+    ).stdout.decode().strip()
+    assert out.startswith("{" + name + "}")
+    secret = Secret(name.lower(), dovecot_keys(out[len(name) + 2:]).as_tuple())
+    assert gsasl_login(name, Scram(Session(), name=name), "pencil", secret)[-1] == Accept("user")
+    assert gsasl_login(name, Scram(Session(), name=name), "pencil!", secret)[-1] == Reject()
