@@ -521,6 +521,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _logged_in(self, login: tuple, credentials: Any) -> None:
         interface, avatar, logout = login
+        mechanism = self._spec.name if self._spec else ""
         self._end_exchange()
         if self._lost:
             logout()
@@ -530,7 +531,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.authenticated = True
         username = getattr(credentials, "username", b"")
         self.auth_user = username.decode("utf-8", "replace") if isinstance(username, bytes) else str(username)
-        self.auth_mechanism = self._spec.name if self._spec else ""
+        self.auth_mechanism = mechanism
         self._failures = 0
         log.info("AUTH {mechanism} ok user={user} ip={ip}", mechanism=self.auth_mechanism,
                  user=self.auth_user, ip=self._peer[0])

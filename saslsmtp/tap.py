@@ -119,8 +119,8 @@ def wire(config: Config, reactor: Any) -> Wiring:
         runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
         password_checker = ScriptPasswordChecker(runner)
         for name in config.auth.mechanisms:
-            if name in builtins:
-                continue
+            if name in builtins and (script.mechanisms is None or name not in script.mechanisms):
+                continue  # a script takes over a built-in only when its MECHANISMS names it
             if script.mechanisms is not None and name not in script.mechanisms:
                 raise ConfigError([ConfigProblem(
                     config.path, "auth.mechanisms", None,
@@ -167,14 +167,11 @@ def tls_context(config: Config) -> Any:
     if config.tls is None:
         return None
     from cryptography import x509
-    from OpenSSL import crypto
-    cert_pem = Path(config.tls.certificate).read_bytes()
-    key_pem = Path(config.tls.private_key).read_bytes()
-    certs = x509.load_pem_x509_certificates(cert_pem)
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    chain = [crypto.X509.from_cryptography(c) for c in certs]
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    certs = x509.load_pem_x509_certificates(Path(config.tls.certificate).read_bytes())
+    key = load_pem_private_key(Path(config.tls.private_key).read_bytes(), password=None)
     return ssl.CertificateOptions(
-        privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
+        privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 

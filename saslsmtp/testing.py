@@ -156,7 +156,7 @@ class SMTPHarness:
             self.script_runner = ScriptRunner(loaded, self.clock, script_timeout, Backends(named))
             password_checker = ScriptPasswordChecker(self.script_runner)
             for name in names or ():
-                if name not in specs:
+                if name not in specs or (loaded.mechanisms and name in loaded.mechanisms):
                     specs[name] = scripted_spec(name, self.script_runner)
         if checkers is None:
             checkers = [password_checker]
