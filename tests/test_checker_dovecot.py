@@ -475,12 +475,12 @@ def test_connect_that_never_completes_times_out() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_close_drops_the_connection() -> None:
-    """close() hangs up; pending requests fail temporarily."""
+def test_stop_drops_the_connection() -> None:
+    """stop() hangs up; pending requests fail temporarily."""
     checker, endpoint, _ = make_checker()
     d = checker.requestAvatarId(creds())
     ready(endpoint)
-    checker.close()
+    checker.stop()
     assert isinstance(outcome(d), TemporaryFailure)
     assert not endpoint.transport.connected
 
@@ -644,7 +644,7 @@ async def test_real_right_wrong_unknown(dovecot: DovecotServer, transport: str) 
             assert not isinstance(error, TemporaryFailure)
         assert checker.connection_attempts == 1
     finally:
-        checker.close()
+        checker.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -654,7 +654,7 @@ async def test_real_user_is_canonicalised_by_dovecot(dovecot: DovecotServer) -> 
     try:
         assert await check(checker, "ALICE", PLAIN_USER[1]) == b"alice"
     finally:
-        checker.close()
+        checker.stop()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -684,7 +684,7 @@ async def test_real_many_concurrent_checks_share_one_connection(dovecot: Dovecot
         # 30 FAILs answered one after another would take 30 x 0.5 s
         assert elapsed < 3.0, elapsed
     finally:
-        checker.close()
+        checker.stop()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -704,7 +704,7 @@ async def test_real_down_then_back(own_dovecot: DovecotServer, transport: str) -
         assert await check(checker, *PLAIN_USER) == b"alice"
         assert checker.connection_attempts == 3
     finally:
-        checker.close()
+        checker.stop()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -727,4 +727,4 @@ async def test_real_hung_server_times_out(own_dovecot: DovecotServer, transport:
         assert await check(checker, *PLAIN_USER) == b"alice"
     finally:
         own_dovecot.resume()
-        checker.close()
+        checker.stop()

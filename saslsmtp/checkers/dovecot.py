@@ -469,8 +469,8 @@ class DovecotChecker:
         for waiter in waiters:
             waiter.errback(TemporaryFailure(f"Dovecot auth at {self.where} unavailable: {why}"))
 
-    def close(self) -> None:
-        """Drop the connection (on shutdown); later requests would open a new one."""
+    def stop(self) -> None:
+        """Drop the connection (the service is stopping); a later request would reconnect."""
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.connected_now:
             protocol.transport.loseConnection()
