@@ -16,6 +16,7 @@ from twisted.application import service, strports
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -51,11 +52,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        from twisted.internet import reactor
         try:
-            self["parsed"] = load(self["config"])
-            if self["check"]:
-                from twisted.internet import reactor
-                build(self["parsed"], reactor)
+            self["service"] = build(load(self["config"]), reactor)
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)
@@ -71,8 +70,7 @@ def load(path: str) -> Config:
 
 def makeService(options: Options) -> service.IService:
     """The twistd entry point."""
-    from twisted.internet import reactor
-    return build(options["parsed"], reactor)
+    return options["service"]
 
 
 @dataclass
@@ -208,6 +206,13 @@ class SaslSmtpService(service.MultiService):
         super().__init__()
         self.wiring = wiring
         self.factory = factory
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
+                             f" {e.socketError}") from None
 
     def startService(self) -> None:
         for runner in self.wiring.runners:
