@@ -347,12 +347,11 @@ def test_token_never_in_repr() -> None:
 
 def test_specs_need_tls() -> None:
     """Both are bearer-secret mechanisms: never offered without TLS; client-first."""
-    assert set(SPECS) == {"OAUTHBEARER", "XOAUTH2"}
-    for name, spec in SPECS.items():
-        assert spec.name == name
+    assert [spec.name for spec in SPECS] == ["OAUTHBEARER", "XOAUTH2"]
+    for spec in SPECS:
         assert (spec.plaintext, spec.client_first, spec.needs_tls) == (False, True, True)
-    assert isinstance(SPECS["OAUTHBEARER"].factory(TLS), OAuthBearer)
-    assert isinstance(SPECS["XOAUTH2"].factory(TLS), XOAuth2)
+    assert isinstance(SPECS[0].factory(TLS), OAuthBearer)
+    assert isinstance(SPECS[1].factory(TLS), XOAuth2)
 
 
 def test_module_imports_no_twisted() -> None:

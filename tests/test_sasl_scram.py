@@ -29,9 +29,9 @@ from saslsmtp.sasl.scram import (
     ScramKeys,
     derive_keys,
     derived_salt,
-    make_spec,
     saslprep,
     scram_error,
+    specs_for,
 )
 
 b64 = base64.b64decode
@@ -368,7 +368,7 @@ def test_y_flag_downgrade_detected() -> None:
 def test_y_flag_accepted_when_plus_not_offered() -> None:
     """y is fine without bindings, or when the engine says -PLUS is not announced; c= is b64("y,,")."""
     assert exchange(mech("SCRAM-SHA-256"), b"y,,", b"", "pw", Secret("plaintext", "pw")) == Accept("user")
-    m = mech("SCRAM-SHA-256", TLS_SESSION, plus_offered=False)
+    m = mech("SCRAM-SHA-256", TLS_SESSION, plus_configured=False)
     assert exchange(m, b"y,,", b"", "pw", Secret("plaintext", "pw")) == Accept("user")
 
 
@@ -568,17 +568,27 @@ def test_default_nonce_is_fresh_and_valid() -> None:
 
 def test_specs_flags() -> None:
     """Four SCRAM specs; -PLUS ones need TLS; none is plaintext; all client-first."""
-    assert set(SPECS) == {"SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"}
-    for name, spec in SPECS.items():
-        assert spec.name == name
-        assert (spec.plaintext, spec.client_first, spec.needs_tls) == (False, True, name.endswith("-PLUS"))
+    assert [spec.name for spec in SPECS] == ["SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
+    for spec in SPECS:
+        assert (spec.plaintext, spec.client_first, spec.needs_tls) == (False, True, spec.name.endswith("-PLUS"))
         instance = spec.factory(TLS_SESSION)
-        assert isinstance(instance, Scram) and instance.name == name
-    assert make_spec("SCRAM-SHA-256", plus_offered=False).factory(TLS_SESSION).start(
-        b"y,,n=user,r=CNONCE"
-    ) == Lookup("user", ("scram-sha-256", "plaintext"))
+        assert isinstance(instance, Scram) and instance.name == spec.name
     with pytest.raises(ValueError):
         Scram(Session(), name="SCRAM-MD5")
+
+
+def test_specs_for_configured_names() -> None:
+    """specs_for builds only the configured names; a plain variant refuses y only when its
+    -PLUS sibling is configured (and bindings exist)."""
+    specs = specs_for(["scram-sha-256", "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1", "PLAIN"])
+    assert sorted(specs) == ["SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"]
+    y_first = b"y,,n=user,r=CNONCE"
+    assert specs["SCRAM-SHA-256"].factory(TLS_SESSION).start(y_first) == scram_error(
+        "server-does-support-channel-binding"
+    )
+    assert specs["SCRAM-SHA-1"].factory(TLS_SESSION).start(y_first) == Lookup("user", ("scram-sha-1", "plaintext"))
+    assert specs["SCRAM-SHA-256"].factory(Session()).start(y_first) == Lookup("user", ("scram-sha-256", "plaintext"))
+    assert specs["SCRAM-SHA-256-PLUS"].needs_tls
 
 
 def test_keys_repr_hides_secrets() -> None:

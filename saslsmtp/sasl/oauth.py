@@ -313,4 +313,4 @@ class XOAuth2(_Bearer):
 
 OAUTHBEARER_SPEC = MechanismSpec("OAUTHBEARER", OAuthBearer, plaintext=False, client_first=True, needs_tls=True)
 XOAUTH2_SPEC = MechanismSpec("XOAUTH2", XOAuth2, plaintext=False, client_first=True, needs_tls=True)
-SPECS: dict[str, MechanismSpec] = {"OAUTHBEARER": OAUTHBEARER_SPEC, "XOAUTH2": XOAUTH2_SPEC}
+SPECS: tuple[MechanismSpec, ...] = (OAUTHBEARER_SPEC, XOAUTH2_SPEC)

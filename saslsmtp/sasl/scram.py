@@ -39,7 +39,7 @@ import secrets
 import stringprep
 import unicodedata
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import (
@@ -179,10 +179,11 @@ def _default_nonce() -> str:
 class Scram:
     """One SCRAM exchange for ``name`` (``SCRAM-SHA-256``, ``SCRAM-SHA-1-PLUS``, ...).
 
-    ``plus_offered``: whether the server announces the ``-PLUS`` variant on this
-    connection (a plain variant then refuses the ``y`` flag); ``None`` means "when the
-    session has channel bindings".  ``nonce`` (server nonce) and ``server_secret`` are
-    injectable for tests.
+    The server "supports channel binding" for this hash (so the plain variant refuses
+    the ``y`` flag) when the session has channel bindings and the ``-PLUS`` variant is
+    configured: ``plus_configured`` says whether it is (``None``: assume it is, the
+    cautious choice; ``specs_for`` fills it from the configured list).  ``nonce``
+    (server nonce) and ``server_secret`` are injectable for tests.
     """
 
     def __init__(
@@ -190,7 +191,7 @@ class Scram:
         session: Session | None = None,
         *,
         name: str = "SCRAM-SHA-256",
-        plus_offered: bool | None = None,
+        plus_configured: bool | None = None,
         nonce: Callable[[], str] | None = None,
         server_secret: bytes | None = None,
         iterations: int = DEFAULT_ITERATIONS,
@@ -204,7 +205,7 @@ class Scram:
         self._base = base
         self._hash, self._kind = HASHES[base]
         self._digest_size = hashlib.new(self._hash).digest_size
-        self._plus_offered = bool(self._session.channel_bindings) if plus_offered is None else plus_offered
+        self._plus_offered = bool(self._session.channel_bindings) and plus_configured is not False
         self._nonce_factory = nonce or _default_nonce
         self._server_secret = _PROCESS_SECRET if server_secret is None else server_secret
         self._iterations = iterations
@@ -412,13 +413,22 @@ class Scram:
 
 
 def make_spec(name: str, **options: object) -> MechanismSpec:
-    """The ``MechanismSpec`` for one SCRAM name; ``options`` go to ``Scram``
-    (e.g. ``plus_offered=False`` when the config does not list the -PLUS variant)."""
+    """The ``MechanismSpec`` for one SCRAM name; ``options`` go to ``Scram``."""
     factory = functools.partial(Scram, name=name, **options)
     return MechanismSpec(name, factory, plaintext=False, client_first=True, needs_tls=name.endswith("-PLUS"))
 
 
-SPECS: dict[str, MechanismSpec] = {
-    name: make_spec(name)
-    for name in ("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
-}
+NAMES = ("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
+
+SPECS: tuple[MechanismSpec, ...] = tuple(make_spec(name) for name in NAMES)
+
+
+def specs_for(configured: Iterable[str]) -> dict[str, MechanismSpec]:
+    """The SCRAM specs for the configured mechanism names, each plain variant knowing
+    whether its ``-PLUS`` sibling is configured (for the ``y`` downgrade check)."""
+    names = {n.upper() for n in configured}
+    return {
+        name: make_spec(name, **({} if name.endswith("-PLUS") else {"plus_configured": f"{name}-PLUS" in names}))
+        for name in NAMES
+        if name in names
+    }
