@@ -30,6 +30,7 @@ from saslsmtp.sasl.scram import (
     derive_keys,
     derived_salt,
     saslprep,
+    lookup_kinds,
     scram_error,
     specs_for,
 )
@@ -575,6 +576,8 @@ def test_specs_flags() -> None:
         assert isinstance(instance, Scram) and instance.name == spec.name
     with pytest.raises(ValueError):
         Scram(Session(), name="SCRAM-MD5")
+    assert lookup_kinds("SCRAM-SHA-1-PLUS") == ("scram-sha-1", "plaintext")
+    assert lookup_kinds("SCRAM-SHA-256") == ("scram-sha-256", "plaintext")
 
 
 def test_specs_for_configured_names() -> None:

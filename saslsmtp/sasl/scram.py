@@ -289,7 +289,7 @@ class Scram:
     # -- messages ---------------------------------------------------------------
 
     def _kinds(self) -> tuple[str, ...]:
-        return (self._kind, "plaintext")
+        return lookup_kinds(self.name)
 
     def _client_first(self, message: bytes) -> Outcome:
         self._stage = "done"
@@ -410,6 +410,12 @@ class Scram:
         ):
             return None
         return ScramKeys(iterations, salt, stored_key, server_key)
+
+
+def lookup_kinds(name: str) -> tuple[str, ...]:
+    """The secret kinds the mechanism ``name`` asks for (``-PLUS`` the same as its hash)."""
+    base = name[: -len("-PLUS")] if name.endswith("-PLUS") else name
+    return (HASHES[base][1], "plaintext")
 
 
 def make_spec(name: str, **options: object) -> MechanismSpec:
