@@ -14,3 +14,52 @@ def require_binary(path: str) -> None:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------
+# No password reaches a log: every log event of the whole suite is captured and, at the
+# end of the session, searched for the passwords the suite's AUTH runs use, and for their
+# base64 forms as PLAIN blobs.  A hit fails the session.
+# ---------------------------------------------------------------------------
+
+SUITE_PASSWORDS = ("tanstaaftanstaaf", "wonderland", "demo-password", "benchpass",
+                   "xipj3plmq", "log-canary-Pw-1")
+
+
+def _needles(password: str) -> list[str]:
+    import base64
+    out = [password, base64.b64encode(password.encode()).decode()]
+    for user in ("tim", "alice", "demo", "bench", "Kurt", "canary"):
+        out.append(base64.b64encode(f"\0{user}\0{password}".encode()).decode().rstrip("="))
+    return out
+
+
+def event_text(event: dict) -> str:
+    """Everything an observer could write for ``event``: repr, message and traceback."""
+    from twisted.logger import formatEvent
+    text = [repr(event)]
+    try:
+        text.append(formatEvent(event))
+    except Exception:
+        pass
+    failure = event.get("log_failure")
+    if failure is not None:
+        text.append(failure.getTraceback())
+    return "\n".join(text)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_password_in_any_log_event():
+    """Session-wide observer of twisted.logger; fails the run if a password leaked."""
+    from twisted.logger import globalLogPublisher
+    events: list[str] = []
+
+    def observe(event: dict) -> None:
+        events.append(event_text(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+    needles = [n for p in SUITE_PASSWORDS for n in _needles(p)]
+    leaks = [(n, e[:300]) for e in events for n in needles if n in e]
+    assert not leaks, f"passwords reached the log: {leaks[:5]}"
