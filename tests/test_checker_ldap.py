@@ -623,3 +623,23 @@ def test_config_problems(body: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(LDAP_TOML.format(body=body), "test.toml")
     assert needle in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_logins_fail_fast_when_directory_hangs(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """threads=1 and a hung slapd: 3 logins at once all fail within ``timeout`` (+ margin),
+    not one after another (3 x timeout): the queued ones do not start at all."""
+    from twisted.internet.defer import ensureDeferred, gatherResults
+    checker = make_checker(threads=1)
+    slapd.pause()
+    try:
+        started = time.monotonic()
+        results = await gatherResults([
+            ensureDeferred(outcome(checker, "alice", ALICE.password)) for _ in range(3)])
+        elapsed = time.monotonic() - started
+    finally:
+        slapd.resume()
+    assert results == ["tempfail"] * 3
+    assert elapsed <= TIMEOUT + MARGIN, elapsed
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
