@@ -240,7 +240,7 @@ async def test_real_hang_times_out(api):
     with pytest.raises(TemporaryFailure, match="0.5s"):
         await c.requestAvatarId(creds("alice", USERS["alice"]))
     elapsed = time.monotonic() - started
-    assert 0.45 <= elapsed < 1.0, elapsed
+    assert 0.45 <= elapsed < 1.5, elapsed
     assert len(api.resource.requests) == 1  # a timeout is not retried
     gone: Deferred = api.resource.hanging[0].notifyFinish()
     from twisted.internet import reactor

@@ -362,7 +362,7 @@ async def test_hanging_upstream_times_out(hanging_port):
     with pytest.raises(TemporaryFailure, match="0.5s"):
         await c.requestAvatarId(creds(b"alice", USERS[b"alice"]))
     elapsed = time.monotonic() - started
-    assert 0.45 <= elapsed < 1.0, elapsed
+    assert 0.45 <= elapsed < 1.5, elapsed
     assert len(connections) == 1
 
 
@@ -386,9 +386,10 @@ async def test_deadline_timer_cancelled_on_verdict(plain_upstream, fresh):
                                                   starttls=False, timeout=30.0),
                     BackendDeps(RecordingClock(), SynchronousRunner(),
                                 lambda n, m: SynchronousRunner()))
+    started = reactor.seconds()
     assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
-    deadline = [d for d in created if d.getTime() - time.time() > 20 or d.cancelled]
-    assert deadline and not deadline[0].active()
+    deadline = [d for d in created if 25 < d.getTime() - started < 35]  # the 30 s timer
+    assert len(deadline) == 1 and not deadline[0].active()
 
 
 # ---- secrets ----------------------------------------------------------------------------
