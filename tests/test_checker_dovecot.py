@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
