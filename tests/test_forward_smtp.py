@@ -235,3 +235,48 @@ async def test_chain_falls_through_from_smtp_to_http(tmp_path):
         await server.stop()
         await api.stop()
         await deferToThread(upstream.stop)
+
+
+SCRIPT = '''
+from saslsmtp.script import Accept, Defer, Reject, Verdict
+
+async def auth(arguments, context):
+    """user@api -> the http backend "api"; anyone else -> the smtp backend "upstream"."""
+    user, _, realm = arguments["username"].partition("@")
+    name = "api" if realm == "api" else "upstream"
+    verdict = await arguments["backends"].verify(name, user, arguments["password"])
+    if verdict == Verdict.ACCEPT:
+        return Accept()
+    if verdict == Verdict.TEMPORARY:
+        return Defer()
+    return Reject()
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_script_uses_both_backends_by_name(tmp_path):
+    """An AUTH script calls "upstream" (smtp) and "api" (http) by name and maps their
+    verdicts to 235 / 535 / 454; the API still gets the connection's remote_ip."""
+    upstream = AiosmtpdUpstream("plain")
+    await deferToThread(upstream.start)
+    api = WebServer(AuthAPI())
+    api.start()
+    script = tmp_path / "auth.py"
+    script.write_text(SCRIPT)
+    table = smtp_table(upstream.port) + "\n" + http_table(api.url)
+    server = await start_server(tmp_path, table, script=str(script))
+    try:
+        expect(await smtp_login(server.port, "alice", USERS["alice"]), OK)
+        assert upstream.recorder.commands == ["PLAIN"] and api.resource.requests == []
+        expect(await smtp_login(server.port, "alice@api", USERS["alice"]), OK)
+        body = json.loads(api.resource.requests[0]["raw"])
+        assert body["username"] == "alice" and body["remote_ip"] == "127.0.0.1"
+        expect(await smtp_login(server.port, "alice@api", "wrong"), INVALID)
+        await api.stop()
+        expect(await smtp_login(server.port, "alice@api", USERS["alice"]), TEMPFAIL)
+        expect(await smtp_login(server.port, "alice", "wrong"), INVALID)
+        assert upstream.recorder.commands == ["PLAIN", "PLAIN"]
+    finally:
+        await server.stop()
+        await api.stop()
+        await deferToThread(upstream.stop)
