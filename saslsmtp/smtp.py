@@ -353,6 +353,9 @@ class SubmissionESMTP(smtp.ESMTP):
         self._send(Reply(250, None, self.host.decode("ascii")))
 
     def _greeted(self, name: bytes) -> None:
+        # Behind haproxy: the PROXY header is parsed after connectionMade, so read again.
+        self._peer = _address(self.transport.getPeer())
+        self._local = _address(self.transport.getHost())
         self._helo_name = name.decode("ascii")
         self._helo = (name, self._peer[0])
         self._ehlo_done = True

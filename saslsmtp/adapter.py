@@ -1,0 +1,135 @@
+"""Twisted glue: any saslsmtp mechanism as an ``IChallengeResponse`` for stock ESMTP.
+
+Stock ``twisted.mail.smtp.ESMTP`` (and IMAP4) drive mechanisms through the synchronous
+``getChallenge`` / ``setResponse`` / ``moreChallenges`` trio, then pass the mechanism
+object itself to ``portal.login``.  ``MechanismAdapter`` runs one of our mechanisms that
+way, and becomes the credentials its outcome calls for:
+
+* ``Verify``  -> provides ``IUsernamePassword`` (any password checker serves it);
+* ``Accept``  -> provides ``IAuthenticatedIdentity`` (``TrustedIdentityChecker``);
+* ``Reject``/``Defer`` -> provides ``IFailedExchange`` (``FailedExchangeChecker`` turns it
+  into ``UnauthorizedLogin`` / ``TemporaryFailure``).
+
+So a scripted mechanism also ends in ``portal.login``, like every other success.  The
+stock protocol cannot wait: a step that returns an unfired Deferred (an async script,
+a ``Lookup``) fails the exchange with ``TemporaryFailure``; ``SubmissionESMTP`` has no
+such limit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from typing import Any, Callable, Mapping
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet import defer
+from twisted.mail.interfaces import IChallengeResponse
+from zope.interface import Interface, alsoProvides, implementer
+
+from saslsmtp.credentials import IAuthenticatedIdentity
+from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.replies import REPLIES, Reply as SMTPReply
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Session, Verify
+
+
+class IFailedExchange(Interface):
+    """Credentials of an exchange that ended in Reject or Defer."""
+
+
+@implementer(IChallengeResponse)
+class MechanismAdapter:
+    """One exchange of ``spec``'s mechanism, driven the stock Twisted way."""
+
+    def __init__(self, spec: MechanismSpec, session: Session | None = None) -> None:
+        self.spec = spec
+        self.session = session or Session(mechanism=spec.name)
+        self._mechanism = spec.factory(self.session)
+        self._outcome: Any = self._settle(lambda: self._mechanism.start(None))
+        self.username: bytes = b""
+        self.password: bytes = b""
+        self.success_text: str | None = None
+        self.failure: Reject | Defer | None = None
+
+    def _settle(self, step: Callable[[], Any]) -> Any:
+        try:
+            result = step()
+        except Exception:
+            return Defer("Mechanism error")
+        if isinstance(result, defer.Deferred):
+            box: list[Any] = []
+            result.addBoth(box.append)
+            if not box:
+                result.cancel()
+                return Defer("This mechanism needs an asynchronous server")
+            result = box[0]
+            if not isinstance(result, (Reply, Accept, Reject, Defer, Verify)):
+                return Defer("Mechanism error")
+        return result
+
+    # IChallengeResponse -------------------------------------------------
+
+    def getChallenge(self) -> bytes:
+        outcome = self._outcome
+        return outcome.payload_bytes() if isinstance(outcome, Reply) else b""
+
+    def setResponse(self, response: bytes) -> None:
+        if not isinstance(self._outcome, Reply):
+            return
+        self._outcome = self._settle(lambda: self._mechanism.receive(response))
+        self._become(self._outcome)
+
+    def moreChallenges(self) -> bool:
+        return isinstance(self._outcome, Reply)
+
+    # credentials ---------------------------------------------------------
+
+    def _become(self, outcome: Any) -> None:
+        if isinstance(outcome, Verify):
+            self.username = outcome.username.encode("utf-8")
+            self.password = outcome.password.encode("utf-8")
+            alsoProvides(self, IUsernamePassword)
+        elif isinstance(outcome, Accept) and outcome.username:
+            name = outcome.username
+            self.username = name if isinstance(name, bytes) else name.encode("utf-8")
+            self.success_text = outcome.reason
+            alsoProvides(self, IAuthenticatedIdentity)
+        elif isinstance(outcome, (Reject, Defer)):
+            self.failure = outcome
+            alsoProvides(self, IFailedExchange)
+        elif not isinstance(outcome, Reply):
+            self.failure = Defer("Mechanism needs a server that can look up secrets")
+            alsoProvides(self, IFailedExchange)
+
+    def checkPassword(self, password: bytes) -> bool:
+        """For ``IUsernamePassword`` checkers holding plaintext passwords."""
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return hmac.compare_digest(self.password, password)
+
+    def __repr__(self) -> str:
+        return f"<MechanismAdapter {self.spec.name} username={self.username!r}>"
+
+
+@implementer(ICredentialsChecker)
+class FailedExchangeChecker:
+    """Turns an exchange that ended in Reject/Defer into the matching login failure."""
+
+    credentialInterfaces = (IFailedExchange,)
+
+    def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[bytes]":
+        result = credentials.failure
+        if isinstance(result, Reject):
+            reply = SMTPReply(result.code, result.enhanced, result.reason or REPLIES["auth_invalid"].text)
+            return defer.fail(AuthRejected(reply, result.disconnect))
+        text = result.reason if result is not None and result.reason else REPLIES["auth_tempfail"].text
+        return defer.fail(TemporaryFailure(text))
+
+
+def challengers(specs: Mapping[str, MechanismSpec], hostname: str = "localhost") -> dict[bytes, Callable[[], MechanismAdapter]]:
+    """``ESMTP(chal=...)`` factories: upper-case name bytes -> zero-argument factory."""
+    return {name.encode("ascii"): functools.partial(
+        MechanismAdapter, spec, Session(hostname=hostname, mechanism=name))
+        for name, spec in specs.items()}

@@ -1,0 +1,93 @@
+"""The sans-I/O core: PLAIN and LOGIN state machines, strict base64, and the rule that
+nothing under saslsmtp/sasl/ imports Twisted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saslsmtp.sasl import Accept, MechanismStateError, Reject, Reply, Verify
+from saslsmtp.sasl.codec import DecodeError, decode_response
+from saslsmtp.sasl.login import Login
+from saslsmtp.sasl.plain import Plain
+
+SASL = Path(__file__).resolve().parent.parent / "saslsmtp" / "sasl"
+
+
+def test_no_twisted_under_sasl() -> None:
+    """Import every module of saslsmtp.sasl in a fresh interpreter: Twisted stays out."""
+    modules = [f"saslsmtp.sasl.{p.stem}" for p in SASL.glob("*.py") if p.stem != "__init__"]
+    assert len(modules) >= 5
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules) +
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('twisted', 'zope'))\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=SASL.parent.parent)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("line, initial, expected", [
+    (b"=", True, b""),
+    (b"", False, b""),
+    (b"dGVzdA==", False, b"test"),
+    (b"AHRpbQB0YW5zdGFhZnRhbnN0YWFm", True, b"\0tim\0tanstaaftanstaaf"),
+])
+def test_decode_ok(line: bytes, initial: bool, expected: bytes) -> None:
+    assert decode_response(line, initial=initial) == expected
+
+
+@pytest.mark.parametrize("line", [b"dG!VzdA==", b"=AAA", b"AAA=BBB", b"dGVzdA", b"==", b"a"])
+def test_decode_strict(line: bytes) -> None:
+    """RFC 4954 section 4: characters outside the alphabet and misplaced '=' are errors."""
+    with pytest.raises(DecodeError):
+        decode_response(line)
+
+
+def test_equals_only_on_the_auth_line() -> None:
+    with pytest.raises(DecodeError):
+        decode_response(b"=")
+
+
+def test_plain_vectors() -> None:
+    assert Plain().start(b"\0tim\0tanstaaftanstaaf") == Verify("tim", "tanstaaftanstaaf", "")
+    assert Plain().start(b"test\0test\x001234") == Verify("test", "1234", "test")
+    assert Plain().start(b"Ursel\0Kurt\0xipj3plmq") == Reject(
+        "Not authorized to requested authorization identity")
+
+
+@pytest.mark.parametrize("blob", [b"", b"a\0b", b"a\0b\0c\0d", b"\0\0pw", b"\0\xff\0pw",
+                                  b"\0" + b"u" * 2000 + b"\0pw"])
+def test_plain_malformed(blob: bytes) -> None:
+    assert Plain().start(blob) == Reject("Malformed PLAIN response")
+
+
+def test_plain_order() -> None:
+    p = Plain()
+    assert p.start(None) == Reply(b"")
+    assert p.receive(b"\0u\0p") == Verify("u", "p")
+    with pytest.raises(MechanismStateError):
+        p.receive(b"\0u\0p")
+    with pytest.raises(MechanismStateError):
+        Plain().receive(b"x")
+
+
+def test_login_flow_and_order() -> None:
+    m = Login()
+    assert m.start(None) == Reply(b"Username:")
+    assert m.receive(b"tim") == Reply(b"Password:")
+    assert m.receive(b"pw") == Verify("tim", "pw")
+    with pytest.raises(MechanismStateError):
+        m.receive(b"more")
+    m2 = Login()
+    assert m2.start(b"tim") == Reply(b"Password:")
+    assert Login().start(b"") == Reject("Malformed LOGIN response")
+    with pytest.raises(MechanismStateError):
+        Login().resume(None)
+
+
+def test_verify_repr_hides_password() -> None:
+    assert "secret" not in repr(Verify("u", "secret"))
+    assert Accept(username="u") != Accept(username="v")
