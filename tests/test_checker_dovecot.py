@@ -254,13 +254,14 @@ def test_overlong_line_drops_the_connection() -> None:
 
 def test_auth_line_matches_the_specs_transcript() -> None:
     """AUTH carries service, nologin, lip, rip, secured and resp= last (SPECS 4.4)."""
-    checker, endpoint, _ = make_checker()
+    checker, endpoint, clock = make_checker()
     d = checker.requestAvatarId(creds())
     assert not d.called
     ready(endpoint)
     assert endpoint.client_said() == AUTH_U_P
     endpoint.server_says(b"OK\t1\tuser=u\n")
     assert outcome(d) == b"u"
+    assert clock.getDelayedCalls() == []  # the request's and the connection's timers are gone
 
 
 def test_no_secured_without_tls_and_no_empty_ips() -> None:
