@@ -30,7 +30,9 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import (HostnameEndpoint, clientFromString, connectProtocol,
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                        TCP6ClientEndpoint, clientFromString, connectProtocol,
                                         wrapClientTLS)
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator, IReactorTime,
@@ -387,10 +389,15 @@ def endpoint_for(options: SmtpBackendConfig, reactor: Any,
     """Where ``options`` says to connect: ``endpoint`` (a client endpoint string) or
     ``host``/``port``; wrapped in TLS when ``tls`` (implicit TLS, port 465 style)."""
     endpoint: IStreamClientEndpoint
+    timeout = options.timeout
     if options.endpoint:
         endpoint = clientFromString(reactor, options.endpoint)
+    elif isIPAddress(options.host):  # no resolver round trip (a thread) for an IP literal
+        endpoint = TCP4ClientEndpoint(reactor, options.host, options.port, timeout=timeout)
+    elif isIPv6Address(options.host):
+        endpoint = TCP6ClientEndpoint(reactor, options.host, options.port, timeout=timeout)
     else:
-        endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=options.timeout)
+        endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=timeout)
     if options.tls:
         assert tls_creator is not None
         endpoint = wrapClientTLS(tls_creator, endpoint)
