@@ -69,8 +69,8 @@ class TLSConfig:
 
     certificate: str = field(default="", metadata=PATH)
     private_key: str = field(default="", metadata=PATH)
-    client_ca: str | None = field(default=None, metadata=PATH)
-    min_version: str = "TLSv1.2"
+    client_ca: str | None = field(default=None, metadata=PATH)  # verify client certs (EXTERNAL)
+    client_identity: str = "cn"  # EXTERNAL identity: the certificate's "cn" or first "email" SAN
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class LdapBackendConfig:
     search_base: str | None = None
     search_filter: str | None = None
     search_dn: str | None = None
-    search_password: str | None = None
+    search_password: str | None = field(default=None, repr=False)  # a secret: not in repr
     require_filter: str | None = None
     start_tls: bool = False
     ca_file: str | None = field(default=None, metadata=PATH)
@@ -344,6 +344,10 @@ def parse_config(text: str, file: str = "<config>", *, known_mechanisms: frozens
     if not server.listen:
         p.problem("server.listen", "needs at least one endpoint")
     if tls is not None:
+        if tls.client_identity not in ("cn", "email"):
+            p.problem("tls.client_identity", 'must be "cn" or "email"')
+        if tls.client_ca is not None and not Path(tls.client_ca).is_file():
+            p.problem("tls.client_ca", f"no such file: {tls.client_ca}")
         for key in ("certificate", "private_key"):
             value = getattr(tls, key)
             if not value:

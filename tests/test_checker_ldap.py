@@ -643,3 +643,12 @@ async def test_queued_logins_fail_fast_when_directory_hangs(
     assert results == ["tempfail"] * 3
     assert elapsed <= TIMEOUT + MARGIN, elapsed
     assert await outcome(checker, "alice", ALICE.password) == "accept"
+
+
+def test_options_repr_hides_service_password() -> None:
+    """``repr`` of the parsed options (and so of the whole Config) omits search_password."""
+    config = parse_config(LDAP_TOML.format(
+        body='url = "ldap://a"\nsearch_base = "o=x"\nsearch_filter = "(uid={username})"\n'
+             'search_dn = "cn=r,o=x"\nsearch_password = "s3cr3t-service"'))
+    assert config.backends["dir"].options.search_password == "s3cr3t-service"
+    assert "s3cr3t-service" not in repr(config)
