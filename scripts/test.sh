@@ -151,7 +151,7 @@ echo "python: $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[
 
 pip_rc=0
 PIP_DISABLE_PIP_VERSION_CHECK=1 timeout "$PIP_TIMEOUT" \
-    "$PY" -m pip install -q -e '.[test]' --config-settings editable_mode=compat || pip_rc=$?
+    "$PY" -m pip install -q --root-user-action=ignore -e '.[test]' --config-settings editable_mode=compat || pip_rc=$?
 [ "$pip_rc" -eq 0 ] || { echo "pip install failed with status $pip_rc" >&2; exit "$pip_rc"; }
 # Refresh Twisted's plugin cache so twistd sees saslsmtp without rescanning.
 "$PY" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' \
