@@ -351,9 +351,10 @@ async def test_https_bad_certificate_refused(request, pki, cert):
     TemporaryFailure, and the password never reaches the server."""
     server = https_server(request, pki[cert])
     c = checker(server.url, ca_file=pki["ca"].cert_path)
-    with pytest.raises(TemporaryFailure):
+    with pytest.raises(TemporaryFailure, match="TLS"):
         await c.requestAvatarId(creds("alice", USERS["alice"]))
     assert server.resource.requests == []
+    assert server.connections == 1  # a TLS failure is not retried
 
 
 @pytest_twisted.ensureDeferred

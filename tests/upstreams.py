@@ -154,6 +154,17 @@ class AuthAPI(Resource):
         return b'{"ok": false}'
 
 
+class _CountingFactory(WrappingFactory):
+    """A WrappingFactory (``protocols``: the open connections) that also counts every
+    connection ever accepted in ``accepted``."""
+
+    accepted = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+
 class WebServer:
     """A twisted.web Site on a fixed loopback port, stoppable (closing its open
     connections, as a dying process would) and startable again."""
@@ -164,7 +175,7 @@ class WebServer:
         self.port: int = 0
         self.listener: Any = None
         self.site = Site(resource)
-        self.factory = WrappingFactory(self.site)  # knows its open connections
+        self.factory = _CountingFactory(self.site)  # knows its open connections
 
     def start(self) -> None:
         """Listen on 127.0.0.1 (the same port as before after a stop)."""
@@ -185,7 +196,13 @@ class WebServer:
             connection.transport.abortConnection()
 
     @property
+    def connections(self) -> int:
+        """How many connections were accepted so far."""
+        return self.factory.accepted
+
+    @property
     def url(self) -> str:
+        """``http(s)://127.0.0.1:PORT/auth``."""
         scheme = "https" if self.tls_options is not None else "http"
         return f"{scheme}://127.0.0.1:{self.port}/auth"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import treq
+from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -37,7 +38,8 @@ from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFa
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from saslsmtp.checkers.tlsclient import StrictHTTPSPolicy, load_trust_root
+from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
+                                         load_trust_root)
 from saslsmtp.config import HttpBackendConfig
 from saslsmtp.errors import TemporaryFailure
 
@@ -122,6 +124,9 @@ class HttpChecker:
                     "POST", self.url, json=body, headers=Headers(self._headers),
                     allow_redirects=False, unbuffered=True, reactor=self._reactor)
             except _STALE as e:
+                if any(r.check(SSL.Error, CertificateIdentityError) for r in e.reasons):
+                    raise TemporaryFailure(f"http backend {self.name}: TLS handshake failed"
+                                           " (certificate refused or not trusted)") from None
                 if attempt == 2 or any(r.check(CancelledError) for r in e.reasons):
                     raise
                 log.debug("http backend {name}: no answer on a kept-alive connection,"
