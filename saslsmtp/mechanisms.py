@@ -1,29 +1,52 @@
-"""The built-in mechanisms: name -> ``MechanismSpec``.
+"""The built-in mechanisms: name -> ``MechanismSpec``, and what each needs to be served.
 
 Add a mechanism: write a sans-I/O state machine in ``saslsmtp/sasl/`` with a ``SPEC``
-(or ``SPECS``), and name its module in ``BUILTIN_MODULES``.
+(or ``SPECS``), name its module in ``BUILTIN_MODULES``, and say in ``NEEDS`` what a
+configuration must provide for it (checked at startup).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Iterable
 
+from saslsmtp.sasl import scram
 from saslsmtp.sasl.mechanism import MechanismSpec
 
 BUILTIN_MODULES = (
     "saslsmtp.sasl.plain",
     "saslsmtp.sasl.login",
+    "saslsmtp.sasl.cram_md5",
+    "saslsmtp.sasl.scram",
+    "saslsmtp.sasl.oauth",
+    "saslsmtp.sasl.external",
 )
 
 
-def builtin_mechanisms() -> dict[str, MechanismSpec]:
-    """Every mechanism the server implements itself."""
+def builtin_mechanisms(configured: Iterable[str] | None = None) -> dict[str, MechanismSpec]:
+    """Every mechanism the server implements itself.  With ``configured``, the SCRAM
+    specs know whether their ``-PLUS`` sibling is offered (the ``y`` downgrade check)."""
     specs: dict[str, MechanismSpec] = {}
     for name in BUILTIN_MODULES:
         module = importlib.import_module(name)
         for spec in getattr(module, "SPECS", ()) or (module.SPEC,):
             specs[spec.name] = spec
+    if configured is not None:
+        specs.update(scram.specs_for(configured))
     return specs
 
 
 BUILTIN_NAMES = frozenset(builtin_mechanisms())
+
+PASSWORD_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
+TOKEN_MECHANISMS = frozenset({"OAUTHBEARER", "XOAUTH2"})
+
+
+def secret_kinds_needed(name: str) -> tuple[str, ...]:
+    """The stored-secret kinds a challenge mechanism can work from (any one will do)."""
+    if name == "CRAM-MD5":
+        from saslsmtp.sasl.cram_md5 import KINDS
+        return KINDS
+    if name in scram.NAMES:
+        return scram.lookup_kinds(name)
+    return ()

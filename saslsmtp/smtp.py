@@ -46,6 +46,7 @@ from saslsmtp.sasl.codec import DecodeError, decode_response
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Lookup, Reject, Secret, Session, Verify
 from saslsmtp.sasl.outcome import Reply as Challenge
+from saslsmtp.tlsinfo import tls_facts
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -119,7 +120,8 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def __init__(self, *, portal: Any, settings: EngineSettings,
                  mechanisms: Mapping[str, MechanismSpec], clock: Any,
-                 tls_context: Any = None, resolver: Resolver = _no_resolver) -> None:
+                 tls_context: Any = None, resolver: Resolver = _no_resolver,
+                 blocking: Any = None, client_identity: str = "cn") -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self.portal = portal
         self.settings = settings
@@ -129,6 +131,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.callLater = clock.callLater  # TimeoutMixin uses it
         self.timeout = settings.idle_timeout
         self.resolver = resolver
+        self.blocking = blocking  # BlockingRunner for expensive mechanism steps (PBKDF2)
+        self.client_identity = client_identity
         self.context: dict = {}  # the AUTH script's per-connection context
         self._busy = False
         self._queue: list[bytes] = []
@@ -418,10 +422,15 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def session(self, mechanism: str = "") -> Session:
         """The connection as mechanisms, checkers and scripts see it."""
+        bindings: Mapping[str, bytes] = {}
+        certificate = None
+        if self._tls:
+            bindings, certificate = tls_facts(self.transport, self.client_identity)
         return Session(remote_ip=self._peer[0], remote_port=self._peer[1],
                        local_ip=self._local[0], local_port=self._local[1],
                        helo=self._helo_name, tls=self._tls, hostname=self.settings.hostname,
-                       mechanism=mechanism, context=self.context)
+                       mechanism=mechanism, context=self.context,
+                       channel_bindings=bindings, client_certificate=certificate)
 
     def do_AUTH(self, arg: bytes) -> None:
         if self.authenticated:
@@ -514,6 +523,9 @@ class SubmissionESMTP(smtp.ESMTP):
         # Lookup, token validation, ...: ask the resolver, then resume the mechanism.
         mechanism = self._mechanism
         d = self.resolver(outcome, self.session(name))
+        prepare = getattr(mechanism, "prepare_secret", None)
+        if prepare is not None and self.blocking is not None:
+            d.addCallback(lambda secret: self.blocking.run(prepare, secret))
         d.addCallback(lambda secret: mechanism.resume(secret))
         d.addCallback(self._outcome)
         return d

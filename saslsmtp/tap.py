@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.application import service, strports
+from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints, protocol, ssl
@@ -22,15 +22,17 @@ from twisted.python import usage
 
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
-from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
-from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
+from saslsmtp.mechanisms import (BUILTIN_NAMES, PASSWORD_MECHANISMS, TOKEN_MECHANISMS,
+                                 builtin_mechanisms, secret_kinds_needed)
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script, scripted_spec
-from saslsmtp.sasl.outcome import Lookup, Session
+from saslsmtp.sasl.oauth import TOKEN_VERDICT, ValidateToken
+from saslsmtp.sasl.outcome import Lookup, Secret, Session
 from saslsmtp.smtp import EngineSettings, SubmissionESMTP
 from saslsmtp.threads import ThreadPoolRunner
 
@@ -85,6 +87,7 @@ class Wiring:
     runners: list[Any] = field(default_factory=list)
     tls_context: Any = None
     resolver: Callable[[Any, Session], "defer.Deferred[Any]"] | None = None
+    blocking: Any = None
 
 
 def wire(config: Config, reactor: Any) -> Wiring:
@@ -110,8 +113,9 @@ def wire(config: Config, reactor: Any) -> Wiring:
     delivery_runner = make_runner("saslsmtp-delivery", 4)
     realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname), delivery_runner)
     password_checker: ICredentialsChecker = chain
-    builtins = builtin_mechanisms()
+    builtins = builtin_mechanisms(config.auth.mechanisms)
     mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
+    script = None
     if config.auth.script is not None:
         script = load_script(config.auth.script, config.path)
         runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
@@ -140,22 +144,57 @@ def wire(config: Config, reactor: Any) -> Wiring:
     )
     sources = [checkers[name] for name in config.auth.backends
                if ISecretSource.providedBy(checkers[name])]
-    return Wiring(config, portal, settings, mechanisms, checkers, runners,
-                  tls_context(config), secret_resolver(sources))
+    validators = [checker for checker in checkers.values() if ITokenValidator.providedBy(checker)]
+    check_servable(config, mechanisms, builtins, script, sources, validators)
+    wiring = Wiring(config, portal, settings, mechanisms, checkers, runners,
+                    tls_context(config), secret_resolver(sources, validators))
+    wiring.blocking = hash_runner
+    return wiring
 
 
-def secret_resolver(sources: list[Any]) -> Callable[[Any, Session], "defer.Deferred[Any]"]:
-    """Answer ``Lookup`` from the first backend that has a secret of a wanted kind."""
+def check_servable(config: Config, mechanisms: dict[str, MechanismSpec],
+                   builtins: dict[str, MechanismSpec], script: Any, sources: list[Any],
+                   validators: list[Any]) -> None:
+    """Refuse to start when an announced built-in mechanism could never succeed."""
+    problems = []
+    for name, spec in mechanisms.items():
+        if spec is not builtins.get(name):
+            continue  # served by the script
+        kinds = secret_kinds_needed(name)
+        if kinds and not any(set(kinds) & set(s.secret_kinds()) for s in sources):
+            problems.append(f"{name} needs a stored secret ({' or '.join(kinds)}) and no backend"
+                            f" in auth.backends can supply one (only type = \"file\" can)")
+        if name in TOKEN_MECHANISMS and not validators:
+            problems.append(f"{name} needs a backend of type = \"oauth2\"")
+        if name == "EXTERNAL" and (config.tls is None or config.tls.client_ca is None):
+            problems.append("EXTERNAL needs [tls] client_ca to verify client certificates")
+        if name in PASSWORD_MECHANISMS and script is None and not config.auth.backends:
+            problems.append(f"{name} needs auth.backends or an auth.script")
+    if problems:
+        raise ConfigError([ConfigProblem(config.path, "auth.mechanisms", None, p) for p in problems])
+
+
+def secret_resolver(sources: list[Any], validators: list[Any] = ()) -> Callable[[Any, Session], "defer.Deferred[Any]"]:
+    """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
+    ``ValidateToken`` from the first token validator that has an opinion."""
 
     @defer.inlineCallbacks
     def resolve(request: Any, session: Session):  # type: ignore[no-untyped-def]
-        if not isinstance(request, Lookup):
-            raise TemporaryFailure(f"nothing can answer {type(request).__name__}")
-        for source in sources:
-            secret = yield source.lookup_secret(request.username, request.kinds)
-            if secret is not None:
-                return secret
-        return None
+        if isinstance(request, Lookup):
+            for source in sources:
+                secret = yield source.lookup_secret(request.username, request.kinds)
+                if secret is not None:
+                    return secret
+            return None
+        if isinstance(request, ValidateToken):
+            if not validators:
+                raise TemporaryFailure("no oauth2 backend is configured")
+            for validator in validators:
+                verdict = yield validator.validate_token(request)
+                if verdict is not None:
+                    return Secret(TOKEN_VERDICT, verdict)
+            return None
+        raise TemporaryFailure(f"nothing can answer {type(request).__name__}")
 
     return resolve
 
@@ -168,8 +207,14 @@ def tls_context(config: Config) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     certs = x509.load_pem_x509_certificates(Path(config.tls.certificate).read_bytes())
     key = load_pem_private_key(Path(config.tls.private_key).read_bytes(), password=None)
+    verify: dict[str, Any] = {}
+    if config.tls.client_ca is not None:
+        from OpenSSL import crypto
+        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
+        verify = {"verify": True, "requireCertificate": False,
+                  "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
     return ssl.CertificateOptions(
-        privateKey=key, certificate=certs[0], extraCertChain=certs[1:],
+        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
@@ -183,8 +228,11 @@ class SubmissionFactory(protocol.ServerFactory):
 
     def buildProtocol(self, addr: Any) -> SubmissionESMTP:
         w = self.wiring
+        tls = w.config.tls
         p = _TrackedSubmission(portal=w.portal, settings=w.settings, mechanisms=w.mechanisms,
-                               clock=self.clock, tls_context=w.tls_context, resolver=w.resolver)
+                               clock=self.clock, tls_context=w.tls_context, resolver=w.resolver,
+                               blocking=w.blocking,
+                               client_identity=tls.client_identity if tls else "cn")
         p.factory = self
         return p
 
@@ -236,13 +284,21 @@ class SaslSmtpService(service.MultiService):
         return d.addCallback(close_sessions)
 
 
-def endpoint_description(description: str, config: Config) -> str:
-    """``ssl:PORT`` without key options gets the ``[tls]`` certificate and key."""
-    inner = description[len("haproxy:"):] if description.startswith("haproxy:") else description
-    if inner.startswith("ssl:") and "privateKey=" not in inner and config.tls is not None:
-        q = endpoints.quoteStringArgument
-        description += f":privateKey={q(config.tls.private_key)}:certKey={q(config.tls.certificate)}"
-    return description
+def listener(description: str, config: Config, reactor: Any, factory: Any,
+             tls: Any = None) -> tuple[Any, Any]:
+    """(endpoint, factory) for one ``server.listen`` entry.
+
+    ``ssl:PORT[:interface=...]`` without key options is implicit TLS with the ``[tls]``
+    context (so ``client_ca`` and the TLS floor apply): a TCP endpoint whose factory is
+    wrapped in TLS.  Anything else is a Twisted endpoint string as written.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    prefix = "haproxy:" if description.startswith("haproxy:") else ""
+    inner = description[len(prefix):]
+    if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
+        endpoint = endpoints.serverFromString(reactor, prefix + "tcp:" + inner[len("ssl:"):])
+        return endpoint, TLSMemoryBIOFactory(tls, False, factory)
+    return endpoints.serverFromString(reactor, description), factory
 
 
 def build(config: Config, reactor: Any) -> SaslSmtpService:
@@ -251,6 +307,6 @@ def build(config: Config, reactor: Any) -> SaslSmtpService:
     factory = SubmissionFactory(wiring, reactor)
     top = SaslSmtpService(wiring, factory)
     for description in config.server.listen:
-        strports.service(endpoint_description(description, config), factory,
-                         reactor=reactor).setServiceParent(top)
+        endpoint, wrapped = listener(description, config, reactor, factory, wiring.tls_context)
+        internet.StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
     return top

@@ -147,9 +147,9 @@ class SMTPHarness:
             named["users"] = db
         named.update(backends or {})
         self.backends = named
-        specs = dict(mechanisms) if mechanisms is not None else builtin_mechanisms()
+        names = tuple(m.upper() for m in mechanism_names) if mechanism_names is not None else None
+        specs = dict(mechanisms) if mechanisms is not None else builtin_mechanisms(names or ())
         password_checker: ICredentialsChecker = BackendChain(list(named.items()))
-        names = tuple(mechanism_names) if mechanism_names is not None else None
         if script is not None:
             loaded = (script if isinstance(script, AuthScript) else
                       AuthScript("<test>", script, None) if callable(script) else load_script(str(script)))
@@ -166,7 +166,8 @@ class SMTPHarness:
         if names is not None:
             base = replace(base, mechanisms=names)
         elif settings is None:
-            base = replace(base, mechanisms=tuple(specs))
+            base = replace(base, mechanisms=tuple(mechanisms) if mechanisms is not None
+                           else ("PLAIN", "LOGIN"))
         self.settings = replace(base, **overrides)
         transport_class = TLSStringTransport if starttls else StringTransport
         self.transport = transport_class(

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from twisted.internet import endpoints, threads
 
-from saslsmtp.tap import SubmissionFactory, endpoint_description, load, wire
+from saslsmtp.tap import SubmissionFactory, listener, load, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,8 +122,8 @@ async def start_server(tmp_path: Path, backends_toml: str = "", **kwargs: Any) -
     for runner in wiring.runners:
         runner.start()
     factory = SubmissionFactory(wiring, reactor)
-    endpoint = endpoints.serverFromString(reactor, endpoint_description(config.server.listen[0], config))
-    listening = await endpoint.listen(factory)
+    endpoint, wrapped = listener(config.server.listen[0], config, reactor, factory, wiring.tls_context)
+    listening = await endpoint.listen(wrapped)
     return RunningServer(listening.getHost().port, wiring, factory, listening,
                          Path(config.delivery.path))
 

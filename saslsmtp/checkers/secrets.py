@@ -27,3 +27,12 @@ class ISecretSource(Interface):
         """The user's first stored secret whose kind is in ``kinds`` (in that order of
         preference); ``None`` if the user is unknown or has none of those kinds;
         fails with ``TemporaryFailure`` if the store cannot be read now."""
+
+
+class ITokenValidator(Interface):
+    """A backend that validates OAuth 2.0 bearer tokens (OAUTHBEARER, XOAUTH2)."""
+
+    def validate_token(request: object) -> "Deferred[object]":
+        """Judge ``request`` (a ``saslsmtp.sasl.oauth.ValidateToken``); fire with a
+        ``saslsmtp.sasl.oauth.TokenVerdict``; fail with ``TemporaryFailure`` when the
+        authorization server or key set cannot be reached."""
