@@ -24,11 +24,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
+
+from saslsmtp.sasl import cram_md5 as _cram
 
 __all__ = [
     "PasswordError", "UnknownScheme", "MalformedPassword", "StoredPassword",
@@ -82,55 +82,11 @@ def _ascii(raw: bytes) -> str:
         raise MalformedPassword("non-ASCII data") from None
 
 
-# ---- MD5 with an exposed state (for Dovecot's CRAM-MD5 contexts) ---------------------
-
-_MD5_S = [7, 12, 17, 22] * 4 + [5, 9, 14, 20] * 4 + [4, 11, 16, 23] * 4 + [6, 10, 15, 21] * 4
-_MD5_K = [int(abs(math.sin(i + 1)) * 2**32) & 0xFFFFFFFF for i in range(64)]
-_MD5_INIT = (0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
-
-
-def _md5_compress(state: tuple[int, int, int, int], block: bytes) -> tuple[int, int, int, int]:
-    """One MD5 compression of a 64-byte block (RFC 1321)."""
-    m = struct.unpack("<16I", block)
-    a, b, c, d = state
-    for i in range(64):
-        if i < 16:
-            f, g = (b & c) | (~b & d), i
-        elif i < 32:
-            f, g = (d & b) | (~d & c), (5 * i + 1) % 16
-        elif i < 48:
-            f, g = b ^ c ^ d, (3 * i + 5) % 16
-        else:
-            f, g = c ^ (b | ~d), (7 * i) % 16
-        f = (f + a + _MD5_K[i] + m[g]) & 0xFFFFFFFF
-        a, d, c = d, c, b
-        b = (b + ((f << _MD5_S[i]) | (f >> (32 - _MD5_S[i])))) & 0xFFFFFFFF
-    s = state
-    return ((s[0] + a) & 0xFFFFFFFF, (s[1] + b) & 0xFFFFFFFF,
-            (s[2] + c) & 0xFFFFFFFF, (s[3] + d) & 0xFFFFFFFF)
-
-
-def _md5_finish(state: tuple[int, int, int, int], data: bytes, done: int) -> bytes:
-    """MD5 of ``done`` bytes already absorbed into ``state`` followed by ``data``."""
-    total = done + len(data)
-    data = data + b"\x80" + b"\x00" * ((55 - total) % 64) + struct.pack("<Q", (total * 8) & (2**64 - 1))
-    for i in range(0, len(data), 64):
-        state = _md5_compress(state, data[i:i + 64])
-    return struct.pack("<4I", *state)
-
-
-def _hmac_md5_pads(password: bytes) -> tuple[bytes, bytes]:
-    key = hashlib.md5(password).digest() if len(password) > 64 else password
-    key = key.ljust(64, b"\x00")
-    return bytes(k ^ 0x5C for k in key), bytes(k ^ 0x36 for k in key)
-
+# ---- CRAM-MD5 contexts: the MD5 that continues from a saved state lives in the mechanism
 
 def cram_md5_context(password: bytes | str) -> str:
     """Dovecot's ``{CRAM-MD5}`` data: MD5 states after key^opad then key^ipad, 64 hex."""
-    opad, ipad = _hmac_md5_pads(_b(password))
-    outer = _md5_compress(_MD5_INIT, opad)
-    inner = _md5_compress(_MD5_INIT, ipad)
-    return struct.pack("<8I", *outer, *inner).hex()
+    return _cram.cram_md5_context(_b(password))
 
 
 def cram_md5_digest(context: str | bytes, challenge: bytes) -> str:
@@ -141,9 +97,7 @@ def cram_md5_digest(context: str | bytes, challenge: bytes) -> str:
     raw = _hexdecode(data) if len(data) == 64 else data
     if len(raw) != 32:
         raise MalformedPassword("a CRAM-MD5 context is 32 bytes (64 hex characters)")
-    o0, o1, o2, o3, i0, i1, i2, i3 = struct.unpack("<8I", raw)
-    inner_digest = _md5_finish((i0, i1, i2, i3), challenge, 64)
-    return _md5_finish((o0, o1, o2, o3), inner_digest, 64).hex()
+    return _cram.digest_from_context(raw.hex(), challenge)
 
 
 # ---- SCRAM (RFC 5802) -----------------------------------------------------------------

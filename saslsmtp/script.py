@@ -30,7 +30,6 @@ startup error.
 from __future__ import annotations
 
 import enum
-import importlib.util
 import inspect
 import sys
 import types

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -44,7 +43,7 @@ from saslsmtp.errors import TemporaryFailure
 from saslsmtp.replies import REPLIES, Reply
 from saslsmtp.sasl.codec import DecodeError, decode_response
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.outcome import Accept, Defer, Lookup, Reject, Secret, Session, Verify
+from saslsmtp.sasl.outcome import Accept, Defer, Reject, Session, Verify
 from saslsmtp.sasl.outcome import Reply as Challenge
 from saslsmtp.tlsinfo import tls_facts
 

@@ -24,7 +24,6 @@ def _connection(transport: Any) -> Any:
 
 def channel_bindings(conn: Any) -> dict[str, bytes]:
     """Channel-binding data of an ``OpenSSL.SSL.Connection`` after its handshake."""
-    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.serialization import Encoding
     out: dict[str, bytes] = {}
     version = conn.get_protocol_version_name()
@@ -40,7 +39,6 @@ def channel_bindings(conn: Any) -> dict[str, bytes]:
         algorithm = c.signature_hash_algorithm
         name = "sha256" if algorithm is None or algorithm.name in ("md5", "sha1") else algorithm.name
         out["tls-server-end-point"] = hashlib.new(name, c.public_bytes(Encoding.DER)).digest()
-        del hashes
     return out
 
 
