@@ -159,12 +159,43 @@ class DovecotBackendConfig:
     service: str = "smtp"
 
 
+#: JWS algorithms a token may use: asymmetric only (a JWKS is public, so an HMAC "key"
+#: from it would let anyone sign), never "none".  The default leaves out "EdDSA"
+#: (deprecated by RFC 9864 for "Ed25519"; joserfc warns on each use).
+OAUTH2_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                     "ES256", "ES384", "ES512", "Ed25519", "EdDSA")
+OAUTH2_DEFAULT_ALGORITHMS = OAUTH2_ALGORITHMS[:-1]
+
+
+@dataclass(frozen=True)
+class OAuth2BackendConfig:
+    """``type = "oauth2"``: validate bearer tokens (OAUTHBEARER, XOAUTH2) as JWTs against a
+    JWKS (``jwks_file`` or ``jwks_url``) or at an RFC 7662 ``introspection_url``."""
+
+    jwks_file: str | None = field(default=None, metadata=PATH)
+    jwks_url: str | None = None
+    introspection_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)  # a secret: not in repr
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    username_claim: str = "sub"
+    scope: tuple[str, ...] = ()  # scopes the token must carry (all of them)
+    algorithms: tuple[str, ...] = OAUTH2_DEFAULT_ALGORITHMS
+    leeway: float = 60.0
+    timeout: float = 5.0
+    jwks_cache_time: float = 3600.0
+    jwks_min_refresh: float = 30.0
+    ca_file: str | None = field(default=None, metadata=PATH)
+
+
 BACKEND_TYPES: dict[str, type] = {
     "file": FileBackendConfig,
     "ldap": LdapBackendConfig,
     "smtp": SmtpBackendConfig,
     "http": HttpBackendConfig,
     "dovecot": DovecotBackendConfig,
+    "oauth2": OAuth2BackendConfig,
 }
 
 
@@ -423,11 +454,51 @@ def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
             tcp = re.fullmatch(r"tcp:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):([0-9]{1,5})", o.socket)
             if not tcp or not 0 < int(tcp.group(2)) < 65536:
                 p.problem(f"{prefix}.socket", "must be a UNIX socket path or tcp:HOST:PORT")
+    elif kind == "oauth2":
+        _check_oauth2(p, prefix, o)
     if kind in ("smtp", "http") and o.ca_file and not Path(o.ca_file).is_file():
         p.problem(f"{prefix}.ca_file", f"no such file: {o.ca_file}")
     for attr in ("timeout",):
         if hasattr(o, attr) and getattr(o, attr) <= 0:
             p.problem(f"{prefix}.{attr}", "must be positive")
+
+
+def _check_oauth2(p: _Parser, prefix: str, o: Any) -> None:
+    """``type = "oauth2"``: one key source, URLs, the claims a JWT must be checked against."""
+    sources = [k for k in ("jwks_file", "jwks_url", "introspection_url") if getattr(o, k)]
+    if len(sources) != 1:
+        p.problem(prefix, "needs exactly one of jwks_file, jwks_url or introspection_url")
+    if o.jwks_file and not Path(o.jwks_file).is_file():
+        p.problem(f"{prefix}.jwks_file", f"no such file: {o.jwks_file}")
+    for key in ("jwks_url", "introspection_url"):
+        value = getattr(o, key)
+        if value and not value.startswith(("http://", "https://")):
+            p.problem(f"{prefix}.{key}", "must be an http:// or https:// URL")
+    if (o.client_id is None) != (o.client_secret is None):
+        p.problem(f"{prefix}.client_secret" if o.client_id is not None else f"{prefix}.client_id",
+                  "client_id and client_secret go together")
+    if o.client_id is not None and not o.introspection_url:
+        p.problem(f"{prefix}.client_id", "is only used with introspection_url")
+    if o.jwks_file or o.jwks_url:  # a JWT signed by the same IdP for another app must not pass
+        if not o.issuer:
+            p.problem(f"{prefix}.issuer", "is required with jwks_file / jwks_url")
+        if not o.audience:
+            p.problem(f"{prefix}.audience", "is required with jwks_file / jwks_url")
+    if not o.username_claim:
+        p.problem(f"{prefix}.username_claim", "must not be empty")
+    if not o.algorithms:
+        p.problem(f"{prefix}.algorithms", "must name at least one algorithm")
+    for alg in o.algorithms:
+        if alg not in OAUTH2_ALGORITHMS:
+            p.problem(f"{prefix}.algorithms", f"{alg!r} is not allowed (choose from"
+                      f" {', '.join(OAUTH2_ALGORITHMS)})")
+    if o.leeway < 0:
+        p.problem(f"{prefix}.leeway", "must not be negative")
+    for key in ("jwks_cache_time", "jwks_min_refresh"):
+        if getattr(o, key) < 0:
+            p.problem(f"{prefix}.{key}", "must not be negative")
+    if o.ca_file and not Path(o.ca_file).is_file():
+        p.problem(f"{prefix}.ca_file", f"no such file: {o.ca_file}")
 
 
 def _check_ldap(p: _Parser, prefix: str, o: Any) -> None:

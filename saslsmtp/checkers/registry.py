@@ -23,6 +23,7 @@ BACKEND_MODULES: dict[str, str] = {
     "smtp": "saslsmtp.checkers.smtp",
     "http": "saslsmtp.checkers.http",
     "dovecot": "saslsmtp.checkers.dovecot",
+    "oauth2": "saslsmtp.checkers.oauth2",
 }
 
 

@@ -1,0 +1,567 @@
+"""``type = "oauth2"``: validate OAuth 2.0 bearer tokens for OAUTHBEARER and XOAUTH2.
+
+The backend provides ``ITokenValidator``: ``validate_token(ValidateToken)`` fires with a
+``TokenVerdict``.  Two modes, one per backend:
+
+* **JWT** (``jwks_file`` or ``jwks_url``): the token is a JWS-signed JWT (RFC 7519,
+  RFC 9068); its signature is checked with joserfc against the key set (the key named by
+  ``kid``; without ``kid``, each key of a fitting type), only with ``algorithms`` (never
+  ``none``, never HMAC); then the claims (below).  A ``jwks_url`` is fetched with treq
+  on first use and cached for ``jwks_cache_time``; a token naming an unknown ``kid``
+  triggers one refetch (at most every ``jwks_min_refresh`` seconds: a stream of forged
+  kids cannot hammer the IdP).  A ``jwks_file`` is read at startup and re-read when a
+  token names an unknown ``kid`` and the file has changed.
+* **Introspection** (``introspection_url``, RFC 7662): one POST
+  ``token=...&token_type_hint=access_token`` per login, authenticated with HTTP Basic
+  ``client_id``/``client_secret`` (RFC 6749 2.3.1: both form-urlencoded first); the
+  answer must be ``200`` JSON with ``"active": true``; then the same claims.
+
+Claims (``ClaimPolicy``): ``exp`` (required for JWTs), ``nbf`` and ``iat`` within
+``leeway`` seconds; ``iss`` equal to ``issuer`` and ``aud`` containing one of
+``audience`` when configured (both required for JWTs by the config); every ``scope``
+configured present in ``scope`` (space-separated) or ``scp``; and ``username_claim``
+(default ``sub``) a non-empty string that equals the username the client asked for,
+when it asked for one.  Verdicts: all good -> ``TokenVerdict(ok=True, subject=<claim>)``;
+missing scope -> ``ok=False, status="insufficient_scope"``; anything else wrong with
+the token -> ``ok=False, status="invalid_token"`` (the mechanism sends its error round,
+then 535).
+
+The key set or the introspection endpoint unreachable, a non-200 answer, a malformed
+answer, or no answer within ``timeout`` -> ``TemporaryFailure`` (454).  A ``jwks_url``
+that cannot be refreshed while older keys are known keeps using the older keys.
+
+Tokens are never logged, and never part of an exception message or repr.
+
+It is also an ``ICredentialsChecker`` that refuses every password (``UnauthorizedLogin``),
+so it may be listed in ``auth.backends`` (needed when OAUTHBEARER/XOAUTH2 are the only
+mechanisms); token validators are found among all ``[backends.*]`` whether listed there
+or not.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import quote_plus, urlencode
+
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry, KeySet
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from saslsmtp.checkers.secrets import ITokenValidator
+from saslsmtp.config import OAuth2BackendConfig
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
+
+log = Logger(namespace="saslsmtp.oauth2")
+
+USER_AGENT = "saslsmtp"
+MAX_BODY = 1 << 20  # a JWKS or introspection answer larger than 1 MiB is refused
+MAX_TOKEN = 16384  # a longer "token" is not worth parsing
+
+#: JWS ``alg`` -> the JWK ``kty`` able to verify it.
+KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+
+
+def _key_type(alg: str) -> str | None:
+    return KEY_TYPES.get(alg[:2])
+
+
+# --------------------------------------------------------------------------
+# Claims: pure
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimPolicy:
+    """What the claims of a valid token must say (see the module docstring)."""
+
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    username_claim: str = "sub"
+    scope: tuple[str, ...] = ()
+    leeway: float = 60.0
+    require_exp: bool = True
+
+    def refuse(self, status: str = "invalid_token", subject: str | None = None) -> TokenVerdict:
+        """A negative verdict carrying the scope to ask for, when one is configured."""
+        return TokenVerdict(False, subject, status, " ".join(self.scope) or None)
+
+    def judge(self, claims: Mapping[str, Any], username: str, now: float) -> tuple[TokenVerdict, str]:
+        """(verdict, reason for the log) for ``claims`` presented for ``username``."""
+        exp = claims.get("exp")
+        if exp is None:
+            if self.require_exp:
+                return self.refuse(), "no exp claim"
+        elif not _number(exp):
+            return self.refuse(), "exp is not a number"
+        elif exp + self.leeway <= now:
+            return self.refuse(), "expired"
+        for name, what in (("nbf", "not yet valid"), ("iat", "issued in the future")):
+            value = claims.get(name)
+            if value is None:
+                continue
+            if not _number(value):
+                return self.refuse(), f"{name} is not a number"
+            if value - self.leeway > now:
+                return self.refuse(), what
+        if self.issuer is not None and claims.get("iss") != self.issuer:
+            return self.refuse(), "wrong issuer"
+        if self.audience:
+            aud = claims.get("aud")
+            audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if not any(a in audiences for a in self.audience):
+                return self.refuse(), "wrong audience"
+        subject = claims.get(self.username_claim)
+        if not isinstance(subject, str) or not subject:
+            return self.refuse(), f"no {self.username_claim} claim"
+        if username and subject != username:
+            return self.refuse(subject=subject), f"{self.username_claim} is not the requested user"
+        if self.scope:
+            granted = _scopes(claims)
+            missing = [s for s in self.scope if s not in granted]
+            if missing:
+                return self.refuse("insufficient_scope", subject), "missing scope " + " ".join(missing)
+        return TokenVerdict(True, subject), "ok"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scopes(claims: Mapping[str, Any]) -> set[str]:
+    """Scopes granted: ``scope`` (RFC 9068 / RFC 7662, space-separated) or ``scp`` (a list
+    or string, Azure AD / Okta)."""
+    granted: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            granted.update(value.split())
+        elif isinstance(value, list):
+            granted.update(v for v in value if isinstance(v, str))
+    return granted
+
+
+# --------------------------------------------------------------------------
+# Key sets
+# --------------------------------------------------------------------------
+
+
+class KeySetError(Exception):
+    """A JWKS document that cannot be used."""
+
+
+def parse_jwks(data: bytes, origin: str) -> KeySet:
+    """The verification keys of a JWKS document (``{"keys": [...]}``).
+
+    Keys marked ``"use": "enc"``, symmetric keys and keys joserfc cannot import are
+    skipped (logged); a document without any usable key is an error.
+    """
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise KeySetError(f"{origin}: not JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise KeySetError(f"{origin}: not a JWKS (no \"keys\" array)")
+    keys = []
+    for index, entry in enumerate(document["keys"]):
+        if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+            continue
+        if entry.get("kty") not in ("RSA", "EC", "OKP"):
+            log.warn("{origin}: key {index} skipped (kty {kty!r} is not RSA, EC or OKP)",
+                     origin=origin, index=index, kty=entry.get("kty"))
+            continue
+        public = {k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
+        try:
+            keys.append(JWKRegistry.import_key(public))
+        except (JoseError, ValueError, TypeError):
+            log.warn("{origin}: key {index} skipped (cannot be imported)", origin=origin, index=index)
+    if not keys:
+        raise KeySetError(f"{origin}: no usable signature key")
+    return KeySet(keys)
+
+
+class FileKeys:
+    """A JWKS from a file: read now (errors are config errors), re-read on demand when
+    the file changed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mtime = self._stat()
+        try:
+            self._keys = parse_jwks(self._read(), path)
+        except OSError as e:
+            raise KeySetError(f"{path}: cannot read: {e.strerror}") from None
+
+    def _stat(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime_ns
+        except OSError:
+            return None
+
+    def _read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read(MAX_BODY + 1)
+
+    def current(self) -> "Deferred[KeySet]":
+        """The keys as last read."""
+        return succeed(self._keys)
+
+    def refresh(self) -> "Deferred[KeySet]":
+        """Re-read the file if it changed; keep the old keys if it became unusable."""
+        mtime = self._stat()
+        if mtime is not None and mtime != self._mtime:
+            self._mtime = mtime
+            try:
+                self._keys = parse_jwks(self._read(), self.path)
+                log.info("{path}: key set reloaded", path=self.path)
+            except (OSError, KeySetError) as e:
+                log.warn("{path}: cannot reload the key set ({why}); keeping the old keys",
+                         path=self.path, why=str(e))
+        return succeed(self._keys)
+
+
+class RemoteKeys:
+    """A JWKS fetched from ``url`` with treq: cached for ``cache_time`` seconds; refreshed
+    at most every ``min_refresh`` seconds on demand; concurrent fetches share one request."""
+
+    def __init__(self, url: str, client: Any, reactor: Any, *, timeout: float = 5.0,
+                 cache_time: float = 3600.0, min_refresh: float = 30.0, name: str = "oauth2") -> None:
+        self.url = url
+        self._client = client
+        self._reactor = reactor
+        self.timeout = timeout
+        self.cache_time = cache_time
+        self.min_refresh = min_refresh
+        self.name = name
+        self._keys: KeySet | None = None
+        self._fetched_at = float("-inf")
+        self._attempted_at = float("-inf")
+        self._waiting: list[Deferred[KeySet]] | None = None
+        self.fetches = 0  # requests sent (for tests and the log)
+
+    def current(self) -> "Deferred[KeySet]":
+        """The cached keys, fetched first when there are none or they are too old."""
+        if self._keys is not None and self._reactor.seconds() - self._fetched_at < self.cache_time:
+            return succeed(self._keys)
+        return self._fetch()
+
+    def refresh(self) -> "Deferred[KeySet]":
+        """Fetch again (a token named an unknown kid), unless done very recently."""
+        if self._keys is not None and self._reactor.seconds() - self._attempted_at < self.min_refresh:
+            return succeed(self._keys)
+        return self._fetch()
+
+    def _fetch(self) -> "Deferred[KeySet]":
+        result: Deferred[KeySet] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(result)
+            return result
+        self._waiting = [result]
+        self._attempted_at = self._reactor.seconds()
+        self.fetches += 1
+        d = Deferred.fromCoroutine(self._get())
+        timer = self._reactor.callLater(self.timeout, d.cancel)
+
+        def done(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            waiting, self._waiting = self._waiting or [], None
+            if isinstance(outcome, Failure):
+                why = (f"no answer within {self.timeout:g}s" if outcome.check(CancelledError)
+                       or _cancelled(outcome) else _describe(outcome))
+                if self._keys is not None:
+                    log.warn("oauth2 backend {name}: cannot refresh {url} ({why});"
+                             " keeping the keys fetched before", name=self.name, url=self.url, why=why)
+                    outcome = self._keys
+                else:
+                    log.warn("oauth2 backend {name}: cannot fetch {url} ({why})",
+                             name=self.name, url=self.url, why=why)
+                    outcome = Failure(TemporaryFailure(
+                        f"oauth2 backend {self.name}: key set unavailable ({why})"))
+            else:
+                self._keys = outcome
+                self._fetched_at = self._reactor.seconds()
+            for w in waiting:
+                w.callback(outcome) if not isinstance(outcome, Failure) else w.errback(outcome)
+
+        d.addBoth(done)
+        return result
+
+    async def _get(self) -> KeySet:
+        response = await self._client.request(
+            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode()],
+                                              b"Accept": [b"application/json"]}),
+            allow_redirects=False, unbuffered=True, reactor=self._reactor)
+        body = await _read_body(response)
+        if response.code != 200:
+            raise KeySetError(f"answered {response.code}")
+        return parse_jwks(body, self.url)
+
+
+# --------------------------------------------------------------------------
+# HTTP helpers
+# --------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(response: Any) -> bytes:
+    import treq
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _TooLarge(f"answer larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
+
+
+def _cancelled(failure: Failure) -> bool:
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
+
+
+def _describe(failure: Failure) -> str:
+    if failure.check(KeySetError, _TooLarge, TemporaryFailure):
+        return str(failure.value)
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return ", ".join(r.value.__class__.__name__ for r in reasons)
+    return failure.value.__class__.__name__
+
+
+def _with_deadline(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferred[Any]":
+    """Run ``coroutine``; cancel it after ``timeout`` seconds; failures other than
+    ``UnauthorizedLogin`` become ``TemporaryFailure`` (with a message free of secrets)."""
+    d = Deferred.fromCoroutine(coroutine)
+    timer = reactor.callLater(timeout, d.cancel)
+
+    def settle(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if isinstance(result, Failure) and not result.check(TemporaryFailure):
+            if result.check(CancelledError) or _cancelled(result):
+                return Failure(TemporaryFailure(f"{what}: no answer within {timeout:g}s"))
+            return Failure(TemporaryFailure(f"{what}: {_describe(result)}"))
+        return result
+
+    return d.addBoth(settle)
+
+
+# --------------------------------------------------------------------------
+# Validators
+# --------------------------------------------------------------------------
+
+
+@implementer(ICredentialsChecker, ITokenValidator)
+class _TokenValidator:
+    """Shared: a token-only backend refuses passwords; verdicts are logged without tokens."""
+
+    credentialInterfaces = (IUsernamePassword,)
+    name = "oauth2"
+
+    def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
+        """Passwords are not tokens: always ``UnauthorizedLogin``."""
+        return fail(UnauthorizedLogin(f"oauth2 backend {self.name} checks bearer tokens only"))
+
+    def _log(self, request: ValidateToken, verdict: TokenVerdict, why: str) -> TokenVerdict:
+        if verdict.ok:
+            log.debug("oauth2 backend {name}: token accepted for {subject}", name=self.name,
+                      subject=verdict.subject)
+        else:
+            log.info("oauth2 backend {name}: token refused ({why}) for {user!r} via {mechanism}",
+                     name=self.name, why=why, user=request.username, mechanism=request.mechanism)
+        return verdict
+
+
+class JwtValidator(_TokenValidator):
+    """Validates JWT bearer tokens with a key source (``FileKeys`` or ``RemoteKeys``)."""
+
+    def __init__(self, keys: Any, policy: ClaimPolicy, *, algorithms: Sequence[str],
+                 clock: Any, name: str = "oauth2") -> None:
+        self.keys = keys
+        self.policy = policy
+        self.algorithms = tuple(algorithms)
+        self._clock = clock
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<JwtValidator {self.name}>"
+
+    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict]":
+        """The verdict on ``request.token`` (see the module docstring)."""
+        return Deferred.fromCoroutine(self._validate(request))
+
+    async def _validate(self, request: ValidateToken) -> TokenVerdict:
+        token = request.token
+        header = _jws_header(token)
+        if header is None:
+            return self._log(request, self.policy.refuse(), "not a signed JWT")
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in self.algorithms or _key_type(alg) is None:
+            return self._log(request, self.policy.refuse(), f"algorithm {alg!r} not allowed")
+        if kid is not None and not isinstance(kid, str):
+            return self._log(request, self.policy.refuse(), "kid is not a string")
+        keyset = await self.keys.current()
+        candidates = _candidates(keyset, alg, kid)
+        if not candidates and kid is not None:
+            keyset = await self.keys.refresh()
+            candidates = _candidates(keyset, alg, kid)
+        if not candidates:
+            return self._log(request, self.policy.refuse(), "no key for this kid/algorithm")
+        claims = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(token, key, algorithms=[alg]).claims
+                break
+            except JoseError:
+                continue
+            except (ValueError, TypeError):
+                break
+        if claims is None:
+            return self._log(request, self.policy.refuse(), "bad signature")
+        if not isinstance(claims, dict):
+            return self._log(request, self.policy.refuse(), "claims are not a JSON object")
+        verdict, why = self.policy.judge(claims, request.username, self._clock.seconds())
+        return self._log(request, verdict, why)
+
+
+def _jws_header(token: str) -> dict[str, Any] | None:
+    """The protected header of a compact JWS, or ``None`` if it is not one."""
+    if not token or len(token) > MAX_TOKEN or token.count(".") != 2:
+        return None
+    try:
+        header = jws.extract_compact(token.encode("ascii")).protected
+    except (JoseError, ValueError, TypeError, UnicodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _candidates(keyset: KeySet, alg: str, kid: str | None) -> list[Any]:
+    """Keys that may have signed a token with this ``alg`` and ``kid``."""
+    kty = _key_type(alg)
+    keys = [k for k in keyset.keys if k.key_type == kty]
+    if kid is not None:
+        keys = [k for k in keys if k.kid == kid]
+    return [k for k in keys if k.get("alg") in (None, alg)]
+
+
+class IntrospectionValidator(_TokenValidator):
+    """Asks an RFC 7662 introspection endpoint about each token."""
+
+    def __init__(self, url: str, client: Any, reactor: Any, policy: ClaimPolicy, *,
+                 client_id: str | None = None, client_secret: str | None = None,
+                 timeout: float = 5.0, name: str = "oauth2", pool: Any = None) -> None:
+        self.url = url
+        self._client = client
+        self._reactor = reactor
+        self.policy = policy
+        self.timeout = timeout
+        self.name = name
+        self._pool = pool
+        headers = {b"User-Agent": [USER_AGENT.encode()], b"Accept": [b"application/json"],
+                   b"Content-Type": [b"application/x-www-form-urlencoded"]}
+        if client_id is not None:
+            pair = f"{quote_plus(client_id)}:{quote_plus(client_secret or '')}"
+            headers[b"Authorization"] = [b"Basic " + base64.b64encode(pair.encode("utf-8"))]
+        self._headers = headers
+
+    def __repr__(self) -> str:  # the headers hold the client secret: never shown
+        return f"<IntrospectionValidator {self.name} {self.url}>"
+
+    def stop(self) -> "Deferred[None] | None":
+        """Close kept-alive connections (the service calls this on shutdown)."""
+        return self._pool.closeCachedConnections() if self._pool is not None else None
+
+    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict]":
+        """The verdict of the introspection endpoint plus the claim policy."""
+        if not request.token or len(request.token) > MAX_TOKEN:
+            return succeed(self._log(request, self.policy.refuse(), "empty or oversized token"))
+        d = _with_deadline(self._reactor, self.timeout, self._ask(request.token),
+                           f"oauth2 backend {self.name}: introspection")
+        return d.addCallback(lambda claims: self._judge(request, claims))
+
+    async def _ask(self, token: str) -> Mapping[str, Any]:
+        body = urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
+        response = await self._client.request(
+            "POST", self.url, data=body, headers=Headers(self._headers),
+            allow_redirects=False, unbuffered=True, reactor=self._reactor)
+        data = await _read_body(response)
+        if response.code in (401, 403):
+            log.error("oauth2 backend {name}: the introspection endpoint refused our client"
+                      " credentials ({code})", name=self.name, code=response.code)
+        if response.code != 200:
+            raise TemporaryFailure(f"oauth2 backend {self.name}: introspection answered"
+                                   f" {response.code}")
+        try:
+            claims = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise TemporaryFailure(f"oauth2 backend {self.name}: introspection answer is not JSON") from None
+        if not isinstance(claims, dict) or not isinstance(claims.get("active"), bool):
+            raise TemporaryFailure(f"oauth2 backend {self.name}: introspection answer has no"
+                                   " boolean \"active\"")
+        return claims
+
+    def _judge(self, request: ValidateToken, claims: Mapping[str, Any]) -> TokenVerdict:
+        if claims.get("active") is not True:
+            return self._log(request, self.policy.refuse(), "inactive")
+        verdict, why = self.policy.judge(claims, request.username, self._reactor.seconds())
+        return self._log(request, verdict, why)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+def policy_from(options: OAuth2BackendConfig) -> ClaimPolicy:
+    """The claim policy of a ``[backends.NAME]`` table."""
+    return ClaimPolicy(issuer=options.issuer, audience=tuple(options.audience),
+                       username_claim=options.username_claim, scope=tuple(options.scope),
+                       leeway=options.leeway, require_exp=options.introspection_url is None)
+
+
+def from_config(name: str, options: OAuth2BackendConfig, deps: Any,
+                make_client: Callable[..., Any] | None = None) -> _TokenValidator:
+    """The validator for ``[backends.NAME] type = "oauth2"``."""
+    from saslsmtp.checkers import http
+    reactor = deps.reactor
+    policy = policy_from(options)
+    if options.jwks_file:
+        try:
+            keys: Any = FileKeys(options.jwks_file)
+        except KeySetError as e:
+            raise ValueError(str(e)) from None
+        return JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor, name=name)
+    pool = http.make_pool(reactor)
+    client = (make_client or http.make_client)(reactor, pool, options.ca_file, options.timeout)
+    if options.jwks_url:
+        keys = RemoteKeys(options.jwks_url, client, reactor, timeout=options.timeout,
+                          cache_time=options.jwks_cache_time,
+                          min_refresh=options.jwks_min_refresh, name=name)
+        validator = JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor,
+                                 name=name)
+        validator.stop = pool.closeCachedConnections  # type: ignore[attr-defined]
+        return validator
+    return IntrospectionValidator(options.introspection_url or "", client, reactor, policy,
+                                  client_id=options.client_id, client_secret=options.client_secret,
+                                  timeout=options.timeout, name=name, pool=pool)
