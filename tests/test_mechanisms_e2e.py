@@ -139,7 +139,8 @@ ALL = ["PLAIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"
 
 
 async def serve(tmp_path: Path, world: World, mechanisms: list[str] = ALL, *,
-                idp: str | None = None, identity: str = "cn") -> RunningServer:
+                idp: str | None = None, identity: str = "cn",
+                listen: list[str] | None = None) -> RunningServer:
     """saslsmtp with STARTTLS, the users file and an oauth2 backend (the JWKS file, or
     the introspection endpoint ``idp``)."""
     if idp is None:
@@ -151,7 +152,8 @@ async def serve(tmp_path: Path, world: World, mechanisms: list[str] = ALL, *,
                 f'[backends.idp]\ntype = "oauth2"\n{oauth2}')
     tls = (f'[tls]\ncertificate = "{world.server_cert}"\nprivate_key = "{world.server_key}"\n'
            f'client_ca = "{world.client_ca}"\nclient_identity = "{identity}"\n')
-    return await start_server(tmp_path, backends, mechanisms=mechanisms, extra=tls)
+    return await start_server(tmp_path, backends, mechanisms=mechanisms, extra=tls,
+                              listen=listen)
 
 
 async def run(argv: list[str], stdin: bytes = b"", timeout: float = 30) -> subprocess.CompletedProcess:
@@ -230,6 +232,46 @@ async def test_gsasl_scram_plus_tls12_uses_tls_unique(tmp_path, world):
     out = done.stdout.decode(errors="replace")
     assert client_first(out).startswith("p=tls-unique,,n=s256,"), out
     assert done.returncode == 0 and "235 2.7.0" in out, out
+
+
+def scram_plus_implicit(port: int, world: World, binding: bytes | None) -> list[tuple[int, bytes]]:
+    """SCRAM-SHA-256-PLUS with scramp over implicit TLS, bound with tls-server-end-point
+    (the SHA-256 of the server certificate, or ``binding`` to forge it); the replies."""
+    import hashlib
+
+    import scramp
+    context = ssl.create_default_context(cafile=world.server_ca)
+    context.check_hostname = False
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=10) as s:
+        s.ehlo("client.example")
+        cert = s.sock.getpeercert(binary_form=True)
+        data = binding if binding is not None else hashlib.sha256(cert).digest()
+        client = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "s256", PASSWORDS["s256"],
+                                    channel_binding=("tls-server-end-point", data))
+        replies = [s.docmd("AUTH", "SCRAM-SHA-256-PLUS "
+                           + base64.b64encode(client.get_client_first().encode()).decode())]
+        client.set_server_first(base64.b64decode(replies[0][1]).decode())
+        replies.append(s.docmd(base64.b64encode(client.get_client_final().encode()).decode()))
+        if replies[-1][0] == 334:
+            client.set_server_final(base64.b64decode(replies[-1][1]).decode())  # checks v=
+            replies.append(s.docmd(""))
+        return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_scram_plus_over_implicit_tls(tmp_path, world):
+    """Implicit TLS (an ssl: listener) fills the channel bindings too: scramp binds with
+    tls-server-end-point and logs in; a forged binding gets 535."""
+    server = await serve(tmp_path, world, ["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"],
+                         listen=["ssl:0:interface=127.0.0.1"])
+    try:
+        good = await threads.deferToThread(scram_plus_implicit, server.port, world, None)
+        forged = await threads.deferToThread(scram_plus_implicit, server.port, world, b"\0" * 32)
+    finally:
+        await server.stop()
+    assert [code for code, _ in good] == [334, 334, 235]
+    assert [code for code, _ in forged] == [334, 535]
+    assert b"channel-bindings-dont-match" in forged[1][1]
 
 
 # ---- curl: OAUTHBEARER / XOAUTH2 -------------------------------------------------------
