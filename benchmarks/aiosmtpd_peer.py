@@ -3,10 +3,12 @@
 
 One user (``bench`` / ``benchpass`` by default), AUTH PLAIN and LOGIN over plaintext
 (``auth_require_tls=False``), AUTH required before MAIL (like saslsmtp's submission
-mode), accepted mail discarded, logging quietened. It runs ``SMTP`` directly on the
-main thread's asyncio loop (what ``python -m aiosmtpd`` does), bound to loopback only::
+mode), accepted mail discarded or, with ``--maildir``, stored durably the way saslsmtp's
+Maildir delivery does; logging quietened. It runs ``SMTP`` directly on the main thread's
+asyncio loop (what ``python -m aiosmtpd`` does), bound to loopback only::
 
     python3 benchmarks/aiosmtpd_peer.py PORT [--host 127.0.0.1] [--user U --password P]
+                                             [--maildir DIR]
 
 SIGTERM or SIGINT stops it.
 """
@@ -17,10 +19,15 @@ import argparse
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -53,6 +60,45 @@ class DiscardHandler:
         return "250 2.0.0 OK"
 
 
+class MaildirHandler:
+    """Store each message durably in a Maildir, as saslsmtp does, before the 250.
+
+    Written to ``tmp/``, fsynced, renamed into ``new/``, directory fsynced; in the
+    loop's default thread pool so the event loop never blocks on the disk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        for sub in ("tmp", "new", "cur"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname().replace("/", "_").replace(":", "_")
+
+    def _store(self, data: bytes) -> None:
+        name = f"{time.time_ns()}.P{os.getpid()}Q{next(_sequence)}.{self._host}"
+        tmp = self._path / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._path / "new" / name)
+        dirfd = os.open(self._path / "new", os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Store the message, then reply 250."""
+        data = envelope.original_content or b""
+        await asyncio.get_running_loop().run_in_executor(None, self._store, data)
+        return "250 2.0.0 OK"
+
+
+_sequence = itertools.count()
+
+
 def quieten_logging() -> None:
     """Silence aiosmtpd's per-session logging (it would dominate the measurement)."""
     for name in ("mail.log", "mail.debug", "asyncio"):
@@ -71,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--user", default="bench")
     p.add_argument("--password", default="benchpass")
+    p.add_argument("--maildir", type=Path, default=None,
+                   help="store accepted mail durably in this Maildir (default: discard)")
     p.add_argument("--hostname", default="aiosmtpd.bench.test",
                    help="name in the greeting (avoids a getfqdn() DNS lookup)")
     args = p.parse_args(argv)
@@ -82,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     """Listen until SIGTERM/SIGINT."""
     authenticator = OneUserAuthenticator(args.user.encode(), args.password.encode())
-    handler = DiscardHandler()
+    handler = MaildirHandler(args.maildir) if args.maildir else DiscardHandler()
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
