@@ -60,7 +60,6 @@ class ServerConfig:
     max_message_size: int = 26214400
     max_recipients: int = 100
     idle_timeout: float = 300.0
-    submission: bool = True  # MAIL requires AUTH (530 5.7.0)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,6 @@ def wire(config: Config, reactor: Any) -> Wiring:
         hostname=config.server.hostname,
         mechanisms=config.auth.mechanisms,
         require_tls=config.auth.require_tls,
-        require_auth=config.server.submission,
         failure_delay=config.auth.failure_delay,
         max_failures=config.auth.max_failures,
         max_steps=config.auth.script_max_steps,
@@ -225,6 +224,26 @@ class SubmissionFactory(protocol.ServerFactory):
         self.wiring = wiring
         self.clock = clock
         self.connections: set[SubmissionESMTP] = set()
+        self._idle: list[defer.Deferred[None]] = []
+
+    def forget(self, p: SubmissionESMTP) -> None:
+        self.connections.discard(p)
+        if not self.connections:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_all(self, grace: float = 5.0) -> "defer.Deferred[None]":
+        """Send 421 4.3.2 to every session, close it, and fire when all are gone
+        (or after ``grace`` seconds)."""
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        for p in list(self.connections):
+            p._send(REPLIES["shutting_down"])
+            p.transport.loseConnection()
+        return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 
     def buildProtocol(self, addr: Any) -> SubmissionESMTP:
         w = self.wiring
@@ -243,8 +262,8 @@ class _TrackedSubmission(SubmissionESMTP):
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.factory.connections.discard(self)
         super().connectionLost(reason)
+        self.factory.forget(self)
 
 
 class SaslSmtpService(service.MultiService):
@@ -271,17 +290,15 @@ class SaslSmtpService(service.MultiService):
     def stopService(self) -> "defer.Deferred[None]":
         d = defer.maybeDeferred(super().stopService)
 
-        def close_sessions(_: Any) -> None:
-            for p in list(self.factory.connections):
-                p._send(REPLIES["shutting_down"])
-                p.transport.loseConnection()
+        def stop_backends(_: Any) -> None:
             for checker in self.wiring.checkers.values():
                 stop = getattr(checker, "stop", None)
                 if callable(stop):
                     stop()
             for runner in self.wiring.runners:
                 runner.stop()
-        return d.addCallback(close_sessions)
+        d.addCallback(lambda _: self.factory.close_all())
+        return d.addCallback(stop_backends)
 
 
 def listener(description: str, config: Config, reactor: Any, factory: Any,

@@ -152,3 +152,25 @@ def test_example_daemon_with_swaks(example_daemon, mechanism: str) -> None:
     log = daemon.log_text()
     for secret in ("demo-password", base64.b64encode(b"\0demo\0demo-password").decode()):
         assert secret not in log
+
+
+def test_sigterm_closes_idle_sessions_with_421(example_daemon) -> None:
+    """On shutdown the daemon tells connected clients 421 4.3.2 and exits cleanly."""
+    import signal
+    import socket
+    daemon, _ = example_daemon
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as s:
+        assert s.recv(200).startswith(b"220 ")
+        s.sendall(b"EHLO client.example\r\n")
+        s.recv(1000)
+        daemon.process.send_signal(signal.SIGTERM)
+        rest = b""
+        while True:
+            data = s.recv(1000)
+            if not data:
+                break
+            rest += data
+    assert rest == b"421 4.3.2 Service shutting down, closing connection\r\n"
+    # twistd re-raises the signal it stopped for, so "killed by SIGTERM" is a clean exit
+    assert daemon.process.wait(10) in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in daemon.log_text() and "Traceback" not in daemon.log_text()
