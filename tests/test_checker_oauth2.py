@@ -240,21 +240,35 @@ def test_jwt_refusals(tmp_path, keys):
         "tampered": f"{head}.{evil_body}.{sig}",
         "expired": signed(keys["ec"], claims(NOW - 3600)),
         "audience": signed(keys["ec"], claims(NOW, aud="other-app")),
-        "issuer": signed(keys["ec"], claims(NOW, iss="https://evil.example")),
         "none": none_token,
         "hs256": hs_token,
         "unknown kid": signed(keys["ec2"], claims(NOW)),
         "kid not a string": raw_token({"alg": "ES256", "kid": 7}, claims(NOW), lambda d: b"x" * 64),
-        "garbage": "not-a-jwt",
-        "jwe": "a.b.c.d.e",
-        "bad base64": "!!!.???.***",
-        "oversized": "a" * 20000 + "." + "b" + "." + "c",
     }
     for name, token in bad.items():
         verdict = run(v.validate_token(request(token)))
         assert verdict == TokenVerdict(False, None, "invalid_token", None), name
     verdict = run(v.validate_token(request(good, "bob@example.test")))
     assert verdict == TokenVerdict(False, USER, "invalid_token", None)
+
+
+def test_jwt_no_opinion_on_foreign_tokens(tmp_path, keys):
+    """Not a JWT (opaque, JWE-shaped, bad base64, oversized) or another issuer, even
+    well signed: ``None``, so that a next oauth2 backend may judge it (the engine turns
+    "no opinion anywhere" into invalid_token)."""
+    v, _ = file_validator(tmp_path, keys["ec"])
+    foreign = {
+        "opaque": "not-a-jwt",
+        "jwe": "a.b.c.d.e",
+        "bad base64": "!!!.???.***",
+        "oversized": "a" * 20000 + "." + "b" + "." + "c",
+        "payload not JSON": raw_token({"alg": "ES256"}, {}, lambda d: b"x").replace(
+            ".e30.", "." + _b64(b"[1,") + "."),
+        "another issuer": signed(keys["ec"], claims(NOW, iss="https://other-idp.example")),
+        "no issuer": signed(keys["ec"], claims(NOW, iss=None)),
+    }
+    for name, token in foreign.items():
+        assert run(v.validate_token(request(token))) is None, name
 
 
 def test_jwt_without_kid(tmp_path, keys):
@@ -606,3 +620,28 @@ async def test_no_token_in_logs_or_errors(idp, keys):
     for needle in (secret_jwt, secret_jwt.split(".")[1][:20], secret_jwt.split(".")[2][:20],
                    opaque, CLIENT_SECRET):
         assert needle not in text  # ...without the tokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwt_backend_then_introspection_backend(idp, keys):
+    """Two oauth2 backends, as the engine's resolver asks them: a JWT of our issuer is
+    judged by the JWT backend alone; an opaque token gets no opinion there and goes to
+    the introspection backend; a token nobody knows ends as "no verdict" (None)."""
+    from saslsmtp.tap import secret_resolver
+    jwt_backend = remote(base(idp), **jwks_options(idp))
+    introspection = remote(base(idp), introspection_url=base(idp) + "/introspect",
+                           client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    resolve = secret_resolver([], [jwt_backend, introspection])
+    idp.resource.tokens = {"opaque-1": {"sub": USER}}
+    secret = await resolve(request(signed(keys["ec"], claims())), Session())
+    assert secret.value == TokenVerdict(True, USER)
+    assert [r["path"] for r in idp.resource.requests] == [b"/jwks"]
+    secret = await resolve(request("opaque-1"), Session())
+    assert secret.value == TokenVerdict(True, USER)
+    assert [r["path"] for r in idp.resource.requests] == [b"/jwks", b"/introspect"]
+    secret = await resolve(request("opaque-unknown"), Session())
+    assert secret.value == TokenVerdict(False, None, "invalid_token")
+    jwt_only = secret_resolver([], [jwt_backend])
+    assert await jwt_only(request("opaque-1"), Session()) is None
+    await jwt_backend.stop()
+    await introspection.stop()

@@ -1,13 +1,16 @@
 """``type = "oauth2"``: validate OAuth 2.0 bearer tokens for OAUTHBEARER and XOAUTH2.
 
 The backend provides ``ITokenValidator``: ``validate_token(ValidateToken)`` fires with a
-``TokenVerdict``.  Two modes, one per backend:
+``TokenVerdict`` (or ``None``: no opinion).  Two modes, one per backend:
 
 * **JWT** (``jwks_file`` or ``jwks_url``): the token is a JWS-signed JWT (RFC 7519,
   RFC 9068); its signature is checked with joserfc against the key set (the key named by
   ``kid``; without ``kid``, each key of a fitting type), only with ``algorithms`` (never
-  ``none``, never HMAC); then the claims (below).  A ``jwks_url`` is fetched with treq
-  on first use and cached for ``jwks_cache_time``; a token naming an unknown ``kid``
+  ``none``, never HMAC); then the claims (below).  A token that is no JWT, or whose
+  (not yet verified) ``iss`` is not ``issuer``, gets no opinion (``None``): the next
+  ``oauth2`` backend may judge it (several IdPs, or JWTs beside opaque tokens); when
+  none has an opinion the token is invalid.  A ``jwks_url`` is fetched with treq on
+  first use and cached for ``jwks_cache_time``; a token naming an unknown ``kid``
   triggers one refetch (at most every ``jwks_min_refresh`` seconds: a stream of forged
   kids cannot hammer the IdP).  A ``jwks_file`` is read at startup and re-read when a
   token names an unknown ``kid`` and the file has changed.
@@ -392,6 +395,12 @@ class _TokenValidator:
                      name=self.name, why=why, user=request.username, mechanism=request.mechanism)
         return verdict
 
+    def _no_opinion(self, request: ValidateToken, why: str) -> None:
+        log.info("oauth2 backend {name}: no opinion on the token ({why}) for {user!r} via"
+                 " {mechanism}", name=self.name, why=why, user=request.username,
+                 mechanism=request.mechanism)
+        return None
+
 
 class JwtValidator(_TokenValidator):
     """Validates JWT bearer tokens with a key source (``FileKeys`` or ``RemoteKeys``)."""
@@ -407,15 +416,20 @@ class JwtValidator(_TokenValidator):
     def __repr__(self) -> str:
         return f"<JwtValidator {self.name}>"
 
-    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict]":
-        """The verdict on ``request.token`` (see the module docstring)."""
+    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict | None]":
+        """The verdict on ``request.token`` (see the module docstring); ``None`` (no
+        opinion) when it is not a JWT or names another ``iss``."""
         return Deferred.fromCoroutine(self._validate(request))
 
-    async def _validate(self, request: ValidateToken) -> TokenVerdict:
+    async def _validate(self, request: ValidateToken) -> TokenVerdict | None:
         token = request.token
-        header = _jws_header(token)
-        if header is None:
-            return self._log(request, self.policy.refuse(), "not a signed JWT")
+        peeked = _peek(token)
+        if peeked is None:
+            return self._no_opinion(request, "not a signed JWT")
+        header, unverified = peeked
+        if self.policy.issuer is not None and (
+                not isinstance(unverified, dict) or unverified.get("iss") != self.policy.issuer):
+            return self._no_opinion(request, "another issuer")
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in self.algorithms or _key_type(alg) is None:
             return self._log(request, self.policy.refuse(), f"algorithm {alg!r} not allowed")
@@ -445,15 +459,23 @@ class JwtValidator(_TokenValidator):
         return self._log(request, verdict, why)
 
 
-def _jws_header(token: str) -> dict[str, Any] | None:
-    """The protected header of a compact JWS, or ``None`` if it is not one."""
+def _peek(token: str) -> tuple[dict[str, Any], Any] | None:
+    """(protected header, claims NOT yet verified) of a compact JWS; ``None`` if it is
+    not one.  The claims only route the token (``iss``); nothing is trusted before the
+    signature is checked."""
     if not token or len(token) > MAX_TOKEN or token.count(".") != 2:
         return None
     try:
-        header = jws.extract_compact(token.encode("ascii")).protected
+        compact = jws.extract_compact(token.encode("ascii"))
     except (JoseError, ValueError, TypeError, UnicodeError):
         return None
-    return header if isinstance(header, dict) else None
+    if not isinstance(compact.protected, dict):
+        return None
+    try:
+        claims = json.loads(compact.payload)
+    except (ValueError, UnicodeDecodeError):
+        claims = None
+    return compact.protected, claims
 
 
 def _candidates(keyset: KeySet, alg: str, kid: str | None) -> list[Any]:

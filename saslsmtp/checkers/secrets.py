@@ -34,5 +34,6 @@ class ITokenValidator(Interface):
 
     def validate_token(request: object) -> "Deferred[object]":
         """Judge ``request`` (a ``saslsmtp.sasl.oauth.ValidateToken``); fire with a
-        ``saslsmtp.sasl.oauth.TokenVerdict``; fail with ``TemporaryFailure`` when the
-        authorization server or key set cannot be reached."""
+        ``saslsmtp.sasl.oauth.TokenVerdict``, or ``None`` when the token is not this
+        validator's to judge (the next one is asked; none -> invalid_token); fail with
+        ``TemporaryFailure`` when the authorization server or key set cannot be reached."""
