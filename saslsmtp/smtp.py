@@ -43,7 +43,7 @@ from saslsmtp.errors import TemporaryFailure
 from saslsmtp.replies import REPLIES, Reply
 from saslsmtp.sasl.codec import DecodeError, decode_response
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.outcome import Accept, Defer, Reject, Session, Verify
+from saslsmtp.sasl.outcome import Accept, Defer, Reject, Secret, Session, Verify
 from saslsmtp.sasl.outcome import Reply as Challenge
 from saslsmtp.tlsinfo import tls_facts
 
@@ -524,7 +524,9 @@ class SubmissionESMTP(smtp.ESMTP):
         d = self.resolver(outcome, self.session(name))
         prepare = getattr(mechanism, "prepare_secret", None)
         if prepare is not None and self.blocking is not None:
-            d.addCallback(lambda secret: self.blocking.run(prepare, secret))
+            # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
+            d.addCallback(lambda secret: self.blocking.run(prepare, secret)
+                          if isinstance(secret, Secret) and secret.kind == "plaintext" else secret)
         d.addCallback(lambda secret: mechanism.resume(secret))
         d.addCallback(self._outcome)
         return d
