@@ -87,6 +87,7 @@ REPLIES: dict[str, Reply] = {
     "message_accepted": R(250, "2.0.0", "OK: queued", "RFC 5321"),
     "message_too_big": R(552, "5.3.4", "Message size exceeds fixed maximum message size", "RFC 1870"),
     "message_too_big_announced": R(552, "5.3.4", "Message size exceeds fixed maximum message size", "RFC 1870"),
+    "message_line_too_long": R(554, "5.6.0", "Message contains a line longer than 16384 octets", "RFC 5321 4.5.3.1.6"),
     "local_error": R(451, "4.3.0", "Local error in processing; try again later", "RFC 3463"),
     "starttls_go": R(220, "2.0.0", "Ready to start TLS", "RFC 3207"),
     "starttls_unavailable": R(454, "4.7.0", "TLS not available", "RFC 3207"),

@@ -201,6 +201,12 @@ class SubmissionESMTP(smtp.ESMTP):
         """Split into CRLF lines; refuse bare LF, bound the buffer, stop after STARTTLS."""
         if self._lost:
             return
+        if self._skip_to_eol:  # the rest of a line already refused as too long
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end + 1:]
+            self._skip_to_eol = False
         data = self._buffer + data
         lines = data.split(b"\n")
         self._buffer = lines.pop()
@@ -208,9 +214,6 @@ class SubmissionESMTP(smtp.ESMTP):
         for line in lines:
             if self._lost or self.transport.disconnecting or self._discard_chunk:
                 break
-            if self._skip_to_eol:
-                self._skip_to_eol = False
-                continue
             if not line.endswith(b"\r"):
                 self._bare_lf()
                 return
@@ -623,7 +626,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._recipients: list[tuple[str, Callable[[], Any]]] = []
         self._messages: list[Any] = []
         self._size = 0
-        self._oversized = False
+        self._refusal: Reply | None = None
 
     def do_MAIL(self, arg: bytes) -> None:
         if not self._ehlo_done:
@@ -718,7 +721,7 @@ class SubmissionESMTP(smtp.ESMTP):
             return self._send(REPLIES["local_error"])
         self._messages = messages
         self._size = 0
-        self._oversized = False
+        self._refusal = None
         self.mode = smtp.DATA
         self._send(REPLIES["data_start"])
         self._deliver_line(self.received_header())
@@ -749,23 +752,25 @@ class SubmissionESMTP(smtp.ESMTP):
         if line[:1] == b".":
             line = line[1:]
         self._size += len(line) + 2
-        if self._size > self.settings.max_message_size:
-            self._oversized = True
-        if not self._oversized:
+        if self._size > self.settings.max_message_size and self._refusal is None:
+            self._refusal = REPLIES["message_too_big"]
+        if self._refusal is None:
             self._deliver_line(line)
 
     def _data_oversized_line(self) -> None:
         # A line too long to buffer is not a line an MTA can relay (RFC 5321 4.5.3.1.6).
-        self._oversized = True
+        if self._refusal is None:
+            self._refusal = REPLIES["message_line_too_long"]
 
     def _end_of_data(self) -> None:
         self.mode = smtp.COMMAND
         messages, self._messages = self._messages, []
-        if self._oversized:
+        if self._refusal is not None:
+            refusal = self._refusal
             for m in messages:
                 m.connectionLost()
             self._reset_transaction()
-            return self._send(REPLIES["message_too_big"])
+            return self._send(refusal)
         d = defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages],
                                fireOnOneErrback=True, consumeErrors=True)
         self._wait(d.addCallbacks(self._message_stored, self._message_failed))

@@ -383,6 +383,26 @@ def test_one_megabyte_line() -> None:
     assert h.send(b"rest of the long line\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
+def test_one_megabyte_line_in_many_packets() -> None:
+    """The same line arriving in 64 KiB pieces, as over TCP: still exactly one 500."""
+    h = harness()
+    out = b"".join(h.send(b"X" * 65536) for _ in range(16))
+    assert out == b"500 5.5.2 Line too long\r\n"
+    assert h.send(b"tail\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_oversized_data_line_in_many_packets() -> None:
+    """A 1 MB line inside DATA: the message is refused at the final dot."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\nMAIL FROM:<t@example.test>\r\n"
+           b"RCPT TO:<a@example.test>\r\nDATA\r\n")
+    out = b"".join(h.send(b"Y" * 65536) for _ in range(16))
+    assert out == b""
+    assert h.send(b"\r\nlast line\r\n.\r\n") == (
+        b"554 5.6.0 Message contains a line longer than 16384 octets\r\n")
+    assert h.realm.messages == []
+
+
 def test_one_megabyte_auth_line() -> None:
     """A 1 MB continuation line in AUTH mode: 500 5.5.6 and the exchange ends."""
     h = harness()
