@@ -7,13 +7,21 @@ import pytest
 IN_CI = os.environ.get("CI") == "true"
 
 
-def require_binary(path: str) -> None:
+def require(ok: bool, message: str) -> None:
     """Fail in CI (a missing install step must not hide behind a skip); skip elsewhere."""
-    if not os.path.exists(path):
-        message = f"{path} is not installed (scripts/test.sh installs it)"
+    if not ok:
         if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)  # outside CI only: with CI=true the line above fails
+
+
+def require_binary(name: str, package: str = "") -> str:
+    """The path of an executable (a name on PATH or a path), or fail in CI / skip."""
+    import shutil
+    path = name if os.path.sep in name and os.access(name, os.X_OK) else shutil.which(name)
+    require(path is not None, f"{name} is not installed (Debian package {package or name};"
+                              " scripts/test.sh installs it)")
+    return path
 
 
 # ---------------------------------------------------------------------------

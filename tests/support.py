@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from twisted.internet import endpoints, threads
+from twisted.internet import threads
 
 from saslsmtp.tap import SubmissionFactory, listener, load, wire
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -304,12 +302,8 @@ def test_no_stdlib_crypt_import() -> None:
 
 
 def _doveadm() -> str | None:
-    path = shutil.which("doveadm")
-    if path is None and os.environ.get("CI") == "true":
-        pytest.fail("doveadm (Debian package dovecot-core) is required in CI")
-    if path is None:
-        pytest.skip("doveadm not installed (apt-get install dovecot-core)")
-    return path
+    from tests.conftest import require_binary
+    return require_binary("doveadm", "dovecot-core")
 
 
 @pytest.mark.parametrize("scheme", [s for s in MAKE_SCHEMES if s != "DIGEST-MD5"])

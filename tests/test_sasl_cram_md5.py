@@ -9,11 +9,12 @@ import hmac
 import os
 import re
 import select
-import shutil
 import smtplib
 import subprocess
 
 import pytest
+
+from tests.conftest import require_binary
 
 from saslsmtp.sasl import cram_md5
 from saslsmtp.sasl.cram_md5 import (
@@ -274,12 +275,7 @@ GSASL_PROMPT = b"Enter base64 authentication data from server (press RET if none
 
 def gsasl_binary() -> str:
     """The gsasl executable; in CI its absence is a failure, elsewhere a skip."""
-    path = shutil.which("gsasl")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gsasl is not installed (Debian package gsasl)")
-        pytest.skip("gsasl is not installed")
-    return path
+    return require_binary("gsasl")
 
 
 def gsasl_cram_md5(password: str, secret: Secret) -> object:

@@ -14,10 +14,11 @@ import hmac
 import os
 import re
 import select
-import shutil
 import subprocess
 
 import pytest
+
+from tests.conftest import require_binary
 import scramp
 
 from saslsmtp.sasl import scram
@@ -615,12 +616,7 @@ GSASL_PROMPT = b"Enter base64 authentication data from server (press RET if none
 
 def gsasl_binary() -> str:
     """The gsasl executable; in CI its absence is a failure, elsewhere a skip."""
-    path = shutil.which("gsasl")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("gsasl is not installed (Debian package gsasl)")
-        pytest.skip("gsasl is not installed")
-    return path
+    return require_binary("gsasl")
 
 
 def gsasl_login(mechanism: str, m: Scram, password: str, secret: Secret | None) -> list[object]:
