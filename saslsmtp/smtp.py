@@ -53,6 +53,7 @@ AUTH_LINE_LIMIT = 12288  # RFC 4954 section 4
 COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; MAIL with AUTH= may add 500; be generous
 READ_LIMIT = 16384  # longest partial line buffered before it is refused
 MAX_ERRORS = 20  # protocol errors per connection before 421
+OVERLONG = b"<a line longer than READ_LIMIT>"  # a marker, compared by identity
 
 _ADDRESS = re.compile(rb"^\s*<([^<>\s]*)>(.*)$")
 _PARAM = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
@@ -225,17 +226,19 @@ class SubmissionESMTP(smtp.ESMTP):
         if len(self._buffer) > READ_LIMIT and not self._lost:
             self._buffer = b""
             self._skip_to_eol = True
-            if self.mode == smtp.DATA:
-                self._data_oversized_line()
-            else:
-                self._line_too_long()
+            self.lineReceived(OVERLONG)  # queued like a line, so replies stay in order
 
     def lineReceived(self, line: bytes) -> None:
         if self._busy:
             self._queue.append(line)
             return
         self.resetTimeout()
-        if self.mode == smtp.DATA:
+        if line is OVERLONG:
+            if self.mode == smtp.DATA:
+                self._data_oversized_line()
+            else:
+                self._line_too_long()
+        elif self.mode == smtp.DATA:
             self._data_line(line)
         elif self.mode == smtp.AUTH:
             self._auth_line(line)

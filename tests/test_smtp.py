@@ -403,6 +403,16 @@ def test_oversized_data_line_in_many_packets() -> None:
     assert h.realm.messages == []
 
 
+def test_one_megabyte_line_while_a_step_is_pending() -> None:
+    """An over-long line pipelined behind a pending AUTH is answered after the 235."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker])
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n" + b"X" * 70000) == b""
+    checker.calls[0][1].callback(b"tim")
+    assert h.take() == OK + b"500 5.5.2 Line too long\r\n"
+
+
 def test_one_megabyte_auth_line() -> None:
     """A 1 MB continuation line in AUTH mode: 500 5.5.6 and the exchange ends."""
     h = harness()
