@@ -416,7 +416,9 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def offered_mechanisms(self) -> list[str]:
         """Mechanisms announced now: configured ones, minus those TLS policy hides."""
-        return [name for name in self.settings.mechanisms if self._allowed(self.mechanism_specs[name])]
+        specs = self.mechanism_specs
+        return [name for name in self.settings.mechanisms
+                if name in specs and self._allowed(specs[name])]
 
     def _allowed(self, spec: MechanismSpec) -> bool:
         if self._tls:

@@ -19,6 +19,9 @@ Client mistakes are outcomes, never exceptions.  Calling a mechanism out of orde
 Twisted; a test enforces it.
 """
 
+__all__ = ["Accept", "Defer", "Lookup", "MechanismStateError", "Outcome", "Reject", "Reply",
+           "Secret", "Session", "Verify"]
+
 from saslsmtp.sasl.outcome import (  # noqa: F401
     Accept,
     Defer,
