@@ -1,0 +1,190 @@
+"""The built-in challenge mechanisms on the wire: RFC vectors as exact-byte SMTP
+transcripts over StringTransport (RFC 2195, RFC 5802, RFC 7677, RFC 7628, XOAUTH2)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+
+from twisted.internet import defer
+
+from saslsmtp.sasl.cram_md5 import CramMD5
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.oauth import TOKEN_VERDICT, OAuthBearer, TokenVerdict, ValidateToken, XOAuth2
+from saslsmtp.sasl.outcome import Lookup, Secret
+from saslsmtp.sasl.scram import Scram
+from saslsmtp.testing import SMTPHarness
+
+OK = b"235 2.7.0 Authentication successful\r\n"
+INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def secrets(table: dict[str, Secret]):
+    """A resolver answering Lookup from a table, as the users file would."""
+    def resolve(request, session):
+        assert isinstance(request, Lookup)
+        return defer.succeed(table.get(request.username))
+    return resolve
+
+
+# RFC 2195 section 2
+RFC2195_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
+RFC2195_RESPONSE_B64 = b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw"
+
+
+def cram_harness(secret: Secret) -> SMTPHarness:
+    spec = MechanismSpec("CRAM-MD5", functools.partial(
+        CramMD5, random=lambda: 1896, clock=lambda: 697170952), client_first=False)
+    h = SMTPHarness(mechanisms={"CRAM-MD5": spec}, resolver=secrets({"tim": secret}),
+                    hostname="postoffice.reston.mci.net")
+    h.send(b"EHLO client.example\r\n")
+    return h
+
+
+def test_rfc2195_cram_md5_from_plaintext_and_from_dovecot_context() -> None:
+    from saslsmtp.sasl.cram_md5 import cram_md5_context
+    for secret in (Secret("plaintext", "tanstaaftanstaaf"),
+                   Secret("cram-md5", cram_md5_context("tanstaaftanstaaf"))):
+        h = cram_harness(secret)
+        assert h.send(b"AUTH CRAM-MD5\r\n") == b"334 " + b64(RFC2195_CHALLENGE) + b"\r\n"
+        assert h.send(RFC2195_RESPONSE_B64 + b"\r\n") == OK
+        assert h.realm.logins == ["tim"]
+
+
+def test_cram_md5_wrong_digest_and_initial_response() -> None:
+    h = cram_harness(Secret("plaintext", "other"))
+    h.send(b"AUTH CRAM-MD5\r\n")
+    assert h.send(RFC2195_RESPONSE_B64 + b"\r\n") == INVALID
+    assert h.send(b"AUTH CRAM-MD5 " + RFC2195_RESPONSE_B64 + b"\r\n") == (
+        b"501 5.7.0 Initial response not allowed for this mechanism\r\n")
+
+
+# RFC 5802 section 5 and RFC 7677 section 3: user "user", password "pencil"
+SCRAM_VECTORS = {
+    "SCRAM-SHA-1": (
+        "3rfcNHYJY1ZVvWVs7j",
+        b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL",
+        b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096",
+        b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=",
+        b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ=",
+        (4096, "QSXCR+Q6sek8bf92", "6dlGYMOdZcOPutkcNY8U2g7vK9Y=", "D+CSWLOshSulAsxiupA+qs2/fTE="),
+    ),
+    "SCRAM-SHA-256": (
+        "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+        b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
+        b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+        b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+        b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+        b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+        (4096, "W22ZaJ0SNY7soEsUEjb6gQ==", "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=",
+         "wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="),
+    ),
+}
+
+
+def scram_harness(name: str, secret: Secret) -> SMTPHarness:
+    nonce = SCRAM_VECTORS[name][0]
+    spec = MechanismSpec(name, functools.partial(Scram, name=name, nonce=lambda: nonce))
+    h = SMTPHarness(mechanisms={name: spec}, resolver=secrets({"user": secret}))
+    h.send(b"EHLO client.example\r\n")
+    return h
+
+
+def stored(name: str) -> Secret:
+    iterations, salt, stored_key, server_key = SCRAM_VECTORS[name][5]
+    return Secret(name.lower(), (iterations, base64.b64decode(salt), base64.b64decode(stored_key),
+                                 base64.b64decode(server_key)))
+
+
+def test_rfc5802_and_rfc7677_exact_transcripts() -> None:
+    """AUTH with the client-first message, 334 server-first, client-final, 334 v=, empty
+    line, 235: byte for byte, from stored keys and from the plaintext "pencil"."""
+    for name, (_, first, server_first, final, server_final, _) in SCRAM_VECTORS.items():
+        for secret in (stored(name), Secret("plaintext", "pencil")):
+            h = scram_harness(name, secret)
+            if secret.kind == "plaintext":
+                # a plaintext entry gets a salt derived per user: only s= differs
+                out = base64.b64decode(h.send(b"AUTH " + name.encode() + b" " + b64(first) + b"\r\n")[4:])
+                assert out.startswith(server_first.split(b",s=")[0] + b",s=")
+                assert out.endswith(b",i=4096") and out != server_first
+                continue
+            assert h.send(b"AUTH " + name.encode() + b" " + b64(first) + b"\r\n") == (
+                b"334 " + b64(server_first) + b"\r\n"), name
+            assert h.send(b64(final) + b"\r\n") == b"334 " + b64(server_final) + b"\r\n"
+            assert h.send(b"\r\n") == OK
+            assert h.realm.logins == ["user"]
+
+
+def test_scram_wrong_proof_and_unknown_user_look_the_same() -> None:
+    name, (_, first, _, final, _, _) = "SCRAM-SHA-256", SCRAM_VECTORS["SCRAM-SHA-256"]
+    bad = final[:-8] + b"AAAAAAA="
+    h = scram_harness(name, stored(name))
+    h.send(b"AUTH SCRAM-SHA-256 " + b64(first) + b"\r\n")
+    assert h.send(b64(bad) + b"\r\n") == INVALID
+    h2 = scram_harness(name, stored(name))
+    h2.protocol.resolver = secrets({})  # the user is unknown
+    assert h2.send(b"AUTH SCRAM-SHA-256 " + b64(first) + b"\r\n").startswith(b"334 ")
+    assert h2.send(b64(final) + b"\r\n") == INVALID
+
+
+# RFC 7628 section 4.1 (SMTP variant)
+RFC7628_SUCCESS_B64 = (
+    b"bixhPXVzZXJAZXhhbXBsZS5jb20sAWhvc3Q9c2VydmVyLmV4YW1wbGUuY29tAXBvcnQ9NTg3AWF1dGg9QmVhcmVy"
+    b"IHZGOWRmdDRxbVRjMk52YjNSbGNrQmhiSFJoZG1semRHRXVZMjl0Q2c9PQEB")
+RFC7628_TOKEN = "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="
+GOOGLE_XOAUTH2_B64 = (
+    b"dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0"
+    b"Q2cBAQ==")
+GOOGLE_TOKEN = "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"
+
+
+def token_harness(valid: dict[str, str], seen: list | None = None) -> SMTPHarness:
+    """TLS session; a fake validator that knows ``valid`` tokens (token -> subject)."""
+    def resolve(request, session):
+        assert isinstance(request, ValidateToken)
+        if seen is not None:
+            seen.append(request)
+        subject = valid.get(request.token)
+        return defer.succeed(Secret(TOKEN_VERDICT, TokenVerdict(subject is not None, subject)))
+    specs = {"OAUTHBEARER": MechanismSpec("OAUTHBEARER", functools.partial(
+                 OAuthBearer, scope="https://mail.example.com/"), needs_tls=True),
+             "XOAUTH2": MechanismSpec("XOAUTH2", XOAuth2, needs_tls=True)}
+    h = SMTPHarness(mechanisms=specs, resolver=resolve, tls=True, hostname="server.example.com")
+    h.send(b"EHLO client.example\r\n")
+    return h
+
+
+def test_rfc7628_oauthbearer_success() -> None:
+    seen: list = []
+    h = token_harness({RFC7628_TOKEN: "user@example.com"}, seen)
+    assert h.send(b"AUTH OAUTHBEARER " + RFC7628_SUCCESS_B64 + b"\r\n") == OK
+    assert h.realm.logins == ["user@example.com"]
+    assert (seen[0].username, seen[0].host, seen[0].port) == ("user@example.com", "server.example.com", 587)
+
+
+def test_rfc7628_oauthbearer_error_flow() -> None:
+    """An invalid token: 334 with the JSON status, the client's %x01, then 535."""
+    h = token_harness({})
+    out = h.send(b"AUTH OAUTHBEARER " + RFC7628_SUCCESS_B64 + b"\r\n")
+    assert out == b"334 " + b64(b'{"status":"invalid_token","scope":"https://mail.example.com/"}') + b"\r\n"
+    assert h.send(b"AQ==\r\n") == INVALID
+
+
+def test_oauth_needs_tls() -> None:
+    h = SMTPHarness(mechanism_names=["OAUTHBEARER"], users={})
+    assert b"AUTH" not in h.send(b"EHLO c\r\n")
+    assert h.send(b"AUTH OAUTHBEARER " + RFC7628_SUCCESS_B64 + b"\r\n") == (
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+
+
+def test_google_xoauth2_success_and_error_round() -> None:
+    h = token_harness({GOOGLE_TOKEN: "someuser@example.com"})
+    assert h.send(b"AUTH XOAUTH2 " + GOOGLE_XOAUTH2_B64 + b"\r\n") == OK
+    h2 = token_harness({})
+    out = h2.send(b"AUTH XOAUTH2 " + GOOGLE_XOAUTH2_B64 + b"\r\n")
+    assert out == b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n"
+    assert h2.send(b"\r\n") == INVALID
