@@ -4,6 +4,7 @@ logs in over the wire."""
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -209,5 +210,35 @@ async def test_bad_input_over_tcp_and_others_still_served(tmp_path: Path, tls_fi
                        b"221 2.0.0 Bye\r\n")
         assert await smtp_login(server.port, "alice", "wonderland") == (
             235, b"2.7.0 Authentication successful")
+    finally:
+        await server.stop()
+
+
+def proxied_session(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 587\r\n")
+        assert s.recv(200).startswith(b"220 ")
+        blob = base64.b64encode(b"\0alice\0wonderland")
+        s.sendall(b"EHLO proxied.example\r\nAUTH PLAIN " + blob + b"\r\nMAIL FROM:<alice@example.test>\r\n"
+                  b"RCPT TO:<r@example.test>\r\nDATA\r\n")
+        out = b""
+        while not out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+            out += s.recv(4096)
+        s.sendall(b"Subject: proxied\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        while not out.endswith(b"221 2.0.0 Bye\r\n"):
+            out += s.recv(4096)
+        return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_haproxy_listener_sees_the_real_client(tmp_path: Path) -> None:
+    """A haproxy: listener takes the PROXY v1 header; the Received line names the client."""
+    server = await start_server(tmp_path, users_backend(tmp_path, {"alice": "{PLAIN}wonderland"}),
+                                listen=["haproxy:tcp:0:interface=127.0.0.1"])
+    try:
+        out = await threads.deferToThread(proxied_session, server.port)
+        assert b"235 2.7.0 Authentication successful" in out
+        [message] = server.messages()
+        assert message.startswith(b"Received: from proxied.example ([203.0.113.7])")
     finally:
         await server.stop()
