@@ -152,6 +152,12 @@ def derive_keys(hash_name: str, password: str, salt: bytes, iterations: int) -> 
     )
 
 
+# Keys derived from a stored plaintext are the same for every login within one process
+# (the salt is derived per user), so a small cache spares PBKDF2 on repeat logins.  It
+# holds nothing the process does not already hold: the plaintext came from the users file.
+_derive_cached = functools.lru_cache(maxsize=4096)(derive_keys)
+
+
 def derived_salt(server_secret: bytes, mechanism: str, username: str) -> bytes:
     """A per-user salt that stays the same within one process (16 bytes)."""
     msg = b"saslsmtp scram salt\0" + mechanism.encode("ascii") + b"\0" + username.encode("utf-8")
@@ -284,7 +290,7 @@ class Scram:
         if not isinstance(password, str):
             raise MechanismStateError("a plaintext secret is a str")
         salt = derived_salt(self._server_secret, self._base, self._username)
-        return Secret(self._kind, derive_keys(self._hash, password, salt, self._iterations).as_tuple())
+        return Secret(self._kind, _derive_cached(self._hash, password, salt, self._iterations).as_tuple())
 
     # -- messages ---------------------------------------------------------------
 
