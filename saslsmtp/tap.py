@@ -56,13 +56,36 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
         try:
-            self["service"] = build(load(self["config"]), reactor)
+            config = load(self["config"])
+            self["service"] = build(config, reactor)
+            if self["check"]:
+                check_users_files(config)
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)
         if self["check"]:
             print(f"{self['config']}: OK")
             raise SystemExit(0)
+
+
+def check_users_files(config: Config) -> None:
+    """``--check`` reads every users file too: each unusable line is a problem (the
+    daemon would log and skip it)."""
+    from saslsmtp.checkers.file import parse_users
+    problems = []
+    for backend in config.backends.values():
+        if backend.type != "file":
+            continue
+        try:
+            data = Path(backend.options.path).read_bytes()
+        except OSError as e:
+            problems.append(ConfigProblem(backend.options.path, "", None, f"cannot read: {e.strerror}"))
+            continue
+        parsed = parse_users(data, backend.options.default_scheme)
+        problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
+                     for line, message in parsed.problems]
+    if problems:
+        raise ConfigError(problems)
 
 
 def load(path: str) -> Config:

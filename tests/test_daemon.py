@@ -174,3 +174,15 @@ def test_sigterm_closes_idle_sessions_with_421(example_daemon) -> None:
     # twistd re-raises the signal it stopped for, so "killed by SIGTERM" is a clean exit
     assert daemon.process.wait(10) in (0, -signal.SIGTERM)
     assert "Server Shut Down." in daemon.log_text() and "Traceback" not in daemon.log_text()
+
+
+def test_check_reads_the_users_file(tmp_path: Path) -> None:
+    """--check reports unusable users-file lines with their line numbers, no content."""
+    users = tmp_path / "users"
+    users.write_text("# comment\nalice:{PLAIN}ok\nbob:{NOPE}secret-value\nnocolon\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n')
+    out = run_twistd(config, "--check")
+    assert out.returncode == 1
+    assert f"{users}:3: backends.users:" in out.stderr and "NOPE" in out.stderr
+    assert f"{users}:4: backends.users: no ':'" in out.stderr
+    assert "secret-value" not in out.stderr
