@@ -19,7 +19,6 @@ such limit.
 from __future__ import annotations
 
 import functools
-import hmac
 from typing import Any, Callable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -28,7 +27,7 @@ from twisted.internet import defer
 from twisted.mail.interfaces import IChallengeResponse
 from zope.interface import Interface, alsoProvides, implementer
 
-from saslsmtp.credentials import IAuthenticatedIdentity
+from saslsmtp.credentials import IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.replies import REPLIES, Reply as SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -103,11 +102,9 @@ class MechanismAdapter:
             self.failure = Defer("Mechanism needs a server that can look up secrets")
             alsoProvides(self, IFailedExchange)
 
-    def checkPassword(self, password: bytes) -> bool:
+    def checkPassword(self, password: bytes | str) -> bool:
         """For ``IUsernamePassword`` checkers holding plaintext passwords."""
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        return hmac.compare_digest(self.password, password)
+        return same_password(self.password, password)
 
     def __repr__(self) -> str:
         return f"<MechanismAdapter {self.spec.name} username={self.username!r}>"

@@ -16,6 +16,13 @@ from zope.interface import Interface, implementer
 from saslsmtp.sasl.outcome import Session
 
 
+def same_password(presented: bytes, stored: bytes | str) -> bool:
+    """``IUsernamePassword.checkPassword`` for plaintext stores, in constant time."""
+    if isinstance(stored, str):
+        stored = stored.encode("utf-8")
+    return hmac.compare_digest(presented, stored)
+
+
 @implementer(IUsernamePassword)
 class PasswordCredentials:
     """A username and password from PLAIN or LOGIN, plus the session they came from.
@@ -33,11 +40,9 @@ class PasswordCredentials:
         # Filled in by a checker that has a reason to send with 235 (the AUTH script).
         self.success_text: str | None = None
 
-    def checkPassword(self, password: bytes) -> bool:
+    def checkPassword(self, password: bytes | str) -> bool:
         """Constant-time comparison against a plaintext stored password."""
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        return hmac.compare_digest(self.password, password)
+        return same_password(self.password, password)
 
     def __repr__(self) -> str:
         return f"<PasswordCredentials username={self.username!r} password=***>"
