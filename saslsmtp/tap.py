@@ -123,37 +123,62 @@ def wire(config: Config, reactor: Any) -> Wiring:
         return runner
 
     hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
-    deps = BackendDeps(reactor=reactor, hash_runner=hash_runner, make_runner=make_runner)
+    checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
+    realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname),
+                         make_runner("saslsmtp-delivery", 4))
+    builtins = builtin_mechanisms(config.auth.mechanisms)
+    mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
+    password_checker: ICredentialsChecker = BackendChain(
+        [(name, checkers[name]) for name in config.auth.backends])
+    script = None
+    if config.auth.script is not None:
+        script = load_script(config.auth.script, config.path)
+        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
+        password_checker = ScriptPasswordChecker(runner)
+        mechanisms.update(scripted_mechanisms(config, builtins, script, runner))
+    sources = [checkers[name] for name in config.auth.backends
+               if ISecretSource.providedBy(checkers[name])]
+    validators = [checker for checker in checkers.values() if ITokenValidator.providedBy(checker)]
+    check_servable(config, mechanisms, builtins, script, sources, validators)
+    return Wiring(config, Portal(realm, [password_checker, TrustedIdentityChecker()]),
+                  engine_settings(config), mechanisms, checkers, runners, tls_context(config),
+                  secret_resolver(sources, validators), blocking=hash_runner)
+
+
+def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsChecker]:
+    """One checker per ``[backends.NAME]``; a backend refusing its options is a config error."""
     checkers: dict[str, ICredentialsChecker] = {}
     for name, backend in config.backends.items():
         try:
             checkers[name] = build_checker(backend, deps)
         except ConfigError:
             raise
-        except Exception as e:  # a backend refusing its options: a config error, not a traceback
+        except Exception as e:
             raise ConfigError([ConfigProblem(config.path, f"backends.{name}", None, str(e))]) from None
-    chain = BackendChain([(name, checkers[name]) for name in config.auth.backends])
-    delivery_runner = make_runner("saslsmtp-delivery", 4)
-    realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname), delivery_runner)
-    password_checker: ICredentialsChecker = chain
-    builtins = builtin_mechanisms(config.auth.mechanisms)
-    mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
-    script = None
-    if config.auth.script is not None:
-        script = load_script(config.auth.script, config.path)
-        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
-        password_checker = ScriptPasswordChecker(runner)
-        for name in config.auth.mechanisms:
-            if name in builtins and (script.mechanisms is None or name not in script.mechanisms):
-                continue  # a script takes over a built-in only when its MECHANISMS names it
-            if script.mechanisms is not None and name not in script.mechanisms:
-                raise ConfigError([ConfigProblem(
-                    config.path, "auth.mechanisms", None,
-                    f"{name} is not built in and {config.auth.script} does not serve it"
-                    f" (its MECHANISMS: {', '.join(sorted(script.mechanisms)) or 'none'})")])
-            mechanisms[name] = scripted_spec(name, runner)
-    portal = Portal(realm, [password_checker, TrustedIdentityChecker()])
-    settings = EngineSettings(
+    return checkers
+
+
+def scripted_mechanisms(config: Config, builtins: dict[str, MechanismSpec], script: Any,
+                        runner: ScriptRunner) -> dict[str, MechanismSpec]:
+    """The configured mechanisms the script serves: every non-built-in one, and a built-in
+    only when the script's ``MECHANISMS`` names it."""
+    specs: dict[str, MechanismSpec] = {}
+    declared = script.mechanisms
+    for name in config.auth.mechanisms:
+        if name in builtins and (declared is None or name not in declared):
+            continue
+        if declared is not None and name not in declared:
+            raise ConfigError([ConfigProblem(
+                config.path, "auth.mechanisms", None,
+                f"{name} is not built in and {config.auth.script} does not serve it"
+                f" (its MECHANISMS: {', '.join(sorted(declared)) or 'none'})")])
+        specs[name] = scripted_spec(name, runner)
+    return specs
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """What ``SubmissionESMTP`` needs from the configuration."""
+    return EngineSettings(
         hostname=config.server.hostname,
         mechanisms=config.auth.mechanisms,
         require_tls=config.auth.require_tls,
@@ -164,14 +189,6 @@ def wire(config: Config, reactor: Any) -> Wiring:
         max_recipients=config.server.max_recipients,
         idle_timeout=config.server.idle_timeout,
     )
-    sources = [checkers[name] for name in config.auth.backends
-               if ISecretSource.providedBy(checkers[name])]
-    validators = [checker for checker in checkers.values() if ITokenValidator.providedBy(checker)]
-    check_servable(config, mechanisms, builtins, script, sources, validators)
-    wiring = Wiring(config, portal, settings, mechanisms, checkers, runners,
-                    tls_context(config), secret_resolver(sources, validators))
-    wiring.blocking = hash_runner
-    return wiring
 
 
 def check_servable(config: Config, mechanisms: dict[str, MechanismSpec],
