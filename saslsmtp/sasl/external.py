@@ -7,35 +7,24 @@ from the certificate (CN or e-mail SAN, per configuration); without it EXTERNAL 
 
 from __future__ import annotations
 
-from saslsmtp.sasl.mechanism import MechanismSpec, NoLookup
-from saslsmtp.sasl.outcome import Accept, MechanismStateError, Outcome, Reject, Reply, Session
+from saslsmtp.sasl.mechanism import MechanismSpec, SingleMessage
+from saslsmtp.sasl.outcome import Accept, Outcome, Reject, Session
 
 MALFORMED = Reject("Malformed EXTERNAL response")
 NO_CERTIFICATE = Reject("No verified client certificate")
 BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
 
 
-class External(NoLookup):
+class External(SingleMessage):
     """Client-first: without an initial response the server sends an empty challenge."""
+
+    name = "EXTERNAL"
 
     def __init__(self, session: Session | None = None) -> None:
         certificate = (session or Session()).client_certificate
         identity = certificate.get("identity") if certificate else None
         self._identity = identity if isinstance(identity, str) and identity else None
-        self._stage = "new"
-
-    def start(self, initial: bytes | None) -> Outcome:
-        if self._stage != "new":
-            raise MechanismStateError("EXTERNAL already started")
-        if initial is None:
-            self._stage = "waiting"
-            return Reply(b"")
-        return self._finish(initial)
-
-    def receive(self, response: bytes) -> Outcome:
-        if self._stage != "waiting":
-            raise MechanismStateError(f"EXTERNAL is not waiting for a response (stage {self._stage})")
-        return self._finish(response)
+        super().__init__(session)
 
     def _finish(self, message: bytes) -> Outcome:
         self._stage = "done"

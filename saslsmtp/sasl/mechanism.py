@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Secret, Session
+from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reply, Secret, Session
 
 
 class Mechanism(Protocol):
@@ -40,3 +40,30 @@ class NoLookup:
 
     def resume(self, secret: Secret | None) -> Outcome:
         raise MechanismStateError(f"{type(self).__name__} never asked for a secret")
+
+
+class SingleMessage(NoLookup):
+    """A client-first mechanism of one client message (PLAIN, EXTERNAL): without an
+    initial response the server sends an empty challenge; subclasses judge the message
+    in ``_finish``."""
+
+    name = ""
+
+    def __init__(self, session: Session | None = None) -> None:
+        self._stage = "new"
+
+    def start(self, initial: bytes | None) -> Outcome:
+        if self._stage != "new":
+            raise MechanismStateError(f"{self.name} already started")
+        if initial is None:
+            self._stage = "waiting"
+            return Reply(b"")
+        return self._finish(initial)
+
+    def receive(self, response: bytes) -> Outcome:
+        if self._stage != "waiting":
+            raise MechanismStateError(f"{self.name} is not waiting for a response (stage {self._stage})")
+        return self._finish(response)
+
+    def _finish(self, message: bytes) -> Outcome:
+        raise NotImplementedError

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from saslsmtp.sasl.mechanism import MechanismSpec, NoLookup
-from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reject, Reply, Session, Verify
+from saslsmtp.sasl.mechanism import MechanismSpec, SingleMessage
+from saslsmtp.sasl.outcome import Outcome, Reject, Verify
 
 MAX_FIELD = 255 * 4  # RFC 4616 asks for at least 255 octets per field; allow UTF-8 slack
 
@@ -11,24 +11,10 @@ MALFORMED = Reject("Malformed PLAIN response")
 BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
 
 
-class Plain(NoLookup):
+class Plain(SingleMessage):
     """Client-first: without an initial response the server sends an empty challenge."""
 
-    def __init__(self, session: Session | None = None) -> None:
-        self._stage = "new"
-
-    def start(self, initial: bytes | None) -> Outcome:
-        if self._stage != "new":
-            raise MechanismStateError("PLAIN already started")
-        if initial is None:
-            self._stage = "waiting"
-            return Reply(b"")
-        return self._finish(initial)
-
-    def receive(self, response: bytes) -> Outcome:
-        if self._stage != "waiting":
-            raise MechanismStateError("PLAIN is not waiting for a response")
-        return self._finish(response)
+    name = "PLAIN"
 
     def _finish(self, message: bytes) -> Outcome:
         self._stage = "done"
