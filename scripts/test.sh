@@ -8,7 +8,7 @@
 #      system services (policy-rc.d), so nothing grabs ports behind our back.
 #   2. The project itself, editable, with its test extras. editable_mode=compat
 #      is required: the default PEP 660 editable install hides the twistd
-#      plugin (shared/TWISTED.md 4.4).
+#      plugin (docs/twisted-notes.md).
 #   3. pytest (extra arguments are passed through), bounded by a timeout.
 # The exit status is pytest's (5, "no tests collected", is a failure too).
 set -uo pipefail
@@ -37,6 +37,9 @@ declare -A BINARY_PACKAGE=(
     [curl]=curl
     [openssl]=openssl
 )
+# Packages that provide no binary of their own but that a binary above needs
+# (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).
+LIBRARY_PACKAGES=(libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
 # Services whose Debian packages would start a daemon on install.
 SERVICES=(slapd dovecot)
 
@@ -76,6 +79,10 @@ declare -A MISSING=()
 for binary in "${!BINARY_PACKAGE[@]}"; do
     have "$binary" || MISSING[${BINARY_PACKAGE[$binary]}]=1
 done
+for package in "${LIBRARY_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+        || MISSING[$package]=1
+done
 if ! have "$PY"; then
     MISSING[python3]=1
     MISSING[python3-venv]=1
@@ -112,6 +119,9 @@ else
     as_root chmod 755 "$POLICY"
 
     export DEBIAN_FRONTEND=noninteractive
+    # Postfix asks how to configure itself; the tests bring their own config.
+    echo "postfix postfix/main_mailer_type select No configuration" \
+        | as_root debconf-set-selections 2>/dev/null || true
     apt_rc=0
     as_root timeout "$APT_TIMEOUT" apt-get -o Acquire::Retries=3 update -q || apt_rc=$?
     if [ "$apt_rc" -eq 0 ]; then
