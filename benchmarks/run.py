@@ -645,6 +645,21 @@ def ratios(point: dict[str, Measurement]) -> dict[str, float | None] | None:
     }
 
 
+def missing_modules() -> list[str]:
+    """The modules the servers under test need, that this interpreter cannot import."""
+    import importlib.util
+    wanted = ("twisted", "saslsmtp", "aiosmtpd")
+    missing = []
+    for name in wanted:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: SIGTERM/SIGHUP unwind like Ctrl-C so the servers are stopped."""
     def _raise(signum: int, frame: object) -> None:
@@ -652,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
     args = parse_args(argv)
+    missing = missing_modules()
+    if missing:
+        print(f"benchmarks/run.py: missing Python packages: {', '.join(missing)}; install "
+              "saslsmtp with its test extra first: pip install -e '.[test]' "
+              "--config-settings editable_mode=compat", file=sys.stderr)
+        return 2
     try:
         return run(args)
     except BenchError as exc:

@@ -408,17 +408,15 @@ def test_from_config_uses_the_shared_hash_runner(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_shipped_users_file() -> None:
-    """etc/users parses cleanly; demo/demo-password and bench/benchpass log in."""
+    """etc/users parses cleanly and ships only the demo user (demo/demo-password)."""
     path = ROOT / "etc" / "users"
     parsed = parse_users(path.read_bytes())
     assert parsed.problems == ()
-    assert set(parsed.users) == {"demo", "bench"}
+    assert set(parsed.users) == {"demo"}
     assert parsed.users["demo"].password.scheme == "SHA512-CRYPT"
-    assert parsed.users["bench"].password.scheme == "PLAIN"
     checker = FileChecker(str(path), SynchronousRunner())
     assert await outcome(checker, "demo", "demo-password") == b"demo"
     assert await outcome(checker, "demo", "demo") is UnauthorizedLogin
-    assert await outcome(checker, "bench", "benchpass") == b"bench"
 
 
 # ---- the whole SMTP path: smtplib against a real saslsmtp on loopback -----------------
