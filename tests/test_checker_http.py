@@ -23,9 +23,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from saslsmtp.checkers.http import HttpChecker, from_config
+from saslsmtp.checkers.http import HttpChecker, HttpOptions, from_config
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.config import HttpBackendConfig
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
@@ -190,7 +189,7 @@ def deps() -> BackendDeps:
 def checker(url: str, **options: Any) -> HttpChecker:
     """A checker built from config options, as the daemon builds it."""
     options.setdefault("timeout", 5.0)
-    return from_config("api", HttpBackendConfig(url=url, **options), deps())
+    return from_config("api", HttpOptions(url=url, **options), deps())
 
 
 @pytest_twisted.ensureDeferred

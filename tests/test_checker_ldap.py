@@ -19,10 +19,10 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import globalLogPublisher, formatEvent
 
 from saslsmtp.checkers import ldap as ldap_module
-from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, escape_dn_value,
+from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, LdapOptions, escape_dn_value,
                                     escape_filter_value, from_config)
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.config import ConfigError, LdapBackendConfig, parse_config
+from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.threads import ThreadPoolRunner
@@ -74,7 +74,7 @@ def make_checker(slapd: SlapdServer) -> Iterator[Callable[..., LdapChecker]]:
         if "search_base" not in options:
             values["user_dn"] = TEMPLATE
         values.update(options)
-        config = LdapBackendConfig(**values)
+        config = LdapOptions(**values)
         runner = ThreadPoolRunner(reactor, "ldap-test", config.threads)
         checker = LdapChecker("test", Directory(config, **(directory_kwargs or {})), runner)
         made.append(checker)
@@ -324,7 +324,7 @@ def test_directory_refuses_empty_password_itself() -> None:
     def no_connection(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("no connection may be made")
 
-    directory = Directory(LdapBackendConfig(url=("ldap://127.0.0.1:1",), user_dn=TEMPLATE),
+    directory = Directory(LdapOptions(url=("ldap://127.0.0.1:1",), user_dn=TEMPLATE),
                           connection_factory=no_connection)
     with pytest.raises(UnauthorizedLogin):
         directory.verify("alice", b"")
@@ -487,7 +487,7 @@ async def test_failover(slapd: SlapdServer, make_checker: Callable[..., LdapChec
 def test_down_server_is_retried_after_a_while() -> None:
     """A failed endpoint goes last for DOWN_SECONDS, then is first again (injected clock)."""
     now = [100.0]
-    directory = Directory(LdapBackendConfig(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
+    directory = Directory(LdapOptions(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
                           clock=lambda: now[0])
     a, b = directory.endpoints
     directory._mark(a, up=False)
@@ -566,7 +566,7 @@ def test_from_config_uses_a_dedicated_runner() -> None:
         return runner
 
     deps = BackendDeps(reactor=None, hash_runner=None, make_runner=make_runner)  # type: ignore
-    options = LdapBackendConfig(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
+    options = LdapOptions(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
     checker = from_config("directory", options, deps)
     assert asked == [("ldap-directory", 3)]
     checker.stop()
@@ -575,7 +575,7 @@ def test_from_config_uses_a_dedicated_runner() -> None:
 
 def test_repr_has_no_secret() -> None:
     """The checker's repr names the servers, never the service password."""
-    options = LdapBackendConfig(url=("ldap://127.0.0.1",), search_base=PEOPLE,
+    options = LdapOptions(url=("ldap://127.0.0.1",), search_base=PEOPLE,
                                 search_filter="(uid={username})", search_dn=READER_DN,
                                 search_password="s3cr3t-service")
     checker = LdapChecker("dir", Directory(options), None)  # type: ignore[arg-type]

@@ -21,7 +21,8 @@ trust store) and the host name against the certificate's subjectAltName, failing
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 import treq
 from OpenSSL import SSL
@@ -40,14 +41,37 @@ from zope.interface import implementer
 
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
                                          load_trust_root)
-from saslsmtp.config import HttpBackendConfig
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 
 log = Logger()
 
 USER_AGENT = "saslsmtp"
 REJECT_STATUSES = frozenset({401, 403})
 _STALE = (RequestTransmissionFailed, ResponseNeverReceived)
+
+
+@dataclass(frozen=True)
+class HttpOptions(Options):
+    """``[backends.NAME] type = "http"``: POST JSON to an API."""
+
+    url: str = ""
+    timeout: float = 5.0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ca_file: str | None = field(default=None, metadata=PATH)
+
+    def check(self) -> Iterable[OptionProblem]:
+        problems = problem_if(not self.url, "url", "is required") or http_url_problem(
+            "url", self.url)
+        for key, value in self.headers.items():
+            try:
+                key.encode("latin-1"), value.encode("latin-1")
+            except UnicodeEncodeError:
+                problems.append(OptionProblem("headers", f"{key!r}: not Latin-1 text"))
+            if any(c in key + value for c in "\r\n\0") or not key:
+                problems.append(OptionProblem("headers", f"{key!r}: empty name or a line break"))
+        return [*problems, *file_problem("ca_file", self.ca_file),
+                *problem_if(self.timeout <= 0, "timeout", "must be positive")]
 
 
 @implementer(ICredentialsChecker)
@@ -163,7 +187,7 @@ def make_client(reactor: Any, pool: HTTPConnectionPool, ca_file: str | None,
     return HTTPClient(agent)
 
 
-def from_config(name: str, options: HttpBackendConfig, deps: Any) -> HttpChecker:
+def from_config(name: str, options: HttpOptions, deps: Any) -> HttpChecker:
     """The checker for ``[backends.NAME] type = "http"``."""
     pool = make_pool(deps.reactor)
     client = make_client(deps.reactor, pool, options.ca_file, options.timeout)

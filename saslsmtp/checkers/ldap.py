@@ -43,11 +43,12 @@ made with it (one per login here), and when every server is down it sleeps
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import ldap3
@@ -61,8 +62,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from saslsmtp.config import LdapBackendConfig
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -134,6 +135,62 @@ class Endpoint:
         return f"{'ldaps' if self.ssl else 'ldap'}://{host}:{self.port}"
 
 
+_ATTRIBUTE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class LdapOptions(Options):
+    """``[backends.NAME] type = "ldap"``: bind as the user (DN template or search-then-bind)."""
+
+    url: tuple[str, ...] = ()
+    user_dn: str | None = None
+    search_base: str | None = None
+    search_filter: str | None = None
+    search_dn: str | None = None
+    search_password: str | None = field(default=None, repr=False)  # a secret: not in repr
+    require_filter: str | None = None
+    identity_attribute: str | None = None  # the session identity: this attribute's value
+    start_tls: bool = False
+    ca_file: str | None = field(default=None, metadata=PATH)
+    verify_hostname: bool = True
+    timeout: float = 5.0
+    threads: int = 4  # measured: more threads only add GIL contention (module docstring)
+
+    def check(self) -> Iterable[OptionProblem]:
+        problems = problem_if(not self.url, "url", "is required")
+        for url in self.url:
+            try:
+                endpoint = Endpoint.parse(url)
+            except ValueError as e:
+                problems.append(OptionProblem("url", str(e)))
+                continue
+            if self.start_tls and endpoint.ssl:
+                problems.append(OptionProblem(
+                    "start_tls", f"cannot be used with {url!r} (ldaps:// is TLS already)"))
+        problems += problem_if(bool(self.user_dn) == bool(self.search_base), "",
+                               "needs exactly one of user_dn (DN template) or search_base"
+                               " (search-then-bind)")
+        problems += problem_if(bool(self.user_dn) and "{username}" not in (self.user_dn or ""),
+                               "user_dn", "must contain {username}")
+        problems += problem_if(bool(self.search_base) and "{username}" not in (
+            self.search_filter or ""), "search_filter", "must be set and contain {username}")
+        problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
+        problems += problem_if(self.threads < 1, "threads", "must be at least 1")
+        if (self.search_dn is None) != (self.search_password is None):
+            problems.append(OptionProblem("search_password" if self.search_dn else "search_dn",
+                                          "search_dn and search_password go together"))
+        problems += problem_if(self.search_dn is not None and not self.search_base,
+                               "search_dn", "is only used with search_base (search-then-bind)")
+        problems += file_problem("ca_file", self.ca_file)
+        problems += problem_if(self.require_filter is not None and not (
+            (self.require_filter or "").startswith("(") and (self.require_filter or "").endswith(
+                ")")), "require_filter", "must be an LDAP filter in parentheses")
+        problems += problem_if(self.identity_attribute is not None and not _ATTRIBUTE.match(
+            self.identity_attribute or ""), "identity_attribute",
+            "must be an attribute name (a letter, then letters, digits and -)")
+        return problems
+
+
 class VerifyingTls(Tls):
     """ldap3 ``Tls`` with the standard library's certificate and hostname checks.
 
@@ -203,7 +260,7 @@ class Directory:
     ``server_factory`` default to ldap3's classes (tests may wrap them to watch calls).
     """
 
-    def __init__(self, options: LdapBackendConfig, *,
+    def __init__(self, options: LdapOptions, *,
                  clock: Callable[[], float] = time.monotonic,
                  connection_factory: Callable[..., Any] = ldap3.Connection,
                  server_factory: Callable[..., Any] = ldap3.Server) -> None:
@@ -489,7 +546,7 @@ class LdapChecker:
         return f"<LdapChecker {self.name} {', '.join(map(str, self.directory.endpoints))}>"
 
 
-def from_config(name: str, options: LdapBackendConfig, deps: Any) -> LdapChecker:
+def from_config(name: str, options: LdapOptions, deps: Any) -> LdapChecker:
     """Build the checker for ``[backends.<name>]`` with its own runner ``ldap-<name>``."""
     runner = deps.make_runner(f"ldap-{name}", max(1, options.threads))
     return LdapChecker(name, Directory(options), runner)

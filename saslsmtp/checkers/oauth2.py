@@ -46,8 +46,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote_plus, urlencode
 
 from joserfc import jws, jwt
@@ -63,8 +63,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from saslsmtp.checkers.secrets import ITokenValidator
-from saslsmtp.config import OAuth2BackendConfig
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
 log = Logger(namespace="saslsmtp.oauth2")
@@ -79,6 +79,71 @@ KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 def _key_type(alg: str) -> str | None:
     return KEY_TYPES.get(alg[:2])
+
+
+# --------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------
+
+#: JWS algorithms a token may use: asymmetric only (a JWKS is public, so an HMAC "key"
+#: from it would let anyone sign), never "none".  The default leaves out "EdDSA"
+#: (deprecated by RFC 9864 for "Ed25519"; joserfc warns on each use).
+ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+              "ES256", "ES384", "ES512", "Ed25519", "EdDSA")
+DEFAULT_ALGORITHMS = ALGORITHMS[:-1]
+
+
+@dataclass(frozen=True)
+class OAuth2Options(Options):
+    """``[backends.NAME] type = "oauth2"``: validate bearer tokens (OAUTHBEARER, XOAUTH2) as
+    JWTs against a JWKS (``jwks_file`` or ``jwks_url``) or at an RFC 7662
+    ``introspection_url``."""
+
+    jwks_file: str | None = field(default=None, metadata=PATH)
+    jwks_url: str | None = None
+    introspection_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)  # a secret: not in repr
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    username_claim: str = "sub"
+    scope: tuple[str, ...] = ()  # scopes the token must carry (all of them)
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    leeway: float = 60.0
+    timeout: float = 5.0
+    jwks_cache_time: float = 3600.0
+    jwks_min_refresh: float = 30.0
+    ca_file: str | None = field(default=None, metadata=PATH)
+
+    def check(self) -> Iterable[OptionProblem]:
+        sources = [k for k in ("jwks_file", "jwks_url", "introspection_url") if getattr(self, k)]
+        problems = problem_if(len(sources) != 1, "", "needs exactly one of jwks_file, jwks_url"
+                              " or introspection_url")
+        problems += file_problem("jwks_file", self.jwks_file)
+        problems += http_url_problem("jwks_url", self.jwks_url)
+        problems += http_url_problem("introspection_url", self.introspection_url)
+        if (self.client_id is None) != (self.client_secret is None):
+            problems.append(OptionProblem(
+                "client_secret" if self.client_id is not None else "client_id",
+                "client_id and client_secret go together"))
+        problems += problem_if(self.client_id is not None and not self.introspection_url,
+                               "client_id", "is only used with introspection_url")
+        if self.jwks_file or self.jwks_url:  # a JWT for another app of the same IdP must fail
+            problems += problem_if(not self.issuer, "issuer",
+                                   "is required with jwks_file / jwks_url")
+            problems += problem_if(not self.audience, "audience",
+                                   "is required with jwks_file / jwks_url")
+        problems += problem_if(not self.username_claim, "username_claim", "must not be empty")
+        problems += problem_if(not self.algorithms, "algorithms",
+                               "must name at least one algorithm")
+        problems += [OptionProblem("algorithms", f"{alg!r} is not allowed (choose from"
+                                   f" {', '.join(ALGORITHMS)})")
+                     for alg in self.algorithms if alg not in ALGORITHMS]
+        problems += problem_if(self.leeway < 0, "leeway", "must not be negative")
+        for key in ("jwks_cache_time", "jwks_min_refresh"):
+            problems += problem_if(getattr(self, key) < 0, key, "must not be negative")
+        problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
+        return problems + file_problem("ca_file", self.ca_file)
 
 
 # --------------------------------------------------------------------------
@@ -555,14 +620,14 @@ class IntrospectionValidator(_TokenValidator):
 # --------------------------------------------------------------------------
 
 
-def policy_from(options: OAuth2BackendConfig) -> ClaimPolicy:
+def policy_from(options: OAuth2Options) -> ClaimPolicy:
     """The claim policy of a ``[backends.NAME]`` table."""
     return ClaimPolicy(issuer=options.issuer, audience=tuple(options.audience),
                        username_claim=options.username_claim, scope=tuple(options.scope),
                        leeway=options.leeway, require_exp=options.introspection_url is None)
 
 
-def from_config(name: str, options: OAuth2BackendConfig, deps: Any,
+def from_config(name: str, options: OAuth2Options, deps: Any,
                 make_client: Callable[..., Any] | None = None) -> _TokenValidator:
     """The validator for ``[backends.NAME] type = "oauth2"``."""
     from saslsmtp.checkers import http

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from OpenSSL import SSL
 from twisted.cred.checkers import ICredentialsChecker
@@ -43,8 +44,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from saslsmtp.config import SmtpBackendConfig
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
 
@@ -54,6 +55,27 @@ MAX_REPLY_LINES = 100
 QUIT_GRACE = 2.0  # seconds to wait for the 221 after a verdict before dropping the line
 _REPLY = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
 _ENHANCED = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3}$")
+
+
+@dataclass(frozen=True)
+class SmtpOptions(Options):
+    """``[backends.NAME] type = "smtp"``: forward the AUTH to another SMTP server."""
+
+    host: str = "127.0.0.1"
+    port: int = 587
+    endpoint: str | None = None  # a Twisted client endpoint string, instead of host/port
+    starttls: bool = True
+    tls: bool = False  # implicit TLS (port 465 style)
+    ca_file: str | None = field(default=None, metadata=PATH)
+    tls_hostname: str | None = None
+    helo: str | None = None
+    timeout: float = 10.0
+
+    def check(self) -> Iterable[OptionProblem]:
+        return [*problem_if(not self.host and not self.endpoint, "host", "must not be empty"),
+                *problem_if(not 0 < self.port < 65536, "port", "must be 1 to 65535"),
+                *file_problem("ca_file", self.ca_file),
+                *problem_if(self.timeout <= 0, "timeout", "must be positive")]
 
 
 class UpstreamReply:
@@ -384,7 +406,7 @@ class SmtpForwardChecker:
         return probe.result
 
 
-def endpoint_for(options: SmtpBackendConfig, reactor: Any,
+def endpoint_for(options: SmtpOptions, reactor: Any,
                  tls_creator: IOpenSSLClientConnectionCreator | None) -> IStreamClientEndpoint:
     """Where ``options`` says to connect: ``endpoint`` (a client endpoint string) or
     ``host``/``port``; wrapped in TLS when ``tls`` (implicit TLS, port 465 style)."""
@@ -404,7 +426,7 @@ def endpoint_for(options: SmtpBackendConfig, reactor: Any,
     return endpoint
 
 
-def from_config(name: str, options: SmtpBackendConfig, deps: Any) -> SmtpForwardChecker:
+def from_config(name: str, options: SmtpOptions, deps: Any) -> SmtpForwardChecker:
     """The checker for ``[backends.NAME] type = "smtp"``."""
     hostname = options.tls_hostname or options.host
     tls_creator = None
