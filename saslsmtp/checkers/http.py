@@ -41,7 +41,9 @@ from zope.interface import implementer
 
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
                                          load_trust_root)
+from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 
 log = Logger()
@@ -94,7 +96,7 @@ class HttpChecker:
         self.timeout = timeout
         self._client = client
         self._reactor = reactor
-        header_map: dict[bytes, list[bytes]] = {b"User-Agent": [USER_AGENT.encode()]}
+        header_map: dict[bytes, list[bytes]] = {b"User-Agent": [USER_AGENT.encode("ascii")]}
         for key, value in (headers or {}).items():
             header_map[key.encode("latin-1")] = [value.encode("latin-1")]
         self._headers = header_map
@@ -108,11 +110,9 @@ class HttpChecker:
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
         """One verdict from the API (see the module docstring)."""
-        username, password = credentials.username, credentials.password
+        username = as_bytes(credentials.username)
         try:
-            user_text = username.decode("utf-8") if isinstance(username, bytes) else username
-            password_text = (password.decode("utf-8") if isinstance(password, bytes)
-                             else password)
+            user_text, password_text = as_text(username), as_text(credentials.password)
         except UnicodeDecodeError:
             return fail(UnauthorizedLogin("credentials are not UTF-8"))
         session = getattr(credentials, "session", None)
@@ -122,22 +122,19 @@ class HttpChecker:
             "mechanism": getattr(session, "mechanism", "") or None,
             "remote_ip": getattr(session, "remote_ip", "") or None,
         }
-        check = Deferred.fromCoroutine(self._ask(body))
-        timer = self._reactor.callLater(self.timeout, check.cancel)
+        check = with_deadline(Deferred.fromCoroutine(self._ask(body)), self.timeout,
+                              self._reactor)
 
         def settle(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
             if isinstance(result, Failure):
                 if result.check(UnauthorizedLogin, TemporaryFailure):
                     return result
-                if result.check(CancelledError) or (result.check(*_STALE) and any(
-                        r.check(CancelledError) for r in result.value.reasons)):
+                if result.check(DeadlineExceeded):
                     return Failure(TemporaryFailure(
                         f"http backend {self.name}: no answer within {self.timeout:g}s"))
                 return Failure(TemporaryFailure(
                     f"http backend {self.name}: {result.value.__class__.__name__}"))
-            return username if isinstance(username, bytes) else username.encode("utf-8")
+            return username
 
         return check.addBoth(settle)
 

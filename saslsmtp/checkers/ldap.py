@@ -63,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
 from saslsmtp.threads import BlockingRunner
 
@@ -216,10 +217,6 @@ class VerifyingTls(Tls):
 
 class _Transport(Exception):
     """This server did not answer usefully; another one might (internal)."""
-
-    def __init__(self, message: str, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
 
 
 def _describe(error: BaseException) -> str:
@@ -375,7 +372,7 @@ class Directory:
                 raise TemporaryFailure(f"{endpoint}: bind answered {code} {description}")
         except (LDAPException, OSError) as e:
             close_quietly(conn)
-            raise _Transport(_describe(e), timed_out=isinstance(e, TimeoutError)) from None
+            raise _Transport(_describe(e)) from None
         except BaseException:
             close_quietly(conn)
             raise
@@ -389,7 +386,8 @@ class Directory:
             if self._idle:
                 return self._idle.pop(), True
         conn, endpoint = self._open(self.options.search_dn,
-                                    _bytes(self.options.search_password), user=False)
+                                    None if self.options.search_password is None
+                                    else as_bytes(self.options.search_password), user=False)
         return _Pooled(conn, endpoint), False
 
     def _release(self, pooled: _Pooled) -> None:
@@ -460,10 +458,6 @@ class Directory:
             raise UnauthorizedLogin("entry does not match require_filter")
 
 
-def _bytes(value: str | None) -> bytes | None:
-    return value.encode("utf-8") if value is not None else None
-
-
 @implementer(ICredentialsChecker)
 class LdapChecker:
     """``ICredentialsChecker`` for ``IUsernamePassword``: an LDAP bind as the user.
@@ -487,14 +481,10 @@ class LdapChecker:
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
-        raw_username = credentials.username
-        password = credentials.password
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        if isinstance(raw_username, str):
-            raw_username = raw_username.encode("utf-8")
+        raw_username = as_bytes(credentials.username)
+        password = as_bytes(credentials.password)
         try:
-            username = raw_username.decode("utf-8")
+            username = as_text(raw_username)
         except UnicodeDecodeError:
             return fail(UnauthorizedLogin("username is not UTF-8"))
         if not username:

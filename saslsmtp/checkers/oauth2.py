@@ -56,13 +56,14 @@ from joserfc.jwk import JWKRegistry, KeySet
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from saslsmtp.checkers.secrets import ITokenValidator
+from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
@@ -317,7 +318,6 @@ class RemoteKeys:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._waiting: list[Deferred[KeySet]] | None = None
-        self.fetches = 0  # requests sent (for tests and the log)
 
     def current(self) -> "Deferred[KeySet]":
         """The cached keys, fetched first when there are none or they are too old."""
@@ -338,17 +338,12 @@ class RemoteKeys:
             return result
         self._waiting = [result]
         self._attempted_at = self._reactor.seconds()
-        self.fetches += 1
-        d = Deferred.fromCoroutine(self._get())
-        timer = self._reactor.callLater(self.timeout, d.cancel)
+        d = with_deadline(Deferred.fromCoroutine(self._get()), self.timeout, self._reactor)
 
         def done(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
             waiting, self._waiting = self._waiting or [], None
             if isinstance(outcome, Failure):
-                why = (f"no answer within {self.timeout:g}s" if outcome.check(CancelledError)
-                       or _cancelled(outcome) else _describe(outcome))
+                why = _describe(outcome)
                 if self._keys is not None:
                     log.warn("oauth2 backend {name}: cannot refresh {url} ({why});"
                              " keeping the keys fetched before", name=self.name, url=self.url, why=why)
@@ -369,7 +364,7 @@ class RemoteKeys:
 
     async def _get(self) -> KeySet:
         response = await self._client.request(
-            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode()],
+            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode("ascii")],
                                               b"Accept": [b"application/json"]}),
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
         body = await _read_body(response)
@@ -403,13 +398,8 @@ async def _read_body(response: Any) -> bytes:
     return b"".join(chunks)
 
 
-def _cancelled(failure: Failure) -> bool:
-    reasons = getattr(failure.value, "reasons", None) or []
-    return any(r.check(CancelledError) for r in reasons)
-
-
 def _describe(failure: Failure) -> str:
-    if failure.check(KeySetError, _TooLarge, TemporaryFailure):
+    if failure.check(KeySetError, _TooLarge, TemporaryFailure, DeadlineExceeded):
         return str(failure.value)
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
@@ -417,22 +407,16 @@ def _describe(failure: Failure) -> str:
     return failure.value.__class__.__name__
 
 
-def _with_deadline(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferred[Any]":
-    """Run ``coroutine``; cancel it after ``timeout`` seconds; failures other than
-    ``UnauthorizedLogin`` become ``TemporaryFailure`` (with a message free of secrets)."""
-    d = Deferred.fromCoroutine(coroutine)
-    timer = reactor.callLater(timeout, d.cancel)
+def _bounded(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferred[Any]":
+    """Run ``coroutine`` within ``timeout`` seconds; failures other than
+    ``TemporaryFailure`` become one (with a message free of secrets)."""
 
     def settle(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
         if isinstance(result, Failure) and not result.check(TemporaryFailure):
-            if result.check(CancelledError) or _cancelled(result):
-                return Failure(TemporaryFailure(f"{what}: no answer within {timeout:g}s"))
             return Failure(TemporaryFailure(f"{what}: {_describe(result)}"))
         return result
 
-    return d.addBoth(settle)
+    return with_deadline(Deferred.fromCoroutine(coroutine), timeout, reactor).addBoth(settle)
 
 
 # --------------------------------------------------------------------------
@@ -565,7 +549,7 @@ class IntrospectionValidator(_TokenValidator):
         self.timeout = timeout
         self.name = name
         self._pool = pool
-        headers = {b"User-Agent": [USER_AGENT.encode()], b"Accept": [b"application/json"],
+        headers = {b"User-Agent": [USER_AGENT.encode("ascii")], b"Accept": [b"application/json"],
                    b"Content-Type": [b"application/x-www-form-urlencoded"]}
         if client_id is not None:
             pair = f"{quote_plus(client_id)}:{quote_plus(client_secret or '')}"
@@ -583,7 +567,7 @@ class IntrospectionValidator(_TokenValidator):
         """The verdict of the introspection endpoint plus the claim policy."""
         if not request.token or len(request.token) > MAX_TOKEN:
             return succeed(self._log(request, self.policy.refuse(), "empty or oversized token"))
-        d = _with_deadline(self._reactor, self.timeout, self._ask(request.token),
+        d = _bounded(self._reactor, self.timeout, self._ask(request.token),
                            f"oauth2 backend {self.name}: introspection")
         return d.addCallback(lambda claims: self._judge(request, claims))
 

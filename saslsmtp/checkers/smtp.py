@@ -44,7 +44,9 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
@@ -108,7 +110,7 @@ class AuthProbe(LineOnlyReceiver):
                  tls_creator: IOpenSSLClientConnectionCreator | None, starttls: bool,
                  implicit_tls: bool, tls_hostname: str, helo: str | None,
                  upstream: str) -> None:
-        self.result: "Deferred[bytes]" = Deferred()
+        self.result: "Deferred[bytes]" = Deferred(self._cancelled)
         self.transcript: list[str] = []
         self._username = username
         self._password: bytes | None = password
@@ -123,6 +125,7 @@ class AuthProbe(LineOnlyReceiver):
         self._lines: list[bytes] = []
         self._code = b""
         self._quit_timer: Any = None
+        self.cancelled_while = ""
 
     def __repr__(self) -> str:
         return f"<AuthProbe {self._upstream} user={self._username!r} state={self._state}>"
@@ -163,10 +166,14 @@ class AuthProbe(LineOnlyReceiver):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def timed_out(self, timeout: float) -> None:
+    def _cancelled(self, result: "Deferred[bytes]") -> None:
         """The checker's deadline passed: temporary failure, connection aborted."""
-        if not self.finished:
-            self._temporary(f"no verdict within {timeout:g}s (while waiting for {self._state})")
+        self.cancelled_while = self.waiting_for()
+        self._temporary(f"cancelled while waiting for {self.cancelled_while}")
+
+    def waiting_for(self) -> str:
+        """What the conversation waits for now (for messages)."""
+        return "the connection" if self.transport is None else self._state
 
     # ---- wire ----------------------------------------------------------------------
 
@@ -362,11 +369,7 @@ class SmtpForwardChecker:
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
         """One upstream AUTH for these credentials (see the module docstring)."""
-        username, password = credentials.username, credentials.password
-        if isinstance(username, str):
-            username = username.encode("utf-8")
-        if isinstance(password, str):
-            password = password.encode("utf-8")
+        username, password = as_bytes(credentials.username), as_bytes(credentials.password)
         if not username or not password or b"\0" in username + password:
             # nothing an SMTP server could accept, and nothing worth a connection
             return fail(UnauthorizedLogin("empty or unencodable credentials"))
@@ -386,24 +389,15 @@ class SmtpForwardChecker:
             probe._finish(Failure(TemporaryFailure(f"upstream {self.upstream}: {why}")))
 
         connecting.addErrback(connect_failed)
+        def on_timeout(result: Any, timeout: float) -> Any:
+            if not isinstance(result, Failure):
+                return result
+            if not connecting.called:
+                connecting.cancel()
+            return Failure(TemporaryFailure(f"upstream {self.upstream}: no verdict within"
+                                            f" {timeout:g}s (while waiting for {probe.cancelled_while})"))
 
-        def deadline() -> None:
-            if connecting.called:
-                probe.timed_out(self.timeout)
-                return
-            probe._finish(Failure(TemporaryFailure(
-                f"upstream {self.upstream}: no connection within {self.timeout:g}s")))
-            connecting.cancel()
-
-        timer = self._reactor.callLater(self.timeout, deadline)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        probe.result.addBoth(done)
-        return probe.result
+        return with_deadline(probe.result, self.timeout, self._reactor, on_timeout)
 
 
 def endpoint_for(options: SmtpOptions, reactor: Any,
