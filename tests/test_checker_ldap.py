@@ -352,6 +352,45 @@ async def test_require_filter(make_checker: Callable[..., LdapChecker]) -> None:
         assert await outcome(checker, "alice", "wrong") == "reject"
 
 
+# ---- identity_attribute ----------------------------------------------------
+
+
+async def avatar(checker: LdapChecker, username: str, password: str) -> bytes:
+    """The avatar id (the session identity) the checker gives for one login."""
+    return await checker.requestAvatarId(PasswordCredentials(username.encode("utf-8"),
+                                                             password.encode("utf-8")))
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attribute_names_the_user(make_checker: Callable[..., LdapChecker]) -> None:
+    """With identity_attribute = "uid" the identity is the directory's uid, whatever was
+    typed: a mail address (search by mail) or another case/spacing (DN template); without
+    it, the name as typed."""
+    by_mail = make_checker(**search_options(search_filter="(mail={username})",
+                                            identity_attribute="uid"))
+    assert await avatar(by_mail, ALICE.mail, ALICE.password) == b"alice"
+    assert await avatar(by_mail, BOB.mail, BOB.password) == b"bob"
+    template = make_checker(identity_attribute="uid")
+    assert await avatar(template, " ALICE", ALICE.password) == b"alice"
+    assert await avatar(make_checker(), " ALICE", ALICE.password) == b" ALICE"
+    with pytest.raises(UnauthorizedLogin):
+        await avatar(by_mail, ALICE.mail, "wrong")
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attribute_with_require_filter_and_missing_values(
+        make_checker: Callable[..., LdapChecker], captured_log: LogCapture) -> None:
+    """One search serves both; an attribute the entry lacks refuses the login (logged),
+    it never falls back to the typed name."""
+    checker = make_checker(require_filter=REQUIRE_GROUP, identity_attribute="cn")
+    assert await avatar(checker, "ALICE", ALICE.password) == b"alice"
+    assert await outcome(checker, "bob", BOB.password) == "reject"
+    lacking = make_checker(identity_attribute="displayName")
+    assert await outcome(lacking, "alice", ALICE.password) == "reject"
+    assert any("identity_attribute displayName has 0 values" in line
+               for line in captured_log.lines)
+
+
 # ---- TLS -----------------------------------------------------------------------
 
 

@@ -13,11 +13,15 @@ ever runs on the reactor thread or in the reactor's default pool.
 template (the username escaped as an RFC 4514 attribute value) or by a search with the
 ``search_filter`` (the username escaped per RFC 4515) over a reused service connection
 (``search_dn``/``search_password``, or anonymous); zero or several matches reject.  It then
-binds as that DN on a fresh connection, checks ``require_filter`` (a base-scope search of
-the user's own entry, on the user's connection), and always unbinds and closes it.
+binds as that DN on a fresh connection, checks ``require_filter`` and reads
+``identity_attribute`` (one base-scope search of the user's own entry, on the user's
+connection), and always unbinds and closes it.  With ``identity_attribute`` (say ``uid``)
+the session identity is that attribute's one value, what the directory calls the user,
+not what the user typed (a mail address, another case); without it, the name as typed.
 
 Failures are translated once: invalidCredentials (49) on the *user's* bind, no entry, an
-ambiguous search and an unmatched ``require_filter`` reject (``UnauthorizedLogin``);
+ambiguous search, an unmatched ``require_filter`` and an entry without exactly one
+``identity_attribute`` value reject (``UnauthorizedLogin``);
 everything else (refused, timed out, busy, unavailable, unwilling, a failed service bind,
 a TLS error) is a ``TemporaryFailure`` whose message names the server and the error,
 never the password.
@@ -278,8 +282,8 @@ class Directory:
 
     # ---- the one public operation ----------------------------------------
 
-    def verify(self, username: str, password: bytes) -> str:
-        """Return the user's DN if ``password`` binds as it; raise ``UnauthorizedLogin``
+    def verify(self, username: str, password: bytes) -> "Bound":
+        """The user's entry if ``password`` binds as it; raise ``UnauthorizedLogin``
         (wrong credentials) or ``TemporaryFailure`` (anything else)."""
         if not password:  # an empty simple bind is an anonymous bind: never send it
             raise UnauthorizedLogin("empty password")
@@ -289,11 +293,12 @@ class Directory:
             dn = self._search_dn(username)
         conn, endpoint = self._open(dn, password, user=True)
         try:
-            if self.options.require_filter:
-                self._check_require_filter(conn, endpoint, dn)
+            identity = None
+            if self.options.require_filter or self.options.identity_attribute:
+                identity = self._read_own_entry(conn, endpoint, dn)
         finally:
             close_quietly(conn)
-        return dn
+        return Bound(dn, identity)
 
     def close(self) -> None:
         """Close the idle service connections (at shutdown)."""
@@ -442,20 +447,47 @@ class Directory:
 
     # ---- require_filter ---------------------------------------------------
 
-    def _check_require_filter(self, conn: Any, endpoint: Endpoint, dn: str) -> None:
-        """Reject unless the user's own entry matches ``require_filter``."""
+    def _read_own_entry(self, conn: Any, endpoint: Endpoint, dn: str) -> str | None:
+        """On the user's own connection, one base-scope search of the user's entry: reject
+        unless it matches ``require_filter``; return the ``identity_attribute`` value.
+
+        The identity must be exactly one non-empty value: an entry without one (or with
+        several) cannot say who the user is, so the login is rejected (and logged)."""
+        attribute = self.options.identity_attribute
         try:
-            conn.search(dn, self.options.require_filter, search_scope=ldap3.BASE,
-                        attributes=[ldap3.NO_ATTRIBUTES], dereference_aliases=ldap3.DEREF_NEVER)
+            conn.search(dn, self.options.require_filter or "(objectClass=*)",
+                        search_scope=ldap3.BASE, attributes=[attribute or ldap3.NO_ATTRIBUTES],
+                        dereference_aliases=ldap3.DEREF_NEVER)
         except (LDAPException, OSError) as e:
-            raise TemporaryFailure(f"{endpoint}: require_filter search failed: {_describe(e)}") \
-                from None
+            raise TemporaryFailure(f"{endpoint}: search of the user's entry failed: "
+                                   f"{_describe(e)}") from None
         code, description = _result(conn)
         if code != 0:
             raise TemporaryFailure(
-                f"{endpoint}: require_filter search of {dn!r} answered {code} {description}")
-        if not any(r.get("type") == "searchResEntry" for r in conn.response or ()):
+                f"{endpoint}: search of the user's entry {dn!r} answered {code} {description}")
+        entries = [r for r in conn.response or () if r.get("type") == "searchResEntry"]
+        if not entries:
             raise UnauthorizedLogin("entry does not match require_filter")
+        if attribute is None:
+            return None
+        values = [v for k, v in (entries[0].get("attributes") or {}).items()
+                  if k.lower() == attribute.lower()]
+        found = values[0] if values else []
+        found = [found] if isinstance(found, str) else list(found)
+        if len(found) != 1 or not isinstance(found[0], str) or not found[0]:
+            log.warn("ldap {dn!r}: identity_attribute {attribute} has {count} values, not one:"
+                     " login refused", dn=dn, attribute=attribute, count=len(found))
+            raise UnauthorizedLogin(f"entry has no single {attribute} value")
+        return found[0]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A successful bind: the user's ``dn`` and, with ``identity_attribute``, the
+    ``identity`` the directory gives the user (``None`` otherwise)."""
+
+    dn: str
+    identity: str | None = None
 
 
 @implementer(ICredentialsChecker)
@@ -495,10 +527,10 @@ class LdapChecker:
             return fail(UnauthorizedLogin("empty password"))
         d = self.runner.run(self._verify, username, password, self._clock())
 
-        def accepted(dn: str) -> bytes:
-            log.debug("ldap backend {name}: {username!r} bound as {dn!r}",
-                      name=self.name, username=username, dn=dn)
-            return raw_username
+        def accepted(bound: Bound) -> bytes:
+            log.debug("ldap backend {name}: {username!r} bound as {dn!r} (identity {identity!r})",
+                      name=self.name, username=username, dn=bound.dn, identity=bound.identity)
+            return raw_username if bound.identity is None else as_bytes(bound.identity)
 
         def failed(reason: Failure) -> Failure:
             if reason.check(UnauthorizedLogin):
@@ -515,7 +547,7 @@ class LdapChecker:
 
         return d.addCallbacks(accepted, failed)
 
-    def _verify(self, username: str, password: bytes, queued_at: float) -> str:
+    def _verify(self, username: str, password: bytes, queued_at: float) -> Bound:
         """In a runner thread: give up at once if the login waited longer than ``timeout``
         for a free thread (a hung directory must not build a queue of minute-long 454s)."""
         waited = self._clock() - queued_at
