@@ -404,3 +404,30 @@ def test_config_missing_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(text, str(tmp_path / "saslsmtp.toml"))
     assert "backends.api.ca_file" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(api):
+    """The API stopped: one warn for several failed logins; back: one info line with the
+    outage's length (and no password anywhere)."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    from tests.test_outage import LevelCapture
+
+    c = checker(api.url)
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+        await api.stop()
+        for _ in range(3):
+            with pytest.raises(TemporaryFailure):
+                await c.requestAvatarId(creds("alice", USERS["alice"]))
+        api.start()
+        assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend api unreachable: ")
+    [recovered] = capture.at(LogLevel.info)
+    assert recovered.startswith("backend api reachable again after ")
+    assert USERS["alice"] not in repr(capture.events)

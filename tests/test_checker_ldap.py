@@ -7,6 +7,8 @@ bring it back in ``finally``.
 
 from __future__ import annotations
 
+import re
+
 import socket
 import threading
 import time
@@ -691,3 +693,31 @@ def test_options_repr_hides_service_password() -> None:
              'search_dn = "cn=r,o=x"\nsearch_password = "s3cr3t-service"'))
     assert config.backends["dir"].options.search_password == "s3cr3t-service"
     assert "s3cr3t-service" not in repr(config)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """slapd stopped: the first failed login warns, the next ones do not; started again:
+    one info line says how long the backend was unreachable."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    from tests.test_outage import LevelCapture
+
+    checker = make_checker()
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        slapd.stop()
+        try:
+            for _ in range(3):
+                assert await outcome(checker, "alice", ALICE.password) == "tempfail"
+        finally:
+            slapd.start()
+        assert await outcome(checker, "alice", "wrong") == "reject"  # a verdict: reachable
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend test unreachable: no LDAP server answered")
+    [recovered] = capture.at(LogLevel.info)
+    assert re.fullmatch(r"backend test reachable again after \d+\.\d s", recovered), recovered

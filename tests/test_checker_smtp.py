@@ -486,3 +486,30 @@ def test_config_options_and_missing_ca_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(table + 'ca_file = "nope.pem"\n', str(tmp_path / "saslsmtp.toml"))
     assert "backends.up.ca_file" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(plain_upstream: Upstream,
+                                                      fresh: None) -> None:
+    """Nothing listening: one warn for several failed checks; the upstream back (here: the
+    checker pointed at a live one, as a restarted server would be): one info line."""
+    from twisted.logger import LogLevel
+    from tests.test_outage import LevelCapture
+    from tests.upstreams import free_port
+
+    c = checker(free_port())
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        for _ in range(3):
+            with pytest.raises(TemporaryFailure, match="cannot connect"):
+                await c.requestAvatarId(PasswordCredentials(b"alice", b"pw"))
+        c._endpoint = checker(plain_upstream.port)._endpoint
+        with pytest.raises(UnauthorizedLogin):  # a verdict: reachable again
+            await c.requestAvatarId(PasswordCredentials(b"alice", b"wrong"))
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend upstream unreachable: upstream 127.0.0.1:")
+    [recovered] = capture.at(LogLevel.info)
+    assert recovered.startswith("backend upstream reachable again after ")

@@ -39,6 +39,7 @@ from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFa
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
                                          load_trust_root)
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
@@ -100,6 +101,7 @@ class HttpChecker:
         for key, value in (headers or {}).items():
             header_map[key.encode("latin-1")] = [value.encode("latin-1")]
         self._headers = header_map
+        self.outages = OutageLog(name, reactor.seconds)
 
     def stop(self) -> "Deferred[None] | None":
         """Close the kept-alive connections (the service calls this on shutdown)."""
@@ -136,7 +138,7 @@ class HttpChecker:
                     f"http backend {self.name}: {result.value.__class__.__name__}"))
             return username
 
-        return check.addBoth(settle)
+        return self.outages.watch(check.addBoth(settle))
 
     async def _ask(self, body: dict[str, Any]) -> None:
         for attempt in (1, 2):

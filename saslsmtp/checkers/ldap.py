@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
@@ -510,6 +511,7 @@ class LdapChecker:
         self.directory = directory
         self.runner = runner
         self._clock = clock
+        self.outages = OutageLog(name, clock)
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
@@ -545,7 +547,7 @@ class LdapChecker:
             return Failure(TemporaryFailure(f"ldap backend {self.name}: unexpected "
                                             f"{type(reason.value).__name__}"))
 
-        return d.addCallbacks(accepted, failed)
+        return self.outages.watch(d.addCallbacks(accepted, failed))
 
     def _verify(self, username: str, password: bytes, queued_at: float) -> Bound:
         """In a runner thread: give up at once if the login waited longer than ``timeout``

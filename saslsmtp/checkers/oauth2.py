@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.secrets import ITokenValidator
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
@@ -318,6 +319,7 @@ class RemoteKeys:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._waiting: list[Deferred[KeySet]] | None = None
+        self.outages = OutageLog(name, reactor.seconds)
 
     def current(self) -> "Deferred[KeySet]":
         """The cached keys, fetched first when there are none or they are too old."""
@@ -345,15 +347,15 @@ class RemoteKeys:
             if isinstance(outcome, Failure):
                 why = _describe(outcome)
                 if self._keys is not None:
-                    log.warn("oauth2 backend {name}: cannot refresh {url} ({why});"
-                             " keeping the keys fetched before", name=self.name, url=self.url, why=why)
+                    self.outages.down(f"cannot refresh {self.url} ({why}); keeping the keys"
+                                      " fetched before")
                     outcome = self._keys
                 else:
-                    log.warn("oauth2 backend {name}: cannot fetch {url} ({why})",
-                             name=self.name, url=self.url, why=why)
+                    self.outages.down(f"cannot fetch {self.url} ({why})")
                     outcome = Failure(TemporaryFailure(
                         f"oauth2 backend {self.name}: key set unavailable ({why})"))
             else:
+                self.outages.up()
                 self._keys = outcome
                 self._fetched_at = self._reactor.seconds()
             for w in waiting:
@@ -549,6 +551,7 @@ class IntrospectionValidator(_TokenValidator):
         self.timeout = timeout
         self.name = name
         self._pool = pool
+        self.outages = OutageLog(name, reactor.seconds)
         headers = {b"User-Agent": [USER_AGENT.encode("ascii")], b"Accept": [b"application/json"],
                    b"Content-Type": [b"application/x-www-form-urlencoded"]}
         if client_id is not None:
@@ -567,8 +570,8 @@ class IntrospectionValidator(_TokenValidator):
         """The verdict of the introspection endpoint plus the claim policy."""
         if not request.token or len(request.token) > MAX_TOKEN:
             return succeed(self._log(request, self.policy.refuse(), "empty or oversized token"))
-        d = _bounded(self._reactor, self.timeout, self._ask(request.token),
-                           f"oauth2 backend {self.name}: introspection")
+        d = self.outages.watch(_bounded(self._reactor, self.timeout, self._ask(request.token),
+                                        f"oauth2 backend {self.name}: introspection"))
         return d.addCallback(lambda claims: self._judge(request, claims))
 
     async def _ask(self, token: str) -> Mapping[str, Any]:

@@ -48,6 +48,7 @@ from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
 
@@ -351,7 +352,7 @@ class SmtpForwardChecker:
     def __init__(self, *, reactor: IReactorTime, endpoint: IStreamClientEndpoint,
                  upstream: str, tls_creator: IOpenSSLClientConnectionCreator | None,
                  starttls: bool, implicit_tls: bool, tls_hostname: str,
-                 helo: str | None = None, timeout: float = 10.0) -> None:
+                 helo: str | None = None, timeout: float = 10.0, name: str = "smtp") -> None:
         if starttls and not implicit_tls and tls_creator is None:
             raise ValueError("STARTTLS needs a tls_creator")
         self._reactor = reactor
@@ -363,6 +364,8 @@ class SmtpForwardChecker:
         self._tls_hostname = tls_hostname
         self._helo = helo
         self.timeout = timeout
+        self.name = name
+        self.outages = OutageLog(name, reactor.seconds)
 
     def __repr__(self) -> str:
         return f"<SmtpForwardChecker {self.upstream}>"
@@ -397,7 +400,8 @@ class SmtpForwardChecker:
             return Failure(TemporaryFailure(f"upstream {self.upstream}: no verdict within"
                                             f" {timeout:g}s (while waiting for {probe.cancelled_while})"))
 
-        return with_deadline(probe.result, self.timeout, self._reactor, on_timeout)
+        return self.outages.watch(with_deadline(probe.result, self.timeout, self._reactor,
+                                                on_timeout))
 
 
 def endpoint_for(options: SmtpOptions, reactor: Any,
@@ -431,4 +435,4 @@ def from_config(name: str, options: SmtpOptions, deps: Any) -> SmtpForwardChecke
         reactor=deps.reactor, endpoint=endpoint_for(options, deps.reactor, tls_creator),
         upstream=upstream, tls_creator=tls_creator, starttls=options.starttls,
         implicit_tls=options.tls, tls_hostname=hostname, helo=options.helo,
-        timeout=options.timeout)
+        timeout=options.timeout, name=name)
