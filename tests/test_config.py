@@ -162,3 +162,32 @@ def test_sections_table_reaches_every_section(tmp_path: Path) -> None:
     config = load_config(str(ETC / "saslsmtp.toml"), known_mechanisms=KNOWN)
     assert set(SECTIONS) <= set(config.sections)
     assert config.section("server") is config.server and config.section("tls") is None
+
+
+def test_a_new_section_plugs_in_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section is an Options class and a SECTIONS line; a dotted name is a sub-table of
+    another section (its parent does not call it an unknown key); problems keep file:line."""
+    from dataclasses import dataclass
+    from typing import Iterable
+
+    from saslsmtp.config import SECTIONS, Section
+    from saslsmtp.options import OptionProblem, Options
+
+    @dataclass(frozen=True)
+    class Cache(Options):
+        size: int = 100
+
+        def check(self) -> Iterable[OptionProblem]:
+            return [OptionProblem("size", "must be positive")] if self.size <= 0 else []
+
+    monkeypatch.setitem(SECTIONS, "auth.cache", Section(Cache))
+    (tmp_path / "users").write_text("a:{PLAIN}b\n")
+    good = tmp_path / "good.toml"
+    good.write_text('[auth]\nbackends = ["u"]\n[auth.cache]\nsize = 7\n'
+                    '[backends.u]\ntype = "file"\npath = "users"\n')
+    config = load_config(str(good), known_mechanisms=KNOWN)
+    assert config.section("auth.cache") == Cache(size=7)
+    assert config.auth.backends == ("u",)
+    found = problems('[auth]\nbackends = ["u"]\n\n[auth.cache]\nsize = 0\n'
+                     '[backends.u]\ntype = "file"\npath = "users"\n', tmp_path)
+    assert found == [f"{tmp_path / 'c.toml'}:5: auth.cache.size: must be positive"]
