@@ -112,6 +112,8 @@ BAD_BACKEND_OPTIONS = [
     ('type = "file"\ndefault_scheme = "CRYPT"\npath = "nope"', "path", "no such file"),
     ('type = "ldap"\nuser_dn = "uid={username},dc=x"\nurl = "ldap://h#frag"', "url",
      "not an ldap:// or ldaps:// server URL"),
+    ('type = "ldap"\nuser_dn = "uid={username},dc=x"\nurl = ["ldap://a", "ldap://h:99999"]',
+     "url", "not an ldap:// or ldaps:// server URL: 'ldap://h:99999'"),
     ('type = "ldap"\nurl = "ldap://h"\nuser_dn = "uid=x"', "user_dn", "must contain {username}"),
     ('type = "ldap"\nsearch_base = "dc=x"\nstart_tls = "yes"', "start_tls", "must be a boolean"),
     ('type = "ldap"\nurl = "ldap://h"\nidentity_attribute = "u id"',

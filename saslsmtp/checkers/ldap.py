@@ -130,10 +130,14 @@ class Endpoint:
         """Parse an LDAP URL; ``ValueError`` if it is not ``ldap[s]://host[:port][/]``."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or out of range
+            port = -1
         if scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/") \
-                or parts.query or parts.fragment or parts.username:
+                or parts.query or parts.fragment or parts.username or port in (-1, 0):
             raise ValueError(f"not an ldap:// or ldaps:// server URL: {url!r}")
-        return cls(parts.hostname, parts.port or (636 if scheme == "ldaps" else 389),
+        return cls(parts.hostname, port or (636 if scheme == "ldaps" else 389),
                    scheme == "ldaps")
 
     def __str__(self) -> str:
