@@ -9,7 +9,7 @@ Verdicts: ``235`` -> the username; ``535`` or any other ``5xx`` to the AUTH exch
 failure, a protocol error or no verdict within ``timeout`` (the whole check) ->
 ``TemporaryFailure``.
 
-Why a small ``LineOnlyReceiver`` instead of Twisted's ``ESMTPClient`` (TWISTED.md 3.1/3.2):
+Why a small ``LineOnlyReceiver`` instead of Twisted's ``ESMTPClient``:
 the stock PLAIN authenticator retries with another authzid after any non-235 reply (two
 attempts per check, which doubles failure counters and trips upstream lockouts);
 ``ESMTPClient`` only times out per line, keeps a transcript with the base64 password in
