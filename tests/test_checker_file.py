@@ -397,6 +397,7 @@ def test_from_config_uses_the_shared_hash_runner(tmp_path: Path) -> None:
     """from_config / build_checker wire path, default_scheme and deps.hash_runner."""
     runner = SynchronousRunner()
     deps = BackendDeps(reactor=None, hash_runner=runner, make_runner=lambda n, m: runner)
+    (tmp_path / "users").write_text("")  # options check that the file exists
     options = FileBackendConfig(path=str(tmp_path / "users"), default_scheme="SHA512-CRYPT")
     checker = from_config("users", options, deps)
     assert isinstance(checker, FileChecker)

@@ -23,9 +23,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from saslsmtp.checkers.http import HttpChecker, from_config
+from saslsmtp.checkers.http import HttpChecker, HttpOptions, from_config
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.config import HttpBackendConfig
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
@@ -190,7 +189,7 @@ def deps() -> BackendDeps:
 def checker(url: str, **options: Any) -> HttpChecker:
     """A checker built from config options, as the daemon builds it."""
     options.setdefault("timeout", 5.0)
-    return from_config("api", HttpBackendConfig(url=url, **options), deps())
+    return from_config("api", HttpOptions(url=url, **options), deps())
 
 
 @pytest_twisted.ensureDeferred
@@ -405,3 +404,30 @@ def test_config_missing_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(text, str(tmp_path / "saslsmtp.toml"))
     assert "backends.api.ca_file" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(api):
+    """The API stopped: one warn for several failed logins; back: one info line with the
+    outage's length (and no password anywhere)."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    from tests.test_outage import LevelCapture
+
+    c = checker(api.url)
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+        await api.stop()
+        for _ in range(3):
+            with pytest.raises(TemporaryFailure):
+                await c.requestAvatarId(creds("alice", USERS["alice"]))
+        api.start()
+        assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend api unreachable: ")
+    [recovered] = capture.at(LogLevel.info)
+    assert recovered.startswith("backend api reachable again after ")
+    assert USERS["alice"] not in repr(capture.events)

@@ -7,6 +7,8 @@ bring it back in ``finally``.
 
 from __future__ import annotations
 
+import re
+
 import socket
 import threading
 import time
@@ -19,10 +21,10 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import globalLogPublisher, formatEvent
 
 from saslsmtp.checkers import ldap as ldap_module
-from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, escape_dn_value,
+from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, LdapOptions, escape_dn_value,
                                     escape_filter_value, from_config)
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.config import ConfigError, LdapBackendConfig, parse_config
+from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.threads import ThreadPoolRunner
@@ -74,7 +76,7 @@ def make_checker(slapd: SlapdServer) -> Iterator[Callable[..., LdapChecker]]:
         if "search_base" not in options:
             values["user_dn"] = TEMPLATE
         values.update(options)
-        config = LdapBackendConfig(**values)
+        config = LdapOptions(**values)
         runner = ThreadPoolRunner(reactor, "ldap-test", config.threads)
         checker = LdapChecker("test", Directory(config, **(directory_kwargs or {})), runner)
         made.append(checker)
@@ -324,7 +326,7 @@ def test_directory_refuses_empty_password_itself() -> None:
     def no_connection(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("no connection may be made")
 
-    directory = Directory(LdapBackendConfig(url=("ldap://127.0.0.1:1",), user_dn=TEMPLATE),
+    directory = Directory(LdapOptions(url=("ldap://127.0.0.1:1",), user_dn=TEMPLATE),
                           connection_factory=no_connection)
     with pytest.raises(UnauthorizedLogin):
         directory.verify("alice", b"")
@@ -350,6 +352,45 @@ async def test_require_filter(make_checker: Callable[..., LdapChecker]) -> None:
         assert await outcome(checker, "alice", ALICE.password) == "accept"
         assert await outcome(checker, "bob", BOB.password) == "reject"
         assert await outcome(checker, "alice", "wrong") == "reject"
+
+
+# ---- identity_attribute ----------------------------------------------------
+
+
+async def avatar(checker: LdapChecker, username: str, password: str) -> bytes:
+    """The avatar id (the session identity) the checker gives for one login."""
+    return await checker.requestAvatarId(PasswordCredentials(username.encode("utf-8"),
+                                                             password.encode("utf-8")))
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attribute_names_the_user(make_checker: Callable[..., LdapChecker]) -> None:
+    """With identity_attribute = "uid" the identity is the directory's uid, whatever was
+    typed: a mail address (search by mail) or another case/spacing (DN template); without
+    it, the name as typed."""
+    by_mail = make_checker(**search_options(search_filter="(mail={username})",
+                                            identity_attribute="uid"))
+    assert await avatar(by_mail, ALICE.mail, ALICE.password) == b"alice"
+    assert await avatar(by_mail, BOB.mail, BOB.password) == b"bob"
+    template = make_checker(identity_attribute="uid")
+    assert await avatar(template, " ALICE", ALICE.password) == b"alice"
+    assert await avatar(make_checker(), " ALICE", ALICE.password) == b" ALICE"
+    with pytest.raises(UnauthorizedLogin):
+        await avatar(by_mail, ALICE.mail, "wrong")
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attribute_with_require_filter_and_missing_values(
+        make_checker: Callable[..., LdapChecker], captured_log: LogCapture) -> None:
+    """One search serves both; an attribute the entry lacks refuses the login (logged),
+    it never falls back to the typed name."""
+    checker = make_checker(require_filter=REQUIRE_GROUP, identity_attribute="cn")
+    assert await avatar(checker, "ALICE", ALICE.password) == b"alice"
+    assert await outcome(checker, "bob", BOB.password) == "reject"
+    lacking = make_checker(identity_attribute="displayName")
+    assert await outcome(lacking, "alice", ALICE.password) == "reject"
+    assert any("identity_attribute displayName has 0 values" in line
+               for line in captured_log.lines)
 
 
 # ---- TLS -----------------------------------------------------------------------
@@ -487,7 +528,7 @@ async def test_failover(slapd: SlapdServer, make_checker: Callable[..., LdapChec
 def test_down_server_is_retried_after_a_while() -> None:
     """A failed endpoint goes last for DOWN_SECONDS, then is first again (injected clock)."""
     now = [100.0]
-    directory = Directory(LdapBackendConfig(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
+    directory = Directory(LdapOptions(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
                           clock=lambda: now[0])
     a, b = directory.endpoints
     directory._mark(a, up=False)
@@ -566,7 +607,7 @@ def test_from_config_uses_a_dedicated_runner() -> None:
         return runner
 
     deps = BackendDeps(reactor=None, hash_runner=None, make_runner=make_runner)  # type: ignore
-    options = LdapBackendConfig(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
+    options = LdapOptions(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
     checker = from_config("directory", options, deps)
     assert asked == [("ldap-directory", 3)]
     checker.stop()
@@ -575,7 +616,7 @@ def test_from_config_uses_a_dedicated_runner() -> None:
 
 def test_repr_has_no_secret() -> None:
     """The checker's repr names the servers, never the service password."""
-    options = LdapBackendConfig(url=("ldap://127.0.0.1",), search_base=PEOPLE,
+    options = LdapOptions(url=("ldap://127.0.0.1",), search_base=PEOPLE,
                                 search_filter="(uid={username})", search_dn=READER_DN,
                                 search_password="s3cr3t-service")
     checker = LdapChecker("dir", Directory(options), None)  # type: ignore[arg-type]
@@ -652,3 +693,31 @@ def test_options_repr_hides_service_password() -> None:
              'search_dn = "cn=r,o=x"\nsearch_password = "s3cr3t-service"'))
     assert config.backends["dir"].options.search_password == "s3cr3t-service"
     assert "s3cr3t-service" not in repr(config)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """slapd stopped: the first failed login warns, the next ones do not; started again:
+    one info line says how long the backend was unreachable."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    from tests.test_outage import LevelCapture
+
+    checker = make_checker()
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        slapd.stop()
+        try:
+            for _ in range(3):
+                assert await outcome(checker, "alice", ALICE.password) == "tempfail"
+        finally:
+            slapd.start()
+        assert await outcome(checker, "alice", "wrong") == "reject"  # a verdict: reachable
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend test unreachable: no LDAP server answered")
+    [recovered] = capture.at(LogLevel.info)
+    assert re.fullmatch(r"backend test reachable again after \d+\.\d s", recovered), recovered

@@ -30,11 +30,11 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from saslsmtp.checkers.oauth2 import (ClaimPolicy, FileKeys, IntrospectionValidator,
+from saslsmtp.checkers.oauth2 import (ClaimPolicy, FileKeys, IntrospectionValidator, OAuth2Options,
                                       JwtValidator, KeySetError, from_config, parse_jwks)
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ITokenValidator
-from saslsmtp.config import ConfigError, OAuth2BackendConfig, parse_config
+from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
@@ -485,7 +485,7 @@ def deps() -> BackendDeps:
 def remote(url: str, **options: Any) -> Any:
     """A validator built from config options, as the daemon builds it."""
     options.setdefault("timeout", 2.0)
-    return from_config("idp", OAuth2BackendConfig(**options), deps())
+    return from_config("idp", OAuth2Options(**options), deps())
 
 
 def jwks_options(idp: Any, **more: Any) -> dict[str, Any]:

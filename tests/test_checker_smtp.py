@@ -24,9 +24,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher, formatEvent
 
 from saslsmtp.checkers.registry import BackendDeps
-from saslsmtp.checkers.smtp import SmtpForwardChecker, _capabilities, from_config
+from saslsmtp.checkers.smtp import SmtpForwardChecker, SmtpOptions, _capabilities, from_config
 from saslsmtp.checkers.tlsclient import load_trust_root
-from saslsmtp.config import SmtpBackendConfig
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
@@ -104,7 +103,7 @@ def checker(port: int, **options: Any) -> SmtpForwardChecker:
     """A checker built from config options, as the daemon builds it."""
     options.setdefault("starttls", False)
     options.setdefault("timeout", 5.0)
-    return from_config("upstream", SmtpBackendConfig(host="127.0.0.1", port=port, **options),
+    return from_config("upstream", SmtpOptions(host="127.0.0.1", port=port, **options),
                        deps())
 
 
@@ -311,7 +310,7 @@ async def test_implicit_tls_bad_identity_refused(request, pki, cert):
 async def test_endpoint_string(starttls_upstream, pki, fresh):
     """``endpoint`` (a client endpoint string) instead of host/port; the certificate is
     still checked against tls_hostname."""
-    c = from_config("upstream", SmtpBackendConfig(
+    c = from_config("upstream", SmtpOptions(
         endpoint=f"tcp:host=127.0.0.1:port={starttls_upstream.port}", starttls=True,
         ca_file=pki["ca"].cert_path, tls_hostname="localhost", timeout=5.0), deps())
     assert await c.requestAvatarId(creds(b"alice", USERS[b"alice"])) == b"alice"
@@ -382,7 +381,7 @@ async def test_deadline_timer_cancelled_on_verdict(plain_upstream, fresh):
         def __getattr__(self, name: str) -> Any:
             return getattr(reactor, name)
 
-    c = from_config("upstream", SmtpBackendConfig(host="127.0.0.1", port=plain_upstream.port,
+    c = from_config("upstream", SmtpOptions(host="127.0.0.1", port=plain_upstream.port,
                                                   starttls=False, timeout=30.0),
                     BackendDeps(RecordingClock(), SynchronousRunner(),
                                 lambda n, m: SynchronousRunner()))
@@ -476,7 +475,7 @@ def test_malformed_reply_is_temporary():
 
 
 def test_config_options_and_missing_ca_file(tmp_path):
-    """The smtp table parses into SmtpBackendConfig; a missing ca_file names its key."""
+    """The smtp table parses into SmtpOptions; a missing ca_file names its key."""
     from saslsmtp.config import ConfigError, parse_config
     table = ('[auth]\nbackends = ["up"]\n[backends.up]\ntype = "smtp"\nhost = "mx.test"\n'
              'port = 465\ntls = true\ntls_hostname = "smtp.example.test"\ntimeout = 3\n')
@@ -487,3 +486,30 @@ def test_config_options_and_missing_ca_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(table + 'ca_file = "nope.pem"\n', str(tmp_path / "saslsmtp.toml"))
     assert "backends.up.ca_file" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_warned_once_and_recovery_logged(plain_upstream: Upstream,
+                                                      fresh: None) -> None:
+    """Nothing listening: one warn for several failed checks; the upstream back (here: the
+    checker pointed at a live one, as a restarted server would be): one info line."""
+    from twisted.logger import LogLevel
+    from tests.test_outage import LevelCapture
+    from tests.upstreams import free_port
+
+    c = checker(free_port())
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        for _ in range(3):
+            with pytest.raises(TemporaryFailure, match="cannot connect"):
+                await c.requestAvatarId(PasswordCredentials(b"alice", b"pw"))
+        c._endpoint = checker(plain_upstream.port)._endpoint
+        with pytest.raises(UnauthorizedLogin):  # a verdict: reachable again
+            await c.requestAvatarId(PasswordCredentials(b"alice", b"wrong"))
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend upstream unreachable: upstream 127.0.0.1:")
+    [recovered] = capture.at(LogLevel.info)
+    assert recovered.startswith("backend upstream reachable again after ")

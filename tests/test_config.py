@@ -102,3 +102,94 @@ def test_config_is_frozen() -> None:
     config = load_config(str(ETC / "saslsmtp.toml"), known_mechanisms=KNOWN)
     with pytest.raises(Exception):
         config.auth.require_tls = True  # type: ignore[misc]
+
+
+# ---- backend options: the rules live beside each checker, errors keep their line ----
+
+#: (backend table body, the key named, words of the message).  The third line of each
+#: body, line 6 of the file (the table starts on line 3), is the bad key.
+BAD_BACKEND_OPTIONS = [
+    ('type = "file"\ndefault_scheme = "CRYPT"\npath = "nope"', "path", "no such file"),
+    ('type = "ldap"\nuser_dn = "uid={username},dc=x"\nurl = "ldap://h#frag"', "url",
+     "not an ldap:// or ldaps:// server URL"),
+    ('type = "ldap"\nuser_dn = "uid={username},dc=x"\nurl = ["ldap://a", "ldap://h:99999"]',
+     "url", "not an ldap:// or ldaps:// server URL: 'ldap://h:99999'"),
+    ('type = "ldap"\nurl = "ldap://h"\nuser_dn = "uid=x"', "user_dn", "must contain {username}"),
+    ('type = "ldap"\nsearch_base = "dc=x"\nstart_tls = "yes"', "start_tls", "must be a boolean"),
+    ('type = "ldap"\nurl = "ldap://h"\nidentity_attribute = "u id"',
+     "identity_attribute", "must be an attribute name"),
+    ('type = "smtp"\nhost = "h"\nport = 70000', "port", "must be 1 to 65535"),
+    ('type = "smtp"\nhost = "h"\ntimeout = 0', "timeout", "must be positive"),
+    ('type = "http"\ntimeout = 1\nurl = "ftp://x"', "url", "http:// or https://"),
+    ('type = "http"\nurl = "http://x"\nheaders = { X = "a\\nb" }', "headers", "line break"),
+    ('type = "dovecot"\ntimeout = 1\nsocket = "tcp:host"', "socket", "tcp:HOST:PORT"),
+    ('type = "dovecot"\nsocket = "/s"\ntimeout = -1', "timeout", "must be positive"),
+    ('type = "oauth2"\nintrospection_url = "https://x"\nalgorithms = ["HS256"]', "algorithms",
+     "'HS256' is not allowed"),
+    ('type = "oauth2"\njwks_url = "https://x"\nleeway = -1', "leeway", "must not be negative"),
+    ('type = "oauth2"\njwks_url = "https://x"\ncolour = 1', "colour", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("body,key,words", BAD_BACKEND_OPTIONS,
+                         ids=[f"{b.split(chr(34))[1]}-{k}" for b, k, _ in BAD_BACKEND_OPTIONS])
+def test_bad_backend_option_names_file_line_and_key(tmp_path: Path, body: str, key: str,
+                                                    words: str) -> None:
+    """Each backend type's options class reports a bad key; the file reader adds file:line."""
+    found = problems(f'[auth]\nbackends = ["b"]\n[backends.b]\n{body}\n', tmp_path)
+    f = tmp_path / "c.toml"
+    assert any(p.startswith(f"{f}:6: backends.b.{key}: ") and words in p for p in found), found
+
+
+def test_backend_option_rules_without_the_file() -> None:
+    """The same rules hold for keyword arguments: an OptionsError that names the key."""
+    from saslsmtp.checkers.ldap import LdapOptions
+    from saslsmtp.checkers.registry import BackendDeps, checker_from_options
+    from saslsmtp.options import OptionsError
+
+    with pytest.raises(OptionsError) as e:
+        LdapOptions(url="ldap://h#frag", user_dn="uid={username}")
+    assert e.value.key == "url" and "ldap://h#frag" in str(e.value)
+    assert LdapOptions(url="ldap://h", user_dn="uid={username}").url == ("ldap://h",)
+    deps = BackendDeps(reactor=None, hash_runner=None, make_runner=None)  # type: ignore[arg-type]
+    with pytest.raises(OptionsError) as e:
+        checker_from_options("http", "api", deps, url="http://x", colour="red")
+    assert e.value.key == "colour"
+
+
+def test_sections_table_reaches_every_section(tmp_path: Path) -> None:
+    """Config.section() returns each registered section; the core ones are attributes too."""
+    from saslsmtp.config import SECTIONS
+
+    config = load_config(str(ETC / "saslsmtp.toml"), known_mechanisms=KNOWN)
+    assert set(SECTIONS) <= set(config.sections)
+    assert config.section("server") is config.server and config.section("tls") is None
+
+
+def test_a_new_section_plugs_in_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section is an Options class and a SECTIONS line; a dotted name is a sub-table of
+    another section (its parent does not call it an unknown key); problems keep file:line."""
+    from dataclasses import dataclass
+    from typing import Iterable
+
+    from saslsmtp.config import SECTIONS, Section
+    from saslsmtp.options import OptionProblem, Options
+
+    @dataclass(frozen=True)
+    class Cache(Options):
+        size: int = 100
+
+        def check(self) -> Iterable[OptionProblem]:
+            return [OptionProblem("size", "must be positive")] if self.size <= 0 else []
+
+    monkeypatch.setitem(SECTIONS, "auth.cache", Section(Cache))
+    (tmp_path / "users").write_text("a:{PLAIN}b\n")
+    good = tmp_path / "good.toml"
+    good.write_text('[auth]\nbackends = ["u"]\n[auth.cache]\nsize = 7\n'
+                    '[backends.u]\ntype = "file"\npath = "users"\n')
+    config = load_config(str(good), known_mechanisms=KNOWN)
+    assert config.section("auth.cache") == Cache(size=7)
+    assert config.auth.backends == ("u",)
+    found = problems('[auth]\nbackends = ["u"]\n\n[auth.cache]\nsize = 0\n'
+                     '[backends.u]\ntype = "file"\npath = "users"\n', tmp_path)
+    assert found == [f"{tmp_path / 'c.toml'}:5: auth.cache.size: must be positive"]

@@ -307,3 +307,28 @@ async def test_ehlo_stays_fast_while_directory_hangs(daemon: Daemon, slapd: Slap
     assert len(latencies) >= 20
     assert percentile(latencies, 0.99) < EHLO_P99_LIMIT
     assert await plain_login(daemon.port, "alice", ALICE.password) == 235
+
+
+def _send(port: int, user: str, password: str) -> dict[str, Any]:
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+        s.ehlo("client.example")
+        s.login(user, password)
+        return s.sendmail(user, ["rcpt@example.test"], b"Subject: id\r\n\r\nhello\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_attribute_is_the_session_identity(slapd: SlapdServer,
+                                                          tmp_path: Path) -> None:
+    """Log in with a mail address; the Received header names the directory's uid."""
+    from twisted.internet import threads
+    backend = search_backend(slapd.url, identity_attribute='"uid"').replace(
+        '"(uid={username})"', '"(mail={username})"')
+    running = await start_server(tmp_path, backend)
+    try:
+        assert await threads.deferToThread(_send, running.port, ALICE.mail,
+                                           ALICE.password) == {}
+        [message] = running.messages()
+        assert b"(authenticated user alice)" in message
+    finally:
+        await running.stop()

@@ -39,7 +39,10 @@ class BackendChain:
             except UnauthorizedLogin:
                 continue
             except TemporaryFailure as e:
-                log.info("backend {name} failed temporarily: {why}", name=name, why=str(e))
+                # a backend with an OutageLog reports its outages itself (warn once, then
+                # recovery); this per-login line is for the others
+                level = log.debug if hasattr(checker, "outages") else log.info
+                level("backend {name} failed temporarily: {why}", name=name, why=str(e))
                 temporary = True
                 continue
             except Exception:

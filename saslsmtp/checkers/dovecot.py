@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, problem_if
 from saslsmtp.sasl.outcome import Session
 
 log = Logger(namespace="saslsmtp.checkers.dovecot")
@@ -506,7 +507,27 @@ def endpoint_description(socket: str, timeout: float) -> str:
     return f"unix:path={quoteStringArgument(path)}:timeout={connect_timeout}"
 
 
-def from_config(name: str, options: Any, deps: Any) -> DovecotChecker:
+@dataclass(frozen=True)
+class DovecotOptions(Options):
+    """``[backends.NAME] type = "dovecot"``: where Dovecot's auth socket is, and how long
+    to wait for it."""
+
+    socket: str = field(default="", metadata=PATH)  # a UNIX socket path, or "tcp:HOST:PORT"
+    timeout: float = 5.0
+    service: str = "smtp"
+
+    def check(self) -> Iterable[OptionProblem]:
+        problems = problem_if(self.timeout <= 0, "timeout", "must be positive")
+        if not self.socket:
+            return problems + [OptionProblem("socket", "is required")]
+        try:
+            endpoint_description(self.socket, max(self.timeout, 1.0))
+        except ValueError as e:
+            problems.append(OptionProblem("socket", str(e)))
+        return problems
+
+
+def from_config(name: str, options: DovecotOptions, deps: Any) -> DovecotChecker:
     """The checker for one ``[backends.NAME]`` table of ``type = "dovecot"``."""
     endpoint = clientFromString(deps.reactor, endpoint_description(options.socket,
                                                                    options.timeout))

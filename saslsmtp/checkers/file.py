@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -44,6 +44,7 @@ from zope.interface import implementer
 from saslsmtp import passwords
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.passwords import PasswordError, StoredPassword
 from saslsmtp.sasl.outcome import Secret
 from saslsmtp.threads import BlockingRunner
@@ -259,6 +260,19 @@ class FileChecker:
         return succeed(None)
 
 
-def from_config(name: str, options: Any, deps: Any) -> FileChecker:
+@dataclass(frozen=True)
+class FileOptions(Options):
+    """``[backends.NAME] type = "file"``: the passwd-file and the scheme of bare hashes."""
+
+    path: str = field(default="", metadata=PATH)
+    default_scheme: str = "CRYPT"
+
+    def check(self) -> Iterable[OptionProblem]:
+        if not self.path:
+            return [OptionProblem("path", "is required")]
+        return file_problem("path", self.path)
+
+
+def from_config(name: str, options: FileOptions, deps: Any) -> FileChecker:
     """Build the checker for a ``[backends.NAME]`` table of ``type = "file"``."""
     return FileChecker(options.path, deps.hash_runner, options.default_scheme, name=name)

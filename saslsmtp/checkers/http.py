@@ -21,7 +21,8 @@ trust store) and the host name against the certificate's subjectAltName, failing
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 import treq
 from OpenSSL import SSL
@@ -38,16 +39,42 @@ from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFa
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
                                          load_trust_root)
-from saslsmtp.config import HttpBackendConfig
+from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes, as_text
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 
 log = Logger()
 
 USER_AGENT = "saslsmtp"
 REJECT_STATUSES = frozenset({401, 403})
 _STALE = (RequestTransmissionFailed, ResponseNeverReceived)
+
+
+@dataclass(frozen=True)
+class HttpOptions(Options):
+    """``[backends.NAME] type = "http"``: POST JSON to an API."""
+
+    url: str = ""
+    timeout: float = 5.0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ca_file: str | None = field(default=None, metadata=PATH)
+
+    def check(self) -> Iterable[OptionProblem]:
+        problems = problem_if(not self.url, "url", "is required") or http_url_problem(
+            "url", self.url)
+        for key, value in self.headers.items():
+            try:
+                key.encode("latin-1"), value.encode("latin-1")
+            except UnicodeEncodeError:
+                problems.append(OptionProblem("headers", f"{key!r}: not Latin-1 text"))
+            if any(c in key + value for c in "\r\n\0") or not key:
+                problems.append(OptionProblem("headers", f"{key!r}: empty name or a line break"))
+        return [*problems, *file_problem("ca_file", self.ca_file),
+                *problem_if(self.timeout <= 0, "timeout", "must be positive")]
 
 
 @implementer(ICredentialsChecker)
@@ -70,10 +97,11 @@ class HttpChecker:
         self.timeout = timeout
         self._client = client
         self._reactor = reactor
-        header_map: dict[bytes, list[bytes]] = {b"User-Agent": [USER_AGENT.encode()]}
+        header_map: dict[bytes, list[bytes]] = {b"User-Agent": [USER_AGENT.encode("ascii")]}
         for key, value in (headers or {}).items():
             header_map[key.encode("latin-1")] = [value.encode("latin-1")]
         self._headers = header_map
+        self.outages = OutageLog(name, reactor.seconds)
 
     def stop(self) -> "Deferred[None] | None":
         """Close the kept-alive connections (the service calls this on shutdown)."""
@@ -84,11 +112,9 @@ class HttpChecker:
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
         """One verdict from the API (see the module docstring)."""
-        username, password = credentials.username, credentials.password
+        username = as_bytes(credentials.username)
         try:
-            user_text = username.decode("utf-8") if isinstance(username, bytes) else username
-            password_text = (password.decode("utf-8") if isinstance(password, bytes)
-                             else password)
+            user_text, password_text = as_text(username), as_text(credentials.password)
         except UnicodeDecodeError:
             return fail(UnauthorizedLogin("credentials are not UTF-8"))
         session = getattr(credentials, "session", None)
@@ -98,24 +124,21 @@ class HttpChecker:
             "mechanism": getattr(session, "mechanism", "") or None,
             "remote_ip": getattr(session, "remote_ip", "") or None,
         }
-        check = Deferred.fromCoroutine(self._ask(body))
-        timer = self._reactor.callLater(self.timeout, check.cancel)
+        check = with_deadline(Deferred.fromCoroutine(self._ask(body)), self.timeout,
+                              self._reactor)
 
         def settle(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
             if isinstance(result, Failure):
                 if result.check(UnauthorizedLogin, TemporaryFailure):
                     return result
-                if result.check(CancelledError) or (result.check(*_STALE) and any(
-                        r.check(CancelledError) for r in result.value.reasons)):
+                if result.check(DeadlineExceeded):
                     return Failure(TemporaryFailure(
                         f"http backend {self.name}: no answer within {self.timeout:g}s"))
                 return Failure(TemporaryFailure(
                     f"http backend {self.name}: {result.value.__class__.__name__}"))
-            return username if isinstance(username, bytes) else username.encode("utf-8")
+            return username
 
-        return check.addBoth(settle)
+        return self.outages.watch(check.addBoth(settle))
 
     async def _ask(self, body: dict[str, Any]) -> None:
         for attempt in (1, 2):
@@ -163,7 +186,7 @@ def make_client(reactor: Any, pool: HTTPConnectionPool, ca_file: str | None,
     return HTTPClient(agent)
 
 
-def from_config(name: str, options: HttpBackendConfig, deps: Any) -> HttpChecker:
+def from_config(name: str, options: HttpOptions, deps: Any) -> HttpChecker:
     """The checker for ``[backends.NAME] type = "http"``."""
     pool = make_pool(deps.reactor)
     client = make_client(deps.reactor, pool, options.ca_file, options.timeout)

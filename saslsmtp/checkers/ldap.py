@@ -13,11 +13,15 @@ ever runs on the reactor thread or in the reactor's default pool.
 template (the username escaped as an RFC 4514 attribute value) or by a search with the
 ``search_filter`` (the username escaped per RFC 4515) over a reused service connection
 (``search_dn``/``search_password``, or anonymous); zero or several matches reject.  It then
-binds as that DN on a fresh connection, checks ``require_filter`` (a base-scope search of
-the user's own entry, on the user's connection), and always unbinds and closes it.
+binds as that DN on a fresh connection, checks ``require_filter`` and reads
+``identity_attribute`` (one base-scope search of the user's own entry, on the user's
+connection), and always unbinds and closes it.  With ``identity_attribute`` (say ``uid``)
+the session identity is that attribute's one value, what the directory calls the user,
+not what the user typed (a mail address, another case); without it, the name as typed.
 
 Failures are translated once: invalidCredentials (49) on the *user's* bind, no entry, an
-ambiguous search and an unmatched ``require_filter`` reject (``UnauthorizedLogin``);
+ambiguous search, an unmatched ``require_filter`` and an entry without exactly one
+``identity_attribute`` value reject (``UnauthorizedLogin``);
 everything else (refused, timed out, busy, unavailable, unwilling, a failed service bind,
 a TLS error) is a ``TemporaryFailure`` whose message names the server and the error,
 never the password.
@@ -43,11 +47,12 @@ made with it (one per login here), and when every server is down it sleeps
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import ldap3
@@ -61,8 +66,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from saslsmtp.config import LdapBackendConfig
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes, as_text
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -123,15 +130,75 @@ class Endpoint:
         """Parse an LDAP URL; ``ValueError`` if it is not ``ldap[s]://host[:port][/]``."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or out of range
+            port = -1
         if scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/") \
-                or parts.query or parts.fragment or parts.username:
+                or parts.query or parts.fragment or parts.username or port in (-1, 0):
             raise ValueError(f"not an ldap:// or ldaps:// server URL: {url!r}")
-        return cls(parts.hostname, parts.port or (636 if scheme == "ldaps" else 389),
+        return cls(parts.hostname, port or (636 if scheme == "ldaps" else 389),
                    scheme == "ldaps")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'ldaps' if self.ssl else 'ldap'}://{host}:{self.port}"
+
+
+_ATTRIBUTE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class LdapOptions(Options):
+    """``[backends.NAME] type = "ldap"``: bind as the user (DN template or search-then-bind)."""
+
+    url: tuple[str, ...] = ()
+    user_dn: str | None = None
+    search_base: str | None = None
+    search_filter: str | None = None
+    search_dn: str | None = None
+    search_password: str | None = field(default=None, repr=False)  # a secret: not in repr
+    require_filter: str | None = None
+    identity_attribute: str | None = None  # the session identity: this attribute's value
+    start_tls: bool = False
+    ca_file: str | None = field(default=None, metadata=PATH)
+    verify_hostname: bool = True
+    timeout: float = 5.0
+    threads: int = 4  # measured: more threads only add GIL contention (module docstring)
+
+    def check(self) -> Iterable[OptionProblem]:
+        problems = problem_if(not self.url, "url", "is required")
+        for url in self.url:
+            try:
+                endpoint = Endpoint.parse(url)
+            except ValueError as e:
+                problems.append(OptionProblem("url", str(e)))
+                continue
+            if self.start_tls and endpoint.ssl:
+                problems.append(OptionProblem(
+                    "start_tls", f"cannot be used with {url!r} (ldaps:// is TLS already)"))
+        problems += problem_if(bool(self.user_dn) == bool(self.search_base), "",
+                               "needs exactly one of user_dn (DN template) or search_base"
+                               " (search-then-bind)")
+        problems += problem_if(bool(self.user_dn) and "{username}" not in (self.user_dn or ""),
+                               "user_dn", "must contain {username}")
+        problems += problem_if(bool(self.search_base) and "{username}" not in (
+            self.search_filter or ""), "search_filter", "must be set and contain {username}")
+        problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
+        problems += problem_if(self.threads < 1, "threads", "must be at least 1")
+        if (self.search_dn is None) != (self.search_password is None):
+            problems.append(OptionProblem("search_password" if self.search_dn else "search_dn",
+                                          "search_dn and search_password go together"))
+        problems += problem_if(self.search_dn is not None and not self.search_base,
+                               "search_dn", "is only used with search_base (search-then-bind)")
+        problems += file_problem("ca_file", self.ca_file)
+        problems += problem_if(self.require_filter is not None and not (
+            (self.require_filter or "").startswith("(") and (self.require_filter or "").endswith(
+                ")")), "require_filter", "must be an LDAP filter in parentheses")
+        problems += problem_if(self.identity_attribute is not None and not _ATTRIBUTE.match(
+            self.identity_attribute or ""), "identity_attribute",
+            "must be an attribute name (a letter, then letters, digits and -)")
+        return problems
 
 
 class VerifyingTls(Tls):
@@ -159,10 +226,6 @@ class VerifyingTls(Tls):
 
 class _Transport(Exception):
     """This server did not answer usefully; another one might (internal)."""
-
-    def __init__(self, message: str, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
 
 
 def _describe(error: BaseException) -> str:
@@ -203,7 +266,7 @@ class Directory:
     ``server_factory`` default to ldap3's classes (tests may wrap them to watch calls).
     """
 
-    def __init__(self, options: LdapBackendConfig, *,
+    def __init__(self, options: LdapOptions, *,
                  clock: Callable[[], float] = time.monotonic,
                  connection_factory: Callable[..., Any] = ldap3.Connection,
                  server_factory: Callable[..., Any] = ldap3.Server) -> None:
@@ -224,8 +287,8 @@ class Directory:
 
     # ---- the one public operation ----------------------------------------
 
-    def verify(self, username: str, password: bytes) -> str:
-        """Return the user's DN if ``password`` binds as it; raise ``UnauthorizedLogin``
+    def verify(self, username: str, password: bytes) -> "Bound":
+        """The user's entry if ``password`` binds as it; raise ``UnauthorizedLogin``
         (wrong credentials) or ``TemporaryFailure`` (anything else)."""
         if not password:  # an empty simple bind is an anonymous bind: never send it
             raise UnauthorizedLogin("empty password")
@@ -235,11 +298,12 @@ class Directory:
             dn = self._search_dn(username)
         conn, endpoint = self._open(dn, password, user=True)
         try:
-            if self.options.require_filter:
-                self._check_require_filter(conn, endpoint, dn)
+            identity = None
+            if self.options.require_filter or self.options.identity_attribute:
+                identity = self._read_own_entry(conn, endpoint, dn)
         finally:
             close_quietly(conn)
-        return dn
+        return Bound(dn, identity)
 
     def close(self) -> None:
         """Close the idle service connections (at shutdown)."""
@@ -318,7 +382,7 @@ class Directory:
                 raise TemporaryFailure(f"{endpoint}: bind answered {code} {description}")
         except (LDAPException, OSError) as e:
             close_quietly(conn)
-            raise _Transport(_describe(e), timed_out=isinstance(e, TimeoutError)) from None
+            raise _Transport(_describe(e)) from None
         except BaseException:
             close_quietly(conn)
             raise
@@ -332,7 +396,8 @@ class Directory:
             if self._idle:
                 return self._idle.pop(), True
         conn, endpoint = self._open(self.options.search_dn,
-                                    _bytes(self.options.search_password), user=False)
+                                    None if self.options.search_password is None
+                                    else as_bytes(self.options.search_password), user=False)
         return _Pooled(conn, endpoint), False
 
     def _release(self, pooled: _Pooled) -> None:
@@ -387,24 +452,47 @@ class Directory:
 
     # ---- require_filter ---------------------------------------------------
 
-    def _check_require_filter(self, conn: Any, endpoint: Endpoint, dn: str) -> None:
-        """Reject unless the user's own entry matches ``require_filter``."""
+    def _read_own_entry(self, conn: Any, endpoint: Endpoint, dn: str) -> str | None:
+        """On the user's own connection, one base-scope search of the user's entry: reject
+        unless it matches ``require_filter``; return the ``identity_attribute`` value.
+
+        The identity must be exactly one non-empty value: an entry without one (or with
+        several) cannot say who the user is, so the login is rejected (and logged)."""
+        attribute = self.options.identity_attribute
         try:
-            conn.search(dn, self.options.require_filter, search_scope=ldap3.BASE,
-                        attributes=[ldap3.NO_ATTRIBUTES], dereference_aliases=ldap3.DEREF_NEVER)
+            conn.search(dn, self.options.require_filter or "(objectClass=*)",
+                        search_scope=ldap3.BASE, attributes=[attribute or ldap3.NO_ATTRIBUTES],
+                        dereference_aliases=ldap3.DEREF_NEVER)
         except (LDAPException, OSError) as e:
-            raise TemporaryFailure(f"{endpoint}: require_filter search failed: {_describe(e)}") \
-                from None
+            raise TemporaryFailure(f"{endpoint}: search of the user's entry failed: "
+                                   f"{_describe(e)}") from None
         code, description = _result(conn)
         if code != 0:
             raise TemporaryFailure(
-                f"{endpoint}: require_filter search of {dn!r} answered {code} {description}")
-        if not any(r.get("type") == "searchResEntry" for r in conn.response or ()):
+                f"{endpoint}: search of the user's entry {dn!r} answered {code} {description}")
+        entries = [r for r in conn.response or () if r.get("type") == "searchResEntry"]
+        if not entries:
             raise UnauthorizedLogin("entry does not match require_filter")
+        if attribute is None:
+            return None
+        values = [v for k, v in (entries[0].get("attributes") or {}).items()
+                  if k.lower() == attribute.lower()]
+        found = values[0] if values else []
+        found = [found] if isinstance(found, str) else list(found)
+        if len(found) != 1 or not isinstance(found[0], str) or not found[0]:
+            log.warn("ldap {dn!r}: identity_attribute {attribute} has {count} values, not one:"
+                     " login refused", dn=dn, attribute=attribute, count=len(found))
+            raise UnauthorizedLogin(f"entry has no single {attribute} value")
+        return found[0]
 
 
-def _bytes(value: str | None) -> bytes | None:
-    return value.encode("utf-8") if value is not None else None
+@dataclass(frozen=True)
+class Bound:
+    """A successful bind: the user's ``dn`` and, with ``identity_attribute``, the
+    ``identity`` the directory gives the user (``None`` otherwise)."""
+
+    dn: str
+    identity: str | None = None
 
 
 @implementer(ICredentialsChecker)
@@ -427,17 +515,14 @@ class LdapChecker:
         self.directory = directory
         self.runner = runner
         self._clock = clock
+        self.outages = OutageLog(name, clock)
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
-        raw_username = credentials.username
-        password = credentials.password
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        if isinstance(raw_username, str):
-            raw_username = raw_username.encode("utf-8")
+        raw_username = as_bytes(credentials.username)
+        password = as_bytes(credentials.password)
         try:
-            username = raw_username.decode("utf-8")
+            username = as_text(raw_username)
         except UnicodeDecodeError:
             return fail(UnauthorizedLogin("username is not UTF-8"))
         if not username:
@@ -448,10 +533,10 @@ class LdapChecker:
             return fail(UnauthorizedLogin("empty password"))
         d = self.runner.run(self._verify, username, password, self._clock())
 
-        def accepted(dn: str) -> bytes:
-            log.debug("ldap backend {name}: {username!r} bound as {dn!r}",
-                      name=self.name, username=username, dn=dn)
-            return raw_username
+        def accepted(bound: Bound) -> bytes:
+            log.debug("ldap backend {name}: {username!r} bound as {dn!r} (identity {identity!r})",
+                      name=self.name, username=username, dn=bound.dn, identity=bound.identity)
+            return raw_username if bound.identity is None else as_bytes(bound.identity)
 
         def failed(reason: Failure) -> Failure:
             if reason.check(UnauthorizedLogin):
@@ -466,9 +551,9 @@ class LdapChecker:
             return Failure(TemporaryFailure(f"ldap backend {self.name}: unexpected "
                                             f"{type(reason.value).__name__}"))
 
-        return d.addCallbacks(accepted, failed)
+        return self.outages.watch(d.addCallbacks(accepted, failed))
 
-    def _verify(self, username: str, password: bytes, queued_at: float) -> str:
+    def _verify(self, username: str, password: bytes, queued_at: float) -> Bound:
         """In a runner thread: give up at once if the login waited longer than ``timeout``
         for a free thread (a hung directory must not build a queue of minute-long 454s)."""
         waited = self._clock() - queued_at
@@ -489,7 +574,7 @@ class LdapChecker:
         return f"<LdapChecker {self.name} {', '.join(map(str, self.directory.endpoints))}>"
 
 
-def from_config(name: str, options: LdapBackendConfig, deps: Any) -> LdapChecker:
+def from_config(name: str, options: LdapOptions, deps: Any) -> LdapChecker:
     """Build the checker for ``[backends.<name>]`` with its own runner ``ldap-<name>``."""
     runner = deps.make_runner(f"ldap-{name}", max(1, options.threads))
     return LdapChecker(name, Directory(options), runner)

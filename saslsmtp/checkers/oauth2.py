@@ -46,8 +46,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote_plus, urlencode
 
 from joserfc import jws, jwt
@@ -56,15 +56,17 @@ from joserfc.jwk import JWKRegistry, KeySet
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.secrets import ITokenValidator
-from saslsmtp.config import OAuth2BackendConfig
+from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
 log = Logger(namespace="saslsmtp.oauth2")
@@ -79,6 +81,71 @@ KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 def _key_type(alg: str) -> str | None:
     return KEY_TYPES.get(alg[:2])
+
+
+# --------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------
+
+#: JWS algorithms a token may use: asymmetric only (a JWKS is public, so an HMAC "key"
+#: from it would let anyone sign), never "none".  The default leaves out "EdDSA"
+#: (deprecated by RFC 9864 for "Ed25519"; joserfc warns on each use).
+ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+              "ES256", "ES384", "ES512", "Ed25519", "EdDSA")
+DEFAULT_ALGORITHMS = ALGORITHMS[:-1]
+
+
+@dataclass(frozen=True)
+class OAuth2Options(Options):
+    """``[backends.NAME] type = "oauth2"``: validate bearer tokens (OAUTHBEARER, XOAUTH2) as
+    JWTs against a JWKS (``jwks_file`` or ``jwks_url``) or at an RFC 7662
+    ``introspection_url``."""
+
+    jwks_file: str | None = field(default=None, metadata=PATH)
+    jwks_url: str | None = None
+    introspection_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)  # a secret: not in repr
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    username_claim: str = "sub"
+    scope: tuple[str, ...] = ()  # scopes the token must carry (all of them)
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    leeway: float = 60.0
+    timeout: float = 5.0
+    jwks_cache_time: float = 3600.0
+    jwks_min_refresh: float = 30.0
+    ca_file: str | None = field(default=None, metadata=PATH)
+
+    def check(self) -> Iterable[OptionProblem]:
+        sources = [k for k in ("jwks_file", "jwks_url", "introspection_url") if getattr(self, k)]
+        problems = problem_if(len(sources) != 1, "", "needs exactly one of jwks_file, jwks_url"
+                              " or introspection_url")
+        problems += file_problem("jwks_file", self.jwks_file)
+        problems += http_url_problem("jwks_url", self.jwks_url)
+        problems += http_url_problem("introspection_url", self.introspection_url)
+        if (self.client_id is None) != (self.client_secret is None):
+            problems.append(OptionProblem(
+                "client_secret" if self.client_id is not None else "client_id",
+                "client_id and client_secret go together"))
+        problems += problem_if(self.client_id is not None and not self.introspection_url,
+                               "client_id", "is only used with introspection_url")
+        if self.jwks_file or self.jwks_url:  # a JWT for another app of the same IdP must fail
+            problems += problem_if(not self.issuer, "issuer",
+                                   "is required with jwks_file / jwks_url")
+            problems += problem_if(not self.audience, "audience",
+                                   "is required with jwks_file / jwks_url")
+        problems += problem_if(not self.username_claim, "username_claim", "must not be empty")
+        problems += problem_if(not self.algorithms, "algorithms",
+                               "must name at least one algorithm")
+        problems += [OptionProblem("algorithms", f"{alg!r} is not allowed (choose from"
+                                   f" {', '.join(ALGORITHMS)})")
+                     for alg in self.algorithms if alg not in ALGORITHMS]
+        problems += problem_if(self.leeway < 0, "leeway", "must not be negative")
+        for key in ("jwks_cache_time", "jwks_min_refresh"):
+            problems += problem_if(getattr(self, key) < 0, key, "must not be negative")
+        problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
+        return problems + file_problem("ca_file", self.ca_file)
 
 
 # --------------------------------------------------------------------------
@@ -252,7 +319,7 @@ class RemoteKeys:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._waiting: list[Deferred[KeySet]] | None = None
-        self.fetches = 0  # requests sent (for tests and the log)
+        self.outages = OutageLog(name, reactor.seconds)
 
     def current(self) -> "Deferred[KeySet]":
         """The cached keys, fetched first when there are none or they are too old."""
@@ -273,27 +340,22 @@ class RemoteKeys:
             return result
         self._waiting = [result]
         self._attempted_at = self._reactor.seconds()
-        self.fetches += 1
-        d = Deferred.fromCoroutine(self._get())
-        timer = self._reactor.callLater(self.timeout, d.cancel)
+        d = with_deadline(Deferred.fromCoroutine(self._get()), self.timeout, self._reactor)
 
         def done(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
             waiting, self._waiting = self._waiting or [], None
             if isinstance(outcome, Failure):
-                why = (f"no answer within {self.timeout:g}s" if outcome.check(CancelledError)
-                       or _cancelled(outcome) else _describe(outcome))
+                why = _describe(outcome)
                 if self._keys is not None:
-                    log.warn("oauth2 backend {name}: cannot refresh {url} ({why});"
-                             " keeping the keys fetched before", name=self.name, url=self.url, why=why)
+                    self.outages.down(f"cannot refresh {self.url} ({why}); keeping the keys"
+                                      " fetched before")
                     outcome = self._keys
                 else:
-                    log.warn("oauth2 backend {name}: cannot fetch {url} ({why})",
-                             name=self.name, url=self.url, why=why)
+                    self.outages.down(f"cannot fetch {self.url} ({why})")
                     outcome = Failure(TemporaryFailure(
                         f"oauth2 backend {self.name}: key set unavailable ({why})"))
             else:
+                self.outages.up()
                 self._keys = outcome
                 self._fetched_at = self._reactor.seconds()
             for w in waiting:
@@ -304,7 +366,7 @@ class RemoteKeys:
 
     async def _get(self) -> KeySet:
         response = await self._client.request(
-            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode()],
+            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode("ascii")],
                                               b"Accept": [b"application/json"]}),
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
         body = await _read_body(response)
@@ -338,13 +400,8 @@ async def _read_body(response: Any) -> bytes:
     return b"".join(chunks)
 
 
-def _cancelled(failure: Failure) -> bool:
-    reasons = getattr(failure.value, "reasons", None) or []
-    return any(r.check(CancelledError) for r in reasons)
-
-
 def _describe(failure: Failure) -> str:
-    if failure.check(KeySetError, _TooLarge, TemporaryFailure):
+    if failure.check(KeySetError, _TooLarge, TemporaryFailure, DeadlineExceeded):
         return str(failure.value)
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
@@ -352,22 +409,16 @@ def _describe(failure: Failure) -> str:
     return failure.value.__class__.__name__
 
 
-def _with_deadline(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferred[Any]":
-    """Run ``coroutine``; cancel it after ``timeout`` seconds; failures other than
-    ``UnauthorizedLogin`` become ``TemporaryFailure`` (with a message free of secrets)."""
-    d = Deferred.fromCoroutine(coroutine)
-    timer = reactor.callLater(timeout, d.cancel)
+def _bounded(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferred[Any]":
+    """Run ``coroutine`` within ``timeout`` seconds; failures other than
+    ``TemporaryFailure`` become one (with a message free of secrets)."""
 
     def settle(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
         if isinstance(result, Failure) and not result.check(TemporaryFailure):
-            if result.check(CancelledError) or _cancelled(result):
-                return Failure(TemporaryFailure(f"{what}: no answer within {timeout:g}s"))
             return Failure(TemporaryFailure(f"{what}: {_describe(result)}"))
         return result
 
-    return d.addBoth(settle)
+    return with_deadline(Deferred.fromCoroutine(coroutine), timeout, reactor).addBoth(settle)
 
 
 # --------------------------------------------------------------------------
@@ -500,7 +551,8 @@ class IntrospectionValidator(_TokenValidator):
         self.timeout = timeout
         self.name = name
         self._pool = pool
-        headers = {b"User-Agent": [USER_AGENT.encode()], b"Accept": [b"application/json"],
+        self.outages = OutageLog(name, reactor.seconds)
+        headers = {b"User-Agent": [USER_AGENT.encode("ascii")], b"Accept": [b"application/json"],
                    b"Content-Type": [b"application/x-www-form-urlencoded"]}
         if client_id is not None:
             pair = f"{quote_plus(client_id)}:{quote_plus(client_secret or '')}"
@@ -518,8 +570,8 @@ class IntrospectionValidator(_TokenValidator):
         """The verdict of the introspection endpoint plus the claim policy."""
         if not request.token or len(request.token) > MAX_TOKEN:
             return succeed(self._log(request, self.policy.refuse(), "empty or oversized token"))
-        d = _with_deadline(self._reactor, self.timeout, self._ask(request.token),
-                           f"oauth2 backend {self.name}: introspection")
+        d = self.outages.watch(_bounded(self._reactor, self.timeout, self._ask(request.token),
+                                        f"oauth2 backend {self.name}: introspection"))
         return d.addCallback(lambda claims: self._judge(request, claims))
 
     async def _ask(self, token: str) -> Mapping[str, Any]:
@@ -555,14 +607,14 @@ class IntrospectionValidator(_TokenValidator):
 # --------------------------------------------------------------------------
 
 
-def policy_from(options: OAuth2BackendConfig) -> ClaimPolicy:
+def policy_from(options: OAuth2Options) -> ClaimPolicy:
     """The claim policy of a ``[backends.NAME]`` table."""
     return ClaimPolicy(issuer=options.issuer, audience=tuple(options.audience),
                        username_claim=options.username_claim, scope=tuple(options.scope),
                        leeway=options.leeway, require_exp=options.introspection_url is None)
 
 
-def from_config(name: str, options: OAuth2BackendConfig, deps: Any,
+def from_config(name: str, options: OAuth2Options, deps: Any,
                 make_client: Callable[..., Any] | None = None) -> _TokenValidator:
     """The validator for ``[backends.NAME] type = "oauth2"``."""
     from saslsmtp.checkers import http

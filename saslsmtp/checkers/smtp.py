@@ -9,7 +9,7 @@ Verdicts: ``235`` -> the username; ``535`` or any other ``5xx`` to the AUTH exch
 failure, a protocol error or no verdict within ``timeout`` (the whole check) ->
 ``TemporaryFailure``.
 
-Why a small ``LineOnlyReceiver`` instead of Twisted's ``ESMTPClient`` (TWISTED.md 3.1/3.2):
+Why a small ``LineOnlyReceiver`` instead of Twisted's ``ESMTPClient``:
 the stock PLAIN authenticator retries with another authzid after any non-235 reply (two
 attempts per check, which doubles failure counters and trips upstream lockouts);
 ``ESMTPClient`` only times out per line, keeps a transcript with the base64 password in
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from OpenSSL import SSL
 from twisted.cred.checkers import ICredentialsChecker
@@ -43,8 +44,11 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from saslsmtp.config import SmtpBackendConfig
+from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.octets import as_bytes
+from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
 
@@ -54,6 +58,27 @@ MAX_REPLY_LINES = 100
 QUIT_GRACE = 2.0  # seconds to wait for the 221 after a verdict before dropping the line
 _REPLY = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)")
 _ENHANCED = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3}$")
+
+
+@dataclass(frozen=True)
+class SmtpOptions(Options):
+    """``[backends.NAME] type = "smtp"``: forward the AUTH to another SMTP server."""
+
+    host: str = "127.0.0.1"
+    port: int = 587
+    endpoint: str | None = None  # a Twisted client endpoint string, instead of host/port
+    starttls: bool = True
+    tls: bool = False  # implicit TLS (port 465 style)
+    ca_file: str | None = field(default=None, metadata=PATH)
+    tls_hostname: str | None = None
+    helo: str | None = None
+    timeout: float = 10.0
+
+    def check(self) -> Iterable[OptionProblem]:
+        return [*problem_if(not self.host and not self.endpoint, "host", "must not be empty"),
+                *problem_if(not 0 < self.port < 65536, "port", "must be 1 to 65535"),
+                *file_problem("ca_file", self.ca_file),
+                *problem_if(self.timeout <= 0, "timeout", "must be positive")]
 
 
 class UpstreamReply:
@@ -86,7 +111,7 @@ class AuthProbe(LineOnlyReceiver):
                  tls_creator: IOpenSSLClientConnectionCreator | None, starttls: bool,
                  implicit_tls: bool, tls_hostname: str, helo: str | None,
                  upstream: str) -> None:
-        self.result: "Deferred[bytes]" = Deferred()
+        self.result: "Deferred[bytes]" = Deferred(self._cancelled)
         self.transcript: list[str] = []
         self._username = username
         self._password: bytes | None = password
@@ -101,6 +126,7 @@ class AuthProbe(LineOnlyReceiver):
         self._lines: list[bytes] = []
         self._code = b""
         self._quit_timer: Any = None
+        self.cancelled_while = ""
 
     def __repr__(self) -> str:
         return f"<AuthProbe {self._upstream} user={self._username!r} state={self._state}>"
@@ -141,10 +167,14 @@ class AuthProbe(LineOnlyReceiver):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def timed_out(self, timeout: float) -> None:
+    def _cancelled(self, result: "Deferred[bytes]") -> None:
         """The checker's deadline passed: temporary failure, connection aborted."""
-        if not self.finished:
-            self._temporary(f"no verdict within {timeout:g}s (while waiting for {self._state})")
+        self.cancelled_while = self.waiting_for()
+        self._temporary(f"cancelled while waiting for {self.cancelled_while}")
+
+    def waiting_for(self) -> str:
+        """What the conversation waits for now (for messages)."""
+        return "the connection" if self.transport is None else self._state
 
     # ---- wire ----------------------------------------------------------------------
 
@@ -322,7 +352,7 @@ class SmtpForwardChecker:
     def __init__(self, *, reactor: IReactorTime, endpoint: IStreamClientEndpoint,
                  upstream: str, tls_creator: IOpenSSLClientConnectionCreator | None,
                  starttls: bool, implicit_tls: bool, tls_hostname: str,
-                 helo: str | None = None, timeout: float = 10.0) -> None:
+                 helo: str | None = None, timeout: float = 10.0, name: str = "smtp") -> None:
         if starttls and not implicit_tls and tls_creator is None:
             raise ValueError("STARTTLS needs a tls_creator")
         self._reactor = reactor
@@ -334,17 +364,15 @@ class SmtpForwardChecker:
         self._tls_hostname = tls_hostname
         self._helo = helo
         self.timeout = timeout
+        self.name = name
+        self.outages = OutageLog(name, reactor.seconds)
 
     def __repr__(self) -> str:
         return f"<SmtpForwardChecker {self.upstream}>"
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
         """One upstream AUTH for these credentials (see the module docstring)."""
-        username, password = credentials.username, credentials.password
-        if isinstance(username, str):
-            username = username.encode("utf-8")
-        if isinstance(password, str):
-            password = password.encode("utf-8")
+        username, password = as_bytes(credentials.username), as_bytes(credentials.password)
         if not username or not password or b"\0" in username + password:
             # nothing an SMTP server could accept, and nothing worth a connection
             return fail(UnauthorizedLogin("empty or unencodable credentials"))
@@ -364,27 +392,19 @@ class SmtpForwardChecker:
             probe._finish(Failure(TemporaryFailure(f"upstream {self.upstream}: {why}")))
 
         connecting.addErrback(connect_failed)
+        def on_timeout(result: Any, timeout: float) -> Any:
+            if not isinstance(result, Failure):
+                return result
+            if not connecting.called:
+                connecting.cancel()
+            return Failure(TemporaryFailure(f"upstream {self.upstream}: no verdict within"
+                                            f" {timeout:g}s (while waiting for {probe.cancelled_while})"))
 
-        def deadline() -> None:
-            if connecting.called:
-                probe.timed_out(self.timeout)
-                return
-            probe._finish(Failure(TemporaryFailure(
-                f"upstream {self.upstream}: no connection within {self.timeout:g}s")))
-            connecting.cancel()
-
-        timer = self._reactor.callLater(self.timeout, deadline)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        probe.result.addBoth(done)
-        return probe.result
+        return self.outages.watch(with_deadline(probe.result, self.timeout, self._reactor,
+                                                on_timeout))
 
 
-def endpoint_for(options: SmtpBackendConfig, reactor: Any,
+def endpoint_for(options: SmtpOptions, reactor: Any,
                  tls_creator: IOpenSSLClientConnectionCreator | None) -> IStreamClientEndpoint:
     """Where ``options`` says to connect: ``endpoint`` (a client endpoint string) or
     ``host``/``port``; wrapped in TLS when ``tls`` (implicit TLS, port 465 style)."""
@@ -404,7 +424,7 @@ def endpoint_for(options: SmtpBackendConfig, reactor: Any,
     return endpoint
 
 
-def from_config(name: str, options: SmtpBackendConfig, deps: Any) -> SmtpForwardChecker:
+def from_config(name: str, options: SmtpOptions, deps: Any) -> SmtpForwardChecker:
     """The checker for ``[backends.NAME] type = "smtp"``."""
     hostname = options.tls_hostname or options.host
     tls_creator = None
@@ -415,4 +435,4 @@ def from_config(name: str, options: SmtpBackendConfig, deps: Any) -> SmtpForward
         reactor=deps.reactor, endpoint=endpoint_for(options, deps.reactor, tls_creator),
         upstream=upstream, tls_creator=tls_creator, starttls=options.starttls,
         implicit_tls=options.tls, tls_hostname=hostname, helo=options.helo,
-        timeout=options.timeout)
+        timeout=options.timeout, name=name)

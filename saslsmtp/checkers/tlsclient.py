@@ -3,7 +3,7 @@
 Twisted's ``optionsForClientTLS`` checks the chain and the host name, but its verify
 callback only catches ``service_identity.VerificationError``; service-identity >= 24
 raises ``CertificateError`` for a leaf certificate *without any subjectAltName*, and
-Twisted then logs and **accepts** it (TWISTED.md 3.3).  ``StrictClientTLS`` wraps
+Twisted then logs and **accepts** it.  ``StrictClientTLS`` wraps
 ``optionsForClientTLS`` and installs its own verify callback on each connection, so a
 trusted certificate that does not name the host (mismatch *or* no SAN at all) fails
 the handshake.  ``verify_peer_identity`` is the same check after the handshake, for

@@ -1,0 +1,171 @@
+"""Typed option sets that validate themselves, from TOML or from keyword arguments.
+
+An option set is a frozen dataclass deriving from ``Options``.  Building one, whether
+``LdapOptions(url="ldap://x", user_dn=...)`` in Python or ``LdapOptions.from_table(table)``
+from a TOML table, checks every field against its type hint (normalising the harmless
+differences: one string for an array of strings, an integer for a number) and then the
+class's own rules (``check()``).  Anything wrong raises ``OptionsError``, which lists
+every ``OptionProblem`` with the key it is about; the configuration file reader turns
+each into ``file:line: section.key: message``.  So the rules live in one place, beside the
+code that uses the options, and mean the same from every entry point.
+
+No Twisted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, TypeVar
+
+#: Field metadata: a path, resolved relative to the configuration file's folder.
+PATH = {"path": True}
+
+O = TypeVar("O", bound="Options")
+
+
+@dataclass(frozen=True)
+class OptionProblem:
+    """One thing wrong with one option (``key`` empty: the option set as a whole)."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class OptionsError(ValueError):
+    """The options are unusable; ``problems`` names each key and what is wrong with it."""
+
+    def __init__(self, problems: Iterable[OptionProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+    @property
+    def key(self) -> str:
+        """The key of the first problem (``""``: the option set as a whole)."""
+        return self.problems[0].key if self.problems else ""
+
+
+class Options:
+    """Base for frozen option dataclasses: type checks in ``__post_init__``, then ``check()``.
+
+    A subclass is ``@dataclass(frozen=True)`` with typed fields and defaults, and yields
+    ``OptionProblem``s from ``check()`` for the rules a type cannot say (required keys,
+    exclusive choices, URL shapes, files that must exist).
+    """
+
+    def __post_init__(self) -> None:
+        problems: list[OptionProblem] = []
+        bad: set[str] = set()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            ok, converted, expected = coerce(value, hints[f.name])
+            if ok:
+                object.__setattr__(self, f.name, converted)
+                continue
+            problems.append(OptionProblem(f.name, f"must be {expected}, not {type_words(value)}"))
+            bad.add(f.name)
+            # check the rest against the default, so one mistake is reported once
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            object.__setattr__(self, f.name, coerce(default, hints[f.name])[1])
+        problems += [p for p in self.check() if p.key not in bad]
+        if problems:
+            raise OptionsError(problems)
+
+    def check(self) -> Iterable[OptionProblem]:
+        """The rules beyond types; nothing by default."""
+        return ()
+
+    @classmethod
+    def from_table(cls: type[O], table: Mapping[str, Any], base: Path | None = None,
+                   skip: Iterable[str] = ()) -> O:
+        """Build from a TOML table: unknown keys are problems too; paths (``PATH``
+        metadata) are resolved relative to ``base``.  Raises ``OptionsError``."""
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        skipped = set(skip)
+        problems: list[OptionProblem] = []
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in skipped:
+                continue
+            if key not in known:
+                problems.append(OptionProblem(
+                    key, f"unknown key (known: {', '.join(sorted(known))})"))
+                continue
+            if known[key].metadata.get("path") and base is not None and isinstance(value, str) \
+                    and value and not value.startswith(("tcp:", "unix:")):
+                value = str((base / value).resolve())
+            values[key] = value
+        try:
+            options = cls(**values)
+        except OptionsError as e:
+            problems += e.problems
+        if problems:
+            raise OptionsError(problems)
+        return options
+
+
+def type_words(value: Any) -> str:
+    """``"a string"``, ``"an integer"``...: a value's TOML type, for messages."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", tuple: "an array", dict: "a table",
+            types.NoneType: "nothing"}.get(type(value), type(value).__name__)
+
+
+def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """Check ``value`` against a type hint; return (ok, normalised value, expected words)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None, ""
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:
+            ok, converted, _ = coerce(value, candidate)
+            if ok:
+                return True, converted, ""
+        return False, None, " or ".join(coerce(None, a)[2] for a in inner)
+    if hint is bool:
+        return isinstance(value, bool), value, "a boolean"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None, "a number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    if origin is tuple:
+        # tuple[str, ...]: an array of strings; a single string is accepted as one item
+        if isinstance(value, str):
+            return True, (value,), "an array of strings"
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return ok, tuple(value) if ok else None, "an array of strings"
+    if hint is Mapping or origin in (dict, Mapping) or (
+            origin is not None and getattr(origin, "__name__", "") == "Mapping"):
+        ok = isinstance(value, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, types.MappingProxyType(dict(value)) if ok else None, "a table of strings"
+    return False, None, str(hint)
+
+
+def problem_if(condition: bool, key: str, message: str) -> list[OptionProblem]:
+    """``[OptionProblem(key, message)]`` when ``condition``, else ``[]`` (for ``check()``)."""
+    return [OptionProblem(key, message)] if condition else []
+
+
+def file_problem(key: str, path: str | None) -> list[OptionProblem]:
+    """A problem when ``path`` is set and names no file."""
+    return problem_if(bool(path) and not Path(path or "").is_file(), key, f"no such file: {path}")
+
+
+def http_url_problem(key: str, url: str | None) -> list[OptionProblem]:
+    """A problem when ``url`` is set and not ``http://`` or ``https://``."""
+    return problem_if(bool(url) and not (url or "").startswith(("http://", "https://")), key,
+                      "must be an http:// or https:// URL")
