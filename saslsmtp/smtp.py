@@ -553,7 +553,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._avatar = avatar if interface is IMessageDelivery else avatar.getMessageDelivery()
         self._logout = logout
         self.authenticated = True
-        username = getattr(credentials, "username", b"")
+        username = getattr(self._avatar, "username", None) or getattr(credentials, "username", b"")
         self.auth_user = username.decode("utf-8", "replace") if isinstance(username, bytes) else str(username)
         self.auth_mechanism = mechanism
         self._failures = 0
