@@ -21,7 +21,7 @@ import getpass as getpass_module
 import sys
 from typing import Callable, Sequence, TextIO
 
-from saslsmtp import passwords
+from saslsmtp import libcrypt, passwords
 
 DEFAULT_SCHEME = "SHA512-CRYPT"
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
         scheme = "PLAIN.B64"
     try:
         field = passwords.make_hash(scheme, password, rounds=args.rounds, username=args.user)
-    except ValueError as e:  # messages from make_hash never contain the password
+    except (ValueError, libcrypt.LibcryptMissing) as e:  # never contain the password
         print(f"saslsmtp-passwd: {e}", file=stderr)
         return 1
     print(f"{args.user}:{field}", file=stdout)
