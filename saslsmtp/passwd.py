@@ -21,40 +21,14 @@ import getpass as getpass_module
 import sys
 from typing import Callable, Sequence, TextIO
 
-from saslsmtp import passwords
+from saslsmtp import libcrypt, passwords
 
 DEFAULT_SCHEME = "SHA512-CRYPT"
-
-_SCHEME_HELP = {
-    "ARGON2ID": "Argon2id (argon2-cffi defaults: 64 MiB, t=3; --rounds = time cost)",
-    "ARGON2I": "Argon2i (--rounds = time cost)",
-    "BLF-CRYPT": "bcrypt $2b$ (--rounds = log2 cost, default 12; max 72-byte passwords)",
-    "SHA512-CRYPT": "crypt $6$ (--rounds default 100000) [default]",
-    "SHA256-CRYPT": "crypt $5$ (--rounds default 100000)",
-    "PBKDF2": "Dovecot PBKDF2-HMAC-SHA1 (--rounds default 100000)",
-    "SCRAM-SHA-256": "SCRAM verifier: also serves AUTH SCRAM-SHA-256 (--rounds default 4096)",
-    "SCRAM-SHA-1": "SCRAM verifier: also serves AUTH SCRAM-SHA-1 (--rounds default 4096)",
-    "CRAM-MD5": "HMAC-MD5 context: also serves AUTH CRAM-MD5 (password-equivalent)",
-    "SSHA512": "salted SHA-512 (fast: weak against offline guessing)",
-    "SSHA256": "salted SHA-256 (fast: weak against offline guessing)",
-    "SSHA": "salted SHA-1 (weak)",
-    "SHA512": "unsalted SHA-512 (weak)",
-    "SHA256": "unsalted SHA-256 (weak)",
-    "SHA": "unsalted SHA-1 (weak)",
-    "SMD5": "salted MD5 (weak)",
-    "MD5-CRYPT": "crypt $1$ (weak)",
-    "LDAP-MD5": "unsalted MD5, base64 (weak)",
-    "PLAIN-MD5": "unsalted MD5, hex (weak)",
-    "DIGEST-MD5": "MD5(user:realm:password), realm from USER@realm (weak)",
-    "PLAIN": "cleartext (serves every mechanism; anyone who reads the file has it)",
-    "PLAIN.B64": "cleartext, base64 (for passwords containing ':')",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (its --help lists every scheme)."""
     epilog = "schemes:\n" + "\n".join(
-        f"  {name:<14} {_SCHEME_HELP.get(name, '')}" for name in passwords.MAKE_SCHEMES)
+        f"  {name:<14} {passwords.MAKE_HELP.get(name, '')}" for name in passwords.MAKE_SCHEMES)
     epilog += ("\n\nThe password is prompted for twice on a terminal, else read as one line"
                "\nfrom standard input.  Append the output to the users file:"
                "\n  saslsmtp-passwd alice >> etc/users")
@@ -134,7 +108,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
         scheme = "PLAIN.B64"
     try:
         field = passwords.make_hash(scheme, password, rounds=args.rounds, username=args.user)
-    except ValueError as e:  # messages from make_hash never contain the password
+    except (ValueError, libcrypt.LibcryptMissing) as e:  # never contain the password
         print(f"saslsmtp-passwd: {e}", file=stderr)
         return 1
     print(f"{args.user}:{field}", file=stdout)

@@ -8,11 +8,14 @@ names are case-insensitive.  As in Dovecot, each scheme has a natural encoding (
 base64 or hex); fixed-length digests (``{SHA}``, ``{SHA256}``, ``{LDAP-MD5}``...) accept
 either hex or base64 and the length tells which; ``.b64``/``.hex`` override the guess.
 
-Supported for verification: PLAIN (CLEAR, CLEARTEXT), CRYPT (``$1$`` ``$5$`` ``$6$``
-``$2a$``/``$2b$``/``$2y$``, DES), DES-CRYPT, MD5-CRYPT (MD5), SHA256-CRYPT, SHA512-CRYPT,
-BLF-CRYPT, ARGON2I, ARGON2ID, ARGON2, SHA (SHA1), SSHA, SHA256, SSHA256, SHA512, SSHA512,
-SMD5, LDAP-MD5, PLAIN-MD5, CRAM-MD5 (HMAC-MD5), DIGEST-MD5 (needs the username),
-SCRAM-SHA-1, SCRAM-SHA-256, PBKDF2.
+Every scheme is described in ONE place, its ``Scheme`` entry in ``SCHEMES`` (below): names,
+encoding, format check, verification, cost, what challenge mechanisms can use, how to make
+one, default cost and help text.  ``VERIFY_SCHEMES``, ``MAKE_SCHEMES`` and
+``DEFAULT_ROUNDS`` are derived from it.
+
+Expensive schemes are computed by code that releases the GIL (see docs/passwords.md):
+the crypt(3) family by the system's libcrypt (``saslsmtp.libcrypt``), bcrypt and Argon2 by
+their C extensions, SCRAM and PBKDF2 by ``hashlib.pbkdf2_hmac``.
 
 Nothing in this module puts a password (or a stored hash) into an exception message
 or a repr.
@@ -25,15 +28,18 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from saslsmtp import libcrypt
 from saslsmtp.sasl import cram_md5 as _cram
+from saslsmtp.sasl import scram as _scram
 
 __all__ = [
-    "PasswordError", "UnknownScheme", "MalformedPassword", "StoredPassword",
-    "parse_password", "verify_password", "make_hash", "stored_secrets", "cost_key",
-    "is_expensive", "cram_md5_context", "cram_md5_digest", "scram_keys",
+    "PasswordError", "UnknownScheme", "MalformedPassword", "StoredPassword", "Scheme",
+    "SCHEMES", "parse_password", "verify_password", "make_hash", "stored_secrets",
+    "cost_key", "is_expensive", "cram_md5_context", "cram_md5_digest", "scram_keys",
     "MAKE_SCHEMES", "VERIFY_SCHEMES", "DEFAULT_ROUNDS",
 ]
 
@@ -52,6 +58,11 @@ class MalformedPassword(PasswordError):
 
 # ---- small helpers -----------------------------------------------------------------
 
+NONE, B64, HEX = "none", "b64", "hex"
+
+Verify = Callable[[bytes, bytes, "str | None"], bool]     # (raw, password, username)
+Make = Callable[[bytes, "int | None", "bytes | None", "str | None"], str]  # -> data
+
 
 def _b(password: bytes | str) -> bytes:
     return password.encode("utf-8") if isinstance(password, str) else bytes(password)
@@ -68,6 +79,10 @@ def _b64decode(data: bytes) -> bytes:
         raise MalformedPassword("invalid base64 data") from None
 
 
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
 def _hexdecode(data: bytes) -> bytes:
     try:
         return bytes.fromhex(data.decode("ascii"))
@@ -80,6 +95,85 @@ def _ascii(raw: bytes) -> str:
         return raw.decode("ascii")
     except UnicodeDecodeError:
         raise MalformedPassword("non-ASCII data") from None
+
+
+def _salt_chars(n: int) -> str:
+    alphabet = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return "".join(alphabet[b % 64] for b in os.urandom(n))
+
+
+def _no_check(raw: bytes) -> None:
+    return None
+
+
+# ---- the scheme record ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Everything about one password scheme."""
+
+    name: str
+    verify: Verify
+    aliases: tuple[str, ...] = ()
+    encoding: str = NONE             # natural encoding of the data
+    raw_len: int = 0                 # fixed raw length (hex or base64 guessed), or 0
+    check: Callable[[bytes], None] = _no_check   # raises MalformedPassword
+    expensive: bool = False          # real CPU: run it in the thread pool
+    cost: Callable[[bytes], str] | None = None   # cost key (default: the name)
+    secrets: Callable[[bytes], dict[str, object]] | None = None  # for challenge mechanisms
+    make: Make | None = None         # new data in the natural encoding
+    default_rounds: int | None = None
+    make_variants: tuple[str, ...] = ()   # extra ``make_hash`` names (``PLAIN.B64``)
+    help: str = ""                   # one line for ``saslsmtp-passwd --help``
+
+
+# ---- plain and digests ----------------------------------------------------------------
+
+
+def _verify_plain(raw: bytes, pw: bytes, user: str | None) -> bool:
+    return _eq(raw, pw)
+
+
+def _plain_secrets(raw: bytes) -> dict[str, object]:
+    try:
+        return {"plaintext": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {}
+
+
+def _make_plain(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    return pw.decode("utf-8")
+
+
+def _digest(name: str) -> tuple[Verify, Make]:
+    def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
+        return _eq(hashlib.new(name, pw).digest(), raw)
+
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        return _b64(hashlib.new(name, pw).digest())
+    return verify, make
+
+
+def _make_plain_md5(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    return hashlib.md5(pw).hexdigest()
+
+
+def _salted(name: str) -> tuple[Verify, Callable[[bytes], None], Make]:
+    size = hashlib.new(name).digest_size
+
+    def check(raw: bytes) -> None:
+        if len(raw) <= size:
+            raise MalformedPassword("salted digest is too short (no salt)")
+
+    def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
+        check(raw)
+        return _eq(hashlib.new(name, pw + raw[size:]).digest(), raw[:size])
+
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        s = os.urandom(8) if salt is None else salt
+        return _b64(hashlib.new(name, pw + s).digest() + s)
+    return verify, check, make
 
 
 # ---- CRAM-MD5 contexts: the MD5 that continues from a saved state lives in the mechanism
@@ -100,140 +194,98 @@ def cram_md5_digest(context: str | bytes, challenge: bytes) -> str:
     return _cram.digest_from_context(raw.hex(), challenge)
 
 
-# ---- SCRAM (RFC 5802) -----------------------------------------------------------------
-
-_SCRAM_HASHES = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}
-
-
-def _saslprep_candidates(password: bytes) -> list[bytes]:
-    """SASLprep(password) first; the raw bytes too when they differ (Dovecot does not
-    normalize when it generates, so accept either)."""
-    out = []
-    try:
-        from passlib.utils import saslprep
-        out.append(saslprep(password.decode("utf-8")).encode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        pass
-    if password not in out:
-        out.append(password)
-    return out
+def _verify_cram(raw: bytes, pw: bytes, user: str | None) -> bool:
+    return _eq(bytes.fromhex(cram_md5_context(pw)), raw)
 
 
-def scram_keys(hash_name: str, password: bytes | str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """``(StoredKey, ServerKey)`` for a password, without SASLprep (callers normalize)."""
-    salted = hashlib.pbkdf2_hmac(hash_name, _b(password), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hash_name).digest()
-    stored_key = hashlib.new(hash_name, client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", hash_name).digest()
-    return stored_key, server_key
+def _make_cram(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    return cram_md5_context(pw)
 
 
-def _parse_scram(scheme: str, raw: bytes) -> tuple[int, bytes, bytes, bytes]:
-    parts = _ascii(raw).split(",")
-    if len(parts) != 4:
-        raise MalformedPassword(f"{scheme} wants iterations,salt,StoredKey,ServerKey")
-    try:
-        iterations = int(parts[0])
-    except ValueError:
-        raise MalformedPassword(f"{scheme} iteration count is not a number") from None
-    if not 1 <= iterations <= 10_000_000:
-        raise MalformedPassword(f"{scheme} iteration count out of range")
-    salt, stored, server = (_b64decode(p.encode("ascii")) for p in parts[1:])
-    size = hashlib.new(_SCRAM_HASHES[scheme]).digest_size
-    if len(stored) != size or len(server) != size or not salt:
-        raise MalformedPassword(f"{scheme} keys have the wrong length")
-    return iterations, salt, stored, server
+def _digest_md5_raw(pw: bytes, user: str) -> bytes:
+    name, _, realm = user.partition("@")
+    return hashlib.md5(b"%s:%s:%s" % (name.encode(), realm.encode(), pw)).digest()
 
 
-# ---- schemes -----------------------------------------------------------------------
-
-NONE, B64, HEX = "none", "b64", "hex"
-
-
-@dataclass(frozen=True)
-class _Scheme:
-    name: str
-    encoding: str                  # natural encoding of the data
-    raw_len: int                   # fixed raw length (encoding guessed), or 0
-    verify: Callable[[bytes, bytes, str | None], bool]   # (raw, password, username)
-    check: Callable[[bytes], None]                      # raises MalformedPassword
-    expensive: bool
+def _verify_digest_md5(raw: bytes, pw: bytes, user: str | None) -> bool:
+    return user is not None and _eq(_digest_md5_raw(pw, user), raw)
 
 
-def _no_check(raw: bytes) -> None:
-    return None
+def _make_digest_md5(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    if not user:
+        raise ValueError("DIGEST-MD5 needs the username (user@realm)")
+    return _digest_md5_raw(pw, user).hex()
 
 
-def _verify_plain(raw: bytes, pw: bytes, user: str | None) -> bool:
-    return _eq(raw, pw)
+# ---- crypt(3): libcrypt computes, these patterns say what a complete hash looks like ---
 
-
-def _digest(name: str) -> Callable[[bytes, bytes, str | None], bool]:
-    def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
-        return _eq(hashlib.new(name, pw).digest(), raw)
-    return verify
-
-
-def _salted(name: str) -> tuple[Callable[[bytes, bytes, str | None], bool], Callable[[bytes], None]]:
-    size = hashlib.new(name).digest_size
-
-    def check(raw: bytes) -> None:
-        if len(raw) <= size:
-            raise MalformedPassword("salted digest is too short (no salt)")
-
-    def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
-        check(raw)
-        return _eq(hashlib.new(name, pw + raw[size:]).digest(), raw[:size])
-    return verify, check
-
-
-# crypt(3) families via libpass (imported lazily: passlib is slow to import).
-_CRYPT_HANDLERS = {
-    "MD5-CRYPT": ("md5_crypt",),
-    "SHA256-CRYPT": ("sha256_crypt",),
-    "SHA512-CRYPT": ("sha512_crypt",),
-    "DES-CRYPT": ("des_crypt",),
-    "CRYPT": ("sha512_crypt", "sha256_crypt", "md5_crypt", "des_crypt", "bsdi_crypt"),
+_H64 = "[./0-9A-Za-z]"
+_SALT = r"[^$:\s]"
+_CRYPT_FORMATS: dict[str, re.Pattern[str]] = {
+    "md5": re.compile(rf"\$1\${_SALT}{{0,8}}\${_H64}{{22}}"),
+    "sha256": re.compile(rf"\$5\$(?:rounds=(?P<rounds>[0-9]+)\$)?{_SALT}{{0,16}}\${_H64}{{43}}"),
+    "sha512": re.compile(rf"\$6\$(?:rounds=(?P<rounds>[0-9]+)\$)?{_SALT}{{0,16}}\${_H64}{{86}}"),
+    "des": re.compile(rf"{_H64}{{13}}"),
+    "bsdi": re.compile(rf"_{_H64}{{19}}"),
+    "bcrypt": re.compile(rf"\$2[abxy]\$[0-9]{{2}}\${_H64}{{53}}"),
 }
 
 
-def _crypt_handler(scheme: str, raw: bytes):  # type: ignore[no-untyped-def]
-    import passlib.hash
+def _crypt_format(formats: tuple[str, ...], scheme: str, raw: bytes) -> str:
+    """Which of ``formats`` the complete hash ``raw`` is; ``MalformedPassword`` if none."""
     text = _ascii(raw)
-    if scheme in ("CRYPT", "BLF-CRYPT") and text.startswith(("$2a$", "$2b$", "$2y$", "$2x$")):
-        return "bcrypt"
-    for name in _CRYPT_HANDLERS[scheme]:
-        handler = getattr(passlib.hash, name)
-        if handler.identify(text):
-            return handler
-    if text.startswith("$y$") or text.startswith("$7$"):
+    for name in formats:
+        match = _CRYPT_FORMATS[name].fullmatch(text)
+        if match:
+            rounds = match.groupdict().get("rounds")
+            if rounds is not None and not 1000 <= int(rounds) <= 999_999_999:
+                raise MalformedPassword(f"{scheme} rounds out of range (1000-999999999)")
+            return name
+    if text.startswith(("$y$", "$7$", "$gy$")):
         raise MalformedPassword("yescrypt/scrypt crypt hashes are not supported")
-    raise MalformedPassword(f"not a {scheme} hash this server can verify")
+    raise MalformedPassword(f"not a complete {scheme} hash (truncated, or another scheme)")
 
 
-def _check_crypt(scheme: str) -> Callable[[bytes], None]:
-    def check(raw: bytes) -> None:
-        handler = _crypt_handler(scheme, raw)
-        if handler == "bcrypt":
-            _check_bcrypt(raw)
-            return
-        try:
-            handler.from_string(_ascii(raw))
-        except (ValueError, TypeError):
-            raise MalformedPassword(f"malformed {scheme} hash") from None
-    return check
+def _crypt(*formats: str) -> tuple[Callable[[str], Callable[[bytes], None]], Callable[[str], Verify]]:
+    def check(scheme: str) -> Callable[[bytes], None]:
+        def run(raw: bytes) -> None:
+            _crypt_format(formats, scheme, raw)
+        return run
+
+    def verify(scheme: str) -> Verify:
+        def run(raw: bytes, pw: bytes, user: str | None) -> bool:
+            if _crypt_format(formats, scheme, raw) == "bcrypt":
+                return _verify_bcrypt(raw, pw, user)
+            result = libcrypt.crypt(pw, raw)
+            return result is not None and _eq(result, raw)
+        return run
+    return check, verify
 
 
-def _verify_crypt(scheme: str) -> Callable[[bytes, bytes, str | None], bool]:
-    def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
-        handler = _crypt_handler(scheme, raw)
-        if handler == "bcrypt":
-            return _verify_bcrypt(raw, pw, user)
-        try:
-            return bool(handler.verify(pw, _ascii(raw)))
-        except (ValueError, TypeError):
-            return False
-    return verify
+def _crypt_cost(raw: bytes) -> str:
+    text = raw.decode("ascii", "replace")
+    if text.startswith("$2"):
+        return f"bcrypt:{text[4:6]}"
+    if text.startswith(("$5$", "$6$")):
+        part = text.split("$")[2]
+        return f"crypt{text[1]}:{part if part.startswith('rounds=') else 'rounds=5000'}"
+    return f"crypt:{text[:3] if text.startswith('$') else 'des'}"
+
+
+def _make_crypt(prefix: str, salt_len: int, with_rounds: bool) -> Make:
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        setting = prefix
+        if with_rounds:
+            assert rounds is not None
+            if not 1000 <= rounds <= 999_999_999:
+                raise ValueError("crypt rounds must be between 1000 and 999999999")
+            setting += f"rounds={rounds}$"
+        setting += _salt_chars(salt_len) if salt is None else salt.decode("ascii")
+        result = libcrypt.crypt(pw, setting.encode("ascii"))
+        if result is None:
+            raise ValueError("libcrypt refused this password (a NUL byte, or over 512 bytes)")
+        return result.decode("ascii")
+    return make
 
 
 _BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$", b"$2x$")
@@ -256,9 +308,22 @@ def _verify_bcrypt(raw: bytes, pw: bytes, user: str | None) -> bool:
         return False
 
 
+def _make_bcrypt(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    import bcrypt
+    assert rounds is not None
+    if len(pw) > 72:
+        raise ValueError("BLF-CRYPT (bcrypt) passwords are limited to 72 bytes")
+    if not 4 <= rounds <= 31:
+        raise ValueError("BLF-CRYPT cost must be between 4 and 31")
+    return bcrypt.hashpw(pw, bcrypt.gensalt(rounds)).decode("ascii")
+
+
+# ---- Argon2 (argon2-cffi) --------------------------------------------------------------
+
+
 def _check_argon2(raw: bytes) -> None:
-    from argon2.exceptions import InvalidHashError
     from argon2 import extract_parameters
+    from argon2.exceptions import InvalidHashError
     try:
         extract_parameters(_ascii(raw))
     except (InvalidHashError, ValueError):
@@ -267,25 +332,96 @@ def _check_argon2(raw: bytes) -> None:
 
 def _verify_argon2(raw: bytes, pw: bytes, user: str | None) -> bool:
     from argon2 import PasswordHasher
-    from argon2.exceptions import VerificationError, InvalidHashError
+    from argon2.exceptions import InvalidHashError, VerificationError
     try:
         return bool(PasswordHasher().verify(_ascii(raw), pw))
     except (VerificationError, InvalidHashError, ValueError):
         return False
 
 
-def _scram(scheme: str) -> tuple[Callable[[bytes, bytes, str | None], bool], Callable[[bytes], None]]:
-    def check(raw: bytes) -> None:
-        _parse_scram(scheme, raw)
+def _argon2_cost(raw: bytes) -> str:
+    return "argon2:" + raw.decode("ascii", "replace").rsplit("$", 2)[0]
+
+
+def _make_argon2(id_variant: bool) -> Make:
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        from argon2 import PasswordHasher, Type
+        assert rounds is not None
+        hasher = PasswordHasher(time_cost=rounds, type=Type.ID if id_variant else Type.I)
+        if salt is None:
+            return hasher.hash(pw)
+        from argon2.low_level import hash_secret
+        return hash_secret(pw, salt, hasher.time_cost, hasher.memory_cost, hasher.parallelism,
+                           hasher.hash_len, hasher.type).decode("ascii")
+    return make
+
+
+# ---- SCRAM (RFC 5802): the algorithm is saslsmtp.sasl.scram's -------------------------
+
+_SCRAM_HASHES = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}
+
+
+def _password_candidates(password: bytes) -> list[bytes]:
+    """Normalize(password) first; the raw bytes too when they differ (Dovecot does not
+    SASLprep when it generates, so accept either)."""
+    out = []
+    try:
+        out.append(_scram.normalize(password.decode("utf-8")))
+    except UnicodeDecodeError:
+        pass
+    if password not in out:
+        out.append(password)
+    return out
+
+
+def scram_keys(hash_name: str, password: bytes | str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """``(StoredKey, ServerKey)`` for a password, without SASLprep (callers normalize)."""
+    keys = _scram.keys_from_bytes(hash_name, _b(password), salt, iterations)
+    return keys.stored_key, keys.server_key
+
+
+def _parse_scram(scheme: str, raw: bytes) -> tuple[int, bytes, bytes, bytes]:
+    parts = _ascii(raw).split(",")
+    if len(parts) != 4:
+        raise MalformedPassword(f"{scheme} wants iterations,salt,StoredKey,ServerKey")
+    try:
+        iterations = int(parts[0])
+    except ValueError:
+        raise MalformedPassword(f"{scheme} iteration count is not a number") from None
+    if not 1 <= iterations <= 10_000_000:
+        raise MalformedPassword(f"{scheme} iteration count out of range")
+    salt, stored, server = (_b64decode(p.encode("ascii")) for p in parts[1:])
+    size = hashlib.new(_SCRAM_HASHES[scheme]).digest_size
+    if len(stored) != size or len(server) != size or not salt:
+        raise MalformedPassword(f"{scheme} keys have the wrong length")
+    return iterations, salt, stored, server
+
+
+def _scram_scheme(scheme: str, help: str) -> Scheme:
+    hash_name = _SCRAM_HASHES[scheme]
 
     def verify(raw: bytes, pw: bytes, user: str | None) -> bool:
         iterations, salt, stored, server = _parse_scram(scheme, raw)
         ok = False
-        for candidate in _saslprep_candidates(pw):
-            s, k = scram_keys(_SCRAM_HASHES[scheme], candidate, salt, iterations)
-            ok |= _eq(s, stored) & _eq(k, server)
+        for candidate in _password_candidates(pw):
+            keys = _scram.keys_from_bytes(hash_name, candidate, salt, iterations)
+            ok |= _eq(keys.stored_key, stored) & _eq(keys.server_key, server)
         return ok
-    return verify, check
+
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        assert rounds is not None
+        s = os.urandom(16) if salt is None else salt
+        keys = _scram.keys_from_bytes(hash_name, _password_candidates(pw)[0], s, rounds)
+        return "%d,%s" % (rounds, ",".join(_b64(x) for x in (s, keys.stored_key, keys.server_key)))
+
+    return Scheme(
+        scheme, verify, check=lambda raw: _parse_scram(scheme, raw) and None, expensive=True,
+        cost=lambda raw: f"{scheme}:{raw.split(b',', 1)[0].decode('ascii', 'replace')}",
+        secrets=lambda raw: {scheme.lower(): _parse_scram(scheme, raw)},
+        make=make, default_rounds=4096, help=help)
+
+
+# ---- PBKDF2 (Dovecot's PBKDF2-HMAC-SHA1) -----------------------------------------------
 
 
 def _parse_pbkdf2(raw: bytes) -> tuple[bytes, int, bytes]:
@@ -306,51 +442,98 @@ def _verify_pbkdf2(raw: bytes, pw: bytes, user: str | None) -> bool:
     return _eq(hashlib.pbkdf2_hmac("sha1", pw, salt, rounds, 20), digest)
 
 
-def _verify_cram(raw: bytes, pw: bytes, user: str | None) -> bool:
-    return _eq(bytes.fromhex(cram_md5_context(pw)), raw)
+def _make_pbkdf2(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+    assert rounds is not None
+    s = _salt_chars(16).encode("ascii") if salt is None else salt
+    if b"$" in s:
+        raise ValueError("a PBKDF2 salt cannot contain '$'")
+    digest = hashlib.pbkdf2_hmac("sha1", pw, s, rounds, 20).hex()
+    return "$1$%s$%d$%s" % (s.decode("ascii"), rounds, digest)
 
 
-def _verify_digest_md5(raw: bytes, pw: bytes, user: str | None) -> bool:
-    if user is None:
-        return False
-    name, _, realm = user.partition("@")
-    return _eq(hashlib.md5(b"%s:%s:%s" % (name.encode(), realm.encode(), pw)).digest(), raw)
+# ---- the schemes, one entry each (in MAKE_SCHEMES order: strongest first) --------------
 
+_crypt_check, _crypt_verify = _crypt("md5", "sha256", "sha512", "des", "bsdi", "bcrypt")
+_md5c_check, _md5c_verify = _crypt("md5")
+_sha256c_check, _sha256c_verify = _crypt("sha256")
+_sha512c_check, _sha512c_verify = _crypt("sha512")
+_desc_check, _desc_verify = _crypt("des")
+_sha1_verify, _sha1_make = _digest("sha1")
+_sha256_verify, _sha256_make = _digest("sha256")
+_sha512_verify, _sha512_make = _digest("sha512")
+_md5_verify, _md5_make = _digest("md5")
+_ssha = {name: _salted(name) for name in ("sha1", "sha256", "sha512", "md5")}
 
-def _build_schemes() -> dict[str, _Scheme]:
-    s: dict[str, _Scheme] = {}
+SCHEMES: tuple[Scheme, ...] = (
+    Scheme("ARGON2ID", _verify_argon2, check=_check_argon2, expensive=True, cost=_argon2_cost,
+           make=_make_argon2(True), default_rounds=3,
+           help="Argon2id (argon2-cffi defaults: 64 MiB, t=3; --rounds = time cost)"),
+    Scheme("ARGON2I", _verify_argon2, check=_check_argon2, expensive=True, cost=_argon2_cost,
+           make=_make_argon2(False), default_rounds=4, help="Argon2i (--rounds = time cost)"),
+    Scheme("BLF-CRYPT", _verify_bcrypt, check=_check_bcrypt, expensive=True, cost=_crypt_cost,
+           make=_make_bcrypt, default_rounds=12,
+           help="bcrypt $2b$ (--rounds = log2 cost, default 12; max 72-byte passwords)"),
+    Scheme("SHA512-CRYPT", _sha512c_verify("SHA512-CRYPT"), check=_sha512c_check("SHA512-CRYPT"),
+           expensive=True, cost=_crypt_cost, make=_make_crypt("$6$", 16, True),
+           default_rounds=100_000, help="crypt $6$ (--rounds default 100000) [default]"),
+    Scheme("SHA256-CRYPT", _sha256c_verify("SHA256-CRYPT"), check=_sha256c_check("SHA256-CRYPT"),
+           expensive=True, cost=_crypt_cost, make=_make_crypt("$5$", 16, True),
+           default_rounds=100_000, help="crypt $5$ (--rounds default 100000)"),
+    Scheme("PBKDF2", _verify_pbkdf2, check=lambda raw: _parse_pbkdf2(raw) and None,
+           expensive=True, cost=lambda raw: f"PBKDF2:{_parse_pbkdf2(raw)[1]}",
+           make=_make_pbkdf2, default_rounds=100_000,
+           help="Dovecot PBKDF2-HMAC-SHA1 (--rounds default 100000)"),
+    _scram_scheme("SCRAM-SHA-256", "SCRAM verifier: also serves AUTH SCRAM-SHA-256 (--rounds default 4096)"),
+    _scram_scheme("SCRAM-SHA-1", "SCRAM verifier: also serves AUTH SCRAM-SHA-1 (--rounds default 4096)"),
+    Scheme("CRAM-MD5", _verify_cram, aliases=("HMAC-MD5",), encoding=HEX, raw_len=32,
+           secrets=lambda raw: {"cram-md5": raw.hex()}, make=_make_cram,
+           help="HMAC-MD5 context: also serves AUTH CRAM-MD5 (password-equivalent)"),
+    Scheme("SSHA512", _ssha["sha512"][0], encoding=B64, check=_ssha["sha512"][1],
+           make=_ssha["sha512"][2], help="salted SHA-512 (fast: weak against offline guessing)"),
+    Scheme("SSHA256", _ssha["sha256"][0], encoding=B64, check=_ssha["sha256"][1],
+           make=_ssha["sha256"][2], help="salted SHA-256 (fast: weak against offline guessing)"),
+    Scheme("SSHA", _ssha["sha1"][0], encoding=B64, check=_ssha["sha1"][1],
+           make=_ssha["sha1"][2], help="salted SHA-1 (weak)"),
+    Scheme("SHA512", _sha512_verify, encoding=B64, raw_len=64, make=_sha512_make,
+           help="unsalted SHA-512 (weak)"),
+    Scheme("SHA256", _sha256_verify, encoding=B64, raw_len=32, make=_sha256_make,
+           help="unsalted SHA-256 (weak)"),
+    Scheme("SHA", _sha1_verify, aliases=("SHA1",), encoding=B64, raw_len=20, make=_sha1_make,
+           help="unsalted SHA-1 (weak)"),
+    Scheme("SMD5", _ssha["md5"][0], encoding=B64, check=_ssha["md5"][1], make=_ssha["md5"][2],
+           help="salted MD5 (weak)"),
+    # "MD5" is MD5-CRYPT when the data looks like one, else LDAP-MD5 (see parse_password)
+    Scheme("MD5-CRYPT", _md5c_verify("MD5-CRYPT"), aliases=("MD5",), check=_md5c_check("MD5-CRYPT"),
+           expensive=True, cost=_crypt_cost, make=_make_crypt("$1$", 8, False),
+           help="crypt $1$ (weak)"),
+    Scheme("LDAP-MD5", _md5_verify, encoding=B64, raw_len=16, make=_md5_make,
+           help="unsalted MD5, base64 (weak)"),
+    Scheme("PLAIN-MD5", _md5_verify, encoding=HEX, raw_len=16, make=_make_plain_md5,
+           help="unsalted MD5, hex (weak)"),
+    Scheme("DIGEST-MD5", _verify_digest_md5, encoding=HEX, raw_len=16, make=_make_digest_md5,
+           help="MD5(user:realm:password), realm from USER@realm (weak)"),
+    Scheme("PLAIN", _verify_plain, aliases=("CLEAR", "CLEARTEXT"), secrets=_plain_secrets,
+           make=_make_plain, make_variants=("PLAIN.B64",),
+           help="cleartext (serves every mechanism; anyone who reads the file has it)"),
+    # verification only
+    Scheme("CRYPT", _crypt_verify("CRYPT"), check=_crypt_check("CRYPT"), expensive=True,
+           cost=_crypt_cost),
+    Scheme("DES-CRYPT", _desc_verify("DES-CRYPT"), check=_desc_check("DES-CRYPT"),
+           expensive=True, cost=_crypt_cost),
+    Scheme("ARGON2", _verify_argon2, check=_check_argon2, expensive=True, cost=_argon2_cost),
+)
 
-    def add(name: str, encoding: str, raw_len: int, verify, check=_no_check,  # type: ignore[no-untyped-def]
-            expensive: bool = False, aliases: tuple[str, ...] = ()) -> None:
-        scheme = _Scheme(name, encoding, raw_len, verify, check, expensive)
-        for n in (name, *aliases):
-            s[n] = scheme
-
-    add("PLAIN", NONE, 0, _verify_plain, aliases=("CLEAR", "CLEARTEXT"))
-    for name in ("CRYPT", "DES-CRYPT", "MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT"):
-        add(name, NONE, 0, _verify_crypt(name), _check_crypt(name), expensive=True,
-            aliases=("MD5",) if name == "MD5-CRYPT" else ())
-    add("BLF-CRYPT", NONE, 0, _verify_bcrypt, _check_bcrypt, expensive=True)
-    add("ARGON2", NONE, 0, _verify_argon2, _check_argon2, expensive=True,
-        aliases=("ARGON2I", "ARGON2ID"))
-    add("SHA", B64, 20, _digest("sha1"), aliases=("SHA1",))
-    add("SHA256", B64, 32, _digest("sha256"))
-    add("SHA512", B64, 64, _digest("sha512"))
-    add("LDAP-MD5", B64, 16, _digest("md5"), aliases=("PLAIN-MD5",))
-    for name, h in (("SSHA", "sha1"), ("SSHA256", "sha256"), ("SSHA512", "sha512"), ("SMD5", "md5")):
-        v, c = _salted(h)
-        add(name, B64, 0, v, c)
-    add("CRAM-MD5", HEX, 32, _verify_cram, aliases=("HMAC-MD5",))
-    add("DIGEST-MD5", HEX, 16, _verify_digest_md5)
-    for name in _SCRAM_HASHES:
-        v, c = _scram(name)
-        add(name, NONE, 0, v, c, expensive=True)
-    add("PBKDF2", NONE, 0, _verify_pbkdf2, lambda raw: _parse_pbkdf2(raw) and None, expensive=True)
-    return s
-
-
-_SCHEMES = _build_schemes()
-VERIFY_SCHEMES: tuple[str, ...] = tuple(sorted(_SCHEMES))
+_BY_NAME: dict[str, Scheme] = {n: s for s in SCHEMES for n in (s.name, *s.aliases)}
+VERIFY_SCHEMES: tuple[str, ...] = tuple(sorted(_BY_NAME))
+#: Schemes ``make_hash`` can produce, strongest first.
+MAKE_SCHEMES: tuple[str, ...] = tuple(
+    n for s in SCHEMES if s.make is not None for n in (s.name, *s.make_variants))
+#: Default cost per scheme: crypt rounds, bcrypt log2 cost, argon2 time cost,
+#: SCRAM iterations, PBKDF2 rounds.
+DEFAULT_ROUNDS: dict[str, int] = {s.name: s.default_rounds for s in SCHEMES if s.default_rounds}
+#: One line per makeable scheme (``saslsmtp-passwd --help``).
+MAKE_HELP: dict[str, str] = {s.name: s.help for s in SCHEMES if s.make is not None}
+MAKE_HELP["PLAIN.B64"] = "cleartext, base64 (for passwords containing ':')"
 
 
 # ---- parsing -----------------------------------------------------------------------
@@ -371,7 +554,7 @@ class StoredPassword:
     @property
     def expensive(self) -> bool:
         """Whether verifying this one costs real CPU (run it off the reactor thread)."""
-        return _SCHEMES[self.scheme].expensive
+        return _BY_NAME[self.canonical].expensive
 
 
 def _split_scheme(text: str, default_scheme: str) -> tuple[str, str | None, str]:
@@ -384,6 +567,14 @@ def _split_scheme(text: str, default_scheme: str) -> tuple[str, str | None, str]
     return name.upper(), enc.lower() or None, text
 
 
+def _decode(data: bytes, encoding: str) -> bytes:
+    if encoding == HEX:
+        return _hexdecode(data)
+    if encoding == B64:
+        return _b64decode(data)
+    return data
+
+
 def parse_password(text: str | StoredPassword, default_scheme: str = "CRYPT") -> StoredPassword:
     """Parse and validate a stored password field.
 
@@ -392,7 +583,7 @@ def parse_password(text: str | StoredPassword, default_scheme: str = "CRYPT") ->
     if isinstance(text, StoredPassword):
         return text
     name, encoding, data_text = _split_scheme(text, default_scheme)
-    scheme = _SCHEMES.get(name)
+    scheme = _BY_NAME.get(name)
     if scheme is None:
         raise UnknownScheme(f"unknown password scheme {{{name}}}"
                             f" (known: {', '.join(VERIFY_SCHEMES)})")
@@ -400,18 +591,13 @@ def parse_password(text: str | StoredPassword, default_scheme: str = "CRYPT") ->
         raise UnknownScheme(f"unknown password encoding .{encoding} (use .b64 or .hex)")
     # Dovecot's MD5 means MD5-CRYPT only when it looks like one; else LDAP-MD5.
     if name == "MD5" and not data_text.startswith("$1$"):
-        name, scheme = "LDAP-MD5", _SCHEMES["LDAP-MD5"]
+        name, scheme = "LDAP-MD5", _BY_NAME["LDAP-MD5"]
     data = data_text.encode("utf-8")
     if encoding is None and scheme.raw_len:
         guessed = HEX if len(data) == 2 * scheme.raw_len else B64
     else:
         guessed = {None: scheme.encoding, "b64": B64, "base64": B64, "hex": HEX}[encoding]
-    if guessed == HEX:
-        raw = _hexdecode(data)
-    elif guessed == B64:
-        raw = _b64decode(data)
-    else:
-        raw = data
+    raw = _decode(data, guessed)
     if scheme.raw_len and len(raw) != scheme.raw_len:
         raise MalformedPassword(f"{{{name}}} data has length {len(raw)}, wants {scheme.raw_len}")
     if not raw:
@@ -426,10 +612,10 @@ def verify_password(stored: str | StoredPassword, password: bytes | str, *,
 
     ``username`` is only used by ``{DIGEST-MD5}``.  Raises ``PasswordError`` if the
     stored field itself is unusable; a mismatch (including a bcrypt password over 72
-    bytes) is just ``False``.
+    bytes, or a password with a NUL byte for a crypt(3) scheme) is just ``False``.
     """
     sp = parse_password(stored, default_scheme)
-    return bool(_SCHEMES[sp.scheme].verify(sp.raw, _b(password), username))
+    return bool(_BY_NAME[sp.canonical].verify(sp.raw, _b(password), username))
 
 
 def is_expensive(stored: str | StoredPassword, default_scheme: str = "CRYPT") -> bool:
@@ -441,22 +627,8 @@ def cost_key(stored: str | StoredPassword, default_scheme: str = "CRYPT") -> str
     """A key naming the scheme and its cost parameters: two fields with the same key
     cost the same to verify (used to pick a dummy hash for unknown users)."""
     sp = parse_password(stored, default_scheme)
-    raw = sp.raw
-    if sp.canonical in _CRYPT_HANDLERS or sp.canonical == "BLF-CRYPT":
-        text = raw.decode("ascii", "replace")
-        if text.startswith("$2"):
-            return f"bcrypt:{text[4:6]}"
-        if text.startswith(("$5$", "$6$")):
-            rounds = text.split("$")[2] if text.split("$")[2].startswith("rounds=") else "rounds=5000"
-            return f"crypt{text[1]}:{rounds}"
-        return f"crypt:{text[:3] if text.startswith('$') else 'des'}"
-    if sp.canonical == "ARGON2":
-        return "argon2:" + raw.decode("ascii", "replace").rsplit("$", 2)[0]
-    if sp.canonical in _SCRAM_HASHES:
-        return f"{sp.canonical}:{raw.split(b',', 1)[0].decode('ascii', 'replace')}"
-    if sp.canonical == "PBKDF2":
-        return f"PBKDF2:{_parse_pbkdf2(raw)[1]}"
-    return sp.canonical
+    scheme = _BY_NAME[sp.canonical]
+    return scheme.cost(sp.raw) if scheme.cost is not None else scheme.name
 
 
 def stored_secrets(stored: str | StoredPassword, default_scheme: str = "CRYPT") -> dict[str, object]:
@@ -468,52 +640,11 @@ def stored_secrets(stored: str | StoredPassword, default_scheme: str = "CRYPT") 
     any one-way hash -> ``{}``.
     """
     sp = parse_password(stored, default_scheme)
-    if sp.canonical == "PLAIN":
-        try:
-            return {"plaintext": sp.raw.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {}
-    if sp.canonical == "CRAM-MD5":
-        return {"cram-md5": sp.raw.hex()}
-    if sp.canonical in _SCRAM_HASHES:
-        return {sp.canonical.lower(): _parse_scram(sp.canonical, sp.raw)}
-    return {}
+    scheme = _BY_NAME[sp.canonical]
+    return scheme.secrets(sp.raw) if scheme.secrets is not None else {}
 
 
 # ---- making new hashes (saslsmtp-passwd) ----------------------------------------------
-
-#: Default cost per scheme: crypt rounds, bcrypt log2 cost, argon2 time cost,
-#: SCRAM iterations, PBKDF2 rounds.
-DEFAULT_ROUNDS: dict[str, int] = {
-    "SHA512-CRYPT": 100_000,
-    "SHA256-CRYPT": 100_000,
-    "BLF-CRYPT": 12,
-    "ARGON2ID": 3,
-    "ARGON2I": 4,
-    "SCRAM-SHA-1": 4096,
-    "SCRAM-SHA-256": 4096,
-    "PBKDF2": 100_000,
-}
-
-#: Schemes ``make_hash`` can produce, strongest first.
-MAKE_SCHEMES: tuple[str, ...] = (
-    "ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "PBKDF2",
-    "SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "SSHA512", "SSHA256", "SSHA", "SHA512",
-    "SHA256", "SHA", "SMD5", "MD5-CRYPT", "LDAP-MD5", "PLAIN-MD5", "DIGEST-MD5", "PLAIN",
-    "PLAIN.B64",
-)
-
-
-def _rounds(scheme: str, rounds: int | None) -> int:
-    value = DEFAULT_ROUNDS[scheme] if rounds is None else int(rounds)
-    if value < 1:
-        raise ValueError("rounds must be positive")
-    return value
-
-
-def _salt_chars(n: int) -> str:
-    alphabet = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-    return "".join(alphabet[b % 64] for b in os.urandom(n))
 
 
 def make_hash(scheme: str, password: bytes | str, *, rounds: int | None = None,
@@ -522,74 +653,24 @@ def make_hash(scheme: str, password: bytes | str, *, rounds: int | None = None,
 
     ``rounds`` is the scheme's cost (see ``DEFAULT_ROUNDS``); ``salt`` forces a salt
     (tests only); ``username`` is needed by ``DIGEST-MD5`` (``user@realm``).
+    ``SCHEME.B64`` / ``SCHEME.HEX`` store the data in that encoding.
     """
-    name = scheme.upper()
-    pw = _b(password)
-    if name in ("PLAIN", "CLEAR", "CLEARTEXT"):
-        text = pw.decode("utf-8")
-        if any(c in text for c in ":\r\n") or text != text.strip():
-            raise ValueError("this password needs {PLAIN.B64} (it contains ':', a line break"
-                             " or surrounding spaces)")
-        return "{PLAIN}" + text
-    if name == "PLAIN.B64":
-        return "{PLAIN.B64}" + base64.b64encode(pw).decode("ascii")
-    if name in ("SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT"):
-        import passlib.hash
-        handler = {"SHA512-CRYPT": passlib.hash.sha512_crypt,
-                   "SHA256-CRYPT": passlib.hash.sha256_crypt,
-                   "MD5-CRYPT": passlib.hash.md5_crypt}[name]
-        settings: dict[str, object] = {}
-        if name != "MD5-CRYPT":
-            settings["rounds"] = _rounds(name, rounds)
-        if salt is not None:
-            settings["salt"] = salt.decode("ascii")
-        return "{%s}%s" % (name, handler.using(**settings).hash(pw))
-    if name == "BLF-CRYPT":
-        import bcrypt
-        if len(pw) > 72:
-            raise ValueError("BLF-CRYPT (bcrypt) passwords are limited to 72 bytes")
-        cost = _rounds(name, rounds)
-        if not 4 <= cost <= 31:
-            raise ValueError("BLF-CRYPT cost must be between 4 and 31")
-        return "{BLF-CRYPT}" + bcrypt.hashpw(pw, bcrypt.gensalt(cost)).decode("ascii")
-    if name in ("ARGON2ID", "ARGON2I"):
-        from argon2 import PasswordHasher, Type
-        hasher = PasswordHasher(time_cost=_rounds(name, rounds),
-                                type=Type.ID if name == "ARGON2ID" else Type.I)
-        if salt is not None:
-            from argon2.low_level import hash_secret
-            encoded = hash_secret(pw, salt, hasher.time_cost, hasher.memory_cost,
-                                  hasher.parallelism, hasher.hash_len, hasher.type)
-            return "{%s}%s" % (name, encoded.decode("ascii"))
-        return "{%s}%s" % (name, hasher.hash(pw))
-    digests = {"SHA": "sha1", "SHA256": "sha256", "SHA512": "sha512", "LDAP-MD5": "md5"}
-    if name in digests:
-        return "{%s}%s" % (name, base64.b64encode(hashlib.new(digests[name], pw).digest()).decode())
-    if name == "PLAIN-MD5":
-        return "{PLAIN-MD5}" + hashlib.md5(pw).hexdigest()
-    salted = {"SSHA": "sha1", "SSHA256": "sha256", "SSHA512": "sha512", "SMD5": "md5"}
-    if name in salted:
-        s = os.urandom(8) if salt is None else salt
-        raw = hashlib.new(salted[name], pw + s).digest() + s
-        return "{%s}%s" % (name, base64.b64encode(raw).decode("ascii"))
-    if name == "CRAM-MD5":
-        return "{CRAM-MD5}" + cram_md5_context(pw)
-    if name == "DIGEST-MD5":
-        if not username:
-            raise ValueError("DIGEST-MD5 needs the username (user@realm)")
-        user, _, realm = username.partition("@")
-        return "{DIGEST-MD5}" + hashlib.md5(b"%s:%s:%s" % (user.encode(), realm.encode(), pw)).hexdigest()
-    if name in _SCRAM_HASHES:
-        iterations = _rounds(name, rounds)
-        s = os.urandom(16) if salt is None else salt
-        stored, server = scram_keys(_SCRAM_HASHES[name], _saslprep_candidates(pw)[0], s, iterations)
-        parts = [base64.b64encode(x).decode("ascii") for x in (s, stored, server)]
-        return "{%s}%d,%s" % (name, iterations, ",".join(parts))
-    if name == "PBKDF2":
-        iterations = _rounds(name, rounds)
-        s = (_salt_chars(16).encode("ascii") if salt is None else salt)
-        if b"$" in s:
-            raise ValueError("a PBKDF2 salt cannot contain '$'")
-        digest = hashlib.pbkdf2_hmac("sha1", pw, s, iterations, 20).hex()
-        return "{PBKDF2}$1$%s$%d$%s" % (s.decode("ascii"), iterations, digest)
-    raise UnknownScheme(f"cannot make {{{name}}} hashes (known: {', '.join(MAKE_SCHEMES)})")
+    written = scheme.upper()
+    name, _, encoding = written.partition(".")
+    entry = _BY_NAME.get(name)
+    if entry is None or entry.make is None or (encoding and written not in entry.make_variants):
+        raise UnknownScheme(f"cannot make {{{written}}} hashes (known: {', '.join(MAKE_SCHEMES)})")
+    if entry.default_rounds is None:
+        cost = None
+    else:
+        cost = entry.default_rounds if rounds is None else int(rounds)
+        if cost < 1:
+            raise ValueError("rounds must be positive")
+    data = entry.make(_b(password), cost, salt, username)
+    if encoding:
+        raw = _decode(data.encode("utf-8"), entry.encoding)
+        data = _b64(raw) if encoding == "B64" else raw.hex()
+    elif any(c in data for c in ":\r\n") or data != data.strip():
+        raise ValueError(f"this password needs {{{name}.B64}} (it contains ':', a line break"
+                         " or surrounding spaces)")
+    return "{%s}%s" % (written, data)

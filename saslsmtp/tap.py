@@ -71,7 +71,7 @@ class Options(usage.Options):
 def check_users_files(config: Config) -> None:
     """``--check`` reads every users file too: each unusable line is a problem (the
     daemon would log and skip it)."""
-    from saslsmtp.checkers.file import parse_users
+    from saslsmtp.checkers.file import coverage_warnings, parse_users
     problems = []
     for backend in config.backends.values():
         if backend.type != "file":
@@ -84,6 +84,8 @@ def check_users_files(config: Config) -> None:
         parsed = parse_users(data, backend.options.default_scheme)
         problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
                      for line, message in parsed.problems]
+        for warning in coverage_warnings(parsed.users, config.auth.mechanisms):
+            print(f"{backend.options.path}: warning: {warning}", file=sys.stderr)
     if problems:
         raise ConfigError(problems)
 

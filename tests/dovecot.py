@@ -10,7 +10,8 @@ whole process tree to make it hang.
 Two settings keep tests fast and deterministic: ``auth_failure_delay = 0`` (Dovecot still
 answers a FAIL on its next 0.5 s failure-flush tick) and the auth penalty switched off
 (``anvil-auth-penalty`` listener disabled), which would otherwise delay every later
-failure from the same ``rip`` by 2-15 s.
+failure from the same ``rip`` by 2-15 s.  ``DovecotServer(stock_penalty=True)`` keeps
+Dovecot's defaults instead (penalty on, ``auth_failure_delay = 2 secs``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _alive(pid: int) -> bool:
 class DovecotServer:
     """One Dovecot instance under ``root`` (a fresh folder, removed by ``cleanup()``)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, stock_penalty: bool = False) -> None:
+        self.stock_penalty = stock_penalty
         self.root = Path(root or tempfile.mkdtemp(prefix="saslsmtp-dovecot-"))
         # the auth process runs as the unprivileged internal user: it must reach the files
         self.root.chmod(0o755)
@@ -111,6 +113,9 @@ class DovecotServer:
             internal, login = "dovecot", "dovenull"
         else:  # an unprivileged Dovecot runs everything as the invoking user
             internal = login = pwd.getpwuid(os.geteuid()).pw_name
+        # no auth penalty (2-15 s extra per failure from one rip): disable its anvil listener
+        no_penalty = ("service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n"
+                      "  }\n}\n")
         self.config_path.write_text(f"""\
 # Written by tests/dovecot.py: an auth-only Dovecot 2.3 for saslsmtp's tests.
 base_dir = {self.root}/run
@@ -122,7 +127,7 @@ ssl = no
 default_internal_user = {internal}
 default_login_user = {login}
 auth_mechanisms = plain login
-auth_failure_delay = 0
+auth_failure_delay = {"2 secs" if self.stock_penalty else "0"}
 auth_verbose = yes
 passdb {{
   driver = passwd-file
@@ -141,13 +146,7 @@ service auth {{
     port = {self.port}
   }}
 }}
-# no auth penalty (2-15 s extra per failure from one rip): disable its anvil listener
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-""")
+{"" if self.stock_penalty else no_penalty}""")
 
     # ---- lifecycle (blocking: call from fixtures, or briefly from a test) ------------
 

@@ -422,19 +422,79 @@ def test_missing_plain_mechanism_is_temporary() -> None:
     assert not endpoint.transport.connected
 
 
-def test_timeout_on_silent_server_cancels_and_drops_the_connection() -> None:
-    """No answer within timeout: 454, CANCEL sent, and a silent server's connection dropped."""
+def test_timeout_cancels_that_request_alone_and_keeps_the_connection() -> None:
+    """No answer within timeout: 454 and CANCEL for that request; the others in flight on
+    the silent connection keep it and get their (late) answers."""
     checker, endpoint, clock = make_checker(timeout=2.0)
-    d = checker.requestAvatarId(creds())
+    slow = checker.requestAvatarId(creds())
     ready(endpoint)
     endpoint.client_said()
-    clock.advance(1.9)
-    assert not d.called
-    clock.advance(0.2)
-    error = outcome(d)
+    clock.advance(1.0)
+    other = checker.requestAvatarId(creds(b"v", b"q", Session(remote_ip="192.0.2.11")))
+    endpoint.client_said()
+    clock.advance(1.0)
+    error = outcome(slow)
     assert isinstance(error, TemporaryFailure) and "within 2s" in str(error)
-    assert endpoint.transport.value() == b"CANCEL\t1\n"
-    assert not endpoint.transport.connected
+    assert endpoint.client_said() == b"CANCEL\t1\n"
+    assert endpoint.transport.connected
+    endpoint.server_says(b"FAIL\t1\nOK\t2\tuser=v\n")  # the cancelled answer is ignored
+    assert outcome(other) == b"v"
+    assert endpoint.transport.connected and len(endpoint.transports) == 1
+
+
+def test_server_silent_for_hung_after_is_dropped() -> None:
+    """A server that owes answers and says nothing for ``hung_after`` is hung: the request
+    that times out then drops the connection, and the next check opens a new one."""
+    checker, endpoint, clock = make_checker(timeout=2.0, hung_after=3.0)
+    first = checker.requestAvatarId(creds())
+    ready(endpoint)
+    endpoint.client_said()
+    clock.advance(1.5)
+    second = checker.requestAvatarId(creds())
+    clock.advance(0.5)
+    assert isinstance(outcome(first), TemporaryFailure)
+    assert endpoint.transport.connected  # silent for 2 s only
+    clock.advance(1.5)
+    assert isinstance(outcome(second), TemporaryFailure)
+    assert not endpoint.transport.connected  # silent for 3.5 s with answers owed
+    third = checker.requestAvatarId(creds())
+    assert len(endpoint.transports) == 2
+    ready(endpoint)
+    endpoint.client_said()
+    endpoint.server_says(b"OK\t1\tuser=u\n")
+    assert outcome(third) == b"u"
+
+
+def test_an_address_that_failed_gets_time_for_dovecots_penalty() -> None:
+    """After a FAIL for an address, Dovecot delays its next answers by up to 15 s plus its
+    failure delay: that address's checks may take timeout + 17 s and end in 535, not 454;
+    other addresses keep the plain timeout."""
+    checker, endpoint, clock = make_checker(timeout=5.0)
+    first = checker.requestAvatarId(creds())
+    ready(endpoint)
+    endpoint.client_said()
+    endpoint.server_says(b"FAIL\t1\tuser=u\n")
+    assert isinstance(outcome(first), UnauthorizedLogin)
+    assert checker.time_limit("192.0.2.10") == 5.0 + 17.0
+    assert checker.time_limit("192.0.2.99") == 5.0
+    penalized = checker.requestAvatarId(creds())
+    endpoint.client_said()
+    clock.advance(20.0)
+    assert not penalized.called
+    endpoint.server_says(b"FAIL\t2\tuser=u\n")
+    assert isinstance(outcome(penalized), UnauthorizedLogin)
+    assert endpoint.transport.connected and len(endpoint.transports) == 1
+    clock.advance(3601.0)
+    assert checker.time_limit("192.0.2.10") == 5.0  # forgotten after an hour
+
+
+def test_ok_user_is_canonical_not_original_user() -> None:
+    """``OK user=henry original_user=HENRY``: the identity is ``henry``."""
+    checker, endpoint, _ = make_checker()
+    d = checker.requestAvatarId(creds(b"HENRY"))
+    ready(endpoint)
+    endpoint.server_says(b"OK\t1\tuser=henry\toriginal_user=HENRY\n")
+    assert outcome(d) == b"henry"
 
 
 def test_timeout_keeps_a_connection_that_is_still_talking() -> None:
@@ -616,11 +676,11 @@ class CountingEndpoint:
         return self.inner.connect(factory)
 
 
-async def check(checker: DovecotChecker, user: str, password: str) -> Any:
+async def check(checker: DovecotChecker, user: str, password: str, rip: str = "127.0.0.1") -> Any:
     """The avatar id, or the exception the check failed with."""
     try:
         return await checker.requestAvatarId(creds(user.encode(), password.encode(),
-                                                   Session(remote_ip="127.0.0.1",
+                                                   Session(remote_ip=rip,
                                                            local_ip="127.0.0.1")))
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return e
@@ -717,7 +777,7 @@ async def test_real_hung_server_times_out(own_dovecot: DovecotServer, transport:
         assert await check(checker, *PLAIN_USER) == b"alice"
         own_dovecot.pause()
         timings = []
-        for _ in range(2):  # on the open connection, then on a fresh one that gets no DONE
+        for _ in range(2):  # both on the open connection (one slow answer is not a hang)
             started = time.monotonic()
             error = await check(checker, *PLAIN_USER)
             timings.append(time.monotonic() - started)
@@ -727,4 +787,45 @@ async def test_real_hung_server_times_out(own_dovecot: DovecotServer, transport:
         assert await check(checker, *PLAIN_USER) == b"alice"
     finally:
         own_dovecot.resume()
+        checker.stop()
+
+
+@pytest.fixture
+def stock_dovecot():
+    """A real Dovecot with its stock auth penalty and ``auth_failure_delay = 2 secs``."""
+    require_dovecot()
+    server = DovecotServer(stock_penalty=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_penalty_gives_535_and_keeps_the_connection(stock_dovecot: DovecotServer) -> None:
+    """Stock Dovecot: the second wrong password from one address is answered after its
+    penalty (~6 s, past ``timeout``) with 535, not 454; a check from another address that
+    was in flight while the penalized one waited gets its own answer on the same
+    connection, which is never dropped."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString
+
+    endpoint = CountingEndpoint(clientFromString(
+        reactor, endpoint_description(stock_dovecot.unix_socket, 3.0)))
+    checker = DovecotChecker(reactor=reactor, endpoint=endpoint, timeout=3.0)
+    try:
+        assert isinstance(await check(checker, PLAIN_USER[0], "wrong 1"), UnauthorizedLogin)
+        started = time.monotonic()
+        penalized = Deferred.fromCoroutine(check(checker, PLAIN_USER[0], "wrong 2"))
+        await deferLater(reactor, 2.0)
+        # in flight across the penalized check's old deadline (3 s), answered at ~4 s
+        other = Deferred.fromCoroutine(check(checker, HASHED_USER[0], "wrong", rip="127.0.0.2"))
+        other_result = await other
+        assert isinstance(other_result, UnauthorizedLogin), other_result
+        result = await penalized
+        elapsed = time.monotonic() - started
+        assert isinstance(result, UnauthorizedLogin) and not isinstance(result, TemporaryFailure), result
+        assert elapsed > 3.0, elapsed  # Dovecot really penalized it beyond timeout
+        assert await check(checker, *PLAIN_USER, rip="127.0.0.3") == b"alice"
+        assert endpoint.connections == 1
+    finally:
         checker.stop()

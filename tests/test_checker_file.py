@@ -16,7 +16,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from saslsmtp import passwords
 from saslsmtp.checkers.file import (
-    FALLBACK_DUMMY, SECRET_KINDS, FileChecker, from_config, parse_users, pick_dummy,
+    FALLBACK_DUMMY, SECRET_KINDS, FileChecker, coverage_warnings, from_config, mechanism_coverage,
+    parse_users, pick_dummy,
 )
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource
@@ -218,6 +219,89 @@ def test_parse_users_reports_problems_by_line() -> None:
     assert parsed.users["c"].line == 4
     assert parsed.problems == ((3, "no ':' (want user:{SCHEME}password)"),)
     assert "x" not in repr(parsed.users["a"])
+
+
+def test_parse_users_flags_truncated_crypt_hashes() -> None:
+    """A crypt hash cut short (``$6$broken``) is a problem on its line, not a user who
+    gets 535 forever; so ``--check`` reports it."""
+    good = passwords.make_hash("SHA512-CRYPT", "pw", rounds=1000)
+    parsed = parse_users(f"ok:{good}\nalice:{{SHA512-CRYPT}}$6$broken\n"
+                         f"bob:{{MD5-CRYPT}}$1$abc$\n".encode(), "CRYPT")
+    assert sorted(parsed.users) == ["ok"]
+    assert [line for line, _ in parsed.problems] == [2, 3]
+    assert "not a complete SHA512-CRYPT hash" in parsed.problems[0][1]
+
+
+def test_mechanism_coverage_counts_users_a_mechanism_cannot_serve() -> None:
+    """CRAM-MD5 needs {PLAIN} or {CRAM-MD5}; SCRAM-SHA-256 needs {PLAIN} or its own
+    verifier; PLAIN and LOGIN serve every scheme and are not counted."""
+    users = parse_users("\n".join([
+        "plain:{PLAIN}pw",
+        "cram:" + passwords.make_hash("CRAM-MD5", "pw"),
+        "scram:" + passwords.make_hash("SCRAM-SHA-256", "pw"),
+        "crypt:" + passwords.make_hash("SHA512-CRYPT", "pw", rounds=1000),
+        "bcrypt:" + passwords.make_hash("BLF-CRYPT", "pw", rounds=4),
+    ]).encode()).users
+    coverage = mechanism_coverage(users, ["PLAIN", "cram-md5", "SCRAM-SHA-256", "SCRAM-SHA-1-PLUS"])
+    assert [(c.mechanism, c.unusable, c.total) for c in coverage] == [
+        ("CRAM-MD5", 3, 5), ("SCRAM-SHA-256", 3, 5), ("SCRAM-SHA-1-PLUS", 4, 5)]
+    assert coverage_warnings(users, ["CRAM-MD5", "LOGIN"]) == [
+        "CRAM-MD5 announced but 3 of 5 users have hashes it cannot use"
+        " (those users cannot log in with CRAM-MD5)"]
+    assert coverage_warnings({k: v for k, v in users.items() if k == "plain"}, ["CRAM-MD5"]) == []
+
+
+def test_check_reports_malformed_hashes_and_warns_about_coverage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--check`` (tap.check_users_files): a truncated hash is a problem with its line
+    number; users a announced CRAM-MD5 cannot serve are a warning."""
+    from saslsmtp.config import ConfigError
+    from saslsmtp.tap import check_users_files, load
+    from tests.support import write_config
+    users = write(tmp_path / "users", "bob:{PLAIN}pw\nalice:{SHA512-CRYPT}$6$broken\n"
+                  "carol:" + passwords.make_hash("SHA512-CRYPT", "pw", rounds=1000) + "\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n',
+                          mechanisms=["PLAIN", "CRAM-MD5"])
+    with pytest.raises(ConfigError) as info:
+        check_users_files(load(str(config)))
+    assert f"{users}:2: backends.users: not a complete SHA512-CRYPT hash" in str(info.value)
+    assert (f"{users}: warning: CRAM-MD5 announced but 1 of 2 users have hashes it cannot use"
+            in capsys.readouterr().err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_secret_lookup_logs_why_a_one_way_hash_cannot_serve(tmp_path: Path,
+                                                                   captured_logs: list) -> None:
+    """A CRAM-MD5/SCRAM login of a user with a one-way hash fails like an unknown user
+    (``None``); the log says why, naming the line and scheme, never the hash."""
+    stored = passwords.make_hash("SHA512-CRYPT", SECRET, rounds=1000)
+    path = write(tmp_path / "users", f"plain:{{PLAIN}}{SECRET}\ncrypt:{stored}\n")
+    checker = FileChecker(str(path), SynchronousRunner())
+    assert await checker.lookup_secret("crypt", ("cram-md5", "plaintext")) is None
+    lines = [formatEvent(e) for e in captured_logs if "cannot log in" in formatEvent(e)]
+    assert lines == [f"{path}:2: user 'crypt' cannot log in with this mechanism: its"
+                     " {SHA512-CRYPT} hash cannot serve it (it needs one of: cram-md5, plaintext)"]
+    assert await checker.lookup_secret("plain", ("cram-md5", "plaintext")) == Secret("plaintext", SECRET)
+    for event in captured_logs:
+        assert SECRET not in formatEvent(event) and stored[20:] not in formatEvent(event)
+
+
+def test_missing_libcrypt_is_a_clear_startup_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libcrypt the file backend refuses to start, saying what to install."""
+    import ctypes
+    from saslsmtp import libcrypt
+
+    def no_library(name: str, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    libcrypt._load.cache_clear()
+    try:
+        with pytest.raises(libcrypt.LibcryptMissing, match="libcrypt.so.1.*libcrypt1"):
+            FileChecker(str(write(tmp_path / "users", "a:{PLAIN}x\n")), SynchronousRunner())
+    finally:
+        monkeypatch.undo()
+        libcrypt._load.cache_clear()
+    assert libcrypt.crypt(b"x", b"ab") == b"abiQ6Ep3EYTHc"
 
 
 @pytest_twisted.ensureDeferred

@@ -142,3 +142,46 @@ async def test_script_uses_the_backend_by_name(dovecot: DovecotServer, tmp_path:
         assert await smtp_login(server.port, *HASHED_USER) == (535, b"5.7.8 not you")
     finally:
         await server.stop()
+
+
+def _send_as(port: int, user: str, password: str) -> None:
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+        client.login(user, password)
+        client.sendmail("a@example.test", ["b@example.test"], b"Subject: hi\r\n\r\nbody\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_is_dovecots_canonical_user(dovecot: DovecotServer, tmp_path: Path) -> None:
+    """Logging in as ``ALICE``: Dovecot answers ``OK user=alice original_user=ALICE``; the
+    session's identity (Received header) is ``alice``, the canonical user."""
+    from twisted.internet import threads
+    server = await start_server(tmp_path, backend(dovecot, "unix"))
+    try:
+        await threads.deferToThread(_send_as, server.port, PLAIN_USER[0].upper(), PLAIN_USER[1])
+        message, = (server.maildir / "new").iterdir()
+        text = message.read_text()
+        assert f"(authenticated user {PLAIN_USER[0]})" in text, text[:400]
+    finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stock_penalty_second_wrong_password_is_535_not_454(tmp_path: Path) -> None:
+    """Stock Dovecot (auth penalty on, auth_failure_delay 2 s) and the default timeout
+    (5 s): the second wrong password from one address waits out Dovecot's penalty and gets
+    535 (a client would retry a 454 forever); a right password still gets 235."""
+    require_dovecot()
+    stock = DovecotServer(stock_penalty=True)
+    stock.start()
+    socket = stock.unix_socket
+    server = await start_server(tmp_path, f'[backends.dovecot]\ntype = "dovecot"\nsocket = "{socket}"\n')
+    try:
+        assert await smtp_login(server.port, PLAIN_USER[0], "wrong 1", timeout=60) == INVALID
+        started = time.monotonic()
+        assert await smtp_login(server.port, PLAIN_USER[0], "wrong 2", timeout=60) == INVALID
+        assert time.monotonic() - started > 5.0  # past the plain timeout: the penalty applied
+        assert await smtp_login(server.port, *PLAIN_USER) == OK
+    finally:
+        await server.stop()
+        stock.cleanup()

@@ -191,3 +191,16 @@ def test_runs_as_a_program() -> None:
                             input="piped pw\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert passwords.verify_password(the_field(result.stdout, "ivy"), "piped pw") is True
+
+
+def test_missing_libcrypt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the system libcrypt, a crypt(3) scheme fails with what to install, not a
+    traceback."""
+    from saslsmtp import libcrypt
+
+    def missing() -> None:
+        raise libcrypt.LibcryptMissing("libcrypt.so.1 cannot be loaded (package libcrypt1)")
+    monkeypatch.setattr(libcrypt, "_load", missing)
+    code, out, err = run(["u"])
+    assert (code, out) == (1, "")
+    assert err == "saslsmtp-passwd: libcrypt.so.1 cannot be loaded (package libcrypt1)\n"

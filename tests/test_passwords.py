@@ -296,9 +296,11 @@ def test_cost_keys_and_expense() -> None:
 
 
 def test_no_stdlib_crypt_import() -> None:
-    """The module never uses the deprecated stdlib crypt module."""
+    """The module never uses the deprecated stdlib crypt module, nor passlib (Python
+    hashing that holds the GIL, and a second SASLprep)."""
     source = open(passwords.__file__, encoding="utf-8").read()
     assert "import crypt" not in source
+    assert "passlib" not in source
 
 
 def _doveadm() -> str | None:
@@ -314,3 +316,91 @@ def test_dovecot_verifies_our_hashes(scheme: str) -> None:
     result = subprocess.run([doveadm, "pw", "-t", field, "-p", "tést pw"],
                             capture_output=True, text=True, timeout=30)
     assert "(verified)" in result.stdout, result.stderr
+
+
+#: ``doveadm pw -s SCHEME [-r ROUNDS] -p 'pässwörd €'`` (Dovecot 2.3.19.1): non-ASCII.
+DOVEADM_UTF8_PASSWORD = "pässwörd €"
+DOVEADM_UTF8_VECTORS = [
+    "{SHA512-CRYPT}$6$rounds=100000$pgWh79iNHklM0n7A$hKo.kpFP6qta4fF/8V.Jcl23TGXoD9NpMUl18Lgaw"
+    "jrTfw3SbO/PWtfj4w7lIPnT6HgriWt1vkqLcDzlHzL6Z1",
+    "{SHA512-CRYPT}$6$vusWYdksI3VhvgPF$YCnXQUiO42z8hj11XumwURGdeRkpGHyutDnqSwAqgWt6GS7EH4Wx1deiUEb"
+    "XfiM.yPh6URWJ7fBtkiwa6.cBW/",
+    "{SHA256-CRYPT}$5$QHhPJI2hXRNA5jr5$eV.vj5KrjLssWX4EFxzuHFgPi9UhIGL/lOOIx/yxwV4",
+    "{MD5-CRYPT}$1$0VWwh0W7$Lc5T1NnoWqJIC03NAATET1",
+    "{CRYPT}$2y$05$hdLheJdLJw4vG3UgAtM6FORQB8Ph463KF1g1zMWQUdm05yCUF9mEK",
+    "{DES-CRYPT}J74J9YRxaXR4g",
+]
+
+
+@pytest.mark.parametrize("field", DOVEADM_UTF8_VECTORS)
+def test_doveadm_utf8_crypt_vectors(field: str) -> None:
+    """crypt(3) schemes verify Dovecot's hashes of a non-ASCII password, and only it."""
+    assert verify_password(field, DOVEADM_UTF8_PASSWORD) is True
+    assert verify_password(field, "x" + DOVEADM_UTF8_PASSWORD) is False
+    assert verify_password(field, DOVEADM_UTF8_PASSWORD + "\0x") is False
+
+
+@pytest.mark.parametrize("scheme,rounds", [
+    ("SHA512-CRYPT", 100_000), ("SHA256-CRYPT", 100_000), ("MD5-CRYPT", None),
+    ("BLF-CRYPT", 8), ("ARGON2ID", 1), ("PBKDF2", 100_000), ("SCRAM-SHA-256", 20_000),
+])
+def test_expensive_verification_releases_the_gil(scheme: str, rounds: int | None) -> None:
+    """Every expensive scheme's verification leaves the GIL free while it computes: with a
+    switch interval of one second, a worker thread that held the GIL while hashing would
+    keep the main thread from waking up until it is done (libpass's Python SHA512-CRYPT
+    starved it for the whole hash)."""
+    import sys
+    import threading
+    import time
+    stored = make_hash(scheme, "pw", rounds=rounds)
+    assert is_expensive(stored)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        started = threading.Event()
+        started_at: list[float] = []
+        results: list[bool] = []
+
+        def work() -> None:
+            started_at.append(time.perf_counter())
+            started.set()
+            while time.perf_counter() - started_at[0] < 0.4:  # cheap schemes: repeat
+                results.append(verify_password(stored, "pw"))
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        gaps, last = [], started_at[0]
+        while True:
+            time.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if not worker.is_alive():
+                break
+        elapsed = time.perf_counter() - started_at[0]
+        worker.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert results and all(results)
+    assert elapsed >= 0.4
+    # holding the GIL: one gap as long as all the hashing; releasing it: the main thread
+    # ticks every ~2 ms (the margin is for a machine busy with other work)
+    assert len(gaps) > 20 and max(gaps) < 0.4 * elapsed, \
+        f"main thread starved for {max(gaps) * 1000:.0f} ms of {elapsed * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize("field", [
+    "{SHA512-CRYPT}$6$broken",
+    "{SHA512-CRYPT}$6$rounds=5000$salt$",
+    "{SHA512-CRYPT}$6$salt$tooshort",
+    "{SHA256-CRYPT}$5$V2zjtSbnPLg3xYQN$WUlqnA3JxzeqXrJIo5r80NobwHGyqqQdizyzsbJZIP",
+    "{MD5-CRYPT}$1$GgvxyNz8$",
+    "{CRYPT}$6$broken",
+    "{CRYPT}//EsnG9FLTKj",
+])
+def test_truncated_crypt_hashes_are_malformed(field: str) -> None:
+    """A crypt hash without its full checksum can never verify: it is malformed, so
+    ``--check`` and the users-file loader report it instead of a silent 535 forever."""
+    with pytest.raises(MalformedPassword):
+        parse_password(field)

@@ -273,6 +273,40 @@ def test_saslprep_rfc4013_examples() -> None:
     assert derive_keys("sha256", "I\u00adX", salt, 4096) .as_tuple() == derive_keys("sha256", "IX", salt, 4096).as_tuple()
 
 
+def test_saslprep_prohibits_unassigned_code_points_in_stored_strings() -> None:
+    """RFC 5802 prepares passwords as stored strings: a code point unassigned in Unicode 3.2
+    (U+0221 was assigned in 4.0) is prohibited; query rules allow it.  (The two SASLprep
+    copies this module replaced disagreed here.)"""
+    with pytest.raises(ValueError, match="unassigned"):
+        saslprep("\u0221")
+    with pytest.raises(ValueError, match="unassigned"):
+        saslprep("pass\u0237word")
+    assert saslprep("\u0221", allow_unassigned=True) == "\u0221"
+    salt = b"0123456789abcdef"
+    # such a password is hashed as its raw UTF-8 (Normalize falls back), as Dovecot does
+    assert derive_keys("sha256", "\u0221", salt, 4096).as_tuple() == \
+        scram.keys_from_bytes("sha256", "\u0221".encode(), salt, 4096).as_tuple()
+
+
+def test_saslprep_normalizes_as_unicode_3_2() -> None:
+    """Stringprep pins NFKC to Unicode 3.2: U+2F868 maps to U+2136A there, while the
+    corrected mapping of later Unicode versions gives U+36FC.  (The other disagreement.)"""
+    assert saslprep("\U0002f868") == "\U0002136a"
+    assert saslprep("\U0002f874") == "\u5f33"
+    assert saslprep("a\u00a0b") == "a b"
+
+
+def test_one_saslprep_and_one_saslname_decoder() -> None:
+    """SCRAM, OAUTHBEARER and the password schemes share one SASLprep and one saslname
+    decoder (two copies had drifted apart)."""
+    from saslsmtp.sasl import oauth, saslprep as module
+    assert scram.saslprep is module.saslprep
+    assert scram.decode_saslname is module.decode_saslname is oauth.decode_saslname
+    assert not hasattr(oauth, "_decode_saslname") and not hasattr(scram, "_decode_saslname")
+    assert module.decode_saslname("a=2Cb=3Dc") == "a,b=c"
+    assert module.decode_saslname("a=2cb") is None and module.decode_saslname("") is None
+
+
 # -- independent client: scramp --------------------------------------------------------
 
 

@@ -12,11 +12,15 @@ Theory of operation (the protocol is in SPECS.md section 4):
 * ``DovecotChecker`` is the policy: one persistent connection, opened lazily by the first
   request and again by the first request after it died.  Requests that arrive while the
   connection or its handshake is under way wait for it.  Every request is bounded by
-  ``timeout`` as a whole (connect, handshake, answer); on timeout it sends ``CANCEL`` and,
-  if the server has not said a word since the request went out, drops the connection as
-  hung so the next request starts afresh.  ``OK`` accepts (with Dovecot's ``user=`` as the
-  identity), ``FAIL`` rejects, ``FAIL`` with ``code=temp_fail`` (or the old ``temp`` flag),
-  a dead socket, a timeout or a protocol error is a ``TemporaryFailure``.
+  ``timeout`` as a whole (connect, handshake, answer), plus ``penalty_allowance`` when the
+  client address has failed recently: Dovecot's auth penalty then delays its answer by up
+  to 15 s on purpose, and that must end in the ``FAIL`` (535), not in a 454 the client
+  retries.  A request that times out is cancelled alone (``CANCEL``); the connection and
+  the other requests on it stay.  Only a server that has said nothing at all for
+  ``hung_after`` seconds while requests were waiting is dropped as hung, so the next
+  request starts afresh.  ``OK`` accepts (with Dovecot's ``user=``, the canonical user
+  name, as the identity), ``FAIL`` rejects, ``FAIL`` with ``code=temp_fail`` (or the old
+  ``temp`` flag), a dead socket, a timeout or a protocol error is a ``TemporaryFailure``.
 
 Passwords only ever travel inside ``resp=``; they are never logged nor put in exceptions.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -51,6 +56,17 @@ CLIENT_VERSION = (1, 2)
 MAX_REQUEST_ID = 2**32 - 1
 TEMPORARY_FAIL_CODES = frozenset({"temp_fail", "invalid_base64"})
 """``FAIL`` codes that say nothing about the credentials (``invalid_base64`` is our bug)."""
+DOVECOT_PENALTY_MAX = 15.0
+"""Dovecot's auth penalty: a failure from an address delays that address's next requests
+by 2 s, doubling per failure, at most this long (AUTH_PENALTY_MAX_SECS)."""
+DOVECOT_FAILURE_DELAY = 2.0
+"""Dovecot's default ``auth_failure_delay``: every FAIL waits this long on top."""
+PENALTY_ALLOWANCE = DOVECOT_PENALTY_MAX + DOVECOT_FAILURE_DELAY
+"""Extra seconds a request from a recently failed address may take."""
+PENALTY_MEMORY = 3600.0
+"""How long an address that failed is remembered (Dovecot's anvil keeps penalties an hour)."""
+PENALTY_MEMORY_SIZE = 65536
+"""At most this many addresses are remembered (the oldest are forgotten first)."""
 
 # --------------------------------------------------------------------------
 # Escaping (Dovecot's str_tabescape / str_tabunescape)
@@ -158,11 +174,15 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = AUTH_CLIENT_MAX_LINE_LENGTH
 
-    def __init__(self, pid: int | None = None) -> None:
+    def __init__(self, pid: int | None = None, *, clock: Any = None,
+                 hung_after: float | None = None) -> None:
         self.pid = os.getpid() if pid is None else pid
+        self.clock = clock
+        self.hung_after = hung_after
         self.handshake: Deferred[Handshake] = Deferred(self._cancel_handshake)
         self.server: Handshake | None = None
         self.lines_received = 0
+        self.quiet_since = 0.0  # the last line, or the first request sent after a quiet spell
         self.connected_now = False
         self._version: tuple[int, int] | None = None
         self._mechanisms: dict[str, tuple[str, ...]] = {}
@@ -218,8 +238,12 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
 
     # ---- incoming lines --------------------------------------------------------
 
+    def _now(self) -> float:
+        return float(self.clock.seconds()) if self.clock is not None else 0.0
+
     def lineReceived(self, line: bytes) -> None:
         self.lines_received += 1
+        self.quiet_since = self._now()
         if self._closed_reason is not None:  # dropping the connection: ignore the rest
             return
         fields = line.split(b"\t")
@@ -322,19 +346,25 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         if initial and response is not None:
             fields.append(b"resp=" + base64.b64encode(response))
         deferred: Deferred[ServerReply] = Deferred(lambda d: self._cancel(request_id, d))
+        if not self._pending:
+            self.quiet_since = self._now()  # nothing was owed before: silence counts from now
         self._pending[request_id] = _Pending(deferred, None if initial else response,
                                              self.lines_received)
         self.transport.write(b"\t".join(fields) + b"\n")
         return deferred
 
     def _cancel(self, request_id: int, deferred: Deferred) -> None:
+        """This request alone gives up: ``CANCEL`` it, keep the connection for the others,
+        unless the server has been silent for ``hung_after`` while answers were owed."""
         request = self._pending.pop(request_id, None)
         if request is None or not self.connected_now:
             return
         self.transport.write(b"CANCEL\t%d\n" % request_id)
-        if self.lines_received == request.lines_at_send:
-            log.warn("Dovecot auth server silent since request {id} was sent: "
-                     "dropping the connection", id=request_id)
+        silent = self._now() - self.quiet_since
+        if (self.lines_received == request.lines_at_send and self.hung_after is not None
+                and silent >= self.hung_after):
+            log.warn("Dovecot auth server silent for {silent:.0f}s with requests waiting: "
+                     "dropping the connection", silent=silent)
             self._closed_reason = "the Dovecot auth server stopped answering"
             self.transport.abortConnection()
 
@@ -349,17 +379,25 @@ class DovecotChecker:
     """Verifies a username and password with ``AUTH PLAIN`` on one shared connection.
 
     ``endpoint`` is an ``IStreamClientEndpoint`` to Dovecot's auth-client listener
-    (UNIX or TCP); ``reactor`` supplies time; ``timeout`` bounds each check as a whole.
+    (UNIX or TCP); ``reactor`` supplies time; ``timeout`` bounds each check as a whole,
+    ``penalty_allowance`` more for a client address that failed in the last hour (Dovecot's
+    penalty); ``hung_after`` (default: the longest a check may take, plus ``timeout``) is
+    how long a server may stay silent while it owes answers before the connection is
+    dropped.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, *, reactor: Any, endpoint: IStreamClientEndpoint, timeout: float = 5.0,
                  service: str = "smtp", name: str = "dovecot", where: str = "",
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, penalty_allowance: float = PENALTY_ALLOWANCE,
+                 hung_after: float | None = None) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
         self.timeout = timeout
+        self.penalty_allowance = penalty_allowance
+        self.hung_after = (2 * timeout + penalty_allowance) if hung_after is None else hung_after
+        self._failed_at: OrderedDict[str, float] = OrderedDict()
         self.service = service
         self.name = name
         self.where = where or repr(endpoint)
@@ -384,20 +422,44 @@ class DovecotChecker:
             d.errback(UnauthorizedLogin("NUL in the username or password"))
             return d
         session = getattr(credentials, "session", None) or Session()
+        limit = self.time_limit(session.remote_ip)
         d = Deferred.fromCoroutine(self._check(username, password, session))
-        d.addTimeout(self.timeout, self.reactor)
-        d.addErrback(self._translate)
+        d.addTimeout(limit, self.reactor)
+        d.addErrback(self._translate, limit)
         return d
+
+    def time_limit(self, remote_ip: str | None) -> float:
+        """Seconds a check from ``remote_ip`` may take: ``timeout``, plus the penalty
+        allowance if Dovecot may be penalizing that address (it failed within the hour)."""
+        if remote_ip is None or self.penalty_allowance <= 0:
+            return self.timeout
+        failed = self._failed_at.get(remote_ip)
+        if failed is None:
+            return self.timeout
+        if self.reactor.seconds() - failed > PENALTY_MEMORY:
+            del self._failed_at[remote_ip]
+            return self.timeout
+        return self.timeout + self.penalty_allowance
+
+    def _remember_failure(self, remote_ip: str | None) -> None:
+        if remote_ip is None:
+            return
+        self._failed_at.pop(remote_ip, None)
+        self._failed_at[remote_ip] = self.reactor.seconds()
+        while len(self._failed_at) > PENALTY_MEMORY_SIZE:
+            self._failed_at.popitem(last=False)
 
     async def _check(self, username: bytes, password: bytes, session: Session) -> bytes:
         protocol = await self._connection()
         reply = await protocol.authenticate("PLAIN", self._params(session),
                                             b"\0" + username + b"\0" + password)
         if reply.ok:
+            # user= is the canonical name (auth_username_format, passdb); not original_user=
             return reply.params.get("user") or username
         if reply.temporary:
             code = (reply.params.get("code") or b"temp").decode("latin-1", "replace")
             raise TemporaryFailure(f"Dovecot failed temporarily ({code})")
+        self._remember_failure(session.remote_ip)
         raise UnauthorizedLogin("Dovecot refused the credentials")
 
     def _params(self, session: Session) -> list[tuple[str, str | None]]:
@@ -411,12 +473,12 @@ class DovecotChecker:
             params.append(("secured", None))
         return params
 
-    def _translate(self, failure: Failure) -> Failure:
+    def _translate(self, failure: Failure, limit: float) -> Failure:
         if failure.check(UnauthorizedLogin, TemporaryFailure):
             return failure
         if failure.check(TimeoutError):
             return Failure(TemporaryFailure(
-                f"no answer from Dovecot at {self.where} within {self.timeout:g}s"))
+                f"no answer from Dovecot at {self.where} within {limit:g}s"))
         if failure.check(CancelledError):
             return Failure(TemporaryFailure("the Dovecot check was cancelled"))
         log.failure("unexpected error in the Dovecot backend {name}", failure, name=self.name)
@@ -437,7 +499,8 @@ class DovecotChecker:
 
     def _connect(self) -> None:
         self.connection_attempts += 1
-        protocol = DovecotAuthClientProtocol(self.pid)
+        protocol = DovecotAuthClientProtocol(self.pid, clock=self.reactor,
+                                             hung_after=self.hung_after)
         # set before adding callbacks: they may run at once (and clear it)
         self._attempt = attempt = connectProtocol(self.endpoint, protocol)
         attempt.addCallback(lambda _: protocol.handshake)

@@ -41,10 +41,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from saslsmtp import passwords
+from saslsmtp import libcrypt, passwords
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
+from saslsmtp.mechanisms import secret_kinds_needed
 from saslsmtp.passwords import PasswordError, StoredPassword
 from saslsmtp.sasl.outcome import Secret
 from saslsmtp.threads import BlockingRunner
@@ -123,6 +124,42 @@ def pick_dummy(users: Mapping[str, UserEntry]) -> StoredPassword:
     return first.password
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How many of ``total`` users an announced challenge mechanism cannot serve, because
+    their stored hash is one-way (the mechanism needs a plaintext, CRAM-MD5 context or
+    SCRAM verifier)."""
+
+    mechanism: str
+    unusable: int
+    total: int
+
+    def warning(self) -> str:
+        """The startup warning, e.g. ``CRAM-MD5 announced but 3 of 5 users ...``."""
+        return (f"{self.mechanism} announced but {self.unusable} of {self.total} users have"
+                f" hashes it cannot use (those users cannot log in with {self.mechanism})")
+
+
+def mechanism_coverage(users: Mapping[str, UserEntry], mechanisms: Iterable[str]) -> list[Coverage]:
+    """For each announced mechanism that works from stored secrets (CRAM-MD5, SCRAM-*),
+    how many entries it cannot serve; mechanisms that take a password (PLAIN, LOGIN) are
+    left out, they work with every scheme."""
+    out = []
+    for name in mechanisms:
+        kinds = set(secret_kinds_needed(name.upper()))
+        if not kinds:
+            continue
+        unusable = sum(1 for entry in users.values()
+                       if not kinds & passwords.stored_secrets(entry.password).keys())
+        out.append(Coverage(name.upper(), unusable, len(users)))
+    return out
+
+
+def coverage_warnings(users: Mapping[str, UserEntry], mechanisms: Iterable[str]) -> list[str]:
+    """The warnings for ``mechanism_coverage`` entries with at least one unusable user."""
+    return [c.warning() for c in mechanism_coverage(users, mechanisms) if c.unusable]
+
+
 def _verify(stored: StoredPassword, password: bytes, username: str | None) -> bool:
     return passwords.verify_password(stored, password, username=username)
 
@@ -151,6 +188,7 @@ class FileChecker:
             raise ValueError(f"unknown default_scheme {default_scheme!r}") from None
         except PasswordError:
             pass  # the scheme exists; "x" is just not valid data for it
+        libcrypt.require()  # at startup: the crypt(3) schemes and the fallback dummy need it
         self.path = path
         self.name = name
         self.default_scheme = default_scheme
@@ -257,6 +295,10 @@ class FileChecker:
         for kind in kinds:
             if kind in available:
                 return succeed(Secret(kind, available[kind]))
+        log.warn("{file}:{line}: user {user!r} cannot log in with this mechanism: its"
+                 " {{{scheme}}} hash cannot serve it (it needs one of: {kinds})",
+                 file=self.path, line=entry.line, user=username, scheme=entry.password.scheme,
+                 kinds=", ".join(kinds))
         return succeed(None)
 
 

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 
 from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.saslprep import decode_saslname
 from saslsmtp.sasl.outcome import (
     Accept,
     MechanismStateError,
@@ -51,7 +52,6 @@ _KEY = re.compile(r"[A-Za-z]+")
 _VALUE = re.compile(r"[\x20-\x7e\t\r\n]*")
 # RFC 6750 section 2.1: "Bearer" 1*SP b64token (the scheme name is case-insensitive)
 _BEARER = re.compile(r"(?i:bearer) +(?P<token>[A-Za-z0-9\-._~+/]+=*)")
-_SASLNAME = re.compile(r"(?:[^\x00=,]|=2C|=3D)+")
 _USERNAME = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
@@ -87,12 +87,6 @@ class TokenVerdict:
     subject: str | None = None
     status: str = "invalid_token"
     scope: str | None = None
-
-
-def _decode_saslname(value: str) -> str | None:
-    if not _SASLNAME.fullmatch(value):
-        return None
-    return value.replace("=2C", ",").replace("=3D", "=")
 
 
 def _parse_kvpairs(body: str) -> dict[str, str] | None:
@@ -141,7 +135,7 @@ def parse_oauthbearer(message: bytes) -> BearerRequest | None:
     if authz:
         if not authz.startswith("a="):
             return None
-        decoded = _decode_saslname(authz[2:])
+        decoded = decode_saslname(authz[2:])
         if decoded is None or not _USERNAME.fullmatch(decoded):
             return None
         username = decoded

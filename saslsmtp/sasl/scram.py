@@ -36,12 +36,11 @@ import hashlib
 import hmac
 import re
 import secrets
-import stringprep
-import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.saslprep import decode_saslname, saslprep
 from saslsmtp.sasl.outcome import (
     Accept,
     Defer,
@@ -69,7 +68,6 @@ MISCONFIGURED = Defer()  # a stored verifier that is not (int, bytes, bytes, byt
 _CB_NAME = re.compile(r"[A-Za-z0-9.\-]+")
 _NONCE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 _ATTR = re.compile(r"[A-Za-z]=")
-_SASLNAME = re.compile(r"(?:[^\x00=,]|=2C|=3D)+")
 
 # A secret for this process only: derived salts (unknown users, plaintext entries).
 _PROCESS_SECRET = secrets.token_bytes(32)
@@ -102,34 +100,8 @@ class ScramKeys:
         return f"ScramKeys(iterations={self.iterations}, salt=***, stored_key=***, server_key=***)"
 
 
-def saslprep(text: str) -> str:
-    """SASLprep (RFC 4013, "query" rules: unassigned code points allowed).
-
-    Raises ``ValueError`` for prohibited characters or bad bidi text.
-    """
-    mapped = "".join(
-        " " if stringprep.in_table_c12(ch) else ch for ch in text if not stringprep.in_table_b1(ch)
-    )
-    prepared = unicodedata.normalize("NFKC", mapped)
-    prohibited = (
-        stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22,
-        stringprep.in_table_c3, stringprep.in_table_c4, stringprep.in_table_c5,
-        stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
-        stringprep.in_table_c9,
-    )
-    for ch in prepared:
-        if any(table(ch) for table in prohibited):
-            raise ValueError("SASLprep: prohibited character")
-    if any(stringprep.in_table_d1(ch) for ch in prepared):
-        if any(stringprep.in_table_d2(ch) for ch in prepared):
-            raise ValueError("SASLprep: mixed bidi text")
-        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
-            raise ValueError("SASLprep: bidi text must start and end with RandALCat")
-    return prepared
-
-
-def _normalize(password: str) -> bytes:
-    """Normalize(password): SASLprep, or the raw UTF-8 if preparation fails."""
+def normalize(password: str) -> bytes:
+    """Normalize(password): SASLprep, or the raw UTF-8 if the profile prohibits it."""
     try:
         return saslprep(password).encode("utf-8")
     except ValueError:
@@ -142,7 +114,14 @@ def _hmac(hash_name: str, key: bytes, msg: bytes) -> bytes:
 
 def derive_keys(hash_name: str, password: str, salt: bytes, iterations: int) -> ScramKeys:
     """The verifier for ``password`` (PBKDF2: slow on purpose; run it in a thread)."""
-    salted = hashlib.pbkdf2_hmac(hash_name, _normalize(password), salt, iterations)
+    return keys_from_bytes(hash_name, normalize(password), salt, iterations)
+
+
+def keys_from_bytes(hash_name: str, normalized: bytes, salt: bytes, iterations: int) -> ScramKeys:
+    """The verifier for an already normalized password (RFC 5802 section 3).
+
+    ``hashlib.pbkdf2_hmac`` releases the GIL while it iterates."""
+    salted = hashlib.pbkdf2_hmac(hash_name, normalized, salt, iterations)
     client_key = _hmac(hash_name, salted, b"Client Key")
     return ScramKeys(
         iterations,
@@ -166,13 +145,6 @@ def derived_salt(server_secret: bytes, mechanism: str, username: str) -> bytes:
 
 def _b64decode(value: str) -> bytes:
     return base64.b64decode(value.encode("ascii"), validate=True)
-
-
-def _decode_saslname(value: str) -> str | None:
-    """``=2C`` -> ``,`` and ``=3D`` -> ``=``; ``None`` for an invalid saslname."""
-    if not _SASLNAME.fullmatch(value):
-        return None
-    return value.replace("=2C", ",").replace("=3D", "=")
 
 
 def _default_nonce() -> str:
@@ -317,7 +289,7 @@ class Scram:
         if authz:
             if not authz.startswith("a="):
                 return scram_error("invalid-encoding")
-            decoded = _decode_saslname(authz[2:])
+            decoded = decode_saslname(authz[2:])
             if decoded is None:
                 return scram_error("invalid-username-encoding")
             authzid = decoded
@@ -328,7 +300,7 @@ class Scram:
             return scram_error("invalid-encoding")
         if any(not _ATTR.match(a) for a in attrs[2:]):
             return scram_error("invalid-encoding")
-        username = _decode_saslname(attrs[0][2:])
+        username = decode_saslname(attrs[0][2:])
         if username is None:
             return scram_error("invalid-username-encoding")
         client_nonce = attrs[1][2:]
