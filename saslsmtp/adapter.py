@@ -29,7 +29,6 @@ from zope.interface import Interface, alsoProvides, implementer
 
 from saslsmtp.credentials import IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure
-from saslsmtp.replies import REPLIES, Reply as SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Session, Verify
 
@@ -49,7 +48,6 @@ class MechanismAdapter:
         self._outcome: Any = self._settle(lambda: self._mechanism.start(None))
         self.username: bytes = b""
         self.password: bytes = b""
-        self.success_text: str | None = None
         self.failure: Reject | Defer | None = None
 
     def _settle(self, step: Callable[[], Any]) -> Any:
@@ -93,7 +91,6 @@ class MechanismAdapter:
         elif isinstance(outcome, Accept) and outcome.username:
             name = outcome.username
             self.username = name if isinstance(name, bytes) else name.encode("utf-8")
-            self.success_text = outcome.reason
             alsoProvides(self, IAuthenticatedIdentity)
         elif isinstance(outcome, (Reject, Defer)):
             self.failure = outcome
@@ -119,10 +116,8 @@ class FailedExchangeChecker:
     def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[bytes]":
         result = credentials.failure
         if isinstance(result, Reject):
-            reply = SMTPReply(result.code, result.enhanced, result.reason or REPLIES["auth_invalid"].text)
-            return defer.fail(AuthRejected(reply, result.disconnect))
-        text = result.reason if result is not None and result.reason else REPLIES["auth_tempfail"].text
-        return defer.fail(TemporaryFailure(text))
+            return defer.fail(AuthRejected(result))
+        return defer.fail(TemporaryFailure("the exchange deferred", result))
 
 
 def challengers(specs: Mapping[str, MechanismSpec], hostname: str = "localhost") -> dict[bytes, Callable[[], MechanismAdapter]]:
