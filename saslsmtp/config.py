@@ -218,9 +218,6 @@ class Config:
     backends: Mapping[str, BackendConfig]
     delivery: DeliveryConfig
 
-    def line_of(self, key: str) -> int | None:  # pragma: no cover - convenience
-        return None
-
 
 # --------------------------------------------------------------------------
 # Parsing

@@ -252,7 +252,6 @@ class RemoteKeys:
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
         self._waiting: list[Deferred[KeySet]] | None = None
-        self.fetches = 0  # requests sent (for tests and the log)
 
     def current(self) -> "Deferred[KeySet]":
         """The cached keys, fetched first when there are none or they are too old."""
@@ -273,7 +272,6 @@ class RemoteKeys:
             return result
         self._waiting = [result]
         self._attempted_at = self._reactor.seconds()
-        self.fetches += 1
         d = Deferred.fromCoroutine(self._get())
         timer = self._reactor.callLater(self.timeout, d.cancel)
 
