@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
-from saslsmtp.sasl.mechanism import Mechanism, MechanismSpec, PreparesSecret
+from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
 
@@ -91,7 +91,7 @@ class AuthExchange:
         self.max_steps = max_steps
         self.challenges = 0
         self.cancelled = False
-        self.mechanism: Mechanism = spec.factory(session)
+        self.mechanism: AnyMechanism = spec.factory(session)
 
     def start(self, initial: bytes | None) -> "defer.Deferred[StepResult]":
         """The first step; ``initial`` is the decoded initial response or ``None``."""
@@ -146,7 +146,7 @@ class AuthExchange:
 
     def _resolve(self, request: SecretRequest) -> "defer.Deferred[StepResult]":
         mechanism = self.mechanism
-        d = self.resolver(request, self.session)
+        d: defer.Deferred[Any] = self.resolver(request, self.session)
         if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
             # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
             d.addCallback(lambda secret: self.blocking.run(mechanism.prepare_secret, secret)

@@ -87,6 +87,8 @@ class SubmissionESMTP(smtp.ESMTP):
     when an AUTH script is configured), ``blocking`` (runner for expensive steps).
     """
 
+    transport: Any  # a TCP or TLS transport; StringTransport in tests
+
     def __init__(self, *, portal: Any, settings: EngineSettings,
                  mechanisms: Mapping[str, MechanismSpec], clock: Any,
                  tls_context: Any = None, resolver: Resolver = no_resolver,
@@ -98,8 +100,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.host = settings.hostname.encode("ascii")
         self.mechanism_specs = mechanisms
         self.clock = clock
-        self.callLater = clock.callLater  # TimeoutMixin uses it
-        self.timeout = settings.idle_timeout
+        self.callLater = clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
+        self.timeout = settings.idle_timeout  # type: ignore[assignment]
         self.tls_context = tls_context
         self.resolver = resolver
         self.script = script

@@ -258,7 +258,7 @@ class ScriptMechanism:
     def receive(self, response: bytes) -> "defer.Deferred[Any]":
         return self._call(response)
 
-    def resume(self, secret: Secret | None) -> Any:
+    def resume(self, secret: Secret | None) -> "defer.Deferred[Any]":
         raise RuntimeError("a scripted mechanism never asks for a secret")
 
     def _call(self, response: bytes | None) -> "defer.Deferred[Any]":

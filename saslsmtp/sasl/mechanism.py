@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Awaitable, Callable, Protocol, Union, runtime_checkable
 
 from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reply, Secret, Session
 
@@ -16,6 +16,20 @@ class Mechanism(Protocol):
     def receive(self, response: bytes) -> Outcome: ...
 
     def resume(self, secret: Secret | None) -> Outcome: ...
+
+
+class AsyncMechanism(Protocol):
+    """A mechanism whose steps complete later (the AUTH script's custom mechanisms): each
+    call returns an awaitable (a Deferred) of the outcome."""
+
+    def start(self, initial: bytes | None) -> Awaitable[Outcome]: ...
+
+    def receive(self, response: bytes) -> Awaitable[Outcome]: ...
+
+    def resume(self, secret: Secret | None) -> Awaitable[Outcome]: ...
+
+
+AnyMechanism = Union[Mechanism, AsyncMechanism]
 
 
 @runtime_checkable
@@ -44,7 +58,7 @@ class MechanismSpec:
     """
 
     name: str
-    factory: Callable[[Session], Mechanism]
+    factory: Callable[[Session], AnyMechanism]
     plaintext: bool = False
     client_first: bool = True
     needs_tls: bool = False
