@@ -12,7 +12,7 @@ from saslsmtp.config import ConfigError
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.plain import Plain
 from saslsmtp.service import check_servable, load, wire
-from support import write_config
+from tests.support import write_config
 
 HTTP_BACKEND = '[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:9/auth"\n'
 
