@@ -230,7 +230,7 @@ class SubmissionESMTP(smtp.ESMTP):
         else:
             self._command_line(line)
 
-    def _wait(self, d: "defer.Deferred[Any]") -> None:
+    def _busy_until(self, d: "defer.Deferred[Any]") -> None:
         """Be busy until ``d`` (whose callbacks write the reply) has fired, then replay
         queued lines.  The drain runs last, after the reply."""
         self._busy = True
@@ -298,7 +298,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def _answer(self, answer: Any) -> None:
         """Send what the mail transaction answered, now or when its Deferred fires."""
         if isinstance(answer, defer.Deferred):
-            self._wait(answer.addCallback(self._answer))
+            self._busy_until(answer.addCallback(self._answer))
         elif isinstance(answer, ProtocolError):
             self._error(answer.reply)
         else:
@@ -464,7 +464,7 @@ class SubmissionESMTP(smtp.ESMTP):
                 return self._error(REPLIES["auth_bad_base64"])
         exchange = self._start_exchange(spec)
         if exchange is not None:
-            self._wait(exchange.start(initial).addCallback(self._auth_answer))
+            self._busy_until(exchange.start(initial).addCallback(self._auth_answer))
 
     def _start_exchange(self, spec: MechanismSpec) -> AuthExchange | None:
         """A new exchange with this connection's one ``Session`` for it."""
@@ -492,7 +492,7 @@ class SubmissionESMTP(smtp.ESMTP):
             self._exchange = None
             return self._error(REPLIES["auth_bad_base64"])
         assert self._exchange is not None
-        self._wait(self._exchange.receive(response).addCallback(self._auth_answer))
+        self._busy_until(self._exchange.receive(response).addCallback(self._auth_answer))
 
     def _auth_answer(self, result: StepResult) -> "defer.Deferred[None] | None":
         """Answer one AUTH step: the single place an AUTH outcome becomes a reply."""
