@@ -249,7 +249,7 @@ class SubmissionFactory(protocol.ServerFactory):
         d: defer.Deferred[None] = defer.Deferred()
         self._idle.append(d)
         for connection in list(self.connections):
-            connection.send_reply(REPLIES["shutting_down"])
+            connection.send(REPLIES["shutting_down"])
             connection.transport.loseConnection()
         return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 

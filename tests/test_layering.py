@@ -1,9 +1,9 @@
 """Import direction inside saslsmtp, read from the source (AST), not from a running import.
 
-Layers, bottom to top: ``saslsmtp.sasl`` (stdlib only) -> ``config``/``passwords`` (no
-Twisted) -> errors, credentials, replies, checkers, script, adapter, delivery ->
-``auth``/``transaction`` -> ``protocol`` -> ``service`` -> ``tap`` (only the twistd
-plugin names it).  A lower layer never imports a higher one.
+Layers, bottom to top: ``saslsmtp.sasl`` (stdlib only) -> ``config``/``passwords``/
+``replies``/``lines`` (no Twisted) -> errors, credentials, checkers, script, adapter,
+delivery -> ``auth``/``transaction`` -> ``smtpauth`` -> ``protocol`` -> ``service`` ->
+``tap`` (only the twistd plugin names it).  A lower layer never imports a higher one.
 """
 
 from __future__ import annotations
@@ -15,23 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "saslsmtp"
 
 TWISTED = ("twisted", "zope")
-ENGINE = ("saslsmtp.protocol", "saslsmtp.auth", "saslsmtp.transaction", "saslsmtp.service",
-          "saslsmtp.tap")
+ENGINE = ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.auth", "saslsmtp.transaction",
+          "saslsmtp.service", "saslsmtp.tap")
 
 # (modules the rule applies to, by name prefix; import prefixes they must not use; why)
 RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     (("saslsmtp.sasl",), TWISTED, "the SASL core is sans-I/O"),
     (("saslsmtp.sasl",), ("saslsmtp.",), "the SASL core is the bottom layer"),
-    (("saslsmtp.config", "saslsmtp.passwords", "saslsmtp.replies"), TWISTED,
-     "configuration, password schemes and the reply table need no Twisted"),
+    (("saslsmtp.config", "saslsmtp.passwords", "saslsmtp.replies", "saslsmtp.lines"), TWISTED,
+     "configuration, password schemes, the reply table and line framing need no Twisted"),
     (("saslsmtp.checkers",), ENGINE + ("saslsmtp.adapter", "saslsmtp.testing"),
      "backends know credentials, not the protocol"),
     (("saslsmtp.errors", "saslsmtp.credentials", "saslsmtp.script", "saslsmtp.adapter",
       "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads"),
      ENGINE, "shared parts sit below the engine"),
     (("saslsmtp.auth", "saslsmtp.transaction"),
-     ("saslsmtp.protocol", "saslsmtp.service", "saslsmtp.tap"),
+     ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.lines", "saslsmtp.service", "saslsmtp.tap"),
      "the AUTH engine and the mail transaction know nothing of lines or listeners"),
+    (("saslsmtp.smtpauth",), ("saslsmtp.protocol", "saslsmtp.service", "saslsmtp.tap"),
+     "the AUTH command talks to its connection through AuthHost"),
     (("saslsmtp.protocol",), ("saslsmtp.service", "saslsmtp.tap"),
      "one connection knows nothing of the daemon's wiring"),
     (("saslsmtp",), ("saslsmtp.tap",), "only the twistd plugin names saslsmtp.tap"),
@@ -104,6 +106,9 @@ def test_imports_follow_the_layers() -> None:
         "saslsmtp.checkers.ldap": "from ..auth import AuthExchange\n",
         "saslsmtp.checkers.http": "from saslsmtp import service\n",
         "saslsmtp.auth": "from saslsmtp.protocol import EngineSettings\n",
+        "saslsmtp.transaction": "from saslsmtp.smtpauth import SmtpAuth\n",
+        "saslsmtp.smtpauth": "from saslsmtp.protocol import SubmissionESMTP\n",
+        "saslsmtp.lines": "from twisted.protocols.basic import LineReceiver\n",
         "saslsmtp.protocol": "import saslsmtp.service\n",
         "saslsmtp.service": "from saslsmtp.tap import Options\n",
     }

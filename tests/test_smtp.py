@@ -379,7 +379,7 @@ def test_one_megabyte_line() -> None:
     h = harness()
     out = h.send(b"X" * (1 << 20))
     assert out == b"500 5.5.2 Line too long\r\n"
-    assert len(h.protocol._partial) == 0
+    assert len(h.protocol.reader.partial) == 0
     assert h.send(b"rest of the long line\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
