@@ -16,17 +16,18 @@ after a ``Lookup``.  Each call returns exactly one outcome (``saslsmtp.sasl.outc
 * ``Accept(username)``: the exchange proved the identity itself (SCRAM, a script);
 * ``Reject(...)`` / ``Defer(...)``: permanent / temporary failure with its reply.
 
-The union is closed (``Outcome`` = ``Verdict`` | ``Request``) and the engine matches it
+The union is closed (``Outcome`` = ``Decision`` | ``Request``) and the engine matches it
 exhaustively.  Client mistakes are outcomes, never exceptions.  Calling a mechanism out of order raises
 ``MechanismStateError`` (that is our bug, not the client's).  Nothing here imports
 Twisted; tests/test_layering.py enforces it.
 """
 
-__all__ = ["Accept", "Defer", "Lookup", "MechanismStateError", "Outcome", "Reject", "Reply",
-           "Request", "Secret", "Session", "TokenVerdict", "ValidateToken", "Verdict", "Verify"]
+__all__ = ["Accept", "Decision", "Defer", "Lookup", "MechanismStateError", "Outcome", "Reject",
+           "Reply", "Request", "Secret", "Session", "TokenVerdict", "ValidateToken", "Verify"]
 
 from saslsmtp.sasl.outcome import (  # noqa: F401
     Accept,
+    Decision,
     Defer,
     Lookup,
     MechanismStateError,
@@ -38,6 +39,5 @@ from saslsmtp.sasl.outcome import (  # noqa: F401
     Session,
     TokenVerdict,
     ValidateToken,
-    Verdict,
     Verify,
 )

@@ -3,7 +3,7 @@ the AUTH script and the engine.
 
 Every step of a mechanism returns one ``Outcome``:
 
-* a **verdict** the engine answers directly: ``Reply`` (334 challenge), ``Accept``,
+* a **decision** the engine answers directly: ``Reply`` (334 challenge), ``Accept``,
   ``Reject``, ``Defer``;
 * a **request** the engine answers with the backends: ``Verify`` (a password),
   ``Lookup`` (a stored secret, then ``resume``), ``ValidateToken`` (a bearer token, then
@@ -131,14 +131,14 @@ class TokenVerdict:
     scope: str | None = None
 
 
-Verdict = Union[Reply, Accept, Reject, Defer]
+Decision = Union[Reply, Accept, Reject, Defer]
 """Step results the engine answers without asking anyone."""
 
 Request = Union[Verify, Lookup, ValidateToken]
 """Step results the engine answers by asking the backends."""
 
 Outcome = Union[Reply, Accept, Reject, Defer, Verify, Lookup, ValidateToken]
-"""Everything one mechanism step may return (``Verdict`` or ``Request``)."""
+"""Everything one mechanism step may return (``Decision`` or ``Request``)."""
 
 
 @dataclass(frozen=True)
