@@ -251,3 +251,18 @@ def test_one_outcome_to_reply_mapping(outcome: Any, line: bytes) -> None:
     """``auth_reply`` is the one mapping from a failed exchange to its reply."""
     assert auth_reply(outcome).to_bytes() == line
     assert REPLIES["auth_invalid"].code == 535
+
+
+def test_scripted_password_login_is_who_the_script_accepted() -> None:
+    """PLAIN with a script: the script sees the decoded text, its Accept names the
+    identity that logs in (and that the Received header shows), its reason goes with 235."""
+    seen: list[dict] = []
+
+    def auth(arguments: Any, context: dict) -> Any:
+        seen.append(dict(arguments))
+        return Accept(username="carol", reason="Hello carol")
+    h = SMTPHarness(script=auth)
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"AUTH PLAIN " + PLAIN_TIM + b"\r\n") == b"235 2.7.0 Hello carol\r\n"
+    assert (seen[0]["username"], seen[0]["password"]) == ("tim", "tanstaaftanstaaf")
+    assert h.realm.logins == ["carol"] and h.protocol.auth_user == "carol"
