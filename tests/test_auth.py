@@ -266,3 +266,21 @@ def test_scripted_password_login_is_who_the_script_accepted() -> None:
     assert h.send(b"AUTH PLAIN " + PLAIN_TIM + b"\r\n") == b"235 2.7.0 Hello carol\r\n"
     assert (seen[0]["username"], seen[0]["password"]) == ("tim", "tanstaaftanstaaf")
     assert h.realm.logins == ["carol"] and h.protocol.auth_user == "carol"
+
+
+def test_tls_facts_read_once_per_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On TLS, the channel bindings and client certificate are read once per AUTH, however
+    many hops (mechanism, checker, script) use the Session."""
+    import saslsmtp.protocol
+    calls: list[Any] = []
+
+    def facts(transport: Any, identity: str) -> tuple[dict, None]:
+        calls.append(transport)
+        return {"tls-unique": b"binding"}, None
+    monkeypatch.setattr(saslsmtp.protocol, "tls_facts", facts)
+    checker = RecordingChecker()
+    h = SMTPHarness(checkers=[checker], tls=True)
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"AUTH PLAIN " + PLAIN_TIM + b"\r\n").startswith(b"235 ")
+    assert len(calls) == 1
+    assert checker.seen[0].session.channel_bindings == {"tls-unique": b"binding"}

@@ -10,8 +10,8 @@ from twisted.internet import defer
 
 from saslsmtp.sasl.cram_md5 import CramMD5
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.oauth import TOKEN_VERDICT, OAuthBearer, TokenVerdict, ValidateToken, XOAuth2
-from saslsmtp.sasl.outcome import Lookup, Secret
+from saslsmtp.sasl.oauth import OAuthBearer, XOAuth2
+from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, TokenVerdict, ValidateToken
 from saslsmtp.sasl.scram import Scram
 from saslsmtp.testing import SMTPHarness
 
