@@ -19,7 +19,7 @@ such limit.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, assert_never
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -29,9 +29,9 @@ from zope.interface import Interface, alsoProvides, implementer
 
 from saslsmtp.credentials import IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure
-from saslsmtp.replies import REPLIES, Reply as SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Session, Verify
+from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Session,
+                                   ValidateToken, Verify)
 
 
 class IFailedExchange(Interface):
@@ -49,7 +49,6 @@ class MechanismAdapter:
         self._outcome: Any = self._settle(lambda: self._mechanism.start(None))
         self.username: bytes = b""
         self.password: bytes = b""
-        self.success_text: str | None = None
         self.failure: Reject | Defer | None = None
 
     def _settle(self, step: Callable[[], Any]) -> Any:
@@ -64,7 +63,7 @@ class MechanismAdapter:
                 result.cancel()
                 return Defer("This mechanism needs an asynchronous server")
             result = box[0]
-            if not isinstance(result, (Reply, Accept, Reject, Defer, Verify)):
+            if not isinstance(result, (Reply, Accept, Reject, Defer, Verify, Lookup, ValidateToken)):
                 return Defer("Mechanism error")
         return result
 
@@ -85,22 +84,30 @@ class MechanismAdapter:
 
     # credentials ---------------------------------------------------------
 
-    def _become(self, outcome: Any) -> None:
-        if isinstance(outcome, Verify):
-            self.username = outcome.username.encode("utf-8")
-            self.password = outcome.password.encode("utf-8")
-            alsoProvides(self, IUsernamePassword)
-        elif isinstance(outcome, Accept) and outcome.username:
-            name = outcome.username
-            self.username = name if isinstance(name, bytes) else name.encode("utf-8")
-            self.success_text = outcome.reason
-            alsoProvides(self, IAuthenticatedIdentity)
-        elif isinstance(outcome, (Reject, Defer)):
-            self.failure = outcome
-            alsoProvides(self, IFailedExchange)
-        elif not isinstance(outcome, Reply):
-            self.failure = Defer("Mechanism needs a server that can look up secrets")
-            alsoProvides(self, IFailedExchange)
+    def _become(self, outcome: Outcome) -> None:
+        match outcome:
+            case Reply():
+                pass  # the exchange goes on
+            case Verify():
+                self.username = outcome.username.encode("utf-8")
+                self.password = outcome.password.encode("utf-8")
+                alsoProvides(self, IUsernamePassword)
+            case Accept() if outcome.username:
+                name = outcome.username
+                self.username = name if isinstance(name, bytes) else name.encode("utf-8")
+                alsoProvides(self, IAuthenticatedIdentity)
+            case Accept():
+                self._fail(Defer("Mechanism accepted nobody"))
+            case Reject() | Defer():
+                self._fail(outcome)
+            case Lookup() | ValidateToken():
+                self._fail(Defer("Mechanism needs a server that can look up secrets"))
+            case _:
+                assert_never(outcome)
+
+    def _fail(self, outcome: Reject | Defer) -> None:
+        self.failure = outcome
+        alsoProvides(self, IFailedExchange)
 
     def checkPassword(self, password: bytes | str) -> bool:
         """For ``IUsernamePassword`` checkers holding plaintext passwords."""
@@ -119,10 +126,8 @@ class FailedExchangeChecker:
     def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[bytes]":
         result = credentials.failure
         if isinstance(result, Reject):
-            reply = SMTPReply(result.code, result.enhanced, result.reason or REPLIES["auth_invalid"].text)
-            return defer.fail(AuthRejected(reply, result.disconnect))
-        text = result.reason if result is not None and result.reason else REPLIES["auth_tempfail"].text
-        return defer.fail(TemporaryFailure(text))
+            return defer.fail(AuthRejected(result))
+        return defer.fail(TemporaryFailure("the exchange deferred", result))
 
 
 def challengers(specs: Mapping[str, MechanismSpec], hostname: str = "localhost") -> dict[bytes, Callable[[], MechanismAdapter]]:

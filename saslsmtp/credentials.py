@@ -8,12 +8,12 @@ mechanism) when they need it, e.g. the HTTP and Dovecot backends.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import Interface, implementer
 
-from saslsmtp.sasl.outcome import Session
+from saslsmtp.sasl.outcome import Session, Verify
 
 
 def same_password(presented: bytes, stored: bytes | str) -> bool:
@@ -28,17 +28,24 @@ class PasswordCredentials:
     """A username and password from PLAIN or LOGIN, plus the session they came from.
 
     ``username`` and ``password`` are UTF-8 bytes, as ``IUsernamePassword`` wants;
-    ``repr()`` never shows the password.
+    ``request`` is the mechanism's ``Verify`` (the same values as text) when the AUTH
+    engine made them.  ``repr()`` never shows the password.
     """
 
     def __init__(self, username: bytes, password: bytes, session: Session | None = None,
-                 authzid: bytes = b"") -> None:
+                 authzid: bytes = b"", request: Verify | None = None) -> None:
         self.username = username
         self.password = password
         self.authzid = authzid
         self.session = session or Session()
-        # Filled in by a checker that has a reason to send with 235 (the AUTH script).
-        self.success_text: str | None = None
+        self.request = request
+
+    @classmethod
+    def from_request(cls, request: Verify, session: Session) -> "PasswordCredentials":
+        """The credentials of a mechanism's ``Verify``: encoded once, at the
+        ``IUsernamePassword`` boundary, with the text kept in ``request``."""
+        return cls(request.username.encode("utf-8"), request.password.encode("utf-8"), session,
+                   request.authzid.encode("utf-8"), request)
 
     def checkPassword(self, password: bytes | str) -> bool:
         """Constant-time comparison against a plaintext stored password."""
@@ -56,8 +63,7 @@ class IAuthenticatedIdentity(Interface):
 @implementer(IAuthenticatedIdentity)
 @dataclass(frozen=True)
 class AuthenticatedIdentity:
-    """The outcome of an exchange that verified itself; ``success_text`` goes with 235."""
+    """The identity an exchange proved itself (``Accept``), for the trusting checker."""
 
     username: bytes
     mechanism: str = ""
-    success_text: str | None = field(default=None)

@@ -1,34 +1,33 @@
-"""Failure types shared by checkers, the AUTH script and the SMTP engine.
+"""Failure types shared by checkers, the AUTH script and the AUTH engine.
 
-The rule (ARCHITECTURE.md): bad credentials are ``UnauthorizedLogin`` (535 5.7.8),
-anything else a checker raises is a temporary failure (454 4.7.0).  Both may carry
-an explicit reply (the AUTH script's ``Reject``/``Defer`` options).
+The rule: bad credentials are ``UnauthorizedLogin`` (an ``AuthRejected`` may say how,
+with a ``Reject``); anything else a checker raises is a ``TemporaryFailure`` (which may
+carry a ``Defer``).  They carry outcomes, never SMTP replies: only the protocol layer
+turns an outcome into a reply (``saslsmtp.replies.auth_reply``).
 """
 
 from __future__ import annotations
 
 from twisted.cred.error import UnauthorizedLogin
 
-from saslsmtp.replies import Reply
+from saslsmtp.sasl.outcome import Defer, Reject
 
 
 class AuthRejected(UnauthorizedLogin):
-    """Credentials refused, with an optional explicit reply (default 535 5.7.8)."""
+    """Credentials refused, as ``outcome`` says (by default ``Reject()``: 535 5.7.8)."""
 
-    def __init__(self, reply: Reply | None = None, disconnect: bool = False) -> None:
+    def __init__(self, outcome: Reject | None = None) -> None:
         super().__init__("authentication rejected")
-        self.reply = reply
-        self.disconnect = disconnect
+        self.outcome = outcome or Reject()
 
 
 class TemporaryFailure(Exception):
-    """A backend could not decide now (down, timeout, busy): 454 4.7.0 by default.
+    """A backend could not decide now (down, timeout, busy); ``outcome`` is what the
+    client hears (by default ``Defer()``: 454 4.7.0).
 
     ``message`` is for the log only and must never contain a password.
     """
 
-    def __init__(self, message: str = "temporary failure", reply: Reply | None = None,
-                 disconnect: bool = False) -> None:
+    def __init__(self, message: str = "temporary failure", outcome: Defer | None = None) -> None:
         super().__init__(message)
-        self.reply = reply
-        self.disconnect = disconnect
+        self.outcome = outcome or Defer()

@@ -1,8 +1,9 @@
 """The built-in mechanisms: name -> ``MechanismSpec``, and what each needs to be served.
 
 Add a mechanism: write a sans-I/O state machine in ``saslsmtp/sasl/`` with a ``SPEC``
-(or ``SPECS``), name its module in ``BUILTIN_MODULES``, and say in ``NEEDS`` what a
-configuration must provide for it (checked at startup).
+(or ``SPECS``) that declares what the mechanism needs (``password``, ``secret_kinds``,
+``token_validator``, ``client_certificate``: checked at startup), and name its module in
+``BUILTIN_MODULES``.
 """
 
 from __future__ import annotations
@@ -37,16 +38,3 @@ def builtin_mechanisms(configured: Iterable[str] | None = None) -> dict[str, Mec
 
 
 BUILTIN_NAMES = frozenset(builtin_mechanisms())
-
-PASSWORD_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
-TOKEN_MECHANISMS = frozenset({"OAUTHBEARER", "XOAUTH2"})
-
-
-def secret_kinds_needed(name: str) -> tuple[str, ...]:
-    """The stored-secret kinds a challenge mechanism can work from (any one will do)."""
-    if name == "CRAM-MD5":
-        from saslsmtp.sasl.cram_md5 import KINDS
-        return KINDS
-    if name in scram.NAMES:
-        return scram.lookup_kinds(name)
-    return ()

@@ -1,4 +1,5 @@
-"""The one table of SMTP replies saslsmtp sends (RFC 5321, RFC 4954, RFC 3463, RFC 2034).
+"""The one table of SMTP replies saslsmtp sends (RFC 5321, RFC 4954, RFC 3463, RFC 2034),
+and the one mapping from an AUTH outcome to its reply (``auth_reply``).
 
 Every reply with a status code carries its enhanced code.  Tests import this table
 instead of repeating the strings.
@@ -6,11 +7,18 @@ instead of repeating the strings.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from saslsmtp.sasl.outcome import Defer, Reject
+
+# Default enhanced codes for a reply class (RFC 3463 section 3.1).
+DEFAULT_ENHANCED = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 
 @dataclass(frozen=True)
-class Reply:
+class SMTPReply:
     """One SMTP reply: ``code``, RFC 3463 ``enhanced`` code (or ``None``) and ``text``."""
 
     code: int
@@ -18,13 +26,9 @@ class Reply:
     text: str
     rfc: str = ""
 
-    def with_text(self, text: str | None) -> "Reply":
+    def with_text(self, text: str | None) -> "SMTPReply":
         """The same code with another text (``None`` keeps the default)."""
-        return self if text is None else Reply(self.code, self.enhanced, text, self.rfc)
-
-    def line_text(self) -> str:
-        """The text after the code: ``"2.7.0 Authentication successful"``."""
-        return f"{self.enhanced} {self.text}" if self.enhanced else self.text
+        return self if text is None else SMTPReply(self.code, self.enhanced, text, self.rfc)
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated, multi-line if needed."""
@@ -37,62 +41,85 @@ class Reply:
         return "".join(out).encode("utf-8")
 
 
-def R(code: int, enhanced: str | None, text: str, rfc: str = "") -> Reply:
-    return Reply(code, enhanced, text, rfc)
-
-
-REPLIES: dict[str, Reply] = {
+REPLIES: dict[str, SMTPReply] = {
     # AUTH (RFC 4954)
-    "auth_ok": R(235, "2.7.0", "Authentication successful", "RFC 4954 s6"),
-    "auth_invalid": R(535, "5.7.8", "Authentication credentials invalid", "RFC 4954 s6"),
-    "auth_tempfail": R(454, "4.7.0", "Temporary authentication failure", "RFC 4954 s6"),
-    "auth_aborted": R(501, "5.7.0", "Authentication aborted", "RFC 4954 s4"),
-    "auth_bad_base64": R(501, "5.5.2", "Cannot decode response", "RFC 4954 s4"),
-    "auth_line_too_long": R(500, "5.5.6", "Authentication Exchange line is too long", "RFC 4954 s4"),
-    "auth_unknown_mech": R(504, "5.5.4", "Unrecognized authentication type", "RFC 4954 s4"),
-    "auth_already": R(503, "5.5.1", "Already authenticated", "RFC 4954 s4"),
-    "auth_in_transaction": R(503, "5.5.1", "AUTH not permitted during a mail transaction", "RFC 4954 s4"),
-    "auth_need_ehlo": R(503, "5.5.1", "Send EHLO first", ""),
-    "auth_no_mechanism": R(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]", "RFC 4954 s4"),
-    "auth_unexpected_ir": R(501, "5.7.0", "Initial response not allowed for this mechanism", "RFC 4954 s4"),
-    "auth_encryption_required": R(538, "5.7.11", "Encryption required for requested authentication mechanism", "RFC 4954 s6"),
-    "auth_required": R(530, "5.7.0", "Authentication required", "RFC 4954 s6"),
-    "auth_too_many_failures": R(421, "4.7.0", "Too many failed authentication attempts, closing connection", ""),
+    "auth_ok": SMTPReply(235, "2.7.0", "Authentication successful", "RFC 4954 s6"),
+    "auth_invalid": SMTPReply(535, "5.7.8", "Authentication credentials invalid", "RFC 4954 s6"),
+    "auth_tempfail": SMTPReply(454, "4.7.0", "Temporary authentication failure", "RFC 4954 s6"),
+    "auth_aborted": SMTPReply(501, "5.7.0", "Authentication aborted", "RFC 4954 s4"),
+    "auth_bad_base64": SMTPReply(501, "5.5.2", "Cannot decode response", "RFC 4954 s4"),
+    "auth_line_too_long": SMTPReply(500, "5.5.6", "Authentication Exchange line is too long", "RFC 4954 s4"),
+    "auth_unknown_mech": SMTPReply(504, "5.5.4", "Unrecognized authentication type", "RFC 4954 s4"),
+    "auth_already": SMTPReply(503, "5.5.1", "Already authenticated", "RFC 4954 s4"),
+    "auth_in_transaction": SMTPReply(503, "5.5.1", "AUTH not permitted during a mail transaction", "RFC 4954 s4"),
+    "auth_need_ehlo": SMTPReply(503, "5.5.1", "Send EHLO first", ""),
+    "auth_no_mechanism": SMTPReply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]", "RFC 4954 s4"),
+    "auth_unexpected_ir": SMTPReply(501, "5.7.0", "Initial response not allowed for this mechanism", "RFC 4954 s4"),
+    "auth_encryption_required": SMTPReply(538, "5.7.11", "Encryption required for requested authentication mechanism", "RFC 4954 s6"),
+    "auth_required": SMTPReply(530, "5.7.0", "Authentication required", "RFC 4954 s6"),
+    "auth_too_many_failures": SMTPReply(421, "4.7.0", "Too many failed authentication attempts, closing connection", ""),
     # Session (RFC 5321, RFC 3207)
-    "ehlo_syntax": R(501, "5.5.4", "Syntax: EHLO hostname", "RFC 5321 4.1.1.1"),
-    "helo_syntax": R(501, "5.5.4", "Syntax: HELO hostname", "RFC 5321 4.1.1.1"),
-    "ok": R(250, "2.0.0", "OK", "RFC 5321"),
-    "reset": R(250, "2.0.0", "Reset state", "RFC 5321 4.1.1.5"),
-    "noop": R(250, "2.0.0", "OK", "RFC 5321 4.1.1.9"),
-    "vrfy": R(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery", "RFC 5321 3.5.3"),
-    "bye": R(221, "2.0.0", "Bye", "RFC 5321 4.1.1.10"),
-    "unknown_command": R(500, "5.5.2", "Command not recognized", "RFC 5321 4.2.4"),
-    "bad_syntax": R(500, "5.5.2", "Error: bad syntax", "RFC 5321 4.2.4"),
-    "line_too_long": R(500, "5.5.2", "Line too long", "RFC 5321 4.5.3.1.4"),
-    "bare_lf": R(500, "5.5.2", "Bare LF is not allowed; lines end with CRLF", "RFC 5321 2.3.8"),
-    "bad_sequence": R(503, "5.5.1", "Bad sequence of commands", "RFC 5321 4.2.4"),
-    "nested_mail": R(503, "5.5.1", "Nested MAIL command", "RFC 5321 4.1.1.2"),
-    "need_mail": R(503, "5.5.1", "Need MAIL command first", "RFC 5321 4.1.1.3"),
-    "need_rcpt": R(503, "5.5.1", "Need RCPT command first", "RFC 5321 4.1.1.4"),
-    "mail_syntax": R(501, "5.5.4", "Syntax: MAIL FROM:<address>", "RFC 5321 4.1.1.2"),
-    "rcpt_syntax": R(501, "5.5.4", "Syntax: RCPT TO:<address>", "RFC 5321 4.1.1.3"),
-    "bad_param": R(555, "5.5.4", "Unsupported MAIL/RCPT parameter", "RFC 5321 4.1.1.11"),
-    "sender_ok": R(250, "2.1.0", "Sender OK", "RFC 3463"),
-    "rcpt_ok": R(250, "2.1.5", "Recipient OK", "RFC 3463"),
-    "too_many_rcpts": R(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8"),
-    "rcpt_rejected": R(550, "5.1.1", "Recipient address rejected", "RFC 3463"),
-    "sender_rejected": R(553, "5.1.7", "Sender address rejected", "RFC 3463"),
-    "data_start": R(354, None, "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4"),
-    "data_args": R(501, "5.5.4", "Syntax: DATA", "RFC 5321 4.1.1.4"),
-    "message_accepted": R(250, "2.0.0", "OK: queued", "RFC 5321"),
-    "message_too_big": R(552, "5.3.4", "Message size exceeds fixed maximum message size", "RFC 1870"),
-    "message_too_big_announced": R(552, "5.3.4", "Message size exceeds fixed maximum message size", "RFC 1870"),
-    "message_line_too_long": R(554, "5.6.0", "Message contains a line longer than 16384 octets", "RFC 5321 4.5.3.1.6"),
-    "local_error": R(451, "4.3.0", "Local error in processing; try again later", "RFC 3463"),
-    "starttls_go": R(220, "2.0.0", "Ready to start TLS", "RFC 3207"),
-    "starttls_unavailable": R(454, "4.7.0", "TLS not available", "RFC 3207"),
-    "starttls_already": R(503, "5.5.1", "TLS already active", "RFC 3207"),
-    "starttls_args": R(501, "5.5.4", "Syntax: STARTTLS", "RFC 3207"),
-    "timeout": R(421, "4.4.2", "Timeout exceeded, closing connection", "RFC 3463"),
-    "shutting_down": R(421, "4.3.2", "Service shutting down, closing connection", "RFC 3463"),
+    "ehlo_syntax": SMTPReply(501, "5.5.4", "Syntax: EHLO hostname", "RFC 5321 4.1.1.1"),
+    "helo_syntax": SMTPReply(501, "5.5.4", "Syntax: HELO hostname", "RFC 5321 4.1.1.1"),
+    "reset": SMTPReply(250, "2.0.0", "Reset state", "RFC 5321 4.1.1.5"),
+    "noop": SMTPReply(250, "2.0.0", "OK", "RFC 5321 4.1.1.9"),
+    "vrfy": SMTPReply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery", "RFC 5321 3.5.3"),
+    "bye": SMTPReply(221, "2.0.0", "Bye", "RFC 5321 4.1.1.10"),
+    "unknown_command": SMTPReply(500, "5.5.2", "Command not recognized", "RFC 5321 4.2.4"),
+    "bad_syntax": SMTPReply(500, "5.5.2", "Error: bad syntax", "RFC 5321 4.2.4"),
+    "line_too_long": SMTPReply(500, "5.5.2", "Line too long", "RFC 5321 4.5.3.1.4"),
+    "bare_lf": SMTPReply(500, "5.5.2", "Bare LF is not allowed; lines end with CRLF", "RFC 5321 2.3.8"),
+    "bad_sequence": SMTPReply(503, "5.5.1", "Bad sequence of commands", "RFC 5321 4.2.4"),
+    "nested_mail": SMTPReply(503, "5.5.1", "Nested MAIL command", "RFC 5321 4.1.1.2"),
+    "need_mail": SMTPReply(503, "5.5.1", "Need MAIL command first", "RFC 5321 4.1.1.3"),
+    "need_rcpt": SMTPReply(503, "5.5.1", "Need RCPT command first", "RFC 5321 4.1.1.4"),
+    "mail_syntax": SMTPReply(501, "5.5.4", "Syntax: MAIL FROM:<address>", "RFC 5321 4.1.1.2"),
+    "rcpt_syntax": SMTPReply(501, "5.5.4", "Syntax: RCPT TO:<address>", "RFC 5321 4.1.1.3"),
+    "bad_param": SMTPReply(555, "5.5.4", "Unsupported MAIL/RCPT parameter", "RFC 5321 4.1.1.11"),
+    "sender_ok": SMTPReply(250, "2.1.0", "Sender OK", "RFC 3463"),
+    "rcpt_ok": SMTPReply(250, "2.1.5", "Recipient OK", "RFC 3463"),
+    "too_many_rcpts": SMTPReply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8"),
+    "rcpt_rejected": SMTPReply(550, "5.1.1", "Recipient address rejected", "RFC 3463"),
+    "sender_rejected": SMTPReply(553, "5.1.7", "Sender address rejected", "RFC 3463"),
+    "data_start": SMTPReply(354, None, "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4"),
+    "data_args": SMTPReply(501, "5.5.4", "Syntax: DATA", "RFC 5321 4.1.1.4"),
+    "message_accepted": SMTPReply(250, "2.0.0", "OK: queued", "RFC 5321"),
+    "message_too_big": SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size", "RFC 1870"),
+    "message_line_too_long": SMTPReply(554, "5.6.0", "Message contains a line longer than 16384 octets", "RFC 5321 4.5.3.1.6"),
+    "local_error": SMTPReply(451, "4.3.0", "Local error in processing; try again later", "RFC 3463"),
+    "starttls_go": SMTPReply(220, "2.0.0", "Ready to start TLS", "RFC 3207"),
+    "starttls_unavailable": SMTPReply(454, "4.7.0", "TLS not available", "RFC 3207"),
+    "starttls_already": SMTPReply(503, "5.5.1", "TLS already active", "RFC 3207"),
+    "starttls_args": SMTPReply(501, "5.5.4", "Syntax: STARTTLS", "RFC 3207"),
+    "timeout": SMTPReply(421, "4.4.2", "Timeout exceeded, closing connection", "RFC 3463"),
+    "shutting_down": SMTPReply(421, "4.3.2", "Service shutting down, closing connection", "RFC 3463"),
 }
+
+
+def clean_text(text: str | bytes) -> str:
+    """Reply text that cannot break the SMTP framing: printable ASCII, one line."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    cleaned = "".join(c if " " <= c <= "~" else " " for c in text)
+    return " ".join(cleaned.split())[:400]
+
+
+def auth_reply(outcome: Reject | Defer) -> SMTPReply:
+    """The reply for a failed AUTH exchange, whoever decided it (mechanism, backend, script).
+
+    The code stays in the class of the default (5xx for ``Reject``, 4xx for ``Defer``), the
+    enhanced code matches it, and CR/LF or non-ASCII in the reason cannot break the framing.
+    """
+    base = REPLIES["auth_invalid"] if isinstance(outcome, Reject) else REPLIES["auth_tempfail"]
+    code, enhanced, reason = outcome.code, outcome.enhanced, outcome.reason
+    text = base.text if reason is None else (clean_text(reason) or base.text)
+    if not isinstance(code, int) or code // 100 != base.code // 100 or not 400 <= code <= 599:
+        code = base.code
+    if not isinstance(enhanced, str) or not _ENHANCED.match(enhanced) or enhanced[0] != str(code)[0]:
+        enhanced = base.enhanced if code == base.code else DEFAULT_ENHANCED[code // 100]
+    return SMTPReply(code, enhanced, text)
+
+
+def auth_success_reply(text: str | None) -> SMTPReply:
+    """235 2.7.0, with the reason an ``Accept`` gave (cleaned) instead of the default text."""
+    return REPLIES["auth_ok"].with_text(clean_text(text) if text else None)

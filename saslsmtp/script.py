@@ -47,9 +47,8 @@ from zope.interface import implementer
 from saslsmtp.config import ConfigError, ConfigProblem
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
-from saslsmtp.replies import REPLIES, Reply as SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session
+from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session, Verify
 
 __all__ = ["Accept", "Defer", "Reject", "Reply", "Verdict", "Backends", "AuthScript",
            "load_script", "ScriptMechanism", "ScriptPasswordChecker", "scripted_spec"]
@@ -212,6 +211,25 @@ class ScriptRunner:
 
         return d.addCallbacks(checked, failed)
 
+    def verify_password(self, request: Verify, session: Session) -> "defer.Deferred[Any]":
+        """PLAIN and LOGIN: the script decides with the decoded username and password
+        (and may ask the backends itself).  Fires with ``Accept`` (naming the user),
+        ``Reject`` or ``Defer``; a ``Reply`` is a script error (``Defer``)."""
+        mechanism = session.mechanism or "PLAIN"
+        args = self.arguments(session, mechanism, username=request.username,
+                              password=request.password, authzid=request.authzid)
+
+        def decide(result: Any) -> Any:
+            if isinstance(result, Accept):
+                return Accept(result.username or request.username, result.reason)
+            if isinstance(result, Reply):
+                log.error("AUTH script {path} answered Reply() for {mechanism}; only custom"
+                          " mechanisms can send challenges", path=self.script.path,
+                          mechanism=mechanism)
+                return Defer()
+            return result
+        return self.run(args, session.context).addCallback(decide)
+
 
 class _SessionBackends:
     """``arguments["backends"]``: ``verify`` with the connection's session attached."""
@@ -240,7 +258,7 @@ class ScriptMechanism:
     def receive(self, response: bytes) -> "defer.Deferred[Any]":
         return self._call(response)
 
-    def resume(self, secret: Secret | None) -> Any:
+    def resume(self, secret: Secret | None) -> "defer.Deferred[Any]":
         raise RuntimeError("a scripted mechanism never asks for a secret")
 
     def _call(self, response: bytes | None) -> "defer.Deferred[Any]":
@@ -264,14 +282,11 @@ def scripted_spec(name: str, runner: ScriptRunner) -> MechanismSpec:
     return MechanismSpec(name, lambda session: ScriptMechanism(runner, session))
 
 
-def _reply(base: SMTPReply, result: Reject | Defer) -> SMTPReply:
-    return SMTPReply(result.code, result.enhanced, result.reason or base.text)
-
-
 @implementer(ICredentialsChecker)
 class ScriptPasswordChecker:
-    """PLAIN and LOGIN when a script is configured: the script decides with the decoded
-    username and password (and may ask the backends itself)."""
+    """PLAIN and LOGIN when a script is configured, as a cred checker (for a portal
+    driven by stock Twisted protocols): ``AuthRejected``/``TemporaryFailure`` carry the
+    script's ``Reject``/``Defer``.  ``SubmissionESMTP`` asks ``verify_password`` directly."""
 
     credentialInterfaces = (IUsernamePassword,)
 
@@ -280,26 +295,16 @@ class ScriptPasswordChecker:
 
     def requestAvatarId(self, credentials: Any) -> "defer.Deferred[bytes]":
         session = getattr(credentials, "session", None) or Session()
-        username = credentials.username.decode("utf-8", "replace")
-        args = self.runner.arguments(
-            session, session.mechanism or "PLAIN", username=username,
-            password=credentials.password.decode("utf-8", "replace"),
-            authzid=getattr(credentials, "authzid", b"").decode("utf-8", "replace"))
-        d = self.runner.run(args, session.context)
+        request = getattr(credentials, "request", None) or Verify(
+            credentials.username.decode("utf-8", "replace"),
+            credentials.password.decode("utf-8", "replace"),
+            getattr(credentials, "authzid", b"").decode("utf-8", "replace"))
 
         def decide(result: Any) -> bytes:
             if isinstance(result, Accept):
-                if result.reason is not None:
-                    credentials.success_text = result.reason
-                name = result.username or username
+                name = result.username or request.username
                 return name if isinstance(name, bytes) else name.encode("utf-8")
             if isinstance(result, Reject):
-                raise AuthRejected(_reply(REPLIES["auth_invalid"], result), result.disconnect)
-            if isinstance(result, Defer):
-                raise TemporaryFailure("AUTH script deferred", _reply(REPLIES["auth_tempfail"], result),
-                                       result.disconnect)
-            log.error("AUTH script {path} answered Reply() for {mechanism}; only custom"
-                      " mechanisms can send challenges", path=self.runner.script.path,
-                      mechanism=session.mechanism)
-            raise TemporaryFailure("AUTH script answered Reply() for a password mechanism")
-        return d.addCallback(decide)
+                raise AuthRejected(result)
+            raise TemporaryFailure("AUTH script deferred", result)
+        return self.runner.verify_password(request, session).addCallback(decide)

@@ -33,7 +33,7 @@ from zope.interface import alsoProvides, implementer
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.smtp import EngineSettings, SubmissionESMTP
+from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 
 
 @implementer(ITLSTransport)
@@ -137,6 +137,7 @@ class SMTPHarness:
                  **overrides: Any) -> None:
         from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
                                      load_script, scripted_spec)
+        self.script_runner: ScriptRunner | None = None
         self.clock = clock or task.Clock()
         self.realm = MemoryRealm()
         named: dict[str, ICredentialsChecker] = {}
@@ -180,7 +181,8 @@ class SMTPHarness:
             kwargs["resolver"] = resolver
         self.protocol = SubmissionESMTP(
             portal=self.portal, settings=self.settings, mechanisms=self.mechanisms,
-            clock=self.clock, tls_context=object() if starttls else None, **kwargs)
+            clock=self.clock, tls_context=object() if starttls else None,
+            script=self.script_runner, **kwargs)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 

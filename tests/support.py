@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from twisted.internet import threads
 
-from saslsmtp.tap import SubmissionFactory, listener, load, wire
+from saslsmtp.service import SubmissionFactory, listener, load, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -91,3 +91,29 @@ def test_scripted_mechanism_in_stock_esmtp_goes_through_portal() -> None:
     server2.dataReceived(b"AUTH X-WHO\r\n" + base64.b64encode(b"eve") + b"\r\n")
     assert transport2.value().endswith(b"535 Authentication failed\r\n")
     assert realm2.logins == []
+
+
+def test_failed_exchange_carries_its_outcome() -> None:
+    """FailedExchangeChecker raises errors that carry the exchange's Reject or Defer (no
+    SMTP reply is made here: only SubmissionESMTP turns outcomes into replies)."""
+    from saslsmtp.adapter import MechanismAdapter
+    from saslsmtp.errors import AuthRejected, TemporaryFailure
+    from saslsmtp.sasl.outcome import Defer
+
+    plain = builtin_mechanisms()["PLAIN"]
+    for message, error, outcome in [
+        (b"\0tim", AuthRejected, Reject("Malformed PLAIN response")),
+        (b"a\0tim\0pw", AuthRejected, Reject("Not authorized to requested authorization identity")),
+    ]:
+        adapter = MechanismAdapter(plain)
+        adapter.setResponse(message)
+        failures: list = []
+        FailedExchangeChecker().requestAvatarId(adapter).addErrback(failures.append)
+        assert isinstance(failures[0].value, error)
+        assert failures[0].value.outcome == outcome
+    deferred = MechanismAdapter(plain)
+    deferred.failure = Defer("Backend busy", 421, "4.3.0")
+    failures = []
+    FailedExchangeChecker().requestAvatarId(deferred).addErrback(failures.append)
+    assert isinstance(failures[0].value, TemporaryFailure)
+    assert failures[0].value.outcome == Defer("Backend busy", 421, "4.3.0")

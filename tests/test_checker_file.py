@@ -256,7 +256,7 @@ def test_check_reports_malformed_hashes_and_warns_about_coverage(
     """``--check`` (tap.check_users_files): a truncated hash is a problem with its line
     number; users a announced CRAM-MD5 cannot serve are a warning."""
     from saslsmtp.config import ConfigError
-    from saslsmtp.tap import check_users_files, load
+    from saslsmtp.service import check_users_files, load
     from tests.support import write_config
     users = write(tmp_path / "users", "bob:{PLAIN}pw\nalice:{SHA512-CRYPT}$6$broken\n"
                   "carol:" + passwords.make_hash("SHA512-CRYPT", "pw", rounds=1000) + "\n")

@@ -627,7 +627,7 @@ async def test_jwt_backend_then_introspection_backend(idp, keys):
     """Two oauth2 backends, as the engine's resolver asks them: a JWT of our issuer is
     judged by the JWT backend alone; an opaque token gets no opinion there and goes to
     the introspection backend; a token nobody knows ends as "no verdict" (None)."""
-    from saslsmtp.tap import secret_resolver
+    from saslsmtp.service import secret_resolver
     jwt_backend = remote(base(idp), **jwks_options(idp))
     introspection = remote(base(idp), introspection_url=base(idp) + "/introspect",
                            client_id=CLIENT_ID, client_secret=CLIENT_SECRET)

@@ -10,8 +10,8 @@ from twisted.internet import defer
 
 from saslsmtp.sasl.cram_md5 import CramMD5
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.oauth import TOKEN_VERDICT, OAuthBearer, TokenVerdict, ValidateToken, XOAuth2
-from saslsmtp.sasl.outcome import Lookup, Secret
+from saslsmtp.sasl.oauth import OAuthBearer, XOAuth2
+from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, TokenVerdict, ValidateToken
 from saslsmtp.sasl.scram import Scram
 from saslsmtp.testing import SMTPHarness
 
@@ -126,7 +126,7 @@ def test_scram_wrong_proof_and_unknown_user_look_the_same() -> None:
     h.send(b"AUTH SCRAM-SHA-256 " + b64(first) + b"\r\n")
     assert h.send(b64(bad) + b"\r\n") == INVALID
     h2 = scram_harness(name, stored(name))
-    h2.protocol.resolver = secrets({})  # the user is unknown
+    h2.protocol.auth.resolver = secrets({})  # the user is unknown
     assert h2.send(b"AUTH SCRAM-SHA-256 " + b64(first) + b"\r\n").startswith(b"334 ")
     assert h2.send(b64(final) + b"\r\n") == INVALID
 

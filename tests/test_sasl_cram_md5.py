@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import base64
 import hashlib
 import hmac
@@ -246,14 +245,6 @@ def test_secret_never_in_repr() -> None:
     """The stored secret does not show in the repr of what the engine handles."""
     assert "tanstaaf" not in repr(Secret("plaintext", RFC2195_SECRET))
     assert DOVECOT_TEST_CONTEXT not in repr(Secret("cram-md5", DOVECOT_TEST_CONTEXT))
-
-
-def test_module_imports_only_stdlib_and_sasl() -> None:
-    """saslsmtp.sasl.cram_md5 imports no Twisted (the sans-I/O rule)."""
-    tree = ast.parse(open(cram_md5.__file__, encoding="utf-8").read())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] in ("twisted", "zope")]
 
 
 # -- real clients: Python's smtplib and GNU SASL (Debian package gsasl) ----------------------

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import base64
 
 import pytest
 
-from saslsmtp.sasl import external
 from saslsmtp.sasl.codec import decode_response
 from saslsmtp.sasl.external import BAD_AUTHZID, MALFORMED, NO_CERTIFICATE, SPEC, External
 from saslsmtp.sasl.outcome import Accept, MechanismStateError, Reply, Session
@@ -86,11 +84,3 @@ def test_spec_needs_tls() -> None:
     assert SPEC.name == "EXTERNAL"
     assert (SPEC.plaintext, SPEC.client_first, SPEC.needs_tls) == (False, True, True)
     assert isinstance(SPEC.factory(WITH_CERT), External)
-
-
-def test_module_imports_no_twisted() -> None:
-    """saslsmtp.sasl.external imports no Twisted (the sans-I/O rule)."""
-    tree = ast.parse(open(external.__file__, encoding="utf-8").read())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] in ("twisted", "zope")]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import base64
 import json
 
 import pytest
 
-from saslsmtp.sasl import oauth
 from saslsmtp.sasl.oauth import (
     MALFORMED_OAUTHBEARER,
     MALFORMED_XOAUTH2,
@@ -352,11 +350,3 @@ def test_specs_need_tls() -> None:
         assert (spec.plaintext, spec.client_first, spec.needs_tls) == (False, True, True)
     assert isinstance(SPECS[0].factory(TLS), OAuthBearer)
     assert isinstance(SPECS[1].factory(TLS), XOAuth2)
-
-
-def test_module_imports_no_twisted() -> None:
-    """saslsmtp.sasl.oauth imports no Twisted (the sans-I/O rule)."""
-    tree = ast.parse(open(oauth.__file__, encoding="utf-8").read())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] in ("twisted", "zope")]

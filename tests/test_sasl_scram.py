@@ -7,7 +7,6 @@ channel-binding paths.
 
 from __future__ import annotations
 
-import ast
 import base64
 import hashlib
 import hmac
@@ -633,14 +632,6 @@ def test_keys_repr_hides_secrets() -> None:
     """ScramKeys' repr shows no key material."""
     text = repr(RFC7677_KEYS)
     assert "WG5d" not in text and repr(RFC7677_KEYS.stored_key) not in text and "***" in text
-
-
-def test_module_imports_no_twisted() -> None:
-    """saslsmtp.sasl.scram imports no Twisted (the sans-I/O rule)."""
-    tree = ast.parse(open(scram.__file__, encoding="utf-8").read())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [n for n in names if n.split(".")[0] in ("twisted", "zope", "scramp")]
 
 
 # -- a real client: GNU SASL (Debian package gsasl) over its stdin/stdout ------------------

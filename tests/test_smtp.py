@@ -205,7 +205,7 @@ def test_auth_inside_transaction() -> None:
     Reaching MAIL needs an authenticated session on a submission listener, so this runs
     with require_auth off (a relay-style listener)."""
     h = harness(require_auth=False)
-    h.protocol._avatar = MemoryDelivery("anonymous", h.realm.messages)
+    h.protocol.avatar = MemoryDelivery("anonymous", h.realm.messages)
     assert h.send(b"MAIL FROM:<a@example.test>\r\n") == b"250 2.1.0 Sender OK\r\n"
     assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == (
         b"503 5.5.1 AUTH not permitted during a mail transaction\r\n")
@@ -379,7 +379,7 @@ def test_one_megabyte_line() -> None:
     h = harness()
     out = h.send(b"X" * (1 << 20))
     assert out == b"500 5.5.2 Line too long\r\n"
-    assert len(h.protocol._buffer) == 0
+    assert len(h.protocol.reader.partial) == 0
     assert h.send(b"rest of the long line\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 

@@ -199,11 +199,6 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         return (self.connected_now and self.server is not None and self._closed_reason is None
                 and not getattr(self.transport, "disconnecting", False))
 
-    @property
-    def pending_count(self) -> int:
-        """Requests sent and not yet answered."""
-        return len(self._pending)
-
     # ---- connection events -------------------------------------------------
 
     def connectionMade(self) -> None:

@@ -45,7 +45,7 @@ from saslsmtp import libcrypt, passwords
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
-from saslsmtp.mechanisms import secret_kinds_needed
+from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.passwords import PasswordError, StoredPassword
 from saslsmtp.sasl.outcome import Secret
 from saslsmtp.threads import BlockingRunner
@@ -145,8 +145,10 @@ def mechanism_coverage(users: Mapping[str, UserEntry], mechanisms: Iterable[str]
     how many entries it cannot serve; mechanisms that take a password (PLAIN, LOGIN) are
     left out, they work with every scheme."""
     out = []
+    specs = builtin_mechanisms()
     for name in mechanisms:
-        kinds = set(secret_kinds_needed(name.upper()))
+        spec = specs.get(name.upper())
+        kinds = set(spec.secret_kinds) if spec is not None else set()
         if not kinds:
             continue
         unusable = sum(1 for entry in users.values()

@@ -11,26 +11,33 @@ after a ``Lookup``.  Each call returns exactly one outcome (``saslsmtp.sasl.outc
 * ``Verify(username, password, authzid)``: check a password with the backends; the
   engine finishes the exchange from the verdict (235, 535 or 454);
 * ``Lookup(username, kinds)``: the engine fetches a stored secret and calls ``resume``;
+* ``ValidateToken(token, ...)``: the engine asks the token validators and calls ``resume``
+  with a ``TokenVerdict``;
 * ``Accept(username)``: the exchange proved the identity itself (SCRAM, a script);
 * ``Reject(...)`` / ``Defer(...)``: permanent / temporary failure with its reply.
 
-Client mistakes are outcomes, never exceptions.  Calling a mechanism out of order raises
+The union is closed (``Outcome`` = ``Decision`` | ``Request``) and the engine matches it
+exhaustively.  Client mistakes are outcomes, never exceptions.  Calling a mechanism out of order raises
 ``MechanismStateError`` (that is our bug, not the client's).  Nothing here imports
-Twisted; a test enforces it.
+Twisted; tests/test_layering.py enforces it.
 """
 
-__all__ = ["Accept", "Defer", "Lookup", "MechanismStateError", "Outcome", "Reject", "Reply",
-           "Secret", "Session", "Verify"]
+__all__ = ["Accept", "Decision", "Defer", "Lookup", "MechanismStateError", "Outcome", "Reject",
+           "Reply", "Request", "Secret", "Session", "TokenVerdict", "ValidateToken", "Verify"]
 
 from saslsmtp.sasl.outcome import (  # noqa: F401
     Accept,
+    Decision,
     Defer,
     Lookup,
     MechanismStateError,
     Outcome,
     Reject,
     Reply,
+    Request,
     Secret,
     Session,
+    TokenVerdict,
+    ValidateToken,
     Verify,
 )

@@ -27,7 +27,3 @@ def decode_response(line: bytes, *, initial: bool = False) -> bytes:
     except (binascii.Error, ValueError):
         raise DecodeError("invalid base64") from None
 
-
-def encode_challenge(payload: bytes) -> bytes:
-    """``payload`` as base64 for a 334 line (empty payload -> empty string)."""
-    return base64.b64encode(payload)

@@ -194,4 +194,4 @@ class CramMD5:
         return self._challenge
 
 
-SPEC = MechanismSpec(NAME, CramMD5, plaintext=False, client_first=False)
+SPEC = MechanismSpec(NAME, CramMD5, plaintext=False, client_first=False, secret_kinds=KINDS)

@@ -41,4 +41,5 @@ class External(SingleMessage):
         return Accept(self._identity)
 
 
-SPEC = MechanismSpec("EXTERNAL", External, plaintext=False, client_first=True, needs_tls=True)
+SPEC = MechanismSpec("EXTERNAL", External, plaintext=False, client_first=True, needs_tls=True,
+                     client_certificate=True)

@@ -53,4 +53,4 @@ class Login(NoLookup):
         return Reply(PASSWORD_PROMPT)
 
 
-SPEC = MechanismSpec("LOGIN", Login, plaintext=True, client_first=True)
+SPEC = MechanismSpec("LOGIN", Login, plaintext=True, client_first=True, password=True)

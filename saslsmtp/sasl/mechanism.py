@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Union, runtime_checkable
 
 from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reply, Secret, Session
 
@@ -18,21 +18,54 @@ class Mechanism(Protocol):
     def resume(self, secret: Secret | None) -> Outcome: ...
 
 
+class AsyncMechanism(Protocol):
+    """A mechanism whose steps complete later (the AUTH script's custom mechanisms): each
+    call returns an awaitable (a Deferred) of the outcome."""
+
+    def start(self, initial: bytes | None) -> Awaitable[Outcome]: ...
+
+    def receive(self, response: bytes) -> Awaitable[Outcome]: ...
+
+    def resume(self, secret: Secret | None) -> Awaitable[Outcome]: ...
+
+
+AnyMechanism = Union[Mechanism, AsyncMechanism]
+
+
+@runtime_checkable
+class PreparesSecret(Protocol):
+    """A mechanism whose use of a looked-up secret has an expensive, pure first step
+    (SCRAM's PBKDF2 from a plaintext): the engine runs ``prepare_secret`` in a thread
+    before ``resume``."""
+
+    def prepare_secret(self, secret: Secret | None) -> Secret | None: ...
+
+
 @dataclass(frozen=True)
 class MechanismSpec:
-    """How the engine offers a mechanism.
+    """How the engine offers a mechanism, and what a configuration must provide for it.
 
+    ``factory(session)``: a fresh mechanism for one exchange.
     ``plaintext``: the password crosses the wire (hidden before TLS under require_tls).
     ``client_first``: an initial response is allowed (server-first ones answer 501).
     ``needs_tls``: never offered without TLS (OAUTHBEARER, the -PLUS variants, EXTERNAL).
-    ``factory(session)``: a fresh mechanism for one exchange.
+
+    What it needs (read by the startup checks):
+    ``password``: it ends in ``Verify`` (needs password backends or the AUTH script);
+    ``secret_kinds``: it sends ``Lookup`` for one of these stored-secret kinds;
+    ``token_validator``: it sends ``ValidateToken``;
+    ``client_certificate``: it needs verified TLS client certificates.
     """
 
     name: str
-    factory: Callable[[Session], Mechanism]
+    factory: Callable[[Session], AnyMechanism]
     plaintext: bool = False
     client_first: bool = True
     needs_tls: bool = False
+    password: bool = False
+    secret_kinds: tuple[str, ...] = ()
+    token_validator: bool = False
+    client_certificate: bool = False
 
 
 class NoLookup:

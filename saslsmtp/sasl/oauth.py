@@ -12,10 +12,10 @@ client's answer: ``\\x01`` for OAUTHBEARER (RFC 7628 section 3.2.3), an empty li
 XOAUTH2.  So ``resume`` returns ``Reply(json)`` and the next ``receive`` returns
 ``Reject()``.
 
-``ValidateToken`` is an outcome the engine must understand besides those in
-``saslsmtp.sasl.outcome``: ask the token validator backend about ``token`` (for
-``username``), then call ``resume(Secret(TOKEN_VERDICT, TokenVerdict(...)))``, or
-``resume(None)`` when no validator has an opinion.  A temporary failure of the validator
+``ValidateToken`` (in ``saslsmtp.sasl.outcome``, with ``TokenVerdict``) asks the token
+validator backend about ``token`` (for ``username``); the engine then calls
+``resume(Secret(TOKEN_VERDICT, TokenVerdict(...)))``, or ``resume(None)`` when no
+validator has an opinion.  A temporary failure of the validator
 is the engine's 454, without ``resume``.
 
 The client's ``host`` and ``port`` are passed on to the validator but not checked here:
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.saslprep import decode_saslname
-from saslsmtp.sasl.outcome import (
+from saslsmtp.sasl.outcome import (  # noqa: F401 (TokenVerdict and ValidateToken: re-exported)
+    TOKEN_VERDICT,
     Accept,
     MechanismStateError,
     Outcome,
@@ -40,9 +41,9 @@ from saslsmtp.sasl.outcome import (
     Reply,
     Secret,
     Session,
+    TokenVerdict,
+    ValidateToken,
 )
-
-TOKEN_VERDICT = "token-verdict"
 
 MALFORMED_OAUTHBEARER = Reject("Malformed OAUTHBEARER response")
 MALFORMED_XOAUTH2 = Reject("Malformed XOAUTH2 response")
@@ -55,38 +56,6 @@ _BEARER = re.compile(r"(?i:bearer) +(?P<token>[A-Za-z0-9\-._~+/]+=*)")
 _USERNAME = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
-@dataclass(frozen=True, repr=False)
-class ValidateToken:
-    """Outcome: check bearer ``token``; ``username`` is the identity the client asked
-    for ("" if none), ``host``/``port`` what the client says it connected to."""
-
-    token: str
-    username: str
-    mechanism: str
-    host: str | None = None
-    port: int | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"ValidateToken(token=***, username={self.username!r}, mechanism={self.mechanism!r},"
-            f" host={self.host!r}, port={self.port!r})"
-        )
-
-
-@dataclass(frozen=True)
-class TokenVerdict:
-    """What the validator found, as ``Secret(TOKEN_VERDICT, verdict).value``.
-
-    ``ok``: the token is valid and the validator accepts it for the requested
-    username; ``subject``: the identity the token names (its configured claim);
-    ``status``: the OAuth error code when not ok (``invalid_token``,
-    ``insufficient_scope``, ``invalid_request``); ``scope``: the scope to ask for.
-    """
-
-    ok: bool
-    subject: str | None = None
-    status: str = "invalid_token"
-    scope: str | None = None
 
 
 def _parse_kvpairs(body: str) -> dict[str, str] | None:
@@ -199,7 +168,7 @@ class _Bearer:
         self._stage = "new"
         self._request: BearerRequest | None = None
 
-    def start(self, initial: bytes | None) -> Outcome | ValidateToken:
+    def start(self, initial: bytes | None) -> Outcome:
         if self._stage != "new":
             raise MechanismStateError(f"{self.name} already started")
         if initial is None:
@@ -207,7 +176,7 @@ class _Bearer:
             return Reply(b"")
         return self._message(initial)
 
-    def receive(self, response: bytes) -> Outcome | ValidateToken:
+    def receive(self, response: bytes) -> Outcome:
         if self._stage == "message":
             return self._message(response)
         if self._stage == "error":
@@ -238,7 +207,7 @@ class _Bearer:
     def _parse(self, message: bytes) -> BearerRequest | None:
         raise NotImplementedError
 
-    def _message(self, message: bytes) -> Outcome | ValidateToken:
+    def _message(self, message: bytes) -> Outcome:
         self._stage = "done"
         request = self._parse(message)
         if request is None:
@@ -305,6 +274,8 @@ class XOAuth2(_Bearer):
         return _json(fields)
 
 
-OAUTHBEARER_SPEC = MechanismSpec("OAUTHBEARER", OAuthBearer, plaintext=False, client_first=True, needs_tls=True)
-XOAUTH2_SPEC = MechanismSpec("XOAUTH2", XOAuth2, plaintext=False, client_first=True, needs_tls=True)
+OAUTHBEARER_SPEC = MechanismSpec("OAUTHBEARER", OAuthBearer, plaintext=False, client_first=True,
+                                 needs_tls=True, token_validator=True)
+XOAUTH2_SPEC = MechanismSpec("XOAUTH2", XOAuth2, plaintext=False, client_first=True,
+                             needs_tls=True, token_validator=True)
 SPECS: tuple[MechanismSpec, ...] = (OAUTHBEARER_SPEC, XOAUTH2_SPEC)

@@ -1,7 +1,18 @@
-"""Frozen outcome values shared by built-in mechanisms and the AUTH script.
+"""The closed vocabulary of one AUTH step: frozen values shared by built-in mechanisms,
+the AUTH script and the engine.
 
-``Accept``, ``Reject``, ``Defer`` and ``Reply`` are also exactly what an AUTH script
-returns (``saslsmtp.script`` re-exports them), so there is one result convention.
+Every step of a mechanism returns one ``Outcome``:
+
+* a **decision** the engine answers directly: ``Reply`` (334 challenge), ``Accept``,
+  ``Reject``, ``Defer``;
+* a **request** the engine answers with the backends: ``Verify`` (a password),
+  ``Lookup`` (a stored secret, then ``resume``), ``ValidateToken`` (a bearer token, then
+  ``resume`` with a ``TokenVerdict``).
+
+The engine matches on this union exhaustively (``typing.assert_never``), so a new kind
+of step is a type error until every consumer handles it.  ``Accept``, ``Reject``,
+``Defer`` and ``Reply`` are also exactly what an AUTH script returns
+(``saslsmtp.script`` re-exports them), so there is one result convention.
 """
 
 from __future__ import annotations
@@ -81,7 +92,53 @@ class Secret:
         return f"Secret(kind={self.kind!r}, value=***)"
 
 
-Outcome = Union[Reply, Accept, Reject, Defer, Verify, Lookup]
+@dataclass(frozen=True, repr=False)
+class ValidateToken:
+    """Ask the token validators about bearer ``token``; ``username`` is the identity the
+    client asked for ("" if none), ``host``/``port`` what the client says it connected to.
+    The answer comes back through ``resume(Secret(TOKEN_VERDICT, TokenVerdict(...)))``,
+    or ``resume(None)`` when no validator has an opinion."""
+
+    token: str
+    username: str
+    mechanism: str
+    host: str | None = None
+    port: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ValidateToken(token=***, username={self.username!r}, mechanism={self.mechanism!r},"
+            f" host={self.host!r}, port={self.port!r})"
+        )
+
+
+TOKEN_VERDICT = "token-verdict"  # the Secret kind that carries a TokenVerdict
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """What the validator found, as ``Secret(TOKEN_VERDICT, verdict).value``.
+
+    ``ok``: the token is valid and the validator accepts it for the requested
+    username; ``subject``: the identity the token names (its configured claim);
+    ``status``: the OAuth error code when not ok (``invalid_token``,
+    ``insufficient_scope``, ``invalid_request``); ``scope``: the scope to ask for.
+    """
+
+    ok: bool
+    subject: str | None = None
+    status: str = "invalid_token"
+    scope: str | None = None
+
+
+Decision = Union[Reply, Accept, Reject, Defer]
+"""Step results the engine answers without asking anyone."""
+
+Request = Union[Verify, Lookup, ValidateToken]
+"""Step results the engine answers by asking the backends."""
+
+Outcome = Union[Reply, Accept, Reject, Defer, Verify, Lookup, ValidateToken]
+"""Everything one mechanism step may return (``Decision`` or ``Request``)."""
 
 
 @dataclass(frozen=True)

@@ -32,4 +32,4 @@ class Plain(SingleMessage):
         return Verify(authcid, passwd, authzid)
 
 
-SPEC = MechanismSpec("PLAIN", Plain, plaintext=True, client_first=True)
+SPEC = MechanismSpec("PLAIN", Plain, plaintext=True, client_first=True, password=True)

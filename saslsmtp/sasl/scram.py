@@ -399,7 +399,8 @@ def lookup_kinds(name: str) -> tuple[str, ...]:
 def make_spec(name: str, **options: object) -> MechanismSpec:
     """The ``MechanismSpec`` for one SCRAM name; ``options`` go to ``Scram``."""
     factory = functools.partial(Scram, name=name, **options)
-    return MechanismSpec(name, factory, plaintext=False, client_first=True, needs_tls=name.endswith("-PLUS"))
+    return MechanismSpec(name, factory, plaintext=False, client_first=True, needs_tls=name.endswith("-PLUS"),
+                         secret_kinds=lookup_kinds(name))
 
 
 NAMES = ("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")

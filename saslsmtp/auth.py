@@ -1,0 +1,209 @@
+"""The AUTH engine: one ``AuthExchange`` per AUTH command, and the failure policy.
+
+Theory of operation
+-------------------
+The protocol builds the connection's ``Session`` once per exchange and hands it over with
+the ``MechanismSpec``.  Each step (``start``, then ``receive`` for every client line) runs
+the mechanism and acts on its outcome until it reaches a verdict for the protocol:
+
+* ``Reply``          -> returned: the protocol sends ``334``;
+* ``Verify``         -> the password script when one is configured (its outcome is acted
+  on in turn), else ``portal.login(PasswordCredentials)``;
+* ``Accept``         -> ``portal.login(AuthenticatedIdentity)`` (every success ends in the
+  portal and the realm's avatar) -> ``LoggedIn``;
+* ``Lookup`` / ``ValidateToken`` -> the injected resolver; a plaintext secret for a
+  mechanism that ``PreparesSecret`` goes through the blocking runner; then ``resume``;
+* ``Reject`` / ``Defer`` -> returned as they are.
+
+A failed step or login becomes an outcome too (``failure_outcome``): ``UnauthorizedLogin``
+-> ``Reject`` (an ``AuthRejected`` says which), ``TemporaryFailure`` -> its ``Defer``,
+anything else -> ``Defer()`` and a log line.  So the protocol sees exactly one of
+``Reply``, ``LoggedIn``, ``Reject`` or ``Defer`` per step and owns every reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Union, assert_never
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
+from twisted.python.failure import Failure
+
+from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
+from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
+from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
+                                   Session, ValidateToken, Verify)
+
+log = Logger(namespace="saslsmtp.auth")
+
+SecretRequest = Union[Lookup, ValidateToken]
+Resolver = Callable[[SecretRequest, Session], "defer.Deferred[Secret | None]"]
+"""Answers ``Lookup`` and ``ValidateToken`` from the backends (``saslsmtp.service``)."""
+
+
+class PasswordScript(Protocol):
+    """Decides ``Verify`` itself (the AUTH script): fires with ``Accept``, ``Reject`` or
+    ``Defer``."""
+
+    def verify_password(self, request: Verify, session: Session) -> "defer.Deferred[Outcome]": ...
+
+
+def no_resolver(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
+    """The resolver when no backend can answer: every request is a temporary failure."""
+    return defer.fail(TemporaryFailure(f"no resolver for {type(request).__name__}"))
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    """The exchange succeeded: the realm's ``avatar`` (an ``IMessageDelivery``), its
+    ``logout``, who logged in with which mechanism, and the text for 235 (or ``None``)."""
+
+    username: str
+    mechanism: str
+    avatar: Any
+    logout: Callable[[], None]
+    text: str | None = None
+
+
+StepResult = Union[Reply, LoggedIn, Reject, Defer]
+"""What one step of an exchange ends in, for the protocol to answer."""
+
+TOO_LONG = Reject("Authentication exchange too long")
+
+
+class AuthExchange:
+    """One AUTH exchange of ``spec``'s mechanism over ``session`` (built once, here used
+    by the mechanism, the password checkers, the script and the resolver alike)."""
+
+    def __init__(self, spec: MechanismSpec, session: Session, *, portal: Any,
+                 resolver: Resolver = no_resolver, script: PasswordScript | None = None,
+                 blocking: Any = None, max_steps: int = 16) -> None:
+        self.spec = spec
+        self.session = session
+        self.portal = portal
+        self.resolver = resolver
+        self.script = script
+        self.blocking = blocking  # BlockingRunner for expensive secret preparation (PBKDF2)
+        self.max_steps = max_steps
+        self.challenges = 0
+        self.cancelled = False
+        self.mechanism: AnyMechanism = spec.factory(session)
+
+    def start(self, initial: bytes | None) -> "defer.Deferred[StepResult]":
+        """The first step; ``initial`` is the decoded initial response or ``None``."""
+        mechanism = self.mechanism
+        return self._step(lambda: mechanism.start(initial))
+
+    def receive(self, response: bytes) -> "defer.Deferred[StepResult]":
+        """The step for one decoded client line."""
+        mechanism = self.mechanism
+        return self._step(lambda: mechanism.receive(response))
+
+    def cancel(self) -> None:
+        """The connection went away: a login that still completes is logged out at once."""
+        self.cancelled = True
+
+    def _step(self, call: Callable[[], Any]) -> "defer.Deferred[StepResult]":
+        d = defer.maybeDeferred(call)
+        d.addCallback(self._act)
+        return d.addErrback(self._failed)
+
+    def _act(self, outcome: Outcome) -> "StepResult | defer.Deferred[StepResult]":
+        match outcome:
+            case Reply():
+                self.challenges += 1
+                if self.challenges > self.max_steps:
+                    log.warn("AUTH {mechanism} exceeded {n} steps", mechanism=self.spec.name,
+                             n=self.max_steps)
+                    return TOO_LONG
+                return outcome
+            case Reject() | Defer():
+                return outcome
+            case Accept():
+                return self._accepted(outcome)
+            case Verify():
+                if self.script is not None:
+                    return self.script.verify_password(outcome, self.session).addCallback(self._act)
+                credentials = PasswordCredentials.from_request(outcome, self.session)
+                return self._login(credentials, outcome.username, None)
+            case Lookup() | ValidateToken():
+                return self._resolve(outcome)
+            case _:
+                assert_never(outcome)
+
+    def _accepted(self, accept: Accept) -> "StepResult | defer.Deferred[StepResult]":
+        username = accept.username
+        if username in (None, "", b""):
+            log.error("AUTH {mechanism}: Accept without a username", mechanism=self.spec.name)
+            return Defer()
+        text = username.decode("utf-8", "replace") if isinstance(username, bytes) else str(username)
+        identity = AuthenticatedIdentity(text.encode("utf-8"), self.spec.name)
+        return self._login(identity, text, accept.reason)
+
+    def _resolve(self, request: SecretRequest) -> "defer.Deferred[StepResult]":
+        mechanism = self.mechanism
+        d: defer.Deferred[Any] = self.resolver(request, self.session)
+        if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
+            # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
+            d.addCallback(lambda secret: self.blocking.run(mechanism.prepare_secret, secret)
+                          if isinstance(secret, Secret) and secret.kind == "plaintext" else secret)
+        d.addCallback(mechanism.resume)
+        return d.addCallback(self._act)
+
+    def _login(self, credentials: Any, username: str, text: str | None) -> "defer.Deferred[StepResult]":
+        d = self.portal.login(credentials, None, IMessageDelivery, IMessageDeliveryFactory)
+
+        def logged_in(login: tuple) -> StepResult:
+            interface, avatar, logout = login
+            if self.cancelled:
+                logout()
+                return Defer()
+            delivery = avatar if interface is IMessageDelivery else avatar.getMessageDelivery()
+            # The identity is what the checker decided (the realm's avatar id: Dovecot's
+            # canonical user=, LDAP's identity_attribute, the script's Accept), not what
+            # the client typed; a foreign realm's avatar without one keeps the login name.
+            identity = getattr(delivery, "username", None) or username
+            return LoggedIn(identity, self.spec.name, delivery, logout, text)
+        return d.addCallback(logged_in)
+
+    def _failed(self, failure: Failure) -> StepResult:
+        if failure.check(defer.CancelledError) and self.cancelled:
+            return Defer()
+        return failure_outcome(failure)
+
+
+def failure_outcome(failure: Failure) -> Reject | Defer:
+    """The outcome of a failed step or login: bad credentials -> ``Reject``, anything else
+    -> ``Defer`` (logged; an unexpected error with its traceback)."""
+    exc = failure.value
+    if isinstance(exc, AuthRejected):
+        return exc.outcome
+    if isinstance(exc, UnauthorizedLogin):
+        return Reject()
+    if isinstance(exc, TemporaryFailure):
+        log.info("AUTH temporary failure: {why}", why=str(exc))
+        return exc.outcome
+    log.failure("AUTH step failed unexpectedly", failure=failure)
+    return Defer()
+
+
+@dataclass
+class FailurePolicy:
+    """Counts failed exchanges of one connection: each one is answered after ``delay``
+    seconds, and the ``limit``-th closes the connection (421)."""
+
+    limit: int
+    delay: float
+    failures: int = 0
+
+    def failed(self) -> bool:
+        """Count one failure; ``True`` when it is the last one this connection gets."""
+        self.failures += 1
+        return self.failures >= self.limit
+
+    def succeeded(self) -> None:
+        self.failures = 0

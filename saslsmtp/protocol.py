@@ -1,0 +1,386 @@
+"""``SubmissionESMTP``: one SMTP submission connection (commands, STARTTLS, replies).
+
+Theory of operation
+-------------------
+Stock ``twisted.mail.smtp.ESMTP`` runs SASL synchronously and processes pipelined lines
+while a Deferred is pending.  This protocol keeps the stock class as its base (cred
+portal, ``TimeoutMixin``) but reads, dispatches and answers itself, with one object per
+job:
+
+* ``saslsmtp.lines.LineReader``: CRLF framing and the queue of pipelined lines.  Every
+  command whose answer may come later marks the connection *busy* (``busy_until``): the
+  transport is paused, further lines queue, and the queue is drained only after the
+  reply for the current step was written, so pipelined commands are answered in order.
+* ``saslsmtp.smtpauth.SmtpAuth``: the AUTH command and its replies, driving one
+  ``saslsmtp.auth.AuthExchange`` per AUTH.
+* ``saslsmtp.transaction.MailTransaction``: MAIL, RCPT, DATA.
+* **STARTTLS** discards whatever plaintext followed it in the same read, then resets the
+  session (RFC 3207 4.2).
+
+Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
+from saslsmtp.lines import OVERLONG, LineReader
+from saslsmtp.replies import REPLIES, SMTPReply
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import Session
+from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
+from saslsmtp.tlsinfo import tls_facts
+from saslsmtp.transaction import MailTransaction, ProtocolError, Stamp
+
+log = Logger(namespace="saslsmtp.smtp")
+
+COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; MAIL with AUTH= may add 500; be generous
+MAX_ERRORS = 20  # protocol errors per connection before 421
+VERBS = frozenset({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"VRFY",
+                   b"HELP", b"QUIT", b"STARTTLS", b"AUTH"})
+
+_HELO_ARG = re.compile(rb"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Per-listener behaviour of ``SubmissionESMTP`` (built from ``saslsmtp.config``)."""
+
+    hostname: str = "localhost"
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    require_tls: bool = True
+    require_auth: bool = True
+    failure_delay: float = 1.0
+    max_failures: int = 3
+    max_steps: int = 16
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    idle_timeout: float = 300.0
+
+
+class SubmissionESMTP(smtp.ESMTP):
+    """The submission protocol.  One instance per connection; see the module docstring.
+
+    Collaborators are injected: ``portal`` (cred portal whose realm returns an
+    ``IMessageDelivery`` avatar), ``mechanisms`` (name -> ``MechanismSpec``),
+    ``tls_context`` (server TLS options or ``None``), ``clock`` (``IReactorTime``),
+    ``resolver`` (answers ``Lookup``/``ValidateToken``), ``script`` (decides ``Verify``
+    when an AUTH script is configured), ``blocking`` (runner for expensive steps).
+    """
+
+    transport: Any  # a TCP or TLS transport; StringTransport in tests
+
+    def __init__(self, *, portal: Any, settings: EngineSettings,
+                 mechanisms: Mapping[str, MechanismSpec], clock: Any,
+                 tls_context: Any = None, resolver: Resolver = no_resolver,
+                 script: PasswordScript | None = None,
+                 blocking: Any = None, client_identity: str = "cn") -> None:
+        smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
+        self.portal = portal
+        self.settings = settings
+        self.host = settings.hostname.encode("ascii")
+        self.callLater = clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
+        self.timeout = settings.idle_timeout  # type: ignore[assignment]
+        self.tls_context = tls_context
+        self.client_identity = client_identity
+        self.context: dict = {}  # the AUTH script's per-connection context
+        self.reader = LineReader(self._line, self._bare_lf, self._stopped)
+        self._paused = False
+        self._pending: defer.Deferred | None = None
+        self.lost = False
+        self.tls = False
+        self._can_starttls = False
+        self._peer = ("", 0)
+        self._local = ("", 0)
+        self._ehlo_done = False
+        self._helo_name = ""
+        self._errors = 0
+        self.auth = SmtpAuth(
+            self, portal=portal, mechanisms=mechanisms, offered=settings.mechanisms,
+            require_tls=settings.require_tls, clock=clock,
+            failures=FailurePolicy(settings.max_failures, settings.failure_delay),
+            max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking)
+        self.avatar: Any = None  # the IMessageDelivery mail goes to (set by AUTH)
+        self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients)
+
+    @property
+    def auth_user(self) -> str | None:
+        """Who logged in on this connection, or ``None``."""
+        return self.auth.login.username if self.auth.login else None
+
+    @property
+    def peer_ip(self) -> str:
+        return self._peer[0]
+
+    # ------------------------------------------------------------------
+    # Connection life cycle
+    # ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._read_addresses()
+        self.tls = bool(ISSLTransport.providedBy(self.transport))
+        self._can_starttls = (not self.tls and self.tls_context is not None
+                              and ITLSTransport.providedBy(self.transport))
+        self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
+        self.setTimeout(self.timeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self.setTimeout(None)
+        self.auth.end()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self.transaction.abort()
+        self.reader.queue = []
+        self._forget_login()
+
+    def timeoutConnection(self) -> None:
+        self.send(REPLIES["timeout"])
+        self.transport.loseConnection()
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def _read_addresses(self) -> None:
+        self._peer = _address(self.transport.getPeer())
+        self._local = _address(self.transport.getHost())
+
+    def _helo_pair(self) -> tuple:
+        """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""
+        return (self._helo_name.encode("ascii") or None, self._peer[0])
+
+    def session(self, mechanism: str = "") -> Session:
+        """The connection as mechanisms, checkers and scripts see it (built once per
+        exchange: reading the TLS channel bindings is not free)."""
+        bindings: Mapping[str, bytes] = {}
+        certificate = None
+        if self.tls:
+            bindings, certificate = tls_facts(self.transport, self.client_identity)
+        return Session(remote_ip=self._peer[0], remote_port=self._peer[1],
+                       local_ip=self._local[0], local_port=self._local[1],
+                       helo=self._helo_name, tls=self.tls, hostname=self.settings.hostname,
+                       mechanism=mechanism, context=self.context,
+                       channel_bindings=bindings, client_certificate=certificate)
+
+    # ------------------------------------------------------------------
+    # Reading: one line at a time, busy while an answer is pending
+    # ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.feed(data)
+
+    def _stopped(self) -> bool:
+        return self.lost or bool(self.transport.disconnecting)
+
+    def _bare_lf(self) -> None:
+        self.send(REPLIES["bare_lf"])
+        self.transport.loseConnection()
+
+    def _line(self, line: bytes) -> None:
+        """One line, in order: the body of a message, an AUTH response or a command."""
+        self.resetTimeout()
+        if self.transaction.receiving:
+            if line is OVERLONG:
+                self.transaction.overlong_line()
+            else:
+                answer = self.transaction.line(line)
+                if answer is not None:
+                    self._answer(answer)
+        elif self.auth.exchange is not None:
+            self.auth.line(line)
+        elif line is OVERLONG:
+            self.error(REPLIES["line_too_long"])
+        else:
+            self._command_line(line)
+
+    def busy_until(self, d: "defer.Deferred[Any]") -> None:
+        """Be busy until ``d`` (whose callbacks write the reply) has fired, then replay
+        queued lines.  The drain runs last, after the reply."""
+        self.reader.hold()
+        self._pending = d
+        d.addErrback(self._internal_error)
+        d.addBoth(self._settled)
+        if self.reader.busy and not self.transport.disconnecting:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _internal_error(self, failure: Failure) -> None:
+        if self.lost:
+            return None
+        log.failure("unexpected error while answering", failure=failure)
+        if self.auth.exchange is not None:
+            self.auth.exchange = None
+            self.send(REPLIES["auth_tempfail"])
+        else:
+            self.send(REPLIES["local_error"])
+        return None
+
+    def _settled(self, _: Any) -> None:
+        self._pending = None
+        if self._stopped():
+            self.reader.busy = False
+            return None
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self.reader.release()
+        return None
+
+    # ------------------------------------------------------------------
+    # Writing
+    # ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and not self.transport.disconnecting:
+            self.transport.write(data)
+
+    def send(self, reply: SMTPReply) -> None:
+        self.write(reply.to_bytes())
+
+    def error(self, reply: SMTPReply) -> None:
+        """A protocol error reply; too many of them close the connection."""
+        self.send(reply)
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self.send(REPLIES["auth_too_many_failures"].with_text("Too many errors, closing connection"))
+            self.transport.loseConnection()
+
+    def _answer(self, answer: Any) -> None:
+        """Send what the mail transaction answered, now or when its Deferred fires."""
+        if isinstance(answer, defer.Deferred):
+            self.busy_until(answer.addCallback(self._answer))
+        elif isinstance(answer, ProtocolError):
+            self.error(answer.reply)
+        else:
+            self.send(answer)
+
+    # ------------------------------------------------------------------
+    # Commands
+    # ------------------------------------------------------------------
+
+    def _command_line(self, line: bytes) -> None:
+        if len(line) > COMMAND_LINE_LIMIT and not line[:5].upper().startswith(b"AUTH "):
+            return self.error(REPLIES["line_too_long"])
+        if len(line) > AUTH_LINE_LIMIT:
+            return self.error(REPLIES["auth_line_too_long"])
+        if b"\0" in line:
+            return self.error(REPLIES["bad_syntax"].with_text("NUL characters are not allowed"))
+        parts = line.strip().split(None, 1)
+        if not parts:
+            return self.error(REPLIES["bad_syntax"])
+        verb = parts[0].upper()
+        if verb not in VERBS:
+            return self.error(REPLIES["unknown_command"])
+        getattr(self, "do_" + verb.decode("ascii"))(parts[1] if len(parts) > 1 else b"")
+
+    def do_EHLO(self, arg: bytes) -> None:
+        name = arg.strip()
+        if not _HELO_ARG.match(name):
+            return self.error(REPLIES["ehlo_syntax"])
+        self._greeted(name)
+        lines = [self.host.decode("ascii"), "PIPELINING", f"SIZE {self.settings.max_message_size}",
+                 "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self._can_starttls:
+            lines.append("STARTTLS")
+        mechanisms = self.auth.offered_mechanisms()
+        if mechanisms and self.auth.login is None:
+            lines.append("AUTH " + " ".join(mechanisms))
+        self.send(SMTPReply(250, None, "\n".join(lines)))
+
+    def do_HELO(self, arg: bytes) -> None:
+        name = arg.strip()
+        if not _HELO_ARG.match(name):
+            return self.error(REPLIES["helo_syntax"])
+        self._greeted(name)
+        self.send(SMTPReply(250, None, self.host.decode("ascii")))
+
+    def _greeted(self, name: bytes) -> None:
+        # Behind haproxy: the PROXY header is parsed after connectionMade, so read again.
+        self._read_addresses()
+        self._helo_name = name.decode("ascii")
+        self._ehlo_done = True
+        self.transaction.reset()
+
+    def do_NOOP(self, arg: bytes) -> None:
+        self.send(REPLIES["noop"])
+
+    def do_RSET(self, arg: bytes) -> None:
+        self.transaction.reset()
+        self.send(REPLIES["reset"])
+
+    def do_VRFY(self, arg: bytes) -> None:
+        self.send(REPLIES["vrfy"])
+
+    def do_HELP(self, arg: bytes) -> None:
+        self.send(SMTPReply(214, "2.0.0", "See RFC 5321 and RFC 4954"))
+
+    def do_QUIT(self, arg: bytes) -> None:
+        self.send(REPLIES["bye"])
+        self.transport.loseConnection()
+
+    def do_STARTTLS(self, arg: bytes) -> None:
+        if arg.strip():
+            return self.error(REPLIES["starttls_args"])
+        if self.tls:
+            return self.error(REPLIES["starttls_already"])
+        if not self._can_starttls:
+            return self.error(REPLIES["starttls_unavailable"])
+        self.send(REPLIES["starttls_go"])
+        # Nothing sent in plaintext after STARTTLS may count (CVE-2011-0411 style injection).
+        self.reader.discard_pending()
+        self.transport.startTLS(self.tls_context)
+        self.tls = True
+        self._can_starttls = False
+        # RFC 3207 4.2: forget everything learned before TLS.
+        self._ehlo_done = False
+        self._helo_name = ""
+        self.transaction.reset()
+        self._forget_login()
+
+    def do_AUTH(self, arg: bytes) -> None:
+        if self.auth.login is not None:
+            return self.error(REPLIES["auth_already"])
+        if not self._ehlo_done:
+            return self.error(REPLIES["auth_need_ehlo"])
+        if self.transaction.open:
+            return self.error(REPLIES["auth_in_transaction"])
+        self.auth.command(arg)
+
+    def authenticated_as(self, avatar: Any) -> None:
+        """AUTH succeeded: mail now goes to ``avatar``."""
+        self.avatar = avatar
+        self.authenticated = True
+
+    def _forget_login(self) -> None:
+        self.auth.logout()
+        self.avatar = None
+        self.authenticated = False
+
+    def do_MAIL(self, arg: bytes) -> None:
+        if not self._ehlo_done:
+            return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
+        self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
+                                           self.settings.require_auth))
+
+    def do_RCPT(self, arg: bytes) -> None:
+        self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
+
+    def do_DATA(self, arg: bytes) -> None:
+        stamp = Stamp(self._helo_name, self._peer[0], self.settings.hostname, self.tls,
+                      self.auth_user if self.authenticated else None)
+        self._answer(self.transaction.data(arg, stamp))
+
+
+def _address(addr: Any) -> tuple[str, int]:
+    """(host, port) of a transport address; UNIX and test addresses have neither."""
+    return (str(getattr(addr, "host", "") or ""), int(getattr(addr, "port", 0) or 0))

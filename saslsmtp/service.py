@@ -1,0 +1,341 @@
+"""The daemon as a Twisted service: wiring a ``Config`` into checkers, portal, mechanisms,
+the resolver and listeners, and the service's life cycle.
+
+``build(config, reactor)`` turns a parsed ``Config`` into a service that is not yet
+started: thread pools, backend checkers, the portal, the mechanisms and one listener per
+endpoint.  Nothing else in the package reads the configuration file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, assert_never
+
+from twisted.application import internet, service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
+from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.checkers.registry import BackendDeps, build_checker
+from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
+from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
+from saslsmtp.delivery import Maildir, MaildirRealm
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
+from saslsmtp.protocol import EngineSettings, SubmissionESMTP
+from saslsmtp.replies import REPLIES
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
+from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script, scripted_spec
+from saslsmtp.threads import ThreadPoolRunner
+
+log = Logger(namespace="saslsmtp")
+
+
+def load(path: str) -> Config:
+    """Parse the configuration; mechanisms must be built in or served by the script."""
+    return load_config(path, known_mechanisms=BUILTIN_NAMES)
+
+
+def check_users_files(config: Config) -> None:
+    """``--check`` reads every users file too: each unusable line is a problem (the
+    daemon would log and skip it)."""
+    from saslsmtp.checkers.file import coverage_warnings, parse_users
+    problems = []
+    for backend in config.backends.values():
+        if backend.type != "file":
+            continue
+        try:
+            data = Path(backend.options.path).read_bytes()
+        except OSError as e:
+            problems.append(ConfigProblem(backend.options.path, "", None, f"cannot read: {e.strerror}"))
+            continue
+        parsed = parse_users(data, backend.options.default_scheme)
+        problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
+                     for line, message in parsed.problems]
+        for warning in coverage_warnings(parsed.users, config.auth.mechanisms):
+            print(f"{backend.options.path}: warning: {warning}", file=sys.stderr)
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass
+class Wiring:
+    """Everything ``build`` made, for tests and for embedding."""
+
+    config: Config
+    portal: Portal
+    settings: EngineSettings
+    mechanisms: dict[str, MechanismSpec]
+    checkers: dict[str, ICredentialsChecker]
+    runners: list[Any] = field(default_factory=list)
+    tls_context: Any = None
+    resolver: Resolver | None = None
+    blocking: Any = None
+    script: PasswordScript | None = None  # decides PLAIN/LOGIN when an AUTH script is set
+
+
+def wire(config: Config, reactor: Any) -> Wiring:
+    """Build checkers, portal, mechanisms and TLS context (no listening)."""
+    runners: list[Any] = []
+
+    def make_runner(name: str, max_threads: int) -> ThreadPoolRunner:
+        runner = ThreadPoolRunner(reactor, name, max_threads)
+        runners.append(runner)
+        return runner
+
+    hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
+    checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
+    realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname),
+                         make_runner("saslsmtp-delivery", 4))
+    builtins = builtin_mechanisms(config.auth.mechanisms)
+    mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
+    password_checker: ICredentialsChecker = BackendChain(
+        [(name, checkers[name]) for name in config.auth.backends])
+    runner = None
+    if config.auth.script is not None:
+        script = load_script(config.auth.script, config.path)
+        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
+        password_checker = ScriptPasswordChecker(runner)
+        mechanisms.update(scripted_mechanisms(config, builtins, script, runner))
+    sources = [checkers[name] for name in config.auth.backends
+               if ISecretSource.providedBy(checkers[name])]
+    validators = [checker for checker in checkers.values() if ITokenValidator.providedBy(checker)]
+    check_servable(config, mechanisms, builtins, runner is not None, sources, validators)
+    return Wiring(config, Portal(realm, [password_checker, TrustedIdentityChecker()]),
+                  engine_settings(config), mechanisms, checkers, runners, tls_context(config),
+                  secret_resolver(sources, validators), blocking=hash_runner, script=runner)
+
+
+def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsChecker]:
+    """One checker per ``[backends.NAME]``; a backend refusing its options is a config error."""
+    checkers: dict[str, ICredentialsChecker] = {}
+    for name, backend in config.backends.items():
+        try:
+            checkers[name] = build_checker(backend, deps)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError([ConfigProblem(config.path, f"backends.{name}", None, str(e))]) from None
+    return checkers
+
+
+def scripted_mechanisms(config: Config, builtins: dict[str, MechanismSpec], script: Any,
+                        runner: ScriptRunner) -> dict[str, MechanismSpec]:
+    """The configured mechanisms the script serves: every non-built-in one, and a built-in
+    only when the script's ``MECHANISMS`` names it."""
+    specs: dict[str, MechanismSpec] = {}
+    declared = script.mechanisms
+    for name in config.auth.mechanisms:
+        if name in builtins and (declared is None or name not in declared):
+            continue
+        if declared is not None and name not in declared:
+            raise ConfigError([ConfigProblem(
+                config.path, "auth.mechanisms", None,
+                f"{name} is not built in and {config.auth.script} does not serve it"
+                f" (its MECHANISMS: {', '.join(sorted(declared)) or 'none'})")])
+        specs[name] = scripted_spec(name, runner)
+    return specs
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """What ``SubmissionESMTP`` needs from the configuration."""
+    return EngineSettings(
+        hostname=config.server.hostname,
+        mechanisms=config.auth.mechanisms,
+        require_tls=config.auth.require_tls,
+        failure_delay=config.auth.failure_delay,
+        max_failures=config.auth.max_failures,
+        max_steps=config.auth.script_max_steps,
+        max_message_size=config.server.max_message_size,
+        max_recipients=config.server.max_recipients,
+        idle_timeout=config.server.idle_timeout,
+    )
+
+
+def check_servable(config: Config, mechanisms: dict[str, MechanismSpec],
+                   builtins: dict[str, MechanismSpec], scripted: bool, sources: list[Any],
+                   validators: list[Any]) -> None:
+    """Refuse to start when an announced built-in mechanism could never succeed: what it
+    needs is what its ``MechanismSpec`` declares."""
+    problems = []
+    for name, spec in mechanisms.items():
+        if spec is not builtins.get(name):
+            continue  # served by the script
+        kinds = spec.secret_kinds
+        if kinds and not any(set(kinds) & set(s.secret_kinds()) for s in sources):
+            problems.append(f"{name} needs a stored secret ({' or '.join(kinds)}) and no backend"
+                            f" in auth.backends can supply one (only type = \"file\" can)")
+        if spec.token_validator and not validators:
+            problems.append(f"{name} needs a backend of type = \"oauth2\"")
+        if spec.client_certificate and (config.tls is None or config.tls.client_ca is None):
+            problems.append(f"{name} needs [tls] client_ca to verify client certificates")
+        if spec.password and not scripted and not config.auth.backends:
+            problems.append(f"{name} needs auth.backends or an auth.script")
+    if problems:
+        raise ConfigError([ConfigProblem(config.path, "auth.mechanisms", None, p) for p in problems])
+
+
+def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:
+    """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
+    ``ValidateToken`` from the first token validator that has an opinion."""
+
+    @defer.inlineCallbacks
+    def resolve(request: SecretRequest, session: Session):  # type: ignore[no-untyped-def]
+        match request:
+            case Lookup():
+                for source in sources:
+                    secret = yield source.lookup_secret(request.username, request.kinds)
+                    if secret is not None:
+                        return secret
+                return None
+            case ValidateToken():
+                if not validators:
+                    raise TemporaryFailure("no oauth2 backend is configured")
+                for validator in validators:
+                    verdict = yield validator.validate_token(request)
+                    if verdict is not None:
+                        return Secret(TOKEN_VERDICT, verdict)
+                return None
+            case _:
+                assert_never(request)
+
+    return resolve
+
+
+def tls_context(config: Config) -> Any:
+    """Server TLS options from ``[tls]``, or ``None``."""
+    if config.tls is None:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    certs = x509.load_pem_x509_certificates(Path(config.tls.certificate).read_bytes())
+    key = load_pem_private_key(Path(config.tls.private_key).read_bytes(), password=None)
+    verify: dict[str, Any] = {}
+    if config.tls.client_ca is not None:
+        from OpenSSL import crypto
+        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
+        verify = {"verify": True, "requireCertificate": False,
+                  "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
+    return ssl.CertificateOptions(
+        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+class SubmissionFactory(protocol.ServerFactory):
+    """Builds one ``SubmissionESMTP`` per connection and keeps track of them."""
+
+    def __init__(self, wiring: Wiring, clock: Any) -> None:
+        self.wiring = wiring
+        self.clock = clock
+        self.connections: set[SubmissionESMTP] = set()
+        self._idle: list[defer.Deferred[None]] = []
+
+    def forget(self, connection: SubmissionESMTP) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_all(self, grace: float = 5.0) -> "defer.Deferred[None]":
+        """Send 421 4.3.2 to every session, close it, and fire when all are gone
+        (or after ``grace`` seconds)."""
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        for connection in list(self.connections):
+            connection.send(REPLIES["shutting_down"])
+            connection.transport.loseConnection()
+        return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
+
+    def buildProtocol(self, addr: Any) -> SubmissionESMTP:
+        wiring = self.wiring
+        tls = wiring.config.tls
+        connection = _TrackedSubmission(
+            portal=wiring.portal, settings=wiring.settings, mechanisms=wiring.mechanisms,
+            clock=self.clock, tls_context=wiring.tls_context,
+            resolver=wiring.resolver or no_resolver, script=wiring.script,
+            blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn")
+        connection.factory = self
+        return connection
+
+
+class _TrackedSubmission(SubmissionESMTP):
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.factory.forget(self)
+
+
+class SaslSmtpService(service.MultiService):
+    """Listeners plus the thread pools; on stop, idle sessions get 421 4.3.2."""
+
+    def __init__(self, wiring: Wiring, factory: SubmissionFactory) -> None:
+        super().__init__()
+        self.wiring = wiring
+        self.factory = factory
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
+                             f" {e.socketError}") from None
+
+    def startService(self) -> None:
+        for runner in self.wiring.runners:
+            runner.start()
+        super().startService()
+        log.info("saslsmtp ready: mechanisms {mechs}", mechs=" ".join(self.wiring.settings.mechanisms))
+
+    def stopService(self) -> "defer.Deferred[None]":
+        d = defer.maybeDeferred(super().stopService)
+
+        def stop_backends(_: Any) -> None:
+            for checker in self.wiring.checkers.values():
+                stop = getattr(checker, "stop", None)
+                if callable(stop):
+                    stop()
+            for runner in self.wiring.runners:
+                runner.stop()
+        d.addCallback(lambda _: self.factory.close_all())
+        return d.addCallback(stop_backends)
+
+
+def listener(description: str, config: Config, reactor: Any, factory: Any,
+             tls: Any = None) -> tuple[Any, Any]:
+    """(endpoint, factory) for one ``server.listen`` entry.
+
+    ``ssl:PORT[:interface=...]`` without key options is implicit TLS with the ``[tls]``
+    context (so ``client_ca`` and the TLS floor apply): a TCP endpoint whose factory is
+    wrapped in TLS.  Anything else is a Twisted endpoint string as written.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    prefix = "haproxy:" if description.startswith("haproxy:") else ""
+    inner = description[len(prefix):]
+    if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
+        endpoint = endpoints.serverFromString(reactor, prefix + "tcp:" + inner[len("ssl:"):])
+        return endpoint, TLSMemoryBIOFactory(tls, False, factory)
+    return endpoints.serverFromString(reactor, description), factory
+
+
+def build(config: Config, reactor: Any) -> SaslSmtpService:
+    """The whole daemon as a service (not started)."""
+    wiring = wire(config, reactor)
+    factory = SubmissionFactory(wiring, reactor)
+    top = SaslSmtpService(wiring, factory)
+    for description in config.server.listen:
+        endpoint, wrapped = listener(description, config, reactor, factory, wiring.tls_context)
+        internet.StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
+    return top

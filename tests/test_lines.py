@@ -1,0 +1,83 @@
+"""Line framing and the pipelining queue (saslsmtp.lines), without a transport."""
+
+from __future__ import annotations
+
+from saslsmtp.lines import OVERLONG, LineReader
+
+
+class Recorder:
+    def __init__(self, read_limit: int = 16) -> None:
+        self.lines: list[bytes] = []
+        self.bare_lf = 0
+        self.stopped = False
+        self.reader = LineReader(self.lines.append, self.on_bare_lf, lambda: self.stopped,
+                                 read_limit)
+
+    def on_bare_lf(self) -> None:
+        self.bare_lf += 1
+
+
+def test_crlf_lines_across_reads() -> None:
+    """Lines may be split anywhere between reads; CRLF is removed."""
+    r = Recorder()
+    r.reader.feed(b"EH")
+    r.reader.feed(b"LO a\r\nNO")
+    assert r.lines == [b"EHLO a"]
+    r.reader.feed(b"OP\r\n")
+    assert r.lines == [b"EHLO a", b"NOOP"]
+
+
+def test_bare_lf_stops_reading() -> None:
+    """A bare LF is reported once and nothing after it in the read is handed over."""
+    r = Recorder()
+    r.reader.feed(b"NOOP\r\nQUIT\nNOOP\r\n")
+    assert (r.lines, r.bare_lf) == ([b"NOOP"], 1)
+
+
+def test_overlong_line_is_one_marker_then_skipped() -> None:
+    """A partial line longer than the limit becomes OVERLONG; its rest is skipped."""
+    r = Recorder(read_limit=8)
+    r.reader.feed(b"X" * 20)
+    assert r.lines == [OVERLONG] and r.lines[0] is OVERLONG
+    r.reader.feed(b"more of it\r\nNOOP\r\n")
+    assert r.lines == [OVERLONG, b"NOOP"]
+
+
+def test_busy_queues_in_order_until_released() -> None:
+    """While busy, lines queue; release hands them over in order until one holds again."""
+    r = Recorder()
+    r.reader.hold()
+    r.reader.feed(b"A\r\nB\r\nC\r\n")
+    assert r.lines == [] and r.reader.queue == [b"A", b"B", b"C"]
+
+    def hold_on_b(line: bytes) -> None:
+        r.lines.append(line)
+        if line == b"B":
+            r.reader.hold()
+    r.reader._on_line = hold_on_b
+    r.reader.release()
+    assert r.lines == [b"A", b"B"] and r.reader.queue == [b"C"]
+    r.reader.release()
+    assert r.lines == [b"A", b"B", b"C"]
+
+
+def test_discard_pending_drops_the_rest_of_the_read() -> None:
+    """STARTTLS: lines after it in the same read, and queued ones, are dropped."""
+    r = Recorder()
+
+    def starttls(line: bytes) -> None:
+        r.lines.append(line)
+        if line == b"STARTTLS":
+            r.reader.discard_pending()
+    r.reader._on_line = starttls
+    r.reader.feed(b"STARTTLS\r\nMAIL FROM:<a@b>\r\npartial")
+    assert r.lines == [b"STARTTLS"] and r.reader.partial == b""
+    r.reader.feed(b"EHLO x\r\n")
+    assert r.lines == [b"STARTTLS", b"EHLO x"]
+
+
+def test_nothing_after_stop() -> None:
+    r = Recorder()
+    r.stopped = True
+    r.reader.feed(b"NOOP\r\n")
+    assert r.lines == []

@@ -1,0 +1,53 @@
+"""Wiring (saslsmtp.service): the startup checks read what each MechanismSpec declares it
+needs, not lists of mechanism names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet import task
+
+from saslsmtp.config import ConfigError
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.plain import Plain
+from saslsmtp.service import check_servable, load, wire
+from tests.support import write_config
+
+HTTP_BACKEND = '[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:9/auth"\n'
+
+
+def test_startup_refuses_mechanisms_it_cannot_serve(tmp_path: Path) -> None:
+    """With only an HTTP backend (no stored secrets, no token validation) and no client
+    CA, each announced mechanism that could never succeed is one problem."""
+    path = write_config(tmp_path, HTTP_BACKEND, mechanisms=[
+        "PLAIN", "CRAM-MD5", "EXTERNAL", "OAUTHBEARER", "SCRAM-SHA-256"])
+    with pytest.raises(ConfigError) as e:
+        wire(load(str(path)), task.Clock())
+    assert [p.message for p in e.value.problems] == [
+        "CRAM-MD5 needs a stored secret (cram-md5 or plaintext) and no backend in"
+        ' auth.backends can supply one (only type = "file" can)',
+        "SCRAM-SHA-256 needs a stored secret (scram-sha-256 or plaintext) and no backend in"
+        ' auth.backends can supply one (only type = "file" can)',
+        'OAUTHBEARER needs a backend of type = "oauth2"',
+        "EXTERNAL needs [tls] client_ca to verify client certificates",
+    ]
+    assert all(p.key == "auth.mechanisms" for p in e.value.problems)
+
+
+def test_checks_read_the_spec(tmp_path: Path) -> None:
+    """A mechanism nobody has named before is checked from its spec alone."""
+    config = load(str(write_config(tmp_path, HTTP_BACKEND)))
+    spec = MechanismSpec("X-NEW", Plain, password=True, secret_kinds=("x-kind",),
+                         token_validator=True, client_certificate=True)
+    specs = {"X-NEW": spec}
+    with pytest.raises(ConfigError) as e:
+        check_servable(config, specs, specs, False, [], [])
+    messages = [p.message for p in e.value.problems]
+    assert [m.split(" needs ")[0] for m in messages] == ["X-NEW"] * 3
+    assert "x-kind" in messages[0] and "oauth2" in messages[1] and "client_ca" in messages[2]
+    # password=True is satisfied by the configured backend; without one, by a script.
+    bare = MechanismSpec("X-PASSWORD", Plain, password=True)
+    check_servable(config, {"X-PASSWORD": bare}, {"X-PASSWORD": bare}, False, [], [])
+    # A mechanism the script serves is the script's business.
+    check_servable(config, specs, {}, True, [], [])
