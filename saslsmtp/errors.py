@@ -21,6 +21,11 @@ class AuthRejected(UnauthorizedLogin):
         self.disconnect = disconnect
 
 
+class UnknownUser(UnauthorizedLogin):
+    """A checker's way to say "no such user" rather than "wrong password" (still a 535),
+    so the auth cache may remember the name for ``negative_ttl``."""
+
+
 class TemporaryFailure(Exception):
     """A backend could not decide now (down, timeout, busy): 454 4.7.0 by default.
 
