@@ -36,9 +36,11 @@ declare -A BINARY_PACKAGE=(
     [msmtp]=msmtp
     [curl]=curl
     [openssl]=openssl
+    [redis-server]=redis-server
+    [fail2ban-regex]=fail2ban
 )
 # Services whose Debian packages would start a daemon on install.
-SERVICES=(slapd dovecot)
+SERVICES=(slapd dovecot redis-server fail2ban)
 
 have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
 
