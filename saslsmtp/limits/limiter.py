@@ -287,6 +287,7 @@ class Limiter:
         protocol sends the verdict then (and ``failure_delay`` on top for a 535).
         """
         s = self.settings
+        pending: list[Deferred[object]] = []
         if not gate.trusted:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username
@@ -294,14 +295,25 @@ class Limiter:
                 self._penalties.pop(key, None)
             elif self._record_failure(key, user, password):
                 if s.auth_failures_per_ip is not None:
-                    self._safe(self.store.hit("authfail:ip:" + key, s.auth_failures_per_ip),
-                               "auth failure count")
+                    pending.append(self._safe(self.store.hit(
+                        "authfail:ip:" + key, s.auth_failures_per_ip), "auth failure count"))
                 if s.auth_failures_per_user is not None:
-                    self._safe(self.store.hit("authfail:user:" + user_key(user),
-                                              s.auth_failures_per_user), "auth failure count")
-        if gate.delay <= 0:
+                    pending.append(self._safe(self.store.hit(
+                        "authfail:user:" + user_key(user), s.auth_failures_per_user),
+                        "auth failure count"))
+        wait = deferLater(self.clock, gate.delay, lambda: None) if gate.delay > 0 else None
+        if wait is not None:
+            pending.append(wait)
+        if not pending:
             return succeed(None)
-        return deferLater(self.clock, gate.delay, lambda: None)
+        # Cancelling the result (the client left) cancels only the wait, never the counts.
+        done: Deferred[None] = Deferred(lambda _: wait.cancel() if wait is not None else None)
+
+        def finished(_: object) -> None:
+            if not done.called:
+                done.callback(None)
+        gatherResults(pending, consumeErrors=True).addBoth(finished)
+        return done
 
     # ---- messages ------------------------------------------------------------------
 
