@@ -31,7 +31,7 @@ class AbuseControls:
     store: RateStore
     cache: AuthCache | None
 
-    def wrap_checker(self, checker: ICredentialsChecker, chain_id: str) -> ICredentialsChecker:
+    def wrap_checker(self, checker: ICredentialsChecker, chain_id: str) -> Any:
         """``checker`` behind the auth cache, or unchanged when the cache is off."""
         if self.cache is None:
             return checker

@@ -40,7 +40,7 @@ import os
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -287,7 +287,7 @@ class Limiter:
         protocol sends the verdict then (and ``failure_delay`` on top for a 535).
         """
         s = self.settings
-        pending: list[Deferred[object]] = []
+        pending: list[Deferred[Any]] = []
         if not gate.trusted:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import txredisapi
+import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
@@ -106,9 +106,10 @@ class _AlwaysReconnect(txredisapi.RedisFactory):
 def _endpoint(url: RedisURL, reactor: Any, timeout: float) -> Any:
     if url.path:
         return UNIXClientEndpoint(reactor, url.path, timeout=timeout)
-    endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+    host = url.host or "localhost"
+    endpoint: Any = HostnameEndpoint(reactor, host, url.port, timeout=timeout)
     if url.tls:
-        return wrapClientTLS(optionsForClientTLS(url.host), endpoint)
+        return wrapClientTLS(optionsForClientTLS(host), endpoint)
     return endpoint
 
 
