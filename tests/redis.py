@@ -57,14 +57,17 @@ class RedisServer:
                 self.process.wait(5)
         self.process = None
 
-    def command(self, *args: str) -> bytes:
+    def command(self, *args: str, password: str | None = None) -> bytes:
         """One raw command over a plain socket (for checks behind the store's back)."""
-        payload = f"*{len(args)}\r\n".encode() + b"".join(
-            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        commands = [("AUTH", password)] if password else []
+        commands.append(args)
+        payload = b"".join(f"*{len(c)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in c) for c in commands)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(payload)
             time.sleep(0.05)
-            return s.recv(65536)
+            reply = s.recv(65536)
+        return reply.split(b"\r\n", 1)[1] if password else reply
 
 
 def start_redis(directory: Path) -> RedisServer:

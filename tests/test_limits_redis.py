@@ -223,3 +223,77 @@ async def test_limiter_over_redis_two_workers(redis):
     finally:
         for s in stores:
             await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keeps_reconnecting_after_an_auth_error(redis):
+    """A wrong password (Redis reconfigured under us) does not stop the retries: once the
+    server accepts the password, the store connects and limits apply (Synapse does the
+    same; plain txredisapi would give up)."""
+    redis.command("CONFIG", "SET", "requirepass", "old-secret")
+    store = RedisStore(f"redis://:new-secret@127.0.0.1:{redis.port}/0", reactor(),
+                       reconnect_max_delay=0.2)
+    try:
+        await sleep(0.5)
+        assert not store.connected
+        assert (await store.hit("k", Rate(1, 60.0))).allowed  # fail open meanwhile
+        assert redis.command("CONFIG", "SET", "requirepass", "new-secret",
+                             password="old-secret").startswith(b"+OK")
+        await connected(store)
+        assert [(await store.hit("k", Rate(1, 60.0))).allowed for _ in range(2)] == [True, False]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_number_is_used(redis):
+    """redis://host:port/3 counts in database 3."""
+    store = await make_store(f"redis://127.0.0.1:{redis.port}/3")
+    try:
+        await store.hit("dbkey", Rate(5, 60.0))
+        assert redis.command("EXISTS", "saslsmtp:dbkey").startswith(b":0")
+        assert b"keys=1" in redis.command("INFO", "keyspace").split(b"db3:")[1][:20]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_verifies_the_server(tmp_path):
+    """rediss:// speaks TLS to Redis and verifies its certificate (against ca_file);
+    a certificate for another name is refused (and the store fails open)."""
+    import subprocess
+
+    from tests.conftest import require_binary
+    from tests.support import free_port
+    from tests.tlsutil import issue_cert, make_ca
+    binary = require_binary("redis-server", "redis-server")
+    ca = make_ca(tmp_path)
+    good = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir",
+         str(tmp_path), "--save", "", "--tls-cert-file", good.cert_path, "--tls-key-file",
+         good.key_path, "--tls-ca-cert-file", ca.cert_path, "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca.cert_path}", reactor(),
+                           reconnect_max_delay=0.2)
+        try:
+            await connected(store)
+            assert [(await store.hit("t", Rate(1, 60.0))).allowed for _ in range(2)] == \
+                [True, False]
+        finally:
+            await store.close()
+        (tmp_path / "other").mkdir()
+        other_ca = make_ca(tmp_path / "other")
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={other_ca.cert_path}",
+                           reactor(), reconnect_max_delay=0.2)
+        try:
+            await sleep(1.0)
+            assert not store.connected
+            assert (await store.hit("t", Rate(1, 60.0))).allowed  # fail open, not verified
+        finally:
+            await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

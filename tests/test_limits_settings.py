@@ -96,6 +96,11 @@ def test_redis_urls():
     assert "s@cret" not in repr(u) and "cret" not in u.describe()
     assert parse_redis_url("rediss://cache.example").tls
     assert parse_redis_url("rediss://cache.example").port == 6379
+    assert parse_redis_url("rediss://c.example:6380/1?ca_file=/etc/ca.pem").ca_file == "/etc/ca.pem"
+    with pytest.raises(ValueError):
+        parse_redis_url("redis://c.example/0?ca_file=/etc/ca.pem")
+    with pytest.raises(ValueError):
+        parse_redis_url("rediss://c.example/0?verify=no")
     u = parse_redis_url("unix:///run/redis/redis.sock?db=2")
     assert (u.path, u.db, u.host) == ("/run/redis/redis.sock", 2, None)
 

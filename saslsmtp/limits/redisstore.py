@@ -27,7 +27,7 @@ import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -109,7 +109,11 @@ def _endpoint(url: RedisURL, reactor: Any, timeout: float) -> Any:
     host = url.host or "localhost"
     endpoint: Any = HostnameEndpoint(reactor, host, url.port, timeout=timeout)
     if url.tls:
-        return wrapClientTLS(optionsForClientTLS(host), endpoint)
+        trust = None
+        if url.ca_file:
+            with open(url.ca_file, "rb") as f:
+                trust = Certificate.loadPEM(f.read())
+        return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
     return endpoint
 
 
@@ -136,6 +140,7 @@ class RedisStore:
         factory = _AlwaysReconnect(self.url.describe(), self.url.db or None, 1, isLazy=True,
                                    password=self.url.password, username=self.url.username,
                                    replyTimeout=timeout)
+        factory.deferred.addErrback(lambda f: None)  # lazy: errors are seen per call
         factory.maxDelay = reconnect_max_delay
         factory.initialDelay = min(factory.initialDelay, reconnect_max_delay)
         self._factory = factory

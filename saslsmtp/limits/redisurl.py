@@ -1,4 +1,4 @@
-"""``redis://[user:password@]host[:port][/db]``, ``rediss://...`` and
+"""``redis://[user:password@]host[:port][/db]``, ``rediss://...[?ca_file=PEM]`` and
 ``unix:///path[?db=N]`` -> ``RedisURL``.  No Twisted here (the config check uses it)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class RedisURL:
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None  # rediss://: trust this CA instead of the system's
 
     def describe(self) -> str:
         """For logs: no credentials."""
@@ -49,6 +50,11 @@ def parse_redis_url(url: str) -> RedisURL:
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"{url!r}: the path must be a database number (/0)")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"ca_file"}
+    if unknown or (query and scheme != "rediss"):
+        raise ValueError(f"{url!r}: the only query parameter is ca_file, for rediss://")
     return RedisURL(host=parts.hostname, port=port, db=int(path or 0), tls=scheme == "rediss",
                     username=unquote(parts.username) if parts.username else None,
-                    password=unquote(parts.password) if parts.password else None)
+                    password=unquote(parts.password) if parts.password else None,
+                    ca_file=query.get("ca_file", [None])[0])
