@@ -387,3 +387,34 @@ def test_user_keys():
     assert user_key("Alice@Example.TEST") == "u:alice@example.test"
     assert user_key("a b").startswith("h:") and user_key("x\r\n").startswith("h:")
     assert user_key("y" * 500).startswith("h:") and len(user_key("y" * 500)) == 66
+
+
+def test_cancelled_admission_gives_its_slot_back():
+    """A connection lost while the store is still answering: cancelling the pending
+    admission releases a slot that was taken after all."""
+    from twisted.internet.defer import CancelledError, Deferred
+
+    clock = Clock()
+    memory = MemoryStore(clock)
+
+    class SlowStore:
+        pending = []
+
+        def acquire(self, key, limit, holder):
+            d = Deferred()
+            self.pending.append(lambda: d.callback(result(memory.acquire(key, limit, holder))))
+            return d
+
+        def release(self, key, holder):
+            return memory.release(key, holder)
+
+    store = SlowStore()
+    limiter = Limiter(settings(connections_per_ip=1), store, clock)
+    d = limiter.connection_made("192.0.2.1")
+    d.cancel()
+    assert isinstance(result(d).value, CancelledError)
+    store.pending.pop()()
+    assert memory.held("conn:192.0.2.1") == 0
+    d = limiter.connection_made("192.0.2.1")
+    store.pending.pop()()
+    assert result(d).verdict.allowed and memory.held("conn:192.0.2.1") == 1

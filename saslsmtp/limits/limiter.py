@@ -8,7 +8,7 @@ never limited nor counted.  The calls, in session order:
 when                              call                                           over limit
 ================================  =============================================  ==========
 connection made                   ``admission = await connection_made(ip)``      ``421 4.7.0``
-connection lost                   ``admission.release()``
+connection lost                   ``admission.release()`` (or cancel the pending Deferred)
 AUTH, before checking credentials ``gate = await auth_gate(ip, username)``       ``454 4.7.0``
 AUTH verdict known                ``await auth_verdict(gate, ok, username, pw)``
 MAIL FROM                         ``await mail_allowed(user)``                   ``452 4.7.1``
@@ -189,7 +189,18 @@ class Limiter:
         else:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
-        return d.addCallback(rate_checked)
+        d.addCallback(rate_checked)
+        # Cancelled (the connection went away while the store answered): a slot taken
+        # after all is given back at once, so nothing leaks.
+        out: Deferred[Admission] = Deferred()
+
+        def deliver(admission: Admission) -> None:
+            if out.called:
+                admission.release()
+            else:
+                out.callback(admission)
+        d.addCallback(deliver)
+        return out
 
     def _deny_connection(self, limit: str, key: str) -> Verdict:
         log.info("limits: {limit} reached for {client}", limit=limit, client=key)
