@@ -7,6 +7,7 @@ adds file and line.  Every limit is off (``None``) unless its key is set.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -67,15 +68,11 @@ class LimitsSettings:
 
     def client_key(self, address: str) -> str:
         """The counting key of a client address (see ``client_key``)."""
-        return client_key(address, self.ipv6_prefix)
+        return _classify(address, self.ipv6_prefix, self.trusted_networks)[0]
 
     def is_trusted(self, address: str) -> bool:
         """Whether ``address`` is inside ``trusted_networks`` (never limited)."""
-        try:
-            ip = _ip(address)
-        except ValueError:
-            return False
-        return any(ip.version == net.version and ip in net for net in self.trusted_networks)
+        return _classify(address, self.ipv6_prefix, self.trusted_networks)[1]
 
 
 @dataclass(frozen=True)
@@ -110,6 +107,18 @@ def client_key(address: str, ipv6_prefix: int = 64) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ipv6_prefix < 128:
         return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
     return str(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _classify(address: str, prefix: int, trusted: tuple[Network, ...]) -> tuple[str, bool]:
+    """(client key, trusted?) for an address; cached, since parsing an address costs more
+    than a whole in-memory rate check and one session asks several times."""
+    try:
+        ip = _ip(address)
+    except ValueError:
+        return address, False
+    return (client_key(address, prefix),
+            any(ip.version == net.version and ip in net for net in trusted))
 
 
 _LIMIT_RATES = ("connection_rate_per_ip", "auth_failures_per_ip", "auth_failures_per_user",
