@@ -175,3 +175,29 @@ def test_real_threads_and_a_checker_through_inline_callbacks(tmp_path):
     finally:
         runner.stop()
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_flood_of_real_hashes_does_not_starve_another_client(tmp_path):
+    """Through FileChecker with real SHA512-CRYPT: 12 logins from one address are queued,
+    then one from another address; the latter finishes before the flood's third job
+    (with a plain FIFO pool it would finish last).  Order-based, so load cannot flake it."""
+    from twisted.internet import reactor
+    users = tmp_path / "users"
+    users.write_text("alice:" + make_hash("SHA512-CRYPT", "right", rounds=200000) + "\n")
+    runner = FairThreadPoolRunner(reactor, "test-fair-hash", 2, share=0.5)
+    checker = FileChecker(str(users), runner)
+    done = []
+
+    def login(key, label):
+        with client_key_set(key):
+            d = checker.requestAvatarId(PasswordCredentials(b"alice", b"wrong"))
+        return d.addBoth(lambda _: done.append(label))
+    try:
+        flood = [login("203.0.113.66", f"flood{i}") for i in range(12)]
+        victim = login("192.0.2.10", "victim")
+        from twisted.internet.defer import gatherResults
+        yield gatherResults(flood + [victim])
+        assert done.index("victim") < done.index("flood2"), done
+    finally:
+        runner.stop()
