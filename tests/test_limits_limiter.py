@@ -418,3 +418,27 @@ def test_cancelled_admission_gives_its_slot_back():
     d = limiter.connection_made("192.0.2.1")
     store.pending.pop()()
     assert result(d).verdict.allowed and memory.held("conn:192.0.2.1") == 1
+
+
+def test_no_verdict_counts_nothing_but_waits():
+    """success=None (gate refused, backend down, abort): no count, no penalty change,
+    but the penalty wait still applies, so a refused or deferred AUTH is not faster."""
+    clock = Clock()
+    limiter = Limiter(settings(auth_failures_per_ip="1/1h", auth_penalty_max=15),
+                      MemoryStore(clock), clock)
+    fail(limiter, "192.0.2.1", "alice", b"x")
+    refused = result(limiter.auth_gate("192.0.2.1", "alice"))
+    assert not refused.verdict.allowed and refused.delay == 2.0
+    d = limiter.auth_verdict(refused, None)
+    fired = []
+    d.addCallback(fired.append)
+    clock.advance(1.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [None]
+    assert limiter.penalty("192.0.2.1") == 2.0
+    other = Limiter(settings(auth_failures_per_ip="1/1h"), MemoryStore(clock), clock)
+    for _ in range(3):
+        gate = result(other.auth_gate("192.0.2.5", "bob"))
+        result(other.auth_verdict(gate, None, "bob", b"pw"))
+    assert result(other.auth_gate("192.0.2.5", "bob")).verdict.allowed

@@ -11,6 +11,7 @@ connection made                   ``admission = await connection_made(ip)``     
 connection lost                   ``admission.release()`` (or cancel the pending Deferred)
 AUTH, before checking credentials ``gate = await auth_gate(ip, username)``       ``454 4.7.0``
 AUTH verdict known                ``await auth_verdict(gate, ok, username, pw)``
+                                  (``ok``: True 235, False 535, None 454/abort)
 MAIL FROM                         ``await mail_allowed(user)``                   ``452 4.7.1``
 message accepted (after DATA)     ``await message_accepted(user)``
 RCPT TO                           ``await recipient_allowed(user)``              ``452 4.7.1``
@@ -286,12 +287,14 @@ class Limiter:
         periods = [r.period for r in (s.auth_failures_per_ip, s.auth_failures_per_user) if r]
         return max(periods, default=PENALTY_FORGET)
 
-    def auth_verdict(self, gate: AuthGate, success: bool, username: str | None = None,
+    def auth_verdict(self, gate: AuthGate, success: bool | None, username: str | None = None,
                      password: bytes | str | None = None) -> "Deferred[None]":
         """The verdict of the attempt ``gate`` admitted (or refused) is known.
 
-        A failure (``success=False``; wrong credentials, not a temporary backend error)
-        is counted now for the address and for ``username`` (default: the gate's), unless
+        ``success``: ``True`` (235), ``False`` (wrong credentials: 535), or ``None`` when
+        no credentials were judged (the gate refused: 454; the backends failed
+        temporarily: 454; the client aborted): nothing is counted, only the wait applies.
+        A failure is counted now for the address and for ``username`` (default: the gate's), unless
         the same username and password already failed from this address recently.
         ``password`` is used only for that HMAC; ``None`` (mechanisms that never show it)
         counts every failure.  The Deferred fires after the gate's penalty delay; the
@@ -304,7 +307,7 @@ class Limiter:
             user = gate.username if username is None else username
             if success:
                 self._penalties.pop(key, None)
-            elif self._record_failure(key, user, password):
+            elif success is False and self._record_failure(key, user, password):
                 if s.auth_failures_per_ip is not None:
                     pending.append(self._safe(self.store.hit(
                         "authfail:ip:" + key, s.auth_failures_per_ip), "auth failure count"))
