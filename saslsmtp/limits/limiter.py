@@ -11,14 +11,15 @@ connection made                   ``admission = await connection_made(ip)``     
 connection lost                   ``admission.release()`` (or cancel the pending Deferred)
 AUTH, before checking credentials ``gate = await auth_gate(ip, username)``       ``454 4.7.0``
 AUTH verdict known                ``await auth_verdict(gate, ok, username, pw)``
-                                  (``ok``: True 235, False 535, None 454/abort)
 MAIL FROM                         ``await mail_allowed(user)``                   ``452 4.7.1``
 message accepted (after DATA)     ``await message_accepted(user)``
 RCPT TO                           ``await recipient_allowed(user)``              ``452 4.7.1``
 AUTH script ``rate()``            ``await rate(namespace, entry, count, secs)``  ``False``
 ================================  =============================================  ==========
 
-Failures are counted when ``auth_verdict`` is called, i.e. the moment the credentials are
+``ok`` is True for a 235, False for a 535 (wrong credentials), None when nothing was
+judged (the gate's 454, a backend's 454, an abort).  Failures are counted when
+``auth_verdict`` is called, i.e. the moment the credentials are
 found wrong, before any delay, so a client that hangs up early is counted all the same.
 A failure that repeats the same username and password from the same address (a client
 retrying a saved wrong password) is not counted again: the limiter keeps, per address, an
@@ -185,8 +186,9 @@ class Limiter:
                 return Admission(ALLOWED)
             return d.addCallbacks(acquired, failed)
 
+        d: Deferred[Any]
         if s.connection_rate_per_ip is None:
-            d: Deferred[RateResult] = succeed(ALLOW)
+            d = succeed(ALLOW)
         else:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
