@@ -197,7 +197,7 @@ class Limiter:
         # after all is given back at once, so nothing leaks.
         out: Deferred[Admission] = Deferred()
 
-        def deliver(admission: Admission) -> None:
+        def deliver(admission: Any) -> None:
             if out.called:
                 admission.release()
             else:
