@@ -21,6 +21,11 @@ class AuthRejected(UnauthorizedLogin):
         self.outcome = outcome or Reject()
 
 
+class UnknownUser(UnauthorizedLogin):
+    """A checker's way to say "no such user" rather than "wrong password" (still a 535),
+    so the auth cache may remember the name for ``negative_ttl``."""
+
+
 class TemporaryFailure(Exception):
     """A backend could not decide now (down, timeout, busy); ``outcome`` is what the
     client hears (by default ``Defer()``: 454 4.7.0).

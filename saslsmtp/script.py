@@ -154,11 +154,13 @@ class ScriptRunner:
     """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time;
     every error becomes ``Defer`` (logged), ``None`` becomes ``Reject``."""
 
-    def __init__(self, script: AuthScript, clock: Any, timeout: float, backends: Backends) -> None:
+    def __init__(self, script: AuthScript, clock: Any, timeout: float, backends: Backends,
+                 rate: Any = None) -> None:
         self.script = script
         self.clock = clock
         self.timeout = timeout
         self.backends = backends
+        self.rate = rate  # ``arguments["rate"]``: ``Limiter.rate`` (saslsmtp.limits)
 
     def arguments(self, session: Session, mechanism: str, **extra: Any) -> dict[str, Any]:
         """The ``arguments`` mapping for one call."""
@@ -171,6 +173,8 @@ class ScriptRunner:
             "client_certificate": session.client_certificate,
             "backends": _SessionBackends(self.backends, session),
         }
+        if self.rate is not None:
+            args["rate"] = self.rate
         args.update(extra)
         return args
 

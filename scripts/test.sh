@@ -36,12 +36,14 @@ declare -A BINARY_PACKAGE=(
     [msmtp]=msmtp
     [curl]=curl
     [openssl]=openssl
+    [redis-server]=redis-server
+    [fail2ban-regex]=fail2ban
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).
 LIBRARY_PACKAGES=(libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
 # Services whose Debian packages would start a daemon on install.
-SERVICES=(slapd dovecot)
+SERVICES=(slapd dovecot redis-server fail2ban)
 
 have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
 

@@ -90,10 +90,13 @@ def creds(user: str | bytes, password: str | bytes) -> PasswordCredentials:
 
 
 async def outcome(checker: FileChecker, user: str | bytes, password: str | bytes) -> Any:
-    """The avatar id, or the exception class the checker failed with."""
+    """The avatar id, or the exception class the checker failed with (``UnknownUser``, a
+    kind of ``UnauthorizedLogin`` only the auth cache tells apart, counts as the latter)."""
     try:
         return await checker.requestAvatarId(creds(user, password))
-    except (UnauthorizedLogin, TemporaryFailure) as e:
+    except UnauthorizedLogin:
+        return UnauthorizedLogin
+    except TemporaryFailure as e:
         return type(e)
 
 

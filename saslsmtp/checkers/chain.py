@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from saslsmtp.credentials import AuthenticatedIdentity, IAuthenticatedIdentity
-from saslsmtp.errors import TemporaryFailure
+from saslsmtp.errors import TemporaryFailure, UnknownUser
 
 log = Logger()
 
@@ -33,12 +33,17 @@ class BackendChain:
     @inlineCallbacks
     def requestAvatarId(self, credentials):  # type: ignore[no-untyped-def]
         temporary = False
+        unknown = bool(self.backends)  # every backend said "no such user" (auth cache)
         for name, checker in self.backends:
             try:
                 avatar_id = yield maybeDeferred(checker.requestAvatarId, credentials)
+            except UnknownUser:
+                continue
             except UnauthorizedLogin:
+                unknown = False
                 continue
             except TemporaryFailure as e:
+                unknown = False
                 # a backend with an OutageLog reports its outages itself (warn once, then
                 # recovery); this per-login line is for the others
                 level = log.debug if hasattr(checker, "outages") else log.info
@@ -47,11 +52,14 @@ class BackendChain:
                 continue
             except Exception:
                 log.failure("backend {name} raised an unexpected error", name=name)
+                unknown = False
                 temporary = True
                 continue
             return avatar_id
         if temporary:
             raise TemporaryFailure("no backend accepted and at least one failed temporarily")
+        if unknown:
+            raise UnknownUser("no backend knows the user")
         raise UnauthorizedLogin("no backend accepted the credentials")
 
 

@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from saslsmtp import libcrypt, passwords
 from saslsmtp.checkers.secrets import ISecretSource
-from saslsmtp.errors import TemporaryFailure
+from saslsmtp.errors import TemporaryFailure, UnknownUser
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.passwords import PasswordError, StoredPassword
@@ -259,8 +259,10 @@ class FileChecker:
             d = maybeDeferred(_verify, stored, password, username)
 
         def decide(ok: bool) -> bytes:
-            if entry is None or not ok:
-                raise UnauthorizedLogin("unknown user or wrong password")
+            if entry is None:  # same hash paid as for a known user; the cache may remember it
+                raise UnknownUser("unknown user")
+            if not ok:
+                raise UnauthorizedLogin("wrong password")
             return raw_name
 
         def trouble(f: Failure) -> Failure:

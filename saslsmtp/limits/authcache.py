@@ -1,0 +1,195 @@
+"""The auth cache: reuse a successful password check for ``ttl`` seconds.
+
+Keyed by (backend chain id, username); an entry holds HMAC-SHA256 of the password that
+succeeded, under a key random to this process (never the password, never a bare hash
+that could be brute-forced offline).  The rules, as Dovecot's auth cache:
+
+* a different password always goes to the backend (the user may have changed it);
+* a backend rejection of a cached user drops the entry (an old password stops working at
+  once once someone tries the new one... or a wrong one);
+* negative entries only for users the backends do not know (``UnknownUser``), for
+  ``negative_ttl`` seconds; a wrong password is never cached;
+* ``stale_if_error``: when the backends fail temporarily, a success that has been stale
+  for at most this many seconds (RFC 5861's meaning) still accepts, and says so in the log;
+* bounded LRU (``size`` entries); ``flush(user=None)`` empties it or drops one user.
+
+``CachingChecker`` puts it in front of any ``ICredentialsChecker`` for
+``IUsernamePassword`` (normally the ``BackendChain``).  The cache ignores the session:
+a backend that decides by client address (an HTTP API) sees only the first login of a ttl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from saslsmtp.errors import UnknownUser
+from saslsmtp.limits.settings import AuthCacheSettings
+
+__all__ = ["AuthCache", "CachingChecker", "UnknownUser"]
+
+log = Logger()
+
+
+@dataclass
+class _Entry:
+    fingerprint: bytes | None  # None: a negative entry (unknown user)
+    avatar_id: Any
+    stored: float
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+
+
+class AuthCache:
+    """The LRU of verified (chain, user, password HMAC) triples; see the module docstring."""
+
+    def __init__(self, settings: AuthCacheSettings, clock: IReactorTime,
+                 secret: bytes | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._secret = secret if secret is not None else os.urandom(32)
+        self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.stale_hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fingerprint(self, password: bytes | str) -> bytes:
+        return hmac.new(self._secret, _bytes(password), hashlib.sha256).digest()
+
+    def _get(self, chain: str, username: bytes) -> _Entry | None:
+        key = (chain, username)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        age = self.clock.seconds() - entry.stored
+        keep = (self.settings.negative_ttl if entry.fingerprint is None
+                else self.settings.ttl + self.settings.stale_if_error)
+        if age >= keep:
+            del self._entries[key]
+            return None
+        return entry
+
+    def lookup(self, chain: str, username: bytes | str,
+               password: bytes | str) -> tuple[str, Any] | None:
+        """("accept", avatar id) for a fresh success with this very password, ("unknown",
+        None) for a fresh negative entry, else ``None`` (ask the backend)."""
+        user = _bytes(username)
+        entry = self._get(chain, user)
+        if entry is not None:
+            age = self.clock.seconds() - entry.stored
+            if entry.fingerprint is None:
+                self._entries.move_to_end((chain, user))
+                self.hits += 1
+                return ("unknown", None)
+            if age < self.settings.ttl and hmac.compare_digest(entry.fingerprint,
+                                                               self.fingerprint(password)):
+                self._entries.move_to_end((chain, user))
+                self.hits += 1
+                return ("accept", entry.avatar_id)
+        self.misses += 1
+        return None
+
+    def stale(self, chain: str, username: bytes | str, password: bytes | str) -> Any | None:
+        """The avatar id of a success with this password still inside ``stale_if_error``."""
+        if self.settings.stale_if_error <= 0:
+            return None
+        entry = self._get(chain, _bytes(username))
+        if entry is None or entry.fingerprint is None:
+            return None
+        if not hmac.compare_digest(entry.fingerprint, self.fingerprint(password)):
+            return None
+        self.stale_hits += 1
+        return entry.avatar_id
+
+    def _put(self, chain: str, username: bytes, entry: _Entry) -> None:
+        key = (chain, username)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.settings.size:
+            self._entries.popitem(last=False)
+
+    def remember_success(self, chain: str, username: bytes | str, password: bytes | str,
+                         avatar_id: Any) -> None:
+        self._put(chain, _bytes(username),
+                  _Entry(self.fingerprint(password), avatar_id, self.clock.seconds()))
+
+    def remember_unknown(self, chain: str, username: bytes | str) -> None:
+        if self.settings.negative_ttl > 0:
+            self._put(chain, _bytes(username), _Entry(None, None, self.clock.seconds()))
+
+    def drop(self, chain: str, username: bytes | str) -> None:
+        self._entries.pop((chain, _bytes(username)), None)
+
+    def flush(self, user: bytes | str | None = None) -> int:
+        """Forget everything, or every entry of ``user`` (all chains); return how many."""
+        if user is None:
+            count = len(self._entries)
+            self._entries.clear()
+            return count
+        name = _bytes(user)
+        keys = [k for k in self._entries if k[1] == name]
+        for k in keys:
+            del self._entries[k]
+        return len(keys)
+
+
+@implementer(ICredentialsChecker)
+class CachingChecker:
+    """``ICredentialsChecker`` for ``IUsernamePassword`` in front of ``inner``; ``chain_id``
+    names the backend list (e.g. ``"users,directory"``) so two chains never share entries."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, inner: ICredentialsChecker, cache: AuthCache, chain_id: str) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.chain_id = chain_id
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Any]":
+        username, password = credentials.username, credentials.password
+        cached = self.cache.lookup(self.chain_id, username, password)
+        if cached is not None:
+            kind, avatar_id = cached
+            if kind == "accept":
+                return succeed(avatar_id)
+            return fail(UnknownUser("unknown user (cached)"))
+        d: Deferred[Any] = maybeDeferred(self.inner.requestAvatarId, credentials)  # type: ignore[call-overload]
+
+        def accepted(avatar_id: Any) -> Any:
+            self.cache.remember_success(self.chain_id, username, password, avatar_id)
+            return avatar_id
+
+        def refused(f: Failure) -> Any:
+            if f.check(UnknownUser):
+                self.cache.drop(self.chain_id, username)
+                self.cache.remember_unknown(self.chain_id, username)
+                return f
+            if f.check(UnauthorizedLogin):
+                self.cache.drop(self.chain_id, username)
+                return f
+            stale = self.cache.stale(self.chain_id, username, password)
+            if stale is not None:
+                log.warn("auth cache: backends failed ({why}); accepting a stale cached"
+                         " success", why=type(f.value).__name__)
+                return stale
+            return f
+
+        return d.addCallbacks(accepted, refused)

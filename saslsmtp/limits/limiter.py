@@ -1,0 +1,373 @@
+"""``Limiter``: the one object the SMTP protocol asks about abuse limits.
+
+Every call answers through a Deferred and never fails: a store error allows (fail open,
+as Postfix's anvil and Dovecot do) and is logged by the store.  Trusted networks are
+never limited nor counted.  The calls, in session order:
+
+================================  =============================================  ==========
+when                              call                                           over limit
+================================  =============================================  ==========
+connection made                   ``admission = await connection_made(ip)``      ``421 4.7.0``
+connection lost                   ``admission.release()`` (or cancel the pending Deferred)
+AUTH, before checking credentials ``gate = await auth_gate(ip, username)``       ``454 4.7.0``
+AUTH verdict known                ``await auth_verdict(gate, ok, username, pw)``
+MAIL FROM                         ``await mail_allowed(user)``                   ``452 4.7.1``
+message accepted (after DATA)     ``await message_accepted(user)``
+RCPT TO                           ``await recipient_allowed(user)``              ``452 4.7.1``
+AUTH script ``rate()``            ``await rate(namespace, entry, count, secs)``  ``False``
+================================  =============================================  ==========
+
+``ok`` is True for a 235, False for a 535 (wrong credentials), None when nothing was
+judged (the gate's 454, a backend's 454, an abort).  Failures are counted when
+``auth_verdict`` is called, i.e. the moment the credentials are
+found wrong, before any delay, so a client that hangs up early is counted all the same.
+A failure that repeats the same username and password from the same address (a client
+retrying a saved wrong password) is not counted again: the limiter keeps, per address, an
+HMAC of recent failed (username, password) pairs under a key random to this process,
+never the password.  A success resets nothing shared: the per-user failure counter keeps
+what other addresses did.
+
+The penalty (``auth_penalty_max`` > 0, as Dovecot's auth penalty): an address with recent
+failures waits 2, 4, 8, ... seconds (up to the cap) before *every* verdict, successes
+included, so the timing of an answer tells nothing; ``auth_verdict`` fires after it.
+A success clears the penalty of its own address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import os
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from saslsmtp.limits.settings import LimitsSettings, Rate
+from saslsmtp.limits.store import ALLOW, RateResult, RateStore
+
+log = Logger()
+
+PENALTY_FIRST = 2.0  # seconds after the first failure, doubling (Dovecot's auth penalty)
+PENALTY_FORGET = 3600.0  # a penalty is forgotten an hour after the last failure
+REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per address
+MAX_TRACKED_ADDRESSES = 100000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``allowed``, or the reply to send (``code``, ``enhanced``, ``text``) and which
+    ``limit`` said no (a metrics label)."""
+
+    allowed: bool
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    limit: str = ""
+
+    def line(self) -> str:
+        """The reply line without CRLF, e.g. ``421 4.7.0 Too many connections from ...``."""
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+ALLOWED = Verdict(True)
+
+
+@dataclass
+class Admission:
+    """A connection's seat: ``verdict`` says whether it may stay; ``release()`` (idempotent)
+    gives back its concurrency slot when the connection is lost."""
+
+    verdict: Verdict
+    _release: Callable[[], object] | None = None
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@dataclass(frozen=True)
+class AuthGate:
+    """The answer before checking credentials: ``verdict`` (454 when over a failure limit)
+    and ``delay``, the penalty every verdict of this attempt waits first."""
+
+    verdict: Verdict
+    address: str
+    username: str
+    delay: float = 0.0
+    trusted: bool = False
+
+
+@dataclass
+class _Penalty:
+    count: int
+    last: float
+    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+
+
+def user_key(username: str) -> str:
+    """A store key part for a username: case-folded (so case variants share one counter),
+    hashed when long or containing anything but printable non-space characters."""
+    folded = username.casefold()
+    if len(folded) <= 128 and folded.isprintable() and not any(c.isspace() for c in folded):
+        return "u:" + folded
+    return "h:" + hashlib.sha256(folded.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _raw_key(text: str) -> str:
+    """A store key part for an arbitrary string, kept exact (no case folding)."""
+    if len(text) <= 128 and text.isprintable() and ":" not in text and " " not in text:
+        return "r:" + text
+    return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Limiter:
+    """Abuse limits over a ``RateStore``; see the module docstring for the call order."""
+
+    def __init__(self, settings: LimitsSettings, store: RateStore, clock: IReactorTime, *,
+                 holder_prefix: str | None = None, secret: bytes | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.rejects: Counter[str] = Counter()  # limit name -> verdicts that said no
+        self._holder_prefix = holder_prefix or f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
+        self._holders = itertools.count(1)
+        self._secret = secret if secret is not None else os.urandom(32)
+        self._penalties: OrderedDict[str, _Penalty] = OrderedDict()
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _safe(self, d: "Deferred[RateResult]", what: str) -> "Deferred[RateResult]":
+        def failed(f: Failure) -> RateResult:
+            log.failure("limits: {what} failed; allowing", f, what=what)
+            return ALLOW
+        return d.addErrback(failed)
+
+    def _deny(self, limit: str, code: int, enhanced: str, text: str) -> Verdict:
+        self.rejects[limit] += 1
+        return Verdict(False, code, enhanced, text, limit)
+
+    # ---- connections ---------------------------------------------------------------
+
+    def connection_made(self, address: str) -> "Deferred[Admission]":
+        """Count a new connection from ``address`` and take a concurrency slot."""
+        s = self.settings
+        if s.is_trusted(address) or (s.connections_per_ip is None
+                                     and s.connection_rate_per_ip is None):
+            return succeed(Admission(ALLOWED))
+        key = s.client_key(address)
+        refused = self._deny_connection
+
+        def rate_checked(result: RateResult) -> "Deferred[Admission] | Admission":
+            if not result.allowed:
+                return Admission(refused("connection_rate_per_ip", key))
+            if s.connections_per_ip is None:
+                return Admission(ALLOWED)
+            holder = f"{self._holder_prefix}:{next(self._holders)}"
+            slot = "conn:" + key
+            d = self.store.acquire(slot, s.connections_per_ip, holder)
+
+            def acquired(ok: bool) -> Admission:
+                if not ok:
+                    return Admission(refused("connections_per_ip", key))
+                return Admission(ALLOWED, lambda: self.store.release(slot, holder)
+                                 .addErrback(lambda f: None))
+
+            def failed(f: Failure) -> Admission:
+                log.failure("limits: concurrency check failed; allowing", f)
+                return Admission(ALLOWED)
+            return d.addCallbacks(acquired, failed)
+
+        d: Deferred[Any]
+        if s.connection_rate_per_ip is None:
+            d = succeed(ALLOW)
+        else:
+            d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
+                           "connection rate check")
+        d.addCallback(rate_checked)
+        # Cancelled (the connection went away while the store answered): a slot taken
+        # after all is given back at once, so nothing leaks.
+        out: Deferred[Admission] = Deferred()
+
+        def deliver(admission: Any) -> None:
+            if out.called:
+                admission.release()
+            else:
+                out.callback(admission)
+        d.addCallback(deliver)
+        return out
+
+    def _deny_connection(self, limit: str, key: str) -> Verdict:
+        log.info("limits: {limit} reached for {client}", limit=limit, client=key)
+        return self._deny(limit, 421, "4.7.0", f"Too many connections from {key}")
+
+    # ---- AUTH ----------------------------------------------------------------------
+
+    def penalty(self, address: str) -> float:
+        """Seconds the next verdict for ``address`` waits (0 without recent failures)."""
+        cap = self.settings.auth_penalty_max
+        if cap <= 0:
+            return 0.0
+        p = self._penalties.get(self.settings.client_key(address))
+        if p is None or p.count == 0 or self.clock.seconds() - p.last > PENALTY_FORGET:
+            return 0.0
+        return min(cap, PENALTY_FIRST * 2 ** (p.count - 1))
+
+    def auth_gate(self, address: str, username: str) -> "Deferred[AuthGate]":
+        """Before checking credentials: is ``address`` or ``username`` over its failure
+        limit?  If so the verdict is ``454 4.7.0`` and the credentials must not be checked."""
+        s = self.settings
+        if s.is_trusted(address):
+            return succeed(AuthGate(ALLOWED, address, username, trusted=True))
+        delay = self.penalty(address)
+        checks: list[tuple[str, Deferred[RateResult]]] = []
+        if s.auth_failures_per_ip is not None:
+            checks.append(("auth_failures_per_ip", self._safe(self.store.peek(
+                "authfail:ip:" + s.client_key(address), s.auth_failures_per_ip),
+                "auth failure check")))
+        if s.auth_failures_per_user is not None:
+            checks.append(("auth_failures_per_user", self._safe(self.store.peek(
+                "authfail:user:" + user_key(username), s.auth_failures_per_user),
+                "auth failure check")))
+        if not checks:
+            return succeed(AuthGate(ALLOWED, address, username, delay))
+        d = gatherResults([c for _, c in checks])
+
+        def decide(results: list[RateResult]) -> AuthGate:
+            for (limit, _), result in zip(checks, results):
+                if not result.allowed:
+                    log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
+                             limit=limit, client=s.client_key(address))
+                    return AuthGate(self._deny(limit, 454, "4.7.0",
+                                               "Temporary authentication failure"),
+                                    address, username, delay)
+            return AuthGate(ALLOWED, address, username, delay)
+        return d.addCallback(decide)
+
+    def _fingerprint(self, username: str, password: bytes | str) -> bytes:
+        if isinstance(password, str):
+            password = password.encode("utf-8", "surrogatepass")
+        user = username.encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret, len(user).to_bytes(4, "big") + user + password,
+                        hashlib.sha256).digest()
+
+    def _record_failure(self, key: str, username: str, password: bytes | str | None) -> bool:
+        """Update the penalty; return False if this exact failure was already counted."""
+        now = self.clock.seconds()
+        p = self._penalties.get(key)
+        if p is not None and now - p.last > PENALTY_FORGET:
+            p = None
+        if p is None:
+            p = self._penalties[key] = _Penalty(0, now)
+            while len(self._penalties) > MAX_TRACKED_ADDRESSES:
+                self._penalties.popitem(last=False)
+        self._penalties.move_to_end(key)
+        if password is not None:
+            mark = self._fingerprint(username, password)
+            for old, seen in list(p.failed.items()):
+                if now - seen > self._repeat_window():
+                    del p.failed[old]
+            if mark in p.failed:
+                return False
+            p.failed[mark] = now
+            while len(p.failed) > REMEMBERED_FAILURES:
+                p.failed.popitem(last=False)
+        p.count += 1
+        p.last = now
+        return True
+
+    def _repeat_window(self) -> float:
+        s = self.settings
+        periods = [r.period for r in (s.auth_failures_per_ip, s.auth_failures_per_user) if r]
+        return max(periods, default=PENALTY_FORGET)
+
+    def auth_verdict(self, gate: AuthGate, success: bool | None, username: str | None = None,
+                     password: bytes | str | None = None) -> "Deferred[None]":
+        """The verdict of the attempt ``gate`` admitted (or refused) is known.
+
+        ``success``: ``True`` (235), ``False`` (wrong credentials: 535), or ``None`` when
+        no credentials were judged (the gate refused: 454; the backends failed
+        temporarily: 454; the client aborted): nothing is counted, only the wait applies.
+        A failure is counted now for the address and for ``username`` (default: the gate's), unless
+        the same username and password already failed from this address recently.
+        ``password`` is used only for that HMAC; ``None`` (mechanisms that never show it)
+        counts every failure.  The Deferred fires after the gate's penalty delay; the
+        protocol sends the verdict then (and ``failure_delay`` on top for a 535).
+        """
+        s = self.settings
+        pending: list[Deferred[Any]] = []
+        if not gate.trusted:
+            key = s.client_key(gate.address)
+            user = gate.username if username is None else username
+            if success:
+                self._penalties.pop(key, None)
+            elif success is False and self._record_failure(key, user, password):
+                if s.auth_failures_per_ip is not None:
+                    pending.append(self._safe(self.store.hit(
+                        "authfail:ip:" + key, s.auth_failures_per_ip), "auth failure count"))
+                if s.auth_failures_per_user is not None:
+                    pending.append(self._safe(self.store.hit(
+                        "authfail:user:" + user_key(user), s.auth_failures_per_user),
+                        "auth failure count"))
+        wait = deferLater(self.clock, gate.delay, lambda: None) if gate.delay > 0 else None
+        if wait is not None:
+            pending.append(wait)
+        if not pending:
+            return succeed(None)
+        # Cancelling the result (the client left) cancels only the wait, never the counts.
+        done: Deferred[None] = Deferred(lambda _: wait.cancel() if wait is not None else None)
+
+        def finished(_: object) -> None:
+            if not done.called:
+                done.callback(None)
+        gatherResults(pending, consumeErrors=True).addBoth(finished)
+        return done
+
+    # ---- messages ------------------------------------------------------------------
+
+    def mail_allowed(self, user: str) -> "Deferred[Verdict]":
+        """At MAIL FROM: may ``user`` (the authenticated login) send one more message?"""
+        rate = self.settings.messages_per_user
+        if rate is None:
+            return succeed(ALLOWED)
+        d = self._safe(self.store.peek("msg:" + user_key(user), rate), "message limit check")
+        return d.addCallback(lambda r: ALLOWED if r.allowed else self._deny(
+            "messages_per_user", 452, "4.7.1", "Too many messages, try again later"))
+
+    def message_accepted(self, user: str) -> "Deferred[None]":
+        """After a message was accepted (250 to the final dot): count it for ``user``."""
+        rate = self.settings.messages_per_user
+        if rate is None:
+            return succeed(None)
+        return self._safe(self.store.hit("msg:" + user_key(user), rate),
+                          "message count").addCallback(lambda _: None)
+
+    def recipient_allowed(self, user: str) -> "Deferred[Verdict]":
+        """At RCPT TO: count one recipient for ``user`` if within the limit."""
+        rate = self.settings.recipients_per_user
+        if rate is None:
+            return succeed(ALLOWED)
+        d = self._safe(self.store.hit("rcpt:" + user_key(user), rate), "recipient limit check")
+        return d.addCallback(lambda r: ALLOWED if r.allowed else self._deny(
+            "recipients_per_user", 452, "4.7.1", "Too many recipients, try again later"))
+
+    # ---- scripts -------------------------------------------------------------------
+
+    def rate(self, namespace: str, entry: str, count: int, interval: float) -> "Deferred[bool]":
+        """Halon's ``rate()``: count one hit for ``entry`` in ``namespace``; ``True`` while
+        it stays within ``count`` hits per ``interval`` seconds (same store as the limits)."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("rate(): count must be a positive integer")
+        if not interval > 0:
+            raise ValueError("rate(): interval must be a positive number of seconds")
+        key = "script:" + _raw_key(str(namespace)) + ":" + _raw_key(str(entry))
+        d = self._safe(self.store.hit(key, Rate(count, float(interval))), "script rate()")
+        return d.addCallback(lambda r: r.allowed)

@@ -1,0 +1,263 @@
+"""``RedisStore``: the limit counters in Redis, shared by every worker and every host.
+
+Built on txredisapi (Deferred-native, no reactor change, no thread hop; Synapse runs it).
+Each operation is one atomic ``EVALSHA`` of a small Lua script that reads the Redis
+server's own clock (``TIME``), so no two clients' clocks ever disagree and there is no
+read-then-write race:
+
+* rates: GCRA, one self-expiring key per counter (``PX`` = until the window is empty);
+* connection slots: a sorted set per client, member = this worker's connection id,
+  score = the heartbeat expiry.  Every ``slot_ttl / 3`` seconds the worker re-stamps the
+  slots it holds (one script call); a crashed worker's slots expire on their own and the
+  set itself expires when nobody refreshes it.  Nothing leaks.
+
+Redis unreachable (down, timeout, not connected yet): every call allows at once (fail
+open, as Postfix and Dovecot do), ``unavailable`` counts such calls (``on_error`` is told
+too, for metrics), and a warning is logged at most once per ``log_interval`` with the
+number of calls since the last one.  The connection is retried forever with backoff, as
+Synapse does (txredisapi would stop after an AUTH error), and limits resume by
+themselves when Redis is back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import txredisapi  # type: ignore[import-untyped]
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from saslsmtp.limits.redisurl import RedisURL, parse_redis_url
+from saslsmtp.limits.settings import Rate
+from saslsmtp.limits.store import ALLOW, RateResult
+
+log = Logger()
+
+GCRA_SCRIPT = """
+-- KEYS[1]: the counter; ARGV: period_ms, count, cost, store (1 = count it, 0 = peek)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local period = tonumber(ARGV[1])
+local iv = period / tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local used = math.ceil((tat - now) / iv - 1e-9)
+local new = tat + iv * cost
+local allow_at = new - period
+if now < allow_at then
+  return {0, math.ceil(allow_at - now), used}
+end
+if ARGV[4] == '1' and cost > 0 then
+  redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
+end
+return {1, 0, used + cost}
+"""
+
+ACQUIRE_SCRIPT = """
+-- KEYS[1]: the slot set; ARGV: limit, holder, ttl_ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+HEARTBEAT_SCRIPT = """
+-- KEYS: slot sets; ARGV[1]: ttl_ms, ARGV[2..]: the holder in each set
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
+
+class StoreUnavailable(Exception):
+    """Redis could not answer now; the caller allows."""
+
+
+class _AlwaysReconnect(txredisapi.RedisFactory):
+    """Retries forever: txredisapi gives up after an AUTH or SELECT error, which a
+    restarting or reconfigured Redis can produce; only ``close`` stops it (Synapse pins
+    the same)."""
+
+    closing = False
+
+    def stopTrying(self) -> Deferred[Any]:
+        if self.closing:
+            return super().stopTrying()
+        return succeed(None)
+
+
+def _endpoint(url: RedisURL, reactor: Any, timeout: float) -> Any:
+    if url.path:
+        return UNIXClientEndpoint(reactor, url.path, timeout=timeout)
+    host = url.host or "localhost"
+    endpoint: Any = HostnameEndpoint(reactor, host, url.port, timeout=timeout)
+    if url.tls:
+        trust = None
+        if url.ca_file:
+            with open(url.ca_file, "rb") as f:
+                trust = Certificate.loadPEM(f.read())
+        return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+    return endpoint
+
+
+class RedisStore:
+    """A ``RateStore`` in Redis (``store = "redis://..."``); call ``close()`` on shutdown."""
+
+    def __init__(self, url: str | RedisURL, reactor: Any, *, clock: IReactorTime | None = None,
+                 timeout: float = 1.0, log_interval: float = 60.0, slot_ttl: float = 60.0,
+                 key_prefix: str = "saslsmtp:", reconnect_max_delay: float = 10.0,
+                 on_error: Callable[[], object] | None = None) -> None:
+        self.url = parse_redis_url(url) if isinstance(url, str) else url
+        self._reactor = reactor
+        self._clock: IReactorTime = clock or reactor
+        self.timeout = timeout
+        self.log_interval = log_interval
+        self.slot_ttl_ms = int(slot_ttl * 1000)
+        self.prefix = key_prefix
+        self.on_error = on_error
+        self.unavailable = 0  # calls answered "allow" because Redis could not answer
+        self._since_log = 0
+        self._last_log: float | None = None
+        self._down = False
+        self._held: dict[tuple[str, str], None] = {}
+        factory = _AlwaysReconnect(self.url.describe(), self.url.db or None, 1, isLazy=True,
+                                   password=self.url.password, username=self.url.username,
+                                   replyTimeout=timeout)
+        factory.deferred.addErrback(lambda f: None)  # lazy: errors are seen per call
+        factory.maxDelay = reconnect_max_delay
+        factory.initialDelay = min(factory.initialDelay, reconnect_max_delay)
+        self._factory = factory
+        self._redis = factory.handler
+        factory.startConnecting(_endpoint(self.url, reactor, max(timeout, 1.0)))
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = reactor
+        self._heartbeat.start(slot_ttl / 3, now=False)
+
+    # ---- plumbing ------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._factory.size > 0
+
+    def _eval(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any]":
+        """EVALSHA (EVAL once per connection when Redis does not know the script yet),
+        bounded by ``timeout``; fails with ``StoreUnavailable`` when Redis cannot answer."""
+        if not self.connected:
+            return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
+        d = self._redis.eval(script, keys, args)  # txredisapi: EVALSHA after the first EVAL
+        d.addTimeout(self.timeout, self._reactor)
+        d.addCallbacks(self._answered, self._unavailable)
+        return d
+
+    def _answered(self, value: Any) -> Any:
+        if self._down:
+            self._down = False
+            log.info("limits: Redis store {url} is answering again; limits apply",
+                     url=self.url.describe())
+        return value
+
+    def _unavailable(self, f: Failure) -> Failure:
+        self.unavailable += 1
+        self._since_log += 1
+        self._down = True
+        if self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception:
+                log.failure("limits: on_error callback failed")
+        now = self._clock.seconds()
+        if self._last_log is None or now - self._last_log >= self.log_interval:
+            log.warn("limits: Redis store {url} unavailable ({why}); allowing (fail open);"
+                     " {count} calls since the last report", url=self.url.describe(),
+                     why=f.getErrorMessage() or type(f.value).__name__, count=self._since_log)
+            self._last_log = now
+            self._since_log = 0
+        return Failure(StoreUnavailable(str(f.value)))
+
+    # ---- RateStore -----------------------------------------------------------------
+
+    def _gcra(self, key: str, rate: Rate, cost: int, store: bool) -> "Deferred[RateResult]":
+        d = self._eval(GCRA_SCRIPT, [self.prefix + key],
+                       [int(rate.period * 1000), rate.count, cost, 1 if store else 0])
+
+        def parse(reply: list[int]) -> RateResult:
+            return RateResult(bool(reply[0]), reply[1] / 1000.0, int(reply[2]))
+        return d.addCallbacks(parse, lambda f: ALLOW)
+
+    def hit(self, key: str, rate: Rate, cost: int = 1) -> "Deferred[RateResult]":
+        return self._gcra(key, rate, cost, True)
+
+    def peek(self, key: str, rate: Rate) -> "Deferred[RateResult]":
+        return self._gcra(key, rate, 1, False)
+
+    def acquire(self, key: str, limit: int, holder: str) -> "Deferred[bool]":
+        full = self.prefix + key
+        d = self._eval(ACQUIRE_SCRIPT, [full], [limit, holder, self.slot_ttl_ms])
+
+        def acquired(reply: int) -> bool:
+            if reply:
+                self._held[(full, holder)] = None
+            return bool(reply)
+
+        def open_(f: Failure) -> bool:
+            self._held[(full, holder)] = None  # stamped by the next heartbeat once Redis is back
+            return True
+        return d.addCallbacks(acquired, open_)
+
+    def release(self, key: str, holder: str) -> "Deferred[None]":
+        full = self.prefix + key
+        self._held.pop((full, holder), None)
+        if not self.connected:
+            return succeed(None)  # the slot expires with its heartbeat
+        d = self._redis.zrem(full, holder)
+        d.addTimeout(self.timeout, self._reactor)
+        return d.addBoth(lambda _: None)
+
+    # ---- heartbeat and shutdown ------------------------------------------------------
+
+    def _beat(self) -> "Deferred[Any] | None":
+        if not self._held:
+            if not self.connected:
+                return None
+            d = self._redis.ping()
+            d.addTimeout(self.timeout, self._reactor)
+            return d.addErrback(lambda f: None)
+        pairs = list(self._held)
+        d = self._eval(HEARTBEAT_SCRIPT, [k for k, _ in pairs],
+                       [self.slot_ttl_ms, *[h for _, h in pairs]])
+        return d.addErrback(lambda f: None)
+
+    def close(self) -> "Deferred[Any]":
+        """Stop the heartbeat, give back held slots, close the connection."""
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        self._factory.closing = True
+        held, self._held = list(self._held), {}
+        d: Deferred[Any] = succeed(None)
+        if held and self.connected:
+            grouped: dict[str, list[str]] = {}
+            for key, holder in held:
+                grouped.setdefault(key, []).append(holder)
+            calls = [self._redis.zrem(key, *holders) for key, holders in grouped.items()]
+            d = gatherResults(calls, consumeErrors=True)
+            d.addTimeout(self.timeout, self._reactor)
+            d.addErrback(lambda f: None)
+        return d.addCallback(lambda _: self._factory.disconnect())
+

@@ -1,0 +1,78 @@
+"""A throwaway redis-server on 127.0.0.1 for the tests: free port, own dir, no persistence."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import require_binary
+from tests.support import free_port
+
+
+@dataclass
+class RedisServer:
+    """``start()``/``stop()`` may be called repeatedly; the port stays the same."""
+
+    binary: str
+    directory: Path
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = open(self.directory / "redis.log", "ab")
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--protected-mode", "yes", "--unixsocket", str(self.directory / "redis.sock"),
+             "--unixsocketperm", "700"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError((self.directory / "redis.log").read_text())
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def command(self, *args: str, password: str | None = None) -> bytes:
+        """One raw command over a plain socket (for checks behind the store's back)."""
+        commands = [("AUTH", password)] if password else []
+        commands.append(args)
+        payload = b"".join(f"*{len(c)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in c) for c in commands)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(payload)
+            time.sleep(0.05)
+            reply = s.recv(65536)
+        return reply.split(b"\r\n", 1)[1] if password else reply
+
+
+def start_redis(directory: Path) -> RedisServer:
+    binary = require_binary("redis-server", "redis-server")
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(binary, directory, free_port())
+    server.start()
+    return server

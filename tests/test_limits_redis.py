@@ -1,0 +1,299 @@
+"""RedisStore against a real redis-server on loopback: exact shared counting, slots that
+outlive nobody, fail open with throttled logging while Redis is down, and recovery."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import globalLogPublisher
+
+from saslsmtp.limits.limiter import Limiter
+from saslsmtp.limits.redisstore import RedisStore
+from saslsmtp.limits.settings import Rate, parse_limits
+from tests.redis import start_redis
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = start_redis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def reactor():
+    from twisted.internet import reactor as r
+    return r
+
+
+async def sleep(seconds):
+    await deferLater(reactor(), seconds, lambda: None)
+
+
+async def connected(store, timeout=10.0):
+    """Wait until the store has a live connection."""
+    for _ in range(int(timeout / 0.02)):
+        if store.connected:
+            return
+        await sleep(0.02)
+    raise AssertionError("RedisStore did not connect")
+
+
+async def make_store(url, **kwargs):
+    kwargs.setdefault("reconnect_max_delay", 0.2)
+    store = RedisStore(url, reactor(), **kwargs)
+    await connected(store)
+    return store
+
+
+@pytest.fixture
+def warnings():
+    seen = []
+
+    def observe(event):
+        if "Redis store" in str(event.get("log_format", "")):
+            seen.append(event)
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_gcra_in_redis(redis):
+    """Burst of count, then refused; peek counts nothing; keys expire by themselves."""
+    store = await make_store(redis.url)
+    try:
+        rate = Rate(3, 60.0)
+        assert (await store.peek("k", rate)).allowed
+        got = [(await store.hit("k", rate)).allowed for _ in range(4)]
+        assert got == [True, True, True, False]
+        denied = await store.peek("k", rate)
+        assert not denied.allowed and 19.0 < denied.retry_after <= 20.0 and denied.used == 3
+        pttl = int(redis.command("PTTL", "saslsmtp:k").split(b"\r\n")[0][1:])
+        assert 59000 < pttl <= 60001
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_clients_share_counts_exactly(redis):
+    """Two stores (two workers) hammering one key concurrently: exactly `count` pass."""
+    a = await make_store(redis.url)
+    b = await make_store(redis.url)
+    try:
+        rate = Rate(60, 3600.0)
+        results = await gatherResults([s.hit("shared", rate) for _ in range(50) for s in (a, b)])
+        assert sum(r.allowed for r in results) == 60
+        assert not (await a.peek("shared", rate)).allowed
+        assert not (await b.peek("shared", rate)).allowed
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_slots_across_workers_and_release(redis):
+    """Concurrency slots are shared; a release frees one; close gives back what is held."""
+    a = await make_store(redis.url)
+    b = await make_store(redis.url)
+    try:
+        assert await a.acquire("conn:1", 3, "a1")
+        assert await a.acquire("conn:1", 3, "a2")
+        assert await b.acquire("conn:1", 3, "b1")
+        assert not await b.acquire("conn:1", 3, "b2")
+        await a.release("conn:1", "a1")
+        assert await b.acquire("conn:1", 3, "b2")
+        await a.close()  # a2 goes back
+        assert await b.acquire("conn:1", 3, "b3")
+        assert not await b.acquire("conn:1", 3, "b4")
+    finally:
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_keeps_slots_and_a_crashed_worker_leaks_nothing(redis):
+    """Held slots survive past slot_ttl thanks to the heartbeat; a worker that dies without
+    releasing loses its slots once their ttl passes, and the set key expires."""
+    alive = await make_store(redis.url, slot_ttl=0.6)
+    crashing = await make_store(redis.url, slot_ttl=0.6)
+    other = await make_store(redis.url)
+    try:
+        assert await alive.acquire("conn:x", 2, "alive")
+        assert await crashing.acquire("conn:x", 2, "crash")
+        crashing._heartbeat.stop()  # the process dies: no heartbeat, no release
+        crashing._factory.closing = True
+        await crashing._factory.disconnect()
+        assert not await other.acquire("conn:x", 2, "o1")
+        await sleep(1.2)
+        assert await other.acquire("conn:x", 2, "o1")  # crash's slot expired, alive's did not
+        assert not await other.acquire("conn:x", 2, "o2")
+        await alive.close()
+        await other.release("conn:x", "o1")
+        await sleep(0.05)
+        assert redis.command("EXISTS", "saslsmtp:conn:x").startswith(b":0")
+    finally:
+        await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_open_log_throttle_and_recovery(redis, warnings):
+    """Redis stops: every call allows at once, is counted, and one warning per log
+    interval is written (not one per call).  Redis returns: limits apply again."""
+    clock = Clock()
+    errors = []
+    store = await make_store(redis.url, clock=clock, timeout=0.5,
+                             on_error=lambda: errors.append(1))
+    try:
+        rate = Rate(2, 3600.0)
+        await store.hit("k", rate)
+        await store.hit("k", rate)
+        assert not (await store.hit("k", rate)).allowed
+        redis.stop()
+        for _ in range(20):
+            if not store.connected:
+                break
+            await sleep(0.05)
+        results = [await store.hit("k", rate) for _ in range(5)]
+        assert all(r.allowed for r in results)
+        assert await store.acquire("conn:y", 1, "h1") and await store.acquire("conn:y", 1, "h2")
+        assert store.unavailable == 7 and len(errors) == 7
+        assert len(warnings) == 1 and warnings[0]["log_level"].name == "warn"
+        clock.advance(59)
+        await store.hit("k", rate)
+        assert len(warnings) == 1
+        clock.advance(1)
+        await store.hit("k", rate)
+        assert len(warnings) == 2 and warnings[1]["count"] == 8  # 6 + 1 + this one
+        redis.start()
+        await connected(store)
+        assert (await store.hit("fresh", rate)).allowed
+        assert (await store.hit("fresh", rate)).allowed
+        assert not (await store.hit("fresh", rate)).allowed  # limits resume
+        assert any("answering again" in w["log_format"] for w in warnings)
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_from_the_start_allows(tmp_path, warnings):
+    """A store whose Redis never answered allows without waiting."""
+    from tests.support import free_port
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", reactor(), reconnect_max_delay=0.2)
+    try:
+        assert (await store.hit("k", Rate(1, 60.0))).allowed
+        assert (await store.peek("k", Rate(1, 60.0))).allowed
+        assert store.unavailable == 2 and len(warnings) == 1
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_url(redis):
+    """unix:///path works like TCP."""
+    store = await make_store(f"unix://{redis.directory / 'redis.sock'}")
+    try:
+        assert [(await store.hit("u", Rate(1, 60.0))).allowed for _ in range(2)] == [True, False]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_limiter_over_redis_two_workers(redis):
+    """Two Limiters (two workers) share per-IP concurrency and auth failure counts."""
+    settings = parse_limits({"connections_per_ip": 2, "auth_failures_per_user": "2/1h"},
+                            lambda k, m: None)
+    stores = [await make_store(redis.url), await make_store(redis.url)]
+    w1, w2 = (Limiter(settings, s, reactor()) for s in stores)
+    try:
+        a = await w1.connection_made("192.0.2.1")
+        b = await w2.connection_made("192.0.2.1")
+        c = await w1.connection_made("192.0.2.1")
+        assert a.verdict.allowed and b.verdict.allowed
+        assert c.verdict.line() == "421 4.7.0 Too many connections from 192.0.2.1"
+        a.release()
+        await sleep(0.05)
+        assert (await w2.connection_made("192.0.2.1")).verdict.allowed
+        g = await w1.auth_gate("203.0.113.1", "alice")
+        await w1.auth_verdict(g, False, "alice", b"x")
+        g = await w2.auth_gate("203.0.113.2", "alice")
+        await w2.auth_verdict(g, False, "alice", b"y")
+        assert not (await w1.auth_gate("203.0.113.3", "alice")).verdict.allowed
+        assert await w2.rate("ns", "e", 1, 60) and not await w1.rate("ns", "e", 1, 60)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keeps_reconnecting_after_an_auth_error(redis):
+    """A wrong password (Redis reconfigured under us) does not stop the retries: once the
+    server accepts the password, the store connects and limits apply (Synapse does the
+    same; plain txredisapi would give up)."""
+    redis.command("CONFIG", "SET", "requirepass", "old-secret")
+    store = RedisStore(f"redis://:new-secret@127.0.0.1:{redis.port}/0", reactor(),
+                       reconnect_max_delay=0.2)
+    try:
+        await sleep(0.5)
+        assert not store.connected
+        assert (await store.hit("k", Rate(1, 60.0))).allowed  # fail open meanwhile
+        assert redis.command("CONFIG", "SET", "requirepass", "new-secret",
+                             password="old-secret").startswith(b"+OK")
+        await connected(store)
+        assert [(await store.hit("k", Rate(1, 60.0))).allowed for _ in range(2)] == [True, False]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_number_is_used(redis):
+    """redis://host:port/3 counts in database 3."""
+    store = await make_store(f"redis://127.0.0.1:{redis.port}/3")
+    try:
+        await store.hit("dbkey", Rate(5, 60.0))
+        assert redis.command("EXISTS", "saslsmtp:dbkey").startswith(b":0")
+        assert b"keys=1" in redis.command("INFO", "keyspace").split(b"db3:")[1][:20]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_verifies_the_server(tmp_path):
+    """rediss:// speaks TLS to Redis and verifies its certificate (against ca_file);
+    a certificate for another name is refused (and the store fails open)."""
+    import subprocess
+
+    from tests.conftest import require_binary
+    from tests.support import free_port
+    from tests.tlsutil import issue_cert, make_ca
+    binary = require_binary("redis-server", "redis-server")
+    ca = make_ca(tmp_path)
+    good = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir",
+         str(tmp_path), "--save", "", "--tls-cert-file", good.cert_path, "--tls-key-file",
+         good.key_path, "--tls-ca-cert-file", ca.cert_path, "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca.cert_path}", reactor(),
+                           reconnect_max_delay=0.2)
+        try:
+            await connected(store)
+            assert [(await store.hit("t", Rate(1, 60.0))).allowed for _ in range(2)] == \
+                [True, False]
+        finally:
+            await store.close()
+        (tmp_path / "other").mkdir()
+        other_ca = make_ca(tmp_path / "other")
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={other_ca.cert_path}",
+                           reactor(), reconnect_max_delay=0.2)
+        try:
+            await sleep(1.0)
+            assert not store.connected
+            assert (await store.hit("t", Rate(1, 60.0))).allowed  # fail open, not verified
+        finally:
+            await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
