@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_delivery
+from saslsmtp.senders import SubmissionOptions, parse_submission
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
@@ -216,7 +219,8 @@ class Config:
     tls: TLSConfig | None
     auth: AuthConfig
     backends: Mapping[str, BackendConfig]
-    delivery: DeliveryConfig
+    delivery: DeliveryConfig | UpstreamDelivery
+    submission: SubmissionOptions = SubmissionOptions()
 
     def line_of(self, key: str) -> int | None:  # pragma: no cover - convenience
         return None
@@ -340,14 +344,18 @@ def parse_config(text: str, file: str = "<config>", *, known_mechanisms: frozens
         raise ConfigError([ConfigProblem(file, "", int(match.group(1)) if match else None,
                                          f"not valid TOML: {e}")]) from None
     p = _Parser(file, text)
-    known_top = {"server", "tls", "auth", "backends", "delivery"}
+    known_top = {"server", "tls", "auth", "backends", "delivery", "submission"}
     for key in data:
         if key not in known_top:
             p.problem(key, f"unknown section (known: {', '.join(sorted(known_top))})")
     server = p.table(ServerConfig, data.get("server", {}), "server")
     tls = p.table(TLSConfig, data["tls"], "tls") if "tls" in data else None
     auth = p.table(AuthConfig, data.get("auth", {}), "auth")
-    delivery = p.table(DeliveryConfig, data.get("delivery", {}), "delivery")
+    parsed_delivery = parse_delivery(data.get("delivery", {}), p.problem, p.base)
+    delivery: DeliveryConfig | UpstreamDelivery = DeliveryConfig(path=parsed_delivery.path) \
+        if isinstance(parsed_delivery, MaildirDelivery) else parsed_delivery or DeliveryConfig()
+    submission = parse_submission(data.get("submission", {}), p.problem, p.base) \
+        or SubmissionOptions()
 
     backends: dict[str, BackendConfig] = {}
     raw_backends = data.get("backends", {})
@@ -414,13 +422,13 @@ def parse_config(text: str, file: str = "<config>", *, known_mechanisms: frozens
         p.problem("auth.script_timeout", "must be positive")
     if auth.script_max_steps < 1:
         p.problem("auth.script_max_steps", "must be at least 1")
-    if delivery.type != "maildir":
-        p.problem("delivery.type", "must be \"maildir\"")
+    if delivery.type != "maildir":  # parsed (saslsmtp.relay) but not yet driven by the server
+        p.problem("delivery.type", f"{delivery.type!r} is not wired into the server yet")
     if p.problems:
         raise ConfigError(p.problems)
     auth = dataclasses.replace(auth, mechanisms=mechanisms)
     return Config(path=file, server=server, tls=tls, auth=auth, backends=backends,
-                  delivery=delivery)
+                  delivery=delivery, submission=submission)
 
 
 def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:

@@ -67,3 +67,31 @@ def test_problems(table, expected):
     """Each mistake is reported with its dotted key; the result is then ``None``."""
     result, problems = parse(table)
     assert result is None and problems == expected
+
+
+def test_config_file_reports_delivery_and_submission_problems_with_lines(tmp_path):
+    """Through ``load_config``: problems carry file and line; ``[submission]`` is read;
+    until the server drives the relay, ``type = "smtp"`` is refused by name."""
+    from saslsmtp.config import ConfigError, load_config
+
+    (tmp_path / "users").write_text("a:{PLAIN}b\n")
+    (tmp_path / "senders").write_text("a: a@example.test\n")
+    base = '[auth]\nbackends = ["u"]\n[backends.u]\ntype = "file"\npath = "users"\n'
+    path = tmp_path / "c.toml"
+    path.write_text(base + '[submission]\nsender_policy = "map"\nsender_map = "senders"\n')
+    config = load_config(str(path))
+    assert config.submission.sender_map == str(tmp_path / "senders")
+    assert config.delivery.type == "maildir"
+    path.write_text(base + '[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:1"\n'
+                    'timeout = -1\n[submission]\nsender_policy = "owner"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}:9: delivery.timeout: must be positive",
+        f"{path}:11: submission.sender_policy: must be \"any\", \"login\" or \"map\"",
+    ]
+    path.write_text(base + '[delivery]\ntype = "lmtp"\nendpoint = "unix:/run/lmtp"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert [str(p) for p in e.value.problems] == [
+        f"{path}:7: delivery.type: 'lmtp' is not wired into the server yet"]
