@@ -236,7 +236,7 @@ class UpstreamConnection(LineOnlyReceiver):
             self.downstream.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.paused = False
+        """The transport is going away; ``connectionLost`` resumes our client."""
 
 
 def parse_capabilities(lines: Sequence[bytes]) -> dict[str, list[str]]:
