@@ -36,9 +36,11 @@ declare -A BINARY_PACKAGE=(
     [msmtp]=msmtp
     [curl]=curl
     [openssl]=openssl
+    [postfix]=postfix
+    [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
 )
 # Services whose Debian packages would start a daemon on install.
-SERVICES=(slapd dovecot)
+SERVICES=(slapd dovecot postfix)
 
 have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
 
@@ -52,7 +54,11 @@ as_root() {
     fi
 }
 
-running_pids() { pidof "$1" 2>/dev/null || true; }
+running_pids() {
+    local name=$1
+    [ "$name" = postfix ] && name=/usr/lib/postfix/sbin/master  # Postfix's daemon is "master"
+    pidof "$name" 2>/dev/null || true
+}
 
 # ---------------------------------------------------------------------------
 section "1/3 Debian packages"
@@ -112,6 +118,11 @@ else
     as_root chmod 755 "$POLICY"
 
     export DEBIAN_FRONTEND=noninteractive
+    # Postfix: no system mailer configuration (the tests run their own instance)
+    if [ -n "${MISSING[postfix]:-}" ] && command -v debconf-set-selections >/dev/null 2>&1; then
+        echo "postfix postfix/main_mailer_type select No configuration" \
+            | as_root debconf-set-selections
+    fi
     apt_rc=0
     as_root timeout "$APT_TIMEOUT" apt-get -o Acquire::Retries=3 update -q || apt_rc=$?
     if [ "$apt_rc" -eq 0 ]; then

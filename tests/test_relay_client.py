@@ -144,17 +144,19 @@ def test_start_data_without_accepted_recipient_is_refused_locally():
 
 
 def test_xclient_then_ehlo_again_and_auth_param():
-    """XCLIENT carries ADDR, PORT, HELO and LOGIN (xtext) when announced; the upstream's
-    220 is followed by a fresh EHLO; MAIL carries AUTH=<login> when configured."""
+    """XCLIENT carries NAME (unknown), ADDR, PORT, HELO and LOGIN (xtext) when announced;
+    the upstream's 220 is followed by a fresh EHLO; MAIL carries AUTH=<login> when
+    configured."""
     client, upstream, _ = make(xclient=True, auth_param=True)
     session = RelaySession(login="b\u00f6b+x", client_address="2001:db8::7",
                            client_port=5000, helo="my laptop")
     tx = client.transaction(session)
     mail = tx.mail_from("bob@example.test", ["SIZE=1000"])
     greet(upstream, EHLO_XCLIENT)
-    assert upstream.said() == (b"XCLIENT ADDR=IPV6:2001:db8::7 PORT=5000 HELO=my+20laptop"
-                               b" LOGIN=b+C3+B6b+2Bx\r\n")
+    assert upstream.said() == (b"XCLIENT NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::7 PORT=5000"
+                               b" HELO=my+20laptop LOGIN=b+C3+B6b+2Bx\r\n")
     upstream.answer(b"220 mx.example.test ESMTP\r\n")
+    # "my laptop" is no EHLO argument: our own name instead
     assert upstream.said() == b"EHLO relay.example.test\r\n"
     upstream.answer(EHLO_XCLIENT)
     assert upstream.said() == b"MAIL FROM:<bob@example.test> SIZE=1000 AUTH=b+C3+B6b+2Bx\r\n"
@@ -169,7 +171,7 @@ def test_xclient_unknown_values_and_refusal():
     tx = client.transaction(RelaySession(login=None))
     mail = tx.mail_from("x@example.test")
     greet(upstream, EHLO_XCLIENT)
-    assert upstream.said() == (b"XCLIENT ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE]"
+    assert upstream.said() == (b"XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE]"
                                b" HELO=[UNAVAILABLE] LOGIN=[UNAVAILABLE]\r\n")
     upstream.answer(b"550 5.7.0 Error: insufficient authorization\r\n")
     assert result(mail) == REPLIES["upstream_unavailable"]

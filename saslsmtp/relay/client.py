@@ -33,8 +33,10 @@ to a silent loss, as RFC 5321 6.1 asks; use one recipient per message where that
 
 **XCLIENT** (Postfix): with ``xclient = true`` and ``XCLIENT`` in the upstream's EHLO,
 each transaction first sends ``XCLIENT`` with the attributes the upstream listed among
-``ADDR PORT HELO LOGIN`` (values xtext-encoded, ``[UNAVAILABLE]`` when unknown), expects
-``220`` and says EHLO again.  Otherwise ``trace_header`` (if set) is written as the
+``NAME ADDR PORT HELO LOGIN`` (values xtext-encoded, ``[UNAVAILABLE]`` when unknown;
+``NAME`` always is: we do no reverse lookups, and a stale name must not stay), expects
+``220`` and says EHLO again with the client's HELO name (the name Postfix then logs and
+checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.  Otherwise ``trace_header`` (if set) is written as the
 message's first header.  ``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
 the upstream announces AUTH.
 
@@ -45,6 +47,7 @@ next transaction sends ``RSET`` first and falls back to a new connection if that
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -71,7 +74,8 @@ from saslsmtp.replies import REPLIES, Reply
 
 log = Logger()
 
-XCLIENT_ATTRIBUTES = ("ADDR", "PORT", "HELO", "LOGIN")
+XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "HELO", "LOGIN")
+_HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
 #: MAIL parameter -> the EHLO keyword the upstream must announce for us to forward it
 MAIL_PARAMETERS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
                    "RET": "DSN", "ENVID": "DSN"}
@@ -376,10 +380,13 @@ class UpstreamClient:
                                 f"TLS certificate refused: {e}") from None
         connection.tls = True
 
-    async def hello(self, connection: UpstreamConnection) -> None:
-        """EHLO (LHLO for LMTP); keeps the capabilities."""
+    async def hello(self, connection: UpstreamConnection, name: str | None = None) -> None:
+        """EHLO (LHLO for LMTP) with ``name`` if it is a plain ASCII word, else our own;
+        keeps the capabilities."""
         verb = b"LHLO " if self.lmtp else b"EHLO "
-        reply = await connection.command(verb + self.helo.encode("ascii", "replace"))
+        if not name or not _HELO_NAME.match(name):
+            name = self.helo
+        reply = await connection.command(verb + name.encode("ascii", "replace"))
         if reply.code != 250:
             raise UpstreamError(pass_on(reply) if reply.code >= 400 else
                                 REPLIES["upstream_error"], f"{verb.decode().strip()} "
@@ -509,7 +516,7 @@ class UpstreamTransaction:
         address = session.client_address
         if address and ":" in address:
             address = "IPV6:" + address
-        values = {"ADDR": address, "PORT": str(session.client_port)
+        values = {"NAME": None, "ADDR": address, "PORT": str(session.client_port)
                   if session.client_port is not None else None,
                   "HELO": session.helo, "LOGIN": session.login}
         attributes = tuple(f"{name}={xtext(value) if value else '[UNAVAILABLE]'}"
@@ -524,7 +531,9 @@ class UpstreamTransaction:
             log.warn("upstream {name} refused XCLIENT: {status}", name=self.client.name,
                      status=reply.status())
             raise UpstreamError(REPLIES["upstream_unavailable"], "XCLIENT refused")
-        await self.client.hello(connection)
+        # as in XCLIENT_README: EHLO again, with the client's own name (Postfix logs
+        # and checks the EHLO name that follows, not the XCLIENT HELO attribute)
+        await self.client.hello(connection, session.helo)
         connection.xclient_sent = attributes
         self.xclient_used = True
 
