@@ -122,6 +122,7 @@ class UpstreamConnection(LineOnlyReceiver):
 
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_LINE + 8
+    transport: Any  # a TCP, UNIX or TLS transport once connected
 
     def __init__(self, *, clock: IReactorTime, timeout: float, name: str) -> None:
         self.clock = clock
@@ -409,9 +410,11 @@ class UpstreamClient:
             self.idle.remove(connection)
 
     def _quit(self, connection: UpstreamConnection) -> None:
-        d = connection.command(b"QUIT")
-        d.addBoth(lambda _: connection.transport.loseConnection()
-                  if not connection.closed else None)
+        def close(_: object) -> None:
+            if not connection.closed:
+                connection.transport.loseConnection()
+
+        connection.command(b"QUIT").addBoth(close)
 
     def close(self) -> None:
         """Say QUIT on every idle connection (at shutdown)."""

@@ -90,7 +90,8 @@ def parse_delivery(table: Any, problem: Problem, base: Path | None = None
             problem(f"delivery.{key}", f"must be {want}")
             ok = False
             continue
-        values[key] = float(value) if key == "timeout" else value
+        values[key] = float(value) if key == "timeout" and isinstance(value, (int, float)) \
+            else value
     for key in ("path", "ca_file"):
         if isinstance(values.get(key), str) and base is not None:
             values[key] = str((base / values[key]).resolve())
