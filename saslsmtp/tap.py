@@ -84,6 +84,11 @@ def check_users_files(config: Config) -> None:
         parsed = parse_users(data, backend.options.default_scheme)
         problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
                      for line, message in parsed.problems]
+    sender_map = config.submission.sender_map
+    if config.submission.sender_policy == "map" and sender_map:  # and the sender map
+        from saslsmtp.senders import check_sender_map
+        problems += [ConfigProblem(sender_map, "submission.sender_map", line, message)
+                     for line, message in check_sender_map(sender_map)]
     if problems:
         raise ConfigError(problems)
 

@@ -142,3 +142,27 @@ def test_policy_from_options(tmp_path):
                       " (line skipped)"]
     with pytest.raises(ValueError):
         SenderPolicy("map")
+
+
+def test_twistd_check_reports_sender_map_lines(tmp_path):
+    """``twistd saslsmtp --check`` reads the sender map and names file and line of each
+    unusable line; exit 1, no traceback."""
+    import subprocess
+
+    from tests.support import ROOT, twistd_command
+
+    (tmp_path / "users").write_text("a:{PLAIN}b\n")
+    (tmp_path / "senders").write_text("# senders\nalice: alice@example.test\nbob bob@x.test\n"
+                                      "carol: carol\n")
+    config = tmp_path / "c.toml"
+    config.write_text('[auth]\nbackends = ["u"]\n[backends.u]\ntype = "file"\npath = "users"\n'
+                      '[submission]\nsender_policy = "map"\nsender_map = "senders"\n')
+    out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1
+    senders = tmp_path / "senders"
+    assert out.stderr.splitlines() == [
+        "saslsmtp: configuration is not valid:",
+        f"{senders}:3: submission.sender_map: no ':' (want user: addr1, addr2, @domain)",
+        f"{senders}:4: submission.sender_map: not an address or @domain: 'carol'",
+    ] and "Traceback" not in out.stdout, out.stderr
