@@ -442,3 +442,26 @@ def test_starttls_required_but_not_offered():
     greet(upstream)
     assert result(mail) == REPLIES["upstream_unavailable"]
     assert upstream.said() == b""
+
+
+def test_abort_while_connecting_or_waiting_for_mail():
+    """``abort`` while MAIL waits for a connection: the connection, once made, goes to
+    the pool unused.  ``abort`` while MAIL waits for its reply: the connection is dropped
+    and the transaction stays finished."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("a@example.test")
+    tx.abort()
+    greet(upstream)  # the handshake completes after the abort
+    assert result(mail) == REPLIES["upstream_lost"]
+    assert upstream.said() == b"" and client.idle == [upstream.connections[0][0]]
+    assert tx.state == "done"
+
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("a@example.test")
+    assert upstream.said() == b"RSET\r\n"
+    upstream.answer(b"250 2.0.0 Ok\r\n")
+    assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+    tx.abort()
+    assert result(mail) == REPLIES["upstream_lost"]
+    assert tx.state == "done" and upstream.transport.disconnecting and client.idle == []

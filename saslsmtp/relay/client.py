@@ -492,7 +492,11 @@ class UpstreamTransaction:
     async def _mail_from(self, address: str, params: Sequence[str]) -> Reply:
         try:
             if self.connection is None:
-                self.connection = await self.client.acquire()
+                connection = await self.client.acquire()
+                if self.state != "busy":  # aborted while connecting: keep it for others
+                    self.client.release(connection)
+                    return REPLIES["upstream_lost"]
+                self.connection = connection
                 await self._xclient()
             connection = self.connection
             words = [f"MAIL FROM:<{address}>"]
@@ -502,8 +506,10 @@ class UpstreamTransaction:
                 words.append(f"AUTH={xtext(login) if login else '<>'}")
             reply = await connection.command(" ".join(words).encode("utf-8"))
         except UpstreamError as e:
+            aborted = self.state != "busy"
             self._drop()
-            self.state = "new"  # a later mail_from tries a fresh connection
+            if not aborted:
+                self.state = "new"  # a later mail_from tries a fresh connection
             return e.reply
         self.state = "mail" if reply.positive else "new"
         return pass_on(reply)
