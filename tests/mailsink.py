@@ -66,9 +66,11 @@ class Handler:
 
 
 class MailSink:
-    """aiosmtpd on 127.0.0.1:``port`` with ``Handler`` (STARTTLS with ``tls_context``)."""
+    """aiosmtpd on 127.0.0.1:``port`` with ``Handler`` (STARTTLS with ``tls_context``,
+    TLS from the first byte with ``implicit_tls``)."""
 
-    def __init__(self, port: int, *, log_path: str | None = None, tls_context: Any = None):
+    def __init__(self, port: int, *, log_path: str | None = None, tls_context: Any = None,
+                 implicit_tls: Any = None):
         self.port = port
         self.handler = Handler(log_path)
         kwargs: dict[str, Any] = dict(hostname="127.0.0.1", port=port, ready_timeout=5,
@@ -76,6 +78,8 @@ class MailSink:
                                       enable_SMTPUTF8=False)
         if tls_context is not None:
             kwargs.update(tls_context=tls_context, require_starttls=False)
+        if implicit_tls is not None:
+            kwargs.update(ssl_context=implicit_tls)
         self.controller = Controller(self.handler, **kwargs)
 
     @property

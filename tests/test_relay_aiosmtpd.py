@@ -141,6 +141,28 @@ async def test_starttls_verified_and_wrong_name_refused(tmp_path):
             await deferToThread(server.stop)
 
 
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_verified_and_untrusted_ca_refused(tmp_path):
+    """``tls = true``: TLS from the first byte, verified against ``ca_file``; a
+    certificate from another CA fails the handshake: 451 4.4.1, nothing delivered."""
+    ca, other_ca = make_ca(tmp_path, "relay CA"), make_ca(tmp_path, "other CA")
+    server = MailSink(free_port(), implicit_tls=server_ssl_context(
+        issue_cert(ca, tmp_path, names=("127.0.0.1",))))
+    await deferToThread(server.start)
+    try:
+        for trusted, ok in ((ca, True), (other_ca, False)):
+            client = client_for(server.port, tls=True, ca_file=trusted.cert_path)
+            replies = await send(client, 8)
+            if ok:
+                assert replies[-1] == b"250 2.0.0 OK: queued\r\n"
+            else:
+                assert replies == [REPLIES["upstream_unavailable"].to_bytes()]
+            client.close()
+        assert len(server.messages) == 1
+    finally:
+        await deferToThread(server.stop)
+
+
 class Pump:
     """A client-side push producer: writes ``total`` octets in 64 KiB chunks into the
     transaction, stopping while paused, as a client transport would."""
