@@ -14,7 +14,6 @@ writes, the final dot.  Prints messages/s, MB/s and this process's CPU per messa
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import socket
 import subprocess

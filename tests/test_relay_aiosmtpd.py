@@ -174,6 +174,7 @@ class Pump:
         self.pauses = 0
         self.done: defer.Deferred[None] = defer.Deferred()
         self.chunk = (b"x" * 78 + b"\r\n") * 820  # 65,600 octets of 80-octet lines
+        self.at: tuple[int, Any] | None = None  # (octets left, callable): a hook mid-way
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -195,6 +196,9 @@ class Pump:
                 return
             self.tx.write(self.chunk[:self.left])
             self.left -= len(self.chunk)
+            if self.at is not None and self.left <= self.at[0]:
+                self.at, hook = None, self.at[1]
+                hook()
         reactor.callLater(0, self.pump)
 
 
@@ -262,12 +266,12 @@ async def test_upstream_killed_mid_data_is_451(tmp_path):
     try:
         client = client_for(port)
         tx = await start_message(client)
-        pump = Pump(tx, 20 * 1024 * 1024)
+        pump = Pump(tx, 40 * 1024 * 1024)
+        pump.at = (30 * 1024 * 1024, lambda: os.kill(process.pid, signal.SIGKILL))
         tx.registerProducer(pump, True)
         pump.pump()
-        await deferToThread(time.sleep, 0.2)
-        os.kill(process.pid, signal.SIGKILL)
         await pump.done.addTimeout(30, reactor)
+        assert pump.at is None  # the upstream was killed 10 MB into the message
         assert await tx.end() == REPLIES["upstream_lost"]
     finally:
         process.kill()
