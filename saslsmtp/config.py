@@ -23,6 +23,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from saslsmtp.options import PATH, OptionProblem, Options, OptionsError, problem_if
 
+from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_delivery
+from saslsmtp.senders import SubmissionOptions, parse_submission
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
@@ -162,7 +165,8 @@ class Config:
     tls: TLSConfig | None
     auth: AuthConfig
     backends: Mapping[str, BackendConfig]
-    delivery: DeliveryConfig
+    delivery: DeliveryConfig | UpstreamDelivery
+    submission: SubmissionOptions = SubmissionOptions()
 
     sections: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
@@ -198,6 +202,21 @@ def key_lines(text: str) -> dict[str, int]:
 
 
 
+def _delivery(table: Any, problem: Callable[[str, str], None], base: Path
+              ) -> DeliveryConfig | UpstreamDelivery | None:
+    """``[delivery]``: a Maildir, or an upstream SMTP/LMTP server (``saslsmtp.relay``)."""
+    parsed = parse_delivery(table, problem, base)
+    if isinstance(parsed, MaildirDelivery):
+        return DeliveryConfig(path=parsed.path)
+    return parsed
+
+
+def _delivery_wired(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
+    delivery = sections["delivery"]
+    return problem_if(delivery.type != "maildir", "delivery.type",
+                      f"{delivery.type!r} is not wired into the server yet")
+
+
 # --------------------------------------------------------------------------
 # Sections: the hook for new tables
 # --------------------------------------------------------------------------
@@ -206,15 +225,22 @@ def key_lines(text: str) -> dict[str, int]:
 CrossCheck = Callable[[Mapping[str, Any]], Iterable[OptionProblem]]
 
 
+#: ``parser(table, problem, base)`` for a section whose keys depend on each other (e.g.
+#: ``[delivery]``'s ``type``): reports through ``problem(dotted_key, message)`` and returns
+#: the parsed value, or ``None`` when it cannot be used.
+SectionParser = Callable[[Any, Callable[[str, str], None], Path], Any]
+
+
 @dataclass(frozen=True)
 class Section:
     """One table of the file: its ``Options`` class, whether an absent table means
     ``None`` (``optional``: its presence switches a feature on, like ``[tls]``) or the
     defaults, and an optional ``cross_check`` over all parsed sections."""
 
-    options: type[Options]
+    options: type[Options] | None = None
     optional: bool = False
     cross_check: CrossCheck | None = None
+    parser: "SectionParser | None" = None
 
 
 def _listen_needs_tls(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
@@ -230,7 +256,9 @@ SECTIONS: dict[str, Section] = {
     "server": Section(ServerConfig, cross_check=_listen_needs_tls),
     "tls": Section(TLSConfig, optional=True),
     "auth": Section(AuthConfig),
-    "delivery": Section(DeliveryConfig),
+    "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base),
+                        cross_check=lambda sections: _delivery_wired(sections)),
+    "submission": Section(parser=parse_submission),
 }
 
 
@@ -319,8 +347,12 @@ def parse_config(text: str, file: str = "<config>", *,
         if not present and section.optional:
             sections[name] = None
             continue
-        sections[name] = _table(report, section.options, raw if present else {}, name, base,
-                                children)
+        if section.parser is not None:
+            sections[name] = section.parser(raw if present else {}, report.add, base)
+        else:
+            assert section.options is not None, name
+            sections[name] = _table(report, section.options, raw if present else {}, name,
+                                    base, children)
         broken = broken or sections[name] is None
 
     backends: dict[str, BackendConfig] = {}
@@ -362,7 +394,8 @@ def parse_config(text: str, file: str = "<config>", *,
     if report.found:
         raise ConfigError(report.found)
     return Config(path=file, server=sections["server"], tls=sections["tls"], auth=auth,
-                  backends=backends, delivery=sections["delivery"], sections=sections)
+                  backends=backends, delivery=sections["delivery"],
+                  submission=sections["submission"] or SubmissionOptions(), sections=sections)
 
 
 def load_config(path: str, *, known_mechanisms: frozenset[str] = frozenset()) -> Config:

@@ -61,6 +61,11 @@ def check_users_files(config: Config) -> None:
                      for line, message in parsed.problems]
         for warning in coverage_warnings(parsed.users, config.auth.mechanisms):
             print(f"{backend.options.path}: warning: {warning}", file=sys.stderr)
+    sender_map = config.submission.sender_map
+    if config.submission.sender_policy == "map" and sender_map:  # and the sender map
+        from saslsmtp.senders import check_sender_map
+        problems += [ConfigProblem(sender_map, "submission.sender_map", line, message)
+                     for line, message in check_sender_map(sender_map)]
     if problems:
         raise ConfigError(problems)
 

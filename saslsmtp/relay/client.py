@@ -1,0 +1,730 @@
+"""The upstream client: connections, a small pool, and one ``UpstreamTransaction`` per
+message that the SMTP server drives command by command.
+
+**MAIL and RCPT are forwarded as our client sends them**, one at a time, and the
+upstream's reply *is* our client's reply (passed on through ``wire.pass_on``): an
+upstream RCPT rejection (a Postfix ``smtpd_recipient_restrictions`` hit, an unknown
+Dovecot user) reaches the client at RCPT, where it belongs, and no message is accepted
+that the upstream would refuse for its envelope.  The cost is one upstream round trip per
+command, on a pooled connection.
+
+**DATA streams.**  After the upstream's ``354`` the server feeds the message with
+``write(chunk)``; chunks are dot-stuffed and written to the upstream transport, whose
+own buffer is the only copy.  The transaction is an ``IConsumer``: the server registers
+its client transport as the producer, and when the upstream transport's buffer is full
+(Twisted calls ``pauseProducing`` on the upstream connection) the client transport is
+paused too, so memory stays bounded by the two socket buffers whatever the message size.
+``end()`` sends the final dot and returns the upstream's verdict.
+
+**Verdicts.**  Every public method returns a ``Deferred`` that fires with a
+``saslsmtp.replies.SMTPReply`` and never fails for anything the network can do: refused or
+impossible connections and TLS failures give ``451 4.4.1``, a command, the connection or
+a stalled DATA phase running past ``timeout`` give ``451 4.4.2``, a lost connection
+``451 4.4.2``, a reply that is not SMTP ``451 4.4.0``.  ``421`` from the upstream
+becomes ``451`` (our session goes on).
+
+**LMTP** (RFC 2033) answers the final dot once per accepted recipient.  All accepted ->
+the first ``250``; all failed -> the first failure, a temporary one preferred.  Mixed:
+an SMTP reply cannot say "delivered to some", so we answer the first temporary failure
+if there is one (the client retries everything: the accepted recipients may get the
+message twice), else the first permanent failure (the sender gets a bounce although
+some recipients got it); which recipients got it is logged.  A duplicate is preferred
+to a silent loss, as RFC 5321 6.1 asks; use one recipient per message where that matters.
+
+**XCLIENT** (Postfix): with ``xclient = true`` and ``XCLIENT`` in the upstream's EHLO,
+each transaction first sends ``XCLIENT`` with the attributes the upstream listed among
+``NAME ADDR PORT HELO LOGIN`` (values xtext-encoded, ``[UNAVAILABLE]`` when unknown;
+``NAME`` always is: we do no reverse lookups, and a stale name must not stay), expects
+``220`` and says EHLO again with the client's HELO name (the name Postfix then logs and
+checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.  Otherwise ``trace_header`` (if set) is written as the
+message's first header.  ``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
+the upstream announces AUTH.
+
+**Pool.**  After a transaction the connection is kept idle (up to ``pool_size``); the
+next transaction sends ``RSET`` first and falls back to a new connection if that fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                        TCP6ClientEndpoint, UNIXClientEndpoint,
+                                        connectProtocol, wrapClientTLS)
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (IConsumer, IOpenSSLClientConnectionCreator,
+                                         IPushProducer, IReactorTime, IStreamClientEndpoint)
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
+                                         load_trust_root, verify_peer_identity)
+from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.relay.wire import (MAX_LINE, DotStuffer, ProtocolViolation, ReplyParser,
+                                 UpstreamReply, pass_on, xtext)
+from saslsmtp.replies import REPLIES, SMTPReply
+
+log = Logger()
+
+XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "HELO", "LOGIN")
+_HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+#: MAIL parameter -> the EHLO keyword the upstream must announce for us to forward it
+MAIL_PARAMETERS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
+                   "RET": "DSN", "ENVID": "DSN"}
+RCPT_PARAMETERS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
+
+
+class UpstreamError(Exception):
+    """Why a conversation with the upstream ended; ``reply`` is what our client gets."""
+
+    def __init__(self, reply: SMTPReply, why: str) -> None:
+        super().__init__(why)
+        self.reply = reply
+
+
+class TransactionStateError(Exception):
+    """A method was called out of order (a bug in the caller, not a network event)."""
+
+
+@dataclass(frozen=True)
+class RelaySession:
+    """What the upstream may learn about our client (XCLIENT, AUTH=, trace header)."""
+
+    login: str | None
+    client_address: str | None = None
+    client_port: int | None = None
+    helo: str | None = None
+
+
+# ---------------------------------------------------------------------------------
+# One connection
+# ---------------------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(LineOnlyReceiver):
+    """One upstream connection: commands out, replies in (FIFO), flow control up.
+
+    ``command(line)`` / ``expect()`` return Deferreds of ``UpstreamReply`` that fail
+    with ``UpstreamError``; each has its own ``timeout`` on the injected ``clock``.
+    It is the producer registered on its own transport: ``pauseProducing`` means the
+    upstream is not reading fast enough, and is passed to ``downstream`` (our client's
+    transport, during DATA).
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = MAX_LINE + 8
+    transport: Any  # a TCP, UNIX or TLS transport once connected
+
+    def __init__(self, *, clock: IReactorTime, timeout: float, name: str) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.name = name
+        self.parser = ReplyParser()
+        self.pending: list[Deferred[UpstreamReply]] = []
+        self.capabilities: dict[str, list[str]] = {}
+        self.closed = False
+        self.error: UpstreamError | None = None
+        self.paused = False
+        self.downstream: IPushProducer | None = None
+        self.on_lost: Callable[["UpstreamConnection"], None] | None = None
+        self.xclient_sent: tuple[str, ...] | None = None
+        self.tls = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.name}{' closed' if self.closed else ''}>"
+
+    # ---- commands ----------------------------------------------------------------
+
+    def expect(self) -> "Deferred[UpstreamReply]":
+        """The next reply (the greeting, or one more LMTP verdict)."""
+        if self.closed:
+            return defer.fail(self.error or UpstreamError(REPLIES["upstream_lost"], "closed"))
+        d: Deferred[UpstreamReply] = Deferred(lambda _: self.fail(UpstreamError(
+            REPLIES["upstream_timeout"], f"no reply within {self.timeout:g}s")))
+        self.pending.append(d)
+        d.addTimeout(self.timeout, self.clock)
+        d.addErrback(self._explain)
+        return d
+
+    def _explain(self, failure: Failure) -> Failure:
+        if failure.check(defer.TimeoutError, CancelledError):
+            return Failure(self.error or UpstreamError(REPLIES["upstream_timeout"], "timeout"))
+        return failure
+
+    def command(self, line: bytes) -> "Deferred[UpstreamReply]":
+        """Send one command line and wait for its reply."""
+        d = self.expect()
+        if not self.closed:
+            self.sendLine(line)
+        return d
+
+    def fail(self, error: UpstreamError) -> None:
+        """The connection is unusable: drop it; every waiting reply fails with ``error``."""
+        if self.error is None:
+            self.error = error
+            log.info("upstream {name}: {why}", name=self.name, why=str(error))
+        if self.transport is not None and not self.closed:
+            self.transport.abortConnection()
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        error = self.error or UpstreamError(REPLIES["upstream_lost"], "connection lost")
+        for d in pending:
+            if not d.called:
+                d.errback(error)
+
+    # ---- wire --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.closed or self.error is not None:
+            return
+        try:
+            reply = self.parser.line(line)
+        except ProtocolViolation as e:
+            self.fail(UpstreamError(REPLIES["upstream_error"], str(e)))
+            return
+        if reply is None:
+            return
+        while self.pending and self.pending[0].called:  # timed out already
+            self.pending.pop(0)
+        if not self.pending:
+            self.fail(UpstreamError(REPLIES["upstream_error"] if reply.code != 421
+                                    else pass_on(reply), f"unexpected reply {reply.status()}"))
+            return
+        self.pending.pop(0).callback(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.fail(UpstreamError(REPLIES["upstream_error"], "reply line too long"))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.closed = True
+        if self.error is None:
+            if reason.check(CertificateIdentityError):
+                why = f"TLS certificate refused: {reason.value}"
+                self.error = UpstreamError(REPLIES["upstream_unavailable"], why)
+            elif reason.check(SSL.Error):
+                self.error = UpstreamError(REPLIES["upstream_unavailable"],
+                                           "TLS handshake failed")
+            elif self.pending:
+                self.error = UpstreamError(REPLIES["upstream_lost"], "connection lost")
+            if self.error is not None:
+                log.info("upstream {name}: {why}", name=self.name, why=str(self.error))
+        self._fail_pending()
+        if self.paused and self.downstream is not None:
+            self.downstream.resumeProducing()  # let our client finish; end() says 451
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    # ---- IPushProducer: the upstream transport tells us to slow down -------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.downstream is not None:
+            self.downstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.downstream is not None:
+            self.downstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` resumes our client."""
+
+
+def parse_capabilities(lines: Sequence[bytes]) -> dict[str, list[str]]:
+    """EHLO keywords (upper case) -> their parameters (upper case)."""
+    capabilities: dict[str, list[str]] = {}
+    for raw in lines:
+        words = raw.decode("ascii", "replace").upper().split()
+        if words:
+            keyword = words[0]
+            if keyword.startswith("AUTH="):
+                keyword, words = "AUTH", ["AUTH", keyword[5:]] + words[1:]
+            capabilities.setdefault(keyword, []).extend(words[1:])
+    return capabilities
+
+
+# ---------------------------------------------------------------------------------
+# The client: connecting, the handshake, the pool
+# ---------------------------------------------------------------------------------
+
+
+class UpstreamClient:
+    """Makes ``UpstreamTransaction`` objects for one upstream (``from_options`` builds
+    it from ``[delivery]``); keeps up to ``pool_size`` idle connections."""
+
+    def __init__(self, *, clock: IReactorTime, endpoint: IStreamClientEndpoint,
+                 name: str, helo: str, lmtp: bool = False, timeout: float = 60.0,
+                 pool_size: int = 4, starttls: bool = False, implicit_tls: bool = False,
+                 tls_creator: IOpenSSLClientConnectionCreator | None = None,
+                 tls_hostname: str | None = None, xclient: bool = False,
+                 trace_header: str = "", auth_param: bool = False) -> None:
+        if (starttls or implicit_tls) and (tls_creator is None or tls_hostname is None):
+            raise ValueError("TLS needs a tls_creator and a tls_hostname")
+        self.clock = clock
+        self.endpoint = endpoint
+        self.name = name
+        self.helo = helo
+        self.lmtp = lmtp
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.starttls = starttls and not implicit_tls
+        self.implicit_tls = implicit_tls
+        self.tls_creator = tls_creator
+        self.tls_hostname = tls_hostname
+        self.xclient = xclient
+        self.trace_header = trace_header
+        self.auth_param = auth_param
+        self.idle: list[UpstreamConnection] = []
+        self.connections_made = 0
+
+    @classmethod
+    def from_options(cls, options: UpstreamDelivery, *, reactor: Any,
+                     helo: str) -> "UpstreamClient":
+        """The client for ``[delivery]`` (``helo``: our name, ``[server] hostname``)."""
+        host = options.host
+        hostname = options.tls_hostname or host
+        creator = None
+        if options.tls or options.starttls:
+            assert hostname is not None
+            creator = StrictClientTLS(hostname, load_trust_root(options.ca_file))
+        endpoint = endpoint_for(options.endpoint, reactor, options.timeout)
+        if options.tls:
+            assert creator is not None
+            endpoint = wrapClientTLS(creator, endpoint)
+        return cls(clock=reactor, endpoint=endpoint, name=options.endpoint,
+                   helo=options.helo or helo, lmtp=options.lmtp, timeout=options.timeout,
+                   pool_size=options.pool_size, starttls=options.starttls,
+                   implicit_tls=options.tls, tls_creator=creator, tls_hostname=hostname,
+                   xclient=options.xclient, trace_header=options.trace_header,
+                   auth_param=options.auth_param)
+
+    def transaction(self, session: RelaySession) -> "UpstreamTransaction":
+        """A new transaction for one message of ``session``'s client."""
+        return UpstreamTransaction(self, session)
+
+    # ---- connections -------------------------------------------------------------
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle connection that answered RSET, else a new one after its handshake."""
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.closed:
+                continue
+            try:
+                reply = await connection.command(b"RSET")
+            except UpstreamError:
+                continue
+            if reply.code == 250:
+                return connection
+            connection.fail(UpstreamError(REPLIES["upstream_error"], f"RSET {reply.status()}"))
+        return await self.connect()
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection, greeted, (STARTTLS,) EHLO'd; fails with ``UpstreamError``."""
+        connection = UpstreamConnection(clock=self.clock, timeout=self.timeout, name=self.name)
+        connecting = connectProtocol(self.endpoint, connection)
+        connecting.addTimeout(self.timeout, self.clock)
+        try:
+            await connecting
+        except (defer.TimeoutError, CancelledError):
+            raise UpstreamError(REPLIES["upstream_timeout"],
+                                f"no connection within {self.timeout:g}s") from None
+        except Exception as e:
+            log.info("upstream {name}: cannot connect: {why}", name=self.name,
+                     why=e.__class__.__name__)
+            raise UpstreamError(REPLIES["upstream_unavailable"], "cannot connect") from None
+        self.connections_made += 1
+        try:
+            greeting = await connection.expect()
+            if greeting.code != 220:
+                raise UpstreamError(pass_on(greeting) if greeting.code >= 400 else
+                                    REPLIES["upstream_error"], f"greeting {greeting.status()}")
+            if self.implicit_tls:
+                self._verify(connection)
+            await self.hello(connection)
+            if self.starttls:
+                if "STARTTLS" not in connection.capabilities:
+                    raise UpstreamError(REPLIES["upstream_unavailable"],
+                                        "STARTTLS is configured but not offered")
+                reply = await connection.command(b"STARTTLS")
+                if reply.code != 220:
+                    raise UpstreamError(REPLIES["upstream_unavailable"],
+                                        f"STARTTLS answered {reply.status()}")
+                connection.transport.startTLS(self.tls_creator)
+                await self.hello(connection)  # queued until the handshake is done
+                self._verify(connection)
+        except UpstreamError as e:
+            connection.fail(e)
+            raise
+        return connection
+
+    def _verify(self, connection: UpstreamConnection) -> None:
+        assert self.tls_hostname is not None
+        try:
+            verify_peer_identity(connection.transport, self.tls_hostname)
+        except CertificateIdentityError as e:
+            raise UpstreamError(REPLIES["upstream_unavailable"],
+                                f"TLS certificate refused: {e}") from None
+        connection.tls = True
+
+    async def hello(self, connection: UpstreamConnection, name: str | None = None) -> None:
+        """EHLO (LHLO for LMTP) with ``name`` if it is a plain ASCII word, else our own;
+        keeps the capabilities."""
+        verb = b"LHLO " if self.lmtp else b"EHLO "
+        if not name or not _HELO_NAME.match(name):
+            name = self.helo
+        reply = await connection.command(verb + name.encode("ascii", "replace"))
+        if reply.code != 250:
+            raise UpstreamError(pass_on(reply) if reply.code >= 400 else
+                                REPLIES["upstream_error"], f"{verb.decode().strip()} "
+                                f"answered {reply.status()}")
+        connection.capabilities = parse_capabilities(reply.lines[1:])
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Keep ``connection`` for the next transaction, or say QUIT if the pool is full."""
+        connection.downstream = None
+        if connection.closed or connection.error is not None:
+            return
+        if len(self.idle) < self.pool_size:
+            connection.on_lost = self._forget
+            self.idle.append(connection)
+            return
+        self._quit(connection)
+
+    def _forget(self, connection: UpstreamConnection) -> None:
+        if connection in self.idle:
+            self.idle.remove(connection)
+
+    def _quit(self, connection: UpstreamConnection) -> None:
+        def close(_: object) -> None:
+            if not connection.closed:
+                connection.transport.loseConnection()
+
+        connection.command(b"QUIT").addBoth(close)
+
+    def close(self) -> None:
+        """Say QUIT on every idle connection (at shutdown)."""
+        idle, self.idle = self.idle, []
+        for connection in idle:
+            connection.on_lost = None
+            if not connection.closed:
+                self._quit(connection)
+
+
+def endpoint_for(endpoint: str, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+    """``tcp:HOST:PORT`` (IPv6 in brackets) or ``unix:/PATH`` -> a client endpoint."""
+    kind, _, rest = endpoint.partition(":")
+    if kind == "unix":
+        return UNIXClientEndpoint(reactor, rest, timeout=int(timeout))
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, int(port), timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, int(port), timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, int(port), timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------
+# One message
+# ---------------------------------------------------------------------------------
+
+
+def _forwardable(params: Sequence[str], allowed: dict[str, str],
+                 capabilities: dict[str, list[str]]) -> list[str]:
+    """The ESMTP parameters the upstream announced the extension for; others dropped."""
+    out = []
+    for param in params:
+        keyword = param.split("=", 1)[0].upper()
+        if allowed.get(keyword) in capabilities and "\r" not in param and "\n" not in param:
+            out.append(param)
+    return out
+
+
+@implementer(IConsumer)
+class UpstreamTransaction:
+    """One message to the upstream, driven by the SMTP server (see the module docstring).
+
+    Order: ``mail_from`` -> ``rcpt``... -> ``start_data`` -> ``write``... -> ``end``;
+    ``abort`` at any time (idempotent).  Each step's Deferred fires with the ``SMTPReply``
+    for our client.  A MAIL refused by the upstream leaves the transaction where it
+    started (``mail_from`` may be called again).
+    """
+
+    def __init__(self, client: UpstreamClient, session: RelaySession) -> None:
+        self.client = client
+        self.session = session
+        self.state = "new"     # new -> mail -> data -> done
+        self.connection: UpstreamConnection | None = None
+        self.accepted: list[str] = []
+        self.stuffer = DotStuffer()
+        self.producer: IPushProducer | None = None
+        self.xclient_used = False
+        self._stall: Any = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamTransaction {self.client.name} {self.state}>"
+
+    # ---- MAIL, RCPT ----------------------------------------------------------------
+
+    def mail_from(self, address: str, params: Sequence[str] = ()) -> "Deferred[SMTPReply]":
+        """``MAIL FROM:<address> params`` upstream (a connection is taken first)."""
+        self._require("new")
+        self.state = "busy"
+        return ensureDeferred(self._mail_from(address, params))
+
+    async def _mail_from(self, address: str, params: Sequence[str]) -> SMTPReply:
+        try:
+            if self.connection is None:
+                connection = await self.client.acquire()
+                if self.state != "busy":  # aborted while connecting: keep it for others
+                    self.client.release(connection)
+                    return REPLIES["upstream_lost"]
+                self.connection = connection
+                await self._xclient()
+            connection = self.connection
+            words = [f"MAIL FROM:<{address}>"]
+            words += _forwardable(params, MAIL_PARAMETERS, connection.capabilities)
+            if self.client.auth_param and "AUTH" in connection.capabilities:
+                login = self.session.login
+                words.append(f"AUTH={xtext(login) if login else '<>'}")
+            reply = await connection.command(" ".join(words).encode("utf-8"))
+        except UpstreamError as e:
+            aborted = self.state != "busy"
+            self._drop()
+            if not aborted:
+                self.state = "new"  # a later mail_from tries a fresh connection
+            return e.reply
+        self.state = "mail" if reply.positive else "new"
+        return pass_on(reply)
+
+    async def _xclient(self) -> None:
+        """XCLIENT when configured and announced; then EHLO again (see the module doc)."""
+        connection = self.connection
+        assert connection is not None
+        if not self.client.xclient or "XCLIENT" not in connection.capabilities:
+            return
+        offered = connection.capabilities["XCLIENT"]
+        session = self.session
+        address = session.client_address
+        if address and ":" in address:
+            address = "IPV6:" + address
+        values = {"NAME": None, "ADDR": address, "PORT": str(session.client_port)
+                  if session.client_port is not None else None,
+                  "HELO": session.helo, "LOGIN": session.login}
+        attributes = tuple(f"{name}={xtext(value) if value else '[UNAVAILABLE]'}"
+                           for name, value in values.items() if name in offered)
+        if not attributes:
+            return
+        if connection.xclient_sent == attributes:
+            self.xclient_used = True
+            return
+        reply = await connection.command(("XCLIENT " + " ".join(attributes)).encode())
+        if reply.code != 220:
+            log.warn("upstream {name} refused XCLIENT: {status}", name=self.client.name,
+                     status=reply.status())
+            raise UpstreamError(REPLIES["upstream_unavailable"], "XCLIENT refused")
+        # as in XCLIENT_README: EHLO again, with the client's own name (Postfix logs
+        # and checks the EHLO name that follows, not the XCLIENT HELO attribute)
+        await self.client.hello(connection, session.helo)
+        connection.xclient_sent = attributes
+        self.xclient_used = True
+
+    def rcpt(self, address: str, params: Sequence[str] = ()) -> "Deferred[SMTPReply]":
+        """``RCPT TO:<address> params`` upstream; its reply is the client's."""
+        self._require("mail")
+        self.state = "busy"
+        return ensureDeferred(self._rcpt(address, params))
+
+    async def _rcpt(self, address: str, params: Sequence[str]) -> SMTPReply:
+        assert self.connection is not None
+        words = [f"RCPT TO:<{address}>"]
+        words += _forwardable(params, RCPT_PARAMETERS, self.connection.capabilities)
+        try:
+            reply = await self.connection.command(" ".join(words).encode("utf-8"))
+        except UpstreamError as e:
+            self._drop()
+            return e.reply
+        self.state = "mail"
+        if reply.positive:
+            self.accepted.append(address)
+        return pass_on(reply)
+
+    # ---- DATA ----------------------------------------------------------------------
+
+    def start_data(self) -> "Deferred[SMTPReply]":
+        """``DATA`` upstream: ``354`` means go on with ``write``; anything else is the
+        final reply for this message (the transaction is then over: call ``abort``)."""
+        self._require("mail")
+        if not self.accepted:
+            return defer.succeed(REPLIES["need_rcpt"])
+        self.state = "busy"
+        return ensureDeferred(self._start_data())
+
+    async def _start_data(self) -> SMTPReply:
+        assert self.connection is not None
+        try:
+            reply = await self.connection.command(b"DATA")
+        except UpstreamError as e:
+            self._drop()
+            return e.reply
+        if reply.code != 354:
+            self.state = "mail"
+            return pass_on(reply)
+        self.state = "data"
+        self.connection.downstream = self
+        if self.client.trace_header and not self.xclient_used:
+            self.write(self._trace_line())
+        return REPLIES["data_start"]
+
+    def _trace_line(self) -> bytes:
+        s = self.session
+        text = (f"{self.client.trace_header}: login={s.login or '-'};"
+                f" client=[{s.client_address or 'unknown'}]:{s.client_port or 0};"
+                f" helo={s.helo or '-'}")
+        return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:998].encode() + b"\r\n"
+
+    def write(self, data: bytes) -> None:
+        """Message bytes (un-stuffed, CRLF line ends), any chunking; sent as they come."""
+        if self.state != "data":
+            raise TransactionStateError(f"write() in state {self.state}")
+        connection = self.connection
+        assert connection is not None
+        if connection.closed:
+            self.stuffer.octets += len(data)  # discarded: end() reports the loss
+            return
+        connection.transport.write(self.stuffer.feed(data))
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        """Our client's transport: paused while the upstream cannot take more."""
+        if not streaming:
+            raise ValueError("only push producers (a transport) are supported")
+        self.producer = producer
+        if self.connection is not None and self.connection.paused:
+            self.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # the upstream connection forwards its transport's flow control here
+    def pauseProducing(self) -> None:
+        if self._stall is None and self.state == "data":
+            self._stall = self.client.clock.callLater(self.client.timeout, self._stalled)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:  # pragma: no cover - IPushProducer completeness
+        self.abort()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.connection is not None:
+            self.connection.fail(UpstreamError(
+                REPLIES["upstream_timeout"],
+                f"DATA stalled: the upstream read nothing for {self.client.timeout:g}s"))
+
+    def end(self) -> "Deferred[SMTPReply]":
+        """The final dot; fires with the upstream's verdict (LMTP: combined)."""
+        self._require("data")
+        self.state = "busy"
+        return ensureDeferred(self._end())
+
+    async def _end(self) -> SMTPReply:
+        connection = self.connection
+        assert connection is not None
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        waits = [connection.expect() for _ in (self.accepted if self.client.lmtp else [0])]
+        if not connection.closed:
+            connection.transport.write(self.stuffer.end())
+        replies: list[UpstreamReply] = []
+        try:
+            for wait in waits:
+                replies.append(await wait)
+        except UpstreamError as e:
+            for wait in waits:
+                wait.addErrback(lambda _: None)
+            self._drop()
+            if replies:
+                log.warn("upstream {name}: LMTP answered {n} of {m} recipients before {why}",
+                         name=self.client.name, n=len(replies), m=len(waits), why=str(e))
+            return e.reply
+        self.state = "done"
+        self._release()
+        return self._verdict(replies)
+
+    def _verdict(self, replies: list[UpstreamReply]) -> SMTPReply:
+        if len(replies) == 1:
+            return pass_on(replies[0])
+        failed = [r for r in replies if not r.positive]
+        if not failed:
+            return pass_on(replies[0])
+        temporary = [r for r in failed if r.code < 500]
+        if len(failed) < len(replies):
+            delivered = [a for a, r in zip(self.accepted, replies) if r.positive]
+            log.warn("upstream {name}: LMTP delivered to {delivered} but not to {n} other"
+                     " recipient(s); answering {status}", name=self.client.name,
+                     delivered=", ".join(delivered), n=len(failed),
+                     status=(temporary or failed)[0].status())
+        return pass_on((temporary or failed)[0])
+
+    # ---- the end ---------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """RSET, QUIT or a lost client: forget the message.  Before DATA the connection
+        goes back to the pool (RSET on reuse); during DATA it is dropped (a message
+        cannot be taken back)."""
+        if self.state == "done":
+            return
+        if self.state in ("data", "busy"):
+            self._drop()
+        else:
+            self._release()
+        self.state = "done"
+
+    def _release(self) -> None:
+        if self.connection is not None:
+            self.client.release(self.connection)
+            self.connection = None
+        self.producer = None
+
+    def _drop(self) -> None:
+        self.state = "done"
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.downstream = None
+            if not connection.closed:
+                connection.fail(UpstreamError(REPLIES["upstream_lost"], "transaction aborted"))
+        if self.producer is not None:
+            self.producer = None
+
+    def _require(self, state: str) -> None:
+        if self.state != state:
+            raise TransactionStateError(f"expected state {state}, not {self.state}")

@@ -1,0 +1,278 @@
+"""The upstream client against aiosmtpd (a foreign SMTP server) on loopback: a refused
+recipient, a dead or dying upstream, concurrency, STARTTLS, and a 50 MB message
+streamed with bounded memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+
+from saslsmtp.relay.client import RelaySession, UpstreamClient, UpstreamTransaction
+from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.replies import REPLIES
+from tests.mailsink import MailSink
+from tests.support import ROOT, free_port
+from tests.tlsutil import issue_cert, make_ca, server_ssl_context
+
+SESSION = RelaySession(login="alice@example.test", client_address="127.0.0.1",
+                       client_port=40000, helo="laptop")
+
+
+def client_for(port: int, **options: Any) -> UpstreamClient:
+    table = dict(type="smtp", endpoint=f"tcp:127.0.0.1:{port}", timeout=10.0)
+    table.update(options)
+    return UpstreamClient.from_options(UpstreamDelivery(**table), reactor=reactor,
+                                       helo="relay.example.test")
+
+
+def message(n: int, size: int = 0) -> bytes:
+    body = b"".join(b"line %d of message %d\r\n" % (i, n) for i in range(max(1, size // 24)))
+    return (b"From: alice@example.test\r\nTo: bob@example.test\r\n"
+            b"Message-ID: <m%d@example.test>\r\nSubject: test %d\r\n\r\n.leading dot\r\n"
+            % (n, n)) + body
+
+
+async def send(client: UpstreamClient, n: int, rcpts: tuple[str, ...] = ("bob@example.test",)
+               ) -> list[bytes]:
+    """One whole transaction; the reply bytes of every step."""
+    tx = client.transaction(SESSION)
+    replies = [(await tx.mail_from("alice@example.test")).to_bytes()]
+    if not replies[0].startswith(b"250"):
+        return replies
+    for rcpt in rcpts:
+        replies.append((await tx.rcpt(rcpt)).to_bytes())
+    start = await tx.start_data()
+    replies.append(start.to_bytes())
+    if start.code != 354:
+        tx.abort()
+        return replies
+    tx.write(message(n))
+    replies.append((await tx.end()).to_bytes())
+    return replies
+
+
+@pytest.fixture
+def sink():
+    server = MailSink(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_and_rcpt_rejection_pass_through(sink):
+    """The upstream's RCPT refusal is the client's reply; the message arrives once,
+    dot-stuffing undone by the upstream, for the accepted recipient only."""
+    client = client_for(sink.port)
+    replies = await send(client, 1, ("reject-me@example.test", "bob@example.test"))
+    assert replies == [b"250 2.0.0 OK\r\n",
+                       b"550 5.1.1 <reject-me@example.test>: Recipient address rejected:"
+                       b" User unknown\r\n",
+                       b"250 2.1.5 OK\r\n",
+                       b"354 End data with <CR><LF>.<CR><LF>\r\n",
+                       b"250 2.0.0 OK: queued\r\n"]
+    [got] = sink.messages
+    assert got.rcpt_tos == ("bob@example.test",)
+    assert got.content == message(1)
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_down_is_451():
+    """Nothing listening: 451 4.4.1 at MAIL."""
+    client = client_for(free_port())
+    tx = client.transaction(SESSION)
+    assert await tx.mail_from("alice@example.test") == REPLIES["upstream_unavailable"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_100_messages_over_16_concurrent_transactions_arrive_once(sink):
+    """16 transactions at a time, 100 messages: each arrives exactly once, every client
+    reply is 250, and the pool kept connections for reuse."""
+    client = client_for(sink.port, pool_size=16)
+    pending = list(range(100))
+    results: dict[int, list[bytes]] = {}
+
+    async def worker() -> None:
+        while pending:
+            n = pending.pop()
+            results[n] = await send(client, n)
+
+    await defer.gatherResults([defer.ensureDeferred(worker()) for _ in range(16)])
+    assert all(r[-1] == b"250 2.0.0 OK: queued\r\n" for r in results.values())
+    ids = sorted(m.message_id for m in sink.messages)
+    assert ids == sorted(f"<m{n}@example.test>" for n in range(100))
+    assert client.connections_made <= 16 and len(client.idle) == client.connections_made
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_verified_and_wrong_name_refused(tmp_path):
+    """STARTTLS with a private CA: delivered.  A certificate for another name: 451 4.4.1,
+    and no MAIL goes out (fail closed)."""
+    ca = make_ca(tmp_path)
+    good = issue_cert(ca, tmp_path, names=("127.0.0.1",))
+    other = issue_cert(ca, tmp_path, names=("mx.elsewhere.test",))
+    for cert, ok in ((good, True), (other, False)):
+        server = MailSink(free_port(), tls_context=server_ssl_context(cert))
+        await deferToThread(server.start)
+        try:
+            client = client_for(server.port, starttls=True, ca_file=ca.cert_path)
+            replies = await send(client, 7)
+            if ok:
+                assert replies[-1] == b"250 2.0.0 OK: queued\r\n"
+                assert len(server.messages) == 1
+                assert client.idle[0].tls
+            else:
+                assert replies == [REPLIES["upstream_unavailable"].to_bytes()]
+                assert server.messages == []
+            client.close()
+        finally:
+            await deferToThread(server.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_verified_and_untrusted_ca_refused(tmp_path):
+    """``tls = true``: TLS from the first byte, verified against ``ca_file``; a
+    certificate from another CA fails the handshake: 451 4.4.1, nothing delivered."""
+    ca, other_ca = make_ca(tmp_path, "relay CA"), make_ca(tmp_path, "other CA")
+    server = MailSink(free_port(), implicit_tls=server_ssl_context(
+        issue_cert(ca, tmp_path, names=("127.0.0.1",))))
+    await deferToThread(server.start)
+    try:
+        for trusted, ok in ((ca, True), (other_ca, False)):
+            client = client_for(server.port, tls=True, ca_file=trusted.cert_path)
+            replies = await send(client, 8)
+            if ok:
+                assert replies[-1] == b"250 2.0.0 OK: queued\r\n"
+            else:
+                assert replies == [REPLIES["upstream_unavailable"].to_bytes()]
+            client.close()
+        assert len(server.messages) == 1
+    finally:
+        await deferToThread(server.stop)
+
+
+class Pump:
+    """A client-side push producer: writes ``total`` octets in 64 KiB chunks into the
+    transaction, stopping while paused, as a client transport would."""
+
+    def __init__(self, tx: UpstreamTransaction, total: int) -> None:
+        self.tx = tx
+        self.left = total
+        self.paused = False
+        self.pauses = 0
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.chunk = (b"x" * 78 + b"\r\n") * 820  # 65,600 octets of 80-octet lines
+        self.at: tuple[int, Any] | None = None  # (octets left, callable): a hook mid-way
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        reactor.callLater(0, self.pump)
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+    def pump(self) -> None:
+        for _ in range(4):
+            if self.paused or self.done.called:
+                return
+            if self.left <= 0:
+                self.done.callback(None)
+                return
+            self.tx.write(self.chunk[:self.left])
+            self.left -= len(self.chunk)
+            if self.at is not None and self.left <= self.at[0]:
+                self.at, hook = None, self.at[1]
+                hook()
+        reactor.callLater(0, self.pump)
+
+
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def sink_process(tmp_path: Path) -> tuple[subprocess.Popen[str], int, Path]:
+    port, log = free_port(), tmp_path / "sink.log"
+    process = subprocess.Popen([sys.executable, "-m", "tests.mailsink", str(port), str(log)],
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    return process, port, log
+
+
+async def start_message(client: UpstreamClient) -> UpstreamTransaction:
+    tx = client.transaction(SESSION)
+    assert (await tx.mail_from("alice@example.test")).code == 250
+    assert (await tx.rcpt("bob@example.test")).code == 250
+    assert (await tx.start_data()).code == 354
+    tx.write(b"Message-ID: <big@example.test>\r\n\r\n")
+    return tx
+
+
+@pytest_twisted.ensureDeferred
+async def test_50_mb_message_streams_with_bounded_memory(tmp_path):
+    """50 MB through the relay to an upstream in another process: our RSS grows by less
+    than 20 MB (the message is never held), the upstream pauses us, and it gets it all."""
+    process, port, log = await deferToThread(sink_process, tmp_path)
+    try:
+        client = client_for(port, timeout=60.0)
+        tx = await start_message(client)
+        total = 50 * 1024 * 1024
+        pump = Pump(tx, total)
+        tx.registerProducer(pump, True)
+        before = rss()
+        started = time.monotonic()
+        pump.pump()
+        await pump.done.addTimeout(120, reactor)
+        reply = await tx.end()
+        elapsed = time.monotonic() - started
+        growth = rss() - before
+        assert reply.to_bytes() == b"250 2.0.0 OK: queued\r\n"
+        assert growth < 20 * 1024 * 1024, growth
+        assert pump.pauses > 0
+        logged = log.read_text().split()
+        assert logged[3] == "<big@example.test>"
+        assert int(logged[2]) == total + len(b"Message-ID: <big@example.test>\r\n\r\n")
+        print(f"50 MB relayed in {elapsed:.2f}s ({total / elapsed / 1e6:.0f} MB/s), RSS"
+              f" growth {growth / 1e6:.1f} MB, {pump.pauses} pauses")
+        client.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_killed_mid_data_is_451(tmp_path):
+    """The upstream process dies while the message streams: the client's data is still
+    read to its end (not paused forever) and the final reply is 451 4.4.2."""
+    process, port, _ = await deferToThread(sink_process, tmp_path)
+    try:
+        client = client_for(port)
+        tx = await start_message(client)
+        pump = Pump(tx, 40 * 1024 * 1024)
+        pump.at = (30 * 1024 * 1024, lambda: os.kill(process.pid, signal.SIGKILL))
+        tx.registerProducer(pump, True)
+        pump.pump()
+        await pump.done.addTimeout(30, reactor)
+        assert pump.at is None  # the upstream was killed 10 MB into the message
+        assert await tx.end() == REPLIES["upstream_lost"]
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,467 @@
+"""The upstream client over StringTransport: exact bytes both ways, a Clock for time.
+
+``FakeUpstream`` is the endpoint: each connect makes a ``StringTransport``; the test
+reads what the client wrote and answers with upstream bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from saslsmtp.relay.client import (RelaySession, TransactionStateError, UpstreamClient,
+                                   UpstreamTransaction)
+from saslsmtp.replies import REPLIES
+
+SESSION = RelaySession(login="alice@example.test", client_address="192.0.2.7",
+                       client_port=40123, helo="laptop.example")
+EHLO_XCLIENT = (b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n"
+                b"250-8BITMIME\r\n250-AUTH PLAIN\r\n"
+                b"250 XCLIENT NAME ADDR PROTO HELO REVERSE_NAME PORT LOGIN\r\n")
+EHLO_PLAIN = b"250-mx.example.test\r\n250 8BITMIME\r\n"
+
+
+@implementer(IStreamClientEndpoint)
+class FakeUpstream:
+    """An endpoint whose connections are StringTransports (or refused, or hanging)."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Any, StringTransport]] = []
+        self.refuse = False
+        self.hang = False
+
+    def connect(self, factory: Any) -> "defer.Deferred[Any]":
+        if self.refuse:
+            return defer.fail(ConnectionRefusedError())
+        if self.hang:
+            return defer.Deferred()
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return defer.succeed(protocol)
+
+    @property
+    def transport(self) -> StringTransport:
+        return self.connections[-1][1]
+
+    def said(self) -> bytes:
+        """What the client wrote since the last call."""
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def answer(self, data: bytes) -> None:
+        self.connections[-1][0].dataReceived(data)
+
+
+def make(lmtp: bool = False, **kwargs: Any) -> tuple[UpstreamClient, FakeUpstream, Clock]:
+    clock, upstream = Clock(), FakeUpstream()
+    client = UpstreamClient(clock=clock, endpoint=upstream, name="tcp:127.0.0.1:10025",
+                            helo="relay.example.test", lmtp=lmtp, timeout=30.0, **kwargs)
+    return client, upstream, clock
+
+
+def result(d: "defer.Deferred[Any]") -> Any:
+    """The value a Deferred already fired with (fails the test if it has not)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def greet(upstream: FakeUpstream, ehlo: bytes = EHLO_PLAIN, verb: bytes = b"EHLO") -> None:
+    upstream.answer(b"220 mx.example.test ESMTP\r\n")
+    assert upstream.said() == verb + b" relay.example.test\r\n"
+    upstream.answer(ehlo)
+
+
+def test_whole_transaction_exact_bytes():
+    """MAIL, RCPT, DATA, a dot-stuffed body, the final dot: every upstream reply is the
+    client's reply, byte for byte; the connection then goes to the pool."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("alice@example.test", ["SIZE=120", "BODY=8BITMIME", "X-FOO=1"])
+    greet(upstream)
+    # SIZE not announced (dropped), BODY=8BITMIME kept, unknown parameters dropped
+    assert upstream.said() == b"MAIL FROM:<alice@example.test> BODY=8BITMIME\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(mail).to_bytes() == b"250 2.1.0 Ok\r\n"
+    rcpt = tx.rcpt("bob@example.test")
+    assert upstream.said() == b"RCPT TO:<bob@example.test>\r\n"
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    assert result(rcpt).to_bytes() == b"250 2.1.5 Ok\r\n"
+    data = tx.start_data()
+    assert upstream.said() == b"DATA\r\n"
+    upstream.answer(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert result(data) == REPLIES["data_start"]
+    tx.write(b"Subject: hi\r\n\r\n.hidden")
+    tx.write(b" dot\r\n")
+    end = tx.end()
+    assert upstream.said() == b"Subject: hi\r\n\r\n..hidden dot\r\n.\r\n"
+    upstream.answer(b"250 2.0.0 Ok: queued as 4ABC\r\n")
+    assert result(end).to_bytes() == b"250 2.0.0 Ok: queued as 4ABC\r\n"
+    assert client.idle == [upstream.connections[0][0]]
+
+
+def test_rcpt_rejection_is_the_clients_reply_and_transaction_goes_on():
+    """An upstream RCPT rejection reaches the client as-is; the next RCPT still works."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("alice@example.test")
+    greet(upstream)
+    upstream.said()
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    bad = tx.rcpt("nobody@example.test")
+    upstream.answer(b"554 5.7.1 <nobody@example.test>: Recipient address rejected: Access denied\r\n")
+    assert result(bad).to_bytes() == \
+        b"554 5.7.1 <nobody@example.test>: Recipient address rejected: Access denied\r\n"
+    good = tx.rcpt("bob@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    assert result(good).code == 250 and tx.accepted == ["bob@example.test"]
+
+
+def test_start_data_without_accepted_recipient_is_refused_locally():
+    """No recipient accepted: 503 5.5.1 without asking the upstream."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.said()
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(tx.start_data()) == REPLIES["need_rcpt"]
+    assert upstream.said() == b""
+
+
+def test_xclient_then_ehlo_again_and_auth_param():
+    """XCLIENT carries NAME (unknown), ADDR, PORT, HELO and LOGIN (xtext) when announced;
+    the upstream's 220 is followed by a fresh EHLO; MAIL carries AUTH=<login> when
+    configured."""
+    client, upstream, _ = make(xclient=True, auth_param=True)
+    session = RelaySession(login="b\u00f6b+x", client_address="2001:db8::7",
+                           client_port=5000, helo="my laptop")
+    tx = client.transaction(session)
+    mail = tx.mail_from("bob@example.test", ["SIZE=1000"])
+    greet(upstream, EHLO_XCLIENT)
+    assert upstream.said() == (b"XCLIENT NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::7 PORT=5000"
+                               b" HELO=my+20laptop LOGIN=b+C3+B6b+2Bx\r\n")
+    upstream.answer(b"220 mx.example.test ESMTP\r\n")
+    # "my laptop" is no EHLO argument: our own name instead
+    assert upstream.said() == b"EHLO relay.example.test\r\n"
+    upstream.answer(EHLO_XCLIENT)
+    assert upstream.said() == b"MAIL FROM:<bob@example.test> SIZE=1000 AUTH=b+C3+B6b+2Bx\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(mail).code == 250 and tx.xclient_used
+
+
+def test_xclient_unknown_values_and_refusal():
+    """Missing session facts are ``[UNAVAILABLE]``; a refused XCLIENT is a 4xx for the
+    client and the connection is dropped (its identity would be wrong)."""
+    client, upstream, _ = make(xclient=True)
+    tx = client.transaction(RelaySession(login=None))
+    mail = tx.mail_from("x@example.test")
+    greet(upstream, EHLO_XCLIENT)
+    assert upstream.said() == (b"XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE]"
+                               b" HELO=[UNAVAILABLE] LOGIN=[UNAVAILABLE]\r\n")
+    upstream.answer(b"550 5.7.0 Error: insufficient authorization\r\n")
+    assert result(mail) == REPLIES["upstream_unavailable"]
+    assert upstream.transport.disconnecting
+
+
+def test_trace_header_without_xclient():
+    """Without XCLIENT the configured trace header is the message's first line."""
+    client, upstream, _ = make(xclient=True, trace_header="X-Authenticated-User")
+    tx = client.transaction(SESSION)
+    tx.mail_from("alice@example.test")
+    greet(upstream)  # no XCLIENT announced
+    upstream.said()
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("bob@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.said()
+    upstream.answer(b"354 go\r\n")
+    tx.write(b"Subject: x\r\n\r\nbody\r\n")
+    tx.end()
+    assert upstream.said() == (b"X-Authenticated-User: login=alice@example.test;"
+                               b" client=[192.0.2.7]:40123; helo=laptop.example\r\n"
+                               b"Subject: x\r\n\r\nbody\r\n.\r\n")
+
+
+def lmtp_transaction(recipients: list[tuple[str, bytes]]) -> tuple[UpstreamTransaction, FakeUpstream]:
+    client, upstream, _ = make(lmtp=True)
+    tx = client.transaction(SESSION)
+    tx.mail_from("alice@example.test")
+    greet(upstream, b"250-lmtp.example.test\r\n250 ENHANCEDSTATUSCODES\r\n", verb=b"LHLO")
+    upstream.said()
+    upstream.answer(b"250 2.1.0 OK\r\n")
+    for address, reply in recipients:
+        tx.rcpt(address)
+        upstream.answer(reply)
+    tx.start_data()
+    upstream.said()
+    upstream.answer(b"354 OK\r\n")
+    tx.write(b"Subject: x\r\n\r\nhi\r\n")
+    return tx, upstream
+
+
+@pytest.mark.parametrize("finals, expected", [
+    ([b"250 2.0.0 <a> delivered", b"250 2.0.0 <b> delivered"], b"250 2.0.0 <a> delivered\r\n"),
+    ([b"552 5.2.2 <a> quota", b"452 4.2.2 <b> quota"], b"452 4.2.2 <b> quota\r\n"),
+    ([b"550 5.1.1 <a> gone", b"552 5.2.2 <b> quota"], b"550 5.1.1 <a> gone\r\n"),
+    ([b"250 2.0.0 <a> ok", b"452 4.2.2 <b> quota"], b"452 4.2.2 <b> quota\r\n"),
+    ([b"250 2.0.0 <a> ok", b"550 5.1.1 <b> gone"], b"550 5.1.1 <b> gone\r\n"),
+])
+def test_lmtp_one_reply_per_accepted_recipient(finals, expected):
+    """LMTP: one final reply per *accepted* recipient (the refused one gets none); all
+    good -> 250; any failure -> a temporary one first, else the first permanent one."""
+    tx, upstream = lmtp_transaction([("a@x.test", b"250 2.1.5 OK\r\n"),
+                                     ("gone@x.test", b"550 5.1.1 no such user\r\n"),
+                                     ("b@x.test", b"250 2.1.5 OK\r\n")])
+    assert tx.accepted == ["a@x.test", "b@x.test"]
+    end = tx.end()
+    assert upstream.said().endswith(b"hi\r\n.\r\n")
+    upstream.answer(finals[0] + b"\r\n")
+    assert not end.called  # still waiting for the second recipient's verdict
+    upstream.answer(finals[1] + b"\r\n")
+    assert result(end).to_bytes() == expected
+
+
+def test_refused_connection_is_451_4_4_1():
+    """Nobody listening: the client gets 451 4.4.1 at MAIL; a later MAIL may retry."""
+    client, upstream, _ = make()
+    upstream.refuse = True
+    tx = client.transaction(SESSION)
+    assert result(tx.mail_from("a@example.test")) == REPLIES["upstream_unavailable"]
+    assert REPLIES["upstream_unavailable"].to_bytes() == \
+        b"451 4.4.1 Upstream server unavailable, try again later\r\n"
+    upstream.refuse = False
+    again = tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(again).code == 250
+
+
+def test_connect_timeout():
+    """A connection attempt that never completes gives 451 4.4.2 after ``timeout``."""
+    client, upstream, clock = make()
+    upstream.hang = True
+    mail = client.transaction(SESSION).mail_from("a@example.test")
+    clock.advance(29.9)
+    assert not mail.called
+    clock.advance(0.2)
+    assert result(mail) == REPLIES["upstream_timeout"]
+
+
+def test_silent_greeting_times_out():
+    """Connected, but no greeting within ``timeout``: 451 4.4.2 and the connection dropped."""
+    client, upstream, clock = make()
+    mail = client.transaction(SESSION).mail_from("a@example.test")
+    clock.advance(30.1)
+    assert result(mail) == REPLIES["upstream_timeout"]
+    assert upstream.transport.disconnecting
+
+
+def test_command_timeout_at_rcpt():
+    """A RCPT without an answer within ``timeout``: 451 4.4.2, connection dropped."""
+    client, upstream, clock = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    rcpt = tx.rcpt("b@example.test")
+    clock.advance(31)
+    assert result(rcpt) == REPLIES["upstream_timeout"]
+    assert upstream.transport.disconnecting and client.idle == []
+
+
+def test_final_dot_timeout_and_lost_connection_mid_data():
+    """No verdict after the dot within ``timeout``: 451 4.4.2.  A connection lost during
+    DATA: the rest of the message is discarded and ``end`` answers 451 4.4.2."""
+    client, upstream, clock = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    end = tx.end()
+    clock.advance(30.5)
+    assert result(end) == REPLIES["upstream_timeout"]
+
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    upstream.said()
+    upstream.connections[-1][0].connectionLost(Failure(ConnectionRefusedError()))
+    tx.write(b"more\r\n")
+    assert upstream.said() == b""
+    assert result(tx.end()) == REPLIES["upstream_lost"]
+
+
+class Producer:
+    """Records the flow-control calls our client's transport would get."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+def data_phase(clock_timeout: float = 30.0):
+    client, upstream, clock = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    producer = Producer()
+    tx.registerProducer(producer, True)
+    return client, upstream, clock, tx, producer
+
+
+def test_backpressure_reaches_the_client_transport():
+    """The upstream transport pausing its producer pauses our client's transport, and
+    resuming resumes it: the message is never buffered beyond the socket buffers."""
+    _, upstream, _, tx, producer = data_phase()
+    connection = upstream.connections[-1][0]
+    assert upstream.transport.producer is connection and upstream.transport.streaming
+    connection.pauseProducing()
+    connection.resumeProducing()
+    assert producer.calls == ["pause", "resume"]
+
+
+def test_stalled_data_phase_times_out():
+    """An upstream that reads nothing for ``timeout`` during DATA is dropped; the client
+    is resumed (its data is discarded) and gets 451 4.4.2 at the dot."""
+    _, upstream, clock, tx, producer = data_phase()
+    upstream.connections[-1][0].pauseProducing()
+    clock.advance(30.5)
+    assert upstream.transport.disconnecting
+    upstream.connections[-1][0].connectionLost(Failure(ConnectionRefusedError()))
+    assert producer.calls == ["pause", "resume"]
+    tx.write(b"rest\r\n")
+    assert result(tx.end()) == REPLIES["upstream_timeout"]
+
+
+def test_pool_reuses_with_rset_and_replaces_dead_connections():
+    """The second transaction reuses the idle connection after RSET; a connection whose
+    RSET fails is dropped and a new one made."""
+    client, upstream, _ = make()
+    for round_ in range(3):
+        tx = client.transaction(SESSION)
+        mail = tx.mail_from("a@example.test")
+        if round_ == 0:
+            greet(upstream)
+        elif round_ == 1:
+            assert upstream.said() == b"RSET\r\n"
+            upstream.answer(b"250 2.0.0 Ok\r\n")
+        else:
+            assert upstream.said() == b"RSET\r\n"
+            upstream.answer(b"421 4.4.2 timeout\r\n")  # unsolicited close, as on idle timeout
+            greet(upstream)
+        assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+        upstream.answer(b"250 2.1.0 Ok\r\n")
+        assert result(mail).code == 250
+        tx.abort()
+    assert len(upstream.connections) == 2 and client.connections_made == 2
+
+
+def test_pool_size_bounds_idle_connections():
+    """Beyond ``pool_size`` idle connections, a finished one says QUIT."""
+    client, upstream, _ = make(pool_size=0)
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    upstream.said()
+    tx.abort()
+    assert upstream.said() == b"QUIT\r\n" and client.idle == []
+
+
+def test_abort_during_data_drops_the_connection_and_order_is_enforced():
+    """A message cannot be taken back: abort during DATA drops the connection.  Calls
+    out of order are a caller bug and raise."""
+    _, upstream, _, tx, _ = data_phase()
+    with pytest.raises(TransactionStateError):
+        tx.rcpt("late@example.test")
+    tx.abort()
+    tx.abort()
+    assert upstream.transport.disconnecting
+    with pytest.raises(TransactionStateError):
+        tx.write(b"x")
+
+
+def test_malformed_and_multiline_replies():
+    """A multi-line RCPT reply is passed on whole; garbage is 451 4.4.0 and a drop."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    rcpt = tx.rcpt("b@example.test")
+    upstream.answer(b"550-5.1.1 first line\r\n550 5.1.1 second line\r\n")
+    assert result(rcpt).to_bytes() == b"550-5.1.1 first line\r\n550 5.1.1 second line\r\n"
+    rcpt = tx.rcpt("c@example.test")
+    upstream.answer(b"HTTP/1.1 400 Bad Request\r\n")
+    assert result(rcpt) == REPLIES["upstream_error"]
+    assert upstream.transport.disconnecting
+
+
+def test_starttls_required_but_not_offered():
+    """``starttls`` configured and not announced: 451 4.4.1, nothing sent in clear."""
+    client, upstream, _ = make(starttls=True, tls_creator=object(), tls_hostname="mx")
+    mail = client.transaction(SESSION).mail_from("a@example.test")
+    greet(upstream)
+    assert result(mail) == REPLIES["upstream_unavailable"]
+    assert upstream.said() == b""
+
+
+def test_abort_while_connecting_or_waiting_for_mail():
+    """``abort`` while MAIL waits for a connection: the connection, once made, goes to
+    the pool unused.  ``abort`` while MAIL waits for its reply: the connection is dropped
+    and the transaction stays finished."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("a@example.test")
+    tx.abort()
+    greet(upstream)  # the handshake completes after the abort
+    assert result(mail) == REPLIES["upstream_lost"]
+    assert upstream.said() == b"" and client.idle == [upstream.connections[0][0]]
+    assert tx.state == "done"
+
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("a@example.test")
+    assert upstream.said() == b"RSET\r\n"
+    upstream.answer(b"250 2.0.0 Ok\r\n")
+    assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+    tx.abort()
+    assert result(mail) == REPLIES["upstream_lost"]
+    assert tx.state == "done" and upstream.transport.disconnecting and client.idle == []

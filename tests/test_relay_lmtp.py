@@ -1,0 +1,59 @@
+"""The upstream client as an LMTP client of a real Dovecot (tests/dovecot_lmtp.py):
+messages land in real Maildirs, an unknown user is refused at RCPT with Dovecot's own
+reply, and the per-recipient final replies combine to one 250."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from saslsmtp.relay.client import RelaySession, UpstreamClient
+from saslsmtp.relay.options import UpstreamDelivery
+from tests.conftest import require_binary
+from tests.dovecot import require_dovecot
+from tests.dovecot_lmtp import LMTP, DovecotLmtpServer
+
+SESSION = RelaySession(login="alice", client_address="127.0.0.1", client_port=1, helo="x")
+
+
+@pytest.fixture(scope="module")
+def dovecot():
+    require_dovecot()
+    require_binary(LMTP, "dovecot-lmtpd")
+    server = DovecotLmtpServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_lmtp_delivery_into_real_mailboxes(dovecot, where):
+    """Two known users and one unknown: the unknown one gets Dovecot's 550 at RCPT,
+    the message (dot-stuffing undone) lands in both Maildirs, the client gets 250."""
+    endpoint = f"unix:{dovecot.lmtp_socket}" if where == "unix" else dovecot.tcp
+    client = UpstreamClient.from_options(
+        UpstreamDelivery(type="lmtp", endpoint=endpoint, timeout=15.0), reactor=reactor,
+        helo="relay.example.test")
+    before = {u: len(dovecot.mailbox(u)) for u in ("alice", "bob")}
+    tx = client.transaction(SESSION)
+    assert (await tx.mail_from("alice@example.test")).code == 250
+    assert (await tx.rcpt("alice")).code == 250
+    refused = await tx.rcpt("nobody")
+    assert refused.code == 550 and refused.enhanced == "5.1.1", refused
+    assert (await tx.rcpt("bob")).code == 250
+    assert (await tx.start_data()).code == 354
+    body = f"Subject: via {where}\r\nMessage-ID: <{where}@example.test>\r\n\r\n.dotted\r\nend\r\n"
+    tx.write(body.encode())
+    final = await tx.end()
+    assert final.code == 250 and final.enhanced == "2.0.0", final
+    assert final.text.startswith("<alice> ") and final.text.endswith(" Saved")
+    for user in ("alice", "bob"):
+        messages = dovecot.mailbox(user)
+        assert len(messages) == before[user] + 1
+        [newest] = [m for m in messages if f"<{where}@example.test>".encode() in m]
+        # Dovecot stores LF line ends and adds its own Return-Path and Received
+        assert newest.startswith(b"Return-Path: <alice@example.test>\n")
+        assert newest.endswith(f"Message-ID: <{where}@example.test>\n\n.dotted\nend\n".encode())
+    client.close()

@@ -1,0 +1,110 @@
+"""The upstream client against a real Postfix (tests/postfix.py: own config and queue,
+a loopback high port, every message held): XCLIENT shows up as ``sasl_username=`` in
+Postfix's log, a Postfix RCPT refusal reaches our client unchanged, and a reused pooled
+connection carries the next session's identity."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from saslsmtp.relay.client import RelaySession, UpstreamClient
+from saslsmtp.relay.options import UpstreamDelivery
+from tests.conftest import require
+from tests.postfix import PostfixServer, usable
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    problem = usable()
+    require(problem is None, problem or "")
+    server = PostfixServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def client_for(server: PostfixServer, **options) -> UpstreamClient:
+    table = dict(type="smtp", endpoint=f"tcp:127.0.0.1:{server.port}", timeout=15.0,
+                 xclient=True)
+    table.update(options)
+    return UpstreamClient.from_options(UpstreamDelivery(**table), reactor=reactor,
+                                       helo="relay.example.test")
+
+
+async def relay(client: UpstreamClient, session: RelaySession, rcpts: list[str],
+                subject: str) -> list[bytes]:
+    tx = client.transaction(session)
+    replies = [(await tx.mail_from("alice@example.test", ["BODY=8BITMIME"])).to_bytes()]
+    for rcpt in rcpts:
+        replies.append((await tx.rcpt(rcpt)).to_bytes())
+    start = await tx.start_data()
+    replies.append(start.to_bytes())
+    if start.code == 354:
+        tx.write(f"Subject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\n"
+                 f".dot line\r\nbody\r\n".encode())
+        replies.append((await tx.end()).to_bytes())
+    else:
+        tx.abort()
+    return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_xclient_login_in_log_and_rcpt_refusal_passed_through(postfix):
+    """Postfix logs the XCLIENT LOGIN as ``sasl_username=``, its client as the XCLIENT
+    ADDR/HELO; its RCPT refusal is our client's reply byte for byte; the message is held."""
+    client = client_for(postfix)
+    session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                           client_port=40404, helo="alice-laptop")
+    replies = await relay(client, session, ["reject@example.test", "bob@example.test"],
+                          "first")
+    assert replies[0] == b"250 2.1.0 Ok\r\n"
+    assert replies[1] == (b"554 5.7.1 <reject@example.test>: Recipient address rejected:"
+                          b" test policy\r\n")
+    assert replies[2] == b"250 2.1.5 Ok\r\n"
+    assert replies[3] == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert replies[4].startswith(b"250 2.0.0 Ok: queued as ")
+    queue_id = replies[4].split()[-1].decode()
+    log = await deferToThread(postfix.wait_for_log, f"{queue_id}: client=")
+    assert (f"{queue_id}: client=unknown[127.0.0.9]:40404, sasl_method=XCLIENT,"
+            f" sasl_username=alice@example.test") in log, log
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.9]:40404: 554 5.7.1"
+            " <reject@example.test>: Recipient address rejected: test policy;"
+            " from=<alice@example.test> to=<reject@example.test> proto=ESMTP"
+            " helo=<alice-laptop>") in log, log
+    await deferToThread(postfix.wait_for_log, f"{queue_id}: hold:")
+    assert queue_id in await deferToThread(postfix.held)
+
+    # the same pooled connection, another user: RSET, XCLIENT again, EHLO
+    bob = RelaySession(login="bob@example.test", client_address="127.0.0.10",
+                       client_port=50505, helo="bob-pc")
+    replies = await relay(client, bob, ["carol@example.test"], "second")
+    assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")
+    queue_id = replies[-1].split()[-1].decode()
+    log = await deferToThread(postfix.wait_for_log, f"{queue_id}: client=")
+    assert f"{queue_id}: client=unknown[127.0.0.10]:50505, sasl_method=XCLIENT," \
+           f" sasl_username=bob@example.test" in log, log
+    assert client.connections_made == 1
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_xclient_the_relay_is_the_client(postfix):
+    """``xclient = false``: Postfix sees the relay itself; the trace header names the
+    login inside the held message instead."""
+    client = client_for(postfix, xclient=False, trace_header="X-Authenticated-User")
+    session = RelaySession(login="dave@example.test", client_address="127.0.0.11",
+                           client_port=1, helo="dave")
+    replies = await relay(client, session, ["bob@example.test"], "third")
+    queue_id = replies[-1].split()[-1].decode()
+    log = await deferToThread(postfix.wait_for_log, f"{queue_id}: client=")
+    line = next(l for l in log.splitlines() if f"{queue_id}: client=" in l)
+    assert re.search(rf"{queue_id}: client=localhost\[127\.0\.0\.1\]:[0-9]+$", line), line
+    headers = await deferToThread(postfix.headers, queue_id)
+    assert ("X-Authenticated-User: login=dave@example.test; client=[127.0.0.11]:1;"
+            " helo=dave") in headers, headers
+    client.close()
