@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from saslsmtp.opsconfig import SERVER_KEYS, OpsConfig, check_identity, parse_ops
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class Config:
     auth: AuthConfig
     backends: Mapping[str, BackendConfig]
     delivery: DeliveryConfig
+    ops: OpsConfig = OpsConfig()  # [server] workers/user/group/log_*, [metrics]
 
     def line_of(self, key: str) -> int | None:  # pragma: no cover - convenience
         return None
@@ -340,11 +343,13 @@ def parse_config(text: str, file: str = "<config>", *, known_mechanisms: frozens
         raise ConfigError([ConfigProblem(file, "", int(match.group(1)) if match else None,
                                          f"not valid TOML: {e}")]) from None
     p = _Parser(file, text)
-    known_top = {"server", "tls", "auth", "backends", "delivery"}
+    known_top = {"server", "tls", "auth", "backends", "delivery", "metrics"}
     for key in data:
         if key not in known_top:
             p.problem(key, f"unknown section (known: {', '.join(sorted(known_top))})")
-    server = p.table(ServerConfig, data.get("server", {}), "server")
+    server = p.table(ServerConfig, data.get("server", {}), "server", skip=SERVER_KEYS)
+    ops = parse_ops(data.get("server", {}), data.get("metrics"), p.problem)
+    check_identity(ops, p.problem)
     tls = p.table(TLSConfig, data["tls"], "tls") if "tls" in data else None
     auth = p.table(AuthConfig, data.get("auth", {}), "auth")
     delivery = p.table(DeliveryConfig, data.get("delivery", {}), "delivery")
@@ -420,7 +425,7 @@ def parse_config(text: str, file: str = "<config>", *, known_mechanisms: frozens
         raise ConfigError(p.problems)
     auth = dataclasses.replace(auth, mechanisms=mechanisms)
     return Config(path=file, server=server, tls=tls, auth=auth, backends=backends,
-                  delivery=delivery)
+                  delivery=delivery, ops=ops)
 
 
 def _check_backend(p: _Parser, prefix: str, kind: str, o: Any) -> None:
