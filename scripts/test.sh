@@ -36,6 +36,7 @@ declare -A BINARY_PACKAGE=(
     [msmtp]=msmtp
     [curl]=curl
     [openssl]=openssl
+    [systemd-analyze]=systemd
 )
 # Services whose Debian packages would start a daemon on install.
 SERVICES=(slapd dovecot)
