@@ -119,7 +119,7 @@ class Reloader:
                  metrics: Metrics | None = None,
                  load_config: Callable[[str], Config] = load,
                  make_wiring: Callable[[Config, Any], Wiring] = wire,
-                 poll: float = 1.0) -> None:
+                 poll: float = 1.0, clock: Any = None) -> None:
         self.path = path
         self.factory = factory
         self.reactor = reactor
@@ -127,6 +127,7 @@ class Reloader:
         self.load_config = load_config
         self.make_wiring = make_wiring
         self.poll = poll
+        self.clock = clock or reactor
         self.retiring: list[tuple[Wiring, set[Any], Any]] = []
 
     def reload(self) -> bool:
@@ -177,7 +178,7 @@ class Reloader:
                 self.retiring[:] = [r for r in self.retiring if r[0] is not wiring]
 
         loop = task.LoopingCall(check)
-        loop.clock = self.reactor
+        loop.clock = self.clock
         self.retiring.append((wiring, sessions, loop))
         loop.start(self.poll, now=True)
 
