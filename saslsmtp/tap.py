@@ -74,6 +74,10 @@ class Options(usage.Options):
         try:
             config = load(self["config"])
             self["service"] = make_service(config, reactor, self["workers"])
+            if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
+                from saslsmtp.logs import use_for_twistd
+                self.parent["logger"] = self.parent.get("logger") or use_for_twistd(
+                    self.parent, config.ops.log_format, config.ops.log_level)
             if self["check"]:
                 check_users_files(config)
         except ConfigError as e:
