@@ -45,7 +45,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._err = b""
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
+        self.pid = getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:
         self._out += data
@@ -221,8 +221,9 @@ class MasterService(service.MultiService):
 
     def signal_workers(self, signum: int) -> None:
         for worker in list(self.workers.values()):
+            transport: Any = worker.transport
             try:
-                worker.transport.signalProcess(signum)
+                transport.signalProcess(signum)
             except (error.ProcessExitedAlready, OSError):
                 pass
 

@@ -44,38 +44,37 @@ class Metrics:
     which is what a multi-process worker wants)."""
 
     def __init__(self, registry: CollectorRegistry | None, known_mechanisms: Any = None) -> None:
-        r = {"registry": registry}
         #: Mechanism names the server knows; anything else is counted as ``other``.
         self.known_mechanisms = None if known_mechanisms is None else {m.upper() for m in known_mechanisms}
-        self.connections = Counter("saslsmtp_connections", "Accepted connections.", ["listener"], **r)
-        self.sessions = Gauge("saslsmtp_sessions", "Open SMTP sessions.", multiprocess_mode="livesum", **r)
+        self.connections = Counter("saslsmtp_connections", "Accepted connections.", ["listener"], registry=registry)
+        self.sessions = Gauge("saslsmtp_sessions", "Open SMTP sessions.", multiprocess_mode="livesum", registry=registry)
         self.worker_sessions = Gauge(
             "saslsmtp_worker_sessions", "Open SMTP sessions per process (a pid label with workers).",
-            multiprocess_mode="liveall", **r)
-        self.auth = Counter("saslsmtp_auth", "Finished AUTH exchanges.", ["mechanism", "result"], **r)
+            multiprocess_mode="liveall", registry=registry)
+        self.auth = Counter("saslsmtp_auth", "Finished AUTH exchanges.", ["mechanism", "result"], registry=registry)
         self.auth_duration = Histogram(
             "saslsmtp_auth_duration_seconds", "Time a backend took to decide a password check.",
-            ["backend"], buckets=DURATION_BUCKETS, **r)
+            ["backend"], buckets=DURATION_BUCKETS, registry=registry)
         self.backend_requests = Counter(
             "saslsmtp_backend_requests", "Password checks per backend and their outcome.",
-            ["backend", "result"], **r)
-        self.cache_hits = Counter("saslsmtp_auth_cache_hits", "AUTH answered from the cache.", **r)
-        self.cache_misses = Counter("saslsmtp_auth_cache_misses", "AUTH not in the cache.", **r)
+            ["backend", "result"], registry=registry)
+        self.cache_hits = Counter("saslsmtp_auth_cache_hits", "AUTH answered from the cache.", registry=registry)
+        self.cache_misses = Counter("saslsmtp_auth_cache_misses", "AUTH not in the cache.", registry=registry)
         self.limit_rejections = Counter(
             "saslsmtp_limit_rejections", "Commands refused by a rate or concurrency limit.",
-            ["limit"], **r)
+            ["limit"], registry=registry)
         self.script_errors = Counter(
-            "saslsmtp_script_errors", "AUTH script calls that raised, timed out or returned junk.", **r)
-        self.tls_handshakes = Counter("saslsmtp_tls_handshakes", "Completed TLS handshakes.", **r)
+            "saslsmtp_script_errors", "AUTH script calls that raised, timed out or returned junk.", registry=registry)
+        self.tls_handshakes = Counter("saslsmtp_tls_handshakes", "Completed TLS handshakes.", registry=registry)
         self.tls_handshake_failures = Counter(
-            "saslsmtp_tls_handshake_failures", "TLS handshakes that failed.", **r)
-        self.messages = Counter("saslsmtp_messages", "Messages accepted (250 after DATA).", **r)
-        self.message_bytes = Counter("saslsmtp_message_bytes", "Octets of accepted messages.", **r)
+            "saslsmtp_tls_handshake_failures", "TLS handshakes that failed.", registry=registry)
+        self.messages = Counter("saslsmtp_messages", "Messages accepted (250 after DATA).", registry=registry)
+        self.message_bytes = Counter("saslsmtp_message_bytes", "Octets of accepted messages.", registry=registry)
         self.delivery_failures = Counter(
-            "saslsmtp_delivery_failures", "Messages refused because delivery failed.", **r)
+            "saslsmtp_delivery_failures", "Messages refused because delivery failed.", registry=registry)
         self.redis_unavailable = Counter(
-            "saslsmtp_redis_unavailable", "Operations that found Redis unreachable.", **r)
-        self.reloads = Counter("saslsmtp_reloads", "Configuration reloads by result.", ["result"], **r)
+            "saslsmtp_redis_unavailable", "Operations that found Redis unreachable.", registry=registry)
+        self.reloads = Counter("saslsmtp_reloads", "Configuration reloads by result.", ["result"], registry=registry)
 
     # -- events (the protocol and the backends call these) ----------------------------
 

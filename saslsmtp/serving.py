@@ -196,7 +196,10 @@ def install_sighup(reactor: Any, handler: Callable[[], Any]) -> Callable[[], Non
     process).  Returns a function restoring the previous disposition."""
     import signal
     previous = signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(handler))
-    return lambda: signal.signal(signal.SIGHUP, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, previous)
+    return restore
 
 
 class ReloadableService(SaslSmtpService):
@@ -206,6 +209,7 @@ class ReloadableService(SaslSmtpService):
     def __init__(self, factory: MeteredFactory, path: str, reactor: Any,
                  metrics: Metrics | None = None) -> None:
         super().__init__(factory.wiring, factory)
+        self.config = factory.wiring.config  # as started (a reload cannot change server.user)
         self.reactor = reactor
         self.reloader = Reloader(path, factory, reactor, metrics)
         self._restore_sighup: Callable[[], None] | None = None

@@ -61,7 +61,6 @@ def build_worker_service(config_path: str, listeners: Sequence[tuple[int, str]],
     config = load(config_path)
     factory = build_factory(config, reactor, metrics)
     top = ReloadableService(factory, config_path, reactor, metrics)
-    top.config = config
     live = LiveTLSContext(factory) if factory.wiring.tls_context is not None else None
     for fd, description in listeners:
         spec = socks.parse(description)
@@ -78,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slot", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    reactor: Any = global_reactor  # the entry point owns the process's reactor
 
     from saslsmtp import privileges
     from saslsmtp.config import ConfigError
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("worker cannot start: {error}", error=f"{type(e).__name__}: {e}")
         return 1
 
-    stopping = []
+    stopping: list[bool] = []
 
     def stop() -> None:
         if reactor.running and not stopping:
