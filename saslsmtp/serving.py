@@ -11,11 +11,18 @@ the objects they were built with.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from twisted.application import internet
-from twisted.internet import protocol, task
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from saslsmtp.checkers.chain import BackendChain
 
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.metrics import Metrics
@@ -63,10 +70,52 @@ class LiveTLSContext:
         return self.factory.wiring.tls_context.getContext()
 
 
+@implementer(ICredentialsChecker)
+class MeteredChecker:
+    """A backend as the password chain sees it, timing each check and counting its
+    outcome (``saslsmtp_backend_requests_total``, ``saslsmtp_auth_duration_seconds``)."""
+
+    def __init__(self, name: str, checker: Any, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.checker = checker
+        self.metrics = metrics
+        self.clock = clock
+        self.credentialInterfaces = checker.credentialInterfaces
+
+    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[Any]":
+        started = self.clock()
+
+        def accepted(avatar: Any) -> Any:
+            self.metrics.backend_finished(self.name, "accept", self.clock() - started)
+            return avatar
+
+        def failed(failure: Any) -> Any:
+            result = "reject" if failure.check(UnauthorizedLogin) else "tempfail"
+            self.metrics.backend_finished(self.name, result, self.clock() - started)
+            return failure
+        return defer.maybeDeferred(self.checker.requestAvatarId, credentials).addCallbacks(accepted, failed)
+
+
+def instrument(wiring: Wiring, metrics: Metrics | None) -> Wiring:
+    """Time and count every backend of the password chain (a script's own
+    ``backends.verify`` calls are not counted here)."""
+    chain = wiring.portal.checkers.get(IUsernamePassword)
+    if metrics is not None and isinstance(chain, BackendChain):
+        chain.backends = [(name, MeteredChecker(name, checker, metrics))
+                          for name, checker in chain.backends]
+    return wiring
+
+
+def metered_wire(metrics: Metrics | None) -> Callable[[Config, Any], Wiring]:
+    """``wire`` plus ``instrument``: what a process builds at start and at each reload."""
+    return lambda config, reactor: instrument(wire(config, reactor), metrics)
+
+
 def build_factory(config: Config, reactor: Any, metrics: Metrics | None = None) -> MeteredFactory:
     """The SMTP factory of this process (its thread pools not started yet:
     ``start_runners(factory.wiring)``)."""
-    return MeteredFactory(wire(config, reactor), reactor, metrics)
+    return MeteredFactory(metered_wire(metrics)(config, reactor), reactor, metrics)
 
 
 def start_runners(wiring: Wiring) -> None:
@@ -211,7 +260,7 @@ class ReloadableService(SaslSmtpService):
         super().__init__(factory.wiring, factory)
         self.config = factory.wiring.config  # as started (a reload cannot change server.user)
         self.reactor = reactor
-        self.reloader = Reloader(path, factory, reactor, metrics)
+        self.reloader = Reloader(path, factory, reactor, metrics, make_wiring=metered_wire(metrics))
         self._restore_sighup: Callable[[], None] | None = None
 
     def startService(self) -> None:

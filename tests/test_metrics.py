@@ -164,3 +164,44 @@ async def test_multiprocess_sums_two_writers_and_forgets_dead_gauges(tmp_path: P
     s = samples((await scrape(metrics_site(registry)))[1])
     assert s[("saslsmtp_sessions", ())] == 4
     assert s[("saslsmtp_connections_total", (("listener", "tcp:2525"),))] == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_served_session_is_counted(tmp_path: Path) -> None:
+    """A real listener built like the daemon's: the connection is counted under its
+    listener, the session gauge returns to 0 when it ends, each backend check is timed
+    and counted with its outcome."""
+    from twisted.internet import reactor
+
+    from saslsmtp.serving import build_factory, listening_factory, start_runners, stop_wiring
+    from saslsmtp.tap import listener, load
+    from tests.support import smtp_login, write_config
+    (tmp_path / "a.passwd").write_text("nobody-here:{PLAIN}x\n")
+    (tmp_path / "b.passwd").write_text("alice:{PLAIN}wonderland\n")
+    config = load(str(write_config(tmp_path, (
+        f'[backends.first]\ntype = "file"\npath = "{tmp_path / "a.passwd"}"\n'
+        f'[backends.second]\ntype = "file"\npath = "{tmp_path / "b.passwd"}"\n'))))
+    registry = CollectorRegistry()
+    factory = build_factory(config, reactor, Metrics(registry))
+    start_runners(factory.wiring)
+    name = config.server.listen[0]
+    endpoint, wrapped = listener(name, config, reactor, listening_factory(factory, name))
+    port = await endpoint.listen(wrapped)
+    try:
+        assert (await smtp_login(port.getHost().port, "alice", "wonderland"))[0] == 235
+        assert (await smtp_login(port.getHost().port, "alice", "wrong"))[0] == 535
+        value = registry.get_sample_value
+        assert value("saslsmtp_connections_total", {"listener": name}) == 2
+        assert value("saslsmtp_backend_requests_total", {"backend": "first", "result": "reject"}) == 2
+        assert value("saslsmtp_backend_requests_total", {"backend": "second", "result": "accept"}) == 1
+        assert value("saslsmtp_backend_requests_total", {"backend": "second", "result": "reject"}) == 1
+        assert value("saslsmtp_auth_duration_seconds_count", {"backend": "second"}) == 2
+        from twisted.internet import task
+        for _ in range(100):  # the server sees the close a moment after the client
+            if value("saslsmtp_sessions") == 0:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert value("saslsmtp_sessions") == 0
+    finally:
+        await port.stopListening()
+        stop_wiring(factory.wiring)
