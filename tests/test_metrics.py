@@ -205,3 +205,33 @@ async def test_a_served_session_is_counted(tmp_path: Path) -> None:
     finally:
         await port.stopListening()
         stop_wiring(factory.wiring)
+
+
+def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
+    """``twistd -n saslsmtp`` with ``[metrics]`` and one process: /metrics counts the
+    connection the client made."""
+    import signal
+    import socket as sockets
+
+    from tests.support import free_port, start_daemon, write_config
+    from tests.test_workers import wait_for
+    port, metrics_port = free_port(), free_port()
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")  # its probe is connection 1
+    try:
+        with sockets.create_connection(("127.0.0.1", port), timeout=5) as s:
+            assert s.recv(100).startswith(b"220 ")
+
+        def scraped() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+                return samples(r.read().decode())
+        listener = (("listener", f"tcp:{port}:interface=127.0.0.1"),)
+        wait_for(lambda: scraped().get(("saslsmtp_connections_total", listener)) == 2
+                 and scraped()[("saslsmtp_sessions", ())] == 0, what="two counted, none open")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(30) == 0
+    finally:
+        daemon.stop()
