@@ -204,14 +204,20 @@ class MasterService(service.MultiService):
 
     def reload(self) -> bool:
         """SIGHUP: validate the configuration here, then let every worker reload it."""
-        from saslsmtp.tap import check_users_files, load
+        from saslsmtp.serving import stop_wiring
+        from saslsmtp.tap import check_users_files, load, wire
         try:
             config = (self.load_config or load)(self.config_path)
             check_users_files(config)
+            stop_wiring(wire(config, self.reactor))  # the script, backends, certificate load
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload refused, workers keep the running configuration: {problem}",
                           problem=str(problem))
+            return False
+        except Exception as e:  # a certificate or key that does not load, and the like
+            log.error("reload refused, workers keep the running configuration: {path}: {error}",
+                      path=self.config_path, error=f"{type(e).__name__}: {e}")
             return False
         if [listeners.parse(d) for d in config.server.listen] != self.specs:
             log.warn("reload: server.listen changed; it takes effect at the next restart")
