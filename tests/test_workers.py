@@ -39,8 +39,9 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
 class Session:
     """A raw SMTP client socket: send a line, read one reply."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, preamble: bytes = b"") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(preamble)  # e.g. a PROXY protocol header
         self.buffer = b""
         self.greeting = self.reply()
 
@@ -211,3 +212,31 @@ def test_sighup_with_a_broken_config_keeps_serving(two_workers, tmp_path: Path) 
     master.send_signal(signal.SIGHUP)
     wait_for(lambda: log.read_text().count("new sessions use it") == 2, what="both workers reloading")
     assert master.poll() is None
+
+
+def test_haproxy_listener_is_wrapped_in_the_workers(tmp_path: Path) -> None:
+    """``haproxy:tcp:...`` shared by two workers: the PROXY v1 header is parsed in the
+    worker, and the AUTH log line names the proxied client, not 127.0.0.1."""
+    (tmp_path / "users").write_text(USERS)
+    port = free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), mechanisms=["PLAIN"],
+                          listen=[f"haproxy:tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "master.log"
+    master = start(config, log, "--workers", "2")
+    try:
+        wait_for(lambda: log.read_text().count(" serving ") == 2, what="two workers serving")
+        session = Session(port, b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 587\r\n")
+        assert session.greeting.startswith(b"220 ")
+        assert session.login().startswith(b"235 ")
+        session.close()
+        wait_for(lambda: "AUTH PLAIN ok user=alice ip=203.0.113.9" in log.read_text(),
+                 what="the proxied address in the log")
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(30) == 0
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        for pid in worker_pids(log).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
