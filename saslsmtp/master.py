@@ -11,6 +11,7 @@ the workers, and on shutdown forwards SIGTERM and waits for every worker to end.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -94,6 +95,7 @@ class MasterService(service.MultiService):
         self.specs = [listeners.parse(d) for d in config.server.listen]
         self.sockets: list[socket.socket] = []
         self.metrics_dir: Path | None = None
+        self._own_metrics_dir: str | None = None  # made here: removed at exit
         self.workers: dict[int, WorkerProcess] = {}
         self.failures: dict[int, int] = {}
         self.pending: dict[int, Any] = {}
@@ -114,7 +116,9 @@ class MasterService(service.MultiService):
         identity = privileges.resolve(self.config.ops.user, self.config.ops.group)
         privileges.check(identity)
         if self.config.ops.metrics is not None:
-            where = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="saslsmtp-metrics-")
+            where = os.environ.get(MULTIPROC_ENV)
+            if not where:
+                where = self._own_metrics_dir = tempfile.mkdtemp(prefix="saslsmtp-metrics-")
             self.metrics_dir = prepare_multiprocess_dir(where)
             if identity is not None and os.getuid() == 0:
                 os.chown(self.metrics_dir, identity.uid, identity.gid)
@@ -270,4 +274,7 @@ class MasterService(service.MultiService):
         for sock in self.sockets:
             sock.close()
         self.sockets = []
+        if self._own_metrics_dir is not None:
+            shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+            self._own_metrics_dir = None
         return result
