@@ -1,9 +1,9 @@
 """The seam between the SMTP wiring and the operations machinery.
 
 ``build_factory(config, reactor, metrics)`` makes the one SMTP factory of a process;
-``listening_factory(factory, description, metrics)`` is what one listener serves (it
-counts the connection under that listener's name and puts implicit TLS around it when
-``ssl:`` asks); ``build_service`` is the whole single-process daemon.  The factory reads
+``listening_factory(factory, description)`` is what one listener serves (it counts the
+connection under that listener's name; ``tap.listener`` or ``listeners.adopt`` put
+implicit TLS around it when ``ssl:`` asks); ``build_service`` is the whole single-process daemon.  The factory reads
 its ``wiring`` (portal, mechanisms, script, TLS context, settings) at every new
 connection, so ``Reloader`` swaps the wiring for new sessions while open sessions keep
 the objects they were built with.
@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from saslsmtp.checkers.chain import BackendChain
-
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.metrics import Metrics
 from saslsmtp.tap import SaslSmtpService, SubmissionFactory, Wiring, listener, load, wire

@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import Logger, LogPublisher
 
-from saslsmtp.logs import JSONLinesObserver, SessionSummary, make_observer, session_ended
+from saslsmtp.logs import SessionSummary, make_observer, session_ended
 from tests.support import ROOT, free_port, twistd_command, write_config
 from tests.test_workers import Session, alive, wait_for, worker_pids
 

@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from saslsmtp.serving import Reloader, build_factory, start_runners, stop_wiring
-from saslsmtp.tap import load, wire
+from saslsmtp.tap import load
 from tests.support import ROOT, free_port, twistd_command, write_config
 from tests.test_workers import alive, wait_for, worker_pids
 
