@@ -26,6 +26,8 @@ from saslsmtp.options import PATH, OptionProblem, Options, OptionsError, problem
 from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_delivery
 from saslsmtp.senders import SubmissionOptions, parse_submission
 
+from saslsmtp.opsconfig import SERVER_KEYS, OpsConfig, check_identity, parse_ops
+
 # --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
@@ -167,6 +169,7 @@ class Config:
     backends: Mapping[str, BackendConfig]
     delivery: DeliveryConfig | UpstreamDelivery
     submission: SubmissionOptions = SubmissionOptions()
+    ops: OpsConfig = OpsConfig()  # [server] workers/user/group/log_*, [metrics]
 
     sections: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
@@ -241,6 +244,7 @@ class Section:
     optional: bool = False
     cross_check: CrossCheck | None = None
     parser: "SectionParser | None" = None
+    skip: tuple[str, ...] = ()  # keys another module reads from this table
 
 
 def _listen_needs_tls(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
@@ -253,7 +257,7 @@ def _listen_needs_tls(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
 #: Every section but ``[backends.*]``, in the order they are checked.  ``Config.section(name)``
 #: returns the parsed value; the core ones are also ``Config`` attributes.
 SECTIONS: dict[str, Section] = {
-    "server": Section(ServerConfig, cross_check=_listen_needs_tls),
+    "server": Section(ServerConfig, cross_check=_listen_needs_tls, skip=SERVER_KEYS),
     "tls": Section(TLSConfig, optional=True),
     "auth": Section(AuthConfig),
     "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base),
@@ -333,7 +337,7 @@ def parse_config(text: str, file: str = "<config>", *,
                                          f"not valid TOML: {e}")]) from None
     report = _Problems(file, text)
     base = Path(file).resolve().parent
-    known_top = {name.split(".")[0] for name in SECTIONS} | {"backends"}
+    known_top = {name.split(".")[0] for name in SECTIONS} | {"backends", "metrics"}
     for key in data:
         if key not in known_top:
             report.add(key, f"unknown section (known: {', '.join(sorted(known_top))})")
@@ -352,8 +356,11 @@ def parse_config(text: str, file: str = "<config>", *,
         else:
             assert section.options is not None, name
             sections[name] = _table(report, section.options, raw if present else {}, name,
-                                    base, children)
+                                    base, [*children, *section.skip])
         broken = broken or sections[name] is None
+    # [server]'s operations keys and [metrics] (saslsmtp.opsconfig)
+    ops = parse_ops(data.get("server", {}), data.get("metrics"), report.add)
+    check_identity(ops, report.add)
 
     backends: dict[str, BackendConfig] = {}
     raw_backends = data.get("backends", {})
@@ -395,7 +402,8 @@ def parse_config(text: str, file: str = "<config>", *,
         raise ConfigError(report.found)
     return Config(path=file, server=sections["server"], tls=sections["tls"], auth=auth,
                   backends=backends, delivery=sections["delivery"],
-                  submission=sections["submission"] or SubmissionOptions(), sections=sections)
+                  submission=sections["submission"] or SubmissionOptions(), ops=ops,
+                  sections=sections)
 
 
 def load_config(path: str, *, known_mechanisms: frozenset[str] = frozenset()) -> Config:

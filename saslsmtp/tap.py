@@ -8,7 +8,13 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from saslsmtp.config import ConfigError
-from saslsmtp.service import build, check_users_files, load
+from saslsmtp.service import check_users_files, load
+
+
+def _worker_count(value: str) -> int:
+    if not value.isdigit():
+        raise ValueError("--workers must be a number, 0 or more")
+    return int(value)
 
 
 class Options(usage.Options):
@@ -19,17 +25,31 @@ class Options(usage.Options):
                 "Configuration: a TOML file (see etc/saslsmtp.toml and the README).")
     optParameters = [
         ["config", "c", "etc/saslsmtp.toml", "The TOML configuration file."],
+        ["workers", "w", None, "Worker processes sharing the listeners (overrides server.workers;"
+                               " 0 = one per CPU, 1 = a single process).", _worker_count],
     ]
     optFlags = [
         ["check", None, "Validate the configuration (and the users file, script and backends "
                         "it names, without contacting servers), print problems, exit 0 or 1."],
     ]
 
+    def opt_version(self) -> None:
+        """Print saslsmtp's and Twisted's versions and exit."""
+        from saslsmtp.daemon import versions
+        print(versions())
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         from twisted.internet import reactor
+
+        from saslsmtp.daemon import make_service
         try:
             config = load(self["config"])
-            self["service"] = build(config, reactor)
+            self["service"] = make_service(config, reactor, self["workers"])
+            if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
+                from saslsmtp.logs import use_for_twistd
+                self.parent["logger"] = self.parent.get("logger") or use_for_twistd(
+                    self.parent, config.ops.log_format, config.ops.log_level)
             if self["check"]:
                 check_users_files(config)
         except ConfigError as e:

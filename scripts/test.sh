@@ -40,6 +40,7 @@ declare -A BINARY_PACKAGE=(
     [fail2ban-regex]=fail2ban
     [postfix]=postfix
     [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
+    [systemd-analyze]=systemd
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).

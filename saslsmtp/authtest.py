@@ -1,0 +1,205 @@
+"""``saslsmtp-authtest``: check a password exactly as the server would, from a shell.
+
+    saslsmtp-authtest --config F [--mechanism PLAIN] [--remote-ip IP] [--tls] USER
+
+The password is read like ``saslsmtp-passwd`` reads it (a prompt on a terminal, else one
+line of standard input).  The configuration is wired with the server's own functions:
+with an ``auth.script`` the script decides (PLAIN and LOGIN go to it), otherwise the
+``auth.backends`` chain, first accept wins.  It prints the verdict, the deciding backend
+(or the script) and the time taken, plus one line per backend asked.
+
+Exit status: 0 accepted, 1 rejected, 2 temporary failure (the server would answer 454);
+64 usage error, 78 configuration error (sysexits.h).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass as getpass_module
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TextIO
+
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+
+from saslsmtp.config import Config, ConfigError
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.sasl.outcome import Session
+
+ACCEPT, REJECT, TEMPORARY = "accept", "reject", "temporary"
+EXIT = {ACCEPT: 0, REJECT: 1, TEMPORARY: 2}
+EX_USAGE, EX_CONFIG = 64, 78
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One backend (or the script) asked, what it said and how long it took."""
+
+    name: str
+    verdict: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verdict, who decided it, the total time, and every step."""
+
+    verdict: str
+    decided_by: str | None
+    seconds: float
+    username: str
+    steps: tuple[Step, ...] = field(default=())
+
+
+def _verdict_of(failure: BaseException) -> tuple[str, str]:
+    if isinstance(failure, UnauthorizedLogin):
+        return REJECT, ""
+    if isinstance(failure, TemporaryFailure):
+        return TEMPORARY, str(failure)
+    if type(failure).__name__ == "AuthRejected":  # the script's Reject
+        return REJECT, ""
+    return TEMPORARY, f"{type(failure).__name__}: {failure}"
+
+
+async def _ask(name: str, checker: Any, credentials: Any, clock: Callable[[], float]) -> tuple[Step, Any]:
+    started = clock()
+    try:
+        avatar = await defer.maybeDeferred(checker.requestAvatarId, credentials)
+    except Exception as e:
+        verdict, detail = _verdict_of(e)
+        return Step(name, verdict, clock() - started, detail), None
+    return Step(name, ACCEPT, clock() - started), avatar
+
+
+async def check_password(config: Config, wiring: Any, mechanism: str, username: str,
+                         password: str, *, remote_ip: str = "127.0.0.1", tls: bool = False,
+                         clock: Callable[[], float] = time.monotonic) -> Outcome:
+    """Decide like the server: the script when one is configured, else the backend chain
+    (first accept wins; none accepts and one failed temporarily -> temporary)."""
+    session = Session(remote_ip=remote_ip, tls=tls, hostname=config.server.hostname,
+                      mechanism=mechanism)
+    credentials = PasswordCredentials(username.encode("utf-8"), password.encode("utf-8"), session)
+    started = clock()
+    if config.auth.script is not None:
+        checker = wiring.portal.checkers[IUsernamePassword]
+        step, avatar = await _ask(f"script {config.auth.script}", checker, credentials, clock)
+        name = avatar.decode("utf-8", "replace") if isinstance(avatar, bytes) else username
+        return Outcome(step.verdict, step.name, clock() - started, name, (step,))
+    steps: list[Step] = []
+    for backend in config.auth.backends:
+        step, avatar = await _ask(backend, wiring.checkers[backend], credentials, clock)
+        steps.append(step)
+        if step.verdict == ACCEPT:
+            name = avatar.decode("utf-8", "replace") if isinstance(avatar, bytes) else username
+            return Outcome(ACCEPT, backend, clock() - started, name, tuple(steps))
+    temporary = [s for s in steps if s.verdict == TEMPORARY]
+    return Outcome(TEMPORARY if temporary else REJECT, temporary[0].name if temporary else None,
+                   clock() - started, username, tuple(steps))
+
+
+def format_outcome(outcome: Outcome, mechanism: str) -> str:
+    """The lines printed: each step, then the verdict with who decided and the time."""
+    lines = [f"  {s.name}: {s.verdict} ({s.seconds * 1000:.1f} ms)" + (f": {s.detail}" if s.detail else "")
+             for s in outcome.steps]
+    by = f" by {outcome.decided_by}" if outcome.decided_by else " (no backend accepted)"
+    word = {ACCEPT: "ACCEPT", REJECT: "REJECT", TEMPORARY: "TEMPORARY FAILURE"}[outcome.verdict]
+    lines.append(f"{word}: {outcome.username} via {mechanism}{by} in {outcome.seconds * 1000:.1f} ms")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saslsmtp-authtest",
+        description="Check a password as the server would; exit 0 accept, 1 reject, 2 temporary.",
+        epilog="The password is prompted for on a terminal, else read as one line of standard input.")
+    parser.add_argument("-c", "--config", default="etc/saslsmtp.toml", help="the TOML configuration")
+    parser.add_argument("-m", "--mechanism", type=str.upper, default="PLAIN",
+                        choices=PASSWORD_MECHANISMS, help="PLAIN (default) or LOGIN")
+    parser.add_argument("--remote-ip", default="127.0.0.1", help="client address the backends see")
+    parser.add_argument("--tls", action="store_true", help="pretend the session is under TLS")
+    parser.add_argument("--version", action="store_true", help="print the versions and exit")
+    parser.add_argument("user", metavar="USER", nargs="?")
+    return parser
+
+
+def read_password(stdin: TextIO, getpass: Callable[[str], str]) -> str | None:
+    isatty = getattr(stdin, "isatty", None)
+    if callable(isatty) and isatty():
+        return getpass("Password: ")
+    line = stdin.readline()
+    return line.rstrip("\n").rstrip("\r") if line else None
+
+
+async def run(reactor: Any, config_path: str, mechanism: str, user: str, password: str,
+              remote_ip: str, tls: bool, out: TextIO, err: TextIO) -> int:
+    """Wire the configuration, check, print, tear down; returns the exit status."""
+    from saslsmtp.serving import start_runners, stop_wiring
+    from saslsmtp.service import load, wire
+    try:
+        config = load(config_path)
+        wiring = wire(config, reactor)
+    except ConfigError as e:
+        print(f"saslsmtp-authtest: configuration is not valid:\n{e}", file=err)
+        return EX_CONFIG
+    if mechanism not in config.auth.mechanisms:
+        print(f"saslsmtp-authtest: {mechanism} is not in auth.mechanisms; the server would"
+              " answer 504", file=err)
+        return EXIT[REJECT]
+    start_runners(wiring)
+    try:
+        outcome = await check_password(config, wiring, mechanism, user, password,
+                                       remote_ip=remote_ip, tls=tls)
+    finally:
+        stop_wiring(wiring)
+    print(format_outcome(outcome, mechanism), file=out)
+    return EXIT[outcome.verdict]
+
+
+def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None,
+         getpass: Callable[[str], str] | None = None) -> int:
+    """Run the command with its own reactor; returns the exit status."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    parser = build_parser()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:
+        return EX_USAGE if e.code else 0
+    if args.version:
+        from saslsmtp.daemon import versions
+        print(versions(), file=stdout)
+        return 0
+    if not args.user:
+        print("saslsmtp-authtest: USER is required", file=stderr)
+        return EX_USAGE
+    password = read_password(stdin, getpass or getpass_module.getpass)
+    if password is None:
+        print("saslsmtp-authtest: no password on standard input", file=stderr)
+        return EX_USAGE
+    from twisted.internet import task
+    status: list[int] = []
+
+    async def body(reactor: Any) -> None:
+        status.append(await run(reactor, args.config, args.mechanism, args.user, password,
+                                args.remote_ip, args.tls, stdout, stderr))
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(body(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT[TEMPORARY]
+    return status[0] if status else EXIT[TEMPORARY]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Which process layout to run: one process, or a master and N workers.
+
+``make_service(config, reactor, workers)`` is what ``twistd saslsmtp`` runs.  With one
+process it is the SMTP service (metrics, SIGHUP reload) under ``SingleProcess``, which
+binds, serves ``/metrics`` and then drops privileges; with more it is the
+``MasterService``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+
+from saslsmtp import privileges
+from saslsmtp.config import Config, ConfigError, ConfigProblem
+from saslsmtp.listeners import ListenError, parse
+from saslsmtp.metrics import Metrics, metrics_service
+
+
+class SingleProcess(service.MultiService):
+    """The SMTP service and the metrics endpoint; root is dropped once both are bound."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.identity = privileges.resolve(config.ops.user, config.ops.group)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
+                             f" {e.socketError}") from None
+        privileges.drop(self.identity)
+
+    def stopService(self) -> Any:
+        from twisted.internet import defer
+        return defer.maybeDeferred(super().stopService).addCallback(clean_exit, self.reactor)
+
+
+def clean_exit(result: Any, reactor: Any) -> Any:
+    """A SIGTERM/SIGINT shutdown that completed is a success: exit 0, not the signal.
+
+    twistd re-raises the signal that stopped the reactor once the service has stopped
+    (so the exit status would say "killed by SIGTERM"); operators and the contract
+    expect 0 from an orderly stop."""
+    import signal
+    if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+        reactor._exitSignal = None
+    return result
+
+
+def make_service(config: Config, reactor: Any, workers: int | None = None) -> service.IService:
+    """The daemon for ``config``; ``workers`` (``--workers``) overrides ``server.workers``."""
+    from saslsmtp.serving import build_service
+    from saslsmtp.service import wire
+    count = config.ops.worker_count(workers)
+    if count == 1:
+        top = SingleProcess(config, reactor)
+        metrics = None
+        if config.ops.metrics is not None:
+            from prometheus_client import CollectorRegistry
+            registry = CollectorRegistry()
+            metrics = Metrics(registry)
+            metrics_service(config.ops.metrics.listen, reactor, registry).setServiceParent(top)
+        build_service(config, reactor, metrics).setServiceParent(top)
+        return top
+    from saslsmtp.master import MasterService
+    try:
+        for description in config.server.listen:
+            parse(description)
+    except ListenError as e:
+        raise ConfigError([ConfigProblem(config.path, "server.listen", None, str(e))]) from None
+    wire(config, reactor)  # the same checks a worker makes, reported once, at startup
+    return MasterService(config.path, config, count, reactor)
+
+
+def versions() -> str:
+    """``saslsmtp 0.1.0 (Twisted 26.10.0, Python 3.11.7)``."""
+    import platform
+
+    import twisted
+
+    import saslsmtp
+    return f"saslsmtp {saslsmtp.__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"

@@ -1,0 +1,149 @@
+"""Listening sockets shared by worker processes.
+
+The master ``bind``s every ``server.listen`` entry itself (a plain socket, before it
+drops privileges) and hands the file descriptors to its workers; each worker ``adopt``s
+them with ``AdoptedStreamServerEndpoint`` and adds what the endpoint string asked for on
+top: the PROXY protocol (``haproxy:``) and implicit TLS (``ssl:``).  All workers then
+accept from one kernel queue, so a worker that dies loses only its own connections and
+nothing waiting in the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+#: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
+ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
+
+
+class ListenError(Exception):
+    """A ``server.listen`` entry cannot be bound (message names the entry)."""
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One ``server.listen`` entry, parsed."""
+
+    description: str
+    proxy: bool  # "haproxy:" prefix: a PROXY v1/v2 header precedes each connection
+    kind: str  # tcp | tcp6 | ssl | unix
+    address: str  # interface (tcp) or path (unix)
+    port: int
+    backlog: int
+    options: tuple[tuple[str, str], ...]  # every key=value, for ssl: key files
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.kind == "unix":
+            return socket.AF_UNIX
+        if self.kind == "tcp6" or ":" in self.address:
+            return socket.AF_INET6
+        return socket.AF_INET
+
+
+def _split(description: str) -> list[str]:
+    """Split on ``:`` not escaped by ``\\`` (Twisted's endpoint string quoting)."""
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse(description: str) -> ListenerSpec:
+    """Parse a ``server.listen`` endpoint string the way the master binds it."""
+    proxy = description.startswith("haproxy:")
+    parts = _split(description[len("haproxy:"):] if proxy else description)
+    kind = parts[0]
+    if kind not in ADOPTABLE:
+        raise ListenError(f"{description}: {kind}: endpoints cannot be shared by workers"
+                          f" (use {', '.join(ADOPTABLE)}, or workers = 1)")
+    positional = [p for p in parts[1:] if "=" not in p]
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    first = options.pop("port" if kind != "unix" else "address", None)
+    if first is None:
+        if not positional:
+            raise ListenError(f"{description}: needs a {'path' if kind == 'unix' else 'port'}")
+        first = positional[0]
+    try:
+        backlog = int(options.pop("backlog", "50"))
+        if kind == "unix":
+            return ListenerSpec(description, proxy, kind, first, 0, backlog,
+                                tuple(sorted(options.items())))
+        port = int(first)
+    except ValueError:
+        raise ListenError(f"{description}: port and backlog must be numbers") from None
+    if not 0 <= port < 65536:
+        raise ListenError(f"{description}: port {port} is out of range")
+    address = options.pop("interface", "::" if kind == "tcp6" else "")
+    return ListenerSpec(description, proxy, kind, address, port, backlog,
+                        tuple(sorted(options.items())))
+
+
+def bind(spec: ListenerSpec) -> socket.socket:
+    """A listening, non-blocking, inheritable socket for ``spec`` (as Twisted would bind it)."""
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        if spec.kind == "unix":
+            try:
+                if stat.S_ISSOCK(os.stat(spec.address).st_mode):
+                    os.unlink(spec.address)  # a stale socket from an earlier run
+            except FileNotFoundError:
+                pass
+            sock.bind(spec.address)
+            mode = dict(spec.options).get("mode")
+            if mode is not None:
+                os.chmod(spec.address, int(mode, 8))
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.address, spec.port))
+        sock.listen(spec.backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {spec.description}: {e.strerror}") from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: Any) -> tuple[Any, Any]:
+    """(endpoint, factory) serving the inherited socket ``fd`` like ``spec`` says:
+    implicit TLS around the SMTP factory for ``ssl:``, the PROXY header parsed before
+    anything else for ``haproxy:`` (outside TLS, as HAProxy's ``send-proxy`` sends it)."""
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+    from twisted.protocols.haproxy import proxyEndpoint
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, spec.family)
+    if spec.proxy:
+        endpoint = proxyEndpoint(endpoint)
+    if spec.kind == "ssl":
+        options = dict(spec.options)
+        if "privateKey" in options:
+            tls_context = _explicit_ssl_context(reactor, spec)
+        if tls_context is None:
+            raise ListenError(f"{spec.description}: an ssl: endpoint needs a [tls] section")
+        factory = TLSMemoryBIOFactory(tls_context, False, factory)
+    return endpoint, factory
+
+
+def _explicit_ssl_context(reactor: Any, spec: ListenerSpec) -> Any:
+    """``ssl:...:privateKey=...``: the context Twisted's own ssl: parser builds."""
+    from twisted.internet import endpoints
+    endpoint = endpoints.serverFromString(reactor, spec.description[len("haproxy:"):]
+                                          if spec.proxy else spec.description)
+    return endpoint._sslContextFactory  # the parsed CertificateOptions

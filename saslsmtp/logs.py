@@ -1,0 +1,110 @@
+"""Log output: ``[server] log_format`` ("text" or "json" lines), ``log_level``, and the
+one line written when an SMTP session ends.
+
+twistd chooses the log file (``--logfile``, ``-n``, ``--syslog``); this module only
+changes how events are written there and which are dropped.  JSON lines carry ``time``,
+``level``, ``namespace``, ``message`` (the formatted text) and every plain field of
+the event (``client``, ``user``, ``worker_pid`` ...), so they can be filtered without
+parsing the message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
+                            LogLevelFilterPredicate, formatEvent, textFileLogObserver)
+from zope.interface import implementer
+
+_SKIP = {"message", "format", "isError", "system", "time"}
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """One JSON object per line (no record separator: ``jq`` and log shippers read it)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def __call__(self, event: dict) -> None:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(event.get("log_time") or 0, timezone.utc)
+                            .isoformat(timespec="milliseconds"),
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", "-"),
+            "message": formatEvent(event),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in _SKIP or key in record:
+                continue
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                record[key] = value
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                record["traceback"] = failure.getTraceback()
+            except Exception:  # a flattened failure relayed from a worker
+                record["traceback"] = str(failure)
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+
+def make_observer(out: IO[str], log_format: str = "text", log_level: str = "info") -> ILogObserver:
+    """The observer for ``out``: text or JSON lines, without events below ``log_level``."""
+    inner = JSONLinesObserver(out) if log_format == "json" else textFileLogObserver(out)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(log_level))
+    return FilteringLogObserver(inner, [predicate])
+
+
+#: What ``twistd_logger`` builds.  twistd takes ``--logger`` as a dotted name and calls it
+#: without arguments, so the choice made while parsing the options waits here.
+_TWISTD: dict[str, Any] = {}
+
+
+def use_for_twistd(twistd_options: Any, log_format: str, log_level: str) -> str | None:
+    """The ``--logger`` value making twistd write ``log_format`` lines at ``log_level``
+    where its options say (stdout with ``-n`` or ``--logfile=-``, else the log file), or
+    ``None`` to keep twistd's own observer (the defaults, ``--syslog``, an explicit
+    ``--logger``)."""
+    if (log_format, log_level) == ("text", "info") or twistd_options.get("logger") \
+            or twistd_options.get("syslog"):
+        return None
+    _TWISTD.update(format=log_format, level=log_level, logfile=twistd_options.get("logfile"),
+                   nodaemon=twistd_options.get("nodaemon"))
+    return f"{__name__}.twistd_logger"
+
+
+def twistd_logger() -> ILogObserver:
+    """twistd's ``--logger``: the observer ``use_for_twistd`` chose."""
+    filename = _TWISTD.get("logfile")
+    if filename == "-" or (_TWISTD.get("nodaemon") and not filename):
+        out: IO[str] = sys.stdout
+    else:
+        from twisted.python.logfile import LogFile
+        out = LogFile.fromFullPath(filename or "twistd.log")  # type: ignore[assignment]
+    return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What one SMTP session did (never a password, never message content)."""
+
+    client: str
+    user: str | None
+    mechanism: str | None
+    tls: str | None  # "TLSv1.3" or None
+    messages: int
+    bytes: int
+    duration: float
+
+
+def session_ended(log: Any, summary: SessionSummary) -> None:
+    """The one line per session, at connection loss: fields for JSON, readable as text."""
+    log.info("session end client={client} user={user} mechanism={mechanism} tls={tls}"
+             " messages={messages} bytes={bytes} duration={duration:.3f}s",
+             **{**asdict(summary), "user": summary.user or "-",
+                "mechanism": summary.mechanism or "-", "tls": summary.tls or "none"})

@@ -1,0 +1,280 @@
+"""The master process of ``workers = N`` (N > 1): binds, spawns, supervises, forwards.
+
+It binds every listener itself (before dropping privileges), then starts N workers
+(``python -m saslsmtp.worker``) that inherit the sockets and accept from the same
+queue.  It never serves SMTP.  It relays the workers' log events into its own log,
+restarts a worker that died (with a growing delay while it keeps dying), validates the
+configuration on SIGHUP before forwarding the signal, serves ``/metrics`` summed over
+the workers, and on shutdown forwards SIGTERM and waits for every worker to end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+
+import saslsmtp
+from saslsmtp import listeners, privileges
+from saslsmtp.config import Config, ConfigError
+from saslsmtp.daemon import clean_exit
+from saslsmtp.metrics import (MULTIPROC_ENV, mark_dead, metrics_service, multiprocess_registry,
+                              prepare_multiprocess_dir)
+from saslsmtp.serving import install_sighup
+
+log = Logger(namespace="saslsmtp")
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One worker as the master sees it: its log lines and its end."""
+
+    def __init__(self, master: "MasterService", slot: int) -> None:
+        self.master = master
+        self.slot = slot
+        self.pid: int | None = None
+        self.started = 0.0
+        self._out = b""
+        self._err = b""
+
+    def connectionMade(self) -> None:
+        self.pid = getattr(self.transport, "pid", None)
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            self.master.relay(self, line)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line.strip():
+                log.error("worker {slot} (pid {worker_pid}): {line}", slot=self.slot,
+                          worker_pid=self.pid, line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Any) -> None:
+        self.master.worker_ended(self, reason.value)
+
+
+def describe_end(value: Any) -> str:
+    """``exit status 1`` / ``signal 9`` / ``exit status 0`` from a processEnded reason."""
+    if getattr(value, "signal", None):
+        return f"signal {value.signal}"
+    return f"exit status {getattr(value, 'exitCode', '?')}"
+
+
+class MasterService(service.MultiService):
+    """The supervisor of ``workers`` worker processes (see the module docstring)."""
+
+    def __init__(self, config_path: str, config: Config, workers: int, reactor: Any, *,
+                 load_config: Callable[[str], Config] | None = None,
+                 python: str = sys.executable, grace: float = 10.0,
+                 backoff: tuple[float, float] = (0.5, 30.0), stable_after: float = 10.0,
+                 publish: Callable[[dict], None] | None = None) -> None:
+        super().__init__()
+        self.config_path = os.path.abspath(config_path)
+        self.config = config
+        self.count = workers
+        self.reactor = reactor
+        self.load_config = load_config
+        self.python = python
+        self.grace = grace
+        self.backoff = backoff
+        self.stable_after = stable_after
+        self.publish = publish or globalLogPublisher
+        self.specs = [listeners.parse(d) for d in config.server.listen]
+        self.sockets: list[socket.socket] = []
+        self.metrics_dir: Path | None = None
+        self._own_metrics_dir: str | None = None  # made here: removed at exit
+        self.workers: dict[int, WorkerProcess] = {}
+        self.failures: dict[int, int] = {}
+        self.pending: dict[int, Any] = {}
+        self.stopping = False
+        self._all_ended: list[defer.Deferred[None]] = []
+        self._restore_sighup: Callable[[], None] | None = None
+
+    # -- start ---------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        try:
+            self.sockets = [listeners.bind(spec) for spec in self.specs]
+        except listeners.ListenError as e:
+            raise SystemExit(f"saslsmtp: {e}") from None
+        # The master keeps its identity (like Postfix's and Dovecot's masters) so it can
+        # start workers from the same interpreter; each worker drops to server.user /
+        # server.group itself right after adopting the sockets, before it serves.
+        identity = privileges.resolve(self.config.ops.user, self.config.ops.group)
+        privileges.check(identity)
+        if self.config.ops.metrics is not None:
+            where = os.environ.get(MULTIPROC_ENV)
+            if not where:
+                where = self._own_metrics_dir = tempfile.mkdtemp(prefix="saslsmtp-metrics-")
+            self.metrics_dir = prepare_multiprocess_dir(where)
+            if identity is not None and os.getuid() == 0:
+                os.chown(self.metrics_dir, identity.uid, identity.gid)
+            metrics_service(self.config.ops.metrics.listen, self.reactor,
+                            multiprocess_registry(self.metrics_dir)).setServiceParent(self)
+        try:
+            super().privilegedStartService()
+        except error.CannotListenError as e:
+            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
+                             f" {e.socketError}") from None
+
+    def startService(self) -> None:
+        super().startService()
+        self._restore_sighup = install_sighup(self.reactor, self.reload)
+        for slot in range(self.count):
+            self.spawn(slot)
+        log.info("saslsmtp master (pid {pid}) started {n} workers", pid=os.getpid(), n=self.count)
+
+    def worker_command(self, slot: int) -> tuple[list[str], dict[int, Any], dict[str, str]]:
+        """(argv, childFDs, environment) of a worker."""
+        args = [self.python, "-m", "saslsmtp.worker", "--config", self.config_path,
+                "--slot", str(slot)]
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for sock, spec in zip(self.sockets, self.specs):
+            args += ["--listener", f"{sock.fileno()}:{spec.description}"]
+            fds[sock.fileno()] = sock.fileno()
+        env = dict(os.environ)
+        package_root = str(Path(saslsmtp.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env.pop(MULTIPROC_ENV, None)
+        if self.metrics_dir is not None:
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
+        return args, fds, env
+
+    def spawn(self, slot: int) -> None:
+        self.pending.pop(slot, None)
+        if self.stopping:
+            return
+        args, fds, env = self.worker_command(slot)
+        worker = WorkerProcess(self, slot)
+        worker.started = self.reactor.seconds()
+        self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
+        self.workers[slot] = worker
+        log.info("worker {slot} started (pid {worker_pid})", slot=slot, worker_pid=worker.pid)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def relay(self, worker: WorkerProcess, line: bytes) -> None:
+        """A JSON log event from a worker, published in the master's log."""
+        text = line.strip(b"\x1e \r\n")
+        if not text:
+            return
+        try:
+            event = eventFromJSON(text.decode("utf-8"))
+        except ValueError:
+            log.info("worker {slot} (pid {worker_pid}): {line}", slot=worker.slot,
+                     worker_pid=worker.pid, line=text.decode("utf-8", "replace"))
+            return
+        event["worker_pid"] = worker.pid
+        event["worker_slot"] = worker.slot
+        level = getattr(event.get("log_level"), "name", "info")
+        event["log_system"] = f"{event.get('log_namespace', '-')}#{level} worker={worker.pid}"
+        self.publish(event)
+
+    def worker_ended(self, worker: WorkerProcess, value: Any) -> None:
+        if self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+        if self.metrics_dir is not None and worker.pid is not None:
+            mark_dead(worker.pid, self.metrics_dir)
+        if self.stopping:
+            log.info("worker {slot} (pid {worker_pid}) ended: {how}", slot=worker.slot,
+                     worker_pid=worker.pid, how=describe_end(value))
+            if not self.workers:
+                waiting, self._all_ended = self._all_ended, []
+                for d in waiting:
+                    d.callback(None)
+            return
+        lived = self.reactor.seconds() - worker.started
+        failures = 1 if lived >= self.stable_after else self.failures.get(worker.slot, 0) + 1
+        self.failures[worker.slot] = failures
+        base, most = self.backoff
+        delay = min(most, base * 2 ** (failures - 1))
+        log.warn("worker {slot} (pid {worker_pid}) ended unexpectedly ({how}) after {lived:.1f}s;"
+                 " restarting it in {delay:.1f}s", slot=worker.slot, worker_pid=worker.pid,
+                 how=describe_end(value), lived=lived, delay=delay)
+        self.pending[worker.slot] = self.reactor.callLater(delay, self.spawn, worker.slot)
+
+    def reload(self) -> bool:
+        """SIGHUP: validate the configuration here, then let every worker reload it."""
+        from saslsmtp.serving import stop_wiring
+        from saslsmtp.service import check_users_files, load, wire
+        try:
+            config = (self.load_config or load)(self.config_path)
+            check_users_files(config)
+            stop_wiring(wire(config, self.reactor))  # the script, backends, certificate load
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused, workers keep the running configuration: {problem}",
+                          problem=str(problem))
+            return False
+        except Exception as e:  # a certificate or key that does not load, and the like
+            log.error("reload refused, workers keep the running configuration: {path}: {error}",
+                      path=self.config_path, error=f"{type(e).__name__}: {e}")
+            return False
+        if [listeners.parse(d) for d in config.server.listen] != self.specs:
+            log.warn("reload: server.listen changed; it takes effect at the next restart")
+        self.signal_workers(signal.SIGHUP)
+        log.info("reload: configuration valid; SIGHUP sent to {n} workers", n=len(self.workers))
+        return True
+
+    def signal_workers(self, signum: int) -> None:
+        for worker in list(self.workers.values()):
+            transport: Any = worker.transport
+            try:
+                transport.signalProcess(signum)
+            except (error.ProcessExitedAlready, OSError):
+                pass
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stopService(self) -> "defer.Deferred[None]":
+        self.stopping = True
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+        for call in self.pending.values():
+            if call.active():
+                call.cancel()
+        self.pending.clear()
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._stop_workers())
+        d.addBoth(self._close_sockets)
+        return d.addCallback(clean_exit, self.reactor)
+
+    def _stop_workers(self) -> "defer.Deferred[None]":
+        if not self.workers:
+            return defer.succeed(None)
+        ended: defer.Deferred[None] = defer.Deferred()
+        self._all_ended.append(ended)
+        self.signal_workers(signal.SIGTERM)
+        kill = self.reactor.callLater(self.grace + 5.0, self._kill_remaining)
+
+        def done(result: Any) -> Any:
+            if kill.active():
+                kill.cancel()
+            return result
+        return ended.addBoth(done)
+
+    def _kill_remaining(self) -> None:
+        log.warn("{n} workers did not stop in time; killing them", n=len(self.workers))
+        self.signal_workers(signal.SIGKILL)
+
+    def _close_sockets(self, result: Any) -> Any:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+        if self._own_metrics_dir is not None:
+            shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
+            self._own_metrics_dir = None
+        return result

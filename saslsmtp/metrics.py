@@ -1,0 +1,195 @@
+"""Prometheus metrics: what is counted, and the ``/metrics`` HTTP endpoint.
+
+``Metrics(registry)`` owns every metric; the protocol, the backends and the limits call
+its event methods (``connection_opened``, ``auth_finished``, ...) and never touch
+prometheus_client themselves.  No label carries a user name or an address: label values
+come from the configuration (listener, backend, limit names) or from small fixed sets
+(results, mechanisms the server knows), so the series count stays bounded.
+
+One process: pass a ``CollectorRegistry`` and serve it.  Several workers: the master
+sets ``PROMETHEUS_MULTIPROC_DIR`` in the workers' environment (prometheus_client picks
+its storage when it is imported, so it must be set before the worker starts), each
+worker builds ``Metrics(None)`` (values go to files, nothing is registered), and the
+master serves ``multiprocess_registry(path)``, which sums the files; it calls
+``mark_dead(pid, path)`` when a worker ends so live gauges forget it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+#: ``auth_finished`` results: 235, 535, 454, 501 (client ``*``), refused by a limit.
+AUTH_RESULTS = ("success", "failure", "tempfail", "aborted", "limited")
+#: ``backend_finished`` results.
+BACKEND_RESULTS = ("accept", "reject", "tempfail")
+#: Seconds; AUTH spans a thread-pool hash (~0.1 s) up to a slow remote backend (timeout 5-10 s).
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:=/\[\]-]{1,64}$")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _bounded(value: str) -> str:
+    """A label value from a bounded set, or ``other`` (never free text from a client)."""
+    return value if _LABEL_VALUE.match(value) else "other"
+
+
+class Metrics:
+    """Every saslsmtp metric, registered in ``registry`` (``None``: registered nowhere,
+    which is what a multi-process worker wants)."""
+
+    def __init__(self, registry: CollectorRegistry | None, known_mechanisms: Any = None) -> None:
+        #: Mechanism names the server knows; anything else is counted as ``other``.
+        self.known_mechanisms = None if known_mechanisms is None else {m.upper() for m in known_mechanisms}
+        self.connections = Counter("saslsmtp_connections", "Accepted connections.", ["listener"], registry=registry)
+        self.sessions = Gauge("saslsmtp_sessions", "Open SMTP sessions.", multiprocess_mode="livesum", registry=registry)
+        self.worker_sessions = Gauge(
+            "saslsmtp_worker_sessions", "Open SMTP sessions per process (a pid label with workers).",
+            multiprocess_mode="liveall", registry=registry)
+        self.auth = Counter("saslsmtp_auth", "Finished AUTH exchanges.", ["mechanism", "result"], registry=registry)
+        self.auth_duration = Histogram(
+            "saslsmtp_auth_duration_seconds", "Time a backend took to decide a password check.",
+            ["backend"], buckets=DURATION_BUCKETS, registry=registry)
+        self.backend_requests = Counter(
+            "saslsmtp_backend_requests", "Password checks per backend and their outcome.",
+            ["backend", "result"], registry=registry)
+        self.cache_hits = Counter("saslsmtp_auth_cache_hits", "AUTH answered from the cache.", registry=registry)
+        self.cache_misses = Counter("saslsmtp_auth_cache_misses", "AUTH not in the cache.", registry=registry)
+        self.limit_rejections = Counter(
+            "saslsmtp_limit_rejections", "Commands refused by a rate or concurrency limit.",
+            ["limit"], registry=registry)
+        self.script_errors = Counter(
+            "saslsmtp_script_errors", "AUTH script calls that raised, timed out or returned junk.", registry=registry)
+        self.tls_handshakes = Counter("saslsmtp_tls_handshakes", "Completed TLS handshakes.", registry=registry)
+        self.tls_handshake_failures = Counter(
+            "saslsmtp_tls_handshake_failures", "TLS handshakes that failed.", registry=registry)
+        self.messages = Counter("saslsmtp_messages", "Messages accepted (250 after DATA).", registry=registry)
+        self.message_bytes = Counter("saslsmtp_message_bytes", "Octets of accepted messages.", registry=registry)
+        self.delivery_failures = Counter(
+            "saslsmtp_delivery_failures", "Messages refused because delivery failed.", registry=registry)
+        self.redis_unavailable = Counter(
+            "saslsmtp_redis_unavailable", "Operations that found Redis unreachable.", registry=registry)
+        self.reloads = Counter("saslsmtp_reloads", "Configuration reloads by result.", ["result"], registry=registry)
+
+    # -- events (the protocol and the backends call these) ----------------------------
+
+    def connection_opened(self, listener: str) -> None:
+        """A connection was accepted on ``listener`` (the ``server.listen`` string)."""
+        self.connections.labels(_bounded(listener)).inc()
+        self.sessions.inc()
+        self.worker_sessions.inc()
+
+    def session_closed(self) -> None:
+        """A connection counted by ``connection_opened`` is gone."""
+        self.sessions.dec()
+        self.worker_sessions.dec()
+
+    def auth_finished(self, mechanism: str, result: str) -> None:
+        """An AUTH exchange ended with ``result`` (one of ``AUTH_RESULTS``)."""
+        if result not in AUTH_RESULTS:
+            raise ValueError(f"unknown AUTH result {result!r}")
+        name = mechanism.upper()
+        if self.known_mechanisms is not None and name not in self.known_mechanisms:
+            name = "other"
+        self.auth.labels(_bounded(name), result).inc()
+
+    def backend_finished(self, backend: str, result: str, seconds: float) -> None:
+        """A backend answered a password check (``accept``/``reject``/``tempfail``)."""
+        if result not in BACKEND_RESULTS:
+            raise ValueError(f"unknown backend result {result!r}")
+        self.backend_requests.labels(_bounded(backend), result).inc()
+        self.auth_duration.labels(_bounded(backend)).observe(seconds)
+
+    def cache_lookup(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+
+    def limit_rejected(self, limit: str) -> None:
+        """``limit`` is the configured limit's name (e.g. ``auth_failures_per_ip``)."""
+        self.limit_rejections.labels(_bounded(limit)).inc()
+
+    def script_error(self) -> None:
+        self.script_errors.inc()
+
+    def tls_handshake(self, ok: bool) -> None:
+        (self.tls_handshakes if ok else self.tls_handshake_failures).inc()
+
+    def message_accepted(self, size: int) -> None:
+        self.messages.inc()
+        self.message_bytes.inc(size)
+
+    def delivery_failed(self) -> None:
+        self.delivery_failures.inc()
+
+    def redis_down(self) -> None:
+        self.redis_unavailable.inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "invalid").inc()
+
+
+# -- multi-process mode ------------------------------------------------------------------
+
+
+def multiprocess_enabled() -> bool:
+    """Whether this process writes its metric values to ``PROMETHEUS_MULTIPROC_DIR``."""
+    return bool(os.environ.get(MULTIPROC_ENV) or os.environ.get("prometheus_multiproc_dir"))
+
+
+def prepare_multiprocess_dir(path: str | Path) -> Path:
+    """Create the directory, or empty it: values left by an earlier run would be summed."""
+    directory = Path(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return directory
+
+
+def multiprocess_registry(path: str | Path) -> CollectorRegistry:
+    """A registry that reads every worker's values from ``path`` at each scrape."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    return registry
+
+
+def mark_dead(pid: int, path: str | Path) -> None:
+    """Forget a finished worker's live gauges (its counters keep counting in the sums)."""
+    mark_process_dead(pid, str(path))
+
+
+# -- the HTTP endpoint --------------------------------------------------------------------
+
+
+def metrics_site(registry: CollectorRegistry) -> Any:
+    """A twisted.web ``Site`` serving ``registry`` at ``/metrics`` (and 404 elsewhere)."""
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class QuietSite(Site):
+        noisy = False
+
+        def log(self, request: Any) -> None:  # no access log line per scrape
+            pass
+
+    class Root(Resource):
+        def getChild(self, path: bytes, request: Any) -> Any:
+            from twisted.web.pages import notFound
+            return notFound()
+
+    root = Root()
+    root.putChild(b"metrics", MetricsResource(registry))
+    return QuietSite(root)
+
+
+def metrics_service(description: str, reactor: Any, registry: CollectorRegistry) -> Any:
+    """A service listening on the ``[metrics] listen`` endpoint (binds in the privileged
+    start, like the SMTP listeners)."""
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet import endpoints
+    endpoint = endpoints.serverFromString(reactor, description)
+    return StreamServerEndpointService(endpoint, metrics_site(registry))

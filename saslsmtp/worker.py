@@ -1,0 +1,137 @@
+"""A worker process: ``python -m saslsmtp.worker --config F --listener FD:ENDPOINT ...``.
+
+Started by the master (``saslsmtp.master``), never by hand.  It inherits the listening
+sockets already bound by the master, adopts them, and serves SMTP on them with its own
+wiring (thread pools, backends, script, TLS context).  It logs JSON events on standard
+output, which the master reads and writes into its own log; it stops when standard
+input reaches end of file (the master is gone), on SIGTERM (like the single-process
+daemon: 421 to idle sessions) and reloads on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any, Callable, Sequence
+
+from twisted.internet import abstract, fdesc
+from twisted.logger import Logger
+
+log = Logger(namespace="saslsmtp")
+
+
+class StdinWatcher(abstract.FileDescriptor):
+    """Calls ``on_eof`` when fd 0 reaches end of file: the master holds the other end of
+    this pipe, and the kernel closes it when the master dies, however it dies."""
+
+    def __init__(self, reactor: Any, on_eof: Callable[[], None], fd: int = 0) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.on_eof = on_eof
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self.fd, lambda data: None)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.on_eof()
+
+
+def parse_listener(value: str) -> tuple[int, str]:
+    """``FD:ENDPOINT`` -> (fd, endpoint string)."""
+    fd, _, description = value.partition(":")
+    return int(fd), description
+
+
+def build_worker_service(config_path: str, listeners: Sequence[tuple[int, str]], reactor: Any,
+                         metrics: Any = None) -> Any:
+    """The worker's service: the wiring from ``config_path`` serving each inherited fd."""
+    from twisted.application.internet import StreamServerEndpointService
+
+    from saslsmtp import listeners as socks
+    from saslsmtp.serving import (LiveTLSContext, ReloadableService, build_factory,
+                                  listening_factory)
+    from saslsmtp.service import load
+    config = load(config_path)
+    factory = build_factory(config, reactor, metrics)
+    top = ReloadableService(factory, config_path, reactor, metrics)
+    live = LiveTLSContext(factory) if factory.wiring.tls_context is not None else None
+    for fd, description in listeners:
+        spec = socks.parse(description)
+        endpoint, wrapped = socks.adopt(reactor, fd, spec, listening_factory(factory, description), live)
+        StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saslsmtp.worker", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--listener", action="append", default=[], type=parse_listener,
+                        metavar="FD:ENDPOINT")
+    parser.add_argument("--slot", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor as global_reactor
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    reactor: Any = global_reactor  # the entry point owns the process's reactor
+
+    from saslsmtp import privileges
+    from saslsmtp.config import ConfigError
+    from saslsmtp.metrics import Metrics, multiprocess_enabled
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    try:
+        metrics = None
+        if multiprocess_enabled():
+            metrics = Metrics(None)
+        service = build_worker_service(args.config, args.listener, reactor, metrics)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.critical("worker cannot start: {problem}", problem=str(problem))
+        return 1
+    except Exception as e:
+        log.critical("worker cannot start: {error}", error=f"{type(e).__name__}: {e}")
+        return 1
+
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if reactor.running and not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    def eof() -> None:
+        if not stopping:  # (at shutdown the reactor closes fd 0 itself)
+            log.info("worker {slot}: the master is gone; stopping", slot=args.slot)
+            stop()
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            privileges.drop(privileges.resolve(service.config.ops.user, service.config.ops.group))
+            service.startService()
+        except BaseException as e:
+            log.critical("worker cannot listen: {error}", error=f"{type(e).__name__}: {e}")
+            stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        # The master forwards SIGTERM, and systemd may send its own: stop once.
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop))
+        StdinWatcher(reactor, eof).startReading()
+        log.info("worker {slot} (pid {pid}) serving {listeners}", slot=args.slot,
+                 pid=os.getpid(), listeners=" ".join(d for _, d in args.listener))
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a late second SIGTERM must not kill the exit
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

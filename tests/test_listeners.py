@@ -1,0 +1,82 @@
+"""``server.listen`` strings as the master binds them and a worker adopts them."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import protocol
+
+from saslsmtp.listeners import ListenError, ListenerSpec, adopt, bind, parse
+
+
+def test_parse_the_endpoint_kinds() -> None:
+    """tcp/tcp6/ssl/unix with Twisted's keywords and escapes; the haproxy: prefix."""
+    assert parse("tcp:2525:interface=127.0.0.1") == ListenerSpec(
+        "tcp:2525:interface=127.0.0.1", False, "tcp", "127.0.0.1", 2525, 50, ())
+    assert parse("haproxy:tcp:port=587:backlog=200") == ListenerSpec(
+        "haproxy:tcp:port=587:backlog=200", True, "tcp", "", 587, 200, ())
+    six = parse("tcp6:465:interface=\\:\\:1")
+    assert (six.address, six.family) == ("::1", socket.AF_INET6)
+    assert parse("tcp6:465").address == "::"
+    ssl = parse("ssl:465:interface=127.0.0.1:privateKey=k.pem")
+    assert (ssl.kind, ssl.options) == ("ssl", (("privateKey", "k.pem"),))
+    unix = parse("unix:/run/saslsmtp.sock:mode=660")
+    assert (unix.kind, unix.address, unix.family, unix.options) == (
+        "unix", "/run/saslsmtp.sock", socket.AF_UNIX, (("mode", "660"),))
+
+
+@pytest.mark.parametrize("description, message", [
+    ("systemd:domain=INET:index=0", "systemd: endpoints cannot be shared by workers"),
+    ("tcp:interface=127.0.0.1", "needs a port"),
+    ("tcp:http", "port and backlog must be numbers"),
+    ("tcp:70000", "port 70000 is out of range"),
+])
+def test_parse_refuses(description: str, message: str) -> None:
+    """Each mistake names the listener."""
+    with pytest.raises(ListenError, match=message):
+        parse(description)
+
+
+def test_bind_reports_a_port_in_use() -> None:
+    """A taken port is a one-line error naming the listener, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on tcp:{port}:interface=127.0.0.1: "
+                                              "Address already in use"):
+            bind(parse(f"tcp:{port}:interface=127.0.0.1"))
+
+
+class Hello(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello\r\n")
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_bound_then_adopted(tmp_path: Path) -> None:
+    """A stale socket file is replaced, mode applied, and the adopted fd serves."""
+    from twisted.internet import reactor, threads
+    path = tmp_path / "smtp.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    spec = parse(f"unix:{path}:mode=600")
+    sock = bind(spec)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    fd = sock.detach()  # the adopting endpoint closes the inherited fd itself
+    endpoint, factory = adopt(reactor, fd, spec, protocol.Factory.forProtocol(Hello), None)
+    port = await endpoint.listen(factory)
+
+    def fetch() -> bytes:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            return client.recv(100)
+    try:
+        assert await threads.deferToThread(fetch) == b"hello\r\n"
+    finally:
+        await port.stopListening()

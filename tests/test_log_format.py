@@ -1,0 +1,105 @@
+"""``[server] log_format = "json"`` and ``log_level``: JSON lines from the observer and
+from the real daemon (workers' events relayed with their pid), the level filter, and
+the session-end line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from twisted.logger import Logger, LogPublisher
+
+from saslsmtp.logs import SessionSummary, make_observer, session_ended
+from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.test_workers import Session, alive, wait_for, worker_pids
+
+
+def logger_into(out: io.StringIO, log_format: str, level: str = "info") -> Logger:
+    publisher = LogPublisher(make_observer(out, log_format, level))
+    return Logger(namespace="saslsmtp.test", observer=publisher)
+
+
+def test_json_lines_have_message_level_and_fields() -> None:
+    """One parseable object per line, with the formatted message and the plain fields."""
+    out = io.StringIO()
+    log = logger_into(out, "json")
+    log.info("AUTH {mechanism} ok user={user}", mechanism="PLAIN", user="alice", ip="192.0.2.1")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("script raised")
+    first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert first["message"] == "AUTH PLAIN ok user=alice"
+    assert (first["level"], first["namespace"]) == ("info", "saslsmtp.test")
+    assert (first["user"], first["ip"], first["mechanism"]) == ("alice", "192.0.2.1", "PLAIN")
+    assert first["time"].endswith("+00:00")
+    assert second["level"] == "critical" and "ZeroDivisionError" in second["traceback"]
+
+
+def test_level_filter_drops_below_the_level() -> None:
+    """``log_level = "warn"``: info and debug are dropped, warnings and errors kept."""
+    out = io.StringIO()
+    log = logger_into(out, "text", "warn")
+    log.debug("debug line")
+    log.info("info line")
+    log.warn("warn line")
+    log.error("error line")
+    text = out.getvalue()
+    assert "warn line" in text and "error line" in text
+    assert "info line" not in text and "debug line" not in text
+
+
+def test_session_end_line() -> None:
+    """Client, user, mechanism, TLS version, messages, bytes and duration, as fields."""
+    out = io.StringIO()
+    log = logger_into(out, "json")
+    session_ended(log, SessionSummary("192.0.2.7", "alice", "PLAIN", "TLSv1.3", 2, 4096, 1.23456))
+    session_ended(log, SessionSummary("192.0.2.8", None, None, None, 0, 0, 0.5))
+    done, idle = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert done["message"] == ("session end client=192.0.2.7 user=alice mechanism=PLAIN"
+                               " tls=TLSv1.3 messages=2 bytes=4096 duration=1.235s")
+    assert (done["client"], done["messages"], done["bytes"]) == ("192.0.2.7", 2, 4096)
+    assert idle["message"].startswith("session end client=192.0.2.8 user=- mechanism=- tls=none")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
+    """The real daemon with log_format = "json": every stdout line is a JSON object; with
+    workers, their events arrive in the master's log with ``worker_pid``."""
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(config.read_text().replace(
+        "[server]\n", f'[server]\nlog_format = "json"\nlog_level = "info"\nworkers = {workers}\n'))
+    log = tmp_path / "daemon.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config), cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers or proc.poll() is not None,
+                 what="the daemon")
+        session = Session(port)
+        assert session.login().startswith(b"235 ")
+        session.close()
+        wait_for(lambda: "AUTH PLAIN ok" in log.read_text(), what="the AUTH line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in worker_pids(log).values() if workers > 1 else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    auth = [r for r in records if r["message"].startswith("AUTH PLAIN ok")]
+    assert len(auth) == 1 and auth[0]["level"] == "info"
+    if workers > 1:
+        assert auth[0]["worker_pid"] in worker_pids(log).values()

@@ -1,0 +1,120 @@
+"""MasterService without processes: what it starts a worker with, how long it waits
+before restarting one that keeps dying, and that it does not restart during shutdown."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from saslsmtp.master import MasterService
+from saslsmtp.service import load
+from tests.support import write_config
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+class FakeReactor(Clock):
+    """A clock that records spawnProcess instead of forking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], dict, dict]] = []
+        self.next_pid = 1000
+
+    def spawnProcess(self, proto: Any, executable: str, args: list[str], env: dict,
+                     childFDs: dict) -> FakeTransport:
+        self.next_pid += 1
+        transport = FakeTransport(self.next_pid)
+        proto.makeConnection(transport)
+        self.spawned.append((proto, args, env, childFDs))
+        return transport
+
+
+def master(tmp_path: Path) -> tuple[MasterService, FakeReactor]:
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          listen=["tcp:2600:interface=127.0.0.1", "haproxy:tcp:2601"])
+    reactor = FakeReactor()
+    return MasterService(str(config), load(str(config)), 2, reactor), reactor
+
+
+def killed(proto: Any) -> Failure:
+    return Failure(ProcessTerminated(signal=signal.SIGKILL))
+
+
+def test_worker_command_passes_each_listener_and_a_stdin_pipe(tmp_path: Path) -> None:
+    """Listening fds keep their numbers in the worker; stdin is a pipe from the master."""
+    service, reactor = master(tmp_path)
+
+    class Sock:
+        def __init__(self, fd: int) -> None:
+            self.fd = fd
+
+        def fileno(self) -> int:
+            return self.fd
+    service.sockets = [Sock(7), Sock(9)]  # type: ignore[list-item]
+    args, fds, env = service.worker_command(1)
+    assert args[1:] == ["-m", "saslsmtp.worker", "--config", str(tmp_path / "saslsmtp.toml"),
+                        "--slot", "1", "--listener", "7:tcp:2600:interface=127.0.0.1",
+                        "--listener", "9:haproxy:tcp:2601"]
+    assert fds == {0: "w", 1: "r", 2: "r", 7: 7, 9: 9}
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env  # no [metrics]
+
+
+def test_restart_delay_doubles_while_crashing_and_resets_when_stable(tmp_path: Path) -> None:
+    """0.5 s, 1 s, 2 s ... up to 30 s while the worker dies young; back to 0.5 s after a
+    worker that lived 10 s or more."""
+    service, reactor = master(tmp_path)
+    service.spawn(0)
+    delays = []
+    for _ in range(8):
+        proto = service.workers[0]
+        service.worker_ended(proto, killed(proto).value)
+        assert 0 not in service.workers
+        call = service.pending[0]
+        delays.append(call.getTime() - reactor.seconds())
+        reactor.advance(delays[-1])
+        assert service.workers[0] is not proto  # restarted
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    reactor.advance(10)
+    proto = service.workers[0]
+    service.worker_ended(proto, killed(proto).value)
+    assert service.pending[0].getTime() - reactor.seconds() == 0.5
+
+
+def test_no_restart_during_shutdown_and_stop_waits_for_every_worker(tmp_path: Path) -> None:
+    """stopService sends SIGTERM to each worker and fires once the last has ended."""
+    service, reactor = master(tmp_path)
+    service.spawn(0)
+    service.spawn(1)
+    first, second = service.workers[0], service.workers[1]
+    d = service.stopService()
+    assert first.transport.signals == [signal.SIGTERM] and second.transport.signals == [signal.SIGTERM]
+    fired: list[Any] = []
+    d.addBoth(fired.append)
+    service.worker_ended(first, killed(first).value)
+    assert not fired and not service.pending
+    service.worker_ended(second, killed(second).value)
+    assert fired == [None] and not service.pending and len(reactor.spawned) == 2
+
+
+def test_stragglers_are_killed_after_the_grace_period(tmp_path: Path) -> None:
+    """A worker that ignores SIGTERM gets SIGKILL after grace + 5 seconds."""
+    service, reactor = master(tmp_path)
+    service.spawn(0)
+    service.stopService()
+    worker = service.workers[0]
+    reactor.advance(service.grace + 5)
+    assert worker.transport.signals == [signal.SIGTERM, signal.SIGKILL]

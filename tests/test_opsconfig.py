@@ -1,0 +1,46 @@
+"""``[server]`` workers/user/group/log_format/log_level and ``[metrics]``: defaults,
+values, and every mistake reported as ``file:line: key: message``."""
+
+from __future__ import annotations
+
+import pytest
+
+from saslsmtp.config import ConfigError, parse_config
+from saslsmtp.opsconfig import MetricsConfig, OpsConfig
+
+BASE = '[auth]\nmechanisms = []\nbackends = []\n'
+
+
+def test_defaults_are_one_process_text_logs_no_metrics() -> None:
+    """Without the keys: today's single process, no privilege drop, no endpoint."""
+    assert parse_config(BASE).ops == OpsConfig(1, None, None, "text", "info", None)
+
+
+def test_values_are_read() -> None:
+    """Every key lands in ``Config.ops``; case of the log words does not matter."""
+    ops = parse_config('[server]\nworkers = 0\nuser = "nobody"\ngroup = "nogroup"\n'
+                       'log_format = "JSON"\nlog_level = "debug"\n[metrics]\n'
+                       'listen = "tcp:9125:interface=127.0.0.1"\n' + BASE).ops
+    assert ops == OpsConfig(0, "nobody", "nogroup", "json", "debug",
+                            MetricsConfig("tcp:9125:interface=127.0.0.1"))
+    assert ops.worker_count(cpus=2) == 2
+    assert ops.worker_count(override=3, cpus=2) == 3
+    assert OpsConfig(workers=4).worker_count(cpus=2) == 4
+
+
+def test_mistakes_name_file_line_and_key() -> None:
+    """Wrong types, out-of-range counts, unknown users and keys are startup errors."""
+    with pytest.raises(ConfigError) as e:
+        parse_config('[server]\nworkers = "two"\nuser = "no-such-user-here"\n'
+                     'group = "no-such-group-here"\nlog_format = "xml"\nlog_level = 3\n'
+                     '[metrics]\nlisten = 9125\nport = 1\n' + BASE, "f.toml")
+    text = str(e.value)
+    assert "f.toml:2: server.workers: must be an integer (0 = one per CPU)" in text
+    assert "f.toml:3: server.user: no such user: no-such-user-here" in text
+    assert "f.toml:4: server.group: no such group: no-such-group-here" in text
+    assert "f.toml:5: server.log_format: must be one of 'text', 'json'" in text
+    assert "f.toml:6: server.log_level: must be one of" in text
+    assert "f.toml:8: metrics.listen: must be an endpoint string" in text
+    assert "f.toml:9: metrics.port: unknown key (known: listen)" in text
+    with pytest.raises(ConfigError, match="server.workers: must be between 0"):
+        parse_config('[server]\nworkers = -1\n' + BASE)

@@ -1,0 +1,242 @@
+"""``server.workers = 2``: a master and two workers sharing one listening socket, as a
+real ``twistd -n saslsmtp`` on loopback.
+
+Which worker serves a connection is made deterministic with SIGSTOP: a stopped worker
+cannot accept, so the other one must.  The per-process session gauge of ``/metrics``
+then shows one open session under each worker's pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import ROOT, free_port, twistd_command, write_config
+
+USERS = "alice:{PLAIN}wonderland\n"
+BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Session:
+    """A raw SMTP client socket: send a line, read one reply."""
+
+    def __init__(self, port: int, preamble: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(preamble)  # e.g. a PROXY protocol header
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def reply(self) -> bytes:
+        while True:
+            lines = self.buffer.split(b"\r\n")
+            for i, line in enumerate(lines[:-1]):
+                if len(line) >= 4 and line[3:4] == b" ":
+                    out = b"\r\n".join(lines[:i + 1]) + b"\r\n"
+                    self.buffer = b"\r\n".join(lines[i + 1:])
+                    return out
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError(f"closed; pending {self.buffer!r}")
+            self.buffer += data
+
+    def send(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def login(self) -> bytes:
+        import base64
+        self.send(b"EHLO client.example")
+        return self.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wonderland"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def worker_pids(log: Path) -> dict[int, int]:
+    """slot -> pid of the newest worker started in each slot, from the master's log."""
+    pids: dict[int, int] = {}
+    for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", log.read_text(errors="replace")):
+        pids[int(m.group(1))] = int(m.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def worker_sessions(metrics_port: int) -> dict[int, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {int(s.labels["pid"]): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "saslsmtp_worker_sessions"}
+
+
+def start(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        return subprocess.Popen(twistd_command(config, *extra), cwd=config.parent, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def serving(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            return s.recv(100).startswith(b"220 ")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path):
+    (tmp_path / "users").write_text(USERS)
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"),
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
+    log = tmp_path / "master.log"
+    master = start(config, log, "--workers", "2")
+    try:
+        wait_for(lambda: len(worker_pids(log)) == 2 and log.read_text().count(" serving ") == 2,
+                 what="two workers serving")
+        yield master, port, metrics_port, log
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        for pid in worker_pids(log).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def served_by(pid_serving: int, others: list[int], port: int) -> Session:
+    """Open a session while every other worker is stopped, so ``pid_serving`` accepts it."""
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        session = Session(port)
+        assert session.login().startswith(b"235 ")
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+    return session
+
+
+def test_two_workers_serve_survive_a_kill_and_stop_cleanly(two_workers) -> None:
+    """Both workers serve (one session each, under different pids in /metrics); kill -9
+    of one leaves the other's established session working; the master starts a
+    replacement that serves; SIGTERM to the master ends everything with exit status 0."""
+    master, port, metrics_port, log = two_workers
+    first, second = worker_pids(log)[0], worker_pids(log)[1]
+    assert first != second and alive(first) and alive(second)
+    on_first = served_by(first, [second], port)
+    on_second = served_by(second, [first], port)
+    assert wait_for(lambda: worker_sessions(metrics_port).get(first) == 1
+                    and worker_sessions(metrics_port).get(second) == 1 and worker_sessions(metrics_port),
+                    what="one session per worker in /metrics")
+
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not alive(first), what="the killed worker to go")
+    with pytest.raises(OSError):  # the killed worker's session is gone ...
+        on_first.send(b"NOOP")
+        on_first.send(b"NOOP")
+    # ... the other worker's established session is untouched and delivers a message
+    assert on_second.send(b"MAIL FROM:<alice@example.test>").startswith(b"250 ")
+    assert on_second.send(b"RCPT TO:<bob@example.test>").startswith(b"250 ")
+    assert on_second.send(b"DATA").startswith(b"354 ")
+    assert on_second.send(b"Subject: survived\r\n\r\nhello\r\n.").startswith(b"250 ")
+
+    replacement = wait_for(lambda: worker_pids(log).get(0) not in (None, first)
+                           and worker_pids(log)[0], what="a replacement worker")
+    assert "worker 0 (pid %d) ended unexpectedly (signal 9)" % first in log.read_text()
+    wait_for(lambda: log.read_text().count(" serving ") == 3, what="the replacement serving")
+    on_replacement = served_by(replacement, [second], port)
+    assert wait_for(lambda: worker_sessions(metrics_port).get(replacement) == 1,
+                    what="the replacement's session in /metrics")
+    assert first not in worker_sessions(metrics_port)  # the dead worker's gauge is forgotten
+
+    master.send_signal(signal.SIGTERM)
+    assert master.wait(30) == 0, log.read_text()
+    for session in (on_second, on_replacement):
+        assert session.reply().startswith(b"421 4.3.2")
+    assert not alive(second) and not alive(replacement)
+    assert "Traceback" not in log.read_text()
+
+
+def test_workers_exit_when_the_master_dies(two_workers) -> None:
+    """kill -9 of the master: the workers see EOF on stdin and stop by themselves."""
+    master, port, _, log = two_workers
+    pids = list(worker_pids(log).values())
+    master.kill()
+    master.wait(10)
+    wait_for(lambda: not any(alive(p) for p in pids), what="the orphaned workers to exit")
+    assert not serving(port)
+
+
+def test_sighup_with_a_broken_config_keeps_serving(two_workers, tmp_path: Path) -> None:
+    """The master validates before forwarding: a broken file is logged as
+    file:line: key: message and the workers keep the running configuration."""
+    master, port, _, log = two_workers
+    config = tmp_path / "saslsmtp.toml"
+    good = config.read_text()
+    config.write_text(good.replace("[auth]\n", "[auth]\nbogus = 1\n"))
+    master.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in log.read_text(), what="the refusal")
+    assert re.search(rf"{re.escape(str(config))}:\d+: auth.bogus: unknown key", log.read_text())
+    session = Session(port)
+    assert session.login().startswith(b"235 ")
+    session.close()
+    config.write_text(good)
+    master.send_signal(signal.SIGHUP)
+    wait_for(lambda: log.read_text().count("new sessions use it") == 2, what="both workers reloading")
+    assert master.poll() is None
+
+
+def test_haproxy_listener_is_wrapped_in_the_workers(tmp_path: Path) -> None:
+    """``haproxy:tcp:...`` shared by two workers: the PROXY v1 header is parsed in the
+    worker, and the AUTH log line names the proxied client, not 127.0.0.1."""
+    (tmp_path / "users").write_text(USERS)
+    port = free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), mechanisms=["PLAIN"],
+                          listen=[f"haproxy:tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "master.log"
+    master = start(config, log, "--workers", "2")
+    try:
+        wait_for(lambda: log.read_text().count(" serving ") == 2, what="two workers serving")
+        session = Session(port, b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 587\r\n")
+        assert session.greeting.startswith(b"220 ")
+        assert session.login().startswith(b"235 ")
+        session.close()
+        wait_for(lambda: "AUTH PLAIN ok user=alice ip=203.0.113.9" in log.read_text(),
+                 what="the proxied address in the log")
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(30) == 0
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        for pid in worker_pids(log).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
