@@ -1,4 +1,4 @@
-"""The ``dovecot`` backend: Dovecot's auth client protocol (SPECS.md section 4).
+"""The ``dovecot`` backend: Dovecot's auth client protocol.
 
 Two halves:
 

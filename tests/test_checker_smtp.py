@@ -219,7 +219,7 @@ async def test_starttls_wrong_tls_hostname_refused(starttls_upstream, pki, fresh
 
 @pytest_twisted.ensureDeferred
 async def test_starttls_trusted_certificate_without_san_refused(request, pki):
-    """TWISTED.md 3.3: a CA-signed certificate with CN=127.0.0.1 but no subjectAltName
+    """docs/twisted-notes.md section 2: a CA-signed certificate with CN=127.0.0.1 but no subjectAltName
     must be refused (Twisted's own verifier lets it through), and no AUTH sent."""
     up = _upstream(request, "starttls", cert=pki["nosan"])
     c = checker(up.port, starttls=True, ca_file=pki["ca"].cert_path)

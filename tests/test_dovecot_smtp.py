@@ -1,7 +1,7 @@
 """The dovecot backend through the whole SMTP path: smtplib against an in-process saslsmtp
 whose only backend is a real Dovecot (tests/dovecot.py), over its UNIX socket and TCP.
 
-Replies (CONTRACT.md section 4): 235 2.7.0 on success, 535 5.7.8 on wrong credentials,
+Replies (the README's wire table): 235 2.7.0 on success, 535 5.7.8 on wrong credentials,
 454 4.7.0 while Dovecot is down or hung, 235 again once it is back, without restarting
 saslsmtp.  The AUTH script can use the same backend by name.
 """

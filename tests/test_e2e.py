@@ -21,7 +21,7 @@ from tests.tlsutil import issue_cert, make_ca
 
 SWAKS = "/usr/bin/swaks"
 
-# Dovecot's vectors for the password "test" (SPECS.md section 5.2), one user per scheme.
+# Dovecot's vectors for the password "test" (made with `doveadm pw`), one user per scheme.
 SCHEME_VECTORS = {
     "plain": "{PLAIN}test",
     "crypt": "{CRYPT}//EsnG9FLTKjo",

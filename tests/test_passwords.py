@@ -19,7 +19,7 @@ from saslsmtp.passwords import (
 PASSWORD = "test"
 WRONG = "Test"
 
-#: Dovecot's own vectors for the password "test" (SPECS.md section 5.2).
+#: Dovecot's own vectors for the password "test" (from Dovecot's documentation and `doveadm pw`).
 SPEC_VECTORS = [
     "{PLAIN}test",
     "{CRYPT}//EsnG9FLTKjo",
@@ -39,7 +39,7 @@ SPEC_VECTORS = [
 ]
 
 #: Made with ``doveadm pw -s SCHEME -p test`` (Dovecot 2.3.19.1), for schemes that
-#: SPECS.md gives no vector for, plus aliases and encodings Dovecot accepts.
+#: Dovecot's documentation gives no vector for, plus aliases and encodings Dovecot accepts.
 DOVEADM_VECTORS = [
     "{SHA512}7iaw3Ur350mqGo7jwQrpkj9hiYB3Lkc/iBml1JQODbJ6wYX4oOHV+E+IvIh/1nsUNzLDBMxfqa2Ob1f1ACio/w==",
     "{SSHA256}VA2GfI9My2euT7pt6pqVkvj0jLMJ0dacYGfYTG6aDL+INzNU",
@@ -76,7 +76,7 @@ ALIAS_VECTORS = [
 
 ALL_VECTORS = SPEC_VECTORS + DOVEADM_VECTORS + ALIAS_VECTORS
 
-#: SPECS.md 5.2: DIGEST-MD5 for user ``testuser1`` (empty realm), password ``test``.
+#: Dovecot's DIGEST-MD5 vector: for user ``testuser1`` (empty realm), password ``test``.
 DIGEST_MD5_VECTOR = "{DIGEST-MD5}77c1a8c437c9b08ba2f460fe5d58db5d"
 
 #: RFC 5802 section 5 and RFC 7677 section 3: password "pencil".
@@ -110,7 +110,7 @@ def test_vector_rejects_wrong_password(field: str) -> None:
 
 
 def test_des_crypt_truncates_to_eight_characters() -> None:
-    """Traditional DES crypt only looks at 8 characters (SPECS.md 5.3's htpasswd vector)."""
+    """Traditional DES crypt only looks at 8 characters (the classic htpasswd vector)."""
     assert verify_password("{CRYPT}rqXexS6ZhobKA", "myPassword") is True
     assert verify_password("{DES-CRYPT}rqXexS6ZhobKA", "myPasswo") is True
     assert verify_password("{CRYPT}rqXexS6ZhobKA", "myPassw") is False

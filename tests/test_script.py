@@ -1,4 +1,4 @@
-"""The AUTH script (CONTRACT.md section 3): transcripts over StringTransport.
+"""The AUTH script (the README's script API): transcripts over StringTransport.
 
 Scripts here are small callables, plus the two shipped examples in etc/.
 """

@@ -1,6 +1,6 @@
 """Exact-byte transcripts of ``SubmissionESMTP`` over StringTransport.
 
-Each row of CONTRACT.md section 4, the five stock-Twisted defects of ARCHITECTURE.md,
+Each row of the README's wire table, the five stock-Twisted defects of docs/twisted-notes.md,
 pipelining with a pending step, STARTTLS injection and hostile input.  The tests fire
 the Deferreds and advance the Clock themselves.
 """

@@ -1,6 +1,6 @@
 """``type = "dovecot"``: ask a Dovecot auth server over its auth client protocol.
 
-Theory of operation (the protocol is in SPECS.md section 4):
+Theory of operation (Dovecot's auth client protocol, as documented by Dovecot):
 
 * ``DovecotAuthClientProtocol`` is the wire: LF-terminated, TAB-separated lines with
   Dovecot's ``\\001`` escaping.  On connect it sends ``VERSION 1 2`` and ``CPID`` at once,
