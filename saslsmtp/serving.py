@@ -51,6 +51,7 @@ class MeteredFactory(SubmissionFactory):
     def __init__(self, wiring: Wiring, clock: Any, metrics: Metrics | None = None) -> None:
         super().__init__(wiring, clock)
         self.metrics = metrics
+        self.listener_of: dict[Any, str] = {}  # open session -> its listener's name
 
     def session_events(self) -> SessionEvents:
         return SessionEvents(self.metrics, self.clock)
@@ -88,9 +89,16 @@ class MeteredFactory(SubmissionFactory):
         return done.addTimeout(grace + 2 * SWEEP_INTERVAL + 1.0, self.clock,
                                onTimeoutCancel=lambda *_: None).addBoth(stop_sweeping)
 
+    def opened(self, p: Any, listener: str) -> None:
+        """``p`` was built for a connection accepted on ``listener``."""
+        if self.metrics is not None:
+            self.metrics.connection_opened(listener)
+            self.listener_of[p] = listener
+
     def forget(self, p: Any) -> None:
-        if p in self.connections and self.metrics is not None:
-            self.metrics.session_closed()
+        listener = self.listener_of.pop(p, None)
+        if listener is not None and self.metrics is not None:
+            self.metrics.session_closed(listener)
         super().forget(p)
 
 
@@ -104,9 +112,9 @@ class ListenerFactory(protocol.Factory):
         self.name = name
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.factory.metrics is not None:
-            self.factory.metrics.connection_opened(self.name)
-        return self.factory.buildProtocol(addr)
+        p = self.factory.buildProtocol(addr)
+        self.factory.opened(p, self.name)
+        return p
 
 
 class LiveTLSContext:

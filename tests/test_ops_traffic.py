@@ -135,7 +135,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
 
         def settled() -> dict | None:
             s = scrape(metrics_port)
-            return s if s.get(("saslsmtp_sessions", ())) == 0 and s.get(
+            return s if s.get(("saslsmtp_sessions", (("listener", listener),))) == 0 and s.get(
                 ("saslsmtp_tls_handshake_failures_total", ())) == 1 else None
         s = wait_for(settled, what="every session closed and counted")
         expected = {
@@ -156,7 +156,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
             ("saslsmtp_auth_cache_hits_total", ()): 0,
             ("saslsmtp_auth_cache_misses_total", ()): 0,
             ("saslsmtp_redis_unavailable_total", ()): 0,
-            ("saslsmtp_sessions", ()): 0,
+            ("saslsmtp_sessions", (("listener", listener),)): 0,
         }
         assert {key: s.get(key) for key in expected} == expected
         assert not any(name == "saslsmtp_limit_rejections_total" for name, _ in s)  # none yet
