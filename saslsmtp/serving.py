@@ -160,15 +160,28 @@ def instrument(wiring: Wiring, metrics: Metrics | None) -> Wiring:
     ``backends.verify``) and the script's errors."""
     if metrics is None:
         return wiring
-    metered = {name: MeteredChecker(name, checker, metrics)
-               for name, checker in wiring.checkers.items()}
+    metered: dict[str, Any] = {name: MeteredChecker(name, checker, metrics)
+                               for name, checker in wiring.checkers.items()}
     chain = wiring.portal.checkers.get(IUsernamePassword)
     if isinstance(chain, BackendChain):
         chain.backends = [(name, metered.get(name, checker)) for name, checker in chain.backends]
     if isinstance(wiring.script, ScriptRunner):  # its errors, and its backends.verify calls
         wiring.script.metrics = metrics
         wiring.script.backends = Backends(metered)
+    attach_metrics(getattr(wiring, "controls", None), metrics)
     return wiring
+
+
+def attach_metrics(controls: Any, metrics: Metrics) -> None:
+    """The limits' parts (``saslsmtp.limits.build.AbuseControls``: limiter, store, auth
+    cache) count into ``metrics``: each part that has a ``metrics`` attribute (holding
+    ``events.NO_METRICS`` until now) gets the process's, and calls
+    ``metrics.limit_rejected(name)``, ``metrics.redis_down()``, ``metrics.cache_lookup(hit)``."""
+    if controls is None:
+        return
+    for part in vars(controls).values():
+        if hasattr(part, "metrics"):
+            part.metrics = metrics
 
 
 def metered_wire(metrics: Metrics | None) -> Callable[[Config, Any], Wiring]:

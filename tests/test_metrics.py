@@ -236,3 +236,34 @@ def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
         assert daemon.process.wait(30) == 0
     finally:
         daemon.stop()
+
+
+def test_the_limits_parts_get_the_process_metrics() -> None:
+    """``attach_metrics`` hands the metrics to every part of the limits' controls that
+    holds the null one (a part without a ``metrics`` attribute is left alone), so their
+    one-line calls count."""
+    from dataclasses import dataclass
+
+    from saslsmtp.events import NO_METRICS
+    from saslsmtp.serving import attach_metrics
+
+    class Part:
+        metrics = NO_METRICS
+
+    @dataclass
+    class Controls:
+        limiter: Part
+        store: Part
+        cache: object
+
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    controls = Controls(Part(), Part(), object())
+    attach_metrics(controls, m)
+    controls.limiter.metrics.limit_rejected("connections_per_ip")
+    controls.store.metrics.redis_down()
+    assert registry.get_sample_value("saslsmtp_limit_rejections_total",
+                                     {"limit": "connections_per_ip"}) == 1
+    assert registry.get_sample_value("saslsmtp_redis_unavailable_total") == 1
+    NO_METRICS.limit_rejected("x")  # the null one counts nothing, anywhere
+    assert registry.get_sample_value("saslsmtp_limit_rejections_total", {"limit": "x"}) is None
