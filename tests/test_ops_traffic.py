@@ -9,6 +9,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import urllib.request
@@ -65,9 +66,10 @@ def send_message(session: Session) -> bytes:
     return session.send(b".")
 
 
-def traffic(port: int, mail: Path) -> None:
+def traffic(port: int, tls_port: int, mail: Path) -> None:
     """Logins ok / bad / temp / script error / aborted, one message stored and one that
-    cannot be, a STARTTLS that completes and one that never does."""
+    cannot be, a STARTTLS that completes and one that never does, one session on the
+    implicit-TLS listener."""
     ok = Session(port)
     assert ok.send(b"EHLO client.example").startswith(b"250")
     assert ok.send(plain("alice", "wonderland")).startswith(b"235 ")
@@ -108,6 +110,13 @@ def traffic(port: int, mail: Path) -> None:
         pass
     broken.close()
 
+    raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    implicit = client_tls().wrap_socket(raw, server_hostname="mx.example.test")
+    assert implicit.recv(100).startswith(b"220 ")
+    implicit.sendall(b"QUIT\r\n")
+    assert implicit.recv(100).startswith(b"221 ")
+    implicit.close()
+
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
@@ -116,11 +125,11 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
     (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
     (tmp_path / "auth.py").write_text(SCRIPT)
     cert, key = write_cert(tmp_path, 7)
-    port, metrics_port = free_port(), free_port()
-    listener = f"tcp:{port}:interface=127.0.0.1"
+    port, tls_port, metrics_port = free_port(), free_port(), free_port()
+    listener, tls_listener = f"tcp:{port}:interface=127.0.0.1", f"ssl:{tls_port}:interface=127.0.0.1"
     config = write_config(
         tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-        mechanisms=["PLAIN"], listen=[listener], script="auth.py", tls=(str(cert), str(key)),
+        mechanisms=["PLAIN"], listen=[listener, tls_listener], script="auth.py", tls=(str(cert), str(key)),
         extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
     log = tmp_path / "daemon.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -131,15 +140,17 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
         wait_for(lambda: log.read_text().count("saslsmtp ready") == workers or proc.poll() is not None,
                  what="the daemon")
         assert proc.poll() is None, log.read_text()
-        traffic(port, tmp_path / "mail")
+        traffic(port, tls_port, tmp_path / "mail")
 
         def settled() -> dict | None:
             s = scrape(metrics_port)
             return s if s.get(("saslsmtp_sessions", (("listener", listener),))) == 0 and s.get(
+                ("saslsmtp_sessions", (("listener", tls_listener),))) == 0 and s.get(
                 ("saslsmtp_tls_handshake_failures_total", ())) == 1 else None
         s = wait_for(settled, what="every session closed and counted")
         expected = {
             ("saslsmtp_connections_total", (("listener", listener),)): 4,
+            ("saslsmtp_connections_total", (("listener", tls_listener),)): 1,
             ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "success"))): 1,
             ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "failure"))): 1,
             ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "tempfail"))): 2,
@@ -148,7 +159,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
             ("saslsmtp_backend_requests_total", (("backend", "users"), ("result", "reject"))): 1,
             ("saslsmtp_auth_duration_seconds_count", (("backend", "users"),)): 2,
             ("saslsmtp_script_errors_total", ()): 1,
-            ("saslsmtp_tls_handshakes_total", ()): 1,
+            ("saslsmtp_tls_handshakes_total", ()): 2,
             ("saslsmtp_tls_handshake_failures_total", ()): 1,
             ("saslsmtp_messages_total", ()): 1,
             ("saslsmtp_message_bytes_total", ()): len(MESSAGE),
@@ -157,6 +168,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
             ("saslsmtp_auth_cache_misses_total", ()): 0,
             ("saslsmtp_redis_unavailable_total", ()): 0,
             ("saslsmtp_sessions", (("listener", listener),)): 0,
+            ("saslsmtp_sessions", (("listener", tls_listener),)): 0,
         }
         assert {key: s.get(key) for key in expected} == expected
         assert not any(name == "saslsmtp_limit_rejections_total" for name, _ in s)  # none yet
@@ -171,6 +183,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
             ("127.0.0.1", "-", "-", "none", "0", "0"),
             ("127.0.0.1", "-", "-", "TLSv1.3", "0", "0"),
             ("127.0.0.1", "-", "-", "none", "0", "0"),
+            ("127.0.0.1", "-", "-", "TLSv1.3", "0", "0"),
         ]), text
         assert "AUTH PLAIN tempfail ip=127.0.0.1" in text
         assert "AUTH PLAIN aborted ip=127.0.0.1" in text
