@@ -53,6 +53,58 @@ class JSONLinesObserver:
         self.out.flush()
 
 
+@implementer(ILogObserver)
+class RelayObserver:
+    """A worker's events for its master, one compact JSON object per line: ``time``,
+    ``level``, ``namespace``, ``message`` (already formatted, with a traceback if any)
+    and the event's plain fields.  Cheaper on both sides than twisted's own JSON form,
+    which carries the format string and every key for a faithful rebuild; the master
+    only needs to write the line (``relayed_event``)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def __call__(self, event: dict) -> None:
+        message = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                message += "\n" + failure.getTraceback()
+            except Exception:
+                message += "\n" + str(failure)
+        record: dict[str, Any] = {
+            "time": event.get("log_time") or 0,
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", "-"),
+            "message": message,
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in _SKIP or key in record:
+                continue
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                record[key] = value
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+
+def relayed_event(line: str) -> dict:
+    """The event for a ``RelayObserver`` line (``ValueError`` if it is not one): it
+    formats to the worker's message, with the worker's fields beside it."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("message"), str):
+        raise ValueError("not a relayed event")
+    event = {key: value for key, value in record.items()
+             if key not in ("time", "level", "namespace", "message")}
+    try:
+        level = LogLevel.levelWithName(str(record.get("level")))
+    except Exception:
+        level = LogLevel.info
+    event.update(log_format="{log_text}", log_text=record["message"], log_level=level,
+                 log_namespace=str(record.get("namespace", "-")),
+                 log_time=float(record.get("time") or 0))
+    return event
+
+
 def make_observer(out: IO[str], log_format: str = "text", log_level: str = "info") -> ILogObserver:
     """The observer for ``out``: text or JSON lines, without events below ``log_level``."""
     inner = JSONLinesObserver(out) if log_format == "json" else textFileLogObserver(out)

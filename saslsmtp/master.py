@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 
 import saslsmtp
 from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.daemon import clean_exit
+from saslsmtp.logs import relayed_event
 from saslsmtp.metrics import (MULTIPROC_ENV, mark_dead, metrics_service, multiprocess_registry,
                               prepare_multiprocess_dir)
 from saslsmtp.serving import install_sighup
@@ -167,13 +168,13 @@ class MasterService(service.MultiService):
     # -- running ---------------------------------------------------------------------------
 
     def relay(self, worker: WorkerProcess, line: bytes) -> None:
-        """A JSON log event from a worker, published in the master's log."""
+        """A log event from a worker (``logs.RelayObserver``), published in the master's log."""
         text = line.strip(b"\x1e \r\n")
         if not text:
             return
         try:
-            event = eventFromJSON(text.decode("utf-8"))
-        except ValueError:
+            event = relayed_event(text.decode("utf-8"))
+        except (ValueError, TypeError):
             log.info("worker {slot} (pid {worker_pid}): {line}", slot=worker.slot,
                      worker_pid=worker.pid, line=text.decode("utf-8", "replace"))
             return

@@ -47,7 +47,8 @@ class Metrics:
         #: Mechanism names the server knows; anything else is counted as ``other``.
         self.known_mechanisms = None if known_mechanisms is None else {m.upper() for m in known_mechanisms}
         self.connections = Counter("saslsmtp_connections", "Accepted connections.", ["listener"], registry=registry)
-        self.sessions = Gauge("saslsmtp_sessions", "Open SMTP sessions.", multiprocess_mode="livesum", registry=registry)
+        self.sessions = Gauge("saslsmtp_sessions", "Open SMTP sessions per listener.", ["listener"],
+                              multiprocess_mode="livesum", registry=registry)
         self.worker_sessions = Gauge(
             "saslsmtp_worker_sessions", "Open SMTP sessions per process (a pid label with workers).",
             multiprocess_mode="liveall", registry=registry)
@@ -81,12 +82,12 @@ class Metrics:
     def connection_opened(self, listener: str) -> None:
         """A connection was accepted on ``listener`` (the ``server.listen`` string)."""
         self.connections.labels(_bounded(listener)).inc()
-        self.sessions.inc()
+        self.sessions.labels(_bounded(listener)).inc()
         self.worker_sessions.inc()
 
-    def session_closed(self) -> None:
-        """A connection counted by ``connection_opened`` is gone."""
-        self.sessions.dec()
+    def session_closed(self, listener: str) -> None:
+        """A connection counted by ``connection_opened(listener)`` is gone."""
+        self.sessions.labels(_bounded(listener)).dec()
         self.worker_sessions.dec()
 
     def auth_finished(self, mechanism: str, result: str) -> None:

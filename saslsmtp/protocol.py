@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
+from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.replies import REPLIES, SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -67,6 +69,7 @@ class EngineSettings:
     idle_timeout: float = 300.0
 
 
+@implementer(IHandshakeListener)
 class SubmissionESMTP(smtp.ESMTP):
     """The submission protocol.  One instance per connection; see the module docstring.
 
@@ -83,8 +86,10 @@ class SubmissionESMTP(smtp.ESMTP):
                  mechanisms: Mapping[str, MechanismSpec], clock: Any,
                  tls_context: Any = None, resolver: Resolver = no_resolver,
                  script: PasswordScript | None = None,
-                 blocking: Any = None, client_identity: str = "cn") -> None:
+                 blocking: Any = None, client_identity: str = "cn",
+                 events: SessionEvents | None = None) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
+        self.events = events if events is not None else NoSessionEvents()  # metrics, session log
         self.portal = portal
         self.settings = settings
         self.host = settings.hostname.encode("ascii")
@@ -111,6 +116,7 @@ class SubmissionESMTP(smtp.ESMTP):
             max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking)
         self.avatar: Any = None  # the IMessageDelivery mail goes to (set by AUTH)
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients)
+        self.transaction.events = self.events
 
     @property
     def auth_user(self) -> str | None:
@@ -143,6 +149,10 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction.abort()
         self.reader.queue = []
         self._forget_login()
+        self.events.ended(self._peer[0], self.tls)
+
+    def handshakeCompleted(self) -> None:
+        self.events.tls_established(self.transport)
 
     def timeoutConnection(self) -> None:
         self.send(REPLIES["timeout"])

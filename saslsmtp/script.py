@@ -47,6 +47,7 @@ from zope.interface import implementer
 from saslsmtp.config import ConfigError, ConfigProblem
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.events import NO_METRICS
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session, Verify
 
@@ -161,6 +162,7 @@ class ScriptRunner:
         self.timeout = timeout
         self.backends = backends
         self.rate = rate  # ``arguments["rate"]``: ``Limiter.rate`` (saslsmtp.limits)
+        self.metrics: Any = NO_METRICS  # script_error() (serving.instrument sets it)
 
     def arguments(self, session: Session, mechanism: str, **extra: Any) -> dict[str, Any]:
         """The ``arguments`` mapping for one call."""
@@ -197,6 +199,7 @@ class ScriptRunner:
                 return Reject()
             if isinstance(result, RESULTS):
                 return result
+            self.metrics.script_error()
             log.error("AUTH script {path} returned {kind} for {mechanism} state {state};"
                       " expected Accept, Defer, Reject or Reply", path=self.script.path,
                       kind=type(result).__name__, mechanism=mechanism, state=state)
@@ -211,6 +214,7 @@ class ScriptRunner:
             else:
                 log.failure("AUTH script {path} raised ({mechanism} state {state})", failure=f,
                             path=self.script.path, mechanism=mechanism, state=state)
+            self.metrics.script_error()
             return Defer()
 
         return d.addCallbacks(checked, failed)
@@ -227,6 +231,7 @@ class ScriptRunner:
             if isinstance(result, Accept):
                 return Accept(result.username or request.username, result.reason)
             if isinstance(result, Reply):
+                self.metrics.script_error()
                 log.error("AUTH script {path} answered Reply() for {mechanism}; only custom"
                           " mechanisms can send challenges", path=self.script.path,
                           mechanism=mechanism)

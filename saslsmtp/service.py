@@ -27,6 +27,7 @@ from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.events import SessionEvents
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
@@ -261,6 +262,10 @@ class SubmissionFactory(protocol.ServerFactory):
             connection.transport.loseConnection()
         return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 
+    def session_events(self) -> SessionEvents:
+        """What a new session reports to (``serving.MeteredFactory`` adds metrics)."""
+        return SessionEvents(None, self.clock)
+
     def buildProtocol(self, addr: Any) -> SubmissionESMTP:
         wiring = self.wiring
         tls = wiring.config.tls
@@ -268,7 +273,8 @@ class SubmissionFactory(protocol.ServerFactory):
             portal=wiring.portal, settings=wiring.settings, mechanisms=wiring.mechanisms,
             clock=self.clock, tls_context=wiring.tls_context,
             resolver=wiring.resolver or no_resolver, script=wiring.script,
-            blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn")
+            blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn",
+            events=self.session_events())
         connection.factory = self
         return connection
 

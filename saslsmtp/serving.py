@@ -24,10 +24,25 @@ from zope.interface import implementer
 
 from saslsmtp.checkers.chain import BackendChain
 from saslsmtp.config import Config, ConfigError
+from saslsmtp.events import SessionEvents
+from saslsmtp.replies import REPLIES
 from saslsmtp.metrics import Metrics
+from saslsmtp.script import Backends, ScriptRunner
 from saslsmtp.service import SaslSmtpService, SubmissionFactory, Wiring, listener, load, wire
 
 log = Logger(namespace="saslsmtp")
+
+
+#: Seconds a session inside AUTH or DATA gets to finish at shutdown (the master kills
+#: workers that have not ended 5 s after its own grace, 10 s).
+SHUTDOWN_GRACE = 8.0
+SWEEP_INTERVAL = 0.1
+
+
+def busy(connection: Any) -> bool:
+    """Inside an AUTH exchange, receiving a message, or waiting for a reply to be sent."""
+    return bool(connection.auth.exchange is not None or connection.transaction.receiving
+                or connection._pending is not None)
 
 
 class MeteredFactory(SubmissionFactory):
@@ -36,10 +51,54 @@ class MeteredFactory(SubmissionFactory):
     def __init__(self, wiring: Wiring, clock: Any, metrics: Metrics | None = None) -> None:
         super().__init__(wiring, clock)
         self.metrics = metrics
+        self.listener_of: dict[Any, str] = {}  # open session -> its listener's name
+
+    def session_events(self) -> SessionEvents:
+        return SessionEvents(self.metrics, self.clock)
+
+    def close_all(self, grace: float = SHUTDOWN_GRACE) -> "defer.Deferred[None]":
+        """Shutdown: an idle session gets ``421 4.3.2`` and is closed at once; one inside
+        AUTH or DATA (or waiting for its reply) finishes that step first, and is closed
+        when it is idle, within ``grace`` seconds; after that every session left is
+        closed.  Fires when all are gone."""
+        if not self.connections:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(done)
+        deadline = self.clock.seconds() + grace
+        closing: set[Any] = set()
+
+        def sweep() -> None:
+            late = self.clock.seconds() >= deadline
+            for connection in list(self.connections - closing):
+                if late or not busy(connection):
+                    closing.add(connection)
+                    connection.send(REPLIES["shutting_down"])
+                    connection.transport.loseConnection()
+            if not self.connections - closing and loop.running:
+                loop.stop()
+
+        loop = task.LoopingCall(sweep)
+        loop.clock = self.clock
+        loop.start(SWEEP_INTERVAL, now=True)
+
+        def stop_sweeping(result: Any) -> Any:
+            if loop.running:
+                loop.stop()
+            return result
+        return done.addTimeout(grace + 2 * SWEEP_INTERVAL + 1.0, self.clock,
+                               onTimeoutCancel=lambda *_: None).addBoth(stop_sweeping)
+
+    def opened(self, p: Any, listener: str) -> None:
+        """``p`` was built for a connection accepted on ``listener``."""
+        if self.metrics is not None:
+            self.metrics.connection_opened(listener)
+            self.listener_of[p] = listener
 
     def forget(self, p: Any) -> None:
-        if p in self.connections and self.metrics is not None:
-            self.metrics.session_closed()
+        listener = self.listener_of.pop(p, None)
+        if listener is not None and self.metrics is not None:
+            self.metrics.session_closed(listener)
         super().forget(p)
 
 
@@ -53,9 +112,9 @@ class ListenerFactory(protocol.Factory):
         self.name = name
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.factory.metrics is not None:
-            self.factory.metrics.connection_opened(self.name)
-        return self.factory.buildProtocol(addr)
+        p = self.factory.buildProtocol(addr)
+        self.factory.opened(p, self.name)
+        return p
 
 
 class LiveTLSContext:
@@ -97,13 +156,32 @@ class MeteredChecker:
 
 
 def instrument(wiring: Wiring, metrics: Metrics | None) -> Wiring:
-    """Time and count every backend of the password chain (a script's own
-    ``backends.verify`` calls are not counted here)."""
+    """Time and count every backend check (of the password chain, or the AUTH script's
+    ``backends.verify``) and the script's errors."""
+    if metrics is None:
+        return wiring
+    metered: dict[str, Any] = {name: MeteredChecker(name, checker, metrics)
+                               for name, checker in wiring.checkers.items()}
     chain = wiring.portal.checkers.get(IUsernamePassword)
-    if metrics is not None and isinstance(chain, BackendChain):
-        chain.backends = [(name, MeteredChecker(name, checker, metrics))
-                          for name, checker in chain.backends]
+    if isinstance(chain, BackendChain):
+        chain.backends = [(name, metered.get(name, checker)) for name, checker in chain.backends]
+    if isinstance(wiring.script, ScriptRunner):  # its errors, and its backends.verify calls
+        wiring.script.metrics = metrics
+        wiring.script.backends = Backends(metered)
+    attach_metrics(getattr(wiring, "controls", None), metrics)
     return wiring
+
+
+def attach_metrics(controls: Any, metrics: Metrics) -> None:
+    """The limits' parts (``saslsmtp.limits.build.AbuseControls``: limiter, store, auth
+    cache) count into ``metrics``: each part that has a ``metrics`` attribute (holding
+    ``events.NO_METRICS`` until now) gets the process's, and calls
+    ``metrics.limit_rejected(name)``, ``metrics.redis_down()``, ``metrics.cache_lookup(hit)``."""
+    if controls is None:
+        return
+    for part in vars(controls).values():
+        if hasattr(part, "metrics"):
+            part.metrics = metrics
 
 
 def metered_wire(metrics: Metrics | None) -> Callable[[Config, Any], Wiring]:

@@ -33,6 +33,7 @@ class AuthHost(Protocol):
 
     tls: bool
     lost: bool
+    events: Any  # saslsmtp.events.SessionEvents
 
     @property
     def peer_ip(self) -> str: ...
@@ -120,21 +121,22 @@ class SmtpAuth:
                 script=self.script, blocking=self.blocking, max_steps=self.max_steps)
         except Exception:
             log.failure("could not start mechanism {mechanism}", mechanism=spec.name)
+            self.host.events.auth_finished(spec.name, "tempfail", client=self.host.peer_ip)
             self.host.send(REPLIES["auth_tempfail"])
         return self.exchange
 
     def line(self, line: bytes) -> None:
         """A client line while an exchange is open: ``*`` aborts, else base64."""
         if line is OVERLONG or len(line) > AUTH_LINE_LIMIT:
-            self.exchange = None
+            self._finish("aborted")
             return self.host.error(REPLIES["auth_line_too_long"])
         if line == b"*":
-            self.exchange = None
+            self._finish("aborted")
             return self.host.send(REPLIES["auth_aborted"])
         try:
             response = decode_response(line)
         except DecodeError:
-            self.exchange = None
+            self._finish("aborted")
             return self.host.error(REPLIES["auth_bad_base64"])
         assert self.exchange is not None
         self.host.busy_until(self.exchange.receive(response).addCallback(self.answer))
@@ -150,20 +152,26 @@ class SmtpAuth:
                 self.host.write(b"334 " + base64.b64encode(result.payload_bytes()) + b"\r\n")
                 return None
             case LoggedIn():
-                self.exchange = None
+                self._finish("success", result.username)
                 self._logged_in(result)
                 return None
             case Reject():
-                self.exchange = None
+                self._finish("failure")
                 return self._rejected(result)
             case Defer():
-                self.exchange = None
+                self._finish("tempfail")
                 self.host.send(auth_reply(result))
                 if result.disconnect:
                     self.host.close()
                 return None
             case _:
                 assert_never(result)
+
+    def _finish(self, result: str, user: str | None = None) -> None:
+        """The exchange ended with ``result`` (a ``saslsmtp.metrics.AUTH_RESULTS`` name)."""
+        if self.exchange is not None:
+            self.host.events.auth_finished(self.exchange.spec.name, result, user, self.host.peer_ip)
+        self.exchange = None
 
     def _logged_in(self, login: LoggedIn) -> None:
         self.login = login
@@ -195,7 +203,7 @@ class SmtpAuth:
         """Forget the exchange (a late login is logged out) and log out (STARTTLS, lost)."""
         if self.exchange is not None:
             self.exchange.cancel()
-            self.exchange = None
+            self._finish("aborted")
         self.logout()
 
     def logout(self) -> None:

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
 
 log = Logger(namespace="saslsmtp.transaction")
@@ -49,6 +50,8 @@ class Stamp:
 
 class MailTransaction:
     """MAIL FROM, RCPT TO and the message body, for one transaction at a time."""
+
+    events: SessionEvents = NoSessionEvents()  # the connection's (messages accepted, failed)
 
     def __init__(self, max_message_size: int, max_recipients: int) -> None:
         self.max_message_size = max_message_size
@@ -220,6 +223,7 @@ class MailTransaction:
         return d.addCallbacks(self._stored, self._not_stored)
 
     def _stored(self, _: Any) -> SMTPReply:
+        self.events.message_accepted(self._size)
         self.reset()
         return REPLIES["message_accepted"]
 
@@ -228,6 +232,7 @@ class MailTransaction:
             failure = failure.value.subFailure
         if not failure.check(defer.CancelledError):
             log.failure("message delivery failed", failure=failure)
+            self.events.delivery_failed()
         self.reset()
         return delivery_error_reply(failure, REPLIES["local_error"])
 

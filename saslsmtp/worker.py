@@ -2,8 +2,8 @@
 
 Started by the master (``saslsmtp.master``), never by hand.  It inherits the listening
 sockets already bound by the master, adopts them, and serves SMTP on them with its own
-wiring (thread pools, backends, script, TLS context).  It logs JSON events on standard
-output, which the master reads and writes into its own log; it stops when standard
+wiring (thread pools, backends, script, TLS context).  It logs its events as compact JSON lines on standard
+output (``logs.RelayObserver``), which the master reads and writes into its own log; it stops when standard
 input reaches end of file (the master is gone), on SIGTERM (like the single-process
 daemon: 421 to idle sessions) and reloads on SIGHUP.
 """
@@ -78,13 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as global_reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
     reactor: Any = global_reactor  # the entry point owns the process's reactor
 
     from saslsmtp import privileges
     from saslsmtp.config import ConfigError
     from saslsmtp.metrics import Metrics, multiprocess_enabled
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    from saslsmtp.logs import RelayObserver
+    relay: Any = RelayObserver(sys.stdout)  # an ILogObserver (zope, not a Protocol)
+    globalLogBeginner.beginLoggingTo([relay], redirectStandardIO=False)
     try:
         metrics = None
         if multiprocess_enabled():

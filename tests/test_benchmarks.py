@@ -31,3 +31,20 @@ def test_missing_test_extra_is_a_message_not_a_traceback() -> None:
     assert "Traceback" not in done.stderr
     assert "missing Python packages: aiosmtpd" in done.stderr
     assert "pip install -e '.[test]'" in done.stderr
+
+
+def test_workers_benchmark_measures_the_master_and_its_workers() -> None:
+    """benchmarks/workers.py's one run: the real daemon with two workers serves the
+    generator without errors, and the CPU read covers the master and both workers."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import workers as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    result = bench.one_run(2, argparse.Namespace(scheme="plain", concurrency=4, duration=1.0,
+                                                 warmup=0.2))
+    assert result["status"] == 0 and result["errors"] == 0
+    assert result["processes"] == 3
+    assert result["sessions"] > 0 and result["handshakes_per_s"] > 0
+    assert result["server_cpu_s"] > 0

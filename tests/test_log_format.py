@@ -103,3 +103,33 @@ def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
     assert len(auth) == 1 and auth[0]["level"] == "info"
     if workers > 1:
         assert auth[0]["worker_pid"] in worker_pids(log).values()
+
+
+def test_a_relayed_worker_event_reads_as_the_worker_wrote_it() -> None:
+    """A worker's ``RelayObserver`` line, rebuilt by ``relayed_event`` in the master and
+    written as text and as JSON: the same message (braces in values stay literal), the
+    level, namespace, time and fields, and a failure's traceback."""
+    from twisted.logger import LogLevel, formatEvent
+
+    from saslsmtp.logs import RelayObserver, relayed_event
+    wire = io.StringIO()
+    worker = Logger(namespace="saslsmtp.smtp", observer=LogPublisher(RelayObserver(wire)))
+    worker.warn("AUTH {mechanism} ok user={user}", mechanism="PLAIN", user="a{b}c", ip="192.0.2.1")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        worker.failure("script raised")
+    first, second = [relayed_event(line) for line in wire.getvalue().splitlines()]
+    assert formatEvent(first) == "AUTH PLAIN ok user=a{b}c"
+    assert (first["log_level"], first["log_namespace"]) == (LogLevel.warn, "saslsmtp.smtp")
+    assert (first["user"], first["ip"]) == ("a{b}c", "192.0.2.1")
+    assert formatEvent(second).startswith("script raised\nTraceback")
+    assert "ZeroDivisionError" in formatEvent(second)
+    text, as_json = io.StringIO(), io.StringIO()
+    make_observer(text, "text")(first)
+    make_observer(as_json, "json")(first)
+    assert text.getvalue().endswith("AUTH PLAIN ok user=a{b}c\n")
+    record = json.loads(as_json.getvalue())
+    assert (record["message"], record["level"], record["user"]) == ("AUTH PLAIN ok user=a{b}c", "warn", "a{b}c")
+    with pytest.raises(ValueError):
+        relayed_event('["not", "an", "event"]')

@@ -55,7 +55,7 @@ async def test_single_process_scrape_has_every_event() -> None:
     m.connection_opened("tcp:2525:interface=127.0.0.1")
     m.connection_opened("tcp:2525:interface=127.0.0.1")
     m.connection_opened("haproxy:tcp:2526")
-    m.session_closed()
+    m.session_closed("haproxy:tcp:2526")
     m.auth_finished("plain", "success")
     m.auth_finished("PLAIN", "failure")
     m.auth_finished("X-UNKNOWN-TO-US", "aborted")
@@ -78,7 +78,8 @@ async def test_single_process_scrape_has_every_event() -> None:
     s = samples(text)
     assert s[("saslsmtp_connections_total", (("listener", "tcp:2525:interface=127.0.0.1"),))] == 2
     assert s[("saslsmtp_connections_total", (("listener", "haproxy:tcp:2526"),))] == 1
-    assert s[("saslsmtp_sessions", ())] == 2
+    assert s[("saslsmtp_sessions", (("listener", "tcp:2525:interface=127.0.0.1"),))] == 2
+    assert s[("saslsmtp_sessions", (("listener", "haproxy:tcp:2526"),))] == 0
     assert s[("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "success")))] == 1
     assert s[("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "failure")))] == 1
     assert s[("saslsmtp_auth_total", (("mechanism", "other"), ("result", "aborted")))] == 1
@@ -156,13 +157,13 @@ async def test_multiprocess_sums_two_writers_and_forgets_dead_gauges(tmp_path: P
     assert s[("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "success")))] == 7
     assert s[("saslsmtp_auth_duration_seconds_count", (("backend", "users"),))] == 7
     assert s[("saslsmtp_message_bytes_total", ())] == 700
-    assert s[("saslsmtp_sessions", ())] == 7
+    assert s[("saslsmtp_sessions", (("listener", "tcp:2525"),))] == 7
     per_pid = {dict(labels)["pid"]: v for (name, labels), v in s.items()
                if name == "saslsmtp_worker_sessions"}
     assert per_pid == {str(first.pid): 3, str(second.pid): 4}
     mark_dead(first.pid, directory)
     s = samples((await scrape(metrics_site(registry)))[1])
-    assert s[("saslsmtp_sessions", ())] == 4
+    assert s[("saslsmtp_sessions", (("listener", "tcp:2525"),))] == 4
     assert s[("saslsmtp_connections_total", (("listener", "tcp:2525"),))] == 7
 
 
@@ -198,10 +199,10 @@ async def test_a_served_session_is_counted(tmp_path: Path) -> None:
         assert value("saslsmtp_auth_duration_seconds_count", {"backend": "second"}) == 2
         from twisted.internet import task
         for _ in range(100):  # the server sees the close a moment after the client
-            if value("saslsmtp_sessions") == 0:
+            if value("saslsmtp_sessions", {"listener": name}) == 0:
                 break
             await task.deferLater(reactor, 0.02, lambda: None)
-        assert value("saslsmtp_sessions") == 0
+        assert value("saslsmtp_sessions", {"listener": name}) == 0
     finally:
         await port.stopListening()
         stop_wiring(factory.wiring)
@@ -230,8 +231,39 @@ def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
                 return samples(r.read().decode())
         listener = (("listener", f"tcp:{port}:interface=127.0.0.1"),)
         wait_for(lambda: scraped().get(("saslsmtp_connections_total", listener)) == 2
-                 and scraped()[("saslsmtp_sessions", ())] == 0, what="two counted, none open")
+                 and scraped()[("saslsmtp_sessions", listener)] == 0, what="two counted, none open")
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(30) == 0
     finally:
         daemon.stop()
+
+
+def test_the_limits_parts_get_the_process_metrics() -> None:
+    """``attach_metrics`` hands the metrics to every part of the limits' controls that
+    holds the null one (a part without a ``metrics`` attribute is left alone), so their
+    one-line calls count."""
+    from dataclasses import dataclass
+
+    from saslsmtp.events import NO_METRICS
+    from saslsmtp.serving import attach_metrics
+
+    class Part:
+        metrics = NO_METRICS
+
+    @dataclass
+    class Controls:
+        limiter: Part
+        store: Part
+        cache: object
+
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    controls = Controls(Part(), Part(), object())
+    attach_metrics(controls, m)
+    controls.limiter.metrics.limit_rejected("connections_per_ip")
+    controls.store.metrics.redis_down()
+    assert registry.get_sample_value("saslsmtp_limit_rejections_total",
+                                     {"limit": "connections_per_ip"}) == 1
+    assert registry.get_sample_value("saslsmtp_redis_unavailable_total") == 1
+    NO_METRICS.limit_rejected("x")  # the null one counts nothing, anywhere
+    assert registry.get_sample_value("saslsmtp_limit_rejections_total", {"limit": "x"}) is None
