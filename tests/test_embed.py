@@ -286,6 +286,7 @@ def test_imap_authenticate_scripted(users: Any) -> None:
     ("file", {}, "path"),
     ("file", {"path": "/nonexistent/users"}, "path"),
     ("file", {"path": "x", "colour": "red"}, "colour"),
+    ("file", {"path": __file__, "default_scheme": "NOPE"}, "default_scheme"),
     ("ldap", {"url": "ldap://127.0.0.1", "user_dn": "uid=x"}, "user_dn"),
     ("ldap", {"url": 5, "user_dn": "uid={username}"}, "url"),
     ("http", {"url": "ftp://x"}, "url"),
