@@ -303,3 +303,54 @@ def test_portal_refuses_a_script_and_password_checkers(users: Any) -> None:
     script = embed.auth_script(who, clock=Clock())
     with pytest.raises(ValueError, match="go to the script"):
         embed.portal(MemoryRealm(), [users], script=script)
+
+
+class RecordingPool:
+    """A BlockingRunner that runs inline and records what it ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ShutdownRecorder(Clock):
+    """A clock that records system event triggers, as a reactor would run them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+
+def test_injected_pool_runs_the_hashing(tmp_path: Path) -> None:
+    """An expensive hash goes to the pool given (never the reactor thread); a cheap one not."""
+    from twisted.cred.credentials import UsernamePassword
+    from saslsmtp.passwords import make_hash
+    path = tmp_path / "users.passwd"
+    path.write_text("alice:{PLAIN}alice-secret\n"
+                    f"carol:{make_hash('SHA256-CRYPT', 'carol-secret', rounds=1000)}\n")
+    pool = RecordingPool()
+    users = embed.file_checker(Clock(), path=str(path), pool=pool)
+    results: list = []
+    users.requestAvatarId(UsernamePassword(b"alice", b"alice-secret")).addCallback(results.append)
+    assert (results, pool.calls) == ([b"alice"], 0)
+    users.requestAvatarId(UsernamePassword(b"carol", b"carol-secret")).addCallback(results.append)
+    assert (results, pool.calls) == ([b"alice", b"carol"], 1)
+
+
+def test_pools_and_connections_stop_at_reactor_shutdown(tmp_path: Path) -> None:
+    """The LDAP checker's own pool and connections are stopped before the reactor shuts
+    down; a pool made by thread_pool too."""
+    reactor = ShutdownRecorder()
+    directory = embed.ldap_checker(reactor, url="ldap://127.0.0.1:1",
+                                   user_dn="uid={username},dc=example,dc=test", threads=2)
+    stops = [f for phase, event, f in reactor.triggers if (phase, event) == ("before", "shutdown")]
+    assert directory.stop in stops
+    assert directory.runner.stop in stops and directory.runner.pool.max == 2
+    pool = embed.thread_pool(reactor, "mine", 3)
+    assert reactor.triggers[-1] == ("before", "shutdown", pool.stop)
