@@ -279,6 +279,22 @@ def test_imap_authenticate_scripted(users: Any) -> None:
     assert say(server, transport, b64(b"eve")) == b"a1 NO Authentication failed: unauthorized\r\n"
 
 
+def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
+    """Documented limit: stock IMAP4Server has no "try later" for a backend that is down."""
+    realm = Accounts()
+    script = embed.auth_script(lambda a, c: Reply(b"x") if a["state"] == 0 else Defer(),
+                               clock=Clock())
+    server = imap4.IMAP4Server(chal=embed.challengers(["X-WHO"], script=script))
+    server.portal = embed.portal(realm, [users])
+    transport = StringTransport()
+    server.makeConnection(transport)
+    transport.clear()
+    say(server, transport, b"a1 AUTHENTICATE X-WHO")
+    assert say(server, transport, b64(b"alice")) == \
+        b"a1 BAD Server error: login failed unexpectedly\r\n"
+    assert realm.logins == []
+
+
 # checkers from keyword arguments ----------------------------------------------------
 
 

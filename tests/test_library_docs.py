@@ -246,6 +246,12 @@ def test_imap_program_with_curl(imap_program: Program, mechanism: str) -> None:
 # a checker in any portal: twisted.web + LDAP ------------------------------------------
 
 
+def stop_checkers(site: Any) -> None:
+    """Stop the LDAP checker's pool now (a program would leave it to reactor shutdown)."""
+    for checker in set(site.resource._portal.checkers.values()):
+        checker.stop()
+
+
 @pytest.fixture(scope="module")
 def slapd() -> Iterator[Any]:
     from tests.slapd import running_slapd
@@ -276,3 +282,25 @@ async def test_web_site_with_ldap_basic_auth(folder: Path, slapd: Any) -> None:
         await anonymous.text()
     finally:
         await listening.stopListening()
+        stop_checkers(site)
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_site_with_the_directory_down(folder: Path) -> None:
+    """A directory nobody answers on is not a wrong password: 500, not 401 (the docs say
+    HTTPAuthSessionWrapper has no "try later")."""
+    import treq
+    from twisted.internet import reactor
+    from tests.slapd import free_port
+    namespace: dict[str, Any] = {}
+    exec(compile((folder / "web_site.py").read_text(), "web_site.py", "exec"), namespace)
+    site = namespace["make_site"](reactor, f"ldap://127.0.0.1:{free_port()}")
+    listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        down = await treq.get(f"http://127.0.0.1:{listening.getHost().port}/",
+                              auth=("alice", "alice-pw"))
+        assert down.code == 500
+        await down.text()
+    finally:
+        await listening.stopListening()
+        stop_checkers(site)
