@@ -17,6 +17,7 @@ timeouts), any cred checkers, mechanisms (built-in or scripted), a resolver for
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
@@ -123,6 +124,11 @@ class SMTPHarness:
     * ``settings`` / keyword overrides: ``EngineSettings`` fields (by default
       ``require_tls=False`` and ``failure_delay=0`` for brevity).
     * ``clock``: a ``task.Clock`` (created if omitted) for failure delays and timeouts.
+
+    One harness is one server start: a script given as a path is imported here, once, as
+    the daemon imports it at start (and at a reload).  ``connect()`` opens another
+    connection to the same server (shared module globals, a fresh ``context``); a second
+    ``SMTPHarness(script=path)`` is a restart, with a freshly imported module.
     """
 
     def __init__(self, *, users: Mapping[str, str] | None = None,
@@ -170,21 +176,36 @@ class SMTPHarness:
             base = replace(base, mechanisms=tuple(mechanisms) if mechanisms is not None
                            else ("PLAIN", "LOGIN"))
         self.settings = replace(base, **overrides)
+        self._connection = dict(tls=tls, starttls=starttls, peer=peer, resolver=resolver)
+        self._open()
+
+    def _open(self) -> None:
+        """A new connection (transport and protocol) to this harness's server."""
+        tls, starttls = self._connection["tls"], self._connection["starttls"]
         transport_class = TLSStringTransport if starttls else StringTransport
         self.transport = transport_class(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 587),
-            peerAddress=IPv4Address("TCP", peer, 54321))
+            peerAddress=IPv4Address("TCP", self._connection["peer"], 54321))
         if tls:
             alsoProvides(self.transport, ISSLTransport)
         kwargs: dict[str, Any] = {}
-        if resolver is not None:
-            kwargs["resolver"] = resolver
+        if self._connection["resolver"] is not None:
+            kwargs["resolver"] = self._connection["resolver"]
         self.protocol = SubmissionESMTP(
             portal=self.portal, settings=self.settings, mechanisms=self.mechanisms,
             clock=self.clock, tls_context=object() if starttls else None,
             script=self.script_runner, **kwargs)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
+
+    def connect(self, peer: str | None = None) -> "SMTPHarness":
+        """Another connection to the same server: the same portal, backends, realm, clock
+        and AUTH script (imported once, so its module globals are shared, as in the
+        daemon); a new transport, protocol and script ``context``."""
+        other = copy.copy(self)
+        other._connection = dict(self._connection, peer=peer or self._connection["peer"])
+        other._open()
+        return other
 
     def take(self) -> bytes:
         """What the server wrote since the last call."""

@@ -38,6 +38,7 @@ RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
      "one connection knows nothing of the daemon's wiring"),
     (("saslsmtp",), ("saslsmtp.tap",), "only the twistd plugin names saslsmtp.tap"),
     (("saslsmtp",), ("saslsmtp.testing",), "test helpers are for tests"),
+    (("saslsmtp",), ("saslsmtp.embed",), "the library surface is for embedders, not for the daemon"),
 )
 
 

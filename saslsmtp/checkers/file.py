@@ -316,7 +316,17 @@ class FileOptions(Options):
     def check(self) -> Iterable[OptionProblem]:
         if not self.path:
             return [OptionProblem("path", "is required")]
-        return file_problem("path", self.path)
+        return file_problem("path", self.path) + _scheme_problem(self.default_scheme)
+
+
+def _scheme_problem(scheme: str) -> list[OptionProblem]:
+    try:
+        passwords.parse_password("{%s}x" % scheme)
+    except passwords.UnknownScheme:
+        return [OptionProblem("default_scheme", f"unknown scheme {scheme!r}")]
+    except PasswordError:
+        pass  # the scheme exists; "x" is just not valid data for it
+    return []
 
 
 def from_config(name: str, options: FileOptions, deps: Any) -> FileChecker:

@@ -1,0 +1,237 @@
+"""saslsmtp as a library: mechanisms, an AUTH script and checkers for your own Twisted server.
+
+The stable public surface (``__all__``, listed in docs/library.md; a test fails if a name
+disappears).  Everything here builds what the daemon builds from its TOML file, from
+keyword arguments instead, and checks it by the same rules::
+
+    users = embed.file_checker(reactor, path="users.passwd")
+    script = embed.auth_script("auth.py", clock=reactor, backends={"users": users})
+    chal = embed.challengers(["PLAIN", "CRAM-MD5", "X-WHO"], script=script, secrets=[users])
+    server = twisted.mail.smtp.ESMTP(chal)       # or twisted.mail.imap4.IMAP4Server(chal)
+    server.portal = embed.portal(realm, [users])
+
+Nothing here imports the global reactor: the reactor (or a clock) is always passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+
+from saslsmtp.adapter import ExchangeChecker, MechanismAdapter, challengers as _challengers
+from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.checkers.registry import BACKEND_TYPES, BackendDeps, checker_from_options
+from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.mechanisms import builtin_mechanisms
+from saslsmtp.options import OptionProblem, OptionsError
+from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
+                             load_script, scripted_spec)
+from saslsmtp.threads import BlockingRunner, ThreadPoolRunner
+
+__all__ = [
+    "STOCK_MECHANISMS", "challengers", "portal", "auth_script", "script_password_checker",
+    "checker", "file_checker", "ldap_checker", "smtp_checker", "http_checker",
+    "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "MechanismAdapter",
+    "ScriptRunner",
+]
+
+#: The built-in mechanisms a stock Twisted protocol can run.  The others need what only
+#: ``SubmissionESMTP`` gives a mechanism: TLS facts (OAUTHBEARER, XOAUTH2 and the -PLUS
+#: variants) or the client certificate (EXTERNAL).
+STOCK_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")
+
+
+def challengers(mechanisms: Iterable[str | MechanismSpec], *, script: ScriptRunner | None = None,
+                secrets: Iterable[Any] = (), hostname: str = "localhost",
+                pool: BlockingRunner | None = None) -> dict[bytes, Callable[[], MechanismAdapter]]:
+    """The ``chal`` argument of ``twisted.mail.smtp.ESMTP`` and ``imap4.IMAP4Server``.
+
+    ``mechanisms``: names (announced in this order) or your own ``MechanismSpec``s.  A name
+    is a built-in from ``STOCK_MECHANISMS``, or served by ``script``, as in the daemon: every
+    name that is not built in, and a built-in only when the script's ``MECHANISMS`` names
+    it.  ``secrets``: checkers that can hand out stored secrets (``file_checker``): CRAM-MD5
+    and SCRAM need one.  ``hostname`` goes into the CRAM-MD5 challenge.  ``pool`` runs
+    SCRAM's PBKDF2 for ``{PLAIN}`` entries (that step is then asynchronous, which a stock
+    protocol cannot wait for in the middle of an exchange: store SCRAM secrets instead).
+    Anything that cannot work raises ``ValueError`` naming the mechanism.
+    """
+    specs: list[MechanismSpec] = []
+    items = list(mechanisms)
+    names = [m.name if isinstance(m, MechanismSpec) else m.upper() for m in items]
+    builtins = builtin_mechanisms(names)
+    given = list(secrets)
+    sources = [s for s in given if ISecretSource.providedBy(s)]
+    if len(sources) != len(given):
+        raise ValueError("secrets: every item must be a checker that provides ISecretSource"
+                         " (file_checker)")
+    declared = script.script.mechanisms if script is not None else None
+    for item in items:
+        if isinstance(item, MechanismSpec):
+            specs.append(item)
+            continue
+        name = item.upper()
+        scripted = script is not None and (
+            name in declared if declared is not None else name not in builtins)
+        if scripted:
+            specs.append(scripted_spec(name, script))  # type: ignore[arg-type]
+            continue
+        if name not in builtins:
+            raise ValueError(f"{name} is not built in and no script serves it"
+                             + (f" (its MECHANISMS: {', '.join(sorted(declared))})"
+                                if declared is not None else ""))
+        if name not in STOCK_MECHANISMS:
+            raise ValueError(f"{name} cannot run in a stock Twisted protocol (it needs TLS facts"
+                             " or a client certificate): use SubmissionESMTP")
+        spec = builtins[name]
+        kinds = set(spec.secret_kinds)
+        if kinds and not any(kinds & set(s.secret_kinds()) for s in sources):
+            raise ValueError(f"{name} needs a stored secret: pass secrets=[file_checker(...)]")
+        specs.append(spec)
+    return _challengers(specs, hostname, resolver=_resolver(sources) if sources else None,
+                        blocking=pool)
+
+
+def _resolver(sources: list[Any]) -> Any:
+    from saslsmtp.service import secret_resolver
+    return secret_resolver(sources, [])
+
+
+def portal(realm: IRealm, checkers: Iterable[ICredentialsChecker] = (), *,
+           script: ScriptRunner | None = None) -> Portal:
+    """A ``Portal`` for ``realm`` that serves every exchange ``challengers`` can end in.
+
+    Password checkers (``IUsernamePassword``: ours or Twisted's) are asked in order, the
+    first that accepts wins (like ``auth.backends``); other checkers are added as they are.
+    With ``script``, PLAIN and LOGIN (and IMAP's ``LOGIN`` command) are decided by the
+    script's ``auth()`` instead, as in the daemon: give it the checkers as ``backends``.
+    Added: ``TrustedIdentityChecker`` (a mechanism or the script accepted someone) and
+    ``ExchangeChecker`` (an exchange failed, or its last step was asynchronous).
+    """
+    given: list[Any] = list(checkers)
+    passwords = [c for c in given if IUsernamePassword in tuple(c.credentialInterfaces)]
+    others = [c for c in given if IUsernamePassword not in tuple(c.credentialInterfaces)]
+    if script is not None and passwords:
+        raise ValueError("with script=, PLAIN and LOGIN go to the script: pass the password"
+                         " checkers to auth_script(backends=...) instead")
+    chain: list[Any] = []
+    if script is not None:
+        chain.append(ScriptPasswordChecker(script))
+    elif passwords:
+        chain.append(passwords[0] if len(passwords) == 1 else BackendChain(
+            [(getattr(c, "name", str(i)), c) for i, c in enumerate(passwords)]))
+    chain += [*others, TrustedIdentityChecker(), ExchangeChecker()]
+    return Portal(realm, chain)
+
+
+def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float = 10.0,
+                backends: Mapping[str, ICredentialsChecker] | None = None) -> ScriptRunner:
+    """Load an AUTH script (a path, or an ``auth(arguments, context)`` callable) once.
+
+    Call it once per server, as the daemon does at start: the module is imported here, so
+    its globals are shared by every connection.  ``clock`` bounds each call to ``timeout``
+    seconds; ``backends`` are what ``arguments["backends"].verify(name, ...)`` can ask.
+    A path that cannot be loaded raises ``ConfigError`` (file, line, message).
+    """
+    loaded = (AuthScript(getattr(script, "__name__", "<auth>"), script, None)
+              if callable(script) else load_script(str(script)))
+    return ScriptRunner(loaded, clock, timeout, Backends(dict(backends or {})))
+
+
+def script_password_checker(script: ScriptRunner) -> Any:
+    """PLAIN and LOGIN decided by the script, as an ``ICredentialsChecker`` for any portal."""
+    return ScriptPasswordChecker(script)
+
+
+def thread_pool(reactor: Any, name: str, max_threads: int = 4) -> ThreadPoolRunner:
+    """A bounded, named thread pool for blocking work (hashing, ldap3), stopped when the
+    reactor shuts down (or call ``stop()``)."""
+    runner = ThreadPoolRunner(reactor, name, max_threads)
+    _at_shutdown(reactor, runner.stop)
+    return runner
+
+
+def _at_shutdown(reactor: Any, stop: Callable[[], Any]) -> None:
+    trigger = getattr(reactor, "addSystemEventTrigger", None)
+    if trigger is not None:
+        trigger("before", "shutdown", stop)
+
+
+def checker(kind: str, reactor: Any, *, name: str | None = None,
+            pool: BlockingRunner | None = None, **options: Any) -> ICredentialsChecker:
+    """A backend checker of ``kind`` (``file``, ``ldap``, ``smtp``, ``http``, ``dovecot``,
+    ``oauth2``) from the same options as its ``[backends.NAME]`` table, checked by the same
+    rules: ``OptionsError`` (its ``key`` names the option) when they are wrong.
+
+    ``reactor`` is used for time, connections and threads.  ``pool`` runs its blocking
+    work (password hashing, ldap3); by default the checker gets its own bounded pool.
+    Pools and connections it owns are stopped when the reactor shuts down.
+    """
+    if kind not in BACKEND_TYPES:
+        raise OptionsError([OptionProblem("type", f"unknown backend type {kind!r} (known:"
+                                                  f" {', '.join(BACKEND_TYPES)})")])
+    label = name or kind
+    owned: list[BlockingRunner] = []
+
+    def make_runner(runner_name: str, max_threads: int) -> BlockingRunner:
+        if pool is not None:
+            return pool
+        owned.append(thread_pool(reactor, runner_name, max_threads))
+        return owned[-1]
+
+    deps = BackendDeps(reactor, pool or _LazyRunner(lambda: make_runner(f"hash-{label}", 4)),
+                       make_runner)
+    made = checker_from_options(kind, label, deps, **options)
+    stop = getattr(made, "stop", None)
+    if callable(stop):
+        _at_shutdown(reactor, stop)
+    return made
+
+
+class _LazyRunner:
+    """A hashing pool made on first use (an LDAP checker never hashes)."""
+
+    def __init__(self, make: Callable[[], BlockingRunner]) -> None:
+        self._make = make
+        self._runner: BlockingRunner | None = None
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._runner is None:
+            self._runner = self._make()
+        return self._runner.run(f, *args, **kwargs)
+
+
+def file_checker(reactor: Any, *, name: str = "file", pool: BlockingRunner | None = None,
+                 **options: Any) -> ICredentialsChecker:
+    """A Dovecot passwd-file (``path``, ``default_scheme``); also a secret source."""
+    return checker("file", reactor, name=name, pool=pool, **options)
+
+
+def ldap_checker(reactor: Any, *, name: str = "ldap", pool: BlockingRunner | None = None,
+                 **options: Any) -> ICredentialsChecker:
+    """Binds as the user (``url``, ``user_dn`` or ``search_base`` + ``search_filter``, ...)."""
+    return checker("ldap", reactor, name=name, pool=pool, **options)
+
+
+def smtp_checker(reactor: Any, *, name: str = "smtp", **options: Any) -> ICredentialsChecker:
+    """Forwards the password to another SMTP server's AUTH (``host``, ``port``, ...)."""
+    return checker("smtp", reactor, name=name, **options)
+
+
+def http_checker(reactor: Any, *, name: str = "http", **options: Any) -> ICredentialsChecker:
+    """POSTs the credentials to an HTTP API (``url``, ``timeout``, ``headers``, ...)."""
+    return checker("http", reactor, name=name, **options)
+
+
+def dovecot_checker(reactor: Any, *, name: str = "dovecot", **options: Any) -> ICredentialsChecker:
+    """Asks Dovecot's auth socket (``socket``, ``timeout``, ``service``)."""
+    return checker("dovecot", reactor, name=name, **options)
+
+
+def oauth2_checker(reactor: Any, *, name: str = "oauth2", **options: Any) -> ICredentialsChecker:
+    """Validates bearer tokens (for ``SubmissionESMTP``'s OAUTHBEARER and XOAUTH2)."""
+    return checker("oauth2", reactor, name=name, **options)
+

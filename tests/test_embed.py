@@ -1,0 +1,372 @@
+"""``saslsmtp.embed`` in stock Twisted protocols, over a string transport.
+
+Stock ``twisted.mail.smtp.ESMTP`` and ``twisted.mail.imap4.IMAP4Server`` with our PLAIN,
+LOGIN, CRAM-MD5 (secrets from a passwd-file) and a scripted mechanism; transcripts are
+checked byte for byte (their replies are stock Twisted's wire, not ours)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.mail import imap4, smtp
+from zope.interface import implementer
+
+from saslsmtp import embed
+from saslsmtp.options import OptionsError
+from saslsmtp.script import Accept, Defer, Reject, Reply
+from saslsmtp.testing import MemoryRealm
+
+USERS = "alice:{PLAIN}alice-secret\nbob:{SHA256-CRYPT}$5$rounds=5000$salt$x\n"
+
+
+def who(arguments: Any, context: dict) -> Any:
+    """X-WHO: the server asks "who?", the answer "alice" is accepted, "slow" is asynchronous."""
+    if arguments["state"] == 0:
+        return Reply(b"who?")
+    name = arguments["response"].decode()
+    if name == "slow":
+        return context.setdefault("later", defer.Deferred())
+    return Accept(username=name) if name == "alice" else Reject("Not you")
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Any:
+    path = tmp_path / "users.passwd"
+    path.write_text(USERS)
+    return embed.file_checker(Clock(), path=str(path))
+
+
+def chal(users: Any, script_fn: Any = who) -> dict:
+    script = embed.auth_script(script_fn, clock=Clock())
+    return embed.challengers(["PLAIN", "LOGIN", "CRAM-MD5", "X-WHO"], script=script,
+                             secrets=[users], hostname="mx.example.test")
+
+
+def esmtp(users: Any, script_fn: Any = who) -> tuple[smtp.ESMTP, StringTransport, MemoryRealm]:
+    realm = MemoryRealm()
+    server = smtp.ESMTP(chal(users, script_fn))
+    server.host = b"mx.example.test"
+    server.portal = embed.portal(realm, [users])
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(b"EHLO client\r\n")
+    transport.clear()
+    return server, transport, realm
+
+
+def say(server: Any, transport: StringTransport, line: bytes) -> bytes:
+    server.dataReceived(line + b"\r\n")
+    value = transport.value()
+    transport.clear()
+    return value
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def test_ehlo_announces_the_chosen_mechanisms(users: Any) -> None:
+    """The mechanisms are announced in the order given."""
+    server, transport, _ = esmtp(users)
+    assert b"250 AUTH PLAIN LOGIN CRAM-MD5 X-WHO\r\n" in say(server, transport, b"EHLO client")
+
+
+def test_plain_login_against_the_passwd_file(users: Any) -> None:
+    server, transport, realm = esmtp(users)
+    assert say(server, transport, b"AUTH PLAIN " + b64(b"\0alice\0alice-secret")) == \
+        b"235 Authentication successful.\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_wrong_password_malformed_plain_and_authzid_are_refused(users: Any) -> None:
+    """A wrong password, malformed PLAIN (stock PLAINCredentials crashed on it) and an
+    authzid other than the user (stock ignored it) are all 535; the connection stays."""
+    for message in (b"\0alice\0wrong", b"alice\0pw", b"bob\0alice\0alice-secret"):
+        server, transport, realm = esmtp(users)
+        assert say(server, transport, b"AUTH PLAIN " + b64(message)) == \
+            b"535 Authentication failed\r\n"
+        assert realm.logins == [] and not transport.disconnecting
+
+
+def test_cram_md5_reads_the_secret_from_the_passwd_file(users: Any) -> None:
+    server, transport, realm = esmtp(users)
+    reply = say(server, transport, b"AUTH CRAM-MD5")
+    challenge = base64.b64decode(reply[4:])
+    assert challenge.startswith(b"<") and challenge.endswith(b"@mx.example.test>")
+    digest = hmac.new(b"alice-secret", challenge, hashlib.md5).hexdigest()
+    assert say(server, transport, b64(b"alice " + digest.encode())) == \
+        b"235 Authentication successful.\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_cram_md5_wrong_digest(users: Any) -> None:
+    server, transport, realm = esmtp(users)
+    say(server, transport, b"AUTH CRAM-MD5")
+    assert say(server, transport, b64(b"alice " + b"0" * 32)) == b"535 Authentication failed\r\n"
+
+
+def test_scripted_mechanism_ends_in_the_portal(users: Any) -> None:
+    server, transport, realm = esmtp(users)
+    assert say(server, transport, b"AUTH X-WHO") == b"334 " + b64(b"who?") + b"\r\n"
+    assert say(server, transport, b64(b"alice")) == b"235 Authentication successful.\r\n"
+    assert realm.logins == ["alice"]
+    server, transport, realm = esmtp(users)
+    say(server, transport, b"AUTH X-WHO")
+    assert say(server, transport, b64(b"eve")) == b"535 Authentication failed\r\n"
+
+
+def test_an_asynchronous_last_step_is_waited_for(users: Any) -> None:
+    """The script's last step returns an unfired Deferred: portal.login waits for it."""
+    context: dict = {}
+
+    def slow(arguments: Any, ctx: dict) -> Any:
+        if arguments["state"] == 0:
+            return Reply(b"who?")
+        return context.setdefault("d", defer.Deferred())
+    server, transport, realm = esmtp(users, slow)
+    say(server, transport, b"AUTH X-WHO")
+    assert say(server, transport, b64(b"alice")) == b""
+    context["d"].callback(Accept(username="alice"))
+    assert transport.value() == b"235 Authentication successful.\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_an_asynchronous_step_that_wants_another_challenge_fails_honestly(users: Any) -> None:
+    """A stock protocol cannot send a challenge after an asynchronous step: the login fails
+    with a TemporaryFailure carrying that reason (stock ESMTP answers 451 and logs it)."""
+    from saslsmtp.adapter import ExchangeChecker
+    from saslsmtp.errors import TemporaryFailure
+    context: dict = {}
+
+    def chatty(arguments: Any, ctx: dict) -> Any:
+        if arguments["state"] == 0:
+            return Reply(b"who?")
+        return context.setdefault("d", defer.Deferred())
+    script = embed.auth_script(chatty, clock=Clock())
+    adapter = embed.challengers(["X-WHO"], script=script)[b"X-WHO"]()
+    adapter.setResponse(b"alice")
+    assert not adapter.moreChallenges()
+    failures: list = []
+    ExchangeChecker().requestAvatarId(adapter).addErrback(failures.append)
+    context["d"].callback(Reply(b"and your code?"))
+    assert failures[0].check(TemporaryFailure)
+    assert failures[0].value.outcome == Defer("This mechanism needs an asynchronous server")
+    assert "cannot send" in str(failures[0].value)
+
+
+def test_a_stock_protocol_reports_a_temporary_failure_as_451(users: Any) -> None:
+    """Documented limit: stock ESMTP has no 454 for a backend that is down; it answers 451
+    and logs the TemporaryFailure with its traceback."""
+    from twisted.logger import globalLogPublisher
+    from saslsmtp.errors import TemporaryFailure
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server, transport, realm = esmtp(users, lambda a, c: Reply(b"x") if a["state"] == 0
+                                         else Defer("Backend down"))
+        say(server, transport, b"AUTH X-WHO")
+        assert say(server, transport, b64(b"alice")) == \
+            b"451 Requested action aborted: local error in processing\r\n"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e.get("log_failure") or e["failure"] for e in events
+                if "log_failure" in e or "failure" in e]
+    assert [f.check(TemporaryFailure) for f in failures] == [TemporaryFailure]
+    assert failures[0].value.outcome == Defer("Backend down")
+
+
+def test_each_exchange_gets_its_own_session_and_context(users: Any) -> None:
+    """Two exchanges never share a script context (stock factories take no connection)."""
+    factory = chal(users)[b"X-WHO"]
+    first, second = factory(), factory()
+    assert first.session is not second.session
+    assert first.session.context is not second.session.context
+
+
+def test_challengers_refuse_what_cannot_work(users: Any) -> None:
+    with pytest.raises(ValueError, match="X-NOPE is not built in"):
+        embed.challengers(["X-NOPE"])
+    with pytest.raises(ValueError, match="CRAM-MD5 needs a stored secret"):
+        embed.challengers(["CRAM-MD5"])
+    with pytest.raises(ValueError, match="EXTERNAL cannot run in a stock"):
+        embed.challengers(["EXTERNAL"])
+
+
+# IMAP4Server ---------------------------------------------------------------------
+
+
+@implementer(IRealm)
+class Accounts:
+    """IMAP accounts in memory; ``logins`` records who logged in."""
+
+    def __init__(self) -> None:
+        self.logins: list[str] = []
+
+    def requestAvatar(self, avatar_id: bytes, mind: Any, *interfaces: Any) -> tuple:
+        self.logins.append(avatar_id.decode())
+        return imap4.IAccount, imap4.MemoryAccount(avatar_id.decode()), lambda: None
+
+
+def imap(users: Any) -> tuple[imap4.IMAP4Server, StringTransport, Accounts]:
+    realm = Accounts()
+    server = imap4.IMAP4Server(chal=chal(users))
+    server.portal = embed.portal(realm, [users])
+    transport = StringTransport()
+    server.makeConnection(transport)
+    transport.clear()
+    return server, transport, realm
+
+
+def test_imap_capability_lists_the_mechanisms(users: Any) -> None:
+    server, transport, _ = imap(users)
+    assert b" AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5 AUTH=X-WHO" in say(server, transport, b"a1 CAPABILITY")
+
+
+def test_imap_authenticate_plain(users: Any) -> None:
+    server, transport, realm = imap(users)
+    assert say(server, transport, b"a1 AUTHENTICATE PLAIN") == b"+\r\n"
+    assert say(server, transport, b64(b"\0alice\0alice-secret")) == \
+        b"a1 OK Authentication successful\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_imap_authenticate_refusals(users: Any) -> None:
+    """Wrong password, malformed PLAIN and a foreign authzid: NO, the session goes on."""
+    for message in (b"\0alice\0wrong", b"alice\0pw", b"bob\0alice\0alice-secret"):
+        server, transport, realm = imap(users)
+        say(server, transport, b"a1 AUTHENTICATE PLAIN")
+        assert say(server, transport, b64(message)) == \
+            b"a1 NO Authentication failed: unauthorized\r\n"
+        assert realm.logins == []
+        assert say(server, transport, b"a2 NOOP") == b"a2 OK NOOP No operation performed\r\n"
+
+
+def test_imap_authenticate_login_and_login_command(users: Any) -> None:
+    server, transport, realm = imap(users)
+    assert say(server, transport, b"a1 AUTHENTICATE LOGIN") == b"+ VXNlcm5hbWU6\r\n"
+    assert say(server, transport, b64(b"alice")) == b"+ UGFzc3dvcmQ6\r\n"
+    assert say(server, transport, b64(b"alice-secret")) == b"a1 OK Authentication successful\r\n"
+    server, transport, realm = imap(users)
+    assert say(server, transport, b"a1 LOGIN alice alice-secret") == b"a1 OK LOGIN succeeded\r\n"
+
+
+def test_imap_authenticate_cram_md5(users: Any) -> None:
+    server, transport, realm = imap(users)
+    reply = say(server, transport, b"a1 AUTHENTICATE CRAM-MD5")
+    challenge = base64.b64decode(reply[2:])
+    digest = hmac.new(b"alice-secret", challenge, hashlib.md5).hexdigest()
+    assert say(server, transport, b64(b"alice " + digest.encode())) == \
+        b"a1 OK Authentication successful\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_imap_authenticate_scripted(users: Any) -> None:
+    server, transport, realm = imap(users)
+    assert say(server, transport, b"a1 AUTHENTICATE X-WHO") == b"+ " + b64(b"who?") + b"\r\n"
+    assert say(server, transport, b64(b"alice")) == b"a1 OK Authentication successful\r\n"
+    assert realm.logins == ["alice"]
+    server, transport, realm = imap(users)
+    say(server, transport, b"a1 AUTHENTICATE X-WHO")
+    assert say(server, transport, b64(b"eve")) == b"a1 NO Authentication failed: unauthorized\r\n"
+
+
+def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
+    """Documented limit: stock IMAP4Server has no "try later" for a backend that is down."""
+    realm = Accounts()
+    script = embed.auth_script(lambda a, c: Reply(b"x") if a["state"] == 0 else Defer(),
+                               clock=Clock())
+    server = imap4.IMAP4Server(chal=embed.challengers(["X-WHO"], script=script))
+    server.portal = embed.portal(realm, [users])
+    transport = StringTransport()
+    server.makeConnection(transport)
+    transport.clear()
+    say(server, transport, b"a1 AUTHENTICATE X-WHO")
+    assert say(server, transport, b64(b"alice")) == \
+        b"a1 BAD Server error: login failed unexpectedly\r\n"
+    assert realm.logins == []
+
+
+# checkers from keyword arguments ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, options, key", [
+    ("file", {}, "path"),
+    ("file", {"path": "/nonexistent/users"}, "path"),
+    ("file", {"path": "x", "colour": "red"}, "colour"),
+    ("file", {"path": __file__, "default_scheme": "NOPE"}, "default_scheme"),
+    ("ldap", {"url": "ldap://127.0.0.1", "user_dn": "uid=x"}, "user_dn"),
+    ("ldap", {"url": 5, "user_dn": "uid={username}"}, "url"),
+    ("http", {"url": "ftp://x"}, "url"),
+    ("nosuch", {}, "type"),
+])
+def test_checker_options_are_checked_like_the_file(kind: str, options: dict, key: str) -> None:
+    """The same rules as ``[backends.NAME]``: OptionsError naming the key."""
+    with pytest.raises(OptionsError) as caught:
+        embed.checker(kind, Clock(), **options)
+    assert key in {p.key for p in caught.value.problems}
+
+
+def test_portal_refuses_a_script_and_password_checkers(users: Any) -> None:
+    script = embed.auth_script(who, clock=Clock())
+    with pytest.raises(ValueError, match="go to the script"):
+        embed.portal(MemoryRealm(), [users], script=script)
+
+
+class RecordingPool:
+    """A BlockingRunner that runs inline and records what it ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ShutdownRecorder(Clock):
+    """A clock that records system event triggers, as a reactor would run them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggers: list[tuple[str, str, Any]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        self.triggers.append((phase, event, f))
+
+
+def test_injected_pool_runs_the_hashing(tmp_path: Path) -> None:
+    """An expensive hash goes to the pool given (never the reactor thread); a cheap one not."""
+    from twisted.cred.credentials import UsernamePassword
+    from saslsmtp.passwords import make_hash
+    path = tmp_path / "users.passwd"
+    path.write_text("alice:{PLAIN}alice-secret\n"
+                    f"carol:{make_hash('SHA256-CRYPT', 'carol-secret', rounds=1000)}\n")
+    pool = RecordingPool()
+    users = embed.file_checker(Clock(), path=str(path), pool=pool)
+    results: list = []
+    users.requestAvatarId(UsernamePassword(b"alice", b"alice-secret")).addCallback(results.append)
+    assert (results, pool.calls) == ([b"alice"], 0)
+    users.requestAvatarId(UsernamePassword(b"carol", b"carol-secret")).addCallback(results.append)
+    assert (results, pool.calls) == ([b"alice", b"carol"], 1)
+
+
+def test_pools_and_connections_stop_at_reactor_shutdown(tmp_path: Path) -> None:
+    """The LDAP checker's own pool and connections are stopped before the reactor shuts
+    down; a pool made by thread_pool too."""
+    reactor = ShutdownRecorder()
+    directory = embed.ldap_checker(reactor, url="ldap://127.0.0.1:1",
+                                   user_dn="uid={username},dc=example,dc=test", threads=2)
+    stops = [f for phase, event, f in reactor.triggers if (phase, event) == ("before", "shutdown")]
+    assert directory.stop in stops
+    assert directory.runner.stop in stops and directory.runner.pool.max == 2
+    pool = embed.thread_pool(reactor, "mine", 3)
+    assert reactor.triggers[-1] == ("before", "shutdown", pool.stop)
