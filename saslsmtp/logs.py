@@ -11,6 +11,8 @@ parsing the message.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -122,12 +124,24 @@ def use_for_twistd(twistd_options: Any, log_format: str, log_level: str) -> str 
     where its options say (stdout with ``-n`` or ``--logfile=-``, else the log file), or
     ``None`` to keep twistd's own observer (the defaults, ``--syslog``, an explicit
     ``--logger``)."""
-    if (log_format, log_level) == ("text", "info") or twistd_options.get("logger") \
-            or twistd_options.get("syslog"):
+    if twistd_options.get("logger") or twistd_options.get("syslog"):
+        return None
+    if (log_format, log_level) == ("text", "info") \
+            and not _is_special_file(twistd_options.get("logfile")):
         return None
     _TWISTD.update(format=log_format, level=log_level, logfile=twistd_options.get("logfile"),
                    nodaemon=twistd_options.get("nodaemon"))
     return f"{__name__}.twistd_logger"
+
+
+def _is_special_file(path: str | None) -> bool:
+    """An existing path that is not a regular file: ``/dev/null``, a FIFO, a terminal."""
+    if not path or path == "-":
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def twistd_logger() -> ILogObserver:
@@ -137,7 +151,11 @@ def twistd_logger() -> ILogObserver:
         out: IO[str] = sys.stdout
     else:
         from twisted.python.logfile import LogFile
-        out = LogFile.fromFullPath(filename or "twistd.log")  # type: ignore[assignment]
+        # twistd's log file renames itself every megabyte; done to /dev/null (or a FIFO)
+        # that would replace the device with a regular file, so those are never rotated
+        rotate = None if _is_special_file(filename) else 1000000
+        out = LogFile.fromFullPath(filename or "twistd.log",  # type: ignore[assignment]
+                                   rotateLength=rotate)
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
 
 

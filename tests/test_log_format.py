@@ -133,3 +133,33 @@ def test_a_relayed_worker_event_reads_as_the_worker_wrote_it() -> None:
     assert (record["message"], record["level"], record["user"]) == ("AUTH PLAIN ok user=a{b}c", "warn", "a{b}c")
     with pytest.raises(ValueError):
         relayed_event('["not", "an", "event"]')
+
+
+def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--logfile=/dev/null`` (or a FIFO) must not be rotated: twistd's stock log file
+    renames itself every megabyte, which would replace the device with a regular file.
+    A FIFO stands in for the device here (renaming the real /dev/null must never be risked)."""
+    from twisted.python import logfile
+
+    from saslsmtp import logs
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    made: list[dict[str, object]] = []
+
+    class Recorded:
+        @classmethod
+        def fromFullPath(cls, path: str, **kwargs: object) -> io.StringIO:
+            made.append(dict(kwargs, path=path))
+            return io.StringIO()
+
+    monkeypatch.setattr(logfile, "LogFile", Recorded)
+    monkeypatch.setattr(logs, "_TWISTD", {})
+    assert logs.use_for_twistd({"logfile": str(fifo)}, "text", "info") == "saslsmtp.logs.twistd_logger"
+    logs.twistd_logger()
+    assert made == [{"path": str(fifo), "rotateLength": None}]
+    # a regular file keeps the default: stock twistd behaviour, rotated at 1 MB
+    monkeypatch.setattr(logs, "_TWISTD", {})
+    regular = tmp_path / "saslsmtp.log"
+    regular.write_text("")
+    assert logs.use_for_twistd({"logfile": str(regular)}, "text", "info") is None
