@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LINE_LIMIT = 16384  # as the command reader's (saslsmtp.lines.READ_LIMIT); 554 5.6.0 beyond
 END = b"\r\n.\r\n"
 # the suffixes of a buffer that may be the start of END, longest first
 _PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")

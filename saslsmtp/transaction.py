@@ -31,8 +31,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from saslsmtp.body import BodyReader
-from saslsmtp.lines import READ_LIMIT
+from saslsmtp.body import LINE_LIMIT, BodyReader
 from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
 
 log = Logger(namespace="saslsmtp.transaction")
@@ -118,7 +117,7 @@ class MailTransaction:
 
     def __init__(self, max_message_size: int, max_recipients: int,
                  sender_check: SenderCheck | None = None,
-                 line_limit: int = READ_LIMIT) -> None:
+                 line_limit: int = LINE_LIMIT) -> None:
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
         self.sender_check = sender_check
