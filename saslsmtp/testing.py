@@ -123,6 +123,7 @@ class SMTPHarness:
     * ``settings`` / keyword overrides: ``EngineSettings`` fields (by default
       ``require_tls=False`` and ``failure_delay=0`` for brevity).
     * ``clock``: a ``task.Clock`` (created if omitted) for failure delays and timeouts.
+    * ``realm``: where mail goes (default ``MemoryRealm``); ``sender_check``: MAIL FROM's.
     """
 
     def __init__(self, *, users: Mapping[str, str] | None = None,
@@ -134,12 +135,12 @@ class SMTPHarness:
                  settings: EngineSettings | None = None,
                  resolver: Any = None, tls: bool = False, starttls: bool = False,
                  clock: task.Clock | None = None, peer: str = "192.0.2.10",
-                 **overrides: Any) -> None:
+                 realm: Any = None, sender_check: Any = None, **overrides: Any) -> None:
         from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
                                      load_script, scripted_spec)
         self.script_runner: ScriptRunner | None = None
         self.clock = clock or task.Clock()
-        self.realm = MemoryRealm()
+        self.realm = realm or MemoryRealm()
         named: dict[str, ICredentialsChecker] = {}
         if users is not None:
             db = InMemoryUsernamePasswordDatabaseDontUse()
@@ -182,7 +183,7 @@ class SMTPHarness:
         self.protocol = SubmissionESMTP(
             portal=self.portal, settings=self.settings, mechanisms=self.mechanisms,
             clock=self.clock, tls_context=object() if starttls else None,
-            script=self.script_runner, **kwargs)
+            script=self.script_runner, sender_check=sender_check, **kwargs)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 
