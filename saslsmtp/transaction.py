@@ -253,9 +253,10 @@ class MailTransaction:
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
-            address = str(smtp.Address(parsed.group(1)))
+            smtp.Address(parsed.group(1))
         except smtp.AddressError:
             return ProtocolError(REPLIES["rcpt_syntax"])
+        address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
         envelope = self.envelope
         d = defer.maybeDeferred(envelope.rcpt, address, [])
 
