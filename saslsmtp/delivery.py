@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery
@@ -91,23 +91,22 @@ class MaildirSink:
         self._fd: int | None = None
         self._error: Failure | None = None
         self._aborted = False
-        self._tail: Deferred[None] = self._runner.run(self._open)
+        self._tail: Deferred[Any] = succeed(None)
 
-    # blocking steps (the runner's thread) --------------------------------------
-
-    def _open(self) -> None:
-        self._maildir.ensure()
-        self._fd = os.open(self._maildir.path / "tmp" / self.queue_id,
-                           os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # blocking steps (the runner's thread); a small message takes one: _finish -----
 
     def _write(self, data: bytes) -> None:
-        assert self._fd is not None
+        if self._fd is None:
+            self._maildir.ensure()
+            self._fd = os.open(self._maildir.path / "tmp" / self.queue_id,
+                               os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def _finish(self) -> str:
+    def _finish(self, data: bytes) -> str:
+        self._write(data)
         assert self._fd is not None
         fd, self._fd = self._fd, None
         try:
@@ -176,13 +175,14 @@ class MaildirSink:
 
     def end(self) -> "Deferred[SMTPReply]":
         """Everything is on disk, fsynced and renamed before the ``250``."""
-        self._flush()
+        rest = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
         result: Deferred[SMTPReply] = Deferred()
 
         def finish(_: Any) -> Any:
             if self._error is not None:
                 return self._error
-            return self._runner.run(self._finish)
+            return self._runner.run(self._finish, rest)
 
         def stored(name: str) -> None:
             result.callback(REPLIES["message_accepted"].with_text(f"OK: queued as {name}"))

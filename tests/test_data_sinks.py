@@ -39,6 +39,10 @@ class ManualRunner:
                 d.callback(result)
 
 
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
 def harness(tmp_path: Path, runner: Any, **settings: Any) -> SMTPHarness:
     realm = MaildirRealm(Maildir(tmp_path / "mail", "mx.example.test"), runner)
     h = SMTPHarness(users=USERS, realm=realm, **settings)
@@ -55,7 +59,7 @@ def test_maildir_250_only_after_the_file_is_in_new(tmp_path: Path) -> None:
     body = b"Subject: big\r\n\r\n" + b"..x\r\n" * 100000 + b".\r\nNOOP\r\n"
     for i in range(0, len(body), 65536):
         assert h.send(body[i:i + 65536]) == b""
-    assert not (tmp_path / "mail" / "new").exists() or not list((tmp_path / "mail" / "new").iterdir())
+    assert files(tmp_path / "mail" / "new") == []
     runner.run_all()
     out = h.take()
     [name] = [p.name for p in (tmp_path / "mail" / "new").iterdir()]
@@ -63,7 +67,7 @@ def test_maildir_250_only_after_the_file_is_in_new(tmp_path: Path) -> None:
     stored = (tmp_path / "mail" / "new" / name).read_bytes()
     assert stored.startswith(b"Received: from client.example ([192.0.2.10])\n\tby ")
     assert stored.endswith(b"\nSubject: big\n\n" + b".x\n" * 100000)
-    assert list((tmp_path / "mail" / "tmp").iterdir()) == []
+    assert files(tmp_path / "mail" / "tmp") == []
 
 
 def test_maildir_sink_pauses_the_client_while_the_disk_lags(tmp_path: Path) -> None:
@@ -98,9 +102,7 @@ def test_oversize_and_overlong_are_refused_at_the_dot_and_leave_no_file(tmp_path
     out = h.send(b"q" * 20000 + b"\r\nshort\r\n.\r\n")
     runner.run_all()
     assert out + h.take() == b"554 5.6.0 Message contains a line longer than 16384 octets\r\n"
-    new = tmp_path / "mail" / "new"
-    assert not new.exists() or list(new.iterdir()) == []
-    assert list((tmp_path / "mail" / "tmp").iterdir()) == []
+    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
 
 
 def test_bare_lf_in_the_body_closes_and_stores_nothing(tmp_path: Path) -> None:
@@ -112,9 +114,7 @@ def test_bare_lf_in_the_body_closes_and_stores_nothing(tmp_path: Path) -> None:
     runner.run_all()
     assert out == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
     assert h.transport.disconnecting
-    new = tmp_path / "mail" / "new"
-    assert not new.exists() or list(new.iterdir()) == []
-    assert list((tmp_path / "mail" / "tmp").iterdir()) == []
+    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
 
 
 def test_354_answered_late_takes_queued_body_lines(tmp_path: Path) -> None:
