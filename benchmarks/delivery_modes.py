@@ -38,7 +38,7 @@ from run import (LOADGEN, PEER, RESULTS, BenchError, Server, free_port,  # noqa:
 USER, PASSWORD = "bench", "benchpass"
 
 
-def saslsmtp(workdir: Path, delivery: str, name: str) -> Server:
+def saslsmtp(workdir: Path, delivery: str, name: str, tree: Path = REPO) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (workdir / "users").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
@@ -60,7 +60,7 @@ path = "users"
 {delivery}
 """)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile=saslsmtp.log", "saslsmtp", "--config",
             str(workdir / "saslsmtp.toml")]
@@ -91,6 +91,11 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another saslsmtp source tree (e.g. `git archive` of an older commit):"
+                        " its Maildir delivery is measured too, as maildir-baseline")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only these targets (repeatable)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="saslsmtp-delivery-bench-"))
     servers: list[Server] = []
@@ -111,11 +116,17 @@ def main() -> int:
                    ("relay-aiosmtpd", saslsmtp(
                        work / "relay-aiosmtpd", '[delivery]\ntype = "smtp"\nendpoint = '
                        f'"tcp:127.0.0.1:{upstream.port}"\npool_size = 16', "saslsmtp"))]
+        if args.baseline is not None:
+            targets.insert(1, ("maildir-baseline", saslsmtp(
+                work / "maildir-baseline", '[delivery]\ntype = "maildir"\npath = "mail"',
+                "saslsmtp", args.baseline.resolve())))
         if postfix is not None:
             targets.append(("relay-postfix", saslsmtp(
                 work / "relay-postfix", '[delivery]\ntype = "smtp"\nendpoint = '
                 f'"tcp:127.0.0.1:{postfix.port}"\nxclient = true\npool_size = 16',
                 "saslsmtp")))
+        if args.only:
+            targets = [(name, server) for name, server in targets if name in args.only]
         for name, server in targets:
             server.start()
             servers.append(server)
@@ -123,7 +134,7 @@ def main() -> int:
             result = load(server.port, "PLAIN", args, pids)
             rows.append((name, result))
             server.stop()
-        if postfix is not None:
+        if postfix is not None and (not args.only or "postfix-direct" in args.only):
             rows.append(("postfix-direct", load(postfix.port, "NONE", args, [])))
     finally:
         for server in servers:
@@ -139,6 +150,7 @@ def main() -> int:
              " aiosmtpd discards; Postfix holds every message in its queue (its own fsync)",
              "- CPU = saslsmtp (plus the aiosmtpd upstream for relay-aiosmtpd) ms per message;"
              " Postfix's processes are not counted", "",
+             *([f"- maildir-baseline: {args.baseline}"] if args.baseline else []),
              "| target | AUTH | messages/s | session p50 / p99 ms | errors | CPU ms/msg |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:

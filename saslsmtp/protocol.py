@@ -379,6 +379,8 @@ class SubmissionESMTP(smtp.ESMTP):
         answer = self.transaction.data(arg, stamp, self.transport)
         if isinstance(answer, defer.Deferred):
             answer.addCallback(self._data_started)
+        elif isinstance(answer, SMTPReply):
+            self._data_started(answer)
         self._answer(answer)
 
     # ------------------------------------------------------------------

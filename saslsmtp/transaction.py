@@ -186,9 +186,10 @@ class MailTransaction:
                                   0, (helo[0] or b"").decode("ascii", "replace"))
         text_params = [p.decode("ascii", "replace") for p in params]
         text_address = address.decode("utf-8", "replace")
-        d: defer.Deferred[Any] = defer.succeed(None)
-        if self.sender_check is not None:
-            d = defer.maybeDeferred(self.sender_check, client, text_address, text_params)
+        if self.sender_check is None:
+            return self._mail_envelope(None, avatar, helo, client, origin, text_address,
+                                       text_params)
+        d = defer.maybeDeferred(self.sender_check, client, text_address, text_params)
         return d.addCallback(self._mail_envelope, avatar, helo, client, origin,
                              text_address, text_params)
 
@@ -200,7 +201,7 @@ class MailTransaction:
         begin = getattr(avatar, "begin_transaction", None)
         envelope: Envelope = begin(client) if begin is not None else StockEnvelope(avatar, helo)
         self.envelope = envelope
-        d = defer.maybeDeferred(envelope.mail, address, params)
+        d = call(envelope.mail, address, params)
 
         def answered(reply: SMTPReply) -> SMTPReply:
             if self.envelope is not envelope:  # reset or lost while waiting
@@ -213,7 +214,7 @@ class MailTransaction:
                 self.envelope = None
                 envelope.abort()
             return reply
-        return d.addCallbacks(answered, self._envelope_failed)
+        return then(d, answered, self._envelope_failed)
 
     def _envelope_failed(self, failure: Failure) -> SMTPReply:
         if failure.check(defer.CancelledError):
@@ -258,13 +259,13 @@ class MailTransaction:
             return ProtocolError(REPLIES["rcpt_syntax"])
         address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
         envelope = self.envelope
-        d = defer.maybeDeferred(envelope.rcpt, address, [])
+        d = call(envelope.rcpt, address, [])
 
         def answered(reply: SMTPReply) -> SMTPReply:
             if reply.code // 100 == 2 and self.envelope is envelope:
                 self.recipients.append(address)
             return reply
-        return d.addCallbacks(answered, lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
+        return then(d, answered, lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
 
     # DATA ----------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class MailTransaction:
         if arg.strip():
             return ProtocolError(REPLIES["data_args"])
         envelope = self.envelope
-        d = defer.maybeDeferred(envelope.data)
+        d = call(envelope.data)
 
         def answered(reply: SMTPReply) -> SMTPReply:
             if self.envelope is not envelope:
@@ -301,7 +302,7 @@ class MailTransaction:
             log.failure("could not open message", failure=failure)
             self.reset()
             return REPLIES["local_error"]
-        return d.addCallbacks(answered, failed)
+        return then(d, answered, failed)
 
     def body(self, data: bytes) -> BodyOutcome:
         """Bytes of the message body as they arrive (see ``BodyReader``)."""
@@ -363,6 +364,24 @@ class MailTransaction:
             log.failure("message delivery failed", failure=failure)
         self.reset()
         return delivery_error_reply(failure, REPLIES["local_error"])
+
+
+def call(f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)``: its value (a reply or a Deferred), or the ``Failure`` it raised."""
+    try:
+        return f(*args)
+    except Exception:
+        return Failure()
+
+
+def then(result: Any, callback: Callable[[Any], Any], errback: Callable[[Failure], Any]) -> Any:
+    """Like ``addCallbacks``, but a value that is already there is answered at once: a
+    synchronous envelope (the Maildir) costs no Deferred and no busy round."""
+    if isinstance(result, defer.Deferred):
+        return result.addCallbacks(callback, errback)
+    if isinstance(result, Failure):
+        return errback(result)
+    return callback(result)
 
 
 # ---------------------------------------------------------------------------
