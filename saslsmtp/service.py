@@ -123,12 +123,13 @@ def wire(config: Config, reactor: Any) -> Wiring:
 def delivery_realm(config: Config, reactor: Any, make_runner: Any) -> tuple[Any, Any]:
     """The realm for ``[delivery]`` (Maildir, or the upstream client's relay realm) and
     the ``UpstreamClient`` (``None`` for Maildir)."""
-    delivery = config.delivery
-    if delivery.type == "maildir":
-        return MaildirRealm(Maildir(delivery.path, config.server.hostname),
-                            make_runner("saslsmtp-delivery", 4)), None
     from saslsmtp.relay.client import UpstreamClient
     from saslsmtp.relay.delivery import RelayRealm
+    from saslsmtp.relay.options import UpstreamDelivery
+    delivery = config.delivery
+    if not isinstance(delivery, UpstreamDelivery):
+        return MaildirRealm(Maildir(delivery.path, config.server.hostname),
+                            make_runner("saslsmtp-delivery", 4)), None
     upstream = UpstreamClient.from_options(delivery, reactor=reactor, helo=config.server.hostname)
     return RelayRealm(upstream), upstream
 

@@ -98,7 +98,9 @@ class MessageSink(Protocol):
 class Envelope(Protocol):
     """One transaction at the delivery side (see the module docstring)."""
 
-    sink: MessageSink | None
+    @property
+    def sink(self) -> MessageSink | None:
+        """The message's sink once ``data`` answered ``354``."""
 
     def mail(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
     def rcpt(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
