@@ -1,0 +1,59 @@
+"""The shipped onward-delivery and sender-policy examples of etc/saslsmtp.toml parse,
+each in place of the [delivery] table (so etc/ cannot go stale), and etc/senders is a
+usable sender map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from saslsmtp.config import parse_config
+from saslsmtp.mechanisms import BUILTIN_NAMES
+from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.senders import check_sender_map
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+
+def example_blocks() -> tuple[str, dict[str, list[str]]]:
+    """The config up to the examples, and each commented example table, uncommented."""
+    text = (ETC / "saslsmtp.toml").read_text()
+    head, marker, examples = text.partition("# ---- Onward delivery")
+    assert marker
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in examples.splitlines():
+        table = re.match(r"^# (\[\w+\])$", line)
+        if table:
+            current = [table.group(1)]
+            blocks[f"{table.group(1)}{len(blocks)}"] = current
+            continue
+        key = re.match(r"^# ([a-z_]+ = .*)$", line)
+        if key and current is not None:
+            current.append(key.group(1))
+        elif not line.startswith("#"):
+            current = None
+    return head, blocks
+
+
+def test_delivery_and_submission_examples_parse() -> None:
+    """Each [delivery] example replaces the Maildir table; [submission] is added."""
+    head, blocks = example_blocks()
+    deliveries = [b for name, b in blocks.items() if name.startswith("[delivery]")]
+    [submission] = [b for name, b in blocks.items() if name.startswith("[submission]")]
+    assert len(deliveries) == 2
+    base = re.sub(r'\[delivery\]\ntype = "maildir".*\npath = "[^"]*"\n', "", head)
+    seen = []
+    for block in deliveries:
+        body = base + "\n".join(block) + "\n\n" + "\n".join(submission) + "\n"
+        config = parse_config(body, str(ETC / "saslsmtp.toml"), known_mechanisms=BUILTIN_NAMES)
+        assert isinstance(config.delivery, UpstreamDelivery)
+        seen.append((config.delivery.type, config.delivery.endpoint))
+        assert config.submission.sender_policy == "map"
+        assert config.submission.sender_map == str((ETC / "senders").resolve())
+    assert seen == [("smtp", "tcp:127.0.0.1:10025"), ("lmtp", "unix:/run/dovecot/lmtp")]
+
+
+def test_example_sender_map_has_no_problems() -> None:
+    """etc/senders parses without a skipped line."""
+    assert check_sender_map(str(ETC / "senders")) == []
