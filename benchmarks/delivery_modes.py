@@ -149,8 +149,9 @@ def main() -> int:
              "- maildir: fsync + rename before the 250; relay-*: the 250 is the upstream's;"
              " aiosmtpd discards; Postfix holds every message in its queue (its own fsync)",
              "- CPU = saslsmtp (plus the aiosmtpd upstream for relay-aiosmtpd) ms per message;"
-             " Postfix's processes are not counted", "",
-             *([f"- maildir-baseline: {args.baseline}"] if args.baseline else []),
+             " Postfix's processes are not counted",
+             *([f"- maildir-baseline: saslsmtp from {args.baseline}"] if args.baseline else []),
+             "",
              "| target | AUTH | messages/s | session p50 / p99 ms | errors | CPU ms/msg |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
