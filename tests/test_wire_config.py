@@ -57,3 +57,24 @@ def test_delivery_and_submission_examples_parse() -> None:
 def test_example_sender_map_has_no_problems() -> None:
     """etc/senders parses without a skipped line."""
     assert check_sender_map(str(ETC / "senders")) == []
+
+
+def test_a_retired_wiring_closes_its_upstream_client(tmp_path: Path) -> None:
+    """After a reload (or at shutdown) the old wiring's upstream client says QUIT to its
+    idle connections: ``stop_wiring`` closes it."""
+    from twisted.internet import task
+
+    from saslsmtp.config import load_config
+    from saslsmtp.serving import stop_wiring
+    from saslsmtp.service import wire
+    users = tmp_path / "users"
+    users.write_text("a:{PLAIN}b\n")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nlisten = ["tcp:0"]\n[auth]\nbackends = ["u"]\n'
+                    f'[backends.u]\ntype = "file"\npath = "{users}"\n'
+                    '[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:1"\n')
+    wiring = wire(load_config(str(path), known_mechanisms=BUILTIN_NAMES), task.Clock())
+    closed = []
+    wiring.upstream.close = lambda: closed.append(True)
+    stop_wiring(wiring)
+    assert closed == [True]
