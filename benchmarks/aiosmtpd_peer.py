@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--user", default="bench")
     p.add_argument("--password", default="benchpass")
+    p.add_argument("--no-auth", action="store_true",
+                   help="accept MAIL without AUTH (an upstream behind a relay)")
     p.add_argument("--maildir", type=Path, default=None,
                    help="store accepted mail durably in this Maildir (default: discard)")
     p.add_argument("--hostname", default="aiosmtpd.bench.test",
@@ -135,7 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     def factory() -> SMTP:
         return SMTP(handler, hostname=args.hostname, authenticator=authenticator,
-                    auth_require_tls=False, auth_required=True)
+                    auth_require_tls=False, auth_required=not args.no_auth)
 
     server = await loop.create_server(factory, host=args.host, port=args.port)
     stop = asyncio.Event()

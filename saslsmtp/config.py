@@ -214,12 +214,6 @@ def _delivery(table: Any, problem: Callable[[str, str], None], base: Path
     return parsed
 
 
-def _delivery_wired(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
-    delivery = sections["delivery"]
-    return problem_if(delivery.type != "maildir", "delivery.type",
-                      f"{delivery.type!r} is not wired into the server yet")
-
-
 # --------------------------------------------------------------------------
 # Sections: the hook for new tables
 # --------------------------------------------------------------------------
@@ -260,8 +254,7 @@ SECTIONS: dict[str, Section] = {
     "server": Section(ServerConfig, cross_check=_listen_needs_tls, skip=SERVER_KEYS),
     "tls": Section(TLSConfig, optional=True),
     "auth": Section(AuthConfig),
-    "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base),
-                        cross_check=lambda sections: _delivery_wired(sections)),
+    "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base)),
     "submission": Section(parser=parse_submission),
 }
 

@@ -35,11 +35,20 @@ class LineReader:
         self.busy = False
         self._skip_to_eol = False  # the rest of an overlong line is still arriving
         self._discard_rest = False  # set during a read: drop what is left of it
+        # a message body after 354: raw(bytes) takes every byte and returns what follows
+        # the final dot (read as lines again), or None while the body goes on
+        self.raw: Callable[[bytes], bytes | None] | None = None
+        self._feeding = False
 
     def feed(self, data: bytes) -> None:
         """Bytes from the transport."""
         if self._stopped():
             return
+        if self.raw is not None:
+            rest = self.raw(data)
+            if rest is None or not rest:
+                return
+            data = rest
         if self._skip_to_eol:
             end = data.find(b"\n")
             if end < 0:
@@ -49,13 +58,22 @@ class LineReader:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         self._discard_rest = False
-        for line in lines:
+        for index, line in enumerate(lines):
             if self._stopped() or self._discard_rest:
                 break
             if not line.endswith(b"\r"):
                 self._on_bare_lf()
                 return
-            self._hand_over(line[:-1])
+            self._feeding = True
+            try:
+                self._hand_over(line[:-1])
+            finally:
+                self._feeding = False
+            if self.raw is not None and not self.busy:  # DATA answered 354 at once
+                rest = b"\n".join(lines[index + 1:] + [self.partial])
+                self.partial = b""
+                self.feed(rest)
+                return
         if self._discard_rest:
             self.partial = b""
             self._discard_rest = False
@@ -78,8 +96,22 @@ class LineReader:
     def release(self) -> None:
         """The answer was written: hand over the queued lines (until one holds again)."""
         self.busy = False
-        while self.queue and not self.busy and not self._stopped():
+        while not self.busy and not self._stopped():
+            if self.raw is not None:
+                if not self._feeding:  # feed() passes the rest of its read on itself
+                    self._feed_raw_pending()
+                return
+            if not self.queue:
+                return
             self._on_line(self.queue.pop(0))
+
+    def _feed_raw_pending(self) -> None:
+        """Lines read before a late ``354`` (queued while busy) belong to the body."""
+        pending = b"".join(line + b"\r\n" for line in self.queue if line is not OVERLONG)
+        pending += self.partial
+        self.queue, self.partial = [], b""
+        if pending:
+            self.feed(pending)
 
     def discard_pending(self) -> None:
         """Forget everything read but not yet handled, including the rest of the current

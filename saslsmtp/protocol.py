@@ -41,7 +41,7 @@ from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
 from saslsmtp.tlsinfo import tls_facts
-from saslsmtp.transaction import MailTransaction, ProtocolError, Stamp
+from saslsmtp.transaction import Client, MailTransaction, ProtocolError, SenderCheck, Stamp
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -87,7 +87,8 @@ class SubmissionESMTP(smtp.ESMTP):
                  tls_context: Any = None, resolver: Resolver = no_resolver,
                  script: PasswordScript | None = None,
                  blocking: Any = None, client_identity: str = "cn",
-                 events: SessionEvents | None = None) -> None:
+                 events: SessionEvents | None = None,
+                 sender_check: SenderCheck | None = None) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self.events = events if events is not None else NoSessionEvents()  # metrics, session log
         self.portal = portal
@@ -115,7 +116,8 @@ class SubmissionESMTP(smtp.ESMTP):
             failures=FailurePolicy(settings.max_failures, settings.failure_delay),
             max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking)
         self.avatar: Any = None  # the IMessageDelivery mail goes to (set by AUTH)
-        self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients)
+        self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients,
+                                           sender_check)
         self.transaction.events = self.events
 
     @property
@@ -147,6 +149,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if pending is not None:
             pending.cancel()
         self.transaction.abort()
+        self.reader.raw = None
         self.reader.queue = []
         self._forget_login()
         self.events.ended(self._peer[0], self.tls)
@@ -199,14 +202,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def _line(self, line: bytes) -> None:
         """One line, in order: the body of a message, an AUTH response or a command."""
         self.resetTimeout()
-        if self.transaction.receiving:
-            if line is OVERLONG:
-                self.transaction.overlong_line()
-            else:
-                answer = self.transaction.line(line)
-                if answer is not None:
-                    self._answer(answer)
-        elif self.auth.exchange is not None:
+        if self.auth.exchange is not None:
             self.auth.line(line)
         elif line is OVERLONG:
             self.error(REPLIES["line_too_long"])
@@ -379,8 +375,10 @@ class SubmissionESMTP(smtp.ESMTP):
     def do_MAIL(self, arg: bytes) -> None:
         if not self._ehlo_done:
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
+        client = Client(self.auth_user if self.authenticated else None, self._peer[0],
+                        self._peer[1], self._helo_name, self.session)
         self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
-                                           self.settings.require_auth))
+                                           self.settings.require_auth, client))
 
     def do_RCPT(self, arg: bytes) -> None:
         self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
@@ -388,7 +386,35 @@ class SubmissionESMTP(smtp.ESMTP):
     def do_DATA(self, arg: bytes) -> None:
         stamp = Stamp(self._helo_name, self._peer[0], self.settings.hostname, self.tls,
                       self.auth_user if self.authenticated else None)
-        self._answer(self.transaction.data(arg, stamp))
+        answer = self.transaction.data(arg, stamp, self.transport)
+        if isinstance(answer, defer.Deferred):
+            answer.addCallback(self._data_started)
+        elif isinstance(answer, SMTPReply):
+            self._data_started(answer)
+        self._answer(answer)
+
+    # ------------------------------------------------------------------
+    # The message body: bytes, not lines (saslsmtp.body)
+    # ------------------------------------------------------------------
+
+    def _data_started(self, reply: SMTPReply) -> SMTPReply:
+        """After ``354`` every byte goes to the transaction until the final dot."""
+        if self.transaction.receiving and not self.lost:
+            self.reader.raw = self._body_bytes
+        return reply
+
+    def _body_bytes(self, data: bytes) -> bytes | None:
+        self.resetTimeout()
+        outcome = self.transaction.body(data)
+        if outcome.bare_lf:
+            self.reader.raw = None
+            self._bare_lf()
+            return None
+        if outcome.answer is None:
+            return None
+        self.reader.raw = None
+        self._answer(outcome.answer)
+        return outcome.rest
 
 
 def _address(addr: Any) -> tuple[str, int]:

@@ -108,6 +108,7 @@ class AuthScript:
     path: str
     auth: Callable[..., Any]
     mechanisms: frozenset[str] | None  # None: serves any custom mechanism
+    sender: Callable[..., Any] | None = None  # optional sender(arguments, context) for MAIL FROM
 
 
 def load_script(path: str, config_file: str = "<config>") -> AuthScript:
@@ -148,7 +149,10 @@ def load_script(path: str, config_file: str = "<config>") -> AuthScript:
                 isinstance(m, str) for m in declared):
             raise problem("MECHANISMS must be a list of mechanism names")
         mechanisms = frozenset(m.upper() for m in declared)
-    return AuthScript(str(source_path), auth, mechanisms)
+    sender = getattr(module, "sender", None)
+    if sender is not None and not callable(sender):
+        raise problem("sender must be a function sender(arguments, context)")
+    return AuthScript(str(source_path), auth, mechanisms, sender)
 
 
 class ScriptRunner:
@@ -180,13 +184,16 @@ class ScriptRunner:
         args.update(extra)
         return args
 
-    def run(self, arguments: Mapping[str, Any], context: dict) -> "defer.Deferred[Any]":
-        """One call of ``auth``; fires with an ``Accept``/``Defer``/``Reject``/``Reply``."""
+    def run(self, arguments: Mapping[str, Any], context: dict,
+            function: Callable[..., Any] | None = None) -> "defer.Deferred[Any]":
+        """One call of ``auth`` (or ``function``, the script's ``sender``); fires with an
+        ``Accept``/``Defer``/``Reject``/``Reply``."""
         mechanism = arguments.get("mechanism")
         state = arguments.get("state")
+        decide = function or self.script.auth
 
         def call() -> Any:
-            result = self.script.auth(types.MappingProxyType(dict(arguments)), context)
+            result = decide(types.MappingProxyType(dict(arguments)), context)
             if inspect.iscoroutine(result):
                 return defer.Deferred.fromCoroutine(result)
             return result
@@ -238,6 +245,25 @@ class ScriptRunner:
                 return Defer()
             return result
         return self.run(args, session.context).addCallback(decide)
+
+
+    def check_sender(self, session: Session, login: str | None, address: str,
+                     params: Any = ()) -> "defer.Deferred[Any]":
+        """MAIL FROM when the script defines ``sender(arguments, context)``: fires with
+        ``Accept``, ``Reject`` or ``Defer`` (``Reply`` is a script error: ``Defer``).
+        ``arguments`` are those of ``auth`` plus ``username`` (the login), ``sender``
+        (the address, ``""`` for ``<>``) and ``parameters`` (the MAIL parameters)."""
+        assert self.script.sender is not None
+        args = self.arguments(session, session.mechanism or "", username=login,
+                              sender=address, parameters=tuple(params))
+
+        def only_verdicts(result: Any) -> Any:
+            if isinstance(result, Reply):
+                log.error("sender() in {path} answered Reply(); expected Accept, Reject or"
+                          " Defer", path=self.script.path)
+                return Defer()
+            return result
+        return self.run(args, session.context, self.script.sender).addCallback(only_verdicts)
 
 
 class _SessionBackends:

@@ -85,6 +85,8 @@ class Wiring:
     resolver: Resolver | None = None
     blocking: Any = None
     script: PasswordScript | None = None  # decides PLAIN/LOGIN when an AUTH script is set
+    sender_check: Any = None  # MAIL FROM: [submission] policy and the script's sender()
+    upstream: Any = None  # the UpstreamClient for [delivery] type = "smtp"/"lmtp"
 
 
 def wire(config: Config, reactor: Any) -> Wiring:
@@ -98,8 +100,7 @@ def wire(config: Config, reactor: Any) -> Wiring:
 
     hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
     checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
-    realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname),
-                         make_runner("saslsmtp-delivery", 4))
+    realm, upstream = delivery_realm(config, reactor, make_runner)
     builtins = builtin_mechanisms(config.auth.mechanisms)
     mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
     password_checker: ICredentialsChecker = BackendChain(
@@ -116,7 +117,34 @@ def wire(config: Config, reactor: Any) -> Wiring:
     check_servable(config, mechanisms, builtins, runner is not None, sources, validators)
     return Wiring(config, Portal(realm, [password_checker, TrustedIdentityChecker()]),
                   engine_settings(config), mechanisms, checkers, runners, tls_context(config),
-                  secret_resolver(sources, validators), blocking=hash_runner, script=runner)
+                  secret_resolver(sources, validators), blocking=hash_runner, script=runner,
+                  sender_check=sender_check(config, runner), upstream=upstream)
+
+
+def delivery_realm(config: Config, reactor: Any, make_runner: Any) -> tuple[Any, Any]:
+    """The realm for ``[delivery]`` (Maildir, or the upstream client's relay realm) and
+    the ``UpstreamClient`` (``None`` for Maildir)."""
+    from saslsmtp.relay.client import UpstreamClient
+    from saslsmtp.relay.delivery import RelayRealm
+    from saslsmtp.relay.options import UpstreamDelivery
+    delivery = config.delivery
+    if not isinstance(delivery, UpstreamDelivery):
+        return MaildirRealm(Maildir(delivery.path, config.server.hostname),
+                            make_runner("saslsmtp-delivery", 4)), None
+    upstream = UpstreamClient.from_options(delivery, reactor=reactor, helo=config.server.hostname)
+    return RelayRealm(upstream), upstream
+
+
+def sender_check(config: Config, runner: ScriptRunner | None) -> Any:
+    """What MAIL FROM asks (``None`` when every sender is allowed and no script asks)."""
+    from saslsmtp.sendercheck import SenderCheck
+    from saslsmtp.senders import SenderPolicy
+    submission = config.submission
+    scripted = runner if runner is not None and runner.script.sender is not None else None
+    if submission.sender_policy == "any" and submission.allow_null_sender and scripted is None:
+        return None
+    policy = SenderPolicy.from_options(submission, log=lambda text: log.warn("{text}", text=text))
+    return SenderCheck(policy, scripted)
 
 
 def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsChecker]:
@@ -274,7 +302,8 @@ class SubmissionFactory(protocol.ServerFactory):
             clock=self.clock, tls_context=wiring.tls_context,
             resolver=wiring.resolver or no_resolver, script=wiring.script,
             blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn",
-            events=self.session_events())
+            events=self.session_events(),
+            sender_check=wiring.sender_check)
         connection.factory = self
         return connection
 
@@ -320,6 +349,8 @@ class SaslSmtpService(service.MultiService):
                     stop()
             for runner in self.wiring.runners:
                 runner.stop()
+            if self.wiring.upstream is not None:
+                self.wiring.upstream.close()
         d.addCallback(lambda _: self.factory.close_all())
         return d.addCallback(stop_backends)
 

@@ -208,6 +208,8 @@ def stop_wiring(wiring: Wiring) -> None:
             stop()
     for runner in wiring.runners:
         runner.stop()
+    if wiring.upstream is not None:  # [delivery] smtp/lmtp: QUIT the idle connections
+        wiring.upstream.close()
 
 
 def listening_factory(factory: MeteredFactory, description: str) -> Any:

@@ -129,6 +129,8 @@ class SMTPHarness:
     the daemon imports it at start (and at a reload).  ``connect()`` opens another
     connection to the same server (shared module globals, a fresh ``context``); a second
     ``SMTPHarness(script=path)`` is a restart, with a freshly imported module.
+
+    * ``realm``: where mail goes (default ``MemoryRealm``); ``sender_check``: MAIL FROM's.
     """
 
     def __init__(self, *, users: Mapping[str, str] | None = None,
@@ -140,12 +142,12 @@ class SMTPHarness:
                  settings: EngineSettings | None = None,
                  resolver: Any = None, tls: bool = False, starttls: bool = False,
                  clock: task.Clock | None = None, peer: str = "192.0.2.10",
-                 **overrides: Any) -> None:
+                 realm: Any = None, sender_check: Any = None, **overrides: Any) -> None:
         from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
                                      load_script, scripted_spec)
         self.script_runner: ScriptRunner | None = None
         self.clock = clock or task.Clock()
-        self.realm = MemoryRealm()
+        self.realm = realm or MemoryRealm()
         named: dict[str, ICredentialsChecker] = {}
         if users is not None:
             db = InMemoryUsernamePasswordDatabaseDontUse()
@@ -176,7 +178,8 @@ class SMTPHarness:
             base = replace(base, mechanisms=tuple(mechanisms) if mechanisms is not None
                            else ("PLAIN", "LOGIN"))
         self.settings = replace(base, **overrides)
-        self._connection = dict(tls=tls, starttls=starttls, peer=peer, resolver=resolver)
+        self._connection = dict(tls=tls, starttls=starttls, peer=peer, resolver=resolver,
+                                sender_check=sender_check)
         self._open()
 
     def _open(self) -> None:
@@ -194,7 +197,7 @@ class SMTPHarness:
         self.protocol = SubmissionESMTP(
             portal=self.portal, settings=self.settings, mechanisms=self.mechanisms,
             clock=self.clock, tls_context=object() if starttls else None,
-            script=self.script_runner, **kwargs)
+            script=self.script_runner, sender_check=self._connection["sender_check"], **kwargs)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 

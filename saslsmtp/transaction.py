@@ -1,16 +1,30 @@
 """The mail transaction of one connection: MAIL, RCPT, DATA and the Received header.
 
 ``MailTransaction`` knows nothing about lines on the wire or about AUTH: the protocol
-hands it parsed arguments and the avatar, and sends what it answers.  An answer is an
-``SMTPReply``, a ``ProtocolError`` (a reply the protocol counts towards its error limit),
-or a Deferred that fires with an ``SMTPReply`` (the avatar's validation or delivery).
+hands it parsed arguments, the avatar and the body's bytes, and sends what it answers.
+An answer is an ``SMTPReply``, a ``ProtocolError`` (a reply the protocol counts towards
+its error limit), or a Deferred that fires with an ``SMTPReply``.
+
+Where mail goes is the avatar's business, through two small interfaces:
+
+* an **envelope** (``Envelope``), one per transaction, made by the avatar's
+  ``begin_transaction(client)``: ``mail``/``rcpt`` answer MAIL and RCPT (a relay asks its
+  upstream), ``data`` answers DATA (``354``: its ``sink`` takes the message);
+* a **message sink** (``MessageSink``): ``write(chunk)`` as the body arrives,
+  ``end()`` -> Deferred of the final reply, ``abort()``; it is an ``IConsumer`` so a sink
+  that cannot keep up pauses the client's transport.
+
+The body is read by ``saslsmtp.body.BodyReader`` on whole buffers (end-of-data search and
+dot-unstuffing), so memory per connection does not depend on line lengths.  Stock
+``IMessageDelivery`` avatars (``validateFrom``/``validateTo``/``IMessage``) still work
+through ``StockEnvelope``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Sequence, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -18,6 +32,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from saslsmtp.events import NoSessionEvents, SessionEvents
+from saslsmtp.body import LINE_LIMIT, BodyReader
 from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
 
 log = Logger(namespace="saslsmtp.transaction")
@@ -48,20 +63,78 @@ class Stamp:
     user: str | None  # the authenticated user, or None
 
 
+@dataclass(frozen=True)
+class Client:
+    """Who is sending, as an envelope or a sender check sees it."""
+
+    login: str | None
+    address: str = ""
+    port: int = 0
+    helo: str = ""
+    session: Callable[[], Any] | None = None  # builds a ``Session`` (for the AUTH script)
+
+
+@dataclass(frozen=True)
+class BodyOutcome:
+    """What the protocol does after a read of body bytes: nothing yet (``answer`` None),
+    or send ``answer`` and read ``rest`` as commands; ``bare_lf``: drop the client."""
+
+    answer: Answer | None = None
+    rest: bytes = b""
+    bare_lf: bool = False
+
+
+class MessageSink(Protocol):
+    """Where one message's bytes go (a Maildir file, an upstream DATA phase)."""
+
+    queue_id: str
+
+    def write(self, chunk: bytes) -> None: ...
+    def end(self) -> "defer.Deferred[SMTPReply]": ...
+    def abort(self) -> None: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
+class Envelope(Protocol):
+    """One transaction at the delivery side (see the module docstring)."""
+
+    @property
+    def sink(self) -> MessageSink | None:
+        """The message's sink once ``data`` answered ``354``."""
+
+    def mail(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def rcpt(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def data(self) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def abort(self) -> None: ...
+
+
+SenderCheck = Callable[[Client, str, Sequence[str]], "defer.Deferred[SMTPReply | None]"]
+
+
 class MailTransaction:
-    """MAIL FROM, RCPT TO and the message body, for one transaction at a time."""
+    """MAIL FROM, RCPT TO and the message body, for one transaction at a time.
+
+    ``sender_check(client, address, params)`` (optional) fires with ``None`` to allow a
+    MAIL FROM address or with the refusal to send."""
 
     events: SessionEvents = NoSessionEvents()  # the connection's (messages accepted, failed)
 
-    def __init__(self, max_message_size: int, max_recipients: int) -> None:
+    def __init__(self, max_message_size: int, max_recipients: int,
+                 sender_check: SenderCheck | None = None,
+                 line_limit: int = LINE_LIMIT) -> None:
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
+        self.sender_check = sender_check
+        self.line_limit = line_limit
         self.sender: smtp.Address | None = None
-        self.recipients: list[tuple[str, Callable[[], Any]]] = []
+        self.recipients: list[str] = []
         self.receiving = False  # between 354 and the final dot
-        self._messages: list[Any] = []
-        self._size = 0
+        self.envelope: Envelope | None = None
+        self._sink: MessageSink | None = None
+        self._body: BodyReader | None = None
         self._refusal: SMTPReply | None = None
+        self._client: Client | None = None
 
     @property
     def open(self) -> bool:
@@ -74,23 +147,26 @@ class MailTransaction:
         self.sender = None
         self.recipients = []
         self.receiving = False
-        self._size = 0
+        self._body = None
         self._refusal = None
 
     def abort(self) -> None:
-        """Drop the messages being written (connection lost, reset)."""
-        messages, self._messages = self._messages, []
-        for message in messages:
-            try:
-                message.connectionLost()
-            except Exception:
-                log.failure("message cleanup failed")
+        """Drop the message being written and the envelope (connection lost, reset)."""
+        sink, self._sink = self._sink, None
+        envelope, self.envelope = self.envelope, None
+        for thing in (sink, envelope):
+            if thing is not None:
+                try:
+                    thing.abort()
+                except Exception:
+                    log.failure("message cleanup failed")
 
     # MAIL ----------------------------------------------------------------
 
-    def mail(self, arg: bytes, avatar: Any, helo: tuple, require_auth: bool) -> Answer:
-        """``MAIL FROM:<address> [SIZE=n] [BODY=...] [AUTH=...]``; the avatar (``None``
-        before AUTH) validates."""
+    def mail(self, arg: bytes, avatar: Any, helo: tuple, require_auth: bool,
+             client: Client | None = None) -> Answer:
+        """``MAIL FROM:<address> [SIZE=n] [BODY=...] [AUTH=...]``: the sender check, then
+        the avatar's envelope (``None`` before AUTH) answers."""
         if self.sender is not None:
             return ProtocolError(REPLIES["nested_mail"])
         if require_auth and avatar is None:
@@ -111,9 +187,46 @@ class MailTransaction:
             return ProtocolError(REPLIES["mail_syntax"])
         if avatar is None:
             return ProtocolError(REPLIES["auth_required"])
-        d = defer.maybeDeferred(avatar.validateFrom, helo, origin)
-        return d.addCallbacks(lambda accepted: self._mail_ok(accepted or origin),
-                              lambda f: delivery_error_reply(f, REPLIES["sender_rejected"]))
+        client = client or Client(getattr(avatar, "username", None), helo[1] or "",
+                                  0, (helo[0] or b"").decode("ascii", "replace"))
+        text_params = [p.decode("ascii", "replace") for p in params]
+        text_address = address.decode("utf-8", "replace")
+        if self.sender_check is None:
+            return self._mail_envelope(None, avatar, helo, client, origin, text_address,
+                                       text_params)
+        d = defer.maybeDeferred(self.sender_check, client, text_address, text_params)
+        return d.addCallback(self._mail_envelope, avatar, helo, client, origin,
+                             text_address, text_params)
+
+    def _mail_envelope(self, refusal: SMTPReply | None, avatar: Any, helo: tuple,
+                       client: Client, origin: smtp.Address, address: str,
+                       params: list[str]) -> Any:
+        if refusal is not None:
+            return refusal
+        begin = getattr(avatar, "begin_transaction", None)
+        envelope: Envelope = begin(client) if begin is not None else StockEnvelope(avatar, helo)
+        self.envelope = envelope
+        d = call(envelope.mail, address, params)
+
+        def answered(reply: SMTPReply) -> SMTPReply:
+            if self.envelope is not envelope:  # reset or lost while waiting
+                envelope.abort()
+                return reply
+            if reply.code // 100 == 2:
+                self.sender = origin
+                self._client = client
+            else:
+                self.envelope = None
+                envelope.abort()
+            return reply
+        return then(d, answered, self._envelope_failed)
+
+    def _envelope_failed(self, failure: Failure) -> SMTPReply:
+        if failure.check(defer.CancelledError):
+            return failure  # type: ignore[return-value]  # the connection went away
+        self.abort()
+        self.sender = None
+        return delivery_error_reply(failure, REPLIES["local_error"])
 
     def _mail_parameter(self, param: bytes) -> SMTPReply | None:
         match = _PARAM.match(param)
@@ -132,15 +245,11 @@ class MailTransaction:
             return REPLIES["bad_param"]
         return None
 
-    def _mail_ok(self, origin: smtp.Address) -> SMTPReply:
-        self.sender = origin
-        return REPLIES["sender_ok"]
-
     # RCPT ----------------------------------------------------------------
 
     def rcpt(self, arg: bytes, avatar: Any, helo: tuple, protocol: Any) -> Answer:
-        """``RCPT TO:<address>``; the avatar validates and gives the message factory."""
-        if self.sender is None:
+        """``RCPT TO:<address>``; the envelope answers (a relay: its upstream)."""
+        if self.sender is None or self.envelope is None:
             return ProtocolError(REPLIES["need_mail"])
         if not arg[:3].upper() == b"TO:":
             return ProtocolError(REPLIES["rcpt_syntax"])
@@ -150,82 +259,111 @@ class MailTransaction:
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
-            user = smtp.User(parsed.group(1), helo, protocol, self.sender)
+            smtp.Address(parsed.group(1))
         except smtp.AddressError:
             return ProtocolError(REPLIES["rcpt_syntax"])
-        d = defer.maybeDeferred(avatar.validateTo, user)
-        return d.addCallbacks(lambda factory: self._rcpt_ok(str(user.dest), factory),
-                              lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
+        address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
+        envelope = self.envelope
+        d = call(envelope.rcpt, address, [])
 
-    def _rcpt_ok(self, address: str, factory: Callable[[], Any]) -> SMTPReply:
-        self.recipients.append((address, factory))
-        return REPLIES["rcpt_ok"]
+        def answered(reply: SMTPReply) -> SMTPReply:
+            if reply.code // 100 == 2 and self.envelope is envelope:
+                self.recipients.append(address)
+            return reply
+        return then(d, answered, lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
 
     # DATA ----------------------------------------------------------------
 
-    def data(self, arg: bytes, stamp: Stamp) -> SMTPReply | ProtocolError:
-        """``DATA``: open one message per distinct factory and write the Received header."""
-        if self.sender is None:
+    def data(self, arg: bytes, stamp: Stamp, producer: Any = None) -> Answer:
+        """``DATA``: the envelope opens its sink (``354``); the Received header goes first.
+        ``producer`` (the client's transport) is paused while the sink cannot keep up."""
+        if self.sender is None or self.envelope is None:
             return ProtocolError(REPLIES["need_mail"])
         if not self.recipients:
             return ProtocolError(REPLIES["need_rcpt"])
         if arg.strip():
             return ProtocolError(REPLIES["data_args"])
-        messages: list[Any] = []
-        try:
-            for _address, factory in self.recipients:
-                message = factory()
-                if not any(message is m for m in messages):
-                    messages.append(message)
-        except Exception:
-            log.failure("could not open message")
+        envelope = self.envelope
+        d = call(envelope.data)
+
+        def answered(reply: SMTPReply) -> SMTPReply:
+            if self.envelope is not envelope:
+                return reply
+            if reply.code != 354 or envelope.sink is None:
+                self.reset()  # the envelope is over: a new MAIL starts again
+                return reply
+            self._sink = envelope.sink
+            self._body = BodyReader(self.line_limit)
+            self._refusal = None
+            self.receiving = True
+            if producer is not None:
+                self._sink.registerProducer(producer, True)
+            self._sink.write(received_header(stamp, self.recipients) + b"\r\n")
+            return reply
+
+        def failed(failure: Failure) -> SMTPReply:
+            if failure.check(defer.CancelledError):
+                return failure  # type: ignore[return-value]
+            log.failure("could not open message", failure=failure)
+            self.reset()
             return REPLIES["local_error"]
-        self._messages = messages
-        self._size = 0
-        self._refusal = None
-        self.receiving = True
-        self._deliver(received_header(stamp, self.recipients))
-        return REPLIES["data_start"]
+        return then(d, answered, failed)
 
-    def line(self, line: bytes) -> SMTPReply | defer.Deferred[SMTPReply] | None:
-        """One line of the message body (dot-stuffed); the final dot ends it."""
-        if line == b".":
-            return self._end_of_data()
-        if line[:1] == b".":
-            line = line[1:]
-        self._size += len(line) + 2
-        if self._size > self.max_message_size and self._refusal is None:
-            self._refusal = REPLIES["message_too_big"]
+    def body(self, data: bytes) -> BodyOutcome:
+        """Bytes of the message body as they arrive (see ``BodyReader``)."""
+        reader, sink = self._body, self._sink
+        assert reader is not None and self.receiving
+        chunk = reader.feed(data)
+        if chunk.bare_lf:
+            self.reset()
+            return BodyOutcome(bare_lf=True)
         if self._refusal is None:
-            self._deliver(line)
-        return None
+            if reader.overlong:
+                self._refuse(REPLIES["message_line_too_long"])
+            elif reader.size > self.max_message_size:
+                self._refuse(REPLIES["message_too_big"])
+            elif chunk.data and sink is not None:
+                sink.write(chunk.data)
+        if not chunk.done:
+            return BodyOutcome()
+        return BodyOutcome(self._end_of_data(reader.size), chunk.rest)
 
-    def overlong_line(self) -> None:
-        """A body line too long to buffer is not one an MTA can relay (RFC 5321 4.5.3.1.6)."""
-        if self._refusal is None:
-            self._refusal = REPLIES["message_line_too_long"]
+    def _refuse(self, reply: SMTPReply) -> None:
+        """Stop writing: the rest is read to the final dot and then refused."""
+        self._refusal = reply
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.unregisterProducer()
+            sink.abort()
 
-    def _deliver(self, line: bytes) -> None:
-        for message in self._messages:
-            message.lineReceived(line)
-
-    def _end_of_data(self) -> SMTPReply | defer.Deferred[SMTPReply]:
+    def _end_of_data(self, size: int) -> Answer:
         self.receiving = False
-        messages, self._messages = self._messages, []
+        self._body = None
         if self._refusal is not None:
             refusal = self._refusal
-            for message in messages:
-                message.connectionLost()
             self.reset()
             return refusal
-        d = defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages],
-                               fireOnOneErrback=True, consumeErrors=True)
-        return d.addCallbacks(self._stored, self._not_stored)
+        sink = self._sink
+        assert sink is not None
+        sink.unregisterProducer()
+        sender, count, client = self.sender, len(self.recipients), self._client
+        d = defer.maybeDeferred(sink.end)
 
-    def _stored(self, _: Any) -> SMTPReply:
-        self.events.message_accepted(self._size)
-        self.reset()
-        return REPLIES["message_accepted"]
+        def ended(reply: SMTPReply) -> SMTPReply:
+            if self._sink is sink:
+                self._sink = None
+                self.reset()
+            if reply.code // 100 == 2:
+                self.events.message_accepted(size)
+                log.info("message {id} accepted: from=<{sender}> recipients={count}"
+                         " size={size} user={user} reply={reply}", id=sink.queue_id,
+                         sender=str(sender), count=count, size=size,
+                         user=client.login if client else None,
+                         reply=f"{reply.code} {reply.text}")
+            elif reply.code // 100 == 4:
+                self.events.delivery_failed()
+            return reply
+        return d.addCallbacks(ended, self._not_stored)
 
     def _not_stored(self, failure: Failure) -> SMTPReply:
         if isinstance(failure.value, defer.FirstError):
@@ -237,7 +375,108 @@ class MailTransaction:
         return delivery_error_reply(failure, REPLIES["local_error"])
 
 
-def received_header(stamp: Stamp, recipients: list[tuple[str, Any]]) -> bytes:
+def call(f: Callable[..., Any], *args: Any) -> Any:
+    """``f(*args)``: its value (a reply or a Deferred), or the ``Failure`` it raised."""
+    try:
+        return f(*args)
+    except Exception:
+        return Failure()
+
+
+def then(result: Any, callback: Callable[[Any], Any], errback: Callable[[Failure], Any]) -> Any:
+    """Like ``addCallbacks``, but a value that is already there is answered at once: a
+    synchronous envelope (the Maildir) costs no Deferred and no busy round."""
+    if isinstance(result, defer.Deferred):
+        return result.addCallbacks(callback, errback)
+    if isinstance(result, Failure):
+        return errback(result)
+    return callback(result)
+
+
+# ---------------------------------------------------------------------------
+# Stock Twisted avatars (IMessageDelivery / IMessage), for embedding and tests
+# ---------------------------------------------------------------------------
+
+
+class StockEnvelope:
+    """An ``IMessageDelivery`` avatar as an ``Envelope``: ``validateFrom``,
+    ``validateTo`` and one ``IMessage`` per distinct factory."""
+
+    def __init__(self, avatar: Any, helo: tuple) -> None:
+        self.avatar = avatar
+        self.helo = helo
+        self.origin: smtp.Address | None = None
+        self.factories: list[Callable[[], Any]] = []
+        self.sink: LinesSink | None = None
+
+    def mail(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
+        origin = smtp.Address(address.encode("utf-8")) if address else smtp.Address(b"")
+
+        def ok(accepted: Any) -> SMTPReply:
+            self.origin = accepted or origin
+            return REPLIES["sender_ok"]
+        d = defer.maybeDeferred(self.avatar.validateFrom, self.helo, origin)
+        return d.addCallbacks(ok, lambda f: delivery_error_reply(f, REPLIES["sender_rejected"]))
+
+    def rcpt(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
+        user = smtp.User(address.encode("utf-8"), self.helo, None, self.origin)
+
+        def ok(factory: Callable[[], Any]) -> SMTPReply:
+            self.factories.append(factory)
+            return REPLIES["rcpt_ok"]
+        d = defer.maybeDeferred(self.avatar.validateTo, user)
+        return d.addCallbacks(ok, lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
+
+    def data(self) -> SMTPReply:
+        messages: list[Any] = []
+        for factory in self.factories:
+            message = factory()
+            if not any(message is m for m in messages):
+                messages.append(message)
+        self.sink = LinesSink(messages)
+        return REPLIES["data_start"]
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+
+
+class LinesSink:
+    """Feeds ``IMessage.lineReceived`` one line at a time from chunks (a partial line is
+    the only thing buffered, and the body reader bounds line lengths)."""
+
+    queue_id = "-"
+
+    def __init__(self, messages: list[Any]) -> None:
+        self.messages = messages
+        self._partial = b""
+
+    def write(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\r\n")
+        self._partial = lines.pop()
+        for line in lines:
+            for message in self.messages:
+                message.lineReceived(line)
+
+    def end(self) -> "defer.Deferred[SMTPReply]":
+        messages, self.messages = self.messages, []
+        d = defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages],
+                               fireOnOneErrback=True, consumeErrors=True)
+        return d.addCallback(lambda _: REPLIES["message_accepted"])
+
+    def abort(self) -> None:
+        messages, self.messages = self.messages, []
+        for message in messages:
+            message.connectionLost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
     """The Received header (RFC 5321 4.4, RFC 3848 ESMTPSA/ESMTPA)."""
     protocol = "ESMTP" + ("S" if stamp.tls else "") + ("A" if stamp.user is not None else "")
     helo = clean_text(stamp.helo) or "unknown"
@@ -245,7 +484,7 @@ def received_header(stamp: Stamp, recipients: list[tuple[str, Any]]) -> bytes:
     if stamp.user is not None:
         user = clean_text(stamp.user).replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
-    rcpt = f"\r\n\tfor <{recipients[0][0]}>" if len(recipients) == 1 else ""
+    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = smtp.rfc822date().decode("ascii")
     return (f"Received: from {helo} ([{stamp.peer_ip}])\r\n\tby {stamp.hostname}"
             f" (saslsmtp) with {protocol}{auth}{rcpt}; {date}").encode("utf-8")

@@ -1,0 +1,69 @@
+"""The body reader: end-of-data and dot-unstuffing on whole buffers, whatever the split
+of the stream into reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from saslsmtp.body import BodyReader
+
+STREAM = b"Subject: x\r\n\r\n..leading dot\r\nmiddle\r\n...two\r\n.\r\nQUIT\r\n"
+BODY = b"Subject: x\r\n\r\n.leading dot\r\nmiddle\r\n..two\r\n"
+
+
+def read_all(stream: bytes, sizes: list[int], limit: int = 16384) -> tuple[bytes, bytes, BodyReader]:
+    reader = BodyReader(limit)
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        n = sizes[i % len(sizes)]
+        i += 1
+        chunk = reader.feed(stream[pos:pos + n])
+        pos += n
+        out.append(chunk.data)
+        if chunk.done:
+            return b"".join(out), chunk.rest + stream[pos:], reader
+    raise AssertionError("no end of data")
+
+
+@pytest.mark.parametrize("sizes", [[len(STREAM)], [1], [2], [3], [4], [5], [7, 1, 2]])
+def test_any_split_gives_the_same_body_and_rest(sizes):
+    """Every way of cutting the stream into reads: the same un-stuffed body, the bytes
+    after the final dot handed back, the size counted."""
+    body, rest, reader = read_all(STREAM, sizes)
+    assert body == BODY
+    assert rest == b"QUIT\r\n"
+    assert reader.size == len(BODY)
+
+
+def test_empty_message_and_dot_first_line():
+    """A final dot as the first line is an empty message; a stuffed dot on the first
+    line is un-stuffed like any other."""
+    assert read_all(b".\r\n", [1])[0] == b""
+    assert read_all(b"..x\r\n.\r\n", [2])[0] == b".x\r\n"
+
+
+def test_bare_lf_is_reported():
+    """A line ending in a bare LF is reported (the protocol drops the client)."""
+    reader = BodyReader(100)
+    assert reader.feed(b"ok\r\nbad\nrest").bare_lf
+
+
+def test_overlong_line_detected_across_reads_and_inside_one():
+    """A line longer than the limit is noticed whether it spans reads or sits between
+    short lines in one read; lines at the limit are fine."""
+    reader = BodyReader(10)
+    reader.feed(b"a" * 10 + b"\r\n" + b"b" * 6)
+    assert not reader.overlong
+    reader.feed(b"b" * 6)
+    assert reader.overlong
+    reader = BodyReader(10)
+    reader.feed(b"x\r\n" * 10 + b"c" * 11 + b"\r\n" + b"y\r\n" * 10)
+    assert reader.overlong
+
+
+def test_two_byte_lines_cost_no_object_per_line():
+    """A megabyte of 2-byte lines goes through in reads of 64 KB, un-stuffed exactly."""
+    stream = b"ab\r\n.c\r\n" * (1 << 17) + b".\r\n"
+    body, rest, reader = read_all(stream, [65536])
+    assert body == b"ab\r\nc\r\n" * (1 << 17) and rest == b""
+    assert not reader.overlong

@@ -1,0 +1,135 @@
+"""DATA through a message sink, over a string transport: the Maildir sink writes the
+message in chunks as it arrives and answers ``250 ... queued as <name>`` only once the
+file is fsynced and in ``new/``; the size and line limits and bare LF still hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer
+
+from saslsmtp.delivery import Maildir, MaildirRealm
+from saslsmtp.testing import SMTPHarness
+
+USERS = {"tim": "tanstaaftanstaaf"}
+START = (b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n")
+DATA_OK = b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+
+
+class ManualRunner:
+    """A blocking runner whose jobs run when the test says so (to see the order)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[..., Any], tuple, defer.Deferred]] = []
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.jobs:
+            f, args, d = self.jobs.pop(0)
+            try:
+                result = f(*args)
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(result)
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def harness(tmp_path: Path, runner: Any, **settings: Any) -> SMTPHarness:
+    realm = MaildirRealm(Maildir(tmp_path / "mail", "mx.example.test"), runner)
+    h = SMTPHarness(users=USERS, realm=realm, **settings)
+    h.login("tim", "tanstaaftanstaaf")
+    return h
+
+
+def test_maildir_250_only_after_the_file_is_in_new(tmp_path: Path) -> None:
+    """The body goes to tmp/ in chunks; no 250 until the blocking steps (write, fsync,
+    rename) ran; the 250 names the file; pipelined commands wait for it."""
+    runner = ManualRunner()
+    h = harness(tmp_path, runner)
+    assert h.send(START) == DATA_OK
+    body = b"Subject: big\r\n\r\n" + b"..x\r\n" * 100000 + b".\r\nNOOP\r\n"
+    for i in range(0, len(body), 65536):
+        assert h.send(body[i:i + 65536]) == b""
+    assert files(tmp_path / "mail" / "new") == []
+    runner.run_all()
+    out = h.take()
+    [name] = [p.name for p in (tmp_path / "mail" / "new").iterdir()]
+    assert out == f"250 2.0.0 OK: queued as {name}\r\n".encode() + b"250 2.0.0 OK\r\n"
+    stored = (tmp_path / "mail" / "new" / name).read_bytes()
+    assert stored.startswith(b"Received: from client.example ([192.0.2.10])\n\tby ")
+    assert stored.endswith(b"\nSubject: big\n\n" + b".x\n" * 100000)
+    assert files(tmp_path / "mail" / "tmp") == []
+
+
+def test_maildir_sink_pauses_the_client_while_the_disk_lags(tmp_path: Path) -> None:
+    """More than the high-water mark waiting for the disk pauses the client's transport;
+    it resumes once the writes are done."""
+    runner = ManualRunner()
+    h = harness(tmp_path, runner)
+    h.send(START)
+    h.send(b"x" * 1000 + b"\r\n")
+    for _ in range(40):
+        h.send((b"y" * 998 + b"\r\n") * 64)
+    assert h.transport.producerState == "paused"
+    runner.run_all()
+    assert h.transport.producerState == "producing"
+    h.send(b".\r\n")
+    runner.run_all()
+    assert h.take().startswith(b"250 2.0.0 OK: queued as ")
+
+
+def test_oversize_and_overlong_are_refused_at_the_dot_and_leave_no_file(tmp_path: Path) -> None:
+    """Over max_message_size: 552 at the final dot; a line over 16384 octets: 554 5.6.0;
+    the tmp/ file is removed and nothing reaches new/."""
+    runner = ManualRunner()
+    h = harness(tmp_path, runner, max_message_size=5000)
+    h.send(START)
+    h.send(b"z" * 998 + b"\r\n")
+    out = h.send((b"z" * 998 + b"\r\n") * 10 + b".\r\n")
+    runner.run_all()
+    assert out + h.take() == b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    h.send(START)
+    h.take()
+    out = h.send(b"q" * 20000 + b"\r\nshort\r\n.\r\n")
+    runner.run_all()
+    assert out + h.take() == b"554 5.6.0 Message contains a line longer than 16384 octets\r\n"
+    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
+
+
+def test_bare_lf_in_the_body_closes_and_stores_nothing(tmp_path: Path) -> None:
+    """A bare LF inside DATA: the connection is closed, the message dropped."""
+    runner = ManualRunner()
+    h = harness(tmp_path, runner)
+    h.send(START)
+    out = h.send(b"fine\r\nbare\nmore\r\n.\r\n")
+    runner.run_all()
+    assert out == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
+    assert h.transport.disconnecting
+    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
+
+
+def test_354_answered_late_takes_queued_body_lines(tmp_path: Path) -> None:
+    """A client that sends body lines right behind DATA, while the DATA answer is still
+    pending (a relay waiting for its upstream), gets them counted as body, in order."""
+    h = SMTPHarness(users=USERS)
+    h.login("tim", "tanstaaftanstaaf")
+    h.send(b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\n")
+    envelope = h.protocol.transaction.envelope
+    pending: defer.Deferred = defer.Deferred()
+    original = envelope.data
+    envelope.data = lambda: pending  # type: ignore[method-assign]
+    h.take()
+    assert h.send(b"DATA\r\nSubject: late\r\n\r\n..one\r\n.\r\nNOOP\r\n") == b""
+    pending.callback(original())
+    assert h.take() == (b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK: queued\r\n"
+                        b"250 2.0.0 OK\r\n")
+    assert h.realm.messages[0].endswith(b"Subject: late\r\n\r\n.one\r\n")

@@ -1,0 +1,282 @@
+"""The real daemon (``twistd -n saslsmtp`` in a subprocess) delivering onward: into a
+Maildir with bounded memory whatever the line lengths, and to an aiosmtpd upstream
+(``[delivery] type = "smtp"``): replies passed through, an upstream that is down or dies
+mid-DATA gives 4xx, concurrent clients' messages arrive exactly once, a 50 MB message
+relays with bounded memory, and the sender policy answers MAIL FROM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.daemonclient import RSSSampler, SMTPClient, memory
+from tests.mailsink import MailSink
+from tests.support import ROOT, Daemon, free_port, start_daemon, write_config
+
+USER, PASSWORD = "alice@example.test", "wonderland"
+MB = 1024 * 1024
+
+
+def daemon_config(tmp_path: Path, port: int, delivery: str = "", *, server: str = "",
+                  submission: str = "") -> Path:
+    """The test config with another ``[delivery]`` table and extra ``[server]`` keys."""
+    users = tmp_path / "users"
+    users.write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+    path = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n',
+                        listen=[f"tcp:{port}:interface=127.0.0.1"], extra=submission)
+    text = path.read_text()
+    if delivery:
+        text = re.sub(r'\[delivery\]\ntype = "maildir"\npath = "[^"]*"\n', delivery, text)
+    if server:
+        text = text.replace('hostname = "mx.example.test"\n',
+                            f'hostname = "mx.example.test"\n{server}\n')
+    path.write_text(text)
+    return path
+
+
+def relay_delivery(port: int, **extra: str) -> str:
+    lines = ['[delivery]', 'type = "smtp"', f'endpoint = "tcp:127.0.0.1:{port}"',
+             'timeout = 10.0']
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def run_daemon(tmp_path):
+    started: list[Daemon] = []
+
+    def run(config: Path, port: int) -> Daemon:
+        daemon = start_daemon(config, port, tmp_path / f"daemon-{len(started)}.log")
+        started.append(daemon)
+        return daemon
+    yield run
+    for daemon in started:
+        daemon.stop()
+
+
+def two_byte_lines(total: int) -> Iterator[bytes]:
+    block = b"ab\r\n" * (65536 // 4)
+    for _ in range(total // len(block)):
+        yield block
+
+
+def start_message(client: SMTPClient, rcpt: str = "bob@example.test") -> None:
+    assert client.login(USER, PASSWORD).startswith(b"235 ")
+    assert client.command(f"MAIL FROM:<{USER}>").startswith(b"250 ")
+    assert client.command(f"RCPT TO:<{rcpt}>").startswith(b"250 ")
+    assert client.command("DATA").startswith(b"354 ")
+    client.stream([b"Message-ID: <big@example.test>\r\nSubject: big\r\n\r\n"])
+
+
+def test_25_mb_of_two_byte_lines_into_maildir_with_bounded_memory(tmp_path, run_daemon):
+    """25 MB of 2-octet lines (6.5 million lines) into the Maildir: the daemon's RSS
+    grows by less than 10 MB, the message is complete on disk (LF line ends), and the
+    250 names the file."""
+    port = free_port()
+    daemon = run_daemon(daemon_config(tmp_path, port, server="max_message_size = 60000000"),
+                        port)
+    client = SMTPClient(port)
+    start_message(client)  # warm up every code path with a first small message
+    client.stream([b"small\r\n"])
+    assert client.command(".").startswith(b"250 2.0.0 OK: queued as ")
+    before = memory(daemon.process.pid)["VmRSS"]
+    client.command("MAIL FROM:<%s>" % USER)
+    client.command("RCPT TO:<bob@example.test>")
+    assert client.command("DATA").startswith(b"354 ")
+    started = time.monotonic()
+    with RSSSampler(daemon.process.pid) as sampler:
+        total = client.stream(two_byte_lines(25 * 1000 * 1000))
+        final = client.command(".")
+    elapsed = time.monotonic() - started
+    client.close()
+    growth = sampler.peak - before
+    print(f"\n25 MB of 2-octet lines into Maildir: {elapsed:.2f}s, RSS {before / MB:.1f} MB"
+          f" -> peak {sampler.peak / MB:.1f} MB (+{growth / MB:.2f} MB)")
+    match = re.match(rb"250 2\.0\.0 OK: queued as (\S+)\r\n$", final)
+    assert match, final
+    stored = tmp_path / "mail" / "new" / match.group(1).decode()
+    assert stored.stat().st_size > total * 3 // 4  # CRLF -> LF: 3 of every 4 octets
+    with open(stored, "rb") as f:
+        f.seek(-9, os.SEEK_END)
+        assert f.read() == b"ab\nab\nab\n"
+    assert growth < 10 * MB, f"RSS grew by {growth / MB:.1f} MB"
+    log = daemon.log_text()
+    assert re.search(rf"message {re.escape(match.group(1).decode())} accepted: from=<{USER}>"
+                     rf" recipients=1 size=\d+ user={USER}", log), log
+
+
+@pytest.fixture
+def sink():
+    server = MailSink(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_relay_to_aiosmtpd_passes_replies_through(tmp_path, run_daemon, sink):
+    """MAIL/RCPT forwarded as sent (AUTH= from the client accepted), the upstream's RCPT
+    refusal is our client's RCPT reply, the final reply is the upstream's 250, and the
+    message (with our Received header, dot-unstuffed) arrives once; one log line."""
+    port = free_port()
+    daemon = run_daemon(daemon_config(tmp_path, port, relay_delivery(sink.port)), port)
+    client = SMTPClient(port)
+    assert client.login(USER, PASSWORD).startswith(b"235 ")
+    assert client.command(f"MAIL FROM:<{USER}> SIZE=100 AUTH=<>") == b"250 2.0.0 OK\r\n"  # aiosmtpd: no enhanced code
+    assert client.command("RCPT TO:<reject@example.test>") == (
+        b"550 5.1.1 <reject@example.test>: Recipient address rejected: User unknown\r\n")
+    assert client.command("RCPT TO:<bob@example.test>") == b"250 2.1.5 OK\r\n"
+    assert client.command("DATA") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    client.stream([b"Message-ID: <one@example.test>\r\n\r\n..dotted\r\nend\r\n"])
+    assert client.command(".") == b"250 2.0.0 OK: queued\r\n"
+    client.close()
+    [message] = sink.messages
+    assert message.mail_from == USER and message.rcpt_tos == ("bob@example.test",)
+    assert message.content.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby"
+                                      b" mx.example.test (saslsmtp) with ESMTPA\r\n\t"
+                                      b"(authenticated user alice@example.test)")
+    assert message.content.endswith(b"Message-ID: <one@example.test>\r\n\r\n.dotted\r\nend\r\n")
+    assert re.search(rf"message [0-9A-F]+ accepted: from=<{USER}> recipients=1 size=\d+"
+                     rf" user={USER} reply=250 OK: queued", daemon.log_text())
+
+
+def test_upstream_down_is_4xx_and_nothing_claims_delivery(tmp_path, run_daemon):
+    """Nobody listens at the upstream's address: MAIL gets 451 4.4.1; no 250 anywhere."""
+    port = free_port()
+    run_daemon(daemon_config(tmp_path, port, relay_delivery(free_port())), port)
+    client = SMTPClient(port)
+    assert client.login(USER, PASSWORD).startswith(b"235 ")
+    assert client.command(f"MAIL FROM:<{USER}>") == (
+        b"451 4.4.1 Upstream server unavailable, try again later\r\n")
+    assert client.command("RCPT TO:<bob@example.test>").startswith(b"503 5.5.1 ")
+    client.close()
+
+
+def sink_process(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    port, log = free_port(), tmp_path / "sink.log"
+    process = subprocess.Popen([sys.executable, "-m", "tests.mailsink", str(port), str(log)],
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    return process, port, log
+
+
+def eighty_octet_lines(total: int) -> Iterator[bytes]:
+    block = (b"x" * 78 + b"\r\n") * 820
+    for _ in range(total // len(block)):
+        yield block
+
+
+def test_upstream_killed_mid_data_is_4xx(tmp_path, run_daemon):
+    """The upstream process is killed 10 MB into a 30 MB message: our client's data is
+    still read to the final dot, and the final reply is 451 4.4.2."""
+    process, sink_port, log = sink_process(tmp_path)
+    try:
+        port = free_port()
+        run_daemon(daemon_config(tmp_path, port, relay_delivery(sink_port),
+                                 server="max_message_size = 60000000"), port)
+        client = SMTPClient(port)
+        start_message(client)
+        client.stream(eighty_octet_lines(10 * 1000 * 1000))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        client.stream(eighty_octet_lines(20 * 1000 * 1000))
+        final = client.command(".")
+        assert final.startswith(b"451 4.4."), final
+        assert client.command("NOOP") == b"250 2.0.0 OK\r\n"
+        client.close()
+        assert not log.exists() or log.read_text() == ""
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_50_mb_relay_with_bounded_memory(tmp_path, run_daemon):
+    """50 MB relayed to an upstream in another process: the daemon's RSS grows by less
+    than 20 MB; the upstream logs the whole message."""
+    process, sink_port, log = sink_process(tmp_path)
+    try:
+        port = free_port()
+        daemon = run_daemon(daemon_config(tmp_path, port, relay_delivery(sink_port),
+                                          server="max_message_size = 60000000"), port)
+        client = SMTPClient(port)
+        start_message(client)  # warm up with a small message first
+        client.stream([b"small\r\n"])
+        assert client.command(".").startswith(b"250 ")
+        before = memory(daemon.process.pid)["VmRSS"]
+        client.command(f"MAIL FROM:<{USER}>")
+        client.command("RCPT TO:<bob@example.test>")
+        client.command("DATA")
+        started = time.monotonic()
+        with RSSSampler(daemon.process.pid) as sampler:
+            total = client.stream(eighty_octet_lines(50 * 1000 * 1000))
+            final = client.command(".")
+        elapsed = time.monotonic() - started
+        client.close()
+        growth = sampler.peak - before
+        print(f"\n50 MB relayed: {elapsed:.2f}s ({total / elapsed / 1e6:.0f} MB/s), RSS"
+              f" {before / MB:.1f} MB -> peak {sampler.peak / MB:.1f} MB (+{growth / MB:.2f} MB)")
+        assert final == b"250 2.0.0 OK: queued\r\n"
+        sizes = [int(line.split()[2]) for line in log.read_text().splitlines()]
+        assert len(sizes) == 2 and sizes[1] > total
+        assert growth < 20 * MB, f"RSS grew by {growth / MB:.1f} MB"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_100_messages_over_16_concurrent_clients_arrive_exactly_once(tmp_path, run_daemon, sink):
+    """16 clients at once, 100 messages in all, each with its own Message-ID: the
+    upstream has each exactly once and every client got 250."""
+    port = free_port()
+    run_daemon(daemon_config(tmp_path, port, relay_delivery(sink.port)), port)
+
+    def one_client(index: int) -> list[bytes]:
+        client = SMTPClient(port)
+        assert client.login(USER, PASSWORD).startswith(b"235 ")
+        finals = []
+        for n in range(index, 100, 16):
+            assert client.command(f"MAIL FROM:<{USER}>").startswith(b"250 ")
+            assert client.command("RCPT TO:<bob@example.test>").startswith(b"250 ")
+            assert client.command("DATA").startswith(b"354 ")
+            client.stream([f"Message-ID: <m{n}@example.test>\r\n\r\nbody {n}\r\n".encode()])
+            finals.append(client.command("."))
+        client.close()
+        return finals
+
+    with ThreadPoolExecutor(16) as pool:
+        finals = [f for result in pool.map(one_client, range(16)) for f in result]
+    assert finals == [b"250 2.0.0 OK: queued\r\n"] * 100
+    ids = sorted(m.message_id for m in sink.messages)
+    assert ids == sorted(f"<m{n}@example.test>" for n in range(100))
+
+
+def test_sender_policy_login_on_the_real_daemon(tmp_path, run_daemon, sink):
+    """``sender_policy = "login"`` with ``allow_null_sender = false``: the login's own
+    address is relayed, another one and ``<>`` get 553 5.7.1 and never reach the
+    upstream."""
+    port = free_port()
+    run_daemon(daemon_config(tmp_path, port, relay_delivery(sink.port),
+                             submission='[submission]\nsender_policy = "login"\n'
+                                        'allow_null_sender = false\n'), port)
+    client = SMTPClient(port)
+    assert client.login(USER, PASSWORD).startswith(b"235 ")
+    assert client.command("MAIL FROM:<bob@example.test>") == (
+        b"553 5.7.1 <bob@example.test>: Sender address rejected: not owned by user"
+        b" alice@example.test\r\n")
+    assert client.command("MAIL FROM:<>") == (
+        b"553 5.7.1 <>: Sender address rejected: not owned by user alice@example.test\r\n")
+    assert client.command(f"MAIL FROM:<{USER}>") == b"250 2.0.0 OK\r\n"
+    assert client.command("RCPT TO:<bob@example.test>").startswith(b"250 ")
+    assert client.command("DATA").startswith(b"354 ")
+    client.stream([b"Subject: mine\r\n\r\nhi\r\n"])
+    assert client.command(".") == b"250 2.0.0 OK: queued\r\n"
+    client.close()
+    assert [m.mail_from for m in sink.messages] == [USER]
