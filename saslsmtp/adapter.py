@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.mail.interfaces import IChallengeResponse
 from zope.interface import Interface, alsoProvides, implementer
 
-from saslsmtp.credentials import IAuthenticatedIdentity, same_password
+from saslsmtp.credentials import AvatarId, IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Session,
@@ -123,7 +123,7 @@ class FailedExchangeChecker:
 
     credentialInterfaces = (IFailedExchange,)
 
-    def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[bytes]":
+    def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[AvatarId]":
         result = credentials.failure
         if isinstance(result, Reject):
             return defer.fail(AuthRejected(result))
