@@ -85,7 +85,7 @@ def twistd_logger() -> ILogObserver:
         out: IO[str] = sys.stdout
     else:
         from twisted.python.logfile import LogFile
-        out = LogFile.fromFullPath(filename or "twistd.log")  # type: ignore[assignment]
+        out = LogFile.fromFullPath(filename or "twistd.log")
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
 
 

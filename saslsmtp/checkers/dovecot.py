@@ -39,6 +39,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol, quoteStringArgument
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -212,7 +213,7 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         major, minor = CLIENT_VERSION
         self.tcp_transport.write(b"VERSION\t%d\t%d\nCPID\t%d\n" % (major, minor, self.pid))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_now = False
         why = self._closed_reason or "connection to the Dovecot auth server lost"
         if not self.handshake.called:

@@ -433,6 +433,11 @@ class _TokenValidator:
 
     credentialInterfaces = (IUsernamePassword,)
     name = "oauth2"
+    _pool: Any = None  # the HTTP connection pool, when the validator makes requests
+
+    def stop(self) -> "Deferred[None] | None":
+        """Close kept-alive connections (the service calls this on shutdown)."""
+        return self._pool.closeCachedConnections() if self._pool is not None else None
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[AvatarId]":
         """Passwords are not tokens: always ``UnauthorizedLogin``."""
@@ -458,8 +463,9 @@ class JwtValidator(_TokenValidator):
     """Validates JWT bearer tokens with a key source (``FileKeys`` or ``RemoteKeys``)."""
 
     def __init__(self, keys: Any, policy: ClaimPolicy, *, algorithms: Sequence[str],
-                 clock: Any, name: str = "oauth2") -> None:
+                 clock: Any, name: str = "oauth2", pool: Any = None) -> None:
         self.keys = keys
+        self._pool = pool
         self.policy = policy
         self.algorithms = tuple(algorithms)
         self._clock = clock
@@ -566,10 +572,6 @@ class IntrospectionValidator(_TokenValidator):
     def __repr__(self) -> str:  # the headers hold the client secret: never shown
         return f"<IntrospectionValidator {self.name} {self.url}>"
 
-    def stop(self) -> "Deferred[None] | None":
-        """Close kept-alive connections (the service calls this on shutdown)."""
-        return self._pool.closeCachedConnections() if self._pool is not None else None
-
     def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict | None]":
         """The verdict of the introspection endpoint plus the claim policy."""
         if not request.token or len(request.token) > MAX_TOKEN:
@@ -636,10 +638,8 @@ def from_config(name: str, options: OAuth2Options, deps: Any,
         keys = RemoteKeys(options.jwks_url, client, reactor, timeout=options.timeout,
                           cache_time=options.jwks_cache_time,
                           min_refresh=options.jwks_min_refresh, name=name)
-        validator = JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor,
-                                 name=name)
-        validator.stop = pool.closeCachedConnections  # type: ignore[attr-defined]
-        return validator
+        return JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor,
+                            name=name, pool=pool)
     return IntrospectionValidator(options.introspection_url or "", client, reactor, policy,
                                   client_id=options.client_id, client_secret=options.client_secret,
                                   timeout=options.timeout, name=name, pool=pool)

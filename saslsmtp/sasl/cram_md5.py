@@ -177,7 +177,9 @@ class CramMD5:
         if secret is None:
             return INVALID
         if secret.kind == "plaintext":
-            expected = digest_from_password(secret.value, self._challenge)  # type: ignore[arg-type]
+            if not isinstance(secret.value, (str, bytes)):
+                return MISCONFIGURED
+            expected = digest_from_password(secret.value, self._challenge)
         elif secret.kind == "cram-md5":
             if not isinstance(secret.value, str) or not _CONTEXT.fullmatch(secret.value):
                 return MISCONFIGURED
