@@ -50,6 +50,7 @@ class MechanismAdapter:
         self.username: bytes = b""
         self.password: bytes = b""
         self.failure: Reject | Defer | None = None
+        self._become(self._outcome)  # a first step may already end the exchange
 
     def _settle(self, step: Callable[[], Any]) -> Any:
         try:

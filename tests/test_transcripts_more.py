@@ -157,3 +157,115 @@ def test_dot_stuffing_is_undone() -> None:
     [message] = h.realm.messages
     assert message.endswith(b"\r\n.leading dot\r\n..\r\n")
     assert b"for <x@example.test>" in message
+
+
+# -- what the avatar (delivery) says -----------------------------------------------------
+
+class Refusing:
+    """An ``IMessageDelivery`` whose answers a test chooses; messages may fail at the dot."""
+
+    def __init__(self, sender: Exception | None = None, rcpt: Exception | None = None,
+                 store: Exception | None = None, open_fails: bool = False) -> None:
+        self.sender, self.rcpt, self.store, self.open_fails = sender, rcpt, store, open_fails
+        self.lost = 0
+
+    def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
+        return None
+
+    def validateFrom(self, helo: object, origin: object) -> object:
+        if self.sender is not None:
+            raise self.sender
+        return origin
+
+    def validateTo(self, user: object) -> object:
+        if self.rcpt is not None:
+            raise self.rcpt
+        return self.message
+
+    def message(self) -> "Refusing":
+        if self.open_fails:
+            raise OSError("disk full")
+        return self
+
+    def lineReceived(self, line: bytes) -> None:
+        pass
+
+    def eomReceived(self) -> object:
+        from twisted.internet import defer
+        return defer.fail(self.store) if self.store is not None else defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        self.lost += 1
+
+
+def with_avatar(avatar: Refusing) -> SMTPHarness:
+    """A logged-in connection whose realm hands out ``avatar``."""
+    from twisted.mail.interfaces import IMessageDelivery
+
+    class Realm:
+        def requestAvatar(self, avatar_id: object, mind: object, *interfaces: object) -> tuple:
+            return IMessageDelivery, avatar, lambda: None
+
+    h = SMTPHarness(users=USERS)
+    h.portal.realm = Realm()
+    assert h.login("alice", "secret") == b"235 2.7.0 Authentication successful\r\n"
+    return h
+
+
+def test_sender_refused_by_the_avatar_with_its_own_code() -> None:
+    """``validateFrom`` raising an SMTP error answers with its code and text; an
+    enhanced code at the start of the text is used as the enhanced status."""
+    from twisted.mail import smtp
+    h = with_avatar(Refusing(sender=smtp.SMTPBadSender(b"x", 553, "5.7.1 Not your address")))
+    assert h.send(b"MAIL FROM:<bob@example.test>\r\n") == b"553 5.7.1 Not your address\r\n"
+    h = with_avatar(Refusing(sender=smtp.SMTPBadSender(b"x")))
+    assert h.send(b"MAIL FROM:<bob@example.test>\r\n") == b"550 5.0.0 Sender not acceptable\r\n"
+
+
+def test_recipient_refused_by_the_avatar() -> None:
+    """``validateTo`` raising ``SMTPBadRcpt`` answers 550; anything else is a local
+    error (451 4.3.0), never a traceback to the client."""
+    from twisted.mail import smtp
+    h = with_avatar(Refusing(rcpt=smtp.SMTPBadRcpt(b"x")))
+    h.send(b"MAIL FROM:<alice@example.test>\r\n")
+    assert h.send(b"RCPT TO:<x@example.test>\r\n") == (
+        b"550 5.0.0 Cannot receive for specified address\r\n")
+    h = with_avatar(Refusing(rcpt=ValueError("bug")))
+    h.send(b"MAIL FROM:<alice@example.test>\r\n")
+    assert h.send(b"RCPT TO:<x@example.test>\r\n") == (
+        b"451 4.3.0 Local error in processing; try again later\r\n")
+
+
+def test_message_that_cannot_be_opened_is_451() -> None:
+    """A message factory that fails at DATA answers 451 instead of 354."""
+    h = with_avatar(Refusing(open_fails=True))
+    h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@example.test>\r\n")
+    assert h.send(b"DATA\r\n") == b"451 4.3.0 Local error in processing; try again later\r\n"
+
+
+def test_storage_failure_at_the_dot_is_451_and_the_next_message_works() -> None:
+    """``eomReceived`` failing answers 451 4.3.0 (the client retries later)."""
+    avatar = Refusing(store=OSError("disk full"))
+    h = with_avatar(avatar)
+    h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n")
+    assert h.send(b"hello\r\n.\r\n") == b"451 4.3.0 Local error in processing; try again later\r\n"
+    avatar.store = None
+    h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n")
+    assert h.send(b"hello\r\n.\r\n") == b"250 2.0.0 OK: queued\r\n"
+
+
+def test_storage_refusal_with_an_smtp_error_keeps_its_code() -> None:
+    """An ``SMTPServerError`` from ``eomReceived`` is passed on with its code."""
+    from twisted.mail import smtp
+    h = with_avatar(Refusing(store=smtp.SMTPServerError(552, "5.2.2 Mailbox full")))
+    h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n")
+    assert h.send(b"hello\r\n.\r\n") == b"552 5.2.2 Mailbox full\r\n"
+
+
+def test_connection_lost_during_data_drops_the_message() -> None:
+    """A client that disappears mid-message: the half-written message is discarded."""
+    avatar = Refusing()
+    h = with_avatar(avatar)
+    h.send(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhalf\r\n")
+    h.close()
+    assert avatar.lost == 1
