@@ -39,7 +39,7 @@ from twisted.mail.interfaces import IChallengeResponse
 from twisted.python.failure import Failure
 from zope.interface import Interface, alsoProvides, implementer
 
-from saslsmtp.credentials import IAuthenticatedIdentity, same_password
+from saslsmtp.credentials import AvatarId, IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.sasl.mechanism import MechanismSpec, PreparesSecret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
@@ -196,7 +196,7 @@ class ExchangeChecker:
 
     credentialInterfaces = (IFailedExchange, IPendingExchange)
 
-    def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[bytes]":
+    def requestAvatarId(self, credentials: MechanismAdapter) -> "defer.Deferred[AvatarId]":
         if credentials.pending is not None and credentials.failure is None:
             pending, credentials.pending = credentials.pending, None
             return pending.addCallback(_avatar_id)

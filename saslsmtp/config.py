@@ -74,7 +74,13 @@ class ServerConfig(Options):
 
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
-                *problem_if(not self.listen, "listen", "needs at least one endpoint")]
+                *problem_if(not self.listen, "listen", "needs at least one endpoint"),
+                # it goes into the greeting, EHLO, Received and CRAM-MD5 challenges as ASCII
+                *problem_if(not self.hostname.isascii() or not self.hostname.isprintable()
+                            or not self.hostname or " " in self.hostname, "hostname",
+                            "must be a domain name or address literal (ASCII, no spaces)"),
+                *problem_if(self.max_recipients < 1, "max_recipients", "must be at least 1"),
+                *problem_if(self.idle_timeout <= 0, "idle_timeout", "must be positive")]
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ class AuthConfig(Options):
         problems += problem_if(self.script_timeout <= 0, "script_timeout", "must be positive")
         problems += problem_if(self.script_max_steps < 1, "script_max_steps",
                                "must be at least 1")
+        problems += problem_if(self.hash_threads < 1, "hash_threads", "must be at least 1")
         return problems
 
 

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Union
 
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import Interface, implementer
 
 from saslsmtp.sasl.outcome import Session, Verify
 
+AvatarId = Union[bytes, tuple[()]]
+"""What a Twisted checker's Deferred fires with (``ICredentialsChecker`` declares it).
+
+Our checkers always give the username's ``bytes``; ``()`` is Twisted's anonymous id,
+which they never produce.  Annotating with the interface's own type keeps every
+``@implementer(ICredentialsChecker)`` class checkable against the interface.
+"""
 
 def same_password(presented: bytes, stored: bytes | str) -> bool:
     """``IUsernamePassword.checkPassword`` for plaintext stores, in constant time."""

@@ -270,7 +270,7 @@ class MaildirRealm:
         self.maildir = maildir
         self.runner = runner
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> tuple:
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> tuple:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("MaildirRealm only provides IMessageDelivery")
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)

@@ -54,7 +54,8 @@ def _load() -> _Crypt:
 
         def call(phrase: bytes, setting: bytes) -> bytes | None:
             scratch = ctypes.create_string_buffer(32768)
-            return crypt_rn(phrase, setting, scratch, 32768)  # type: ignore[no-any-return]
+            result: bytes | None = crypt_rn(phrase, setting, scratch, 32768)  # restype c_char_p
+            return result
         return call
     crypt_r = getattr(lib, "crypt_r", None)
     if crypt_r is None:
@@ -64,9 +65,9 @@ def _load() -> _Crypt:
 
     def call_r(phrase: bytes, setting: bytes) -> bytes | None:
         scratch = ctypes.create_string_buffer(_SCRATCH_SIZE)
-        result = crypt_r(phrase, setting, scratch)
+        result: bytes | None = crypt_r(phrase, setting, scratch)  # restype c_char_p
         # glibc's crypt_r returns a "*0"/"*1" failure token instead of NULL
-        return None if not result or result.startswith(b"*") else result  # type: ignore[no-any-return]
+        return None if not result or result.startswith(b"*") else result
     return call_r
 
 

@@ -154,7 +154,7 @@ def twistd_logger() -> ILogObserver:
         # twistd's log file renames itself every megabyte; done to /dev/null (or a FIFO)
         # that would replace the device with a regular file, so those are never rotated
         rotate = None if _is_special_file(filename) else 1000000
-        out = LogFile.fromFullPath(filename or "twistd.log",  # type: ignore[assignment]
+        out = LogFile.fromFullPath(filename or "twistd.log",
                                    rotateLength=rotate)
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
 

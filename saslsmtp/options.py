@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
 #: Field metadata: a path, resolved relative to the configuration file's folder.
 PATH = {"path": True}
@@ -59,11 +59,14 @@ class Options:
     exclusive choices, URL shapes, files that must exist).
     """
 
+    # what @dataclass gives every subclass (declared so ``dataclasses.fields`` type-checks)
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def __post_init__(self) -> None:
         problems: list[OptionProblem] = []
         bad: set[str] = set()
         hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             ok, converted, expected = coerce(value, hints[f.name])
             if ok:
@@ -88,7 +91,7 @@ class Options:
                    skip: Iterable[str] = ()) -> O:
         """Build from a TOML table: unknown keys are problems too; paths (``PATH``
         metadata) are resolved relative to ``base``.  Raises ``OptionsError``."""
-        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {f.name: f for f in dataclasses.fields(cls)}
         skipped = set(skip)
         problems: list[OptionProblem] = []
         values: dict[str, Any] = {}

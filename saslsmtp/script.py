@@ -328,7 +328,7 @@ class ScriptPasswordChecker:
     def __init__(self, runner: ScriptRunner) -> None:
         self.runner = runner
 
-    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[bytes]":
+    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[bytes | tuple[()]]":
         session = getattr(credentials, "session", None) or Session()
         request = getattr(credentials, "request", None) or Verify(
             credentials.username.decode("utf-8", "replace"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, assert_never
+from typing import Any, Generator, Sequence, assert_never
 
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
@@ -24,7 +24,7 @@ from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
-from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
+from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.events import SessionEvents
@@ -221,7 +221,7 @@ def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> R
     ``ValidateToken`` from the first token validator that has an opinion."""
 
     @defer.inlineCallbacks
-    def resolve(request: SecretRequest, session: Session):  # type: ignore[no-untyped-def]
+    def resolve(request: SecretRequest, session: Session) -> Generator[Any, Any, Secret | None]:
         match request:
             case Lookup():
                 for source in sources:
@@ -257,8 +257,9 @@ def tls_context(config: Config) -> Any:
         cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
         verify = {"verify": True, "requireCertificate": False,
                   "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
+    # pyOpenSSL converts cryptography keys and certificates; Twisted's annotations name only X509/PKey
     return ssl.CertificateOptions(
-        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,
+        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 

@@ -32,6 +32,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from zope.interface import alsoProvides, implementer
 
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.credentials import AvatarId
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
@@ -47,6 +48,23 @@ class TLSStringTransport(StringTransport):
     def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
         self.tls_started_with = contextFactory
         alsoProvides(self, ISSLTransport)
+
+    # The rest of ITCPTransport (which ITLSTransport extends): the server never calls
+    # these, a real transport has them, and declaring the interface means having them.
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    def getTcpNoDelay(self) -> bool:
+        return False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
 
 
 @implementer(smtp.IMessage)
@@ -101,8 +119,8 @@ class MemoryRealm:
         self.logins: list[str] = []
         self.logouts = 0
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> tuple:
-        name = avatarId.decode("utf-8")
+    def requestAvatar(self, avatarId: AvatarId, mind: Any, *interfaces: Any) -> tuple[Any, ...]:
+        name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
         self.logins.append(name)
 
         def logout() -> None:

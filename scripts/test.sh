@@ -9,8 +9,11 @@
 #   2. The project itself, editable, with its test extras. editable_mode=compat
 #      is required: the default PEP 660 editable install hides the twistd
 #      plugin (docs/twisted-notes.md).
-#   3. pytest (extra arguments are passed through), bounded by a timeout.
-# The exit status is pytest's (5, "no tests collected", is a failure too).
+#   3. mypy over saslsmtp/ (configuration in setup.cfg: strict for saslsmtp.sasl,
+#      the zope.interface plugin everywhere); any type error fails the run.
+#   4. pytest (extra arguments are passed through), bounded by a timeout.
+# The exit status is mypy's when it fails, else pytest's (5, "no tests collected",
+# is a failure too).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -67,7 +70,7 @@ running_pids() {
 }
 
 # ---------------------------------------------------------------------------
-section "1/3 Debian packages"
+section "1/4 Debian packages"
 
 PY=${PYTHON:-python3}
 in_venv() { "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; }
@@ -156,7 +159,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-section "2/3 Python packages"
+section "2/4 Python packages"
 
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PY is $("$PY" --version 2>&1); saslsmtp needs Python >= 3.11"
@@ -179,7 +182,17 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 timeout "$PIP_TIMEOUT" \
     >/dev/null 2>&1 || true
 
 # ---------------------------------------------------------------------------
-section "3/3 pytest"
+section "3/4 mypy"
+
+mypy_rc=0
+timeout "$PYTEST_TIMEOUT" "$PY" -m mypy || mypy_rc=$?
+if [ "$mypy_rc" -ne 0 ]; then
+    section "FAILED: mypy found type errors (status $mypy_rc)"
+    exit "$mypy_rc"
+fi
+
+# ---------------------------------------------------------------------------
+section "4/4 pytest"
 
 rc=0
 timeout "$PYTEST_TIMEOUT" "$PY" -m pytest -q -p no:randomly "$@" || rc=$?

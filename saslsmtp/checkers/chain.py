@@ -6,7 +6,7 @@ every one rejected -> ``UnauthorizedLogin`` (535 5.7.8).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Generator, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from saslsmtp.credentials import AuthenticatedIdentity, IAuthenticatedIdentity
+from saslsmtp.credentials import AuthenticatedIdentity, AvatarId, IAuthenticatedIdentity
 from saslsmtp.errors import TemporaryFailure, UnknownUser
 
 log = Logger()
@@ -31,7 +31,8 @@ class BackendChain:
         self.backends = list(backends)
 
     @inlineCallbacks
-    def requestAvatarId(self, credentials):  # type: ignore[no-untyped-def]
+    def requestAvatarId(self, credentials: IUsernamePassword
+                        ) -> Generator[Deferred[AvatarId], AvatarId, AvatarId]:
         temporary = False
         unknown = bool(self.backends)  # every backend said "no such user" (auth cache)
         for name, checker in self.backends:
@@ -69,5 +70,5 @@ class TrustedIdentityChecker:
 
     credentialInterfaces = (IAuthenticatedIdentity,)
 
-    def requestAvatarId(self, credentials: AuthenticatedIdentity) -> "Deferred[bytes]":
+    def requestAvatarId(self, credentials: AuthenticatedIdentity) -> "Deferred[AvatarId]":
         return maybeDeferred(lambda: credentials.username)

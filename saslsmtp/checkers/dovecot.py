@@ -31,19 +31,21 @@ import base64
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol, quoteStringArgument
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, problem_if
 from saslsmtp.sasl.outcome import Session
@@ -194,6 +196,11 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
     # ---- state -----------------------------------------------------------
 
     @property
+    def tcp_transport(self) -> ITCPTransport:
+        """The TCP or UNIX transport; set by ``makeConnection`` before any call here."""
+        return cast(ITCPTransport, self.transport)
+
+    @property
     def usable(self) -> bool:
         """Connected, handshake done, not closing."""
         return (self.connected_now and self.server is not None and self._closed_reason is None
@@ -204,9 +211,9 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
     def connectionMade(self) -> None:
         self.connected_now = True
         major, minor = CLIENT_VERSION
-        self.transport.write(b"VERSION\t%d\t%d\nCPID\t%d\n" % (major, minor, self.pid))
+        self.tcp_transport.write(b"VERSION\t%d\t%d\nCPID\t%d\n" % (major, minor, self.pid))
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_now = False
         why = self._closed_reason or "connection to the Dovecot auth server lost"
         if not self.handshake.called:
@@ -221,12 +228,12 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         self._closed_reason = f"Dovecot auth protocol error: {why}"
         if not self.handshake.called:
             self.handshake.errback(ProtocolError(self._closed_reason))
-        self.transport.abortConnection()
+        self.tcp_transport.abortConnection()
 
     def _cancel_handshake(self, d: Deferred) -> None:
         self._closed_reason = "no complete handshake from the Dovecot auth server in time"
         d.errback(TemporaryFailure(self._closed_reason))
-        self.transport.abortConnection()
+        self.tcp_transport.abortConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fatal(f"line longer than {self.MAX_LENGTH} bytes")
@@ -303,13 +310,13 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         challenge = args[0] if args else b""
         if request.unsent_response is not None and challenge == b"":
             data, request.unsent_response = request.unsent_response, None
-            self.transport.write(b"CONT\t%d\t%s\n" % (request_id, base64.b64encode(data)))
+            self.tcp_transport.write(b"CONT\t%d\t%s\n" % (request_id, base64.b64encode(data)))
             return
         # PLAIN has no second round: give up on this request, keep the connection.
         log.warn("unexpected CONT from the Dovecot auth server for request {id}",
                  id=request_id)
         del self._pending[request_id]
-        self.transport.write(b"CANCEL\t%d\n" % request_id)
+        self.tcp_transport.write(b"CANCEL\t%d\n" % request_id)
         request.deferred.errback(ProtocolError("unexpected CONT from the Dovecot auth server"))
 
     # ---- requests ----------------------------------------------------------------
@@ -345,7 +352,7 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
             self.quiet_since = self._now()  # nothing was owed before: silence counts from now
         self._pending[request_id] = _Pending(deferred, None if initial else response,
                                              self.lines_received)
-        self.transport.write(b"\t".join(fields) + b"\n")
+        self.tcp_transport.write(b"\t".join(fields) + b"\n")
         return deferred
 
     def _cancel(self, request_id: int, deferred: Deferred) -> None:
@@ -354,14 +361,14 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
         request = self._pending.pop(request_id, None)
         if request is None or not self.connected_now:
             return
-        self.transport.write(b"CANCEL\t%d\n" % request_id)
+        self.tcp_transport.write(b"CANCEL\t%d\n" % request_id)
         silent = self._now() - self.quiet_since
         if (self.lines_received == request.lines_at_send and self.hung_after is not None
                 and silent >= self.hung_after):
             log.warn("Dovecot auth server silent for {silent:.0f}s with requests waiting: "
                      "dropping the connection", silent=silent)
             self._closed_reason = "the Dovecot auth server stopped answering"
-            self.transport.abortConnection()
+            self.tcp_transport.abortConnection()
 
 
 # --------------------------------------------------------------------------
@@ -407,13 +414,13 @@ class DovecotChecker:
 
     # ---- ICredentialsChecker -------------------------------------------------
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[AvatarId]:
         """Fires with the username Dovecot confirmed; see the module docstring for failures."""
         username = _as_bytes(credentials.username)
         password = _as_bytes(credentials.password)
         if b"\0" in username or b"\0" in password:
             # cannot be expressed in PLAIN, so cannot be right
-            d: Deferred[bytes] = Deferred()
+            d: Deferred[AvatarId] = Deferred()
             d.errback(UnauthorizedLogin("NUL in the username or password"))
             return d
         session = getattr(credentials, "session", None) or Session()
@@ -444,7 +451,7 @@ class DovecotChecker:
         while len(self._failed_at) > PENALTY_MEMORY_SIZE:
             self._failed_at.popitem(last=False)
 
-    async def _check(self, username: bytes, password: bytes, session: Session) -> bytes:
+    async def _check(self, username: bytes, password: bytes, session: Session) -> AvatarId:
         protocol = await self._connection()
         reply = await protocol.authenticate("PLAIN", self._params(session),
                                             b"\0" + username + b"\0" + password)
@@ -505,7 +512,7 @@ class DovecotChecker:
     def _connected(self, protocol: DovecotAuthClientProtocol, server: Handshake) -> None:
         self._attempt = None
         if "PLAIN" not in server.mechanisms:
-            protocol.transport.loseConnection()
+            protocol.tcp_transport.loseConnection()
             return self._failed(Failure(TemporaryFailure(
                 "Dovecot does not offer PLAIN (add plain to auth_mechanisms)")))
         log.info("connected to Dovecot auth at {where} (protocol {major}.{minor})",
@@ -532,7 +539,7 @@ class DovecotChecker:
         """Drop the connection (the service is stopping); a later request would reconnect."""
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.connected_now:
-            protocol.transport.loseConnection()
+            protocol.tcp_transport.loseConnection()
         if self._attempt is not None:
             self._attempt.cancel()
 

@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from saslsmtp import libcrypt, passwords
 from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure, UnknownUser
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.mechanisms import builtin_mechanisms
@@ -234,7 +235,7 @@ class FileChecker:
 
     # ---- ICredentialsChecker ---------------------------------------------------------
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         """Verify the password; fire with the username bytes, or fail with
         ``UnauthorizedLogin`` (wrong password, unknown user) / ``TemporaryFailure``."""
         try:
@@ -258,7 +259,7 @@ class FileChecker:
         else:
             d = maybeDeferred(_verify, stored, password, username)
 
-        def decide(ok: bool) -> bytes:
+        def decide(ok: bool) -> AvatarId:
             if entry is None:  # same hash paid as for a known user; the cache may remember it
                 raise UnknownUser("unknown user")
             if not ok:
@@ -276,9 +277,8 @@ class FileChecker:
                       why=type(f.value).__name__)
             return Failure(TemporaryFailure("password verification failed"))
 
-        d.addCallback(decide)
-        d.addErrback(trouble)
-        return d
+        decided: Deferred[AvatarId] = d.addCallback(decide)
+        return decided.addErrback(trouble)
 
     # ---- ISecretSource ---------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from zope.interface import implementer
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictHTTPSPolicy,
                                          load_trust_root)
+from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
@@ -110,7 +111,7 @@ class HttpChecker:
     def __repr__(self) -> str:  # the headers may hold an API token: never shown
         return f"<HttpChecker {self.name} {self.url}>"
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         """One verdict from the API (see the module docstring)."""
         username = as_bytes(credentials.username)
         try:

@@ -67,6 +67,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers.outage import OutageLog
+from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
@@ -517,7 +518,7 @@ class LdapChecker:
         self._clock = clock
         self.outages = OutageLog(name, clock)
 
-    def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
+    def requestAvatarId(self, credentials: Any) -> "Deferred[AvatarId]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
         raw_username = as_bytes(credentials.username)
         password = as_bytes(credentials.password)

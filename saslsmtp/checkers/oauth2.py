@@ -64,6 +64,7 @@ from zope.interface import implementer
 
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.secrets import ITokenValidator
+from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
@@ -426,14 +427,19 @@ def _bounded(reactor: Any, timeout: float, coroutine: Any, what: str) -> "Deferr
 # --------------------------------------------------------------------------
 
 
-@implementer(ICredentialsChecker, ITokenValidator)
+@implementer(ICredentialsChecker)
 class _TokenValidator:
     """Shared: a token-only backend refuses passwords; verdicts are logged without tokens."""
 
     credentialInterfaces = (IUsernamePassword,)
     name = "oauth2"
+    _pool: Any = None  # the HTTP connection pool, when the validator makes requests
 
-    def requestAvatarId(self, credentials: Any) -> "Deferred[bytes]":
+    def stop(self) -> "Deferred[None] | None":
+        """Close kept-alive connections (the service calls this on shutdown)."""
+        return self._pool.closeCachedConnections() if self._pool is not None else None
+
+    def requestAvatarId(self, credentials: Any) -> "Deferred[AvatarId]":
         """Passwords are not tokens: always ``UnauthorizedLogin``."""
         return fail(UnauthorizedLogin(f"oauth2 backend {self.name} checks bearer tokens only"))
 
@@ -450,15 +456,16 @@ class _TokenValidator:
         log.info("oauth2 backend {name}: no opinion on the token ({why}) for {user!r} via"
                  " {mechanism}", name=self.name, why=why, user=request.username,
                  mechanism=request.mechanism)
-        return None
 
 
+@implementer(ITokenValidator)
 class JwtValidator(_TokenValidator):
     """Validates JWT bearer tokens with a key source (``FileKeys`` or ``RemoteKeys``)."""
 
     def __init__(self, keys: Any, policy: ClaimPolicy, *, algorithms: Sequence[str],
-                 clock: Any, name: str = "oauth2") -> None:
+                 clock: Any, name: str = "oauth2", pool: Any = None) -> None:
         self.keys = keys
+        self._pool = pool
         self.policy = policy
         self.algorithms = tuple(algorithms)
         self._clock = clock
@@ -476,11 +483,13 @@ class JwtValidator(_TokenValidator):
         token = request.token
         peeked = _peek(token)
         if peeked is None:
-            return self._no_opinion(request, "not a signed JWT")
+            self._no_opinion(request, "not a signed JWT")
+            return None
         header, unverified = peeked
         if self.policy.issuer is not None and (
                 not isinstance(unverified, dict) or unverified.get("iss") != self.policy.issuer):
-            return self._no_opinion(request, "another issuer")
+            self._no_opinion(request, "another issuer")
+            return None
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in self.algorithms or _key_type(alg) is None:
             return self._log(request, self.policy.refuse(), f"algorithm {alg!r} not allowed")
@@ -538,6 +547,7 @@ def _candidates(keyset: KeySet, alg: str, kid: str | None) -> list[Any]:
     return [k for k in keys if k.get("alg") in (None, alg)]
 
 
+@implementer(ITokenValidator)
 class IntrospectionValidator(_TokenValidator):
     """Asks an RFC 7662 introspection endpoint about each token."""
 
@@ -562,11 +572,7 @@ class IntrospectionValidator(_TokenValidator):
     def __repr__(self) -> str:  # the headers hold the client secret: never shown
         return f"<IntrospectionValidator {self.name} {self.url}>"
 
-    def stop(self) -> "Deferred[None] | None":
-        """Close kept-alive connections (the service calls this on shutdown)."""
-        return self._pool.closeCachedConnections() if self._pool is not None else None
-
-    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict]":
+    def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict | None]":
         """The verdict of the introspection endpoint plus the claim policy."""
         if not request.token or len(request.token) > MAX_TOKEN:
             return succeed(self._log(request, self.policy.refuse(), "empty or oversized token"))
@@ -632,10 +638,8 @@ def from_config(name: str, options: OAuth2Options, deps: Any,
         keys = RemoteKeys(options.jwks_url, client, reactor, timeout=options.timeout,
                           cache_time=options.jwks_cache_time,
                           min_refresh=options.jwks_min_refresh, name=name)
-        validator = JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor,
-                                 name=name)
-        validator.stop = pool.closeCachedConnections  # type: ignore[attr-defined]
-        return validator
+        return JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor,
+                            name=name, pool=pool)
     return IntrospectionValidator(options.introspection_url or "", client, reactor, policy,
                                   client_id=options.client_id, client_secret=options.client_secret,
                                   timeout=options.timeout, name=name, pool=pool)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from saslsmtp.sasl.outcome import Secret
+from saslsmtp.sasl.outcome import Secret, TokenVerdict, ValidateToken
 
 
 class ISecretSource(Interface):
@@ -32,8 +32,7 @@ class ISecretSource(Interface):
 class ITokenValidator(Interface):
     """A backend that validates OAuth 2.0 bearer tokens (OAUTHBEARER, XOAUTH2)."""
 
-    def validate_token(request: object) -> "Deferred[object]":
-        """Judge ``request`` (a ``saslsmtp.sasl.oauth.ValidateToken``); fire with a
-        ``saslsmtp.sasl.oauth.TokenVerdict``, or ``None`` when the token is not this
+    def validate_token(request: ValidateToken) -> "Deferred[TokenVerdict | None]":
+        """Judge ``request``; fire with a ``TokenVerdict``, or ``None`` when the token is not this
         validator's to judge (the next one is asked; none -> invalid_token); fail with
         ``TemporaryFailure`` when the authorization server or key set cannot be reached."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 from OpenSSL import SSL
 from twisted.cred.checkers import ICredentialsChecker
@@ -37,7 +37,7 @@ from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
                                         wrapClientTLS)
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator, IReactorTime,
-                                         ISSLTransport, IStreamClientEndpoint)
+                                         ISSLTransport, IStreamClientEndpoint, ITLSTransport)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -51,6 +51,7 @@ from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
+from saslsmtp.credentials import AvatarId
 
 log = Logger()
 
@@ -111,7 +112,7 @@ class AuthProbe(LineOnlyReceiver):
                  tls_creator: IOpenSSLClientConnectionCreator | None, starttls: bool,
                  implicit_tls: bool, tls_hostname: str, helo: str | None,
                  upstream: str) -> None:
-        self.result: "Deferred[bytes]" = Deferred(self._cancelled)
+        self.result: "Deferred[AvatarId]" = Deferred(self._cancelled)
         self.transcript: list[str] = []
         self._username = username
         self._password: bytes | None = password
@@ -130,6 +131,11 @@ class AuthProbe(LineOnlyReceiver):
 
     def __repr__(self) -> str:
         return f"<AuthProbe {self._upstream} user={self._username!r} state={self._state}>"
+
+    @property
+    def _connection(self) -> ITLSTransport:
+        """The TCP (or TLS) transport; set by ``makeConnection`` before any line arrives."""
+        return cast(ITLSTransport, self.transport)
 
     # ---- outcome -------------------------------------------------------------------
 
@@ -153,7 +159,7 @@ class AuthProbe(LineOnlyReceiver):
         self._finish(Failure(TemporaryFailure(f"upstream {self._upstream}: {why}")))
         self._state = "done"
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._connection.abortConnection()
 
     def _verdict(self, outcome: bytes | Failure) -> None:
         """A reply ended the exchange cleanly: report, then ``QUIT`` politely."""
@@ -165,7 +171,7 @@ class AuthProbe(LineOnlyReceiver):
     def _give_up_quit(self) -> None:
         self._quit_timer = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._connection.abortConnection()
 
     def _cancelled(self, result: "Deferred[bytes]") -> None:
         """The checker's deadline passed: temporary failure, connection aborted."""
@@ -232,7 +238,7 @@ class AuthProbe(LineOnlyReceiver):
     def _ehlo(self) -> None:
         name = self._helo
         if not name:
-            host = self.transport.getHost()
+            host = self._connection.getHost()
             address = getattr(host, "host", "")
             name = (f"[IPv6:{address}]" if ":" in address else f"[{address}]") if address \
                 else "localhost"
@@ -257,9 +263,12 @@ class AuthProbe(LineOnlyReceiver):
         if reply.code != 220:
             self._temporary(f"STARTTLS answered {reply.status()}")
             return
+        if self._tls_creator is None:  # the checker asks for STARTTLS only with a context
+            self._temporary("STARTTLS without a TLS context")
+            return
         self._tls = True
         self.transcript.append("(TLS handshake)")
-        self.transport.startTLS(self._tls_creator)
+        self._connection.startTLS(self._tls_creator)
         self._ehlo()  # queued by the TLS layer until the handshake is done
 
     def _authenticate(self, capabilities: dict[str, list[str]]) -> None:
@@ -322,7 +331,7 @@ class AuthProbe(LineOnlyReceiver):
 
     def _on_quit(self, reply: UpstreamReply) -> None:
         self._state = "done"
-        self.transport.loseConnection()
+        self._connection.loseConnection()
 
 
 def _capabilities(lines: list[bytes]) -> dict[str, list[str]]:
@@ -370,7 +379,7 @@ class SmtpForwardChecker:
     def __repr__(self) -> str:
         return f"<SmtpForwardChecker {self.upstream}>"
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[bytes]":
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         """One upstream AUTH for these credentials (see the module docstring)."""
         username, password = as_bytes(credentials.username), as_bytes(credentials.password)
         if not username or not password or b"\0" in username + password:

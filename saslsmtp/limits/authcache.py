@@ -171,7 +171,7 @@ class CachingChecker:
             if kind == "accept":
                 return succeed(avatar_id)
             return fail(UnknownUser("unknown user (cached)"))
-        d: Deferred[Any] = maybeDeferred(self.inner.requestAvatarId, credentials)  # type: ignore[call-overload]
+        d: Deferred[Any] = maybeDeferred(self.inner.requestAvatarId, credentials)
 
         def accepted(avatar_id: Any) -> Any:
             self.cache.remember_success(self.chain_id, username, password, avatar_id)

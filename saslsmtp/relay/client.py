@@ -49,7 +49,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -59,7 +59,8 @@ from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
                                         connectProtocol, wrapClientTLS)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (IConsumer, IOpenSSLClientConnectionCreator,
-                                         IPushProducer, IReactorTime, IStreamClientEndpoint)
+                                         IProducer, IPushProducer, IReactorTime,
+                                         IStreamClientEndpoint)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -457,7 +458,7 @@ def _forwardable(params: Sequence[str], allowed: dict[str, str],
     return out
 
 
-@implementer(IConsumer)
+@implementer(IConsumer, IPushProducer)
 class UpstreamTransaction:
     """One message to the upstream, driven by the SMTP server (see the module docstring).
 
@@ -611,11 +612,11 @@ class UpstreamTransaction:
             return
         connection.transport.write(self.stuffer.feed(data))
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         """Our client's transport: paused while the upstream cannot take more."""
         if not streaming:
             raise ValueError("only push producers (a transport) are supported")
-        self.producer = producer
+        self.producer = cast(IPushProducer, producer)  # streaming: a push producer
         if self.connection is not None and self.connection.paused:
             self.pauseProducing()
 

@@ -122,7 +122,7 @@ class RelayRealm:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> tuple:
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> tuple:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("RelayRealm only provides IMessageDelivery")
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)

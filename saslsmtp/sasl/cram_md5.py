@@ -113,8 +113,8 @@ def digest_from_context(context: str, challenge: bytes) -> str:
         raise ValueError("a CRAM-MD5 context is 64 hex digits")
     words = struct.unpack("<8I", bytes.fromhex(context))
     outer, inner = words[:4], words[4:]
-    inner_digest = _md5_continue(inner, challenge, 64)  # type: ignore[arg-type]
-    return _md5_continue(outer, inner_digest, 64).hex()  # type: ignore[arg-type]
+    inner_digest = _md5_continue(inner, challenge, 64)
+    return _md5_continue(outer, inner_digest, 64).hex()
 
 
 def digest_from_password(password: str | bytes, challenge: bytes) -> str:
@@ -177,7 +177,9 @@ class CramMD5:
         if secret is None:
             return INVALID
         if secret.kind == "plaintext":
-            expected = digest_from_password(secret.value, self._challenge)  # type: ignore[arg-type]
+            if not isinstance(secret.value, (str, bytes)):
+                return MISCONFIGURED
+            expected = digest_from_password(secret.value, self._challenge)
         elif secret.kind == "cram-md5":
             if not isinstance(secret.value, str) or not _CONTEXT.fullmatch(secret.value):
                 return MISCONFIGURED

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.saslprep import decode_saslname
-from saslsmtp.sasl.outcome import (  # noqa: F401 (TokenVerdict and ValidateToken: re-exported)
+from saslsmtp.sasl.outcome import (
     TOKEN_VERDICT,
     Accept,
     MechanismStateError,
@@ -41,8 +41,8 @@ from saslsmtp.sasl.outcome import (  # noqa: F401 (TokenVerdict and ValidateToke
     Reply,
     Secret,
     Session,
-    TokenVerdict,
-    ValidateToken,
+    TokenVerdict as TokenVerdict,  # re-exported: a backend's request and answer
+    ValidateToken as ValidateToken,
 )
 
 MALFORMED_OAUTHBEARER = Reject("Malformed OAUTHBEARER response")

@@ -162,7 +162,7 @@ class Session:
     client_certificate: Mapping[str, object] | None = None
     # The AUTH script's per-connection ``context`` dict (mutable, shared by every
     # exchange of one connection; a new connection starts with an empty one).
-    context: dict = field(default_factory=dict, compare=False, repr=False)
+    context: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 class MechanismStateError(RuntimeError):

@@ -396,9 +396,9 @@ def lookup_kinds(name: str) -> tuple[str, ...]:
     return (HASHES[base][1], "plaintext")
 
 
-def make_spec(name: str, **options: object) -> MechanismSpec:
-    """The ``MechanismSpec`` for one SCRAM name; ``options`` go to ``Scram``."""
-    factory = functools.partial(Scram, name=name, **options)
+def make_spec(name: str, plus_configured: bool | None = None) -> MechanismSpec:
+    """The ``MechanismSpec`` for one SCRAM name (``plus_configured`` goes to ``Scram``)."""
+    factory = functools.partial(Scram, name=name, plus_configured=plus_configured)
     return MechanismSpec(name, factory, plaintext=False, client_first=True, needs_tls=name.endswith("-PLUS"),
                          secret_kinds=lookup_kinds(name))
 
@@ -413,7 +413,7 @@ def specs_for(configured: Iterable[str]) -> dict[str, MechanismSpec]:
     whether its ``-PLUS`` sibling is configured (for the ``y`` downgrade check)."""
     names = {n.upper() for n in configured}
     return {
-        name: make_spec(name, **({} if name.endswith("-PLUS") else {"plus_configured": f"{name}-PLUS" in names}))
+        name: make_spec(name, None if name.endswith("-PLUS") else f"{name}-PLUS" in names)
         for name in NAMES
         if name in names
     }
