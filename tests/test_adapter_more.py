@@ -57,15 +57,31 @@ def test_a_step_that_raises_is_a_temporary_failure() -> None:
     assert failure_of(a) == Defer("Mechanism error")
 
 
-def test_an_unfired_deferred_is_cancelled_and_defers() -> None:
-    """The stock protocol cannot wait: the pending step is cancelled, the exchange
-    ends with a temporary failure."""
+def test_an_unfired_deferred_is_waited_for_by_the_checker() -> None:
+    """A last step that is still pending is not cancelled: the exchange checker waits
+    for it inside ``portal.login`` and logs in whom its ``Accept`` names."""
     pending: defer.Deferred[Any] = defer.Deferred()
     a = adapter(lambda: Reply(b"?"), lambda r: pending)
     a.setResponse(b"x")
-    assert failure_of(a) == Defer("This mechanism needs an asynchronous server")
-    assert pending.called  # cancelled
-    pending.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert not a.moreChallenges() and a.pending is not None
+    result = FailedExchangeChecker().requestAvatarId(a)
+    assert not result.called
+    pending.callback(Accept("bob"))
+    assert result.result == b"bob"
+
+
+def test_an_unfired_step_that_wants_another_challenge_is_reported() -> None:
+    """A stock protocol cannot send a challenge that arrives late: a temporary failure
+    that says so, not a hang."""
+    pending: defer.Deferred[Any] = defer.Deferred()
+    a = adapter(lambda: Reply(b"?"), lambda r: pending)
+    a.setResponse(b"x")
+    result = FailedExchangeChecker().requestAvatarId(a)
+    pending.callback(Reply(b"more"))
+    failures: list[Any] = []
+    result.addErrback(failures.append)
+    assert failures and failures[0].check(TemporaryFailure)
+    assert "another challenge" in str(failures[0].value)
 
 
 def test_a_fired_deferred_gives_its_outcome() -> None:
@@ -99,9 +115,9 @@ def test_accept_without_a_username_defers() -> None:
 
 
 def test_lookup_defers_in_a_stock_protocol() -> None:
-    """Stored-secret mechanisms need ``SubmissionESMTP``'s resolver."""
+    """Stored-secret mechanisms need a secret source (``embed.challengers(secrets=...)``)."""
     a = adapter(lambda: Lookup("dave", ("plaintext",)))
-    assert failure_of(a) == Defer("Mechanism needs a server that can look up secrets")
+    assert failure_of(a) == Defer("No secret source for this mechanism")
 
 
 def test_reject_and_defer_become_failed_exchanges() -> None:
