@@ -33,6 +33,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
+from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.replies import REPLIES, SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -83,7 +84,7 @@ class SubmissionESMTP(smtp.ESMTP):
                  mechanisms: Mapping[str, MechanismSpec], clock: Any,
                  tls_context: Any = None, resolver: Resolver = no_resolver,
                  script: PasswordScript | None = None,
-                 blocking: Any = None, client_identity: str = "cn") -> None:
+                 blocking: Any = None, client_identity: str = "cn", limiter: Any = None) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self.portal = portal
         self.settings = settings
@@ -104,11 +105,16 @@ class SubmissionESMTP(smtp.ESMTP):
         self._ehlo_done = False
         self._helo_name = ""
         self._errors = 0
+        # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
+        # once it has sent something, so admission waits for the first data there.
+        self.limits = ConnectionLimits(limiter) if limiter is not None else None
+        self._admission_due = False
         self.auth = SmtpAuth(
             self, portal=portal, mechanisms=mechanisms, offered=settings.mechanisms,
             require_tls=settings.require_tls, clock=clock,
             failures=FailurePolicy(settings.max_failures, settings.failure_delay),
-            max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking)
+            max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking,
+            limits=self.limits)
         self.avatar: Any = None  # the IMessageDelivery mail goes to (set by AUTH)
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients)
 
@@ -130,8 +136,23 @@ class SubmissionESMTP(smtp.ESMTP):
         self.tls = bool(ISSLTransport.providedBy(self.transport))
         self._can_starttls = (not self.tls and self.tls_context is not None
                               and ITLSTransport.providedBy(self.transport))
-        self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
         self.setTimeout(self.timeout)
+        if self.limits is not None and not _proxied(self.transport):
+            return self._admit(greet=True)
+        self._admission_due = self.limits is not None
+        self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
+
+    def _admit(self, greet: bool) -> None:
+        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
+        assert self.limits is not None
+
+        def decided(verdict: Any) -> None:
+            if not verdict.allowed:
+                self.write(refusal_line(verdict))
+                self.transport.loseConnection()
+            elif greet:
+                self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
+        self.busy_until(self.limits.admit(self._peer[0]).addCallback(decided))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -143,6 +164,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction.abort()
         self.reader.queue = []
         self._forget_login()
+        if self.limits is not None:
+            self.limits.release()
 
     def timeoutConnection(self) -> None:
         self.send(REPLIES["timeout"])
@@ -177,6 +200,10 @@ class SubmissionESMTP(smtp.ESMTP):
     # ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._admission_due:  # behind PROXY: the real client is known now
+            self._admission_due = False
+            self._read_addresses()
+            self._admit(greet=False)
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
@@ -262,6 +289,8 @@ class SubmissionESMTP(smtp.ESMTP):
         elif isinstance(answer, ProtocolError):
             self.error(answer.reply)
         else:
+            if answer is REPLIES["message_accepted"] and self.limits is not None:
+                self.limits.message_accepted(self.auth_user)
             self.send(answer)
 
     # ------------------------------------------------------------------
@@ -369,16 +398,35 @@ class SubmissionESMTP(smtp.ESMTP):
     def do_MAIL(self, arg: bytes) -> None:
         if not self._ehlo_done:
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
+        if self.limits is not None and self.authenticated:  # messages_per_user
+            return self._answer(self.limits.mail_allowed(self.auth_user).addCallback(
+                lambda v: _limited(v) or self.transaction.mail(
+                    arg, self.avatar, self._helo_pair(), self.settings.require_auth)))
         self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
                                            self.settings.require_auth))
 
     def do_RCPT(self, arg: bytes) -> None:
+        if self.limits is not None and self.authenticated and self.transaction.open:
+            return self._answer(self.limits.recipient_allowed(self.auth_user).addCallback(
+                lambda v: _limited(v) or self.transaction.rcpt(
+                    arg, self.avatar, self._helo_pair(), self)))
         self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
 
     def do_DATA(self, arg: bytes) -> None:
         stamp = Stamp(self._helo_name, self._peer[0], self.settings.hostname, self.tls,
                       self.auth_user if self.authenticated else None)
         self._answer(self.transaction.data(arg, stamp))
+
+
+def _limited(verdict: Any) -> SMTPReply | None:
+    """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
+    return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
+
+
+def _proxied(transport: Any) -> bool:
+    """Whether the client address comes from a PROXY header (read after connectionMade)."""
+    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+    return isinstance(transport, HAProxyProtocolWrapper)
 
 
 def _address(addr: Any) -> tuple[str, int]:

@@ -27,6 +27,8 @@ from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.limits.build import AbuseControls, service_controls
+from saslsmtp.limits.fairpool import FairThreadPoolRunner
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
@@ -84,6 +86,7 @@ class Wiring:
     resolver: Resolver | None = None
     blocking: Any = None
     script: PasswordScript | None = None  # decides PLAIN/LOGIN when an AUTH script is set
+    controls: AbuseControls | None = None  # [limits] and [auth.cache] (saslsmtp.limits)
 
 
 def wire(config: Config, reactor: Any) -> Wiring:
@@ -95,18 +98,29 @@ def wire(config: Config, reactor: Any) -> Wiring:
         runners.append(runner)
         return runner
 
-    hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
+    # Hashing is fair across clients: one address cannot hold every thread.
+    hash_runner = FairThreadPoolRunner(reactor, "saslsmtp-hash", config.auth.hash_threads)
+    runners.append(hash_runner)
+    controls, late_store = service_controls(config.section("limits"),
+                                            config.section("auth.cache"), reactor)
+    if late_store is not None:
+        runners.append(late_store)  # a Redis store connects when the service starts
+    elif config.ops.worker_count(None) > 1 and _any_limit(config.section("limits")):
+        log.info("limits: store = \"memory\" with {n} workers: counters are per worker"
+                 " (use a redis:// store to share them)", n=config.ops.worker_count(None))
     checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
     realm = MaildirRealm(Maildir(config.delivery.path, config.server.hostname),
                          make_runner("saslsmtp-delivery", 4))
     builtins = builtin_mechanisms(config.auth.mechanisms)
     mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
-    password_checker: ICredentialsChecker = BackendChain(
-        [(name, checkers[name]) for name in config.auth.backends])
+    password_checker: ICredentialsChecker = controls.wrap_checker(BackendChain(
+        [(name, checkers[name]) for name in config.auth.backends]),
+        chain_id=",".join(config.auth.backends))
     runner = None
     if config.auth.script is not None:
         script = load_script(config.auth.script, config.path)
-        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
+        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers),
+                              rate=controls.limiter.rate)
         password_checker = ScriptPasswordChecker(runner)
         mechanisms.update(scripted_mechanisms(config, builtins, script, runner))
     sources = [checkers[name] for name in config.auth.backends
@@ -115,7 +129,14 @@ def wire(config: Config, reactor: Any) -> Wiring:
     check_servable(config, mechanisms, builtins, runner is not None, sources, validators)
     return Wiring(config, Portal(realm, [password_checker, TrustedIdentityChecker()]),
                   engine_settings(config), mechanisms, checkers, runners, tls_context(config),
-                  secret_resolver(sources, validators), blocking=hash_runner, script=runner)
+                  secret_resolver(sources, validators), blocking=hash_runner, script=runner,
+                  controls=controls)
+
+
+def _any_limit(limits: Any) -> bool:
+    return any(getattr(limits, name) is not None for name in (
+        "connections_per_ip", "connection_rate_per_ip", "auth_failures_per_ip",
+        "auth_failures_per_user", "messages_per_user", "recipients_per_user"))
 
 
 def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsChecker]:
@@ -268,7 +289,8 @@ class SubmissionFactory(protocol.ServerFactory):
             portal=wiring.portal, settings=wiring.settings, mechanisms=wiring.mechanisms,
             clock=self.clock, tls_context=wiring.tls_context,
             resolver=wiring.resolver or no_resolver, script=wiring.script,
-            blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn")
+            blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn",
+            limiter=wiring.controls.limiter if wiring.controls is not None else None)
         connection.factory = self
         return connection
 

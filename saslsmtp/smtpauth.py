@@ -59,8 +59,9 @@ class SmtpAuth:
                  offered: tuple[str, ...], require_tls: bool, clock: Any,
                  failures: FailurePolicy, max_steps: int = 16,
                  resolver: Resolver = no_resolver, script: PasswordScript | None = None,
-                 blocking: Any = None) -> None:
+                 blocking: Any = None, limits: Any = None) -> None:
         self.host = host
+        self.limits = limits  # saslsmtp.limits.session.ConnectionLimits, or None
         self.portal = portal
         self.mechanisms = mechanisms
         self.offered = offered
@@ -117,7 +118,9 @@ class SmtpAuth:
         try:
             self.exchange = AuthExchange(
                 spec, self.host.session(spec.name), portal=self.portal, resolver=self.resolver,
-                script=self.script, blocking=self.blocking, max_steps=self.max_steps)
+                script=self.script, blocking=self.blocking, max_steps=self.max_steps,
+                guard=self.limits.attempt(self.host.peer_ip, spec.name)
+                if self.limits is not None else None)
         except Exception:
             log.failure("could not start mechanism {mechanism}", mechanism=spec.name)
             self.host.send(REPLIES["auth_tempfail"])
