@@ -1,0 +1,213 @@
+"""The abuse limits wired into real daemons (``twistd -n saslsmtp``) on loopback: a brute
+force cut across two processes sharing one Redis, the hang-up trick, per-user failures
+from 50 addresses, connection limits, Redis going away and coming back.
+
+Clients pick their source address in 127.0.0.0/8 so each "client" is its own address.
+Every wrong password is distinct: repeats of one failed pair count once by design.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from tests.limitsnet import PASSWORD, auth_plain, connect, daemon, users_toml, wait_for_log
+from tests.redis import start_redis
+
+
+def wait_for_redis_clients(redis, count: int, timeout: float = 10.0) -> None:
+    """Both daemons hold a Redis connection (so the first failure is counted)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if redis.command("CLIENT", "LIST").count(b"cmd=") >= count + 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(redis.command("CLIENT", "LIST"))
+
+
+def failures_logged(log: str, client: str, reason: str = "invalid credentials") -> int:
+    return len(re.findall(rf'auth failed: client={re.escape(client)} mechanism=\S+ user="[^"]*"'
+                          rf' reason="{reason}"', log))
+
+
+def test_brute_force_cut_in_total_across_two_processes_sharing_redis(tmp_path: Path) -> None:
+    """Two daemons on different ports, one Redis: the sixth failure from one address is
+    refused (454) whichever process it reaches; a second address logs in meanwhile; after
+    the 3 s window the first address logs in again."""
+    redis = start_redis(tmp_path / "redis")
+    backends = users_toml(tmp_path, {"alice": PASSWORD, "bob": PASSWORD})
+    limits = f'store = "{redis.url}"\nauth_failures_per_ip = "5/3s"\n'
+    one = daemon(tmp_path, "one", limits, backends)
+    two = daemon(tmp_path, "two", limits, backends)
+    try:
+        wait_for_redis_clients(redis, 2)
+        codes = []
+        for i in range(8):
+            answer = auth_plain((one, two)[i % 2].port, "alice", f"guess-{i}", "127.0.0.11")
+            codes.append(answer.code)
+            if i == 5:
+                started = time.monotonic()
+                other = auth_plain(two.port, "bob", PASSWORD, "127.0.0.12")
+                other_took = time.monotonic() - started
+        assert codes == [535] * 5 + [454] * 3, codes
+        assert other.code == 235 and other_took < 1.0
+        logs = one.log_text() + two.log_text()
+        assert failures_logged(logs, "127.0.0.11") == 5
+        assert failures_logged(logs, "127.0.0.11", "too many failures") == 3
+        assert failures_logged(one.log_text(), "127.0.0.11") in (2, 3)  # both processes counted
+        time.sleep(3.2)
+        assert auth_plain(one.port, "alice", PASSWORD, "127.0.0.11").code == 235
+    finally:
+        one.stop()
+        two.stop()
+        redis.stop()
+
+
+def test_hanging_up_gets_no_more_guesses_through(tmp_path: Path) -> None:
+    """A client that hangs up 100 ms after each AUTH (so never waits for the 1 s
+    failure delay) gets exactly as many guesses checked as one that waits for its 535:
+    a failure counts when the credentials are found wrong, not when the reply is sent."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", 'auth_failures_per_ip = "5/1m"\n', backends,
+                    failure_delay=1.0)
+    try:
+        started = time.monotonic()
+        for i in range(10):
+            auth_plain(server.port, "alice", f"hang-{i}", "127.0.0.21", hang_up_after=0.1)
+        hung_took = time.monotonic() - started
+        log = wait_for_log(server, "client=127.0.0.21", 10)
+        started = time.monotonic()
+        waited = [auth_plain(server.port, "alice", f"wait-{i}", "127.0.0.22").code
+                  for i in range(10)]
+        wait_took = time.monotonic() - started
+        log = server.log_text()
+        hung, patient = failures_logged(log, "127.0.0.21"), failures_logged(log, "127.0.0.22")
+        print(f"\nhang-up client: {hung} guesses checked of 10 in {hung_took:.2f} s;"
+              f" waiting client: {patient} of 10 in {wait_took:.2f} s")
+        assert waited == [535] * 5 + [454] * 5
+        assert hung == patient == 5
+        assert failures_logged(log, "127.0.0.21", "too many failures") == 5
+    finally:
+        server.stop()
+
+
+def test_penalty_delays_every_verdict_of_an_address_with_failures(tmp_path: Path) -> None:
+    """With auth_penalty_max, after a failure even the right password waits (2 s), so the
+    timing of an answer says nothing; another address is answered at once."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", "auth_penalty_max = 4\n", backends)
+    try:
+        assert auth_plain(server.port, "alice", "wrong", "127.0.0.31").code == 535
+        started = time.monotonic()
+        assert auth_plain(server.port, "alice", PASSWORD, "127.0.0.31").code == 235
+        penalised = time.monotonic() - started
+        started = time.monotonic()
+        assert auth_plain(server.port, "alice", PASSWORD, "127.0.0.32").code == 235
+        fresh = time.monotonic() - started
+        assert penalised >= 2.0 and fresh < 1.0, (penalised, fresh)
+    finally:
+        server.stop()
+
+
+def test_one_user_from_fifty_addresses_is_cut_but_trusted_network_logs_in(tmp_path: Path) -> None:
+    """Password spraying one username from 50 addresses: cut at the configured count in
+    total; the owner's right password still works from a trusted network (and, the
+    trade-off, is refused from an untrusted one until the window rolls)."""
+    backends = users_toml(tmp_path, {"victim": PASSWORD})
+    limits = ('auth_failures_per_user = "10/1m"\nauth_failures_per_ip = "5/1m"\n'
+              'trusted_networks = ["127.0.9.0/24"]\n')
+    server = daemon(tmp_path, "d", limits, backends)
+    try:
+        codes = [auth_plain(server.port, "victim", f"spray-{i}", f"127.0.1.{i + 1}").code
+                 for i in range(50)]
+        assert codes == [535] * 10 + [454] * 40, codes
+        assert auth_plain(server.port, "victim", PASSWORD, "127.0.9.9").code == 235
+        assert auth_plain(server.port, "Victim", PASSWORD, "127.0.2.1").code == 454
+    finally:
+        server.stop()
+
+
+def test_connection_limits_421_and_trusted_networks_are_exempt(tmp_path: Path) -> None:
+    """200 connections held from one address: the 201st gets 421 4.7.0 and is closed; a
+    trusted address holds 210; closing one frees a seat."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    limits = 'connections_per_ip = 200\ntrusted_networks = ["127.0.0.42/32"]\n'
+    server = daemon(tmp_path, "d", limits, backends)
+    held = []
+    try:
+        for _ in range(200):
+            s, f, banner = connect(server.port, "127.0.0.41")
+            assert banner.startswith(b"220 "), banner
+            held.append((s, f))
+        s, f, banner = connect(server.port, "127.0.0.41")
+        assert banner == b"421 4.7.0 Too many connections from 127.0.0.41\r\n"
+        assert f.readline() == b""  # closed
+        f.close()
+        s.close()
+        for _ in range(210):
+            s, f, banner = connect(server.port, "127.0.0.42")
+            assert banner.startswith(b"220 "), banner
+            held.append((s, f))
+        s, f = held.pop(0)
+        f.close()
+        s.close()
+        time.sleep(0.3)
+        s, f, banner = connect(server.port, "127.0.0.41")
+        held.append((s, f))
+        assert banner.startswith(b"220 "), banner
+    finally:
+        for s, f in held:
+            f.close()
+            s.close()
+        server.stop()
+
+
+def test_connection_rate_421(tmp_path: Path) -> None:
+    """connection_rate_per_ip = 5/1m: the sixth new connection in the window is refused
+    with 421 4.7.0 and closed; a trusted address is not counted."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    limits = 'connection_rate_per_ip = "5/1m"\ntrusted_networks = ["127.0.0.52/32"]\n'
+    server = daemon(tmp_path, "d", limits, backends)
+    try:
+        banners = []
+        for source in ["127.0.0.51"] * 7 + ["127.0.0.52"] * 7:
+            s, f, banner = connect(server.port, source)
+            banners.append(banner[:9])
+            f.close()
+            s.close()
+        assert banners == [b"220 mx.ex"] * 5 + [b"421 4.7.0"] * 2 + [b"220 mx.ex"] * 7
+        assert "connection_rate_per_ip reached for 127.0.0.51" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_redis_stopped_mid_run_fails_open_then_limits_resume(tmp_path: Path) -> None:
+    """Redis stops: logins keep working and wrong passwords get 535 past the limit (fail
+    open), one warning line for many calls; Redis restarts: the limits apply again."""
+    redis = start_redis(tmp_path / "redis")
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    limits = f'store = "{redis.url}"\nauth_failures_per_ip = "3/1m"\n'
+    server = daemon(tmp_path, "d", limits, backends)
+    try:
+        wait_for_redis_clients(redis, 1)
+        redis.stop()
+        codes = [auth_plain(server.port, "alice", f"down-{i}", "127.0.0.61").code
+                 for i in range(6)]
+        assert auth_plain(server.port, "alice", PASSWORD, "127.0.0.61").code == 235
+        assert codes == [535] * 6
+        log = server.log_text()
+        assert log.count("unavailable") == 1, log[-3000:]
+        assert "Traceback" not in log
+        redis.start()
+        deadline = time.monotonic() + 30
+        while "answering again" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            auth_plain(server.port, "alice", PASSWORD, "127.0.0.62")
+            time.sleep(0.5)
+        codes = [auth_plain(server.port, "alice", f"up-{i}", "127.0.0.63").code
+                 for i in range(5)]
+        assert codes == [535] * 3 + [454] * 2
+    finally:
+        server.stop()
+        redis.stop()
