@@ -16,7 +16,8 @@ PASSWORD = "right-horse-battery"
 
 def users_toml(tmp_path: Path, users: dict[str, str]) -> str:
     path = tmp_path / "users"
-    path.write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in users.items()))
+    path.write_text("".join(f"{u}:{p if p.startswith('{') else '{PLAIN}' + p}\n"
+                            for u, p in users.items()))
     return f'[backends.users]\ntype = "file"\npath = "{path}"\n'
 
 

@@ -67,8 +67,11 @@ def test_brute_force_cut_in_total_across_two_processes_sharing_redis(tmp_path: P
 def test_hanging_up_gets_no_more_guesses_through(tmp_path: Path) -> None:
     """A client that hangs up 100 ms after each AUTH (so never waits for the 1 s
     failure delay) gets exactly as many guesses checked as one that waits for its 535:
-    a failure counts when the credentials are found wrong, not when the reply is sent."""
-    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    a failure counts when the credentials are found wrong, not when the reply is sent.
+    The hash (bcrypt, cost 12: about 270 ms) outlasts the 100 ms, so the client is gone
+    before its verdict is known."""
+    from saslsmtp.passwords import make_hash
+    backends = users_toml(tmp_path, {"alice": make_hash("BLF-CRYPT", PASSWORD, rounds=12)})
     server = daemon(tmp_path, "d", 'auth_failures_per_ip = "5/1m"\n', backends,
                     failure_delay=1.0)
     try:

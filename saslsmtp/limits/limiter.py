@@ -59,6 +59,7 @@ PENALTY_FIRST = 2.0  # seconds after the first failure, doubling (Dovecot's auth
 PENALTY_FORGET = 3600.0  # a penalty is forgotten an hour after the last failure
 REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per address
 MAX_TRACKED_ADDRESSES = 100000
+IN_FLIGHT_TTL = 60.0  # an admitted attempt never judged (client left mid-exchange) lapses
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class AuthGate:
     username: str
     delay: float = 0.0
     trusted: bool = False
+    token: int = 0  # this attempt's place among the in-flight ones (0: none taken)
 
 
 @dataclass
@@ -142,6 +144,11 @@ class Limiter:
         self._holders = itertools.count(1)
         self._secret = secret if secret is not None else os.urandom(32)
         self._penalties: OrderedDict[str, _Penalty] = OrderedDict()
+        # Attempts admitted by the gate whose verdict is not known yet, per counter key:
+        # they count against the limit, so guesses run in parallel (or a client that
+        # hangs up before its verdict) get no more through than guesses one at a time.
+        self._in_flight: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count(1)
 
     # ---- helpers -------------------------------------------------------------------
 
@@ -240,17 +247,56 @@ class Limiter:
         if not checks:
             return succeed(AuthGate(ALLOWED, address, username, delay))
         d = gatherResults([c for _, c in checks])
+        keys = self._flight_keys(address, username)
 
         def decide(results: list[RateResult]) -> AuthGate:
-            for (limit, _), result in zip(checks, results):
-                if not result.allowed:
+            for (limit, _), result, key in zip(checks, results, keys):
+                rate = getattr(s, limit)
+                if not result.allowed or result.used + self._flying(key) > rate.count:
                     log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
                              limit=limit, client=s.client_key(address))
                     return AuthGate(self._deny(limit, 454, "4.7.0",
                                                "Temporary authentication failure"),
                                     address, username, delay)
-            return AuthGate(ALLOWED, address, username, delay)
+            token = next(self._tokens)
+            now = self.clock.seconds()
+            for key in keys:
+                self._in_flight.setdefault(key, {})[token] = now
+            return AuthGate(ALLOWED, address, username, delay, token=token)
         return d.addCallback(decide)
+
+    def _flight_keys(self, address: str, username: str) -> list[str]:
+        """The in-flight counters of an attempt, in the order of ``auth_gate``'s checks."""
+        s = self.settings
+        keys = []
+        if s.auth_failures_per_ip is not None:
+            keys.append("ip:" + s.client_key(address))
+        if s.auth_failures_per_user is not None:
+            keys.append("user:" + user_key(username))
+        return keys
+
+    def _flying(self, key: str) -> int:
+        flights = self._in_flight.get(key)
+        if not flights:
+            return 0
+        now = self.clock.seconds()
+        for token, since in list(flights.items()):
+            if now - since > IN_FLIGHT_TTL:
+                del flights[token]
+        if not flights:
+            del self._in_flight[key]
+        return len(flights)
+
+    def _landed(self, gate: AuthGate) -> None:
+        """The attempt's verdict is known: it no longer counts as in flight."""
+        if not gate.token:
+            return
+        for key in self._flight_keys(gate.address, gate.username):
+            flights = self._in_flight.get(key)
+            if flights is not None:
+                flights.pop(gate.token, None)
+                if not flights:
+                    del self._in_flight[key]
 
     def _fingerprint(self, username: str, password: bytes | str) -> bytes:
         if isinstance(password, str):
@@ -304,6 +350,7 @@ class Limiter:
         """
         s = self.settings
         pending: list[Deferred[Any]] = []
+        self._landed(gate)
         if not gate.trusted:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username
