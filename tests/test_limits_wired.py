@@ -8,12 +8,22 @@ Every wrong password is distinct: repeats of one failed pair count once by desig
 
 from __future__ import annotations
 
+import base64
 import re
+import smtplib
+import subprocess
 import time
 from pathlib import Path
 
+from scramp import ScramClient
+
+from tests.conftest import require_binary
 from tests.limitsnet import PASSWORD, auth_plain, connect, daemon, users_toml, wait_for_log
 from tests.redis import start_redis
+from tests.support import ROOT, free_port, start_daemon, write_config
+from tests.tlsutil import issue_cert, make_ca
+
+FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "saslsmtp.conf"
 
 
 def wait_for_redis_clients(redis, count: int, timeout: float = 10.0) -> None:
@@ -214,3 +224,102 @@ def test_redis_stopped_mid_run_fails_open_then_limits_resume(tmp_path: Path) -> 
     finally:
         server.stop()
         redis.stop()
+
+
+# ---- fail2ban over the daemon's own log ------------------------------------------------
+
+def _session(port: int, source: str) -> smtplib.SMTP:
+    """An SMTP session after STARTTLS (XOAUTH2 is offered only over TLS)."""
+    import ssl
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20, source_address=(source, 0))
+    s.ehlo("client.example")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    s.starttls(context=context)
+    s.ehlo("client.example")
+    return s
+
+
+def _smtplib_auth(port: int, source: str, mechanism: str, user: str, password: str) -> int:
+    with _session(port, source) as s:
+        s.user, s.password = user, password
+        method = getattr(s, "auth_" + mechanism.lower().replace("-", "_"))
+        try:
+            return s.auth(mechanism, method, initial_response_ok=False)[0]
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+
+
+def _scram(port: int, source: str, user: str, password: str) -> int:
+    client = ScramClient(["SCRAM-SHA-256"], user, password)
+    with _session(port, source) as s:
+        code, text = s.docmd("AUTH", "SCRAM-SHA-256 "
+                             + base64.b64encode(client.get_client_first().encode()).decode())
+        assert code == 334, text
+        client.set_server_first(base64.b64decode(text).decode())
+        code, text = s.docmd(base64.b64encode(client.get_client_final().encode()).decode())
+        while code == 334:
+            code, text = s.docmd("")
+        return code
+
+
+def _xoauth2(port: int, source: str, user: str, token: str) -> int:
+    with _session(port, source) as s:
+        blob = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+        code, _ = s.docmd("AUTH", "XOAUTH2 " + blob)
+        while code == 334:
+            code, _ = s.docmd("")
+        return code
+
+
+def test_fail2ban_regex_matches_every_failed_auth_in_the_real_log(tmp_path: Path) -> None:
+    """The daemon's own log (twistd text format), after failed and successful AUTHs with
+    PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-256 and XOAUTH2: the shipped filter finds exactly
+    the failing addresses, once per failure, and no successful one."""
+    from saslsmtp.passwords import make_hash
+    from tests.test_checker_oauth2 import AUDIENCE, ISSUER, claims, ec_key, jwks, signed
+    binary = require_binary("fail2ban-regex", "fail2ban")
+    signer = ec_key("limits-key")
+    (tmp_path / "jwks.json").write_bytes(jwks(signer))
+    user = "alice@example.test"
+    users = tmp_path / "users"
+    users.write_text(f"{user}:{{PLAIN}}{PASSWORD}\n"
+                     f"scram:{make_hash('SCRAM-SHA-256', PASSWORD)}\n")
+    backends = (f'[backends.users]\ntype = "file"\npath = "{users}"\n\n'
+                f'[backends.idp]\ntype = "oauth2"\njwks_file = "{tmp_path / "jwks.json"}"\n'
+                f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n')
+    folder = tmp_path / "d"
+    folder.mkdir()
+    port = free_port()
+    cert = issue_cert(make_ca(tmp_path), tmp_path, names=["127.0.0.1"])
+    config = write_config(folder, backends, backends=["users"],
+                          tls=(cert.chain_path, cert.key_path),
+                          mechanisms=["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "XOAUTH2"],
+                          listen=[f"tcp:{port}:interface=127.0.0.1"], max_failures=100)
+    server = start_daemon(config, port, folder / "daemon.log")
+    good, expired = signed(signer, claims()), signed(signer, claims(time.time() - 7200))
+    attempts = [  # (source, attempt, expected code)
+        ("127.0.3.1", lambda a: auth_plain(port, user, "nope-1", a).code, 535),
+        ("127.0.3.2", lambda a: _smtplib_auth(port, a, "LOGIN", user, "nope-2"), 535),
+        ("127.0.3.3", lambda a: _smtplib_auth(port, a, "CRAM-MD5", user, "nope-3"), 535),
+        ("127.0.3.4", lambda a: _scram(port, a, "scram", "nope-4"), 535),
+        ("127.0.3.5", lambda a: _xoauth2(port, a, user, expired), 535),
+        ("127.0.3.6", lambda a: auth_plain(port, "nobody", "nope-6", a).code, 535),
+        ("127.0.4.1", lambda a: auth_plain(port, user, PASSWORD, a).code, 235),
+        ("127.0.4.2", lambda a: _smtplib_auth(port, a, "LOGIN", user, PASSWORD), 235),
+        ("127.0.4.3", lambda a: _smtplib_auth(port, a, "CRAM-MD5", user, PASSWORD), 235),
+        ("127.0.4.4", lambda a: _scram(port, a, "scram", PASSWORD), 235),
+        ("127.0.4.5", lambda a: _xoauth2(port, a, user, good), 235),
+    ]
+    try:
+        codes = [attempt(source) for source, attempt, _ in attempts]
+        assert codes == [expected for _, _, expected in attempts]
+        wait_for_log(server, "auth failed:", 6)
+        wait_for_log(server, "auth succeeded:", 5)
+    finally:
+        server.stop()
+    run = subprocess.run([binary, "-o", "ip", str(folder / "daemon.log"), str(FILTER)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [f"127.0.3.{i}" for i in range(1, 7)]
