@@ -323,3 +323,63 @@ def test_fail2ban_regex_matches_every_failed_auth_in_the_real_log(tmp_path: Path
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [f"127.0.3.{i}" for i in range(1, 7)]
+
+
+# ---- two hosts behind HAProxy (PROXY v2) -------------------------------------------------
+
+def start_haproxy(folder: Path, port: int, backends: list[int]) -> subprocess.Popen:
+    """haproxy in the foreground: round robin over ``backends``, each sent PROXY v2."""
+    binary = require_binary("haproxy", "haproxy")
+    servers = "".join(f"    server s{i} 127.0.0.1:{p} send-proxy-v2\n"
+                      for i, p in enumerate(backends))
+    config = folder / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 512\n\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n\n"
+        f"frontend submission\n    bind 127.0.0.1:{port}\n    default_backend saslsmtp\n\n"
+        f"backend saslsmtp\n    balance roundrobin\n{servers}")
+    log = open(folder / "haproxy.log", "wb")
+    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
+                               stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            connect(port)[0].close()
+            return process
+        except OSError:
+            assert process.poll() is None, (folder / "haproxy.log").read_text()
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError((folder / "haproxy.log").read_text())
+
+
+def test_brute_force_cut_in_total_behind_haproxy_proxy_v2(tmp_path: Path) -> None:
+    """The same two daemons sharing Redis, behind a real HAProxy sending PROXY v2: the
+    counters see the client's own address (not HAProxy's), so the brute force is cut at
+    five failures in total while another address logs in; after the window it logs in."""
+    redis = start_redis(tmp_path / "redis")
+    backends = users_toml(tmp_path, {"alice": PASSWORD, "bob": PASSWORD})
+    limits = f'store = "{redis.url}"\nauth_failures_per_ip = "5/3s"\n'
+    one = daemon(tmp_path, "one", limits, backends, listen="haproxy:tcp")
+    two = daemon(tmp_path, "two", limits, backends, listen="haproxy:tcp")
+    front = free_port()
+    proxy = start_haproxy(tmp_path, front, [one.port, two.port])
+    try:
+        wait_for_redis_clients(redis, 2)
+        codes = [auth_plain(front, "alice", f"proxied-{i}", "127.0.5.1").code for i in range(8)]
+        other = auth_plain(front, "bob", PASSWORD, "127.0.5.2")
+        assert codes == [535] * 5 + [454] * 3, codes
+        assert other.code == 235
+        logs = one.log_text() + two.log_text()
+        assert failures_logged(logs, "127.0.5.1") == 5
+        assert failures_logged(one.log_text(), "127.0.5.1") in (2, 3)  # both hosts served
+        time.sleep(3.2)
+        assert auth_plain(front, "alice", PASSWORD, "127.0.5.1").code == 235
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        one.stop()
+        two.stop()
+        redis.stop()
