@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from scramp import ScramClient
 
 from tests.conftest import require_binary
@@ -383,3 +384,63 @@ def test_brute_force_cut_in_total_behind_haproxy_proxy_v2(tmp_path: Path) -> Non
         one.stop()
         two.stop()
         redis.stop()
+
+
+# ---- the script's rate() on both stores ------------------------------------------------
+
+PIN_SCRIPT = '''
+from saslsmtp.script import Accept, Defer, Reject, Reply
+
+MECHANISMS = {"X-PIN"}
+
+async def auth(arguments, context):
+    if arguments["state"] == 0:
+        return Reply(b"PIN?")
+    if not await arguments["rate"]("x-pin", arguments["remote_ip"], 3, 60):
+        return Defer("Too many PIN attempts")
+    user, _, pin = arguments["response"].decode().partition(":")
+    return Accept(username=user) if pin == "4711" else Reject()
+'''
+
+
+def _pin(port: int, source: str, pin: str) -> int:
+    s, f, banner = connect(port, source)
+    try:
+        s.sendall(b"EHLO client.example\r\nAUTH X-PIN\r\n")
+        line = f.readline()
+        while line[3:4] == b"-" or line.startswith(b"250 "):
+            line = f.readline()
+        assert line.startswith(b"334 "), line
+        s.sendall(base64.b64encode(f"alice:{pin}".encode()) + b"\r\n")
+        return int(f.readline()[:3])
+    finally:
+        f.close()
+        s.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_script_rate_limits_a_custom_mechanism(tmp_path: Path, store: str) -> None:
+    """An AUTH script serving X-PIN allows three tries per address a minute with
+    ``arguments["rate"]``, on either store; another address is unaffected."""
+    redis = start_redis(tmp_path / "redis") if store == "redis" else None
+    script = tmp_path / "pin.py"
+    script.write_text(PIN_SCRIPT)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    port = free_port()
+    config = write_config(folder, "", backends=[], mechanisms=["X-PIN"], script=str(script),
+                          listen=[f"tcp:{port}:interface=127.0.0.1"], max_failures=100,
+                          extra=f'[limits]\nstore = "{redis.url if redis else "memory"}"\n')
+    server = start_daemon(config, port, folder / "daemon.log")
+    try:
+        if redis is not None:
+            wait_for_redis_clients(redis, 1)
+        codes = [_pin(port, "127.0.6.1", pin) for pin in ("0000", "1111", "4711", "4711")]
+        assert codes == [535, 535, 235, 454]
+        assert _pin(port, "127.0.6.2", "4711") == 235
+        if redis is not None:
+            assert redis.command("KEYS", "saslsmtp:script:*").count(b"127.0.6.") == 2
+    finally:
+        server.stop()
+        if redis is not None:
+            redis.stop()
