@@ -35,6 +35,7 @@ A success clears the penalty of its own address.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -115,6 +116,7 @@ class _Penalty:
     failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
 
 
+@functools.lru_cache(maxsize=4096)  # a session asks for the same name several times
 def user_key(username: str) -> str:
     """A store key part for a username: case-folded (so case variants share one counter),
     hashed when long or containing anything but printable non-space characters."""
@@ -129,6 +131,14 @@ def _raw_key(text: str) -> str:
     if len(text) <= 128 and text.isprintable() and ":" not in text and " " not in text:
         return "r:" + text
     return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _result_now(d: "Deferred[Any]") -> Any:
+    """The result of a Deferred that has already fired successfully, else ``None``
+    (and ``d`` is left as it was)."""
+    out: list[Any] = []
+    d.addBoth(lambda r: out.append(r) or r)
+    return out[0] if out and not isinstance(out[0], Failure) else None
 
 
 class Limiter:
@@ -200,6 +210,9 @@ class Limiter:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
         d.addCallback(rate_checked)
+        fired = _result_now(d)
+        if fired is not None:  # the memory store answers at once: no extra Deferred
+            return succeed(fired)
         # Cancelled (the connection went away while the store answered): a slot taken
         # after all is given back at once, so nothing leaks.
         out: Deferred[Admission] = Deferred()
@@ -246,7 +259,6 @@ class Limiter:
                 "auth failure check")))
         if not checks:
             return succeed(AuthGate(ALLOWED, address, username, delay))
-        d = gatherResults([c for _, c in checks])
         keys = self._flight_keys(address, username)
 
         def decide(results: list[RateResult]) -> AuthGate:
@@ -263,7 +275,10 @@ class Limiter:
             for key in keys:
                 self._in_flight.setdefault(key, {})[token] = now
             return AuthGate(ALLOWED, address, username, delay, token=token)
-        return d.addCallback(decide)
+        now = [_result_now(c) for _, c in checks]
+        if all(isinstance(r, RateResult) for r in now):  # the memory store: no DeferredList
+            return succeed(decide(now))  # type: ignore[arg-type]
+        return gatherResults([c for _, c in checks]).addCallback(decide)
 
     def _flight_keys(self, address: str, username: str) -> list[str]:
         """The in-flight counters of an attempt, in the order of ``auth_gate``'s checks."""
