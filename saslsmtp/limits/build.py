@@ -94,6 +94,17 @@ class LateStore:
     def release(self, key: str, holder: str) -> "Deferred[None]":
         return self.store.release(key, holder) if self.store is not None else succeed(None)
 
+    def peek_many(self, items: list[tuple[str, Rate]]) -> "Deferred[list[RateResult]]":
+        if self.store is None:
+            return succeed([ALLOW] * len(items))
+        return self.store.peek_many(items)  # type: ignore[attr-defined]
+
+    def admit(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+              holder: str) -> "Deferred[tuple[bool, bool]]":
+        if self.store is None:
+            return succeed((True, True))
+        return self.store.admit(rate_key, rate, slot_key, limit, holder)  # type: ignore[attr-defined]
+
 
 def service_controls(limits: LimitsSettings, cache: AuthCacheSettings, reactor: Any
                      ) -> tuple[AbuseControls, LateStore | None]:

@@ -182,6 +182,9 @@ class Limiter:
             return succeed(Admission(ALLOWED))
         key = s.client_key(address)
         refused = self._deny_connection
+        admit = getattr(self.store, "admit", None)
+        if admit is not None:  # one store call for both (Redis)
+            return self._admit_at_once(admit, key)
 
         def rate_checked(result: RateResult) -> "Deferred[Admission] | Admission":
             if not result.allowed:
@@ -225,6 +228,38 @@ class Limiter:
         d.addCallback(deliver)
         return out
 
+    def _admit_at_once(self, admit: Callable[..., Any], key: str) -> "Deferred[Admission]":
+        s = self.settings
+        holder = f"{self._holder_prefix}:{next(self._holders)}"
+        slot = "conn:" + key
+        d = admit("connrate:" + key, s.connection_rate_per_ip, slot, s.connections_per_ip,
+                  holder)
+
+        def decided(answer: tuple[bool, bool]) -> Admission:
+            rate_ok, seated = answer
+            if not rate_ok:
+                return Admission(self._deny_connection("connection_rate_per_ip", key))
+            if not seated:
+                return Admission(self._deny_connection("connections_per_ip", key))
+            if s.connections_per_ip is None:
+                return Admission(ALLOWED)
+            return Admission(ALLOWED, lambda: self.store.release(slot, holder)
+                             .addErrback(lambda f: None))
+
+        def failed(f: Failure) -> Admission:
+            log.failure("limits: connection check failed; allowing", f)
+            return Admission(ALLOWED)
+        d.addCallbacks(decided, failed)
+        out: Deferred[Admission] = Deferred()
+
+        def deliver(admission: Admission) -> None:
+            if out.called:  # cancelled meanwhile: give the slot back at once
+                admission.release()
+            else:
+                out.callback(admission)
+        d.addCallback(deliver)
+        return out
+
     def _deny_connection(self, limit: str, key: str) -> Verdict:
         log.info("limits: {limit} reached for {client}", limit=limit, client=key)
         return self._deny(limit, 421, "4.7.0", f"Too many connections from {key}")
@@ -248,21 +283,14 @@ class Limiter:
         if s.is_trusted(address):
             return succeed(AuthGate(ALLOWED, address, username, trusted=True))
         delay = self.penalty(address)
-        checks: list[tuple[str, Deferred[RateResult]]] = []
-        if s.auth_failures_per_ip is not None:
-            checks.append(("auth_failures_per_ip", self._safe(self.store.peek(
-                "authfail:ip:" + s.client_key(address), s.auth_failures_per_ip),
-                "auth failure check")))
-        if s.auth_failures_per_user is not None:
-            checks.append(("auth_failures_per_user", self._safe(self.store.peek(
-                "authfail:user:" + user_key(username), s.auth_failures_per_user),
-                "auth failure check")))
-        if not checks:
+        limits = [name for name in ("auth_failures_per_ip", "auth_failures_per_user")
+                  if getattr(s, name) is not None]
+        if not limits:
             return succeed(AuthGate(ALLOWED, address, username, delay))
         keys = self._flight_keys(address, username)
 
         def decide(results: list[RateResult]) -> AuthGate:
-            for (limit, _), result, key in zip(checks, results, keys):
+            for limit, result, key in zip(limits, results, keys):
                 rate = getattr(s, limit)
                 if not result.allowed or result.used + self._flying(key) > rate.count:
                     log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
@@ -275,10 +303,33 @@ class Limiter:
             for key in keys:
                 self._in_flight.setdefault(key, {})[token] = now
             return AuthGate(ALLOWED, address, username, delay, token=token)
-        now = [_result_now(c) for _, c in checks]
+        counters = [(key, getattr(s, limit))
+                    for limit, key in zip(limits, self._gate_keys(address, username))]
+        peek_many = getattr(self.store, "peek_many", None)
+        if peek_many is not None and len(counters) > 1:  # one store call for both (Redis)
+            return self._safe_many(peek_many(counters), len(counters)).addCallback(decide)
+        checks = [self._safe(self.store.peek(key, rate), "auth failure check")
+                  for key, rate in counters]
+        now = [_result_now(c) for c in checks]
         if all(isinstance(r, RateResult) for r in now):  # the memory store: no DeferredList
-            return succeed(decide(now))  # type: ignore[arg-type]
-        return gatherResults([c for _, c in checks]).addCallback(decide)
+            return succeed(decide(now))
+        return gatherResults(checks).addCallback(decide)
+
+    def _gate_keys(self, address: str, username: str) -> list[str]:
+        """The store counters ``auth_gate`` peeks at, in order."""
+        s = self.settings
+        keys = []
+        if s.auth_failures_per_ip is not None:
+            keys.append("authfail:ip:" + s.client_key(address))
+        if s.auth_failures_per_user is not None:
+            keys.append("authfail:user:" + user_key(username))
+        return keys
+
+    def _safe_many(self, d: "Deferred[list[RateResult]]", n: int) -> "Deferred[list[RateResult]]":
+        def failed(f: Failure) -> list[RateResult]:
+            log.failure("limits: auth failure check failed; allowing", f)
+            return [ALLOW] * n
+        return d.addErrback(failed)
 
     def _flight_keys(self, address: str, username: str) -> list[str]:
         """The in-flight counters of an attempt, in the order of ``auth_gate``'s checks."""
