@@ -152,10 +152,10 @@ def test_commented_limits_and_cache_blocks_of_the_example_config_parse() -> None
     etc = Path(__file__).resolve().parent.parent / "etc" / "saslsmtp.toml"
     text = etc.read_text()
     head, marker, rest = text.partition("# ---- Abuse limits")
-    block, _, tail = rest.partition("# ---- More backends")
+    block, more, tail = rest.partition("# ---- More backends")
     lines = [m.group(1) if (m := re.match(r"^# (\[[a-z.]+\]|[a-z_0-9]+ = .*)$", line)) else line
              for line in block.splitlines()]
-    config = parse_config(head + marker + "\n".join(lines) + "\n" + tail, str(etc),
+    config = parse_config(head + marker + "\n".join(lines) + "\n" + more + tail, str(etc),
                           known_mechanisms=BUILTIN_NAMES)
     limits, cache = config.section("limits"), config.section("auth.cache")
     assert limits.store == "memory" and limits.connections_per_ip == 20
