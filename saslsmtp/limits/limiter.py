@@ -137,7 +137,11 @@ def _result_now(d: "Deferred[Any]") -> Any:
     """The result of a Deferred that has already fired successfully, else ``None``
     (and ``d`` is left as it was)."""
     out: list[Any] = []
-    d.addBoth(lambda r: out.append(r) or r)
+
+    def keep(result: Any) -> Any:
+        out.append(result)
+        return result
+    d.addBoth(keep)
     return out[0] if out and not isinstance(out[0], Failure) else None
 
 
