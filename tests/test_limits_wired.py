@@ -444,3 +444,33 @@ def test_script_rate_limits_a_custom_mechanism(tmp_path: Path, store: str) -> No
         server.stop()
         if redis is not None:
             redis.stop()
+
+
+def test_connection_limit_counts_the_address_in_the_proxy_header(tmp_path: Path) -> None:
+    """On a haproxy: listener the client is the PROXY header's address, known with the
+    first bytes: the third connection claiming 203.0.113.9 gets 421 4.7.0 instead of
+    its EHLO reply and is closed, while another claimed address is served."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", "connections_per_ip = 2\n", backends, listen="haproxy:tcp")
+    held = []
+
+    def proxied(client: str) -> bytes:
+        s, f, banner = connect(server.port)
+        held.append((s, f))
+        s.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 587\r\nEHLO c.example\r\n".encode())
+        line = f.readline()
+        while line[3:4] == b"-":
+            line = f.readline()
+        return line
+
+    try:
+        assert proxied("203.0.113.9").startswith(b"250 ")
+        assert proxied("203.0.113.9").startswith(b"250 ")
+        assert proxied("203.0.113.9") == b"421 4.7.0 Too many connections from 203.0.113.9\r\n"
+        assert held[-1][1].readline() == b""
+        assert proxied("203.0.113.10").startswith(b"250 ")
+    finally:
+        for s, f in held:
+            f.close()
+            s.close()
+        server.stop()
