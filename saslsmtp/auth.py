@@ -57,6 +57,8 @@ class AuthGuard(Protocol):
 
     def judged(self, ok: bool | None, username: str | None = None) -> "defer.Deferred[None]": ...
 
+    def abandon(self) -> None: ...
+
 
 class PasswordScript(Protocol):
     """Decides ``Verify`` itself (the AUTH script): fires with ``Accept``, ``Reject`` or
@@ -106,6 +108,7 @@ class AuthExchange:
         self.max_steps = max_steps
         self.challenges = 0
         self.cancelled = False
+        self.running = False  # a step (maybe a credential check) is in progress
         self.mechanism: AnyMechanism = spec.factory(session)
 
     def start(self, initial: bytes | None) -> "defer.Deferred[StepResult]":
@@ -119,21 +122,31 @@ class AuthExchange:
         return self._step(lambda: mechanism.receive(response))
 
     def cancel(self) -> None:
-        """The connection went away: a login that still completes is logged out at once."""
+        """The exchange ended early (the connection went away, the client aborted): a
+        login that still completes is logged out at once."""
         self.cancelled = True
+        if self.guard is not None and not self.running:
+            # A check still running keeps its place until its verdict counts (hang-ups).
+            self.guard.abandon()
 
     def _step(self, call: Callable[[], Any]) -> "defer.Deferred[StepResult]":
+        self.running = True
         d = defer.maybeDeferred(call)
         d.addCallback(self._act)
         d.addErrback(self._failed)
         if self.guard is None:
             return d
+        d.addBoth(self._step_done)
         # With limits, a verdict is counted even if the client hangs up before it is
         # known: cancelling the answer does not cancel the check (hang-up trick).
         d.addCallback(self._judge)
         shielded: defer.Deferred[StepResult] = defer.Deferred(lambda _: None)
         d.addBoth(lambda result: None if shielded.called else shielded.callback(result))
         return shielded
+
+    def _step_done(self, result: Any) -> Any:
+        self.running = False
+        return result
 
     def _judge(self, result: StepResult) -> "StepResult | defer.Deferred[StepResult]":
         """Tell the guard the verdict now; answer after its penalty delay."""

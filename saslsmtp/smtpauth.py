@@ -129,18 +129,24 @@ class SmtpAuth:
     def line(self, line: bytes) -> None:
         """A client line while an exchange is open: ``*`` aborts, else base64."""
         if line is OVERLONG or len(line) > AUTH_LINE_LIMIT:
-            self.exchange = None
+            self._drop()
             return self.host.error(REPLIES["auth_line_too_long"])
         if line == b"*":
-            self.exchange = None
+            self._drop()
             return self.host.send(REPLIES["auth_aborted"])
         try:
             response = decode_response(line)
         except DecodeError:
-            self.exchange = None
+            self._drop()
             return self.host.error(REPLIES["auth_bad_base64"])
         assert self.exchange is not None
         self.host.busy_until(self.exchange.receive(response).addCallback(self.answer))
+
+    def _drop(self) -> None:
+        """The client ended the exchange without a verdict."""
+        if self.exchange is not None:
+            self.exchange.cancel()
+        self.exchange = None
 
     def answer(self, result: StepResult) -> "defer.Deferred[None] | None":
         """Answer one step: the single place an AUTH outcome becomes a reply."""

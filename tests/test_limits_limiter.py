@@ -458,3 +458,13 @@ def test_attempts_in_flight_count_against_the_limit():
     assert not result(limiter.auth_gate("192.0.2.1", "u4")).verdict.allowed
     clock.advance(61)  # second and fourth were never judged: they lapse
     assert result(limiter.auth_gate("192.0.2.1", "u5")).verdict.allowed
+
+
+def test_an_abandoned_attempt_stops_counting_at_once():
+    """An exchange the client aborts (``*`` after SCRAM's first step) gives its place back."""
+    clock = Clock()
+    limiter = Limiter(settings(auth_failures_per_user="1/10m"), MemoryStore(clock), clock)
+    first = result(limiter.auth_gate("192.0.2.1", "victim"))
+    assert not result(limiter.auth_gate("192.0.2.2", "victim")).verdict.allowed
+    limiter.abandoned(first)
+    assert result(limiter.auth_gate("192.0.2.3", "victim")).verdict.allowed

@@ -357,6 +357,11 @@ class Limiter:
             del self._in_flight[key]
         return len(flights)
 
+    def abandoned(self, gate: AuthGate) -> None:
+        """The attempt ended without a verdict (the client aborted or left): it stops
+        counting as in flight at once."""
+        self._landed(gate)
+
     def _landed(self, gate: AuthGate) -> None:
         """The attempt's verdict is known: it no longer counts as in flight."""
         if not gate.token:

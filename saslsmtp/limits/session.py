@@ -60,6 +60,11 @@ class AuthAttempt:
             return GATE_REFUSAL if self.refused else None
         return self.limiter.auth_gate(self.address, username).addCallback(decided)
 
+    def abandon(self) -> None:
+        """The exchange ended without a verdict (``*``, a bad line, the client left)."""
+        if self.gate is not None:
+            self.limiter.abandoned(self.gate)
+
     def judged(self, ok: bool | None, username: str | None = None) -> "Deferred[None]":
         """The verdict is known: ``True`` (235), ``False`` (535), ``None`` (454, abort).
 
