@@ -31,7 +31,7 @@ PASSWORD = "fair-share-password"
 
 #: Runs the daemon with the hashing pool replaced by the plain FIFO ThreadPoolRunner.
 FIFO = ("import saslsmtp.service as s, saslsmtp.threads as t; "
-        "s.FairThreadPoolRunner = lambda reactor, name, n: t.ThreadPoolRunner(reactor, name, n); "
+        "s.FairThreadPoolRunner = lambda reactor, name, n, **kw: t.ThreadPoolRunner(reactor, name, n); "
         "from twisted.scripts.twistd import run; run()")
 FAIR = "from twisted.scripts.twistd import run; run()"
 

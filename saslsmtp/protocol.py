@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
@@ -425,7 +426,6 @@ def _limited(verdict: Any) -> SMTPReply | None:
 
 def _proxied(transport: Any) -> bool:
     """Whether the client address comes from a PROXY header (read after connectionMade)."""
-    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
     return isinstance(transport, HAProxyProtocolWrapper)
 
 

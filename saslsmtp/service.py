@@ -28,7 +28,7 @@ from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.limits.build import AbuseControls, service_controls
-from saslsmtp.limits.fairpool import FairThreadPoolRunner
+from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
@@ -99,7 +99,8 @@ def wire(config: Config, reactor: Any) -> Wiring:
         return runner
 
     # Hashing is fair across clients: one address cannot hold every thread.
-    hash_runner = FairThreadPoolRunner(reactor, "saslsmtp-hash", config.auth.hash_threads)
+    hash_runner = FairThreadPoolRunner(reactor, "saslsmtp-hash", config.auth.hash_threads,
+                                       share=cpu_share(config.auth.hash_threads))
     runners.append(hash_runner)
     controls, late_store = service_controls(config.section("limits"),
                                             config.section("auth.cache"), reactor)

@@ -19,6 +19,9 @@ from twisted.logger import Logger
 
 from saslsmtp.limits.authcache import AuthCache, CachingChecker
 from saslsmtp.limits.limiter import Limiter
+# Imported now, not when the store is built: that happens at service start, after the
+# daemon may have dropped privileges to a user who cannot read the packages.
+from saslsmtp.limits.redisstore import RedisStore
 from saslsmtp.limits.settings import AuthCacheSettings, LimitsSettings, Rate
 from saslsmtp.limits.store import ALLOW, MemoryStore, RateResult, RateStore
 
@@ -49,7 +52,6 @@ def make_store(settings: LimitsSettings, reactor: Any) -> RateStore:
     """``MemoryStore`` for ``"memory"``, else a ``RedisStore`` for the URL."""
     if settings.store == "memory":
         return MemoryStore(reactor)
-    from saslsmtp.limits.redisstore import RedisStore
     return RedisStore(settings.store, reactor)
 
 
