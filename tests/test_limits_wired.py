@@ -474,3 +474,28 @@ def test_connection_limit_counts_the_address_in_the_proxy_header(tmp_path: Path)
             f.close()
             s.close()
         server.stop()
+
+
+
+def test_messages_and_recipients_per_user_452(tmp_path: Path) -> None:
+    """recipients_per_user = 3/1m: the fourth RCPT of a user gets 452 4.7.1;
+    messages_per_user = 2/1m: after two accepted messages, MAIL gets 452 4.7.1."""
+    backends = users_toml(tmp_path, {"alice": PASSWORD, "bob": PASSWORD})
+    limits = 'messages_per_user = "2/1m"\nrecipients_per_user = "3/1m"\n'
+    server = daemon(tmp_path, "d", limits, backends)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as s:
+            s.login("alice", PASSWORD)
+            assert s.mail("alice@example.test")[0] == 250
+            replies = [s.rcpt(f"r{i}@example.test") for i in range(4)]
+            assert [code for code, _ in replies] == [250, 250, 250, 452]
+            assert replies[3][1] == b"4.7.1 Too many recipients, try again later"
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as s:
+            s.login("bob", PASSWORD)
+            for i in range(2):
+                assert s.sendmail("bob@example.test", ["x@example.test"],
+                                  f"Subject: {i}\r\n\r\nhi\r\n") == {}
+            assert s.mail("bob@example.test") == (
+                452, b"4.7.1 Too many messages, try again later")
+    finally:
+        server.stop()
