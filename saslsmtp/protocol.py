@@ -425,8 +425,13 @@ def _limited(verdict: Any) -> SMTPReply | None:
 
 
 def _proxied(transport: Any) -> bool:
-    """Whether the client address comes from a PROXY header (read after connectionMade)."""
-    return isinstance(transport, HAProxyProtocolWrapper)
+    """Whether the client address comes from a PROXY header (read after connectionMade),
+    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
+    for _ in range(3):
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def _address(addr: Any) -> tuple[str, int]:

@@ -30,7 +30,28 @@ def daemon(tmp_path: Path, name: str, limits: str, backends: str, *, listen: str
     config = write_config(folder, backends, listen=[f"{listen}:{port}:interface=127.0.0.1"],
                           failure_delay=failure_delay, max_failures=100,
                           extra="[limits]\n" + limits + "\n" + extra)
+    if listen == "haproxy:ssl":  # says nothing before a PROXY header and a TLS handshake
+        return _start_silent(config, port, folder / "daemon.log")
     return start_daemon(config, port, folder / "daemon.log")
+
+
+def _start_silent(config: Path, port: int, log: Path) -> Daemon:
+    """Start a daemon whose listener never greets a bare connection: wait for its log."""
+    import os
+    import subprocess
+
+    from tests.support import ROOT, twistd_command
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        process = subprocess.Popen(twistd_command(config), cwd=config.parent, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon(process, port, log)
+    try:
+        wait_for_log(daemon, "saslsmtp ready", timeout=20)
+    except AssertionError:
+        daemon.stop()
+        raise
+    return daemon
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import re
 import smtplib
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -498,4 +499,43 @@ def test_messages_and_recipients_per_user_452(tmp_path: Path) -> None:
             assert s.mail("bob@example.test") == (
                 452, b"4.7.1 Too many messages, try again later")
     finally:
+        server.stop()
+
+
+def test_connection_limit_behind_proxy_with_implicit_tls(tmp_path: Path) -> None:
+    """haproxy:ssl: the TLS layer sits on the PROXY wrapper; the limit still counts the
+    header's address (not the proxy's): the second connection claiming one address is
+    refused after the handshake, another address is served."""
+    import ssl
+    cert = issue_cert(make_ca(tmp_path), tmp_path, names=["127.0.0.1"])
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", "connections_per_ip = 1\n", backends, listen="haproxy:ssl",
+                    extra=f'[tls]\ncertificate = "{cert.chain_path}"\n'
+                          f'private_key = "{cert.key_path}"\n')
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    held = []
+
+    def proxied(client: str) -> bytes:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        raw.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 465\r\n".encode())
+        s = context.wrap_socket(raw)
+        f = s.makefile("rb")
+        held.append((s, f))
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"EHLO c.example\r\n")
+        line = f.readline()
+        while line[3:4] == b"-":
+            line = f.readline()
+        return line
+
+    try:
+        assert proxied("203.0.113.20").startswith(b"250 ")
+        assert proxied("203.0.113.20") == b"421 4.7.0 Too many connections from 203.0.113.20\r\n"
+        assert proxied("203.0.113.21").startswith(b"250 ")
+    finally:
+        for s, f in held:
+            f.close()
+            s.close()
         server.stop()
