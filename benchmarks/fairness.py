@@ -126,7 +126,7 @@ def write_config(folder: Path, port: int) -> Path:
     from saslsmtp.passwords import make_hash
     users = folder / "users"
     users.write_text(f"victim:{make_hash('BLF-CRYPT', 'unguessable', rounds=10)}\n"
-                     f"good:{make_hash('BLF-CRYPT', PASSWORD, rounds=10)}\n")
+                     f"good:{make_hash('BLF-CRYPT', PASSWORD, rounds=8)}\n")
     config = folder / "saslsmtp.toml"
     config.write_text(f"""[server]
 listen = ["tcp:{port}:interface=127.0.0.1"]
@@ -191,7 +191,8 @@ def main() -> int:
     lines = [f"# Fair hashing under a bcrypt hammer ({now:%Y-%m-%d %H:%M} UTC)", "",
              "`python3 benchmarks/fairness.py`: 16 connections from 127.0.8.1 send wrong"
              " passwords for a bcrypt (cost 10) user without pause (limits off,"
-             " failure_delay 0); meanwhile 30 logins of another bcrypt user from 127.0.8.2 and"
+             " failure_delay 0); meanwhile 30 logins of another bcrypt user (cost 8: what is"
+             " measured is the wait for a thread, not the user's own hash) from 127.0.8.2 and"
              " 100 NOOPs (20 ms apart) from 127.0.8.3. hash_threads = 4, shared 2-core"
              " machine.", "",
              "| pool | login p50 ms | login p95 ms | NOOP p95 ms | attacker checks |",
