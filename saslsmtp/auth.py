@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.limits.fairpool import client_key_set
 from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
@@ -43,6 +44,20 @@ log = Logger(namespace="saslsmtp.auth")
 SecretRequest = Union[Lookup, ValidateToken]
 Resolver = Callable[[SecretRequest, Session], "defer.Deferred[Secret | None]"]
 """Answers ``Lookup`` and ``ValidateToken`` from the backends (``saslsmtp.service``)."""
+
+
+class AuthGuard(Protocol):
+    """The abuse limits of one exchange (``saslsmtp.limits.session.AuthAttempt``): asked
+    once the username is known, told the verdict the moment it is known."""
+
+    client_key: str
+
+    def admit(self, username: str, password: str | bytes | None = None
+              ) -> "defer.Deferred[Defer | None]": ...
+
+    def judged(self, ok: bool | None, username: str | None = None) -> "defer.Deferred[None]": ...
+
+    def abandon(self) -> None: ...
 
 
 class PasswordScript(Protocol):
@@ -81,8 +96,10 @@ class AuthExchange:
 
     def __init__(self, spec: MechanismSpec, session: Session, *, portal: Any,
                  resolver: Resolver = no_resolver, script: PasswordScript | None = None,
-                 blocking: Any = None, max_steps: int = 16) -> None:
+                 blocking: Any = None, max_steps: int = 16,
+                 guard: AuthGuard | None = None) -> None:
         self.spec = spec
+        self.guard = guard
         self.session = session
         self.portal = portal
         self.resolver = resolver
@@ -91,6 +108,7 @@ class AuthExchange:
         self.max_steps = max_steps
         self.challenges = 0
         self.cancelled = False
+        self.running = False  # a step (maybe a credential check) is in progress
         self.mechanism: AnyMechanism = spec.factory(session)
 
     def start(self, initial: bytes | None) -> "defer.Deferred[StepResult]":
@@ -104,13 +122,54 @@ class AuthExchange:
         return self._step(lambda: mechanism.receive(response))
 
     def cancel(self) -> None:
-        """The connection went away: a login that still completes is logged out at once."""
+        """The exchange ended early (the connection went away, the client aborted): a
+        login that still completes is logged out at once."""
         self.cancelled = True
+        if self.guard is not None and not self.running:
+            # A check still running keeps its place until its verdict counts (hang-ups).
+            self.guard.abandon()
 
     def _step(self, call: Callable[[], Any]) -> "defer.Deferred[StepResult]":
+        self.running = True
         d = defer.maybeDeferred(call)
         d.addCallback(self._act)
-        return d.addErrback(self._failed)
+        d.addErrback(self._failed)
+        if self.guard is None:
+            return d
+        d.addBoth(self._step_done)
+        # With limits, a verdict is counted even if the client hangs up before it is
+        # known: cancelling the answer does not cancel the check (hang-up trick).
+        d.addCallback(self._judge)
+        shielded: defer.Deferred[StepResult] = defer.Deferred(lambda _: None)
+        d.addBoth(lambda result: None if shielded.called else shielded.callback(result))
+        return shielded
+
+    def _step_done(self, result: Any) -> Any:
+        self.running = False
+        return result
+
+    def _judge(self, result: StepResult) -> "StepResult | defer.Deferred[StepResult]":
+        """Tell the guard the verdict now; answer after its penalty delay."""
+        assert self.guard is not None
+        if isinstance(result, Reply):
+            return result
+        ok = True if isinstance(result, LoggedIn) else False if isinstance(result, Reject) else None
+        username = result.username if isinstance(result, LoggedIn) else None
+
+        def answer(_: Any) -> StepResult:
+            if self.cancelled and isinstance(result, LoggedIn):
+                result.logout()
+                return Defer()
+            return result
+        return self.guard.judged(ok, username).addCallback(answer)
+
+    def _admitted(self, username: str, password: str | None,
+                  then: Callable[[], Any]) -> Any:
+        """``then()`` unless the guard refuses ``username`` before anything is checked."""
+        if self.guard is None:
+            return then()
+        return self.guard.admit(username, password).addCallback(
+            lambda refusal: refusal if refusal is not None else then())
 
     def _act(self, outcome: Outcome) -> "StepResult | defer.Deferred[StepResult]":
         match outcome:
@@ -126,14 +185,22 @@ class AuthExchange:
             case Accept():
                 return self._accepted(outcome)
             case Verify():
-                if self.script is not None:
-                    return self.script.verify_password(outcome, self.session).addCallback(self._act)
-                credentials = PasswordCredentials.from_request(outcome, self.session)
-                return self._login(credentials, outcome.username, None)
+                return self._admitted(outcome.username, outcome.password,
+                                      lambda: self._verify(outcome))
             case Lookup() | ValidateToken():
-                return self._resolve(outcome)
+                return self._admitted(outcome.username, None, lambda: self._resolve(outcome))
             case _:
                 assert_never(outcome)
+
+    def _verify(self, request: Verify) -> "defer.Deferred[StepResult]":
+        if self.script is not None:
+            with client_key_set(self._client_key()):
+                return self.script.verify_password(request, self.session).addCallback(self._act)
+        credentials = PasswordCredentials.from_request(request, self.session)
+        return self._login(credentials, request.username, None)
+
+    def _client_key(self) -> str:
+        return self.guard.client_key if self.guard is not None else ""
 
     def _accepted(self, accept: Accept) -> "StepResult | defer.Deferred[StepResult]":
         username = accept.username
@@ -146,16 +213,23 @@ class AuthExchange:
 
     def _resolve(self, request: SecretRequest) -> "defer.Deferred[StepResult]":
         mechanism = self.mechanism
-        d: defer.Deferred[Any] = self.resolver(request, self.session)
+        key = self._client_key()
+        with client_key_set(key):
+            d: defer.Deferred[Any] = self.resolver(request, self.session)
         if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
             # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
-            d.addCallback(lambda secret: self.blocking.run(mechanism.prepare_secret, secret)
-                          if isinstance(secret, Secret) and secret.kind == "plaintext" else secret)
+            def prepare(secret: Any) -> Any:
+                if not (isinstance(secret, Secret) and secret.kind == "plaintext"):
+                    return secret
+                with client_key_set(key):  # the fair pool's key for this client
+                    return self.blocking.run(mechanism.prepare_secret, secret)
+            d.addCallback(prepare)
         d.addCallback(mechanism.resume)
         return d.addCallback(self._act)
 
     def _login(self, credentials: Any, username: str, text: str | None) -> "defer.Deferred[StepResult]":
-        d = self.portal.login(credentials, None, IMessageDelivery, IMessageDeliveryFactory)
+        with client_key_set(self._client_key()):
+            d = self.portal.login(credentials, None, IMessageDelivery, IMessageDeliveryFactory)
 
         def logged_in(login: tuple) -> StepResult:
             interface, avatar, logout = login

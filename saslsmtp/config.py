@@ -27,6 +27,7 @@ from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_deli
 from saslsmtp.senders import SubmissionOptions, parse_submission
 
 from saslsmtp.opsconfig import SERVER_KEYS, OpsConfig, check_identity, parse_ops
+from saslsmtp.limits.settings import parse_auth_cache, parse_limits
 
 # --------------------------------------------------------------------------
 # Errors
@@ -263,7 +264,18 @@ SECTIONS: dict[str, Section] = {
     "auth": Section(AuthConfig),
     "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base)),
     "submission": Section(parser=parse_submission),
+    "limits": Section(parser=lambda table, problem, base: _limits_table(parse_limits, "limits", table, problem)),
+    "auth.cache": Section(parser=lambda table, problem, base: _limits_table(parse_auth_cache, "auth.cache", table, problem)),
 }
+
+
+def _limits_table(parse: Callable[..., Any], name: str, table: Any,
+                  problem: Callable[[str, str], None]) -> Any:
+    """``[limits]`` / ``[auth.cache]`` (``saslsmtp.limits.settings``)."""
+    if not isinstance(table, dict):
+        problem(name, "must be a table")
+        return None
+    return parse(table, problem)
 
 
 # --------------------------------------------------------------------------

@@ -30,11 +30,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
 from saslsmtp.events import NoSessionEvents, SessionEvents
+from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.replies import REPLIES, SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -88,7 +90,7 @@ class SubmissionESMTP(smtp.ESMTP):
                  script: PasswordScript | None = None,
                  blocking: Any = None, client_identity: str = "cn",
                  events: SessionEvents | None = None,
-                 sender_check: SenderCheck | None = None) -> None:
+                 sender_check: SenderCheck | None = None, limiter: Any = None) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self.events = events if events is not None else NoSessionEvents()  # metrics, session log
         self.portal = portal
@@ -110,15 +112,21 @@ class SubmissionESMTP(smtp.ESMTP):
         self._ehlo_done = False
         self._helo_name = ""
         self._errors = 0
+        # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
+        # once it has sent something, so admission waits for the first data there.
+        self.limits = ConnectionLimits(limiter) if limiter is not None else None
+        self._admission_due = False
         self.auth = SmtpAuth(
             self, portal=portal, mechanisms=mechanisms, offered=settings.mechanisms,
             require_tls=settings.require_tls, clock=clock,
             failures=FailurePolicy(settings.max_failures, settings.failure_delay),
-            max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking)
+            max_steps=settings.max_steps, resolver=resolver, script=script, blocking=blocking,
+            limits=self.limits)
         self.avatar: Any = None  # the IMessageDelivery mail goes to (set by AUTH)
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients,
                                            sender_check)
         self.transaction.events = self.events
+        self.transaction.on_accepted = self._message_accepted
 
     @property
     def auth_user(self) -> str | None:
@@ -138,8 +146,23 @@ class SubmissionESMTP(smtp.ESMTP):
         self.tls = bool(ISSLTransport.providedBy(self.transport))
         self._can_starttls = (not self.tls and self.tls_context is not None
                               and ITLSTransport.providedBy(self.transport))
-        self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
         self.setTimeout(self.timeout)
+        if self.limits is not None and not _proxied(self.transport):
+            return self._admit(greet=True)
+        self._admission_due = self.limits is not None
+        self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
+
+    def _admit(self, greet: bool) -> None:
+        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
+        assert self.limits is not None
+
+        def decided(verdict: Any) -> None:
+            if not verdict.allowed:
+                self.write(refusal_line(verdict))
+                self.transport.loseConnection()
+            elif greet:
+                self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
+        self.busy_until(self.limits.admit(self._peer[0]).addCallback(decided))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -152,6 +175,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader.raw = None
         self.reader.queue = []
         self._forget_login()
+        if self.limits is not None:
+            self.limits.release()
         self.events.ended(self._peer[0], self.tls)
 
     def handshakeCompleted(self) -> None:
@@ -190,6 +215,10 @@ class SubmissionESMTP(smtp.ESMTP):
     # ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._admission_due:  # behind PROXY: the real client is known now
+            self._admission_due = False
+            self._read_addresses()
+            self._admit(greet=False)
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
@@ -269,6 +298,11 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(answer.reply)
         else:
             self.send(answer)
+
+    def _message_accepted(self) -> None:
+        """A message got its 2xx (stored, or the upstream took it): messages_per_user."""
+        if self.limits is not None and self.authenticated:
+            self.limits.message_accepted(self.auth_user)
 
     # ------------------------------------------------------------------
     # Commands
@@ -377,10 +411,18 @@ class SubmissionESMTP(smtp.ESMTP):
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
         client = Client(self.auth_user if self.authenticated else None, self._peer[0],
                         self._peer[1], self._helo_name, self.session)
+        if self.limits is not None and self.authenticated:  # messages_per_user
+            return self._answer(self.limits.mail_allowed(self.auth_user).addCallback(
+                lambda v: _limited(v) or self.transaction.mail(
+                    arg, self.avatar, self._helo_pair(), self.settings.require_auth, client)))
         self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
                                            self.settings.require_auth, client))
 
     def do_RCPT(self, arg: bytes) -> None:
+        if self.limits is not None and self.authenticated and self.transaction.open:
+            return self._answer(self.limits.recipient_allowed(self.auth_user).addCallback(
+                lambda v: _limited(v) or self.transaction.rcpt(
+                    arg, self.avatar, self._helo_pair(), self)))
         self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
 
     def do_DATA(self, arg: bytes) -> None:
@@ -415,6 +457,21 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader.raw = None
         self._answer(outcome.answer)
         return outcome.rest
+
+
+def _limited(verdict: Any) -> SMTPReply | None:
+    """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
+    return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
+
+
+def _proxied(transport: Any) -> bool:
+    """Whether the client address comes from a PROXY header (read after connectionMade),
+    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
+    for _ in range(3):
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def _address(addr: Any) -> tuple[str, int]:

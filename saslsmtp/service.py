@@ -28,6 +28,8 @@ from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, 
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.events import SessionEvents
+from saslsmtp.limits.build import AbuseControls, service_controls
+from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
@@ -87,6 +89,7 @@ class Wiring:
     script: PasswordScript | None = None  # decides PLAIN/LOGIN when an AUTH script is set
     sender_check: Any = None  # MAIL FROM: [submission] policy and the script's sender()
     upstream: Any = None  # the UpstreamClient for [delivery] type = "smtp"/"lmtp"
+    controls: AbuseControls | None = None  # [limits] and [auth.cache] (saslsmtp.limits)
 
 
 def wire(config: Config, reactor: Any) -> Wiring:
@@ -98,17 +101,29 @@ def wire(config: Config, reactor: Any) -> Wiring:
         runners.append(runner)
         return runner
 
-    hash_runner = make_runner("saslsmtp-hash", config.auth.hash_threads)
+    # Hashing is fair across clients: one address cannot hold every thread.
+    hash_runner = FairThreadPoolRunner(reactor, "saslsmtp-hash", config.auth.hash_threads,
+                                       share=cpu_share(config.auth.hash_threads))
+    runners.append(hash_runner)
+    controls, late_store = service_controls(config.section("limits"),
+                                            config.section("auth.cache"), reactor)
+    if late_store is not None:
+        runners.append(late_store)  # a Redis store connects when the service starts
+    elif config.ops.worker_count(None) > 1 and _any_limit(config.section("limits")):
+        log.info("limits: store = \"memory\" with {n} workers: counters are per worker"
+                 " (use a redis:// store to share them)", n=config.ops.worker_count(None))
     checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
     realm, upstream = delivery_realm(config, reactor, make_runner)
     builtins = builtin_mechanisms(config.auth.mechanisms)
     mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
-    password_checker: ICredentialsChecker = BackendChain(
-        [(name, checkers[name]) for name in config.auth.backends])
+    password_checker: ICredentialsChecker = controls.wrap_checker(BackendChain(
+        [(name, checkers[name]) for name in config.auth.backends]),
+        chain_id=",".join(config.auth.backends))
     runner = None
     if config.auth.script is not None:
         script = load_script(config.auth.script, config.path)
-        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers))
+        runner = ScriptRunner(script, reactor, config.auth.script_timeout, Backends(checkers),
+                              rate=controls.limiter.rate)
         password_checker = ScriptPasswordChecker(runner)
         mechanisms.update(scripted_mechanisms(config, builtins, script, runner))
     sources = [checkers[name] for name in config.auth.backends
@@ -118,7 +133,8 @@ def wire(config: Config, reactor: Any) -> Wiring:
     return Wiring(config, Portal(realm, [password_checker, TrustedIdentityChecker()]),
                   engine_settings(config), mechanisms, checkers, runners, tls_context(config),
                   secret_resolver(sources, validators), blocking=hash_runner, script=runner,
-                  sender_check=sender_check(config, runner), upstream=upstream)
+                  sender_check=sender_check(config, runner), upstream=upstream,
+                  controls=controls)
 
 
 def delivery_realm(config: Config, reactor: Any, make_runner: Any) -> tuple[Any, Any]:
@@ -145,6 +161,12 @@ def sender_check(config: Config, runner: ScriptRunner | None) -> Any:
         return None
     policy = SenderPolicy.from_options(submission, log=lambda text: log.warn("{text}", text=text))
     return SenderCheck(policy, scripted)
+
+
+def _any_limit(limits: Any) -> bool:
+    return any(getattr(limits, name) is not None for name in (
+        "connections_per_ip", "connection_rate_per_ip", "auth_failures_per_ip",
+        "auth_failures_per_user", "messages_per_user", "recipients_per_user"))
 
 
 def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsChecker]:
@@ -304,7 +326,8 @@ class SubmissionFactory(protocol.ServerFactory):
             resolver=wiring.resolver or no_resolver, script=wiring.script,
             blocking=wiring.blocking, client_identity=tls.client_identity if tls else "cn",
             events=self.session_events(),
-            sender_check=wiring.sender_check)
+            sender_check=wiring.sender_check,
+            limiter=wiring.controls.limiter if wiring.controls is not None else None)
         connection.factory = self
         return connection
 

@@ -60,8 +60,9 @@ class SmtpAuth:
                  offered: tuple[str, ...], require_tls: bool, clock: Any,
                  failures: FailurePolicy, max_steps: int = 16,
                  resolver: Resolver = no_resolver, script: PasswordScript | None = None,
-                 blocking: Any = None) -> None:
+                 blocking: Any = None, limits: Any = None) -> None:
         self.host = host
+        self.limits = limits  # saslsmtp.limits.session.ConnectionLimits, or None
         self.portal = portal
         self.mechanisms = mechanisms
         self.offered = offered
@@ -118,7 +119,9 @@ class SmtpAuth:
         try:
             self.exchange = AuthExchange(
                 spec, self.host.session(spec.name), portal=self.portal, resolver=self.resolver,
-                script=self.script, blocking=self.blocking, max_steps=self.max_steps)
+                script=self.script, blocking=self.blocking, max_steps=self.max_steps,
+                guard=self.limits.attempt(self.host.peer_ip, spec.name)
+                if self.limits is not None else None)
         except Exception:
             log.failure("could not start mechanism {mechanism}", mechanism=spec.name)
             self.host.events.auth_finished(spec.name, "tempfail", client=self.host.peer_ip)
@@ -128,18 +131,24 @@ class SmtpAuth:
     def line(self, line: bytes) -> None:
         """A client line while an exchange is open: ``*`` aborts, else base64."""
         if line is OVERLONG or len(line) > AUTH_LINE_LIMIT:
-            self._finish("aborted")
+            self._drop()
             return self.host.error(REPLIES["auth_line_too_long"])
         if line == b"*":
-            self._finish("aborted")
+            self._drop()
             return self.host.send(REPLIES["auth_aborted"])
         try:
             response = decode_response(line)
         except DecodeError:
-            self._finish("aborted")
+            self._drop()
             return self.host.error(REPLIES["auth_bad_base64"])
         assert self.exchange is not None
         self.host.busy_until(self.exchange.receive(response).addCallback(self.answer))
+
+    def _drop(self) -> None:
+        """The client ended the exchange without a verdict."""
+        if self.exchange is not None:
+            self.exchange.cancel()
+        self._finish("aborted")
 
     def answer(self, result: StepResult) -> "defer.Deferred[None] | None":
         """Answer one step: the single place an AUTH outcome becomes a reply."""

@@ -119,6 +119,7 @@ class MailTransaction:
     MAIL FROM address or with the refusal to send."""
 
     events: SessionEvents = NoSessionEvents()  # the connection's (messages accepted, failed)
+    on_accepted: Callable[[], None] | None = None  # each message answered 2xx (per-user limits)
 
     def __init__(self, max_message_size: int, max_recipients: int,
                  sender_check: SenderCheck | None = None,
@@ -355,6 +356,8 @@ class MailTransaction:
                 self.reset()
             if reply.code // 100 == 2:
                 self.events.message_accepted(size)
+                if self.on_accepted is not None:
+                    self.on_accepted()
                 log.info("message {id} accepted: from=<{sender}> recipients={count}"
                          " size={size} user={user} reply={reply}", id=sink.queue_id,
                          sender=str(sender), count=count, size=size,

@@ -44,12 +44,13 @@ declare -A BINARY_PACKAGE=(
     [postfix]=postfix
     [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
     [systemd-analyze]=systemd
+    [haproxy]=haproxy
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).
 LIBRARY_PACKAGES=(libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)
 # Services whose Debian packages would start a daemon on install.
-SERVICES=(slapd dovecot redis-server fail2ban postfix)
+SERVICES=(slapd dovecot redis-server fail2ban postfix haproxy)
 
 have() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
 

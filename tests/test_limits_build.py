@@ -40,3 +40,29 @@ async def test_redis_url_builds_a_redis_store(tmp_path):
         assert controls.store._factory.closing
     finally:
         server.stop()
+
+
+def test_memory_store_with_several_workers_says_counters_are_per_worker(tmp_path):
+    """Wiring a configuration with workers = 2, a limit and the memory store logs that
+    each worker counts alone; with one worker it says nothing."""
+    from twisted.internet import reactor
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from saslsmtp.service import load, wire
+    from tests.support import write_config
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for workers in (2, 1):
+            folder = tmp_path / str(workers)
+            folder.mkdir()
+            (folder / "users").write_text("alice:{PLAIN}pw\n")
+            config = write_config(folder, f'[backends.users]\ntype = "file"\npath = "{folder / "users"}"\n',
+                                  extra='[limits]\nauth_failures_per_ip = "5/1m"\n')
+            config.write_text(config.read_text().replace("[server]\n", f"[server]\nworkers = {workers}\n"))
+            before = len(seen)
+            wire(load(str(config)), reactor)
+            said = [formatEvent(e) for e in seen[before:] if "per worker" in formatEvent(e)]
+            assert len(said) == (1 if workers == 2 else 0), said
+    finally:
+        globalLogPublisher.removeObserver(seen.append)

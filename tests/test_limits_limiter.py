@@ -442,3 +442,29 @@ def test_no_verdict_counts_nothing_but_waits():
         gate = result(other.auth_gate("192.0.2.5", "bob"))
         result(other.auth_verdict(gate, None, "bob", b"pw"))
     assert result(other.auth_gate("192.0.2.5", "bob")).verdict.allowed
+
+
+def test_attempts_in_flight_count_against_the_limit():
+    """Guesses admitted but not yet judged (a slow hash, a client that hung up) count:
+    with 2 allowed, a third parallel attempt is refused; a verdict frees its place, and an
+    attempt never judged lapses after a minute."""
+    clock = Clock()
+    limiter = Limiter(settings(auth_failures_per_ip="2/10m"), MemoryStore(clock), clock)
+    first, second, third = (result(limiter.auth_gate("192.0.2.1", f"u{i}")) for i in range(3))
+    assert [g.verdict.allowed for g in (first, second, third)] == [True, True, False]
+    result(limiter.auth_verdict(first, True, "u0", b"right"))
+    fourth = result(limiter.auth_gate("192.0.2.1", "u3"))
+    assert fourth.verdict.allowed
+    assert not result(limiter.auth_gate("192.0.2.1", "u4")).verdict.allowed
+    clock.advance(61)  # second and fourth were never judged: they lapse
+    assert result(limiter.auth_gate("192.0.2.1", "u5")).verdict.allowed
+
+
+def test_an_abandoned_attempt_stops_counting_at_once():
+    """An exchange the client aborts (``*`` after SCRAM's first step) gives its place back."""
+    clock = Clock()
+    limiter = Limiter(settings(auth_failures_per_user="1/10m"), MemoryStore(clock), clock)
+    first = result(limiter.auth_gate("192.0.2.1", "victim"))
+    assert not result(limiter.auth_gate("192.0.2.2", "victim")).verdict.allowed
+    limiter.abandoned(first)
+    assert result(limiter.auth_gate("192.0.2.3", "victim")).verdict.allowed

@@ -297,3 +297,42 @@ async def test_rediss_verifies_the_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admit_and_peek_many_are_one_call_each(redis):
+    """``admit`` counts the connection rate and takes a slot in one script; ``peek_many``
+    answers several counters in one script, exactly as ``peek`` would; a batch of
+    releases frees every slot."""
+    a = await make_store(redis.url)
+    b = await make_store(redis.url)
+    try:
+        rate = Rate(3, 60.0)
+        got = [await a.admit("connrate:x", rate, "conn:x", 2, f"h{i}") for i in range(4)]
+        assert got == [(True, True), (True, True), (True, False), (False, False)]
+        assert await b.admit("connrate:y", None, "conn:x", 2, "other") == (True, False)
+        await gatherResults([a.release("conn:x", "h0"), a.release("conn:x", "h1")])
+        assert await b.admit("connrate:y", None, "conn:x", 2, "other") == (True, True)
+        await a.hit("f:1", rate)
+        for _ in range(3):
+            await a.hit("f:2", rate)
+        many = await b.peek_many([("f:1", rate), ("f:2", rate), ("f:3", rate)])
+        singles = [await b.peek(k, rate) for k in ("f:1", "f:2", "f:3")]
+        assert [(r.allowed, r.used) for r in many] == [(r.allowed, r.used) for r in singles]
+        assert [r.allowed for r in many] == [True, False, True]
+        problems = []
+        settings = parse_limits({"auth_failures_per_ip": "2/1m", "auth_failures_per_user": "5/1m",
+                                 "connections_per_ip": 1}, lambda k, m: problems.append(m))
+        limiter = Limiter(settings, a, reactor())
+        first = await limiter.connection_made("192.0.2.9")
+        assert first.verdict.allowed
+        assert not (await limiter.connection_made("192.0.2.9")).verdict.allowed
+        for i in range(3):
+            gate = await limiter.auth_gate("192.0.2.9", f"u{i}")
+            if gate.verdict.allowed:
+                await limiter.auth_verdict(gate, False, f"u{i}", b"pw")
+        assert gate.verdict.line() == "454 4.7.0 Temporary authentication failure"
+        first.release()
+    finally:
+        await a.close()
+        await b.close()

@@ -139,3 +139,25 @@ def test_trusted_networks():
     assert s.is_trusted("2001:db8:ff::1")
     assert not s.is_trusted("192.0.2.1") and not s.is_trusted("::1")
     assert not s.is_trusted("unix-peer")
+
+
+def test_commented_limits_and_cache_blocks_of_the_example_config_parse() -> None:
+    """Uncomment etc/saslsmtp.toml's [limits] and [auth.cache] examples: they parse, and
+    every key documented there is set."""
+    import re
+    from pathlib import Path
+
+    from saslsmtp.config import parse_config
+    from saslsmtp.mechanisms import BUILTIN_NAMES
+    etc = Path(__file__).resolve().parent.parent / "etc" / "saslsmtp.toml"
+    text = etc.read_text()
+    head, marker, rest = text.partition("# ---- Abuse limits")
+    block, more, tail = rest.partition("# ---- More backends")
+    lines = [m.group(1) if (m := re.match(r"^# (\[[a-z.]+\]|[a-z_0-9]+ = .*)$", line)) else line
+             for line in block.splitlines()]
+    config = parse_config(head + marker + "\n".join(lines) + "\n" + more + tail, str(etc),
+                          known_mechanisms=BUILTIN_NAMES)
+    limits, cache = config.section("limits"), config.section("auth.cache")
+    assert limits.store == "memory" and limits.connections_per_ip == 20
+    assert str(limits.auth_failures_per_ip) == "10/600s" and limits.auth_penalty_max == 15
+    assert cache.ttl == 300 and cache.negative_ttl == 60

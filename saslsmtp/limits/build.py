@@ -11,15 +11,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
 
 from saslsmtp.limits.authcache import AuthCache, CachingChecker
 from saslsmtp.limits.limiter import Limiter
-from saslsmtp.limits.settings import AuthCacheSettings, LimitsSettings
-from saslsmtp.limits.store import MemoryStore, RateStore
+# Imported now, not when the store is built: that happens at service start, after the
+# daemon may have dropped privileges to a user who cannot read the packages.
+from saslsmtp.limits.redisstore import RedisStore
+from saslsmtp.limits.settings import AuthCacheSettings, LimitsSettings, Rate
+from saslsmtp.limits.store import ALLOW, MemoryStore, RateResult, RateStore
+
+log = Logger()
 
 
 @dataclass
@@ -46,8 +52,70 @@ def make_store(settings: LimitsSettings, reactor: Any) -> RateStore:
     """``MemoryStore`` for ``"memory"``, else a ``RedisStore`` for the URL."""
     if settings.store == "memory":
         return MemoryStore(reactor)
-    from saslsmtp.limits.redisstore import RedisStore
     return RedisStore(settings.store, reactor)
+
+
+class LateStore:
+    """A store built when the service starts, not when the configuration is wired: a
+    ``RedisStore`` connects as it is built, and wiring also happens for ``--check``, in
+    the master process and for a reload that may be refused.  It has a runner's
+    ``start``/``stop`` (the service starts and stops ``Wiring.runners``); before
+    ``start`` and after ``stop`` every call allows (fail open)."""
+
+    def __init__(self, make: Callable[[], RateStore]) -> None:
+        self._make = make
+        self.store: RateStore | None = None
+
+    def start(self) -> None:
+        if self.store is None:
+            self.store = self._make()
+
+    def stop(self) -> "Deferred[Any]":
+        store, self.store = self.store, None
+        close = getattr(store, "close", None)
+        if close is None:
+            return succeed(None)
+        return maybeDeferred(close).addErrback(lambda f: log.failure("limits: closing the store", f))
+
+    close = stop
+
+    @property
+    def unavailable(self) -> int:
+        """Calls allowed blind because the store could not answer (metrics)."""
+        return int(getattr(self.store, "unavailable", 0))
+
+    def hit(self, key: str, rate: Rate, cost: int = 1) -> "Deferred[RateResult]":
+        return self.store.hit(key, rate, cost) if self.store is not None else succeed(ALLOW)
+
+    def peek(self, key: str, rate: Rate) -> "Deferred[RateResult]":
+        return self.store.peek(key, rate) if self.store is not None else succeed(ALLOW)
+
+    def acquire(self, key: str, limit: int, holder: str) -> "Deferred[bool]":
+        return self.store.acquire(key, limit, holder) if self.store is not None else succeed(True)
+
+    def release(self, key: str, holder: str) -> "Deferred[None]":
+        return self.store.release(key, holder) if self.store is not None else succeed(None)
+
+    def peek_many(self, items: list[tuple[str, Rate]]) -> "Deferred[list[RateResult]]":
+        if self.store is None:
+            return succeed([ALLOW] * len(items))
+        return self.store.peek_many(items)  # type: ignore[attr-defined]
+
+    def admit(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+              holder: str) -> "Deferred[tuple[bool, bool]]":
+        if self.store is None:
+            return succeed((True, True))
+        return self.store.admit(rate_key, rate, slot_key, limit, holder)  # type: ignore[attr-defined]
+
+
+def service_controls(limits: LimitsSettings, cache: AuthCacheSettings, reactor: Any
+                     ) -> tuple[AbuseControls, LateStore | None]:
+    """``build_controls`` for the daemon: a Redis store is a ``LateStore`` (returned as
+    well, to start and stop with the thread pools); the memory store is ready at once."""
+    if limits.store == "memory":
+        return build_controls(limits, cache, reactor), None
+    late = LateStore(lambda: make_store(limits, reactor))
+    return build_controls(limits, cache, reactor, store=late), late
 
 
 def build_controls(limits: LimitsSettings, cache: AuthCacheSettings, reactor: Any,

@@ -64,6 +64,13 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def cpu_share(threads: int) -> float:
+    """The share of ``threads`` one client key may use: half the pool, but never more
+    threads than CPUs but one, so hashing for one address cannot take every core from
+    the others (on 2 CPUs with 4 threads: 1 thread per address)."""
+    return min(0.5, default_workers() / max(1, threads))
+
+
 @dataclass
 class _Job:
     f: Callable[..., Any]

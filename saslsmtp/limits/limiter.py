@@ -35,6 +35,7 @@ A success clears the penalty of its own address.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -59,6 +60,7 @@ PENALTY_FIRST = 2.0  # seconds after the first failure, doubling (Dovecot's auth
 PENALTY_FORGET = 3600.0  # a penalty is forgotten an hour after the last failure
 REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per address
 MAX_TRACKED_ADDRESSES = 100000
+IN_FLIGHT_TTL = 60.0  # an admitted attempt never judged (client left mid-exchange) lapses
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class AuthGate:
     username: str
     delay: float = 0.0
     trusted: bool = False
+    token: int = 0  # this attempt's place among the in-flight ones (0: none taken)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class _Penalty:
     failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
 
 
+@functools.lru_cache(maxsize=4096)  # a session asks for the same name several times
 def user_key(username: str) -> str:
     """A store key part for a username: case-folded (so case variants share one counter),
     hashed when long or containing anything but printable non-space characters."""
@@ -129,6 +133,18 @@ def _raw_key(text: str) -> str:
     return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _result_now(d: "Deferred[Any]") -> Any:
+    """The result of a Deferred that has already fired successfully, else ``None``
+    (and ``d`` is left as it was)."""
+    out: list[Any] = []
+
+    def keep(result: Any) -> Any:
+        out.append(result)
+        return result
+    d.addBoth(keep)
+    return out[0] if out and not isinstance(out[0], Failure) else None
+
+
 class Limiter:
     """Abuse limits over a ``RateStore``; see the module docstring for the call order."""
 
@@ -142,6 +158,11 @@ class Limiter:
         self._holders = itertools.count(1)
         self._secret = secret if secret is not None else os.urandom(32)
         self._penalties: OrderedDict[str, _Penalty] = OrderedDict()
+        # Attempts admitted by the gate whose verdict is not known yet, per counter key:
+        # they count against the limit, so guesses run in parallel (or a client that
+        # hangs up before its verdict) get no more through than guesses one at a time.
+        self._in_flight: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count(1)
 
     # ---- helpers -------------------------------------------------------------------
 
@@ -165,6 +186,9 @@ class Limiter:
             return succeed(Admission(ALLOWED))
         key = s.client_key(address)
         refused = self._deny_connection
+        admit = getattr(self.store, "admit", None)
+        if admit is not None:  # one store call for both (Redis)
+            return self._admit_at_once(admit, key)
 
         def rate_checked(result: RateResult) -> "Deferred[Admission] | Admission":
             if not result.allowed:
@@ -193,12 +217,47 @@ class Limiter:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
         d.addCallback(rate_checked)
+        fired = _result_now(d)
+        if fired is not None:  # the memory store answers at once: no extra Deferred
+            return succeed(fired)
         # Cancelled (the connection went away while the store answered): a slot taken
         # after all is given back at once, so nothing leaks.
         out: Deferred[Admission] = Deferred()
 
         def deliver(admission: Any) -> None:
             if out.called:
+                admission.release()
+            else:
+                out.callback(admission)
+        d.addCallback(deliver)
+        return out
+
+    def _admit_at_once(self, admit: Callable[..., Any], key: str) -> "Deferred[Admission]":
+        s = self.settings
+        holder = f"{self._holder_prefix}:{next(self._holders)}"
+        slot = "conn:" + key
+        d = admit("connrate:" + key, s.connection_rate_per_ip, slot, s.connections_per_ip,
+                  holder)
+
+        def decided(answer: tuple[bool, bool]) -> Admission:
+            rate_ok, seated = answer
+            if not rate_ok:
+                return Admission(self._deny_connection("connection_rate_per_ip", key))
+            if not seated:
+                return Admission(self._deny_connection("connections_per_ip", key))
+            if s.connections_per_ip is None:
+                return Admission(ALLOWED)
+            return Admission(ALLOWED, lambda: self.store.release(slot, holder)
+                             .addErrback(lambda f: None))
+
+        def failed(f: Failure) -> Admission:
+            log.failure("limits: connection check failed; allowing", f)
+            return Admission(ALLOWED)
+        d.addCallbacks(decided, failed)
+        out: Deferred[Admission] = Deferred()
+
+        def deliver(admission: Admission) -> None:
+            if out.called:  # cancelled meanwhile: give the slot back at once
                 admission.release()
             else:
                 out.callback(admission)
@@ -228,29 +287,91 @@ class Limiter:
         if s.is_trusted(address):
             return succeed(AuthGate(ALLOWED, address, username, trusted=True))
         delay = self.penalty(address)
-        checks: list[tuple[str, Deferred[RateResult]]] = []
-        if s.auth_failures_per_ip is not None:
-            checks.append(("auth_failures_per_ip", self._safe(self.store.peek(
-                "authfail:ip:" + s.client_key(address), s.auth_failures_per_ip),
-                "auth failure check")))
-        if s.auth_failures_per_user is not None:
-            checks.append(("auth_failures_per_user", self._safe(self.store.peek(
-                "authfail:user:" + user_key(username), s.auth_failures_per_user),
-                "auth failure check")))
-        if not checks:
+        limits = [name for name in ("auth_failures_per_ip", "auth_failures_per_user")
+                  if getattr(s, name) is not None]
+        if not limits:
             return succeed(AuthGate(ALLOWED, address, username, delay))
-        d = gatherResults([c for _, c in checks])
+        keys = self._flight_keys(address, username)
 
         def decide(results: list[RateResult]) -> AuthGate:
-            for (limit, _), result in zip(checks, results):
-                if not result.allowed:
+            for limit, result, key in zip(limits, results, keys):
+                rate = getattr(s, limit)
+                if not result.allowed or result.used + self._flying(key) > rate.count:
                     log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
                              limit=limit, client=s.client_key(address))
                     return AuthGate(self._deny(limit, 454, "4.7.0",
                                                "Temporary authentication failure"),
                                     address, username, delay)
-            return AuthGate(ALLOWED, address, username, delay)
-        return d.addCallback(decide)
+            token = next(self._tokens)
+            now = self.clock.seconds()
+            for key in keys:
+                self._in_flight.setdefault(key, {})[token] = now
+            return AuthGate(ALLOWED, address, username, delay, token=token)
+        counters = [(key, getattr(s, limit))
+                    for limit, key in zip(limits, self._gate_keys(address, username))]
+        peek_many = getattr(self.store, "peek_many", None)
+        if peek_many is not None and len(counters) > 1:  # one store call for both (Redis)
+            return self._safe_many(peek_many(counters), len(counters)).addCallback(decide)
+        checks = [self._safe(self.store.peek(key, rate), "auth failure check")
+                  for key, rate in counters]
+        now = [_result_now(c) for c in checks]
+        if all(isinstance(r, RateResult) for r in now):  # the memory store: no DeferredList
+            return succeed(decide(now))
+        return gatherResults(checks).addCallback(decide)
+
+    def _gate_keys(self, address: str, username: str) -> list[str]:
+        """The store counters ``auth_gate`` peeks at, in order."""
+        s = self.settings
+        keys = []
+        if s.auth_failures_per_ip is not None:
+            keys.append("authfail:ip:" + s.client_key(address))
+        if s.auth_failures_per_user is not None:
+            keys.append("authfail:user:" + user_key(username))
+        return keys
+
+    def _safe_many(self, d: "Deferred[list[RateResult]]", n: int) -> "Deferred[list[RateResult]]":
+        def failed(f: Failure) -> list[RateResult]:
+            log.failure("limits: auth failure check failed; allowing", f)
+            return [ALLOW] * n
+        return d.addErrback(failed)
+
+    def _flight_keys(self, address: str, username: str) -> list[str]:
+        """The in-flight counters of an attempt, in the order of ``auth_gate``'s checks."""
+        s = self.settings
+        keys = []
+        if s.auth_failures_per_ip is not None:
+            keys.append("ip:" + s.client_key(address))
+        if s.auth_failures_per_user is not None:
+            keys.append("user:" + user_key(username))
+        return keys
+
+    def _flying(self, key: str) -> int:
+        flights = self._in_flight.get(key)
+        if not flights:
+            return 0
+        now = self.clock.seconds()
+        for token, since in list(flights.items()):
+            if now - since > IN_FLIGHT_TTL:
+                del flights[token]
+        if not flights:
+            del self._in_flight[key]
+        return len(flights)
+
+    def abandoned(self, gate: AuthGate) -> None:
+        """The attempt ended without a verdict (the client aborted or left): it stops
+        counting as in flight at once."""
+        self._landed(gate)
+
+    def _landed(self, gate: AuthGate) -> None:
+        """The attempt's verdict is known: it no longer counts as in flight."""
+        if not gate.token:
+            return
+        for key in self._flight_keys(gate.address, gate.username):
+            flights = self._in_flight.get(key)
+            if flights is not None:
+                flights.pop(gate.token, None)
+                if not flights:
+                    del self._in_flight[key]
 
     def _fingerprint(self, username: str, password: bytes | str) -> bytes:
         if isinstance(password, str):
@@ -304,6 +425,7 @@ class Limiter:
         """
         s = self.settings
         pending: list[Deferred[Any]] = []
+        self._landed(gate)
         if not gate.trusted:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username

@@ -86,6 +86,65 @@ return #KEYS
 """
 
 
+PEEK_MANY_SCRIPT = """
+-- KEYS: counters; ARGV: period_ms, count for each key in turn.  Counts nothing.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local period = tonumber(ARGV[2 * i - 1])
+  local iv = period / tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local used = math.ceil((tat - now) / iv - 1e-9)
+  local allow_at = tat + iv - period
+  if now < allow_at then
+    out[i] = {0, math.ceil(allow_at - now), used}
+  else
+    out[i] = {1, 0, used + 1}
+  end
+end
+return out
+"""
+
+ADMIT_SCRIPT = """
+-- A new connection: KEYS[1] the rate counter, KEYS[2] the slot set; ARGV: period_ms and
+-- count (0: no rate limit), slot limit (0: none), holder, slot ttl_ms.
+-- Returns {rate allowed, slot taken (1) or refused (0)}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local count = tonumber(ARGV[2])
+if count > 0 then
+  local period = tonumber(ARGV[1])
+  local iv = period / count
+  local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+  if tat < now then tat = now end
+  local new = tat + iv
+  if now < new - period then return {0, 0} end
+  redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
+end
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  local ttl = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+    if redis.call('ZCARD', KEYS[2]) >= limit then return {1, 0} end
+  end
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return {1, 1}
+"""
+
+RELEASE_SCRIPT = """
+-- KEYS: slot sets; ARGV: the holder to remove from each
+for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
+return #KEYS
+"""
+
+RELEASE_BATCH_DELAY = 0.02  # seconds: releases within this are sent as one call
+
+
 class StoreUnavailable(Exception):
     """Redis could not answer now; the caller allows."""
 
@@ -137,6 +196,9 @@ class RedisStore:
         self._last_log: float | None = None
         self._down = False
         self._held: dict[tuple[str, str], None] = {}
+        self._releases: list[tuple[str, str]] = []
+        self._released: list[Deferred[None]] = []
+        self._release_call: Any = None
         factory = _AlwaysReconnect(self.url.describe(), self.url.db or None, 1, isLazy=True,
                                    password=self.url.password, username=self.url.username,
                                    replyTimeout=timeout)
@@ -222,13 +284,63 @@ class RedisStore:
         return d.addCallbacks(acquired, open_)
 
     def release(self, key: str, holder: str) -> "Deferred[None]":
+        """Give a slot back; releases within ``RELEASE_BATCH_DELAY`` go as one call."""
         full = self.prefix + key
         self._held.pop((full, holder), None)
         if not self.connected:
             return succeed(None)  # the slot expires with its heartbeat
-        d = self._redis.zrem(full, holder)
-        d.addTimeout(self.timeout, self._reactor)
-        return d.addBoth(lambda _: None)
+        self._releases.append((full, holder))
+        if self._release_call is None:
+            self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
+        done: Deferred[None] = Deferred()
+        self._released.append(done)
+        return done
+
+    def _flush(self) -> None:
+        """Send the queued releases; their Deferreds fire when Redis answered (or not)."""
+        self._release_call = None
+        pairs, self._releases = self._releases, []
+        waiting, self._released = self._released, []
+        d: Deferred[Any] = succeed(None)
+        if pairs and self.connected:
+            d = self._redis.eval(RELEASE_SCRIPT, [k for k, _ in pairs], [h for _, h in pairs])
+            d.addTimeout(self.timeout, self._reactor)
+
+        def fire(_: object) -> None:
+            for w in waiting:
+                w.callback(None)
+        d.addBoth(fire)
+
+    def peek_many(self, items: list[tuple[str, Rate]]) -> "Deferred[list[RateResult]]":
+        """``peek`` of several counters in one call (the AUTH gate's address and user)."""
+        args: list[Any] = []
+        for _, rate in items:
+            args += [int(rate.period * 1000), rate.count]
+        d = self._eval(PEEK_MANY_SCRIPT, [self.prefix + k for k, _ in items], args)
+
+        def parse(reply: list[list[int]]) -> list[RateResult]:
+            return [RateResult(bool(r[0]), r[1] / 1000.0, int(r[2])) for r in reply]
+        return d.addCallbacks(parse, lambda f: [ALLOW] * len(items))
+
+    def admit(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+              holder: str) -> "Deferred[tuple[bool, bool]]":
+        """A new connection in one call: count it against ``rate`` and take a slot of
+        ``limit``: (rate allowed, slot taken); both ``True`` when Redis cannot answer."""
+        full = self.prefix + slot_key
+        d = self._eval(ADMIT_SCRIPT, [self.prefix + rate_key, full],
+                       [int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
+                        limit or 0, holder, self.slot_ttl_ms])
+
+        def admitted(reply: list[int]) -> tuple[bool, bool]:
+            if reply[1] and limit:
+                self._held[(full, holder)] = None
+            return bool(reply[0]), bool(reply[1])
+
+        def open_(f: Failure) -> tuple[bool, bool]:
+            if limit:
+                self._held[(full, holder)] = None
+            return True, True
+        return d.addCallbacks(admitted, open_)
 
     # ---- heartbeat and shutdown ------------------------------------------------------
 
@@ -248,6 +360,10 @@ class RedisStore:
         """Stop the heartbeat, give back held slots, close the connection."""
         if self._heartbeat.running:
             self._heartbeat.stop()
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+            self._release_call = None
+        self._flush()
         self._factory.closing = True
         held, self._held = list(self._held), {}
         d: Deferred[Any] = succeed(None)

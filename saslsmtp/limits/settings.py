@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from saslsmtp.limits.redisurl import parse_redis_url
+
 Report = Callable[[str, str], None]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -142,7 +144,6 @@ def parse_limits(table: Mapping[str, Any], report: Report, prefix: str = "limits
                 report(dotted, 'must be "memory" or a redis://, rediss:// or unix:// URL')
             else:
                 if value != "memory":
-                    from saslsmtp.limits.redisurl import parse_redis_url
                     try:
                         parse_redis_url(value)
                     except ValueError as e:

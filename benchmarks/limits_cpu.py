@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""What the abuse limits cost: server CPU per AUTH PLAIN session with the limits off, all
+on in memory, and all on in Redis, side by side in one run (same load generator, the
+variants interleaved repeat by repeat so machine noise hits all three alike).
+
+    python3 benchmarks/limits_cpu.py                 # concurrency 16, 3 x 8 s per variant
+    python3 benchmarks/limits_cpu.py --duration 5 --repeats 5
+
+Uses benchmarks/run.py's server and measurement code and a throwaway redis-server on a
+free loopback port.  Writes benchmarks/results/<date>-limits-cpu.md (and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as bench  # noqa: E402  (benchmarks/run.py)
+
+ALL_LIMITS = """[limits]
+store = {store}
+connections_per_ip = 1000
+connection_rate_per_ip = "1000000/1m"
+auth_failures_per_ip = "1000/1m"
+auth_failures_per_user = "1000/1m"
+messages_per_user = "1000000/1h"
+recipients_per_user = "1000000/1h"
+auth_penalty_max = 15
+"""
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, int]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = bench.free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise bench.BenchError("redis-server did not start")
+
+
+def namespace(args: argparse.Namespace, fragment: Path | None) -> argparse.Namespace:
+    return argparse.Namespace(
+        user="bench", password="bench-password", users_line=[], auth_mechanisms=None,
+        mech=["PLAIN"], auth_backends=None, auth_option=[],
+        config_fragment=[str(fragment)] if fragment else [], stand_in=None,
+        saslsmtp_config=None, saslsmtp_port=None, saslsmtp_log=os.devnull, mode="auth",
+        load_password=None, duration=args.duration, warmup=args.warmup, expect_fail=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="saslsmtp-limits-cpu-") as tmp:
+        root = Path(tmp)
+        redis, redis_port = start_redis(root)
+        servers = {}
+        try:
+            for name, store in (("off", None), ("memory", '"memory"'),
+                                ("redis", f'"redis://127.0.0.1:{redis_port}/0"')):
+                folder = root / name
+                folder.mkdir()
+                fragment = None
+                if store is not None:
+                    fragment = folder / "limits.toml"
+                    fragment.write_text(ALL_LIMITS.format(store=store))
+                server = bench.saslsmtp_server(folder, namespace(args, fragment))
+                server.name = f"limits-{name}"
+                servers[name] = (server, namespace(args, fragment))
+            with bench.running([s for s, _ in servers.values()]):
+                time.sleep(1.0)  # the Redis store connects when the service starts
+                runs: dict[str, list[bench.Measurement]] = {name: [] for name in servers}
+                for repeat in range(args.repeats):
+                    order = list(servers)[repeat % 3:] + list(servers)[:repeat % 3]
+                    for name in order:
+                        server, ns = servers[name]
+                        m = bench.measure(server, "PLAIN", args.concurrency, repeat, ns)
+                        if not m.ok:
+                            raise bench.BenchError(f"{name}: {m.problem}")
+                        runs[name].append(m)
+                        print(f"{name:7} repeat {repeat}: {m.server_cpu_ms_per_session} ms CPU"
+                              f"/session, {m.handshakes_per_s:.0f} sessions/s", file=sys.stderr)
+        finally:
+            redis.kill()
+            redis.wait()
+    cpu = {name: statistics.median(m.server_cpu_ms_per_session for m in ms)
+           for name, ms in runs.items()}
+    rate = {name: statistics.median(m.handshakes_per_s for m in ms) for name, ms in runs.items()}
+    p99 = {name: statistics.median(m.auth_ms.get("p99") or 0 for m in ms)
+           for name, ms in runs.items()}
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [
+        f"# Abuse limits: server CPU per AUTH PLAIN session ({now:%Y-%m-%d %H:%M} UTC)", "",
+        f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
+        f" {args.duration:g} --repeats {args.repeats}`: twistd saslsmtp, file backend"
+        " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
+        " three variants interleaved, median of the repeats. \"All on\": every [limits]"
+        " key set (connections, connection rate, AUTH failures per address and per user,"
+        " messages, recipients, penalty), high enough never to refuse; loopback is not"
+        " trusted, so every check runs.", "",
+        f"Machine: {os.cpu_count()} CPUs, shared with other work while measuring.", "",
+        "| limits | CPU ms/session | vs off | sessions/s | AUTH p99 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in runs:
+        lines.append(f"| {name} | {cpu[name]:.3f} | {100 * (cpu[name] / cpu['off'] - 1):+.1f}% |"
+                     f" {rate[name]:.0f} | {p99[name]:.1f} |")
+    lines += ["", "Every repeat (CPU ms/session):", ""]
+    for name, ms in runs.items():
+        lines.append(f"- {name}: " + ", ".join(f"{m.server_cpu_ms_per_session:.3f}" for m in ms))
+    text = "\n".join(lines) + "\n"
+    out = bench.RESULTS / f"{now:%Y%m%d-%H%M%S}-limits-cpu.md"
+    out.write_text(text)
+    print(text)
+    print(f"written: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

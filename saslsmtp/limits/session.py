@@ -1,0 +1,137 @@
+"""The limiter as one connection sees it: one call per protocol event.
+
+The protocol and the AUTH engine stay small: they call ``ConnectionLimits`` (one per
+connection) and ``AuthAttempt`` (one per AUTH exchange) at each event and act on the
+answer; what is counted where, and the fail2ban line, live here.
+
+==============================  ================================================
+event                           call
+==============================  ================================================
+connection made (address known) ``d = limits.admit(ip)`` -> ``Verdict`` (421)
+connection lost                 ``limits.release()``
+AUTH exchange starts            ``attempt = limits.attempt(ip, mechanism)``
+username known (Verify, Lookup) ``refusal = await attempt.admit(user, password)``
+verdict known                   ``await attempt.judged(ok, username)`` (counts now,
+                                fires after the penalty)
+MAIL / RCPT / message stored    ``mail_allowed`` / ``recipient_allowed`` /
+                                ``message_accepted``
+==============================  ================================================
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+
+from saslsmtp.limits import faillog
+from saslsmtp.limits.limiter import ALLOWED, Admission, AuthGate, Limiter, Verdict
+from saslsmtp.sasl.outcome import Defer
+
+#: What the gate's refusal becomes: the reply text of ``Limiter.auth_gate``'s 454.
+GATE_REFUSAL = Defer("Temporary authentication failure")
+
+
+class AuthAttempt:
+    """One AUTH exchange: admitted once its username is known, judged once its verdict is."""
+
+    def __init__(self, limiter: Limiter, address: str, mechanism: str) -> None:
+        self.limiter = limiter
+        self.address = address
+        self.mechanism = mechanism
+        self.gate: AuthGate | None = None
+        self.username: str | None = None
+        self._password: str | bytes | None = None
+        self.refused = False
+
+    @property
+    def client_key(self) -> str:
+        """The fair hashing pool's key for this client."""
+        return self.limiter.settings.client_key(self.address) if self.address else ""
+
+    def admit(self, username: str, password: str | bytes | None = None) -> "Deferred[Defer | None]":
+        """Before any credential is checked: ``None`` to go on, or the 454 to answer."""
+        if self.gate is not None:
+            return succeed(GATE_REFUSAL if self.refused else None)
+        self.username = username
+        self._password = password
+
+        def decided(gate: AuthGate) -> Defer | None:
+            self.gate = gate
+            self.refused = not gate.verdict.allowed
+            return GATE_REFUSAL if self.refused else None
+        return self.limiter.auth_gate(self.address, username).addCallback(decided)
+
+    def abandon(self) -> None:
+        """The exchange ended without a verdict (``*``, a bad line, the client left)."""
+        if self.gate is not None:
+            self.limiter.abandoned(self.gate)
+
+    def judged(self, ok: bool | None, username: str | None = None) -> "Deferred[None]":
+        """The verdict is known: ``True`` (235), ``False`` (535), ``None`` (454, abort).
+
+        A failure is counted and logged now, whether or not the client stays; the
+        Deferred fires after the address's penalty, for successes too."""
+        tried = self.username if self.username is not None else (username or "")
+        if self.refused:
+            faillog.log_auth_failure(self.address, self.mechanism, tried, "too many failures")
+            ok = None
+        elif ok is False:
+            faillog.log_auth_failure(self.address, self.mechanism, tried)
+        elif ok:
+            faillog.log_auth_success(self.address, self.mechanism, username or tried)
+        settings = self.limiter.settings
+        gate = self.gate or AuthGate(ALLOWED, self.address, tried,
+                                     self.limiter.penalty(self.address),
+                                     trusted=settings.is_trusted(self.address))
+        password, self._password = self._password, None
+        return self.limiter.auth_verdict(gate, ok, tried, password)
+
+
+class ConnectionLimits:
+    """The limits of one connection: its seat, its AUTH attempts, its mail counters."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self._admission: Admission | None = None
+        self._pending: Deferred[Admission] | None = None
+
+    def admit(self, address: str) -> "Deferred[Verdict]":
+        """A new connection from ``address``: its verdict (``421 4.7.0`` when over a limit)."""
+        if not address:  # a UNIX socket: no client address to count
+            return succeed(ALLOWED)
+        d = self._pending = self.limiter.connection_made(address)
+
+        def seated(admission: Admission) -> Verdict:
+            self._pending = None
+            self._admission = admission
+            return admission.verdict
+        return d.addCallback(seated)
+
+    def release(self) -> None:
+        """The connection is gone: give its slot back (or stop waiting for one)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.release()
+
+    def attempt(self, address: str, mechanism: str) -> AuthAttempt:
+        return AuthAttempt(self.limiter, address, mechanism)
+
+    def mail_allowed(self, user: str | None) -> "Deferred[Verdict]":
+        return succeed(ALLOWED) if user is None else self.limiter.mail_allowed(user)
+
+    def recipient_allowed(self, user: str | None) -> "Deferred[Verdict]":
+        return succeed(ALLOWED) if user is None else self.limiter.recipient_allowed(user)
+
+    def message_accepted(self, user: str | None) -> None:
+        if user is not None:
+            self.limiter.message_accepted(user)
+
+
+def refusal_line(verdict: Verdict) -> bytes:
+    """The reply for a refusing ``Verdict``, with CRLF."""
+    return verdict.line().encode("ascii") + b"\r\n"
+
+
+__all__ = ["AuthAttempt", "ConnectionLimits", "GATE_REFUSAL", "refusal_line"]

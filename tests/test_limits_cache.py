@@ -1,0 +1,97 @@
+"""``[auth.cache]`` wired in front of a real HTTP auth API (twisted.web on loopback): the
+second login is served from the cache, a different password goes to the API, a stale
+success accepts while the API fails (and says so), nothing secret is stored, and a
+reload (SIGHUP) empties the cache of a running daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import threads
+from twisted.logger import globalLogPublisher
+
+from tests.conftest import event_text
+from tests.limitsnet import auth_plain, wait_for_log
+from tests.support import free_port, smtp_login, start_daemon, start_server, write_config
+from tests.upstreams import USERS, AuthAPI, WebServer
+
+PASSWORD = USERS["alice"]
+
+
+def api_backend(server: WebServer) -> str:
+    return f'[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:{server.port}/auth"\n'
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_login_is_served_from_the_cache(tmp_path: Path) -> None:
+    """Backend asked once for two logins; another password is checked again; after the
+    ttl, an API answering 500 still lets the cached password in (stale_if_error), with
+    a warning; the cache holds neither the password nor its plain hash."""
+    api = AuthAPI()
+    web = WebServer(api)
+    web.start()
+    events: list[str] = []
+
+    def observe(event: dict) -> None:
+        events.append(event_text(event))
+    globalLogPublisher.addObserver(observe)
+    server = await start_server(tmp_path, api_backend(web),
+                                extra="[auth.cache]\nttl = 1\nstale_if_error = 300\n")
+    try:
+        started = time.monotonic()
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+        second = time.monotonic() - started
+        assert len(api.requests) == 1
+        print(f"\nfirst login {first * 1000:.1f} ms (API asked), second {second * 1000:.1f} ms"
+              " (cache)")
+        assert (await smtp_login(server.port, "alice", "another password"))[0] == 535
+        assert len(api.requests) == 2  # a different password is never answered from cache
+        cache = server.wiring.controls.cache
+        stored = repr(list(cache._entries.items())).encode()
+        for secret in (PASSWORD.encode(), hashlib.sha256(PASSWORD.encode()).digest(),
+                       hashlib.sha256(PASSWORD.encode()).hexdigest().encode()):
+            assert secret not in stored
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235  # refill
+        await threads.deferToThread(time.sleep, 1.1)  # past the ttl
+        api.mode = "500"
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+        assert (await smtp_login(server.port, "alice", "guess"))[0] == 454
+        assert cache.stale_hits == 1
+        assert any("stale" in e for e in events), events[-5:]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await server.stop()
+        await web.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_flushes_the_cache_of_a_running_daemon(tmp_path: Path) -> None:
+    """``kill -HUP``: the daemon re-reads its configuration and starts with an empty
+    cache, so the next login asks the backend again."""
+    api = AuthAPI()
+    web = WebServer(api)
+    web.start()
+    port = free_port()
+    config = write_config(tmp_path, api_backend(web), listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          extra="[auth.cache]\nttl = 300\n")
+    daemon = await threads.deferToThread(start_daemon, config, port, tmp_path / "daemon.log")
+    try:
+        for _ in range(2):
+            answer = await threads.deferToThread(auth_plain, port, "alice", PASSWORD)
+            assert answer.code == 235
+        assert len(api.requests) == 1
+        daemon.process.send_signal(signal.SIGHUP)
+        await threads.deferToThread(wait_for_log, daemon, "reloaded")
+        answer = await threads.deferToThread(auth_plain, port, "alice", PASSWORD)
+        assert answer.code == 235
+        assert len(api.requests) == 2
+    finally:
+        await threads.deferToThread(daemon.stop)
+        await web.stop()
