@@ -32,7 +32,7 @@ from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
-from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script, scripted_spec
+from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script
 from saslsmtp.threads import ThreadPoolRunner
 
 log = Logger(namespace="saslsmtp")
@@ -145,7 +145,7 @@ def scripted_mechanisms(config: Config, builtins: dict[str, MechanismSpec], scri
                 config.path, "auth.mechanisms", None,
                 f"{name} is not built in and {config.auth.script} does not serve it"
                 f" (its MECHANISMS: {', '.join(sorted(declared)) or 'none'})")])
-        specs[name] = scripted_spec(name, runner)
+        specs[name] = script.spec(name, runner, builtins.get(name))
     return specs
 
 

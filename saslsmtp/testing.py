@@ -136,7 +136,7 @@ class SMTPHarness:
                  clock: task.Clock | None = None, peer: str = "192.0.2.10",
                  **overrides: Any) -> None:
         from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
-                                     load_script, scripted_spec)
+                                     load_script)
         self.script_runner: ScriptRunner | None = None
         self.clock = clock or task.Clock()
         self.realm = MemoryRealm()
@@ -158,7 +158,7 @@ class SMTPHarness:
             password_checker = ScriptPasswordChecker(self.script_runner)
             for name in names or ():
                 if name not in specs or (loaded.mechanisms and name in loaded.mechanisms):
-                    specs[name] = scripted_spec(name, self.script_runner)
+                    specs[name] = loaded.spec(name, self.script_runner, specs.get(name))
         if checkers is None:
             checkers = [password_checker]
         self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])
