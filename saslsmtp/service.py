@@ -161,6 +161,9 @@ def engine_settings(config: Config) -> EngineSettings:
         max_message_size=config.server.max_message_size,
         max_recipients=config.server.max_recipients,
         idle_timeout=config.server.idle_timeout,
+        junk_command_limit=config.server.junk_command_limit,
+        max_unauthenticated_time=config.server.max_unauthenticated_time,
+        tls_handshake_timeout=config.server.tls_handshake_timeout,
     )
 
 
@@ -258,7 +261,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self._idle.append(d)
         for connection in list(self.connections):
             connection.send(REPLIES["shutting_down"])
-            connection.transport.loseConnection()
+            connection.close()
         return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 
     def buildProtocol(self, addr: Any) -> SubmissionESMTP:

@@ -184,6 +184,8 @@ class SMTPHarness:
             clock=self.clock, tls_context=object() if starttls else None,
             script=self.script_runner, **kwargs)
         self.protocol.makeConnection(self.transport)
+        if tls:
+            self.protocol.handshakeCompleted()  # a string transport has no handshake
         self.greeting = self.take()
 
     def take(self) -> bytes:
