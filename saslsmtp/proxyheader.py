@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import _WrapperServerEndpoint
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
 from twisted.logger import Logger
+# The wrapper classes are only exported through the private module (the package exports
+# ``proxyEndpoint``, which cannot take another protocol class).
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import implementer
 
@@ -45,7 +46,17 @@ class LoggingProxyFactory(HAProxyWrappingFactory):
     protocol = LoggingProxyWrapper
 
 
-def proxy_endpoint(endpoint: Any) -> Any:
+@implementer(IStreamServerEndpoint)
+class ProxyEndpoint:
     """``endpoint`` with a PROXY header read before anything else (like Twisted's
     ``proxyEndpoint``), logging connections that lack one."""
-    return _WrapperServerEndpoint(endpoint, LoggingProxyFactory)
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+
+    def listen(self, factory: Any) -> Any:
+        return self.endpoint.listen(LoggingProxyFactory(factory))
+
+
+def proxy_endpoint(endpoint: Any) -> ProxyEndpoint:
+    return ProxyEndpoint(endpoint)

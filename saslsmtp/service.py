@@ -330,12 +330,18 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     wrapped in TLS.  Anything else is a Twisted endpoint string as written.
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from saslsmtp.proxyheader import proxy_endpoint
     prefix = "haproxy:" if description.startswith("haproxy:") else ""
     inner = description[len(prefix):]
     if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
-        endpoint = endpoints.serverFromString(reactor, prefix + "tcp:" + inner[len("ssl:"):])
-        return endpoint, TLSMemoryBIOFactory(tls, False, factory)
-    return endpoints.serverFromString(reactor, description), factory
+        endpoint = endpoints.serverFromString(reactor, "tcp:" + inner[len("ssl:"):])
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    else:
+        endpoint = endpoints.serverFromString(reactor, inner)
+    if prefix:
+        endpoint = proxy_endpoint(endpoint)
+    return endpoint, factory
 
 
 def build(config: Config, reactor: Any) -> SaslSmtpService:
