@@ -128,6 +128,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
     endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, spec.family)
     if spec.proxy:
@@ -139,7 +140,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
         if tls_context is None:
             raise ListenError(f"{spec.description}: an ssl: endpoint needs a [tls] section")
         factory = TLSMemoryBIOFactory(tls_context, False, factory)
-    return endpoint, factory
+    return AcceptLogEndpoint(endpoint, reactor), factory
 
 
 def _explicit_ssl_context(reactor: Any, spec: ListenerSpec) -> Any:

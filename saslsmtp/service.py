@@ -331,6 +331,7 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
     prefix = "haproxy:" if description.startswith("haproxy:") else ""
     inner = description[len(prefix):]
@@ -341,7 +342,7 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
         endpoint = endpoints.serverFromString(reactor, inner)
     if prefix:
         endpoint = proxy_endpoint(endpoint)
-    return endpoint, factory
+    return AcceptLogEndpoint(endpoint, reactor), factory
 
 
 def build(config: Config, reactor: Any) -> SaslSmtpService:
