@@ -22,7 +22,7 @@ import resource
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from zope.interface import implementer
 
 log = Logger(namespace="saslsmtp.listen")
@@ -51,6 +51,7 @@ def raise_descriptor_limit() -> tuple[int, int]:
     return soft, target
 
 
+@implementer(ILogObserver)
 class AcceptFailureLog:
     """The log observer of one listening port: accept failures are summarised (see the
     module docstring); every other event goes on to ``forward``."""
@@ -129,8 +130,8 @@ def summarise_accept_failures(port: Any, clock: Any, interval: float = 60.0) -> 
     adopted) an ``AcceptFailureLog``; other ports are returned unchanged."""
     logger = getattr(port, "_logger", None)
     if isinstance(logger, Logger) and hasattr(port, "doRead"):
-        port._logger = Logger(namespace=logger.namespace,
-                              observer=AcceptFailureLog(port, clock, interval))
+        observer: Any = AcceptFailureLog(port, clock, interval)  # an ILogObserver
+        port._logger = Logger(namespace=logger.namespace, observer=observer)
     return port
 
 

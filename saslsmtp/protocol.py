@@ -159,14 +159,16 @@ class SubmissionESMTP(smtp.ESMTP):
         self._producing = True
         self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
         self.setTimeout(self.timeout)
-        self._session_deadline = self.callLater(self.settings.max_unauthenticated_time,
-                                                self._unauthenticated_too_long)
+        if self.settings.require_auth:
+            self._session_deadline = self.callLater(self.settings.max_unauthenticated_time,
+                                                    self._unauthenticated_too_long)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.setTimeout(None)
-        for name in ("_session_deadline", "_handshake_deadline", "_abort_deadline"):
-            call, _ = getattr(self, name), setattr(self, name, None)
+        calls = (self._session_deadline, self._handshake_deadline, self._abort_deadline)
+        self._session_deadline = self._handshake_deadline = self._abort_deadline = None
+        for call in calls:
             if call is not None and call.active():
                 call.cancel()
         self.auth.end()

@@ -27,23 +27,26 @@ class LoggingProxyWrapper(HAProxyProtocolWrapper):
     """``HAProxyProtocolWrapper`` that says why it closed a connection."""
 
     def dataReceived(self, data: bytes) -> None:
+        wrapped: Any = self.wrappedProtocol
         if self._proxyInfo is not None:
-            self.wrappedProtocol.dataReceived(data)
+            wrapped.dataReceived(data)
             return
         super().dataReceived(data)
         if self._proxyInfo is None and self.disconnecting:
-            peer = self.transport.getPeer()
+            transport: Any = self.transport
+            peer = transport.getPeer()
             log.warn("no valid PROXY protocol header from {peer}:{port} on a haproxy: listener;"
                      " closing", peer=getattr(peer, "host", str(peer)),
                      port=getattr(peer, "port", 0))
 
     def handshakeCompleted(self) -> None:
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
+        wrapped: Any = self.wrappedProtocol
+        if IHandshakeListener.providedBy(wrapped):
+            wrapped.handshakeCompleted()
 
 
 class LoggingProxyFactory(HAProxyWrappingFactory):
-    protocol = LoggingProxyWrapper
+    protocol = LoggingProxyWrapper  # type: ignore[assignment]  # a subclass
 
 
 @implementer(IStreamServerEndpoint)

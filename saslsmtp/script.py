@@ -325,7 +325,8 @@ def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None
     if builtin is not None:
         flags = {"plaintext": builtin.plaintext, "needs_tls": builtin.needs_tls}
     flags.update(declared or {})
-    return MechanismSpec(name, lambda session: ScriptMechanism(runner, session), **flags)
+    return MechanismSpec(name, lambda session: ScriptMechanism(runner, session),
+                         plaintext=flags["plaintext"], needs_tls=flags["needs_tls"])
 
 
 @implementer(ICredentialsChecker)

@@ -85,8 +85,6 @@ def test_four_flooding_connections_keep_the_daemon_small(tmp_path: Path) -> None
         stop.set()
         for f in flooders:
             f.join(30)
-        print(f"peak RSS {peak // 2**20} MiB; sent {[f.sent // 2**20 for f in flooders]} MiB;"
-              f" last bytes {[f.received[-90:] for f in flooders]}")
         assert peak < RSS_LIMIT, f"daemon grew to {peak // 2**20} MiB"
         assert all(f.closed_by_server for f in flooders), [f.sent for f in flooders]
         # HELP hits the junk command limit first; EHLO is cut off as a flood.

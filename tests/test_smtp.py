@@ -1,7 +1,7 @@
 """Exact-byte transcripts of ``SubmissionESMTP`` over StringTransport.
 
-Each row of CONTRACT.md section 4, the five stock-Twisted defects of ARCHITECTURE.md,
-pipelining with a pending step, STARTTLS injection and hostile input.  The tests fire
+Each row of the README's reply table, the defects of stock Twisted ESMTP this protocol
+avoids, pipelining with a pending step, STARTTLS injection and hostile input.  The tests fire
 the Deferreds and advance the Clock themselves.
 """
 
