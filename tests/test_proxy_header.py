@@ -76,3 +76,47 @@ async def test_connection_with_proxy_header_is_served_quietly(tmp_path: Path, lo
     got = await _serve(tmp_path, b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\nEHLO c.example\r\n")
     assert got.startswith(b"220 ") and b"250-" in got
     assert _proxy_lines(logged) == []
+
+
+def _proxied_starttls_then_pause(port: int, pause: float) -> bytes:
+    """PROXY header, EHLO, STARTTLS, handshake, then ``pause`` seconds of silence, EHLO."""
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\nEHLO c.example\r\nSTARTTLS\r\n")
+        got = b""
+        while b"220 2.0.0" not in got:
+            got += raw.recv(4096)
+        with ctx.wrap_socket(raw) as tls:
+            import time
+            time.sleep(pause)
+            tls.sendall(b"EHLO c.example\r\n")
+            return tls.recv(4096)
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_behind_proxy_header_finishes_its_handshake(tmp_path: Path) -> None:
+    """The wrapper passes the TLS handshake notification on: a client that completed the
+    handshake and then thinks for longer than ``tls_handshake_timeout`` is still served."""
+    from tests.tlsutil import issue_cert, make_ca
+    ca = make_ca(tmp_path)
+    cert = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
+    (tmp_path / "users").write_text("alice:{PLAIN}secret\n")
+    listen = "haproxy:tcp:0:interface=127.0.0.1"
+    path = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                        listen=[listen], tls=(cert.chain_path, cert.key_path))
+    path.write_text(path.read_text().replace("[server]\n", "[server]\ntls_handshake_timeout = 0.5\n", 1))
+    config = load(str(path))
+    wiring = wire(config, reactor)
+    factory = SubmissionFactory(wiring, reactor)
+    endpoint, wrapped = listener(listen, config, reactor, factory, wiring.tls_context)
+    port = await endpoint.listen(wrapped)
+    try:
+        got = await threads.deferToThread(_proxied_starttls_then_pause, port.getHost().port, 1.5)
+    finally:
+        for p in list(factory.connections):
+            p.transport.abortConnection()
+        await port.stopListening()
+    assert got.startswith(b"250-")
