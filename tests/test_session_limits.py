@@ -112,3 +112,24 @@ def test_a_closing_client_that_never_reads_is_aborted() -> None:
     h.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
     h.clock.advance(60)
     assert aborted == [True]
+
+
+def test_server_keys_are_read_and_checked() -> None:
+    """The three ``[server]`` keys reach the engine; nonsense values are startup errors
+    naming the key."""
+    import pytest
+
+    from saslsmtp.config import ConfigError, parse_config
+    from saslsmtp.mechanisms import BUILTIN_NAMES
+    from saslsmtp.service import engine_settings
+    base = '[auth]\nbackends = ["u"]\n[backends.u]\ntype = "file"\npath = "/etc/hostname"\n'
+    config = parse_config("[server]\njunk_command_limit = 7\nmax_unauthenticated_time = 60.0\n"
+                          "tls_handshake_timeout = 5.0\n" + base, known_mechanisms=BUILTIN_NAMES)
+    settings = engine_settings(config)
+    assert (settings.junk_command_limit, settings.max_unauthenticated_time,
+            settings.tls_handshake_timeout) == (7, 60.0, 5.0)
+    with pytest.raises(ConfigError) as e:
+        parse_config("[server]\njunk_command_limit = -1\nmax_unauthenticated_time = 0\n"
+                     "tls_handshake_timeout = -2.0\n" + base, known_mechanisms=BUILTIN_NAMES)
+    for key in ("junk_command_limit", "max_unauthenticated_time", "tls_handshake_timeout"):
+        assert f"server.{key}" in str(e.value)
