@@ -13,7 +13,6 @@ from tests.support import free_port, start_daemon, write_config
 
 FLOOD_BYTES = 24 * 1024 * 1024
 RSS_LIMIT = 150 * 1024 * 1024
-FLOOD_421 = b"421 4.7.0 Too much pipelined input without reading replies, closing connection\r\n"
 
 
 def _rss(pid: int) -> int:
@@ -87,9 +86,10 @@ def test_four_flooding_connections_keep_the_daemon_small(tmp_path: Path) -> None
             f.join(30)
         assert peak < RSS_LIMIT, f"daemon grew to {peak // 2**20} MiB"
         assert all(f.closed_by_server for f in flooders), [f.sent for f in flooders]
-        # HELP hits the junk command limit first; EHLO is cut off as a flood.
-        assert [f.received.endswith(b"closing connection\r\n") for f in flooders] == [True] * 4
-        assert flooders[1].received.endswith(FLOOD_421)
+        # HELP hits the junk command limit first; EHLO is cut off as a flood.  Whether the
+        # 421 itself reaches a client that never read is up to TCP (the server closes with
+        # unread input, which resets the connection): the transcript tests check its bytes,
+        # the log says it was sent.
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             assert s.recv(100).startswith(b"220 ")
             s.sendall(b"EHLO ok.example\r\n")
@@ -98,4 +98,4 @@ def test_four_flooding_connections_keep_the_daemon_small(tmp_path: Path) -> None
         stop.set()
         daemon.stop()
     log = daemon.log_text()
-    assert "pipelined too much without reading the replies" in log
+    assert log.count("pipelined too much without reading the replies") == 2, log[-2000:]
