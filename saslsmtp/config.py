@@ -72,6 +72,9 @@ class ServerConfig(Options):
     max_message_size: int = 26214400
     max_recipients: int = 100
     idle_timeout: float = 300.0
+    junk_command_limit: int = 100  # NOOP/RSET/VRFY/HELP/unknown per session before 421
+    max_unauthenticated_time: float = 300.0  # seconds a session may last before AUTH
+    tls_handshake_timeout: float = 30.0  # seconds for a TLS handshake (ssl: or STARTTLS)
 
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
@@ -81,7 +84,12 @@ class ServerConfig(Options):
                             or not self.hostname or " " in self.hostname, "hostname",
                             "must be a domain name or address literal (ASCII, no spaces)"),
                 *problem_if(self.max_recipients < 1, "max_recipients", "must be at least 1"),
-                *problem_if(self.idle_timeout <= 0, "idle_timeout", "must be positive")]
+                *problem_if(self.idle_timeout <= 0, "idle_timeout", "must be positive"),
+                *problem_if(self.junk_command_limit < 0, "junk_command_limit", "must not be negative"),
+                *problem_if(self.max_unauthenticated_time <= 0, "max_unauthenticated_time",
+                            "must be positive"),
+                *problem_if(self.tls_handshake_timeout <= 0, "tls_handshake_timeout",
+                            "must be positive")]
 
 
 @dataclass(frozen=True)

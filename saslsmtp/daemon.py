@@ -54,8 +54,10 @@ def clean_exit(result: Any, reactor: Any) -> Any:
 
 def make_service(config: Config, reactor: Any, workers: int | None = None) -> service.IService:
     """The daemon for ``config``; ``workers`` (``--workers``) overrides ``server.workers``."""
+    from saslsmtp.descriptors import raise_descriptor_limit
     from saslsmtp.serving import build_service
     from saslsmtp.service import wire
+    raise_descriptor_limit()  # one descriptor per session: the soft default is far too low
     count = config.ops.worker_count(workers)
     if count == 1:
         top = SingleProcess(config, reactor)

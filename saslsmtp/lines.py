@@ -4,8 +4,13 @@ A client may pipeline (RFC 2920): several commands arrive in one read, and their
 must come back in order even when one of them is answered later (an AUTH step, MAIL
 validation, end of DATA).  ``LineReader`` hands over one line at a time; while the
 protocol is *busy* further lines wait in ``queue`` and are handed over, in order, when
-it releases the reader after writing its reply.  No Twisted here: the protocol feeds
-bytes and says when it is busy.
+it releases the reader after writing its reply.
+
+Lines also wait while the client is not reading the replies (``block``: the transport's
+write buffer is full).  A client that keeps sending then is flooding: past ``MAX_QUEUED``
+lines or ``MAX_QUEUED_BYTES`` waiting, ``on_flood`` is called once and the queue dropped,
+so a connection's memory stays bounded whatever the client sends.  No Twisted here: the
+protocol feeds bytes and says when it is busy or blocked.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 from typing import Callable
 
 READ_LIMIT = 16384  # longest partial line buffered before it is refused
+MAX_QUEUED = 100  # lines waiting while replies are not read before it counts as a flood
+MAX_QUEUED_BYTES = 65536  # the same, in octets
 OVERLONG = b"<a line longer than READ_LIMIT>"  # handed over in place of such a line; compare by identity
 
 
@@ -21,18 +28,27 @@ class LineReader:
 
     ``on_line(line)`` gets each line without its CRLF (or ``OVERLONG``); ``on_bare_lf()``
     is called once for a line ending in a bare LF (nothing after it is read);
-    ``stopped()`` says the connection is going away (no more lines are handed over).
+    ``stopped()`` says the connection is going away (no more lines are handed over);
+    ``on_flood()`` is called when too much waits while the replies are not read.
     """
 
     def __init__(self, on_line: Callable[[bytes], None], on_bare_lf: Callable[[], None],
-                 stopped: Callable[[], bool], read_limit: int = READ_LIMIT) -> None:
+                 stopped: Callable[[], bool], read_limit: int = READ_LIMIT,
+                 on_flood: Callable[[], None] | None = None, max_queued: int = MAX_QUEUED,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self._on_line = on_line
         self._on_bare_lf = on_bare_lf
         self._stopped = stopped
+        self._on_flood = on_flood
         self.read_limit = read_limit
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.partial = b""  # bytes of a line not yet ended
-        self.queue: list[bytes] = []  # complete lines waiting while busy
+        self._queue: list[bytes] = []  # complete lines waiting while busy or blocked
+        self._queued_bytes = 0
+        self._next = 0  # index of the next queued line to hand over
         self.busy = False
+        self.blocked = False  # the client is not reading the replies
         self._skip_to_eol = False  # the rest of an overlong line is still arriving
         self._discard_rest = False  # set during a read: drop what is left of it
         # a message body after 354: raw(bytes) takes every byte and returns what follows
@@ -84,10 +100,17 @@ class LineReader:
             self._hand_over(OVERLONG)  # queued like a line, so replies stay in order
 
     def _hand_over(self, line: bytes) -> None:
-        if self.busy:
-            self.queue.append(line)
-        else:
+        if not (self.busy or self.blocked):
             self._on_line(line)
+            return
+        self._queue.append(line)
+        self._queued_bytes += len(line)
+        if self.blocked and (len(self._queue) - self._next > self.max_queued
+                             or self._queued_bytes > self.max_queued_bytes):
+            self.clear()
+            self._discard_rest = True
+            if self._on_flood is not None:
+                self._on_flood()
 
     def hold(self) -> None:
         """The current line's answer comes later: queue what follows."""
@@ -96,20 +119,50 @@ class LineReader:
     def release(self) -> None:
         """The answer was written: hand over the queued lines (until one holds again)."""
         self.busy = False
-        while not self.busy and not self._stopped():
-            if self.raw is not None:
+        self._drain()
+
+    def block(self) -> None:
+        """The client is not reading the replies: queue lines (bounded) until ``unblock``."""
+        self.blocked = True
+
+    def unblock(self) -> None:
+        """The replies were read: hand over what waited."""
+        self.blocked = False
+        self._drain()
+
+    def _drain(self) -> None:
+        # An index instead of pop(0): a full read of short lines may be waiting.
+        while not self.busy and not self.blocked and not self._stopped():
+            if self.raw is not None:  # a late 354: what was queued belongs to the body
                 if not self._feeding:  # feed() passes the rest of its read on itself
                     self._feed_raw_pending()
                 return
-            if not self.queue:
-                return
-            self._on_line(self.queue.pop(0))
+            if self._next >= len(self._queue):
+                break
+            line = self._queue[self._next]
+            self._next += 1
+            self._queued_bytes -= len(line)
+            self._on_line(line)
+        if self._next >= len(self._queue):
+            self.clear()
+
+    @property
+    def queue(self) -> list[bytes]:
+        """The lines waiting, in order (a copy)."""
+        return self._queue[self._next:]
+
+    def clear(self) -> None:
+        """Drop every queued line."""
+        self._queue = []
+        self._queued_bytes = 0
+        self._next = 0
 
     def _feed_raw_pending(self) -> None:
         """Lines read before a late ``354`` (queued while busy) belong to the body."""
         pending = b"".join(line + b"\r\n" for line in self.queue if line is not OVERLONG)
         pending += self.partial
-        self.queue, self.partial = [], b""
+        self.clear()
+        self.partial = b""
         if pending:
             self.feed(pending)
 
@@ -118,4 +171,4 @@ class LineReader:
         read (STARTTLS: plaintext sent after it must not count)."""
         self._discard_rest = True
         self.partial = b""
-        self.queue = []
+        self.clear()

@@ -126,11 +126,13 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     implicit TLS around the SMTP factory for ``ssl:``, the PROXY header parsed before
     anything else for ``haproxy:`` (outside TLS, as HAProxy's ``send-proxy`` sends it)."""
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-    from twisted.protocols.haproxy import proxyEndpoint
     from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from saslsmtp.descriptors import AcceptLogEndpoint
+    from saslsmtp.proxyheader import proxy_endpoint
     endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, spec.family)
     if spec.proxy:
-        endpoint = proxyEndpoint(endpoint)
+        endpoint = proxy_endpoint(endpoint)
     if spec.kind == "ssl":
         options = dict(spec.options)
         if "privateKey" in options:
@@ -138,7 +140,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
         if tls_context is None:
             raise ListenError(f"{spec.description}: an ssl: endpoint needs a [tls] section")
         factory = TLSMemoryBIOFactory(tls_context, False, factory)
-    return endpoint, factory
+    return AcceptLogEndpoint(endpoint, reactor), factory
 
 
 def _explicit_ssl_context(reactor: Any, spec: ListenerSpec) -> Any:

@@ -22,9 +22,13 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
 rejects; one that raises or runs past ``script_timeout`` defers (454 4.7.0) and is logged
 with its traceback; an exchange longer than ``script_max_steps`` is refused.
 
-An optional module-level ``MECHANISMS = ["CRAM-MD5", ...]`` lists the custom mechanisms
-the script serves; when present, configuring any other non-built-in mechanism is a
-startup error.
+An optional module-level ``MECHANISMS`` lists the custom mechanisms the script serves;
+when present, configuring any other non-built-in mechanism is a startup error.  It is a
+list of names (``["X-MY-MECH"]``) or a dict of name -> TLS declaration
+(``{"X-OTP": {"plaintext": False}}``): ``plaintext`` (secrets cross the wire: hidden before
+TLS under ``require_tls``; default ``True`` for a custom mechanism) and ``needs_tls`` (never
+offered without TLS; default ``False``).  A built-in the script takes over keeps the
+built-in's values unless declared.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import enum
 import inspect
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -101,14 +105,25 @@ def _bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
+#: What ``MECHANISMS = {"NAME": {...}}`` may declare per mechanism (``MechanismSpec`` fields).
+DECLARABLE = ("plaintext", "needs_tls")
+
+
 @dataclass(frozen=True)
 class AuthScript:
-    """A loaded script: its ``auth`` callable and the mechanisms it declares."""
+    """A loaded script: its ``auth`` callable, the mechanisms it declares and what it
+    declared about their TLS needs (name -> {``plaintext``/``needs_tls``: bool})."""
 
     path: str
     auth: Callable[..., Any]
     mechanisms: frozenset[str] | None  # None: serves any custom mechanism
+    declarations: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
     sender: Callable[..., Any] | None = None  # optional sender(arguments, context) for MAIL FROM
+
+    def spec(self, name: str, runner: "ScriptRunner", builtin: MechanismSpec | None = None) -> MechanismSpec:
+        """The spec for ``name`` served by this script: a custom mechanism is plaintext
+        unless declared otherwise; a built-in taken over keeps its TLS needs."""
+        return scripted_spec(name, runner, builtin, self.declarations.get(name, {}))
 
 
 def load_script(path: str, config_file: str = "<config>") -> AuthScript:
@@ -144,15 +159,34 @@ def load_script(path: str, config_file: str = "<config>") -> AuthScript:
         raise problem("defines no callable auth(arguments, context)")
     declared = getattr(module, "MECHANISMS", None)
     mechanisms = None
+    declarations: dict[str, dict[str, bool]] = {}
     if declared is not None:
-        if not isinstance(declared, (list, tuple, set, frozenset)) or not all(
+        if not isinstance(declared, (list, tuple, set, frozenset, dict)) or not all(
                 isinstance(m, str) for m in declared):
-            raise problem("MECHANISMS must be a list of mechanism names")
+            raise problem("MECHANISMS must be a list of mechanism names, or a dict of"
+                          " name -> {\"plaintext\": bool, \"needs_tls\": bool}")
         mechanisms = frozenset(m.upper() for m in declared)
+        if isinstance(declared, dict):
+            for name, flags in declared.items():
+                declarations[name.upper()] = _declaration(name, flags, problem)
     sender = getattr(module, "sender", None)
     if sender is not None and not callable(sender):
         raise problem("sender must be a function sender(arguments, context)")
-    return AuthScript(str(source_path), auth, mechanisms, sender)
+    return AuthScript(str(source_path), auth, mechanisms, declarations, sender)
+
+
+def _declaration(name: str, flags: Any, problem: Callable[[str], ConfigError]) -> dict[str, bool]:
+    """One ``MECHANISMS`` dict value, checked: only ``DECLARABLE`` keys, bool values."""
+    if flags is None:
+        return {}
+    if not isinstance(flags, dict):
+        raise problem(f"MECHANISMS[{name!r}] must be a dict such as {{\"plaintext\": False}}")
+    for key, value in flags.items():
+        if key not in DECLARABLE:
+            raise problem(f"MECHANISMS[{name!r}]: unknown key {key!r} (known: {', '.join(DECLARABLE)})")
+        if not isinstance(value, bool):
+            raise problem(f"MECHANISMS[{name!r}][{key!r}] must be True or False")
+    return dict(flags)
 
 
 class ScriptRunner:
@@ -312,9 +346,18 @@ class ScriptMechanism:
         return d.addCallback(require_username)
 
 
-def scripted_spec(name: str, runner: ScriptRunner) -> MechanismSpec:
-    """A ``MechanismSpec`` whose exchanges the script runs (client-first allowed)."""
-    return MechanismSpec(name, lambda session: ScriptMechanism(runner, session))
+def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None = None,
+                  declared: Mapping[str, bool] | None = None) -> MechanismSpec:
+    """A ``MechanismSpec`` whose exchanges the script runs (client-first allowed).
+
+    Its TLS needs are what the script ``declared``, else the taken-over ``builtin``'s,
+    else those of a plaintext mechanism: an unknown mechanism might send a password."""
+    flags = {"plaintext": True, "needs_tls": False}
+    if builtin is not None:
+        flags = {"plaintext": builtin.plaintext, "needs_tls": builtin.needs_tls}
+    flags.update(declared or {})
+    return MechanismSpec(name, lambda session: ScriptMechanism(runner, session),
+                         plaintext=flags["plaintext"], needs_tls=flags["needs_tls"])
 
 
 @implementer(ICredentialsChecker)

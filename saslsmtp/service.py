@@ -35,7 +35,7 @@ from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
-from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script, scripted_spec
+from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script
 from saslsmtp.threads import ThreadPoolRunner
 
 log = Logger(namespace="saslsmtp")
@@ -196,7 +196,7 @@ def scripted_mechanisms(config: Config, builtins: dict[str, MechanismSpec], scri
                 config.path, "auth.mechanisms", None,
                 f"{name} is not built in and {config.auth.script} does not serve it"
                 f" (its MECHANISMS: {', '.join(sorted(declared)) or 'none'})")])
-        specs[name] = scripted_spec(name, runner)
+        specs[name] = script.spec(name, runner, builtins.get(name))
     return specs
 
 
@@ -212,6 +212,9 @@ def engine_settings(config: Config) -> EngineSettings:
         max_message_size=config.server.max_message_size,
         max_recipients=config.server.max_recipients,
         idle_timeout=config.server.idle_timeout,
+        junk_command_limit=config.server.junk_command_limit,
+        max_unauthenticated_time=config.server.max_unauthenticated_time,
+        tls_handshake_timeout=config.server.tls_handshake_timeout,
     )
 
 
@@ -310,7 +313,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self._idle.append(d)
         for connection in list(self.connections):
             connection.send(REPLIES["shutting_down"])
-            connection.transport.loseConnection()
+            connection.close()
         return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 
     def session_events(self) -> SessionEvents:
@@ -388,12 +391,19 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     wrapped in TLS.  Anything else is a Twisted endpoint string as written.
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from saslsmtp.descriptors import AcceptLogEndpoint
+    from saslsmtp.proxyheader import proxy_endpoint
     prefix = "haproxy:" if description.startswith("haproxy:") else ""
     inner = description[len(prefix):]
     if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
-        endpoint = endpoints.serverFromString(reactor, prefix + "tcp:" + inner[len("ssl:"):])
-        return endpoint, TLSMemoryBIOFactory(tls, False, factory)
-    return endpoints.serverFromString(reactor, description), factory
+        endpoint = endpoints.serverFromString(reactor, "tcp:" + inner[len("ssl:"):])
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    else:
+        endpoint = endpoints.serverFromString(reactor, inner)
+    if prefix:
+        endpoint = proxy_endpoint(endpoint)
+    return AcceptLogEndpoint(endpoint, reactor), factory
 
 
 def build(config: Config, reactor: Any) -> SaslSmtpService:

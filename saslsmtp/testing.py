@@ -162,7 +162,7 @@ class SMTPHarness:
                  clock: task.Clock | None = None, peer: str = "192.0.2.10",
                  realm: Any = None, sender_check: Any = None, **overrides: Any) -> None:
         from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
-                                     load_script, scripted_spec)
+                                     load_script)
         self.script_runner: ScriptRunner | None = None
         self.clock = clock or task.Clock()
         self.realm = realm or MemoryRealm()
@@ -184,7 +184,7 @@ class SMTPHarness:
             password_checker = ScriptPasswordChecker(self.script_runner)
             for name in names or ():
                 if name not in specs or (loaded.mechanisms and name in loaded.mechanisms):
-                    specs[name] = scripted_spec(name, self.script_runner)
+                    specs[name] = loaded.spec(name, self.script_runner, specs.get(name))
         if checkers is None:
             checkers = [password_checker]
         self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])
@@ -217,6 +217,8 @@ class SMTPHarness:
             clock=self.clock, tls_context=object() if starttls else None,
             script=self.script_runner, sender_check=self._connection["sender_check"], **kwargs)
         self.protocol.makeConnection(self.transport)
+        if tls:
+            self.protocol.handshakeCompleted()  # a string transport has no handshake
         self.greeting = self.take()
 
     def connect(self, peer: str | None = None) -> "SMTPHarness":

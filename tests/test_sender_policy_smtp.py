@@ -67,7 +67,7 @@ def test_map_policy_and_reload(tmp_path: Path) -> None:
 
 
 def script_runner(sender, clock: task.Clock | None = None) -> ScriptRunner:
-    script = AuthScript("<test>", lambda args, ctx: Reject(), None, sender)
+    script = AuthScript("<test>", lambda args, ctx: Reject(), None, sender=sender)
     return ScriptRunner(script, clock or task.Clock(), 5.0, Backends({}))
 
 

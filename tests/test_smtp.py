@@ -1,7 +1,8 @@
 """Exact-byte transcripts of ``SubmissionESMTP`` over StringTransport.
 
-Each row of the README's wire table, the five stock-Twisted defects of docs/twisted-notes.md,
-pipelining with a pending step, STARTTLS injection and hostile input.  The tests fire
+Each row of the README's reply table, the defects of stock Twisted ESMTP this protocol
+avoids (docs/twisted-notes.md), pipelining with a pending step, STARTTLS injection and
+hostile input.  The tests fire
 the Deferreds and advance the Clock themselves.
 """
 
