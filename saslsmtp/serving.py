@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from twisted.application import internet
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -25,7 +24,8 @@ from zope.interface import implementer
 from saslsmtp.checkers.chain import BackendChain
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.metrics import Metrics
-from saslsmtp.service import SaslSmtpService, SubmissionFactory, Wiring, listener, load, wire
+from saslsmtp.service import (SaslSmtpService, SubmissionFactory, Wiring, listener,
+                              listening_service, load, wire)
 
 log = Logger(namespace="saslsmtp")
 
@@ -147,7 +147,7 @@ def build_service(config: Config, reactor: Any, metrics: Metrics | None = None) 
     for description in config.server.listen:
         endpoint, wrapped = listener(description, config, reactor,
                                      listening_factory(factory, description), live)
-        internet.StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
+        listening_service(endpoint, wrapped).setServiceParent(top)
     return top
 
 
