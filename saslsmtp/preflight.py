@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from saslsmtp.config import Config, ConfigError, ConfigProblem, key_lines
+from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines
 
 READ, WRITE, SEARCH = 4, 2, 1
 
@@ -236,7 +236,7 @@ def check_paths(config: Config, who: RunAs, report: _Report) -> None:
             why = readable_problem(backend.options.path, who)
             if why is not None:
                 report.problem(f"backends.{name}.path", why)
-    if config.delivery.type == "maildir":
+    if isinstance(config.delivery, DeliveryConfig):
         why = writable_dir_problem(config.delivery.path, who, ("tmp", "new", "cur"))
         if why is not None:
             report.problem("delivery.path", why)

@@ -24,7 +24,7 @@ from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
-from saslsmtp.config import Config, ConfigError, ConfigProblem, load_config
+from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, load_config
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
@@ -322,7 +322,7 @@ class SaslSmtpService(service.MultiService):
 def prepare_delivery(config: Config, now: float | None = None) -> None:
     """At start, as the user that serves: make the Maildir and clear stale ``tmp/`` files.
     A Maildir that cannot be made stops the start with one line (``SystemExit``)."""
-    if config.delivery.type != "maildir":
+    if not isinstance(config.delivery, DeliveryConfig):
         return
     from saslsmtp.delivery import prepare_maildir
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -44,7 +45,7 @@ class Options(usage.Options):
 
         from saslsmtp.daemon import make_service
         from saslsmtp.preflight import preflight, run_as
-        parent = self.parent or {}
+        parent: Any = self.parent or {}
         try:
             config = load(self["config"])
             # the same checks for --check and a real start, before anything is built
