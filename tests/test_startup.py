@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -239,3 +240,68 @@ def test_check_passes_the_same_layout_when_it_is_right(shared_dir: Path) -> None
     os.chmod(key, 0o644)
     status, out = finish(start(config, "--check"), 30)
     assert status == 0 and out.strip().endswith(f"{config}: OK"), out
+
+
+# ---------------------------------------------------------------------------------------
+# The README's production deployment, first time, with swaks and curl
+# ---------------------------------------------------------------------------------------
+
+
+def test_production_deployment_as_the_readme_says(shared_dir: Path) -> None:
+    """Started as root with server.user = "nobody", STARTTLS required, a users file:
+    ``--check`` passes, swaks and curl (``--ssl-reqd``) log in and deliver, SIGTERM exits 0
+    with no traceback and no pid-file complaint."""
+    require_binary("swaks")
+    require_binary("curl")
+    ca = make_ca(shared_dir)
+    cert = issue_cert(ca, shared_dir)
+    port = free_port()
+    config = shared_dir / "saslsmtp.toml"
+    config.write_text("\n".join([
+        "[server]", 'hostname = "mx.example.test"',
+        f'listen = ["tcp:{port}:interface=127.0.0.1"]', 'user = "nobody"',
+        "[tls]", f'certificate = "{cert.chain_path}"', f'private_key = "{cert.key_path}"',
+        "[auth]", 'backends = ["users"]',  # require_tls = true: the default
+        "[backends.users]", 'type = "file"', 'path = "users"',
+        "[delivery]", 'path = "mail"', ""]))
+    users = shared_dir / "users"
+    users.write_text(USERS)
+    for private in (users, Path(cert.key_path)):  # root:nogroup 0640, as the README says
+        os.chown(private, 0, 65534)
+        private.chmod(0o640)
+    (shared_dir / "mail").mkdir(mode=0o700)
+    os.chown(shared_dir / "mail", 65534, 65534)
+
+    status, out = finish(start(config, "--check"), 30)
+    assert status == 0 and "warning" not in out, out
+    daemon = start(config)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and daemon.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        swaks = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{port}", "-tls", "--auth", "PLAIN",
+             "--auth-user", "demo", "--auth-password", "demo-password",
+             "--from", "demo@example.test", "--to", "someone@example.test"],
+            capture_output=True, text=True, timeout=30, cwd=shared_dir)
+        assert swaks.returncode == 0, swaks.stdout + swaks.stderr
+        message = shared_dir / "message.eml"
+        message.write_bytes(b"Subject: from curl\r\n\r\nhello\r\n")
+        curl = subprocess.run(
+            ["curl", "-sS", f"smtp://127.0.0.1:{port}", "--ssl-reqd", "--cacert", ca.cert_path,
+             "--user", "demo:demo-password", "--mail-from", "demo@example.test",
+             "--mail-rcpt", "someone@example.test", "--upload-file", str(message)],
+            capture_output=True, text=True, timeout=30, cwd=shared_dir)
+        assert curl.returncode == 0, curl.stderr
+    finally:
+        daemon.terminate()
+        status, out = finish(daemon, 20)
+    stored = sorted((shared_dir / "mail" / "new").iterdir())
+    assert len(stored) == 2 and all(p.stat().st_uid == 65534 for p in stored), out
+    assert b"Subject: from curl" in b"".join(p.read_bytes() for p in stored)
+    assert "running as uid 65534" in out and "saslsmtp ready" in out, out
+    assert status == 0 and "Traceback" not in out and "pid file" not in out, out
