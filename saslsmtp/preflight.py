@@ -252,6 +252,9 @@ def check_login_possible(config: Config, report: _Report) -> None:
     hidden = [m for m in config.auth.mechanisms
               if m in builtins and (builtins[m].plaintext or builtins[m].needs_tls)]
     if not hidden:
+        report.warn("auth.require_tls", "is true but there is no [tls] section: no session is"
+                    f" ever encrypted ({', '.join(config.auth.mechanisms)} work without TLS,"
+                    " but the mail and the user names cross the network in clear)")
         return
     if len(hidden) == len(config.auth.mechanisms):
         report.problem("auth.require_tls", "is true but there is no [tls] section, so"
