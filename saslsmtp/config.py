@@ -61,6 +61,11 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------
 
 MECHANISM_NAME = re.compile(r"^[A-Z0-9_-]{1,20}$")
+#: What the greeting, EHLO and Received header can carry: a domain (RFC 5321 allows
+#: only ASCII on the wire without SMTPUTF8) or an address literal such as ``[192.0.2.1]``.
+HOSTNAME = re.compile(r"\A(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+                      r"|\[[0-9A-Fa-f.:]+\]|\[IPv6:[0-9A-Fa-f.:]+\])\Z")
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,9 @@ class ServerConfig(Options):
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
                 *problem_if(not self.listen, "listen", "needs at least one endpoint"),
-                # it goes into the greeting, EHLO, Received and CRAM-MD5 challenges as ASCII
-                *problem_if(not self.hostname.isascii() or not self.hostname.isprintable()
-                            or not self.hostname or " " in self.hostname, "hostname",
-                            "must be a domain name or address literal (ASCII, no spaces)"),
+                *problem_if(not HOSTNAME.match(self.hostname), "hostname",
+                            f"{self.hostname!r} is not a domain name or address literal (ASCII"
+                            " letters, digits, '-', '_' and '.'; write IDN names in punycode)"),
                 *problem_if(self.max_recipients < 1, "max_recipients", "must be at least 1"),
                 *problem_if(self.idle_timeout <= 0, "idle_timeout", "must be positive"),
                 *problem_if(self.junk_command_limit < 0, "junk_command_limit", "must not be negative"),

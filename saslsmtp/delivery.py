@@ -275,3 +275,29 @@ class MaildirRealm:
             raise NotImplementedError("MaildirRealm only provides IMessageDelivery")
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)
         return IMessageDelivery, MaildirDelivery(name, self.maildir, self.runner), lambda: None
+
+
+#: Dovecot's rule: a file in ``tmp/`` this old is a write that was killed, not one in flight.
+STALE_TMP_SECONDS = 36 * 3600
+
+
+def prepare_maildir(path: str | Path, now: float | None = None,
+                    max_age: float = STALE_TMP_SECONDS) -> int:
+    """At startup: create ``tmp/``, ``new/`` and ``cur/`` and remove the files in ``tmp/``
+    older than ``max_age`` seconds (left by a kill during a write).  Returns how many
+    were removed; raises ``OSError`` when the folders cannot be made."""
+    maildir = Path(path)
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    cutoff = (time.time() if now is None else now) - max_age
+    removed = 0
+    with os.scandir(maildir / "tmp") as entries:
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and \
+                        entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # another worker removed it first
+                continue
+    return removed

@@ -193,4 +193,6 @@ def metrics_service(description: str, reactor: Any, registry: CollectorRegistry)
     from twisted.application.internet import StreamServerEndpointService
     from twisted.internet import endpoints
     endpoint = endpoints.serverFromString(reactor, description)
-    return StreamServerEndpointService(endpoint, metrics_site(registry))
+    server = StreamServerEndpointService(endpoint, metrics_site(registry))
+    server._raiseSynchronously = True  # a port in use stops the start
+    return server

@@ -361,6 +361,7 @@ class SaslSmtpService(service.MultiService):
                              f" {e.socketError}") from None
 
     def startService(self) -> None:
+        prepare_delivery(self.wiring.config)
         for runner in self.wiring.runners:
             runner.start()
         super().startService()
@@ -380,6 +381,30 @@ class SaslSmtpService(service.MultiService):
                 self.wiring.upstream.close()
         d.addCallback(lambda _: self.factory.close_all())
         return d.addCallback(stop_backends)
+
+
+def prepare_delivery(config: Config, now: float | None = None) -> None:
+    """At start, as the user that serves: make the Maildir and clear stale ``tmp/`` files.
+    A Maildir that cannot be made stops the start with one line (``SystemExit``)."""
+    if not isinstance(config.delivery, DeliveryConfig):
+        return
+    from saslsmtp.delivery import prepare_maildir
+    try:
+        removed = prepare_maildir(config.delivery.path, now)
+    except OSError as e:
+        raise SystemExit(f"saslsmtp: {config.path}: delivery.path: cannot use"
+                         f" {e.filename or config.delivery.path}: {e.strerror}") from None
+    if removed:
+        log.info("maildir {path}: removed {count} stale files from tmp/ (older than 36 hours)",
+                 path=config.delivery.path, count=removed)
+
+
+def listening_service(endpoint: Any, factory: Any) -> internet.StreamServerEndpointService:
+    """A listener whose bind failure is raised by ``privilegedStartService`` (so the start
+    stops, before "ready"), not logged and forgotten as Twisted's default does."""
+    server = internet.StreamServerEndpointService(endpoint, factory)
+    server._raiseSynchronously = True
+    return server
 
 
 def listener(description: str, config: Config, reactor: Any, factory: Any,
@@ -413,5 +438,5 @@ def build(config: Config, reactor: Any) -> SaslSmtpService:
     top = SaslSmtpService(wiring, factory)
     for description in config.server.listen:
         endpoint, wrapped = listener(description, config, reactor, factory, wiring.tls_context)
-        internet.StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
+        listening_service(endpoint, wrapped).setServiceParent(top)
     return top

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from twisted.application import internet
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -28,7 +27,8 @@ from saslsmtp.events import SessionEvents
 from saslsmtp.replies import REPLIES
 from saslsmtp.metrics import Metrics
 from saslsmtp.script import Backends, ScriptRunner
-from saslsmtp.service import SaslSmtpService, SubmissionFactory, Wiring, listener, load, wire
+from saslsmtp.service import (SaslSmtpService, SubmissionFactory, Wiring, listener,
+                              listening_service, load, wire)
 
 log = Logger(namespace="saslsmtp")
 
@@ -227,7 +227,7 @@ def build_service(config: Config, reactor: Any, metrics: Metrics | None = None) 
     for description in config.server.listen:
         endpoint, wrapped = listener(description, config, reactor,
                                      listening_factory(factory, description), live)
-        internet.StreamServerEndpointService(endpoint, wrapped).setServiceParent(top)
+        listening_service(endpoint, wrapped).setServiceParent(top)
     return top
 
 

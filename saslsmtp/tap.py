@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -43,18 +44,24 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         from saslsmtp.daemon import make_service
+        from saslsmtp.preflight import preflight, run_as
+        parent: Any = self.parent or {}
         try:
             config = load(self["config"])
+            # the same checks for --check and a real start, before anything is built
+            warnings = preflight(config, reactor, run_as(config, parent.get("uid"), parent.get("gid")),
+                                 parent.get("pidfile"))
+            check_users_files(config)
             self["service"] = make_service(config, reactor, self["workers"])
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(
                     self.parent, config.ops.log_format, config.ops.log_level)
-            if self["check"]:
-                check_users_files(config)
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)
+        for warning in warnings:
+            print(warning, file=sys.stderr)
         if self["check"]:
             print(f"{self['config']}: OK")
             raise SystemExit(0)

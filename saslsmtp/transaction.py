@@ -371,6 +371,12 @@ class MailTransaction:
     def _not_stored(self, failure: Failure) -> SMTPReply:
         if isinstance(failure.value, defer.FirstError):
             failure = failure.value.subFailure
+        if isinstance(failure.value, OSError):  # unwritable or full disk: one line, no traceback
+            error = failure.value
+            log.error("message not stored: {path}: {why}", path=error.filename or "?",
+                      why=error.strerror or type(error).__name__)
+            self.reset()
+            return REPLIES["local_error"]
         if not failure.check(defer.CancelledError):
             log.failure("message delivery failed", failure=failure)
             self.events.delivery_failed()

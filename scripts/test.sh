@@ -45,6 +45,7 @@ declare -A BINARY_PACKAGE=(
     [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
     [systemd-analyze]=systemd
     [haproxy]=haproxy
+    [setpriv]=util-linux
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).

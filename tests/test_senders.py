@@ -155,7 +155,7 @@ def test_twistd_check_reports_sender_map_lines(tmp_path):
     (tmp_path / "senders").write_text("# senders\nalice: alice@example.test\nbob bob@x.test\n"
                                       "carol: carol\n")
     config = tmp_path / "c.toml"
-    config.write_text('[auth]\nbackends = ["u"]\n[backends.u]\ntype = "file"\npath = "users"\n'
+    config.write_text('[auth]\nrequire_tls = false\nbackends = ["u"]\n[backends.u]\ntype = "file"\npath = "users"\n'
                       '[submission]\nsender_policy = "map"\nsender_map = "senders"\n')
     out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
                          timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -199,6 +199,7 @@ class FileChecker:
         self._stat = stat
         self._read = read
         self._signature: tuple[int, int, int, int] | None = None
+        self._unreadable = False
         self._users: Mapping[str, UserEntry] = {}
         self._dummy = passwords.parse_password(FALLBACK_DUMMY)
 
@@ -219,9 +220,12 @@ class FileChecker:
                 return self._users
             data = self._read(self.path)
         except OSError as e:
-            self._signature = None
-            raise TemporaryFailure(f"users file {self.path} cannot be read:"
-                                   f" {e.strerror or type(e).__name__}") from None
+            why = f"users file {self.path} cannot be read: {e.strerror or type(e).__name__}"
+            if not self._unreadable:  # once per outage, not once per login
+                log.error("backend {name}: {why}; logins get 454", name=self.name, why=why)
+            self._signature, self._unreadable = None, True
+            raise TemporaryFailure(why) from None
+        self._unreadable = False
         parsed = parse_users(data, self.default_scheme)
         for line, problem in parsed.problems:
             log.warn("{file}:{line}: {problem}; line skipped", file=self.path, line=line,

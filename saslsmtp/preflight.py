@@ -1,0 +1,293 @@
+"""Startup checks that ``--check`` and a real start share, run before anything is built.
+
+The configuration parser checks values; this module checks the world the values name,
+as the user the server will run as (``server.user`` or twistd's ``--uid``): that every
+endpoint string parses, that the certificate and key are PEM and belong together, that
+the users files are readable, that the Maildir can be written, that somebody can log in
+at all (``require_tls`` without any TLS), and where twistd's pid file goes.
+
+``preflight(config, reactor, identity)`` returns the warnings and raises ``ConfigError``
+with every problem as ``file:line: key: message``; so ``--check`` and a real start refuse
+the same configurations, before "ready" and without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines
+
+READ, WRITE, SEARCH = 4, 2, 1
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Whose permissions the checks use: the user the server serves as."""
+
+    uid: int
+    groups: frozenset[int]
+    name: str
+
+    @classmethod
+    def current(cls) -> "RunAs":
+        import pwd
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return cls(uid, frozenset([os.getegid(), *os.getgroups()]), name)
+
+    @classmethod
+    def of(cls, uid: int, gid: int) -> "RunAs":
+        """The user ``uid`` with primary group ``gid`` and its supplementary groups."""
+        import pwd
+        try:
+            name = pwd.getpwuid(uid).pw_name
+            groups = os.getgrouplist(name, gid)
+        except KeyError:
+            name, groups = str(uid), [gid]
+        return cls(uid, frozenset([gid, *groups]), name)
+
+
+def run_as(config: Config, uid: int | None = None, gid: int | None = None) -> RunAs:
+    """``server.user``/``group`` if set, else twistd's ``--uid``/``--gid``, else whoever runs."""
+    from saslsmtp import privileges
+    identity = privileges.resolve(config.ops.user, config.ops.group)
+    if identity is not None:
+        return RunAs.of(identity.uid, identity.gid)
+    if uid is not None or gid is not None:
+        import pwd
+        uid = os.geteuid() if uid is None else uid
+        if gid is None:
+            try:
+                gid = pwd.getpwuid(uid).pw_gid
+            except KeyError:
+                gid = os.getegid()
+        return RunAs.of(uid, gid)
+    return RunAs.current()
+
+
+def allowed(path: Path, who: RunAs, want: int) -> bool:
+    """Whether ``who`` may ``want`` (READ/WRITE/SEARCH bits) on ``path``, from its mode
+    bits (ACLs are not read); root may read and write anything."""
+    st = path.stat()
+    if who.uid == 0:
+        return not (want & SEARCH) or bool(st.st_mode & 0o111) or stat.S_ISDIR(st.st_mode)
+    if st.st_uid == who.uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in who.groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & want == want
+
+
+def unreachable(path: Path, who: RunAs) -> Path | None:
+    """The first folder above ``path`` that ``who`` cannot enter, if any."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not allowed(parent, who, SEARCH):
+            return parent
+    return None
+
+
+def readable_problem(path: str, who: RunAs) -> str | None:
+    """Why ``who`` cannot read the file ``path``, or ``None``."""
+    p = Path(path)
+    if not p.is_file():
+        return f"no such file: {path}"
+    blocked = unreachable(p, who)
+    if blocked is not None:
+        return f"{path} is not readable by {who.name}: cannot enter {blocked}"
+    if not allowed(p, who, READ):
+        return f"{path} is not readable by {who.name} (mode {stat.S_IMODE(p.stat().st_mode):04o})"
+    return None
+
+
+def writable_dir_problem(path: str, who: RunAs, subdirs: Iterable[str] = ()) -> str | None:
+    """Why ``who`` cannot create or write the folder ``path`` (and its ``subdirs``)."""
+    p = Path(path)
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{path} cannot be created: {existing} is not a folder"
+    blocked = unreachable(existing / "x", who)
+    if blocked is not None:
+        return f"{path} is not writable by {who.name}: cannot enter {blocked}"
+    if existing != p:  # created at start: the nearest existing folder must allow it
+        if not allowed(existing, who, WRITE | SEARCH):
+            return f"{path} cannot be created by {who.name}: {existing} is not writable by it"
+        return None
+    for sub in subdirs:
+        target = p / sub
+        if not target.exists():
+            if not allowed(p, who, WRITE | SEARCH):
+                return f"{path} is not writable by {who.name} (needed to create {sub}/)"
+        elif not target.is_dir():
+            return f"{target} is not a folder"
+        elif not allowed(target, who, WRITE | SEARCH):
+            return f"{target} is not writable by {who.name}"
+    return None
+
+
+class _Report:
+    """Problems and warnings, placed at the key's line of the configuration file."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        try:
+            self.lines = key_lines(Path(config.path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            self.lines = {}
+        self.problems: list[ConfigProblem] = []
+        self.warnings: list[str] = []
+
+    def _line(self, key: str) -> int | None:
+        probe = key
+        while probe:
+            if probe in self.lines:
+                return self.lines[probe]
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return None
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(ConfigProblem(self.config.path, key, self._line(key), message))
+
+    def warn(self, key: str, message: str) -> None:
+        self.warnings.append(str(ConfigProblem(self.config.path, key, self._line(key),
+                                               f"warning: {message}")))
+
+
+def check_endpoints(config: Config, reactor: Any, report: _Report) -> None:
+    """Every ``server.listen`` (and ``metrics.listen``) entry is an endpoint Twisted can
+    build (nothing is bound here)."""
+    from twisted.internet import endpoints
+    entries = [("server.listen", d) for d in config.server.listen]
+    if config.ops.metrics is not None:
+        entries.append(("metrics.listen", config.ops.metrics.listen))
+    for key, description in entries:
+        prefix = "haproxy:" if description.startswith("haproxy:") else ""
+        inner = description[len(prefix):]
+        built = description
+        if key == "server.listen" and inner.startswith("ssl:") and "privateKey=" not in inner \
+                and config.tls is not None:  # implicit TLS with [tls], as service.listener does
+            built = prefix + "tcp:" + inner[len("ssl:"):]
+        try:
+            endpoints.serverFromString(reactor, built)
+        except Exception as e:
+            report.problem(key, f"{description!r} is not a usable endpoint: {e}")
+
+
+def check_tls(config: Config, who: RunAs, report: _Report) -> None:
+    """The certificate and key are PEM, the key is a key, and they belong together."""
+    tls = config.tls
+    if tls is None:
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
+                                                              load_pem_private_key)
+    certs: list[Any] = []
+    key: Any = None
+    try:
+        certs = x509.load_pem_x509_certificates(Path(tls.certificate).read_bytes())
+    except OSError as e:
+        report.problem("tls.certificate", f"cannot read {tls.certificate}: {e.strerror}")
+    except ValueError:
+        report.problem("tls.certificate", f"{tls.certificate} holds no PEM certificate")
+    try:
+        key = load_pem_private_key(Path(tls.private_key).read_bytes(), password=None)
+    except OSError as e:
+        report.problem("tls.private_key", f"cannot read {tls.private_key}: {e.strerror}")
+    except TypeError:
+        report.problem("tls.private_key", f"{tls.private_key} is encrypted; it must not be")
+    except (ValueError, Exception):
+        report.problem("tls.private_key", f"{tls.private_key} holds no PEM private key"
+                       " (a certificate in the key file?)")
+    if certs and key is not None:
+        def public(k: Any) -> bytes:
+            return bytes(k.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+        if public(certs[0].public_key()) != public(key.public_key()):
+            report.problem("tls.private_key", f"{tls.private_key} does not match the"
+                           f" certificate in {tls.certificate}")
+    if tls.client_ca is not None:
+        try:
+            x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())
+        except OSError as e:
+            report.problem("tls.client_ca", f"cannot read {tls.client_ca}: {e.strerror}")
+        except ValueError:
+            report.problem("tls.client_ca", f"{tls.client_ca} holds no PEM certificate")
+    if who.uid != os.geteuid():  # read now, as root; a SIGHUP reload reads them as `who`
+        for key_name in ("certificate", "private_key"):
+            why = readable_problem(getattr(tls, key_name), who)
+            if why is not None:
+                report.warn(f"tls.{key_name}", f"{why}: it is read at start, but a SIGHUP"
+                            " reload will be refused")
+
+
+def check_paths(config: Config, who: RunAs, report: _Report) -> None:
+    """Users files readable and the Maildir writable by the user the server runs as."""
+    for name, backend in config.backends.items():
+        if backend.type == "file" and name in config.auth.backends:
+            why = readable_problem(backend.options.path, who)
+            if why is not None:
+                report.problem(f"backends.{name}.path", why)
+    if isinstance(config.delivery, DeliveryConfig):
+        why = writable_dir_problem(config.delivery.path, who, ("tmp", "new", "cur"))
+        if why is not None:
+            report.problem("delivery.path", why)
+
+
+def check_login_possible(config: Config, report: _Report) -> None:
+    """``require_tls`` with no ``[tls]`` and no TLS listener: plaintext mechanisms are never
+    offered, and TLS-only ones never work."""
+    if not config.auth.require_tls or config.tls is not None:
+        return
+    from saslsmtp.mechanisms import builtin_mechanisms
+    builtins = builtin_mechanisms(config.auth.mechanisms)
+    hidden = [m for m in config.auth.mechanisms
+              if m in builtins and (builtins[m].plaintext or builtins[m].needs_tls)]
+    if not hidden:
+        report.warn("auth.require_tls", "is true but there is no [tls] section: no session is"
+                    f" ever encrypted ({', '.join(config.auth.mechanisms)} work without TLS,"
+                    " but the mail and the user names cross the network in clear)")
+        return
+    if len(hidden) == len(config.auth.mechanisms):
+        report.problem("auth.require_tls", "is true but there is no [tls] section, so"
+                       f" {', '.join(hidden)} can never be used and nobody can log in: add"
+                       " [tls] (certificate, private_key) or set require_tls = false")
+    else:
+        usable = [m for m in config.auth.mechanisms if m not in hidden]
+        report.warn("auth.require_tls", f"is true but there is no [tls] section: only"
+                    f" {', '.join(usable)} can be used; {', '.join(hidden)} never will")
+
+
+def check_pidfile(pidfile: str | None, who: RunAs, report: _Report) -> None:
+    """twistd removes its pid file at stop, after the drop: the folder must let it."""
+    if not pidfile or who.uid == os.geteuid():
+        return
+    folder = Path(pidfile).resolve().parent
+    if not folder.is_dir() or unreachable(folder / "x", who) is not None \
+            or not allowed(folder, who, WRITE | SEARCH):
+        report.warn("server.user", f"twistd's pid file {pidfile} cannot be removed at stop by"
+                    f" {who.name} ({folder} is not writable by it): use --pidfile in a folder"
+                    f" {who.name} owns (e.g. /run/saslsmtp/), or --pidfile= for none")
+
+
+def preflight(config: Config, reactor: Any, who: RunAs | None = None,
+              pidfile: str | None = None) -> list[str]:
+    """Run every check; raise ``ConfigError`` with all problems, else return warnings."""
+    who = who or RunAs.current()
+    report = _Report(config)
+    check_endpoints(config, reactor, report)
+    check_tls(config, who, report)
+    check_paths(config, who, report)
+    check_login_possible(config, report)
+    check_pidfile(pidfile, who, report)
+    if report.problems:
+        raise ConfigError(report.problems)
+    return report.warnings

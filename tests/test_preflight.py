@@ -1,0 +1,69 @@
+"""Preflight checks called directly: require_tls without TLS, and permissions evaluated
+for another user from mode bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from saslsmtp.config import ConfigError
+from saslsmtp.preflight import READ, RunAs, allowed, preflight, writable_dir_problem
+from saslsmtp.service import load
+from tests.support import write_config
+
+NOBODY = RunAs(65534, frozenset([65534]), "nobody")
+
+
+def config_with(tmp_path: Path, mechanisms: list[str]) -> object:
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    return load(str(write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                                 mechanisms=mechanisms, require_tls=True)))
+
+
+def test_require_tls_without_tls_and_only_plaintext_is_an_error(tmp_path: Path) -> None:
+    """PLAIN and LOGIN are never offered without TLS: nobody could log in."""
+    with pytest.raises(ConfigError) as e:
+        preflight(config_with(tmp_path, ["PLAIN", "LOGIN"]), Clock())
+    assert ": auth.require_tls: is true but there is no [tls] section" in str(e.value)
+
+
+def test_require_tls_without_tls_and_some_plaintext_is_a_warning(tmp_path: Path) -> None:
+    """CRAM-MD5 still works; the warning names what never will."""
+    warnings = preflight(config_with(tmp_path, ["CRAM-MD5", "PLAIN"]), Clock())
+    assert len(warnings) == 1 and "only CRAM-MD5 can be used; PLAIN never will" in warnings[0]
+
+
+def test_require_tls_without_tls_and_no_plaintext_is_a_warning(tmp_path: Path) -> None:
+    """Every mechanism is non-plaintext: it works, but nothing is ever encrypted."""
+    warnings = preflight(config_with(tmp_path, ["CRAM-MD5"]), Clock())
+    assert len(warnings) == 1 and "no session is ever encrypted" in warnings[0]
+
+
+def test_permissions_are_judged_for_the_serving_user(tmp_path: Path) -> None:
+    """Owner, group and other bits for ``nobody``; a folder above it cannot enter, and a
+    missing Maildir under a folder it cannot write; root may read anything."""
+    import shutil
+    import tempfile
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))
+    tmp_path.chmod(0o755)
+    try:
+        check_as_nobody(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def check_as_nobody(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o600)
+    assert not allowed(secret, NOBODY, READ) and allowed(secret, RunAs(0, frozenset([0]), "root"), READ)
+    assert "cannot be created by nobody" in (writable_dir_problem(str(tmp_path / "mail"), NOBODY) or "")
+    (tmp_path / "mail").mkdir(mode=0o777)
+    (tmp_path / "mail").chmod(0o777)
+    assert writable_dir_problem(str(tmp_path / "mail"), NOBODY, ("tmp", "new", "cur")) is None
+    (tmp_path / "closed").mkdir(mode=0o700)
+    (tmp_path / "closed").chmod(0o700)
+    assert writable_dir_problem(str(tmp_path / "closed" / "mail"), NOBODY) == \
+        f"{tmp_path}/closed/mail is not writable by nobody: cannot enter {tmp_path}/closed"

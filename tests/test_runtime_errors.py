@@ -1,0 +1,96 @@
+"""Failures that appear after a good start are one clear error line each, no traceback:
+a users file that becomes unreadable, a Maildir that cannot be written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest_twisted
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from saslsmtp.checkers.file import FileChecker
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.threads import SynchronousRunner
+from tests.support import start_server
+
+BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
+
+
+class Events(list):
+    def __enter__(self) -> "Events":
+        globalLogPublisher.addObserver(self.append)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        globalLogPublisher.removeObserver(self.append)
+
+    def at(self, level: LogLevel) -> list[str]:
+        return [formatEvent(e) for e in self if e.get("log_level") is level]
+
+
+def test_an_unreadable_users_file_is_one_error_per_outage(tmp_path: Path) -> None:
+    """Each login then fails temporarily (454), but the log says why once, as an error;
+    once the file is readable again, a new outage is reported again."""
+    path = tmp_path / "users"
+    path.write_text("demo:{PLAIN}pw\n")
+    readable = [False]
+
+    def read(p: str) -> bytes:
+        if not readable[0]:
+            raise PermissionError(13, "Permission denied", p)
+        return Path(p).read_bytes()
+
+    checker = FileChecker(str(path), SynchronousRunner(), "PLAIN", name="users", read=read)
+    with Events() as events:
+        for _ in range(3):
+            try:
+                checker.users()
+            except TemporaryFailure as e:
+                assert "Permission denied" in str(e)
+        readable[0] = True
+        checker.users()
+        path.write_text("demo:{PLAIN}pw2\n")
+        readable[0] = False
+        try:
+            checker.users()
+        except TemporaryFailure:
+            pass
+    errors = events.at(LogLevel.error)
+    assert errors == [f"backend users: users file {path} cannot be read: Permission denied;"
+                      " logins get 454"] * 2, errors
+    assert not any(e.get("log_failure") for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_maildir_that_cannot_be_written_is_451_and_one_error_line(tmp_path: Path) -> None:
+    """tmp/ replaced by a file after the start: DATA gets 451, the log one error line
+    naming the path, and no traceback."""
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    server = await start_server(tmp_path, BACKEND.format(path=tmp_path / "users"))
+    try:
+        tmp = server.maildir / "tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        server.maildir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("not a folder")
+        from twisted.internet import threads
+
+        def send() -> tuple[int, bytes]:
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
+                s.login("demo", "pw")
+                try:
+                    s.sendmail("demo@example.test", ["x@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+                except smtplib.SMTPDataError as e:
+                    return e.smtp_code, e.smtp_error
+                return 250, b""
+        with Events() as events:
+            code, text = await threads.deferToThread(send)
+    finally:
+        await server.stop()
+    assert code == 451, text
+    errors = events.at(LogLevel.error) + events.at(LogLevel.critical)
+    assert len(errors) == 1 and errors[0].startswith("message not stored: ") \
+        and str(tmp) in errors[0], errors
+    assert not any(e.get("log_failure") for e in events)
