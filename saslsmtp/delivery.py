@@ -89,6 +89,7 @@ class MaildirSink:
         self._producer: Any = None
         self._paused = False
         self._fd: int | None = None
+        self._created = False  # the tmp/ file exists (so abort has something to remove)
         self._error: Failure | None = None
         self._aborted = False
         self._tail: Deferred[Any] = succeed(None)
@@ -100,6 +101,7 @@ class MaildirSink:
             self._maildir.ensure()
             self._fd = os.open(self._maildir.path / "tmp" / self.queue_id,
                                os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._created = True
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
@@ -126,6 +128,8 @@ class MaildirSink:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+        if not self._created:
+            return  # the tmp/ file was never made (e.g. the Maildir is not writable)
         try:
             os.unlink(self._maildir.path / "tmp" / self.queue_id)
         except FileNotFoundError:
@@ -188,9 +192,10 @@ class MaildirSink:
             result.callback(REPLIES["message_accepted"].with_text(f"OK: queued as {name}"))
 
         def failed(failure: Failure) -> None:
-            log.failure("could not store message {id}", failure=failure, id=self.queue_id)
+            # the transaction reports it: one error line for an OSError (unwritable or
+            # full disk), a logged traceback for anything else; the reply is 451
             self._runner.run(self._discard).addErrback(lambda _: None)
-            result.callback(REPLIES["local_error"])
+            result.errback(failure)
         self._tail.addCallback(finish).addCallbacks(stored, failed)
         return result
 

@@ -375,6 +375,7 @@ class MailTransaction:
             error = failure.value
             log.error("message not stored: {path}: {why}", path=error.filename or "?",
                       why=error.strerror or type(error).__name__)
+            self.events.delivery_failed()
             self.reset()
             return REPLIES["local_error"]
         if not failure.check(defer.CancelledError):
