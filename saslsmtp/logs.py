@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -176,5 +176,6 @@ def session_ended(log: Any, summary: SessionSummary) -> None:
     """The one line per session, at connection loss: fields for JSON, readable as text."""
     log.info("session end client={client} user={user} mechanism={mechanism} tls={tls}"
              " messages={messages} bytes={bytes} duration={duration:.3f}s",
-             **{**asdict(summary), "user": summary.user or "-",
-                "mechanism": summary.mechanism or "-", "tls": summary.tls or "none"})
+             client=summary.client, user=summary.user or "-",
+             mechanism=summary.mechanism or "-", tls=summary.tls or "none",
+             messages=summary.messages, bytes=summary.bytes, duration=summary.duration)

@@ -186,8 +186,8 @@ class SmtpAuth:
         self.login = login
         self.host.authenticated_as(login.avatar)
         self.failures.succeeded()
-        log.info("AUTH {mechanism} ok user={user} ip={ip}", mechanism=login.mechanism,
-                 user=login.username, ip=self.host.peer_ip)
+        # the success line ("auth succeeded: client= mechanism= user=") is written by the
+        # AUTH guard the moment the verdict is known, beside the fail2ban failure line
         self.host.send(auth_success_reply(login.text))
 
     def _rejected(self, reject: Reject) -> "defer.Deferred[None] | None":

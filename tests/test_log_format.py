@@ -88,7 +88,7 @@ def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
         session = Session(port)
         assert session.login().startswith(b"235 ")
         session.close()
-        wait_for(lambda: "AUTH PLAIN ok" in log.read_text(), what="the AUTH line")
+        wait_for(lambda: "auth succeeded: " in log.read_text(), what="the AUTH line")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
@@ -99,7 +99,7 @@ def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    auth = [r for r in records if r["message"].startswith("AUTH PLAIN ok")]
+    auth = [r for r in records if r["message"].startswith("auth succeeded: client=")]
     assert len(auth) == 1 and auth[0]["level"] == "info"
     if workers > 1:
         assert auth[0]["worker_pid"] in worker_pids(log).values()
