@@ -175,9 +175,11 @@ class SubmissionESMTP(smtp.ESMTP):
         if self.settings.require_auth:
             self._session_deadline = self.callLater(self.settings.max_unauthenticated_time,
                                                     self._unauthenticated_too_long)
-        if self.limits is not None and not _proxied(self.transport):
+        # admission only when a connection limit is set: otherwise no Deferred, no pause
+        counted = self.limits is not None and self.limits.limiter.counts_connections
+        if counted and not _proxied(self.transport):
             return self._admit(greet=True)
-        self._admission_due = self.limits is not None
+        self._admission_due = counted
         self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
 
     def _admit(self, greet: bool) -> None:

@@ -178,6 +178,12 @@ class Limiter:
 
     # ---- connections ---------------------------------------------------------------
 
+    @property
+    def counts_connections(self) -> bool:
+        """Whether a connection limit is set (otherwise admission always allows)."""
+        s = self.settings
+        return s.connections_per_ip is not None or s.connection_rate_per_ip is not None
+
     def connection_made(self, address: str) -> "Deferred[Admission]":
         """Count a new connection from ``address`` and take a concurrency slot."""
         s = self.settings
