@@ -213,10 +213,10 @@ def test_fingerprints_are_hmacs_not_passwords():
     clock = Clock()
     limiter = Limiter(settings(auth_failures_per_ip="5/1h"), MemoryStore(clock), clock)
     fail(limiter, "192.0.2.1", "alice", b"s3cret-value")
-    stored = b"".join(m for p in limiter._penalties.values() for m in p.failed)
+    stored = b"".join(m for p in limiter.penalties.records.values() for m in p.failed)
     assert b"s3cret-value" not in stored and len(stored) == 32
     again = Limiter(settings(), MemoryStore(clock), clock)
-    assert again._fingerprint("alice", b"x") != limiter._fingerprint("alice", b"x")
+    assert again.penalties.fingerprint("alice", b"x") != limiter.penalties.fingerprint("alice", b"x")
 
 
 def test_no_password_counts_every_failure():

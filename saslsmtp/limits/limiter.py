@@ -30,19 +30,18 @@ what other addresses did.
 The penalty (``auth_penalty_max`` > 0, as Dovecot's auth penalty): an address with recent
 failures waits 2, 4, 8, ... seconds (up to the cap) before *every* verdict, successes
 included, so the timing of an answer tells nothing; ``auth_verdict`` fires after it.
-A success clears the penalty of its own address.
+A success clears the penalty of its own address.  The penalty and the failed-credential
+HMACs are kept by ``penalty.AuthPenalties``; the answers are the values in ``verdicts``.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import itertools
 import os
 import uuid
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -51,69 +50,19 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from saslsmtp.limits.penalty import (MAX_TRACKED_ADDRESSES, PENALTY_FIRST, PENALTY_FORGET,
+                                     REMEMBERED_FAILURES, AuthPenalties)
 from saslsmtp.limits.settings import LimitsSettings, Rate
 from saslsmtp.limits.store import ALLOW, RateResult, RateStore
+from saslsmtp.limits.verdicts import ALLOWED, Admission, AuthGate, Verdict
 
-log = Logger()
+__all__ = ["ALLOWED", "IN_FLIGHT_TTL", "MAX_TRACKED_ADDRESSES", "PENALTY_FIRST",
+           "PENALTY_FORGET", "REMEMBERED_FAILURES", "Admission", "AuthGate", "Limiter",
+           "Verdict", "user_key"]
 
-PENALTY_FIRST = 2.0  # seconds after the first failure, doubling (Dovecot's auth penalty)
-PENALTY_FORGET = 3600.0  # a penalty is forgotten an hour after the last failure
-REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per address
-MAX_TRACKED_ADDRESSES = 100000
+log = Logger(namespace="saslsmtp.limits.limiter")
+
 IN_FLIGHT_TTL = 60.0  # an admitted attempt never judged (client left mid-exchange) lapses
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """``allowed``, or the reply to send (``code``, ``enhanced``, ``text``) and which
-    ``limit`` said no (a metrics label)."""
-
-    allowed: bool
-    code: int = 0
-    enhanced: str = ""
-    text: str = ""
-    limit: str = ""
-
-    def line(self) -> str:
-        """The reply line without CRLF, e.g. ``421 4.7.0 Too many connections from ...``."""
-        return f"{self.code} {self.enhanced} {self.text}"
-
-
-ALLOWED = Verdict(True)
-
-
-@dataclass
-class Admission:
-    """A connection's seat: ``verdict`` says whether it may stay; ``release()`` (idempotent)
-    gives back its concurrency slot when the connection is lost."""
-
-    verdict: Verdict
-    _release: Callable[[], object] | None = None
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
-@dataclass(frozen=True)
-class AuthGate:
-    """The answer before checking credentials: ``verdict`` (454 when over a failure limit)
-    and ``delay``, the penalty every verdict of this attempt waits first."""
-
-    verdict: Verdict
-    address: str
-    username: str
-    delay: float = 0.0
-    trusted: bool = False
-    token: int = 0  # this attempt's place among the in-flight ones (0: none taken)
-
-
-@dataclass
-class _Penalty:
-    count: int
-    last: float
-    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
 
 
 @functools.lru_cache(maxsize=4096)  # a session asks for the same name several times
@@ -156,8 +105,7 @@ class Limiter:
         self.rejects: Counter[str] = Counter()  # limit name -> verdicts that said no
         self._holder_prefix = holder_prefix or f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
         self._holders = itertools.count(1)
-        self._secret = secret if secret is not None else os.urandom(32)
-        self._penalties: OrderedDict[str, _Penalty] = OrderedDict()
+        self.penalties = AuthPenalties(clock, secret)
         # Attempts admitted by the gate whose verdict is not known yet, per counter key:
         # they count against the limit, so guesses run in parallel (or a client that
         # hangs up before its verdict) get no more through than guesses one at a time.
@@ -278,13 +226,10 @@ class Limiter:
 
     def penalty(self, address: str) -> float:
         """Seconds the next verdict for ``address`` waits (0 without recent failures)."""
-        cap = self.settings.auth_penalty_max
-        if cap <= 0:
+        if self.settings.auth_penalty_max <= 0:
             return 0.0
-        p = self._penalties.get(self.settings.client_key(address))
-        if p is None or p.count == 0 or self.clock.seconds() - p.last > PENALTY_FORGET:
-            return 0.0
-        return min(cap, PENALTY_FIRST * 2 ** (p.count - 1))
+        return self.penalties.delay(self.settings.client_key(address),
+                                    self.settings.auth_penalty_max)
 
     def auth_gate(self, address: str, username: str) -> "Deferred[AuthGate]":
         """Before checking credentials: is ``address`` or ``username`` over its failure
@@ -379,38 +324,6 @@ class Limiter:
                 if not flights:
                     del self._in_flight[key]
 
-    def _fingerprint(self, username: str, password: bytes | str) -> bytes:
-        if isinstance(password, str):
-            password = password.encode("utf-8", "surrogatepass")
-        user = username.encode("utf-8", "surrogatepass")
-        return hmac.new(self._secret, len(user).to_bytes(4, "big") + user + password,
-                        hashlib.sha256).digest()
-
-    def _record_failure(self, key: str, username: str, password: bytes | str | None) -> bool:
-        """Update the penalty; return False if this exact failure was already counted."""
-        now = self.clock.seconds()
-        p = self._penalties.get(key)
-        if p is not None and now - p.last > PENALTY_FORGET:
-            p = None
-        if p is None:
-            p = self._penalties[key] = _Penalty(0, now)
-            while len(self._penalties) > MAX_TRACKED_ADDRESSES:
-                self._penalties.popitem(last=False)
-        self._penalties.move_to_end(key)
-        if password is not None:
-            mark = self._fingerprint(username, password)
-            for old, seen in list(p.failed.items()):
-                if now - seen > self._repeat_window():
-                    del p.failed[old]
-            if mark in p.failed:
-                return False
-            p.failed[mark] = now
-            while len(p.failed) > REMEMBERED_FAILURES:
-                p.failed.popitem(last=False)
-        p.count += 1
-        p.last = now
-        return True
-
     def _repeat_window(self) -> float:
         s = self.settings
         periods = [r.period for r in (s.auth_failures_per_ip, s.auth_failures_per_user) if r]
@@ -436,8 +349,9 @@ class Limiter:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username
             if success:
-                self._penalties.pop(key, None)
-            elif success is False and self._record_failure(key, user, password):
+                self.penalties.forgive(key)
+            elif success is False and self.penalties.record_failure(key, user, password,
+                                                                    self._repeat_window()):
                 if s.auth_failures_per_ip is not None:
                     pending.append(self._safe(self.store.hit(
                         "authfail:ip:" + key, s.auth_failures_per_ip), "auth failure count"))

@@ -1,0 +1,368 @@
+"""One message to the upstream: the ``UpstreamTransaction`` the SMTP server drives
+command by command (``UpstreamClient.transaction`` makes it).
+
+**MAIL and RCPT are forwarded as our client sends them**, one at a time, and the
+upstream's reply *is* our client's reply (passed on through ``wire.pass_on``): an
+upstream RCPT rejection (a Postfix ``smtpd_recipient_restrictions`` hit, an unknown
+Dovecot user) reaches the client at RCPT, where it belongs, and no message is accepted
+that the upstream would refuse for its envelope.  The cost is one upstream round trip per
+command, on a pooled connection.
+
+**DATA streams.**  After the upstream's ``354`` the server feeds the message with
+``write(chunk)``; chunks are dot-stuffed and written to the upstream transport, whose
+own buffer is the only copy.  The transaction is an ``IConsumer``: the server registers
+its client transport as the producer, and when the upstream transport's buffer is full
+(Twisted calls ``pauseProducing`` on the upstream connection) the client transport is
+paused too, so memory stays bounded by the two socket buffers whatever the message size.
+``end()`` sends the final dot and returns the upstream's verdict.
+
+**Verdicts.**  Every public method returns a ``Deferred`` that fires with a
+``saslsmtp.replies.SMTPReply`` and never fails for anything the network can do: refused or
+impossible connections and TLS failures give ``451 4.4.1``, a command, the connection or
+a stalled DATA phase running past ``timeout`` give ``451 4.4.2``, a lost connection
+``451 4.4.2``, a reply that is not SMTP ``451 4.4.0``.  ``421`` from the upstream
+becomes ``451`` (our session goes on).
+
+**LMTP** (RFC 2033) answers the final dot once per accepted recipient.  All accepted ->
+the first ``250``; all failed -> the first failure, a temporary one preferred.  Mixed:
+an SMTP reply cannot say "delivered to some", so we answer the first temporary failure
+if there is one (the client retries everything: the accepted recipients may get the
+message twice), else the first permanent failure (the sender gets a bounce although
+some recipients got it); which recipients got it is logged.  A duplicate is preferred
+to a silent loss, as RFC 5321 6.1 asks; use one recipient per message where that matters.
+
+**XCLIENT** (Postfix): with ``xclient = true`` and ``XCLIENT`` in the upstream's EHLO,
+each transaction first sends ``XCLIENT`` with the attributes the upstream listed among
+``NAME ADDR PORT HELO LOGIN`` (values xtext-encoded, ``[UNAVAILABLE]`` when unknown;
+``NAME`` always is: we do no reverse lookups, and a stale name must not stay), expects
+``220`` and says EHLO again with the client's HELO name (the name Postfix then logs and
+checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.  Otherwise ``trace_header`` (if set) is written as the
+message's first header.  ``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
+the upstream announces AUTH.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence, cast
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from saslsmtp.relay.connection import UpstreamConnection, UpstreamError
+from saslsmtp.relay.wire import DotStuffer, UpstreamReply, pass_on, xtext
+from saslsmtp.replies import REPLIES, SMTPReply
+
+if TYPE_CHECKING:
+    from saslsmtp.relay.client import UpstreamClient
+
+# the namespace operators filter on stays the one of the relay client
+log = Logger(namespace="saslsmtp.relay.client")
+
+XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "HELO", "LOGIN")
+#: MAIL parameter -> the EHLO keyword the upstream must announce for us to forward it
+MAIL_PARAMETERS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
+                   "RET": "DSN", "ENVID": "DSN"}
+RCPT_PARAMETERS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
+
+
+class TransactionStateError(Exception):
+    """A method was called out of order (a bug in the caller, not a network event)."""
+
+
+@dataclass(frozen=True)
+class RelaySession:
+    """What the upstream may learn about our client (XCLIENT, AUTH=, trace header)."""
+
+    login: str | None
+    client_address: str | None = None
+    client_port: int | None = None
+    helo: str | None = None
+
+
+
+def _forwardable(params: Sequence[str], allowed: dict[str, str],
+                 capabilities: dict[str, list[str]]) -> list[str]:
+    """The ESMTP parameters the upstream announced the extension for; others dropped."""
+    out = []
+    for param in params:
+        keyword = param.split("=", 1)[0].upper()
+        if allowed.get(keyword) in capabilities and "\r" not in param and "\n" not in param:
+            out.append(param)
+    return out
+
+
+@implementer(IConsumer, IPushProducer)
+class UpstreamTransaction:
+    """One message to the upstream, driven by the SMTP server (see the module docstring).
+
+    Order: ``mail_from`` -> ``rcpt``... -> ``start_data`` -> ``write``... -> ``end``;
+    ``abort`` at any time (idempotent).  Each step's Deferred fires with the ``SMTPReply``
+    for our client.  A MAIL refused by the upstream leaves the transaction where it
+    started (``mail_from`` may be called again).
+    """
+
+    def __init__(self, client: UpstreamClient, session: RelaySession) -> None:
+        self.client = client
+        self.session = session
+        self.state = "new"     # new -> mail -> data -> done
+        self.connection: UpstreamConnection | None = None
+        self.accepted: list[str] = []
+        self.stuffer = DotStuffer()
+        self.producer: IPushProducer | None = None
+        self.xclient_used = False
+        self._stall: Any = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamTransaction {self.client.name} {self.state}>"
+
+    # ---- MAIL, RCPT ----------------------------------------------------------------
+
+    def mail_from(self, address: str, params: Sequence[str] = ()) -> "Deferred[SMTPReply]":
+        """``MAIL FROM:<address> params`` upstream (a connection is taken first)."""
+        self._require("new")
+        self.state = "busy"
+        return ensureDeferred(self._mail_from(address, params))
+
+    async def _mail_from(self, address: str, params: Sequence[str]) -> SMTPReply:
+        try:
+            if self.connection is None:
+                connection = await self.client.acquire()
+                if self.state != "busy":  # aborted while connecting: keep it for others
+                    self.client.release(connection)
+                    return REPLIES["upstream_lost"]
+                self.connection = connection
+                await self._xclient()
+            connection = self.connection
+            words = [f"MAIL FROM:<{address}>"]
+            words += _forwardable(params, MAIL_PARAMETERS, connection.capabilities)
+            if self.client.auth_param and "AUTH" in connection.capabilities:
+                login = self.session.login
+                words.append(f"AUTH={xtext(login) if login else '<>'}")
+            reply = await connection.command(" ".join(words).encode("utf-8"))
+        except UpstreamError as e:
+            aborted = self.state != "busy"
+            self._drop()
+            if not aborted:
+                self.state = "new"  # a later mail_from tries a fresh connection
+            return e.reply
+        self.state = "mail" if reply.positive else "new"
+        return pass_on(reply)
+
+    async def _xclient(self) -> None:
+        """XCLIENT when configured and announced; then EHLO again (see the module doc)."""
+        connection = self.connection
+        assert connection is not None
+        if not self.client.xclient or "XCLIENT" not in connection.capabilities:
+            return
+        offered = connection.capabilities["XCLIENT"]
+        session = self.session
+        address = session.client_address
+        if address and ":" in address:
+            address = "IPV6:" + address
+        values = {"NAME": None, "ADDR": address, "PORT": str(session.client_port)
+                  if session.client_port is not None else None,
+                  "HELO": session.helo, "LOGIN": session.login}
+        attributes = tuple(f"{name}={xtext(value) if value else '[UNAVAILABLE]'}"
+                           for name, value in values.items() if name in offered)
+        if not attributes:
+            return
+        if connection.xclient_sent == attributes:
+            self.xclient_used = True
+            return
+        reply = await connection.command(("XCLIENT " + " ".join(attributes)).encode())
+        if reply.code != 220:
+            log.warn("upstream {name} refused XCLIENT: {status}", name=self.client.name,
+                     status=reply.status())
+            raise UpstreamError(REPLIES["upstream_unavailable"], "XCLIENT refused")
+        # as in XCLIENT_README: EHLO again, with the client's own name (Postfix logs
+        # and checks the EHLO name that follows, not the XCLIENT HELO attribute)
+        await self.client.hello(connection, session.helo)
+        connection.xclient_sent = attributes
+        self.xclient_used = True
+
+    def rcpt(self, address: str, params: Sequence[str] = ()) -> "Deferred[SMTPReply]":
+        """``RCPT TO:<address> params`` upstream; its reply is the client's."""
+        self._require("mail")
+        self.state = "busy"
+        return ensureDeferred(self._rcpt(address, params))
+
+    async def _rcpt(self, address: str, params: Sequence[str]) -> SMTPReply:
+        assert self.connection is not None
+        words = [f"RCPT TO:<{address}>"]
+        words += _forwardable(params, RCPT_PARAMETERS, self.connection.capabilities)
+        try:
+            reply = await self.connection.command(" ".join(words).encode("utf-8"))
+        except UpstreamError as e:
+            self._drop()
+            return e.reply
+        self.state = "mail"
+        if reply.positive:
+            self.accepted.append(address)
+        return pass_on(reply)
+
+    # ---- DATA ----------------------------------------------------------------------
+
+    def start_data(self) -> "Deferred[SMTPReply]":
+        """``DATA`` upstream: ``354`` means go on with ``write``; anything else is the
+        final reply for this message (the transaction is then over: call ``abort``)."""
+        self._require("mail")
+        if not self.accepted:
+            return defer.succeed(REPLIES["need_rcpt"])
+        self.state = "busy"
+        return ensureDeferred(self._start_data())
+
+    async def _start_data(self) -> SMTPReply:
+        assert self.connection is not None
+        try:
+            reply = await self.connection.command(b"DATA")
+        except UpstreamError as e:
+            self._drop()
+            return e.reply
+        if reply.code != 354:
+            self.state = "mail"
+            return pass_on(reply)
+        self.state = "data"
+        self.connection.downstream = self
+        if self.client.trace_header and not self.xclient_used:
+            self.write(self._trace_line())
+        return REPLIES["data_start"]
+
+    def _trace_line(self) -> bytes:
+        s = self.session
+        text = (f"{self.client.trace_header}: login={s.login or '-'};"
+                f" client=[{s.client_address or 'unknown'}]:{s.client_port or 0};"
+                f" helo={s.helo or '-'}")
+        return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:998].encode() + b"\r\n"
+
+    def write(self, data: bytes) -> None:
+        """Message bytes (un-stuffed, CRLF line ends), any chunking; sent as they come."""
+        if self.state != "data":
+            raise TransactionStateError(f"write() in state {self.state}")
+        connection = self.connection
+        assert connection is not None
+        if connection.closed:
+            self.stuffer.octets += len(data)  # discarded: end() reports the loss
+            return
+        connection.transport.write(self.stuffer.feed(data))
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """Our client's transport: paused while the upstream cannot take more."""
+        if not streaming:
+            raise ValueError("only push producers (a transport) are supported")
+        self.producer = cast(IPushProducer, producer)  # streaming: a push producer
+        if self.connection is not None and self.connection.paused:
+            self.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # the upstream connection forwards its transport's flow control here
+    def pauseProducing(self) -> None:
+        if self._stall is None and self.state == "data":
+            self._stall = self.client.clock.callLater(self.client.timeout, self._stalled)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:  # pragma: no cover - IPushProducer completeness
+        self.abort()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.connection is not None:
+            self.connection.fail(UpstreamError(
+                REPLIES["upstream_timeout"],
+                f"DATA stalled: the upstream read nothing for {self.client.timeout:g}s"))
+
+    def end(self) -> "Deferred[SMTPReply]":
+        """The final dot; fires with the upstream's verdict (LMTP: combined)."""
+        self._require("data")
+        self.state = "busy"
+        return ensureDeferred(self._end())
+
+    async def _end(self) -> SMTPReply:
+        connection = self.connection
+        assert connection is not None
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        waits = [connection.expect() for _ in (self.accepted if self.client.lmtp else [0])]
+        if not connection.closed:
+            connection.transport.write(self.stuffer.end())
+        replies: list[UpstreamReply] = []
+        try:
+            for wait in waits:
+                replies.append(await wait)
+        except UpstreamError as e:
+            for wait in waits:
+                wait.addErrback(lambda _: None)
+            self._drop()
+            if replies:
+                log.warn("upstream {name}: LMTP answered {n} of {m} recipients before {why}",
+                         name=self.client.name, n=len(replies), m=len(waits), why=str(e))
+            return e.reply
+        self.state = "done"
+        self._release()
+        return self._verdict(replies)
+
+    def _verdict(self, replies: list[UpstreamReply]) -> SMTPReply:
+        if len(replies) == 1:
+            return pass_on(replies[0])
+        failed = [r for r in replies if not r.positive]
+        if not failed:
+            return pass_on(replies[0])
+        temporary = [r for r in failed if r.code < 500]
+        if len(failed) < len(replies):
+            delivered = [a for a, r in zip(self.accepted, replies) if r.positive]
+            log.warn("upstream {name}: LMTP delivered to {delivered} but not to {n} other"
+                     " recipient(s); answering {status}", name=self.client.name,
+                     delivered=", ".join(delivered), n=len(failed),
+                     status=(temporary or failed)[0].status())
+        return pass_on((temporary or failed)[0])
+
+    # ---- the end ---------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """RSET, QUIT or a lost client: forget the message.  Before DATA the connection
+        goes back to the pool (RSET on reuse); during DATA it is dropped (a message
+        cannot be taken back)."""
+        if self.state == "done":
+            return
+        if self.state in ("data", "busy"):
+            self._drop()
+        else:
+            self._release()
+        self.state = "done"
+
+    def _release(self) -> None:
+        if self.connection is not None:
+            self.client.release(self.connection)
+            self.connection = None
+        self.producer = None
+
+    def _drop(self) -> None:
+        self.state = "done"
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.downstream = None
+            if not connection.closed:
+                connection.fail(UpstreamError(REPLIES["upstream_lost"], "transaction aborted"))
+        if self.producer is not None:
+            self.producer = None
+
+    def _require(self, state: str) -> None:
+        if self.state != state:
+            raise TransactionStateError(f"expected state {state}, not {self.state}")
