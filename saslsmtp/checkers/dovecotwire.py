@@ -34,7 +34,7 @@ log = Logger(namespace="saslsmtp.checkers.dovecot")
 
 AUTH_CLIENT_MAX_LINE_LENGTH = 16384
 CLIENT_VERSION = (1, 2)
-"""Minor 2: an empty ``resp=`` means an empty initial response (SPECS 4.3)."""
+"""Minor 2: an empty ``resp=`` means an empty initial response (Dovecot's auth protocol)."""
 MAX_REQUEST_ID = 2**32 - 1
 TEMPORARY_FAIL_CODES = frozenset({"temp_fail", "invalid_base64"})
 """``FAIL`` codes that say nothing about the credentials (``invalid_base64`` is our bug)."""
