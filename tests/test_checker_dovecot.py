@@ -46,11 +46,11 @@ CLIENT_HELLO = b"VERSION\t1\t2\nCPID\t4242\n"
 # what Dovecot 2.3.19 sends on connect (captured from the test instance)
 SERVER_HANDSHAKE_23 = (b"VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\n"
                        b"SPID\t9553\nCUID\t1\nCOOKIE\t12fc83ccafc04ab9683b6d2b9904556d\nDONE\n")
-# Dovecot 2.4: VERSION at once, the rest only after the client's VERSION (SPECS 4.2)
+# Dovecot 2.4: VERSION at once, the rest only after the client's VERSION (Dovecot's auth protocol)
 SERVER_VERSION_24 = b"VERSION\t1\t3\n"
 SERVER_REST_24 = (b"MECH\tPLAIN\tplaintext\nMECH\tSCRAM-SHA-256-PLUS\tmutual-auth\tchannel-binding\n"
                   b"SPID\t77\nCUID\t5\nCOOKIE\t0123456789abcdef0123456789abcdef\nDONE\n")
-# SPECS 4.4: PLAIN for user "u", password "p"
+# Dovecot's auth protocol: PLAIN for user "u", password "p"
 SESSION = Session(remote_ip="192.0.2.10", local_ip="198.51.100.1", tls=True)
 AUTH_U_P = (b"AUTH\t1\tPLAIN\tservice=smtp\tnologin\tlip=198.51.100.1\trip=192.0.2.10"
             b"\tsecured\tresp=AHUAcA==\n")
@@ -253,7 +253,7 @@ def test_overlong_line_drops_the_connection() -> None:
 
 
 def test_auth_line_matches_the_specs_transcript() -> None:
-    """AUTH carries service, nologin, lip, rip, secured and resp= last (SPECS 4.4)."""
+    """AUTH carries service, nologin, lip, rip, secured and resp= last (Dovecot's auth protocol)."""
     checker, endpoint, clock = make_checker()
     d = checker.requestAvatarId(creds())
     assert not d.called

@@ -38,7 +38,7 @@ RFC2195_RESPONSE_B64 = b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw"
 RFC4954_CHALLENGE_B64 = b"PDQxOTI5NDIzNDEuMTI4Mjg0NzJAc291cmNlZm91ci5hbmRyZXcuY211LmVkdT4="
 RFC4954_RESPONSE_B64 = b"cmpzMyBlYzNhNTlmZWQzOTVhYmExZWM2MzY3YzRmNGI0MWFjMA=="
 
-# Dovecot's {CRAM-MD5} for password "test" (SPECS 5.2, Dovecot test suite)
+# Dovecot's {CRAM-MD5} for password "test" (Dovecot test suite)
 DOVECOT_TEST_CONTEXT = "e02d374fde0dc75a17a557039a3a5338c7743304777dccd376f332bee68d2cf6"
 # `doveadm pw -s CRAM-MD5 -p pppp...` (100 x "p", longer than an HMAC block), Dovecot 2.x
 DOVECOT_LONG_PASSWORD = "p" * 100

@@ -47,7 +47,7 @@ RFC7628_44_ERROR_B64 = (
 RFC7628_44_ERROR = b'{"status":"invalid_token","schemes":"bearer mac","scope":"https://mail.example.com/"}'
 CLIENT_ACK_B64 = b"AQ=="
 # RFC 7628 section 4.4's initial response is malformed (XOAUTH2-style "user=" in the gs2
-# header, SPECS 3.5): the decoded form as the RFC prints it.
+# header): the decoded form as the RFC prints it.
 RFC7628_44_MALFORMED = (
     b"n,user=someuser@example.com,\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg==\x01\x01"
 )

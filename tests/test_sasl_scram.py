@@ -63,7 +63,7 @@ RFC7677_KEYS = ScramKeys(
     b64("wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="),
 )
 
-# Dovecot's stored verifiers for password "test" (SPECS 5.2)
+# Dovecot's stored verifiers for password "test" (from `doveadm pw`)
 DOVECOT_SHA1 = "4096,GetyLXdBuHzf1FWf8SLz2Q==,NA/OqmF4hhrsrB9KR7po+dliTGM=,QBiURvQaE6H6qYTmeghDHLANBFQ="
 DOVECOT_SHA256 = (
     "4096,LfNGSFqiFykEZ1xDAYlnKQ==,HACNf9CII7cMz3XjRy/Oh3Ae2LHApoDyNw74d3YtFws=,"
