@@ -54,7 +54,8 @@ from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
 from saslsmtp.tlsinfo import tls_facts
-from saslsmtp.transaction import Client, MailTransaction, ProtocolError, SenderCheck, Stamp
+from saslsmtp.envelope import Client
+from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck, Stamp
 
 log = Logger(namespace="saslsmtp.smtp")
 

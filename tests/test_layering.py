@@ -2,8 +2,8 @@
 
 Layers, bottom to top: ``saslsmtp.sasl`` (stdlib only) -> ``config``/``passwords``/
 ``replies``/``lines`` (no Twisted) -> errors, credentials, checkers, script, adapter,
-delivery -> ``auth``/``transaction`` -> ``smtpauth`` -> ``protocol`` -> ``service`` ->
-``tap`` (only the twistd plugin names it).  A lower layer never imports a higher one.
+delivery, envelope -> ``auth``/``transaction`` -> ``smtpauth`` -> ``protocol`` ->
+``service`` -> ``tap`` (only the twistd plugin names it).  A lower layer never imports a higher one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     (("saslsmtp.checkers",), ENGINE + ("saslsmtp.adapter", "saslsmtp.testing"),
      "backends know credentials, not the protocol"),
     (("saslsmtp.errors", "saslsmtp.credentials", "saslsmtp.script", "saslsmtp.adapter",
-      "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads"),
+      "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads",
+      "saslsmtp.envelope"),
      ENGINE, "shared parts sit below the engine"),
     (("saslsmtp.auth", "saslsmtp.transaction"),
      ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.lines", "saslsmtp.service", "saslsmtp.tap"),
@@ -108,6 +109,7 @@ def test_imports_follow_the_layers() -> None:
         "saslsmtp.checkers.http": "from saslsmtp import service\n",
         "saslsmtp.auth": "from saslsmtp.protocol import EngineSettings\n",
         "saslsmtp.transaction": "from saslsmtp.smtpauth import SmtpAuth\n",
+        "saslsmtp.envelope": "from saslsmtp.transaction import MailTransaction\n",
         "saslsmtp.smtpauth": "from saslsmtp.protocol import SubmissionESMTP\n",
         "saslsmtp.lines": "from twisted.protocols.basic import LineReceiver\n",
         "saslsmtp.protocol": "import saslsmtp.service\n",
