@@ -17,16 +17,9 @@ job:
 * **STARTTLS** discards whatever plaintext followed it in the same read, then resets the
   session (RFC 3207 4.2).
 
-Bounded sessions
-----------------
-The connection is a streaming producer for its transport: when replies pile up unread
-(the transport's write buffer is full) lines wait in the reader, and a client that keeps
-sending anyway is flooding (421, see ``saslsmtp.lines``).  Junk commands (NOOP, RSET,
-VRFY, HELP, unknown verbs) are counted like Postfix's ``smtpd_junk_command_limit``; an
-unauthenticated session ends after ``max_unauthenticated_time`` whatever it sends; a TLS
-handshake (``ssl:`` listener or STARTTLS) must finish within ``tls_handshake_timeout``.
-Every close goes through ``close()``: it unregisters the producer (or the transport
-would wait for it forever) and aborts a connection whose replies are never read.
+The connection is a streaming producer for its transport, and its time and volume
+bounds (TLS handshake and unauthenticated-session deadlines, junk and error counts,
+flooding, ``close()`` with its grace period) are ``saslsmtp.guards.ConnectionGuards``.
 
 Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 """
@@ -47,6 +40,7 @@ from zope.interface import implementer
 
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
 from saslsmtp.events import NoSessionEvents, SessionEvents
+from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.replies import REPLIES, SMTPReply
@@ -60,11 +54,8 @@ from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck, St
 log = Logger(namespace="saslsmtp.smtp")
 
 COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; MAIL with AUTH= may add 500; be generous
-MAX_ERRORS = 20  # protocol errors per connection before 421
 VERBS = frozenset({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"VRFY",
                    b"HELP", b"QUIT", b"STARTTLS", b"AUTH"})
-JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})  # and unknown verbs
-CLOSE_GRACE = 10.0  # seconds a closing connection may take to flush its last replies
 
 _HELO_ARG = re.compile(rb"^[\x21-\x7e]{1,255}$")
 
@@ -118,12 +109,12 @@ class SubmissionESMTP(smtp.ESMTP):
         self.tls_context = tls_context
         self.client_identity = client_identity
         self.context: dict = {}  # the AUTH script's per-connection context
-        self.reader = LineReader(self._line, self._bare_lf, self._stopped, on_flood=self._flooded)
-        self._producing = False  # registered with the transport as its producer
-        self._junk = 0
-        self._session_deadline: Any = None  # max_unauthenticated_time
-        self._handshake_deadline: Any = None  # tls_handshake_timeout
-        self._abort_deadline: Any = None  # CLOSE_GRACE after close()
+        self.guards = ConnectionGuards(
+            self, clock.callLater, junk_command_limit=settings.junk_command_limit,
+            max_unauthenticated_time=settings.max_unauthenticated_time,
+            tls_handshake_timeout=settings.tls_handshake_timeout)
+        self.reader = LineReader(self._line, self._bare_lf, self._stopped,
+                                 on_flood=self.guards.flooded)
         self._paused = False
         self._pending: defer.Deferred | None = None
         self.lost = False
@@ -133,7 +124,6 @@ class SubmissionESMTP(smtp.ESMTP):
         self._local = ("", 0)
         self._ehlo_done = False
         self._helo_name = ""
-        self._errors = 0
         # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
         # once it has sent something, so admission waits for the first data there.
         self.limits = ConnectionLimits(limiter) if limiter is not None else None
@@ -168,14 +158,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.tls = bool(ISSLTransport.providedBy(self.transport))
         self._can_starttls = (not self.tls and self.tls_context is not None
                               and ITLSTransport.providedBy(self.transport))
-        if self.tls:
-            self._expect_handshake()
-        self.transport.registerProducer(self, True)
-        self._producing = True
+        self.guards.connected(self.tls, self.settings.require_auth)
         self.setTimeout(self.timeout)
-        if self.settings.require_auth:
-            self._session_deadline = self.callLater(self.settings.max_unauthenticated_time,
-                                                    self._unauthenticated_too_long)
         if self.limits is not None and not _proxied(self.transport):
             return self._admit(greet=True)
         self._admission_due = self.limits is not None
@@ -196,11 +180,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.setTimeout(None)
-        calls = (self._session_deadline, self._handshake_deadline, self._abort_deadline)
-        self._session_deadline = self._handshake_deadline = self._abort_deadline = None
-        for call in calls:
-            if call is not None and call.active():
-                call.cancel()
+        self.guards.lost()
         self.auth.end()
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -218,53 +198,16 @@ class SubmissionESMTP(smtp.ESMTP):
         self.close()
 
     def close(self) -> None:
-        """End the connection once the replies written so far are out; one whose replies
-        are never read is aborted after ``CLOSE_GRACE``."""
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
-        if self.lost or self._abort_deadline is not None:
-            return
-        self.transport.loseConnection()
-        self._abort_deadline = self.callLater(CLOSE_GRACE, self._abort)
-
-    def _abort(self) -> None:
-        self._abort_deadline = None
-        if not self.lost:
-            self.transport.abortConnection()
-
-    def _unauthenticated_too_long(self) -> None:
-        self._session_deadline = None
-        if not self.lost:
-            self.send(REPLIES["timeout"].with_text("Session time limit exceeded, closing connection"))
-            self.close()
-
-    # ------------------------------------------------------------------
-    # TLS handshake deadline (IHandshakeListener)
-    # ------------------------------------------------------------------
-
-    def _expect_handshake(self) -> None:
-        if self._handshake_deadline is None:
-            self._handshake_deadline = self.callLater(self.settings.tls_handshake_timeout,
-                                                      self._handshake_too_slow)
+        """End the connection once the replies written so far are out (see
+        ``ConnectionGuards.close``)."""
+        self.guards.close()
 
     def handshakeCompleted(self) -> None:
-        """The TLS handshake finished: its deadline no longer applies."""
-        call, self._handshake_deadline = self._handshake_deadline, None
-        if call is not None and call.active():
-            call.cancel()
+        """IHandshakeListener: the TLS handshake finished, its deadline no longer applies."""
+        self.guards.handshake_done()
         self.events.tls_established(self.transport)
 
-    def _handshake_too_slow(self) -> None:
-        self._handshake_deadline = None
-        if not self.lost:
-            log.info("TLS handshake with {peer} not finished after {seconds} s; closing",
-                     peer=self._peer[0], seconds=self.settings.tls_handshake_timeout)
-            self.transport.abortConnection()
-
-    # ------------------------------------------------------------------
-    # Producing replies (IPushProducer): the transport says when they pile up unread
-    # ------------------------------------------------------------------
+    # IPushProducer: the transport says when replies pile up unread
 
     def pauseProducing(self) -> None:
         self.reader.block()
@@ -277,13 +220,6 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def stopProducing(self) -> None:
         pass
-
-    def _flooded(self) -> None:
-        log.info("{peer} pipelined too much without reading the replies; closing",
-                 peer=self._peer[0])
-        self.send(REPLIES["auth_too_many_failures"].with_text(
-            "Too much pipelined input without reading replies, closing connection"))
-        self.close()
 
     def _read_addresses(self) -> None:
         self._peer = _address(self.transport.getPeer())
@@ -311,7 +247,7 @@ class SubmissionESMTP(smtp.ESMTP):
     # ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handshake_deadline is not None:
+        if self.guards.handshake_pending:
             self.handshakeCompleted()  # application data flows only after the handshake
         if self._admission_due:  # behind PROXY: the real client is known now
             self._admission_due = False
@@ -320,7 +256,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
-        return self.lost or self._abort_deadline is not None or bool(self.transport.disconnecting)
+        return self.lost or self.guards.closing or bool(self.transport.disconnecting)
 
     def _bare_lf(self) -> None:
         self.send(REPLIES["bare_lf"])
@@ -383,10 +319,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def error(self, reply: SMTPReply) -> None:
         """A protocol error reply; too many of them close the connection."""
         self.send(reply)
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self.send(REPLIES["auth_too_many_failures"].with_text("Too many errors, closing connection"))
-            self.close()
+        self.guards.error()
 
     def _answer(self, answer: Any) -> None:
         """Send what the mail transaction answered, now or when its Deferred fires."""
@@ -417,20 +350,11 @@ class SubmissionESMTP(smtp.ESMTP):
         if not parts:
             return self.error(REPLIES["bad_syntax"])
         verb = parts[0].upper()
-        if (verb in JUNK_VERBS or verb not in VERBS) and self._junk_over_limit():
+        if (verb in JUNK_VERBS or verb not in VERBS) and self.guards.junk_over_limit():
             return None
         if verb not in VERBS:
             return self.error(REPLIES["unknown_command"])
         getattr(self, "do_" + verb.decode("ascii"))(parts[1] if len(parts) > 1 else b"")
-
-    def _junk_over_limit(self) -> bool:
-        """Count a junk command; past ``junk_command_limit``: 421 and close."""
-        self._junk += 1
-        if self._junk <= self.settings.junk_command_limit:
-            return False
-        self.send(REPLIES["auth_too_many_failures"].with_text("Too many junk commands, closing connection"))
-        self.close()
-        return True
 
     def do_EHLO(self, arg: bytes) -> None:
         name = arg.strip()
@@ -487,7 +411,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.send(REPLIES["starttls_go"])
         # Nothing sent in plaintext after STARTTLS may count (CVE-2011-0411 style injection).
         self.reader.discard_pending()
-        self._expect_handshake()
+        self.guards.expect_handshake()
         self.transport.startTLS(self.tls_context)
         self.tls = True
         self._can_starttls = False
@@ -510,9 +434,7 @@ class SubmissionESMTP(smtp.ESMTP):
         """AUTH succeeded: mail now goes to ``avatar``."""
         self.avatar = avatar
         self.authenticated = True
-        call, self._session_deadline = self._session_deadline, None
-        if call is not None and call.active():
-            call.cancel()  # max_unauthenticated_time no longer applies
+        self.guards.authenticated()
 
     def _forget_login(self) -> None:
         self.auth.logout()
@@ -523,7 +445,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if not self._ehlo_done:
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
         if self.authenticated:
-            self._junk = 0  # an accountable client at work (Postfix: after each message)
+            self.guards.junk = 0  # an accountable client at work (Postfix: after each message)
         client = Client(self.auth_user if self.authenticated else None, self._peer[0],
                         self._peer[1], self._helo_name, self.session)
         if self.limits is not None and self.authenticated:  # messages_per_user
