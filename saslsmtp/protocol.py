@@ -43,13 +43,12 @@ from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.lines import OVERLONG, LineReader
+from saslsmtp.peer import Peer
 from saslsmtp.replies import REPLIES, SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
-from saslsmtp.tlsinfo import tls_facts
-from saslsmtp.envelope import Client
-from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck, Stamp
+from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -108,7 +107,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.timeout = settings.idle_timeout  # type: ignore[assignment]
         self.tls_context = tls_context
         self.client_identity = client_identity
-        self.context: dict = {}  # the AUTH script's per-connection context
+        self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
+        self.context = self.peer.context  # the AUTH script's per-connection context
         self.guards = ConnectionGuards(
             self, clock.callLater, junk_command_limit=settings.junk_command_limit,
             max_unauthenticated_time=settings.max_unauthenticated_time,
@@ -120,10 +120,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.lost = False
         self.tls = False
         self._can_starttls = False
-        self._peer = ("", 0)
-        self._local = ("", 0)
         self._ehlo_done = False
-        self._helo_name = ""
         # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
         # once it has sent something, so admission waits for the first data there.
         self.limits = ConnectionLimits(limiter) if limiter is not None else None
@@ -147,14 +144,14 @@ class SubmissionESMTP(smtp.ESMTP):
 
     @property
     def peer_ip(self) -> str:
-        return self._peer[0]
+        return self.peer.ip
 
     # ------------------------------------------------------------------
     # Connection life cycle
     # ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._read_addresses()
+        self.peer.read(self.transport)
         self.tls = bool(ISSLTransport.providedBy(self.transport))
         self._can_starttls = (not self.tls and self.tls_context is not None
                               and ITLSTransport.providedBy(self.transport))
@@ -175,7 +172,7 @@ class SubmissionESMTP(smtp.ESMTP):
                 self.close()
             elif greet:
                 self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
-        self.busy_until(self.limits.admit(self._peer[0]).addCallback(decided))
+        self.busy_until(self.limits.admit(self.peer.ip).addCallback(decided))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -191,7 +188,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._forget_login()
         if self.limits is not None:
             self.limits.release()
-        self.events.ended(self._peer[0], self.tls)
+        self.events.ended(self.peer.ip, self.tls)
 
     def timeoutConnection(self) -> None:
         self.send(REPLIES["timeout"])
@@ -221,26 +218,9 @@ class SubmissionESMTP(smtp.ESMTP):
     def stopProducing(self) -> None:
         pass
 
-    def _read_addresses(self) -> None:
-        self._peer = _address(self.transport.getPeer())
-        self._local = _address(self.transport.getHost())
-
-    def _helo_pair(self) -> tuple:
-        """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""
-        return (self._helo_name.encode("ascii") or None, self._peer[0])
-
     def session(self, mechanism: str = "") -> Session:
-        """The connection as mechanisms, checkers and scripts see it (built once per
-        exchange: reading the TLS channel bindings is not free)."""
-        bindings: Mapping[str, bytes] = {}
-        certificate = None
-        if self.tls:
-            bindings, certificate = tls_facts(self.transport, self.client_identity)
-        return Session(remote_ip=self._peer[0], remote_port=self._peer[1],
-                       local_ip=self._local[0], local_port=self._local[1],
-                       helo=self._helo_name, tls=self.tls, hostname=self.settings.hostname,
-                       mechanism=mechanism, context=self.context,
-                       channel_bindings=bindings, client_certificate=certificate)
+        """The connection as mechanisms, checkers and scripts see it (``Peer.session``)."""
+        return self.peer.session(self.transport, self.tls, mechanism)
 
     # ------------------------------------------------------------------
     # Reading: one line at a time, busy while an answer is pending
@@ -251,7 +231,7 @@ class SubmissionESMTP(smtp.ESMTP):
             self.handshakeCompleted()  # application data flows only after the handshake
         if self._admission_due:  # behind PROXY: the real client is known now
             self._admission_due = False
-            self._read_addresses()
+            self.peer.read(self.transport)
             self._admit(greet=False)
         self.reader.feed(data)
 
@@ -379,8 +359,8 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _greeted(self, name: bytes) -> None:
         # Behind haproxy: the PROXY header is parsed after connectionMade, so read again.
-        self._read_addresses()
-        self._helo_name = name.decode("ascii")
+        self.peer.read(self.transport)
+        self.peer.helo = name.decode("ascii")
         self._ehlo_done = True
         self.transaction.reset()
 
@@ -417,7 +397,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._can_starttls = False
         # RFC 3207 4.2: forget everything learned before TLS.
         self._ehlo_done = False
-        self._helo_name = ""
+        self.peer.helo = ""
         self.transaction.reset()
         self._forget_login()
 
@@ -446,25 +426,23 @@ class SubmissionESMTP(smtp.ESMTP):
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
         if self.authenticated:
             self.guards.junk = 0  # an accountable client at work (Postfix: after each message)
-        client = Client(self.auth_user if self.authenticated else None, self._peer[0],
-                        self._peer[1], self._helo_name, self.session)
+        client = self.peer.client(self.auth_user if self.authenticated else None, self.session)
         if self.limits is not None and self.authenticated:  # messages_per_user
             return self._answer(self.limits.mail_allowed(self.auth_user).addCallback(
                 lambda v: _limited(v) or self.transaction.mail(
-                    arg, self.avatar, self._helo_pair(), self.settings.require_auth, client)))
-        self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
+                    arg, self.avatar, self.peer.helo_pair(), self.settings.require_auth, client)))
+        self._answer(self.transaction.mail(arg, self.avatar, self.peer.helo_pair(),
                                            self.settings.require_auth, client))
 
     def do_RCPT(self, arg: bytes) -> None:
         if self.limits is not None and self.authenticated and self.transaction.open:
             return self._answer(self.limits.recipient_allowed(self.auth_user).addCallback(
                 lambda v: _limited(v) or self.transaction.rcpt(
-                    arg, self.avatar, self._helo_pair(), self)))
-        self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
+                    arg, self.avatar, self.peer.helo_pair(), self)))
+        self._answer(self.transaction.rcpt(arg, self.avatar, self.peer.helo_pair(), self))
 
     def do_DATA(self, arg: bytes) -> None:
-        stamp = Stamp(self._helo_name, self._peer[0], self.settings.hostname, self.tls,
-                      self.auth_user if self.authenticated else None)
+        stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
         answer = self.transaction.data(arg, stamp, self.transport)
         if isinstance(answer, defer.Deferred):
             answer.addCallback(self._data_started)
@@ -510,7 +488,3 @@ def _proxied(transport: Any) -> bool:
         transport = getattr(transport, "transport", None)
     return False
 
-
-def _address(addr: Any) -> tuple[str, int]:
-    """(host, port) of a transport address; UNIX and test addresses have neither."""
-    return (str(getattr(addr, "host", "") or ""), int(getattr(addr, "port", 0) or 0))
