@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 from twisted.logger import Logger
 
+from saslsmtp.engine_settings import EngineSettings
 from saslsmtp.replies import REPLIES, SMTPReply
 
 log = Logger(namespace="saslsmtp.smtp")
@@ -46,14 +47,13 @@ class GuardedConnection(Protocol):
 class ConnectionGuards:
     """Deadlines, counters and the one way to close, for one connection."""
 
-    def __init__(self, connection: GuardedConnection, call_later: Callable[..., Any], *,
-                 junk_command_limit: int, max_unauthenticated_time: float,
-                 tls_handshake_timeout: float) -> None:
+    def __init__(self, connection: GuardedConnection, call_later: Callable[..., Any],
+                 settings: EngineSettings) -> None:
         self.connection = connection
         self.call_later = call_later
-        self.junk_command_limit = junk_command_limit
-        self.max_unauthenticated_time = max_unauthenticated_time
-        self.tls_handshake_timeout = tls_handshake_timeout
+        self.junk_command_limit = settings.junk_command_limit
+        self.max_unauthenticated_time = settings.max_unauthenticated_time
+        self.tls_handshake_timeout = settings.tls_handshake_timeout
         self.junk = 0
         self.errors = 0
         self._producing = False  # the connection is registered as its transport's producer

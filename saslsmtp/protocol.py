@@ -20,6 +20,8 @@ job:
 The connection is a streaming producer for its transport, and its time and volume
 bounds (TLS handshake and unauthenticated-session deadlines, junk and error counts,
 flooding, ``close()`` with its grace period) are ``saslsmtp.guards.ConnectionGuards``.
+What it knows of the client is a ``saslsmtp.peer.Peer``; the abuse limits' verdicts are
+applied by ``saslsmtp.admission.ConnectionAdmission``.
 
 Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 """
@@ -27,21 +29,21 @@ Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.admission import ConnectionAdmission
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
+from saslsmtp.engine_settings import EngineSettings  # also importable from here
 from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
-from saslsmtp.limits.session import ConnectionLimits, refusal_line
+from saslsmtp.limits.session import ConnectionLimits
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.peer import Peer
 from saslsmtp.replies import REPLIES, SMTPReply
@@ -57,25 +59,6 @@ VERBS = frozenset({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP"
                    b"HELP", b"QUIT", b"STARTTLS", b"AUTH"})
 
 _HELO_ARG = re.compile(rb"^[\x21-\x7e]{1,255}$")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Per-listener behaviour of ``SubmissionESMTP`` (built from ``saslsmtp.config``)."""
-
-    hostname: str = "localhost"
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    require_tls: bool = True
-    require_auth: bool = True
-    failure_delay: float = 1.0
-    max_failures: int = 3
-    max_steps: int = 16
-    max_message_size: int = 26214400
-    max_recipients: int = 100
-    idle_timeout: float = 300.0
-    junk_command_limit: int = 100
-    max_unauthenticated_time: float = 300.0
-    tls_handshake_timeout: float = 30.0
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -109,10 +92,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.client_identity = client_identity
         self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
         self.context = self.peer.context  # the AUTH script's per-connection context
-        self.guards = ConnectionGuards(
-            self, clock.callLater, junk_command_limit=settings.junk_command_limit,
-            max_unauthenticated_time=settings.max_unauthenticated_time,
-            tls_handshake_timeout=settings.tls_handshake_timeout)
+        self.guards = ConnectionGuards(self, clock.callLater, settings)
         self.reader = LineReader(self._line, self._bare_lf, self._stopped,
                                  on_flood=self.guards.flooded)
         self._paused = False
@@ -121,10 +101,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.tls = False
         self._can_starttls = False
         self._ehlo_done = False
-        # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
-        # once it has sent something, so admission waits for the first data there.
-        self.limits = ConnectionLimits(limiter) if limiter is not None else None
-        self._admission_due = False
+        self.limits = ConnectionLimits(limiter) if limiter is not None else None  # abuse limits
+        self.admission = ConnectionAdmission(self, self.limits) if self.limits is not None else None
         self.auth = SmtpAuth(
             self, portal=portal, mechanisms=mechanisms, offered=settings.mechanisms,
             require_tls=settings.require_tls, clock=clock,
@@ -135,7 +113,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients,
                                            sender_check)
         self.transaction.events = self.events
-        self.transaction.on_accepted = self._message_accepted
+        if self.admission is not None:
+            self.transaction.on_accepted = self.admission.message_accepted
 
     @property
     def auth_user(self) -> str | None:
@@ -157,22 +136,13 @@ class SubmissionESMTP(smtp.ESMTP):
                               and ITLSTransport.providedBy(self.transport))
         self.guards.connected(self.tls, self.settings.require_auth)
         self.setTimeout(self.timeout)
-        if self.limits is not None and not _proxied(self.transport):
-            return self._admit(greet=True)
-        self._admission_due = self.limits is not None
+        if self.admission is not None:
+            self.admission.connected()  # greets unless the client is refused
+        else:
+            self.greet()
+
+    def greet(self) -> None:
         self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
-
-    def _admit(self, greet: bool) -> None:
-        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
-        assert self.limits is not None
-
-        def decided(verdict: Any) -> None:
-            if not verdict.allowed:
-                self.write(refusal_line(verdict))
-                self.close()
-            elif greet:
-                self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
-        self.busy_until(self.limits.admit(self.peer.ip).addCallback(decided))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
@@ -229,10 +199,8 @@ class SubmissionESMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self.guards.handshake_pending:
             self.handshakeCompleted()  # application data flows only after the handshake
-        if self._admission_due:  # behind PROXY: the real client is known now
-            self._admission_due = False
-            self.peer.read(self.transport)
-            self._admit(greet=False)
+        if self.admission is not None:
+            self.admission.data_arrived()  # behind PROXY: the real client is known now
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
@@ -309,11 +277,6 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(answer.reply)
         else:
             self.send(answer)
-
-    def _message_accepted(self) -> None:
-        """A message got its 2xx (stored, or the upstream took it): messages_per_user."""
-        if self.limits is not None and self.authenticated:
-            self.limits.message_accepted(self.auth_user)
 
     # ------------------------------------------------------------------
     # Commands
@@ -427,19 +390,18 @@ class SubmissionESMTP(smtp.ESMTP):
         if self.authenticated:
             self.guards.junk = 0  # an accountable client at work (Postfix: after each message)
         client = self.peer.client(self.auth_user if self.authenticated else None, self.session)
-        if self.limits is not None and self.authenticated:  # messages_per_user
-            return self._answer(self.limits.mail_allowed(self.auth_user).addCallback(
-                lambda v: _limited(v) or self.transaction.mail(
-                    arg, self.avatar, self.peer.helo_pair(), self.settings.require_auth, client)))
-        self._answer(self.transaction.mail(arg, self.avatar, self.peer.helo_pair(),
-                                           self.settings.require_auth, client))
+
+        def mail() -> Any:
+            return self.transaction.mail(arg, self.avatar, self.peer.helo_pair(),
+                                         self.settings.require_auth, client)
+        self._answer(self.admission.mail(mail) if self.admission is not None else mail())
 
     def do_RCPT(self, arg: bytes) -> None:
-        if self.limits is not None and self.authenticated and self.transaction.open:
-            return self._answer(self.limits.recipient_allowed(self.auth_user).addCallback(
-                lambda v: _limited(v) or self.transaction.rcpt(
-                    arg, self.avatar, self.peer.helo_pair(), self)))
-        self._answer(self.transaction.rcpt(arg, self.avatar, self.peer.helo_pair(), self))
+        def rcpt() -> Any:
+            return self.transaction.rcpt(arg, self.avatar, self.peer.helo_pair(), self)
+        if self.admission is not None and self.transaction.open:
+            return self._answer(self.admission.rcpt(rcpt))
+        self._answer(rcpt())
 
     def do_DATA(self, arg: bytes) -> None:
         stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
@@ -473,18 +435,4 @@ class SubmissionESMTP(smtp.ESMTP):
         self._answer(outcome.answer)
         return outcome.rest
 
-
-def _limited(verdict: Any) -> SMTPReply | None:
-    """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
-    return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
-
-
-def _proxied(transport: Any) -> bool:
-    """Whether the client address comes from a PROXY header (read after connectionMade),
-    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
-    for _ in range(3):
-        if isinstance(transport, HAProxyProtocolWrapper):
-            return True
-        transport = getattr(transport, "transport", None)
-    return False
 
