@@ -17,16 +17,11 @@ job:
 * **STARTTLS** discards whatever plaintext followed it in the same read, then resets the
   session (RFC 3207 4.2).
 
-Bounded sessions
-----------------
-The connection is a streaming producer for its transport: when replies pile up unread
-(the transport's write buffer is full) lines wait in the reader, and a client that keeps
-sending anyway is flooding (421, see ``saslsmtp.lines``).  Junk commands (NOOP, RSET,
-VRFY, HELP, unknown verbs) are counted like Postfix's ``smtpd_junk_command_limit``; an
-unauthenticated session ends after ``max_unauthenticated_time`` whatever it sends; a TLS
-handshake (``ssl:`` listener or STARTTLS) must finish within ``tls_handshake_timeout``.
-Every close goes through ``close()``: it unregisters the producer (or the transport
-would wait for it forever) and aborts a connection whose replies are never read.
+The connection is a streaming producer for its transport, and its time and volume
+bounds (TLS handshake and unauthenticated-session deadlines, junk and error counts,
+flooding, ``close()`` with its grace period) are ``saslsmtp.guards.ConnectionGuards``.
+What it knows of the client is a ``saslsmtp.peer.Peer``; the abuse limits' verdicts are
+applied by ``saslsmtp.admission.ConnectionAdmission``.
 
 Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 """
@@ -34,57 +29,36 @@ Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.admission import ConnectionAdmission
 from saslsmtp.auth import FailurePolicy, PasswordScript, Resolver, no_resolver
+from saslsmtp.engine_settings import EngineSettings  # also importable from here
 from saslsmtp.events import NoSessionEvents, SessionEvents
-from saslsmtp.limits.session import ConnectionLimits, refusal_line
+from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
+from saslsmtp.limits.session import ConnectionLimits
 from saslsmtp.lines import OVERLONG, LineReader
+from saslsmtp.peer import Peer
 from saslsmtp.replies import REPLIES, SMTPReply
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
-from saslsmtp.tlsinfo import tls_facts
-from saslsmtp.transaction import Client, MailTransaction, ProtocolError, SenderCheck, Stamp
+from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck
 
 log = Logger(namespace="saslsmtp.smtp")
 
 COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; MAIL with AUTH= may add 500; be generous
-MAX_ERRORS = 20  # protocol errors per connection before 421
 VERBS = frozenset({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"VRFY",
                    b"HELP", b"QUIT", b"STARTTLS", b"AUTH"})
-JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})  # and unknown verbs
-CLOSE_GRACE = 10.0  # seconds a closing connection may take to flush its last replies
 
 _HELO_ARG = re.compile(rb"^[\x21-\x7e]{1,255}$")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Per-listener behaviour of ``SubmissionESMTP`` (built from ``saslsmtp.config``)."""
-
-    hostname: str = "localhost"
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    require_tls: bool = True
-    require_auth: bool = True
-    failure_delay: float = 1.0
-    max_failures: int = 3
-    max_steps: int = 16
-    max_message_size: int = 26214400
-    max_recipients: int = 100
-    idle_timeout: float = 300.0
-    junk_command_limit: int = 100
-    max_unauthenticated_time: float = 300.0
-    tls_handshake_timeout: float = 30.0
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -116,27 +90,19 @@ class SubmissionESMTP(smtp.ESMTP):
         self.timeout = settings.idle_timeout  # type: ignore[assignment]
         self.tls_context = tls_context
         self.client_identity = client_identity
-        self.context: dict = {}  # the AUTH script's per-connection context
-        self.reader = LineReader(self._line, self._bare_lf, self._stopped, on_flood=self._flooded)
-        self._producing = False  # registered with the transport as its producer
-        self._junk = 0
-        self._session_deadline: Any = None  # max_unauthenticated_time
-        self._handshake_deadline: Any = None  # tls_handshake_timeout
-        self._abort_deadline: Any = None  # CLOSE_GRACE after close()
+        self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
+        self.context = self.peer.context  # the AUTH script's per-connection context
+        self.guards = ConnectionGuards(self, clock.callLater, settings)
+        self.reader = LineReader(self._line, self._bare_lf, self._stopped,
+                                 on_flood=self.guards.flooded)
         self._paused = False
         self._pending: defer.Deferred | None = None
         self.lost = False
         self.tls = False
         self._can_starttls = False
-        self._peer = ("", 0)
-        self._local = ("", 0)
         self._ehlo_done = False
-        self._helo_name = ""
-        self._errors = 0
-        # Abuse limits (saslsmtp.limits); behind a PROXY header the client is known only
-        # once it has sent something, so admission waits for the first data there.
-        self.limits = ConnectionLimits(limiter) if limiter is not None else None
-        self._admission_due = False
+        self.limits = ConnectionLimits(limiter) if limiter is not None else None  # abuse limits
+        self.admission = ConnectionAdmission(self, self.limits) if self.limits is not None else None
         self.auth = SmtpAuth(
             self, portal=portal, mechanisms=mechanisms, offered=settings.mechanisms,
             require_tls=settings.require_tls, clock=clock,
@@ -147,7 +113,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients,
                                            sender_check)
         self.transaction.events = self.events
-        self.transaction.on_accepted = self._message_accepted
+        if self.admission is not None:
+            self.transaction.on_accepted = self.admission.message_accepted
 
     @property
     def auth_user(self) -> str | None:
@@ -156,52 +123,31 @@ class SubmissionESMTP(smtp.ESMTP):
 
     @property
     def peer_ip(self) -> str:
-        return self._peer[0]
+        return self.peer.ip
 
     # ------------------------------------------------------------------
     # Connection life cycle
     # ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._read_addresses()
+        self.peer.read(self.transport)
         self.tls = bool(ISSLTransport.providedBy(self.transport))
         self._can_starttls = (not self.tls and self.tls_context is not None
                               and ITLSTransport.providedBy(self.transport))
-        if self.tls:
-            self._expect_handshake()
-        self.transport.registerProducer(self, True)
-        self._producing = True
+        self.guards.connected(self.tls, self.settings.require_auth)
         self.setTimeout(self.timeout)
-        if self.settings.require_auth:
-            self._session_deadline = self.callLater(self.settings.max_unauthenticated_time,
-                                                    self._unauthenticated_too_long)
-        # admission only when a connection limit is set: otherwise no Deferred, no pause
-        counted = self.limits is not None and self.limits.limiter.counts_connections
-        if counted and not _proxied(self.transport):
-            return self._admit(greet=True)
-        self._admission_due = counted
+        if self.admission is not None:
+            self.admission.connected()  # greets unless the client is refused
+        else:
+            self.greet()
+
+    def greet(self) -> None:
         self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
-
-    def _admit(self, greet: bool) -> None:
-        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
-        assert self.limits is not None
-
-        def decided(verdict: Any) -> None:
-            if not verdict.allowed:
-                self.write(refusal_line(verdict))
-                self.close()
-            elif greet:
-                self.write(b"220 " + self.host + b" ESMTP saslsmtp\r\n")
-        self.busy_until(self.limits.admit(self._peer[0]).addCallback(decided))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.setTimeout(None)
-        calls = (self._session_deadline, self._handshake_deadline, self._abort_deadline)
-        self._session_deadline = self._handshake_deadline = self._abort_deadline = None
-        for call in calls:
-            if call is not None and call.active():
-                call.cancel()
+        self.guards.lost()
         self.auth.end()
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -212,60 +158,23 @@ class SubmissionESMTP(smtp.ESMTP):
         self._forget_login()
         if self.limits is not None:
             self.limits.release()
-        self.events.ended(self._peer[0], self.tls)
+        self.events.ended(self.peer.ip, self.tls)
 
     def timeoutConnection(self) -> None:
         self.send(REPLIES["timeout"])
         self.close()
 
     def close(self) -> None:
-        """End the connection once the replies written so far are out; one whose replies
-        are never read is aborted after ``CLOSE_GRACE``."""
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
-        if self.lost or self._abort_deadline is not None:
-            return
-        self.transport.loseConnection()
-        self._abort_deadline = self.callLater(CLOSE_GRACE, self._abort)
-
-    def _abort(self) -> None:
-        self._abort_deadline = None
-        if not self.lost:
-            self.transport.abortConnection()
-
-    def _unauthenticated_too_long(self) -> None:
-        self._session_deadline = None
-        if not self.lost:
-            self.send(REPLIES["timeout"].with_text("Session time limit exceeded, closing connection"))
-            self.close()
-
-    # ------------------------------------------------------------------
-    # TLS handshake deadline (IHandshakeListener)
-    # ------------------------------------------------------------------
-
-    def _expect_handshake(self) -> None:
-        if self._handshake_deadline is None:
-            self._handshake_deadline = self.callLater(self.settings.tls_handshake_timeout,
-                                                      self._handshake_too_slow)
+        """End the connection once the replies written so far are out (see
+        ``ConnectionGuards.close``)."""
+        self.guards.close()
 
     def handshakeCompleted(self) -> None:
-        """The TLS handshake finished: its deadline no longer applies."""
-        call, self._handshake_deadline = self._handshake_deadline, None
-        if call is not None and call.active():
-            call.cancel()
+        """IHandshakeListener: the TLS handshake finished, its deadline no longer applies."""
+        self.guards.handshake_done()
         self.events.tls_established(self.transport)
 
-    def _handshake_too_slow(self) -> None:
-        self._handshake_deadline = None
-        if not self.lost:
-            log.info("TLS handshake with {peer} not finished after {seconds} s; closing",
-                     peer=self._peer[0], seconds=self.settings.tls_handshake_timeout)
-            self.transport.abortConnection()
-
-    # ------------------------------------------------------------------
-    # Producing replies (IPushProducer): the transport says when they pile up unread
-    # ------------------------------------------------------------------
+    # IPushProducer: the transport says when replies pile up unread
 
     def pauseProducing(self) -> None:
         self.reader.block()
@@ -279,49 +188,23 @@ class SubmissionESMTP(smtp.ESMTP):
     def stopProducing(self) -> None:
         pass
 
-    def _flooded(self) -> None:
-        log.info("{peer} pipelined too much without reading the replies; closing",
-                 peer=self._peer[0])
-        self.send(REPLIES["auth_too_many_failures"].with_text(
-            "Too much pipelined input without reading replies, closing connection"))
-        self.close()
-
-    def _read_addresses(self) -> None:
-        self._peer = _address(self.transport.getPeer())
-        self._local = _address(self.transport.getHost())
-
-    def _helo_pair(self) -> tuple:
-        """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""
-        return (self._helo_name.encode("ascii") or None, self._peer[0])
-
     def session(self, mechanism: str = "") -> Session:
-        """The connection as mechanisms, checkers and scripts see it (built once per
-        exchange: reading the TLS channel bindings is not free)."""
-        bindings: Mapping[str, bytes] = {}
-        certificate = None
-        if self.tls:
-            bindings, certificate = tls_facts(self.transport, self.client_identity)
-        return Session(remote_ip=self._peer[0], remote_port=self._peer[1],
-                       local_ip=self._local[0], local_port=self._local[1],
-                       helo=self._helo_name, tls=self.tls, hostname=self.settings.hostname,
-                       mechanism=mechanism, context=self.context,
-                       channel_bindings=bindings, client_certificate=certificate)
+        """The connection as mechanisms, checkers and scripts see it (``Peer.session``)."""
+        return self.peer.session(self.transport, self.tls, mechanism)
 
     # ------------------------------------------------------------------
     # Reading: one line at a time, busy while an answer is pending
     # ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handshake_deadline is not None:
+        if self.guards.handshake_pending:
             self.handshakeCompleted()  # application data flows only after the handshake
-        if self._admission_due:  # behind PROXY: the real client is known now
-            self._admission_due = False
-            self._read_addresses()
-            self._admit(greet=False)
+        if self.admission is not None:
+            self.admission.data_arrived()  # behind PROXY: the real client is known now
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
-        return self.lost or self._abort_deadline is not None or bool(self.transport.disconnecting)
+        return self.lost or self.guards.closing or bool(self.transport.disconnecting)
 
     def _bare_lf(self) -> None:
         self.send(REPLIES["bare_lf"])
@@ -384,10 +267,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def error(self, reply: SMTPReply) -> None:
         """A protocol error reply; too many of them close the connection."""
         self.send(reply)
-        self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self.send(REPLIES["auth_too_many_failures"].with_text("Too many errors, closing connection"))
-            self.close()
+        self.guards.error()
 
     def _answer(self, answer: Any) -> None:
         """Send what the mail transaction answered, now or when its Deferred fires."""
@@ -397,11 +277,6 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(answer.reply)
         else:
             self.send(answer)
-
-    def _message_accepted(self) -> None:
-        """A message got its 2xx (stored, or the upstream took it): messages_per_user."""
-        if self.limits is not None and self.authenticated:
-            self.limits.message_accepted(self.auth_user)
 
     # ------------------------------------------------------------------
     # Commands
@@ -418,20 +293,11 @@ class SubmissionESMTP(smtp.ESMTP):
         if not parts:
             return self.error(REPLIES["bad_syntax"])
         verb = parts[0].upper()
-        if (verb in JUNK_VERBS or verb not in VERBS) and self._junk_over_limit():
+        if (verb in JUNK_VERBS or verb not in VERBS) and self.guards.junk_over_limit():
             return None
         if verb not in VERBS:
             return self.error(REPLIES["unknown_command"])
         getattr(self, "do_" + verb.decode("ascii"))(parts[1] if len(parts) > 1 else b"")
-
-    def _junk_over_limit(self) -> bool:
-        """Count a junk command; past ``junk_command_limit``: 421 and close."""
-        self._junk += 1
-        if self._junk <= self.settings.junk_command_limit:
-            return False
-        self.send(REPLIES["auth_too_many_failures"].with_text("Too many junk commands, closing connection"))
-        self.close()
-        return True
 
     def do_EHLO(self, arg: bytes) -> None:
         name = arg.strip()
@@ -456,8 +322,8 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _greeted(self, name: bytes) -> None:
         # Behind haproxy: the PROXY header is parsed after connectionMade, so read again.
-        self._read_addresses()
-        self._helo_name = name.decode("ascii")
+        self.peer.read(self.transport)
+        self.peer.helo = name.decode("ascii")
         self._ehlo_done = True
         self.transaction.reset()
 
@@ -488,13 +354,13 @@ class SubmissionESMTP(smtp.ESMTP):
         self.send(REPLIES["starttls_go"])
         # Nothing sent in plaintext after STARTTLS may count (CVE-2011-0411 style injection).
         self.reader.discard_pending()
-        self._expect_handshake()
+        self.guards.expect_handshake()
         self.transport.startTLS(self.tls_context)
         self.tls = True
         self._can_starttls = False
         # RFC 3207 4.2: forget everything learned before TLS.
         self._ehlo_done = False
-        self._helo_name = ""
+        self.peer.helo = ""
         self.transaction.reset()
         self._forget_login()
 
@@ -511,9 +377,7 @@ class SubmissionESMTP(smtp.ESMTP):
         """AUTH succeeded: mail now goes to ``avatar``."""
         self.avatar = avatar
         self.authenticated = True
-        call, self._session_deadline = self._session_deadline, None
-        if call is not None and call.active():
-            call.cancel()  # max_unauthenticated_time no longer applies
+        self.guards.authenticated()
 
     def _forget_login(self) -> None:
         self.auth.logout()
@@ -524,26 +388,23 @@ class SubmissionESMTP(smtp.ESMTP):
         if not self._ehlo_done:
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
         if self.authenticated:
-            self._junk = 0  # an accountable client at work (Postfix: after each message)
-        client = Client(self.auth_user if self.authenticated else None, self._peer[0],
-                        self._peer[1], self._helo_name, self.session)
-        if self.limits is not None and self.authenticated:  # messages_per_user
-            return self._answer(self.limits.mail_allowed(self.auth_user).addCallback(
-                lambda v: _limited(v) or self.transaction.mail(
-                    arg, self.avatar, self._helo_pair(), self.settings.require_auth, client)))
-        self._answer(self.transaction.mail(arg, self.avatar, self._helo_pair(),
-                                           self.settings.require_auth, client))
+            self.guards.junk = 0  # an accountable client at work (Postfix: after each message)
+        client = self.peer.client(self.auth_user if self.authenticated else None, self.session)
+
+        def mail() -> Any:
+            return self.transaction.mail(arg, self.avatar, self.peer.helo_pair(),
+                                         self.settings.require_auth, client)
+        self._answer(self.admission.mail(mail) if self.admission is not None else mail())
 
     def do_RCPT(self, arg: bytes) -> None:
-        if self.limits is not None and self.authenticated and self.transaction.open:
-            return self._answer(self.limits.recipient_allowed(self.auth_user).addCallback(
-                lambda v: _limited(v) or self.transaction.rcpt(
-                    arg, self.avatar, self._helo_pair(), self)))
-        self._answer(self.transaction.rcpt(arg, self.avatar, self._helo_pair(), self))
+        def rcpt() -> Any:
+            return self.transaction.rcpt(arg, self.avatar, self.peer.helo_pair(), self)
+        if self.admission is not None and self.transaction.open:
+            return self._answer(self.admission.rcpt(rcpt))
+        self._answer(rcpt())
 
     def do_DATA(self, arg: bytes) -> None:
-        stamp = Stamp(self._helo_name, self._peer[0], self.settings.hostname, self.tls,
-                      self.auth_user if self.authenticated else None)
+        stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
         answer = self.transaction.data(arg, stamp, self.transport)
         if isinstance(answer, defer.Deferred):
             answer.addCallback(self._data_started)
@@ -575,21 +436,3 @@ class SubmissionESMTP(smtp.ESMTP):
         return outcome.rest
 
 
-def _limited(verdict: Any) -> SMTPReply | None:
-    """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
-    return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
-
-
-def _proxied(transport: Any) -> bool:
-    """Whether the client address comes from a PROXY header (read after connectionMade),
-    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
-    for _ in range(3):
-        if isinstance(transport, HAProxyProtocolWrapper):
-            return True
-        transport = getattr(transport, "transport", None)
-    return False
-
-
-def _address(addr: Any) -> tuple[str, int]:
-    """(host, port) of a transport address; UNIX and test addresses have neither."""
-    return (str(getattr(addr, "host", "") or ""), int(getattr(addr, "port", 0) or 0))

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 from twisted.internet import defer
 
+from saslsmtp.envelope import Client
 from saslsmtp.replies import SMTPReply, clean_text
 from saslsmtp.sasl.outcome import Accept, Reject
 from saslsmtp.senders import SenderPolicy, refusal
-from saslsmtp.transaction import Client
 
 DEFERRED = SMTPReply(451, "4.7.1", "Sender address check failed temporarily, try again later")
 

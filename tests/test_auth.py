@@ -271,13 +271,13 @@ def test_scripted_password_login_is_who_the_script_accepted() -> None:
 def test_tls_facts_read_once_per_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
     """On TLS, the channel bindings and client certificate are read once per AUTH, however
     many hops (mechanism, checker, script) use the Session."""
-    import saslsmtp.protocol
+    import saslsmtp.peer
     calls: list[Any] = []
 
     def facts(transport: Any, identity: str) -> tuple[dict, None]:
         calls.append(transport)
         return {"tls-unique": b"binding"}, None
-    monkeypatch.setattr(saslsmtp.protocol, "tls_facts", facts)
+    monkeypatch.setattr(saslsmtp.peer, "tls_facts", facts)
     checker = RecordingChecker()
     h = SMTPHarness(checkers=[checker], tls=True)
     h.send(b"EHLO client.example\r\n")

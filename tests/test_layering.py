@@ -2,8 +2,8 @@
 
 Layers, bottom to top: ``saslsmtp.sasl`` (stdlib only) -> ``config``/``passwords``/
 ``replies``/``lines`` (no Twisted) -> errors, credentials, checkers, script, adapter,
-delivery -> ``auth``/``transaction`` -> ``smtpauth`` -> ``protocol`` -> ``service`` ->
-``tap`` (only the twistd plugin names it).  A lower layer never imports a higher one.
+delivery, envelope -> ``auth``/``transaction`` -> ``smtpauth`` -> ``protocol`` ->
+``service`` -> ``tap`` (only the twistd plugin names it).  A lower layer never imports a higher one.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     (("saslsmtp.checkers",), ENGINE + ("saslsmtp.adapter", "saslsmtp.testing"),
      "backends know credentials, not the protocol"),
     (("saslsmtp.errors", "saslsmtp.credentials", "saslsmtp.script", "saslsmtp.adapter",
-      "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads"),
+      "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads",
+      "saslsmtp.envelope", "saslsmtp.guards", "saslsmtp.engine_settings"),
      ENGINE, "shared parts sit below the engine"),
     (("saslsmtp.auth", "saslsmtp.transaction"),
      ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.lines", "saslsmtp.service", "saslsmtp.tap"),
      "the AUTH engine and the mail transaction know nothing of lines or listeners"),
     (("saslsmtp.smtpauth",), ("saslsmtp.protocol", "saslsmtp.service", "saslsmtp.tap"),
      "the AUTH command talks to its connection through AuthHost"),
+    (("saslsmtp.peer", "saslsmtp.admission"),
+     ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.service", "saslsmtp.tap"),
+     "the client's facts and the limits' verdicts sit below the protocol"),
     (("saslsmtp.protocol",), ("saslsmtp.service", "saslsmtp.tap"),
      "one connection knows nothing of the daemon's wiring"),
     (("saslsmtp",), ("saslsmtp.tap",), "only the twistd plugin names saslsmtp.tap"),
@@ -108,6 +112,11 @@ def test_imports_follow_the_layers() -> None:
         "saslsmtp.checkers.http": "from saslsmtp import service\n",
         "saslsmtp.auth": "from saslsmtp.protocol import EngineSettings\n",
         "saslsmtp.transaction": "from saslsmtp.smtpauth import SmtpAuth\n",
+        "saslsmtp.envelope": "from saslsmtp.transaction import MailTransaction\n",
+        "saslsmtp.guards": "from saslsmtp.protocol import SubmissionESMTP\n",
+        "saslsmtp.peer": "from saslsmtp.protocol import SubmissionESMTP\n",
+        "saslsmtp.admission": "from saslsmtp.smtpauth import SmtpAuth\n",
+        "saslsmtp.engine_settings": "from saslsmtp.protocol import SubmissionESMTP\n",
         "saslsmtp.smtpauth": "from saslsmtp.protocol import SubmissionESMTP\n",
         "saslsmtp.lines": "from twisted.protocols.basic import LineReceiver\n",
         "saslsmtp.protocol": "import saslsmtp.service\n",

@@ -99,7 +99,7 @@ class RelayDelivery:
         self.client = client
 
     def begin_transaction(self, client: Any) -> RelayEnvelope:
-        """``client``: a ``saslsmtp.transaction.Client`` (login, address, port, HELO)."""
+        """``client``: a ``saslsmtp.envelope.Client`` (login, address, port, HELO)."""
         session = RelaySession(client.login or self.username, client.address or None,
                                client.port or None, client.helo or None)
         return RelayEnvelope(self.client.transaction(session))

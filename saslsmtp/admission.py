@@ -1,0 +1,109 @@
+"""``ConnectionAdmission``: the abuse limits at one connection's events, on the wire.
+
+``saslsmtp.limits.session.ConnectionLimits`` counts; this is what the protocol does with
+its verdicts: a refused client gets ``421 4.7.0`` instead of the greeting, an
+authenticated sender over ``messages_per_user``/``recipients_per_user`` gets the 452 for
+its MAIL or RCPT, and each message answered 2xx counts.  Behind a PROXY header the
+client is known only once it has sent something, so admission waits for the first data
+there (and the greeting is sent at once).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from twisted.internet import defer
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+
+from saslsmtp.limits.session import ConnectionLimits, refusal_line
+from saslsmtp.peer import Peer
+from saslsmtp.replies import SMTPReply
+
+
+class LimitedConnection(Protocol):
+    """What the admission needs of its connection (``SubmissionESMTP``)."""
+
+    transport: Any
+    peer: Peer
+    authenticated: bool
+
+    @property
+    def auth_user(self) -> str | None: ...
+    def greet(self) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def busy_until(self, d: "defer.Deferred[Any]") -> None: ...
+
+
+class ConnectionAdmission:
+    """One connection's ``ConnectionLimits``, asked at connect, MAIL, RCPT, message."""
+
+    def __init__(self, connection: LimitedConnection, limits: ConnectionLimits) -> None:
+        self.connection = connection
+        self.limits = limits
+        self._due = False  # behind PROXY: admit on the first data
+
+    def connected(self) -> None:
+        """Admit the client (its greeting follows the verdict), or behind a PROXY header
+        greet now and admit once the real address is known.  Without a connection limit
+        there is nothing to ask: no Deferred, no pause, the greeting at once."""
+        if not self.limits.limiter.counts_connections:
+            self.connection.greet()
+        elif _proxied(self.connection.transport):
+            self._due = True
+            self.connection.greet()
+        else:
+            self._admit(greet=True)
+
+    def data_arrived(self) -> None:
+        """The first bytes: behind PROXY the real client is known now."""
+        if self._due:
+            self._due = False
+            self.connection.peer.read(self.connection.transport)
+            self._admit(greet=False)
+
+    def _admit(self, greet: bool) -> None:
+        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
+        connection = self.connection
+
+        def decided(verdict: Any) -> None:
+            if not verdict.allowed:
+                connection.write(refusal_line(verdict))
+                connection.close()
+            elif greet:
+                connection.greet()
+        connection.busy_until(self.limits.admit(connection.peer.ip).addCallback(decided))
+
+    def mail(self, step: Callable[[], Any]) -> Any:
+        """MAIL: ``step()`` (the transaction's answer), after ``messages_per_user``."""
+        if not self.connection.authenticated:
+            return step()
+        verdict = self.limits.mail_allowed(self.connection.auth_user)
+        return verdict.addCallback(lambda v: _limited(v) or step())
+
+    def rcpt(self, step: Callable[[], Any]) -> Any:
+        """RCPT: ``step()``, after ``recipients_per_user``."""
+        if not self.connection.authenticated:
+            return step()
+        verdict = self.limits.recipient_allowed(self.connection.auth_user)
+        return verdict.addCallback(lambda v: _limited(v) or step())
+
+    def message_accepted(self) -> None:
+        """A message got its 2xx (stored, or the upstream took it): messages_per_user."""
+        if self.connection.authenticated:
+            self.limits.message_accepted(self.connection.auth_user)
+
+
+def _limited(verdict: Any) -> SMTPReply | None:
+    """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
+    return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
+
+
+def _proxied(transport: Any) -> bool:
+    """Whether the client address comes from a PROXY header (read after connectionMade),
+    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
+    for _ in range(3):
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False

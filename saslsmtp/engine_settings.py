@@ -1,0 +1,28 @@
+"""``EngineSettings``: what one listener's connections are allowed and required to do.
+
+``saslsmtp.service`` builds one per listener from ``saslsmtp.config``; ``SubmissionESMTP``
+and the helpers it owns (``saslsmtp.guards``) read their limits from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Per-listener behaviour of ``SubmissionESMTP`` (built from ``saslsmtp.config``)."""
+
+    hostname: str = "localhost"
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    require_tls: bool = True
+    require_auth: bool = True
+    failure_delay: float = 1.0
+    max_failures: int = 3
+    max_steps: int = 16
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    idle_timeout: float = 300.0
+    junk_command_limit: int = 100
+    max_unauthenticated_time: float = 300.0
+    tls_handshake_timeout: float = 30.0

@@ -1,0 +1,168 @@
+"""The delivery side of a mail transaction: who is sending, the envelope and the sink.
+
+An avatar that takes mail makes one **envelope** (``Envelope``) per transaction with
+``begin_transaction(client)``: ``mail``/``rcpt`` answer MAIL and RCPT (a relay asks its
+upstream), ``data`` answers DATA (``354``: its ``sink`` takes the message).  A **message
+sink** (``MessageSink``) gets ``write(chunk)`` as the body arrives, ``end()`` -> Deferred
+of the final reply, or ``abort()``; it is an ``IConsumer`` so a sink that cannot keep up
+pauses the client's transport.
+
+Stock ``IMessageDelivery`` avatars (``validateFrom``/``validateTo``/``IMessage``) work
+through ``StockEnvelope``; ``delivery_error_reply`` turns their errors into replies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
+
+log = Logger(namespace="saslsmtp.transaction")
+
+_ENHANCED_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3}) (.*)$")
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who is sending, as an envelope or a sender check sees it."""
+
+    login: str | None
+    address: str = ""
+    port: int = 0
+    helo: str = ""
+    session: Callable[[], Any] | None = None  # builds a ``Session`` (for the AUTH script)
+
+
+
+class MessageSink(Protocol):
+    """Where one message's bytes go (a Maildir file, an upstream DATA phase)."""
+
+    queue_id: str
+
+    def write(self, chunk: bytes) -> None: ...
+    def end(self) -> "defer.Deferred[SMTPReply]": ...
+    def abort(self) -> None: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
+class Envelope(Protocol):
+    """One transaction at the delivery side (see the module docstring)."""
+
+    @property
+    def sink(self) -> MessageSink | None:
+        """The message's sink once ``data`` answered ``354``."""
+
+    def mail(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def rcpt(self, address: str, params: Sequence[str]) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def data(self) -> SMTPReply | defer.Deferred[SMTPReply]: ...
+    def abort(self) -> None: ...
+
+
+
+# ---------------------------------------------------------------------------
+# Stock Twisted avatars (IMessageDelivery / IMessage), for embedding and tests
+# ---------------------------------------------------------------------------
+
+
+class StockEnvelope:
+    """An ``IMessageDelivery`` avatar as an ``Envelope``: ``validateFrom``,
+    ``validateTo`` and one ``IMessage`` per distinct factory."""
+
+    def __init__(self, avatar: Any, helo: tuple) -> None:
+        self.avatar = avatar
+        self.helo = helo
+        self.origin: smtp.Address | None = None
+        self.factories: list[Callable[[], Any]] = []
+        self.sink: LinesSink | None = None
+
+    def mail(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
+        origin = smtp.Address(address.encode("utf-8")) if address else smtp.Address(b"")
+
+        def ok(accepted: Any) -> SMTPReply:
+            self.origin = accepted or origin
+            return REPLIES["sender_ok"]
+        d = defer.maybeDeferred(self.avatar.validateFrom, self.helo, origin)
+        return d.addCallbacks(ok, lambda f: delivery_error_reply(f, REPLIES["sender_rejected"]))
+
+    def rcpt(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
+        user = smtp.User(address.encode("utf-8"), self.helo, None, self.origin)
+
+        def ok(factory: Callable[[], Any]) -> SMTPReply:
+            self.factories.append(factory)
+            return REPLIES["rcpt_ok"]
+        d = defer.maybeDeferred(self.avatar.validateTo, user)
+        return d.addCallbacks(ok, lambda f: delivery_error_reply(f, REPLIES["rcpt_rejected"]))
+
+    def data(self) -> SMTPReply:
+        messages: list[Any] = []
+        for factory in self.factories:
+            message = factory()
+            if not any(message is m for m in messages):
+                messages.append(message)
+        self.sink = LinesSink(messages)
+        return REPLIES["data_start"]
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+
+
+class LinesSink:
+    """Feeds ``IMessage.lineReceived`` one line at a time from chunks (a partial line is
+    the only thing buffered, and the body reader bounds line lengths)."""
+
+    queue_id = "-"
+
+    def __init__(self, messages: list[Any]) -> None:
+        self.messages = messages
+        self._partial = b""
+
+    def write(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\r\n")
+        self._partial = lines.pop()
+        for line in lines:
+            for message in self.messages:
+                message.lineReceived(line)
+
+    def end(self) -> "defer.Deferred[SMTPReply]":
+        messages, self.messages = self.messages, []
+        d = defer.DeferredList([defer.maybeDeferred(m.eomReceived) for m in messages],
+                               fireOnOneErrback=True, consumeErrors=True)
+        return d.addCallback(lambda _: REPLIES["message_accepted"])
+
+    def abort(self) -> None:
+        messages, self.messages = self.messages, []
+        for message in messages:
+            message.connectionLost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+
+def delivery_error_reply(failure: Failure, default: SMTPReply) -> SMTPReply:
+    """The reply for an error from ``validateFrom``/``validateTo``/``eomReceived``."""
+    exc = failure.value
+    if isinstance(exc, smtp.SMTPServerError) and isinstance(exc.code, int):
+        resp = exc.resp.decode("utf-8", "replace") if isinstance(exc.resp, bytes) else str(exc.resp)
+        enhanced = DEFAULT_ENHANCED.get(exc.code // 100)
+        match = _ENHANCED_PREFIX.match(resp)
+        if match:
+            enhanced, resp = match.group(1), match.group(2)
+        return SMTPReply(exc.code, enhanced, clean_text(resp))
+    if not isinstance(exc, smtp.SMTPServerError):
+        if not failure.check(defer.CancelledError):
+            log.failure("unexpected error in delivery", failure=failure)
+        return REPLIES["local_error"]
+    return default

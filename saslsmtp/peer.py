@@ -1,0 +1,62 @@
+"""``Peer``: who is on the other end of one connection, as everyone else sees it.
+
+The protocol reads the addresses (again once a PROXY header may have replaced them) and
+the HELO name here; mechanisms, checkers and scripts get them as a ``Session``, the
+envelope and the sender check as a ``Client``, the Received header as a ``Stamp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from saslsmtp.envelope import Client
+from saslsmtp.sasl.outcome import Session
+from saslsmtp.tlsinfo import tls_facts
+from saslsmtp.transaction import Stamp
+
+
+class Peer:
+    """The client's and our address, its HELO name and the AUTH script's context."""
+
+    def __init__(self, hostname: str, client_identity: str = "cn") -> None:
+        self.hostname = hostname
+        self.client_identity = client_identity  # which certificate field names the client
+        self.ip, self.port = "", 0
+        self.local_ip, self.local_port = "", 0
+        self.helo = ""  # the EHLO/HELO name, "" before it (and after STARTTLS)
+        self.context: dict = {}  # the AUTH script's per-connection context
+
+    def read(self, transport: Any) -> None:
+        """Take the addresses from ``transport`` (behind haproxy: from the PROXY header)."""
+        self.ip, self.port = _address(transport.getPeer())
+        self.local_ip, self.local_port = _address(transport.getHost())
+
+    def helo_pair(self) -> tuple:
+        """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""
+        return (self.helo.encode("ascii") or None, self.ip)
+
+    def session(self, transport: Any, tls: bool, mechanism: str = "") -> Session:
+        """The connection as mechanisms, checkers and scripts see it (built once per
+        exchange: reading the TLS channel bindings is not free)."""
+        bindings: Mapping[str, bytes] = {}
+        certificate = None
+        if tls:
+            bindings, certificate = tls_facts(transport, self.client_identity)
+        return Session(remote_ip=self.ip, remote_port=self.port,
+                       local_ip=self.local_ip, local_port=self.local_port,
+                       helo=self.helo, tls=tls, hostname=self.hostname,
+                       mechanism=mechanism, context=self.context,
+                       channel_bindings=bindings, client_certificate=certificate)
+
+    def client(self, login: str | None, session: Callable[[], Any]) -> Client:
+        """Who is sending, for the envelope and the sender check."""
+        return Client(login, self.ip, self.port, self.helo, session)
+
+    def stamp(self, tls: bool, user: str | None) -> Stamp:
+        """What the Received header says about this connection."""
+        return Stamp(self.helo, self.ip, self.hostname, tls, user)
+
+
+def _address(addr: Any) -> tuple[str, int]:
+    """(host, port) of a transport address; UNIX and test addresses have neither."""
+    return (str(getattr(addr, "host", "") or ""), int(getattr(addr, "port", 0) or 0))
