@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from saslsmtp.auth import (AuthExchange, FailurePolicy, LoggedIn, PasswordScript, Resolver,
                            StepResult, no_resolver)
+from saslsmtp.limits.session import GATE_REFUSAL
 from saslsmtp.lines import OVERLONG
 from saslsmtp.replies import REPLIES, SMTPReply, auth_reply, auth_success_reply
 from saslsmtp.sasl.codec import DecodeError, decode_response
@@ -168,7 +169,8 @@ class SmtpAuth:
                 self._finish("failure")
                 return self._rejected(result)
             case Defer():
-                self._finish("tempfail")
+                # a refusal by the failure limits (no credentials checked) is "limited"
+                self._finish("limited" if result is GATE_REFUSAL else "tempfail")
                 self.host.send(auth_reply(result))
                 if result.disconnect:
                     self.host.close()

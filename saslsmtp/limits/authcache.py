@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.errors import UnknownUser
+from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.settings import AuthCacheSettings
 
 __all__ = ["AuthCache", "CachingChecker", "UnknownUser"]
@@ -67,6 +68,7 @@ class AuthCache:
         self.hits = 0
         self.misses = 0
         self.stale_hits = 0
+        self.metrics: Any = NO_METRICS  # set by the service: cache_lookup(hit)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -98,13 +100,16 @@ class AuthCache:
             if entry.fingerprint is None:
                 self._entries.move_to_end((chain, user))
                 self.hits += 1
+                self.metrics.cache_lookup(True)
                 return ("unknown", None)
             if age < self.settings.ttl and hmac.compare_digest(entry.fingerprint,
                                                                self.fingerprint(password)):
                 self._entries.move_to_end((chain, user))
                 self.hits += 1
+                self.metrics.cache_lookup(True)
                 return ("accept", entry.avatar_id)
         self.misses += 1
+        self.metrics.cache_lookup(False)
         return None
 
     def stale(self, chain: str, username: bytes | str, password: bytes | str) -> Any | None:

@@ -17,6 +17,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
+from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.authcache import AuthCache, CachingChecker
 from saslsmtp.limits.limiter import Limiter
 # Imported now, not when the store is built: that happens at service start, after the
@@ -65,10 +66,13 @@ class LateStore:
     def __init__(self, make: Callable[[], RateStore]) -> None:
         self._make = make
         self.store: RateStore | None = None
+        self.metrics: Any = NO_METRICS  # handed on to the store it builds (redis_down)
 
     def start(self) -> None:
         if self.store is None:
             self.store = self._make()
+            if hasattr(self.store, "metrics"):
+                self.store.metrics = self.metrics
 
     def stop(self) -> "Deferred[Any]":
         store, self.store = self.store, None

@@ -50,6 +50,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.penalty import (MAX_TRACKED_ADDRESSES, PENALTY_FIRST, PENALTY_FORGET,
                                      REMEMBERED_FAILURES, AuthPenalties)
 from saslsmtp.limits.settings import LimitsSettings, Rate
@@ -106,6 +107,7 @@ class Limiter:
         self._holder_prefix = holder_prefix or f"{uuid.uuid4().hex[:12]}:{os.getpid()}"
         self._holders = itertools.count(1)
         self.penalties = AuthPenalties(clock, secret)
+        self.metrics: Any = NO_METRICS  # set by the service: limit_rejected(name)
         # Attempts admitted by the gate whose verdict is not known yet, per counter key:
         # they count against the limit, so guesses run in parallel (or a client that
         # hangs up before its verdict) get no more through than guesses one at a time.
@@ -122,6 +124,7 @@ class Limiter:
 
     def _deny(self, limit: str, code: int, enhanced: str, text: str) -> Verdict:
         self.rejects[limit] += 1
+        self.metrics.limit_rejected(limit)
         return Verdict(False, code, enhanced, text, limit)
 
     # ---- connections ---------------------------------------------------------------

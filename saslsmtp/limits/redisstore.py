@@ -32,6 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.redisurl import RedisURL, parse_redis_url
 from saslsmtp.limits.settings import Rate
 from saslsmtp.limits.store import ALLOW, RateResult
@@ -192,6 +193,7 @@ class RedisStore:
         self.prefix = key_prefix
         self.on_error = on_error
         self.unavailable = 0  # calls answered "allow" because Redis could not answer
+        self.metrics: Any = NO_METRICS  # set by the service: redis_down()
         self._since_log = 0
         self._last_log: float | None = None
         self._down = False
@@ -237,6 +239,7 @@ class RedisStore:
 
     def _unavailable(self, f: Failure) -> Failure:
         self.unavailable += 1
+        self.metrics.redis_down()
         self._since_log += 1
         self._down = True
         if self.on_error is not None:
