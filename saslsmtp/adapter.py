@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterable, Mapping, assert_never
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail.interfaces import IChallengeResponse
@@ -40,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, alsoProvides, implementer
 
 from saslsmtp.credentials import AvatarId, IAuthenticatedIdentity, same_password
-from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.errors import AuthRejected, TemporaryFailure, failure_outcome
 from saslsmtp.sasl.mechanism import MechanismSpec, PreparesSecret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
@@ -175,17 +174,12 @@ def _name_bytes(name: str | bytes) -> bytes:
 
 
 def _failure_outcome(failure: Failure) -> Reject | Defer:
-    """A step that raised: bad credentials -> ``Reject``, anything else -> ``Defer``."""
-    exc = failure.value
-    if isinstance(exc, AuthRejected):
-        return exc.outcome
-    if isinstance(exc, UnauthorizedLogin):
-        return Reject()
-    if isinstance(exc, TemporaryFailure):
-        log.info("AUTH temporary failure: {why}", why=str(exc))
-        return exc.outcome
-    log.failure("mechanism step failed unexpectedly", failure=failure)
-    return Defer("Mechanism error")
+    """A step that raised: the engine's rule (``saslsmtp.errors.failure_outcome``), a
+    mechanism bug answered as ``Defer("Mechanism error")``."""
+    return failure_outcome(failure, MECHANISM_ERROR)
+
+
+MECHANISM_ERROR = Defer("Mechanism error")
 
 
 @implementer(ICredentialsChecker)

@@ -26,14 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Union, assert_never
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
 from twisted.python.failure import Failure
 
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
-from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.errors import TemporaryFailure, failure_outcome
 from saslsmtp.limits.fairpool import client_key_set
 from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
@@ -250,19 +249,6 @@ class AuthExchange:
         return failure_outcome(failure)
 
 
-def failure_outcome(failure: Failure) -> Reject | Defer:
-    """The outcome of a failed step or login: bad credentials -> ``Reject``, anything else
-    -> ``Defer`` (logged; an unexpected error with its traceback)."""
-    exc = failure.value
-    if isinstance(exc, AuthRejected):
-        return exc.outcome
-    if isinstance(exc, UnauthorizedLogin):
-        return Reject()
-    if isinstance(exc, TemporaryFailure):
-        log.info("AUTH temporary failure: {why}", why=str(exc))
-        return exc.outcome
-    log.failure("AUTH step failed unexpectedly", failure=failure)
-    return Defer()
 
 
 @dataclass

@@ -9,8 +9,12 @@ turns an outcome into a reply (``saslsmtp.replies.auth_reply``).
 from __future__ import annotations
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from saslsmtp.sasl.outcome import Defer, Reject
+
+_log = Logger(namespace="saslsmtp.auth")
 
 
 class AuthRejected(UnauthorizedLogin):
@@ -36,3 +40,18 @@ class TemporaryFailure(Exception):
     def __init__(self, message: str = "temporary failure", outcome: Defer | None = None) -> None:
         super().__init__(message)
         self.outcome = outcome or Defer()
+
+
+def failure_outcome(failure: Failure, unexpected: Defer = Defer()) -> Reject | Defer:
+    """The outcome of a failed step or login: bad credentials -> ``Reject``, anything else
+    -> ``Defer`` (logged; an unexpected error with its traceback, answered ``unexpected``)."""
+    exc = failure.value
+    if isinstance(exc, AuthRejected):
+        return exc.outcome
+    if isinstance(exc, UnauthorizedLogin):
+        return Reject()
+    if isinstance(exc, TemporaryFailure):
+        _log.info("AUTH temporary failure: {why}", why=str(exc))
+        return exc.outcome
+    _log.failure("AUTH step failed unexpectedly", failure=failure)
+    return unexpected
