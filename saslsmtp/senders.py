@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from saslsmtp.octets import config_lines
 from saslsmtp.replies import REPLIES, SMTPReply
 
 POLICIES = ("any", "login", "map")
@@ -88,15 +89,7 @@ def parse_sender_map(data: bytes) -> ParsedSenderMap:
     """Parse map bytes; problems name the line and what is wrong."""
     grants: dict[str, SenderGrants] = {}
     problems: list[tuple[int, str]] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip() or raw.lstrip().startswith(b"#"):
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append((number, "not valid UTF-8"))
-            continue
+    for number, line in config_lines(data, problems):
         user, sep, rest = line.partition(":")
         user = user.strip()
         if not sep:

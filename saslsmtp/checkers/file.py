@@ -47,6 +47,7 @@ from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure, UnknownUser
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.mechanisms import builtin_mechanisms
+from saslsmtp.octets import config_lines
 from saslsmtp.passwords import PasswordError, StoredPassword
 from saslsmtp.sasl.outcome import Secret
 from saslsmtp.threads import BlockingRunner
@@ -83,15 +84,7 @@ def parse_users(data: bytes, default_scheme: str = "CRYPT") -> ParsedUsers:
     """Parse passwd-file bytes.  Problems name the line, never its content."""
     users: dict[str, UserEntry] = {}
     problems: list[tuple[int, str]] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip() or raw.lstrip().startswith(b"#"):
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append((number, "not valid UTF-8"))
-            continue
+    for number, line in config_lines(data, problems):
         user, sep, rest = line.partition(":")
         if not sep:
             problems.append((number, "no ':' (want user:{SCHEME}password)"))
