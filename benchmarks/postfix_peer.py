@@ -9,8 +9,9 @@ start``), like the tests that use it.
 * **SASL**: ``smtpd_sasl_type = dovecot`` and ``smtpd_sasl_path`` = the Dovecot instance's
   private auth-client UNIX socket.  Dovecot's passdb is a passwd-file with the bench user
   as a ``{PLAIN}`` entry (what saslsmtp's users file holds), so Dovecot can serve PLAIN,
-  LOGIN, CRAM-MD5 and SCRAM-SHA-256 from it; ``auth_failure_delay = 0`` and no auth
-  penalty, like saslsmtp's ``failure_delay = 0``.
+  LOGIN, CRAM-MD5 and SCRAM-SHA-256 from it (for SCRAM it derives the keys, 4096 PBKDF2
+  rounds, on every login); ``auth_failure_delay = 0`` and no auth penalty, like
+  saslsmtp's ``failure_delay = 0``; ``auth_verbose = no`` (Dovecot's default).
 * **Mail**: accepted only after AUTH (``permit_sasl_authenticated``, then ``reject``) and
   delivered for real by Postfix's ``virtual(8)`` agent into one Maildir
   (``virtual_mailbox_maps = static:bench/``, any recipient domain routed to it): the queue
@@ -160,7 +161,8 @@ class PostfixPeer:
         self.root.chmod(0o755)
         (self.root / "dovecot").mkdir()
         self.dovecot = DovecotServer(self.root / "dovecot", users=[(user, password)],
-                                     mechanisms="plain login cram-md5 scram-sha-256")
+                                     mechanisms="plain login cram-md5 scram-sha-256",
+                                     verbose=False)
         mail = self.root / "mail"
         mail.mkdir()
         shutil.chown(mail, "nobody", pwd.getpwnam("nobody").pw_gid)

@@ -417,9 +417,13 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
             problem += f" {json.dumps(details)}"
     if not server.alive():
         problem = (problem + "; " if problem else "") + "server died during the run"
+    left = server.queued() if hasattr(server, "queued") else 0
+    if left:
+        problem = (problem + "; " if problem else "") + f"{left} messages still queued"
     return Measurement(
         server=server.name, mech=mech, mode=args.mode, concurrency=concurrency,
-        repeat=repeat, ok=done.returncode == 0 and server.alive(), problem=problem,
+        repeat=repeat, ok=done.returncode == 0 and server.alive() and not left,
+        problem=problem,
         handshakes_per_s=result["handshakes_per_s"],
         session_ms=result["latency_ms"]["session"], auth_ms=result["latency_ms"]["auth"],
         sessions=result["sessions_measured"], errors=result["errors"],

@@ -12,8 +12,9 @@ answers a FAIL on its next 0.5 s failure-flush tick) and the auth penalty switch
 (``anvil-auth-penalty`` listener disabled), which would otherwise delay every later
 failure from the same ``rip`` by 2-15 s.  ``DovecotServer(stock_penalty=True)`` keeps
 Dovecot's defaults instead (penalty on, ``auth_failure_delay = 2 secs``).
-``users`` replaces the two default users with ``{PLAIN}`` ones and ``mechanisms`` the
-``auth_mechanisms`` line (the benchmark's Postfix peer uses both).
+``users`` replaces the two default users with ``{PLAIN}`` ones, ``mechanisms`` the
+``auth_mechanisms`` line and ``verbose=False`` turns ``auth_verbose`` off (the benchmark's
+Postfix peer uses all three).
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class DovecotServer:
 
     def __init__(self, root: Path | None = None, *, stock_penalty: bool = False,
                  users: Sequence[tuple[str, str]] = (),
-                 mechanisms: str = "plain login") -> None:
+                 mechanisms: str = "plain login", verbose: bool = True) -> None:
         self.stock_penalty = stock_penalty
+        self.verbose = verbose
         self.users = tuple(users)
         self.mechanisms = mechanisms
         self.root = Path(root or tempfile.mkdtemp(prefix="saslsmtp-dovecot-"))
@@ -139,7 +141,7 @@ default_internal_user = {internal}
 default_login_user = {login}
 auth_mechanisms = {self.mechanisms}
 auth_failure_delay = {"2 secs" if self.stock_penalty else "0"}
-auth_verbose = yes
+auth_verbose = {"yes" if self.verbose else "no"}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {self.passwd_path}
