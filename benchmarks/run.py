@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -377,6 +377,7 @@ class Measurement:
     loadgen: dict[str, Any] = field(repr=False)
     starttls: bool = False
     settle_s: float = 0.0  # waited after the run for queued mail to be delivered (Postfix)
+    cpu_runs: list[float | None] = field(default_factory=list)  # every repeat's, in a point
 
 
 def measure(server: Server, mech: str, concurrency: int, repeat: int,
@@ -436,9 +437,15 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
 
 
 def median_run(runs: list[Measurement]) -> Measurement:
-    """The repeat with the median handshakes/s (the lower middle for even counts)."""
+    """The repeat with the median handshakes/s (the lower middle for even counts), with
+    the median of the repeats' CPU per session (which varies independently of it)."""
     ordered = sorted(runs, key=lambda m: m.handshakes_per_s or 0.0)
-    return ordered[(len(ordered) - 1) // 2]
+    middle = ordered[(len(ordered) - 1) // 2]
+    cpus = [m.server_cpu_ms_per_session for m in runs if m.server_cpu_ms_per_session is not None]
+    if not cpus:
+        return middle
+    return replace(middle, server_cpu_ms_per_session=statistics.median_low(cpus),
+                   cpu_runs=[m.server_cpu_ms_per_session for m in runs])
 
 
 # --------------------------------------------------------------------------
@@ -685,6 +692,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     outp.add_argument("--label", help="results file label (default: <mechs>-<mode>)")
     outp.add_argument("--results-dir", default=str(RESULTS), help="default benchmarks/results")
     outp.add_argument("--no-save", action="store_true", help="print only, write no files")
+    outp.add_argument("--table-from", metavar="JSON",
+                      help="measure nothing: rebuild the markdown of a saved run from its "
+                           "JSON (every repeat is kept there), print it and write it beside it")
     # Developing the harness while the daemon does not run yet: replace saslsmtp.
     p.add_argument("--stand-in", choices=("null", "aiosmtpd"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -702,6 +712,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--saslsmtp-config replaces the generated config; the options changing "
                 "the generated config cannot be combined with it")
     return args
+
+
+def table_from(path: Path) -> int:
+    """Rebuild a saved run's markdown from its JSON's runs (medians taken again)."""
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    meta.setdefault("servers_run", [n for n in SERVERS if meta["servers"].get(n, "not run")
+                                    != "not run"])
+    meta.setdefault("starttls", False)
+    names = {f.name for f in Measurement.__dataclass_fields__.values()}
+    grouped: dict[tuple[str, int], dict[str, list[Measurement]]] = {}
+    for raw in data["runs"]:
+        fields = {k: v for k, v in raw.items() if k in names}
+        fields.update(session_ms=raw["session_ms"], auth_ms=raw["auth_ms"],
+                      client_cpu_pct=raw.get("client_cpu_pct_of_one_core"),
+                      loadgen=raw.get("loadgen", {}))
+        fields.pop("cpu_runs", None)
+        m = Measurement(**fields)
+        grouped.setdefault((m.mech, m.concurrency), {}).setdefault(m.server, []).append(m)
+    points = [{name: median_run(rs) for name, rs in by_server.items()}
+              for by_server in grouped.values()]
+    table = markdown(points, meta)
+    print(table)
+    path.with_suffix(".md").write_text(table)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -809,6 +844,7 @@ def summary(m: Measurement) -> dict[str, Any]:
         "server_cpu_s": m.server_cpu_s, "server_cpu_ms_per_session": m.server_cpu_ms_per_session,
         "client_cpu_pct_of_one_core": m.client_cpu_pct, "starttls": m.starttls,
         "settle_s": m.settle_s,
+        **({"server_cpu_ms_per_session_of_each_repeat": m.cpu_runs} if m.cpu_runs else {}),
     }
 
 
@@ -860,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
               "--config-settings editable_mode=compat", file=sys.stderr)
         return 2
     try:
-        return run(args)
+        return table_from(Path(args.table_from)) if args.table_from else run(args)
     except BenchError as exc:
         print(f"benchmarks/run.py: {exc}", file=sys.stderr)
         return 2
