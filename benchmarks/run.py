@@ -53,8 +53,8 @@ SERVERS = ("saslsmtp", "aiosmtpd", "postfix", "null")
 DEFAULT_SERVERS = "saslsmtp,aiosmtpd"
 #: Mechanisms each server can serve (aiosmtpd has only PLAIN and LOGIN built in).
 SERVER_MECHS = {"aiosmtpd": ("PLAIN", "LOGIN")}
-#: Servers that cannot do STARTTLS (the null server speaks plaintext only).
-NO_STARTTLS = ("null",)
+#: Servers that cannot do STARTTLS (every one can now).
+NO_STARTTLS: tuple[str, ...] = ()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_CONCURRENCY = 16  # our target: saslsmtp >= aiosmtpd at concurrency 16
 
@@ -289,9 +289,13 @@ def null_server(workdir: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     argv = [sys.executable, str(NULL_SERVER), "--port", str(port), "--user", args.user,
             "--password", args.password]
-    return Server("null", argv, port, workdir, None,
-                  "null_smtp_server.py: asyncio.Protocol, checks the password, discards mail, "
-                  "no STARTTLS")
+    description = ("null_smtp_server.py: asyncio.Protocol, checks the password, discards "
+                   "mail")
+    if args.tls_files:
+        cert, key = args.tls_files
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        description += ", STARTTLS offered"
+    return Server("null", argv, port, workdir, None, description)
 
 
 def postfix_server(workdir: Path, args: argparse.Namespace) -> Any:
@@ -661,8 +665,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="comma-separated subset of saslsmtp,aiosmtpd,postfix,null, or 'all' "
                            f"(default {DEFAULT_SERVERS}; postfix needs root)")
     load.add_argument("--starttls", action="store_true",
-                      help="every session does STARTTLS before AUTH (servers offer it with "
-                           "the --cert certificate; the null server has none and is skipped)")
+                      help="every session does STARTTLS before AUTH (every server offers it "
+                           "with the --cert certificate)")
     load.add_argument("--cert", choices=("rsa2048", "ecdsa-p256"), default="rsa2048",
                       help="certificate made for --starttls, the same for every server "
                            "(default rsa2048)")

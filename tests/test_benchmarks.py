@@ -70,11 +70,14 @@ def test_servers_all_names_every_peer() -> None:
     assert run.parse_args([]).servers == ["saslsmtp", "aiosmtpd"]
 
 
-def test_null_server_alone_is_measured_with_its_cpu(tmp_path) -> None:
-    """One short run against the null server: no errors, a row with its CPU per session."""
+@pytest.mark.parametrize("tls", [[], ["--starttls", "--cert", "ecdsa-p256"]],
+                         ids=["plaintext", "starttls"])
+def test_null_server_alone_is_measured_with_its_cpu(tmp_path, tls) -> None:
+    """One short run against the null server, in plaintext and with STARTTLS (a generated
+    certificate): no errors, a row with its CPU per session."""
     done = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--servers", "null", "-c", "2", "-d", "0.5",
-         "--warmup", "0", "--results-dir", str(tmp_path), "--label", "t"],
+         "--warmup", "0", "--results-dir", str(tmp_path), "--label", "t", *tls],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
@@ -83,7 +86,7 @@ def test_null_server_alone_is_measured_with_its_cpu(tmp_path) -> None:
     [point] = json.loads(saved.read_text())["points"]
     assert point["null"]["errors"] == 0 and point["null"]["sessions"] > 0
     assert point["null"]["server_cpu_ms_per_session"] > 0
-    assert "| PLAIN | 2 |" in done.stdout
+    assert ("| PLAIN STARTTLS | 2 |" if tls else "| PLAIN | 2 |") in done.stdout
 
 
 BURN_IN_GRANDCHILD = """
