@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +52,6 @@ from tests.dovecot import DOVECOT, DovecotServer  # noqa: E402
 from tests.postfix import POSTFIX, PostfixServer  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 
 
 def unusable() -> str | None:
@@ -242,7 +242,6 @@ class PostfixPeer:
 
 def postfix_version() -> str:
     """``mail_version`` of the installed Postfix."""
-    import subprocess
     done = subprocess.run(["/usr/sbin/postconf", "-dh", "mail_version"], capture_output=True,
                           text=True, timeout=30)
     return done.stdout.strip() or "?"
@@ -253,5 +252,5 @@ def dovecot_short_version() -> str:
     from tests.dovecot import dovecot_version
     try:
         return dovecot_version().split()[0]
-    except (OSError, Exception):
+    except (OSError, subprocess.SubprocessError):
         return "?"
