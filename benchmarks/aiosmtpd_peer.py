@@ -8,7 +8,10 @@ Maildir delivery does; logging quietened. It runs ``SMTP`` directly on the main 
 asyncio loop (what ``python -m aiosmtpd`` does), bound to loopback only::
 
     python3 benchmarks/aiosmtpd_peer.py PORT [--host 127.0.0.1] [--user U --password P]
-                                             [--maildir DIR]
+                                             [--maildir DIR] [--tls-cert PEM --tls-key PEM]
+
+With ``--tls-cert``/``--tls-key`` STARTTLS is offered (aiosmtpd's ``tls_context``, TLS 1.2
+minimum like saslsmtp) but not required (``require_starttls=False``).
 
 SIGTERM or SIGINT stops it.
 """
@@ -24,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import warnings
@@ -123,21 +127,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="store accepted mail durably in this Maildir (default: discard)")
     p.add_argument("--hostname", default="aiosmtpd.bench.test",
                    help="name in the greeting (avoids a getfqdn() DNS lookup)")
+    p.add_argument("--tls-cert", type=Path, default=None,
+                   help="PEM certificate: offer STARTTLS (not required)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
     if not ipaddress.ip_address(args.host).is_loopback:
         p.error("--host must be a loopback address")
     return args
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server context STARTTLS uses: the given certificate, TLS 1.2 minimum."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Listen until SIGTERM/SIGINT."""
     authenticator = OneUserAuthenticator(args.user.encode(), args.password.encode())
     handler = MaildirHandler(args.maildir) if args.maildir else DiscardHandler()
+    context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         return SMTP(handler, hostname=args.hostname, authenticator=authenticator,
-                    auth_require_tls=False, auth_required=not args.no_auth)
+                    auth_require_tls=False, auth_required=not args.no_auth,
+                    tls_context=context, require_starttls=False)
 
     server = await loop.create_server(factory, host=args.host, port=args.port)
     stop = asyncio.Event()

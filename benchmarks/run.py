@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Benchmark saslsmtp against aiosmtpd, in the same run, with the same load generator.
+"""Benchmark saslsmtp against its peers, in the same run, with the same load generator.
 
-For every scenario point (mechanism x concurrency) it runs ``smtp_auth_load.py --json``
-against each server in turn (alternating which goes first), and reports handshakes/s,
-session and AUTH latency p50/p99, and the server's CPU per session (utime+stime of the
-server process from /proc/PID/stat, before/after the run, divided by the sessions it
-served), side by side with saslsmtp/aiosmtpd ratios.
+The peers: aiosmtpd (``aiosmtpd_peer.py``), a real Postfix smtpd doing SASL through
+Dovecot (``postfix_peer.py``, needs root) and the generator's null server
+(``null_smtp_server.py``, the floor).  For every scenario point (mechanism x
+concurrency) it runs ``smtp_auth_load.py --json`` against each server in turn
+(alternating the order), and reports handshakes/s, session and AUTH latency p50/p99, and
+the server's CPU per session (utime+stime from /proc/PID/stat before/after the run, of
+every process of the server, divided by the sessions it served), with the ratios
+saslsmtp/aiosmtpd, saslsmtp/postfix and saslsmtp CPU / null CPU.
 
-    python3 benchmarks/run.py                       # PLAIN at concurrency 1, 16, 64
-    python3 benchmarks/run.py --mech PLAIN --mech LOGIN --concurrency 16 --duration 10
-    python3 benchmarks/run.py --mode mail
+    python3 benchmarks/run.py                       # saslsmtp, aiosmtpd: PLAIN at C = 1, 16, 64
+    python3 benchmarks/run.py --servers all --mech PLAIN --mech LOGIN -c 16 -d 10
+    python3 benchmarks/run.py --servers all --mode mail
+    python3 benchmarks/run.py --servers all --starttls --cert ecdsa-p256
     python3 benchmarks/run.py --saslsmtp-config my.toml   # a prepared config (other backends)
 
-Both servers listen on free loopback ports, are started here and always stopped at the
+Every server listens on a free loopback port, is started here and always stopped at the
 end (also on errors and Ctrl-C). Results: benchmarks/results/<date>-<label>.json and .md,
 and benchmarks/results/latest.md; the markdown table also goes to stdout.
 """
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +48,13 @@ LOADGEN = HERE / "smtp_auth_load.py"
 PEER = HERE / "aiosmtpd_peer.py"
 NULL_SERVER = HERE / "null_smtp_server.py"
 RESULTS = HERE / "results"
-SERVERS = ("saslsmtp", "aiosmtpd")
+POSTFIX_PEER = HERE / "postfix_peer.py"
+SERVERS = ("saslsmtp", "aiosmtpd", "postfix", "null")
+DEFAULT_SERVERS = "saslsmtp,aiosmtpd"
+#: Mechanisms each server can serve (aiosmtpd has only PLAIN and LOGIN built in).
+SERVER_MECHS = {"aiosmtpd": ("PLAIN", "LOGIN")}
+#: Servers that cannot do STARTTLS (every one can now).
+NO_STARTTLS: tuple[str, ...] = ()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGET_CONCURRENCY = 16  # our target: saslsmtp >= aiosmtpd at concurrency 16
 
@@ -129,6 +139,14 @@ class Server:
         """Whether the process is still running."""
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_s(self) -> float:
+        """CPU seconds of the server process so far (all its threads, waited-for children)."""
+        return process_cpu_s(self.pid)
+
+    def settle(self) -> float:
+        """Nothing to wait for: these servers store mail before their 250."""
+        return 0.0
+
     def output_tail(self, lines: int = 30) -> str:
         """The end of the process's stdout/stderr."""
         if self.log_path is None or not self.log_path.exists():
@@ -187,6 +205,13 @@ path = "users"
 type = "maildir"
 path = "mail"
 """
+    if args.tls_files:
+        cert, key = args.tls_files
+        text += f"""
+[tls]
+certificate = {toml_string(str(cert))}
+private_key = {toml_string(str(key))}
+"""
     for fragment in args.config_fragment:
         text += f"\n# from {fragment}\n" + Path(fragment).read_text()
     config = workdir / "saslsmtp.toml"
@@ -232,6 +257,8 @@ def saslsmtp_server(workdir: Path, args: argparse.Namespace) -> Server:
         port = free_port()
         config = generated_config(port, workdir, args)
         description = "twistd saslsmtp, file backend ({PLAIN} entry), failure_delay=0"
+        if args.tls_files:
+            description += ", [tls] (STARTTLS offered, require_tls = false)"
     # twistd itself, in this interpreter, so the PID we watch is the server's
     # (`python -m twisted` would be `twist`, not `twistd`).
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -250,7 +277,70 @@ def aiosmtpd_server(workdir: Path, args: argparse.Namespace) -> Server:
         description += ", mail stored durably in a Maildir (fsync, like saslsmtp)"
     elif args.mode == "mail":
         description += ", mail DISCARDED (saslsmtp stores it)"
+    if args.tls_files:
+        cert, key = args.tls_files
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        description += ", STARTTLS offered (not required)"
     return Server("aiosmtpd", argv, port, workdir, None, description)
+
+
+def null_server(workdir: Path, args: argparse.Namespace) -> Server:
+    """The generator's calibration server: the floor of what a session can cost."""
+    port = free_port()
+    argv = [sys.executable, str(NULL_SERVER), "--port", str(port), "--user", args.user,
+            "--password", args.password]
+    description = ("null_smtp_server.py: asyncio.Protocol, checks the password, discards "
+                   "mail")
+    if args.tls_files:
+        cert, key = args.tls_files
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        description += ", STARTTLS offered"
+    return Server("null", argv, port, workdir, None, description)
+
+
+def postfix_server(workdir: Path, args: argparse.Namespace) -> Any:
+    """The Postfix + Dovecot peer (benchmarks/postfix_peer.py), in its own folders."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import postfix_peer
+    finally:
+        sys.path.remove(str(HERE))
+    problem = postfix_peer.unusable()
+    if problem:
+        raise BenchError(f"the postfix peer cannot run here: {problem}")
+    cert, key = args.tls_files or (None, None)
+    return postfix_peer.PostfixPeer(args.user, args.password, cert=cert, key=key)
+
+
+def make_certificate(workdir: Path, kind: str) -> tuple[Path, Path]:
+    """A fresh self-signed certificate for 127.0.0.1/localhost: RSA 2048 or ECDSA P-256.
+
+    Every server gets the same one, so their handshakes cost the same on the client side.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+    key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "rsa2048"
+           else ec.generate_private_key(ec.SECP256R1()))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = workdir / f"bench-{kind}.crt", workdir / f"bench-{kind}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 @contextlib.contextmanager
@@ -289,6 +379,9 @@ class Measurement:
     server_cpu_ms_per_session: float | None
     client_cpu_pct: float | None
     loadgen: dict[str, Any] = field(repr=False)
+    starttls: bool = False
+    settle_s: float = 0.0  # waited after the run for queued mail to be delivered (Postfix)
+    cpu_runs: list[float | None] = field(default_factory=list)  # every repeat's, in a point
 
 
 def measure(server: Server, mech: str, concurrency: int, repeat: int,
@@ -301,15 +394,18 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
             "--warmup", str(args.warmup), "--json"]
     if args.expect_fail:
         argv.append("--expect-fail")
+    if args.starttls:
+        argv.append("--starttls")
     if not server.alive():
         raise BenchError(f"{server.name} is no longer running:\n{server.output_tail()}")
-    cpu_before = process_cpu_s(server.pid)
+    cpu_before = server.cpu_s()
     hard = args.warmup + args.duration + 60
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=hard + 30)
     except subprocess.TimeoutExpired:
         raise BenchError(f"load generator hung against {server.name}") from None
-    cpu_used = process_cpu_s(server.pid) - cpu_before
+    settle_s = server.settle()  # Postfix: let the queue drain, its delivery CPU counts too
+    cpu_used = server.cpu_s() - cpu_before
     try:
         result = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -326,9 +422,13 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
             problem += f" {json.dumps(details)}"
     if not server.alive():
         problem = (problem + "; " if problem else "") + "server died during the run"
+    left = server.queued() if hasattr(server, "queued") else 0
+    if left:
+        problem = (problem + "; " if problem else "") + f"{left} messages still queued"
     return Measurement(
         server=server.name, mech=mech, mode=args.mode, concurrency=concurrency,
-        repeat=repeat, ok=done.returncode == 0 and server.alive(), problem=problem,
+        repeat=repeat, ok=done.returncode == 0 and server.alive() and not left,
+        problem=problem,
         handshakes_per_s=result["handshakes_per_s"],
         session_ms=result["latency_ms"]["session"], auth_ms=result["latency_ms"]["auth"],
         sessions=result["sessions_measured"], errors=result["errors"],
@@ -336,14 +436,20 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
         server_cpu_ms_per_session=(round(1000.0 * cpu_used / served, 4)
                                    if served and cpu_used == cpu_used else None),
         client_cpu_pct=result.get("client_cpu_pct_of_one_core"),
-        loadgen=result,
+        loadgen=result, starttls=args.starttls, settle_s=round(settle_s, 3),
     )
 
 
 def median_run(runs: list[Measurement]) -> Measurement:
-    """The repeat with the median handshakes/s (the lower middle for even counts)."""
+    """The repeat with the median handshakes/s (the lower middle for even counts), with
+    the median of the repeats' CPU per session (which varies independently of it)."""
     ordered = sorted(runs, key=lambda m: m.handshakes_per_s or 0.0)
-    return ordered[(len(ordered) - 1) // 2]
+    middle = ordered[(len(ordered) - 1) // 2]
+    cpus = [m.server_cpu_ms_per_session for m in runs if m.server_cpu_ms_per_session is not None]
+    if not cpus:
+        return middle
+    return replace(middle, server_cpu_ms_per_session=statistics.median_low(cpus),
+                   cpu_runs=[m.server_cpu_ms_per_session for m in runs])
 
 
 # --------------------------------------------------------------------------
@@ -364,61 +470,110 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def scenario(m: Measurement, meta: dict[str, Any]) -> str:
+    """A point's scenario: mechanism, mode, STARTTLS, wrong password."""
+    parts = [m.mech]
+    if m.mode == "mail":
+        parts.append("+ 2 KB mail")
+    if m.starttls:
+        parts.append("STARTTLS")
+    if meta["expect_fail"]:
+        parts.append("wrong password")
+    return " ".join(parts)
+
+
+def point_ratios(point: dict[str, Measurement]) -> dict[str, float | None]:
+    """The headline ratios of one point: saslsmtp over each peer."""
+    def hs(name: str) -> float | None:
+        m = point.get(name)
+        return None if m is None else m.handshakes_per_s
+
+    def cpu(name: str) -> float | None:
+        m = point.get(name)
+        return None if m is None else m.server_cpu_ms_per_session
+    return {
+        "hs_saslsmtp_over_aiosmtpd": ratio(hs("saslsmtp"), hs("aiosmtpd")),
+        "hs_saslsmtp_over_postfix": ratio(hs("saslsmtp"), hs("postfix")),
+        "cpu_saslsmtp_over_null": ratio(cpu("saslsmtp"), cpu("null")),
+        "cpu_saslsmtp_over_aiosmtpd": ratio(cpu("saslsmtp"), cpu("aiosmtpd")),
+        "cpu_saslsmtp_over_postfix": ratio(cpu("saslsmtp"), cpu("postfix")),
+    }
+
+
 def markdown(points: list[dict[str, Measurement]], meta: dict[str, Any]) -> str:
-    """The side-by-side table (saslsmtp | aiosmtpd | ratio) and the issue-2 verdict."""
-    out = [f"# saslsmtp vs aiosmtpd — {meta['started']}", ""]
-    out.append(f"- saslsmtp: {meta['servers']['saslsmtp']}")
-    out.append(f"- aiosmtpd: {meta['servers']['aiosmtpd']}")
+    """The summary table (hs/s and CPU per server, ratios), the latency table, verdicts."""
+    names = [name for name in SERVERS if name in meta["servers_run"]]
+    out = [f"# saslsmtp vs {', '.join(n for n in names if n != 'saslsmtp') or 'nothing'}"
+           f" — {meta['started']}", ""]
+    for name in names:
+        out.append(f"- {name}: {meta['servers'][name]}")
     wrong = ", wrong password (535 expected)" if meta["expect_fail"] else ""
-    out.append(f"- load: smtp_auth_load.py, mode {meta['mode']}{wrong}, "
+    tls = f", STARTTLS ({meta['cert']} certificate)" if meta["starttls"] else ""
+    out.append(f"- load: smtp_auth_load.py, mode {meta['mode']}{tls}{wrong}, "
                f"{meta['warmup_s']} s warm-up + "
                f"{meta['duration_s']} s per point, median of {meta['repeat']} run(s), servers "
-               f"measured alternately; {meta['cpus']} CPUs shared by servers and generator")
-    out.append("- latency = whole session (connect … 221) p50 / p99 in ms; AUTH = the AUTH "
-               "exchange alone; CPU = server process CPU ms per session; ratio = saslsmtp / aiosmtpd")
+               f"measured in alternating order; {meta['cpus']} CPUs shared by servers and "
+               "generator")
+    out.append("- CPU = server CPU ms per session (every process of the server: for postfix, "
+               "all Postfix and Dovecot processes, delivery included); s/a, s/p = saslsmtp "
+               "hs/s over aiosmtpd's, postfix's; s/null = saslsmtp CPU over the null server's")
+    for skipped in meta.get("skipped", []):
+        out.append(f"- not measured: {skipped}")
     out.append("")
-    out.append("| mech | C | hs/s saslsmtp | hs/s aiosmtpd | hs/s ratio "
-               "| session p50/p99 saslsmtp | session p50/p99 aiosmtpd "
-               "| AUTH p50/p99 saslsmtp | AUTH p50/p99 aiosmtpd "
-               "| CPU ms/session saslsmtp | CPU ms/session aiosmtpd | CPU ratio | gen CPU % s/a |")
-    out.append("|" + " --- |" * 13)
+    header = ["scenario", "C", *(f"hs/s {n}" for n in names), *(f"CPU {n}" for n in names)]
+    want = [("aiosmtpd", "s/a hs/s", "hs_saslsmtp_over_aiosmtpd"),
+            ("postfix", "s/p hs/s", "hs_saslsmtp_over_postfix"),
+            ("null", "s/null CPU", "cpu_saslsmtp_over_null")]
+    extra = [(title, key) for peer, title, key in want if "saslsmtp" in names and peer in names]
+    header += [title for title, _ in extra]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + " --- |" * len(header))
     notes: list[str] = []
     for point in points:
-        s, a = point.get("saslsmtp"), point.get("aiosmtpd")
-        any_m = s or a
-        assert any_m is not None
-        def lat(m: Measurement | None, key: str) -> str:
+        any_m = next(iter(point.values()))
+        r = point_ratios(point)
+        cells = [scenario(any_m, meta), str(any_m.concurrency)]
+        cells += [fmt(point[n].handshakes_per_s, 0) if n in point else "-" for n in names]
+        cells += [fmt(point[n].server_cpu_ms_per_session, 3) if n in point else "-"
+                  for n in names]
+        cells += [fmt(r[key]) for _, key in extra]
+        out.append("| " + " | ".join(cells) + " |")
+        for m in point.values():
+            if not m.ok:
+                notes.append(f"- {m.server} {scenario(m, meta)} C={m.concurrency}: {m.problem}")
+    out.append("")
+    out.append("Latency in ms (session = connect … 221, AUTH = the AUTH exchange alone), "
+               "p50 / p99, and the generator's CPU (% of one core):")
+    out.append("")
+    header = ["scenario", "C", *(f"session {n}" for n in names), *(f"AUTH {n}" for n in names),
+              *(f"gen % {n}" for n in names)]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + " --- |" * len(header))
+    for point in points:
+        any_m = next(iter(point.values()))
+
+        def lat(name: str, key: str) -> str:
+            m = point.get(name)
             if m is None:
                 return "-"
             d = m.session_ms if key == "session" else m.auth_ms
             return f"{fmt(d.get('p50'))} / {fmt(d.get('p99'))}"
-        out.append(
-            f"| {any_m.mech} | {any_m.concurrency} "
-            f"| {fmt(s and s.handshakes_per_s, 0)} | {fmt(a and a.handshakes_per_s, 0)} "
-            f"| {fmt(ratio(s and s.handshakes_per_s, a and a.handshakes_per_s))} "
-            f"| {lat(s, 'session')} | {lat(a, 'session')} | {lat(s, 'auth')} | {lat(a, 'auth')} "
-            f"| {fmt(s and s.server_cpu_ms_per_session, 3)} "
-            f"| {fmt(a and a.server_cpu_ms_per_session, 3)} "
-            f"| {fmt(ratio(s and s.server_cpu_ms_per_session, a and a.server_cpu_ms_per_session))} "
-            f"| {fmt(s and s.client_cpu_pct, 0)} / {fmt(a and a.client_cpu_pct, 0)} |")
-        for m in (s, a):
-            if m is not None and not m.ok:
-                notes.append(f"- {m.server} {m.mech} C={m.concurrency}: {m.problem}")
+        cells = [scenario(any_m, meta), str(any_m.concurrency)]
+        cells += [lat(n, "session") for n in names] + [lat(n, "auth") for n in names]
+        cells += [fmt(point[n].client_cpu_pct, 0) if n in point else "-" for n in names]
+        out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    verdicts = []
     for point in points:
         s, a = point.get("saslsmtp"), point.get("aiosmtpd")
         if s and a and s.concurrency == TARGET_CONCURRENCY:
-            r = ratio(s.handshakes_per_s, a.handshakes_per_s)
-            met = r is not None and r >= 1.0 and s.ok and a.ok
-            issue_target = s.mech == "PLAIN" and s.mode == "auth" and not meta["expect_fail"]
-            what = "target" if issue_target else "comparison"
-            verdicts.append(f"- {what}: saslsmtp >= aiosmtpd at concurrency "
-                            f"{TARGET_CONCURRENCY}, {s.mech} {s.mode}"
-                            f"{' wrong-password' if meta['expect_fail'] else ''}: "
-                            f"**{('met' if met else 'NOT met') if issue_target else ('yes' if met else 'no')}**"
-                            f" (ratio {fmt(r)})")
-    out.extend(verdicts)
+            rr = ratio(s.handshakes_per_s, a.handshakes_per_s)
+            met = rr is not None and rr >= 1.0 and s.ok and a.ok
+            target = (s.mech == "PLAIN" and s.mode == "auth" and not meta["expect_fail"]
+                      and not s.starttls)
+            verdict = ("met" if met else "NOT met") if target else ("yes" if met else "no")
+            out.append(f"- {'target' if target else 'comparison'}: saslsmtp >= aiosmtpd at "
+                       f"concurrency {TARGET_CONCURRENCY}, {scenario(s, meta)} {s.mode}: "
+                       f"**{verdict}** (ratio {fmt(rr)})")
     if notes:
         out.append("")
         out.append("Errors:")
@@ -451,9 +606,14 @@ def versions() -> dict[str, str]:
     """Versions of the interpreter and the servers' frameworks."""
     found = {"python": platform.python_version()}
     from importlib import metadata
-    for dist in ("twisted", "aiosmtpd", "saslsmtp"):
+    for dist in ("twisted", "aiosmtpd", "saslsmtp", "cryptography"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[dist] = metadata.version(dist)
+    for name, argv in (("postfix", ["/usr/sbin/postconf", "-dh", "mail_version"]),
+                       ("dovecot", ["/usr/sbin/dovecot", "--version"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            found[name] = subprocess.run(argv, capture_output=True, text=True,
+                                         timeout=10).stdout.strip()
     return found
 
 
@@ -501,8 +661,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "--expect-fail for wrong-password load")
     load.add_argument("--expect-fail", action="store_true",
                       help="535 is the expected AUTH outcome (wrong-password load)")
-    load.add_argument("--servers", default="saslsmtp,aiosmtpd",
-                      help="comma-separated subset of saslsmtp,aiosmtpd (default both)")
+    load.add_argument("--servers", default=DEFAULT_SERVERS,
+                      help="comma-separated subset of saslsmtp,aiosmtpd,postfix,null, or 'all' "
+                           f"(default {DEFAULT_SERVERS}; postfix needs root)")
+    load.add_argument("--starttls", action="store_true",
+                      help="every session does STARTTLS before AUTH (every server offers it "
+                           "with the --cert certificate)")
+    load.add_argument("--cert", choices=("rsa2048", "ecdsa-p256"), default="rsa2048",
+                      help="certificate made for --starttls, the same for every server "
+                           "(default rsa2048)")
 
     conf = p.add_argument_group("saslsmtp configuration")
     conf.add_argument("--saslsmtp-config", metavar="FILE",
@@ -529,13 +696,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     outp.add_argument("--label", help="results file label (default: <mechs>-<mode>)")
     outp.add_argument("--results-dir", default=str(RESULTS), help="default benchmarks/results")
     outp.add_argument("--no-save", action="store_true", help="print only, write no files")
+    outp.add_argument("--table-from", metavar="JSON",
+                      help="measure nothing: rebuild the markdown of a saved run from its "
+                           "JSON (every repeat is kept there), print it and write it beside it")
     # Developing the harness while the daemon does not run yet: replace saslsmtp.
     p.add_argument("--stand-in", choices=("null", "aiosmtpd"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mech = list(dict.fromkeys(args.mech or ["PLAIN"]))
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if args.servers.strip() == "all":
+        args.servers = ",".join(SERVERS)
+    args.servers = list(dict.fromkeys(s.strip() for s in args.servers.split(",") if s.strip()))
     if not args.servers or any(s not in SERVERS for s in args.servers):
-        p.error("--servers takes a comma-separated subset of saslsmtp,aiosmtpd")
+        p.error("--servers takes 'all' or a comma-separated subset of " + ",".join(SERVERS))
+    args.tls_files = None  # (certificate, key) once made, with --starttls
     if args.repeat < 1 or args.duration <= 0 or args.warmup < 0:
         p.error("--repeat >= 1, --duration > 0 and --warmup >= 0 please")
     if args.saslsmtp_config and (args.config_fragment or args.users_line or args.auth_option
@@ -545,13 +718,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def table_from(path: Path) -> int:
+    """Rebuild a saved run's markdown from its JSON's runs (medians taken again)."""
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    meta.setdefault("servers_run", [n for n in SERVERS if meta["servers"].get(n, "not run")
+                                    != "not run"])
+    meta.setdefault("starttls", False)
+    names = {f.name for f in Measurement.__dataclass_fields__.values()}
+    grouped: dict[tuple[str, int], dict[str, list[Measurement]]] = {}
+    for raw in data["runs"]:
+        fields = {k: v for k, v in raw.items() if k in names}
+        fields.update(session_ms=raw["session_ms"], auth_ms=raw["auth_ms"],
+                      client_cpu_pct=raw.get("client_cpu_pct_of_one_core"),
+                      loadgen=raw.get("loadgen", {}))
+        fields.pop("cpu_runs", None)
+        m = Measurement(**fields)
+        grouped.setdefault((m.mech, m.concurrency), {}).setdefault(m.server, []).append(m)
+    points = [{name: median_run(rs) for name, rs in by_server.items()}
+              for by_server in grouped.values()]
+    table = markdown(points, meta)
+    print(table)
+    path.with_suffix(".md").write_text(table)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run every point against every server; print and save the results."""
     started = dt.datetime.now().astimezone()
     with tempfile.TemporaryDirectory(prefix="saslsmtp-bench-") as tmp:
         workdir = Path(tmp)
-        builders = {"saslsmtp": saslsmtp_server, "aiosmtpd": aiosmtpd_server}
-        servers = [builders[name](workdir, args) for name in args.servers]
+        if args.starttls:
+            args.tls_files = make_certificate(workdir, args.cert)
+        builders = {"saslsmtp": saslsmtp_server, "aiosmtpd": aiosmtpd_server,
+                    "postfix": postfix_server, "null": null_server}
+        skipped = [f"{name}: no STARTTLS" for name in args.servers
+                   if args.starttls and name in NO_STARTTLS]
+        wanted = [name for name in args.servers if not (args.starttls and name in NO_STARTTLS)]
+        servers = [builders[name](workdir, args) for name in wanted]
+        skipped += [f"{name} {mech}: not supported" for mech in args.mech
+                    for name in wanted if mech not in SERVER_MECHS.get(name, (mech,))]
         points: list[dict[str, Measurement]] = []
         all_runs: list[Measurement] = []
         with running(servers):
@@ -565,6 +771,8 @@ def run(args: argparse.Namespace) -> int:
                         order = servers if index % 2 == 0 else list(reversed(servers))
                         index += 1
                         for server in order:
+                            if mech not in SERVER_MECHS.get(server.name, (mech,)):
+                                continue
                             m = measure(server, mech, concurrency, repeat, args)
                             runs[server.name].append(m)
                             all_runs.append(m)
@@ -575,8 +783,9 @@ def run(args: argparse.Namespace) -> int:
                                   f"{fmt(m.server_cpu_ms_per_session, 3)} ms/session"
                                   + ("" if m.ok else f"  !! {m.problem}"),
                                   file=sys.stderr, flush=True)
-                    points.append({name: median_run(rs) for name, rs in runs.items()})
+                    points.append({name: median_run(rs) for name, rs in runs.items() if rs})
         server_desc = {s.name: s.description for s in servers}
+        counted = {s.name: sorted(s.seen) for s in servers if hasattr(s, "seen")}
     for name in SERVERS:
         server_desc.setdefault(name, "not run")
     meta = {
@@ -584,6 +793,13 @@ def run(args: argparse.Namespace) -> int:
         "mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
         "repeat": args.repeat, "mechs": args.mech, "concurrency": args.concurrency,
         "expect_fail": args.expect_fail, "servers": server_desc,
+        "servers_run": [s.name for s in servers], "skipped": skipped,
+        "starttls": args.starttls, "cert": args.cert if args.starttls else None,
+        "server_cpu": ("utime+stime+cutime+cstime from /proc/PID/stat before/after each run; "
+                       "saslsmtp, aiosmtpd, null: the server process; postfix: every process "
+                       "under the Postfix master and the Dovecot master, read after the queue "
+                       "drained"),
+        "processes_counted": counted,
         "stand_in": args.stand_in, "cpus": os.cpu_count(),
         "loadavg_at_end": os.getloadavg(), "commit": git_commit(), "versions": versions(),
         "platform": platform.platform(),
@@ -594,7 +810,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_save:
         results = Path(args.results_dir)
         results.mkdir(parents=True, exist_ok=True)
-        label = args.label or "-".join([*(m.lower() for m in args.mech), args.mode])
+        label = args.label or "-".join([*(m.lower() for m in args.mech), args.mode,
+                                        *(["starttls", args.cert] if args.starttls else []),
+                                        *(["all"] if set(args.servers) == set(SERVERS)
+                                          else [])])
         if args.stand_in:
             label += f"-standin-{args.stand_in}"
         label = re.sub(r"[^A-Za-z0-9._-]+", "-", label)
@@ -605,7 +824,9 @@ def run(args: argparse.Namespace) -> int:
                 {"mech": next(iter(p.values())).mech,
                  "concurrency": next(iter(p.values())).concurrency,
                  **{name: summary(m) for name, m in p.items()},
-                 "ratios_saslsmtp_over_aiosmtpd": ratios(p)}
+                 "ratios_saslsmtp_over_aiosmtpd": ratios(p),
+                 "ratios": {k: None if v is None else round(v, 3)
+                            for k, v in point_ratios(p).items()}}
                 for p in points],
             "runs": [dict(summary(m), loadgen=m.loadgen) for m in all_runs],
         }
@@ -625,7 +846,9 @@ def summary(m: Measurement) -> dict[str, Any]:
         "handshakes_per_s": m.handshakes_per_s, "session_ms": m.session_ms,
         "auth_ms": m.auth_ms, "sessions": m.sessions, "errors": m.errors,
         "server_cpu_s": m.server_cpu_s, "server_cpu_ms_per_session": m.server_cpu_ms_per_session,
-        "client_cpu_pct_of_one_core": m.client_cpu_pct,
+        "client_cpu_pct_of_one_core": m.client_cpu_pct, "starttls": m.starttls,
+        "settle_s": m.settle_s,
+        **({"server_cpu_ms_per_session_of_each_repeat": m.cpu_runs} if m.cpu_runs else {}),
     }
 
 
@@ -634,7 +857,9 @@ def ratios(point: dict[str, Measurement]) -> dict[str, float | None] | None:
     s, a = point.get("saslsmtp"), point.get("aiosmtpd")
     if s is None or a is None:
         return None
-    r = lambda x, y: None if ratio(x, y) is None else round(ratio(x, y), 3)  # noqa: E731
+    def r(x: float | None, y: float | None) -> float | None:
+        value = ratio(x, y)
+        return None if value is None else round(value, 3)
     return {
         "handshakes_per_s": r(s.handshakes_per_s, a.handshakes_per_s),
         "session_p50": r(s.session_ms.get("p50"), a.session_ms.get("p50")),
@@ -645,10 +870,11 @@ def ratios(point: dict[str, Measurement]) -> dict[str, float | None] | None:
     }
 
 
-def missing_modules() -> list[str]:
+def missing_modules(servers: list[str]) -> list[str]:
     """The modules the servers under test need, that this interpreter cannot import."""
     import importlib.util
-    wanted = ("twisted", "saslsmtp", "aiosmtpd")
+    wanted = [*(["twisted", "saslsmtp"] if "saslsmtp" in servers else []),
+              *(["aiosmtpd"] if "aiosmtpd" in servers else [])]
     missing = []
     for name in wanted:
         try:
@@ -667,14 +893,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
     args = parse_args(argv)
-    missing = missing_modules()
+    missing = missing_modules(args.servers)
     if missing:
         print(f"benchmarks/run.py: missing Python packages: {', '.join(missing)}; install "
               "saslsmtp with its test extra first: pip install -e '.[test]' "
               "--config-settings editable_mode=compat", file=sys.stderr)
         return 2
     try:
-        return run(args)
+        return table_from(Path(args.table_from)) if args.table_from else run(args)
     except BenchError as exc:
         print(f"benchmarks/run.py: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ answers a FAIL on its next 0.5 s failure-flush tick) and the auth penalty switch
 (``anvil-auth-penalty`` listener disabled), which would otherwise delay every later
 failure from the same ``rip`` by 2-15 s.  ``DovecotServer(stock_penalty=True)`` keeps
 Dovecot's defaults instead (penalty on, ``auth_failure_delay = 2 secs``).
+``users`` replaces the two default users with ``{PLAIN}`` ones, ``mechanisms`` the
+``auth_mechanisms`` line and ``verbose=False`` turns ``auth_verbose`` off (the benchmark's
+Postfix peer uses all three).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 DOVECOT = "/usr/sbin/dovecot"
 PLAIN_USER = ("alice", "wonderland")
@@ -85,8 +89,13 @@ def _alive(pid: int) -> bool:
 class DovecotServer:
     """One Dovecot instance under ``root`` (a fresh folder, removed by ``cleanup()``)."""
 
-    def __init__(self, root: Path | None = None, *, stock_penalty: bool = False) -> None:
+    def __init__(self, root: Path | None = None, *, stock_penalty: bool = False,
+                 users: Sequence[tuple[str, str]] = (),
+                 mechanisms: str = "plain login", verbose: bool = True) -> None:
         self.stock_penalty = stock_penalty
+        self.verbose = verbose
+        self.users = tuple(users)
+        self.mechanisms = mechanisms
         self.root = Path(root or tempfile.mkdtemp(prefix="saslsmtp-dovecot-"))
         # the auth process runs as the unprivileged internal user: it must reach the files
         self.root.chmod(0o755)
@@ -105,9 +114,13 @@ class DovecotServer:
         return f"tcp:127.0.0.1:{self.port}"
 
     def _write_files(self) -> None:
-        self.passwd_path.write_text(
-            f"{PLAIN_USER[0]}:{{PLAIN}}{PLAIN_USER[1]}\n"
-            f"{HASHED_USER[0]}:{HASHED_PASSWORD}\n")
+        if self.users:
+            self.passwd_path.write_text("".join(f"{user}:{{PLAIN}}{password}\n"
+                                                for user, password in self.users))
+        else:
+            self.passwd_path.write_text(
+                f"{PLAIN_USER[0]}:{{PLAIN}}{PLAIN_USER[1]}\n"
+                f"{HASHED_USER[0]}:{HASHED_PASSWORD}\n")
         self.passwd_path.chmod(0o644)
         if os.geteuid() == 0:
             internal, login = "dovecot", "dovenull"
@@ -126,9 +139,9 @@ protocols =
 ssl = no
 default_internal_user = {internal}
 default_login_user = {login}
-auth_mechanisms = plain login
+auth_mechanisms = {self.mechanisms}
 auth_failure_delay = {"2 secs" if self.stock_penalty else "0"}
-auth_verbose = yes
+auth_verbose = {"yes" if self.verbose else "no"}
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {self.passwd_path}

@@ -10,6 +10,10 @@ own: ``queue_directory``, ``data_directory``, the log (``maillog_file`` through
 * ``smtpd_authorized_xclient_hosts = 127.0.0.0/8``: the relay may send XCLIENT.
 * ``smtpd_recipient_restrictions``: ``reject@example.test`` and ``blocked.example.test``
   are refused (554 5.7.1), everything else from loopback is accepted.
+
+``main_settings`` are set in ``main.cf`` with ``postconf -e`` (replacing the ones above)
+and ``master_extra`` is appended to ``master.cf``: the benchmark's Postfix peer turns on
+SASL through Dovecot, delivery and TLS that way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -97,7 +102,8 @@ def free_port() -> int:
 class PostfixServer:
     """One private Postfix instance under ``root`` (``cleanup()`` stops it, removes it)."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, main_settings: Mapping[str, str] = {},
+                 master_extra: str = "") -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="saslsmtp-postfix-"))
         self.root.chmod(0o755)
         self.etc = self.root / "etc"
@@ -108,8 +114,12 @@ class PostfixServer:
             (self.root / name).mkdir(exist_ok=True)
         shutil.chown(self.root / "data", "postfix")
         (self.etc / "main.cf").write_text(MAIN_CF.format(root=self.root, etc=self.etc))
-        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port) + master_extra)
         (self.etc / "recipient_access").write_text(RECIPIENT_ACCESS)
+        if main_settings:
+            subprocess.run([POSTCONF, "-c", str(self.etc), "-e",
+                            *(f"{key}={value}" for key, value in main_settings.items())],
+                           check=True, capture_output=True, timeout=60)
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([POSTFIX, "-c", str(self.etc), *args], capture_output=True,
@@ -138,6 +148,10 @@ class PostfixServer:
         if self.running:
             self._postfix("stop")
             self.running = False
+
+    def master_pid(self) -> int:
+        """The ``master`` daemon's process id (``postfix start`` detaches it)."""
+        return int((self.root / "queue" / "pid" / "master.pid").read_text().split()[0])
 
     def logs(self) -> str:
         path = self.root / "maillog"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +51,96 @@ def test_workers_benchmark_measures_the_master_and_its_workers() -> None:
     assert result["processes"] == 3
     assert result["sessions"] > 0 and result["handshakes_per_s"] > 0
     assert result["server_cpu_s"] > 0
+
+
+def load_bench_module(name: str):
+    """Import a module of benchmarks/ (not a package) by name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_servers_all_names_every_peer() -> None:
+    """`--servers all` is saslsmtp, aiosmtpd, postfix and null; the default stays two."""
+    run = load_bench_module("run")
+    assert run.parse_args(["--servers", "all"]).servers == ["saslsmtp", "aiosmtpd", "postfix",
+                                                            "null"]
+    assert run.parse_args([]).servers == ["saslsmtp", "aiosmtpd"]
+
+
+@pytest.mark.parametrize("tls", [[], ["--starttls", "--cert", "ecdsa-p256"]],
+                         ids=["plaintext", "starttls"])
+def test_null_server_alone_is_measured_with_its_cpu(tmp_path, tls) -> None:
+    """One short run against the null server, in plaintext and with STARTTLS (a generated
+    certificate): no errors, a row with its CPU per session."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--servers", "null", "-c", "2", "-d", "0.5",
+         "--warmup", "0", "--results-dir", str(tmp_path), "--label", "t", *tls],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    import json
+    [saved] = tmp_path.glob("*-t.json")
+    [point] = json.loads(saved.read_text())["points"]
+    assert point["null"]["errors"] == 0 and point["null"]["sessions"] > 0
+    assert point["null"]["server_cpu_ms_per_session"] > 0
+    assert ("| PLAIN STARTTLS | 2 |" if tls else "| PLAIN | 2 |") in done.stdout
+
+
+BURN_IN_GRANDCHILD = """
+import subprocess, sys, time
+subprocess.run([sys.executable, "-c",
+                "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"])
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_tree_cpu_counts_children_that_exited() -> None:
+    """The Postfix peer's CPU read counts a process tree's exited, reaped children."""
+    peer = load_bench_module("postfix_peer")
+    child = subprocess.Popen([sys.executable, "-c", BURN_IN_GRANDCHILD], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        assert peer.tree_cpu_s([child.pid]) >= 0.3
+        assert peer.descendants([child.pid]) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_postfix_peer_serves_auth_plain_and_delivers() -> None:
+    """The Postfix peer (Postfix smtpd + Dovecot SASL) accepts the bench user with AUTH
+    PLAIN, refuses a wrong password, delivers a message into its Maildir, and its CPU
+    read covers Postfix's and Dovecot's processes."""
+    import os
+    import smtplib
+    from tests.conftest import require, require_binary
+    require_binary("/usr/sbin/postfix", "postfix")
+    require_binary("/usr/sbin/dovecot", "dovecot-core")
+    require(os.geteuid() == 0, "postfix -c DIR start needs root")
+    peer = load_bench_module("postfix_peer").PostfixPeer("bench", "benchpass")
+    try:
+        peer.start()
+        with smtplib.SMTP("127.0.0.1", peer.port, timeout=10) as smtp:
+            smtp.ehlo("test.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                smtp.login("bench", "wrong")
+        with smtplib.SMTP("127.0.0.1", peer.port, timeout=10) as smtp:
+            smtp.ehlo("test.example")
+            assert "CRAM-MD5" in smtp.esmtp_features["auth"].upper()
+            assert "SCRAM-SHA-256" in smtp.esmtp_features["auth"].upper()
+            smtp.user, smtp.password = "bench", "benchpass"
+            code, _ = smtp.auth("PLAIN", smtp.auth_plain, initial_response_ok=True)
+            assert code == 235
+            smtp.sendmail("a@example.com", ["b@example.com"], b"Subject: t\r\n\r\nhello\r\n")
+        peer.settle(timeout=15)
+        assert peer.delivered() == 1
+        peer.cpu_s()
+        assert {"master", "smtpd", "cleanup", "virtual", "dovecot", "auth"} <= peer.seen
+    finally:
+        peer.stop()
+    assert not peer.root.exists()
