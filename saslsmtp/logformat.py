@@ -26,7 +26,7 @@ def event_text(event: Mapping[str, Any]) -> str:
             return fmt.format_map(event)
         except Exception:
             pass
-    return formatEvent(event)
+    return formatEvent(dict(event))
 
 
 class SecondClock:

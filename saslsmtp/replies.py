@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from saslsmtp.sasl.outcome import Defer, Reject
 
@@ -32,6 +33,11 @@ class SMTPReply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated, multi-line if needed."""
+        return self._wire
+
+    @cached_property
+    def _wire(self) -> bytes:
+        # rendered once per reply object: the table's replies are sent on every session
         lines = self.text.split("\n") or [""]
         out = []
         for i, line in enumerate(lines):
