@@ -12,10 +12,30 @@ the timestamp is computed once per second.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any, Mapping
 
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
+from twisted.logger import Logger as TwistedLogger
+
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+class Logger(TwistedLogger):
+    """``twisted.logger.Logger`` for the lines written on every session: the same events,
+    without Twisted's per-call check of the level against a freshly sorted list of all
+    levels."""
+
+    def emit(self, level: Any, format: str | None = None, **kwargs: object) -> None:
+        if level not in _LEVELS:
+            return super().emit(level, format, **kwargs)  # Twisted reports the bad level
+        event = kwargs
+        event.update(log_logger=self, log_level=level, log_namespace=self.namespace,
+                     log_source=self.source, log_format=format, log_time=time.time())
+        if "log_trace" in event:
+            event["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(event)
 
 
 def event_text(event: Mapping[str, Any]) -> str:
@@ -81,4 +101,4 @@ def classic_line(event: Mapping[str, Any], clock: SecondClock) -> str | None:
     return line + "\n"
 
 
-__all__ = ["SecondClock", "classic_line", "event_text"]
+__all__ = ["Logger", "SecondClock", "classic_line", "event_text"]

@@ -74,3 +74,25 @@ def test_text_observer_writes_twisted_lines() -> None:
                   log_time=NOW))
     expected = "".join(formatEventAsClassicLogText(e) or "" for e in shown)
     assert out.getvalue() == expected
+
+
+def test_fast_logger_emits_what_twisteds_emits() -> None:
+    """Same event keys and values as ``twisted.logger.Logger``; a bad level is still
+    reported the Twisted way instead of being written."""
+    from twisted.logger import Logger as TwistedLogger
+
+    from saslsmtp.logformat import Logger
+
+    seen: list[dict] = []
+    ours = Logger(namespace="n", observer=seen.append)
+    theirs = TwistedLogger(namespace="n", observer=seen.append)
+    ours.info("x={x}", x=1)
+    theirs.info("x={x}", x=1)
+    mine, stock = seen
+    assert mine.keys() == stock.keys()
+    assert {k: v for k, v in mine.items() if k not in ("log_time", "log_logger")} == \
+        {k: v for k, v in stock.items() if k not in ("log_time", "log_logger")}
+    seen.clear()
+    ours.emit("not a level", "hello")
+    assert len(seen) == 1 and seen[0]["log_level"] == LogLevel.critical
+    assert "invalid log level" in seen[0]["log_format"]

@@ -24,7 +24,7 @@ import json
 import re
 from functools import lru_cache
 
-from twisted.logger import Logger
+from saslsmtp.logformat import Logger
 
 log = Logger(namespace="saslsmtp.auth")
 
