@@ -197,8 +197,12 @@ class AuthExchange:
         """``then()`` unless the guard refuses ``username`` before anything is checked."""
         if self.guard is None:
             return then()
-        return self.guard.admit(username, password).addCallback(
-            lambda refusal: refusal if refusal is not None else then())
+        refusal = result_now(self.guard.admit(username, password))
+        if isinstance(refusal, defer.Deferred):  # a shared store (Redis) answers later
+            return refusal.addCallback(lambda refusal: refusal if refusal is not None else then())
+        if isinstance(refusal, Failure):
+            return refusal
+        return refusal if refusal is not None else then()
 
     def _act(self, outcome: Outcome) -> "StepResult | defer.Deferred[StepResult]":
         match outcome:

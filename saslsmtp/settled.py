@@ -7,14 +7,12 @@ once, instead of chaining more callbacks, spares a session a dozen callback hops
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet.defer import Deferred
 
-T = TypeVar("T")
 
-
-def result_now(value: "T | Deferred[T]") -> Any:
+def result_now(value: Any) -> Any:
     """``value`` itself unless it is a Deferred; the result (maybe a ``Failure``, then
     handled) of a Deferred that has already fired; else the Deferred, untouched (its
     result will flow on to the callbacks added later)."""
