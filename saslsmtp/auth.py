@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import TemporaryFailure, failure_outcome
 from saslsmtp.limits.fairpool import client_key_set
-from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
+from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, prepares_secret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
 from saslsmtp.settled import result_now
@@ -249,7 +249,7 @@ class AuthExchange:
         key = self._client_key()
         with client_key_set(key):
             d: defer.Deferred[Any] = self.resolver(request, self.session)
-        if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
+        if prepares_secret(mechanism) and self.blocking is not None:
             # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
             def prepare(secret: Any) -> Any:
                 if not (isinstance(secret, Secret) and secret.kind == "plaintext"):
