@@ -8,6 +8,7 @@ endpoint.  Nothing else in the package reads the configuration file.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,8 +270,12 @@ def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
     """``wrap`` of the first answer of ``ask(item)`` that is not ``None``, asking in
     order; ``None`` if none has one.  Answers already there cost no callback hop."""
 
+    # the next item is asked from a callback: in the caller's context (the fair hashing
+    # pool's client key lives there), as inlineCallbacks would
+    context = contextvars.copy_context()
+
     def answered(got: Any, index: int) -> Any:
-        return wrap(got) if got is not None else from_index(index + 1)
+        return wrap(got) if got is not None else context.run(from_index, index + 1)
 
     def from_index(index: int) -> "defer.Deferred[Any]":
         while index < len(items):

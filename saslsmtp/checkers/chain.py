@@ -6,6 +6,7 @@ every one rejected -> ``UnauthorizedLogin`` (535 5.7.8).
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -47,8 +48,21 @@ class _ChainAttempt:
         self.index = 0
         self.temporary = False
         self.unknown = bool(backends)  # every backend said "no such user" (auth cache)
+        # A later backend is asked from a callback, maybe after a thread's answer: it runs
+        # in the caller's context (the fair hashing pool's client key lives there).
+        self.context = contextvars.copy_context()
+        self._entered = False
 
     def next(self) -> "Deferred[AvatarId]":
+        if self._entered:
+            return self._ask_next()
+        self._entered = True
+        try:
+            return self.context.run(self._ask_next)
+        finally:
+            self._entered = False
+
+    def _ask_next(self) -> "Deferred[AvatarId]":
         if self.index >= len(self.backends):
             return fail(self._verdict())
         name, checker = self.backends[self.index]
