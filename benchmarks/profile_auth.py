@@ -11,6 +11,7 @@ measure).  Prints microseconds per session (best of five runs), then, with
     python3 benchmarks/profile_auth.py                       # AUTH PLAIN
     python3 benchmarks/profile_auth.py --mech LOGIN --profile cumtime
     python3 benchmarks/profile_auth.py --log-level warn      # without the two info lines
+    python3 benchmarks/profile_auth.py --tree /tmp/old       # another checkout, to compare
 
 For a profile of the real daemon under load, run it under twistd's profiler and the
 load generator (see benchmarks/README.md, "Profiles").
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# --tree DIR: profile another checkout's saslsmtp (e.g. the commit before a change)
+_TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv[:-1] else str(ROOT)
+sys.path.insert(0, _TREE)
 
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.error import ConnectionDone  # noqa: E402
@@ -104,6 +107,7 @@ def main() -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", choices=("tottime", "cumtime"), help="print a profile")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--tree", default=str(ROOT), help="checkout whose saslsmtp is profiled")
     args = p.parse_args()
     factory = build(Path(tempfile.mkdtemp(prefix="saslsmtp-profile-")), args.log_level)
     for _ in range(1000):  # warm caches (the users file, rendered replies)
