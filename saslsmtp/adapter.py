@@ -40,7 +40,7 @@ from zope.interface import Interface, alsoProvides, implementer
 
 from saslsmtp.credentials import AvatarId, IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure, failure_outcome
-from saslsmtp.sasl.mechanism import MechanismSpec, PreparesSecret
+from saslsmtp.sasl.mechanism import MechanismSpec, prepares_secret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
 
@@ -108,7 +108,7 @@ class MechanismAdapter:
                 return Defer("No secret source for this mechanism")
             mechanism = self._mechanism
             d: defer.Deferred[Any] = defer.maybeDeferred(self.resolver, outcome, self.session)
-            if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
+            if prepares_secret(mechanism) and self.blocking is not None:
                 d.addCallback(lambda secret: self.blocking.run(mechanism.prepare_secret, secret)
                               if isinstance(secret, Secret) and secret.kind == "plaintext"
                               else secret)

@@ -34,9 +34,10 @@ from twisted.python.failure import Failure
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import TemporaryFailure, failure_outcome
 from saslsmtp.limits.fairpool import client_key_set
-from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, PreparesSecret
+from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, prepares_secret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
+from saslsmtp.settled import result_now
 
 log = Logger(namespace="saslsmtp.auth")
 
@@ -110,12 +111,13 @@ class AuthExchange:
         self.running = False  # a step (maybe a credential check) is in progress
         self.mechanism: AnyMechanism = spec.factory(session)
 
-    def start(self, initial: bytes | None) -> "defer.Deferred[StepResult]":
-        """The first step; ``initial`` is the decoded initial response or ``None``."""
+    def start(self, initial: bytes | None) -> "StepResult | defer.Deferred[StepResult]":
+        """The first step; ``initial`` is the decoded initial response or ``None``.
+        A step that finished at once (the usual case) is its result, not a Deferred."""
         mechanism = self.mechanism
         return self._step(lambda: mechanism.start(initial))
 
-    def receive(self, response: bytes) -> "defer.Deferred[StepResult]":
+    def receive(self, response: bytes) -> "StepResult | defer.Deferred[StepResult]":
         """The step for one decoded client line."""
         mechanism = self.mechanism
         return self._step(lambda: mechanism.receive(response))
@@ -128,10 +130,33 @@ class AuthExchange:
             # A check still running keeps its place until its verdict counts (hang-ups).
             self.guard.abandon()
 
-    def _step(self, call: Callable[[], Any]) -> "defer.Deferred[StepResult]":
+    def _step(self, call: Callable[[], Any]) -> "StepResult | defer.Deferred[StepResult]":
         self.running = True
-        d = defer.maybeDeferred(call)
-        d.addCallback(self._act)
+        result: Any
+        try:
+            outcome = result_now(call())  # a scripted mechanism may answer later
+            if isinstance(outcome, defer.Deferred):
+                result = outcome.addCallback(self._act)
+            elif isinstance(outcome, Failure):
+                result = outcome
+            else:
+                result = result_now(self._act(outcome))
+        except Exception:
+            result = Failure()
+        if isinstance(result, Failure):
+            result = self._failed(result)
+        if isinstance(result, defer.Deferred):
+            return self._later(result)
+        self.running = False
+        if self.guard is None:
+            return result
+        judged = result_now(self._judge(result))
+        if isinstance(judged, defer.Deferred):  # the address's penalty wait
+            return self._shielded(judged)
+        return self._failed(judged) if isinstance(judged, Failure) else judged
+
+    def _later(self, d: "defer.Deferred[Any]") -> "defer.Deferred[StepResult]":
+        """A step still waiting (a thread, a network backend, a timer)."""
         d.addErrback(self._failed)
         if self.guard is None:
             return d
@@ -139,6 +164,11 @@ class AuthExchange:
         # With limits, a verdict is counted even if the client hangs up before it is
         # known: cancelling the answer does not cancel the check (hang-up trick).
         d.addCallback(self._judge)
+        return self._shielded(d)
+
+    @staticmethod
+    def _shielded(d: "defer.Deferred[StepResult]") -> "defer.Deferred[StepResult]":
+        """``d``'s result, in a Deferred whose cancellation leaves ``d`` running."""
         shielded: defer.Deferred[StepResult] = defer.Deferred(lambda _: None)
         d.addBoth(lambda result: None if shielded.called else shielded.callback(result))
         return shielded
@@ -167,8 +197,12 @@ class AuthExchange:
         """``then()`` unless the guard refuses ``username`` before anything is checked."""
         if self.guard is None:
             return then()
-        return self.guard.admit(username, password).addCallback(
-            lambda refusal: refusal if refusal is not None else then())
+        refusal = result_now(self.guard.admit(username, password))
+        if isinstance(refusal, defer.Deferred):  # a shared store (Redis) answers later
+            return refusal.addCallback(lambda refusal: refusal if refusal is not None else then())
+        if isinstance(refusal, Failure):
+            return refusal
+        return refusal if refusal is not None else then()
 
     def _act(self, outcome: Outcome) -> "StepResult | defer.Deferred[StepResult]":
         match outcome:
@@ -215,7 +249,7 @@ class AuthExchange:
         key = self._client_key()
         with client_key_set(key):
             d: defer.Deferred[Any] = self.resolver(request, self.session)
-        if isinstance(mechanism, PreparesSecret) and self.blocking is not None:
+        if prepares_secret(mechanism) and self.blocking is not None:
             # Only deriving keys from a plaintext is expensive (PBKDF2): that goes to a thread.
             def prepare(secret: Any) -> Any:
                 if not (isinstance(secret, Secret) and secret.kind == "plaintext"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from twisted.internet import tcp
+
 from saslsmtp.envelope import Client
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.tlsinfo import tls_facts
@@ -25,11 +27,17 @@ class Peer:
         self.local_ip, self.local_port = "", 0
         self.helo = ""  # the EHLO/HELO name, "" before it (and after STARTTLS)
         self.context: dict = {}  # the AUTH script's per-connection context
+        self._settled = False  # the addresses are final (plain TCP)
 
     def read(self, transport: Any) -> None:
-        """Take the addresses from ``transport`` (behind haproxy: from the PROXY header)."""
+        """Take the addresses from ``transport`` (behind haproxy: from the PROXY header,
+        so they are read again once data has arrived; a plain TCP connection's addresses
+        never change and are read once)."""
+        if self._settled:
+            return
         self.ip, self.port = _address(transport.getPeer())
         self.local_ip, self.local_port = _address(transport.getHost())
+        self._settled = type(transport) is tcp.Server
 
     def helo_pair(self) -> tuple:
         """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""

@@ -46,7 +46,7 @@ from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
 from saslsmtp.limits.session import ConnectionLimits
 from saslsmtp.lines import OVERLONG, LineReader
 from saslsmtp.peer import Peer
-from saslsmtp.replies import REPLIES, SMTPReply
+from saslsmtp.replies import REPLIES, SMTPReply, ehlo_reply
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
@@ -304,14 +304,9 @@ class SubmissionESMTP(smtp.ESMTP):
         if not _HELO_ARG.match(name):
             return self.error(REPLIES["ehlo_syntax"])
         self._greeted(name)
-        lines = [self.host.decode("ascii"), "PIPELINING", f"SIZE {self.settings.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES"]
-        if self._can_starttls:
-            lines.append("STARTTLS")
-        mechanisms = self.auth.offered_mechanisms()
-        if mechanisms and self.auth.login is None:
-            lines.append("AUTH " + " ".join(mechanisms))
-        self.send(SMTPReply(250, None, "\n".join(lines)))
+        mechanisms = tuple(self.auth.offered_mechanisms()) if self.auth.login is None else ()
+        self.send(ehlo_reply(self.settings.hostname, self.settings.max_message_size,
+                             self._can_starttls, mechanisms))
 
     def do_HELO(self, arg: bytes) -> None:
         name = arg.strip()

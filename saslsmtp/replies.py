@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 from saslsmtp.sasl.outcome import Defer, Reject
 
@@ -32,6 +33,11 @@ class SMTPReply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated, multi-line if needed."""
+        return self._wire
+
+    @cached_property
+    def _wire(self) -> bytes:
+        # rendered once per reply object: the table's replies are sent on every session
         lines = self.text.split("\n") or [""]
         out = []
         for i, line in enumerate(lines):
@@ -124,6 +130,18 @@ def auth_reply(outcome: Reject | Defer) -> SMTPReply:
     if not isinstance(enhanced, str) or not _ENHANCED.match(enhanced) or enhanced[0] != str(code)[0]:
         enhanced = base.enhanced if code == base.code else DEFAULT_ENHANCED[code // 100]
     return SMTPReply(code, enhanced, text)
+
+
+@lru_cache(maxsize=64)
+def ehlo_reply(hostname: str, max_size: int, starttls: bool, mechanisms: tuple[str, ...]) -> SMTPReply:
+    """The EHLO reply (RFC 5321 s4.1.1.1): our name, then the extensions we serve.  The
+    same few replies go out on every session, so each is built (and rendered) once."""
+    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    if starttls:
+        lines.append("STARTTLS")
+    if mechanisms:
+        lines.append("AUTH " + " ".join(mechanisms))
+    return SMTPReply(250, None, "\n".join(lines))
 
 
 def auth_success_reply(text: str | None) -> SMTPReply:

@@ -8,10 +8,11 @@ endpoint.  Nothing else in the package reads the configuration file.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Sequence, assert_never
+from typing import Any, Callable, Sequence, assert_never
 
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
@@ -19,6 +20,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
@@ -35,6 +37,7 @@ from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
+from saslsmtp.settled import result_now
 from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script
 from saslsmtp.threads import ThreadPoolRunner
 
@@ -245,27 +248,51 @@ def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> R
     """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
     ``ValidateToken`` from the first token validator that has an opinion."""
 
-    @defer.inlineCallbacks
-    def resolve(request: SecretRequest, session: Session) -> Generator[Any, Any, Secret | None]:
+    def resolve(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
         match request:
             case Lookup():
-                for source in sources:
-                    secret = yield source.lookup_secret(request.username, request.kinds)
-                    if secret is not None:
-                        return secret
-                return None
+                return _first_answer(
+                    sources, lambda source: source.lookup_secret(request.username, request.kinds),
+                    lambda secret: secret)
             case ValidateToken():
                 if not validators:
-                    raise TemporaryFailure("no oauth2 backend is configured")
-                for validator in validators:
-                    verdict = yield validator.validate_token(request)
-                    if verdict is not None:
-                        return Secret(TOKEN_VERDICT, verdict)
-                return None
+                    return defer.fail(TemporaryFailure("no oauth2 backend is configured"))
+                return _first_answer(validators, lambda v: v.validate_token(request),
+                                     lambda verdict: Secret(TOKEN_VERDICT, verdict))
             case _:
                 assert_never(request)
 
     return resolve
+
+
+def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
+                  wrap: Callable[[Any], Any]) -> "defer.Deferred[Any]":
+    """``wrap`` of the first answer of ``ask(item)`` that is not ``None``, asking in
+    order; ``None`` if none has one.  Answers already there cost no callback hop."""
+
+    # the next item is asked from a callback: in the caller's context (the fair hashing
+    # pool's client key lives there), as inlineCallbacks would
+    context = contextvars.copy_context()
+
+    def answered(got: Any, index: int) -> Any:
+        return wrap(got) if got is not None else context.run(from_index, index + 1)
+
+    def from_index(index: int) -> "defer.Deferred[Any]":
+        while index < len(items):
+            try:
+                answer = result_now(ask(items[index]))
+            except Exception:
+                return defer.fail()
+            if isinstance(answer, defer.Deferred):
+                return answer.addCallback(answered, index)
+            if isinstance(answer, Failure):
+                return defer.fail(answer)
+            if answer is not None:
+                return defer.succeed(wrap(answer))
+            index += 1
+        return defer.succeed(None)
+
+    return from_index(0)
 
 
 def tls_context(config: Config) -> Any:

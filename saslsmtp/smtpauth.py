@@ -113,7 +113,7 @@ class SmtpAuth:
                 return self.host.error(REPLIES["auth_bad_base64"])
         exchange = self.start_exchange(spec)
         if exchange is not None:
-            self.host.busy_until(exchange.start(initial).addCallback(self.answer))
+            self._answer_step(exchange.start(initial))
 
     def start_exchange(self, spec: MechanismSpec) -> AuthExchange | None:
         """A new exchange, with the one ``Session`` it gets (before any credentials)."""
@@ -143,7 +143,18 @@ class SmtpAuth:
             self._drop()
             return self.host.error(REPLIES["auth_bad_base64"])
         assert self.exchange is not None
-        self.host.busy_until(self.exchange.receive(response).addCallback(self.answer))
+        self._answer_step(self.exchange.receive(response))
+
+    def _answer_step(self, step: "StepResult | defer.Deferred[StepResult]") -> None:
+        """Answer a step now if it has finished, else be busy until it does."""
+        if isinstance(step, defer.Deferred):
+            return self.host.busy_until(step.addCallback(self.answer))
+        try:
+            later = self.answer(step)
+        except Exception:
+            later = defer.fail()  # the protocol's internal-error reply, as for a late step
+        if later is not None:
+            self.host.busy_until(later)
 
     def _drop(self) -> None:
         """The client ended the exchange without a verdict."""

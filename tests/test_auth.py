@@ -81,7 +81,9 @@ def exchange(outcomes: list[Any], **kwargs: Any) -> tuple[AuthExchange, list[Scr
     return ex, made
 
 
-def result(d: "defer.Deferred[Any]") -> Any:
+def result(d: "Any | defer.Deferred[Any]") -> Any:
+    if not isinstance(d, defer.Deferred):
+        return d  # the step finished at once
     box: list[Any] = []
     d.addBoth(box.append)
     assert box, "the step did not finish"

@@ -154,12 +154,17 @@ def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: p
             return io.StringIO()
 
     monkeypatch.setattr(logfile, "LogFile", Recorded)
+    rotated: list[object] = []
+    monkeypatch.setattr(logs, "_rotate_on_sigusr1", rotated.append)
     monkeypatch.setattr(logs, "_TWISTD", {})
     assert logs.use_for_twistd({"logfile": str(fifo)}, "text", "info") == "saslsmtp.logs.twistd_logger"
     logs.twistd_logger()
     assert made == [{"path": str(fifo), "rotateLength": None}]
-    # a regular file keeps the default: stock twistd behaviour, rotated at 1 MB
+    # a regular file is rotated at 1 MB, as twistd's own log file
     monkeypatch.setattr(logs, "_TWISTD", {})
     regular = tmp_path / "saslsmtp.log"
     regular.write_text("")
-    assert logs.use_for_twistd({"logfile": str(regular)}, "text", "info") is None
+    assert logs.use_for_twistd({"logfile": str(regular)}, "text", "info") == "saslsmtp.logs.twistd_logger"
+    logs.twistd_logger()
+    assert made[-1] == {"path": str(regular), "rotateLength": 1000000}
+    assert len(rotated) == 1  # SIGUSR1 rotates the regular file only, as twistd does

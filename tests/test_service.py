@@ -51,3 +51,39 @@ def test_checks_read_the_spec(tmp_path: Path) -> None:
     check_servable(config, {"X-PASSWORD": bare}, {"X-PASSWORD": bare}, False, [], [])
     # A mechanism the script serves is the script's business.
     check_servable(config, specs, {}, True, [], [])
+
+
+def test_secret_lookup_asks_later_backends_in_the_callers_context() -> None:
+    """A backend asked after an earlier one answered later (a thread, the network) still
+    sees the caller's context variables (the fair hashing pool's client key)."""
+    import contextvars
+
+    from twisted.internet import defer
+
+    from saslsmtp.sasl.outcome import Lookup, Secret, Session
+    from saslsmtp.service import secret_resolver
+
+    key: contextvars.ContextVar[str] = contextvars.ContextVar("key", default="")
+    pending: defer.Deferred = defer.Deferred()
+    seen: list[str] = []
+
+    class Later:
+        def lookup_secret(self, username: str, kinds: tuple) -> defer.Deferred:
+            return pending
+
+    class Second:
+        def lookup_secret(self, username: str, kinds: tuple) -> defer.Deferred:
+            seen.append(key.get())
+            return defer.succeed(Secret("plaintext", b"pw"))
+
+    resolve = secret_resolver([Later(), Second()])
+    token = key.set("198.51.100.7")
+    try:
+        d = resolve(Lookup("alice", ("plaintext",)), Session())
+    finally:
+        key.reset(token)
+    results: list = []
+    d.addCallback(results.append)
+    pending.callback(None)  # fires outside the caller's context
+    assert seen == ["198.51.100.7"]
+    assert results == [Secret("plaintext", b"pw")]

@@ -6,13 +6,15 @@ every one rejected -> ``UnauthorizedLogin`` (535 5.7.8).
 
 from __future__ import annotations
 
-from typing import Generator, Sequence
+import contextvars
+from typing import Any, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.credentials import AuthenticatedIdentity, AvatarId, IAuthenticatedIdentity
@@ -30,38 +32,66 @@ class BackendChain:
     def __init__(self, backends: Sequence[tuple[str, ICredentialsChecker]]) -> None:
         self.backends = list(backends)
 
-    @inlineCallbacks
-    def requestAvatarId(self, credentials: IUsernamePassword
-                        ) -> Generator[Deferred[AvatarId], AvatarId, AvatarId]:
-        temporary = False
-        unknown = bool(self.backends)  # every backend said "no such user" (auth cache)
-        for name, checker in self.backends:
-            try:
-                avatar_id = yield maybeDeferred(checker.requestAvatarId, credentials)
-            except UnknownUser:
-                continue
-            except UnauthorizedLogin:
-                unknown = False
-                continue
-            except TemporaryFailure as e:
-                unknown = False
-                # a backend with an OutageLog reports its outages itself (warn once, then
-                # recovery); this per-login line is for the others
-                level = log.debug if hasattr(checker, "outages") else log.info
-                level("backend {name} failed temporarily: {why}", name=name, why=str(e))
-                temporary = True
-                continue
-            except Exception:
-                log.failure("backend {name} raised an unexpected error", name=name)
-                unknown = False
-                temporary = True
-                continue
-            return avatar_id
-        if temporary:
-            raise TemporaryFailure("no backend accepted and at least one failed temporarily")
-        if unknown:
-            raise UnknownUser("no backend knows the user")
-        raise UnauthorizedLogin("no backend accepted the credentials")
+    def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
+        # Plain callbacks, not inlineCallbacks: a backend that answers at once (a users
+        # file entry) costs no generator and no extra Deferred per login.
+        return _ChainAttempt(self.backends, credentials).next()
+
+
+class _ChainAttempt:
+    """One walk down the chain for one set of credentials."""
+
+    def __init__(self, backends: Sequence[tuple[str, ICredentialsChecker]],
+                 credentials: IUsernamePassword) -> None:
+        self.backends = backends
+        self.credentials = credentials
+        self.index = 0
+        self.temporary = False
+        self.unknown = bool(backends)  # every backend said "no such user" (auth cache)
+        # A later backend is asked from a callback, maybe after a thread's answer: it runs
+        # in the caller's context (the fair hashing pool's client key lives there).
+        self.context = contextvars.copy_context()
+        self._entered = False
+
+    def next(self) -> "Deferred[AvatarId]":
+        if self._entered:
+            return self._ask_next()
+        self._entered = True
+        try:
+            return self.context.run(self._ask_next)
+        finally:
+            self._entered = False
+
+    def _ask_next(self) -> "Deferred[AvatarId]":
+        if self.index >= len(self.backends):
+            return fail(self._verdict())
+        name, checker = self.backends[self.index]
+        self.index += 1
+        d: Deferred[AvatarId] = maybeDeferred(checker.requestAvatarId, self.credentials)
+        return d.addErrback(self._failed, name, checker)
+
+    def _failed(self, failure: Failure, name: str, checker: ICredentialsChecker) -> Any:
+        if failure.check(UnknownUser):
+            return self.next()
+        self.unknown = False
+        if failure.check(UnauthorizedLogin):
+            return self.next()
+        self.temporary = True
+        if failure.check(TemporaryFailure):
+            # a backend with an OutageLog reports its outages itself (warn once, then
+            # recovery); this per-login line is for the others
+            level = log.debug if hasattr(checker, "outages") else log.info
+            level("backend {name} failed temporarily: {why}", name=name, why=str(failure.value))
+        else:
+            log.failure("backend {name} raised an unexpected error", failure, name=name)
+        return self.next()
+
+    def _verdict(self) -> Exception:
+        if self.temporary:
+            return TemporaryFailure("no backend accepted and at least one failed temporarily")
+        if self.unknown:
+            return UnknownUser("no backend knows the user")
+        return UnauthorizedLogin("no backend accepted the credentials")
 
 
 @implementer(ICredentialsChecker)

@@ -251,11 +251,6 @@ class FileChecker:
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
-        if stored.expensive:
-            d = maybeDeferred(self._runner.run, _verify, stored, password, username)
-        else:
-            d = maybeDeferred(_verify, stored, password, username)
-
         def decide(ok: bool) -> AvatarId:
             if entry is None:  # same hash paid as for a known user; the cache may remember it
                 raise UnknownUser("unknown user")
@@ -274,6 +269,12 @@ class FileChecker:
                       why=type(f.value).__name__)
             return Failure(TemporaryFailure("password verification failed"))
 
+        if not stored.expensive:  # {PLAIN} and the like: decided here, no callback hops
+            try:
+                return succeed(decide(_verify(stored, password, username)))
+            except Exception:
+                return fail(trouble(Failure()))
+        d = maybeDeferred(self._runner.run, _verify, stored, password, username)
         decided: Deferred[AvatarId] = d.addCallback(decide)
         return decided.addErrback(trouble)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Union, runtime_checkable
+from typing import Awaitable, Callable, Protocol, TypeGuard, Union, runtime_checkable
 
 from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reply, Secret, Session
 
@@ -39,6 +39,12 @@ class PreparesSecret(Protocol):
     before ``resume``."""
 
     def prepare_secret(self, secret: Secret | None) -> Secret | None: ...
+
+
+def prepares_secret(mechanism: object) -> TypeGuard[PreparesSecret]:
+    """``isinstance(mechanism, PreparesSecret)``, without ``typing``'s runtime protocol
+    check (which walks the protocol's attributes on every call, per AUTH step)."""
+    return callable(getattr(mechanism, "prepare_secret", None))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""``result_now``: a fired Deferred's result at once, a waiting one untouched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from saslsmtp.settled import result_now
+
+
+def test_plain_values_pass_through() -> None:
+    assert result_now(7) == 7
+    assert result_now(None) is None
+
+
+def test_a_fired_deferred_gives_its_result() -> None:
+    assert result_now(defer.succeed("done")) == "done"
+
+
+def test_a_failed_deferred_gives_its_failure_handled() -> None:
+    """The Failure is returned (and the Deferred no longer holds an unhandled error)."""
+    d = defer.fail(ValueError("x"))
+    out = result_now(d)
+    assert isinstance(out, Failure) and out.check(ValueError)
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    assert seen == [None]
+
+
+def test_a_waiting_deferred_is_returned_and_its_result_flows_on() -> None:
+    d: defer.Deferred[str] = defer.Deferred()
+    assert result_now(d) is d
+    seen: list[Any] = []
+    d.addCallback(seen.append)
+    d.callback("later")
+    assert seen == ["later"]
