@@ -455,15 +455,16 @@ class Directory:
               user: bool) -> None:
         """One simple bind as ``dn`` on the open ``conn``; raise on anything but success.
 
-        The password is dropped from the connection object right after the bind: a pooled
-        connection does not carry the last user's password around."""
+        The password is dropped from the connection object right after the bind (ldap3
+        keeps it in ``password`` and, decoded, in ``request``): a pooled connection does not
+        carry the last user's password around."""
         if conn.closed:  # ldap3's bind() would silently reconnect, without StartTLS
             raise OSError("connection closed by the server")
         conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
         try:
             bound = conn.bind(read_server_info=False)
         finally:
-            conn.password = None
+            conn.password = conn.request = None
         if bound:
             return
         code, description = _result(conn)
