@@ -654,6 +654,33 @@ async def test_failover(slapd: SlapdServer, make_checker: Callable[..., LdapChec
                          ALICE.password) == "tempfail"
 
 
+def test_busy_answer_on_a_pooled_connection_fails_over(slapd: SlapdServer) -> None:
+    """A re-bind on a pooled connection answered busy (51) moves on to the next server
+    (a temporary state of that server, not a verdict), and the busy connection is closed."""
+    busy: list[bool] = []
+
+    class Connection(ldap3.Connection):  # type: ignore[misc]
+        def bind(self, *args: Any, **kwargs: Any) -> bool:
+            if busy and not self.server.ssl:
+                self.result = {"result": 51, "description": "busy"}
+                return False
+            return bool(super().bind(*args, **kwargs))
+
+    directory = Directory(LdapOptions(url=(slapd.url, slapd.tls_url), user_dn=TEMPLATE,
+                                      ca_file=str(slapd.ca_file), timeout=TIMEOUT),
+                          connection_factory=Connection)
+    try:
+        plain, tls = directory.endpoints
+        directory.verify("alice", ALICE.password.encode())
+        [pooled] = [i.conn for i in directory._user_pools[plain]._idle]
+        busy.append(True)
+        directory.verify("alice", ALICE.password.encode())
+        assert pooled.closed and len(directory._user_pools[tls]) == 1
+        assert directory._ordered() == [tls, plain]
+    finally:
+        directory.close()
+
+
 def test_down_server_is_retried_after_a_while() -> None:
     """A failed endpoint goes last for DOWN_SECONDS, then is first again (injected clock)."""
     now = [100.0]

@@ -391,6 +391,10 @@ class Directory:
                         self._mark(endpoint, up=False)
                         errors.append(f"{endpoint}: {e}")
                         continue
+                except _Transport as e:  # busy or unavailable: the next server
+                    self._mark(endpoint, up=False)
+                    errors.append(f"{endpoint}: {e}")
+                    continue
             try:
                 conn = self._connect(endpoint, dn, password, user=True)
             except _Transport as e:
