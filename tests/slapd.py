@@ -328,6 +328,14 @@ overlay memberof
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
         self.paused = True
+        # kill() returns before every thread has stopped: a request sent at once (on a kept-open
+        # connection, no connect first) could still be answered.  Wait until all are stopped.
+        deadline = time.monotonic() + 5
+        while not all(_thread_state(task) in ("T", "") for task in
+                      Path(f"/proc/{self.process.pid}/task").iterdir()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not stop on SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT a paused slapd."""
@@ -388,6 +396,14 @@ def parse_operations(lines: list[str]) -> list[Operation]:
             done.append(Operation(conn, what.split()[0], identity.get(conn, ""),
                                   line[match.start():]))
     return done
+
+
+def _thread_state(task: Path) -> str:
+    """One thread's state letter from /proc (``T`` when stopped); "" once it is gone."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def running_slapd():  # type: ignore[no-untyped-def]
