@@ -597,7 +597,7 @@ class LdapChecker:
     only does the cheap checks and the logging, on the reactor thread.  A login that waited
     longer than ``timeout`` for a free thread fails at once (454) instead of starting: with
     a hung directory every login is answered within about twice ``timeout``.  ``stop()`` closes
-    the idle service connections and stops the runner: the service that owns the checker
+    the idle connections and stops the runner: the service that owns the checker
     calls it at shutdown (it waits for in-flight LDAP calls, each bounded by ``timeout``).
     """
 
