@@ -743,6 +743,15 @@ async def test_concurrent_logins_bounded(make_checker: Callable[..., LdapChecker
     checker.directory.close()
 
 
+def test_pool_size_defaults_to_threads() -> None:
+    """Without ``pool_size`` each pool keeps ``threads`` connections; with it, that many."""
+    default = Directory(LdapOptions(url=("ldap://a",), user_dn=TEMPLATE, threads=6))
+    assert {p.size for p in (*default._user_pools.values(),
+                             *default._service_pools.values())} == {6}
+    set_ = Directory(LdapOptions(url=("ldap://a",), user_dn=TEMPLATE, threads=6, pool_size=2))
+    assert {p.size for p in set_._user_pools.values()} == {2}
+
+
 def test_from_config_uses_a_dedicated_runner() -> None:
     """``from_config`` asks deps for ``ldap-<name>`` with ``threads`` workers."""
     asked: list[tuple[str, int]] = []

@@ -52,8 +52,9 @@ CPU per DN-template login and 0.7 ms per search-then-bind login here, mostly pya
 building and encoding requests), and on a fast directory more threads only add GIL
 contention with the reactor thread (measured on 2 cores, 32 concurrent logins: EHLO p99
 17/30/47/92 ms with 2/4/8/16 threads at the same 500-600 logins/s).  A slow or distant
-directory may want more.  ``pool_size`` (default 4) should match ``threads``: a login that
-finds no idle connection opens one, and only ``pool_size`` are kept.
+directory may want more.  ``pool_size`` defaults to ``threads``, the most connections of a
+kind ever busy at once: a login that finds no idle connection opens one, and only
+``pool_size`` are kept.
 
 ldap3's own ``ServerPool`` is not used: it keeps a reference to every ``Connection`` ever
 made with it, and when every server is down it sleeps ``POOLING_LOOP_TIMEOUT`` (10 s)
@@ -185,7 +186,7 @@ class LdapOptions(Options):
     verify_hostname: bool = True
     timeout: float = 5.0
     threads: int = 4  # measured: more threads only add GIL contention (module docstring)
-    pool_size: int = 4  # idle connections kept per server, for user binds and for searches
+    pool_size: int | None = None  # idle connections kept per server and kind; None: threads
 
     def check(self) -> Iterable[OptionProblem]:
         problems = problem_if(not self.url, "url", "is required")
@@ -207,7 +208,8 @@ class LdapOptions(Options):
             self.search_filter or ""), "search_filter", "must be set and contain {username}")
         problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
         problems += problem_if(self.threads < 1, "threads", "must be at least 1")
-        problems += problem_if(self.pool_size < 1, "pool_size", "must be at least 1")
+        problems += problem_if(self.pool_size is not None and self.pool_size < 1, "pool_size",
+                               "must be at least 1")
         if (self.search_dn is None) != (self.search_password is None):
             problems.append(OptionProblem("search_password" if self.search_dn else "search_dn",
                                           "search_dn and search_password go together"))
@@ -310,7 +312,7 @@ class Directory:
         self._tls = VerifyingTls(options.ca_file, options.verify_hostname) if uses_tls else None
         self._lock = threading.Lock()
         self._down_until: dict[Endpoint, float] = {}
-        size = max(1, options.pool_size)
+        size = max(1, options.threads if options.pool_size is None else options.pool_size)
         self._user_pools = {e: IdlePool(size, close_quietly, clock=clock)
                             for e in self.endpoints}
         self._service_pools = {e: IdlePool(size, close_quietly, clock=clock)
