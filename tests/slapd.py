@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -327,6 +328,14 @@ overlay memberof
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
         self.paused = True
+        # kill() returns before every thread has stopped: a request sent at once (on a kept-open
+        # connection, no connect first) could still be answered.  Wait until all are stopped.
+        deadline = time.monotonic() + 5
+        while not all(_thread_state(task) in ("T", "") for task in
+                      Path(f"/proc/{self.process.pid}/task").iterdir()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not stop on SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT a paused slapd."""
@@ -337,6 +346,64 @@ overlay memberof
     def bind_lines(self) -> list[str]:
         """The ``BIND dn=...`` lines of the stats log so far."""
         return [line for line in self.log_text().splitlines() if " BIND dn=" in line]
+
+    def accept_lines(self) -> list[str]:
+        """One ``ACCEPT from`` line per TCP connection slapd accepted so far."""
+        return [line for line in self.log_text().splitlines() if " ACCEPT from " in line]
+
+    def operations(self) -> list["Operation"]:
+        """Every BIND, SRCH and UNBIND so far, each with the identity its connection had."""
+        return parse_operations(self.log_text().splitlines())
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation from slapd's stats log: ``kind`` (BIND/SRCH/UNBIND), the connection,
+    ``bound_as`` (the DN the connection was bound as when it ran: ``""`` is anonymous,
+    after a failed bind too) and the rest of the line (``text``)."""
+
+    conn: int
+    kind: str
+    bound_as: str
+    text: str
+
+
+_OP = re.compile(r"conn=(\d+) op=(\d+) (BIND dn=\"([^\"]*)\" method=|SRCH base=|UNBIND|"
+                 r"RESULT tag=97 err=(\d+))")
+
+
+def parse_operations(lines: list[str]) -> list[Operation]:
+    """Replay a stats log: follow each connection's bind state (RFC 4511 4.2.1: a bind
+    first makes the connection anonymous; only a successful one gives it an identity)."""
+    identity: dict[int, str] = {}
+    binding: dict[tuple[int, int], str] = {}
+    done: list[Operation] = []
+    for line in lines:
+        match = _OP.search(line)
+        if match is None:
+            continue
+        conn, op = int(match.group(1)), int(match.group(2))
+        what = match.group(3)
+        if what.startswith("BIND"):
+            identity[conn] = ""
+            binding[(conn, op)] = match.group(4)
+            done.append(Operation(conn, "BIND", "", line[match.start():]))
+        elif what.startswith("RESULT"):
+            dn = binding.pop((conn, op), None)
+            if dn is not None and match.group(5) == "0":
+                identity[conn] = dn
+        else:
+            done.append(Operation(conn, what.split()[0], identity.get(conn, ""),
+                                  line[match.start():]))
+    return done
+
+
+def _thread_state(task: Path) -> str:
+    """One thread's state letter from /proc (``T`` when stopped); "" once it is gone."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def running_slapd():  # type: ignore[no-untyped-def]

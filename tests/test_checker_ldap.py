@@ -23,13 +23,15 @@ from twisted.logger import globalLogPublisher, formatEvent
 from saslsmtp.checkers import ldap as ldap_module
 from saslsmtp.checkers.ldap import (Directory, Endpoint, LdapChecker, LdapOptions, escape_dn_value,
                                     escape_filter_value, from_config)
+from saslsmtp.checkers.ldappool import IdlePool
 from saslsmtp.checkers.registry import BackendDeps
 from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.threads import ThreadPoolRunner
 from tests.slapd import (ALICE, BOB, ODD_DN, ODD_FILTER, PEOPLE, READER_DN, READER_PASSWORD,
-                         REQUIRE_GROUP, SlapdServer, free_port, running_slapd)
+                         REQUIRE_GROUP, SlapdServer, free_port, parse_operations,
+                         running_slapd)
 
 TEMPLATE = f"uid={{username}},{PEOPLE}"
 TIMEOUT = 1.0
@@ -267,9 +269,11 @@ async def test_wrong_service_password_is_temporary(
 
 
 @pytest_twisted.ensureDeferred
-async def test_service_connection_reused_user_connections_closed(
+async def test_connections_kept_open_and_reused(
         slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
-    """Five search-then-bind logins: the reader binds once; every user connection is closed."""
+    """Five search-then-bind logins on one thread: slapd accepts two connections in all
+    (the reader's, bound once, and one for the users, re-bound five times); nothing is
+    unbound, and the pooled connection does not keep the last password."""
     made: list[Any] = []
 
     def connection(*args: Any, **kwargs: Any) -> Any:
@@ -279,17 +283,137 @@ async def test_service_connection_reused_user_connections_closed(
 
     checker = make_checker(directory_kwargs={"connection_factory": connection},
                            **search_options(threads=1))
-    before = len(slapd.bind_lines())
-    for _ in range(5):
-        assert await outcome(checker, "alice", ALICE.password) == "accept"
-    binds = slapd.bind_lines()[before:]
-    reader_binds = [b for b in binds if f'dn="{READER_DN}" method=128' in b]
-    alice_binds = [b for b in binds if f'dn="{ALICE.dn}" method=128' in b]
-    assert len(reader_binds) == 1 and len(alice_binds) == 5
-    user_conns = [c for c in made if c.user == ALICE.dn]
-    assert len(user_conns) == 5 and all(c.closed for c in user_conns)
-    reader_conns = [c for c in made if c.user == READER_DN]
-    assert len(reader_conns) == 1 and not reader_conns[0].closed
+    lines = len(slapd.log_text().splitlines())
+    for user in (ALICE, BOB, ALICE, BOB, ALICE):
+        assert await outcome(checker, user.uid, user.password) == "accept"
+    log = slapd.log_text().splitlines()[lines:]
+    operations = parse_operations(log)
+    binds = [o.text for o in operations if o.kind == "BIND"]
+    assert sum(f'dn="{READER_DN}"' in b for b in binds) == 1
+    assert sum(f'dn="{ALICE.dn}"' in b for b in binds) == 3
+    assert sum(f'dn="{BOB.dn}"' in b for b in binds) == 2
+    assert sum(" ACCEPT from " in line for line in log) == 2
+    assert not [o for o in operations if o.kind == "UNBIND"]
+    assert len(made) == 2 and not any(c.closed for c in made)
+    for conn in made:  # ldap3 keeps the password in .password and, decoded, in .request
+        assert conn.password is None
+        state = repr(vars(conn))
+        assert not any(pw in state for pw in (ALICE.password, BOB.password, READER_PASSWORD))
+
+
+@pytest_twisted.ensureDeferred
+async def test_template_logins_reuse_a_bounded_set_of_connections(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """40 concurrent DN-template logins, right and wrong passwords mixed, on 4 threads:
+    slapd accepts at most 4 connections (the pool), every login gets its verdict."""
+    from twisted.internet.defer import ensureDeferred, gatherResults
+    checker = make_checker(threads=4, pool_size=4)
+    before = len(slapd.accept_lines())
+    results = await gatherResults([ensureDeferred(outcome(
+        checker, "alice" if i % 2 else "bob",
+        (ALICE.password if i % 2 else BOB.password) if i % 3 else "wrong"))
+        for i in range(40)])
+    assert results == ["accept" if i % 3 else "reject" for i in range(40)]
+    assert 1 <= len(slapd.accept_lines()) - before <= 4
+
+
+def test_failed_bind_on_a_pooled_connection_leaves_it_anonymous(slapd: SlapdServer) -> None:
+    """alice binds, then bob's wrong password on the same pooled connection: the
+    connection is anonymous afterwards (WHOAMI says so), not still alice; bob's identity
+    read after his right password is bob's, not alice's."""
+    directory = Directory(LdapOptions(url=(slapd.url,), user_dn=TEMPLATE, timeout=TIMEOUT,
+                                      threads=1, pool_size=1, identity_attribute="uid"))
+    try:
+        pool = directory._user_pools[directory.endpoints[0]]
+        assert directory.verify("alice", ALICE.password.encode()).identity == "alice"
+        [conn] = [i.conn for i in pool._idle]
+        with pytest.raises(UnauthorizedLogin):
+            directory.verify("bob", b"wrong")
+        assert [i.conn for i in pool._idle] == [conn]  # kept: the same connection
+        assert conn.extend.standard.who_am_i() in (None, "")  # anonymous, not alice
+        assert directory.verify("bob", BOB.password.encode()).identity == "bob"
+        assert [i.conn for i in pool._idle] == [conn]
+    finally:
+        directory.close()
+    assert conn.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_searches_run_as_the_service_account_only(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """Search-then-bind after failed and successful user binds, one thread: every search
+    for a user runs on a connection bound as the reader; every search of a user's own
+    entry on a connection bound as that user, right after the bind."""
+    checker = make_checker(**search_options(threads=1, require_filter=REQUIRE_GROUP))
+    lines = len(slapd.log_text().splitlines())
+    for user, password, verdict in ((ALICE, "wrong", "reject"),
+                                    (ALICE, ALICE.password, "accept"),
+                                    (BOB, "wrong", "reject"),
+                                    (ALICE, ALICE.password, "accept"),
+                                    (BOB, BOB.password, "reject")):  # not in the group
+        assert await outcome(checker, user.uid, password) == verdict
+    operations = parse_operations(slapd.log_text().splitlines()[lines:])
+    searches = [o for o in operations if o.kind == "SRCH"]
+    finds = [o for o in searches if f'base="{PEOPLE}"' in o.text]
+    own = [o for o in searches if f'base="{PEOPLE}"' not in o.text]
+    assert len(finds) == 5 and all(o.bound_as == READER_DN for o in finds)
+    assert len(own) == 3
+    assert all(o.bound_as in o.text for o in own), own
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_pooled_connection_is_replaced(
+        slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:
+    """A pooled connection that the server has dropped (slapd restarted) is closed and the
+    login goes on over a new one: no 454, and the pool holds only live connections."""
+    made: list[Any] = []
+
+    def connection(*args: Any, **kwargs: Any) -> Any:
+        made.append(ldap3.Connection(*args, **kwargs))
+        return made[-1]
+
+    checker = make_checker(threads=1, directory_kwargs={"connection_factory": connection})
+    pool = checker.directory._user_pools[checker.directory.endpoints[0]]
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
+    [stale] = [i.conn for i in pool._idle]
+    slapd.stop()
+    slapd.start()
+    assert await outcome(checker, "alice", ALICE.password) == "accept"
+    assert stale.closed
+    [fresh] = [i.conn for i in pool._idle]
+    assert made == [stale, fresh] and not fresh.closed
+
+
+def test_idle_pool_bounds_order_and_expiry() -> None:
+    """``IdlePool``: at most ``size`` kept (the surplus closed), last given first taken,
+    closed or too-long-idle connections closed instead of handed out, ``shut`` closes
+    the idle ones and any given back later."""
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name, self.closed = name, False
+
+    now = [0.0]
+    closed: list[str] = []
+    pool = IdlePool(2, lambda c: closed.append(c.name), clock=lambda: now[0], max_idle=10)
+    a, b, c = Conn("a"), Conn("b"), Conn("c")
+    for conn in (a, b, c):
+        pool.give(conn)
+    assert closed == ["c"] and len(pool) == 2
+    assert pool.take() is b and pool.take() is a and pool.take() is None
+    pool.give(a)
+    now[0] = 11.0
+    pool.give(b)
+    assert closed == ["c", "a"] and pool.take() is b
+    b.closed = True
+    pool.give(b)
+    assert closed == ["c", "a", "b"]
+    pool.give(c)
+    pool.shut()
+    assert closed[-1] == "c" and len(pool) == 0
+    pool.give(a)
+    assert closed[-1] == "a" and len(pool) == 0
+    with pytest.raises(ValueError):
+        IdlePool(0, lambda c: None)
 
 
 # ---- empty password ------------------------------------------------------
@@ -469,12 +593,16 @@ async def test_unresponsive_server_times_out(slapd: SlapdServer,
                                              make_checker: Callable[..., LdapChecker]) -> None:
     """A SIGSTOPped slapd (TCP accepted, no answer) -> temporary failure within timeout.
 
-    Both modes; the search checker has a warm service connection.  After SIGCONT the
-    same checkers accept again.
+    Both modes, both with warm pooled connections; the one that timed out is discarded.
+    After SIGCONT the same checkers accept again.
     """
     template = make_checker()
     search = make_checker(**search_options())
     assert await outcome(search, "alice", ALICE.password) == "accept"
+    assert await outcome(template, "alice", ALICE.password) == "accept"
+    warm = [i.conn for c in (template, search) for p in c.directory._user_pools.values()
+            for i in p._idle]
+    assert len(warm) == 2
     slapd.pause()
     try:
         for checker in (template, search):
@@ -484,6 +612,7 @@ async def test_unresponsive_server_times_out(slapd: SlapdServer,
             assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN, elapsed
     finally:
         slapd.resume()
+    assert warm[0].closed  # the template's timed-out connection is discarded
     assert await outcome(template, "alice", ALICE.password) == "accept"
     assert await outcome(search, "alice", ALICE.password) == "accept"
 
@@ -523,6 +652,33 @@ async def test_failover(slapd: SlapdServer, make_checker: Callable[..., LdapChec
         assert second < TIMEOUT / 2, second
     assert await outcome(make_checker(url=(dead, blackhole)), "alice",
                          ALICE.password) == "tempfail"
+
+
+def test_busy_answer_on_a_pooled_connection_fails_over(slapd: SlapdServer) -> None:
+    """A re-bind on a pooled connection answered busy (51) moves on to the next server
+    (a temporary state of that server, not a verdict), and the busy connection is closed."""
+    busy: list[bool] = []
+
+    class Connection(ldap3.Connection):  # type: ignore[misc]
+        def bind(self, *args: Any, **kwargs: Any) -> bool:
+            if busy and not self.server.ssl:
+                self.result = {"result": 51, "description": "busy"}
+                return False
+            return bool(super().bind(*args, **kwargs))
+
+    directory = Directory(LdapOptions(url=(slapd.url, slapd.tls_url), user_dn=TEMPLATE,
+                                      ca_file=str(slapd.ca_file), timeout=TIMEOUT),
+                          connection_factory=Connection)
+    try:
+        plain, tls = directory.endpoints
+        directory.verify("alice", ALICE.password.encode())
+        [pooled] = [i.conn for i in directory._user_pools[plain]._idle]
+        busy.append(True)
+        directory.verify("alice", ALICE.password.encode())
+        assert pooled.closed and len(directory._user_pools[tls]) == 1
+        assert directory._ordered() == [tls, plain]
+    finally:
+        directory.close()
 
 
 def test_down_server_is_retried_after_a_while() -> None:
@@ -585,6 +741,15 @@ async def test_concurrent_logins_bounded(make_checker: Callable[..., LdapChecker
     assert results == ["accept"] * 16
     assert peak[0] == 2
     checker.directory.close()
+
+
+def test_pool_size_defaults_to_threads() -> None:
+    """Without ``pool_size`` each pool keeps ``threads`` connections; with it, that many."""
+    default = Directory(LdapOptions(url=("ldap://a",), user_dn=TEMPLATE, threads=6))
+    assert {p.size for p in (*default._user_pools.values(),
+                             *default._service_pools.values())} == {6}
+    set_ = Directory(LdapOptions(url=("ldap://a",), user_dn=TEMPLATE, threads=6, pool_size=2))
+    assert {p.size for p in set_._user_pools.values()} == {2}
 
 
 def test_from_config_uses_a_dedicated_runner() -> None:
@@ -651,6 +816,7 @@ def test_config_url_string_or_list() -> None:
     ('url = "http://a"\nuser_dn = "uid={username},o=x"', "backends.dir.url"),
     ('url = "ldaps://a"\nstart_tls = true\nuser_dn = "uid={username},o=x"', "start_tls"),
     ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nthreads = 0', "backends.dir.threads"),
+    ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\npool_size = 0', "backends.dir.pool_size"),
     ('url = "ldap://a"\nuser_dn = "uid={username},o=x"\nsearch_dn = "cn=r"', "search_dn"),
     ('url = "ldap://a"\nsearch_base = "o=x"\nsearch_filter = "(uid={username})"\n'
      'search_dn = "cn=r"', "search_password"),

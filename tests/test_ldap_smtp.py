@@ -20,7 +20,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.protocols.basic import LineOnlyReceiver
 
-from tests.slapd import ALICE, BOB, PEOPLE, TWIN1, READER_DN, READER_PASSWORD, SlapdServer, running_slapd
+from tests.slapd import (ALICE, BOB, PEOPLE, READER_DN, READER_PASSWORD, TWIN1, SlapdServer,
+                         parse_operations, running_slapd)
 from tests.support import (Daemon, RunningServer, free_port, smtp_login, start_daemon,
                            start_server, write_config)
 
@@ -138,6 +139,28 @@ async def test_hung_directory_454_within_timeout(server: RunningServer,
     assert_reply(reply, 454, "4.7.0")
     assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN, elapsed
     assert_reply(await smtp_login(server.port, "alice", ALICE.password), 235, "2.7.0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_logins_reuse_ldap_connections(server: RunningServer, slapd: SlapdServer) -> None:
+    """Ten logins in a row, right and wrong passwords mixed, through SMTP: slapd accepts one
+    connection for the users (two with the reader's for search-then-bind) and never sees
+    an unbind; every search for a user runs as the reader, every wrong password is a 535
+    and the right one after it a 235 (the failed bind left nothing behind)."""
+    lines = len(slapd.log_text().splitlines())
+    for i in range(10):
+        right = i % 2 == 0
+        assert_reply(await smtp_login(server.port, "alice", ALICE.password if right else "bad"),
+                     235 if right else 535, "2.7.0" if right else "5.7.8")
+    log = slapd.log_text().splitlines()[lines:]
+    operations = parse_operations(log)
+    searches = [o for o in operations if o.kind == "SRCH"]
+    accepted = sum(" ACCEPT from " in line for line in log)
+    assert accepted == (2 if searches else 1), accepted
+    assert all(o.bound_as == READER_DN for o in searches)
+    assert len(searches) in (0, 10)
+    assert sum(o.kind == "BIND" and ALICE.dn in o.text for o in operations) == 10
+    assert not [o for o in operations if o.kind == "UNBIND"]
 
 
 @pytest_twisted.ensureDeferred

@@ -11,13 +11,25 @@ ever runs on the reactor thread or in the reactor's default pool.
 
 ``Directory`` (blocking, thread-safe) finds the user's DN, either from the ``user_dn``
 template (the username escaped as an RFC 4514 attribute value) or by a search with the
-``search_filter`` (the username escaped per RFC 4515) over a reused service connection
+``search_filter`` (the username escaped per RFC 4515) over a kept-open service connection
 (``search_dn``/``search_password``, or anonymous); zero or several matches reject.  It then
-binds as that DN on a fresh connection, checks ``require_filter`` and reads
-``identity_attribute`` (one base-scope search of the user's own entry, on the user's
-connection), and always unbinds and closes it.  With ``identity_attribute`` (say ``uid``)
-the session identity is that attribute's one value, what the directory calls the user,
-not what the user typed (a mail address, another case); without it, the name as typed.
+binds as that DN, checks ``require_filter`` and reads ``identity_attribute`` (one
+base-scope search of the user's own entry, on the connection the user just bound).
+With ``identity_attribute`` (say ``uid``) the session identity is that attribute's one
+value, what the directory calls the user, not what the user typed (a mail address,
+another case); without it, the name as typed.
+
+Connections are kept open and reused (``ldappool.IdlePool``, ``pool_size`` idle ones per
+server and kind), as Dovecot's ``auth_bind = yes`` does: a login re-binds as the user on
+an idle connection (no connect, no unbind), which halves ldap3's CPU per login and spares
+the directory a TCP (and TLS) handshake.  User-bind connections and service connections
+live in separate pools: the service account's searches never run on a connection a user
+bound, or failed to bind, on (a failed bind leaves a connection anonymous, RFC 4511
+4.2.1); a user connection is searched only right after a successful bind in the same
+login.  The user's password is dropped from the connection object after each bind.  A
+pooled connection that breaks (the server restarted or dropped it) is closed with every
+idle one of its pool and the login goes on over a new connection; one that times out
+marks its server down (next server, or a 454), it is not retried there.
 
 Failures are translated once: invalidCredentials (49) on the *user's* bind, no entry, an
 ambiguous search, an unmatched ``require_filter`` and an entry without exactly one
@@ -29,20 +41,27 @@ never the password.
 Several ``url`` values mean failover, in order: a server that failed at the transport
 level (refused, reset, timed out, TLS) or answered busy/unavailable is tried last for
 ``DOWN_SECONDS``, then first again.  ``timeout`` bounds the TCP connect and every request
-(StartTLS and the TLS handshake included) per server.  Broken service connections are
-dropped (all idle ones with them) and the search is retried once on a fresh connection,
-so a restarted server is used again at once, without restarting saslsmtp.  A login that
+(StartTLS and the TLS handshake included) per server.  A broken pooled connection is
+replaced within the login, so a restarted server is used again at once, without
+restarting saslsmtp.  A login that
 waited longer than ``timeout`` for a free runner thread fails at once, so a hung directory
 does not build a queue of ever later 454s.
 
-``threads`` defaults to 4: ldap3 is pure Python (about 0.7 ms of CPU per search-then-bind
-login here), and on a fast directory more threads only add GIL contention with the reactor
-thread (measured on 2 cores, 32 concurrent logins: EHLO p99 17/30/47/92 ms with 2/4/8/16
-threads at the same 500-600 logins/s).  A slow or distant directory may want more.
+``threads`` defaults to 4: ldap3 is pure Python (with reused connections about 0.3 ms of
+CPU per DN-template login and 0.7 ms per search-then-bind login here, mostly pyasn1
+building and encoding requests), and on a fast directory more threads only add GIL
+contention with the reactor thread (measured on 2 cores, 32 concurrent logins: EHLO p99
+17/30/47/92 ms with 2/4/8/16 threads at the same 500-600 logins/s).  A slow or distant
+directory may want more.  ``pool_size`` defaults to ``threads``, the most connections of a
+kind ever busy at once: a login that finds no idle connection opens one, and only
+``pool_size`` are kept.
 
 ldap3's own ``ServerPool`` is not used: it keeps a reference to every ``Connection`` ever
-made with it (one per login here), and when every server is down it sleeps
-``POOLING_LOOP_TIMEOUT`` (10 s) before giving up.
+made with it, and when every server is down it sleeps ``POOLING_LOOP_TIMEOUT`` (10 s)
+before giving up.  Nor is its ``REUSABLE`` strategy (its own pool of connections and worker
+threads): every connection in it is bound as one identity, it cannot re-bind per login,
+and its threads would be a second pool beside the bounded runner.  ldap3's asynchronous
+strategies still block in their own threads; the runner plus ``IdlePool`` is simpler.
 """
 
 from __future__ import annotations
@@ -66,6 +85,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.checkers.ldappool import IdlePool
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
@@ -166,6 +186,7 @@ class LdapOptions(Options):
     verify_hostname: bool = True
     timeout: float = 5.0
     threads: int = 4  # measured: more threads only add GIL contention (module docstring)
+    pool_size: int | None = None  # idle connections kept per server and kind; None: threads
 
     def check(self) -> Iterable[OptionProblem]:
         problems = problem_if(not self.url, "url", "is required")
@@ -187,6 +208,8 @@ class LdapOptions(Options):
             self.search_filter or ""), "search_filter", "must be set and contain {username}")
         problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
         problems += problem_if(self.threads < 1, "threads", "must be at least 1")
+        problems += problem_if(self.pool_size is not None and self.pool_size < 1, "pool_size",
+                               "must be at least 1")
         if (self.search_dn is None) != (self.search_password is None):
             problems.append(OptionProblem("search_password" if self.search_dn else "search_dn",
                                           "search_dn and search_password go together"))
@@ -253,18 +276,25 @@ def close_quietly(conn: Any) -> None:
         pass
 
 
-@dataclass
-class _Pooled:
-    conn: Any
-    endpoint: Endpoint
+class _Stale(Exception):
+    """A pooled connection failed before answering (internal): ``timed_out`` says how."""
+
+    def __init__(self, description: str, timed_out: bool) -> None:
+        super().__init__(description)
+        self.timed_out = timed_out
 
 
 class Directory:
     """The blocking half: find the DN, bind as the user, check ``require_filter``.
 
-    Thread-safe: connections are never shared between threads at the same time.  Only
-    ever called from the backend's runner threads.  ``connection_factory`` and
+    Thread-safe: a connection is only ever used by the thread that took it from a pool.
+    Only ever called from the backend's runner threads.  ``connection_factory`` and
     ``server_factory`` default to ldap3's classes (tests may wrap them to watch calls).
+
+    Each server has two ``IdlePool`` objects of ``pool_size`` connections: one for user binds
+    (a login re-binds on an idle one; it is only searched right after a successful bind
+    in the same login, for ``require_filter``/``identity_attribute``) and one bound as the
+    service account (or anonymous) for ``search_filter``; a user never binds on it.
     """
 
     def __init__(self, options: LdapOptions, *,
@@ -282,9 +312,11 @@ class Directory:
         self._tls = VerifyingTls(options.ca_file, options.verify_hostname) if uses_tls else None
         self._lock = threading.Lock()
         self._down_until: dict[Endpoint, float] = {}
-        self._idle: list[_Pooled] = []
-        self._max_idle = max(1, options.threads)
-        self._closed = False
+        size = max(1, options.threads if options.pool_size is None else options.pool_size)
+        self._user_pools = {e: IdlePool(size, close_quietly, clock=clock)
+                            for e in self.endpoints}
+        self._service_pools = {e: IdlePool(size, close_quietly, clock=clock)
+                               for e in self.endpoints}
 
     # ---- the one public operation ----------------------------------------
 
@@ -297,22 +329,28 @@ class Directory:
             dn = self.options.user_dn.replace("{username}", escape_dn_value(username))
         else:
             dn = self._search_dn(username)
-        conn, endpoint = self._open(dn, password, user=True)
+        conn, endpoint = self._bind_user(dn, password)
+        keep = False
         try:
             identity = None
             if self.options.require_filter or self.options.identity_attribute:
-                identity = self._read_own_entry(conn, endpoint, dn)
+                try:
+                    identity = self._read_own_entry(conn, endpoint, dn)
+                except UnauthorizedLogin:
+                    keep = True  # a verdict: the connection is fine
+                    raise
+            keep = True
         finally:
-            close_quietly(conn)
+            if keep:
+                self._user_pools[endpoint].give(conn)
+            else:
+                close_quietly(conn)
         return Bound(dn, identity)
 
     def close(self) -> None:
-        """Close the idle service connections (at shutdown)."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for pooled in idle:
-            close_quietly(pooled.conn)
+        """Close the idle connections, and any given back later (at shutdown)."""
+        for pool in (*self._user_pools.values(), *self._service_pools.values()):
+            pool.shut()
 
     # ---- servers and connections -----------------------------------------
 
@@ -337,19 +375,55 @@ class Directory:
             return any(self._down_until.get(e, 0.0) <= now
                        for e in self.endpoints if e != besides)
 
-    def _open(self, dn: str | None, password: bytes | None, user: bool) -> tuple[Any, Endpoint]:
-        """A connection bound as ``dn`` (anonymous if None), failing over between servers."""
+    def _bind_user(self, dn: str, password: bytes) -> tuple[Any, Endpoint]:
+        """A connection bound as ``dn``: a re-bind on an idle pooled connection, else a new
+        connection; failing over between servers.  A wrong password raises
+        ``UnauthorizedLogin`` and gives the (now anonymous) connection back to the pool."""
         errors: list[str] = []
         for endpoint in self._ordered():
+            pool = self._user_pools[endpoint]
+            conn = pool.take()
+            if conn is not None:
+                try:
+                    self._bind_pooled(conn, endpoint, dn, password)
+                    return conn, endpoint
+                except _Stale as e:
+                    pool.clear()  # the others are probably stale too
+                    if e.timed_out:  # hung, not restarted: the next server, not a new connection
+                        self._mark(endpoint, up=False)
+                        errors.append(f"{endpoint}: {e}")
+                        continue
+                except _Transport as e:  # busy or unavailable: the next server
+                    self._mark(endpoint, up=False)
+                    errors.append(f"{endpoint}: {e}")
+                    continue
             try:
-                conn = self._connect(endpoint, dn, password, user)
+                conn = self._connect(endpoint, dn, password, user=True)
             except _Transport as e:
                 self._mark(endpoint, up=False)
                 errors.append(f"{endpoint}: {e}")
                 continue
+            except UnauthorizedLogin:
+                self._mark(endpoint, up=True)  # a verdict (_connect pooled the connection)
+                raise
             self._mark(endpoint, up=True)
             return conn, endpoint
         raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+
+    def _bind_pooled(self, conn: Any, endpoint: Endpoint, dn: str, password: bytes) -> None:
+        """Re-bind an idle user connection as ``dn``; ``_Stale`` if it broke on the way
+        (the caller tries a new connection), the bind's verdict otherwise."""
+        try:
+            self._bind(conn, endpoint, dn, password, user=True)
+        except (LDAPException, OSError) as e:
+            close_quietly(conn)
+            raise _Stale(_describe(e), isinstance(e, TimeoutError)) from None
+        except UnauthorizedLogin:
+            self._user_pools[endpoint].give(conn)
+            raise
+        except BaseException:
+            close_quietly(conn)
+            raise
 
     def _connect(self, endpoint: Endpoint, dn: str | None, password: bytes | None,
                  user: bool) -> Any:
@@ -359,91 +433,112 @@ class Directory:
             endpoint.host, port=endpoint.port, use_ssl=endpoint.ssl, tls=self._tls,
             get_info=ldap3.NONE, connect_timeout=timeout)
         conn = self._connection_factory(
-            server, user=dn, password=password,
-            authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
+            server, authentication=ldap3.ANONYMOUS,
             client_strategy=ldap3.SYNC, auto_bind=ldap3.AUTO_BIND_NONE, read_only=True,
             receive_timeout=None, raise_exceptions=False, auto_referrals=False)
         try:
             # ldap3 packs receive_timeout with struct 'LL', so a float one fails.  Without
             # it the socket keeps connect_timeout (socket.settimeout) for every later recv
             # and send, TLS handshakes included: one bound for every step.
-            conn.open()
+            conn.open(read_server_info=False)
             if self.options.start_tls and not endpoint.ssl:
-                conn.start_tls()
-            if dn is not None and not conn.bind():
-                code, description = _result(conn)
-                if code == INVALID_CREDENTIALS and user:
-                    raise UnauthorizedLogin("invalid credentials")
-                if code == INVALID_CREDENTIALS:
-                    raise TemporaryFailure(f"{endpoint}: service account bind as {dn!r} "
-                                           "refused (invalidCredentials): check search_dn and "
-                                           "search_password")
-                if code in FAILOVER_RESULTS:
-                    raise _Transport(f"bind answered {code} {description}")
-                raise TemporaryFailure(f"{endpoint}: bind answered {code} {description}")
+                conn.start_tls(read_server_info=False)
+            if dn is not None:
+                assert password is not None
+                self._bind(conn, endpoint, dn, password, user)
         except (LDAPException, OSError) as e:
             close_quietly(conn)
             raise _Transport(_describe(e)) from None
+        except UnauthorizedLogin:
+            if user:  # anonymous now, and fine for the next user's bind
+                self._user_pools[endpoint].give(conn)
+            else:
+                close_quietly(conn)
+            raise
         except BaseException:
             close_quietly(conn)
             raise
         return conn
 
+    def _bind(self, conn: Any, endpoint: Endpoint, dn: str, password: bytes,
+              user: bool) -> None:
+        """One simple bind as ``dn`` on the open ``conn``; raise on anything but success.
+
+        The password is dropped from the connection object right after the bind (ldap3
+        keeps it in ``password`` and, decoded, in ``request``): a pooled connection does not
+        carry the last user's password around."""
+        if conn.closed:  # ldap3's bind() would silently reconnect, without StartTLS
+            raise OSError("connection closed by the server")
+        conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
+        try:
+            bound = conn.bind(read_server_info=False)
+        finally:
+            conn.password = conn.request = None
+        if bound:
+            return
+        code, description = _result(conn)
+        if code == INVALID_CREDENTIALS and user:
+            raise UnauthorizedLogin("invalid credentials")
+        if code == INVALID_CREDENTIALS:
+            raise TemporaryFailure(f"{endpoint}: service account bind as {dn!r} refused "
+                                   "(invalidCredentials): check search_dn and search_password")
+        if code in FAILOVER_RESULTS:
+            raise _Transport(f"bind answered {code} {description}")
+        if code == -1 and conn.closed:  # no answer: the connection broke under the bind
+            raise OSError(conn.last_error or "connection closed during the bind")
+        raise TemporaryFailure(f"{endpoint}: bind answered {code} {description}")
+
     # ---- search-then-bind -------------------------------------------------
 
-    def _acquire(self) -> tuple[_Pooled, bool]:
-        """An idle service connection (reused=True) or a new one."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        conn, endpoint = self._open(self.options.search_dn,
-                                    None if self.options.search_password is None
-                                    else as_bytes(self.options.search_password), user=False)
-        return _Pooled(conn, endpoint), False
-
-    def _release(self, pooled: _Pooled) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
-                self._idle.append(pooled)
-                return
-        close_quietly(pooled.conn)
-
-    def _drop_idle(self) -> None:
-        """A service connection broke: the idle ones are probably stale too."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for pooled in idle:
-            close_quietly(pooled.conn)
+    def _service_connection(self) -> tuple[Any, Endpoint, bool]:
+        """An idle service connection (reused=True) or a new one, failing over."""
+        errors: list[str] = []
+        search_password = (None if self.options.search_password is None
+                           else as_bytes(self.options.search_password))
+        for endpoint in self._ordered():
+            conn = self._service_pools[endpoint].take()
+            if conn is not None:
+                return conn, endpoint, True
+            try:
+                conn = self._connect(endpoint, self.options.search_dn, search_password,
+                                     user=False)
+            except _Transport as e:
+                self._mark(endpoint, up=False)
+                errors.append(f"{endpoint}: {e}")
+                continue
+            self._mark(endpoint, up=True)
+            return conn, endpoint, False
+        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
 
     def _search_dn(self, username: str) -> str:
         """The one DN that ``search_filter`` finds for ``username``; reject 0 or >1."""
         assert self.options.search_base and self.options.search_filter
         query = self.options.search_filter.replace("{username}", escape_filter_value(username))
         for attempt in (1, 2):
-            pooled, reused = self._acquire()
+            conn, endpoint, reused = self._service_connection()
+            pool = self._service_pools[endpoint]
             try:
-                pooled.conn.search(self.options.search_base, query, search_scope=ldap3.SUBTREE,
-                                   attributes=[ldap3.NO_ATTRIBUTES], size_limit=2,
-                                   dereference_aliases=ldap3.DEREF_NEVER)
+                conn.search(self.options.search_base, query, search_scope=ldap3.SUBTREE,
+                            attributes=[ldap3.NO_ATTRIBUTES], size_limit=2,
+                            dereference_aliases=ldap3.DEREF_NEVER)
             except (LDAPException, OSError) as e:
-                close_quietly(pooled.conn)
-                self._drop_idle()
+                close_quietly(conn)
+                pool.clear()
                 timed_out = isinstance(e, TimeoutError)
                 if timed_out:
-                    self._mark(pooled.endpoint, up=False)
-                if attempt == 1 and reused and (not timed_out or self._any_up(pooled.endpoint)):
+                    self._mark(endpoint, up=False)
+                if attempt == 1 and reused and (not timed_out or self._any_up(endpoint)):
                     continue  # stale connection (server restarted): once more, on a fresh one
-                raise TemporaryFailure(f"{pooled.endpoint}: search failed: {_describe(e)}") \
-                    from None
-            code, description = _result(pooled.conn)
-            entries = [r["dn"] for r in pooled.conn.response or ()
+                raise TemporaryFailure(f"{endpoint}: search failed: {_describe(e)}") from None
+            code, description = _result(conn)
+            entries = [r["dn"] for r in conn.response or ()
                        if r.get("type") == "searchResEntry"]
             if code not in (0, SIZE_LIMIT_EXCEEDED):
-                close_quietly(pooled.conn)
+                close_quietly(conn)
                 if code in FAILOVER_RESULTS:
-                    self._mark(pooled.endpoint, up=False)
-                raise TemporaryFailure(f"{pooled.endpoint}: search answered {code} {description}")
-            self._release(pooled)
+                    self._mark(endpoint, up=False)
+                raise TemporaryFailure(f"{endpoint}: search answered {code} {description}")
+            pool.give(conn)
             if code == SIZE_LIMIT_EXCEEDED or len(entries) > 1:
                 raise UnauthorizedLogin("search_filter matches more than one entry")
             if not entries:
@@ -504,7 +599,7 @@ class LdapChecker:
     only does the cheap checks and the logging, on the reactor thread.  A login that waited
     longer than ``timeout`` for a free thread fails at once (454) instead of starting: with
     a hung directory every login is answered within about twice ``timeout``.  ``stop()`` closes
-    the idle service connections and stops the runner: the service that owns the checker
+    the idle connections and stops the runner: the service that owns the checker
     calls it at shutdown (it waits for in-flight LDAP calls, each bounded by ``timeout``).
     """
 
