@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Where ``workers = N`` spends its CPU: each server process profiled separately under load.
+
+    flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_workers.py            # workers = 2
+    flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_workers.py --workers 1
+    python3 benchmarks/profile_workers.py --log-format json --top 25
+
+Starts the real daemon (``twistd -n saslsmtp --workers N --logfile=...``, the config of
+``benchmarks/workers.py``), runs ``smtp_auth_load.py`` (AUTH PLAIN, fresh session per
+handshake) and meanwhile samples the master and every worker with py-spy
+(``pip install py-spy``; ``--nonblocking``, so the processes are not paused).  It prints,
+per process: CPU ms per session (from /proc), the sessions it served (its ``session
+end`` log lines), and its hottest functions by own samples and by inclusive samples.
+Raw collapsed stacks are kept next to the summary in benchmarks/results/ with
+``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import LOADGEN, REPO, RESULTS, BenchError, Server, free_port  # noqa: E402
+from workers import PASSWORD, USER, cpu_of, family, write_config  # noqa: E402
+
+_WORKER = re.compile(r"worker=(\d+)|\"worker_pid\": (\d+)")
+
+
+def summarise(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """(samples, [(function, own samples)], [(function, inclusive samples)]) of py-spy's
+    ``--format raw`` output (one ``frame;frame;...;leaf count`` line per distinct stack)."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    return total, own.most_common(top), inclusive.most_common(top)
+
+
+def sessions_per_worker(log: Path) -> dict[int, int]:
+    """``session end`` lines per worker pid (text: ``[... worker=PID]``; JSON: ``worker_pid``)."""
+    counts: collections.Counter[int] = collections.Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        if "session end" in line:
+            m = _WORKER.search(line)
+            counts[int(m.group(1) or m.group(2)) if m else 0] += 1
+    return dict(counts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("-c", "--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--no-profile", action="store_true", help="only CPU and balance, no py-spy")
+    parser.add_argument("--keep", action="store_true", help="write the raw stacks to benchmarks/results/")
+    args = parser.parse_args(argv)
+    pyspy = shutil.which("py-spy")
+    if pyspy is None and not args.no_profile:
+        print("py-spy not found (pip install py-spy), or use --no-profile", file=sys.stderr)
+        return 2
+    report: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-workers-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        config = write_config(workdir, port, "plain")
+        if args.log_format == "json":
+            config.write_text(config.read_text().replace("[server]\n", '[server]\nlog_format = "json"\n'))
+        log = workdir / "twistd.log"
+        env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+        argv_ = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                 "--pidfile=", f"--logfile={log}", "saslsmtp", "--config", str(config),
+                 "--workers", str(args.workers)]
+        server = Server(f"saslsmtp-workers-{args.workers}", argv_, port, workdir, env)
+        try:
+            server.start()
+            deadline = time.monotonic() + 30
+            while log.read_text(errors="replace").count("saslsmtp ready") < args.workers:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"workers did not start:\n{server.output_tail()}")
+                time.sleep(0.1)
+            pids = family(server.pid)
+            before = {p: cpu_of([p]) for p in pids}
+            load = subprocess.Popen(
+                [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN", "--user", USER,
+                 "--password", PASSWORD, "--concurrency", str(args.concurrency),
+                 "--duration", str(args.duration), "--warmup", "1", "--json"],
+                stdout=subprocess.PIPE, text=True)
+            spies = {}
+            if not args.no_profile:
+                time.sleep(1.0)  # the warm-up
+                for pid in pids:
+                    spies[pid] = subprocess.Popen(
+                        [pyspy, "record", "--pid", str(pid), "--duration", str(int(args.duration - 1)),
+                         "--rate", str(args.rate), "--nonblocking", "--format", "raw",
+                         "-o", str(workdir / f"{pid}.raw")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out, _ = load.communicate(timeout=args.duration + 90)
+            for spy in spies.values():
+                spy.wait(timeout=60)
+            cpu = {p: cpu_of([p]) - before[p] for p in pids}
+            result = json.loads(out)
+            time.sleep(0.5)
+        finally:
+            server.stop()
+        served = sessions_per_worker(log)
+        total_sessions = result["sessions_measured"] + result["sessions_warmup"]
+        report += [f"# profile: workers = {args.workers}, AUTH PLAIN, c={args.concurrency},"
+                   f" {args.duration:.0f} s, log_format {args.log_format}"
+                   f" — {dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%MZ}", "",
+                   f"- handshakes/s {result['handshakes_per_s']:.1f}, session p50/p99"
+                   f" {result['latency_ms']['session']['p50']:.1f}/{result['latency_ms']['session']['p99']:.1f} ms,"
+                   f" errors {result['errors']}, generator CPU {result.get('client_cpu_pct_of_one_core')}%"
+                   " of one core",
+                   f"- sessions served per process (session end lines): {served}",
+                   f"- server CPU ms per session, all processes: {1000 * sum(cpu.values()) / total_sessions:.3f}", ""]
+        for pid in pids:
+            role = "master" if pid == server.pid and args.workers > 1 else "worker"
+            report.append(f"## {role} {pid}: {cpu[pid]:.2f} s CPU,"
+                          f" {1000 * cpu[pid] / total_sessions:.3f} ms per session (of all sessions)")
+            raw_path = workdir / f"{pid}.raw"
+            if raw_path.exists():
+                raw = raw_path.read_text()
+                samples, own, inclusive = summarise(raw, args.top)
+                report += ["", f"{samples} samples (idle excluded). Own:", ""]
+                report += [f"    {100 * n / max(samples, 1):5.1f}%  {f}" for f, n in own]
+                report += ["", "Inclusive:", ""]
+                report += [f"    {100 * n / max(samples, 1):5.1f}%  {f}" for f, n in inclusive]
+                if args.keep:
+                    RESULTS.mkdir(exist_ok=True)
+                    shutil.copy(raw_path, RESULTS / f"{dt.datetime.now():%Y%m%d-%H%M%S}-profile-{role}-{pid}.raw")
+            report.append("")
+    text = "\n".join(report)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
