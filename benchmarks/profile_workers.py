@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import LOADGEN, REPO, RESULTS, BenchError, Server, free_port  # noqa: E402
@@ -116,9 +115,11 @@ def summarise(raw: str, top: int) -> tuple[int, list[tuple[str, int]], list[tupl
 
 
 def sessions_per_worker(log: Path) -> dict[int, int]:
-    """``session end`` lines per worker pid (text: ``[... worker=PID]``; JSON: ``worker_pid``)."""
+    """``session end`` lines per worker pid (text: ``[... worker=PID]``; JSON: ``worker_pid``),
+    over the log file and its rotated pieces."""
     counts: collections.Counter[int] = collections.Counter()
-    for line in log.read_text(errors="replace").splitlines():
+    for line in (x for piece in log.parent.glob(log.name + "*")
+                 for x in piece.read_text(errors="replace").splitlines()):
         if "session end" in line:
             m = _WORKER.search(line)
             counts[int(m.group(1) or m.group(2)) if m else 0] += 1
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="write the raw stacks to benchmarks/results/")
     parser.add_argument("--accepts", action="store_true", help="count accept4/epoll_wait with perf, no py-spy")
     parser.add_argument("--metrics-cost", action="store_true", help="only time metric updates, no server")
+    parser.add_argument("--code", type=Path, help="serve the saslsmtp package found in this directory")
     args = parser.parse_args(argv)
     if args.metrics_cost:
         print(metrics_cost())
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.log_format == "json":
             config.write_text(config.read_text().replace("[server]\n", '[server]\nlog_format = "json"\n'))
         log = workdir / "twistd.log"
-        env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+        env = {**__import__("os").environ, "PYTHONPATH": str(args.code or REPO)}
         argv_ = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                  "--pidfile=", f"--logfile={log}", "saslsmtp", "--config", str(config),
                  "--workers", str(args.workers)]
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         served = sessions_per_worker(log)
         total_sessions = result["sessions_measured"] + result["sessions_warmup"]
         report += [f"# profile: workers = {args.workers}, AUTH PLAIN, c={args.concurrency},"
-                   f" {args.duration:.0f} s, log_format {args.log_format}"
+                   f" {args.duration:.0f} s, log_format {args.log_format}, code {args.code or 'this checkout'}"
                    f" — {dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%MZ}", "",
                    f"- handshakes/s {result['handshakes_per_s']:.1f}, session p50/p99"
                    f" {result['latency_ms']['session']['p50']:.1f}/{result['latency_ms']['session']['p99']:.1f} ms,"
