@@ -108,7 +108,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         config = write_config(workdir, port, args.scheme)
         log = workdir / "twistd.log"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [str(args.code or REPO), os.environ.get("PYTHONPATH")])))
+            filter(None, [str(getattr(args, "code", None) or REPO), os.environ.get("PYTHONPATH")])))
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                 "--pidfile=", f"--logfile={log}", "saslsmtp", "--config", str(config),
                 "--workers", str(workers)]
@@ -126,7 +126,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             load = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
                     "--user", USER, "--password", PASSWORD, "--concurrency", str(args.concurrency),
                     "--duration", str(args.duration), "--warmup", str(args.warmup), "--json"]
-            if args.generator_processes > 1:
+            if getattr(args, "generator_processes", 1) > 1:
                 load += ["--processes", str(args.generator_processes)]
             done = subprocess.run(load, capture_output=True, text=True,
                                   timeout=args.warmup + args.duration + 90)
@@ -142,6 +142,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             "errors": result["errors"], "handshakes_per_s": result["handshakes_per_s"],
             "session_ms": result["latency_ms"]["session"], "auth_ms": result["latency_ms"]["auth"],
             "sessions": result["sessions_measured"],
+            "sessions_warmup": result["sessions_warmup"],
             "server_cpu_ms_per_session": round(1000 * cpu_used / served, 3) if served else None,
             "server_cpu_s": round(cpu_used, 2),
             "master_cpu_ms_per_session": round(1000 * master_used / served, 3)
