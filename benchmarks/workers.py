@@ -4,23 +4,27 @@
     python3 benchmarks/workers.py                        # AUTH PLAIN, concurrency 64
     python3 benchmarks/workers.py --scheme sha512-crypt  # hashed passwords (libcrypt)
     python3 benchmarks/workers.py -c 16 --duration 10 --repeat 3
+    python3 benchmarks/workers.py --code /tmp/old   # another commit's code (git archive)
+    python3 benchmarks/workers.py --generator-processes 2
 
 For each repeat it starts the real daemon (``twistd -n saslsmtp --workers N``) with
 N = 1 and N = 2 (alternating which goes first), runs ``smtp_auth_load.py --json``
 against it (fresh TCP session per handshake: EHLO, AUTH PLAIN, QUIT), and reads the
 CPU all the server's processes used (the master and its workers, from /proc).  The
 median repeat by handshakes/s is reported: handshakes/s, session and AUTH p50/p99, and
-the ratio workers=2 / workers=1.  Results go to benchmarks/results/<date>-workers-<label>
-.md and .json, and the table to stdout.
+the ratio workers=2 / workers=1, and how the sessions spread over the workers (their
+``session end`` lines in the log file and its rotated pieces).  Results go to
+benchmarks/results/<date>-workers-<label>.md and .json, and the table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import collections
 import json
 import os
-import statistics
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,6 +89,18 @@ def cpu_of(pids: list[int]) -> float:
     return sum(v for v in (process_cpu_s(p) for p in pids) if v == v)
 
 
+def sessions_per_worker(log: Path) -> list[int]:
+    """Sessions each worker ended (``session end`` lines, ``worker=PID`` in text logs), over
+    the log file and its rotated pieces, largest first."""
+    counts: collections.Counter[str] = collections.Counter()
+    for piece in log.parent.glob(log.name + "*"):
+        for line in piece.read_text(errors="replace").splitlines():
+            if "session end" in line:
+                m = re.search(r"worker=(\d+)", line)
+                counts[m.group(1) if m else "-"] += 1
+    return sorted(counts.values(), reverse=True)
+
+
 def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="saslsmtp-workers-bench-") as tmp:
         workdir = Path(tmp)
@@ -92,7 +108,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         config = write_config(workdir, port, args.scheme)
         log = workdir / "twistd.log"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+            filter(None, [str(getattr(args, "code", None) or REPO), os.environ.get("PYTHONPATH")])))
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                 "--pidfile=", f"--logfile={log}", "saslsmtp", "--config", str(config),
                 "--workers", str(workers)]
@@ -106,23 +122,32 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.1)
             pids = family(server.pid)
             cpu_before = cpu_of(pids)
+            master_before = cpu_of([server.pid])
             load = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
                     "--user", USER, "--password", PASSWORD, "--concurrency", str(args.concurrency),
                     "--duration", str(args.duration), "--warmup", str(args.warmup), "--json"]
+            if getattr(args, "generator_processes", 1) > 1:
+                load += ["--processes", str(args.generator_processes)]
             done = subprocess.run(load, capture_output=True, text=True,
                                   timeout=args.warmup + args.duration + 90)
             cpu_used = cpu_of(pids) - cpu_before
+            master_used = cpu_of([server.pid]) - master_before
             result = json.loads(done.stdout)
         finally:
             server.stop()
+        spread = sessions_per_worker(log)
         served = result["sessions_measured"] + result["sessions_warmup"]
         return {
             "workers": workers, "processes": len(pids), "status": done.returncode,
             "errors": result["errors"], "handshakes_per_s": result["handshakes_per_s"],
             "session_ms": result["latency_ms"]["session"], "auth_ms": result["latency_ms"]["auth"],
             "sessions": result["sessions_measured"],
+            "sessions_warmup": result["sessions_warmup"],
             "server_cpu_ms_per_session": round(1000 * cpu_used / served, 3) if served else None,
             "server_cpu_s": round(cpu_used, 2),
+            "master_cpu_ms_per_session": round(1000 * master_used / served, 3)
+            if served and workers > 1 else None,
+            "sessions_per_worker": spread,
             "generator_cpu_pct": result.get("client_cpu_pct_of_one_core"),
         }
 
@@ -144,15 +169,17 @@ def markdown(runs: list[dict[str, Any]], best: dict[int, dict[str, Any]], meta: 
              f" {meta['duration']} s per run, {meta['repeat']} runs each (alternating order),"
              f" median run by handshakes/s; users file scheme: {meta['scheme']}.",
              f"- {meta['cpus']} CPUs; load average before: {meta['loadavg_before']}, after:"
-             f" {meta['loadavg_after']}; commit {meta['commit']}.", "",
+             f" {meta['loadavg_after']}; commit {meta['commit']}; code served:"
+             f" {meta['code']}; generator processes: {meta['generator_processes']}.", "",
              "| workers | handshakes/s | session p50 / p99 ms | AUTH p50 / p99 ms |"
-             " server CPU ms/session | generator CPU % | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             " server CPU ms/session (master) | generator CPU % | sessions per worker | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in (one, two):
         lines.append(f"| {r['workers']} | {r['handshakes_per_s']:.1f} |"
                      f" {r['session_ms']['p50']:.1f} / {r['session_ms']['p99']:.1f} |"
                      f" {r['auth_ms']['p50']:.1f} / {r['auth_ms']['p99']:.1f} |"
-                     f" {r['server_cpu_ms_per_session']} | {r['generator_cpu_pct']} | {r['errors']} |")
+                     f" {r['server_cpu_ms_per_session']} ({r.get('master_cpu_ms_per_session') if r.get('master_cpu_ms_per_session') is not None else '-'}) |"
+                     f" {r['generator_cpu_pct']} | {r.get('sessions_per_worker')} | {r['errors']} |")
     lines += ["", f"**handshakes/s ratio (2 / 1): {ratio:.2f}**" if ratio else "", "",
               "Every run:", "", "| workers | handshakes/s | session p99 ms | status |", "| --- | --- | --- | --- |"]
     for r in runs:
@@ -168,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--scheme", choices=("plain", "sha512-crypt"), default="plain")
     parser.add_argument("--label", default="plain-c64")
+    parser.add_argument("--code", type=Path, help="serve the saslsmtp package found in this directory")
+    parser.add_argument("--generator-processes", type=int, default=1,
+                        help="smtp_auth_load.py --processes (generator processes sharing the concurrency)")
     args = parser.parse_args(argv)
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
             "concurrency": args.concurrency, "duration": args.duration, "warmup": args.warmup,
             "repeat": args.repeat, "scheme": args.scheme, "cpus": os.cpu_count(),
-            "loadavg_before": loadavg(), "commit": git_commit()}
+            "loadavg_before": loadavg(), "commit": git_commit(),
+            "code": str(args.code or "this checkout"), "generator_processes": args.generator_processes}
     runs = []
     try:
         for i in range(args.repeat):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from saslsmtp.logformat import Logger
+from saslsmtp.sessionlogger import Logger
 
 from saslsmtp.logs import SessionSummary, session_ended
 

@@ -2,7 +2,11 @@
 
 It binds every listener itself (before dropping privileges), then starts N workers
 (``python -m saslsmtp.worker``) that inherit the sockets and accept from the same
-queue.  It never serves SMTP.  It relays the workers' log events into its own log,
+queue.  It never serves SMTP and does nothing per connection.  Workers write their own
+lines to the master's log file or standard output (``logs.AppendLogFile``); the master
+alone rotates the file (at 1 MB, checked every second, and on SIGUSR1) or notices that
+it was renamed away (SIGUSR1, SIGHUP), and then asks every worker to reopen it.  With
+``--syslog`` or a custom ``--logger`` it relays the workers' events instead.  It
 restarts a worker that died (with a growing delay while it keeps dying), validates the
 configuration on SIGHUP before forwarding the signal, serves ``/metrics`` summed over
 the workers, and on shutdown forwards SIGTERM and waits for every worker to end.
@@ -20,14 +24,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger, globalLogPublisher
 
 import saslsmtp
 from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.daemon import clean_exit
-from saslsmtp.logs import relayed_event
+from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
 from saslsmtp.metrics import (MULTIPROC_ENV, mark_dead, metrics_service, multiprocess_registry,
                               prepare_multiprocess_dir)
 from saslsmtp.serving import install_sighup
@@ -81,7 +85,9 @@ class MasterService(service.MultiService):
                  load_config: Callable[[str], Config] | None = None,
                  python: str = sys.executable, grace: float = 10.0,
                  backoff: tuple[float, float] = (0.5, 30.0), stable_after: float = 10.0,
-                 publish: Callable[[dict], None] | None = None) -> None:
+                 publish: Callable[[dict], None] | None = None,
+                 log_output: Callable[[], FdLineWriter | None] = shared_output,
+                 log_check: float = 1.0) -> None:
         super().__init__()
         self.config_path = os.path.abspath(config_path)
         self.config = config
@@ -93,6 +99,11 @@ class MasterService(service.MultiService):
         self.backoff = backoff
         self.stable_after = stable_after
         self.publish = publish or globalLogPublisher
+        self.log_output = log_output  # what the workers write their lines to (None: relay)
+        self.log_check = log_check
+        self._log_size_check: task.LoopingCall | None = None
+        self._restore_sigusr1: Callable[[], None] | None = None
+        self.identity: privileges.Identity | None = None
         self.specs = [listeners.parse(d) for d in config.server.listen]
         self.sockets: list[socket.socket] = []
         self.metrics_dir: Path | None = None
@@ -114,7 +125,7 @@ class MasterService(service.MultiService):
         # The master keeps its identity (like Postfix's and Dovecot's masters) so it can
         # start workers from the same interpreter; each worker drops to server.user /
         # server.group itself right after adopting the sockets, before it serves.
-        identity = privileges.resolve(self.config.ops.user, self.config.ops.group)
+        identity = self.identity = privileges.resolve(self.config.ops.user, self.config.ops.group)
         privileges.check(identity)
         if self.config.ops.metrics is not None:
             where = os.environ.get(MULTIPROC_ENV)
@@ -134,6 +145,16 @@ class MasterService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.reload)
+        if isinstance(self.log_output(), AppendLogFile):
+            previous = signal.signal(signal.SIGUSR1,
+                                     lambda *_: self.reactor.callFromThread(self.logs_rotated, True, True))
+
+            def restore() -> None:
+                signal.signal(signal.SIGUSR1, previous)
+            self._restore_sigusr1 = restore
+            self._log_size_check = task.LoopingCall(self.logs_rotated, False, False)
+            self._log_size_check.clock = self.reactor
+            self._log_size_check.start(self.log_check, now=False)
         for slot in range(self.count):
             self.spawn(slot)
         log.info("saslsmtp master (pid {pid}) started {n} workers", pid=os.getpid(), n=self.count)
@@ -143,6 +164,14 @@ class MasterService(service.MultiService):
         args = [self.python, "-m", "saslsmtp.worker", "--config", self.config_path,
                 "--slot", str(slot)]
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        out = self.log_output()
+        if out is not None:
+            if isinstance(out, AppendLogFile):
+                args += ["--log-file", out.path]
+            else:  # the master's standard output, inherited
+                args += ["--log-fd", str(out.fd)]
+                fds[out.fd] = out.fd
+            args += ["--log-format", self.config.ops.log_format, "--log-level", self.config.ops.log_level]
         for sock, spec in zip(self.sockets, self.specs):
             args += ["--listener", f"{sock.fileno()}:{spec.description}"]
             fds[sock.fileno()] = sock.fileno()
@@ -184,6 +213,38 @@ class MasterService(service.MultiService):
         event["log_system"] = f"{event.get('log_namespace', '-')}#{level} worker={worker.pid}"
         self.publish(event)
 
+    def logs_rotated(self, rotate: bool, tell: bool) -> None:
+        """Rotate the shared log file (``rotate``: SIGUSR1, like twistd; else only when it
+        is past its size) or, if it was renamed away (logrotate), reopen it; then have
+        every worker reopen the path (a byte on its standard input).  Workers write to
+        the old file only until they read that byte: each line lands whole in one of the
+        two files."""
+        out = self.log_output()
+        if not isinstance(out, AppendLogFile):
+            return
+        identity = self.identity
+        owner = (identity.uid, identity.gid) if identity is not None and os.getuid() == 0 else None
+        try:
+            if out.moved():
+                out.reopen(owner)
+                done = "reopened"
+            elif (rotate or out.should_rotate()) and out.rotate(owner):
+                done = "rotated"
+            else:
+                return
+        except OSError as e:
+            log.error("log file {path}: cannot reopen it: {error}", path=out.path, error=str(e))
+            return
+        for worker in list(self.workers.values()):
+            transport: Any = worker.transport
+            try:
+                transport.write(b"R")
+            except Exception:  # a worker that is ending
+                pass
+        if tell:
+            log.info("log file {path} {done}; {n} workers reopen it", path=out.path, done=done,
+                     n=len(self.workers))
+
     def worker_ended(self, worker: WorkerProcess, value: Any) -> None:
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
@@ -211,6 +272,7 @@ class MasterService(service.MultiService):
         """SIGHUP: validate the configuration here, then let every worker reload it."""
         from saslsmtp.serving import stop_wiring
         from saslsmtp.service import check_users_files, load, wire
+        self.logs_rotated(False, True)  # a log file renamed away (logrotate's postrotate)
         try:
             config = (self.load_config or load)(self.config_path)
             check_users_files(config)
@@ -244,6 +306,11 @@ class MasterService(service.MultiService):
         self.stopping = True
         if self._restore_sighup is not None:
             self._restore_sighup()
+        if self._restore_sigusr1 is not None:
+            self._restore_sigusr1()
+            self._restore_sigusr1 = None
+        if self._log_size_check is not None and self._log_size_check.running:
+            self._log_size_check.stop()
         for call in self.pending.values():
             if call.active():
                 call.cancel()

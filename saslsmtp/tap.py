@@ -56,7 +56,8 @@ class Options(usage.Options):
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(
-                    self.parent, config.ops.log_format, config.ops.log_level)
+                    self.parent, config.ops.log_format, config.ops.log_level,
+                    config.ops.worker_count(self["workers"]))
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)

@@ -2,10 +2,13 @@
 
 Started by the master (``saslsmtp.master``), never by hand.  It inherits the listening
 sockets already bound by the master, adopts them, and serves SMTP on them with its own
-wiring (thread pools, backends, script, TLS context).  It logs its events as compact JSON lines on standard
-output (``logs.RelayObserver``), which the master reads and writes into its own log; it stops when standard
-input reaches end of file (the master is gone), on SIGTERM (like the single-process
-daemon: 421 to idle sessions) and reloads on SIGHUP.
+wiring (thread pools, backends, script, TLS context).  It writes its own log lines
+where the master writes (``--log-file``: appending to the file, reopened when the master
+writes ``R`` on its standard input after a rotation; ``--log-fd``: the inherited
+standard output), else it sends its events as compact JSON lines on standard output
+(``logs.RelayObserver``) for the master to publish.  It stops when standard input
+reaches end of file (the master is gone), on SIGTERM (like the single-process daemon:
+421 to idle sessions) and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ log = Logger(namespace="saslsmtp")
 
 class StdinWatcher(abstract.FileDescriptor):
     """Calls ``on_eof`` when fd 0 reaches end of file: the master holds the other end of
-    this pipe, and the kernel closes it when the master dies, however it dies."""
+    this pipe, and the kernel closes it when the master dies, however it dies.  What the
+    master writes on it goes to ``on_data`` (``R``: reopen the log file)."""
 
-    def __init__(self, reactor: Any, on_eof: Callable[[], None], fd: int = 0) -> None:
+    def __init__(self, reactor: Any, on_eof: Callable[[], None], fd: int = 0,
+                 on_data: Callable[[bytes], None] = lambda data: None) -> None:
         super().__init__(reactor)
         self.fd = fd
         self.on_eof = on_eof
+        self.on_data = on_data
         fdesc.setNonBlocking(fd)
 
     def fileno(self) -> int:
         return self.fd
 
     def doRead(self) -> Any:
-        return fdesc.readFromFD(self.fd, lambda data: None)
+        return fdesc.readFromFD(self.fd, self.on_data)
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
@@ -75,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listener", action="append", default=[], type=parse_listener,
                         metavar="FD:ENDPOINT")
     parser.add_argument("--slot", type=int, default=0)
+    parser.add_argument("--log-file", help="append log lines to this file (the master's)")
+    parser.add_argument("--log-fd", type=int, help="write log lines to this inherited descriptor")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor as global_reactor
@@ -84,9 +94,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saslsmtp import privileges
     from saslsmtp.config import ConfigError
     from saslsmtp.metrics import Metrics, multiprocess_enabled
-    from saslsmtp.logs import RelayObserver
-    relay: Any = RelayObserver(sys.stdout)  # an ILogObserver (zope, not a Protocol)
-    globalLogBeginner.beginLoggingTo([relay], redirectStandardIO=False)
+    from saslsmtp.logs import AppendLogFile, FdLineWriter, RelayObserver, worker_observer
+    out: FdLineWriter | None = None
+    log_problem = None
+    try:
+        if args.log_file:
+            out = AppendLogFile(args.log_file)
+        elif args.log_fd is not None:
+            out = FdLineWriter(args.log_fd)
+    except OSError as e:
+        log_problem = f"cannot open {args.log_file}: {e.strerror}; sending log events to the master"
+    observer: Any = (RelayObserver(sys.stdout) if out is None else  # ILogObservers (zope)
+                     worker_observer(out, args.log_format, args.log_level, os.getpid(), args.slot))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if log_problem:
+        log.error("worker {slot}: {problem}", slot=args.slot, problem=log_problem)
+
+    def reopen_log(data: bytes = b"R") -> None:
+        if isinstance(out, AppendLogFile) and b"R" in data:
+            try:
+                out.reopen()
+            except OSError as e:
+                log.error("worker {slot}: cannot reopen {path}: {error}", slot=args.slot,
+                          path=out.path, error=e.strerror)
+    # The master asks for a reopen on standard input; a SIGUSR1 sent to every process
+    # (systemctl kill) must not end a worker: it reopens if the file was renamed away.
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(
+        lambda: reopen_log() if isinstance(out, AppendLogFile) and out.moved() else None))
     try:
         metrics = None
         if multiprocess_enabled():
@@ -125,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The master forwards SIGTERM, and systemd may send its own: stop once.
         signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
         signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop))
-        StdinWatcher(reactor, eof).startReading()
+        StdinWatcher(reactor, eof, on_data=reopen_log).startReading()
         log.info("worker {slot} (pid {pid}) serving {listeners}", slot=args.slot,
                  pid=os.getpid(), listeners=" ".join(d for _, d in args.listener))
 

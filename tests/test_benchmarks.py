@@ -51,6 +51,10 @@ def test_workers_benchmark_measures_the_master_and_its_workers() -> None:
     assert result["processes"] == 3
     assert result["sessions"] > 0 and result["handshakes_per_s"] > 0
     assert result["server_cpu_s"] > 0
+    # every session's end line is counted, per worker, from the log the workers share
+    # (one more session than the generator's: the start-up probe that waits for a 220)
+    assert len(result["sessions_per_worker"]) <= 2
+    assert sum(result["sessions_per_worker"]) == result["sessions"] + result["sessions_warmup"] + 1
 
 
 def load_bench_module(name: str):

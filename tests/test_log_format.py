@@ -137,8 +137,10 @@ def test_a_relayed_worker_event_reads_as_the_worker_wrote_it() -> None:
 
 def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--logfile=/dev/null`` (or a FIFO) must not be rotated: twistd's stock log file
-    renames itself every megabyte, which would replace the device with a regular file.
-    A FIFO stands in for the device here (renaming the real /dev/null must never be risked)."""
+    renames itself every megabyte, which would replace the device with a regular file,
+    and SIGUSR1 is ignored there.  A regular file is rotated at 1 MB and on SIGUSR1, as
+    by twistd's own observer.  A FIFO stands in for the device here (renaming the real
+    /dev/null must never be risked)."""
     from twisted.python import logfile
 
     from saslsmtp import logs
@@ -154,17 +156,56 @@ def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: p
             return io.StringIO()
 
     monkeypatch.setattr(logfile, "LogFile", Recorded)
-    rotated: list[object] = []
-    monkeypatch.setattr(logs, "_rotate_on_sigusr1", rotated.append)
     monkeypatch.setattr(logs, "_TWISTD", {})
-    assert logs.use_for_twistd({"logfile": str(fifo)}, "text", "info") == "saslsmtp.logs.twistd_logger"
-    logs.twistd_logger()
-    assert made == [{"path": str(fifo), "rotateLength": None}]
-    # a regular file is rotated at 1 MB, as twistd's own log file
-    monkeypatch.setattr(logs, "_TWISTD", {})
-    regular = tmp_path / "saslsmtp.log"
-    regular.write_text("")
-    assert logs.use_for_twistd({"logfile": str(regular)}, "text", "info") == "saslsmtp.logs.twistd_logger"
-    logs.twistd_logger()
-    assert made[-1] == {"path": str(regular), "rotateLength": 1000000}
-    assert len(rotated) == 1  # SIGUSR1 rotates the regular file only, as twistd does
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        assert logs.use_for_twistd({"logfile": str(fifo)}, "text", "info") == "saslsmtp.logs.twistd_logger"
+        logs.twistd_logger()
+        assert made == [{"path": str(fifo), "rotateLength": None}]
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        monkeypatch.setattr(logs, "_TWISTD", {})
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        regular = tmp_path / "saslsmtp.log"
+        regular.write_text("")
+        assert logs.use_for_twistd({"logfile": str(regular)}, "text", "info") == "saslsmtp.logs.twistd_logger"
+        logs.twistd_logger()
+        assert made[1] == {"path": str(regular), "rotateLength": 1000000}
+        assert callable(signal.getsignal(signal.SIGUSR1))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_fast_text_lines_are_twisteds_lines() -> None:
+    """``classic_text`` writes exactly what twisted's ``formatEventAsClassicLogText`` writes,
+    for plain formats (its fast path) and for what it leaves to twisted: ``{name()}``
+    calls, a missing key, a flattened event, a failure, bytes, no format at all."""
+    from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from saslsmtp.logs import _SecondClock, classic_text, format_message
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    base = {"log_time": 1764433162.75, "log_level": LogLevel.info, "log_namespace": "saslsmtp.session"}
+    events = [
+        {"log_format": "session end client={client} duration={duration:.3f}s", "client": "192.0.2.1",
+         "duration": 0.01234},
+        {"log_format": "repr {user!r} braces {{x}} attr {obj.real} item {d[k]}", "user": "a{b}",
+         "obj": 3, "d": {"k": "v"}},
+        {"log_format": "called {f()}", "f": lambda: "yes"},
+        {"log_format": "missing {nothere}"},
+        {"log_format": "two\nlines {x}", "x": 1, "log_system": "custom"},
+        {"log_format": b"bytes {x}", "x": 2},
+        {"log_format": "failed {x}", "x": 3, "log_failure": failure, "log_level": LogLevel.error},
+        {"log_format": "positional {0}"},
+        {"log_format": None},
+        {"log_format": "{log_text}", "log_text": "relayed {not a field}"},
+    ]
+    clock = _SecondClock()
+    for extra in events:
+        event = dict(base, **extra)
+        assert classic_text(event, clock) == formatEventAsClassicLogText(event), extra
+        assert classic_text(event) == formatEventAsClassicLogText(event), extra
+        assert format_message(event) == formatEvent(event), extra
+    assert clock(None) == "-" and clock(1764433163.01) != clock(1764433162.99)

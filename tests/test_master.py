@@ -20,6 +20,10 @@ class FakeTransport:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.signals: list[int] = []
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
 
     def signalProcess(self, signum: int) -> None:
         self.signals.append(signum)
@@ -42,12 +46,12 @@ class FakeReactor(Clock):
         return transport
 
 
-def master(tmp_path: Path) -> tuple[MasterService, FakeReactor]:
+def master(tmp_path: Path, log_output: Any = lambda: None) -> tuple[MasterService, FakeReactor]:
     (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
     config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
                           listen=["tcp:2600:interface=127.0.0.1", "haproxy:tcp:2601"])
     reactor = FakeReactor()
-    return MasterService(str(config), load(str(config)), 2, reactor), reactor
+    return MasterService(str(config), load(str(config)), 2, reactor, log_output=log_output), reactor
 
 
 def killed(proto: Any) -> Failure:
@@ -118,3 +122,35 @@ def test_stragglers_are_killed_after_the_grace_period(tmp_path: Path) -> None:
     worker = service.workers[0]
     reactor.advance(service.grace + 5)
     assert worker.transport.signals == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_workers_get_the_log_file_and_reopen_it_after_a_rotation(tmp_path: Path) -> None:
+    """With a shared log file each worker is told its path, format and level; a rotation
+    (at the size limit, checked every second, or forced by SIGUSR1) or an outside rename
+    makes the master reopen it and write ``R`` to every worker's standard input."""
+    from saslsmtp.logs import AppendLogFile, FdLineWriter
+    out = AppendLogFile(str(tmp_path / "saslsmtp.log"), rotate_length=100)
+    service, reactor = master(tmp_path, log_output=lambda: out)
+    args, fds, _ = service.worker_command(0)
+    assert args[args.index("--log-file"):][:6] == ["--log-file", out.path, "--log-format", "text",
+                                                  "--log-level", "info"]
+    assert fds[1] == "r"
+    service.spawn(0)
+    service.spawn(1)
+    transports = [service.workers[0].transport, service.workers[1].transport]
+    service.logs_rotated(False, False)  # small: nothing to do
+    assert [t.written for t in transports] == [b"", b""]
+    out.write("x" * 100 + "\n")
+    service.logs_rotated(False, False)
+    assert (tmp_path / "saslsmtp.log.1").exists() and out.size() == 0
+    assert [t.written for t in transports] == [b"R", b"R"]
+    service.logs_rotated(True, True)  # SIGUSR1: rotates even when small
+    assert (tmp_path / "saslsmtp.log.2").exists()
+    (tmp_path / "saslsmtp.log").rename(tmp_path / "moved")
+    service.logs_rotated(False, False)  # renamed away: reopened, not renamed again
+    assert (tmp_path / "saslsmtp.log").exists() and not (tmp_path / "saslsmtp.log.3").exists()
+    assert [t.written for t in transports] == [b"RRR", b"RRR"]
+    stdout = FdLineWriter(1)
+    service.log_output = lambda: stdout
+    args, fds, _ = service.worker_command(0)
+    assert "--log-fd" in args and args[args.index("--log-fd") + 1] == "1" and fds[1] == 1

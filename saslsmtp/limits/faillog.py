@@ -24,7 +24,7 @@ import json
 import re
 from functools import lru_cache
 
-from saslsmtp.logformat import Logger
+from saslsmtp.sessionlogger import Logger
 
 log = Logger(namespace="saslsmtp.auth")
 

@@ -1,5 +1,5 @@
-"""The fast log text is byte for byte Twisted's classic text (fail2ban filters and
-operators' greps depend on it)."""
+"""The session logger emits Twisted's events, and the fast log text is byte for byte
+Twisted's classic text for them (fail2ban filters and operators' greps depend on it)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from twisted.logger import LogLevel, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from saslsmtp.logformat import SecondClock, classic_line, event_text
-from saslsmtp.logs import make_observer
+from saslsmtp.logs import _SecondClock, classic_text, format_message, make_observer
 
 NOW = time.time()
 
@@ -46,17 +45,17 @@ EVENTS = [
 @pytest.mark.parametrize("event", EVENTS)
 def test_same_line_as_twisted(event: dict) -> None:
     """Each event gives exactly the line Twisted's formatter gives."""
-    assert classic_line(event, SecondClock()) == formatEventAsClassicLogText(event)
+    assert classic_text(event, _SecondClock()) == formatEventAsClassicLogText(event)
 
 
-def test_event_text_falls_back_for_call_syntax() -> None:
+def test_format_message_falls_back_for_call_syntax() -> None:
     """``{f()}`` is Twisted's extension, not str.format's: the fallback handles it."""
-    assert event_text(dict(log_format="{f()}", f=lambda: 7)) == "7"
+    assert format_message(dict(log_format="{f()}", f=lambda: 7)) == "7"
 
 
 def test_clock_recomputes_each_second() -> None:
     """The cached timestamp changes with the second, not within it."""
-    clock = SecondClock()
+    clock = _SecondClock()
     first = clock(NOW)
     assert clock(int(NOW) + 0.999) == first
     assert clock(int(NOW) + 1.0) != first
@@ -81,7 +80,7 @@ def test_fast_logger_emits_what_twisteds_emits() -> None:
     reported the Twisted way instead of being written."""
     from twisted.logger import Logger as TwistedLogger
 
-    from saslsmtp.logformat import Logger
+    from saslsmtp.sessionlogger import Logger
 
     seen: list[dict] = []
     ours = Logger(namespace="n", observer=seen.append)

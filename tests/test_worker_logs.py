@@ -1,0 +1,183 @@
+"""Workers write their own log lines: whole lines in one file from several processes
+(``AppendLogFile``), twistd's rotation names, never a rotated device, and the real
+daemon with ``workers = 2`` and ``log_format = "json"``: every line of both workers
+parses, and after SIGUSR1 (rotate) or a rename plus SIGHUP (logrotate) new lines go
+to the new file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from saslsmtp.logs import AppendLogFile, FdLineWriter, worker_observer
+from tests.support import ROOT, free_port, write_config
+from tests.test_workers import Session, alive, wait_for, worker_pids
+
+WRITER = """
+import sys
+from saslsmtp.logs import AppendLogFile
+out = AppendLogFile(sys.argv[1])
+tag = sys.argv[2]
+for i in range(int(sys.argv[3])):
+    out.write(f"{tag} {i} " + tag * (1 + (i * 7919) % 6000) + " end\\n")
+"""
+
+
+def test_lines_from_several_processes_never_interleave(tmp_path: Path) -> None:
+    """Four processes append 400 lines each (up to 6 KB, more than a pipe's atomic size)
+    to one file at once: every line arrives whole and none is lost."""
+    path = tmp_path / "shared.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, "400"], env=env)
+               for tag in "abcd"]
+    assert [w.wait(60) for w in writers] == [0, 0, 0, 0]
+    seen: dict[str, list[int]] = {tag: [] for tag in "abcd"}
+    for line in path.read_text().splitlines():
+        tag, number, body, end = line.split(" ")
+        assert end == "end" and body == tag * len(body) and len(body) == 1 + (int(number) * 7919) % 6000
+        seen[tag].append(int(number))
+    assert all(sorted(numbers) == list(range(400)) for numbers in seen.values())
+
+
+def test_rotate_uses_twistds_names_and_keeps_the_mode(tmp_path: Path) -> None:
+    """``rotate``: ``log`` -> ``log.1``, an older ``log.1`` -> ``log.2``; the new file has
+    the old one's mode; ``reopen`` after an outside rename writes to the new path."""
+    path = tmp_path / "saslsmtp.log"
+    out = AppendLogFile(str(path), rotate_length=10)
+    os.chmod(path, 0o640)
+    out.write("first\n")
+    assert out.should_rotate() is False
+    out.write("second line\n")
+    assert out.should_rotate() is True
+    assert out.rotate() is True
+    out.write("third\n")
+    assert out.rotate() is True
+    out.write("fourth\n")
+    assert (path.with_name("saslsmtp.log.2").read_text(), path.with_name("saslsmtp.log.1").read_text(),
+            path.read_text()) == ("first\nsecond line\n", "third\n", "fourth\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.rename(tmp_path / "renamed")
+    assert out.moved() is True
+    assert out.rotate() is False  # someone else renamed it: reopen, do not rename again
+    out.reopen()
+    out.write("fifth\n")
+    assert (path.read_text(), (tmp_path / "renamed").read_text()) == ("fifth\n", "fourth\n")
+    assert out.moved() is False
+
+
+def test_a_device_or_fifo_is_never_rotated(tmp_path: Path) -> None:
+    """``--logfile=/dev/null`` (a FIFO stands in for it): no rename, whatever the size."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        out = AppendLogFile(str(fifo), rotate_length=1)
+        assert out.rotate() is False
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not (tmp_path / "log.fifo.1").exists()
+    finally:
+        os.close(reader)
+
+
+def test_worker_observer_marks_lines_with_the_worker(tmp_path: Path) -> None:
+    """Text lines say ``worker=PID`` in the system field, JSON lines carry ``worker_pid``
+    and ``worker_slot``, as when the master relayed them; the level filter applies."""
+    from twisted.logger import Logger, LogPublisher
+    path = tmp_path / "w.log"
+    for log_format in ("text", "json"):
+        out = FdLineWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+        log = Logger(namespace="saslsmtp.auth",
+                     observer=LogPublisher(worker_observer(out, log_format, "info", 4242, 1)))
+        log.debug("hidden")
+        log.info("auth succeeded: user={user}", user="alice")
+        os.close(out.fd)
+        text = path.read_text()
+        if log_format == "text":
+            assert text.endswith(" [saslsmtp.auth#info worker=4242] auth succeeded: user=alice\n")
+        else:
+            record = json.loads(text)
+            assert (record["message"], record["worker_pid"], record["worker_slot"], record["user"]) == \
+                ("auth succeeded: user=alice", 4242, 1, "alice")
+        assert "hidden" not in text
+
+
+def logins(port: int, count: int) -> None:
+    """``count`` sessions (EHLO, AUTH PLAIN, QUIT), eight at a time."""
+    def one(_: int) -> None:
+        session = Session(port)
+        assert session.login().startswith(b"235 ")
+        session.send(b"QUIT")
+        session.sock.close()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+def records(path: Path) -> list[dict]:
+    """Every line of ``path`` as JSON (a line that is not JSON fails the test)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def session_ends(path: Path) -> int:
+    return sum(1 for r in records(path) if r["message"].startswith("session end "))
+
+
+def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
+    """workers = 2, log_format = "json", ``--logfile``: both workers' lines land whole in
+    the file; SIGUSR1 rotates it (``.1``) and SIGHUP after an outside rename reopens it,
+    and the sessions after each land in the new file only."""
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(config.read_text().replace(
+        "[server]\n", '[server]\nlog_format = "json"\nworkers = 2\n'))
+    log = tmp_path / "saslsmtp.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         f"--logfile={log}", "saslsmtp", "--config", str(config)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    pids: set[int] = set()
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("saslsmtp ready") == 2,
+                 what="two ready workers")
+        pids = set(worker_pids(log).values())
+        logins(port, 120)
+        wait_for(lambda: session_ends(log) == 120, what="120 session lines")
+        first = records(log)
+        assert {r.get("worker_pid") for r in first if "worker_pid" in r} == pids
+
+        proc.send_signal(signal.SIGUSR1)  # twistd's meaning: rotate now
+        wait_for(lambda: any("rotated; 2 workers reopen it" in r["message"] for r in records(log)),
+                 what="the rotation")
+        time.sleep(0.5)  # the idle workers read the master's reopen byte at once
+        logins(port, 40)
+        wait_for(lambda: session_ends(log) == 40, what="40 session lines in the new file")
+        assert session_ends(tmp_path / "saslsmtp.log.1") == 120
+
+        log.rename(tmp_path / "saslsmtp.log.old")  # logrotate, then its postrotate SIGHUP
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.exists() and "reopened; 2 workers reopen it" in log.read_text(),
+                 what="the reopen")
+        time.sleep(0.5)
+        logins(port, 40)
+        wait_for(lambda: session_ends(log) == 40, what="40 session lines after the reopen")
+        assert session_ends(tmp_path / "saslsmtp.log.old") == 40
+        assert all(alive(pid) for pid in pids)  # nobody died of a signal it did not expect
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    for path in (log, tmp_path / "saslsmtp.log.1", tmp_path / "saslsmtp.log.old"):
+        assert all(r["level"] and r["message"] for r in records(path))
