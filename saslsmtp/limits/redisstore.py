@@ -216,10 +216,8 @@ def _arg(value: Any) -> bytes:
 
 def _command(parts: Sequence[bytes]) -> bytes:
     """One command in Redis's wire format (RESP): an array of bulk strings."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
-    return b"".join(out)
+    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(part), part)
+                                               for part in parts])
 
 
 class StoreUnavailable(Exception):
@@ -314,18 +312,18 @@ class RedisStore:
         conn = self._connection()
         if conn is None:
             return None
-        sha, text = _script(script)
+        sha, _ = _script(script)
         parts = [b"EVALSHA", sha, b"%d" % len(keys), *map(_arg, keys), *map(_arg, args)]
-        d = self._send(conn, parts)
+        return self._send(conn, parts).addErrback(self._unknown_script, script, parts)
 
-        def unknown(f: Failure) -> Any:
-            if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
-                parts[:2] = [b"EVAL", text]  # Redis restarted or flushed its scripts
-                again = self._connection()
-                if again is not None:
-                    return self._send(again, parts)
-            return f
-        return d.addErrback(unknown)
+    def _unknown_script(self, f: Failure, script: str, parts: list[bytes]) -> Any:
+        """EVALSHA of a script Redis does not know (it restarted or flushed its
+        scripts): send it once with its text."""
+        if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+            conn = self._connection()
+            if conn is not None:
+                return self._send(conn, [b"EVAL", _script(script)[1], *parts[2:]])
+        return f
 
     def _send(self, conn: Any, parts: list[bytes]) -> "Deferred[Any]":
         conn.transport.write(_command(parts))  # the transport sends a tick's writes at once
