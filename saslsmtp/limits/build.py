@@ -111,6 +111,22 @@ class LateStore:
             return succeed((True, True))
         return self.store.admit(rate_key, rate, slot_key, limit, holder)  # type: ignore[attr-defined]
 
+    def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
+                ttl: float) -> "Deferred[int]":
+        if self.store is None:
+            return succeed(0)
+        return self.store.reserve(counters, flights, token, ttl)  # type: ignore[attr-defined]
+
+    def land(self, flights: list[str], token: str,
+             counters: list[tuple[str, Rate]]) -> "Deferred[None]":
+        if self.store is None:
+            return succeed(None)
+        return self.store.land(flights, token, counters)  # type: ignore[attr-defined]
+
+    def unreserve(self, flights: list[str], token: str) -> None:
+        if self.store is not None:
+            self.store.unreserve(flights, token)  # type: ignore[attr-defined]
+
 
 def service_controls(limits: LimitsSettings, cache: AuthCacheSettings, reactor: Any
                      ) -> tuple[AbuseControls, LateStore | None]:
