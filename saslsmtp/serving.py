@@ -341,8 +341,14 @@ class ReloadableService(SaslSmtpService):
         self.reactor = reactor
         self.reloader = Reloader(path, factory, reactor, metrics, make_wiring=metered_wire(metrics))
         self._restore_sighup: Callable[[], None] | None = None
+        self.control_suffix = ""  # a worker's auth cache control socket: <path>.<slot>
 
     def startService(self) -> None:
+        from saslsmtp.cachectl import CONTROL_NAME, control_service
+        control = control_service(self.reactor, self.factory, self.reloader, self.control_suffix)
+        if control is not None and self.namedServices.get(CONTROL_NAME) is None:
+            control.setName(CONTROL_NAME)
+            control.setServiceParent(self)
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.reloader.reload)
 
