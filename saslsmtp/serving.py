@@ -273,6 +273,8 @@ class Reloader:
                       path=self.path, error=f"{type(e).__name__}: {e}")
             return self._done(False)
         old = self.factory.wiring
+        if new.controls is not None and old.controls is not None:
+            new.controls.carry_over(old.controls)  # the limits keep their counters
         for key in self._restart_only_changes(old.config, config):
             log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
         start_runners(new)

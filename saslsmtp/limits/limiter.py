@@ -114,6 +114,16 @@ class Limiter:
         self._in_flight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count(1)
 
+    def carry_over(self, old: "Limiter") -> None:
+        """A reload built this limiter to replace ``old``: keep what ``old`` knows of the
+        clients (the penalties and failed-credential HMACs, the attempts in flight), so
+        an operator's reload never hands an attacker a fresh budget."""
+        self.penalties = old.penalties
+        self._in_flight = old._in_flight
+        self._tokens = old._tokens
+        self._holder_prefix = old._holder_prefix
+        self._holders = old._holders
+
     # ---- helpers -------------------------------------------------------------------
 
     def _safe(self, d: "Deferred[RateResult]", what: str) -> "Deferred[RateResult]":
