@@ -418,3 +418,17 @@ async def test_a_stalled_redis_fails_open_within_the_timeout(redis):
         assert not (await store.hit("stall", rate)).allowed  # counting again
     finally:
         await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_beyond_ascii_are_sent_as_utf8(redis):
+    """A counter named with non-ASCII text (a username like "böb") is counted under its
+    UTF-8 name, exactly."""
+    store = await make_store(redis.url)
+    try:
+        rate = Rate(2, 60.0)
+        got = [(await store.hit("authfail:user:u:böb", rate)).allowed for _ in range(3)]
+        assert got == [True, True, False]
+        assert redis.command("EXISTS", "saslsmtp:authfail:user:u:böb").startswith(b":1")
+    finally:
+        await store.close()

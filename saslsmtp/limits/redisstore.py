@@ -201,23 +201,25 @@ RELEASE_BATCH_DELAY = 0.02  # seconds: releases within this are sent as one call
 
 @functools.lru_cache(maxsize=None)
 def _script(source: str) -> tuple[bytes, bytes]:
-    """A Lua script as sent: (its SHA1 in hex, as EVALSHA names it; its text for EVAL)."""
+    """A Lua script as sent: (the head of its EVALSHA command, its EVAL head)."""
     text = source.encode()
-    return hashlib.sha1(text).hexdigest().encode(), text
+    sha = hashlib.sha1(text).hexdigest().encode()
+    return (b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (len(sha), sha),
+            b"$4\r\nEVAL\r\n$%d\r\n%s\r\n" % (len(text), text))
 
 
-def _arg(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, int):
-        return b"%d" % value
-    return str(value).encode("utf-8", "surrogatepass")
-
-
-def _command(parts: Sequence[bytes]) -> bytes:
-    """One command in Redis's wire format (RESP): an array of bulk strings."""
-    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(part), part)
-                                               for part in parts])
+def _command(head: bytes, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """EVALSHA/EVAL in Redis's wire format (RESP), an array of bulk strings: ``head``
+    (the command and the script), the number of keys, the keys, the arguments.  The
+    common all-ASCII case is formatted as text and encoded once."""
+    values = [str(len(keys)), *keys, *[a if isinstance(a, str) else str(a) for a in args]]
+    body = "".join([f"${len(v)}\r\n{v}\r\n" for v in values])
+    if body.isascii():
+        data = body.encode()
+    else:  # lengths are in bytes
+        data = b"".join([b"$%d\r\n%s\r\n" % (len(e), e)
+                         for e in (v.encode("utf-8", "surrogatepass") for v in values)])
+    return b"*%d\r\n" % (len(values) + 2) + head + data
 
 
 class StoreUnavailable(Exception):
@@ -306,27 +308,28 @@ class RedisStore:
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any] | None":
         """EVALSHA ``script`` (EVAL when Redis does not know it yet): ``None`` when not
-        connected.  The lean path: the command is encoded here and written to
-        txredisapi's connection, whose parser answers in order through its reply queue;
-        no pool lookup, no per-call timer (``_watch`` bounds every call at once)."""
+        connected.  Nothing is counted as unavailable (releases, heartbeats)."""
         conn = self._connection()
         if conn is None:
             return None
-        sha, _ = _script(script)
-        parts = [b"EVALSHA", sha, b"%d" % len(keys), *map(_arg, keys), *map(_arg, args)]
-        return self._send(conn, parts).addErrback(self._unknown_script, script, parts)
+        return self._send(conn, _command(_script(script)[0], keys, args)).addErrback(
+            self._unknown_script, script, keys, args)
 
-    def _unknown_script(self, f: Failure, script: str, parts: list[bytes]) -> Any:
+    def _unknown_script(self, f: Failure, script: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA of a script Redis does not know (it restarted or flushed its
         scripts): send it once with its text."""
         if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
             conn = self._connection()
             if conn is not None:
-                return self._send(conn, [b"EVAL", _script(script)[1], *parts[2:]])
+                return self._send(conn, _command(_script(script)[1], keys, args))
         return f
 
-    def _send(self, conn: Any, parts: list[bytes]) -> "Deferred[Any]":
-        conn.transport.write(_command(parts))  # the transport sends a tick's writes at once
+    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
+        """The lean path: the command is encoded here and written to txredisapi's
+        connection, whose parser answers in order through its reply queue; no pool
+        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
+        sends all of a reactor tick's commands in one write."""
+        conn.transport.write(command)
         if not self._waiting:
             self._progress = self._reactor.seconds()
         self._waiting += 1
@@ -339,6 +342,10 @@ class RedisStore:
         self._progress = self._reactor.seconds()
         if isinstance(value, Exception):  # an error reply, or the connection was lost
             raise value
+        if self._down:
+            self._down = False
+            log.info("limits: Redis store {url} is answering again; limits apply",
+                     url=self.url.describe())
         return value
 
     def _check_stuck(self) -> None:
@@ -358,18 +365,19 @@ class RedisStore:
     def _eval(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any]":
         """``_run``, bounded by ``timeout``; fails with ``StoreUnavailable`` when Redis
         cannot answer (and counts it as such)."""
-        d = self._run(script, keys, args)
-        if d is None:
+        conn = self._connection()
+        if conn is None:
             return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
-        d.addCallbacks(self._answered, self._unavailable)
-        return d
+        d = self._send(conn, _command(_script(script)[0], keys, args))
+        return d.addErrback(self._failed, script, keys, args)
 
-    def _answered(self, value: Any) -> Any:
-        if self._down:
-            self._down = False
-            log.info("limits: Redis store {url} is answering again; limits apply",
-                     url=self.url.describe())
-        return value
+    def _failed(self, f: Failure, script: str, keys: list[str], args: list[Any]) -> Any:
+        if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+            conn = self._connection()
+            if conn is not None:
+                again = self._send(conn, _command(_script(script)[1], keys, args))
+                return again.addErrback(self._unavailable)
+        return self._unavailable(f)
 
     def _unavailable(self, f: Failure) -> Failure:
         self.unavailable += 1
