@@ -1,5 +1,7 @@
 """Building the controls from settings, as the service will."""
 
+import itertools
+
 import pytest_twisted
 from twisted.internet.task import Clock
 
@@ -72,11 +74,14 @@ def _limits(**table):
     return parse_limits(table, lambda k, m: None)
 
 
+_GUESSES = itertools.count()
+
+
 def _failures(controls, address, n):
-    """``n`` failed AUTHs from ``address`` through ``controls``' limiter."""
-    for i in range(n):
+    """``n`` failed AUTHs (distinct passwords) from ``address`` through ``controls``."""
+    for _ in range(n):
         gate = controls.limiter.auth_gate(address, "alice").result
-        controls.limiter.auth_verdict(gate, False, "alice", f"guess{i}".encode())
+        controls.limiter.auth_verdict(gate, False, "alice", b"guess%d" % next(_GUESSES))
 
 
 def _allowed(controls, address):
