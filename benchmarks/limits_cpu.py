@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What the abuse limits cost: server CPU per AUTH PLAIN session with the limits off, all
 on in memory, and all on in Redis, side by side in one run (same load generator, the
-variants interleaved repeat by repeat so machine noise hits all three alike).
+variants interleaved repeat by repeat so machine noise hits them alike; --unix adds
+Redis over its UNIX socket).
 
     python3 benchmarks/limits_cpu.py                 # concurrency 16, 3 x 8 s per variant
     python3 benchmarks/limits_cpu.py --duration 5 --repeats 5
@@ -44,7 +45,9 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, int]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = bench.free_port()
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder)],
+                                "--appendonly", "no", "--dir", str(folder),
+                                "--unixsocket", str(folder / "redis.sock"),
+                                "--unixsocketperm", "700"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -74,14 +77,19 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unix", action="store_true",
+                        help="also Redis over its UNIX socket (variant redis-unix)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="saslsmtp-limits-cpu-") as tmp:
         root = Path(tmp)
         redis, redis_port = start_redis(root)
         servers = {}
         try:
-            for name, store in (("off", None), ("memory", '"memory"'),
-                                ("redis", f'"redis://127.0.0.1:{redis_port}/0"')):
+            stores = [("off", None), ("memory", '"memory"'),
+                      ("redis", f'"redis://127.0.0.1:{redis_port}/0"')]
+            if args.unix:
+                stores.append(("redis-unix", f'"unix://{root / "redis.sock"}"'))
+            for name, store in stores:
                 folder = root / name
                 folder.mkdir()
                 fragment = None
@@ -95,7 +103,8 @@ def main() -> int:
                 time.sleep(1.0)  # the Redis store connects when the service starts
                 runs: dict[str, list[bench.Measurement]] = {name: [] for name in servers}
                 for repeat in range(args.repeats):
-                    order = list(servers)[repeat % 3:] + list(servers)[:repeat % 3]
+                    shift = repeat % len(servers)
+                    order = list(servers)[shift:] + list(servers)[:shift]
                     for name in order:
                         server, ns = servers[name]
                         m = bench.measure(server, "PLAIN", args.concurrency, repeat, ns)
@@ -116,9 +125,9 @@ def main() -> int:
     lines = [
         f"# Abuse limits: server CPU per AUTH PLAIN session ({now:%Y-%m-%d %H:%M} UTC)", "",
         f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
-        f" {args.duration:g} --repeats {args.repeats}`: twistd saslsmtp, file backend"
+        f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}`: twistd saslsmtp, file backend"
         " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
-        " three variants interleaved, median of the repeats. \"All on\": every [limits]"
+        " variants interleaved, median of the repeats. \"All on\": every [limits]"
         " key set (connections, connection rate, AUTH failures per address and per user,"
         " messages, recipients, penalty), high enough never to refuse; loopback is not"
         " trusted, so every check runs.", "",

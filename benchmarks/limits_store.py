@@ -102,8 +102,29 @@ async def redis(reactor, url: str, n: int) -> None:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         print(f"{label:48s} {wall / count * 1e6:8.2f} us wall  {cpu / count * 1e6:8.2f} us CPU"
               "  per check")
+    async def sessions(width: int) -> None:
+        """What one AUTH PLAIN session asks of the store with every limit on (connect,
+        AUTH gate, success verdict, release), ``width`` sessions at a time."""
+        settings = parse_limits({"connections_per_ip": 1000000,
+                                 "connection_rate_per_ip": "1000000/1h",
+                                 "auth_failures_per_ip": "1000000/1h",
+                                 "auth_failures_per_user": "1000000/1h"}, lambda k, m: None)
+        limiter = Limiter(settings, store, reactor)
+
+        async def one(i: int) -> None:
+            ip = f"192.0.2.{i % 250}"
+            admission = await limiter.connection_made(ip)
+            gate = await limiter.auth_gate(ip, f"user{i % 50}")
+            await limiter.auth_verdict(gate, True, f"user{i % 50}", b"pw")
+            admission.release()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, n, width):
+            await defer.gatherResults([defer.ensureDeferred(one(i))
+                                       for i in range(start, min(n, start + width))])
+        report(f"Limiter session over Redis, {width} at a time", n, wall, cpu)
     await one_at_a_time()
     await in_flight(64)
+    await sessions(16)
     assert store.unavailable == 0, "Redis calls failed during the benchmark"
     await store.close()
 

@@ -273,6 +273,8 @@ class Reloader:
                       path=self.path, error=f"{type(e).__name__}: {e}")
             return self._done(False)
         old = self.factory.wiring
+        if new.controls is not None and old.controls is not None:
+            new.controls.carry_over(old.controls)  # the limits keep their counters
         for key in self._restart_only_changes(old.config, config):
             log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
         start_runners(new)
@@ -341,8 +343,14 @@ class ReloadableService(SaslSmtpService):
         self.reactor = reactor
         self.reloader = Reloader(path, factory, reactor, metrics, make_wiring=metered_wire(metrics))
         self._restore_sighup: Callable[[], None] | None = None
+        self.control_suffix = ""  # a worker's auth cache control socket: <path>.<slot>
 
     def startService(self) -> None:
+        from saslsmtp.cachectl import CONTROL_NAME, control_service
+        control = control_service(self.reactor, self.factory, self.reloader, self.control_suffix)
+        if control is not None and self.namedServices.get(CONTROL_NAME) is None:
+            control.setName(CONTROL_NAME)
+            control.setServiceParent(self)
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.reloader.reload)
 

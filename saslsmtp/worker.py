@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if multiprocess_enabled():
             metrics = Metrics(None)
         service = build_worker_service(args.config, args.listener, reactor, metrics)
+        service.control_suffix = f".{args.slot}"  # its own auth cache control socket
     except ConfigError as e:
         for problem in e.problems:
             log.critical("worker cannot start: {problem}", problem=str(problem))

@@ -1,5 +1,7 @@
 """Building the controls from settings, as the service will."""
 
+import itertools
+
 import pytest_twisted
 from twisted.internet.task import Clock
 
@@ -66,3 +68,51 @@ def test_memory_store_with_several_workers_says_counters_are_per_worker(tmp_path
             assert len(said) == (1 if workers == 2 else 0), said
     finally:
         globalLogPublisher.removeObserver(seen.append)
+
+
+def _limits(**table):
+    return parse_limits(table, lambda k, m: None)
+
+
+_GUESSES = itertools.count()
+
+
+def _failures(controls, address, n):
+    """``n`` failed AUTHs (distinct passwords) from ``address`` through ``controls``."""
+    for _ in range(n):
+        gate = controls.limiter.auth_gate(address, "alice").result
+        controls.limiter.auth_verdict(gate, False, "alice", b"guess%d" % next(_GUESSES))
+
+
+def _allowed(controls, address):
+    """Would an AUTH from ``address`` be checked now?  (The attempt is then abandoned.)"""
+    gate = controls.limiter.auth_gate(address, "alice").result
+    controls.limiter.abandoned(gate)
+    return gate.verdict.allowed
+
+
+def test_carry_over_keeps_stretches_or_drops_the_counters():
+    """A reload's controls take the old memory store: an unchanged limit goes on, a
+    changed rate keeps the events counted (3 of "3/1m" are 3 of "6/1m"), a limit turned
+    off loses its counters (turned on again, it starts empty); the penalties carry too."""
+    clock = Clock()
+    old = build_controls(_limits(auth_failures_per_ip="3/1m", auth_penalty_max=8),
+                         AuthCacheSettings(), clock)
+    _failures(old, "192.0.2.1", 3)
+    assert not _allowed(old, "192.0.2.1")
+    same = build_controls(_limits(auth_failures_per_ip="3/1m", auth_penalty_max=8),
+                          AuthCacheSettings(), clock)
+    same.carry_over(old)
+    assert same.store is old.store and not _allowed(same, "192.0.2.1")
+    assert same.limiter.penalty("192.0.2.1") > 0
+    wider = build_controls(_limits(auth_failures_per_ip="6/1m"), AuthCacheSettings(), clock)
+    wider.carry_over(same)
+    for _ in range(3):
+        assert _allowed(wider, "192.0.2.1")
+        _failures(wider, "192.0.2.1", 1)
+    assert not _allowed(wider, "192.0.2.1")
+    off = build_controls(_limits(), AuthCacheSettings(), clock)
+    off.carry_over(wider)
+    again = build_controls(_limits(auth_failures_per_ip="6/1m"), AuthCacheSettings(), clock)
+    again.carry_over(off)
+    assert _allowed(again, "192.0.2.1")

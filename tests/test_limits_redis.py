@@ -336,3 +336,99 @@ async def test_admit_and_peek_many_are_one_call_each(redis):
     finally:
         await a.close()
         await b.close()
+
+
+def _failure_limiter(store, spec="3/1m"):
+    settings = parse_limits({"auth_failures_per_user": spec}, lambda k, m: None)
+    return Limiter(settings, store, reactor())
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_guesses_across_workers_stop_exactly_at_the_limit(redis):
+    """Ten guesses for one user at once through two workers (two stores, two limiters),
+    none judged yet: exactly the limit (3) are let through, because the gate's check and
+    the attempt's seat among those in flight are one script.  Their failures then fill
+    the counter; a success (or an abort) gives its seat back without counting."""
+    a, b = await make_store(redis.url), await make_store(redis.url)
+    try:
+        workers = [_failure_limiter(a), _failure_limiter(b)]
+        gates = await gatherResults([workers[i % 2].auth_gate(f"192.0.2.{i}", "Carol")
+                                     for i in range(10)])
+        admitted = [(i, g) for i, g in enumerate(gates) if g.verdict.allowed]
+        assert len(admitted) == 3
+        assert {g.verdict.line() for g in gates if not g.verdict.allowed} == {
+            "454 4.7.0 Temporary authentication failure"}
+        first, *rest = admitted
+        await workers[first[0] % 2].auth_verdict(first[1], True, "carol", b"right")
+        workers[rest[0][0] % 2].abandoned(rest[0][1])
+        await sleep(0.1)  # the seats go back with the next batch of releases
+        assert int(redis.command("ZCARD", "saslsmtp:flight:user:u:carol")
+                   .split(b"\r\n")[0][1:]) == 1
+        again = [await workers[1].auth_gate("192.0.2.99", "carol") for _ in range(2)]
+        assert [g.verdict.allowed for g in again] == [True, True]
+        for i, g in [rest[1], (1, again[0]), (1, again[1])]:
+            await workers[i % 2].auth_verdict(g, False, "carol", f"guess{i}{id(g)}".encode())
+        refused = await workers[0].auth_gate("192.0.2.100", "carol")
+        assert not refused.verdict.allowed
+        assert int(redis.command("ZCARD", "saslsmtp:flight:user:u:carol")
+                   .split(b"\r\n")[0][1:]) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_scripts_flushed_in_redis_are_sent_again(redis):
+    """Redis forgets its scripts (restart, SCRIPT FLUSH): the next calls still answer
+    (EVALSHA's NOSCRIPT is answered by sending the script once)."""
+    store = await make_store(redis.url)
+    try:
+        rate = Rate(2, 60.0)
+        assert (await store.hit("s", rate)).allowed
+        redis.command("SCRIPT", "FLUSH")
+        assert (await store.hit("s", rate)).allowed
+        assert not (await store.hit("s", rate)).allowed
+        assert store.unavailable == 0
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_redis_fails_open_within_the_timeout(redis):
+    """Redis stops answering (SIGSTOP) with the connection open: a call waits at most
+    about ``timeout``, then allows; the store reconnects once Redis answers again."""
+    import os
+    import signal
+    import time
+    store = await make_store(redis.url, timeout=0.5)
+    try:
+        rate = Rate(1, 60.0)
+        assert (await store.hit("stall", rate)).allowed
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await gatherResults([store.hit("stall", rate) for _ in range(3)])
+            waited = time.monotonic() - started
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        assert [r.allowed for r in results] == [True] * 3
+        assert 0.4 < waited < 2.0, waited
+        assert store.unavailable == 3
+        await connected(store)
+        assert not (await store.hit("stall", rate)).allowed  # counting again
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_beyond_ascii_are_sent_as_utf8(redis):
+    """A counter named with non-ASCII text (a username like "böb") is counted under its
+    UTF-8 name, exactly."""
+    store = await make_store(redis.url)
+    try:
+        rate = Rate(2, 60.0)
+        got = [(await store.hit("authfail:user:u:böb", rate)).allowed for _ in range(3)]
+        assert got == [True, True, False]
+        assert redis.command("EXISTS", "saslsmtp:authfail:user:u:böb").startswith(b":1")
+    finally:
+        await store.close()

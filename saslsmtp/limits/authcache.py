@@ -144,13 +144,15 @@ class AuthCache:
         self._entries.pop((chain, _bytes(username)), None)
 
     def flush(self, user: bytes | str | None = None) -> int:
-        """Forget everything, or every entry of ``user`` (all chains); return how many."""
+        """Forget everything, or every entry of ``user`` (all chains, any case: a
+        flush must not leave ``Alice`` cached when ``alice`` was asked); return how many."""
         if user is None:
             count = len(self._entries)
             self._entries.clear()
             return count
-        name = _bytes(user)
-        keys = [k for k in self._entries if k[1] == name]
+        name = _bytes(user).decode("utf-8", "surrogateescape").casefold()
+        keys = [k for k in self._entries
+                if k[1].decode("utf-8", "surrogateescape").casefold() == name]
         for k in keys:
             del self._entries[k]
         return len(keys)

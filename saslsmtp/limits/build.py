@@ -28,6 +28,11 @@ from saslsmtp.limits.store import ALLOW, MemoryStore, RateResult, RateStore
 
 log = Logger()
 
+#: The limits counted in the store, by the key prefix of their counters.
+COUNTER_PREFIXES = {"connection_rate_per_ip": "connrate:", "auth_failures_per_ip": "authfail:ip:",
+                    "auth_failures_per_user": "authfail:user:", "messages_per_user": "msg:",
+                    "recipients_per_user": "rcpt:"}
+
 
 @dataclass
 class AbuseControls:
@@ -47,6 +52,27 @@ class AbuseControls:
     def stop(self) -> "Deferred[Any]":
         close = getattr(self.store, "close", None)
         return maybeDeferred(close) if close is not None else succeed(None)
+
+    def carry_over(self, old: "AbuseControls") -> None:
+        """A reload replaces ``old`` by these: keep the counters and what the limiter
+        knows of the clients (see ``docs/limits.md``, "Reload").
+
+        Both in memory: this process's counters and connection slots are kept (the old
+        sessions give their slots back to the same store).  A limit whose rate changed
+        keeps the events each counter holds, counted against the new rate from now on;
+        a limit turned off loses its counters.  A Redis store keeps its counters in
+        Redis by itself."""
+        self.limiter.carry_over(old.limiter)
+        if not (isinstance(old.store, MemoryStore) and isinstance(self.store, MemoryStore)):
+            return
+        before, after = old.limiter.settings, self.limiter.settings
+        for name, prefix in COUNTER_PREFIXES.items():
+            was, now = getattr(before, name), getattr(after, name)
+            if was is None or now is None:
+                old.store.rescale(prefix, 0.0)  # off now (or before): nothing to keep
+            elif was != now:
+                old.store.rescale(prefix, now.interval / was.interval)
+        self.store = self.limiter.store = old.store
 
 
 def make_store(settings: LimitsSettings, reactor: Any) -> RateStore:
@@ -110,6 +136,22 @@ class LateStore:
         if self.store is None:
             return succeed((True, True))
         return self.store.admit(rate_key, rate, slot_key, limit, holder)  # type: ignore[attr-defined]
+
+    def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
+                ttl: float) -> "Deferred[int]":
+        if self.store is None:
+            return succeed(0)
+        return self.store.reserve(counters, flights, token, ttl)  # type: ignore[attr-defined]
+
+    def land(self, flights: list[str], token: str,
+             counters: list[tuple[str, Rate]]) -> "Deferred[None]":
+        if self.store is None:
+            return succeed(None)
+        return self.store.land(flights, token, counters)  # type: ignore[attr-defined]
+
+    def unreserve(self, flights: list[str], token: str) -> None:
+        if self.store is not None:
+            self.store.unreserve(flights, token)  # type: ignore[attr-defined]
 
 
 def service_controls(limits: LimitsSettings, cache: AuthCacheSettings, reactor: Any

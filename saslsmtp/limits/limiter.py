@@ -114,6 +114,16 @@ class Limiter:
         self._in_flight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count(1)
 
+    def carry_over(self, old: "Limiter") -> None:
+        """A reload built this limiter to replace ``old``: keep what ``old`` knows of the
+        clients (the penalties and failed-credential HMACs, the attempts in flight), so
+        an operator's reload never hands an attacker a fresh budget."""
+        self.penalties = old.penalties
+        self._in_flight = old._in_flight
+        self._tokens = old._tokens
+        self._holder_prefix = old._holder_prefix
+        self._holders = old._holders
+
     # ---- helpers -------------------------------------------------------------------
 
     def _safe(self, d: "Deferred[RateResult]", what: str) -> "Deferred[RateResult]":
@@ -263,6 +273,9 @@ class Limiter:
             return AuthGate(ALLOWED, address, username, delay, token=token)
         counters = [(key, getattr(s, limit))
                     for limit, key in zip(limits, self._gate_keys(address, username))]
+        reserve = getattr(self.store, "reserve", None)
+        if reserve is not None:  # shared store: check and seat in flight in one call
+            return self._shared_gate(reserve, counters, keys, limits, address, username, delay)
         peek_many = getattr(self.store, "peek_many", None)
         if peek_many is not None and len(counters) > 1:  # one store call for both (Redis)
             return self._safe_many(peek_many(counters), len(counters)).addCallback(decide)
@@ -272,6 +285,35 @@ class Limiter:
         if all(isinstance(r, RateResult) for r in now):  # the memory store: no DeferredList
             return succeed(decide(now))
         return gatherResults(checks).addCallback(decide)
+
+    def _shared_gate(self, reserve: Callable[..., Any], counters: list[tuple[str, Rate]],
+                     keys: list[str], limits: list[str], address: str, username: str,
+                     delay: float) -> "Deferred[AuthGate]":
+        """The gate over a shared store (Redis): the check and the attempt's seat among
+        those in flight are one atomic call, so N processes together let no more
+        attempts through than one would (the seat is left by ``auth_verdict``)."""
+        token = next(self._tokens)
+
+        def decided(refused: int) -> AuthGate:
+            if refused:
+                limit = limits[refused - 1]
+                log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
+                         limit=limit, client=self.settings.client_key(address))
+                return AuthGate(self._deny(limit, 454, "4.7.0",
+                                           "Temporary authentication failure"),
+                                address, username, delay)
+            return AuthGate(ALLOWED, address, username, delay, token=token)
+        d = reserve(counters, ["flight:" + k for k in keys], self._flight_member(token),
+                    IN_FLIGHT_TTL)
+
+        def failed(f: Failure) -> int:
+            log.failure("limits: auth failure check failed; allowing", f)
+            return 0
+        return d.addErrback(failed).addCallback(decided)
+
+    def _flight_member(self, token: int) -> str:
+        """An attempt's name in the shared in-flight sets (unique across processes)."""
+        return f"{self._holder_prefix}:a{token}"
 
     def _gate_keys(self, address: str, username: str) -> list[str]:
         """The store counters ``auth_gate`` peeks at, in order."""
@@ -320,6 +362,11 @@ class Limiter:
         """The attempt's verdict is known: it no longer counts as in flight."""
         if not gate.token:
             return
+        unreserve = getattr(self.store, "unreserve", None)
+        if unreserve is not None:
+            unreserve(["flight:" + k for k in self._flight_keys(gate.address, gate.username)],
+                      self._flight_member(gate.token))
+            return
         for key in self._flight_keys(gate.address, gate.username):
             flights = self._in_flight.get(key)
             if flights is not None:
@@ -347,7 +394,8 @@ class Limiter:
         """
         s = self.settings
         pending: list[Deferred[Any]] = []
-        self._landed(gate)
+        land = getattr(self.store, "land", None)
+        counted = False
         if not gate.trusted:
             key = s.client_key(gate.address)
             user = gate.username if username is None else username
@@ -355,13 +403,22 @@ class Limiter:
                 self.penalties.forgive(key)
             elif success is False and self.penalties.record_failure(key, user, password,
                                                                     self._repeat_window()):
+                counted = True
+                counters: list[tuple[str, Rate]] = []
                 if s.auth_failures_per_ip is not None:
-                    pending.append(self._safe(self.store.hit(
-                        "authfail:ip:" + key, s.auth_failures_per_ip), "auth failure count"))
+                    counters.append(("authfail:ip:" + key, s.auth_failures_per_ip))
                 if s.auth_failures_per_user is not None:
-                    pending.append(self._safe(self.store.hit(
-                        "authfail:user:" + user_key(user), s.auth_failures_per_user),
-                        "auth failure count"))
+                    counters.append(("authfail:user:" + user_key(user),
+                                     s.auth_failures_per_user))
+                if land is not None and gate.token:  # leave the flight and count: one call
+                    flights = ["flight:" + k
+                               for k in self._flight_keys(gate.address, gate.username)]
+                    pending.append(land(flights, self._flight_member(gate.token), counters))
+                else:
+                    pending += [self._safe(self.store.hit(k, rate), "auth failure count")
+                                for k, rate in counters]
+        if not (counted and land is not None and gate.token):
+            self._landed(gate)
         wait = deferLater(self.clock, gate.delay, lambda: None) if gate.delay > 0 else None
         if wait is not None:
             pending.append(wait)

@@ -21,7 +21,9 @@ themselves when Redis is back.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+import hashlib
+from typing import Any, Callable, Sequence
 
 import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -111,7 +113,7 @@ return out
 ADMIT_SCRIPT = """
 -- A new connection: KEYS[1] the rate counter, KEYS[2] the slot set; ARGV: period_ms and
 -- count (0: no rate limit), slot limit (0: none), holder, slot ttl_ms.
--- Returns {rate allowed, slot taken (1) or refused (0)}.
+-- Returns 2 (admitted), 1 (no free slot) or 0 (over the rate): one integer, cheap to parse.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local count = tonumber(ARGV[2])
@@ -121,7 +123,7 @@ if count > 0 then
   local tat = tonumber(redis.call('GET', KEYS[1]) or now)
   if tat < now then tat = now end
   local new = tat + iv
-  if now < new - period then return {0, 0} end
+  if now < new - period then return 0 end
   redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
 end
 local limit = tonumber(ARGV[3])
@@ -129,12 +131,12 @@ if limit > 0 then
   local ttl = tonumber(ARGV[5])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
-    if redis.call('ZCARD', KEYS[2]) >= limit then return {1, 0} end
+    if redis.call('ZCARD', KEYS[2]) >= limit then return 1 end
   end
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-return {1, 1}
+return 2
 """
 
 RELEASE_SCRIPT = """
@@ -143,7 +145,81 @@ for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
 return #KEYS
 """
 
+GATE_SCRIPT = """
+-- The AUTH gate, with a seat among the attempts in flight.  KEYS[1..n]: failure
+-- counters, KEYS[n+1..2n]: their in-flight sets; ARGV: n, token, in-flight ttl_ms, then
+-- period_ms and count of each counter.  Returns i, the first counter whose failures plus
+-- attempts in flight already reach its count (refused, nothing taken), or 0: admitted,
+-- and the token is in every in-flight set until LAND_SCRIPT or a release takes it out.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[3])
+for i = 1, n do
+  local period = tonumber(ARGV[2 + 2 * i])
+  local count = tonumber(ARGV[3 + 2 * i])
+  local iv = period / count
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local used = math.ceil((tat - now) / iv - 1e-9)
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now)
+  if now < tat + iv - period or used + redis.call('ZCARD', KEYS[n + i]) >= count then
+    return i
+  end
+end
+for i = 1, n do
+  redis.call('ZADD', KEYS[n + i], now + ttl, ARGV[2])
+  redis.call('PEXPIRE', KEYS[n + i], ttl)
+end
+return 0
+"""
+
+LAND_SCRIPT = """
+-- A failure judged: KEYS[1..m] the in-flight sets the attempt leaves, KEYS[m+1..] the
+-- failure counters it counts in (GCRA, cost 1); ARGV: m, token, then period_ms and count
+-- of each counter.  One script, so the attempt is never both gone and uncounted.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local m = tonumber(ARGV[1])
+for i = 1, m do redis.call('ZREM', KEYS[i], ARGV[2]) end
+for i = m + 1, #KEYS do
+  local j = i - m
+  local period = tonumber(ARGV[1 + 2 * j])
+  local iv = period / tonumber(ARGV[2 + 2 * j])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new = tat + iv
+  if now >= new - period then
+    redis.call('SET', KEYS[i], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
+  end
+end
+return 0
+"""
+
 RELEASE_BATCH_DELAY = 0.02  # seconds: releases within this are sent as one call
+
+
+@functools.lru_cache(maxsize=None)
+def _script(source: str) -> tuple[bytes, bytes]:
+    """A Lua script as sent: (the head of its EVALSHA command, its EVAL head)."""
+    text = source.encode()
+    sha = hashlib.sha1(text).hexdigest().encode()
+    return (b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (len(sha), sha),
+            b"$4\r\nEVAL\r\n$%d\r\n%s\r\n" % (len(text), text))
+
+
+def _command(head: bytes, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """EVALSHA/EVAL in Redis's wire format (RESP), an array of bulk strings: ``head``
+    (the command and the script), the number of keys, the keys, the arguments.  The
+    common all-ASCII case is formatted as text and encoded once."""
+    values = [str(len(keys)), *keys, *[a if isinstance(a, str) else str(a) for a in args]]
+    body = "".join([f"${len(v)}\r\n{v}\r\n" for v in values])
+    if body.isascii():
+        data = body.encode()
+    else:  # lengths are in bytes
+        data = b"".join([b"$%d\r\n%s\r\n" % (len(e), e)
+                         for e in (v.encode("utf-8", "surrogatepass") for v in values)])
+    return b"*%d\r\n" % (len(values) + 2) + head + data
 
 
 class StoreUnavailable(Exception):
@@ -201,6 +277,9 @@ class RedisStore:
         self._releases: list[tuple[str, str]] = []
         self._released: list[Deferred[None]] = []
         self._release_call: Any = None
+        self._waiting = 0  # calls sent on the lean path, not answered yet
+        self._progress = 0.0  # when the last answer came (or the first call of a busy spell)
+        self._watch: Any = None
         factory = _AlwaysReconnect(self.url.describe(), self.url.db or None, 1, isLazy=True,
                                    password=self.url.password, username=self.url.username,
                                    replyTimeout=timeout)
@@ -220,22 +299,85 @@ class RedisStore:
     def connected(self) -> bool:
         return self._factory.size > 0
 
-    def _eval(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any]":
-        """EVALSHA (EVAL once per connection when Redis does not know the script yet),
-        bounded by ``timeout``; fails with ``StoreUnavailable`` when Redis cannot answer."""
-        if not self.connected:
-            return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
-        d = self._redis.eval(script, keys, args)  # txredisapi: EVALSHA after the first EVAL
-        d.addTimeout(self.timeout, self._reactor)
-        d.addCallbacks(self._answered, self._unavailable)
-        return d
+    def _connection(self) -> Any:
+        """The live txredisapi connection, or ``None``."""
+        pool = self._factory.pool
+        if pool and pool[0].connected:
+            return pool[0]
+        return None
 
-    def _answered(self, value: Any) -> Any:
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any] | None":
+        """EVALSHA ``script`` (EVAL when Redis does not know it yet): ``None`` when not
+        connected.  Nothing is counted as unavailable (releases, heartbeats)."""
+        conn = self._connection()
+        if conn is None:
+            return None
+        return self._send(conn, _command(_script(script)[0], keys, args)).addErrback(
+            self._unknown_script, script, keys, args)
+
+    def _unknown_script(self, f: Failure, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA of a script Redis does not know (it restarted or flushed its
+        scripts): send it once with its text."""
+        if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+            conn = self._connection()
+            if conn is not None:
+                return self._send(conn, _command(_script(script)[1], keys, args))
+        return f
+
+    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
+        """The lean path: the command is encoded here and written to txredisapi's
+        connection, whose parser answers in order through its reply queue; no pool
+        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
+        sends all of a reactor tick's commands in one write."""
+        conn.transport.write(command)
+        if not self._waiting:
+            self._progress = self._reactor.seconds()
+        self._waiting += 1
+        if self._watch is None:
+            self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
+        return conn.replyQueue.get().addCallback(self._reply)
+
+    def _reply(self, value: Any) -> Any:
+        self._waiting -= 1
+        self._progress = self._reactor.seconds()
+        if isinstance(value, Exception):  # an error reply, or the connection was lost
+            raise value
         if self._down:
             self._down = False
             log.info("limits: Redis store {url} is answering again; limits apply",
                      url=self.url.describe())
         return value
+
+    def _check_stuck(self) -> None:
+        """No answer for ``timeout`` while calls wait: Redis is stuck or gone silent.
+        Drop the connection: every waiting call fails (and allows), and it reconnects."""
+        self._watch = None
+        if not self._waiting:
+            return
+        idle = self._reactor.seconds() - self._progress
+        if idle >= self.timeout:
+            for conn in list(self._factory.pool):
+                conn.transport.abortConnection()
+            idle = 0.0
+            self._progress = self._reactor.seconds()
+        self._watch = self._reactor.callLater(max(self.timeout - idle, 0.01), self._check_stuck)
+
+    def _eval(self, script: str, keys: list[str], args: list[Any]) -> "Deferred[Any]":
+        """``_run``, bounded by ``timeout``; fails with ``StoreUnavailable`` when Redis
+        cannot answer (and counts it as such)."""
+        conn = self._connection()
+        if conn is None:
+            return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
+        d = self._send(conn, _command(_script(script)[0], keys, args))
+        return d.addErrback(self._failed, script, keys, args)
+
+    def _failed(self, f: Failure, script: str, keys: list[str], args: list[Any]) -> Any:
+        if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+            conn = self._connection()
+            if conn is not None:
+                again = self._send(conn, _command(_script(script)[1], keys, args))
+                return again.addErrback(self._unavailable)
+        return self._unavailable(f)
 
     def _unavailable(self, f: Failure) -> Failure:
         self.unavailable += 1
@@ -292,27 +434,32 @@ class RedisStore:
         self._held.pop((full, holder), None)
         if not self.connected:
             return succeed(None)  # the slot expires with its heartbeat
-        self._releases.append((full, holder))
-        if self._release_call is None:
-            self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
+        self._queue_release(full, holder)
         done: Deferred[None] = Deferred()
         self._released.append(done)
         return done
+
+    def _queue_release(self, full: str, holder: str) -> None:
+        self._releases.append((full, holder))
+        if self._release_call is None:
+            self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
 
     def _flush(self) -> None:
         """Send the queued releases; their Deferreds fire when Redis answered (or not)."""
         self._release_call = None
         pairs, self._releases = self._releases, []
         waiting, self._released = self._released, []
-        d: Deferred[Any] = succeed(None)
-        if pairs and self.connected:
-            d = self._redis.eval(RELEASE_SCRIPT, [k for k, _ in pairs], [h for _, h in pairs])
-            d.addTimeout(self.timeout, self._reactor)
+        d: Deferred[Any] | None = None
+        if pairs:
+            d = self._run(RELEASE_SCRIPT, [k for k, _ in pairs], [h for _, h in pairs])
 
         def fire(_: object) -> None:
             for w in waiting:
                 w.callback(None)
-        d.addBoth(fire)
+        if d is None:
+            fire(None)
+        else:
+            d.addBoth(fire)
 
     def peek_many(self, items: list[tuple[str, Rate]]) -> "Deferred[list[RateResult]]":
         """``peek`` of several counters in one call (the AUTH gate's address and user)."""
@@ -334,16 +481,49 @@ class RedisStore:
                        [int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
                         limit or 0, holder, self.slot_ttl_ms])
 
-        def admitted(reply: list[int]) -> tuple[bool, bool]:
-            if reply[1] and limit:
-                self._held[(full, holder)] = None
-            return bool(reply[0]), bool(reply[1])
+        def admitted(reply: int) -> tuple[bool, bool]:
+            if reply == 2:
+                if limit:
+                    self._held[(full, holder)] = None
+                return True, True
+            return reply == 1, False
 
         def open_(f: Failure) -> tuple[bool, bool]:
             if limit:
                 self._held[(full, holder)] = None
             return True, True
         return d.addCallbacks(admitted, open_)
+
+    def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
+                ttl: float) -> "Deferred[int]":
+        """The AUTH gate in one call: 0 when no counter's failures plus attempts in
+        flight reach its count, and then ``token`` is in every set of ``flights`` (one
+        per counter) for at most ``ttl`` seconds; else the 1-based index of the first
+        counter that refused.  0 (and nothing taken) when Redis cannot answer."""
+        args: list[Any] = [len(counters), token, int(ttl * 1000)]
+        for _, rate in counters:
+            args += [int(rate.period * 1000), rate.count]
+        d = self._eval(GATE_SCRIPT, [self.prefix + k for k, _ in counters]
+                       + [self.prefix + f for f in flights], args)
+        return d.addCallbacks(int, lambda f: 0)
+
+    def land(self, flights: list[str], token: str,
+             counters: list[tuple[str, Rate]]) -> "Deferred[None]":
+        """A failure judged: ``token`` leaves ``flights`` and one failure is counted in
+        each of ``counters``, in one atomic call."""
+        args: list[Any] = [len(flights), token]
+        for _, rate in counters:
+            args += [int(rate.period * 1000), rate.count]
+        d = self._eval(LAND_SCRIPT, [self.prefix + f for f in flights]
+                       + [self.prefix + k for k, _ in counters], args)
+        return d.addCallbacks(lambda _: None, lambda f: None)
+
+    def unreserve(self, flights: list[str], token: str) -> None:
+        """The attempt ended with nothing to count (a success, an abort): ``token``
+        leaves ``flights`` with the next batch of releases."""
+        if self.connected:
+            for flight in flights:
+                self._queue_release(self.prefix + flight, token)
 
     # ---- heartbeat and shutdown ------------------------------------------------------
 
@@ -378,5 +558,10 @@ class RedisStore:
             d = gatherResults(calls, consumeErrors=True)
             d.addTimeout(self.timeout, self._reactor)
             d.addErrback(lambda f: None)
-        return d.addCallback(lambda _: self._factory.disconnect())
+        def disconnect(_: object) -> Any:
+            if self._watch is not None and self._watch.active():
+                self._watch.cancel()
+            self._watch = None
+            return self._factory.disconnect()
+        return d.addCallback(disconnect)
 

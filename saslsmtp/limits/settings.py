@@ -85,6 +85,7 @@ class AuthCacheSettings:
     negative_ttl: float = 0.0
     size: int = 100000
     stale_if_error: float = 0.0
+    control_socket: str | None = None  # where saslsmtp-cache reaches a running server
 
     @property
     def enabled(self) -> bool:
@@ -208,6 +209,12 @@ def parse_auth_cache(table: Mapping[str, Any], report: Report,
                 report(dotted, "must be a positive integer")
             else:
                 values[key] = value
+        elif key == "control_socket":
+            if not isinstance(value, str) or not value.startswith("/"):
+                report(dotted, "must be an absolute path for a UNIX socket")
+            else:
+                values[key] = value
         else:
-            report(dotted, "unknown key (known: negative_ttl, size, stale_if_error, ttl)")
+            report(dotted, "unknown key (known: control_socket, negative_ttl, size,"
+                           " stale_if_error, ttl)")
     return AuthCacheSettings(**values)

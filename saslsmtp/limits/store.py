@@ -138,6 +138,18 @@ class MemoryStore:
                 del self._slots[key]
         return succeed(None)
 
+    def rescale(self, prefix: str, factor: float) -> int:
+        """Stretch every counter under ``prefix`` by ``factor`` (the new rate's interval
+        over the old one), so each keeps the number of events it counted; returns how
+        many counters were stretched.  A reload that changes a limit's rate calls it."""
+        now = self._clock.seconds()
+        stretched = 0
+        for key, tat in self._tats.items():
+            if key.startswith(prefix) and tat > now:
+                self._tats[key] = now + (tat - now) * factor
+                stretched += 1
+        return stretched
+
     def held(self, key: str) -> int:
         """Slots held under ``key`` (tests, metrics)."""
         return len(self._slots.get(key, ()))

@@ -1,0 +1,236 @@
+"""Flush the auth cache of a running server: ``saslsmtp-cache --config F flush [USER]``.
+
+Like Dovecot's ``doveadm auth cache flush [user]``.  Each serving process (the
+single-process daemon, or each worker of ``workers = N``) listens on its own UNIX socket
+when ``[auth.cache] control_socket`` is set: the daemon on that path, worker ``i`` on
+``<path>.<i>`` (each worker has its own cache, so each must be told).  The command finds
+them all, asks each, and sums the answers; a socket nobody answers on (a process that
+died, an older run with more workers) is skipped.  Nothing answering at all means no
+server is running, and the command says so.
+
+The wire protocol is one line each way: ``flush`` or ``flush USER`` (UTF-8), answered
+``ok N`` (entries dropped) or ``error TEXT``.  The socket is mode 0600: only the
+server's user (and root) may flush.  Users are matched without regard to case, so a
+flush never leaves a variant of the name cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TextIO
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet.protocol import Factory
+
+log = Logger(namespace="saslsmtp")
+
+EX_OK, EX_NOSERVER, EX_USAGE, EX_NOPERM, EX_CONFIG = 0, 1, 64, 77, 78
+SOCKET_MODE = 0o600
+CONTROL_NAME = "auth-cache-control"  # its name among the serving process's services
+TIMEOUT = 10.0
+
+
+# ---- the server side ------------------------------------------------------------------
+
+class ControlProtocol(LineOnlyReceiver):
+    """One control connection: each ``flush [USER]`` line is answered ``ok N``."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+
+    def __init__(self, caches: Callable[[], Iterable[Any]]) -> None:
+        self.caches = caches
+
+    def lineReceived(self, line: bytes) -> None:
+        command, _, user = line.rstrip(b"\r").decode("utf-8", "surrogateescape").partition(" ")
+        if command != "flush":
+            self.sendLine(b"error unknown command (known: flush [USER])")
+            return
+        dropped = sum(cache.flush(user or None) for cache in self.caches())
+        log.info("auth cache flushed ({who}): {n} entries dropped",
+                 who=f"user {user}" if user else "every user", n=dropped)
+        self.sendLine(b"ok %d" % dropped)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class CacheControlService(service.Service):
+    """The control socket of one serving process, bound at start (after privileges were
+    dropped: the folder must be writable by the server's user, e.g. systemd's
+    ``RuntimeDirectory=saslsmtp``); a failure to bind is logged, never fatal.
+
+    ``caches()`` returns the auth caches to flush now: the current wiring's and those of
+    wirings a reload retired that still serve open sessions."""
+
+    def __init__(self, reactor: Any, path: str, caches: Callable[[], Iterable[Any]]) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.caches = caches
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        factory = Factory.forProtocol(lambda: ControlProtocol(self.caches))
+        try:
+            # wantPID: a lock file beside the socket; a stale socket of a dead process
+            # is replaced, a live one's is not.
+            self.port = self.reactor.listenUNIX(self.path, factory, mode=SOCKET_MODE,
+                                                wantPID=True)
+        except Exception as e:
+            log.error("auth cache: cannot listen on control socket {path}: {error}",
+                      path=self.path, error=str(e))
+            return
+        log.info("auth cache: flush with saslsmtp-cache (control socket {path})", path=self.path)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def wiring_caches(factory: Any, reloader: Any) -> Callable[[], list[Any]]:
+    """The auth caches a flush must reach: the factory's current wiring's, and those of
+    the wirings ``reloader`` is retiring."""
+    def caches() -> list[Any]:
+        wirings = [factory.wiring] + [entry[0] for entry in getattr(reloader, "retiring", ())]
+        found: list[Any] = []
+        for wiring in wirings:
+            cache = getattr(getattr(wiring, "controls", None), "cache", None)
+            if cache is not None and all(cache is not c for c in found):
+                found.append(cache)
+        return found
+    return caches
+
+
+def control_service(reactor: Any, factory: Any, reloader: Any,
+                    suffix: str = "") -> CacheControlService | None:
+    """The control socket service for a serving process whose configuration sets
+    ``[auth.cache] control_socket`` (``suffix``: ``.<slot>`` in a worker), else ``None``."""
+    path = factory.wiring.config.section("auth.cache").control_socket
+    if not path:
+        return None
+    return CacheControlService(reactor, path + suffix, wiring_caches(factory, reloader))
+
+
+# ---- the command ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Answer:
+    """What one socket said: ``dropped`` entries, or ``problem`` (``errno`` if any)."""
+
+    path: Path
+    dropped: int | None = None
+    problem: str = ""
+    errno: int | None = None
+
+
+def control_paths(path: str) -> list[Path]:
+    """The daemon's socket and every worker's (``<path>.<digits>``) that exist now."""
+    base = Path(path)
+    found = [base] if base.exists() else []
+    pattern = re.compile(re.escape(base.name) + r"\.\d+")
+    if base.parent.is_dir():
+        found += sorted((p for p in base.parent.iterdir() if pattern.fullmatch(p.name)),
+                        key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    return found
+
+
+def ask(path: Path, line: bytes, timeout: float = TIMEOUT) -> Answer:
+    """Send one command line to one control socket and read its answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(line + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as e:
+        return Answer(path, problem=e.strerror or str(e), errno=e.errno)
+    text = reply.decode("utf-8", "replace").strip()
+    if text.startswith("ok ") and text[3:].isdigit():
+        return Answer(path, dropped=int(text[3:]))
+    return Answer(path, problem=text or "no answer")
+
+
+def flush(path: str, user: str | None) -> list[Answer]:
+    """Ask every serving process's control socket under ``path`` to flush."""
+    line = b"flush" if user is None else b"flush " + user.encode("utf-8", "surrogateescape")
+    return [ask(p, line) for p in control_paths(path)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saslsmtp-cache", description="Flush the auth cache of a running saslsmtp.")
+    parser.add_argument("--config", required=True, help="the server's configuration file")
+    commands = parser.add_subparsers(dest="command", required=True)
+    flush_cmd = commands.add_parser("flush", help="forget cached logins (all, or one user's)")
+    flush_cmd.add_argument("user", nargs="?", help="only this user (any case)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """Run the command; returns the exit status: 0 flushed, 1 no server running,
+    64 usage, 77 permission denied, 78 configuration problem."""
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as e:
+        return EX_USAGE if e.code else EX_OK
+    from saslsmtp.config import ConfigError
+    from saslsmtp.service import load
+    try:
+        settings = load(args.config).section("auth.cache")
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"saslsmtp-cache: {problem}", file=stderr)
+        return EX_CONFIG
+    except OSError as e:
+        print(f"saslsmtp-cache: {args.config}: {e.strerror}", file=stderr)
+        return EX_CONFIG
+    if not settings.control_socket:
+        print(f"saslsmtp-cache: {args.config} sets no [auth.cache] control_socket, so a running"
+              " server cannot be reached (SIGHUP empties the whole cache)", file=stderr)
+        return EX_CONFIG
+    answers = flush(settings.control_socket, args.user)
+    done = [a for a in answers if a.dropped is not None]
+    denied = [a for a in answers if a.errno in (errno.EACCES, errno.EPERM)]
+    for answer in answers:
+        if answer.dropped is None and answer.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            print(f"saslsmtp-cache: {answer.path}: {answer.problem}", file=stderr)
+    if not done:
+        if denied:
+            print("saslsmtp-cache: permission denied: run as root or as the server's user",
+                  file=stderr)
+            return EX_NOPERM
+        print(f"saslsmtp-cache: no saslsmtp server is running (nothing answers on"
+              f" {settings.control_socket})", file=stderr)
+        return EX_NOSERVER
+    who = f"user {args.user}" if args.user else "every user"
+    dropped = sum(a.dropped or 0 for a in done)
+    processes = "1 process" if len(done) == 1 else f"{len(done)} processes"
+    cache = "" if settings.enabled else " (the cache is off in this configuration)"
+    print(f"auth cache flushed for {who}: {dropped} entries dropped in {processes}{cache}",
+          file=stdout)
+    return EX_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``saslsmtp-cache flush [USER]`` against a real ``twistd -n saslsmtp`` (one process, and a
+master with two workers) whose logins go to a slow HTTP auth API: a flushed user's next
+login asks the API again, other users stay cached, and with no server running (or no
+control socket configured) the command says so."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+from twisted.web.server import NOT_DONE_YET
+
+from saslsmtp import cachectl
+from tests.limitsnet import auth_plain
+from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.test_workers import alive, wait_for, worker_pids
+from tests.upstreams import USERS, AuthAPI, WebServer
+
+OTHER = next(user for user in USERS if user != "alice")
+DELAY = 0.2  # seconds the API takes per answer: a cached login does not wait for it
+
+
+class SlowAuthAPI(AuthAPI):
+    """The test API, answering after ``DELAY``."""
+
+    def render_POST(self, request: Any) -> bytes | int:
+        from twisted.internet import reactor
+        answer = super().render_POST(request)
+
+        def finish() -> None:
+            if isinstance(answer, bytes):
+                request.write(answer)
+                request.finish()
+        reactor.callLater(DELAY, finish)
+        return NOT_DONE_YET
+
+    def asked(self, user: str) -> int:
+        return sum(json.loads(r["raw"])["username"] == user for r in self.requests)
+
+
+def run_cache(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``saslsmtp-cache --config CONFIG ARGS`` in its own process, as an operator runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "saslsmtp.cachectl", "--config", str(config),
+                           *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.ensureDeferred
+async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) -> None:
+    """Logins of alice and bob are cached (in each worker that served them); flushing
+    alice drops exactly her entries in every process, and her next login asks the API
+    again; bob's entries are all still there (a later flush of bob drops as many as the
+    API was asked for him); a flush of everyone answers too.  Once the server stopped,
+    the command says no server is running (exit 1)."""
+    api = SlowAuthAPI()
+    web = WebServer(api)
+    web.start()
+    port = free_port()
+    control = tmp_path / "cache.sock"
+    config = write_config(
+        tmp_path, f'[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:{web.port}/auth"\n',
+        listen=[f"tcp:{port}:interface=127.0.0.1"],
+        extra=f'[auth.cache]\nttl = 300\ncontrol_socket = "{control}"\n')
+    log = tmp_path / "daemon.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def login(user: str) -> int:
+        return auth_plain(port, user, USERS[user]).code
+    try:
+        await threads.deferToThread(
+            wait_for, lambda: log.read_text().count("control socket") == workers
+            or proc.poll() is not None, what="the daemon and its control sockets")
+        assert proc.poll() is None, log.read_text()
+        for _ in range(4):
+            for user in ("alice", OTHER):
+                assert await threads.deferToThread(login, user) == 235
+        alice, bob = api.asked("alice"), api.asked(OTHER)
+        assert 1 <= alice <= workers and 1 <= bob <= workers
+
+        flushed = await threads.deferToThread(run_cache, config, "flush", "Alice")
+        assert flushed.returncode == 0, flushed.stderr
+        processes = "1 process" if workers == 1 else f"{workers} processes"
+        assert flushed.stdout.strip() == (f"auth cache flushed for user Alice: {alice} entries"
+                                          f" dropped in {processes}")
+        assert await threads.deferToThread(login, "alice") == 235
+        assert api.asked("alice") == alice + 1  # not cached any more: the API was asked
+        assert api.asked(OTHER) == bob
+
+        flushed = await threads.deferToThread(run_cache, config, "flush", OTHER)
+        assert flushed.returncode == 0, flushed.stderr
+        assert f"{bob} entries dropped" in flushed.stdout  # all still cached until now
+        everyone = await threads.deferToThread(run_cache, config, "flush")
+        assert everyone.returncode == 0, everyone.stderr
+        assert "flushed for every user: 1 entries" in everyone.stdout  # alice's new login
+        assert "auth cache flushed (user Alice)" in log.read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        assert await threads.deferToThread(proc.wait, 30) == 0, log.read_text()
+        gone = await threads.deferToThread(run_cache, config, "flush", "alice")
+        assert gone.returncode == 1
+        assert gone.stderr.strip() == ("saslsmtp-cache: no saslsmtp server is running"
+                                       f" (nothing answers on {control})")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in worker_pids(log).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        await web.stop()
+
+
+USERS_FILE = '[backends.users]\ntype = "file"\npath = "users"\n'
+
+
+def test_without_a_control_socket_the_command_says_how_to_get_one(tmp_path: Path) -> None:
+    """No ``control_socket`` in ``[auth.cache]``: exit 78 and a line saying what to set."""
+    (tmp_path / "users").write_text("alice:{PLAIN}x\n")
+    config = write_config(tmp_path, USERS_FILE, extra="[auth.cache]\nttl = 300\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert cachectl.main(["--config", str(config), "flush"], stdout=out, stderr=err) == 78
+    assert "sets no [auth.cache] control_socket" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_a_control_socket_must_be_an_absolute_path(tmp_path: Path) -> None:
+    """A relative ``control_socket`` is a configuration problem, reported by name."""
+    (tmp_path / "users").write_text("alice:{PLAIN}x\n")
+    config = write_config(tmp_path, USERS_FILE,
+                          extra='[auth.cache]\nttl = 300\ncontrol_socket = "c.sock"\n')
+    err = io.StringIO()
+    assert cachectl.main(["--config", str(config), "flush"], stderr=err) == 78
+    assert "auth.cache.control_socket: must be an absolute path" in err.getvalue()
+
+
+def test_usage_errors_exit_64() -> None:
+    """No command, or an unknown one: usage error."""
+    err = io.StringIO()
+    assert cachectl.main(["--config", "x.toml"], stderr=err) == 64
+    assert cachectl.main(["--config", "x.toml", "purge"], stderr=err) == 64
