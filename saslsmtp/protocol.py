@@ -201,6 +201,12 @@ class SubmissionESMTP(smtp.ESMTP):
             self.handshakeCompleted()  # application data flows only after the handshake
         if self.admission is not None:
             self.admission.data_arrived()  # behind PROXY: the real client is known now
+        if self.reader.busy and not self._paused and not self.transport.disconnecting:
+            # Pipelined input while an answer is pending: stop reading until it is sent
+            # (what already arrived waits in the reader).  Paused only when input
+            # arrives, not for every pending answer: that costs two epoll changes.
+            self._paused = True
+            self.transport.pauseProducing()
         self.reader.feed(data)
 
     def _stopped(self) -> bool:
@@ -227,9 +233,6 @@ class SubmissionESMTP(smtp.ESMTP):
         self._pending = d
         d.addErrback(self._internal_error)
         d.addBoth(self._settled)
-        if self.reader.busy and not self.transport.disconnecting:
-            self._paused = True
-            self.transport.pauseProducing()
 
     def _internal_error(self, failure: Failure) -> None:
         if self.lost:

@@ -184,9 +184,12 @@ def test_async_step_with_initial_response_sends_nothing_until_decided() -> None:
     h = SMTPHarness(checkers=[checker])
     h.send(EHLO)
     assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b""
+    # input pipelined behind the pending step stops the reading until it is answered
+    assert h.transport.producerState == "producing"
+    assert h.send(b"NOOP\r\n") == b""
     assert h.transport.producerState == "paused"
     checker.calls[0][1].callback(b"tim")
-    assert h.take() == OK
+    assert h.take() == OK + b"250 2.0.0 OK\r\n"
     assert h.transport.producerState == "producing"
 
 
