@@ -16,7 +16,7 @@ from typing import Any, Generator, Sequence, assert_never
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -269,23 +269,11 @@ def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> R
 
 
 def tls_context(config: Config) -> Any:
-    """Server TLS options from ``[tls]``, or ``None``."""
+    """Server TLS options from ``[tls]`` (``tlscontext.server_options``), or ``None``."""
     if config.tls is None:
         return None
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    certs = x509.load_pem_x509_certificates(Path(config.tls.certificate).read_bytes())
-    key = load_pem_private_key(Path(config.tls.private_key).read_bytes(), password=None)
-    verify: dict[str, Any] = {}
-    if config.tls.client_ca is not None:
-        from OpenSSL import crypto
-        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
-        verify = {"verify": True, "requireCertificate": False,
-                  "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
-    # pyOpenSSL converts cryptography keys and certificates; Twisted's annotations name only X509/PKey
-    return ssl.CertificateOptions(
-        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,  # type: ignore[arg-type]
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    from saslsmtp.tlscontext import server_options
+    return server_options(config.tls)
 
 
 class SubmissionFactory(protocol.ServerFactory):
