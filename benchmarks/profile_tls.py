@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Profile a server's STARTTLS + AUTH PLAIN sessions under load (cProfile).
 
-Starts saslsmtp (twistd's own ``--profile``, cProfile) or the aiosmtpd TLS peer (under
-``python -m cProfile``) with a fresh certificate, the same way ``tls.py`` does, runs
-``smtp_auth_load.py --starttls`` against it, stops it (SIGTERM, so the profile is
-written) and prints the top functions by own time and by cumulative time::
+Starts saslsmtp (twistd) or the aiosmtpd TLS peer under cProfile with a fresh
+certificate, the same way ``tls.py`` does, runs ``smtp_auth_load.py --starttls`` against
+it, stops it (SIGTERM, so the profile is written) and prints the top functions by own
+time and by cumulative time.  The profile's clock is the process's CPU time, not the
+wall clock: on a shared machine a ``send()`` that wakes the client would otherwise
+count the time the server waited for a CPU::
 
     flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_tls.py            # saslsmtp, RSA
     flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_tls.py --server aiosmtpd
@@ -32,20 +34,40 @@ from tls import (LOADGEN, PASSWORD, TLS_PEER, USER, make_certificate,  # noqa: E
                  saslsmtp_config)
 
 
-def profiled_server(name: str, kind: str, folder: Path, profile: Path) -> Server:
+#: Runs a script (argv[1], its arguments after it) under cProfile on the CPU-time clock and
+#: writes the profile to $PROFILE_OUT when the script returns or exits.
+CPU_PROFILE = """
+import cProfile, os, runpy, sys, time
+profile = cProfile.Profile(time.process_time)
+sys.argv = sys.argv[1:]
+profile.enable()
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(os.environ["PROFILE_OUT"])
+"""
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def profiled_server(name: str, kind: str, folder: Path, profile: Path,
+                    plaintext: bool = False) -> Server:
     """The server ``name`` serving a fresh ``kind`` certificate, profiled into ``profile``."""
     cert, key = make_certificate(kind, folder)
     port = free_port()
+    env = dict(os.environ, PROFILE_OUT=str(profile))
     if name == "aiosmtpd":
-        argv = [sys.executable, "-m", "cProfile", "-o", str(profile), str(TLS_PEER), str(port),
+        argv = [sys.executable, "-c", CPU_PROFILE, str(TLS_PEER), str(port),
                 "--cert", str(cert), "--key", str(key), "--user", USER, "--password", PASSWORD]
-        return Server(name, argv, port, folder)
-    env = dict(os.environ)
+        return Server(name, argv, port, folder, env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    config = saslsmtp_config(port, folder, cert, key, "text")
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+    config = saslsmtp_config(port, folder, cert, key, "text", require_tls=not plaintext)
+    twistd = folder / "twistd_main.py"
+    twistd.write_text(TWISTD + "\n")
+    argv = [sys.executable, "-c", CPU_PROFILE, str(twistd),
             "-n", "--pidfile=", f"--logfile={folder / 'saslsmtp.log'}",
-            f"--profile={profile}", "--profiler=cprofile", "--savestats",
             "saslsmtp", "--config", str(config)]
     return Server(name, argv, port, folder, env)
 
@@ -55,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", choices=("saslsmtp", "aiosmtpd"), default="saslsmtp")
     p.add_argument("--cert", choices=("rsa2048", "ecdsa-p256"), default="rsa2048")
     p.add_argument("--resume", action="store_true", help="a resuming client (--tls-resume)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="saslsmtp without STARTTLS (require_tls = false): the baseline that "
+                        "shows what TLS adds")
     p.add_argument("--concurrency", "-c", type=int, default=16)
     p.add_argument("--duration", "-d", type=float, default=5.0)
     p.add_argument("--top", type=int, default=40)
@@ -63,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-tls-") as tmp:
         folder = Path(tmp)
         profile = args.save.resolve() if args.save else folder / "server.prof"
-        server = profiled_server(args.server, args.cert, folder, profile)
+        if args.plaintext and args.server != "saslsmtp":
+            p.error("--plaintext profiles saslsmtp only")
+        server = profiled_server(args.server, args.cert, folder, profile, args.plaintext)
         server.start()
         try:
             before = process_cpu_s(server.pid)
-            load = [sys.executable, str(LOADGEN), "--port", str(server.port), "--starttls",
+            load = [sys.executable, str(LOADGEN), "--port", str(server.port),
                     "--user", USER, "--password", PASSWORD, "-c", str(args.concurrency),
                     "-d", str(args.duration)]
+            if not args.plaintext:
+                load.append("--starttls")
             if args.resume:
                 load.append("--tls-resume")
             done = subprocess.run(load, capture_output=True, text=True,
