@@ -289,3 +289,29 @@ async def test_certificate_kinds_with_real_clients(tmp_path: Path, key_type: str
         assert "235 2.7.0 Authentication successful" in transcript, transcript
     finally:
         await server.stop()
+
+
+def run_load_generator(port: int) -> dict[str, Any]:
+    """benchmarks/smtp_auth_load.py --starttls --tls-resume: six sessions on one slot."""
+    import json
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "smtp_auth_load.py"),
+                           "--port", str(port), "--starttls", "--tls-resume", "-c", "1",
+                           "-n", "6", "--user", "alice", "--password", "secret", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_generator_resumes(tmp_path: Path) -> None:
+    """The benchmark's generator with --tls-resume offers each session the previous one's
+    TLS session: five of six sessions offer one, and all five resume."""
+    server = await tls_server(tmp_path)
+    try:
+        result = await threads.deferToThread(run_load_generator, server.port)
+    finally:
+        await server.stop()
+    assert result["ok"] == 6 and result["errors"] == 0
+    assert (result["tls_offered"], result["tls_resumed"]) == (5, 5)
