@@ -31,6 +31,7 @@ from saslsmtp.events import SessionEvents
 from saslsmtp.limits.build import AbuseControls, service_controls
 from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
+from saslsmtp.nodelay import no_delay
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -326,6 +327,7 @@ class SubmissionFactory(protocol.ServerFactory):
 class _TrackedSubmission(SubmissionESMTP):
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        no_delay(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:

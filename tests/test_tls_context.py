@@ -315,3 +315,35 @@ async def test_load_generator_resumes(tmp_path: Path) -> None:
         await server.stop()
     assert result["ok"] == 6 and result["errors"] == 0
     assert (result["tls_offered"], result["tls_resumed"]) == (5, 5)
+
+
+@pytest.mark.parametrize("listen,implicit", [("tcp:0:interface=127.0.0.1", False),
+                                             ("ssl:0:interface=127.0.0.1", True)],
+                         ids=["starttls", "implicit"])
+@pytest_twisted.ensureDeferred
+async def test_sessions_run_without_nagle(tmp_path: Path, listen: str, implicit: bool) -> None:
+    """Every session's TCP socket has TCP_NODELAY, under an ssl: listener's TLS layer too
+    (with Nagle, the EHLO reply after a TLS handshake waits for the client's delayed ACK
+    of the session tickets)."""
+    server = await tls_server(tmp_path, listen)
+
+    def nodelay_of_open_connection() -> bool:
+        (connection,) = list(server.factory.connections)
+        return bool(connection.transport.getTcpNoDelay())  # through the TLS wrapper too
+    during = lambda: threads.blockingCallFromThread(reactor, nodelay_of_open_connection)  # noqa: E731
+    try:
+        seen = await threads.deferToThread(tls_session, server.port, client_context(), None,
+                                           implicit, during)
+    finally:
+        await server.stop()
+    assert seen["during"] is True
+
+
+def test_no_delay_without_a_tcp_connection() -> None:
+    """A transport with no TCP connection under it (a UNIX socket) is left alone."""
+    from saslsmtp.nodelay import no_delay
+
+    class Unix:
+        transport = None
+    assert no_delay(Unix()) is False
+    assert no_delay(None) is False
