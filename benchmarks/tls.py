@@ -23,8 +23,8 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -318,14 +318,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return rows, meta
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run, print the table, save the results."""
+    """Run, print the table, save the results; servers are stopped on every way out."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     args = parse_args(argv)
     try:
         rows, meta = run(args)
     except BenchError as exc:
         print(f"tls.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tls.py: interrupted; servers stopped", file=sys.stderr)
+        return 130
     text = markdown(rows, meta)
     print(text)
     if not args.no_save:
