@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, assert_never
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
-from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +33,7 @@ from saslsmtp.events import SessionEvents
 from saslsmtp.limits.build import AbuseControls, service_controls
 from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
+from saslsmtp.nodelay import no_delay
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -296,23 +297,11 @@ def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
 
 
 def tls_context(config: Config) -> Any:
-    """Server TLS options from ``[tls]``, or ``None``."""
+    """Server TLS options from ``[tls]`` (``tlscontext.server_options``), or ``None``."""
     if config.tls is None:
         return None
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    certs = x509.load_pem_x509_certificates(Path(config.tls.certificate).read_bytes())
-    key = load_pem_private_key(Path(config.tls.private_key).read_bytes(), password=None)
-    verify: dict[str, Any] = {}
-    if config.tls.client_ca is not None:
-        from OpenSSL import crypto
-        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
-        verify = {"verify": True, "requireCertificate": False,
-                  "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
-    # pyOpenSSL converts cryptography keys and certificates; Twisted's annotations name only X509/PKey
-    return ssl.CertificateOptions(
-        privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,  # type: ignore[arg-type]
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    from saslsmtp.tlscontext import server_options
+    return server_options(config.tls)
 
 
 class SubmissionFactory(protocol.ServerFactory):
@@ -365,6 +354,7 @@ class SubmissionFactory(protocol.ServerFactory):
 class _TrackedSubmission(SubmissionESMTP):
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        no_delay(self.transport)
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:

@@ -1,7 +1,7 @@
 """What a TLS connection tells mechanisms: channel bindings and the client certificate.
 
-* ``tls-exporter`` (RFC 9266) on TLS 1.3, ``tls-unique`` (RFC 5929) on TLS 1.2, and
-  ``tls-server-end-point`` (RFC 5929 section 4.1) on both;
+* ``tls-exporter`` (RFC 9266) on TLS 1.3, ``tls-unique`` (RFC 5929, resumption-aware) on TLS 1.2, and
+  ``tls-server-end-point`` (RFC 5929 section 4.1) on both, each read only when asked for;
 * the verified client certificate (only present when ``[tls] client_ca`` made OpenSSL
   verify it), with the identity mapped from its CN or e-mail SAN.
 """
@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from twisted.logger import Logger
 
@@ -22,24 +22,78 @@ def _connection(transport: Any) -> Any:
     return handle if hasattr(handle, "get_protocol_version_name") else None
 
 
-def channel_bindings(conn: Any) -> dict[str, bytes]:
-    """Channel-binding data of an ``OpenSSL.SSL.Connection`` after its handshake."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-    out: dict[str, bytes] = {}
-    version = conn.get_protocol_version_name()
-    if version == "TLSv1.3":
-        out["tls-exporter"] = conn.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-    elif version in ("TLSv1.2", "TLSv1.1", "TLSv1"):
-        finished = conn.get_peer_finished()  # server side of a full handshake: the client's
-        if finished:
-            out["tls-unique"] = finished
-    cert = conn.get_certificate()
-    if cert is not None:
+def session_reused(conn: Any) -> bool:
+    """Whether ``conn``'s handshake resumed an earlier session (a ticket or session ID).
+    pyOpenSSL has no public call for it; its OpenSSL binding has ``SSL_session_reused``."""
+    try:
+        from OpenSSL._util import lib
+        return bool(lib.SSL_session_reused(conn._ssl))
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
+class ChannelBindings(Mapping[str, bytes]):
+    """Channel-binding data of an ``OpenSSL.SSL.Connection`` after its handshake, by type.
+
+    Which types exist is known from the protocol version at once; each value is read from
+    OpenSSL (a keying-material export, a hash of our certificate) only when a mechanism
+    asks for it: PLAIN and LOGIN never do, a SCRAM -PLUS exchange asks for one.  A value
+    that cannot be read is logged and missing (the mechanism then refuses the binding).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._values: dict[str, bytes | None] = {}
+        version = conn.get_protocol_version_name()
+        names = []
+        if version == "TLSv1.3":
+            names.append("tls-exporter")
+        elif version in ("TLSv1.2", "TLSv1.1", "TLSv1"):
+            names.append("tls-unique")
+        self._names = tuple(names) + ("tls-server-end-point",)
+
+    def _read(self, name: str) -> bytes | None:
+        conn = self._conn
+        if name == "tls-exporter":
+            return bytes(conn.export_keying_material(b"EXPORTER-Channel-Binding", 32))
+        if name == "tls-unique":
+            # RFC 5929 3.1: the first Finished of the latest handshake; that is the
+            # client's in a full handshake, ours (the server's) in a resumed one.
+            finished = conn.get_finished() if session_reused(conn) else conn.get_peer_finished()
+            return bytes(finished) if finished else None
+        cert = conn.get_certificate()
+        if cert is None:
+            return None
+        from cryptography.hazmat.primitives.serialization import Encoding
         c = cert.to_cryptography()
         algorithm = c.signature_hash_algorithm
-        name = "sha256" if algorithm is None or algorithm.name in ("md5", "sha1") else algorithm.name
-        out["tls-server-end-point"] = hashlib.new(name, c.public_bytes(Encoding.DER)).digest()
-    return out
+        hash_name = "sha256" if algorithm is None or algorithm.name in ("md5", "sha1") else algorithm.name
+        return hashlib.new(hash_name, c.public_bytes(Encoding.DER)).digest()
+
+    def __getitem__(self, name: str) -> bytes:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._values:
+            try:
+                self._values[name] = self._read(name)
+            except Exception:
+                log.failure("could not read the TLS channel binding {name}", name=name)
+                self._values[name] = None
+        value = self._values[name]
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def channel_bindings(conn: Any) -> dict[str, bytes]:
+    """Every channel binding of ``conn``, read now (``ChannelBindings`` reads on demand)."""
+    return dict(ChannelBindings(conn))
 
 
 def client_certificate(conn: Any, identity_from: str = "cn") -> Mapping[str, object] | None:
@@ -63,13 +117,14 @@ def client_certificate(conn: Any, identity_from: str = "cn") -> Mapping[str, obj
             "emails": tuple(emails), "serial": cert.serial_number}
 
 
-def tls_facts(transport: Any, identity_from: str = "cn") -> tuple[dict[str, bytes], Mapping[str, object] | None]:
-    """(channel bindings, client certificate) of a TLS transport; empty when unknown."""
+def tls_facts(transport: Any, identity_from: str = "cn") -> tuple[Mapping[str, bytes], Mapping[str, object] | None]:
+    """(channel bindings, read on demand; client certificate) of a TLS transport; empty
+    when unknown."""
     conn = _connection(transport)
     if conn is None:
         return {}, None
     try:
-        return channel_bindings(conn), client_certificate(conn, identity_from)
+        return ChannelBindings(conn), client_certificate(conn, identity_from)
     except Exception:
         log.failure("could not read TLS connection facts")
         return {}, None

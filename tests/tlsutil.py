@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _counter = itertools.count(1)
@@ -97,15 +97,23 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def issue_cert(ca: CA, tmp: str | Path, names: Sequence[str] = ("localhost", "127.0.0.1"),
-               san: bool = True, cn: str | None = None, days: int = 30) -> IssuedCert:
+               san: bool = True, cn: str | None = None, days: int = 30,
+               key_type: str = "ecdsa-p256") -> IssuedCert:
     """A server certificate signed by ``ca`` for ``names`` (DNS names and/or IPs).
 
     ``san=False`` leaves out the subjectAltName extension entirely (CN only), the
     certificate that service-identity refuses and Twisted's verifier lets through.
+    ``key_type`` is ``"ecdsa-p256"`` (the default: fast to make) or ``"rsa2048"``.
     """
     tmp = Path(tmp)
     n = next(_counter)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: Any
+    if key_type == "rsa2048":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif key_type == "ecdsa-p256":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise ValueError(f"unknown key_type {key_type!r}")
     common_name = cn if cn is not None else (names[0] if names else "no-name")
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
