@@ -128,10 +128,10 @@ class _Commit:
 class GroupCommit:
     """Finished messages of one Maildir, made durable in batches (group commit).
 
-    A batch is one job in the blocking runner: for each message the rest of its bytes are
-    written, the file fsynced, closed and renamed from ``tmp/`` into ``new/``; then
-    ``new/`` is fsynced once for all of them.  A message's Deferred fires with its name
-    only after that directory fsync, which started after its rename: every ``250`` is
+    A batch is one job in the blocking runner: the rest of each message's bytes is
+    written, then each file is fsynced and closed, then each is renamed from ``tmp/`` into
+    ``new/``; then ``new/`` is fsynced once for all of them.  A message's Deferred fires with its name
+    only after that directory fsync, which started after its fsync and rename: every ``250`` is
     still preceded by the file fsync, the rename and a directory fsync that covers the
     rename (docs/delivery.md).  Messages that finish while a batch runs wait and form the
     next batch, so under load several renames share one directory fsync, and the reactor
@@ -176,22 +176,27 @@ class GroupCommit:
                 self._done, self._lost, callbackArgs=(jobs,), errbackArgs=(jobs,))
 
     def _commit(self, jobs: list[_Commit]) -> list[str | Failure]:
-        """The blocking batch (a runner thread)."""
-        results: list[str | Failure] = []
-        renamed = False
-        for job in jobs:
-            try:
-                results.append(job.sink._complete(job.data))
-                renamed = True
-            except Exception:
-                results.append(Failure())
-        if renamed:
+        """The blocking batch (a runner thread), in three passes so the kernel can
+        write the files together: write every file, then fsync each, then rename each
+        into ``new/``; then one fsync of ``new/``.  Each file is still fsynced before
+        its rename."""
+        results: list[str | Failure | None] = [None] * len(jobs)
+        for step in (MaildirSink._write_rest, MaildirSink._sync, MaildirSink._publish):
+            for i, job in enumerate(jobs):
+                if results[i] is None:
+                    try:
+                        step(job.sink, job.data)
+                    except Exception:
+                        results[i] = Failure()
+                        job.sink._drop()
+        if any(result is None for result in results):
             try:
                 self.maildir.sync_new()
             except Exception:
                 failure = Failure()
-                results = [failure if isinstance(r, str) else r for r in results]
-        return results
+                results = [failure if result is None else result for result in results]
+        return [job.sink.queue_id if result is None else result
+                for job, result in zip(jobs, results)]
 
     def _done(self, results: list[str | Failure], jobs: list[_Commit]) -> None:
         self._running -= 1
@@ -240,7 +245,7 @@ class MaildirSink:
         self._committing = False  # handed to the GroupCommit
         self._tail: Deferred[Any] | None = None  # the chunk writes, in order (None: none yet)
 
-    # blocking steps (a runner thread); a small message takes one: _complete -------
+    # blocking steps (a runner thread): chunk writes, then GroupCommit's passes -----
 
     def _write(self, data: bytes) -> None:
         if self._fd is None:
@@ -248,27 +253,31 @@ class MaildirSink:
             self._created = True
         write_all(self._fd, data)
 
-    def _complete(self, data: bytes) -> str:
-        """Write ``data``, fsync, close, rename into ``new/`` (GroupCommit's batch job,
-        which fsyncs ``new/`` after); on an error the ``tmp/`` file is removed."""
+    def _write_rest(self, data: bytes) -> None:
+        """GroupCommit's first pass: the last bytes into ``tmp/`` (the file is made now
+        for a small message)."""
+        self._write(data)
+
+    def _sync(self, data: bytes) -> None:
+        """Second pass: fsync and close the file."""
+        fd, self._fd = self._fd, None
+        assert fd is not None
         try:
-            self._write(data)
-            assert self._fd is not None
-            fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            name = self.queue_id
-            self._maildir.rename_new(name)
-            self._created = False
-            return name
-        except BaseException:
-            try:
-                self._discard()
-            except OSError:
-                pass
-            raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _publish(self, data: bytes) -> None:
+        """Third pass: rename it into ``new/`` (GroupCommit fsyncs ``new/`` after)."""
+        self._maildir.rename_new(self.queue_id)
+        self._created = False
+
+    def _drop(self) -> None:
+        """A pass failed: remove the ``tmp/`` file now (same job), never raise."""
+        try:
+            self._discard()
+        except OSError:
+            pass
 
     def _discard(self) -> None:
         fd, self._fd = self._fd, None

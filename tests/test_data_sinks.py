@@ -195,8 +195,8 @@ def queued_name(reply: bytes) -> str:
 def test_messages_ending_together_share_one_directory_fsync(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The first message is committed alone; two that end while its batch runs form the
-    next batch: one runner job, each file fsynced then renamed, then ONE fsync of new/,
-    and no 250 before the directory fsync that covers the message's rename."""
+    next batch: one runner job, both files fsynced, then both renamed, then ONE fsync of
+    new/, and no 250 before the directory fsync that covers the message's rename."""
     calls = disk_calls(monkeypatch)
     runner = ManualRunner()
     sessions = three_sessions(tmp_path, runner)
@@ -209,7 +209,7 @@ def test_messages_ending_together_share_one_directory_fsync(tmp_path: Path,
     calls.clear()
     runner.run_one()
     names = [queued_name(h.take()) for h in sessions[1:]]
-    assert calls == ["fsync file", f"rename {names[0]}", "fsync file", f"rename {names[1]}",
+    assert calls == ["fsync file", "fsync file", f"rename {names[0]}", f"rename {names[1]}",
                      "fsync dir"]
     assert files(tmp_path / "mail" / "new") == sorted([first] + names)
     assert files(tmp_path / "mail" / "tmp") == []
