@@ -129,14 +129,15 @@ class GroupCommit:
     """Finished messages of one Maildir, made durable in batches (group commit).
 
     A batch is one job in the blocking runner: the rest of each message's bytes is
-    written, then each file is fsynced and closed, then each is renamed from ``tmp/`` into
-    ``new/``; then ``new/`` is fsynced once for all of them.  A message's Deferred fires with its name
-    only after that directory fsync, which started after its fsync and rename: every ``250`` is
-    still preceded by the file fsync, the rename and a directory fsync that covers the
-    rename (docs/delivery.md).  Messages that finish while a batch runs wait and form the
-    next batch, so under load several renames share one directory fsync, and the reactor
-    is woken once per batch instead of once per message.  At most ``max_batches`` batches
-    run at once (one by default: a batch grows while the previous one is on the disk).
+    written, then each file is fsynced and closed, then each is renamed from ``tmp/``
+    into ``new/``; then ``new/`` is fsynced once for all of them.  A message's Deferred
+    fires with its name only after that directory fsync, which started after its own
+    fsync and rename: every ``250`` is still preceded by the file fsync, the rename and a
+    directory fsync that covers the rename (docs/delivery.md).  Messages that finish
+    while a batch runs wait and form the next batch, so under load several renames share
+    one directory fsync, and the reactor is woken once per batch instead of once per
+    message.  At most ``max_batches`` batches run at once (one by default: a batch grows
+    while the previous one is on the disk).
 
     A message whose write, fsync or rename fails gets that error (its ``tmp/`` file is
     removed in the same job); a failed directory fsync fails every message of the batch.

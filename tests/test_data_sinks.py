@@ -192,8 +192,8 @@ def queued_name(reply: bytes) -> str:
     return match.group(1).decode()
 
 
-def test_messages_ending_together_share_one_directory_fsync(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_messages_ending_together_share_one_directory_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first message is committed alone; two that end while its batch runs form the
     next batch: one runner job, both files fsynced, then both renamed, then ONE fsync of
     new/, and no 250 before the directory fsync that covers the message's rename."""
@@ -217,8 +217,8 @@ def test_messages_ending_together_share_one_directory_fsync(tmp_path: Path,
     assert committer.batches == 2
 
 
-def test_a_failed_file_fsync_answers_451_and_stores_nothing(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_file_fsync_answers_451_and_stores_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fsync of the message file fails (EIO): 451 4.3.0, never a 250, no file left in
     tmp/ or new/, no rename, and the connection goes on (RSET answers)."""
     calls = disk_calls(monkeypatch, fail="file")
@@ -230,8 +230,8 @@ def test_a_failed_file_fsync_answers_451_and_stores_nothing(tmp_path: Path,
     assert h.send(b"RSET\r\n") == b"250 2.0.0 Reset state\r\n"
 
 
-def test_a_failed_directory_fsync_answers_451_to_the_whole_batch(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_directory_fsync_answers_451_to_the_whole_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fsync of new/ fails: every message of that batch gets 451, none a 250."""
     runner = ManualRunner()
     sessions = three_sessions(tmp_path, runner)
