@@ -213,7 +213,8 @@ def test_messages_ending_together_share_one_directory_fsync(
                      "fsync dir"]
     assert files(tmp_path / "mail" / "new") == sorted([first] + names)
     assert files(tmp_path / "mail" / "tmp") == []
-    committer = sessions[0].realm.maildir.committer(runner)
+    realm: Any = sessions[0].realm
+    committer = realm.maildir.committer(runner)
     assert committer.batches == 2
 
 
