@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.python.failure import Failure
 
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.peer import Peer
@@ -79,19 +80,29 @@ class ConnectionAdmission:
         if not self.connection.authenticated:
             return step()
         verdict = self.limits.mail_allowed(self.connection.auth_user)
-        return verdict.addCallback(lambda v: _limited(v) or step())
+        return _when(verdict, lambda v: _limited(v) or step())
 
     def rcpt(self, step: Callable[[], Any]) -> Any:
         """RCPT: ``step()``, after ``recipients_per_user``."""
         if not self.connection.authenticated:
             return step()
         verdict = self.limits.recipient_allowed(self.connection.auth_user)
-        return verdict.addCallback(lambda v: _limited(v) or step())
+        return _when(verdict, lambda v: _limited(v) or step())
 
     def message_accepted(self) -> None:
         """A message got its 2xx (stored, or the upstream took it): messages_per_user."""
         if self.connection.authenticated:
             self.limits.message_accepted(self.connection.auth_user)
+
+
+def _when(verdict: "defer.Deferred[Any]", then: Callable[[Any], Any]) -> Any:
+    """``then(verdict)`` at once when the verdict is already there (no limit set, or the
+    memory store): the answer needs no Deferred and no busy round; else later."""
+    if verdict.called and not verdict.paused:
+        result = verdict.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            return then(result)
+    return verdict.addCallback(then)
 
 
 def _limited(verdict: Any) -> SMTPReply | None:

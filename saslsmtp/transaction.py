@@ -15,6 +15,7 @@ on line lengths.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
@@ -369,6 +370,18 @@ def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
         user = clean_text(stamp.user).replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
     rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = smtp.rfc822date().decode("ascii")
+    date = _date()
     return (f"Received: from {helo} ([{stamp.peer_ip}])\r\n\tby {stamp.hostname}"
             f" (saslsmtp) with {protocol}{auth}{rcpt}; {date}").encode("utf-8")
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date() -> str:
+    """The RFC 5322 date of this second (made once a second, not once per message)."""
+    global _last_date
+    now = time.time()
+    if int(now) != _last_date[0]:
+        _last_date = (int(now), smtp.rfc822date(time.localtime(now)).decode("ascii"))
+    return _last_date[1]

@@ -67,3 +67,21 @@ def test_two_byte_lines_cost_no_object_per_line():
     body, rest, reader = read_all(stream, [65536])
     assert body == b"ab\r\nc\r\n" * (1 << 17) and rest == b""
     assert not reader.overlong
+
+
+def test_every_two_cut_split_gives_identical_bytes():
+    """Every way of cutting the stream in three reads (so every boundary inside and
+    around the final ``CRLF . CRLF`` and the stuffed dots, alone or together): the same
+    body and the same rest."""
+    for i in range(len(STREAM) + 1):
+        for j in range(i, len(STREAM) + 1):
+            reader = BodyReader(16384)
+            out, parts = [], [STREAM[:i], STREAM[i:j], STREAM[j:]]
+            while parts:
+                chunk = reader.feed(parts.pop(0))
+                out.append(chunk.data)
+                if chunk.done:
+                    break
+            assert chunk.done, (i, j)
+            rest = chunk.rest + b"".join(parts)
+            assert (b"".join(out), rest) == (BODY, b"QUIT\r\n"), (i, j)

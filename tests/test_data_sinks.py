@@ -4,13 +4,19 @@ file is fsynced and in ``new/``; the size and line limits and bare LF still hold
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 from twisted.internet import defer
 
 from saslsmtp.delivery import Maildir, MaildirRealm
 from saslsmtp.testing import SMTPHarness
+from saslsmtp.threads import SynchronousRunner
 
 USERS = {"tim": "tanstaaftanstaaf"}
 START = (b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n")
@@ -30,13 +36,16 @@ class ManualRunner:
 
     def run_all(self) -> None:
         while self.jobs:
-            f, args, d = self.jobs.pop(0)
-            try:
-                result = f(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
+            self.run_one()
+
+    def run_one(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
 
 
 def files(folder: Path) -> list[str]:
@@ -133,3 +142,131 @@ def test_354_answered_late_takes_queued_body_lines(tmp_path: Path) -> None:
     assert h.take() == (b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK: queued\r\n"
                         b"250 2.0.0 OK\r\n")
     assert h.realm.messages[0].endswith(b"Subject: late\r\n\r\n.one\r\n")
+
+
+
+# -- group commit: one runner job per batch, one directory fsync per batch ---------------
+
+MESSAGE = b"Subject: gc\r\n\r\nbody\r\n.\r\n"
+ACCEPTED = re.compile(rb"^250 2\.0\.0 OK: queued as (\S+)\r\n$")
+
+
+def disk_calls(monkeypatch: pytest.MonkeyPatch, fail: str | None = None) -> list[str]:
+    """Record (and optionally fail) the durability steps: "fsync file", "fsync dir",
+    "rename <name>"; ``fail`` names the kind of fsync that raises EIO."""
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        calls.append(f"fsync {kind}")
+        if kind == fail:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        calls.append(f"rename {os.path.basename(dst)}")
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return calls
+
+
+def three_sessions(tmp_path: Path, runner: Any) -> list[SMTPHarness]:
+    """Three logged-in connections to one server (one Maildir), each with a message
+    whose final dot was sent."""
+    first = harness(tmp_path, runner)
+    sessions = [first, first.connect(), first.connect()]
+    for h in sessions[1:]:
+        h.login("tim", "tanstaaftanstaaf")
+    for h in sessions:
+        h.take()
+        assert h.send(START) == DATA_OK
+        assert h.send(MESSAGE) == b""
+    return sessions
+
+
+def queued_name(reply: bytes) -> str:
+    match = ACCEPTED.match(reply)
+    assert match, reply
+    return match.group(1).decode()
+
+
+def test_messages_ending_together_share_one_directory_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first message is committed alone; two that end while its batch runs form the
+    next batch: one runner job, both files fsynced, then both renamed, then ONE fsync of
+    new/, and no 250 before the directory fsync that covers the message's rename."""
+    calls = disk_calls(monkeypatch)
+    runner = ManualRunner()
+    sessions = three_sessions(tmp_path, runner)
+    assert len(runner.jobs) == 1  # the first batch; the other two wait for it
+    runner.run_one()
+    first = queued_name(sessions[0].take())
+    assert calls == ["fsync file", f"rename {first}", "fsync dir"]
+    assert [h.take() for h in sessions[1:]] == [b"", b""]
+    assert len(runner.jobs) == 1  # both waiting messages in one job
+    calls.clear()
+    runner.run_one()
+    names = [queued_name(h.take()) for h in sessions[1:]]
+    assert calls == ["fsync file", "fsync file", f"rename {names[0]}", f"rename {names[1]}",
+                     "fsync dir"]
+    assert files(tmp_path / "mail" / "new") == sorted([first] + names)
+    assert files(tmp_path / "mail" / "tmp") == []
+    realm: Any = sessions[0].realm
+    committer = realm.maildir.committer(runner)
+    assert committer.batches == 2
+
+
+def test_a_failed_file_fsync_answers_451_and_stores_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of the message file fails (EIO): 451 4.3.0, never a 250, no file left in
+    tmp/ or new/, no rename, and the connection goes on (RSET answers)."""
+    calls = disk_calls(monkeypatch, fail="file")
+    h = harness(tmp_path, SynchronousRunner())
+    assert h.send(START) == DATA_OK
+    assert h.send(MESSAGE) == b"451 4.3.0 Local error in processing; try again later\r\n"
+    assert calls == ["fsync file"]
+    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
+    assert h.send(b"RSET\r\n") == b"250 2.0.0 Reset state\r\n"
+
+
+def test_a_failed_directory_fsync_answers_451_to_the_whole_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fsync of new/ fails: every message of that batch gets 451, none a 250."""
+    runner = ManualRunner()
+    sessions = three_sessions(tmp_path, runner)
+    runner.run_one()
+    assert ACCEPTED.match(sessions[0].take())
+    disk_calls(monkeypatch, fail="dir")
+    runner.run_one()
+    assert [h.take() for h in sessions[1:]] == [
+        b"451 4.3.0 Local error in processing; try again later\r\n"] * 2
+
+
+def test_a_message_waiting_for_its_batch_is_dropped_when_the_client_goes(tmp_path: Path) -> None:
+    """A client that disconnects while its message waits for the next batch: it is taken
+    out of the batch and its tmp/ file removed; the others are stored."""
+    runner = ManualRunner()
+    sessions = three_sessions(tmp_path, runner)
+    sessions[1].close()
+    runner.run_all()
+    stored = [queued_name(sessions[0].take()), queued_name(sessions[2].take())]
+    assert files(tmp_path / "mail" / "new") == sorted(stored)
+    assert files(tmp_path / "mail" / "tmp") == []
+
+
+def test_every_split_of_the_stream_stores_the_same_bytes(tmp_path: Path) -> None:
+    """The client's bytes cut at every position (inside the final CRLF.CRLF, inside a
+    stuffed dot, inside the CRLF before it): the same file in new/ every time."""
+    stream = b"Subject: split\r\n\r\n..dot\r\n..\r\nx\r\n...\r\n.\r\nRSET\r\n"
+    h = harness(tmp_path, SynchronousRunner())
+    stored = set()
+    for cut in range(len(stream) + 1):
+        assert h.send(START) == DATA_OK
+        out = h.send(stream[:cut]) + h.send(stream[cut:])
+        name = queued_name(out[:out.index(b"\r\n") + 2])
+        assert out.endswith(b"\r\n250 2.0.0 Reset state\r\n")
+        data = (tmp_path / "mail" / "new" / name).read_bytes()
+        stored.add(data[data.index(b"Subject"):])  # the Received header has the time
+    assert stored == {b"Subject: split\n\n.dot\n.\nx\n..\n"}

@@ -1,0 +1,70 @@
+"""The mail path's fast answers: MAIL and RCPT are answered at once (no Deferred, no busy
+round) when the limits' verdict is already there, and still later when it is not."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet import defer
+
+from saslsmtp.admission import ConnectionAdmission
+from saslsmtp.limits.verdicts import ALLOWED, Verdict
+from saslsmtp.replies import REPLIES, SMTPReply
+
+DENIED = Verdict(False, 452, "4.7.1", "Too many messages, try again later", "messages_per_user")
+
+
+class Limits:
+    """ConnectionLimits' MAIL/RCPT questions, answering with the Deferred given."""
+
+    def __init__(self, verdict: "defer.Deferred[Verdict]") -> None:
+        self.verdict = verdict
+
+    def mail_allowed(self, user: str | None) -> "defer.Deferred[Verdict]":
+        return self.verdict
+
+    def recipient_allowed(self, user: str | None) -> "defer.Deferred[Verdict]":
+        return self.verdict
+
+
+def admission(verdict: "defer.Deferred[Verdict]") -> ConnectionAdmission:
+    connection = SimpleNamespace(authenticated=True, auth_user="tim")
+    return ConnectionAdmission(connection, Limits(verdict))  # type: ignore[arg-type]
+
+
+def test_a_verdict_already_there_answers_at_once() -> None:
+    """No limit set (or the memory store): the transaction's own answer comes back as a
+    plain value for MAIL and for RCPT, and a refusal as the 452 itself."""
+    ok = REPLIES["sender_ok"]
+    assert admission(defer.succeed(ALLOWED)).mail(lambda: ok) is ok
+    assert admission(defer.succeed(ALLOWED)).rcpt(lambda: ok) is ok
+    refused = admission(defer.succeed(DENIED)).mail(lambda: ok)
+    assert refused == SMTPReply(452, "4.7.1", "Too many messages, try again later")
+
+
+def test_a_verdict_still_pending_answers_later() -> None:
+    """A store that answers later (Redis): a Deferred that fires with the answer; the
+    transaction is asked only once the verdict allows."""
+    pending: "defer.Deferred[Verdict]" = defer.Deferred()
+    asked: list[int] = []
+
+    def step() -> SMTPReply:
+        asked.append(1)
+        return REPLIES["rcpt_ok"]
+    answer = admission(pending).rcpt(step)
+    assert isinstance(answer, defer.Deferred) and asked == []
+    pending.callback(ALLOWED)
+    assert asked == [1]
+    assert answer.result is REPLIES["rcpt_ok"]
+
+
+def test_a_failed_verdict_stays_a_failure() -> None:
+    """A verdict that failed is not answered at once: the Deferred carries the error on
+    (the protocol's error path answers it)."""
+    failed: "defer.Deferred[Verdict]" = defer.fail(RuntimeError("store broke"))
+    answer = admission(failed).mail(lambda: REPLIES["sender_ok"])
+    assert isinstance(answer, defer.Deferred)
+    errors: list[Any] = []
+    answer.addErrback(errors.append)
+    assert errors and errors[0].check(RuntimeError)
