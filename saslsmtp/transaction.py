@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -29,6 +28,7 @@ from saslsmtp.body import LINE_LIMIT, BodyReader
 from saslsmtp.envelope import (Client, Envelope, MessageSink, StockEnvelope,
                                delivery_error_reply)
 from saslsmtp.replies import REPLIES, SMTPReply, clean_text
+from saslsmtp.sessionlogger import Logger
 
 log = Logger(namespace="saslsmtp.transaction")
 
