@@ -365,7 +365,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     tree = Path(args.tree).resolve()
     with tempfile.TemporaryDirectory(prefix="saslsmtp-idle-") as tmp:
         port = free_port()
-        daemon = Daemon(tree, Path(tmp), daemon_config(port), port)
+        config = daemon_config(port)
+        if args.old_config:  # a checkout before max_unauthenticated_time
+            config = config.replace("max_unauthenticated_time = 3600.0\n", "")
+        daemon = Daemon(tree, Path(tmp), config, port)
         with running(daemon):
             baseline = logins(port, args.logins)
             rss0 = settle(daemon.pid)
@@ -421,7 +424,7 @@ def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
         return (f"| {name} | {stats['count']} | {lo['p50']:.2f} | {lo['p95']:.2f} | {lo['p99']:.2f} "
                 f"| {au['p50']:.2f} | {au['p95']:.2f} | {au['p99']:.2f} |")
     lines = [
-        f"# Idle connections: {n:,} held, {meta['date']}",
+        f"# Idle connections: {n:,} held, {meta['date']}, {meta['tree']}",
         "",
         f"commit {meta['commit']}, Python {meta['python']}, {meta['machine']}; "
         f"{result['sources']} source addresses, EHLO {'sent' if result['ehlo'] else 'not sent'}, "
@@ -461,6 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=2500, help="connections between RSS samples")
     parser.add_argument("--no-ehlo", action="store_true", help="hold after the greeting only")
     parser.add_argument("--tree", default=str(REPO), help="the saslsmtp checkout to run")
+    parser.add_argument("--old-config", action="store_true",
+                        help="leave out keys an older checkout does not know")
     parser.add_argument("--label", default="idle-connections")
     parser.add_argument("--no-save", action="store_true")
     return parser.parse_args(argv)
@@ -475,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     now = dt.datetime.now(dt.timezone.utc)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(Path(args.tree)),
+            "tree": str(Path(args.tree).resolve()),
             "python": platform.python_version(), "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
             "argv": sys.argv[1:]}
     text = markdown(result, meta)
