@@ -25,11 +25,11 @@ REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per addre
 MAX_TRACKED_ADDRESSES = 100000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Penalty:
     count: int
     last: float
-    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    failed: dict[bytes, float] = field(default_factory=dict)  # oldest first
 
 
 class AuthPenalties:
@@ -96,7 +96,7 @@ class AuthPenalties:
                 return False
             p.failed[mark] = now
             while len(p.failed) > REMEMBERED_FAILURES:
-                p.failed.popitem(last=False)
+                del p.failed[next(iter(p.failed))]
         p.count += 1
         p.last = now
         return True
