@@ -47,6 +47,10 @@ class GuardedConnection(Protocol):
 class ConnectionGuards:
     """Deadlines, counters and the one way to close, for one connection."""
 
+    __slots__ = ("connection", "call_later", "junk_command_limit", "max_unauthenticated_time",
+                 "tls_handshake_timeout", "junk", "errors", "_producing", "_session_deadline",
+                 "_handshake_deadline", "_abort_deadline")  # one per connection: no __dict__
+
     def __init__(self, connection: GuardedConnection, call_later: Callable[..., Any],
                  settings: EngineSettings) -> None:
         self.connection = connection

@@ -32,6 +32,11 @@ class LineReader:
     ``on_flood()`` is called when too much waits while the replies are not read.
     """
 
+    __slots__ = ("_on_line", "_on_bare_lf", "_stopped", "_on_flood", "read_limit", "max_queued",
+                 "max_queued_bytes", "partial", "_queue", "_queued_bytes", "_next", "busy",
+                 "blocked", "_skip_to_eol", "_discard_rest", "raw",
+                 "_feeding")  # one per connection: no __dict__
+
     def __init__(self, on_line: Callable[[bytes], None], on_bare_lf: Callable[[], None],
                  stopped: Callable[[], bool], read_limit: int = READ_LIMIT,
                  on_flood: Callable[[], None] | None = None, max_queued: int = MAX_QUEUED,

@@ -20,6 +20,9 @@ from saslsmtp.transaction import Stamp
 class Peer:
     """The client's and our address, its HELO name and the AUTH script's context."""
 
+    __slots__ = ("hostname", "client_identity", "ip", "port", "local_ip", "local_port", "helo",
+                 "context", "_settled")  # one per connection: no __dict__
+
     def __init__(self, hostname: str, client_identity: str = "cn") -> None:
         self.hostname = hostname
         self.client_identity = client_identity  # which certificate field names the client

@@ -74,6 +74,14 @@ class SubmissionESMTP(smtp.ESMTP):
 
     transport: Any  # a TCP or TLS transport; StringTransport in tests
 
+    # Slots for this class's own state: stock ESMTP's attributes plus these would exceed
+    # CPython's shared-key limit (30), giving every connection its own ~1.8 KB __dict__
+    # (benchmarks/idle_connections.py).  The stock attributes still live in __dict__.
+    __slots__ = ("events", "portal", "settings", "tls_context", "client_identity", "peer",
+                 "context", "guards", "reader", "_paused", "_pending", "lost", "tls",
+                 "_can_starttls", "_ehlo_done", "limits", "admission", "auth", "avatar",
+                 "transaction")
+
     def __init__(self, *, portal: Any, settings: EngineSettings,
                  mechanisms: Mapping[str, MechanismSpec], clock: Any,
                  tls_context: Any = None, resolver: Resolver = no_resolver,
@@ -86,13 +94,14 @@ class SubmissionESMTP(smtp.ESMTP):
         self.portal = portal
         self.settings = settings
         self.host = settings.hostname.encode("ascii")
-        self.callLater = clock.callLater  # type: ignore[method-assign]  # TimeoutMixin's clock
+        call_later = clock.callLater  # one bound method for the idle timer and the guards
+        self.callLater = call_later  # type: ignore[method-assign]  # TimeoutMixin's clock
         self.timeout = settings.idle_timeout  # type: ignore[assignment]
         self.tls_context = tls_context
         self.client_identity = client_identity
         self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
         self.context = self.peer.context  # the AUTH script's per-connection context
-        self.guards = ConnectionGuards(self, clock.callLater, settings)
+        self.guards = ConnectionGuards(self, call_later, settings)
         self.reader = LineReader(self._line, self._bare_lf, self._stopped,
                                  on_flood=self.guards.flooded)
         self._paused = False

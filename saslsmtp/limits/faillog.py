@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from functools import lru_cache
 
 from saslsmtp.sessionlogger import Logger
 
@@ -32,7 +31,6 @@ MAX_USER = 256
 _MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")
 
 
-@lru_cache(maxsize=4096)
 def _client(address: str) -> str:
     try:
         return str(ipaddress.ip_address(address.split("%", 1)[0]))

@@ -374,6 +374,14 @@ class Limiter:
                 if not flights:
                     del self._in_flight[key]
 
+    def _remembers_failures(self) -> bool:
+        """Failures are remembered per address only when something uses them (the penalty,
+        a failure limit): otherwise every client address that ever failed would cost a
+        record."""
+        s = self.settings
+        return (s.auth_penalty_max > 0 or s.auth_failures_per_ip is not None
+                or s.auth_failures_per_user is not None)
+
     def _repeat_window(self) -> float:
         s = self.settings
         periods = [r.period for r in (s.auth_failures_per_ip, s.auth_failures_per_user) if r]
@@ -401,8 +409,8 @@ class Limiter:
             user = gate.username if username is None else username
             if success:
                 self.penalties.forgive(key)
-            elif success is False and self.penalties.record_failure(key, user, password,
-                                                                    self._repeat_window()):
+            elif success is False and self._remembers_failures() and \
+                    self.penalties.record_failure(key, user, password, self._repeat_window()):
                 counted = True
                 counters: list[tuple[str, Rate]] = []
                 if s.auth_failures_per_ip is not None:

@@ -25,11 +25,11 @@ REMEMBERED_FAILURES = 8  # distinct failed (user, password) HMACs kept per addre
 MAX_TRACKED_ADDRESSES = 100000
 
 
-@dataclass
+@dataclass(slots=True)
 class _Penalty:
     count: int
     last: float
-    failed: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    failed: dict[bytes, float] = field(default_factory=dict)  # oldest first
 
 
 class AuthPenalties:
@@ -62,11 +62,23 @@ class AuthPenalties:
         return hmac.new(self._secret, len(user).to_bytes(4, "big") + user + password,
                         hashlib.sha256).digest()
 
+    def _forget_old(self, now: float, budget: int = 8) -> None:
+        """Drop a few records whose last failure is over ``PENALTY_FORGET`` old (they are
+        in order of last failure), so memory follows the failures of the last hour, not
+        every address that ever failed."""
+        while budget and self.records:
+            key, oldest = next(iter(self.records.items()))
+            if now - oldest.last <= PENALTY_FORGET:
+                return
+            del self.records[key]
+            budget -= 1
+
     def record_failure(self, key: str, username: str, password: bytes | str | None,
                        repeat_window: float) -> bool:
         """Update the penalty; return False if this exact failure was already counted
         (the same pair failed from ``key`` within ``repeat_window`` seconds)."""
         now = self.clock.seconds()
+        self._forget_old(now)
         p = self.records.get(key)
         if p is not None and now - p.last > PENALTY_FORGET:
             p = None
@@ -84,7 +96,7 @@ class AuthPenalties:
                 return False
             p.failed[mark] = now
             while len(p.failed) > REMEMBERED_FAILURES:
-                p.failed.popitem(last=False)
+                del p.failed[next(iter(p.failed))]
         p.count += 1
         p.last = now
         return True
