@@ -68,7 +68,8 @@ def namespace(args: argparse.Namespace, fragment: Path | None) -> argparse.Names
         mech=["PLAIN"], auth_backends=None, auth_option=[],
         config_fragment=[str(fragment)] if fragment else [], stand_in=None,
         saslsmtp_config=None, saslsmtp_port=None, saslsmtp_log=os.devnull, mode="auth",
-        load_password=None, duration=args.duration, warmup=args.warmup, expect_fail=False)
+        load_password=None, duration=args.duration, warmup=args.warmup, expect_fail=False,
+        tls_files=None, starttls=False)
 
 
 def main() -> int:

@@ -60,16 +60,28 @@ path = "{users}"
 [delivery]
 type = "maildir"
 path = "{mail}"
+{limits}"""
+
+#: --limits: every limit on (memory store), none reached: what benchmarks/limits_cpu.py measures
+ALL_LIMITS = """[limits]
+connections_per_ip = 1000
+connection_rate_per_ip = "1000000/1m"
+auth_failures_per_ip = "1000/1m"
+auth_failures_per_user = "1000/1m"
+messages_per_user = "1000000/1h"
+recipients_per_user = "1000000/1h"
+auth_penalty_max = 15
 """
 
 
-def build(workdir: Path, log_level: str) -> SubmissionFactory:
+def build(workdir: Path, log_level: str, limits: bool = False) -> SubmissionFactory:
     log = open(workdir / "saslsmtp.log", "w")
     globalLogBeginner.beginLoggingTo([make_observer(log, "text", log_level)],
                                      redirectStandardIO=False)
     (workdir / "users").write_text("bench:{PLAIN}benchpass\n")
     (workdir / "saslsmtp.toml").write_text(CONFIG.format(users=workdir / "users",
-                                                         mail=workdir / "mail"))
+                                                         mail=workdir / "mail",
+                                                         limits=ALL_LIMITS if limits else ""))
     clock = Clock()
     wiring = wire(load(str(workdir / "saslsmtp.toml")), clock)
     wiring.blocking = SynchronousRunner()  # {PLAIN} never reaches the pool anyway
@@ -107,9 +119,10 @@ def main() -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", choices=("tottime", "cumtime"), help="print a profile")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--limits", action="store_true", help="every [limits] key on (memory store)")
     p.add_argument("--tree", default=str(ROOT), help="checkout whose saslsmtp is profiled")
     args = p.parse_args()
-    factory = build(Path(tempfile.mkdtemp(prefix="saslsmtp-profile-")), args.log_level)
+    factory = build(Path(tempfile.mkdtemp(prefix="saslsmtp-profile-")), args.log_level, args.limits)
     for _ in range(1000):  # warm caches (the users file, rendered replies)
         session(factory, args.mech)
     best = float("inf")

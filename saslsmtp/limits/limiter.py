@@ -156,6 +156,8 @@ class Limiter:
         admit = getattr(self.store, "admit", None)
         if admit is not None:  # one store call for both (Redis)
             return self._admit_at_once(admit, key)
+        if hasattr(self.store, "acquire_now"):  # the memory store: answered here and now
+            return succeed(self._admit_now(key))
 
         def rate_checked(result: RateResult) -> "Deferred[Admission] | Admission":
             if not result.allowed:
@@ -198,6 +200,26 @@ class Limiter:
                 out.callback(admission)
         d.addCallback(deliver)
         return out
+
+    def _admit_now(self, key: str) -> Admission:
+        """``connection_made`` over a store that answers synchronously (memory)."""
+        s = self.settings
+        store: Any = self.store
+        try:
+            if s.connection_rate_per_ip is not None and \
+                    not store.hit_now("connrate:" + key, s.connection_rate_per_ip).allowed:
+                return Admission(self._deny_connection("connection_rate_per_ip", key))
+            if s.connections_per_ip is None:
+                return Admission(ALLOWED)
+            holder = f"{self._holder_prefix}:{next(self._holders)}"
+            slot = "conn:" + key
+            if not store.acquire_now(slot, s.connections_per_ip, holder):
+                return Admission(self._deny_connection("connections_per_ip", key))
+        except Exception:
+            log.failure("limits: connection check failed; allowing")
+            return Admission(ALLOWED)
+        return Admission(ALLOWED, lambda: self.store.release(slot, holder)
+                         .addErrback(lambda f: None))
 
     def _admit_at_once(self, admit: Callable[..., Any], key: str) -> "Deferred[Admission]":
         s = self.settings
@@ -279,6 +301,13 @@ class Limiter:
         peek_many = getattr(self.store, "peek_many", None)
         if peek_many is not None and len(counters) > 1:  # one store call for both (Redis)
             return self._safe_many(peek_many(counters), len(counters)).addCallback(decide)
+        peek_now = getattr(self.store, "peek_now", None)
+        if peek_now is not None:  # the memory store: answered here and now
+            try:
+                return succeed(decide([peek_now(key, rate) for key, rate in counters]))
+            except Exception:
+                log.failure("limits: auth failure check failed; allowing")
+                return succeed(decide([ALLOW] * len(counters)))
         checks = [self._safe(self.store.peek(key, rate), "auth failure check")
                   for key, rate in counters]
         now = [_result_now(c) for c in checks]
