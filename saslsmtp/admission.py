@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.peer import Peer
 from saslsmtp.replies import SMTPReply
+from saslsmtp.settled import result_now
 
 
 class LimitedConnection(Protocol):
@@ -73,7 +74,13 @@ class ConnectionAdmission:
                 connection.close()
             elif greet:
                 connection.greet()
-        connection.busy_until(self.limits.admit(connection.peer.ip).addCallback(decided))
+        verdict = result_now(self.limits.admit(connection.peer.ip))
+        if isinstance(verdict, defer.Deferred):  # a shared store (Redis) answers later
+            connection.busy_until(verdict.addCallback(decided))
+        elif isinstance(verdict, Failure):
+            connection.busy_until(defer.fail(verdict))  # the protocol's internal-error reply
+        else:  # the memory store answered at once: no busy round
+            decided(verdict)
 
     def mail(self, step: Callable[[], Any]) -> Any:
         """MAIL: ``step()`` (the transaction's answer), after ``messages_per_user``."""
