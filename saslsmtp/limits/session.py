@@ -20,11 +20,13 @@ MAIL / RCPT / message stored    ``mail_allowed`` / ``recipient_allowed`` /
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 
 from saslsmtp.limits import faillog
 from saslsmtp.limits.limiter import ALLOWED, Admission, AuthGate, Limiter, Verdict
 from saslsmtp.sasl.outcome import Defer
+from saslsmtp.settled import result_now
 
 #: What the gate's refusal becomes: the reply text of ``Limiter.auth_gate``'s 454.
 GATE_REFUSAL = Defer("Temporary authentication failure")
@@ -58,7 +60,10 @@ class AuthAttempt:
             self.gate = gate
             self.refused = not gate.verdict.allowed
             return GATE_REFUSAL if self.refused else None
-        return self.limiter.auth_gate(self.address, username).addCallback(decided)
+        gate = result_now(self.limiter.auth_gate(self.address, username))
+        if isinstance(gate, Deferred):  # a shared store (Redis) answers later
+            return gate.addCallback(decided)
+        return fail(gate) if isinstance(gate, Failure) else succeed(decided(gate))
 
     def abandon(self) -> None:
         """The exchange ended without a verdict (``*``, a bad line, the client left)."""
@@ -98,13 +103,17 @@ class ConnectionLimits:
         """A new connection from ``address``: its verdict (``421 4.7.0`` when over a limit)."""
         if not address:  # a UNIX socket: no client address to count
             return succeed(ALLOWED)
-        d = self._pending = self.limiter.connection_made(address)
+        d = self.limiter.connection_made(address)
 
         def seated(admission: Admission) -> Verdict:
             self._pending = None
             self._admission = admission
             return admission.verdict
-        return d.addCallback(seated)
+        answer = result_now(d)
+        if isinstance(answer, Deferred):  # a shared store (Redis) answers later
+            self._pending = answer
+            return answer.addCallback(seated)
+        return fail(answer) if isinstance(answer, Failure) else succeed(seated(answer))
 
     def release(self) -> None:
         """The connection is gone: give its slot back (or stop waiting for one)."""
