@@ -32,7 +32,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from run import (LOADGEN, PEER, RESULTS, BenchError, Server, free_port,  # noqa: E402
+from run import (LOADGEN, PEER, RESULTS, BenchError, Server, bench_toml, free_port,  # noqa: E402
                  git_commit, process_cpu_s)
 
 USER, PASSWORD = "bench", "benchpass"
@@ -42,23 +42,9 @@ def saslsmtp(workdir: Path, delivery: str, name: str, tree: Path = REPO) -> Serv
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (workdir / "users").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
-    (workdir / "saslsmtp.toml").write_text(f"""\
-[server]
-hostname = "saslsmtp.bench.test"
-listen = ["tcp:{port}:interface=127.0.0.1"]
-
-[auth]
-mechanisms = ["PLAIN"]
-require_tls = false
-backends = ["bench"]
-failure_delay = 0
-
-[backends.bench]
-type = "file"
-path = "users"
-
-{delivery}
-""")
+    (workdir / "saslsmtp.toml").write_text(bench_toml(
+        f"tcp:{port}:interface=127.0.0.1", delivery=delivery + "\n",
+        origin="benchmarks/delivery_modes.py"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",

@@ -45,33 +45,9 @@ from saslsmtp.logs import make_observer  # noqa: E402
 from saslsmtp.service import SubmissionFactory, load, wire  # noqa: E402
 from saslsmtp.threads import SynchronousRunner  # noqa: E402
 
-CONFIG = """\
-[server]
-hostname = "saslsmtp.bench.test"
-listen = ["tcp:2525:interface=127.0.0.1"]
-[auth]
-mechanisms = ["PLAIN", "LOGIN", "CRAM-MD5"]
-require_tls = false
-backends = ["bench"]
-failure_delay = 0
-[backends.bench]
-type = "file"
-path = "{users}"
-[delivery]
-type = "maildir"
-path = "{mail}"
-{limits}"""
-
-#: --limits: every limit on (memory store), none reached: what benchmarks/limits_cpu.py measures
-ALL_LIMITS = """[limits]
-connections_per_ip = 1000
-connection_rate_per_ip = "1000000/1m"
-auth_failures_per_ip = "1000/1m"
-auth_failures_per_user = "1000/1m"
-messages_per_user = "1000000/1h"
-recipients_per_user = "1000000/1h"
-auth_penalty_max = 15
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits_cpu import ALL_LIMITS  # noqa: E402  (every limit on, none reached)
+from run import bench_toml  # noqa: E402
 
 
 def build(workdir: Path, log_level: str, limits: bool = False) -> SubmissionFactory:
@@ -79,9 +55,10 @@ def build(workdir: Path, log_level: str, limits: bool = False) -> SubmissionFact
     globalLogBeginner.beginLoggingTo([make_observer(log, "text", log_level)],
                                      redirectStandardIO=False)
     (workdir / "users").write_text("bench:{PLAIN}benchpass\n")
-    (workdir / "saslsmtp.toml").write_text(CONFIG.format(users=workdir / "users",
-                                                         mail=workdir / "mail",
-                                                         limits=ALL_LIMITS if limits else ""))
+    (workdir / "saslsmtp.toml").write_text(bench_toml(
+        "tcp:2525:interface=127.0.0.1", mechanisms=("PLAIN", "LOGIN", "CRAM-MD5"),
+        extra=ALL_LIMITS.format(store='"memory"') if limits else "",
+        origin="benchmarks/profile_auth.py"))
     clock = Clock()
     wiring = wire(load(str(workdir / "saslsmtp.toml")), clock)
     wiring.blocking = SynchronousRunner()  # {PLAIN} never reaches the pool anyway
