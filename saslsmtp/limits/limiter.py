@@ -345,14 +345,9 @@ class Limiter:
         return f"{self._holder_prefix}:a{token}"
 
     def _gate_keys(self, address: str, username: str) -> list[str]:
-        """The store counters ``auth_gate`` peeks at, in order."""
-        s = self.settings
-        keys = []
-        if s.auth_failures_per_ip is not None:
-            keys.append("authfail:ip:" + s.client_key(address))
-        if s.auth_failures_per_user is not None:
-            keys.append("authfail:user:" + user_key(username))
-        return keys
+        """The store counters ``auth_gate`` peeks at, in order (``authfail:`` + the
+        attempt's in-flight key)."""
+        return ["authfail:" + key for key in self._flight_keys(address, username)]
 
     def _safe_many(self, d: "Deferred[list[RateResult]]", n: int) -> "Deferred[list[RateResult]]":
         def failed(f: Failure) -> list[RateResult]:
