@@ -83,18 +83,6 @@ def _raw_key(text: str) -> str:
     return "h:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _result_now(d: "Deferred[Any]") -> Any:
-    """The result of a Deferred that has already fired successfully, else ``None``
-    (and ``d`` is left as it was)."""
-    out: list[Any] = []
-
-    def keep(result: Any) -> Any:
-        out.append(result)
-        return result
-    d.addBoth(keep)
-    return out[0] if out and not isinstance(out[0], Failure) else None
-
-
 class Limiter:
     """Abuse limits over a ``RateStore``; see the module docstring for the call order."""
 
@@ -186,9 +174,6 @@ class Limiter:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
         d.addCallback(rate_checked)
-        fired = _result_now(d)
-        if fired is not None:  # the memory store answers at once: no extra Deferred
-            return succeed(fired)
         # Cancelled (the connection went away while the store answered): a slot taken
         # after all is given back at once, so nothing leaks.
         out: Deferred[Admission] = Deferred()
@@ -310,9 +295,6 @@ class Limiter:
                 return succeed(decide([ALLOW] * len(counters)))
         checks = [self._safe(self.store.peek(key, rate), "auth failure check")
                   for key, rate in counters]
-        now = [_result_now(c) for c in checks]
-        if all(isinstance(r, RateResult) for r in now):  # the memory store: no DeferredList
-            return succeed(decide(now))
         return gatherResults(checks).addCallback(decide)
 
     def _shared_gate(self, reserve: Callable[..., Any], counters: list[tuple[str, Rate]],
