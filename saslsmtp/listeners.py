@@ -130,7 +130,8 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
 
     from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
-    endpoint: Any = AdoptedStreamServerEndpoint(reactor, fd, spec.family)
+    from saslsmtp.sendnow import send_now_reactor
+    endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, spec.family)
     if spec.proxy:
         endpoint = proxy_endpoint(endpoint)
     if spec.kind == "ssl":

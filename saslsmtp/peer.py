@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from twisted.internet import tcp
 
 from saslsmtp.envelope import Client
+from saslsmtp.sendnow import SendNowServer
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.tlsinfo import tls_facts
 from saslsmtp.transaction import Stamp
@@ -40,7 +41,7 @@ class Peer:
             return
         self.ip, self.port = _address(transport.getPeer())
         self.local_ip, self.local_port = _address(transport.getHost())
-        self._settled = type(transport) is tcp.Server
+        self._settled = type(transport) in _PLAIN_TCP
 
     def helo_pair(self) -> tuple:
         """The (HELO name, peer IP) pair stock ``smtp.User`` and avatars expect."""
@@ -66,6 +67,10 @@ class Peer:
     def stamp(self, tls: bool, user: str | None) -> Stamp:
         """What the Received header says about this connection."""
         return Stamp(self.helo, self.ip, self.hostname, tls, user)
+
+
+#: Transports whose addresses are the connection's own (no PROXY header can change them).
+_PLAIN_TCP = (tcp.Server, SendNowServer)
 
 
 def _address(addr: Any) -> tuple[str, int]:

@@ -436,13 +436,15 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
 
     from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
+    from saslsmtp.sendnow import send_now_reactor
     prefix = "haproxy:" if description.startswith("haproxy:") else ""
     inner = description[len(prefix):]
+    listening = send_now_reactor(reactor)
     if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
-        endpoint = endpoints.serverFromString(reactor, "tcp:" + inner[len("ssl:"):])
+        endpoint = endpoints.serverFromString(listening, "tcp:" + inner[len("ssl:"):])
         factory = TLSMemoryBIOFactory(tls, False, factory)
     else:
-        endpoint = endpoints.serverFromString(reactor, inner)
+        endpoint = endpoints.serverFromString(listening, inner)
     if prefix:
         endpoint = proxy_endpoint(endpoint)
     return AcceptLogEndpoint(endpoint, reactor), factory

@@ -1,0 +1,109 @@
+"""TCP listeners whose connections send a reply at once when nothing is queued before it.
+
+Twisted's TCP transport queues every ``write`` and registers the socket for writability;
+the bytes leave on the reactor's next turn, after which the socket is unregistered again:
+two ``epoll_ctl`` calls and one more turn of the loop for every reply.  An SMTP server's
+writes are short replies to a line it has just read, and the socket's send buffer is
+almost always empty, so trying ``send()`` first (what asyncio's transports do) sends the
+reply in the same turn.  Whatever the kernel does not take goes to Twisted's ordinary
+queue, and while anything is queued every later write queues behind it, so the order of
+the bytes never changes.  Nothing else differs: reading, closing, producers, half-close
+and errors are Twisted's (a failed ``send`` leaves the data queued, and the queued path
+reports the lost connection as usual).
+
+STARTTLS keeps the gain: the TLS layer Twisted puts on the connection sends its records
+through ``_SendNowBypass``; implicit TLS (``ssl:`` listeners, TLS around the factory)
+writes through the connection itself.
+
+``send_now_reactor(reactor)`` is what the listeners are built with: a reactor whose
+``listenTCP`` and ``adoptStreamPort`` (TCP families) make these ports, everything else
+being the reactor's own.  A reactor that is not a POSIX one (a test's ``MemoryReactor``)
+is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import _newtls, abstract, posixbase, tcp
+
+
+def _write_now(transport: Any, data: bytes) -> None:
+    """Send ``data`` now if nothing is queued, and queue what the kernel did not take."""
+    if (data and not transport.dataBuffer and not transport._tempDataBuffer
+            and transport.connected and not transport.disconnecting
+            and not transport._writeDisconnecting and not transport._writeDisconnected):
+        try:
+            sent = transport.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # a broken connection: the queued path finds and reports it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    abstract.FileDescriptor.write(transport, data)
+
+
+class _SendNowBypass(abstract.FileDescriptor):
+    """What the STARTTLS layer writes its records through (called with the connection
+    as ``self``, as Twisted's own bypass calls ``FileDescriptor``'s methods)."""
+
+    def write(self, data: bytes) -> None:
+        _write_now(self, data)
+
+
+class SendNowServer(tcp.Server):
+    """A server connection whose writes try ``send()`` before queueing."""
+
+    def write(self, data: bytes) -> None:
+        if self.TLS:  # STARTTLS: through the TLS layer, which writes via the bypass
+            super().write(data)
+        else:
+            _write_now(self, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self.TLS:
+            super().writeSequence(iovec)
+        else:
+            _write_now(self, b"".join(iovec))
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        _newtls.startTLS(self, ctx, normal, _SendNowBypass)
+
+
+class SendNowPort(tcp.Port):
+    """A TCP port whose connections are ``SendNowServer``s."""
+
+    transport = SendNowServer
+
+
+class _SendNowReactor:
+    """The reactor, except that TCP listeners are ``SendNowPort``s."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50,
+                  interface: str = "") -> SendNowPort:
+        listening = SendNowPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def adoptStreamPort(self, fd: int, family: socket.AddressFamily, factory: Any) -> Any:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return self._reactor.adoptStreamPort(fd, family, factory)
+        listening = SendNowPort._fromListeningDescriptor(self._reactor, fd, family, factory)
+        listening.startListening()
+        return listening
+
+
+def send_now_reactor(reactor: Any) -> Any:
+    """``reactor`` for building listeners: TCP ports make ``SendNowServer`` connections."""
+    if isinstance(reactor, posixbase.PosixReactorBase):
+        return _SendNowReactor(reactor)
+    return reactor
