@@ -14,7 +14,8 @@ what happened (connected, handshake done, authenticated, a junk verb, an error, 
   a TLS handshake (``ssl:`` listener or STARTTLS) must finish within
   ``tls_handshake_timeout``;
 * ``close()`` unregisters the producer (or the transport would wait for it forever) and
-  aborts a connection whose last replies are not read within ``CLOSE_GRACE``.
+  aborts a connection whose last replies are not read within ``CLOSE_GRACE`` (no timer
+  when the kernel has already taken every byte: such a connection closes at once).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 
 from saslsmtp.engine_settings import EngineSettings
 from saslsmtp.replies import REPLIES, SMTPReply
+from saslsmtp.sendnow import all_sent
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -99,7 +101,10 @@ class ConnectionGuards:
         if self.connection.lost or self._abort_deadline is not None:
             return
         transport.loseConnection()
-        self._abort_deadline = self.call_later(CLOSE_GRACE, self._abort)
+        if all_sent(transport):  # the usual case: closed on the next turn, no timer needed
+            self._abort_deadline = _CLOSED
+        else:
+            self._abort_deadline = self.call_later(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
         self._abort_deadline = None
@@ -169,6 +174,16 @@ class ConnectionGuards:
         log.info("{peer} pipelined too much without reading the replies; closing",
                  peer=self.connection.peer_ip)
         self._end("Too much pipelined input without reading replies, closing connection")
+
+
+class _Closed:
+    """The abort deadline of a connection that needs none (everything was sent)."""
+
+    def active(self) -> bool:
+        return False
+
+
+_CLOSED = _Closed()
 
 
 def _cancel(call: Any) -> None:

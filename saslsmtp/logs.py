@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any, Callable
 
-from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, LogLevel,
-                            LogLevelFilterPredicate, formatEvent, formatTime)
+from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogFilterPredicate,
+                            ILogObserver, LogLevel, PredicateResult, formatEvent, formatTime)
 from zope.interface import implementer
 
 _SKIP = {"message", "format", "isError", "system", "time"}
@@ -304,18 +304,34 @@ class WorkerTag:
                            log_system=f"{event.get('log_namespace', '-')}#{level} worker={self.pid}"))
 
 
+@implementer(ILogFilterPredicate)
+class LevelFloor:
+    """The ``log_level`` filter: events at or above one level pass, whatever their namespace.
+
+    What ``LogLevelFilterPredicate`` answers with only a default level, decided by a set
+    lookup instead of a walk up the namespace and a ``NamedConstant`` comparison per event
+    (the daemon logs two lines per session)."""
+
+    def __init__(self, log_level: str) -> None:
+        floor = LogLevel.levelWithName(log_level)
+        self.passing = frozenset(level for level in LogLevel.iterconstants() if level >= floor)
+
+    def __call__(self, event: dict) -> Any:
+        if event.get("log_level") in self.passing and event.get("log_namespace"):
+            return PredicateResult.maybe
+        return PredicateResult.no
+
+
 def worker_observer(out: Any, log_format: str, log_level: str, pid: int, slot: int) -> ILogObserver:
     """A worker's own observer, writing to the master's log file or standard output."""
     inner = JSONLinesObserver(out) if log_format == "json" else text_observer(out)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(log_level))
-    return FilteringLogObserver(WorkerTag(inner, pid, slot), [predicate])
+    return FilteringLogObserver(WorkerTag(inner, pid, slot), [LevelFloor(log_level)])
 
 
 def make_observer(out: IO[str], log_format: str = "text", log_level: str = "info") -> ILogObserver:
     """The observer for ``out``: text or JSON lines, without events below ``log_level``."""
     inner = JSONLinesObserver(out) if log_format == "json" else text_observer(out)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(log_level))
-    return FilteringLogObserver(inner, [predicate])
+    return FilteringLogObserver(inner, [LevelFloor(log_level)])
 
 
 #: What ``twistd_logger`` builds.  twistd takes ``--logger`` as a dotted name and calls it

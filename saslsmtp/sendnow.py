@@ -73,6 +73,15 @@ class SendNowServer(tcp.Server):
         _newtls.startTLS(self, ctx, normal, _SendNowBypass)
 
 
+def all_sent(transport: Any) -> bool:
+    """Nothing of what was written to ``transport`` waits in its queue: a plain
+    ``SendNowServer`` whose last write the kernel took whole.  After ``loseConnection``
+    such a connection closes on the reactor's next turn, whatever the client does.
+    False for anything else (TLS, PROXY wrappers, other transports): not known."""
+    return (type(transport) is SendNowServer and not transport.TLS
+            and not transport.dataBuffer and not transport._tempDataBuffer)
+
+
 class SendNowPort(tcp.Port):
     """A TCP port whose connections are ``SendNowServer``s."""
 

@@ -209,3 +209,19 @@ def test_fast_text_lines_are_twisteds_lines() -> None:
         assert classic_text(event) == formatEventAsClassicLogText(event), extra
         assert format_message(event) == formatEvent(event), extra
     assert clock(None) == "-" and clock(1764433163.01) != clock(1764433162.99)
+
+
+def test_level_floor_agrees_with_twisteds_predicate() -> None:
+    """``LevelFloor`` passes exactly the events Twisted's ``LogLevelFilterPredicate`` with the
+    same default level passes, for every level pair, and drops events without a level or
+    a namespace as it does."""
+    from twisted.logger import LogLevel, LogLevelFilterPredicate
+
+    from saslsmtp.logs import LevelFloor
+    for floor in LogLevel.iterconstants():
+        ours, theirs = LevelFloor(floor.name), LogLevelFilterPredicate(defaultLogLevel=floor)
+        for level in LogLevel.iterconstants():
+            event = {"log_level": level, "log_namespace": "saslsmtp.smtp"}
+            assert ours(event) is theirs(event), (floor, level)
+        for event in ({"log_namespace": "x"}, {"log_level": LogLevel.critical}):
+            assert ours(event) is theirs(event)

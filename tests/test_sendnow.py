@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import MemoryReactor
 
-from saslsmtp.sendnow import SendNowServer, send_now_reactor
+from saslsmtp.sendnow import SendNowServer, all_sent, send_now_reactor
 
 BIG = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer takes at once
 
@@ -24,7 +24,9 @@ class Writer(protocol.Protocol):
         for chunk in self.chunks:
             self.transport.write(chunk)
             t: Any = self.transport
-            self.queued.append(len(t.dataBuffer) - t.offset + t._tempDataLen)
+            queued = len(t.dataBuffer) - t.offset + t._tempDataLen
+            assert all_sent(t) is (queued == 0)
+            self.queued.append(queued)
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
@@ -78,6 +80,8 @@ def test_a_reactor_that_is_not_posix_is_left_alone() -> None:
     """Test reactors keep recording listeners themselves."""
     memory = MemoryReactor()
     assert send_now_reactor(memory) is memory
+    from twisted.internet.testing import StringTransport
+    assert not all_sent(StringTransport())  # not known: the guards keep their abort timer
 
 
 @pytest_twisted.ensureDeferred
