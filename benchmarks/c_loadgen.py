@@ -30,22 +30,22 @@ class NoCompiler(Exception):
     """No C compiler, or the source does not compile: the Python generator must do."""
 
 
-def build() -> Path:
+def build(binary: Path = BINARY) -> Path:
     """The compiled generator, (re)built when missing or older than its source."""
-    if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
-        return BINARY
+    if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return binary
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise NoCompiler(f"no C compiler ({cc}) to build {SOURCE.name}: install one"
                          " (Debian: apt-get install gcc) or use the Python generator")
-    BUILD.mkdir(exist_ok=True)
-    partial = BINARY.with_suffix(".tmp")
+    binary.parent.mkdir(exist_ok=True)
+    partial = binary.with_suffix(".tmp")
     done = subprocess.run([cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise NoCompiler(f"{cc} could not build {SOURCE.name}:\n{done.stderr.strip()}")
-    partial.replace(BINARY)
-    return BINARY
+    partial.replace(binary)
+    return binary
 
 
 def command(port: int, user: str, password: str, concurrency: int, duration: float,
