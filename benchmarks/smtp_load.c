@@ -34,7 +34,7 @@
 
 enum stage { GREETING, EHLO, AUTH, QUIT, CLOSING };
 static const char *STAGE[] = {"greeting", "ehlo", "auth", "quit", "eof-wait"};
-static const int EXPECT[] = {220, 250, 235, 221, 0};
+static const int EXPECT[] = {220, 250, 235, 221};
 
 struct session {
     int fd;
@@ -137,8 +137,9 @@ static int send_line(struct session *s, const char *line) {
     return write(s->fd, line, n) == (ssize_t)n ? 0 : -1;  /* a few bytes: all or error */
 }
 
-/* Handles one complete reply (lines buf[0..end)); returns NULL or an error reason. */
+/* Acts on a complete reply's code: sends the next command; returns NULL or an error. */
 static const char *reply(struct session *s, int code) {
+    if (s->stage == CLOSING) return "data after 221";
     if (code != EXPECT[s->stage]) return "unexpected reply";
     double t = now();
     s->deadline = t + timeout_s;
@@ -147,9 +148,8 @@ static const char *reply(struct session *s, int code) {
     case EHLO: s->stage = AUTH; s->auth_sent = t; return send_line(s, auth_line) ? "write" : NULL;
     case AUTH: s->stage = QUIT; s->auth_s = t - s->auth_sent;
         return send_line(s, "QUIT\r\n") ? "write" : NULL;
-    case QUIT: s->stage = CLOSING; s->session_s = t - s->started;
+    default: s->stage = CLOSING; s->session_s = t - s->started;  /* QUIT -> 221 */
         s->deadline = t + (timeout_s < 1.0 ? timeout_s : 1.0); return NULL;
-    default: return "data after 221";
     }
 }
 
@@ -166,14 +166,13 @@ static int readable(struct session *s) {
     s->len += n;
     s->buf[s->len] = 0;
     char *line = s->buf, *eol;
-    while ((eol = strstr(line, "\r\n"))) {
-        if (eol - line < 3 || line[0] < '2' || line[0] > '5' || (eol - line > 3 && line[3] != ' '
-                                                               && line[3] != '-')) {
+    while ((eol = strstr(line, "\r\n"))) {  /* "250-more" lines, then "250 last" */
+        char sep = eol - line > 3 ? line[3] : ' ';
+        if (eol - line < 3 || line[0] < '2' || line[0] > '5' || (sep != ' ' && sep != '-')) {
             finish(s, "malformed reply", line);
             return 1;
         }
-        int last = eol - line == 3 || line[3] == ' ';
-        if (last) {
+        if (sep == ' ') {
             const char *why = eol + 2 != s->buf + s->len ? "more than one reply at once"
                                                           : reply(s, atoi(line));
             if (why) { finish(s, why, line); return 1; }

@@ -36,17 +36,23 @@ def test_missing_test_extra_is_a_message_not_a_traceback() -> None:
     assert "pip install -e '.[test]'" in done.stderr
 
 
-def test_workers_benchmark_measures_the_master_and_its_workers() -> None:
+@pytest.mark.parametrize("generator", ["python", "c"])
+def test_workers_benchmark_measures_the_master_and_its_workers(generator) -> None:
     """benchmarks/workers.py's one run: the real daemon with two workers serves the
-    generator without errors, and the CPU read covers the master and both workers."""
+    generator (smtp_auth_load.py, or smtp_load.c built with cc) without errors, and the
+    CPU read covers the master and both workers."""
     import argparse
+    if generator == "c":
+        from tests.conftest import require_binary
+        require_binary(os.environ.get("CC", "cc"), "gcc")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import workers as bench
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     result = bench.one_run(2, argparse.Namespace(scheme="plain", concurrency=4, duration=1.0,
-                                                 warmup=0.2))
+                                                 warmup=0.2, generator=generator))
+    assert result["generator"] == generator
     assert result["status"] == 0 and result["errors"] == 0
     assert result["processes"] == 3
     assert result["sessions"] > 0 and result["handshakes_per_s"] > 0
