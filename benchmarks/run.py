@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # also when run with runpy
+import c_loadgen  # noqa: E402
 REPO = HERE.parent
 LOADGEN = HERE / "smtp_auth_load.py"
 PEER = HERE / "aiosmtpd_peer.py"
@@ -395,9 +397,9 @@ class Measurement:
     cpu_runs: list[float | None] = field(default_factory=list)  # every repeat's, in a point
 
 
-def measure(server: Server, mech: str, concurrency: int, repeat: int,
-            args: argparse.Namespace) -> Measurement:
-    """Run the load generator once against ``server`` and read its CPU around the run."""
+def python_generator(server: Server, mech: str, concurrency: int,
+                     args: argparse.Namespace) -> list[str]:
+    """argv of smtp_auth_load.py for one run against ``server``."""
     argv = [sys.executable, str(LOADGEN), "--host", "127.0.0.1", "--port", str(server.port),
             "--mech", mech, "--mode", args.mode, "--user", args.user,
             "--password", args.load_password or args.password,
@@ -407,6 +409,20 @@ def measure(server: Server, mech: str, concurrency: int, repeat: int,
         argv.append("--expect-fail")
     if args.starttls:
         argv.append("--starttls")
+    return argv
+
+
+def measure(server: Server, mech: str, concurrency: int, repeat: int,
+            args: argparse.Namespace) -> Measurement:
+    """Run the load generator once against ``server`` and read its CPU around the run."""
+    if args.generator == "c":
+        try:
+            argv = c_loadgen.command(server.port, args.user, args.load_password or args.password,
+                                     concurrency, args.duration, args.warmup)
+        except c_loadgen.NoCompiler as e:
+            raise BenchError(str(e)) from None
+    else:
+        argv = python_generator(server, mech, concurrency, args)
     if not server.alive():
         raise BenchError(f"{server.name} is no longer running:\n{server.output_tail()}")
     cpu_before = server.cpu_s()
@@ -520,7 +536,8 @@ def markdown(points: list[dict[str, Measurement]], meta: dict[str, Any]) -> str:
         out.append(f"- {name}: {meta['servers'][name]}")
     wrong = ", wrong password (535 expected)" if meta["expect_fail"] else ""
     tls = f", STARTTLS ({meta['cert']} certificate)" if meta["starttls"] else ""
-    out.append(f"- load: smtp_auth_load.py, mode {meta['mode']}{tls}{wrong}, "
+    generator = "smtp_load.c" if meta.get("generator") == "c" else "smtp_auth_load.py"
+    out.append(f"- load: {generator}, mode {meta['mode']}{tls}{wrong}, "
                f"{meta['warmup_s']} s warm-up + "
                f"{meta['duration_s']} s per point, median of {meta['repeat']} run(s), servers "
                f"measured in alternating order; {meta['cpus']} CPUs shared by servers and "
@@ -658,6 +675,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="measured seconds per point and server (default 5)")
     load.add_argument("--warmup", type=float, default=1.0,
                       help="uncounted warm-up seconds before each run (default 1)")
+    load.add_argument("--generator", choices=("python", "c"), default="python",
+                      help="python: smtp_auth_load.py (every scenario); c: smtp_load.c, built"
+                           " with cc on first use, AUTH PLAIN without STARTTLS only, a sixth"
+                           " of the Python generator's CPU per session")
     load.add_argument("--mode", choices=("auth", "mail"), default="auth",
                       help="auth: AUTH then QUIT; mail: also send a ~2 KB message")
     load.add_argument("--peer-discard", action="store_true",
@@ -722,6 +743,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tls_files = None  # (certificate, key) once made, with --starttls
     if args.repeat < 1 or args.duration <= 0 or args.warmup < 0:
         p.error("--repeat >= 1, --duration > 0 and --warmup >= 0 please")
+    if args.generator == "c" and (args.mech != ["PLAIN"] or args.mode != "auth" or args.starttls
+                                  or args.expect_fail):
+        p.error("--generator c does AUTH PLAIN only: no other --mech, --mode mail, --starttls"
+                " or --expect-fail")
     if args.saslsmtp_config and (args.config_fragment or args.users_line or args.auth_option
                                  or args.auth_backends or args.auth_mechanisms):
         p.error("--saslsmtp-config replaces the generated config; the options changing "
@@ -803,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
         "started": started.isoformat(timespec="seconds"),
         "mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
         "repeat": args.repeat, "mechs": args.mech, "concurrency": args.concurrency,
-        "expect_fail": args.expect_fail, "servers": server_desc,
+        "expect_fail": args.expect_fail, "servers": server_desc, "generator": args.generator,
         "servers_run": [s.name for s in servers], "skipped": skipped,
         "starttls": args.starttls, "cert": args.cert if args.starttls else None,
         "server_cpu": ("utime+stime+cutime+cstime from /proc/PID/stat before/after each run; "

@@ -2,19 +2,24 @@
 """saslsmtp with ``workers = 2`` against ``workers = 1``, in one run, same generator.
 
     python3 benchmarks/workers.py                        # AUTH PLAIN, concurrency 64
+    python3 benchmarks/workers.py --generator both       # C generator, then Python, in turn
     python3 benchmarks/workers.py --scheme sha512-crypt  # hashed passwords (libcrypt)
     python3 benchmarks/workers.py -c 16 --duration 10 --repeat 3
     python3 benchmarks/workers.py --code /tmp/old   # another commit's code (git archive)
-    python3 benchmarks/workers.py --generator-processes 2
+    python3 benchmarks/workers.py --generator python --generator-processes 2
 
 For each repeat it starts the real daemon (``twistd -n saslsmtp --workers N``) with
-N = 1 and N = 2 (alternating which goes first), runs ``smtp_auth_load.py --json``
-against it (fresh TCP session per handshake: EHLO, AUTH PLAIN, QUIT), and reads the
-CPU all the server's processes used (the master and its workers, from /proc).  The
-median repeat by handshakes/s is reported: handshakes/s, session and AUTH p50/p99, and
-the ratio workers=2 / workers=1, and how the sessions spread over the workers (their
-``session end`` lines in the log file and its rotated pieces).  Results go to
-benchmarks/results/<date>-workers-<label>.md and .json, and the table to stdout.
+N = 1 and N = 2 (alternating which goes first), runs the load generator against it
+(fresh TCP session per handshake: EHLO, AUTH PLAIN, QUIT) and reads the CPU all the
+server's processes used (the master and its workers, from /proc) and their context
+switches.  The generator is ``smtp_load.c`` (C, epoll; built with ``cc`` on first use,
+``c_loadgen.py``) when it compiles, else ``smtp_auth_load.py``: the Python one costs
+about as much CPU per session as the server, and on a 2-core machine it takes the core
+a second worker would use.  The median repeat by handshakes/s is reported per
+generator: handshakes/s, session and AUTH p50/p99, the ratio workers=2 / workers=1, and
+how the sessions spread over the workers (their ``session end`` lines in the log file
+and its rotated pieces).  Results go to benchmarks/results/<date>-workers-<label>.md
+and .json, and the table to stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import c_loadgen  # noqa: E402
 from run import (LOADGEN, REPO, RESULTS, BenchError, Server, bench_toml, free_port,  # noqa: E402
                  git_commit, process_cpu_s)
 
@@ -72,6 +78,19 @@ def cpu_of(pids: list[int]) -> float:
     return sum(v for v in (process_cpu_s(p) for p in pids) if v == v)
 
 
+def switches_of(pids: list[int]) -> int:
+    """Voluntary + involuntary context switches of ``pids`` (all their threads) so far."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            total += sum(int(v) for v in re.findall(r"_ctxt_switches:\s+(\d+)", status))
+    return total
+
+
 def sessions_per_worker(log: Path) -> list[int]:
     """Sessions each worker ended (``session end`` lines, ``worker=PID`` in text logs), over
     the log file and its rotated pieces, largest first."""
@@ -82,6 +101,29 @@ def sessions_per_worker(log: Path) -> list[int]:
                 m = re.search(r"worker=(\d+)", line)
                 counts[m.group(1) if m else "-"] += 1
     return sorted(counts.values(), reverse=True)
+
+
+def generator_command(generator: str, port: int, args: argparse.Namespace) -> list[str]:
+    """argv of the load: the C generator (``smtp_load.c``) or ``smtp_auth_load.py``."""
+    if generator == "c":
+        return c_loadgen.command(port, USER, PASSWORD, args.concurrency, args.duration,
+                                 args.warmup)
+    load = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
+            "--user", USER, "--password", PASSWORD, "--concurrency", str(args.concurrency),
+            "--duration", str(args.duration), "--warmup", str(args.warmup), "--json"]
+    if getattr(args, "generator_processes", 1) > 1:
+        load += ["--processes", str(args.generator_processes)]
+    return load
+
+
+def default_generator() -> str:
+    """``c`` when smtp_load.c compiles here, else ``python`` (and why, on stderr)."""
+    try:
+        c_loadgen.build()
+    except c_loadgen.NoCompiler as e:
+        print(f"workers.py: using the Python generator: {e}", file=sys.stderr)
+        return "python"
+    return "c"
 
 
 def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -105,15 +147,13 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.1)
             pids = family(server.pid)
             cpu_before = cpu_of(pids)
+            switches_before = switches_of(pids)
             master_before = cpu_of([server.pid])
-            load = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
-                    "--user", USER, "--password", PASSWORD, "--concurrency", str(args.concurrency),
-                    "--duration", str(args.duration), "--warmup", str(args.warmup), "--json"]
-            if getattr(args, "generator_processes", 1) > 1:
-                load += ["--processes", str(args.generator_processes)]
+            load = generator_command(getattr(args, "generator", "python"), port, args)
             done = subprocess.run(load, capture_output=True, text=True,
                                   timeout=args.warmup + args.duration + 90)
             cpu_used = cpu_of(pids) - cpu_before
+            switches_after = switches_of(pids)
             master_used = cpu_of([server.pid]) - master_before
             result = json.loads(done.stdout)
         finally:
@@ -131,7 +171,12 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             "master_cpu_ms_per_session": round(1000 * master_used / served, 3)
             if served and workers > 1 else None,
             "sessions_per_worker": spread,
+            "generator": getattr(args, "generator", "python"),
             "generator_cpu_pct": result.get("client_cpu_pct_of_one_core"),
+            "generator_cpu_ms_per_session": round(1000 * result["client_cpu_s"] / served, 4)
+            if served and result.get("client_cpu_s") is not None else None,
+            "ctx_switches_per_session": round((switches_after - switches_before) / served, 2)
+            if served else None,
         }
 
 
@@ -144,62 +189,102 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
-def markdown(runs: list[dict[str, Any]], best: dict[int, dict[str, Any]], meta: dict[str, Any]) -> str:
+def section(runs: list[dict[str, Any]], generator: str) -> tuple[list[str], float | None]:
+    """The markdown of one generator's runs, and its handshakes/s ratio (2 / 1)."""
+    best = {n: median([r for r in runs if r["workers"] == n]) for n in (1, 2)}
     one, two = best[1], best[2]
     ratio = two["handshakes_per_s"] / one["handshakes_per_s"] if one["handshakes_per_s"] else None
+    name = GENERATORS[generator]
+    lines = [f"## Generator: {name}", "",
+             "| workers | handshakes/s | session p50 / p99 ms | AUTH p50 / p99 ms |"
+             " server CPU ms/session (master) | generator CPU % (ms/session) |"
+             " sessions per worker | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (one, two):
+        master = r.get("master_cpu_ms_per_session")
+        lines.append(f"| {r['workers']} | {r['handshakes_per_s']:.1f} |"
+                     f" {r['session_ms']['p50']:.1f} / {r['session_ms']['p99']:.1f} |"
+                     f" {r['auth_ms']['p50']:.1f} / {r['auth_ms']['p99']:.1f} |"
+                     f" {r['server_cpu_ms_per_session']} ({'-' if master is None else master}) |"
+                     f" {r['generator_cpu_pct']} ({r.get('generator_cpu_ms_per_session')}) |"
+                     f" {r.get('sessions_per_worker')} | {r['errors']} |")
+    lines += ["", f"**handshakes/s ratio (2 / 1) with the {generator} generator: {ratio:.2f}**"
+              if ratio else "", "", "Every run:", "",
+              "| workers | handshakes/s | session p99 ms | server CPU ms/session |"
+              " context switches/session | status |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        lines.append(f"| {r['workers']} | {r['handshakes_per_s']:.1f} | {r['session_ms']['p99']:.1f} |"
+                     f" {r['server_cpu_ms_per_session']} | {r.get('ctx_switches_per_session')} |"
+                     f" {r['status']} |")
+    return lines + [""], ratio
+
+
+GENERATORS = {"c": "C (smtp_load.c, epoll)", "python": "Python (smtp_auth_load.py, asyncio)"}
+
+
+def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, dict[str, float | None]]:
     lines = [f"# workers = 2 vs workers = 1 — {meta['date']}", "",
              f"- AUTH PLAIN, concurrency {meta['concurrency']}, {meta['warmup']} s warm-up +"
              f" {meta['duration']} s per run, {meta['repeat']} runs each (alternating order),"
              f" median run by handshakes/s; users file scheme: {meta['scheme']}.",
              f"- {meta['cpus']} CPUs; load average before: {meta['loadavg_before']}, after:"
              f" {meta['loadavg_after']}; commit {meta['commit']}; code served:"
-             f" {meta['code']}; generator processes: {meta['generator_processes']}.", "",
-             "| workers | handshakes/s | session p50 / p99 ms | AUTH p50 / p99 ms |"
-             " server CPU ms/session (master) | generator CPU % | sessions per worker | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in (one, two):
-        lines.append(f"| {r['workers']} | {r['handshakes_per_s']:.1f} |"
-                     f" {r['session_ms']['p50']:.1f} / {r['session_ms']['p99']:.1f} |"
-                     f" {r['auth_ms']['p50']:.1f} / {r['auth_ms']['p99']:.1f} |"
-                     f" {r['server_cpu_ms_per_session']} ({r.get('master_cpu_ms_per_session') if r.get('master_cpu_ms_per_session') is not None else '-'}) |"
-                     f" {r['generator_cpu_pct']} | {r.get('sessions_per_worker')} | {r['errors']} |")
-    lines += ["", f"**handshakes/s ratio (2 / 1): {ratio:.2f}**" if ratio else "", "",
-              "Every run:", "", "| workers | handshakes/s | session p99 ms | status |", "| --- | --- | --- | --- |"]
-    for r in runs:
-        lines.append(f"| {r['workers']} | {r['handshakes_per_s']:.1f} | {r['session_ms']['p99']:.1f} | {r['status']} |")
-    return "\n".join(lines) + "\n"
+             f" {meta['code']}; generator(s): {', '.join(GENERATORS[g] for g in meta['generators'])}"
+             f" (Python generator processes: {meta['generator_processes']}).", ""]
+    ratios = {}
+    for generator in meta["generators"]:
+        text, ratios[generator] = section([r for r in runs if r["generator"] == generator], generator)
+        lines += text
+    return "\n".join(lines), ratios
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--concurrency", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("-d", "--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--scheme", choices=("plain", "sha512-crypt"), default="plain")
     parser.add_argument("--label", default="plain-c64")
     parser.add_argument("--code", type=Path, help="serve the saslsmtp package found in this directory")
+    parser.add_argument("--generator", choices=("c", "python", "both"),
+                        help="load generator: c (smtp_load.c, built with cc on first use),"
+                             " python (smtp_auth_load.py), or both in turn (default: c if it"
+                             " compiles, else python)")
     parser.add_argument("--generator-processes", type=int, default=1,
                         help="smtp_auth_load.py --processes (generator processes sharing the concurrency)")
     args = parser.parse_args(argv)
+    if args.generator is None:
+        args.generator = default_generator()
+    generators = ["c", "python"] if args.generator == "both" else [args.generator]
+    if "c" in generators:
+        try:
+            c_loadgen.build()
+        except c_loadgen.NoCompiler as e:
+            print(f"benchmark failed: {e}", file=sys.stderr)
+            return 2
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
             "concurrency": args.concurrency, "duration": args.duration, "warmup": args.warmup,
             "repeat": args.repeat, "scheme": args.scheme, "cpus": os.cpu_count(),
             "loadavg_before": loadavg(), "commit": git_commit(),
-            "code": str(args.code or "this checkout"), "generator_processes": args.generator_processes}
+            "code": str(args.code or "this checkout"), "generators": generators,
+            "generator_processes": args.generator_processes}
     runs = []
     try:
         for i in range(args.repeat):
-            for workers in ((1, 2) if i % 2 == 0 else (2, 1)):
-                runs.append(one_run(workers, args))
-                print(json.dumps({k: runs[-1][k] for k in ("workers", "handshakes_per_s", "errors")}),
-                      file=sys.stderr)
+            for generator in (generators if i % 2 == 0 else generators[::-1]):
+                args.generator = generator
+                for workers in ((1, 2) if i % 2 == 0 else (2, 1)):
+                    runs.append(one_run(workers, args))
+                    print(json.dumps({k: runs[-1][k] for k in ("generator", "workers",
+                                                               "handshakes_per_s", "errors")}),
+                          file=sys.stderr)
     except BenchError as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 2
     meta["loadavg_after"] = loadavg()
-    best = {n: median([r for r in runs if r["workers"] == n]) for n in (1, 2)}
-    text = markdown(runs, best, meta)
+    text, ratios = markdown(runs, meta)
+    meta["ratios"] = ratios
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-workers-{args.label}"
     stem.with_suffix(".md").write_text(text)

@@ -46,6 +46,7 @@ declare -A BINARY_PACKAGE=(
     [systemd-analyze]=systemd
     [haproxy]=haproxy
     [setpriv]=util-linux
+    [cc]=gcc
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).

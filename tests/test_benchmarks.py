@@ -36,17 +36,23 @@ def test_missing_test_extra_is_a_message_not_a_traceback() -> None:
     assert "pip install -e '.[test]'" in done.stderr
 
 
-def test_workers_benchmark_measures_the_master_and_its_workers() -> None:
+@pytest.mark.parametrize("generator", ["python", "c"])
+def test_workers_benchmark_measures_the_master_and_its_workers(generator) -> None:
     """benchmarks/workers.py's one run: the real daemon with two workers serves the
-    generator without errors, and the CPU read covers the master and both workers."""
+    generator (smtp_auth_load.py, or smtp_load.c built with cc) without errors, and the
+    CPU read covers the master and both workers."""
     import argparse
+    if generator == "c":
+        from tests.conftest import require_binary
+        require_binary(os.environ.get("CC", "cc"), "gcc")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import workers as bench
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     result = bench.one_run(2, argparse.Namespace(scheme="plain", concurrency=4, duration=1.0,
-                                                 warmup=0.2))
+                                                 warmup=0.2, generator=generator))
+    assert result["generator"] == generator
     assert result["status"] == 0 and result["errors"] == 0
     assert result["processes"] == 3
     assert result["sessions"] > 0 and result["handshakes_per_s"] > 0
@@ -148,3 +154,36 @@ def test_postfix_peer_serves_auth_plain_and_delivers() -> None:
     finally:
         peer.stop()
     assert not peer.root.exists()
+
+
+def test_c_generator_counts_sessions_and_wrong_passwords(tmp_path) -> None:
+    """smtp_load.c, built with cc, against the null server: sessions and no error with the
+    right password; with a wrong one no session succeeds, the 535 is reported and the exit
+    status is 1."""
+    import json
+    from tests.conftest import require_binary
+    require_binary(os.environ.get("CC", "cc"), "gcc")
+    c_loadgen = load_bench_module("c_loadgen")
+    binary = c_loadgen.build(tmp_path / "smtp_load")
+    run_module = load_bench_module("run")
+    port = run_module.free_port()
+    server = run_module.Server("null", [sys.executable, str(ROOT / "benchmarks/null_smtp_server.py"),
+                                        "--port", str(port)], port, tmp_path)
+    server.start()  # waits for its 220
+    try:
+        def run(password: str) -> tuple[subprocess.CompletedProcess, dict]:
+            done = subprocess.run([str(binary), "--port", str(port), "-c", "4", "-d", "0.5",
+                                   "-w", "0.1", "--password", password],
+                                  capture_output=True, text=True, timeout=30)
+            return done, json.loads(done.stdout)
+        done, good = run("benchpass")
+        assert done.returncode == 0, done.stderr
+        assert good["errors"] == 0 and good["ok"] == good["sessions_measured"] > 0
+        assert good["sessions_warmup"] > 0 and good["handshakes_per_s"] > 0
+        assert 0 < good["latency_ms"]["session"]["p50"] <= good["latency_ms"]["session"]["p99"]
+        done, bad = run("wrong")
+        assert done.returncode == 1
+        assert bad["ok"] == 0 and bad["errors"] > 0
+        assert "error at auth: unexpected reply: 535" in done.stderr
+    finally:
+        server.stop()
