@@ -12,7 +12,8 @@ batch (saslsmtp/delivery.py):
 * ``serial``: write every file, fsync each, rename each, fsync ``new/`` (GroupCommit before);
 * ``serial-fdatasync``: the same with ``fdatasync`` on the files;
 * ``threads-N``: the files' fsyncs run in N threads at once (the journal commits them together);
-* ``writeback``: ``sync_file_range(WRITE)`` on every file first, then fsync each;
+* ``writeback``: ``sync_file_range(WRITE)`` on every file first, then fsync each
+  (``writeback-threads-N``: those fsyncs in N threads);
 * ``syncfs``: write every file, one ``syncfs`` (all their data), rename each, fsync ``new/``.
 
 Only this process's CPU is counted (``resource.getrusage``: user + system, all threads);
@@ -84,7 +85,7 @@ def serial(sync: Callable[[int], None]) -> Callable[[Batch, int, ThreadPoolExecu
     return run
 
 
-def threads(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
+def threads_wait(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
     def run(b: Batch, count: int, pool: ThreadPoolExecutor) -> None:
         files = b.write(count)
         groups = [files[i::n] for i in range(n) if files[i::n]]
@@ -93,17 +94,19 @@ def threads(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
             for _, fd in group:
                 os.fsync(fd)
                 os.close(fd)
-        for future in [pool.submit(sync, g) for g in groups[1:]]:
-            pass
+        futures = [pool.submit(sync, g) for g in groups[1:]]
         sync(groups[0])
-        pool.shutdown  # noqa: B018 (the pool lives across rounds)
+        for f in futures:
+            f.result()
         b.publish(files)
     return run
 
 
-def threads_wait(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
+def writeback_threads(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
     def run(b: Batch, count: int, pool: ThreadPoolExecutor) -> None:
         files = b.write(count)
+        for _, fd in files:
+            _writeback(fd)
         groups = [files[i::n] for i in range(n) if files[i::n]]
 
         def sync(group: list[tuple[str, int]]) -> None:
@@ -149,6 +152,8 @@ def main() -> int:
         "threads-2": threads_wait(2),
         "threads-4": threads_wait(4),
         "writeback": writeback,
+        "writeback-threads-2": writeback_threads(2),
+        "writeback-threads-4": writeback_threads(4),
         "syncfs": syncfs,
     }
     print(f"batch {args.batch} x {args.size} B, {args.rounds} rounds each, on {args.dir}")
