@@ -373,16 +373,22 @@ def parsed_address(address: bytes) -> smtp.Address:
 
 def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
     """The Received header (RFC 5321 4.4, RFC 3848 ESMTPSA/ESMTPA)."""
+    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    return f"{_received_from(stamp)}{rcpt}; {_date()}".encode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _received_from(stamp: Stamp) -> str:
+    """The part of the Received header that depends on the connection only (one per
+    session, the same for each of its messages)."""
     protocol = "ESMTP" + ("S" if stamp.tls else "") + ("A" if stamp.user is not None else "")
     helo = clean_text(stamp.helo) or "unknown"
     auth = ""
     if stamp.user is not None:
         user = clean_text(stamp.user).replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
-    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = _date()
     return (f"Received: from {helo} ([{stamp.peer_ip}])\r\n\tby {stamp.hostname}"
-            f" (saslsmtp) with {protocol}{auth}{rcpt}; {date}").encode("utf-8")
+            f" (saslsmtp) with {protocol}{auth}")
 
 
 _last_date: tuple[int, str] = (-1, "")
