@@ -27,6 +27,7 @@ from zope.interface import implementer
 from saslsmtp.replies import REPLIES, SMTPReply
 
 from saslsmtp.threads import BlockingRunner
+from saslsmtp.writeback import start_writeback
 
 log = Logger(namespace="saslsmtp.delivery")
 _counter = itertools.count(1)
@@ -177,12 +178,12 @@ class GroupCommit:
                 self._done, self._lost, callbackArgs=(jobs,), errbackArgs=(jobs,))
 
     def _commit(self, jobs: list[_Commit]) -> list[str | Failure]:
-        """The blocking batch (a runner thread), in three passes so the kernel can
-        write the files together: write every file, then fsync each, then rename each
-        into ``new/``; then one fsync of ``new/``.  Each file is still fsynced before
-        its rename."""
+        """The blocking batch (a runner thread), in passes so the kernel can write the
+        files together: write every file, start the write-out of each (no wait), fsync
+        each, rename each into ``new/``; then one fsync of ``new/``.  Each file is still
+        fsynced before its rename."""
         results: list[str | Failure | None] = [None] * len(jobs)
-        for step in (MaildirSink._write_rest, MaildirSink._sync, MaildirSink._publish):
+        for step in _PASSES:
             for i, job in enumerate(jobs):
                 if results[i] is None:
                     try:
@@ -259,8 +260,14 @@ class MaildirSink:
         for a small message)."""
         self._write(data)
 
+    def _start_writeback(self, data: bytes) -> None:
+        """Second pass: queue the file's data for the disk, without waiting (the fsync
+        that follows makes it durable; saslsmtp.writeback)."""
+        assert self._fd is not None
+        start_writeback(self._fd)
+
     def _sync(self, data: bytes) -> None:
-        """Second pass: fsync and close the file."""
+        """Third pass: fsync and close the file."""
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
@@ -269,7 +276,7 @@ class MaildirSink:
             os.close(fd)
 
     def _publish(self, data: bytes) -> None:
-        """Third pass: rename it into ``new/`` (GroupCommit fsyncs ``new/`` after)."""
+        """Fourth pass: rename it into ``new/`` (GroupCommit fsyncs ``new/`` after)."""
         self._maildir.rename_new(self.queue_id)
         self._created = False
 
@@ -384,6 +391,11 @@ class MaildirSink:
             self._producer.resumeProducing()
         self._paused = False
         self._producer = None
+
+
+#: GroupCommit's passes over a batch, in order (each over every message still in the batch).
+_PASSES = (MaildirSink._write_rest, MaildirSink._start_writeback, MaildirSink._sync,
+           MaildirSink._publish)
 
 
 def _queued(name: str) -> SMTPReply:

@@ -93,7 +93,8 @@ class LineReader:
             if self.raw is not None and not self.busy:  # DATA answered 354 at once
                 rest = b"\n".join(lines[index + 1:] + [self.partial])
                 self.partial = b""
-                self.feed(rest)
+                if rest:  # nothing more in this read: the body starts with the next one
+                    self.feed(rest)
                 return
         if self._discard_rest:
             self.partial = b""

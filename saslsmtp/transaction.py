@@ -14,6 +14,7 @@ on line lengths.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ class MailTransaction:
             if refusal is not None:
                 return ProtocolError(refusal)
         try:
-            origin = smtp.Address(address) if address else smtp.Address(b"")
+            origin = parsed_address(address)
         except smtp.AddressError:
             return ProtocolError(REPLIES["mail_syntax"])
         if avatar is None:
@@ -218,7 +219,7 @@ class MailTransaction:
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
-            smtp.Address(parsed.group(1))
+            parsed_address(parsed.group(1))
         except smtp.AddressError:
             return ProtocolError(REPLIES["rcpt_syntax"])
         address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
@@ -361,18 +362,33 @@ def then(result: Any, callback: Callable[[Any], Any], errback: Callable[[Failure
     return callback(result)
 
 
+@functools.lru_cache(maxsize=1024)
+def parsed_address(address: bytes) -> smtp.Address:
+    """``smtp.Address(address)``, kept for the addresses seen lately: a submission server
+    sees the same senders and recipients again and again, and Twisted's tokenizer costs
+    more than the rest of MAIL or RCPT.  A refused address raises ``AddressError`` each
+    time (exceptions are not cached); the ``Address`` is shared, and nothing changes it."""
+    return smtp.Address(address)
+
+
 def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
     """The Received header (RFC 5321 4.4, RFC 3848 ESMTPSA/ESMTPA)."""
+    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    return f"{_received_from(stamp)}{rcpt}; {_date()}".encode("utf-8")
+
+
+@functools.lru_cache(maxsize=256)
+def _received_from(stamp: Stamp) -> str:
+    """The part of the Received header that depends on the connection only (one per
+    session, the same for each of its messages)."""
     protocol = "ESMTP" + ("S" if stamp.tls else "") + ("A" if stamp.user is not None else "")
     helo = clean_text(stamp.helo) or "unknown"
     auth = ""
     if stamp.user is not None:
         user = clean_text(stamp.user).replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
-    rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = _date()
     return (f"Received: from {helo} ([{stamp.peer_ip}])\r\n\tby {stamp.hostname}"
-            f" (saslsmtp) with {protocol}{auth}{rcpt}; {date}").encode("utf-8")
+            f" (saslsmtp) with {protocol}{auth}")
 
 
 _last_date: tuple[int, str] = (-1, "")

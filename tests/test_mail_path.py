@@ -68,3 +68,40 @@ def test_a_failed_verdict_stays_a_failure() -> None:
     errors: list[Any] = []
     answer.addErrback(errors.append)
     assert errors and errors[0].check(RuntimeError)
+
+
+def test_a_repeated_address_is_parsed_once_and_a_bad_one_refused_every_time() -> None:
+    """MAIL/RCPT addresses come from a bounded cache of ``smtp.Address``: the same
+    address parsed again is the same (equal) object; an address Twisted refuses is refused
+    on every try, never remembered as good."""
+    from twisted.mail import smtp
+
+    from saslsmtp.transaction import parsed_address
+
+    first = parsed_address(b"tim@example.test")
+    assert parsed_address(b"tim@example.test") is first
+    assert str(first) == "tim@example.test"
+    assert str(parsed_address(b"")) == ""
+    for _ in range(2):
+        try:
+            parsed_address(b"a@b@example.test")
+        except smtp.AddressError:
+            pass
+        else:
+            raise AssertionError("a bad address was accepted")
+
+
+def test_the_received_header_is_the_same_with_its_connection_part_reused() -> None:
+    """The Received header's connection part is built once per stamp; two messages of
+    one connection get the same header but for the recipient line."""
+    from saslsmtp.transaction import Stamp, received_header
+
+    stamp = Stamp("client.example", "192.0.2.10", "mx.example.test", True, "tim(x)")
+    one = received_header(stamp, ["a@example.test"])
+    two = received_header(Stamp("client.example", "192.0.2.10", "mx.example.test", True,
+                                "tim(x)"), ["a@example.test", "b@example.test"])
+    assert one.startswith(b"Received: from client.example ([192.0.2.10])\r\n\tby mx.example.test"
+                          b" (saslsmtp) with ESMTPSA\r\n\t(authenticated user timx)\r\n\t"
+                          b"for <a@example.test>; ")
+    assert two.startswith(b"Received: from client.example ([192.0.2.10])\r\n\tby mx.example.test"
+                          b" (saslsmtp) with ESMTPSA\r\n\t(authenticated user timx); ")
