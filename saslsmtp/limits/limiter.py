@@ -155,9 +155,16 @@ class Limiter:
         return out
 
     def seat(self, address: str) -> "Admission | Deferred[Admission]":
+        """``connection_made``'s ``Admission``, itself when the store answered at once."""
+        d: Deferred[Admission] = Deferred()
+        answer = self.seat_then(address, d.callback)
+        return d if answer is None else answer
+
+    def seat_then(self, address: str, then: Callable[[Admission], object]) -> "Admission | None":
         """``connection_made`` as the session asks it: the ``Admission`` itself when the
-        store answers at once (memory), else a Deferred that never fails and must not be
-        cancelled (the caller releases an admission that arrives too late)."""
+        store answers at once (memory, no limit, a trusted client); else ``None``, and
+        ``then(admission)`` once the store answered (a shared store, maybe before this
+        returns).  Never fails; the caller releases an admission that comes too late."""
         s = self.settings
         key, trusted = s.classify(address)
         if trusted or (s.connections_per_ip is None and s.connection_rate_per_ip is None):
@@ -165,10 +172,12 @@ class Limiter:
         store: Any = self.store
         if hasattr(store, "admit_now"):  # the memory store: answered here and now
             return self._admit_now(store, key)
-        admit = getattr(store, "admit_code", None)
+        admit = getattr(store, "admit_then", None)
         if admit is not None:  # one store call for both (Redis)
-            return self._admit_at_once(admit, key)
-        return self._admit_stepwise(key)
+            self._admit_at_once(admit, key, then)
+        else:
+            self._admit_stepwise(key).addCallback(then)
+        return None
 
     def _admit_stepwise(self, key: str) -> "Deferred[Admission]":
         """Over any ``RateStore``: the rate, then a slot."""
@@ -221,28 +230,25 @@ class Limiter:
         return Admission(self._deny_connection(
             "connection_rate_per_ip" if code == 0 else "connections_per_ip", key))
 
-    def _admit_at_once(self, admit: Callable[..., Any], key: str) -> "Deferred[Admission]":
-        """``seat`` over a shared store (Redis): one call, answered 2 (admitted), 1 (no
-        free slot) or 0 (over the rate); the store answers 2 when it cannot answer."""
+    def _admit_at_once(self, admit: Callable[..., Any], key: str,
+                       then: Callable[[Admission], object]) -> None:
+        """``seat_then`` over a shared store (Redis): one call, answered 2 (admitted), 1
+        (no free slot) or 0 (over the rate); the store answers 2 when it cannot answer."""
         s = self.settings
         limit = s.connections_per_ip
         holder = f"{self._holder_prefix}:{next(self._holders)}"
         slot = "conn:" + key
         store: Any = self.store
 
-        def decided(code: int) -> Admission:
-            if code == 2:
-                if limit is None:
-                    return Admission(ALLOWED)
-                return Admission(ALLOWED, functools.partial(store.release_soon, slot, holder))
-            return Admission(self._deny_connection(
-                "connection_rate_per_ip" if code == 0 else "connections_per_ip", key))
-
-        def failed(f: Failure) -> Admission:
-            log.failure("limits: connection check failed; allowing", f)
-            return Admission(ALLOWED)
-        return admit("connrate:" + key, s.connection_rate_per_ip, slot, limit,
-                     holder).addCallbacks(decided, failed)
+        def decided(code: int) -> None:
+            if code != 2:
+                then(Admission(self._deny_connection(
+                    "connection_rate_per_ip" if code == 0 else "connections_per_ip", key)))
+            elif limit is None:
+                then(Admission(ALLOWED))
+            else:
+                then(Admission(ALLOWED, functools.partial(store.release_soon, slot, holder)))
+        admit("connrate:" + key, s.connection_rate_per_ip, slot, limit, holder, decided)
 
     def _deny_connection(self, limit: str, key: str) -> Verdict:
         log.info("limits: {limit} reached for {client}", limit=limit, client=key)
@@ -264,8 +270,16 @@ class Limiter:
         return gate if isinstance(gate, Deferred) else succeed(gate)
 
     def gate(self, address: str, username: str) -> "AuthGate | Deferred[AuthGate]":
+        """``auth_gate``'s ``AuthGate``, itself when the store answered at once."""
+        d: Deferred[AuthGate] = Deferred()
+        gate = self.gate_then(address, username, d.callback)
+        return d if gate is None else gate
+
+    def gate_then(self, address: str, username: str,
+                  then: Callable[[AuthGate], object]) -> "AuthGate | None":
         """``auth_gate`` as the session asks it: the ``AuthGate`` itself when the store
-        answers at once (memory, or no failure limit), else a Deferred."""
+        answers at once (memory, no failure limit, a trusted client); else ``None``, and
+        ``then(gate)`` once the store answered (maybe before this returns)."""
         s = self.settings
         key, trusted = s.classify(address)
         if trusted:
@@ -282,10 +296,12 @@ class Limiter:
         peek_used = getattr(store, "peek_used", None)
         if peek_used is not None:  # the memory store: answered here and now
             return self._gate_now(peek_used, flights, address, username, key, delay)
-        reserve = getattr(store, "reserve_code", None)
+        reserve = getattr(store, "reserve_then", None)
         if reserve is not None:  # shared store: check and seat in flight in one call
-            return self._shared_gate(reserve, flights, address, username, key, delay)
-        return self._gate_stepwise(flights, address, username, key, delay)
+            self._shared_gate(reserve, flights, address, username, key, delay, then)
+        else:
+            self._gate_stepwise(flights, address, username, key, delay).addCallback(then)
+        return None
 
     def _refuse_gate(self, limit: str, address: str, username: str, key: str,
                      delay: float) -> AuthGate:
@@ -338,25 +354,21 @@ class Limiter:
         return gatherResults(checks).addCallback(decide)
 
     def _shared_gate(self, reserve: Callable[..., Any], flights: tuple[str, ...],
-                     address: str, username: str, key: str,
-                     delay: float) -> "Deferred[AuthGate]":
+                     address: str, username: str, key: str, delay: float,
+                     then: Callable[[AuthGate], object]) -> None:
         """The gate over a shared store (Redis): the check and the attempt's seat among
         those in flight are one atomic call, so N processes together let no more
         attempts through than one would (the seat is left by ``auth_verdict``)."""
         token = next(self._tokens)
         limits = self._gate_limits
 
-        def decided(refused: int) -> AuthGate:
+        def decided(refused: int) -> None:
             if refused:
-                return self._refuse_gate(limits[refused - 1][0], address, username, key, delay)
-            return AuthGate(ALLOWED, address, username, delay, token=token, key=key,
-                            flights=flights)
-
-        def failed(f: Failure) -> AuthGate:
-            log.failure("limits: auth failure check failed; allowing", f)
-            return decided(0)
-        return reserve(flights, self._gate_rates, self._flight_member(token),
-                       IN_FLIGHT_TTL).addCallbacks(decided, failed)
+                then(self._refuse_gate(limits[refused - 1][0], address, username, key, delay))
+            else:
+                then(AuthGate(ALLOWED, address, username, delay, token=token, key=key,
+                              flights=flights))
+        reserve(flights, self._gate_rates, self._flight_member(token), IN_FLIGHT_TTL, decided)
 
     def _flight_member(self, token: int) -> str:
         """An attempt's name in the shared in-flight sets (unique across processes)."""

@@ -237,6 +237,26 @@ def _frame(values: Sequence[str]) -> bytes:
     return _bulks(values)  # lengths are in bytes
 
 
+class _Answer:
+    """A place in txredisapi's reply queue without a Deferred: the queue hands each
+    reply, in order, to its waiter's ``callback`` (a ``ConnectionError`` when the
+    connection is lost), which is all a Deferred would do there."""
+
+    __slots__ = ("store", "then", "script", "items", "rest", "again")
+
+    def __init__(self, store: "RedisStore", then: Callable[[Any], object], script: str,
+                 items: int, rest: bytes) -> None:
+        self.store = store
+        self.then = then
+        self.script = script
+        self.items = items
+        self.rest = rest
+        self.again = False
+
+    def callback(self, value: Any) -> None:
+        self.store._answered(self, value)
+
+
 def _zero(_: object) -> int:
     return 0
 
@@ -344,17 +364,57 @@ class RedisStore:
                 return self._send(conn, _command(_script(script)[1], keys, args))
         return f
 
-    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
-        """The lean path: the command is encoded here and written to txredisapi's
-        connection, whose parser answers in order through its reply queue; no pool
-        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
-        sends all of a reactor tick's commands in one write."""
+    def _written(self, conn: Any, command: bytes) -> None:
         conn.transport.write(command)
         if not self._waiting:
             self._progress = self._reactor.seconds()
         self._waiting += 1
         if self._watch is None:
             self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
+
+    def _call_then(self, script: str, items: int, rest: bytes,
+                   then: Callable[[Any], object]) -> None:
+        """``_call`` without a Deferred, for the calls of every session: ``then(reply)``
+        once Redis answers, ``then(None)`` when it cannot (counted and logged as
+        unavailable).  ``then`` may run before this returns (not connected)."""
+        conn = self._connection()
+        if conn is None or conn.replyQueue.pending:
+            self._call(script, items, rest).addCallbacks(then, lambda f: then(None))
+            return
+        self._written(conn, b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
+        conn.replyQueue.waiting.append(_Answer(self, then, script, items, rest))
+
+    def _answered(self, answer: "_Answer", value: Any) -> None:
+        """A reply (or the connection's loss) for a ``_call_then``."""
+        self._waiting -= 1
+        self._progress = self._reactor.seconds()
+        if isinstance(value, Exception):
+            if isinstance(value, txredisapi.ResponseError) and not answer.again \
+                    and str(value).startswith("NOSCRIPT"):
+                conn = self._connection()
+                if conn is not None:  # Redis forgot the script: send it once with its text
+                    answer.again = True
+                    self._written(conn, b"*%d\r\n%s%s" % (
+                        answer.items, _script(answer.script)[1], answer.rest))
+                    conn.replyQueue.waiting.append(answer)
+                    return
+            self._unavailable(Failure(value))
+            value = None
+        elif self._down:
+            self._down = False
+            log.info("limits: Redis store {url} is answering again; limits apply",
+                     url=self.url.describe())
+        try:
+            answer.then(value)
+        except Exception:  # never into txredisapi's parser
+            log.failure("limits: handling a Redis reply")
+
+    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
+        """The lean path: the command is encoded here and written to txredisapi's
+        connection, whose parser answers in order through its reply queue; no pool
+        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
+        sends all of a reactor tick's commands in one write."""
+        self._written(conn, command)
         return conn.replyQueue.get().addCallback(self._reply)
 
     def _reply(self, value: Any) -> Any:
@@ -513,35 +573,33 @@ class RedisStore:
               holder: str) -> "Deferred[tuple[bool, bool]]":
         """A new connection in one call: count it against ``rate`` and take a slot of
         ``limit``: (rate allowed, slot taken); both ``True`` when Redis cannot answer."""
-        return self.admit_code(rate_key, rate, slot_key, limit, holder).addCallback(
-            lambda code: (code != 0, code == 2))
+        d: Deferred[tuple[bool, bool]] = Deferred()
+        self.admit_then(rate_key, rate, slot_key, limit, holder,
+                        lambda code: d.callback((code != 0, code == 2)))
+        return d
 
-    def admit_code(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
-                   holder: str) -> "Deferred[int]":
-        """``admit`` as the limiter asks it: 2 admitted, 1 no free slot, 0 over the rate;
-        2 when Redis cannot answer (fail open).  The arguments after the holder depend
-        on the limits only, so they are encoded once."""
+    def admit_then(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+                   holder: str, then: Callable[[int], object]) -> None:
+        """A new connection in one call, as the limiter asks it: ``then(code)`` with 2
+        (admitted), 1 (no free slot) or 0 (over the rate); 2 when Redis cannot answer
+        (fail open).  The arguments after the holder depend on the limits only, so they
+        are encoded once."""
         tail = self._tails.get((rate, limit))
         if tail is None:
             tail = self._tails[(rate, limit)] = _bulks([
                 int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
                 limit or 0, self.slot_ttl_ms])
         full = self.prefix + slot_key
-        d = self._call(ADMIT_SCRIPT, 10,
-                       _frame(("2", self.prefix + rate_key, full, holder)) + tail)
-        return d.addCallbacks(self._admitted, self._admit_failed,
-                              callbackArgs=(full, holder, limit),
-                              errbackArgs=(full, holder, limit))
 
-    def _admitted(self, reply: int, full: str, holder: str, limit: int | None) -> int:
-        if reply == 2 and limit:
-            self._held[(full, holder)] = None
-        return reply
-
-    def _admit_failed(self, f: Failure, full: str, holder: str, limit: int | None) -> int:
-        if limit:
-            self._held[(full, holder)] = None  # stamped by the next heartbeat once Redis is back
-        return 2
+        def answered(reply: int | None) -> None:
+            if reply is None or reply == 2:
+                if limit:  # held (if Redis could not answer: stamped by the next heartbeat)
+                    self._held[(full, holder)] = None
+                then(2)
+            else:
+                then(reply)
+        self._call_then(ADMIT_SCRIPT, 10,
+                        _frame(("2", self.prefix + rate_key, full, holder)) + tail, answered)
 
     def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
                 ttl: float) -> "Deferred[int]":
@@ -556,11 +614,12 @@ class RedisStore:
                        + [self.prefix + f for f in flights], args)
         return d.addCallbacks(int, lambda f: 0)
 
-    def reserve_code(self, flights: tuple[str, ...], rates: tuple[Rate, ...], token: str,
-                     ttl: float) -> "Deferred[int]":
-        """``reserve`` as the limiter asks it: the counters are ``authfail:`` + each of
-        ``flights`` (``ip:...``, ``user:...``), their in-flight sets ``flight:`` + it;
-        the arguments after ``token`` depend on the limits only (encoded once)."""
+    def reserve_then(self, flights: tuple[str, ...], rates: tuple[Rate, ...], token: str,
+                     ttl: float, then: Callable[[int], object]) -> None:
+        """``reserve`` as the limiter asks it: ``then(code)`` (0 when Redis cannot
+        answer).  The counters are ``authfail:`` + each of ``flights`` (``ip:...``,
+        ``user:...``), their in-flight sets ``flight:`` + it; the arguments after
+        ``token`` depend on the limits only (encoded once)."""
         tail = self._tails.get((rates, ttl))
         if tail is None:
             values: list[Any] = [len(rates), int(ttl * 1000)]
@@ -569,10 +628,10 @@ class RedisStore:
             tail = self._tails[(rates, ttl)] = _bulks(values)
         prefix = self.prefix
         n = len(flights)
-        d = self._call(GATE_SCRIPT, 6 + 2 * n + 2 * len(rates),
-                       _frame((str(2 * n), *[prefix + "authfail:" + f for f in flights],
-                               *[prefix + "flight:" + f for f in flights], token)) + tail)
-        return d.addCallbacks(int, _zero)
+        self._call_then(GATE_SCRIPT, 6 + 2 * n + 2 * len(rates),
+                        _frame((str(2 * n), *[prefix + "authfail:" + f for f in flights],
+                                *[prefix + "flight:" + f for f in flights], token)) + tail,
+                        lambda reply: then(int(reply) if reply is not None else 0))
 
     def land(self, flights: list[str], token: str,
              counters: list[tuple[str, Rate]]) -> "Deferred[None]":

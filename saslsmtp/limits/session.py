@@ -43,6 +43,7 @@ class AuthAttempt:
         self.username: str | None = None
         self._password: str | bytes | None = None
         self.refused = False
+        self._waiting: Deferred[Defer | None] | None = None
 
     @property
     def client_key(self) -> str:
@@ -57,10 +58,21 @@ class AuthAttempt:
             return GATE_REFUSAL if self.refused else None
         self.username = username
         self._password = password
-        gate = self.limiter.gate(self.address, username)
-        if isinstance(gate, Deferred):  # a shared store (Redis) answers later
-            return gate.addCallback(self._decided)
-        return self._decided(gate)
+        gate = self.limiter.gate_then(self.address, username, self._gated)
+        if gate is not None:
+            return self._decided(gate)
+        if self.gate is not None:  # answered before gate_then returned
+            return GATE_REFUSAL if self.refused else None
+        waiting: Deferred[Defer | None] = Deferred()
+        self._waiting = waiting
+        return waiting
+
+    def _gated(self, gate: AuthGate) -> None:
+        """A shared store's answer."""
+        refusal = self._decided(gate)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(refusal)
 
     def _decided(self, gate: AuthGate) -> Defer | None:
         self.gate = gate
@@ -107,30 +119,34 @@ class ConnectionLimits:
         limit), at once when the store answers at once, else through a Deferred."""
         if not address:  # a UNIX socket: no client address to count
             return ALLOWED
-        answer = self.limiter.seat(address)
-        if isinstance(answer, Deferred):  # a shared store (Redis) answers later
-            # What the connection waits on; cancelling it (the connection is gone)
-            # leaves the store's call running, and a seat that still comes is given back.
-            pending: Deferred[Verdict] = Deferred()
-            self._pending = pending
-            answer.addCallback(self._seated)
-            return pending
-        self._admission = answer
-        return answer.verdict
+        admission = self.limiter.seat_then(address, self._seated)
+        if admission is not None:
+            self._admission = admission
+            return admission.verdict
+        if self._admission is not None:  # answered before seat_then returned
+            return self._admission.verdict
+        # What the connection waits on; cancelling it (the connection is gone) leaves
+        # the store's call running, and a seat that still comes is given back.
+        pending: Deferred[Verdict] = Deferred()
+        self._pending = pending
+        return pending
 
     def _seated(self, admission: Admission) -> None:
+        """A shared store's answer."""
         pending, self._pending = self._pending, None
-        if pending is None or pending.called:  # the connection went away meanwhile
+        if pending is None:  # before ``admit`` returned
+            self._admission = admission
+        elif pending.called:  # the connection went away meanwhile
             admission.release()
-            return
-        self._admission = admission
-        pending.callback(admission.verdict)
+        else:
+            self._admission = admission
+            pending.callback(admission.verdict)
 
     def release(self) -> None:
         """The connection is gone: give its slot back (or stop waiting for one)."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is not None and not pending.called:
-            pending.cancel()
+            pending.cancel()  # stays there: a seat that still comes is given back
         admission, self._admission = self._admission, None
         if admission is not None:
             admission.release()
