@@ -313,7 +313,10 @@ class RedisStore:
         self._last_log: float | None = None
         self._down = False
         self._held: dict[tuple[str, str], None] = {}
-        self._tails: dict[Any, bytes] = {}  # encoded constant arguments, per limits
+        # The encoded arguments that depend on the limits only, for the last limits seen
+        # (compared by identity: the limiter passes the same objects every time).
+        self._admit_tail: tuple[Any, Any, bytes] = (None, -1, b"")
+        self._gate_tail: tuple[Any, Any, bytes] = (None, -1, b"")
         self._releases: list[tuple[str, str]] = []
         self._released: list[Deferred[None]] = []
         self._release_call: Any = None
@@ -584,11 +587,12 @@ class RedisStore:
         (admitted), 1 (no free slot) or 0 (over the rate); 2 when Redis cannot answer
         (fail open).  The arguments after the holder depend on the limits only, so they
         are encoded once."""
-        tail = self._tails.get((rate, limit))
-        if tail is None:
-            tail = self._tails[(rate, limit)] = _bulks([
+        cached = self._admit_tail
+        if cached[0] is not rate or cached[1] != limit:
+            cached = self._admit_tail = (rate, limit, _bulks([
                 int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
-                limit or 0, self.slot_ttl_ms])
+                limit or 0, self.slot_ttl_ms]))
+        tail = cached[2]
         full = self.prefix + slot_key
 
         def answered(reply: int | None) -> None:
@@ -620,12 +624,13 @@ class RedisStore:
         answer).  The counters are ``authfail:`` + each of ``flights`` (``ip:...``,
         ``user:...``), their in-flight sets ``flight:`` + it; the arguments after
         ``token`` depend on the limits only (encoded once)."""
-        tail = self._tails.get((rates, ttl))
-        if tail is None:
+        cached = self._gate_tail
+        if cached[0] is not rates or cached[1] != ttl:
             values: list[Any] = [len(rates), int(ttl * 1000)]
             for rate in rates:
                 values += [int(rate.period * 1000), rate.count]
-            tail = self._tails[(rates, ttl)] = _bulks(values)
+            cached = self._gate_tail = (rates, ttl, _bulks(values))
+        tail = cached[2]
         prefix = self.prefix
         n = len(flights)
         self._call_then(GATE_SCRIPT, 6 + 2 * n + 2 * len(rates),

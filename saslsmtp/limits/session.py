@@ -147,6 +147,7 @@ class ConnectionLimits:
         pending = self._pending
         if pending is not None and not pending.called:
             pending.cancel()  # stays there: a seat that still comes is given back
+            pending.addErrback(lambda f: None)  # the cancellation is no error
         admission, self._admission = self._admission, None
         if admission is not None:
             admission.release()
