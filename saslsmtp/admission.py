@@ -122,6 +122,8 @@ def _proxied(transport: Any) -> bool:
     """Whether the client address comes from a PROXY header (read after connectionMade),
     also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
     for _ in range(3):
+        if transport is None:  # the bottom of the stack (a plain TCP connection: at once)
+            return False
         if isinstance(transport, HAProxyProtocolWrapper):
             return True
         transport = getattr(transport, "transport", None)
