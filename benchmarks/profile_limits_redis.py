@@ -3,7 +3,7 @@
 cProfile (twistd's own ``--profiler=cprofile``), AUTH PLAIN at concurrency 16, then the
 top functions by own time and by cumulative time.
 
-    flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_limits_redis.py [--store memory]
+    flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_limits_redis.py [--store memory|off]
 
 Same server, load and limits as benchmarks/limits_cpu.py.
 """
@@ -24,7 +24,7 @@ import run as bench  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", choices=["redis", "memory"], default="redis")
+    parser.add_argument("--store", choices=["redis", "memory", "off"], default="redis")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--save", help="also keep the raw profile here (pstats format)")
@@ -34,8 +34,11 @@ def main() -> int:
         redis, port = limits_cpu.start_redis(root)
         try:
             store = f'"redis://127.0.0.1:{port}/0"' if args.store == "redis" else '"memory"'
-            fragment = root / "limits.toml"
-            fragment.write_text(limits_cpu.ALL_LIMITS.format(store=store))
+            fragment: Path | None = root / "limits.toml"
+            if args.store == "off":  # the baseline: no [limits] at all
+                fragment = None
+            else:
+                fragment.write_text(limits_cpu.ALL_LIMITS.format(store=store))
             ns = limits_cpu.namespace(argparse.Namespace(duration=args.duration, warmup=1.0),
                                       fragment)
             server = bench.saslsmtp_server(root, ns)

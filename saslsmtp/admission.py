@@ -19,7 +19,6 @@ from twisted.python.failure import Failure
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.peer import Peer
 from saslsmtp.replies import SMTPReply
-from saslsmtp.settled import result_now
 
 
 class LimitedConnection(Protocol):
@@ -67,20 +66,22 @@ class ConnectionAdmission:
     def _admit(self, greet: bool) -> None:
         """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
         connection = self.connection
-
-        def decided(verdict: Any) -> None:
-            if not verdict.allowed:
-                connection.write(refusal_line(verdict))
-                connection.close()
-            elif greet:
-                connection.greet()
-        verdict = result_now(self.limits.admit(connection.peer.ip))
+        try:
+            verdict = self.limits.admit(connection.peer.ip)
+        except Exception:
+            connection.busy_until(defer.fail())  # the protocol's internal-error reply
+            return
         if isinstance(verdict, defer.Deferred):  # a shared store (Redis) answers later
-            connection.busy_until(verdict.addCallback(decided))
-        elif isinstance(verdict, Failure):
-            connection.busy_until(defer.fail(verdict))  # the protocol's internal-error reply
+            connection.busy_until(verdict.addCallback(self._decided, greet))
         else:  # the memory store answered at once: no busy round
-            decided(verdict)
+            self._decided(verdict, greet)
+
+    def _decided(self, verdict: Any, greet: bool) -> None:
+        if not verdict.allowed:
+            self.connection.write(refusal_line(verdict))
+            self.connection.close()
+        elif greet:
+            self.connection.greet()
 
     def mail(self, step: Callable[[], Any]) -> Any:
         """MAIL: ``step()`` (the transaction's answer), after ``messages_per_user``."""
@@ -121,6 +122,8 @@ def _proxied(transport: Any) -> bool:
     """Whether the client address comes from a PROXY header (read after connectionMade),
     also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
     for _ in range(3):
+        if transport is None:  # the bottom of the stack (a plain TCP connection: at once)
+            return False
         if isinstance(transport, HAProxyProtocolWrapper):
             return True
         transport = getattr(transport, "transport", None)

@@ -53,9 +53,10 @@ class AuthGuard(Protocol):
     client_key: str
 
     def admit(self, username: str, password: str | bytes | None = None
-              ) -> "defer.Deferred[Defer | None]": ...
+              ) -> "Defer | None | defer.Deferred[Defer | None]": ...
 
-    def judged(self, ok: bool | None, username: str | None = None) -> "defer.Deferred[None]": ...
+    def judged(self, ok: bool | None, username: str | None = None
+               ) -> "defer.Deferred[None] | None": ...
 
     def abandon(self) -> None: ...
 
@@ -190,7 +191,8 @@ class AuthExchange:
                 result.logout()
                 return Defer()
             return result
-        return self.guard.judged(ok, username).addCallback(answer)
+        waiting = self.guard.judged(ok, username)
+        return answer(None) if waiting is None else waiting.addCallback(answer)
 
     def _admitted(self, username: str, password: str | None,
                   then: Callable[[], Any]) -> Any:

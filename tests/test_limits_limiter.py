@@ -468,3 +468,61 @@ def test_an_abandoned_attempt_stops_counting_at_once():
     assert not result(limiter.auth_gate("192.0.2.2", "victim")).verdict.allowed
     limiter.abandoned(first)
     assert result(limiter.auth_gate("192.0.2.3", "victim")).verdict.allowed
+
+
+# ---- the session's synchronous calls over the memory store ----------------------------
+
+def test_admit_now_counts_the_rate_then_takes_a_slot():
+    """``admit_now`` is one step for both connection limits, with the Redis script's
+    answers: 2 admitted, 1 no free slot (the connection still counted against the rate),
+    0 over the rate (nothing counted, no slot)."""
+    clock = Clock()
+    store = MemoryStore(clock)
+    rate = Rate(3, 60.0)
+    codes = [store.admit_now("connrate:a", rate, "conn:a", 2, holder) for holder in (1, 2, 3)]
+    assert codes == [2, 2, 1]
+    assert store.held("conn:a") == 2
+    assert store.admit_now("connrate:a", rate, "conn:a", 2, 4) == 0
+    store.release_now("conn:a", 1)
+    store.release_now("conn:a", 1)
+    assert store.held("conn:a") == 1
+    clock.advance(20)  # one event left the window
+    assert store.admit_now("connrate:a", rate, "conn:a", 2, 5) == 2
+    assert store.admit_now("connrate:b", None, "conn:b", None, 6) == 2 and store.held("conn:b") == 0
+
+
+def test_peek_used_agrees_with_peek():
+    """``peek_used`` is ``peek`` in short: ``None`` when one more would not pass, else
+    the events in the window with that one."""
+    clock = Clock()
+    store = MemoryStore(clock)
+    rate = Rate(3, 60.0)
+    for n in range(4):
+        peeked = result(store.peek("k", rate))
+        assert store.peek_used("k", rate, clock.seconds()) == (peeked.used if peeked.allowed
+                                                               else None)
+        store.hit("k", rate)
+    assert store.peek_used("k", rate, clock.seconds()) is None
+
+
+def test_the_session_gets_its_answers_without_deferreds():
+    """Over the memory store the connection's seat, the AUTH gate and a verdict with no
+    penalty are plain values (no Deferred to chain); the seat is given back on release."""
+    from saslsmtp.limits.session import ConnectionLimits
+    from saslsmtp.limits.verdicts import Verdict
+    clock = Clock()
+    store = MemoryStore(clock)
+    limiter = Limiter(settings(connections_per_ip=1, connection_rate_per_ip="100/1m",
+                               auth_failures_per_ip="5/1m", auth_failures_per_user="5/1m"),
+                      store, clock)
+    limits = ConnectionLimits(limiter)
+    verdict = limits.admit("192.0.2.1")
+    assert isinstance(verdict, Verdict) and verdict.allowed
+    assert not ConnectionLimits(limiter).admit("192.0.2.1").allowed
+    attempt = limits.attempt("192.0.2.1", "PLAIN")
+    assert attempt.admit("alice", "pw") is None
+    assert attempt.judged(True, "alice") is None
+    assert limiter._in_flight == {}
+    limits.release()
+    assert store.held("conn:192.0.2.1") == 0
+    assert ConnectionLimits(limiter).admit("192.0.2.1").allowed

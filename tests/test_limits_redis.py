@@ -432,3 +432,82 @@ async def test_keys_beyond_ascii_are_sent_as_utf8(redis):
         assert redis.command("EXISTS", "saslsmtp:authfail:user:u:böb").startswith(b":1")
     finally:
         await store.close()
+
+
+def _zcard(redis, key):
+    return int(redis.command("ZCARD", key).split(b"\r\n")[0][1:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_slots_released_without_waiting_are_released_exactly(redis):
+    """The session's calls: a seat taken through ``ConnectionLimits`` is given back with
+    the next batch of releases (no answer waited for), exactly once; a connection that
+    goes away while Redis has not answered yet gives back the seat that still comes;
+    and the AUTH gate's seat in flight leaves with a success."""
+    from twisted.internet.defer import Deferred
+
+    from saslsmtp.limits.session import ConnectionLimits
+    store = await make_store(redis.url)
+    try:
+        settings = parse_limits({"connections_per_ip": 2, "connection_rate_per_ip": "100/1m",
+                                 "auth_failures_per_user": "5/1m"}, lambda k, m: None)
+        limiter = Limiter(settings, store, reactor())
+        sessions = [ConnectionLimits(limiter) for _ in range(3)]
+        answers = [s.admit("192.0.2.7") for s in sessions]
+        assert all(isinstance(a, Deferred) for a in answers)
+        verdicts = [await a for a in answers]
+        assert [v.allowed for v in verdicts] == [True, True, False]
+        assert _zcard(redis, "saslsmtp:conn:192.0.2.7") == 2
+        attempt = sessions[0].attempt("192.0.2.7", "PLAIN")
+        assert await attempt.admit("dave", "pw") is None
+        assert _zcard(redis, "saslsmtp:flight:user:u:dave") == 1
+        assert attempt.judged(True, "dave") is None  # nothing to wait for
+        for s in sessions:
+            s.release()
+            s.release()
+        gone = ConnectionLimits(limiter)
+        pending = gone.admit("192.0.2.7")
+        gone.release()  # before Redis answered
+        assert pending.called
+        await sleep(0.2)
+        assert _zcard(redis, "saslsmtp:conn:192.0.2.7") == 0
+        assert _zcard(redis, "saslsmtp:flight:user:u:dave") == 0
+        assert store._held == {}
+        assert store.unavailable == 0
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_calls_resend_flushed_scripts_and_fail_open(redis):
+    """The session's calls without Deferreds answer EVALSHA's NOSCRIPT by sending the
+    script once, and allow (counted as unavailable) when Redis is gone."""
+    from saslsmtp.limits.session import ConnectionLimits
+    store = await make_store(redis.url)
+    try:
+        settings = parse_limits({"connections_per_ip": 1, "auth_failures_per_ip": "5/1m"},
+                                lambda k, m: None)
+        limiter = Limiter(settings, store, reactor())
+        redis.command("SCRIPT", "FLUSH")
+        first = ConnectionLimits(limiter)
+        assert (await first.admit("192.0.2.8")).allowed
+        assert not (await ConnectionLimits(limiter).admit("192.0.2.8")).allowed
+        redis.command("SCRIPT", "FLUSH")
+        assert await first.attempt("192.0.2.8", "PLAIN").admit("erin", "pw") is None
+        assert store.unavailable == 0
+        redis.stop()
+        for _ in range(40):
+            if not store.connected:
+                break
+            await sleep(0.05)
+        assert (await _maybe(ConnectionLimits(limiter).admit("192.0.2.8"))).allowed
+        assert await _maybe(first.attempt("192.0.2.8", "PLAIN").admit("erin", "pw")) is None
+        assert store.unavailable == 2
+        first.release()
+    finally:
+        await store.close()
+
+
+async def _maybe(value):
+    from twisted.internet.defer import Deferred
+    return (await value) if isinstance(value, Deferred) else value

@@ -137,6 +137,24 @@ class LateStore:
             return succeed((True, True))
         return self.store.admit(rate_key, rate, slot_key, limit, holder)  # type: ignore[attr-defined]
 
+    def admit_then(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+                   holder: str, then: Callable[[int], object]) -> None:
+        if self.store is None:
+            then(2)
+        else:
+            self.store.admit_then(rate_key, rate, slot_key, limit, holder, then)  # type: ignore[attr-defined]
+
+    def release_soon(self, key: str, holder: str) -> None:
+        if self.store is not None:
+            self.store.release_soon(key, holder)  # type: ignore[attr-defined]
+
+    def reserve_then(self, flights: tuple[str, ...], rates: tuple[Rate, ...], token: str,
+                     ttl: float, then: Callable[[int], object]) -> None:
+        if self.store is None:
+            then(0)
+        else:
+            self.store.reserve_then(flights, rates, token, ttl, then)  # type: ignore[attr-defined]
+
     def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
                 ttl: float) -> "Deferred[int]":
         if self.store is None:

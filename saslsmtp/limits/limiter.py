@@ -101,6 +101,11 @@ class Limiter:
         # hangs up before its verdict) get no more through than guesses one at a time.
         self._in_flight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count(1)
+        # The failure limits on, in the order of the gate's checks (and of ``flights``).
+        self._gate_limits: tuple[tuple[str, Rate], ...] = tuple(
+            (name, rate) for name in ("auth_failures_per_ip", "auth_failures_per_user")
+            if (rate := getattr(settings, name)) is not None)
+        self._gate_rates = tuple(rate for _, rate in self._gate_limits)
 
     def carry_over(self, old: "Limiter") -> None:
         """A reload built this limiter to replace ``old``: keep what ``old`` knows of the
@@ -134,18 +139,50 @@ class Limiter:
         return s.connections_per_ip is not None or s.connection_rate_per_ip is not None
 
     def connection_made(self, address: str) -> "Deferred[Admission]":
-        """Count a new connection from ``address`` and take a concurrency slot."""
+        """Count a new connection from ``address`` and take a concurrency slot.  Cancelling
+        the Deferred (the connection went away) gives a slot taken meanwhile back."""
+        answer = self.seat(address)
+        if not isinstance(answer, Deferred):
+            return succeed(answer)
+        out: Deferred[Admission] = Deferred()
+
+        def deliver(admission: Admission) -> None:
+            if out.called:  # cancelled meanwhile: give the slot back at once
+                admission.release()
+            else:
+                out.callback(admission)
+        answer.addCallback(deliver)
+        return out
+
+    def seat(self, address: str) -> "Admission | Deferred[Admission]":
+        """``connection_made``'s ``Admission``, itself when the store answered at once."""
+        d: Deferred[Admission] = Deferred()
+        answer = self.seat_then(address, d.callback)
+        return d if answer is None else answer
+
+    def seat_then(self, address: str, then: Callable[[Admission], object]) -> "Admission | None":
+        """``connection_made`` as the session asks it: the ``Admission`` itself when the
+        store answers at once (memory, no limit, a trusted client); else ``None``, and
+        ``then(admission)`` once the store answered (a shared store, maybe before this
+        returns).  Never fails; the caller releases an admission that comes too late."""
         s = self.settings
-        if s.is_trusted(address) or (s.connections_per_ip is None
-                                     and s.connection_rate_per_ip is None):
-            return succeed(Admission(ALLOWED))
-        key = s.client_key(address)
-        refused = self._deny_connection
-        admit = getattr(self.store, "admit", None)
+        key, trusted = s.classify(address)
+        if trusted or (s.connections_per_ip is None and s.connection_rate_per_ip is None):
+            return Admission(ALLOWED)
+        store: Any = self.store
+        if hasattr(store, "admit_now"):  # the memory store: answered here and now
+            return self._admit_now(store, key)
+        admit = getattr(store, "admit_then", None)
         if admit is not None:  # one store call for both (Redis)
-            return self._admit_at_once(admit, key)
-        if hasattr(self.store, "acquire_now"):  # the memory store: answered here and now
-            return succeed(self._admit_now(key))
+            self._admit_at_once(admit, key, then)
+        else:
+            self._admit_stepwise(key).addCallback(then)
+        return None
+
+    def _admit_stepwise(self, key: str) -> "Deferred[Admission]":
+        """Over any ``RateStore``: the rate, then a slot."""
+        s = self.settings
+        refused = self._deny_connection
 
         def rate_checked(result: RateResult) -> "Deferred[Admission] | Admission":
             if not result.allowed:
@@ -173,70 +210,45 @@ class Limiter:
         else:
             d = self._safe(self.store.hit("connrate:" + key, s.connection_rate_per_ip),
                            "connection rate check")
-        d.addCallback(rate_checked)
-        # Cancelled (the connection went away while the store answered): a slot taken
-        # after all is given back at once, so nothing leaks.
-        out: Deferred[Admission] = Deferred()
+        return d.addCallback(rate_checked)
 
-        def deliver(admission: Any) -> None:
-            if out.called:
-                admission.release()
-            else:
-                out.callback(admission)
-        d.addCallback(deliver)
-        return out
-
-    def _admit_now(self, key: str) -> Admission:
-        """``connection_made`` over a store that answers synchronously (memory)."""
+    def _admit_now(self, store: Any, key: str) -> Admission:
+        """``seat`` over a store that answers synchronously (memory): one store call."""
         s = self.settings
-        store: Any = self.store
+        holder = next(self._holders)  # unique in this process, which is all it needs
+        slot = "conn:" + key
         try:
-            if s.connection_rate_per_ip is not None and \
-                    not store.hit_now("connrate:" + key, s.connection_rate_per_ip).allowed:
-                return Admission(self._deny_connection("connection_rate_per_ip", key))
-            if s.connections_per_ip is None:
-                return Admission(ALLOWED)
-            holder = f"{self._holder_prefix}:{next(self._holders)}"
-            slot = "conn:" + key
-            if not store.acquire_now(slot, s.connections_per_ip, holder):
-                return Admission(self._deny_connection("connections_per_ip", key))
+            code = store.admit_now("connrate:" + key, s.connection_rate_per_ip, slot,
+                                   s.connections_per_ip, holder)
         except Exception:
             log.failure("limits: connection check failed; allowing")
             return Admission(ALLOWED)
-        return Admission(ALLOWED, lambda: self.store.release(slot, holder)
-                         .addErrback(lambda f: None))
-
-    def _admit_at_once(self, admit: Callable[..., Any], key: str) -> "Deferred[Admission]":
-        s = self.settings
-        holder = f"{self._holder_prefix}:{next(self._holders)}"
-        slot = "conn:" + key
-        d = admit("connrate:" + key, s.connection_rate_per_ip, slot, s.connections_per_ip,
-                  holder)
-
-        def decided(answer: tuple[bool, bool]) -> Admission:
-            rate_ok, seated = answer
-            if not rate_ok:
-                return Admission(self._deny_connection("connection_rate_per_ip", key))
-            if not seated:
-                return Admission(self._deny_connection("connections_per_ip", key))
+        if code == 2:
             if s.connections_per_ip is None:
                 return Admission(ALLOWED)
-            return Admission(ALLOWED, lambda: self.store.release(slot, holder)
-                             .addErrback(lambda f: None))
+            return Admission(ALLOWED, functools.partial(store.release_now, slot, holder))
+        return Admission(self._deny_connection(
+            "connection_rate_per_ip" if code == 0 else "connections_per_ip", key))
 
-        def failed(f: Failure) -> Admission:
-            log.failure("limits: connection check failed; allowing", f)
-            return Admission(ALLOWED)
-        d.addCallbacks(decided, failed)
-        out: Deferred[Admission] = Deferred()
+    def _admit_at_once(self, admit: Callable[..., Any], key: str,
+                       then: Callable[[Admission], object]) -> None:
+        """``seat_then`` over a shared store (Redis): one call, answered 2 (admitted), 1
+        (no free slot) or 0 (over the rate); the store answers 2 when it cannot answer."""
+        s = self.settings
+        limit = s.connections_per_ip
+        holder = f"{self._holder_prefix}:{next(self._holders)}"
+        slot = "conn:" + key
+        store: Any = self.store
 
-        def deliver(admission: Admission) -> None:
-            if out.called:  # cancelled meanwhile: give the slot back at once
-                admission.release()
+        def decided(code: int) -> None:
+            if code != 2:
+                then(Admission(self._deny_connection(
+                    "connection_rate_per_ip" if code == 0 else "connections_per_ip", key)))
+            elif limit is None:
+                then(Admission(ALLOWED))
             else:
-                out.callback(admission)
-        d.addCallback(deliver)
-        return out
+                then(Admission(ALLOWED, functools.partial(store.release_soon, slot, holder)))
+        admit("connrate:" + key, s.connection_rate_per_ip, slot, limit, holder, decided)
 
     def _deny_connection(self, limit: str, key: str) -> Verdict:
         log.info("limits: {limit} reached for {client}", limit=limit, client=key)
@@ -254,104 +266,118 @@ class Limiter:
     def auth_gate(self, address: str, username: str) -> "Deferred[AuthGate]":
         """Before checking credentials: is ``address`` or ``username`` over its failure
         limit?  If so the verdict is ``454 4.7.0`` and the credentials must not be checked."""
-        s = self.settings
-        if s.is_trusted(address):
-            return succeed(AuthGate(ALLOWED, address, username, trusted=True))
-        delay = self.penalty(address)
-        limits = [name for name in ("auth_failures_per_ip", "auth_failures_per_user")
-                  if getattr(s, name) is not None]
-        if not limits:
-            return succeed(AuthGate(ALLOWED, address, username, delay))
-        keys = self._flight_keys(address, username)
+        gate = self.gate(address, username)
+        return gate if isinstance(gate, Deferred) else succeed(gate)
 
-        def decide(results: list[RateResult]) -> AuthGate:
-            for limit, result, key in zip(limits, results, keys):
-                rate = getattr(s, limit)
-                if not result.allowed or result.used + self._flying(key) > rate.count:
-                    log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
-                             limit=limit, client=s.client_key(address))
-                    return AuthGate(self._deny(limit, 454, "4.7.0",
-                                               "Temporary authentication failure"),
-                                    address, username, delay)
-            token = next(self._tokens)
-            now = self.clock.seconds()
-            for key in keys:
-                self._in_flight.setdefault(key, {})[token] = now
-            return AuthGate(ALLOWED, address, username, delay, token=token)
-        counters = [(key, getattr(s, limit))
-                    for limit, key in zip(limits, self._gate_keys(address, username))]
-        reserve = getattr(self.store, "reserve", None)
+    def gate(self, address: str, username: str) -> "AuthGate | Deferred[AuthGate]":
+        """``auth_gate``'s ``AuthGate``, itself when the store answered at once."""
+        d: Deferred[AuthGate] = Deferred()
+        gate = self.gate_then(address, username, d.callback)
+        return d if gate is None else gate
+
+    def gate_then(self, address: str, username: str,
+                  then: Callable[[AuthGate], object]) -> "AuthGate | None":
+        """``auth_gate`` as the session asks it: the ``AuthGate`` itself when the store
+        answers at once (memory, no failure limit, a trusted client); else ``None``, and
+        ``then(gate)`` once the store answered (maybe before this returns)."""
+        s = self.settings
+        key, trusted = s.classify(address)
+        if trusted:
+            return AuthGate(ALLOWED, address, username, trusted=True, key=key)
+        cap = s.auth_penalty_max
+        delay = self.penalties.delay(key, cap) if cap > 0 else 0.0
+        limits = self._gate_limits
+        if not limits:
+            return AuthGate(ALLOWED, address, username, delay, key=key)
+        per_ip, per_user = s.auth_failures_per_ip, s.auth_failures_per_user
+        flights = (("ip:" + key, "user:" + user_key(username)) if per_ip and per_user
+                   else ("ip:" + key,) if per_ip else ("user:" + user_key(username),))
+        store: Any = self.store
+        peek_used = getattr(store, "peek_used", None)
+        if peek_used is not None:  # the memory store: answered here and now
+            return self._gate_now(peek_used, flights, address, username, key, delay)
+        reserve = getattr(store, "reserve_then", None)
         if reserve is not None:  # shared store: check and seat in flight in one call
-            return self._shared_gate(reserve, counters, keys, limits, address, username, delay)
-        peek_many = getattr(self.store, "peek_many", None)
-        if peek_many is not None and len(counters) > 1:  # one store call for both (Redis)
-            return self._safe_many(peek_many(counters), len(counters)).addCallback(decide)
-        peek_now = getattr(self.store, "peek_now", None)
-        if peek_now is not None:  # the memory store: answered here and now
+            self._shared_gate(reserve, flights, address, username, key, delay, then)
+        else:
+            self._gate_stepwise(flights, address, username, key, delay).addCallback(then)
+        return None
+
+    def _refuse_gate(self, limit: str, address: str, username: str, key: str,
+                     delay: float) -> AuthGate:
+        log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
+                 limit=limit, client=key)
+        return AuthGate(self._deny(limit, 454, "4.7.0", "Temporary authentication failure"),
+                        address, username, delay, key=key)
+
+    def _gate_now(self, peek_used: Callable[[str, Rate, float], "int | None"],
+                  flights: tuple[str, ...], address: str, username: str, key: str,
+                  delay: float) -> AuthGate:
+        """The gate over the memory store: failures counted plus attempts in flight."""
+        now = self.clock.seconds()
+        for (limit, rate), flight in zip(self._gate_limits, flights):
             try:
-                return succeed(decide([peek_now(key, rate) for key, rate in counters]))
+                used = peek_used("authfail:" + flight, rate, now)
             except Exception:
                 log.failure("limits: auth failure check failed; allowing")
-                return succeed(decide([ALLOW] * len(counters)))
-        checks = [self._safe(self.store.peek(key, rate), "auth failure check")
-                  for key, rate in counters]
+                used = 0
+            if used is None or used + self._flying(flight, now) > rate.count:
+                return self._refuse_gate(limit, address, username, key, delay)
+        return self._seat_in_flight(flights, address, username, key, delay, now)
+
+    def _seat_in_flight(self, flights: tuple[str, ...], address: str, username: str,
+                        key: str, delay: float, now: float) -> AuthGate:
+        token = next(self._tokens)
+        in_flight = self._in_flight
+        for flight in flights:
+            seats = in_flight.get(flight)
+            if seats is None:
+                in_flight[flight] = {token: now}
+            else:
+                seats[token] = now
+        return AuthGate(ALLOWED, address, username, delay, token=token, key=key,
+                        flights=flights)
+
+    def _gate_stepwise(self, flights: tuple[str, ...], address: str, username: str,
+                       key: str, delay: float) -> "Deferred[AuthGate]":
+        """The gate over any ``RateStore``: a peek per counter."""
+        limits = self._gate_limits
+
+        def decide(results: list[RateResult]) -> AuthGate:
+            now = self.clock.seconds()
+            for (limit, rate), result, flight in zip(limits, results, flights):
+                if not result.allowed or result.used + self._flying(flight, now) > rate.count:
+                    return self._refuse_gate(limit, address, username, key, delay)
+            return self._seat_in_flight(flights, address, username, key, delay, now)
+        checks = [self._safe(self.store.peek("authfail:" + flight, rate), "auth failure check")
+                  for (_, rate), flight in zip(limits, flights)]
         return gatherResults(checks).addCallback(decide)
 
-    def _shared_gate(self, reserve: Callable[..., Any], counters: list[tuple[str, Rate]],
-                     keys: list[str], limits: list[str], address: str, username: str,
-                     delay: float) -> "Deferred[AuthGate]":
+    def _shared_gate(self, reserve: Callable[..., Any], flights: tuple[str, ...],
+                     address: str, username: str, key: str, delay: float,
+                     then: Callable[[AuthGate], object]) -> None:
         """The gate over a shared store (Redis): the check and the attempt's seat among
         those in flight are one atomic call, so N processes together let no more
         attempts through than one would (the seat is left by ``auth_verdict``)."""
         token = next(self._tokens)
+        limits = self._gate_limits
 
-        def decided(refused: int) -> AuthGate:
+        def decided(refused: int) -> None:
             if refused:
-                limit = limits[refused - 1]
-                log.info("limits: {limit} reached for {client}; AUTH refused unchecked",
-                         limit=limit, client=self.settings.client_key(address))
-                return AuthGate(self._deny(limit, 454, "4.7.0",
-                                           "Temporary authentication failure"),
-                                address, username, delay)
-            return AuthGate(ALLOWED, address, username, delay, token=token)
-        d = reserve(counters, ["flight:" + k for k in keys], self._flight_member(token),
-                    IN_FLIGHT_TTL)
-
-        def failed(f: Failure) -> int:
-            log.failure("limits: auth failure check failed; allowing", f)
-            return 0
-        return d.addErrback(failed).addCallback(decided)
+                then(self._refuse_gate(limits[refused - 1][0], address, username, key, delay))
+            else:
+                then(AuthGate(ALLOWED, address, username, delay, token=token, key=key,
+                              flights=flights))
+        reserve(flights, self._gate_rates, self._flight_member(token), IN_FLIGHT_TTL, decided)
 
     def _flight_member(self, token: int) -> str:
         """An attempt's name in the shared in-flight sets (unique across processes)."""
         return f"{self._holder_prefix}:a{token}"
 
-    def _gate_keys(self, address: str, username: str) -> list[str]:
-        """The store counters ``auth_gate`` peeks at, in order (``authfail:`` + the
-        attempt's in-flight key)."""
-        return ["authfail:" + key for key in self._flight_keys(address, username)]
-
-    def _safe_many(self, d: "Deferred[list[RateResult]]", n: int) -> "Deferred[list[RateResult]]":
-        def failed(f: Failure) -> list[RateResult]:
-            log.failure("limits: auth failure check failed; allowing", f)
-            return [ALLOW] * n
-        return d.addErrback(failed)
-
-    def _flight_keys(self, address: str, username: str) -> list[str]:
-        """The in-flight counters of an attempt, in the order of ``auth_gate``'s checks."""
-        s = self.settings
-        keys = []
-        if s.auth_failures_per_ip is not None:
-            keys.append("ip:" + s.client_key(address))
-        if s.auth_failures_per_user is not None:
-            keys.append("user:" + user_key(username))
-        return keys
-
-    def _flying(self, key: str) -> int:
+    def _flying(self, key: str, now: float) -> int:
         flights = self._in_flight.get(key)
         if not flights:
             return 0
-        now = self.clock.seconds()
         for token, since in list(flights.items()):
             if now - since > IN_FLIGHT_TTL:
                 del flights[token]
@@ -370,15 +396,15 @@ class Limiter:
             return
         unreserve = getattr(self.store, "unreserve", None)
         if unreserve is not None:
-            unreserve(["flight:" + k for k in self._flight_keys(gate.address, gate.username)],
-                      self._flight_member(gate.token))
+            unreserve(["flight:" + k for k in gate.flights], self._flight_member(gate.token))
             return
-        for key in self._flight_keys(gate.address, gate.username):
-            flights = self._in_flight.get(key)
+        in_flight = self._in_flight
+        for key in gate.flights:
+            flights = in_flight.get(key)
             if flights is not None:
                 flights.pop(gate.token, None)
                 if not flights:
-                    del self._in_flight[key]
+                    del in_flight[key]
 
     def _remembers_failures(self) -> bool:
         """Failures are remembered per address only when something uses them (the penalty,
@@ -406,38 +432,29 @@ class Limiter:
         counts every failure.  The Deferred fires after the gate's penalty delay; the
         protocol sends the verdict then (and ``failure_delay`` on top for a 535).
         """
-        s = self.settings
+        waiting = self.verdict(gate, success, username, password)
+        return succeed(None) if waiting is None else waiting
+
+    def verdict(self, gate: AuthGate, success: bool | None, username: str | None = None,
+                password: bytes | str | None = None) -> "Deferred[None] | None":
+        """``auth_verdict`` as the session asks it: ``None`` when there is nothing to wait
+        for (no penalty, nothing counted over the network), else the Deferred."""
         pending: list[Deferred[Any]] = []
-        land = getattr(self.store, "land", None)
-        counted = False
-        if not gate.trusted:
-            key = s.client_key(gate.address)
+        if success is False and not gate.trusted and self._remembers_failures():
+            key = gate.key or self.settings.client_key(gate.address)
             user = gate.username if username is None else username
-            if success:
-                self.penalties.forgive(key)
-            elif success is False and self._remembers_failures() and \
-                    self.penalties.record_failure(key, user, password, self._repeat_window()):
-                counted = True
-                counters: list[tuple[str, Rate]] = []
-                if s.auth_failures_per_ip is not None:
-                    counters.append(("authfail:ip:" + key, s.auth_failures_per_ip))
-                if s.auth_failures_per_user is not None:
-                    counters.append(("authfail:user:" + user_key(user),
-                                     s.auth_failures_per_user))
-                if land is not None and gate.token:  # leave the flight and count: one call
-                    flights = ["flight:" + k
-                               for k in self._flight_keys(gate.address, gate.username)]
-                    pending.append(land(flights, self._flight_member(gate.token), counters))
-                else:
-                    pending += [self._safe(self.store.hit(k, rate), "auth failure count")
-                                for k, rate in counters]
-        if not (counted and land is not None and gate.token):
+            pending = self._count_failure(gate, key, user, password)
+        else:
+            if success and not gate.trusted:
+                self.penalties.forgive(gate.key or self.settings.client_key(gate.address))
             self._landed(gate)
-        wait = deferLater(self.clock, gate.delay, lambda: None) if gate.delay > 0 else None
-        if wait is not None:
+        if gate.delay <= 0:
+            if not pending:
+                return None
+            wait = None
+        else:
+            wait = deferLater(self.clock, gate.delay, lambda: None)
             pending.append(wait)
-        if not pending:
-            return succeed(None)
         # Cancelling the result (the client left) cancels only the wait, never the counts.
         done: Deferred[None] = Deferred(lambda _: wait.cancel() if wait is not None else None)
 
@@ -446,6 +463,27 @@ class Limiter:
                 done.callback(None)
         gatherResults(pending, consumeErrors=True).addBoth(finished)
         return done
+
+    def _count_failure(self, gate: AuthGate, key: str, user: str,
+                       password: bytes | str | None) -> "list[Deferred[Any]]":
+        """A wrong password: counted for the address and the user (unless this very pair
+        failed from this address recently), and the attempt leaves the flight."""
+        s = self.settings
+        if not self.penalties.record_failure(key, user, password, self._repeat_window()):
+            self._landed(gate)
+            return []
+        counters: list[tuple[str, Rate]] = []
+        if s.auth_failures_per_ip is not None:
+            counters.append(("authfail:ip:" + key, s.auth_failures_per_ip))
+        if s.auth_failures_per_user is not None:
+            counters.append(("authfail:user:" + user_key(user), s.auth_failures_per_user))
+        land = getattr(self.store, "land", None)
+        if land is not None and gate.token:  # leave the flight and count: one call
+            return [land(["flight:" + k for k in gate.flights],
+                         self._flight_member(gate.token), counters)]
+        self._landed(gate)
+        return [self._safe(self.store.hit(k, rate), "auth failure count")
+                for k, rate in counters]
 
     # ---- messages ------------------------------------------------------------------
 

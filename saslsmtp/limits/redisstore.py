@@ -111,14 +111,14 @@ return out
 """
 
 ADMIT_SCRIPT = """
--- A new connection: KEYS[1] the rate counter, KEYS[2] the slot set; ARGV: period_ms and
--- count (0: no rate limit), slot limit (0: none), holder, slot ttl_ms.
+-- A new connection: KEYS[1] the rate counter, KEYS[2] the slot set; ARGV: holder, then
+-- period_ms and count (0: no rate limit), slot limit (0: none), slot ttl_ms.
 -- Returns 2 (admitted), 1 (no free slot) or 0 (over the rate): one integer, cheap to parse.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local count = tonumber(ARGV[2])
+local count = tonumber(ARGV[3])
 if count > 0 then
-  local period = tonumber(ARGV[1])
+  local period = tonumber(ARGV[2])
   local iv = period / count
   local tat = tonumber(redis.call('GET', KEYS[1]) or now)
   if tat < now then tat = now end
@@ -126,14 +126,14 @@ if count > 0 then
   if now < new - period then return 0 end
   redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1)
 end
-local limit = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
 if limit > 0 then
   local ttl = tonumber(ARGV[5])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+  if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
     if redis.call('ZCARD', KEYS[2]) >= limit then return 1 end
   end
-  redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return 2
@@ -147,13 +147,13 @@ return #KEYS
 
 GATE_SCRIPT = """
 -- The AUTH gate, with a seat among the attempts in flight.  KEYS[1..n]: failure
--- counters, KEYS[n+1..2n]: their in-flight sets; ARGV: n, token, in-flight ttl_ms, then
+-- counters, KEYS[n+1..2n]: their in-flight sets; ARGV: token, n, in-flight ttl_ms, then
 -- period_ms and count of each counter.  Returns i, the first counter whose failures plus
 -- attempts in flight already reach its count (refused, nothing taken), or 0: admitted,
 -- and the token is in every in-flight set until LAND_SCRIPT or a release takes it out.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 for i = 1, n do
   local period = tonumber(ARGV[2 + 2 * i])
@@ -168,7 +168,7 @@ for i = 1, n do
   end
 end
 for i = 1, n do
-  redis.call('ZADD', KEYS[n + i], now + ttl, ARGV[2])
+  redis.call('ZADD', KEYS[n + i], now + ttl, ARGV[1])
   redis.call('PEXPIRE', KEYS[n + i], ttl)
 end
 return 0
@@ -220,6 +220,45 @@ def _command(head: bytes, keys: Sequence[str], args: Sequence[Any]) -> bytes:
         data = b"".join([b"$%d\r\n%s\r\n" % (len(e), e)
                          for e in (v.encode("utf-8", "surrogatepass") for v in values)])
     return b"*%d\r\n" % (len(values) + 2) + head + data
+
+
+def _bulks(values: Sequence[Any]) -> bytes:
+    """``values`` as RESP bulk strings, one after another (for the parts of a command
+    that are the same on every call: encoded once)."""
+    return b"".join(b"$%d\r\n%s\r\n" % (len(e), e)
+                    for e in (str(v).encode("utf-8", "surrogatepass") for v in values))
+
+
+def _frame(values: Sequence[str]) -> bytes:
+    """The per-call strings of a command (keys, a holder) as RESP bulk strings."""
+    body = "".join([f"${len(v)}\r\n{v}\r\n" for v in values])
+    if body.isascii():
+        return body.encode()
+    return _bulks(values)  # lengths are in bytes
+
+
+class _Answer:
+    """A place in txredisapi's reply queue without a Deferred: the queue hands each
+    reply, in order, to its waiter's ``callback`` (a ``ConnectionError`` when the
+    connection is lost), which is all a Deferred would do there."""
+
+    __slots__ = ("store", "then", "script", "items", "rest", "again")
+
+    def __init__(self, store: "RedisStore", then: Callable[[Any], object], script: str,
+                 items: int, rest: bytes) -> None:
+        self.store = store
+        self.then = then
+        self.script = script
+        self.items = items
+        self.rest = rest
+        self.again = False
+
+    def callback(self, value: Any) -> None:
+        self.store._answered(self, value)
+
+
+def _zero(_: object) -> int:
+    return 0
 
 
 class StoreUnavailable(Exception):
@@ -274,6 +313,10 @@ class RedisStore:
         self._last_log: float | None = None
         self._down = False
         self._held: dict[tuple[str, str], None] = {}
+        # The encoded arguments that depend on the limits only, for the last limits seen
+        # (compared by identity: the limiter passes the same objects every time).
+        self._admit_tail: tuple[Any, Any, bytes] = (None, -1, b"")
+        self._gate_tail: tuple[Any, Any, bytes] = (None, -1, b"")
         self._releases: list[tuple[str, str]] = []
         self._released: list[Deferred[None]] = []
         self._release_call: Any = None
@@ -324,17 +367,57 @@ class RedisStore:
                 return self._send(conn, _command(_script(script)[1], keys, args))
         return f
 
-    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
-        """The lean path: the command is encoded here and written to txredisapi's
-        connection, whose parser answers in order through its reply queue; no pool
-        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
-        sends all of a reactor tick's commands in one write."""
+    def _written(self, conn: Any, command: bytes) -> None:
         conn.transport.write(command)
         if not self._waiting:
             self._progress = self._reactor.seconds()
         self._waiting += 1
         if self._watch is None:
             self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
+
+    def _call_then(self, script: str, items: int, rest: bytes,
+                   then: Callable[[Any], object]) -> None:
+        """``_call`` without a Deferred, for the calls of every session: ``then(reply)``
+        once Redis answers, ``then(None)`` when it cannot (counted and logged as
+        unavailable).  ``then`` may run before this returns (not connected)."""
+        conn = self._connection()
+        if conn is None or conn.replyQueue.pending:
+            self._call(script, items, rest).addCallbacks(then, lambda f: then(None))
+            return
+        self._written(conn, b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
+        conn.replyQueue.waiting.append(_Answer(self, then, script, items, rest))
+
+    def _answered(self, answer: "_Answer", value: Any) -> None:
+        """A reply (or the connection's loss) for a ``_call_then``."""
+        self._waiting -= 1
+        self._progress = self._reactor.seconds()
+        if isinstance(value, Exception):
+            if isinstance(value, txredisapi.ResponseError) and not answer.again \
+                    and str(value).startswith("NOSCRIPT"):
+                conn = self._connection()
+                if conn is not None:  # Redis forgot the script: send it once with its text
+                    answer.again = True
+                    self._written(conn, b"*%d\r\n%s%s" % (
+                        answer.items, _script(answer.script)[1], answer.rest))
+                    conn.replyQueue.waiting.append(answer)
+                    return
+            self._unavailable(Failure(value))
+            value = None
+        elif self._down:
+            self._down = False
+            log.info("limits: Redis store {url} is answering again; limits apply",
+                     url=self.url.describe())
+        try:
+            answer.then(value)
+        except Exception:  # never into txredisapi's parser
+            log.failure("limits: handling a Redis reply")
+
+    def _send(self, conn: Any, command: bytes) -> "Deferred[Any]":
+        """The lean path: the command is encoded here and written to txredisapi's
+        connection, whose parser answers in order through its reply queue; no pool
+        lookup, no per-call timer (``_watch`` bounds every call at once).  The transport
+        sends all of a reactor tick's commands in one write."""
+        self._written(conn, command)
         return conn.replyQueue.get().addCallback(self._reply)
 
     def _reply(self, value: Any) -> Any:
@@ -370,6 +453,23 @@ class RedisStore:
             return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
         d = self._send(conn, _command(_script(script)[0], keys, args))
         return d.addErrback(self._failed, script, keys, args)
+
+    def _call(self, script: str, items: int, rest: bytes) -> "Deferred[Any]":
+        """``_eval`` of a command already encoded: ``rest`` is everything after the
+        script's name or hash (``items`` strings in all, the command and script too)."""
+        conn = self._connection()
+        if conn is None:
+            return fail(self._unavailable(Failure(StoreUnavailable("not connected"))))
+        d = self._send(conn, b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
+        return d.addErrback(self._call_failed, script, items, rest)
+
+    def _call_failed(self, f: Failure, script: str, items: int, rest: bytes) -> Any:
+        if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
+            conn = self._connection()
+            if conn is not None:
+                again = self._send(conn, b"*%d\r\n%s%s" % (items, _script(script)[1], rest))
+                return again.addErrback(self._unavailable)
+        return self._unavailable(f)
 
     def _failed(self, f: Failure, script: str, keys: list[str], args: list[Any]) -> Any:
         if f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
@@ -476,23 +576,34 @@ class RedisStore:
               holder: str) -> "Deferred[tuple[bool, bool]]":
         """A new connection in one call: count it against ``rate`` and take a slot of
         ``limit``: (rate allowed, slot taken); both ``True`` when Redis cannot answer."""
+        d: Deferred[tuple[bool, bool]] = Deferred()
+        self.admit_then(rate_key, rate, slot_key, limit, holder,
+                        lambda code: d.callback((code != 0, code == 2)))
+        return d
+
+    def admit_then(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+                   holder: str, then: Callable[[int], object]) -> None:
+        """A new connection in one call, as the limiter asks it: ``then(code)`` with 2
+        (admitted), 1 (no free slot) or 0 (over the rate); 2 when Redis cannot answer
+        (fail open).  The arguments after the holder depend on the limits only, so they
+        are encoded once."""
+        cached = self._admit_tail
+        if cached[0] is not rate or cached[1] != limit:
+            cached = self._admit_tail = (rate, limit, _bulks([
+                int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
+                limit or 0, self.slot_ttl_ms]))
+        tail = cached[2]
         full = self.prefix + slot_key
-        d = self._eval(ADMIT_SCRIPT, [self.prefix + rate_key, full],
-                       [int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
-                        limit or 0, holder, self.slot_ttl_ms])
 
-        def admitted(reply: int) -> tuple[bool, bool]:
-            if reply == 2:
-                if limit:
+        def answered(reply: int | None) -> None:
+            if reply is None or reply == 2:
+                if limit:  # held (if Redis could not answer: stamped by the next heartbeat)
                     self._held[(full, holder)] = None
-                return True, True
-            return reply == 1, False
-
-        def open_(f: Failure) -> tuple[bool, bool]:
-            if limit:
-                self._held[(full, holder)] = None
-            return True, True
-        return d.addCallbacks(admitted, open_)
+                then(2)
+            else:
+                then(reply)
+        self._call_then(ADMIT_SCRIPT, 10,
+                        _frame(("2", self.prefix + rate_key, full, holder)) + tail, answered)
 
     def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
                 ttl: float) -> "Deferred[int]":
@@ -500,12 +611,32 @@ class RedisStore:
         flight reach its count, and then ``token`` is in every set of ``flights`` (one
         per counter) for at most ``ttl`` seconds; else the 1-based index of the first
         counter that refused.  0 (and nothing taken) when Redis cannot answer."""
-        args: list[Any] = [len(counters), token, int(ttl * 1000)]
+        args: list[Any] = [token, len(counters), int(ttl * 1000)]
         for _, rate in counters:
             args += [int(rate.period * 1000), rate.count]
         d = self._eval(GATE_SCRIPT, [self.prefix + k for k, _ in counters]
                        + [self.prefix + f for f in flights], args)
         return d.addCallbacks(int, lambda f: 0)
+
+    def reserve_then(self, flights: tuple[str, ...], rates: tuple[Rate, ...], token: str,
+                     ttl: float, then: Callable[[int], object]) -> None:
+        """``reserve`` as the limiter asks it: ``then(code)`` (0 when Redis cannot
+        answer).  The counters are ``authfail:`` + each of ``flights`` (``ip:...``,
+        ``user:...``), their in-flight sets ``flight:`` + it; the arguments after
+        ``token`` depend on the limits only (encoded once)."""
+        cached = self._gate_tail
+        if cached[0] is not rates or cached[1] != ttl:
+            values: list[Any] = [len(rates), int(ttl * 1000)]
+            for rate in rates:
+                values += [int(rate.period * 1000), rate.count]
+            cached = self._gate_tail = (rates, ttl, _bulks(values))
+        tail = cached[2]
+        prefix = self.prefix
+        n = len(flights)
+        self._call_then(GATE_SCRIPT, 6 + 2 * n + 2 * len(rates),
+                        _frame((str(2 * n), *[prefix + "authfail:" + f for f in flights],
+                                *[prefix + "flight:" + f for f in flights], token)) + tail,
+                        lambda reply: then(int(reply) if reply is not None else 0))
 
     def land(self, flights: list[str], token: str,
              counters: list[tuple[str, Rate]]) -> "Deferred[None]":
@@ -517,6 +648,13 @@ class RedisStore:
         d = self._eval(LAND_SCRIPT, [self.prefix + f for f in flights]
                        + [self.prefix + k for k, _ in counters], args)
         return d.addCallbacks(lambda _: None, lambda f: None)
+
+    def release_soon(self, key: str, holder: str) -> None:
+        """``release`` with no answer to wait for: the slot goes with the next batch."""
+        full = self.prefix + key
+        self._held.pop((full, holder), None)
+        if self.connected:
+            self._queue_release(full, holder)
 
     def unreserve(self, flights: list[str], token: str) -> None:
         """The attempt ended with nothing to count (a success, an abort): ``token``

@@ -7,12 +7,14 @@ answer; what is counted where, and the fail2ban line, live here.
 ==============================  ================================================
 event                           call
 ==============================  ================================================
-connection made (address known) ``d = limits.admit(ip)`` -> ``Verdict`` (421)
+connection made (address known) ``limits.admit(ip)`` -> ``Verdict`` (421), or a
+                                Deferred of it (a shared store)
 connection lost                 ``limits.release()``
 AUTH exchange starts            ``attempt = limits.attempt(ip, mechanism)``
-username known (Verify, Lookup) ``refusal = await attempt.admit(user, password)``
-verdict known                   ``await attempt.judged(ok, username)`` (counts now,
-                                fires after the penalty)
+username known (Verify, Lookup) ``refusal = attempt.admit(user, password)`` (maybe a
+                                Deferred)
+verdict known                   ``attempt.judged(ok, username)`` (counts now;
+                                ``None``, or a Deferred that fires after the penalty)
 MAIL / RCPT / message stored    ``mail_allowed`` / ``recipient_allowed`` /
                                 ``message_accepted``
 ==============================  ================================================
@@ -20,13 +22,11 @@ MAIL / RCPT / message stored    ``mail_allowed`` / ``recipient_allowed`` /
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred, succeed
 
 from saslsmtp.limits import faillog
 from saslsmtp.limits.limiter import ALLOWED, Admission, AuthGate, Limiter, Verdict
 from saslsmtp.sasl.outcome import Defer
-from saslsmtp.settled import result_now
 
 #: What the gate's refusal becomes: the reply text of ``Limiter.auth_gate``'s 454.
 GATE_REFUSAL = Defer("Temporary authentication failure")
@@ -43,38 +43,53 @@ class AuthAttempt:
         self.username: str | None = None
         self._password: str | bytes | None = None
         self.refused = False
+        self._waiting: Deferred[Defer | None] | None = None
 
     @property
     def client_key(self) -> str:
         """The fair hashing pool's key for this client."""
         return self.limiter.settings.client_key(self.address) if self.address else ""
 
-    def admit(self, username: str, password: str | bytes | None = None) -> "Deferred[Defer | None]":
-        """Before any credential is checked: ``None`` to go on, or the 454 to answer."""
+    def admit(self, username: str, password: str | bytes | None = None
+              ) -> "Defer | None | Deferred[Defer | None]":
+        """Before any credential is checked: ``None`` to go on, or the 454 to answer (at
+        once when the store answers at once, else through a Deferred)."""
         if self.gate is not None:
-            return succeed(GATE_REFUSAL if self.refused else None)
+            return GATE_REFUSAL if self.refused else None
         self.username = username
         self._password = password
-
-        def decided(gate: AuthGate) -> Defer | None:
-            self.gate = gate
-            self.refused = not gate.verdict.allowed
+        gate = self.limiter.gate_then(self.address, username, self._gated)
+        if gate is not None:
+            return self._decided(gate)
+        if self.gate is not None:  # answered before gate_then returned
             return GATE_REFUSAL if self.refused else None
-        gate = result_now(self.limiter.auth_gate(self.address, username))
-        if isinstance(gate, Deferred):  # a shared store (Redis) answers later
-            return gate.addCallback(decided)
-        return fail(gate) if isinstance(gate, Failure) else succeed(decided(gate))
+        waiting: Deferred[Defer | None] = Deferred()
+        self._waiting = waiting
+        return waiting
+
+    def _gated(self, gate: AuthGate) -> None:
+        """A shared store's answer."""
+        refusal = self._decided(gate)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(refusal)
+
+    def _decided(self, gate: AuthGate) -> Defer | None:
+        self.gate = gate
+        self.refused = not gate.verdict.allowed
+        return GATE_REFUSAL if self.refused else None
 
     def abandon(self) -> None:
         """The exchange ended without a verdict (``*``, a bad line, the client left)."""
         if self.gate is not None:
             self.limiter.abandoned(self.gate)
 
-    def judged(self, ok: bool | None, username: str | None = None) -> "Deferred[None]":
+    def judged(self, ok: bool | None, username: str | None = None) -> "Deferred[None] | None":
         """The verdict is known: ``True`` (235), ``False`` (535), ``None`` (454, abort).
 
         A failure is counted and logged now, whether or not the client stays; the
-        Deferred fires after the address's penalty, for successes too."""
+        answer waits for the returned Deferred (the address's penalty, for successes
+        too), or goes at once when there is nothing to wait for (``None``)."""
         tried = self.username if self.username is not None else (username or "")
         if self.refused:
             faillog.log_auth_failure(self.address, self.mechanism, tried, "too many failures")
@@ -83,12 +98,12 @@ class AuthAttempt:
             faillog.log_auth_failure(self.address, self.mechanism, tried)
         elif ok:
             faillog.log_auth_success(self.address, self.mechanism, username or tried)
-        settings = self.limiter.settings
-        gate = self.gate or AuthGate(ALLOWED, self.address, tried,
-                                     self.limiter.penalty(self.address),
-                                     trusted=settings.is_trusted(self.address))
+        gate = self.gate
+        if gate is None:
+            gate = AuthGate(ALLOWED, self.address, tried, self.limiter.penalty(self.address),
+                            trusted=self.limiter.settings.is_trusted(self.address))
         password, self._password = self._password, None
-        return self.limiter.auth_verdict(gate, ok, tried, password)
+        return self.limiter.verdict(gate, ok, tried, password)
 
 
 class ConnectionLimits:
@@ -97,29 +112,42 @@ class ConnectionLimits:
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
         self._admission: Admission | None = None
-        self._pending: Deferred[Admission] | None = None
+        self._pending: Deferred[Verdict] | None = None
 
-    def admit(self, address: str) -> "Deferred[Verdict]":
-        """A new connection from ``address``: its verdict (``421 4.7.0`` when over a limit)."""
+    def admit(self, address: str) -> "Verdict | Deferred[Verdict]":
+        """A new connection from ``address``: its verdict (``421 4.7.0`` when over a
+        limit), at once when the store answers at once, else through a Deferred."""
         if not address:  # a UNIX socket: no client address to count
-            return succeed(ALLOWED)
-        d = self.limiter.connection_made(address)
-
-        def seated(admission: Admission) -> Verdict:
-            self._pending = None
+            return ALLOWED
+        admission = self.limiter.seat_then(address, self._seated)
+        if admission is not None:
             self._admission = admission
             return admission.verdict
-        answer = result_now(d)
-        if isinstance(answer, Deferred):  # a shared store (Redis) answers later
-            self._pending = answer
-            return answer.addCallback(seated)
-        return fail(answer) if isinstance(answer, Failure) else succeed(seated(answer))
+        if self._admission is not None:  # answered before seat_then returned
+            return self._admission.verdict
+        # What the connection waits on; cancelling it (the connection is gone) leaves
+        # the store's call running, and a seat that still comes is given back.
+        pending: Deferred[Verdict] = Deferred()
+        self._pending = pending
+        return pending
+
+    def _seated(self, admission: Admission) -> None:
+        """A shared store's answer."""
+        pending, self._pending = self._pending, None
+        if pending is None:  # before ``admit`` returned
+            self._admission = admission
+        elif pending.called:  # the connection went away meanwhile
+            admission.release()
+        else:
+            self._admission = admission
+            pending.callback(admission.verdict)
 
     def release(self) -> None:
         """The connection is gone: give its slot back (or stop waiting for one)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
+        pending = self._pending
+        if pending is not None and not pending.called:
+            pending.cancel()  # stays there: a seat that still comes is given back
+            pending.addErrback(lambda f: None)  # the cancellation is no error
         admission, self._admission = self._admission, None
         if admission is not None:
             admission.release()

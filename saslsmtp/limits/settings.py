@@ -76,6 +76,10 @@ class LimitsSettings:
         """Whether ``address`` is inside ``trusted_networks`` (never limited)."""
         return _classify(address, self.ipv6_prefix, self.trusted_networks)[1]
 
+    def classify(self, address: str) -> tuple[str, bool]:
+        """``(client_key(address), is_trusted(address))`` in one cached lookup."""
+        return _classify(address, self.ipv6_prefix, self.trusted_networks)
+
 
 @dataclass(frozen=True)
 class AuthCacheSettings:

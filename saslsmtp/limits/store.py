@@ -86,7 +86,7 @@ class MemoryStore:
         self._clock = clock
         self.max_keys = max_keys
         self._tats: OrderedDict[str, float] = OrderedDict()
-        self._slots: dict[str, set[str]] = {}
+        self._slots: dict[str, set[object]] = {}  # holders: strings or numbers
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -143,12 +143,54 @@ class MemoryStore:
         return True
 
     def release(self, key: str, holder: str) -> "Deferred[None]":
+        self.release_now(key, holder)
+        return succeed(None)
+
+    def release_now(self, key: str, holder: object) -> None:
         held = self._slots.get(key)
         if held is not None:
             held.discard(holder)
             if not held:
                 del self._slots[key]
-        return succeed(None)
+
+    # The limiter's per-event calls, each one step with one read of the clock (a session
+    # over the memory store pays for no more than it needs).
+
+    def admit_now(self, rate_key: str, rate: Rate | None, slot_key: str, limit: int | None,
+                  holder: object) -> int:
+        """A new connection: count it against ``rate`` and take a slot of ``limit``
+        (``None``: no such limit).  2 admitted, 1 no free slot (counted all the same, as
+        ``RedisStore.admit``), 0 over the rate (nothing counted, no slot taken)."""
+        if rate is not None:
+            now = self._clock.seconds()
+            tats = self._tats
+            self._expire(now)
+            tat = tats.get(rate_key)
+            if tat is None or tat <= now:
+                tats[rate_key] = now + rate.interval  # a first event always fits (count >= 1)
+                tats.move_to_end(rate_key)
+                if len(tats) > self.max_keys:
+                    tats.popitem(last=False)
+            elif not self._check(rate_key, rate, 1, True).allowed:
+                return 0
+        if limit is not None:
+            held = self._slots.get(slot_key)
+            if held is None:
+                self._slots[slot_key] = {holder}
+            elif len(held) >= limit and holder not in held:
+                return 1
+            else:
+                held.add(holder)
+        return 2
+
+    def peek_used(self, key: str, rate: Rate, now: float) -> int | None:
+        """``peek`` at time ``now`` in short: ``None`` when one more event would not pass,
+        else the events inside the window with that one (``RateResult.used``)."""
+        tat = self._tats.get(key)
+        if tat is None or tat <= now:
+            return 1
+        result = gcra(tat, now, rate, 1)[0]
+        return result.used if result.allowed else None
 
     def rescale(self, prefix: str, factor: float) -> int:
         """Stretch every counter under ``prefix`` by ``factor`` (the new rate's interval

@@ -51,3 +51,5 @@ class AuthGate:
     delay: float = 0.0
     trusted: bool = False
     token: int = 0  # this attempt's place among the in-flight ones (0: none taken)
+    key: str = ""  # the address's client key ("": not worked out yet)
+    flights: tuple[str, ...] = ()  # the in-flight counters the token sits in
