@@ -415,7 +415,7 @@ def python_generator(server: Server, mech: str, concurrency: int,
 def measure(server: Server, mech: str, concurrency: int, repeat: int,
             args: argparse.Namespace) -> Measurement:
     """Run the load generator once against ``server`` and read its CPU around the run."""
-    if args.generator == "c":
+    if getattr(args, "generator", "python") == "c":  # callers other than run.py: Python
         try:
             argv = c_loadgen.command(server.port, args.user, args.load_password or args.password,
                                      concurrency, args.duration, args.warmup)
