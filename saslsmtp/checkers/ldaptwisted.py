@@ -31,7 +31,7 @@ new one; one that timed out is aborted and its server marked down for ``DOWN_SEC
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -182,8 +182,10 @@ class TwistedDirectory:
 
     # ---- servers -----------------------------------------------------------
 
-    def _ordered(self) -> list[Endpoint]:
+    def _ordered(self) -> Sequence[Endpoint]:
         """Endpoints in configured order; those that failed recently go last."""
+        if not self._down_until:
+            return self.endpoints
         now = self._clock.seconds()
         down = {e for e, until in self._down_until.items() if until > now}
         return [e for e in self.endpoints if e not in down] + \
@@ -191,7 +193,8 @@ class TwistedDirectory:
 
     def _mark(self, endpoint: Endpoint, up: bool) -> None:
         if up:
-            self._down_until.pop(endpoint, None)
+            if self._down_until:
+                self._down_until.pop(endpoint, None)
         else:
             self._down_until[endpoint] = self._clock.seconds() + DOWN_SECONDS
 
@@ -408,7 +411,8 @@ class TwistedLdapChecker:
                      name=self.name, username=username)
             return fail(UnauthorizedLogin("empty password"))
         d = ensureDeferred(self.directory.verify(username, password))
-        return self.outages.watch(finish_login(d, self.name, username, raw_username))
+        return self.outages.watch(finish_login(d, self.name, username, raw_username,
+                                               log_bound=False))
 
     def stop(self) -> None:
         """Close the connections."""

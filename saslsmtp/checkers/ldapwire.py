@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ldap3.core.results import RESULT_CODES
-from ldap3.utils.asn1 import decode_message_fast
 
 PLACEHOLDER = "{username}"
 START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
@@ -334,23 +333,67 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
+def _element(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """``(tag, value start, value end)`` of the element at ``pos`` (within ``end``)."""
+    tag = data[pos]
+    first = data[pos + 1]
+    if first < 0x80:
+        start, size = pos + 2, first
+    elif 0x80 < first <= 0x84:  # LDAP uses definite lengths only (RFC 4511 5.1)
+        start = pos + 2 + (first & 0x7F)
+        size = int.from_bytes(data[pos + 2:start], "big")
+    else:
+        raise ProtocolError("indefinite or over-long BER length")
+    if start + size > end:
+        raise ProtocolError("BER element overruns its container")
+    return tag, start, start + size
+
+
 def decode(data: bytes) -> tuple[int, int, Result | Entry | None]:
     """One complete LDAPMessage -> ``(message_id, protocolOp tag, Result | Entry | None)``
     (``None`` for a search reference, which a login ignores); ``ProtocolError`` if it is
-    not one ldap3's reader understands."""
+    not an LDAP answer."""
     try:
-        decoded = decode_message_fast(data)
-        op = decoded["protocolOp"]
-        payload = decoded["payload"]
-        if op == SEARCH_ENTRY:
-            attributes = {_text(a[3][0][3]): [v[3] for v in a[3][1][3]] for a in payload[1][3]}
-            return decoded["messageID"], op, Entry(_text(payload[0][3]), attributes)
-        if op == SEARCH_REFERENCE:
-            return decoded["messageID"], op, None
+        tag, pos, end = _element(data, 0, len(data))
+        if tag != 0x30:
+            raise ProtocolError("not an LDAPMessage")
+        tag, start, stop = _element(data, pos, end)
+        if tag != 0x02:
+            raise ProtocolError("no message ID")
+        message_id = int.from_bytes(data[start:stop], "big", signed=True)
+        tag, pos, end = _element(data, stop, end)
+        op = tag & 0x1F
+        if tag == 0x64:  # SearchResultEntry
+            _, start, stop = _element(data, pos, end)
+            dn = _text(data[start:stop])
+            attributes: dict[str, list[bytes]] = {}
+            _, pos, end = _element(data, stop, end)
+            while pos < end:
+                _, apos, aend = _element(data, pos, end)
+                _, start, stop = _element(data, apos, aend)
+                values = attributes.setdefault(_text(data[start:stop]), [])
+                _, vpos, vend = _element(data, stop, aend)
+                while vpos < vend:
+                    _, start, stop = _element(data, vpos, vend)
+                    values.append(data[start:stop])
+                    vpos = stop
+                pos = aend
+            return message_id, op, Entry(dn, attributes)
+        if tag == 0x73:  # SearchResultReference
+            return message_id, op, None
+        if tag not in (0x61, 0x65, 0x78):
+            raise ProtocolError(f"unexpected protocolOp {op}")
+        _, start, stop = _element(data, pos, end)
+        code = int.from_bytes(data[start:stop], "big", signed=True)
+        _, start, stop = _element(data, stop, end)
+        matched = _text(data[start:stop])
+        _, start, pos = _element(data, stop, end)
+        text = _text(data[start:pos])
         oid = None
-        if op == EXTENDED_RESPONSE:
-            oid = next((bytes(p[3]) for p in payload[3:] if p[2] == 10), None)
-        return decoded["messageID"], op, Result(int(payload[0][3]), _text(payload[1][3]),
-                                                _text(payload[2][3]), oid)
-    except (IndexError, KeyError, TypeError, ValueError) as e:
-        raise ProtocolError(f"undecodable LDAP message ({type(e).__name__})") from None
+        while pos < end:  # referral [3], serverSaslCreds [7], responseName [10], value [11]
+            tag, start, pos = _element(data, pos, end)
+            if tag == 0x8A:
+                oid = data[start:pos]
+        return message_id, op, Result(code, matched, text, oid)
+    except IndexError:
+        raise ProtocolError("truncated LDAP message") from None
