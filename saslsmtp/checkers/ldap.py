@@ -1,7 +1,24 @@
-"""The ``type = "ldap"`` backend: bind to a directory as the user, with ldap3, off the reactor.
+"""The ``type = "ldap"`` backend: bind to a directory as the user.
 
-Theory of operation
--------------------
+Two clients, one set of options (``LdapOptions``) and one set of verdicts and messages:
+
+* ``client = "twisted"`` (the default): ``ldaptwisted.TwistedDirectory`` and
+  ``TwistedLdapChecker``, on the reactor with no thread (``ldapclient`` for a connection,
+  ``ldapwire`` for the bytes).  Measured in the daemon against ldap3 (benchmarks/README.md,
+  "LDAP: the Twisted-native client"): ldap3 cost about 0.55 ms (DN template) and 1.05 ms
+  (search-then-bind) of CPU per login over the users-file floor, mostly pyasn1 encoding,
+  thread hand-offs and GIL contention with the reactor; the Twisted client about 0.06 and
+  0.1 ms per login on its own (benchmarks/ldap_checker_cpu.py --client twisted).
+* ``client = "ldap3"``: ``Directory`` and ``LdapChecker`` below, ldap3 in a bounded thread
+  pool; kept for what only ldap3 does.  What follows describes it; the Twisted client
+  follows the same rules (its module docstring says where it differs: pools and waiting).
+
+This module also holds what both share: the options and their checks (filters are parsed
+at startup by ``ldapwire.compile_filter``), the RFC 4514/4515 escaping, ``Endpoint``,
+``Bound``, ``finish_login`` (logging and avatar id) and ``from_config``.
+
+Theory of operation (ldap3 client)
+----------------------------------
 
 ``LdapChecker`` (the ``ICredentialsChecker``) does the cheap checks on the reactor thread
 (the username must be UTF-8 and non-empty, the password non-empty: an empty simple bind is an
