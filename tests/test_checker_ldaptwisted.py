@@ -396,3 +396,40 @@ def test_from_config_builds_the_twisted_client_by_default() -> None:
     checker = from_config("dir", LdapOptions(url=("ldap://127.0.0.1",), user_dn=TEMPLATE), deps)
     assert isinstance(checker, TwistedLdapChecker)
     checker.stop()
+
+
+def test_idle_service_connection_is_replaced() -> None:
+    """The service connection serves searches back to back; unused for longer than
+    MAX_IDLE_SECONDS it is closed (unbound) and the next search opens a new one."""
+    from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS
+    from saslsmtp.credentials import PasswordCredentials
+    clock = Clock()
+    servers = ScriptedServers(clock)
+    options = LdapOptions(url=("ldap://a",), search_base="dc=x", search_filter="(uid={username})",
+                          timeout=TIMEOUT, pool_size=1)
+    checker = TwistedLdapChecker("t", TwistedDirectory(options, None, endpoint_factory=servers,
+                                                       clock=clock))
+    entry = ldapwire.tlv(0x64, ldapwire.tlv(0x04, b"uid=alice,dc=x") + ldapwire.tlv(0x30, b""))
+    done = ldapwire.tlv(0x65, b"\x0a\x01\x00\x04\x00\x04\x00")
+    got: list[Any] = []
+
+    def login(search_id: int, bind_id: int) -> None:
+        """One login: the search answered on the service connection (the first one
+        made), the bind on the user connection (the second)."""
+        checker.requestAvatarId(PasswordCredentials(b"alice", b"pw")).addBoth(got.append)
+        service = servers.connections["ldap://a:389"][0]
+        service[0].dataReceived(ldapwire.message(search_id, entry)
+                                + ldapwire.message(search_id, done))
+        user = servers.connections["ldap://a:389"][1]
+        user[0].dataReceived(bind_result(bind_id, 0))
+
+    login(1, 1)
+    clock.advance(MAX_IDLE_SECONDS - 1)
+    login(2, 2)
+    assert got == [b"alice", b"alice"] and len(servers.connections["ldap://a:389"]) == 2
+    clock.advance(MAX_IDLE_SECONDS + 1)
+    first_service = servers.connections["ldap://a:389"][0]
+    checker.requestAvatarId(PasswordCredentials(b"alice", b"pw")).addBoth(got.append)
+    assert first_service[0].closed and first_service[1].value().endswith(b"\x42\x00")
+    assert len(servers.connections["ldap://a:389"]) == 3
+    checker.stop()

@@ -86,7 +86,6 @@ class LdapProtocol(Protocol):
         self._pending: dict[int, _Request] = {}
         self._next_id = 0
         self.closed = False
-        self.lost: Deferred[None] = Deferred()  # fires when the connection is gone
         self._why: str = "connection closed by the server"
         self._explained = False  # _why set by us (timeout, notice, protocol error)
         self._timer: Any = None  # the one timer: the oldest request's deadline, or later
@@ -249,8 +248,6 @@ class LdapProtocol(Protocol):
         pending, self._pending = self._pending, {}
         for request in pending.values():
             request.deferred.errback(LdapConnectionLost(self._why))
-        if not self.lost.called:
-            self.lost.callback(None)
 
 
 class StartTlsRefused(Exception):

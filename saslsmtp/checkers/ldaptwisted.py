@@ -21,7 +21,9 @@ Connections, per server:
   ``identity_attribute``).
 * one service connection, bound as ``search_dn`` (or anonymous) once: every
   ``search_filter`` search is pipelined on it, whatever the number of logins.  A user never
-  binds on it.
+  binds on it.  Unused for ``MAX_IDLE_SECONDS`` (60), it is closed and a new one opened
+  (servers and firewalls drop idle connections, sometimes without a word), as user
+  connections are.
 
 A pooled connection that broke (server restarted) is dropped and the login goes on over a
 new one; one that timed out is aborted and its server marked down for ``DOWN_SECONDS``
@@ -51,7 +53,7 @@ from saslsmtp.checkers.ldap import (DOWN_SECONDS, FAILOVER_RESULTS, INVALID_CRED
                                     escape_dn_value, finish_login)
 from saslsmtp.checkers.ldapclient import (LdapError, LdapProtocol, StartTlsRefused, connect,
                                           describe_failure)
-from saslsmtp.checkers.ldappool import ConnectionPool, PoolWaitTooLong
+from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS, ConnectionPool, PoolWaitTooLong
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
@@ -110,6 +112,7 @@ class TwistedDirectory:
                                               clock=seconds, max_wait=options.timeout)
                             for e in self.endpoints}
         self._service: dict[Endpoint, LdapProtocol] = {}
+        self._service_used: dict[Endpoint, float] = {}  # when each last sent a search
         self._service_waiting: dict[Endpoint, list[Deferred[Any]]] = {}
         self._start_tls = {e: tls_options(options, e.host)
                            for e in self.endpoints if options.start_tls and not e.ssl}
@@ -253,10 +256,15 @@ class TwistedDirectory:
     async def _service_connection(self) -> tuple[LdapProtocol, Endpoint, bool]:
         """The shared service connection (reused=True) or a new one, failing over."""
         errors: list[str] = []
+        now = self._clock.seconds()
         for endpoint in self._ordered():
             conn = self._service.get(endpoint)
             if conn is not None and not conn.closed:
-                return conn, endpoint, True
+                if now - self._service_used[endpoint] <= MAX_IDLE_SECONDS:
+                    self._service_used[endpoint] = now
+                    return conn, endpoint, True
+                del self._service[endpoint]  # idle too long: servers drop such ones silently
+                conn.unbind_and_close()
             try:
                 conn = await self._shared_service(endpoint)
             except _Transport as e:
@@ -283,6 +291,7 @@ class TwistedDirectory:
                     result.unbind_and_close()
                 else:
                     self._service[endpoint] = result
+                    self._service_used[endpoint] = self._clock.seconds()
             for w in waiting:
                 if isinstance(result, LdapProtocol):
                     w.callback(result)
