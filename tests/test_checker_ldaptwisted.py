@@ -433,3 +433,21 @@ def test_idle_service_connection_is_replaced() -> None:
     assert first_service[0].closed and first_service[1].value().endswith(b"\x42\x00")
     assert len(servers.connections["ldap://a:389"]) == 3
     checker.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_connections_have_tcp_nodelay(
+        slapd: SlapdServer, make_checker: Callable[..., TwistedLdapChecker]) -> None:
+    """Against slapd, plain and ldaps://: the pooled connections have TCP_NODELAY set
+    (a login is a few dozen bytes each way; Nagle would hold them back)."""
+    import socket
+    for options in ({}, {"url": (slapd.tls_url,), "ca_file": str(slapd.ca_file)}):
+        checker = make_checker(**options)
+        assert await outcome(checker, "alice", ALICE.password) == "accept"
+        [pool] = checker.directory._user_pools.values()
+        [idle] = pool._idle
+        transport = idle.conn.transport
+        while type(transport).__module__ != "twisted.internet.tcp":  # under TLS: TCP's
+            transport = transport.transport
+        sock = transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
