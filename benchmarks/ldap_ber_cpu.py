@@ -11,7 +11,8 @@ no network: what the Twisted-native LDAP client (saslsmtp/checkers/ldapwire.py) 
   bind) + ldapwire's reader.
 
 Also times the search-then-bind SearchRequest (an ``&`` of two equalities) with ldapwire
-and ldaptor (optional: skipped when not installed).  Prints microseconds per operation (process CPU time).
+and ldaptor (optional: skipped when not installed).  Prints microseconds per operation
+(process CPU time).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> None:
     print(f"bind request + response, us per bind (n={n}):")
     print(f"  ldapwire (hand encoder + reader):            {per_op(n, ours):7.1f}")
     try:
-        import ldaptor  # noqa: F401  (optional: pip install ldaptor)
+        import ldaptor  # noqa: F401  # optional: pip install ldaptor
     except ImportError:
         print("  ldaptor: not installed (pip install ldaptor)")
         have_ldaptor = False

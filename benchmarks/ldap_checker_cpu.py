@@ -6,9 +6,10 @@
     python3 benchmarks/ldap_checker_cpu.py --module-file /tmp/old_ldap.py   # another version
 
 Starts a slapd (tests/slapd.py), builds an ``LdapChecker`` with a real ``ThreadPoolRunner``
-(``--threads``) on the reactor, warms it up, then runs ``--logins`` logins as alice, 16 at a
-time (``--client twisted``: the Twisted-native client, no threads), and prints logins/s and the process CPU (user + system) per login: ldap3, the
-thread hand-offs and the Deferreds, and nothing else.  ``--module-file`` loads
+(``--threads``) on the reactor (``--client twisted``: the Twisted-native client, no
+threads), warms it up, then runs ``--logins`` logins as alice, 16 at a time, and prints
+logins/s and the process CPU (user + system) per login: the client (ldap3 and the thread
+hand-offs, or the Twisted client), the Deferreds, and nothing else.  ``--module-file`` loads
 ``Directory``/``LdapChecker``/``LdapOptions`` from another copy of ldap.py (e.g. from git)
 to compare versions on the same slapd.
 """
@@ -76,7 +77,8 @@ async def measure(ldap: Any, url: str, mode: str, threads: int, logins: int,
         checker.stop()
     n = logins // 16 * 16
     user, system = (after.user - before.user) / n * 1000, (after.system - before.system) / n * 1000
-    return (f"{mode:8} {client} threads={threads} pool_size={pool_size}: {n / elapsed:6.0f} logins/s, CPU {user + system:.3f} "
+    return (f"{mode:8} {client} threads={threads} pool_size={pool_size}: "
+            f"{n / elapsed:6.0f} logins/s, CPU {user + system:.3f} "
             f"ms/login (user {user:.3f}, system {system:.3f})")
 
 

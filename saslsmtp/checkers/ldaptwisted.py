@@ -51,8 +51,7 @@ from saslsmtp.checkers import ldapwire
 from saslsmtp.checkers.ldap import (DOWN_SECONDS, FAILOVER_RESULTS, INVALID_CREDENTIALS,
                                     SIZE_LIMIT_EXCEEDED, Bound, Endpoint, LdapOptions,
                                     escape_dn_value, finish_login)
-from saslsmtp.checkers.ldapclient import (LdapError, LdapProtocol, StartTlsRefused, connect,
-                                          describe_failure)
+from saslsmtp.checkers.ldapclient import LdapError, LdapProtocol, connect, describe_failure
 from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS, ConnectionPool, PoolWaitTooLong
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
