@@ -6,9 +6,10 @@
     python3 benchmarks/ldap_checker_cpu.py --module-file /tmp/old_ldap.py   # another version
 
 Starts a slapd (tests/slapd.py), builds an ``LdapChecker`` with a real ``ThreadPoolRunner``
-(``--threads``) on the reactor, warms it up, then runs ``--logins`` logins as alice, 16 at a
-time, and prints logins/s and the process CPU (user + system) per login: ldap3, the
-thread hand-offs and the Deferreds, and nothing else.  ``--module-file`` loads
+(``--threads``) on the reactor (``--client twisted``: the Twisted-native client, no
+threads), warms it up, then runs ``--logins`` logins as alice, 16 at a time, and prints
+logins/s and the process CPU (user + system) per login: the client (ldap3 and the thread
+hand-offs, or the Twisted client), the Deferreds, and nothing else.  ``--module-file`` loads
 ``Directory``/``LdapChecker``/``LdapOptions`` from another copy of ldap.py (e.g. from git)
 to compare versions on the same slapd.
 """
@@ -44,15 +45,22 @@ def load(module_file: str | None) -> Any:
     return module
 
 
-async def measure(ldap: Any, url: str, mode: str, threads: int, logins: int) -> str:
-    options: dict[str, Any] = {"url": (url,), "threads": threads, "timeout": 5.0}
+async def measure(ldap: Any, url: str, mode: str, threads: int, logins: int,
+                  client: str = "ldap3", pool_size: int | None = None) -> str:
+    options: dict[str, Any] = {"url": (url,), "threads": threads, "timeout": 5.0,
+                               "pool_size": pool_size}
     if mode == "template":
         options["user_dn"] = f"uid={{username}},{PEOPLE}"
     else:
         options.update(search_base=PEOPLE, search_dn=READER_DN, search_password=READER_PASSWORD,
                        search_filter="(&(objectClass=inetOrgPerson)(uid={username}))")
-    checker = ldap.LdapChecker("bench", ldap.Directory(ldap.LdapOptions(**options)),
-                               ThreadPoolRunner(reactor, "ldap-bench", threads))
+    if client == "twisted":
+        from saslsmtp.checkers.ldaptwisted import TwistedDirectory, TwistedLdapChecker
+        checker: Any = TwistedLdapChecker("bench", TwistedDirectory(
+            ldap.LdapOptions(**options, client="twisted"), reactor))
+    else:
+        checker = ldap.LdapChecker("bench", ldap.Directory(ldap.LdapOptions(**options)),
+                                   ThreadPoolRunner(reactor, "ldap-bench", threads))
     credentials = PasswordCredentials(ALICE.uid.encode(), ALICE.password.encode())
 
     async def worker(n: int) -> None:
@@ -69,7 +77,8 @@ async def measure(ldap: Any, url: str, mode: str, threads: int, logins: int) -> 
         checker.stop()
     n = logins // 16 * 16
     user, system = (after.user - before.user) / n * 1000, (after.system - before.system) / n * 1000
-    return (f"{mode:8} threads={threads}: {n / elapsed:6.0f} logins/s, CPU {user + system:.3f} "
+    return (f"{mode:8} {client} threads={threads} pool_size={pool_size}: "
+            f"{n / elapsed:6.0f} logins/s, CPU {user + system:.3f} "
             f"ms/login (user {user:.3f}, system {system:.3f})")
 
 
@@ -79,6 +88,9 @@ def main() -> int:
     p.add_argument("--mode", action="append", choices=("template", "search"))
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--logins", type=int, default=4000)
+    p.add_argument("--client", choices=("ldap3", "twisted"), default="ldap3",
+                   help="twisted: the Twisted-native client (ldaptwisted.py), no threads")
+    p.add_argument("--pool-size", type=int)
     args = p.parse_args()
     ldap = load(args.module_file)
     slapd_fixture = running_slapd()
@@ -87,7 +99,8 @@ def main() -> int:
 
     async def everything() -> None:
         for mode in args.mode or ["template", "search"]:
-            lines.append(await measure(ldap, slapd.url, mode, args.threads, args.logins))
+            lines.append(await measure(ldap, slapd.url, mode, args.threads, args.logins,
+                                       args.client, args.pool_size))
 
     def run() -> None:
         d = defer.ensureDeferred(everything())

@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--duration", "-d", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--pool-size", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--output", default="/tmp/saslsmtp-ldap-profile.txt")
     p.add_argument("--top", type=int, default=40)
     args = p.parse_args()

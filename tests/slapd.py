@@ -374,9 +374,18 @@ _OP = re.compile(r"conn=(\d+) op=(\d+) (BIND dn=\"([^\"]*)\" method=|SRCH base=|
 
 def parse_operations(lines: list[str]) -> list[Operation]:
     """Replay a stats log: follow each connection's bind state (RFC 4511 4.2.1: a bind
-    first makes the connection anonymous; only a successful one gives it an identity)."""
-    identity: dict[int, str] = {}
-    binding: dict[tuple[int, int], str] = {}
+    first makes the connection anonymous; only a successful one gives it an identity).
+
+    Operations are ordered by their ``op=`` number on their connection, not by log line:
+    slapd may log a bind's RESULT after the next operation's line when the client sends
+    that operation as soon as the bind's answer arrives (the answer is written before the
+    RESULT line)."""
+    results: dict[tuple[int, int], str] = {}
+    for line in lines:
+        match = _OP.search(line)
+        if match is not None and match.group(3).startswith("RESULT"):
+            results[(int(match.group(1)), int(match.group(2)))] = match.group(5)
+    binds: dict[int, list[tuple[int, str]]] = {}  # conn -> [(op, dn)] in op order
     done: list[Operation] = []
     for line in lines:
         match = _OP.search(line)
@@ -385,16 +394,15 @@ def parse_operations(lines: list[str]) -> list[Operation]:
         conn, op = int(match.group(1)), int(match.group(2))
         what = match.group(3)
         if what.startswith("BIND"):
-            identity[conn] = ""
-            binding[(conn, op)] = match.group(4)
+            binds.setdefault(conn, []).append((op, match.group(4)))
             done.append(Operation(conn, "BIND", "", line[match.start():]))
-        elif what.startswith("RESULT"):
-            dn = binding.pop((conn, op), None)
-            if dn is not None and match.group(5) == "0":
-                identity[conn] = dn
-        else:
-            done.append(Operation(conn, what.split()[0], identity.get(conn, ""),
-                                  line[match.start():]))
+        elif not what.startswith("RESULT"):
+            earlier = [(o, dn) for o, dn in binds.get(conn, []) if o < op]
+            bound_as = ""
+            if earlier:
+                last_op, dn = max(earlier)
+                bound_as = dn if results.get((conn, last_op)) == "0" else ""
+            done.append(Operation(conn, what.split()[0], bound_as, line[match.start():]))
     return done
 
 

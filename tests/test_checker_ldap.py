@@ -753,7 +753,8 @@ def test_pool_size_defaults_to_threads() -> None:
 
 
 def test_from_config_uses_a_dedicated_runner() -> None:
-    """``from_config`` asks deps for ``ldap-<name>`` with ``threads`` workers."""
+    """With ``client = "ldap3"``, ``from_config`` asks deps for ``ldap-<name>`` with
+    ``threads`` workers."""
     asked: list[tuple[str, int]] = []
 
     class Runner:
@@ -772,7 +773,8 @@ def test_from_config_uses_a_dedicated_runner() -> None:
         return runner
 
     deps = BackendDeps(reactor=None, hash_runner=None, make_runner=make_runner)  # type: ignore
-    options = LdapOptions(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3)
+    options = LdapOptions(url=("ldap://127.0.0.1",), user_dn=TEMPLATE, threads=3,
+                          client="ldap3")
     checker = from_config("directory", options, deps)
     assert asked == [("ldap-directory", 3)]
     checker.stop()

@@ -361,11 +361,15 @@ def test_injected_pool_runs_the_hashing(tmp_path: Path) -> None:
 
 def test_pools_and_connections_stop_at_reactor_shutdown(tmp_path: Path) -> None:
     """The LDAP checker's own pool and connections are stopped before the reactor shuts
-    down; a pool made by thread_pool too."""
+    down (ldap3's thread pool, or the Twisted client's connections); a pool made by
+    thread_pool too."""
     reactor = ShutdownRecorder()
-    directory = embed.ldap_checker(reactor, url="ldap://127.0.0.1:1",
+    native = embed.ldap_checker(reactor, url="ldap://127.0.0.1:1",
+                                user_dn="uid={username},dc=example,dc=test")
+    directory = embed.ldap_checker(reactor, url="ldap://127.0.0.1:1", client="ldap3",
                                    user_dn="uid={username},dc=example,dc=test", threads=2)
     stops = [f for phase, event, f in reactor.triggers if (phase, event) == ("before", "shutdown")]
+    assert native.stop in stops and not hasattr(native, "runner")
     assert directory.stop in stops
     assert directory.runner.stop in stops and directory.runner.pool.max == 2
     pool = embed.thread_pool(reactor, "mine", 3)

@@ -1,7 +1,24 @@
-"""The ``type = "ldap"`` backend: bind to a directory as the user, with ldap3, off the reactor.
+"""The ``type = "ldap"`` backend: bind to a directory as the user.
 
-Theory of operation
--------------------
+Two clients, one set of options (``LdapOptions``) and one set of verdicts and messages:
+
+* ``client = "twisted"`` (the default): ``ldaptwisted.TwistedDirectory`` and
+  ``TwistedLdapChecker``, on the reactor with no thread (``ldapclient`` for a connection,
+  ``ldapwire`` for the bytes).  Measured in the daemon against ldap3 (benchmarks/README.md,
+  "LDAP: the Twisted-native client"): ldap3 cost about 0.55 ms (DN template) and 1.05 ms
+  (search-then-bind) of CPU per login over the users-file floor, mostly pyasn1 encoding,
+  thread hand-offs and GIL contention with the reactor; the Twisted client about 0.06 and
+  0.1 ms per login on its own (benchmarks/ldap_checker_cpu.py --client twisted).
+* ``client = "ldap3"``: ``Directory`` and ``LdapChecker`` below, ldap3 in a bounded thread
+  pool; kept for what only ldap3 does.  What follows describes it; the Twisted client
+  follows the same rules (its module docstring says where it differs: pools and waiting).
+
+This module also holds what both share: the options and their checks (filters are parsed
+at startup by ``ldapwire.compile_filter``), the RFC 4514/4515 escaping, ``Endpoint``,
+``Bound``, ``finish_login`` (logging and avatar id) and ``from_config``.
+
+Theory of operation (ldap3 client)
+----------------------------------
 
 ``LdapChecker`` (the ``ICredentialsChecker``) does the cheap checks on the reactor thread
 (the username must be UTF-8 and non-empty, the password non-empty: an empty simple bind is an
@@ -86,6 +103,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers.ldappool import IdlePool
+from saslsmtp.checkers.ldapwire import FilterError, compile_filter
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
@@ -103,6 +121,7 @@ DOWN_SECONDS = 30.0
 
 _DN_SPECIALS = frozenset('"+,;<>\\=')
 _FILTER_SPECIALS = frozenset("*()\\\x00")
+_PLAIN_DN_VALUE = re.compile(r'[^"+,;<>\\=\x00-\x1f\x7f# ][^"+,;<>\\=\x00-\x1f\x7f]*(?<! )\Z')
 
 
 def escape_dn_value(value: str) -> str:
@@ -113,6 +132,8 @@ def escape_dn_value(value: str) -> str:
     ``escape_rdn`` writes a backslash before a raw NUL, which RFC 4514 does not allow,
     and fails on an empty string.)
     """
+    if _PLAIN_DN_VALUE.match(value):  # the common case: nothing to escape
+        return value
     out = []
     last = len(value) - 1
     for i, ch in enumerate(value):
@@ -187,6 +208,7 @@ class LdapOptions(Options):
     timeout: float = 5.0
     threads: int = 4  # measured: more threads only add GIL contention (module docstring)
     pool_size: int | None = None  # idle connections kept per server and kind; None: threads
+    client: str = "twisted"  # "twisted": on the reactor (ldaptwisted.py); "ldap3": threads
 
     def check(self) -> Iterable[OptionProblem]:
         problems = problem_if(not self.url, "url", "is required")
@@ -219,6 +241,15 @@ class LdapOptions(Options):
         problems += problem_if(self.require_filter is not None and not (
             (self.require_filter or "").startswith("(") and (self.require_filter or "").endswith(
                 ")")), "require_filter", "must be an LDAP filter in parentheses")
+        problems += problem_if(self.client not in ("twisted", "ldap3"), "client",
+                               'must be "twisted" or "ldap3"')
+        for key, text, placeholder in (("search_filter", self.search_filter, True),
+                                       ("require_filter", self.require_filter, False)):
+            if text and text.startswith("(") and text.endswith(")"):
+                try:
+                    compile_filter(text, placeholder)
+                except FilterError as e:
+                    problems.append(OptionProblem(key, f"is not an LDAP filter: {e}"))
         problems += problem_if(self.identity_attribute is not None and not _ATTRIBUTE.match(
             self.identity_attribute or ""), "identity_attribute",
             "must be an attribute name (a letter, then letters, digits and -)")
@@ -591,6 +622,35 @@ class Bound:
     identity: str | None = None
 
 
+def finish_login(d: "Deferred[Bound]", name: str, username: str,
+                 raw_username: bytes, log_bound: bool = True) -> "Deferred[AvatarId]":
+    """Log a login's verdict (never the password) and give the avatar id: the typed name,
+    or the ``identity_attribute`` value; anything unexpected becomes a logged 454.
+    ``log_bound = False`` skips the debug line per accepted login (the Twisted client:
+    emitting it costs about a tenth of that client's CPU per login, debug level or not)."""
+
+    def accepted(bound: Bound) -> bytes:
+        if log_bound:
+            log.debug("ldap backend {name}: {username!r} bound as {dn!r} (identity "
+                      "{identity!r})", name=name, username=username, dn=bound.dn,
+                      identity=bound.identity)
+        return raw_username if bound.identity is None else as_bytes(bound.identity)
+
+    def failed(reason: Failure) -> Failure:
+        if reason.check(UnauthorizedLogin):
+            log.info("ldap backend {name}: {username!r} rejected: {why}",
+                     name=name, username=username, why=str(reason.value))
+            return reason
+        if reason.check(TemporaryFailure):
+            return reason
+        # Our bug, or a client error that escaped: temporary, logged without locals.
+        log.failure("ldap backend {name}: unexpected error", reason, name=name)
+        return Failure(TemporaryFailure(f"ldap backend {name}: unexpected "
+                                        f"{type(reason.value).__name__}"))
+
+    return d.addCallbacks(accepted, failed)
+
+
 @implementer(ICredentialsChecker)
 class LdapChecker:
     """``ICredentialsChecker`` for ``IUsernamePassword``: an LDAP bind as the user.
@@ -628,26 +688,7 @@ class LdapChecker:
                      name=self.name, username=username)
             return fail(UnauthorizedLogin("empty password"))
         d = self.runner.run(self._verify, username, password, self._clock())
-
-        def accepted(bound: Bound) -> bytes:
-            log.debug("ldap backend {name}: {username!r} bound as {dn!r} (identity {identity!r})",
-                      name=self.name, username=username, dn=bound.dn, identity=bound.identity)
-            return raw_username if bound.identity is None else as_bytes(bound.identity)
-
-        def failed(reason: Failure) -> Failure:
-            if reason.check(UnauthorizedLogin):
-                log.info("ldap backend {name}: {username!r} rejected: {why}",
-                         name=self.name, username=username, why=str(reason.value))
-                return reason
-            if reason.check(TemporaryFailure):
-                return reason
-            # Our bug, or an ldap3 error that escaped: temporary, logged without locals.
-            log.failure("ldap backend {name}: unexpected error", reason,
-                        name=self.name)
-            return Failure(TemporaryFailure(f"ldap backend {self.name}: unexpected "
-                                            f"{type(reason.value).__name__}"))
-
-        return self.outages.watch(d.addCallbacks(accepted, failed))
+        return self.outages.watch(finish_login(d, self.name, username, raw_username))
 
     def _verify(self, username: str, password: bytes, queued_at: float) -> Bound:
         """In a runner thread: give up at once if the login waited longer than ``timeout``
@@ -670,7 +711,11 @@ class LdapChecker:
         return f"<LdapChecker {self.name} {', '.join(map(str, self.directory.endpoints))}>"
 
 
-def from_config(name: str, options: LdapOptions, deps: Any) -> LdapChecker:
-    """Build the checker for ``[backends.<name>]`` with its own runner ``ldap-<name>``."""
+def from_config(name: str, options: LdapOptions, deps: Any) -> Any:
+    """Build the checker for ``[backends.<name>]``: the Twisted-native client on
+    ``deps.reactor`` (``client = "twisted"``), or ldap3 in its own runner ``ldap-<name>``."""
+    if options.client == "twisted":
+        from saslsmtp.checkers.ldaptwisted import TwistedDirectory, TwistedLdapChecker
+        return TwistedLdapChecker(name, TwistedDirectory(options, deps.reactor))
     runner = deps.make_runner(f"ldap-{name}", max(1, options.threads))
     return LdapChecker(name, Directory(options), runner)
