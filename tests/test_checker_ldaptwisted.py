@@ -451,3 +451,16 @@ async def test_real_connections_have_tcp_nodelay(
             transport = transport.transport
         sock = transport.getHandle()
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_pool_size_defaults_to_sixteen_user_connections_per_server() -> None:
+    """Without ``pool_size`` every server gets 16 user connections whatever ``threads``
+    says (threads are ldap3's); a set ``pool_size`` is taken as it is."""
+    from twisted.internet.testing import MemoryReactorClock
+    urls = ("ldap://127.0.0.1:1", "ldap://127.0.0.1:2")
+    default = TwistedDirectory(LdapOptions(url=urls, user_dn=TEMPLATE, threads=2),
+                               MemoryReactorClock())
+    assert [p.size for p in default._user_pools.values()] == [16, 16]
+    chosen = TwistedDirectory(LdapOptions(url=urls[:1], user_dn=TEMPLATE, pool_size=3),
+                              MemoryReactorClock())
+    assert [p.size for p in chosen._user_pools.values()] == [3]
