@@ -85,19 +85,24 @@ def serial(sync: Callable[[int], None]) -> Callable[[Batch, int, ThreadPoolExecu
     return run
 
 
+def _sync_in_threads(files: list[tuple[str, int]], n: int, pool: ThreadPoolExecutor) -> None:
+    """fsync and close ``files`` split over ``n`` threads (this one included)."""
+    groups = [files[i::n] for i in range(n) if files[i::n]]
+
+    def sync(group: list[tuple[str, int]]) -> None:
+        for _, fd in group:
+            os.fsync(fd)
+            os.close(fd)
+    futures = [pool.submit(sync, g) for g in groups[1:]]
+    sync(groups[0])
+    for f in futures:
+        f.result()
+
+
 def threads_wait(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None]:
     def run(b: Batch, count: int, pool: ThreadPoolExecutor) -> None:
         files = b.write(count)
-        groups = [files[i::n] for i in range(n) if files[i::n]]
-
-        def sync(group: list[tuple[str, int]]) -> None:
-            for _, fd in group:
-                os.fsync(fd)
-                os.close(fd)
-        futures = [pool.submit(sync, g) for g in groups[1:]]
-        sync(groups[0])
-        for f in futures:
-            f.result()
+        _sync_in_threads(files, n, pool)
         b.publish(files)
     return run
 
@@ -107,16 +112,7 @@ def writeback_threads(n: int) -> Callable[[Batch, int, ThreadPoolExecutor], None
         files = b.write(count)
         for _, fd in files:
             _writeback(fd)
-        groups = [files[i::n] for i in range(n) if files[i::n]]
-
-        def sync(group: list[tuple[str, int]]) -> None:
-            for _, fd in group:
-                os.fsync(fd)
-                os.close(fd)
-        futures = [pool.submit(sync, g) for g in groups[1:]]
-        sync(groups[0])
-        for f in futures:
-            f.result()
+        _sync_in_threads(files, n, pool)
         b.publish(files)
     return run
 

@@ -41,6 +41,7 @@ batch's answer on the reactor (the part of the session the 250 waits for).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -66,13 +68,6 @@ finally:
     profile.disable()
     profile.dump_stats(sys.argv_out)
 """
-
-
-def serve_argv(config: Path, out: Path) -> list[str]:
-    """twistd under cProfile, in this interpreter (the profile is written when it stops)."""
-    code = SERVE.replace("sys.argv_out", repr(str(out)))
-    return [sys.executable, "-c", code, "-", "-n", "--pidfile=", "--logfile=/dev/null",
-            "saslsmtp", "--config", str(config)]
 
 
 def print_stats(path: Path, top: int) -> None:
@@ -156,33 +151,43 @@ def print_batches(path: Path, served: int) -> None:
     print(f"\nbatch thread CPU per message: {1000 * sum(b[3] for b in batches) / messages:.3f} ms")
 
 
-def batches(args: argparse.Namespace) -> int:
-    """The daemon with its group commit timed (BATCH_TIMING), under the generator's load."""
+@contextlib.contextmanager
+def mail_daemon(args: argparse.Namespace, *, code: str = "from twisted.scripts.twistd import run; run()",
+                code_args: tuple[str, ...] = (), what: str = "twistd saslsmtp",
+                warmup: str = "0") -> Iterator[tuple[Any, list[str]]]:
+    """The daemon as run.py runs it (mail mode, its own Maildir, started with ``code``),
+    and the generator's command line for ``args``' concurrency and duration."""
     bargs = bench.parse_args(["--mode", "mail", "--no-save"])
-    out = Path(tempfile.gettempdir()) / "saslsmtp-mail-batches.json"
-    out.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-") as tmp:
         workdir = Path(tmp)
         port = bench.free_port()
         config = bench.generated_config(port, workdir, bargs)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench.REPO), env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-c", BATCH_TIMING.replace("OUT", repr(str(out))), "-", "-n",
-                "--pidfile=", "--logfile=/dev/null", "saslsmtp", "--config", str(config)]
-        server = bench.Server("saslsmtp", argv, port, workdir, env, "twistd saslsmtp, batches timed")
+        argv = [sys.executable, "-c", code, *code_args, "-n", "--pidfile=",
+                "--logfile=/dev/null", "saslsmtp", "--config", str(config)]
+        server = bench.Server("saslsmtp", argv, port, workdir, env, what)
         with bench.running([server]):
-            gen = [sys.executable, str(bench.LOADGEN), "--host", "127.0.0.1", "--port", str(port),
-                   "--mech", "PLAIN", "--mode", "mail", "--user", bargs.user,
-                   "--password", bargs.password, "--concurrency", str(args.concurrency),
-                   "--duration", str(args.duration), "--warmup", "0.5", "--json"]
-            before = bench.process_cpu_s(server.pid)
-            done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
-            used = bench.process_cpu_s(server.pid) - before
-            result = json.loads(done.stdout)
-            served = result["sessions_measured"] + result["sessions_warmup"]
-            assert server.proc is not None
-            server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the timings
-            server.proc.wait(timeout=30)
+            yield server, [sys.executable, str(bench.LOADGEN), "--host", "127.0.0.1", "--port",
+                           str(port), "--mech", "PLAIN", "--mode", "mail", "--user", bargs.user,
+                           "--password", bargs.password, "--concurrency", str(args.concurrency),
+                           "--duration", str(args.duration), "--warmup", warmup, "--json"]
+
+
+def batches(args: argparse.Namespace) -> int:
+    """The daemon with its group commit timed (BATCH_TIMING), under the generator's load."""
+    out = Path(tempfile.gettempdir()) / "saslsmtp-mail-batches.json"
+    out.unlink(missing_ok=True)
+    with mail_daemon(args, code=BATCH_TIMING.replace("OUT", repr(str(out))), code_args=("-",),
+                     what="twistd saslsmtp, batches timed", warmup="0.5") as (server, gen):
+        before = bench.process_cpu_s(server.pid)
+        done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
+        used = bench.process_cpu_s(server.pid) - before
+        result = json.loads(done.stdout)
+        served = result["sessions_measured"] + result["sessions_warmup"]
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the timings
+        server.proc.wait(timeout=30)
     print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s,"
           f" session p50 {result['latency_ms']['session']['p50']} ms, server CPU"
           f" {1000 * used / max(served, 1):.3f} ms/session\n")
@@ -241,27 +246,13 @@ PERF_SYMBOLS = [
 
 def perf(args: argparse.Namespace) -> int:
     """The daemon under ``perf record -g``: CPU share under each PERF_SYMBOLS entry."""
-    bargs = bench.parse_args(["--mode", "mail", "--no-save"])
     data = Path(tempfile.gettempdir()) / "saslsmtp-mail-perf.data"
-    with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-") as tmp:
-        workdir = Path(tmp)
-        port = bench.free_port()
-        config = bench.generated_config(port, workdir, bargs)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench.REPO), env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                "--pidfile=", "--logfile=/dev/null", "saslsmtp", "--config", str(config)]
-        server = bench.Server("saslsmtp", argv, port, workdir, env, "twistd saslsmtp")
-        with bench.running([server]):
-            gen = [sys.executable, str(bench.LOADGEN), "--host", "127.0.0.1", "--port", str(port),
-                   "--mech", "PLAIN", "--mode", "mail", "--user", bargs.user,
-                   "--password", bargs.password, "--concurrency", str(args.concurrency),
-                   "--duration", str(args.duration), "--warmup", "0", "--json"]
-            load = subprocess.Popen(gen, stdout=subprocess.PIPE, text=True)
-            subprocess.run(["perf", "record", "-g", "-o", str(data), "-p", str(server.pid), "--",
-                            "sleep", str(max(1.0, args.duration - 2))], capture_output=True)
-            out, _ = load.communicate(timeout=args.duration + 120)
-            result = json.loads(out)
+    with mail_daemon(args) as (server, gen):
+        load = subprocess.Popen(gen, stdout=subprocess.PIPE, text=True)
+        subprocess.run(["perf", "record", "-g", "-o", str(data), "-p", str(server.pid), "--",
+                        "sleep", str(max(1.0, args.duration - 2))], capture_output=True)
+        out, _ = load.communicate(timeout=args.duration + 120)
+        result = json.loads(out)
     report = subprocess.run(["perf", "report", "-i", str(data), "--children", "--sort", "symbol",
                              "--stdio", "-g", "none"], capture_output=True, text=True).stdout
     shares: dict[str, float] = {}
@@ -311,33 +302,19 @@ def bucket_samples(raw: Path) -> tuple[int, dict[str, int]]:
 
 def spy(args: argparse.Namespace) -> int:
     """The daemon as run.py runs it, sampled by py-spy, with CPU per thread."""
-    bargs = bench.parse_args(["--mode", "mail", "--no-save"])
     raw = Path(tempfile.gettempdir()) / "saslsmtp-mail-spy.txt"
-    with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-") as tmp:
-        workdir = Path(tmp)
-        port = bench.free_port()
-        config = bench.generated_config(port, workdir, bargs)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench.REPO), env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                "--pidfile=", "--logfile=/dev/null", "saslsmtp", "--config", str(config)]
-        server = bench.Server("saslsmtp", argv, port, workdir, env, "twistd saslsmtp")
-        with bench.running([server]):
-            gen = [sys.executable, str(bench.LOADGEN), "--host", "127.0.0.1", "--port", str(port),
-                   "--mech", "PLAIN", "--mode", "mail", "--user", bargs.user,
-                   "--password", bargs.password, "--concurrency", str(args.concurrency),
-                   "--duration", str(args.duration), "--warmup", "0", "--json"]
-            load = subprocess.Popen(gen, stdout=subprocess.PIPE, text=True)
-            before = thread_cpu(server.pid)
-            sampler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.pid), "--format", "raw", "--output",
-                 str(raw), "--duration", str(max(1, int(args.duration) - 1)), "--rate", "200",
-                 "--threads", "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            out, _ = load.communicate(timeout=args.duration + 120)
-            after = thread_cpu(server.pid)
-            sampler.wait(timeout=60)
-            result = json.loads(out)
+    with mail_daemon(args) as (server, gen):
+        load = subprocess.Popen(gen, stdout=subprocess.PIPE, text=True)
+        before = thread_cpu(server.pid)
+        sampler = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(server.pid), "--format", "raw", "--output",
+             str(raw), "--duration", str(max(1, int(args.duration) - 1)), "--rate", "200",
+             "--threads", "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out, _ = load.communicate(timeout=args.duration + 120)
+        after = thread_cpu(server.pid)
+        sampler.wait(timeout=60)
+        result = json.loads(out)
         served = result["sessions_measured"] + result["sessions_warmup"]
         print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s"
               f" (py-spy sampling at 200 Hz)\n")
@@ -379,32 +356,21 @@ def main() -> int:
     if args.stats:
         print_stats(args.stats, args.top)
         return 0
-    bargs = bench.parse_args(["--mode", "mail", "--no-save"])
-    with tempfile.TemporaryDirectory(prefix="saslsmtp-profile-") as tmp:
-        workdir = Path(tmp)
-        port = bench.free_port()
-        config = bench.generated_config(port, workdir, bargs)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(bench.REPO), env.get("PYTHONPATH")]))
-        server = bench.Server("saslsmtp", serve_argv(config, args.out.resolve()), port, workdir,
-                              env, "twistd saslsmtp under cProfile")
-        with bench.running([server]):
-            gen = [sys.executable, str(bench.LOADGEN), "--host", "127.0.0.1", "--port", str(port),
-                   "--mech", "PLAIN", "--mode", "mail", "--user", bargs.user,
-                   "--password", bargs.password, "--concurrency", str(args.concurrency),
-                   "--duration", str(args.duration), "--warmup", "0.5", "--json"]
-            before = bench.process_cpu_s(server.pid)
-            done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
-            used = bench.process_cpu_s(server.pid) - before
-            result = json.loads(done.stdout)
-            served = result["sessions_measured"] + result["sessions_warmup"]
-            stored = len(os.listdir(workdir / "mail" / "new"))
-            assert server.proc is not None
-            server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the profile
-            server.proc.wait(timeout=30)
-        print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s"
-              f" (under cProfile), server CPU {1000 * used / max(served, 1):.3f} ms/session"
-              f" (all threads, profiler included), messages in new/: {stored}")
+    code = SERVE.replace("sys.argv_out", repr(str(args.out.resolve())))
+    with mail_daemon(args, code=code, code_args=("-",), what="twistd saslsmtp under cProfile",
+                     warmup="0.5") as (server, gen):
+        before = bench.process_cpu_s(server.pid)
+        done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
+        used = bench.process_cpu_s(server.pid) - before
+        result = json.loads(done.stdout)
+        served = result["sessions_measured"] + result["sessions_warmup"]
+        stored = len(os.listdir(server.cwd / "mail" / "new"))
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the profile
+        server.proc.wait(timeout=30)
+    print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s"
+          f" (under cProfile), server CPU {1000 * used / max(served, 1):.3f} ms/session"
+          f" (all threads, profiler included), messages in new/: {stored}")
     print_stats(args.out, args.top)
     return 0 if done.returncode == 0 else 1
 

@@ -651,6 +651,26 @@ def finish_login(d: "Deferred[Bound]", name: str, username: str,
     return d.addCallbacks(accepted, failed)
 
 
+def screened(name: str, credentials: Any) -> tuple[bytes, str, bytes]:
+    """(the username as sent, as text, the password) of a login worth a bind, or
+    ``UnauthorizedLogin``: the username must be UTF-8 and non-empty, the password
+    non-empty (an empty simple bind is an *unauthenticated* bind that servers accept).
+    The same for both clients, on the reactor thread."""
+    raw_username = as_bytes(credentials.username)
+    password = as_bytes(credentials.password)
+    try:
+        username = as_text(raw_username)
+    except UnicodeDecodeError:
+        raise UnauthorizedLogin("username is not UTF-8") from None
+    if not username:
+        raise UnauthorizedLogin("empty username")
+    if not password:
+        log.info("ldap backend {name}: {username!r} rejected: empty password (no bind sent)",
+                 name=name, username=username)
+        raise UnauthorizedLogin("empty password")
+    return raw_username, username, password
+
+
 @implementer(ICredentialsChecker)
 class LdapChecker:
     """``ICredentialsChecker`` for ``IUsernamePassword``: an LDAP bind as the user.
@@ -675,18 +695,10 @@ class LdapChecker:
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[AvatarId]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
-        raw_username = as_bytes(credentials.username)
-        password = as_bytes(credentials.password)
         try:
-            username = as_text(raw_username)
-        except UnicodeDecodeError:
-            return fail(UnauthorizedLogin("username is not UTF-8"))
-        if not username:
-            return fail(UnauthorizedLogin("empty username"))
-        if not password:
-            log.info("ldap backend {name}: {username!r} rejected: empty password (no bind sent)",
-                     name=self.name, username=username)
-            return fail(UnauthorizedLogin("empty password"))
+            raw_username, username, password = screened(self.name, credentials)
+        except UnauthorizedLogin as e:
+            return fail(e)
         d = self.runner.run(self._verify, username, password, self._clock())
         return self.outages.watch(finish_login(d, self.name, username, raw_username))
 

@@ -51,13 +51,13 @@ from zope.interface import implementer
 from saslsmtp.checkers import ldapwire
 from saslsmtp.checkers.ldap import (DOWN_SECONDS, FAILOVER_RESULTS, INVALID_CREDENTIALS,
                                     SIZE_LIMIT_EXCEEDED, Bound, Endpoint, LdapOptions,
-                                    escape_dn_value, finish_login)
+                                    escape_dn_value, finish_login, screened)
 from saslsmtp.checkers.ldapclient import LdapError, LdapProtocol, connect, describe_failure
 from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS, ConnectionPool, PoolWaitTooLong
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
-from saslsmtp.octets import as_bytes, as_text
+from saslsmtp.octets import as_bytes
 
 log = Logger()
 
@@ -416,18 +416,10 @@ class TwistedLdapChecker:
 
     def requestAvatarId(self, credentials: Any) -> "Deferred[AvatarId]":
         """Fire with the username bytes, or fail with UnauthorizedLogin / TemporaryFailure."""
-        raw_username = as_bytes(credentials.username)
-        password = as_bytes(credentials.password)
         try:
-            username = as_text(raw_username)
-        except UnicodeDecodeError:
-            return fail(UnauthorizedLogin("username is not UTF-8"))
-        if not username:
-            return fail(UnauthorizedLogin("empty username"))
-        if not password:
-            log.info("ldap backend {name}: {username!r} rejected: empty password (no bind sent)",
-                     name=self.name, username=username)
-            return fail(UnauthorizedLogin("empty password"))
+            raw_username, username, password = screened(self.name, credentials)
+        except UnauthorizedLogin as e:
+            return fail(e)
         d = ensureDeferred(self.directory.verify(username, password))
         return self.outages.watch(finish_login(d, self.name, username, raw_username,
                                                log_bound=False))
