@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -151,18 +151,25 @@ async def serve(args: argparse.Namespace) -> None:
     authenticator = OneUserAuthenticator(args.user.encode(), args.password.encode())
     handler = MaildirHandler(args.maildir) if args.maildir else DiscardHandler()
     context = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         return SMTP(handler, hostname=args.hostname, authenticator=authenticator,
                     auth_require_tls=False, auth_required=not args.no_auth,
                     tls_context=context, require_starttls=False)
 
-    server = await loop.create_server(factory, host=args.host, port=args.port)
+    await serve_until_signalled(factory, args.host, args.port, "aiosmtpd peer")
+
+
+async def serve_until_signalled(factory: Callable[[], SMTP], host: str, port: int,
+                                name: str) -> None:
+    """Listen with ``factory``, say so on stdout (the harness waits for the line), and
+    stop at SIGTERM/SIGINT."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host=host, port=port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"aiosmtpd peer listening on {args.host}:{args.port}", flush=True)
+    print(f"{name} listening on {host}:{port}", flush=True)
     await stop.wait()
     server.close()
     await server.wait_closed()

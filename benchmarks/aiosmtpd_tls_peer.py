@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import signal
 import ssl
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aiosmtpd_peer import DiscardHandler, OneUserAuthenticator, quieten_logging  # noqa: E402
+from aiosmtpd_peer import (DiscardHandler, OneUserAuthenticator, quieten_logging,  # noqa: E402
+                          serve_until_signalled)
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -56,21 +56,13 @@ async def serve(args: argparse.Namespace) -> None:
     authenticator = OneUserAuthenticator(args.user.encode(), args.password.encode())
     handler = DiscardHandler()
     context = server_context(args.cert, args.key)
-    loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         return SMTP(handler, hostname=args.hostname, authenticator=authenticator,
                     tls_context=context, require_starttls=True, auth_require_tls=True,
                     auth_required=True)
 
-    server = await loop.create_server(factory, host=args.host, port=args.port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"aiosmtpd TLS peer listening on {args.host}:{args.port}", flush=True)
-    await stop.wait()
-    server.close()
-    await server.wait_closed()
+    await serve_until_signalled(factory, args.host, args.port, "aiosmtpd TLS peer")
 
 
 def main(argv: list[str] | None = None) -> int:

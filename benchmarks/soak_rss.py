@@ -53,7 +53,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -150,22 +150,28 @@ def _login_and_quit(c: Conn, token: bytes = GOOD, expect: bytes = b"235") -> Non
     c.command(b"QUIT", b"221")
 
 
-def auth_ok(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
+@contextlib.contextmanager
+def greeted(port: int, n: int, *, reset: bool = False, proxy_line: bytes = b"") -> Iterator[Conn]:
+    """A connection past the 220 (after ``proxy_line``, a PROXY header), closed afterwards,
+    or reset (SO_LINGER 0) with ``reset``."""
     c = Conn(port, n)
     try:
+        if proxy_line:
+            c.sock.sendall(proxy_line)
         c.reply()
-        _login_and_quit(c)
+        yield c
     finally:
-        c.close()
+        c.reset() if reset else c.close()
+
+
+def auth_ok(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
+    with greeted(port, n) as c:
+        _login_and_quit(c)
 
 
 def auth_fail(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
-    c = Conn(port, n)
-    try:
-        c.reply()
+    with greeted(port, n) as c:
         _login_and_quit(c, BAD, b"535")
-    finally:
-        c.close()
 
 
 def _client_context() -> ssl.SSLContext:
@@ -178,28 +184,23 @@ def _client_context() -> ssl.SSLContext:
 CLIENT_TLS: ssl.SSLContext | None = None
 
 
+def _starttls(c: Conn) -> ssl.SSLContext:
+    c.command(b"EHLO soak.client.test", b"250")
+    c.command(b"STARTTLS", b"220")
+    assert CLIENT_TLS is not None
+    return CLIENT_TLS
+
+
 def starttls_auth(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
-    c = Conn(port, n)
-    try:
-        c.reply()
-        c.command(b"EHLO soak.client.test", b"250")
-        c.command(b"STARTTLS", b"220")
-        assert CLIENT_TLS is not None
-        c.sock = CLIENT_TLS.wrap_socket(c.sock, server_hostname="saslsmtp.bench.test")
+    with greeted(port, n) as c:
+        c.sock = _starttls(c).wrap_socket(c.sock, server_hostname="saslsmtp.bench.test")
         _login_and_quit(c)
-    finally:
-        c.close()
 
 
 def tls_abort(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
-    c = Conn(port, n)
-    try:
-        c.reply()
-        c.command(b"EHLO soak.client.test", b"250")
-        c.command(b"STARTTLS", b"220")
-        assert CLIENT_TLS is not None
+    with greeted(port, n, reset=True) as c:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="saslsmtp.bench.test")
+        tls = _starttls(c).wrap_bio(incoming, outgoing, server_hostname="saslsmtp.bench.test")
         with contextlib.suppress(ssl.SSLWantReadError):
             tls.do_handshake()
         hello = outgoing.read()
@@ -208,27 +209,18 @@ def tls_abort(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
         else:
             c.sock.sendall(hello)  # a whole one, and part of the server's answer read
             c.sock.recv(200)
-    finally:
-        c.reset()
 
 
 def proxy(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
     a = n % 1000
-    c = Conn(proxy_port, n)
-    try:
-        client = f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}" if UNIQUE else f"10.9.{a // 256}.{a % 256}"
-        c.sock.sendall(f"PROXY TCP4 {client} 192.0.2.1 {1024 + n % 60000} 587\r\n"
-                       .encode())
-        c.reply()
+    client = f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}" if UNIQUE else f"10.9.{a // 256}.{a % 256}"
+    header = f"PROXY TCP4 {client} 192.0.2.1 {1024 + n % 60000} 587\r\n".encode()
+    with greeted(proxy_port, n, proxy_line=header) as c:
         _login_and_quit(c)
-    finally:
-        c.close()
 
 
 def garbage(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
-    c = Conn(port, n)
-    try:
-        c.reply()
+    with greeted(port, n, reset=bool(n % 2)) as c:  # odd: gone before the replies are read
         parts = [b"EHLO x\r\n", b"FOO bar\r\n", b"\x00\xff\xfe junk\r\n", b"NOOP\r\n",
                  b"MAIL FROM:<a@b>\r\n", b"AUTH PLAIN !!\r\n", b"AUTH LOGIN\r\n*\r\n",
                  bytes(rng.getrandbits(8) for _ in range(rng.randrange(10, 200))) + b"\r\n",
@@ -239,28 +231,21 @@ def garbage(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
             payload += b"bare LF\n"
         c.sock.sendall(payload)
         if n % 2:
-            c.reset()  # gone before the replies are read
             return
         c.sock.sendall(b"QUIT\r\n")
         with contextlib.suppress(OSError):
             while c.sock.recv(65536):
                 pass
-    finally:
-        c.close()
 
 
 def data_reset(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
-    c = Conn(port, n)
-    try:
-        c.reply()
+    with greeted(port, n, reset=True) as c:
         c.command(b"EHLO soak.client.test", b"250")
         c.command(b"AUTH PLAIN " + GOOD, b"235")
         c.command(b"MAIL FROM:<bench@example.test>", b"250")
         c.command(b"RCPT TO:<rcpt@example.test>", b"250")
         c.command(b"DATA", b"354")
         c.sock.sendall(b"Subject: soak\r\n\r\n" + b"x" * 78 + b"\r\n" * 100)
-    finally:
-        c.reset()
 
 
 def connect_reset(port: int, proxy_port: int, n: int, rng: random.Random) -> None:
