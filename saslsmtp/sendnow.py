@@ -7,9 +7,19 @@ writes are short replies to a line it has just read, and the socket's send buffe
 almost always empty, so trying ``send()`` first (what asyncio's transports do) sends the
 reply in the same turn.  Whatever the kernel does not take goes to Twisted's ordinary
 queue, and while anything is queued every later write queues behind it, so the order of
-the bytes never changes.  Nothing else differs: reading, closing, producers, half-close
-and errors are Twisted's (a failed ``send`` leaves the data queued, and the queued path
-reports the lost connection as usual).
+the bytes never changes.  A failed ``send`` leaves the data queued, and the queued path
+reports the lost connection as usual.
+
+Closing gets the same treatment.  ``loseConnection`` in Twisted registers the socket for
+writability even when nothing is queued, and the next turn finds the queue empty, sends
+zero bytes and only then closes: three ``epoll_ctl`` calls, an empty ``send`` and one
+more event per connection.  When everything written has been sent, the connection here
+stops reading and closes on the reactor's next turn (``callLater(0)``, so the protocol's
+``connectionLost`` still never runs inside its own ``loseConnection`` call).  Anything
+written in between is sent first, as Twisted would; reading, producers, half-close and
+aborting are Twisted's.  The socket is closed without a ``shutdown()`` first: accepted
+sockets are close-on-exec and never shared with another process, so ``close()`` alone
+sends the FIN (Twisted's own comment says the ``shutdown`` is only "to be safe").
 
 STARTTLS keeps the gain: the TLS layer Twisted puts on the connection sends its records
 through ``_SendNowBypass``; implicit TLS (``ssl:`` listeners, TLS around the factory)
@@ -26,7 +36,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import _newtls, abstract, posixbase, tcp
+from twisted.internet import _newtls, abstract, main, posixbase, tcp
+from twisted.python import failure
 
 
 def _write_now(transport: Any, data: bytes) -> None:
@@ -54,8 +65,13 @@ class _SendNowBypass(abstract.FileDescriptor):
         _write_now(self, data)
 
 
+_DONE = failure.Failure(main.CONNECTION_DONE)  # built once, as Twisted's reactor does
+
+
 class SendNowServer(tcp.Server):
     """A server connection whose writes try ``send()`` before queueing."""
+
+    _shouldShutdown = False  # close() alone: see the module's docstring
 
     def write(self, data: bytes) -> None:
         if self.TLS:  # STARTTLS: through the TLS layer, which writes via the bypass
@@ -71,6 +87,29 @@ class SendNowServer(tcp.Server):
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
         _newtls.startTLS(self, ctx, normal, _SendNowBypass)
+
+    def loseConnection(self) -> None:
+        if (self.connected and not self.disconnecting and not self.TLS
+                and self.producer is None and not self._writeDisconnected
+                and not self.dataBuffer and not self._tempDataBuffer):
+            self.stopReading()
+            self.disconnecting = True
+            reactor: Any = self.reactor  # the posix reactor: IReactorTime too
+            reactor.callLater(0, self._closeSent)
+        else:
+            super().loseConnection()
+
+    def _closeSent(self) -> None:
+        """The next turn after ``loseConnection`` with nothing queued: close, unless the
+        connection is gone already (aborted) or something was written since."""
+        if self.disconnected or getattr(self, "_aborting", False):
+            return
+        if self.dataBuffer or self._tempDataBuffer:
+            self.startWriting()  # Twisted's path: doWrite sends it, then closes
+            return
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        self.connectionLost(_DONE)
 
 
 def all_sent(transport: Any) -> bool:

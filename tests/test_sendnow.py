@@ -33,11 +33,17 @@ class Writer(protocol.Protocol):
         self.done.callback(type(self.transport))
 
 
-def _read_all(port: int) -> bytes:
+def _read_all(port: int, reset: bool = False) -> bytes:
+    """Every byte until EOF; with ``reset``, until the server resets the connection."""
     with socket.create_connection(("127.0.0.1", port)) as client:
         parts = []
         while True:
-            part = client.recv(1 << 16)
+            try:
+                part = client.recv(1 << 16)
+            except ConnectionResetError:
+                if not reset:
+                    raise
+                part = b""
             if not part:
                 return b"".join(parts)
             parts.append(part)
@@ -74,6 +80,81 @@ async def test_what_the_kernel_does_not_take_is_queued_and_order_is_kept() -> No
     assert received == BIG + b"250 after\r\n"
     assert 0 < queued[0] < len(BIG)
     assert queued[1] == queued[0] + len(b"250 after\r\n")
+
+
+class Closer(protocol.Protocol):
+    """Writes ``before``, closes, then does ``after`` in the same turn; records how the
+    connection ended, how often, and whether closing registered it for writability."""
+
+    def __init__(self, before: bytes, after: str, done: defer.Deferred) -> None:
+        self.before, self.after, self.done = before, after, done
+        self.lost: list[type] = []
+        self.writing_after_close: bool | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.before)
+        self.transport.loseConnection()
+        self.writing_after_close = self.transport in reactor.getWriters()
+        if self.after == "write":
+            self.transport.write(b"250 after close\r\n")
+        elif self.after == "abort":
+            self.transport.abortConnection()
+        reactor.callLater(0.2, self.done.callback, self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason.type)
+
+
+async def _close(before: bytes, after: str) -> tuple[bytes, Closer]:
+    done: defer.Deferred = defer.Deferred()
+    factory = protocol.Factory.forProtocol(lambda: Closer(before, after, done))
+    port = send_now_reactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        from twisted.internet.threads import deferToThread
+        received = await deferToThread(_read_all, port.getHost().port, after == "abort")
+        closer = await done
+    finally:
+        await port.stopListening()
+    return received, closer
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_with_nothing_queued_skips_the_writability_round() -> None:
+    """Everything was sent: the socket is not registered for writing, and the connection
+    is lost once, cleanly, on a later turn."""
+    from twisted.internet.error import ConnectionDone
+    received, closer = await _close(b"221 bye\r\n", "")
+    assert received == b"221 bye\r\n"
+    assert closer.writing_after_close is False
+    assert closer.lost == [ConnectionDone]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_written_after_close_is_still_sent_first() -> None:
+    """As in Twisted: data written after loseConnection leaves before the close."""
+    from twisted.internet.error import ConnectionDone
+    received, closer = await _close(b"221 bye\r\n", "write")
+    assert received == b"221 bye\r\n250 after close\r\n"
+    assert closer.lost == [ConnectionDone]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abort_after_close_ends_the_connection_once() -> None:
+    """abortConnection in the same turn wins, and connectionLost runs only once."""
+    from twisted.internet.error import ConnectionAborted
+    received, closer = await _close(b"221 bye\r\n", "abort")
+    assert received in (b"", b"221 bye\r\n")  # a reset may overtake the reply
+    assert closer.lost == [ConnectionAborted]
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_with_data_queued_is_twisteds() -> None:
+    """A queue the kernel has not taken yet is flushed by Twisted's own path, then closed."""
+    from twisted.internet.error import ConnectionDone
+    received, closer = await _close(BIG, "")
+    assert received == BIG
+    assert closer.writing_after_close is True
+    assert closer.lost == [ConnectionDone]
 
 
 def test_a_reactor_that_is_not_posix_is_left_alone() -> None:
