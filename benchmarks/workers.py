@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import c_loadgen  # noqa: E402
 from run import (LOADGEN, REPO, RESULTS, BenchError, Server, bench_toml, free_port,  # noqa: E402
-                 git_commit, process_cpu_s)
+                 git_commit, process_cpu_s, process_family)
 
 USER, PASSWORD = "bench", "benchpass"
 
@@ -61,17 +61,6 @@ def write_config(workdir: Path, port: int, scheme: str) -> Path:
     config.write_text(bench_toml(f"tcp:{port}:interface=127.0.0.1",
                                  origin="benchmarks/workers.py"))
     return config
-
-
-def family(pid: int) -> list[int]:
-    """``pid`` and its children (the master's workers)."""
-    out = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -145,7 +134,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise BenchError(f"{workers} workers did not all start:\n{server.output_tail()}")
                 time.sleep(0.1)
-            pids = family(server.pid)
+            pids = process_family(server.pid)
             cpu_before = cpu_of(pids)
             switches_before = switches_of(pids)
             master_before = cpu_of([server.pid])
