@@ -54,6 +54,23 @@ def test_odd_inputs_are_normalised():
     assert "client=fe80::1 " in format_auth_failure("fe80::1%eth0", "PLAIN", "a")
 
 
+ADDRESSES = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "10.0.0.255", "192.168.1.10", "01.2.3.4",
+             "1.2.3.04", "256.1.1.1", "1.2.3", "1.2.3.4.5", "1.2.3.4\n", " 1.2.3.4", "1.2.3.4 ",
+             "::1", "::ffff:1.2.3.4", "2001:DB8::1", "fe80::1%eth0", "", "x", "1.2.3.-4"]
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_the_client_field_is_what_ipaddress_makes_of_it(address):
+    """The dotted-quad fast path writes exactly what ``ipaddress`` would (or "unknown")."""
+    import ipaddress
+    try:
+        expected = str(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        expected = "unknown"
+    assert format_auth_success(address, "PLAIN", "a").startswith(
+        f"auth succeeded: client={expected} mechanism=PLAIN ")
+
+
 def twisted_lines(calls):
     """Lines exactly as twistd's text log writes them."""
     out = []

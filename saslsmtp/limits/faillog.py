@@ -19,6 +19,7 @@ Passwords never appear.  ``log_auth_failure`` writes the line through a twisted 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -31,13 +32,21 @@ MAX_USER = 256
 _MECHANISM = re.compile(r"[A-Z0-9_-]{1,20}")
 
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")  # as str(IPv4Address) writes it
+
+
 def _client(address: str) -> str:
+    """``address`` as the log line carries it: a canonical IP literal or "unknown"."""
+    if _IPV4.fullmatch(address):  # the common case, without an ipaddress parse
+        return address
     try:
         return str(ipaddress.ip_address(address.split("%", 1)[0]))
     except ValueError:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=256)
 def _mechanism(name: str) -> str:
     upper = name.upper()
     return upper if _MECHANISM.fullmatch(upper) else "unknown"
