@@ -15,7 +15,8 @@ writability even when nothing is queued, and the next turn finds the queue empty
 zero bytes and only then closes: three ``epoll_ctl`` calls, an empty ``send`` and one
 more event per connection.  When everything written has been sent, the connection here
 stops reading and closes on the reactor's next turn (``callLater(0)``, so the protocol's
-``connectionLost`` still never runs inside its own ``loseConnection`` call).  Anything
+``connectionLost`` still never runs inside its own ``loseConnection`` call); after
+STARTTLS the same happens once the TLS layer has shut down and closes the connection.  Anything
 written in between is sent first, as Twisted would; reading, producers, half-close and
 aborting are Twisted's.  The socket is closed without a ``shutdown()`` first: accepted
 sockets are close-on-exec and never shared with another process, so ``close()`` alone
@@ -57,15 +58,47 @@ def _write_now(transport: Any, data: bytes) -> None:
     abstract.FileDescriptor.write(transport, data)
 
 
+_DONE = failure.Failure(main.CONNECTION_DONE)  # built once, as Twisted's reactor does
+
+
+def _close_soon(transport: Any) -> bool:
+    """``loseConnection`` when everything written has been sent: stop reading and close
+    on the reactor's next turn; ``False`` (nothing done) when something is queued or a
+    producer, half-close or earlier close is in the way."""
+    if not (transport.connected and not transport.disconnecting
+            and transport.producer is None and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        return False
+    transport.stopReading()
+    transport.disconnecting = True
+    transport.reactor.callLater(0, _close_sent, transport)
+    return True
+
+
+def _close_sent(transport: Any) -> None:
+    """The turn after ``_close_soon``: close, unless the connection is gone already
+    (aborted) or something was written since (then Twisted's path sends it first)."""
+    if transport.disconnected or getattr(transport, "_aborting", False):
+        return
+    if transport.dataBuffer or transport._tempDataBuffer:
+        transport.startWriting()  # doWrite sends it, then closes (disconnecting is set)
+        return
+    transport.reactor.removeReader(transport)
+    transport.reactor.removeWriter(transport)
+    transport.connectionLost(_DONE)
+
+
 class _SendNowBypass(abstract.FileDescriptor):
-    """What the STARTTLS layer writes its records through (called with the connection
-    as ``self``, as Twisted's own bypass calls ``FileDescriptor``'s methods)."""
+    """What the STARTTLS layer writes its records through and closes the connection
+    with once TLS has shut down (called with the connection as ``self``, as Twisted's
+    own bypass calls ``FileDescriptor``'s methods)."""
 
     def write(self, data: bytes) -> None:
         _write_now(self, data)
 
-
-_DONE = failure.Failure(main.CONNECTION_DONE)  # built once, as Twisted's reactor does
+    def loseConnection(self) -> None:
+        if not _close_soon(self):
+            abstract.FileDescriptor.loseConnection(self)
 
 
 class SendNowServer(tcp.Server):
@@ -89,27 +122,8 @@ class SendNowServer(tcp.Server):
         _newtls.startTLS(self, ctx, normal, _SendNowBypass)
 
     def loseConnection(self) -> None:
-        if (self.connected and not self.disconnecting and not self.TLS
-                and self.producer is None and not self._writeDisconnected
-                and not self.dataBuffer and not self._tempDataBuffer):
-            self.stopReading()
-            self.disconnecting = True
-            reactor: Any = self.reactor  # the posix reactor: IReactorTime too
-            reactor.callLater(0, self._closeSent)
-        else:
-            super().loseConnection()
-
-    def _closeSent(self) -> None:
-        """The next turn after ``loseConnection`` with nothing queued: close, unless the
-        connection is gone already (aborted) or something was written since."""
-        if self.disconnected or getattr(self, "_aborting", False):
-            return
-        if self.dataBuffer or self._tempDataBuffer:
-            self.startWriting()  # Twisted's path: doWrite sends it, then closes
-            return
-        self.reactor.removeReader(self)
-        self.reactor.removeWriter(self)
-        self.connectionLost(_DONE)
+        if self.TLS or not _close_soon(self):
+            super().loseConnection()  # STARTTLS: the TLS layer closes through the bypass
 
 
 def all_sent(transport: Any) -> bool:

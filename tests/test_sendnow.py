@@ -157,6 +157,69 @@ async def test_closing_with_data_queued_is_twisteds() -> None:
     assert closer.lost == [ConnectionDone]
 
 
+class TLSCloser(protocol.Protocol):
+    """STARTTLS at once, a reply over TLS, then close: TLS shuts down first."""
+
+    def __init__(self, options: Any, done: defer.Deferred) -> None:
+        self.options, self.done = options, done
+        self.lost: list[type] = []
+
+    def connectionMade(self) -> None:
+        self.transport.startTLS(self.options)
+        self.transport.write(b"221 bye\r\n")
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason.type)
+        reactor.callLater(0.1, self.done.callback, self)
+
+
+def _read_all_tls(port: int, ca_path: str) -> bytes:
+    import ssl
+    context = ssl.create_default_context(cafile=ca_path)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as client:
+            parts = []
+            while True:
+                try:
+                    part = client.recv(1 << 16)
+                except ssl.SSLZeroReturnError:
+                    part = b""
+                if not part:
+                    client.unwrap()  # our close_notify: the server's TLS shutdown completes
+                    return b"".join(parts)
+                parts.append(part)
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_starttls_the_connection_closes_once_tls_has_shut_down(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """The TLS layer's close reaches the connection through the bypass: with nothing
+    queued it takes the same next-turn close, after the close_notify exchange."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.threads import deferToThread
+
+    import saslsmtp.sendnow as sendnow
+    from tests.tlsutil import issue_cert, make_ca, twisted_server_options
+
+    closed: list[Any] = []
+    real = sendnow._close_sent
+    monkeypatch.setattr(sendnow, "_close_sent", lambda t: (closed.append(t), real(t)))
+    ca = make_ca(tmp_path)
+    options = twisted_server_options(issue_cert(ca, tmp_path))
+    done: defer.Deferred = defer.Deferred()
+    factory = protocol.Factory.forProtocol(lambda: TLSCloser(options, done))
+    port = send_now_reactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        received = await deferToThread(_read_all_tls, port.getHost().port, ca.cert_path)
+        closer = await done
+    finally:
+        await port.stopListening()
+    assert received == b"221 bye\r\n"
+    assert closer.lost == [ConnectionDone]
+    assert len(closed) == 1 and closed[0].TLS
+
+
 def test_a_reactor_that_is_not_posix_is_left_alone() -> None:
     """Test reactors keep recording listeners themselves."""
     memory = MemoryReactor()
