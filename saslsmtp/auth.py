@@ -246,7 +246,7 @@ class AuthExchange:
         identity = AuthenticatedIdentity(text.encode("utf-8"), self.spec.name)
         return self._login(identity, text, accept.reason)
 
-    def _resolve(self, request: SecretRequest) -> "defer.Deferred[StepResult]":
+    def _resolve(self, request: SecretRequest) -> "StepResult | defer.Deferred[StepResult]":
         mechanism = self.mechanism
         key = self._client_key()
         with client_key_set(key):
@@ -259,8 +259,16 @@ class AuthExchange:
                 with client_key_set(key):  # the fair pool's key for this client
                     return self.blocking.run(mechanism.prepare_secret, secret)
             d.addCallback(prepare)
-        d.addCallback(mechanism.resume)
-        return d.addCallback(self._act)
+        secret = result_now(d)  # a users file has answered already: no more hops
+        if isinstance(secret, defer.Deferred):  # waiting (a thread, the network)
+            secret.addCallback(mechanism.resume)
+            return secret.addCallback(self._act)
+        if isinstance(secret, Failure):
+            return defer.fail(secret)
+        outcome: Any = result_now(mechanism.resume(secret))
+        if isinstance(outcome, defer.Deferred):
+            return outcome.addCallback(self._act)
+        return self._act(outcome)
 
     def _login(self, credentials: Any, username: str, text: str | None) -> "defer.Deferred[StepResult]":
         with client_key_set(self._client_key()):

@@ -194,6 +194,7 @@ class FileChecker:
         self._signature: tuple[int, int, int, int] | None = None
         self._unreadable = False
         self._users: Mapping[str, UserEntry] = {}
+        self._secrets: dict[str, Mapping[str, object]] = {}  # per user, until the file changes
         self._dummy = passwords.parse_password(FALLBACK_DUMMY)
 
     def __repr__(self) -> str:
@@ -224,6 +225,7 @@ class FileChecker:
             log.warn("{file}:{line}: {problem}; line skipped", file=self.path, line=line,
                      problem=problem)
         self._users = parsed.users
+        self._secrets = {}
         self._dummy = pick_dummy(parsed.users)
         self._signature = signature
         log.info("backend {name}: loaded {count} users from {file}", name=self.name,
@@ -293,7 +295,9 @@ class FileChecker:
         entry = users.get(username)
         if entry is None:
             return succeed(None)
-        available = passwords.stored_secrets(entry.password)
+        available = self._secrets.get(username)
+        if available is None:  # decoded once per user and file version (SCRAM: base64)
+            available = self._secrets[username] = passwords.stored_secrets(entry.password)
         for kind in kinds:
             if kind in available:
                 return succeed(Secret(kind, available[kind]))
