@@ -340,6 +340,17 @@ async def test_reload_on_change(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_changed_secret_is_served_on_the_next_lookup(tmp_path: Path) -> None:
+    """The decoded secrets kept per user go with the file version they came from."""
+    path = write(tmp_path / "users", "a:{PLAIN}one\n")
+    checker = FileChecker(str(path), SynchronousRunner())
+    assert await checker.lookup_secret("a", ("plaintext",)) == Secret("plaintext", "one")
+    assert await checker.lookup_secret("a", ("plaintext",)) == Secret("plaintext", "one")
+    write(path, "a:{PLAIN}three\n")
+    assert await checker.lookup_secret("a", ("plaintext",)) == Secret("plaintext", "three")
+
+
+@pytest_twisted.ensureDeferred
 async def test_unchanged_file_is_not_reread(tmp_path: Path) -> None:
     """Only a stat per lookup while the file is unchanged."""
     path = write(tmp_path / "users", "a:{PLAIN}pw\n")
