@@ -99,10 +99,12 @@ class Closer(protocol.Protocol):
             self.transport.write(b"250 after close\r\n")
         elif self.after == "abort":
             self.transport.abortConnection()
-        reactor.callLater(0.2, self.done.callback, self)
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.append(reason.type)
+        if len(self.lost) == 1:
+            # a turn later, after anything already due (a second connectionLost would be)
+            reactor.callLater(0, self.done.callback, self)
 
 
 async def _close(before: bytes, after: str) -> tuple[bytes, Closer]:
@@ -171,7 +173,8 @@ class TLSCloser(protocol.Protocol):
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.append(reason.type)
-        reactor.callLater(0.1, self.done.callback, self)
+        if len(self.lost) == 1:
+            reactor.callLater(0, self.done.callback, self)
 
 
 def _read_all_tls(port: int, ca_path: str) -> bytes:
