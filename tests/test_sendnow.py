@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import pytest_twisted
@@ -17,8 +18,9 @@ BIG = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer takes at 
 class Writer(protocol.Protocol):
     """Writes what the test says on connect and records what was queued after each write."""
 
-    def __init__(self, chunks: list[bytes], queued: list[int], done: defer.Deferred) -> None:
-        self.chunks, self.queued, self.done = chunks, queued, done
+    def __init__(self, chunks: list[bytes], queued: list[int], done: defer.Deferred,
+                 closed: threading.Event) -> None:
+        self.chunks, self.queued, self.done, self.closed = chunks, queued, done, closed
 
     def connectionMade(self) -> None:
         for chunk in self.chunks:
@@ -28,14 +30,23 @@ class Writer(protocol.Protocol):
             assert all_sent(t) is (queued == 0)
             self.queued.append(queued)
         self.transport.loseConnection()
+        self.closed.set()
 
     def connectionLost(self, reason: Any) -> None:
         self.done.callback(type(self.transport))
 
 
-def _read_all(port: int, reset: bool = False) -> bytes:
-    """Every byte until EOF; with ``reset``, until the server resets the connection."""
-    with socket.create_connection(("127.0.0.1", port)) as client:
+def _read_all(port: int, reset: bool, closed: threading.Event) -> bytes:
+    """Every byte until EOF; with ``reset``, until the server resets the connection.
+
+    Nothing is read until the server has written and closed: with a small receive buffer
+    nobody drains meanwhile, what the kernel takes at once does not depend on how fast
+    this thread happens to read on a loaded machine."""
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        client.connect(("127.0.0.1", port))
+        if not closed.wait(30):
+            raise TimeoutError("the server never closed")
         parts = []
         while True:
             try:
@@ -52,11 +63,12 @@ def _read_all(port: int, reset: bool = False) -> bytes:
 async def _serve(chunks: list[bytes]) -> tuple[bytes, list[int], Any]:
     queued: list[int] = []
     done: defer.Deferred = defer.Deferred()
-    factory = protocol.Factory.forProtocol(lambda: Writer(chunks, queued, done))
+    closed = threading.Event()  # the client reads only once the server has closed
+    factory = protocol.Factory.forProtocol(lambda: Writer(chunks, queued, done, closed))
     port = send_now_reactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
     try:
         from twisted.internet.threads import deferToThread
-        received = await deferToThread(_read_all, port.getHost().port)
+        received = await deferToThread(_read_all, port.getHost().port, False, closed)
         kind = await done
     finally:
         await port.stopListening()
@@ -86,8 +98,9 @@ class Closer(protocol.Protocol):
     """Writes ``before``, closes, then does ``after`` in the same turn; records how the
     connection ended, how often, and whether closing registered it for writability."""
 
-    def __init__(self, before: bytes, after: str, done: defer.Deferred) -> None:
-        self.before, self.after, self.done = before, after, done
+    def __init__(self, before: bytes, after: str, done: defer.Deferred,
+                 closed: threading.Event) -> None:
+        self.before, self.after, self.done, self.closed = before, after, done, closed
         self.lost: list[type] = []
         self.writing_after_close: bool | None = None
 
@@ -99,6 +112,7 @@ class Closer(protocol.Protocol):
             self.transport.write(b"250 after close\r\n")
         elif self.after == "abort":
             self.transport.abortConnection()
+        self.closed.set()
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.append(reason.type)
@@ -109,11 +123,13 @@ class Closer(protocol.Protocol):
 
 async def _close(before: bytes, after: str) -> tuple[bytes, Closer]:
     done: defer.Deferred = defer.Deferred()
-    factory = protocol.Factory.forProtocol(lambda: Closer(before, after, done))
+    closed = threading.Event()  # the client reads only once the server has closed
+    factory = protocol.Factory.forProtocol(lambda: Closer(before, after, done, closed))
     port = send_now_reactor(reactor).listenTCP(0, factory, interface="127.0.0.1")
     try:
         from twisted.internet.threads import deferToThread
-        received = await deferToThread(_read_all, port.getHost().port, after == "abort")
+        received = await deferToThread(
+            _read_all, port.getHost().port, after == "abort", closed)
         closer = await done
     finally:
         await port.stopListening()
