@@ -491,6 +491,24 @@ def test_admit_now_counts_the_rate_then_takes_a_slot():
     assert store.admit_now("connrate:b", None, "conn:b", None, 6) == 2 and store.held("conn:b") == 0
 
 
+@pytest.mark.parametrize("rate", [Rate(1, 1.0), Rate(3, 60.0), Rate(7, 10.0), Rate(1000, 60.0)])
+def test_admit_now_decides_the_rate_as_hit_does(rate: Rate) -> None:
+    """``admit_now`` works the GCRA step out inline: over a run of events at uneven times
+    it lets through exactly the events ``hit`` would, and leaves the same counter."""
+    inline, reference = Clock(), Clock()
+    fast, slow = MemoryStore(inline), MemoryStore(reference)
+    gaps = [0.0, 0.0, 0.3, 0.001, 2.5, 0.0, 0.7, 9.9, 0.05, 0.0, 0.0, 31.0, 0.2, 0.2] * 6
+    decisions = []
+    for step, gap in enumerate(gaps):
+        inline.advance(gap)
+        reference.advance(gap)
+        admitted = fast.admit_now("connrate:a", rate, "conn:a", None, step) == 2
+        decisions.append(admitted)
+        assert admitted is slow.hit_now("connrate:a", rate).allowed, step
+        assert fast._tats.get("connrate:a") == slow._tats.get("connrate:a"), step
+    assert True in decisions and (rate.count == 1000 or False in decisions)
+
+
 def test_peek_used_agrees_with_peek():
     """``peek_used`` is ``peek`` in short: ``None`` when one more would not pass, else
     the events in the window with that one."""

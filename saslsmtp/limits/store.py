@@ -166,13 +166,15 @@ class MemoryStore:
             tats = self._tats
             self._expire(now)
             tat = tats.get(rate_key)
-            if tat is None or tat <= now:
-                tats[rate_key] = now + rate.interval  # a first event always fits (count >= 1)
-                tats.move_to_end(rate_key)
-                if len(tats) > self.max_keys:
-                    tats.popitem(last=False)
-            elif not self._check(rate_key, rate, 1, True).allowed:
+            # gcra() for one event, without building its RateResult: the event fits when
+            # the new theoretical arrival time is at most one period ahead of now.
+            new_tat = (now if tat is None or tat <= now else tat) + rate.period / rate.count
+            if new_tat - rate.period > now:
                 return 0
+            tats[rate_key] = new_tat
+            tats.move_to_end(rate_key)
+            if len(tats) > self.max_keys:
+                tats.popitem(last=False)
         if limit is not None:
             held = self._slots.get(slot_key)
             if held is None:
