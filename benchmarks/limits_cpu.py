@@ -62,6 +62,16 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, int]:
     raise bench.BenchError("redis-server did not start")
 
 
+def preemptions(pid: int) -> int:
+    """Times the server was switched out while it could have run (``nonvoluntary_ctxt_
+    switches``): another busy process on its CPU, such as a redis-server waking up."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def namespace(args: argparse.Namespace, fragment: Path | None) -> argparse.Namespace:
     return argparse.Namespace(
         user="bench", password="bench-password", users_line=[], auth_mechanisms=None,
@@ -69,7 +79,7 @@ def namespace(args: argparse.Namespace, fragment: Path | None) -> argparse.Names
         config_fragment=[str(fragment)] if fragment else [], stand_in=None,
         saslsmtp_config=None, saslsmtp_port=None, saslsmtp_log=os.devnull, mode="auth",
         load_password=None, duration=args.duration, warmup=args.warmup, expect_fail=False,
-        tls_files=None, starttls=False)
+        tls_files=None, starttls=False, generator=args.generator)
 
 
 def main() -> int:
@@ -78,6 +88,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generator", choices=("python", "c"), default="python",
+                        help="load generator: smtp_auth_load.py, or smtp_load.c (built on"
+                             " first use), which leaves the machine most of a core")
     parser.add_argument("--unix", action="store_true",
                         help="also Redis over its UNIX socket (variant redis-unix)")
     args = parser.parse_args()
@@ -103,15 +116,19 @@ def main() -> int:
             with bench.running([s for s, _ in servers.values()]):
                 time.sleep(1.0)  # the Redis store connects when the service starts
                 runs: dict[str, list[bench.Measurement]] = {name: [] for name in servers}
+                switched: dict[str, list[float]] = {name: [] for name in servers}
                 for repeat in range(args.repeats):
                     shift = repeat % len(servers)
                     order = list(servers)[shift:] + list(servers)[:shift]
                     for name in order:
                         server, ns = servers[name]
+                        before = preemptions(server.pid)
                         m = bench.measure(server, "PLAIN", args.concurrency, repeat, ns)
                         if not m.ok:
                             raise bench.BenchError(f"{name}: {m.problem}")
                         runs[name].append(m)
+                        switched[name].append((preemptions(server.pid) - before)
+                                              / max(m.sessions, 1))
                         print(f"{name:7} repeat {repeat}: {m.server_cpu_ms_per_session} ms CPU"
                               f"/session, {m.handshakes_per_s:.0f} sessions/s", file=sys.stderr)
         finally:
@@ -122,24 +139,32 @@ def main() -> int:
     rate = {name: statistics.median(m.handshakes_per_s for m in ms) for name, ms in runs.items()}
     p99 = {name: statistics.median(m.auth_ms.get("p99") or 0 for m in ms)
            for name, ms in runs.items()}
+    loadgen = {name: statistics.median(m.client_cpu_pct or 0 for m in ms)
+               for name, ms in runs.items()}
     now = dt.datetime.now(dt.timezone.utc)
     lines = [
         f"# Abuse limits: server CPU per AUTH PLAIN session ({now:%Y-%m-%d %H:%M} UTC)", "",
         f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
-        f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}`: twistd saslsmtp, file backend"
+        f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}"
+        f"{' --generator c' if args.generator == 'c' else ''}`: twistd saslsmtp, file backend"
         " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
         " variants interleaved, median of the repeats. \"All on\": every [limits]"
         " key set (connections, connection rate, AUTH failures per address and per user,"
         " messages, recipients, penalty), high enough never to refuse; loopback is not"
         " trusted, so every check runs.", "",
-        f"Machine: {os.cpu_count()} CPUs, shared with other work while measuring.", "",
-        "| limits | CPU ms/session | vs off | sessions/s | AUTH p99 ms |",
-        "| --- | --- | --- | --- | --- |",
+        f"Machine: {os.cpu_count()} CPUs, shared with other work while measuring. Load:"
+        f" {'smtp_load.c' if args.generator == 'c' else 'smtp_auth_load.py'}.", "",
+        "| limits | CPU ms/session | vs off | sessions/s | AUTH p99 ms | preempted/session"
+        " | generator CPU % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in runs:
         lines.append(f"| {name} | {cpu[name]:.3f} | {100 * (cpu[name] / cpu['off'] - 1):+.1f}% |"
-                     f" {rate[name]:.0f} | {p99[name]:.1f} |")
-    lines += ["", "Every repeat (CPU ms/session):", ""]
+                     f" {rate[name]:.0f} | {p99[name]:.1f} |"
+                     f" {statistics.median(switched[name]):.2f} | {loadgen[name]:.0f} |")
+    lines += ["", "\"preempted\": the server's involuntary context switches per session (another"
+              " process, such as redis-server, took its CPU); \"generator CPU\": the load"
+              " generator's share of one core.", "", "Every repeat (CPU ms/session):", ""]
     for name, ms in runs.items():
         lines.append(f"- {name}: " + ", ".join(f"{m.server_cpu_ms_per_session:.3f}" for m in ms))
     text = "\n".join(lines) + "\n"
