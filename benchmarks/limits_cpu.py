@@ -41,14 +41,21 @@ auth_penalty_max = 15
 """
 
 
-def start_redis(folder: Path) -> tuple[subprocess.Popen, int]:
+def _batch_scheduling() -> None:
+    """In the child before exec: SCHED_BATCH, so a waking redis-server does not preempt
+    a running process (it waits for a CPU to fall idle or for its next time slice)."""
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def start_redis(folder: Path, batch: bool = False) -> tuple[subprocess.Popen, int]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = bench.free_port()
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no", "--dir", str(folder),
                                 "--unixsocket", str(folder / "redis.sock"),
                                 "--unixsocketperm", "700"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=_batch_scheduling if batch else None)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -91,12 +98,15 @@ def main() -> int:
     parser.add_argument("--generator", choices=("python", "c"), default="python",
                         help="load generator: smtp_auth_load.py, or smtp_load.c (built on"
                              " first use), which leaves the machine most of a core")
+    parser.add_argument("--redis-batch", action="store_true",
+                        help="run redis-server with SCHED_BATCH (no wake-up preemption of"
+                             " the daemon): how much of Redis's cost is its competing for CPU")
     parser.add_argument("--unix", action="store_true",
                         help="also Redis over its UNIX socket (variant redis-unix)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="saslsmtp-limits-cpu-") as tmp:
         root = Path(tmp)
-        redis, redis_port = start_redis(root)
+        redis, redis_port = start_redis(root, batch=args.redis_batch)
         servers = {}
         try:
             stores = [("off", None), ("memory", '"memory"'),
@@ -146,7 +156,8 @@ def main() -> int:
         f"# Abuse limits: server CPU per AUTH PLAIN session ({now:%Y-%m-%d %H:%M} UTC)", "",
         f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
         f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}"
-        f"{' --generator c' if args.generator == 'c' else ''}`: twistd saslsmtp, file backend"
+        f"{' --generator c' if args.generator == 'c' else ''}"
+        f"{' --redis-batch' if args.redis_batch else ''}`: twistd saslsmtp, file backend"
         " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
         " variants interleaved, median of the repeats. \"All on\": every [limits]"
         " key set (connections, connection rate, AUTH failures per address and per user,"
