@@ -126,6 +126,21 @@ def test_run_reads_the_context_key():
     assert labels(threads) == ["a0", "nokey"]
 
 
+def test_client_key_set_restores_the_outer_key_even_when_the_block_raises():
+    """Nested blocks see their own key; leaving one, normally or by an exception, puts
+    back the key of the block around it."""
+    with client_key_set("outer"):
+        with pytest.raises(ZeroDivisionError):
+            with client_key_set("inner"):
+                assert CLIENT_KEY.get() == "inner"
+                1 / 0
+        assert CLIENT_KEY.get() == "outer"
+        with client_key_set("second"):
+            assert CLIENT_KEY.get() == "second"
+        assert CLIENT_KEY.get() == "outer"
+    assert CLIENT_KEY.get() == ""
+
+
 def test_default_workers_leave_a_core():
     """One thread per CPU but one, at least one."""
     import os

@@ -27,9 +27,8 @@ from __future__ import annotations
 import contextvars
 import os
 from collections import OrderedDict, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
@@ -45,14 +44,21 @@ CLIENT_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("saslsmtp_clien
                                                                  default="")
 
 
-@contextmanager
-def client_key_set(key: str) -> Iterator[None]:
-    """Run the block with ``CLIENT_KEY`` set to ``key`` (restored afterwards)."""
-    token = CLIENT_KEY.set(key)
-    try:
-        yield
-    finally:
-        CLIENT_KEY.reset(token)
+class client_key_set:  # noqa: N801 (used like the function it was: ``with client_key_set(k)``)
+    """Run the block with ``CLIENT_KEY`` set to ``key`` (restored afterwards).  A class,
+    not a ``@contextmanager`` generator: it is entered at every login, and a generator
+    costs a frame and three more calls each time."""
+
+    __slots__ = ("_key", "_token")
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __enter__(self) -> None:
+        self._token = CLIENT_KEY.set(self._key)
+
+    def __exit__(self, *exc_info: object) -> None:
+        CLIENT_KEY.reset(self._token)
 
 
 class PoolBusy(TemporaryFailure):
