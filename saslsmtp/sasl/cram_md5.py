@@ -121,7 +121,7 @@ def digest_from_password(password: str | bytes, challenge: bytes) -> str:
     """HMAC-MD5(``password``, ``challenge``) as lowercase hex (what the client sends)."""
     if isinstance(password, str):
         password = password.encode("utf-8")
-    return hmac.digest(password, challenge, "md5").hex()  # OpenSSL's one-shot HMAC
+    return hmac.new(password, challenge, "md5").hexdigest()
 
 
 # -- the mechanism --------------------------------------------------------------------
