@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.peer import Peer
 from saslsmtp.replies import SMTPReply
+from saslsmtp.settled import is_deferred
 
 
 class LimitedConnection(Protocol):
@@ -71,7 +72,7 @@ class ConnectionAdmission:
         except Exception:
             connection.busy_until(defer.fail())  # the protocol's internal-error reply
             return
-        if isinstance(verdict, defer.Deferred):  # a shared store (Redis) answers later
+        if is_deferred(verdict):  # a shared store (Redis) answers later
             connection.busy_until(verdict.addCallback(self._decided, greet))
         else:  # the memory store answered at once: no busy round
             self._decided(verdict, greet)

@@ -37,7 +37,7 @@ from saslsmtp.limits.fairpool import client_key_set
 from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, prepares_secret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
                                    Session, ValidateToken, Verify)
-from saslsmtp.settled import result_now
+from saslsmtp.settled import is_deferred, result_now
 
 log = Logger(namespace="saslsmtp.auth")
 
@@ -136,7 +136,7 @@ class AuthExchange:
         result: Any
         try:
             outcome = result_now(call())  # a scripted mechanism may answer later
-            if isinstance(outcome, defer.Deferred):
+            if is_deferred(outcome):
                 result = outcome.addCallback(self._act)
             elif isinstance(outcome, Failure):
                 result = outcome
@@ -146,13 +146,13 @@ class AuthExchange:
             result = Failure()
         if isinstance(result, Failure):
             result = self._failed(result)
-        if isinstance(result, defer.Deferred):
+        if is_deferred(result):
             return self._later(result)
         self.running = False
         if self.guard is None:
             return result
         judged = result_now(self._judge(result))
-        if isinstance(judged, defer.Deferred):  # the address's penalty wait
+        if is_deferred(judged):  # the address's penalty wait
             return self._shielded(judged)
         return self._failed(judged) if isinstance(judged, Failure) else judged
 
@@ -200,7 +200,7 @@ class AuthExchange:
         if self.guard is None:
             return then()
         refusal = result_now(self.guard.admit(username, password))
-        if isinstance(refusal, defer.Deferred):  # a shared store (Redis) answers later
+        if is_deferred(refusal):  # a shared store (Redis) answers later
             return refusal.addCallback(lambda refusal: refusal if refusal is not None else then())
         if isinstance(refusal, Failure):
             return refusal
@@ -260,13 +260,13 @@ class AuthExchange:
                     return self.blocking.run(mechanism.prepare_secret, secret)
             d.addCallback(prepare)
         secret = result_now(d)  # a users file has answered already: no more hops
-        if isinstance(secret, defer.Deferred):  # waiting (a thread, the network)
+        if is_deferred(secret):  # waiting (a thread, the network)
             secret.addCallback(mechanism.resume)
             return secret.addCallback(self._act)
         if isinstance(secret, Failure):
             return defer.fail(secret)
         outcome: Any = result_now(mechanism.resume(secret))
-        if isinstance(outcome, defer.Deferred):
+        if is_deferred(outcome):
             return outcome.addCallback(self._act)
         return self._act(outcome)
 

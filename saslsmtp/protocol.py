@@ -51,6 +51,7 @@ from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
 from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck
+from saslsmtp.settled import is_deferred
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -283,7 +284,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _answer(self, answer: Any) -> None:
         """Send what the mail transaction answered, now or when its Deferred fires."""
-        if isinstance(answer, defer.Deferred):
+        if is_deferred(answer):
             self.busy_until(answer.addCallback(self._answer))
         elif isinstance(answer, ProtocolError):
             self.error(answer.reply)
@@ -413,7 +414,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def do_DATA(self, arg: bytes) -> None:
         stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
         answer = self.transaction.data(arg, stamp, self.transport)
-        if isinstance(answer, defer.Deferred):
+        if is_deferred(answer):
             answer.addCallback(self._data_started)
         elif isinstance(answer, SMTPReply):
             self._data_started(answer)

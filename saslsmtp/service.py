@@ -39,7 +39,7 @@ from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
-from saslsmtp.settled import result_now
+from saslsmtp.settled import is_deferred, result_now
 from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script
 from saslsmtp.threads import ThreadPoolRunner
 
@@ -285,7 +285,7 @@ def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
                 answer = result_now(ask(items[index]))
             except Exception:
                 return defer.fail()
-            if isinstance(answer, defer.Deferred):
+            if is_deferred(answer):
                 return answer.addCallback(answered, index)
             if isinstance(answer, Failure):
                 return defer.fail(answer)

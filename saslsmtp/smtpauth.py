@@ -10,7 +10,7 @@ AUTH command and answers each step: ``Reply`` -> 334, ``LoggedIn`` -> 235 (with 
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping, Protocol, assert_never
+from typing import Any, Mapping, Protocol, assert_never, cast
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from saslsmtp.replies import REPLIES, SMTPReply, auth_reply, auth_success_reply
 from saslsmtp.sasl.codec import DecodeError, decode_response
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Defer, Reject, Reply, Session
+from saslsmtp.settled import is_deferred
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -147,10 +148,10 @@ class SmtpAuth:
 
     def _answer_step(self, step: "StepResult | defer.Deferred[StepResult]") -> None:
         """Answer a step now if it has finished, else be busy until it does."""
-        if isinstance(step, defer.Deferred):
+        if is_deferred(step):
             return self.host.busy_until(step.addCallback(self.answer))
         try:
-            later = self.answer(step)
+            later = self.answer(cast("StepResult", step))
         except Exception:
             later = defer.fail()  # the protocol's internal-error reply, as for a late step
         if later is not None:

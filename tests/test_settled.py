@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from saslsmtp.settled import result_now
+from saslsmtp.settled import is_deferred, result_now
 
 
 def test_plain_values_pass_through() -> None:
@@ -36,3 +36,18 @@ def test_a_waiting_deferred_is_returned_and_its_result_flows_on() -> None:
     d.addCallback(seen.append)
     d.callback("later")
     assert seen == ["later"]
+
+
+def test_is_deferred_agrees_with_isinstance() -> None:
+    """The per-type answer is isinstance's, for Deferreds, their subclasses and the
+    plain values AUTH steps return, asked more than once (the cached answer)."""
+    from twisted.internet.defer import DeferredList
+
+    class Later(defer.Deferred):  # type: ignore[type-arg]
+        pass
+
+    values = [defer.Deferred(), defer.succeed(1), Later(), DeferredList([]), None, 1, "x",
+              b"x", object(), defer.Deferred, Failure(ValueError("x"))]
+    for _ in range(2):
+        for value in values:
+            assert is_deferred(value) is isinstance(value, defer.Deferred), value
