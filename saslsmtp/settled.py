@@ -12,7 +12,8 @@ from typing import Any, TypeGuard
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-_IS_DEFERRED: dict[type, bool] = {}  # per type: types are few and live as long as the program
+_IS_DEFERRED: dict[type, bool] = {}  # per type; emptied when it grows past _TYPES_KEPT
+_TYPES_KEPT = 256  # classes of reloaded AUTH scripts must not be kept alive for ever
 
 
 def is_deferred(value: object) -> "TypeGuard[Deferred[Any]]":
@@ -23,6 +24,8 @@ def is_deferred(value: object) -> "TypeGuard[Deferred[Any]]":
     kind = type(value)
     answer = _IS_DEFERRED.get(kind)
     if answer is None:
+        if len(_IS_DEFERRED) >= _TYPES_KEPT:
+            _IS_DEFERRED.clear()
         answer = _IS_DEFERRED[kind] = issubclass(kind, Deferred)
     return answer
 

@@ -51,3 +51,22 @@ def test_is_deferred_agrees_with_isinstance() -> None:
     for _ in range(2):
         for value in values:
             assert is_deferred(value) is isinstance(value, defer.Deferred), value
+
+
+def test_is_deferred_keeps_no_type_alive_for_ever() -> None:
+    """Classes made at run time (a reloaded AUTH script's) do not pile up in the per-type
+    answers: past a bound they are forgotten, and the answers stay right."""
+    import gc
+    import weakref
+
+    from saslsmtp import settled
+
+    made = [type(f"Outcome{i}", (), {}) for i in range(settled._TYPES_KEPT + 10)]
+    first = weakref.ref(made[0])
+    for kind in made:
+        assert is_deferred(kind()) is False
+    assert len(settled._IS_DEFERRED) <= settled._TYPES_KEPT
+    del made, kind
+    gc.collect()
+    assert first() is None
+    assert is_deferred(defer.Deferred()) is True and is_deferred(None) is False
