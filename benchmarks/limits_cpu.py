@@ -6,6 +6,8 @@ Redis over its UNIX socket).
 
     python3 benchmarks/limits_cpu.py                 # concurrency 16, 3 x 8 s per variant
     python3 benchmarks/limits_cpu.py --duration 5 --repeats 5
+    python3 benchmarks/limits_cpu.py --generator c   # the C load generator (smtp_load.c)
+    python3 benchmarks/limits_cpu.py --redis-batch   # redis-server cannot preempt the daemon
 
 Uses benchmarks/run.py's server and measurement code and a throwaway redis-server on a
 free loopback port.  Writes benchmarks/results/<date>-limits-cpu.md (and prints it).
