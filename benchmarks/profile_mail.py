@@ -174,20 +174,28 @@ def mail_daemon(args: argparse.Namespace, *, code: str = "from twisted.scripts.t
                            "--duration", str(args.duration), "--warmup", warmup, "--json"]
 
 
+def load_then_stop(server: Any, gen: list[str], args: argparse.Namespace
+                   ) -> tuple[subprocess.CompletedProcess, dict[str, Any], int, float]:
+    """Run the generator against ``server``, then stop it in order (SIGTERM: a profile or
+    timings are written at exit): the run, its JSON, sessions served, server CPU seconds."""
+    before = bench.process_cpu_s(server.pid)
+    done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
+    used = bench.process_cpu_s(server.pid) - before
+    result = json.loads(done.stdout)
+    served = result["sessions_measured"] + result["sessions_warmup"]
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=30)
+    return done, result, served, used
+
+
 def batches(args: argparse.Namespace) -> int:
     """The daemon with its group commit timed (BATCH_TIMING), under the generator's load."""
     out = Path(tempfile.gettempdir()) / "saslsmtp-mail-batches.json"
     out.unlink(missing_ok=True)
     with mail_daemon(args, code=BATCH_TIMING.replace("OUT", repr(str(out))), code_args=("-",),
                      what="twistd saslsmtp, batches timed", warmup="0.5") as (server, gen):
-        before = bench.process_cpu_s(server.pid)
-        done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
-        used = bench.process_cpu_s(server.pid) - before
-        result = json.loads(done.stdout)
-        served = result["sessions_measured"] + result["sessions_warmup"]
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the timings
-        server.proc.wait(timeout=30)
+        done, result, served, used = load_then_stop(server, gen, args)  # the stop writes the timings
     print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s,"
           f" session p50 {result['latency_ms']['session']['p50']} ms, server CPU"
           f" {1000 * used / max(served, 1):.3f} ms/session\n")
@@ -359,15 +367,8 @@ def main() -> int:
     code = SERVE.replace("sys.argv_out", repr(str(args.out.resolve())))
     with mail_daemon(args, code=code, code_args=("-",), what="twistd saslsmtp under cProfile",
                      warmup="0.5") as (server, gen):
-        before = bench.process_cpu_s(server.pid)
-        done = subprocess.run(gen, capture_output=True, text=True, timeout=args.duration + 120)
-        used = bench.process_cpu_s(server.pid) - before
-        result = json.loads(done.stdout)
-        served = result["sessions_measured"] + result["sessions_warmup"]
+        done, result, served, used = load_then_stop(server, gen, args)  # the stop writes the profile
         stored = len(os.listdir(server.cwd / "mail" / "new"))
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGTERM)  # an orderly stop writes the profile
-        server.proc.wait(timeout=30)
     print(f"sessions {served}, errors {result['errors']}, {result['handshakes_per_s']:.0f} hs/s"
           f" (under cProfile), server CPU {1000 * used / max(served, 1):.3f} ms/session"
           f" (all threads, profiler included), messages in new/: {stored}")
