@@ -80,10 +80,12 @@ def worker_pids(log: Path) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie.  A process reaped between opening
+    its status file and reading it fails the read with ESRCH: gone, too."""
     try:
         with open(f"/proc/{pid}/status") as f:
             return "State:\tZ" not in f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
