@@ -39,7 +39,8 @@ def main() -> int:
                 fragment = None
             else:
                 fragment.write_text(limits_cpu.ALL_LIMITS.format(store=store))
-            ns = limits_cpu.namespace(argparse.Namespace(duration=args.duration, warmup=1.0),
+            ns = limits_cpu.namespace(argparse.Namespace(duration=args.duration, warmup=1.0,
+                                                         generator="python"),
                                       fragment)
             server = bench.saslsmtp_server(root, ns)
             out = root / "server.prof"

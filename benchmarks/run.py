@@ -428,6 +428,9 @@ def python_generator(server: Server, mech: str, concurrency: int,
         argv.append("--expect-fail")
     if args.starttls:
         argv.append("--starttls")
+    processes = getattr(args, "generator_processes", 1)  # callers other than run.py: one
+    if processes > 1:
+        argv += ["--processes", str(processes)]
     return argv
 
 
@@ -556,6 +559,8 @@ def markdown(points: list[dict[str, Measurement]], meta: dict[str, Any]) -> str:
     wrong = ", wrong password (535 expected)" if meta["expect_fail"] else ""
     tls = f", STARTTLS ({meta['cert']} certificate)" if meta["starttls"] else ""
     generator = "smtp_load.c" if meta.get("generator") == "c" else "smtp_auth_load.py"
+    if meta.get("generator_processes", 1) > 1:
+        generator += f" x {meta['generator_processes']} processes"
     out.append(f"- load: {generator}, mode {meta['mode']}{tls}{wrong}, "
                f"{meta['warmup_s']} s warm-up + "
                f"{meta['duration_s']} s per point, median of {meta['repeat']} run(s), servers "
@@ -698,6 +703,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="python: smtp_auth_load.py (every scenario); c: smtp_load.c, built"
                            " with cc on first use, AUTH PLAIN without STARTTLS only, a sixth"
                            " of the Python generator's CPU per session")
+    load.add_argument("--generator-processes", type=int, default=1, metavar="N",
+                      help="with --generator python, N generator processes share the"
+                           " concurrency (smtp_auth_load.py --processes N; results merged)")
     load.add_argument("--mode", choices=("auth", "mail"), default="auth",
                       help="auth: AUTH then QUIT; mail: also send a ~2 KB message")
     load.add_argument("--peer-discard", action="store_true",
@@ -770,6 +778,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   or args.expect_fail):
         p.error("--generator c does AUTH PLAIN only: no other --mech, --mode mail, --starttls"
                 " or --expect-fail")
+    if args.generator_processes < 1 or (args.generator_processes > 1 and args.generator == "c"):
+        p.error("--generator-processes takes N >= 1, with the Python generator only")
     if args.saslsmtp_config and (args.config_fragment or args.users_line or args.auth_option
                                  or args.auth_backends or args.auth_mechanisms):
         p.error("--saslsmtp-config replaces the generated config; the options changing "
@@ -852,6 +862,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": args.mode, "duration_s": args.duration, "warmup_s": args.warmup,
         "repeat": args.repeat, "mechs": args.mech, "concurrency": args.concurrency,
         "expect_fail": args.expect_fail, "servers": server_desc, "generator": args.generator,
+        "generator_processes": args.generator_processes,
         "servers_run": [s.name for s in servers], "skipped": skipped,
         "starttls": args.starttls, "cert": args.cert if args.starttls else None,
         "server_cpu": ("utime+stime+cutime+cstime from /proc/PID/stat before/after each run; "
