@@ -14,16 +14,13 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.mail import smtp
-from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from saslsmtp.envelope import EnvelopeAvatar, EnvelopeRealm
 from saslsmtp.replies import REPLIES, SMTPReply
 
 from saslsmtp.threads import BlockingRunner
@@ -427,42 +424,27 @@ class MaildirEnvelope:
             self.sink = None
 
 
-@implementer(IMessageDelivery)
-class MaildirDelivery:
+class MaildirDelivery(EnvelopeAvatar):
     """The avatar of an authenticated user: every recipient goes into one Maildir."""
 
     def __init__(self, username: str, maildir: Maildir, runner: BlockingRunner) -> None:
-        self.username = username
+        super().__init__(username)
         self._maildir = maildir
         self._runner = runner
 
     def begin_transaction(self, client: Any) -> MaildirEnvelope:
         return MaildirEnvelope(self._maildir, self._runner)
 
-    # IMessageDelivery (the portal asks for it); the server uses begin_transaction
-    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
-        return None
 
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
-        return origin
-
-    def validateTo(self, user: smtp.User) -> Callable[[], Any]:
-        raise smtp.SMTPBadRcpt(user)
-
-
-@implementer(IRealm)
-class MaildirRealm:
+class MaildirRealm(EnvelopeRealm):
     """Gives each authenticated user a ``MaildirDelivery`` into the configured Maildir."""
 
     def __init__(self, maildir: Maildir, runner: BlockingRunner) -> None:
         self.maildir = maildir
         self.runner = runner
 
-    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> tuple:
-        if IMessageDelivery not in interfaces:
-            raise NotImplementedError("MaildirRealm only provides IMessageDelivery")
-        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)
-        return IMessageDelivery, MaildirDelivery(name, self.maildir, self.runner), lambda: None
+    def avatar(self, username: str) -> MaildirDelivery:
+        return MaildirDelivery(username, self.maildir, self.runner)
 
 
 #: Dovecot's rule: a file in ``tmp/`` this old is a write that was killed, not one in flight.

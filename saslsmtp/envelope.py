@@ -9,6 +9,9 @@ pauses the client's transport.
 
 Stock ``IMessageDelivery`` avatars (``validateFrom``/``validateTo``/``IMessage``) work
 through ``StockEnvelope``; ``delivery_error_reply`` turns their errors into replies.
+``EnvelopeAvatar`` and ``EnvelopeRealm`` are the base of the daemon's own avatars and
+realms (Maildir, relay): they make envelopes, and the portal still gets the interface it
+asks for.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
 
@@ -113,6 +119,43 @@ class StockEnvelope:
     def abort(self) -> None:
         if self.sink is not None:
             self.sink.abort()
+
+
+@implementer(IMessageDelivery)
+class EnvelopeAvatar:
+    """An authenticated user's avatar that makes one envelope per transaction
+    (``begin_transaction``).  The portal asks for ``IMessageDelivery``, so its methods
+    are here, but the server never calls them: a stock client of this avatar can send
+    nowhere (every recipient is refused)."""
+
+    def __init__(self, username: str) -> None:
+        self.username = username
+
+    def begin_transaction(self, client: Client) -> Envelope:
+        raise NotImplementedError
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
+        return None
+
+    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        return origin
+
+    def validateTo(self, user: smtp.User) -> Callable[[], Any]:
+        raise smtp.SMTPBadRcpt(user)
+
+
+@implementer(IRealm)
+class EnvelopeRealm:
+    """A realm whose avatars are ``EnvelopeAvatar``s: ``avatar(username)`` makes one."""
+
+    def avatar(self, username: str) -> EnvelopeAvatar:
+        raise NotImplementedError
+
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> tuple:
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError(f"{type(self).__name__} only provides IMessageDelivery")
+        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)
+        return IMessageDelivery, self.avatar(name), lambda: None
 
 
 class LinesSink:

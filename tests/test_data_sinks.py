@@ -270,3 +270,32 @@ def test_every_split_of_the_stream_stores_the_same_bytes(tmp_path: Path) -> None
         data = (tmp_path / "mail" / "new" / name).read_bytes()
         stored.add(data[data.index(b"Subject"):])  # the Received header has the time
     assert stored == {b"Subject: split\n\n.dot\n.\nx\n..\n"}
+
+
+def test_the_realms_give_envelope_avatars_and_refuse_other_interfaces(tmp_path: Path) -> None:
+    """Both daemon realms (Maildir, relay) share ``EnvelopeRealm``: the avatar is named
+    after the login (bytes decoded, a bad byte replaced), any other interface is refused,
+    and the stock ``IMessageDelivery`` methods refuse every recipient."""
+    from twisted.cred.portal import IRealm
+    from twisted.mail import smtp
+    from twisted.mail.interfaces import IMessageDelivery
+
+    from saslsmtp.relay.delivery import RelayDelivery, RelayRealm
+
+    maildir = MaildirRealm(Maildir(tmp_path / "mail", "mx.example.test"), SynchronousRunner())
+    relay = RelayRealm(client=object())  # type: ignore[arg-type]  # never called here
+    for realm, kind in ((maildir, "MaildirDelivery"), (relay, "RelayDelivery")):
+        assert IRealm.providedBy(realm)
+        interface, avatar, logout = realm.requestAvatar(b"tim\xff", None, IMessageDelivery)
+        assert interface is IMessageDelivery and IMessageDelivery.providedBy(avatar)
+        assert type(avatar).__name__ == kind and avatar.username == "tim\ufffd"
+        assert logout() is None
+        with pytest.raises(NotImplementedError, match=f"{type(realm).__name__} only provides"):
+            realm.requestAvatar(b"tim", None, IRealm)
+        user = smtp.User(b"a@example.test", None, None, smtp.Address(b"tim@example.test"))
+        with pytest.raises(smtp.SMTPBadRcpt):
+            avatar.validateTo(user)
+        origin = smtp.Address(b"tim@example.test")
+        assert avatar.validateFrom(None, origin) is origin
+        assert avatar.receivedHeader(None, origin, [user]) is None
+    assert isinstance(relay.requestAvatar((), None, IMessageDelivery)[1], RelayDelivery)

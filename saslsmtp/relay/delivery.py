@@ -12,15 +12,12 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.mail import smtp
-from twisted.mail.interfaces import IMessageDelivery
-from zope.interface import implementer
 
 from saslsmtp.relay.client import RelaySession, UpstreamClient, UpstreamTransaction
+from saslsmtp.envelope import EnvelopeAvatar, EnvelopeRealm
 from saslsmtp.replies import REPLIES, SMTPReply
 
 _counter = itertools.count(1)
@@ -90,12 +87,11 @@ class RelayEnvelope:
         self.transaction.abort()
 
 
-@implementer(IMessageDelivery)
-class RelayDelivery:
+class RelayDelivery(EnvelopeAvatar):
     """The avatar of an authenticated user when mail goes on to an upstream."""
 
     def __init__(self, username: str, client: UpstreamClient) -> None:
-        self.username = username
+        super().__init__(username)
         self.client = client
 
     def begin_transaction(self, client: Any) -> RelayEnvelope:
@@ -104,26 +100,12 @@ class RelayDelivery:
                                client.port or None, client.helo or None)
         return RelayEnvelope(self.client.transaction(session))
 
-    # IMessageDelivery (the portal asks for it); the server uses begin_transaction
-    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
-        return None
 
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
-        return origin
-
-    def validateTo(self, user: smtp.User) -> Callable[[], Any]:
-        raise smtp.SMTPBadRcpt(user)
-
-
-@implementer(IRealm)
-class RelayRealm:
+class RelayRealm(EnvelopeRealm):
     """Gives each authenticated user a ``RelayDelivery`` through ``client``."""
 
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
 
-    def requestAvatar(self, avatarId: bytes | tuple[()], mind: Any, *interfaces: Any) -> tuple:
-        if IMessageDelivery not in interfaces:
-            raise NotImplementedError("RelayRealm only provides IMessageDelivery")
-        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)
-        return IMessageDelivery, RelayDelivery(name, self.client), lambda: None
+    def avatar(self, username: str) -> RelayDelivery:
+        return RelayDelivery(username, self.client)
