@@ -26,7 +26,7 @@ class External(SingleMessage):
         self._identity = identity if isinstance(identity, str) and identity else None
         super().__init__(session)
 
-    def _finish(self, message: bytes) -> Outcome:
+    def _first(self, message: bytes) -> Outcome:
         self._stage = "done"
         try:
             authzid = message.decode("utf-8")

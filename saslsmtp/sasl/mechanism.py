@@ -81,28 +81,36 @@ class NoLookup:
         raise MechanismStateError(f"{type(self).__name__} never asked for a secret")
 
 
-class SingleMessage(NoLookup):
-    """A client-first mechanism of one client message (PLAIN, EXTERNAL): without an
-    initial response the server sends an empty challenge; subclasses judge the message
-    in ``_finish``."""
+class ClientFirst:
+    """The start of a client-first mechanism: the first client message comes as the
+    AUTH command's initial response, or after an empty challenge (RFC 4954), and goes
+    to ``_first``; until it comes the stage is ``first_stage``."""
 
     name = ""
-
-    def __init__(self, session: Session | None = None) -> None:
-        self._stage = "new"
+    first_stage = "waiting"
+    _stage: str
 
     def start(self, initial: bytes | None) -> Outcome:
         if self._stage != "new":
             raise MechanismStateError(f"{self.name} already started")
         if initial is None:
-            self._stage = "waiting"
+            self._stage = self.first_stage
             return Reply(b"")
-        return self._finish(initial)
+        return self._first(initial)
+
+    def _first(self, message: bytes) -> Outcome:
+        raise NotImplementedError
+
+
+class SingleMessage(ClientFirst, NoLookup):
+    """A client-first mechanism of one client message (PLAIN, EXTERNAL); subclasses
+    judge the message in ``_first``."""
+
+    def __init__(self, session: Session | None = None) -> None:
+        self._stage = "new"
 
     def receive(self, response: bytes) -> Outcome:
         if self._stage != "waiting":
             raise MechanismStateError(f"{self.name} is not waiting for a response (stage {self._stage})")
-        return self._finish(response)
+        return self._first(response)
 
-    def _finish(self, message: bytes) -> Outcome:
-        raise NotImplementedError

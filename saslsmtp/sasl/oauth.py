@@ -30,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.mechanism import ClientFirst, MechanismSpec
 from saslsmtp.sasl.saslprep import decode_saslname
 from saslsmtp.sasl.outcome import (
     TOKEN_VERDICT,
@@ -149,10 +149,10 @@ def _request(username: str, pairs: dict[str, str]) -> BearerRequest | None:
     return BearerRequest(username, token, pairs.get("host"), port)
 
 
-class _Bearer:
+class _Bearer(ClientFirst):
     """Shared state machine: message -> ValidateToken -> Accept, or JSON error -> Reject."""
 
-    name = ""
+    first_stage = "message"
     _ack = b""
     _malformed = INVALID
 
@@ -168,17 +168,9 @@ class _Bearer:
         self._stage = "new"
         self._request: BearerRequest | None = None
 
-    def start(self, initial: bytes | None) -> Outcome:
-        if self._stage != "new":
-            raise MechanismStateError(f"{self.name} already started")
-        if initial is None:
-            self._stage = "message"
-            return Reply(b"")
-        return self._message(initial)
-
     def receive(self, response: bytes) -> Outcome:
         if self._stage == "message":
-            return self._message(response)
+            return self._first(response)
         if self._stage == "error":
             self._stage = "done"
             return INVALID if response == self._ack else self._malformed
@@ -207,7 +199,7 @@ class _Bearer:
     def _parse(self, message: bytes) -> BearerRequest | None:
         raise NotImplementedError
 
-    def _message(self, message: bytes) -> Outcome:
+    def _first(self, message: bytes) -> Outcome:
         self._stage = "done"
         request = self._parse(message)
         if request is None:

@@ -16,7 +16,7 @@ class Plain(SingleMessage):
 
     name = "PLAIN"
 
-    def _finish(self, message: bytes) -> Outcome:
+    def _first(self, message: bytes) -> Outcome:
         self._stage = "done"
         parts = message.split(b"\0")
         if len(parts) != 3:

@@ -39,7 +39,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.mechanism import ClientFirst, MechanismSpec
 from saslsmtp.sasl.saslprep import decode_saslname, saslprep
 from saslsmtp.sasl.outcome import (
     Accept,
@@ -154,7 +154,7 @@ def _default_nonce() -> str:
 # -- the mechanism ------------------------------------------------------------------
 
 
-class Scram:
+class Scram(ClientFirst):
     """One SCRAM exchange for ``name`` (``SCRAM-SHA-256``, ``SCRAM-SHA-1-PLUS``, ...).
 
     The server "supports channel binding" for this hash (so the plain variant refuses
@@ -163,6 +163,8 @@ class Scram:
     cautious choice; ``specs_for`` fills it from the configured list).  ``nonce``
     (server nonce) and ``server_secret`` are injectable for tests.
     """
+
+    first_stage = "client-first"
 
     def __init__(
         self,
@@ -199,17 +201,9 @@ class Scram:
 
     # -- driving ----------------------------------------------------------------
 
-    def start(self, initial: bytes | None) -> Outcome:
-        if self._stage != "new":
-            raise MechanismStateError(f"{self.name} already started")
-        if initial is None:
-            self._stage = "client-first"
-            return Reply(b"")
-        return self._client_first(initial)
-
     def receive(self, response: bytes) -> Outcome:
         if self._stage == "client-first":
-            return self._client_first(response)
+            return self._first(response)
         if self._stage == "client-final":
             return self._client_final(response)
         if self._stage == "ack":
@@ -269,7 +263,8 @@ class Scram:
     def _kinds(self) -> tuple[str, ...]:
         return lookup_kinds(self.name)
 
-    def _client_first(self, message: bytes) -> Outcome:
+    def _first(self, message: bytes) -> Outcome:
+        """The client-first-message."""
         self._stage = "done"
         try:
             text = message.decode("utf-8")
