@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.error import CannotListenError
 
 from saslsmtp import privileges
 from saslsmtp.config import Config, ConfigError, ConfigProblem
-from saslsmtp.listeners import ListenError, parse
+from saslsmtp.listeners import ListenError, parse, start_or_exit
 from saslsmtp.metrics import Metrics, metrics_service
 
 
@@ -28,11 +27,7 @@ class SingleProcess(service.MultiService):
         self.identity = privileges.resolve(config.ops.user, config.ops.group)
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
-                             f" {e.socketError}") from None
+        start_or_exit(super().privilegedStartService)
         privileges.drop(self.identity)
 
     def stopService(self) -> Any:

@@ -14,7 +14,9 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from twisted.internet.error import CannotListenError
 
 #: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
 ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
@@ -22,6 +24,17 @@ ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
 
 class ListenError(Exception):
     """A ``server.listen`` entry cannot be bound (message names the entry)."""
+
+
+def start_or_exit(start: Callable[[], None]) -> None:
+    """Run ``start`` (a service's ``privilegedStartService``): a port that cannot be
+    listened on (taken, not permitted) ends the process with one line and a non-zero
+    status, without a traceback and before anything says it is ready."""
+    try:
+        start()
+    except CannotListenError as e:
+        raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
+                         f" {e.socketError}") from None
 
 
 @dataclass(frozen=True)

@@ -136,11 +136,7 @@ class MasterService(service.MultiService):
                 os.chown(self.metrics_dir, identity.uid, identity.gid)
             metrics_service(self.config.ops.metrics.listen, self.reactor,
                             multiprocess_registry(self.metrics_dir)).setServiceParent(self)
-        try:
-            super().privilegedStartService()
-        except error.CannotListenError as e:
-            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
-                             f" {e.socketError}") from None
+        listeners.start_or_exit(super().privilegedStartService)
 
     def startService(self) -> None:
         super().startService()

@@ -19,7 +19,6 @@ from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints, protocol
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,6 +32,7 @@ from saslsmtp.errors import TemporaryFailure
 from saslsmtp.events import SessionEvents
 from saslsmtp.limits.build import AbuseControls, service_controls
 from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
+from saslsmtp.listeners import start_or_exit
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.nodelay import no_delay
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
@@ -372,11 +372,7 @@ class SaslSmtpService(service.MultiService):
         self.factory = factory
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
-                             f" {e.socketError}") from None
+        start_or_exit(super().privilegedStartService)
 
     def startService(self) -> None:
         prepare_delivery(self.wiring.config)
