@@ -10,7 +10,8 @@ In-process (fast, same reactor)::
         finally:
             await server.stop()
 
-As a real daemon (``twistd -n saslsmtp``) in a subprocess: ``start_daemon(...)``.
+As a real daemon (``twistd -n saslsmtp``) in a subprocess: ``start_daemon(...)``, or
+``with workers_daemon(config, log, workers) as proc:`` for a master and its workers.
 
 ``write_config`` makes the TOML: listen on 127.0.0.1 (port 0 in-process, a free port for
 daemons), delivery into ``tmp_path/mail``, ``failure_delay = 0`` unless given, plus
@@ -19,7 +20,10 @@ whatever backend tables and extra sections the caller passes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import smtplib
 import socket
 import subprocess
@@ -27,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from twisted.internet import threads
 
@@ -205,3 +209,55 @@ def start_daemon(config: Path, port: int, log: Path, timeout: float = 20.0) -> D
             time.sleep(0.1)
     daemon.stop()
     raise RuntimeError(f"saslsmtp did not listen on {port}:\n{daemon.log_text()}")
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(log: Path) -> dict[int, int]:
+    """slot -> pid of the newest worker started in each slot, from the master's log."""
+    pids: dict[int, int] = {}
+    for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", log.read_text(errors="replace")):
+        pids[int(m.group(1))] = int(m.group(2))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie.  A process reaped between opening
+    its status file and reading it fails the read with ESRCH: gone, too."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@contextlib.contextmanager
+def workers_daemon(config: Path, log: Path, workers: int, *extra: str) -> Iterator[subprocess.Popen]:
+    """``twistd -n saslsmtp`` with ``extra`` arguments (e.g. ``--workers N``), its output
+    in ``log``, once ``workers`` processes have said "saslsmtp ready".  However the test
+    ends, nothing is left running: the master is killed if it is still up, and so is any
+    worker it started (a test that stops it cleanly asserts that itself)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, *extra), cwd=config.parent, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers
+                 or proc.poll() is not None, what="the daemon")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in worker_pids(log).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

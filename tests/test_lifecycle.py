@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
+                           write_config)
 from tests.test_ops_traffic import plain
-from tests.test_workers import Session, alive, wait_for, worker_pids
+from tests.test_workers import Session
 
 SCRIPT = '''
 from saslsmtp.script import Accept, Reject

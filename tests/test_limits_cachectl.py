@@ -21,8 +21,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp import cachectl
 from tests.limitsnet import auth_plain
-from tests.support import ROOT, free_port, twistd_command, write_config
-from tests.test_workers import alive, wait_for, worker_pids
+from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
+                           write_config)
 from tests.upstreams import USERS, AuthAPI, WebServer
 
 OTHER = next(user for user in USERS if user != "alice")

@@ -5,9 +5,7 @@ Redis stopped), ``/metrics`` is scraped and parsed with prometheus_client's pars
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,9 +13,8 @@ import pytest
 
 from tests.limitsnet import PASSWORD, auth_plain, connect, users_toml
 from tests.redis import start_redis
-from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.support import free_port, wait_for, workers_daemon, write_config
 from tests.test_ops_traffic import scrape
-from tests.test_workers import alive, wait_for, worker_pids
 
 LIMITS = """[limits]
 store = "{url}"
@@ -63,63 +60,51 @@ def test_limit_cache_and_redis_counters_after_known_traffic(tmp_path: Path, work
                           extra=LIMITS.format(url=redis.url)
                           + f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
     log = tmp_path / "daemon.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers
-                 or proc.poll() is not None, what="the daemon")
-        assert proc.poll() is None, log.read_text()
-        wait_for(lambda: redis_clients(redis) >= workers, what="every worker's Redis connection")
-        assert code(port, PASSWORD, "127.0.0.81") == 235
-        assert code(port, PASSWORD, "127.0.0.82") == 235
-        assert [code(port, f"wrong-{i}", "127.0.0.83") for i in range(3)] == [535, 535, 454]
-        banners = []
-        for _ in range(4):
-            sock, f, banner = connect(port, "127.0.0.90")
-            banners.append(banner[:4])
-            f.close()
-            sock.close()
-        assert banners == [b"220 ", b"220 ", b"220 ", b"421 "]
+        with workers_daemon(config, log, workers, "--workers", str(workers)) as proc:
+            wait_for(lambda: redis_clients(redis) >= workers, what="every worker's Redis connection")
+            assert code(port, PASSWORD, "127.0.0.81") == 235
+            assert code(port, PASSWORD, "127.0.0.82") == 235
+            assert [code(port, f"wrong-{i}", "127.0.0.83") for i in range(3)] == [535, 535, 454]
+            banners = []
+            for _ in range(4):
+                sock, f, banner = connect(port, "127.0.0.90")
+                banners.append(banner[:4])
+                f.close()
+                sock.close()
+            assert banners == [b"220 ", b"220 ", b"220 ", b"421 "]
 
-        redis.stop()
-        time.sleep(0.5)  # every worker has seen its Redis connection close
-        assert code(port, PASSWORD, "127.0.0.84") == 235
-        assert code(port, "wrong-down", "127.0.0.85") == 535
+            redis.stop()
+            time.sleep(0.5)  # every worker has seen its Redis connection close
+            assert code(port, PASSWORD, "127.0.0.84") == 235
+            assert code(port, "wrong-down", "127.0.0.85") == 535
 
-        def settled() -> dict | None:
-            s = scrape(metrics_port)
-            return s if s.get(("saslsmtp_auth_total", (("mechanism", "PLAIN"),
-                                                       ("result", "failure")))) == 3 else None
-        s = wait_for(settled, what="every AUTH counted")
-        expected = {
-            ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "success"))): 3,
-            ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "failure"))): 3,
-            ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "limited"))): 1,
-            ("saslsmtp_limit_rejections_total", (("limit", "auth_failures_per_ip"),)): 1,
-            ("saslsmtp_limit_rejections_total", (("limit", "connection_rate_per_ip"),)): 1,
-            ("saslsmtp_redis_unavailable_total", ()): 5,
-        }
-        assert {key: s.get(key) for key in expected} == expected
-        # no other limit refused anything
-        assert sorted(dict(labels)["limit"] for name, labels in s
-                      if name == "saslsmtp_limit_rejections_total") == [
-            "auth_failures_per_ip", "connection_rate_per_ip"]
-        hits = s[("saslsmtp_auth_cache_hits_total", ())]
-        misses = s[("saslsmtp_auth_cache_misses_total", ())]
-        if workers == 1:
-            assert (hits, misses) == (1, 5)
-        else:
-            assert hits + misses == 6 and hits <= 2, (hits, misses)
-        assert "Traceback" not in log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
+            def settled() -> dict | None:
+                s = scrape(metrics_port)
+                return s if s.get(("saslsmtp_auth_total", (("mechanism", "PLAIN"),
+                                                           ("result", "failure")))) == 3 else None
+            s = wait_for(settled, what="every AUTH counted")
+            expected = {
+                ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "success"))): 3,
+                ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "failure"))): 3,
+                ("saslsmtp_auth_total", (("mechanism", "PLAIN"), ("result", "limited"))): 1,
+                ("saslsmtp_limit_rejections_total", (("limit", "auth_failures_per_ip"),)): 1,
+                ("saslsmtp_limit_rejections_total", (("limit", "connection_rate_per_ip"),)): 1,
+                ("saslsmtp_redis_unavailable_total", ()): 5,
+            }
+            assert {key: s.get(key) for key in expected} == expected
+            # no other limit refused anything
+            assert sorted(dict(labels)["limit"] for name, labels in s
+                          if name == "saslsmtp_limit_rejections_total") == [
+                "auth_failures_per_ip", "connection_rate_per_ip"]
+            hits = s[("saslsmtp_auth_cache_hits_total", ())]
+            misses = s[("saslsmtp_auth_cache_misses_total", ())]
+            if workers == 1:
+                assert (hits, misses) == (1, 5)
+            else:
+                assert hits + misses == 6 and hits <= 2, (hits, misses)
+            assert "Traceback" not in log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
         redis.stop()

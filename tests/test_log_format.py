@@ -8,15 +8,14 @@ import io
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 from twisted.logger import Logger, LogPublisher
 
 from saslsmtp.logs import SessionSummary, make_observer, session_ended
-from tests.support import ROOT, free_port, twistd_command, write_config
-from tests.test_workers import Session, alive, wait_for, worker_pids
+from tests.support import free_port, wait_for, worker_pids, workers_daemon, write_config
+from tests.test_workers import Session
 
 
 def logger_into(out: io.StringIO, log_format: str, level: str = "info") -> Logger:
@@ -78,26 +77,13 @@ def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
     config.write_text(config.read_text().replace(
         "[server]\n", f'[server]\nlog_format = "json"\nlog_level = "info"\nworkers = {workers}\n'))
     log = tmp_path / "daemon.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config), cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers or proc.poll() is not None,
-                 what="the daemon")
+    with workers_daemon(config, log, workers) as proc:
         session = Session(port)
         assert session.login().startswith(b"235 ")
         session.close()
         wait_for(lambda: "auth succeeded: " in log.read_text(), what="the AUTH line")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values() if workers > 1 else ():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     auth = [r for r in records if r["message"].startswith("auth succeeded: client=")]
     assert len(auth) == 1 and auth[0]["level"] == "info"

@@ -214,8 +214,7 @@ def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
     import signal
     import socket as sockets
 
-    from tests.support import free_port, start_daemon, write_config
-    from tests.test_workers import wait_for
+    from tests.support import free_port, start_daemon, wait_for, write_config
     port, metrics_port = free_port(), free_port()
     (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
     config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',

@@ -6,21 +6,19 @@ prometheus_client's parser and every counter is checked, and the log has one
 from __future__ import annotations
 
 import base64
-import os
 import re
 import signal
 import socket
 import ssl
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.support import free_port, wait_for, workers_daemon, write_config
 from tests.test_reload import write_cert
-from tests.test_workers import Session, alive, wait_for, worker_pids
+from tests.test_workers import Session
 
 SCRIPT = '''
 from saslsmtp.script import Accept, Defer, Reject, Verdict
@@ -132,14 +130,7 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
         mechanisms=["PLAIN"], listen=[listener, tls_listener], script="auth.py", tls=(str(cert), str(key)),
         extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
     log = tmp_path / "daemon.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers or proc.poll() is not None,
-                 what="the daemon")
-        assert proc.poll() is None, log.read_text()
+    with workers_daemon(config, log, workers, "--workers", str(workers)) as proc:
         traffic(port, tls_port, tmp_path / "mail")
 
         def settled() -> dict | None:
@@ -190,10 +181,3 @@ def test_metrics_count_known_traffic(tmp_path: Path, workers: int) -> None:
         assert "wonderland" not in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)

@@ -16,8 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.support import ROOT, twistd_command, write_config
-from tests.test_workers import Session, alive, wait_for, worker_pids
+from tests.support import ROOT, alive, twistd_command, wait_for, worker_pids, write_config
+from tests.test_workers import Session
 
 USERS = "alice:{PLAIN}wonderland\n"
 

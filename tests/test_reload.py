@@ -6,11 +6,9 @@ restart, with one process and with workers."""
 from __future__ import annotations
 
 import datetime
-import os
 import signal
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,7 @@ from twisted.logger import globalLogPublisher
 
 from saslsmtp.serving import Reloader, build_factory, start_runners, stop_wiring
 from saslsmtp.service import load
-from tests.support import ROOT, free_port, twistd_command, write_config
-from tests.test_workers import alive, wait_for, worker_pids
+from tests.support import free_port, wait_for, workers_daemon, write_config
 
 BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
 
@@ -131,14 +128,7 @@ def test_sighup_rotates_the_certificate(tmp_path: Path, workers: int) -> None:
     config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), tls=(str(cert), str(key)),
                           listen=[f"ssl:{port}:interface=127.0.0.1"])
     log = tmp_path / "daemon.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers or proc.poll() is not None,
-                 what="the daemon")
-        assert proc.poll() is None, log.read_text()
+    with workers_daemon(config, log, workers, "--workers", str(workers)) as proc:
         opened_before = TLSSession(port)
         assert opened_before.serial == 1001
         assert opened_before.send(b"EHLO client.example").startswith(b"250")
@@ -155,10 +145,3 @@ def test_sighup_rotates_the_certificate(tmp_path: Path, workers: int) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from saslsmtp.logs import AppendLogFile, FdLineWriter, worker_observer
-from tests.support import ROOT, free_port, write_config
-from tests.test_workers import Session, alive, wait_for, worker_pids
+from tests.support import ROOT, alive, free_port, wait_for, worker_pids, write_config
+from tests.test_workers import Session
 
 WRITER = """
 import sys

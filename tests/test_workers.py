@@ -13,27 +13,17 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, free_port, twistd_command, write_config
+from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
+                           write_config)
 
 USERS = "alice:{PLAIN}wonderland\n"
 BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Session:
@@ -69,24 +59,6 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def worker_pids(log: Path) -> dict[int, int]:
-    """slot -> pid of the newest worker started in each slot, from the master's log."""
-    pids: dict[int, int] = {}
-    for m in re.finditer(r"worker (\d+) started \(pid (\d+)\)", log.read_text(errors="replace")):
-        pids[int(m.group(1))] = int(m.group(2))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie.  A process reaped between opening
-    its status file and reading it fails the read with ESRCH: gone, too."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def worker_sessions(metrics_port: int) -> dict[int, float]:
