@@ -255,9 +255,15 @@ def workers_daemon(config: Path, log: Path, workers: int, *extra: str) -> Iterat
         assert proc.poll() is None, log.read_text()
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(proc, log)
+
+
+def kill_leftovers(master: subprocess.Popen, log: Path) -> None:
+    """After a test, whatever happened: kill the master if it still runs, and every
+    worker its log says it started that is still alive."""
+    if master.poll() is None:
+        master.kill()
+        master.wait(10)
+    for pid in worker_pids(log).values():
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

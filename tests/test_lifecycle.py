@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
-                           write_config)
+from tests.support import ROOT, free_port, kill_leftovers, twistd_command, wait_for, write_config
 from tests.test_ops_traffic import plain
 from tests.test_workers import Session
 
@@ -58,12 +57,7 @@ class Running:
         return session
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for pid in worker_pids(self.log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(self.proc, self.log)
 
 
 @pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])

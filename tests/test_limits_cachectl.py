@@ -21,8 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp import cachectl
 from tests.limitsnet import auth_plain
-from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
-                           write_config)
+from tests.support import ROOT, free_port, kill_leftovers, twistd_command, wait_for, write_config
 from tests.upstreams import USERS, AuthAPI, WebServer
 
 OTHER = next(user for user in USERS if user != "alice")
@@ -114,12 +113,7 @@ async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) 
         assert gone.stderr.strip() == ("saslsmtp-cache: no saslsmtp server is running"
                                        f" (nothing answers on {control})")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(proc, log)
         await web.stop()
 
 

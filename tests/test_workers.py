@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import (ROOT, alive, free_port, twistd_command, wait_for, worker_pids,
-                           write_config)
+from tests.support import (ROOT, alive, free_port, kill_leftovers, twistd_command, wait_for,
+                           worker_pids, write_config)
 
 USERS = "alice:{PLAIN}wonderland\n"
 BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
@@ -97,12 +97,7 @@ def two_workers(tmp_path: Path):
                  what="two workers serving")
         yield master, port, metrics_port, log
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(master, log)
 
 
 def served_by(pid_serving: int, others: list[int], port: int) -> Session:
@@ -209,9 +204,4 @@ def test_haproxy_listener_is_wrapped_in_the_workers(tmp_path: Path) -> None:
         master.send_signal(signal.SIGTERM)
         assert master.wait(30) == 0
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait(10)
-        for pid in worker_pids(log).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_leftovers(master, log)
