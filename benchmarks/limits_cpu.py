@@ -8,6 +8,8 @@ Redis over its UNIX socket).
     python3 benchmarks/limits_cpu.py --duration 5 --repeats 5
     python3 benchmarks/limits_cpu.py --generator c   # the C load generator (smtp_load.c)
     python3 benchmarks/limits_cpu.py --redis-batch   # redis-server cannot preempt the daemon
+    python3 benchmarks/limits_cpu.py --split         # + Redis with only the connection limits,
+                                                     #   and with only the AUTH limits
 
 Uses benchmarks/run.py's server and measurement code and a throwaway redis-server on a
 free loopback port.  Writes benchmarks/results/<date>-limits-cpu.md (and prints it).
@@ -41,6 +43,17 @@ messages_per_user = "1000000/1h"
 recipients_per_user = "1000000/1h"
 auth_penalty_max = 15
 """
+
+
+def limits_only(prefixes: tuple[str, ...]) -> str:
+    """``ALL_LIMITS`` with only ``store`` and the keys that start with ``prefixes``."""
+    return "\n".join(line for line in ALL_LIMITS.splitlines()
+                     if line.startswith(("[limits]", "store", *prefixes))) + "\n"
+
+
+#: --split: which part of Redis's cost each wait is (the admission; the AUTH gate)
+SPLIT = {"redis-conn": limits_only(("connection",)),
+         "redis-auth": limits_only(("auth_",))}
 
 
 def _batch_scheduling() -> None:
@@ -103,6 +116,9 @@ def main() -> int:
     parser.add_argument("--redis-batch", action="store_true",
                         help="run redis-server with SCHED_BATCH (no wake-up preemption of"
                              " the daemon): how much of Redis's cost is its competing for CPU")
+    parser.add_argument("--split", action="store_true",
+                        help="also Redis with only the connection limits (redis-conn) and with"
+                             " only the AUTH limits (redis-auth): the cost of each wait")
     parser.add_argument("--unix", action="store_true",
                         help="also Redis over its UNIX socket (variant redis-unix)")
     args = parser.parse_args()
@@ -115,13 +131,16 @@ def main() -> int:
                       ("redis", f'"redis://127.0.0.1:{redis_port}/0"')]
             if args.unix:
                 stores.append(("redis-unix", f'"unix://{root / "redis.sock"}"'))
+            redis_url = f'"redis://127.0.0.1:{redis_port}/0"'
+            if args.split:
+                stores += [(name, redis_url) for name in SPLIT]
             for name, store in stores:
                 folder = root / name
                 folder.mkdir()
                 fragment = None
                 if store is not None:
                     fragment = folder / "limits.toml"
-                    fragment.write_text(ALL_LIMITS.format(store=store))
+                    fragment.write_text(SPLIT.get(name, ALL_LIMITS).format(store=store))
                 server = bench.saslsmtp_server(folder, namespace(args, fragment))
                 server.name = f"limits-{name}"
                 servers[name] = (server, namespace(args, fragment))
@@ -159,7 +178,8 @@ def main() -> int:
         f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
         f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}"
         f"{' --generator c' if args.generator == 'c' else ''}"
-        f"{' --redis-batch' if args.redis_batch else ''}`: twistd saslsmtp, file backend"
+        f"{' --redis-batch' if args.redis_batch else ''}{' --split' if args.split else ''}`:"
+        " twistd saslsmtp, file backend"
         " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
         " variants interleaved, median of the repeats. \"All on\": every [limits]"
         " key set (connections, connection rate, AUTH failures per address and per user,"
@@ -175,6 +195,11 @@ def main() -> int:
         lines.append(f"| {name} | {cpu[name]:.3f} | {100 * (cpu[name] / cpu['off'] - 1):+.1f}% |"
                      f" {rate[name]:.0f} | {p99[name]:.1f} |"
                      f" {statistics.median(switched[name]):.2f} | {loadgen[name]:.0f} |")
+    if args.split:
+        lines += ["", "redis-conn: only connections_per_ip and connection_rate_per_ip (the"
+                  " admission before the greeting); redis-auth: only auth_failures_per_ip,"
+                  " auth_failures_per_user and auth_penalty_max (the gate before the"
+                  " credentials)."]
     lines += ["", "\"preempted\": the server's involuntary context switches per session (another"
               " process, such as redis-server, took its CPU); \"generator CPU\": the load"
               " generator's share of one core.", "", "Every repeat (CPU ms/session):", ""]
