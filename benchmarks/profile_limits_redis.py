@@ -4,6 +4,7 @@ cProfile (twistd's own ``--profiler=cprofile``), AUTH PLAIN at concurrency 16, t
 top functions by own time and by cumulative time.
 
     flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_limits_redis.py [--store memory|off]
+    flock /tmp/saslsmtp-bench.lock python3 benchmarks/profile_limits_redis.py --only redis-auth
 
 Same server, load and limits as benchmarks/limits_cpu.py.
 """
@@ -25,6 +26,8 @@ import run as bench  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", choices=["redis", "memory", "off"], default="redis")
+    parser.add_argument("--only", choices=sorted(limits_cpu.SPLIT),
+                        help="with --store redis: only the connection or only the AUTH limits")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=35)
     parser.add_argument("--save", help="also keep the raw profile here (pstats format)")
@@ -38,7 +41,8 @@ def main() -> int:
             if args.store == "off":  # the baseline: no [limits] at all
                 fragment = None
             else:
-                fragment.write_text(limits_cpu.ALL_LIMITS.format(store=store))
+                limits = limits_cpu.SPLIT[args.only] if args.only else limits_cpu.ALL_LIMITS
+                fragment.write_text(limits.format(store=store))
             ns = limits_cpu.namespace(argparse.Namespace(duration=args.duration, warmup=1.0,
                                                          generator="python"),
                                       fragment)
