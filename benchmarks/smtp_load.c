@@ -7,6 +7,9 @@
  * C sessions are kept in flight; each is one fresh TCP connection to 127.0.0.1:PORT:
  *   220 greeting, EHLO -> 250 (multi-line), AUTH PLAIN <base64 \0user\0pass> -> 235,
  *   QUIT -> 221, then wait for the server to close first (its TIME_WAIT, not ours).
+ * With --mail FILE, each session also sends one message after the 235: MAIL FROM
+ * (--sender) -> 250, RCPT TO (--rcpt) -> 250, DATA -> 354, the file's bytes (already
+ * dot-stuffed, ending CRLF.CRLF) -> 250, before the QUIT.
  * Any other reply, a close or reset mid-session, or a step over --timeout is an error
  * (the first few are printed on stderr).  Sessions started during the warm-up are not
  * counted; none is started after warm-up + duration; the run ends when the last one does.
@@ -32,9 +35,10 @@
 #include <time.h>
 #include <unistd.h>
 
-enum stage { GREETING, EHLO, AUTH, QUIT, CLOSING };
-static const char *STAGE[] = {"greeting", "ehlo", "auth", "quit", "eof-wait"};
-static const int EXPECT[] = {220, 250, 235, 221};
+enum stage { GREETING, EHLO, AUTH, MAIL, RCPT, DATA, BODY, QUIT, CLOSING };
+static const char *STAGE[] = {"greeting", "ehlo", "auth", "mail", "rcpt", "data", "data-end",
+                              "quit", "eof-wait"};
+static const int EXPECT[] = {220, 250, 235, 250, 250, 354, 250, 221};
 
 struct session {
     int fd;
@@ -47,7 +51,9 @@ struct session {
 struct samples { double *v; size_t n, cap; };
 
 static struct sockaddr_in target;
-static char auth_line[1024];
+static char auth_line[1024], mail_line[600], rcpt_line[600];
+static char *message;  /* --mail: the message as sent after the 354; NULL: no mail */
+static size_t message_len;
 static double timeout_s = 10.0, t_measure;
 static long errors, ok, warmup_sessions, started_total, max_errors = 1000;
 static struct samples session_ms, auth_ms;
@@ -132,9 +138,13 @@ static void start(struct session *s, int ep) {
         finish(s, "connect failed", strerror(errno));  /* the slot starts again later */
 }
 
+static int send_bytes(struct session *s, const char *data, size_t n) {
+    /* A few KB on a fresh loopback socket: the kernel takes it all, or it is an error. */
+    return write(s->fd, data, n) == (ssize_t)n ? 0 : -1;
+}
+
 static int send_line(struct session *s, const char *line) {
-    size_t n = strlen(line);
-    return write(s->fd, line, n) == (ssize_t)n ? 0 : -1;  /* a few bytes: all or error */
+    return send_bytes(s, line, strlen(line));
 }
 
 /* Acts on a complete reply's code: sends the next command; returns NULL or an error. */
@@ -146,8 +156,13 @@ static const char *reply(struct session *s, int code) {
     switch (s->stage) {
     case GREETING: s->stage = EHLO; return send_line(s, "EHLO loadgen.test\r\n") ? "write" : NULL;
     case EHLO: s->stage = AUTH; s->auth_sent = t; return send_line(s, auth_line) ? "write" : NULL;
-    case AUTH: s->stage = QUIT; s->auth_s = t - s->auth_sent;
-        return send_line(s, "QUIT\r\n") ? "write" : NULL;
+    case AUTH: s->auth_s = t - s->auth_sent;
+        if (message) { s->stage = MAIL; return send_line(s, mail_line) ? "write" : NULL; }
+        s->stage = QUIT; return send_line(s, "QUIT\r\n") ? "write" : NULL;
+    case MAIL: s->stage = RCPT; return send_line(s, rcpt_line) ? "write" : NULL;
+    case RCPT: s->stage = DATA; return send_line(s, "DATA\r\n") ? "write" : NULL;
+    case DATA: s->stage = BODY; return send_bytes(s, message, message_len) ? "write" : NULL;
+    case BODY: s->stage = QUIT; return send_line(s, "QUIT\r\n") ? "write" : NULL;
     default: s->stage = CLOSING; s->session_s = t - s->started;  /* QUIT -> 221 */
         s->deadline = t + (timeout_s < 1.0 ? timeout_s : 1.0); return NULL;
     }
@@ -187,19 +202,23 @@ static int readable(struct session *s) {
 
 static void usage(void) {
     fprintf(stderr, "usage: smtp_load --port PORT [--host 127.x.y.z] [-c CONCURRENCY] "
-            "[-d SECONDS] [-w WARMUP] [--user U] [--password P] [--timeout S] [--max-errors N]\n");
+            "[-d SECONDS] [-w WARMUP] [--user U] [--password P] [--timeout S] [--max-errors N]\n"
+            "       [--mail MESSAGE-FILE [--sender ADDRESS] [--rcpt ADDRESS]]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *user = "bench", *password = "benchpass";
+    const char *mail_file = NULL, *sender = "bench-sender@example.com";
+    const char *rcpt = "bench-rcpt@example.com";
     int port = 0, concurrency = 16;
     double duration = 5.0, warmup = 1.0;
     static struct option opts[] = {
         {"port", 1, 0, 'p'}, {"host", 1, 0, 'H'}, {"concurrency", 1, 0, 'c'},
         {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'}, {"user", 1, 0, 'u'},
-        {"password", 1, 0, 'P'}, {"timeout", 1, 0, 't'}, {"max-errors", 1, 0, 'm'}, {0}};
-    for (int o; (o = getopt_long(argc, argv, "p:H:c:d:w:u:P:t:m:", opts, NULL)) != -1;) {
+        {"password", 1, 0, 'P'}, {"timeout", 1, 0, 't'}, {"max-errors", 1, 0, 'm'},
+        {"mail", 1, 0, 'M'}, {"sender", 1, 0, 'S'}, {"rcpt", 1, 0, 'R'}, {0}};
+    for (int o; (o = getopt_long(argc, argv, "p:H:c:d:w:u:P:t:m:M:S:R:", opts, NULL)) != -1;) {
         switch (o) {
         case 'p': port = atoi(optarg); break;
         case 'H': host = optarg; break;
@@ -210,6 +229,9 @@ int main(int argc, char **argv) {
         case 'P': password = optarg; break;
         case 't': timeout_s = atof(optarg); break;
         case 'm': max_errors = atol(optarg); break;
+        case 'M': mail_file = optarg; break;
+        case 'S': sender = optarg; break;
+        case 'R': rcpt = optarg; break;
         default: usage();
         }
     }
@@ -231,6 +253,22 @@ int main(int argc, char **argv) {
     strcpy(auth_line, "AUTH PLAIN ");
     base64(plain, ul + pl + 2, auth_line + strlen(auth_line));
     strcat(auth_line, "\r\n");
+    if (strlen(sender) > 500 || strlen(rcpt) > 500) usage();
+    snprintf(mail_line, sizeof mail_line, "MAIL FROM:<%s>\r\n", sender);
+    snprintf(rcpt_line, sizeof rcpt_line, "RCPT TO:<%s>\r\n", rcpt);
+    if (mail_file) {
+        FILE *f = fopen(mail_file, "rb");
+        if (!f || fseek(f, 0, SEEK_END) || (message_len = ftell(f)) < 5
+            || message_len > 65536 || fseek(f, 0, SEEK_SET)
+            || !(message = malloc(message_len))
+            || fread(message, 1, message_len, f) != message_len
+            || memcmp(message + message_len - 5, "\r\n.\r\n", 5)) {
+            fprintf(stderr, "smtp_load: %s: not a readable message ending CRLF.CRLF"
+                    " (at most 64 KB)\n", mail_file);
+            return 2;
+        }
+        fclose(f);
+    }
 
     int ep = epoll_create1(EPOLL_CLOEXEC);
     struct session *all = calloc(concurrency, sizeof *all);
@@ -268,9 +306,10 @@ int main(int argc, char **argv) {
     double elapsed = t_end > t_measure ? t_end - t_measure : 1e-9;
     long measured = ok + errors;
     printf("{\"tool\": \"smtp_load.c\", \"config\": {\"host\": \"%s\", \"port\": %d, "
-           "\"mech\": \"PLAIN\", \"concurrency\": %d, \"duration_s\": %g, "
-           "\"warmup_s\": %g, \"timeout_s\": %g}, ", host, port, concurrency, duration,
-           warmup, timeout_s);
+           "\"mech\": \"PLAIN\", \"mode\": \"%s\", \"message_bytes\": %zu, "
+           "\"concurrency\": %d, \"duration_s\": %g, \"warmup_s\": %g, \"timeout_s\": %g}, ",
+           host, port, message ? "mail" : "auth", message_len, concurrency, duration, warmup,
+           timeout_s);
     printf("\"elapsed_s\": %.3f, \"sessions_measured\": %ld, \"sessions_warmup\": %ld, "
            "\"ok\": %ld, \"errors\": %ld, \"aborted\": %s, \"handshakes_per_s\": %.2f, "
            "\"latency_ms\": {", elapsed, measured, warmup_sessions, ok, errors,

@@ -187,3 +187,43 @@ def test_c_generator_counts_sessions_and_wrong_passwords(tmp_path) -> None:
         assert "error at auth: unexpected reply: 535" in done.stderr
     finally:
         server.stop()
+
+
+def test_c_generator_mail_sessions_land_in_the_maildir(tmp_path) -> None:
+    """smtp_load.c --mail against the real daemon: every session that ended (warm-up
+    included) stored the Python generator's message, as the generator sends it (dot-
+    unstuffed, LF line ends in the Maildir) after the daemon's Received header; a file
+    that is not a message ending CRLF.CRLF is a usage error."""
+    import json
+    from tests.conftest import require_binary
+    from tests.support import free_port, start_daemon, write_config
+    require_binary(os.environ.get("CC", "cc"), "gcc")
+    c_loadgen = load_bench_module("c_loadgen")
+    binary = c_loadgen.build(tmp_path / "smtp_load")
+    message = c_loadgen.message_file()
+    (tmp_path / "users").write_text("bench:{PLAIN}benchpass\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    try:
+        done = subprocess.run([str(binary), "--port", str(port), "-c", "4", "-d", "0.5",
+                               "-w", "0.1", "--mail", str(message)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["config"]["mode"] == "mail" and result["errors"] == 0
+        assert result["config"]["message_bytes"] == message.stat().st_size
+        stored = sorted((tmp_path / "mail" / "new").iterdir())
+        assert len(stored) == result["ok"] + result["sessions_warmup"] > 0
+        sent = message.read_bytes()[:-3].replace(b"\r\n..", b"\r\n.")  # without the "."
+        body = stored[0].read_bytes()
+        assert body.startswith(b"Received: ") and body.endswith(sent.replace(b"\r\n", b"\n"))
+        bad = tmp_path / "truncated.eml"
+        bad.write_bytes(sent)  # no terminating dot
+        done = subprocess.run([str(binary), "--port", str(port), "--mail", str(bad)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2
+        assert "not a readable message ending CRLF.CRLF" in done.stderr
+    finally:
+        daemon.stop()
