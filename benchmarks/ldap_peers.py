@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+import c_loadgen  # noqa: E402
 from run import LOADGEN, RESULTS, BenchError, Server, free_port, git_commit  # noqa: E402
 
 from tests.dovecot import DovecotServer  # noqa: E402
@@ -286,10 +286,17 @@ class EhloProbe(threading.Thread):
 def measure(name: str, port: int, cpu_roots: list[int], slapd_pid: int,
             args: argparse.Namespace) -> dict[str, Any]:
     """One generator run against ``port``: hs/s, CPU per login (server, slapd), EHLO."""
-    argv = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
-            "--user", ALICE.uid, "--password", ALICE.password,
-            "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-            "--warmup", str(args.warmup), "--json"]
+    if args.generator == "c":
+        try:
+            argv = c_loadgen.command(port, ALICE.uid, ALICE.password, args.concurrency,
+                                     args.duration, args.warmup)
+        except c_loadgen.NoCompiler as e:
+            raise BenchError(str(e)) from None
+    else:
+        argv = [sys.executable, str(LOADGEN), "--port", str(port), "--mech", "PLAIN",
+                "--user", ALICE.uid, "--password", ALICE.password,
+                "--concurrency", str(args.concurrency), "--duration", str(args.duration),
+                "--warmup", str(args.warmup), "--json"]
     probe = EhloProbe(port, args.probe_interval)
     server_before, slapd_before = tree_cpu_s(cpu_roots), tree_cpu_s([slapd_pid])
     probe.start()
@@ -415,7 +422,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"{meta['date']}", "",
              f"- commit {meta['commit']}; {meta['cpus']} CPUs shared by slapd, both servers, "
              "the generator and the probe; one slapd for everything",
-             f"- load: smtp_auth_load.py AUTH PLAIN as alice, C={meta['concurrency']}, "
+             f"- load: {'smtp_load.c' if meta.get('generator') == 'c' else 'smtp_auth_load.py'}"
+             f" AUTH PLAIN as alice, C={meta['concurrency']}, "
              f"{meta['warmup']} s warm-up + {meta['duration']} s, median of {meta['repeat']} "
              "by hs/s, servers alternately; EHLO probe every "
              f"{meta['probe_interval'] * 1000:.0f} ms on one open connection",
@@ -459,6 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", action="append", choices=MODES,
                    help="lookup mode (repeatable; default both)")
     p.add_argument("--concurrency", "-c", type=int, default=16)
+    p.add_argument("--generator", choices=("python", "c"), default="python",
+                   help="smtp_auth_load.py, or smtp_load.c (built with cc on first use), which"
+                        " leaves the servers most of the machine")
     p.add_argument("--duration", "-d", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=3)
@@ -506,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": started.isoformat(timespec="seconds"), "commit": git_commit(),
             "cpus": os.cpu_count(), "concurrency": args.concurrency, "duration": args.duration,
             "warmup": args.warmup, "repeat": args.repeat, "threads": args.threads,
-            "workers": args.workers, "pool_size": args.pool_size, "probe_interval": args.probe_interval}
+            "workers": args.workers, "pool_size": args.pool_size, "probe_interval": args.probe_interval,
+            "generator": args.generator}
     meta["verdicts"] = verdicts(results)
     text = markdown(results, meta)
     print(text)
