@@ -55,7 +55,8 @@ def build(binary: Path = BINARY) -> Path:
 def message_file(sender: str = SENDER, rcpt: str = RCPT, size: int = 2048) -> Path:
     """The message a mail session sends: ``smtp_auth_load.py``'s (same size, headers and
     dot-stuffing; its Message-ID's sequence number is 0 in every message)."""
-    sys.path.insert(0, str(HERE))
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
     from smtp_auth_load import build_message  # the Python generator's own
     data = build_message(size, sender, rcpt).replace(b"@@SEQ@@", b"0")
     BUILD.mkdir(exist_ok=True)

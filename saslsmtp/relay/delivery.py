@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from twisted.internet import defer
 
-from saslsmtp.relay.client import RelaySession, UpstreamClient, UpstreamTransaction
 from saslsmtp.envelope import EnvelopeAvatar, EnvelopeRealm
+from saslsmtp.relay.client import RelaySession, UpstreamClient, UpstreamTransaction
 from saslsmtp.replies import REPLIES, SMTPReply
 
 _counter = itertools.count(1)

@@ -113,4 +113,3 @@ class SingleMessage(ClientFirst, NoLookup):
         if self._stage != "waiting":
             raise MechanismStateError(f"{self.name} is not waiting for a response (stage {self._stage})")
         return self._first(response)
-
