@@ -127,21 +127,17 @@ def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: p
     and SIGUSR1 is ignored there.  A regular file is rotated at 1 MB and on SIGUSR1, as
     by twistd's own observer.  A FIFO stands in for the device here (renaming the real
     /dev/null must never be risked)."""
-    from twisted.python import logfile
-
     from saslsmtp import logs
 
     fifo = tmp_path / "log.fifo"
     os.mkfifo(fifo)
     made: list[dict[str, object]] = []
 
-    class Recorded:
-        @classmethod
-        def fromFullPath(cls, path: str, **kwargs: object) -> io.StringIO:
-            made.append(dict(kwargs, path=path))
-            return io.StringIO()
+    def recorded(path: str, rotate_length: int | None) -> io.StringIO:
+        made.append({"path": path, "rotateLength": rotate_length})
+        return io.StringIO()
 
-    monkeypatch.setattr(logfile, "LogFile", Recorded)
+    monkeypatch.setattr(logs, "RotatingLogFile", recorded)
     monkeypatch.setattr(logs, "_TWISTD", {})
     previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     try:

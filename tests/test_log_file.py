@@ -1,0 +1,114 @@
+"""The log file of a daemon without workers (``RotatingLogFile``): renamed to ``.1`` once
+it holds ``rotate_length`` bytes and on SIGUSR1, reopened (not renamed again) after an
+outside rename; a log file that cannot be opened is a one-line error, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from saslsmtp.logs import RotatingLogFile
+from tests.support import ROOT, free_port, kill_leftovers, wait_for, write_config
+from tests.test_workers import Session
+
+
+def test_rotates_before_the_write_past_the_size(tmp_path: Path) -> None:
+    """As twistd's ``LogFile``: the write that finds the file at or past the limit goes to
+    a new file; the older one becomes ``.1``, the one before ``.2``."""
+    path = tmp_path / "saslsmtp.log"
+    out = RotatingLogFile(str(path), rotate_length=10)
+    out.write("first\n")
+    out.write("second line\n")  # 6 bytes written before: not yet at 10
+    out.write("third\n")  # 18 bytes: rotate first
+    out.write("fourth line\n")
+    out.write("fifth\n")
+    assert [p.read_text() for p in (path.with_name("saslsmtp.log.2"),
+                                     path.with_name("saslsmtp.log.1"), path)] \
+        == ["first\nsecond line\n", "third\nfourth line\n", "fifth\n"]
+
+
+def test_an_existing_file_counts_from_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "saslsmtp.log"
+    path.write_text("x" * 20 + "\n")
+    out = RotatingLogFile(str(path), rotate_length=10)
+    out.write("new\n")
+    assert (path.read_text(), path.with_name("saslsmtp.log.1").read_text()) == ("new\n", "x" * 20 + "\n")
+
+
+def test_renew_reopens_after_an_outside_rename(tmp_path: Path) -> None:
+    """logrotate renames the file, then signals: the path is reopened, nothing renamed
+    again, and the size limit counts from the new file."""
+    path = tmp_path / "saslsmtp.log"
+    out = RotatingLogFile(str(path), rotate_length=100)
+    out.write("before\n")
+    path.rename(tmp_path / "saslsmtp.log-20261130")
+    assert out.renew() is True
+    out.write("after\n")
+    assert path.read_text() == "after\n"
+    assert (tmp_path / "saslsmtp.log-20261130").read_text() == "before\n"
+    assert not path.with_name("saslsmtp.log.1").exists()
+    assert out.renew() is True  # not renamed: rotate now
+    assert path.with_name("saslsmtp.log.1").read_text() == "after\n"
+
+
+def test_no_rotation_without_a_limit(tmp_path: Path) -> None:
+    path = tmp_path / "saslsmtp.log"
+    out = RotatingLogFile(str(path), rotate_length=None)
+    for _ in range(100):
+        out.write("a line of text\n")
+    assert path.read_text().count("\n") == 100 and not path.with_name("saslsmtp.log.1").exists()
+
+
+def login(port: int) -> None:
+    session = Session(port)
+    assert session.login().startswith(b"235 ")
+    session.send(b"QUIT")
+    session.close()
+
+
+def test_the_daemon_rotates_its_log_file_on_sigusr1(tmp_path: Path) -> None:
+    """The real daemon (one process, ``--logfile``): the lines before SIGUSR1 are in
+    ``.1``, a session after it is logged in the new file only."""
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "saslsmtp.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         f"--logfile={log}", "saslsmtp", "--config", str(config)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log.exists() and "saslsmtp ready" in log.read_text(), what="ready")
+        login(port)
+        wait_for(lambda: "session end" in log.read_text(), what="the first session's line")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: not log.exists() or "saslsmtp ready" not in log.read_text(),
+                 what="the rotation")
+        login(port)
+        wait_for(lambda: log.exists() and "session end" in log.read_text(), what="the new file's line")
+        old = log.with_name("saslsmtp.log.1").read_text()
+        assert "saslsmtp ready" in old and old.count("session end") == 1
+        assert log.read_text().count("session end") == 1
+    finally:
+        kill_leftovers(proc, log)
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    """``--logfile`` in a missing directory: exit 1 and one line saying why, no traceback."""
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{free_port()}:interface=127.0.0.1"])
+    missing = tmp_path / "no-such-dir" / "saslsmtp.log"
+    done = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         f"--logfile={missing}", "saslsmtp", "--config", str(config)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"saslsmtp: cannot open the log file {missing}: No such file or directory"
+    assert "Traceback" not in done.stdout + done.stderr
