@@ -676,7 +676,7 @@ def test_busy_answer_on_a_pooled_connection_fails_over(slapd: SlapdServer) -> No
         busy.append(True)
         directory.verify("alice", ALICE.password.encode())
         assert pooled.closed and len(directory._user_pools[tls]) == 1
-        assert directory._ordered() == [tls, plain]
+        assert directory._servers.ordered() == [tls, plain]
     finally:
         directory.close()
 
@@ -687,10 +687,10 @@ def test_down_server_is_retried_after_a_while() -> None:
     directory = Directory(LdapOptions(url=("ldap://a", "ldap://b"), user_dn=TEMPLATE),
                           clock=lambda: now[0])
     a, b = directory.endpoints
-    directory._mark(a, up=False)
-    assert directory._ordered() == [b, a]
+    directory._servers.mark(a, up=False)
+    assert directory._servers.ordered() == [b, a]
     now[0] += ldap_module.DOWN_SECONDS + 0.1
-    assert directory._ordered() == [a, b]
+    assert directory._servers.ordered() == [a, b]
 
 
 # ---- threads, wiring --------------------------------------------------------------

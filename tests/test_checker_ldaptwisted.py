@@ -329,9 +329,9 @@ def test_busy_server_fails_over_and_goes_last_for_a_while() -> None:
     servers.answer("ldap://b:389", bind_result(1, 0))
     assert got == [b"alice"]
     a, b = directory.endpoints
-    assert list(directory._ordered()) == [b, a]
+    assert list(directory._servers.ordered()) == [b, a]
     clock.advance(DOWN_SECONDS + 0.1)
-    assert list(directory._ordered()) == [a, b]
+    assert list(directory._servers.ordered()) == [a, b]
     directory.close()
 
 

@@ -103,6 +103,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers.ldappool import IdlePool
+from saslsmtp.checkers.ldapservers import DOWN_SECONDS, Servers
 from saslsmtp.checkers.ldapwire import FilterError, compile_filter
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
@@ -117,7 +118,6 @@ INVALID_CREDENTIALS = 49
 SIZE_LIMIT_EXCEEDED = 4
 # Answers after which another server may do better.
 FAILOVER_RESULTS = frozenset({51, 52})  # busy, unavailable
-DOWN_SECONDS = 30.0
 
 _DN_SPECIALS = frozenset('"+,;<>\\=')
 _FILTER_SPECIALS = frozenset("*()\\\x00")
@@ -336,13 +336,11 @@ class Directory:
         self.endpoints = tuple(Endpoint.parse(u) for u in options.url)
         if not self.endpoints:
             raise ValueError("ldap backend needs at least one url")
-        self._clock = clock
         self._connection_factory = connection_factory
         self._server_factory = server_factory
         uses_tls = options.start_tls or any(e.ssl for e in self.endpoints)
         self._tls = VerifyingTls(options.ca_file, options.verify_hostname) if uses_tls else None
-        self._lock = threading.Lock()
-        self._down_until: dict[Endpoint, float] = {}
+        self._servers = Servers(self.endpoints, clock, threading.Lock())
         size = max(1, options.threads if options.pool_size is None else options.pool_size)
         self._user_pools = {e: IdlePool(size, close_quietly, clock=clock)
                             for e in self.endpoints}
@@ -385,33 +383,12 @@ class Directory:
 
     # ---- servers and connections -----------------------------------------
 
-    def _ordered(self) -> list[Endpoint]:
-        """Endpoints in configured order; those that failed recently go last."""
-        now = self._clock()
-        with self._lock:
-            down = {e for e, until in self._down_until.items() if until > now}
-        return [e for e in self.endpoints if e not in down] + \
-               [e for e in self.endpoints if e in down]
-
-    def _mark(self, endpoint: Endpoint, up: bool) -> None:
-        with self._lock:
-            if up:
-                self._down_until.pop(endpoint, None)
-            else:
-                self._down_until[endpoint] = self._clock() + DOWN_SECONDS
-
-    def _any_up(self, besides: Endpoint) -> bool:
-        now = self._clock()
-        with self._lock:
-            return any(self._down_until.get(e, 0.0) <= now
-                       for e in self.endpoints if e != besides)
-
     def _bind_user(self, dn: str, password: bytes) -> tuple[Any, Endpoint]:
         """A connection bound as ``dn``: a re-bind on an idle pooled connection, else a new
         connection; failing over between servers.  A wrong password raises
         ``UnauthorizedLogin`` and gives the (now anonymous) connection back to the pool."""
-        errors: list[str] = []
-        for endpoint in self._ordered():
+        walk = self._servers.walk()
+        for endpoint in walk:
             pool = self._user_pools[endpoint]
             conn = pool.take()
             if conn is not None:
@@ -421,25 +398,22 @@ class Directory:
                 except _Stale as e:
                     pool.clear()  # the others are probably stale too
                     if e.timed_out:  # hung, not restarted: the next server, not a new connection
-                        self._mark(endpoint, up=False)
-                        errors.append(f"{endpoint}: {e}")
+                        walk.failed(endpoint, e)
                         continue
                 except _Transport as e:  # busy or unavailable: the next server
-                    self._mark(endpoint, up=False)
-                    errors.append(f"{endpoint}: {e}")
+                    walk.failed(endpoint, e)
                     continue
             try:
                 conn = self._connect(endpoint, dn, password, user=True)
             except _Transport as e:
-                self._mark(endpoint, up=False)
-                errors.append(f"{endpoint}: {e}")
+                walk.failed(endpoint, e)
                 continue
             except UnauthorizedLogin:
-                self._mark(endpoint, up=True)  # a verdict (_connect pooled the connection)
+                self._servers.mark(endpoint, up=True)  # a verdict (_connect pooled the connection)
                 raise
-            self._mark(endpoint, up=True)
+            self._servers.mark(endpoint, up=True)
             return conn, endpoint
-        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+        raise walk.exhausted()
 
     def _bind_pooled(self, conn: Any, endpoint: Endpoint, dn: str, password: bytes) -> None:
         """Re-bind an idle user connection as ``dn``; ``_Stale`` if it broke on the way
@@ -523,10 +497,10 @@ class Directory:
 
     def _service_connection(self) -> tuple[Any, Endpoint, bool]:
         """An idle service connection (reused=True) or a new one, failing over."""
-        errors: list[str] = []
         search_password = (None if self.options.search_password is None
                            else as_bytes(self.options.search_password))
-        for endpoint in self._ordered():
+        walk = self._servers.walk()
+        for endpoint in walk:
             conn = self._service_pools[endpoint].take()
             if conn is not None:
                 return conn, endpoint, True
@@ -534,12 +508,11 @@ class Directory:
                 conn = self._connect(endpoint, self.options.search_dn, search_password,
                                      user=False)
             except _Transport as e:
-                self._mark(endpoint, up=False)
-                errors.append(f"{endpoint}: {e}")
+                walk.failed(endpoint, e)
                 continue
-            self._mark(endpoint, up=True)
+            self._servers.mark(endpoint, up=True)
             return conn, endpoint, False
-        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+        raise walk.exhausted()
 
     def _search_dn(self, username: str) -> str:
         """The one DN that ``search_filter`` finds for ``username``; reject 0 or >1."""
@@ -557,8 +530,8 @@ class Directory:
                 pool.clear()
                 timed_out = isinstance(e, TimeoutError)
                 if timed_out:
-                    self._mark(endpoint, up=False)
-                if attempt == 1 and reused and (not timed_out or self._any_up(endpoint)):
+                    self._servers.mark(endpoint, up=False)
+                if attempt == 1 and reused and (not timed_out or self._servers.any_up(endpoint)):
                     continue  # stale connection (server restarted): once more, on a fresh one
                 raise TemporaryFailure(f"{endpoint}: search failed: {_describe(e)}") from None
             code, description = _result(conn)
@@ -567,7 +540,7 @@ class Directory:
             if code not in (0, SIZE_LIMIT_EXCEEDED):
                 close_quietly(conn)
                 if code in FAILOVER_RESULTS:
-                    self._mark(endpoint, up=False)
+                    self._servers.mark(endpoint, up=False)
                 raise TemporaryFailure(f"{endpoint}: search answered {code} {description}")
             pool.give(conn)
             if code == SIZE_LIMIT_EXCEEDED or len(entries) > 1:

@@ -34,7 +34,7 @@ new one; one that timed out is aborted and its server marked down for ``DOWN_SEC
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -49,11 +49,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers import ldapwire
-from saslsmtp.checkers.ldap import (DOWN_SECONDS, FAILOVER_RESULTS, INVALID_CREDENTIALS,
-                                    SIZE_LIMIT_EXCEEDED, Bound, Endpoint, LdapOptions,
-                                    escape_dn_value, finish_login, screened)
+from saslsmtp.checkers.ldap import (FAILOVER_RESULTS, INVALID_CREDENTIALS, SIZE_LIMIT_EXCEEDED,
+                                    Bound, Endpoint, LdapOptions, escape_dn_value,
+                                    finish_login, screened)
 from saslsmtp.checkers.ldapclient import LdapError, LdapProtocol, connect, describe_failure
 from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS, ConnectionPool, PoolWaitTooLong
+from saslsmtp.checkers.ldapservers import Servers
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
@@ -114,9 +115,9 @@ class TwistedDirectory:
         self._reactor = reactor
         self._clock: IReactorTime = clock or reactor
         self._endpoint_factory = endpoint_factory or self._default_endpoint
-        self._down_until: dict[Endpoint, float] = {}
-        size = DEFAULT_POOL_SIZE if options.pool_size is None else max(1, options.pool_size)
         seconds = self._clock.seconds
+        self._servers = Servers(self.endpoints, seconds)
+        size = DEFAULT_POOL_SIZE if options.pool_size is None else max(1, options.pool_size)
         self._user_pools = {e: ConnectionPool(size, partial(self._connect, e), _close,
                                               clock=seconds, max_wait=options.timeout)
                             for e in self.endpoints}
@@ -192,44 +193,21 @@ class TwistedDirectory:
         for conn in service.values():
             conn.unbind_and_close()
 
-    # ---- servers -----------------------------------------------------------
-
-    def _ordered(self) -> Sequence[Endpoint]:
-        """Endpoints in configured order; those that failed recently go last."""
-        if not self._down_until:
-            return self.endpoints
-        now = self._clock.seconds()
-        down = {e for e, until in self._down_until.items() if until > now}
-        return [e for e in self.endpoints if e not in down] + \
-               [e for e in self.endpoints if e in down]
-
-    def _mark(self, endpoint: Endpoint, up: bool) -> None:
-        if up:
-            if self._down_until:
-                self._down_until.pop(endpoint, None)
-        else:
-            self._down_until[endpoint] = self._clock.seconds() + DOWN_SECONDS
-
-    def _any_up(self, besides: Endpoint) -> bool:
-        now = self._clock.seconds()
-        return any(self._down_until.get(e, 0.0) <= now for e in self.endpoints if e != besides)
-
     # ---- binding as the user ------------------------------------------------
 
     async def _bind_user(self, dn: str, password: bytes) -> tuple[LdapProtocol, Endpoint]:
         """A connection bound as ``dn`` (lent from its server's pool), failing over.  A
         wrong password raises ``UnauthorizedLogin`` and gives the (now anonymous)
         connection back to the pool."""
-        errors: list[str] = []
         raw_dn = dn.encode("utf-8")
-        for endpoint in self._ordered():
+        walk = self._servers.walk()
+        for endpoint in walk:
             pool = self._user_pools[endpoint]
             for attempt in (1, 2):
                 try:
                     conn, reused = await pool.acquire()
                 except _Transport as e:
-                    self._mark(endpoint, up=False)
-                    errors.append(f"{endpoint}: {e}")
+                    walk.failed(endpoint, e)
                     break
                 except PoolWaitTooLong as e:
                     raise TemporaryFailure(f"{endpoint}: {e}: directory slow or pool_size "
@@ -241,32 +219,30 @@ class TwistedDirectory:
                     if reused and not e.timed_out and attempt == 1:
                         pool.clear()  # the others are probably stale too: a new one
                         continue
-                    self._mark(endpoint, up=False)
-                    errors.append(f"{endpoint}: {e}")
+                    walk.failed(endpoint, e)
                     break
                 code = result.code
                 if code == 0:
-                    self._mark(endpoint, up=True)
+                    self._servers.mark(endpoint, up=True)
                     return conn, endpoint
                 if code == INVALID_CREDENTIALS:
-                    self._mark(endpoint, up=True)
+                    self._servers.mark(endpoint, up=True)
                     pool.release(conn)
                     raise UnauthorizedLogin("invalid credentials")
                 pool.discard(conn)
                 if code in FAILOVER_RESULTS:
-                    self._mark(endpoint, up=False)
-                    errors.append(f"{endpoint}: bind answered {code} {result.description}")
+                    walk.failed(endpoint, f"bind answered {code} {result.description}")
                     break
                 raise TemporaryFailure(f"{endpoint}: bind answered {code} {result.description}")
-        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+        raise walk.exhausted()
 
     # ---- search-then-bind -------------------------------------------------
 
     async def _service_connection(self) -> tuple[LdapProtocol, Endpoint, bool]:
         """The shared service connection (reused=True) or a new one, failing over."""
-        errors: list[str] = []
         now = self._clock.seconds()
-        for endpoint in self._ordered():
+        walk = self._servers.walk()
+        for endpoint in walk:
             conn = self._service.get(endpoint)
             if conn is not None and not conn.closed:
                 if now - self._service_used[endpoint] <= MAX_IDLE_SECONDS:
@@ -277,12 +253,11 @@ class TwistedDirectory:
             try:
                 conn = await self._shared_service(endpoint)
             except _Transport as e:
-                self._mark(endpoint, up=False)
-                errors.append(f"{endpoint}: {e}")
+                walk.failed(endpoint, e)
                 continue
-            self._mark(endpoint, up=True)
+            self._servers.mark(endpoint, up=True)
             return conn, endpoint, False
-        raise TemporaryFailure("no LDAP server answered: " + "; ".join(errors))
+        raise walk.exhausted()
 
     def _shared_service(self, endpoint: Endpoint) -> "Deferred[LdapProtocol]":
         """Connect and bind the service connection once, however many logins wait for it."""
@@ -347,15 +322,15 @@ class TwistedDirectory:
             except LdapError as e:
                 self._drop_service(endpoint, conn)
                 if e.timed_out:
-                    self._mark(endpoint, up=False)
-                if attempt == 1 and reused and (not e.timed_out or self._any_up(endpoint)):
+                    self._servers.mark(endpoint, up=False)
+                if attempt == 1 and reused and (not e.timed_out or self._servers.any_up(endpoint)):
                     continue  # stale connection (server restarted): once more, on a fresh one
                 raise TemporaryFailure(f"{endpoint}: search failed: {e}") from None
             code = result.code
             if code not in (0, SIZE_LIMIT_EXCEEDED):
                 self._drop_service(endpoint, conn)
                 if code in FAILOVER_RESULTS:
-                    self._mark(endpoint, up=False)
+                    self._servers.mark(endpoint, up=False)
                 raise TemporaryFailure(f"{endpoint}: search answered {code} "
                                        f"{result.description}")
             if code == SIZE_LIMIT_EXCEEDED or len(entries) > 1:
