@@ -15,7 +15,6 @@ Exit status: 0 accepted, 1 rejected, 2 temporary failure (the server would answe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass as getpass_module
 import sys
 import time
@@ -26,6 +25,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 
+from saslsmtp.commandline import parse_arguments, standard_streams
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
@@ -166,15 +166,10 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None,
          getpass: Callable[[str], str] | None = None) -> int:
     """Run the command with its own reactor; returns the exit status."""
-    stdin = sys.stdin if stdin is None else stdin
-    stdout = sys.stdout if stdout is None else stdout
-    stderr = sys.stderr if stderr is None else stderr
-    parser = build_parser()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as e:
-        return EX_USAGE if e.code else 0
+    stdin, stdout, stderr = standard_streams(stdin, stdout, stderr)
+    args = parse_arguments(build_parser(), argv, stdout, stderr)
+    if isinstance(args, int):
+        return EX_USAGE if args else 0
     if args.version:
         from saslsmtp.daemon import versions
         print(versions(), file=stdout)

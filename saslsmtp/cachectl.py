@@ -17,7 +17,6 @@ flush never leaves a variant of the name cached.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import re
 import socket
@@ -30,6 +29,8 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.internet.protocol import Factory
+
+from saslsmtp.commandline import parse_arguments
 
 log = Logger(namespace="saslsmtp")
 
@@ -189,11 +190,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     64 usage, 77 permission denied, 78 configuration problem."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as e:
-        return EX_USAGE if e.code else EX_OK
+    args = parse_arguments(build_parser(), argv, stdout, stderr)
+    if isinstance(args, int):
+        return EX_USAGE if args else EX_OK
     from saslsmtp.config import ConfigError
     from saslsmtp.service import load
     try:

@@ -16,12 +16,12 @@ and SCRAM-* are needed for those challenge mechanisms (and are password-equivale
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass as getpass_module
 import sys
 from typing import Callable, Sequence, TextIO
 
 from saslsmtp import libcrypt, passwords
+from saslsmtp.commandline import parse_arguments, standard_streams
 
 DEFAULT_SCHEME = "SHA512-CRYPT"
 
@@ -81,16 +81,11 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None,
          getpass: Callable[[str], str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 failure, 2 usage error)."""
-    stdin = sys.stdin if stdin is None else stdin
-    stdout = sys.stdout if stdout is None else stdout
-    stderr = sys.stderr if stderr is None else stderr
+    stdin, stdout, stderr = standard_streams(stdin, stdout, stderr)
     getpass = getpass_module.getpass if getpass is None else getpass
-    parser = build_parser()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    except SystemExit as e:
-        return int(e.code or 0)
+    args = parse_arguments(build_parser(), argv, stdout, stderr)
+    if isinstance(args, int):
+        return args
     problem = _user_problem(args.user)
     if problem:
         print(f"saslsmtp-passwd: {problem}", file=stderr)
