@@ -35,6 +35,7 @@ from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
 from saslsmtp.listeners import start_or_exit
 from saslsmtp.mechanisms import BUILTIN_NAMES, builtin_mechanisms
 from saslsmtp.nodelay import no_delay
+from saslsmtp.pollloop import lean_dispatch
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -384,6 +385,7 @@ class SaslSmtpService(service.MultiService):
         # while sessions wait on a shared limits store, which ages their objects).
         gc.collect()
         gc.freeze()
+        lean_dispatch(self.factory.clock)  # the daemon's reactor: no log context per event
         log.info("saslsmtp ready: mechanisms {mechs}", mechs=" ".join(self.wiring.settings.mechanisms))
 
     def stopService(self) -> "defer.Deferred[None]":
