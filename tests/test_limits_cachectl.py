@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp import cachectl
 from tests.limitsnet import auth_plain
-from tests.support import ROOT, free_port, kill_leftovers, twistd_command, wait_for, write_config
+from tests.support import ROOT, free_port, workers_daemon, write_config
 from tests.upstreams import USERS, AuthAPI, WebServer
 
 OTHER = next(user for user in USERS if user != "alice")
@@ -71,49 +71,44 @@ async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) 
         listen=[f"tcp:{port}:interface=127.0.0.1"],
         extra=f'[auth.cache]\nttl = 300\ncontrol_socket = "{control}"\n')
     log = tmp_path / "daemon.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def login(user: str) -> int:
         return auth_plain(port, user, USERS[user]).code
     try:
-        await threads.deferToThread(
-            wait_for, lambda: log.read_text().count("control socket") == workers
-            or proc.poll() is not None, what="the daemon and its control sockets")
-        assert proc.poll() is None, log.read_text()
-        for _ in range(4):
-            for user in ("alice", OTHER):
-                assert await threads.deferToThread(login, user) == 235
-        alice, bob = api.asked("alice"), api.asked(OTHER)
-        assert 1 <= alice <= workers and 1 <= bob <= workers
+        # Ready means the control sockets are bound: each process binds its own before
+        # it says so.  The API is not asked before the first login, so the reactor may
+        # wait meanwhile; logins run in a thread because they need it to answer.
+        with workers_daemon(config, log, workers, "--workers", str(workers)) as proc:
+            for _ in range(4):
+                for user in ("alice", OTHER):
+                    assert await threads.deferToThread(login, user) == 235
+            alice, bob = api.asked("alice"), api.asked(OTHER)
+            assert 1 <= alice <= workers and 1 <= bob <= workers
 
-        flushed = await threads.deferToThread(run_cache, config, "flush", "Alice")
-        assert flushed.returncode == 0, flushed.stderr
-        processes = "1 process" if workers == 1 else f"{workers} processes"
-        assert flushed.stdout.strip() == (f"auth cache flushed for user Alice: {alice} entries"
-                                          f" dropped in {processes}")
-        assert await threads.deferToThread(login, "alice") == 235
-        assert api.asked("alice") == alice + 1  # not cached any more: the API was asked
-        assert api.asked(OTHER) == bob
+            flushed = run_cache(config, "flush", "Alice")
+            assert flushed.returncode == 0, flushed.stderr
+            processes = "1 process" if workers == 1 else f"{workers} processes"
+            assert flushed.stdout.strip() == (f"auth cache flushed for user Alice: {alice} entries"
+                                              f" dropped in {processes}")
+            assert await threads.deferToThread(login, "alice") == 235
+            assert api.asked("alice") == alice + 1  # not cached any more: the API was asked
+            assert api.asked(OTHER) == bob
 
-        flushed = await threads.deferToThread(run_cache, config, "flush", OTHER)
-        assert flushed.returncode == 0, flushed.stderr
-        assert f"{bob} entries dropped" in flushed.stdout  # all still cached until now
-        everyone = await threads.deferToThread(run_cache, config, "flush")
-        assert everyone.returncode == 0, everyone.stderr
-        assert "flushed for every user: 1 entries" in everyone.stdout  # alice's new login
-        assert "auth cache flushed (user Alice)" in log.read_text()
+            flushed = run_cache(config, "flush", OTHER)
+            assert flushed.returncode == 0, flushed.stderr
+            assert f"{bob} entries dropped" in flushed.stdout  # all still cached until now
+            everyone = run_cache(config, "flush")
+            assert everyone.returncode == 0, everyone.stderr
+            assert "flushed for every user: 1 entries" in everyone.stdout  # alice's new login
+            assert "auth cache flushed (user Alice)" in log.read_text()
 
-        proc.send_signal(signal.SIGTERM)
-        assert await threads.deferToThread(proc.wait, 30) == 0, log.read_text()
-        gone = await threads.deferToThread(run_cache, config, "flush", "alice")
-        assert gone.returncode == 1
-        assert gone.stderr.strip() == ("saslsmtp-cache: no saslsmtp server is running"
-                                       f" (nothing answers on {control})")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+            gone = run_cache(config, "flush", "alice")
+            assert gone.returncode == 1
+            assert gone.stderr.strip() == ("saslsmtp-cache: no saslsmtp server is running"
+                                           f" (nothing answers on {control})")
     finally:
-        kill_leftovers(proc, log)
         await web.stop()
 
 
