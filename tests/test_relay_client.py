@@ -285,30 +285,30 @@ def test_command_timeout_at_rcpt():
     assert upstream.transport.disconnecting and client.idle == []
 
 
+def in_data(client: UpstreamClient, upstream: FakeUpstream) -> UpstreamTransaction:
+    """A transaction from a@ to b@example.test on a new connection, walked up to the
+    upstream's 354: where the tests of the DATA phase start."""
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    return tx
+
+
 def test_final_dot_timeout_and_lost_connection_mid_data():
     """No verdict after the dot within ``timeout``: 451 4.4.2.  A connection lost during
     DATA: the rest of the message is discarded and ``end`` answers 451 4.4.2."""
     client, upstream, clock = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
-    tx.rcpt("b@example.test")
-    upstream.answer(b"250 2.1.5 Ok\r\n")
-    tx.start_data()
-    upstream.answer(b"354 go\r\n")
+    tx = in_data(client, upstream)
     end = tx.end()
     clock.advance(30.5)
     assert result(end) == REPLIES["upstream_timeout"]
 
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
-    tx.rcpt("b@example.test")
-    upstream.answer(b"250 2.1.5 Ok\r\n")
-    tx.start_data()
-    upstream.answer(b"354 go\r\n")
+    tx = in_data(client, upstream)
     upstream.said()
     upstream.connections[-1][0].connectionLost(Failure(ConnectionRefusedError()))
     tx.write(b"more\r\n")
@@ -334,14 +334,7 @@ class Producer:
 
 def data_phase(clock_timeout: float = 30.0):
     client, upstream, clock = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
-    tx.rcpt("b@example.test")
-    upstream.answer(b"250 2.1.5 Ok\r\n")
-    tx.start_data()
-    upstream.answer(b"354 go\r\n")
+    tx = in_data(client, upstream)
     producer = Producer()
     tx.registerProducer(producer, True)
     return client, upstream, clock, tx, producer
