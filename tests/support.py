@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from twisted.internet import threads
+from twisted.internet.protocol import Factory, Protocol
 
 from saslsmtp.service import SubmissionFactory, listener, load, wire
 
@@ -130,6 +131,27 @@ async def start_server(tmp_path: Path, backends_toml: str = "", **kwargs: Any) -
     listening = await endpoint.listen(wrapped)
     return RunningServer(listening.getHost().port, wiring, factory, listening,
                          Path(config.delivery.path))
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[tuple[int, list[Protocol]]]:
+    """A loopback port of this reactor that accepts TCP connections and never says a
+    word (a hanging upstream, for timeouts), and the connections it accepted; on leaving,
+    it stops listening and drops them."""
+    from twisted.internet import reactor
+    connections: list[Protocol] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            connections.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    try:
+        yield port.getHost().port, connections
+    finally:
+        port.stopListening()
+        for p in connections:
+            p.transport.abortConnection()
 
 
 def _smtplib_login(port: int, user: str, password: str, mechanism: str | None,

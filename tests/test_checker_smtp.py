@@ -19,7 +19,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import ssl as tssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher, formatEvent
 
@@ -30,6 +30,7 @@ from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
+from tests.support import silent_port
 from tests.tlsutil import issue_cert, make_ca
 from tests.upstreams import USERS_BYTES, AiosmtpdUpstream as Upstream
 
@@ -320,19 +321,8 @@ async def test_upstream_stopped_then_back(request):
 @pytest.fixture
 def hanging_port():
     """A loopback port that accepts TCP connections and never says anything."""
-    from twisted.internet import reactor
-
-    connections: list[Protocol] = []
-
-    class Silent(Protocol):
-        def connectionMade(self) -> None:
-            connections.append(self)
-
-    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
-    yield port.getHost().port, connections
-    port.stopListening()
-    for p in connections:
-        p.transport.abortConnection()
+    with silent_port() as (port, connections):
+        yield port, connections
 
 
 @pytest_twisted.ensureDeferred

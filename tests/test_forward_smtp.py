@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
 from saslsmtp.replies import REPLIES
-from tests.support import free_port, smtp_login, start_server
+from tests.support import free_port, silent_port, smtp_login, start_server
 from tests.tlsutil import issue_cert, make_ca
 from tests.upstreams import USERS, AiosmtpdUpstream, AuthAPI, WebServer
 
@@ -56,19 +55,8 @@ def subdir(tmp_path: Path, name: str) -> Path:
 @pytest.fixture
 def hanging_port():
     """A loopback port that accepts connections and never answers (TCP and HTTP alike)."""
-    from twisted.internet import reactor
-
-    connections: list[Protocol] = []
-
-    class Silent(Protocol):
-        def connectionMade(self) -> None:
-            connections.append(self)
-
-    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
-    yield port.getHost().port
-    port.stopListening()
-    for p in connections:
-        p.transport.abortConnection()
+    with silent_port() as (port, _):
+        yield port
 
 
 async def assert_hang_is_454_within_timeout(tmp_path: Path, table: str) -> None:
