@@ -114,16 +114,6 @@ def test_cram_md5_wrong_digest(users: Any) -> None:
     assert say(server, transport, b64(b"alice " + b"0" * 32)) == b"535 Authentication failed\r\n"
 
 
-def test_scripted_mechanism_ends_in_the_portal(users: Any) -> None:
-    server, transport, realm = esmtp(users)
-    assert say(server, transport, b"AUTH X-WHO") == b"334 " + b64(b"who?") + b"\r\n"
-    assert say(server, transport, b64(b"alice")) == b"235 Authentication successful.\r\n"
-    assert realm.logins == ["alice"]
-    server, transport, realm = esmtp(users)
-    say(server, transport, b"AUTH X-WHO")
-    assert say(server, transport, b64(b"eve")) == b"535 Authentication failed\r\n"
-
-
 def test_an_asynchronous_last_step_is_waited_for(users: Any) -> None:
     """The script's last step returns an unfired Deferred: portal.login waits for it."""
     context: dict = {}
@@ -269,14 +259,24 @@ def test_imap_authenticate_cram_md5(users: Any) -> None:
     assert realm.logins == ["alice"]
 
 
-def test_imap_authenticate_scripted(users: Any) -> None:
-    server, transport, realm = imap(users)
-    assert say(server, transport, b"a1 AUTHENTICATE X-WHO") == b"+ " + b64(b"who?") + b"\r\n"
-    assert say(server, transport, b64(b"alice")) == b"a1 OK Authentication successful\r\n"
+@pytest.mark.parametrize("connect, command, challenge, accepted, refused", [
+    pytest.param(esmtp, b"AUTH X-WHO", b"334 ", b"235 Authentication successful.\r\n",
+                 b"535 Authentication failed\r\n", id="esmtp"),
+    pytest.param(imap, b"a1 AUTHENTICATE X-WHO", b"+ ", b"a1 OK Authentication successful\r\n",
+                 b"a1 NO Authentication failed: unauthorized\r\n", id="imap"),
+])
+def test_scripted_mechanism_ends_in_the_portal(users: Any, connect: Any, command: bytes,
+                                               challenge: bytes, accepted: bytes,
+                                               refused: bytes) -> None:
+    """The same script behind either stock protocol: its challenge goes out on that
+    protocol's wire, alice reaches the realm, eve is refused."""
+    server, transport, realm = connect(users)
+    assert say(server, transport, command) == challenge + b64(b"who?") + b"\r\n"
+    assert say(server, transport, b64(b"alice")) == accepted
     assert realm.logins == ["alice"]
-    server, transport, realm = imap(users)
-    say(server, transport, b"a1 AUTHENTICATE X-WHO")
-    assert say(server, transport, b64(b"eve")) == b"a1 NO Authentication failed: unauthorized\r\n"
+    server, transport, realm = connect(users)
+    say(server, transport, command)
+    assert say(server, transport, b64(b"eve")) == refused
 
 
 def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
