@@ -60,7 +60,8 @@ class Answer:
     line: bytes
 
 
-def _read_reply(f: any) -> bytes:  # type: ignore[valid-type]
+def read_reply(f: any) -> bytes:  # type: ignore[valid-type]
+    """The last line of a (multi-line) reply, or b"" once the server closed."""
     while True:
         line = f.readline()
         if not line or line[3:4] != b"-":
@@ -70,7 +71,7 @@ def _read_reply(f: any) -> bytes:  # type: ignore[valid-type]
 def connect(port: int, source: str = "127.0.0.1", timeout: float = 20.0) -> tuple[socket.socket, any, bytes]:  # type: ignore[valid-type]
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
     f = s.makefile("rb")
-    return s, f, _read_reply(f)
+    return s, f, read_reply(f)
 
 
 def plain(user: str, password: str) -> bytes:
@@ -87,7 +88,7 @@ def auth_plain(port: int, user: str, password: str, source: str = "127.0.0.1", *
         if not banner.startswith(b"220"):
             return Answer(int(banner[:3] or b"0"), banner)
         s.sendall(b"EHLO client.example\r\n")
-        ehlo = _read_reply(f)
+        ehlo = read_reply(f)
         if not ehlo.startswith(b"250"):
             return Answer(int(ehlo[:3] or b"0"), ehlo)
         s.sendall(b"AUTH PLAIN " + plain(user, password) + b"\r\n")

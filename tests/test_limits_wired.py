@@ -9,20 +9,23 @@ Every wrong password is distinct: repeats of one failed pair count once by desig
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import smtplib
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from scramp import ScramClient
 
 from tests.conftest import require_binary
-from tests.limitsnet import PASSWORD, auth_plain, connect, daemon, users_toml, wait_for_log
+from tests.limitsnet import (PASSWORD, auth_plain, connect, daemon, read_reply, users_toml,
+                             wait_for_log)
 from tests.redis import start_redis
-from tests.support import ROOT, free_port, start_daemon, write_config
+from tests.support import ROOT, Daemon, free_port, start_daemon, write_config
 from tests.tlsutil import issue_cert, make_ca
 
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "saslsmtp.conf"
@@ -41,6 +44,19 @@ def wait_for_redis_clients(redis, count: int, timeout: float = 10.0) -> None:
 def failures_logged(log: str, client: str, reason: str = "invalid credentials") -> int:
     return len(re.findall(rf'auth failed: client={re.escape(client)} mechanism=\S+ user="[^"]*"'
                           rf' reason="{reason}"', log))
+
+
+@contextlib.contextmanager
+def released(server: Daemon, held: list[tuple[socket.socket, Any]]) -> Iterator[None]:
+    """However a test that holds connections open ends: each of ``held`` (a socket and
+    its file) is closed, and the daemon stopped."""
+    try:
+        yield
+    finally:
+        for s, f in held:
+            f.close()
+            s.close()
+        server.stop()
 
 
 def test_brute_force_cut_in_total_across_two_processes_sharing_redis(tmp_path: Path) -> None:
@@ -150,7 +166,7 @@ def test_connection_limits_421_and_trusted_networks_are_exempt(tmp_path: Path) -
     limits = 'connections_per_ip = 200\ntrusted_networks = ["127.0.0.42/32"]\n'
     server = daemon(tmp_path, "d", limits, backends)
     held = []
-    try:
+    with released(server, held):
         for _ in range(200):
             s, f, banner = connect(server.port, "127.0.0.41")
             assert banner.startswith(b"220 "), banner
@@ -171,11 +187,6 @@ def test_connection_limits_421_and_trusted_networks_are_exempt(tmp_path: Path) -
         s, f, banner = connect(server.port, "127.0.0.41")
         held.append((s, f))
         assert banner.startswith(b"220 "), banner
-    finally:
-        for s, f in held:
-            f.close()
-            s.close()
-        server.stop()
 
 
 def test_connection_rate_421(tmp_path: Path) -> None:
@@ -459,22 +470,14 @@ def test_connection_limit_counts_the_address_in_the_proxy_header(tmp_path: Path)
         s, f, banner = connect(server.port)
         held.append((s, f))
         s.sendall(f"PROXY TCP4 {client} 127.0.0.1 40000 587\r\nEHLO c.example\r\n".encode())
-        line = f.readline()
-        while line[3:4] == b"-":
-            line = f.readline()
-        return line
+        return read_reply(f)
 
-    try:
+    with released(server, held):
         assert proxied("203.0.113.9").startswith(b"250 ")
         assert proxied("203.0.113.9").startswith(b"250 ")
         assert proxied("203.0.113.9") == b"421 4.7.0 Too many connections from 203.0.113.9\r\n"
         assert held[-1][1].readline() == b""
         assert proxied("203.0.113.10").startswith(b"250 ")
-    finally:
-        for s, f in held:
-            f.close()
-            s.close()
-        server.stop()
 
 
 
@@ -525,17 +528,9 @@ def test_connection_limit_behind_proxy_with_implicit_tls(tmp_path: Path) -> None
         held.append((s, f))
         assert f.readline().startswith(b"220 ")
         s.sendall(b"EHLO c.example\r\n")
-        line = f.readline()
-        while line[3:4] == b"-":
-            line = f.readline()
-        return line
+        return read_reply(f)
 
-    try:
+    with released(server, held):
         assert proxied("203.0.113.20").startswith(b"250 ")
         assert proxied("203.0.113.20") == b"421 4.7.0 Too many connections from 203.0.113.20\r\n"
         assert proxied("203.0.113.21").startswith(b"250 ")
-    finally:
-        for s, f in held:
-            f.close()
-            s.close()
-        server.stop()
