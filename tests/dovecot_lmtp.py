@@ -13,8 +13,10 @@ import os
 import pwd
 import socket
 from pathlib import Path
+from typing import Iterator
 
-from tests.dovecot import HASHED_PASSWORD, HASHED_USER, PLAIN_USER, DovecotServer
+from tests.dovecot import (HASHED_PASSWORD, HASHED_USER, PLAIN_USER, DovecotServer,
+                           require_dovecot)
 
 LMTP = "/usr/lib/dovecot/lmtp"
 
@@ -84,3 +86,15 @@ service lmtp {{
         files = sorted(p for d in ("new", "cur") if (base / d).is_dir()
                        for p in (base / d).iterdir())
         return [Path(p).read_bytes() for p in files]
+
+
+def running_lmtp() -> Iterator[DovecotLmtpServer]:
+    """The body of a module's ``dovecot`` fixture: a started Dovecot LMTP server (skipped,
+    or a failure in CI, without Dovecot's lmtp), cleaned up after the module."""
+    from tests.conftest import require_binary
+    require_dovecot()
+    require_binary(LMTP, "dovecot-lmtpd")
+    server = DovecotLmtpServer()
+    server.start()
+    yield server
+    server.cleanup()

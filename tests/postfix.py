@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -188,3 +188,15 @@ def usable() -> str | None:
     if os.geteuid() != 0:
         return "postfix -c DIR start needs root"
     return None
+
+
+def running_postfix() -> Iterator[PostfixServer]:
+    """The body of a module's ``postfix`` fixture: a started test Postfix (skipped, or a
+    failure in CI, where this machine cannot run one), cleaned up after the module."""
+    from tests.conftest import require
+    problem = usable()
+    require(problem is None, problem or "")
+    server = PostfixServer()
+    server.start()
+    yield server
+    server.cleanup()

@@ -10,21 +10,14 @@ from twisted.internet import reactor
 
 from saslsmtp.relay.client import RelaySession, UpstreamClient
 from saslsmtp.relay.options import UpstreamDelivery
-from tests.conftest import require_binary
-from tests.dovecot import require_dovecot
-from tests.dovecot_lmtp import LMTP, DovecotLmtpServer
+from tests.dovecot_lmtp import running_lmtp
 
 SESSION = RelaySession(login="alice", client_address="127.0.0.1", client_port=1, helo="x")
 
 
 @pytest.fixture(scope="module")
 def dovecot():
-    require_dovecot()
-    require_binary(LMTP, "dovecot-lmtpd")
-    server = DovecotLmtpServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_lmtp()
 
 
 @pytest.mark.parametrize("where", ["unix", "tcp"])

@@ -14,18 +14,12 @@ from twisted.internet.threads import deferToThread
 
 from saslsmtp.relay.client import RelaySession, UpstreamClient
 from saslsmtp.relay.options import UpstreamDelivery
-from tests.conftest import require
-from tests.postfix import PostfixServer, usable
+from tests.postfix import PostfixServer, running_postfix
 
 
 @pytest.fixture(scope="module")
 def postfix():
-    problem = usable()
-    require(problem is None, problem or "")
-    server = PostfixServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_postfix()
 
 
 def client_for(server: PostfixServer, **options) -> UpstreamClient:

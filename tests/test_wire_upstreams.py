@@ -9,11 +9,10 @@ import subprocess
 
 import pytest
 
-from tests.conftest import require, require_binary
+from tests.conftest import require_binary
 from tests.daemonclient import SMTPClient
-from tests.dovecot import require_dovecot
-from tests.dovecot_lmtp import LMTP, DovecotLmtpServer
-from tests.postfix import PostfixServer, usable
+from tests.dovecot_lmtp import running_lmtp
+from tests.postfix import running_postfix
 from tests.support import free_port
 from tests.test_wire_relay import PASSWORD, USER, daemon_config, run_daemon  # noqa: F401
 
@@ -22,12 +21,7 @@ SWAKS = "/usr/bin/swaks"
 
 @pytest.fixture(scope="module")
 def postfix():
-    problem = usable()
-    require(problem is None, problem or "")
-    server = PostfixServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_postfix()
 
 
 def swaks(port: int, to: str, subject: str) -> subprocess.CompletedProcess[str]:
@@ -70,12 +64,7 @@ def test_swaks_through_saslsmtp_into_postfix_with_xclient(tmp_path, run_daemon, 
 
 @pytest.fixture(scope="module")
 def dovecot():
-    require_dovecot()
-    require_binary(LMTP, "dovecot-lmtpd")
-    server = DovecotLmtpServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_lmtp()
 
 
 def test_saslsmtp_to_dovecot_lmtp_into_a_mailbox(tmp_path, run_daemon, dovecot):
