@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 DOVECOT = "/usr/sbin/dovecot"
 PLAIN_USER = ("alice", "wonderland")
@@ -277,3 +277,13 @@ service auth {{
         """Stop and remove the folder."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def running_dovecot() -> Iterator[DovecotServer]:
+    """The body of a ``dovecot`` fixture: a started Dovecot (skipped, or a failure in CI,
+    where it is missing), cleaned up once its tests are done."""
+    require_dovecot()
+    server = DovecotServer()
+    server.start()
+    yield server
+    server.cleanup()

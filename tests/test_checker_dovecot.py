@@ -39,7 +39,8 @@ from saslsmtp.config import ConfigError, DovecotBackendConfig, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
-from tests.dovecot import HASHED_USER, PLAIN_USER, DovecotServer, require_dovecot
+from tests.dovecot import (HASHED_USER, PLAIN_USER, DovecotServer, require_dovecot,
+                           running_dovecot)
 
 PID = 4242
 CLIENT_HELLO = b"VERSION\t1\t2\nCPID\t4242\n"
@@ -637,21 +638,13 @@ def test_config_socket_forms(socket: str, expected: str) -> None:
 @pytest.fixture(scope="module")
 def dovecot():
     """One real Dovecot for the module (tests that stop or pause it use their own)."""
-    require_dovecot()
-    server = DovecotServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_dovecot()
 
 
 @pytest.fixture
 def own_dovecot():
     """A real Dovecot for one test that stops, restarts or pauses it."""
-    require_dovecot()
-    server = DovecotServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_dovecot()
 
 
 def real_checker(server: DovecotServer, transport: str, timeout: float = 5.0) -> DovecotChecker:

@@ -15,7 +15,8 @@ from typing import AsyncIterator, Iterator
 import pytest
 import pytest_twisted
 
-from tests.dovecot import HASHED_USER, PLAIN_USER, DovecotServer, require_dovecot
+from tests.dovecot import (HASHED_USER, PLAIN_USER, DovecotServer, require_dovecot,
+                           running_dovecot)
 from tests.support import RunningServer, smtp_login, start_server
 
 TIMEOUT = 1.0
@@ -35,21 +36,13 @@ def backend(server: DovecotServer, transport: str, timeout: float = TIMEOUT) -> 
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[DovecotServer]:
     """One real Dovecot for the tests that leave it running."""
-    require_dovecot()
-    server = DovecotServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_dovecot()
 
 
 @pytest.fixture
 def own_dovecot() -> Iterator[DovecotServer]:
     """A real Dovecot for one test that stops or pauses it."""
-    require_dovecot()
-    server = DovecotServer()
-    server.start()
-    yield server
-    server.cleanup()
+    yield from running_dovecot()
 
 
 @pytest_twisted.async_yield_fixture(params=["unix", "tcp"])
