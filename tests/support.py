@@ -35,8 +35,10 @@ from typing import Any, Iterator, Sequence
 
 from twisted.internet import threads
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 
 from saslsmtp.service import SubmissionFactory, listener, load, wire
+from saslsmtp.threads import SynchronousRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +118,19 @@ class RunningServer:
     def messages(self) -> list[bytes]:
         new = self.maildir / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
+
+
+def clocked_factory(tmp_path: Path) -> tuple[SubmissionFactory, Clock]:
+    """The daemon's own factory for a configuration with one user (demo, password pw), on
+    a ``Clock`` and with password checks run inline: sessions over ``StringTransport``
+    then run to the end without a reactor."""
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    config = load(str(write_config(
+        tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n')))
+    clock = Clock()
+    wiring = wire(config, clock)
+    wiring.blocking = SynchronousRunner()
+    return SubmissionFactory(wiring, clock), clock
 
 
 async def start_server(tmp_path: Path, backends_toml: str = "", **kwargs: Any) -> RunningServer:

@@ -16,13 +16,10 @@ from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from saslsmtp.service import SubmissionFactory, load, wire
-from saslsmtp.threads import SynchronousRunner
-from tests.support import write_config
+from tests.support import clocked_factory
 
 CONNECTIONS = 2000
 # Measured (CPython 3.11): 3,724 bytes per connection with the per-connection classes
@@ -34,13 +31,7 @@ BUDGET = 4400
 def test_an_idle_connection_costs_under_the_budget(tmp_path: Path) -> None:
     """2,000 greeted connections (EHLO sent, then idle) hold under ``BUDGET`` bytes each of
     Python heap, timers included; closing them gives it all back (no timer left)."""
-    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
-    config = load(str(write_config(
-        tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n')))
-    clock = Clock()
-    wiring = wire(config, clock)
-    wiring.blocking = SynchronousRunner()
-    factory = SubmissionFactory(wiring, clock)
+    factory, clock = clocked_factory(tmp_path)
     peers = [IPv4Address("TCP", f"10.1.{n // 256}.{n % 256}", 1024 + n) for n in range(CONNECTIONS)]
     transports = [StringTransport(peerAddress=peer) for peer in peers]
 

@@ -28,9 +28,7 @@ from saslsmtp.limits.limiter import Limiter
 from saslsmtp.limits.penalty import PENALTY_FORGET
 from saslsmtp.limits.settings import LimitsSettings, parse_rate
 from saslsmtp.limits.store import MemoryStore
-from saslsmtp.service import SubmissionFactory, load, wire
-from saslsmtp.threads import SynchronousRunner
-from tests.support import write_config
+from tests.support import clocked_factory
 
 GOOD = base64.b64encode(b"\0demo\0pw")
 BAD = base64.b64encode(b"\0demo\0wrong")
@@ -47,17 +45,26 @@ WARM_UP, HALF = 1500, 3000
 ADDRESSES = 1000
 
 
+def heap(*also_left_out: str) -> int:
+    """The traced Python heap, in bytes, after a full collection, less what is not the
+    sessions' (and whatever files ``also_left_out`` names)."""
+    gc.collect()
+    # not counted: log events kept by the suite's password-leak fixture (conftest.py)
+    # and by Twisted's bounded history buffer, tracemalloc's own bookkeeping, and the
+    # hash table of the limits' LRU of parsed addresses (one block that CPython resizes
+    # up and down as entries are evicted; the first test checks its 4,096-entry bound)
+    snapshot = tracemalloc.take_snapshot()
+    left_out = ["*/tests/conftest.py", "*/saslsmtp/limits/settings.py", *also_left_out,
+                "*/twisted/logger/*", tracemalloc.__file__]
+    traced = snapshot.filter_traces([tracemalloc.Filter(False, name) for name in left_out])
+    return sum(stat.size for stat in traced.statistics("filename"))
+
+
 def test_memory_is_flat_over_many_short_sessions(tmp_path: Path) -> None:
     """Heap growth from session 1,500 to 4,500 vs 4,500 to 7,500: the second half adds
     less than 4 bytes per session (what was measured: under 1; the big soak's figures
     are in the report)."""
-    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
-    config = load(str(write_config(
-        tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n')))
-    clock = Clock()
-    wiring = wire(config, clock)
-    wiring.blocking = SynchronousRunner()
-    factory = SubmissionFactory(wiring, clock)
+    factory, clock = clocked_factory(tmp_path)
 
     def session(n: int) -> None:
         # 1,000 client addresses in turn: every per-address structure is bounded (the
@@ -73,19 +80,6 @@ def test_memory_is_flat_over_many_short_sessions(tmp_path: Path) -> None:
         transport.loseConnection()
         protocol.connectionLost(Failure(ConnectionDone()))
         clock.advance(2)
-
-    def heap() -> int:
-        gc.collect()
-        # not counted: log events kept by the suite's password-leak fixture (conftest.py)
-        # and by Twisted's bounded history buffer, tracemalloc's own bookkeeping, and the
-        # hash table of the limits' LRU of parsed addresses (one block that CPython resizes
-        # up and down as entries are evicted; its 4,096-entry bound is checked below)
-        snapshot = tracemalloc.take_snapshot().filter_traces(
-            [tracemalloc.Filter(False, "*/tests/conftest.py"),
-             tracemalloc.Filter(False, "*/saslsmtp/limits/settings.py"),
-             tracemalloc.Filter(False, "*/twisted/logger/*"),
-             tracemalloc.Filter(False, tracemalloc.__file__)])
-        return sum(stat.size for stat in snapshot.statistics("filename"))
 
     # Tracing starts before the warm-up: bounded caches (the limits' LRU of parsed
     # addresses, 4,096 entries) evict entries made during the warm-up later, and a free
@@ -110,32 +104,17 @@ def test_memory_is_flat_over_many_short_sessions(tmp_path: Path) -> None:
     assert _classify.cache_info().currsize <= _classify.cache_info().maxsize == 4096
 
 
-def _heap() -> int:
-    gc.collect()
-    # not counted, besides what the first test leaves out: the limits' LRU of parsed
-    # addresses (4,096 entries: its keys are made here, its values by ipaddress), which
-    # grows until it is full; the warm-up would have to fill it first
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(False, "*/tests/conftest.py"),
-         tracemalloc.Filter(False, "*/saslsmtp/limits/settings.py"),
-         tracemalloc.Filter(False, "*/ipaddress.py"),
-         tracemalloc.Filter(False, __file__),
-         tracemalloc.Filter(False, "*/twisted/logger/*"),
-         tracemalloc.Filter(False, tracemalloc.__file__)])
-    return sum(stat.size for stat in snapshot.statistics("filename"))
+# Not counted by the test of failed logins, besides what ``heap`` leaves out: the limits'
+# LRU of parsed addresses (4,096 entries: its keys are made here, its values by
+# ipaddress), which grows until it is full; the warm-up would have to fill it first.
+LEFT_OUT_TOO = ("*/ipaddress.py", __file__)
 
 
 def test_failed_logins_from_ever_new_addresses_leave_nothing_behind(tmp_path: Path) -> None:
     """No ``[limits]``: after a warm-up, 2,000 sessions, each from a new address with a
     failed AUTH PLAIN, grow the heap by less than 20 bytes each (a failure record per
     address, kept for an hour and up to 100,000 addresses, cost ~640 bytes each before)."""
-    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
-    config = load(str(write_config(
-        tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n')))
-    clock = Clock()
-    wiring = wire(config, clock)
-    wiring.blocking = SynchronousRunner()
-    factory = SubmissionFactory(wiring, clock)
+    factory, clock = clocked_factory(tmp_path)
 
     def session(n: int) -> None:
         peer = IPv4Address("TCP", f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}", 1024 + n % 60000)
@@ -156,10 +135,10 @@ def test_failed_logins_from_ever_new_addresses_leave_nothing_behind(tmp_path: Pa
     try:
         for n in range(300):
             session(n)
-        start = _heap()
+        start = heap(*LEFT_OUT_TOO)
         for n in range(300, 2300):
             session(n)
-        end = _heap()
+        end = heap(*LEFT_OUT_TOO)
     finally:
         tracemalloc.stop()
     assert not factory.connections and not clock.getDelayedCalls()
