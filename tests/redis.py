@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import require_binary
-from tests.support import free_port
+from tests.support import free_port, terminate
 
 
 @dataclass
@@ -49,12 +49,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            terminate(self.process)
         self.process = None
 
     def command(self, *args: str, password: str | None = None) -> bytes:

@@ -201,6 +201,17 @@ async def smtp_login(port: int, user: str, password: str, *, mechanism: str | No
                                        starttls, timeout)
 
 
+def terminate(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited ``timeout`` seconds later: a
+    server a test started never outlives it."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 @dataclass
 class Daemon:
     """``twistd -n saslsmtp`` in a subprocess."""
@@ -211,12 +222,7 @@ class Daemon:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            terminate(self.process)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -24,6 +24,7 @@ import pytest
 import pytest_twisted
 
 from tests.conftest import require_binary
+from tests.support import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "library.md").read_text()
@@ -83,12 +84,7 @@ class Program:
                 self.output.append(raw.decode(errors="replace").rstrip("\n"))
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
         rest = self.process.stdout.read()  # type: ignore[union-attr]
         self.output += rest.decode(errors="replace").splitlines()
         self.process.stdout.close()  # type: ignore[union-attr]
