@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from aiosmtpd.controller import Controller
 
@@ -91,6 +91,16 @@ class MailSink:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+def running_sink() -> Iterator[MailSink]:
+    """The body of a ``sink`` fixture: an aiosmtpd sink on a free loopback port, in this
+    process, stopped after the test."""
+    from tests.support import free_port
+    server = MailSink(free_port())
+    server.start()
+    yield server
+    server.stop()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 from saslsmtp.relay.client import RelaySession, UpstreamClient, UpstreamTransaction
 from saslsmtp.relay.options import UpstreamDelivery
 from saslsmtp.replies import REPLIES
-from tests.mailsink import MailSink
+from tests.mailsink import MailSink, running_sink
 from tests.support import ROOT, free_port
 from tests.tlsutil import issue_cert, make_ca, server_ssl_context
 
@@ -63,10 +63,7 @@ async def send(client: UpstreamClient, n: int, rcpts: tuple[str, ...] = ("bob@ex
 
 @pytest.fixture
 def sink():
-    server = MailSink(free_port())
-    server.start()
-    yield server
-    server.stop()
+    yield from running_sink()
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from tests.daemonclient import RSSSampler, SMTPClient, memory
-from tests.mailsink import MailSink
+from tests.mailsink import running_sink
 from tests.support import ROOT, Daemon, free_port, start_daemon, write_config
 
 USER, PASSWORD = "alice@example.test", "wonderland"
@@ -116,10 +116,7 @@ def test_25_mb_of_two_byte_lines_into_maildir_with_bounded_memory(tmp_path, run_
 
 @pytest.fixture
 def sink():
-    server = MailSink(free_port())
-    server.start()
-    yield server
-    server.stop()
+    yield from running_sink()
 
 
 def test_relay_to_aiosmtpd_passes_replies_through(tmp_path, run_daemon, sink):
