@@ -401,17 +401,19 @@ _TWISTD: dict[str, Any] = {}
 
 
 def use_for_twistd(twistd_options: Any, log_format: str, log_level: str,
-                   workers: int = 1) -> str | None:
+                   workers: int = 1, rotate_size: int = 1_000_000) -> str | None:
     """The ``--logger`` value making twistd write ``log_format`` lines at ``log_level``
     where its options say (stdout with ``-n`` or ``--logfile=-``, else the log file,
-    rotated at 1 MB and on SIGUSR1 like twistd's own), or ``None`` to keep twistd's
-    observer (``--syslog``, an explicit ``--logger``).  Text lines look like twistd's,
-    made three times faster (``classic_text``).  With ``workers`` > 1 the output is one
-    the workers can share (``shared_output``)."""
+    rotated at ``rotate_size`` bytes (1 MB, like twistd's own; 0: never by size) and on
+    SIGUSR1), or ``None`` to keep twistd's observer (``--syslog``, an explicit
+    ``--logger``).  Text lines look like twistd's, made three times faster
+    (``classic_text``).  With ``workers`` > 1 the output is one the workers can share
+    (``shared_output``)."""
     if twistd_options.get("logger") or twistd_options.get("syslog"):
         return None
     _TWISTD.update(format=log_format, level=log_level, logfile=twistd_options.get("logfile"),
-                   nodaemon=twistd_options.get("nodaemon"), shared=workers > 1)
+                   nodaemon=twistd_options.get("nodaemon"), shared=workers > 1,
+                   rotate_size=rotate_size)
     return f"{__name__}.twistd_logger"
 
 
@@ -430,10 +432,18 @@ def _rotate_on_sigusr1(logfile: Any) -> None:
     if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
         return
 
+    def renew() -> None:
+        if not logfile.renew():
+            from twisted.logger import Logger
+            Logger(namespace="saslsmtp").error(
+                "log file {path}: cannot rotate or reopen it (its directory must be writable"
+                " by the user saslsmtp runs as); lines go on into the file already open",
+                path=logfile.path)
+
     def rotate(signum: int, frame: Any) -> None:
         from twisted.internet import reactor  # twistd's own handler does the same
         running: Any = reactor
-        running.callFromThread(logfile.renew)
+        running.callFromThread(renew)
     signal.signal(signal.SIGUSR1, rotate if logfile is not None else signal.SIG_IGN)
 
 
@@ -461,14 +471,15 @@ def twistd_logger() -> ILogObserver:
     else:
         # twistd's log file renames itself every megabyte; done to /dev/null (or a FIFO)
         # that would replace the device with a regular file, so those are never rotated
-        rotate = None if _is_special_file(filename) else 1000000
+        special = _is_special_file(filename)
+        rotate = None if special else (_TWISTD.get("rotate_size", 1_000_000) or None)
         path = filename or "twistd.log"
         try:  # the master rotates a shared file and has the workers reopen it
             out = AppendLogFile(path, rotate) if shared else RotatingLogFile(path, rotate)
         except OSError as e:
             raise SystemExit(f"saslsmtp: cannot open the log file {path}: {e.strerror}") from None
         if not shared:
-            _rotate_on_sigusr1(out if rotate else None)
+            _rotate_on_sigusr1(None if special else out)
     _TWISTD["output"] = out
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
 

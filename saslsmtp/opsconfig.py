@@ -1,5 +1,5 @@
 """The operations keys of the configuration: ``[server]`` workers, user, group, log_format,
-log_level, and the ``[metrics]`` table.
+log_level, log_rotate_size, and the ``[metrics]`` table.
 
 No Twisted here.  ``parse_ops(server_table, metrics_table, problem)`` reads the raw TOML
 tables and reports each mistake through ``problem(dotted_key, message)``, so the main
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 #: The ``[server]`` keys read here (the main parser skips them).
-SERVER_KEYS = ("workers", "user", "group", "log_format", "log_level")
+SERVER_KEYS = ("workers", "user", "group", "log_format", "log_level", "log_rotate_size")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 MAX_WORKERS = 256
+#: twistd's own log file renames itself at this size; 0 leaves rotating to logrotate
+LOG_ROTATE_SIZE = 1_000_000
 
 Problem = Callable[[str, str], None]
 
@@ -38,6 +40,7 @@ class OpsConfig:
     log_format: str = "text"
     log_level: str = "info"
     metrics: MetricsConfig | None = None
+    log_rotate_size: int = LOG_ROTATE_SIZE  # bytes; 0: only on SIGUSR1
 
     def worker_count(self, override: int | None = None, cpus: int | None = None) -> int:
         """Processes to run: ``override`` (``--workers``) wins; 0 means one per CPU."""
@@ -78,6 +81,13 @@ def parse_ops(server: Any, metrics: Any, problem: Problem) -> OpsConfig:
             problem(f"server.{key}", f"must be one of {', '.join(repr(a) for a in allowed)}")
         else:
             values[key] = value.lower()
+    rotate_size = server.get("log_rotate_size")
+    if rotate_size is not None:
+        if isinstance(rotate_size, bool) or not isinstance(rotate_size, int) or rotate_size < 0:
+            problem("server.log_rotate_size",
+                    "must be a size in bytes (0: never by size, only on SIGUSR1)")
+        else:
+            values["log_rotate_size"] = rotate_size
     if metrics is not None:
         if not isinstance(metrics, dict):
             problem("metrics", "must be a table")

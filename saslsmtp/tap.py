@@ -57,7 +57,7 @@ class Options(usage.Options):
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(
                     self.parent, config.ops.log_format, config.ops.log_level,
-                    config.ops.worker_count(self["workers"]))
+                    config.ops.worker_count(self["workers"]), config.ops.log_rotate_size)
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)

@@ -47,6 +47,7 @@ declare -A BINARY_PACKAGE=(
     [haproxy]=haproxy
     [setpriv]=util-linux
     [cc]=gcc
+    [logrotate]=logrotate
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).

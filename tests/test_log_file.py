@@ -1,16 +1,24 @@
 """The log file of a daemon without workers (``RotatingLogFile``): renamed to ``.1`` once
 it holds ``rotate_length`` bytes and on SIGUSR1, reopened (not renamed again) after an
-outside rename; a log file that cannot be opened is a one-line error, not a traceback."""
+outside rename; a log file that cannot be opened is a one-line error, not a traceback;
+the real logrotate with ``etc/logrotate.d/saslsmtp``, with and without workers."""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from saslsmtp.logs import RotatingLogFile
+from tests.conftest import require_binary
 from tests.support import ROOT, free_port, kill_leftovers, wait_for, write_config
 from tests.test_workers import Session
 
@@ -112,3 +120,53 @@ def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == f"saslsmtp: cannot open the log file {missing}: No such file or directory"
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_logrotate_with_the_example_config(tmp_path: Path, workers: int) -> None:
+    """The real logrotate with ``etc/logrotate.d/saslsmtp`` (its paths moved into the test
+    folder) against the real daemon with ``log_rotate_size = 0``: the sessions before are
+    in ``.1``, the sessions after in the new file, none lost, none in both."""
+    logrotate = require_binary(shutil.which("logrotate") or "/usr/sbin/logrotate", "logrotate")
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(config.read_text().replace(
+        "[server]\n", f"[server]\nlog_rotate_size = 0\nworkers = {workers}\n"))
+    logs = tmp_path / "log"
+    logs.mkdir(mode=0o755)
+    log, pidfile = logs / "saslsmtp.log", tmp_path / "twistd.pid"
+    example = (ROOT / "etc" / "logrotate.d" / "saslsmtp").read_text()
+    assert "/var/log/saslsmtp/saslsmtp.log" in example and "/run/saslsmtp/twistd.pid" in example
+    conf = tmp_path / "logrotate.conf"
+    assert "create 0640 saslsmtp adm" in example  # made for the test's own user here
+    me = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    conf.write_text(example.replace("/var/log/saslsmtp/saslsmtp.log", str(log))
+                    .replace("/run/saslsmtp/twistd.pid", str(pidfile))
+                    .replace("create 0640 saslsmtp adm", f"create 0640 {me}"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+         f"--pidfile={pidfile}", f"--logfile={log}", "saslsmtp", "--config", str(config)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("saslsmtp ready") == workers,
+                 what="ready")
+        for _ in range(6):
+            login(port)
+        wait_for(lambda: log.read_text().count("session end") == 6, what="six session lines")
+        done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        rotated = logs / "saslsmtp.log.1"
+        assert rotated.read_text().count("session end") == 6
+        wait_for(lambda: log.exists(), what="the reopened log file")
+        time.sleep(0.5)  # workers reopen when they read the master's byte
+        for _ in range(4):
+            login(port)
+        wait_for(lambda: log.read_text().count("session end") == 4, what="four lines in the new file")
+        assert rotated.read_text().count("session end") == 6
+        assert sorted(p.name for p in logs.iterdir()) == ["saslsmtp.log", "saslsmtp.log.1"]
+    finally:
+        kill_leftovers(proc, log)

@@ -153,6 +153,13 @@ def test_log_to_a_device_or_fifo_is_never_rotated(tmp_path: Path, monkeypatch: p
         logs.twistd_logger()
         assert made[1] == {"path": str(regular), "rotateLength": 1000000}
         assert callable(signal.getsignal(signal.SIGUSR1))
+        # log_rotate_size = 0: never by size (logrotate's job), SIGUSR1 still rotates
+        monkeypatch.setattr(logs, "_TWISTD", {})
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        logs.use_for_twistd({"logfile": str(regular)}, "text", "info", rotate_size=0)
+        logs.twistd_logger()
+        assert made[2] == {"path": str(regular), "rotateLength": None}
+        assert callable(signal.getsignal(signal.SIGUSR1))
     finally:
         signal.signal(signal.SIGUSR1, previous)
 

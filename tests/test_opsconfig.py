@@ -1,4 +1,4 @@
-"""``[server]`` workers/user/group/log_format/log_level and ``[metrics]``: defaults,
+"""``[server]`` workers/user/group/log_format/log_level/log_rotate_size and ``[metrics]``: defaults,
 values, and every mistake reported as ``file:line: key: message``."""
 
 from __future__ import annotations
@@ -44,3 +44,15 @@ def test_mistakes_name_file_line_and_key() -> None:
     assert "f.toml:9: metrics.port: unknown key (known: listen)" in text
     with pytest.raises(ConfigError, match="server.workers: must be between 0"):
         parse_config('[server]\nworkers = -1\n' + BASE)
+
+
+def test_log_rotate_size() -> None:
+    """twistd's 1 MB unless set; 0 leaves rotating to logrotate (SIGUSR1 still rotates)."""
+    assert parse_config(BASE).ops.log_rotate_size == 1_000_000
+    assert parse_config('[server]\nlog_rotate_size = 0\n' + BASE).ops.log_rotate_size == 0
+    assert parse_config('[server]\nlog_rotate_size = 52428800\n' + BASE).ops.log_rotate_size == 52428800
+    for wrong in ("-1", '"50M"', "true", "1.5"):
+        with pytest.raises(ConfigError) as e:
+            parse_config(f'[server]\nlog_rotate_size = {wrong}\n' + BASE, "f.toml")
+        assert ("f.toml:2: server.log_rotate_size: must be a size in bytes"
+                " (0: never by size, only on SIGUSR1)") in str(e.value)
