@@ -92,6 +92,17 @@ def write_config(tmp_path: Path, backends_toml: str = "", *, mechanisms: Sequenc
     return path
 
 
+def alice_config(tmp_path: Path, server: str = "") -> tuple[Path, int]:
+    """A daemon config for one user (alice / wonderland, PLAIN, a users file) on a free
+    loopback port, with ``server`` (TOML lines) added to ``[server]``: (config, port)."""
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(config.read_text().replace("[server]\n", "[server]\n" + server, 1))
+    return config, port
+
+
 @dataclass
 class RunningServer:
     """A saslsmtp listening on 127.0.0.1:``port`` in this process."""

@@ -19,7 +19,7 @@ import pytest
 
 from saslsmtp.logs import RotatingLogFile
 from tests.conftest import require_binary
-from tests.support import ROOT, free_port, kill_leftovers, wait_for, write_config
+from tests.support import ROOT, alice_config, kill_leftovers, wait_for
 from tests.test_workers import Session
 
 
@@ -80,10 +80,7 @@ def login(port: int) -> None:
 def test_the_daemon_rotates_its_log_file_on_sigusr1(tmp_path: Path) -> None:
     """The real daemon (one process, ``--logfile``): the lines before SIGUSR1 are in
     ``.1``, a session after it is logged in the new file only."""
-    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
-    port = free_port()
-    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config, port = alice_config(tmp_path)
     log = tmp_path / "saslsmtp.log"
     proc = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -108,9 +105,7 @@ def test_the_daemon_rotates_its_log_file_on_sigusr1(tmp_path: Path) -> None:
 
 def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     """``--logfile`` in a missing directory: exit 1 and one line saying why, no traceback."""
-    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
-    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          mechanisms=["PLAIN"], listen=[f"tcp:{free_port()}:interface=127.0.0.1"])
+    config, _ = alice_config(tmp_path)
     missing = tmp_path / "no-such-dir" / "saslsmtp.log"
     done = subprocess.run(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -128,12 +123,7 @@ def test_logrotate_with_the_example_config(tmp_path: Path, workers: int) -> None
     folder) against the real daemon with ``log_rotate_size = 0``: the sessions before are
     in ``.1``, the sessions after in the new file, none lost, none in both."""
     logrotate = require_binary(shutil.which("logrotate") or "/usr/sbin/logrotate", "logrotate")
-    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
-    port = free_port()
-    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
-    config.write_text(config.read_text().replace(
-        "[server]\n", f"[server]\nlog_rotate_size = 0\nworkers = {workers}\n"))
+    config, port = alice_config(tmp_path, f"log_rotate_size = 0\nworkers = {workers}\n")
     logs = tmp_path / "log"
     logs.mkdir(mode=0o755)
     log, pidfile = logs / "saslsmtp.log", tmp_path / "twistd.pid"

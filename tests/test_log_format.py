@@ -14,7 +14,7 @@ import pytest
 from twisted.logger import Logger, LogPublisher
 
 from saslsmtp.logs import SessionSummary, make_observer, session_ended
-from tests.support import free_port, wait_for, worker_pids, workers_daemon, write_config
+from tests.support import alice_config, wait_for, worker_pids, workers_daemon
 from tests.test_workers import Session
 
 
@@ -70,12 +70,7 @@ def test_session_end_line() -> None:
 def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
     """The real daemon with log_format = "json": every stdout line is a JSON object; with
     workers, their events arrive in the master's log with ``worker_pid``."""
-    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
-    port = free_port()
-    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
-    config.write_text(config.read_text().replace(
-        "[server]\n", f'[server]\nlog_format = "json"\nlog_level = "info"\nworkers = {workers}\n'))
+    config, port = alice_config(tmp_path, f'log_format = "json"\nlog_level = "info"\nworkers = {workers}\n')
     log = tmp_path / "daemon.log"
     with workers_daemon(config, log, workers) as proc:
         session = Session(port)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from saslsmtp.logs import AppendLogFile, FdLineWriter, worker_observer
-from tests.support import ROOT, alive, free_port, wait_for, worker_pids, write_config
+from tests.support import ROOT, alice_config, alive, wait_for, worker_pids
 from tests.test_workers import Session
 
 WRITER = """
@@ -136,12 +136,7 @@ def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
     """workers = 2, log_format = "json", ``--logfile``: both workers' lines land whole in
     the file; SIGUSR1 rotates it (``.1``) and SIGHUP after an outside rename reopens it,
     and the sessions after each land in the new file only."""
-    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
-    port = free_port()
-    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"])
-    config.write_text(config.read_text().replace(
-        "[server]\n", '[server]\nlog_format = "json"\nworkers = 2\n'))
+    config, port = alice_config(tmp_path, 'log_format = "json"\nworkers = 2\n')
     log = tmp_path / "saslsmtp.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
