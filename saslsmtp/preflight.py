@@ -278,6 +278,24 @@ def check_pidfile(pidfile: str | None, who: RunAs, report: _Report) -> None:
                     f" {who.name} owns (e.g. /run/saslsmtp/), or --pidfile= for none")
 
 
+def twistd_problems(options: Any) -> list[str]:
+    """What would make twistd itself fail after saslsmtp is built, with a traceback: a
+    ``--rundir`` that is not a folder, a ``--pidfile`` whose folder is missing or not
+    writable (twistd writes it before any privilege drop, as the user starting it)."""
+    problems = []
+    rundir = options.get("rundir") or "."
+    if not os.path.isdir(rundir):
+        problems.append(f"--rundir {rundir}: no such folder")
+    pidfile = options.get("pidfile")
+    if pidfile:
+        folder = os.path.dirname(os.path.abspath(pidfile))
+        if not os.path.isdir(folder):
+            problems.append(f"--pidfile {pidfile}: no such folder {folder}")
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            problems.append(f"--pidfile {pidfile}: {folder} is not writable")
+    return problems
+
+
 def preflight(config: Config, reactor: Any, who: RunAs | None = None,
               pidfile: str | None = None) -> list[str]:
     """Run every check; raise ``ConfigError`` with all problems, else return warnings."""

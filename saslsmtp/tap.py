@@ -44,8 +44,12 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         from saslsmtp.daemon import make_service
-        from saslsmtp.preflight import preflight, run_as
+        from saslsmtp.preflight import preflight, run_as, twistd_problems
         parent: Any = self.parent or {}
+        problems = twistd_problems(parent)
+        if problems:
+            print("saslsmtp: cannot start: " + "; ".join(problems), file=sys.stderr)
+            raise SystemExit(1)
         try:
             config = load(self["config"])
             # the same checks for --check and a real start, before anything is built

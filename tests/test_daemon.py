@@ -8,9 +8,11 @@ CRAM-MD5 example with swaks and smtplib.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import smtplib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,6 @@ ETC = ROOT / "etc"
 
 
 def run_twistd(config: Path, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    import os
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(twistd_command(config, *extra), capture_output=True, text=True,
                           timeout=timeout, cwd=config.parent, env=env)
@@ -51,6 +52,25 @@ def test_check_reports_file_key_and_line(tmp_path: Path) -> None:
     assert f"{config}:6: auth.backends: backend 'missing' is not defined" in out.stderr
     assert f"{config}:7: auth.bogus: unknown key" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--pidfile={missing}/twistd.pid", "--pidfile {missing}/twistd.pid: no such folder {missing}"),
+    ("--rundir={missing}", "--rundir {missing}: no such folder"),
+])
+def test_twistd_options_that_cannot_work_are_one_line(tmp_path: Path, option: str,
+                                                      message: str) -> None:
+    """twistd writes its pid file and changes to its run folder after the service is built,
+    and fails there with a traceback: checked first, one line and exit status 1."""
+    missing = tmp_path / "no-such-folder"
+    argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "--logfile=-", option.format(missing=missing), "saslsmtp",
+            "--config", str(ETC / "saslsmtp.toml")]
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=30,
+                         cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1
+    assert out.stderr.strip() == "saslsmtp: cannot start: " + message.format(missing=missing)
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 def broken_script_config(tmp_path: Path) -> Path:
