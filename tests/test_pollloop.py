@@ -8,13 +8,12 @@ import socket
 from typing import Any
 
 import pytest
+from twisted.internet import epollreactor  # the daemon's reactor on Linux, where it runs
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
-epollreactor = pytest.importorskip("twisted.internet.epollreactor")  # Linux only
-
-from saslsmtp.pollloop import lean_dispatch  # noqa: E402
+from saslsmtp.pollloop import lean_dispatch
 
 
 class Reader:
@@ -127,7 +126,7 @@ def test_other_reactors_are_left_alone() -> None:
 def test_a_subclass_is_left_alone() -> None:
     """Only Twisted's own class: a subclass may dispatch its own way."""
 
-    class Custom(epollreactor.EPollReactor):  # type: ignore[misc,name-defined]
+    class Custom(epollreactor.EPollReactor):
         pass
 
     custom = Custom()
