@@ -435,11 +435,18 @@ def _rotate_on_sigusr1(logfile: Any) -> None:
         return
 
     def renew() -> None:
+        try:
+            moved = logfile.moved()
+        except OSError:
+            moved = False
         if not logfile.renew():
             _log.error(
                 "log file {path}: cannot rotate or reopen it (its directory must be writable"
                 " by the user saslsmtp runs as); lines go on into the file already open",
                 path=logfile.path)
+        else:  # the first line in the new file (logrotate's postrotate can be checked)
+            _log.info("log file {path} {done}", path=logfile.path,
+                      done="reopened" if moved else "rotated")
 
     def rotate(signum: int, frame: Any) -> None:
         from twisted.internet import reactor  # twistd's own handler does the same

@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except OSError as e:
                 log.error("worker {slot}: cannot reopen {path}: {error}", slot=args.slot,
                           path=out.path, error=e.strerror)
+            else:  # the first line in the new file: this worker writes there from now on
+                log.info("worker {slot}: log file {path} reopened", slot=args.slot, path=out.path)
     # The master asks for a reopen on standard input; a SIGUSR1 sent to every process
     # (systemctl kill) must not end a worker: it reopens if the file was renamed away.
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -151,8 +150,10 @@ def test_logrotate_with_the_example_config(tmp_path: Path, workers: int) -> None
         assert done.returncode == 0, done.stderr
         rotated = logs / "saslsmtp.log.1"
         assert rotated.read_text().count("session end") == 6
-        wait_for(lambda: log.exists(), what="the reopened log file")
-        time.sleep(0.5)  # workers reopen when they read the master's byte
+        # logrotate's ``create`` made the new file; each process says when it writes there
+        reopened = f"log file {log} reopened"
+        wait_for(lambda: log.exists() and log.read_text().count(reopened)
+                 == (1 if workers == 1 else 1 + workers), what="every process in the new file")
         for _ in range(4):
             login(port)
         wait_for(lambda: log.read_text().count("session end") == 4, what="four lines in the new file")

@@ -132,6 +132,12 @@ def session_ends(path: Path) -> int:
     return sum(1 for r in records(path) if r["message"].startswith("session end "))
 
 
+def workers_reopened(path: Path) -> int:
+    """Workers that said, in ``path`` itself, that they write there now."""
+    return sum(1 for r in records(path) if r["message"].startswith("worker ")
+               and r["message"].endswith(f"log file {path} reopened"))
+
+
 def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
     """workers = 2, log_format = "json", ``--logfile``: both workers' lines land whole in
     the file; SIGUSR1 rotates it (``.1``) and SIGHUP after an outside rename reopens it,
@@ -156,7 +162,7 @@ def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGUSR1)  # twistd's meaning: rotate now
         wait_for(lambda: any("rotated; 2 workers reopen it" in r["message"] for r in records(log)),
                  what="the rotation")
-        time.sleep(0.5)  # the idle workers read the master's reopen byte at once
+        wait_for(lambda: workers_reopened(log) == 2, what="both workers in the new file")
         logins(port, 40)
         wait_for(lambda: session_ends(log) == 40, what="40 session lines in the new file")
         assert session_ends(tmp_path / "saslsmtp.log.1") == 120
@@ -165,7 +171,7 @@ def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: log.exists() and "reopened; 2 workers reopen it" in log.read_text(),
                  what="the reopen")
-        time.sleep(0.5)
+        wait_for(lambda: workers_reopened(log) == 2, what="both workers in the reopened file")
         logins(port, 40)
         wait_for(lambda: session_ends(log) == 40, what="40 session lines after the reopen")
         assert session_ends(tmp_path / "saslsmtp.log.old") == 40
