@@ -135,7 +135,8 @@ def test_bad_greeting() -> None:
 def test_starttls_configured_but_not_offered() -> None:
     """Credentials never go in clear when STARTTLS is configured."""
     u = Upstream(starttls=True, tls_creator=object())
-    to_auth(u)
+    sent = to_auth(u)
+    assert b"AUTH" not in sent and b"AGFsaWNlAHB3" not in sent, sent
     temporary(u, "STARTTLS is configured but not offered")
 
 

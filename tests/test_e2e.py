@@ -170,19 +170,23 @@ async def test_every_password_scheme_over_the_wire(tmp_path: Path) -> None:
         await server.stop()
 
 
-def raw_session(port: int, payload: bytes) -> bytes:
+def raw_session(port: int, payload: bytes, after: bytes = b"", then: bytes = b"") -> bytes:
+    """What the server sent after its greeting, up to its close (which must come: a
+    server still silent after 5 s fails the test).  With ``after``, ``then`` is sent once
+    the server's output ends with ``after``."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.recv(200)
         s.sendall(payload)
         chunks = []
+        if after:
+            while not b"".join(chunks).endswith(after):
+                chunks.append(s.recv(65536))
+            s.sendall(then)
         try:
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
+            while data := s.recv(65536):
                 chunks.append(data)
         except socket.timeout:
-            pass
+            raise AssertionError(f"no close within 5 s; the server sent {b''.join(chunks)!r}")
         return b"".join(chunks)
 
 
@@ -195,8 +199,11 @@ async def test_bad_input_over_tcp_and_others_still_served(tmp_path: Path, tls_fi
                                 tls=(cert, key))
     try:
         out = await threads.deferToThread(raw_session, server.port,
-                                          b"EHLO x\r\nSTARTTLS\r\n" + b"\x16garbage-not-tls\r\n" * 10)
-        assert b"220 2.0.0 Ready to start TLS\r\n" in out
+                                          b"EHLO x\r\nSTARTTLS\r\n", b"Ready to start TLS\r\n",
+                                          b"garbage-not-tls\r\n" * 10)
+        # (garbage sent together with STARTTLS would be discarded as injected plaintext,
+        # and the server would wait for a handshake until tls_handshake_timeout)
+        assert out.endswith(b"220 2.0.0 Ready to start TLS\r\n")  # then the close
         out = await threads.deferToThread(raw_session, server.port, b"EHLO x\nQUIT\n")
         assert out == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
         out = await threads.deferToThread(raw_session, server.port,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import functools
 
+import scramp
+
 from twisted.internet import defer
 
 from saslsmtp.sasl.cram_md5 import CramMD5
@@ -107,10 +109,20 @@ def test_rfc5802_and_rfc7677_exact_transcripts() -> None:
         for secret in (stored(name), Secret("plaintext", "pencil")):
             h = scram_harness(name, secret)
             if secret.kind == "plaintext":
-                # a plaintext entry gets a salt derived per user: only s= differs
+                # a plaintext entry gets a salt derived per user: only s= differs, and a
+                # client that knows "pencil" completes the exchange with that salt
                 out = base64.b64decode(h.send(b"AUTH " + name.encode() + b" " + b64(first) + b"\r\n")[4:])
                 assert out.startswith(server_first.split(b",s=")[0] + b",s=")
                 assert out.endswith(b",i=4096") and out != server_first
+                client = scramp.ScramClient([name], "user", "pencil",
+                                            c_nonce=first.split(b",r=")[1].decode())
+                assert client.get_client_first().encode() == first
+                client.set_server_first(out.decode())
+                reply = h.send(b64(client.get_client_final().encode()) + b"\r\n")
+                assert reply.startswith(b"334 ")
+                client.set_server_final(base64.b64decode(reply[4:]).decode())  # checks v=
+                assert h.send(b"\r\n") == OK
+                assert h.realm.logins == ["user"]
                 continue
             assert h.send(b"AUTH " + name.encode() + b" " + b64(first) + b"\r\n") == (
                 b"334 " + b64(server_first) + b"\r\n"), name

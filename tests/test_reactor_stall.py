@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 
 from saslsmtp.passwords import make_hash
-from tests.support import ROOT, free_port, start_daemon, write_config
+from tests.support import ROOT, free_port, start_daemon, wait_for, write_config
 
 LOAD = ROOT / "benchmarks" / "smtp_auth_load.py"
 
@@ -35,6 +35,13 @@ def bcrypt_daemon(tmp_path: Path):
     daemon = start_daemon(config, port, tmp_path / "daemon.log")
     yield daemon
     daemon.stop()
+
+
+def under_load(daemon, load: subprocess.Popen) -> None:
+    """Return once the load's sessions are ending in the daemon's log: the hash pool is
+    busy from then on, and the probe measures a loaded daemon."""
+    wait_for(lambda: daemon.log_text().count("session end") >= 8, what="the load's sessions")
+    assert load.poll() is None, "the load ended before the probe began"
 
 
 def ehlo_round_trips(port: int, seconds: float, command: bytes = b"EHLO probe.example") -> list[float]:
@@ -60,11 +67,12 @@ def test_ehlo_stays_fast_during_expensive_logins(bcrypt_daemon) -> None:
     load = subprocess.Popen(
         [sys.executable, str(LOAD), "--host", "127.0.0.1", "--port", str(bcrypt_daemon.port),
          "--mech", "PLAIN", "--user", "slow", "--password", "slow-password",
-         "--concurrency", "16", "--duration", "4", "--warmup", "0.5", "--json"],
+         "--concurrency", "16", "--duration", "5", "--warmup", "0.5", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # let the hash pool fill up
+        under_load(bcrypt_daemon, load)
         latencies = ehlo_round_trips(bcrypt_daemon.port, 2.5)
+        assert load.poll() is None, "the load ended before the probe did"
         out, err = load.communicate(timeout=60)
     finally:
         if load.poll() is None:
@@ -101,11 +109,12 @@ def test_noop_stays_fast_while_16_connections_guess_unknown_users(sha512_crypt_d
     load = subprocess.Popen(
         [sys.executable, str(LOAD), "--host", "127.0.0.1", "--port", str(sha512_crypt_daemon.port),
          "--mech", "PLAIN", "--user", "mallory", "--password", "guess", "--expect-fail",
-         "--concurrency", "16", "--duration", "4", "--warmup", "0.5", "--json"],
+         "--concurrency", "16", "--duration", "5", "--warmup", "0.5", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # let the hash pool fill up
+        under_load(sha512_crypt_daemon, load)
         latencies = ehlo_round_trips(sha512_crypt_daemon.port, 2.5, b"NOOP")
+        assert load.poll() is None, "the load ended before the probe did"
         out, err = load.communicate(timeout=60)
     finally:
         if load.poll() is None:

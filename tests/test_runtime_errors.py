@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -44,18 +45,14 @@ def test_an_unreadable_users_file_is_one_error_per_outage(tmp_path: Path) -> Non
     checker = FileChecker(str(path), SynchronousRunner(), "PLAIN", name="users", read=read)
     with Events() as events:
         for _ in range(3):
-            try:
+            with pytest.raises(TemporaryFailure, match="Permission denied"):
                 checker.users()
-            except TemporaryFailure as e:
-                assert "Permission denied" in str(e)
         readable[0] = True
         checker.users()
         path.write_text("demo:{PLAIN}pw2\n")
         readable[0] = False
-        try:
+        with pytest.raises(TemporaryFailure, match="Permission denied"):
             checker.users()
-        except TemporaryFailure:
-            pass
     errors = events.at(LogLevel.error)
     assert errors == [f"backend users: users file {path} cannot be read: Permission denied;"
                       " logins get 454"] * 2, errors
