@@ -37,13 +37,6 @@ def bcrypt_daemon(tmp_path: Path):
     daemon.stop()
 
 
-def under_load(daemon, load: subprocess.Popen) -> None:
-    """Return once the load's sessions are ending in the daemon's log: the hash pool is
-    busy from then on, and the probe measures a loaded daemon."""
-    wait_for(lambda: daemon.log_text().count("session end") >= 8, what="the load's sessions")
-    assert load.poll() is None, "the load ended before the probe began"
-
-
 def ehlo_round_trips(port: int, seconds: float, command: bytes = b"EHLO probe.example") -> list[float]:
     """``command`` latencies (ms) on one connection, one every 20 ms for ``seconds``."""
     out = []
@@ -63,23 +56,32 @@ def ehlo_round_trips(port: int, seconds: float, command: bytes = b"EHLO probe.ex
     return out
 
 
-def test_ehlo_stays_fast_during_expensive_logins(bcrypt_daemon) -> None:
+def probe_under_load(daemon, load_args: list[str], command: bytes) -> tuple[list[float], dict]:
+    """Run the load generator with ``load_args`` against ``daemon``; once its sessions are
+    ending in the daemon's log (the hash pool busy from then on), ``command``'s round
+    trips for 2.5 s, which must end while the load still runs; then the load's result."""
     load = subprocess.Popen(
-        [sys.executable, str(LOAD), "--host", "127.0.0.1", "--port", str(bcrypt_daemon.port),
-         "--mech", "PLAIN", "--user", "slow", "--password", "slow-password",
-         "--concurrency", "16", "--duration", "5", "--warmup", "0.5", "--json"],
+        [sys.executable, str(LOAD), "--host", "127.0.0.1", "--port", str(daemon.port),
+         "--mech", "PLAIN", *load_args, "--concurrency", "16", "--duration", "5",
+         "--warmup", "0.5", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        under_load(bcrypt_daemon, load)
-        latencies = ehlo_round_trips(bcrypt_daemon.port, 2.5)
+        wait_for(lambda: daemon.log_text().count("session end") >= 8, what="the load's sessions")
+        assert load.poll() is None, "the load ended before the probe began"
+        latencies = ehlo_round_trips(daemon.port, 2.5, command)
         assert load.poll() is None, "the load ended before the probe did"
-        out, err = load.communicate(timeout=60)
+        out, _ = load.communicate(timeout=60)
     finally:
         if load.poll() is None:
             load.kill()
-    result = json.loads(out)
+    return latencies, json.loads(out)
+
+
+def test_ehlo_stays_fast_during_expensive_logins(bcrypt_daemon) -> None:
+    latencies, result = probe_under_load(
+        bcrypt_daemon, ["--user", "slow", "--password", "slow-password"], b"EHLO probe.example")
     logins = result.get("ok") or result.get("counts", {}).get("ok", 0)
-    assert logins > 20, out[:2000]  # the hash pool was really busy
+    assert logins > 20, result  # the hash pool was really busy
     p50 = statistics.median(latencies)
     p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
     print(f"EHLO during bcrypt load: n={len(latencies)} p50={p50:.1f} ms p99={p99:.1f} ms;"
@@ -106,22 +108,10 @@ def test_noop_stays_fast_while_16_connections_guess_unknown_users(sha512_crypt_d
     """16 connections guessing passwords of unknown users, each guess verified against a
     default-cost SHA512-CRYPT dummy: an unrelated NOOP still answers within 20 ms (p95).
     Hashing in Python (libpass) held the GIL ~40 ms per guess: NOOP p95 was ~450 ms."""
-    load = subprocess.Popen(
-        [sys.executable, str(LOAD), "--host", "127.0.0.1", "--port", str(sha512_crypt_daemon.port),
-         "--mech", "PLAIN", "--user", "mallory", "--password", "guess", "--expect-fail",
-         "--concurrency", "16", "--duration", "5", "--warmup", "0.5", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        under_load(sha512_crypt_daemon, load)
-        latencies = ehlo_round_trips(sha512_crypt_daemon.port, 2.5, b"NOOP")
-        assert load.poll() is None, "the load ended before the probe did"
-        out, err = load.communicate(timeout=60)
-    finally:
-        if load.poll() is None:
-            load.kill()
-    result = json.loads(out)
+    latencies, result = probe_under_load(
+        sha512_crypt_daemon, ["--user", "mallory", "--password", "guess", "--expect-fail"], b"NOOP")
     guesses = result["expected_auth_failures"].get("535", 0) or result["ok"]
-    assert guesses > 40, out[:2000]  # the hash pool was really busy
+    assert guesses > 40, result  # the hash pool was really busy
     p50 = statistics.median(latencies)
     p95 = sorted(latencies)[int(len(latencies) * 0.95) - 1]
     print(f"NOOP during SHA512-CRYPT guessing: n={len(latencies)} p50={p50:.1f} ms"
