@@ -58,11 +58,40 @@ class RedisServer:
         commands.append(args)
         payload = b"".join(f"*{len(c)}\r\n".encode() + b"".join(
             f"${len(a.encode())}\r\n{a}\r\n".encode() for a in c) for c in commands)
+        reply, ends = b"", [0]
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(payload)
-            time.sleep(0.05)
-            reply = s.recv(65536)
-        return reply.split(b"\r\n", 1)[1] if password else reply
+            while len(ends) <= len(commands):  # one complete reply per command
+                end = _reply_end(reply, ends[-1])
+                if end is not None:
+                    ends.append(end)
+                    continue
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"redis-server closed the connection after {reply!r}")
+                reply += chunk
+        return reply[ends[1]:] if password else reply
+
+
+def _reply_end(data: bytes, start: int) -> int | None:
+    """Where the RESP reply that begins at ``start`` ends, or None if it is not all there."""
+    line = data.find(b"\r\n", start)
+    if line < 0:
+        return None
+    kind, value, end = data[start:start + 1], data[start + 1:line], line + 2
+    if kind in (b"+", b"-", b":"):
+        return end
+    if kind == b"$":
+        size = int(value)
+        return end if size < 0 else (end + size + 2 if len(data) >= end + size + 2 else None)
+    if kind == b"*":
+        for _ in range(int(value)):  # a null array (-1) has no elements
+            next_end = _reply_end(data, end)
+            if next_end is None:
+                return None
+            end = next_end
+        return end
+    raise ValueError(f"not a RESP reply: {data[start:]!r}")
 
 
 def start_redis(directory: Path) -> RedisServer:

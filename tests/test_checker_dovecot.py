@@ -749,8 +749,13 @@ async def test_real_down_then_back(own_dovecot: DovecotServer, transport: str) -
     checker = real_checker(own_dovecot, transport, timeout=2.0)
     try:
         assert await check(checker, *PLAIN_USER) == b"alice"
+        protocol = checker._protocol
+        assert protocol is not None and protocol.usable
         own_dovecot.stop()
-        await deferLater(reactor, 0.05)  # let the reactor see the connection close
+        deadline = time.monotonic() + 10
+        while protocol.usable:  # else the next check would go out on the dead connection
+            assert time.monotonic() < deadline, "the checker never saw Dovecot close"
+            await deferLater(reactor, 0.01)
         error = await check(checker, *PLAIN_USER)
         assert isinstance(error, TemporaryFailure), error
         own_dovecot.start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import pytest_twisted
@@ -17,6 +17,7 @@ from treq.testing import StubTreq
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -192,6 +193,16 @@ def checker(url: str, **options: Any) -> HttpChecker:
     return from_config("api", HttpOptions(url=url, **options), deps())
 
 
+async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Let the reactor run until ``predicate()`` is true; fail after ``timeout`` seconds."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
 @pytest_twisted.ensureDeferred
 async def test_real_right_wrong_blocked(api):
     """200 -> accept, 401 -> reject, 403 -> reject; the API got valid JSON each time."""
@@ -236,16 +247,18 @@ async def test_real_hang_times_out(api):
     api.resource.mode = "hang"
     c = checker(api.url, timeout=0.5)
     started = time.monotonic()
+    check = c.requestAvatarId(creds("alice", USERS["alice"]))
+    await until(lambda: api.resource.hanging, "the request at the API")
+    # asked for while the connection is still open: after its close it would never fire
+    gone: Deferred = api.resource.hanging[0].notifyFinish()
     with pytest.raises(TemporaryFailure, match="0.5s"):
-        await c.requestAvatarId(creds("alice", USERS["alice"]))
+        await check
     elapsed = time.monotonic() - started
     assert 0.45 <= elapsed < 1.5, elapsed
     assert len(api.resource.requests) == 1  # a timeout is not retried
-    gone: Deferred = api.resource.hanging[0].notifyFinish()
     from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-    await deferLater(reactor, 0.05, lambda: None)
-    assert gone.called  # the server saw the client go away
+    with pytest.raises(ConnectionClosed):
+        await gone.addTimeout(5, reactor)  # the server saw the client go away
 
 
 @pytest_twisted.ensureDeferred
@@ -367,9 +380,10 @@ async def test_no_password_or_token_in_logs_or_errors(api):
     try:
         c = checker(api.url, headers={"Authorization": TOKEN}, timeout=0.3)
         await c.requestAvatarId(creds("alice", password))
-        for mode in ("normal", "500", "hang"):
+        for mode, error in (("normal", UnauthorizedLogin), ("500", TemporaryFailure),
+                            ("hang", TemporaryFailure)):
             api.resource.mode = mode
-            with pytest.raises(Exception) as e:
+            with pytest.raises(error) as e:
                 await c.requestAvatarId(creds("alice", password + ("x" if mode == "normal"
                                                                     else "")))
             texts.append(str(e.value) + repr(e.value))
@@ -386,14 +400,11 @@ async def test_no_password_or_token_in_logs_or_errors(api):
 @pytest_twisted.ensureDeferred
 async def test_stop_closes_kept_alive_connections(api):
     """``stop()`` (called by the service on shutdown) closes the pooled connections."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
     c = checker(api.url)
     assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
     assert len(api.factory.protocols) == 1  # kept alive
     await c.stop()
-    await deferLater(reactor, 0.05, lambda: None)
-    assert len(api.factory.protocols) == 0
+    await until(lambda: not api.factory.protocols, "the server to see the connection close")
 
 
 def test_config_missing_ca_file_is_a_config_error(tmp_path):

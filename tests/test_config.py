@@ -3,6 +3,7 @@ shipped examples (so etc/ cannot go stale)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_key_lines() -> None:
 
 def test_config_is_frozen() -> None:
     config = load_config(str(ETC / "saslsmtp.toml"), known_mechanisms=KNOWN)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.auth.require_tls = True  # type: ignore[misc]
 
 

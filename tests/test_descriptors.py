@@ -18,7 +18,7 @@ from pathlib import Path
 from twisted.internet import task
 
 from saslsmtp.descriptors import AcceptFailureLog, raise_descriptor_limit
-from tests.support import ROOT, Daemon, free_port, twistd_command, write_config
+from tests.support import ROOT, Daemon, free_port, twistd_command, wait_for, write_config
 
 LIMIT = 64
 
@@ -81,11 +81,14 @@ def test_full_descriptor_table_then_release(tmp_path: Path) -> None:
             else:
                 held.append(s)
         assert refused > 150
+        ended = daemon.log_text().count("session end")
+        start = time.monotonic()  # the second counts from the release
         for s in held:
             s.close()
-        held = []
-        time.sleep(0.2)  # the server notices the closed connections
-        start = time.monotonic()
+        closed, held = len(held), []
+        # until the server has seen those closes, a new client is still refused
+        wait_for(lambda: daemon.log_text().count("session end") >= ended + closed,
+                 timeout=5.0, what="the released sessions to end")
         s = _greeted(port, timeout=5.0)
         assert s is not None and time.monotonic() - start < 1.0
         s.sendall(b"EHLO ok.example\r\n")

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 
 from saslsmtp.checkers.chain import BackendChain
@@ -184,7 +185,7 @@ def test_real_threads_and_a_checker_through_inline_callbacks(tmp_path):
         chain = BackendChain([("first", first), ("second", first)])
         with client_key_set("198.51.100.7"):
             d = chain.requestAvatarId(PasswordCredentials(b"alice", b"wrong"))
-        with pytest.raises(Exception):
+        with pytest.raises(UnauthorizedLogin):
             yield d
         assert seen == ["198.51.100.7", "198.51.100.7"]
     finally:

@@ -5,8 +5,8 @@ Redis stopped), ``/metrics`` is scraped and parsed with prometheus_client's pars
 
 from __future__ import annotations
 
+import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -74,8 +74,13 @@ def test_limit_cache_and_redis_counters_after_known_traffic(tmp_path: Path, work
                 sock.close()
             assert banners == [b"220 ", b"220 ", b"220 ", b"421 "]
 
+            before = len(log.read_text())
             redis.stop()
-            time.sleep(0.5)  # every worker has seen its Redis connection close
+            # every process has seen its Redis connection close: it schedules a reconnect
+            lost = re.compile(r"ClientService#info(?: worker=(\d+))?\] Scheduling retry \d+ to "
+                              rf"connect <HostnameEndpoint 127\.0\.0\.1:{redis.port}>")
+            wait_for(lambda: len(set(lost.findall(log.read_text()[before:]))) == workers,
+                     what="every worker to see Redis go")
             assert code(port, PASSWORD, "127.0.0.84") == 235
             assert code(port, "wrong-down", "127.0.0.85") == 535
 

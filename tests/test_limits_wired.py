@@ -183,10 +183,17 @@ def test_connection_limits_421_and_trusted_networks_are_exempt(tmp_path: Path) -
         s, f = held.pop(0)
         f.close()
         s.close()
-        time.sleep(0.3)
-        s, f, banner = connect(server.port, "127.0.0.41")
-        held.append((s, f))
-        assert banner.startswith(b"220 "), banner
+        deadline = time.monotonic() + 10
+        while True:  # the seat is free once the daemon has seen that close
+            s, f, banner = connect(server.port, "127.0.0.41")
+            if banner.startswith(b"220 "):
+                held.append((s, f))
+                break
+            f.close()
+            s.close()
+            assert banner == b"421 4.7.0 Too many connections from 127.0.0.41\r\n", banner
+            assert time.monotonic() < deadline, "closing a connection freed no seat"
+            time.sleep(0.05)
 
 
 def test_connection_rate_421(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from saslsmtp.privileges import Identity
 def test_nothing_to_resolve_or_drop() -> None:
     """Neither user nor group: no identity, and dropping it changes nothing."""
     assert privileges.resolve(None, None) is None
-    privileges.drop(None)
-    privileges.check(None)
+    before = (os.getresuid(), os.getresgid(), sorted(os.getgroups()))
+    assert privileges.drop(None) is None
+    assert privileges.check(None) is None  # nothing to refuse
+    assert (os.getresuid(), os.getresgid(), sorted(os.getgroups())) == before
 
 
 def test_group_alone_keeps_the_current_user() -> None:
