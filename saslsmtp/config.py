@@ -15,13 +15,15 @@ sections go into the section's ``cross_check``.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from saslsmtp.options import PATH, OptionProblem, Options, OptionsError, problem_if
+from saslsmtp.options import (PATH, OptionProblem, Options, OptionsError, hostname_problem,
+                              problem_if)
 
 from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_delivery
 from saslsmtp.senders import SubmissionOptions, parse_submission
@@ -61,11 +63,6 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------
 
 MECHANISM_NAME = re.compile(r"^[A-Z0-9_-]{1,20}$")
-#: What the greeting, EHLO and Received header can carry: a domain (RFC 5321 allows
-#: only ASCII on the wire without SMTPUTF8) or an address literal such as ``[192.0.2.1]``.
-HOSTNAME = re.compile(r"\A(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-                      r"|\[[0-9A-Fa-f.:]+\]|\[IPv6:[0-9A-Fa-f.:]+\])\Z")
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,7 @@ class ServerConfig(Options):
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
                 *problem_if(not self.listen, "listen", "needs at least one endpoint"),
-                *problem_if(not HOSTNAME.match(self.hostname), "hostname",
-                            f"{self.hostname!r} is not a domain name or address literal (ASCII"
-                            " letters, digits, '-', '_' and '.'; write IDN names in punycode)"),
+                *hostname_problem("hostname", self.hostname),
                 *problem_if(self.max_recipients < 1, "max_recipients", "must be at least 1"),
                 *problem_if(self.idle_timeout <= 0, "idle_timeout", "must be positive"),
                 *problem_if(self.junk_command_limit < 0, "junk_command_limit", "must not be negative"),
@@ -276,7 +271,8 @@ SECTIONS: dict[str, Section] = {
     "auth": Section(AuthConfig),
     "delivery": Section(parser=lambda table, problem, base: _delivery(table, problem, base)),
     "submission": Section(parser=parse_submission),
-    "limits": Section(parser=lambda table, problem, base: _limits_table(parse_limits, "limits", table, problem)),
+    "limits": Section(parser=lambda table, problem, base: _limits_table(
+        functools.partial(parse_limits, base=base), "limits", table, problem)),
     "auth.cache": Section(parser=lambda table, problem, base: _limits_table(parse_auth_cache, "auth.cache", table, problem)),
 }
 
@@ -420,7 +416,9 @@ def parse_config(text: str, file: str = "<config>", *,
             if name not in raw_backends:
                 report.add("auth.backends",
                            f"backend {name!r} is not defined (no [backends.{name}])")
-        if not auth.backends and auth.script is None and auth.mechanisms:
+        if not auth.mechanisms:  # and MAIL needs AUTH: the server could take no mail
+            report.add("auth.mechanisms", "is empty: nobody could log in")
+        elif not auth.backends and auth.script is None:
             report.add("auth.backends", "is empty and no auth.script is set: nobody could log in")
     if report.found:
         raise ConfigError(report.found)

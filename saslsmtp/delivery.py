@@ -9,9 +9,11 @@ transaction share one file.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -449,6 +451,36 @@ class MaildirRealm(EnvelopeRealm):
 
 #: Dovecot's rule: a file in ``tmp/`` this old is a write that was killed, not one in flight.
 STALE_TMP_SECONDS = 36 * 3600
+
+
+def maildir_problem(path: str | Path) -> str | None:
+    """Why ``prepare_maildir`` would fail for this process, found without changing
+    anything that stays: ``cannot use PATH: REASON``, or ``None``.  The mode bits say
+    yes to root everywhere, but a read-only mount or a pseudo-filesystem (``/proc``)
+    still refuses, so a folder is really made (and removed) where ``prepare_maildir``
+    would make one."""
+    maildir = Path(path)
+    existing = maildir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        for sub in ("", "tmp", "new", "cur"):
+            if (maildir / sub).exists() and not (maildir / sub).is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         str(maildir / sub))
+        if all((maildir / sub).is_dir() for sub in ("tmp", "new", "cur")):
+            probe = maildir / "tmp"  # in use already: a file will be made here
+        elif existing.is_dir():
+            probe = existing
+        else:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    except OSError as e:
+        return f"cannot use {e.filename}: {e.strerror}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".saslsmtp-check-", dir=probe))
+    except OSError as e:  # named as the start names it: the folder it could not make
+        return f"cannot use {maildir if probe == existing else probe}: {e.strerror}"
+    return None
 
 
 def prepare_maildir(path: str | Path, now: float | None = None,

@@ -15,6 +15,8 @@ No Twisted here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -99,8 +101,8 @@ class Options:
             if key in skipped:
                 continue
             if key not in known:
-                problems.append(OptionProblem(
-                    key, f"unknown key (known: {', '.join(sorted(known))})"))
+                problems.append(OptionProblem(  # (skipped keys are read elsewhere: known)
+                    key, f"unknown key (known: {', '.join(sorted({*known, *skipped}))})"))
                 continue
             if known[key].metadata.get("path") and base is not None and isinstance(value, str) \
                     and value and not value.startswith(("tcp:", "unix:")):
@@ -117,9 +119,26 @@ class Options:
 
 def type_words(value: Any) -> str:
     """``"a string"``, ``"an integer"``...: a value's TOML type, for messages."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # TOML's nan and inf
+    if isinstance(value, (list, tuple)) and value:
+        return f"an array of {_plural(value[0])}"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "an array", tuple: "an array", dict: "a table",
             types.NoneType: "nothing"}.get(type(value), type(value).__name__)
+
+
+def _plural(item: Any) -> str:
+    """``"integers"``, ``"strings"``...: what an array holds, by its first item."""
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings", list: "arrays",
+            tuple: "arrays", dict: "tables"}.get(type(item), type(item).__name__)
+
+
+def finite_number(value: Any) -> bool:
+    """An integer or a finite float (TOML also has ``nan`` and ``inf``, and no timeout,
+    delay or size makes sense as either: ``nan`` compares false with everything)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -140,8 +159,9 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else None, "a number"
+        ok = finite_number(value)
+        nan_or_inf = isinstance(value, float) and not ok
+        return ok, float(value) if ok else None, "a finite number" if nan_or_inf else "a number"
     if hint is str:
         return isinstance(value, str), value, "a string"
     if origin is tuple:
@@ -158,6 +178,21 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
     return False, None, str(hint)
 
 
+#: What the greeting, EHLO and a Received header can carry: a domain (RFC 5321 allows only
+#: ASCII on the wire without SMTPUTF8) or an address literal such as ``[192.0.2.1]``; never
+#: CR, LF or a space, since the name is sent as part of a command line.
+HOSTNAME = re.compile(r"\A(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+                      r"|\[[0-9A-Fa-f.:]+\]|\[IPv6:[0-9A-Fa-f.:]+\])\Z")
+
+
+def hostname_problem(key: str, name: str | None) -> list[OptionProblem]:
+    """A problem when ``name`` is set and not a domain name or address literal."""
+    return problem_if(name is not None and not HOSTNAME.match(name), key,
+                      f"{name!r} is not a domain name or address literal (ASCII letters,"
+                      " digits, '-', '_' and '.'; write IDN names in punycode)")
+
+
 def problem_if(condition: bool, key: str, message: str) -> list[OptionProblem]:
     """``[OptionProblem(key, message)]`` when ``condition``, else ``[]`` (for ``check()``)."""
     return [OptionProblem(key, message)] if condition else []
@@ -166,6 +201,32 @@ def problem_if(condition: bool, key: str, message: str) -> list[OptionProblem]:
 def file_problem(key: str, path: str | None) -> list[OptionProblem]:
     """A problem when ``path`` is set and names no file."""
     return problem_if(bool(path) and not Path(path or "").is_file(), key, f"no such file: {path}")
+
+
+def pem_problem(path: str) -> str | None:
+    """Why the file ``path`` is no usable CA file (``"no such file"``, ``"cannot read:
+    ..."``, ``"holds no PEM certificate"``), or ``None``: a check at load, where using
+    it later (at start, or at the first connection) would fail with a traceback."""
+    from cryptography import x509
+    if Path(path).is_dir():
+        return "is a folder, not a file"
+    if not Path(path).is_file():
+        return "no such file"
+    try:
+        x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    except ValueError:
+        return "holds no PEM certificate"
+    return None
+
+
+def ca_file_problem(key: str, path: str | None) -> list[OptionProblem]:
+    """A problem when ``path`` is set and is not a readable file of PEM certificates."""
+    why = pem_problem(path) if path else None
+    if why is None:
+        return []
+    return [OptionProblem(key, f"no such file: {path}" if why == "no such file" else f"{path}: {why}")]
 
 
 def http_url_problem(key: str, url: str | None) -> list[OptionProblem]:

@@ -44,9 +44,10 @@ def test_every_commented_backend_example_parses(tmp_path: Path) -> None:
         uncommented.append(m.group(1) if m else line)
     for name in ("directory", "upstream", "api", "dovecot"):
         assert f"[backends.{name}]" in uncommented
-    # the ca_file examples name files that do not exist here; point them at one that does
+    # the ca_file examples name files that do not exist here; point them at a PEM CA
+    from tests.tlsutil import make_ca
     body = "\n".join(uncommented)
-    body = re.sub(r'ca_file = "[^"]+"', f'ca_file = "{ETC / "users"}"', body)
+    body = re.sub(r'ca_file = "[^"]+"', f'ca_file = "{make_ca(tmp_path).cert_path}"', body)
     config = parse_config(body, str(ETC / "saslsmtp.toml"), known_mechanisms=KNOWN)
     assert {"users", "directory", "upstream", "api", "dovecot"} <= set(config.backends)
 
@@ -63,6 +64,40 @@ def test_unknown_keys_wrong_types_dangling_names(tmp_path: Path) -> None:
     assert any(p.startswith(f"{f}:12: backends.users.path: no such file") for p in found)
     assert f"{f}:6: auth.mechanisms: NOPE is not built in and no auth.script is set to serve it" in found
     assert any(p.startswith(f"{f}:15: typo: unknown section") for p in found)
+
+
+def test_nan_and_inf_are_no_number_of_seconds(tmp_path: Path) -> None:
+    """TOML's ``nan`` compares false with everything: every number option refuses it
+    (and ``inf``), where it would otherwise pass every range check."""
+    found = problems('[server]\nidle_timeout = nan\n[auth]\nbackends = ["u"]\n'
+                     'script_timeout = inf\nfailure_delay = -nan\n[backends.u]\ntype = "file"\n'
+                     'path = "u"\n[limits]\nauth_penalty_max = nan\n[auth.cache]\nttl = inf\n',
+                     tmp_path)
+    f = tmp_path / "c.toml"
+    for expected in (f"{f}:2: server.idle_timeout: must be a finite number, not nan",
+                     f"{f}:5: auth.script_timeout: must be a finite number, not inf",
+                     f"{f}:6: auth.failure_delay: must be a finite number, not nan",
+                     f"{f}:11: limits.auth_penalty_max: must be a number of seconds, 0 or more",
+                     f"{f}:13: auth.cache.ttl: must be a number of seconds, 0 or more"):
+        assert expected in found, found
+
+
+def test_the_unknown_key_hint_names_every_server_key(tmp_path: Path) -> None:
+    """``worker = 2`` is pointed to ``workers``, which [server] also takes."""
+    found = problems('[server]\nworker = 2\n', tmp_path)
+    assert any("server.worker: unknown key (known: group, hostname," in p and " workers)" in p
+               for p in found), found
+
+
+def test_no_mechanism_is_no_server(tmp_path: Path) -> None:
+    """``mechanisms = []``: nobody could log in, and MAIL needs AUTH."""
+    (tmp_path / "u").write_text("alice:{PLAIN}pw\n")
+    found = problems('[auth]\nmechanisms = []\nbackends = ["u"]\n[backends.u]\ntype = "file"\n'
+                     'path = "u"\n', tmp_path)
+    assert found == [f"{tmp_path / 'c.toml'}:2: auth.mechanisms: is empty: nobody could log in"]
+    found = problems('[auth]\nmechanisms = [1]\n', tmp_path)
+    assert any("auth.mechanisms: must be an array of strings, not an array of integers" in p
+               for p in found), found
 
 
 def test_backend_type_must_be_known(tmp_path: Path) -> None:
@@ -122,6 +157,13 @@ BAD_BACKEND_OPTIONS = [
      "identity_attribute", "must be an attribute name"),
     ('type = "smtp"\nhost = "h"\nport = 70000', "port", "must be 1 to 65535"),
     ('type = "smtp"\nhost = "h"\ntimeout = 0', "timeout", "must be positive"),
+    ('type = "smtp"\nhost = "h"\nhelo = "a b\\r\\nRSET"', "helo",
+     "'a b\\r\\nRSET' is not a domain name or address literal"),
+    ('type = "http"\nurl = "http://x"\ntimeout = nan', "timeout", "must be a finite number, not nan"),
+    ('type = "smtp"\nhost = "h"\nca_file = "c.toml"', "ca_file", "holds no PEM certificate"),
+    ('type = "oauth2"\njwks_url = "https://x"\nca_file = "c.toml"', "ca_file",
+     "holds no PEM certificate"),
+    ('type = "dovecot"\nsocket = "/s"\nservice = "a\\tb"', "service", "is not a service name"),
     ('type = "http"\ntimeout = 1\nurl = "ftp://x"', "url", "http:// or https://"),
     ('type = "http"\nurl = "http://x"\nheaders = { X = "a\\nb" }', "headers", "line break"),
     ('type = "dovecot"\ntimeout = 1\nsocket = "tcp:host"', "socket", "tcp:HOST:PORT"),

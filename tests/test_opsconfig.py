@@ -8,7 +8,8 @@ import pytest
 from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.opsconfig import MetricsConfig, OpsConfig
 
-BASE = '[auth]\nmechanisms = []\nbackends = []\n'
+# (an http backend: nothing on disk to find)
+BASE = '[auth]\nbackends = ["api"]\n[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:1/auth"\n'
 
 
 def test_defaults_are_one_process_text_logs_no_metrics() -> None:

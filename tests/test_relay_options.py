@@ -62,6 +62,11 @@ def test_smtp_and_lmtp_options():
      [("delivery.ca_file", "no such file: /nonexistent/ca.pem")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "trace_header": "X Bad: x"},
      [("delivery.trace_header", "is not a header field name")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "timeout": float("nan")},
+     [("delivery.timeout", "must be a finite number, not nan")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "helo": "a b\r\nRSET"},
+     [("delivery.helo", "'a b\\r\\nRSET' is not a domain name or address literal (ASCII"
+                        " letters, digits, '-', '_' and '.'; write IDN names in punycode)")]),
 ])
 def test_problems(table, expected):
     """Each mistake is reported with its dotted key; the result is then ``None``."""

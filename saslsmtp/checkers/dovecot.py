@@ -23,6 +23,7 @@ Passwords only ever travel inside ``resp=``; they are never logged nor put in ex
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -269,6 +270,9 @@ def endpoint_description(socket: str, timeout: float) -> str:
     return f"unix:path={quoteStringArgument(path)}:timeout={connect_timeout}"
 
 
+_SERVICE = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
+
+
 @dataclass(frozen=True)
 class DovecotOptions(Options):
     """``[backends.NAME] type = "dovecot"``: where Dovecot's auth socket is, and how long
@@ -279,7 +283,10 @@ class DovecotOptions(Options):
     service: str = "smtp"
 
     def check(self) -> Iterable[OptionProblem]:
-        problems = problem_if(self.timeout <= 0, "timeout", "must be positive")
+        problems = [*problem_if(self.timeout <= 0, "timeout", "must be positive"),
+                    *problem_if(not _SERVICE.match(self.service), "service",
+                                f"{self.service!r} is not a service name (letters, digits, '-',"
+                                " '_' and '.': it is sent as one field of Dovecot's protocol)")]
         if not self.socket:
             return problems + [OptionProblem("socket", "is required")]
         try:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import treq
+from hyperlink import DecodedURL
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.cred.checkers import ICredentialsChecker
@@ -46,7 +48,8 @@ from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
-from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
+from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, http_url_problem,
+                              problem_if)
 
 log = Logger()
 
@@ -66,7 +69,7 @@ class HttpOptions(Options):
 
     def check(self) -> Iterable[OptionProblem]:
         problems = problem_if(not self.url, "url", "is required") or http_url_problem(
-            "url", self.url)
+            "url", self.url) or url_problem("url", self.url)
         for key, value in self.headers.items():
             try:
                 key.encode("latin-1"), value.encode("latin-1")
@@ -74,8 +77,23 @@ class HttpOptions(Options):
                 problems.append(OptionProblem("headers", f"{key!r}: not Latin-1 text"))
             if any(c in key + value for c in "\r\n\0") or not key:
                 problems.append(OptionProblem("headers", f"{key!r}: empty name or a line break"))
-        return [*problems, *file_problem("ca_file", self.ca_file),
+        return [*problems, *ca_file_problem("ca_file", self.ca_file),
                 *problem_if(self.timeout <= 0, "timeout", "must be positive")]
+
+
+def url_problem(key: str, url: str) -> list[OptionProblem]:
+    """A problem when the http(s) ``url`` has no host, a bad port or does not parse as
+    treq parses it: otherwise every login would fail with 454 at the first request."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        DecodedURL.from_text(url)
+    except ValueError as e:  # hyperlink's URLParseError is a ValueError
+        return [OptionProblem(key, f"{url!r} is not a usable URL: {e}")]
+    host = parts.hostname or ""
+    why = ("no host name" if not host else "a space in the host name"
+           if any(c.isspace() for c in host) else "port 0" if port == 0 else None)
+    return problem_if(why is not None, key, f"{url!r} is not a usable URL: {why}")
 
 
 @implementer(ICredentialsChecker)

@@ -109,7 +109,7 @@ from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
-from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
+from saslsmtp.options import PATH, OptionProblem, Options, ca_file_problem, problem_if
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -237,7 +237,7 @@ class LdapOptions(Options):
                                           "search_dn and search_password go together"))
         problems += problem_if(self.search_dn is not None and not self.search_base,
                                "search_dn", "is only used with search_base (search-then-bind)")
-        problems += file_problem("ca_file", self.ca_file)
+        problems += ca_file_problem("ca_file", self.ca_file)
         problems += problem_if(self.require_filter is not None and not (
             (self.require_filter or "").startswith("(") and (self.require_filter or "").endswith(
                 ")")), "require_filter", "must be an LDAP filter in parentheses")
@@ -273,6 +273,7 @@ class VerifyingTls(Tls):
         """Wrap ``connection.socket`` in TLS (the handshake is bounded by the socket timeout)."""
         context = ssl.create_default_context(cafile=self.ca_certs_file)
         context.check_hostname = self._verify_hostname
+        context.hostname_checks_common_name = False  # a subjectAltName, as with Twisted
         context.verify_mode = ssl.CERT_REQUIRED
         connection.socket = context.wrap_socket(
             connection.socket, server_side=False, do_handshake_on_connect=do_handshake,

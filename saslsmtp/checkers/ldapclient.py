@@ -18,9 +18,9 @@ request and an answer of a few dozen bytes each, which Nagle's algorithm would d
 ``connect`` opens one connection on an endpoint from the injected ``endpoint_factory``
 (by default ``HostnameEndpoint``, wrapped in TLS for ``ldaps://``), does StartTLS if asked
 (the ExtendedRequest, then ``transport.startTLS``), all within ``timeout``.  Certificate
-and host name checks are Twisted's (``optionsForClientTLS``, service_identity); a failed
-check closes the connection and fails the request that was waiting with ``LdapConnectionLost``
-naming the TLS error.
+and host name checks are ``tlsclient.StrictClientTLS``'s (the chain, then service_identity
+against the subjectAltName); a failed check fails the handshake and the request that was
+waiting with ``LdapConnectionLost`` naming the reason.
 """
 
 from __future__ import annotations

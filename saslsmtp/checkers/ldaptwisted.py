@@ -42,8 +42,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.ssl import (Certificate, CertificateOptions, optionsForClientTLS,
-                                  platformTrust, trustRootFromCertificates)
+from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -56,6 +55,7 @@ from saslsmtp.checkers.ldapclient import LdapError, LdapProtocol, connect, descr
 from saslsmtp.checkers.ldappool import MAX_IDLE_SECONDS, ConnectionPool, PoolWaitTooLong
 from saslsmtp.checkers.ldapservers import Servers
 from saslsmtp.checkers.outage import OutageLog
+from saslsmtp.checkers.tlsclient import StrictClientTLS, load_trust_root
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes
@@ -78,17 +78,15 @@ class _Transport(Exception):
 
 def tls_options(options: LdapOptions, host: str) -> Any:
     """Twisted client TLS options: the chain checked against ``ca_file`` (or the system
-    store), the name against ``host`` unless ``verify_hostname = false``."""
-    if options.ca_file:
-        with open(options.ca_file, "rb") as f:
-            pem = f.read()
-        marker = b"-----END CERTIFICATE-----"
-        blocks = [b + marker for b in pem.split(marker) if b"-----BEGIN" in b]
-        trust: Any = trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
-    else:
-        trust = platformTrust()
+    store), the name against ``host``'s subjectAltName unless ``verify_hostname = false``.
+
+    ``StrictClientTLS``, not Twisted's ``optionsForClientTLS``: that one logs a critical
+    traceback for a certificate without subjectAltName at every connection, and the
+    login then only sees "connection closed".  Here the handshake fails with the reason,
+    which the unreachable message names (so nothing is logged per connection)."""
+    trust = load_trust_root(options.ca_file)
     if options.verify_hostname:
-        return optionsForClientTLS(host, trustRoot=trust)
+        return StrictClientTLS(host, trust, warn=False)
     return CertificateOptions(trustRoot=trust, raiseMinimumTo=None)
 
 

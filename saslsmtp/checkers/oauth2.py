@@ -67,7 +67,8 @@ from saslsmtp.checkers.secrets import ITokenValidator
 from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
-from saslsmtp.options import PATH, OptionProblem, Options, file_problem, http_url_problem, problem_if
+from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, file_problem,
+                              finite_number, http_url_problem, problem_if)
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
 log = Logger(namespace="saslsmtp.oauth2")
@@ -146,7 +147,7 @@ class OAuth2Options(Options):
         for key in ("jwks_cache_time", "jwks_min_refresh"):
             problems += problem_if(getattr(self, key) < 0, key, "must not be negative")
         problems += problem_if(self.timeout <= 0, "timeout", "must be positive")
-        return problems + file_problem("ca_file", self.ca_file)
+        return problems + ca_file_problem("ca_file", self.ca_file)
 
 
 # --------------------------------------------------------------------------
@@ -175,7 +176,7 @@ class ClaimPolicy:
         if exp is None:
             if self.require_exp:
                 return self.refuse(), "no exp claim"
-        elif not _number(exp):
+        elif not finite_number(exp):
             return self.refuse(), "exp is not a number"
         elif exp + self.leeway <= now:
             return self.refuse(), "expired"
@@ -183,7 +184,7 @@ class ClaimPolicy:
             value = claims.get(name)
             if value is None:
                 continue
-            if not _number(value):
+            if not finite_number(value):
                 return self.refuse(), f"{name} is not a number"
             if value - self.leeway > now:
                 return self.refuse(), what
@@ -207,8 +208,6 @@ class ClaimPolicy:
         return TokenVerdict(True, subject), "ok"
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _scopes(claims: Mapping[str, Any]) -> set[str]:

@@ -47,7 +47,8 @@ from zope.interface import implementer
 from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes
-from saslsmtp.options import PATH, OptionProblem, Options, file_problem, problem_if
+from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, hostname_problem,
+                              problem_if)
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
@@ -78,7 +79,8 @@ class SmtpOptions(Options):
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(not self.host and not self.endpoint, "host", "must not be empty"),
                 *problem_if(not 0 < self.port < 65536, "port", "must be 1 to 65535"),
-                *file_problem("ca_file", self.ca_file),
+                *ca_file_problem("ca_file", self.ca_file),
+                *hostname_problem("helo", self.helo),
                 *problem_if(self.timeout <= 0, "timeout", "must be positive")]
 
 

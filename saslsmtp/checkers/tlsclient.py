@@ -83,24 +83,28 @@ def verify_peer_identity(transport: Any, hostname: str) -> None:
 @implementer(IOpenSSLClientConnectionCreator)
 class StrictClientTLS:
     """Client TLS for ``hostname`` trusting ``trust_root``; any identity doubt fails the
-    handshake (no subjectAltName included), before a byte of application data."""
+    handshake (no subjectAltName included), before a byte of application data.  The
+    protocol's ``connectionLost`` gets the ``CertificateIdentityError``; ``warn=False``
+    leaves the logging to a caller that reports that reason itself (once per outage)."""
 
-    def __init__(self, hostname: str, trust_root: "IOpenSSLTrustRoot | None" = None) -> None:
+    def __init__(self, hostname: str, trust_root: "IOpenSSLTrustRoot | None" = None, *,
+                 warn: bool = True) -> None:
         self.hostname = hostname
+        self.warn = warn
         self._inner = ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Connection:
         """Twisted's connection (SNI, chain checks), with our stricter verify callback."""
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
         connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT,
-                              _strict_callback(tlsProtocol, self.hostname))
+                              _strict_callback(tlsProtocol, self.hostname, self.warn))
         return connection
 
     def __repr__(self) -> str:
         return f"<StrictClientTLS {self.hostname}>"
 
 
-def _strict_callback(tls_protocol: Any, hostname: str) -> Callable[..., bool]:
+def _strict_callback(tls_protocol: Any, hostname: str, warn: bool = True) -> Callable[..., bool]:
     """An OpenSSL verify callback: the chain must verify, the leaf must name ``hostname``."""
     protocol_ref = [tls_protocol]  # dropped after the leaf is checked (no reference cycle)
 
@@ -113,7 +117,8 @@ def _strict_callback(tls_protocol: Any, hostname: str) -> Callable[..., bool]:
         try:
             verify_identity(certificate.to_cryptography(), hostname)
         except CertificateIdentityError as e:
-            log.warn("refusing TLS peer: {why}", why=str(e))
+            if warn:
+                log.warn("refusing TLS peer: {why}", why=str(e))
             if protocol_ref:
                 protocol_ref.pop().failVerification(Failure(e))
             return False

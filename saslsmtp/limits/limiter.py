@@ -56,6 +56,7 @@ from saslsmtp.limits.penalty import (MAX_TRACKED_ADDRESSES, PENALTY_FIRST, PENAL
 from saslsmtp.limits.settings import LimitsSettings, Rate
 from saslsmtp.limits.store import ALLOW, RateResult, RateStore
 from saslsmtp.limits.verdicts import ALLOWED, Admission, AuthGate, Verdict
+from saslsmtp.options import finite_number
 
 __all__ = ["ALLOWED", "IN_FLIGHT_TTL", "MAX_TRACKED_ADDRESSES", "PENALTY_FIRST",
            "PENALTY_FORGET", "REMEMBERED_FAILURES", "Admission", "AuthGate", "Limiter",
@@ -520,7 +521,7 @@ class Limiter:
         it stays within ``count`` hits per ``interval`` seconds (same store as the limits)."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError("rate(): count must be a positive integer")
-        if not interval > 0:
+        if not finite_number(interval) or interval <= 0:
             raise ValueError("rate(): interval must be a positive number of seconds")
         key = "script:" + _raw_key(str(namespace)) + ":" + _raw_key(str(entry))
         d = self._safe(self.store.hit(key, Rate(count, float(interval))), "script rate()")

@@ -28,12 +28,13 @@ from typing import Any, Callable, Sequence
 import txredisapi  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from saslsmtp.checkers.tlsclient import StrictClientTLS, load_trust_root
 from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.redisurl import RedisURL, parse_redis_url
 from saslsmtp.limits.settings import Rate
@@ -278,17 +279,30 @@ class _AlwaysReconnect(txredisapi.RedisFactory):
         return succeed(None)
 
 
+@implementer(IHandshakeListener)
+class _TLSRedisProtocol(txredisapi.RedisProtocol):
+    """txredisapi's protocol for ``rediss://``: ready (AUTH, SELECT, then in the pool, so
+    ``connected``) only once the TLS handshake has completed.  txredisapi would pool it
+    as soon as the TCP connection is made, and a certificate that then fails
+    verification would make the store look connected for a moment at every attempt."""
+
+    def connectionMade(self) -> None:
+        """Nothing yet: ``handshakeCompleted`` does txredisapi's ``connectionMade``."""
+
+    def handshakeCompleted(self) -> None:
+        super().connectionMade()
+
+
 def _endpoint(url: RedisURL, reactor: Any, timeout: float) -> Any:
+    """Where to connect; ``rediss://`` verifies the chain against ``ca_file`` (one or
+    more PEM CAs, or the system store) and the host against the subjectAltName, failing
+    the handshake with the reason (``StrictClientTLS``)."""
     if url.path:
         return UNIXClientEndpoint(reactor, url.path, timeout=timeout)
     host = url.host or "localhost"
     endpoint: Any = HostnameEndpoint(reactor, host, url.port, timeout=timeout)
     if url.tls:
-        trust = None
-        if url.ca_file:
-            with open(url.ca_file, "rb") as f:
-                trust = Certificate.loadPEM(f.read())
-        return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+        return wrapClientTLS(StrictClientTLS(host, load_trust_root(url.ca_file)), endpoint)
     return endpoint
 
 
@@ -327,6 +341,8 @@ class RedisStore:
                                    password=self.url.password, username=self.url.username,
                                    replyTimeout=timeout)
         factory.deferred.addErrback(lambda f: None)  # lazy: errors are seen per call
+        if self.url.tls:
+            factory.protocol = _TLSRedisProtocol
         factory.maxDelay = reconnect_max_delay
         factory.initialDelay = min(factory.initialDelay, reconnect_max_delay)
         self._factory = factory

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
+
+from saslsmtp.options import pem_problem
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,19 @@ def parse_redis_url(url: str) -> RedisURL:
                     username=unquote(parts.username) if parts.username else None,
                     password=unquote(parts.password) if parts.password else None,
                     ca_file=query.get("ca_file", [None])[0])
+
+
+def checked_store_url(url: str, base: Path | None = None) -> str:
+    """``url`` as the store will use it: parsed, and a ``rediss://`` ``ca_file`` made
+    absolute against ``base`` (the configuration file's folder, like every other path)
+    and loaded once, so a missing or non-PEM file is a configuration problem, not a
+    traceback when the store connects.  ``ValueError`` with a readable message."""
+    parsed = parse_redis_url(url)
+    if parsed.ca_file is None:
+        return url
+    ca_file = str((base / parsed.ca_file).resolve()) if base is not None else parsed.ca_file
+    why = pem_problem(ca_file)
+    if why is not None:
+        raise ValueError(f"ca_file {ca_file}: {why}")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=urlencode({"ca_file": ca_file})))

@@ -11,9 +11,11 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from saslsmtp.limits.redisurl import parse_redis_url
+from saslsmtp.limits.redisurl import checked_store_url
+from saslsmtp.options import finite_number
 
 Report = Callable[[str, str], None]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -133,12 +135,12 @@ _LIMIT_RATES = ("connection_rate_per_ip", "auth_failures_per_ip", "auth_failures
 _STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_limits(table: Mapping[str, Any], report: Report, prefix: str = "limits") -> LimitsSettings:
-    """Check and convert a ``[limits]`` table; every problem goes to ``report``."""
+def parse_limits(table: Mapping[str, Any], report: Report, prefix: str = "limits",
+                 base: Path | None = None) -> LimitsSettings:
+    """Check and convert a ``[limits]`` table; every problem goes to ``report``; a
+    ``rediss://`` ``ca_file`` is relative to ``base`` (the configuration's folder)."""
     values: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"{prefix}.{key}"
@@ -150,7 +152,7 @@ def parse_limits(table: Mapping[str, Any], report: Report, prefix: str = "limits
             else:
                 if value != "memory":
                     try:
-                        parse_redis_url(value)
+                        value = checked_store_url(value, base)
                     except ValueError as e:
                         report(dotted, str(e))
                         continue
@@ -186,7 +188,7 @@ def parse_limits(table: Mapping[str, Any], report: Report, prefix: str = "limits
             except ValueError as e:
                 report(dotted, str(e))
         elif key == "auth_penalty_max":
-            if not _number(value) or value < 0:
+            if not finite_number(value) or value < 0:
                 report(dotted, "must be a number of seconds, 0 or more")
             else:
                 values[key] = float(value)
@@ -204,7 +206,7 @@ def parse_auth_cache(table: Mapping[str, Any], report: Report,
     for key, value in table.items():
         dotted = f"{prefix}.{key}"
         if key in ("ttl", "negative_ttl", "stale_if_error"):
-            if not _number(value) or value < 0:
+            if not finite_number(value) or value < 0:
                 report(dotted, "must be a number of seconds, 0 or more")
             else:
                 values[key] = float(value)

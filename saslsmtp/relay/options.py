@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from saslsmtp.options import ca_file_problem, finite_number, hostname_problem
+
 Problem = Callable[[str, str], None]
 
 _ENDPOINT = re.compile(r"^(tcp:(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(?P<port>[0-9]{1,5})"
@@ -114,13 +116,20 @@ def parse_delivery(table: Any, problem: Problem, base: Path | None = None
             problem("delivery.tls" if options.tls else "delivery.starttls",
                     "TLS to a UNIX socket is not supported")
             ok = False
+    if options.helo is not None:
+        for found in hostname_problem("helo", options.helo):  # it is sent as EHLO's argument
+            problem("delivery.helo", found.message)
+            ok = False
     if options.tls and options.starttls:
         problem("delivery.starttls", "tls (implicit) and starttls exclude each other")
         ok = False
-    if options.ca_file is not None and not Path(options.ca_file).is_file():
-        problem("delivery.ca_file", f"no such file: {options.ca_file}")
+    for found in ca_file_problem("ca_file", options.ca_file):  # PEM: as the backends check it
+        problem("delivery.ca_file", found.message)
         ok = False
-    if options.timeout <= 0:
+    if not finite_number(options.timeout):
+        problem("delivery.timeout", f"must be a finite number, not {options.timeout}")
+        ok = False
+    elif options.timeout <= 0:
         problem("delivery.timeout", "must be positive")
         ok = False
     if options.pool_size < 0:
