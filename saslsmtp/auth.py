@@ -23,6 +23,7 @@ anything else -> ``Defer()`` and a log line.  So the protocol sees exactly one o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Union, assert_never
 
@@ -89,6 +90,7 @@ StepResult = Union[Reply, LoggedIn, Reject, Defer]
 """What one step of an exchange ends in, for the protocol to answer."""
 
 TOO_LONG = Reject("Authentication exchange too long")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: never in a login name
 
 
 class AuthExchange:
@@ -242,7 +244,13 @@ class AuthExchange:
         if username in (None, "", b""):
             log.error("AUTH {mechanism}: Accept without a username", mechanism=self.spec.name)
             return Defer()
+        if not isinstance(username, (str, bytes)):
+            log.error("AUTH {mechanism}: Accept(username=...) must be a string, not {kind}",
+                      mechanism=self.spec.name, kind=type(username).__name__)
+            return Defer()
         text = username.decode("utf-8", "replace") if isinstance(username, bytes) else str(username)
+        if _CONTROL.search(text):
+            return self._unusable(text)
         identity = AuthenticatedIdentity(text.encode("utf-8"), self.spec.name)
         return self._login(identity, text, accept.reason)
 
@@ -284,8 +292,18 @@ class AuthExchange:
             # canonical user=, LDAP's identity_attribute, the script's Accept), not what
             # the client typed; a foreign realm's avatar without one keeps the login name.
             identity = getattr(delivery, "username", None) or username
+            if not isinstance(identity, str) or _CONTROL.search(identity):
+                logout()  # (a backend's or realm's name: checked as a script's is)
+                return self._unusable(identity)
             return LoggedIn(identity, self.spec.name, delivery, logout, text)
         return d.addCallback(logged_in)
+
+    def _unusable(self, identity: object) -> Defer:
+        """A login name goes into log lines, Received headers and sender checks as it
+        is: one that is not a string, or has control characters, is refused (454)."""
+        log.error("AUTH {mechanism}: refusing the identity {identity!r}: not a string"
+                  " without control characters", mechanism=self.spec.name, identity=identity)
+        return Defer()
 
     def _failed(self, failure: Failure) -> StepResult:
         if failure.check(defer.CancelledError) and self.cancelled:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from twisted.application import service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.internet.protocol import Factory
@@ -69,15 +70,20 @@ class ControlProtocol(LineOnlyReceiver):
 class CacheControlService(service.Service):
     """The control socket of one serving process, bound at start (after privileges were
     dropped: the folder must be writable by the server's user, e.g. systemd's
-    ``RuntimeDirectory=saslsmtp``); a failure to bind is logged, never fatal.
+    ``RuntimeDirectory=saslsmtp``).  ``preflight`` checks the folder and the path's
+    length first; a bind that fails anyway (another live server holds the socket) stops
+    the start with one line (``SystemExit``): a flush would never reach this process.
 
     ``caches()`` returns the auth caches to flush now: the current wiring's and those of
-    wirings a reload retired that still serve open sessions."""
+    wirings a reload retired that still serve open sessions.  ``label``: ``FILE: KEY: ``
+    for that line."""
 
-    def __init__(self, reactor: Any, path: str, caches: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, reactor: Any, path: str, caches: Callable[[], Iterable[Any]],
+                 label: str = "auth.cache.control_socket: ") -> None:
         self.reactor = reactor
         self.path = path
         self.caches = caches
+        self.label = label
         self.port: Any = None
 
     def startService(self) -> None:
@@ -88,16 +94,25 @@ class CacheControlService(service.Service):
             # is replaced, a live one's is not.
             self.port = self.reactor.listenUNIX(self.path, factory, mode=SOCKET_MODE,
                                                 wantPID=True)
-        except Exception as e:
-            log.error("auth cache: cannot listen on control socket {path}: {error}",
-                      path=self.path, error=str(e))
-            return
+        except (OSError, CannotListenError) as e:
+            raise SystemExit(f"saslsmtp: {self.label}cannot listen on {self.path}:"
+                             f" {bind_problem(e)}") from None
         log.info("auth cache: flush with saslsmtp-cache (control socket {path})", path=self.path)
 
     def stopService(self) -> Any:
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
+
+
+def bind_problem(error: Exception) -> str:
+    """Plain words for a failed ``listenUNIX``: the OS's reason, not Twisted's repr."""
+    cause = getattr(error, "socketError", error)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    if isinstance(error, CannotListenError) and "lock" in str(cause).lower():
+        return "another running server holds it"
+    return str(cause)
 
 
 def wiring_caches(factory: Any, reloader: Any) -> Callable[[], list[Any]]:
@@ -118,10 +133,12 @@ def control_service(reactor: Any, factory: Any, reloader: Any,
                     suffix: str = "") -> CacheControlService | None:
     """The control socket service for a serving process whose configuration sets
     ``[auth.cache] control_socket`` (``suffix``: ``.<slot>`` in a worker), else ``None``."""
-    path = factory.wiring.config.section("auth.cache").control_socket
+    config = factory.wiring.config
+    path = config.section("auth.cache").control_socket
     if not path:
         return None
-    return CacheControlService(reactor, path + suffix, wiring_caches(factory, reloader))
+    return CacheControlService(reactor, path + suffix, wiring_caches(factory, reloader),
+                               f"{config.path}: auth.cache.control_socket: ")
 
 
 # ---- the command ----------------------------------------------------------------------

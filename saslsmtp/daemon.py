@@ -8,14 +8,18 @@ binds, serves ``/metrics`` and then drops privileges; with more it is the
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from typing import Any, Callable
 
 from twisted.application import service
+from twisted.logger import Logger
 
 from saslsmtp import privileges
 from saslsmtp.config import Config, ConfigError, ConfigProblem
 from saslsmtp.listeners import ListenError, parse, start_or_exit
 from saslsmtp.metrics import Metrics, metrics_service
+
+log = Logger(namespace="saslsmtp")
 
 
 class SingleProcess(service.MultiService):
@@ -30,9 +34,38 @@ class SingleProcess(service.MultiService):
         start_or_exit(super().privilegedStartService)
         privileges.drop(self.identity)
 
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(guard_stop_signals, self.reactor)
+
     def stopService(self) -> Any:
         from twisted.internet import defer
         return defer.maybeDeferred(super().stopService).addCallback(clean_exit, self.reactor)
+
+
+def guard_stop_signals(reactor: Any) -> None:
+    """A second SIGTERM or SIGINT while the sessions drain is logged and ignored.
+
+    twistd's handlers call ``reactor.stop()`` at every signal, and the second call, on a
+    reactor already stopping, is logged as a critical ``ReactorNotRunning`` traceback.
+    Only the reactor's own handlers are wrapped (not a test runner's, say)."""
+    stopping: list[bool] = []
+    reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if callable(previous) and getattr(previous, "__self__", None) is reactor:
+            signal.signal(signum, _once(reactor, previous, stopping))
+
+
+def _once(reactor: Any, handler: Callable[..., Any], stopping: list[bool]) -> Callable[..., None]:
+    def on_signal(signum: int, frame: Any) -> None:
+        if stopping:
+            reactor.callFromThread(log.info, "{signal} received: already shutting down",
+                                   signal=signal.Signals(signum).name)
+            return
+        stopping.append(True)
+        handler(signum, frame)
+    return on_signal
 
 
 def clean_exit(result: Any, reactor: Any) -> Any:
@@ -41,7 +74,6 @@ def clean_exit(result: Any, reactor: Any) -> Any:
     twistd re-raises the signal that stopped the reactor once the service has stopped
     (so the exit status would say "killed by SIGTERM"); operators and the contract
     expect 0 from an orderly stop."""
-    import signal
     if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
         reactor._exitSignal = None
     return result

@@ -15,11 +15,13 @@ the workers, and on shutdown forwards SIGTERM and waits for every worker to end.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,13 +32,16 @@ from twisted.logger import Logger, globalLogPublisher
 import saslsmtp
 from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
-from saslsmtp.daemon import clean_exit
+from saslsmtp.daemon import clean_exit, guard_stop_signals
 from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
 from saslsmtp.metrics import (MULTIPROC_ENV, mark_dead, metrics_service, multiprocess_registry,
                               prepare_multiprocess_dir)
 from saslsmtp.serving import install_sighup
 
 log = Logger(namespace="saslsmtp")
+
+#: Seconds the master waits at startup for every worker to say it serves.
+STARTUP_TIMEOUT = 60.0
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -71,6 +76,36 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.master.worker_ended(self, reason.value)
 
 
+def await_ready(pipes: dict[int, int], timeout: float,
+                clock: Callable[[], float] = time.monotonic) -> tuple[int, str] | None:
+    """Read each worker's status pipe (fd -> slot) until every one said ``ready``:
+    ``None``, or ``(slot, reason)`` for the first that said ``failed REASON``, ended
+    without a word, or said nothing for ``timeout`` seconds."""
+    waiting = dict(pipes)
+    heard: dict[int, bytes] = {fd: b"" for fd in pipes}
+    deadline = clock() + timeout
+    while waiting:
+        left = deadline - clock()
+        if left <= 0:
+            slot = min(waiting.values())
+            return slot, f"worker {slot} did not start within {timeout:.0f} seconds"
+        readable, _, _ = select.select(list(waiting), [], [], min(left, 1.0))
+        for fd in readable:
+            chunk = os.read(fd, 4096)
+            heard[fd] += chunk
+            line, newline, _ = heard[fd].partition(b"\n")
+            if not newline and chunk:
+                continue
+            slot = waiting.pop(fd)
+            text = line.decode("utf-8", "replace")
+            if text == "ready":
+                continue
+            if text.startswith("failed "):
+                return slot, text[len("failed "):]
+            return slot, f"worker {slot} ended before it was ready (its log lines say why)"
+    return None
+
+
 def describe_end(value: Any) -> str:
     """``exit status 1`` / ``signal 9`` / ``exit status 0`` from a processEnded reason."""
     if getattr(value, "signal", None):
@@ -87,7 +122,7 @@ class MasterService(service.MultiService):
                  backoff: tuple[float, float] = (0.5, 30.0), stable_after: float = 10.0,
                  publish: Callable[[dict], None] | None = None,
                  log_output: Callable[[], FdLineWriter | None] = shared_output,
-                 log_check: float = 1.0) -> None:
+                 log_check: float = 1.0, startup_timeout: float = STARTUP_TIMEOUT) -> None:
         super().__init__()
         self.config_path = os.path.abspath(config_path)
         self.config = config
@@ -101,6 +136,7 @@ class MasterService(service.MultiService):
         self.publish = publish or globalLogPublisher
         self.log_output = log_output  # what the workers write their lines to (None: relay)
         self.log_check = log_check
+        self.startup_timeout = startup_timeout
         self._log_size_check: task.LoopingCall | None = None
         self._restore_sigusr1: Callable[[], None] | None = None
         self.identity: privileges.Identity | None = None
@@ -151,12 +187,51 @@ class MasterService(service.MultiService):
             self._log_size_check = task.LoopingCall(self.logs_rotated, False, False)
             self._log_size_check.clock = self.reactor
             self._log_size_check.start(self.log_check, now=False)
-        for slot in range(self.count):
-            self.spawn(slot)
+        self.start_workers()
+        self.reactor.callWhenRunning(guard_stop_signals, self.reactor)
         log.info("saslsmtp master (pid {pid}) started {n} workers", pid=os.getpid(), n=self.count)
 
-    def worker_command(self, slot: int) -> tuple[list[str], dict[int, Any], dict[str, str]]:
-        """(argv, childFDs, environment) of a worker."""
+    def start_workers(self) -> None:
+        """Start every worker and wait (before the reactor runs) until each says it
+        serves.  One that cannot start (a Maildir it cannot make, a control socket it
+        cannot bind...) would fail the same way at every restart: the start stops with
+        its reason in one line and exit status 1, as one process's would, before
+        anything says it is ready."""
+        pipes: dict[int, int] = {}
+        try:
+            for slot in range(self.count):
+                read, write = os.pipe()
+                pipes[read] = slot
+                try:
+                    self.spawn(slot, status=write)
+                finally:
+                    os.close(write)
+            problem = await_ready(pipes, self.startup_timeout)
+        finally:
+            for fd in pipes:
+                os.close(fd)
+        if problem is not None:
+            slot, reason = problem
+            self.abort_start(slot, reason)
+
+    def abort_start(self, slot: int, reason: str) -> None:
+        """A worker could not start: stop the others, free what the master holds, and
+        end the start with the worker's reason (``SystemExit``: twistd prints it)."""
+        worker = self.workers.get(slot)
+        pid = worker.pid if worker is not None else None
+        log.critical("worker {slot} (pid {worker_pid}) could not start; stopping", slot=slot,
+                     worker_pid=pid)
+        self.stopping = True
+        self.signal_workers(signal.SIGTERM)
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+        self._close_sockets(None)
+        raise SystemExit(reason if reason.startswith("saslsmtp: ") else f"saslsmtp: {reason}")
+
+    def worker_command(self, slot: int, status: int | None = None
+                       ) -> tuple[list[str], dict[int, Any], dict[str, str]]:
+        """(argv, childFDs, environment) of a worker; ``status``: the write end of a pipe
+        on which it says ``ready`` or ``failed REASON`` (``--status-fd``)."""
         args = [self.python, "-m", "saslsmtp.worker", "--config", self.config_path,
                 "--slot", str(slot)]
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
@@ -177,13 +252,17 @@ class MasterService(service.MultiService):
         env.pop(MULTIPROC_ENV, None)
         if self.metrics_dir is not None:
             env[MULTIPROC_ENV] = str(self.metrics_dir)
+        if status is not None:  # a number nothing else uses in the worker, nor the pipe here
+            child = max([*fds, *(v for v in fds.values() if isinstance(v, int)), status]) + 1
+            args += ["--status-fd", str(child)]
+            fds[child] = status
         return args, fds, env
 
-    def spawn(self, slot: int) -> None:
+    def spawn(self, slot: int, status: int | None = None) -> None:
         self.pending.pop(slot, None)
         if self.stopping:
             return
-        args, fds, env = self.worker_command(slot)
+        args, fds, env = self.worker_command(slot, status)
         worker = WorkerProcess(self, slot)
         worker.started = self.reactor.seconds()
         self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
@@ -266,24 +345,26 @@ class MasterService(service.MultiService):
 
     def reload(self) -> bool:
         """SIGHUP: validate the configuration here, then let every worker reload it."""
-        from saslsmtp.serving import stop_wiring
-        from saslsmtp.service import check_users_files, load, wire
+        from saslsmtp.serving import reload_config, restart_only_changes, stop_wiring
+        from saslsmtp.service import wire
         self.logs_rotated(False, True)  # a log file renamed away (logrotate's postrotate)
         try:
-            config = (self.load_config or load)(self.config_path)
-            check_users_files(config)
+            if self.load_config is not None:
+                config = self.load_config(self.config_path)
+            else:  # what a start and --check would say about it
+                config = reload_config(self.config_path, self.reactor)
             stop_wiring(wire(config, self.reactor))  # the script, backends, certificate load
         except ConfigError as e:
             for problem in e.problems:
                 log.error("reload refused, workers keep the running configuration: {problem}",
                           problem=str(problem))
             return False
-        except Exception as e:  # a certificate or key that does not load, and the like
+        except Exception as e:  # what no check foresaw: still one line, never a traceback
             log.error("reload refused, workers keep the running configuration: {path}: {error}",
                       path=self.config_path, error=f"{type(e).__name__}: {e}")
             return False
-        if [listeners.parse(d) for d in config.server.listen] != self.specs:
-            log.warn("reload: server.listen changed; it takes effect at the next restart")
+        for key in restart_only_changes(self.config, config):  # self.config: what runs
+            log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
         self.signal_workers(signal.SIGHUP)
         log.info("reload: configuration valid; SIGHUP sent to {n} workers", n=len(self.workers))
         return True

@@ -3,8 +3,10 @@
 The configuration parser checks values; this module checks the world the values name,
 as the user the server will run as (``server.user`` or twistd's ``--uid``): that every
 endpoint string parses, that the certificate and key are PEM and belong together, that
-the users files are readable, that the Maildir can be written, that somebody can log in
-at all (``require_tls`` without any TLS), and where twistd's pid file goes.
+the users files are readable, that the Maildir can be written, that the auth cache's
+control socket can be made, that somebody can log in at all (``require_tls`` without
+any TLS), and where twistd's pid file goes.  ``checked_config`` is the whole check a
+start, ``--check`` and a SIGHUP reload share.
 
 ``preflight(config, reactor, identity)`` returns the warnings and raises ``ConfigError``
 with every problem as ``file:line: key: message``; so ``--check`` and a real start refuse
@@ -17,11 +19,13 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines
 
 READ, WRITE, SEARCH = 4, 2, 1
+#: The longest path a UNIX socket can be bound to (Linux: 108 bytes with the final NUL).
+UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,35 @@ def check_paths(config: Config, who: RunAs, report: _Report) -> None:
             report.problem("delivery.path", why)
 
 
+def check_control_socket(config: Config, who: RunAs, workers: int, report: _Report) -> None:
+    """``[auth.cache] control_socket`` can be bound by ``who``: its folder exists and is
+    writable (the lock file is made beside it), the path (``<path>.<slot>`` with
+    workers) fits in a socket address, and nothing but a socket is there already."""
+    path = config.section("auth.cache").control_socket
+    if not path:
+        return
+    key = "auth.cache.control_socket"
+    longest = path if workers <= 1 else f"{path}.{workers - 1}"
+    size = len(os.fsencode(longest))
+    if size > UNIX_PATH_MAX:
+        report.problem(key, f"{longest} is {size} bytes long; a UNIX socket path can have at"
+                       f" most {UNIX_PATH_MAX}: choose a shorter one (e.g. /run/saslsmtp/cache.sock)")
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        report.problem(key, f"cannot create {path}: the folder {folder} {what} (create it"
+                       " for the server's user, e.g. with systemd's RuntimeDirectory=saslsmtp)")
+        return
+    if unreachable(folder / "x", who) is not None or not allowed(folder, who, WRITE | SEARCH):
+        report.problem(key, f"cannot create {path}: the folder {folder} is not writable by {who.name}")
+        return
+    for candidate in {path, longest}:
+        there = Path(candidate)
+        if there.exists() and not stat.S_ISSOCK(there.stat().st_mode):
+            report.problem(key, f"{candidate} exists and is not a socket")
+
+
 def check_login_possible(config: Config, report: _Report) -> None:
     """``require_tls`` with no ``[tls]`` and no TLS listener: plaintext mechanisms are never
     offered, and TLS-only ones never work."""
@@ -297,15 +330,31 @@ def twistd_problems(options: Any) -> list[str]:
 
 
 def preflight(config: Config, reactor: Any, who: RunAs | None = None,
-              pidfile: str | None = None) -> list[str]:
-    """Run every check; raise ``ConfigError`` with all problems, else return warnings."""
+              pidfile: str | None = None, workers: int | None = None) -> list[str]:
+    """Run every check; raise ``ConfigError`` with all problems, else return warnings.
+    ``workers``: ``--workers``, if given."""
     who = who or RunAs.current()
     report = _Report(config)
     check_endpoints(config, reactor, report)
     check_tls(config, who, report)
     check_paths(config, who, report)
+    check_control_socket(config, who, config.ops.worker_count(workers), report)
     check_login_possible(config, report)
     check_pidfile(pidfile, who, report)
     if report.problems:
         raise ConfigError(report.problems)
     return report.warnings
+
+
+def checked_config(path: str, reactor: Any, who: RunAs | None = None, pidfile: str | None = None,
+                   load: Callable[[str], Config] | None = None,
+                   workers: int | None = None) -> tuple[Config, list[str]]:
+    """What a start, ``--check`` and a SIGHUP reload all accept, so the three refuse the
+    same files with the same words: the file parses, the world it names passes
+    ``preflight``, the users files and the sender map read cleanly.  Returns the
+    configuration and the warnings; raises ``ConfigError``."""
+    from saslsmtp.service import check_users_files, load as load_file
+    config = (load or load_file)(path)
+    warnings = preflight(config, reactor, who or run_as(config), pidfile, workers)
+    check_users_files(config, warnings.append)
+    return config, warnings

@@ -132,8 +132,8 @@ def load_script(path: str, config_file: str = "<config>") -> AuthScript:
         return ConfigError([ConfigProblem(file, "auth.script", line, message)])
 
     source_path = Path(path)
-    try:
-        source = source_path.read_text(encoding="utf-8")
+    try:  # bytes: Python decodes them (UTF-8, or a PEP 263 coding line) and says what's wrong
+        source = source_path.read_bytes()
     except OSError as e:
         raise problem(f"cannot read: {e.strerror}") from None
     try:
@@ -146,13 +146,15 @@ def load_script(path: str, config_file: str = "<config>") -> AuthScript:
     sys.modules[name] = module
     try:
         exec(code, module.__dict__)
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # sys.exit() too: a problem, not an exit
         tb = e.__traceback__
         line = None
         while tb is not None:
             if tb.tb_frame.f_code.co_filename == str(source_path):
                 line = tb.tb_lineno
             tb = tb.tb_next
+        if isinstance(e, SystemExit):
+            raise problem(f"the script exited (SystemExit {e.code}) while loading", line) from None
         raise problem(f"raised {type(e).__name__} while loading: {e}", line) from None
     auth = getattr(module, "auth", None)
     if not callable(auth):
@@ -238,6 +240,12 @@ class ScriptRunner:
         def checked(result: Any) -> Any:
             if result is None:
                 return Reject()
+            if isinstance(result, Reply) and not isinstance(result.payload, (bytes, str)):
+                self.metrics.script_error()  # (bytes(5) would be five NULs to the client)
+                log.error("AUTH script {path} returned Reply({kind}) for {mechanism} state"
+                          " {state}; the challenge must be bytes or str", path=self.script.path,
+                          kind=type(result.payload).__name__, mechanism=mechanism, state=state)
+                return Defer()
             if isinstance(result, RESULTS):
                 return result
             self.metrics.script_error()

@@ -26,8 +26,9 @@ from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
-from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, load_config
-from saslsmtp.delivery import Maildir, MaildirRealm
+from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines,
+                             load_config)
+from saslsmtp.delivery import Maildir, MaildirRealm, maildir_problem
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.events import SessionEvents
 from saslsmtp.limits.build import AbuseControls, service_controls
@@ -52,9 +53,13 @@ def load(path: str) -> Config:
     return load_config(path, known_mechanisms=BUILTIN_NAMES)
 
 
-def check_users_files(config: Config) -> None:
+def _to_stderr(warning: str) -> None:
+    print(warning, file=sys.stderr)
+
+
+def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) -> None:
     """``--check`` reads every users file too: each unusable line is a problem (the
-    daemon would log and skip it)."""
+    daemon would log and skip it); ``warn`` gets what works but may surprise."""
     from saslsmtp.checkers.file import coverage_warnings, parse_users
     problems = []
     for backend in config.backends.values():
@@ -69,7 +74,7 @@ def check_users_files(config: Config) -> None:
         problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
                      for line, message in parsed.problems]
         for warning in coverage_warnings(parsed.users, config.auth.mechanisms):
-            print(f"{backend.options.path}: warning: {warning}", file=sys.stderr)
+            warn(f"{backend.options.path}: warning: {warning}")
     sender_map = config.submission.sender_map
     if config.submission.sender_policy == "map" and sender_map:  # and the sender map
         from saslsmtp.senders import check_sender_map
@@ -151,10 +156,25 @@ def delivery_realm(config: Config, reactor: Any, make_runner: Any) -> tuple[Any,
     from saslsmtp.relay.options import UpstreamDelivery
     delivery = config.delivery
     if not isinstance(delivery, UpstreamDelivery):
+        maildir_refused(config, delivery.path)
         return MaildirRealm(Maildir(delivery.path, config.server.hostname),
                             make_runner("saslsmtp-delivery", 4)), None
     upstream = UpstreamClient.from_options(delivery, reactor=reactor, helo=config.server.hostname)
     return RelayRealm(upstream), upstream
+
+
+def maildir_refused(config: Config, path: str) -> None:
+    """``ConfigError`` when the start's ``prepare_delivery`` would fail: ``--check`` and a
+    SIGHUP reload refuse the Maildir too, at its line, instead of passing it."""
+    why = maildir_problem(path)
+    if why is None:
+        return
+    try:
+        lines = key_lines(Path(config.path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        lines = {}
+    line = lines.get("delivery.path", lines.get("delivery"))
+    raise ConfigError([ConfigProblem(config.path, "delivery.path", line, why)])
 
 
 def sender_check(config: Config, runner: ScriptRunner | None) -> Any:

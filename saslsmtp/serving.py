@@ -28,7 +28,7 @@ from saslsmtp.replies import REPLIES
 from saslsmtp.metrics import Metrics
 from saslsmtp.script import Backends, ScriptRunner
 from saslsmtp.service import (SaslSmtpService, SubmissionFactory, Wiring, listener,
-                              listening_service, load, wire)
+                              listening_service, wire)
 
 log = Logger(namespace="saslsmtp")
 
@@ -245,18 +245,20 @@ class Reloader:
 
     def __init__(self, path: str, factory: SubmissionFactory, reactor: Any,
                  metrics: Metrics | None = None,
-                 load_config: Callable[[str], Config] = load,
+                 load_config: Callable[[str], Config] | None = None,
                  make_wiring: Callable[[Config, Any], Wiring] = wire,
                  poll: float = 1.0, clock: Any = None) -> None:
         self.path = path
         self.factory = factory
         self.reactor = reactor
         self.metrics = metrics
-        self.load_config = load_config
+        self.load_config = load_config or (lambda path: reload_config(path, reactor))
         self.make_wiring = make_wiring
         self.poll = poll
         self.clock = clock or reactor
         self.retiring: list[tuple[Wiring, set[Any], Any]] = []
+        self.running = factory.wiring.config  # what this process bound at start
+        self.warn_restart_only = True  # a worker leaves it to the master, which bound
 
     def reload(self) -> bool:
         """Returns whether the new configuration is now used for new sessions."""
@@ -268,14 +270,14 @@ class Reloader:
                 log.error("reload refused, keeping the running configuration: {problem}",
                           problem=str(problem))
             return self._done(False)
-        except Exception as e:  # a certificate or key that does not load, and the like
+        except Exception as e:  # what no check foresaw: still one line, never a traceback
             log.error("reload refused, keeping the running configuration: {path}: {error}",
                       path=self.path, error=f"{type(e).__name__}: {e}")
             return self._done(False)
         old = self.factory.wiring
         if new.controls is not None and old.controls is not None:
             new.controls.carry_over(old.controls)  # the limits keep their counters
-        for key in self._restart_only_changes(old.config, config):
+        for key in restart_only_changes(self.running, config) if self.warn_restart_only else ():
             log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
         start_runners(new)
         self.factory.wiring = new
@@ -287,18 +289,6 @@ class Reloader:
         if self.metrics is not None:
             self.metrics.reloaded(ok)
         return ok
-
-    @staticmethod
-    def _restart_only_changes(old: Config, new: Config) -> list[str]:
-        changed = []
-        if old.server.listen != new.server.listen:
-            changed.append("server.listen")
-        for key in ("workers", "user", "group"):
-            if getattr(old.ops, key) != getattr(new.ops, key):
-                changed.append(f"server.{key}")
-        if old.ops.metrics != new.ops.metrics:
-            changed.append("metrics.listen")
-        return changed
 
     def _retire(self, wiring: Wiring, sessions: set[Any]) -> None:
         def check() -> None:
@@ -319,6 +309,31 @@ class Reloader:
                 loop.stop()
             stop_wiring(wiring)
         self.retiring.clear()
+
+
+def reload_config(path: str, reactor: Any) -> Config:
+    """The file a SIGHUP asks for, checked as a start and ``--check`` check it
+    (``preflight.checked_config``: the same problems in the same words); its warnings
+    are logged."""
+    from saslsmtp.preflight import checked_config
+    config, warnings = checked_config(path, reactor)
+    for warning in warnings:
+        log.warn("reload: {warning}", warning=warning)
+    return config
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The keys ``new`` changes that only a restart applies, compared with ``running``:
+    the configuration the process started with, whose sockets and processes exist."""
+    changed = []
+    if running.server.listen != new.server.listen:
+        changed.append("server.listen")
+    for key in ("workers", "user", "group"):
+        if getattr(running.ops, key) != getattr(new.ops, key):
+            changed.append(f"server.{key}")
+    if running.ops.metrics != new.ops.metrics:
+        changed.append("metrics.listen")
+    return changed
 
 
 def install_sighup(reactor: Any, handler: Callable[[], Any]) -> Callable[[], None]:

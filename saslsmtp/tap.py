@@ -9,12 +9,14 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from saslsmtp.config import ConfigError
-from saslsmtp.service import check_users_files, load
+from saslsmtp.opsconfig import MAX_WORKERS
+from saslsmtp.service import load
 
 
 def _worker_count(value: str) -> int:
-    if not value.isdigit():
-        raise ValueError("--workers must be a number, 0 or more")
+    """The same range as ``server.workers``."""
+    if not value.isdigit() or int(value) > MAX_WORKERS:
+        raise ValueError(f"--workers must be between 0 (one per CPU) and {MAX_WORKERS}")
     return int(value)
 
 
@@ -44,7 +46,7 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         from saslsmtp.daemon import make_service
-        from saslsmtp.preflight import preflight, run_as, twistd_problems
+        from saslsmtp.preflight import checked_config, run_as, twistd_problems
         parent: Any = self.parent or {}
         problems = twistd_problems(parent)
         if problems:
@@ -52,10 +54,10 @@ class Options(usage.Options):
             raise SystemExit(1)
         try:
             config = load(self["config"])
-            # the same checks for --check and a real start, before anything is built
-            warnings = preflight(config, reactor, run_as(config, parent.get("uid"), parent.get("gid")),
-                                 parent.get("pidfile"))
-            check_users_files(config)
+            # the same checks for --check, a real start and a reload, before anything is built
+            config, warnings = checked_config(
+                self["config"], reactor, run_as(config, parent.get("uid"), parent.get("gid")),
+                parent.get("pidfile"), load=lambda _: config, workers=self["workers"])
             self["service"] = make_service(config, reactor, self["workers"])
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd

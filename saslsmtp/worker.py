@@ -49,6 +49,40 @@ class StdinWatcher(abstract.FileDescriptor):
         self.on_eof()
 
 
+class StartStatus:
+    """The master's view of this worker's start: one line on ``--status-fd``, ``ready``
+    once it serves or ``failed REASON`` when it cannot, so a start that cannot work
+    stops the whole server with the reason instead of being restarted forever."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def ready(self) -> None:
+        self._say("ready")
+
+    def failed(self, reason: str) -> None:
+        self._say("failed " + " ".join(reason.split()))
+
+    def _say(self, line: str) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, line.encode("utf-8", "replace") + b"\n")
+        except OSError:  # the master stopped listening: it no longer waits
+            pass
+        finally:
+            os.close(fd)
+
+
+def exit_reason(error: BaseException) -> str:
+    """What a start failure says in one line: a ``SystemExit``'s own text (the message
+    a single process would print), else the exception's type and text."""
+    if isinstance(error, SystemExit) and isinstance(error.code, str):
+        return error.code
+    return f"worker cannot listen: {type(error).__name__}: {error}"
+
+
 def parse_listener(value: str) -> tuple[int, str]:
     """``FD:ENDPOINT`` -> (fd, endpoint string)."""
     fd, _, description = value.partition(":")
@@ -67,6 +101,9 @@ def build_worker_service(config_path: str, listeners: Sequence[tuple[int, str]],
     config = load(config_path)
     factory = build_factory(config, reactor, metrics)
     top = ReloadableService(factory, config_path, reactor, metrics)
+    # this worker may have started after a reload: the master, which bound the sockets
+    # and started the workers, says what a reload cannot change
+    top.reloader.warn_restart_only = False
     live = LiveTLSContext(factory) if factory.wiring.tls_context is not None else None
     for fd, description in listeners:
         spec = socks.parse(description)
@@ -85,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-fd", type=int, help="write log lines to this inherited descriptor")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--status-fd", type=int,
+                        help="write 'ready' or 'failed REASON' here once started (the master waits)")
     args = parser.parse_args(argv)
+    status = StartStatus(args.status_fd)
 
     from twisted.internet import reactor as global_reactor
     from twisted.logger import globalLogBeginner
@@ -132,17 +172,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             log.critical("worker cannot start: {problem}", problem=str(problem))
+        status.failed("; ".join(str(problem) for problem in e.problems))
         return 1
     except Exception as e:
         log.critical("worker cannot start: {error}", error=f"{type(e).__name__}: {e}")
+        status.failed(f"worker cannot start: {type(e).__name__}: {e}")
         return 1
 
     stopping: list[bool] = []
+    failed: list[bool] = []
 
     def stop() -> None:
         if reactor.running and not stopping:
             stopping.append(True)
             reactor.stop()
+
+    def stop_again() -> None:
+        if stopping:
+            log.info("worker {slot}: already shutting down", slot=args.slot)
+        stop()
 
     def eof() -> None:
         if not stopping:  # (at shutdown the reactor closes fd 0 itself)
@@ -150,26 +198,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop()
 
     def start() -> None:
+        # The master forwards SIGTERM, and systemd may send its own: stop once (also
+        # when it comes while this start fails and stops the reactor itself).
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop_again))
+        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop_again))
         try:
             service.privilegedStartService()
             privileges.drop(privileges.resolve(service.config.ops.user, service.config.ops.group))
             service.startService()
-        except BaseException as e:
+        except BaseException as e:  # SystemExit included: its text is the reason
             log.critical("worker cannot listen: {error}", error=f"{type(e).__name__}: {e}")
+            status.failed(exit_reason(e))
+            failed.append(True)
             stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        # The master forwards SIGTERM, and systemd may send its own: stop once.
-        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
-        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop))
         StdinWatcher(reactor, eof, on_data=reopen_log).startReading()
         log.info("worker {slot} (pid {pid}) serving {listeners}", slot=args.slot,
                  pid=os.getpid(), listeners=" ".join(d for _, d in args.listener))
+        status.ready()
 
     reactor.callWhenRunning(start)
     reactor.run()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a late second SIGTERM must not kill the exit
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -259,6 +259,34 @@ def test_wrong_return_type_defers() -> None:
     assert scripted(lambda a, c: "yes").send(b"AUTH X-TEST\r\n") == TEMPFAIL
 
 
+def test_a_challenge_that_is_not_bytes_or_str_defers(logged: list[dict]) -> None:
+    """``Reply(5)`` is a script error (``bytes(5)`` would send five NULs), logged."""
+    h = scripted(lambda a, c: Reply(5))
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    assert any("the challenge must be bytes or str" in str(e.get("log_format", "")) for e in logged)
+
+
+@pytest.mark.parametrize("username", [5, "a\r\nb", "tab\tbed", b"nul\x00", "c1\x85"])
+def test_an_unusable_username_in_accept_defers(username: Any, logged: list[dict]) -> None:
+    """A login name that is not a string, or carries control characters (it goes into
+    log lines and headers as it is), is refused with 454 and a logged reason."""
+    h = scripted(lambda a, c: Accept(username=username))
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    assert h.realm.logins == []  # refused before the portal
+    assert h.protocol.auth_user is None
+    assert any("must be a string" in str(e.get("log_format", ""))
+               or "refusing the identity" in str(e.get("log_format", "")) for e in logged)
+
+
+def test_plain_username_with_crlf_accepted_by_a_script_is_refused() -> None:
+    """PLAIN's username comes from the client: a script's ``Accept()`` of it does not
+    log in a name with CR LF (a forged log line)."""
+    h = scripted(lambda a, c: Accept())
+    forged = "x\r\n2026-01-01T00:00:00+0000 [saslsmtp.auth#info] auth failed: user=\"root\""
+    assert h.send(b"AUTH PLAIN " + b64("\0" + forged + "\0pw") + b"\r\n") == TEMPFAIL
+    assert h.protocol.auth_user is None
+
+
 def test_timeout_with_injected_clock(logged: list[dict]) -> None:
     """A script still running after script_timeout is cancelled and defers."""
     never: defer.Deferred = defer.Deferred()
@@ -396,6 +424,14 @@ def test_load_errors_name_file_and_line(tmp_path: Path) -> None:
     none.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="defines no callable auth"):
         load_script(str(none))
+    undecodable = tmp_path / "latin.py"
+    undecodable.write_bytes(b"NAME = '\xe9'\n")
+    with pytest.raises(ConfigError, match=f"{undecodable}:1: auth.script: syntax error:.*utf-8"):
+        load_script(str(undecodable))
+    declared = tmp_path / "declared.py"  # PEP 263: a coding line is honoured
+    declared.write_bytes(b"# -*- coding: latin-1 -*-\nNAME = '\xe9'\n"
+                         b"def auth(arguments, context):\n    return None\n")
+    assert load_script(str(declared)).auth.__globals__["NAME"] == "\u00e9"
     raising = tmp_path / "raising.py"
     raising.write_text("import os\n\nraise RuntimeError('at import')\n")
     with pytest.raises(ConfigError) as e:

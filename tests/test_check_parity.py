@@ -1,0 +1,186 @@
+"""Settings that passed ``--check`` and then broke the start (a traceback), every login
+(454) or a reload: each is now refused by ``--check``, a real start, a SIGHUP reload and
+``saslsmtp-authtest`` alike, as ``file:line: key: message``.  A ``rediss://`` store's
+``ca_file`` is relative to the configuration's folder, as every other path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from saslsmtp.config import key_lines, parse_config
+from saslsmtp.mechanisms import BUILTIN_NAMES
+from tests.support import ROOT, twistd_command
+from tests.tlsutil import make_ca
+
+USERS = "demo:{PLAIN}demo-password\n"
+
+
+def base(folder: Path, extra: str = "", delivery: str = 'path = "mail"') -> str:
+    """The brief's configuration (B), relative paths, ``extra`` tables at the end."""
+    return (f'[server]\nhostname = "mail.example.test"\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+            f'[auth]\nrequire_tls = false\nbackends = ["users"]\n'
+            f'[backends.users]\ntype = "file"\npath = "users"\n'
+            f'[delivery]\n{delivery}\n{extra}\n')
+
+
+def _store(ca: str) -> Callable[[Path], str]:
+    return lambda f: base(f, f'[limits]\nstore = "rediss://127.0.0.1:1/0?ca_file={ca}"')
+
+
+#: (case, the configuration for a folder, the key refused, the message (``{f}``: the folder))
+CASES: list[tuple[str, Callable[[Path], str], str, str]] = [
+    ("rediss ca_file missing", _store("nope.pem"), "limits.store",
+     "ca_file {f}/nope.pem: no such file"),
+    ("rediss ca_file a folder", _store("adir"), "limits.store",
+     "ca_file {f}/adir: is a folder, not a file"),
+    ("rediss ca_file not PEM", _store("garbage.pem"), "limits.store",
+     "ca_file {f}/garbage.pem: holds no PEM certificate"),
+    ("delivery ca_file not PEM", lambda f: base(f, delivery='type = "smtp"\nendpoint = '
+                                                '"tcp:127.0.0.1:1"\nstarttls = true\n'
+                                                'ca_file = "garbage.pem"'),
+     "delivery.ca_file", "{f}/garbage.pem: holds no PEM certificate"),
+    ("http url without a host", lambda f: base(f, '[backends.api]\ntype = "http"\n'
+                                                  'url = "http://"'),
+     "backends.api.url", "'http://' is not a usable URL: no host name"),
+    ("http url broken IPv6", lambda f: base(f, '[backends.api]\ntype = "http"\n'
+                                               'url = "http://[::1/x"'),
+     "backends.api.url", "'http://[::1/x' is not a usable URL: Invalid IPv6 URL"),
+    ("ldaps ca_file not PEM", lambda f: base(f, '[backends.dir]\ntype = "ldap"\n'
+                                                'url = "ldaps://127.0.0.1:1"\n'
+                                                'user_dn = "uid={username},dc=x"\n'
+                                                'ca_file = "garbage.pem"'),
+     "backends.dir.ca_file", "{f}/garbage.pem: holds no PEM certificate"),
+    ("Maildir under /proc", lambda f: base(f, delivery='path = "/proc/nope"'), "delivery.path",
+     "cannot use /proc/nope: No such file or directory"),
+]
+
+
+def write_case(folder: Path, make: Callable[[Path], str]) -> Path:
+    folder.mkdir()
+    (folder / "users").write_text(USERS)
+    (folder / "garbage.pem").write_text("this is not a certificate\n")
+    (folder / "adir").mkdir()
+    config = folder / "saslsmtp.toml"
+    config.write_text(make(folder))
+    return config
+
+
+def expected(config: Path, key: str, message: str) -> str:
+    lines = key_lines(config.read_text())
+    probe = key
+    while probe not in lines:
+        probe = probe.rsplit(".", 1)[0]
+    return f"{config}:{lines[probe]}: {key}: {message.format(f=config.parent)}"
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run(argv: list[str], timeout: float, stdin: str = "") -> tuple[int | None, str]:
+    """Run from ``/`` (relative paths must not depend on it): (exit status, output)."""
+    proc = subprocess.Popen(argv, cwd="/", env=_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(stdin, timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+        return None, out
+
+
+def test_check_and_start_refuse_them_alike(tmp_path: Path) -> None:
+    """Each case: ``--check`` exits 1 and a real start exits non-zero, naming
+    ``file:line: key: message``, with no traceback and never "ready"."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    runs = []
+    for n, (name, make, key, message) in enumerate(CASES):
+        config = write_case(tmp_path / f"case{n}", make)
+        runs.append((name, expected(config, key, message), [
+            ("--check", subprocess.Popen(twistd_command(config, "--check"), cwd="/",
+                                         env=_env(), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)),
+            ("start", subprocess.Popen(twistd_command(config), cwd="/", env=_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True))]))
+    failures = []
+    for name, want, procs in runs:
+        for what, proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                out, _ = proc.communicate(timeout=15)
+            if proc.returncode in (0, None) or want not in out or "Traceback" in out \
+                    or "saslsmtp ready" in out:
+                failures.append(f"{name} ({what}): exit {proc.returncode}, want {want!r} in:\n{out}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_refuses_them_at_their_line(tmp_path: Path) -> None:
+    """A SIGHUP reload (the ``Reloader``) keeps the running configuration and logs the
+    same ``file:line: key: message`` for each case (no ``ValueError:`` without a key)."""
+    from twisted.internet import reactor
+
+    from saslsmtp.serving import Reloader, build_factory, start_runners, stop_wiring
+    from saslsmtp.service import load
+    folder = tmp_path / "live"
+    config = write_case(folder, lambda f: base(f))
+    factory = build_factory(load(str(config)), reactor)
+    start_runners(factory.wiring)
+    reloader = Reloader(str(config), factory, reactor, clock=Clock())
+    running = factory.wiring
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        failures = []
+        for name, make, key, message in CASES:
+            config.write_text(make(folder))
+            want = expected(config, key, message)
+            events.clear()
+            refused = reloader.reload() is False and factory.wiring is running
+            lines = [formatEvent(e) for e in events]
+            if not refused or not any(want in line and "reload refused" in line for line in lines):
+                failures.append(f"{name}: refused={refused}, want {want!r} in {lines}")
+        assert not failures, "\n".join(failures)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        reloader.stop()
+        stop_wiring(factory.wiring)
+
+
+def test_authtest_says_configuration_error(tmp_path: Path) -> None:
+    """``saslsmtp-authtest`` with a bad store ``ca_file``: exit 78 and the one line."""
+    config = write_case(tmp_path / "c", _store("garbage.pem"))
+    status, out = run([sys.executable, "-m", "saslsmtp.authtest", "--config", str(config),
+                       "demo"], 30, stdin="demo-password\n")
+    assert status == 78, out
+    assert expected(config, "limits.store", "ca_file {f}/garbage.pem: holds no PEM certificate") \
+        in out and "Traceback" not in out, out
+
+
+def test_a_relative_store_ca_file_is_beside_the_configuration(tmp_path: Path) -> None:
+    """``?ca_file=ca.pem`` is the ca.pem next to the configuration file, wherever the
+    daemon is started from: ``--check`` from ``/`` passes, and the store gets its
+    absolute path."""
+    folder = tmp_path / "etc"
+    config = write_case(folder, _store("ca.pem"))
+    (folder / "ca").mkdir()
+    Path(make_ca(folder / "ca").cert_path).rename(folder / "ca.pem")
+    status, out = run(twistd_command(config, "--check"), 30)
+    assert status == 0 and out.strip().endswith(f"{config}: OK"), out
+    parsed = parse_config(config.read_text(), str(config), known_mechanisms=BUILTIN_NAMES)
+    from saslsmtp.limits.redisurl import parse_redis_url
+    assert parse_redis_url(parsed.section("limits").store).ca_file == str(folder / "ca.pem")
