@@ -100,3 +100,20 @@ def start_redis(directory: Path) -> RedisServer:
     server = RedisServer(binary, directory, free_port())
     server.start()
     return server
+
+
+def tls_redis(tmp_path: Path, names: list[str], san: bool = True) -> tuple[subprocess.Popen, int, str]:
+    """redis-server with TLS only, its certificate (by a new CA) for ``names``, with or
+    without a subjectAltName: (process, port, CA file)."""
+    from tests.tlsutil import issue_cert, make_ca
+    binary = require_binary("redis-server", "redis-server")
+    ca = make_ca(tmp_path)
+    cert = issue_cert(ca, tmp_path, names=names, san=san)
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir",
+         str(tmp_path), "--save", "", "--tls-cert-file", cert.cert_path, "--tls-key-file",
+         cert.key_path, "--tls-ca-cert-file", ca.cert_path, "--tls-auth-clients", "no",
+         "--logfile", str(tmp_path / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port, ca.cert_path

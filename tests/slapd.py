@@ -414,11 +414,12 @@ def _thread_state(task: Path) -> str:
         return ""
 
 
-def running_slapd():  # type: ignore[no-untyped-def]
-    """Generator for a module-scoped fixture: a seeded slapd in a temporary directory."""
+def running_slapd(kind: type = None):  # type: ignore[no-untyped-def, assignment]
+    """Generator for a module-scoped fixture: a seeded slapd (``kind``: a ``SlapdServer``
+    subclass, for another certificate say) in a temporary directory."""
     module_dir, schema_dir = slapd_or_skip()
     root = Path(tempfile.mkdtemp(prefix="saslsmtp-slapd-"))
-    server = SlapdServer(root=root, module_dir=module_dir, schema_dir=schema_dir)
+    server = (kind or SlapdServer)(root=root, module_dir=module_dir, schema_dir=schema_dir)
     try:
         server.start()
         yield server

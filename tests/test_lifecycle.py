@@ -56,6 +56,16 @@ class Running:
         assert session.send(b"EHLO client.example").startswith(b"250")
         return session
 
+    def sending(self) -> Session:
+        """A logged-in session inside DATA, the first half of its message sent."""
+        sending = self.session()
+        assert sending.send(plain("alice", "one")).startswith(b"235 ")
+        assert sending.send(b"MAIL FROM:<alice@example.test>").startswith(b"250 ")
+        assert sending.send(b"RCPT TO:<bob@example.test>").startswith(b"250 ")
+        assert sending.send(b"DATA").startswith(b"354 ")
+        sending.sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        return sending
+
     def stop(self) -> None:
         kill_leftovers(self.proc, self.log)
 
@@ -100,12 +110,7 @@ def test_sigterm_lets_data_and_auth_finish(daemon: Running) -> None:
     idle one gets 421 4.3.2 at once; the others finish (250 and the message stored; 235)
     and are then closed with 421 4.3.2; exit status 0."""
     idle = daemon.session()
-    sending = daemon.session()
-    assert sending.send(plain("alice", "one")).startswith(b"235 ")
-    assert sending.send(b"MAIL FROM:<alice@example.test>").startswith(b"250 ")
-    assert sending.send(b"RCPT TO:<bob@example.test>").startswith(b"250 ")
-    assert sending.send(b"DATA").startswith(b"354 ")
-    sending.sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    sending = daemon.sending()
     logging_in = daemon.session()
     # the 354 and the 334 put both sessions inside DATA and AUTH: the first half of the
     # message need not have been read yet

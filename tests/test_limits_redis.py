@@ -278,23 +278,11 @@ async def test_database_number_is_used(redis):
 async def test_rediss_verifies_the_server(tmp_path):
     """rediss:// speaks TLS to Redis and verifies its certificate (against ca_file);
     a certificate for another name is refused (and the store fails open)."""
-    import subprocess
-
-    from tests.conftest import require_binary
-    from tests.support import free_port
-    from tests.tlsutil import issue_cert, make_ca
-    binary = require_binary("redis-server", "redis-server")
-    ca = make_ca(tmp_path)
-    good = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir",
-         str(tmp_path), "--save", "", "--tls-cert-file", good.cert_path, "--tls-key-file",
-         good.key_path, "--tls-ca-cert-file", ca.cert_path, "--tls-auth-clients", "no",
-         "--logfile", str(tmp_path / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tests.redis import tls_redis
+    from tests.tlsutil import make_ca
+    proc, port, ca_file = tls_redis(tmp_path, ["localhost", "127.0.0.1"])
     try:
-        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca.cert_path}", reactor(),
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca_file}", reactor(),
                            reconnect_max_delay=0.2)
         try:
             await connected(store)

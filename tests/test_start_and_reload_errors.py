@@ -21,9 +21,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from saslsmtp.serving import Reloader, build_factory, stop_wiring
 from saslsmtp.service import load
-from tests.support import ROOT, alice_config, free_port, twistd_command, write_config
+from tests.support import ROOT, alice_config, free_port, twistd_command, wait_for, write_config
 from tests.test_lifecycle import Running
-from tests.test_ops_traffic import plain
 from tests.test_reload import write_cert
 
 BACKEND = '[backends.users]\ntype = "file"\npath = "{path}"\n'
@@ -241,16 +240,12 @@ def test_the_master_refuses_a_reload_with_the_words_of_a_start(tmp_path: Path,
 def test_a_second_sigterm_while_draining_is_ignored(tmp_path: Path, workers: int) -> None:
     daemon = Running(tmp_path, workers)
     try:
-        sending = daemon.session()
-        assert sending.send(plain("alice", "one")).startswith(b"235 ")
-        assert sending.send(b"MAIL FROM:<alice@example.test>").startswith(b"250 ")
-        assert sending.send(b"RCPT TO:<bob@example.test>").startswith(b"250 ")
-        assert sending.send(b"DATA").startswith(b"354 ")
-        sending.sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        sending = daemon.sending()
         daemon.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_for(lambda: "Received SIGTERM, shutting down." in daemon.text(), what="the first")
         daemon.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_for(lambda: "SIGTERM received: already shutting down" in daemon.text(),
+                 what="the second")
         sending.sock.sendall(b"second half\r\n")
         assert sending.send(b".").startswith(b"250 ")
         assert daemon.proc.wait(30) == 0, daemon.text()

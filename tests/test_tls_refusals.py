@@ -19,8 +19,9 @@ from twisted.internet.task import deferLater
 from saslsmtp.checkers.ldap import LdapOptions, from_config
 from saslsmtp.checkers.registry import BackendDeps
 from saslsmtp.threads import ThreadPoolRunner
-from tests.slapd import ALICE, SlapdServer, slapd_or_skip
+from tests.slapd import ALICE, SlapdServer, running_slapd
 from tests.test_checker_ldap import TEMPLATE, LogCapture, captured_log, outcome  # noqa: F401
+from tests.redis import tls_redis
 from tests.tlsutil import issue_cert, make_ca
 
 
@@ -42,15 +43,7 @@ class BareSlapd(SlapdServer):
 
 @pytest.fixture(scope="module")
 def bare_slapd() -> Iterator[BareSlapd]:
-    module_dir, schema_dir = slapd_or_skip()
-    root = Path(tempfile.mkdtemp(prefix="saslsmtp-slapd-bare-"))
-    server = BareSlapd(root=root, module_dir=module_dir, schema_dir=schema_dir)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_slapd(BareSlapd)
 
 
 @pytest.mark.parametrize("client", ["twisted", "ldap3"])
@@ -96,23 +89,6 @@ async def test_ldaps_certificate_without_subject_alt_name(
 # ---- rediss:// -------------------------------------------------------------------------
 
 
-def _redis_tls(tmp_path: Path, names: list[str], san: bool = True) -> tuple[subprocess.Popen, int, str]:
-    """redis-server with TLS only, its certificate for ``names``: (process, port, CA file)."""
-    from tests.conftest import require_binary
-    from tests.support import free_port
-    binary = require_binary("redis-server", "redis-server")
-    ca = make_ca(tmp_path)
-    cert = issue_cert(ca, tmp_path, names=names, san=san)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir",
-         str(tmp_path), "--save", "", "--tls-cert-file", cert.cert_path, "--tls-key-file",
-         cert.key_path, "--tls-ca-cert-file", ca.cert_path, "--tls-auth-clients", "no",
-         "--logfile", str(tmp_path / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, port, ca.cert_path
-
-
 async def _watch_connected(store: Any, attempts: int, timeout: float = 10.0) -> list[bool]:
     """``store.connected`` at every reactor turn until ``attempts`` handshakes were tried."""
     from twisted.internet import reactor
@@ -145,7 +121,7 @@ async def test_rediss_refused_certificate_is_never_connected(
 
     from saslsmtp.limits.redisstore import RedisStore
     from saslsmtp.limits.settings import Rate
-    proc, port, ca_file = _redis_tls(tmp_path, names, san)
+    proc, port, ca_file = tls_redis(tmp_path, names, san)
     try:
         store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca_file}", reactor,
                            reconnect_max_delay=0.05)
@@ -170,7 +146,7 @@ async def test_rediss_trusted_certificate_connects_after_the_handshake(tmp_path:
 
     from saslsmtp.limits.redisstore import RedisStore
     from saslsmtp.limits.settings import Rate
-    proc, port, ca_file = _redis_tls(tmp_path, ["localhost"])
+    proc, port, ca_file = tls_redis(tmp_path, ["localhost"])
     try:
         store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca_file}", reactor,
                            reconnect_max_delay=0.2)
