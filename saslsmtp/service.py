@@ -169,12 +169,20 @@ def maildir_refused(config: Config, path: str) -> None:
     why = maildir_problem(path)
     if why is None:
         return
+    raise ConfigError([problem_at(config, "delivery.path", why)])
+
+
+def problem_at(config: Config, key: str, message: str) -> ConfigProblem:
+    """A problem the wiring finds, at the line of ``key`` (or of its table) in the file,
+    as the parser's own problems are."""
     try:
         lines = key_lines(Path(config.path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         lines = {}
-    line = lines.get("delivery.path", lines.get("delivery"))
-    raise ConfigError([ConfigProblem(config.path, "delivery.path", line, why)])
+    probe = key
+    while probe and probe not in lines:
+        probe = probe.rpartition(".")[0]
+    return ConfigProblem(config.path, key, lines.get(probe), message)
 
 
 def sender_check(config: Config, runner: ScriptRunner | None) -> Any:
@@ -204,7 +212,7 @@ def build_checkers(config: Config, deps: BackendDeps) -> dict[str, ICredentialsC
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError([ConfigProblem(config.path, f"backends.{name}", None, str(e))]) from None
+            raise ConfigError([problem_at(config, f"backends.{name}", str(e))]) from None
     return checkers
 
 
@@ -218,8 +226,8 @@ def scripted_mechanisms(config: Config, builtins: dict[str, MechanismSpec], scri
         if name in builtins and (declared is None or name not in declared):
             continue
         if declared is not None and name not in declared:
-            raise ConfigError([ConfigProblem(
-                config.path, "auth.mechanisms", None,
+            raise ConfigError([problem_at(
+                config, "auth.mechanisms",
                 f"{name} is not built in and {config.auth.script} does not serve it"
                 f" (its MECHANISMS: {', '.join(sorted(declared)) or 'none'})")])
         specs[name] = script.spec(name, runner, builtins.get(name))
@@ -264,7 +272,7 @@ def check_servable(config: Config, mechanisms: dict[str, MechanismSpec],
         if spec.password and not scripted and not config.auth.backends:
             problems.append(f"{name} needs auth.backends or an auth.script")
     if problems:
-        raise ConfigError([ConfigProblem(config.path, "auth.mechanisms", None, p) for p in problems])
+        raise ConfigError([problem_at(config, "auth.mechanisms", p) for p in problems])
 
 
 def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:

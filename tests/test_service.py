@@ -33,6 +33,9 @@ def test_startup_refuses_mechanisms_it_cannot_serve(tmp_path: Path) -> None:
         "EXTERNAL needs [tls] client_ca to verify client certificates",
     ]
     assert all(p.key == "auth.mechanisms" for p in e.value.problems)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
+                if text.startswith("mechanisms"))
+    assert {p.line for p in e.value.problems} == {line}  # at the key, as the parser's are
 
 
 def test_checks_read_the_spec(tmp_path: Path) -> None:
