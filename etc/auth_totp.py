@@ -4,6 +4,8 @@
     mechanisms = ["X-PASSWORD-TOTP"]
     script = "auth_totp.py"
     backends = ["users"]
+    require_tls = false        # for a demo without [tls]: the password crosses the wire,
+                               # so the mechanism is hidden before TLS otherwise
 
 The exchange (each payload base64 on the wire, as always):
 

@@ -15,7 +15,7 @@ Nothing here imports the global reactor: the reactor (or a clock) is always pass
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -27,10 +27,20 @@ from saslsmtp.checkers.registry import BACKEND_TYPES, BackendDeps, checker_from_
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.options import OptionProblem, OptionsError
+from saslsmtp.resolver import secret_resolver
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
                              load_script, scripted_spec)
 from saslsmtp.threads import BlockingRunner, ThreadPoolRunner
+
+if TYPE_CHECKING:  # the return types, named for type checkers: each kind is imported when built
+    from saslsmtp.checkers.dovecot import DovecotChecker
+    from saslsmtp.checkers.file import FileChecker
+    from saslsmtp.checkers.http import HttpChecker
+    from saslsmtp.checkers.ldap import LdapChecker
+    from saslsmtp.checkers.ldaptwisted import TwistedLdapChecker
+    from saslsmtp.checkers.oauth2 import IntrospectionValidator, JwtValidator
+    from saslsmtp.checkers.smtp import SmtpForwardChecker
 
 __all__ = [
     "STOCK_MECHANISMS", "challengers", "portal", "auth_script", "script_password_checker",
@@ -91,13 +101,8 @@ def challengers(mechanisms: Iterable[str | MechanismSpec], *, script: ScriptRunn
         if kinds and not any(kinds & set(s.secret_kinds()) for s in sources):
             raise ValueError(f"{name} needs a stored secret: pass secrets=[file_checker(...)]")
         specs.append(spec)
-    return _challengers(specs, hostname, resolver=_resolver(sources) if sources else None,
+    return _challengers(specs, hostname, resolver=secret_resolver(sources) if sources else None,
                         blocking=pool)
-
-
-def _resolver(sources: list[Any]) -> Any:
-    from saslsmtp.service import secret_resolver
-    return secret_resolver(sources, [])
 
 
 def portal(realm: IRealm, checkers: Iterable[ICredentialsChecker] = (), *,
@@ -141,7 +146,7 @@ def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float 
     return ScriptRunner(loaded, clock, timeout, Backends(dict(backends or {})))
 
 
-def script_password_checker(script: ScriptRunner) -> Any:
+def script_password_checker(script: ScriptRunner) -> ScriptPasswordChecker:
     """PLAIN and LOGIN decided by the script, as an ``ICredentialsChecker`` for any portal."""
     return ScriptPasswordChecker(script)
 
@@ -204,34 +209,43 @@ class _LazyRunner:
         return self._runner.run(f, *args, **kwargs)
 
 
+# The per-kind builders return their concrete class, so that what docs/library.md shows
+# (``stop()``, ``validate_token()``, ``lookup_secret()``) type-checks in the caller's code.
+
+
 def file_checker(reactor: Any, *, name: str = "file", pool: BlockingRunner | None = None,
-                 **options: Any) -> ICredentialsChecker:
+                 **options: Any) -> FileChecker:
     """A Dovecot passwd-file (``path``, ``default_scheme``); also a secret source."""
-    return checker("file", reactor, name=name, pool=pool, **options)
+    return cast("FileChecker", checker("file", reactor, name=name, pool=pool, **options))
 
 
 def ldap_checker(reactor: Any, *, name: str = "ldap", pool: BlockingRunner | None = None,
-                 **options: Any) -> ICredentialsChecker:
-    """Binds as the user (``url``, ``user_dn`` or ``search_base`` + ``search_filter``, ...)."""
-    return checker("ldap", reactor, name=name, pool=pool, **options)
+                 **options: Any) -> TwistedLdapChecker | LdapChecker:
+    """Binds as the user (``url``, ``user_dn`` or ``search_base`` + ``search_filter``, ...);
+    an ``LdapChecker`` (ldap3 in a pool) with ``client="ldap3"``."""
+    return cast("TwistedLdapChecker | LdapChecker",
+                checker("ldap", reactor, name=name, pool=pool, **options))
 
 
-def smtp_checker(reactor: Any, *, name: str = "smtp", **options: Any) -> ICredentialsChecker:
+def smtp_checker(reactor: Any, *, name: str = "smtp", **options: Any) -> SmtpForwardChecker:
     """Forwards the password to another SMTP server's AUTH (``host``, ``port``, ...)."""
-    return checker("smtp", reactor, name=name, **options)
+    return cast("SmtpForwardChecker", checker("smtp", reactor, name=name, **options))
 
 
-def http_checker(reactor: Any, *, name: str = "http", **options: Any) -> ICredentialsChecker:
+def http_checker(reactor: Any, *, name: str = "http", **options: Any) -> HttpChecker:
     """POSTs the credentials to an HTTP API (``url``, ``timeout``, ``headers``, ...)."""
-    return checker("http", reactor, name=name, **options)
+    return cast("HttpChecker", checker("http", reactor, name=name, **options))
 
 
-def dovecot_checker(reactor: Any, *, name: str = "dovecot", **options: Any) -> ICredentialsChecker:
+def dovecot_checker(reactor: Any, *, name: str = "dovecot", **options: Any) -> DovecotChecker:
     """Asks Dovecot's auth socket (``socket``, ``timeout``, ``service``)."""
-    return checker("dovecot", reactor, name=name, **options)
+    return cast("DovecotChecker", checker("dovecot", reactor, name=name, **options))
 
 
-def oauth2_checker(reactor: Any, *, name: str = "oauth2", **options: Any) -> ICredentialsChecker:
-    """Validates bearer tokens (for ``SubmissionESMTP``'s OAUTHBEARER and XOAUTH2)."""
-    return checker("oauth2", reactor, name=name, **options)
+def oauth2_checker(reactor: Any, *, name: str = "oauth2",
+                   **options: Any) -> JwtValidator | IntrospectionValidator:
+    """Validates bearer tokens (for ``SubmissionESMTP``'s OAUTHBEARER and XOAUTH2): a
+    ``JwtValidator`` (``jwks_file``, ``jwks_url``) or an ``IntrospectionValidator``."""
+    return cast("JwtValidator | IntrospectionValidator",
+                checker("oauth2", reactor, name=name, **options))
 

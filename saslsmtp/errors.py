@@ -14,6 +14,8 @@ from twisted.python.failure import Failure
 
 from saslsmtp.sasl.outcome import Defer, Reject
 
+__all__ = ["AuthRejected", "UnknownUser", "TemporaryFailure", "failure_outcome"]
+
 _log = Logger(namespace="saslsmtp.auth")
 
 

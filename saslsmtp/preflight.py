@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines
 
@@ -275,15 +275,51 @@ def check_control_socket(config: Config, who: RunAs, workers: int, report: _Repo
             report.problem(key, f"{candidate} exists and is not a socket")
 
 
+def served_mechanisms(config: Config) -> dict[str, Any]:
+    """The ``MechanismSpec`` of each configured mechanism as it will be served: the
+    built-ins, and what the AUTH script serves with the TLS needs it declares (a
+    custom mechanism is plaintext unless declared otherwise).  A script that does not
+    load leaves its names out: the wiring reports why."""
+    from saslsmtp.mechanisms import builtin_mechanisms
+    builtins = builtin_mechanisms(config.auth.mechanisms)
+    script, scripted = _script_served(config, builtins)
+    specs = {m: builtins[m] for m in config.auth.mechanisms if m in builtins and m not in scripted}
+    for name in scripted:
+        specs[name] = script.spec(name, None, builtins.get(name))
+    return specs
+
+
+def builtin_served(config: Config) -> list[str]:
+    """The configured mechanisms the built-in code serves (not taken over by the script)."""
+    from saslsmtp.mechanisms import builtin_mechanisms
+    builtins = builtin_mechanisms(config.auth.mechanisms)
+    _, scripted = _script_served(config, builtins)
+    return [m for m in config.auth.mechanisms if m in builtins and m not in scripted]
+
+
+def _script_served(config: Config, builtins: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """The loaded AUTH script and the configured names it serves: every custom one (or
+    those its ``MECHANISMS`` lists), and a built-in only when ``MECHANISMS`` names it."""
+    if config.auth.script is None:
+        return None, []
+    from saslsmtp.script import load_script
+    try:
+        script = load_script(config.auth.script, config.path)
+    except ConfigError:
+        return None, []
+    declared = script.mechanisms
+    return script, [m for m in config.auth.mechanisms
+                    if (m in declared if declared is not None else m not in builtins)]
+
+
 def check_login_possible(config: Config, report: _Report) -> None:
     """``require_tls`` with no ``[tls]`` and no TLS listener: plaintext mechanisms are never
     offered, and TLS-only ones never work."""
     if not config.auth.require_tls or config.tls is not None:
         return
-    from saslsmtp.mechanisms import builtin_mechanisms
-    builtins = builtin_mechanisms(config.auth.mechanisms)
+    specs = served_mechanisms(config)
     hidden = [m for m in config.auth.mechanisms
-              if m in builtins and (builtins[m].plaintext or builtins[m].needs_tls)]
+              if m in specs and (specs[m].plaintext or specs[m].needs_tls)]
     if not hidden:
         report.warn("auth.require_tls", "is true but there is no [tls] section: no session is"
                     f" ever encrypted ({', '.join(config.auth.mechanisms)} work without TLS,"

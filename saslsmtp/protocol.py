@@ -53,6 +53,8 @@ from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
 from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck
 from saslsmtp.settled import is_deferred
 
+__all__ = ["SubmissionESMTP", "EngineSettings"]
+
 log = Logger(namespace="saslsmtp.smtp")
 
 COMMAND_LINE_LIMIT = 2048  # RFC 5321 says 512; MAIL with AUTH= may add 500; be generous

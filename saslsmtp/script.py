@@ -356,7 +356,8 @@ class ScriptMechanism:
 
 def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None = None,
                   declared: Mapping[str, bool] | None = None) -> MechanismSpec:
-    """A ``MechanismSpec`` whose exchanges the script runs (client-first allowed).
+    """A ``MechanismSpec`` whose exchanges the script runs (client-first allowed, unless
+    it takes over a server-first built-in).
 
     Its TLS needs are what the script ``declared``, else the taken-over ``builtin``'s,
     else those of a plaintext mechanism: an unknown mechanism might send a password."""
@@ -364,8 +365,11 @@ def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None
     if builtin is not None:
         flags = {"plaintext": builtin.plaintext, "needs_tls": builtin.needs_tls}
     flags.update(declared or {})
+    # a server-first built-in (CRAM-MD5) stays server-first: its initial response is 501
+    client_first = builtin.client_first if builtin is not None else True
     return MechanismSpec(name, lambda session: ScriptMechanism(runner, session),
-                         plaintext=flags["plaintext"], needs_tls=flags["needs_tls"])
+                         plaintext=flags["plaintext"], needs_tls=flags["needs_tls"],
+                         client_first=client_first)
 
 
 @implementer(ICredentialsChecker)

@@ -8,28 +8,25 @@ endpoint.  Nothing else in the package reads the configuration file.
 
 from __future__ import annotations
 
-import contextvars
 import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, assert_never
+from typing import Any, Callable
 
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from saslsmtp.auth import PasswordScript, Resolver, SecretRequest, no_resolver
+from saslsmtp.auth import PasswordScript, Resolver, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines,
                              load_config)
 from saslsmtp.delivery import Maildir, MaildirRealm, maildir_problem
-from saslsmtp.errors import TemporaryFailure
 from saslsmtp.events import SessionEvents
 from saslsmtp.limits.build import AbuseControls, service_controls
 from saslsmtp.limits.fairpool import FairThreadPoolRunner, cpu_share
@@ -39,9 +36,8 @@ from saslsmtp.nodelay import no_delay
 from saslsmtp.pollloop import lean_dispatch
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 from saslsmtp.replies import REPLIES
+from saslsmtp.resolver import secret_resolver as secret_resolver  # its old home, re-exported
 from saslsmtp.sasl.mechanism import MechanismSpec
-from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
-from saslsmtp.settled import is_deferred, result_now
 from saslsmtp.script import Backends, ScriptPasswordChecker, ScriptRunner, load_script
 from saslsmtp.threads import ThreadPoolRunner
 
@@ -61,6 +57,8 @@ def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) 
     """``--check`` reads every users file too: each unusable line is a problem (the
     daemon would log and skip it); ``warn`` gets what works but may surprise."""
     from saslsmtp.checkers.file import coverage_warnings, parse_users
+    from saslsmtp.preflight import builtin_served
+    builtins = builtin_served(config)  # what the script serves, it checks itself
     problems = []
     for backend in config.backends.values():
         if backend.type != "file":
@@ -73,7 +71,7 @@ def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) 
         parsed = parse_users(data, backend.options.default_scheme)
         problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
                      for line, message in parsed.problems]
-        for warning in coverage_warnings(parsed.users, config.auth.mechanisms):
+        for warning in coverage_warnings(parsed.users, builtins):
             warn(f"{backend.options.path}: warning: {warning}")
     sender_map = config.submission.sender_map
     if config.submission.sender_policy == "map" and sender_map:  # and the sender map
@@ -273,57 +271,6 @@ def check_servable(config: Config, mechanisms: dict[str, MechanismSpec],
             problems.append(f"{name} needs auth.backends or an auth.script")
     if problems:
         raise ConfigError([problem_at(config, "auth.mechanisms", p) for p in problems])
-
-
-def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:
-    """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
-    ``ValidateToken`` from the first token validator that has an opinion."""
-
-    def resolve(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
-        match request:
-            case Lookup():
-                return _first_answer(
-                    sources, lambda source: source.lookup_secret(request.username, request.kinds),
-                    lambda secret: secret)
-            case ValidateToken():
-                if not validators:
-                    return defer.fail(TemporaryFailure("no oauth2 backend is configured"))
-                return _first_answer(validators, lambda v: v.validate_token(request),
-                                     lambda verdict: Secret(TOKEN_VERDICT, verdict))
-            case _:
-                assert_never(request)
-
-    return resolve
-
-
-def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
-                  wrap: Callable[[Any], Any]) -> "defer.Deferred[Any]":
-    """``wrap`` of the first answer of ``ask(item)`` that is not ``None``, asking in
-    order; ``None`` if none has one.  Answers already there cost no callback hop."""
-
-    # the next item is asked from a callback: in the caller's context (the fair hashing
-    # pool's client key lives there), as inlineCallbacks would
-    context = contextvars.copy_context()
-
-    def answered(got: Any, index: int) -> Any:
-        return wrap(got) if got is not None else context.run(from_index, index + 1)
-
-    def from_index(index: int) -> "defer.Deferred[Any]":
-        while index < len(items):
-            try:
-                answer = result_now(ask(items[index]))
-            except Exception:
-                return defer.fail()
-            if is_deferred(answer):
-                return answer.addCallback(answered, index)
-            if isinstance(answer, Failure):
-                return defer.fail(answer)
-            if answer is not None:
-                return defer.succeed(wrap(answer))
-            index += 1
-        return defer.succeed(None)
-
-    return from_index(0)
 
 
 def tls_context(config: Config) -> Any:

@@ -37,6 +37,8 @@ from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 
+__all__ = ["SMTPHarness", "MemoryRealm", "MemoryDelivery", "MemoryMessage", "TLSStringTransport"]
+
 
 @implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):

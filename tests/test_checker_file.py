@@ -270,6 +270,15 @@ def test_check_reports_malformed_hashes_and_warns_about_coverage(
     assert f"{users}:2: backends.users: not a complete SHA512-CRYPT hash" in str(info.value)
     assert (f"{users}: warning: CRAM-MD5 announced but 1 of 2 users have hashes it cannot use"
             in capsys.readouterr().err)
+    # served by an AUTH script (it keeps its own secrets): no warning about the users file
+    (tmp_path / "cram.py").write_text('MECHANISMS = ["CRAM-MD5"]\n'
+                                      "def auth(arguments, context):\n    return None\n")
+    users.write_text("bob:{PLAIN}pw\ncarol:" + passwords.make_hash("SHA512-CRYPT", "pw", rounds=1000)
+                     + "\n")
+    scripted = config.read_text().replace("[auth]\n", '[auth]\nscript = "cram.py"\n', 1)
+    config.write_text(scripted)
+    check_users_files(load(str(config)))
+    assert "CRAM-MD5" not in capsys.readouterr().err
 
 
 @pytest_twisted.ensureDeferred

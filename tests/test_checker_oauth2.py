@@ -32,11 +32,12 @@ from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp.checkers.oauth2 import (ClaimPolicy, FileKeys, IntrospectionValidator, OAuth2Options,
                                       JwtValidator, KeySetError, from_config, parse_jwks)
-from saslsmtp.checkers.registry import BackendDeps, build_checker
+from saslsmtp.checkers.registry import BackendDeps
 from saslsmtp.checkers.secrets import ITokenValidator
 from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.options import OptionsError
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
@@ -353,7 +354,7 @@ def parse(tmp_path, table: str) -> Any:
 def test_config_valid_and_repr_hides_the_secret(tmp_path):
     """A JWKS-file table and an introspection table parse; the client secret is not in
     the options' repr; jwks_file is resolved relative to the config file."""
-    (tmp_path / "jwks.json").write_text("{}")
+    (tmp_path / "jwks.json").write_bytes(jwks(ec_key()))
     c = parse(tmp_path, f'jwks_file = "jwks.json"\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n')
     o = c.backends["idp"].options
     assert o.jwks_file == str(tmp_path / "jwks.json") and o.audience == (AUDIENCE,)
@@ -387,13 +388,36 @@ def test_config_problems(tmp_path, table, message):
         parse(tmp_path, table)
 
 
-def test_unusable_jwks_file_is_a_startup_error(tmp_path):
-    """A JWKS file without a usable key fails the backend's construction (tap turns the
-    ValueError into a config error)."""
-    (tmp_path / "jwks.json").write_text('{"keys": []}')
-    c = parse(tmp_path, f'jwks_file = "jwks.json"\nissuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n')
-    with pytest.raises(ValueError, match="no usable signature key"):
-        build_checker(c.backends["idp"], deps())
+@pytest.mark.parametrize("document, message", [
+    ('{"keys": []}', "no usable signature key"),
+    ('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "no usable signature key"),
+    ("{}", 'not a JWKS (no "keys" array)'),
+    ("nope", "not JSON"),
+])
+def test_unusable_jwks_file_is_a_config_error_at_its_line(tmp_path, document, message):
+    """A JWKS file that cannot be used is found when the file is read (so ``--check``
+    reports it), at the jwks_file line, as every other option problem."""
+    (tmp_path / "jwks.json").write_text(document)
+    with pytest.raises(ConfigError) as caught:
+        parse(tmp_path, f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"\njwks_file = "jwks.json"\n')
+    assert str(caught.value) == (f"{tmp_path / 'c.toml'}:9: backends.idp.jwks_file:"
+                                 f" {tmp_path / 'jwks.json'}: {message}")
+
+
+def test_unusable_jwks_file_from_keyword_arguments(tmp_path):
+    """The same rule without a file: an OptionsError naming jwks_file, also when the key
+    set became unusable between the check and the build."""
+    path = tmp_path / "jwks.json"
+    path.write_text('{"keys": []}')
+    with pytest.raises(OptionsError) as caught:
+        OAuth2Options(jwks_file=str(path), issuer=ISSUER, audience=(AUDIENCE,))
+    assert caught.value.key == "jwks_file" and "no usable signature key" in str(caught.value)
+    path.write_bytes(jwks(ec_key()))
+    options = OAuth2Options(jwks_file=str(path), issuer=ISSUER, audience=(AUDIENCE,))
+    path.write_text('{"keys": []}')
+    with pytest.raises(OptionsError) as caught:
+        from_config("idp", options, deps())
+    assert caught.value.key == "jwks_file"
 
 
 # ---- a real identity provider on loopback ------------------------------------------------

@@ -157,6 +157,10 @@ BAD_BACKEND_OPTIONS = [
      "identity_attribute", "must be an attribute name"),
     ('type = "smtp"\nhost = "h"\nport = 70000', "port", "must be 1 to 65535"),
     ('type = "smtp"\nhost = "h"\ntimeout = 0', "timeout", "must be positive"),
+    ('type = "smtp"\nhost = "h"\nendpoint = "bogus:x"', "endpoint",
+     "'bogus:x' is not a Twisted client endpoint string (Unknown endpoint type: 'bogus')"),
+    ('type = "smtp"\nhost = "h"\nendpoint = "tcp:h"', "endpoint",
+     "is not a Twisted client endpoint string"),
     ('type = "smtp"\nhost = "h"\nhelo = "a b\\r\\nRSET"', "helo",
      "'a b\\r\\nRSET' is not a domain name or address literal"),
     ('type = "http"\nurl = "http://x"\ntimeout = nan', "timeout", "must be a finite number, not nan"),
@@ -171,6 +175,7 @@ BAD_BACKEND_OPTIONS = [
     ('type = "oauth2"\nintrospection_url = "https://x"\nalgorithms = ["HS256"]', "algorithms",
      "'HS256' is not allowed"),
     ('type = "oauth2"\njwks_url = "https://x"\nleeway = -1', "leeway", "must not be negative"),
+    ('type = "oauth2"\naudience = "a"\njwks_file = "c.toml"', "jwks_file", "c.toml: not JSON"),
     ('type = "oauth2"\njwks_url = "https://x"\ncolour = 1', "colour", "unknown key"),
 ]
 

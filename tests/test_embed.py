@@ -9,6 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +309,9 @@ def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
     ("ldap", {"url": "ldap://127.0.0.1", "user_dn": "uid=x"}, "user_dn"),
     ("ldap", {"url": 5, "user_dn": "uid={username}"}, "url"),
     ("http", {"url": "ftp://x"}, "url"),
+    ("smtp", {"endpoint": "bogus:x"}, "endpoint"),
+    ("smtp", {"endpoint": "tcp:h"}, "endpoint"),
+    ("oauth2", {"jwks_file": __file__, "issuer": "i", "audience": "a"}, "jwks_file"),
     ("nosuch", {}, "type"),
 ])
 def test_checker_options_are_checked_like_the_file(kind: str, options: dict, key: str) -> None:
@@ -374,3 +380,46 @@ def test_pools_and_connections_stop_at_reactor_shutdown(tmp_path: Path) -> None:
     assert directory.runner.stop in stops and directory.runner.pool.max == 2
     pool = embed.thread_pool(reactor, "mine", 3)
     assert reactor.triggers[-1] == ("before", "shutdown", pool.stop)
+
+
+# the global reactor ---------------------------------------------------------------------
+
+#: Every builder, with a clock or a memory reactor, in a fresh interpreter.  (Stock
+#: ``twisted.mail.smtp`` and ``saslsmtp.testing`` import the global reactor themselves,
+#: so neither is imported here.)
+NO_REACTOR = """
+    import sys
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactorClock
+    from saslsmtp import embed
+
+    reactor = MemoryReactorClock()
+    users = embed.file_checker(reactor, path=sys.argv[1])
+    script = embed.auth_script(lambda arguments, context: None, clock=Clock(),
+                               backends={"users": users})
+    embed.challengers(["PLAIN", "CRAM-MD5", "SCRAM-SHA-256", "X-WHO"], script=script,
+                      secrets=[users])
+    embed.portal(object(), [users])
+    embed.portal(object(), script=script)
+    embed.script_password_checker(script)
+    embed.thread_pool(reactor, "mine")
+    embed.smtp_checker(reactor, host="127.0.0.1", port=25)
+    embed.ldap_checker(reactor, url="ldap://127.0.0.1:1", user_dn="uid={username},dc=x")
+    embed.http_checker(reactor, url="http://127.0.0.1:1/auth")
+    embed.dovecot_checker(reactor, socket="/nonexistent/auth")
+    embed.oauth2_checker(reactor, introspection_url="https://127.0.0.1:1/introspect")
+    print(sorted({"twisted.internet.reactor", "txredisapi", "saslsmtp.service"} & set(sys.modules)))
+"""
+
+
+def test_embedding_never_imports_the_global_reactor(tmp_path: Path) -> None:
+    """The module docstring's promise: the reactor is always passed in.  Importing the
+    global one (txredisapi does, through the daemon's wiring) would install the default
+    reactor before the embedder chose theirs."""
+    path = tmp_path / "users.passwd"
+    path.write_text(USERS)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_REACTOR), str(path)],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"

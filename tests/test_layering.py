@@ -30,7 +30,7 @@ RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
       "saslsmtp.delivery", "saslsmtp.mechanisms", "saslsmtp.tlsinfo", "saslsmtp.threads",
       "saslsmtp.envelope", "saslsmtp.guards", "saslsmtp.engine_settings"),
      ENGINE, "shared parts sit below the engine"),
-    (("saslsmtp.auth", "saslsmtp.transaction"),
+    (("saslsmtp.auth", "saslsmtp.transaction", "saslsmtp.resolver"),
      ("saslsmtp.protocol", "saslsmtp.smtpauth", "saslsmtp.lines", "saslsmtp.service", "saslsmtp.tap"),
      "the AUTH engine and the mail transaction know nothing of lines or listeners"),
     (("saslsmtp.smtpauth",), ("saslsmtp.protocol", "saslsmtp.service", "saslsmtp.tap"),

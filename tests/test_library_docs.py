@@ -113,6 +113,25 @@ def test_examples_are_marked() -> None:
                                "test_auth_password.py"}
 
 
+def documented_signatures() -> dict[str, list[str]]:
+    """``name -> parameter names`` of every ``saslsmtp.embed.NAME(...)`` in the table."""
+    found = re.findall(r"^\| `saslsmtp\.embed\.(\w+)\((.*?)\)` \|", DOC, re.M)
+    return {name: [p.strip().lstrip("*").split("=")[0] for p in params.split(",")
+                   if p.strip() not in ("", "*")]
+            for name, params in found}
+
+
+def test_documented_signatures_are_the_real_ones() -> None:
+    """The table names each parameter as the code does (keyword callers use the names)."""
+    import inspect
+    from saslsmtp import embed
+    documented = documented_signatures()
+    assert {"challengers", "portal", "auth_script", "checker", "thread_pool"} <= set(documented)
+    real = {name: list(inspect.signature(getattr(embed, name)).parameters)
+            for name in documented}
+    assert documented == real
+
+
 def test_token_mechanism_example(folder: Path) -> None:
     """A mechanism written in Python, in stock ESMTP."""
     assert run_tests_in(folder / "token_mechanism.py") == 1

@@ -1,6 +1,7 @@
 """The package as pip builds it, not the source tree: every module of ``saslsmtp`` is in
 the wheel and imports from it, and so does the twistd plugin (a package missing from
-``setup.cfg`` once left ``saslsmtp.relay`` out of every non-editable install)."""
+``setup.cfg`` once left ``saslsmtp.relay`` out of every non-editable install); the
+``py.typed`` marker ships, so a user's type checker reads our hints."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def test_the_wheel_holds_every_module_and_they_import(tmp_path: Path) -> None:
     sources = sorted(p.relative_to(ROOT) for p in (ROOT / "saslsmtp").rglob("*.py"))
     assert [str(p) for p in sources if str(p) not in names] == []
     assert "twisted/plugins/saslsmtp_plugin.py" in names
+    assert "saslsmtp/py.typed" in names  # PEP 561: mypy reads the library's own hints
     modules = [".".join(p.with_suffix("").parts).removesuffix(".__init__") for p in sources]
     # from the wheel only: the PYTHONPATH entry comes before any editable install's path
     code = ("import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"

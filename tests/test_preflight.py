@@ -41,6 +41,29 @@ def test_require_tls_without_tls_and_no_plaintext_is_a_warning(tmp_path: Path) -
     assert len(warnings) == 1 and "no session is ever encrypted" in warnings[0]
 
 
+@pytest.mark.parametrize("declared, verdict", [
+    ('["X-PASSWORD-TOTP"]', "error"),                       # a list: plaintext
+    ('{"X-PASSWORD-TOTP": {}}', "error"),                   # the default: plaintext
+    ('{"X-PASSWORD-TOTP": {"plaintext": False}}', "no session is ever encrypted"),
+])
+def test_require_tls_judges_a_scripts_mechanisms_as_it_declares_them(
+        tmp_path: Path, declared: str, verdict: str) -> None:
+    """The same rule for the script's mechanisms: a plaintext one is never offered
+    without TLS, so with only it nobody could log in."""
+    (tmp_path / "auth.py").write_text(f"MECHANISMS = {declared}\n"
+                                      "def auth(arguments, context):\n    return None\n")
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    config = load(str(write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                                   mechanisms=["X-PASSWORD-TOTP"], require_tls=True,
+                                   script="auth.py")))
+    if verdict == "error":
+        with pytest.raises(ConfigError, match="so X-PASSWORD-TOTP can never be used and nobody"):
+            preflight(config, Clock())
+    else:
+        warnings = preflight(config, Clock())
+        assert len(warnings) == 1 and verdict in warnings[0]
+
+
 def test_permissions_are_judged_for_the_serving_user(tmp_path: Path) -> None:
     """Owner, group and other bits for ``nobody``; a folder above it cannot enter, and a
     missing Maildir under a folder it cannot write; root may read anything."""

@@ -367,6 +367,10 @@ def test_example_cram_md5_script() -> None:
     text = base64.b64decode(challenge[4:].strip()).decode()
     assert text.startswith("<") and text.endswith("@mx.example.test>")
     assert h.send(cram_response("tim", "tanstaaftanstaaf", challenge)) == OK
+    # CRAM-MD5 stays server-first when a script serves it: an initial response is 501
+    fresh = scripted(ETC / "auth_cram_md5.py", names=("CRAM-MD5",))
+    assert fresh.send(b"AUTH CRAM-MD5 " + b64("tim 0123") + b"\r\n") == (
+        b"501 5.7.0 Initial response not allowed for this mechanism\r\n")
     h2 = scripted(ETC / "auth_cram_md5.py", names=("CRAM-MD5",), max_failures=5)
     challenge = h2.send(b"AUTH CRAM-MD5\r\n")
     assert h2.send(cram_response("tim", "wrong", challenge)) == INVALID

@@ -67,8 +67,8 @@ from saslsmtp.checkers.secrets import ITokenValidator
 from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
-from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, file_problem,
-                              finite_number, http_url_problem, problem_if)
+from saslsmtp.options import (PATH, OptionProblem, Options, OptionsError, ca_file_problem,
+                              file_problem, finite_number, http_url_problem, problem_if)
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
 log = Logger(namespace="saslsmtp.oauth2")
@@ -123,7 +123,8 @@ class OAuth2Options(Options):
         sources = [k for k in ("jwks_file", "jwks_url", "introspection_url") if getattr(self, k)]
         problems = problem_if(len(sources) != 1, "", "needs exactly one of jwks_file, jwks_url"
                               " or introspection_url")
-        problems += file_problem("jwks_file", self.jwks_file)
+        problems += file_problem("jwks_file", self.jwks_file) or jwks_file_problem(
+            "jwks_file", self.jwks_file)
         problems += http_url_problem("jwks_url", self.jwks_url)
         problems += http_url_problem("introspection_url", self.introspection_url)
         if (self.client_id is None) != (self.client_secret is None):
@@ -232,11 +233,11 @@ class KeySetError(Exception):
     """A JWKS document that cannot be used."""
 
 
-def parse_jwks(data: bytes, origin: str) -> KeySet:
+def parse_jwks(data: bytes, origin: str, *, quiet: bool = False) -> KeySet:
     """The verification keys of a JWKS document (``{"keys": [...]}``).
 
     Keys marked ``"use": "enc"``, symmetric keys and keys joserfc cannot import are
-    skipped (logged); a document without any usable key is an error.
+    skipped (logged, unless ``quiet``); a document without any usable key is an error.
     """
     try:
         document = json.loads(data)
@@ -244,22 +245,42 @@ def parse_jwks(data: bytes, origin: str) -> KeySet:
         raise KeySetError(f"{origin}: not JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise KeySetError(f"{origin}: not a JWKS (no \"keys\" array)")
+    warn = _silent if quiet else log.warn
     keys = []
     for index, entry in enumerate(document["keys"]):
         if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
             continue
         if entry.get("kty") not in ("RSA", "EC", "OKP"):
-            log.warn("{origin}: key {index} skipped (kty {kty!r} is not RSA, EC or OKP)",
-                     origin=origin, index=index, kty=entry.get("kty"))
+            warn("{origin}: key {index} skipped (kty {kty!r} is not RSA, EC or OKP)",
+                 origin=origin, index=index, kty=entry.get("kty"))
             continue
         public = {k: v for k, v in entry.items() if k not in ("d", "p", "q", "dp", "dq", "qi")}
         try:
             keys.append(JWKRegistry.import_key(public))
         except (JoseError, ValueError, TypeError):
-            log.warn("{origin}: key {index} skipped (cannot be imported)", origin=origin, index=index)
+            warn("{origin}: key {index} skipped (cannot be imported)", origin=origin, index=index)
     if not keys:
         raise KeySetError(f"{origin}: no usable signature key")
     return KeySet(keys)
+
+
+def _silent(message: str, **kwargs: Any) -> None:
+    """A ``log.warn`` that says nothing (the load-time check; the build logs the skips)."""
+
+
+def jwks_file_problem(key: str, path: str | None) -> list[OptionProblem]:
+    """A problem when the JWKS file ``path`` is set and unusable (not JSON, no usable
+    key, unreadable): found at load (``--check``), with the key's line."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as f:
+            parse_jwks(f.read(MAX_BODY + 1), path, quiet=True)
+    except OSError as e:
+        return [OptionProblem(key, f"{path}: cannot read: {e.strerror}")]
+    except KeySetError as e:
+        return [OptionProblem(key, str(e))]
+    return []
 
 
 class FileKeys:
@@ -628,8 +649,8 @@ def from_config(name: str, options: OAuth2Options, deps: Any,
     if options.jwks_file:
         try:
             keys: Any = FileKeys(options.jwks_file)
-        except KeySetError as e:
-            raise ValueError(str(e)) from None
+        except KeySetError as e:  # changed since the options were checked
+            raise OptionsError([OptionProblem("jwks_file", str(e))]) from None
         return JwtValidator(keys, policy, algorithms=options.algorithms, clock=reactor, name=name)
     pool = http.make_pool(reactor)
     client = (make_client or http.make_client)(reactor, pool, options.ca_file, options.timeout)

@@ -79,9 +79,24 @@ class SmtpOptions(Options):
     def check(self) -> Iterable[OptionProblem]:
         return [*problem_if(not self.host and not self.endpoint, "host", "must not be empty"),
                 *problem_if(not 0 < self.port < 65536, "port", "must be 1 to 65535"),
+                *endpoint_problem("endpoint", self.endpoint),
                 *ca_file_problem("ca_file", self.ca_file),
                 *hostname_problem("helo", self.helo),
                 *problem_if(self.timeout <= 0, "timeout", "must be positive")]
+
+
+def endpoint_problem(key: str, description: str | None) -> list[OptionProblem]:
+    """A problem when ``description`` is set and Twisted cannot parse it as a client
+    endpoint: found at load (``--check``), not as a bare ``ValueError`` when the checker
+    is built.  Parsing builds the endpoint without connecting, so no reactor is needed."""
+    if not description:
+        return []
+    try:
+        clientFromString(None, description)
+    except Exception as e:  # an endpoint plugin's parser may raise anything
+        return [OptionProblem(key, f"{description!r} is not a Twisted client endpoint string"
+                                   f" ({str(e) or type(e).__name__})")]
+    return []
 
 
 class UpstreamReply:

@@ -7,6 +7,9 @@ from typing import Awaitable, Callable, Protocol, TypeGuard, Union, runtime_chec
 
 from saslsmtp.sasl.outcome import MechanismStateError, Outcome, Reply, Secret, Session
 
+__all__ = ["Mechanism", "AsyncMechanism", "AnyMechanism", "PreparesSecret", "prepares_secret",
+           "MechanismSpec", "NoLookup", "ClientFirst", "SingleMessage"]
+
 
 class Mechanism(Protocol):
     """One AUTH exchange.  See the theory of operation in ``saslsmtp.sasl``."""

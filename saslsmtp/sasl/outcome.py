@@ -20,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
+__all__ = ["Reply", "Accept", "Reject", "Defer", "Verify", "Lookup", "Secret", "ValidateToken",
+           "TOKEN_VERDICT", "TokenVerdict", "Decision", "Request", "Outcome", "Session",
+           "MechanismStateError"]
+
 
 @dataclass(frozen=True)
 class Reply:

@@ -1,0 +1,72 @@
+"""The resolver: answers a mechanism's ``Lookup`` and ``ValidateToken`` from the backends.
+
+Kept apart from ``saslsmtp.service`` so that ``saslsmtp.embed`` can build one without
+importing the daemon's wiring (its limits import ``txredisapi``, which installs the
+global reactor).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Callable, Sequence, assert_never
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from saslsmtp.auth import Resolver, SecretRequest
+from saslsmtp.errors import TemporaryFailure
+from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
+from saslsmtp.settled import is_deferred, result_now
+
+__all__ = ["secret_resolver"]
+
+
+def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:
+    """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
+    ``ValidateToken`` from the first token validator that has an opinion."""
+
+    def resolve(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
+        match request:
+            case Lookup():
+                return _first_answer(
+                    sources, lambda source: source.lookup_secret(request.username, request.kinds),
+                    lambda secret: secret)
+            case ValidateToken():
+                if not validators:
+                    return defer.fail(TemporaryFailure("no oauth2 backend is configured"))
+                return _first_answer(validators, lambda v: v.validate_token(request),
+                                     lambda verdict: Secret(TOKEN_VERDICT, verdict))
+            case _:
+                assert_never(request)
+
+    return resolve
+
+
+def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],
+                  wrap: Callable[[Any], Any]) -> "defer.Deferred[Any]":
+    """``wrap`` of the first answer of ``ask(item)`` that is not ``None``, asking in
+    order; ``None`` if none has one.  Answers already there cost no callback hop."""
+
+    # the next item is asked from a callback: in the caller's context (the fair hashing
+    # pool's client key lives there), as inlineCallbacks would
+    context = contextvars.copy_context()
+
+    def answered(got: Any, index: int) -> Any:
+        return wrap(got) if got is not None else context.run(from_index, index + 1)
+
+    def from_index(index: int) -> "defer.Deferred[Any]":
+        while index < len(items):
+            try:
+                answer = result_now(ask(items[index]))
+            except Exception:
+                return defer.fail()
+            if is_deferred(answer):
+                return answer.addCallback(answered, index)
+            if isinstance(answer, Failure):
+                return defer.fail(answer)
+            if answer is not None:
+                return defer.succeed(wrap(answer))
+            index += 1
+        return defer.succeed(None)
+
+    return from_index(0)
