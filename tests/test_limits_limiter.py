@@ -4,7 +4,7 @@ injected Clock."""
 import pytest
 from twisted.internet.task import Clock
 
-from saslsmtp.limits.limiter import Limiter, user_key
+from saslsmtp.limits.limiter import IN_FLIGHT_RETRY, IN_FLIGHT_WAIT, Limiter, user_key
 from saslsmtp.limits.settings import LimitsSettings, Rate, parse_limits
 from saslsmtp.limits.store import MemoryStore, RateResult
 
@@ -297,6 +297,27 @@ def test_penalty_is_forgotten_after_an_hour():
 
 # ---- Limiter: messages and recipients ---------------------------------------------
 
+def test_a_trusted_client_is_neither_limited_nor_counted_for_its_mail():
+    """``trusted_networks`` (a webmail, an office) covers the per-user mail limits too:
+    the user's mail from there is not counted, and is let through when the user is over
+    the limit from elsewhere."""
+    from saslsmtp.limits.session import ConnectionLimits
+    clock = Clock()
+    limiter = Limiter(settings(messages_per_user="1/1h", recipients_per_user="1/1h",
+                               trusted_networks=["10.0.0.0/8"]), MemoryStore(clock), clock)
+    trusted, outside = ConnectionLimits(limiter), ConnectionLimits(limiter)
+    trusted.admit("10.1.2.3")
+    outside.admit("192.0.2.5")
+    for _ in range(3):
+        assert result(trusted.mail_allowed("alice")).allowed
+        assert result(trusted.recipient_allowed("alice")).allowed
+        trusted.message_accepted("alice")
+    assert result(outside.mail_allowed("alice")).allowed  # nothing counted so far
+    outside.message_accepted("alice")
+    assert not result(outside.mail_allowed("alice")).allowed
+    assert result(trusted.mail_allowed("alice")).allowed
+
+
 def test_messages_per_user_counts_accepted_messages():
     """MAIL peeks (452 4.7.1 when over), the accepted message counts."""
     clock = Clock()
@@ -444,30 +465,41 @@ def test_no_verdict_counts_nothing_but_waits():
     assert result(other.auth_gate("192.0.2.5", "bob")).verdict.allowed
 
 
-def test_attempts_in_flight_count_against_the_limit():
-    """Guesses admitted but not yet judged (a slow hash, a client that hung up) count:
-    with 2 allowed, a third parallel attempt is refused; a verdict frees its place, and an
-    attempt never judged lapses after a minute."""
+def test_attempts_in_flight_wait_for_room_and_only_failures_refuse():
+    """Guesses admitted but not yet judged (a slow hash, a client that hung up) hold a
+    place: with 2 allowed, a third parallel attempt waits instead of being refused; a
+    success frees its place (the third goes on), a failure counts; an attempt that finds
+    no room for ``IN_FLIGHT_WAIT`` seconds is refused, and one never judged lapses after
+    a minute."""
     clock = Clock()
     limiter = Limiter(settings(auth_failures_per_ip="2/10m"), MemoryStore(clock), clock)
-    first, second, third = (result(limiter.auth_gate("192.0.2.1", f"u{i}")) for i in range(3))
-    assert [g.verdict.allowed for g in (first, second, third)] == [True, True, False]
-    result(limiter.auth_verdict(first, True, "u0", b"right"))
-    fourth = result(limiter.auth_gate("192.0.2.1", "u3"))
-    assert fourth.verdict.allowed
-    assert not result(limiter.auth_gate("192.0.2.1", "u4")).verdict.allowed
-    clock.advance(61)  # second and fourth were never judged: they lapse
+    first, second = (result(limiter.auth_gate("192.0.2.1", f"u{i}")) for i in range(2))
+    third = limiter.auth_gate("192.0.2.1", "u2")
+    assert first.verdict.allowed and second.verdict.allowed and not third.called
+    result(limiter.auth_verdict(first, True, "u0", b"right"))  # a success frees its seat
+    clock.advance(IN_FLIGHT_RETRY)
+    assert result(third).verdict.allowed
+    result(limiter.auth_verdict(second, False, "u1", b"wrong"))  # a failure counts: 1 of 2
+    fourth = limiter.auth_gate("192.0.2.1", "u3")  # 1 failure + the third in flight
+    clock.advance(IN_FLIGHT_RETRY)
+    assert not fourth.called
+    clock.advance(IN_FLIGHT_WAIT)
+    assert not result(fourth).verdict.allowed  # nobody landed meanwhile: refused
+    clock.advance(61)  # the third was never judged: it lapses
     assert result(limiter.auth_gate("192.0.2.1", "u5")).verdict.allowed
 
 
 def test_an_abandoned_attempt_stops_counting_at_once():
-    """An exchange the client aborts (``*`` after SCRAM's first step) gives its place back."""
+    """An exchange the client aborts (``*`` after SCRAM's first step) gives its place
+    back: the attempt waiting for it goes on at its next look."""
     clock = Clock()
     limiter = Limiter(settings(auth_failures_per_user="1/10m"), MemoryStore(clock), clock)
     first = result(limiter.auth_gate("192.0.2.1", "victim"))
-    assert not result(limiter.auth_gate("192.0.2.2", "victim")).verdict.allowed
+    second = limiter.auth_gate("192.0.2.2", "victim")
+    assert not second.called  # waits for the first
     limiter.abandoned(first)
-    assert result(limiter.auth_gate("192.0.2.3", "victim")).verdict.allowed
+    clock.advance(IN_FLIGHT_RETRY)
+    assert result(second).verdict.allowed
 
 
 # ---- the session's synchronous calls over the memory store ----------------------------

@@ -354,35 +354,75 @@ def _failure_limiter(store, spec="3/1m"):
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_guesses_across_workers_stop_exactly_at_the_limit(redis):
-    """Ten guesses for one user at once through two workers (two stores, two limiters),
-    none judged yet: exactly the limit (3) are let through, because the gate's check and
-    the attempt's seat among those in flight are one script.  Their failures then fill
-    the counter; a success (or an abort) gives its seat back without counting."""
+    """Ten guesses for one user at once through two workers (two stores, two limiters):
+    exactly the limit (3) are let through, because the gate's check and the attempt's
+    seat among those in flight are one script; the other seven wait for room, and once
+    the three failures fill the counter they are refused."""
     a, b = await make_store(redis.url), await make_store(redis.url)
     try:
         workers = [_failure_limiter(a), _failure_limiter(b)]
-        gates = await gatherResults([workers[i % 2].auth_gate(f"192.0.2.{i}", "Carol")
-                                     for i in range(10)])
-        admitted = [(i, g) for i, g in enumerate(gates) if g.verdict.allowed]
-        assert len(admitted) == 3
-        assert {g.verdict.line() for g in gates if not g.verdict.allowed} == {
-            "454 4.7.0 Temporary authentication failure"}
-        first, *rest = admitted
-        await workers[first[0] % 2].auth_verdict(first[1], True, "carol", b"right")
-        workers[rest[0][0] % 2].abandoned(rest[0][1])
-        # the seats go back with the next batch of releases
-        await until(lambda: _zcard(redis, "saslsmtp:flight:user:u:carol") == 1, "the seats")
-        again = [await workers[1].auth_gate("192.0.2.99", "carol") for _ in range(2)]
-        assert [g.verdict.allowed for g in again] == [True, True]
-        for i, g in [rest[1], (1, again[0]), (1, again[1])]:
-            await workers[i % 2].auth_verdict(g, False, "carol", f"guess{i}{id(g)}".encode())
-        refused = await workers[0].auth_gate("192.0.2.100", "carol")
-        assert not refused.verdict.allowed
-        assert int(redis.command("ZCARD", "saslsmtp:flight:user:u:carol")
-                   .split(b"\r\n")[0][1:]) == 0
+        gates = [workers[i % 2].auth_gate(f"192.0.2.{i}", "Carol") for i in range(10)]
+        await until(lambda: sum(d.called for d in gates) == 3, "three let through")
+        await sleep(0.2)
+        assert sum(d.called for d in gates) == 3  # the others wait: no room, no refusal
+        admitted = [(i, await d) for i, d in enumerate(gates) if d.called]
+        assert all(g.verdict.allowed for _, g in admitted)
+        for i, g in admitted:
+            await workers[i % 2].auth_verdict(g, False, "carol", f"guess{i}".encode())
+        refused = await gatherResults([d for d in gates if not d.called])
+        assert {g.verdict.line() for g in refused} == {"454 4.7.0 Temporary authentication failure"}
+        assert _zcard(redis, "saslsmtp:flight:user:u:carol") == 0
     finally:
         await a.close()
         await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_right_passwords_is_never_refused(redis):
+    """More logins of one user at once than its failure limit, all right: none is
+    refused (nothing failed).  Those beyond the limit wait until a success gives its
+    seat back; one after the other, each finds the seat of the one before free (it goes
+    to Redis ahead of the next call, not with the next batch)."""
+    a, b = await make_store(redis.url), await make_store(redis.url)
+    try:
+        workers = [_failure_limiter(a), _failure_limiter(b)]
+        gates = [workers[i % 2].auth_gate(f"192.0.2.{i}", "dora") for i in range(8)]
+        landed: set[int] = set()
+        while len(landed) < len(gates):
+            await until(lambda: any(d.called and i not in landed for i, d in enumerate(gates)),
+                        "a login let through")
+            for i, d in enumerate(gates):
+                if d.called and i not in landed:
+                    gate = await d
+                    assert gate.verdict.allowed
+                    await workers[i % 2].auth_verdict(gate, True, "dora", b"right")
+                    landed.add(i)
+        for i in range(10):  # one after the other, through one worker
+            gate = await workers[0].auth_gate(f"198.51.100.{i}", "dora")
+            assert gate.verdict.allowed, i
+            await workers[0].auth_verdict(gate, True, "dora", b"right")
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reconnecting_at_once_finds_its_slot_free(redis):
+    """``connections_per_ip = 2``: one connection at a time, opened again as soon as the
+    last one closed, is never refused (the slot goes back ahead of the next admission)."""
+    from saslsmtp.limits.session import ConnectionLimits
+    store = await make_store(redis.url)
+    try:
+        settings = parse_limits({"connections_per_ip": 2, "connection_rate_per_ip": "100/1m"},
+                                lambda k, m: None)
+        limiter = Limiter(settings, store, reactor())
+        for i in range(6):
+            session = ConnectionLimits(limiter)
+            verdict = await _maybe(session.admit("192.0.2.8"))
+            assert verdict.allowed, i
+            session.release()
+    finally:
+        await store.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -65,6 +65,11 @@ __all__ = ["ALLOWED", "IN_FLIGHT_TTL", "MAX_TRACKED_ADDRESSES", "PENALTY_FIRST",
 log = Logger(namespace="saslsmtp.limits.limiter")
 
 IN_FLIGHT_TTL = 60.0  # an admitted attempt never judged (client left mid-exchange) lapses
+# An attempt that finds the failures counted so far under the limit, but not enough room
+# left beside the attempts still in flight, waits for those to land (a failure counts,
+# a success frees its seat) rather than being refused: only counted failures refuse.
+IN_FLIGHT_RETRY = 0.025  # seconds between looks (about a batch of Redis releases)
+IN_FLIGHT_WAIT = 10.0  # then it is refused after all (454), as over its limit
 
 
 @functools.lru_cache(maxsize=4096)  # a session asks for the same name several times
@@ -276,11 +281,12 @@ class Limiter:
         gate = self.gate_then(address, username, d.callback)
         return d if gate is None else gate
 
-    def gate_then(self, address: str, username: str,
-                  then: Callable[[AuthGate], object]) -> "AuthGate | None":
+    def gate_then(self, address: str, username: str, then: Callable[[AuthGate], object],
+                  until: float | None = None) -> "AuthGate | None":
         """``auth_gate`` as the session asks it: the ``AuthGate`` itself when the store
         answers at once (memory, no failure limit, a trusted client); else ``None``, and
-        ``then(gate)`` once the store answered (maybe before this returns)."""
+        ``then(gate)`` once the store answered (maybe before this returns), or once the
+        attempts in flight left room (``until``: when waiting for that ends)."""
         s = self.settings
         key, trusted = s.classify(address)
         if trusted:
@@ -294,12 +300,17 @@ class Limiter:
         flights = (("ip:" + key, "user:" + user_key(username)) if per_ip and per_user
                    else ("ip:" + key,) if per_ip else ("user:" + user_key(username),))
         store: Any = self.store
+        if until is None:
+            until = self.clock.seconds() + IN_FLIGHT_WAIT
         peek_used = getattr(store, "peek_used", None)
         if peek_used is not None:  # the memory store: answered here and now
-            return self._gate_now(peek_used, flights, address, username, key, delay)
+            gate = self._gate_now(peek_used, flights, address, username, key, delay, until)
+            if gate is None:
+                self._look_again(address, username, then, until)
+            return gate
         reserve = getattr(store, "reserve_then", None)
         if reserve is not None:  # shared store: check and seat in flight in one call
-            self._shared_gate(reserve, flights, address, username, key, delay, then)
+            self._shared_gate(reserve, flights, address, username, key, delay, then, until)
         else:
             self._gate_stepwise(flights, address, username, key, delay).addCallback(then)
         return None
@@ -313,18 +324,35 @@ class Limiter:
 
     def _gate_now(self, peek_used: Callable[[str, Rate, float], "int | None"],
                   flights: tuple[str, ...], address: str, username: str, key: str,
-                  delay: float) -> AuthGate:
-        """The gate over the memory store: failures counted plus attempts in flight."""
+                  delay: float, until: float) -> AuthGate | None:
+        """The gate over the memory store: failures counted plus attempts in flight;
+        ``None`` when only the attempts in flight are in the way (look again later)."""
         now = self.clock.seconds()
+        crowded = None
         for (limit, rate), flight in zip(self._gate_limits, flights):
             try:
                 used = peek_used("authfail:" + flight, rate, now)
             except Exception:
                 log.failure("limits: auth failure check failed; allowing")
                 used = 0
-            if used is None or used + self._flying(flight, now) > rate.count:
+            if used is None:
                 return self._refuse_gate(limit, address, username, key, delay)
+            if crowded is None and used + self._flying(flight, now) > rate.count:
+                crowded = limit
+        if crowded is not None:
+            return self._refuse_gate(crowded, address, username, key, delay) if now >= until \
+                else None
         return self._seat_in_flight(flights, address, username, key, delay, now)
+
+    def _look_again(self, address: str, username: str, then: Callable[[AuthGate], object],
+                    until: float) -> None:
+        """The gate once more in ``IN_FLIGHT_RETRY`` seconds: the attempts in flight may
+        have landed by then (a success frees its seat, a failure counts)."""
+        def again() -> None:
+            gate = self.gate_then(address, username, then, until)
+            if gate is not None:
+                then(gate)
+        self.clock.callLater(IN_FLIGHT_RETRY, again)
 
     def _seat_in_flight(self, flights: tuple[str, ...], address: str, username: str,
                         key: str, delay: float, now: float) -> AuthGate:
@@ -356,7 +384,7 @@ class Limiter:
 
     def _shared_gate(self, reserve: Callable[..., Any], flights: tuple[str, ...],
                      address: str, username: str, key: str, delay: float,
-                     then: Callable[[AuthGate], object]) -> None:
+                     then: Callable[[AuthGate], object], until: float) -> None:
         """The gate over a shared store (Redis): the check and the attempt's seat among
         those in flight are one atomic call, so N processes together let no more
         attempts through than one would (the seat is left by ``auth_verdict``)."""
@@ -364,8 +392,11 @@ class Limiter:
         limits = self._gate_limits
 
         def decided(refused: int) -> None:
-            if refused:
-                then(self._refuse_gate(limits[refused - 1][0], address, username, key, delay))
+            if refused < 0 and self.clock.seconds() < until:  # only attempts in flight
+                self._look_again(address, username, then, until)
+            elif refused:
+                then(self._refuse_gate(limits[abs(refused) - 1][0], address, username, key,
+                                       delay))
             else:
                 then(AuthGate(ALLOWED, address, username, delay, token=token, key=key,
                               flights=flights))

@@ -149,23 +149,31 @@ return #KEYS
 GATE_SCRIPT = """
 -- The AUTH gate, with a seat among the attempts in flight.  KEYS[1..n]: failure
 -- counters, KEYS[n+1..2n]: their in-flight sets; ARGV: token, n, in-flight ttl_ms, then
--- period_ms and count of each counter.  Returns i, the first counter whose failures plus
--- attempts in flight already reach its count (refused, nothing taken), or 0: admitted,
--- and the token is in every in-flight set until LAND_SCRIPT or a release takes it out.
+-- period_ms and count of each counter.  Returns i, the first counter whose failures
+-- alone reach its count (refused, nothing taken), -i when its failures plus attempts in
+-- flight do (nothing taken: the caller may look again once some landed), or 0:
+-- admitted, and the token is in every in-flight set until LAND_SCRIPT or a release
+-- takes it out.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
+local used = {}
 for i = 1, n do
   local period = tonumber(ARGV[2 + 2 * i])
   local count = tonumber(ARGV[3 + 2 * i])
   local iv = period / count
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then tat = now end
-  local used = math.ceil((tat - now) / iv - 1e-9)
-  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now)
-  if now < tat + iv - period or used + redis.call('ZCARD', KEYS[n + i]) >= count then
+  if now < tat + iv - period then
     return i
+  end
+  used[i] = math.ceil((tat - now) / iv - 1e-9)
+end
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now)
+  if used[i] + redis.call('ZCARD', KEYS[n + i]) >= tonumber(ARGV[3 + 2 * i]) then
+    return -i
   end
 end
 for i = 1, n do
@@ -396,6 +404,8 @@ class RedisStore:
         """``_call`` without a Deferred, for the calls of every session: ``then(reply)``
         once Redis answers, ``then(None)`` when it cannot (counted and logged as
         unavailable).  ``then`` may run before this returns (not connected)."""
+        if self._releases:  # sent first, so that a slot or seat given back counts as free
+            self._flush_now()
         conn = self._connection()
         if conn is None or conn.replyQueue.pending:
             self._call(script, items, rest).addCallbacks(then, lambda f: then(None))
@@ -560,6 +570,14 @@ class RedisStore:
         if self._release_call is None:
             self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
 
+    def _flush_now(self) -> None:
+        """The queued releases now, ahead of a call (same connection: Redis runs them
+        first): a client that reconnects, or logs in again, at once finds its slot and
+        its seat free, not held for the rest of the batch's delay."""
+        if self._release_call is not None and self._release_call.active():
+            self._release_call.cancel()
+        self._flush()
+
     def _flush(self) -> None:
         """Send the queued releases; their Deferreds fire when Redis answered (or not)."""
         self._release_call = None
@@ -626,7 +644,8 @@ class RedisStore:
         """The AUTH gate in one call: 0 when no counter's failures plus attempts in
         flight reach its count, and then ``token`` is in every set of ``flights`` (one
         per counter) for at most ``ttl`` seconds; else the 1-based index of the first
-        counter that refused.  0 (and nothing taken) when Redis cannot answer."""
+        counter that refused, negative when only the attempts in flight were in the way.
+        0 (and nothing taken) when Redis cannot answer."""
         args: list[Any] = [token, len(counters), int(ttl * 1000)]
         for _, rate in counters:
             args += [int(rate.period * 1000), rate.count]

@@ -43,6 +43,7 @@ class AuthAttempt:
         self.username: str | None = None
         self._password: str | bytes | None = None
         self.refused = False
+        self.abandoned = False
         self._waiting: Deferred[Defer | None] | None = None
 
     @property
@@ -68,7 +69,10 @@ class AuthAttempt:
         return waiting
 
     def _gated(self, gate: AuthGate) -> None:
-        """A shared store's answer."""
+        """A shared store's answer, or the gate's once attempts in flight landed."""
+        if self.abandoned:  # the exchange ended while it waited: no seat kept for it
+            self.limiter.abandoned(gate)
+            return
         refusal = self._decided(gate)
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
@@ -81,6 +85,7 @@ class AuthAttempt:
 
     def abandon(self) -> None:
         """The exchange ended without a verdict (``*``, a bad line, the client left)."""
+        self.abandoned = True
         if self.gate is not None:
             self.limiter.abandoned(self.gate)
 
@@ -113,12 +118,14 @@ class ConnectionLimits:
         self.limiter = limiter
         self._admission: Admission | None = None
         self._pending: Deferred[Verdict] | None = None
+        self.trusted = False  # a client in trusted_networks: its mail is not counted either
 
     def admit(self, address: str) -> "Verdict | Deferred[Verdict]":
         """A new connection from ``address``: its verdict (``421 4.7.0`` when over a
         limit), at once when the store answers at once, else through a Deferred."""
         if not address:  # a UNIX socket: no client address to count
             return ALLOWED
+        self.trusted = self.limiter.settings.is_trusted(address)
         admission = self.limiter.seat_then(address, self._seated)
         if admission is not None:
             self._admission = admission
@@ -156,13 +163,17 @@ class ConnectionLimits:
         return AuthAttempt(self.limiter, address, mechanism)
 
     def mail_allowed(self, user: str | None) -> "Deferred[Verdict]":
-        return succeed(ALLOWED) if user is None else self.limiter.mail_allowed(user)
+        if user is None or self.trusted:
+            return succeed(ALLOWED)
+        return self.limiter.mail_allowed(user)
 
     def recipient_allowed(self, user: str | None) -> "Deferred[Verdict]":
-        return succeed(ALLOWED) if user is None else self.limiter.recipient_allowed(user)
+        if user is None or self.trusted:
+            return succeed(ALLOWED)
+        return self.limiter.recipient_allowed(user)
 
     def message_accepted(self, user: str | None) -> None:
-        if user is not None:
+        if user is not None and not self.trusted:
             self.limiter.message_accepted(user)
 
 
