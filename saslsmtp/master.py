@@ -8,8 +8,9 @@ alone rotates the file (at 1 MB, checked every second, and on SIGUSR1) or notice
 it was renamed away (SIGUSR1, SIGHUP), and then asks every worker to reopen it.  With
 ``--syslog`` or a custom ``--logger`` it relays the workers' events instead.  It
 restarts a worker that died (with a growing delay while it keeps dying), validates the
-configuration on SIGHUP before forwarding the signal, serves ``/metrics`` summed over
-the workers, and on shutdown forwards SIGTERM and waits for every worker to end.
+configuration on SIGHUP before forwarding the signal (and counts that reload, once),
+serves ``/metrics`` summed over the workers, and on shutdown forwards SIGTERM and waits
+for every worker to end.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.daemon import clean_exit, guard_stop_signals
 from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
-from saslsmtp.metrics import (MULTIPROC_ENV, mark_dead, metrics_service, multiprocess_registry,
-                              prepare_multiprocess_dir)
+from saslsmtp.metrics import (MULTIPROC_ENV, ReloadCounts, mark_dead, metrics_service,
+                              multiprocess_registry, prepare_multiprocess_dir)
 from saslsmtp.serving import install_sighup
 
 log = Logger(namespace="saslsmtp")
@@ -144,6 +145,7 @@ class MasterService(service.MultiService):
         self.sockets: list[socket.socket] = []
         self.metrics_dir: Path | None = None
         self._own_metrics_dir: str | None = None  # made here: removed at exit
+        self.reloads = ReloadCounts()  # saslsmtp_reloads_total: decided, so counted, here
         self.workers: dict[int, WorkerProcess] = {}
         self.failures: dict[int, int] = {}
         self.pending: dict[int, Any] = {}
@@ -170,8 +172,8 @@ class MasterService(service.MultiService):
             self.metrics_dir = prepare_multiprocess_dir(where)
             if identity is not None and os.getuid() == 0:
                 os.chown(self.metrics_dir, identity.uid, identity.gid)
-            metrics_service(self.config.ops.metrics.listen, self.reactor,
-                            multiprocess_registry(self.metrics_dir)).setServiceParent(self)
+            registry = multiprocess_registry(self.metrics_dir, self.reloads)
+            metrics_service(self.config.ops.metrics.listen, self.reactor, registry).setServiceParent(self)
         listeners.start_or_exit(super().privilegedStartService)
 
     def startService(self) -> None:
@@ -344,7 +346,13 @@ class MasterService(service.MultiService):
         self.pending[worker.slot] = self.reactor.callLater(delay, self.spawn, worker.slot)
 
     def reload(self) -> bool:
-        """SIGHUP: validate the configuration here, then let every worker reload it."""
+        """SIGHUP: validate the configuration here, then let every worker reload it; one
+        ``saslsmtp_reloads_total`` sample per SIGHUP, whatever the number of workers."""
+        ok = self._reload()
+        self.reloads.reloaded(ok)
+        return ok
+
+    def _reload(self) -> bool:
         from saslsmtp.serving import reload_config, restart_only_changes, stop_wiring
         from saslsmtp.service import wire
         self.logs_rotated(False, True)  # a log file renamed away (logrotate's postrotate)

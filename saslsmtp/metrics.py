@@ -10,8 +10,9 @@ One process: pass a ``CollectorRegistry`` and serve it.  Several workers: the ma
 sets ``PROMETHEUS_MULTIPROC_DIR`` in the workers' environment (prometheus_client picks
 its storage when it is imported, so it must be set before the worker starts), each
 worker builds ``Metrics(None)`` (values go to files, nothing is registered), and the
-master serves ``multiprocess_registry(path)``, which sums the files; it calls
-``mark_dead(pid, path)`` when a worker ends so live gauges forget it.
+master serves ``multiprocess_registry(path, reloads)``, which sums the files and adds the
+reloads the master counts itself (``ReloadCounts``); it calls ``mark_dead(pid, path)``
+when a worker ends so live gauges forget it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 #: ``auth_finished`` results: 235, 535, 454, 501 (client ``*``), refused by a limit.
@@ -61,6 +63,9 @@ class Metrics:
             ["backend", "result"], registry=registry)
         self.cache_hits = Counter("saslsmtp_auth_cache_hits", "AUTH answered from the cache.", registry=registry)
         self.cache_misses = Counter("saslsmtp_auth_cache_misses", "AUTH not in the cache.", registry=registry)
+        self.cache_stale_hits = Counter(
+            "saslsmtp_auth_cache_stale_hits", "AUTH accepted from a stale entry while the backends failed.",
+            registry=registry)
         self.limit_rejections = Counter(
             "saslsmtp_limit_rejections", "Commands refused by a rate or concurrency limit.",
             ["limit"], registry=registry)
@@ -109,6 +114,10 @@ class Metrics:
     def cache_lookup(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()
 
+    def cache_stale_hit(self) -> None:
+        """``stale_if_error`` accepted a stale entry (after a miss the backends failed)."""
+        self.cache_stale_hits.inc()
+
     def limit_rejected(self, limit: str) -> None:
         """``limit`` is the configured limit's name (e.g. ``auth_failures_per_ip``)."""
         self.limit_rejections.labels(_bounded(limit)).inc()
@@ -150,11 +159,36 @@ def prepare_multiprocess_dir(path: str | Path) -> Path:
     return directory
 
 
-def multiprocess_registry(path: str | Path) -> CollectorRegistry:
-    """A registry that reads every worker's values from ``path`` at each scrape."""
+def multiprocess_registry(path: str | Path, *own: Any) -> CollectorRegistry:
+    """A registry that reads every worker's values from ``path`` at each scrape, beside
+    the master's ``own`` collectors (``ReloadCounts``)."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
+    for collector in own:
+        registry.register(collector)
     return registry
+
+
+class ReloadCounts:
+    """``saslsmtp_reloads_total`` as the master of ``workers = N`` counts it: the master
+    decides whether a SIGHUP is applied (the workers only follow), so one reload is one
+    sample.  A collector of its own, not a ``Counter``: the master imported
+    prometheus_client before its multi-process directory existed, so a ``Counter`` there
+    would keep its value in memory, where the sum of the workers' files never looks."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def reloaded(self, ok: bool) -> None:
+        result = "success" if ok else "invalid"
+        self.counts[result] = self.counts.get(result, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("saslsmtp_reloads", "Configuration reloads by result.",
+                                     labels=["result"])
+        for result, count in sorted(self.counts.items()):
+            family.add_metric([result], count)
+        yield family
 
 
 def mark_dead(pid: int, path: str | Path) -> None:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from saslsmtp.checkers.chain import BackendChain
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.events import SessionEvents
+from saslsmtp.limits.authcache import CachingChecker
 from saslsmtp.replies import REPLIES
 from saslsmtp.metrics import Metrics
 from saslsmtp.script import Backends, ScriptRunner
@@ -162,8 +163,8 @@ def instrument(wiring: Wiring, metrics: Metrics | None) -> Wiring:
         return wiring
     metered: dict[str, Any] = {name: MeteredChecker(name, checker, metrics)
                                for name, checker in wiring.checkers.items()}
-    chain = wiring.portal.checkers.get(IUsernamePassword)
-    if isinstance(chain, BackendChain):
+    chain = password_chain(wiring.portal.checkers.get(IUsernamePassword))
+    if chain is not None:
         chain.backends = [(name, metered.get(name, checker)) for name, checker in chain.backends]
     if isinstance(wiring.script, ScriptRunner):  # its errors, and its backends.verify calls
         wiring.script.metrics = metrics
@@ -172,11 +173,20 @@ def instrument(wiring: Wiring, metrics: Metrics | None) -> Wiring:
     return wiring
 
 
+def password_chain(checker: Any) -> BackendChain | None:
+    """The backend chain the password checker asks, also behind the auth cache, whose
+    misses still reach the backends (a hit is no backend request)."""
+    if isinstance(checker, CachingChecker):
+        checker = checker.inner
+    return checker if isinstance(checker, BackendChain) else None
+
+
 def attach_metrics(controls: Any, metrics: Metrics) -> None:
     """The limits' parts (``saslsmtp.limits.build.AbuseControls``: limiter, store, auth
     cache) count into ``metrics``: each part that has a ``metrics`` attribute (holding
     ``events.NO_METRICS`` until now) gets the process's, and calls
-    ``metrics.limit_rejected(name)``, ``metrics.redis_down()``, ``metrics.cache_lookup(hit)``."""
+    ``metrics.limit_rejected(name)``, ``metrics.redis_down()``, ``metrics.cache_lookup(hit)``,
+    ``metrics.cache_stale_hit()``."""
     if controls is None:
         return
     for part in vars(controls).values():

@@ -110,7 +110,8 @@ class SmtpAuth:
                 return self.host.error(REPLIES["auth_unexpected_ir"])
             try:
                 initial = decode_response(parts[1], initial=True)
-            except DecodeError:
+            except DecodeError:  # a broken exchange, as bad base64 on a later line
+                self.host.events.auth_finished(spec.name, "aborted", client=self.host.peer_ip)
                 return self.host.error(REPLIES["auth_bad_base64"])
         exchange = self.start_exchange(spec)
         if exchange is not None:

@@ -104,6 +104,8 @@ def build_worker_service(config_path: str, listeners: Sequence[tuple[int, str]],
     # this worker may have started after a reload: the master, which bound the sockets
     # and started the workers, says what a reload cannot change
     top.reloader.warn_restart_only = False
+    # ... and it counts each reload once, where it decides (saslsmtp_reloads_total)
+    top.reloader.metrics = None
     live = LiveTLSContext(factory) if factory.wiring.tls_context is not None else None
     for fd, description in listeners:
         spec = socks.parse(description)

@@ -1,5 +1,5 @@
 """The limits' parts count into the process's metrics (``serving.attach_metrics`` hands
-them the ``Metrics``): limit rejections by limit, auth cache hits and misses, Redis
+them the ``Metrics``): limit rejections by limit, auth cache hits, misses and stale hits, Redis
 outages, and an AUTH refused by the failure limits counts as ``limited``."""
 
 from __future__ import annotations
@@ -44,6 +44,21 @@ def test_cache_hits_and_misses_are_counted() -> None:
     assert login(checker, "alice", "right") == b"alice"
     assert value(registry, "saslsmtp_auth_cache_misses_total") == 1
     assert value(registry, "saslsmtp_auth_cache_hits_total") == 1
+
+
+def test_stale_hits_are_counted() -> None:
+    """Backends down past the ttl, inside ``stale_if_error``: the lookup is a miss, the
+    stale success that accepts is a stale hit."""
+    clock, backend, cache, checker = make(ttl=300, stale_if_error=600)
+    registry = CollectorRegistry()
+    attach_metrics(AbuseControls(limiter=None, store=None, cache=cache),  # type: ignore[arg-type]
+                   Metrics(registry))
+    assert login(checker, "alice", "right") == b"alice"
+    backend.down = True
+    clock.advance(400)
+    assert login(checker, "alice", "right") == b"alice"
+    assert value(registry, "saslsmtp_auth_cache_misses_total") == 2
+    assert value(registry, "saslsmtp_auth_cache_stale_hits_total") == 1
 
 
 class OutagedStore:

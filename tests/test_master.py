@@ -154,3 +154,23 @@ def test_workers_get_the_log_file_and_reopen_it_after_a_rotation(tmp_path: Path)
     service.log_output = lambda: stdout
     args, fds, _ = service.worker_command(0)
     assert "--log-fd" in args and args[args.index("--log-fd") + 1] == "1" and fds[1] == 1
+
+
+def test_a_reload_is_counted_once_by_the_master_on_metrics(tmp_path: Path) -> None:
+    """The master decides a SIGHUP, so it counts it: a refused file is one ``invalid``
+    sample, a valid one one ``success`` however many workers follow it, both on the
+    registry that sums the workers' files."""
+    from saslsmtp.metrics import multiprocess_registry, prepare_multiprocess_dir
+    service, reactor = master(tmp_path)
+    service.spawn(0)
+    service.spawn(1)
+    registry = multiprocess_registry(prepare_multiprocess_dir(tmp_path / "metrics"), service.reloads)
+    config = tmp_path / "saslsmtp.toml"
+    good = config.read_text()
+    config.write_text(good.replace("[auth]\n", "[auth]\nbogus = 1\n"))
+    assert service.reload() is False
+    config.write_text(good)
+    assert service.reload() is True
+    assert [w.transport.signals for w in service.workers.values()] == [[signal.SIGHUP]] * 2
+    assert registry.get_sample_value("saslsmtp_reloads_total", {"result": "invalid"}) == 1
+    assert registry.get_sample_value("saslsmtp_reloads_total", {"result": "success"}) == 1

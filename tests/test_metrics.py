@@ -208,6 +208,40 @@ async def test_a_served_session_is_counted(tmp_path: Path) -> None:
         stop_wiring(factory.wiring)
 
 
+@pytest_twisted.ensureDeferred
+async def test_backend_checks_behind_the_auth_cache_are_counted(tmp_path: Path) -> None:
+    """With ``[auth.cache]`` the backends still answer each miss: those checks are
+    counted and timed; a hit reaches no backend and is no backend request."""
+    from twisted.cred.credentials import IUsernamePassword
+    from twisted.internet import reactor
+
+    from saslsmtp.credentials import PasswordCredentials
+    from saslsmtp.limits.authcache import CachingChecker
+    from saslsmtp.serving import build_factory, start_runners, stop_wiring
+    from saslsmtp.service import load
+    from tests.support import write_config
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    config = load(str(write_config(
+        tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+        extra_auth="\n[auth.cache]\nttl = 300\n")))
+    registry = CollectorRegistry()
+    factory = build_factory(config, reactor, Metrics(registry))
+    start_runners(factory.wiring)
+    checker = factory.wiring.portal.checkers[IUsernamePassword]
+    assert isinstance(checker, CachingChecker)
+    try:
+        for password in (b"wonderland", b"wonderland", b"wrong"):  # miss, hit, miss
+            await checker.requestAvatarId(PasswordCredentials(b"alice", password)).addErrback(
+                lambda f: None)
+    finally:
+        stop_wiring(factory.wiring)
+    value = registry.get_sample_value
+    assert value("saslsmtp_auth_cache_hits_total") == 1
+    assert value("saslsmtp_backend_requests_total", {"backend": "users", "result": "accept"}) == 1
+    assert value("saslsmtp_backend_requests_total", {"backend": "users", "result": "reject"}) == 1
+    assert value("saslsmtp_auth_duration_seconds_count", {"backend": "users"}) == 2
+
+
 def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
     """``twistd -n saslsmtp`` with ``[metrics]`` and one process: /metrics counts the
     connection the client made."""

@@ -136,6 +136,22 @@ def test_bad_base64_initial_and_continuation() -> None:
     assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
+def test_bad_base64_is_an_aborted_exchange_initial_or_continuation(monkeypatch) -> None:
+    """Bad base64 as the initial response counts and logs as ``aborted``, as it does
+    on a continuation line (docs/operations.md: a broken exchange)."""
+    from saslsmtp.events import SessionEvents
+    from tests.test_events import Recorder, captured
+    lines, metrics = captured(monkeypatch), Recorder()
+    h = harness()
+    h.protocol.events = SessionEvents(metrics)
+    assert h.send(b"AUTH PLAIN !!!\r\n") == b"501 5.5.2 Cannot decode response\r\n"
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"dGVzd=A\r\n") == b"501 5.5.2 Cannot decode response\r\n"
+    assert metrics.calls == [("auth_finished", "PLAIN", "aborted"),
+                             ("auth_finished", "LOGIN", "aborted")]
+    assert lines == ["AUTH PLAIN aborted ip=192.0.2.10", "AUTH LOGIN aborted ip=192.0.2.10"]
+
+
 def test_equals_is_empty_initial_response() -> None:
     """`=` is a present, empty initial response: for PLAIN a malformed message."""
     h = harness()

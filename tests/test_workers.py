@@ -68,6 +68,14 @@ def worker_sessions(metrics_port: int) -> dict[int, float]:
             for s in f.samples if s.name == "saslsmtp_worker_sessions"}
 
 
+def reloads(metrics_port: int) -> dict[str, float]:
+    """``saslsmtp_reloads_total`` by result, as /metrics shows it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.labels["result"]: s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "saslsmtp_reloads_total"}
+
+
 def start(config: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "wb") as out:
@@ -166,8 +174,9 @@ def test_workers_exit_when_the_master_dies(two_workers) -> None:
 
 def test_sighup_with_a_broken_config_keeps_serving(two_workers, tmp_path: Path) -> None:
     """The master validates before forwarding: a broken file is logged as
-    file:line: key: message and the workers keep the running configuration."""
-    master, port, _, log = two_workers
+    file:line: key: message and the workers keep the running configuration.  /metrics
+    counts each SIGHUP once, as the master decided it (not once per worker)."""
+    master, port, metrics_port, log = two_workers
     config = tmp_path / "saslsmtp.toml"
     good = config.read_text()
     config.write_text(good.replace("[auth]\n", "[auth]\nbogus = 1\n"))
@@ -180,6 +189,7 @@ def test_sighup_with_a_broken_config_keeps_serving(two_workers, tmp_path: Path) 
     config.write_text(good)
     master.send_signal(signal.SIGHUP)
     wait_for(lambda: log.read_text().count("new sessions use it") == 2, what="both workers reloading")
+    assert reloads(metrics_port) == {"invalid": 1, "success": 1}
     assert master.poll() is None
 
 

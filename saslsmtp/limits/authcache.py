@@ -68,7 +68,7 @@ class AuthCache:
         self.hits = 0
         self.misses = 0
         self.stale_hits = 0
-        self.metrics: Any = NO_METRICS  # set by the service: cache_lookup(hit)
+        self.metrics: Any = NO_METRICS  # set by the service: cache_lookup(hit), cache_stale_hit()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -122,6 +122,7 @@ class AuthCache:
         if not hmac.compare_digest(entry.fingerprint, self.fingerprint(password)):
             return None
         self.stale_hits += 1
+        self.metrics.cache_stale_hit()
         return entry.avatar_id
 
     def _put(self, chain: str, username: bytes, entry: _Entry) -> None:
