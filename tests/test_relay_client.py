@@ -164,6 +164,34 @@ def test_xclient_then_ehlo_again_and_auth_param():
     assert result(mail).code == 250 and tx.xclient_used
 
 
+def test_a_connection_that_stopped_offering_xclient_is_not_reused():
+    """Postfix offers XCLIENT only to its authorized hosts, and after one the client it
+    sees is ours, so its next EHLO has no XCLIENT: that connection could not carry the
+    next session's identity, and is closed instead of pooled."""
+    client, upstream, _ = make(xclient=True)
+    tx = client.transaction(RelaySession(login="alice", client_address="192.0.2.7",
+                                         client_port=1, helo="pc-alice"))
+    mail = tx.mail_from("alice@example.test")
+    greet(upstream, EHLO_XCLIENT)
+    assert upstream.said().startswith(b"XCLIENT ")
+    upstream.answer(b"220 mx.example.test ESMTP\r\n")
+    assert upstream.said() == b"EHLO pc-alice\r\n"
+    upstream.answer(EHLO_PLAIN)  # no XCLIENT any more
+    assert upstream.said().startswith(b"MAIL FROM:<alice@example.test>")
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(mail).code == 250
+    tx.rcpt("bob@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    tx.write(b"Subject: x\r\n\r\nbody\r\n")
+    end = tx.end()
+    upstream.said()
+    upstream.answer(b"250 2.0.0 Ok: queued as 1\r\n")
+    assert result(end).code == 250
+    assert client.idle == [] and upstream.said() == b"QUIT\r\n"
+
+
 def test_xclient_unknown_values_and_refusal():
     """Missing session facts are ``[UNAVAILABLE]``; a refused XCLIENT is a 4xx for the
     client and the connection is dropped (its identity would be wrong)."""
@@ -263,6 +291,23 @@ def test_connect_timeout():
     assert result(mail) == REPLIES["upstream_timeout"]
 
 
+@pytest.mark.parametrize("greeting, ehlo", [
+    (b"554 5.3.2 go away\r\n", None),                   # a relay host refused
+    (b"220 lmtp.example.test LMTP\r\n", b"500 5.5.1 Unknown command\r\n"),  # LMTP, not SMTP
+])
+def test_an_upstream_that_will_not_talk_is_a_451_for_the_client(greeting: bytes,
+                                                                 ehlo: bytes | None) -> None:
+    """A refused greeting or EHLO says nothing about the client's message: 451 4.4.1
+    (try again later), never the upstream's 5xx as if the mail were refused."""
+    client, upstream, _ = make()
+    mail = client.transaction(SESSION).mail_from("a@example.test")
+    upstream.answer(greeting)
+    if ehlo is not None:
+        assert upstream.said() == b"EHLO relay.example.test\r\n"
+        upstream.answer(ehlo)
+    assert result(mail) == REPLIES["upstream_unavailable"]
+
+
 def test_silent_greeting_times_out():
     """Connected, but no greeting within ``timeout``: 451 4.4.2 and the connection dropped."""
     client, upstream, clock = make()
@@ -349,6 +394,20 @@ def test_backpressure_reaches_the_client_transport():
     connection.pauseProducing()
     connection.resumeProducing()
     assert producer.calls == ["pause", "resume"]
+
+
+def test_the_client_is_resumed_when_the_transaction_lets_go_of_it():
+    """The upstream's buffer was full at the final dot (any message past 64 KiB): when
+    the transaction ends it resumes our client's transport before forgetting it, or the
+    session would never read its QUIT."""
+    _, upstream, _, tx, producer = data_phase()
+    upstream.connections[-1][0].pauseProducing()
+    end = tx.end()
+    tx.unregisterProducer()
+    assert producer.calls == ["pause", "resume"]
+    upstream.answer(b"250 2.0.0 Ok: queued\r\n")
+    assert result(end).code == 250
+    assert producer.calls == ["pause", "resume"]  # once
 
 
 def test_stalled_data_phase_times_out():

@@ -24,11 +24,11 @@ def postfix():
     yield from running_postfix()
 
 
-def swaks(port: int, to: str, subject: str) -> subprocess.CompletedProcess[str]:
+def swaks(port: int, to: str, subject: str, *more: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SWAKS, "--server", f"127.0.0.1:{port}", "--ehlo", "alice-laptop",
                            "--from", USER, "--to", to, "--auth", "PLAIN", "--auth-user", USER,
                            "--auth-password", PASSWORD, "--header", f"Subject: {subject}",
-                           "--header", f"Message-ID: <{subject}@example.test>"],
+                           "--header", f"Message-ID: <{subject}@example.test>", *more],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -60,6 +60,15 @@ def test_swaks_through_saslsmtp_into_postfix_with_xclient(tmp_path, run_daemon, 
             in refused.stdout), refused.stdout
     log = postfix.wait_for_log("<reject@example.test>: Recipient address rejected")
     assert "helo=<alice-laptop>" in log
+
+    # 300 KB: Postfix's socket buffer fills and pauses our client mid-DATA; after the 250
+    # the session reads on (it used to hang until idle_timeout: swaks never got its 221)
+    body = tmp_path / "large.txt"
+    body.write_text(("x" * 76 + "\r\n") * 4000)
+    large = swaks(port, "bob@example.test", "large", "--body", f"@{body}")
+    assert large.returncode == 0, large.stdout + large.stderr
+    assert re.search(r"<-  250 2\.0\.0 Ok: queued as \w+", large.stdout), large.stdout
+    assert "<-  221 " in large.stdout, large.stdout
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from saslsmtp.relay.options import UpstreamDelivery
 from saslsmtp.relay.transaction import (MAIL_PARAMETERS, RCPT_PARAMETERS, XCLIENT_ATTRIBUTES,
                                         RelaySession, TransactionStateError,
                                         UpstreamTransaction)
-from saslsmtp.relay.wire import pass_on
 from saslsmtp.replies import REPLIES
 
 __all__ = ["MAIL_PARAMETERS", "RCPT_PARAMETERS", "XCLIENT_ATTRIBUTES", "RelaySession",
@@ -130,9 +129,10 @@ class UpstreamClient:
         self.connections_made += 1
         try:
             greeting = await connection.expect()
-            if greeting.code != 220:
-                raise UpstreamError(pass_on(greeting) if greeting.code >= 400 else
-                                    REPLIES["upstream_error"], f"greeting {greeting.status()}")
+            if greeting.code != 220:  # our client did nothing wrong: always a 451
+                raise UpstreamError(REPLIES["upstream_unavailable"] if greeting.code >= 400
+                                    else REPLIES["upstream_error"],
+                                    f"greeting {greeting.status()}")
             if self.implicit_tls:
                 self._verify(connection)
             await self.hello(connection)
@@ -168,8 +168,8 @@ class UpstreamClient:
         if not name or not _HELO_NAME.match(name):
             name = self.helo
         reply = await connection.command(verb + name.encode("ascii", "replace"))
-        if reply.code != 250:
-            raise UpstreamError(pass_on(reply) if reply.code >= 400 else
+        if reply.code != 250:  # (an SMTP server asked for LMTP, or the reverse, says 500)
+            raise UpstreamError(REPLIES["upstream_unavailable"] if reply.code >= 400 else
                                 REPLIES["upstream_error"], f"{verb.decode().strip()} "
                                 f"answered {reply.status()}")
         connection.capabilities = parse_capabilities(reply.lines[1:])
@@ -178,6 +178,11 @@ class UpstreamClient:
         """Keep ``connection`` for the next transaction, or say QUIT if the pool is full."""
         connection.downstream = None
         if connection.closed or connection.error is not None:
+            return
+        if connection.xclient_sent is not None and "XCLIENT" not in connection.capabilities:
+            # Postfix offers XCLIENT only to smtpd_authorized_xclient_hosts, and after one
+            # the client it sees is ours: the next session could not say who it is
+            self._quit(connection)
             return
         if len(self.idle) < self.pool_size:
             connection.on_lost = self._forget

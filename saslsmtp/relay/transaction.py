@@ -113,6 +113,7 @@ class UpstreamTransaction:
         self.accepted: list[str] = []
         self.stuffer = DotStuffer()
         self.producer: IPushProducer | None = None
+        self._holding = False  # we paused the producer (the upstream's buffer is full)
         self.xclient_used = False
         self._stall: Any = None
 
@@ -156,7 +157,11 @@ class UpstreamTransaction:
         """XCLIENT when configured and announced; then EHLO again (see the module doc)."""
         connection = self.connection
         assert connection is not None
-        if not self.client.xclient or "XCLIENT" not in connection.capabilities:
+        if not self.client.xclient:
+            return
+        if "XCLIENT" not in connection.capabilities:
+            if connection.xclient_sent is not None:  # it speaks for another client now
+                raise UpstreamError(REPLIES["upstream_unavailable"], "XCLIENT no longer offered")
             return
         offered = connection.capabilities["XCLIENT"]
         session = self.session
@@ -258,13 +263,23 @@ class UpstreamTransaction:
             self.pauseProducing()
 
     def unregisterProducer(self) -> None:
-        self.producer = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Forget our client's transport, resuming it first if the upstream had paused
+        it: once forgotten nothing would resume it, and the session would never read
+        its next command (the upstream's buffer passes 64 KiB in any larger message)."""
+        producer, self.producer = self.producer, None
+        if producer is not None and self._holding:
+            producer.resumeProducing()
+        self._holding = False
 
     # the upstream connection forwards its transport's flow control here
     def pauseProducing(self) -> None:
         if self._stall is None and self.state == "data":
             self._stall = self.client.clock.callLater(self.client.timeout, self._stalled)
         if self.producer is not None:
+            self._holding = True
             self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
@@ -272,6 +287,7 @@ class UpstreamTransaction:
             self._stall.cancel()
         self._stall = None
         if self.producer is not None:
+            self._holding = False
             self.producer.resumeProducing()
 
     def stopProducing(self) -> None:  # pragma: no cover - IPushProducer completeness
@@ -348,7 +364,7 @@ class UpstreamTransaction:
         if self.connection is not None:
             self.client.release(self.connection)
             self.connection = None
-        self.producer = None
+        self._let_go()
 
     def _drop(self) -> None:
         self.state = "done"
@@ -360,8 +376,7 @@ class UpstreamTransaction:
             connection.downstream = None
             if not connection.closed:
                 connection.fail(UpstreamError(REPLIES["upstream_lost"], "transaction aborted"))
-        if self.producer is not None:
-            self.producer = None
+        self._let_go()
 
     def _require(self, state: str) -> None:
         if self.state != state:
