@@ -136,6 +136,11 @@ class SenderMap:
         self._key: tuple[int, int, int, int] | None = None
         self._grants: Mapping[str, SenderGrants] = {}
 
+    def report(self, message: str) -> None:
+        """A problem with the map, to the log it was given (none: tests)."""
+        if self._log is not None:
+            self._log(message)
+
     def grants(self) -> Mapping[str, SenderGrants]:
         """The current grants; raises ``OSError`` if the file cannot be read."""
         st = self._stat(self.path)
@@ -193,7 +198,9 @@ class SenderPolicy:
         assert self.sender_map is not None
         try:
             grants = self.sender_map.grants()
-        except OSError:
+        except OSError as e:  # every MAIL says 451 until it is readable: the log says why
+            self.sender_map.report(f"{self.sender_map.path}: cannot read the sender map:"
+                                   f" {e.strerror}; MAIL answered 451")
             return SenderDecision(False, REPLIES["local_error"])
         entry = grants.get(login)
         if entry is not None and entry.allows(address):

@@ -322,8 +322,14 @@ class MailTransaction:
                          sender=str(sender), count=count, size=size,
                          user=client.login if client else None,
                          reply=f"{reply.code} {reply.text}")
-            elif reply.code // 100 == 4:
-                self.events.delivery_failed()
+            else:
+                if reply.code // 100 == 4:
+                    self.events.delivery_failed()
+                log.info("message {id} not accepted: from=<{sender}> recipients={count}"
+                         " size={size} user={user} reply={reply}", id=sink.queue_id,
+                         sender=str(sender), count=count, size=size,
+                         user=client.login if client else None,
+                         reply=f"{reply.code} {reply.text}")
             return reply
         return d.addCallbacks(ended, self._not_stored)
 

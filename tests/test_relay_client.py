@@ -226,6 +226,16 @@ def test_trace_header_without_xclient():
                                b"Subject: x\r\n\r\nbody\r\n.\r\n")
 
 
+def test_a_helo_cannot_add_a_field_to_the_trace_header():
+    """The client's HELO is its own word: ``laptop;login=root`` must not read as a
+    second ``login=`` to a parser of the header."""
+    client, _, _ = make(trace_header="X-Authenticated-User")
+    tx = client.transaction(RelaySession(login="alice@example.test", client_address="192.0.2.7",
+                                         client_port=1, helo="laptop;login=root"))
+    assert tx._trace_line() == (b"X-Authenticated-User: login=alice@example.test;"
+                                b" client=[192.0.2.7]:1; helo=laptop?login?root\r\n")
+
+
 def lmtp_transaction(recipients: list[tuple[str, bytes]]) -> tuple[UpstreamTransaction, FakeUpstream]:
     client, upstream, _ = make(lmtp=True)
     tx = client.transaction(SESSION)

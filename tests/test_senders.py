@@ -62,6 +62,11 @@ def test_unreadable_map_is_a_temporary_refusal(tmp_path):
     decision = policy.check("alice", "alice@example.test")
     assert decision.reply is not None and decision.reply.to_bytes() == \
         b"451 4.3.0 Local error in processing; try again later\r\n"
+    logged: list[str] = []  # and the operator learns why
+    path = tmp_path / "senders"
+    SenderPolicy("map", sender_map=SenderMap(str(path), log=logged.append)).check("a", "a@x")
+    assert logged == [f"{path}: cannot read the sender map: No such file or directory;"
+                      " MAIL answered 451"]
 
 
 def test_login_and_any_policies_and_null_sender():

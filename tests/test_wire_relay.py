@@ -177,8 +177,8 @@ def test_upstream_killed_mid_data_is_4xx(tmp_path, run_daemon):
     process, sink_port, log = sink_process(tmp_path)
     try:
         port = free_port()
-        run_daemon(daemon_config(tmp_path, port, relay_delivery(sink_port),
-                                 server="max_message_size = 60000000"), port)
+        daemon = run_daemon(daemon_config(tmp_path, port, relay_delivery(sink_port),
+                                          server="max_message_size = 60000000"), port)
         client = SMTPClient(port)
         start_message(client)
         client.stream(eighty_octet_lines(10 * 1000 * 1000))
@@ -190,6 +190,7 @@ def test_upstream_killed_mid_data_is_4xx(tmp_path, run_daemon):
         assert client.command("NOOP") == b"250 2.0.0 OK\r\n"
         client.close()
         assert not log.exists() or log.read_text() == ""
+        assert re.search(r"message \S+ not accepted: .* reply=451 ", daemon.log_text())
     finally:
         process.kill()
         process.wait(10)

@@ -17,10 +17,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint, UNIXClientEndpoint,
-                                        connectProtocol, wrapClientTLS)
+                                        TCP6ClientEndpoint, UNIXClientEndpoint, wrapClientTLS)
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator, IReactorTime,
                                          IStreamClientEndpoint)
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
@@ -39,6 +39,19 @@ __all__ = ["MAIL_PARAMETERS", "RCPT_PARAMETERS", "XCLIENT_ATTRIBUTES", "RelaySes
 log = Logger(namespace="saslsmtp.relay.client")
 
 _HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+
+
+class _OneConnection(Factory):
+    """``connectProtocol``'s factory without its two info lines ("Starting factory",
+    "Stopping factory") for every connection to the upstream."""
+
+    noisy = False
+
+    def __init__(self, protocol: UpstreamConnection) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return self._protocol
 
 
 class UpstreamClient:
@@ -115,7 +128,7 @@ class UpstreamClient:
     async def connect(self) -> UpstreamConnection:
         """A new connection, greeted, (STARTTLS,) EHLO'd; fails with ``UpstreamError``."""
         connection = UpstreamConnection(clock=self.clock, timeout=self.timeout, name=self.name)
-        connecting = connectProtocol(self.endpoint, connection)
+        connecting = self.endpoint.connect(_OneConnection(connection))
         connecting.addTimeout(self.timeout, self.clock)
         try:
             await connecting

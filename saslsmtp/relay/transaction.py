@@ -43,6 +43,7 @@ the upstream announces AUTH.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
 log = Logger(namespace="saslsmtp.relay.client")
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "HELO", "LOGIN")
+_HELO_FIELD = re.compile(r"[^A-Za-z0-9.:_\[\]-]")  # what a trace header's helo= may carry
 #: MAIL parameter -> the EHLO keyword the upstream must announce for us to forward it
 MAIL_PARAMETERS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
                    "RET": "DSN", "ENVID": "DSN"}
@@ -238,9 +240,11 @@ class UpstreamTransaction:
 
     def _trace_line(self) -> bytes:
         s = self.session
+        # the HELO is the client's own word: no ";" or "=" that would add a field
+        helo = _HELO_FIELD.sub("?", s.helo) if s.helo else "-"
         text = (f"{self.client.trace_header}: login={s.login or '-'};"
                 f" client=[{s.client_address or 'unknown'}]:{s.client_port or 0};"
-                f" helo={s.helo or '-'}")
+                f" helo={helo}")
         return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:998].encode() + b"\r\n"
 
     def write(self, data: bytes) -> None:
