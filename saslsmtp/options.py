@@ -121,6 +121,8 @@ def type_words(value: Any) -> str:
     """``"a string"``, ``"an integer"``...: a value's TOML type, for messages."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # TOML's nan and inf
+    if isinstance(value, int) and not isinstance(value, bool) and not finite_number(value):
+        return "an integer beyond any float"
     if isinstance(value, (list, tuple)) and value:
         return f"an array of {_plural(value[0])}"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
@@ -137,8 +139,12 @@ def _plural(item: Any) -> str:
 def finite_number(value: Any) -> bool:
     """An integer or a finite float (TOML also has ``nan`` and ``inf``, and no timeout,
     delay or size makes sense as either: ``nan`` compares false with everything)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float (TOML has no bound on digits)
+        return False
 
 
 def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -160,7 +166,7 @@ def coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:
         ok = finite_number(value)
-        nan_or_inf = isinstance(value, float) and not ok
+        nan_or_inf = isinstance(value, (int, float)) and not isinstance(value, bool) and not ok
         return ok, float(value) if ok else None, "a finite number" if nan_or_inf else "a number"
     if hint is str:
         return isinstance(value, str), value, "a string"

@@ -80,6 +80,9 @@ def test_nan_and_inf_are_no_number_of_seconds(tmp_path: Path) -> None:
                      f"{f}:11: limits.auth_penalty_max: must be a number of seconds, 0 or more",
                      f"{f}:13: auth.cache.ttl: must be a number of seconds, 0 or more"):
         assert expected in found, found
+    huge = problems(f'[server]\nidle_timeout = 1{"0" * 400}\n', tmp_path)  # no float holds it
+    assert f"{f}:2: server.idle_timeout: must be a finite number, not an integer beyond any" \
+           " float" in huge, huge
 
 
 def test_the_unknown_key_hint_names_every_server_key(tmp_path: Path) -> None:

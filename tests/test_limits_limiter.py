@@ -297,6 +297,20 @@ def test_penalty_is_forgotten_after_an_hour():
 
 # ---- Limiter: messages and recipients ---------------------------------------------
 
+@pytest.mark.parametrize("count, interval", [
+    (0, 10), (-1, 10), (True, 10), (1.5, 10), ("3", 10),
+    (3, 0), (3, -5), (3, float("nan")), (3, float("inf")), (3, "10"), (3, True), (3, 10**400),
+])
+def test_script_rate_refuses_what_is_no_count_or_interval(count, interval):
+    """The AUTH script's ``rate()``: a count that is not a positive integer, or an
+    interval that is not a positive finite number, is a ``ValueError`` (the script's
+    mistake, answered 454), never another exception."""
+    clock = Clock()
+    limiter = Limiter(settings(), MemoryStore(clock), clock)
+    with pytest.raises(ValueError, match="rate\\(\\): (count|interval) must be"):
+        limiter.rate("ns", "entry", count, interval)
+
+
 def test_a_trusted_client_is_neither_limited_nor_counted_for_its_mail():
     """``trusted_networks`` (a webmail, an office) covers the per-user mail limits too:
     the user's mail from there is not counted, and is let through when the user is over
