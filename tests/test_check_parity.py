@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from saslsmtp.config import key_lines, parse_config
 from saslsmtp.mechanisms import BUILTIN_NAMES
+from tests.conftest import require
 from tests.support import ROOT, twistd_command
 from tests.tlsutil import make_ca
 
@@ -102,8 +102,7 @@ def run(argv: list[str], timeout: float, stdin: str = "") -> tuple[int | None, s
 def test_check_and_start_refuse_them_alike(tmp_path: Path) -> None:
     """Each case: ``--check`` exits 1 and a real start exits non-zero, naming
     ``file:line: key: message``, with no traceback and never "ready"."""
-    if not Path("/proc/self").is_dir():
-        pytest.skip("needs /proc")
+    require(Path("/proc/self").is_dir(), "needs /proc (Linux)")
     runs = []
     for n, (name, make, key, message) in enumerate(CASES):
         config = write_case(tmp_path / f"case{n}", make)

@@ -1,4 +1,4 @@
-"""The operations contract where it broke: a server that cannot do its job says so in
+"""What operations promise, where it broke: a server that cannot do its job says so in
 one line and exits 1 (a worker that cannot start stops the master; an auth cache control
 socket that cannot be made), a SIGHUP reload is refused in the words a start and
 ``--check`` use (a key that does not match, a certificate that does not parse, a script
