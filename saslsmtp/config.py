@@ -201,6 +201,25 @@ _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 _KEY = re.compile(r'^\s*("?)([A-Za-z0-9_-]+)\1\s*=')
 
 
+def file_key_line(path: str, key: str) -> int | None:
+    """The line of ``key`` in the configuration file at ``path``, else of the nearest
+    table holding it (``backends.users`` for ``backends.users.url``); ``None`` when the
+    file cannot be read.  For problems found after parsing (preflight, the wiring)."""
+    try:
+        lines = key_lines(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return line_of(lines, key)
+
+
+def line_of(lines: dict[str, int], key: str) -> int | None:
+    """``key``'s line in a ``key_lines`` map, else its nearest table's."""
+    probe = key
+    while probe and probe not in lines:
+        probe = probe.rpartition(".")[0]
+    return lines.get(probe)
+
+
 def key_lines(text: str) -> dict[str, int]:
     """Map dotted keys (``auth.backends``) and tables (``backends.users``) to line numbers."""
     lines: dict[str, int] = {}

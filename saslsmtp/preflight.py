@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from saslsmtp.config import Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines
+from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines,
+                             line_of)
 
 READ, WRITE, SEARCH = 4, 2, 1
 #: The longest path a UNIX socket can be bound to (Linux: 108 bytes with the final NUL).
@@ -152,12 +153,7 @@ class _Report:
         self.warnings: list[str] = []
 
     def _line(self, key: str) -> int | None:
-        probe = key
-        while probe:
-            if probe in self.lines:
-                return self.lines[probe]
-            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
-        return None
+        return line_of(self.lines, key)
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(ConfigProblem(self.config.path, key, self._line(key), message))
@@ -302,14 +298,35 @@ def _script_served(config: Config, builtins: Mapping[str, Any]) -> tuple[Any, li
     those its ``MECHANISMS`` lists), and a built-in only when ``MECHANISMS`` names it."""
     if config.auth.script is None:
         return None, []
-    from saslsmtp.script import load_script
-    try:
-        script = load_script(config.auth.script, config.path)
-    except ConfigError:
+    script = _loaded_script(config.auth.script, config.path)
+    if script is None:
         return None, []
     declared = script.mechanisms
     return script, [m for m in config.auth.mechanisms
                     if (m in declared if declared is not None else m not in builtins)]
+
+
+_LAST_SCRIPT: dict[tuple[str, int, int], Any] = {}
+
+
+def _loaded_script(path: str, config_path: str) -> Any:
+    """The AUTH script, imported once for all the checks of one file as it is now (the
+    require-TLS rule and the users files both ask; importing runs the user's code),
+    ``None`` if it does not load (the wiring says why)."""
+    from saslsmtp.script import load_script
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _LAST_SCRIPT:
+        try:
+            script = load_script(path, config_path)
+        except ConfigError:
+            return None
+        _LAST_SCRIPT.clear()  # one entry: the file a start, --check or reload reads
+        _LAST_SCRIPT[key] = script
+    return _LAST_SCRIPT[key]
 
 
 def check_login_possible(config: Config, report: _Report) -> None:

@@ -24,7 +24,7 @@ from saslsmtp.auth import PasswordScript, Resolver, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
-from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, key_lines,
+from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, file_key_line,
                              load_config)
 from saslsmtp.delivery import Maildir, MaildirRealm, maildir_problem
 from saslsmtp.events import SessionEvents
@@ -173,14 +173,7 @@ def maildir_refused(config: Config, path: str) -> None:
 def problem_at(config: Config, key: str, message: str) -> ConfigProblem:
     """A problem the wiring finds, at the line of ``key`` (or of its table) in the file,
     as the parser's own problems are."""
-    try:
-        lines = key_lines(Path(config.path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        lines = {}
-    probe = key
-    while probe and probe not in lines:
-        probe = probe.rpartition(".")[0]
-    return ConfigProblem(config.path, key, lines.get(probe), message)
+    return ConfigProblem(config.path, key, file_key_line(config.path, key), message)
 
 
 def sender_check(config: Config, runner: ScriptRunner | None) -> Any:
