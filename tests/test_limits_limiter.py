@@ -208,6 +208,33 @@ def test_repeating_the_same_wrong_password_counts_once():
     assert not result(other.auth_gate("192.0.2.1", "carol")).verdict.allowed
 
 
+def test_a_success_clears_the_penalty_but_not_the_failures_already_counted():
+    """Behind one address, a phone retries a saved wrong password while a laptop logs in
+    now and then: the laptop's success clears the address's penalty (as Dovecot's), and
+    the phone's retries still count once, so the household is never locked out."""
+    clock = Clock()
+    limiter = Limiter(settings(auth_failures_per_ip="3/1h", auth_penalty_max=8.0),
+                      MemoryStore(clock), clock)
+
+    def attempt(user, password, success):
+        gate = result(limiter.auth_gate("192.0.2.1", user))
+        if gate.verdict.allowed:
+            done = limiter.auth_verdict(gate, success, user, password)
+            clock.advance(gate.delay)
+            result(done)
+        return gate
+
+    for i in range(10):
+        attempt("alice", b"old-password", False)  # a repeat adds no penalty either
+        assert limiter.penalties.delay("192.0.2.1", 8.0) == (2.0 if i == 0 else 0.0)
+        assert attempt("alice", b"right", True).verdict.allowed
+        assert limiter.penalties.delay("192.0.2.1", 8.0) == 0.0
+        clock.advance(60)
+    attempt("alice", b"guess-1", False)
+    attempt("alice", b"guess-2", False)
+    assert not attempt("alice", b"right", True).verdict.allowed
+
+
 def test_fingerprints_are_hmacs_not_passwords():
     """The limiter keeps only an HMAC under a random per-process key."""
     clock = Clock()

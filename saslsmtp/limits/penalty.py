@@ -4,7 +4,7 @@ As Dovecot's auth penalty: an address with recent failures waits 2, 4, 8, ... se
 to ``auth_penalty_max``) before *every* verdict, successes included, so the timing of an
 answer tells nothing; a success clears the penalty of its own address.  A failure that
 repeats the same username and password from the same address (a client retrying a saved
-wrong password) is not counted again: per address we keep an HMAC of recent failed
+wrong password) is not counted again, even after a success from that address: per address we keep an HMAC of recent failed
 (username, password) pairs under a key random to this process, never the password.
 ``Limiter`` owns one ``AuthPenalties`` and decides what is counted in the store.
 """
@@ -51,8 +51,16 @@ class AuthPenalties:
         return min(cap, PENALTY_FIRST * 2 ** (p.count - 1))
 
     def forgive(self, key: str) -> None:
-        """A success: ``key`` has no penalty any more."""
-        self.records.pop(key, None)
+        """A success: ``key`` has no penalty any more.  The failed pairs stay remembered:
+        a phone retrying a saved wrong password behind the same address as a laptop that
+        logs in must not count afresh after each of the laptop's logins."""
+        p = self.records.get(key)
+        if p is None:
+            return
+        if p.failed:
+            p.count = 0
+        else:
+            del self.records[key]
 
     def fingerprint(self, username: str, password: bytes | str) -> bytes:
         """The HMAC kept instead of a failed (username, password) pair."""
