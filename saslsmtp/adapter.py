@@ -49,7 +49,8 @@ __all__ = ["MechanismAdapter", "ExchangeChecker", "FailedExchangeChecker", "IFai
 
 log = Logger(namespace="saslsmtp.adapter")
 
-Resolver = Callable[[Any, Session], "defer.Deferred[Secret | None]"]
+# no quoted parts: ``get_type_hints`` would evaluate them in a module that names this alias
+Resolver = Callable[[Any, Session], defer.Deferred[Secret | None]]
 
 #: The outcome of an asynchronous step that wants another round trip.
 CANNOT_WAIT = Defer("This mechanism needs an asynchronous server")

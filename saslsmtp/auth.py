@@ -43,7 +43,10 @@ from saslsmtp.settled import is_deferred, result_now
 log = Logger(namespace="saslsmtp.auth")
 
 SecretRequest = Union[Lookup, ValidateToken]
-Resolver = Callable[[SecretRequest, Session], "defer.Deferred[Secret | None]"]
+# No quoted parts in aliases other modules name in their signatures: a quoted part is
+# evaluated in the *naming* module by ``typing.get_type_hints`` (``SubmissionESMTP``'s
+# ``resolver``), where ``Secret`` is not imported.
+Resolver = Callable[[SecretRequest, Session], defer.Deferred[Secret | None]]
 """Answers ``Lookup`` and ``ValidateToken`` from the backends (``saslsmtp.service``)."""
 
 

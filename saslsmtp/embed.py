@@ -33,14 +33,17 @@ from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, Script
                              load_script, scripted_spec)
 from saslsmtp.threads import BlockingRunner, ThreadPoolRunner
 
-if TYPE_CHECKING:  # the return types, named for type checkers: each kind is imported when built
-    from saslsmtp.checkers.dovecot import DovecotChecker
-    from saslsmtp.checkers.file import FileChecker
-    from saslsmtp.checkers.http import HttpChecker
-    from saslsmtp.checkers.ldap import LdapChecker
-    from saslsmtp.checkers.ldaptwisted import TwistedLdapChecker
-    from saslsmtp.checkers.oauth2 import IntrospectionValidator, JwtValidator
-    from saslsmtp.checkers.smtp import SmtpForwardChecker
+from saslsmtp import checkers as kinds  # the builders' return types: kinds.KIND.Class
+
+if TYPE_CHECKING:  # at run time a kind's module is imported when one is built, or when
+    # typing.get_type_hints resolves kinds.KIND (saslsmtp.checkers imports it on access)
+    import saslsmtp.checkers.dovecot
+    import saslsmtp.checkers.file
+    import saslsmtp.checkers.http
+    import saslsmtp.checkers.ldap
+    import saslsmtp.checkers.ldaptwisted
+    import saslsmtp.checkers.oauth2
+    import saslsmtp.checkers.smtp
 
 __all__ = [
     "STOCK_MECHANISMS", "challengers", "portal", "auth_script", "script_password_checker",
@@ -214,38 +217,41 @@ class _LazyRunner:
 
 
 def file_checker(reactor: Any, *, name: str = "file", pool: BlockingRunner | None = None,
-                 **options: Any) -> FileChecker:
+                 **options: Any) -> kinds.file.FileChecker:
     """A Dovecot passwd-file (``path``, ``default_scheme``); also a secret source."""
-    return cast("FileChecker", checker("file", reactor, name=name, pool=pool, **options))
+    return cast("kinds.file.FileChecker",
+                checker("file", reactor, name=name, pool=pool, **options))
 
 
 def ldap_checker(reactor: Any, *, name: str = "ldap", pool: BlockingRunner | None = None,
-                 **options: Any) -> TwistedLdapChecker | LdapChecker:
+                 **options: Any) -> kinds.ldaptwisted.TwistedLdapChecker | kinds.ldap.LdapChecker:
     """Binds as the user (``url``, ``user_dn`` or ``search_base`` + ``search_filter``, ...);
     an ``LdapChecker`` (ldap3 in a pool) with ``client="ldap3"``."""
-    return cast("TwistedLdapChecker | LdapChecker",
+    return cast("kinds.ldaptwisted.TwistedLdapChecker | kinds.ldap.LdapChecker",
                 checker("ldap", reactor, name=name, pool=pool, **options))
 
 
-def smtp_checker(reactor: Any, *, name: str = "smtp", **options: Any) -> SmtpForwardChecker:
+def smtp_checker(reactor: Any, *, name: str = "smtp",
+                 **options: Any) -> kinds.smtp.SmtpForwardChecker:
     """Forwards the password to another SMTP server's AUTH (``host``, ``port``, ...)."""
-    return cast("SmtpForwardChecker", checker("smtp", reactor, name=name, **options))
+    return cast("kinds.smtp.SmtpForwardChecker", checker("smtp", reactor, name=name, **options))
 
 
-def http_checker(reactor: Any, *, name: str = "http", **options: Any) -> HttpChecker:
+def http_checker(reactor: Any, *, name: str = "http", **options: Any) -> kinds.http.HttpChecker:
     """POSTs the credentials to an HTTP API (``url``, ``timeout``, ``headers``, ...)."""
-    return cast("HttpChecker", checker("http", reactor, name=name, **options))
+    return cast("kinds.http.HttpChecker", checker("http", reactor, name=name, **options))
 
 
-def dovecot_checker(reactor: Any, *, name: str = "dovecot", **options: Any) -> DovecotChecker:
+def dovecot_checker(reactor: Any, *, name: str = "dovecot",
+                    **options: Any) -> kinds.dovecot.DovecotChecker:
     """Asks Dovecot's auth socket (``socket``, ``timeout``, ``service``)."""
-    return cast("DovecotChecker", checker("dovecot", reactor, name=name, **options))
+    return cast("kinds.dovecot.DovecotChecker",
+                checker("dovecot", reactor, name=name, **options))
 
 
-def oauth2_checker(reactor: Any, *, name: str = "oauth2",
-                   **options: Any) -> JwtValidator | IntrospectionValidator:
+def oauth2_checker(reactor: Any, *, name: str = "oauth2", **options: Any
+                   ) -> kinds.oauth2.JwtValidator | kinds.oauth2.IntrospectionValidator:
     """Validates bearer tokens (for ``SubmissionESMTP``'s OAUTHBEARER and XOAUTH2): a
     ``JwtValidator`` (``jwks_file``, ``jwks_url``) or an ``IntrospectionValidator``."""
-    return cast("JwtValidator | IntrospectionValidator",
+    return cast("kinds.oauth2.JwtValidator | kinds.oauth2.IntrospectionValidator",
                 checker("oauth2", reactor, name=name, **options))
-

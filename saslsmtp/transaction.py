@@ -44,7 +44,7 @@ class ProtocolError:
     reply: SMTPReply
 
 
-Answer = Union[SMTPReply, ProtocolError, "defer.Deferred[SMTPReply]"]
+Answer = Union[SMTPReply, ProtocolError, defer.Deferred[SMTPReply]]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class BodyOutcome:
     bare_lf: bool = False
 
 
-SenderCheck = Callable[[Client, str, Sequence[str]], "defer.Deferred[SMTPReply | None]"]
+# no quoted parts: ``get_type_hints`` would evaluate them in a module that names this alias
+SenderCheck = Callable[[Client, str, Sequence[str]], defer.Deferred[SMTPReply | None]]
 
 
 class MailTransaction:
