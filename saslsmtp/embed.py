@@ -150,7 +150,10 @@ def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float 
 
 
 def script_password_checker(script: ScriptRunner) -> ScriptPasswordChecker:
-    """PLAIN and LOGIN decided by the script, as an ``ICredentialsChecker`` for any portal."""
+    """PLAIN and LOGIN decided by the script, as an ``ICredentialsChecker`` for any portal.
+
+    Credentials may carry ``str`` or UTF-8 ``bytes``; bytes that are not UTF-8 fail with
+    ``UnauthorizedLogin``, any other type with ``TypeError`` (in the Deferred)."""
     return ScriptPasswordChecker(script)
 
 

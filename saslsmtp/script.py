@@ -52,6 +52,7 @@ from saslsmtp.config import ConfigError, ConfigProblem
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.events import NO_METRICS
+from saslsmtp.octets import as_text
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session, Verify
 
@@ -376,7 +377,12 @@ def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None
 class ScriptPasswordChecker:
     """PLAIN and LOGIN when a script is configured, as a cred checker (for a portal
     driven by stock Twisted protocols): ``AuthRejected``/``TemporaryFailure`` carry the
-    script's ``Reject``/``Defer``.  ``SubmissionESMTP`` asks ``verify_password`` directly."""
+    script's ``Reject``/``Defer``.  ``SubmissionESMTP`` asks ``verify_password`` directly.
+
+    The username and password may be ``str`` or UTF-8 ``bytes`` (``IUsernamePassword``
+    allows both; ``UsernamePassword("alice", "pw")`` is common).  Bytes that are not UTF-8
+    fail with ``UnauthorizedLogin`` (never replaced: two different passwords must not
+    reach the script as one); anything else fails the Deferred with ``TypeError``."""
 
     credentialInterfaces = (IUsernamePassword,)
 
@@ -385,10 +391,12 @@ class ScriptPasswordChecker:
 
     def requestAvatarId(self, credentials: Any) -> "defer.Deferred[bytes | tuple[()]]":
         session = getattr(credentials, "session", None) or Session()
-        request = getattr(credentials, "request", None) or Verify(
-            credentials.username.decode("utf-8", "replace"),
-            credentials.password.decode("utf-8", "replace"),
-            getattr(credentials, "authzid", b"").decode("utf-8", "replace"))
+        try:
+            request = _password_request(credentials)
+        except UnicodeDecodeError:
+            return defer.fail(UnauthorizedLogin("the username or password is not UTF-8"))
+        except TypeError:
+            return defer.fail()
 
         def decide(result: Any) -> bytes:
             if isinstance(result, Accept):
@@ -398,3 +406,23 @@ class ScriptPasswordChecker:
                 raise AuthRejected(result)
             raise TemporaryFailure("AUTH script deferred", result)
         return self.runner.verify_password(request, session).addCallback(decide)
+
+
+def _password_request(credentials: Any) -> Verify:
+    """The ``Verify`` the AUTH engine attached to ``credentials``, else one made from
+    their ``username``, ``password`` (and ``authzid``, if any) as text: ``UnicodeDecodeError``
+    for bytes that are not UTF-8, ``TypeError`` (naming the field) for anything but
+    ``str`` or bytes."""
+    attached = getattr(credentials, "request", None)
+    if isinstance(attached, Verify):
+        return attached
+
+    def text(field: str, default: Any = None) -> str:
+        value = getattr(credentials, field, default)
+        if field == "authzid" and value is None:
+            return ""
+        if not isinstance(value, (str, bytes, bytearray, memoryview)):
+            raise TypeError(f"credentials.{field} must be str or bytes, not"
+                            f" {type(value).__name__}")
+        return as_text(value)
+    return Verify(text("username"), text("password"), text("authzid", b""))

@@ -24,6 +24,7 @@ from twisted.mail import imap4, smtp
 from zope.interface import implementer
 
 from saslsmtp import embed
+from saslsmtp.errors import AuthRejected
 from saslsmtp.options import OptionsError
 from saslsmtp.script import Accept, Defer, Reject, Reply
 from saslsmtp.testing import MemoryRealm
@@ -296,6 +297,54 @@ def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
     assert say(server, transport, b64(b"alice")) == \
         b"a1 BAD Server error: login failed unexpectedly\r\n"
     assert realm.logins == []
+
+
+# the script as a checker in any portal ----------------------------------------------
+
+
+def password_script(arguments: Any, context: dict) -> Any:
+    """alice / pw, text; the script sees str whatever the credentials carried."""
+    assert isinstance(arguments["username"], str) and isinstance(arguments["password"], str)
+    ok = (arguments["username"], arguments["password"]) == ("alice", "pw\u00e9")
+    return Accept() if ok else Reject()
+
+
+def login(portal: Any, credentials: Any) -> Any:
+    """``portal.login``'s result, or its Failure, at once (everything here is synchronous)."""
+    from twisted.mail.interfaces import IMessageDelivery
+    results: list = []
+    portal.login(credentials, None, IMessageDelivery).addBoth(results.append)
+    assert len(results) == 1
+    return results[0]
+
+
+@pytest.mark.parametrize("username, password", [
+    ("alice", "pw\u00e9"), (b"alice", "pw\u00e9".encode())], ids=["str", "bytes"])
+def test_script_password_checker_takes_text_or_utf8(username: Any, password: Any) -> None:
+    """``UsernamePassword("alice", "pw")``, as users build it, logs in like bytes do
+    (requestAvatarId raised AttributeError: a 451 and a traceback in a stock protocol)."""
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.cred.portal import Portal
+    realm = MemoryRealm()
+    script = embed.auth_script(password_script, clock=Clock())
+    portal = Portal(realm, [embed.script_password_checker(script)])
+    interface, avatar, logout = login(portal, UsernamePassword(username, password))
+    assert realm.logins == ["alice"]
+    refused = login(portal, UsernamePassword(username, "wrong"))
+    assert refused.check(AuthRejected) and realm.logins == ["alice"]
+
+
+def test_script_password_checker_refuses_what_is_not_text() -> None:
+    """Bytes that are not UTF-8 are a wrong password (never "replaced" into another
+    password); a value that is neither str nor bytes fails the Deferred with TypeError."""
+    from twisted.cred.credentials import UsernamePassword
+    from twisted.cred.error import UnauthorizedLogin
+    checker = embed.script_password_checker(embed.auth_script(password_script, clock=Clock()))
+    failures: list = []
+    checker.requestAvatarId(UsernamePassword(b"alice", b"pw\xe9")).addErrback(failures.append)
+    checker.requestAvatarId(UsernamePassword(None, "pw")).addErrback(failures.append)
+    assert [type(f.value) for f in failures] == [UnauthorizedLogin, TypeError]
+    assert str(failures[1].value) == "credentials.username must be str or bytes, not NoneType"
 
 
 # checkers from keyword arguments ----------------------------------------------------
