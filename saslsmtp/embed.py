@@ -15,6 +15,7 @@ Nothing here imports the global reactor: the reactor (or a clock) is always pass
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, cast
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -22,9 +23,10 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 
 from saslsmtp.adapter import ExchangeChecker, MechanismAdapter, challengers as _challengers
+from saslsmtp.auth import Resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BACKEND_TYPES, BackendDeps, checker_from_options
-from saslsmtp.checkers.secrets import ISecretSource
+from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.options import OptionProblem, OptionsError
 from saslsmtp.resolver import secret_resolver
@@ -46,7 +48,8 @@ if TYPE_CHECKING:  # at run time a kind's module is imported when one is built, 
     import saslsmtp.checkers.smtp
 
 __all__ = [
-    "STOCK_MECHANISMS", "challengers", "portal", "auth_script", "script_password_checker",
+    "STOCK_MECHANISMS", "challengers", "portal", "exchange_checkers", "submission_auth",
+    "SubmissionAuth", "Resolver", "auth_script", "script_password_checker",
     "checker", "file_checker", "ldap_checker", "smtp_checker", "http_checker",
     "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "MechanismAdapter",
     "ScriptRunner",
@@ -131,8 +134,81 @@ def portal(realm: IRealm, checkers: Iterable[ICredentialsChecker] = (), *,
     elif passwords:
         chain.append(passwords[0] if len(passwords) == 1 else BackendChain(
             [(getattr(c, "name", str(i)), c) for i, c in enumerate(passwords)]))
-    chain += [*others, TrustedIdentityChecker(), ExchangeChecker()]
-    return Portal(realm, chain)
+    return Portal(realm, [*chain, *others, *exchange_checkers()])
+
+
+def exchange_checkers() -> list[ICredentialsChecker]:
+    """What a mechanism's outcome logs in with, for a ``Portal`` of your own (``portal``
+    adds them): ``TrustedIdentityChecker`` (a mechanism or the script accepted someone:
+    your realm still gets the login) and ``ExchangeChecker`` (a stock protocol's exchange
+    failed, or its last step was asynchronous).  Without them a stock protocol answers
+    such a login with a 451 and logs ``UnhandledCredentials: No checker for ...``."""
+    return [TrustedIdentityChecker(), ExchangeChecker()]
+
+
+@dataclass(frozen=True)
+class SubmissionAuth:
+    """What ``SubmissionESMTP`` needs for AUTH, checked by ``submission_auth``: pass each
+    field to the keyword of the same name, and ``names`` as ``EngineSettings.mechanisms``."""
+
+    mechanisms: Mapping[str, MechanismSpec]
+    resolver: Resolver
+    blocking: BlockingRunner | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The mechanisms in the order given: what EHLO announces."""
+        return tuple(self.mechanisms)
+
+
+def submission_auth(mechanisms: Iterable[str | MechanismSpec], *,
+                    script: ScriptRunner | None = None, secrets: Iterable[Any] = (),
+                    tokens: Iterable[Any] = (), pool: BlockingRunner | None = None
+                    ) -> SubmissionAuth:
+    """The mechanisms, secret and token resolver of ``saslsmtp.protocol.SubmissionESMTP``.
+
+    As ``challengers``, but every built-in works (``SubmissionESMTP`` gives a mechanism the
+    connection's TLS facts and client certificate): names are built-ins, served by
+    ``script`` (every name that is not built in; a built-in when its ``MECHANISMS`` names
+    it, with the TLS needs it declares) or your own ``MechanismSpec``s.  ``secrets``:
+    checkers with stored secrets (``file_checker``) for CRAM-MD5 and SCRAM; ``tokens``:
+    token validators (``oauth2_checker``) for OAUTHBEARER and XOAUTH2; ``pool`` runs
+    SCRAM's PBKDF2 for ``{PLAIN}`` entries.  ``ValueError`` names a mechanism that could
+    never succeed.  PLAIN and LOGIN go to the portal's password checkers, or to the
+    script when you pass ``script=`` to ``SubmissionESMTP`` too.
+    """
+    items = list(mechanisms)
+    names = [m.name if isinstance(m, MechanismSpec) else m.upper() for m in items]
+    builtins = builtin_mechanisms(names)
+    sources, validators = list(secrets), list(tokens)
+    if not all(ISecretSource.providedBy(s) for s in sources):
+        raise ValueError("secrets: every item must be a checker that provides ISecretSource"
+                         " (file_checker)")
+    if not all(ITokenValidator.providedBy(v) for v in validators):
+        raise ValueError("tokens: every item must be a checker that provides ITokenValidator"
+                         " (oauth2_checker)")
+    declared = script.script.mechanisms if script is not None else None
+    specs: dict[str, MechanismSpec] = {}
+    for item, name in zip(items, names):
+        if isinstance(item, MechanismSpec):
+            specs[name] = item
+            continue
+        if script is not None and (name in declared if declared is not None
+                                   else name not in builtins):
+            specs[name] = script.script.spec(name, script, builtins.get(name))
+            continue
+        if name not in builtins:
+            raise ValueError(f"{name} is not built in and no script serves it"
+                             + (f" (its MECHANISMS: {', '.join(sorted(declared))})"
+                                if declared is not None else ""))
+        spec = builtins[name]
+        kinds = set(spec.secret_kinds)
+        if kinds and not any(kinds & set(s.secret_kinds()) for s in sources):
+            raise ValueError(f"{name} needs a stored secret: pass secrets=[file_checker(...)]")
+        if spec.token_validator and not validators:
+            raise ValueError(f"{name} needs a token validator: pass tokens=[oauth2_checker(...)]")
+        specs[name] = spec
+    return SubmissionAuth(specs, secret_resolver(sources, validators), pool)
 
 
 def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float = 10.0,

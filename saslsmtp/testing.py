@@ -232,6 +232,12 @@ class SMTPHarness:
         other._open()
         return other
 
+    @property
+    def tls_started_with(self) -> Any:
+        """The context STARTTLS started TLS with on this connection (``None`` before, and
+        without ``starttls=True``): ``transport`` is only a ``TLSStringTransport`` then."""
+        return getattr(self.transport, "tls_started_with", None)
+
     def take(self) -> bytes:
         """What the server wrote since the last call."""
         value = self.transport.value()

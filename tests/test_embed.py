@@ -299,6 +299,109 @@ def test_imap_reports_a_temporary_failure_as_bad(users: Any) -> None:
     assert realm.logins == []
 
 
+# a Portal of your own -------------------------------------------------------------
+
+
+def test_own_portal_needs_the_exchange_checkers(users: Any) -> None:
+    """A Portal with only the application's checkers cannot log in a mechanism's Accept:
+    stock ESMTP's 451 (as docs/library.md says); with ``exchange_checkers()`` it can."""
+    from twisted.cred.portal import Portal
+    script = embed.auth_script(who, clock=Clock())
+    for extra, reply in (([], b"451 Requested action aborted: local error in processing\r\n"),
+                         (embed.exchange_checkers(), b"235 Authentication successful.\r\n")):
+        realm = MemoryRealm()
+        server = smtp.ESMTP(embed.challengers(["X-WHO"], script=script))
+        server.portal = Portal(realm, [users, *extra])
+        transport = StringTransport()
+        server.makeConnection(transport)
+        server.dataReceived(b"EHLO client\r\n")
+        say(server, transport, b"AUTH X-WHO")
+        assert say(server, transport, b64(b"alice")) == reply
+        assert realm.logins == (["alice"] if extra else [])
+
+
+# SubmissionESMTP from public names ------------------------------------------------------
+
+OTP_SCRIPT = """
+from saslsmtp.script import Accept, Reject, Reply
+
+MECHANISMS = {"X-OTP": {"plaintext": False}}
+
+
+def auth(arguments, context):
+    if arguments["response"] is None:
+        return Reply(b"Code:")
+    return Accept(username="alice") if arguments["response"] == b"123456" else Reject()
+"""
+
+
+def submission(auth: Any, checkers: list, **settings: Any
+               ) -> tuple[Any, StringTransport, MemoryRealm]:
+    """A SubmissionESMTP connection built the way docs/library.md shows."""
+    from saslsmtp.protocol import EngineSettings, SubmissionESMTP
+    realm = MemoryRealm()
+    server = SubmissionESMTP(
+        portal=embed.portal(realm, checkers), clock=Clock(),
+        settings=EngineSettings(hostname="mx.example.test", mechanisms=auth.names,
+                                failure_delay=0.0, **settings),
+        mechanisms=auth.mechanisms, resolver=auth.resolver, blocking=auth.blocking)
+    transport = StringTransport()
+    server.makeConnection(transport)
+    transport.clear()
+    return server, transport, realm
+
+
+def test_submission_auth_cram_md5_reads_the_passwd_file(users: Any) -> None:
+    """Every step over the wire, byte for byte: the resolver hands CRAM-MD5 the stored
+    secret, and our replies (enhanced codes) are SubmissionESMTP's."""
+    auth = embed.submission_auth(["CRAM-MD5", "PLAIN"], secrets=[users])
+    assert auth.names == ("CRAM-MD5", "PLAIN")
+    server, transport, realm = submission(auth, checkers=[users], require_tls=False)
+    assert say(server, transport, b"EHLO client.example") == (
+        b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
+    reply = say(server, transport, b"AUTH CRAM-MD5")
+    assert reply.startswith(b"334 ")
+    challenge = base64.b64decode(reply[4:])
+    digest = hmac.new(b"alice-secret", challenge, hashlib.md5).hexdigest()
+    assert say(server, transport, b64(b"alice " + digest.encode())) == \
+        b"235 2.7.0 Authentication successful\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_submission_auth_keeps_what_the_script_declares(users: Any, tmp_path: Path) -> None:
+    """A scripted mechanism declared ``plaintext: False`` is offered before TLS under
+    require_tls, PLAIN is not (as in the daemon; ``challengers`` has no TLS to honour)."""
+    path = tmp_path / "otp.py"
+    path.write_text(OTP_SCRIPT)
+    script = embed.auth_script(str(path), clock=Clock())
+    auth = embed.submission_auth(["PLAIN", "X-OTP"], script=script)
+    assert not auth.mechanisms["X-OTP"].plaintext and auth.mechanisms["PLAIN"].plaintext
+    server, transport, realm = submission(auth, checkers=[users], require_tls=True)
+    assert say(server, transport, b"EHLO client.example").endswith(b"250 AUTH X-OTP\r\n")
+    assert say(server, transport, b"AUTH X-OTP") == b"334 Q29kZTo=\r\n"
+    assert say(server, transport, b64(b"123456")) == b"235 2.7.0 Authentication successful\r\n"
+    assert realm.logins == ["alice"]
+
+
+def test_submission_auth_refuses_what_cannot_work(users: Any) -> None:
+    """A ValueError naming the mechanism, at build time, instead of a 454 at every AUTH."""
+    script = embed.auth_script(who, clock=Clock())
+    cases = [
+        ((["CRAM-MD5"],), {}, "CRAM-MD5 needs a stored secret"),
+        ((["OAUTHBEARER"],), {}, "OAUTHBEARER needs a token validator"),
+        ((["X-NOPE"],), {}, "X-NOPE is not built in and no script serves it"),
+        ((["PLAIN"],), {"secrets": [object()]}, "secrets: every item must be"),
+        ((["PLAIN"],), {"tokens": [users]}, "tokens: every item must be"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            embed.submission_auth(*args, **kwargs)
+    built = embed.submission_auth(["EXTERNAL", "SCRAM-SHA-256-PLUS", "X-WHO"], script=script,
+                                  secrets=[users])
+    assert built.names == ("EXTERNAL", "SCRAM-SHA-256-PLUS", "X-WHO")
+
+
 # the script as a checker in any portal ----------------------------------------------
 
 
@@ -450,6 +553,9 @@ NO_REACTOR = """
                       secrets=[users])
     embed.portal(object(), [users])
     embed.portal(object(), script=script)
+    embed.exchange_checkers()
+    embed.submission_auth(["PLAIN", "CRAM-MD5", "EXTERNAL", "X-WHO"], script=script,
+                          secrets=[users])
     embed.script_password_checker(script)
     embed.thread_pool(reactor, "mine")
     embed.smtp_checker(reactor, host="127.0.0.1", port=25)

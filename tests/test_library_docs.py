@@ -1,10 +1,11 @@
-"""docs/library.md stays true: every example in it runs.
+"""docs/library.md stays true: every example in it runs, on public names only.
 
 Examples are marked ``<!-- example: NAME -->`` before their code block and written to a
-temporary folder under that name.  The two servers run as programs (the way a reader
-would run them) on loopback, against real clients: smtplib and swaks for stock ESMTP,
-imaplib and curl for IMAP4Server.  The web example serves HTTP Basic auth against a real
-slapd.  The token mechanism and the testing example are pytest tests themselves."""
+temporary folder under that name.  The three servers run as programs (the way a reader
+would run them) on loopback, against real clients: smtplib and swaks for stock ESMTP and
+SubmissionESMTP, imaplib and curl for IMAP4Server.  The web example serves HTTP Basic auth
+against a real slapd.  The own-portal example, the token mechanism and the testing example
+are pytest tests themselves."""
 
 from __future__ import annotations
 
@@ -106,11 +107,58 @@ def imap_program(folder: Path) -> Iterator[Program]:
     assert not [line for line in program.output if "Traceback" in line or "secret" in line]
 
 
+@pytest.fixture
+def submission_program(folder: Path) -> Iterator[Program]:
+    program = Program(folder, "submission_server.py")
+    yield program
+    program.stop()
+    assert not [line for line in program.output if "Traceback" in line or "secret" in line]
+
+
 def test_examples_are_marked() -> None:
     """Each example this module runs is in the page (a renamed one fails here, not silently)."""
     assert set(examples()) == {"esmtp_server.py", "users.passwd", "auth_password.py",
-                               "token_mechanism.py", "imap_server.py", "web_site.py",
-                               "test_auth_password.py"}
+                               "own_portal.py", "token_mechanism.py", "imap_server.py",
+                               "web_site.py", "submission_server.py", "test_auth_password.py"}
+
+
+def saslsmtp_imports(code: str) -> set[tuple[str, str]]:
+    """``(module, name)`` for every ``from saslsmtp... import name`` in ``code``, and
+    ``(module, "")`` for every ``import saslsmtp...``."""
+    import ast
+    found: set[tuple[str, str]] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("saslsmtp"):
+            found |= {(node.module or "", alias.name) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {(alias.name, "") for alias in node.names
+                      if alias.name.startswith("saslsmtp")}
+    return found
+
+
+def test_examples_import_public_names_only() -> None:
+    """A reader copying an example uses only what the page promises to keep: the public
+    names (``from saslsmtp import embed`` is the module itself)."""
+    from tests.test_public_api import PUBLIC
+    public = {(module, name) for module, names in PUBLIC.items() for name in names}
+    public |= {("saslsmtp", "embed"), ("saslsmtp", "testing")}
+    for name, code in examples().items():
+        if name.endswith(".py"):
+            assert saslsmtp_imports(code) <= public, name
+
+
+def test_submission_esmtp_keywords_are_the_real_ones() -> None:
+    """The keywords the table gives ``SubmissionESMTP`` exist, with those defaults."""
+    import inspect
+    from saslsmtp.protocol import SubmissionESMTP
+    row = re.search(r"`saslsmtp\.protocol\.SubmissionESMTP\(\*, (.*?)\)`", DOC)
+    assert row
+    real = inspect.signature(SubmissionESMTP).parameters
+    for documented in row.group(1).split(", "):
+        name, _, default = documented.partition("=")
+        assert name in real and real[name].kind is inspect.Parameter.KEYWORD_ONLY
+        if default not in ("", "..."):
+            assert repr(real[name].default) == default.replace('"', "'"), name
 
 
 def documented_signatures() -> dict[str, list[str]]:
@@ -130,6 +178,11 @@ def test_documented_signatures_are_the_real_ones() -> None:
     real = {name: list(inspect.signature(getattr(embed, name)).parameters)
             for name in documented}
     assert documented == real
+
+
+def test_own_portal_example(folder: Path) -> None:
+    """A Portal of the application's own, with its own checker and exchange_checkers()."""
+    assert run_tests_in(folder / "own_portal.py") == 1
 
 
 def test_token_mechanism_example(folder: Path) -> None:
@@ -209,6 +262,47 @@ def test_esmtp_program_with_swaks(esmtp_program: Program, mechanism: str) -> Non
                          timeout=30)
     assert "535 Authentication failed" in bad.stdout
     assert bad.returncode != 0
+
+
+# SubmissionESMTP, as a program ---------------------------------------------------------
+
+
+def test_submission_program_with_smtplib(submission_program: Program) -> None:
+    """PLAIN and CRAM-MD5 against the passwd-file (secrets through the resolver), the
+    scripted X-PASSWORD, refusals with enhanced codes, and a message to the avatar."""
+    port = submission_program.port
+    with smtp_session(port) as client:
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "CRAM-MD5", "X-PASSWORD"]
+        client.user, client.password = "alice", "alice-secret"
+        assert client.auth("CRAM-MD5", client.auth_cram_md5) == (
+            235, b"2.7.0 Authentication successful")
+        client.sendmail("alice@example.test", ["bob@example.test"], "Subject: hi\r\n\r\nhello\r\n")
+    with smtp_session(port) as client:
+        code, _ = client.auth("X-PASSWORD", password_steps("carol", "carol-secret"),
+                              initial_response_ok=False)
+        assert code == 235
+    with smtp_session(port) as client:
+        client.user, client.password = "alice", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.auth("PLAIN", client.auth_plain)
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (
+            535, b"5.7.8 Authentication credentials invalid")
+    submission_program.wait_for("message of ")
+    submission_program.wait_for("logged in: carol")
+    logins = [line for line in submission_program.output if line.startswith("logged in:")]
+    assert logins == ["logged in: alice", "logged in: carol"]
+
+
+def test_submission_program_with_swaks(submission_program: Program) -> None:
+    swaks = require_binary("swaks")
+    done = subprocess.run([swaks, "--server", f"127.0.0.1:{submission_program.port}",
+                           "--from", "alice@example.test", "--to", "bob@example.test",
+                           "--auth", "PLAIN", "--auth-user", "alice",
+                           "--auth-password", "alice-secret"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "235 2.7.0 Authentication successful" in done.stdout
+    submission_program.wait_for("message of ")
 
 
 # IMAP4Server, as a program -----------------------------------------------------------

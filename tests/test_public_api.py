@@ -21,13 +21,14 @@ DOC = (Path(__file__).resolve().parent.parent / "docs" / "library.md").read_text
 
 PUBLIC: dict[str, tuple[str, ...]] = {
     "saslsmtp.embed": (
-        "STOCK_MECHANISMS", "challengers", "portal", "auth_script", "script_password_checker",
+        "STOCK_MECHANISMS", "challengers", "portal", "exchange_checkers", "submission_auth",
+        "SubmissionAuth", "Resolver", "auth_script", "script_password_checker",
         "checker", "file_checker", "ldap_checker", "smtp_checker", "http_checker",
         "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "MechanismAdapter",
         "ScriptRunner"),
     "saslsmtp.script": ("Accept", "Reject", "Defer", "Reply", "Verdict", "load_script"),
     "saslsmtp.sasl.outcome": ("Accept", "Reject", "Defer", "Reply", "Verify", "Lookup",
-                              "Secret", "Session"),
+                              "ValidateToken", "Secret", "Session", "Outcome"),
     "saslsmtp.sasl.mechanism": ("MechanismSpec",),
     "saslsmtp.errors": ("AuthRejected", "TemporaryFailure"),
     "saslsmtp.testing": ("SMTPHarness", "MemoryRealm", "TLSStringTransport"),
@@ -122,6 +123,7 @@ def test_harness_keeps_its_documented_parameters() -> None:
         assert keyword in parameters
     for method in ("send", "take", "login", "close", "connect"):
         assert callable(getattr(SMTPHarness, method))
+    assert isinstance(SMTPHarness.tls_started_with, property)
 
 
 def test_version() -> None:

@@ -43,3 +43,16 @@ def test_connect_keeps_the_server_settings(tmp_path: Path) -> None:
     assert other.transport.getPeer().host == "198.51.100.7"
     assert other.login("alice", "secret") == b"235 2.7.0 Authentication successful\r\n"
     assert other.clock is h.clock and other.portal is h.portal
+
+
+def test_tls_started_with_is_what_starttls_gave_the_transport() -> None:
+    """``h.tls_started_with`` (typed on the harness: ``h.transport`` is a plain
+    ``StringTransport`` to a type checker) is ``None`` until STARTTLS, then the context;
+    PLAIN, hidden before TLS under require_tls, is offered after it."""
+    h = SMTPHarness(users={"alice": "secret"}, starttls=True, require_tls=True)
+    assert h.send(b"EHLO client.example\r\n").endswith(b"250 STARTTLS\r\n")
+    assert h.tls_started_with is None
+    assert h.send(b"STARTTLS\r\n") == b"220 2.0.0 Ready to start TLS\r\n"
+    assert h.tls_started_with is not None and h.tls_started_with is h.protocol.tls_context
+    assert h.login("alice", "secret") == b"235 2.7.0 Authentication successful\r\n"
+    assert SMTPHarness().tls_started_with is None
