@@ -27,6 +27,7 @@ from saslsmtp.auth import Resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BACKEND_TYPES, BackendDeps, checker_from_options
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
+from saslsmtp.config import ConfigError
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.options import OptionProblem, OptionsError
 from saslsmtp.resolver import secret_resolver
@@ -51,8 +52,8 @@ __all__ = [
     "STOCK_MECHANISMS", "challengers", "portal", "exchange_checkers", "submission_auth",
     "SubmissionAuth", "Resolver", "auth_script", "script_password_checker",
     "checker", "file_checker", "ldap_checker", "smtp_checker", "http_checker",
-    "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "MechanismAdapter",
-    "ScriptRunner",
+    "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "ConfigError",
+    "MechanismAdapter", "ScriptRunner",
 ]
 
 #: The built-in mechanisms a stock Twisted protocol can run.  The others need what only

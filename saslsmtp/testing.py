@@ -184,9 +184,18 @@ class SMTPHarness:
                       AuthScript("<test>", script, None) if callable(script) else load_script(str(script)))
             self.script_runner = ScriptRunner(loaded, self.clock, script_timeout, Backends(named))
             password_checker = ScriptPasswordChecker(self.script_runner)
+            declared = loaded.mechanisms  # as the daemon: a built-in only when declared
             for name in names or ():
-                if name not in specs or (loaded.mechanisms and name in loaded.mechanisms):
-                    specs[name] = loaded.spec(name, self.script_runner, specs.get(name))
+                if name in specs and (declared is None or name not in declared):
+                    continue
+                if declared is not None and name not in declared:
+                    raise ValueError(f"{name} is not built in and {loaded.path} does not serve"
+                                     f" it (its MECHANISMS: {', '.join(sorted(declared))})")
+                specs[name] = loaded.spec(name, self.script_runner, specs.get(name))
+        unknown = [name for name in names or () if name not in specs]
+        if unknown:  # it would silently not be offered: the test would see 504, not why
+            raise ValueError(f"{', '.join(unknown)}: not built in and no script serves it"
+                             " (pass script= or mechanisms=)")
         if checkers is None:
             checkers = [password_checker]
         self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])

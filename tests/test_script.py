@@ -381,9 +381,11 @@ def test_example_cram_md5_script() -> None:
 
 
 def test_example_cram_md5_script_plain_uses_backends_in_order() -> None:
-    h = scripted(ETC / "auth_cram_md5.py", users={"alice": "pw"}, backends={"directory": DownBackend()})
+    h = scripted(ETC / "auth_cram_md5.py", names=("PLAIN", "LOGIN"), users={"alice": "pw"},
+                 backends={"directory": DownBackend()})
     assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == OK
-    h2 = scripted(ETC / "auth_cram_md5.py", users={"alice": "pw"}, backends={"directory": DownBackend()})
+    h2 = scripted(ETC / "auth_cram_md5.py", names=("PLAIN", "LOGIN"), users={"alice": "pw"},
+                  backends={"directory": DownBackend()})
     assert h2.send(b"AUTH PLAIN " + b64("\0alice\0bad") + b"\r\n") == TEMPFAIL
 
 

@@ -56,3 +56,41 @@ def test_tls_started_with_is_what_starttls_gave_the_transport() -> None:
     assert h.tls_started_with is not None and h.tls_started_with is h.protocol.tls_context
     assert h.login("alice", "secret") == b"235 2.7.0 Authentication successful\r\n"
     assert SMTPHarness().tls_started_with is None
+
+
+DECLARING = '''
+from saslsmtp.script import Accept
+
+MECHANISMS = ["X-ONE"]
+
+
+def auth(arguments, context):
+    return Accept(username="alice")
+'''
+
+
+def test_a_mechanism_nothing_serves_is_refused_as_the_daemon_refuses_it(tmp_path: Path) -> None:
+    """A name the script does not declare, or no script at all, is a ValueError saying so
+    (it was quietly not offered, or served where the daemon would refuse to start: the
+    test then saw a 504, or passed for a configuration that cannot run)."""
+    import pytest
+    script = tmp_path / "declaring.py"
+    script.write_text(DECLARING)
+    with pytest.raises(ValueError, match=r"X-TWO is not built in and .*declaring.py does not"
+                                         r" serve it \(its MECHANISMS: X-ONE\)"):
+        SMTPHarness(script=str(script), mechanism_names=["X-ONE", "X-TWO"])
+    with pytest.raises(ValueError, match=r"X-ONE: not built in and no script serves it"):
+        SMTPHarness(mechanism_names=["PLAIN", "X-ONE"])
+    h = SMTPHarness(script=str(script), mechanism_names=["X-ONE", "PLAIN"])
+    assert h.send(b"EHLO client.example\r\n").endswith(b"250 AUTH X-ONE PLAIN\r\n")
+
+
+def test_a_script_that_cannot_load_is_a_public_config_error(tmp_path: Path) -> None:
+    """``embed.ConfigError`` (file, line, why), catchable without a private import."""
+    import pytest
+    from saslsmtp import embed
+    broken = tmp_path / "broken.py"
+    broken.write_text("def auth(arguments, context):\n    return (\n")
+    with pytest.raises(embed.ConfigError) as caught:
+        SMTPHarness(script=str(broken))
+    assert str(caught.value) == f"{broken}:2: auth.script: syntax error: '(' was never closed"
