@@ -128,3 +128,13 @@ def test_harness_keeps_its_documented_parameters() -> None:
 
 def test_version() -> None:
     assert saslsmtp.__version__
+
+
+def test_checker_kinds_import_on_first_access_only_real_ones() -> None:
+    """``saslsmtp.checkers.KIND`` (what the builders' annotations name) imports that
+    module; a name that is no module is an AttributeError, as for any module."""
+    import sys
+    import saslsmtp.checkers
+    assert saslsmtp.checkers.http is sys.modules["saslsmtp.checkers.http"]
+    assert not hasattr(saslsmtp.checkers, "nosuch")
+    assert not hasattr(saslsmtp.checkers, "_private")
