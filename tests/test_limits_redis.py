@@ -558,3 +558,54 @@ async def test_session_calls_resend_flushed_scripts_and_fail_open(redis):
 async def _maybe(value):
     from twisted.internet.defer import Deferred
     return (await value) if isinstance(value, Deferred) else value
+
+
+# ---- the store's password never reaches --check, a reload or the log ----------------------
+
+STORE_SECRET = "Redis-Store-Secret-5"
+
+
+@pytest.mark.parametrize("store, reason", [
+    (f"redis://:{STORE_SECRET}@127.0.0.1:notaport/0",
+     "'redis://:***@127.0.0.1:notaport/0': the port is not a number from 1 to 65535"),
+    (f"redis://app:{STORE_SECRET}@127.0.0.1:6379/x",
+     "'redis://app:***@127.0.0.1:6379/x': the path must be a database number (/0)"),
+    (f"redis://:{STORE_SECRET}@/0", "'redis://:***@/0': no host"),
+    (f"redis://:{STORE_SECRET}@127.0.0.1/0?ca_file=ca.pem",
+     "'redis://:***@127.0.0.1/0?ca_file=***': the only query parameter is ca_file, for rediss://"),
+])
+def test_check_masks_the_store_password(tmp_path, store, reason):
+    """``twistd saslsmtp --check`` (the start and a reload print the same words) names what
+    is wrong with a store URL and shows the URL with its password masked: the password
+    of the store is not printed."""
+    import os
+    import subprocess
+    from tests.support import ROOT, alice_config, twistd_command
+    config, _ = alice_config(tmp_path)
+    config.write_text(config.read_text() + f'\n[limits]\nstore = "{store}"\n')
+    out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1
+    assert f"limits.store: {reason}" in out.stderr
+    assert STORE_SECRET not in out.stdout + out.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_password_is_not_logged(redis):
+    """Redis refusing the store's password (WRONGPASS) is logged, the password is not."""
+    from tests.conftest import event_text
+    redis.command("CONFIG", "SET", "requirepass", "the-right-one")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    store = RedisStore(f"redis://:{STORE_SECRET}@127.0.0.1:{redis.port}/0", reactor(),
+                       reconnect_max_delay=0.2)
+    try:
+        await until(lambda: any("could not auth" in formatEvent(e) for e in events),
+                    "Redis refusing the password")
+        assert (await store.hit("k", Rate(1, 60.0))).allowed  # fail open, warned
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await store.close()
+    texts = [event_text(e) for e in events]
+    assert any("Redis store redis://127.0.0.1:" in t for t in texts)
+    assert not [t for t in texts if STORE_SECRET in t]

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from saslsmtp.options import pem_problem
+from saslsmtp.redact import url_for_humans
 
 
 @dataclass(frozen=True)
@@ -32,31 +33,33 @@ class RedisURL:
 
 
 def parse_redis_url(url: str) -> RedisURL:
-    """Parse a Redis URL; ``ValueError`` with a readable message when it is not one."""
+    """Parse a Redis URL; ``ValueError`` with a readable message when it is not one (the
+    URL it repeats has its password masked: the message goes to ``--check`` and the log)."""
+    shown = url_for_humans(url)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "unix":
         if not parts.path:
-            raise ValueError(f"{url!r}: unix:// needs a socket path (unix:///run/redis.sock)")
+            raise ValueError(f"{shown!r}: unix:// needs a socket path (unix:///run/redis.sock)")
         db = parse_qs(parts.query).get("db", ["0"])[0]
         if not db.isdigit():
-            raise ValueError(f"{url!r}: db must be a number")
+            raise ValueError(f"{shown!r}: db must be a number")
         return RedisURL(path=parts.path, db=int(db))
     if scheme not in ("redis", "rediss"):
-        raise ValueError(f"{url!r}: the scheme must be redis, rediss or unix")
+        raise ValueError(f"{shown!r}: the scheme must be redis, rediss or unix")
     if not parts.hostname:
-        raise ValueError(f"{url!r}: no host")
+        raise ValueError(f"{shown!r}: no host")
     try:
         port = parts.port or 6379
     except ValueError:
-        raise ValueError(f"{url!r}: the port is not a number from 1 to 65535") from None
+        raise ValueError(f"{shown!r}: the port is not a number from 1 to 65535") from None
     path = parts.path.strip("/")
     if path and not path.isdigit():
-        raise ValueError(f"{url!r}: the path must be a database number (/0)")
+        raise ValueError(f"{shown!r}: the path must be a database number (/0)")
     query = parse_qs(parts.query)
     unknown = set(query) - {"ca_file"}
     if unknown or (query and scheme != "rediss"):
-        raise ValueError(f"{url!r}: the only query parameter is ca_file, for rediss://")
+        raise ValueError(f"{shown!r}: the only query parameter is ca_file, for rediss://")
     return RedisURL(host=parts.hostname, port=port, db=int(path or 0), tls=scheme == "rediss",
                     username=unquote(parts.username) if parts.username else None,
                     password=unquote(parts.password) if parts.password else None,
