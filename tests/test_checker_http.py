@@ -442,3 +442,45 @@ async def test_outage_warned_once_and_recovery_logged(api):
     [recovered] = capture.at(LogLevel.info)
     assert recovered.startswith("backend api reachable again after ")
     assert USERS["alice"] not in repr(capture.events)
+
+
+# ---- credentials in the URL: refused at load, never repeated ------------------------------
+
+URL_SECRET = "Url-Api-Secret-4"
+
+
+def twistd_check(config: Any) -> Any:
+    """``twistd -n saslsmtp --config CONFIG --check`` as an operator runs it."""
+    import os
+    import subprocess
+    from tests.support import ROOT, twistd_command
+    return subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                          timeout=30, cwd=config.parent, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"http://api:{URL_SECRET}@127.0.0.1:8080/auth", "'http://api:***@127.0.0.1:8080/auth'"),
+    (f"https://{URL_SECRET}@127.0.0.1/auth", "'https://***@127.0.0.1/auth'"),
+    # an unescaped / in the password: a URL parser would take its start for the port
+    (f"http://api:x/{URL_SECRET}@127.0.0.1/auth", "'http://api:***@127.0.0.1/auth'"),
+    (f"http://api:{URL_SECRET}@127.0.0.1:80:x/auth", "'http://api:***@127.0.0.1:80:x/auth'"),
+])
+def test_credentials_in_the_url_are_refused_without_repeating_them(tmp_path, url, shown):
+    """``user:password@`` in ``url`` is never sent (Twisted's agent fails the request, so
+    every login got 454 while --check said OK): --check refuses it, says where
+    credentials go, and shows the URL with the password masked."""
+    from tests.support import write_config
+    config = write_config(tmp_path, f'[backends.api]\ntype = "http"\nurl = "{url}"\n')
+    out = twistd_check(config)
+    assert out.returncode == 1, out.stdout
+    assert (f"backends.api.url: {shown} is not a usable URL: a user name or password in the"
+            " URL is never sent (put credentials in headers") in out.stderr
+    assert URL_SECRET not in out.stdout + out.stderr
+
+
+def test_repr_masks_a_password_in_the_url():
+    """A checker built in Python around the options' check keeps the URL's password out
+    of its repr (what a traceback or a debugger shows)."""
+    c = HttpChecker(url=f"http://api:{URL_SECRET}@127.0.0.1/auth", client=StubTreq(Resource()),
+                    reactor=Clock())
+    assert URL_SECRET not in repr(c) and "http://api:***@127.0.0.1/auth" in repr(c)

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ldap3
@@ -159,6 +160,28 @@ def test_endpoint_parse_rejects(url: str) -> None:
     """Anything but ``ldap[s]://host[:port]`` is refused."""
     with pytest.raises(ValueError):
         Endpoint.parse(url)
+
+
+def test_credentials_in_an_ldap_url_are_refused_without_repeating_them(tmp_path: Path) -> None:
+    """``ldap://cn=admin:PASSWORD@host`` is refused by --check (as any URL with a user
+    name was), which now says where the service account goes and no longer prints the
+    URL with its password; an unescaped ``/`` in the password changes nothing."""
+    import os
+    import subprocess
+    from tests.support import ROOT, twistd_command, write_config
+    secret = "Ldap-Url-Secret-7"
+    config = write_config(tmp_path, f'[backends.dir]\ntype = "ldap"\nurl = ['
+                                    f'"ldap://cn=admin:{secret}@127.0.0.1",'
+                                    f' "ldaps://cn=admin:x/{secret}@127.0.0.1:636"]\n'
+                                    'user_dn = "uid={username},dc=example,dc=test"\n')
+    out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1, out.stdout
+    for shown in ("'ldap://cn=admin:***@127.0.0.1'", "'ldaps://cn=admin:***@127.0.0.1:636'"):
+        assert (f"backends.dir.url: not an ldap:// or ldaps:// server URL: {shown} (a user"
+                " name or password in the URL is not used: the service account goes in"
+                " search_dn and search_password)") in out.stderr
+    assert secret not in out.stdout + out.stderr
 
 
 # ---- DN template ----------------------------------------------------------

@@ -31,7 +31,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp.checkers.oauth2 import (ClaimPolicy, FileKeys, IntrospectionValidator, OAuth2Options,
-                                      JwtValidator, KeySetError, from_config, parse_jwks)
+                                      JwtValidator, KeySetError, RemoteKeys, from_config,
+                                      parse_jwks)
 from saslsmtp.checkers.registry import BackendDeps
 from saslsmtp.checkers.secrets import ITokenValidator
 from saslsmtp.config import ConfigError, parse_config
@@ -669,3 +670,56 @@ async def test_jwt_backend_then_introspection_backend(idp, keys):
     assert await jwt_only(request("opaque-1"), Session()) is None
     await jwt_backend.stop()
     await introspection.stop()
+
+
+# ---- credentials in a URL: refused at load, masked in the log ------------------------------
+
+URL_SECRET = "Url-Idp-Secret-6"
+
+
+@pytest.mark.parametrize("key, more", [
+    ("jwks_url", f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"\n'),
+    ("introspection_url", ""),
+])
+def test_credentials_in_a_url_are_refused_without_repeating_them(tmp_path, key, more):
+    """``user:password@`` in ``jwks_url`` or ``introspection_url`` is never sent (every
+    token login got 454, and the JWKS outage warning printed the URL, password and all):
+    --check refuses it and shows the URL with the password masked."""
+    import os
+    import subprocess
+    from tests.support import ROOT, twistd_command, write_config
+    config = write_config(tmp_path, f'[backends.idp]\ntype = "oauth2"\n{more}'
+                                    f'{key} = "https://smtp:{URL_SECRET}@idp.example/keys"\n')
+    out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1, out.stdout
+    assert (f"backends.idp.{key}: 'https://smtp:***@idp.example/keys': a user name or"
+            " password in the URL is never sent") in out.stderr
+    assert URL_SECRET not in out.stdout + out.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_set_outage_warning_masks_a_password_in_the_url(idp, keys):
+    """Built in Python around the options' check, a key set whose URL holds a password
+    and a query is still named in the outage warning with both masked."""
+    from tests.conftest import event_text
+    from saslsmtp.checkers.http import make_client, make_pool
+    from twisted.internet import reactor
+    pool = make_pool(reactor)
+    url = f"http://smtp:{URL_SECRET}@127.0.0.1:{idp.port}/jwks?key={URL_SECRET}"
+    keyset = RemoteKeys(url, make_client(reactor, pool, None, 2.0), reactor, timeout=2.0,
+                        name="idp")
+    v = JwtValidator(keyset, ClaimPolicy(issuer=ISSUER, audience=(AUDIENCE,)),
+                     algorithms=("ES256",), clock=reactor, name="idp", pool=pool)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        with pytest.raises(TemporaryFailure) as caught:
+            await v.validate_token(request(signed(keys["ec"], claims())))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await v.stop()
+    texts = [event_text(e) for e in events] + [str(caught.value), repr(v), repr(keyset)]
+    assert any(f"cannot fetch http://smtp:***@127.0.0.1:{idp.port}/jwks?key=***" in t
+               for t in texts), texts
+    assert not [t for t in texts if URL_SECRET in t]

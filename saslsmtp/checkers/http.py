@@ -50,6 +50,7 @@ from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, http_url_problem,
                               problem_if)
+from saslsmtp.redact import url_for_humans
 
 log = Logger()
 
@@ -82,18 +83,35 @@ class HttpOptions(Options):
 
 
 def url_problem(key: str, url: str) -> list[OptionProblem]:
-    """A problem when the http(s) ``url`` has no host, a bad port or does not parse as
-    treq parses it: otherwise every login would fail with 454 at the first request."""
+    """A problem when the http(s) ``url`` has no host, a bad port, credentials, or does
+    not parse as treq parses it: otherwise every login would fail with 454 at the first
+    request.  The URL is repeated with its password masked (``url_for_humans``)."""
+    shown = url_for_humans(url)
+    if credentials_in_url(url):
+        return [OptionProblem(key, f"{shown!r} is not a usable URL: a user name or password"
+                                   " in the URL is never sent (put credentials in headers,"
+                                   " e.g. Authorization; write an @ in the path as %40)")]
     try:
         parts = urlsplit(url)
         port = parts.port
         DecodedURL.from_text(url)
     except ValueError as e:  # hyperlink's URLParseError is a ValueError
-        return [OptionProblem(key, f"{url!r} is not a usable URL: {e}")]
+        return [OptionProblem(key, f"{shown!r} is not a usable URL: {e}")]
     host = parts.hostname or ""
     why = ("no host name" if not host else "a space in the host name"
            if any(c.isspace() for c in host) else "port 0" if port == 0 else None)
-    return problem_if(why is not None, key, f"{url!r} is not a usable URL: {why}")
+    return problem_if(why is not None, key, f"{shown!r} is not a usable URL: {why}")
+
+
+def credentials_in_url(url: str) -> bool:
+    """Whether ``url`` has an ``@`` between ``//`` and its query: ``user:password@host``
+    (an ``@`` in the path counts too: a password holding an unescaped ``/`` would put
+    its end there).  Neither treq nor Twisted's agent sends such credentials; the
+    request fails instead, at every login."""
+    start = url.find("//")
+    if start < 0:
+        return False
+    return "@" in url[start + 2:].split("?", 1)[0].split("#", 1)[0]
 
 
 @implementer(ICredentialsChecker)
@@ -127,7 +145,7 @@ class HttpChecker:
         return self._pool.closeCachedConnections() if self._pool is not None else None
 
     def __repr__(self) -> str:  # the headers may hold an API token: never shown
-        return f"<HttpChecker {self.name} {self.url}>"
+        return f"<HttpChecker {self.name} {url_for_humans(self.url)}>"
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         """One verdict from the API (see the module docstring)."""

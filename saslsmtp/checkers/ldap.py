@@ -110,6 +110,7 @@ from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes, as_text
 from saslsmtp.options import PATH, OptionProblem, Options, ca_file_problem, problem_if
+from saslsmtp.redact import url_for_humans
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -176,9 +177,14 @@ class Endpoint:
             port = parts.port
         except ValueError:  # not a number, or out of range
             port = -1
+        shown = url_for_humans(url)  # the message goes to --check and the log
+        if "@" in url:
+            raise ValueError(f"not an ldap:// or ldaps:// server URL: {shown!r} (a user name or"
+                             " password in the URL is not used: the service account goes in"
+                             " search_dn and search_password)")
         if scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/") \
                 or parts.query or parts.fragment or parts.username or port in (-1, 0):
-            raise ValueError(f"not an ldap:// or ldaps:// server URL: {url!r}")
+            raise ValueError(f"not an ldap:// or ldaps:// server URL: {shown!r}")
         return cls(parts.hostname, port or (636 if scheme == "ldaps" else 389),
                    scheme == "ldaps")
 

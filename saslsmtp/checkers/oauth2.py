@@ -69,6 +69,7 @@ from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import (PATH, OptionProblem, Options, OptionsError, ca_file_problem,
                               file_problem, finite_number, http_url_problem, problem_if)
+from saslsmtp.redact import url_for_humans
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
 log = Logger(namespace="saslsmtp.oauth2")
@@ -125,8 +126,9 @@ class OAuth2Options(Options):
                               " or introspection_url")
         problems += file_problem("jwks_file", self.jwks_file) or jwks_file_problem(
             "jwks_file", self.jwks_file)
-        problems += http_url_problem("jwks_url", self.jwks_url)
-        problems += http_url_problem("introspection_url", self.introspection_url)
+        for key in ("jwks_url", "introspection_url"):
+            url = getattr(self, key)
+            problems += http_url_problem(key, url) or credentials_problem(key, url)
         if (self.client_id is None) != (self.client_secret is None):
             problems.append(OptionProblem(
                 "client_secret" if self.client_id is not None else "client_id",
@@ -268,6 +270,17 @@ def _silent(message: str, **kwargs: Any) -> None:
     """A ``log.warn`` that says nothing (the load-time check; the build logs the skips)."""
 
 
+def credentials_problem(key: str, url: str | None) -> list[OptionProblem]:
+    """A problem when ``url`` holds ``user:password@``: never sent (every login would get
+    454), and repeated in the outage warnings; the client's credentials for introspection
+    go in ``client_id`` / ``client_secret``.  The URL is shown with the password masked."""
+    from saslsmtp.checkers.http import credentials_in_url
+    return problem_if(bool(url) and credentials_in_url(url or ""), key,
+                      f"{url_for_humans(url or '')!r}: a user name or password in the URL is"
+                      " never sent (introspection takes client_id and client_secret; write"
+                      " an @ in the path as %40)")
+
+
 def jwks_file_problem(key: str, path: str | None) -> list[OptionProblem]:
     """A problem when the JWKS file ``path`` is set and unusable (not JSON, no usable
     key, unreadable): found at load (``--check``), with the key's line."""
@@ -330,6 +343,7 @@ class RemoteKeys:
     def __init__(self, url: str, client: Any, reactor: Any, *, timeout: float = 5.0,
                  cache_time: float = 3600.0, min_refresh: float = 30.0, name: str = "oauth2") -> None:
         self.url = url
+        self.shown = url_for_humans(url)  # for log lines
         self._client = client
         self._reactor = reactor
         self.timeout = timeout
@@ -368,11 +382,11 @@ class RemoteKeys:
             if isinstance(outcome, Failure):
                 why = _describe(outcome)
                 if self._keys is not None:
-                    self.outages.down(f"cannot refresh {self.url} ({why}); keeping the keys"
+                    self.outages.down(f"cannot refresh {self.shown} ({why}); keeping the keys"
                                       " fetched before")
                     outcome = self._keys
                 else:
-                    self.outages.down(f"cannot fetch {self.url} ({why})")
+                    self.outages.down(f"cannot fetch {self.shown} ({why})")
                     outcome = Failure(TemporaryFailure(
                         f"oauth2 backend {self.name}: key set unavailable ({why})"))
             else:
@@ -393,7 +407,7 @@ class RemoteKeys:
         body = await _read_body(response)
         if response.code != 200:
             raise KeySetError(f"answered {response.code}")
-        return parse_jwks(body, self.url)
+        return parse_jwks(body, self.shown)
 
 
 # --------------------------------------------------------------------------
@@ -590,7 +604,7 @@ class IntrospectionValidator(_TokenValidator):
         self._headers = headers
 
     def __repr__(self) -> str:  # the headers hold the client secret: never shown
-        return f"<IntrospectionValidator {self.name} {self.url}>"
+        return f"<IntrospectionValidator {self.name} {url_for_humans(self.url)}>"
 
     def validate_token(self, request: ValidateToken) -> "Deferred[TokenVerdict | None]":
         """The verdict of the introspection endpoint plus the claim policy."""
