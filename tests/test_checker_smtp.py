@@ -399,6 +399,80 @@ async def test_no_password_in_logs_errors_or_transcript(plain_upstream, request,
         assert secret not in joined
 
 
+class EchoingUpstream(Protocol):
+    """An upstream that repeats what it got in its answer to the credentials: the AUTH
+    PLAIN line, or the LOGIN password line, after ``reply`` (a code and a prefix)."""
+
+    reply = b"250 2.0.0 "
+    login = False
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.transport.write(b"220 echo ESMTP\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            self.transport.write(self.answer(line) + b"\r\n")
+
+    def answer(self, line: bytes) -> bytes:
+        if line.startswith(b"EHLO"):
+            return b"250-echo\r\n250 AUTH " + (b"LOGIN" if self.login else b"PLAIN LOGIN")
+        if line == b"AUTH LOGIN":
+            self.prompts = 1
+            return b"334 VXNlcm5hbWU6"
+        if line.startswith(b"AUTH PLAIN "):
+            return self.reply + line
+        if getattr(self, "prompts", 0) == 1:
+            self.prompts = 2
+            return b"334 UGFzc3dvcmQ6"
+        if getattr(self, "prompts", 0) == 2:
+            self.prompts = 0
+            return self.reply + line
+        return b"221 2.0.0 bye" if line == b"QUIT" else b"502 5.5.2 what?"
+
+
+@pytest.mark.parametrize("reply, login, status", [
+    (b"250 2.0.0 ", False, "S: 250 2.0.0 (text not logged: it may echo the credentials)"),
+    (b"334 ", False, "S: 334 (text not logged: it may echo the credentials)"),
+    (b"250 2.0.0 you said ", True, "S: 250 2.0.0 (text not logged: it may echo the credentials)"),
+])
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_echoing_the_credentials_is_not_logged(tmp_path, reply, login,
+                                                               status):
+    """An upstream answering the credentials with the line it got (``250 2.0.0 AUTH
+    PLAIN AGFsaWNl...``, ``334 <the blob>``, the LOGIN password line): the client gets its
+    454, and the transcript logged for it keeps those replies' codes, not their text
+    (which carried the base64 of the password into the debug log)."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+    from tests.conftest import event_text
+    from tests.support import smtp_login, start_server
+    password = "Echoed-Upstream-Secret-8"
+    forms = [password, base64.b64encode(password.encode()).decode(),
+             base64.b64encode(b"\0alice\0" + password.encode()).decode().rstrip("=")]
+    upstream_class = type("Echo", (EchoingUpstream,), {"reply": reply, "login": login})
+    port = reactor.listenTCP(0, Factory.forProtocol(upstream_class), interface="127.0.0.1")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    server = await start_server(
+        tmp_path, f'[backends.up]\ntype = "smtp"\nhost = "127.0.0.1"\n'
+                  f'port = {port.getHost().port}\nstarttls = false\ntimeout = 5\n')
+    try:
+        code, _ = await smtp_login(server.port, "alice", password, mechanism="LOGIN" if login
+                                   else "PLAIN")
+    finally:
+        await server.stop()
+        await port.stopListening()
+        globalLogPublisher.removeObserver(events.append)
+    assert code == 454
+    texts = [event_text(e) for e in events]
+    transcripts = [t for t in texts if "transcript:" in t]
+    assert any(status in t and "<redacted>" in t for t in transcripts), transcripts
+    assert not [(f, t) for t in texts for f in forms if f in t]
+
+
 def test_transcript_redacts_auth_payloads():
     """The probe's transcript shows the AUTH command but never its payload."""
     from twisted.internet.task import Clock

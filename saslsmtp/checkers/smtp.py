@@ -119,7 +119,9 @@ class AuthProbe(LineOnlyReceiver):
 
     ``result`` fires once: with the username (bytes) on 235, or fails with
     ``UnauthorizedLogin`` / ``TemporaryFailure``.  ``transcript`` records the
-    conversation with every AUTH payload replaced by ``<redacted>``.
+    conversation with every AUTH payload replaced by ``<redacted>``, and of the replies
+    that follow the credentials only their codes: an upstream may echo the line it got
+    (``500 5.5.2 Unrecognized: AUTH PLAIN AGFsaWNl...``).
     """
 
     MAX_LENGTH = 4096
@@ -144,6 +146,7 @@ class AuthProbe(LineOnlyReceiver):
         self._lines: list[bytes] = []
         self._code = b""
         self._quit_timer: Any = None
+        self._credentials_sent = False
         self.cancelled_while = ""
 
     def __repr__(self) -> str:
@@ -216,7 +219,7 @@ class AuthProbe(LineOnlyReceiver):
         if match is None or (self._lines and match.group(1) != self._code):
             self._temporary("malformed reply")
             return
-        self.transcript.append("S: " + line[:200].decode("ascii", "replace"))
+        self.transcript.append("S: " + self._shown(line))
         self._code = match.group(1)
         self._lines.append(line[4:])
         if match.group(2) == b"-":
@@ -226,6 +229,16 @@ class AuthProbe(LineOnlyReceiver):
         reply = UpstreamReply(int(self._code), self._lines)
         self._lines = []
         getattr(self, f"_on_{self._state}")(reply)
+
+    def _shown(self, line: bytes) -> str:
+        """A reply line for the transcript: whole (cut at 200 bytes) before the
+        credentials were sent, only its code and enhanced code after."""
+        if not self._credentials_sent:
+            return line[:200].decode("ascii", "replace")
+        text = line[4:].decode("ascii", "replace")
+        enhanced = text.split(" ", 1)[0]
+        status = line[:4].decode("ascii") + (enhanced if _ENHANCED.match(enhanced) else "")
+        return status.rstrip() + " (text not logged: it may echo the credentials)"
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._temporary("reply line too long")
@@ -304,6 +317,7 @@ class AuthProbe(LineOnlyReceiver):
         if "PLAIN" in mechanisms:
             blob = base64.b64encode(b"\0" + self._username + b"\0" + self._password)
             self._state = "auth"
+            self._credentials_sent = True
             self._send(b"AUTH PLAIN " + blob, "AUTH PLAIN <redacted>")
         elif "LOGIN" in mechanisms:
             self._state = "login_username"
@@ -324,6 +338,7 @@ class AuthProbe(LineOnlyReceiver):
             return
         assert self._password is not None
         self._state = "auth"
+        self._credentials_sent = True
         self._send(base64.b64encode(self._password), "<redacted>")
 
     def _on_auth(self, reply: UpstreamReply) -> None:
