@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Callable, Sequence, assert_never
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from saslsmtp.auth import Resolver, SecretRequest
 from saslsmtp.errors import TemporaryFailure
+from saslsmtp.redact import scrub, scrubbed_failure
 from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, Session, ValidateToken
 from saslsmtp.settled import is_deferred, result_now
 
@@ -23,7 +25,8 @@ __all__ = ["secret_resolver"]
 
 def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:
     """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
-    ``ValidateToken`` from the first token validator that has an opinion."""
+    ``ValidateToken`` from the first token validator that has an opinion (a validator's
+    error is logged by the engine: the token is taken out of its message first)."""
 
     def resolve(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
         match request:
@@ -35,11 +38,26 @@ def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> R
                 if not validators:
                     return defer.fail(TemporaryFailure("no oauth2 backend is configured"))
                 return _first_answer(validators, lambda v: v.validate_token(request),
-                                     lambda verdict: Secret(TOKEN_VERDICT, verdict))
+                                     lambda verdict: Secret(TOKEN_VERDICT, verdict)
+                                     ).addErrback(_without_secret, request.token)
             case _:
                 assert_never(request)
 
     return resolve
+
+
+def _without_secret(failure: Failure, secret: str) -> Failure:
+    """``failure`` with ``secret`` out of the message the engine logs: a
+    ``TemporaryFailure``'s text (its outcome kept), an unexpected error's traceback."""
+    if failure.check(TemporaryFailure):
+        text = str(failure.value)
+        clean = scrub(text, [secret])
+        if clean == text:
+            return failure
+        return Failure(TemporaryFailure(clean, failure.value.outcome))
+    if failure.check(UnauthorizedLogin, defer.CancelledError):  # answered, not logged
+        return failure
+    return scrubbed_failure(failure, [secret])
 
 
 def _first_answer(items: Sequence[Any], ask: Callable[[Any], Any],

@@ -20,7 +20,8 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
 
 ``context`` is a dict kept for the whole connection.  A script that returns nothing
 rejects; one that raises or runs past ``script_timeout`` defers (454 4.7.0) and is logged
-with its traceback; an exchange longer than ``script_max_steps`` is refused.
+with its traceback (the call's ``password`` and ``response`` replaced by ``<redacted>`` in
+the exception's message); an exchange longer than ``script_max_steps`` is refused.
 
 An optional module-level ``MECHANISMS`` lists the custom mechanisms the script serves;
 when present, configuring any other non-built-in mechanism is a startup error.  It is a
@@ -53,6 +54,7 @@ from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.events import NO_METRICS
 from saslsmtp.octets import as_text
+from saslsmtp.redact import scrubbed_failure
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session, Verify
 
@@ -95,7 +97,8 @@ class Backends:
             if f.check(UnauthorizedLogin):
                 return Verdict.REJECT
             if not f.check(TemporaryFailure):
-                log.failure("backend {name} raised", failure=f, name=name)
+                log.failure("backend {name} raised", failure=scrubbed_failure(f, [password]),
+                            name=name)
             else:
                 log.info("backend {name} failed temporarily: {why}", name=name, why=str(f.value))
             return Verdict.TEMPORARY
@@ -262,8 +265,10 @@ class ScriptRunner:
             elif f.check(defer.CancelledError):
                 raise f.value  # the connection went away: nothing to answer
             else:
-                log.failure("AUTH script {path} raised ({mechanism} state {state})", failure=f,
-                            path=self.script.path, mechanism=mechanism, state=state)
+                secrets = (arguments.get("password"), arguments.get("response"))
+                log.failure("AUTH script {path} raised ({mechanism} state {state})",
+                            failure=scrubbed_failure(f, secrets), path=self.script.path,
+                            mechanism=mechanism, state=state)
             self.metrics.script_error()
             return Defer()
 

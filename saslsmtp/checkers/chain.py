@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from saslsmtp.credentials import AuthenticatedIdentity, AvatarId, IAuthenticatedIdentity
 from saslsmtp.errors import TemporaryFailure, UnknownUser
+from saslsmtp.redact import scrub, scrubbed_failure
 
 log = Logger()
 
@@ -77,13 +78,17 @@ class _ChainAttempt:
         if failure.check(UnauthorizedLogin):
             return self.next()
         self.temporary = True
+        # any checker may be plugged in here: whatever its messages say, not the password
+        secrets = [self.credentials.password]
         if failure.check(TemporaryFailure):
             # a backend with an OutageLog reports its outages itself (warn once, then
             # recovery); this per-login line is for the others
             level = log.debug if hasattr(checker, "outages") else log.info
-            level("backend {name} failed temporarily: {why}", name=name, why=str(failure.value))
+            level("backend {name} failed temporarily: {why}", name=name,
+                  why=scrub(str(failure.value), secrets))
         else:
-            log.failure("backend {name} raised an unexpected error", failure, name=name)
+            log.failure("backend {name} raised an unexpected error",
+                        scrubbed_failure(failure, secrets), name=name)
         return self.next()
 
     def _verdict(self) -> Exception:
