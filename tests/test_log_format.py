@@ -209,3 +209,45 @@ def test_level_floor_agrees_with_twisteds_predicate() -> None:
             assert ours(event) is theirs(event), (floor, level)
         for event in ({"log_namespace": "x"}, {"log_level": LogLevel.critical}):
             assert ours(event) is theirs(event)
+
+
+# ---- saslsmtp.redact: what messages may repeat of a URL or an exception --------------------
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:pw@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+    ("ldap://cn=admin,dc=x:pw@ldap.example", "ldap://cn=admin,dc=x:***@ldap.example"),
+    ("https://token@api.example/auth", "https://***@api.example/auth"),
+    ("http://u:p/w@d@h:8080/auth?key=k1&x=2#f", "http://u:***@h:8080/auth?key=***&x=***#f"),
+    ("https://api.example/auth", "https://api.example/auth"),
+    ("http://[::1]:8080/auth", "http://[::1]:8080/auth"),
+])
+def test_url_for_humans(url: str, shown: str) -> None:
+    """The userinfo's password (an unescaped / or @ in it included) and query values are
+    masked; the user name, host, port and path stay."""
+    from saslsmtp.redact import url_for_humans
+    assert url_for_humans(url) == shown
+
+
+def test_scrubbed_failure_keeps_type_and_frames() -> None:
+    """The secret leaves the message in every form (text, repr, base64); the type, the
+    frames and ``check()`` stay; a failure without the secret is returned as is."""
+    import base64
+    from twisted.python.failure import Failure
+    from saslsmtp.redact import scrubbed_failure
+
+    def parse(value: str) -> int:
+        return int(value)
+
+    secret = "p\u00e4ss'word"
+    for message_of in (lambda: parse(secret), lambda: parse(base64.b64encode(secret.encode()).decode())):
+        try:
+            message_of()
+        except ValueError:
+            failure = Failure()
+        clean = scrubbed_failure(failure, [secret])
+        text = clean.getTraceback()
+        assert "ValueError: invalid literal for int() with base 10: \"<redacted>\"" in text \
+            or "ValueError: invalid literal for int() with base 10: '<redacted>'" in text
+        assert "in parse" in text and clean.check(ValueError)
+        assert secret not in text and "p\\xe4ss" not in text
+    assert scrubbed_failure(failure, ["elsewhere"]) is failure
