@@ -104,7 +104,7 @@ REPLIES: dict[str, SMTPReply] = {
     "upstream_unavailable": SMTPReply(451, "4.4.1", "Upstream server unavailable, try again later", "RFC 3463"),
     "upstream_timeout": SMTPReply(451, "4.4.2", "Upstream server did not answer in time, try again later", "RFC 3463"),
     "upstream_lost": SMTPReply(451, "4.4.2", "Upstream connection lost, try again later", "RFC 3463"),
-    "upstream_error": SMTPReply(451, "4.4.0", "Upstream server misbehaved, try again later", "RFC 3463"),
+    "upstream_error": SMTPReply(451, "4.5.0", "Upstream protocol error, try again later", "RFC 3463"),
 }
 
 

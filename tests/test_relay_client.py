@@ -527,3 +527,44 @@ def test_abort_while_connecting_or_waiting_for_mail():
     tx.abort()
     assert result(mail) == REPLIES["upstream_lost"]
     assert tx.state == "done" and upstream.transport.disconnecting and client.idle == []
+
+
+def test_a_connection_lost_while_in_use_is_logged_once_and_not_when_idle():
+    """The upstream closing while a transaction holds the connection (streaming DATA,
+    or between two commands) is one log line naming the upstream; closing a pooled
+    idle connection (its idle timeout) or after our QUIT is not news."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client, upstream, _ = make(pool_size=1)
+        tx = in_data(client, upstream)
+        upstream.connections[-1][0].connectionLost(Failure(ConnectionDone()))
+        tx.write(b"rest\r\n")
+        assert result(tx.end()) == REPLIES["upstream_lost"]
+
+        tx = client.transaction(SESSION)
+        tx.mail_from("a@example.test")
+        greet(upstream)
+        upstream.answer(b"250 2.1.0 Ok\r\n")
+        upstream.connections[-1][0].connectionLost(Failure(ConnectionDone()))
+        assert result(tx.rcpt("b@example.test")) == REPLIES["upstream_lost"]
+
+        both = [in_data(client, upstream), in_data(client, upstream)]
+        for tx, (protocol, transport) in zip(both, upstream.connections[-2:]):
+            end = tx.end()  # the first goes to the pool, the second says QUIT (pool_size=1)
+            protocol.dataReceived(b"250 2.0.0 Ok: queued\r\n")
+            assert result(end).code == 250
+        assert client.idle == [upstream.connections[-2][0]]
+        assert upstream.said().endswith(b".\r\nQUIT\r\n")
+        upstream.answer(b"221 2.0.0 Bye\r\n")
+        for protocol, _ in upstream.connections[-2:]:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        assert client.idle == []
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "saslsmtp.relay.client"]
+    assert lines == ["upstream tcp:127.0.0.1:10025: connection lost during DATA",
+                     "upstream tcp:127.0.0.1:10025: connection lost"]

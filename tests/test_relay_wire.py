@@ -92,8 +92,11 @@ def test_pass_on_sanitises_and_bounds_text():
 
 
 def test_pass_on_421_becomes_451():
-    """An upstream closing its session must not close ours: 421 -> 451."""
+    """An upstream closing its session must not close ours: 421 -> 451, with the
+    upstream's own enhanced code (of the same class), made up only when it has none."""
     assert pass_on(UpstreamReply(421, (b"4.3.2 shutting down",))).to_bytes() == \
+        b"451 4.3.2 shutting down\r\n"
+    assert pass_on(UpstreamReply(421, (b"shutting down",))).to_bytes() == \
         b"451 4.0.0 shutting down\r\n"
 
 

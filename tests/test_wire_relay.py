@@ -2,15 +2,19 @@
 Maildir with bounded memory whatever the line lengths, and to an aiosmtpd upstream
 (``[delivery] type = "smtp"``): replies passed through, an upstream that is down or dies
 mid-DATA gives 4xx, concurrent clients' messages arrive exactly once, a 50 MB message
-relays with bounded memory, and the sender policy answers MAIL FROM."""
+relays with bounded memory, and the sender policy answers MAIL FROM.  A scripted upstream
+on a real socket that answers DATA with 250: the client gets 451 4.5.0, the upstream not
+one message byte, the log a warning, and the retry reaches it byte for byte."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -278,3 +282,106 @@ def test_sender_policy_login_on_the_real_daemon(tmp_path, run_daemon, sink):
     assert client.command(".") == b"250 2.0.0 OK: queued\r\n"
     client.close()
     assert [m.mail_from for m in sink.messages] == [USER]
+
+
+class ScriptedUpstream:
+    """An SMTP server on a loopback socket, one thread per connection; connection ``i``
+    answers from ``scripts[i]`` (a verb, or ``"."`` for the end of data -> the reply
+    bytes), good replies otherwise.  ``received[i]``: every byte connection ``i`` got;
+    ``closed[i]`` is set when its peer closed it."""
+
+    GOOD = {"EHLO": b"250-upstream.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            "MAIL": b"250 2.1.0 Ok\r\n", "RCPT": b"250 2.1.5 Ok\r\n", "DATA": b"354 go\r\n",
+            ".": b"250 2.0.0 Ok: queued as UP1\r\n", "RSET": b"250 2.0.0 Ok\r\n",
+            "QUIT": b"221 2.0.0 Bye\r\n"}
+
+    def __init__(self, scripts: list[dict[str, bytes]]) -> None:
+        self.scripts = scripts
+        self.received: list[bytearray] = []
+        self.closed: list[threading.Event] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed by stop()
+                return
+            index = len(self.received)
+            self.received.append(bytearray())
+            self.closed.append(threading.Event())
+            script = {**self.GOOD, **(self.scripts[index] if index < len(self.scripts) else {})}
+            threading.Thread(target=self._serve, args=(conn, index, script), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int, script: dict[str, bytes]) -> None:
+        buffer, in_data = b"", False
+        with conn:
+            conn.sendall(b"220 upstream.test ESMTP\r\n")
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:  # reset: the relay aborted the connection
+                    data = b""
+                if not data:
+                    self.closed[index].set()
+                    return
+                self.received[index] += data
+                buffer += data
+                while b"\r\n" in buffer:
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    if in_data:
+                        if line != b".":
+                            continue
+                        verb, in_data = ".", False
+                    else:
+                        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode()
+                    reply = script.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
+                    conn.sendall(reply)
+                    in_data = verb == "DATA" and reply.startswith(b"354 ")
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_an_upstream_answering_250_to_data_gets_no_message_byte(tmp_path, run_daemon):
+    """A real socket upstream answers DATA with ``250`` instead of ``354``: our client
+    gets ``451 4.5.0`` (not the 250, which it would take for a DATA to go on with),
+    the upstream connection is closed after ``DATA`` with nothing more written to it,
+    and the log names the upstream, the command and the reply.  The client's retry goes
+    to a new connection and reaches the upstream byte for byte: our Received header,
+    then the message as the client sent it (dot-stuffing and CRLF kept), then the dot."""
+    upstream = ScriptedUpstream([{"DATA": b"250 2.0.0 Ok\r\n"}])
+    try:
+        port = free_port()
+        daemon = run_daemon(daemon_config(tmp_path, port, relay_delivery(upstream.port)), port)
+        client = SMTPClient(port)
+        assert client.login(USER, PASSWORD).startswith(b"235 ")
+        assert client.command(f"MAIL FROM:<{USER}>") == b"250 2.1.0 Ok\r\n"
+        assert client.command("RCPT TO:<bob@example.test>") == b"250 2.1.5 Ok\r\n"
+        assert client.command("DATA") == b"451 4.5.0 Upstream protocol error, try again later\r\n"
+        assert upstream.closed[0].wait(10)
+        assert bytes(upstream.received[0]).endswith(b"\r\nDATA\r\n")
+        assert re.search(r"\[saslsmtp\.relay\.client#warn\] upstream tcp:127\.0\.0\.1:"
+                         rf'{upstream.port}: protocol error: DATA answered "250 2\.0\.0 Ok"',
+                         daemon.log_text()), daemon.log_text()
+
+        body = (b"From: alice@example.test\r\nSubject: exact\r\n\r\n..leading dot\r\n"
+                b"...\r\n..\r\n \r\n\ttab\r\nlast line\r\n")
+        assert client.command(f"MAIL FROM:<{USER}>") == b"250 2.1.0 Ok\r\n"
+        assert client.command("RCPT TO:<bob@example.test>") == b"250 2.1.5 Ok\r\n"
+        assert client.command("DATA").startswith(b"354 ")
+        client.stream([body])
+        assert client.command(".") == b"250 2.0.0 Ok: queued as UP1\r\n"
+        client.close()
+        received = bytes(upstream.received[1])
+        message = received[received.index(b"DATA\r\n") + 6:]
+        assert re.fullmatch(rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
+                            rb"\tby mx\.example\.test \(saslsmtp\) with ESMTPA\r\n"
+                            rb"\t\(authenticated user alice@example\.test\)\r\n"
+                            rb"\tfor <bob@example\.test>; [^\r\n]+\r\n" + re.escape(body)
+                            + rb"\.\r\n(QUIT\r\n)?", message), message
+        assert len(upstream.received) == 2
+    finally:
+        upstream.stop()

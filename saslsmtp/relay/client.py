@@ -27,6 +27,7 @@ from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientT
                                          load_trust_root, verify_peer_identity)
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError, parse_capabilities
 from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.relay.wire import EHLO, GREETING, LHLO, QUIT, RSET, STARTTLS
 from saslsmtp.relay.transaction import (MAIL_PARAMETERS, RCPT_PARAMETERS, XCLIENT_ATTRIBUTES,
                                         RelaySession, TransactionStateError,
                                         UpstreamTransaction)
@@ -114,10 +115,11 @@ class UpstreamClient:
         """An idle connection that answered RSET, else a new one after its handshake."""
         while self.idle:
             connection = self.idle.pop()
+            connection.idle = False
             if connection.closed:
                 continue
             try:
-                reply = await connection.command(b"RSET")
+                reply = await connection.command(b"RSET", RSET)
             except UpstreamError:
                 continue
             if reply.code == 250:
@@ -141,7 +143,7 @@ class UpstreamClient:
             raise UpstreamError(REPLIES["upstream_unavailable"], "cannot connect") from None
         self.connections_made += 1
         try:
-            greeting = await connection.expect()
+            greeting = await connection.expect(GREETING)
             if greeting.code != 220:  # our client did nothing wrong: always a 451
                 raise UpstreamError(REPLIES["upstream_unavailable"] if greeting.code >= 400
                                     else REPLIES["upstream_error"],
@@ -153,7 +155,7 @@ class UpstreamClient:
                 if "STARTTLS" not in connection.capabilities:
                     raise UpstreamError(REPLIES["upstream_unavailable"],
                                         "STARTTLS is configured but not offered")
-                reply = await connection.command(b"STARTTLS")
+                reply = await connection.command(b"STARTTLS", STARTTLS)
                 if reply.code != 220:
                     raise UpstreamError(REPLIES["upstream_unavailable"],
                                         f"STARTTLS answered {reply.status()}")
@@ -162,6 +164,8 @@ class UpstreamClient:
                 self._verify(connection)
         except UpstreamError as e:
             connection.fail(e)
+            if e.closing:  # a 421 greeting or EHLO: the upstream will not talk now
+                raise UpstreamError(REPLIES["upstream_unavailable"], str(e)) from None
             raise
         return connection
 
@@ -180,7 +184,8 @@ class UpstreamClient:
         verb = b"LHLO " if self.lmtp else b"EHLO "
         if not name or not _HELO_NAME.match(name):
             name = self.helo
-        reply = await connection.command(verb + name.encode("ascii", "replace"))
+        reply = await connection.command(verb + name.encode("ascii", "replace"),
+                                         LHLO if self.lmtp else EHLO)
         if reply.code != 250:  # (an SMTP server asked for LMTP, or the reverse, says 500)
             raise UpstreamError(REPLIES["upstream_unavailable"] if reply.code >= 400 else
                                 REPLIES["upstream_error"], f"{verb.decode().strip()} "
@@ -199,6 +204,7 @@ class UpstreamClient:
             return
         if len(self.idle) < self.pool_size:
             connection.on_lost = self._forget
+            connection.idle = True
             self.idle.append(connection)
             return
         self._quit(connection)
@@ -212,7 +218,8 @@ class UpstreamClient:
             if not connection.closed:
                 connection.transport.loseConnection()
 
-        connection.command(b"QUIT").addBoth(close)
+        connection.quitting = True
+        connection.command(b"QUIT", QUIT).addBoth(close)
 
     def close(self) -> None:
         """Say QUIT on every idle connection (at shutdown)."""

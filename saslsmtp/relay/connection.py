@@ -3,15 +3,20 @@
 ``UpstreamConnection`` sends command lines and matches the upstream's replies to them
 first in, first out; every wait has its own timeout on the injected clock and fails with
 ``UpstreamError``, whose ``reply`` is what our client gets (``451 4.4.2`` for a timeout or
-a lost connection, ``451 4.4.1`` for a TLS failure, ``451 4.4.0`` for a reply that is not
-SMTP).  It is the producer registered on its own transport, so the upstream's
-backpressure reaches our client's transport during DATA.  ``parse_capabilities`` reads
-the EHLO keywords.  The handshake and the pool are in ``client``; one message is
-``transaction``.
+a lost connection, ``451 4.4.1`` for a TLS failure, ``451 4.5.0`` for a protocol error).
+A protocol error is a line that is not an SMTP reply, a reply the command cannot have
+(``wire.Expected``: a ``354`` to MAIL, a ``250`` to DATA), a reply nothing asked for, or
+one that arrived before its command was sent; each drops the connection (it can never go
+back to the pool) with one warning naming the upstream, the reply and the command.  A
+``421`` drops it too: the upstream is closing, and our client gets its text as ``451``.
+It is the producer registered on its own transport, so the upstream's backpressure
+reaches our client's transport during DATA.  ``parse_capabilities`` reads the EHLO
+keywords.  The handshake and the pool are in ``client``; one message is ``transaction``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from OpenSSL import SSL
@@ -25,7 +30,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers.tlsclient import CertificateIdentityError
-from saslsmtp.relay.wire import MAX_LINE, ProtocolViolation, ReplyParser, UpstreamReply, pass_on
+from saslsmtp.relay.wire import (MAX_LINE, Expected, ProtocolViolation, ReplyParser,
+                                 UpstreamReply, pass_on, shown)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 # the namespace operators filter on stays the one of the relay client
@@ -33,11 +39,26 @@ log = Logger(namespace="saslsmtp.relay.client")
 
 
 class UpstreamError(Exception):
-    """Why a conversation with the upstream ended; ``reply`` is what our client gets."""
+    """Why a conversation with the upstream ended; ``reply`` is what our client gets.
 
-    def __init__(self, reply: SMTPReply, why: str) -> None:
+    ``closing``: the upstream said ``421``; ``warn``: the upstream broke the protocol
+    (logged as a warning: an operator should look at it)."""
+
+    def __init__(self, reply: SMTPReply, why: str, *, closing: bool = False,
+                 warn: bool = False) -> None:
         super().__init__(why)
         self.reply = reply
+        self.closing = closing
+        self.warn = warn
+
+
+@dataclass
+class _Waiting:
+    """One reply waited for: what answers it, and in which read its command was sent."""
+
+    deferred: "Deferred[UpstreamReply]"
+    expected: Expected
+    sent_in_read: int | None
 
 
 
@@ -45,8 +66,9 @@ class UpstreamError(Exception):
 class UpstreamConnection(LineOnlyReceiver):
     """One upstream connection: commands out, replies in (FIFO), flow control up.
 
-    ``command(line)`` / ``expect()`` return Deferreds of ``UpstreamReply`` that fail
-    with ``UpstreamError``; each has its own ``timeout`` on the injected ``clock``.
+    ``command(line, expected)`` / ``expect(expected)`` return Deferreds of the
+    ``UpstreamReply`` (one ``expected`` allows, never a ``421``) that fail with
+    ``UpstreamError``; each has its own ``timeout`` on the injected ``clock``.
     It is the producer registered on its own transport: ``pauseProducing`` means the
     upstream is not reading fast enough, and is passed to ``downstream`` (our client's
     transport, during DATA).
@@ -61,7 +83,9 @@ class UpstreamConnection(LineOnlyReceiver):
         self.timeout = timeout
         self.name = name
         self.parser = ReplyParser()
-        self.pending: list[Deferred[UpstreamReply]] = []
+        self.pending: list[_Waiting] = []
+        self._reads = 0            # dataReceived calls so far
+        self._reading = False      # inside one: a command sent now is not answered by it
         self.capabilities: dict[str, list[str]] = {}
         self.closed = False
         self.error: UpstreamError | None = None
@@ -70,19 +94,23 @@ class UpstreamConnection(LineOnlyReceiver):
         self.on_lost: Callable[["UpstreamConnection"], None] | None = None
         self.xclient_sent: tuple[str, ...] | None = None
         self.tls = False
+        self.idle = False          # in the pool: its loss is no news
+        self.quitting = False      # we said QUIT: its loss is expected
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.name}{' closed' if self.closed else ''}>"
 
     # ---- commands ----------------------------------------------------------------
 
-    def expect(self) -> "Deferred[UpstreamReply]":
-        """The next reply (the greeting, or one more LMTP verdict)."""
-        if self.closed:
+    def expect(self, expected: Expected) -> "Deferred[UpstreamReply]":
+        """The next reply (the greeting, the end of data, one more LMTP verdict); it must
+        be one ``expected`` allows, or the connection is dropped (``UpstreamError``)."""
+        if self.closed or self.error is not None:
             return defer.fail(self.error or UpstreamError(REPLIES["upstream_lost"], "closed"))
         d: Deferred[UpstreamReply] = Deferred(lambda _: self.fail(UpstreamError(
-            REPLIES["upstream_timeout"], f"no reply within {self.timeout:g}s")))
-        self.pending.append(d)
+            REPLIES["upstream_timeout"], f"no reply to {expected.command}"
+                                         f" within {self.timeout:g}s")))
+        self.pending.append(_Waiting(d, expected, self._reads if self._reading else None))
         d.addTimeout(self.timeout, self.clock)
         d.addErrback(self._explain)
         return d
@@ -92,10 +120,10 @@ class UpstreamConnection(LineOnlyReceiver):
             return Failure(self.error or UpstreamError(REPLIES["upstream_timeout"], "timeout"))
         return failure
 
-    def command(self, line: bytes) -> "Deferred[UpstreamReply]":
-        """Send one command line and wait for its reply."""
-        d = self.expect()
-        if not self.closed:
+    def command(self, line: bytes, expected: Expected) -> "Deferred[UpstreamReply]":
+        """Send one command line and wait for its reply (see ``expect``)."""
+        d = self.expect(expected)
+        if not self.closed and self.error is None:
             self.sendLine(line)
         return d
 
@@ -103,7 +131,8 @@ class UpstreamConnection(LineOnlyReceiver):
         """The connection is unusable: drop it; every waiting reply fails with ``error``."""
         if self.error is None:
             self.error = error
-            log.info("upstream {name}: {why}", name=self.name, why=str(error))
+            (log.warn if error.warn else log.info)("upstream {name}: {why}",
+                                                   name=self.name, why=str(error))
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
         self._fail_pending()
@@ -111,35 +140,62 @@ class UpstreamConnection(LineOnlyReceiver):
     def _fail_pending(self) -> None:
         pending, self.pending = self.pending, []
         error = self.error or UpstreamError(REPLIES["upstream_lost"], "connection lost")
-        for d in pending:
-            if not d.called:
-                d.errback(error)
+        for waiting in pending:
+            if not waiting.deferred.called:
+                waiting.deferred.errback(error)
 
     # ---- wire --------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
 
+    def dataReceived(self, data: bytes) -> None:
+        self._reads += 1
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
+
     def lineReceived(self, line: bytes) -> None:
         if self.closed or self.error is not None:
             return
+        while self.pending and self.pending[0].deferred.called:  # timed out already
+            self.pending.pop(0)
+        waiting = self.pending[0] if self.pending else None
         try:
             reply = self.parser.line(line)
         except ProtocolViolation as e:
-            self.fail(UpstreamError(REPLIES["upstream_error"], str(e)))
+            self._protocol_error(f"{self._answered(waiting, shown(line))} ({e})")
             return
         if reply is None:
             return
-        while self.pending and self.pending[0].called:  # timed out already
+        if reply.code == 421:  # the upstream is closing: this connection is over
+            self.fail(UpstreamError(pass_on(reply), "closing: " + self._answered(
+                waiting, reply.excerpt()), closing=True))
+        elif waiting is None or not waiting.expected.allows(reply.code):
+            self._protocol_error(self._answered(waiting, reply.excerpt()))
+        elif waiting.sent_in_read == self._reads:
+            # the upstream answered before it could have read the command: a stray
+            # reply, and every later one would be taken for the next command's
+            self._protocol_error(self._answered(waiting, reply.excerpt()) + " before it was sent")
+        else:
             self.pending.pop(0)
-        if not self.pending:
-            self.fail(UpstreamError(REPLIES["upstream_error"] if reply.code != 421
-                                    else pass_on(reply), f"unexpected reply {reply.status()}"))
-            return
-        self.pending.pop(0).callback(reply)
+            waiting.deferred.callback(reply)
+
+    @staticmethod
+    def _answered(waiting: _Waiting | None, what: str) -> str:
+        """``MAIL FROM answered "354 go ahead"``: for the log line."""
+        if waiting is None:
+            return f"{what} while nothing was asked"
+        return f"{waiting.expected.command} answered {what}"
+
+    def _protocol_error(self, why: str) -> None:
+        self.fail(UpstreamError(REPLIES["upstream_error"], f"protocol error: {why}", warn=True))
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.fail(UpstreamError(REPLIES["upstream_error"], "reply line too long"))
+        waiting = self.pending[0] if self.pending else None
+        self._protocol_error(self._answered(waiting, f"a line over {MAX_LINE} octets"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
@@ -150,8 +206,11 @@ class UpstreamConnection(LineOnlyReceiver):
             elif reason.check(SSL.Error):
                 self.error = UpstreamError(REPLIES["upstream_unavailable"],
                                            "TLS handshake failed")
-            elif self.pending:
-                self.error = UpstreamError(REPLIES["upstream_lost"], "connection lost")
+            elif self.pending or not (self.idle or self.quitting):
+                # a transaction holds it (waiting, between commands or streaming DATA)
+                what = (f" waiting for the reply to {self.pending[0].expected.command}"
+                        if self.pending else " during DATA" if self.downstream else "")
+                self.error = UpstreamError(REPLIES["upstream_lost"], f"connection lost{what}")
             if self.error is not None:
                 log.info("upstream {name}: {why}", name=self.name, why=str(self.error))
         self._fail_pending()

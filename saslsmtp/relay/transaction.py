@@ -20,8 +20,10 @@ paused too, so memory stays bounded by the two socket buffers whatever the messa
 ``saslsmtp.replies.SMTPReply`` and never fails for anything the network can do: refused or
 impossible connections and TLS failures give ``451 4.4.1``, a command, the connection or
 a stalled DATA phase running past ``timeout`` give ``451 4.4.2``, a lost connection
-``451 4.4.2``, a reply that is not SMTP ``451 4.4.0``.  ``421`` from the upstream
-becomes ``451`` (our session goes on).
+``451 4.4.2``, a protocol error (a reply that is not SMTP, or one the command cannot
+have: ``354`` to MAIL, ``250`` to DATA) ``451 4.5.0``, and the connection is dropped.
+``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
+the connection too.
 
 **LMTP** (RFC 2033) answers the final dot once per accepted recipient.  All accepted ->
 the first ``250``; all failed -> the first failure, a temporary one preferred.  Mixed:
@@ -54,7 +56,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError
-from saslsmtp.relay.wire import DotStuffer, UpstreamReply, pass_on, xtext
+from saslsmtp.relay.wire import (DATA, END_OF_DATA, MAIL, RCPT, XCLIENT, DotStuffer,
+                                 UpstreamReply, pass_on, xtext)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 if TYPE_CHECKING:
@@ -145,7 +148,7 @@ class UpstreamTransaction:
             if self.client.auth_param and "AUTH" in connection.capabilities:
                 login = self.session.login
                 words.append(f"AUTH={xtext(login) if login else '<>'}")
-            reply = await connection.command(" ".join(words).encode("utf-8"))
+            reply = await connection.command(" ".join(words).encode("utf-8"), MAIL)
         except UpstreamError as e:
             aborted = self.state != "busy"
             self._drop()
@@ -180,7 +183,7 @@ class UpstreamTransaction:
         if connection.xclient_sent == attributes:
             self.xclient_used = True
             return
-        reply = await connection.command(("XCLIENT " + " ".join(attributes)).encode())
+        reply = await connection.command(("XCLIENT " + " ".join(attributes)).encode(), XCLIENT)
         if reply.code != 220:
             log.warn("upstream {name} refused XCLIENT: {status}", name=self.client.name,
                      status=reply.status())
@@ -202,7 +205,7 @@ class UpstreamTransaction:
         words = [f"RCPT TO:<{address}>"]
         words += _forwardable(params, RCPT_PARAMETERS, self.connection.capabilities)
         try:
-            reply = await self.connection.command(" ".join(words).encode("utf-8"))
+            reply = await self.connection.command(" ".join(words).encode("utf-8"), RCPT)
         except UpstreamError as e:
             self._drop()
             return e.reply
@@ -225,7 +228,7 @@ class UpstreamTransaction:
     async def _start_data(self) -> SMTPReply:
         assert self.connection is not None
         try:
-            reply = await self.connection.command(b"DATA")
+            reply = await self.connection.command(b"DATA", DATA)
         except UpstreamError as e:
             self._drop()
             return e.reply
@@ -253,7 +256,7 @@ class UpstreamTransaction:
             raise TransactionStateError(f"write() in state {self.state}")
         connection = self.connection
         assert connection is not None
-        if connection.closed:
+        if connection.closed or connection.error is not None:
             self.stuffer.octets += len(data)  # discarded: end() reports the loss
             return
         connection.transport.write(self.stuffer.feed(data))
@@ -316,8 +319,9 @@ class UpstreamTransaction:
         if self._stall is not None and self._stall.active():
             self._stall.cancel()
         self._stall = None
-        waits = [connection.expect() for _ in (self.accepted if self.client.lmtp else [0])]
-        if not connection.closed:
+        waits = [connection.expect(END_OF_DATA)
+                 for _ in (self.accepted if self.client.lmtp else [0])]
+        if not connection.closed and connection.error is None:
             connection.transport.write(self.stuffer.end())
         replies: list[UpstreamReply] = []
         try:

@@ -3,6 +3,8 @@
 * ``ReplyParser`` turns reply lines (``250-...`` / ``250 ...``) into ``UpstreamReply``
   values, refusing anything that is not a reply, a multi-line reply whose lines disagree
   on the code, and replies too long to be honest.
+* ``Expected`` says which replies can answer a command (its success codes, or a 4yz/5yz
+  failure); the commands the relay sends each have one (``GREETING``, ``MAIL``, ...).
 * ``pass_on`` turns an upstream reply into the ``SMTPReply`` *our* client gets: same code,
   the upstream's enhanced code (or ``X.0.0`` from the code's class), the text flattened
   to printable ASCII and bounded, so an upstream cannot inject lines into our session.
@@ -67,6 +69,43 @@ class UpstreamReply:
     def positive(self) -> bool:
         return 200 <= self.code < 400
 
+    def excerpt(self) -> str:
+        """The reply's first line as the upstream wrote it, printable and short: for logs."""
+        return shown(b"%d %s" % (self.code, self.lines[0] if self.lines else b""))
+
+
+def shown(line: bytes) -> str:
+    """An upstream line for a log: printable ASCII, at most 100 characters, quoted."""
+    text = _UNPRINTABLE.sub("?", line.decode("ascii", "replace"))
+    return '"' + (text[:100] + "..." if len(text) > 100 else text) + '"'
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The replies that can answer one command (RFC 5321 4.3.2): one of its ``success``
+    codes, or a 4yz/5yz failure.  Anything else (a ``354`` to MAIL, a ``250`` to DATA, a
+    ``221`` to RCPT) means the upstream lost track of the conversation: acting on it
+    would send a message into a session that is not where we think it is."""
+
+    command: str                      # for the log: "MAIL FROM", "end of data", ...
+    success: tuple[int, ...] = (250,)
+
+    def allows(self, code: int) -> bool:
+        return code in self.success or 400 <= code < 600
+
+
+GREETING = Expected("the greeting", (220,))
+EHLO = Expected("EHLO")
+LHLO = Expected("LHLO")
+STARTTLS = Expected("STARTTLS", (220,))
+XCLIENT = Expected("XCLIENT", (220,))
+RSET = Expected("RSET")
+MAIL = Expected("MAIL FROM")
+RCPT = Expected("RCPT TO", (250, 251))
+DATA = Expected("DATA", (354,))
+END_OF_DATA = Expected("end of data")
+QUIT = Expected("QUIT", (221, 250))
+
 
 class ReplyParser:
     """Feed it one reply line at a time (without CRLF); complete replies come out."""
@@ -102,10 +141,11 @@ class ReplyParser:
 def pass_on(reply: UpstreamReply) -> SMTPReply:
     """The reply our client gets for the upstream's ``reply`` (see the module docstring).
 
-    ``421`` (the upstream closing its session) becomes ``451``: *our* session goes on.
+    ``421`` (the upstream closing its session) becomes ``451``: *our* session goes on;
+    its enhanced code, of the same class, is kept.
     """
     code = 451 if reply.code == 421 else reply.code
-    enhanced = reply.enhanced if reply.code != 421 else None
+    enhanced = reply.enhanced
     if enhanced is None:
         enhanced = f"{str(code)[0]}.0.0" if code >= 400 or code in range(200, 300) else None
     texts = [t[:MAX_TEXT] for t in reply.texts()[:MAX_PASSED_LINES]] or [""]
