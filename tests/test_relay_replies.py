@@ -203,3 +203,22 @@ def test_an_idle_pooled_connection_that_speaks_unasked_is_not_reused(warnings: A
     assert upstream.transport.disconnecting and len(warnings()) == 1
     assert relayed.walk({}, new_connection=True)[-1] == GOOD["DOT"]
     assert len(upstream.connections) == 3
+
+
+def test_after_a_refused_transaction_the_pooled_connection_is_reset_and_reused() -> None:
+    """Refusals are the upstream's verdict on a message, not on the connection: a MAIL
+    refused, a DATA refused or a message refused at the final dot leaves the connection
+    in the pool, and the next transaction sends RSET on it before its MAIL, whatever
+    state the refused one left it in."""
+    relayed = Relayed()
+    upstream = relayed.upstream
+    refused_mail = b"553 5.7.1 <alice@example.test>: Sender address rejected\r\n"
+    assert relayed.walk({"MAIL": refused_mail}) == [refused_mail]
+    refused_data = b"554 5.5.1 Error: no valid recipients\r\n"
+    assert relayed.walk({"DATA": refused_data}, new_connection=False) == \
+        [CLIENT_SEES["MAIL"], CLIENT_SEES["RCPT"], refused_data]
+    refused_dot = b"554 5.7.1 Message rejected: spam\r\n"
+    assert relayed.walk({"DOT": refused_dot}, new_connection=False) == \
+        [CLIENT_SEES[s] for s in STEPS[:3]] + [refused_dot]
+    assert relayed.walk({}, new_connection=False) == [CLIENT_SEES[s] for s in STEPS]
+    assert len(upstream.connections) == 1 and not upstream.transport.disconnecting
