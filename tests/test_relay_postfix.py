@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from saslsmtp.relay.client import RelaySession, UpstreamClient
 from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.replies import REPLIES
 from tests.postfix import PostfixServer, running_postfix
 
 
@@ -34,6 +35,8 @@ async def relay(client: UpstreamClient, session: RelaySession, rcpts: list[str],
                 subject: str) -> list[bytes]:
     tx = client.transaction(session)
     replies = [(await tx.mail_from("alice@example.test", ["BODY=8BITMIME"])).to_bytes()]
+    if not replies[0].startswith(b"250 "):
+        return replies
     for rcpt in rcpts:
         replies.append((await tx.rcpt(rcpt)).to_bytes())
     start = await tx.start_data()
@@ -102,3 +105,31 @@ async def test_without_xclient_the_relay_is_the_client(postfix):
     assert ("X-Authenticated-User: login=dave@example.test; client=[127.0.0.11]:1;"
             " helo=dave") in headers, headers
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_clients_refusals_do_not_slow_the_next_client_down():
+    """Postfix counts the errors of a connection until it delivers a message
+    (past ``smtpd_soft_error_limit`` it sleeps ``smtpd_error_sleep_time`` before every
+    reply; at ``smtpd_hard_error_limit`` it says 421).  XCLIENT does not reset that count, so a
+    pooled connection would carry one client's refused recipient into the next
+    client's session.  Here, after one error, every reply costs 5 s: the second client's
+    transaction, after the first client's refused recipient, is still answered at once
+    (it took 25 s on a pooled connection)."""
+    server = PostfixServer(main_settings={"smtpd_soft_error_limit": "1",
+                                          "smtpd_error_sleep_time": "5s"})
+    try:
+        await deferToThread(server.start)
+        client = client_for(server, timeout=30.0)
+        for n, login in enumerate(("alice@example.test", "bob@example.test")):
+            session = RelaySession(login=login, client_address="127.0.0.9",
+                                   client_port=40000 + n, helo=f"pc{n}")
+            started = reactor.seconds()
+            replies = await relay(client, session, ["reject@example.test"], f"err{n}")
+            assert replies == [b"250 2.1.0 Ok\r\n", b"554 5.7.1 <reject@example.test>:"
+                               b" Recipient address rejected: test policy\r\n",
+                               REPLIES["need_rcpt"].to_bytes()]
+            assert reactor.seconds() - started < 4, f"transaction {n} was slowed down"
+        client.close()
+    finally:
+        await deferToThread(server.cleanup)

@@ -6,6 +6,8 @@ here too.
 
 **Pool.**  After a transaction the connection is kept idle (up to ``pool_size``); the
 next transaction sends ``RSET`` first and falls back to a new connection if that fails.
+A connection the upstream refused something on since its last accepted message is
+closed instead: Postfix holds those errors against the connection, whoever comes next.
 """
 
 from __future__ import annotations
@@ -200,6 +202,12 @@ class UpstreamClient:
         if connection.xclient_sent is not None and "XCLIENT" not in connection.capabilities:
             # Postfix offers XCLIENT only to smtpd_authorized_xclient_hosts, and after one
             # the client it sees is ours: the next session could not say who it is
+            self._quit(connection)
+            return
+        if connection.refusals:
+            # Postfix counts a connection's errors until it delivers a message, XCLIENT
+            # or not: past smtpd_soft_error_limit every reply waits error_sleep_time, at
+            # smtpd_hard_error_limit it says 421.  The next client starts from zero.
             self._quit(connection)
             return
         if len(self.idle) < self.pool_size:

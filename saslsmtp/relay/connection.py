@@ -30,8 +30,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.checkers.tlsclient import CertificateIdentityError
-from saslsmtp.relay.wire import (MAX_LINE, Expected, ProtocolViolation, ReplyParser,
-                                 UpstreamReply, pass_on, shown)
+from saslsmtp.relay.wire import (END_OF_DATA, MAX_LINE, Expected, ProtocolViolation,
+                                 ReplyParser, UpstreamReply, pass_on, shown)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 # the namespace operators filter on stays the one of the relay client
@@ -96,6 +96,7 @@ class UpstreamConnection(LineOnlyReceiver):
         self.tls = False
         self.idle = False          # in the pool: its loss is no news
         self.quitting = False      # we said QUIT: its loss is expected
+        self.refusals = 0          # 4yz/5yz replies since the last message it accepted
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.name}{' closed' if self.closed else ''}>"
@@ -181,6 +182,10 @@ class UpstreamConnection(LineOnlyReceiver):
             self._protocol_error(self._answered(waiting, reply.excerpt()) + " before it was sent")
         else:
             self.pending.pop(0)
+            if reply.code >= 400:
+                self.refusals += 1
+            elif waiting.expected is END_OF_DATA:
+                self.refusals = 0  # (Postfix forgets a session's errors once it delivers)
             waiting.deferred.callback(reply)
 
     @staticmethod
