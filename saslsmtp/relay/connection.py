@@ -52,7 +52,7 @@ class UpstreamError(Exception):
         self.warn = warn
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Waiting:
     """One reply waited for: what answers it, and in which read its command was sent."""
 
