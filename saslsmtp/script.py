@@ -34,6 +34,7 @@ built-in's values unless declared.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import sys
@@ -53,6 +54,7 @@ from saslsmtp.config import ConfigError, ConfigProblem
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.events import NO_METRICS
+from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import as_text
 from saslsmtp.redact import scrubbed_failure
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -126,7 +128,8 @@ class AuthScript:
 
     def spec(self, name: str, runner: "ScriptRunner", builtin: MechanismSpec | None = None) -> MechanismSpec:
         """The spec for ``name`` served by this script: a custom mechanism is plaintext
-        unless declared otherwise; a built-in taken over keeps its TLS needs."""
+        unless declared otherwise; a built-in taken over keeps its TLS needs; PLAIN and
+        LOGIN stay the server's exchanges (the script gets their username and password)."""
         return scripted_spec(name, runner, builtin, self.declarations.get(name, {}))
 
 
@@ -366,7 +369,17 @@ def scripted_spec(name: str, runner: ScriptRunner, builtin: MechanismSpec | None
     it takes over a server-first built-in).
 
     Its TLS needs are what the script ``declared``, else the taken-over ``builtin``'s,
-    else those of a plaintext mechanism: an unknown mechanism might send a password."""
+    else those of a plaintext mechanism: an unknown mechanism might send a password.
+
+    PLAIN and LOGIN (built-ins that end in ``Verify``) are not taken over even when
+    ``MECHANISMS`` names them: the server runs their exchange and the script decides the
+    password with ``username``/``password`` as documented (only the declared TLS needs
+    apply).  Taking them over would hand the script raw bytes it was never told about."""
+    builtin = builtin if builtin is not None else builtin_mechanisms().get(name)
+    if builtin is not None and builtin.password:
+        flags = dict(declared or {})
+        return dataclasses.replace(builtin, plaintext=flags.get("plaintext", builtin.plaintext),
+                                   needs_tls=flags.get("needs_tls", builtin.needs_tls))
     flags = {"plaintext": True, "needs_tls": False}
     if builtin is not None:
         flags = {"plaintext": builtin.plaintext, "needs_tls": builtin.needs_tls}

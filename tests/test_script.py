@@ -301,6 +301,52 @@ def test_timeout_with_injected_clock(logged: list[dict]) -> None:
     assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
+# -- PLAIN and LOGIN named in MECHANISMS ----------------------------------------------
+
+
+NAMES_PLAIN = """
+from saslsmtp.script import Accept, Reject
+MECHANISMS = {declared}
+
+def auth(arguments, context):
+    if arguments["mechanism"] in ("PLAIN", "LOGIN"):
+        ok = (arguments["username"], arguments["password"]) == ("alice", "pw")
+        return Accept() if ok else Reject()
+    return Accept(username="token-user")
+"""
+
+
+@pytest.mark.parametrize("declared", ['["PLAIN", "LOGIN", "X-TOKEN"]',
+                                      '{"PLAIN": {}, "LOGIN": {}, "X-TOKEN": {}}'])
+def test_plain_and_login_named_in_mechanisms_still_give_username_and_password(
+        tmp_path: Path, declared: str) -> None:
+    """A script that lists PLAIN and LOGIN among the mechanisms it serves (as one coming
+    from Halon would) gets their username and password as documented; they used to be
+    handed over raw (no "username": KeyError, 454 for every login)."""
+    script = tmp_path / "auth.py"
+    script.write_text(NAMES_PLAIN.format(declared=declared))
+    h = scripted(script, names=("PLAIN", "LOGIN", "X-TOKEN"))
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == OK
+    login = h.connect()
+    login.send(EHLO)
+    assert login.send(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert login.send(b64("alice") + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert login.send(b64("pw") + b"\r\n") == OK
+    wrong = h.connect()
+    wrong.send(EHLO)
+    assert wrong.send(b"AUTH PLAIN " + b64("\0alice\0no") + b"\r\n") == INVALID
+
+
+def test_plain_named_in_mechanisms_keeps_what_is_declared_about_tls(tmp_path: Path) -> None:
+    """Naming PLAIN changes only the TLS needs it declares."""
+    script = tmp_path / "auth.py"
+    script.write_text(NAMES_PLAIN.format(declared='{"PLAIN": {"needs_tls": True}}'))
+    h = SMTPHarness(script=script, mechanism_names=["PLAIN"], require_tls=False)
+    assert b"AUTH PLAIN" not in h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n").startswith(b"538 5.7.11")
+    assert h.mechanisms["PLAIN"].password and h.mechanisms["PLAIN"].needs_tls
+
+
 # -- backends from scripts ------------------------------------------------------------
 
 
