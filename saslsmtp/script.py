@@ -54,6 +54,9 @@ from saslsmtp.config import ConfigError, ConfigProblem
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.events import NO_METRICS
+from saslsmtp.limits.limiter import Limiter
+from saslsmtp.limits.settings import LimitsSettings
+from saslsmtp.limits.store import MemoryStore
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import as_text
 from saslsmtp.redact import scrubbed_failure
@@ -200,7 +203,10 @@ def _declaration(name: str, flags: Any, problem: Callable[[str], ConfigError]) -
 
 class ScriptRunner:
     """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time;
-    every error becomes ``Defer`` (logged), ``None`` becomes ``Reject``."""
+    every error becomes ``Defer`` (logged), ``None`` becomes ``Reject``.
+
+    ``rate`` is ``arguments["rate"]`` (``Limiter.rate``, the daemon's limits store);
+    without one, a memory store on ``clock`` (library use and ``SMTPHarness``)."""
 
     def __init__(self, script: AuthScript, clock: Any, timeout: float, backends: Backends,
                  rate: Any = None) -> None:
@@ -208,7 +214,8 @@ class ScriptRunner:
         self.clock = clock
         self.timeout = timeout
         self.backends = backends
-        self.rate = rate  # ``arguments["rate"]``: ``Limiter.rate`` (saslsmtp.limits)
+        self.rate = rate if rate is not None else Limiter(LimitsSettings(), MemoryStore(clock),
+                                                          clock).rate
         self.metrics: Any = NO_METRICS  # script_error() (serving.instrument sets it)
 
     def arguments(self, session: Session, mechanism: str, **extra: Any) -> dict[str, Any]:
@@ -221,9 +228,8 @@ class ScriptRunner:
             "channel_bindings": dict(session.channel_bindings),
             "client_certificate": session.client_certificate,
             "backends": _SessionBackends(self.backends, session),
+            "rate": self.rate,
         }
-        if self.rate is not None:
-            args["rate"] = self.rate
         args.update(extra)
         return args
 
