@@ -19,9 +19,14 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
   returns ``Verdict.ACCEPT``, ``Verdict.REJECT`` or ``Verdict.TEMPORARY``.
 
 ``context`` is a dict kept for the whole connection.  A script that returns nothing
-rejects; one that raises or runs past ``script_timeout`` defers (454 4.7.0) and is logged
-with its traceback (the call's ``password`` and ``response`` replaced by ``<redacted>`` in
-the exception's message); an exchange longer than ``script_max_steps`` is refused.
+rejects; one that raises, returns something else or runs past ``script_timeout`` defers
+(454 4.7.0) and is logged with its traceback; an exchange longer than
+``script_max_steps`` is refused.
+
+A script runs in the reactor thread: what it does between two ``await``s holds every
+connection of the process.  That time is measured (``time.monotonic``): a stretch of
+``BLOCKING_WARNING`` seconds or more is logged as a warning, and a call that spent
+``script_timeout`` in total that way defers like one that waited that long.
 
 An optional module-level ``MECHANISMS`` lists the custom mechanisms the script serves;
 when present, configuring any other non-built-in mechanism is a startup error.  It is a
@@ -38,16 +43,18 @@ import dataclasses
 import enum
 import inspect
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Generator, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.config import ConfigError, ConfigProblem
@@ -201,21 +208,28 @@ def _declaration(name: str, flags: Any, problem: Callable[[str], ConfigError]) -
     return dict(flags)
 
 
+#: Seconds one synchronous stretch of a script (between two ``await``s) may hold the
+#: reactor before it is logged as a warning: every connection of the process waited.
+BLOCKING_WARNING = 0.5
+
+
 class ScriptRunner:
-    """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time;
-    every error becomes ``Defer`` (logged), ``None`` becomes ``Reject``.
+    """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time
+    (waiting, by ``clock``; holding the reactor, by ``monotonic``); every error becomes
+    ``Defer`` (logged), ``None`` becomes ``Reject``.
 
     ``rate`` is ``arguments["rate"]`` (``Limiter.rate``, the daemon's limits store);
     without one, a memory store on ``clock`` (library use and ``SMTPHarness``)."""
 
     def __init__(self, script: AuthScript, clock: Any, timeout: float, backends: Backends,
-                 rate: Any = None) -> None:
+                 rate: Any = None, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.script = script
         self.clock = clock
         self.timeout = timeout
         self.backends = backends
         self.rate = rate if rate is not None else Limiter(LimitsSettings(), MemoryStore(clock),
                                                           clock).rate
+        self.monotonic = monotonic
         self.metrics: Any = NO_METRICS  # script_error() (serving.instrument sets it)
 
     def arguments(self, session: Session, mechanism: str, **extra: Any) -> dict[str, Any]:
@@ -240,17 +254,38 @@ class ScriptRunner:
         mechanism = arguments.get("mechanism")
         state = arguments.get("state")
         decide = function or self.script.auth
+        what = "sender()" if function is not None else "auth()"
+        watch = _Stopwatch(self.monotonic)
 
         def call() -> Any:
-            result = decide(types.MappingProxyType(dict(arguments)), context)
+            result = watch.time(decide, types.MappingProxyType(dict(arguments)), context)
             if inspect.iscoroutine(result):
-                return defer.Deferred.fromCoroutine(result)
+                return defer.Deferred.fromCoroutine(_timed_stretches(result, watch))
             return result
 
         d = defer.maybeDeferred(call)
         d.addTimeout(self.timeout, self.clock)
 
+        def held_too_long() -> bool:
+            """Whether the call held the reactor past ``script_timeout`` (logged)."""
+            if watch.blocked >= self.timeout:
+                self.metrics.script_error()
+                log.error("AUTH script {path}: {what} held the server for {held:.1f} s, past"
+                          " script_timeout ({t:g} s) ({mechanism} state {state}); answered as"
+                          " a temporary failure. Every connection waited: await Deferreds"
+                          " instead of blocking calls", path=self.script.path, what=what,
+                          held=watch.blocked, t=self.timeout, mechanism=mechanism, state=state)
+                return True
+            if watch.longest >= BLOCKING_WARNING:
+                log.warn("AUTH script {path}: {what} held the server for {held:.2f} s without"
+                         " awaiting ({mechanism} state {state}); every connection waited: await"
+                         " Deferreds instead of blocking calls", path=self.script.path,
+                         what=what, held=watch.longest, mechanism=mechanism, state=state)
+            return False
+
         def checked(result: Any) -> Any:
+            if held_too_long():
+                return Defer()
             if result is None:
                 return Reject()
             if isinstance(result, Reply) and not isinstance(result.payload, (bytes, str)):
@@ -267,12 +302,15 @@ class ScriptRunner:
                       kind=type(result).__name__, mechanism=mechanism, state=state)
             return Defer()
 
-        def failed(f: Any) -> Defer:
-            if f.check(defer.TimeoutError):
-                log.error("AUTH script {path} timed out after {t} s ({mechanism} state {state})",
-                          path=self.script.path, t=self.timeout, mechanism=mechanism, state=state)
-            elif f.check(defer.CancelledError):
+        def failed(f: Failure) -> Defer:
+            if f.check(defer.CancelledError):
                 raise f.value  # the connection went away: nothing to answer
+            if held_too_long():
+                return Defer()
+            if f.check(defer.TimeoutError):
+                log.error("AUTH script {path}: {what} timed out after {t:g} s ({mechanism} state"
+                          " {state}); answered as a temporary failure", path=self.script.path,
+                          what=what, t=self.timeout, mechanism=mechanism, state=state)
             else:
                 secrets = (arguments.get("password"), arguments.get("response"))
                 log.failure("AUTH script {path} raised ({mechanism} state {state})",
@@ -321,6 +359,49 @@ class ScriptRunner:
                 return Defer()
             return result
         return self.run(args, session.context, self.script.sender).addCallback(only_verdicts)
+
+
+class _Stopwatch:
+    """The time one script call spent running in the reactor thread, stretch by stretch
+    (the code between two ``await``s): nothing else in the process runs meanwhile."""
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self.blocked = 0.0  # all stretches
+        self.longest = 0.0  # the longest one
+
+    def time(self, call: Callable[..., Any], *args: Any) -> Any:
+        started = self._now()
+        try:
+            return call(*args)
+        finally:
+            spent = self._now() - started
+            self.blocked += spent
+            self.longest = max(self.longest, spent)
+
+
+def _timed_stretches(coroutine: Any, watch: _Stopwatch) -> Generator[Any, Any, Any]:
+    """Drive ``coroutine`` for ``Deferred.fromCoroutine`` (which takes a generator too),
+    timing each synchronous stretch with ``watch``; what it awaits and what it returns or
+    raises pass through unchanged."""
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            if error is None:
+                awaited = watch.time(coroutine.send, value)
+            else:
+                awaited = watch.time(coroutine.throw, error)
+            try:
+                value, error = (yield awaited), None
+            except GeneratorExit:
+                raise
+            except BaseException as e:  # thrown in by the driver (a cancelled await): pass it on
+                value, error = None, e
+    except StopIteration as done:
+        return done.value
+    finally:
+        coroutine.close()
 
 
 class _SessionBackends:

@@ -16,7 +16,7 @@ import pytest
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from saslsmtp.config import ConfigError
@@ -299,6 +299,129 @@ def test_timeout_with_injected_clock(logged: list[dict]) -> None:
     assert never.called  # cancelled
     assert any("timed out" in str(e.get("log_format", "")) for e in logged)
     assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def errors(logged: list[dict], level: LogLevel = LogLevel.error) -> list[str]:
+    return [formatEvent(e) for e in logged
+            if e.get("log_namespace") == "saslsmtp.script" and e.get("log_level") == level]
+
+
+class Ticking:
+    """A ``monotonic`` the script moves: ``hold(s)`` is a script blocking for s seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def hold(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_once(auth: Any, monotonic: Ticking, timeout: float = 10.0) -> tuple[Any, defer.Deferred]:
+    """(result, the Deferred the script awaits) of one call of ``auth``."""
+    from twisted.internet.task import Clock
+    from saslsmtp.script import AuthScript, Backends, ScriptRunner
+    from saslsmtp.sasl.outcome import Session
+    runner = ScriptRunner(AuthScript("<test>", auth, None), Clock(), timeout, Backends({}),
+                          monotonic=monotonic)
+    gate: defer.Deferred = defer.Deferred()
+    results: list = []
+    runner.run(runner.arguments(Session(), "X-TEST", gate=gate), {}).addBoth(results.append)
+    return results, gate
+
+
+def test_a_script_blocking_past_script_timeout_defers(logged: list[dict]) -> None:
+    """A plain function that holds the reactor for longer than script_timeout (a
+    time.sleep, a blocking socket) answered its verdict anyway, since no timer can fire
+    meanwhile: now that verdict is a 454 with one error line saying why."""
+    ticking = Ticking()
+
+    def auth(arguments, context):
+        ticking.hold(12.0)
+        return Accept(username="alice")
+
+    results, _ = run_once(auth, ticking)
+    assert results == [Defer()]
+    [line] = errors(logged)
+    assert line.startswith("AUTH script <test>: auth() held the server for 12.0 s, past"
+                           " script_timeout (10 s) (X-TEST state 0); answered as a temporary failure")
+
+
+def test_an_async_script_blocking_after_an_await_defers() -> None:
+    """The stretches after each ``await`` count too: 6 + 6 s of blocking around an await
+    is past a 10 s script_timeout."""
+    ticking = Ticking()
+
+    async def auth(arguments, context):
+        ticking.hold(6.0)
+        await arguments["gate"]
+        ticking.hold(6.0)
+        return Accept(username="alice")
+
+    results, gate = run_once(auth, ticking)
+    assert results == []
+    gate.callback(None)
+    assert results == [Defer()]
+
+
+def test_a_stretch_that_holds_the_server_is_a_warning(logged: list[dict]) -> None:
+    """Under script_timeout, a stretch of BLOCKING_WARNING seconds or more keeps its
+    verdict and logs a warning; waiting on a Deferred is not holding the server."""
+    from saslsmtp.script import BLOCKING_WARNING
+    ticking = Ticking()
+
+    async def auth(arguments, context):
+        ticking.hold(0.1)
+        await arguments["gate"]
+        ticking.hold(BLOCKING_WARNING + 0.2)
+        return Accept(username="alice")
+
+    results, gate = run_once(auth, ticking)
+    gate.callback(None)
+    assert results == [Accept(username="alice")]
+    assert errors(logged, LogLevel.warn) == [
+        f"AUTH script <test>: auth() held the server for {BLOCKING_WARNING + 0.2:.2f} s without"
+        " awaiting (X-TEST state 0); every connection waited: await Deferreds instead of"
+        " blocking calls"]
+    quiet, gate = run_once(auth, Ticking())
+    gate.callback(None)
+    assert quiet == [Accept(username="alice")] and len(errors(logged, LogLevel.warn)) == 1
+
+
+def test_a_real_sleep_in_the_harness_defers_as_in_the_daemon() -> None:
+    """SMTPHarness measures the same way (real time, not its Clock)."""
+    import time
+
+    def auth(arguments, context):
+        time.sleep(0.06)
+        return Accept(username="alice")
+
+    h = scripted(auth, script_timeout=0.05)
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+def test_cancelling_an_async_script_still_cancels_what_it_awaits() -> None:
+    """The stretch timing passes cancellation through: script_timeout cancels the
+    Deferred the script awaits, and the script may catch it."""
+    seen: list[str] = []
+    gate: defer.Deferred = defer.Deferred(lambda d: seen.append("cancelled"))
+
+    async def auth(arguments, context):
+        try:
+            await gate
+        except defer.CancelledError:
+            seen.append("caught")
+            raise
+        return Accept(username="alice")
+
+    h = scripted(auth, script_timeout=5.0)
+    assert h.send(b"AUTH X-TEST\r\n") == b""
+    h.clock.advance(5.1)
+    assert h.take() == TEMPFAIL
+    assert seen == ["cancelled", "caught"]
 
 
 # -- PLAIN and LOGIN named in MECHANISMS ----------------------------------------------
