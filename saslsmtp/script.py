@@ -20,8 +20,8 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
 
 ``context`` is a dict kept for the whole connection.  A script that returns nothing
 rejects; one that raises, returns something else or runs past ``script_timeout`` defers
-(454 4.7.0) and is logged with its traceback; an exchange longer than
-``script_max_steps`` is refused.
+(454 4.7.0) and is logged in one line (its file:line, never the client's credentials; the
+traceback at debug level); an exchange longer than ``script_max_steps`` is refused.
 
 A script runs in the reactor thread: what it does between two ``await``s holds every
 connection of the process.  That time is measured (``time.monotonic``): a stretch of
@@ -42,12 +42,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import linecache
+import re
 import sys
 import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Mapping
+from typing import Any, Callable, Generator, Iterable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -216,7 +218,7 @@ BLOCKING_WARNING = 0.5
 class ScriptRunner:
     """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time
     (waiting, by ``clock``; holding the reactor, by ``monotonic``); every error becomes
-    ``Defer`` (logged), ``None`` becomes ``Reject``.
+    ``Defer`` (logged in one line), ``None`` becomes ``Reject``.
 
     ``rate`` is ``arguments["rate"]`` (``Limiter.rate``, the daemon's limits store);
     without one, a memory store on ``clock`` (library use and ``SMTPHarness``)."""
@@ -312,14 +314,34 @@ class ScriptRunner:
                           " {state}); answered as a temporary failure", path=self.script.path,
                           what=what, t=self.timeout, mechanism=mechanism, state=state)
             else:
-                secrets = (arguments.get("password"), arguments.get("response"))
-                log.failure("AUTH script {path} raised ({mechanism} state {state})",
-                            failure=scrubbed_failure(f, secrets), path=self.script.path,
-                            mechanism=mechanism, state=state)
+                self._log_raised(f, decide, what, mechanism, state, _secrets(arguments))
             self.metrics.script_error()
             return Defer()
 
         return d.addCallbacks(checked, failed)
+
+    def _log_raised(self, f: Failure, decide: Callable[..., Any], what: str, mechanism: Any,
+                    state: Any, secrets: tuple[str, ...]) -> None:
+        """One error line (the script's file:line, the exception, never a credential),
+        and the traceback from the script's first frame at debug level."""
+        code = getattr(decide, "__code__", None)
+        files = {self.script.path, getattr(code, "co_filename", self.script.path)}
+        frames = [(frame[0], frame[1], frame[2]) for frame in f.frames]
+        mine = [i for i, (_, file, _) in enumerate(frames) if file in files]
+        where = f"{frames[mine[-1]][1]}:{frames[mine[-1]][2]}" if mine else self.script.path
+        error = f"{getattr(f.type, '__name__', f.type)}: {_message(f.value, secrets)}"
+        log.error("AUTH script {where}: {what} raised {error} ({mechanism} state {state});"
+                  " answered as a temporary failure", where=where, what=what, error=error,
+                  mechanism=mechanism, state=state)
+        lines = ["Traceback (most recent call last):"]
+        for function, file, line in frames[mine[0] if mine else 0:]:
+            lines.append(f'  File "{file}", line {line}, in {function}')
+            source = linecache.getline(file, line).strip()
+            if source:
+                lines.append(f"    {source}")
+        lines.append(error)
+        text = "\n".join(lines).replace("{", "{{").replace("}", "}}")
+        log.debug("AUTH script {where}: where the error above came from\n" + text, where=where)
 
     def verify_password(self, request: Verify, session: Session) -> "defer.Deferred[Any]":
         """PLAIN and LOGIN: the script decides with the decoded username and password
@@ -402,6 +424,47 @@ def _timed_stretches(coroutine: Any, watch: _Stopwatch) -> Generator[Any, Any, A
         return done.value
     finally:
         coroutine.close()
+
+
+_MESSAGE_LIMIT = 300
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def _secrets(arguments: Mapping[str, Any]) -> tuple[str, ...]:
+    """The forms in which the client's credentials could appear in an exception's text:
+    the password, the response bytes (and their NUL-separated parts, PLAIN-like), as text
+    and as ``repr`` shows them."""
+    values: list[str | bytes] = []
+    password = arguments.get("password")
+    if isinstance(password, (str, bytes)):
+        values.append(password)
+    response = arguments.get("response")
+    if isinstance(response, bytes):
+        values.append(response)
+        values.extend(part for part in response.split(b"\0") if len(part) >= 3)
+    forms: set[str] = set()
+    for value in values:
+        forms.update(_forms(value))
+    return tuple(form for form in forms if form)
+
+
+def _forms(value: str | bytes) -> Iterable[str]:
+    if isinstance(value, str):
+        return (value, repr(value)[1:-1], repr(value.encode("utf-8", "replace"))[2:-1])
+    return (repr(value)[2:-1], value.decode("utf-8", "replace"), value.decode("latin-1"))
+
+
+def _message(error: Any, secrets: tuple[str, ...]) -> str:
+    """An exception's text for one log line: withheld when it holds a credential (so a
+    script's ``int(arguments["password"])`` cannot log the password), flattened, capped."""
+    try:
+        text = str(error)
+    except Exception:
+        text = "(unprintable)"
+    if any(secret in text for secret in secrets):
+        return "(message withheld: it contains the client's credentials)"
+    text = _UNPRINTABLE.sub(" ", text).strip()
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
 
 
 class _SessionBackends:

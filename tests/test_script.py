@@ -23,6 +23,7 @@ from saslsmtp.config import ConfigError
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.script import Accept, Defer, Reject, Reply, Verdict, load_script
 from saslsmtp.testing import SMTPHarness
+from tests.conftest import event_text
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 EHLO = b"EHLO client.example\r\n"
@@ -237,15 +238,53 @@ def test_async_def_script_awaiting_a_deferred() -> None:
     assert h.realm.logins == ["asyncuser"]
 
 
-def test_exception_defers_and_logs_traceback(logged: list[dict]) -> None:
+def errors(logged: list[dict], level: LogLevel = LogLevel.error) -> list[str]:
+    return [formatEvent(e) for e in logged
+            if e.get("log_namespace") == "saslsmtp.script" and e.get("log_level") == level]
+
+
+def test_exception_defers_and_logs_one_line_with_file_and_line(tmp_path: Path,
+                                                               logged: list[dict]) -> None:
+    """A script that raises: 454, one error line naming the script's file:line, the
+    exception and the step (no traceback in it: that is at debug level, from the
+    script's first frame); the connection goes on."""
+    script = tmp_path / "auth.py"
+    script.write_text("MECHANISMS = ['X-TEST']\n\ndef helper():\n    raise ValueError('boom in script')\n"
+                      "\ndef auth(arguments, context):\n    helper()\n")
+    h = scripted(script, names=("X-TEST",))
+    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
+    assert errors(logged) == [f"AUTH script {script}:4: auth() raised ValueError: boom in script"
+                              " (X-TEST state 0); answered as a temporary failure"]
+    assert not any(e.get("log_failure") for e in logged)
+    [debug] = errors(logged, LogLevel.debug)
+    assert debug.splitlines()[1:] == [
+        "Traceback (most recent call last):",
+        f'  File "{script}", line 7, in auth', "    helper()",
+        f'  File "{script}", line 4, in helper', "    raise ValueError('boom in script')",
+        "ValueError: boom in script"]
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
+@pytest.mark.parametrize("command, password", [
+    (b"AUTH PLAIN " + b64("\0alice\0log-canary-Pw-1") + b"\r\n", "log-canary-Pw-1"),
+    (b"AUTH X-TEST " + b64("alice\0log-canary-Pw-1") + b"\r\n", "log-canary-Pw-1"),
+    (b"AUTH PLAIN " + b64("\0alice\0it's \\ q\u00e9") + b"\r\n", "it's \\ q\u00e9"),
+])
+def test_an_exception_that_quotes_the_credentials_is_logged_without_them(
+        command: bytes, password: str, logged: list[dict]) -> None:
+    """``int(arguments["password"])`` raises with the password in its message (and a
+    custom mechanism's response may hold one): the log line withholds that message,
+    in the debug traceback too, whatever form (text or repr) it has there."""
     def auth(arguments, context):
-        raise ValueError("boom in script")
+        secret = arguments.get("password") or arguments["response"].split(b"\0")[1]
+        return Accept() if int(secret) else Reject()
 
     h = scripted(auth)
-    assert h.send(b"AUTH X-TEST\r\n") == TEMPFAIL
-    failures = [e for e in logged if e.get("log_failure") is not None]
-    assert any(e["log_failure"].check(ValueError) for e in failures)
-    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+    assert h.send(command) == TEMPFAIL
+    text = "\n".join(event_text(e) for e in logged)
+    assert "auth() raised ValueError: (message withheld: it contains the client's" in text
+    for form in (password, repr(password)[1:-1], repr(password.encode())[2:-1]):
+        assert form not in text
 
 
 def test_exception_in_async_script() -> None:
@@ -299,11 +338,6 @@ def test_timeout_with_injected_clock(logged: list[dict]) -> None:
     assert never.called  # cancelled
     assert any("timed out" in str(e.get("log_format", "")) for e in logged)
     assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
-
-
-def errors(logged: list[dict], level: LogLevel = LogLevel.error) -> list[str]:
-    return [formatEvent(e) for e in logged
-            if e.get("log_namespace") == "saslsmtp.script" and e.get("log_level") == level]
 
 
 class Ticking:
