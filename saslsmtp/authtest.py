@@ -6,7 +6,9 @@ The password is read like ``saslsmtp-passwd`` reads it (a prompt on a terminal, 
 line of standard input).  The configuration is wired with the server's own functions:
 with an ``auth.script`` the script decides (PLAIN and LOGIN go to it), otherwise the
 ``auth.backends`` chain, first accept wins.  It prints the verdict, the deciding backend
-(or the script) and the time taken, plus one line per backend asked.
+(or the script, with the reply the client would get) and the time taken, one line per
+backend asked, and one ``logged:`` line per warning or error the server logged meanwhile
+(a script that raised: its file:line and the exception; never a traceback).
 
 Exit status: 0 accepted, 1 rejected, 2 temporary failure (the server would answer 454);
 64 usage error, 78 configuration error (sysexits.h).
@@ -15,6 +17,7 @@ Exit status: 0 accepted, 1 rejected, 2 temporary failure (the server would answe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass as getpass_module
 import sys
 import time
@@ -24,12 +27,15 @@ from typing import Any, Callable, Sequence, TextIO
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.logger import LogLevel, globalLogPublisher
 
 from saslsmtp.commandline import parse_arguments, standard_streams
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
-from saslsmtp.sasl.outcome import Session
+from saslsmtp.logs import format_message
+from saslsmtp.replies import auth_reply
+from saslsmtp.sasl.outcome import Defer, Reject, Session
 
 ACCEPT, REJECT, TEMPORARY = "accept", "reject", "temporary"
 EXIT = {ACCEPT: 0, REJECT: 1, TEMPORARY: 2}
@@ -49,47 +55,94 @@ class Step:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The verdict, who decided it, the total time, and every step."""
+    """The verdict, who decided it, the total time, every step, and what the server
+    logged meanwhile at warn level or above (one line each: a script's error names its
+    file:line)."""
 
     verdict: str
     decided_by: str | None
     seconds: float
     username: str
     steps: tuple[Step, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
 
 
-def _verdict_of(failure: BaseException) -> tuple[str, str]:
+def _verdict_of(failure: BaseException, script: bool = False) -> tuple[str, str]:
+    """The verdict and its detail: for the script, the reply the client would get."""
+    outcome = getattr(failure, "outcome", None)
+    if script and isinstance(outcome, (Reject, Defer)):
+        reply = auth_reply(outcome)
+        return REJECT if isinstance(outcome, Reject) else TEMPORARY, \
+            f"{reply.code} {reply.enhanced} {reply.text}"
     if isinstance(failure, UnauthorizedLogin):
         return REJECT, ""
     if isinstance(failure, TemporaryFailure):
         return TEMPORARY, str(failure)
-    if type(failure).__name__ == "AuthRejected":  # the script's Reject
-        return REJECT, ""
     return TEMPORARY, f"{type(failure).__name__}: {failure}"
 
 
-async def _ask(name: str, checker: Any, credentials: Any, clock: Callable[[], float]) -> tuple[Step, Any]:
+async def _ask(name: str, checker: Any, credentials: Any, clock: Callable[[], float],
+               script: bool = False) -> tuple[Step, Any]:
     started = clock()
     try:
         avatar = await defer.maybeDeferred(checker.requestAvatarId, credentials)
     except Exception as e:
-        verdict, detail = _verdict_of(e)
+        verdict, detail = _verdict_of(e, script)
         return Step(name, verdict, clock() - started, detail), None
     return Step(name, ACCEPT, clock() - started), avatar
 
 
+class _Notes:
+    """The server's warnings and errors while one check runs, one line each (a
+    traceback is the server log's business, not the terminal's)."""
+
+    def __init__(self, publisher: Any) -> None:
+        self.publisher = publisher
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict) -> None:
+        level = event.get("log_level")
+        if level is None or level < LogLevel.warn or not str(
+                event.get("log_namespace", "")).startswith("saslsmtp"):
+            return
+        text = (format_message(event).splitlines() or [""])[0]
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += f": {getattr(failure.type, '__name__', failure.type)}: {failure.getErrorMessage()}"
+        self.lines.append(text)
+
+    def __enter__(self) -> "_Notes":
+        self.publisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.publisher.removeObserver(self)
+
+
 async def check_password(config: Config, wiring: Any, mechanism: str, username: str,
                          password: str, *, remote_ip: str = "127.0.0.1", tls: bool = False,
-                         clock: Callable[[], float] = time.monotonic) -> Outcome:
+                         clock: Callable[[], float] = time.monotonic,
+                         publisher: Any = None) -> Outcome:
     """Decide like the server: the script when one is configured, else the backend chain
-    (first accept wins; none accepts and one failed temporarily -> temporary)."""
+    (first accept wins; none accepts and one failed temporarily -> temporary).  What the
+    server logs meanwhile (``publisher``, default the global one) comes back as notes."""
+    with _Notes(publisher or globalLogPublisher) as notes:
+        outcome = await _check_password(config, wiring, mechanism, username, password,
+                                        remote_ip, tls, clock)
+    return dataclasses.replace(outcome, notes=tuple(notes.lines))
+
+
+async def _check_password(config: Config, wiring: Any, mechanism: str, username: str,
+                          password: str, remote_ip: str, tls: bool,
+                          clock: Callable[[], float]) -> Outcome:
     session = Session(remote_ip=remote_ip, tls=tls, hostname=config.server.hostname,
                       mechanism=mechanism)
     credentials = PasswordCredentials(username.encode("utf-8"), password.encode("utf-8"), session)
     started = clock()
     if config.auth.script is not None:
         checker = wiring.portal.checkers[IUsernamePassword]
-        step, avatar = await _ask(f"script {config.auth.script}", checker, credentials, clock)
+        step, avatar = await _ask(f"script {config.auth.script}", checker, credentials, clock,
+                                  script=True)
         name = avatar.decode("utf-8", "replace") if isinstance(avatar, bytes) else username
         return Outcome(step.verdict, step.name, clock() - started, name, (step,))
     steps: list[Step] = []
@@ -105,9 +158,11 @@ async def check_password(config: Config, wiring: Any, mechanism: str, username: 
 
 
 def format_outcome(outcome: Outcome, mechanism: str) -> str:
-    """The lines printed: each step, then the verdict with who decided and the time."""
+    """The lines printed: each step, what the server logged meanwhile, then the verdict
+    with who decided and the time."""
     lines = [f"  {s.name}: {s.verdict} ({s.seconds * 1000:.1f} ms)" + (f": {s.detail}" if s.detail else "")
              for s in outcome.steps]
+    lines += [f"  logged: {note}" for note in outcome.notes]
     by = f" by {outcome.decided_by}" if outcome.decided_by else " (no backend accepted)"
     word = {ACCEPT: "ACCEPT", REJECT: "REJECT", TEMPORARY: "TEMPORARY FAILURE"}[outcome.verdict]
     lines.append(f"{word}: {outcome.username} via {mechanism}{by} in {outcome.seconds * 1000:.1f} ms")

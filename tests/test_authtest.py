@@ -103,9 +103,11 @@ async def test_script_decides(tmp_path: Path) -> None:
     assert out.splitlines()[-1].startswith(f"ACCEPT: zoe@scripted via PLAIN by script {script} in ")
     status, out, _ = await authtest(config, "down", "x")
     assert status == 2
-    assert "AUTH script deferred" in out
-    status, _, _ = await authtest(config, "zoe", "nope")
+    assert f"  script {script}: temporary (" in out
+    assert out.splitlines()[0].endswith("): 454 4.7.0 directory unreachable")  # the client's reply
+    status, out, _ = await authtest(config, "zoe", "nope")
     assert status == 1
+    assert out.splitlines()[0].endswith("): 535 5.7.8 Authentication credentials invalid")
 
 
 @pytest_twisted.ensureDeferred
