@@ -216,9 +216,9 @@ BLOCKING_WARNING = 0.5
 
 
 class ScriptRunner:
-    """Runs one step of the script: sync, ``async def`` or Deferred; bounded in time
-    (waiting, by ``clock``; holding the reactor, by ``monotonic``); every error becomes
-    ``Defer`` (logged in one line), ``None`` becomes ``Reject``.
+    """Runs one step of the script: sync, ``async def``, Deferred or another awaitable;
+    bounded in time (waiting, by ``clock``; holding the reactor, by ``monotonic``); every
+    error becomes ``Defer`` (logged in one line), ``None`` becomes ``Reject``.
 
     ``rate`` is ``arguments["rate"]`` (``Limiter.rate``, the daemon's limits store);
     without one, a memory store on ``clock`` (library use and ``SMTPHarness``)."""
@@ -261,6 +261,9 @@ class ScriptRunner:
 
         def call() -> Any:
             result = watch.time(decide, types.MappingProxyType(dict(arguments)), context)
+            if not inspect.iscoroutine(result) and not isinstance(result, defer.Deferred) \
+                    and inspect.isawaitable(result):
+                result = _awaited(result)  # any other awaitable: driven as a coroutine
             if inspect.iscoroutine(result):
                 return defer.Deferred.fromCoroutine(_timed_stretches(result, watch))
             return result
@@ -400,6 +403,10 @@ class _Stopwatch:
             spent = self._now() - started
             self.blocked += spent
             self.longest = max(self.longest, spent)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _timed_stretches(coroutine: Any, watch: _Stopwatch) -> Generator[Any, Any, Any]:

@@ -287,6 +287,24 @@ def test_an_exception_that_quotes_the_credentials_is_logged_without_them(
         assert form not in text
 
 
+def test_a_script_returning_another_awaitable_is_awaited() -> None:
+    """Not only ``async def`` and Deferreds: any awaitable a script returns (an object
+    with ``__await__``, a helper's coroutine) is awaited; it was a 454 ("returned
+    Awaitable")."""
+    gate: defer.Deferred = defer.Deferred()
+
+    class Verdict:
+        def __await__(self):
+            name = yield from gate.__await__()
+            return Accept(username=name)
+
+    h = scripted(lambda a, c: Verdict())
+    assert h.send(b"AUTH X-TEST\r\n") == b""
+    gate.callback("awaited")
+    assert h.take() == OK
+    assert h.realm.logins == ["awaited"]
+
+
 def test_exception_in_async_script() -> None:
     async def auth(arguments, context):
         raise RuntimeError("async boom")
