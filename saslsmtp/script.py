@@ -257,6 +257,7 @@ class ScriptRunner:
         state = arguments.get("state")
         decide = function or self.script.auth
         what = "sender()" if function is not None else "auth()"
+        step = "MAIL FROM" if function is not None else f"{mechanism} state {state}"
         watch = _Stopwatch(self.monotonic)
 
         def call() -> Any:
@@ -276,16 +277,16 @@ class ScriptRunner:
             if watch.blocked >= self.timeout:
                 self.metrics.script_error()
                 log.error("AUTH script {path}: {what} held the server for {held:.1f} s, past"
-                          " script_timeout ({t:g} s) ({mechanism} state {state}); answered as"
-                          " a temporary failure. Every connection waited: await Deferreds"
-                          " instead of blocking calls", path=self.script.path, what=what,
-                          held=watch.blocked, t=self.timeout, mechanism=mechanism, state=state)
+                          " script_timeout ({t:g} s) ({step}); answered as a temporary"
+                          " failure. Every connection waited: await Deferreds instead of"
+                          " blocking calls", path=self.script.path, what=what,
+                          held=watch.blocked, t=self.timeout, step=step)
                 return True
             if watch.longest >= BLOCKING_WARNING:
                 log.warn("AUTH script {path}: {what} held the server for {held:.2f} s without"
-                         " awaiting ({mechanism} state {state}); every connection waited: await"
-                         " Deferreds instead of blocking calls", path=self.script.path,
-                         what=what, held=watch.longest, mechanism=mechanism, state=state)
+                         " awaiting ({step}); every connection waited: await Deferreds"
+                         " instead of blocking calls", path=self.script.path, what=what,
+                         held=watch.longest, step=step)
             return False
 
         def checked(result: Any) -> Any:
@@ -295,16 +296,16 @@ class ScriptRunner:
                 return Reject()
             if isinstance(result, Reply) and not isinstance(result.payload, (bytes, str)):
                 self.metrics.script_error()  # (bytes(5) would be five NULs to the client)
-                log.error("AUTH script {path} returned Reply({kind}) for {mechanism} state"
-                          " {state}; the challenge must be bytes or str", path=self.script.path,
-                          kind=type(result.payload).__name__, mechanism=mechanism, state=state)
+                log.error("AUTH script {path}: {what} returned Reply({kind}) ({step}); the"
+                          " challenge must be bytes or str", path=self.script.path, what=what,
+                          kind=type(result.payload).__name__, step=step)
                 return Defer()
             if isinstance(result, RESULTS):
                 return result
             self.metrics.script_error()
-            log.error("AUTH script {path} returned {kind} for {mechanism} state {state};"
-                      " expected Accept, Defer, Reject or Reply", path=self.script.path,
-                      kind=type(result).__name__, mechanism=mechanism, state=state)
+            log.error("AUTH script {path}: {what} returned {kind} ({step}); expected Accept,"
+                      " Defer, Reject or Reply", path=self.script.path, what=what,
+                      kind=type(result).__name__, step=step)
             return Defer()
 
         def failed(f: Failure) -> Defer:
@@ -313,18 +314,18 @@ class ScriptRunner:
             if held_too_long():
                 return Defer()
             if f.check(defer.TimeoutError):
-                log.error("AUTH script {path}: {what} timed out after {t:g} s ({mechanism} state"
-                          " {state}); answered as a temporary failure", path=self.script.path,
-                          what=what, t=self.timeout, mechanism=mechanism, state=state)
+                log.error("AUTH script {path}: {what} timed out after {t:g} s ({step});"
+                          " answered as a temporary failure", path=self.script.path,
+                          what=what, t=self.timeout, step=step)
             else:
-                self._log_raised(f, decide, what, mechanism, state, _secrets(arguments))
+                self._log_raised(f, decide, what, step, _secrets(arguments))
             self.metrics.script_error()
             return Defer()
 
         return d.addCallbacks(checked, failed)
 
-    def _log_raised(self, f: Failure, decide: Callable[..., Any], what: str, mechanism: Any,
-                    state: Any, secrets: tuple[str, ...]) -> None:
+    def _log_raised(self, f: Failure, decide: Callable[..., Any], what: str, step: str,
+                    secrets: tuple[str, ...]) -> None:
         """One error line (the script's file:line, the exception, never a credential),
         and the traceback from the script's first frame at debug level."""
         code = getattr(decide, "__code__", None)
@@ -333,9 +334,8 @@ class ScriptRunner:
         mine = [i for i, (_, file, _) in enumerate(frames) if file in files]
         where = f"{frames[mine[-1]][1]}:{frames[mine[-1]][2]}" if mine else self.script.path
         error = f"{getattr(f.type, '__name__', f.type)}: {_message(f.value, secrets)}"
-        log.error("AUTH script {where}: {what} raised {error} ({mechanism} state {state});"
-                  " answered as a temporary failure", where=where, what=what, error=error,
-                  mechanism=mechanism, state=state)
+        log.error("AUTH script {where}: {what} raised {error} ({step}); answered as a"
+                  " temporary failure", where=where, what=what, error=error, step=step)
         lines = ["Traceback (most recent call last):"]
         for function, file, line in frames[mine[0] if mine else 0:]:
             lines.append(f'  File "{file}", line {line}, in {function}')
@@ -359,13 +359,12 @@ class ScriptRunner:
                 return Accept(result.username or request.username, result.reason)
             if isinstance(result, Reply):
                 self.metrics.script_error()
-                log.error("AUTH script {path} answered Reply() for {mechanism}; only custom"
-                          " mechanisms can send challenges", path=self.script.path,
-                          mechanism=mechanism)
+                log.error("AUTH script {path}: auth() returned Reply() ({mechanism} state 0);"
+                          " only custom mechanisms can send challenges; answered as a"
+                          " temporary failure", path=self.script.path, mechanism=mechanism)
                 return Defer()
             return result
         return self.run(args, session.context).addCallback(decide)
-
 
     def check_sender(self, session: Session, login: str | None, address: str,
                      params: Any = ()) -> "defer.Deferred[Any]":
@@ -379,8 +378,10 @@ class ScriptRunner:
 
         def only_verdicts(result: Any) -> Any:
             if isinstance(result, Reply):
-                log.error("sender() in {path} answered Reply(); expected Accept, Reject or"
-                          " Defer", path=self.script.path)
+                self.metrics.script_error()
+                log.error("AUTH script {path}: sender() returned Reply() (MAIL FROM); expected"
+                          " Accept, Reject or Defer; answered as a temporary failure",
+                          path=self.script.path)
                 return Defer()
             return result
         return self.run(args, session.context, self.script.sender).addCallback(only_verdicts)

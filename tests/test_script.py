@@ -476,6 +476,32 @@ def test_cancelling_an_async_script_still_cancels_what_it_awaits() -> None:
     assert seen == ["cancelled", "caught"]
 
 
+def test_sender_errors_name_mail_from_not_an_empty_mechanism(logged: list[dict]) -> None:
+    """sender() that raises or answers Reply(): 451 4.7.1, and the log line says MAIL
+    FROM (it said "( state 0)", the mechanism being empty there)."""
+    from twisted.internet.task import Clock
+    from saslsmtp.script import AuthScript, Backends, ScriptRunner
+    from saslsmtp.sendercheck import SenderCheck
+    from saslsmtp.senders import SenderPolicy
+
+    def sender(arguments, context):
+        if arguments["sender"].startswith("raise"):
+            raise LookupError("no such list")
+        return Reply(b"?")
+
+    runner = ScriptRunner(AuthScript("<test>", lambda a, c: Reject(), None, sender=sender),
+                          Clock(), 5.0, Backends({}))
+    h = SMTPHarness(users={"alice": "pw"}, sender_check=SenderCheck(SenderPolicy("any"), runner))
+    assert h.login("alice", "pw").startswith(b"235 ")
+    temporary = b"451 4.7.1 Sender address check failed temporarily, try again later\r\n"
+    assert h.send(b"MAIL FROM:<raise@example.test>\r\n") == temporary
+    assert h.send(b"MAIL FROM:<reply@example.test>\r\n") == temporary
+    assert [line.split(": ", 1)[1] for line in errors(logged)] == [
+        "sender() raised LookupError: no such list (MAIL FROM); answered as a temporary failure",
+        "sender() returned Reply() (MAIL FROM); expected Accept, Reject or Defer; answered as a"
+        " temporary failure"]
+
+
 # -- PLAIN and LOGIN named in MECHANISMS ----------------------------------------------
 
 
