@@ -68,7 +68,7 @@ from saslsmtp.limits.settings import LimitsSettings
 from saslsmtp.limits.store import MemoryStore
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import as_text
-from saslsmtp.redact import scrubbed_failure
+from saslsmtp.redact import scrub, scrubbed_failure
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Accept, Defer, Reject, Reply, Secret, Session, Verify
 
@@ -325,7 +325,7 @@ class ScriptRunner:
         return d.addCallbacks(checked, failed)
 
     def _log_raised(self, f: Failure, decide: Callable[..., Any], what: str, step: str,
-                    secrets: tuple[str, ...]) -> None:
+                    secrets: tuple[str | bytes, ...]) -> None:
         """One error line (the script's file:line, the exception, never a credential),
         and the traceback from the script's first frame at debug level."""
         code = getattr(decide, "__code__", None)
@@ -438,10 +438,10 @@ _MESSAGE_LIMIT = 300
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
-def _secrets(arguments: Mapping[str, Any]) -> tuple[str, ...]:
-    """The forms in which the client's credentials could appear in an exception's text:
-    the password, the response bytes (and their NUL-separated parts, PLAIN-like), as text
-    and as ``repr`` shows them."""
+def _secrets(arguments: Mapping[str, Any]) -> tuple[str | bytes, ...]:
+    """What of the client's credentials an exception's text could quote: the password,
+    the response bytes and their NUL-separated parts (PLAIN-like); ``scrub`` finds each
+    as text, as ``repr`` shows it and in base64."""
     values: list[str | bytes] = []
     password = arguments.get("password")
     if isinstance(password, (str, bytes)):
@@ -450,28 +450,18 @@ def _secrets(arguments: Mapping[str, Any]) -> tuple[str, ...]:
     if isinstance(response, bytes):
         values.append(response)
         values.extend(part for part in response.split(b"\0") if len(part) >= 3)
-    forms: set[str] = set()
-    for value in values:
-        forms.update(_forms(value))
-    return tuple(form for form in forms if form)
+    return tuple(values)
 
 
-def _forms(value: str | bytes) -> Iterable[str]:
-    if isinstance(value, str):
-        return (value, repr(value)[1:-1], repr(value.encode("utf-8", "replace"))[2:-1])
-    return (repr(value)[2:-1], value.decode("utf-8", "replace"), value.decode("latin-1"))
-
-
-def _message(error: Any, secrets: tuple[str, ...]) -> str:
-    """An exception's text for one log line: withheld when it holds a credential (so a
-    script's ``int(arguments["password"])`` cannot log the password), flattened, capped."""
+def _message(error: Any, secrets: tuple[str | bytes, ...]) -> str:
+    """An exception's text for one log line: each credential in it replaced by
+    ``<redacted>`` (so a script's ``int(arguments["password"])`` logs what went wrong,
+    never the password), flattened, capped."""
     try:
         text = str(error)
     except Exception:
         text = "(unprintable)"
-    if any(secret in text for secret in secrets):
-        return "(message withheld: it contains the client's credentials)"
-    text = _UNPRINTABLE.sub(" ", text).strip()
+    text = _UNPRINTABLE.sub(" ", scrub(text, secrets)).strip()
     return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
 
 
