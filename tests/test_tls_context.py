@@ -225,6 +225,31 @@ class CountingConnection:
         return None
 
 
+def test_the_reloadable_context_starts_an_ssl_listener_without_a_warning(tmp_path: Path) -> None:
+    """An ``ssl:`` listener's context follows reloads (``LiveTLSContext``); wrapping it
+    must not print Twisted's LegacyContextFactoryWarning on the operator's terminal at
+    every start and ``--check``."""
+    import warnings
+
+    from twisted.internet.protocol import ServerFactory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from saslsmtp.serving import LiveTLSContext
+    cert = issue_cert(make_ca(tmp_path), tmp_path)
+    options = server_options(TLSConfig(certificate=cert.cert_path, private_key=cert.key_path))
+
+    class Wiring:
+        tls_context = options
+
+    class Factory:
+        wiring = Wiring()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TLSMemoryBIOFactory(LiveTLSContext(Factory()), False, ServerFactory())  # type: ignore[arg-type]
+    assert [str(w.message) for w in caught] == []
+
+
 def test_channel_bindings_are_read_on_demand() -> None:
     """Which bindings exist is known without reading any (what SCRAM asks before
     offering -PLUS); a value is read once, when asked for; one that cannot be read
