@@ -15,7 +15,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from saslsmtp import privileges
-from saslsmtp.config import Config, ConfigError, ConfigProblem
+from saslsmtp.config import Config, ConfigError, ConfigProblem, file_key_line
 from saslsmtp.listeners import ListenError, parse, start_or_exit
 from saslsmtp.metrics import Metrics, metrics_service
 
@@ -100,8 +100,9 @@ def make_service(config: Config, reactor: Any, workers: int | None = None) -> se
     try:
         for description in config.server.listen:
             parse(description)
-    except ListenError as e:
-        raise ConfigError([ConfigProblem(config.path, "server.listen", None, str(e))]) from None
+    except ListenError as e:  # (preflight says so first; this is for callers without it)
+        raise ConfigError([ConfigProblem(config.path, "server.listen",
+                                         file_key_line(config.path, "server.listen"), str(e))]) from None
     wire(config, reactor)  # the same checks a worker makes, reported once, at startup
     return MasterService(config.path, config, count, reactor)
 

@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from twisted.internet.error import CannotListenError
 
+from saslsmtp.options import split_endpoint
+
 #: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
 ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
 
@@ -58,28 +60,10 @@ class ListenerSpec:
         return socket.AF_INET
 
 
-def _split(description: str) -> list[str]:
-    """Split on ``:`` not escaped by ``\\`` (Twisted's endpoint string quoting)."""
-    parts, current, escaped = [], [], False
-    for ch in description:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
 def parse(description: str) -> ListenerSpec:
     """Parse a ``server.listen`` endpoint string the way the master binds it."""
     proxy = description.startswith("haproxy:")
-    parts = _split(description[len("haproxy:"):] if proxy else description)
+    parts = split_endpoint(description[len("haproxy:"):] if proxy else description)
     kind = parts[0]
     if kind not in ADOPTABLE:
         raise ListenError(f"{description}: {kind}: endpoints cannot be shared by workers"

@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 #: Field metadata: a path, resolved relative to the configuration file's folder.
 PATH = {"path": True}
@@ -236,6 +237,58 @@ def ca_file_problem(key: str, path: str | None) -> list[OptionProblem]:
 
 
 def http_url_problem(key: str, url: str | None) -> list[OptionProblem]:
-    """A problem when ``url`` is set and not ``http://`` or ``https://``."""
-    return problem_if(bool(url) and not (url or "").startswith(("http://", "https://")), key,
-                      "must be an http:// or https:// URL")
+    """A problem when ``url`` is set and not ``http://`` or ``https://``, or names a port
+    no connection can use (beyond 65535, or 0): every request would fail instead."""
+    if not url:
+        return []
+    if not url.startswith(("http://", "https://")):
+        return [OptionProblem(key, "must be an http:// or https:// URL")]
+    try:
+        port = urlsplit(url).port
+    except ValueError as e:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+        return [OptionProblem(key, f"{url!r} is not a usable URL: {e}")]
+    return problem_if(port == 0, key, f"{url!r} is not a usable URL: port 0")
+
+
+#: Twisted endpoint kinds whose strings carry a TCP port.
+_PORTED = ("tcp", "tcp6", "ssl", "tls")
+
+
+def split_endpoint(description: str) -> list[str]:
+    """Split a Twisted endpoint string on ``:`` not escaped by ``\\`` (its quoting)."""
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def endpoint_port_problem(description: str, *, client: bool) -> str | None:
+    """Why the port in the endpoint string ``description`` (``tcp:``, ``tcp6:``, ``ssl:``,
+    ``tls:``; ``haproxy:`` in front is skipped) is no TCP port, or ``None``.  Twisted
+    parses ``tcp:99999`` happily and fails only when it binds or connects (a traceback
+    at start, or every login failing later).  A listener may ask for port 0 (any free
+    port); a client must name a real one.  A port that is not a number is Twisted's
+    own parse error, reported where the string is parsed."""
+    parts = split_endpoint(description.removeprefix("haproxy:"))
+    if parts[0] not in _PORTED:
+        return None
+    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    positional = [p for p in parts[1:] if "=" not in p]
+    where = 1 if client else 0  # a client's first positional argument is the host
+    port = keywords.get("port", positional[where] if len(positional) > where else None)
+    if port is None or not port.strip().lstrip("+-").isdigit():
+        return None
+    lowest = 1 if client else 0
+    if not lowest <= int(port) <= 65535:
+        return f"port {port.strip()} is out of range ({lowest} to 65535)"
+    return None

@@ -163,10 +163,14 @@ class _Report:
                                                f"warning: {message}")))
 
 
-def check_endpoints(config: Config, reactor: Any, report: _Report) -> None:
+def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int = 1) -> None:
     """Every ``server.listen`` (and ``metrics.listen``) entry is an endpoint Twisted can
-    build (nothing is bound here)."""
+    build, on a port that exists (nothing is bound here); with ``workers`` > 1, every
+    ``server.listen`` entry is one the master can bind and share."""
     from twisted.internet import endpoints
+
+    from saslsmtp.listeners import ListenError, parse
+    from saslsmtp.options import endpoint_port_problem
     entries = [("server.listen", d) for d in config.server.listen]
     if config.ops.metrics is not None:
         entries.append(("metrics.listen", config.ops.metrics.listen))
@@ -181,6 +185,15 @@ def check_endpoints(config: Config, reactor: Any, report: _Report) -> None:
             endpoints.serverFromString(reactor, built)
         except Exception as e:
             report.problem(key, f"{description!r} is not a usable endpoint: {e}")
+            continue
+        why = endpoint_port_problem(description, client=False)
+        if why is not None:
+            report.problem(key, f"{description!r} is not a usable endpoint: {why}")
+        elif key == "server.listen" and workers > 1:
+            try:
+                parse(description)
+            except ListenError as e:
+                report.problem(key, str(e))
 
 
 def check_tls(config: Config, who: RunAs, report: _Report) -> None:
@@ -388,10 +401,11 @@ def preflight(config: Config, reactor: Any, who: RunAs | None = None,
     ``workers``: ``--workers``, if given."""
     who = who or RunAs.current()
     report = _Report(config)
-    check_endpoints(config, reactor, report)
+    count = config.ops.worker_count(workers)
+    check_endpoints(config, reactor, report, count)
     check_tls(config, who, report)
     check_paths(config, who, report)
-    check_control_socket(config, who, config.ops.worker_count(workers), report)
+    check_control_socket(config, who, count, report)
     check_login_possible(config, report)
     check_pidfile(pidfile, who, report)
     if report.problems:

@@ -32,6 +32,12 @@ def base(folder: Path, extra: str = "", delivery: str = 'path = "mail"') -> str:
             f'[delivery]\n{delivery}\n{extra}\n')
 
 
+def _listen(description: str, workers: int = 1) -> Callable[[Path], str]:
+    """The base configuration listening on ``description`` (with ``workers``)."""
+    return lambda f: base(f).replace('"tcp:0:interface=127.0.0.1"]\n',
+                                     f'"{description}"]\nworkers = {workers}\n')
+
+
 def _store(ca: str) -> Callable[[Path], str]:
     return lambda f: base(f, f'[limits]\nstore = "rediss://127.0.0.1:1/0?ca_file={ca}"')
 
@@ -61,6 +67,25 @@ CASES: list[tuple[str, Callable[[Path], str], str, str]] = [
      "backends.dir.ca_file", "{f}/garbage.pem: holds no PEM certificate"),
     ("Maildir under /proc", lambda f: base(f, delivery='path = "/proc/nope"'), "delivery.path",
      "cannot use /proc/nope: No such file or directory"),
+    # Twisted parses these endpoints and fails only at the bind (a traceback at start) or
+    # at every connection
+    ("listener port beyond 65535", _listen("tcp:99999"), "server.listen",
+     "'tcp:99999' is not a usable endpoint: port 99999 is out of range (0 to 65535)"),
+    ("listener port negative, workers", _listen("tcp:-1:interface=127.0.0.1", workers=2),
+     "server.listen", "'tcp:-1:interface=127.0.0.1' is not a usable endpoint: port -1 is out"
+     " of range (0 to 65535)"),
+    ("metrics port beyond 65535", lambda f: base(f, '[metrics]\nlisten = "tcp:port=70000"'),
+     "metrics.listen", "'tcp:port=70000' is not a usable endpoint: port 70000 is out of range"
+     " (0 to 65535)"),
+    ("smtp backend endpoint port", lambda f: base(f, '[backends.up]\ntype = "smtp"\n'
+                                                     'endpoint = "tcp:127.0.0.1:99999"'),
+     "backends.up.endpoint", "'tcp:127.0.0.1:99999' cannot be connected to: port 99999 is"
+     " out of range (1 to 65535)"),
+    ("oauth2 jwks_url port", lambda f: base(f, '[backends.idp]\ntype = "oauth2"\n'
+                                               'jwks_url = "https://idp.example.test:99999/k"\n'
+                                               'issuer = "x"\naudience = ["y"]'),
+     "backends.idp.jwks_url", "'https://idp.example.test:99999/k' is not a usable URL: Port"
+     " out of range 0-65535"),
 ]
 
 

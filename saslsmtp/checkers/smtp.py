@@ -47,8 +47,8 @@ from zope.interface import implementer
 from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes
-from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem, hostname_problem,
-                              problem_if)
+from saslsmtp.options import (PATH, OptionProblem, Options, ca_file_problem,
+                              endpoint_port_problem, hostname_problem, problem_if)
 from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
@@ -96,7 +96,8 @@ def endpoint_problem(key: str, description: str | None) -> list[OptionProblem]:
     except Exception as e:  # an endpoint plugin's parser may raise anything
         return [OptionProblem(key, f"{description!r} is not a Twisted client endpoint string"
                                    f" ({str(e) or type(e).__name__})")]
-    return []
+    why = endpoint_port_problem(description, client=True)  # parsed, but no connect works
+    return problem_if(why is not None, key, f"{description!r} cannot be connected to: {why}")
 
 
 class UpstreamReply:
