@@ -5,6 +5,7 @@ never looks connected (txredisapi would pool the connection before its handshake
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -162,3 +163,59 @@ async def test_rediss_trusted_certificate_connects_after_the_handshake(tmp_path:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_peer_is_logged_once_a_minute_not_per_reconnect(
+        tmp_path: Path, captured_log: LogCapture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``rediss://`` store retries a certificate without subjectAltName every 50 ms:
+    one "refusing TLS peer" line for the first attempts, then, a minute later, one more
+    that counts the refusals in between (the way Redis's fail-open warning is paced)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
+    from saslsmtp.checkers import tlsclient
+    from saslsmtp.limits.redisstore import RedisStore
+    from saslsmtp.repeats import RepeatedWarning
+    minute = Clock()
+    monkeypatch.setattr(tlsclient, "REFUSALS", RepeatedWarning(minute.seconds), raising=False)
+    proc, port, ca_file = tls_redis(tmp_path, ["localhost"], False)
+
+    def refusals() -> list[str]:
+        return [line for line in captured_log.lines if "refusing TLS peer localhost" in line]
+    try:
+        store = RedisStore(f"rediss://localhost:{port}/0?ca_file={ca_file}", reactor,
+                           reconnect_max_delay=0.05)
+        try:
+            await _watch_connected(store, attempts=5)
+            assert len(refusals()) == 1, captured_log.lines
+            assert "the certificate has no subjectAltName" in refusals()[0]
+            minute.advance(61)
+            await _watch_connected(store, attempts=2)
+        finally:
+            await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = refusals()
+    assert len(lines) == 2, lines
+    more = re.search(r"\((\d+) more refusals since the last report\)", lines[1])
+    assert more is not None and int(more.group(1)) >= 4, lines
+
+
+def test_repeated_warning_is_due_first_on_change_and_once_per_interval() -> None:
+    """The pacing itself: per key, a changed text is due at once, the same one after the
+    interval with the count of occurrences it left out."""
+    from twisted.internet.task import Clock
+
+    from saslsmtp.repeats import RepeatedWarning
+    clock = Clock()
+    paced = RepeatedWarning(clock.seconds, interval=60.0)
+    assert paced.due("a", "no SAN") == 0
+    assert [paced.due("a", "no SAN") for _ in range(3)] == [None, None, None]
+    assert paced.due("b", "no SAN") == 0  # another peer is not silenced by the first
+    assert paced.due("a", "expired") == 3  # a new reason at once, with what was left out
+    clock.advance(59.9)
+    assert paced.due("a", "expired") is None
+    clock.advance(0.1)
+    assert paced.due("a", "expired") == 1

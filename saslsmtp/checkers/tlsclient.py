@@ -8,10 +8,16 @@ Twisted then logs and **accepts** it.  ``StrictClientTLS`` wraps
 trusted certificate that does not name the host (mismatch *or* no SAN at all) fails
 the handshake.  ``verify_peer_identity`` is the same check after the handshake, for
 transports whose TLS was set up by someone else (a ``tls:`` endpoint string).
+
+A refused peer is refused again at every reconnect (Redis retries every few seconds, an
+upstream is dialled per login): "refusing TLS peer HOST: WHY" is logged the first time,
+when the reason changes, and then at most once a minute per host with the number of
+refusals in between (``RepeatedWarning``).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,10 +35,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from saslsmtp.repeats import RepeatedWarning
+
 if TYPE_CHECKING:  # a public name only in twisted.internet.ssl's documentation
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 log = Logger()
+
+#: Every refusal of every ``StrictClientTLS`` that logs its own: one line per host a minute.
+REFUSALS = RepeatedWarning(time.monotonic)
 
 
 class CertificateIdentityError(Exception):
@@ -85,27 +96,32 @@ class StrictClientTLS:
     """Client TLS for ``hostname`` trusting ``trust_root``; any identity doubt fails the
     handshake (no subjectAltName included), before a byte of application data.  The
     protocol's ``connectionLost`` gets the ``CertificateIdentityError``; ``warn=False``
-    leaves the logging to a caller that reports that reason itself (once per outage)."""
+    leaves the logging to a caller that reports that reason itself (once per outage);
+    ``refusals`` decides when a refusal is logged again (default: ``REFUSALS``, shared)."""
 
     def __init__(self, hostname: str, trust_root: "IOpenSSLTrustRoot | None" = None, *,
-                 warn: bool = True) -> None:
+                 warn: bool = True, refusals: RepeatedWarning | None = None) -> None:
         self.hostname = hostname
         self.warn = warn
+        self.refusals = REFUSALS if refusals is None else refusals
         self._inner = ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Connection:
         """Twisted's connection (SNI, chain checks), with our stricter verify callback."""
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
         connection.set_verify(VERIFY_PEER | VERIFY_FAIL_IF_NO_PEER_CERT,
-                              _strict_callback(tlsProtocol, self.hostname, self.warn))
+                              _strict_callback(tlsProtocol, self.hostname,
+                                               self.refusals if self.warn else None))
         return connection
 
     def __repr__(self) -> str:
         return f"<StrictClientTLS {self.hostname}>"
 
 
-def _strict_callback(tls_protocol: Any, hostname: str, warn: bool = True) -> Callable[..., bool]:
-    """An OpenSSL verify callback: the chain must verify, the leaf must name ``hostname``."""
+def _strict_callback(tls_protocol: Any, hostname: str,
+                     refusals: RepeatedWarning | None = REFUSALS) -> Callable[..., bool]:
+    """An OpenSSL verify callback: the chain must verify, the leaf must name ``hostname``;
+    a refusal is logged when ``refusals`` says it is due (``None``: never)."""
     protocol_ref = [tls_protocol]  # dropped after the leaf is checked (no reference cycle)
 
     def callback(connection: Connection, certificate: Any, errno: int, depth: int,
@@ -117,8 +133,12 @@ def _strict_callback(tls_protocol: Any, hostname: str, warn: bool = True) -> Cal
         try:
             verify_identity(certificate.to_cryptography(), hostname)
         except CertificateIdentityError as e:
-            if warn:
-                log.warn("refusing TLS peer: {why}", why=str(e))
+            left_out = refusals.due(hostname, str(e)) if refusals is not None else None
+            if left_out == 0:
+                log.warn("refusing TLS peer {host}: {why}", host=hostname, why=str(e))
+            elif left_out is not None:
+                log.warn("refusing TLS peer {host}: {why} ({count} more refusals since the"
+                         " last report)", host=hostname, why=str(e), count=left_out)
             if protocol_ref:
                 protocol_ref.pop().failVerification(Failure(e))
             return False

@@ -39,6 +39,7 @@ from saslsmtp.events import NO_METRICS
 from saslsmtp.limits.redisurl import RedisURL, parse_redis_url
 from saslsmtp.limits.settings import Rate
 from saslsmtp.limits.store import ALLOW, RateResult
+from saslsmtp.repeats import RepeatedWarning
 
 log = Logger()
 
@@ -325,14 +326,12 @@ class RedisStore:
         self._reactor = reactor
         self._clock: IReactorTime = clock or reactor
         self.timeout = timeout
-        self.log_interval = log_interval
+        self._warnings = RepeatedWarning(self._clock.seconds, log_interval)
         self.slot_ttl_ms = int(slot_ttl * 1000)
         self.prefix = key_prefix
         self.on_error = on_error
         self.unavailable = 0  # calls answered "allow" because Redis could not answer
         self.metrics: Any = NO_METRICS  # set by the service: redis_down()
-        self._since_log = 0
-        self._last_log: float | None = None
         self._down = False
         self._held: dict[tuple[str, str], None] = {}
         # The encoded arguments that depend on the limits only, for the last limits seen
@@ -508,20 +507,17 @@ class RedisStore:
     def _unavailable(self, f: Failure) -> Failure:
         self.unavailable += 1
         self.metrics.redis_down()
-        self._since_log += 1
         self._down = True
         if self.on_error is not None:
             try:
                 self.on_error()
             except Exception:
                 log.failure("limits: on_error callback failed")
-        now = self._clock.seconds()
-        if self._last_log is None or now - self._last_log >= self.log_interval:
+        left_out = self._warnings.due()
+        if left_out is not None:
             log.warn("limits: Redis store {url} unavailable ({why}); allowing (fail open);"
                      " {count} calls since the last report", url=self.url.describe(),
-                     why=f.getErrorMessage() or type(f.value).__name__, count=self._since_log)
-            self._last_log = now
-            self._since_log = 0
+                     why=f.getErrorMessage() or type(f.value).__name__, count=left_out + 1)
         return Failure(StoreUnavailable(str(f.value)))
 
     # ---- RateStore -----------------------------------------------------------------
