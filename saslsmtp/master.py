@@ -77,11 +77,59 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.master.worker_ended(self, reason.value)
 
 
+class StartInterrupted(Exception):
+    """A stop signal arrived while the master waited for its workers to start."""
+
+
+class StartSignals:
+    """SIGTERM and SIGINT while the master starts its workers, before the reactor (and
+    with it twistd's own handlers) runs: Python would die at once on SIGTERM, leaving the
+    workers behind, and raise ``KeyboardInterrupt`` (a traceback) on SIGINT.  Here the
+    first one is noted in ``received`` and wakes ``await_ready`` through a pipe
+    (``wake``); later ones are only noted.  ``restore`` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.wake, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._previous = {signum: signal.signal(signum, self._noted)
+                          for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _noted(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+            try:
+                os.write(self._wake_write, b"!")
+            except OSError:  # the pipe is full or closed: a wake-up is pending anyway
+                pass
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def restore(self) -> None:
+        """The previous handlers back, the pipe closed."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        self.close()
+
+    def close(self) -> None:
+        """Only the pipe closed (once): the reactor has installed its own handlers."""
+        self._previous = {}
+        if self.wake >= 0:
+            os.close(self.wake)
+            os.close(self._wake_write)
+            self.wake = self._wake_write = -1
+
+
 def await_ready(pipes: dict[int, int], timeout: float,
-                clock: Callable[[], float] = time.monotonic) -> tuple[int, str] | None:
+                clock: Callable[[], float] = time.monotonic,
+                wake: int | None = None) -> tuple[int, str] | None:
     """Read each worker's status pipe (fd -> slot) until every one said ``ready``:
     ``None``, or ``(slot, reason)`` for the first that said ``failed REASON``, ended
-    without a word, or said nothing for ``timeout`` seconds."""
+    without a word, or said nothing for ``timeout`` seconds.  ``wake`` readable (a stop
+    signal, ``StartSignals``) raises ``StartInterrupted``."""
     waiting = dict(pipes)
     heard: dict[int, bytes] = {fd: b"" for fd in pipes}
     deadline = clock() + timeout
@@ -90,7 +138,10 @@ def await_ready(pipes: dict[int, int], timeout: float,
         if left <= 0:
             slot = min(waiting.values())
             return slot, f"worker {slot} did not start within {timeout:.0f} seconds"
-        readable, _, _ = select.select(list(waiting), [], [], min(left, 1.0))
+        watched = [*waiting, *([wake] if wake is not None else [])]
+        readable, _, _ = select.select(watched, [], [], min(left, 1.0))
+        if wake is not None and wake in readable:
+            raise StartInterrupted()
         for fd in readable:
             chunk = os.read(fd, 4096)
             heard[fd] += chunk
@@ -198,8 +249,11 @@ class MasterService(service.MultiService):
         serves.  One that cannot start (a Maildir it cannot make, a control socket it
         cannot bind...) would fail the same way at every restart: the start stops with
         its reason in one line and exit status 1, as one process's would, before
-        anything says it is ready."""
+        anything says it is ready.  So does a SIGTERM or SIGINT (Ctrl-C) meanwhile: the
+        workers are stopped first.  One that comes after the wait, before twistd's own
+        handlers, stops the running server as soon as the reactor runs."""
         pipes: dict[int, int] = {}
+        signals = StartSignals()
         try:
             for slot in range(self.count):
                 read, write = os.pipe()
@@ -208,27 +262,76 @@ class MasterService(service.MultiService):
                     self.spawn(slot, status=write)
                 finally:
                     os.close(write)
-            problem = await_ready(pipes, self.startup_timeout)
+            problem = await_ready(pipes, self.startup_timeout, wake=signals.wake)
+        except StartInterrupted:
+            log.warn("{signal} received while the workers were starting; stopping them",
+                     signal=signals.name)
+            self.abort_start(None, f"start interrupted by {signals.name}; the workers were stopped",
+                             signals)
+        except BaseException:
+            signals.restore()
+            raise
         finally:
             for fd in pipes:
                 os.close(fd)
         if problem is not None:
             slot, reason = problem
-            self.abort_start(slot, reason)
+            self.abort_start(slot, reason, signals)
+        self.reactor.callWhenRunning(self._stop_if_signalled, signals)
 
-    def abort_start(self, slot: int, reason: str) -> None:
-        """A worker could not start: stop the others, free what the master holds, and
-        end the start with the worker's reason (``SystemExit``: twistd prints it)."""
-        worker = self.workers.get(slot)
-        pid = worker.pid if worker is not None else None
-        log.critical("worker {slot} (pid {worker_pid}) could not start; stopping", slot=slot,
-                     worker_pid=pid)
+    def _stop_if_signalled(self, signals: StartSignals) -> None:
+        """Running now, with twistd's handlers: a stop signal that came just before is
+        obeyed (an orderly stop, as if it came now)."""
+        received = signals.name
+        signals.close()
+        if received:
+            log.info("{signal} received while starting; shutting down", signal=received)
+            self.reactor.stop()
+
+    def abort_start(self, slot: int | None, reason: str, signals: StartSignals | None = None) -> None:
+        """A worker could not start (``slot``), or the start was interrupted (``None``):
+        stop the workers and wait until they ended (killed after ``grace``), free what
+        the master holds, and end the start with ``reason`` (``SystemExit``: twistd
+        prints it); a stop signal meanwhile changes nothing."""
+        if slot is not None:
+            worker = self.workers.get(slot)
+            pid = worker.pid if worker is not None else None
+            log.critical("worker {slot} (pid {worker_pid}) could not start; stopping", slot=slot,
+                         worker_pid=pid)
         self.stopping = True
         self.signal_workers(signal.SIGTERM)
+        self._reap_workers(self.grace)
+        if signals is not None:
+            signals.restore()
         if self._restore_sighup is not None:
             self._restore_sighup()
         self._close_sockets(None)
         raise SystemExit(reason if reason.startswith("saslsmtp: ") else f"saslsmtp: {reason}")
+
+    def _reap_workers(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """Before the reactor runs (nothing reaps them for us): wait until every worker
+        has ended, SIGKILL those left after ``grace`` seconds."""
+        left = {w.pid for w in self.workers.values() if w.pid is not None}
+        deadline = clock() + grace
+        while left:
+            for pid in list(left):
+                try:
+                    ended, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # reaped already
+                    ended = pid
+                if ended:
+                    left.discard(pid)
+            if left and clock() >= deadline:
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                    except (ProcessLookupError, ChildProcessError):
+                        pass
+                log.warn("{n} workers did not stop in time; killed them", n=len(left))
+                return
+            if left:
+                time.sleep(0.02)
 
     def worker_command(self, slot: int, status: int | None = None
                        ) -> tuple[list[str], dict[int, Any], dict[str, str]]:

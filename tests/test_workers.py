@@ -215,3 +215,54 @@ def test_haproxy_listener_is_wrapped_in_the_workers(tmp_path: Path) -> None:
         assert master.wait(30) == 0
     finally:
         kill_leftovers(master, log)
+
+
+#: An AUTH script whose import blocks in the workers (not in the master, which imports it
+#: for its checks) until the test creates ``go``; each worker says it got there.
+SLOW_WORKER_SCRIPT = '''\
+import os, sys, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.argv[0].endswith("worker.py"):
+    open(os.path.join(HERE, "importing.%d" % os.getpid()), "w").close()
+    while not os.path.exists(os.path.join(HERE, "go")):
+        time.sleep(0.02)
+
+def auth(arguments, context):
+    return None
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_workers_start_stops_the_start(tmp_path: Path, signum: int) -> None:
+    """The master waits for its workers before its reactor (and twistd's handlers) runs:
+    a SIGTERM there killed it silently and left the workers holding the port, a Ctrl-C
+    printed a traceback.  Now the workers are stopped, the master exits 1 with one line,
+    the port is free, and nothing said it was ready."""
+    (tmp_path / "users").write_text(USERS)
+    (tmp_path / "slow.py").write_text(SLOW_WORKER_SCRIPT)
+    port = free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="slow.py",
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "saslsmtp.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("importing.*"))) == 2 or proc.poll() is not None,
+                 what="both workers importing the script")
+        assert proc.poll() is None, log.read_text()
+        workers = [int(p.suffix[1:]) for p in tmp_path.glob("importing.*")]
+        proc.send_signal(signum)
+        assert proc.wait(30) == 1, log.read_text()
+        text = log.read_text()
+        name = signal.Signals(signum).name
+        assert f"saslsmtp: start interrupted by {name}; the workers were stopped" in text, text
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+        assert "saslsmtp ready" not in text, text
+        assert not any(alive(pid) for pid in workers), text
+        with socket.socket() as again:  # nobody holds the listening socket any more
+            again.bind(("127.0.0.1", port))
+    finally:
+        (tmp_path / "go").touch()
+        kill_leftovers(proc, log)
