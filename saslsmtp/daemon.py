@@ -8,7 +8,9 @@ binds, serves ``/metrics`` and then drops privileges; with more it is the
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any, Callable
 
 from twisted.application import service
@@ -41,6 +43,78 @@ class SingleProcess(service.MultiService):
     def stopService(self) -> Any:
         from twisted.internet import defer
         return defer.maybeDeferred(super().stopService).addCallback(clean_exit, self.reactor)
+
+
+class ReportedStart(service.MultiService):
+    """What twistd runs: the daemon (``inner``), whose start failures reach the operator.
+
+    A start that fails (a port in use, a worker that cannot start...) ends with
+    ``SystemExit`` and one line.  twistd handles ``Exception`` there, not ``SystemExit``:
+    daemonized, its parent process then waits for the child's word forever, and with
+    ``--pidfile`` the file of a process that never ran stays behind.  So here, before
+    the ``SystemExit`` goes on: the line goes to twistd's status pipe (the parent prints
+    it and exits 1), the pid file this process wrote is removed, and when the log goes
+    to a file or syslog the line is printed on the original standard error too (twistd
+    sends standard error to the log once logging starts).  ``twistd``: twistd's options."""
+
+    def __init__(self, inner: service.IService, twistd: Any) -> None:
+        super().__init__()
+        self.twistd = twistd
+        inner.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except SystemExit as e:
+            self._failed(e)
+            raise
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except SystemExit as e:
+            self._failed(e)
+            raise
+
+    def _failed(self, error: SystemExit) -> None:
+        line = error.code if isinstance(error.code, str) else f"saslsmtp: exit status {error.code}"
+        options = self.twistd
+        pipe = options.get("statusPipe")
+        if pipe is not None:  # daemonized: the waiting parent prints it ("1 " = failed)
+            options["statusPipe"] = None
+            try:
+                os.write(pipe, b"1 " + line.encode("utf-8", "replace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+        elif logs_elsewhere(options) and sys.__stderr__ is not None:
+            print(line, file=sys.__stderr__, flush=True)
+        remove_own_pidfile(options.get("pidfile"))
+
+
+def logs_elsewhere(twistd: Any) -> bool:
+    """Whether twistd logs somewhere the terminal does not show: a file, syslog, another
+    ``--logger`` than saslsmtp's own (which writes where ``--logfile`` says)."""
+    from saslsmtp.logs import twistd_logger
+    logger = twistd.get("logger")
+    if twistd.get("syslog") or logger not in (None, twistd_logger, f"{twistd_logger.__module__}."
+                                                                    f"{twistd_logger.__name__}"):
+        return True
+    logfile = twistd.get("logfile")
+    return bool(logfile) and logfile != "-" or not logfile and not twistd.get("nodaemon")
+
+
+def remove_own_pidfile(pidfile: str | None) -> None:
+    """twistd's pid file, if it names this process (twistd wrote it before the start)."""
+    if not pidfile:
+        return
+    try:
+        with open(pidfile) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.unlink(pidfile)
+    except OSError:
+        pass
 
 
 def guard_stop_signals(reactor: Any) -> None:

@@ -59,6 +59,9 @@ class Options(usage.Options):
                 self["config"], reactor, run_as(config, parent.get("uid"), parent.get("gid")),
                 parent.get("pidfile"), load=lambda _: config, workers=self["workers"])
             self["service"] = make_service(config, reactor, self["workers"])
+            if self.parent is not None:  # twistd runs it: start failures reach the operator
+                from saslsmtp.daemon import ReportedStart
+                self["service"] = ReportedStart(self["service"], self.parent)
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(

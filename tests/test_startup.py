@@ -8,6 +8,7 @@ start with the same ``file:line: key: message`` (one table, both commands per ca
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -305,3 +306,74 @@ def test_production_deployment_as_the_readme_says(shared_dir: Path) -> None:
     assert b"Subject: from curl" in b"".join(p.read_bytes() for p in stored)
     assert "running as uid 65534" in out and "saslsmtp ready" in out, out
     assert status == 0 and "Traceback" not in out and "pid file" not in out, out
+
+
+# ---------------------------------------------------------------------------------------
+# A failed start told where the operator looks: daemonized, --pidfile, --logfile, --syslog
+# ---------------------------------------------------------------------------------------
+
+
+def twistd(*argv: str, cwd: Path) -> subprocess.Popen:
+    """``twistd ARGV`` (any twistd options, then ``saslsmtp ...``), output captured."""
+    import sys
+    return subprocess.Popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                             *argv], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        yield busy.getsockname()[1]
+    finally:
+        busy.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_daemonized_start_that_fails_says_so_and_exits(shared_dir: Path, workers: int) -> None:
+    """Without ``-n`` twistd forks and its parent waits for the child's word: a port in use
+    (``SystemExit``, which twistd does not handle there) left that parent waiting forever
+    and the pid file behind.  Now it prints the reason and exits 1, the file is gone."""
+    (shared_dir / "users").write_text(USERS)
+    config, pidfile, log = (shared_dir / "saslsmtp.toml", shared_dir / "twistd.pid",
+                            shared_dir / "saslsmtp.log")
+    with busy_port() as port:
+        config.write_text(config_text(shared_dir, port=port, workers=workers))
+        proc = twistd(f"--pidfile={pidfile}", f"--logfile={log}", "saslsmtp", "--config",
+                      str(config), cwd=shared_dir)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"twistd's parent still waits: {out}{err}")
+    assert proc.returncode == 1, out + err
+    assert "An error has occurred: b'saslsmtp: cannot listen on" in err, err
+    assert "Address already in use" in err and "Traceback" not in out + err, err
+    assert not pidfile.exists()
+    assert "Address already in use" in log.read_text()
+
+
+@pytest.mark.parametrize("where", ["logfile", "syslog"])
+def test_a_failed_start_logging_elsewhere_says_why_on_the_terminal_too(shared_dir: Path,
+                                                                       where: str) -> None:
+    """``-n`` with ``--logfile`` or ``--syslog``: the reason went only to the log (twistd
+    had taken standard error); it is printed on the terminal too, and the pid file this
+    process wrote is removed."""
+    (shared_dir / "users").write_text(USERS)
+    config, pidfile, log = (shared_dir / "saslsmtp.toml", shared_dir / "twistd.pid",
+                            shared_dir / "saslsmtp.log")
+    logging = f"--logfile={log}" if where == "logfile" else "--syslog"
+    with busy_port() as port:
+        config.write_text(config_text(shared_dir, port=port))
+        proc = twistd("-n", f"--pidfile={pidfile}", logging, "saslsmtp", "--config", str(config),
+                      cwd=shared_dir)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    assert err == f"saslsmtp: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use\n", err
+    assert not pidfile.exists()
+    if where == "logfile":
+        assert "Address already in use" in log.read_text()
