@@ -378,9 +378,12 @@ def check_pidfile(pidfile: str | None, who: RunAs, report: _Report) -> None:
 
 
 def twistd_problems(options: Any) -> list[str]:
-    """What would make twistd itself fail after saslsmtp is built, with a traceback: a
-    ``--rundir`` that is not a folder, a ``--pidfile`` whose folder is missing or not
-    writable (twistd writes it before any privilege drop, as the user starting it)."""
+    """What would make twistd itself fail after saslsmtp is built, with a traceback or
+    only later: a ``--rundir`` that is not a folder, a ``--pidfile`` whose folder is
+    missing or not writable (twistd writes it before any privilege drop, as the user
+    starting it) or that is a folder, ``--logfile=-`` for a daemon (its standard output
+    is closed), ``--uid``/``--gid`` of another user without root (twistd fails to switch
+    after binding)."""
     problems = []
     rundir = options.get("rundir") or "."
     if not os.path.isdir(rundir):
@@ -390,9 +393,77 @@ def twistd_problems(options: Any) -> list[str]:
         folder = os.path.dirname(os.path.abspath(pidfile))
         if not os.path.isdir(folder):
             problems.append(f"--pidfile {pidfile}: no such folder {folder}")
+        elif os.path.isdir(pidfile):
+            problems.append(f"--pidfile {pidfile}: is a folder; name a file in it")
         elif not os.access(folder, os.W_OK | os.X_OK):
             problems.append(f"--pidfile {pidfile}: {folder} is not writable")
+    if options.get("logfile") == "-" and not options.get("nodaemon"):
+        problems.append("--logfile=- writes to standard output, which a daemon closes: add"
+                        " --nodaemon (-n), or give a file")
+    uid, gid = options.get("uid"), options.get("gid")
+    if os.geteuid() != 0 and ((uid is not None and uid != os.getuid())
+                              or (gid is not None and gid != os.getgid())):
+        problems.append(f"--uid/--gid {uid}/{gid}: switching user needs root (this is uid"
+                        f" {os.getuid()}); start as root, or leave them out")
     return problems
+
+
+def twistd_warnings(options: Any) -> list[str]:
+    """twistd options that work, but not as one may think."""
+    if options.get("syslog") and options.get("logfile"):
+        return [f"saslsmtp: warning: --logfile {options['logfile']} is ignored: --syslog wins"]
+    return []
+
+
+def pidfile_in_the_way(pidfile: str | None, pid: int | None = None,
+                       command: Callable[[int], str | None] | None = None) -> tuple[str | None, str | None]:
+    """A start's look at an existing ``--pidfile``: ``(problem, warning)``.
+
+    twistd refuses to start while the file names a live process, in five lines, or with
+    a traceback when it cannot read the file.  A process that is twistd (a second start
+    of the same server) is one line here.  A file naming this very process (a container,
+    whose server is PID 1 at every start) or a process that is no twistd at all (its pid
+    was reused after a crash) is stale: removed, with a warning.  ``command``: the
+    command line of a pid (``None``: gone), for tests."""
+    if not pidfile or not os.path.lexists(pidfile) or os.path.isdir(pidfile):
+        return None, None
+    pid = os.getpid() if pid is None else pid
+    command = command or _command_line
+    try:
+        with open(pidfile) as f:
+            text = f.read().strip()
+    except OSError as e:
+        return f"--pidfile {pidfile}: cannot read it: {e.strerror}", None
+    if not text.isdigit():
+        return None, None  # twistd's own line: "Pidfile ... contains non-numeric value"
+    other = int(text)
+    running = command(other) if other != pid else None
+    if other != pid and running is None:
+        return None, None  # twistd removes it, and says so
+    if running is not None and "twistd" in running:
+        return (f"--pidfile {pidfile}: twistd is running as PID {other}: stop it first, or"
+                " give this server another --pidfile"), None
+    try:
+        os.unlink(pidfile)
+    except OSError as e:
+        return f"--pidfile {pidfile}: stale (PID {other} is not twistd) but cannot be removed: {e.strerror}", None
+    now = "this process" if other == pid else f"{running!r}, not twistd"
+    return None, f"saslsmtp: warning: removed the stale pid file {pidfile}: PID {other} is {now}"
+
+
+def _command_line(pid: int) -> str | None:
+    """The command line of process ``pid`` ("" if unknown), ``None`` if there is none."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # someone else's: it exists
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "twistd?"  # no /proc: assume the worst, as twistd does
 
 
 def preflight(config: Config, reactor: Any, who: RunAs | None = None,

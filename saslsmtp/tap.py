@@ -46,12 +46,20 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         from saslsmtp.daemon import make_service
-        from saslsmtp.preflight import checked_config, run_as, twistd_problems
+        from saslsmtp.preflight import (checked_config, pidfile_in_the_way, run_as,
+                                        twistd_problems, twistd_warnings)
         parent: Any = self.parent or {}
         problems = twistd_problems(parent)
+        notes = twistd_warnings(parent)
+        if not problems and not self["check"]:  # an earlier run's pid file
+            problem, note = pidfile_in_the_way(parent.get("pidfile"))
+            problems += [problem] if problem else []
+            notes += [note] if note else []
         if problems:
             print("saslsmtp: cannot start: " + "; ".join(problems), file=sys.stderr)
             raise SystemExit(1)
+        for note in notes:
+            print(note, file=sys.stderr)
         try:
             config = load(self["config"])
             # the same checks for --check, a real start and a reload, before anything is built

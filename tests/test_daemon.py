@@ -57,20 +57,109 @@ def test_check_reports_file_key_and_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option, message", [
     ("--pidfile={missing}/twistd.pid", "--pidfile {missing}/twistd.pid: no such folder {missing}"),
     ("--rundir={missing}", "--rundir {missing}: no such folder"),
+    ("--pidfile={folder}", "--pidfile {folder}: is a folder; name a file in it"),
+    ("--nodaemon=no --logfile=-", "--logfile=- writes to standard output, which a daemon"
+                                  " closes: add --nodaemon (-n), or give a file"),
 ])
 def test_twistd_options_that_cannot_work_are_one_line(tmp_path: Path, option: str,
                                                       message: str) -> None:
     """twistd writes its pid file and changes to its run folder after the service is built,
-    and fails there with a traceback: checked first, one line and exit status 1."""
+    and fails there with a traceback (a pid file that is a folder too); a daemon logging to
+    standard output loses every line once it has forked: checked first, one line and exit
+    status 1."""
     missing = tmp_path / "no-such-folder"
-    argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "--logfile=-", option.format(missing=missing), "saslsmtp",
-            "--config", str(ETC / "saslsmtp.toml")]
+    given = option.format(missing=missing, folder=tmp_path).split()
+    nodaemon = [] if "--nodaemon=no" in given else ["-n"]
+    given = [o for o in given if o != "--nodaemon=no"]
+    argv = ["-c", "from twisted.scripts.twistd import run; run()", *nodaemon, "--pidfile=",
+            "--logfile=-", *given, "saslsmtp", "--config", str(ETC / "saslsmtp.toml")]
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=30,
                          cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 1
-    assert out.stderr.strip() == "saslsmtp: cannot start: " + message.format(missing=missing)
+    assert out.stderr.strip() == "saslsmtp: cannot start: " + message.format(
+        missing=missing, folder=tmp_path)
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def start_with_pidfile(config: Path, pidfile: Path, log: Path) -> subprocess.Popen:
+    argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", f"--pidfile={pidfile}",
+            "--logfile=-", "saslsmtp", "--config", str(config)]
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, *argv], cwd=config.parent, stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_a_second_start_on_the_same_pidfile_is_one_line(tmp_path: Path) -> None:
+    """The pid file names a running twistd (this server, started twice): one line and
+    exit 1 (twistd's own refusal was five lines); the first server runs on."""
+    from tests.support import alice_config, kill_leftovers, wait_for
+    config, _ = alice_config(tmp_path)
+    pidfile, first_log = tmp_path / "twistd.pid", tmp_path / "first.log"
+    first = start_with_pidfile(config, pidfile, first_log)
+    try:
+        wait_for(lambda: "saslsmtp ready" in first_log.read_text() or first.poll() is not None,
+                 what="the first server")
+        second = start_with_pidfile(config, pidfile, tmp_path / "second.log")
+        assert second.wait(30) == 1
+        text = (tmp_path / "second.log").read_text()
+        assert text == (f"saslsmtp: cannot start: --pidfile {pidfile}: twistd is running as PID"
+                        f" {first.pid}: stop it first, or give this server another --pidfile\n")
+        assert first.poll() is None and pidfile.read_text() == str(first.pid)
+    finally:
+        kill_leftovers(first, first_log)
+
+
+def test_a_pidfile_naming_another_program_is_stale(tmp_path: Path) -> None:
+    """After a crash the pid in the file was reused by something else: twistd would refuse
+    to start for ever (and logrotate's USR1 would go to that process).  The file is stale:
+    removed with a warning, the server starts, the other process is left alone."""
+    from tests.support import alice_config, kill_leftovers, wait_for
+    config, _ = alice_config(tmp_path)
+    pidfile, log = tmp_path / "twistd.pid", tmp_path / "daemon.log"
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        pidfile.write_text(str(other.pid))
+        daemon = start_with_pidfile(config, pidfile, log)
+        try:
+            wait_for(lambda: "saslsmtp ready" in log.read_text() or daemon.poll() is not None,
+                     what="the server")
+            assert daemon.poll() is None, log.read_text()
+            assert (f"saslsmtp: warning: removed the stale pid file {pidfile}: PID {other.pid} is"
+                    f" 'sleep 300', not twistd") in log.read_text()
+            assert pidfile.read_text() == str(daemon.pid)
+        finally:
+            kill_leftovers(daemon, log)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_pidfile_naming_this_very_process_is_stale(tmp_path: Path) -> None:
+    """A container's server is PID 1 at every start: a pid file left with "1" names the
+    new process itself, which twistd took for another server running."""
+    from saslsmtp.preflight import pidfile_in_the_way
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text("1\n")
+    problem, warning = pidfile_in_the_way(str(pidfile), pid=1, command=lambda pid: "init")
+    assert problem is None and not pidfile.exists()
+    assert warning == f"saslsmtp: warning: removed the stale pid file {pidfile}: PID 1 is this process"
+    pidfile.write_text("1\n")  # PID 1 is someone else's twistd: refused, kept
+    problem, warning = pidfile_in_the_way(str(pidfile), pid=7, command=lambda pid: "python twistd -n")
+    assert problem and "twistd is running as PID 1" in problem and pidfile.exists()
+
+
+def test_uid_of_another_user_without_root_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """twistd switches user after binding and, unable to, exits there (a daemonized
+    twistd's parent then waited for ever): refused before anything is built."""
+    from saslsmtp import preflight
+    monkeypatch.setattr(preflight.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(preflight.os, "getuid", lambda: 1000)
+    monkeypatch.setattr(preflight.os, "getgid", lambda: 1000)
+    assert preflight.twistd_problems({"uid": 65534, "gid": None}) == [
+        "--uid/--gid 65534/None: switching user needs root (this is uid 1000); start as"
+        " root, or leave them out"]
+    assert preflight.twistd_problems({"uid": 1000, "gid": 1000}) == []  # itself: fine
 
 
 def broken_script_config(tmp_path: Path) -> Path:
@@ -206,3 +295,15 @@ def test_check_reads_the_users_file(tmp_path: Path) -> None:
     assert f"{users}:3: backends.users:" in out.stderr and "NOPE" in out.stderr
     assert f"{users}:4: backends.users: no ':'" in out.stderr
     assert "secret-value" not in out.stderr
+
+
+def test_syslog_with_a_logfile_warns_that_the_file_is_ignored(tmp_path: Path) -> None:
+    """twistd logs to syslog and silently never opens ``--logfile``: said once, at start
+    and at ``--check``."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         "--syslog", f"--logfile={tmp_path / 'x.log'}", "saslsmtp", "--config",
+         str(ETC / "saslsmtp.toml"), "--check"], capture_output=True, text=True, timeout=30,
+        cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == f"saslsmtp: warning: --logfile {tmp_path / 'x.log'} is ignored: --syslog wins\n"
