@@ -27,9 +27,11 @@ from saslsmtp.options import (PATH, OptionProblem, Options, OptionsError, hostna
 
 from saslsmtp.relay.options import MaildirDelivery, UpstreamDelivery, parse_delivery
 from saslsmtp.senders import SubmissionOptions, parse_submission
-
 from saslsmtp.opsconfig import SERVER_KEYS, OpsConfig, check_identity, parse_ops
 from saslsmtp.limits.settings import parse_auth_cache, parse_limits
+
+#: A UTF-8 byte order mark, as Notepad saves a file: skipped before the TOML.
+BOM = "\ufeff"
 
 # --------------------------------------------------------------------------
 # Errors
@@ -224,7 +226,7 @@ def key_lines(text: str) -> dict[str, int]:
     """Map dotted keys (``auth.backends``) and tables (``backends.users``) to line numbers."""
     lines: dict[str, int] = {}
     table = ""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.removeprefix(BOM).splitlines(), start=1):
         header = _HEADER.match(line)
         if header:
             table = ".".join(part.strip().strip('"') for part in header.group(1).split("."))
@@ -368,6 +370,7 @@ def parse_config(text: str, file: str = "<config>", *,
     """
     from saslsmtp.checkers.registry import options_class, BACKEND_TYPES
 
+    text = text.removeprefix(BOM)  # what Windows editors write first; TOML parsers refuse it
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -447,8 +450,31 @@ def parse_config(text: str, file: str = "<config>", *,
                   sections=sections)
 
 
+def config_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the configuration although something is there: standard
+    input, a pipe or a device cannot be read again (each worker and every SIGHUP reload
+    reads the file anew), a folder is not the file in it."""
+    import stat
+    if path == "-":
+        return ("standard input cannot be the configuration: each worker and every SIGHUP"
+                " reload read the file again; give its path")
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None  # reading it says why
+    if stat.S_ISDIR(mode):
+        return f"is a folder; give the configuration file (e.g. {Path(path) / 'saslsmtp.toml'})"
+    if not stat.S_ISREG(mode):
+        return ("is not a regular file (a pipe or a device): each worker and every SIGHUP"
+                " reload read the file again; give a file")
+    return None
+
+
 def load_config(path: str, *, known_mechanisms: frozenset[str] = frozenset()) -> Config:
     """Read and parse the file at ``path``."""
+    why = config_file_problem(path)
+    if why is not None:
+        raise ConfigError([ConfigProblem(path, "", None, why)])
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:

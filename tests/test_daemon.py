@@ -307,3 +307,38 @@ def test_syslog_with_a_logfile_warns_that_the_file_is_ignored(tmp_path: Path) ->
         cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
     assert out.stderr == f"saslsmtp: warning: --logfile {tmp_path / 'x.log'} is ignored: --syslog wins\n"
+
+
+@pytest.mark.parametrize("given, message", [
+    ("-", "standard input cannot be the configuration: each worker and every SIGHUP reload"
+          " read the file again; give its path"),
+    ("{folder}", "is a folder; give the configuration file (e.g. {folder}/saslsmtp.toml)"),
+    ("{folder}/fifo", "is not a regular file (a pipe or a device): each worker and every SIGHUP"
+                      " reload read the file again; give a file"),
+])
+def test_a_configuration_that_is_not_a_file_is_one_line(tmp_path: Path, given: str,
+                                                         message: str) -> None:
+    """``--config -``, a folder (``/etc/saslsmtp``) or a pipe: --check and a start say what
+    to give instead (standard input was looked up as a file named "-"; a pipe passed
+    --check and then every worker and reload found it empty)."""
+    os.mkfifo(tmp_path / "fifo")
+    path = given.format(folder=tmp_path)
+    for extra in (("--check",), ()):
+        out = run_twistd(Path(path), *extra)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert out.stderr == ("saslsmtp: configuration is not valid:\n"
+                              f"{path}: {message.format(folder=tmp_path)}\n"), out.stderr
+
+
+def test_a_configuration_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad writes a UTF-8 BOM first: the file is read (tomllib refused it as "Invalid
+    statement" at line 1) and problems keep their lines."""
+    text = (ETC / "saslsmtp.toml").read_text().replace('path = "users"', f'path = "{ETC / "users"}"')
+    text = text.replace('path = "../var/mail"', f'path = "{tmp_path / "mail"}"')
+    config = tmp_path / "saslsmtp.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    out = run_twistd(config, "--check")
+    assert out.returncode == 0 and out.stdout.strip() == f"{config}: OK", out.stderr
+    config.write_bytes(b"\xef\xbb\xbf" + text.replace("[server]\n", "[server]\nbogus = 1\n", 1).encode())
+    out = run_twistd(config, "--check")
+    assert out.returncode == 1 and f"{config}:12: server.bogus: unknown key" in out.stderr, out.stderr
