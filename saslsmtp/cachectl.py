@@ -20,6 +20,7 @@ import argparse
 import errno
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from saslsmtp.commandline import parse_arguments
 
 log = Logger(namespace="saslsmtp")
 
-EX_OK, EX_NOSERVER, EX_USAGE, EX_NOPERM, EX_CONFIG = 0, 1, 64, 77, 78
+EX_OK, EX_NOSERVER, EX_USAGE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 0, 1, 64, 75, 77, 78
 SOCKET_MODE = 0o600
 CONTROL_NAME = "auth-cache-control"  # its name among the serving process's services
 TIMEOUT = 10.0
@@ -145,12 +146,14 @@ def control_service(reactor: Any, factory: Any, reloader: Any,
 
 @dataclass(frozen=True)
 class Answer:
-    """What one socket said: ``dropped`` entries, or ``problem`` (``errno`` if any)."""
+    """What one socket said: ``dropped`` entries, or ``problem`` (``errno`` if any);
+    ``reached``: something accepted the connection (a server that did not answer)."""
 
     path: Path
     dropped: int | None = None
     problem: str = ""
     errno: int | None = None
+    reached: bool = False
 
 
 def control_paths(path: str) -> list[Path]:
@@ -164,12 +167,21 @@ def control_paths(path: str) -> list[Path]:
     return found
 
 
-def ask(path: Path, line: bytes, timeout: float = TIMEOUT) -> Answer:
-    """Send one command line to one control socket and read its answer."""
+def ask(path: Path, line: bytes, timeout: float | None = None) -> Answer:
+    """Send one command line to one control socket and read its answer (``timeout``:
+    ``TIMEOUT`` seconds unless given)."""
+    timeout = TIMEOUT if timeout is None else timeout
+    try:
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            return Answer(path, problem="is not a socket (is control_socket the server's?)")
+    except OSError as e:
+        return Answer(path, problem=e.strerror or str(e), errno=e.errno)
+    reached = False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
+            reached = True
             s.sendall(line + b"\n")
             reply = b""
             while not reply.endswith(b"\n"):
@@ -178,11 +190,12 @@ def ask(path: Path, line: bytes, timeout: float = TIMEOUT) -> Answer:
                     break
                 reply += chunk
     except OSError as e:
-        return Answer(path, problem=e.strerror or str(e), errno=e.errno)
+        return Answer(path, problem=e.strerror or str(e) or type(e).__name__, errno=e.errno,
+                      reached=reached)
     text = reply.decode("utf-8", "replace").strip()
     if text.startswith("ok ") and text[3:].isdigit():
-        return Answer(path, dropped=int(text[3:]))
-    return Answer(path, problem=text or "no answer")
+        return Answer(path, dropped=int(text[3:]), reached=True)
+    return Answer(path, problem=text or "no answer", reached=True)
 
 
 def flush(path: str, user: str | None) -> list[Answer]:
@@ -204,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Run the command; returns the exit status: 0 flushed, 1 no server running,
-    64 usage, 77 permission denied, 78 configuration problem."""
+    64 usage, 75 a server holds the socket but did not answer, 77 permission denied,
+    78 configuration problem."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     args = parse_arguments(build_parser(), argv, stdout, stderr)
@@ -236,6 +250,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             print("saslsmtp-cache: permission denied: run as root or as the server's user",
                   file=stderr)
             return EX_NOPERM
+        if any(a.reached for a in answers):  # running, but busy or stuck: not "not running"
+            print("saslsmtp-cache: the server did not answer (nothing was flushed); try again",
+                  file=stderr)
+            return EX_TEMPFAIL
         print(f"saslsmtp-cache: no saslsmtp server is running (nothing answers on"
               f" {settings.control_socket})", file=stderr)
         return EX_NOSERVER

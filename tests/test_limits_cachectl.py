@@ -140,3 +140,41 @@ def test_usage_errors_exit_64() -> None:
     err = io.StringIO()
     assert cachectl.main(["--config", "x.toml"], stderr=err) == 64
     assert cachectl.main(["--config", "x.toml", "purge"], stderr=err) == 64
+
+
+def cache_config(tmp_path: Path, control: Path) -> Path:
+    (tmp_path / "users").write_text("alice:{PLAIN}x\n")
+    return write_config(tmp_path, USERS_FILE,
+                        extra=f'[auth.cache]\nttl = 300\ncontrol_socket = "{control}"\n')
+
+
+def test_a_server_that_does_not_answer_is_not_called_absent(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something holds the socket but never answers (a stuck server): exit 75 and "did not
+    answer", not exit 1 with "no saslsmtp server is running" after the timeout line (a
+    script would start a second server)."""
+    import socket
+    control = tmp_path / "cache.sock"
+    config = cache_config(tmp_path, control)
+    monkeypatch.setattr(cachectl, "TIMEOUT", 0.2)
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.bind(str(control))
+        stuck.listen()
+        out, err = io.StringIO(), io.StringIO()
+        assert cachectl.main(["--config", str(config), "flush"], stdout=out, stderr=err) == 75
+    assert err.getvalue() == (f"saslsmtp-cache: {control}: timed out\n"
+                              "saslsmtp-cache: the server did not answer (nothing was flushed);"
+                              " try again\n")
+    assert out.getvalue() == ""
+
+
+def test_a_file_that_is_not_a_socket_is_named(tmp_path: Path) -> None:
+    """A regular file where the socket should be: said so, then "no server running"."""
+    control = tmp_path / "cache.sock"
+    config = cache_config(tmp_path, control)
+    control.write_text("")
+    err = io.StringIO()
+    assert cachectl.main(["--config", str(config), "flush"], stderr=err) == 1
+    assert err.getvalue() == (f"saslsmtp-cache: {control}: is not a socket (is control_socket the"
+                              f" server's?)\nsaslsmtp-cache: no saslsmtp server is running"
+                              f" (nothing answers on {control})\n")
