@@ -161,3 +161,37 @@ def test_logrotate_with_the_example_config(tmp_path: Path, workers: int) -> None
         assert sorted(p.name for p in logs.iterdir()) == ["saslsmtp.log", "saslsmtp.log.1"]
     finally:
         kill_leftovers(proc, log)
+
+
+@pytest.mark.parametrize("pid_file", ["another program", "a dead process", "none"])
+def test_logrotate_without_a_running_daemon_is_no_error(tmp_path: Path, pid_file: str) -> None:
+    """The example's ``postrotate`` when saslsmtp is not running: logrotate exits 0 (its
+    ``kill`` failed, and cron mailed an error every night), and when the pid file left by
+    a crash names another program now, that program does not get SIGUSR1 (which ends it)."""
+    logrotate = require_binary(shutil.which("logrotate") or "/usr/sbin/logrotate", "logrotate")
+    logs = tmp_path / "log"
+    logs.mkdir(mode=0o755)
+    log, pidfile = logs / "saslsmtp.log", tmp_path / "twistd.pid"
+    log.write_text("a line\n")
+    me = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text((ROOT / "etc" / "logrotate.d" / "saslsmtp").read_text()
+                    .replace("/var/log/saslsmtp/saslsmtp.log", str(log))
+                    .replace("/run/saslsmtp/twistd.pid", str(pidfile))
+                    .replace("create 0640 saslsmtp adm", f"create 0640 {me}"))
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        if pid_file == "another program":
+            pidfile.write_text(str(other.pid))
+        elif pid_file == "a dead process":
+            gone = subprocess.Popen(["true"])
+            gone.wait()
+            pidfile.write_text(str(gone.pid))
+        done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (logs / "saslsmtp.log.1").read_text() == "a line\n"
+        assert other.poll() is None, "SIGUSR1 went to another program"
+    finally:
+        other.kill()
+        other.wait()
