@@ -55,11 +55,15 @@ class ReportedStart(service.MultiService):
     the ``SystemExit`` goes on: the line goes to twistd's status pipe (the parent prints
     it and exits 1), the pid file this process wrote is removed, and when the log goes
     to a file or syslog the line is printed on the original standard error too (twistd
-    sends standard error to the log once logging starts).  ``twistd``: twistd's options."""
+    sends standard error to the log once logging starts).  ``twistd``: twistd's options.
 
-    def __init__(self, inner: service.IService, twistd: Any) -> None:
+    A start that succeeded tells systemd ``READY=1`` once the reactor runs (``Type=notify``:
+    only then does ``systemctl start`` return; nothing outside systemd)."""
+
+    def __init__(self, inner: service.IService, twistd: Any, reactor: Any) -> None:
         super().__init__()
         self.twistd = twistd
+        self.reactor = reactor
         inner.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -75,6 +79,8 @@ class ReportedStart(service.MultiService):
         except SystemExit as e:
             self._failed(e)
             raise
+        from saslsmtp.sdnotify import notify
+        self.reactor.callWhenRunning(notify, f"READY=1\nMAINPID={os.getpid()}")
 
     def _failed(self, error: SystemExit) -> None:
         line = error.code if isinstance(error.code, str) else f"saslsmtp: exit status {error.code}"

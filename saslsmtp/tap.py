@@ -69,7 +69,7 @@ class Options(usage.Options):
             self["service"] = make_service(config, reactor, self["workers"])
             if self.parent is not None:  # twistd runs it: start failures reach the operator
                 from saslsmtp.daemon import ReportedStart
-                self["service"] = ReportedStart(self["service"], self.parent)
+                self["service"] = ReportedStart(self["service"], self.parent, reactor)
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(

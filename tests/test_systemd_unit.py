@@ -1,14 +1,19 @@
-"""``etc/systemd/saslsmtp.service``: systemd itself accepts every line, and the unit has
-the hardening and reload wiring the README promises."""
+"""``etc/systemd/saslsmtp.service``: systemd itself accepts every line, the unit has
+the hardening and reload wiring the README promises, and saslsmtp tells systemd it is
+ready (``Type=notify``) only once it serves."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import require_binary
-from tests.support import ROOT
+from tests.support import ROOT, alice_config, kill_leftovers, twistd_command
 
 UNIT = ROOT / "etc" / "systemd" / "saslsmtp.service"
 SHIPPED_TWISTD = "/usr/local/bin/twistd"
@@ -50,3 +55,72 @@ def test_hardening_and_reload_lines() -> None:
                      "AmbientCapabilities=CAP_NET_BIND_SERVICE",
                      "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "KillMode=mixed"):
         assert expected in lines, expected
+
+
+def test_the_unit_waits_for_readiness() -> None:
+    """``Type=notify``: ``systemctl start`` returns when saslsmtp says READY=1 (after every
+    listener is bound and every worker serves) and fails when the start does; under
+    ``Type=exec`` it succeeded as soon as twistd was executed."""
+    lines = {line.strip() for line in UNIT.read_text().splitlines()}
+    assert "Type=notify" in lines and "NotifyAccess=main" in lines
+    assert "RuntimeDirectory=saslsmtp" in lines  # /run/saslsmtp for a control socket
+
+
+def notified_start(tmp_path: Path, address: str, server: str = "",
+                   port: int | None = None) -> tuple[subprocess.Popen, socket.socket, int, Path]:
+    """twistd saslsmtp with ``NOTIFY_SOCKET=address`` (``@name``: abstract), and the
+    datagram socket systemd would listen on."""
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listening.bind("\0" + address[1:] if address.startswith("@") else address)
+    config, free = alice_config(tmp_path, server)
+    if port is not None:
+        config.write_text(config.read_text().replace(f"tcp:{free}:", f"tcp:{port}:"))
+    log = tmp_path / "daemon.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=address)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config), cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    return proc, listening, port or free, log
+
+
+@pytest.mark.parametrize("workers, where", [(1, "path"), (2, "path"), (1, "abstract")])
+def test_ready_is_told_once_the_server_serves(tmp_path: Path, workers: int, where: str) -> None:
+    """READY=1 (with MAINPID) arrives once, when the port already answers with a
+    greeting and every worker said it was ready."""
+    address = str(tmp_path / "notify") if where == "path" else f"@saslsmtp-test-{os.getpid()}"
+    proc, listening, port, log = notified_start(tmp_path, address, f"workers = {workers}\n")
+    try:
+        listening.settimeout(30)
+        assert listening.recv(4096) == f"READY=1\nMAINPID={proc.pid}".encode(), log.read_text()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            assert client.recv(100).startswith(b"220 ")
+        assert log.read_text().count("saslsmtp ready") == workers
+        proc.terminate()
+        assert proc.wait(30) == 0, log.read_text()
+        listening.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listening.recv(4096)  # said once
+    finally:
+        kill_leftovers(proc, log)
+        listening.close()
+
+
+def test_a_start_that_fails_never_says_ready(tmp_path: Path) -> None:
+    """A port in use: the process exits 1 and systemd hears nothing (it reports the failed
+    start), where Type=exec had already called the service started."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        proc, listening, _, log = notified_start(tmp_path, str(tmp_path / "notify"),
+                                                 port=busy.getsockname()[1])
+        try:
+            assert proc.wait(30) == 1, log.read_text()
+            listening.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                listening.recv(4096)
+        finally:
+            kill_leftovers(proc, log)
+            listening.close()
+    finally:
+        busy.close()
