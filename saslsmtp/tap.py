@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -43,11 +46,7 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        from twisted.internet import reactor
-
-        from saslsmtp.daemon import make_service
-        from saslsmtp.preflight import (checked_config, pidfile_in_the_way, run_as,
-                                        twistd_problems, twistd_warnings)
+        from saslsmtp.preflight import pidfile_in_the_way, twistd_problems, twistd_warnings
         parent: Any = self.parent or {}
         problems = twistd_problems(parent)
         notes = twistd_warnings(parent)
@@ -60,6 +59,26 @@ class Options(usage.Options):
             raise SystemExit(1)
         for note in notes:
             print(note, file=sys.stderr)
+        try:
+            with interruptible():
+                warnings = self._build(parent)
+        except Interrupted:
+            print("saslsmtp: interrupted (SIGINT) while checking the configuration; nothing"
+                  " was started", file=sys.stderr)
+            raise SystemExit(130)
+        for warning in warnings:
+            print(warning, file=sys.stderr)
+        if self["check"]:
+            print(f"{self['config']}: OK")
+            raise SystemExit(0)
+
+    def _build(self, parent: Any) -> list[str]:
+        """Check the configuration and build the service (``self["service"]``); the
+        warnings to print.  A problem ends the command with its lines."""
+        from twisted.internet import reactor
+
+        from saslsmtp.daemon import make_service
+        from saslsmtp.preflight import checked_config, run_as
         try:
             config = load(self["config"])
             # the same checks for --check, a real start and a reload, before anything is built
@@ -78,11 +97,30 @@ class Options(usage.Options):
         except ConfigError as e:
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)
-        for warning in warnings:
-            print(warning, file=sys.stderr)
-        if self["check"]:
-            print(f"{self['config']}: OK")
-            raise SystemExit(0)
+        return warnings
+
+
+class Interrupted(BaseException):
+    """Ctrl-C while the configuration is checked (importing an AUTH script can take a
+    while): not one of the script's errors, which its loader reports as a problem."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT raises ``Interrupted`` meanwhile (in the main thread; elsewhere nothing
+    changes): Python's ``KeyboardInterrupt`` was taken for the script's own, the check
+    then imported it again and said OK, or a traceback ended it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise Interrupted()
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def makeService(options: Options) -> IService:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -342,3 +343,47 @@ def test_a_configuration_saved_with_a_byte_order_mark_is_read(tmp_path: Path) ->
     config.write_bytes(b"\xef\xbb\xbf" + text.replace("[server]\n", "[server]\nbogus = 1\n", 1).encode())
     out = run_twistd(config, "--check")
     assert out.returncode == 1 and f"{config}:12: server.bogus: unknown key" in out.stderr, out.stderr
+
+
+#: An AUTH script whose import waits until the test creates ``go`` (a slow import: a
+#: script reading a big file, asking a server...), after saying it got there.
+WAITING_SCRIPT = '''\
+import os, time
+HERE = os.path.dirname(os.path.abspath(__file__))
+open(os.path.join(HERE, "importing"), "w").close()
+while not os.path.exists(os.path.join(HERE, "go")):
+    time.sleep(0.02)
+
+def auth(arguments, context):
+    return None
+'''
+
+
+@pytest.mark.parametrize("extra", [("--check",), ()], ids=["check", "start"])
+def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Ctrl-C while the AUTH script is imported: exit 130 and one line.  The import's
+    KeyboardInterrupt was taken for the script's own error; the check then imported the
+    script again and said OK (exit 0), as if nobody had pressed it."""
+    (tmp_path / "slow.py").write_text(WAITING_SCRIPT)
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    config = write_config(tmp_path, f'[backends.u]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          script="slow.py", listen=[f"tcp:{free_port()}:interface=127.0.0.1"])
+    proc = subprocess.Popen(twistd_command(config, *extra), cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        from tests.support import wait_for
+        wait_for(lambda: (tmp_path / "importing").exists() or proc.poll() is not None,
+                 what="the script's import")
+        proc.send_signal(signal.SIGINT)
+        (tmp_path / "go").touch()  # a second import (the old behaviour) would not wait
+        out, err = proc.communicate(timeout=30)
+    finally:
+        (tmp_path / "go").touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, out + err
+    assert err == ("saslsmtp: interrupted (SIGINT) while checking the configuration; nothing"
+                   " was started\n"), err
+    assert "OK" not in out and "ready" not in out, out
