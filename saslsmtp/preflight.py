@@ -408,11 +408,19 @@ def twistd_problems(options: Any) -> list[str]:
     return problems
 
 
-def twistd_warnings(options: Any) -> list[str]:
-    """twistd options that work, but not as one may think."""
-    if options.get("syslog") and options.get("logfile"):
-        return [f"saslsmtp: warning: --logfile {options['logfile']} is ignored: --syslog wins"]
-    return []
+def twistd_warnings(options: Any, syslog_socket: str = "/dev/log") -> list[str]:
+    """twistd options that work, but not as one may think: ``--syslog`` ignores
+    ``--logfile``, and without a syslog daemon (``/dev/log``, often so in a container)
+    every line is dropped without a word."""
+    if not options.get("syslog"):
+        return []
+    notes = []
+    if options.get("logfile"):
+        notes.append(f"saslsmtp: warning: --logfile {options['logfile']} is ignored: --syslog wins")
+    if not os.path.exists(syslog_socket):
+        notes.append(f"saslsmtp: warning: --syslog, but no syslog daemon listens ({syslog_socket}"
+                     " does not exist): every log line will be lost")
+    return notes
 
 
 def pidfile_in_the_way(pidfile: str | None, pid: int | None = None,

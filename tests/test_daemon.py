@@ -307,7 +307,20 @@ def test_syslog_with_a_logfile_warns_that_the_file_is_ignored(tmp_path: Path) ->
          str(ETC / "saslsmtp.toml"), "--check"], capture_output=True, text=True, timeout=30,
         cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
-    assert out.stderr == f"saslsmtp: warning: --logfile {tmp_path / 'x.log'} is ignored: --syslog wins\n"
+    assert f"saslsmtp: warning: --logfile {tmp_path / 'x.log'} is ignored: --syslog wins\n" \
+        in out.stderr
+
+
+def test_syslog_without_a_syslog_daemon_warns(tmp_path: Path) -> None:
+    """No ``/dev/log`` (a container): twistd's syslog lines go nowhere, silently."""
+    from saslsmtp.preflight import twistd_warnings
+    missing = str(tmp_path / "log")
+    assert twistd_warnings({"syslog": True}, missing) == [
+        f"saslsmtp: warning: --syslog, but no syslog daemon listens ({missing} does not exist):"
+        " every log line will be lost"]
+    (tmp_path / "log").touch()
+    assert twistd_warnings({"syslog": True}, missing) == []
+    assert twistd_warnings({"syslog": False}, str(tmp_path / "none")) == []
 
 
 @pytest.mark.parametrize("given, message", [
