@@ -237,17 +237,23 @@ def ca_file_problem(key: str, path: str | None) -> list[OptionProblem]:
 
 
 def http_url_problem(key: str, url: str | None) -> list[OptionProblem]:
-    """A problem when ``url`` is set and not ``http://`` or ``https://``, or names a port
-    no connection can use (beyond 65535, or 0): every request would fail instead."""
+    """A problem when ``url`` is set and not ``http://`` or ``https://``."""
+    return problem_if(bool(url) and not (url or "").startswith(("http://", "https://")), key,
+                      "must be an http:// or https:// URL")
+
+
+def url_port_problem(key: str, url: str | None) -> list[OptionProblem]:
+    """A problem when ``url`` is set and names a port no connection can use (beyond
+    65535, or 0), or one that is no number: every request would fail instead.  The URL
+    is repeated with its password masked."""
+    from saslsmtp.redact import url_for_humans
     if not url:
         return []
-    if not url.startswith(("http://", "https://")):
-        return [OptionProblem(key, "must be an http:// or https:// URL")]
     try:
         port = urlsplit(url).port
     except ValueError as e:  # "Port out of range 0-65535", "Invalid IPv6 URL"
-        return [OptionProblem(key, f"{url!r} is not a usable URL: {e}")]
-    return problem_if(port == 0, key, f"{url!r} is not a usable URL: port 0")
+        return [OptionProblem(key, f"{url_for_humans(url)!r} is not a usable URL: {e}")]
+    return problem_if(port == 0, key, f"{url_for_humans(url)!r} is not a usable URL: port 0")
 
 
 #: Twisted endpoint kinds whose strings carry a TCP port.

@@ -208,3 +208,12 @@ def test_a_relative_store_ca_file_is_beside_the_configuration(tmp_path: Path) ->
     parsed = parse_config(config.read_text(), str(config), known_mechanisms=BUILTIN_NAMES)
     from saslsmtp.limits.redisurl import parse_redis_url
     assert parse_redis_url(parsed.section("limits").store).ca_file == str(folder / "ca.pem")
+
+
+def test_a_url_port_problem_never_repeats_a_password() -> None:
+    """The port check quotes the URL as messages may show it (password masked)."""
+    from saslsmtp.options import OptionProblem, url_port_problem
+    assert url_port_problem("k", "https://bob:s3cret@idp.example.test:99999/k") == [OptionProblem(
+        "k", "'https://bob:***@idp.example.test:99999/k' is not a usable URL: Port out of range"
+             " 0-65535")]
+    assert url_port_problem("k", "https://idp.example.test/k") == []

@@ -68,7 +68,8 @@ from saslsmtp.credentials import AvatarId
 from saslsmtp.deadline import DeadlineExceeded, with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import (PATH, OptionProblem, Options, OptionsError, ca_file_problem,
-                              file_problem, finite_number, http_url_problem, problem_if)
+                              file_problem, finite_number, http_url_problem, problem_if,
+                              url_port_problem)
 from saslsmtp.redact import url_for_humans
 from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 
@@ -128,7 +129,8 @@ class OAuth2Options(Options):
             "jwks_file", self.jwks_file)
         for key in ("jwks_url", "introspection_url"):
             url = getattr(self, key)
-            problems += http_url_problem(key, url) or credentials_problem(key, url)
+            problems += (http_url_problem(key, url) or credentials_problem(key, url)
+                         or url_port_problem(key, url))
         if (self.client_id is None) != (self.client_secret is None):
             problems.append(OptionProblem(
                 "client_secret" if self.client_id is not None else "client_id",
