@@ -365,6 +365,37 @@ def check_login_possible(config: Config, report: _Report) -> None:
                     f" {', '.join(usable)} can be used; {', '.join(hidden)} never will")
 
 
+def secret_keys(config: Config) -> list[str]:
+    """The keys of ``config`` that hold a secret: a bind password, an OAuth2 client
+    secret, HTTP headers (an API token), a Redis URL's password."""
+    keys = []
+    for name, backend in config.backends.items():
+        for key in ("search_password", "client_secret", "headers"):
+            if getattr(backend.options, key, None):
+                keys.append(f"backends.{name}.{key}")
+    limits = config.sections.get("limits")
+    store = getattr(limits, "store", "") or ""
+    if store.startswith(("redis://", "rediss://")):
+        from saslsmtp.limits.redisurl import parse_redis_url
+        if parse_redis_url(store).password:
+            keys.append("limits.store")
+    return keys
+
+
+def check_secrets_readable(config: Config, report: _Report) -> None:
+    """A configuration that holds secrets and that every local user can read gives them
+    away (Postfix's ``postfix check`` and ssh warn the same way)."""
+    try:
+        mode = Path(config.path).stat().st_mode
+    except OSError:
+        return
+    keys = secret_keys(config)
+    if keys and mode & stat.S_IROTH:
+        report.warn(keys[0], f"{config.path} holds secrets ({', '.join(keys)}) and every user"
+                             f" can read it (mode {stat.S_IMODE(mode):o}): chmod o-r it"
+                             " (0640, group the server's)")
+
+
 def check_pidfile(pidfile: str | None, who: RunAs, report: _Report) -> None:
     """twistd removes its pid file at stop, after the drop: the folder must let it."""
     if not pidfile or who.uid == os.geteuid():
@@ -486,6 +517,7 @@ def preflight(config: Config, reactor: Any, who: RunAs | None = None,
     check_paths(config, who, report)
     check_control_socket(config, who, count, report)
     check_login_possible(config, report)
+    check_secrets_readable(config, report)
     check_pidfile(pidfile, who, report)
     if report.problems:
         raise ConfigError(report.problems)

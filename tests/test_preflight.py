@@ -90,3 +90,33 @@ def check_as_nobody(tmp_path: Path) -> None:
     (tmp_path / "closed").chmod(0o700)
     assert writable_dir_problem(str(tmp_path / "closed" / "mail"), NOBODY) == \
         f"{tmp_path}/closed/mail is not writable by nobody: cannot enter {tmp_path}/closed"
+
+
+SECRET_BACKEND = ('[backends.api]\ntype = "http"\nurl = "http://127.0.0.1:9/check"\n'
+                  'headers = { Authorization = "Bearer t0ken" }\n')
+
+
+@pytest.mark.parametrize("backend, extra, secrets", [
+    (SECRET_BACKEND, "", "backends.api.headers"),
+    ('[backends.users]\ntype = "file"\npath = "users"\n',
+     '[limits]\nstore = "redis://:pw@127.0.0.1:6379/0"\n', "limits.store"),
+])
+def test_a_configuration_with_secrets_that_everyone_can_read_is_a_warning(
+        tmp_path: Path, backend: str, extra: str, secrets: str) -> None:
+    """A token or password in a file every local user can read is given away: --check
+    and the start warn at the key's line, never quoting the secret; 0640 is quiet."""
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    path = write_config(tmp_path, backend, extra=extra)
+    path.chmod(0o644)
+    warnings = preflight(load(str(path)), Clock())
+    assert [w for w in warnings if f"holds secrets ({secrets}) and every user can read it"
+            " (mode 644): chmod o-r it" in w] != [], warnings
+    assert not [w for w in warnings if "t0ken" in w or ":pw@" in w]
+    path.chmod(0o640)
+    assert not [w for w in preflight(load(str(path)), Clock()) if "holds secrets" in w]
+
+
+def test_a_readable_configuration_without_secrets_is_no_warning(tmp_path: Path) -> None:
+    path = Path(config_with(tmp_path, ["CRAM-MD5"]).path)  # type: ignore[attr-defined]
+    path.chmod(0o644)
+    assert not [w for w in preflight(load(str(path)), Clock()) if "holds secrets" in w]
