@@ -2,14 +2,26 @@
 dot-unstuffing work on whole buffers, never on one Python object per line.
 
 ``BodyReader.feed(data)`` takes bytes as they arrive and returns a ``BodyChunk``: the
-un-stuffed bytes that can be passed on now (CRLF line ends, as sent), and, once the final
-``CRLF . CRLF`` was seen, ``done`` and the bytes that followed it (the next commands).
-At most four bytes (a possible start of the terminator) are held back between reads,
-so memory does not depend on the message or on its line lengths.
+un-stuffed bytes that can be passed on now, and, once the final ``CRLF . CRLF`` was
+seen, ``done`` and the bytes that followed it (the next commands).  At most four bytes
+(a possible start of the terminator) are held back between reads, so memory does not
+depend on the message or on its line lengths.
 
-It also watches what a line-at-a-time reader would: a line ending in a bare LF
-(``bare_lf``: the caller drops the connection), a line longer than ``line_limit``
-(``overlong``) and the total size (``size``).  No Twisted here.
+SMTP smuggling (CVE-2023-51764 and its kin) lives in the gap between how two servers
+end a message.  Here, as in Postfix 3.9 (``smtpd_forbid_bare_newline = normalize``,
+``cleanup_replace_stray_cr_lf = yes``):
+
+* only ``CRLF . CRLF`` ends the data: a ``.`` line after or before a bare LF
+  (``LF . LF``, ``LF . CRLF``, ``CRLF . LF``) or around a bare CR is message text;
+* what is passed on has CRLF line ends only: a bare LF ends a line as CRLF would (dots
+  at its start are un-stuffed too), and a stray CR becomes a space,
+
+so a server after us (the relay's upstream, whoever reads the Maildir) cannot find an
+end of data, or a line, that we did not.  The fast path (every LF after a CR, every CR
+before an LF) costs three ``count`` calls per read.
+
+It also watches a line longer than ``line_limit`` (``overlong``) and the total size
+(``size``).  No Twisted here.
 """
 
 from __future__ import annotations
@@ -18,19 +30,26 @@ from dataclasses import dataclass
 
 LINE_LIMIT = 16384  # as the command reader's (saslsmtp.lines.READ_LIMIT); 554 5.6.0 beyond
 END = b"\r\n.\r\n"
-# the suffixes of a buffer that may be the start of END, longest first
-_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+# the suffixes of a buffer held back for the next read, longest first: a possible start
+# of END, or a bare LF whose next line may begin with a stuffed dot
+_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r", b"\n")
 
 
 @dataclass(frozen=True)
 class BodyChunk:
     """What one ``feed`` found: ``data`` to pass on now; ``done`` with the ``rest``
-    after the final dot; ``bare_lf`` when a line ended without CR (nothing passed on)."""
+    after the final dot."""
 
     data: bytes
     done: bool = False
     rest: bytes = b""
-    bare_lf: bool = False
+
+
+def canonical(body: bytes) -> bytes:
+    """``body`` (raw, its final dot not in it) un-stuffed, with CRLF line ends only: a
+    bare LF ends a line, a stray CR is a space (RFC 5321 2.3.8 allows neither)."""
+    lines = body.replace(b"\n.", b"\n").replace(b"\r\n", b"\n")
+    return lines.replace(b"\r", b" ").replace(b"\n", b"\r\n")
 
 
 class BodyReader:
@@ -52,10 +71,12 @@ class BodyReader:
         else:
             keep = next((len(p) for p in _PREFIXES if buffer.endswith(p)), 0)
             body, rest, held = buffer[:len(buffer) - keep], b"", buffer[len(buffer) - keep:]
-        if body.count(b"\n") != body.count(b"\r\n"):
-            return BodyChunk(b"", bare_lf=True)
-        out = body.replace(b"\r\n.", b"\r\n")
-        if self._virtual:
+        crlf = body.count(b"\r\n")
+        if body.count(b"\n") == crlf and body.count(b"\r") == crlf:
+            out = body.replace(b"\r\n.", b"\r\n")
+        else:
+            out = canonical(body)
+        if self._virtual:  # the virtual CRLF is CRLF in ``out`` too
             skip = min(self._virtual, len(body))
             out = out[skip:]
             self._virtual -= skip

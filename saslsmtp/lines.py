@@ -1,5 +1,12 @@
 """Reading SMTP lines: CRLF framing with a bounded buffer, and the queue of pipelined lines.
 
+A line ends at LF; a CR before it is removed.  A line ending in a bare LF is taken as if
+it ended in CRLF, as Postfix 3.9 does by default (``smtpd_forbid_bare_newline =
+normalize``): sloppy clients work, and nothing is lost to smuggling because the message
+body is not read here (``saslsmtp.body`` ends it only at ``CRLF . CRLF``).  Lines keep
+their exact ending while they wait in the queue, so a body that arrives before a late
+``354`` reaches the body reader byte for byte.
+
 A client may pipeline (RFC 2920): several commands arrive in one read, and their answers
 must come back in order even when one of them is answered later (an AUTH step, MAIL
 validation, end of DATA).  ``LineReader`` hands over one line at a time; while the
@@ -26,30 +33,28 @@ OVERLONG = b"<a line longer than READ_LIMIT>"  # handed over in place of such a 
 class LineReader:
     """CRLF lines from a byte stream, one at a time.
 
-    ``on_line(line)`` gets each line without its CRLF (or ``OVERLONG``); ``on_bare_lf()``
-    is called once for a line ending in a bare LF (nothing after it is read);
+    ``on_line(line)`` gets each line without its CRLF or LF (or ``OVERLONG``);
     ``stopped()`` says the connection is going away (no more lines are handed over);
     ``on_flood()`` is called when too much waits while the replies are not read.
     """
 
-    __slots__ = ("_on_line", "_on_bare_lf", "_stopped", "_on_flood", "read_limit", "max_queued",
+    __slots__ = ("_on_line", "_stopped", "_on_flood", "read_limit", "max_queued",
                  "max_queued_bytes", "partial", "_queue", "_queued_bytes", "_next", "busy",
                  "blocked", "_skip_to_eol", "_discard_rest", "raw",
                  "_feeding")  # one per connection: no __dict__
 
-    def __init__(self, on_line: Callable[[bytes], None], on_bare_lf: Callable[[], None],
+    def __init__(self, on_line: Callable[[bytes], None],
                  stopped: Callable[[], bool], read_limit: int = READ_LIMIT,
                  on_flood: Callable[[], None] | None = None, max_queued: int = MAX_QUEUED,
                  max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self._on_line = on_line
-        self._on_bare_lf = on_bare_lf
         self._stopped = stopped
         self._on_flood = on_flood
         self.read_limit = read_limit
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self.partial = b""  # bytes of a line not yet ended
-        self._queue: list[bytes] = []  # complete lines waiting while busy or blocked
+        self._queue: list[bytes] = []  # lines waiting while busy or blocked (CR kept, LF not)
         self._queued_bytes = 0
         self._next = 0  # index of the next queued line to hand over
         self.busy = False
@@ -59,7 +64,7 @@ class LineReader:
         # a message body after 354: raw(bytes) takes every byte and returns what follows
         # the final dot (read as lines again), or None while the body goes on
         self.raw: Callable[[bytes], bytes | None] | None = None
-        self._feeding = False
+        self._feeding = 0  # inside feed(): the lines of its read from the current one on
 
     def feed(self, data: bytes) -> None:
         """Bytes from the transport."""
@@ -79,17 +84,15 @@ class LineReader:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         self._discard_rest = False
+        count = len(lines)
         for index, line in enumerate(lines):
             if self._stopped() or self._discard_rest:
                 break
-            if not line.endswith(b"\r"):
-                self._on_bare_lf()
-                return
-            self._feeding = True
+            self._feeding = count - index
             try:
-                self._hand_over(line[:-1])
+                self._hand_over(line)
             finally:
-                self._feeding = False
+                self._feeding = 0
             if self.raw is not None and not self.busy:  # DATA answered 354 at once
                 rest = b"\n".join(lines[index + 1:] + [self.partial])
                 self.partial = b""
@@ -106,8 +109,9 @@ class LineReader:
             self._hand_over(OVERLONG)  # queued like a line, so replies stay in order
 
     def _hand_over(self, line: bytes) -> None:
+        """``line`` as read (a CR before its LF still there): on to the protocol, or queued."""
         if not (self.busy or self.blocked):
-            self._on_line(line)
+            self._on_line(line[:-1] if line[-1:] == b"\r" else line)
             return
         self._queue.append(line)
         self._queued_bytes += len(line)
@@ -148,14 +152,14 @@ class LineReader:
             line = self._queue[self._next]
             self._next += 1
             self._queued_bytes -= len(line)
-            self._on_line(line)
+            self._on_line(line[:-1] if line[-1:] == b"\r" else line)
         if self._next >= len(self._queue):
             self.clear()
 
     @property
     def queue(self) -> list[bytes]:
-        """The lines waiting, in order (a copy)."""
-        return self._queue[self._next:]
+        """The lines waiting, in order, as they will be handed over (a copy)."""
+        return [line[:-1] if line[-1:] == b"\r" else line for line in self._queue[self._next:]]
 
     def clear(self) -> None:
         """Drop every queued line."""
@@ -165,7 +169,8 @@ class LineReader:
 
     def _feed_raw_pending(self) -> None:
         """Lines read before a late ``354`` (queued while busy) belong to the body."""
-        pending = b"".join(line + b"\r\n" for line in self.queue if line is not OVERLONG)
+        pending = b"".join(line + b"\n" for line in self._queue[self._next:]
+                           if line is not OVERLONG)
         pending += self.partial
         self.clear()
         self.partial = b""

@@ -7,7 +7,7 @@ while a Deferred is pending.  This protocol keeps the stock class as its base (c
 portal, ``TimeoutMixin``) but reads, dispatches and answers itself, with one object per
 job:
 
-* ``saslsmtp.lines.LineReader``: CRLF framing and the queue of pipelined lines.  Every
+* ``saslsmtp.lines.LineReader``: line framing and the queue of pipelined lines.  Every
   command whose answer may come later marks the connection *busy* (``busy_until``): the
   transport is paused, further lines queue, and the queue is drained only after the
   reply for the current step was written, so pipelined commands are answered in order.
@@ -105,8 +105,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
         self.context = self.peer.context  # the AUTH script's per-connection context
         self.guards = ConnectionGuards(self, call_later, settings)
-        self.reader = LineReader(self._line, self._bare_lf, self._stopped,
-                                 on_flood=self.guards.flooded)
+        self.reader = LineReader(self._line, self._stopped, on_flood=self.guards.flooded)
         self._paused = False
         self._pending: defer.Deferred | None = None
         self.lost = False
@@ -223,10 +222,6 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _stopped(self) -> bool:
         return self.lost or self.guards.closing or bool(self.transport.disconnecting)
-
-    def _bare_lf(self) -> None:
-        self.send(REPLIES["bare_lf"])
-        self.close()
 
     def _line(self, line: bytes) -> None:
         """One line, in order: the body of a message, an AUTH response or a command."""
@@ -435,10 +430,6 @@ class SubmissionESMTP(smtp.ESMTP):
     def _body_bytes(self, data: bytes) -> bytes | None:
         self.resetTimeout()
         outcome = self.transaction.body(data)
-        if outcome.bare_lf:
-            self.reader.raw = None
-            self._bare_lf()
-            return None
         if outcome.answer is None:
             return None
         self.reader.raw = None

@@ -61,11 +61,10 @@ class Stamp:
 @dataclass(frozen=True)
 class BodyOutcome:
     """What the protocol does after a read of body bytes: nothing yet (``answer`` None),
-    or send ``answer`` and read ``rest`` as commands; ``bare_lf``: drop the client."""
+    or send ``answer`` and read ``rest`` as commands."""
 
     answer: Answer | None = None
     rest: bytes = b""
-    bare_lf: bool = False
 
 
 # no quoted parts: ``get_type_hints`` would evaluate them in a module that names this alias
@@ -275,9 +274,6 @@ class MailTransaction:
         reader, sink = self._body, self._sink
         assert reader is not None and self.receiving
         chunk = reader.feed(data)
-        if chunk.bare_lf:
-            self.reset()
-            return BodyOutcome(bare_lf=True)
         if self._refusal is None:
             if reader.overlong:
                 self._refuse(REPLIES["message_line_too_long"])

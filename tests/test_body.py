@@ -42,10 +42,45 @@ def test_empty_message_and_dot_first_line():
     assert read_all(b"..x\r\n.\r\n", [2])[0] == b".x\r\n"
 
 
-def test_bare_lf_is_reported():
-    """A line ending in a bare LF is reported (the protocol drops the client)."""
-    reader = BodyReader(100)
-    assert reader.feed(b"ok\r\nbad\nrest").bare_lf
+# SMTP smuggling (CVE-2023-51764, CVE-2023-51765, CVE-2023-51766): an end of data that
+# one server sees and another does not.  Each stream, whatever its cut into reads, ends
+# only at its last CRLF . CRLF, and what is passed on has CRLF line ends and no other CR.
+SMUGGLED = [
+    # (what the client sent after 354, the message as passed on)
+    (b"a\r\n\n.\nMAIL FROM:<x@evil>\r\n.\r\n", b"a\r\n\r\n\r\nMAIL FROM:<x@evil>\r\n"),
+    (b"a\n.\r\nMAIL FROM:<x@evil>\r\n.\r\n", b"a\r\n\r\nMAIL FROM:<x@evil>\r\n"),
+    (b"a\r\n.\nMAIL FROM:<x@evil>\r\n.\r\n", b"a\r\n\r\nMAIL FROM:<x@evil>\r\n"),
+    (b"a\r\n\r.\r\nMAIL FROM:<x@evil>\r\n.\r\n", b"a\r\n .\r\nMAIL FROM:<x@evil>\r\n"),
+    (b"a\r\n\r.\nMAIL FROM:<x@evil>\r\n.\r\n", b"a\r\n .\r\nMAIL FROM:<x@evil>\r\n"),
+    (b"a\r.\rMAIL FROM:<x@evil>\r\n.\r\n", b"a . MAIL FROM:<x@evil>\r\n"),
+    (b"a\r\n.\r\r\nb\r\n.\r\n", b"a\r\n \r\nb\r\n"),
+    (b"bare\nlines\n..dot\n\r\n.\r\n", b"bare\r\nlines\r\n.dot\r\n\r\n"),
+    (b".\n\r\n.\r\n", b"\r\n\r\n"),
+    (b"x\n.\n.\r\n.\n\r\n.\r\n", b"x\r\n\r\n\r\n\r\n\r\n"),
+]
+
+
+def test_only_crlf_dot_crlf_ends_the_data_and_only_crlf_is_passed_on():
+    """``LF . LF``, ``LF . CRLF``, ``CRLF . LF``, ``CR . CRLF``, ``CR . CR`` are message
+    text, as in Postfix 3.9 (``smtpd_forbid_bare_newline = normalize``); a bare LF ends a
+    line as CRLF would (its dot un-stuffed), a stray CR becomes a space (Postfix's
+    ``cleanup_replace_stray_cr_lf``): every cut of every stream into three reads gives
+    the same bytes, and the command after the real final dot is handed back."""
+    for stream, message in SMUGGLED:
+        stream += b"QUIT\r\n"
+        for i in range(len(stream) + 1):
+            for j in range(i, len(stream) + 1):
+                reader = BodyReader(16384)
+                out, parts = [], [stream[:i], stream[i:j], stream[j:]]
+                while parts:
+                    chunk = reader.feed(parts.pop(0))
+                    out.append(chunk.data)
+                    if chunk.done:
+                        break
+                assert chunk.done, (stream, i, j)
+                assert (b"".join(out), chunk.rest + b"".join(parts)) == (message, b"QUIT\r\n"), (
+                    stream, i, j)
+                assert reader.size == len(message)
 
 
 def test_overlong_line_detected_across_reads_and_inside_one():

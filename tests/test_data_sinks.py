@@ -1,6 +1,7 @@
 """DATA through a message sink, over a string transport: the Maildir sink writes the
 message in chunks as it arrives and answers ``250 ... queued as <name>`` only once the
-file is fsynced and in ``new/``; the size and line limits and bare LF still hold."""
+file is fsynced and in ``new/``; the size and line limits hold, and neither the Maildir
+nor a relay's upstream gets a message another server could split (SMTP smuggling)."""
 
 from __future__ import annotations
 
@@ -114,16 +115,60 @@ def test_oversize_and_overlong_are_refused_at_the_dot_and_leave_no_file(tmp_path
     assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
 
 
-def test_bare_lf_in_the_body_closes_and_stores_nothing(tmp_path: Path) -> None:
-    """A bare LF inside DATA: the connection is closed, the message dropped."""
-    runner = ManualRunner()
-    h = harness(tmp_path, runner)
-    h.send(START)
-    out = h.send(b"fine\r\nbare\nmore\r\n.\r\n")
-    runner.run_all()
-    assert out == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
-    assert h.transport.disconnecting
-    assert files(tmp_path / "mail" / "new") == files(tmp_path / "mail" / "tmp") == []
+# SMTP smuggling: what the client sends after 354, then a second transaction hidden
+# behind a non-standard end of data (LF . LF, LF . CRLF, CR . CRLF) and a stray CR
+SMUGGLING = (b"Subject: one\r\n\r\nbare\nline\n.\nMAIL FROM:<ceo@example.test>\r\n"
+             b"RCPT TO:<victim@example.test>\r\nDATA\r\nSubject: two\n.\r\nQUIT\r\n"
+             b"\r.\r\nx\ry\r\n.\r\nNOOP\r\n")
+
+
+def test_smuggled_end_of_data_stays_in_one_maildir_message(tmp_path: Path) -> None:
+    """The Maildir gets ONE message, its lines all ending in LF (the bare LFs read as line
+    ends, the non-standard dot lines as empty lines, the stray CRs as spaces), answered
+    once at the real final dot; the NOOP after it is a command again."""
+    h = harness(tmp_path, SynchronousRunner())
+    assert h.send(START) == DATA_OK
+    out = h.send(SMUGGLING)
+    name = queued_name(out[:out.index(b"\r\n") + 2])
+    assert out.endswith(b"\r\n250 2.0.0 OK\r\n") and out.count(b"\r\n") == 2
+    assert files(tmp_path / "mail" / "new") == [name]
+    stored = (tmp_path / "mail" / "new" / name).read_bytes()
+    assert stored[stored.index(b"Subject: one"):] == (
+        b"Subject: one\n\nbare\nline\n\nMAIL FROM:<ceo@example.test>\nRCPT TO:<victim@example.test>\n"
+        b"DATA\nSubject: two\n\nQUIT\n .\nx y\n")
+    assert b"\r" not in stored
+
+
+def test_smuggled_end_of_data_is_relayed_as_one_canonical_message() -> None:
+    """Relayed: the upstream gets one DATA whose lines all end in CRLF, no bare LF, no
+    stray CR, dots stuffed, and one final dot: nothing in it another server could end a
+    message at.  (The upstream is the relay tests' StringTransport endpoint.)"""
+    from saslsmtp.relay.delivery import RelayRealm
+    from tests.test_relay_client import greet, make
+
+    client, upstream, _ = make()
+    h = SMTPHarness(users=USERS, realm=RelayRealm(client))
+    h.login("tim", "tanstaaftanstaaf")
+    assert h.send(b"MAIL FROM:<tim@example.test>\r\n") == b""
+    greet(upstream)
+    assert upstream.said() == b"MAIL FROM:<tim@example.test>\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert h.send(b"RCPT TO:<a@example.test>\r\n") == b"250 2.1.0 Ok\r\n"
+    assert upstream.said() == b"RCPT TO:<a@example.test>\r\n"
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    assert h.send(b"DATA\r\n") == b"250 2.1.5 Ok\r\n"
+    assert upstream.said() == b"DATA\r\n"
+    upstream.answer(b"354 go ahead\r\n")
+    assert h.take() == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert h.send(SMUGGLING) == b""
+    sent = upstream.said()
+    assert sent[sent.index(b"Subject: one"):] == (
+        b"Subject: one\r\n\r\nbare\r\nline\r\n\r\nMAIL FROM:<ceo@example.test>\r\n"
+        b"RCPT TO:<victim@example.test>\r\nDATA\r\nSubject: two\r\n\r\nQUIT\r\n .\r\n"
+        b"x y\r\n.\r\n")
+    assert sent.count(b"\n") == sent.count(b"\r\n") == sent.count(b"\r")
+    upstream.answer(b"250 2.0.0 Ok: queued as 4XYZ\r\n")
+    assert h.take() == b"250 2.0.0 Ok: queued as 4XYZ\r\n250 2.0.0 OK\r\n"
 
 
 def test_354_answered_late_takes_queued_body_lines(tmp_path: Path) -> None:

@@ -8,13 +8,8 @@ from saslsmtp.lines import OVERLONG, LineReader
 class Recorder:
     def __init__(self, read_limit: int = 16) -> None:
         self.lines: list[bytes] = []
-        self.bare_lf = 0
         self.stopped = False
-        self.reader = LineReader(self.lines.append, self.on_bare_lf, lambda: self.stopped,
-                                 read_limit)
-
-    def on_bare_lf(self) -> None:
-        self.bare_lf += 1
+        self.reader = LineReader(self.lines.append, lambda: self.stopped, read_limit)
 
 
 def test_crlf_lines_across_reads() -> None:
@@ -27,11 +22,31 @@ def test_crlf_lines_across_reads() -> None:
     assert r.lines == [b"EHLO a", b"NOOP"]
 
 
-def test_bare_lf_stops_reading() -> None:
-    """A bare LF is reported once and nothing after it in the read is handed over."""
+def test_bare_lf_ends_a_line_as_crlf_does() -> None:
+    """A line ending in a bare LF is a line (Postfix 3.9's ``normalize``); only the CR
+    right before the LF is removed, another stays in the line."""
     r = Recorder()
-    r.reader.feed(b"NOOP\r\nQUIT\nNOOP\r\n")
-    assert (r.lines, r.bare_lf) == ([b"NOOP"], 1)
+    r.reader.feed(b"NOOP\r\nQUIT\nNO")
+    r.reader.feed(b"OP\r\r\n\nRSET\n")
+    assert r.lines == [b"NOOP", b"QUIT", b"NOOP\r", b"", b"RSET"]
+
+
+def test_queued_lines_keep_their_ending_for_a_late_354() -> None:
+    """Lines queued while busy are handed over without their ending, but a late switch
+    to raw bytes (DATA answered 354 after they arrived) gets them byte for byte: a bare
+    LF stays a bare LF, so ``LF . LF`` cannot become the final ``CRLF . CRLF``."""
+    r = Recorder()
+    raw: list[bytes] = []
+
+    def keep(data: bytes) -> None:
+        raw.append(data)
+        return None
+    r.reader.hold()
+    r.reader.feed(b"one\r\ntwo\n.\nMAIL FROM:<a@b>\r\npart")
+    assert r.reader.queue == [b"one", b"two", b".", b"MAIL FROM:<a@b>"]
+    r.reader.raw = keep
+    r.reader.release()
+    assert raw == [b"one\r\ntwo\n.\nMAIL FROM:<a@b>\r\npart"] and r.lines == []
 
 
 def test_overlong_line_is_one_marker_then_skipped() -> None:

@@ -387,11 +387,42 @@ def test_nul_bytes_in_command() -> None:
     assert harness().send(b"NO\0OP\r\n") == b"500 5.5.2 NUL characters are not allowed\r\n"
 
 
-def test_bare_lf_is_refused_and_closes() -> None:
-    """Bare LF line endings are refused (SMTP smuggling) and the connection closes."""
+def test_bare_lf_commands_are_taken_as_crlf() -> None:
+    """A command line ending in a bare LF is served as if it ended in CRLF (Postfix 3.9's
+    ``smtpd_forbid_bare_newline = normalize``): sloppy clients (scripts, netcat) work."""
+    h = SMTPHarness(users=USERS)
+    assert h.send(b"EHLO client.example\nAUTH PLAIN " + RFC4616_TIM + b"\nNOOP\r\n").endswith(
+        b"250 AUTH PLAIN LOGIN\r\n" + OK + b"250 2.0.0 OK\r\n")
+    assert h.send(b"MAIL FROM:<tim@example.test>\nRCPT TO:<a@example.test>\nDATA\n") == (
+        b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert h.send(b"Subject: sloppy\n\nbody\r\n.\r\nQUIT\n") == (
+        b"250 2.0.0 OK: queued\r\n221 2.0.0 Bye\r\n")
+    assert h.realm.messages[0].endswith(b"\r\nSubject: sloppy\r\n\r\nbody\r\n")
+
+
+def smuggle(h: SMTPHarness, body: bytes) -> bytes:
+    """MAIL, RCPT, DATA, then ``body``; what the server answered to the body."""
+    assert h.send(b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n") == (
+        b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+    return h.send(body)
+
+
+def test_smuggled_end_of_data_is_message_text() -> None:
+    """SMTP smuggling: ``LF . LF``, ``LF . CRLF``, ``CR . CRLF`` and ``CR . CR`` followed by
+    a second transaction are the text of ONE message, answered once at the real final
+    dot; it is stored with CRLF line ends only and no stray CR (a space), so no server
+    after us can find a second message in it either."""
+    second = b"MAIL FROM:<ceo@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nforged\r\n"
     h = harness()
-    assert h.send(b"NOOP\n") == b"500 5.5.2 Bare LF is not allowed; lines end with CRLF\r\n"
-    assert h.transport.disconnecting
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    for ending, stored in [(b"\n.\n", b"\r\n\r\n"), (b"\n.\r\n", b"\r\n\r\n"),
+                           (b"\r\n\r.\r\n", b"\r\n .\r\n"), (b"\r.\r", b" . ")]:
+        assert smuggle(h, b"Subject: hi\r\n\r\nlegit" + ending + second + b".\r\n") == (
+            b"250 2.0.0 OK: queued\r\n")
+        message = h.realm.messages.pop()
+        assert message.endswith(b"\r\nSubject: hi\r\n\r\nlegit" + stored + second)
+        assert message.count(b"\n") == message.count(b"\r\n") == message.count(b"\r")
+    assert h.realm.messages == []
 
 
 def test_one_megabyte_line() -> None:
