@@ -161,6 +161,12 @@ class LineReader:
         """The lines waiting, in order, as they will be handed over (a copy)."""
         return [line[:-1] if line[-1:] == b"\r" else line for line in self._queue[self._next:]]
 
+    def input_waiting(self) -> bool:
+        """Did the client send anything beyond the line being answered (the rest of its
+        read, a queued line, part of a line)?  A client that waits for each reply where
+        it must (RFC 2920: after DATA) never has."""
+        return self._feeding > 1 or self._next < len(self._queue) or bool(self.partial)
+
     def clear(self) -> None:
         """Drop every queued line."""
         self._queue = []

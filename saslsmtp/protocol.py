@@ -16,6 +16,8 @@ job:
 * ``saslsmtp.transaction.MailTransaction``: MAIL, RCPT, DATA.
 * **STARTTLS** discards whatever plaintext followed it in the same read, then resets the
   session (RFC 3207 4.2).
+* A message body sent before a refused DATA was answered is never read as commands
+  (421 and close, like Postfix's ``smtpd_forbid_unauth_pipelining``).
 
 The connection is a streaming producer for its transport, and its time and volume
 bounds (TLS handshake and unauthenticated-session deadlines, junk and error counts,
@@ -29,7 +31,7 @@ Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
@@ -412,20 +414,31 @@ class SubmissionESMTP(smtp.ESMTP):
         stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
         answer = self.transaction.data(arg, stamp, self.transport)
         if is_deferred(answer):
-            answer.addCallback(self._data_started)
-        elif isinstance(answer, SMTPReply):
-            self._data_started(answer)
-        self._answer(answer)
+            self.busy_until(answer.addCallback(self._data_answered))
+        else:
+            self._data_answered(cast("SMTPReply | ProtocolError", answer))
 
     # ------------------------------------------------------------------
     # The message body: bytes, not lines (saslsmtp.body)
     # ------------------------------------------------------------------
 
-    def _data_started(self, reply: SMTPReply) -> SMTPReply:
-        """After ``354`` every byte goes to the transaction until the final dot."""
-        if self.transaction.receiving and not self.lost:
-            self.reader.raw = self._body_bytes
-        return reply
+    def _data_answered(self, answer: SMTPReply | ProtocolError) -> None:
+        """Send DATA's answer.  After ``354`` every byte goes to the transaction until the
+        final dot (a body sent before the 354 too).  After a refusal, input the client
+        sent before it (RFC 2920: DATA ends a pipelined group, so that can only be the
+        body) must not be read as commands: 421 and close."""
+        if isinstance(answer, ProtocolError):
+            self.error(answer.reply)
+        else:
+            if answer.code == 354 and self.transaction.receiving and not self.lost:
+                self.reader.raw = self._body_bytes
+                return self.send(answer)
+            self.send(answer)
+        if self.reader.input_waiting() and not self._stopped():
+            log.info("{peer} sent more input before the reply to its DATA; closing",
+                     peer=self.peer.ip)
+            self.send(REPLIES["out_of_sync"])
+            self.close()
 
     def _body_bytes(self, data: bytes) -> bytes | None:
         self.resetTimeout()

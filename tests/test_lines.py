@@ -49,6 +49,28 @@ def test_queued_lines_keep_their_ending_for_a_late_354() -> None:
     assert raw == [b"one\r\ntwo\n.\nMAIL FROM:<a@b>\r\npart"] and r.lines == []
 
 
+def test_input_waiting_after_the_current_line() -> None:
+    """``input_waiting`` while a line is handled: true when more of its read follows (a
+    line or part of one), or lines are queued; false for the last line of a read."""
+    r = Recorder()
+    seen: list[tuple[bytes, bool]] = []
+    r.reader._on_line = lambda line: seen.append((line, r.reader.input_waiting()))
+    r.reader.feed(b"A\r\nB\r\n")
+    r.reader.feed(b"C\r\nD")
+    assert seen == [(b"A", True), (b"B", False), (b"C", True)]
+    assert r.reader.input_waiting()  # "D", not yet a line
+    r.reader.feed(b"\r\n")
+    r.reader.hold()
+    r.reader.feed(b"E\r\nF\r\n")
+    seen.clear()
+    r.reader._on_line = lambda line: (seen.append((line, r.reader.input_waiting())),
+                                      r.reader.hold())
+    r.reader.release()
+    assert seen == [(b"E", True)]
+    r.reader.release()
+    assert seen == [(b"E", True), (b"F", False)]
+
+
 def test_overlong_line_is_one_marker_then_skipped() -> None:
     """A partial line longer than the limit becomes OVERLONG; its rest is skipped."""
     r = Recorder(read_limit=8)

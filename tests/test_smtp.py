@@ -425,6 +425,57 @@ def test_smuggled_end_of_data_is_message_text() -> None:
     assert h.realm.messages == []
 
 
+def test_early_talker_after_a_refused_data_is_not_read_as_commands() -> None:
+    """A body sent right behind a DATA that is refused (RFC 2920: DATA ends a pipelined
+    group) must not run as commands (here: RSET, a whole transaction, QUIT): DATA's own
+    reply, then 421 4.5.0 and close, as Postfix's ``smtpd_forbid_unauth_pipelining``."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    out = h.send(b"MAIL FROM:<tim@example.test>\r\nDATA\r\nRSET\r\n"
+                 b"MAIL FROM:<x@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\nbody\r\n"
+                 b".\r\nQUIT\r\n")
+    assert out == (b"250 2.1.0 Sender OK\r\n503 5.5.1 Need RCPT command first\r\n"
+                   b"421 4.5.0 Error: SMTP protocol synchronization, closing connection\r\n")
+    assert h.transport.disconnecting and h.realm.messages == []
+
+
+def test_early_talker_refused_later_by_the_envelope_is_not_read_as_commands() -> None:
+    """The same when the refusal comes later (a relay's upstream answering DATA): the
+    body lines that queued meanwhile are dropped with the connection."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    h.send(b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\n")
+    pending: defer.Deferred = defer.Deferred()
+    h.protocol.transaction.envelope.data = lambda: pending
+    assert h.send(b"DATA\r\nRSET\r\nNOOP\r\n") == b""
+    pending.callback(REPLIES["upstream_unavailable"])
+    assert h.take() == (b"451 4.4.1 Upstream server unavailable, try again later\r\n"
+                        b"421 4.5.0 Error: SMTP protocol synchronization, closing connection\r\n")
+    assert h.transport.disconnecting
+
+
+def test_a_refused_data_without_early_input_keeps_the_session() -> None:
+    """A client that waited for DATA's reply is not out of sync: it goes on."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    h.send(b"MAIL FROM:<tim@example.test>\r\n")
+    assert h.send(b"DATA\r\n") == b"503 5.5.1 Need RCPT command first\r\n"
+    assert h.send(b"RSET\r\n") == b"250 2.0.0 Reset state\r\n"
+    assert not h.transport.disconnecting
+
+
+def test_early_talker_after_a_354_is_the_body() -> None:
+    """A body sent before the 354 of a DATA that is accepted is the message (nothing
+    lost), then the commands after its final dot are answered in order."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    out = h.send(b"MAIL FROM:<tim@example.test>\r\nRCPT TO:<a@example.test>\r\nDATA\r\n"
+                 b"Subject: eager\r\n\r\nRSET\r\n.\r\nNOOP\r\n")
+    assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 OK: queued\r\n"
+                        b"250 2.0.0 OK\r\n")
+    assert h.realm.messages[0].endswith(b"\r\nSubject: eager\r\n\r\nRSET\r\n")
+
+
 def test_one_megabyte_line() -> None:
     """A 1 MB line without CRLF: one 500, the buffer is dropped, the session goes on."""
     h = harness()
