@@ -16,8 +16,10 @@ job:
 * ``saslsmtp.transaction.MailTransaction``: MAIL, RCPT, DATA.
 * **STARTTLS** discards whatever plaintext followed it in the same read, then resets the
   session (RFC 3207 4.2).
-* A message body sent before a refused DATA was answered is never read as commands
-  (421 and close, like Postfix's ``smtpd_forbid_unauth_pipelining``).
+* Input that cannot be commands is never read as commands: a message body sent before a
+  refused DATA was answered, a message header or an HTTP request instead of a command
+  (421 and close, like Postfix's ``smtpd_forbid_unauth_pipelining`` and
+  ``smtpd_forbidden_commands``), the chunk of a BDAT (not announced: 502, skipped).
 
 The connection is a streaming producer for its transport, and its time and volume
 bounds (TLS handshake and unauthenticated-session deadlines, junk and error counts,
@@ -64,6 +66,12 @@ VERBS = frozenset({b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP"
                    b"HELP", b"QUIT", b"STARTTLS", b"AUTH"})
 
 _HELO_ARG = re.compile(rb"^[\x21-\x7e]{1,255}$")
+# an unknown "command" that is a message header ("Subject: ...", a body sent after a
+# refused DATA) or an HTTP request (a browser made to talk to us): nothing that follows
+# can be trusted to be SMTP
+_NOT_SMTP = re.compile(rb"^\s*(?:(?:CONNECT|DELETE|GET|HEAD|OPTIONS|POST|PUT)\s|[\x21-\x39\x3b-\x7e]+[ \t]*:)",
+                       re.IGNORECASE)
+_BDAT = re.compile(rb"^(\d{1,20})(?:[ \t]+LAST)?[ \t]*$", re.IGNORECASE)
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -308,8 +316,38 @@ class SubmissionESMTP(smtp.ESMTP):
         if (verb in JUNK_VERBS or verb not in VERBS) and self.guards.junk_over_limit():
             return None
         if verb not in VERBS:
-            return self.error(REPLIES["unknown_command"])
+            return self._unknown(verb, line, parts[1] if len(parts) > 1 else b"")
         getattr(self, "do_" + verb.decode("ascii"))(parts[1] if len(parts) > 1 else b"")
+
+    def _unknown(self, verb: bytes, line: bytes, arg: bytes) -> None:
+        """Not one of our commands: 500, or for what cannot be SMTP, 421 and close."""
+        if verb == b"BDAT":
+            return self._bdat(arg)
+        if _NOT_SMTP.match(line):
+            log.info("{peer} sent a message header or an HTTP request as a command; closing",
+                     peer=self.peer.ip)
+            self.send(REPLIES["not_smtp"])
+            return self.close()
+        self.error(REPLIES["unknown_command"])
+
+    def _bdat(self, arg: bytes) -> None:
+        """BDAT (RFC 3030) without CHUNKING announced: 502, and the chunk that follows the
+        command line is read and dropped, so its bytes are not taken for commands."""
+        self.error(REPLIES["not_implemented"].with_text("BDAT not implemented; use DATA"))
+        size = _BDAT.match(arg.strip())
+        if size is None or self._stopped() or not int(size.group(1)):
+            return
+        left = int(size.group(1))
+
+        def skip(data: bytes) -> bytes | None:
+            nonlocal left
+            self.resetTimeout()
+            if len(data) < left:
+                left -= len(data)
+                return None
+            self.reader.raw = None
+            return data[left:]
+        self.reader.raw = skip
 
     def do_EHLO(self, arg: bytes) -> None:
         name = arg.strip()

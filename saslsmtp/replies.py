@@ -74,6 +74,8 @@ REPLIES: dict[str, SMTPReply] = {
     "unknown_command": SMTPReply(500, "5.5.2", "Command not recognized", "RFC 5321 4.2.4"),
     "bad_syntax": SMTPReply(500, "5.5.2", "Error: bad syntax", "RFC 5321 4.2.4"),
     "line_too_long": SMTPReply(500, "5.5.2", "Line too long", "RFC 5321 4.5.3.1.4"),
+    "not_implemented": SMTPReply(502, "5.5.1", "Command not implemented", "RFC 5321 4.2.4"),
+    "not_smtp": SMTPReply(421, "4.7.0", "Not an SMTP command, closing connection", "RFC 5321 3.8"),
     "out_of_sync": SMTPReply(421, "4.5.0", "Error: SMTP protocol synchronization, closing connection", "RFC 2920 3.1"),
     "bad_sequence": SMTPReply(503, "5.5.1", "Bad sequence of commands", "RFC 5321 4.2.4"),
     "nested_mail": SMTPReply(503, "5.5.1", "Nested MAIL command", "RFC 5321 4.1.1.2"),

@@ -476,6 +476,33 @@ def test_early_talker_after_a_354_is_the_body() -> None:
     assert h.realm.messages[0].endswith(b"\r\nSubject: eager\r\n\r\nRSET\r\n")
 
 
+def test_a_message_header_or_http_request_as_a_command_closes() -> None:
+    """A body that arrives as commands (its DATA was refused before it was sent) starts
+    with a header; a browser sends HTTP: 421 4.7.0 and close at once, before any of it
+    can run as SMTP (Postfix's ``smtpd_forbidden_commands``)."""
+    for line in (b"Subject: hello", b"From:<ceo@example.test>", b"X-Mailer : x",
+                 b"GET / HTTP/1.1", b"post /form HTTP/1.0", b"CONNECT mx:25 HTTP/1.1"):
+        h = harness()
+        assert h.send(line + b"\r\nMAIL FROM:<x@example.test>\r\nNOOP\r\n") == (
+            b"421 4.7.0 Not an SMTP command, closing connection\r\n"), line
+        assert h.transport.disconnecting
+    h = harness()
+    assert h.send(b"Hello Bob,\r\nNOOP\r\n") == (
+        b"500 5.5.2 Command not recognized\r\n250 2.0.0 OK\r\n")
+
+
+def test_bdat_is_not_implemented_and_its_chunk_is_skipped() -> None:
+    """CHUNKING is not announced: BDAT gets 502 5.5.1, and its chunk (here two command
+    lines, cut across reads) is read and dropped instead of run; then the session goes on."""
+    h = harness()
+    assert h.send(b"BDAT 18 LAST\r\nRSET\r\nQUIT\r\nNO") == (
+        b"502 5.5.1 BDAT not implemented; use DATA\r\n")
+    assert h.send(b"OP\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+    assert not h.transport.disconnecting
+    assert h.send(b"BDAT 0 LAST\r\nBDAT\r\nBDAT x\r\nNOOP\r\n") == (
+        b"502 5.5.1 BDAT not implemented; use DATA\r\n" * 3 + b"250 2.0.0 OK\r\n")
+
+
 def test_one_megabyte_line() -> None:
     """A 1 MB line without CRLF: one 500, the buffer is dropped, the session goes on."""
     h = harness()
