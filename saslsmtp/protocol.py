@@ -134,8 +134,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction = MailTransaction(settings.max_message_size, settings.max_recipients,
                                            sender_check)
         self.transaction.events = self.events
-        if self.admission is not None:
-            self.transaction.on_accepted = self.admission.message_accepted
+        self.transaction.on_accepted = self._message_accepted
 
     @property
     def auth_user(self) -> str | None:
@@ -455,6 +454,13 @@ class SubmissionESMTP(smtp.ESMTP):
             self.busy_until(answer.addCallback(self._data_answered))
         else:
             self._data_answered(cast("SMTPReply | ProtocolError", answer))
+
+    def _message_accepted(self) -> None:
+        """A message was answered 2xx: like Postfix's ``smtpd_hard_error_limit``, the
+        error count is of errors made without delivering mail."""
+        self.guards.errors = 0
+        if self.admission is not None:
+            self.admission.message_accepted()
 
     # ------------------------------------------------------------------
     # The message body: bytes, not lines (saslsmtp.body)

@@ -503,6 +503,20 @@ def test_bdat_is_not_implemented_and_its_chunk_is_skipped() -> None:
         b"502 5.5.1 BDAT not implemented; use DATA\r\n" * 3 + b"250 2.0.0 OK\r\n")
 
 
+def test_error_count_starts_again_after_a_delivered_message() -> None:
+    """Like Postfix's ``smtpd_hard_error_limit``: 20 errors *without delivering mail*.
+    A long session with a few errors per message is not cut off."""
+    h = harness()
+    h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    for _ in range(3):
+        assert h.send(b"RCPT TO:<bad>\r\n" * 15) == b"503 5.5.1 Need MAIL command first\r\n" * 15
+        smuggle(h, b"hi\r\n.\r\n")
+    out = h.send(b"RCPT TO:<bad>\r\n" * 20)
+    assert out.endswith(b"503 5.5.1 Need MAIL command first\r\n"
+                        b"421 4.7.0 Too many errors, closing connection\r\n")
+    assert len(h.realm.messages) == 3
+
+
 def test_one_megabyte_line() -> None:
     """A 1 MB line without CRLF: one 500, the buffer is dropped, the session goes on."""
     h = harness()
