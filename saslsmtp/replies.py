@@ -83,6 +83,8 @@ REPLIES: dict[str, SMTPReply] = {
     "need_rcpt": SMTPReply(503, "5.5.1", "Need RCPT command first", "RFC 5321 4.1.1.4"),
     "mail_syntax": SMTPReply(501, "5.5.4", "Syntax: MAIL FROM:<address>", "RFC 5321 4.1.1.2"),
     "rcpt_syntax": SMTPReply(501, "5.5.4", "Syntax: RCPT TO:<address>", "RFC 5321 4.1.1.3"),
+    "sender_syntax": SMTPReply(501, "5.1.7", "Bad sender address syntax", "RFC 3463 3.2"),
+    "recipient_syntax": SMTPReply(501, "5.1.3", "Bad recipient address syntax", "RFC 3463 3.2"),
     "bad_param": SMTPReply(555, "5.5.4", "Unsupported MAIL/RCPT parameter", "RFC 5321 4.1.1.11"),
     "sender_ok": SMTPReply(250, "2.1.0", "Sender OK", "RFC 3463"),
     "rcpt_ok": SMTPReply(250, "2.1.5", "Recipient OK", "RFC 3463"),

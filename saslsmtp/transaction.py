@@ -143,8 +143,8 @@ class MailTransaction:
                 return ProtocolError(refusal)
         try:
             origin = parsed_address(address)
-        except smtp.AddressError:
-            return ProtocolError(REPLIES["mail_syntax"])
+        except smtp.AddressError:  # also 8-bit: no SMTPUTF8 is announced
+            return ProtocolError(REPLIES["sender_syntax"])
         if avatar is None:
             return ProtocolError(REPLIES["auth_required"])
         client = client or Client(getattr(avatar, "username", None), helo[1] or "",
@@ -214,14 +214,16 @@ class MailTransaction:
         if not arg[:3].upper() == b"TO:":
             return ProtocolError(REPLIES["rcpt_syntax"])
         parsed = _ADDRESS.match(arg[3:])
-        if not parsed or not parsed.group(1) or parsed.group(2).strip():
+        if not parsed or parsed.group(2).strip():
             return ProtocolError(REPLIES["rcpt_syntax"])
+        if not parsed.group(1):
+            return ProtocolError(REPLIES["recipient_syntax"])
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
             parsed_address(parsed.group(1))
-        except smtp.AddressError:
-            return ProtocolError(REPLIES["rcpt_syntax"])
+        except smtp.AddressError:  # also 8-bit: no SMTPUTF8 is announced
+            return ProtocolError(REPLIES["recipient_syntax"])
         address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
         envelope = self.envelope
         d = call(envelope.rcpt, address, [])

@@ -517,6 +517,27 @@ def test_error_count_starts_again_after_a_delivered_message() -> None:
     assert len(h.realm.messages) == 3
 
 
+def test_nul_and_8bit_in_ehlo_mail_rcpt() -> None:
+    """NUL anywhere: 500 5.5.2; 8-bit in EHLO/HELO: 501 5.5.4; in an address (no
+    SMTPUTF8 is announced) the RFC 3463 address codes, 5.1.7 sender, 5.1.3 recipient.
+    The session stays usable after each."""
+    h = SMTPHarness(users=USERS)
+    assert h.send(b"EHLO a\0b\r\n") == b"500 5.5.2 NUL characters are not allowed\r\n"
+    assert h.send("EHLO caf\u00e9.example\r\n".encode()) == b"501 5.5.4 Syntax: EHLO hostname\r\n"
+    assert h.send(b"HELO \xff\r\n") == b"501 5.5.4 Syntax: HELO hostname\r\n"
+    h.send(EHLO + b"AUTH PLAIN " + RFC4616_TIM + b"\r\n")
+    assert h.send(b"MAIL FROM:<tim\0@example.test>\r\n") == (
+        b"500 5.5.2 NUL characters are not allowed\r\n")
+    assert h.send("MAIL FROM:<t\u00efm@example.test>\r\n".encode()) == (
+        b"501 5.1.7 Bad sender address syntax\r\n")
+    assert h.send(b"MAIL FROM:<tim@example.test>\r\n") == b"250 2.1.0 Sender OK\r\n"
+    assert h.send("RCPT TO:<\u00e4@example.test>\r\n".encode()) == (
+        b"501 5.1.3 Bad recipient address syntax\r\n")
+    assert h.send(b"RCPT TO:<a\xff@example.test>\r\n") == (
+        b"501 5.1.3 Bad recipient address syntax\r\n")
+    assert h.send(b"RCPT TO:<a@example.test>\r\n") == b"250 2.1.5 Recipient OK\r\n"
+
+
 def test_one_megabyte_line() -> None:
     """A 1 MB line without CRLF: one 500, the buffer is dropped, the session goes on."""
     h = harness()

@@ -94,28 +94,32 @@ def test_bad_mail_parameters(params: bytes, reply: bytes) -> None:
     assert h.send(b"RCPT TO:<x@example.test>\r\n") == b"503 5.5.1 Need MAIL command first\r\n"
 
 
-@pytest.mark.parametrize("line", [
-    b"MAIL FROM:alice@example.test",
-    b"MAIL TO:<alice@example.test>",
-    b"MAIL",
-    b"MAIL FROM:<a@@>",
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"MAIL FROM:alice@example.test", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+    (b"MAIL TO:<alice@example.test>", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+    (b"MAIL", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
+    (b"MAIL FROM:<a@@>", b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"MAIL FROM:<a@exa\xc3\xa9mple.test>", b"501 5.1.7 Bad sender address syntax\r\n"),
 ])
-def test_mail_syntax_errors(line: bytes) -> None:
-    """A MAIL without ``FROM:<address>`` gets the syntax reply."""
+def test_mail_syntax_errors(line: bytes, reply: bytes) -> None:
+    """A MAIL without ``FROM:<address>`` gets the syntax reply (5.5.4, RFC 3463 invalid
+    command arguments); an address that is not one, the bad sender address code (5.1.7)."""
     h = logged_in()
-    assert h.send(line + b"\r\n") == b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
+    assert h.send(line + b"\r\n") == reply
 
 
-@pytest.mark.parametrize("line", [
-    b"RCPT TO:<>",
-    b"RCPT FROM:<x@example.test>",
-    b"RCPT TO:x@example.test",
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"RCPT TO:<>", b"501 5.1.3 Bad recipient address syntax\r\n"),
+    (b"RCPT TO:<x@@example.test>", b"501 5.1.3 Bad recipient address syntax\r\n"),
+    (b"RCPT FROM:<x@example.test>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
+    (b"RCPT TO:x@example.test", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
 ])
-def test_rcpt_syntax_errors(line: bytes) -> None:
-    """A RCPT without a non-empty ``TO:<address>`` gets the syntax reply."""
+def test_rcpt_syntax_errors(line: bytes, reply: bytes) -> None:
+    """A RCPT without ``TO:<address>`` gets the syntax reply; an empty or broken
+    address, the bad recipient address code (5.1.3)."""
     h = logged_in()
     h.send(b"MAIL FROM:<alice@example.test>\r\n")
-    assert h.send(line + b"\r\n") == b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"
+    assert h.send(line + b"\r\n") == reply
 
 
 def test_commands_out_of_order() -> None:
