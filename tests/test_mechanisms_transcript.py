@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import functools
 
+import pytest
 import scramp
 
 from twisted.internet import defer
@@ -200,3 +201,63 @@ def test_google_xoauth2_success_and_error_round() -> None:
     out = h2.send(b"AUTH XOAUTH2 " + GOOGLE_XOAUTH2_B64 + b"\r\n")
     assert out == b"334 " + b64(b'{"status":"401","schemes":"bearer"}') + b"\r\n"
     assert h2.send(b"\r\n") == INVALID
+
+
+# -- "*" cancels at every step (RFC 4954 section 4) --------------------------------------
+
+def _cancel_cases() -> dict[str, tuple]:
+    """name -> (harness factory, lines sent before the "*", the replies they get)."""
+    from saslsmtp.sasl.external import SPEC as EXTERNAL
+
+    def passwords() -> SMTPHarness:
+        h = SMTPHarness(users={"tim": "secret"})
+        h.send(b"EHLO client.example\r\n")
+        return h
+
+    def external() -> SMTPHarness:
+        h = SMTPHarness(mechanisms={"EXTERNAL": EXTERNAL}, tls=True)
+        h.send(b"EHLO client.example\r\n")
+        return h
+    sha256 = "SCRAM-SHA-256"
+    _, first, server_first, final, server_final, _ = SCRAM_VECTORS[sha256]
+    scram = functools.partial(scram_harness, sha256, stored(sha256))
+    cram = functools.partial(cram_harness, Secret("plaintext", "tanstaaftanstaaf"))
+    oauth_error = b64(b'{"status":"invalid_token","scope":"https://mail.example.com/"}')
+    return {
+        "PLAIN, empty challenge": (passwords, [(b"AUTH PLAIN", b"334 ")]),
+        "LOGIN, Username:": (passwords, [(b"AUTH LOGIN", b"334 VXNlcm5hbWU6")]),
+        "LOGIN, Password:": (passwords, [(b"AUTH LOGIN", b"334 VXNlcm5hbWU6"),
+                                         (b64(b"tim"), b"334 UGFzc3dvcmQ6")]),
+        "CRAM-MD5, challenge": (cram, [(b"AUTH CRAM-MD5", b"334 " + b64(RFC2195_CHALLENGE))]),
+        "SCRAM, empty challenge": (scram, [(b"AUTH " + sha256.encode(), b"334 ")]),
+        "SCRAM, server-first": (scram, [(b"AUTH " + sha256.encode() + b" " + b64(first),
+                                         b"334 " + b64(server_first))]),
+        "SCRAM, server-final": (scram, [(b"AUTH " + sha256.encode() + b" " + b64(first),
+                                         b"334 " + b64(server_first)),
+                                        (b64(final), b"334 " + b64(server_final))]),
+        "OAUTHBEARER, empty challenge": (lambda: token_harness({}), [(b"AUTH OAUTHBEARER", b"334 ")]),
+        "OAUTHBEARER, error status": (lambda: token_harness({}), [
+            (b"AUTH OAUTHBEARER " + RFC7628_SUCCESS_B64, b"334 " + oauth_error)]),
+        "XOAUTH2, error status": (lambda: token_harness({}), [
+            (b"AUTH XOAUTH2 " + GOOGLE_XOAUTH2_B64, b"334 " + b64(b'{"status":"401","schemes":"bearer"}'))]),
+        "EXTERNAL, empty challenge": (external, [(b"AUTH EXTERNAL", b"334 ")]),
+    }
+
+
+CANCEL_CASES = _cancel_cases()
+
+
+@pytest.mark.parametrize("case", sorted(CANCEL_CASES))
+def test_star_cancels_at_every_step_of_every_mechanism(case: str) -> None:
+    """At each 334 of each built-in mechanism, ``*`` ends the exchange with 501 5.7.0:
+    nobody is logged in, it is not an error nor a failed login (no 535, nothing
+    counted towards ``max_failures``), and the session goes on (NOOP, a new AUTH)."""
+    make, steps = CANCEL_CASES[case]
+    h = make()
+    for line, reply in steps:
+        assert h.send(line + b"\r\n") == reply + b"\r\n"
+    assert h.send(b"*\r\n") == b"501 5.7.0 Authentication aborted\r\n"
+    assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+    assert h.realm.logins == [] and h.protocol.auth.exchange is None
+    assert (h.protocol.guards.errors, h.protocol.auth.failures.failures) == (0, 0)
+    assert h.send(steps[0][0] + b"\r\n") == steps[0][1] + b"\r\n"

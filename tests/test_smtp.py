@@ -503,6 +503,15 @@ def test_bdat_is_not_implemented_and_its_chunk_is_skipped() -> None:
         b"502 5.5.1 BDAT not implemented; use DATA\r\n" * 3 + b"250 2.0.0 OK\r\n")
 
 
+def test_commands_after_quit_are_not_answered() -> None:
+    """QUIT ends the session: what was pipelined after it gets no reply and runs nothing."""
+    h = harness()
+    assert h.send(b"QUIT\r\nAUTH PLAIN " + RFC4616_TIM + b"\r\nNOOP\r\n") == (
+        b"221 2.0.0 Bye\r\n")
+    assert h.send(b"NOOP\r\n") == b""
+    assert h.transport.disconnecting and h.realm.logins == []
+
+
 def test_error_count_starts_again_after_a_delivered_message() -> None:
     """Like Postfix's ``smtpd_hard_error_limit``: 20 errors *without delivering mail*.
     A long session with a few errors per message is not cut off."""
@@ -515,6 +524,20 @@ def test_error_count_starts_again_after_a_delivered_message() -> None:
     assert out.endswith(b"503 5.5.1 Need MAIL command first\r\n"
                         b"421 4.7.0 Too many errors, closing connection\r\n")
     assert len(h.realm.messages) == 3
+
+
+def test_pipelined_auth_responses_are_the_exchange() -> None:
+    """RFC 4954 forbids pipelining behind AUTH, except an initial response of a
+    one-round mechanism.  A client that pipelines its LOGIN responses anyway is read in
+    order (as Postfix does), and a command pipelined behind a server-first AUTH is taken
+    as the response it stands in for (bad base64: 501, the session goes on)."""
+    h = harness()
+    out = h.send(b"AUTH LOGIN\r\n" + b64(b"tim") + b"\r\n" + b64(b"tanstaaftanstaaf") +
+                 b"\r\nMAIL FROM:<tim@example.test>\r\n")
+    assert out == (b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n" + OK + b"250 2.1.0 Sender OK\r\n")
+    h = harness()
+    assert h.send(b"AUTH LOGIN\r\nMAIL FROM:<tim@example.test>\r\nNOOP\r\n") == (
+        b"334 VXNlcm5hbWU6\r\n501 5.5.2 Cannot decode response\r\n250 2.0.0 OK\r\n")
 
 
 def test_nul_and_8bit_in_ehlo_mail_rcpt() -> None:
