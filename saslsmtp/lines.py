@@ -28,12 +28,15 @@ READ_LIMIT = 16384  # longest partial line buffered before it is refused
 MAX_QUEUED = 100  # lines waiting while replies are not read before it counts as a flood
 MAX_QUEUED_BYTES = 65536  # the same, in octets
 OVERLONG = b"<a line longer than READ_LIMIT>"  # handed over in place of such a line; compare by identity
+# the same for a line that began "AUTH " (an initial response too big: RFC 4954's 500 5.5.6)
+OVERLONG_AUTH = b"<an AUTH line longer than READ_LIMIT>"
 
 
 class LineReader:
     """CRLF lines from a byte stream, one at a time.
 
-    ``on_line(line)`` gets each line without its CRLF or LF (or ``OVERLONG``);
+    ``on_line(line)`` gets each line without its CRLF or LF (or ``OVERLONG``,
+    ``OVERLONG_AUTH``);
     ``stopped()`` says the connection is going away (no more lines are handed over);
     ``on_flood()`` is called when too much waits while the replies are not read.
     """
@@ -104,9 +107,10 @@ class LineReader:
             self._discard_rest = False
             return
         if len(self.partial) > self.read_limit and not self._stopped():
+            marker = OVERLONG_AUTH if self.partial[:5].upper() == b"AUTH " else OVERLONG
             self.partial = b""
             self._skip_to_eol = True
-            self._hand_over(OVERLONG)  # queued like a line, so replies stay in order
+            self._hand_over(marker)  # queued like a line, so replies stay in order
 
     def _hand_over(self, line: bytes) -> None:
         """``line`` as read (a CR before its LF still there): on to the protocol, or queued."""
@@ -176,7 +180,7 @@ class LineReader:
     def _feed_raw_pending(self) -> None:
         """Lines read before a late ``354`` (queued while busy) belong to the body."""
         pending = b"".join(line + b"\n" for line in self._queue[self._next:]
-                           if line is not OVERLONG)
+                           if line is not OVERLONG and line is not OVERLONG_AUTH)
         pending += self.partial
         self.clear()
         self.partial = b""

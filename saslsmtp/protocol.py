@@ -48,7 +48,7 @@ from saslsmtp.engine_settings import EngineSettings  # also importable from here
 from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.guards import JUNK_VERBS, ConnectionGuards
 from saslsmtp.limits.session import ConnectionLimits
-from saslsmtp.lines import OVERLONG, LineReader
+from saslsmtp.lines import OVERLONG, OVERLONG_AUTH, LineReader
 from saslsmtp.peer import Peer
 from saslsmtp.replies import REPLIES, SMTPReply, ehlo_reply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -236,9 +236,11 @@ class SubmissionESMTP(smtp.ESMTP):
         """One line, in order: the body of a message, an AUTH response or a command."""
         self.resetTimeout()
         if self.auth.exchange is not None:
-            self.auth.line(line)
+            self.auth.line(OVERLONG if line is OVERLONG_AUTH else line)
         elif line is OVERLONG:
             self.error(REPLIES["line_too_long"])
+        elif line is OVERLONG_AUTH:  # as if it had come in one read (_command_line)
+            self.error(REPLIES["auth_line_too_long"])
         else:
             self._command_line(line)
 

@@ -608,6 +608,25 @@ def test_one_megabyte_auth_line() -> None:
     assert h.send(b"\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
 
 
+def test_one_megabyte_initial_response_in_many_packets() -> None:
+    """An AUTH command whose initial response is too big gets RFC 4954's 500 5.5.6
+    whether it arrives in one read or, as over the Internet, in many (it got 500 5.5.2
+    Line too long once it passed the 16 KiB read buffer); then the session goes on.  A
+    response line that happens to begin "AUTH " inside an exchange is one too."""
+    for pieces in (1, 16):
+        h = harness()
+        line = b"AUTH PLAIN " + b"A" * (1 << 20) + b"\r\n"
+        size = -(-len(line) // pieces)
+        out = b"".join(h.send(line[i:i + size]) for i in range(0, len(line), size))
+        assert out == b"500 5.5.6 Authentication Exchange line is too long\r\n", pieces
+        assert h.send(b"NOOP\r\n") == b"250 2.0.0 OK\r\n"
+    h = harness()
+    h.send(b"AUTH LOGIN\r\n")
+    assert h.send(b"AUTH " + b"A" * 70000) == (
+        b"500 5.5.6 Authentication Exchange line is too long\r\n")
+    assert h.send(b"\r\nNOOP\r\n") == b"250 2.0.0 OK\r\n"
+
+
 def test_disconnect_while_step_pending() -> None:
     """The client leaves while the checker is deciding: nothing is written, the pending
     Deferred is cancelled, and a late answer is harmless."""
