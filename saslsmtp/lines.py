@@ -1,4 +1,4 @@
-"""Reading SMTP lines: CRLF framing with a bounded buffer, and the queue of pipelined lines.
+"""Reading SMTP lines: line framing with a bounded buffer, and the queue of pipelined lines.
 
 A line ends at LF; a CR before it is removed.  A line ending in a bare LF is taken as if
 it ended in CRLF, as Postfix 3.9 does by default (``smtpd_forbid_bare_newline =
@@ -33,12 +33,12 @@ OVERLONG_AUTH = b"<an AUTH line longer than READ_LIMIT>"
 
 
 class LineReader:
-    """CRLF lines from a byte stream, one at a time.
+    """Lines (ending in CRLF or a bare LF) from a byte stream, one at a time.
 
-    ``on_line(line)`` gets each line without its CRLF or LF (or ``OVERLONG``,
-    ``OVERLONG_AUTH``);
-    ``stopped()`` says the connection is going away (no more lines are handed over);
-    ``on_flood()`` is called when too much waits while the replies are not read.
+    ``on_line(line)`` gets each line without its CRLF or LF (or ``OVERLONG`` /
+    ``OVERLONG_AUTH`` for one too long to buffer); ``stopped()`` says the connection is
+    going away (no more lines are handed over); ``on_flood()`` is called when too much
+    waits while the replies are not read.
     """
 
     __slots__ = ("_on_line", "_stopped", "_on_flood", "read_limit", "max_queued",
