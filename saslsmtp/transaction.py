@@ -78,7 +78,7 @@ class MailTransaction:
     MAIL FROM address or with the refusal to send."""
 
     events: SessionEvents = NoSessionEvents()  # the connection's (messages accepted, failed)
-    on_accepted: Callable[[], None] | None = None  # each message answered 2xx (per-user limits)
+    on_accepted: Callable[[], None] | None = None  # each message answered 2xx (error count, limits)
 
     def __init__(self, max_message_size: int, max_recipients: int,
                  sender_check: SenderCheck | None = None,
