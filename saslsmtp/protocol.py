@@ -212,6 +212,12 @@ class SubmissionESMTP(smtp.ESMTP):
         """The connection as mechanisms, checkers and scripts see it (``Peer.session``)."""
         return self.peer.session(self.transport, self.tls, mechanism)
 
+    def _login_session(self) -> Session:
+        """``session`` after AUTH: the mechanism is the one the client logged in with
+        (what a script's ``sender()`` sees as ``arguments["mechanism"]``)."""
+        login = self.auth.login
+        return self.session(login.mechanism if login is not None else "")
+
     # ------------------------------------------------------------------
     # Reading: one line at a time, busy while an answer is pending
     # ------------------------------------------------------------------
@@ -435,7 +441,8 @@ class SubmissionESMTP(smtp.ESMTP):
             return self.error(REPLIES["bad_sequence"].with_text("Send EHLO/HELO first"))
         if self.authenticated:
             self.guards.junk = 0  # an accountable client at work (Postfix: after each message)
-        client = self.peer.client(self.auth_user if self.authenticated else None, self.session)
+        client = self.peer.client(self.auth_user if self.authenticated else None,
+                                  self._login_session)
 
         def mail() -> Any:
             return self.transaction.mail(arg, self.avatar, self.peer.helo_pair(),

@@ -503,6 +503,34 @@ def test_sender_errors_name_mail_from_not_an_empty_mechanism(logged: list[dict])
         " temporary failure"]
 
 
+def test_sender_is_told_the_mechanism_the_client_logged_in_with() -> None:
+    """At MAIL FROM, ``arguments["mechanism"]`` is the login's mechanism, as the README
+    documents (it was "" there)."""
+    import base64
+    from twisted.internet.task import Clock
+    from saslsmtp.script import AuthScript, Backends, ScriptRunner
+    from saslsmtp.sendercheck import SenderCheck
+    from saslsmtp.senders import SenderPolicy
+    seen: list[str] = []
+
+    def sender(arguments, context):
+        seen.append(arguments["mechanism"])
+        return Accept()
+
+    runner = ScriptRunner(AuthScript("<test>", lambda a, c: Reject(), None, sender=sender),
+                          Clock(), 5.0, Backends({}))
+    h = SMTPHarness(users={"alice": "pw"}, sender_check=SenderCheck(SenderPolicy("any"), runner))
+    assert h.login("alice", "pw").startswith(b"235 ")
+    assert h.send(b"MAIL FROM:<alice@example.test>\r\n").startswith(b"250 ")
+    h = SMTPHarness(users={"alice": "pw"}, sender_check=SenderCheck(SenderPolicy("any"), runner))
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"AUTH LOGIN\r\n").startswith(b"334 ")
+    assert h.send(base64.b64encode(b"alice") + b"\r\n").startswith(b"334 ")
+    assert h.send(base64.b64encode(b"pw") + b"\r\n").startswith(b"235 ")
+    assert h.send(b"MAIL FROM:<alice@example.test>\r\n").startswith(b"250 ")
+    assert seen == ["PLAIN", "LOGIN"]
+
+
 # -- PLAIN and LOGIN named in MECHANISMS ----------------------------------------------
 
 
