@@ -118,6 +118,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader = LineReader(self._line, self._stopped, on_flood=self.guards.flooded)
         self._paused = False
         self._pending: defer.Deferred | None = None
+        self._waited_out = False  # idle_timeout came while the server was answering
         self.lost = False
         self.tls = False
         self._can_starttls = False
@@ -181,6 +182,13 @@ class SubmissionESMTP(smtp.ESMTP):
         self.events.ended(self.peer.ip, self.tls)
 
     def timeoutConnection(self) -> None:
+        """``idle_timeout`` without a line from the client.  While the server itself is
+        answering (a backend, the relay's final reply) the client is not the idle one:
+        the timer starts again, and that wait keeps its own bound."""
+        if self._pending is not None and not self.lost:
+            self._waited_out = True  # the client's idle time starts again at the answer
+            self.setTimeout(self.timeout)
+            return
         self.send(REPLIES["timeout"])
         self.close()
 
@@ -271,6 +279,9 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _settled(self, _: Any) -> None:
         self._pending = None
+        if self._waited_out:
+            self._waited_out = False
+            self.resetTimeout()
         if self._stopped():
             self.reader.busy = False
             return None

@@ -663,6 +663,24 @@ def test_idle_timeout() -> None:
     assert h.transport.disconnecting
 
 
+def test_idle_timeout_counts_the_clients_silence_not_the_servers_work() -> None:
+    """While the server itself is answering (a slow backend, an upstream's final reply),
+    the client is not idle: the idle timeout starts again once the answer went out
+    (each such wait has its own bound: the backend's, the relay's ``timeout``)."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker], idle_timeout=30.0)
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + RFC4616_TIM + b"\r\n") == b""
+    h.clock.pump([15] * 3)
+    assert h.take() == b"" and not h.transport.disconnecting
+    checker.calls[0][1].callback(b"tim")
+    assert h.take().startswith(b"235 ")
+    h.clock.advance(29)
+    assert h.take() == b""
+    h.clock.advance(2)
+    assert h.take() == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+
+
 def test_every_reply_has_an_enhanced_code() -> None:
     """Every table entry but 354 carries an RFC 3463 code."""
     for name, reply in REPLIES.items():
