@@ -184,7 +184,12 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
         try:
             endpoints.serverFromString(reactor, built)
         except Exception as e:
-            report.problem(key, f"{description!r} is not a usable endpoint: {e}")
+            if isinstance(e, IndexError) and inner.startswith("systemd:"):
+                report.problem(key, f"{description!r}: systemd passed no socket at that index"
+                                    " (socket activation: a .socket unit passes them; a start"
+                                    " or --check outside it has none)")
+            else:
+                report.problem(key, f"{description!r} is not a usable endpoint: {e}")
             continue
         why = endpoint_port_problem(description, client=False)
         if why is not None:

@@ -120,3 +120,20 @@ def test_a_readable_configuration_without_secrets_is_no_warning(tmp_path: Path) 
     path = Path(config_with(tmp_path, ["CRAM-MD5"]).path)  # type: ignore[attr-defined]
     path.chmod(0o644)
     assert not [w for w in preflight(load(str(path)), Clock()) if "holds secrets" in w]
+
+
+def test_a_systemd_listener_outside_socket_activation_says_so(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``systemd:`` listeners take the sockets systemd passed; without any the problem
+    says that, not Twisted's "list index out of range"."""
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                        listen=["systemd:domain=INET:index=0"])
+    with pytest.raises(ConfigError) as e:
+        preflight(load(str(path)), Clock())
+    assert ("server.listen: 'systemd:domain=INET:index=0': systemd passed no socket at that"
+            " index (socket activation: a .socket unit passes them; a start or --check"
+            " outside it has none)") in str(e.value)
+    assert "list index out of range" not in str(e.value)
