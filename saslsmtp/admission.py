@@ -3,9 +3,9 @@
 ``saslsmtp.limits.session.ConnectionLimits`` counts; this is what the protocol does with
 its verdicts: a refused client gets ``421 4.7.0`` instead of the greeting, an
 authenticated sender over ``messages_per_user``/``recipients_per_user`` gets the 452 for
-its MAIL or RCPT, and each message answered 2xx counts.  Behind a PROXY header the
-client is known only once it has sent something, so admission waits for the first data
-there (and the greeting is sent at once).
+its MAIL or RCPT, and each message answered 2xx counts.  Behind a ``haproxy:`` listener
+the session starts only once the PROXY header is read (``saslsmtp.proxyheader``), so the
+admission judges the real client there too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
@@ -43,28 +42,16 @@ class ConnectionAdmission:
     def __init__(self, connection: LimitedConnection, limits: ConnectionLimits) -> None:
         self.connection = connection
         self.limits = limits
-        self._due = False  # behind PROXY: admit on the first data
 
     def connected(self) -> None:
-        """Admit the client (its greeting follows the verdict), or behind a PROXY header
-        greet now and admit once the real address is known.  Without a connection limit
-        there is nothing to ask: no Deferred, no pause, the greeting at once."""
+        """Admit the client (its greeting follows the verdict).  Without a connection
+        limit there is nothing to ask: no Deferred, no pause, the greeting at once."""
         if not self.limits.limiter.counts_connections:
             self.connection.greet()
-        elif _proxied(self.connection.transport):
-            self._due = True
-            self.connection.greet()
         else:
-            self._admit(greet=True)
+            self._admit()
 
-    def data_arrived(self) -> None:
-        """The first bytes: behind PROXY the real client is known now."""
-        if self._due:
-            self._due = False
-            self.connection.peer.read(self.connection.transport)
-            self._admit(greet=False)
-
-    def _admit(self, greet: bool) -> None:
+    def _admit(self) -> None:
         """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
         connection = self.connection
         try:
@@ -73,15 +60,15 @@ class ConnectionAdmission:
             connection.busy_until(defer.fail())  # the protocol's internal-error reply
             return
         if is_deferred(verdict):  # a shared store (Redis) answers later
-            connection.busy_until(verdict.addCallback(self._decided, greet))
+            connection.busy_until(verdict.addCallback(self._decided))
         else:  # the memory store answered at once: no busy round
-            self._decided(verdict, greet)
+            self._decided(verdict)
 
-    def _decided(self, verdict: Any, greet: bool) -> None:
+    def _decided(self, verdict: Any) -> None:
         if not verdict.allowed:
             self.connection.write(refusal_line(verdict))
             self.connection.close()
-        elif greet:
+        else:
             self.connection.greet()
 
     def mail(self, step: Callable[[], Any]) -> Any:
@@ -118,14 +105,3 @@ def _limited(verdict: Any) -> SMTPReply | None:
     """The reply for a refusing limits ``Verdict`` (452 4.7.1), or ``None``."""
     return None if verdict.allowed else SMTPReply(verdict.code, verdict.enhanced, verdict.text)
 
-
-def _proxied(transport: Any) -> bool:
-    """Whether the client address comes from a PROXY header (read after connectionMade),
-    also under implicit TLS (the TLS transport sits on the PROXY wrapper)."""
-    for _ in range(3):
-        if transport is None:  # the bottom of the stack (a plain TCP connection: at once)
-            return False
-        if isinstance(transport, HAProxyProtocolWrapper):
-            return True
-        transport = getattr(transport, "transport", None)
-    return False

@@ -130,7 +130,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     from saslsmtp.sendnow import send_now_reactor
     endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, spec.family)
     if spec.proxy:
-        endpoint = proxy_endpoint(endpoint)
+        endpoint = proxy_endpoint(endpoint, reactor)
     if spec.kind == "ssl":
         options = dict(spec.options)
         if "privateKey" in options:

@@ -233,8 +233,6 @@ class SubmissionESMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self.guards.handshake_pending:
             self.handshakeCompleted()  # application data flows only after the handshake
-        if self.admission is not None:
-            self.admission.data_arrived()  # behind PROXY: the real client is known now
         if self.reader.busy and not self._paused and not self.transport.disconnecting:
             # Pipelined input while an answer is pending: stop reading until it is sent
             # (what already arrived waits in the reader).  Paused only when input
@@ -384,8 +382,6 @@ class SubmissionESMTP(smtp.ESMTP):
         self.send(SMTPReply(250, None, self.host.decode("ascii")))
 
     def _greeted(self, name: bytes) -> None:
-        # Behind haproxy: the PROXY header is parsed after connectionMade, so read again.
-        self.peer.read(self.transport)
         self.peer.helo = name.decode("ascii")
         self._ehlo_done = True
         self.transaction.reset()

@@ -1,43 +1,135 @@
-"""The PROXY protocol (``haproxy:`` listeners), with a log line when the header is missing.
+"""The PROXY protocol (``haproxy:`` listeners): the header first, then the SMTP session.
 
-Twisted's ``HAProxyProtocolWrapper`` closes a connection whose first bytes are not a valid
-PROXY v1/v2 header, silently: a client that connects straight to a ``haproxy:`` listener
-gets the greeting and is then cut off after its EHLO, and the operator sees nothing.  This
-wrapper logs that once per connection, with the peer's address (the proxy's, or the
-client that bypassed it), and passes the TLS handshake notification through to the SMTP
-protocol (the handshake deadline needs it when STARTTLS runs behind the wrapper).
+Twisted's ``HAProxyProtocolWrapper`` starts the wrapped protocol as soon as the TCP
+connection is made, before the header has arrived: the greeting goes out while the
+client's address is still the proxy's, so the connection limits could only judge the
+client at its first command, and a refused client got a 220 and then a 421.  It also
+closes a connection whose first bytes are not a header silently, and gives up on a header
+that arrives in pieces shorter than 16 bytes.
+
+``HeaderFirstWrapper`` does what Postfix's ``smtpd_upstream_proxy_protocol`` does: it reads
+the whole header (v1 or v2, in as many pieces as it comes) before the SMTP protocol's
+``connectionMade``, so the session starts with the real client's address (greeting,
+admission, logs); it waits at most ``PROXY_HEADER_TIMEOUT`` seconds for it (Postfix's
+``smtpd_upstream_proxy_timeout``); a connection without a valid header is closed with one
+log line naming the peer (the proxy's address, or the client that bypassed it).  A
+health check that connects and leaves without a header (HAProxy's plain ``check``) starts
+no session and logs nothing.  TLS handshake notifications are passed through to the SMTP
+protocol (the handshake deadline needs them when STARTTLS runs behind the wrapper).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from twisted.internet.interfaces import IHandshakeListener, IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-# The wrapper classes are only exported through the private module (the package exports
-# ``proxyEndpoint``, which cannot take another protocol class).
+from twisted.python.failure import Failure
+# The wrapper and parser classes are only exported through the private modules (the
+# package exports ``proxyEndpoint``, which cannot take another protocol class).
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 log = Logger(namespace="saslsmtp.smtp")
 
+PROXY_HEADER_TIMEOUT = 5.0  # seconds from the connect to the end of the header
+_V2_FIXED = 16  # a v2 header's signature, version/command, family and length
+
+
+def _parser_for(head: bytes) -> V1Parser | V2Parser | Literal[True] | None:
+    """The parser for a header starting with ``head``: ``True`` while too few bytes have
+    come to tell, ``None`` when they cannot start a PROXY header."""
+    if head.startswith(V1Parser.PROXYSTR):
+        return V1Parser()
+    if head.startswith(V2Parser.PREFIX):
+        if len(head) < _V2_FIXED:
+            return True
+        return V2Parser() if head[12] & 0xF0 == 0x20 else None
+    if V1Parser.PROXYSTR.startswith(head) or V2Parser.PREFIX.startswith(head):
+        return True
+    return None
+
 
 @implementer(IHandshakeListener)
-class LoggingProxyWrapper(HAProxyProtocolWrapper):
-    """``HAProxyProtocolWrapper`` that says why it closed a connection."""
+class HeaderFirstWrapper(HAProxyProtocolWrapper):
+    """``HAProxyProtocolWrapper`` that starts the SMTP session only after the header."""
+
+    factory: "HeaderFirstFactory"
+    _started = False
+    _head = b""
+    _deadline: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        """Register and wait for the header; the wrapped protocol is not made yet."""
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self._deadline = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         wrapped: Any = self.wrappedProtocol
-        if self._proxyInfo is not None:
+        if self._started:
             wrapped.dataReceived(data)
             return
-        super().dataReceived(data)
-        if self._proxyInfo is None and self.disconnecting:
-            transport: Any = self.transport
-            peer = transport.getPeer()
-            log.warn("no valid PROXY protocol header from {peer}:{port} on a haproxy: listener;"
-                     " closing", peer=getattr(peer, "host", str(peer)),
-                     port=getattr(peer, "port", 0))
+        if self.disconnecting:
+            return
+        try:
+            parser = self._parser
+            if parser is None:
+                self._head += data
+                found = _parser_for(self._head)
+                if found is True:
+                    return
+                if found is None:
+                    raise InvalidProxyHeader()
+                self._parser = parser = found
+                data, self._head = self._head, b""
+            info, remaining = parser.feed(data)
+        except InvalidProxyHeader:
+            self._refuse("no valid PROXY protocol header from {peer}:{port} on a haproxy:"
+                         " listener; closing")
+            return
+        if info is None:
+            return
+        self._proxyInfo = info
+        self._start()
+        if remaining and not self.disconnecting:
+            wrapped.dataReceived(remaining)
+
+    def _start(self) -> None:
+        self._started = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]  # the transport
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._started or self.disconnecting:
+            return
+        got = "part of a header" if self._head or self._parser is not None else "nothing"
+        self._refuse("no PROXY protocol header within {timeout:g} s from {peer}:{port} on a"
+                     " haproxy: listener ({got}); closing", timeout=self.factory.timeout, got=got)
+
+    def _refuse(self, text: str, **fields: Any) -> None:
+        transport: Any = self.transport
+        peer = transport.getPeer()
+        log.warn(text, peer=getattr(peer, "host", str(peer)), port=getattr(peer, "port", 0),
+                 **fields)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if self._started:
+            super().connectionLost(reason)
+        else:  # no session was started: nothing to tell it
+            self.factory.unregisterProtocol(self)
 
     def handshakeCompleted(self) -> None:
         wrapped: Any = self.wrappedProtocol
@@ -45,8 +137,15 @@ class LoggingProxyWrapper(HAProxyProtocolWrapper):
             wrapped.handshakeCompleted()
 
 
-class LoggingProxyFactory(HAProxyWrappingFactory):
-    protocol = LoggingProxyWrapper  # type: ignore[assignment]  # a subclass
+class HeaderFirstFactory(HAProxyWrappingFactory):
+    protocol = HeaderFirstWrapper  # type: ignore[assignment]  # a subclass
+    noisy = False  # the listening port already logs its start
+
+    def __init__(self, wrappedFactory: Any, clock: IReactorTime,
+                 timeout: float = PROXY_HEADER_TIMEOUT) -> None:
+        super().__init__(wrappedFactory)
+        self.clock = clock
+        self.timeout = timeout
 
 
 @implementer(IStreamServerEndpoint)
@@ -54,12 +153,16 @@ class ProxyEndpoint:
     """``endpoint`` with a PROXY header read before anything else (like Twisted's
     ``proxyEndpoint``), logging connections that lack one."""
 
-    def __init__(self, endpoint: Any) -> None:
+    def __init__(self, endpoint: Any, clock: IReactorTime,
+                 timeout: float = PROXY_HEADER_TIMEOUT) -> None:
         self.endpoint = endpoint
+        self.clock = clock
+        self.timeout = timeout
 
     def listen(self, factory: Any) -> Any:
-        return self.endpoint.listen(LoggingProxyFactory(factory))
+        return self.endpoint.listen(HeaderFirstFactory(factory, self.clock, self.timeout))
 
 
-def proxy_endpoint(endpoint: Any) -> ProxyEndpoint:
-    return ProxyEndpoint(endpoint)
+def proxy_endpoint(endpoint: Any, clock: IReactorTime,
+                   timeout: float = PROXY_HEADER_TIMEOUT) -> ProxyEndpoint:
+    return ProxyEndpoint(endpoint, clock, timeout)

@@ -418,7 +418,7 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     else:
         endpoint = endpoints.serverFromString(listening, inner)
     if prefix:
-        endpoint = proxy_endpoint(endpoint)
+        endpoint = proxy_endpoint(endpoint, reactor)
     return AcceptLogEndpoint(endpoint, reactor), factory
 
 

@@ -244,6 +244,16 @@ def twistd_command(config: Path, *extra: str) -> list[str]:
             "--pidfile=", "--logfile=-", "saslsmtp", "--config", str(config), *extra]
 
 
+def _greeted(s: socket.socket) -> None:
+    """Read the greeting; a haproxy: listener says nothing before a PROXY header, so
+    when nothing comes, send one (PROXY UNKNOWN: the connection's own address)."""
+    try:
+        s.recv(100)
+    except socket.timeout:
+        s.sendall(b"PROXY UNKNOWN\r\n")
+        s.recv(100)
+
+
 def start_daemon(config: Path, port: int, log: Path, timeout: float = 20.0) -> Daemon:
     """Start the daemon (blocking: call from a fixture) and wait until it accepts."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -257,7 +267,7 @@ def start_daemon(config: Path, port: int, log: Path, timeout: float = 20.0) -> D
             raise RuntimeError(f"saslsmtp exited with {proc.returncode}:\n{daemon.log_text()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.recv(100)
+                _greeted(s)
                 return daemon
         except OSError:
             time.sleep(0.1)

@@ -1,5 +1,8 @@
-"""A ``haproxy:`` listener logs a connection that comes without a PROXY header (one line,
-with the peer's address) instead of closing it silently; real listener on loopback."""
+"""A ``haproxy:`` listener reads the whole PROXY header before the SMTP session starts (the
+greeting, the admission and the logs see the real client), waits for it a bounded time,
+and logs a connection that comes without one (one line, with the peer's address) instead
+of closing it silently.  Real listener on loopback, and the wrapper alone over a
+StringTransport and a Clock for the timing."""
 
 from __future__ import annotations
 
@@ -9,8 +12,15 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
+from saslsmtp.proxyheader import HeaderFirstFactory, HeaderFirstWrapper
 from saslsmtp.service import SubmissionFactory, listener, load, wire
 from tests.support import write_config
 
@@ -24,11 +34,10 @@ def logged():
 
 
 def _talk(port: int, first: bytes) -> bytes:
-    """Connect, read the greeting, send ``first``, read until the server closes."""
+    """Connect, send ``first``, read until the server closes (nothing is sent before a
+    PROXY header)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         got = b""
-        if not first.startswith(b"PROXY"):
-            got = s.recv(4096)
         s.sendall(first)
         try:
             while data := s.recv(4096):
@@ -63,9 +72,10 @@ def _proxy_lines(events: list[dict]) -> list[str]:
 
 @pytest_twisted.ensureDeferred
 async def test_connection_without_proxy_header_is_logged(tmp_path: Path, logged: list[dict]) -> None:
-    """EHLO straight to a haproxy: listener: closed, and one log line names the peer."""
+    """EHLO straight to a haproxy: listener: closed at once with no greeting (nothing is
+    said before the header), and one log line names the peer."""
     got = await _serve(tmp_path, b"EHLO client.example\r\n")
-    assert got.startswith(b"220 ") and b"250" not in got
+    assert got == b""
     lines = _proxy_lines(logged)
     assert len(lines) == 1 and "127.0.0.1:" in lines[0], lines
 
@@ -120,3 +130,83 @@ async def test_starttls_behind_proxy_header_finishes_its_handshake(tmp_path: Pat
             p.transport.abortConnection()
         await port.stopListening()
     assert got.startswith(b"250-")
+
+
+# ---- the wrapper alone: header first, in pieces, bounded wait ------------------------
+
+HEADER_V1 = b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 587\r\n"
+HEADER_V2 = (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c"  # v2, PROXY, TCP over IPv4
+             + bytes([203, 0, 113, 9]) + bytes([192, 0, 2, 1]) + (40000).to_bytes(2, "big")
+             + (587).to_bytes(2, "big"))
+
+
+class _Recorder(Protocol):
+    """What the SMTP protocol would see: when it starts, its peer, its bytes, its end."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def connectionMade(self) -> None:
+        self.events.append(("made", self.transport.getPeer().host))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.events.append(("lost", None))
+
+
+def _wrapped(timeout: float = 5.0) -> tuple[HeaderFirstWrapper, _Recorder, StringTransport, Clock]:
+    clock = Clock()
+    inner = Factory.forProtocol(_Recorder)
+    factory = HeaderFirstFactory(inner, clock, timeout)
+    wrapper = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 50000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000))
+    wrapper.makeConnection(transport)
+    return wrapper, wrapper.wrappedProtocol, transport, clock
+
+
+@pytest.mark.parametrize("header, client", [(HEADER_V1, "198.51.100.7"), (HEADER_V2, "203.0.113.9")])
+def test_session_starts_after_a_header_sent_one_byte_at_a_time(header: bytes, client: str) -> None:
+    """Nothing starts until the last byte of the header (Twisted's wrapper gave up on a
+    first read under 16 bytes); then the session starts with the header's address and
+    gets the bytes that followed it."""
+    wrapper, recorder, transport, clock = _wrapped()
+    for byte in header[:-1]:
+        wrapper.dataReceived(bytes([byte]))
+    assert recorder.events == [] and not transport.disconnecting
+    wrapper.dataReceived(header[-1:] + b"EHLO c.example\r\n")
+    assert recorder.events == [("made", client), ("data", b"EHLO c.example\r\n")]
+    clock.advance(60)
+    assert not transport.disconnecting  # the header's wait ended with the header
+
+
+def test_silence_is_closed_at_the_header_timeout_with_one_line(logged: list[dict]) -> None:
+    wrapper, recorder, transport, clock = _wrapped(timeout=5.0)
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and recorder.events == []
+    assert _proxy_lines(logged) == ["no PROXY protocol header within 5 s from 10.0.0.1:50000"
+                                    " on a haproxy: listener (nothing); closing"]
+
+
+def test_half_a_header_is_closed_at_the_header_timeout() -> None:
+    wrapper, recorder, transport, clock = _wrapped(timeout=5.0)
+    wrapper.dataReceived(HEADER_V1[:20])
+    clock.advance(5.0)
+    assert transport.disconnecting and recorder.events == []
+
+
+def test_health_check_that_leaves_without_a_header_starts_no_session(logged: list[dict]) -> None:
+    """HAProxy's plain TCP check connects and closes: no session, no log line, no timer."""
+    wrapper, recorder, transport, clock = _wrapped()
+    wrapper.connectionLost(Failure(ConnectionDone()))
+    assert recorder.events == [] and clock.getDelayedCalls() == [] and _proxy_lines(logged) == []
+
+
+def test_bytes_that_cannot_start_a_header_close_at_once(logged: list[dict]) -> None:
+    wrapper, recorder, transport, clock = _wrapped()
+    wrapper.dataReceived(b"E")
+    assert transport.disconnecting and recorder.events == []
+    assert len(_proxy_lines(logged)) == 1
