@@ -24,7 +24,9 @@ def test_a_hammered_bcrypt_user_leaves_room_for_others(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     print(f"\n{figures}")
-    assert figures["attacker_checks"] > 50  # the hammer really ran
+    # the hammer really ran: at least as many guesses checked as it has connections (how
+    # many in all depends on how busy the machine is: 49 to several hundred were seen)
+    assert figures["attacker_checks"] >= 16, figures
     assert figures["login_p95_ms"] < 150, figures
     assert figures["noop_p95_ms"] < 50, figures
 
