@@ -208,7 +208,10 @@ class SmtpAuth:
     def _rejected(self, reject: Reject) -> "defer.Deferred[None] | None":
         """A permanent failure: counted, answered after the failure delay."""
         last = self.failures.failed()
-        log.info("AUTH failed ip={ip} ({n} of {max})", ip=self.host.peer_ip,
+        # The connection's own count (max_failures); the cross-connection limits and the
+        # fail2ban line ("auth failed: client=...") are the AUTH guard's.
+        log.info("AUTH failed ip={ip} ({n} of max_failures={max} on this connection)",
+                 ip=self.host.peer_ip,
                  n=self.failures.failures, max=self.failures.limit)
 
         def answer(_: Any = None) -> None:

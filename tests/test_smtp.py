@@ -341,8 +341,16 @@ def test_failure_delay_uses_the_clock() -> None:
     assert h.take() == INVALID + b"250 2.0.0 OK\r\n"
 
 
-def test_max_failures_closes_with_421() -> None:
-    """The third failure: 535, then 421 4.7.0 and the connection closes."""
+def test_max_failures_closes_with_421(monkeypatch) -> None:
+    """The third failure: 535, then 421 4.7.0 and the connection closes.  Each failure's
+    line says that it counts this connection (beside auth_failures_per_ip's "3/1m", a
+    bare "1 of 3" at every new connection read as a limit that never moves)."""
+    from twisted.logger import LogPublisher, formatEvent
+
+    import saslsmtp.smtpauth
+    lines: list[str] = []
+    monkeypatch.setattr(saslsmtp.smtpauth.log, "observer",
+                        LogPublisher(lambda event: lines.append(formatEvent(event))))
     h = harness(max_failures=3)
     bad = b"AUTH PLAIN " + b64(b"\0tim\0bad") + b"\r\n"
     assert h.send(bad) == INVALID
@@ -350,6 +358,9 @@ def test_max_failures_closes_with_421() -> None:
     assert h.send(bad) == INVALID + (
         b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n")
     assert h.transport.disconnecting
+    ip = h.protocol.peer_ip
+    assert lines == [f"AUTH failed ip={ip} ({n} of max_failures=3 on this connection)"
+                     for n in (1, 2, 3)]
 
 
 def test_starttls_injection_is_discarded() -> None:
