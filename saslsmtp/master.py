@@ -7,7 +7,8 @@ lines to the master's log file or standard output (``logs.AppendLogFile``); the 
 alone rotates the file (at 1 MB, checked every second, and on SIGUSR1) or notices that
 it was renamed away (SIGUSR1, SIGHUP), and then asks every worker to reopen it.  With
 ``--syslog`` or a custom ``--logger`` it relays the workers' events instead.  It
-restarts a worker that died (with a growing delay while it keeps dying), validates the
+restarts a worker that died (with a growing delay while it keeps dying) and replaces
+one whose reactor stopped turning (no heartbeat for ``server.worker_timeout``), validates the
 configuration on SIGHUP before forwarding the signal (and counts that reload, once),
 serves ``/metrics`` summed over the workers, and on shutdown forwards SIGTERM and waits
 for every worker to end.
@@ -38,11 +39,21 @@ from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_out
 from saslsmtp.metrics import (MULTIPROC_ENV, ReloadCounts, mark_dead, metrics_service,
                               multiprocess_registry, prepare_multiprocess_dir)
 from saslsmtp.serving import install_sighup
+from saslsmtp.worker import HEARTBEAT
 
 log = Logger(namespace="saslsmtp")
 
 #: Seconds the master waits at startup for every worker to say it serves.
 STARTUP_TIMEOUT = 60.0
+#: Seconds a stuck worker gets between SIGTERM and SIGKILL: its reactor cannot run an
+#: orderly stop, the signal only lets it log where it is stuck.
+STUCK_KILL_GRACE = 2.0
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often a worker says it is alive for a ``worker_timeout`` of ``timeout``:
+    four times per timeout, at least every 5 s (a write per beat, nothing else)."""
+    return min(timeout / 4, 5.0)
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -53,6 +64,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.slot = slot
         self.pid: int | None = None
         self.started = 0.0
+        self.heard = 0.0  # master.monotonic() of its last heartbeat (or of its start)
+        self.beating = False  # a heartbeat came: it runs its reactor (startup is over)
+        self.stuck = False  # found stuck: being killed
         self._out = b""
         self._err = b""
 
@@ -64,6 +78,14 @@ class WorkerProcess(protocol.ProcessProtocol):
         *lines, self._out = self._out.split(b"\n")
         for line in lines:
             self.master.relay(self, line)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD > 2:  # the one other pipe we read: the heartbeat (the worker's reactor turns)
+            if HEARTBEAT in data:
+                self.heard = self.master.monotonic()
+                self.beating = True
+            return
+        super().childDataReceived(childFD, data)
 
     def errReceived(self, data: bytes) -> None:
         self._err += data
@@ -174,7 +196,8 @@ class MasterService(service.MultiService):
                  backoff: tuple[float, float] = (0.5, 30.0), stable_after: float = 10.0,
                  publish: Callable[[dict], None] | None = None,
                  log_output: Callable[[], FdLineWriter | None] = shared_output,
-                 log_check: float = 1.0, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+                 log_check: float = 1.0, startup_timeout: float = STARTUP_TIMEOUT,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.config_path = os.path.abspath(config_path)
         self.config = config
@@ -189,6 +212,11 @@ class MasterService(service.MultiService):
         self.log_output = log_output  # what the workers write their lines to (None: relay)
         self.log_check = log_check
         self.startup_timeout = startup_timeout
+        self.monotonic = monotonic  # stuck workers are timed on it, not on the wall clock
+        self.worker_timeout = config.ops.worker_timeout  # 0: never
+        self._stuck_check: task.LoopingCall | None = None
+        self._last_check = 0.0
+        self._kills: dict[int, Any] = {}  # slot -> the SIGKILL call for a stuck worker
         self._log_size_check: task.LoopingCall | None = None
         self._restore_sigusr1: Callable[[], None] | None = None
         self.identity: privileges.Identity | None = None
@@ -241,6 +269,10 @@ class MasterService(service.MultiService):
             self._log_size_check.clock = self.reactor
             self._log_size_check.start(self.log_check, now=False)
         self.start_workers()
+        if self.worker_timeout > 0:
+            self._stuck_check = task.LoopingCall(self.check_stuck)
+            self._stuck_check.clock = self.reactor
+            self.reactor.callWhenRunning(self._start_stuck_check)
         self.reactor.callWhenRunning(guard_stop_signals, self.reactor)
         log.info("saslsmtp master (pid {pid}) started {n} workers", pid=os.getpid(), n=self.count)
 
@@ -357,6 +389,10 @@ class MasterService(service.MultiService):
         env.pop(MULTIPROC_ENV, None)
         if self.metrics_dir is not None:
             env[MULTIPROC_ENV] = str(self.metrics_dir)
+        if self.worker_timeout > 0:  # a pipe of its own: standard output may be the log
+            beat = max([*fds, *(v for v in fds.values() if isinstance(v, int))]) + 1
+            args += ["--heartbeat", f"{beat}:{heartbeat_interval(self.worker_timeout):g}"]
+            fds[beat] = "r"
         if status is not None:  # a number nothing else uses in the worker, nor the pipe here
             child = max([*fds, *(v for v in fds.values() if isinstance(v, int)), status]) + 1
             args += ["--status-fd", str(child)]
@@ -370,6 +406,7 @@ class MasterService(service.MultiService):
         args, fds, env = self.worker_command(slot, status)
         worker = WorkerProcess(self, slot)
         worker.started = self.reactor.seconds()
+        worker.heard = self.monotonic()
         self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
         self.workers[slot] = worker
         log.info("worker {slot} started (pid {worker_pid})", slot=slot, worker_pid=worker.pid)
@@ -425,7 +462,62 @@ class MasterService(service.MultiService):
             log.info("log file {path} {done}; {n} workers reopen it", path=out.path, done=done,
                      n=len(self.workers))
 
+    def _start_stuck_check(self) -> None:
+        """Running now: whatever the workers said during the start counts from here."""
+        now = self._last_check = self.monotonic()
+        for worker in self.workers.values():
+            worker.heard = max(worker.heard, now)
+        if self._stuck_check is not None and not self._stuck_check.running and not self.stopping:
+            self._stuck_check.start(min(1.0, self.worker_timeout / 4), now=False)
+
+    def check_stuck(self) -> None:
+        """Replace every worker that has not said it is alive for ``worker_timeout``
+        seconds (``startup_timeout`` before its first heartbeat: importing a script
+        takes a while).  A check that itself comes late means the master was held,
+        not the workers: their heartbeats wait unread in the pipes, so count again."""
+        now = self.monotonic()
+        interval = min(1.0, self.worker_timeout / 4)
+        late, self._last_check = now - self._last_check > 2 * interval + 1.0, now
+        if self.stopping:
+            return
+        for worker in list(self.workers.values()):
+            if late:
+                worker.heard = max(worker.heard, now)
+                continue
+            limit = self.worker_timeout if worker.beating else max(self.worker_timeout,
+                                                                   self.startup_timeout)
+            silent = now - worker.heard
+            if not worker.stuck and silent > limit:
+                self.replace_stuck(worker, silent)
+
+    def replace_stuck(self, worker: WorkerProcess, silent: float) -> None:
+        """SIGTERM (the worker logs where it is stuck), SIGKILL ``STUCK_KILL_GRACE``
+        seconds later; its end restarts it as any other end does."""
+        worker.stuck = True
+        log.error("worker {slot} (pid {worker_pid}) is stuck: its reactor has not turned for"
+                  " {silent:.1f}s (server.worker_timeout = {timeout:g}s); killing it and"
+                  " starting another", slot=worker.slot, worker_pid=worker.pid, silent=silent,
+                  timeout=self.worker_timeout)
+        transport: Any = worker.transport
+        try:
+            transport.signalProcess(signal.SIGTERM)
+        except (error.ProcessExitedAlready, OSError):
+            return
+        self._kills[worker.slot] = self.reactor.callLater(STUCK_KILL_GRACE, self._kill_stuck, worker)
+
+    def _kill_stuck(self, worker: WorkerProcess) -> None:
+        self._kills.pop(worker.slot, None)
+        if self.workers.get(worker.slot) is worker:
+            transport: Any = worker.transport
+            try:
+                transport.signalProcess(signal.SIGKILL)
+            except (error.ProcessExitedAlready, OSError):
+                pass
+
     def worker_ended(self, worker: WorkerProcess, value: Any) -> None:
+        kill = self._kills.pop(worker.slot, None) if worker.stuck else None
+        if kill is not None and kill.active():
+            kill.cancel()
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
         if self.metrics_dir is not None and worker.pid is not None:
@@ -443,8 +535,9 @@ class MasterService(service.MultiService):
         self.failures[worker.slot] = failures
         base, most = self.backoff
         delay = min(most, base * 2 ** (failures - 1))
-        log.warn("worker {slot} (pid {worker_pid}) ended unexpectedly ({how}) after {lived:.1f}s;"
+        log.warn("worker {slot} (pid {worker_pid}) {what} ({how}) after {lived:.1f}s;"
                  " restarting it in {delay:.1f}s", slot=worker.slot, worker_pid=worker.pid,
+                 what="was killed as stuck" if worker.stuck else "ended unexpectedly",
                  how=describe_end(value), lived=lived, delay=delay)
         self.pending[worker.slot] = self.reactor.callLater(delay, self.spawn, worker.slot)
 
@@ -499,6 +592,8 @@ class MasterService(service.MultiService):
             self._restore_sigusr1 = None
         if self._log_size_check is not None and self._log_size_check.running:
             self._log_size_check.stop()
+        if self._stuck_check is not None and self._stuck_check.running:
+            self._stuck_check.stop()
         for call in self.pending.values():
             if call.active():
                 call.cancel()

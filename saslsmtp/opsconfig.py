@@ -1,5 +1,5 @@
-"""The operations keys of the configuration: ``[server]`` workers, user, group, log_format,
-log_level, log_rotate_size, and the ``[metrics]`` table.
+"""The operations keys of the configuration: ``[server]`` workers, worker_timeout, user,
+group, log_format, log_level, log_rotate_size, and the ``[metrics]`` table.
 
 No Twisted here.  ``parse_ops(server_table, metrics_table, problem)`` reads the raw TOML
 tables and reports each mistake through ``problem(dotted_key, message)``, so the main
@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 #: The ``[server]`` keys read here (the main parser skips them).
-SERVER_KEYS = ("workers", "user", "group", "log_format", "log_level", "log_rotate_size")
+SERVER_KEYS = ("workers", "worker_timeout", "user", "group", "log_format", "log_level",
+               "log_rotate_size")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 MAX_WORKERS = 256
 #: twistd's own log file renames itself at this size; 0 leaves rotating to logrotate
 LOG_ROTATE_SIZE = 1_000_000
+#: seconds a worker's reactor may stand still before the master replaces the worker
+#: (gunicorn's ``timeout`` is 30 s; an AUTH script's own limit, script_timeout, is 10 s)
+WORKER_TIMEOUT = 60.0
+#: the least ``worker_timeout`` (0 aside): a worker says it is alive 4 times per timeout
+MIN_WORKER_TIMEOUT = 1.0
 
 Problem = Callable[[str, str], None]
 
@@ -41,6 +47,7 @@ class OpsConfig:
     log_level: str = "info"
     metrics: MetricsConfig | None = None
     log_rotate_size: int = LOG_ROTATE_SIZE  # bytes; 0: only on SIGUSR1
+    worker_timeout: float = WORKER_TIMEOUT  # seconds; 0: a stuck worker is never replaced
 
     def worker_count(self, override: int | None = None, cpus: int | None = None) -> int:
         """Processes to run: ``override`` (``--workers``) wins; 0 means one per CPU."""
@@ -69,6 +76,14 @@ def parse_ops(server: Any, metrics: Any, problem: Problem) -> OpsConfig:
         problem("server.workers", f"must be between 0 (one per CPU) and {MAX_WORKERS}")
     else:
         values["workers"] = workers
+    timeout = server.get("worker_timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not (timeout == 0 or MIN_WORKER_TIMEOUT <= timeout < float("inf")):
+            problem("server.worker_timeout", f"must be a number of seconds, at least"
+                    f" {MIN_WORKER_TIMEOUT:g} (0: never replace a stuck worker)")
+        else:
+            values["worker_timeout"] = float(timeout)
     for key in ("user", "group"):
         value = _string(server, key, "server", problem)
         if value is not None:

@@ -254,8 +254,8 @@ class Reloader:
     """
 
     #: Keys a reload cannot change (the sockets and processes exist already).
-    RESTART_ONLY = ("server.listen", "server.workers", "server.user", "server.group",
-                    "metrics.listen")
+    RESTART_ONLY = ("server.listen", "server.workers", "server.worker_timeout", "server.user",
+                    "server.group", "metrics.listen")
 
     def __init__(self, path: str, factory: SubmissionFactory, reactor: Any,
                  metrics: Metrics | None = None,
@@ -342,7 +342,7 @@ def restart_only_changes(running: Config, new: Config) -> list[str]:
     changed = []
     if running.server.listen != new.server.listen:
         changed.append("server.listen")
-    for key in ("workers", "user", "group"):
+    for key in ("workers", "worker_timeout", "user", "group"):
         if getattr(running.ops, key) != getattr(new.ops, key):
             changed.append(f"server.{key}")
     if running.ops.metrics != new.ops.metrics:

@@ -6,9 +6,11 @@ wiring (thread pools, backends, script, TLS context).  It writes its own log lin
 where the master writes (``--log-file``: appending to the file, reopened when the master
 writes ``R`` on its standard input after a rotation; ``--log-fd``: the inherited
 standard output), else it sends its events as compact JSON lines on standard output
-(``logs.RelayObserver``) for the master to publish.  It stops when standard input
-reaches end of file (the master is gone), on SIGTERM (like the single-process daemon:
-421 to idle sessions) and reloads on SIGHUP.
+(``logs.RelayObserver``) for the master to publish.  With ``--heartbeat FD:S`` it writes
+``HEARTBEAT`` on the pipe FD every S seconds from the reactor, so the master can
+tell a worker whose reactor stopped turning (an AUTH script looping forever) and
+replace it.  It stops when standard input reaches end of file (the master is gone), on
+SIGTERM (like the single-process daemon: 421 to idle sessions) and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -17,12 +19,64 @@ import argparse
 import os
 import signal
 import sys
+import time
+import traceback
 from typing import Any, Callable, Sequence
 
-from twisted.internet import abstract, fdesc
+from twisted.internet import abstract, fdesc, task
 from twisted.logger import Logger
 
 log = Logger(namespace="saslsmtp")
+
+#: What a worker's reactor writes on its heartbeat pipe to say it still turns.
+HEARTBEAT = b"."
+
+
+class Heartbeat:
+    """``HEARTBEAT`` on the pipe ``fd`` every ``interval`` seconds, from the reactor (a
+    thread could go on writing while the reactor is stuck).  ``last``: when it last
+    beat (``time.monotonic``), for ``stale``."""
+
+    def __init__(self, clock: Any, interval: float, fd: int,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.fd = fd
+        self.now = now
+        self.last = now()
+        os.set_blocking(fd, False)  # a master that stopped reading must not stop us
+        self.loop = task.LoopingCall(self.beat)
+        self.loop.clock = clock
+
+    def start(self) -> "Heartbeat":
+        self.loop.start(self.interval, now=True)
+        return self
+
+    def beat(self) -> None:
+        self.last = self.now()
+        try:
+            os.write(self.fd, HEARTBEAT)
+        except OSError:  # full (the master is held) or gone (the stdin watcher stops us)
+            pass
+
+    def stale(self) -> bool:
+        """The reactor missed two beats: it is held (or stuck) right now."""
+        return self.now() - self.last > 2 * self.interval
+
+
+def parse_heartbeat(value: str) -> tuple[int, float]:
+    """``FD:SECONDS`` -> (fd, interval)."""
+    fd, _, seconds = value.partition(":")
+    return int(fd), float(seconds)
+
+
+def stuck_at(frame: Any) -> str:
+    """``FILE:LINE in FUNCTION`` of the innermost frame the main thread was running when a
+    signal interrupted it: where a stuck worker is stuck (no locals, so no password)."""
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    if not stack:
+        return "an unknown place"
+    innermost = stack[-1]
+    return f"{innermost.filename}:{innermost.lineno} in {innermost.name}"
 
 
 class StdinWatcher(abstract.FileDescriptor):
@@ -126,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--status-fd", type=int,
                         help="write 'ready' or 'failed REASON' here once started (the master waits)")
+    parser.add_argument("--heartbeat", type=parse_heartbeat, metavar="FD:SECONDS",
+                        help="write HEARTBEAT on the pipe FD this often, from the reactor")
     args = parser.parse_args(argv)
     status = StartStatus(args.status_fd)
 
@@ -183,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stopping: list[bool] = []
     failed: list[bool] = []
+    heartbeat: list[Heartbeat] = []
 
     def stop() -> None:
         if reactor.running and not stopping:
@@ -199,11 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("worker {slot}: the master is gone; stopping", slot=args.slot)
             stop()
 
+    def on_stop_signal(signum: int, frame: Any) -> None:
+        # A reactor that missed its beats cannot run the stop: the master is replacing
+        # this worker.  Where it is stuck is the one thing the operator needs to know.
+        if heartbeat and heartbeat[0].stale():
+            try:  # (raised here, it would land in the stuck code)
+                log.error("worker {slot} (pid {pid}): {signal} while the reactor is held:"
+                          " stuck at {where}", slot=args.slot, pid=os.getpid(),
+                          signal=signal.Signals(signum).name, where=stuck_at(frame))
+            except Exception:
+                pass
+        reactor.callFromThread(stop_again)
+
     def start() -> None:
         # The master forwards SIGTERM, and systemd may send its own: stop once (also
         # when it comes while this start fails and stops the reactor itself).
-        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop_again))
-        signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(stop_again))
+        signal.signal(signal.SIGTERM, on_stop_signal)
+        signal.signal(signal.SIGINT, on_stop_signal)
         try:
             service.privilegedStartService()
             privileges.drop(privileges.resolve(service.config.ops.user, service.config.ops.group))
@@ -219,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("worker {slot} (pid {pid}) serving {listeners}", slot=args.slot,
                  pid=os.getpid(), listeners=" ".join(d for _, d in args.listener))
         status.ready()
+        if args.heartbeat is not None:
+            fd, interval = args.heartbeat
+            heartbeat.append(Heartbeat(reactor, interval, fd).start())
 
     reactor.callWhenRunning(start)
     reactor.run()

@@ -46,12 +46,15 @@ class FakeReactor(Clock):
         return transport
 
 
-def master(tmp_path: Path, log_output: Any = lambda: None) -> tuple[MasterService, FakeReactor]:
+def master(tmp_path: Path, log_output: Any = lambda: None, server: str = "",
+           **kwargs: Any) -> tuple[MasterService, FakeReactor]:
     (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
     config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
                           listen=["tcp:2600:interface=127.0.0.1", "haproxy:tcp:2601"])
+    config.write_text(config.read_text().replace("[server]\n", "[server]\n" + server, 1))
     reactor = FakeReactor()
-    return MasterService(str(config), load(str(config)), 2, reactor, log_output=log_output), reactor
+    return MasterService(str(config), load(str(config)), 2, reactor, log_output=log_output,
+                         **kwargs), reactor
 
 
 def killed(proto: Any) -> Failure:
@@ -72,8 +75,8 @@ def test_worker_command_passes_each_listener_and_a_stdin_pipe(tmp_path: Path) ->
     args, fds, env = service.worker_command(1)
     assert args[1:] == ["-m", "saslsmtp.worker", "--config", str(tmp_path / "saslsmtp.toml"),
                         "--slot", "1", "--listener", "7:tcp:2600:interface=127.0.0.1",
-                        "--listener", "9:haproxy:tcp:2601"]
-    assert fds == {0: "w", 1: "r", 2: "r", 7: 7, 9: 9}
+                        "--listener", "9:haproxy:tcp:2601", "--heartbeat", "10:5"]
+    assert fds == {0: "w", 1: "r", 2: "r", 7: 7, 9: 9, 10: "r"}
     assert "PROMETHEUS_MULTIPROC_DIR" not in env  # no [metrics]
 
 
@@ -174,3 +177,105 @@ def test_a_reload_is_counted_once_by_the_master_on_metrics(tmp_path: Path) -> No
     assert [w.transport.signals for w in service.workers.values()] == [[signal.SIGHUP]] * 2
     assert registry.get_sample_value("saslsmtp_reloads_total", {"result": "invalid"}) == 1
     assert registry.get_sample_value("saslsmtp_reloads_total", {"result": "success"}) == 1
+
+
+def watched(tmp_path: Path, timeout: float = 4.0) -> tuple[MasterService, FakeReactor, list[dict]]:
+    """A master with two workers whose stuck-worker check runs on the fake clock (also
+    its monotonic clock), and the events it logs."""
+    from twisted.logger import globalLogPublisher
+    service, reactor = master(tmp_path, server=f"worker_timeout = {timeout}\n")
+    service.monotonic = reactor.seconds
+    service.spawn(0)
+    service.spawn(1)
+    assert service._stuck_check is None
+    from twisted.internet import task
+    service._stuck_check = task.LoopingCall(service.check_stuck)
+    service._stuck_check.clock = reactor
+    service._start_stuck_check()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    return service, reactor, events
+
+
+def beat(worker: Any) -> None:
+    """What the worker's reactor writes on its heartbeat pipe."""
+    from saslsmtp.worker import HEARTBEAT
+    worker.childDataReceived(10, HEARTBEAT)
+
+
+def stuck_lines(events: list[dict]) -> list[str]:
+    from twisted.logger import formatEvent, globalLogPublisher
+    globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(e) for e in events if "is stuck" in formatEvent(e)]
+
+
+def test_a_silent_worker_is_killed_and_restarted_a_beating_one_is_not(tmp_path: Path) -> None:
+    """Worker 1 keeps beating (every second), worker 0 stops: after worker_timeout (4 s)
+    one error line names worker 0's pid and how long it was silent; SIGTERM, then
+    SIGKILL 2 s later; its end restarts it.  Worker 1 is never signalled."""
+    service, reactor, events = watched(tmp_path)
+    first, second = service.workers[0], service.workers[1]
+    beat(first)
+    beat(second)
+    for _ in range(6):
+        reactor.advance(1.0)
+        beat(second)
+    assert first.transport.signals == [signal.SIGTERM] and second.transport.signals == []
+    lines = stuck_lines(events)
+    assert lines == [f"worker 0 (pid {first.pid}) is stuck: its reactor has not turned for 5.0s"
+                     " (server.worker_timeout = 4s); killing it and starting another"]
+    reactor.advance(2.0)
+    assert first.transport.signals == [signal.SIGTERM, signal.SIGKILL]
+    service.worker_ended(first, killed(first).value)
+    reactor.advance(service.pending[0].getTime() - reactor.seconds())
+    assert service.workers[0] is not first and second.transport.signals == []
+
+
+def test_a_worker_that_ends_at_sigterm_is_not_killed_again(tmp_path: Path) -> None:
+    """The SIGKILL is only for a worker still there after the grace."""
+    service, reactor, events = watched(tmp_path)
+    first = service.workers[0]
+    beat(first)
+    for _ in range(5):
+        reactor.advance(1.0)
+    assert first.transport.signals == [signal.SIGTERM]
+    service.worker_ended(first, killed(first).value)
+    reactor.advance(2.0)
+    assert first.transport.signals == [signal.SIGTERM]
+    stuck_lines(events)
+
+
+def test_a_held_master_does_not_take_its_workers_for_stuck(tmp_path: Path) -> None:
+    """The master's own reactor held for 30 s (a slow reload): the workers' heartbeats
+    wait unread in the pipes, so the first check after it counts again instead of
+    killing every worker."""
+    service, reactor, events = watched(tmp_path)
+    for worker in service.workers.values():
+        beat(worker)
+    reactor.advance(30.0)  # one late tick of the check loop, nothing read meanwhile
+    assert [w.transport.signals for w in service.workers.values()] == [[], []]
+    for worker in service.workers.values():
+        beat(worker)
+    reactor.advance(3.0)
+    assert [w.transport.signals for w in service.workers.values()] == [[], []]
+    assert stuck_lines(events) == []
+
+
+def test_a_starting_worker_gets_the_startup_timeout(tmp_path: Path) -> None:
+    """Before its first heartbeat a worker may be importing a slow script: it is stuck
+    only after startup_timeout (60 s), not worker_timeout."""
+    service, reactor, events = watched(tmp_path)
+    second = service.workers[1]
+    for _ in range(59):
+        reactor.advance(1.0)
+        beat(second)
+    assert service.workers[0].transport.signals == []
+    reactor.advance(2.0)
+    assert service.workers[0].transport.signals == [signal.SIGTERM]
+    assert len(stuck_lines(events)) == 1
+
+
+def test_worker_timeout_zero_turns_the_check_off(tmp_path: Path) -> None:
+    """No heartbeat asked of the workers, no check."""
+    service, reactor = master(tmp_path, server="worker_timeout = 0\n")
+    assert "--heartbeat" not in service.worker_command(0)[0]

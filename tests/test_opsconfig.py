@@ -57,3 +57,16 @@ def test_log_rotate_size() -> None:
             parse_config(f'[server]\nlog_rotate_size = {wrong}\n' + BASE, "f.toml")
         assert ("f.toml:2: server.log_rotate_size: must be a size in bytes"
                 " (0: never by size, only on SIGUSR1)") in str(e.value)
+
+
+def test_worker_timeout() -> None:
+    """60 s unless set; 0 turns the check off; below a second (or not a number) is refused."""
+    assert parse_config(BASE).ops.worker_timeout == 60.0
+    assert parse_config('[server]\nworker_timeout = 0\n' + BASE).ops.worker_timeout == 0.0
+    assert parse_config('[server]\nworker_timeout = 2.5\n' + BASE).ops.worker_timeout == 2.5
+    assert parse_config('[server]\nworker_timeout = 300\n' + BASE).ops.worker_timeout == 300.0
+    for wrong in ("-1", "0.5", '"60s"', "true", "inf", "nan"):
+        with pytest.raises(ConfigError) as e:
+            parse_config(f'[server]\nworker_timeout = {wrong}\n' + BASE, "f.toml")
+        assert ("f.toml:2: server.worker_timeout: must be a number of seconds, at least 1"
+                " (0: never replace a stuck worker)") in str(e.value)
