@@ -58,12 +58,14 @@ class ReportedStart(service.MultiService):
     sends standard error to the log once logging starts).  ``twistd``: twistd's options.
 
     A start that succeeded tells systemd ``READY=1`` once the reactor runs (``Type=notify``:
-    only then does ``systemctl start`` return; nothing outside systemd)."""
+    only then does ``systemctl start`` return; nothing outside systemd), and then
+    ``WATCHDOG=1`` from the reactor when the unit has ``WatchdogSec=``."""
 
     def __init__(self, inner: service.IService, twistd: Any, reactor: Any) -> None:
         super().__init__()
         self.twistd = twistd
         self.reactor = reactor
+        self.watchdog: Any = None  # sdnotify.Watchdog, under systemd's WatchdogSec=
         inner.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -81,6 +83,11 @@ class ReportedStart(service.MultiService):
             raise
         from saslsmtp.sdnotify import notify
         self.reactor.callWhenRunning(notify, f"READY=1\nMAINPID={os.getpid()}")
+        self.reactor.callWhenRunning(self._watch)
+
+    def _watch(self) -> None:
+        from saslsmtp.sdnotify import start_watchdog
+        self.watchdog = start_watchdog(self.reactor)
 
     def _failed(self, error: SystemExit) -> None:
         line = error.code if isinstance(error.code, str) else f"saslsmtp: exit status {error.code}"

@@ -66,6 +66,14 @@ def test_the_unit_waits_for_readiness() -> None:
     assert "RuntimeDirectory=saslsmtp" in lines  # /run/saslsmtp for a control socket
 
 
+def test_the_unit_has_a_watchdog() -> None:
+    """``WatchdogSec=``: saslsmtp says WATCHDOG=1 from its reactor (tests/test_watchdog.py),
+    so systemd restarts a process whose reactor is stuck; under ``Restart=on-failure``,
+    which covers a watchdog kill."""
+    lines = {line.strip() for line in UNIT.read_text().splitlines()}
+    assert "WatchdogSec=60" in lines and "Restart=on-failure" in lines
+
+
 def notified_start(tmp_path: Path, address: str, server: str = "",
                    port: int | None = None) -> tuple[subprocess.Popen, socket.socket, int, Path]:
     """twistd saslsmtp with ``NOTIFY_SOCKET=address`` (``@name``: abstract), and the
