@@ -72,15 +72,13 @@ class ReportedStart(service.MultiService):
         try:
             super().privilegedStartService()
         except SystemExit as e:
-            self._failed(e)
-            raise
+            raise self._failed(e) from None
 
     def startService(self) -> None:
         try:
             super().startService()
         except SystemExit as e:
-            self._failed(e)
-            raise
+            raise self._failed(e) from None
         from saslsmtp.sdnotify import notify
         self.reactor.callWhenRunning(notify, f"READY=1\nMAINPID={os.getpid()}")
         self.reactor.callWhenRunning(self._watch)
@@ -89,12 +87,19 @@ class ReportedStart(service.MultiService):
         from saslsmtp.sdnotify import start_watchdog
         self.watchdog = start_watchdog(self.reactor)
 
-    def _failed(self, error: SystemExit) -> None:
+    def _failed(self, error: SystemExit) -> SystemExit:
+        """Tell the operator; the exception to end the process with."""
         line = error.code if isinstance(error.code, str) else f"saslsmtp: exit status {error.code}"
         options = self.twistd
+        # first the pid file and the log: the waiting parent exits as soon as it reads
+        # the line below, and the operator (or a script) looks at both at once
+        remove_own_pidfile(options.get("pidfile"))
         pipe = options.get("statusPipe")
         if pipe is not None:  # daemonized: the waiting parent prints it ("1 " = failed)
             options["statusPipe"] = None
+            if isinstance(error.code, str) and sys.stderr is not None:
+                print(line, file=sys.stderr, flush=True)  # the log, as Python's exit would
+                error = SystemExit(1)  # (which would now print it a second time)
             try:
                 os.write(pipe, b"1 " + line.encode("utf-8", "replace")[:98])
                 os.close(pipe)
@@ -102,7 +107,61 @@ class ReportedStart(service.MultiService):
                 pass
         elif logs_elsewhere(options) and sys.__stderr__ is not None:
             print(line, file=sys.__stderr__, flush=True)
-        remove_own_pidfile(options.get("pidfile"))
+        return error
+
+
+def wait_for_the_daemon(read_pipe: int, stderr: Any = None) -> int:
+    """What twistd's parent does after it forked the daemon (no ``-n``): wait for the
+    daemon's word on ``read_pipe`` and return the exit status (0: started).
+
+    twistd's own wait keeps the pipe's write end open in the parent too, so a daemon
+    killed before it reports (SIGKILL, the OOM killer, a worker start that hangs and is
+    killed) never closes the last write end, and the parent waits forever.  Here every
+    descriptor of this process on the same pipe but ``read_pipe`` is closed first: the
+    daemon's death is then end of file, and one line."""
+    from twisted.python.util import untilConcludes
+    close_other_ends(read_pipe)
+    data = untilConcludes(os.read, read_pipe, 100)
+    out = stderr or sys.__stderr__
+    if data == b"0":
+        return 0
+    if data:  # twistd's words for a failed start (the line ReportedStart wrote)
+        message = (f"An error has occurred: {data[2:]!r}\nPlease look at log file for more"
+                   " information.\n")
+    else:
+        message = ("saslsmtp: the daemon process ended before it was ready (killed?);"
+                   " its log may say why\n")
+    if out is not None:
+        untilConcludes(out.write, message)
+        out.flush()
+    return 1
+
+
+def close_other_ends(fd: int, listing: str = "/proc/self/fd") -> None:
+    """Close this process's other descriptors on the pipe ``fd`` belongs to."""
+    import stat
+    try:
+        mine = os.fstat(fd)
+        others = [int(name) for name in os.listdir(listing)]
+    except OSError:
+        return
+    for other in others:
+        if other == fd:
+            continue
+        try:
+            st = os.fstat(other)
+        except OSError:  # (the listing's own descriptor, closed by now)
+            continue
+        if stat.S_ISFIFO(st.st_mode) and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            os.close(other)
+
+
+def watch_the_daemon() -> None:
+    """twistd's parent waits with ``wait_for_the_daemon`` (installed before twistd forks;
+    only ``twistd saslsmtp`` without ``-n`` calls this)."""
+    from twisted.scripts._twistd_unix import UnixApplicationRunner
+    setattr(UnixApplicationRunner, "_waitForStart",
+            lambda runner, read_pipe: wait_for_the_daemon(read_pipe))
 
 
 def logs_elsewhere(twistd: Any) -> bool:

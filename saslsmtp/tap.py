@@ -87,8 +87,10 @@ class Options(usage.Options):
                 parent.get("pidfile"), load=lambda _: config, workers=self["workers"])
             self["service"] = make_service(config, reactor, self["workers"])
             if self.parent is not None:  # twistd runs it: start failures reach the operator
-                from saslsmtp.daemon import ReportedStart
+                from saslsmtp.daemon import ReportedStart, watch_the_daemon
                 self["service"] = ReportedStart(self["service"], self.parent, reactor)
+                if not self.parent.get("nodaemon"):  # ... and so does a daemon's death
+                    watch_the_daemon()
             if self.parent is not None:  # [server] log_format / log_level, via twistd's --logger
                 from saslsmtp.logs import use_for_twistd
                 self.parent["logger"] = self.parent.get("logger") or use_for_twistd(

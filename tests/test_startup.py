@@ -357,6 +357,54 @@ def test_a_daemonized_start_that_fails_says_so_and_exits(shared_dir: Path, worke
     assert "Address already in use" in log.read_text()
 
 
+SLOW_WORKER_SCRIPT = """\
+import sys
+import time
+
+from saslsmtp.script import Reject
+
+if sys.argv[0].endswith("worker.py"):  # a worker starting: slow (--check imports it fast)
+    time.sleep(float(open("slow").read()))
+
+
+def auth(arguments, context):
+    return Reject()
+"""
+
+
+def test_a_daemon_killed_before_it_is_ready_ends_the_waiting_parent(shared_dir: Path) -> None:
+    """Without ``-n``: the daemon (a master waiting for its workers) is SIGKILLed before
+    it reports.  twistd's parent kept the status pipe's write end open itself, so it never
+    saw the end of file and waited forever; now it exits 1 with one line."""
+    from tests.support import alive, wait_for, worker_pids
+    (shared_dir / "users").write_text(USERS)
+    (shared_dir / "auth.py").write_text(SLOW_WORKER_SCRIPT)
+    (shared_dir / "slow").write_text("60")
+    config, pidfile, log = (shared_dir / "saslsmtp.toml", shared_dir / "twistd.pid",
+                            shared_dir / "saslsmtp.log")
+    config.write_text(config_text(shared_dir, auth='script = "auth.py"', workers=2))
+    proc = twistd(f"--pidfile={pidfile}", f"--logfile={log}", "saslsmtp", "--config",
+                  str(config), cwd=shared_dir)
+    try:
+        wait_for(lambda: len(worker_pids(log)) == 2 if log.exists() else False,
+                 what="the workers started")
+        os.kill(int(pidfile.read_text()), 9)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"twistd's parent still waits: {out}{err}")
+    finally:
+        (shared_dir / "slow").write_text("0")
+        for pid in worker_pids(log).values() if log.exists() else ():
+            if alive(pid):
+                os.kill(pid, 9)
+    assert proc.returncode == 1, out + err
+    assert err.splitlines() == ["saslsmtp: the daemon process ended before it was ready"
+                                " (killed?); its log may say why"], err
+
+
 @pytest.mark.parametrize("where", ["logfile", "syslog"])
 def test_a_failed_start_logging_elsewhere_says_why_on_the_terminal_too(shared_dir: Path,
                                                                        where: str) -> None:
