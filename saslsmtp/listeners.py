@@ -10,6 +10,7 @@ nothing waiting in the queue.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -22,6 +23,8 @@ from saslsmtp.options import split_endpoint
 
 #: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
 ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
+#: Seconds ``interface_problem`` waits for a name to resolve: --check must not hang on DNS.
+RESOLVE_TIMEOUT = 5.0
 
 
 class ListenError(Exception):
@@ -147,3 +150,55 @@ def _explicit_ssl_context(reactor: Any, spec: ListenerSpec) -> Any:
     endpoint = endpoints.serverFromString(reactor, spec.description[len("haproxy:"):]
                                           if spec.proxy else spec.description)
     return endpoint._sslContextFactory  # the parsed CertificateOptions
+
+
+def interface_problem(description: str, timeout: float = RESOLVE_TIMEOUT,
+                      resolve: Callable[..., Any] = socket.getaddrinfo) -> str | None:
+    """Why the ``interface`` of the listener ``description`` (``tcp:``, ``tcp6:``,
+    ``ssl:``, ``haproxy:`` in front) cannot be bound, or ``None``: a name that does not
+    resolve (within ``timeout`` seconds: a thread asks, nobody waits longer) in the
+    address family the listener binds, or an address that is not this machine's.
+    Twisted finds both only when it binds, so ``--check`` said OK to a start that failed.
+    Nothing is bound: a probe socket takes port 0 and is closed."""
+    import ipaddress
+    import threading
+    parts = split_endpoint(description.removeprefix("haproxy:"))
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    positional = [p for p in parts[1:] if "=" not in p]
+    # tcp:PORT:INTERFACE is Twisted's too (ssl's second positional is its key file)
+    name = keywords.get("interface", positional[1] if kind != "ssl" and len(positional) > 1 else "")
+    if not name:
+        return None
+    try:
+        literal = ipaddress.ip_address(name.partition("%")[0])
+        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+    except ValueError:  # a name: the family Twisted binds with it
+        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    if kind == "tcp6" and family == socket.AF_INET:
+        family = socket.AF_INET6  # (Twisted's tcp6 takes an IPv4 literal as ::ffff:...)
+    answer: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answer.append(resolve(name, None, family, socket.SOCK_STREAM))
+        except OSError as e:
+            answer.append(e)
+    asking = threading.Thread(target=ask, name="saslsmtp-resolve", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if not answer:
+        return f"interface {name!r} did not resolve within {timeout:g} s"
+    if isinstance(answer[0], OSError):
+        why = answer[0].strerror or str(answer[0])
+        return f"interface {name!r} does not resolve ({why})"
+    address = answer[0][0][4]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address[0], 0, *address[2:]))
+        except OSError as e:
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                return f"interface {name!r} is no address of this machine ({e.strerror})"
+    return None

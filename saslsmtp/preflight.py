@@ -165,11 +165,12 @@ class _Report:
 
 def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int = 1) -> None:
     """Every ``server.listen`` (and ``metrics.listen``) entry is an endpoint Twisted can
-    build, on a port that exists (nothing is bound here); with ``workers`` > 1, every
+    build, on a port that exists and an interface that resolves to an address of this
+    machine (nothing is bound here); with ``workers`` > 1, every
     ``server.listen`` entry is one the master can bind and share."""
     from twisted.internet import endpoints
 
-    from saslsmtp.listeners import ListenError, parse
+    from saslsmtp.listeners import ListenError, interface_problem, parse
     from saslsmtp.options import endpoint_port_problem
     entries = [("server.listen", d) for d in config.server.listen]
     if config.ops.metrics is not None:
@@ -191,7 +192,7 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
             else:
                 report.problem(key, f"{description!r} is not a usable endpoint: {e}")
             continue
-        why = endpoint_port_problem(description, client=False)
+        why = endpoint_port_problem(description, client=False) or interface_problem(description)
         if why is not None:
             report.problem(key, f"{description!r} is not a usable endpoint: {why}")
         elif key == "server.listen" and workers > 1:

@@ -77,6 +77,21 @@ CASES: list[tuple[str, Callable[[Path], str], str, str]] = [
     ("metrics port beyond 65535", lambda f: base(f, '[metrics]\nlisten = "tcp:port=70000"'),
      "metrics.listen", "'tcp:port=70000' is not a usable endpoint: port 70000 is out of range"
      " (0 to 65535)"),
+    # ... and these at the bind only: a name that does not resolve, an address elsewhere
+    ("listener interface does not resolve", _listen("tcp:0:interface=no-such-host.invalid"),
+     "server.listen", "'tcp:0:interface=no-such-host.invalid' is not a usable endpoint:"
+     " interface 'no-such-host.invalid' does not resolve"),
+    ("listener interface does not resolve, workers",
+     _listen("haproxy:tcp:0:interface=no-such-host.invalid", workers=2), "server.listen",
+     "'haproxy:tcp:0:interface=no-such-host.invalid' is not a usable endpoint: interface"
+     " 'no-such-host.invalid' does not resolve"),
+    ("listener interface not this machine's", _listen("tcp:0:interface=192.0.2.1"),
+     "server.listen", "'tcp:0:interface=192.0.2.1' is not a usable endpoint: interface"
+     " '192.0.2.1' is no address of this machine (Cannot assign requested address)"),
+    ("metrics interface does not resolve",
+     lambda f: base(f, '[metrics]\nlisten = "tcp:0:interface=no-such-host.invalid"'),
+     "metrics.listen", "'tcp:0:interface=no-such-host.invalid' is not a usable endpoint:"
+     " interface 'no-such-host.invalid' does not resolve"),
     ("smtp backend endpoint port", lambda f: base(f, '[backends.up]\ntype = "smtp"\n'
                                                      'endpoint = "tcp:127.0.0.1:99999"'),
      "backends.up.endpoint", "'tcp:127.0.0.1:99999' cannot be connected to: port 99999 is"

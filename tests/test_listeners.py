@@ -9,7 +9,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol
 
-from saslsmtp.listeners import ListenError, ListenerSpec, adopt, bind, parse
+from saslsmtp.listeners import (ListenError, ListenerSpec, adopt, bind, interface_problem,
+                                 parse)
 
 
 def test_parse_the_endpoint_kinds() -> None:
@@ -80,3 +81,47 @@ async def test_unix_socket_bound_then_adopted(tmp_path: Path) -> None:
         assert await threads.deferToThread(fetch) == b"hello\r\n"
     finally:
         await port.stopListening()
+
+
+def test_interface_problem_knows_names_addresses_and_endpoint_kinds() -> None:
+    """Names resolve in the family the listener binds, literals need no resolver, an
+    address that is not this machine's is named, and endpoints without an interface
+    (none given, unix:, systemd:) have nothing to check."""
+    assert interface_problem("tcp:0:interface=127.0.0.1") is None
+    assert interface_problem("tcp:0:interface=localhost") is None
+    assert interface_problem("haproxy:ssl:465:interface=127.0.0.1") is None
+    assert interface_problem("tcp6:0:interface=::1") is None
+    assert interface_problem("tcp:0") is None and interface_problem("unix:/tmp/x.sock") is None
+    assert interface_problem("systemd:domain=INET:index=0") is None
+    assert interface_problem("tcp:0:192.0.2.1") == (  # Twisted's positional interface too
+        "interface '192.0.2.1' is no address of this machine (Cannot assign requested address)")
+    assert interface_problem("tcp:0:interface=no-such-host.invalid").startswith(
+        "interface 'no-such-host.invalid' does not resolve (")
+    families = []
+
+    def resolver(host: str, port: object, family: int, kind: int) -> list:
+        families.append(family)
+        return [(family, kind, 6, "", ("::1", 0, 0, 0) if family == socket.AF_INET6 else ("127.0.0.1", 0))]
+    assert interface_problem("tcp:0:interface=example.test", resolve=resolver) is None
+    assert interface_problem("tcp6:0:interface=example.test", resolve=resolver) is None
+    assert families == [socket.AF_INET, socket.AF_INET6]
+
+
+def test_interface_problem_waits_for_dns_no_longer_than_its_bound() -> None:
+    """A resolver that hangs (a DNS server that never answers) costs ``timeout`` seconds,
+    not --check's whole run."""
+    import threading
+    import time
+    release = threading.Event()
+
+    def hanging(*args: object) -> list:
+        release.wait(30)
+        raise OSError("late")
+    started = time.monotonic()
+    try:
+        assert interface_problem("tcp:0:interface=slow.example.test", timeout=0.3,
+                                 resolve=hanging) == (
+            "interface 'slow.example.test' did not resolve within 0.3 s")
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
