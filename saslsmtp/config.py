@@ -429,7 +429,11 @@ def parse_config(text: str, file: str = "<config>", *,
                 report.add_all("", section.cross_check(sections))
     auth = sections["auth"]
     if auth is not None:
-        if known_mechanisms and auth.script is None:
+        # a script set but refused (a missing file) is reported once, at auth.script:
+        # the checks below must not say that none is set
+        raw_auth = data.get("auth")
+        scripted = auth.script is not None or isinstance(raw_auth, dict) and "script" in raw_auth
+        if known_mechanisms and not scripted:
             for m in auth.mechanisms:
                 if m not in known_mechanisms:
                     report.add("auth.mechanisms",
@@ -440,7 +444,7 @@ def parse_config(text: str, file: str = "<config>", *,
                            f"backend {name!r} is not defined (no [backends.{name}])")
         if not auth.mechanisms:  # and MAIL needs AUTH: the server could take no mail
             report.add("auth.mechanisms", "is empty: nobody could log in")
-        elif not auth.backends and auth.script is None:
+        elif not auth.backends and not scripted:
             report.add("auth.backends", "is empty and no auth.script is set: nobody could log in")
     if report.found:
         raise ConfigError(report.found)

@@ -145,3 +145,48 @@ def test_sighup_rotates_the_certificate(tmp_path: Path, workers: int) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_deleted_script_is_refused_in_one_line(tmp_path: Path, workers: int) -> None:
+    """The AUTH script is deleted, then SIGHUP: one line says the file is missing.  A
+    second one followed, "auth.backends: is empty and no auth.script is set" (the table
+    was checked again without the refused key), which sent the operator to the wrong
+    key; and the running script still answers."""
+    import base64
+    import os
+    (tmp_path / "auth.py").write_text("from saslsmtp.script import Accept, Reject\n\n"
+                                      "def auth(arguments, context):\n"
+                                      "    return Accept() if arguments['password'] == 'pw'"
+                                      " else Reject()\n")
+    port = free_port()
+    config = write_config(tmp_path, mechanisms=["PLAIN"], backends=[], script="auth.py",
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "daemon.log"
+    with workers_daemon(config, log, workers, "--workers", str(workers)) as master:
+        (tmp_path / "auth.py").unlink()
+        os.kill(master.pid, signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), what="the reload refused")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0u\0pw") + b"\r\n")
+            got = b""
+            while b"\r\n235 " not in got and not got.startswith(b"235 "):
+                chunk = client.recv(4096)
+                assert chunk, got
+                got += chunk
+        refused = [line for line in log.read_text().splitlines() if "reload refused" in line]
+    assert len(refused) == 1, refused
+    from saslsmtp.config import key_lines
+    line = key_lines(config.read_text())["auth.script"]
+    assert refused[0].endswith(f"{config}:{line}: auth.script: no such file: {tmp_path / 'auth.py'}")
+
+
+def test_a_missing_script_is_one_problem_for_custom_mechanisms_too(tmp_path: Path) -> None:
+    """A mechanism only the script serves: the missing file is the one problem, not also
+    "X-TOKEN is not built in and no auth.script is set to serve it"."""
+    from saslsmtp.config import ConfigError
+    config = write_config(tmp_path, mechanisms=["PLAIN", "X-TOKEN"], backends=[],
+                          script="gone.py")
+    with pytest.raises(ConfigError) as e:
+        load(str(config))
+    assert [p.key for p in e.value.problems] == ["auth.script"], str(e.value)
