@@ -455,6 +455,24 @@ def _rotate_on_sigusr1(logfile: Any) -> None:
     signal.signal(signal.SIGUSR1, rotate if logfile is not None else signal.SIG_IGN)
 
 
+def reopen_if_moved() -> None:
+    """SIGHUP in a daemon without workers: if twistd's log file was renamed away (a
+    ``postrotate`` that sends SIGHUP, the signal most daemons reopen their logs on),
+    write to the path again, as the master does at SIGHUP; never rotate.  Otherwise its
+    lines went on into the renamed file, which logrotate compresses and later deletes."""
+    out = _TWISTD.get("output")
+    if not isinstance(out, RotatingLogFile):
+        return
+    try:
+        if not out.moved():
+            return
+        out.reopen()
+    except OSError as e:
+        _log.error("log file {path}: cannot reopen it: {error}", path=out.path, error=str(e))
+        return
+    _log.info("log file {path} reopened", path=out.path)
+
+
 def _is_special_file(path: str | None) -> bool:
     """An existing path that is not a regular file: ``/dev/null``, a FIFO, a terminal."""
     if not path or path == "-":

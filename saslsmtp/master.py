@@ -5,7 +5,8 @@ It binds every listener itself (before dropping privileges), then starts N worke
 queue.  It never serves SMTP and does nothing per connection.  Workers write their own
 lines to the master's log file or standard output (``logs.AppendLogFile``); the master
 alone rotates the file (at 1 MB, checked every second, and on SIGUSR1) or notices that
-it was renamed away (SIGUSR1, SIGHUP), and then asks every worker to reopen it.  With
+it was renamed away (SIGUSR1; SIGHUP, which reloads too), and then asks every worker to
+reopen it.  With
 ``--syslog`` or a custom ``--logger`` it relays the workers' events instead.  It
 restarts a worker that died (with a growing delay while it keeps dying) and replaces
 one whose reactor stopped turning (no heartbeat for ``server.worker_timeout``), validates the

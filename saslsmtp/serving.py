@@ -381,7 +381,13 @@ class ReloadableService(SaslSmtpService):
             control.setName(CONTROL_NAME)
             control.setServiceParent(self)
         super().startService()
-        self._restore_sighup = install_sighup(self.reactor, self.reloader.reload)
+        self._restore_sighup = install_sighup(self.reactor, self.sighup)
+
+    def sighup(self) -> None:
+        """A renamed log file is reopened (as the master does), then the reload."""
+        from saslsmtp.logs import reopen_if_moved
+        reopen_if_moved()
+        self.reloader.reload()
 
     def stopService(self) -> Any:
         if self._restore_sighup is not None:

@@ -102,6 +102,33 @@ def test_the_daemon_rotates_its_log_file_on_sigusr1(tmp_path: Path) -> None:
         kill_leftovers(proc, log)
 
 
+def test_sighup_reopens_a_renamed_log_file_and_reloads(tmp_path: Path) -> None:
+    """One process: logrotate renames the file and its ``postrotate`` sends SIGHUP (the
+    usual snippet).  That is a reload, and the path is reopened too, as the master does:
+    the lines after it went on into the renamed file, which logrotate later compresses
+    and deletes."""
+    config, port = alice_config(tmp_path)
+    log = tmp_path / "saslsmtp.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         f"--logfile={log}", "saslsmtp", "--config", str(config)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log.exists() and "saslsmtp ready" in log.read_text(), what="ready")
+        rotated = log.with_name("saslsmtp.log-20261130")
+        log.rename(rotated)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.exists() and "reloaded" in log.read_text(), what="the reload's line")
+        login(port)
+        wait_for(lambda: "session end" in log.read_text(), what="the session's line")
+        assert log.read_text().splitlines()[0].endswith(f"log file {log} reopened")
+        assert "reloaded" not in rotated.read_text() and "session end" not in rotated.read_text()
+        assert not log.with_name("saslsmtp.log.1").exists()  # reopened, never rotated
+    finally:
+        kill_leftovers(proc, log)
+
+
 def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     """``--logfile`` in a missing directory: exit 1 and one line saying why, no traceback."""
     config, _ = alice_config(tmp_path)
