@@ -23,6 +23,13 @@ from saslsmtp.options import split_endpoint
 
 #: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
 ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
+#: The names of each adoptable kind's positional arguments, in Twisted's parsers' order.
+POSITIONAL = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
 #: Seconds ``interface_problem`` waits for a name to resolve: --check must not hang on DNS.
 RESOLVE_TIMEOUT = 5.0
 
@@ -63,6 +70,11 @@ class ListenerSpec:
         return socket.AF_INET
 
 
+def keywords(parts: list[str]) -> dict[str, str]:
+    """The ``key=value`` arguments of an endpoint string's parts."""
+    return {key: value for key, _, value in (p.partition("=") for p in parts if "=" in p)}
+
+
 def parse(description: str) -> ListenerSpec:
     """Parse a ``server.listen`` endpoint string the way the master binds it."""
     proxy = description.startswith("haproxy:")
@@ -72,7 +84,10 @@ def parse(description: str) -> ListenerSpec:
         raise ListenError(f"{description}: {kind}: endpoints cannot be shared by workers"
                           f" (use {', '.join(ADOPTABLE)}, or workers = 1)")
     positional = [p for p in parts[1:] if "=" not in p]
-    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    # Twisted's parsers take their arguments by position too (tcp:2525:127.0.0.1 is an
+    # interface): read them as it does, or the master would bind another address
+    options = dict(zip(POSITIONAL[kind][1:], positional[1:]))
+    options.update(keywords(parts[1:]))
     first = options.pop("port" if kind != "unix" else "address", None)
     if first is None:
         if not positional:
@@ -166,10 +181,9 @@ def interface_problem(description: str, timeout: float = RESOLVE_TIMEOUT,
     kind = parts[0]
     if kind not in ("tcp", "tcp6", "ssl"):
         return None
-    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    positional = [p for p in parts[1:] if "=" not in p]
-    # tcp:PORT:INTERFACE is Twisted's too (ssl's second positional is its key file)
-    name = keywords.get("interface", positional[1] if kind != "ssl" and len(positional) > 1 else "")
+    named = dict(zip(POSITIONAL[kind], [p for p in parts[1:] if "=" not in p]))
+    named.update(keywords(parts[1:]))
+    name = named.get("interface", "")
     if not name:
         return None
     try:

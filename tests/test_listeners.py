@@ -125,3 +125,19 @@ def test_interface_problem_waits_for_dns_no_longer_than_its_bound() -> None:
         assert time.monotonic() - started < 5
     finally:
         release.set()
+
+
+def test_positional_arguments_are_read_as_twisted_reads_them() -> None:
+    """``tcp:2525:127.0.0.1`` is Twisted's port and interface: one process listened on
+    loopback only, and the master of ``workers = 2`` bound every address (the interface
+    was dropped).  Backlog, a unix socket's mode and ssl's key file are positional too."""
+    sock = bind(parse("tcp:0:127.0.0.1"))
+    try:
+        assert sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+    assert parse("tcp:2525:127.0.0.1:7").backlog == 7
+    assert parse("tcp6:2525:9").backlog == 9  # tcp6's order: port, backlog, interface
+    assert dict(parse("unix:/tmp/x.sock:600").options) == {"mode": "600"}
+    assert dict(parse("ssl:465:key.pem").options) == {"privateKey": "key.pem"}
+    assert parse("tcp:2525:interface=127.0.0.2").address == "127.0.0.2"
