@@ -202,6 +202,14 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
                 report.problem(key, str(e))
 
 
+def check_worker_timeout(config: Config, workers: int, report: _Report) -> None:
+    """``worker_timeout`` set for one process, where no master watches: a warning."""
+    from saslsmtp.opsconfig import WORKER_TIMEOUT
+    if workers == 1 and config.ops.worker_timeout != WORKER_TIMEOUT:
+        report.warn("server.worker_timeout", "has no effect with one process (workers = 1): no"
+                    " master watches it; under systemd, WatchdogSec= restarts a stuck process")
+
+
 def check_tls(config: Config, who: RunAs, report: _Report) -> None:
     """The certificate and key are PEM, the key is a key, and they belong together."""
     tls = config.tls
@@ -522,6 +530,7 @@ def preflight(config: Config, reactor: Any, who: RunAs | None = None,
     check_tls(config, who, report)
     check_paths(config, who, report)
     check_control_socket(config, who, count, report)
+    check_worker_timeout(config, count, report)
     check_login_possible(config, report)
     check_secrets_readable(config, report)
     check_pidfile(pidfile, who, report)

@@ -137,3 +137,19 @@ def test_a_systemd_listener_outside_socket_activation_says_so(tmp_path: Path,
             " index (socket activation: a .socket unit passes them; a start or --check"
             " outside it has none)") in str(e.value)
     assert "list index out of range" not in str(e.value)
+
+
+def test_worker_timeout_for_one_process_is_a_warning(tmp_path: Path) -> None:
+    """Set for one process it does nothing (no master watches it): --check says so, and
+    not with workers, nor at its default."""
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n')
+    text = path.read_text()
+    path.write_text(text.replace("[server]\n", "[server]\nworker_timeout = 5\n", 1))
+    warnings = preflight(load(str(path)), Clock())
+    assert [w for w in warnings if "worker_timeout" in w] == [
+        f"{path}:2: server.worker_timeout: warning: has no effect with one process (workers ="
+        " 1): no master watches it; under systemd, WatchdogSec= restarts a stuck process"]
+    assert not [w for w in preflight(load(str(path)), Clock(), workers=2) if "worker_timeout" in w]
+    path.write_text(text)
+    assert not [w for w in preflight(load(str(path)), Clock()) if "worker_timeout" in w]
