@@ -168,13 +168,15 @@ def _explicit_ssl_context(reactor: Any, spec: ListenerSpec) -> Any:
 
 
 def interface_problem(description: str, timeout: float = RESOLVE_TIMEOUT,
-                      resolve: Callable[..., Any] = socket.getaddrinfo) -> str | None:
+                      resolve: Callable[..., Any] = socket.getaddrinfo,
+                      master: bool = False) -> str | None:
     """Why the ``interface`` of the listener ``description`` (``tcp:``, ``tcp6:``,
     ``ssl:``, ``haproxy:`` in front) cannot be bound, or ``None``: a name that does not
     resolve (within ``timeout`` seconds: a thread asks, nobody waits longer) in the
     address family the listener binds, or an address that is not this machine's.
     Twisted finds both only when it binds, so ``--check`` said OK to a start that failed.
-    Nothing is bound: a probe socket takes port 0 and is closed."""
+    ``master``: the master of workers binds it (``bind``), not Twisted.  Nothing is
+    bound: a probe socket takes port 0 and is closed."""
     import ipaddress
     import threading
     parts = split_endpoint(description.removeprefix("haproxy:"))
@@ -186,13 +188,11 @@ def interface_problem(description: str, timeout: float = RESOLVE_TIMEOUT,
     name = named.get("interface", "")
     if not name:
         return None
-    try:
-        literal = ipaddress.ip_address(name.partition("%")[0])
-        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
-    except ValueError:  # a name: the family Twisted binds with it
-        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    if kind == "tcp6" and family == socket.AF_INET:
-        family = socket.AF_INET6  # (Twisted's tcp6 takes an IPv4 literal as ::ffff:...)
+    try:  # Twisted binds IPv6 for an IPv6 literal only (tcp6 too), the master as parse says
+        six = ipaddress.ip_address(name.partition("%")[0]).version == 6
+    except ValueError:
+        six = False
+    family = socket.AF_INET6 if six or master and kind == "tcp6" else socket.AF_INET
     answer: list[Any] = []
 
     def ask() -> None:

@@ -192,7 +192,8 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
             else:
                 report.problem(key, f"{description!r} is not a usable endpoint: {e}")
             continue
-        why = endpoint_port_problem(description, client=False) or interface_problem(description)
+        why = endpoint_port_problem(description, client=False) or interface_problem(
+            description, master=key == "server.listen" and workers > 1)
         if why is not None:
             report.problem(key, f"{description!r} is not a usable endpoint: {why}")
         elif key == "server.listen" and workers > 1:

@@ -103,8 +103,11 @@ def test_interface_problem_knows_names_addresses_and_endpoint_kinds() -> None:
         families.append(family)
         return [(family, kind, 6, "", ("::1", 0, 0, 0) if family == socket.AF_INET6 else ("127.0.0.1", 0))]
     assert interface_problem("tcp:0:interface=example.test", resolve=resolver) is None
+    # Twisted binds a name with IPv4 even for tcp6 (an IPv6 literal only with IPv6); the
+    # master binds tcp6 with IPv6
     assert interface_problem("tcp6:0:interface=example.test", resolve=resolver) is None
-    assert families == [socket.AF_INET, socket.AF_INET6]
+    assert interface_problem("tcp6:0:interface=example.test", resolve=resolver, master=True) is None
+    assert families == [socket.AF_INET, socket.AF_INET, socket.AF_INET6]
 
 
 def test_interface_problem_waits_for_dns_no_longer_than_its_bound() -> None:
