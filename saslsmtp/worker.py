@@ -44,6 +44,7 @@ class Heartbeat:
         self.now = now
         self.last = now()
         os.set_blocking(fd, False)  # a master that stopped reading must not stop us
+        os.set_inheritable(fd, False)  # nor a child of ours keep the master from our end
         self.loop = task.LoopingCall(self.beat)
         self.loop.clock = clock
 
