@@ -6,13 +6,12 @@ queue.  It never serves SMTP and does nothing per connection.  Workers write the
 lines to the master's log file or standard output (``logs.AppendLogFile``); the master
 alone rotates the file (at 1 MB, checked every second, and on SIGUSR1) or notices that
 it was renamed away (SIGUSR1; SIGHUP, which reloads too), and then asks every worker to
-reopen it.  With
-``--syslog`` or a custom ``--logger`` it relays the workers' events instead.  It
-restarts a worker that died (with a growing delay while it keeps dying) and replaces
-one whose reactor stopped turning (no heartbeat for ``server.worker_timeout``), validates the
-configuration on SIGHUP before forwarding the signal (and counts that reload, once),
-serves ``/metrics`` summed over the workers, and on shutdown forwards SIGTERM and waits
-for every worker to end.
+reopen it.  With ``--syslog`` or a custom ``--logger`` it relays the workers' events
+instead.  It restarts a worker that died (with a growing delay while it keeps dying)
+and replaces one whose reactor stopped turning (no heartbeat for
+``server.worker_timeout``), validates the configuration on SIGHUP before forwarding the
+signal (and counts that reload, once), serves ``/metrics`` summed over the workers, and
+on shutdown forwards SIGTERM and waits for every worker to end.
 """
 
 from __future__ import annotations
