@@ -35,7 +35,7 @@ async def auth(arguments, context):
     return Accept() if ok else Reject()
 '''
 LOOP_LINES = "(8|9)"  # the loop above: its "while True:" or its "pass"
-TIMEOUT = 3  # server.worker_timeout for these tests
+TIMEOUT = 5  # server.worker_timeout for these tests (a loaded machine may hold a reactor 1-2 s)
 
 
 def configure(tmp_path: Path, server: str = "") -> tuple[Path, int]:
@@ -108,15 +108,15 @@ def test_a_stuck_worker_is_replaced_and_the_next_client_logs_in(tmp_path: Path) 
 
 
 def test_a_slow_backend_is_no_stuck_worker(tmp_path: Path) -> None:
-    """A login that waits twice worker_timeout (asynchronously, as every backend waits)
-    gets its 235; no worker is taken for stuck meanwhile."""
+    """A login that waits longer than worker_timeout (asynchronously, as every backend
+    waits) gets its 235; no worker is taken for stuck meanwhile."""
     config, port = configure(tmp_path, f"workers = 2\nworker_timeout = {TIMEOUT}\n")
     log = tmp_path / "daemon.log"
     with workers_daemon(config, log, 2):
         pids = worker_pids(log)
         started = time.monotonic()
-        assert login(port, "slow", str(2 * TIMEOUT)).startswith(b"235 ")
-        assert time.monotonic() - started >= 2 * TIMEOUT
+        assert login(port, "slow", str(TIMEOUT + 3)).startswith(b"235 ")
+        assert time.monotonic() - started >= TIMEOUT + 3
         assert "is stuck" not in log.read_text() and worker_pids(log) == pids
         assert all(alive(pid) for pid in pids.values())
 
@@ -161,7 +161,7 @@ def test_watchdog_pings_from_the_reactor_and_stop_when_it_is_stuck(tmp_path: Pat
         listening.settimeout(30)
         assert listening.recv(4096).startswith(b"READY=1"), log.read_text()
         pings = [t for t, data in datagrams(listening, 2.6) if data == b"WATCHDOG=1"]
-        assert 4 <= len(pings) <= 7, pings
+        assert 3 <= len(pings) <= 7, pings  # (a loaded machine may skip a tick)
         stuck = socket.create_connection(("127.0.0.1", port), timeout=30)
         auth_plain(stuck, "loop", "x")
         assert stuck.recv(100).startswith(b"220 ")
