@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -19,7 +19,8 @@ from zope.interface import implementer
 
 from saslsmtp.relay.client import (RelaySession, TransactionStateError, UpstreamClient,
                                    UpstreamTransaction)
-from saslsmtp.replies import REPLIES
+from saslsmtp.relay.verdict import combine
+from saslsmtp.replies import REPLIES, SMTPReply
 
 SESSION = RelaySession(login="alice@example.test", client_address="192.0.2.7",
                        client_port=40123, helo="laptop.example")
@@ -257,12 +258,21 @@ def lmtp_transaction(recipients: list[tuple[str, bytes]]) -> tuple[UpstreamTrans
     ([b"250 2.0.0 <a> delivered", b"250 2.0.0 <b> delivered"], b"250 2.0.0 <a> delivered\r\n"),
     ([b"552 5.2.2 <a> quota", b"452 4.2.2 <b> quota"], b"452 4.2.2 <b> quota\r\n"),
     ([b"550 5.1.1 <a> gone", b"552 5.2.2 <b> quota"], b"550 5.1.1 <a> gone\r\n"),
-    ([b"250 2.0.0 <a> ok", b"452 4.2.2 <b> quota"], b"452 4.2.2 <b> quota\r\n"),
-    ([b"250 2.0.0 <a> ok", b"550 5.1.1 <b> gone"], b"550 5.1.1 <b> gone\r\n"),
+    ([b"250 2.0.0 <a> ok", b"452 4.2.2 <b> quota"],
+     b"554-5.2.2 <b> quota\r\n554-5.2.2 Not delivered to: b@x.test\r\n"
+     b"554 5.2.2 Delivered to 1 of 2 recipients (do not resend to them): a@x.test\r\n"),
+    ([b"451 4.3.0 <a> try later", b"250 2.0.0 <b> ok"],
+     b"554-5.3.0 <a> try later\r\n554-5.3.0 Not delivered to: a@x.test\r\n"
+     b"554 5.3.0 Delivered to 1 of 2 recipients (do not resend to them): b@x.test\r\n"),
+    ([b"250 2.0.0 <a> ok", b"550 5.1.1 <b> gone"],
+     b"550-5.1.1 <b> gone\r\n550-5.1.1 Not delivered to: b@x.test\r\n"
+     b"550 5.1.1 Delivered to 1 of 2 recipients (do not resend to them): a@x.test\r\n"),
 ])
 def test_lmtp_one_reply_per_accepted_recipient(finals, expected):
     """LMTP: one final reply per *accepted* recipient (the refused one gets none); all
-    good -> 250; any failure -> a temporary one first, else the first permanent one."""
+    good -> 250; all failed -> a temporary one first, else the first permanent one; some
+    delivered -> a permanent failure naming who got it (a 4xx would make the client
+    deliver it again to them)."""
     tx, upstream = lmtp_transaction([("a@x.test", b"250 2.1.5 OK\r\n"),
                                      ("gone@x.test", b"550 5.1.1 no such user\r\n"),
                                      ("b@x.test", b"250 2.1.5 OK\r\n")])
@@ -273,6 +283,34 @@ def test_lmtp_one_reply_per_accepted_recipient(finals, expected):
     assert not end.called  # still waiting for the second recipient's verdict
     upstream.answer(finals[1] + b"\r\n")
     assert result(end).to_bytes() == expected
+
+
+def test_lmtp_connection_lost_after_some_verdicts():
+    """The connection dies after one recipient's 250: the other's fate is unknown, the
+    first has it; a 4xx would make the client send the first a second copy, so a 554
+    that names both (with the loss as the reason)."""
+    tx, upstream = lmtp_transaction([("a@x.test", b"250 2.1.5 OK\r\n"),
+                                     ("b@x.test", b"250 2.1.5 OK\r\n")])
+    end = tx.end()
+    upstream.answer(b"250 2.0.0 <a> delivered\r\n")
+    upstream.connections[-1][0].connectionLost(Failure(ConnectionDone()))
+    assert result(end).to_bytes() == (
+        b"554-5.4.2 Upstream connection lost, try again later\r\n"
+        b"554-5.4.2 Not delivered to: b@x.test\r\n"
+        b"554 5.4.2 Delivered to 1 of 2 recipients (do not resend to them): a@x.test\r\n")
+
+
+def test_lmtp_partial_reply_lists_are_bounded():
+    """100 recipients, one failed: the list of those delivered stays one short line."""
+    recipients = [f"user{i:03}@example.test" for i in range(100)]
+    replies = [SMTPReply(250, "2.0.0", "ok")] * 99 + [SMTPReply(552, "5.2.2", "full")]
+    verdict = combine(recipients, replies)
+    lines = verdict.reply.to_bytes().split(b"\r\n")[:-1]
+    assert lines[1] == b"552-5.2.2 Not delivered to: user099@example.test"
+    assert lines[2].startswith(b"552 5.2.2 Delivered to 99 of 100 recipients (do not resend"
+                               b" to them): user000@example.test, user001@example.test, ")
+    assert lines[2].endswith(b"user006@example.test and 92 more") and len(lines[2]) < 300, lines[2]
+    assert verdict.delivered == tuple(recipients[:99]) and verdict.failed == ("user099@example.test",)
 
 
 def test_refused_connection_is_451_4_4_1():

@@ -25,13 +25,11 @@ have: ``354`` to MAIL, ``250`` to DATA) ``451 4.5.0``, and the connection is dro
 ``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
 the connection too.
 
-**LMTP** (RFC 2033) answers the final dot once per accepted recipient.  All accepted ->
-the first ``250``; all failed -> the first failure, a temporary one preferred.  Mixed:
-an SMTP reply cannot say "delivered to some", so we answer the first temporary failure
-if there is one (the client retries everything: the accepted recipients may get the
-message twice), else the first permanent failure (the sender gets a bounce although
-some recipients got it); which recipients got it is logged.  A duplicate is preferred
-to a silent loss, as RFC 5321 6.1 asks; use one recipient per message where that matters.
+**LMTP** (RFC 2033) answers the final dot once per accepted recipient; ``verdict.combine``
+makes the one reply our client gets: all accepted -> the first ``250``; all failed ->
+the first failure, a temporary one preferred; some delivered, some not -> a ``5xx`` that
+names both (a ``4xx`` would make the client deliver it again to those who have it, on
+every retry; a ``250`` would lose the others).  The split is logged as a warning.
 
 **XCLIENT** (Postfix): with ``xclient = true`` and ``XCLIENT`` in the upstream's EHLO,
 each transaction first sends ``XCLIENT`` with the attributes the upstream listed among
@@ -56,8 +54,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError
+from saslsmtp.relay.verdict import combine
 from saslsmtp.relay.wire import (DATA, END_OF_DATA, MAIL, RCPT, XCLIENT, DotStuffer,
-                                 UpstreamReply, pass_on, xtext)
+                                 pass_on, xtext)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 if TYPE_CHECKING:
@@ -323,36 +322,33 @@ class UpstreamTransaction:
                  for _ in (self.accepted if self.client.lmtp else [0])]
         if not connection.closed and connection.error is None:
             connection.transport.write(self.stuffer.end())
-        replies: list[UpstreamReply] = []
+        replies: list[SMTPReply] = []
         try:
             for wait in waits:
-                replies.append(await wait)
+                replies.append(pass_on(await wait))
         except UpstreamError as e:
             for wait in waits:
                 wait.addErrback(lambda _: None)
             self._drop()
-            if replies:
-                log.warn("upstream {name}: LMTP answered {n} of {m} recipients before {why}",
-                         name=self.client.name, n=len(replies), m=len(waits), why=str(e))
-            return e.reply
+            if not replies:
+                return e.reply
+            log.warn("upstream {name}: LMTP answered {n} of {m} recipients before {why}",
+                     name=self.client.name, n=len(replies), m=len(waits), why=str(e))
+            return self._verdict(replies + [e.reply] * (len(waits) - len(replies)))
         self.state = "done"
         self._release()
         return self._verdict(replies)
 
-    def _verdict(self, replies: list[UpstreamReply]) -> SMTPReply:
-        if len(replies) == 1:
-            return pass_on(replies[0])
-        failed = [r for r in replies if not r.positive]
-        if not failed:
-            return pass_on(replies[0])
-        temporary = [r for r in failed if r.code < 500]
-        if len(failed) < len(replies):
-            delivered = [a for a, r in zip(self.accepted, replies) if r.positive]
-            log.warn("upstream {name}: LMTP delivered to {delivered} but not to {n} other"
-                     " recipient(s); answering {status}", name=self.client.name,
-                     delivered=", ".join(delivered), n=len(failed),
-                     status=(temporary or failed)[0].status())
-        return pass_on((temporary or failed)[0])
+    def _verdict(self, replies: list[SMTPReply]) -> SMTPReply:
+        if not self.client.lmtp:
+            return replies[0]
+        verdict = combine(self.accepted, replies)
+        if verdict.partial:
+            log.warn("upstream {name}: LMTP delivered to {delivered} but not to {failed};"
+                     " answering {code} {enhanced}", name=self.client.name,
+                     delivered=", ".join(verdict.delivered), failed=", ".join(verdict.failed),
+                     code=verdict.reply.code, enhanced=verdict.reply.enhanced)
+        return verdict.reply
 
     # ---- the end ---------------------------------------------------------------------
 
