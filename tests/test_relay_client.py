@@ -393,12 +393,37 @@ def in_data(client: UpstreamClient, upstream: FakeUpstream) -> UpstreamTransacti
 
 
 def test_final_dot_timeout_and_lost_connection_mid_data():
-    """No verdict after the dot within ``timeout``: 451 4.4.2.  A connection lost during
-    DATA: the rest of the message is discarded and ``end`` answers 451 4.4.2."""
+    """The verdict after the dot is waited for ``final_timeout`` (600 s by default, RFC
+    5321 4.5.3.2.6), not the commands' ``timeout``: a content filter may take minutes,
+    and a 451 while the upstream still works makes the client's retry a second copy.
+    None by then: 451 4.4.2.  A connection lost during DATA: the rest of the message is
+    discarded and ``end`` answers 451 4.4.2."""
     client, upstream, clock = make()
+    assert (client.timeout, client.final_timeout) == (30.0, 600.0)
     tx = in_data(client, upstream)
     end = tx.end()
     clock.advance(30.5)
+    assert not end.called  # the command timeout does not apply
+    upstream.answer(b"250 2.0.0 Ok: queued as LATE\r\n")
+    assert result(end).to_bytes() == b"250 2.0.0 Ok: queued as LATE\r\n"
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    upstream.answer(b"250 2.0.0 Ok\r\n")  # RSET on the pooled connection
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    end = tx.end()
+    clock.advance(599.5)
+    assert not end.called
+    clock.advance(1)
+    assert result(end) == REPLIES["upstream_timeout"]
+    assert upstream.transport.disconnecting  # a late verdict must not reach another message
+
+    short, short_upstream, short_clock = make(final_timeout=45.0)
+    end = in_data(short, short_upstream).end()
+    short_clock.advance(45.5)
     assert result(end) == REPLIES["upstream_timeout"]
 
     tx = in_data(client, upstream)

@@ -24,15 +24,18 @@ def test_smtp_and_lmtp_options():
     """Every key, with its type; the host is parsed out of the endpoint."""
     options, problems = parse({"type": "smtp", "endpoint": "tcp:mx.example.test:10025",
                                "starttls": True, "xclient": True, "timeout": 5,
-                               "pool_size": 2, "auth_param": True,
+                               "final_timeout": 900, "pool_size": 2, "auth_param": True,
                                "trace_header": "X-Authenticated"})
     assert problems == []
     assert options == UpstreamDelivery(type="smtp", endpoint="tcp:mx.example.test:10025",
-                                       starttls=True, xclient=True, timeout=5.0, pool_size=2,
+                                       starttls=True, xclient=True, timeout=5.0,
+                                       final_timeout=900.0, pool_size=2,
                                        auth_param=True, trace_header="X-Authenticated")
     assert options.host == "mx.example.test" and not options.lmtp
+    assert isinstance(options.final_timeout, float)
     lmtp, problems = parse({"type": "lmtp", "endpoint": "unix:/run/dovecot/lmtp"})
     assert problems == [] and lmtp.lmtp and lmtp.host is None
+    assert (lmtp.timeout, lmtp.final_timeout) == (60.0, 600.0)  # RFC 5321's 10 minutes
     v6, _ = parse({"type": "smtp", "endpoint": "tcp:[::1]:25"})
     assert v6.host == "::1"
 
@@ -54,7 +57,7 @@ def test_smtp_and_lmtp_options():
      [("delivery.timeout", "must be a number"), ("delivery.xclient", "must be a boolean")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "path": "x"},
      [("delivery.path", "unknown key for type 'smtp' (known: auth_param, ca_file, endpoint,"
-                        " helo, pool_size, starttls, timeout, tls, tls_hostname,"
+                        " final_timeout, helo, pool_size, starttls, timeout, tls, tls_hostname,"
                         " trace_header, type, xclient)")]),
     ({"type": "maildir", "xclient": True},
      [("delivery.xclient", "unknown key for type 'maildir' (known: path, type)")]),
@@ -64,6 +67,12 @@ def test_smtp_and_lmtp_options():
      [("delivery.trace_header", "is not a header field name")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "timeout": float("nan")},
      [("delivery.timeout", "must be a finite number, not nan")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "final_timeout": float("inf")},
+     [("delivery.final_timeout", "must be a finite number, not inf")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "final_timeout": -5, "timeout": True},
+     [("delivery.timeout", "must be a number"), ("delivery.final_timeout", "must be positive")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "final_timeout": "600"},
+     [("delivery.final_timeout", "must be a number")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "helo": "a b\r\nRSET"},
      [("delivery.helo", "'a b\\r\\nRSET' is not a domain name or address literal (ASCII"
                         " letters, digits, '-', '_' and '.'; write IDN names in punycode)")]),

@@ -295,8 +295,10 @@ class ScriptedUpstream:
             ".": b"250 2.0.0 Ok: queued as UP1\r\n", "RSET": b"250 2.0.0 Ok\r\n",
             "QUIT": b"221 2.0.0 Bye\r\n"}
 
-    def __init__(self, scripts: list[dict[str, bytes]]) -> None:
+    def __init__(self, scripts: list[dict[str, bytes]],
+                 delays: dict[str, float] | None = None) -> None:
         self.scripts = scripts
+        self.delays = delays or {}  # verb -> seconds the reply waits (a slow filter)
         self.received: list[bytearray] = []
         self.closed: list[threading.Event] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -338,6 +340,8 @@ class ScriptedUpstream:
                     else:
                         verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode()
                     reply = script.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
+                    if verb in self.delays:
+                        time.sleep(self.delays[verb])
                     conn.sendall(reply)
                     in_data = verb == "DATA" and reply.startswith(b"354 ")
 
@@ -383,5 +387,34 @@ def test_an_upstream_answering_250_to_data_gets_no_message_byte(tmp_path, run_da
                             rb"\tfor <bob@example\.test>; [^\r\n]+\r\n" + re.escape(body)
                             + rb"\.\r\n(QUIT\r\n)?", message), message
         assert len(upstream.received) == 2
+    finally:
+        upstream.stop()
+
+
+def test_a_slow_end_of_data_is_waited_for_final_timeout(tmp_path, run_daemon):
+    """The upstream (a content filter, say) answers the final dot 3 s after it, three
+    times the ``timeout`` of its commands: the reply to the dot has its own wait,
+    ``final_timeout`` (600 s by default), so the client gets the upstream's 250 and the
+    upstream has the message once.  (With ``timeout`` for that wait too, the client got
+    451 4.4.2 while the upstream queued the message: the client's retry was a copy.)"""
+    upstream = ScriptedUpstream([], delays={".": 3.0})
+    try:
+        port = free_port()
+        delivery = ('[delivery]\ntype = "smtp"\n'
+                    f'endpoint = "tcp:127.0.0.1:{upstream.port}"\ntimeout = 1.0\n')
+        daemon = run_daemon(daemon_config(tmp_path, port, delivery), port)
+        client = SMTPClient(port)
+        assert client.login(USER, PASSWORD).startswith(b"235 ")
+        assert client.command(f"MAIL FROM:<{USER}>") == b"250 2.1.0 Ok\r\n"
+        assert client.command("RCPT TO:<bob@example.test>") == b"250 2.1.5 Ok\r\n"
+        assert client.command("DATA").startswith(b"354 ")
+        client.stream([b"Subject: slow filter\r\n\r\nbody\r\n"])
+        started = time.monotonic()
+        assert client.command(".") == b"250 2.0.0 Ok: queued as UP1\r\n"
+        assert time.monotonic() - started >= 2.9
+        client.close()
+        assert bytes(upstream.received[0]).count(b"\r\n.\r\n") == 1
+        assert len(upstream.received) == 1
+        assert "accepted: from=<alice@example.test> recipients=1" in daemon.log_text()
     finally:
         upstream.stop()

@@ -63,7 +63,7 @@ class UpstreamClient:
 
     def __init__(self, *, clock: IReactorTime, endpoint: IStreamClientEndpoint,
                  name: str, helo: str, lmtp: bool = False, timeout: float = 60.0,
-                 pool_size: int = 4, starttls: bool = False, implicit_tls: bool = False,
+                 final_timeout: float = 600.0, pool_size: int = 4, starttls: bool = False, implicit_tls: bool = False,
                  tls_creator: IOpenSSLClientConnectionCreator | None = None,
                  tls_hostname: str | None = None, xclient: bool = False,
                  trace_header: str = "", auth_param: bool = False) -> None:
@@ -74,7 +74,8 @@ class UpstreamClient:
         self.name = name
         self.helo = helo
         self.lmtp = lmtp
-        self.timeout = timeout
+        self.timeout = timeout              # connect, each command, a stalled DATA
+        self.final_timeout = final_timeout  # the reply to the final dot
         self.pool_size = pool_size
         self.starttls = starttls and not implicit_tls
         self.implicit_tls = implicit_tls
@@ -102,7 +103,7 @@ class UpstreamClient:
             endpoint = wrapClientTLS(creator, endpoint)
         return cls(clock=reactor, endpoint=endpoint, name=options.endpoint,
                    helo=options.helo or helo, lmtp=options.lmtp, timeout=options.timeout,
-                   pool_size=options.pool_size, starttls=options.starttls,
+                   final_timeout=options.final_timeout, pool_size=options.pool_size, starttls=options.starttls,
                    implicit_tls=options.tls, tls_creator=creator, tls_hostname=hostname,
                    xclient=options.xclient, trace_header=options.trace_header,
                    auth_param=options.auth_param)

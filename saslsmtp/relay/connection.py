@@ -103,16 +103,19 @@ class UpstreamConnection(LineOnlyReceiver):
 
     # ---- commands ----------------------------------------------------------------
 
-    def expect(self, expected: Expected) -> "Deferred[UpstreamReply]":
+    def expect(self, expected: Expected, timeout: float | None = None
+               ) -> "Deferred[UpstreamReply]":
         """The next reply (the greeting, the end of data, one more LMTP verdict); it must
-        be one ``expected`` allows, or the connection is dropped (``UpstreamError``)."""
+        be one ``expected`` allows, or the connection is dropped (``UpstreamError``).
+        ``timeout`` (default: the connection's) bounds the wait."""
         if self.closed or self.error is not None:
             return defer.fail(self.error or UpstreamError(REPLIES["upstream_lost"], "closed"))
+        wait = self.timeout if timeout is None else timeout
         d: Deferred[UpstreamReply] = Deferred(lambda _: self.fail(UpstreamError(
             REPLIES["upstream_timeout"], f"no reply to {expected.command}"
-                                         f" within {self.timeout:g}s")))
+                                         f" within {wait:g}s")))
         self.pending.append(_Waiting(d, expected, self._reads if self._reading else None))
-        d.addTimeout(self.timeout, self.clock)
+        d.addTimeout(wait, self.clock)
         d.addErrback(self._explain)
         return d
 

@@ -44,7 +44,8 @@ class UpstreamDelivery:
     trace_header: str = ""        # without XCLIENT: a header naming login and client
     auth_param: bool = False      # MAIL FROM:<..> AUTH=<login> when the upstream has AUTH
     helo: str | None = None       # our EHLO/LHLO name (default: [server] hostname)
-    timeout: float = 60.0
+    timeout: float = 60.0         # connect, each command, a stalled DATA phase
+    final_timeout: float = 600.0  # the reply to the final dot (RFC 5321 4.5.3.2.6)
     pool_size: int = 4
 
     @property
@@ -61,7 +62,8 @@ class UpstreamDelivery:
 _UPSTREAM_KEYS: dict[str, tuple[type, ...]] = {
     "type": (str,), "endpoint": (str,), "starttls": (bool,), "tls": (bool,),
     "ca_file": (str,), "tls_hostname": (str,), "xclient": (bool,), "trace_header": (str,),
-    "auth_param": (bool,), "helo": (str,), "timeout": (int, float), "pool_size": (int,),
+    "auth_param": (bool,), "helo": (str,), "timeout": (int, float), "final_timeout": (int, float),
+    "pool_size": (int,),
     "path": (str,)}
 
 
@@ -92,8 +94,8 @@ def parse_delivery(table: Any, problem: Problem, base: Path | None = None
             problem(f"delivery.{key}", f"must be {want}")
             ok = False
             continue
-        values[key] = float(value) if key == "timeout" and isinstance(value, (int, float)) \
-            else value
+        values[key] = float(value) if key in ("timeout", "final_timeout") \
+            and isinstance(value, (int, float)) else value
     for key in ("path", "ca_file"):
         if isinstance(values.get(key), str) and base is not None:
             values[key] = str((base / values[key]).resolve())
@@ -126,12 +128,14 @@ def parse_delivery(table: Any, problem: Problem, base: Path | None = None
     for found in ca_file_problem("ca_file", options.ca_file):  # PEM: as the backends check it
         problem("delivery.ca_file", found.message)
         ok = False
-    if not finite_number(options.timeout):
-        problem("delivery.timeout", f"must be a finite number, not {options.timeout}")
-        ok = False
-    elif options.timeout <= 0:
-        problem("delivery.timeout", "must be positive")
-        ok = False
+    for key in ("timeout", "final_timeout"):
+        value = getattr(options, key)
+        if not finite_number(value):
+            problem(f"delivery.{key}", f"must be a finite number, not {value}")
+            ok = False
+        elif value <= 0:
+            problem(f"delivery.{key}", "must be positive")
+            ok = False
     if options.pool_size < 0:
         problem("delivery.pool_size", "must not be negative (0: no idle connections kept)")
         ok = False

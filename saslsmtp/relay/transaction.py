@@ -19,7 +19,8 @@ paused too, so memory stays bounded by the two socket buffers whatever the messa
 **Verdicts.**  Every public method returns a ``Deferred`` that fires with a
 ``saslsmtp.replies.SMTPReply`` and never fails for anything the network can do: refused or
 impossible connections and TLS failures give ``451 4.4.1``, a command, the connection or
-a stalled DATA phase running past ``timeout`` give ``451 4.4.2``, a lost connection
+a stalled DATA phase running past ``timeout`` (the reply to the final dot: past
+``final_timeout``) give ``451 4.4.2``, a lost connection
 ``451 4.4.2``, a protocol error (a reply that is not SMTP, or one the command cannot
 have: ``354`` to MAIL, ``250`` to DATA) ``451 4.5.0``, and the connection is dropped.
 ``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
@@ -318,7 +319,10 @@ class UpstreamTransaction:
         if self._stall is not None and self._stall.active():
             self._stall.cancel()
         self._stall = None
-        waits = [connection.expect(END_OF_DATA)
+        # RFC 5321 4.5.3.2.6: the end of data may take 10 minutes (content filters,
+        # milters); giving up sooner makes the client retry a message the upstream
+        # may still queue: a second copy
+        waits = [connection.expect(END_OF_DATA, self.client.final_timeout)
                  for _ in (self.accepted if self.client.lmtp else [0])]
         if not connection.closed and connection.error is None:
             connection.transport.write(self.stuffer.end())
