@@ -208,7 +208,9 @@ def test_xclient_unknown_values_and_refusal():
 
 
 def test_trace_header_without_xclient():
-    """Without XCLIENT the configured trace header is the message's first line."""
+    """Without XCLIENT the configured trace header goes right below the message's first
+    header field (the server's Received header, folded over three lines, cut anywhere):
+    RFC 5321 4.4 keeps the trace fields at the top."""
     client, upstream, _ = make(xclient=True, trace_header="X-Authenticated-User")
     tx = client.transaction(SESSION)
     tx.mail_from("alice@example.test")
@@ -220,11 +222,41 @@ def test_trace_header_without_xclient():
     tx.start_data()
     upstream.said()
     upstream.answer(b"354 go\r\n")
-    tx.write(b"Subject: x\r\n\r\nbody\r\n")
+    tx.write(b"Received: from laptop.example ([192.0.2.7])\r\n\tby mx.example.test")
+    tx.write(b" (saslsmtp) with ESMTPA\r\n")
+    tx.write(b"\t(authenticated user alice@example.test); Mon, 30 Nov 2026 08:00:00 +0000\r")
+    tx.write(b"\n.Subject: x\r\n\r\nbody\r\n")
     tx.end()
-    assert upstream.said() == (b"X-Authenticated-User: login=alice@example.test;"
+    assert upstream.said() == (b"Received: from laptop.example ([192.0.2.7])\r\n"
+                               b"\tby mx.example.test (saslsmtp) with ESMTPA\r\n"
+                               b"\t(authenticated user alice@example.test);"
+                               b" Mon, 30 Nov 2026 08:00:00 +0000\r\n"
+                               b"X-Authenticated-User: login=alice@example.test;"
                                b" client=[192.0.2.7]:40123; helo=laptop.example\r\n"
-                               b"Subject: x\r\n\r\nbody\r\n.\r\n")
+                               b"..Subject: x\r\n\r\nbody\r\n.\r\n")
+
+
+@pytest.mark.parametrize("body, sent", [
+    (b"", b"X-T: login=a; client=[unknown]:0; helo=-\r\n.\r\n"),
+    (b"Subject: only", b"Subject: only\r\nX-T: login=a; client=[unknown]:0; helo=-\r\n.\r\n"),
+    (b"\r\nbody", b"X-T: login=a; client=[unknown]:0; helo=-\r\n\r\nbody\r\n.\r\n"),
+])
+def test_trace_header_of_a_message_that_ends_in_its_first_field(body, sent):
+    """An empty message, one field without a line end, no header section at all: the
+    trace header still goes out once, as a whole line."""
+    client, upstream, _ = make(trace_header="X-T")
+    tx = client.transaction(RelaySession(login="a"))
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go\r\n")
+    upstream.said()
+    tx.write(body)
+    tx.end()
+    assert upstream.said() == sent
 
 
 def test_a_helo_cannot_add_a_field_to_the_trace_header():

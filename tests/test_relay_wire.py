@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from saslsmtp.relay.wire import (DotStuffer, ProtocolViolation, ReplyParser, UpstreamReply,
+from saslsmtp.relay.wire import (DotStuffer, FirstField, ProtocolViolation, ReplyParser, UpstreamReply,
                                  pass_on, xtext)
 
 
@@ -137,3 +137,44 @@ def test_dot_stuffing_adds_missing_crlf_and_handles_empty():
     assert stuff(b"no newline") == b"no newline\r\n.\r\n"
     assert stuff() == b".\r\n"
     assert stuff(b"x\r", b"\n") == b"x\r\n.\r\n"
+
+
+def insert_after_first_field(chunks: list[bytes], header: bytes) -> bytes:
+    """What ``UpstreamTransaction`` does with ``FirstField``: the header goes in where
+    the first field ends, else after the last chunk."""
+    finder, out, pending = FirstField(), b"", True
+    for chunk in chunks:
+        at = finder.find(chunk) if pending else None
+        if at is not None:
+            chunk, pending = chunk[:at] + header + chunk[at:], False
+        out += chunk
+    return out + (header if pending else b"")
+
+
+RECEIVED = (b"Received: from pc ([192.0.2.7])\r\n\tby mx (saslsmtp) with ESMTPA\r\n"
+            b"\t(authenticated user alice); Mon, 30 Nov 2026 08:00:00 +0000\r\n")
+
+
+@pytest.mark.parametrize("rest", [b"Subject: x\r\n\r\nbody\r\n", b"\r\nno headers\r\n",
+                                  b" continued\r\n\r\nb\r\n"])
+def test_first_field_ends_before_the_next_unfolded_line_at_every_cut(rest):
+    """The header lands right after the Received header's last folded line, however the
+    message is cut into chunks (cuts inside CRLF, right after it, before the tab)."""
+    message = RECEIVED + rest
+    field_end = len(RECEIVED) + (len(rest.split(b"\r\n", 1)[0]) + 2
+                                 if rest.startswith(b" ") else 0)
+    expected = message[:field_end] + b"X-Auth: a\r\n" + message[field_end:]
+    for i in range(len(message) + 1):
+        for j in range(i, min(i + 40, len(message)) + 1):
+            chunks = [message[:i], message[i:j], message[j:]]
+            assert insert_after_first_field(chunks, b"X-Auth: a\r\n") == expected, (i, j)
+
+
+def test_first_field_of_a_message_without_headers_and_of_one_field_only():
+    """A message that starts with its empty line has no field: the header goes first.
+    One that is a single field: the header after it (at the end)."""
+    assert FirstField().find(b"\r\nbody\r\n") == 0
+    finder = FirstField()
+    assert finder.find(b"Subject: only\r\n") is None and finder.at_line_end
+    finder = FirstField()
+    assert finder.find(b"Subject: no line end") is None and not finder.at_line_end

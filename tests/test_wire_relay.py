@@ -418,3 +418,36 @@ def test_a_slow_end_of_data_is_waited_for_final_timeout(tmp_path, run_daemon):
         assert "accepted: from=<alice@example.test> recipients=1" in daemon.log_text()
     finally:
         upstream.stop()
+
+
+def test_trace_header_goes_below_our_received_header(tmp_path, run_daemon):
+    """``trace_header`` without XCLIENT, byte for byte as the upstream gets it: our
+    Received header first (RFC 5321 4.4: trace information at the beginning of the
+    message content; RFC 5322 3.6: trace fields above the others), then the trace
+    header, then the message as the client sent it.  (It used to be written above the
+    Received header.)"""
+    upstream = ScriptedUpstream([])
+    try:
+        port = free_port()
+        delivery = relay_delivery(upstream.port, trace_header='"X-Authenticated-User"')
+        run_daemon(daemon_config(tmp_path, port, delivery), port)
+        client = SMTPClient(port)
+        assert client.login(USER, PASSWORD).startswith(b"235 ")
+        assert client.command(f"MAIL FROM:<{USER}>") == b"250 2.1.0 Ok\r\n"
+        assert client.command("RCPT TO:<bob@example.test>") == b"250 2.1.5 Ok\r\n"
+        assert client.command("DATA").startswith(b"354 ")
+        body = b"Received: from forged.example\r\nSubject: order\r\n\r\n..dot\r\n"
+        client.stream([body])
+        assert client.command(".") == b"250 2.0.0 Ok: queued as UP1\r\n"
+        client.close()
+        received = bytes(upstream.received[0])
+        message = received[received.index(b"DATA\r\n") + 6:]
+        assert re.fullmatch(rb"Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n"
+                            rb"\tby mx\.example\.test \(saslsmtp\) with ESMTPA\r\n"
+                            rb"\t\(authenticated user alice@example\.test\)\r\n"
+                            rb"\tfor <bob@example\.test>; [^\r\n]+\r\n"
+                            rb"X-Authenticated-User: login=alice@example\.test;"
+                            rb" client=\[127\.0\.0\.1\]:\d+; helo=client\.example\r\n"
+                            + re.escape(body) + rb"\.\r\n(QUIT\r\n)?", message), message
+    finally:
+        upstream.stop()

@@ -37,8 +37,10 @@ each transaction first sends ``XCLIENT`` with the attributes the upstream listed
 ``NAME ADDR PORT HELO LOGIN`` (values xtext-encoded, ``[UNAVAILABLE]`` when unknown;
 ``NAME`` always is: we do no reverse lookups, and a stale name must not stay), expects
 ``220`` and says EHLO again with the client's HELO name (the name Postfix then logs and
-checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.  Otherwise ``trace_header`` (if set) is written as the
-message's first header.  ``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
+checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.
+Otherwise ``trace_header`` (if set) is written right below the message's first header
+field (the SMTP server's Received header: trace fields stay at the top, RFC 5321 4.4).
+``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
 the upstream announces AUTH.
 """
 
@@ -57,7 +59,7 @@ from zope.interface import implementer
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError
 from saslsmtp.relay.verdict import combine
 from saslsmtp.relay.wire import (DATA, END_OF_DATA, MAIL, RCPT, XCLIENT, DotStuffer,
-                                 pass_on, xtext)
+                                 FirstField, pass_on, xtext)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 if TYPE_CHECKING:
@@ -121,6 +123,8 @@ class UpstreamTransaction:
         self._holding = False  # we paused the producer (the upstream's buffer is full)
         self.xclient_used = False
         self._stall: Any = None
+        self._trace: bytes | None = None  # the trace header, until its place has come
+        self._first_field = FirstField()
 
     def __repr__(self) -> str:
         return f"<UpstreamTransaction {self.client.name} {self.state}>"
@@ -238,7 +242,9 @@ class UpstreamTransaction:
         self.state = "data"
         self.connection.downstream = self
         if self.client.trace_header and not self.xclient_used:
-            self.write(self._trace_line())
+            # below the first header field, our Received header: RFC 5321 4.4 (and
+            # RFC 5322 3.6) keep the trace fields at the top of the message
+            self._trace = self._trace_line()
         return REPLIES["data_start"]
 
     def _trace_line(self) -> bytes:
@@ -254,12 +260,31 @@ class UpstreamTransaction:
         """Message bytes (un-stuffed, CRLF line ends), any chunking; sent as they come."""
         if self.state != "data":
             raise TransactionStateError(f"write() in state {self.state}")
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         connection = self.connection
         assert connection is not None
         if connection.closed or connection.error is not None:
             self.stuffer.octets += len(data)  # discarded: end() reports the loss
             return
+        if self._trace is not None:
+            at = self._first_field.find(data)
+            if at is not None:
+                trace, self._trace = self._trace, None
+                connection.transport.write(self.stuffer.feed(data[:at]) +
+                                           self.stuffer.feed(trace) +
+                                           self.stuffer.feed(data[at:]))
+                return
         connection.transport.write(self.stuffer.feed(data))
+
+    def _flush_trace(self) -> None:
+        """The message ended inside its first field (or was empty): the header last."""
+        trace, self._trace = self._trace, None
+        if trace is not None:
+            started = self.stuffer.octets > 0
+            self._send((b"" if not started or self._first_field.at_line_end else b"\r\n")
+                       + trace)
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         """Our client's transport: paused while the upstream cannot take more."""
@@ -316,6 +341,7 @@ class UpstreamTransaction:
     async def _end(self) -> SMTPReply:
         connection = self.connection
         assert connection is not None
+        self._flush_trace()
         if self._stall is not None and self._stall.active():
             self._stall.cancel()
         self._stall = None

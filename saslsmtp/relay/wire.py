@@ -11,6 +11,8 @@
 * ``xtext`` is RFC 3461 xtext as Postfix's XCLIENT_README wants it for attribute values.
 * ``DotStuffer`` turns message bytes in arbitrary chunks into the DATA stream: a leading
   ``.`` doubled on every line, and the terminating ``CRLF.CRLF``.
+* ``FirstField`` finds, in arbitrary chunks, where the message's first header field ends:
+  the place for a header that must follow the Received header at the top.
 """
 
 from __future__ import annotations
@@ -197,3 +199,53 @@ class DotStuffer:
         if self.octets == 0 or self._at_line_start:
             return b".\r\n"
         return b"\r\n.\r\n"
+
+
+class FirstField:
+    """Where the message's first header field (with its folded lines) ends, across chunks.
+
+    The SMTP server writes its Received header first; RFC 5321 4.4 wants the trace
+    fields at the top of the message, so a header the relay adds goes right below it.
+    ``find(chunk)`` returns the offset in ``chunk`` where the field has ended (before
+    the first octet of the next line, which does not start with SP or HTAB), or
+    ``None`` while it goes on; a message that starts with its empty line has no field:
+    offset 0.  Input has CRLF line ends (the server's body reader makes them).
+    """
+
+    def __init__(self) -> None:
+        self._started = False
+        self._after_crlf = False  # the last octets seen were a CRLF inside the field
+        self._after_cr = False    # a CR was the last octet of the previous chunk
+
+    def find(self, chunk: bytes) -> int | None:
+        if not chunk:
+            return None
+        if not self._started:
+            self._started = True
+            if chunk[:1] == b"\r":  # the empty line first: no header section
+                return 0
+        pos = 0
+        while True:
+            if self._after_crlf:
+                if pos >= len(chunk):
+                    return None
+                if chunk[pos:pos + 1] not in (b" ", b"\t"):
+                    return pos
+                self._after_crlf = False
+            if self._after_cr:
+                self._after_cr = False
+                if chunk[pos:pos + 1] == b"\n":
+                    self._after_crlf = True
+                    pos += 1
+                    continue
+            end = chunk.find(b"\r\n", pos)
+            if end < 0:
+                self._after_cr = chunk.endswith(b"\r")
+                return None
+            pos = end + 2
+            self._after_crlf = True
+
+    @property
+    def at_line_end(self) -> bool:
+        """The octets so far end a line (the field may still be folded on)."""
+        return self._after_crlf
