@@ -551,6 +551,29 @@ def test_pool_reuses_with_rset_and_replaces_dead_connections():
     assert len(upstream.connections) == 2 and client.connections_made == 2
 
 
+def test_a_connection_carries_at_most_reuse_limit_transactions():
+    """After ``reuse_limit`` transactions (100 by default: 99 RSETs, below the junk
+    command limits of Postfix and saslsmtp) a connection says QUIT instead of going
+    back to the pool; the next transaction opens a new one."""
+    assert make()[0].reuse_limit == 100
+    client, upstream, _ = make(reuse_limit=3)
+    for round_ in range(4):
+        tx = client.transaction(SESSION)
+        mail = tx.mail_from("a@example.test")
+        if round_ in (0, 3):
+            greet(upstream)
+        else:
+            assert upstream.said() == b"RSET\r\n"
+            upstream.answer(b"250 2.0.0 Ok\r\n")
+        assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+        upstream.answer(b"250 2.1.0 Ok\r\n")
+        assert result(mail).code == 250
+        tx.abort()
+        if round_ == 2:
+            assert upstream.said() == b"QUIT\r\n" and client.idle == []
+    assert client.connections_made == 2
+
+
 def test_pool_size_bounds_idle_connections():
     """Beyond ``pool_size`` idle connections, a finished one says QUIT."""
     client, upstream, _ = make(pool_size=0)

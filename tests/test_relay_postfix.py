@@ -133,3 +133,37 @@ async def test_one_clients_refusals_do_not_slow_the_next_client_down():
         client.close()
     finally:
         await deferToThread(server.cleanup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_connection_never_reaches_postfixs_junk_command_limit():
+    """Every reuse of a pooled connection starts with RSET, which Postfix counts as a
+    junk command; only a delivered message resets the count.  Past
+    ``smtpd_junk_command_limit`` (100) each RSET is an error, and at
+    ``smtpd_hard_error_limit`` (20) Postfix answers the next command, our MAIL, with
+    ``421``: the 120th transaction in a row that ended before DATA (its client gave up
+    after RCPT) had its MAIL refused (451 4.7.0 for our client).  A connection now
+    carries at most 100 transactions; then a new one takes over, and every MAIL is
+    answered 250.  (``smtpd_error_sleep_time = 0``: each error past
+    ``smtpd_soft_error_limit`` would cost a second; ``in_flow_delay = 0``: so would each
+    MAIL once 100 messages were opened and none delivered, Postfix's flow control.)"""
+    server = PostfixServer(main_settings={"smtpd_error_sleep_time": "0s",
+                                          "in_flow_delay": "0s"})
+    try:
+        await deferToThread(server.start)
+        client = client_for(server)
+        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                               client_port=40000, helo="pc")
+        for n in range(130):
+            tx = client.transaction(session)
+            mail = await tx.mail_from("alice@example.test")
+            assert mail.to_bytes() == b"250 2.1.0 Ok\r\n", (n, mail)
+            assert (await tx.rcpt("bob@example.test")).code == 250
+            tx.abort()  # the client said RSET or QUIT: the connection goes back idle
+        replies = await relay(client, session, ["bob@example.test"], "after-junk")
+        assert replies[-1].startswith(b"250 2.0.0 Ok: queued as "), replies
+        assert client.connections_made == 2
+        client.close()
+        assert "too many errors" not in await deferToThread(server.logs)
+    finally:
+        await deferToThread(server.cleanup)

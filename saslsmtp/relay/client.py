@@ -8,6 +8,8 @@ here too.
 next transaction sends ``RSET`` first and falls back to a new connection if that fails.
 A connection the upstream refused something on since its last accepted message is
 closed instead: Postfix holds those errors against the connection, whoever comes next.
+So is one that carried ``reuse_limit`` transactions (100): Postfix counts every RSET
+as a junk command, and past its limit as an error that ends in a ``421`` to a MAIL.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ __all__ = ["MAIL_PARAMETERS", "RCPT_PARAMETERS", "XCLIENT_ATTRIBUTES", "RelaySes
 log = Logger(namespace="saslsmtp.relay.client")
 
 _HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
+#: transactions per upstream connection (so at most 99 RSETs), below the 100 junk
+#: commands Postfix's smtpd_junk_command_limit and saslsmtp's junk_command_limit allow
+REUSE_LIMIT = 100
 
 
 class _OneConnection(Factory):
@@ -66,7 +71,8 @@ class UpstreamClient:
                  final_timeout: float = 600.0, pool_size: int = 4, starttls: bool = False, implicit_tls: bool = False,
                  tls_creator: IOpenSSLClientConnectionCreator | None = None,
                  tls_hostname: str | None = None, xclient: bool = False,
-                 trace_header: str = "", auth_param: bool = False) -> None:
+                 trace_header: str = "", auth_param: bool = False,
+                 reuse_limit: int = REUSE_LIMIT) -> None:
         if (starttls or implicit_tls) and (tls_creator is None or tls_hostname is None):
             raise ValueError("TLS needs a tls_creator and a tls_hostname")
         self.clock = clock
@@ -84,6 +90,7 @@ class UpstreamClient:
         self.xclient = xclient
         self.trace_header = trace_header
         self.auth_param = auth_param
+        self.reuse_limit = reuse_limit
         self.idle: list[UpstreamConnection] = []
         self.connections_made = 0
 
@@ -126,9 +133,12 @@ class UpstreamClient:
             except UpstreamError:
                 continue
             if reply.code == 250:
+                connection.transactions += 1
                 return connection
             connection.fail(UpstreamError(REPLIES["upstream_error"], f"RSET {reply.status()}"))
-        return await self.connect()
+        connection = await self.connect()
+        connection.transactions += 1
+        return connection
 
     async def connect(self) -> UpstreamConnection:
         """A new connection, greeted, (STARTTLS,) EHLO'd; fails with ``UpstreamError``."""
@@ -209,6 +219,13 @@ class UpstreamClient:
             # Postfix counts a connection's errors until it delivers a message, XCLIENT
             # or not: past smtpd_soft_error_limit every reply waits error_sleep_time, at
             # smtpd_hard_error_limit it says 421.  The next client starts from zero.
+            self._quit(connection)
+            return
+        if connection.transactions >= self.reuse_limit:
+            # each reuse costs an RSET, which Postfix (and saslsmtp) count as a junk
+            # command: past smtpd_junk_command_limit (100) without a delivered message
+            # each one is an error, and at smtpd_hard_error_limit the next command,
+            # a MAIL, is answered 421
             self._quit(connection)
             return
         if len(self.idle) < self.pool_size:

@@ -97,6 +97,7 @@ class UpstreamConnection(LineOnlyReceiver):
         self.idle = False          # in the pool: its loss is no news
         self.quitting = False      # we said QUIT: its loss is expected
         self.refusals = 0          # 4yz/5yz replies since the last message it accepted
+        self.transactions = 0      # transactions it was handed to (the pool's reuse limit)
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.name}{' closed' if self.closed else ''}>"
