@@ -320,7 +320,7 @@ class MailTransaction:
                          " size={size} user={user} reply={reply}", id=sink.queue_id,
                          sender=str(sender), count=count, size=size,
                          user=client.login if client else None,
-                         reply=f"{reply.code} {reply.text}")
+                         reply=f"{reply.code} {one_line(reply.text)}")
             else:
                 if reply.code // 100 == 4:
                     self.events.delivery_failed()
@@ -328,7 +328,7 @@ class MailTransaction:
                          " size={size} user={user} reply={reply}", id=sink.queue_id,
                          sender=str(sender), count=count, size=size,
                          user=client.login if client else None,
-                         reply=f"{reply.code} {reply.text}")
+                         reply=f"{reply.code} {one_line(reply.text)}")
             return reply
         return d.addCallbacks(ended, self._not_stored)
 
@@ -347,6 +347,12 @@ class MailTransaction:
             self.events.delivery_failed()
         self.reset()
         return delivery_error_reply(failure, REPLIES["local_error"])
+
+
+def one_line(text: str) -> str:
+    """A multi-line reply's text for a log line: its lines joined by `` / `` (a log line
+    is one line for grep, fail2ban and log shippers)."""
+    return text.replace("\n", " / ")
 
 
 def call(f: Callable[..., Any], *args: Any) -> Any:
