@@ -10,6 +10,7 @@ import re
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from saslsmtp.relay.client import RelaySession, UpstreamClient
@@ -167,3 +168,37 @@ async def test_a_pooled_connection_never_reaches_postfixs_junk_command_limit():
         assert "too many errors" not in await deferToThread(server.logs)
     finally:
         await deferToThread(server.cleanup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postfix_closing_an_idle_pooled_connection_is_no_news():
+    """Postfix ends a pooled connection after ``smtpd_timeout`` with ``421 4.4.2 ...
+    Error: timeout exceeded``: the connection leaves the pool without a log line (it
+    used to log one, "closing: ... while nothing was asked", per idle connection every
+    five minutes of quiet), and the next transaction opens a new one."""
+    from twisted.logger import globalLogPublisher
+
+    server = PostfixServer(main_settings={"smtpd_timeout": "1s"})
+    events: list[dict] = []
+    try:
+        await deferToThread(server.start)
+        client = client_for(server)
+        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                               client_port=40000, helo="pc")
+        assert (await relay(client, session, ["bob@example.test"], "idle-1"))[-1][:4] == b"250 "
+        [pooled] = client.idle
+        globalLogPublisher.addObserver(events.append)
+        deadline = reactor.seconds() + 15
+        while client.idle and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.05)
+        assert client.idle == [] and pooled.closed
+        assert pooled.error is not None and pooled.error.reply.code == 451
+        assert (await relay(client, session, ["bob@example.test"], "idle-2"))[-1][:4] == b"250 "
+        assert client.connections_made == 2
+        client.close()
+        log = await deferToThread(server.wait_for_log, "timeout after END-OF-MESSAGE")
+        assert "timeout after END-OF-MESSAGE from unknown[127.0.0.9]:40000" in log, log
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await deferToThread(server.cleanup)
+    assert [e for e in events if e.get("log_namespace") == "saslsmtp.relay.client"] == []

@@ -176,6 +176,10 @@ class UpstreamConnection(LineOnlyReceiver):
         if reply is None:
             return
         if reply.code == 421:  # the upstream is closing: this connection is over
+            if waiting is None and self.idle:
+                # a pooled connection's idle timeout (Postfix: "421 4.4.2 ... Error:
+                # timeout exceeded") or the upstream's shutdown: no news, as its close
+                self.error = UpstreamError(pass_on(reply), "closed while idle", closing=True)
             self.fail(UpstreamError(pass_on(reply), "closing: " + self._answered(
                 waiting, reply.excerpt()), closing=True))
         elif waiting is None or not waiting.expected.allows(reply.code):
