@@ -161,12 +161,51 @@ def test_upstream_down_is_4xx_and_nothing_claims_delivery(tmp_path, run_daemon):
     client.close()
 
 
-def sink_process(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
-    port, log = free_port(), tmp_path / "sink.log"
+def sink_process(tmp_path: Path, port: int | None = None) -> tuple[subprocess.Popen, int, Path]:
+    port, log = port or free_port(), tmp_path / "sink.log"
     process = subprocess.Popen([sys.executable, "-m", "tests.mailsink", str(port), str(log)],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stdout.readline().strip() == "ready"
     return process, port, log
+
+
+def test_pool_after_an_upstream_restart_with_smtplib(tmp_path, run_daemon):
+    """smtplib, one session, the upstream process restarted twice on the same port: once
+    while our connection to it idles in the pool (the next message goes out on a new
+    connection, 250), once between MAIL and RCPT (RCPT answers 451 4.4.2, and after
+    RSET the next message goes through).  Every accepted message arrives once."""
+    import smtplib
+
+    process, sink_port, log = sink_process(tmp_path)
+    try:
+        port = free_port()
+        run_daemon(daemon_config(tmp_path, port, relay_delivery(sink_port)), port)
+
+        def restart() -> None:
+            nonlocal process
+            process.kill()
+            process.wait(10)
+            process = sink_process(tmp_path, sink_port)[0]
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.login(USER, PASSWORD)
+            for n in (1, 2):
+                assert smtp.sendmail(USER, ["bob@example.test"],
+                                     f"Message-ID: <r{n}@example.test>\r\n\r\nhi\r\n") == {}
+                if n == 1:
+                    restart()  # our connection to it is in the pool
+            assert smtp.mail(USER) == (250, b"2.0.0 OK")
+            restart()
+            assert smtp.rcpt("bob@example.test") == (
+                451, b"4.4.2 Upstream connection lost, try again later")
+            assert smtp.rset()[0] == 250
+            assert smtp.sendmail(USER, ["bob@example.test"],
+                                 "Message-ID: <r3@example.test>\r\n\r\nhi\r\n") == {}
+        ids = [line.split()[-1] for line in log.read_text().splitlines()]
+        assert ids == ["<r1@example.test>", "<r2@example.test>", "<r3@example.test>"], ids
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 def eighty_octet_lines(total: int) -> Iterator[bytes]:
