@@ -20,9 +20,9 @@ paused too, so memory stays bounded by the two socket buffers whatever the messa
 ``saslsmtp.replies.SMTPReply`` and never fails for anything the network can do: refused or
 impossible connections and TLS failures give ``451 4.4.1``, a command, the connection or
 a stalled DATA phase running past ``timeout`` (the reply to the final dot: past
-``final_timeout``) give ``451 4.4.2``, a lost connection
-``451 4.4.2``, a protocol error (a reply that is not SMTP, or one the command cannot
-have: ``354`` to MAIL, ``250`` to DATA) ``451 4.5.0``, and the connection is dropped.
+``final_timeout``) give ``451 4.4.2``, a lost connection ``451 4.4.2``, a protocol error
+(a reply that is not SMTP, or one the command cannot have: ``354`` to MAIL, ``250`` to
+DATA) ``451 4.5.0``, and the connection is dropped.
 ``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
 the connection too.
 
@@ -40,8 +40,7 @@ each transaction first sends ``XCLIENT`` with the attributes the upstream listed
 checks).  A pooled connection whose last XCLIENT carried the same attributes skips it.
 Otherwise ``trace_header`` (if set) is written right below the message's first header
 field (the SMTP server's Received header: trace fields stay at the top, RFC 5321 4.4).
-``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when
-the upstream announces AUTH.
+``auth_param`` adds ``AUTH=<login>`` (RFC 4954 5) to MAIL when the upstream announces AUTH.
 """
 
 from __future__ import annotations
