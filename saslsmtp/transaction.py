@@ -398,7 +398,9 @@ def _received_from(stamp: Stamp) -> str:
     if stamp.user is not None:
         user = clean_text(stamp.user).replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
-    return (f"Received: from {helo} ([{stamp.peer_ip}])\r\n\tby {stamp.hostname}"
+    # an IPv6 address literal carries its tag (RFC 5321 4.1.3: "[IPv6:2001:db8::1]")
+    literal = f"IPv6:{stamp.peer_ip}" if ":" in stamp.peer_ip else stamp.peer_ip
+    return (f"Received: from {helo} ([{literal}])\r\n\tby {stamp.hostname}"
             f" (saslsmtp) with {protocol}{auth}")
 
 

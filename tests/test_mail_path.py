@@ -105,3 +105,14 @@ def test_the_received_header_is_the_same_with_its_connection_part_reused() -> No
                           b"for <a@example.test>; ")
     assert two.startswith(b"Received: from client.example ([192.0.2.10])\r\n\tby mx.example.test"
                           b" (saslsmtp) with ESMTPSA\r\n\t(authenticated user timx); ")
+
+
+def test_the_received_header_tags_an_ipv6_client_as_rfc_5321_address_literals_do() -> None:
+    """RFC 5321 4.1.3 / 4.4: an IPv6 address literal is "[IPv6:...]", as Postfix writes it;
+    a bare "[::1]" is no address literal at all."""
+    from saslsmtp.transaction import Stamp, received_header
+
+    header = received_header(Stamp("client.example", "2001:db8::7", "mx.example.test", False,
+                                   None), ["a@example.test"])
+    assert header.startswith(b"Received: from client.example ([IPv6:2001:db8::7])\r\n\tby"
+                             b" mx.example.test (saslsmtp) with ESMTP\r\n\tfor <a@example.test>; ")
