@@ -49,7 +49,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Mapping
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -250,9 +250,14 @@ class ScriptRunner:
         return args
 
     def run(self, arguments: Mapping[str, Any], context: dict,
-            function: Callable[..., Any] | None = None) -> "defer.Deferred[Any]":
+            function: Callable[..., Any] | None = None, *,
+            earlier: Sequence[bytes] = ()) -> "defer.Deferred[Any]":
         """One call of ``auth`` (or ``function``, the script's ``sender``); fires with an
-        ``Accept``/``Defer``/``Reject``/``Reply``."""
+        ``Accept``/``Defer``/``Reject``/``Reply``.
+
+        ``earlier`` are the client's responses to the exchange's earlier steps: an error
+        message quoting one of them, or what the script kept of one in ``context`` (the
+        password of step 1, say), is logged with it redacted, as the current response is."""
         mechanism = arguments.get("mechanism")
         state = arguments.get("state")
         decide = function or self.script.auth
@@ -318,7 +323,7 @@ class ScriptRunner:
                           " answered as a temporary failure", path=self.script.path,
                           what=what, t=self.timeout, step=step)
             else:
-                self._log_raised(f, decide, what, step, _secrets(arguments))
+                self._log_raised(f, decide, what, step, _secrets(arguments, context, earlier))
             self.metrics.script_error()
             return Defer()
 
@@ -438,19 +443,46 @@ _MESSAGE_LIMIT = 300
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
-def _secrets(arguments: Mapping[str, Any]) -> tuple[str | bytes, ...]:
+def _secrets(arguments: Mapping[str, Any], context: Mapping[Any, Any] | None = None,
+             earlier: Sequence[bytes] = ()) -> tuple[str | bytes, ...]:
     """What of the client's credentials an exception's text could quote: the password,
-    the response bytes and their NUL-separated parts (PLAIN-like); ``scrub`` finds each
-    as text, as ``repr`` shows it and in base64."""
+    this step's and the ``earlier`` steps' responses and their NUL-separated parts
+    (PLAIN-like), and each text the script kept in ``context`` that is part of one of
+    them (a password split off a response, decoded, stripped); ``scrub`` finds each as
+    text, as ``repr`` shows it and in base64."""
     values: list[str | bytes] = []
     password = arguments.get("password")
     if isinstance(password, (str, bytes)):
         values.append(password)
     response = arguments.get("response")
-    if isinstance(response, bytes):
-        values.append(response)
-        values.extend(part for part in response.split(b"\0") if len(part) >= 3)
+    said = [r for r in (*earlier, response) if isinstance(r, bytes) and r]
+    for words in said:
+        values.append(words)
+        values.extend(part for part in words.split(b"\0") if len(part) >= 3)
+    if context:
+        heard = [_raw(v) for v in values]
+        values.extend(kept for kept in _kept_texts(context)
+                      if len(_raw(kept)) >= 3 and any(_raw(kept) in h for h in heard))
     return tuple(values)
+
+
+def _raw(text: str | bytes) -> bytes:
+    return text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+
+
+def _kept_texts(kept: Any, depth: int = 0) -> Iterator[str | bytes]:
+    """The strings and bytes in ``kept`` (the script's ``context``): values of dicts and
+    items of lists, tuples and sets, a few levels down."""
+    if isinstance(kept, (str, bytes)):
+        yield kept
+    elif isinstance(kept, (bytearray, memoryview)):
+        yield bytes(kept)
+    elif depth < 4 and isinstance(kept, Mapping):
+        for value in list(kept.values()):
+            yield from _kept_texts(value, depth + 1)
+    elif depth < 4 and isinstance(kept, (list, tuple, set, frozenset)):
+        for value in list(kept):
+            yield from _kept_texts(value, depth + 1)
 
 
 def _message(error: Any, secrets: tuple[str | bytes, ...]) -> str:
@@ -485,6 +517,7 @@ class ScriptMechanism:
         self._runner = runner
         self._session = session
         self._state = -1
+        self._heard: list[bytes] = []  # the client's responses so far (redacted from logs)
 
     def start(self, initial: bytes | None) -> "defer.Deferred[Any]":
         return self._call(initial)
@@ -499,7 +532,9 @@ class ScriptMechanism:
         self._state += 1
         args = self._runner.arguments(self._session, self._session.mechanism,
                                       state=self._state, response=response)
-        d = self._runner.run(args, self._session.context)
+        d = self._runner.run(args, self._session.context, earlier=tuple(self._heard))
+        if response:
+            self._heard.append(response)
 
         def require_username(result: Any) -> Any:
             if isinstance(result, Accept) and not result.username:

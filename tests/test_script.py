@@ -288,6 +288,39 @@ def test_an_exception_that_quotes_the_credentials_is_logged_without_them(
         assert form not in text
 
 
+@pytest.mark.parametrize("keep", [
+    "context['password'] = arguments['response']",                       # as sent
+    "context['flow'] = {'pw': arguments['response'].decode().strip()}",  # decoded, stripped
+    "context['parts'] = [arguments['response'].split(b' ')[1]]",         # split off a response
+])
+def test_a_secret_the_script_kept_from_an_earlier_step_is_redacted(keep: str,
+                                                                   logged: list[dict]) -> None:
+    """A custom mechanism's step 1 keeps the password in ``context``; step 2 raises with
+    it in the message: the error line and the debug traceback show ``<redacted>``, in
+    every form (text, repr, base64); what the server itself made (the nonce) stays."""
+    namespace: dict[str, Any] = {}
+    exec("def keep(arguments, context):\n    " + keep, namespace)
+
+    def auth(arguments, context):
+        if arguments["state"] == 0:
+            context["nonce"] = "server-nonce-17"
+            return Reply(b"Password:")
+        if arguments["state"] == 1:
+            namespace["keep"](arguments, context)
+            return Reply(b"Code:")
+        raise ValueError(f"code {arguments['response']!r} for {context!r} ({context['nonce']})")
+
+    h = scripted(auth)
+    assert h.send(b"AUTH X-TEST\r\n") == b"334 " + b64("Password:") + b"\r\n"
+    assert h.send(b64("alice kept-Pw-canary9") + b"\r\n") == b"334 " + b64("Code:") + b"\r\n"
+    assert h.send(b64("123456") + b"\r\n") == TEMPFAIL
+    text = "\n".join(event_text(e) for e in logged)
+    assert "auth() raised ValueError: code b'<redacted>' for" in text
+    assert "(server-nonce-17)" in text
+    for form in ("kept-Pw-canary9", "a2VwdC1Qdy1jYW5hcnk5", b64("alice kept-Pw-canary9").decode()):
+        assert form not in text
+
+
 def test_a_script_returning_another_awaitable_is_awaited() -> None:
     """Not only ``async def`` and Deferreds: any awaitable a script returns (an object
     with ``__await__``, a helper's coroutine) is awaited; it was a 454 ("returned
