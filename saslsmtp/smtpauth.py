@@ -63,6 +63,12 @@ class SmtpAuth:
                  failures: FailurePolicy, max_steps: int = 16,
                  resolver: Resolver = no_resolver, script: PasswordScript | None = None,
                  blocking: Any = None, limits: Any = None) -> None:
+        missing = [name for name in offered if name not in mechanisms]
+        if missing:  # announcing nothing for them would hide a typo or a forgotten spec
+            raise ValueError(
+                f"mechanisms to offer without a MechanismSpec: {', '.join(missing)} (names are"
+                f" upper case; served: {', '.join(mechanisms) or 'none'}; pass"
+                " EngineSettings(mechanisms=embed.submission_auth(...).names))")
         self.host = host
         self.limits = limits  # saslsmtp.limits.session.ConnectionLimits, or None
         self.portal = portal

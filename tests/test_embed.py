@@ -369,6 +369,23 @@ def test_submission_auth_cram_md5_reads_the_passwd_file(users: Any) -> None:
     assert realm.logins == ["alice"]
 
 
+@pytest.mark.parametrize("offered, missing", [
+    (("PLAIN", "X-NOPE"), "X-NOPE"),      # a mechanism that does not exist
+    (("plain",), "plain"),                 # names are upper case, as submission_auth gives them
+    (("PLAIN", "CRAM-MD5"), "CRAM-MD5"),   # a built-in submission_auth was not asked for
+])
+def test_submission_esmtp_refuses_a_mechanism_it_has_no_spec_for(users: Any, offered: tuple,
+                                                                  missing: str) -> None:
+    """``EngineSettings.mechanisms`` naming a mechanism ``mechanisms=`` does not serve is a
+    ``ValueError`` naming it when the protocol is built; it was left out of EHLO without a
+    word, so the embedder's typo looked like a client that never asks for it."""
+    from saslsmtp.protocol import EngineSettings, SubmissionESMTP
+    auth = embed.submission_auth(["PLAIN"])
+    with pytest.raises(ValueError, match=f"without a MechanismSpec: {missing} "):
+        SubmissionESMTP(portal=embed.portal(MemoryRealm(), [users]), clock=Clock(),
+                        settings=EngineSettings(mechanisms=offered), mechanisms=auth.mechanisms)
+
+
 def test_submission_auth_keeps_what_the_script_declares(users: Any, tmp_path: Path) -> None:
     """A scripted mechanism declared ``plaintext: False`` is offered before TLS under
     require_tls, PLAIN is not (as in the daemon; ``challengers`` has no TLS to honour)."""
