@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (Agent, HTTPConnectionPool, RequestTransmissionFailed,
-                                ResponseNeverReceived)
+                                ResponseNeverReceived, _HTTP11ClientFactory)
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -206,9 +206,26 @@ def _discard(chunk: bytes) -> None:
     """Body chunks are not needed; only the status decides."""
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Twisted's factory for one HTTP connection, without its ``Starting factory`` /
+    ``Stopping factory`` log lines: a backend opens connections all day."""
+
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` whose connections log nothing when they open and close
+    (``_factory``, the per-connection factory the pool makes, is a private
+    attribute of Twisted's: a test on the real log notices if it changes); only
+    this pool is changed, not Twisted's class."""
+
+    _factory = _QuietClientFactory
+
+
 def make_pool(reactor: Any) -> HTTPConnectionPool:
-    """A small pool of kept-alive connections (we retry a stale one ourselves)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A small pool of kept-alive connections (we retry a stale one ourselves) that does
+    not log each connection's factory starting and stopping."""
+    pool = QuietConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 30
     pool.retryAutomatically = False  # only ever for idempotent methods; we retry ourselves
