@@ -32,7 +32,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.endpoints import clientFromString, connectProtocol, quoteStringArgument
+from twisted.internet.endpoints import clientFromString, quoteStringArgument
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +43,7 @@ from saslsmtp.checkers.dovecotwire import (AUTH_CLIENT_MAX_LINE_LENGTH, CLIENT_V
                                            DovecotAuthClientProtocol, Handshake,
                                            ProtocolError, ServerReply, parse_params,
                                            tab_escape, tab_unescape)
+from saslsmtp.checkers.quiet import connect_protocol
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.options import PATH, OptionProblem, Options, problem_if
@@ -202,7 +203,7 @@ class DovecotChecker:
         protocol = DovecotAuthClientProtocol(self.pid, clock=self.reactor,
                                              hung_after=self.hung_after)
         # set before adding callbacks: they may run at once (and clear it)
-        self._attempt = attempt = connectProtocol(self.endpoint, protocol)
+        self._attempt = attempt = connect_protocol(self.endpoint, protocol)
         attempt.addCallback(lambda _: protocol.handshake)
         attempt.addTimeout(self.timeout, self.reactor)
         attempt.addCallbacks(lambda server: self._connected(protocol, server), self._failed)

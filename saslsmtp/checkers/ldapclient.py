@@ -30,11 +30,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from saslsmtp.checkers import ldapwire
 from saslsmtp.checkers.ldapwire import Entry, Result
+from saslsmtp.checkers.quiet import QuietFactory
 
 MAX_MESSAGE_ID = 2 ** 31 - 1
 
@@ -262,7 +263,7 @@ def connect(endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
             start_tls: Any | None = None) -> "Deferred[LdapProtocol]":
     """A new ``LdapProtocol`` on ``endpoint``, after StartTLS with ``start_tls`` options
     (``None``: no StartTLS); the TCP connect is bounded by ``timeout``, and so is StartTLS."""
-    factory = Factory.forProtocol(lambda: LdapProtocol(clock, timeout))
+    factory = QuietFactory.forProtocol(lambda: LdapProtocol(clock, timeout))
     d: Deferred[Any] = endpoint.connect(factory)
     d.addTimeout(timeout, clock)
     if start_tls is None:

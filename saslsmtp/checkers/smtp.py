@@ -33,7 +33,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint, clientFromString, connectProtocol,
+                                        TCP6ClientEndpoint, clientFromString,
                                         wrapClientTLS)
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator, IReactorTime,
@@ -44,6 +44,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from saslsmtp.checkers.quiet import connect_protocol
 from saslsmtp.deadline import with_deadline
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.octets import as_bytes
@@ -422,7 +423,7 @@ class SmtpForwardChecker:
                           tls_creator=self._tls_creator, starttls=self._starttls,
                           implicit_tls=self._implicit_tls, tls_hostname=self._tls_hostname,
                           helo=self._helo, upstream=self.upstream)
-        connecting = connectProtocol(self._endpoint, probe)
+        connecting = connect_protocol(self._endpoint, probe)
 
         def connect_failed(failure: Failure) -> None:
             if probe.finished:
