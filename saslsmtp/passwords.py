@@ -249,7 +249,8 @@ def _crypt_format(formats: tuple[str, ...], scheme: str, raw: bytes) -> str:
 def _crypt(*formats: str) -> tuple[Callable[[str], Callable[[bytes], None]], Callable[[str], Verify]]:
     def check(scheme: str) -> Callable[[bytes], None]:
         def run(raw: bytes) -> None:
-            _crypt_format(formats, scheme, raw)
+            if _crypt_format(formats, scheme, raw) == "bcrypt":
+                _check_bcrypt(raw)  # its cost and alphabet too
         return run
 
     def verify(scheme: str) -> Verify:
@@ -292,15 +293,22 @@ _BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$", b"$2x$")
 
 
 def _check_bcrypt(raw: bytes) -> None:
+    """A complete bcrypt hash that can verify: prefix, a cost of 04-31 and 53 characters of
+    bcrypt's base64 (bcrypt refuses any other, so that user could never log in)."""
     if not raw.startswith(_BCRYPT_PREFIXES) or len(raw) != 60 or not raw[4:6].isdigit() or raw[6:7] != b"$":
         raise MalformedPassword("malformed BLF-CRYPT hash")
+    if not 4 <= int(raw[4:6]) <= 31:
+        raise MalformedPassword("BLF-CRYPT cost out of range (04-31)")
+    if not _CRYPT_FORMATS["bcrypt"].fullmatch(_ascii(raw)):
+        raise MalformedPassword("malformed BLF-CRYPT hash (a character that is not bcrypt's base64)")
 
 
 def _verify_bcrypt(raw: bytes, pw: bytes, user: str | None) -> bool:
     import bcrypt
     _check_bcrypt(raw)
-    if raw.startswith(b"$2x$"):
-        return False  # the old buggy variant: never verifies correctly with modern code
+    if raw.startswith(b"$2x$"):  # the old buggy variant: libcrypt still computes it, as for Dovecot
+        result = libcrypt.crypt(pw, raw)
+        return result is not None and _eq(result, raw)
     try:
         return bool(bcrypt.checkpw(pw, raw))
     except ValueError:
@@ -325,9 +333,18 @@ def _check_argon2(raw: bytes) -> None:
     from argon2 import extract_parameters
     from argon2.exceptions import InvalidHashError
     try:
-        extract_parameters(_ascii(raw))
+        found = extract_parameters(_ascii(raw))
     except (InvalidHashError, ValueError):
         raise MalformedPassword("malformed ARGON2 hash") from None
+    # what Argon2 (RFC 9106) accepts: anything else fails every verification silently
+    if found.version not in (16, 19):
+        raise MalformedPassword(f"ARGON2 version v={found.version} unknown (16 or 19)")
+    if not (found.time_cost >= 1 and 1 <= found.parallelism < 2 ** 24
+            and found.memory_cost >= 8 * found.parallelism):
+        raise MalformedPassword("ARGON2 parameters out of range (t >= 1, 1 <= p < 2^24,"
+                                " m >= 8 * p)")
+    if found.salt_len < 8 or found.hash_len < 4:
+        raise MalformedPassword("ARGON2 salt or hash too short (at least 8 and 4 bytes)")
 
 
 def _verify_argon2(raw: bytes, pw: bytes, user: str | None) -> bool:

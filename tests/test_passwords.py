@@ -228,6 +228,15 @@ def test_unknown_scheme_is_a_clear_error() -> None:
         parse_password("{SHA.rot13}abc")
 
 
+def test_a_2x_bcrypt_hash_verifies_as_dovecot_does() -> None:
+    """``$2x$`` (PHP's bcrypt before 5.3.7, 8-bit passwords hashed wrongly) is what
+    Dovecot's crypt(3) still verifies; it was a 535 forever here."""
+    stored = "{BLF-CRYPT}$2x$05$Nl7m.B6QXfD8EP7jbGLIR.4IER42h2JHQI/2FNTyFgrczxqV9TNzu"
+    assert verify_password(stored, "password") is True
+    assert verify_password(stored.replace("BLF-CRYPT", "CRYPT"), "password") is True
+    assert verify_password(stored, "Password") is False
+
+
 @pytest.mark.parametrize("field", [
     "{SHA}not base64!!",
     "{SHA}AAAA",                      # wrong length
@@ -243,6 +252,20 @@ def test_unknown_scheme_is_a_clear_error() -> None:
     "{CRYPT}$y$j9T$abc$def",           # yescrypt: unsupported
     "{CRYPT}not-a-crypt-hash!",
     "{PLAIN}",
+    # well-formed to a parser, refused by bcrypt / Argon2 at every login: a 535 forever
+    "{BLF-CRYPT}$2y$99$Nl7m.B6QXfD8EP7jbGLIR.vnWJtvKf1moG98wMZ74m9DHLtHH/j1W",   # cost
+    "{BLF-CRYPT}$2y$03$Nl7m.B6QXfD8EP7jbGLIR.vnWJtvKf1moG98wMZ74m9DHLtHH/j1W",
+    "{CRYPT}$2y$32$Nl7m.B6QXfD8EP7jbGLIR.vnWJtvKf1moG98wMZ74m9DHLtHH/j1W",
+    "{BLF-CRYPT}$2y$05$Nl7m.B6QXfD8EP7jbGLIR.vnWJtvKf1moG98wMZ74m9DHLtHH/j1$",   # alphabet
+    "{ARGON2ID}$argon2id$v=19$m=0,t=3,p=1$OTClbv6fXVAyo6BZpLqQ7A$"
+    "hFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf",
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=0,p=1$OTClbv6fXVAyo6BZpLqQ7A$"
+    "hFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf",
+    "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=0$OTClbv6fXVAyo6BZpLqQ7A$"
+    "hFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf",
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$$hFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf",
+    "{ARGON2ID}$argon2id$v=18$m=65536,t=3,p=1$OTClbv6fXVAyo6BZpLqQ7A$"
+    "hFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf8DhFf",
 ])
 def test_malformed_fields_raise(field: str) -> None:
     """Malformed data is a MalformedPassword (a PasswordError), not a silent mismatch."""
