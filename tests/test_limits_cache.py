@@ -95,3 +95,31 @@ async def test_reload_flushes_the_cache_of_a_running_daemon(tmp_path: Path) -> N
     finally:
         await threads.deferToThread(daemon.stop)
         await web.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_edited_users_file_outruns_the_cache(tmp_path: Path) -> None:
+    """``[auth.cache]`` in front of a users file that is edited while the server runs (as
+    the README says it is re-read when it changes): a changed password stops the old one
+    at once, a removed user is refused, a user added after a cached "unknown" gets in,
+    and a deleted file keeps no one alive through ``stale_if_error``.  Each was the
+    cache's answer for up to ``ttl`` / ``negative_ttl`` before."""
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}first-pw\nbob:{PLAIN}bob-pw\n")
+    server = await start_server(
+        tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n',
+        extra="[auth.cache]\nttl = 300\nnegative_ttl = 300\nstale_if_error = 3600\n")
+    try:
+        assert (await smtp_login(server.port, "alice", "first-pw"))[0] == 235
+        assert (await smtp_login(server.port, "bob", "bob-pw"))[0] == 235
+        assert (await smtp_login(server.port, "carol", "carol-pw"))[0] == 535  # unknown, cached
+        users.write_text("alice:{PLAIN}second-pw\ncarol:{PLAIN}carol-pw\n")
+        assert (await smtp_login(server.port, "alice", "first-pw"))[0] == 535
+        assert (await smtp_login(server.port, "alice", "second-pw"))[0] == 235
+        assert (await smtp_login(server.port, "bob", "bob-pw"))[0] == 535  # removed
+        assert (await smtp_login(server.port, "carol", "carol-pw"))[0] == 235  # added
+        assert (await smtp_login(server.port, "alice", "second-pw"))[0] == 235  # cached again
+        users.unlink()
+        assert (await smtp_login(server.port, "alice", "second-pw"))[0] == 454
+    finally:
+        await server.stop()

@@ -33,6 +33,13 @@ class BackendChain:
     def __init__(self, backends: Sequence[tuple[str, ICredentialsChecker]]) -> None:
         self.backends = list(backends)
 
+    def generation(self) -> object:
+        """The backends' ``generation()`` (those that have one: the users files), for the
+        auth cache; ``None`` when no backend can say when its data changed."""
+        versions = [getattr(checker, "generation", None) for _, checker in self.backends]
+        found = tuple(version() for version in versions if callable(version))
+        return found or None
+
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         # Plain callbacks, not inlineCallbacks: a backend that answers at once (a users
         # file entry) costs no generator and no extra Deferred per login.

@@ -232,6 +232,17 @@ class FileChecker:
                  count=len(parsed.users), file=self.path)
         return self._users
 
+    def generation(self) -> object:
+        """What the file's verdicts depend on, for the auth cache: the signature of the
+        file as it is now (re-read if it changed), ``None`` when it cannot be read.  A
+        success cached under another generation is not reused: an edited password, a
+        removed user or a deleted file takes effect at the next login, cache or not."""
+        try:
+            self.users()
+        except TemporaryFailure:
+            return None
+        return self._signature
+
     # ---- ICredentialsChecker ---------------------------------------------------------
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":

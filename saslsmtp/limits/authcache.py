@@ -11,7 +11,10 @@ that could be brute-forced offline).  The rules, as Dovecot's auth cache:
   ``negative_ttl`` seconds; a wrong password is never cached;
 * ``stale_if_error``: when the backends fail temporarily, a success that has been stale
   for at most this many seconds (RFC 5861's meaning) still accepts, and says so in the log;
-* bounded LRU (``size`` entries); ``flush(user=None)`` empties it or drops one user.
+* bounded LRU (``size`` entries); ``flush(user=None)`` empties it or drops one user;
+* a backend that knows when its data changed (a users file) is not outrun: an entry made
+  under another ``generation()`` of the checker (the file's signature) is not reused, so an
+  edited password, a removed user or a user just added counts at the next login.
 
 ``CachingChecker`` puts it in front of any ``ICredentialsChecker`` for
 ``IUsernamePassword`` (normally the ``BackendChain``).  The cache ignores the session:
@@ -25,7 +28,7 @@ import hmac
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -50,6 +53,7 @@ class _Entry:
     fingerprint: bytes | None  # None: a negative entry (unknown user)
     avatar_id: Any
     stored: float
+    generation: object = None  # the checker's data when it was stored (a users file's signature)
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -76,7 +80,7 @@ class AuthCache:
     def fingerprint(self, password: bytes | str) -> bytes:
         return hmac.new(self._secret, _bytes(password), hashlib.sha256).digest()
 
-    def _get(self, chain: str, username: bytes) -> _Entry | None:
+    def _get(self, chain: str, username: bytes, generation: object = None) -> _Entry | None:
         key = (chain, username)
         entry = self._entries.get(key)
         if entry is None:
@@ -84,17 +88,18 @@ class AuthCache:
         age = self.clock.seconds() - entry.stored
         keep = (self.settings.negative_ttl if entry.fingerprint is None
                 else self.settings.ttl + self.settings.stale_if_error)
-        if age >= keep:
+        if age >= keep or entry.generation != generation:
             del self._entries[key]
             return None
         return entry
 
     def lookup(self, chain: str, username: bytes | str,
-               password: bytes | str) -> tuple[str, Any] | None:
+               password: bytes | str, generation: object = None) -> tuple[str, Any] | None:
         """("accept", avatar id) for a fresh success with this very password, ("unknown",
-        None) for a fresh negative entry, else ``None`` (ask the backend)."""
+        None) for a fresh negative entry, else ``None`` (ask the backend).  An entry
+        stored under another ``generation`` of the backends' data is dropped."""
         user = _bytes(username)
-        entry = self._get(chain, user)
+        entry = self._get(chain, user, generation)
         if entry is not None:
             age = self.clock.seconds() - entry.stored
             if entry.fingerprint is None:
@@ -112,11 +117,13 @@ class AuthCache:
         self.metrics.cache_lookup(False)
         return None
 
-    def stale(self, chain: str, username: bytes | str, password: bytes | str) -> Any | None:
-        """The avatar id of a success with this password still inside ``stale_if_error``."""
+    def stale(self, chain: str, username: bytes | str, password: bytes | str,
+              generation: object = None) -> Any | None:
+        """The avatar id of a success with this password still inside ``stale_if_error``
+        (under the same ``generation``: a users file that cannot be read keeps no one in)."""
         if self.settings.stale_if_error <= 0:
             return None
-        entry = self._get(chain, _bytes(username))
+        entry = self._get(chain, _bytes(username), generation)
         if entry is None or entry.fingerprint is None:
             return None
         if not hmac.compare_digest(entry.fingerprint, self.fingerprint(password)):
@@ -133,13 +140,15 @@ class AuthCache:
             self._entries.popitem(last=False)
 
     def remember_success(self, chain: str, username: bytes | str, password: bytes | str,
-                         avatar_id: Any) -> None:
-        self._put(chain, _bytes(username),
-                  _Entry(self.fingerprint(password), avatar_id, self.clock.seconds()))
+                         avatar_id: Any, generation: object = None) -> None:
+        self._put(chain, _bytes(username), _Entry(self.fingerprint(password), avatar_id,
+                                                  self.clock.seconds(), generation))
 
-    def remember_unknown(self, chain: str, username: bytes | str) -> None:
+    def remember_unknown(self, chain: str, username: bytes | str,
+                         generation: object = None) -> None:
         if self.settings.negative_ttl > 0:
-            self._put(chain, _bytes(username), _Entry(None, None, self.clock.seconds()))
+            self._put(chain, _bytes(username),
+                      _Entry(None, None, self.clock.seconds(), generation))
 
     def drop(self, chain: str, username: bytes | str) -> None:
         self._entries.pop((chain, _bytes(username)), None)
@@ -159,6 +168,10 @@ class AuthCache:
         return len(keys)
 
 
+def _no_generation() -> object:
+    return None
+
+
 @implementer(ICredentialsChecker)
 class CachingChecker:
     """``ICredentialsChecker`` for ``IUsernamePassword`` in front of ``inner``; ``chain_id``
@@ -170,10 +183,14 @@ class CachingChecker:
         self.inner = inner
         self.cache = cache
         self.chain_id = chain_id
+        # the inner checker's data version (BackendChain, FileChecker), when it has one
+        found = getattr(inner, "generation", None)
+        self._generation: Callable[[], object] = found if callable(found) else _no_generation
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Any]":
         username, password = credentials.username, credentials.password
-        cached = self.cache.lookup(self.chain_id, username, password)
+        generation = self._generation()
+        cached = self.cache.lookup(self.chain_id, username, password, generation)
         if cached is not None:
             kind, avatar_id = cached
             if kind == "accept":
@@ -182,18 +199,19 @@ class CachingChecker:
         d: Deferred[Any] = maybeDeferred(self.inner.requestAvatarId, credentials)
 
         def accepted(avatar_id: Any) -> Any:
-            self.cache.remember_success(self.chain_id, username, password, avatar_id)
+            self.cache.remember_success(self.chain_id, username, password, avatar_id,
+                                        generation)
             return avatar_id
 
         def refused(f: Failure) -> Any:
             if f.check(UnknownUser):
                 self.cache.drop(self.chain_id, username)
-                self.cache.remember_unknown(self.chain_id, username)
+                self.cache.remember_unknown(self.chain_id, username, generation)
                 return f
             if f.check(UnauthorizedLogin):
                 self.cache.drop(self.chain_id, username)
                 return f
-            stale = self.cache.stale(self.chain_id, username, password)
+            stale = self.cache.stale(self.chain_id, username, password, generation)
             if stale is not None:
                 log.warn("auth cache: backends failed ({why}); accepting a stale cached"
                          " success", why=type(f.value).__name__)
