@@ -912,3 +912,56 @@ async def test_outage_warned_once_and_recovery_logged(
     assert warned.startswith("backend test unreachable: no LDAP server answered")
     [recovered] = capture.at(LogLevel.info)
     assert re.fullmatch(r"backend test reachable again after \d+\.\d s", recovered), recovered
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A loopback port whose server sends back what it gets: bytes that are no LDAP
+    answer (ldap3's decoder trips over its own request's tags)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.mark.parametrize("mode", ["template", "search"])
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_is_not_ldap_is_a_temporary_failure_without_a_traceback(
+        echo_port: int, captured_log: LogCapture, mode: str) -> None:
+    """``url`` names a port that answers, but not in LDAP: 454 and the backend's one
+    "unreachable" warning naming the cause; it was a KeyError from ldap3's decoder, logged
+    as a critical "unexpected error" with a traceback at every login."""
+    from twisted.internet import reactor
+    options = search_options() if mode == "search" else {"user_dn": TEMPLATE}
+    config = LdapOptions(url=(f"ldap://127.0.0.1:{echo_port}",), timeout=TIMEOUT, threads=2,
+                         **options)
+    runner = ThreadPoolRunner(reactor, "ldap-test", config.threads)
+    checker = LdapChecker("garbled", Directory(config), runner)
+    try:
+        for _ in range(2):
+            assert await outcome(checker, ALICE.uid, ALICE.password) == "tempfail"
+    finally:
+        checker.stop()
+    text = "\n".join(captured_log.lines)
+    assert "the answer is not LDAP (KeyError in ldap3's decoder)" in text
+    assert "Traceback" not in text and "unexpected error" not in text, text
+    assert ALICE.password not in text

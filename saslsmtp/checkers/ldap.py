@@ -83,12 +83,13 @@ strategies still block in their own threads; the runner plus ``IdlePool`` is sim
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import ldap3
@@ -290,6 +291,27 @@ class _Transport(Exception):
     """This server did not answer usefully; another one might (internal)."""
 
 
+class GarbledAnswer(LDAPException):
+    """The server's bytes are not LDAP: ldap3's decoder raised (``KeyError``,
+    ``IndexError``...) on them.  A transport failure like any other (454, the next server),
+    not a traceback at every login."""
+
+
+#: What ldap3's BER decoder raises on bytes that are not LDAP (a port that speaks SMTP or
+#: HTTP, a broken proxy).
+_DECODER_ERRORS = (KeyError, IndexError, ValueError, TypeError, AttributeError)
+
+
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Around an ldap3 call that reads an answer: ``GarbledAnswer`` for undecodable bytes."""
+    try:
+        yield
+    except _DECODER_ERRORS as e:
+        raise GarbledAnswer(f"the answer is not LDAP ({type(e).__name__} in ldap3's decoder)"
+                            ) from None
+
+
 def _describe(error: BaseException) -> str:
     """A log-safe one-line description of an ldap3/socket error (never holds a password)."""
     text = str(error).strip() or type(error).__name__
@@ -454,7 +476,8 @@ class Directory:
             # and send, TLS handshakes included: one bound for every step.
             conn.open(read_server_info=False)
             if self.options.start_tls and not endpoint.ssl:
-                conn.start_tls(read_server_info=False)
+                with _decoding():
+                    conn.start_tls(read_server_info=False)
             if dn is not None:
                 assert password is not None
                 self._bind(conn, endpoint, dn, password, user)
@@ -483,7 +506,8 @@ class Directory:
             raise OSError("connection closed by the server")
         conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
         try:
-            bound = conn.bind(read_server_info=False)
+            with _decoding():
+                bound = conn.bind(read_server_info=False)
         finally:
             conn.password = conn.request = None
         if bound:
@@ -529,9 +553,10 @@ class Directory:
             conn, endpoint, reused = self._service_connection()
             pool = self._service_pools[endpoint]
             try:
-                conn.search(self.options.search_base, query, search_scope=ldap3.SUBTREE,
-                            attributes=[ldap3.NO_ATTRIBUTES], size_limit=2,
-                            dereference_aliases=ldap3.DEREF_NEVER)
+                with _decoding():
+                    conn.search(self.options.search_base, query, search_scope=ldap3.SUBTREE,
+                                attributes=[ldap3.NO_ATTRIBUTES], size_limit=2,
+                                dereference_aliases=ldap3.DEREF_NEVER)
             except (LDAPException, OSError) as e:
                 close_quietly(conn)
                 pool.clear()
@@ -567,9 +592,11 @@ class Directory:
         several) cannot say who the user is, so the login is rejected (and logged)."""
         attribute = self.options.identity_attribute
         try:
-            conn.search(dn, self.options.require_filter or "(objectClass=*)",
-                        search_scope=ldap3.BASE, attributes=[attribute or ldap3.NO_ATTRIBUTES],
-                        dereference_aliases=ldap3.DEREF_NEVER)
+            with _decoding():
+                conn.search(dn, self.options.require_filter or "(objectClass=*)",
+                            search_scope=ldap3.BASE,
+                            attributes=[attribute or ldap3.NO_ATTRIBUTES],
+                            dereference_aliases=ldap3.DEREF_NEVER)
         except (LDAPException, OSError) as e:
             raise TemporaryFailure(f"{endpoint}: search of the user's entry failed: "
                                    f"{_describe(e)}") from None
