@@ -827,3 +827,54 @@ async def test_real_penalty_gives_535_and_keeps_the_connection(stock_dovecot: Do
         assert endpoint.connections == 1
     finally:
         checker.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_that_is_not_dovecot_warns_once_with_its_bytes_escaped() -> None:
+    """``socket`` names a port that greets with something else (a terminal escape, then
+    an SMTP greeting): every check fails temporarily, the log has one warning for the
+    outage, naming the line with its control bytes escaped, then the recovery when a real
+    server answers again; before, each login logged the raw bytes at error level and a
+    warning of its own."""
+    from twisted.internet import protocol, reactor
+
+    class Impostor(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"\x1b]0;owned\x07220 mx.example ESMTP\r\n")
+
+    class Honest(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(SERVER_HANDSHAKE_23)
+
+        def dataReceived(self, data: bytes) -> None:
+            for line in data.split(b"\n"):
+                if line.startswith(b"AUTH\t"):
+                    self.transport.write(b"OK\t" + line.split(b"\t")[1] + b"\tuser=alice\n")
+
+    server = protocol.ServerFactory()
+    server.protocol = Impostor
+    listening = reactor.listenTCP(0, server, interface="127.0.0.1")
+    port = listening.getHost().port
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    deps = BackendDeps(reactor=reactor, hash_runner=None, make_runner=None)  # type: ignore[arg-type]
+    checker = from_config("impostor", DovecotBackendConfig(socket=f"tcp:127.0.0.1:{port}",
+                                                           timeout=2.0), deps)
+    try:
+        for _ in range(3):
+            assert isinstance(await check(checker, "alice", "wonderland"), TemporaryFailure)
+        server.protocol = Honest
+        assert await check(checker, "alice", "wonderland") == b"alice"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        checker.stop()
+        await listening.stopListening()
+    from twisted.logger import LogLevel, formatEvent
+    texts = [(e["log_level"], formatEvent(e)) for e in events
+             if str(e.get("log_namespace", "")).startswith("saslsmtp")]
+    loud = [text for level, text in texts if level in (LogLevel.warn, LogLevel.error)]
+    assert loud == ["backend impostor unreachable: Dovecot auth at tcp:127.0.0.1:%d unavailable:"
+                    " Dovecot auth protocol error: \\x1b]0;owned\\x07220 mx.example ESMTP\\x0d"
+                    " before VERSION; logins that need it get 454 until it answers again" % port]
+    assert any("backend impostor reachable again" in text for _, text in texts)
+    assert not any("\x1b" in text or "wonderland" in text for _, text in texts)

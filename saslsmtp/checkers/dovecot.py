@@ -43,6 +43,7 @@ from saslsmtp.checkers.dovecotwire import (AUTH_CLIENT_MAX_LINE_LENGTH, CLIENT_V
                                            DovecotAuthClientProtocol, Handshake,
                                            ProtocolError, ServerReply, parse_params,
                                            tab_escape, tab_unescape)
+from saslsmtp.checkers.outage import OutageLog
 from saslsmtp.checkers.quiet import connect_protocol
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import TemporaryFailure
@@ -107,6 +108,9 @@ class DovecotChecker:
         self._protocol: DovecotAuthClientProtocol | None = None
         self._attempt: Deferred | None = None
         self._waiters: list[Deferred] = []
+        # one warning when logins start failing, one line when they work again (not a
+        # warning per login, nor per reconnection, while Dovecot is down or not Dovecot)
+        self.outages = OutageLog(name, reactor.seconds)
 
     def __repr__(self) -> str:
         return f"<DovecotChecker {self.name} {self.where}>"
@@ -127,7 +131,7 @@ class DovecotChecker:
         d = Deferred.fromCoroutine(self._check(username, password, session))
         d.addTimeout(limit, self.reactor)
         d.addErrback(self._translate, limit)
-        return d
+        return self.outages.watch(d)
 
     def time_limit(self, remote_ip: str | None) -> float:
         """Seconds a check from ``remote_ip`` may take: ``timeout``, plus the penalty
@@ -229,7 +233,8 @@ class DovecotChecker:
             why = f"no connection and handshake within {self.timeout:g}s"
         else:
             why = failure.getErrorMessage() or failure.type.__name__
-        log.warn("cannot use Dovecot auth at {where}: {why}", where=self.where, why=why)
+        # the waiting logins fail with it: the outage log warns once for the outage
+        log.debug("cannot use Dovecot auth at {where}: {why}", where=self.where, why=why)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.errback(TemporaryFailure(f"Dovecot auth at {self.where} unavailable: {why}"))

@@ -47,6 +47,18 @@ _ESCAPES = {0x01: b"\x011", 0x00: b"\x010", 0x09: b"\x01t", 0x0D: b"\x01r", 0x0A
 _UNESCAPES = {ord("0"): 0x00, ord("1"): 0x01, ord("t"): 0x09, ord("r"): 0x0D, ord("n"): 0x0A}
 
 
+#: How much of a line the server sent (that may be no Dovecot at all) a message repeats.
+SHOWN_LIMIT = 60
+
+
+def shown(text: str) -> str:
+    """``text`` from the server as a log message may repeat it: printable ASCII as it is,
+    anything else (terminal escapes, binary from a port that is not Dovecot) as
+    ``\\xNN``, and at most ``SHOWN_LIMIT`` characters."""
+    escaped = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in text[:SHOWN_LIMIT])
+    return escaped + ("..." if len(text) > SHOWN_LIMIT else "")
+
+
 def tab_escape(value: bytes | str) -> bytes:
     """Escape one field: ``\\001`` first, then NUL, TAB, CR and LF as ``\\001`` + a letter."""
     raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
@@ -192,8 +204,11 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
             request.deferred.errback(TemporaryFailure(why))
 
     def _fatal(self, why: str) -> None:
-        """Protocol violation: log, remember why, drop the connection (pending requests fail)."""
-        log.error("Dovecot auth protocol error: {why}", why=why)
+        """Protocol violation: remember why, drop the connection (the handshake or the
+        pending requests fail with it, and their backend's outage log says it once); logged
+        here only when nobody waits for this connection."""
+        waiting = bool(self._pending) or not self.handshake.called
+        (log.debug if waiting else log.warn)("Dovecot auth protocol error: {why}", why=why)
         self._closed_reason = f"Dovecot auth protocol error: {why}"
         if not self.handshake.called:
             self.handshake.errback(ProtocolError(self._closed_reason))
@@ -237,7 +252,7 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
                                    f"this client {CLIENT_VERSION[0]}")
             self._version = version
         elif self._version is None:
-            self._fatal(f"{command or 'an empty line'} before VERSION")
+            self._fatal(f"{shown(command) if command else 'an empty line'} before VERSION")
         elif command == "MECH":
             if not args or not args[0]:
                 return self._fatal("MECH without a name")
@@ -259,12 +274,12 @@ class DovecotAuthClientProtocol(LineOnlyReceiver):
 
     def _reply_line(self, command: str, args: list[bytes]) -> None:
         if command not in ("OK", "FAIL", "CONT"):
-            log.debug("ignoring Dovecot auth line {command}", command=command)
+            log.debug("ignoring Dovecot auth line {command}", command=shown(command))
             return
         try:
             request_id = int(args[0])
         except (IndexError, ValueError):
-            return self._fatal(f"{command} without a valid request id")
+            return self._fatal(f"{shown(command)} without a valid request id")
         request = self._pending.get(request_id)
         if request is None:  # e.g. the answer to a request we cancelled
             log.debug("ignoring {command} for unknown request {id}", command=command,
