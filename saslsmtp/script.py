@@ -114,7 +114,11 @@ class Backends:
                 log.failure("backend {name} raised", failure=scrubbed_failure(f, [password]),
                             name=name)
             else:
-                log.info("backend {name} failed temporarily: {why}", name=name, why=str(f.value))
+                # as the chain does: any checker may quote the password in its message, and
+                # one with an outage log has said so already (once per outage)
+                level = log.debug if hasattr(checker, "outages") else log.info
+                level("backend {name} failed temporarily: {why}", name=name,
+                      why=scrub(str(f.value), [password]))
             return Verdict.TEMPORARY
         return d.addCallbacks(lambda _: Verdict.ACCEPT, failed)
 

@@ -650,6 +650,28 @@ def test_script_backend_down_is_454() -> None:
     assert h.send(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\n") == TEMPFAIL
 
 
+def test_a_backend_failure_quoting_the_password_is_logged_without_it(logged: list[dict]) -> None:
+    """A checker of the embedder's whose ``TemporaryFailure`` quotes the password: the
+    script's ``backends.verify`` logs the failure with it redacted, as the chain does."""
+    @implementer(ICredentialsChecker)
+    class Quoting:
+        credentialInterfaces = (IUsernamePassword,)
+
+        def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+            return defer.fail(TemporaryFailure(f"cannot check {credentials.password!r} now"))
+
+    async def auth(arguments, context):
+        verdict = await arguments["backends"].verify("quoting", arguments["username"],
+                                                     arguments["password"])
+        return Defer() if verdict is Verdict.TEMPORARY else Reject()
+
+    h = scripted(auth, backends={"quoting": Quoting()})
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0quoted-Pw-canary3") + b"\r\n") == TEMPFAIL
+    text = "\n".join(event_text(e) for e in logged)
+    assert "backend quoting failed temporarily: cannot check b'<redacted>' now" in text
+    assert "quoted-Pw-canary3" not in text
+
+
 def test_script_unknown_backend_name_defers() -> None:
     async def auth(arguments, context):
         await arguments["backends"].verify("nope", "a", "b")
