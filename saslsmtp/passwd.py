@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NOT_UTF8 = ("saslsmtp-passwd: the password is not valid UTF-8 (set the terminal's or the"
+            " input's encoding to UTF-8)")
+
+
 def _read_password(stdin: TextIO, stderr: TextIO, getpass: Callable[[str], str]) -> str | None:
     isatty = getattr(stdin, "isatty", None)
     if callable(isatty) and isatty():
@@ -56,13 +60,22 @@ def _read_password(stdin: TextIO, stderr: TextIO, getpass: Callable[[str], str])
             return None
         password = first
     else:
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except UnicodeDecodeError:  # a stream decoding strictly (a UTF-8 locale, not C)
+            print(NOT_UTF8, file=stderr)
+            return None
         if not line:
             print("saslsmtp-passwd: no password on standard input", file=stderr)
             return None
         password = line.rstrip("\n").rstrip("\r")
     if not password:
         print("saslsmtp-passwd: empty password refused", file=stderr)
+        return None
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogateescape'd by the stream)
+        print(NOT_UTF8, file=stderr)
         return None
     return password
 

@@ -204,3 +204,25 @@ def test_missing_libcrypt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     code, out, err = run(["u"])
     assert (code, out) == (1, "")
     assert err == "saslsmtp-passwd: libcrypt.so.1 cannot be loaded (package libcrypt1)\n"
+
+
+def test_a_password_that_is_not_utf8_is_refused_in_words() -> None:
+    """Latin-1 bytes on standard input (an old terminal): one line saying so and exit 1,
+    not the codec's "can't encode character '\\udcff' in position 1"."""
+    done = subprocess.run([sys.executable, "-m", "saslsmtp.passwd", "--scheme", "PLAIN", "alice"],
+                          input=b"p\xe4ss\n", capture_output=True, timeout=30,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr == (b"saslsmtp-passwd: the password is not valid UTF-8 (set the"
+                           b" terminal's or the input's encoding to UTF-8)\n")
+
+
+def test_a_strict_stream_that_cannot_decode_the_password_says_so() -> None:
+    """A standard input decoding strictly (what a UTF-8 locale other than C gives Python)
+    raises while reading: the same line, exit 1, no traceback."""
+    strict = io.TextIOWrapper(io.BytesIO(b"p\xe4ss\n"), encoding="utf-8", errors="strict")
+    err = io.StringIO()
+    assert main(["--scheme", "PLAIN", "alice"], stdin=strict, stdout=io.StringIO(),
+                stderr=err) == 1
+    assert err.getvalue() == ("saslsmtp-passwd: the password is not valid UTF-8 (set the"
+                              " terminal's or the input's encoding to UTF-8)\n")
