@@ -178,21 +178,10 @@ class HttpChecker:
         return self.outages.watch(check.addBoth(settle))
 
     async def _ask(self, body: dict[str, Any]) -> None:
-        for attempt in (1, 2):
-            try:
-                response = await self._client.request(
-                    "POST", self.url, json=body, headers=Headers(self._headers),
-                    allow_redirects=False, unbuffered=True, reactor=self._reactor)
-            except _STALE as e:
-                if any(r.check(SSL.Error, CertificateIdentityError) for r in e.reasons):
-                    raise TemporaryFailure(f"http backend {self.name}: TLS handshake failed"
-                                           " (certificate refused or not trusted)") from None
-                if attempt == 2 or any(r.check(CancelledError) for r in e.reasons):
-                    raise
-                log.debug("http backend {name}: no answer on a kept-alive connection,"
-                          " retrying once", name=self.name)
-                continue
-            break
+        response = await request_retrying_stale(
+            self._client, "POST", self.url, f"http backend {self.name}", json=body,
+            headers=Headers(self._headers), allow_redirects=False, unbuffered=True,
+            reactor=self._reactor)
         await treq.collect(response, _discard)  # drain, so the connection can be reused
         code = response.code
         if 200 <= code < 300:
@@ -200,6 +189,26 @@ class HttpChecker:
         if code in REJECT_STATUSES:
             raise UnauthorizedLogin(f"API answered {code}")
         raise TemporaryFailure(f"http backend {self.name}: API answered {code}")
+
+
+async def request_retrying_stale(client: Any, method: str, url: str, what: str,
+                                 **kwargs: Any) -> Any:
+    """``client.request(method, url, **kwargs)``, sent once more on a fresh connection when
+    it failed before any answer (``RequestTransmissionFailed`` / ``ResponseNeverReceived``:
+    typically a kept-alive connection the server had just closed, as a restarting server
+    does); Twisted retries only idempotent methods, and only when the pool is told to.
+    A TLS failure is a ``TemporaryFailure`` saying so (``what`` names the backend)."""
+    for attempt in (1, 2):
+        try:
+            return await client.request(method, url, **kwargs)
+        except _STALE as e:
+            if any(r.check(SSL.Error, CertificateIdentityError) for r in e.reasons):
+                raise TemporaryFailure(f"{what}: TLS handshake failed (certificate refused or"
+                                       " not trusted)") from None
+            if attempt == 2 or any(r.check(CancelledError) for r in e.reasons):
+                raise
+            log.debug("{what}: no answer on a kept-alive connection, retrying once", what=what)
+    raise AssertionError("not reached")
 
 
 def _discard(chunk: bytes) -> None:

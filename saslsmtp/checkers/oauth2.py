@@ -402,9 +402,11 @@ class RemoteKeys:
         return result
 
     async def _get(self) -> KeySet:
-        response = await self._client.request(
-            "GET", self.url, headers=Headers({b"User-Agent": [USER_AGENT.encode("ascii")],
-                                              b"Accept": [b"application/json"]}),
+        from saslsmtp.checkers.http import request_retrying_stale
+        response = await request_retrying_stale(
+            self._client, "GET", self.url, f"oauth2 backend {self.name}: key set",
+            headers=Headers({b"User-Agent": [USER_AGENT.encode("ascii")],
+                             b"Accept": [b"application/json"]}),
             allow_redirects=False, unbuffered=True, reactor=self._reactor)
         body = await _read_body(response)
         if response.code != 200:
@@ -617,10 +619,13 @@ class IntrospectionValidator(_TokenValidator):
         return d.addCallback(lambda claims: self._judge(request, claims))
 
     async def _ask(self, token: str) -> Mapping[str, Any]:
+        from saslsmtp.checkers.http import request_retrying_stale
         body = urlencode({"token": token, "token_type_hint": "access_token"}).encode("ascii")
-        response = await self._client.request(
-            "POST", self.url, data=body, headers=Headers(self._headers),
-            allow_redirects=False, unbuffered=True, reactor=self._reactor)
+        # introspection only reads: asking again on a fresh connection is safe
+        response = await request_retrying_stale(
+            self._client, "POST", self.url, f"oauth2 backend {self.name}: introspection",
+            data=body, headers=Headers(self._headers), allow_redirects=False, unbuffered=True,
+            reactor=self._reactor)
         data = await _read_body(response)
         if response.code in (401, 403):
             log.error("oauth2 backend {name}: the introspection endpoint refused our client"
