@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from saslsmtp.sasl.codec import decode_response
-from saslsmtp.sasl.external import BAD_AUTHZID, MALFORMED, NO_CERTIFICATE, SPEC, External
+from saslsmtp.sasl.external import BAD_AUTHZID, MALFORMED, NO_CERTIFICATE, NO_IDENTITY, SPEC, External
 from saslsmtp.sasl.outcome import Accept, MechanismStateError, Reply, Session
 
 CERT = {"identity": "alice@example.com", "subject": "CN=Alice", "email": "alice@example.com"}
@@ -42,16 +42,26 @@ def test_without_initial_response_sends_empty_challenge() -> None:
     assert m.receive(b"") == Accept("alice@example.com")
 
 
-@pytest.mark.parametrize(
-    "certificate",
-    [None, {}, {"subject": "CN=Alice"}, {"identity": ""}, {"identity": None}, {"identity": 42}],
-)
-def test_no_usable_certificate_is_refused(certificate: dict | None) -> None:
-    """No verified certificate (or no mapped identity): EXTERNAL fails, whatever the authzid."""
+@pytest.mark.parametrize("certificate", [None, {}])
+def test_no_certificate_is_refused(certificate: dict | None) -> None:
+    """No verified certificate: EXTERNAL fails, whatever the authzid."""
     session = Session(tls=True, client_certificate=certificate)
     assert External(session).start(b"") == NO_CERTIFICATE
     assert External(session).start(b"alice@example.com") == NO_CERTIFICATE
     assert NO_CERTIFICATE.code == 535
+
+
+@pytest.mark.parametrize(
+    "certificate",
+    [{"subject": "O=No CN"}, {"identity": ""}, {"identity": None}, {"identity": 42}],
+)
+def test_certificate_without_identity_says_so(certificate: dict) -> None:
+    """A verified certificate without the configured identity (no CN, no e-mail SAN):
+    EXTERNAL fails naming that, not "No verified client certificate"."""
+    session = Session(tls=True, client_certificate=certificate)
+    assert External(session).start(b"") == NO_IDENTITY
+    assert External(session).start(b"alice@example.com") == NO_IDENTITY
+    assert NO_IDENTITY.code == 535 and NO_IDENTITY.reason == "No identity in the client certificate"
 
 
 @pytest.mark.parametrize("message", [b"alice\x00", b"\xff", b"\x00"])

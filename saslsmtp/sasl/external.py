@@ -2,7 +2,8 @@
 
 One client message, the authorization identity in UTF-8 (empty: "the identity of my
 credentials").  ``Session.client_certificate["identity"]`` is the name the engine mapped
-from the certificate (CN or e-mail SAN, per configuration); without it EXTERNAL fails.
+from the certificate (CN or e-mail SAN, per configuration); without it EXTERNAL fails,
+and the reply says which was missing: a verified certificate, or a name in it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from saslsmtp.sasl.outcome import Accept, Outcome, Reject, Session
 
 MALFORMED = Reject("Malformed EXTERNAL response")
 NO_CERTIFICATE = Reject("No verified client certificate")
+NO_IDENTITY = Reject("No identity in the client certificate")
 BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
 
 
@@ -24,6 +26,7 @@ class External(SingleMessage):
         certificate = (session or Session()).client_certificate
         identity = certificate.get("identity") if certificate else None
         self._identity = identity if isinstance(identity, str) and identity else None
+        self._missing = NO_IDENTITY if certificate else NO_CERTIFICATE
         super().__init__(session)
 
     def _first(self, message: bytes) -> Outcome:
@@ -35,7 +38,7 @@ class External(SingleMessage):
         if "\0" in authzid:
             return MALFORMED
         if self._identity is None:
-            return NO_CERTIFICATE
+            return self._missing
         if authzid and authzid != self._identity:
             return BAD_AUTHZID
         return Accept(self._identity)
