@@ -54,6 +54,7 @@ from saslsmtp.replies import REPLIES, SMTPReply, ehlo_reply
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.smtpauth import AUTH_LINE_LIMIT, SmtpAuth
+from saslsmtp.tlsinfo import handshake_error
 from saslsmtp.transaction import MailTransaction, ProtocolError, SenderCheck
 from saslsmtp.settled import is_deferred
 
@@ -168,6 +169,10 @@ class SubmissionESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
         self.setTimeout(None)
+        if self.guards.handshake_pending:
+            why = handshake_error(reason, self.transport)
+            if why is not None:  # plaintext on a TLS port, a certificate refused by either side
+                log.info("TLS handshake with {peer} failed: {why}", peer=self.peer.ip, why=why)
         self.guards.lost()
         self.auth.end()
         pending, self._pending = self._pending, None

@@ -3,7 +3,8 @@
 * ``tls-exporter`` (RFC 9266) on TLS 1.3, ``tls-unique`` (RFC 5929, resumption-aware) on TLS 1.2, and
   ``tls-server-end-point`` (RFC 5929 section 4.1) on both, each read only when asked for;
 * the verified client certificate (only present when ``[tls] client_ca`` made OpenSSL
-  verify it), with the identity mapped from its CN or e-mail SAN.
+  verify it), with the identity mapped from its CN or e-mail SAN;
+* why a handshake failed (``handshake_error``), for the one log line an operator reads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,37 @@ def session_reused(conn: Any) -> bool:
         return bool(lib.SSL_session_reused(conn._ssl))
     except (ImportError, AttributeError, TypeError):
         return False
+
+
+def _verify_error(conn: Any) -> str | None:
+    """OpenSSL's verdict on the client certificate of ``conn`` when it did not verify
+    (``"certificate has expired"``), else ``None``.  pyOpenSSL has no call for it."""
+    try:
+        from OpenSSL._util import ffi, lib
+        code = lib.SSL_get_verify_result(conn._ssl)
+        if code == 0:  # X509_V_OK
+            return None
+        return str(ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace"))
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def handshake_error(reason: Any, transport: Any = None) -> str | None:
+    """OpenSSL's words for a failed handshake, from the ``Failure`` the connection was
+    lost with (``"wrong version number"``: a client speaking plaintext to a TLS port;
+    ``"tlsv1 alert unknown ca"``: the client refused our certificate; ``"certificate
+    verify failed (client certificate: certificate has expired)"``: we refused the
+    client's); ``None`` when it ended otherwise (the client closed, a timeout)."""
+    from OpenSSL import SSL
+    error = getattr(reason, "value", None)
+    if not isinstance(error, SSL.Error):
+        return None
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    words = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+    why = "; ".join(dict.fromkeys(words)) or str(error) or type(error).__name__
+    conn = _connection(transport)
+    detail = _verify_error(conn) if conn is not None else None
+    return f"{why} (client certificate: {detail})" if detail else why
 
 
 class ChannelBindings(Mapping[str, bytes]):

@@ -6,6 +6,8 @@ Generic on purpose, for any test that needs TLS on loopback::
     good = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
     wrong = issue_cert(ca, tmp_path, names=["wrong.example"])  # valid, for another host
     bare = issue_cert(ca, tmp_path, names=["localhost"], san=False)  # CN only, no SAN
+    alice = issue_client_cert(ca, tmp_path, cn="alice")       # clientAuth, for EXTERNAL
+    stale = issue_client_cert(ca, tmp_path, cn="alice", valid_days=(-10, -1))  # expired
     ctx = server_ssl_context(good)        # stdlib ssl, e.g. for aiosmtpd
     opts = twisted_server_options(good)   # Twisted CertificateOptions, e.g. for listenSSL
 
@@ -132,6 +134,41 @@ def issue_cert(ca: CA, tmp: str | Path, names: Sequence[str] = ("localhost", "12
             x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
     cert = builder.sign(ca.private_key, hashes.SHA256())
     stem = f"cert{n}"
+    cert_path, key_path, chain_path = (tmp / f"{stem}.pem", tmp / f"{stem}.key",
+                                       tmp / f"{stem}-chain.pem")
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(pem)
+    chain_path.write_bytes(pem + ca.certificate.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return IssuedCert(str(cert_path), str(key_path), str(chain_path), cert)
+
+
+def issue_client_cert(ca: CA, tmp: str | Path, cn: str | None = "alice", email: str | None = None,
+                      valid_days: tuple[int, int] = (-1, 30)) -> IssuedCert:
+    """A TLS client certificate (clientAuth) signed by ``ca``: subject CN ``cn`` (``None``:
+    no CN, an O only), an e-mail subjectAltName ``email`` if given, valid from
+    ``valid_days[0]`` to ``valid_days[1]`` days from now (``(-10, -1)``: expired,
+    ``(1, 30)``: not yet valid).  ``chain_path`` holds the leaf and the CA."""
+    tmp = Path(tmp)
+    n = next(_counter)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = (x509.NameAttribute(NameOID.COMMON_NAME, cn) if cn is not None
+               else x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no common name"))
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([subject]))
+               .issuer_name(ca.certificate.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(_now() + datetime.timedelta(days=valid_days[0]))
+               .not_valid_after(_now() + datetime.timedelta(days=valid_days[1]))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                              critical=False))
+    if email is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]),
+                                        critical=False)
+    cert = builder.sign(ca.private_key, hashes.SHA256())
+    stem = f"client{n}"
     cert_path, key_path, chain_path = (tmp / f"{stem}.pem", tmp / f"{stem}.key",
                                        tmp / f"{stem}-chain.pem")
     pem = cert.public_bytes(serialization.Encoding.PEM)
