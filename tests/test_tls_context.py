@@ -73,9 +73,10 @@ def client_context(tls12: bool = False) -> ssl.SSLContext:
 
 
 def tls_session(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None,
-                implicit: bool = False, during: Callable[[], Any] | None = None) -> dict[str, Any]:
+                implicit: bool = False, during: Callable[[], Any] | None = None,
+                auth: bytes | None = None) -> dict[str, Any]:
     """One session: (STARTTLS or implicit TLS) offering ``session``, EHLO, ``during()``
-    while the connection is up, QUIT.  What the client saw."""
+    while the connection is up, the ``auth`` line if given, QUIT.  What the client saw."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         if implicit:
@@ -94,7 +95,8 @@ def tls_session(port: int, context: ssl.SSLContext, session: ssl.SSLSession | No
                 "session": sock.session,
                 "tls_unique": sock.get_channel_binding("tls-unique")
                 if sock.version() == "TLSv1.2" else None,
-                "during": during() if during is not None else None}
+                "during": during() if during is not None else None,
+                "auth": client.command(auth) if auth is not None else None}
         assert client.command(b"QUIT").startswith(b"221 ")
         return seen
     finally:
@@ -184,6 +186,43 @@ async def test_tls12_resumes_and_tls_unique_follows(tmp_path: Path) -> None:
         assert len(second["during"]["tls-server-end-point"]) == 32
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("tls12", [False, True], ids=["tls13-ticket", "tls12-session"])
+@pytest_twisted.ensureDeferred
+async def test_a_session_of_another_worker_falls_back_to_a_full_handshake(
+        tmp_path: Path, tls12: bool) -> None:
+    """With ``workers = N`` each process has its own context (ticket key, session cache,
+    session ID context), and so has each load: a client offering a session another
+    worker issued gets a full handshake, logs in, and nothing above info is logged.
+    Two servers in this process with the same certificate are two such workers."""
+    from twisted.logger import LogLevel, globalLogPublisher
+    cert = issue_cert(make_ca(tmp_path), tmp_path)
+    servers = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "users").write_text(USERS)
+        servers.append(await start_server(
+            tmp_path / name, f'[backends.users]\ntype = "file"\npath = "{tmp_path / name / "users"}"\n',
+            tls=(cert.chain_path, cert.key_path), require_tls=True, mechanisms=["PLAIN"]))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        context = client_context(tls12)
+        first = await threads.deferToThread(tls_session, servers[0].port, context)
+        again = await threads.deferToThread(tls_session, servers[0].port, context, first["session"])
+        other = await threads.deferToThread(tls_session, servers[1].port, context, first["session"],
+                                            auth=b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")  # alice, secret
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for server in servers:
+            await server.stop()
+    assert not first["reused"] and again["reused"]  # the session resumes where it was made
+    assert not other["reused"]  # elsewhere: a full handshake ...
+    assert other["auth"] == b"235 2.7.0 Authentication successful"  # ... and a working session
+    loud = [e for e in events if e.get("log_failure") is not None
+            or e.get("log_level", LogLevel.info) > LogLevel.info]
+    assert loud == []
 
 
 def test_context_options(tmp_path: Path) -> None:
