@@ -16,6 +16,10 @@ own key-exchange groups):
   pyOpenSSL has no call to set a shared ticket key.
 * ``OP_NO_RENEGOTIATION``: a TLS 1.2 client cannot make the server redo a handshake
   (RSA signatures on demand) inside a session.
+* with ``client_ca``: its CAs' names in the certificate request (Twisted sends none), as
+  Postfix and Dovecot do, so a client holding several certificates sends one these CAs
+  issued, or none (GnuTLS clients, browsers' and mail clients' pickers) instead of one
+  that fails the handshake.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ def server_options(tls: TLSConfig) -> Any:
     certs = x509.load_pem_x509_certificates(Path(tls.certificate).read_bytes())
     key = load_pem_private_key(Path(tls.private_key).read_bytes(), password=None)
     verify: dict[str, Any] = {}
+    client_cas: list[Any] = []
     if tls.client_ca is not None:
-        cas = x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())
-        verify = {"verify": True, "requireCertificate": False,
-                  "caCerts": [crypto.X509.from_cryptography(c) for c in cas]}
+        client_cas = [crypto.X509.from_cryptography(c)
+                      for c in x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())]
+        verify = {"verify": True, "requireCertificate": False, "caCerts": client_cas}
     # pyOpenSSL converts cryptography keys and certificates; Twisted's annotations name only X509/PKey
     options = ssl.CertificateOptions(
         privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,  # type: ignore[arg-type]
@@ -46,4 +51,6 @@ def server_options(tls: TLSConfig) -> Any:
         enableSessions=True, enableSessionTickets=True)
     context = options.getContext()  # made and cached now; no connection has used it yet
     context.set_options(SSL.OP_NO_RENEGOTIATION)
+    for ca in client_cas:
+        context.add_client_ca(ca)  # its name in the certificate request
     return options

@@ -7,8 +7,9 @@ clients see them and as the operator reads them in the log:
   request``), not an error with a traceback;
 * a client that refuses our certificate (``openssl s_client -verify_return_error``):
   the line carries its alert;
-* client certificates against ``[tls] client_ca``: expired, not yet valid or from
-  another CA fail the handshake (the client gets OpenSSL's alert) and the line says
+* client certificates against ``[tls] client_ca``: the certificate request names its
+  CAs (so clients that choose by them send a fitting certificate or none); expired,
+  not yet valid or from another CA fail the handshake (the client gets OpenSSL's alert) and the line says
   why in OpenSSL's words; a verified certificate without the configured identity (no
   CN, no e-mail subjectAltName) gets ``535 5.7.8 No identity in the client
   certificate``, not "No verified client certificate".
@@ -227,3 +228,22 @@ async def test_a_verified_certificate_without_the_identity_says_so(
                        (535, b"5.7.8 No verified client certificate")]
     assert watch.lines("TLS handshake with") == []
     watch.assert_calm()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_certificate_request_names_the_client_cas(tmp_path: Path) -> None:
+    """openssl s_client lists the CAs the server will accept client certificates from
+    (Twisted sent "No client certificate CA names"): every CA in client_ca."""
+    openssl = require_binary("openssl")
+    first, second = make_ca(tmp_path, "client CA one"), make_ca(tmp_path, "client CA two")
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(Path(first.cert_path).read_bytes() + Path(second.cert_path).read_bytes())
+    server, _, _ = await tls_server(tmp_path, "ssl:0:interface=127.0.0.1", str(bundle))
+    try:
+        result = await threads.deferToThread(
+            subprocess.run, [openssl, "s_client", "-connect", f"127.0.0.1:{server.port}"],
+            input=b"", capture_output=True, timeout=30)
+    finally:
+        await server.stop()
+    out = result.stdout.decode(errors="replace")
+    assert "Acceptable client certificate CA names\nCN = client CA one\nCN = client CA two\n" in out, out
