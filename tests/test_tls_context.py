@@ -411,3 +411,65 @@ def test_no_delay_without_a_tcp_connection() -> None:
         transport = None
     assert no_delay(Unix()) is False
     assert no_delay(None) is False
+
+
+def starttls_serial(port: int) -> int:
+    """A STARTTLS session's view of the server certificate: its serial number."""
+    from cryptography import x509
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        client = LineClient(raw)
+        assert client.reply().startswith(b"220 ")
+        assert client.command(b"EHLO client.example").startswith(b"250")
+        assert client.command(b"STARTTLS").startswith(b"220 ")
+        sock = client_context().wrap_socket(raw)
+        der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        client.sock = sock
+        assert client.command(b"QUIT").startswith(b"221 ")
+        return x509.load_der_x509_certificate(der).serial_number
+    finally:
+        raw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_gives_new_starttls_sessions_the_new_certificate(tmp_path: Path) -> None:
+    """SIGHUP's reload with the certificate and key files replaced: the next STARTTLS
+    session gets the new certificate.  Only the certificate replaced (the old key left):
+    the reload is refused with the mismatch named, and sessions keep the running one."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    from saslsmtp.serving import Reloader, build_factory, listening_factory, start_runners, stop_wiring
+    from saslsmtp.service import load
+    from tests.support import write_config
+    from tests.test_reload import write_cert
+    (tmp_path / "users").write_text(USERS)
+    cert, key = write_cert(tmp_path, 1001)
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          tls=(str(cert), str(key)))
+    factory = build_factory(load(str(config)), reactor)
+    start_runners(factory.wiring)
+    reloader = Reloader(str(config), factory, reactor)
+    port = reactor.listenTCP(0, listening_factory(factory, "tcp"), interface="127.0.0.1")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        number = port.getHost().port
+        assert await threads.deferToThread(starttls_serial, number) == 1001
+        write_cert(tmp_path, 2002)
+        assert reloader.reload() is True
+        assert await threads.deferToThread(starttls_serial, number) == 2002
+        other = tmp_path / "other"
+        other.mkdir()
+        new_cert, _ = write_cert(other, 3003)
+        cert.write_bytes(new_cert.read_bytes())  # the key not replaced yet
+        assert reloader.reload() is False
+        assert await threads.deferToThread(starttls_serial, number) == 2002
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
+        reloader.stop()
+        stop_wiring(factory.wiring)
+    refused = [formatEvent(e) for e in events if "reload refused" in formatEvent(e)]
+    line = config.read_text().splitlines().index(f'private_key = "{key}"') + 1
+    assert refused == [f"reload refused, keeping the running configuration: {config}:{line}:"
+                       f" tls.private_key: {key} does not match the certificate in {cert}"], refused
