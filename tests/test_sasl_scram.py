@@ -14,8 +14,12 @@ import os
 import re
 import select
 import subprocess
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+import pytest_twisted
+from twisted.internet import threads
 
 from tests.conftest import require_binary
 import scramp
@@ -700,3 +704,104 @@ def test_gsasl_mkpasswd_verifier_serves_gsasl_client(name: str) -> None:
     secret = Secret(name.lower(), dovecot_keys(out[len(name) + 2:]).as_tuple())
     assert gsasl_login(name, Scram(Session(), name=name), "pencil", secret)[-1] == Accept("user")
     assert gsasl_login(name, Scram(Session(), name=name), "pencil!", secret)[-1] == Reject()
+
+
+# -- over a real TLS connection: the server's bindings against a client's own ----------------
+
+
+def _scram_plus_session(port: int, tls12: bool, mechanism: str,
+                        start: Callable[[Any], tuple[bytes, Any]]) -> list[bytes]:
+    """Implicit TLS (TLS 1.2 or 1.3), EHLO, then AUTH ``mechanism`` with the first
+    message of ``start(sock)``, which also gives a scramp client (or ``None``) to go on
+    with to the end.  The server's replies."""
+    import socket
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
+        reader = sock.makefile("rb")
+
+        def reply() -> bytes:
+            lines = [reader.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(reader.readline())
+            return b"".join(lines).rstrip(b"\r\n")
+
+        def send(line: bytes) -> bytes:
+            sock.sendall(line + b"\r\n")
+            return reply()
+
+        assert reply().startswith(b"220 ")
+        assert b"SCRAM-SHA-256-PLUS" in send(b"EHLO client.example")
+        message, client = start(sock)
+        replies = [send(b"AUTH " + mechanism.encode() + b" " + base64.b64encode(message))]
+        if client is not None and replies[-1].startswith(b"334 "):
+            client.set_server_first(base64.b64decode(replies[-1][4:]).decode())
+            replies.append(send(base64.b64encode(client.get_client_final().encode())))
+            if replies[-1].startswith(b"334 "):
+                client.set_server_final(base64.b64decode(replies[-1][4:]).decode())  # checks v=
+                replies.append(send(b""))
+        return replies
+
+
+def _end_point(sock: Any) -> bytes:
+    """tls-server-end-point as a client computes it (RFC 5929 4.1: SHA-256 for this
+    ECDSA-SHA256 certificate)."""
+    return hashlib.sha256(sock.getpeercert(binary_form=True)).digest()
+
+
+@pytest.mark.parametrize("tls12, cb_type", [(False, "tls-server-end-point"), (True, "tls-server-end-point"),
+                                            (True, "tls-unique")])
+@pytest_twisted.ensureDeferred
+async def test_scram_plus_on_the_wire_with_a_client_computing_its_binding(
+        tmp_path: Path, tls12: bool, cb_type: str) -> None:
+    """scramp's -PLUS client with the binding Python's ssl gives the client side
+    (tls-unique, the certificate hash) logs in over TLS 1.3 and 1.2: the server's value
+    is the client's."""
+    server = await _scram_server(tmp_path)
+
+    def start(sock: Any) -> tuple[bytes, Any]:
+        data = sock.get_channel_binding("tls-unique") if cb_type == "tls-unique" else _end_point(sock)
+        client = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", "wonderland",
+                                    channel_binding=(cb_type, data))
+        return client.get_client_first().encode(), client
+    try:
+        replies = await threads.deferToThread(_scram_plus_session, server.port, tls12,
+                                              "SCRAM-SHA-256-PLUS", start)
+    finally:
+        await server.stop()
+    assert [r[:4] for r in replies] == [b"334 ", b"334 ", b"235 "], replies
+
+
+@pytest.mark.parametrize("tls12, mechanism, message, error", [
+    # RFC 5802 section 6: "y" while the server announced -PLUS is a downgrade
+    (False, "SCRAM-SHA-256", b"y,,n=alice,r=clientnonce", "server-does-support-channel-binding"),
+    (True, "SCRAM-SHA-256", b"y,,n=alice,r=clientnonce", "server-does-support-channel-binding"),
+    # tls-unique is not defined for TLS 1.3 (RFC 9266)
+    (False, "SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=alice,r=clientnonce", "unsupported-channel-binding-type"),
+    (False, "SCRAM-SHA-256", b"p=tls-exporter,,n=alice,r=clientnonce", "channel-binding-not-supported"),
+])
+@pytest_twisted.ensureDeferred
+async def test_scram_binding_refusals_on_the_wire(tmp_path: Path, tls12: bool, mechanism: str,
+                                                   message: bytes, error: str) -> None:
+    """The first message is refused at once with the RFC's server-error value."""
+    server = await _scram_server(tmp_path)
+    try:
+        replies = await threads.deferToThread(_scram_plus_session, server.port, tls12, mechanism,
+                                              lambda sock: (message, None))
+    finally:
+        await server.stop()
+    assert replies == [f"535 5.7.8 Authentication failed (SCRAM e={error})".encode()]
+
+
+async def _scram_server(tmp_path: Path) -> Any:
+    from tests.support import start_server
+    from tests.tlsutil import issue_cert, make_ca
+    cert = issue_cert(make_ca(tmp_path), tmp_path)
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    return await start_server(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                              listen=["ssl:0:interface=127.0.0.1"], tls=(cert.chain_path, cert.key_path),
+                              mechanisms=["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"], require_tls=True)
