@@ -33,6 +33,15 @@ def session_reused(conn: Any) -> bool:
         return False
 
 
+def extended_master_secret(conn: Any) -> bool:
+    """Whether ``conn``'s TLS 1.2 session uses the extended master secret (RFC 7627)."""
+    try:
+        from OpenSSL._util import lib
+        return bool(lib.SSL_get_extms_support(conn._ssl) == 1)
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
 def _verify_error(conn: Any) -> str | None:
     """OpenSSL's verdict on the client certificate of ``conn`` when it did not verify
     (``"certificate has expired"``), else ``None``.  pyOpenSSL has no call for it."""
@@ -67,10 +76,12 @@ def handshake_error(reason: Any, transport: Any = None) -> str | None:
 class ChannelBindings(Mapping[str, bytes]):
     """Channel-binding data of an ``OpenSSL.SSL.Connection`` after its handshake, by type.
 
-    Which types exist is known from the protocol version at once; each value is read from
-    OpenSSL (a keying-material export, a hash of our certificate) only when a mechanism
-    asks for it: PLAIN and LOGIN never do, a SCRAM -PLUS exchange asks for one.  A value
-    that cannot be read is logged and missing (the mechanism then refuses the binding).
+    Which types exist is known at once from the protocol version (and for TLS 1.2's
+    ``tls-unique``, from whether a resumed session has the extended master secret:
+    without it the type is not offered).  Each value is read from OpenSSL (a
+    keying-material export, a hash of our certificate) only when a mechanism asks for
+    it: PLAIN and LOGIN never do, a SCRAM -PLUS exchange asks for one.  A value that
+    cannot be read is logged and missing (the mechanism then refuses the binding).
     """
 
     def __init__(self, conn: Any) -> None:
@@ -80,7 +91,10 @@ class ChannelBindings(Mapping[str, bytes]):
         names = []
         if version == "TLSv1.3":
             names.append("tls-exporter")
-        elif version in ("TLSv1.2", "TLSv1.1", "TLSv1"):
+        elif version in ("TLSv1.2", "TLSv1.1", "TLSv1") and (
+                not session_reused(conn) or extended_master_secret(conn)):
+            # RFC 7627: a resumed session without the extended master secret can have
+            # the same tls-unique as an attacker's own (the triple handshake attack)
             names.append("tls-unique")
         self._names = tuple(names) + ("tls-server-end-point",)
 

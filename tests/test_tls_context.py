@@ -225,6 +225,27 @@ async def test_a_session_of_another_worker_falls_back_to_a_full_handshake(
     assert loud == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_tls_unique_is_not_offered_on_a_resumed_session_without_extended_master_secret(
+        tmp_path: Path) -> None:
+    """RFC 7627: a TLS 1.2 client without the extended master secret resumes, and the
+    server no longer offers tls-unique (a triple handshake could give an attacker's
+    session the same value); tls-server-end-point stays.  Its full handshake keeps it."""
+    server = await tls_server(tmp_path)
+    try:
+        context = client_context(tls12=True)
+        context.options |= 0x1  # SSL_OP_NO_EXTENDED_MASTER_SECRET (OpenSSL 3), not in Python's ssl
+        during = server_bindings(server)
+        first = await threads.deferToThread(tls_session, server.port, context, None, False, during)
+        second = await threads.deferToThread(tls_session, server.port, context,
+                                             first["session"], False, during)
+    finally:
+        await server.stop()
+    assert not first["reused"] and first["during"]["tls-unique"] == first["tls_unique"]
+    assert second["reused"]
+    assert sorted(second["during"]) == ["tls-server-end-point"]
+
+
 def test_context_options(tmp_path: Path) -> None:
     """Renegotiation off; tickets on (OP_NO_TICKET clear); OpenSSL's server-side session
     cache on; TLS 1.0/1.1 off."""
