@@ -17,9 +17,9 @@ own key-exchange groups):
 * ``OP_NO_RENEGOTIATION``: a TLS 1.2 client cannot make the server redo a handshake
   (RSA signatures on demand) inside a session.
 * with ``client_ca``: its CAs' names in the certificate request (Twisted sends none), as
-  Postfix and Dovecot do, so a client holding several certificates sends one these CAs
-  issued, or none (GnuTLS clients, browsers' and mail clients' pickers) instead of one
-  that fails the handshake.
+  Postfix and Dovecot do, so a client that chooses by them (GnuTLS-based ones such as
+  msmtp, pickers that filter by issuer) sends one these CAs issued, or none, instead of
+  one that fails the handshake.
 """
 
 from __future__ import annotations
