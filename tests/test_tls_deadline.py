@@ -1,6 +1,7 @@
 """A TLS handshake that never finishes is dropped after ``tls_handshake_timeout``, even
 with a long ``idle_timeout``: a bare connect to an ``ssl:`` listener, STARTTLS followed by
-silence, and half a ClientHello (real listeners on loopback)."""
+silence, and half a ClientHello (real listeners on loopback).  A dropped one holds
+nothing: its ``connections_per_ip`` slot serves the next client."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ DEADLINE = 1.0
 SLACK = 3.0  # the test's allowance on a loaded machine; idle_timeout is far longer
 
 
-async def _listen(tmp_path: Path, listen: str):
+async def _listen(tmp_path: Path, listen: str, extra: str = ""):
     ca = make_ca(tmp_path)
     cert = issue_cert(ca, tmp_path, names=["localhost", "127.0.0.1"])
     (tmp_path / "users").write_text("alice:{PLAIN}secret\n")
     path = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                        listen=[listen], tls=(cert.chain_path, cert.key_path))
+                        listen=[listen], tls=(cert.chain_path, cert.key_path), extra=extra)
     path.write_text(path.read_text().replace(
         "[server]\n", f"[server]\nidle_timeout = 120.0\ntls_handshake_timeout = {DEADLINE}\n", 1))
     config = load(str(path))
@@ -98,3 +99,45 @@ async def test_starttls_then_silence(tmp_path: Path) -> None:
                                   [b"EHLO client.example\r\n", b"STARTTLS\r\n"],
                                   expect=b"220 2.0.0 Ready to start TLS\r\n")
     assert elapsed < DEADLINE + SLACK
+
+
+def _greeting_over_tls(port: int) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
+        return s.recv(4096)
+
+
+def _slot_held_then_freed(port: int) -> tuple[bytes, float, bytes]:
+    """A silent connection holds the slot: a TLS client meanwhile gets its greeting; the
+    silent one is dropped (seconds); a TLS client after that gets its greeting."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as silent:
+        meanwhile = _greeting_over_tls(port)
+        start = time.monotonic()
+        try:
+            while silent.recv(4096):
+                pass
+        except (ConnectionResetError, socket.timeout):
+            pass
+        elapsed = time.monotonic() - start
+    return meanwhile, elapsed, _greeting_over_tls(port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_handshake_frees_its_connection_slot(tmp_path: Path) -> None:
+    """``connections_per_ip = 1``: a client that never starts its handshake holds the one
+    slot of 127.0.0.1 (another client is refused meanwhile) until the deadline drops it;
+    then nothing of it is left and the next client is greeted."""
+    port, factory = await _listen(tmp_path, "ssl:0:interface=127.0.0.1",
+                                  extra="[limits]\nconnections_per_ip = 1\n")
+    try:
+        meanwhile, elapsed, after = await threads.deferToThread(
+            _slot_held_then_freed, port.getHost().port)
+    finally:
+        for p in list(factory.connections):
+            p.transport.abortConnection()
+        await port.stopListening()
+    assert meanwhile.startswith(b"421 4.7.0 Too many connections from 127.0.0.1"), meanwhile
+    assert elapsed < DEADLINE + SLACK
+    assert after.startswith(b"220 "), after
