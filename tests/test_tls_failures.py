@@ -118,7 +118,7 @@ def starttls_then(line: bytes) -> Callable[[socket.socket], None]:
     ("ssl:0:interface=127.0.0.1", talk_first(b"EHLO client.example\r\n"), "wrong version number"),
     ("ssl:0:interface=127.0.0.1", talk_first(b"GET / HTTP/1.1\r\nHost: mx\r\n\r\n"), "http request"),
     ("tcp:0:interface=127.0.0.1", starttls_then(b"NOOP\r\n"), "wrong version number"),
-])
+], ids=["smtp-on-ssl", "http-on-ssl", "plaintext-after-starttls"])
 @pytest_twisted.ensureDeferred
 async def test_plaintext_where_tls_belongs_is_closed_and_logged(tmp_path: Path, listen: str,
                                                                 steps: Any, why: str) -> None:
