@@ -39,11 +39,13 @@ def server_options(tls: TLSConfig) -> Any:
     certs = x509.load_pem_x509_certificates(Path(tls.certificate).read_bytes())
     key = load_pem_private_key(Path(tls.private_key).read_bytes(), password=None)
     verify: dict[str, Any] = {}
-    client_cas: list[Any] = []
+    client_cas: list[x509.Certificate] = []
     if tls.client_ca is not None:
-        client_cas = [crypto.X509.from_cryptography(c)
-                      for c in x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())]
-        verify = {"verify": True, "requireCertificate": False, "caCerts": client_cas}
+        client_cas = x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())
+        # Twisted's trust store takes pyOpenSSL's X509; OpenSSL's CA list takes the
+        # cryptography certificate (pyOpenSSL deprecates X509 there)
+        verify = {"verify": True, "requireCertificate": False,
+                  "caCerts": [crypto.X509.from_cryptography(c) for c in client_cas]}
     # pyOpenSSL converts cryptography keys and certificates; Twisted's annotations name only X509/PKey
     options = ssl.CertificateOptions(
         privateKey=key, certificate=certs[0], extraCertChain=certs[1:], **verify,  # type: ignore[arg-type]
