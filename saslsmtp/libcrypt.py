@@ -17,7 +17,7 @@ import ctypes.util
 import functools
 from typing import Callable
 
-__all__ = ["LibcryptMissing", "crypt", "require"]
+__all__ = ["LibcryptMissing", "crypt", "gensalt", "require"]
 
 #: ``sizeof(struct crypt_data)`` is 32768 in libxcrypt and 131232 in old glibc.
 _SCRATCH_SIZE = 262144
@@ -29,8 +29,7 @@ class LibcryptMissing(RuntimeError):
 _Crypt = Callable[[bytes, bytes], "bytes | None"]
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> _Crypt:
+def _library() -> ctypes.CDLL:
     names = ["libcrypt.so.1"]
     found = ctypes.util.find_library("crypt")
     if found and found not in names:
@@ -47,6 +46,12 @@ def _load() -> _Crypt:
             "the system crypt library libcrypt.so.1 (libxcrypt; Debian/Ubuntu package"
             " libcrypt1, Fedora libxcrypt) cannot be loaded; it computes the crypt(3)"
             " schemes {SHA512-CRYPT}, {SHA256-CRYPT}, {MD5-CRYPT} and {CRYPT}")
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> _Crypt:
+    lib = _library()
     crypt_rn = getattr(lib, "crypt_rn", None)
     if crypt_rn is not None:
         crypt_rn.restype = ctypes.c_char_p
@@ -87,6 +92,24 @@ def crypt(phrase: bytes, setting: bytes) -> bytes | None:
     if b"\0" in phrase or b"\0" in setting:
         return None
     result = _load()(phrase, setting)
+    if not result or result.startswith(b"*"):
+        return None
+    return result
+
+
+def gensalt(prefix: bytes, count: int, random: bytes) -> bytes | None:
+    """libxcrypt's ``crypt_gensalt_rn``: a new setting for the hash method ``prefix``
+    (``$y$`` yescrypt, ``$7$`` scrypt ...) at cost ``count`` (0: the library's default),
+    salted from ``random``.  ``None`` when the library refuses (an unknown method, a cost
+    out of its range, or a libcrypt without ``crypt_gensalt_rn``)."""
+    function = getattr(_library(), "crypt_gensalt_rn", None)
+    if function is None:
+        return None
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int,
+                         ctypes.c_void_p, ctypes.c_int]
+    output = ctypes.create_string_buffer(256)
+    result: bytes | None = function(prefix, count, random, len(random), output, 256)
     if not result or result.startswith(b"*"):
         return None
     return result

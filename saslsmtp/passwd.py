@@ -9,8 +9,11 @@ output is ``USER:{SCHEME}hash``, ready to append to the users file.
 The default scheme is SHA512-CRYPT with 100000 rounds: every Dovecot (as ``{CRYPT}``
 too), glibc's crypt(3) and most mail tools understand it, it needs no extra memory per
 login (Argon2 uses 64 MiB each), and it takes about 0.1 s to check here.  ARGON2ID or
-BLF-CRYPT are stronger choices when only saslsmtp and Dovecot read the file; CRAM-MD5
-and SCRAM-* are needed for those challenge mechanisms (and are password-equivalent).
+BLF-CRYPT are stronger choices when only saslsmtp and Dovecot read the file; YESCRYPT
+(``{CRYPT}$y$``, Debian's /etc/shadow default) and SCRYPT (``{CRYPT}$7$``) come from the
+system's libcrypt and are written as ``{CRYPT}``, the name Dovecot verifies them under;
+CRAM-MD5 and SCRAM-* are needed for those challenge mechanisms (and are
+password-equivalent).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=passwords.MAKE_SCHEMES, metavar="SCHEME",
                         help=f"password scheme (default {DEFAULT_SCHEME}; see the list below)")
     parser.add_argument("-r", "--rounds", type=int, default=None, metavar="N",
-                        help="cost: crypt rounds, bcrypt log2 cost, Argon2 time cost,"
-                             " SCRAM/PBKDF2 iterations (default: per scheme)")
+                        help="cost: crypt rounds, bcrypt log2 cost, yescrypt/scrypt cost,"
+                             " Argon2 time cost, SCRAM/PBKDF2 iterations (default: per scheme)")
     parser.add_argument("user", metavar="USER", help="the user name (the first field of the line)")
     return parser
 

@@ -125,6 +125,7 @@ class Scheme:
     make: Make | None = None         # new data in the natural encoding
     default_rounds: int | None = None
     make_variants: tuple[str, ...] = ()   # extra ``make_hash`` names (``PLAIN.B64``)
+    stored_as: str = ""              # make-only: the scheme the new field names (``CRYPT``)
     help: str = ""                   # one line for ``saslsmtp-passwd --help``
 
 
@@ -228,6 +229,10 @@ _CRYPT_FORMATS: dict[str, re.Pattern[str]] = {
     "des": re.compile(rf"{_H64}{{13}}"),
     "bsdi": re.compile(rf"_{_H64}{{19}}"),
     "bcrypt": re.compile(rf"\$2[abxy]\$[0-9]{{2}}\${_H64}{{53}}"),
+    # yescrypt (Debian's default for /etc/shadow), its GOST variant, and scrypt: libcrypt
+    # reads their parameters from the hash itself
+    "yescrypt": re.compile(rf"\$g?y\${_H64}+\${_H64}*\${_H64}{{43}}"),
+    "scrypt": re.compile(rf"\$7\${_H64}{{11}}{_H64}*\${_H64}{{43}}"),
 }
 
 
@@ -241,8 +246,6 @@ def _crypt_format(formats: tuple[str, ...], scheme: str, raw: bytes) -> str:
             if rounds is not None and not 1000 <= int(rounds) <= 999_999_999:
                 raise MalformedPassword(f"{scheme} rounds out of range (1000-999999999)")
             return name
-    if text.startswith(("$y$", "$7$", "$gy$")):
-        raise MalformedPassword("yescrypt/scrypt crypt hashes are not supported")
     raise MalformedPassword(f"not a complete {scheme} hash (truncated, or another scheme)")
 
 
@@ -267,6 +270,9 @@ def _crypt_cost(raw: bytes) -> str:
     text = raw.decode("ascii", "replace")
     if text.startswith("$2"):
         return f"bcrypt:{text[4:6]}"
+    if text.startswith(("$y$", "$gy$", "$7$")):  # the method and its parameters
+        method, params = text.split("$")[1:3]
+        return f"crypt:${method}${params[:11] if method == '7' else params}"
     if text.startswith(("$5$", "$6$")):
         part = text.split("$")[2]
         return f"crypt{text[1]}:{part if part.startswith('rounds=') else 'rounds=5000'}"
@@ -283,6 +289,23 @@ def _make_crypt(prefix: str, salt_len: int, with_rounds: bool) -> Make:
             setting += f"rounds={rounds}$"
         setting += _salt_chars(salt_len) if salt is None else salt.decode("ascii")
         result = libcrypt.crypt(pw, setting.encode("ascii"))
+        if result is None:
+            raise ValueError("libcrypt refused this password (a NUL byte, or over 512 bytes)")
+        return result.decode("ascii")
+    return make
+
+
+def _make_gensalt(prefix: bytes, name: str, costs: range) -> Make:
+    """A new hash of a method whose setting libcrypt makes (``crypt_gensalt_rn``), at cost
+    ``rounds`` (yescrypt 1-11, scrypt 6-11: libcrypt's ranges)."""
+    def make(pw: bytes, rounds: int | None, salt: bytes | None, user: str | None) -> str:
+        assert rounds is not None
+        if rounds not in costs:
+            raise ValueError(f"{name} cost must be between {costs.start} and {costs.stop - 1}")
+        setting = libcrypt.gensalt(prefix, rounds, os.urandom(16) if salt is None else salt)
+        if setting is None:
+            raise ValueError(f"this system's libcrypt cannot make {name} hashes")
+        result = libcrypt.crypt(pw, setting)
         if result is None:
             raise ValueError("libcrypt refused this password (a NUL byte, or over 512 bytes)")
         return result.decode("ascii")
@@ -470,7 +493,8 @@ def _make_pbkdf2(pw: bytes, rounds: int | None, salt: bytes | None, user: str | 
 
 # ---- the schemes, one entry each (in MAKE_SCHEMES order: strongest first) --------------
 
-_crypt_check, _crypt_verify = _crypt("md5", "sha256", "sha512", "des", "bsdi", "bcrypt")
+_crypt_check, _crypt_verify = _crypt("md5", "sha256", "sha512", "des", "bsdi", "bcrypt",
+                                     "yescrypt", "scrypt")
 _md5c_check, _md5c_verify = _crypt("md5")
 _sha256c_check, _sha256c_verify = _crypt("sha256")
 _sha512c_check, _sha512c_verify = _crypt("sha512")
@@ -490,6 +514,14 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("BLF-CRYPT", _verify_bcrypt, check=_check_bcrypt, expensive=True, cost=_crypt_cost,
            make=_make_bcrypt, default_rounds=12,
            help="bcrypt $2b$ (--rounds = log2 cost, default 12; max 72-byte passwords)"),
+    # make-only: Dovecot has no scheme name for these, its {CRYPT} verifies them
+    Scheme("YESCRYPT", _crypt_verify("CRYPT"), expensive=True, stored_as="CRYPT",
+           make=_make_gensalt(b"$y$", "YESCRYPT", range(1, 12)), default_rounds=5,
+           help="{CRYPT}$y$ yescrypt, Debian's /etc/shadow default (--rounds = cost 1-11,"
+                " default 5)"),
+    Scheme("SCRYPT", _crypt_verify("CRYPT"), expensive=True, stored_as="CRYPT",
+           make=_make_gensalt(b"$7$", "SCRYPT", range(6, 12)), default_rounds=7,
+           help="{CRYPT}$7$ scrypt (--rounds = cost 6-11, default 7)"),
     Scheme("SHA512-CRYPT", _sha512c_verify("SHA512-CRYPT"), check=_sha512c_check("SHA512-CRYPT"),
            expensive=True, cost=_crypt_cost, make=_make_crypt("$6$", 16, True),
            default_rounds=100_000, help="crypt $6$ (--rounds default 100000) [default]"),
@@ -540,7 +572,9 @@ SCHEMES: tuple[Scheme, ...] = (
     Scheme("ARGON2", _verify_argon2, check=_check_argon2, expensive=True, cost=_argon2_cost),
 )
 
-_BY_NAME: dict[str, Scheme] = {n: s for s in SCHEMES for n in (s.name, *s.aliases)}
+_BY_NAME: dict[str, Scheme] = {n: s for s in SCHEMES if not s.stored_as
+                               for n in (s.name, *s.aliases)}
+_MAKERS: dict[str, Scheme] = {s.name: s for s in SCHEMES if s.make is not None}
 VERIFY_SCHEMES: tuple[str, ...] = tuple(sorted(_BY_NAME))
 #: Schemes ``make_hash`` can produce, strongest first.
 MAKE_SCHEMES: tuple[str, ...] = tuple(
@@ -674,7 +708,7 @@ def make_hash(scheme: str, password: bytes | str, *, rounds: int | None = None,
     """
     written = scheme.upper()
     name, _, encoding = written.partition(".")
-    entry = _BY_NAME.get(name)
+    entry = _MAKERS.get(name)
     if entry is None or entry.make is None or (encoding and written not in entry.make_variants):
         raise UnknownScheme(f"cannot make {{{written}}} hashes (known: {', '.join(MAKE_SCHEMES)})")
     if entry.default_rounds is None:
@@ -690,4 +724,4 @@ def make_hash(scheme: str, password: bytes | str, *, rounds: int | None = None,
     elif any(c in data for c in ":\r\n") or data != data.strip():
         raise ValueError(f"this password needs {{{name}.B64}} (it contains ':', a line break"
                          " or surrounding spaces)")
-    return "{%s}%s" % (written, data)
+    return "{%s}%s" % (entry.stored_as or written, data)

@@ -18,7 +18,10 @@ PASSWORD = "correct horse battery staple"
 
 #: Cheap costs so the whole file stays fast.
 FAST = {"BLF-CRYPT": "4", "ARGON2ID": "1", "ARGON2I": "1", "SHA512-CRYPT": "1000",
-        "SHA256-CRYPT": "1000", "PBKDF2": "1000"}
+        "SHA256-CRYPT": "1000", "PBKDF2": "1000", "YESCRYPT": "1", "SCRYPT": "6"}
+
+#: Schemes Dovecot knows only as {CRYPT}: saslsmtp-passwd writes them so.
+MADE_AS = {"YESCRYPT": "{CRYPT}$y$", "SCRYPT": "{CRYPT}$7$"}
 
 
 class TTY(io.StringIO):
@@ -70,7 +73,7 @@ def test_every_scheme(scheme: str) -> None:
     code, out, err = run(argv)
     assert code == 0, err
     field = the_field(out, "bob@example.test")
-    assert field.upper().startswith("{" + scheme + "}")
+    assert field.upper().startswith(MADE_AS.get(scheme, "{" + scheme + "}").upper())
     assert passwords.verify_password(field, PASSWORD, username="bob@example.test") is True
     assert passwords.verify_password(field, "wrong", username="bob@example.test") is False
 
@@ -133,6 +136,22 @@ def test_help_lists_every_scheme() -> None:
     for scheme in passwords.MAKE_SCHEMES:
         assert f"  {scheme} " in out
     assert "default SHA512-CRYPT" in out
+    assert "{CRYPT}$y$ yescrypt" in out and "{CRYPT}$7$ scrypt" in out
+
+
+def test_yescrypt_line_is_one_dovecot_and_mkpasswd_read() -> None:
+    """``saslsmtp-passwd --scheme YESCRYPT`` writes ``{CRYPT}$y$...`` at libcrypt's default
+    cost (mkpasswd's ``j9T``), which ``doveadm pw -t`` verifies."""
+    from tests.conftest import require_binary
+    doveadm = require_binary("doveadm", "dovecot-core")
+    code, out, err = run(["--scheme", "yescrypt", "carol"])
+    assert (code, err) == (0, "")
+    field = the_field(out, "carol")
+    assert field.startswith("{CRYPT}$y$j9T$")
+    result = subprocess.run([doveadm, "pw", "-t", field, "-p", PASSWORD],
+                            capture_output=True, text=True, timeout=30)
+    assert "(verified)" in result.stdout, result.stderr
+    assert parse_users(out.encode()).users["carol"].password.canonical == "CRYPT"
 
 
 def test_unknown_scheme_is_a_usage_error() -> None:

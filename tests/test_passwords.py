@@ -91,7 +91,11 @@ RFC2195_DIGEST = "b913a602c7eda7a495b4e6e7334d3890"
 
 #: Cheap cost settings so the round trips stay fast.
 FAST = {"BLF-CRYPT": 4, "ARGON2ID": 1, "ARGON2I": 1, "SHA512-CRYPT": 1000,
-        "SHA256-CRYPT": 1000, "PBKDF2": 1000, "SCRAM-SHA-1": 4096, "SCRAM-SHA-256": 4096}
+        "SHA256-CRYPT": 1000, "PBKDF2": 1000, "SCRAM-SHA-1": 4096, "SCRAM-SHA-256": 4096,
+        "YESCRYPT": 1, "SCRYPT": 6}
+
+#: What each makeable scheme's field starts with (yescrypt and scrypt are Dovecot's {CRYPT}).
+MADE_AS = {"YESCRYPT": "{CRYPT}$y$", "SCRYPT": "{CRYPT}$7$"}
 
 
 @pytest.mark.parametrize("field", ALL_VECTORS)
@@ -175,7 +179,7 @@ def test_cram_md5_digest_rejects_bad_context() -> None:
 def test_make_hash_round_trip(scheme: str) -> None:
     """make_hash output verifies its password, refuses another, and names its scheme."""
     field = make_hash(scheme, "s3cret pässword", rounds=FAST.get(scheme), username="u@r")
-    assert field.upper().startswith("{" + scheme.upper() + "}")
+    assert field.upper().startswith(MADE_AS.get(scheme, "{" + scheme.upper() + "}").upper())
     assert verify_password(field, "s3cret pässword", username="u@r") is True
     assert verify_password(field, "s3cret password", username="u@r") is False
 
@@ -249,7 +253,8 @@ def test_a_2x_bcrypt_hash_verifies_as_dovecot_does() -> None:
     "{BLF-CRYPT}$2y$05$short",
     "{ARGON2ID}$argon2id$garbage",
     "{SHA512-CRYPT}$1$GgvxyNz8$OjZhLh4P.gF1lxYEbLZ3e/",
-    "{CRYPT}$y$j9T$abc$def",           # yescrypt: unsupported
+    "{CRYPT}$y$j9T$abc$def",           # yescrypt without its 43-character hash
+    "{CRYPT}$7$CU..../....salt$short",  # scrypt, the same
     "{CRYPT}not-a-crypt-hash!",
     "{PLAIN}",
     # well-formed to a parser, refused by bcrypt / Argon2 at every login: a 535 forever
@@ -352,6 +357,12 @@ DOVEADM_UTF8_VECTORS = [
     "{MD5-CRYPT}$1$0VWwh0W7$Lc5T1NnoWqJIC03NAATET1",
     "{CRYPT}$2y$05$hdLheJdLJw4vG3UgAtM6FORQB8Ph463KF1g1zMWQUdm05yCUF9mEK",
     "{DES-CRYPT}J74J9YRxaXR4g",
+    # ``mkpasswd -m yescrypt|scrypt|gost-yescrypt 'pässwörd €'`` (whois 5.5.17, libxcrypt 4.4.33):
+    # what Debian writes to /etc/shadow, as Dovecot's {CRYPT} and as a bare default-scheme field
+    "{CRYPT}$y$j9T$0Y9yrHnXsa5dVS.6nByvb/$YEd.6dgEjmJUWZecgt9KNmzg8lAW2veCbRxi.ysWxa4",
+    "$y$j9T$0Y9yrHnXsa5dVS.6nByvb/$YEd.6dgEjmJUWZecgt9KNmzg8lAW2veCbRxi.ysWxa4",
+    "{CRYPT}$7$CU..../....ibQAi.FXw2P4DB7mdF9rP1$7x7i4ipj.OeJC26GXjDZd8SX9MwUEQtgYU0.wEmh.tA",
+    "{CRYPT}$gy$j9T$W0Pi/szjpDNzcQ.26w3k50$GJX57i5r1MGBU1A8oTNYQ2nBX0CIGUD6EDxWdP4WK0/",
 ]
 
 
@@ -366,6 +377,7 @@ def test_doveadm_utf8_crypt_vectors(field: str) -> None:
 @pytest.mark.parametrize("scheme,rounds", [
     ("SHA512-CRYPT", 100_000), ("SHA256-CRYPT", 100_000), ("MD5-CRYPT", None),
     ("BLF-CRYPT", 8), ("ARGON2ID", 1), ("PBKDF2", 100_000), ("SCRAM-SHA-256", 20_000),
+    ("YESCRYPT", 8), ("SCRYPT", 8),
 ])
 def test_expensive_verification_releases_the_gil(scheme: str, rounds: int | None) -> None:
     """Every expensive scheme's verification leaves the GIL free while it computes: with a
@@ -421,9 +433,43 @@ def test_expensive_verification_releases_the_gil(scheme: str, rounds: int | None
     "{MD5-CRYPT}$1$GgvxyNz8$",
     "{CRYPT}$6$broken",
     "{CRYPT}//EsnG9FLTKj",
+    "{CRYPT}$y$j9T$0Y9yrHnXsa5dVS.6nByvb/$YEd.6dgEjmJUWZecgt9KNmzg8lAW2veCbRxi.ysWxa",
+    "{CRYPT}$7$CU..../....ibQAi.FXw2P4DB7mdF9rP1$",
 ])
 def test_truncated_crypt_hashes_are_malformed(field: str) -> None:
     """A crypt hash without its full checksum can never verify: it is malformed, so
     ``--check`` and the users-file loader report it instead of a silent 535 forever."""
     with pytest.raises(MalformedPassword):
         parse_password(field)
+
+
+@pytest.mark.parametrize("method,expected", [("yescrypt", "$y$"), ("scrypt", "$7$"),
+                                             ("gost-yescrypt", "$gy$")])
+def test_mkpasswd_hashes_verify(method: str, expected: str) -> None:
+    """Interop: what ``mkpasswd -m yescrypt`` (Debian's /etc/shadow default) or ``-m scrypt``
+    makes now verifies through {CRYPT}, and a bare field under the default scheme."""
+    from tests.conftest import require_binary
+    mkpasswd = require_binary("mkpasswd", "whois")
+    made = subprocess.run([mkpasswd, "-m", method, "--stdin"], input="tést pw\n",
+                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    assert made.startswith(expected)
+    for field in (made, "{CRYPT}" + made):
+        assert verify_password(field, "tést pw") is True
+        assert verify_password(field, "tést pW") is False
+        assert is_expensive(field)
+
+
+def test_yescrypt_and_scrypt_costs() -> None:
+    """The cost is libcrypt's (yescrypt 1-11, default 5: ``$y$j9T``, mkpasswd's; scrypt
+    6-11, default 7: ``$7$CU``); the cost key keeps the parameters, not the salt."""
+    assert make_hash("YESCRYPT", "x").startswith("{CRYPT}$y$j9T$")
+    assert make_hash("SCRYPT", "x").startswith("{CRYPT}$7$CU..../....")
+    a, b = make_hash("YESCRYPT", "x"), make_hash("YESCRYPT", "x", rounds=1)
+    assert cost_key(a) == cost_key(make_hash("YESCRYPT", "y")) == "crypt:$y$j9T"
+    assert cost_key(a) != cost_key(b)
+    assert cost_key(make_hash("SCRYPT", "x")) == "crypt:$7$CU..../...."
+    for scheme, bad in (("YESCRYPT", 12), ("SCRYPT", 5), ("SCRYPT", 12)):
+        with pytest.raises(ValueError, match="cost must be between"):
+            make_hash(scheme, "x", rounds=bad)
+    with pytest.raises(UnknownScheme):  # Dovecot has no such scheme: {CRYPT} holds them
+        parse_password("{YESCRYPT}$y$j9T$0Y9yrHnXsa5dVS.6nByvb/$YEd.6dgEjmJUWZecgt9KNmzg8lAW2veCbRxi.ysWxa4")
