@@ -56,7 +56,7 @@ def _to_stderr(warning: str) -> None:
 def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) -> None:
     """``--check`` reads every users file too: each unusable line is a problem (the
     daemon would log and skip it); ``warn`` gets what works but may surprise."""
-    from saslsmtp.checkers.file import coverage_warnings, parse_users
+    from saslsmtp.checkers.file import load_warnings, parse_users
     from saslsmtp.preflight import builtin_served
     builtins = builtin_served(config)  # what the script serves, it checks itself
     problems = []
@@ -71,7 +71,7 @@ def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) 
         parsed = parse_users(data, backend.options.default_scheme)
         problems += [ConfigProblem(backend.options.path, f"backends.{backend.name}", line, message)
                      for line, message in parsed.problems]
-        for warning in coverage_warnings(parsed.users, builtins):
+        for warning in load_warnings(parsed, builtins):
             warn(f"{backend.options.path}: warning: {warning}")
     sender_map = config.submission.sender_map
     if config.submission.sender_policy == "map" and sender_map:  # and the sender map

@@ -1,7 +1,8 @@
 """The backend chain: the first backend that accepts wins.
 
 None accepts and at least one failed temporarily -> ``TemporaryFailure`` (454 4.7.0);
-every one rejected -> ``UnauthorizedLogin`` (535 5.7.8).
+every one rejected -> the first ``AuthRejected`` a backend gave (its own reply: a users
+file's ``nologin`` with a ``reason``), else ``UnauthorizedLogin`` (535 5.7.8).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.credentials import AuthenticatedIdentity, AvatarId, IAuthenticatedIdentity
-from saslsmtp.errors import TemporaryFailure, UnknownUser
+from saslsmtp.errors import AuthRejected, TemporaryFailure, UnknownUser
 from saslsmtp.redact import scrub, scrubbed_failure
 
 log = Logger()
@@ -40,6 +41,14 @@ class BackendChain:
         found = tuple(version() for version in versions if callable(version))
         return found or None
 
+    def cache_scope(self, credentials: IUsernamePassword) -> object:
+        """The backends' ``cache_scope(credentials)`` (a users file's ``allow_nets``
+        verdict for this client), for the auth cache; ``None`` when no backend's verdict
+        depends on more than the user, the password and its data."""
+        scopes = [getattr(checker, "cache_scope", None) for _, checker in self.backends]
+        found = tuple(scope(credentials) for scope in scopes if callable(scope))
+        return found if any(part is not None for part in found) else None
+
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[AvatarId]":
         # Plain callbacks, not inlineCallbacks: a backend that answers at once (a users
         # file entry) costs no generator and no extra Deferred per login.
@@ -56,6 +65,7 @@ class _ChainAttempt:
         self.index = 0
         self.temporary = False
         self.unknown = bool(backends)  # every backend said "no such user" (auth cache)
+        self.rejected: AuthRejected | None = None  # the first backend's own refusal
         # A later backend is asked from a callback, maybe after a thread's answer: it runs
         # in the caller's context (the fair hashing pool's client key lives there).
         self.context = contextvars.copy_context()
@@ -83,6 +93,8 @@ class _ChainAttempt:
             return self.next()
         self.unknown = False
         if failure.check(UnauthorizedLogin):
+            if self.rejected is None and isinstance(failure.value, AuthRejected):
+                self.rejected = failure.value
             return self.next()
         self.temporary = True
         # any checker may be plugged in here: whatever its messages say, not the password
@@ -101,6 +113,8 @@ class _ChainAttempt:
     def _verdict(self) -> Exception:
         if self.temporary:
             return TemporaryFailure("no backend accepted and at least one failed temporarily")
+        if self.rejected is not None:
+            return self.rejected
         if self.unknown:
             return UnknownUser("no backend knows the user")
         return UnauthorizedLogin("no backend accepted the credentials")

@@ -5,9 +5,19 @@ Format (one user a line, as Dovecot's passwd-file)::
     # comment
     user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra_fields]
 
-Blank lines and lines starting with ``#`` are ignored; only the first two fields are
-used.  A bare hash (no ``{SCHEME}``) uses ``default_scheme`` (Dovecot's default:
-``CRYPT``).  User names are compared exactly, as Dovecot does by default.
+Blank lines and lines starting with ``#`` are ignored.  A bare hash (no ``{SCHEME}``)
+uses ``default_scheme`` (Dovecot's default: ``CRYPT``).  User names are compared
+exactly, as Dovecot does by default.  uid, gid, gecos, home and shell are not used.
+
+* **Extra fields** (everything after the shell field, ``key=value`` separated by spaces,
+  as Dovecot's ``db-passwd-file.c`` reads them): ``nologin`` (with ``reason=``),
+  ``allow_nets=`` and ``nopassword`` are honoured (``Access``); ``fail``,
+  ``noauthenticate`` and ``allow_real_nets`` restrict a login in ways saslsmtp cannot
+  check, so their user is refused; every other key (``userdb_*``, ``proxy``, ``nodelay``
+  ...) is ignored and listed by ``ignored_fields_warning`` (``--check``).  Dovecot checks
+  them after the password, and so does this backend: a refused login costs what any
+  login costs and, unless the line gives a ``reason``, answers what a wrong password
+  answers.
 
 * **Reloading**: every lookup does a cheap ``os.stat``; when the device, inode, size or
   mtime changed, the file is read again (synchronously: it is small) and parsed.  A line
@@ -28,6 +38,7 @@ used.  A bare hash (no ``{SCHEME}``) uses ``default_scheme`` (Dovecot's default:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,12 +55,12 @@ from zope.interface import implementer
 from saslsmtp import libcrypt, passwords
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.credentials import AvatarId
-from saslsmtp.errors import TemporaryFailure, UnknownUser
+from saslsmtp.errors import AuthRejected, TemporaryFailure, UnknownUser
 from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import config_lines
 from saslsmtp.passwords import PasswordError, StoredPassword
-from saslsmtp.sasl.outcome import Secret
+from saslsmtp.sasl.outcome import Reject, Secret
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -63,27 +74,125 @@ FALLBACK_DUMMY = ("{SHA512-CRYPT}$6$rounds=100000$96Clan1Hld9/kGjp$jpITHQKSWj4H5
                   "yg0vOPLcJGtOAAwdfggQ1GVHdBHmrK3WrhwLH73b1mZzCbOfm7zcFN.")
 
 
+#: Extra fields that restrict a login in a way saslsmtp cannot check: their user is refused.
+UNCHECKABLE_FIELDS = frozenset({"fail", "noauthenticate", "allow_real_nets"})
+#: Extra fields this backend reads (``Access``).
+HONOURED_FIELDS = frozenset({"nologin", "reason", "allow_nets", "nopassword"})
+
+@dataclass(frozen=True)
+class Access:
+    """What a line's extra fields say about who may log in, after the password (Dovecot's
+    passdb extra fields).  ``allow_nets`` ``None``: from anywhere; ``local``: from a
+    connection without an IP address (Dovecot's keyword)."""
+
+    nologin: bool = False
+    reason: str | None = None
+    allow_nets: tuple[Any, ...] | None = None
+    local: bool = False
+    nopassword: bool = False
+    uncheckable: tuple[str, ...] = ()  # fields in UNCHECKABLE_FIELDS: refused
+
+    @property
+    def restricted(self) -> bool:
+        """Whether a login needs more than the password (challenge mechanisms, which see
+        no session here, serve only unrestricted users)."""
+        return self.nologin or self.allow_nets is not None or self.nopassword or bool(self.uncheckable)
+
+    def network_allows(self, remote_ip: str) -> bool:
+        """Whether ``remote_ip`` (``""``: no IP address) is in ``allow_nets``; an IPv6-mapped
+        IPv4 address is matched as the IPv4 address, as Dovecot does."""
+        if self.allow_nets is None:
+            return True
+        if not remote_ip:
+            return self.local
+        try:
+            address = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow_nets)
+
+
+NO_RESTRICTION = Access()
+
+
 @dataclass(frozen=True)
 class UserEntry:
-    """One usable line: the user name, its parsed password, and where it came from."""
+    """One usable line: the user name, its parsed password (``None``: ``nopassword``),
+    where it came from, and what its extra fields restrict."""
 
     username: str
-    password: StoredPassword = field(repr=False)
+    password: StoredPassword | None = field(repr=False)
     line: int
+    access: Access = NO_RESTRICTION
 
 
 @dataclass(frozen=True)
 class ParsedUsers:
-    """The usable entries of a users file, and ``(line, problem)`` for every skipped line."""
+    """The usable entries of a users file, ``(line, problem)`` for every skipped line,
+    ``(line, warning)`` for a usable line that may surprise (``nopassword``), and the
+    extra fields that were ignored, each with the lines that have it."""
 
     users: Mapping[str, UserEntry]
     problems: tuple[tuple[int, str], ...]
+    warnings: tuple[tuple[int, str], ...] = ()
+    ignored: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def _networks(value: str) -> tuple[tuple[Any, ...], bool]:
+    """``allow_nets``' networks (commas or spaces between them) and whether ``local`` is
+    one; ``ValueError`` names an entry that is neither an address nor a network."""
+    nets: list[Any] = []
+    local = False
+    for item in value.replace(",", " ").split():
+        if item == "local":
+            local = True
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=False)  # host bits allowed, as Dovecot
+        except ValueError:
+            raise ValueError(f"allow_nets: {item!r} is not an address or network") from None
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None \
+                and net.prefixlen >= 96:
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+        nets.append(net)
+    if not nets and not local:
+        raise ValueError("allow_nets is empty: nobody could log in")
+    return tuple(nets), local
+
+
+def _extra_fields(text: str) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` pairs of the extra fields (a key without ``=`` has the value ``""``)
+    and the keys nobody reads here."""
+    found: dict[str, str] = {}
+    ignored: list[str] = []
+    for item in text.split():
+        key, _, value = item.partition("=")
+        found.setdefault(key, value)
+        if key not in HONOURED_FIELDS and key not in UNCHECKABLE_FIELDS and key not in ignored:
+            ignored.append(key)
+    return found, ignored
+
+
+def _access(fields: dict[str, str]) -> Access:
+    nets, local = _networks(fields["allow_nets"]) if "allow_nets" in fields else (None, False)
+    return Access(nologin="nologin" in fields, reason=fields.get("reason") or None,
+                  allow_nets=nets, local=local, nopassword="nopassword" in fields,
+                  uncheckable=tuple(sorted(UNCHECKABLE_FIELDS & fields.keys())))
+
+
+def _empty_password(secret: str) -> bool:
+    """An empty password field, or a ``{SCHEME}`` with no data (what ``nopassword`` wants)."""
+    return not secret or (secret.startswith("{") and secret.endswith("}") and "}" not in secret[:-1])
 
 
 def parse_users(data: bytes, default_scheme: str = "CRYPT") -> ParsedUsers:
     """Parse passwd-file bytes.  Problems name the line, never its content."""
     users: dict[str, UserEntry] = {}
     problems: list[tuple[int, str]] = []
+    warnings: list[tuple[int, str]] = []
+    ignored: dict[str, list[int]] = {}
     for number, line in config_lines(data, problems):
         user, sep, rest = line.partition(":")
         if not sep:
@@ -92,29 +201,80 @@ def parse_users(data: bytes, default_scheme: str = "CRYPT") -> ParsedUsers:
         if not user:
             problems.append((number, "empty user name"))
             continue
-        secret = rest.split(":", 1)[0]
-        if not secret:
-            problems.append((number, "empty password field"))
-            continue
+        columns = rest.split(":")
+        secret = columns[0]
+        fields, unused = _extra_fields(":".join(columns[6:]))  # after uid:gid:gecos:home:shell
         try:
-            stored = passwords.parse_password(secret, default_scheme)
-        except PasswordError as e:
+            access = _access(fields)
+        except ValueError as e:
             problems.append((number, str(e)))
             continue
+        stored: StoredPassword | None = None
+        if access.nopassword and access.allow_nets is None:
+            problems.append((number, f"user {user!r}: nopassword without allow_nets would let"
+                                     " anyone who knows the name send mail (add allow_nets=)"))
+            continue
+        if access.nopassword and not _empty_password(secret):
+            # Dovecot: "nopassword set but password is non-empty", and it checks the password
+            warnings.append((number, f"user {user!r}: nopassword ignored: the password field"
+                                     " is not empty (the password is checked)"))
+            access = Access(access.nologin, access.reason, access.allow_nets, access.local,
+                            False, access.uncheckable)
+        if not access.nopassword:
+            if not secret:
+                problems.append((number, "empty password field"))
+                continue
+            try:
+                stored = passwords.parse_password(secret, default_scheme)
+            except PasswordError as e:
+                problems.append((number, str(e)))
+                continue
         if user in users:
             problems.append((number, f"duplicate user (first defined on line {users[user].line})"))
             continue
-        users[user] = UserEntry(user, stored, number)
-    return ParsedUsers(users, tuple(problems))
+        if access.nopassword:
+            warnings.append((number, f"user {user!r} logs in with any password (nopassword)"
+                                     " from allow_nets"))
+        if access.uncheckable:
+            warnings.append((number, f"user {user!r} is refused: saslsmtp cannot check"
+                                     f" {', '.join(access.uncheckable)}"))
+        for key in unused:
+            ignored.setdefault(key, []).append(number)
+        users[user] = UserEntry(user, stored, number, access)
+    return ParsedUsers(users, tuple(problems), tuple(warnings),
+                       {key: tuple(lines) for key, lines in ignored.items()})
+
+
+def ignored_fields_warning(parsed: ParsedUsers) -> str | None:
+    """One line naming every extra field the file has that this backend ignores (with
+    its first line and how many lines have it), or ``None``."""
+    if not parsed.ignored:
+        return None
+    named = ", ".join(f"{key} (line {lines[0]}" + (f" and {len(lines) - 1} more)" if len(lines) > 1 else ")")
+                      for key, lines in sorted(parsed.ignored.items()))
+    return f"extra fields ignored (saslsmtp does not use them): {named}"
+
+
+def load_warnings(parsed: ParsedUsers, mechanisms: Iterable[str]) -> list[str]:
+    """Everything ``--check`` says about a users file that works but may surprise: each
+    line's warning, the ignored extra fields, announced mechanisms some users cannot use."""
+    out = [f"line {line}: {warning}" for line, warning in parsed.warnings]
+    ignored = ignored_fields_warning(parsed)
+    if ignored:
+        out.append(ignored)
+    return out + coverage_warnings(parsed.users, mechanisms)
 
 
 def pick_dummy(users: Mapping[str, UserEntry]) -> StoredPassword:
     """The stored password an unknown user is verified against (see the module doc)."""
+    users = {name: entry for name, entry in users.items() if entry.password is not None}
     if not users:
         return passwords.parse_password(FALLBACK_DUMMY)
-    keys = {name: passwords.cost_key(entry.password) for name, entry in users.items()}
+    keys = {name: passwords.cost_key(entry.password) for name, entry in users.items()
+            if entry.password is not None}
     common, _ = Counter(keys.values()).most_common(1)[0]
     first = min((e for n, e in users.items() if keys[n] == common), key=lambda e: e.line)
+    assert first.password is not None  # (entries without one were left out above)
     return first.password
 
 
@@ -146,7 +306,8 @@ def mechanism_coverage(users: Mapping[str, UserEntry], mechanisms: Iterable[str]
         if not kinds:
             continue
         unusable = sum(1 for entry in users.values()
-                       if not kinds & passwords.stored_secrets(entry.password).keys())
+                       if entry.password is None or entry.access.restricted
+                       or not kinds & passwords.stored_secrets(entry.password).keys())
         out.append(Coverage(name.upper(), unusable, len(users)))
     return out
 
@@ -224,6 +385,11 @@ class FileChecker:
         for line, problem in parsed.problems:
             log.warn("{file}:{line}: {problem}; line skipped", file=self.path, line=line,
                      problem=problem)
+        for line, warning in parsed.warnings:
+            log.warn("{file}:{line}: {warning}", file=self.path, line=line, warning=warning)
+        ignored = ignored_fields_warning(parsed)
+        if ignored:
+            log.info("{file}: {ignored}", file=self.path, ignored=ignored)
         self._users = parsed.users
         self._secrets = {}
         self._dummy = pick_dummy(parsed.users)
@@ -260,15 +426,18 @@ class FileChecker:
         except UnicodeDecodeError:
             username = None
         entry = users.get(username) if username is not None else None
-        stored = entry.password if entry is not None else self._dummy
+        # nopassword: any password, but the dummy's hash is paid all the same
+        stored = entry.password if entry is not None and entry.password is not None else self._dummy
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
         def decide(ok: bool) -> AvatarId:
             if entry is None:  # same hash paid as for a known user; the cache may remember it
                 raise UnknownUser("unknown user")
-            if not ok:
+            if not (ok or entry.access.nopassword):
                 raise UnauthorizedLogin("wrong password")
+            if entry.access.restricted:
+                self._check_access(entry, credentials)
             return raw_name
 
         def trouble(f: Failure) -> Failure:
@@ -291,6 +460,44 @@ class FileChecker:
         decided: Deferred[AvatarId] = d.addCallback(decide)
         return decided.addErrback(trouble)
 
+    def _check_access(self, entry: UserEntry, credentials: IUsernamePassword) -> None:
+        """The extra fields, once the password is right: refused logins answer like a
+        wrong password (535 5.7.8), except ``nologin`` with a ``reason``, which the user
+        is meant to read (525 5.7.13 User Account Disabled, with the reason)."""
+        access = entry.access
+        session = getattr(credentials, "session", None)
+        remote_ip = getattr(session, "remote_ip", "") or ""
+        if access.uncheckable:
+            why = f"{', '.join(access.uncheckable)} cannot be checked here"
+        elif access.nologin:
+            why = "nologin"
+        elif not access.network_allows(remote_ip):
+            why = f"client {remote_ip or '(no IP address)'} not in allow_nets"
+        else:
+            return
+        log.info("{file}:{line}: user {user!r} refused: {why}", file=self.path,
+                 line=entry.line, user=entry.username, why=why)
+        if access.nologin and access.reason and not access.uncheckable:
+            raise AuthRejected(Reject(access.reason, code=525, enhanced="5.7.13"))
+        raise UnauthorizedLogin("refused by the users file's extra fields")
+
+    def cache_scope(self, credentials: IUsernamePassword) -> object:
+        """What this file's verdict for ``credentials`` depends on besides the user, the
+        password and the file (``generation``): for a user with ``allow_nets``, whether the
+        client's address is in them.  The auth cache keys its entries with it, so a
+        success from an allowed network is never reused for a client outside them."""
+        try:
+            users = self.users()
+        except TemporaryFailure:
+            return None
+        raw = credentials.username
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        entry = users.get(name)
+        if entry is None or entry.access.allow_nets is None:
+            return None
+        session = getattr(credentials, "session", None)
+        return ("allow_nets", entry.access.network_allows(getattr(session, "remote_ip", "") or ""))
+
     # ---- ISecretSource ---------------------------------------------------------------
 
     def secret_kinds(self) -> frozenset[str]:
@@ -305,6 +512,12 @@ class FileChecker:
             return fail()
         entry = users.get(username)
         if entry is None:
+            return succeed(None)
+        if entry.access.restricted or entry.password is None:
+            # no session here: nologin, allow_nets and nopassword are for PLAIN/LOGIN
+            log.warn("{file}:{line}: user {user!r} cannot log in with this mechanism: its"
+                     " extra fields (nologin, allow_nets, nopassword ...) are checked for"
+                     " PLAIN and LOGIN only", file=self.path, line=entry.line, user=username)
             return succeed(None)
         available = self._secrets.get(username)
         if available is None:  # decoded once per user and file version (SCRAM: base64)

@@ -16,9 +16,14 @@ that could be brute-forced offline).  The rules, as Dovecot's auth cache:
   under another ``generation()`` of the checker (the file's signature) is not reused, so an
   edited password, a removed user or a user just added counts at the next login.
 
+* a backend whose verdict depends on the session says so with ``cache_scope(credentials)``
+  (a users file's ``allow_nets``: whether this client is in them); entries are kept per
+  scope, so a success from an allowed network is never reused for a client outside them.
+
 ``CachingChecker`` puts it in front of any ``ICredentialsChecker`` for
-``IUsernamePassword`` (normally the ``BackendChain``).  The cache ignores the session:
-a backend that decides by client address (an HTTP API) sees only the first login of a ttl.
+``IUsernamePassword`` (normally the ``BackendChain``).  Otherwise the cache ignores the
+session: a backend that decides by client address without a ``cache_scope`` (an HTTP
+API) sees only the first login of a ttl.
 """
 
 from __future__ import annotations
@@ -186,10 +191,17 @@ class CachingChecker:
         # the inner checker's data version (BackendChain, FileChecker), when it has one
         found = getattr(inner, "generation", None)
         self._generation: Callable[[], object] = found if callable(found) else _no_generation
+        # what else the inner checker's verdict depends on (the client's address)
+        scope = getattr(inner, "cache_scope", None)
+        self._scope: Callable[[Any], object] | None = scope if callable(scope) else None
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Any]":
         username, password = credentials.username, credentials.password
         generation = self._generation()
+        if self._scope is not None:
+            scope = self._scope(credentials)
+            if scope is not None:  # a success under another scope is not reused
+                generation = (generation, scope)
         cached = self.cache.lookup(self.chain_id, username, password, generation)
         if cached is not None:
             kind, avatar_id = cached

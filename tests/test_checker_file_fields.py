@@ -1,0 +1,341 @@
+"""Dovecot passwd-file extra fields in the ``file`` backend: ``nologin`` (with ``reason``),
+``allow_nets`` (IPv4, IPv6, ``local``), ``nopassword``, the ones saslsmtp cannot check, the
+ones it ignores (and says so at ``--check``), and the auth cache, which must not reuse a
+success from an allowed network for a client outside it (through the real daemon)."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import threads
+from twisted.logger import formatEvent
+
+from saslsmtp import passwords
+from saslsmtp.checkers.chain import BackendChain
+from saslsmtp.checkers.file import Access, FileChecker, load_warnings, parse_users
+from saslsmtp.credentials import PasswordCredentials
+from saslsmtp.errors import AuthRejected, UnknownUser
+from saslsmtp.limits.authcache import AuthCache, CachingChecker
+from saslsmtp.limits.settings import AuthCacheSettings
+from saslsmtp.sasl.outcome import Reject, Session
+from saslsmtp.threads import SynchronousRunner
+from tests.support import ROOT, free_port, start_daemon, twistd_command, write_config
+from tests.test_checker_file import captured_logs  # noqa: F401  (a fixture)
+
+#: Never in a log line (the suite-wide check also looks for the known passwords).
+SECRET = "Fi3lds-are-not-logged"
+
+
+def creds(user: str, password: str, remote_ip: str = "192.0.2.10") -> PasswordCredentials:
+    return PasswordCredentials(user.encode(), password.encode(), Session(remote_ip=remote_ip))
+
+
+async def verdict(checker: Any, user: str, password: str, remote_ip: str = "192.0.2.10") -> Any:
+    """The avatar id, or the failure: ``AuthRejected`` as its ``Reject``, any other
+    ``UnauthorizedLogin`` as that class."""
+    try:
+        return await checker.requestAvatarId(creds(user, password, remote_ip))
+    except AuthRejected as e:
+        return e.outcome
+    except UnauthorizedLogin:
+        return UnauthorizedLogin
+
+
+def users_file(tmp_path: Path, text: str) -> FileChecker:
+    path = tmp_path / "users"
+    path.write_text(text, encoding="utf-8")
+    return FileChecker(str(path), SynchronousRunner())
+
+
+# ---- parsing --------------------------------------------------------------------------
+
+
+def test_extra_fields_are_dovecots_eighth_field_on() -> None:
+    """As Dovecot's db-passwd-file.c: uid, gid, gecos, home and shell come first; what
+    follows (colons kept) is split on spaces.  Dovecot's own documented example parses."""
+    parsed = parse_users(b"user:{plain}password::::::allow_nets=192.168.0.0/24\n"
+                         b"a:{PLAIN}x:1000:1000:A:/home/a:/bin/sh:nologin reason=Moved:to-b\n"
+                         b"b:{PLAIN}x:nologin:allow_nets=1.2.3.4:gecos:/home/b\n")
+    assert parsed.problems == ()
+    assert parsed.users["user"].access.allow_nets is not None
+    assert parsed.users["user"].access.network_allows("192.168.0.77")
+    assert not parsed.users["user"].access.network_allows("192.168.1.1")
+    a = parsed.users["a"].access
+    assert (a.nologin, a.reason) == (True, "Moved:to-b")
+    assert parsed.users["b"].access == Access()  # nologin in the uid field is no extra field
+
+
+def test_unknown_fields_are_ignored_and_listed_once() -> None:
+    parsed = parse_users(b"a:{PLAIN}x::::::userdb_mail=maildir:~/M nodelay\n"
+                         b"b:{PLAIN}x::::::userdb_mail=mbox:~/m\n"
+                         b"c:{PLAIN}x::::::userdb_mail=x userdb_quota_rule=*:storage=1G\n")
+    assert set(parsed.users) == {"a", "b", "c"} and parsed.problems == ()
+    assert dict(parsed.ignored) == {"userdb_mail": (1, 2, 3), "nodelay": (1,),
+                                    "userdb_quota_rule": (3,)}
+    assert load_warnings(parsed, ["PLAIN"]) == [
+        "extra fields ignored (saslsmtp does not use them): nodelay (line 1),"
+        " userdb_mail (line 1 and 2 more), userdb_quota_rule (line 3)"]
+
+
+@pytest.mark.parametrize("line,problem", [
+    (b"a:{PLAIN}x::::::allow_nets=10.0.0.0/8,nonsense", "allow_nets: 'nonsense' is not an address"),
+    (b"a:{PLAIN}x::::::allow_nets=", "allow_nets is empty: nobody could log in"),
+    (b"a:::::::nopassword", "nopassword without allow_nets"),
+    (b"a:::::::allow_nets=10.0.0.0/8", "empty password field"),
+])
+def test_field_problems_skip_the_line(line: bytes, problem: str) -> None:
+    """What would let nobody in, or anybody, is a problem of its line (``--check`` fails,
+    the daemon logs and skips it: that user cannot log in)."""
+    parsed = parse_users(line + b"\n")
+    assert parsed.users == {}
+    assert len(parsed.problems) == 1 and parsed.problems[0][0] == 1
+    assert problem in parsed.problems[0][1]
+
+
+def test_nopassword_and_uncheckable_fields_are_warned_about() -> None:
+    parsed = parse_users(b"np:::::::nopassword allow_nets=10.0.0.0/8\n"
+                         b"np2:{PLAIN}::::::nopassword allow_nets=10.0.0.0/8\n"
+                         b"pw:{PLAIN}x::::::nopassword allow_nets=10.0.0.0/8\n"
+                         b"f:{PLAIN}x::::::fail\n")
+    assert parsed.problems == ()
+    assert parsed.users["np"].password is None and parsed.users["np"].access.nopassword
+    assert parsed.users["np2"].password is None
+    assert parsed.users["pw"].password is not None and not parsed.users["pw"].access.nopassword
+    assert parsed.warnings == (
+        (1, "user 'np' logs in with any password (nopassword) from allow_nets"),
+        (2, "user 'np2' logs in with any password (nopassword) from allow_nets"),
+        (3, "user 'pw': nopassword ignored: the password field is not empty (the password is checked)"),
+        (4, "user 'f' is refused: saslsmtp cannot check fail"))
+
+
+@pytest.mark.parametrize("nets,inside,outside", [
+    ("127.0.0.0/8,192.168.0.0/16,1.2.3.4", ["127.9.9.9", "1.2.3.4", "::ffff:192.168.3.4"],
+     ["1.2.3.5", "10.0.0.1", "::1", ""]),
+    ("::1,2001:db8:abcd::0:0/80", ["::1", "2001:db8:abcd::1:2", "2001:db8:abcd:0:0:ffff:1:2"],
+     ["::2", "2001:db8:abcd:1::1", "127.0.0.1", ""]),
+    ("10.0.0.1/8,local", ["10.200.0.1", ""], ["11.0.0.1"]),
+    ("::ffff:10.0.0.0/104", ["10.1.2.3", "::ffff:10.1.2.3"], ["11.0.0.1"]),
+    ("fe80::/10", ["fe80::1%eth0"], ["fec0::1", "not-an-ip"]),
+])
+def test_allow_nets_matching(nets: str, inside: list[str], outside: list[str]) -> None:
+    """Networks or addresses between commas, host bits allowed, IPv4-mapped IPv6 as
+    IPv4 (Dovecot's rules); ``local`` is a connection without an IP address."""
+    access = parse_users(f"a:{{PLAIN}}x::::::allow_nets={nets}\n".encode()).users["a"].access
+    for ip in inside:
+        assert access.network_allows(ip), ip
+    for ip in outside:
+        assert not access.network_allows(ip), ip
+
+
+# ---- verdicts ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_nologin_answers_like_a_wrong_password_unless_it_has_a_reason(
+        tmp_path: Path, captured_logs: list) -> None:
+    """nologin: refused after the password; without a reason the refusal is the wrong
+    password's (nothing tells the password was right); with one, 525 5.7.13 and the
+    reason, but only to the right password (a guesser learns nothing)."""
+    checker = users_file(tmp_path, f"quiet:{{PLAIN}}{SECRET}::::::nologin\n"
+                                   f"told:{{PLAIN}}{SECRET}::::::nologin=y reason=Moved-to-mx2\n")
+    assert await verdict(checker, "quiet", SECRET) is UnauthorizedLogin
+    assert await verdict(checker, "quiet", "guess") is UnauthorizedLogin
+    assert await verdict(checker, "told", SECRET) == Reject("Moved-to-mx2", 525, "5.7.13")
+    assert await verdict(checker, "told", "guess") is UnauthorizedLogin
+    refusals = [formatEvent(e) for e in captured_logs if "refused" in formatEvent(e)]
+    assert refusals == [f"{checker.path}:1: user 'quiet' refused: nologin",
+                        f"{checker.path}:2: user 'told' refused: nologin"]
+    assert not any(SECRET in formatEvent(e) for e in captured_logs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_nets_refuses_other_clients_like_a_wrong_password(
+        tmp_path: Path, captured_logs: list) -> None:
+    checker = users_file(tmp_path, f"a:{{PLAIN}}{SECRET}::::::allow_nets=192.0.2.0/24,2001:db8::/32\n"
+                                   f"l:{{PLAIN}}{SECRET}::::::allow_nets=local\n")
+    assert await verdict(checker, "a", SECRET, "192.0.2.99") == b"a"
+    assert await verdict(checker, "a", SECRET, "2001:db8::5") == b"a"
+    assert await verdict(checker, "a", SECRET, "198.51.100.1") is UnauthorizedLogin
+    assert await verdict(checker, "a", "guess", "192.0.2.99") is UnauthorizedLogin
+    assert await verdict(checker, "l", SECRET, "") == b"l"
+    assert await verdict(checker, "l", SECRET, "127.0.0.1") is UnauthorizedLogin
+    # stock Twisted credentials carry no session: only ``local`` lets them in
+    from twisted.cred.credentials import UsernamePassword
+    assert await checker.requestAvatarId(UsernamePassword(b"l", SECRET.encode())) == b"l"
+    with pytest.raises(UnauthorizedLogin):
+        await checker.requestAvatarId(UsernamePassword(b"a", SECRET.encode()))
+    assert (f"{checker.path}:1: user 'a' refused: client 198.51.100.1 not in allow_nets"
+            in [formatEvent(e) for e in captured_logs])
+
+
+@pytest_twisted.ensureDeferred
+async def test_nopassword_takes_any_password_from_its_networks_only(
+        tmp_path: Path, captured_logs: list) -> None:
+    """nopassword (only with allow_nets): any password from inside, refused outside; the
+    load warns naming the user; an unknown user is still unknown."""
+    checker = users_file(tmp_path, "scanner:::::::nopassword allow_nets=192.0.2.0/24\n"
+                                   "other:{PLAIN}pw\n")
+    assert await verdict(checker, "scanner", "anything", "192.0.2.7") == b"scanner"
+    assert await verdict(checker, "scanner", "", "192.0.2.7") == b"scanner"
+    assert await verdict(checker, "scanner", "anything", "203.0.113.1") is UnauthorizedLogin
+    with pytest.raises(UnknownUser):
+        await checker.requestAvatarId(creds("nobody", "x", "192.0.2.7"))
+    warnings = [formatEvent(e) for e in captured_logs if e.get("log_level").name == "warn"]
+    assert warnings == [f"{checker.path}:1: user 'scanner' logs in with any password"
+                        " (nopassword) from allow_nets"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fields_saslsmtp_cannot_check_refuse_the_user(tmp_path: Path) -> None:
+    checker = users_file(tmp_path, "a:{PLAIN}pw::::::fail\nb:{PLAIN}pw::::::allow_real_nets=0.0.0.0/0\n"
+                                   "c:{PLAIN}pw::::::noauthenticate\nd:{PLAIN}pw::::::nodelay\n")
+    for user in "abc":
+        assert await verdict(checker, user, "pw") is UnauthorizedLogin, user
+    assert await verdict(checker, "d", "pw") == b"d"  # merely ignored
+
+
+@pytest_twisted.ensureDeferred
+async def test_challenge_mechanisms_do_not_serve_restricted_users(
+        tmp_path: Path, captured_logs: list) -> None:
+    """CRAM-MD5 and SCRAM look a secret up without the session: a user whose login
+    depends on it gets none (the login fails like an unknown user), and --check counts
+    them among the users such a mechanism cannot serve."""
+    checker = users_file(tmp_path, "a:{PLAIN}pw::::::allow_nets=127.0.0.1\n"
+                                   "n:{PLAIN}pw::::::nologin\nok:{PLAIN}pw\n")
+    assert await checker.lookup_secret("a", ("plaintext",)) is None
+    assert await checker.lookup_secret("n", ("plaintext",)) is None
+    assert (await checker.lookup_secret("ok", ("plaintext",))).value == "pw"
+    assert any("user 'a' cannot log in with this mechanism: its extra fields" in formatEvent(e)
+               for e in captured_logs)
+    parsed = parse_users((tmp_path / "users").read_bytes())
+    assert load_warnings(parsed, ["PLAIN", "CRAM-MD5"]) == [
+        "CRAM-MD5 announced but 2 of 3 users have hashes it cannot use"
+        " (those users cannot log in with CRAM-MD5)"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_chain_keeps_a_backends_own_refusal(tmp_path: Path) -> None:
+    """A nologin reason survives the chain when no later backend accepts (it used to be
+    flattened into the generic 535); a later backend that accepts still wins."""
+    first = users_file(tmp_path, "told:{PLAIN}pw::::::nologin reason=Moved\n")
+    (tmp_path / "second").write_text("other:{PLAIN}x\n")
+    second = FileChecker(str(tmp_path / "second"), SynchronousRunner())
+    chain = BackendChain([("one", first), ("two", second)])
+    assert await verdict(chain, "told", "pw") == Reject("Moved", 525, "5.7.13")
+    (tmp_path / "second").write_text("told:{PLAIN}pw\n")
+    assert await verdict(chain, "told", "pw") == b"told"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_auth_cache_keeps_allow_nets(tmp_path: Path) -> None:
+    """The cache reuses a success per user and password; with allow_nets the client's
+    address decides too: a success from inside is never an entry for a client outside."""
+    from twisted.internet.task import Clock
+    checker = users_file(tmp_path, f"a:{{PLAIN}}{SECRET}::::::allow_nets=192.0.2.0/24\n")
+    cache = AuthCache(AuthCacheSettings(ttl=300.0), Clock())
+    cached = CachingChecker(BackendChain([("users", checker)]), cache, "users")
+    assert await verdict(cached, "a", SECRET, "192.0.2.1") == b"a"
+    assert await verdict(cached, "a", SECRET, "192.0.2.2") == b"a"
+    assert cache.hits == 1
+    assert await verdict(cached, "a", SECRET, "203.0.113.9") is UnauthorizedLogin
+    assert await verdict(cached, "a", SECRET, "203.0.113.9") is UnauthorizedLogin
+    assert await verdict(cached, "a", SECRET, "192.0.2.1") == b"a"
+
+
+# ---- the real daemon --------------------------------------------------------------------
+
+
+def login_from(source: str, port: int, user: str, password: str) -> tuple[int, bytes]:
+    """AUTH PLAIN with smtplib from the loopback address ``source`` (127.0.0.0/8 is all
+    this machine's): the daemon sees that address as the client's."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as s:
+        s.ehlo("client.example")
+        try:
+            return s.login(user, password)
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code, e.smtp_error
+
+
+@pytest.fixture
+def fields_daemon(tmp_path: Path):
+    """``twistd saslsmtp`` with the auth cache on, a users file of restricted users."""
+    yes = passwords.make_hash("YESCRYPT", SECRET)
+    (tmp_path / "users").write_text(
+        f"alice:{{PLAIN}}{SECRET}::::::allow_nets=127.0.0.2/32,::1 userdb_mail=maildir:~/M\n"
+        f"bob:{{PLAIN}}{SECRET}::::::nologin reason=Mailbox-moved-to-mx2.example.org\n"
+        f"carol:{{PLAIN}}{SECRET}::::::nologin\n"
+        f"dave:{yes}\n"
+        "printer:::::::nopassword allow_nets=127.0.0.3\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          extra="[auth.cache]\nttl = 300\n")
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    yield daemon, config
+    daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_allow_nets_with_the_auth_cache(fields_daemon) -> None:
+    """Through the real daemon with [auth.cache] on: alice's success from 127.0.0.2 (in
+    her allow_nets) is cached, and her same password from 127.0.0.1 is still 535; back
+    on 127.0.0.2 she is in again.  The refusal is logged with the client's address."""
+    daemon, _ = fields_daemon
+
+    def run(source: str, user: str, password: str) -> Any:
+        return threads.deferToThread(login_from, source, daemon.port, user, password)
+    assert (await run("127.0.0.2", "alice", SECRET))[0] == 235
+    assert (await run("127.0.0.2", "alice", SECRET))[0] == 235   # from the cache
+    assert await run("127.0.0.1", "alice", SECRET) == (535, b"5.7.8 Authentication credentials invalid")
+    assert (await run("127.0.0.2", "alice", SECRET))[0] == 235
+    assert await run("127.0.0.1", "alice", SECRET) == (535, b"5.7.8 Authentication credentials invalid")
+    log = daemon.log_text()
+    assert "user 'alice' refused: client 127.0.0.1 not in allow_nets" in log
+    assert SECRET not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_nologin_nopassword_and_yescrypt(fields_daemon) -> None:
+    """nologin with a reason: 525 5.7.13 and the reason for the right password, the
+    wrong password's 535 otherwise; nologin without one: always the 535; nopassword from
+    its address only; a yescrypt ({CRYPT}$y$) user logs in."""
+    daemon, _ = fields_daemon
+
+    def run(source: str, user: str, password: str) -> Any:
+        return threads.deferToThread(login_from, source, daemon.port, user, password)
+    invalid = (535, b"5.7.8 Authentication credentials invalid")
+    assert await run("127.0.0.1", "bob", SECRET) == (525, b"5.7.13 Mailbox-moved-to-mx2.example.org")
+    assert await run("127.0.0.1", "bob", "guess") == invalid
+    assert await run("127.0.0.1", "carol", SECRET) == invalid
+    assert await run("127.0.0.1", "carol", "guess") == invalid
+    assert (await run("127.0.0.3", "printer", "whatever"))[0] == 235
+    assert await run("127.0.0.1", "printer", "whatever") == invalid
+    assert (await run("127.0.0.1", "dave", SECRET))[0] == 235
+    assert await run("127.0.0.1", "dave", SECRET + "x") == invalid
+    log = daemon.log_text()
+    assert "user 'printer' logs in with any password (nopassword) from allow_nets" in log
+    assert SECRET not in log
+
+
+def test_check_lists_ignored_fields_and_nopassword(fields_daemon, tmp_path: Path) -> None:
+    """``twistd saslsmtp --check`` passes the file, says once which extra fields it
+    ignores, and names the nopassword user."""
+    _, config = fields_daemon
+    import os
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(twistd_command(config, "--check"), cwd=config.parent, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    users = tmp_path / "users"
+    assert (f"{users}: warning: extra fields ignored (saslsmtp does not use them):"
+            " userdb_mail (line 1)") in result.stderr
+    assert result.stderr.count("extra fields ignored") == 1
+    assert (f"{users}: warning: line 5: user 'printer' logs in with any password"
+            " (nopassword) from allow_nets") in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
