@@ -48,6 +48,7 @@ declare -A BINARY_PACKAGE=(
     [setpriv]=util-linux
     [cc]=gcc
     [logrotate]=logrotate
+    [mkpasswd]=whois
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).
