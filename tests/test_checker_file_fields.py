@@ -253,8 +253,10 @@ async def test_the_auth_cache_keeps_allow_nets(tmp_path: Path) -> None:
 
 def login_from(source: str, port: int, user: str, password: str) -> tuple[int, bytes]:
     """AUTH PLAIN with smtplib from the loopback address ``source`` (127.0.0.0/8 is all
-    this machine's): the daemon sees that address as the client's."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=15, source_address=(source, 0)) as s:
+    this machine's; ``::1`` goes to the IPv6 listener): the daemon sees that address as
+    the client's."""
+    server = "::1" if ":" in source else "127.0.0.1"
+    with smtplib.SMTP(server, port, timeout=15, source_address=(source, 0)) as s:
         s.ehlo("client.example")
         try:
             return s.login(user, password)
@@ -271,12 +273,15 @@ def fields_daemon(tmp_path: Path):
         f"bob:{{PLAIN}}{SECRET}::::::nologin reason=Mailbox-moved-to-mx2.example.org\n"
         f"carol:{{PLAIN}}{SECRET}::::::nologin\n"
         f"dave:{yes}\n"
-        "printer:::::::nopassword allow_nets=127.0.0.3\n")
-    port = free_port()
+        "printer:::::::nopassword allow_nets=127.0.0.3\n"
+        f"eve:{{PLAIN}}{SECRET}::::::allow_nets=127.0.0.0/8\n")
+    port, port6 = free_port(), free_port()
     config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
-                          listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          listen=[f"tcp:{port}:interface=127.0.0.1",
+                                  f"tcp6:{port6}:interface=\\\\:\\\\:1"],
                           extra="[auth.cache]\nttl = 300\n")
     daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    daemon.port6 = port6  # type: ignore[attr-defined]
     yield daemon, config
     daemon.stop()
 
@@ -295,8 +300,14 @@ async def test_daemon_allow_nets_with_the_auth_cache(fields_daemon) -> None:
     assert await run("127.0.0.1", "alice", SECRET) == (535, b"5.7.8 Authentication credentials invalid")
     assert (await run("127.0.0.2", "alice", SECRET))[0] == 235
     assert await run("127.0.0.1", "alice", SECRET) == (535, b"5.7.8 Authentication credentials invalid")
+    # IPv6: ::1 is in alice's allow_nets, not in eve's 127.0.0.0/8 (whose success is cached)
+    six = daemon.port6
+    assert (await threads.deferToThread(login_from, "::1", six, "alice", SECRET))[0] == 235
+    assert (await run("127.0.0.1", "eve", SECRET))[0] == 235
+    assert (await threads.deferToThread(login_from, "::1", six, "eve", SECRET))[0] == 535
     log = daemon.log_text()
     assert "user 'alice' refused: client 127.0.0.1 not in allow_nets" in log
+    assert "user 'eve' refused: client ::1 not in allow_nets" in log
     assert SECRET not in log
 
 
