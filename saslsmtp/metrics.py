@@ -81,6 +81,10 @@ class Metrics:
         self.redis_unavailable = Counter(
             "saslsmtp_redis_unavailable", "Operations that found Redis unreachable.", registry=registry)
         self.reloads = Counter("saslsmtp_reloads", "Configuration reloads by result.", ["result"], registry=registry)
+        self.tls_certificate_expiry = Gauge(
+            "saslsmtp_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the served TLS certificate (Unix time), per certificate file.",
+            ["file"], multiprocess_mode="livemin", registry=registry)
 
     # -- events (the protocol and the backends call these) ----------------------------
 
@@ -140,6 +144,13 @@ class Metrics:
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "invalid").inc()
+
+    def tls_certificate(self, path: str | None, not_after: float | None) -> None:
+        """The certificate now served: its file (a configured path, so a bounded set)
+        and its notAfter; ``None`` when TLS is off.  Replaces the previous series."""
+        self.tls_certificate_expiry.clear()
+        if path is not None and not_after is not None:
+            self.tls_certificate_expiry.labels(path).set(not_after)
 
 
 # -- multi-process mode ------------------------------------------------------------------

@@ -15,6 +15,7 @@ the same configurations, before "ready" and without a traceback.
 
 from __future__ import annotations
 
+import datetime
 import os
 import stat
 from dataclasses import dataclass
@@ -211,8 +212,11 @@ def check_worker_timeout(config: Config, workers: int, report: _Report) -> None:
                     " master watches it; under systemd, WatchdogSec= restarts a stuck process")
 
 
-def check_tls(config: Config, who: RunAs, report: _Report) -> None:
-    """The certificate and key are PEM, the key is a key, and they belong together."""
+def check_tls(config: Config, who: RunAs, report: _Report,
+              now: datetime.datetime | None = None) -> None:
+    """The certificate and key are PEM, the key is a key, and they belong together;
+    warnings for a certificate expired, not yet valid, ending within 14 days, or not
+    naming ``server.hostname`` (``tlscert``: clients would fail, the server would not)."""
     tls = config.tls
     if tls is None:
         return
@@ -242,6 +246,11 @@ def check_tls(config: Config, who: RunAs, report: _Report) -> None:
         if public(certs[0].public_key()) != public(key.public_key()):
             report.problem("tls.private_key", f"{tls.private_key} does not match the"
                            f" certificate in {tls.certificate}")
+    if certs:
+        from saslsmtp.tlscert import certificate_warnings
+        for warning in certificate_warnings(certs[0], tls.certificate, config.server.hostname,
+                                            now or datetime.datetime.now(datetime.timezone.utc)):
+            report.warn("tls.certificate", warning)
     if tls.client_ca is not None:
         try:
             x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes())

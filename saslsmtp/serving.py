@@ -28,6 +28,7 @@ from saslsmtp.events import SessionEvents
 from saslsmtp.limits.authcache import CachingChecker
 from saslsmtp.replies import REPLIES
 from saslsmtp.metrics import Metrics
+from saslsmtp.tlscert import ExpiryWatch, served_certificate
 from saslsmtp.script import Backends, ScriptRunner
 from saslsmtp.service import (SaslSmtpService, SubmissionFactory, Wiring, listener,
                               listening_service, wire)
@@ -272,6 +273,8 @@ class Reloader:
         self.clock = clock or reactor
         self.retiring: list[tuple[Wiring, set[Any], Any]] = []
         self.running = factory.wiring.config  # what this process bound at start
+        #: Called with the new wiring after each reload that was applied.
+        self.on_reloaded: list[Callable[[Wiring], None]] = []
         self.warn_restart_only = True  # a worker leaves it to the master, which bound
 
     def reload(self) -> bool:
@@ -297,6 +300,8 @@ class Reloader:
         self.factory.wiring = new
         self._retire(old, set(self.factory.connections))
         log.info("reloaded {path}: new sessions use it", path=self.path)
+        for hook in self.on_reloaded:
+            hook(new)
         return self._done(True)
 
     def _done(self, ok: bool) -> bool:
@@ -350,6 +355,14 @@ def restart_only_changes(running: Config, new: Config) -> list[str]:
     return changed
 
 
+def served(wiring: Wiring) -> tuple[str, Any] | None:
+    """The certificate file ``wiring`` serves and its leaf certificate, or ``None``."""
+    if wiring.tls_context is None or wiring.config.tls is None:
+        return None
+    certificate = served_certificate(wiring.tls_context)
+    return None if certificate is None else (wiring.config.tls.certificate, certificate)
+
+
 def install_sighup(reactor: Any, handler: Callable[[], Any]) -> Callable[[], None]:
     """Run ``handler`` on the reactor at each SIGHUP (twistd's default would kill the
     process).  Returns a function restoring the previous disposition."""
@@ -371,8 +384,22 @@ class ReloadableService(SaslSmtpService):
         self.config = factory.wiring.config  # as started (a reload cannot change server.user)
         self.reactor = reactor
         self.reloader = Reloader(path, factory, reactor, metrics, make_wiring=metered_wire(metrics))
+        self.metrics = metrics  # the reloader's may be taken away (a worker's reload counts)
+        self.reloader.on_reloaded.append(self.publish_certificate)
+        self.expiry_watch = ExpiryWatch(lambda: served(self.factory.wiring), reactor)
         self._restore_sighup: Callable[[], None] | None = None
         self.control_suffix = ""  # a worker's auth cache control socket: <path>.<slot>
+
+    def publish_certificate(self, wiring: Wiring) -> None:
+        """``saslsmtp_tls_certificate_expiry_timestamp_seconds`` for what ``wiring`` serves."""
+        if self.metrics is None:
+            return
+        current = served(wiring)
+        if current is None:
+            self.metrics.tls_certificate(None, None)
+        else:
+            path, certificate = current
+            self.metrics.tls_certificate(path, certificate.not_valid_after_utc.timestamp())
 
     def startService(self) -> None:
         from saslsmtp.cachectl import CONTROL_NAME, control_service
@@ -382,6 +409,8 @@ class ReloadableService(SaslSmtpService):
             control.setServiceParent(self)
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.sighup)
+        self.publish_certificate(self.factory.wiring)
+        self.expiry_watch.start()
 
     def sighup(self) -> None:
         """A renamed log file is reopened (as the master does), then the reload."""
@@ -394,5 +423,6 @@ class ReloadableService(SaslSmtpService):
             self._restore_sighup()
             self._restore_sighup = None
         self.reloader.stop()
+        self.expiry_watch.stop()
         self.wiring = self.factory.wiring
         return super().stopService()

@@ -100,12 +100,15 @@ def _general_name(name: str) -> x509.GeneralName:
 
 def issue_cert(ca: CA, tmp: str | Path, names: Sequence[str] = ("localhost", "127.0.0.1"),
                san: bool = True, cn: str | None = None, days: int = 30,
-               key_type: str = "ecdsa-p256") -> IssuedCert:
+               key_type: str = "ecdsa-p256",
+               valid_days: tuple[float, float] | None = None) -> IssuedCert:
     """A server certificate signed by ``ca`` for ``names`` (DNS names and/or IPs).
 
     ``san=False`` leaves out the subjectAltName extension entirely (CN only), the
     certificate that service-identity refuses and Twisted's verifier lets through.
     ``key_type`` is ``"ecdsa-p256"`` (the default: fast to make) or ``"rsa2048"``.
+    ``valid_days=(start, end)``, days from now, replaces the usual "5 minutes ago to
+    ``days`` from now" (``(-10, -1)``: expired; ``(1, 30)``: not valid yet).
     """
     tmp = Path(tmp)
     n = next(_counter)
@@ -122,8 +125,9 @@ def issue_cert(ca: CA, tmp: str | Path, names: Sequence[str] = ("localhost", "12
                .issuer_name(ca.certificate.subject)
                .public_key(key.public_key())
                .serial_number(x509.random_serial_number())
-               .not_valid_before(_now() - datetime.timedelta(minutes=5))
-               .not_valid_after(_now() + datetime.timedelta(days=days))
+               .not_valid_before(_now() + datetime.timedelta(days=valid_days[0]) if valid_days
+                                 else _now() - datetime.timedelta(minutes=5))
+               .not_valid_after(_now() + datetime.timedelta(days=valid_days[1] if valid_days else days))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                               critical=False)

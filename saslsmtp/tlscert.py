@@ -1,0 +1,147 @@
+"""What an operator must hear about the server certificate before clients do.
+
+A certificate that expired, is not valid yet, or does not name ``[server] hostname``
+still loads: OpenSSL serves it and the handshake fails on the client, so the server
+itself would say nothing.  ``certificate_warnings`` says it, for ``--check``, the start
+and every reload; ``ExpiryWatch`` says it once a day while the served certificate is
+within ``EXPIRY_WARNING_DAYS`` of its end (nobody runs ``--check`` every day).
+
+These are warnings, never refusals: a client that does not verify (many scripts,
+devices and MTAs with opportunistic TLS) still works with an expired certificate, and
+refusing to start (or to reload) would turn a renewal late by an hour into an outage
+for every client, while the running server would keep serving the same certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import task
+from twisted.logger import Logger
+
+log = Logger(namespace="saslsmtp")
+
+#: Days before its end from which a certificate is warned about.
+EXPIRY_WARNING_DAYS = 14
+#: How often a running server looks at its certificate (seconds).
+WATCH_INTERVAL = 86400.0
+
+
+def leaf_certificate(path: str) -> Any:
+    """The first certificate of the PEM file ``path`` (raises ``OSError``, ``ValueError``)."""
+    from cryptography import x509
+    return x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+
+
+def _when(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _left(seconds: float) -> str:
+    days = int(seconds // 86400)
+    if days >= 1:
+        return f"in {days} day{'s' if days != 1 else ''}"
+    return "in less than a day"
+
+
+def validity_warning(certificate: Any, path: str, now: datetime.datetime) -> str | None:
+    """Expired, not yet valid, or ending within ``EXPIRY_WARNING_DAYS``: one sentence."""
+    not_before = certificate.not_valid_before_utc
+    not_after = certificate.not_valid_after_utc
+    if now > not_after:
+        days = int((now - not_after).total_seconds() // 86400)
+        ago = f"{days} day{'s' if days != 1 else ''} ago" if days else "less than a day ago"
+        return (f"the certificate in {path} expired on {_when(not_after)} ({ago}): every client"
+                " that verifies it fails the TLS handshake; renew it and reload (SIGHUP)")
+    if now < not_before:
+        return (f"the certificate in {path} is not valid before {_when(not_before)}: every client"
+                " that verifies it fails the TLS handshake until then (is this machine's clock right?)")
+    left = (not_after - now).total_seconds()
+    if left <= EXPIRY_WARNING_DAYS * 86400:
+        return (f"the certificate in {path} expires on {_when(not_after)}, {_left(left)}:"
+                " renew it and reload (SIGHUP)")
+    return None
+
+
+def hostname_warning(certificate: Any, path: str, hostname: str) -> str | None:
+    """``hostname`` not among the certificate's subjectAltNames (as clients check it)."""
+    from cryptography import x509
+    from service_identity import CertificateError, VerificationError
+    from service_identity.cryptography import (verify_certificate_hostname,
+                                               verify_certificate_ip_address)
+    try:
+        try:
+            address = ipaddress.ip_address(hostname)
+        except ValueError:
+            verify_certificate_hostname(certificate, hostname)
+        else:
+            verify_certificate_ip_address(certificate, str(address))
+        return None
+    except (VerificationError, CertificateError):
+        pass
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = []
+    named = f"it names {', '.join(names)}" if names else "it has no subjectAltName"
+    return (f"the certificate in {path} does not cover server.hostname {hostname!r} ({named}):"
+            " clients that check the name refuse the TLS handshake")
+
+
+def certificate_warnings(certificate: Any, path: str, hostname: str,
+                         now: datetime.datetime) -> list[str]:
+    """Every warning about the server certificate ``certificate`` read from ``path``."""
+    found = [validity_warning(certificate, path, now), hostname_warning(certificate, path, hostname)]
+    return [w for w in found if w is not None]
+
+
+def utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+
+def served_certificate(options: Any) -> Any:
+    """The leaf certificate a ``CertificateOptions`` serves, as a cryptography object."""
+    certificate = getattr(options, "certificate", None)
+    to_cryptography = getattr(certificate, "to_cryptography", None)
+    return to_cryptography() if callable(to_cryptography) else certificate
+
+
+class ExpiryWatch:
+    """Once every ``interval`` seconds of ``clock``: a warning while the certificate
+    ``current()`` returns (``(path, certificate)`` or ``None``) expires within
+    ``EXPIRY_WARNING_DAYS`` or has expired.  ``current`` is asked each time, so a reload
+    that brought a new certificate silences it."""
+
+    def __init__(self, current: Callable[[], tuple[str, Any] | None], clock: Any,
+                 interval: float = WATCH_INTERVAL) -> None:
+        self.current = current
+        self.clock = clock
+        self.interval = interval
+        self._loop: task.LoopingCall | None = None
+
+    def check(self) -> str | None:
+        """The warning logged now, if any."""
+        served = self.current()
+        if served is None:
+            return None
+        path, certificate = served
+        warning = validity_warning(certificate, path, utc(self.clock.seconds()))
+        if warning is not None:
+            log.warn("{warning}", warning=warning)
+        return warning
+
+    def start(self) -> None:
+        """The first look is one ``interval`` from now: the start has just warned."""
+        loop = self._loop = task.LoopingCall(self.check)
+        loop.clock = self.clock
+        loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None

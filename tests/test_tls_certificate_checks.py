@@ -1,0 +1,166 @@
+"""The server certificate as the operator must hear about it: expired, not yet valid,
+ending within 14 days, or not naming ``server.hostname`` is a warning at ``--check``, at
+the start and at a reload (clients fail, the server would say nothing); the served
+certificate's notAfter is a Prometheus gauge per file, updated at reload; a running
+server repeats the expiry warning once a day."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from saslsmtp.metrics import Metrics
+from saslsmtp.preflight import preflight
+from saslsmtp.serving import ReloadableService, build_factory, stop_wiring
+from saslsmtp.service import load
+from saslsmtp.tlscert import ExpiryWatch, leaf_certificate
+from tests.support import ROOT, write_config
+from tests.tlsutil import IssuedCert, issue_cert, make_ca
+
+BACKEND = '[backends.users]\ntype = "file"\npath = "users"\n'
+DATE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+
+
+def tls_config(tmp_path: Path, cert: IssuedCert, hostname: str = "localhost") -> Path:
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    return write_config(tmp_path, BACKEND, tls=(cert.cert_path, cert.key_path), hostname=hostname)
+
+
+def day(cert: IssuedCert, attribute: str) -> str:
+    return getattr(cert.certificate, attribute).strftime("%Y-%m-%d")
+
+
+CASES = [  # name, valid_days, names, expected warning (regex), or None
+    ("expired", (-30, -2), ["localhost"], r"expired on {after} \S+ UTC \(1 day ago\)|expired on"
+     r" {after} \S+ UTC \(2 days ago\)"),
+    ("not yet valid", (2, 30), ["localhost"], r"is not valid before {before} \S+ UTC"),
+    ("expires soon", (-1, 5.5), ["localhost"], r"expires on {after} \S+ UTC, in 5 days"),
+    ("expires today", (-1, 0.5), ["localhost"], r"expires on {after} \S+ UTC, in less than a day"),
+    ("other host", (-1, 60), ["mx.example.org"], r"does not cover server.hostname 'localhost'"
+     r" \(it names mx.example.org\)"),
+    ("valid", (-1, 60), ["localhost"], None),
+    ("valid, IP", (-1, 60), ["127.0.0.1"], None),  # hostname below is the address
+]
+
+
+@pytest.mark.parametrize("name, valid_days, names, want", CASES, ids=[c[0] for c in CASES])
+def test_preflight_warns_about_the_certificate(tmp_path: Path, name: str, valid_days: tuple,
+                                               names: list[str], want: str | None) -> None:
+    """Each case is a warning at the certificate's line (never a refusal: a client that
+    does not verify still works), naming the file and the date; a good one says nothing."""
+    cert = issue_cert(make_ca(tmp_path), tmp_path, names=names, valid_days=valid_days)
+    config = tls_config(tmp_path, cert, hostname=names[0] if name == "valid, IP" else "localhost")
+    warnings = preflight(load(str(config)), Clock())
+    tls_warnings = [w for w in warnings if ": tls.certificate: " in w]
+    if want is None:
+        assert tls_warnings == [], warnings
+        return
+    assert len(tls_warnings) == 1, warnings
+    pattern = want.format(after=day(cert, "not_valid_after_utc"), before=day(cert, "not_valid_before_utc"))
+    assert re.search(pattern, tls_warnings[0]), tls_warnings[0]
+    assert f"{config}:" in tls_warnings[0] and cert.cert_path in tls_warnings[0]
+    assert "warning:" in tls_warnings[0]
+
+
+def test_check_and_start_say_an_expired_certificate_and_still_start(tmp_path: Path) -> None:
+    """``twistd --check`` exits 0 with the warning line (file, date); the start logs the
+    same line and serves (a client that does not verify still works)."""
+    cert = issue_cert(make_ca(tmp_path), tmp_path, names=["localhost"], valid_days=(-30, -3))
+    config = tls_config(tmp_path, cert)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    from tests.support import twistd_command
+    check = subprocess.run(twistd_command(config, "--check"), cwd="/", env=env,
+                           capture_output=True, text=True, timeout=60)
+    after = day(cert, "not_valid_after_utc")
+    want = re.compile(rf"{re.escape(str(config))}:\d+: tls.certificate: warning: the certificate in"
+                      rf" {re.escape(cert.cert_path)} expired on {after} \S+ UTC \(3 days ago\)")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert want.search(check.stdout + check.stderr), check.stdout + check.stderr
+    assert "Traceback" not in check.stdout + check.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_warns_and_the_gauge_follows_the_served_certificate(tmp_path: Path) -> None:
+    """Start: the gauge holds the served notAfter under the file's name. A reload to a
+    certificate that expires in 3 days logs the warning and moves the gauge; the daily
+    watch repeats the warning each day (a Clock), and says nothing for a good one."""
+    from twisted.internet import reactor
+    ca = make_ca(tmp_path)
+    good = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 60))
+    config = tls_config(tmp_path, good)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    factory = build_factory(load(str(config)), reactor, metrics)
+    top = ReloadableService(factory, str(config), reactor, metrics)
+    clock = Clock()
+    clock.advance(time.time())  # the Clock's wall time is now, as the reactor's
+    top.expiry_watch = ExpiryWatch(top.expiry_watch.current, clock)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+
+    def gauge() -> str:
+        return "\n".join(line for line in generate_latest(registry).decode().splitlines()
+                         if line.startswith("saslsmtp_tls_certificate_expiry_timestamp_seconds{"))
+    try:
+        top.publish_certificate(factory.wiring)
+        top.expiry_watch.start()
+        expected = good.certificate.not_valid_after_utc.timestamp()
+        assert gauge().startswith(
+            f'saslsmtp_tls_certificate_expiry_timestamp_seconds{{file="{good.cert_path}"}} '), gauge()
+        assert float(gauge().split()[-1]) == expected
+        clock.advance(86400)
+        assert not [e for e in events if "certificate" in formatEvent(e)]
+
+        soon = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 3.5))
+        config.write_text(config.read_text().replace(good.cert_path, soon.cert_path)
+                          .replace(good.key_path, soon.key_path))
+        assert top.reloader.reload() is True
+        lines = [formatEvent(e) for e in events]
+        assert any(line.startswith("reload: ") and "tls.certificate: warning: the certificate in"
+                   f" {soon.cert_path} expires on" in line and "in 3 days" in line
+                   for line in lines), lines
+        assert f'file="{soon.cert_path}"' in gauge() and good.cert_path not in gauge()
+        assert float(gauge().split()[-1]) == soon.certificate.not_valid_after_utc.timestamp()
+
+        events.clear()
+        clock.advance(86400)  # one day later, at the wall clock of the Clock
+        daily = [formatEvent(e) for e in events]
+        assert len(daily) == 1 and f"the certificate in {soon.cert_path} expires on" in daily[0] \
+            and "in 1 day:" in daily[0], daily  # two Clock days after the start
+        assert all(e["log_level"].name == "warn" for e in events)
+        clock.advance(43200)
+        assert len(events) == 1  # once a day, not more
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        top.expiry_watch.stop()
+        top.reloader.stop()
+        stop_wiring(factory.wiring)
+
+
+def test_the_daily_watch_counts_days_on_its_clock(tmp_path: Path) -> None:
+    """With a Clock a minute past the certificate's notAfter minus 20 days, looking each
+    day: silent while more than 14 days are left, then "in 13 days" ... "in 1 day", "in
+    less than a day", then "expired on" every day after."""
+    cert = issue_cert(make_ca(tmp_path), tmp_path, names=["localhost"], valid_days=(-1, 60))
+    certificate = leaf_certificate(cert.cert_path)
+    clock = Clock()
+    clock.advance(certificate.not_valid_after_utc.timestamp() - 20 * 86400 + 60)
+    watch = ExpiryWatch(lambda: (cert.cert_path, certificate), clock)
+    said: list[str | None] = []
+    for _ in range(24):
+        clock.advance(86400)
+        said.append(watch.check())
+    assert said[:5] == [None] * 5
+    assert [re.sub(DATE, "DATE", s or "") for s in said[5:18]] == [
+        f"the certificate in {cert.cert_path} expires on DATE, in {n} day{'s' if n != 1 else ''}:"
+        " renew it and reload (SIGHUP)" for n in range(13, 0, -1)]
+    assert said[18] and "in less than a day" in said[18]
+    assert all(s and " expired on " in s for s in said[19:])
