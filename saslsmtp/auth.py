@@ -59,8 +59,8 @@ class AuthGuard(Protocol):
     def admit(self, username: str, password: str | bytes | None = None
               ) -> "Defer | None | defer.Deferred[Defer | None]": ...
 
-    def judged(self, ok: bool | None, username: str | None = None
-               ) -> "defer.Deferred[None] | None": ...
+    def judged(self, ok: bool | None, username: str | None = None, reason: str | None = None,
+               counted: bool = True) -> "defer.Deferred[None] | None": ...
 
     def abandon(self) -> None: ...
 
@@ -196,7 +196,12 @@ class AuthExchange:
                 result.logout()
                 return Defer()
             return result
-        waiting = self.guard.judged(ok, username)
+        # A mechanism may say why it failed, for the log line (EXTERNAL: which part of
+        # the certificate was missing); one whose credential is the verified client
+        # certificate guesses no secret, so its failures do not count toward the limits.
+        reason = getattr(self.mechanism, "failure_reason", None) if ok is False else None
+        waiting = self.guard.judged(ok, username, reason if isinstance(reason, str) else None,
+                                    counted=not self.spec.client_certificate)
         return answer(None) if waiting is None else waiting.addCallback(answer)
 
     def _admitted(self, username: str, password: str | None,

@@ -95,12 +95,18 @@ def test_fail2ban_regex_matches_every_failure_and_no_success(tmp_path):
     # the same failure as syslog/journal forwarding writes it
     lines.append("Nov 29 13:57:52 mx saslsmtp[1234]: [-] "
                  + format_auth_failure("192.0.2.44", "LOGIN", "bob") + "\n")
+    # EXTERNAL's failures, whatever their reason, are failed AUTHs too
+    for n, reason in enumerate(("no client certificate", "no identity in the client certificate",
+                                "authorization identity not allowed", "identity not authorized")):
+        lines.append(twisted_lines([(log_auth_failure, (f"192.0.2.{50 + n}", "EXTERNAL", "",
+                                                        reason))])[0])
     log = tmp_path / "saslsmtp.log"
     log.write_text("".join(lines))
     run = subprocess.run([binary, "-o", "ip", str(log), str(FILTER)], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     found = run.stdout.split()
-    expected = [client for client, _ in failures] + ["192.0.2.44"]
+    expected = [client for client, _ in failures] + ["192.0.2.44"] + [
+        f"192.0.2.{50 + n}" for n in range(4)]
     assert found == expected
     assert "6.6.6.6" not in found and "198.51.100.1" not in found

@@ -140,7 +140,7 @@ ALL = ["PLAIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"
 
 async def serve(tmp_path: Path, world: World, mechanisms: list[str] = ALL, *,
                 idp: str | None = None, identity: str = "cn",
-                listen: list[str] | None = None) -> RunningServer:
+                listen: list[str] | None = None, limits: str = "") -> RunningServer:
     """saslsmtp with STARTTLS, the users file and an oauth2 backend (the JWKS file, or
     the introspection endpoint ``idp``)."""
     if idp is None:
@@ -152,6 +152,8 @@ async def serve(tmp_path: Path, world: World, mechanisms: list[str] = ALL, *,
                 f'[backends.idp]\ntype = "oauth2"\n{oauth2}')
     tls = (f'[tls]\ncertificate = "{world.server_cert}"\nprivate_key = "{world.server_key}"\n'
            f'client_ca = "{world.client_ca}"\nclient_identity = "{identity}"\n')
+    if limits:
+        tls += f"\n[limits]\n{limits}"
     return await start_server(tmp_path, backends, mechanisms=mechanisms, extra=tls,
                               listen=listen)
 
@@ -516,3 +518,43 @@ async def test_external_python_client(tmp_path, world):
         await server.stop()
     assert results[0] == (235, b"2.7.0 Authentication successful")
     assert results[1][0] == 535
+
+
+@pytest_twisted.ensureDeferred
+async def test_external_failures_say_why_and_guess_no_password(tmp_path, world):
+    """Each failed EXTERNAL is one fail2ban line whose reason tells an operator what was
+    wrong with the certificate (none, another authorization identity), not "invalid
+    credentials"; none of them counts toward auth_failures_per_ip (no secret was
+    tried), so a PLAIN login from that address still works after more of them than the
+    limit allows, while wrong passwords still count."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    server = await serve(tmp_path, world, limits='auth_failures_per_ip = "2/1m"\n')
+    plain = "PLAIN " + b64(f"\0plain\0{PASSWORDS['plain']}")
+    wrong = ["PLAIN " + b64(f"\0plain\0wrong{n}") for n in (1, 2)]  # a repeated one counts once
+
+    def attempts() -> list[Any]:
+        results = external_attempts(server.port, world, [(None, "="), (None, "="), (None, "="),
+                                                           (world.alice, b64("bob"))])
+        with tls_session(server.port, world, None) as s:
+            results.append(s.docmd("AUTH", plain))
+        for argument in (*wrong, plain):
+            with tls_session(server.port, world, None) as s:
+                results.append(s.docmd("AUTH", argument))
+        return results
+    try:
+        results = await threads.deferToThread(attempts)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await server.stop()
+    assert results[:4] == [(535, b"5.7.8 No verified client certificate")] * 3 + [
+        (535, b"5.7.8 Not authorized to requested authorization identity")]
+    assert results[4] == (235, b"2.7.0 Authentication successful")  # not limited
+    assert [r[0] for r in results[5:]] == [535, 535, 454]  # passwords count: limited
+    lines = [formatEvent(e) for e in events if formatEvent(e).startswith("auth failed:")]
+    assert lines[:4] == [
+        'auth failed: client=127.0.0.1 mechanism=EXTERNAL user="" reason="no client certificate"'] * 3 + [
+        'auth failed: client=127.0.0.1 mechanism=EXTERNAL user="" reason="authorization identity not allowed"']
+    assert lines[4:6] == ['auth failed: client=127.0.0.1 mechanism=PLAIN user="plain"'
+                          ' reason="invalid credentials"'] * 2

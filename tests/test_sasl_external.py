@@ -8,7 +8,7 @@ import pytest
 
 from saslsmtp.sasl.codec import decode_response
 from saslsmtp.sasl.external import BAD_AUTHZID, MALFORMED, NO_CERTIFICATE, NO_IDENTITY, SPEC, External
-from saslsmtp.sasl.outcome import Accept, MechanismStateError, Reply, Session
+from saslsmtp.sasl.outcome import Accept, MechanismStateError, Reject, Reply, Session
 
 CERT = {"identity": "alice@example.com", "subject": "CN=Alice", "email": "alice@example.com"}
 WITH_CERT = Session(tls=True, client_certificate=CERT)
@@ -94,3 +94,19 @@ def test_spec_needs_tls() -> None:
     assert SPEC.name == "EXTERNAL"
     assert (SPEC.plaintext, SPEC.client_first, SPEC.needs_tls) == (False, True, True)
     assert isinstance(SPEC.factory(WITH_CERT), External)
+
+
+def test_each_refusal_has_its_log_reason() -> None:
+    """What the fail2ban line says after each refusal: which part was missing; after
+    the mechanism's own Accept (the portal refused the identity): not authorized."""
+    cases = [(None, b"", "no client certificate"),
+             ({"identity": ""}, b"", "no identity in the client certificate"),
+             ({"identity": "alice"}, b"bob", "authorization identity not allowed"),
+             ({"identity": "alice"}, b"\xff", "malformed EXTERNAL response")]
+    for certificate, message, reason in cases:
+        mechanism = External(Session(client_certificate=certificate))
+        assert isinstance(mechanism.start(message), Reject)
+        assert mechanism.failure_reason == reason
+    accepted = External(Session(client_certificate={"identity": "alice"}))
+    assert isinstance(accepted.start(b""), Accept)
+    assert accepted.failure_reason == "identity not authorized"

@@ -89,18 +89,25 @@ class AuthAttempt:
         if self.gate is not None:
             self.limiter.abandoned(self.gate)
 
-    def judged(self, ok: bool | None, username: str | None = None) -> "Deferred[None] | None":
+    def judged(self, ok: bool | None, username: str | None = None, reason: str | None = None,
+               counted: bool = True) -> "Deferred[None] | None":
         """The verdict is known: ``True`` (235), ``False`` (535), ``None`` (454, abort).
 
         A failure is counted and logged now, whether or not the client stays; the
         answer waits for the returned Deferred (the address's penalty, for successes
-        too), or goes at once when there is nothing to wait for (``None``)."""
+        too), or goes at once when there is nothing to wait for (``None``).  ``reason``:
+        the log line's (default "invalid credentials"); ``counted=False``: a failure
+        that tried no secret (EXTERNAL's certificate), logged but not counted toward
+        ``auth_failures_per_ip``/``_per_user`` or the penalty."""
         tried = self.username if self.username is not None else (username or "")
         if self.refused:
             faillog.log_auth_failure(self.address, self.mechanism, tried, "too many failures")
             ok = None
         elif ok is False:
-            faillog.log_auth_failure(self.address, self.mechanism, tried)
+            faillog.log_auth_failure(self.address, self.mechanism, tried,
+                                     reason or "invalid credentials")
+            if not counted:
+                ok = None
         elif ok:
             faillog.log_auth_success(self.address, self.mechanism, username or tried)
         gate = self.gate

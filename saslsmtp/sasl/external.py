@@ -16,6 +16,12 @@ NO_CERTIFICATE = Reject("No verified client certificate")
 NO_IDENTITY = Reject("No identity in the client certificate")
 BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
 
+#: The log line's reason for each refusal; after an ``Accept``, a refusal came from the
+#: portal (the identity is not a known user): "identity not authorized".
+LOG_REASONS = {MALFORMED: "malformed EXTERNAL response", NO_CERTIFICATE: "no client certificate",
+               NO_IDENTITY: "no identity in the client certificate",
+               BAD_AUTHZID: "authorization identity not allowed"}
+
 
 class External(SingleMessage):
     """Client-first: without an initial response the server sends an empty challenge."""
@@ -27,10 +33,17 @@ class External(SingleMessage):
         identity = certificate.get("identity") if certificate else None
         self._identity = identity if isinstance(identity, str) and identity else None
         self._missing = NO_IDENTITY if certificate else NO_CERTIFICATE
+        self.failure_reason = "identity not authorized"
         super().__init__(session)
 
     def _first(self, message: bytes) -> Outcome:
         self._stage = "done"
+        outcome = self._judge(message)
+        if isinstance(outcome, Reject):
+            self.failure_reason = LOG_REASONS[outcome]
+        return outcome
+
+    def _judge(self, message: bytes) -> Outcome:
         try:
             authzid = message.decode("utf-8")
         except UnicodeDecodeError:
