@@ -255,7 +255,7 @@ def test_production_deployment_as_the_readme_says(shared_dir: Path) -> None:
     require_binary("swaks")
     require_binary("curl")
     ca = make_ca(shared_dir)
-    cert = issue_cert(ca, shared_dir)
+    cert = issue_cert(ca, shared_dir, names=["mx.example.test", "localhost", "127.0.0.1"])
     port = free_port()
     config = shared_dir / "saslsmtp.toml"
     config.write_text("\n".join([
