@@ -212,6 +212,14 @@ def check_worker_timeout(config: Config, workers: int, report: _Report) -> None:
                     " master watches it; under systemd, WatchdogSec= restarts a stuck process")
 
 
+def _as(error: OSError) -> str:
+    """For a file this process may not read: as whom it read, and the usual fix."""
+    if not isinstance(error, PermissionError):
+        return ""
+    return (f" (read as {RunAs.current().name}; a reload reads as the server's user: give the"
+            " file the server's group and chmod 0640)")
+
+
 def check_tls(config: Config, who: RunAs, report: _Report,
               now: datetime.datetime | None = None) -> None:
     """The certificate and key are PEM, the key is a key, and they belong together;
@@ -221,35 +229,38 @@ def check_tls(config: Config, who: RunAs, report: _Report,
     if tls is None:
         return
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
-                                                              load_pem_private_key)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from saslsmtp import tlscert
     certs: list[Any] = []
     key: Any = None
     try:
-        certs = x509.load_pem_x509_certificates(Path(tls.certificate).read_bytes())
+        data = Path(tls.certificate).read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
     except OSError as e:
-        report.problem("tls.certificate", f"cannot read {tls.certificate}: {e.strerror}")
+        report.problem("tls.certificate", f"cannot read {tls.certificate}: {e.strerror}{_as(e)}")
     except ValueError:
-        report.problem("tls.certificate", f"{tls.certificate} holds no PEM certificate")
+        report.problem("tls.certificate", tlscert.certificate_file_problem(tls.certificate, data))
     try:
-        key = load_pem_private_key(Path(tls.private_key).read_bytes(), password=None)
+        data = Path(tls.private_key).read_bytes()
+        key = load_pem_private_key(data, password=None)
     except OSError as e:
-        report.problem("tls.private_key", f"cannot read {tls.private_key}: {e.strerror}")
+        report.problem("tls.private_key", f"cannot read {tls.private_key}: {e.strerror}{_as(e)}")
     except TypeError:
-        report.problem("tls.private_key", f"{tls.private_key} is encrypted; it must not be")
-    except (ValueError, Exception):
-        report.problem("tls.private_key", f"{tls.private_key} holds no PEM private key"
-                       " (a certificate in the key file?)")
+        report.problem("tls.private_key", tlscert.encrypted_key_problem(tls.private_key))
+    except Exception:  # ValueError, or a key type cryptography does not support
+        report.problem("tls.private_key", tlscert.key_file_problem(tls.private_key, data))
     if certs and key is not None:
-        def public(k: Any) -> bytes:
-            return bytes(k.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
-        if public(certs[0].public_key()) != public(key.public_key()):
-            report.problem("tls.private_key", f"{tls.private_key} does not match the"
-                           f" certificate in {tls.certificate}")
+        mismatch = tlscert.mismatch_problem(certs, key, tls.certificate, tls.private_key)
+        if mismatch is not None:
+            report.problem("tls.private_key", mismatch)
+        else:
+            order = tlscert.chain_order_warning(certs, tls.certificate)
+            if order is not None:
+                report.warn("tls.certificate", order)
     if certs:
-        from saslsmtp.tlscert import certificate_warnings
-        for warning in certificate_warnings(certs[0], tls.certificate, config.server.hostname,
-                                            now or datetime.datetime.now(datetime.timezone.utc)):
+        for warning in tlscert.certificate_warnings(certs[0], tls.certificate, config.server.hostname,
+                                                    now or datetime.datetime.now(datetime.timezone.utc)):
             report.warn("tls.certificate", warning)
     if tls.client_ca is not None:
         try:

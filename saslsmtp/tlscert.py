@@ -145,3 +145,92 @@ class ExpiryWatch:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+
+
+# -- files that are not what [tls] needs: say what they are and what to do --------------
+
+
+def certificate_file_problem(path: str, data: bytes) -> str:
+    """Why ``data`` (the ``tls.certificate`` file) holds no PEM certificate, and the fix."""
+    from cryptography import x509
+    head = f"{path} holds no PEM certificate"
+    if not data.strip():
+        return f"{head}: the file is empty"
+    if b"PRIVATE KEY-----" in data:
+        return f"{head} but a private key: are tls.certificate and tls.private_key swapped?"
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        return f"{head} (a PEM file has -----BEGIN CERTIFICATE----- lines)"
+    return (f"{head}: it is a DER (binary) certificate; convert it: openssl x509 -inform der"
+            f" -in {path} -out {path}.pem")
+
+
+def key_file_problem(path: str, data: bytes) -> str:
+    """Why ``data`` (the ``tls.private_key`` file) holds no usable PEM private key."""
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+    head = f"{path} holds no PEM private key"
+    if not data.strip():
+        return f"{head}: the file is empty"
+    if b"-----BEGIN CERTIFICATE-----" in data and b"PRIVATE KEY-----" not in data:
+        return f"{head} but a certificate: are tls.certificate and tls.private_key swapped?"
+    try:
+        load_der_private_key(data, password=None)
+    except TypeError:
+        pass  # a DER key with a passphrase: DER all the same
+    except Exception:
+        return f"{head} (a PEM file has -----BEGIN PRIVATE KEY----- lines)"
+    return (f"{head}: it is a DER (binary) key; convert it: openssl pkey -inform der"
+            f" -in {path} -out {path}.pem")
+
+
+def encrypted_key_problem(path: str) -> str:
+    return (f"{path} is encrypted; it must not be: a server that starts unattended cannot"
+            f" type its passphrase; write it without one: openssl pkey -in {path} -out {path}.plain"
+            " (then chmod 0640 it, group the server's)")
+
+
+def _kind(key: Any) -> str:
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+    for cls, name in ((rsa.RSAPublicKey, "RSA"), (ec.EllipticCurvePublicKey, "ECDSA"),
+                      (ed25519.Ed25519PublicKey, "Ed25519"), (ed448.Ed448PublicKey, "Ed448"),
+                      (dsa.DSAPublicKey, "DSA")):
+        if isinstance(key, cls):
+            return name
+    return type(key).__name__
+
+
+def _spki(key: Any) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+def mismatch_problem(certificates: list[Any], key: Any, cert_path: str, key_path: str) -> str | None:
+    """Why the key does not go with the first certificate (``None``: it does): a chain
+    in the wrong order (the key's certificate is further down), or a key of another
+    kind (an RSA key beside an ECDSA certificate)."""
+    public = _spki(key.public_key())
+    if _spki(certificates[0].public_key()) == public:
+        return None
+    head = f"{key_path} does not match the certificate in {cert_path}"
+    for n, certificate in enumerate(certificates[1:], start=2):
+        if _spki(certificate.public_key()) == public:
+            return (f"{head}: it matches certificate {n} of {len(certificates)} there"
+                    f" ({certificate.subject.rfc4514_string()}); the chain is in the wrong order:"
+                    " the server's own certificate comes first, then the ones that issued it")
+    cert_kind, key_kind = _kind(certificates[0].public_key()), _kind(key.public_key())
+    if cert_kind != key_kind:
+        return f"{head} (an {key_kind} key for an {cert_kind} certificate)"
+    return head
+
+
+def chain_order_warning(certificates: list[Any], path: str) -> str | None:
+    """A chain whose certificates do not each issue the one before: clients that do not
+    reorder it fail to verify."""
+    for n in range(len(certificates) - 1):
+        if certificates[n].issuer != certificates[n + 1].subject:
+            return (f"the chain in {path} is not in order: certificate {n + 2} of"
+                    f" {len(certificates)} ({certificates[n + 1].subject.rfc4514_string()}) did"
+                    f" not issue certificate {n + 1} (issued by {certificates[n].issuer.rfc4514_string()});"
+                    " put each certificate right before the one that issued it")
+    return None

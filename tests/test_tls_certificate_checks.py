@@ -6,6 +6,7 @@ server repeats the expiry warning once a day."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -164,3 +165,140 @@ def test_the_daily_watch_counts_days_on_its_clock(tmp_path: Path) -> None:
         " renew it and reload (SIGHUP)" for n in range(13, 0, -1)]
     assert said[18] and "in less than a day" in said[18]
     assert all(s and " expired on " in s for s in said[19:])
+
+
+# -- the TLS files an operator gets wrong -----------------------------------------------
+
+
+def mistakes(folder: Path) -> list[tuple[str, str, str, str, str]]:
+    """(case, certificate file, key file, the key refused, the message): each mistake
+    made with real files in ``folder``."""
+    from cryptography.hazmat.primitives import serialization as s
+    ca = make_ca(folder)
+    ec = issue_cert(ca, folder, names=["localhost"])
+    rsa = issue_cert(ca, folder, names=["localhost"], key_type="rsa2048")
+    key = s.load_pem_private_key(Path(ec.key_path).read_bytes(), None)
+    ca_pem = Path(ca.cert_path).read_bytes()
+    (folder / "reversed.pem").write_bytes(ca_pem + Path(ec.cert_path).read_bytes())
+    (folder / "secret.key").write_bytes(key.private_bytes(
+        s.Encoding.PEM, s.PrivateFormat.PKCS8, s.BestAvailableEncryption(b"passphrase")))
+    (folder / "cert.der").write_bytes(ec.certificate.public_bytes(s.Encoding.DER))
+    (folder / "key.der").write_bytes(key.private_bytes(s.Encoding.DER, s.PrivateFormat.PKCS8,
+                                                       s.NoEncryption()))
+    (folder / "empty.pem").write_bytes(b"")
+    f = str(folder)
+    return [
+        ("swapped", ec.key_path, ec.cert_path, "tls.certificate",
+         f"{ec.key_path} holds no PEM certificate but a private key: are tls.certificate and"
+         " tls.private_key swapped?"),
+        ("chain in the wrong order", f"{f}/reversed.pem", ec.key_path, "tls.private_key",
+         f"{ec.key_path} does not match the certificate in {f}/reversed.pem: it matches"
+         " certificate 2 of 2 there (CN=localhost); the chain is in the wrong order: the"
+         " server's own certificate comes first, then the ones that issued it"),
+        ("key with a passphrase", ec.cert_path, f"{f}/secret.key", "tls.private_key",
+         f"{f}/secret.key is encrypted; it must not be: a server that starts unattended cannot"
+         f" type its passphrase; write it without one: openssl pkey -in {f}/secret.key -out"
+         f" {f}/secret.key.plain"),
+        ("DER certificate", f"{f}/cert.der", ec.key_path, "tls.certificate",
+         f"{f}/cert.der holds no PEM certificate: it is a DER (binary) certificate; convert it:"
+         f" openssl x509 -inform der -in {f}/cert.der -out {f}/cert.der.pem"),
+        ("DER key", ec.cert_path, f"{f}/key.der", "tls.private_key",
+         f"{f}/key.der holds no PEM private key: it is a DER (binary) key; convert it: openssl"
+         f" pkey -inform der -in {f}/key.der -out {f}/key.der.pem"),
+        ("empty certificate", f"{f}/empty.pem", ec.key_path, "tls.certificate",
+         f"{f}/empty.pem holds no PEM certificate: the file is empty"),
+        ("ECDSA certificate, RSA key", ec.cert_path, rsa.key_path, "tls.private_key",
+         f"{rsa.key_path} does not match the certificate in {ec.cert_path} (an RSA key for an"
+         " ECDSA certificate)"),
+    ]
+
+
+def mistake_config(folder: Path, cert: str, key: str) -> Path:
+    (folder / "users").write_text("demo:{PLAIN}pw\n")
+    return write_config(folder, BACKEND, tls=(cert, key), hostname="localhost")
+
+
+def test_check_and_start_name_each_tls_file_mistake(tmp_path: Path) -> None:
+    """``--check`` and a start exit 1 with one ``file:line: key: message`` line per
+    mistake that says what the file is and what to do; no traceback, never "ready"."""
+    from tests.support import twistd_command
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    runs = []
+    for n, (name, cert, key, refused, message) in enumerate(mistakes(tmp_path)):
+        folder = tmp_path / f"case{n}"
+        folder.mkdir()
+        config = mistake_config(folder, cert, key)
+        line = next(i for i, text in enumerate(config.read_text().splitlines(), 1)
+                    if text.startswith(refused.split(".")[1] + " ="))
+        want = f"{config}:{line}: {refused}: {message}"
+        for extra in (("--check",), ()):
+            runs.append((name, extra, want, subprocess.Popen(
+                twistd_command(config, *extra), cwd="/", env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)))
+    failures = []
+    for name, extra, want, proc in runs:
+        out, _ = proc.communicate(timeout=60)
+        if proc.returncode != 1 or want not in out or "Traceback" in out or "ready" in out:
+            failures.append(f"{name} {extra}: exit {proc.returncode}, want {want!r} in:\n{out}")
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_names_each_tls_file_mistake_and_keeps_serving(tmp_path: Path) -> None:
+    """The same words at a SIGHUP reload, which keeps the running certificate."""
+    from twisted.internet import reactor
+
+    from saslsmtp.serving import Reloader, start_runners
+    good = issue_cert(make_ca(tmp_path), tmp_path, names=["localhost"])
+    live = tmp_path / "live"
+    live.mkdir()
+    config = mistake_config(live, good.cert_path, good.key_path)
+    factory = build_factory(load(str(config)), reactor)
+    start_runners(factory.wiring)
+    reloader = Reloader(str(config), factory, reactor, clock=Clock())
+    running = factory.wiring
+    made = tmp_path / "files"
+    made.mkdir()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    text = config.read_text()
+    try:
+        failures = []
+        for name, cert, key, refused, message in mistakes(made):
+            config.write_text(text.replace(good.cert_path, cert).replace(good.key_path, key))
+            events.clear()
+            kept = reloader.reload() is False and factory.wiring is running
+            lines = [formatEvent(e) for e in events]
+            if not kept or not any(line.startswith("reload refused, keeping the running"
+                                                   " configuration: ") and f": {refused}: {message}"
+                                   in line for line in lines):
+                failures.append(f"{name}: kept={kept}, {lines}")
+        assert not failures, "\n".join(failures)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        reloader.stop()
+        stop_wiring(factory.wiring)
+
+
+def test_a_key_this_process_cannot_read_says_as_whom(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certificate readable and a key not (what a reload as the server's user meets):
+    the problem names the error, the user that read, and the usual fix."""
+    import pwd
+
+    from saslsmtp.config import ConfigError
+    good = issue_cert(make_ca(tmp_path), tmp_path, names=["localhost"])
+    config = load(str(mistake_config(tmp_path, good.cert_path, good.key_path)))
+    read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if str(self) == good.key_path:
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(self)
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError) as e:
+        preflight(config, Clock())
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert f"tls.private_key: cannot read {good.key_path}: Permission denied (read as {me}; a" \
+           " reload reads as the server's user: give the file the server's group and chmod 0640)" \
+        in str(e.value), str(e.value)
