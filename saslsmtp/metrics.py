@@ -85,6 +85,7 @@ class Metrics:
             "saslsmtp_tls_certificate_expiry_timestamp_seconds",
             "notAfter of the served TLS certificate (Unix time), per certificate file.",
             ["file"], multiprocess_mode="livemin", registry=registry)
+        self._certificate_file: str | None = None
 
     # -- events (the protocol and the backends call these) ----------------------------
 
@@ -147,8 +148,15 @@ class Metrics:
 
     def tls_certificate(self, path: str | None, not_after: float | None) -> None:
         """The certificate now served: its file (a configured path, so a bounded set)
-        and its notAfter; ``None`` when TLS is off.  Replaces the previous series."""
-        self.tls_certificate_expiry.clear()
+        and its notAfter; ``None`` when TLS is off.  Replaces the previous file's series;
+        with workers that one is set to NaN instead (prometheus_client cannot remove a
+        label in multi-process mode), on which no expiry alert fires."""
+        previous, self._certificate_file = self._certificate_file, path
+        if previous is not None and previous != path:
+            if multiprocess_enabled():
+                self.tls_certificate_expiry.labels(previous).set(float("nan"))
+            else:
+                self.tls_certificate_expiry.remove(previous)
         if path is not None and not_after is not None:
             self.tls_certificate_expiry.labels(path).set(not_after)
 

@@ -387,6 +387,7 @@ class ReloadableService(SaslSmtpService):
         self.metrics = metrics  # the reloader's may be taken away (a worker's reload counts)
         self.reloader.on_reloaded.append(self.publish_certificate)
         self.expiry_watch = ExpiryWatch(lambda: served(self.factory.wiring), reactor)
+        self.watch_certificate = True  # a worker other than the first leaves it to that one
         self._restore_sighup: Callable[[], None] | None = None
         self.control_suffix = ""  # a worker's auth cache control socket: <path>.<slot>
 
@@ -410,7 +411,8 @@ class ReloadableService(SaslSmtpService):
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.sighup)
         self.publish_certificate(self.factory.wiring)
-        self.expiry_watch.start()
+        if self.watch_certificate:
+            self.expiry_watch.start()
 
     def sighup(self) -> None:
         """A renamed log file is reopened (as the master does), then the reload."""

@@ -302,3 +302,42 @@ def test_a_key_this_process_cannot_read_says_as_whom(tmp_path: Path,
     assert f"tls.private_key: cannot read {good.key_path}: Permission denied (read as {me}; a" \
            " reload reads as the server's user: give the file the server's group and chmod 0640)" \
         in str(e.value), str(e.value)
+
+
+def test_the_gauge_with_workers_follows_a_reload_to_another_file(tmp_path: Path) -> None:
+    """Two workers: /metrics shows the served certificate's notAfter under its file; a
+    SIGHUP to another certificate file shows the new one, and the old file's series is
+    NaN (prometheus_client cannot drop a label in multi-process mode; no alert fires on
+    NaN), without a warning in the log."""
+    import math
+    import signal
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support import free_port, wait_for, workers_daemon
+    ca = make_ca(tmp_path)
+    first = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 40))
+    second = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 50))
+    metrics_port = free_port()
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    config = write_config(tmp_path, BACKEND, tls=(first.cert_path, first.key_path),
+                          hostname="localhost", listen=[f"tcp:{free_port()}:interface=127.0.0.1"],
+                          extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
+    log = tmp_path / "daemon.log"
+
+    def gauge() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {s.labels["file"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "saslsmtp_tls_certificate_expiry_timestamp_seconds"}
+    with workers_daemon(config, log, 2, "--workers", "2") as proc:
+        assert gauge() == {first.cert_path: first.certificate.not_valid_after_utc.timestamp()}
+        config.write_text(config.read_text().replace(first.cert_path, second.cert_path)
+                          .replace(first.key_path, second.key_path))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("new sessions use it") == 2, what="the reload")
+        after = gauge()
+    assert after[second.cert_path] == second.certificate.not_valid_after_utc.timestamp()
+    assert set(after) == {first.cert_path, second.cert_path} and math.isnan(after[first.cert_path])
+    assert "#warn" not in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
