@@ -23,7 +23,7 @@ from saslsmtp.preflight import preflight
 from saslsmtp.serving import ReloadableService, build_factory, stop_wiring
 from saslsmtp.service import load
 from saslsmtp.tlscert import ExpiryWatch, leaf_certificate
-from tests.support import ROOT, write_config
+from tests.support import ROOT, free_port, twistd_command, workers_daemon, write_config
 from tests.tlsutil import IssuedCert, issue_cert, make_ca
 
 BACKEND = '[backends.users]\ntype = "file"\npath = "users"\n'
@@ -77,7 +77,7 @@ def test_check_and_start_say_an_expired_certificate_and_still_start(tmp_path: Pa
     cert = issue_cert(make_ca(tmp_path), tmp_path, names=["localhost"], valid_days=(-30, -3))
     config = tls_config(tmp_path, cert)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    from tests.support import twistd_command
+
     check = subprocess.run(twistd_command(config, "--check"), cwd="/", env=env,
                            capture_output=True, text=True, timeout=60)
     after = day(cert, "not_valid_after_utc")
@@ -86,6 +86,11 @@ def test_check_and_start_say_an_expired_certificate_and_still_start(tmp_path: Pa
     assert check.returncode == 0, check.stdout + check.stderr
     assert want.search(check.stdout + check.stderr), check.stdout + check.stderr
     assert "Traceback" not in check.stdout + check.stderr
+    config.write_text(config.read_text().replace("tcp:0:", f"tcp:{free_port()}:"))
+    log = tmp_path / "daemon.log"
+    with workers_daemon(config, log, 1):  # "saslsmtp ready" once: it serves
+        assert want.search(log.read_text()), log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 @pytest_twisted.ensureDeferred
@@ -221,7 +226,7 @@ def mistake_config(folder: Path, cert: str, key: str) -> Path:
 def test_check_and_start_name_each_tls_file_mistake(tmp_path: Path) -> None:
     """``--check`` and a start exit 1 with one ``file:line: key: message`` line per
     mistake that says what the file is and what to do; no traceback, never "ready"."""
-    from tests.support import twistd_command
+
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     runs = []
     for n, (name, cert, key, refused, message) in enumerate(mistakes(tmp_path)):
@@ -315,7 +320,7 @@ def test_the_gauge_with_workers_follows_a_reload_to_another_file(tmp_path: Path)
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.support import free_port, wait_for, workers_daemon
+    from tests.support import wait_for
     ca = make_ca(tmp_path)
     first = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 40))
     second = issue_cert(ca, tmp_path, names=["localhost"], valid_days=(-1, 50))
