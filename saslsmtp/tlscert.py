@@ -80,8 +80,8 @@ def hostname_warning(certificate: Any, path: str, hostname: str) -> str | None:
         else:
             verify_certificate_ip_address(certificate, str(address))
         return None
-    except (VerificationError, CertificateError):
-        pass
+    except (VerificationError, CertificateError, ValueError):
+        pass  # ValueError: a name service_identity cannot read; clients would refuse it too
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
