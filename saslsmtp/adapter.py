@@ -41,8 +41,8 @@ from zope.interface import Interface, alsoProvides, implementer
 from saslsmtp.credentials import AvatarId, IAuthenticatedIdentity, same_password
 from saslsmtp.errors import AuthRejected, TemporaryFailure, failure_outcome
 from saslsmtp.sasl.mechanism import MechanismSpec, prepares_secret
-from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
-                                   Session, ValidateToken, Verify)
+from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Refusal, Reject, Reply,
+                                   Secret, Session, ValidateToken, Verify)
 
 __all__ = ["MechanismAdapter", "ExchangeChecker", "FailedExchangeChecker", "IFailedExchange",
            "IPendingExchange", "challengers"]
@@ -80,6 +80,7 @@ class MechanismAdapter:
         self.pending: "defer.Deferred[Any] | None" = None
         self._mechanism = spec.factory(self.session)
         self._outcome: Any = None
+        self._refusal: Refusal | None = None  # a looked-up secret's (saslsmtp.auth does the same)
         self._advance(lambda: self._mechanism.start(None))
 
     # the steps -----------------------------------------------------------
@@ -113,13 +114,21 @@ class MechanismAdapter:
                 d.addCallback(lambda secret: self.blocking.run(mechanism.prepare_secret, secret)
                               if isinstance(secret, Secret) and secret.kind == "plaintext"
                               else secret)
+            d.addCallback(self._note_refusal)
             d.addCallback(mechanism.resume)
             return d.addCallback(self._follow)
+        if isinstance(outcome, Accept) and self._refusal is not None:
+            return self._refusal.reply  # a mechanism that did not answer the refusal itself
         if not isinstance(outcome, (Reply, Accept, Reject, Defer, Verify)):
             log.error("mechanism {name} returned {kind}", name=self.spec.name,
                       kind=type(outcome).__name__)
             return Defer("Mechanism error")
         return outcome
+
+    def _note_refusal(self, secret: Any) -> Any:
+        if isinstance(secret, Secret) and secret.refusal is not None:
+            self._refusal = secret.refusal
+        return secret
 
     # IChallengeResponse -------------------------------------------------
 

@@ -11,8 +11,12 @@ the mechanism and acts on its outcome until it reaches a verdict for the protoco
   on in turn), else ``portal.login(PasswordCredentials)``;
 * ``Accept``         -> ``portal.login(AuthenticatedIdentity)`` (every success ends in the
   portal and the realm's avatar) -> ``LoggedIn``;
-* ``Lookup`` / ``ValidateToken`` -> the injected resolver; a plaintext secret for a
-  mechanism that ``PreparesSecret`` goes through the blocking runner; then ``resume``;
+* ``Lookup`` / ``ValidateToken`` -> the injected resolver (with the ``Session``: a users
+  file's ``allow_nets`` depends on the client); a plaintext secret for a mechanism that
+  ``PreparesSecret`` goes through the blocking runner; then ``resume``.  A secret with a
+  ``refusal`` (the backend refuses the user whatever the password) is remembered: the
+  mechanism answers the refusal's reply once the password is proved (logged here with
+  the backend's reason), and an ``Accept`` after it is answered the same way;
 * ``Reject`` / ``Defer`` -> returned as they are.
 
 A failed step or login becomes an outcome too (``failure_outcome``): ``UnauthorizedLogin``
@@ -36,8 +40,8 @@ from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import TemporaryFailure, failure_outcome
 from saslsmtp.limits.fairpool import client_key_set
 from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, prepares_secret
-from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Reject, Reply, Secret,
-                                   Session, ValidateToken, Verify)
+from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Refusal, Reject, Reply,
+                                   Secret, Session, ValidateToken, Verify)
 from saslsmtp.settled import is_deferred, result_now
 
 log = Logger(namespace="saslsmtp.auth")
@@ -115,6 +119,7 @@ class AuthExchange:
         self.challenges = 0
         self.cancelled = False
         self.running = False  # a step (maybe a credential check) is in progress
+        self.refusal: Refusal | None = None  # a looked-up secret's: answered, not Accept
         self.mechanism: AnyMechanism = spec.factory(session)
 
     def start(self, initial: bytes | None) -> "StepResult | defer.Deferred[StepResult]":
@@ -226,8 +231,13 @@ class AuthExchange:
                     return TOO_LONG
                 return outcome
             case Reject() | Defer():
+                if self.refusal is not None and outcome is self.refusal.reply:
+                    self._log_refusal(self.refusal)
                 return outcome
             case Accept():
+                if self.refusal is not None:  # a mechanism that did not answer it itself
+                    self._log_refusal(self.refusal)
+                    return self.refusal.reply
                 return self._accepted(outcome)
             case Verify():
                 return self._admitted(outcome.username, outcome.password,
@@ -275,6 +285,7 @@ class AuthExchange:
                 with client_key_set(key):  # the fair pool's key for this client
                     return self.blocking.run(mechanism.prepare_secret, secret)
             d.addCallback(prepare)
+        d.addCallback(self._note_refusal)
         secret = result_now(d)  # a users file has answered already: no more hops
         if is_deferred(secret):  # waiting (a thread, the network)
             secret.addCallback(mechanism.resume)
@@ -285,6 +296,16 @@ class AuthExchange:
         if is_deferred(outcome):
             return outcome.addCallback(self._act)
         return self._act(outcome)
+
+    def _note_refusal(self, secret: Any) -> Any:
+        if isinstance(secret, Secret) and secret.refusal is not None:
+            self.refusal = secret.refusal
+        return secret
+
+    def _log_refusal(self, refusal: Refusal) -> None:
+        """The password was proved and the backend's rule refused the login (what a
+        password checker logs itself on the PLAIN path)."""
+        log.info("{why} ({mechanism})", why=refusal.why, mechanism=self.spec.name)
 
     def _login(self, credentials: Any, username: str, text: str | None) -> "defer.Deferred[StepResult]":
         with client_key_set(self._client_key()):

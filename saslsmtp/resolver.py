@@ -8,6 +8,7 @@ global reactor).
 from __future__ import annotations
 
 import contextvars
+import inspect
 from typing import Any, Callable, Sequence, assert_never
 
 from twisted.cred.error import UnauthorizedLogin
@@ -24,15 +25,18 @@ __all__ = ["secret_resolver"]
 
 
 def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> Resolver:
-    """Answer ``Lookup`` from the first backend with a secret of a wanted kind, and
+    """Answer ``Lookup`` from the first backend with a secret of a wanted kind (asked
+    with the exchange's ``Session``: what a users file refuses depends on the client), and
     ``ValidateToken`` from the first token validator that has an opinion (a validator's
     error is logged by the engine: the token is taken out of its message first)."""
+
+    lookups = [_lookup_of(source) for source in sources]
 
     def resolve(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
         match request:
             case Lookup():
                 return _first_answer(
-                    sources, lambda source: source.lookup_secret(request.username, request.kinds),
+                    lookups, lambda lookup: lookup(request.username, request.kinds, session),
                     lambda secret: secret)
             case ValidateToken():
                 if not validators:
@@ -44,6 +48,22 @@ def secret_resolver(sources: Sequence[Any], validators: Sequence[Any] = ()) -> R
                 assert_never(request)
 
     return resolve
+
+
+SecretLookup = Callable[[str, tuple[str, ...], Session], Any]
+
+
+def _lookup_of(source: Any) -> SecretLookup:
+    """``source.lookup_secret`` asked with the session (the client's address: a users
+    file's ``allow_nets``), or without it for a source written before it took one."""
+    method = source.lookup_secret
+    try:
+        parameters = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # no signature to read: ask as the interface says
+        return lambda username, kinds, session: method(username, kinds, session=session)
+    if "session" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return lambda username, kinds, session: method(username, kinds, session=session)
+    return lambda username, kinds, session: method(username, kinds)
 
 
 def _without_secret(failure: Failure, secret: str) -> Failure:

@@ -201,22 +201,40 @@ async def test_fields_saslsmtp_cannot_check_refuse_the_user(tmp_path: Path) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_challenge_mechanisms_do_not_serve_restricted_users(
+async def test_secret_lookups_carry_the_refusal_for_this_client(
         tmp_path: Path, captured_logs: list) -> None:
-    """CRAM-MD5 and SCRAM look a secret up without the session: a user whose login
-    depends on it gets none (the login fails like an unknown user), and --check counts
-    them among the users such a mechanism cannot serve."""
-    checker = users_file(tmp_path, "a:{PLAIN}pw::::::allow_nets=127.0.0.1\n"
-                                   "n:{PLAIN}pw::::::nologin\nok:{PLAIN}pw\n")
-    assert await checker.lookup_secret("a", ("plaintext",)) is None
-    assert await checker.lookup_secret("n", ("plaintext",)) is None
-    assert (await checker.lookup_secret("ok", ("plaintext",))).value == "pw"
-    assert any("user 'a' cannot log in with this mechanism: its extra fields" in formatEvent(e)
-               for e in captured_logs)
+    """CRAM-MD5 and SCRAM look the secret up with the session: a restricted user's secret
+    comes with the refusal the exchange answers once the password is proved (allow_nets:
+    by the client's address; nologin: the wrong password's reply, or 525 with a reason);
+    a nopassword user has no secret; --check counts only those among the users such a
+    mechanism cannot serve."""
+    checker = users_file(tmp_path, "a:{PLAIN}pw::::::allow_nets=192.0.2.0/24\n"
+                                   "n:{PLAIN}pw::::::nologin\n"
+                                   "r:{PLAIN}pw::::::nologin reason=Moved\n"
+                                   "p:::::::nopassword allow_nets=192.0.2.0/24\nok:{PLAIN}pw\n")
+
+    async def lookup(user: str, remote_ip: str | None) -> Any:
+        session = Session(remote_ip=remote_ip) if remote_ip is not None else None
+        return await checker.lookup_secret(user, ("plaintext",), session)
+    inside = await lookup("a", "192.0.2.7")
+    assert (inside.value, inside.refusal) == ("pw", None)
+    outside = await lookup("a", "198.51.100.1")
+    assert outside.value == "pw" and outside.refusal.reply == Reject()
+    assert outside.refusal.why == (f"{checker.path}:1: user 'a' refused: client 198.51.100.1"
+                                   " not in allow_nets")
+    assert (await lookup("a", None)).refusal is not None  # no address: not in the nets
+    assert (await lookup("n", "192.0.2.7")).refusal.reply == Reject()
+    assert (await lookup("r", "192.0.2.7")).refusal.reply == Reject("Moved", 525, "5.7.13")
+    assert await lookup("p", "192.0.2.7") is None
+    assert (await lookup("ok", "198.51.100.1")).refusal is None
+    assert "pw" not in repr(outside)
+    assert any("user 'p' cannot log in with this mechanism: it has no password (nopassword)"
+               in formatEvent(e) for e in captured_logs)
+    assert not any("refused" in formatEvent(e) for e in captured_logs)  # not before the proof
     parsed = parse_users((tmp_path / "users").read_bytes())
-    assert load_warnings(parsed, ["PLAIN", "CRAM-MD5"]) == [
-        "CRAM-MD5 announced but 2 of 3 users have hashes it cannot use"
-        " (those users cannot log in with CRAM-MD5)"]
+    assert load_warnings(parsed, ["PLAIN", "CRAM-MD5"])[-1] == (
+        "CRAM-MD5 announced but 1 of 5 users have hashes it cannot use"
+        " (those users cannot log in with CRAM-MD5)")
 
 
 @pytest_twisted.ensureDeferred

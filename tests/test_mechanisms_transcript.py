@@ -11,12 +11,15 @@ import scramp
 
 from twisted.internet import defer
 
-from saslsmtp.sasl.cram_md5 import CramMD5
+from saslsmtp.mechanisms import builtin_mechanisms
+from saslsmtp.sasl.cram_md5 import CramMD5, cram_md5_context
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.oauth import OAuthBearer, XOAuth2
-from saslsmtp.sasl.outcome import TOKEN_VERDICT, Lookup, Secret, TokenVerdict, ValidateToken
+from saslsmtp.sasl.outcome import (TOKEN_VERDICT, Accept, Lookup, Secret, TokenVerdict,
+                                   ValidateToken)
 from saslsmtp.sasl.scram import Scram
 from saslsmtp.testing import SMTPHarness
+from tests.test_checker_file import captured_logs  # noqa: F401  (a fixture)
 
 OK = b"235 2.7.0 Authentication successful\r\n"
 INVALID = b"535 5.7.8 Authentication credentials invalid\r\n"
@@ -261,3 +264,140 @@ def test_star_cancels_at_every_step_of_every_mechanism(case: str) -> None:
     assert h.realm.logins == [] and h.protocol.auth.exchange is None
     assert (h.protocol.guards.errors, h.protocol.auth.failures.failures) == (0, 0)
     assert h.send(steps[0][0] + b"\r\n") == steps[0][1] + b"\r\n"
+
+
+# ---- a users file's extra fields after a challenge exchange ---------------------------
+
+
+def fields_harness(tmp_path, name: str, spec: MechanismSpec, line: str, peer: str,
+                   hostname: str = "localhost") -> SMTPHarness:
+    """A harness whose secrets come from a real users file (one line) through the
+    daemon's resolver, as a client from ``peer``."""
+    from saslsmtp.checkers.file import FileChecker
+    from saslsmtp.resolver import secret_resolver
+    from saslsmtp.threads import SynchronousRunner
+    path = tmp_path / f"users-{len(list(tmp_path.iterdir()))}"
+    path.write_text(line + "\n")
+    users = FileChecker(str(path), SynchronousRunner())
+    h = SMTPHarness(mechanisms={name: spec}, backends={"users": users},
+                    resolver=secret_resolver([users]), peer=peer, hostname=hostname)
+    h.send(b"EHLO client.example\r\n")
+    return h
+
+
+CRAM_SPEC = MechanismSpec("CRAM-MD5", functools.partial(
+    CramMD5, random=lambda: 1896, clock=lambda: 697170952), client_first=False)
+WRONG_CRAM_B64 = b64(b"tim " + b"0" * 32)
+MOVED = b"525 5.7.13 Mailbox-moved-to-mx2\r\n"
+
+
+@pytest.mark.parametrize("fields, peer, right, wrong", [
+    ("", "192.0.2.10", OK, INVALID),
+    ("allow_nets=192.0.2.0/24", "192.0.2.10", OK, INVALID),
+    ("allow_nets=192.0.2.0/24", "198.51.100.7", INVALID, INVALID),
+    ("allow_nets=local", "192.0.2.10", INVALID, INVALID),
+    ("nologin", "192.0.2.10", INVALID, INVALID),
+    ("nologin reason=Mailbox-moved-to-mx2", "192.0.2.10", MOVED, INVALID),
+    ("nologin reason=Mailbox-moved-to-mx2 allow_nets=198.51.100.0/24", "192.0.2.10", MOVED, INVALID),
+    ("fail", "192.0.2.10", INVALID, INVALID),
+])
+def test_cram_md5_applies_the_users_files_extra_fields(tmp_path, fields, peer, right, wrong) -> None:
+    """RFC 2195's exchange against a users file line with extra fields: the client's
+    address reaches the lookup (allow_nets), and after the right digest the refusal is
+    what PLAIN answers (the wrong password's 535, nologin's reason as 525 5.7.13); a wrong
+    digest is the 535 either way, so only the password's owner learns a reason."""
+    for entry in ("{PLAIN}tanstaaftanstaaf", "{CRAM-MD5}" + cram_md5_context("tanstaaftanstaaf")):
+        line = f"tim:{entry}::::::{fields}"
+        for response, expected in ((RFC2195_RESPONSE_B64, right), (WRONG_CRAM_B64, wrong)):
+            h = fields_harness(tmp_path, "CRAM-MD5", CRAM_SPEC, line, peer,
+                               hostname="postoffice.reston.mci.net")
+            assert h.send(b"AUTH CRAM-MD5\r\n") == b"334 " + b64(RFC2195_CHALLENGE) + b"\r\n"
+            assert h.send(response + b"\r\n") == expected, (line, response)
+            assert h.realm.logins == (["tim"] if expected == OK else [])
+        # PLAIN from the same client answers the same to the right password
+        plain = fields_harness(tmp_path, "PLAIN", builtin_mechanisms(("PLAIN",))["PLAIN"], line, peer)
+        assert plain.send(b"AUTH PLAIN " + b64(b"\0tim\0tanstaaftanstaaf") + b"\r\n") == right
+
+
+def scram_stored_line(name: str, fields: str) -> str:
+    iterations, salt, stored_key, server_key = SCRAM_VECTORS[name][5]
+    return f"user:{{{name}}}{iterations},{salt},{stored_key},{server_key}::::::{fields}"
+
+
+@pytest.mark.parametrize("name", list(SCRAM_VECTORS))
+def test_scram_applies_the_users_files_extra_fields(tmp_path, name) -> None:
+    """RFC 5802/7677 byte for byte from a users file's stored keys: inside allow_nets the
+    exchange ends in 235; outside it, or for a nologin user, the same server-first
+    message, then the wrong proof's 535 in place of v= (no server signature for a
+    refused login); nologin with a reason answers 525 5.7.13 there, to the right proof
+    only."""
+    nonce, first, server_first, final, server_final, _ = SCRAM_VECTORS[name]
+    spec = MechanismSpec(name, functools.partial(Scram, name=name, nonce=lambda: nonce))
+    bad = final[:-8] + b"AAAAAAA="
+    cases = [
+        ("allow_nets=192.0.2.0/24", "192.0.2.10", b"334 " + b64(server_final) + b"\r\n"),
+        ("allow_nets=192.0.2.0/24", "198.51.100.7", INVALID),
+        ("nologin", "192.0.2.10", INVALID),
+        ("nologin reason=Mailbox-moved-to-mx2", "192.0.2.10", MOVED),
+    ]
+    for fields, peer, after_proof in cases:
+        for proof, expected in ((final, after_proof), (bad, INVALID)):
+            h = fields_harness(tmp_path, name, spec, scram_stored_line(name, fields), peer)
+            assert h.send(b"AUTH " + name.encode() + b" " + b64(first) + b"\r\n") == (
+                b"334 " + b64(server_first) + b"\r\n"), (fields, peer)
+            assert h.send(b64(proof) + b"\r\n") == expected, (fields, peer, proof)
+            if expected.startswith(b"334 "):
+                assert h.send(b"\r\n") == OK
+                assert h.realm.logins == ["user"]
+            else:
+                assert h.realm.logins == []
+
+
+def test_scram_from_a_plaintext_entry_outside_allow_nets(tmp_path) -> None:
+    """A {PLAIN} entry (keys derived from it by prepare_secret, the refusal carried along):
+    a real client with the right password gets the 535 where v= would come."""
+    name, (_, first, _, _, _, _) = "SCRAM-SHA-256", SCRAM_VECTORS["SCRAM-SHA-256"]
+    spec = MechanismSpec(name, functools.partial(Scram, name=name))
+    for peer, refused in (("192.0.2.10", False), ("198.51.100.7", True)):
+        h = fields_harness(tmp_path, name, spec, "user:{PLAIN}pencil::::::allow_nets=192.0.2.0/24",
+                           peer)
+        client = scramp.ScramClient([name], "user", "pencil")
+        out = h.send(b"AUTH " + name.encode() + b" " + b64(client.get_client_first().encode()) + b"\r\n")
+        client.set_server_first(base64.b64decode(out[4:]).decode())
+        reply = h.send(b64(client.get_client_final().encode()) + b"\r\n")
+        if refused:
+            assert reply == INVALID
+            continue
+        client.set_server_final(base64.b64decode(reply[4:]).decode())
+        assert h.send(b"\r\n") == OK
+
+
+def test_a_refusal_is_logged_after_the_proof_only(tmp_path, captured_logs) -> None:
+    """The refusal is logged (file:line, user, rule, mechanism) when the password was
+    proved, not for a wrong one; a mechanism that accepts anyway (one that does not
+    know refusals) is answered the refusal by the engine."""
+    from twisted.logger import formatEvent
+    line = "tim:{PLAIN}tanstaaftanstaaf::::::allow_nets=192.0.2.0/24"
+    h = fields_harness(tmp_path, "CRAM-MD5", CRAM_SPEC, line, "203.0.113.5",
+                       hostname="postoffice.reston.mci.net")
+    h.send(b"AUTH CRAM-MD5\r\n")
+    assert h.send(WRONG_CRAM_B64 + b"\r\n") == INVALID
+    assert not [e for e in captured_logs if "refused" in formatEvent(e)]
+    h.send(b"AUTH CRAM-MD5\r\n")
+    assert h.send(RFC2195_RESPONSE_B64 + b"\r\n") == INVALID
+    refused = [formatEvent(e) for e in captured_logs if "refused" in formatEvent(e)]
+    assert refused == [f"{tmp_path / 'users-0'}:1: user 'tim' refused: client 203.0.113.5 not in"
+                       " allow_nets (CRAM-MD5)"]
+    assert not any("tanstaaf" in formatEvent(e) for e in captured_logs)
+
+    class Careless:  # asks for a secret, accepts whatever it gets
+        def __init__(self, session): ...
+        def start(self, initial): return Lookup("tim", ("plaintext",))
+        def resume(self, secret): return Accept("tim")
+        def receive(self, response): raise AssertionError("no second step")
+    careless = MechanismSpec("X-CARELESS", Careless)
+    h = fields_harness(tmp_path, "X-CARELESS", careless, line, "203.0.113.5")
+    assert h.send(b"AUTH X-CARELESS =\r\n") == INVALID
+    assert h.realm.logins == []
+    h = fields_harness(tmp_path, "X-CARELESS", careless, line, "192.0.2.1")
+    assert h.send(b"AUTH X-CARELESS =\r\n") == OK

@@ -17,7 +17,9 @@ exactly, as Dovecot does by default.  uid, gid, gecos, home and shell are not us
   ...) is ignored and listed by ``ignored_fields_warning`` (``--check``).  Dovecot checks
   them after the password, and so does this backend: a refused login costs what any
   login costs and, unless the line gives a ``reason``, answers what a wrong password
-  answers.
+  answers.  For CRAM-MD5 and SCRAM (``lookup_secret``, asked with the session) the secret
+  comes with a ``Secret.refusal`` that the exchange answers once the password is proved;
+  a ``nopassword`` user has no secret for them and cannot use them.
 
 * **Reloading**: every lookup does a cheap ``os.stat``; when the device, inode, size or
   mtime changed, the file is read again (synchronously: it is small) and parsed.  A line
@@ -60,7 +62,7 @@ from saslsmtp.options import PATH, OptionProblem, Options, file_problem
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import config_lines
 from saslsmtp.passwords import PasswordError, StoredPassword
-from saslsmtp.sasl.outcome import Reject, Secret
+from saslsmtp.sasl.outcome import Refusal, Reject, Secret, Session
 from saslsmtp.threads import BlockingRunner
 
 log = Logger()
@@ -94,8 +96,7 @@ class Access:
 
     @property
     def restricted(self) -> bool:
-        """Whether a login needs more than the password (challenge mechanisms, which see
-        no session here, serve only unrestricted users)."""
+        """Whether a login needs more than the password."""
         return self.nologin or self.allow_nets is not None or self.nopassword or bool(self.uncheckable)
 
     def network_allows(self, remote_ip: str) -> bool:
@@ -115,6 +116,9 @@ class Access:
 
 
 NO_RESTRICTION = Access()
+
+#: A login the extra fields refuse answers this, unless a ``nologin`` gives a ``reason``.
+WRONG_PASSWORD = Reject()
 
 
 @dataclass(frozen=True)
@@ -306,7 +310,7 @@ def mechanism_coverage(users: Mapping[str, UserEntry], mechanisms: Iterable[str]
         if not kinds:
             continue
         unusable = sum(1 for entry in users.values()
-                       if entry.password is None or entry.access.restricted
+                       if entry.password is None or entry.access.nopassword
                        or not kinds & passwords.stored_secrets(entry.password).keys())
         out.append(Coverage(name.upper(), unusable, len(users)))
     return out
@@ -437,7 +441,14 @@ class FileChecker:
             if not (ok or entry.access.nopassword):
                 raise UnauthorizedLogin("wrong password")
             if entry.access.restricted:
-                self._check_access(entry, credentials)
+                session = getattr(credentials, "session", None)
+                refusal = self._refusal(entry, getattr(session, "remote_ip", "") or "")
+                if refusal is not None:
+                    log.info("{why}", why=refusal.why, file=self.path, line=entry.line,
+                             user=entry.username)
+                    if refusal.reply is not WRONG_PASSWORD:  # nologin's reason
+                        raise AuthRejected(refusal.reply)
+                    raise UnauthorizedLogin("refused by the users file's extra fields")
             return raw_name
 
         def trouble(f: Failure) -> Failure:
@@ -460,13 +471,12 @@ class FileChecker:
         decided: Deferred[AvatarId] = d.addCallback(decide)
         return decided.addErrback(trouble)
 
-    def _check_access(self, entry: UserEntry, credentials: IUsernamePassword) -> None:
-        """The extra fields, once the password is right: refused logins answer like a
-        wrong password (535 5.7.8), except ``nologin`` with a ``reason``, which the user
-        is meant to read (525 5.7.13 User Account Disabled, with the reason)."""
+    def _refusal(self, entry: UserEntry, remote_ip: str) -> Refusal | None:
+        """What the extra fields say to ``entry``'s right password from ``remote_ip``
+        (``None``: nothing; ``""``: no IP address): refused logins answer like a wrong
+        password (535 5.7.8), except ``nologin`` with a ``reason``, which the user is meant
+        to read (525 5.7.13 User Account Disabled, with the reason)."""
         access = entry.access
-        session = getattr(credentials, "session", None)
-        remote_ip = getattr(session, "remote_ip", "") or ""
         if access.uncheckable:
             why = f"{', '.join(access.uncheckable)} cannot be checked here"
         elif access.nologin:
@@ -474,12 +484,11 @@ class FileChecker:
         elif not access.network_allows(remote_ip):
             why = f"client {remote_ip or '(no IP address)'} not in allow_nets"
         else:
-            return
-        log.info("{file}:{line}: user {user!r} refused: {why}", file=self.path,
-                 line=entry.line, user=entry.username, why=why)
+            return None
+        reply = WRONG_PASSWORD
         if access.nologin and access.reason and not access.uncheckable:
-            raise AuthRejected(Reject(access.reason, code=525, enhanced="5.7.13"))
-        raise UnauthorizedLogin("refused by the users file's extra fields")
+            reply = Reject(access.reason, code=525, enhanced="5.7.13")
+        return Refusal(reply, f"{self.path}:{entry.line}: user {entry.username!r} refused: {why}")
 
     def cache_scope(self, credentials: IUsernamePassword) -> object:
         """What this file's verdict for ``credentials`` depends on besides the user, the
@@ -504,8 +513,12 @@ class FileChecker:
         """All kinds a passwd-file can hold (the file may change at any time)."""
         return SECRET_KINDS
 
-    def lookup_secret(self, username: str, kinds: tuple[str, ...]) -> "Deferred[Secret | None]":
-        """The user's stored secret of the first wanted kind it has, or ``None``."""
+    def lookup_secret(self, username: str, kinds: tuple[str, ...],
+                      session: Session | None = None) -> "Deferred[Secret | None]":
+        """The user's stored secret of the first wanted kind it has, or ``None``; for a
+        user the extra fields refuse to ``session``'s client (``None``: no IP address, as
+        Dovecot's ``local``), with the ``Refusal`` the exchange answers once the password
+        is proved.  A ``nopassword`` user has no secret."""
         try:
             users = self.users()
         except TemporaryFailure:
@@ -513,18 +526,20 @@ class FileChecker:
         entry = users.get(username)
         if entry is None:
             return succeed(None)
-        if entry.access.restricted or entry.password is None:
-            # no session here: nologin, allow_nets and nopassword are for PLAIN/LOGIN
-            log.warn("{file}:{line}: user {user!r} cannot log in with this mechanism: its"
-                     " extra fields (nologin, allow_nets, nopassword ...) are checked for"
-                     " PLAIN and LOGIN only", file=self.path, line=entry.line, user=username)
+        if entry.password is None or entry.access.nopassword:
+            log.warn("{file}:{line}: user {user!r} cannot log in with this mechanism: it has"
+                     " no password (nopassword), so no secret to prove one with; PLAIN and"
+                     " LOGIN serve it", file=self.path, line=entry.line, user=username)
             return succeed(None)
+        refusal = None
+        if entry.access.restricted:
+            refusal = self._refusal(entry, getattr(session, "remote_ip", "") or "")
         available = self._secrets.get(username)
         if available is None:  # decoded once per user and file version (SCRAM: base64)
             available = self._secrets[username] = passwords.stored_secrets(entry.password)
         for kind in kinds:
             if kind in available:
-                return succeed(Secret(kind, available[kind]))
+                return succeed(Secret(kind, available[kind], refusal))
         log.warn("{file}:{line}: user {user!r} cannot log in with this mechanism: its"
                  " {{{scheme}}} hash cannot serve it (it needs one of: {kinds})",
                  file=self.path, line=entry.line, user=username, scheme=entry.password.scheme,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from saslsmtp.sasl.outcome import Secret, TokenVerdict, ValidateToken
+from saslsmtp.sasl.outcome import Secret, Session, TokenVerdict, ValidateToken
 
 
 class ISecretSource(Interface):
@@ -23,10 +23,17 @@ class ISecretSource(Interface):
     def secret_kinds() -> frozenset[str]:
         """The kinds this backend can ever supply (for startup checks)."""
 
-    def lookup_secret(username: str, kinds: tuple[str, ...]) -> "Deferred[Secret | None]":
+    def lookup_secret(username: str, kinds: tuple[str, ...],
+                      session: Session | None = None) -> "Deferred[Secret | None]":
         """The user's first stored secret whose kind is in ``kinds`` (in that order of
         preference); ``None`` if the user is unknown or has none of those kinds;
-        fails with ``TemporaryFailure`` if the store cannot be read now."""
+        fails with ``TemporaryFailure`` if the store cannot be read now.
+
+        ``session`` is the connection asking (``remote_ip`` ...; ``None``: unknown).  A
+        store whose rules refuse this user for this client whatever the password (a
+        users file's ``nologin``, ``allow_nets``) still returns the secret, with a
+        ``Secret.refusal`` the exchange answers once the password is proved.  (A source
+        whose ``lookup_secret`` takes no ``session`` is asked without one.)"""
 
 
 class ITokenValidator(Interface):

@@ -7,6 +7,10 @@ Exchange::
                        -> Lookup("tim", ("cram-md5", "plaintext"))
     resume(Secret)     -> Accept("tim") | Reject()
 
+A secret with a ``refusal`` (a users file's ``nologin`` or ``allow_nets``) answers the
+refusal's reply where the right digest would be accepted; a wrong digest is ``Reject()``
+either way.
+
 The stored secret is either the plaintext password or Dovecot's ``{CRAM-MD5}``
 context: 64 hex digits, the MD5 state after one block of ``key ^ opad`` and then
 after one block of ``key ^ ipad``, each as A, B, C, D little-endian 32-bit words
@@ -187,7 +191,8 @@ class CramMD5:
         else:
             raise MechanismStateError(f"CRAM-MD5 asked for {KINDS}, got kind {secret.kind!r}")
         if hmac.compare_digest(expected, self._digest):
-            return Accept(self._username)
+            # the password is proved: a user the backend refuses anyway hears it now
+            return secret.refusal.reply if secret.refusal is not None else Accept(self._username)
         return INVALID
 
     @property

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
-__all__ = ["Reply", "Accept", "Reject", "Defer", "Verify", "Lookup", "Secret", "ValidateToken",
-           "TOKEN_VERDICT", "TokenVerdict", "Decision", "Request", "Outcome", "Session",
-           "MechanismStateError"]
+__all__ = ["Reply", "Accept", "Reject", "Defer", "Verify", "Lookup", "Secret", "Refusal",
+           "ValidateToken", "TOKEN_VERDICT", "TokenVerdict", "Decision", "Request", "Outcome",
+           "Session", "MechanismStateError"]
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,34 @@ class Lookup:
     kinds: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A login the backend refuses even to the right password (a users file's
+    ``nologin``, ``allow_nets`` ...: Dovecot checks them after the password): ``reply``
+    is the answer in place of the success, ``why`` the log line's reason (names the user
+    and the rule, never a secret)."""
+
+    reply: Reject
+    why: str
+
+
 @dataclass(frozen=True, repr=False)
 class Secret:
-    """A stored secret handed back to ``resume``: its ``kind`` and ``value``."""
+    """A stored secret handed back to ``resume``: its ``kind`` and ``value``.
+
+    ``refusal``: the backend refuses this user for this client whatever the password; a
+    mechanism answers ``refusal.reply`` at the step where the password has been proved,
+    where it would have gone on to success (so a wrong password and a refused login look
+    the same up to that step, and only the right password learns a ``reason``).  The
+    engine also answers it to an ``Accept`` that follows such a secret."""
 
     kind: str
     value: object
+    refusal: Refusal | None = None
 
     def __repr__(self) -> str:
-        return f"Secret(kind={self.kind!r}, value=***)"
+        refused = "" if self.refusal is None else f", refusal={self.refusal!r}"
+        return f"Secret(kind={self.kind!r}, value=***{refused})"
 
 
 @dataclass(frozen=True, repr=False)

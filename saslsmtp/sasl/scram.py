@@ -14,7 +14,10 @@ value goes into the reply text (``535 5.7.8 Authentication failed (SCRAM e=...)`
 ``invalid-proof``, which uses the default text so that an unknown user and a wrong password
 give the same answer.  An unknown user (``resume(None)``) is not revealed early: the
 exchange continues with a salt derived from the username and a server secret, exactly as for
-a user whose keys are derived from a stored plaintext, and fails at the proof.
+a user whose keys are derived from a stored plaintext, and fails at the proof.  A secret
+with a ``refusal`` (a users file's ``nologin`` or ``allow_nets``) answers the refusal's
+reply in place of ``v=`` when the proof is right: up to that step a refused user's exchange
+is a wrong password's, and the server signature is never sent.
 
 Channel binding: the ``-PLUS`` variants require ``p=<type>`` with a type present in
 ``Session.channel_bindings`` (``tls-unique``, ``tls-exporter``, ``tls-server-end-point``)
@@ -47,6 +50,7 @@ from saslsmtp.sasl.outcome import (
     Lookup,
     MechanismStateError,
     Outcome,
+    Refusal,
     Reject,
     Reply,
     Secret,
@@ -198,6 +202,7 @@ class Scram(ClientFirst):
         self._server_first = b""
         self._keys: ScramKeys | None = None
         self._unknown = False
+        self._refusal: Refusal | None = None
 
     # -- driving ----------------------------------------------------------------
 
@@ -217,6 +222,7 @@ class Scram(ClientFirst):
         if self._stage != "lookup":
             raise MechanismStateError(f"{self.name} did not ask for a secret (stage {self._stage})")
         secret = self.prepare_secret(secret)
+        self._refusal = secret.refusal if secret is not None else None
         if secret is None:
             self._unknown = True
             self._keys = ScramKeys(
@@ -256,7 +262,8 @@ class Scram(ClientFirst):
         if not isinstance(password, str):
             raise MechanismStateError("a plaintext secret is a str")
         salt = derived_salt(self._server_secret, self._base, self._username)
-        return Secret(self._kind, _derive_cached(self._hash, password, salt, self._iterations).as_tuple())
+        keys = _derive_cached(self._hash, password, salt, self._iterations)
+        return Secret(self._kind, keys.as_tuple(), secret.refusal)
 
     # -- messages ---------------------------------------------------------------
 
@@ -361,6 +368,8 @@ class Scram(ClientFirst):
         ok = hmac.compare_digest(hashlib.new(self._hash, client_key).digest(), keys.stored_key)
         if not ok or self._unknown:
             return INVALID
+        if self._refusal is not None:  # proved, but refused anyway: no v=, no success
+            return self._refusal.reply
         server_signature = _hmac(self._hash, keys.server_key, auth_message)
         self._stage = "ack"
         return Reply(b"v=" + base64.b64encode(server_signature))
