@@ -5,6 +5,7 @@ success from an allowed network for a client outside it (through the real daemon
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
 from pathlib import Path
@@ -25,6 +26,7 @@ from saslsmtp.limits.authcache import AuthCache, CachingChecker
 from saslsmtp.limits.settings import AuthCacheSettings
 from saslsmtp.sasl.outcome import Reject, Session
 from saslsmtp.threads import SynchronousRunner
+from tests.conftest import require_binary
 from tests.support import ROOT, free_port, start_daemon, twistd_command, write_config
 from tests.test_checker_file import captured_logs  # noqa: F401  (a fixture)
 
@@ -368,3 +370,72 @@ def test_check_lists_ignored_fields_and_nopassword(fields_daemon, tmp_path: Path
     assert (f"{users}: warning: line 5: user 'printer' logs in with any password"
             " (nopassword) from allow_nets") in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# ---- challenge mechanisms through the real daemon, with real clients ----------------------
+
+
+@pytest.fixture
+def challenge_daemon(tmp_path: Path):
+    """``twistd saslsmtp`` offering CRAM-MD5 and SCRAM-SHA-256 from a users file whose
+    users have extra fields."""
+    (tmp_path / "users").write_text(
+        f"alice:{{PLAIN}}{SECRET}::::::allow_nets=127.0.0.2\n"
+        f"bob:{passwords.make_hash('SCRAM-SHA-256', SECRET)}::::::nologin"
+        " reason=Mailbox-moved-to-mx2.example.org\n"
+        f"carol:{{PLAIN}}{SECRET}::::::nologin\n"
+        "printer:::::::nopassword allow_nets=127.0.0.0/8\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["CRAM-MD5", "SCRAM-SHA-256", "PLAIN"],
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    yield daemon
+    daemon.stop()
+
+
+def swaks_cram(port: int, source: str, user: str, password: str) -> tuple[int, str]:
+    """swaks' AUTH CRAM-MD5 from the loopback address ``source``: its exit status and
+    the server's reply to the response."""
+    done = subprocess.run([require_binary("swaks"), "--server", f"127.0.0.1:{port}",
+                           "--local-interface", source, "--auth", "CRAM-MD5",
+                           "--auth-user", user, "--auth-password", password,
+                           "--quit-after", "AUTH"], capture_output=True, text=True, timeout=60)
+    replies = [m.group(1) for line in done.stdout.splitlines()
+               for m in [re.match(r"<(?:-|\*\*)\s+((?:235|5\d\d) .*)$", line)] if m]
+    return done.returncode, replies[-1] if replies else done.stdout
+
+
+def gsasl_scram(port: int, user: str, password: str) -> tuple[int, str]:
+    done = subprocess.run([require_binary("gsasl"), "--smtp", "--no-starttls", "-m", "SCRAM-SHA-256",
+                           "-a", user, "-p", password, "--quiet", "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_challenge_mechanisms_apply_the_extra_fields(challenge_daemon) -> None:
+    """Real clients against the real daemon: swaks' CRAM-MD5 logs alice in from her
+    allow_nets address (127.0.0.2) and gets the wrong password's 535 from 127.0.0.1;
+    carol (nologin) gets the 535, bob (nologin with a reason) 525 5.7.13 and the reason
+    over gsasl's SCRAM-SHA-256, a wrong password the 535; the nopassword user has no
+    secret for CRAM-MD5.  Each refusal is logged with its reason, no password."""
+    port = challenge_daemon.port
+
+    def cram(source: str, user: str, password: str) -> Any:
+        return threads.deferToThread(swaks_cram, port, source, user, password)
+    assert await cram("127.0.0.2", "alice", SECRET) == (0, "235 2.7.0 Authentication successful")
+    assert await cram("127.0.0.1", "alice", SECRET) == (28, "535 5.7.8 Authentication credentials invalid")
+    assert await cram("127.0.0.2", "carol", SECRET) == (28, "535 5.7.8 Authentication credentials invalid")
+    assert (await cram("127.0.0.2", "printer", "anything"))[0] == 28
+    status, out = await threads.deferToThread(gsasl_scram, port, "bob", SECRET)
+    assert status != 0 and "525 5.7.13 Mailbox-moved-to-mx2.example.org" in out, out
+    assert "\n334 dj0" not in out  # no server signature (base64 "v=") for a refused login
+    status, out = await threads.deferToThread(gsasl_scram, port, "bob", "guess")
+    assert status != 0 and "535 5.7.8" in out and "525" not in out, out
+    log = challenge_daemon.log_text()
+    assert "user 'alice' refused: client 127.0.0.1 not in allow_nets (CRAM-MD5)" in log
+    assert "user 'carol' refused: nologin (CRAM-MD5)" in log
+    assert "user 'bob' refused: nologin (SCRAM-SHA-256)" in log
+    assert "user 'printer' cannot log in with this mechanism" in log
+    assert SECRET not in log
