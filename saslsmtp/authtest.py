@@ -6,8 +6,9 @@ The password is read like ``saslsmtp-passwd`` reads it (a prompt on a terminal, 
 line of standard input).  The configuration is wired with the server's own functions:
 with an ``auth.script`` the script decides (PLAIN and LOGIN go to it), otherwise the
 ``auth.backends`` chain, first accept wins.  It prints the verdict, the deciding backend
-(or the script, with the reply the client would get) and the time taken, one line per
-backend asked, and one ``logged:`` line per warning or error the server logged meanwhile
+(or the script) and the time taken, one line per backend asked (with the reply the
+client would get when the script or a backend chose it: a ``nologin`` user's ``reason``),
+and one ``logged:`` line per warning or error the server logged meanwhile
 (a script that raised: its file:line and the exception; never a traceback).
 
 Exit status: 0 accepted, 1 rejected, 2 temporary failure (the server would answer 454);
@@ -32,7 +33,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from saslsmtp.commandline import parse_arguments, standard_streams
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.credentials import PasswordCredentials
-from saslsmtp.errors import TemporaryFailure
+from saslsmtp.errors import AuthRejected, TemporaryFailure
 from saslsmtp.logs import format_message
 from saslsmtp.replies import auth_reply
 from saslsmtp.sasl.outcome import Defer, Reject, Session
@@ -68,9 +69,11 @@ class Outcome:
 
 
 def _verdict_of(failure: BaseException, script: bool = False) -> tuple[str, str]:
-    """The verdict and its detail: for the script, the reply the client would get."""
+    """The verdict and its detail: the reply the client would get from the script, and
+    from a backend that chose its own (a users file's ``nologin`` with a ``reason``: 525
+    5.7.13 and the reason, which the chain passes on when no other backend accepts)."""
     outcome = getattr(failure, "outcome", None)
-    if script and isinstance(outcome, (Reject, Defer)):
+    if (script or isinstance(failure, AuthRejected)) and isinstance(outcome, (Reject, Defer)):
         reply = auth_reply(outcome)
         return REJECT if isinstance(outcome, Reject) else TEMPORARY, \
             f"{reply.code} {reply.enhanced} {reply.text}"

@@ -66,6 +66,26 @@ async def test_file_backend_accept_and_reject(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_backends_own_reply_is_shown(tmp_path: Path) -> None:
+    """A users file's nologin with a reason: the right password is refused with the
+    525 5.7.13 and the reason the client would get (on the backend's line, as the
+    script's reply is shown); a wrong password is the plain reject; allow_nets outside
+    is the plain reject too (the client gets the wrong password's 535)."""
+    backends = file_backend(tmp_path, content="bob:{PLAIN}builder::::::nologin reason=Moved-to-mx2\n"
+                                              "eve:{PLAIN}x::::::allow_nets=192.0.2.0/24\n")
+    config = write_config(tmp_path, backends)
+    status, out, _ = await authtest(config, "bob", "builder")
+    assert status == 1
+    assert out.splitlines()[0].startswith("  users: reject (")
+    assert out.splitlines()[0].endswith("): 525 5.7.13 Moved-to-mx2")
+    assert out.splitlines()[-1].startswith("REJECT: bob via PLAIN (no backend accepted) in ")
+    status, out, _ = await authtest(config, "bob", "wrong")
+    assert status == 1 and out.splitlines()[0].endswith(" ms)")
+    status, out, _ = await authtest(config, "eve", "x")
+    assert status == 1 and out.splitlines()[0].endswith(" ms)")
+
+
+@pytest_twisted.ensureDeferred
 async def test_temporary_when_a_backend_is_down_and_none_accepts(tmp_path: Path) -> None:
     """An unreachable directory behind a rejecting file: exit 2, the directory decided."""
     backends = file_backend(tmp_path) + ldap_backend(f"ldap://127.0.0.1:{free_port()}")
