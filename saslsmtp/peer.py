@@ -13,16 +13,18 @@ from twisted.internet import tcp
 
 from saslsmtp.envelope import Client
 from saslsmtp.sendnow import SendNowServer
+from saslsmtp.sasl.heard import Heard
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.tlsinfo import tls_facts
 from saslsmtp.transaction import Stamp
 
 
 class Peer:
-    """The client's and our address, its HELO name and the AUTH script's context."""
+    """The client's and our address, its HELO name, the AUTH script's context and what the
+    client said in its AUTH exchanges (``Heard``, bounded)."""
 
     __slots__ = ("hostname", "client_identity", "ip", "port", "local_ip", "local_port", "helo",
-                 "context", "_settled")  # one per connection: no __dict__
+                 "context", "heard", "_settled")  # one per connection: no __dict__
 
     def __init__(self, hostname: str, client_identity: str = "cn") -> None:
         self.hostname = hostname
@@ -31,6 +33,7 @@ class Peer:
         self.local_ip, self.local_port = "", 0
         self.helo = ""  # the EHLO/HELO name, "" before it (and after STARTTLS)
         self.context: dict = {}  # the AUTH script's per-connection context
+        self.heard = Heard()  # what the client said in AUTH: kept out of the script's errors
         self._settled = False  # the addresses are final (plain TCP)
 
     def read(self, transport: Any) -> None:
@@ -57,7 +60,7 @@ class Peer:
         return Session(remote_ip=self.ip, remote_port=self.port,
                        local_ip=self.local_ip, local_port=self.local_port,
                        helo=self.helo, tls=tls, hostname=self.hostname,
-                       mechanism=mechanism, context=self.context,
+                       mechanism=mechanism, context=self.context, heard=self.heard,
                        channel_bindings=bindings, client_certificate=certificate)
 
     def client(self, login: str | None, session: Callable[[], Any]) -> Client:

@@ -21,7 +21,10 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
 ``context`` is a dict kept for the whole connection.  A script that returns nothing
 rejects; one that raises, returns something else or runs past ``script_timeout`` defers
 (454 4.7.0) and is logged in one line (its file:line, never the client's credentials; the
-traceback at debug level); an exchange longer than ``script_max_steps`` is refused.
+traceback at debug level); an exchange longer than ``script_max_steps`` is refused.  What
+the script kept in ``context`` of a password or response is redacted from that line too,
+also when it came from an earlier AUTH command of the connection (``Session.heard``
+remembers the last few exchanges: ``saslsmtp.sasl.heard``).
 
 A script runs in the reactor thread: what it does between two ``await``s holds every
 connection of the process.  That time is measured (``time.monotonic``): a stretch of
@@ -259,9 +262,11 @@ class ScriptRunner:
         """One call of ``auth`` (or ``function``, the script's ``sender``); fires with an
         ``Accept``/``Defer``/``Reject``/``Reply``.
 
-        ``earlier`` are the client's responses to the exchange's earlier steps: an error
-        message quoting one of them, or what the script kept of one in ``context`` (the
-        password of step 1, say), is logged with it redacted, as the current response is."""
+        ``earlier`` is what the client said before this call, on this connection (the
+        session's ``Heard``: the exchange's earlier steps and the last few exchanges before
+        it): an error message quoting one of them, or what the script kept of one in
+        ``context`` (the password of step 1, or of an earlier AUTH command, say), is logged
+        with it redacted, as the current response is."""
         mechanism = arguments.get("mechanism")
         state = arguments.get("state")
         decide = function or self.script.auth
@@ -362,6 +367,9 @@ class ScriptRunner:
         mechanism = session.mechanism or "PLAIN"
         args = self.arguments(session, mechanism, username=request.username,
                               password=request.password, authzid=request.authzid)
+        earlier = session.heard.said()  # the connection's earlier exchanges
+        session.heard.begin()
+        session.heard.add(request.password)
 
         def decide(result: Any) -> Any:
             if isinstance(result, Accept):
@@ -373,7 +381,7 @@ class ScriptRunner:
                           " temporary failure", path=self.script.path, mechanism=mechanism)
                 return Defer()
             return result
-        return self.run(args, session.context).addCallback(decide)
+        return self.run(args, session.context, earlier=earlier).addCallback(decide)
 
     def check_sender(self, session: Session, login: str | None, address: str,
                      params: Any = ()) -> "defer.Deferred[Any]":
@@ -393,7 +401,8 @@ class ScriptRunner:
                           path=self.script.path)
                 return Defer()
             return result
-        return self.run(args, session.context, self.script.sender).addCallback(only_verdicts)
+        return self.run(args, session.context, self.script.sender,
+                        earlier=session.heard.said()).addCallback(only_verdicts)
 
 
 class _Stopwatch:
@@ -521,7 +530,7 @@ class ScriptMechanism:
         self._runner = runner
         self._session = session
         self._state = -1
-        self._heard: list[bytes] = []  # the client's responses so far (redacted from logs)
+        session.heard.begin()  # the client's responses (redacted from logs), by exchange
 
     def start(self, initial: bytes | None) -> "defer.Deferred[Any]":
         return self._call(initial)
@@ -536,9 +545,10 @@ class ScriptMechanism:
         self._state += 1
         args = self._runner.arguments(self._session, self._session.mechanism,
                                       state=self._state, response=response)
-        d = self._runner.run(args, self._session.context, earlier=tuple(self._heard))
+        heard = self._session.heard
+        d = self._runner.run(args, self._session.context, earlier=heard.said())
         if response:
-            self._heard.append(response)
+            heard.add(response)
 
         def require_username(result: Any) -> Any:
             if isinstance(result, Accept) and not result.username:

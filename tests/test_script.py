@@ -321,6 +321,86 @@ def test_a_secret_the_script_kept_from_an_earlier_step_is_redacted(keep: str,
         assert form not in text
 
 
+@pytest.mark.parametrize("first", [
+    b"AUTH X-TEST " + b64("alice conn-Pw-canary7") + b"\r\n",  # a custom mechanism's response
+    b"AUTH PLAIN " + b64("\0alice\0conn-Pw-canary7") + b"\r\n",  # PLAIN's decoded password
+])
+def test_a_secret_kept_from_an_earlier_auth_command_is_redacted(first: bytes,
+                                                                logged: list[dict]) -> None:
+    """The first AUTH command's password is kept in ``context`` (and the login fails); a
+    later AUTH command on the same connection raises with ``context`` in its message:
+    the kept password is redacted there too, in every form, though this exchange never
+    heard it; what the server made itself stays readable."""
+    def auth(arguments, context):
+        said = arguments.get("password") or arguments["response"] or b""
+        if "kept" not in context:
+            context["kept"] = {"pw": said.split(b" ")[-1].decode() if isinstance(said, bytes)
+                               else said, "nonce": "server-nonce-18"}
+            return Reject()
+        raise ValueError(f"stale session {context!r}")
+
+    h = scripted(auth)
+    assert h.send(first) == INVALID
+    assert h.send(b"AUTH X-TEST " + b64("alice 000000") + b"\r\n") == TEMPFAIL
+    assert h.send(b"AUTH PLAIN " + b64("\0alice\0other") + b"\r\n") == TEMPFAIL
+    text = "\n".join(event_text(e) for e in logged)
+    assert text.count("auth() raised ValueError: stale session {'kept': {'pw': '<redacted>',"
+                      " 'nonce': 'server-nonce-18'}}") == 2
+    for form in ("conn-Pw-canary7", b64("conn-Pw-canary7").decode()):
+        assert form not in text
+
+
+def test_a_secret_kept_at_login_is_redacted_from_sender(logged: list[dict]) -> None:
+    """``sender()`` at MAIL FROM quoting what ``auth()`` kept of the login's password in
+    ``context``: redacted (the AUTH exchange is over, the connection remembers it)."""
+    from twisted.internet.task import Clock
+    from saslsmtp.script import AuthScript, Backends, ScriptRunner
+    from saslsmtp.sendercheck import SenderCheck
+    from saslsmtp.senders import SenderPolicy
+
+    def auth(arguments, context):
+        context["pw"] = arguments["password"]
+        return Accept()
+
+    def sender(arguments, context):
+        raise LookupError(f"no list for {context}")
+
+    runner = ScriptRunner(AuthScript("<test>", auth, None, sender=sender), Clock(), 5.0,
+                          Backends({}))
+    h = SMTPHarness(script=runner.script, sender_check=SenderCheck(SenderPolicy("any"), runner))
+    assert h.login("alice", "sender-Pw-canary5").startswith(b"235 ")
+    assert h.send(b"MAIL FROM:<a@example.test>\r\n").startswith(b"451 ")
+    text = "\n".join(event_text(e) for e in logged)
+    assert "sender() raised LookupError: no list for {'pw': '<redacted>'}" in text
+    assert "sender-Pw-canary5" not in text
+
+
+def test_the_connection_remembers_a_few_exchanges_only() -> None:
+    """``Heard`` is bounded: the last ``EXCHANGES`` exchanges, at most ``LIMIT`` bytes of
+    the earlier ones (the current one whole), nothing before the first AUTH."""
+    from saslsmtp.sasl.heard import Heard
+    heard = Heard()
+    assert heard.said() == ()
+    for n in range(Heard.EXCHANGES + 2):
+        heard.begin()
+        heard.add(f"exchange-{n}".encode())
+        heard.add(b"")  # nothing said: nothing kept
+    assert heard.said() == tuple(f"exchange-{n}".encode()
+                                 for n in range(2, Heard.EXCHANGES + 2))
+    big = b"x" * (Heard.LIMIT - 10)
+    heard.begin()
+    heard.add(big)
+    heard.add("t\u00e9xt")
+    heard.begin()
+    heard.add(b"next")
+    assert heard.said() == (big, "t\u00e9xt".encode(), b"next")  # older ones over LIMIT: gone
+    huge = b"y" * (Heard.LIMIT + 1)
+    heard.add(huge)
+    assert heard.said()[-1] == huge  # the current exchange is kept whole
+    heard.begin()
+    assert heard.said() == ()  # once earlier, over LIMIT on its own: gone
+
+
 def test_a_script_returning_another_awaitable_is_awaited() -> None:
     """Not only ``async def`` and Deferreds: any awaitable a script returns (an object
     with ``__await__``, a helper's coroutine) is awaited; it was a 454 ("returned

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
+from saslsmtp.sasl.heard import Heard
+
 __all__ = ["Reply", "Accept", "Reject", "Defer", "Verify", "Lookup", "Secret", "Refusal",
            "ValidateToken", "TOKEN_VERDICT", "TokenVerdict", "Decision", "Request", "Outcome",
            "Session", "MechanismStateError"]
@@ -186,6 +188,9 @@ class Session:
     # The AUTH script's per-connection ``context`` dict (mutable, shared by every
     # exchange of one connection; a new connection starts with an empty one).
     context: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # What the client said in the connection's last few AUTH exchanges, kept beside
+    # ``context`` (same lifetime) so that what a script kept of it is never logged.
+    heard: Heard = field(default_factory=Heard, compare=False, repr=False)
 
 
 class MechanismStateError(RuntimeError):
