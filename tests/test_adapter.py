@@ -117,3 +117,31 @@ def test_failed_exchange_carries_its_outcome() -> None:
     FailedExchangeChecker().requestAvatarId(deferred).addErrback(failures.append)
     assert isinstance(failures[0].value, TemporaryFailure)
     assert failures[0].value.outcome == Defer("Backend busy", 421, "4.3.0")
+
+
+def test_a_refused_secret_is_answered_in_stock_protocols_too() -> None:
+    """Through the stock-protocol adapter: CRAM-MD5 answers a secret's refusal (a users
+    file's nologin) after the right digest, and a mechanism that accepts whatever secret
+    it gets is answered the refusal all the same (the adapter's own check)."""
+    from twisted.internet import defer
+    from saslsmtp.adapter import IFailedExchange, MechanismAdapter
+    from saslsmtp.sasl.cram_md5 import digest_from_password
+    from saslsmtp.sasl.mechanism import MechanismSpec
+    from saslsmtp.sasl.outcome import Lookup, Refusal, Secret
+
+    moved = Reject("Moved", 525, "5.7.13")
+
+    def resolver(request, session):
+        return defer.succeed(Secret("plaintext", "pw", Refusal(moved, "users:1: user 'tim' refused: nologin")))
+
+    cram = MechanismAdapter(builtin_mechanisms(("CRAM-MD5",))["CRAM-MD5"], resolver=resolver)
+    cram.setResponse(b"tim " + digest_from_password("pw", cram.getChallenge()).encode())
+    assert IFailedExchange.providedBy(cram) and cram.failure is moved
+
+    class Careless:
+        def __init__(self, session): ...
+        def start(self, initial): return Lookup("tim", ("plaintext",))
+        def resume(self, secret): return Accept("tim")
+        def receive(self, response): raise AssertionError("no second step")
+    careless = MechanismAdapter(MechanismSpec("X-CARELESS", Careless), resolver=resolver)
+    assert IFailedExchange.providedBy(careless) and careless.failure is moved
