@@ -14,8 +14,13 @@ admission, logs); it waits at most ``PROXY_HEADER_TIMEOUT`` seconds for it (Post
 ``smtpd_upstream_proxy_timeout``); a connection without a valid header is closed with one
 log line naming the peer (the proxy's address, or the client that bypassed it).  A
 health check that connects and leaves without a header (HAProxy's plain ``check``) starts
-no session and logs nothing.  TLS handshake notifications are passed through to the SMTP
-protocol (the handshake deadline needs them when STARTTLS runs behind the wrapper).
+no session and logs nothing.  So does the check of a ``send-proxy-v2 check`` server line:
+HAProxy sends a header for itself (v2 ``LOCAL``: no client address; v1: the check's own
+connection) and resets the connection some microseconds later; the session of a header
+naming the proxy's own connection therefore starts ``LOCAL_START_DELAY`` after it (or at
+the first byte after it), and not at all when the connection is gone by then.  TLS
+handshake notifications are passed through to the SMTP protocol (the handshake deadline
+needs them when STARTTLS runs behind the wrapper).
 """
 
 from __future__ import annotations
@@ -37,14 +42,37 @@ from zope.interface import directlyProvides, implementer, providedBy
 log = Logger(namespace="saslsmtp.smtp")
 
 PROXY_HEADER_TIMEOUT = 5.0  # seconds from the connect to the end of the header
+LOCAL_START_DELAY = 0.1  # seconds a header without a client address waits for the check's reset
 _V2_FIXED = 16  # a v2 header's signature, version/command, family and length
+
+
+class _V1Parser(V1Parser):
+    """Twisted's v1 parser, also taking ``PROXY UNKNOWN`` with nothing after it (the
+    specification's own example of the proxy's own connection; Twisted wants a space)."""
+
+    @classmethod
+    def parse(cls, line: bytes) -> Any:
+        if line == cls.PROXYSTR + b" " + cls.UNKNOWN_PROTO:
+            line += b" "
+        return super().parse(line)
+
+
+def _own_connection(info: Any, transport: Any) -> bool:
+    """Does the header name the proxy's own connection rather than a client's?  v2's
+    ``LOCAL`` and v1's ``UNKNOWN`` name no address; HAProxy's v1 checks name the very
+    connection they come on (its source port included), which no relayed client can."""
+    if info.source is None:
+        return True
+    peer = transport.getPeer()
+    return (getattr(info.source, "host", None), getattr(info.source, "port", None)) == (
+        getattr(peer, "host", ""), getattr(peer, "port", -1))
 
 
 def _parser_for(head: bytes) -> V1Parser | V2Parser | Literal[True] | None:
     """The parser for a header starting with ``head``: ``True`` while too few bytes have
     come to tell, ``None`` when they cannot start a PROXY header."""
     if head.startswith(V1Parser.PROXYSTR):
-        return V1Parser()
+        return _V1Parser()
     if head.startswith(V2Parser.PREFIX):
         if len(head) < _V2_FIXED:
             return True
@@ -77,6 +105,10 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
             return
         if self.disconnecting:
             return
+        if self._proxyInfo is not None:  # a LOCAL header, then bytes before its start
+            self._start()
+            wrapped.dataReceived(data)
+            return
         try:
             parser = self._parser
             if parser is None:
@@ -96,15 +128,22 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
         if info is None:
             return
         self._proxyInfo = info
+        if not remaining and _own_connection(info, self.transport):  # a check?
+            self._cancel_deadline()
+            self._deadline = self.factory.clock.callLater(LOCAL_START_DELAY, self._start)
+            return
         self._start()
         if remaining and not self.disconnecting:
             wrapped.dataReceived(remaining)
 
-    def _start(self) -> None:
-        self._started = True
+    def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def _start(self) -> None:
+        self._started = True
+        self._cancel_deadline()
         self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]  # the transport
 
     def _timed_out(self) -> None:
@@ -123,9 +162,7 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._cancel_deadline()
         if self._started:
             super().connectionLost(reason)
         else:  # no session was started: nothing to tell it

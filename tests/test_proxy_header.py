@@ -7,6 +7,8 @@ StringTransport and a Clock for the timing."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from saslsmtp.proxyheader import HeaderFirstFactory, HeaderFirstWrapper
+from saslsmtp.proxyheader import LOCAL_START_DELAY, HeaderFirstFactory, HeaderFirstWrapper
 from saslsmtp.service import SubmissionFactory, listener, load, wire
-from tests.support import write_config
+from tests.conftest import require_binary
+from tests.limitsnet import PASSWORD, auth_plain, daemon, users_toml, wait_for_log
+from tests.support import free_port, wait_for, write_config
 
 
 @pytest.fixture
@@ -210,3 +214,89 @@ def test_bytes_that_cannot_start_a_header_close_at_once(logged: list[dict]) -> N
     wrapper.dataReceived(b"E")
     assert transport.disconnecting and recorder.events == []
     assert len(_proxy_lines(logged)) == 1
+
+
+# ---- the proxy's own connections (a header without a client address) --------------------
+
+OWN_V1 = b"PROXY TCP4 10.0.0.1 10.0.0.2 50000 587\r\n"  # HAProxy's v1 check: its own connection
+LOCAL_V2 = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + (0).to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize("header", [LOCAL_V2, OWN_V1])
+def test_check_that_sends_its_own_header_and_resets_starts_no_session(
+        header: bytes, logged: list[dict]) -> None:
+    """HAProxy's check of a ``send-proxy-v2 check`` server: a LOCAL header (the exact bytes
+    HAProxy 2.6 sends; with ``send-proxy``, a v1 header naming the check's own connection),
+    then a reset some microseconds later: no session, no line."""
+    wrapper, recorder, transport, clock = _wrapped()
+    wrapper.dataReceived(header)
+    clock.advance(LOCAL_START_DELAY / 2)
+    wrapper.connectionLost(Failure(ConnectionDone()))
+    assert recorder.events == [] and clock.getDelayedCalls() == [] and _proxy_lines(logged) == []
+
+
+@pytest.mark.parametrize("header", [LOCAL_V2, b"PROXY UNKNOWN\r\n", OWN_V1])
+def test_local_header_that_stays_starts_its_session_with_the_connection_address(header: bytes) -> None:
+    """An SMTP health check (``option smtpchk``) waits for the greeting: it gets it
+    ``LOCAL_START_DELAY`` later, as a session of the proxy's own address."""
+    wrapper, recorder, transport, clock = _wrapped()
+    wrapper.dataReceived(header)
+    assert recorder.events == []
+    clock.advance(LOCAL_START_DELAY)
+    assert recorder.events == [("made", "10.0.0.1")] and not transport.disconnecting
+
+
+def test_bytes_after_a_local_header_start_the_session_at_once() -> None:
+    wrapper, recorder, transport, clock = _wrapped()
+    wrapper.dataReceived(LOCAL_V2)
+    wrapper.dataReceived(b"EHLO check.example\r\n")
+    assert recorder.events == [("made", "10.0.0.1"), ("data", b"EHLO check.example\r\n")]
+    assert clock.getDelayedCalls() == []
+
+
+def _haproxy_checking(folder: Path, front: int, backend: int, send: str) -> subprocess.Popen:
+    """HAProxy as the README's recipe has it (``send-proxy-v2 check``), checking every
+    50 ms."""
+    binary = require_binary("haproxy", "haproxy")
+    config = folder / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 64\n\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n    timeout check 5s\n\n"
+        f"frontend submission\n    bind 127.0.0.1:{front}\n    default_backend saslsmtp\n\n"
+        "backend saslsmtp\n"
+        f"    server mx1 127.0.0.1:{backend} {send} check inter 50ms rise 1\n")
+    log = open(folder / "haproxy.log", "wb")
+    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
+                               stderr=subprocess.STDOUT)
+    log.close()
+    return process
+
+
+def _metric(port: int, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+@pytest.mark.parametrize("send", ["send-proxy-v2", "send-proxy"])
+def test_haproxy_checks_start_no_sessions(tmp_path: Path, send: str) -> None:
+    """The README's HAProxy recipe against a real daemon: twenty checks (counted as
+    accepted connections) leave no session line; a client through HAProxy gets one."""
+    metrics, front = free_port(), free_port()
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", "", backends, listen="haproxy:tcp",
+                    extra=f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n')
+    proxy = _haproxy_checking(tmp_path, front, server.port, send)
+    try:
+        base = _metric(metrics, "saslsmtp_connections_total")
+        wait_for(lambda: _metric(metrics, "saslsmtp_connections_total") >= base + 20,
+                 what="twenty HAProxy checks")
+        assert auth_plain(front, "alice", PASSWORD, "127.0.6.1").code == 235
+        log = wait_for_log(server, "session end client=127.0.6.1")
+        # one session of HAProxy's address: start_daemon's probe ("PROXY UNKNOWN" that waits)
+        assert log.count("session end client=127.0.0.1 ") == 1, log[-3000:]
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        server.stop()
