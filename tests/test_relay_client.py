@@ -686,3 +686,30 @@ def test_a_connection_lost_while_in_use_is_logged_once_and_not_when_idle():
     lines = [formatEvent(e) for e in events if e.get("log_namespace") == "saslsmtp.relay.client"]
     assert lines == ["upstream tcp:127.0.0.1:10025: connection lost during DATA",
                      "upstream tcp:127.0.0.1:10025: connection lost"]
+
+
+def test_a_connection_lost_before_the_reply_to_our_quit_is_not_logged():
+    """At shutdown ``close()`` says QUIT on every pooled connection and the process ends
+    before the 221 arrives (the daemon logged "connection lost waiting for the reply to
+    QUIT" for each at every stop, though nothing was lost); the same for a QUIT after a
+    transaction whose connection is not pooled."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client, upstream, _ = make(pool_size=1)
+        both = [in_data(client, upstream), in_data(client, upstream)]
+        for tx, (protocol, _transport) in zip(both, upstream.connections[-2:]):
+            end = tx.end()  # the first goes to the pool, the second says QUIT (pool_size=1)
+            protocol.dataReceived(b"250 2.0.0 Ok: queued\r\n")
+            assert result(end).code == 250
+        client.close()
+        assert upstream.said().endswith(b"QUIT\r\n")
+        for protocol, _transport in upstream.connections[-2:]:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        assert client.idle == []
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e for e in events if e.get("log_namespace") == "saslsmtp.relay.client"] == []

@@ -219,8 +219,9 @@ class UpstreamConnection(LineOnlyReceiver):
             elif reason.check(SSL.Error):
                 self.error = UpstreamError(REPLIES["upstream_unavailable"],
                                            "TLS handshake failed")
-            elif self.pending or not (self.idle or self.quitting):
-                # a transaction holds it (waiting, between commands or streaming DATA)
+            elif not self.quitting and (self.pending or not self.idle):
+                # a transaction holds it (waiting, between commands or streaming DATA);
+                # after our QUIT (a full pool, shutdown) nothing is lost with it
                 what = (f" waiting for the reply to {self.pending[0].expected.command}"
                         if self.pending else " during DATA" if self.downstream else "")
                 self.error = UpstreamError(REPLIES["upstream_lost"], f"connection lost{what}")
