@@ -165,8 +165,11 @@ class HeaderFirstWrapper(HAProxyProtocolWrapper):
         self._cancel_deadline()
         if self._started:
             super().connectionLost(reason)
-        else:  # no session was started: nothing to tell it
+        else:  # no session was started: nothing to tell it, but its factory counted it
             self.factory.unregisterProtocol(self)
+            forget = getattr(getattr(self.wrappedProtocol, "factory", None), "forget", None)
+            if forget is not None:  # saslsmtp_sessions went up at the accept
+                forget(self.wrappedProtocol)
 
     def handshakeCompleted(self) -> None:
         wrapped: Any = self.wrappedProtocol

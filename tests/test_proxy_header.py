@@ -300,3 +300,26 @@ def test_haproxy_checks_start_no_sessions(tmp_path: Path, send: str) -> None:
         proxy.terminate()
         proxy.wait(10)
         server.stop()
+
+
+def test_connections_that_start_no_session_leave_the_sessions_gauge(tmp_path: Path) -> None:
+    """``saslsmtp_sessions`` counts a connection from its accept: one that never became a
+    session (a check that left, bytes that are no header) must be taken off again when it
+    closes (each stayed counted forever: 'open sessions' grew by one per HAProxy check)."""
+    metrics = free_port()
+    backends = users_toml(tmp_path, {"alice": PASSWORD})
+    server = daemon(tmp_path, "d", "", backends, listen="haproxy:tcp",
+                    extra=f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n')
+    try:
+        base = _metric(metrics, "saslsmtp_connections_total")
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
+        assert _talk(server.port, b"GET / HTTP/1.0\r\n\r\n") == b""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(LOCAL_V2)
+        wait_for(lambda: _metric(metrics, "saslsmtp_connections_total") == base + 3,
+                 what="three accepted connections")
+        wait_for(lambda: _metric(metrics, "saslsmtp_sessions") == 0, timeout=5,
+                 what="no open session")
+        assert _metric(metrics, "saslsmtp_sessions") == 0
+    finally:
+        server.stop()
