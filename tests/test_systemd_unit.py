@@ -16,7 +16,7 @@ from tests.conftest import require_binary
 from tests.support import ROOT, alice_config, kill_leftovers, twistd_command
 
 UNIT = ROOT / "etc" / "systemd" / "saslsmtp.service"
-SHIPPED_TWISTD = "/usr/local/bin/twistd"
+SHIPPED_TWISTD = "/opt/saslsmtp/bin/twistd"
 
 
 def verify(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
@@ -38,6 +38,18 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     result = verify(tmp_path, text)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_the_unit_starts_the_twistd_the_readme_installs() -> None:
+    """The README installs saslsmtp into a virtual environment (a system-wide pip install
+    is refused on Debian 12); the unit's Exec lines name that environment's twistd (they
+    named /usr/local/bin/twistd, which that install never makes)."""
+    readme = (ROOT / "README.md").read_text()
+    venv = readme.split("python3 -m venv ", 1)[1].split()[0]
+    assert f"{venv}/bin/pip install" in readme
+    execs = [line.split("=", 1)[1].split()[0] for line in UNIT.read_text().splitlines()
+             if line.startswith(("ExecStart=", "ExecStartPre="))]
+    assert execs == [f"{venv}/bin/twistd"] * 2, execs
 
 
 def test_verify_would_catch_a_mistake(tmp_path: Path) -> None:
