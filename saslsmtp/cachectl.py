@@ -90,6 +90,7 @@ class CacheControlService(service.Service):
     def startService(self) -> None:
         super().startService()
         factory = Factory.forProtocol(lambda: ControlProtocol(self.caches))
+        factory.noisy = False  # no 'Starting factory <...Factory object at 0x...>' lines
         try:
             # wantPID: a lock file beside the socket; a stale socket of a dead process
             # is replaced, a live one's is not.

@@ -104,6 +104,9 @@ async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) 
 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()
+            # the control socket's factory said "Starting factory <twisted.internet.protocol
+            # .Factory object at 0x...>" and "Stopping factory ..." in every process
+            assert "factory <" not in log.read_text(), log.read_text()
             gone = run_cache(config, "flush", "alice")
             assert gone.returncode == 1
             assert gone.stderr.strip() == ("saslsmtp-cache: no saslsmtp server is running"
