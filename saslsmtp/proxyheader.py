@@ -42,7 +42,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 log = Logger(namespace="saslsmtp.smtp")
 
 PROXY_HEADER_TIMEOUT = 5.0  # seconds from the connect to the end of the header
-LOCAL_START_DELAY = 0.1  # seconds a header without a client address waits for the check's reset
+LOCAL_START_DELAY = 0.1  # seconds a header naming the proxy's own connection waits for its reset
 _V2_FIXED = 16  # a v2 header's signature, version/command, family and length
 
 
