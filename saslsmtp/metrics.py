@@ -227,6 +227,9 @@ def metrics_site(registry: CollectorRegistry) -> Any:
     class QuietSite(Site):
         noisy = False
 
+        def logPrefix(self) -> str:  # the listening port's start line names it
+            return "saslsmtp metrics (/metrics)"
+
         def log(self, request: Any) -> None:  # no access log line per scrape
             pass
 

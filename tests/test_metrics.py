@@ -267,6 +267,8 @@ def test_single_process_daemon_serves_metrics(tmp_path: Path) -> None:
                  and scraped()[("saslsmtp_sessions", listener)] == 0, what="two counted, none open")
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(30) == 0
+        # the start line says what listens there (it was "QuietSite starting on PORT")
+        assert f"saslsmtp metrics (/metrics) starting on {metrics_port}" in daemon.log_text()
     finally:
         daemon.stop()
 
