@@ -73,6 +73,14 @@ def check_users_files(config: Config, warn: Callable[[str], None] = _to_stderr) 
                      for line, message in parsed.problems]
         for warning in load_warnings(parsed, builtins):
             warn(f"{backend.options.path}: warning: {warning}")
+        if config.submission.sender_policy == "login":
+            bare = sorted(name for name in parsed.users if "@" not in name)
+            if bare:
+                shown = ", ".join(bare[:3]) + (f" and {len(bare) - 3} more" if len(bare) > 3 else "")
+                warn(f"{backend.options.path}: warning: sender_policy = \"login\" lets a login"
+                     f" send only as itself, and {len(bare)} of {len(parsed.users)} users"
+                     f" ({shown}) are no address: every MAIL of theirs gets 553"
+                     " (use sender_policy = \"map\" for them)")
     sender_map = config.submission.sender_map
     if config.submission.sender_policy == "map" and sender_map:  # and the sender map
         from saslsmtp.senders import check_sender_map

@@ -281,6 +281,27 @@ def test_check_reports_malformed_hashes_and_warns_about_coverage(
     assert "CRAM-MD5" not in capsys.readouterr().err
 
 
+def test_check_warns_when_sender_policy_login_meets_logins_that_are_no_address(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sender_policy = "login"`` lets a login send only as itself; a users file whose
+    names are not addresses (``saslsmtp-passwd alice``) would get 553 at every MAIL with no
+    word at --check.  Now it warns, naming a few of them; address logins say nothing."""
+    from saslsmtp.service import check_users_files, load
+    from tests.support import write_config
+    users = write(tmp_path / "users", "alice:{PLAIN}pw\nbob@example.test:{PLAIN}pw\n"
+                  "carol:{PLAIN}pw\ndave:{PLAIN}pw\nerin:{PLAIN}pw\n")
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{users}"\n'
+                          '[submission]\nsender_policy = "login"\n')
+    check_users_files(load(str(config)))
+    assert capsys.readouterr().err == (
+        f'{users}: warning: sender_policy = "login" lets a login send only as itself, and 4 of'
+        ' 5 users (alice, carol, dave and 1 more) are no address: every MAIL of theirs gets'
+        ' 553 (use sender_policy = "map" for them)\n')
+    users.write_text("bob@example.test:{PLAIN}pw\n")
+    check_users_files(load(str(config)))
+    assert capsys.readouterr().err == ""
+
+
 @pytest_twisted.ensureDeferred
 async def test_secret_lookup_logs_why_a_one_way_hash_cannot_serve(tmp_path: Path,
                                                                    captured_logs: list) -> None:
