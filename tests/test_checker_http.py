@@ -18,7 +18,6 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionClosed
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
@@ -30,6 +29,7 @@ from saslsmtp.credentials import PasswordCredentials
 from saslsmtp.errors import TemporaryFailure
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
+from tests.stalehttp import ForgetfulFactory
 from tests.tlsutil import issue_cert, make_ca, twisted_server_options
 from tests.upstreams import BLOCKED, USERS, AuthAPI, WebServer as Server
 
@@ -275,42 +275,12 @@ async def test_real_stopped_then_back(api):
     assert await c.requestAvatarId(creds("alice", USERS["alice"])) == b"alice"
 
 
-class ForgetfulHTTP(Protocol):
-    """Answers the first request on a connection (keep-alive), then closes the
-    connection silently when the second one arrives: a stale kept-alive connection."""
-
-    def connectionMade(self) -> None:
-        self.buffer = b""
-        self.answered = 0
-        self.factory.connections += 1
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.factory.requests += 1
-            if self.answered:
-                self.transport.loseConnection()
-                return
-            self.answered += 1
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-
 @pytest_twisted.ensureDeferred
 async def test_stale_kept_alive_connection_retried_once():
     """A POST on a kept-alive connection that the server drops unanswered is sent once
     more on a fresh connection (Twisted itself never retries a POST)."""
     from twisted.internet import reactor
-    factory = Factory.forProtocol(ForgetfulHTTP)
-    factory.connections = factory.requests = 0
+    factory = ForgetfulFactory()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         c = checker(f"http://127.0.0.1:{port.getHost().port}/auth")

@@ -25,7 +25,6 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
@@ -44,6 +43,7 @@ from saslsmtp.sasl.oauth import TokenVerdict, ValidateToken
 from saslsmtp.sasl.outcome import Session
 from saslsmtp.threads import SynchronousRunner
 from tests.conftest import event_text
+from tests.stalehttp import ForgetfulFactory
 from tests.upstreams import WebServer
 
 ISSUER = "https://idp.example.test"
@@ -726,38 +726,6 @@ async def test_key_set_outage_warning_masks_a_password_in_the_url(idp, keys):
     assert not [t for t in texts if URL_SECRET in t]
 
 
-class ForgetfulIdP(Protocol):
-    """Answers the first request on each connection with ``factory.body`` (JSON), then
-    drops the connection without a word when the next one arrives on it: a kept-alive
-    connection the server had closed (an IdP restarting, a short keep-alive timeout)."""
-
-    def connectionMade(self) -> None:
-        self.buffer = b""
-        self.answered = False
-        self.factory.connections += 1
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.factory.requests += 1
-            if self.answered:
-                self.transport.loseConnection()
-                return
-            self.answered = True
-            body = self.factory.body
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-
-
 @pytest.mark.parametrize("kind", ["introspection", "jwks"])
 @pytest_twisted.ensureDeferred
 async def test_a_dead_kept_alive_connection_is_retried_once(keys, kind):
@@ -766,8 +734,7 @@ async def test_a_dead_kept_alive_connection_is_retried_once(keys, kind):
     connection and the login succeeds, as with the http backend; it was a 454 (the JWKS:
     a refresh that failed)."""
     from twisted.internet import reactor
-    factory = Factory.forProtocol(ForgetfulIdP)
-    factory.connections = factory.requests = 0
+    factory = ForgetfulFactory(content_type=b"application/json")
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     url = f"http://127.0.0.1:{port.getHost().port}"
     events: list[dict] = []
