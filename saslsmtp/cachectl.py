@@ -42,7 +42,13 @@ CONTROL_NAME = "auth-cache-control"  # its name among the serving process's serv
 TIMEOUT = 10.0
 
 
+def entries(n: int) -> str:
+    """``1 entry``, ``2 entries``: what a flush reports."""
+    return "1 entry" if n == 1 else f"{n} entries"
+
+
 # ---- the server side ------------------------------------------------------------------
+
 
 class ControlProtocol(LineOnlyReceiver):
     """One control connection: each ``flush [USER]`` line is answered ``ok N``."""
@@ -59,8 +65,8 @@ class ControlProtocol(LineOnlyReceiver):
             self.sendLine(b"error unknown command (known: flush [USER])")
             return
         dropped = sum(cache.flush(user or None) for cache in self.caches())
-        log.info("auth cache flushed ({who}): {n} entries dropped",
-                 who=f"user {user}" if user else "every user", n=dropped)
+        log.info("auth cache flushed ({who}): {n} dropped",
+                 who=f"user {user}" if user else "every user", n=entries(dropped))
         self.sendLine(b"ok %d" % dropped)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -262,7 +268,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     dropped = sum(a.dropped or 0 for a in done)
     processes = "1 process" if len(done) == 1 else f"{len(done)} processes"
     cache = "" if settings.enabled else " (the cache is off in this configuration)"
-    print(f"auth cache flushed for {who}: {dropped} entries dropped in {processes}{cache}",
+    print(f"auth cache flushed for {who}: {entries(dropped)} dropped in {processes}{cache}",
           file=stdout)
     return EX_OK
 

@@ -20,6 +20,7 @@ from twisted.internet import threads
 from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp import cachectl
+from saslsmtp.cachectl import entries
 from tests.limitsnet import auth_plain
 from tests.support import ROOT, free_port, workers_daemon, write_config
 from tests.upstreams import USERS, AuthAPI, WebServer
@@ -88,7 +89,7 @@ async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) 
             flushed = run_cache(config, "flush", "Alice")
             assert flushed.returncode == 0, flushed.stderr
             processes = "1 process" if workers == 1 else f"{workers} processes"
-            assert flushed.stdout.strip() == (f"auth cache flushed for user Alice: {alice} entries"
+            assert flushed.stdout.strip() == (f"auth cache flushed for user Alice: {entries(alice)}"
                                               f" dropped in {processes}")
             assert await threads.deferToThread(login, "alice") == 235
             assert api.asked("alice") == alice + 1  # not cached any more: the API was asked
@@ -96,10 +97,10 @@ async def test_flush_one_user_of_a_running_server(tmp_path: Path, workers: int) 
 
             flushed = run_cache(config, "flush", OTHER)
             assert flushed.returncode == 0, flushed.stderr
-            assert f"{bob} entries dropped" in flushed.stdout  # all still cached until now
+            assert f"{entries(bob)} dropped" in flushed.stdout  # all still cached until now
             everyone = run_cache(config, "flush")
             assert everyone.returncode == 0, everyone.stderr
-            assert "flushed for every user: 1 entries" in everyone.stdout  # alice's new login
+            assert "flushed for every user: 1 entry dropped" in everyone.stdout  # alice's new login
             assert "auth cache flushed (user Alice)" in log.read_text()
 
             proc.send_signal(signal.SIGTERM)
