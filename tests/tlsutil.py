@@ -136,15 +136,7 @@ def issue_cert(ca: CA, tmp: str | Path, names: Sequence[str] = ("localhost", "12
     if san:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
-    cert = builder.sign(ca.private_key, hashes.SHA256())
-    stem = f"cert{n}"
-    cert_path, key_path, chain_path = (tmp / f"{stem}.pem", tmp / f"{stem}.key",
-                                       tmp / f"{stem}-chain.pem")
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_path.write_bytes(pem)
-    chain_path.write_bytes(pem + ca.certificate.public_bytes(serialization.Encoding.PEM))
-    _write_key(key_path, key)
-    return IssuedCert(str(cert_path), str(key_path), str(chain_path), cert)
+    return _written(ca, tmp, f"cert{n}", builder.sign(ca.private_key, hashes.SHA256()), key)
 
 
 def issue_client_cert(ca: CA, tmp: str | Path, cn: str | None = "alice", email: str | None = None,
@@ -171,8 +163,11 @@ def issue_client_cert(ca: CA, tmp: str | Path, cn: str | None = "alice", email: 
     if email is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]),
                                         critical=False)
-    cert = builder.sign(ca.private_key, hashes.SHA256())
-    stem = f"client{n}"
+    return _written(ca, tmp, f"client{n}", builder.sign(ca.private_key, hashes.SHA256()), key)
+
+
+def _written(ca: CA, tmp: Path, stem: str, cert: x509.Certificate, key: Any) -> IssuedCert:
+    """``cert`` and ``key`` as PEM files in ``tmp``: the leaf, its key, the leaf + CA."""
     cert_path, key_path, chain_path = (tmp / f"{stem}.pem", tmp / f"{stem}.key",
                                        tmp / f"{stem}-chain.pem")
     pem = cert.public_bytes(serialization.Encoding.PEM)
