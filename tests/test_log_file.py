@@ -76,16 +76,21 @@ def login(port: int) -> None:
     session.close()
 
 
+def _daemon_logging_to(log: Path, config: Path) -> subprocess.Popen:
+    """``twistd -n saslsmtp --logfile=LOG`` in one process, in the config's folder."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+         f"--logfile={log}", "saslsmtp", "--config", str(config)],
+        cwd=config.parent, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
+
+
 def test_the_daemon_rotates_its_log_file_on_sigusr1(tmp_path: Path) -> None:
     """The real daemon (one process, ``--logfile``): the lines before SIGUSR1 are in
     ``.1``, a session after it is logged in the new file only."""
     config, port = alice_config(tmp_path)
     log = tmp_path / "saslsmtp.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         f"--logfile={log}", "saslsmtp", "--config", str(config)],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT)
+    proc = _daemon_logging_to(log, config)
     try:
         wait_for(lambda: log.exists() and "saslsmtp ready" in log.read_text(), what="ready")
         login(port)
@@ -109,11 +114,7 @@ def test_sighup_reopens_a_renamed_log_file_and_reloads(tmp_path: Path) -> None:
     and deletes."""
     config, port = alice_config(tmp_path)
     log = tmp_path / "saslsmtp.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-         f"--logfile={log}", "saslsmtp", "--config", str(config)],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT)
+    proc = _daemon_logging_to(log, config)
     try:
         wait_for(lambda: log.exists() and "saslsmtp ready" in log.read_text(), what="ready")
         rotated = log.with_name("saslsmtp.log-20261130")
