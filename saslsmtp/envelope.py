@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp.replies import DEFAULT_ENHANCED, REPLIES, SMTPReply, clean_text
+from saslsmtp.utf8address import parsed_path
 
 log = Logger(namespace="saslsmtp.transaction")
 
@@ -90,7 +91,8 @@ class StockEnvelope:
         self.sink: LinesSink | None = None
 
     def mail(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
-        origin = smtp.Address(address.encode("utf-8")) if address else smtp.Address(b"")
+        # the transaction parsed it (UTF-8 only with SMTPUTF8): a UTF8Address then
+        origin = parsed_path(address.encode("utf-8"), True)
 
         def ok(accepted: Any) -> SMTPReply:
             self.origin = accepted or origin
@@ -99,7 +101,9 @@ class StockEnvelope:
         return d.addCallbacks(ok, lambda f: delivery_error_reply(f, REPLIES["sender_rejected"]))
 
     def rcpt(self, address: str, params: Sequence[str]) -> "defer.Deferred[SMTPReply]":
-        user = smtp.User(address.encode("utf-8"), self.helo, None, self.origin)
+        dest = parsed_path(address.encode("utf-8"), True)
+        user = smtp.User(dest, self.helo, None, self.origin)
+        user.dest = dest  # User copies an Address into the plain class: keep UTF8Address
 
         def ok(factory: Callable[[], Any]) -> SMTPReply:
             self.factories.append(factory)

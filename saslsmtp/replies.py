@@ -1,5 +1,5 @@
-"""The one table of SMTP replies saslsmtp sends (RFC 5321, RFC 4954, RFC 3463, RFC 2034),
-and the one mapping from an AUTH outcome to its reply (``auth_reply``).
+"""The one table of SMTP replies saslsmtp sends (RFC 5321, RFC 4954, RFC 3463, RFC 2034,
+RFC 6531), and the one mapping from an AUTH outcome to its reply (``auth_reply``).
 
 Every reply with a status code carries its enhanced code.  Tests import this table
 instead of repeating the strings.
@@ -86,6 +86,7 @@ REPLIES: dict[str, SMTPReply] = {
     "sender_syntax": SMTPReply(501, "5.1.7", "Bad sender address syntax", "RFC 3463 3.2"),
     "recipient_syntax": SMTPReply(501, "5.1.3", "Bad recipient address syntax", "RFC 3463 3.2"),
     "bad_param": SMTPReply(555, "5.5.4", "Unsupported MAIL/RCPT parameter", "RFC 5321 4.1.1.11"),
+    "smtputf8_required": SMTPReply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address", "RFC 6531 3.4"),
     "sender_ok": SMTPReply(250, "2.1.0", "Sender OK", "RFC 3463"),
     "rcpt_ok": SMTPReply(250, "2.1.5", "Recipient OK", "RFC 3463"),
     "too_many_rcpts": SMTPReply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8"),
@@ -140,7 +141,8 @@ def auth_reply(outcome: Reject | Defer) -> SMTPReply:
 def ehlo_reply(hostname: str, max_size: int, starttls: bool, mechanisms: tuple[str, ...]) -> SMTPReply:
     """The EHLO reply (RFC 5321 s4.1.1.1): our name, then the extensions we serve.  The
     same few replies go out on every session, so each is built (and rendered) once."""
-    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+             "SMTPUTF8"]
     if starttls:
         lines.append("STARTTLS")
     if mechanisms:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence, Union
 
 from twisted.internet import defer
@@ -30,6 +30,8 @@ from saslsmtp.envelope import (Client, Envelope, MessageSink, StockEnvelope,
                                delivery_error_reply)
 from saslsmtp.replies import REPLIES, SMTPReply, clean_text
 from saslsmtp.sessionlogger import Logger
+from saslsmtp.utf8address import SMTPUTF8Undeclared, parsed_path
+from saslsmtp.utf8address import parsed_address as parsed_address  # its old home
 
 log = Logger(namespace="saslsmtp.transaction")
 
@@ -56,6 +58,7 @@ class Stamp:
     hostname: str
     tls: bool
     user: str | None  # the authenticated user, or None
+    smtputf8: bool = False  # the transaction's MAIL said SMTPUTF8 (RFC 6531 3.7.3)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class MailTransaction:
         self.sender_check = sender_check
         self.line_limit = line_limit
         self.sender: smtp.Address | None = None
+        self.smtputf8 = False  # this transaction's MAIL said SMTPUTF8 (RFC 6531)
         self.recipients: list[str] = []
         self.receiving = False  # between 354 and the final dot
         self.envelope: Envelope | None = None
@@ -105,6 +109,7 @@ class MailTransaction:
         """Forget the transaction (RSET, EHLO, STARTTLS, end of DATA)."""
         self.abort()
         self.sender = None
+        self.smtputf8 = False
         self.recipients = []
         self.receiving = False
         self._body = None
@@ -125,8 +130,9 @@ class MailTransaction:
 
     def mail(self, arg: bytes, avatar: Any, helo: tuple, require_auth: bool,
              client: Client | None = None) -> Answer:
-        """``MAIL FROM:<address> [SIZE=n] [BODY=...] [AUTH=...]``: the sender check, then
-        the avatar's envelope (``None`` before AUTH) answers."""
+        """``MAIL FROM:<address> [SIZE=n] [BODY=...] [SMTPUTF8] [AUTH=...]``: the sender
+        check, then the avatar's envelope (``None`` before AUTH) answers.  A UTF-8 address
+        needs ``SMTPUTF8`` (``saslsmtp.utf8address``)."""
         if self.sender is not None:
             return ProtocolError(REPLIES["nested_mail"])
         if require_auth and avatar is None:
@@ -141,26 +147,29 @@ class MailTransaction:
             refusal = self._mail_parameter(param)
             if refusal is not None:
                 return ProtocolError(refusal)
+        smtputf8 = any(p.upper() == b"SMTPUTF8" for p in params)
         try:
-            origin = parsed_address(address)
-        except smtp.AddressError:  # also 8-bit: no SMTPUTF8 is announced
+            origin = parsed_path(address, smtputf8)
+        except smtp.AddressError:  # also 8-bit that is not UTF-8
             return ProtocolError(REPLIES["sender_syntax"])
+        except SMTPUTF8Undeclared:
+            return ProtocolError(REPLIES["smtputf8_required"])
         if avatar is None:
             return ProtocolError(REPLIES["auth_required"])
         client = client or Client(getattr(avatar, "username", None), helo[1] or "",
                                   0, (helo[0] or b"").decode("ascii", "replace"))
         text_params = [p.decode("ascii", "replace") for p in params]
-        text_address = address.decode("utf-8", "replace")
+        text_address = address.decode("utf-8")  # valid UTF-8: parsed_path said so
         if self.sender_check is None:
             return self._mail_envelope(None, avatar, helo, client, origin, text_address,
-                                       text_params)
+                                       text_params, smtputf8)
         d = defer.maybeDeferred(self.sender_check, client, text_address, text_params)
         return d.addCallback(self._mail_envelope, avatar, helo, client, origin,
-                             text_address, text_params)
+                             text_address, text_params, smtputf8)
 
     def _mail_envelope(self, refusal: SMTPReply | None, avatar: Any, helo: tuple,
                        client: Client, origin: smtp.Address, address: str,
-                       params: list[str]) -> Any:
+                       params: list[str], smtputf8: bool) -> Any:
         if refusal is not None:
             return refusal
         begin = getattr(avatar, "begin_transaction", None)
@@ -174,6 +183,7 @@ class MailTransaction:
                 return reply
             if reply.code // 100 == 2:
                 self.sender = origin
+                self.smtputf8 = smtputf8
                 self._client = client
             else:
                 self.envelope = None
@@ -201,6 +211,9 @@ class MailTransaction:
         elif key == b"BODY":
             if value is None or value.upper() not in (b"7BIT", b"8BITMIME"):
                 return REPLIES["bad_param"].with_text("BODY must be 7BIT or 8BITMIME")
+        elif key == b"SMTPUTF8":  # RFC 6531 3.4: a keyword without a value
+            if value is not None:
+                return REPLIES["bad_param"].with_text("SMTPUTF8 takes no value")
         elif key != b"AUTH":  # RFC 4954 section 5: AUTH= parsed and ignored is compliant
             return REPLIES["bad_param"]
         return None
@@ -221,10 +234,12 @@ class MailTransaction:
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
-            parsed_address(parsed.group(1))
-        except smtp.AddressError:  # also 8-bit: no SMTPUTF8 is announced
+            parsed_path(parsed.group(1), self.smtputf8)
+        except smtp.AddressError:  # also 8-bit that is not UTF-8
             return ProtocolError(REPLIES["recipient_syntax"])
-        address = parsed.group(1).decode("utf-8", "replace")  # forwarded as the client sent it
+        except SMTPUTF8Undeclared:
+            return ProtocolError(REPLIES["smtputf8_required"])
+        address = parsed.group(1).decode("utf-8")  # forwarded as the client sent it
         envelope = self.envelope
         d = call(envelope.rcpt, address, [])
 
@@ -246,6 +261,8 @@ class MailTransaction:
         if arg.strip():
             return ProtocolError(REPLIES["data_args"])
         envelope = self.envelope
+        if self.smtputf8:  # the Received header says so (RFC 6531 3.7.3)
+            stamp = replace(stamp, smtputf8=True)
         d = call(envelope.data)
 
         def answered(reply: SMTPReply) -> SMTPReply:
@@ -373,17 +390,9 @@ def then(result: Any, callback: Callable[[Any], Any], errback: Callable[[Failure
     return callback(result)
 
 
-@functools.lru_cache(maxsize=1024)
-def parsed_address(address: bytes) -> smtp.Address:
-    """``smtp.Address(address)``, kept for the addresses seen lately: a submission server
-    sees the same senders and recipients again and again, and Twisted's tokenizer costs
-    more than the rest of MAIL or RCPT.  A refused address raises ``AddressError`` each
-    time (exceptions are not cached); the ``Address`` is shared, and nothing changes it."""
-    return smtp.Address(address)
-
-
 def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
-    """The Received header (RFC 5321 4.4, RFC 3848 ESMTPSA/ESMTPA)."""
+    """The Received header (RFC 5321 4.4, RFC 3848 ESMTPSA/ESMTPA, RFC 6531 3.7.3
+    UTF8SMTPSA/UTF8SMTPA/UTF8SMTPS/UTF8SMTP for a transaction that said SMTPUTF8)."""
     rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     return f"{_received_from(stamp)}{rcpt}; {_date()}".encode("utf-8")
 
@@ -392,16 +401,26 @@ def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
 def _received_from(stamp: Stamp) -> str:
     """The part of the Received header that depends on the connection only (one per
     session, the same for each of its messages)."""
-    protocol = "ESMTP" + ("S" if stamp.tls else "") + ("A" if stamp.user is not None else "")
+    protocol = (("UTF8SMTP" if stamp.smtputf8 else "ESMTP") + ("S" if stamp.tls else "")
+                + ("A" if stamp.user is not None else ""))
     helo = clean_text(stamp.helo) or "unknown"
     auth = ""
     if stamp.user is not None:
-        user = clean_text(stamp.user).replace("(", "").replace(")", "")
+        # a UTF-8 login stays UTF-8 where the header may be (RFC 6532: an SMTPUTF8
+        # message); elsewhere its non-ASCII characters become "?"
+        user = (_utf8_text(stamp.user) if stamp.smtputf8 else
+                clean_text("".join(c if c.isascii() else "?" for c in stamp.user)))
+        user = user.replace("(", "").replace(")", "")
         auth = f"\r\n\t(authenticated user {user})"
     # an IPv6 address literal carries its tag (RFC 5321 4.1.3: "[IPv6:2001:db8::1]")
     literal = f"IPv6:{stamp.peer_ip}" if ":" in stamp.peer_ip else stamp.peer_ip
     return (f"Received: from {helo} ([{literal}])\r\n\tby {stamp.hostname}"
             f" (saslsmtp) with {protocol}{auth}")
+
+
+def _utf8_text(text: str) -> str:
+    """``clean_text`` that keeps printable non-ASCII characters: one line, no controls."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:400]
 
 
 _last_date: tuple[int, str] = (-1, "")

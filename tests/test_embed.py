@@ -359,7 +359,7 @@ def test_submission_auth_cram_md5_reads_the_passwd_file(users: Any) -> None:
     server, transport, realm = submission(auth, checkers=[users], require_tls=False)
     assert say(server, transport, b"EHLO client.example") == (
         b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
-        b"250-ENHANCEDSTATUSCODES\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
+        b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 AUTH CRAM-MD5 PLAIN\r\n")
     reply = say(server, transport, b"AUTH CRAM-MD5")
     assert reply.startswith(b"334 ")
     challenge = base64.b64decode(reply[4:])

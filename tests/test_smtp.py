@@ -65,7 +65,7 @@ def test_greeting_and_ehlo_exact() -> None:
     assert h.greeting == b"220 mx.example.test ESMTP saslsmtp\r\n"
     assert h.send(EHLO) == (
         b"250-mx.example.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"
-        b"250-ENHANCEDSTATUSCODES\r\n250 AUTH PLAIN LOGIN\r\n")
+        b"250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 AUTH PLAIN LOGIN\r\n")
 
 
 def test_rfc4616_plain_success() -> None:
@@ -552,8 +552,9 @@ def test_pipelined_auth_responses_are_the_exchange() -> None:
 
 
 def test_nul_and_8bit_in_ehlo_mail_rcpt() -> None:
-    """NUL anywhere: 500 5.5.2; 8-bit in EHLO/HELO: 501 5.5.4; in an address (no
-    SMTPUTF8 is announced) the RFC 3463 address codes, 5.1.7 sender, 5.1.3 recipient.
+    """NUL anywhere: 500 5.5.2; 8-bit in EHLO/HELO: 501 5.5.4; UTF-8 in an address of a
+    transaction without SMTPUTF8 on its MAIL: 553 5.6.7 (RFC 6531 3.4); octets that are
+    not UTF-8 in an address: the RFC 3463 address codes, 5.1.7 sender, 5.1.3 recipient.
     The session stays usable after each."""
     h = SMTPHarness(users=USERS)
     assert h.send(b"EHLO a\0b\r\n") == b"500 5.5.2 NUL characters are not allowed\r\n"
@@ -563,10 +564,12 @@ def test_nul_and_8bit_in_ehlo_mail_rcpt() -> None:
     assert h.send(b"MAIL FROM:<tim\0@example.test>\r\n") == (
         b"500 5.5.2 NUL characters are not allowed\r\n")
     assert h.send("MAIL FROM:<t\u00efm@example.test>\r\n".encode()) == (
+        b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n")
+    assert h.send(b"MAIL FROM:<t\xefm@example.test>\r\n") == (
         b"501 5.1.7 Bad sender address syntax\r\n")
     assert h.send(b"MAIL FROM:<tim@example.test>\r\n") == b"250 2.1.0 Sender OK\r\n"
     assert h.send("RCPT TO:<\u00e4@example.test>\r\n".encode()) == (
-        b"501 5.1.3 Bad recipient address syntax\r\n")
+        b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n")
     assert h.send(b"RCPT TO:<a\xff@example.test>\r\n") == (
         b"501 5.1.3 Bad recipient address syntax\r\n")
     assert h.send(b"RCPT TO:<a@example.test>\r\n") == b"250 2.1.5 Recipient OK\r\n"

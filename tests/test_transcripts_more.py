@@ -82,7 +82,7 @@ def test_accepted_mail_parameters() -> None:
     (b"SIZE=1001", b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"),
     (b"BODY=BINARYMIME", b"555 5.5.4 BODY must be 7BIT or 8BITMIME\r\n"),
     (b"BODY", b"555 5.5.4 BODY must be 7BIT or 8BITMIME\r\n"),
-    (b"SMTPUTF8", b"555 5.5.4 Unsupported MAIL/RCPT parameter\r\n"),
+    (b"SMTPUTF8=yes", b"555 5.5.4 SMTPUTF8 takes no value\r\n"),
     (b"=x", b"555 5.5.4 Unsupported MAIL/RCPT parameter\r\n"),
     (b"SIZE=10 RET=HDRS", b"555 5.5.4 Unsupported MAIL/RCPT parameter\r\n"),
 ])
@@ -99,7 +99,9 @@ def test_bad_mail_parameters(params: bytes, reply: bytes) -> None:
     (b"MAIL TO:<alice@example.test>", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
     (b"MAIL", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n"),
     (b"MAIL FROM:<a@@>", b"501 5.1.7 Bad sender address syntax\r\n"),
-    (b"MAIL FROM:<a@exa\xc3\xa9mple.test>", b"501 5.1.7 Bad sender address syntax\r\n"),
+    (b"MAIL FROM:<a@exa\xc3\xa9mple.test>",
+     b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n"),
+    (b"MAIL FROM:<a@exa\xe9mple.test> SMTPUTF8", b"501 5.1.7 Bad sender address syntax\r\n"),
 ])
 def test_mail_syntax_errors(line: bytes, reply: bytes) -> None:
     """A MAIL without ``FROM:<address>`` gets the syntax reply (5.5.4, RFC 3463 invalid
