@@ -13,7 +13,11 @@ beyond reading the map file.
   lines and lines starting with ``#`` are ignored.
 * Addresses compare with the **domain case-insensitive** and the local part exact
   (RFC 5321 2.4: only the receiving host may fold a local part).  Logins compare exactly,
-  as in the users file.
+  as in the users file.  UTF-8 addresses (SMTPUTF8, RFC 6531) compare the same way, and a
+  domain written with U-labels is the same domain as its A-labels: ``jörg@exämple.de``,
+  ``jörg@EXÄMPLE.de`` and ``jörg@xn--exmple-cua.de`` are one address, in a MAIL, a
+  login or the map (IDNA 2008 with the UTS 46 mapping, ``saslsmtp.domains``).  The
+  local part is compared as the octets it is: ``jörg`` composed and decomposed differ.
 * The map is re-read when its device, inode, size or mtime changes (the users file's
   pattern); a line that cannot be used is logged by number and skipped, the first line
   for a login wins.  A map that cannot be read refuses with ``451 4.3.0`` (a deleted map
@@ -31,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 from saslsmtp.octets import config_lines
 from saslsmtp.replies import REPLIES, SMTPReply
+from saslsmtp.domains import domain_key
 
 POLICIES = ("any", "login", "map")
 _ADDRESS = re.compile(r"^[^\s@<>,:]+@[^\s@<>,:]+$")
@@ -59,9 +64,10 @@ ALLOWED = SenderDecision(True)
 
 
 def normalise(address: str) -> str:
-    """``Local@Example.ORG`` -> ``Local@example.org`` (the key addresses compare by)."""
+    """``Local@Example.ORG`` -> ``Local@example.org``, ``jörg@EXÄMPLE.de`` ->
+    ``jörg@xn--exmple-cua.de`` (the key addresses compare by)."""
     local, at, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}" if at else address
+    return f"{local}@{domain_key(domain)}" if at else address
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def parse_sender_map(data: bytes) -> ParsedSenderMap:
             continue
         grants[user] = SenderGrants(
             frozenset(normalise(i) for i in items if not i.startswith("@")),
-            frozenset(i[1:].lower() for i in items if i.startswith("@")), number)
+            frozenset(domain_key(i[1:]) for i in items if i.startswith("@")), number)
     return ParsedSenderMap(grants, tuple(problems))
 
 
