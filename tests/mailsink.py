@@ -67,15 +67,15 @@ class Handler:
 
 class MailSink:
     """aiosmtpd on 127.0.0.1:``port`` with ``Handler`` (STARTTLS with ``tls_context``,
-    TLS from the first byte with ``implicit_tls``)."""
+    TLS from the first byte with ``implicit_tls``, SMTPUTF8 announced with ``smtputf8``)."""
 
     def __init__(self, port: int, *, log_path: str | None = None, tls_context: Any = None,
-                 implicit_tls: Any = None):
+                 implicit_tls: Any = None, smtputf8: bool = False):
         self.port = port
         self.handler = Handler(log_path)
         kwargs: dict[str, Any] = dict(hostname="127.0.0.1", port=port, ready_timeout=5,
                                       data_size_limit=0, decode_data=False,
-                                      enable_SMTPUTF8=False)
+                                      enable_SMTPUTF8=smtputf8)
         if tls_context is not None:
             kwargs.update(tls_context=tls_context, require_starttls=False)
         if implicit_tls is not None:

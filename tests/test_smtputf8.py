@@ -5,6 +5,7 @@ and the Maildir; exact bytes over StringTransport, then smtplib and swaks over T
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
 from email.message import EmailMessage
@@ -21,7 +22,8 @@ from saslsmtp.testing import SMTPHarness
 from saslsmtp.domains import domain_key
 from saslsmtp.utf8address import SMTPUTF8Undeclared, UTF8Address, parsed_path
 from tests.conftest import require_binary
-from tests.support import start_server
+from tests.mailsink import MailSink
+from tests.support import free_port, start_daemon, start_server, write_config
 
 JOERG = "jörg@exämple.de"
 CHINESE = "用户@例子.广告"
@@ -276,3 +278,30 @@ async def test_swaks_without_smtputf8_gets_553_5_6_7(tmp_path: Path) -> None:
         assert server.messages() == []
     finally:
         await server.stop()
+
+
+def test_relay_to_an_smtputf8_upstream_keeps_the_utf8_envelope(tmp_path: Path) -> None:
+    """Through the daemon's relay to aiosmtpd announcing SMTPUTF8: the upstream gets
+    MAIL with the SMTPUTF8 parameter, the UTF-8 sender and recipient as the client sent
+    them, and the message under our UTF8SMTPA Received header."""
+    sink = MailSink(free_port(), smtputf8=True)
+    sink.start()
+    port = free_port()
+    config = write_config(tmp_path, users_and_map(tmp_path),
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(re.sub(r'\[delivery\]\ntype = "maildir"\npath = "[^"]*"\n',
+                             f'[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:{sink.port}"\n',
+                             config.read_text()))
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    try:
+        assert smtplib_send(port) == ({}, {}, 553)
+        first, second = sink.messages
+        assert (first.mail_from, first.rcpt_tos, first.mail_options) == (
+            JOERG, (CHINESE,), ("SMTPUTF8", "BODY=8BITMIME"))  # smtplib adds both
+        assert second.mail_from == "jörg@xn--exmple-cua.de"
+        assert first.content.startswith(b"Received: from client.example ([127.0.0.1])\r\n\tby"
+                                        b" mx.example.test (saslsmtp) with UTF8SMTPA\r\n")
+        assert "Subject: grüße".encode() in first.content
+    finally:
+        daemon.stop()
+        sink.stop()
