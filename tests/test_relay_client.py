@@ -132,6 +132,111 @@ def test_rcpt_rejection_is_the_clients_reply_and_transaction_goes_on():
     assert result(good).code == 250 and tx.accepted == ["bob@example.test"]
 
 
+def lose(upstream: FakeUpstream, reply: bytes = b"") -> None:
+    """The upstream closes the newest connection (after ``reply``, e.g. a 421)."""
+    protocol, _ = upstream.connections[-1]
+    if reply:
+        protocol.dataReceived(reply)
+    if not protocol.closed:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.mark.parametrize("closing", [b"", b"421 4.4.2 mx.example.test Error: timeout exceeded\r\n"])
+def test_a_connection_lost_before_any_accepted_rcpt_sends_mail_again(closing):
+    """The upstream closes (a restart, its idle timeout's 421) after accepting MAIL and
+    before any RCPT: the upstream's transaction died with it and our client was promised
+    nothing that depends on it, so the next RCPT goes out on a new connection after
+    the client's MAIL again (XCLIENT and its EHLO first), and the client sees a 250."""
+    client, upstream, _ = make(xclient=True, auth_param=True)
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("alice@example.test", ["SIZE=120", "BODY=8BITMIME"])
+    greet(upstream, EHLO_XCLIENT)
+    xclient = (b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40123 HELO=laptop.example"
+               b" LOGIN=alice@example.test\r\n")
+    assert upstream.said() == xclient
+    upstream.answer(b"220 2.0.0 Ok\r\n")
+    assert upstream.said() == b"EHLO laptop.example\r\n"
+    upstream.answer(EHLO_XCLIENT)
+    mail_line = b"MAIL FROM:<alice@example.test> SIZE=120 BODY=8BITMIME AUTH=alice@example.test\r\n"
+    assert upstream.said() == mail_line
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(mail).code == 250
+    refused = tx.rcpt("nobody@example.test")  # refused: still nothing accepted upstream
+    upstream.answer(b"550 5.1.1 <nobody@example.test>: Recipient address rejected\r\n")
+    assert result(refused).code == 550
+    upstream.said()
+    lose(upstream, closing)
+    rcpt = tx.rcpt("bob@example.test")
+    assert len(upstream.connections) == 2
+    greet(upstream, EHLO_XCLIENT)
+    assert upstream.said() == xclient
+    upstream.answer(b"220 2.0.0 Ok\r\n")
+    assert upstream.said() == b"EHLO laptop.example\r\n"
+    upstream.answer(EHLO_XCLIENT)
+    assert upstream.said() == mail_line
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert upstream.said() == b"RCPT TO:<bob@example.test>\r\n"
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    assert result(rcpt).to_bytes() == b"250 2.1.5 Ok\r\n"
+    assert tx.accepted == ["bob@example.test"] and tx.replayed
+    data = tx.start_data()
+    assert upstream.said() == b"DATA\r\n"
+    upstream.answer(b"354 go ahead\r\n")
+    assert result(data).code == 354
+
+
+def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
+    """A second loss in the same transaction is the client's 451 (no reconnect loop);
+    so is a loss after the upstream accepted a recipient: a new upstream session could
+    refuse a recipient our client already has a 250 for, and the message would reach
+    fewer recipients than the client was told.  Every later RCPT and DATA get the 451
+    until RSET; the next transaction starts afresh."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    lose(upstream)
+    rcpt = tx.rcpt("b@example.test")
+    greet(upstream)
+    assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert upstream.said() == b"RCPT TO:<b@example.test>\r\n"
+    lose(upstream)
+    assert result(rcpt) == REPLIES["upstream_lost"] and len(upstream.connections) == 2
+    assert tx.state == "done"
+
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    first = tx.rcpt("b@example.test")
+    upstream.said()
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    assert result(first).code == 250
+    lose(upstream)
+    assert result(tx.rcpt("c@example.test")) == REPLIES["upstream_lost"]
+    assert len(upstream.connections) == 3 and upstream.said() == b""
+
+
+def test_a_replayed_mail_the_upstream_refuses_is_a_temporary_reply():
+    """The new connection's upstream refuses the MAIL it accepted before (a policy that
+    changed meanwhile): our client's MAIL stands, so its RCPT gets a 4xx with the
+    upstream's text, and its retry will hear the upstream's verdict at MAIL."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    lose(upstream)
+    rcpt = tx.rcpt("b@example.test")
+    greet(upstream)
+    upstream.said()
+    upstream.answer(b"553 5.7.1 <a@example.test>: Sender address rejected\r\n")
+    assert result(rcpt).to_bytes() == b"451 4.7.1 <a@example.test>: Sender address rejected\r\n"
+    assert tx.state == "done" and upstream.said() == b"QUIT\r\n"
+
+
 def test_start_data_without_accepted_recipient_is_refused_locally():
     """No recipient accepted: 503 5.5.1 without asking the upstream."""
     client, upstream, _ = make()
@@ -667,8 +772,11 @@ def test_a_connection_lost_while_in_use_is_logged_once_and_not_when_idle():
         tx.mail_from("a@example.test")
         greet(upstream)
         upstream.answer(b"250 2.1.0 Ok\r\n")
+        first = tx.rcpt("b@example.test")
+        upstream.answer(b"250 2.1.5 Ok\r\n")
+        assert result(first).code == 250
         upstream.connections[-1][0].connectionLost(Failure(ConnectionDone()))
-        assert result(tx.rcpt("b@example.test")) == REPLIES["upstream_lost"]
+        assert result(tx.rcpt("c@example.test")) == REPLIES["upstream_lost"]
 
         both = [in_data(client, upstream), in_data(client, upstream)]
         for tx, (protocol, transport) in zip(both, upstream.connections[-2:]):

@@ -202,3 +202,52 @@ async def test_postfix_closing_an_idle_pooled_connection_is_no_news():
         globalLogPublisher.removeObserver(events.append)
         await deferToThread(server.cleanup)
     assert [e for e in events if e.get("log_namespace") == "saslsmtp.relay.client"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_postfix_timing_out_between_mail_and_rcpt_costs_the_client_nothing():
+    """Our client pauses between MAIL and RCPT longer than Postfix's ``smtpd_timeout``:
+    Postfix says ``421 4.4.2 ... Error: timeout exceeded`` and closes.  Nothing had been
+    accepted upstream, so the RCPT goes out on a new connection after XCLIENT and the
+    client's MAIL again: the client gets Postfix's 250s and the message is queued under
+    the client's login.  A pause after an accepted RCPT is the client's 451 (every later
+    RCPT and DATA too, until RSET): Postfix forgot the recipient our client has a 250 for."""
+    server = PostfixServer(main_settings={"smtpd_timeout": "1s"})
+    try:
+        await deferToThread(server.start)
+        client = client_for(server)
+        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                               client_port=40001, helo="pc")
+
+        async def closed(tx) -> None:
+            connection = tx.connection
+            deadline = reactor.seconds() + 15
+            while not connection.closed and reactor.seconds() < deadline:
+                await deferLater(reactor, 0.05)
+            assert connection.closed
+
+        tx = client.transaction(session)
+        assert (await tx.mail_from("alice@example.test")).to_bytes() == b"250 2.1.0 Ok\r\n"
+        await closed(tx)
+        assert (await tx.rcpt("bob@example.test")).to_bytes() == b"250 2.1.5 Ok\r\n"
+        assert (await tx.start_data()).code == 354
+        tx.write(b"Subject: paused\r\nMessage-ID: <paused@example.test>\r\n\r\nbody\r\n")
+        final = await tx.end()
+        assert final.to_bytes().startswith(b"250 2.0.0 Ok: queued as "), final
+        queue_id = final.text.split()[-1]
+        log = await deferToThread(server.wait_for_log, f"{queue_id}: client=")
+        assert (f"{queue_id}: client=unknown[127.0.0.9]:40001, sasl_method=XCLIENT,"
+                f" sasl_username=alice@example.test") in log, log
+        assert client.connections_made == 2
+
+        tx = client.transaction(session)
+        assert (await tx.mail_from("alice@example.test")).code == 250
+        assert (await tx.rcpt("bob@example.test")).code == 250
+        made = client.connections_made
+        await closed(tx)
+        refused = await tx.rcpt("carol@example.test")  # Postfix's 421, as a 451
+        assert refused.to_bytes() == b"451 4.4.2 postfix.test Error: timeout exceeded\r\n"
+        assert tx.state == "done" and client.connections_made == made  # nothing sent again
+        client.close()
+    finally:
+        await deferToThread(server.cleanup)

@@ -170,10 +170,12 @@ def sink_process(tmp_path: Path, port: int | None = None) -> tuple[subprocess.Po
 
 
 def test_pool_after_an_upstream_restart_with_smtplib(tmp_path, run_daemon):
-    """smtplib, one session, the upstream process restarted twice on the same port: once
-    while our connection to it idles in the pool (the next message goes out on a new
-    connection, 250), once between MAIL and RCPT (RCPT answers 451 4.4.2, and after
-    RSET the next message goes through).  Every accepted message arrives once."""
+    """smtplib, one session, the upstream process restarted on the same port: while our
+    connection to it idles in the pool (the next message goes out on a new connection,
+    250); between MAIL and RCPT (nothing accepted upstream yet: MAIL goes out again on a
+    new connection, and RCPT answers 250); after an accepted RCPT (the next RCPT and
+    DATA answer 451 4.4.2, and after RSET the next message goes through).  Every
+    accepted message arrives once."""
     import smtplib
 
     process, sink_port, log = sink_process(tmp_path)
@@ -196,13 +198,20 @@ def test_pool_after_an_upstream_restart_with_smtplib(tmp_path, run_daemon):
                     restart()  # our connection to it is in the pool
             assert smtp.mail(USER) == (250, b"2.0.0 OK")
             restart()
-            assert smtp.rcpt("bob@example.test") == (
-                451, b"4.4.2 Upstream connection lost, try again later")
+            assert smtp.rcpt("bob@example.test") == (250, b"2.1.5 OK")
+            assert smtp.data("Message-ID: <r3@example.test>\r\n\r\nhi\r\n")[0] == 250
+            assert smtp.mail(USER) == (250, b"2.0.0 OK")
+            assert smtp.rcpt("bob@example.test") == (250, b"2.1.5 OK")
+            restart()
+            lost = (451, b"4.4.2 Upstream connection lost, try again later")
+            assert smtp.rcpt("carol@example.test") == lost
+            assert smtp.docmd("DATA") == lost
             assert smtp.rset()[0] == 250
             assert smtp.sendmail(USER, ["bob@example.test"],
-                                 "Message-ID: <r3@example.test>\r\n\r\nhi\r\n") == {}
+                                 "Message-ID: <r4@example.test>\r\n\r\nhi\r\n") == {}
         ids = [line.split()[-1] for line in log.read_text().splitlines()]
-        assert ids == ["<r1@example.test>", "<r2@example.test>", "<r3@example.test>"], ids
+        assert ids == ["<r1@example.test>", "<r2@example.test>", "<r3@example.test>",
+                       "<r4@example.test>"], ids
     finally:
         process.kill()
         process.wait(10)

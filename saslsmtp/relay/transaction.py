@@ -24,7 +24,10 @@ a stalled DATA phase running past ``timeout`` (the reply to the final dot: past
 (a reply that is not SMTP, or one the command cannot have: ``354`` to MAIL, ``250`` to
 DATA) ``451 4.5.0``, and the connection is dropped.
 ``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
-the connection too.
+the connection too.  A connection lost (or closed with ``421``) after MAIL and before the
+upstream accepted any RCPT is replaced once: the client's MAIL goes out again on a new
+connection and the RCPT follows (the upstream's transaction died with the old one, and
+our client was promised nothing that depends on it); after an accepted RCPT it is not.
 
 **LMTP** (RFC 2033) answers the final dot once per accepted recipient; ``verdict.combine``
 makes the one reply our client gets: all accepted -> the first ``250``; all failed ->
@@ -58,7 +61,7 @@ from zope.interface import implementer
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError
 from saslsmtp.relay.verdict import combine
 from saslsmtp.relay.wire import (DATA, END_OF_DATA, MAIL, RCPT, XCLIENT, DotStuffer,
-                                 FirstField, pass_on, xtext)
+                                 FirstField, UpstreamReply, pass_on, xtext)
 from saslsmtp.replies import REPLIES, SMTPReply
 
 if TYPE_CHECKING:
@@ -124,6 +127,8 @@ class UpstreamTransaction:
         self._stall: Any = None
         self._trace: bytes | None = None  # the trace header, until its place has come
         self._first_field = FirstField()
+        self._mail: tuple[str, tuple[str, ...]] | None = None  # the client's MAIL, once accepted
+        self.replayed = False  # MAIL was sent again on a new connection (at most once)
 
     def __repr__(self) -> str:
         return f"<UpstreamTransaction {self.client.name} {self.state}>"
@@ -145,13 +150,7 @@ class UpstreamTransaction:
                     return REPLIES["upstream_lost"]
                 self.connection = connection
                 await self._xclient()
-            connection = self.connection
-            words = [f"MAIL FROM:<{address}>"]
-            words += _forwardable(params, MAIL_PARAMETERS, connection.capabilities)
-            if self.client.auth_param and "AUTH" in connection.capabilities:
-                login = self.session.login
-                words.append(f"AUTH={xtext(login) if login else '<>'}")
-            reply = await connection.command(" ".join(words).encode("utf-8"), MAIL)
+            reply = await self.connection.command(self._mail_line(address, params), MAIL)
         except UpstreamError as e:
             aborted = self.state != "busy"
             self._drop()
@@ -159,7 +158,20 @@ class UpstreamTransaction:
                 self.state = "new"  # a later mail_from tries a fresh connection
             return e.reply
         self.state = "mail" if reply.positive else "new"
+        if reply.positive:
+            self._mail = (address, tuple(params))
         return pass_on(reply)
+
+    def _mail_line(self, address: str, params: Sequence[str]) -> bytes:
+        """``MAIL FROM:<address>`` with what this connection's upstream announced."""
+        connection = self.connection
+        assert connection is not None
+        words = [f"MAIL FROM:<{address}>"]
+        words += _forwardable(params, MAIL_PARAMETERS, connection.capabilities)
+        if self.client.auth_param and "AUTH" in connection.capabilities:
+            login = self.session.login
+            words.append(f"AUTH={xtext(login) if login else '<>'}")
+        return " ".join(words).encode("utf-8")
 
     async def _xclient(self) -> None:
         """XCLIENT when configured and announced; then EHLO again (see the module doc)."""
@@ -204,11 +216,18 @@ class UpstreamTransaction:
         return ensureDeferred(self._rcpt(address, params))
 
     async def _rcpt(self, address: str, params: Sequence[str]) -> SMTPReply:
-        assert self.connection is not None
-        words = [f"RCPT TO:<{address}>"]
-        words += _forwardable(params, RCPT_PARAMETERS, self.connection.capabilities)
         try:
-            reply = await self.connection.command(" ".join(words).encode("utf-8"), RCPT)
+            try:
+                reply = await self._send_rcpt(address, params)
+            except UpstreamError as e:
+                if not self._may_replay(e):
+                    raise
+                refused = await self._replay_mail(e)
+                if refused is not None:
+                    self.state = "done"
+                    self._release()  # its refusal makes it say QUIT (see release)
+                    return refused
+                reply = await self._send_rcpt(address, params)
         except UpstreamError as e:
             self._drop()
             return e.reply
@@ -216,6 +235,51 @@ class UpstreamTransaction:
         if reply.positive:
             self.accepted.append(address)
         return pass_on(reply)
+
+    def _send_rcpt(self, address: str, params: Sequence[str]) -> "Deferred[UpstreamReply]":
+        connection = self.connection
+        if connection is None:  # aborted meanwhile
+            raise UpstreamError(REPLIES["upstream_lost"], "transaction aborted")
+        words = [f"RCPT TO:<{address}>"]
+        words += _forwardable(params, RCPT_PARAMETERS, connection.capabilities)
+        return connection.command(" ".join(words).encode("utf-8"), RCPT)
+
+    def _may_replay(self, error: UpstreamError) -> bool:
+        """The connection was lost (or closed with a ``421``) after the upstream accepted
+        MAIL and before it accepted any RCPT: the upstream's transaction died with it and
+        nothing our client was told depends on it, so MAIL may be sent again, once, on a
+        new connection.  After an accepted RCPT it may not: a second upstream could
+        refuse a recipient our client already has a ``250`` for."""
+        lost = error.closing or error.reply == REPLIES["upstream_lost"]
+        return (lost and not self.accepted and not self.replayed and self._mail is not None
+                and self.state == "busy")
+
+    async def _replay_mail(self, error: UpstreamError) -> SMTPReply | None:
+        """A new connection (XCLIENT again), and the client's MAIL on it; ``None`` when
+        the upstream accepted it, else the reply for our client (always temporary: its
+        MAIL had been accepted, a later try will hear the upstream's verdict at MAIL)."""
+        assert self._mail is not None
+        self.replayed = True
+        log.info("upstream {name}: {why} after MAIL FROM and before any accepted RCPT;"
+                 " MAIL FROM sent again on a new connection", name=self.client.name,
+                 why=str(error))
+        old, self.connection = self.connection, None
+        if old is not None:
+            old.downstream = None
+        connection = await self.client.acquire()
+        if self.state != "busy":  # aborted while connecting: keep it for others
+            self.client.release(connection)
+            return REPLIES["upstream_lost"]
+        self.connection = connection
+        self.xclient_used = False
+        await self._xclient()
+        reply = await connection.command(self._mail_line(*self._mail), MAIL)
+        if reply.positive:
+            return None
+        passed = pass_on(reply)
+        if passed.code < 500:
+            return passed
+        return SMTPReply(451, "4" + (passed.enhanced or "5.0.0")[1:], passed.text, passed.rfc)
 
     # ---- DATA ----------------------------------------------------------------------
 
