@@ -4,7 +4,8 @@ In a thread (``MailSink(...).start()``) it keeps every message in ``messages``; 
 process (``python -m tests.mailsink PORT LOG``) it appends one line per message to LOG
 (``from rcpts octets message-id``) and keeps nothing, so a test can kill it mid-DATA or
 measure its own memory apart from the upstream's.  ``RCPT TO:<reject...>`` is refused
-with ``550 5.1.1``; with a certificate it offers STARTTLS.
+with ``550 5.1.1``; with a certificate it offers STARTTLS; with ``eight_bit_mime=False``
+its EHLO does not announce 8BITMIME.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ class Received:
 class Handler:
     """Accept every sender; refuse ``reject*`` recipients; record or log each message."""
 
-    def __init__(self, log_path: str | None = None) -> None:
+    def __init__(self, log_path: str | None = None, *, eight_bit_mime: bool = True) -> None:
         self.messages: list[Received] = []
         self.log_path = log_path
+        self.eight_bit_mime = eight_bit_mime
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        """aiosmtpd's keywords, without ``8BITMIME`` when told (a 7-bit upstream)."""
+        session.host_name = hostname
+        return [r for r in responses if self.eight_bit_mime or r[4:] != "8BITMIME"]
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: Any) -> str:
@@ -70,9 +78,10 @@ class MailSink:
     TLS from the first byte with ``implicit_tls``, SMTPUTF8 announced with ``smtputf8``)."""
 
     def __init__(self, port: int, *, log_path: str | None = None, tls_context: Any = None,
-                 implicit_tls: Any = None, smtputf8: bool = False):
+                 implicit_tls: Any = None, smtputf8: bool = False,
+                 eight_bit_mime: bool = True):
         self.port = port
-        self.handler = Handler(log_path)
+        self.handler = Handler(log_path, eight_bit_mime=eight_bit_mime)
         kwargs: dict[str, Any] = dict(hostname="127.0.0.1", port=port, ready_timeout=5,
                                       data_size_limit=0, decode_data=False,
                                       enable_SMTPUTF8=smtputf8)

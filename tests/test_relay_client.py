@@ -218,6 +218,15 @@ def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
     assert result(tx.rcpt("c@example.test")) == REPLIES["upstream_lost"]
     assert len(upstream.connections) == 3 and upstream.said() == b""
 
+    tx = client.transaction(SESSION)  # a 421 that answers the RCPT is its verdict
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    rcpt = tx.rcpt("b@example.test")
+    upstream.answer(b"421 4.7.0 mx.example.test Error: too many errors\r\n")
+    assert result(rcpt).to_bytes() == b"451 4.7.0 mx.example.test Error: too many errors\r\n"
+    assert len(upstream.connections) == 4 and tx.state == "done"
+
 
 def test_a_replayed_mail_the_upstream_refuses_is_a_temporary_reply():
     """The new connection's upstream refuses the MAIL it accepted before (a policy that
@@ -235,6 +244,31 @@ def test_a_replayed_mail_the_upstream_refuses_is_a_temporary_reply():
     upstream.answer(b"553 5.7.1 <a@example.test>: Sender address rejected\r\n")
     assert result(rcpt).to_bytes() == b"451 4.7.1 <a@example.test>: Sender address rejected\r\n"
     assert tx.state == "done" and upstream.said() == b"QUIT\r\n"
+
+
+def test_an_8bit_message_never_reaches_an_upstream_without_8bitmime():
+    """BODY=8BITMIME to an upstream whose EHLO lacks 8BITMIME: the parameter is not
+    sent; 7-bit chunks go out as they come, and at the first 8-bit octet the connection
+    is dropped before that chunk is written (no final dot: the upstream keeps nothing)
+    and the final reply is 554 5.6.3."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test", ["BODY=8BITMIME"])
+    greet(upstream, b"250-mx.example.test\r\n250 PIPELINING\r\n")
+    assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go ahead\r\n")
+    upstream.said()
+    tx.write(b"Subject: caf")
+    tx.write("\u00e9\r\n\r\nbody\r\n".encode())
+    tx.write(b"more\r\n")
+    assert upstream.said() == b"Subject: caf" and upstream.transport.disconnecting
+    assert result(tx.end()).to_bytes() == (b"554 5.6.3 Message has 8-bit content and the"
+                                           b" upstream server does not support 8BITMIME\r\n")
+    assert upstream.said() == b"" and tx.state == "done" and client.idle == []
 
 
 def test_start_data_without_accepted_recipient_is_refused_locally():

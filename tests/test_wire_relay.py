@@ -499,3 +499,49 @@ def test_trace_header_goes_below_our_received_header(tmp_path, run_daemon):
                             + re.escape(body) + rb"\.\r\n(QUIT\r\n)?", message), message
     finally:
         upstream.stop()
+
+
+def test_8bitmime_to_an_upstream_without_it(tmp_path, run_daemon):
+    """An upstream that does not announce 8BITMIME (aiosmtpd told so): a client's
+    ``BODY=8BITMIME`` is not forwarded; a message that is 7-bit after all arrives byte
+    for byte; one with an 8-bit octet is refused at the final dot with ``554 5.6.3``
+    naming the reason, and the upstream gets no message (no final dot: it is never
+    sent as 8-bit data to a 7-bit server, RFC 6152).  A message without ``BODY=`` is
+    passed as before."""
+    from tests.mailsink import MailSink
+    sink = MailSink(free_port(), eight_bit_mime=False)
+    sink.start()
+    try:
+        port = free_port()
+        daemon = run_daemon(daemon_config(tmp_path, port, relay_delivery(sink.port)), port)
+        client = SMTPClient(port)
+        assert client.login(USER, PASSWORD).startswith(b"235 ")
+
+        def send(body: bytes, *params: str) -> bytes:
+            assert client.command(" ".join([f"MAIL FROM:<{USER}>", *params])).startswith(b"250 ")
+            assert client.command("RCPT TO:<bob@example.test>").startswith(b"250 ")
+            assert client.command("DATA").startswith(b"354 ")
+            client.stream([body])
+            return client.command(".")
+
+        seven = b"Message-ID: <seven@example.test>\r\nSubject: plain\r\n\r\nascii only\r\n"
+        assert send(seven, "BODY=8BITMIME") == b"250 2.0.0 OK: queued\r\n"
+        eight = ("Message-ID: <eight@example.test>\r\nContent-Type: text/plain; charset=utf-8"
+                 "\r\nContent-Transfer-Encoding: 8bit\r\n\r\nsch\u00f6ne Gr\u00fc\u00dfe\r\n"
+                 ).encode()
+        assert send(eight, "BODY=8BITMIME") == (
+            b"554 5.6.3 Message has 8-bit content and the upstream server does not support"
+            b" 8BITMIME\r\n")
+        assert client.command("NOOP") == b"250 2.0.0 OK\r\n"
+        assert send(seven.replace(b"seven", b"after")) == b"250 2.0.0 OK: queued\r\n"
+        client.close()
+        assert [(m.mail_options, m.message_id) for m in sink.messages] == [
+            ((), "<seven@example.test>"), ((), "<after@example.test>")]
+        received, _, rest = sink.messages[0].content.partition(b"\r\nMessage-ID: ")
+        assert received.startswith(b"Received: from ") and b"Message-ID: " + rest == seven
+        log = daemon.log_text()
+        assert "upstream tcp:127.0.0.1:%d: message with 8-bit content (BODY=8BITMIME)" \
+               " refused: the upstream does not announce 8BITMIME" % sink.port in log, log
+        assert re.search(r"message \S+ not accepted: .* reply=554 ", log), log
+    finally:
+        sink.stop()

@@ -29,6 +29,11 @@ upstream accepted any RCPT is replaced once: the client's MAIL goes out again on
 connection and the RCPT follows (the upstream's transaction died with the old one, and
 our client was promised nothing that depends on it); after an accepted RCPT it is not.
 
+**8BITMIME.**  A client's ``BODY=8BITMIME`` goes on only to an upstream that announced
+``8BITMIME``; to one that did not, its message streams while it is 7-bit, and at the
+first 8-bit octet the connection is dropped (no final dot) and the final reply is
+``554 5.6.3`` (RFC 6152; saslsmtp does not convert to 7 bit).
+
 **LMTP** (RFC 2033) answers the final dot once per accepted recipient; ``verdict.combine``
 makes the one reply our client gets: all accepted -> the first ``250``; all failed ->
 the first failure, a temporary one preferred; some delivered, some not -> a ``5xx`` that
@@ -129,6 +134,8 @@ class UpstreamTransaction:
         self._first_field = FirstField()
         self._mail: tuple[str, tuple[str, ...]] | None = None  # the client's MAIL, once accepted
         self.replayed = False  # MAIL was sent again on a new connection (at most once)
+        self.eight_bit = False  # the client's MAIL said BODY=8BITMIME
+        self._seven_bit_only = False  # ... and the upstream did not announce 8BITMIME
 
     def __repr__(self) -> str:
         return f"<UpstreamTransaction {self.client.name} {self.state}>"
@@ -160,6 +167,7 @@ class UpstreamTransaction:
         self.state = "mail" if reply.positive else "new"
         if reply.positive:
             self._mail = (address, tuple(params))
+            self.eight_bit = any(p.upper() == "BODY=8BITMIME" for p in params)
         return pass_on(reply)
 
     def _mail_line(self, address: str, params: Sequence[str]) -> bytes:
@@ -216,11 +224,13 @@ class UpstreamTransaction:
         return ensureDeferred(self._rcpt(address, params))
 
     async def _rcpt(self, address: str, params: Sequence[str]) -> SMTPReply:
+        connection = self.connection
+        closed = connection is None or connection.closed or connection.error is not None
         try:
             try:
                 reply = await self._send_rcpt(address, params)
             except UpstreamError as e:
-                if not self._may_replay(e):
+                if not self._may_replay(e, closed):
                     raise
                 refused = await self._replay_mail(e)
                 if refused is not None:
@@ -244,13 +254,15 @@ class UpstreamTransaction:
         words += _forwardable(params, RCPT_PARAMETERS, connection.capabilities)
         return connection.command(" ".join(words).encode("utf-8"), RCPT)
 
-    def _may_replay(self, error: UpstreamError) -> bool:
-        """The connection was lost (or closed with a ``421``) after the upstream accepted
-        MAIL and before it accepted any RCPT: the upstream's transaction died with it and
-        nothing our client was told depends on it, so MAIL may be sent again, once, on a
-        new connection.  After an accepted RCPT it may not: a second upstream could
-        refuse a recipient our client already has a ``250`` for."""
-        lost = error.closing or error.reply == REPLIES["upstream_lost"]
+    def _may_replay(self, error: UpstreamError, closed_before: bool) -> bool:
+        """The connection was lost (or closed with a ``421`` nobody asked for) after the
+        upstream accepted MAIL and before it accepted any RCPT: the upstream's
+        transaction died with it and nothing our client was told depends on it, so MAIL
+        may be sent again, once, on a new connection.  After an accepted RCPT it may
+        not: a second upstream session could refuse a recipient our client already has
+        a ``250`` for.  A ``421`` that answers the RCPT itself is the upstream's verdict
+        on it (shutting down, too many errors): passed on, not retried."""
+        lost = closed_before or error.reply == REPLIES["upstream_lost"]
         return (lost and not self.accepted and not self.replayed and self._mail is not None
                 and self.state == "busy")
 
@@ -304,6 +316,7 @@ class UpstreamTransaction:
             return pass_on(reply)
         self.state = "data"
         self.connection.downstream = self
+        self._seven_bit_only = self.eight_bit and "8BITMIME" not in self.connection.capabilities
         if self.client.trace_header and not self.xclient_used:
             # below the first header field, our Received header: RFC 5321 4.4 (and
             # RFC 5322 3.6) keep the trace fields at the top of the message
@@ -330,6 +343,14 @@ class UpstreamTransaction:
         assert connection is not None
         if connection.closed or connection.error is not None:
             self.stuffer.octets += len(data)  # discarded: end() reports the loss
+            return
+        if self._seven_bit_only and not data.isascii():
+            # RFC 6152: no 8-bit octet to a server that did not announce 8BITMIME, and
+            # saslsmtp does not convert to 7bit: no final dot, the upstream forgets it
+            self.stuffer.octets += len(data)
+            connection.fail(UpstreamError(
+                REPLIES["upstream_no_8bitmime"], "message with 8-bit content (BODY=8BITMIME)"
+                " refused: the upstream does not announce 8BITMIME", warn=True))
             return
         if self._trace is not None:
             at = self._first_field.find(data)
