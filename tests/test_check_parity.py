@@ -54,6 +54,9 @@ CASES: list[tuple[str, Callable[[Path], str], str, str]] = [
                                                 '"tcp:127.0.0.1:1"\nstarttls = true\n'
                                                 'ca_file = "garbage.pem"'),
      "delivery.ca_file", "{f}/garbage.pem: holds no PEM certificate"),
+    ("delivery reuse_limit zero", lambda f: base(f, delivery='type = "smtp"\nendpoint = '
+                                                 '"tcp:127.0.0.1:1"\nreuse_limit = 0'),
+     "delivery.reuse_limit", "must be at least 1 (1: a new connection for every message)"),
     ("http url without a host", lambda f: base(f, '[backends.api]\ntype = "http"\n'
                                                   'url = "http://"'),
      "backends.api.url", "'http://' is not a usable URL: no host name"),

@@ -25,17 +25,18 @@ def test_smtp_and_lmtp_options():
     options, problems = parse({"type": "smtp", "endpoint": "tcp:mx.example.test:10025",
                                "starttls": True, "xclient": True, "timeout": 5,
                                "final_timeout": 900, "pool_size": 2, "auth_param": True,
-                               "trace_header": "X-Authenticated"})
+                               "trace_header": "X-Authenticated", "reuse_limit": 20})
     assert problems == []
     assert options == UpstreamDelivery(type="smtp", endpoint="tcp:mx.example.test:10025",
                                        starttls=True, xclient=True, timeout=5.0,
-                                       final_timeout=900.0, pool_size=2,
+                                       final_timeout=900.0, pool_size=2, reuse_limit=20,
                                        auth_param=True, trace_header="X-Authenticated")
     assert options.host == "mx.example.test" and not options.lmtp
     assert isinstance(options.final_timeout, float)
     lmtp, problems = parse({"type": "lmtp", "endpoint": "unix:/run/dovecot/lmtp"})
     assert problems == [] and lmtp.lmtp and lmtp.host is None
     assert (lmtp.timeout, lmtp.final_timeout) == (60.0, 600.0)  # RFC 5321's 10 minutes
+    assert lmtp.reuse_limit == 100  # 99 RSETs: below Postfix's smtpd_junk_command_limit
     v6, _ = parse({"type": "smtp", "endpoint": "tcp:[::1]:25"})
     assert v6.host == "::1"
 
@@ -53,12 +54,22 @@ def test_smtp_and_lmtp_options():
     ({"type": "smtp", "endpoint": "tcp:h:1", "timeout": 0, "pool_size": -1},
      [("delivery.timeout", "must be positive"),
       ("delivery.pool_size", "must not be negative (0: no idle connections kept)")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "reuse_limit": 0},
+     [("delivery.reuse_limit", "must be at least 1 (1: a new connection for every message)")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "reuse_limit": -3},
+     [("delivery.reuse_limit", "must be at least 1 (1: a new connection for every message)")]),
+    ({"type": "lmtp", "endpoint": "unix:/x", "reuse_limit": 2.5},
+     [("delivery.reuse_limit", "must be an integer")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "reuse_limit": True},
+     [("delivery.reuse_limit", "must be an integer")]),
+    ({"type": "smtp", "endpoint": "tcp:h:1", "reuse_limit": "100"},
+     [("delivery.reuse_limit", "must be an integer")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "timeout": "5", "xclient": 1},
      [("delivery.timeout", "must be a number"), ("delivery.xclient", "must be a boolean")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "path": "x"},
      [("delivery.path", "unknown key for type 'smtp' (known: auth_param, ca_file, endpoint,"
-                        " final_timeout, helo, pool_size, starttls, timeout, tls, tls_hostname,"
-                        " trace_header, type, xclient)")]),
+                        " final_timeout, helo, pool_size, reuse_limit, starttls, timeout, tls,"
+                        " tls_hostname, trace_header, type, xclient)")]),
     ({"type": "maildir", "xclient": True},
      [("delivery.xclient", "unknown key for type 'maildir' (known: path, type)")]),
     ({"type": "smtp", "endpoint": "tcp:h:1", "ca_file": "/nonexistent/ca.pem"},

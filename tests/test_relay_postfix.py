@@ -251,3 +251,32 @@ async def test_postfix_timing_out_between_mail_and_rcpt_costs_the_client_nothing
         client.close()
     finally:
         await deferToThread(server.cleanup)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reuse_limit_follows_a_lower_junk_command_limit():
+    """An upstream Postfix with ``smtpd_junk_command_limit = 10``: with ``[delivery]
+    reuse_limit = 10`` (9 RSETs per connection) 40 transactions in a row that end before
+    DATA all get their MAIL answered 250, on 4 connections, and Postfix logs no "too
+    many errors" (with the default 100 the 30th MAIL got a 421: 10 junk commands, then
+    20 errors)."""
+    server = PostfixServer(main_settings={"smtpd_junk_command_limit": "10",
+                                          "smtpd_error_sleep_time": "0s",
+                                          "in_flow_delay": "0s"})
+    try:
+        await deferToThread(server.start)
+        client = client_for(server, reuse_limit=10)
+        assert client.reuse_limit == 10
+        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                               client_port=40000, helo="pc")
+        for n in range(40):
+            tx = client.transaction(session)
+            mail = await tx.mail_from("alice@example.test")
+            assert mail.to_bytes() == b"250 2.1.0 Ok\r\n", (n, mail)
+            assert (await tx.rcpt("bob@example.test")).code == 250
+            tx.abort()
+        assert client.connections_made == 4
+        client.close()
+        assert "too many errors" not in await deferToThread(server.logs)
+    finally:
+        await deferToThread(server.cleanup)

@@ -49,6 +49,9 @@ def test_delivery_and_submission_examples_parse() -> None:
         config = parse_config(body, str(ETC / "saslsmtp.toml"), known_mechanisms=BUILTIN_NAMES)
         assert isinstance(config.delivery, UpstreamDelivery)
         seen.append((config.delivery.type, config.delivery.endpoint))
+        if config.delivery.type == "smtp":  # every key shown, at its default
+            assert (config.delivery.pool_size, config.delivery.reuse_limit) == (4, 100)
+            assert "reuse_limit" in "\n".join(block)
         assert config.submission.sender_policy == "map"
         assert config.submission.sender_map == str((ETC / "senders").resolve())
     assert seen == [("smtp", "tcp:127.0.0.1:10025"), ("lmtp", "unix:/run/dovecot/lmtp")]

@@ -8,8 +8,9 @@ here too.
 next transaction sends ``RSET`` first and falls back to a new connection if that fails.
 A connection the upstream refused something on since its last accepted message is
 closed instead: Postfix holds those errors against the connection, whoever comes next.
-So is one that carried ``reuse_limit`` transactions (100): Postfix counts every RSET
-as a junk command, and past its limit as an error that ends in a ``421`` to a MAIL.
+So is one that carried ``reuse_limit`` transactions (``[delivery] reuse_limit``, 100 by
+default): Postfix counts every RSET as a junk command, and past its limit as an error
+that ends in a ``421`` to a MAIL.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from twisted.logger import Logger
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError, parse_capabilities
-from saslsmtp.relay.options import UpstreamDelivery
+from saslsmtp.relay.options import REUSE_LIMIT, UpstreamDelivery
 from saslsmtp.relay.wire import EHLO, GREETING, LHLO, QUIT, RSET, STARTTLS
 from saslsmtp.relay.transaction import (MAIL_PARAMETERS, RCPT_PARAMETERS, XCLIENT_ATTRIBUTES,
                                         RelaySession, TransactionStateError,
@@ -44,9 +45,6 @@ __all__ = ["MAIL_PARAMETERS", "RCPT_PARAMETERS", "XCLIENT_ATTRIBUTES", "RelaySes
 log = Logger(namespace="saslsmtp.relay.client")
 
 _HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
-#: transactions per upstream connection (so at most 99 RSETs), below the 100 junk
-#: commands Postfix's smtpd_junk_command_limit and saslsmtp's junk_command_limit allow
-REUSE_LIMIT = 100
 
 
 class _OneConnection(Factory):
@@ -113,7 +111,7 @@ class UpstreamClient:
                    final_timeout=options.final_timeout, pool_size=options.pool_size, starttls=options.starttls,
                    implicit_tls=options.tls, tls_creator=creator, tls_hostname=hostname,
                    xclient=options.xclient, trace_header=options.trace_header,
-                   auth_param=options.auth_param)
+                   auth_param=options.auth_param, reuse_limit=options.reuse_limit)
 
     def transaction(self, session: RelaySession) -> "UpstreamTransaction":
         """A new transaction for one message of ``session``'s client."""

@@ -20,6 +20,10 @@ Problem = Callable[[str, str], None]
 _ENDPOINT = re.compile(r"^(tcp:(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(?P<port>[0-9]{1,5})"
                        r"|unix:(?P<path>.+))$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,64}$")  # RFC 5322 ftext
+#: transactions per upstream connection by default (so at most 99 RSETs), below the 100
+#: junk commands Postfix's smtpd_junk_command_limit and saslsmtp's junk_command_limit
+#: allow; ``[delivery] reuse_limit`` sets it
+REUSE_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class UpstreamDelivery:
     timeout: float = 60.0         # connect, each command, a stalled DATA phase
     final_timeout: float = 600.0  # the reply to the final dot (RFC 5321 4.5.3.2.6)
     pool_size: int = 4
+    reuse_limit: int = REUSE_LIMIT  # transactions one connection carries, then QUIT
 
     @property
     def lmtp(self) -> bool:
@@ -63,7 +68,7 @@ _UPSTREAM_KEYS: dict[str, tuple[type, ...]] = {
     "type": (str,), "endpoint": (str,), "starttls": (bool,), "tls": (bool,),
     "ca_file": (str,), "tls_hostname": (str,), "xclient": (bool,), "trace_header": (str,),
     "auth_param": (bool,), "helo": (str,), "timeout": (int, float), "final_timeout": (int, float),
-    "pool_size": (int,),
+    "pool_size": (int,), "reuse_limit": (int,),
     "path": (str,)}
 
 
@@ -138,6 +143,10 @@ def parse_delivery(table: Any, problem: Problem, base: Path | None = None
             ok = False
     if options.pool_size < 0:
         problem("delivery.pool_size", "must not be negative (0: no idle connections kept)")
+        ok = False
+    if options.reuse_limit < 1:
+        problem("delivery.reuse_limit", "must be at least 1 (1: a new connection for every"
+                                        " message)")
         ok = False
     if options.trace_header and not _HEADER_NAME.match(options.trace_header):
         problem("delivery.trace_header", "is not a header field name")
