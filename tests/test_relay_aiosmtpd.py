@@ -273,3 +273,30 @@ async def test_upstream_killed_mid_data_is_451(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_ca_file_is_named_in_the_log(tmp_path):
+    """STARTTLS to an upstream whose certificate another CA issued: the client's 451
+    4.4.1, and a log line that says why (OpenSSL's reason and what to check), not only
+    "TLS handshake failed", which a server refusing our TLS version also gives."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    ca, other_ca = make_ca(tmp_path, "relay CA"), make_ca(tmp_path, "other CA")
+    server = MailSink(free_port(), tls_context=server_ssl_context(
+        issue_cert(ca, tmp_path, names=("127.0.0.1",))))
+    await deferToThread(server.start)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = client_for(server.port, starttls=True, ca_file=other_ca.cert_path)
+        assert await send(client, 9) == [REPLIES["upstream_unavailable"].to_bytes()]
+        client.close()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await deferToThread(server.stop)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "saslsmtp.relay.client"]
+    assert lines == [f"upstream tcp:127.0.0.1:{server.port}: TLS handshake failed: certificate"
+                     " verify failed (the upstream's certificate chain does not verify"
+                     " against ca_file, or the system's CAs when ca_file is not set)"], lines
+    assert server.messages == []

@@ -218,7 +218,7 @@ class UpstreamConnection(LineOnlyReceiver):
                 self.error = UpstreamError(REPLIES["upstream_unavailable"], why)
             elif reason.check(SSL.Error):
                 self.error = UpstreamError(REPLIES["upstream_unavailable"],
-                                           "TLS handshake failed")
+                                           tls_failure(reason.value))
             elif not self.quitting and (self.pending or not self.idle):
                 # a transaction holds it (waiting, between commands or streaming DATA);
                 # after our QUIT (a full pool, shutdown) nothing is lost with it
@@ -247,6 +247,22 @@ class UpstreamConnection(LineOnlyReceiver):
 
     def stopProducing(self) -> None:
         """The transport is going away; ``connectionLost`` resumes our client."""
+
+
+def tls_failure(error: SSL.Error) -> str:
+    """``TLS handshake failed: certificate verify failed (...)``: OpenSSL's reasons, for
+    the log (a wrong ``ca_file`` and a server that refused our TLS version read alike
+    without them)."""
+    reasons: list[str] = []
+    for entry in (error.args[0] if error.args and isinstance(error.args[0], list) else []):
+        reason = entry[-1] if isinstance(entry, tuple) and entry else entry
+        if isinstance(reason, str) and reason and reason not in reasons:
+            reasons.append(reason)
+    why = "TLS handshake failed" + (": " + "; ".join(reasons) if reasons else "")
+    if "certificate verify failed" in reasons:
+        why += (" (the upstream's certificate chain does not verify against ca_file, or"
+                " the system's CAs when ca_file is not set)")
+    return why
 
 
 def parse_capabilities(lines: Sequence[bytes]) -> dict[str, list[str]]:
