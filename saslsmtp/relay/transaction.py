@@ -24,10 +24,11 @@ a stalled DATA phase running past ``timeout`` (the reply to the final dot: past
 (a reply that is not SMTP, or one the command cannot have: ``354`` to MAIL, ``250`` to
 DATA) ``451 4.5.0``, and the connection is dropped.
 ``421`` from the upstream becomes ``451`` with its text (our session goes on) and drops
-the connection too.  A connection lost (or closed with ``421``) after MAIL and before the
-upstream accepted any RCPT is replaced once: the client's MAIL goes out again on a new
-connection and the RCPT follows (the upstream's transaction died with the old one, and
-our client was promised nothing that depends on it); after an accepted RCPT it is not.
+the connection too.  A connection lost (or closed by an unasked ``421``) after MAIL and
+before the upstream accepted any RCPT is replaced once: the client's MAIL goes out again
+on a new connection and the RCPT follows (the upstream's transaction died with the old
+one, and our client was promised nothing that depends on it); after an accepted RCPT it
+is not.
 
 **8BITMIME.**  A client's ``BODY=8BITMIME`` goes on only to an upstream that announced
 ``8BITMIME``; to one that did not, its message streams while it is 7-bit, and at the
