@@ -110,6 +110,8 @@ REPLIES: dict[str, SMTPReply] = {
     "upstream_timeout": SMTPReply(451, "4.4.2", "Upstream server did not answer in time, try again later", "RFC 3463"),
     "upstream_lost": SMTPReply(451, "4.4.2", "Upstream connection lost, try again later", "RFC 3463"),
     "upstream_error": SMTPReply(451, "4.5.0", "Upstream protocol error, try again later", "RFC 3463"),
+    "upstream_no_smtputf8": SMTPReply(553, "5.6.7", "The upstream server does not support SMTPUTF8 for this address", "RFC 6531 3.4"),
+    "upstream_no_smtputf8_header": SMTPReply(554, "5.6.7", "Message has UTF-8 header fields and the upstream server does not support SMTPUTF8", "RFC 6531 3.4"),
     "upstream_no_8bitmime": SMTPReply(554, "5.6.3", "Message has 8-bit content and the upstream server does not support 8BITMIME", "RFC 6152"),
 }
 

@@ -271,6 +271,85 @@ def test_an_8bit_message_never_reaches_an_upstream_without_8bitmime():
     assert upstream.said() == b"" and tx.state == "done" and client.idle == []
 
 
+NO_SMTPUTF8 = b"250-mx.example.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n"
+
+
+def test_a_utf8_sender_never_reaches_an_upstream_without_smtputf8():
+    """SMTPUTF8 with a UTF-8 sender, the upstream's EHLO without SMTPUTF8: 553 5.6.7 from
+    us and nothing sent (RFC 6531 3.4); the transaction may start again."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("j\u00f6rg@ex\u00e4mple.test", ["SMTPUTF8"])
+    greet(upstream, NO_SMTPUTF8)
+    assert result(mail).to_bytes() == (b"553 5.6.7 The upstream server does not support"
+                                       b" SMTPUTF8 for this address\r\n")
+    assert upstream.said() == b"" and tx.state == "new"
+    again = tx.mail_from("a@example.test", ["SMTPUTF8"])
+    assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(again).code == 250
+
+
+def test_utf8_recipients_and_headers_never_reach_an_upstream_without_smtputf8():
+    """An all-ASCII sender goes on without SMTPUTF8; a UTF-8 recipient is refused with
+    553 5.6.7 (not sent), an ASCII one is; UTF-8 in the header section drops the
+    connection before that chunk (no final dot) with 554 5.6.7."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test", ["SMTPUTF8", "BODY=8BITMIME"])
+    greet(upstream, NO_SMTPUTF8)
+    assert upstream.said() == b"MAIL FROM:<a@example.test> BODY=8BITMIME\r\n"
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    refused = tx.rcpt("\u7528\u6237@\u4f8b\u5b50.test")
+    assert result(refused).to_bytes()[:10] == b"553 5.6.7 " and upstream.said() == b""
+    tx.rcpt("b@example.test")
+    assert upstream.said() == b"RCPT TO:<b@example.test>\r\n"
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go ahead\r\n")
+    upstream.said()
+    tx.write(b"Received: x\r\nSubject: ok\r\n")
+    tx.write("From: J\u00f6rg <a@example.test>\r\n\r\nbody\r\n".encode())
+    assert upstream.said() == b"Received: x\r\nSubject: ok\r\n"
+    assert upstream.transport.disconnecting
+    assert result(tx.end()).to_bytes() == (b"554 5.6.7 Message has UTF-8 header fields and the"
+                                           b" upstream server does not support SMTPUTF8\r\n")
+    assert tx.state == "done" and client.idle == []
+
+
+def test_smtputf8_with_ascii_headers_and_an_8bit_body_passes():
+    """Declared SMTPUTF8, ASCII envelope and header section (the empty line split across
+    chunks), 8-bit body with BODY=8BITMIME: the upstream without SMTPUTF8 gets it all."""
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test", ["SMTPUTF8", "BODY=8BITMIME"])
+    greet(upstream, NO_SMTPUTF8)
+    upstream.said()
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go ahead\r\n")
+    upstream.said()
+    body = "Subject: hi\r\n\r".encode(), "\ncaf\u00e9\r\n".encode()
+    for chunk in body:
+        tx.write(chunk)
+    end = tx.end()
+    assert upstream.said() == b"".join(body) + b".\r\n"
+    upstream.answer(b"250 2.0.0 Ok: queued\r\n")
+    assert result(end).code == 250
+
+
+def test_smtputf8_goes_on_to_an_upstream_that_announces_it():
+    client, upstream, _ = make()
+    tx = client.transaction(SESSION)
+    mail = tx.mail_from("j\u00f6rg@example.test", ["SMTPUTF8"])
+    greet(upstream, b"250-mx.example.test\r\n250 SMTPUTF8\r\n")
+    assert upstream.said() == "MAIL FROM:<j\u00f6rg@example.test> SMTPUTF8\r\n".encode()
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    assert result(mail).code == 250
+
+
 def test_start_data_without_accepted_recipient_is_refused_locally():
     """No recipient accepted: 503 5.5.1 without asking the upstream."""
     client, upstream, _ = make()

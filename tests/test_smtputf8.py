@@ -305,3 +305,46 @@ def test_relay_to_an_smtputf8_upstream_keeps_the_utf8_envelope(tmp_path: Path) -
     finally:
         daemon.stop()
         sink.stop()
+
+
+def test_relay_to_an_upstream_without_smtputf8_refuses_what_needs_it(tmp_path: Path) -> None:
+    """Through the daemon's relay to aiosmtpd without SMTPUTF8 (RFC 6531 3.4): a UTF-8
+    sender gets our 553 5.6.7 at MAIL, a UTF-8 recipient ours at RCPT, and a message with
+    an ASCII envelope but a UTF-8 header field 554 5.6.7 at the dot; the upstream gets
+    nothing of those.  An ASCII envelope and header section that only declared SMTPUTF8
+    arrives, without the parameter."""
+    sink = MailSink(free_port(), smtputf8=False)
+    sink.start()
+    port = free_port()
+    config = write_config(tmp_path, users_and_map(tmp_path),
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    config.write_text(re.sub(r'\[delivery\]\ntype = "maildir"\npath = "[^"]*"\n',
+                             f'[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:{sink.port}"\n',
+                             config.read_text()))
+    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+
+    def session() -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.ehlo("client.example")
+            s.login("alice", "wonderland")
+            said = [s.mail(JOERG, ["SMTPUTF8"])]
+            s.rset()
+            said += [s.mail("alice@example.test", ["SMTPUTF8"]), s.rcpt(CHINESE),
+                     s.rcpt("bob@example.test"), s.data("From: Jörg <alice@example.test>\r\n"
+                                                        "\r\nhallo\r\n".encode())]
+            said += [s.mail("alice@example.test", ["SMTPUTF8"]), s.rcpt("bob@example.test"),
+                     s.data(b"Subject: plain\r\n\r\nhallo\r\n")]
+            return said
+
+    try:
+        said = session()
+        assert [code for code, _ in said] == [553, 250, 553, 250, 554, 250, 250, 250], said
+        assert said[0][1].startswith(b"5.6.7 ") and said[2][1].startswith(b"5.6.7 ")
+        assert said[4][1].startswith(b"5.6.7 Message has UTF-8 header fields"), said[4]
+        (only,) = sink.messages
+        assert (only.mail_from, only.rcpt_tos, only.mail_options) == (
+            "alice@example.test", ("bob@example.test",), ())
+        assert only.content.endswith(b"\r\nSubject: plain\r\n\r\nhallo\r\n")
+    finally:
+        daemon.stop()
+        sink.stop()

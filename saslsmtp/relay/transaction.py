@@ -35,6 +35,13 @@ is not.
 first 8-bit octet the connection is dropped (no final dot) and the final reply is
 ``554 5.6.3`` (RFC 6152; saslsmtp does not convert to 7 bit).
 
+**SMTPUTF8.**  A client's ``SMTPUTF8`` goes on only to an upstream that announced it.  To
+one that did not (RFC 6531 3.4, as Postfix's SMTP client): a UTF-8 sender or recipient is
+refused with ``553 5.6.7`` by us, and nothing of it is sent; an all-ASCII envelope goes on
+without the parameter, and a message whose header section has an 8-bit octet is dropped
+before that octet (no final dot), its final reply ``554 5.6.7``.  A message that only
+declared ``SMTPUTF8`` arrives unchanged.
+
 **LMTP** (RFC 2033) answers the final dot once per accepted recipient; ``verdict.combine``
 makes the one reply our client gets: all accepted -> the first ``250``; all failed ->
 the first failure, a temporary one preferred; some delivered, some not -> a ``5xx`` that
@@ -137,6 +144,9 @@ class UpstreamTransaction:
         self.replayed = False  # MAIL was sent again on a new connection (at most once)
         self.eight_bit = False  # the client's MAIL said BODY=8BITMIME
         self._seven_bit_only = False  # ... and the upstream did not announce 8BITMIME
+        self.smtputf8 = False  # the client's MAIL said SMTPUTF8
+        self._ascii_headers = False  # ... and the upstream did not announce SMTPUTF8
+        self._header_tail = b""  # the last octets of the header section seen so far
 
     def __repr__(self) -> str:
         return f"<UpstreamTransaction {self.client.name} {self.state}>"
@@ -158,6 +168,10 @@ class UpstreamTransaction:
                     return REPLIES["upstream_lost"]
                 self.connection = connection
                 await self._xclient()
+            smtputf8 = any(p.upper() == "SMTPUTF8" for p in params)
+            if smtputf8 and not address.isascii() and not self._utf8_upstream():
+                self.state = "new"
+                return self._no_smtputf8(address)
             reply = await self.connection.command(self._mail_line(address, params), MAIL)
         except UpstreamError as e:
             aborted = self.state != "busy"
@@ -169,7 +183,17 @@ class UpstreamTransaction:
         if reply.positive:
             self._mail = (address, tuple(params))
             self.eight_bit = any(p.upper() == "BODY=8BITMIME" for p in params)
+            self.smtputf8 = smtputf8
         return pass_on(reply)
+
+    def _utf8_upstream(self) -> bool:
+        return self.connection is not None and "SMTPUTF8" in self.connection.capabilities
+
+    def _no_smtputf8(self, address: str) -> SMTPReply:
+        """RFC 6531 3.4: a UTF-8 address is not sent to an upstream without SMTPUTF8."""
+        log.warn("upstream {name} does not announce SMTPUTF8: UTF-8 address {address}"
+                 " refused", name=self.client.name, address=address)
+        return REPLIES["upstream_no_smtputf8"]
 
     def _mail_line(self, address: str, params: Sequence[str]) -> bytes:
         """``MAIL FROM:<address>`` with what this connection's upstream announced."""
@@ -225,6 +249,9 @@ class UpstreamTransaction:
         return ensureDeferred(self._rcpt(address, params))
 
     async def _rcpt(self, address: str, params: Sequence[str]) -> SMTPReply:
+        if self.smtputf8 and not address.isascii() and not self._utf8_upstream():
+            self.state = "mail"
+            return self._no_smtputf8(address)
         connection = self.connection
         closed = connection is None or connection.closed or connection.error is not None
         try:
@@ -318,6 +345,8 @@ class UpstreamTransaction:
         self.state = "data"
         self.connection.downstream = self
         self._seven_bit_only = self.eight_bit and "8BITMIME" not in self.connection.capabilities
+        self._ascii_headers = self.smtputf8 and "SMTPUTF8" not in self.connection.capabilities
+        self._header_tail = b""
         if self.client.trace_header and not self.xclient_used:
             # below the first header field, our Received header: RFC 5321 4.4 (and
             # RFC 5322 3.6) keep the trace fields at the top of the message
@@ -353,6 +382,13 @@ class UpstreamTransaction:
                 REPLIES["upstream_no_8bitmime"], "message with 8-bit content (BODY=8BITMIME)"
                 " refused: the upstream does not announce 8BITMIME", warn=True))
             return
+        if self._ascii_headers and not self._headers_ascii(data):
+            # RFC 6531 3.4: UTF-8 in the header section needs SMTPUTF8 upstream
+            self.stuffer.octets += len(data)
+            connection.fail(UpstreamError(
+                REPLIES["upstream_no_smtputf8_header"], "message with UTF-8 header fields"
+                " (SMTPUTF8) refused: the upstream does not announce SMTPUTF8", warn=True))
+            return
         if self._trace is not None:
             at = self._first_field.find(data)
             if at is not None:
@@ -362,6 +398,17 @@ class UpstreamTransaction:
                                            self.stuffer.feed(data[at:]))
                 return
         connection.transport.write(self.stuffer.feed(data))
+
+    def _headers_ascii(self, data: bytes) -> bool:
+        """Whether the part of ``data`` in the header section (up to the first empty
+        line, which may straddle chunks) is ASCII; past it, nothing is checked again."""
+        seen = self._header_tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            self._ascii_headers = False  # the body may be anything 8BITMIME allows
+            return seen[:end].isascii()
+        self._header_tail = seen[-3:]
+        return data.isascii()
 
     def _flush_trace(self) -> None:
         """The message ended inside its first field (or was empty): the header last."""
