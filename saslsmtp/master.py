@@ -370,7 +370,7 @@ class MasterService(service.MultiService):
         """(argv, childFDs, environment) of a worker; ``status``: the write end of a pipe
         on which it says ``ready`` or ``failed REASON`` (``--status-fd``)."""
         args = [self.python, "-m", "saslsmtp.worker", "--config", self.config_path,
-                "--slot", str(slot)]
+                "--slot", str(slot), "--master-pid", str(os.getpid())]
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         out = self.log_output()
         if out is not None:

@@ -11,6 +11,9 @@ standard output), else it sends its events as compact JSON lines on standard out
 tell a worker whose reactor stopped turning (an AUTH script looping forever) and
 replace it.  It stops when standard input reaches end of file (the master is gone), on
 SIGTERM (like the single-process daemon: 421 to idle sessions) and reloads on SIGHUP.
+On Linux the kernel also sends it SIGTERM when the master dies (``parentdeath``): a
+worker whose reactor is held then, and so never reads that end of file, exits at once
+(``MasterGone``) instead of keeping the listening sockets forever.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -30,6 +34,12 @@ log = Logger(namespace="saslsmtp")
 
 #: What a worker's reactor writes on its heartbeat pipe to say it still turns.
 HEARTBEAT = b"."
+#: Seconds the reactor of a worker whose master is gone gets to answer at all; one that
+#: does not is held (stuck), and the worker exits at once.
+ORPHAN_ANSWER = 2.0
+#: Seconds such a worker gets to stop in order: the master would kill it then too (its
+#: grace, 10 s, and 5 more).
+ORPHAN_STOP = 15.0
 
 
 class Heartbeat:
@@ -104,6 +114,58 @@ class StdinWatcher(abstract.FileDescriptor):
         self.on_eof()
 
 
+class MasterGone:
+    """What a worker does when its master dies, told from a signal handler (the kernel's
+    parent-death SIGTERM), in the main thread: the reactor is asked to stop as at the end
+    of standard input (``on_gone``), and a thread watches.  A reactor that has not
+    answered within ``answer`` seconds is held (an AUTH script looping forever), so
+    nothing would ever stop it: the worker says where it is stuck and exits (``exit``).  One
+    that answered gets ``stop`` seconds in all to finish its sessions, as the master
+    would have given it."""
+
+    def __init__(self, reactor: Any, on_gone: Callable[[], None], slot: int,
+                 answer: float = ORPHAN_ANSWER, stop: float = ORPHAN_STOP,
+                 exit: Callable[[int], Any] = os._exit) -> None:
+        self.reactor = reactor
+        self.on_gone = on_gone
+        self.slot = slot
+        self.answer = answer
+        self.stop = stop
+        self.exit = exit
+        self.answered = threading.Event()
+        self.watcher: threading.Thread | None = None
+
+    def __call__(self, frame: Any) -> None:
+        if self.watcher is not None:
+            return
+        where = stuck_at(frame)
+        self.reactor.callFromThread(self._answer)
+        self.watcher = threading.Thread(target=self._watch, args=(where,), daemon=True,
+                                        name="saslsmtp-master-gone")
+        self.watcher.start()
+
+    def _answer(self) -> None:
+        self.answered.set()
+        self.on_gone()
+
+    def _watch(self, where: str) -> None:
+        if not self.answered.wait(self.answer):
+            self._end("worker {slot} (pid {pid}): the master is gone and the reactor is held:"
+                      " stuck at {where}; exiting now", where=where)
+            return
+        time.sleep(max(0.0, self.stop - self.answer))
+        self._end("worker {slot} (pid {pid}): the master is gone and the sessions did not"
+                  " end within {stop:g}s; exiting now", stop=self.stop)
+
+    def _end(self, text: str, **fields: Any) -> None:
+        try:
+            log.error(text, slot=self.slot, pid=os.getpid(), **fields)
+            sys.stdout.flush()  # (events relayed to a master: nobody reads them, but try)
+        except Exception:
+            pass
+        self.exit(1)
+
+
 class StartStatus:
     """The master's view of this worker's start: one line on ``--status-fd``, ``ready``
     once it serves or ``failed REASON`` when it cannot, so a start that cannot work
@@ -175,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listener", action="append", default=[], type=parse_listener,
                         metavar="FD:ENDPOINT")
     parser.add_argument("--slot", type=int, default=0)
+    parser.add_argument("--master-pid", type=int,
+                        help="the master's pid: another parent means the master is gone")
     parser.add_argument("--log-file", help="append log lines to this file (the master's)")
     parser.add_argument("--log-fd", type=int, help="write log lines to this inherited descriptor")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -192,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from saslsmtp import privileges
     from saslsmtp.config import ConfigError
+    from saslsmtp.parentdeath import signal_when_parent_dies
     from saslsmtp.metrics import Metrics, multiprocess_enabled
     from saslsmtp.logs import AppendLogFile, FdLineWriter, RelayObserver, worker_observer
     out: FdLineWriter | None = None
@@ -253,12 +318,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("worker {slot}: already shutting down", slot=args.slot)
         stop()
 
+    master_pid = args.master_pid if args.master_pid is not None else os.getppid()
+    gone: list[bool] = []
+
     def eof() -> None:
-        if not stopping:  # (at shutdown the reactor closes fd 0 itself)
-            log.info("worker {slot}: the master is gone; stopping", slot=args.slot)
+        if not stopping and not gone:  # (at shutdown the reactor closes fd 0 itself)
+            gone.append(True)
+            log.warn("worker {slot} (pid {pid}): the master is gone; stopping", slot=args.slot,
+                     pid=os.getpid())
             stop()
 
+    master_gone = MasterGone(reactor, eof, args.slot)
+
     def on_stop_signal(signum: int, frame: Any) -> None:
+        if os.getppid() != master_pid:  # the kernel's word (parentdeath), or a late one
+            master_gone(frame)
+            return
         # A reactor that missed its beats cannot run the stop: the master is replacing
         # this worker.  Where it is stuck is the one thing the operator needs to know.
         if heartbeat and heartbeat[0].stale():
@@ -278,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             service.privilegedStartService()
             privileges.drop(privileges.resolve(service.config.ops.user, service.config.ops.group))
+            # after the drop, which clears it; a master gone before is the end of stdin
+            signal_when_parent_dies(signal.SIGTERM)
             service.startService()
         except BaseException as e:  # SystemExit included: its text is the reason
             log.critical("worker cannot listen: {error}", error=f"{type(e).__name__}: {e}")

@@ -3,6 +3,7 @@ before restarting one that keeps dying, and that it does not restart during shut
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def test_worker_command_passes_each_listener_and_a_stdin_pipe(tmp_path: Path) ->
     service.sockets = [Sock(7), Sock(9)]  # type: ignore[list-item]
     args, fds, env = service.worker_command(1)
     assert args[1:] == ["-m", "saslsmtp.worker", "--config", str(tmp_path / "saslsmtp.toml"),
-                        "--slot", "1", "--listener", "7:tcp:2600:interface=127.0.0.1",
+                        "--slot", "1", "--master-pid", str(os.getpid()),
+                        "--listener", "7:tcp:2600:interface=127.0.0.1",
                         "--listener", "9:haproxy:tcp:2601", "--heartbeat", "10:5"]
     assert fds == {0: "w", 1: "r", 2: "r", 7: 7, 9: 9, 10: "r"}
     assert "PROMETHEUS_MULTIPROC_DIR" not in env  # no [metrics]

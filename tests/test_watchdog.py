@@ -184,3 +184,42 @@ def test_no_watchdog_pings_for_another_process(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         kill_leftovers(proc, log)
         listening.close()
+
+
+#: The loop of ``SCRIPT``, saying (in the file ``looping``) that a worker is in it.
+SAYS_IT_LOOPS = SCRIPT.replace(
+    '    if arguments["username"] == "loop":\n',
+    '    if arguments["username"] == "loop":\n'
+    '        import os\n'
+    '        open(os.path.join(os.path.dirname(__file__), "looping"), "w").close()\n')
+
+
+def test_a_stuck_worker_dies_with_its_master(tmp_path: Path) -> None:
+    """kill -9 of the master while a worker loops in an AUTH script (``worker_timeout =
+    0``: nobody replaces it).  Its reactor never read the end of its standard input, so it
+    kept the listening socket and accepted connections it never answered, forever.  Now
+    the kernel's parent-death signal ends it within seconds, saying where it was stuck;
+    the other worker stops as before (a warning, not routine), and the port is free."""
+    config, port = configure(tmp_path, "workers = 2\nworker_timeout = 0\n")
+    (tmp_path / "auth.py").write_text(SAYS_IT_LOOPS)
+    log = tmp_path / "daemon.log"
+    with workers_daemon(config, log, 2) as master:
+        pids = worker_pids(log)
+        stuck_client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        auth_plain(stuck_client, "loop", "x")
+        wait_for(lambda: (tmp_path / "looping").exists(), what="a worker in the loop")
+        master.kill()
+        master.wait(10)
+        wait_for(lambda: not any(alive(pid) for pid in pids.values()), timeout=10,
+                 what="both workers gone")
+        stuck_client.close()
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # nobody listens
+        text = log.read_text()
+        stuck = re.findall(r"worker (\d) \(pid (\d+)\): the master is gone and the reactor is"
+                           rf" held: stuck at \S+auth\.py:\d+ in auth; exiting now", text)
+        assert len(stuck) == 1 and int(stuck[0][1]) == pids[int(stuck[0][0])], text
+        other = 1 - int(stuck[0][0])
+        assert re.search(rf"\[saslsmtp#warn worker={pids[other]}\] worker {other} \(pid"
+                         rf" {pids[other]}\): the master is gone; stopping", text), text
+        assert "Traceback" not in text

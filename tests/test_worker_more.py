@@ -40,3 +40,57 @@ def test_worker_with_an_unreadable_config_exits_1(tmp_path: Path) -> None:
     done = run_worker("--config", str(tmp_path / "absent.toml"))
     assert done.returncode == 1, done.stderr
     assert any("cannot read" in line for line in critical_lines(done.stdout))
+
+
+class HeldReactor:
+    """A reactor that never runs what it is handed (a worker stuck in an AUTH script), or,
+    with ``turning``, runs it at once."""
+
+    def __init__(self, turning: bool) -> None:
+        self.turning = turning
+
+    def callFromThread(self, f, *args) -> None:
+        if self.turning:
+            f(*args)
+
+
+def test_a_worker_whose_master_is_gone_exits_at_once_when_its_reactor_is_held() -> None:
+    """No answer from the reactor within ``answer`` seconds: one error line saying where
+    the main thread is stuck, and exit 1 (nothing else would ever stop it)."""
+    import sys as _sys
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from saslsmtp.worker import MasterGone
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    exits: list[int] = []
+    gone: list[bool] = []
+    try:
+        watch = MasterGone(HeldReactor(turning=False), lambda: gone.append(True), 1,
+                           answer=0.05, stop=5.0, exit=exits.append)
+        watch(_sys._getframe())
+        watch(_sys._getframe())  # a second signal: one watch
+        assert watch.watcher is not None
+        watch.watcher.join(5)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert exits == [1] and gone == []
+    lines = [formatEvent(e) for e in events if "master is gone" in formatEvent(e)]
+    assert len(lines) == 1 and events[-1]["log_level"].name == "error"
+    assert lines[0].startswith(f"worker 1 (pid {os.getpid()}): the master is gone and the reactor"
+                               " is held: stuck at ") and "test_worker_more.py:" in lines[0]
+
+
+def test_a_worker_whose_master_is_gone_stops_in_order_when_its_reactor_turns() -> None:
+    """The reactor answers: it stops as at the end of standard input, and only a stop
+    that takes longer than ``stop`` seconds in all ends the process."""
+    from saslsmtp.worker import MasterGone
+    exits: list[int] = []
+    gone: list[bool] = []
+    watch = MasterGone(HeldReactor(turning=True), lambda: gone.append(True), 0,
+                       answer=0.05, stop=0.2, exit=exits.append)
+    watch(None)
+    assert gone == [True] and exits == []
+    assert watch.watcher is not None
+    watch.watcher.join(5)
+    assert exits == [1]
