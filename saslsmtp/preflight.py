@@ -471,7 +471,22 @@ def twistd_problems(options: Any) -> list[str]:
                               or (gid is not None and gid != os.getgid())):
         problems.append(f"--uid/--gid {uid}/{gid}: switching user needs root (this is uid"
                         f" {os.getuid()}); start as root, or leave them out")
+    elif uid is not None and (gid is None or uid != os.getuid()) and not _has_passwd_entry(uid):
+        problems.append(f"--uid {uid}: no such user (twistd looks up its groups"
+                        + (")" if gid is not None else " and its primary group)")
+                        + "; name an existing user, or use [server] user")
     return problems
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    """twistd needs one to switch to ``uid`` (initgroups; without ``--gid``, the primary
+    group): without it, it failed after binding, with a ``KeyError`` traceback."""
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def twistd_warnings(options: Any, syslog_socket: str = "/dev/log") -> list[str]:

@@ -71,6 +71,8 @@ class Options(usage.Options):
         if self["check"]:
             print(f"{self['config']}: OK")
             raise SystemExit(0)
+        if self.parent is not None:
+            log_start_warnings(self.parent, notes + warnings)
 
     def _build(self, parent: Any) -> list[str]:
         """Check the configuration and build the service (``self["service"]``); the
@@ -100,6 +102,24 @@ class Options(usage.Options):
             print(f"saslsmtp: configuration is not valid:\n{e}", file=sys.stderr)
             raise SystemExit(1)
         return warnings
+
+
+def log_start_warnings(twistd: Any, warnings: list[str]) -> None:
+    """The start's warnings in the log too, when the log is not where they were printed.
+
+    They are printed on standard error before twistd starts logging; an operator who
+    reads the log file (``--logfile``, a daemon's ``twistd.log``, syslog) saw none of
+    them.  Events logged now wait in Twisted's buffer and reach the log once it opens.
+    With the log on the terminal or standard output (``-n``, systemd's journal) the
+    printed lines are enough: logging them too would show each twice."""
+    from twisted.logger import Logger
+
+    from saslsmtp.daemon import logs_elsewhere
+    if not logs_elsewhere(twistd):
+        return
+    log = Logger(namespace="saslsmtp")
+    for warning in warnings:
+        log.warn("{warning}", warning=warning.removeprefix("saslsmtp: warning: "))
 
 
 class Interrupted(BaseException):

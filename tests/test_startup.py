@@ -427,3 +427,77 @@ def test_a_failed_start_logging_elsewhere_says_why_on_the_terminal_too(shared_di
     assert not pidfile.exists()
     if where == "logfile":
         assert "Address already in use" in log.read_text()
+
+
+START_WARNING = "server.worker_timeout: warning: has no effect with one process"
+
+
+def serving(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(100).startswith(b"220 ")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["-n --logfile", "daemonized", "-n, log on stdout"])
+def test_start_warnings_reach_the_log_once(shared_dir: Path, how: str) -> None:
+    """A start's warnings were printed on standard error only: an operator reading the
+    log file (``--logfile``, a daemon's) never saw them.  Now they are in the log too,
+    once; with the log on standard output (a terminal, the journal) they show once, not
+    printed and logged."""
+    from tests.support import wait_for
+    (shared_dir / "users").write_text(USERS)
+    config, pidfile, log = (shared_dir / "saslsmtp.toml", shared_dir / "twistd.pid",
+                            shared_dir / "saslsmtp.log")
+    port = free_port()
+    config.write_text(config_text(shared_dir, server="worker_timeout = 30", port=port))
+    argv = {"-n --logfile": ("-n", "--pidfile=", f"--logfile={log}"),
+            "daemonized": (f"--pidfile={pidfile}", f"--logfile={log}"),
+            "-n, log on stdout": ("-n", "--pidfile=", "--logfile=-")}[how]
+    proc = twistd(*argv, "saslsmtp", "--config", str(config), cwd=shared_dir)
+    try:
+        if how == "daemonized":
+            out, err = proc.communicate(timeout=30)  # the parent exits once the daemon is up
+            assert proc.returncode == 0, out + err
+        wait_for(lambda: serving(port), what="the daemon serving")
+    finally:
+        if how == "daemonized":
+            os.kill(int(pidfile.read_text()), 15)
+            wait_for(lambda: not pidfile.exists(), what="the daemon's end")
+        else:
+            proc.terminate()
+            out, err = proc.communicate(timeout=30)
+    assert (out + err).count(START_WARNING) == 1, out + err
+    if how != "-n, log on stdout":
+        assert err.count(START_WARNING) == 1, err
+        logged = [line for line in log.read_text().splitlines() if START_WARNING in line]
+        assert len(logged) == 1 and "[saslsmtp#warn] " in logged[0], log.read_text()
+
+
+def unused_uid() -> int:
+    """A uid that no user has."""
+    import pwd
+    taken = {entry.pw_uid for entry in pwd.getpwall()}
+    return next(uid for uid in range(61000, 65000) if uid not in taken)
+
+
+@pytest.mark.parametrize("with_gid", [False, True], ids=["--uid", "--uid --gid"])
+def test_a_uid_that_names_no_user_is_one_line(shared_dir: Path, with_gid: bool) -> None:
+    """``--uid N`` where no user has N: twistd bound the port, then failed to switch with
+    a ``KeyError`` traceback (it looks the user up for its groups).  Now the start is
+    refused before anything is bound, in one line."""
+    from tests.conftest import require
+    require(os.geteuid() == 0, "needs root: only root may ask twistd to switch user")
+    (shared_dir / "users").write_text(USERS)
+    config = shared_dir / "saslsmtp.toml"
+    config.write_text(config_text(shared_dir))
+    uid = unused_uid()
+    gid = ("--gid", str(uid)) if with_gid else ()
+    proc = twistd("-n", "--pidfile=", "--uid", str(uid), *gid, "saslsmtp", "--config",
+                  str(config), cwd=shared_dir)
+    out, err = proc.communicate(timeout=60)
+    groups = "its groups)" if with_gid else "its groups and its primary group)"
+    assert (proc.returncode, out, err) == (
+        1, "", f"saslsmtp: cannot start: --uid {uid}: no such user (twistd looks up {groups};"
+               " name an existing user, or use [server] user\n")
