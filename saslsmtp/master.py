@@ -287,14 +287,19 @@ class MasterService(service.MultiService):
         pipes: dict[int, int] = {}
         signals = StartSignals()
         try:
+            problem = None
             for slot in range(self.count):
                 read, write = os.pipe()
                 pipes[read] = slot
                 try:
                     self.spawn(slot, status=write)
+                except OSError as e:  # the interpreter cannot be run (as this user)
+                    problem = (slot, self.cannot_spawn(e))
+                    break
                 finally:
                     os.close(write)
-            problem = await_ready(pipes, self.startup_timeout, wake=signals.wake)
+            if problem is None:
+                problem = await_ready(pipes, self.startup_timeout, wake=signals.wake)
         except StartInterrupted:
             log.warn("{signal} received while the workers were starting; stopping them",
                      signal=signals.name)
@@ -327,9 +332,12 @@ class MasterService(service.MultiService):
         prints it); a stop signal meanwhile changes nothing."""
         if slot is not None:
             worker = self.workers.get(slot)
-            pid = worker.pid if worker is not None else None
-            log.critical("worker {slot} (pid {worker_pid}) could not start; stopping", slot=slot,
-                         worker_pid=pid)
+            if worker is not None:
+                log.critical("worker {slot} (pid {worker_pid}) could not start; stopping",
+                             slot=slot, worker_pid=worker.pid)
+            else:
+                log.critical("worker {slot} could not be started: {reason}; stopping", slot=slot,
+                             reason=reason)
         self.stopping = True
         self.signal_workers(signal.SIGTERM)
         self._reap_workers(self.grace)
@@ -407,9 +415,25 @@ class MasterService(service.MultiService):
         worker = WorkerProcess(self, slot)
         worker.started = self.reactor.seconds()
         worker.heard = self.monotonic()
-        self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
+        try:
+            self.reactor.spawnProcess(worker, self.python, args, env=env, childFDs=fds)
+        except OSError as e:
+            if status is not None:  # at start: start_workers stops the start with it
+                raise
+            # a restart: the interpreter went away (a virtual environment rebuilt) or this
+            # user may not run it; try again later, as for a worker that dies young
+            failures = self.failures[slot] = self.failures.get(slot, 0) + 1
+            delay = min(self.backoff[1], self.backoff[0] * 2 ** (failures - 1))
+            log.error("worker {slot}: {reason}; trying again in {delay:.1f}s", slot=slot,
+                      reason=self.cannot_spawn(e), delay=delay)
+            self.pending[slot] = self.reactor.callLater(delay, self.spawn, slot)
+            return
         self.workers[slot] = worker
         log.info("worker {slot} started (pid {worker_pid})", slot=slot, worker_pid=worker.pid)
+
+    def cannot_spawn(self, error: OSError) -> str:
+        """Why a worker process could not be made, in one line."""
+        return f"cannot run {self.python} for a worker: {error.strerror or error}"
 
     # -- running ---------------------------------------------------------------------------
 

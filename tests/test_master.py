@@ -281,3 +281,53 @@ def test_worker_timeout_zero_turns_the_check_off(tmp_path: Path) -> None:
     """No heartbeat asked of the workers, no check."""
     service, reactor = master(tmp_path, server="worker_timeout = 0\n")
     assert "--heartbeat" not in service.worker_command(0)[0]
+
+
+class NoInterpreter(FakeReactor):
+    """spawnProcess fails as it does when the interpreter cannot be run (by this user)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    def spawnProcess(self, proto: Any, executable: str, args: list[str], env: dict,
+                     childFDs: dict) -> FakeTransport:
+        if self.failing:
+            raise PermissionError(13, "Permission denied", executable)
+        return super().spawnProcess(proto, executable, args, env, childFDs)
+
+
+def test_a_worker_that_cannot_be_spawned_at_start_is_one_line(tmp_path: Path) -> None:
+    """twistd's ``--uid`` with workers, the interpreter under a folder that user may not
+    enter: a ``PermissionError`` traceback ended the start.  Now it is one line."""
+    import pytest
+    service, _ = master(tmp_path)
+    service.reactor = NoInterpreter()
+    with pytest.raises(SystemExit) as raised:
+        service.start_workers()
+    assert raised.value.code == (f"saslsmtp: cannot run {service.python} for a worker:"
+                                 " Permission denied")
+    assert not service.workers
+
+
+def test_a_worker_that_cannot_be_respawned_is_tried_again_later(tmp_path: Path) -> None:
+    """A restart that cannot run the interpreter (the virtual environment was rebuilt
+    meanwhile) was an unhandled error in a timed call, and the slot stayed empty for
+    good.  Now it is one error line and another try, with the growing delay."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    service, _ = master(tmp_path)
+    reactor = service.reactor = NoInterpreter()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.spawn(0)
+        reactor.advance(0.5)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(e) for e in events if e.get("log_namespace") == "saslsmtp"] == [
+        f"worker 0: cannot run {service.python} for a worker: Permission denied; trying"
+        f" again in {delay}s" for delay in ("0.5", "1.0")]
+    assert service.pending[0].getTime() - reactor.seconds() == 1.0
+    reactor.failing = False
+    reactor.advance(1.0)
+    assert 0 in service.workers and 0 not in service.pending
