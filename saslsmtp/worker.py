@@ -287,6 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (systemctl kill) must not end a worker: it reopens if the file was renamed away.
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(
         lambda: reopen_log() if isinstance(out, AppendLogFile) and out.moved() else None))
+    # Until it serves, SIGTERM's default action ends a worker: so does its master's death
+    # meanwhile (an AUTH script whose import never ends), told by the kernel.  A master
+    # already gone sends nothing: there is nobody to start for.
+    signal_when_parent_dies(signal.SIGTERM)
+    if args.master_pid is not None and os.getppid() != args.master_pid:
+        log.warn("worker {slot} (pid {pid}): the master (pid {master}) is gone; not starting",
+                 slot=args.slot, pid=os.getpid(), master=args.master_pid)
+        return 1
     try:
         metrics = None
         if multiprocess_enabled():

@@ -94,3 +94,61 @@ def test_a_worker_whose_master_is_gone_stops_in_order_when_its_reactor_turns() -
     assert watch.watcher is not None
     watch.watcher.join(5)
     assert exits == [1]
+
+
+def test_a_worker_whose_master_is_already_gone_does_not_start(tmp_path: Path) -> None:
+    """``--master-pid`` is not its parent (the master died before the worker ran): one
+    warning and exit 1, nothing built, nothing served."""
+    done = run_worker("--config", str(tmp_path / "absent.toml"), "--slot", "1",
+                      "--master-pid", str(os.getpid() + 1_000_000))
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(e["level"], e["message"]) for e in events] == [
+        ("warn", f"worker 1 (pid {events[0]['pid']}): the master (pid {os.getpid() + 1_000_000})"
+                 " is gone; not starting")], done.stdout
+
+
+#: An AUTH script whose import never ends in a worker (the test starts no master).
+ENDLESS_IMPORT = """\
+import os
+import time
+
+open(os.path.join(os.path.dirname(__file__), "importing"), "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+#: A stand-in master: starts the worker (argv) with its own pid, prints the worker's pid.
+PARENT = """\
+import os, subprocess, sys
+child = subprocess.Popen([*sys.argv[1:], "--master-pid", str(os.getpid())], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_a_worker_still_starting_dies_with_its_master(tmp_path: Path) -> None:
+    """The master is SIGKILLed while a worker imports an AUTH script that never finishes:
+    the worker does not watch its standard input yet, and lived on as an orphan.  The
+    kernel's parent-death signal ends it."""
+    import signal
+    import subprocess
+
+    from tests.support import alive, wait_for, write_config
+    (tmp_path / "auth.py").write_text(ENDLESS_IMPORT)
+    config = write_config(tmp_path, mechanisms=["PLAIN"], backends=[], script="auth.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, sys.executable, "-m", "saslsmtp.worker",
+                               "--config", str(config)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        wait_for(lambda: (tmp_path / "importing").exists(), what="the worker importing the script")
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        wait_for(lambda: not alive(worker), timeout=10, what="the worker's end")
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        parent.stdout.close()
