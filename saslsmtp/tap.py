@@ -62,10 +62,10 @@ class Options(usage.Options):
         try:
             with interruptible():
                 warnings = self._build(parent)
-        except Interrupted:
-            print("saslsmtp: interrupted (SIGINT) while checking the configuration; nothing"
-                  " was started", file=sys.stderr)
-            raise SystemExit(130)
+        except Interrupted as e:
+            print(f"saslsmtp: interrupted ({e.signal.name}) while checking the configuration;"
+                  " nothing was started", file=sys.stderr)
+            raise SystemExit(128 + e.signal)
         for warning in warnings:
             print(warning, file=sys.stderr)
         if self["check"]:
@@ -123,26 +123,33 @@ def log_start_warnings(twistd: Any, warnings: list[str]) -> None:
 
 
 class Interrupted(BaseException):
-    """Ctrl-C while the configuration is checked (importing an AUTH script can take a
-    while): not one of the script's errors, which its loader reports as a problem."""
+    """Ctrl-C or SIGTERM while the configuration is checked (importing an AUTH script can
+    take a while): not one of the script's errors, which its loader reports as a problem."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGINT raises ``Interrupted`` meanwhile (in the main thread; elsewhere nothing
-    changes): Python's ``KeyboardInterrupt`` was taken for the script's own, the check
-    then imported it again and said OK, or a traceback ended it."""
+    """SIGINT and SIGTERM raise ``Interrupted`` meanwhile (in the main thread; elsewhere
+    nothing changes): Python's ``KeyboardInterrupt`` was taken for the script's own, the
+    check then imported it again and said OK, or a traceback ended it; a SIGTERM
+    (``systemctl stop`` during a slow start) ended the process without a word."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupted(signum: int, frame: Any) -> None:
-        raise Interrupted()
-    previous = signal.signal(signal.SIGINT, interrupted)
+        raise Interrupted(signum)
+    previous = {signum: signal.signal(signum, interrupted)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def makeService(options: Options) -> IService:

@@ -372,11 +372,15 @@ def auth(arguments, context):
 '''
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("extra", [("--check",), ()], ids=["check", "start"])
-def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[str, ...]) -> None:
+def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[str, ...],
+                                                   signum: int) -> None:
     """Ctrl-C while the AUTH script is imported: exit 130 and one line.  The import's
     KeyboardInterrupt was taken for the script's own error; the check then imported the
-    script again and said OK (exit 0), as if nobody had pressed it."""
+    script again and said OK (exit 0), as if nobody had pressed it.  A SIGTERM then
+    (``systemctl stop`` during a slow start) ended the process without a word: now it
+    is the same line, and exit 143."""
     (tmp_path / "slow.py").write_text(WAITING_SCRIPT)
     (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
     config = write_config(tmp_path, f'[backends.u]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
@@ -388,7 +392,7 @@ def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[
         from tests.support import wait_for
         wait_for(lambda: (tmp_path / "importing").exists() or proc.poll() is not None,
                  what="the script's import")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         (tmp_path / "go").touch()  # a second import (the old behaviour) would not wait
         out, err = proc.communicate(timeout=30)
     finally:
@@ -396,7 +400,7 @@ def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, out + err
-    assert err == ("saslsmtp: interrupted (SIGINT) while checking the configuration; nothing"
-                   " was started\n"), err
+    assert proc.returncode == 128 + signum, out + err
+    assert err == (f"saslsmtp: interrupted ({signal.Signals(signum).name}) while checking the"
+                   " configuration; nothing was started\n"), err
     assert "OK" not in out and "ready" not in out, out
