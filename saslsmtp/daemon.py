@@ -38,6 +38,7 @@ class SingleProcess(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        harmless_sigusr1(self.reactor)
         self.reactor.callWhenRunning(guard_stop_signals, self.reactor)
 
     def stopService(self) -> Any:
@@ -187,6 +188,21 @@ def remove_own_pidfile(pidfile: str | None) -> None:
             os.unlink(pidfile)
     except OSError:
         pass
+
+
+def harmless_sigusr1(reactor: Any) -> None:
+    """SIGUSR1 rotates the log file (saslsmtp's log file, twistd's, the master's); where
+    nothing handles it because the log is no file (standard output: ``-n``, systemd's
+    journal; ``--syslog``), its default action ended the daemon: a ``systemctl kill -s
+    USR1`` or a logrotate snippet meant for a log file stopped the server.  Then it is
+    one log line and nothing else."""
+    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+        return
+
+    def noted(signum: int, frame: Any) -> None:
+        reactor.callFromThread(log.info, "SIGUSR1 received: the log is not a file (standard"
+                                         " output or syslog); nothing to rotate")
+    signal.signal(signal.SIGUSR1, noted)
 
 
 def guard_stop_signals(reactor: Any) -> None:

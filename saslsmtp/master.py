@@ -34,7 +34,7 @@ from twisted.logger import Logger, globalLogPublisher
 import saslsmtp
 from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
-from saslsmtp.daemon import clean_exit, guard_stop_signals
+from saslsmtp.daemon import clean_exit, guard_stop_signals, harmless_sigusr1
 from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
 from saslsmtp.metrics import (MULTIPROC_ENV, ReloadCounts, mark_dead, metrics_service,
                               multiprocess_registry, prepare_multiprocess_dir)
@@ -268,6 +268,8 @@ class MasterService(service.MultiService):
             self._log_size_check = task.LoopingCall(self.logs_rotated, False, False)
             self._log_size_check.clock = self.reactor
             self._log_size_check.start(self.log_check, now=False)
+        else:
+            harmless_sigusr1(self.reactor)
         self.start_workers()
         if self.worker_timeout > 0:
             self._stuck_check = task.LoopingCall(self.check_stuck)

@@ -223,3 +223,31 @@ def test_logrotate_without_a_running_daemon_is_no_error(tmp_path: Path, pid_file
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_without_a_log_file_is_harmless(tmp_path: Path, workers: int) -> None:
+    """``-n`` with the log on standard output (systemd's journal): nothing handled SIGUSR1,
+    so its default action ended the daemon (one process, or the master, whose workers
+    then stopped).  Now it is one log line, and the daemon serves on."""
+    config, port = alice_config(tmp_path)
+    log = tmp_path / "stdout.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+             "--pidfile=", "saslsmtp", "--config", str(config), "--workers", str(workers)],
+            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log.read_text().count("saslsmtp ready") == workers, what="ready")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "SIGUSR1 received" in log.read_text() or proc.poll() is not None,
+                 what="the signal's line")
+        assert proc.poll() is None, log.read_text()
+        login(port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        assert log.read_text().count("SIGUSR1 received: the log is not a file (standard output"
+                                     " or syslog); nothing to rotate") == 1
+    finally:
+        kill_leftovers(proc, log)
