@@ -12,7 +12,9 @@ Example (pytest)::
 
 Everything is injected: a ``task.Clock`` (advance it for failure delays and script
 timeouts), any cred checkers, mechanisms (built-in or scripted), a resolver for
-``Lookup``, and an in-memory realm that keeps delivered messages.
+``Lookup``, and an in-memory realm that keeps delivered messages.  The in-memory
+``users`` also hand out their passwords as plaintext secrets, so CRAM-MD5 and SCRAM log
+in against them as against a users file's ``{PLAIN}`` entries.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import copy
 from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
-from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -32,12 +36,17 @@ from twisted.mail.interfaces import IMessageDelivery
 from zope.interface import alsoProvides, implementer
 
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.credentials import AvatarId
 from saslsmtp.mechanisms import builtin_mechanisms
+from saslsmtp.octets import as_bytes
+from saslsmtp.resolver import secret_resolver
 from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl.outcome import Secret, Session
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 
-__all__ = ["SMTPHarness", "MemoryRealm", "MemoryDelivery", "MemoryMessage", "TLSStringTransport"]
+__all__ = ["SMTPHarness", "MemoryRealm", "MemoryDelivery", "MemoryMessage", "MemoryUsers",
+           "TLSStringTransport"]
 
 
 @implementer(ITLSTransport)
@@ -112,6 +121,35 @@ class MemoryDelivery:
         return message
 
 
+@implementer(ICredentialsChecker, ISecretSource)
+class MemoryUsers:
+    """The harness's ``users``: checks passwords and, like a users file's ``{PLAIN}``
+    entries, hands them out as plaintext secrets, so the challenge mechanisms (CRAM-MD5,
+    SCRAM) can be tested without a file."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        self._users = dict(users)
+
+    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[AvatarId]":
+        username = as_bytes(credentials.username).decode("utf-8", "replace")
+        password = self._users.get(username)
+        if password is not None and credentials.checkPassword(password.encode("utf-8")):
+            return defer.succeed(username.encode("utf-8"))
+        return defer.fail(UnauthorizedLogin())
+
+    def secret_kinds(self) -> frozenset[str]:
+        return frozenset({"plaintext"})
+
+    def lookup_secret(self, username: str, kinds: tuple[str, ...],
+                      session: Session | None = None) -> "defer.Deferred[Secret | None]":
+        password = self._users.get(username)
+        if password is None or "plaintext" not in kinds:
+            return defer.succeed(None)
+        return defer.succeed(Secret("plaintext", password))
+
+
 @implementer(IRealm)
 class MemoryRealm:
     """Keeps every delivered message in ``messages``; logins in ``logins``."""
@@ -135,10 +173,16 @@ class SMTPHarness:
 
     ``send(data)`` feeds client bytes and returns what the server wrote since.
 
-    * ``users`` (name -> password) become an in-memory backend named ``"users"``;
+    * ``users`` (name -> password) become an in-memory backend named ``"users"``
+      (``MemoryUsers``: CRAM-MD5 and SCRAM use its passwords too);
       ``backends`` adds named checkers (fakes or real ones); the password mechanisms
       use them in order, like ``auth.backends``.  ``checkers`` replaces the portal's
       password checkers entirely.
+    * ``resolver``: answers the challenge mechanisms' ``Lookup`` and the token
+      mechanisms' ``ValidateToken``; by default the named backends that provide
+      ``ISecretSource`` / ``ITokenValidator`` (``users`` included).  Without one, a
+      built-in that nothing could serve (CRAM-MD5 with only a password checker) is a
+      ``ValueError``, as it would stop the daemon.
     * ``script``: a path to an AUTH script (or an ``auth`` callable): PLAIN/LOGIN then
       go to it, and every name in ``mechanism_names`` that is not built in is served by it.
     * ``settings`` / keyword overrides: ``EngineSettings`` fields (by default
@@ -170,10 +214,7 @@ class SMTPHarness:
         self.realm = realm or MemoryRealm()
         named: dict[str, ICredentialsChecker] = {}
         if users is not None:
-            db = InMemoryUsernamePasswordDatabaseDontUse()
-            for name, password in users.items():
-                db.addUser(name.encode("utf-8"), password.encode("utf-8"))
-            named["users"] = db
+            named["users"] = MemoryUsers(users)
         named.update(backends or {})
         self.backends = named
         names = tuple(m.upper() for m in mechanism_names) if mechanism_names is not None else None
@@ -196,6 +237,8 @@ class SMTPHarness:
         if unknown:  # it would silently not be offered: the test would see 504, not why
             raise ValueError(f"{', '.join(unknown)}: not built in and no script serves it"
                              " (pass script= or mechanisms=)")
+        if resolver is None:
+            resolver = _backend_resolver(named, specs, names or ())
         if checkers is None:
             checkers = [password_checker]
         self.portal = Portal(self.realm, [*checkers, TrustedIdentityChecker()])
@@ -270,3 +313,25 @@ class SMTPHarness:
         from twisted.internet.error import ConnectionDone
         from twisted.python.failure import Failure
         self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def _backend_resolver(named: Mapping[str, Any], specs: Mapping[str, MechanismSpec],
+                      names: Iterable[str]) -> Any:
+    """The daemon's resolver over the harness's backends: stored secrets from those that
+    provide ``ISecretSource``, token verdicts from the ``ITokenValidator``s.  A built-in
+    in ``names`` that neither could ever serve is a ``ValueError`` (the daemon refuses to
+    start with it) rather than a 454 at every attempt."""
+    sources = [b for b in named.values() if ISecretSource.providedBy(b)]
+    validators = [b for b in named.values() if ITokenValidator.providedBy(b)]
+    for name in names:
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        kinds = set(spec.secret_kinds)
+        if kinds and not any(kinds & set(s.secret_kinds()) for s in sources):
+            raise ValueError(f"{name} needs a stored secret: pass users= (or backends= with a"
+                             " file checker), or resolver=")
+        if spec.token_validator and not validators:
+            raise ValueError(f"{name} needs a token validator: pass backends= with an"
+                             " oauth2 checker, or resolver=")
+    return secret_resolver(sources, validators)

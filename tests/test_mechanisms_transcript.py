@@ -191,7 +191,8 @@ def test_rfc7628_oauthbearer_error_flow() -> None:
 
 
 def test_oauth_needs_tls() -> None:
-    h = SMTPHarness(mechanism_names=["OAUTHBEARER"], users={})
+    h = SMTPHarness(mechanism_names=["OAUTHBEARER"], users={},
+                    resolver=lambda request, session: defer.succeed(None))
     assert b"AUTH" not in h.send(b"EHLO c\r\n")
     assert h.send(b"AUTH OAUTHBEARER " + RFC7628_SUCCESS_B64 + b"\r\n") == (
         b"538 5.7.11 Encryption required for requested authentication mechanism\r\n")

@@ -31,7 +31,7 @@ PUBLIC: dict[str, tuple[str, ...]] = {
                               "ValidateToken", "Secret", "Session", "Outcome"),
     "saslsmtp.sasl.mechanism": ("MechanismSpec",),
     "saslsmtp.errors": ("AuthRejected", "TemporaryFailure"),
-    "saslsmtp.testing": ("SMTPHarness", "MemoryRealm", "TLSStringTransport"),
+    "saslsmtp.testing": ("SMTPHarness", "MemoryRealm", "MemoryUsers", "TLSStringTransport"),
     "saslsmtp.protocol": ("SubmissionESMTP", "EngineSettings"),
 }
 
