@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass as getpass_module
+import ipaddress
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,18 +173,29 @@ def format_outcome(outcome: Outcome, mechanism: str) -> str:
     return "\n".join(lines)
 
 
+def ip_address(text: str) -> str:
+    """``--remote-ip``'s value, refused unless it is an IPv4 or IPv6 address: a typo would
+    otherwise be checked as the client's address (``allow_nets`` silently not matching)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saslsmtp-authtest",
         description="Check a password as the server would; exit 0 accept, 1 reject, 2 temporary.",
         epilog="The password is prompted for on a terminal, else read as one line of standard input.")
-    parser.add_argument("-c", "--config", default="etc/saslsmtp.toml", help="the TOML configuration")
+    parser.add_argument("-c", "--config", default="etc/saslsmtp.toml",
+                        help="the TOML configuration (default: etc/saslsmtp.toml)")
     parser.add_argument("-m", "--mechanism", type=str.upper, default="PLAIN",
                         choices=PASSWORD_MECHANISMS, help="PLAIN (default) or LOGIN")
-    parser.add_argument("--remote-ip", default="127.0.0.1", help="client address the backends see")
+    parser.add_argument("--remote-ip", default="127.0.0.1", type=ip_address,
+                        help="client address the backends see (default: 127.0.0.1)")
     parser.add_argument("--tls", action="store_true", help="pretend the session is under TLS")
     parser.add_argument("--version", action="store_true", help="print the versions and exit")
-    parser.add_argument("user", metavar="USER", nargs="?")
+    parser.add_argument("user", metavar="USER", nargs="?", help="the login to check")
     return parser
 
 

@@ -177,3 +177,20 @@ def test_twistd_saslsmtp_version(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"saslsmtp {saslsmtp.__version__} (Twisted {twisted.__version__}" in result.stdout
+
+
+def test_remote_ip_must_be_an_address(tmp_path: Path) -> None:
+    """``--remote-ip`` is what ``allow_nets`` is matched against: a typo was checked as the
+    client's address (a user limited to 192.0.2.0/24 quietly rejected, or a misleading
+    accept).  Now it is a usage error, one line, exit 64, nothing checked; a real address
+    (IPv6 too) is taken and decides ``allow_nets``."""
+    config = write_config(tmp_path, file_backend(
+        tmp_path, content="eve:{PLAIN}x::::::allow_nets=192.0.2.0/24,2001:db8::/32\n"))
+    bad = command("--config", str(config), "--remote-ip", "192.0.2.700", "eve", stdin="x\n")
+    assert bad.returncode == 64 and bad.stdout == ""
+    assert bad.stderr.splitlines()[-1] == (
+        "saslsmtp-authtest: error: argument --remote-ip: not an IP address: '192.0.2.700'")
+    inside = command("--config", str(config), "--remote-ip", "2001:db8::7", "eve", stdin="x\n")
+    assert inside.returncode == 0, inside.stdout + inside.stderr
+    outside = command("--config", str(config), "--remote-ip", "198.51.100.7", "eve", stdin="x\n")
+    assert outside.returncode == 1
