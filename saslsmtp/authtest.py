@@ -42,6 +42,7 @@ from saslsmtp.sasl.outcome import Defer, Reject, Session
 ACCEPT, REJECT, TEMPORARY = "accept", "reject", "temporary"
 EXIT = {ACCEPT: 0, REJECT: 1, TEMPORARY: 2}
 EX_USAGE, EX_CONFIG = 64, 78
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
 
 
@@ -247,7 +248,14 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     if not args.user:
         print("saslsmtp-authtest: USER is required", file=stderr)
         return EX_USAGE
-    password = read_password(stdin, getpass or getpass_module.getpass)
+    try:
+        password = read_password(stdin, getpass or getpass_module.getpass)
+    except EOFError:  # Ctrl-D at the prompt
+        print("\nsaslsmtp-authtest: no password given", file=stderr)
+        return EX_USAGE
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: the shell's status, no traceback
+        print("\nsaslsmtp-authtest: interrupted", file=stderr)
+        return EXIT_INTERRUPTED
     if password is None:
         print("saslsmtp-authtest: no password on standard input", file=stderr)
         return EX_USAGE

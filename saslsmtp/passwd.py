@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import getpass as getpass_module
 import sys
-from typing import Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from saslsmtp import libcrypt, passwords
 from saslsmtp.commandline import parse_arguments, standard_streams
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
 NOT_UTF8 = ("saslsmtp-passwd: the password is not valid UTF-8 (set the terminal's or the"
             " input's encoding to UTF-8)")
 
@@ -56,8 +58,12 @@ NOT_UTF8 = ("saslsmtp-passwd: the password is not valid UTF-8 (set the terminal'
 def _read_password(stdin: TextIO, stderr: TextIO, getpass: Callable[[str], str]) -> str | None:
     isatty = getattr(stdin, "isatty", None)
     if callable(isatty) and isatty():
-        first = getpass("Password: ")
-        second = getpass("Retype password: ")
+        try:
+            first = getpass("Password: ")
+            second = getpass("Retype password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            print("\nsaslsmtp-passwd: no password given", file=stderr)
+            return None
         if first != second:
             print("saslsmtp-passwd: the passwords do not match", file=stderr)
             return None
@@ -96,7 +102,8 @@ def _user_problem(user: str) -> str | None:
 def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None,
          getpass: Callable[[str], str] | None = None) -> int:
-    """Run the command; returns the exit status (0 ok, 1 failure, 2 usage error)."""
+    """Run the command; returns the exit status (0 ok, 1 failure, 2 usage error, 130
+    interrupted)."""
     stdin, stdout, stderr = standard_streams(stdin, stdout, stderr)
     getpass = getpass_module.getpass if getpass is None else getpass
     args = parse_arguments(build_parser(), argv, stdout, stderr)
@@ -109,6 +116,16 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     if args.rounds is not None and args.rounds < 1:
         print("saslsmtp-passwd: --rounds must be positive", file=stderr)
         return 2
+    try:
+        return _make_line(args, stdin, stdout, stderr, getpass)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt or while hashing: no traceback
+        print("\nsaslsmtp-passwd: interrupted", file=stderr)
+        return EXIT_INTERRUPTED
+
+
+def _make_line(args: Any, stdin: TextIO, stdout: TextIO, stderr: TextIO,
+               getpass: Callable[[str], str]) -> int:
+    """Read the password, hash it, print the line; the exit status."""
     password = _read_password(stdin, stderr, getpass)
     if password is None:
         return 1

@@ -245,3 +245,55 @@ def test_a_strict_stream_that_cannot_decode_the_password_says_so() -> None:
                 stderr=err) == 1
     assert err.getvalue() == ("saslsmtp-passwd: the password is not valid UTF-8 (set the"
                               " terminal's or the input's encoding to UTF-8)\n")
+
+
+def on_a_terminal(module: str, *args: str, key: bytes) -> tuple[int, str]:
+    """Run ``python -m module args`` on a real pseudo-terminal, type ``key`` at the first
+    ``Password:`` prompt (waited for, not slept), and return the exit status and
+    everything the terminal showed."""
+    import os
+    import pty
+    import select
+    import time
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.environ["PYTHONPATH"] = str(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", module, *args])
+    shown, typed, deadline = b"", False, time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], deadline - time.monotonic())[0]:
+                break
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # EIO: the child is gone and the terminal closed
+                break
+            if not data:
+                break
+            shown += data
+            if not typed and b"Password: " in shown:
+                os.write(fd, key)
+                typed = True
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert typed, f"no prompt shown: {shown!r}"
+    return os.waitstatus_to_exitcode(status), shown.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("module, args, eof_status", [
+    ("saslsmtp.passwd", ("alice",), 1),
+    ("saslsmtp.authtest", ("--config", "/nonexistent/saslsmtp.toml", "alice"), 64),
+])
+def test_ctrl_c_and_ctrl_d_at_the_prompt_are_one_line(module: str, args: tuple[str, ...],
+                                                      eof_status: int) -> None:
+    """Ctrl-C or Ctrl-D at a real terminal's password prompt printed a KeyboardInterrupt
+    or EOFError traceback.  Now: one line, status 130 (the shell's for SIGINT) or the
+    command's missing-password status, and no traceback."""
+    name = "saslsmtp-passwd" if module.endswith("passwd") else "saslsmtp-authtest"
+    status, shown = on_a_terminal(module, *args, key=b"\x03")
+    assert "Traceback" not in shown and status == 130, shown
+    assert shown.rstrip().splitlines()[-1] == f"{name}: interrupted"
+    status, shown = on_a_terminal(module, *args, key=b"\x04")
+    assert "Traceback" not in shown and status == eof_status, shown
+    assert shown.rstrip().splitlines()[-1] == f"{name}: no password given"
