@@ -15,6 +15,8 @@ Nothing here imports the global reactor: the reactor (or a clock) is always pass
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, cast
 
@@ -219,8 +221,17 @@ def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float 
     Call it once per server, as the daemon does at start: the module is imported here, so
     its globals are shared by every connection.  ``clock`` bounds each call to ``timeout``
     seconds; ``backends`` are what ``arguments["backends"].verify(name, ...)`` can ask.
-    A path that cannot be loaded raises ``ConfigError`` (file, line, message).
+    A path that cannot be loaded raises ``ConfigError`` (file, line, message); a
+    ``timeout`` that is not a positive number is a ``ValueError`` (the daemon's
+    ``auth.script_timeout`` rule: with 0 every call would answer 454), and a ``script``
+    that is neither a path nor a callable a ``TypeError``.
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if not callable(script) and not isinstance(script, (str, os.PathLike)):
+        raise TypeError("script must be a path to an AUTH script or an"
+                        f" auth(arguments, context) callable, not {type(script).__name__}")
     loaded = (AuthScript(getattr(script, "__name__", "<auth>"), script, None)
               if callable(script) else load_script(str(script)))
     return ScriptRunner(loaded, clock, timeout, Backends(dict(backends or {})))
@@ -236,7 +247,11 @@ def script_password_checker(script: ScriptRunner) -> ScriptPasswordChecker:
 
 def thread_pool(reactor: Any, name: str, max_threads: int = 4) -> ThreadPoolRunner:
     """A bounded, named thread pool for blocking work (hashing, ldap3), stopped when the
-    reactor shuts down (or call ``stop()``)."""
+    reactor shuts down (or call ``stop()``).  ``max_threads`` below 1 is a ``ValueError``
+    (the daemon's ``auth.hash_threads`` rule): a pool without threads never runs the work,
+    and every login waiting on it would hang."""
+    if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+        raise ValueError(f"max_threads must be an int of at least 1, not {max_threads!r}")
     runner = ThreadPoolRunner(reactor, name, max_threads)
     _at_shutdown(reactor, runner.stop)
     return runner

@@ -599,3 +599,30 @@ def test_embedding_never_imports_the_global_reactor(tmp_path: Path) -> None:
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+@pytest.mark.parametrize("max_threads", [0, -1, 1.5, True])
+def test_thread_pool_refuses_a_pool_that_cannot_run(max_threads: Any) -> None:
+    """``thread_pool(..., max_threads=0)`` was accepted and every job handed to it waited
+    forever (a login hanging on its hash); it is the daemon's ``hash_threads`` rule now."""
+    with pytest.raises(ValueError, match=r"^max_threads must be an int of at least 1, not "):
+        embed.thread_pool(Clock(), "hashing", max_threads=max_threads)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), "10", None])
+def test_auth_script_refuses_a_timeout_every_call_would_miss(timeout: Any) -> None:
+    """A ``timeout`` of 0 (or none that is a number) made every script call answer 454;
+    it is the daemon's ``script_timeout`` rule now."""
+    with pytest.raises(ValueError, match=r"^timeout must be a positive number of seconds"):
+        embed.auth_script(lambda arguments, context: None, clock=Clock(), timeout=timeout)
+
+
+def test_auth_script_names_a_script_that_is_no_script() -> None:
+    """A ``script`` that is neither a path nor a callable said "42: cannot read: No such
+    file or directory"; now a TypeError says what it wants."""
+    with pytest.raises(TypeError, match=r"^script must be a path to an AUTH script or an"
+                                        r" auth\(arguments, context\) callable, not int$"):
+        embed.auth_script(42, clock=Clock())  # type: ignore[arg-type]
+    runner = embed.auth_script(Path(__file__).parent.parent / "etc" / "auth_totp.py",
+                               clock=Clock())
+    assert runner.script.mechanisms is not None and "X-PASSWORD-TOTP" in runner.script.mechanisms
