@@ -6,7 +6,8 @@ Load it with, in saslsmtp.toml:
     mechanisms = ["CRAM-MD5", "PLAIN", "LOGIN"]
     script = "auth_cram_md5.py"
 
-CRAM-MD5 (RFC 2195) is not built into this example's server path: the script runs it.
+CRAM-MD5 (RFC 2195) is also built in (against a users file's {PLAIN} or {CRAM-MD5}
+entries); naming it in MECHANISMS makes this script run it instead, for its own list.
 State 0 sends the challenge ``<uuid@hostname>`` and keeps it in the connection's context;
 state 1 checks ``user HMAC-MD5(secret, challenge)`` with a constant-time compare.
 CRAM-MD5 needs the plaintext secret on the server, so keep this file readable by the
