@@ -211,6 +211,25 @@ def flush(path: str, user: str | None) -> list[Answer]:
     return [ask(p, line) for p in control_paths(path)]
 
 
+#: the longest USER a flush line can carry to ``ControlProtocol`` ("flush " + USER + "\n")
+MAX_USER_BYTES = ControlProtocol.MAX_LENGTH - len("flush ") - 1
+
+
+def user_problem(user: str | None) -> str | None:
+    """Why ``USER`` cannot be sent, or ``None``.  An empty one (an unset shell variable)
+    would have flushed every user; a line break would have sent a second command; a
+    longer one than a line holds was dropped by the server and read as no answer."""
+    if user is None:
+        return None
+    if not user:
+        return "the user name is empty (leave USER out to flush every user)"
+    if any(c in user for c in "\r\n\0"):
+        return "a user name cannot contain line breaks or NUL"
+    if len(user.encode("utf-8", "surrogateescape")) > MAX_USER_BYTES:
+        return f"the user name is longer than {MAX_USER_BYTES} bytes: no such login is cached"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saslsmtp-cache", description="Flush the auth cache of a running saslsmtp.")
@@ -224,13 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Run the command; returns the exit status: 0 flushed, 1 no server running,
-    64 usage, 75 a server holds the socket but did not answer, 77 permission denied,
+    64 usage (a USER that is empty or cannot be sent too), 75 a server holds the socket but did not answer, 77 permission denied,
     78 configuration problem."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
     args = parse_arguments(build_parser(), argv, stdout, stderr)
     if isinstance(args, int):
         return EX_USAGE if args else EX_OK
+    refused = user_problem(args.user)
+    if refused:
+        print(f"saslsmtp-cache: {refused}", file=stderr)
+        return EX_USAGE
     from saslsmtp.config import ConfigError
     from saslsmtp.service import load
     try:

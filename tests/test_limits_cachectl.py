@@ -182,3 +182,53 @@ def test_a_file_that_is_not_a_socket_is_named(tmp_path: Path) -> None:
     assert err.getvalue() == (f"saslsmtp-cache: {control}: is not a socket (is control_socket the"
                               f" server's?)\nsaslsmtp-cache: no saslsmtp server is running"
                               f" (nothing answers on {control})\n")
+
+
+@pytest.mark.parametrize("user, said", [
+    ("", "the user name is empty (leave USER out to flush every user)"),
+    ("alice\nflush", "a user name cannot contain line breaks or NUL"),
+    ("alice\r", "a user name cannot contain line breaks or NUL"),
+    ("a" * 5000, "the user name is longer than 4089 bytes: no such login is cached"),
+])
+def test_a_user_that_cannot_be_sent_is_a_usage_error(tmp_path: Path, user: str, said: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty USER (``flush "$NAME"`` with NAME unset) sent ``flush `` and flushed every
+    user, saying so; a line break sent a second command (two answers, exit 75); a USER
+    longer than the server's line was dropped and reported as "did not answer; try
+    again".  Now each is one line, exit 64, and nothing reaches the socket (a listener
+    that records what it is sent stands in for the server)."""
+    import socket
+    import threading
+    control = tmp_path / "cache.sock"
+    config = cache_config(tmp_path, control)
+    monkeypatch.setattr(cachectl, "TIMEOUT", 0.5)  # the old code waited for an answer
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(control))
+        server.listen()
+        out, err = io.StringIO(), io.StringIO()
+        status = cachectl.main(["--config", str(config), "flush", user], stdout=out, stderr=err)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no connection is waiting: nothing was sent
+            server.accept()[0].close()
+    assert (status, out.getvalue(), err.getvalue()) == (64, "", f"saslsmtp-cache: {said}\n")
+
+    received: list[bytes] = []  # a name that can be sent still is, as it is
+    control.unlink()
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(control))
+        server.listen()
+
+        def serve() -> None:
+            connection, _ = server.accept()
+            with connection:
+                received.append(connection.recv(65536))
+                connection.sendall(b"ok 0\n")
+        listener = threading.Thread(target=serve)
+        listener.start()
+        out, err = io.StringIO(), io.StringIO()
+        status = cachectl.main(["--config", str(config), "flush", "Alice"], stdout=out,
+                               stderr=err)
+        listener.join()
+    assert status == 0, err.getvalue()
+    assert received == [b"flush Alice\n"]
+    assert out.getvalue() == "auth cache flushed for user Alice: 0 entries dropped in 1 process\n"
