@@ -7,7 +7,7 @@ envelope and the sender check as a ``Client``, the Received header as a ``Stamp`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from twisted.internet import tcp
 
@@ -15,7 +15,7 @@ from saslsmtp.envelope import Client
 from saslsmtp.sendnow import SendNowServer
 from saslsmtp.sasl.heard import Heard
 from saslsmtp.sasl.outcome import Session
-from saslsmtp.tlsinfo import tls_facts
+from saslsmtp.tlsinfo import NO_FACTS, tls_facts
 from saslsmtp.transaction import Stamp
 
 
@@ -53,15 +53,14 @@ class Peer:
     def session(self, transport: Any, tls: bool, mechanism: str = "") -> Session:
         """The connection as mechanisms, checkers and scripts see it (built once per
         exchange: reading the TLS channel bindings is not free)."""
-        bindings: Mapping[str, bytes] = {}
-        certificate = None
-        if tls:
-            bindings, certificate = tls_facts(transport, self.client_identity)
+        facts = tls_facts(transport, self.client_identity) if tls else NO_FACTS
         return Session(remote_ip=self.ip, remote_port=self.port,
                        local_ip=self.local_ip, local_port=self.local_port,
                        helo=self.helo, tls=tls, hostname=self.hostname,
                        mechanism=mechanism, context=self.context, heard=self.heard,
-                       channel_bindings=bindings, client_certificate=certificate)
+                       channel_bindings=facts.channel_bindings,
+                       client_certificate=facts.client_certificate,
+                       client_certificate_error=facts.certificate_error)
 
     def client(self, login: str | None, session: Callable[[], Any]) -> Client:
         """Who is sending, for the envelope and the sender check."""

@@ -18,8 +18,10 @@ own key-exchange groups):
   (RSA signatures on demand) inside a session.
 * with ``client_ca``: its CAs' names in the certificate request (Twisted sends none), as
   Postfix and Dovecot do, so a client that chooses by them (GnuTLS-based ones such as
-  msmtp, pickers that filter by issuer) sends one these CAs issued, or none, instead of
-  one that fails the handshake.
+  msmtp, pickers that filter by issuer) sends one these CAs issued, or none.  A
+  certificate that does not verify does not fail the handshake: it is judged per
+  connection when a mechanism asks (``saslsmtp.tlsclientcert``), so its client can still
+  log in with a password, and EXTERNAL says why it refuses it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from saslsmtp.config import TLSConfig
+from saslsmtp.tlsclientcert import ClientCertificates, accept_any
 
 
 def server_options(tls: TLSConfig) -> Any:
@@ -53,6 +56,11 @@ def server_options(tls: TLSConfig) -> Any:
         enableSessions=True, enableSessionTickets=True)
     context = options.getContext()  # made and cached now; no connection has used it yet
     context.set_options(SSL.OP_NO_RENEGOTIATION)
+    if tls.client_ca is not None:
+        # ask for a certificate, never fail the handshake over it: the connection's
+        # verdict is made against the same CAs when a mechanism asks (tlsinfo)
+        context.set_verify(SSL.VERIFY_PEER, accept_any)
+        context.set_app_data(ClientCertificates(client_cas))
     for ca in client_cas:
         context.add_client_ca(ca)  # its name in the certificate request
     return options

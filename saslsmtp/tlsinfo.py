@@ -2,17 +2,21 @@
 
 * ``tls-exporter`` (RFC 9266) on TLS 1.3, ``tls-unique`` (RFC 5929, resumption-aware) on TLS 1.2, and
   ``tls-server-end-point`` (RFC 5929 section 4.1) on both, each read only when asked for;
-* the verified client certificate (only present when ``[tls] client_ca`` made OpenSSL
-  verify it), with the identity mapped from its CN or e-mail SAN;
+* the verified client certificate, with the identity mapped from its CN or e-mail SAN,
+  or why the one the client sent did not verify (``saslsmtp.tlsclientcert`` judges it
+  against ``[tls] client_ca``; a context without that verifies in the handshake);
 * why a handshake failed (``handshake_error``), for the one log line an operator reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from twisted.logger import Logger
+
+from saslsmtp.tlsclientcert import checker_of
 
 log = Logger(namespace="saslsmtp.tls")
 
@@ -143,14 +147,28 @@ def channel_bindings(conn: Any) -> dict[str, bytes]:
 
 
 def client_certificate(conn: Any, identity_from: str = "cn") -> Mapping[str, object] | None:
-    """The peer certificate OpenSSL verified, or ``None``; ``identity`` per ``identity_from``
-    (``"cn"`` or ``"email"``: the first e-mail subjectAltName)."""
+    """The client certificate of ``conn`` if it verified, else ``None``; ``identity`` per
+    ``identity_from`` (``"cn"`` or ``"email"``: the first e-mail subjectAltName)."""
+    checker = checker_of(conn)
+    if checker is None:  # the handshake verified it (or failed)
+        peer = conn.get_peer_certificate()
+    else:
+        verdict = checker.verdict(conn)
+        peer = verdict.certificate if verdict.verified else None
+    return None if peer is None else certificate_fields(peer.to_cryptography(), identity_from)
+
+
+def certificate_error(conn: Any) -> str | None:
+    """Why the client certificate of ``conn`` did not verify (OpenSSL's words: ``"certificate
+    has expired"``), or ``None``: it verified, none was sent, or the handshake judged it."""
+    checker = checker_of(conn)
+    return None if checker is None else checker.verdict(conn).error
+
+
+def certificate_fields(cert: Any, identity_from: str = "cn") -> Mapping[str, object]:
+    """What mechanisms and scripts see of a client certificate (a cryptography one)."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
-    peer = conn.get_peer_certificate()
-    if peer is None:
-        return None
-    cert = peer.to_cryptography()
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     try:
@@ -163,14 +181,27 @@ def client_certificate(conn: Any, identity_from: str = "cn") -> Mapping[str, obj
             "emails": tuple(emails), "serial": cert.serial_number}
 
 
-def tls_facts(transport: Any, identity_from: str = "cn") -> tuple[Mapping[str, bytes], Mapping[str, object] | None]:
-    """(channel bindings, read on demand; client certificate) of a TLS transport; empty
-    when unknown."""
+@dataclass(frozen=True)
+class TLSFacts:
+    """What one AUTH exchange learns of the TLS connection: channel bindings (read on
+    demand), the verified client certificate, or why the one sent did not verify."""
+
+    channel_bindings: Mapping[str, bytes] = field(default_factory=dict)
+    client_certificate: Mapping[str, object] | None = None
+    certificate_error: str | None = None
+
+
+NO_FACTS = TLSFacts()
+
+
+def tls_facts(transport: Any, identity_from: str = "cn") -> TLSFacts:
+    """The ``TLSFacts`` of a TLS transport; empty when unknown."""
     conn = _connection(transport)
     if conn is None:
-        return {}, None
+        return NO_FACTS
     try:
-        return ChannelBindings(conn), client_certificate(conn, identity_from)
+        return TLSFacts(ChannelBindings(conn), client_certificate(conn, identity_from),
+                        certificate_error(conn))
     except Exception:
         log.failure("could not read TLS connection facts")
-        return {}, None
+        return NO_FACTS

@@ -23,6 +23,7 @@ from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import (TOKEN_VERDICT, Accept, Defer, Lookup, Reject, Reply, Secret,
                                    Session, TokenVerdict, ValidateToken, Verify)
 from saslsmtp.testing import MemoryRealm, SMTPHarness
+from saslsmtp.tlsinfo import TLSFacts
 
 PLAIN_TIM = base64.b64encode(b"\0tim\0tanstaaftanstaaf")
 
@@ -276,9 +277,9 @@ def test_tls_facts_read_once_per_exchange(monkeypatch: pytest.MonkeyPatch) -> No
     import saslsmtp.peer
     calls: list[Any] = []
 
-    def facts(transport: Any, identity: str) -> tuple[dict, None]:
+    def facts(transport: Any, identity: str) -> TLSFacts:
         calls.append(transport)
-        return {"tls-unique": b"binding"}, None
+        return TLSFacts({"tls-unique": b"binding"})
     monkeypatch.setattr(saslsmtp.peer, "tls_facts", facts)
     checker = RecordingChecker()
     h = SMTPHarness(checkers=[checker], tls=True)

@@ -110,3 +110,16 @@ def test_each_refusal_has_its_log_reason() -> None:
     accepted = External(Session(client_certificate={"identity": "alice"}))
     assert isinstance(accepted.start(b""), Accept)
     assert accepted.failure_reason == "identity not authorized"
+
+
+def test_an_unverified_certificate_is_refused_naming_why() -> None:
+    """A certificate that got through the handshake but did not verify: 535 with OpenSSL's
+    reason, and the log line's reason says the same."""
+    session = Session(tls=True, client_certificate_error="certificate has expired")
+    mechanism = External(session)
+    outcome = mechanism.start(b"")
+    assert outcome == Reject("Client certificate not verified: certificate has expired")
+    assert mechanism.failure_reason == "client certificate not verified: certificate has expired"
+    malformed = External(session)
+    assert malformed.start(b"a\0b") == MALFORMED
+    assert malformed.failure_reason == "malformed EXTERNAL response"

@@ -61,7 +61,7 @@ def test_tls_facts_survive_a_failing_connection_object() -> None:
     for the client (the failure is logged)."""
     from twisted.logger import globalLogPublisher
 
-    from saslsmtp.tlsinfo import tls_facts
+    from saslsmtp.tlsinfo import TLSFacts, tls_facts
 
     class Broken:
         def get_protocol_version_name(self) -> str:
@@ -74,8 +74,8 @@ def test_tls_facts_survive_a_failing_connection_object() -> None:
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        assert tls_facts(Transport()) == ({}, None)
+        assert tls_facts(Transport()) == TLSFacts()
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any(e.get("log_format") == "could not read TLS connection facts" for e in events)
-    assert tls_facts(object()) == ({}, None)  # not TLS at all
+    assert tls_facts(object()) == TLSFacts()  # not TLS at all

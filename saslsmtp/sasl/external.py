@@ -3,7 +3,8 @@
 One client message, the authorization identity in UTF-8 (empty: "the identity of my
 credentials").  ``Session.client_certificate["identity"]`` is the name the engine mapped
 from the certificate (CN or e-mail SAN, per configuration); without it EXTERNAL fails,
-and the reply says which was missing: a verified certificate, or a name in it.
+and the reply says which was missing: a certificate, a name in it, or its verification
+(``Session.client_certificate_error``: expired, another CA's ...).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ MALFORMED = Reject("Malformed EXTERNAL response")
 NO_CERTIFICATE = Reject("No verified client certificate")
 NO_IDENTITY = Reject("No identity in the client certificate")
 BAD_AUTHZID = Reject("Not authorized to requested authorization identity")
+
+
+def unverified(error: str) -> Reject:
+    """The refusal of a certificate that did not verify, naming why (OpenSSL's words)."""
+    return Reject(f"Client certificate not verified: {error}")
+
 
 #: The log line's reason for each refusal; after an ``Accept``, a refusal came from the
 #: portal (the identity is not a known user): "identity not authorized".
@@ -29,10 +36,16 @@ class External(SingleMessage):
     name = "EXTERNAL"
 
     def __init__(self, session: Session | None = None) -> None:
-        certificate = (session or Session()).client_certificate
+        session = session or Session()
+        certificate = session.client_certificate
         identity = certificate.get("identity") if certificate else None
         self._identity = identity if isinstance(identity, str) and identity else None
         self._missing = NO_IDENTITY if certificate else NO_CERTIFICATE
+        self._missing_reason = LOG_REASONS[self._missing]
+        error = session.client_certificate_error
+        if not certificate and error:
+            self._missing = unverified(error)
+            self._missing_reason = f"client certificate not verified: {error}"
         self.failure_reason = "identity not authorized"
         super().__init__(session)
 
@@ -40,7 +53,8 @@ class External(SingleMessage):
         self._stage = "done"
         outcome = self._judge(message)
         if isinstance(outcome, Reject):
-            self.failure_reason = LOG_REASONS[outcome]
+            reason = LOG_REASONS.get(outcome)
+            self.failure_reason = reason if reason is not None else self._missing_reason
         return outcome
 
     def _judge(self, message: bytes) -> Outcome:

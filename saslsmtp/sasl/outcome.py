@@ -172,7 +172,9 @@ class Session:
 
     ``channel_bindings`` maps a channel-binding type (``"tls-unique"``,
     ``"tls-exporter"``, ``"tls-server-end-point"``) to its data when TLS is up;
-    ``client_certificate`` is the verified TLS client certificate identity fields.
+    ``client_certificate`` is the verified TLS client certificate identity fields;
+    ``client_certificate_error`` says why the certificate the client sent did not verify
+    (``"certificate has expired"``), ``None`` when it did or none was sent.
     """
 
     remote_ip: str = ""
@@ -185,6 +187,7 @@ class Session:
     mechanism: str = ""
     channel_bindings: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     client_certificate: Mapping[str, object] | None = None
+    client_certificate_error: str | None = None
     # The AUTH script's per-connection ``context`` dict (mutable, shared by every
     # exchange of one connection; a new connection starts with an empty one).
     context: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
