@@ -123,6 +123,13 @@ class ConnectionGuards:
         call, self._session_deadline = self._session_deadline, None
         _cancel(call)
 
+    def login_forgotten(self, require_auth: bool) -> None:
+        """STARTTLS after AUTH forgot the login (RFC 3207): the session is unauthenticated
+        again, so ``max_unauthenticated_time`` applies again, counted from now."""
+        if require_auth and self._session_deadline is None and not self.connection.lost:
+            self._session_deadline = self.call_later(self.max_unauthenticated_time,
+                                                     self._unauthenticated_too_long)
+
     def _unauthenticated_too_long(self) -> None:
         self._session_deadline = None
         if not self.connection.lost:

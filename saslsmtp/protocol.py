@@ -426,6 +426,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self._ehlo_done = False
         self.peer.helo = ""
         self.transaction.reset()
+        if self.authenticated:
+            self.guards.login_forgotten(self.settings.require_auth)
         self._forget_login()
 
     def do_AUTH(self, arg: bytes) -> None:
