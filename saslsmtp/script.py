@@ -14,7 +14,8 @@ mechanisms return (``saslsmtp.sasl.outcome``).  ``arguments`` (a read-only mappi
   server runs itself (``state`` 0, ``response`` ``None``);
 * ``remote_ip``, ``remote_port``, ``local_ip``, ``local_port``, ``helo``, ``tls`` (bool),
   ``hostname`` (the server's),
-  ``channel_bindings`` (TLS channel-binding data by type), ``client_certificate``;
+  ``channel_bindings`` (TLS channel-binding data by type), ``client_certificate`` (the
+  verified one), ``client_certificate_error`` (why the one sent did not verify);
 * ``backends``: ``await arguments["backends"].verify("name", username, password)``
   returns ``Verdict.ACCEPT``, ``Verdict.REJECT`` or ``Verdict.TEMPORARY``.
 
@@ -250,6 +251,7 @@ class ScriptRunner:
             "helo": session.helo, "tls": session.tls, "hostname": session.hostname,
             "channel_bindings": dict(session.channel_bindings),
             "client_certificate": session.client_certificate,
+            "client_certificate_error": session.client_certificate_error,
             "backends": _SessionBackends(self.backends, session),
             "rate": self.rate,
         }

@@ -92,3 +92,24 @@ def test_bad_declaration_is_a_startup_error(tmp_path: Path, declared: str, messa
     with pytest.raises(ConfigError) as e:
         load_script(str(_script(tmp_path, declared)))
     assert message in str(e.value) and "script.py" in str(e.value)
+
+
+def test_the_script_hears_why_a_client_certificate_did_not_verify(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``client_certificate`` stays the verified certificate (``None`` here), and
+    ``client_certificate_error`` says why the one the client sent did not verify."""
+    import saslsmtp.peer
+    from saslsmtp.tlsinfo import TLSFacts
+    monkeypatch.setattr(saslsmtp.peer, "tls_facts", lambda transport, identity: TLSFacts(
+        certificate_error="certificate has expired"))
+    script = tmp_path / "script.py"
+    script.write_text('''
+from saslsmtp.script import Reject
+MECHANISMS = {"X-CERT": {"plaintext": False}}
+
+def auth(arguments, context):
+    return Reject(reason=f"{arguments['client_certificate']} / {arguments['client_certificate_error']}")
+''')
+    h = SMTPHarness(script=script, mechanism_names=["X-CERT"], tls=True)
+    h.send(b"EHLO client.example\r\n")
+    assert h.send(b"AUTH X-CERT =\r\n") == b"535 5.7.8 None / certificate has expired\r\n"
