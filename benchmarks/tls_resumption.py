@@ -11,7 +11,7 @@ session of their previous connection, over STARTTLS, sequentially and ``-c`` at 
     python3 benchmarks/tls_resumption.py --tls12 --sessions 400
 
 Reported per worker count: sessions, resumed, the rate, and how the sessions were
-spread over the workers (the ``session end`` lines of each worker's pid).
+spread over the workers (the ``session end`` lines of each worker; one process names none).
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ sys.path.insert(0, str(HERE))
 from run import REPO, Server, bench_toml, free_port, toml_string  # noqa: E402
 from tls import make_certificate  # noqa: E402
 
+resumed = [0, 0]  # (resumed, full sessions), counted by every client thread
+lock = threading.Lock()
+
 
 def session(port: int, context: ssl.SSLContext, offered: ssl.SSLSession | None) -> ssl.SSLSession:
     """STARTTLS offering ``offered``, EHLO (the TLS 1.3 ticket arrives meanwhile), QUIT:
-    the session to offer next time, and whether this one resumed."""
+    the session to offer next time (``resumed`` counts whether this one resumed)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         reader = raw.makefile("rb")
         reader.readline()
@@ -55,9 +58,6 @@ def session(port: int, context: ssl.SSLContext, offered: ssl.SSLSession | None) 
                 resumed[0 if tls.session_reused else 1] += 1
             return tls.session
 
-
-resumed = [0, 0]  # (resumed, full sessions), counted by every client thread
-lock = threading.Lock()
 
 
 def client(port: int, context: ssl.SSLContext, count: int) -> None:

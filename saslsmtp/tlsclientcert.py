@@ -77,9 +77,9 @@ class ClientCertificates:
             return NONE_SENT
         # the intermediates the client sent (a resumed session has none: only the
         # certificate itself is kept in a session, so they belong in client_ca)
-        chain = [c for c in (conn.get_peer_cert_chain() or ()) if c.digest("sha256") != peer.digest("sha256")]
+        chain = conn.get_peer_cert_chain() or None  # on a server, without the peer's own
         try:
-            crypto.X509StoreContext(self._store, peer, chain or None).verify_certificate()
+            crypto.X509StoreContext(self._store, peer, chain).verify_certificate()
         except crypto.X509StoreContextError as e:
             return Verdict(peer, str(e) or "certificate verify failed")
         return Verdict(peer)
