@@ -44,10 +44,12 @@ def test_one_warn_per_outage_and_recovery_with_its_duration(outage_log: LevelCap
     outages.up()
     assert outage_log.events == []  # nothing to recover from
     for second in range(3):
-        outages.watch(fail(TemporaryFailure("connection refused"))).addErrback(lambda f: None)
+        why = "Connection was refused by other side: 111: Connection refused."
+        outages.watch(fail(TemporaryFailure(why))).addErrback(lambda f: None)
         clock.advance(10)
     assert outage_log.at(LogLevel.warn) == [
-        "backend dir unreachable: connection refused; logins that need it get 454 until it"
+        "backend dir unreachable: Connection was refused by other side: 111: Connection"
+        " refused; logins that need it get 454 until it"
         " answers again"]
     outages.watch(fail(UnauthorizedLogin("wrong password"))).addErrback(lambda f: None)
     assert outage_log.at(LogLevel.info) == ["backend dir reachable again after 30.0 s"]

@@ -33,6 +33,7 @@ class OutageLog:
 
     def down(self, why: str) -> None:
         """A request found the backend unusable (``why`` must hold no secret)."""
+        why = why.rstrip(". ")  # Twisted's reasons end in "."; ours goes on after it
         if self.down_since is None:
             self.down_since = self._seconds()
             log.warn("backend {name} unreachable: {why}; logins that need it get 454 until"
