@@ -10,6 +10,7 @@ import smtplib
 import subprocess
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -280,19 +281,24 @@ async def test_swaks_without_smtputf8_gets_553_5_6_7(tmp_path: Path) -> None:
         await server.stop()
 
 
-def test_relay_to_an_smtputf8_upstream_keeps_the_utf8_envelope(tmp_path: Path) -> None:
-    """Through the daemon's relay to aiosmtpd announcing SMTPUTF8: the upstream gets
-    MAIL with the SMTPUTF8 parameter, the UTF-8 sender and recipient as the client sent
-    them, and the message under our UTF8SMTPA Received header."""
-    sink = MailSink(free_port(), smtputf8=True)
-    sink.start()
+def relaying_daemon(tmp_path: Path, sink: MailSink) -> tuple[int, Any]:
+    """The daemon with the users and sender map, relaying to ``sink``: (port, daemon)."""
     port = free_port()
     config = write_config(tmp_path, users_and_map(tmp_path),
                           listen=[f"tcp:{port}:interface=127.0.0.1"])
     config.write_text(re.sub(r'\[delivery\]\ntype = "maildir"\npath = "[^"]*"\n',
                              f'[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:{sink.port}"\n',
                              config.read_text()))
-    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    return port, start_daemon(config, port, tmp_path / "daemon.log")
+
+
+def test_relay_to_an_smtputf8_upstream_keeps_the_utf8_envelope(tmp_path: Path) -> None:
+    """Through the daemon's relay to aiosmtpd announcing SMTPUTF8: the upstream gets
+    MAIL with the SMTPUTF8 parameter, the UTF-8 sender and recipient as the client sent
+    them, and the message under our UTF8SMTPA Received header."""
+    sink = MailSink(free_port(), smtputf8=True)
+    sink.start()
+    port, daemon = relaying_daemon(tmp_path, sink)
     try:
         assert smtplib_send(port) == ({}, {}, 553)
         first, second = sink.messages
@@ -315,13 +321,7 @@ def test_relay_to_an_upstream_without_smtputf8_refuses_what_needs_it(tmp_path: P
     arrives, without the parameter."""
     sink = MailSink(free_port(), smtputf8=False)
     sink.start()
-    port = free_port()
-    config = write_config(tmp_path, users_and_map(tmp_path),
-                          listen=[f"tcp:{port}:interface=127.0.0.1"])
-    config.write_text(re.sub(r'\[delivery\]\ntype = "maildir"\npath = "[^"]*"\n',
-                             f'[delivery]\ntype = "smtp"\nendpoint = "tcp:127.0.0.1:{sink.port}"\n',
-                             config.read_text()))
-    daemon = start_daemon(config, port, tmp_path / "daemon.log")
+    port, daemon = relaying_daemon(tmp_path, sink)
 
     def session() -> list[tuple[int, bytes]]:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
