@@ -226,7 +226,9 @@ def _once(reactor: Any, handler: Callable[..., Any], stopping: list[bool]) -> Ca
                                    signal=signal.Signals(signum).name)
             return
         stopping.append(True)
-        handler(signum, frame)
+        # in the reactor's thread, not here: twistd's handler logs, and a handler runs
+        # wherever the main thread was (inside a log write, holding the writer's lock)
+        reactor.callFromThread(handler, signum, frame)
     return on_signal
 
 

@@ -218,7 +218,11 @@ class FdLineWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._lock = threading.Lock()  # events come from threads too; reopen swaps the fd
+        # events come from threads too, and reopen swaps the fd.  Re-entrant: a signal
+        # handler that logs (twistd's SIGTERM handler does) runs in the main thread
+        # between two bytecodes, possibly while that thread holds this lock: a plain
+        # Lock would hang the process for good on its own stop signal.
+        self._lock = threading.RLock()
 
     def write(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8", "backslashreplace"))

@@ -404,3 +404,30 @@ def test_ctrl_c_while_the_configuration_is_checked(tmp_path: Path, extra: tuple[
     assert err == (f"saslsmtp: interrupted ({signal.Signals(signum).name}) while checking the"
                    " configuration; nothing was started\n"), err
     assert "OK" not in out and "ready" not in out, out
+
+
+def test_the_stop_signal_runs_twistds_handler_in_the_reactor_thread() -> None:
+    """twistd's SIGTERM handler logs; run inside the signal handler, it could land in the
+    middle of a log line being written.  The guard hands it to the reactor instead, and a
+    second signal is only noted."""
+    import signal as signals
+
+    from saslsmtp.daemon import _once
+
+    class Reactor:
+        def __init__(self) -> None:
+            self.queued: list[tuple] = []
+
+        def callFromThread(self, f, *args, **kwargs) -> None:
+            self.queued.append((f, args))
+
+    ran: list[int] = []
+    reactor = Reactor()
+    on_signal = _once(reactor, lambda signum, frame: ran.append(signum), [])
+    on_signal(signals.SIGTERM, None)
+    assert ran == [] and len(reactor.queued) == 1
+    f, args = reactor.queued.pop()
+    f(*args)
+    assert ran == [signals.SIGTERM]
+    on_signal(signals.SIGTERM, None)
+    assert ran == [signals.SIGTERM] and reactor.queued[0][1][0].startswith("{signal} received")

@@ -187,3 +187,47 @@ def test_two_workers_share_the_log_file_and_reopen_it(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
     for path in (log, tmp_path / "saslsmtp.log.1", tmp_path / "saslsmtp.log.old"):
         assert all(r["level"] and r["message"] for r in records(path))
+
+
+REENTRANT = """
+import os, signal, sys, threading, time, fcntl
+from saslsmtp.logs import FdLineWriter
+r, w = os.pipe()
+fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+try:
+    while True:
+        os.write(w, b"f" * 65536)  # fill the pipe: the next line waits for room
+except BlockingIOError:
+    pass
+writer = FdLineWriter(w)
+signal.signal(signal.SIGALRM, lambda *_: writer.write_bytes(b"from the handler\\n"))
+got = []
+def drain():
+    time.sleep(0.5)
+    while (data := os.read(r, 1 << 20)):
+        got.append(data)
+        if b"outer line" in b"".join(got):
+            break
+drainer = threading.Thread(target=drain, daemon=True)
+drainer.start()
+signal.setitimer(signal.ITIMER_REAL, 0.2)  # arrives while the outer line waits
+writer.write_bytes(b"outer line\\n")
+drainer.join(5)
+text = b"".join(got)
+assert b"from the handler\\n" in text and text.endswith(b"outer line\\n"), text[-80:]
+print("ok")
+"""
+
+
+def test_a_signal_handler_that_logs_while_a_line_is_written_does_not_hang() -> None:
+    """twistd's SIGTERM handler logs, and a handler runs in the main thread wherever it
+    was: here inside a line's write, holding the writer's lock while a full pipe makes
+    it wait.  With a plain lock the process hung for good on its own stop signal."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        done = subprocess.run([sys.executable, "-c", REENTRANT], env=env, capture_output=True,
+                              text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process hung: the handler waits for the lock its own"
+                             " thread holds") from None
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
