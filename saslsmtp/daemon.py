@@ -70,16 +70,20 @@ class ReportedStart(service.MultiService):
         inner.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        from saslsmtp.heldsignals import STARTING
+        STARTING.take_back()  # the log is open: its SIGUSR1 handler, if any, is installed
         try:
             super().privilegedStartService()
         except SystemExit as e:
             raise self._failed(e) from None
 
     def startService(self) -> None:
+        from saslsmtp.heldsignals import STARTING
         try:
             super().startService()
         except SystemExit as e:
             raise self._failed(e) from None
+        STARTING.report(log)  # a SIGHUP or SIGUSR1 during the start: one line each
         from saslsmtp.sdnotify import notify
         self.reactor.callWhenRunning(notify, f"READY=1\nMAINPID={os.getpid()}")
         self.reactor.callWhenRunning(self._watch)
@@ -196,7 +200,8 @@ def harmless_sigusr1(reactor: Any) -> None:
     journal; ``--syslog``), its default action ended the daemon: a ``systemctl kill -s
     USR1`` or a logrotate snippet meant for a log file stopped the server.  Then it is
     one log line and nothing else."""
-    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+    from saslsmtp.heldsignals import STARTING
+    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL and not STARTING.holding(signal.SIGUSR1):
         return
 
     def noted(signum: int, frame: Any) -> None:

@@ -47,6 +47,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         from saslsmtp.preflight import pidfile_in_the_way, twistd_problems, twistd_warnings
+        if self.parent is not None and not self["check"]:  # a start: a SIGHUP (logrotate...)
+            from saslsmtp.heldsignals import STARTING  # until the daemon serves must not end it
+            STARTING.hold()
         parent: Any = self.parent or {}
         problems = twistd_problems(parent)
         notes = twistd_warnings(parent)
@@ -153,5 +156,8 @@ def interruptible() -> Iterator[None]:
 
 
 def makeService(options: Options) -> IService:
-    """The twistd entry point: the service ``Options`` built from the configuration."""
+    """The twistd entry point: the service ``Options`` built from the configuration.
+    twistd opens its log next: SIGUSR1 is handed over to the log's rotation."""
+    from saslsmtp.heldsignals import STARTING
+    STARTING.hand_over_sigusr1()
     return options["service"]

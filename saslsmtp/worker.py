@@ -232,6 +232,8 @@ def build_worker_service(config_path: str, listeners: Sequence[tuple[int, str]],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from saslsmtp.heldsignals import STARTING
+    STARTING.hold()  # a SIGHUP or SIGUSR1 for every process (systemctl kill) while it starts
     parser = argparse.ArgumentParser(prog="saslsmtp.worker", description=__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--listener", action="append", default=[], type=parse_listener,
@@ -375,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("worker {slot} (pid {pid}) serving {listeners}", slot=args.slot,
                  pid=os.getpid(), listeners=" ".join(d for _, d in args.listener))
         status.ready()
+        STARTING.report(log)
         if args.heartbeat is not None:
             fd, interval = args.heartbeat
             heartbeat.append(Heartbeat(reactor, interval, fd).start())

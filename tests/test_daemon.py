@@ -431,3 +431,52 @@ def test_the_stop_signal_runs_twistds_handler_in_the_reactor_thread() -> None:
     assert ran == [signals.SIGTERM]
     on_signal(signals.SIGTERM, None)
     assert ran == [signals.SIGTERM] and reactor.queued[0][1][0].startswith("{signal} received")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["SIGHUP", "SIGUSR1"])
+@pytest.mark.parametrize("logfile", ["-", "saslsmtp.log"], ids=["stdout", "file"])
+def test_a_sighup_or_sigusr1_while_the_configuration_is_checked(tmp_path: Path, signum: int,
+                                                                logfile: str) -> None:
+    """logrotate's postrotate or a config-management run sends SIGHUP or SIGUSR1 while
+    the start imports a slow AUTH script: their default action ended the daemon
+    (killed by the signal, nothing said).  Now it starts, says once that the signal was
+    ignored, serves, and later signals do their usual job (a SIGUSR1 rotates a log file:
+    the log's own handler took it over)."""
+    from tests.support import wait_for
+    (tmp_path / "slow.py").write_text(WAITING_SCRIPT)
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.u]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          script="slow.py", listen=[f"tcp:{port}:interface=127.0.0.1"])
+    command = [arg if arg != "--logfile=-" else f"--logfile={logfile}"
+               for arg in twistd_command(config)]
+    output = tmp_path / "output"
+    log = output if logfile == "-" else tmp_path / logfile
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    name = signal.Signals(signum).name
+    try:
+        wait_for(lambda: (tmp_path / "importing").exists() or proc.poll() is not None,
+                 what="the script's import")
+        proc.send_signal(signum)
+        (tmp_path / "go").touch()
+        wait_for(lambda: proc.poll() is not None or log.exists()
+                 and f"{name} received while starting: ignored" in log.read_text(),
+                 what="the line about the signal")
+        assert proc.poll() is None, output.read_text()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            assert client.noop()[0] == 250
+        if logfile != "-":  # the log file's own SIGUSR1 handler is in place
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: (tmp_path / f"{logfile}.1").exists(), what="the rotated log")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, output.read_text()
+    finally:
+        (tmp_path / "go").touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text() + ((tmp_path / f"{logfile}.1").read_text() if logfile != "-" else "")
+    assert text.count(f"{name} received while starting") == 1, text
+    assert "Traceback" not in text + output.read_text(), text

@@ -266,3 +266,39 @@ def test_a_stop_signal_while_the_workers_start_stops_the_start(tmp_path: Path, s
     finally:
         (tmp_path / "go").touch()
         kill_leftovers(proc, log)
+
+
+def test_a_sighup_to_every_process_while_the_workers_start(tmp_path: Path) -> None:
+    """``systemctl kill -s HUP`` (every process of the unit) while the workers import a
+    slow AUTH script: a worker's SIGHUP had no handler yet and ended it, and with it the
+    whole start ("worker 1 ended before it was ready", exit 1).  Now each worker starts,
+    one line says the signal was ignored, and the server serves."""
+    (tmp_path / "users").write_text(USERS)
+    (tmp_path / "slow.py").write_text(SLOW_WORKER_SCRIPT)
+    port = free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="slow.py",
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "saslsmtp.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("importing.*"))) == 2 or proc.poll() is not None,
+                 what="both workers importing the script")
+        assert proc.poll() is None, log.read_text()
+        os.killpg(proc.pid, signal.SIGHUP)  # the master and both workers
+        (tmp_path / "go").touch()
+        wait_for(lambda: proc.poll() is not None or "started 2 workers" in log.read_text(),
+                 what="the master's start")
+        assert proc.poll() is None, log.read_text()
+        assert serving(port)
+        # the workers' lines; the master's own SIGHUP is a reload once its reactor runs
+        wait_for(lambda: log.read_text().count("SIGHUP received while starting: ignored") == 2,
+                 what="each worker's line")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        (tmp_path / "go").touch()
+        kill_leftovers(proc, log)
