@@ -31,9 +31,10 @@ class SingleProcess(service.MultiService):
         super().__init__()
         self.reactor = reactor
         self.identity = privileges.resolve(config.ops.user, config.ops.group)
+        self.configured = configured_listeners(config)
 
     def privilegedStartService(self) -> None:
-        start_or_exit(super().privilegedStartService)
+        start_or_exit(super().privilegedStartService, self.configured)
         privileges.drop(self.identity)
 
     def startService(self) -> None:
@@ -44,6 +45,13 @@ class SingleProcess(service.MultiService):
     def stopService(self) -> Any:
         from twisted.internet import defer
         return defer.maybeDeferred(super().stopService).addCallback(clean_exit, self.reactor)
+
+
+def configured_listeners(config: Config) -> list[str]:
+    """Every endpoint the daemon listens on, as configured: a start that cannot listen
+    on one names it so."""
+    metrics = [config.ops.metrics.listen] if config.ops.metrics is not None else []
+    return [*config.server.listen, *metrics]
 
 
 class ReportedStart(service.MultiService):

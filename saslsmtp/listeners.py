@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.error import CannotListenError
 
@@ -38,15 +38,47 @@ class ListenError(Exception):
     """A ``server.listen`` entry cannot be bound (message names the entry)."""
 
 
-def start_or_exit(start: Callable[[], None]) -> None:
+class ListenFailed(SystemExit):
+    """A start that cannot listen on ``error``'s endpoint: the line that ends it."""
+
+    def __init__(self, error: CannotListenError, configured: Sequence[str] = ()) -> None:
+        reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        super().__init__(f"saslsmtp: cannot listen on {configured_listener(error, configured)}:"
+                         f" {reason}")
+        self.error = error
+
+
+def start_or_exit(start: Callable[[], None], configured: Sequence[str] = ()) -> None:
     """Run ``start`` (a service's ``privilegedStartService``): a port that cannot be
     listened on (taken, not permitted) ends the process with one line and a non-zero
-    status, without a traceback and before anything says it is ready."""
+    status (``ListenFailed``), without a traceback and before anything says it is ready.
+    The line names the listener as configured (one of ``configured``; an inner call that
+    was not told them leaves that to this one) and the reason, as the master's ``bind``
+    does: the same words with and without workers."""
     try:
         start()
     except CannotListenError as e:
-        raise SystemExit(f"saslsmtp: cannot listen on {e.interface or '*'}:{e.port}:"
-                         f" {e.socketError}") from None
+        raise ListenFailed(e, configured) from None
+    except ListenFailed as e:
+        if not configured:
+            raise
+        raise ListenFailed(e.error, configured) from None
+
+
+def configured_listener(error: CannotListenError, configured: Sequence[str]) -> str:
+    """The description in ``configured`` that ``error`` (Twisted's) is about, or
+    ``INTERFACE:PORT`` when none is (an endpoint type the master cannot parse)."""
+    for description in configured:
+        try:
+            spec = parse(description)
+        except ListenError:
+            continue
+        if spec.kind == "unix":
+            if spec.address == error.port:
+                return description
+        elif spec.port == error.port and spec.address == (error.interface or ""):
+            return description
+    return f"{error.interface or '*'}:{error.port}"
 
 
 @dataclass(frozen=True)

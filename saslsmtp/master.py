@@ -34,7 +34,7 @@ from twisted.logger import Logger, globalLogPublisher
 import saslsmtp
 from saslsmtp import listeners, privileges
 from saslsmtp.config import Config, ConfigError
-from saslsmtp.daemon import clean_exit, guard_stop_signals, harmless_sigusr1
+from saslsmtp.daemon import clean_exit, configured_listeners, guard_stop_signals, harmless_sigusr1
 from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
 from saslsmtp.metrics import (MULTIPROC_ENV, ReloadCounts, mark_dead, metrics_service,
                               multiprocess_registry, prepare_multiprocess_dir)
@@ -253,7 +253,7 @@ class MasterService(service.MultiService):
                 os.chown(self.metrics_dir, identity.uid, identity.gid)
             registry = multiprocess_registry(self.metrics_dir, self.reloads)
             metrics_service(self.config.ops.metrics.listen, self.reactor, registry).setServiceParent(self)
-        listeners.start_or_exit(super().privilegedStartService)
+        listeners.start_or_exit(super().privilegedStartService, configured_listeners(self.config))
 
     def startService(self) -> None:
         super().startService()

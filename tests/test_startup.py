@@ -80,21 +80,32 @@ def start(config: Path, *extra: str, prefix: tuple[str, ...] = ()) -> subprocess
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_port_in_use_stops_the_start(shared_dir: Path, workers: int) -> None:
-    """A second server on a busy port exits 1 with one line, never says ready, no traceback."""
+@pytest.mark.parametrize("which", ["smtp", "metrics"])
+def test_a_port_in_use_stops_the_start(shared_dir: Path, workers: int, which: str) -> None:
+    """A second server on a busy port exits 1 with one line, never says ready, no
+    traceback; the line names the listener as configured and the reason, the same with
+    and without workers (one process said ``127.0.0.1:P: [Errno 98] ...``, workers
+    ``tcp:P:interface=127.0.0.1: ...``), for an SMTP and for the metrics listener."""
     (shared_dir / "users").write_text(USERS)
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     try:
         port = busy.getsockname()[1]
+        listener = f"tcp:{port}:interface=127.0.0.1"
         config = shared_dir / "saslsmtp.toml"
-        config.write_text(config_text(shared_dir, port=port, workers=workers))
+        if which == "smtp":
+            config.write_text(config_text(shared_dir, port=port, workers=workers))
+        else:
+            config.write_text(config_text(shared_dir, workers=workers)
+                              + f'[metrics]\nlisten = "{listener}"\n')
         status, out = finish(start(config), 20)
     finally:
         busy.close()
     assert status == 1, out
-    assert f"cannot listen on" in out and "Address already in use" in out, out
+    lines = [line for line in out.splitlines() if "cannot listen on" in line]
+    assert len(lines) == 1, out
+    assert lines[0].endswith(f" saslsmtp: cannot listen on {listener}: Address already in use"), out
     assert "saslsmtp ready" not in out and "Traceback" not in out, out
     assert "started" not in out, out  # no worker was spawned
 
@@ -422,7 +433,7 @@ def test_a_failed_start_logging_elsewhere_says_why_on_the_terminal_too(shared_di
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, out + err
     *before, last = err.splitlines()  # (a warning first, without a syslog daemon here)
-    assert last == f"saslsmtp: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use"
+    assert last == f"saslsmtp: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
     assert all(line.startswith("saslsmtp: warning: ") for line in before), err
     assert not pidfile.exists()
     if where == "logfile":
