@@ -28,6 +28,20 @@ from saslsmtp.commandline import parse_arguments, standard_streams
 
 DEFAULT_SCHEME = "SHA512-CRYPT"
 
+#: What ``--rounds`` may be for each scheme that has a cost (the range its verifier, here
+#: and in Dovecot, accepts too); the other schemes have none and ignore it.  A value
+#: outside is a usage error, told before the password is asked for.
+_CRYPT_ROUNDS = range(1000, 1_000_000_000)
+_ITERATIONS = range(1, 10_000_001)
+ROUNDS: dict[str, range] = {
+    "ARGON2ID": range(1, 2 ** 32), "ARGON2I": range(1, 2 ** 32),  # time cost (32 bits)
+    "BLF-CRYPT": range(4, 32),  # log2 of the cost
+    "YESCRYPT": range(1, 12), "SCRYPT": range(6, 12),  # libcrypt's ranges
+    "SHA512-CRYPT": _CRYPT_ROUNDS, "SHA256-CRYPT": _CRYPT_ROUNDS,
+    "PBKDF2": _ITERATIONS, "SCRAM-SHA-256": _ITERATIONS, "SCRAM-SHA-1": _ITERATIONS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (its --help lists every scheme)."""
     epilog = "schemes:\n" + "\n".join(
@@ -44,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"password scheme (default {DEFAULT_SCHEME}; see the list below)")
     parser.add_argument("-r", "--rounds", type=int, default=None, metavar="N",
                         help="cost: crypt rounds, bcrypt log2 cost, yescrypt/scrypt cost,"
-                             " Argon2 time cost, SCRAM/PBKDF2 iterations (default: per scheme)")
+                             " Argon2 time cost, SCRAM/PBKDF2 iterations (default: per scheme;"
+                             " outside the scheme's range: a usage error, exit 2)")
     parser.add_argument("user", metavar="USER", help="the user name (the first field of the line)")
     return parser
 
@@ -99,6 +114,15 @@ def _user_problem(user: str) -> str | None:
     return None
 
 
+def _rounds_problem(scheme: str, rounds: int | None) -> str | None:
+    allowed = ROUNDS.get(scheme)
+    if rounds is None or allowed is None:
+        return None
+    if rounds not in allowed:
+        return f"--rounds for {scheme} must be between {allowed.start} and {allowed.stop - 1}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
          stdout: TextIO | None = None, stderr: TextIO | None = None,
          getpass: Callable[[str], str] | None = None) -> int:
@@ -113,8 +137,9 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     if problem:
         print(f"saslsmtp-passwd: {problem}", file=stderr)
         return 2
-    if args.rounds is not None and args.rounds < 1:
-        print("saslsmtp-passwd: --rounds must be positive", file=stderr)
+    problem = _rounds_problem(args.scheme, args.rounds)
+    if problem:
+        print(f"saslsmtp-passwd: {problem}", file=stderr)
         return 2
     try:
         return _make_line(args, stdin, stdout, stderr, getpass)

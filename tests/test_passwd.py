@@ -297,3 +297,34 @@ def test_ctrl_c_and_ctrl_d_at_the_prompt_are_one_line(module: str, args: tuple[s
     status, shown = on_a_terminal(module, *args, key=b"\x04")
     assert "Traceback" not in shown and status == eof_status, shown
     assert shown.rstrip().splitlines()[-1] == f"{name}: no password given"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["-s", "BLF-CRYPT", "-r", "3", "u"], "--rounds for BLF-CRYPT must be between 4 and 31"),
+    (["-s", "BLF-CRYPT", "-r", "32", "u"], "--rounds for BLF-CRYPT must be between 4 and 31"),
+    (["-s", "BLF-CRYPT", "-r", "-1", "u"], "--rounds for BLF-CRYPT must be between 4 and 31"),
+    (["-r", "999", "u"], "--rounds for SHA512-CRYPT must be between 1000 and 999999999"),
+    (["-s", "YESCRYPT", "-r", "12", "u"], "--rounds for YESCRYPT must be between 1 and 11"),
+    (["-s", "SCRAM-SHA-256", "-r", "99999999999", "u"],
+     "--rounds for SCRAM-SHA-256 must be between 1 and 10000000"),
+    (["-s", "ARGON2ID", "-r", str(2 ** 32), "u"],
+     f"--rounds for ARGON2ID must be between 1 and {2 ** 32 - 1}"),
+], ids=["bcrypt-low", "bcrypt-high", "negative", "crypt", "yescrypt", "scram-overflow",
+        "argon2-overflow"])
+def test_rounds_out_of_range_is_a_usage_error(argv: list[str], line: str) -> None:
+    """Every --rounds the scheme cannot take is a usage error like ``--rounds -1`` (exit
+    2, one line, before the password is read): an out-of-range bcrypt cost exited 1, a
+    huge SCRAM or Argon2 count printed an OverflowError traceback."""
+    done = subprocess.run([sys.executable, "-m", "saslsmtp.passwd", *argv], input=PASSWORD + "\n",
+                          capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"saslsmtp-passwd: {line}\n")
+
+
+def test_every_scheme_with_a_cost_has_its_rounds_range() -> None:
+    """The --rounds ranges cover exactly the schemes that have a cost, defaults inside."""
+    from saslsmtp.passwd import ROUNDS
+    costed = {name: passwords._MAKERS[name].default_rounds for name in passwords.MAKE_SCHEMES
+              if name in passwords._MAKERS and passwords._MAKERS[name].default_rounds is not None}
+    assert set(ROUNDS) == set(costed)
+    assert all(costed[name] in ROUNDS[name] for name in costed)
