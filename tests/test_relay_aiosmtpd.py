@@ -295,8 +295,112 @@ async def test_a_wrong_ca_file_is_named_in_the_log(tmp_path):
     finally:
         globalLogPublisher.removeObserver(events.append)
         await deferToThread(server.stop)
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "saslsmtp.relay.client"]
-    assert lines == [f"upstream tcp:127.0.0.1:{server.port}: TLS handshake failed: certificate"
-                     " verify failed (the upstream's certificate chain does not verify"
-                     " against ca_file, or the system's CAs when ca_file is not set)"], lines
+    lines = [(e["log_level"].name, formatEvent(e)) for e in events
+             if e.get("log_namespace") == "saslsmtp.relay.client"]
+    assert lines == [("warn", f"upstream tcp:127.0.0.1:{server.port} unreachable: TLS handshake"
+                      " failed: certificate verify failed (the upstream's certificate chain does"
+                      " not verify against ca_file, or the system's CAs when ca_file is not"
+                      " set); messages get 451 until it answers again")], lines
     assert server.messages == []
+
+
+def relay_lines(events: list[dict]) -> list[tuple[str, str]]:
+    """The relay client's log lines: (level, text) as an operator reads them."""
+    from twisted.logger import formatEvent
+    return [(e["log_level"].name, formatEvent(e)) for e in events
+            if e.get("log_namespace") == "saslsmtp.relay.client"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_outage_is_one_warning_and_its_end_one_line(tmp_path):
+    """aiosmtpd stopped, then started again: each attempt meanwhile logged "cannot
+    connect" at info, which alerting on warnings never saw.  Now the first failure after
+    a success is a warning, the repeats within a minute info, the first after that a
+    warning counting them, and the first connection that works one info line with how
+    long it lasted."""
+    from twisted.logger import globalLogPublisher
+
+    from saslsmtp.relay.outage import UpstreamOutage
+    server = MailSink(free_port())
+    await deferToThread(server.start)
+    running = [server]  # stopped at the end, whatever happens
+    now = [1000.0]
+    client = client_for(server.port, pool_size=0)  # a new connection for every message
+    client.outage = UpstreamOutage(client.name, lambda: now[0])  # the minute, without waiting
+    name = client.name
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert (await send(client, 1))[-1].startswith(b"250 ")
+        await deferToThread(running.pop().stop)
+        for step in (0, 10, 20, 61, 65):  # seconds into the outage
+            now[0] = 1000.0 + step
+            assert await send(client, 2) == [REPLIES["upstream_unavailable"].to_bytes()]
+        again = MailSink(server.port)  # (aiosmtpd's controller cannot start twice)
+        await deferToThread(again.start)
+        running.append(again)
+        now[0] = 1075.25
+        assert (await send(client, 3))[-1].startswith(b"250 ")
+        assert (await send(client, 4))[-1].startswith(b"250 ")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        client.close()
+        for sink in running:
+            await deferToThread(sink.stop)
+    why = "cannot connect: ConnectionRefusedError"
+    assert relay_lines(events) == [
+        ("warn", f"upstream {name} unreachable: {why}; messages get 451 until it answers again"),
+        ("info", f"upstream {name} still unreachable: {why}"),
+        ("info", f"upstream {name} still unreachable: {why}"),
+        ("warn", f"upstream {name} still unreachable after 61 s: {why}"
+                 " (3 failed attempts since the last warning)"),
+        ("info", f"upstream {name} still unreachable: {why}"),
+        ("info", f"upstream {name} reachable again after 75.2 s"),
+    ]
+    assert [m.content for m in server.messages + again.messages] == [message(1), message(3),
+                                                                      message(4)]
+
+
+class SilentAtTheDot:
+    """aiosmtpd's handler for an upstream that takes the message and never answers the
+    final dot (a content filter that hangs), or closes the connection then (``close``)."""
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import asyncio
+        if self.close:
+            server.transport.abort()
+        await asyncio.Event().wait()  # until the server stops (its tasks are cancelled)
+        return "250 2.0.0 OK: queued"
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["timeout", "lost"])
+@pytest_twisted.ensureDeferred
+async def test_no_reply_to_the_final_dot_is_a_warning(tmp_path, close):
+    """No reply to the final dot within final_timeout, or the connection lost while
+    waiting for it: the client's retry may deliver a second copy, which an operator
+    should hear of; each was an info line like any other timeout or loss."""
+    from aiosmtpd.controller import Controller
+    from twisted.logger import globalLogPublisher
+
+    port = free_port()
+    controller = Controller(SilentAtTheDot(close), hostname="127.0.0.1", port=port,
+                            ready_timeout=5)
+    await deferToThread(controller.start)
+    client = client_for(port, final_timeout=0.5 if not close else 30.0)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reply = REPLIES["upstream_lost" if close else "upstream_timeout"]
+        assert (await send(client, 1))[-1] == reply.to_bytes()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        client.close()
+        await deferToThread(controller.stop)
+    what = ("connection lost waiting for the reply to end of data" if close
+            else "no reply to end of data within 0.5s")
+    assert relay_lines(events) == [
+        ("warn", f"upstream {client.name}: {what}; the upstream may have accepted the"
+                 " message: the client's retry may deliver a second copy")]

@@ -26,12 +26,12 @@ from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
 from twisted.internet.interfaces import (IOpenSSLClientConnectionCreator, IReactorTime,
                                          IStreamClientEndpoint)
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 
 from saslsmtp.checkers.tlsclient import (CertificateIdentityError, StrictClientTLS,
                                          load_trust_root, verify_peer_identity)
 from saslsmtp.relay.connection import UpstreamConnection, UpstreamError, parse_capabilities
 from saslsmtp.relay.options import REUSE_LIMIT, UpstreamDelivery
+from saslsmtp.relay.outage import UpstreamOutage
 from saslsmtp.relay.wire import EHLO, GREETING, LHLO, QUIT, RSET, STARTTLS
 from saslsmtp.relay.transaction import (MAIL_PARAMETERS, RCPT_PARAMETERS, XCLIENT_ATTRIBUTES,
                                         RelaySession, TransactionStateError,
@@ -41,8 +41,6 @@ from saslsmtp.replies import REPLIES
 __all__ = ["MAIL_PARAMETERS", "RCPT_PARAMETERS", "XCLIENT_ATTRIBUTES", "RelaySession",
            "TransactionStateError", "UpstreamClient", "UpstreamConnection", "UpstreamError",
            "UpstreamTransaction", "endpoint_for", "parse_capabilities"]
-
-log = Logger(namespace="saslsmtp.relay.client")
 
 _HELO_NAME = re.compile(r"^[A-Za-z0-9.:\[\]_-]{1,255}$")
 
@@ -91,6 +89,7 @@ class UpstreamClient:
         self.reuse_limit = reuse_limit
         self.idle: list[UpstreamConnection] = []
         self.connections_made = 0
+        self.outage = UpstreamOutage(name, clock.seconds)
 
     @classmethod
     def from_options(cls, options: UpstreamDelivery, *, reactor: Any,
@@ -139,8 +138,19 @@ class UpstreamClient:
         return connection
 
     async def connect(self) -> UpstreamConnection:
-        """A new connection, greeted, (STARTTLS,) EHLO'd; fails with ``UpstreamError``."""
+        """A new connection, greeted, (STARTTLS,) EHLO'd; fails with ``UpstreamError``.
+        Its failure, or its success after failures, goes to the outage log (``outage``)."""
+        try:
+            connection = await self._handshake()
+        except UpstreamError as e:
+            self.outage.down(str(e))
+            raise
+        self.outage.up()
+        return connection
+
+    async def _handshake(self) -> UpstreamConnection:
         connection = UpstreamConnection(clock=self.clock, timeout=self.timeout, name=self.name)
+        connection.handshaking = True  # its failures are logged by ``connect``
         connecting = self.endpoint.connect(_OneConnection(connection))
         connecting.addTimeout(self.timeout, self.clock)
         try:
@@ -149,9 +159,8 @@ class UpstreamClient:
             raise UpstreamError(REPLIES["upstream_timeout"],
                                 f"no connection within {self.timeout:g}s") from None
         except Exception as e:
-            log.info("upstream {name}: cannot connect: {why}", name=self.name,
-                     why=e.__class__.__name__)
-            raise UpstreamError(REPLIES["upstream_unavailable"], "cannot connect") from None
+            raise UpstreamError(REPLIES["upstream_unavailable"],
+                                f"cannot connect: {e.__class__.__name__}") from None
         self.connections_made += 1
         try:
             greeting = await connection.expect(GREETING)
@@ -178,6 +187,7 @@ class UpstreamClient:
             if e.closing:  # a 421 greeting or EHLO: the upstream will not talk now
                 raise UpstreamError(REPLIES["upstream_unavailable"], str(e)) from None
             raise
+        connection.handshaking = False
         return connection
 
     def _verify(self, connection: UpstreamConnection) -> None:

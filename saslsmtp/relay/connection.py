@@ -41,8 +41,9 @@ log = Logger(namespace="saslsmtp.relay.client")
 class UpstreamError(Exception):
     """Why a conversation with the upstream ended; ``reply`` is what our client gets.
 
-    ``closing``: the upstream said ``421``; ``warn``: the upstream broke the protocol
-    (logged as a warning: an operator should look at it)."""
+    ``closing``: the upstream said ``421``; ``warn``: the upstream broke the protocol,
+    or never answered the final dot (a second copy may follow): logged as a warning, an
+    operator should look at it."""
 
     def __init__(self, reply: SMTPReply, why: str, *, closing: bool = False,
                  warn: bool = False) -> None:
@@ -98,6 +99,7 @@ class UpstreamConnection(LineOnlyReceiver):
         self.quitting = False      # we said QUIT: its loss is expected
         self.refusals = 0          # 4yz/5yz replies since the last message it accepted
         self.transactions = 0      # transactions it was handed to (the pool's reuse limit)
+        self.handshaking = False   # the client logs how the handshake ended (its outage log)
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.name}{' closed' if self.closed else ''}>"
@@ -113,8 +115,8 @@ class UpstreamConnection(LineOnlyReceiver):
             return defer.fail(self.error or UpstreamError(REPLIES["upstream_lost"], "closed"))
         wait = self.timeout if timeout is None else timeout
         d: Deferred[UpstreamReply] = Deferred(lambda _: self.fail(UpstreamError(
-            REPLIES["upstream_timeout"], f"no reply to {expected.command}"
-                                         f" within {wait:g}s")))
+            REPLIES["upstream_timeout"], f"no reply to {expected.command} within {wait:g}s"
+                                         + after_the_dot(expected), warn=expected is END_OF_DATA)))
         self.pending.append(_Waiting(d, expected, self._reads if self._reading else None))
         d.addTimeout(wait, self.clock)
         d.addErrback(self._explain)
@@ -136,8 +138,9 @@ class UpstreamConnection(LineOnlyReceiver):
         """The connection is unusable: drop it; every waiting reply fails with ``error``."""
         if self.error is None:
             self.error = error
-            (log.warn if error.warn else log.info)("upstream {name}: {why}",
-                                                   name=self.name, why=str(error))
+            if not self.handshaking:
+                (log.warn if error.warn else log.info)("upstream {name}: {why}",
+                                                       name=self.name, why=str(error))
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
         self._fail_pending()
@@ -222,11 +225,14 @@ class UpstreamConnection(LineOnlyReceiver):
             elif not self.quitting and (self.pending or not self.idle):
                 # a transaction holds it (waiting, between commands or streaming DATA);
                 # after our QUIT (a full pool, shutdown) nothing is lost with it
-                what = (f" waiting for the reply to {self.pending[0].expected.command}"
-                        if self.pending else " during DATA" if self.downstream else "")
-                self.error = UpstreamError(REPLIES["upstream_lost"], f"connection lost{what}")
-            if self.error is not None:
-                log.info("upstream {name}: {why}", name=self.name, why=str(self.error))
+                waited = self.pending[0].expected if self.pending else None
+                what = (f" waiting for the reply to {waited.command}{after_the_dot(waited)}"
+                        if waited is not None else " during DATA" if self.downstream else "")
+                self.error = UpstreamError(REPLIES["upstream_lost"], f"connection lost{what}",
+                                           warn=waited is END_OF_DATA)
+            if self.error is not None and not self.handshaking:
+                (log.warn if self.error.warn else log.info)("upstream {name}: {why}",
+                                                            name=self.name, why=str(self.error))
         self._fail_pending()
         if self.paused and self.downstream is not None:
             self.downstream.resumeProducing()  # let our client finish; end() says 451
@@ -247,6 +253,14 @@ class UpstreamConnection(LineOnlyReceiver):
 
     def stopProducing(self) -> None:
         """The transport is going away; ``connectionLost`` resumes our client."""
+
+
+def after_the_dot(expected: Expected) -> str:
+    """What a reply to the final dot that never came means (the log line's end)."""
+    if expected is not END_OF_DATA:
+        return ""
+    return ("; the upstream may have accepted the message: the client's retry may deliver"
+            " a second copy")
 
 
 def tls_failure(error: SSL.Error) -> str:
