@@ -147,9 +147,11 @@ class MailTransaction:
             refusal = self._mail_parameter(param)
             if refusal is not None:
                 return ProtocolError(refusal)
-        smtputf8 = any(p.upper() == b"SMTPUTF8" for p in params)
+        smtputf8 = bool(params) and b"SMTPUTF8" in [p.upper() for p in params]
         try:
-            origin = parsed_path(address, smtputf8)
+            # (the common all-ASCII path straight to the cache of parsed addresses)
+            origin = (parsed_address(address) if address.isascii()
+                      else parsed_path(address, smtputf8))
         except smtp.AddressError:  # also 8-bit that is not UTF-8
             return ProtocolError(REPLIES["sender_syntax"])
         except SMTPUTF8Undeclared:
@@ -234,7 +236,11 @@ class MailTransaction:
         if len(self.recipients) >= self.max_recipients:
             return REPLIES["too_many_rcpts"]
         try:
-            parsed_path(parsed.group(1), self.smtputf8)
+            path = parsed.group(1)
+            if path.isascii():
+                parsed_address(path)
+            else:
+                parsed_path(path, self.smtputf8)
         except smtp.AddressError:  # also 8-bit that is not UTF-8
             return ProtocolError(REPLIES["recipient_syntax"])
         except SMTPUTF8Undeclared:
