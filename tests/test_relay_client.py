@@ -185,6 +185,16 @@ def test_a_connection_lost_before_any_accepted_rcpt_sends_mail_again(closing):
     assert result(data).code == 354
 
 
+def mail_accepted(client, upstream) -> Any:
+    """A transaction whose ``MAIL FROM:<a@example.test>`` the upstream accepted (on a
+    connection greeted now; what was said is left for the test to read)."""
+    tx = client.transaction(SESSION)
+    tx.mail_from("a@example.test")
+    greet(upstream)
+    upstream.answer(b"250 2.1.0 Ok\r\n")
+    return tx
+
+
 def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
     """A second loss in the same transaction is the client's 451 (no reconnect loop);
     so is a loss after the upstream accepted a recipient: a new upstream session could
@@ -192,10 +202,7 @@ def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
     fewer recipients than the client was told.  Every later RCPT and DATA get the 451
     until RSET; the next transaction starts afresh."""
     client, upstream, _ = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     lose(upstream)
     rcpt = tx.rcpt("b@example.test")
     greet(upstream)
@@ -206,10 +213,7 @@ def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
     assert result(rcpt) == REPLIES["upstream_lost"] and len(upstream.connections) == 2
     assert tx.state == "done"
 
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     first = tx.rcpt("b@example.test")
     upstream.said()
     upstream.answer(b"250 2.1.5 Ok\r\n")
@@ -218,10 +222,7 @@ def test_mail_is_sent_again_only_once_and_never_after_an_accepted_rcpt():
     assert result(tx.rcpt("c@example.test")) == REPLIES["upstream_lost"]
     assert len(upstream.connections) == 3 and upstream.said() == b""
 
-    tx = client.transaction(SESSION)  # a 421 that answers the RCPT is its verdict
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)  # a 421 that answers the RCPT is its verdict
     rcpt = tx.rcpt("b@example.test")
     upstream.answer(b"421 4.7.0 mx.example.test Error: too many errors\r\n")
     assert result(rcpt).to_bytes() == b"451 4.7.0 mx.example.test Error: too many errors\r\n"
@@ -233,10 +234,7 @@ def test_a_replayed_mail_the_upstream_refuses_is_a_temporary_reply():
     changed meanwhile): our client's MAIL stands, so its RCPT gets a 4xx with the
     upstream's text, and its retry will hear the upstream's verdict at MAIL."""
     client, upstream, _ = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     lose(upstream)
     rcpt = tx.rcpt("b@example.test")
     greet(upstream)
@@ -618,10 +616,7 @@ def test_silent_greeting_times_out():
 def test_command_timeout_at_rcpt():
     """A RCPT without an answer within ``timeout``: 451 4.4.2, connection dropped."""
     client, upstream, clock = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     rcpt = tx.rcpt("b@example.test")
     clock.advance(31)
     assert result(rcpt) == REPLIES["upstream_timeout"]
@@ -631,10 +626,7 @@ def test_command_timeout_at_rcpt():
 def in_data(client: UpstreamClient, upstream: FakeUpstream) -> UpstreamTransaction:
     """A transaction from a@ to b@example.test on a new connection, walked up to the
     upstream's 354: where the tests of the DATA phase start."""
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     tx.rcpt("b@example.test")
     upstream.answer(b"250 2.1.5 Ok\r\n")
     tx.start_data()
@@ -795,10 +787,7 @@ def test_a_connection_carries_at_most_reuse_limit_transactions():
 def test_pool_size_bounds_idle_connections():
     """Beyond ``pool_size`` idle connections, a finished one says QUIT."""
     client, upstream, _ = make(pool_size=0)
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     upstream.said()
     tx.abort()
     assert upstream.said() == b"QUIT\r\n" and client.idle == []
@@ -820,10 +809,7 @@ def test_abort_during_data_drops_the_connection_and_order_is_enforced():
 def test_malformed_and_multiline_replies():
     """A multi-line RCPT reply is passed on whole; garbage is 451 4.4.0 and a drop."""
     client, upstream, _ = make()
-    tx = client.transaction(SESSION)
-    tx.mail_from("a@example.test")
-    greet(upstream)
-    upstream.answer(b"250 2.1.0 Ok\r\n")
+    tx = mail_accepted(client, upstream)
     rcpt = tx.rcpt("b@example.test")
     upstream.answer(b"550-5.1.1 first line\r\n550 5.1.1 second line\r\n")
     assert result(rcpt).to_bytes() == b"550-5.1.1 first line\r\n550 5.1.1 second line\r\n"
