@@ -232,12 +232,10 @@ def auth(arguments, context):
 '''
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_while_the_workers_start_stops_the_start(tmp_path: Path, signum: int) -> None:
-    """The master waits for its workers before its reactor (and twistd's handlers) runs:
-    a SIGTERM there killed it silently and left the workers holding the port, a Ctrl-C
-    printed a traceback.  Now the workers are stopped, the master exits 1 with one line,
-    the port is free, and nothing said it was ready."""
+def workers_importing_a_slow_script(tmp_path: Path, start_new_session: bool = False
+                                     ) -> tuple[int, Path, subprocess.Popen]:
+    """A master whose two workers are importing ``SLOW_WORKER_SCRIPT`` (it waits for a
+    ``go`` file): (port, log, master)."""
     (tmp_path / "users").write_text(USERS)
     (tmp_path / "slow.py").write_text(SLOW_WORKER_SCRIPT)
     port = free_port()
@@ -247,11 +245,27 @@ def test_a_stop_signal_while_the_workers_start_stops_the_start(tmp_path: Path, s
     with open(log, "wb") as out:
         proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
                                 stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=start_new_session,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         wait_for(lambda: len(list(tmp_path.glob("importing.*"))) == 2 or proc.poll() is not None,
                  what="both workers importing the script")
         assert proc.poll() is None, log.read_text()
+    except BaseException:
+        (tmp_path / "go").touch()
+        kill_leftovers(proc, log)
+        raise
+    return port, log, proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_workers_start_stops_the_start(tmp_path: Path, signum: int) -> None:
+    """The master waits for its workers before its reactor (and twistd's handlers) runs:
+    a SIGTERM there killed it silently and left the workers holding the port, a Ctrl-C
+    printed a traceback.  Now the workers are stopped, the master exits 1 with one line,
+    the port is free, and nothing said it was ready."""
+    port, log, proc = workers_importing_a_slow_script(tmp_path)
+    try:
         workers = [int(p.suffix[1:]) for p in tmp_path.glob("importing.*")]
         proc.send_signal(signum)
         assert proc.wait(30) == 1, log.read_text()
@@ -273,20 +287,8 @@ def test_a_sighup_to_every_process_while_the_workers_start(tmp_path: Path) -> No
     slow AUTH script: a worker's SIGHUP had no handler yet and ended it, and with it the
     whole start ("worker 1 ended before it was ready", exit 1).  Now each worker starts,
     one line says the signal was ignored, and the server serves."""
-    (tmp_path / "users").write_text(USERS)
-    (tmp_path / "slow.py").write_text(SLOW_WORKER_SCRIPT)
-    port = free_port()
-    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="slow.py",
-                          listen=[f"tcp:{port}:interface=127.0.0.1"])
-    log = tmp_path / "saslsmtp.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    port, log, proc = workers_importing_a_slow_script(tmp_path, start_new_session=True)
     try:
-        wait_for(lambda: len(list(tmp_path.glob("importing.*"))) == 2 or proc.poll() is not None,
-                 what="both workers importing the script")
-        assert proc.poll() is None, log.read_text()
         os.killpg(proc.pid, signal.SIGHUP)  # the master and both workers
         (tmp_path / "go").touch()
         wait_for(lambda: proc.poll() is not None or "started 2 workers" in log.read_text(),
