@@ -244,6 +244,15 @@ def test_a_replayed_mail_the_upstream_refuses_is_a_temporary_reply():
     assert tx.state == "done" and upstream.said() == b"QUIT\r\n"
 
 
+def into_data(tx: Any, upstream: Any) -> None:
+    """RCPT TO:<b@example.test> and DATA, both accepted; what was said is read."""
+    tx.rcpt("b@example.test")
+    upstream.answer(b"250 2.1.5 Ok\r\n")
+    tx.start_data()
+    upstream.answer(b"354 go ahead\r\n")
+    upstream.said()
+
+
 def test_an_8bit_message_never_reaches_an_upstream_without_8bitmime():
     """BODY=8BITMIME to an upstream whose EHLO lacks 8BITMIME: the parameter is not
     sent; 7-bit chunks go out as they come, and at the first 8-bit octet the connection
@@ -255,11 +264,7 @@ def test_an_8bit_message_never_reaches_an_upstream_without_8bitmime():
     greet(upstream, b"250-mx.example.test\r\n250 PIPELINING\r\n")
     assert upstream.said() == b"MAIL FROM:<a@example.test>\r\n"
     upstream.answer(b"250 2.1.0 Ok\r\n")
-    tx.rcpt("b@example.test")
-    upstream.answer(b"250 2.1.5 Ok\r\n")
-    tx.start_data()
-    upstream.answer(b"354 go ahead\r\n")
-    upstream.said()
+    into_data(tx, upstream)
     tx.write(b"Subject: caf")
     tx.write("\u00e9\r\n\r\nbody\r\n".encode())
     tx.write(b"more\r\n")
@@ -324,11 +329,7 @@ def test_smtputf8_with_ascii_headers_and_an_8bit_body_passes():
     greet(upstream, NO_SMTPUTF8)
     upstream.said()
     upstream.answer(b"250 2.1.0 Ok\r\n")
-    tx.rcpt("b@example.test")
-    upstream.answer(b"250 2.1.5 Ok\r\n")
-    tx.start_data()
-    upstream.answer(b"354 go ahead\r\n")
-    upstream.said()
+    into_data(tx, upstream)
     body = "Subject: hi\r\n\r".encode(), "\ncaf\u00e9\r\n".encode()
     for chunk in body:
         tx.write(chunk)
