@@ -51,6 +51,20 @@ async def relay(client: UpstreamClient, session: RelaySession, rcpts: list[str],
     return replies
 
 
+async def abandoned_transactions(client: UpstreamClient, count: int) -> RelaySession:
+    """``count`` transactions of one session, each MAIL and RCPT accepted and then
+    abandoned (our client said RSET or QUIT: the connection goes back idle); the session."""
+    session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
+                           client_port=40000, helo="pc")
+    for n in range(count):
+        tx = client.transaction(session)
+        mail = await tx.mail_from("alice@example.test")
+        assert mail.to_bytes() == b"250 2.1.0 Ok\r\n", (n, mail)
+        assert (await tx.rcpt("bob@example.test")).code == 250
+        tx.abort()
+    return session
+
+
 @pytest_twisted.ensureDeferred
 async def test_xclient_login_in_log_and_rcpt_refusal_passed_through(postfix):
     """Postfix logs the XCLIENT LOGIN as ``sasl_username=``, its client as the XCLIENT
@@ -153,14 +167,7 @@ async def test_a_pooled_connection_never_reaches_postfixs_junk_command_limit():
     try:
         await deferToThread(server.start)
         client = client_for(server)
-        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
-                               client_port=40000, helo="pc")
-        for n in range(130):
-            tx = client.transaction(session)
-            mail = await tx.mail_from("alice@example.test")
-            assert mail.to_bytes() == b"250 2.1.0 Ok\r\n", (n, mail)
-            assert (await tx.rcpt("bob@example.test")).code == 250
-            tx.abort()  # the client said RSET or QUIT: the connection goes back idle
+        session = await abandoned_transactions(client, 130)
         replies = await relay(client, session, ["bob@example.test"], "after-junk")
         assert replies[-1].startswith(b"250 2.0.0 Ok: queued as "), replies
         assert client.connections_made == 2
@@ -267,14 +274,7 @@ async def test_reuse_limit_follows_a_lower_junk_command_limit():
         await deferToThread(server.start)
         client = client_for(server, reuse_limit=10)
         assert client.reuse_limit == 10
-        session = RelaySession(login="alice@example.test", client_address="127.0.0.9",
-                               client_port=40000, helo="pc")
-        for n in range(40):
-            tx = client.transaction(session)
-            mail = await tx.mail_from("alice@example.test")
-            assert mail.to_bytes() == b"250 2.1.0 Ok\r\n", (n, mail)
-            assert (await tx.rcpt("bob@example.test")).code == 250
-            tx.abort()
+        await abandoned_transactions(client, 40)
         assert client.connections_made == 4
         client.close()
         assert "too many errors" not in await deferToThread(server.logs)
