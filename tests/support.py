@@ -239,6 +239,29 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def run_each(commands: Sequence[Sequence[str]], timeout: float = 30.0, *, cwd: str | Path = "/",
+             env: dict[str, str] | None = None, at_once: int = 8) -> list[tuple[int | None, str]]:
+    """Run ``commands`` (each to its end: exit status, or ``None`` when it was still
+    running ``timeout`` seconds after its own start and was stopped; stdout and stderr
+    together), ``at_once`` at a time: a sweep of a dozen cases must not start dozens of
+    interpreters at once on a machine other tests share, where the last would then
+    miss their timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(command: Sequence[str]) -> tuple[int | None, str]:
+        proc = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            return proc.returncode, out
+        except subprocess.TimeoutExpired:
+            terminate(proc)
+            out, _ = proc.communicate()
+            return None, out
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(one, commands))
+
+
 def twistd_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile=-", "saslsmtp", "--config", str(config), *extra]

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.conftest import require_binary
-from tests.support import ROOT, free_port, twistd_command
+from tests.support import ROOT, free_port, run_each, twistd_command
 from tests.tlsutil import issue_cert, make_ca
 
 USERS = "demo:{PLAIN}demo-password\n"
@@ -225,15 +225,17 @@ def key_line(config: Path, key: str) -> int:
 def test_every_broken_configuration_is_refused_by_check_and_by_a_start(shared_dir: Path) -> None:
     """Each case: ``--check`` exits 1 and a real start exits non-zero, both naming
     ``file:line: key``, neither with a traceback, the start never saying "ready"."""
-    runs = []
+    cases, commands = [], []
     for n, (name, make, key) in enumerate(CASES):
         config = write_case(shared_dir / f"case{n}", make)
-        runs.append((name, config, key, start(config, "--check"), start(config)))
+        cases.append((name, config, key))
+        commands += [twistd_command(config, "--check"), twistd_command(config)]
+    results = iter(run_each(commands, 30, env=env()))
     failures = []
-    for name, config, key, check, real in runs:
+    for name, config, key in cases:
         where = f"{config}:{key_line(config, key)}: {key}: "
-        for what, proc in (("--check", check), ("start", real)):
-            status, out = finish(proc, 30)
+        for what in ("--check", "start"):
+            status, out = next(results)
             if status in (0, None) or where not in out or "Traceback" in out or "saslsmtp ready" in out:
                 failures.append(f"{name} ({what}): exit {status}, want {where!r} in:\n{out}")
     assert not failures, "\n\n".join(failures)
