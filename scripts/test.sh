@@ -11,7 +11,10 @@
 #      plugin (docs/twisted-notes.md).
 #   3. mypy over saslsmtp/ (configuration in setup.cfg: strict for saslsmtp.sasl,
 #      the zope.interface plugin everywhere); any type error fails the run.
-#   4. pytest (extra arguments are passed through), bounded by a timeout.
+#   4. pytest (extra arguments are passed through), bounded by a timeout, in one
+#      process per CPU (pytest-xdist; at most 4, SASLSMTP_TEST_PROCESSES overrides,
+#      0 = one process): most tests wait on the peers they start, and tests marked
+#      `alone` (latency and timeout windows) still run by themselves (tests/alone.py).
 # The exit status is mypy's when it fails, else pytest's (5, "no tests collected",
 # is a failure too).
 set -uo pipefail
@@ -200,7 +203,9 @@ fi
 section "4/4 pytest"
 
 rc=0
-timeout "$PYTEST_TIMEOUT" "$PY" -m pytest -q -p no:randomly "$@" || rc=$?
+PROCESSES=${SASLSMTP_TEST_PROCESSES:-auto}
+timeout "$PYTEST_TIMEOUT" "$PY" -m pytest -q -p no:randomly -p no:benchmark \
+    -n "$PROCESSES" --maxprocesses 4 "$@" || rc=$?
 case "$rc" in
     0) section "tests passed" ;;
     5) section "FAILED: pytest collected no tests (status 5)" ;;

@@ -68,3 +68,35 @@ def no_password_in_any_log_event():
     needles = [n for p in SUITE_PASSWORDS for n in _needles(p)]
     leaks = [(n, e[:300]) for e in events for n in needles if n in e]
     assert not leaks, f"passwords reached the log: {leaks[:5]}"
+
+
+# ---------------------------------------------------------------------------
+# Parallel runs (pytest-xdist, as scripts/test.sh runs the suite): tests marked
+# ``alone`` (latency and timeout windows) run while no other test does (tests/alone.py).
+# ---------------------------------------------------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: measures time; runs while no other test runs (tests/alone.py)")
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        import tempfile
+        from tests.alone import LOCKS_VARIABLE
+        config._saslsmtp_locks = tempfile.mkdtemp(prefix="saslsmtp-test-locks-")
+        os.environ[LOCKS_VARIABLE] = config._saslsmtp_locks  # the workers inherit it
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_saslsmtp_locks", None)
+    if folder:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    from tests.alone import LOCKS_VARIABLE, turn
+    folder = os.environ.get(LOCKS_VARIABLE)
+    if not folder:
+        return (yield)
+    with turn(folder, item.get_closest_marker("alone") is not None):
+        return (yield)

@@ -710,6 +710,7 @@ async def test_real_user_is_canonicalised_by_dovecot(dovecot: DovecotServer) -> 
         checker.stop()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest_twisted.ensureDeferred
 async def test_real_many_concurrent_checks_share_one_connection(dovecot: DovecotServer,

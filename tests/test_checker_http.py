@@ -240,6 +240,7 @@ async def test_real_500_is_temporary(api):
     assert len(api.resource.requests) == 1
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_real_hang_times_out(api):
     """The API never answers: TemporaryFailure after ``timeout`` (measured); the

@@ -611,6 +611,7 @@ async def test_down_then_restarted(slapd: SlapdServer, make_checker: Callable[..
     assert ALICE.password not in text and READER_PASSWORD not in text
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_unresponsive_server_times_out(slapd: SlapdServer,
                                              make_checker: Callable[..., LdapChecker]) -> None:
@@ -857,6 +858,7 @@ def test_config_problems(body: str, needle: str) -> None:
     assert needle in str(info.value)
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_queued_logins_fail_fast_when_directory_hangs(
         slapd: SlapdServer, make_checker: Callable[..., LdapChecker]) -> None:

@@ -549,6 +549,7 @@ async def test_jwks_url_unknown_kid_refetches_rate_limited(idp, keys):
     await v.stop()
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_jwks_url_down_hung_or_broken_is_temporary(idp, keys):
     """No keys yet and the IdP answers 500, garbage, nothing (timeout) or is gone:

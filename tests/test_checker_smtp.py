@@ -325,6 +325,7 @@ def hanging_port():
         yield port, connections
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_hanging_upstream_times_out(hanging_port):
     """Accepts TCP, never greets: TemporaryFailure after ``timeout`` (measured), and the

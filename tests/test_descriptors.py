@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from twisted.internet import task
 
 from saslsmtp.descriptors import AcceptFailureLog, raise_descriptor_limit
@@ -57,6 +59,7 @@ def _greeted(port: int, timeout: float = 2.0) -> socket.socket | None:
     return None
 
 
+@pytest.mark.alone
 def test_full_descriptor_table_then_release(tmp_path: Path) -> None:
     """Hold every descriptor, knock 200 more times, release: the next client is greeted
     within a second and fewer than 10 log lines speak of the refusals."""

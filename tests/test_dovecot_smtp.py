@@ -85,6 +85,7 @@ async def test_down_454_then_back_235(own_dovecot: DovecotServer, transport: str
         await server.stop()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 @pytest_twisted.ensureDeferred
 async def test_hung_454_within_timeout(own_dovecot: DovecotServer, transport: str,

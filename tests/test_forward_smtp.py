@@ -110,6 +110,7 @@ async def test_smtp_backend_upstream_454_is_454(tmp_path):
         await deferToThread(upstream.stop)
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_smtp_backend_hanging_upstream(tmp_path, hanging_port):
     """Upstream accepts TCP and says nothing: 454 4.7.0 within the backend timeout."""
@@ -188,6 +189,7 @@ async def test_http_backend_full_path(tmp_path):
         await api.stop()
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_http_backend_hanging_api(tmp_path):
     """The API never answers: 454 4.7.0 within the backend timeout."""

@@ -124,6 +124,7 @@ async def test_down_454_then_restarted_235(server: RunningServer, slapd: SlapdSe
                                       mechanism=mechanism), 235, "2.7.0")
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_hung_directory_454_within_timeout(server: RunningServer,
                                                  slapd: SlapdServer) -> None:
@@ -288,6 +289,7 @@ def report(what: str, latencies: list[float], extra: str) -> str:
     return line
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_ehlo_stays_fast_during_ldap_logins(daemon: Daemon) -> None:
     """32 concurrent LDAP-backed logins (search-then-bind) for 3 s against the daemon: an
@@ -313,6 +315,7 @@ async def test_ehlo_stays_fast_during_ldap_logins(daemon: Daemon) -> None:
     assert percentile(latencies, 0.99) < EHLO_P99_LIMIT
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_ehlo_stays_fast_while_directory_hangs(daemon: Daemon, slapd: SlapdServer) -> None:
     """32 logins at once against a SIGSTOPped slapd: EHLO p99 stays under 100 ms, and every

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, free_port, start_daemon
 
 _spec = importlib.util.spec_from_file_location("fairness", ROOT / "benchmarks" / "fairness.py")
@@ -14,6 +16,7 @@ fairness = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fairness)
 
 
+@pytest.mark.alone
 def test_a_hammered_bcrypt_user_leaves_room_for_others(tmp_path: Path) -> None:
     """While 16 connections from one address keep the bcrypt pool busy, a login from
     another address has p95 under 150 ms and a NOOP round trip p95 under 50 ms."""

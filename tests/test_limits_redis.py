@@ -441,6 +441,7 @@ async def test_scripts_flushed_in_redis_are_sent_again(redis):
         await store.close()
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_a_stalled_redis_fails_open_within_the_timeout(redis):
     """Redis stops answering (SIGSTOP) with the connection open: a call waits at most

@@ -59,6 +59,7 @@ def released(server: Daemon, held: list[tuple[socket.socket, Any]]) -> Iterator[
         server.stop()
 
 
+@pytest.mark.alone
 def test_brute_force_cut_in_total_across_two_processes_sharing_redis(tmp_path: Path) -> None:
     """Two daemons on different ports, one Redis: the sixth failure from one address is
     refused (454) whichever process it reaches; a second address logs in meanwhile; after

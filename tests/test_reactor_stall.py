@@ -77,6 +77,7 @@ def probe_under_load(daemon, load_args: list[str], command: bytes) -> tuple[list
     return latencies, json.loads(out)
 
 
+@pytest.mark.alone
 def test_ehlo_stays_fast_during_expensive_logins(bcrypt_daemon) -> None:
     latencies, result = probe_under_load(
         bcrypt_daemon, ["--user", "slow", "--password", "slow-password"], b"EHLO probe.example")
@@ -104,6 +105,7 @@ def sha512_crypt_daemon(tmp_path: Path):
     daemon.stop()
 
 
+@pytest.mark.alone
 def test_noop_stays_fast_while_16_connections_guess_unknown_users(sha512_crypt_daemon) -> None:
     """16 connections guessing passwords of unknown users, each guess verified against a
     default-cost SHA512-CRYPT dummy: an unrelated NOOP still answers within 20 ms (p95).

@@ -10,6 +10,7 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 
@@ -85,6 +86,7 @@ async def test_bare_connect_to_ssl_listener(tmp_path: Path) -> None:
     assert await _closed_after(tmp_path, "ssl:0:interface=127.0.0.1", []) < DEADLINE + SLACK
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_half_a_client_hello(tmp_path: Path) -> None:
     """A client that stops in the middle of its ClientHello."""
@@ -92,6 +94,7 @@ async def test_half_a_client_hello(tmp_path: Path) -> None:
     assert elapsed < DEADLINE + SLACK
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_starttls_then_silence(tmp_path: Path) -> None:
     """A client that says STARTTLS, gets 220 and never starts the handshake."""
@@ -124,6 +127,7 @@ def _slot_held_then_freed(port: int) -> tuple[bytes, float, bytes]:
     return meanwhile, elapsed, _greeting_over_tls(port)
 
 
+@pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_a_dropped_handshake_frees_its_connection_slot(tmp_path: Path) -> None:
     """``connections_per_ip = 1``: a client that never starts its handshake holds the one
