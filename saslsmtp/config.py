@@ -277,11 +277,17 @@ class Section:
     skip: tuple[str, ...] = ()  # keys another module reads from this table
 
 
+def _implicit_tls(entry: str) -> bool:
+    """``ssl:...`` or ``systemd:...:ssl=yes`` (``haproxy:`` in front or not)."""
+    inner = entry.removeprefix("haproxy:")
+    return inner.split(":", 1)[0] == "ssl" or inner.startswith("systemd:") and ":ssl=yes" in inner
+
+
 def _listen_needs_tls(sections: Mapping[str, Any]) -> Iterable[OptionProblem]:
     listen = sections["server"].listen
-    needs_tls = any(e.split(":", 1)[0] == "ssl" or e.startswith("haproxy:ssl:") for e in listen)
+    needs_tls = any(_implicit_tls(e) for e in listen)
     return problem_if(needs_tls and sections["tls"] is None, "server.listen",
-                      "an ssl: endpoint needs a [tls] section")
+                      "an ssl: endpoint (or systemd:...:ssl=yes) needs a [tls] section")
 
 
 #: Every section but ``[backends.*]``, in the order they are checked.  ``Config.section(name)``

@@ -263,6 +263,7 @@ def make_service(config: Config, reactor: Any, workers: int | None = None) -> se
     from saslsmtp.service import wire
     raise_descriptor_limit()  # one descriptor per session: the soft default is far too low
     count = config.ops.worker_count(workers)
+    passed = activated_sockets(config)
     if count == 1:
         top = SingleProcess(config, reactor)
         metrics = None
@@ -271,7 +272,7 @@ def make_service(config: Config, reactor: Any, workers: int | None = None) -> se
             registry = CollectorRegistry()
             metrics = Metrics(registry)
             metrics_service(config.ops.metrics.listen, reactor, registry).setServiceParent(top)
-        build_service(config, reactor, metrics).setServiceParent(top)
+        build_service(config, reactor, metrics, passed).setServiceParent(top)
         return top
     from saslsmtp.master import MasterService
     try:
@@ -281,7 +282,28 @@ def make_service(config: Config, reactor: Any, workers: int | None = None) -> se
         raise ConfigError([ConfigProblem(config.path, "server.listen",
                                          file_key_line(config.path, "server.listen"), str(e))]) from None
     wire(config, reactor)  # the same checks a worker makes, reported once, at startup
-    return MasterService(config.path, config, count, reactor)
+    return MasterService(config.path, config, count, reactor, passed=passed)
+
+
+def activated_sockets(config: Config) -> dict[str, int]:
+    """The sockets systemd passed for the ``systemd:`` listeners (entry -> fd), taken
+    once (``activation.take``: no child sees ``LISTEN_FDS``).  None passed: none here
+    (``--check`` builds the service too); the start stops where it would bind
+    (``listeners.not_passed``).  Sockets that do not fit end the start in one line
+    (``--check`` and a start with the sockets said so earlier, ``check_activated``)."""
+    from saslsmtp import activation
+    specs = [parse(d) for d in config.server.listen
+             if d.removeprefix("haproxy:").startswith("systemd:")]
+    try:
+        passed = activation.take()
+    except activation.ActivationError as e:
+        raise SystemExit(f"saslsmtp: socket activation: {e}") from None
+    if not specs or passed is None:
+        return {}
+    matched = activation.match([spec.wanted() for spec in specs], passed)
+    for description, message in matched.problems:
+        raise SystemExit(f"saslsmtp: cannot listen on {description}: {message}")
+    return dict(matched.fds)
 
 
 def versions() -> str:

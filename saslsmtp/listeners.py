@@ -5,7 +5,9 @@ drops privileges) and hands the file descriptors to its workers; each worker ``a
 them with ``AdoptedStreamServerEndpoint`` and adds what the endpoint string asked for on
 top: the PROXY protocol (``haproxy:``) and implicit TLS (``ssl:``).  All workers then
 accept from one kernel queue, so a worker that dies loses only its own connections and
-nothing waiting in the queue.
+nothing waiting in the queue.  A ``systemd:`` entry is a socket systemd bound and passed
+(``saslsmtp.activation``): the master (or the single process) takes it instead of
+binding, and serves it like its own.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
 
 from saslsmtp.options import split_endpoint
 
 #: Endpoint kinds a worker can adopt; anything else needs ``workers = 1``.
-ADOPTABLE = ("tcp", "tcp6", "ssl", "unix")
+ADOPTABLE = ("tcp", "tcp6", "ssl", "unix", "systemd")
 #: The names of each adoptable kind's positional arguments, in Twisted's parsers' order.
 POSITIONAL = {
     "tcp": ("port", "interface", "backlog"),
     "tcp6": ("port", "backlog", "interface"),
     "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
     "unix": ("address", "mode", "backlog", "lockfile"),
+    "systemd": ("domain", "index", "name"),
 }
+#: The keys a ``systemd:`` entry takes (``ssl=yes``: implicit TLS with ``[tls]``).
+SYSTEMD_KEYS = ("domain", "index", "name", "port", "ssl")
 #: Seconds ``interface_problem`` waits for a name to resolve: --check must not hang on DNS.
 RESOLVE_TIMEOUT = 5.0
 
@@ -73,6 +80,8 @@ def configured_listener(error: CannotListenError, configured: Sequence[str]) -> 
             spec = parse(description)
         except ListenError:
             continue
+        if spec.kind == "systemd":  # never bound here: its index is no port
+            continue
         if spec.kind == "unix":
             if spec.address == error.port:
                 return description
@@ -87,11 +96,24 @@ class ListenerSpec:
 
     description: str
     proxy: bool  # "haproxy:" prefix: a PROXY v1/v2 header precedes each connection
-    kind: str  # tcp | tcp6 | ssl | unix
-    address: str  # interface (tcp) or path (unix)
-    port: int
+    kind: str  # tcp | tcp6 | ssl | unix | systemd
+    address: str  # interface (tcp), path (unix) or socket name (systemd:name=, or "")
+    port: int  # for systemd: the index (systemd:index=), else -1 (its port= is an option)
     backlog: int
     options: tuple[tuple[str, str], ...]  # every key=value, for ssl: key files
+
+    @property
+    def implicit_tls(self) -> bool:
+        """TLS from the first byte: ``ssl:``, or ``systemd:...:ssl=yes``."""
+        return self.kind == "ssl" or self.kind == "systemd" and dict(self.options).get("ssl") == "yes"
+
+    def wanted(self) -> Any:
+        """The ``activation.Wanted`` of a ``systemd:`` entry."""
+        from saslsmtp.activation import Wanted
+        options = dict(self.options)
+        return Wanted(self.description, self.address or None,
+                      self.port if self.port >= 0 else None, options.get("domain"),
+                      int(options["port"]) if "port" in options else None)
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -116,6 +138,8 @@ def parse(description: str) -> ListenerSpec:
         raise ListenError(f"{description}: {kind}: endpoints cannot be shared by workers"
                           f" (use {', '.join(ADOPTABLE)}, or workers = 1)")
     positional = [p for p in parts[1:] if "=" not in p]
+    if kind == "systemd":
+        return _parse_systemd(description, proxy, positional, keywords(parts[1:]))
     # Twisted's parsers take their arguments by position too (tcp:2525:127.0.0.1 is an
     # interface): read them as it does, or the master would bind another address
     options = dict(zip(POSITIONAL[kind][1:], positional[1:]))
@@ -138,6 +162,72 @@ def parse(description: str) -> ListenerSpec:
     address = options.pop("interface", "::" if kind == "tcp6" else "")
     return ListenerSpec(description, proxy, kind, address, port, backlog,
                         tuple(sorted(options.items())))
+
+
+def _parse_systemd(description: str, proxy: bool, positional: list[str],
+                   options: dict[str, str]) -> ListenerSpec:
+    """``systemd:name=NAME``, ``systemd:port=N``, both, or ``systemd:index=N`` (Twisted's
+    ``domain=`` optional, as its positional form ``systemd:INET:0``), ``ssl=yes`` for
+    implicit TLS."""
+    named = dict(zip(POSITIONAL["systemd"], positional))
+    named.update(options)
+    unknown = sorted(set(named) - set(SYSTEMD_KEYS))
+    if unknown:
+        raise ListenError(f"{description}: unknown option {unknown[0]}= (a systemd: listener"
+                          f" takes {', '.join(k + '=' for k in SYSTEMD_KEYS)})")
+    if "index" in named and ("name" in named or "port" in named) \
+            or not {"index", "name", "port"} & set(named):
+        raise ListenError(f"{description}: needs name= (the .socket unit's"
+                          " FileDescriptorName=) and/or port=, or index= alone")
+    domain = named.get("domain")
+    if domain is not None and domain not in ("INET", "INET6", "UNIX"):
+        raise ListenError(f"{description}: domain={domain} is none of INET, INET6, UNIX")
+    if named.get("ssl", "no") not in ("yes", "no"):
+        raise ListenError(f"{description}: ssl={named['ssl']} is neither yes nor no")
+    if named.get("name") == "":
+        raise ListenError(f"{description}: name= is empty")
+    for key in ("index", "port"):
+        if key in named and not named[key].isdigit():
+            raise ListenError(f"{description}: {key}={named[key]} is not a number")
+    if not 0 < int(named.get("port", "1")) < 65536:
+        raise ListenError(f"{description}: port {named['port']} is out of range")
+    name = named.get("name", "")
+    index = int(named.get("index", "-1"))
+    extra = tuple(sorted((k, v) for k, v in named.items() if k in ("domain", "port", "ssl")))
+    return ListenerSpec(description, proxy, "systemd", name, index, 0, extra)
+
+
+def open_socket(spec: ListenerSpec, passed: Any = None) -> socket.socket:
+    """``spec``'s listening socket: the one systemd passed (``passed``: entry -> fd,
+    ``activation.Matched.fds``), or a new one, bound (``bind``)."""
+    if spec.kind != "systemd":
+        return bind(spec)
+    fd = (passed or {}).get(spec.description)
+    if fd is None:
+        raise ListenError(not_passed(spec.description))
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def not_passed(description: str) -> str:
+    """Why a ``systemd:`` listener cannot listen when systemd passed no sockets."""
+    return (f"cannot listen on {description}: systemd passed no sockets to this process"
+            " (no LISTEN_FDS for it): start the .socket unit (systemctl start"
+            " saslsmtp.socket), or listen on tcp:")
+
+
+@implementer(IStreamServerEndpoint)
+class NotPassedEndpoint:
+    """A ``systemd:`` listener of a process systemd passed no sockets: its ``listen``
+    (in ``privilegedStartService``) ends the start with ``not_passed``'s line."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def listen(self, factory: Any) -> Any:
+        raise SystemExit(f"saslsmtp: {not_passed(self.description)}")
 
 
 def bind(spec: ListenerSpec) -> socket.socket:
@@ -178,15 +268,20 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
     from saslsmtp.sendnow import send_now_reactor
-    endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, spec.family)
+    if spec.kind == "systemd":
+        from saslsmtp.activation import socket_family
+        family = socket_family(fd)
+    else:
+        family = spec.family
+    endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, family)
     if spec.proxy:
         endpoint = proxy_endpoint(endpoint, reactor)
-    if spec.kind == "ssl":
+    if spec.implicit_tls:
         options = dict(spec.options)
         if "privateKey" in options:
             tls_context = _explicit_ssl_context(reactor, spec)
         if tls_context is None:
-            raise ListenError(f"{spec.description}: an ssl: endpoint needs a [tls] section")
+            raise ListenError(f"{spec.description}: implicit TLS needs a [tls] section")
         factory = TLSMemoryBIOFactory(tls_context, False, factory)
     return AcceptLogEndpoint(endpoint, reactor), factory
 

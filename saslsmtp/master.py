@@ -1,6 +1,7 @@
 """The master process of ``workers = N`` (N > 1): binds, spawns, supervises, forwards.
 
-It binds every listener itself (before dropping privileges), then starts N workers
+It binds every listener itself (before dropping privileges; a ``systemd:`` listener is
+the socket systemd passed it instead), then starts N workers
 (``python -m saslsmtp.worker``) that inherit the sockets and accept from the same
 queue.  It never serves SMTP and does nothing per connection.  Workers write their own
 lines to the master's log file or standard output (``logs.AppendLogFile``); the master
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol, task
@@ -197,7 +198,8 @@ class MasterService(service.MultiService):
                  publish: Callable[[dict], None] | None = None,
                  log_output: Callable[[], FdLineWriter | None] = shared_output,
                  log_check: float = 1.0, startup_timeout: float = STARTUP_TIMEOUT,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 passed: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.config_path = os.path.abspath(config_path)
         self.config = config
@@ -221,6 +223,7 @@ class MasterService(service.MultiService):
         self._restore_sigusr1: Callable[[], None] | None = None
         self.identity: privileges.Identity | None = None
         self.specs = [listeners.parse(d) for d in config.server.listen]
+        self.passed = dict(passed or {})  # systemd: entry -> the fd systemd passed
         self.sockets: list[socket.socket] = []
         self.metrics_dir: Path | None = None
         self._own_metrics_dir: str | None = None  # made here: removed at exit
@@ -236,7 +239,7 @@ class MasterService(service.MultiService):
 
     def privilegedStartService(self) -> None:
         try:
-            self.sockets = [listeners.bind(spec) for spec in self.specs]
+            self.sockets = [listeners.open_socket(spec, self.passed) for spec in self.specs]
         except listeners.ListenError as e:
             raise SystemExit(f"saslsmtp: {e}") from None
         # The master keeps its identity (like Postfix's and Dovecot's masters) so it can

@@ -176,9 +176,16 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
     entries = [("server.listen", d) for d in config.server.listen]
     if config.ops.metrics is not None:
         entries.append(("metrics.listen", config.ops.metrics.listen))
+    activated = []
     for key, description in entries:
         prefix = "haproxy:" if description.startswith("haproxy:") else ""
         inner = description[len(prefix):]
+        if key == "server.listen" and inner.startswith("systemd:"):
+            try:
+                activated.append(parse(description))
+            except ListenError as e:
+                report.problem(key, str(e))
+            continue
         built = description
         if key == "server.listen" and inner.startswith("ssl:") and "privateKey=" not in inner \
                 and config.tls is not None:  # implicit TLS with [tls], as service.listener does
@@ -202,6 +209,27 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
                 parse(description)
             except ListenError as e:
                 report.problem(key, str(e))
+    check_activated(activated, report)
+
+
+def check_activated(specs: list[Any], report: _Report) -> None:
+    """The ``systemd:`` listeners against the sockets systemd passed, when it passed
+    some: a start does the same.  Without (``--check`` run by hand or by ExecStartPre,
+    to which systemd passes none, and a reload) only their syntax is checked; a start
+    without them stops (``daemon.make_service``)."""
+    from saslsmtp import activation
+    try:
+        passed = activation.take()
+    except activation.ActivationError as e:
+        report.problem("server.listen", f"socket activation: {e}")
+        return
+    if passed is None:
+        return
+    matched = activation.match([spec.wanted() for spec in specs], passed)
+    for description, message in matched.problems:
+        report.problem("server.listen", f"{description!r}: {message}")
+    if matched.unused:
+        report.warn("server.listen", activation.unused_warning(matched.unused))
 
 
 def check_worker_timeout(config: Config, workers: int, report: _Report) -> None:

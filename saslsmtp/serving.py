@@ -12,7 +12,7 @@ the objects they were built with.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -233,15 +233,25 @@ def listening_factory(factory: MeteredFactory, description: str) -> Any:
     return ListenerFactory(factory, description)
 
 
-def build_service(config: Config, reactor: Any, metrics: Metrics | None = None) -> "ReloadableService":
+def build_service(config: Config, reactor: Any, metrics: Metrics | None = None,
+                  passed: Mapping[str, int] | None = None) -> "ReloadableService":
     """The single-process daemon, as ``service.build`` makes it, plus metrics, SIGHUP reload
-    and a TLS context that follows reloads."""
+    and a TLS context that follows reloads.  ``passed``: the socket systemd passed for
+    each ``systemd:`` entry (``daemon.activated_sockets``), served as a worker serves
+    the master's."""
+    from saslsmtp import listeners
     factory = build_factory(config, reactor, metrics)
     top = ReloadableService(factory, config.path, reactor, metrics)
     live = LiveTLSContext(factory) if factory.wiring.tls_context is not None else None
     for description in config.server.listen:
-        endpoint, wrapped = listener(description, config, reactor,
-                                     listening_factory(factory, description), live)
+        serves = listening_factory(factory, description)
+        if passed and description in passed:
+            endpoint, wrapped = listeners.adopt(reactor, passed[description],
+                                                listeners.parse(description), serves, live)
+        elif description.removeprefix("haproxy:").startswith("systemd:"):
+            endpoint, wrapped = listeners.NotPassedEndpoint(description), serves
+        else:
+            endpoint, wrapped = listener(description, config, reactor, serves, live)
         listening_service(endpoint, wrapped).setServiceParent(top)
     return top
 

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import protocol
 
+from saslsmtp.activation import Wanted
 from saslsmtp.listeners import (ListenError, ListenerSpec, adopt, bind, interface_problem,
                                  parse)
 
@@ -29,8 +30,34 @@ def test_parse_the_endpoint_kinds() -> None:
         "unix", "/run/saslsmtp.sock", socket.AF_UNIX, (("mode", "660"),))
 
 
+def test_parse_systemd_listeners() -> None:
+    """``systemd:name=`` (FileDescriptorName=) and/or ``port=``, or ``index=``, Twisted's ``domain=`` and
+    positional form, ``ssl=yes`` for implicit TLS, ``haproxy:`` in front."""
+    named = parse("systemd:name=submission")
+    assert (named.kind, named.address, named.port, named.implicit_tls) == (
+        "systemd", "submission", -1, False)
+    assert named.wanted() == Wanted("systemd:name=submission", "submission", None, None)
+    assert parse("systemd:INET:0").wanted() == Wanted("systemd:INET:0", None, 0, "INET")
+    assert parse("systemd:name=saslsmtp:port=465").wanted() == Wanted(
+        "systemd:name=saslsmtp:port=465", "saslsmtp", None, None, 465)
+    assert parse("systemd:port=587").wanted() == Wanted("systemd:port=587", port=587)
+    smtps = parse("haproxy:systemd:name=submissions:ssl=yes")
+    assert (smtps.proxy, smtps.implicit_tls) == (True, True)
+    assert parse("ssl:465").implicit_tls and not parse("tcp:587").implicit_tls
+
+
 @pytest.mark.parametrize("description, message", [
-    ("systemd:domain=INET:index=0", "systemd: endpoints cannot be shared by workers"),
+    ("stdio:", "stdio: endpoints cannot be shared by workers"),
+    ("systemd:index=0:name=submission", "needs name= .* and/or port=, or index= alone"),
+    ("systemd:index=0:port=587", "needs name= .* and/or port=, or index= alone"),
+    ("systemd:domain=INET", "needs name= .* and/or port=, or index= alone"),
+    ("systemd:port=70000", "port 70000 is out of range"),
+    ("systemd:name=x:port=smtp", "port=smtp is not a number"),
+    ("systemd:nmae=submission", "unknown option nmae="),
+    ("systemd:index=first", "index=first is not a number"),
+    ("systemd:name=", "name= is empty"),
+    ("systemd:name=smtps:ssl=on", "ssl=on is neither yes nor no"),
+    ("systemd:domain=INET4:index=0", "domain=INET4 is none of INET, INET6, UNIX"),
     ("tcp:interface=127.0.0.1", "needs a port"),
     ("tcp:http", "port and backlog must be numbers"),
     ("tcp:70000", "port 70000 is out of range"),
