@@ -47,6 +47,7 @@ declare -A BINARY_PACKAGE=(
     [postfix]=postfix
     [/usr/lib/dovecot/lmtp]=dovecot-lmtpd
     [systemd-analyze]=systemd
+    [systemd-socket-activate]=systemd
     [haproxy]=haproxy
     [setpriv]=util-linux
     [cc]=gcc

@@ -3,11 +3,13 @@ for another user from mode bits."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
 
+from saslsmtp import activation
 from saslsmtp.config import ConfigError
 from saslsmtp.preflight import READ, RunAs, allowed, preflight, writable_dir_problem
 from saslsmtp.service import load
@@ -122,21 +124,67 @@ def test_a_readable_configuration_without_secrets_is_no_warning(tmp_path: Path) 
     assert not [w for w in preflight(load(str(path)), Clock()) if "holds secrets" in w]
 
 
-def test_a_systemd_listener_outside_socket_activation_says_so(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """``systemd:`` listeners take the sockets systemd passed; without any the problem
-    says that, not Twisted's "list index out of range"."""
-    monkeypatch.delenv("LISTEN_FDS", raising=False)
-    monkeypatch.delenv("LISTEN_PID", raising=False)
+def test_a_systemd_listener_outside_socket_activation_is_checked_for_syntax_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd passes no sockets to ExecStartPre's ``--check`` (nor to one run by hand):
+    the entries' syntax is checked, not the sockets they name (a start says when there
+    are none, tests/test_socket_activation.py).  It said "no socket at that index" and
+    so failed every ExecStartPre of a socket-activated unit."""
+    monkeypatch.setattr(activation, "take", lambda: None)
     (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
     path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
-                        listen=["systemd:domain=INET:index=0"])
+                        listen=["systemd:name=submission", "systemd:domain=INET:index=0"])
+    preflight(load(str(path)), Clock())
+    path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                        listen=["systemd:name=submission", "systemd:nmae=submissions"])
     with pytest.raises(ConfigError) as e:
         preflight(load(str(path)), Clock())
-    assert ("server.listen: 'systemd:domain=INET:index=0': systemd passed no socket at that"
-            " index (socket activation: a .socket unit passes them; a start or --check"
-            " outside it has none)") in str(e.value)
-    assert "list index out of range" not in str(e.value)
+    assert len(e.value.problems) == 1
+    assert "server.listen: systemd:nmae=submissions: unknown option nmae=" in str(e.value)
+
+
+def test_a_systemd_listener_is_checked_against_the_passed_sockets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the sockets (a start, or --check run by systemd-socket-activate) the names
+    are matched: a name systemd did not pass is a problem, a passed socket no entry
+    names a warning."""
+    with socket.socket() as one, socket.socket() as two:
+        for sock in (one, two):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        ports = [sock.getsockname()[1] for sock in (one, two)]
+        passed = activation.Passed((one.fileno(), two.fileno()), ("submission", "smtps"))
+        monkeypatch.setattr(activation, "take", lambda: passed)
+        (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+        path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                            listen=["systemd:name=submission"])
+        warnings = preflight(load(str(path)), Clock())
+        assert [w for w in warnings if "systemd passed" in w] == [
+            f"{path}:3: server.listen: warning: systemd passed smtps (fd {two.fileno()}, port"
+            f" {ports[1]}), which no server.listen entry names: connections to it wait"
+            " unanswered (add systemd:name=... to server.listen or remove it from the .socket"
+            " unit)"]
+        path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                            listen=["systemd:name=submissions", "systemd:name=smtps"])
+        with pytest.raises(ConfigError) as e:
+            preflight(load(str(path)), Clock())
+        assert [str(p) for p in e.value.problems] == [
+            f"{path}:3: server.listen: 'systemd:name=submissions': systemd passed no socket"
+            f" named 'submissions' (it passed submission (fd {one.fileno()}, port {ports[0]}),"
+            f" smtps (fd {two.fileno()}, port {ports[1]}); ListenStream= and"
+            " FileDescriptorName= in the .socket unit make them)"]
+
+
+def test_malformed_listen_variables_are_a_problem(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def malformed() -> None:
+        raise activation.ActivationError("LISTEN_FDS='x' is not a number")
+    monkeypatch.setattr(activation, "take", malformed)
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    path = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n')
+    with pytest.raises(ConfigError) as e:
+        preflight(load(str(path)), Clock())
+    assert "server.listen: socket activation: LISTEN_FDS='x' is not a number" in str(e.value)
 
 
 def test_worker_timeout_for_one_process_is_a_warning(tmp_path: Path) -> None:
