@@ -1,10 +1,11 @@
-"""``etc/systemd/saslsmtp.service``: systemd itself accepts every line, the unit has
-the hardening and reload wiring the README promises, and saslsmtp tells systemd it is
-ready (``Type=notify``) only once it serves."""
+"""``etc/systemd/saslsmtp.service`` (and ``saslsmtp.socket``): systemd itself accepts
+every line, the unit has the hardening and reload wiring the README promises, and
+saslsmtp tells systemd it is ready (``Type=notify``) only once it serves."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,22 +13,29 @@ from pathlib import Path
 
 import pytest
 
+from saslsmtp.listeners import parse
 from tests.conftest import require_binary
 from tests.support import ROOT, alice_config, kill_leftovers, twistd_command
 
 UNIT = ROOT / "etc" / "systemd" / "saslsmtp.service"
+SOCKET = ROOT / "etc" / "systemd" / "saslsmtp.socket"
 SHIPPED_TWISTD = "/opt/saslsmtp/bin/twistd"
 
 
-def verify(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+def verify(tmp_path: Path, text: str, socket_text: str | None = None) -> subprocess.CompletedProcess:
     """``systemd-analyze verify`` of ``text`` installed as ``saslsmtp.service``, with the
-    twistd path pointing at this interpreter's twistd (verify checks the binary exists)."""
+    twistd path pointing at this interpreter's twistd (verify checks the binary exists),
+    and of ``socket_text`` installed beside it as ``saslsmtp.socket``."""
     analyze = require_binary("systemd-analyze", "systemd")
     twistd = Path(sys.executable).parent / "twistd"
     assert twistd.is_file(), f"{twistd} missing: twistd is installed with Twisted"
     unit = tmp_path / "saslsmtp.service"
     unit.write_text(text.replace(SHIPPED_TWISTD, str(twistd)))
-    return subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True,
+    units = [str(unit)]
+    if socket_text is not None:
+        (tmp_path / "saslsmtp.socket").write_text(socket_text)
+        units.insert(0, str(tmp_path / "saslsmtp.socket"))
+    return subprocess.run([analyze, "verify", "--man=no", *units], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
 
 
@@ -38,6 +46,34 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     result = verify(tmp_path, text)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_the_socket_unit_verifies_with_the_service(tmp_path: Path) -> None:
+    """saslsmtp.socket, and the service switched to it as its comments say."""
+    service = UNIT.read_text().replace("[Unit]\n", "[Unit]\nRequires=saslsmtp.socket\n"
+                                                  "After=saslsmtp.socket\n", 1)
+    result = verify(tmp_path, service, SOCKET.read_text())
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+    result = verify(tmp_path, service, SOCKET.read_text().replace("NoDelay=yes", "NoDelay=maybe"))
+    assert "saslsmtp.socket:" in result.stderr and "maybe" in result.stderr, result.stderr
+
+
+def test_the_socket_unit_passes_what_the_documented_listeners_name() -> None:
+    """The ``systemd:`` entries the units' comments (and docs/operations.md) give pick
+    one socket each of those saslsmtp.socket passes: its FileDescriptorName= and ports."""
+    lines = [line.strip() for line in SOCKET.read_text().splitlines()]
+    name = [line.split("=", 1)[1] for line in lines if line.startswith("FileDescriptorName=")]
+    ports = {int(line.split("=", 1)[1]) for line in lines if line.startswith("ListenStream=")}
+    assert ports == {587, 465}
+    for text in (UNIT.read_text(), SOCKET.read_text(),
+                 (ROOT / "docs" / "operations.md").read_text()):
+        listen = [line for line in text.splitlines() if "listen = [\"systemd:" in line]
+        assert listen, "no systemd: listen example"
+        entries = re.findall(r'"(systemd:[^"]+)"', listen[0])
+        wanted = [parse(entry).wanted() for entry in entries]
+        assert [(w.name, w.port) for w in wanted] == [(name[0], 587), (name[0], 465)], entries
+        assert [parse(entry).implicit_tls for entry in entries] == [False, True]
 
 
 def test_the_unit_starts_the_twistd_the_readme_installs() -> None:
