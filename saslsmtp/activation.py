@@ -111,6 +111,21 @@ def take(read: Callable[[], Mapping[str, str]] = launch_environment,
     return _TAKEN[pid]
 
 
+_HANDED_OVER: set[int] = set()  # pids whose passed sockets serve (their fds may be closed)
+
+
+def hand_over(getpid: Callable[[], int] = os.getpid) -> None:
+    """The passed sockets now serve: Twisted's adopting endpoint closes the fd it adopted,
+    so a later check (a reload) must not look at those numbers again."""
+    _HANDED_OVER.add(getpid())
+
+
+def unserved(getpid: Callable[[], int] = os.getpid) -> Passed | None:
+    """``take``'s sockets until they were handed over (``None`` after: a reload)."""
+    passed = take()
+    return None if getpid() in _HANDED_OVER else passed
+
+
 #: ``domain=`` values (Twisted's spelling: the family without ``AF_``).
 DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 

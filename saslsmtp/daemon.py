@@ -303,6 +303,7 @@ def activated_sockets(config: Config) -> dict[str, int]:
     matched = activation.match([spec.wanted() for spec in specs], passed)
     for description, message in matched.problems:
         raise SystemExit(f"saslsmtp: cannot listen on {description}: {message}")
+    activation.hand_over()
     return dict(matched.fds)
 
 

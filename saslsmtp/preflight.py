@@ -215,11 +215,11 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
 def check_activated(specs: list[Any], report: _Report) -> None:
     """The ``systemd:`` listeners against the sockets systemd passed, when it passed
     some: a start does the same.  Without (``--check`` run by hand or by ExecStartPre,
-    to which systemd passes none, and a reload) only their syntax is checked; a start
-    without them stops (``daemon.make_service``)."""
+    to which systemd passes none; a reload, whose sockets already serve) only their
+    syntax is checked; a start without them stops (``listeners.not_passed``)."""
     from saslsmtp import activation
     try:
-        passed = activation.take()
+        passed = activation.unserved()
     except activation.ActivationError as e:
         report.problem("server.listen", f"socket activation: {e}")
         return

@@ -85,6 +85,13 @@ def test_a_login_through_systemd_socket_activate(tmp_path: Path, workers: int) -
         for pid in workers_seen.values():
             assert listen_variables(pid) == [], f"worker {pid} saw the LISTEN_* variables"
         assert f"LISTEN_PID={proc.pid}" in listen_variables(proc.pid)  # systemd's, as a check
+        # a reload checks the configuration again, with the sockets taken at the start
+        proc.send_signal(signal.SIGHUP)
+        done = "reloaded " if workers == 1 else "reload: configuration valid"
+        wait_for(lambda: done in log.read_text() or "reload refused" in log.read_text(),
+                 what="the reload")
+        assert "reload refused" not in log.read_text() and "warning" not in log.read_text()
+        assert _smtplib_login(port, "alice", "wonderland", "PLAIN", False, 30) == LOGGED_IN
         proc.terminate()
         assert proc.wait(30) == 0, log.read_text()
         assert not [pid for pid in workers_seen.values() if alive(pid)]
