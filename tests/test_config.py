@@ -245,3 +245,15 @@ def test_a_new_section_plugs_in_with_one_line(tmp_path: Path, monkeypatch: pytes
     found = problems('[auth]\nbackends = ["u"]\n\n[auth.cache]\nsize = 0\n'
                      '[backends.u]\ntype = "file"\npath = "users"\n', tmp_path)
     assert found == [f"{tmp_path / 'c.toml'}:5: auth.cache.size: must be positive"]
+
+
+@pytest.mark.parametrize("listen", ["ssl:465", "haproxy:ssl:465", "systemd:name=smtps:ssl=yes",
+                                    "haproxy:systemd:port=465:ssl=yes"])
+def test_implicit_tls_needs_a_tls_section(tmp_path: Path, listen: str) -> None:
+    """``systemd:...:ssl=yes`` is implicit TLS as ``ssl:`` is: without [tls] the start
+    would fail at the first connection."""
+    (tmp_path / "u").write_text("alice:{PLAIN}pw\n")
+    found = problems(f'[server]\nlisten = ["{listen}"]\n[auth]\nrequire_tls = false\n'
+                     'backends = ["u"]\n[backends.u]\ntype = "file"\npath = "u"\n', tmp_path)
+    assert found == [f"{tmp_path / 'c.toml'}:2: server.listen: an ssl: endpoint (or"
+                     " systemd:...:ssl=yes) needs a [tls] section"]
