@@ -1,5 +1,5 @@
 """The operations keys of the configuration: ``[server]`` workers, worker_timeout, user,
-group, log_format, log_level, log_rotate_size, and the ``[metrics]`` table.
+group, log_format, log_level, log_rotate_size, control_socket, and the ``[metrics]`` table.
 
 No Twisted here.  ``parse_ops(server_table, metrics_table, problem)`` reads the raw TOML
 tables and reports each mistake through ``problem(dotted_key, message)``, so the main
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 #: The ``[server]`` keys read here (the main parser skips them).
 SERVER_KEYS = ("workers", "worker_timeout", "user", "group", "log_format", "log_level",
-               "log_rotate_size")
+               "log_rotate_size", "control_socket")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 MAX_WORKERS = 256
@@ -48,6 +48,7 @@ class OpsConfig:
     metrics: MetricsConfig | None = None
     log_rotate_size: int = LOG_ROTATE_SIZE  # bytes; 0: only on SIGUSR1
     worker_timeout: float = WORKER_TIMEOUT  # seconds; 0: a stuck worker is never replaced
+    control_socket: str | None = None  # where saslsmtp-ctl reaches the serving processes
 
     def worker_count(self, override: int | None = None, cpus: int | None = None) -> int:
         """Processes to run: ``override`` (``--workers``) wins; 0 means one per CPU."""
@@ -103,6 +104,12 @@ def parse_ops(server: Any, metrics: Any, problem: Problem) -> OpsConfig:
                     "must be a size in bytes (0: never by size, only on SIGUSR1)")
         else:
             values["log_rotate_size"] = rotate_size
+    control = server.get("control_socket")
+    if control is not None:
+        if not isinstance(control, str) or not control.startswith("/"):
+            problem("server.control_socket", "must be an absolute path for a UNIX socket")
+        else:
+            values["control_socket"] = control
     if metrics is not None:
         if not isinstance(metrics, dict):
             problem("metrics", "must be a table")

@@ -319,18 +319,29 @@ def check_paths(config: Config, who: RunAs, report: _Report) -> None:
 
 
 def check_control_socket(config: Config, who: RunAs, workers: int, report: _Report) -> None:
-    """``[auth.cache] control_socket`` can be bound by ``who``: its folder exists and is
+    """``[server] control_socket`` can be bound by ``who``: its folder exists and is
     writable (the lock file is made beside it), the path (``<path>.<slot>`` with
-    workers) fits in a socket address, and nothing but a socket is there already."""
-    path = config.section("auth.cache").control_socket
-    if not path:
+    workers) fits in a socket address, and nothing but a socket is there already.  The
+    older ``[auth.cache] control_socket`` still works, with a warning; both set is a
+    problem (which one would the command ask?)."""
+    from saslsmtp.control import control_setting
+    old = config.section("auth.cache").control_socket
+    setting = control_setting(config)
+    if setting is None:
         return
-    key = "auth.cache.control_socket"
+    path, key = setting
+    if old and key != "auth.cache.control_socket":
+        report.problem("auth.cache.control_socket", "is replaced by [server] control_socket,"
+                       " which is set too: remove this one")
+        return
+    if old:
+        report.warn(key, "is deprecated: move it to [server] control_socket (the same socket,"
+                    " which also serves saslsmtp-ctl who and kick)")
     longest = path if workers <= 1 else f"{path}.{workers - 1}"
     size = len(os.fsencode(longest))
     if size > UNIX_PATH_MAX:
         report.problem(key, f"{longest} is {size} bytes long; a UNIX socket path can have at"
-                       f" most {UNIX_PATH_MAX}: choose a shorter one (e.g. /run/saslsmtp/cache.sock)")
+                       f" most {UNIX_PATH_MAX}: choose a shorter one (e.g. /run/saslsmtp/control.sock)")
         return
     folder = Path(path).parent
     if not folder.is_dir():

@@ -104,6 +104,7 @@ REPLIES: dict[str, SMTPReply] = {
     "starttls_args": SMTPReply(501, "5.5.4", "Syntax: STARTTLS", "RFC 3207"),
     "timeout": SMTPReply(421, "4.4.2", "Timeout exceeded, closing connection", "RFC 3463"),
     "shutting_down": SMTPReply(421, "4.3.2", "Service shutting down, closing connection", "RFC 3463"),
+    "kicked": SMTPReply(421, "4.7.0", "Session closed by the administrator, closing connection", "RFC 3463"),
     # Onward delivery and sender policy (saslsmtp.relay, saslsmtp.senders)
     "sender_not_owned": SMTPReply(553, "5.7.1", "Sender address rejected: not owned by user", "RFC 3463"),
     "upstream_unavailable": SMTPReply(451, "4.4.1", "Upstream server unavailable, try again later", "RFC 3463"),

@@ -93,10 +93,10 @@ class MeteredFactory(SubmissionFactory):
                                onTimeoutCancel=lambda *_: None).addBoth(stop_sweeping)
 
     def opened(self, p: Any, listener: str) -> None:
-        """``p`` was built for a connection accepted on ``listener``."""
+        """``p`` was built for a connection accepted on ``listener`` (``who`` shows it)."""
+        self.listener_of[p] = listener
         if self.metrics is not None:
             self.metrics.connection_opened(listener)
-            self.listener_of[p] = listener
 
     def forget(self, p: Any) -> None:
         listener = self.listener_of.pop(p, None)
@@ -266,7 +266,7 @@ class Reloader:
 
     #: Keys a reload cannot change (the sockets and processes exist already).
     RESTART_ONLY = ("server.listen", "server.workers", "server.worker_timeout", "server.user",
-                    "server.group", "metrics.listen")
+                    "server.group", "server.control_socket", "metrics.listen")
 
     def __init__(self, path: str, factory: SubmissionFactory, reactor: Any,
                  metrics: Metrics | None = None,
@@ -360,6 +360,10 @@ def restart_only_changes(running: Config, new: Config) -> list[str]:
     for key in ("workers", "worker_timeout", "user", "group"):
         if getattr(running.ops, key) != getattr(new.ops, key):
             changed.append(f"server.{key}")
+    from saslsmtp.control import control_setting
+    before, after = control_setting(running), control_setting(new)
+    if (before and before[0]) != (after and after[0]):
+        changed.append(after[1] if after else before[1] if before else "server.control_socket")
     if running.ops.metrics != new.ops.metrics:
         changed.append("metrics.listen")
     return changed
@@ -399,7 +403,7 @@ class ReloadableService(SaslSmtpService):
         self.expiry_watch = ExpiryWatch(lambda: served(self.factory.wiring), reactor)
         self.watch_certificate = True  # a worker other than the first leaves it to that one
         self._restore_sighup: Callable[[], None] | None = None
-        self.control_suffix = ""  # a worker's auth cache control socket: <path>.<slot>
+        self.control_suffix = ""  # a worker's control socket: <path>.<slot>
 
     def publish_certificate(self, wiring: Wiring) -> None:
         """``saslsmtp_tls_certificate_expiry_timestamp_seconds`` for what ``wiring`` serves."""
@@ -413,7 +417,7 @@ class ReloadableService(SaslSmtpService):
             self.metrics.tls_certificate(path, certificate.not_valid_after_utc.timestamp())
 
     def startService(self) -> None:
-        from saslsmtp.cachectl import CONTROL_NAME, control_service
+        from saslsmtp.control import CONTROL_NAME, control_service
         control = control_service(self.reactor, self.factory, self.reloader, self.control_suffix)
         if control is not None and self.namedServices.get(CONTROL_NAME) is None:
             control.setName(CONTROL_NAME)

@@ -20,6 +20,7 @@ from twisted.internet import threads
 from twisted.web.server import NOT_DONE_YET
 
 from saslsmtp import cachectl
+from saslsmtp import control as control_module
 from saslsmtp.cachectl import entries
 from tests.limitsnet import auth_plain
 from tests.support import ROOT, free_port, workers_daemon, write_config
@@ -120,12 +121,14 @@ USERS_FILE = '[backends.users]\ntype = "file"\npath = "users"\n'
 
 
 def test_without_a_control_socket_the_command_says_how_to_get_one(tmp_path: Path) -> None:
-    """No ``control_socket`` in ``[auth.cache]``: exit 78 and a line saying what to set."""
+    """No control socket configured: exit 78 and a line saying what to set."""
     (tmp_path / "users").write_text("alice:{PLAIN}x\n")
     config = write_config(tmp_path, USERS_FILE, extra="[auth.cache]\nttl = 300\n")
     out, err = io.StringIO(), io.StringIO()
     assert cachectl.main(["--config", str(config), "flush"], stdout=out, stderr=err) == 78
-    assert "sets no [auth.cache] control_socket" in err.getvalue()
+    assert err.getvalue() == (f"saslsmtp-cache: {config} sets no [server] control_socket, so a"
+                              " running server cannot be reached (SIGHUP empties the whole"
+                              " cache)\n")
     assert out.getvalue() == ""
 
 
@@ -160,7 +163,7 @@ def test_a_server_that_does_not_answer_is_not_called_absent(tmp_path: Path,
     import socket
     control = tmp_path / "cache.sock"
     config = cache_config(tmp_path, control)
-    monkeypatch.setattr(cachectl, "TIMEOUT", 0.2)
+    monkeypatch.setattr(control_module, "TIMEOUT", 0.2)
     with socket.socket(socket.AF_UNIX) as stuck:
         stuck.bind(str(control))
         stuck.listen()
@@ -201,7 +204,7 @@ def test_a_user_that_cannot_be_sent_is_a_usage_error(tmp_path: Path, user: str, 
     import threading
     control = tmp_path / "cache.sock"
     config = cache_config(tmp_path, control)
-    monkeypatch.setattr(cachectl, "TIMEOUT", 0.5)  # the old code waited for an answer
+    monkeypatch.setattr(control_module, "TIMEOUT", 0.5)  # the old code waited for an answer
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(control))
         server.listen()
