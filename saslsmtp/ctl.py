@@ -74,16 +74,15 @@ class Reach:
         not).  ``nothing``: what did not happen, for the line saying so."""
         answers = ask_all(self.path, line)
         done = [a for a in answers if a.reply is not None]
-        missed = False
-        for answer in answers:
-            if answer.reply is None and answer.errno not in GONE:
-                missed = True
-                self.say(f"{answer.path}: {answer.problem}")
-        if done:
-            return done, EX_TEMPFAIL if missed else EX_OK
-        if any(a.errno in (errno.EACCES, errno.EPERM) for a in answers):
+        denied = [a for a in answers if a.errno in (errno.EACCES, errno.EPERM)]
+        if not done and denied:  # one line: every socket says the same
             self.say("permission denied: run as root or as the server's user")
             return [], EX_NOPERM
+        missed = [a for a in answers if a.reply is None and a.errno not in GONE]
+        for answer in missed:
+            self.say(f"{answer.path}: {answer.problem}")
+        if done:
+            return done, EX_TEMPFAIL if missed else EX_OK
         if any(a.reached for a in answers):  # running, but busy or stuck: not "not running"
             self.say(f"the server did not answer ({nothing}); try again")
             return [], EX_TEMPFAIL
