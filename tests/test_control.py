@@ -381,3 +381,56 @@ def test_permission_denied_is_exit_77_and_one_line() -> None:
             os.waitpid(child, 0)
     assert (status, out, err) == (77, "", "saslsmtp-ctl: permission denied: run as root or as"
                                           " the server's user\n")
+
+
+class SlowMessage:
+    """A message whose storage answers when the test says so (``done``)."""
+
+    def __init__(self, store: list[bytes], done: list[Any]) -> None:
+        self.store = store
+        self.done = done
+        self.lines: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def eomReceived(self) -> Any:
+        from twisted.internet import defer
+        d: Any = defer.Deferred()
+        d.addCallback(lambda _: self.store.append(b"\r\n".join(self.lines)))
+        self.done.append(d)
+        return d
+
+    def connectionLost(self) -> None:
+        self.lines = []
+
+
+def test_a_kick_while_the_message_is_being_stored_answers_it_first() -> None:
+    """The final dot was read and the message is being stored: the message is complete,
+    so its 250 is sent once stored, then the 421 (the client learns its message went
+    through and is not tempted to send it again)."""
+    from saslsmtp.testing import MemoryRealm
+
+    done: list[Any] = []
+
+    class Realm(MemoryRealm):
+        def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, ...]:
+            interface, delivery, logout = super().requestAvatar(avatarId, mind, *interfaces)
+            delivery.validateTo = lambda user: lambda: SlowMessage(self.messages, done)
+            return interface, delivery, logout
+
+    alice = SMTPHarness(users=PASSWORDS, realm=Realm())
+    assert alice.login("alice", PASSWORDS["alice"]).startswith(b"235")
+    protocol, transport = control(Factory(alice))
+    alice.send(b"MAIL FROM:<alice@example.test>\r\n")
+    alice.send(b"RCPT TO:<bob@example.test>\r\n")
+    assert alice.send(b"DATA\r\n").startswith(b"354")
+    assert alice.send(b"Subject: late\r\n\r\nbody\r\n.\r\n") == b""  # being stored
+    assert ask(protocol, transport, b"kick user alice") == b"ok 1 0\n"
+    assert alice.take() == b"" and not alice.transport.disconnecting
+    assert len(done) == 1
+    done[0].callback(None)
+    answer = alice.take()
+    assert answer.startswith(b"250 ") and answer.endswith(b"\r\n" + KICKED)
+    assert answer.count(b"\r\n") == 2
+    assert alice.transport.disconnecting and len(alice.realm.messages) == 1
