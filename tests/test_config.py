@@ -88,7 +88,7 @@ def test_nan_and_inf_are_no_number_of_seconds(tmp_path: Path) -> None:
 def test_the_unknown_key_hint_names_every_server_key(tmp_path: Path) -> None:
     """``worker = 2`` is pointed to ``workers``, which [server] also takes."""
     found = problems('[server]\nworker = 2\n', tmp_path)
-    assert any("server.worker: unknown key (known: group, hostname," in p and " workers)" in p
+    assert any("server.worker: unknown key (known: control_socket, group, hostname," in p and " workers)" in p
                for p in found), found
 
 

@@ -219,3 +219,17 @@ def test_the_old_auth_cache_key_still_works_with_a_warning(tmp_path: Path) -> No
     assert both.returncode == 1
     assert "auth.cache.control_socket: is replaced by [server] control_socket, which is set" \
            " too: remove this one" in both.stderr
+
+
+def test_an_unusable_server_control_socket_fails_check(tmp_path: Path) -> None:
+    """``[server] control_socket`` in a folder that does not exist: ``--check`` names the
+    key, its line and the folder, and exits 1."""
+    config, _ = alice_config(tmp_path, 'control_socket = "/nonexistent/dir/control.sock"\n')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(twistd_command(config, "--check"), capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path, env=env)
+    assert out.returncode == 1
+    assert (f"{config.name}:2: server.control_socket: cannot create"
+            " /nonexistent/dir/control.sock: the folder /nonexistent/dir does not exist") \
+        in out.stderr
+    assert "Traceback" not in out.stderr

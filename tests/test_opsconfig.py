@@ -70,3 +70,30 @@ def test_worker_timeout() -> None:
             parse_config(f'[server]\nworker_timeout = {wrong}\n' + BASE, "f.toml")
         assert ("f.toml:2: server.worker_timeout: must be a number of seconds, at least 1"
                 " (0: never replace a stuck worker)") in str(e.value)
+
+
+def test_the_control_socket_is_an_absolute_path() -> None:
+    """``[server] control_socket``: off by default, an absolute path when set; a relative
+    one (it would depend on the folder the command runs in) is a problem."""
+    assert parse_config(BASE).ops.control_socket is None
+    ops = parse_config('[server]\ncontrol_socket = "/run/saslsmtp/control.sock"\n' + BASE).ops
+    assert ops.control_socket == "/run/saslsmtp/control.sock"
+    for value in ('"control.sock"', "1"):
+        with pytest.raises(ConfigError) as e:
+            parse_config(f'[server]\ncontrol_socket = {value}\n' + BASE, "f.toml")
+        assert "f.toml:2: server.control_socket: must be an absolute path for a UNIX socket" \
+            in str(e.value)
+
+
+def test_a_changed_control_socket_waits_for_a_restart() -> None:
+    """A reload warns about a control socket that changed (the sockets are bound), not
+    about the same path moved from ``[auth.cache]`` to ``[server]``."""
+    from saslsmtp.serving import restart_only_changes
+    old = parse_config('[auth.cache]\ncontrol_socket = "/run/s/a.sock"\n' + BASE)
+    moved = parse_config('[server]\ncontrol_socket = "/run/s/a.sock"\n' + BASE)
+    other = parse_config('[server]\ncontrol_socket = "/run/s/b.sock"\n' + BASE)
+    none = parse_config(BASE)
+    assert restart_only_changes(old, moved) == []
+    assert restart_only_changes(moved, other) == ["server.control_socket"]
+    assert restart_only_changes(none, other) == ["server.control_socket"]
+    assert restart_only_changes(other, none) == ["server.control_socket"]
