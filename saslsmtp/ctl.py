@@ -107,11 +107,18 @@ def sessions_of(answers: list[Answer], reach: Reach) -> tuple[list[SessionInfo],
 COLUMNS = ("PID", "CLIENT", "LISTENER", "USER", "MECHANISM", "TLS", "SINCE", "MESSAGES")
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal shows it harmlessly: a login name is the client's choice
+    (a backend accepted it), so control characters and spaces are escaped."""
+    return text if text.isprintable() and " " not in text else \
+        text.encode("unicode_escape", "backslashreplace").decode("ascii").replace(" ", "\\x20")
+
+
 def table(infos: list[SessionInfo]) -> str:
     """The human listing: one line per session under a header, columns aligned."""
-    rows = [COLUMNS] + [(str(i.pid), i.address, i.listener or "-", i.user or "-",
-                         i.mechanism or "-", i.tls or "-", i.since_text, str(i.messages))
-                        for i in infos]
+    rows = [COLUMNS] + [tuple(printable(cell) for cell in (
+        str(i.pid), i.address, i.listener or "-", i.user or "-", i.mechanism or "-",
+        i.tls or "-", i.since_text, str(i.messages))) for i in infos]
     widths = [max(len(row[k]) for row in rows) for k in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                      for row in rows)

@@ -434,3 +434,15 @@ def test_a_kick_while_the_message_is_being_stored_answers_it_first() -> None:
     assert answer.startswith(b"250 ") and answer.endswith(b"\r\n" + KICKED)
     assert answer.count(b"\r\n") == 2
     assert alice.transport.disconnecting and len(alice.realm.messages) == 1
+
+
+def test_the_table_escapes_what_a_client_chose() -> None:
+    """A login name is the client's (a backend accepted it): control characters and
+    spaces are shown escaped, never sent to the terminal; other scripts are shown."""
+    info = SessionInfo(7, "192.0.2.1", 25, "tcp:587", "evil\x1b]0;owned\x07 x", "PLAIN", None,
+                       0.0, 0)
+    row = ctl.table([info, SessionInfo(8, "192.0.2.2", 26, "tcp:587", "jörg", "PLAIN", None,
+                                       0.0, 0)]).splitlines()
+    assert row[1].split()[3] == "evil\\x1b]0;owned\\x07\\x20x"
+    assert row[2].split()[3] == "jörg"
+    assert "\x1b" not in "".join(row)

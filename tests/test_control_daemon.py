@@ -233,3 +233,26 @@ def test_an_unusable_server_control_socket_fails_check(tmp_path: Path) -> None:
             " /nonexistent/dir/control.sock: the folder /nonexistent/dir does not exist") \
         in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_who_shows_the_real_client_behind_haproxy(tmp_path: Path) -> None:
+    """A ``haproxy:`` listener: ``who`` shows the address and port the PROXY header
+    names, and ``kick --client`` matches it, not the proxy's own."""
+    import socket
+    config, port = alice_config(tmp_path, f'control_socket = "{tmp_path / "control.sock"}"\n')
+    config.write_text(config.read_text().replace('listen = ["tcp:', 'listen = ["haproxy:tcp:', 1))
+    log = tmp_path / "daemon.log"
+    with workers_daemon(config, log, 1) as proc:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 40112 587\r\n")
+            assert s.recv(100).startswith(b"220")
+            listed = who(config)
+            assert [(i["client"], i["port"], i["listener"]) for i in listed] == [
+                ("203.0.113.7", 40112, f"haproxy:tcp:{port}:interface=127.0.0.1")]
+            assert run_ctl(config, "kick", "--client", "127.0.0.1").stdout == (
+                "kicked client 127.0.0.1: 0 sessions closed in 1 process\n")
+            assert run_ctl(config, "kick", "--client", "203.0.113.0/24").stdout == (
+                "kicked client 203.0.113.0/24: 1 session closed in 1 process\n")
+            assert s.recv(200) == b"421 4.7.0 Session closed by the administrator, closing connection\r\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
