@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if multiprocess_enabled():
             metrics = Metrics(None)
         service = build_worker_service(args.config, args.listener, reactor, metrics)
-        service.control_suffix = f".{args.slot}"  # its own auth cache control socket
+        service.control_suffix = f".{args.slot}"  # its own control socket
         service.watch_certificate = args.slot == 0  # one daily expiry warning, not one per worker
     except ConfigError as e:
         for problem in e.problems:

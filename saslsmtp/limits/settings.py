@@ -91,7 +91,7 @@ class AuthCacheSettings:
     negative_ttl: float = 0.0
     size: int = 100000
     stale_if_error: float = 0.0
-    control_socket: str | None = None  # where saslsmtp-cache reaches a running server
+    control_socket: str | None = None  # deprecated: [server] control_socket (same socket)
 
     @property
     def enabled(self) -> bool:
