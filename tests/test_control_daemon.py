@@ -150,7 +150,8 @@ def test_who_and_kick_across_two_workers(tmp_path: Path,
         assert bob1.sendmail("bob@example.test", ["someone@example.test"],
                              b"Subject: fine\r\n\r\nfrom bob\r\n") == {}
         assert [m.count(b"from bob") for m in maildir(tmp_path, "new")] == [1]
-        assert sorted(s["user"] or "-" for s in who(config)) == ["-", "bob", "bob"]
+        assert sorted((s["user"] or "-", s["messages"]) for s in who(config)) == [
+            ("-", 0), ("bob", 0), ("bob", 1)]
 
         # a kick is no ban: alice may log in again (the password is checked anew)
         again = steer.open(1, "alice")
@@ -254,5 +255,35 @@ def test_who_shows_the_real_client_behind_haproxy(tmp_path: Path) -> None:
             assert run_ctl(config, "kick", "--client", "203.0.113.0/24").stdout == (
                 "kicked client 203.0.113.0/24: 1 session closed in 1 process\n")
             assert s.recv(200) == b"421 4.7.0 Session closed by the administrator, closing connection\r\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
+def test_who_shows_the_tls_version(tmp_path: Path) -> None:
+    """A session after STARTTLS shows its protocol version; a plaintext one shows none."""
+    import ssl
+    from tests.test_reload import write_cert
+    certificate, key = write_cert(tmp_path, 1)
+    (tmp_path / "users").write_text("alice:{PLAIN}wonderland\n")
+    port = free_port()
+    config = write_config(tmp_path, f'[backends.users]\ntype = "file"\npath = "{tmp_path / "users"}"\n',
+                          mechanisms=["PLAIN"], listen=[f"tcp:{port}:interface=127.0.0.1"],
+                          tls=(str(certificate), str(key)))
+    config.write_text(config.read_text().replace(
+        "[server]\n", f'[server]\ncontrol_socket = "{tmp_path / "control.sock"}"\n', 1))
+    log = tmp_path / "daemon.log"
+    context = ssl.create_default_context(cafile=str(certificate))
+    context.check_hostname = False
+    with workers_daemon(config, log, 1) as proc:
+        secure, plain = smtplib.SMTP("127.0.0.1", port, timeout=10), smtplib.SMTP("127.0.0.1", port, timeout=10)
+        try:
+            secure.starttls(context=context)
+            secure.login("alice", "wonderland")
+            plain.ehlo()
+            listed = sorted((s["tls"] or "-", s["user"] or "-") for s in who(config))
+            assert listed == [("-", "-"), (secure.sock.version(), "alice")]
+        finally:
+            secure.close()
+            plain.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
