@@ -88,6 +88,12 @@ class SessionEvents:
             log.info("AUTH {mechanism} {result} ip={ip}", mechanism=mechanism, result=result,
                      ip=client or "-")
 
+    def login_forgotten(self) -> None:
+        """STARTTLS made the server forget the login (RFC 3207 4.2): the session-end line
+        names only a login that still held when the session ended (the ``auth succeeded``
+        line keeps the record of the one before TLS)."""
+        self.user = self.mechanism = None
+
     def tls_established(self, transport: Any) -> None:
         """The TLS handshake completed (STARTTLS or an ``ssl:`` listener)."""
         self.tls = tls_version(transport) or "TLS"

@@ -428,6 +428,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.transaction.reset()
         if self.authenticated:
             self.guards.login_forgotten(self.settings.require_auth)
+            self.events.login_forgotten()
         self._forget_login()
 
     def do_AUTH(self, arg: bytes) -> None:

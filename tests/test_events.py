@@ -86,3 +86,23 @@ def test_the_null_objects_do_nothing(monkeypatch) -> None:
     from saslsmtp.metrics import Metrics
     public = {n for n in vars(Metrics) if not n.startswith("_")}
     assert public <= set(vars(type(NO_METRICS)))
+
+
+def test_the_end_line_names_no_login_that_starttls_made_the_server_forget(monkeypatch) -> None:
+    """AUTH in plain text, then STARTTLS: RFC 3207 4.2 makes the server forget the login
+    (MAIL gets 530), so the session-end line must not name it; a login made again inside
+    TLS is the one named."""
+    from saslsmtp.testing import SMTPHarness
+    lines = captured(monkeypatch)
+    for again, named in ((False, "user=- mechanism=-"), (True, "user=bob mechanism=PLAIN")):
+        h = SMTPHarness(users={"alice": "wonderland", "bob": "builder"}, starttls=True)
+        h.protocol.events = SessionEvents(NO_METRICS, Clock())
+        assert h.login("alice", "wonderland") == b"235 2.7.0 Authentication successful\r\n"
+        assert h.send(b"STARTTLS\r\n") == b"220 2.0.0 Ready to start TLS\r\n"
+        h.send(b"EHLO client.example\r\n")
+        if again:
+            assert h.login("bob", "builder") == b"235 2.7.0 Authentication successful\r\n"
+        else:
+            assert h.send(b"MAIL FROM:<alice@example.test>\r\n").startswith(b"530 5.7.0 ")
+        h.close()
+        assert lines.pop().startswith(f"session end client=192.0.2.10 {named} tls=")
