@@ -157,6 +157,26 @@ async def test_nologin_answers_like_a_wrong_password_unless_it_has_a_reason(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reason_has_dovecots_variables_filled_in(tmp_path: Path) -> None:
+    """Dovecot expands %-variables in extra fields, so a file it shares says
+    ``reason=%u_moved`` or ``100%%``: the client reads the text Dovecot's clients read,
+    for PLAIN (the checker) and the secret mechanisms (the lookup) alike.  An unknown
+    variable is a load warning and the reason is shown as written."""
+    checker = users_file(tmp_path, f"bob@example.org:{{PLAIN}}{SECRET}::::::nologin"
+                                   " reason=%n_of_%{domain}:_mailbox_100%%_full,_from_%r\n"
+                                   f"ann:{{PLAIN}}{SECRET}::::::nologin reason=50%_off\n")
+    told = Reject("bob_of_example.org:_mailbox_100%_full,_from_192.0.2.10", 525, "5.7.13")
+    assert await verdict(checker, "bob@example.org", SECRET) == told
+    secret = await checker.lookup_secret("bob@example.org", ("plaintext",),
+                                         Session(remote_ip="192.0.2.10"))
+    assert secret.refusal.reply == told
+    assert await verdict(checker, "ann", SECRET) == Reject("50%_off", 525, "5.7.13")
+    parsed = parse_users((tmp_path / "users").read_bytes())
+    assert parsed.warnings == ((2, "user 'ann': reason: unknown variable %_ (known: %u, %n, %d,"
+                                   " %s, %r, %l; write %% for a %); it is shown as written"),)
+
+
+@pytest_twisted.ensureDeferred
 async def test_allow_nets_refuses_other_clients_like_a_wrong_password(
         tmp_path: Path, captured_logs: list) -> None:
     checker = users_file(tmp_path, f"a:{{PLAIN}}{SECRET}::::::allow_nets=192.0.2.0/24,2001:db8::/32\n"
@@ -439,3 +459,16 @@ async def test_daemon_challenge_mechanisms_apply_the_extra_fields(challenge_daem
     assert "user 'bob' refused: nologin (SCRAM-SHA-256)" in log
     assert "user 'printer' cannot log in with this mechanism" in log
     assert SECRET not in log
+
+
+def test_reason_templates_parse_as_dovecot_writes_them() -> None:
+    """Short and long names, ``%%``, a name without a domain; a ``%`` at the end, an
+    unclosed ``%{`` and a modifier are unknown variables."""
+    from saslsmtp.checkers.fieldvars import FieldTemplate
+    expand = FieldTemplate.parse("%{user}|%u|%n|%d|%{service}|%l|%%u").expand
+    assert expand("bob", "192.0.2.1", "198.51.100.2") == "bob|bob|bob||smtp|198.51.100.2|%u"
+    assert FieldTemplate.parse("no variables").expand("x") == "no variables"
+    for bad, named in (("100%", "a % at the end"), ("%{user", "'%{' without '}'"),
+                       ("%Lu", "%L"), ("%{home}", "%{home}")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            FieldTemplate.parse(bad)

@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from saslsmtp import libcrypt, passwords
+from saslsmtp.checkers.fieldvars import FieldTemplate
 from saslsmtp.checkers.secrets import ISecretSource
 from saslsmtp.credentials import AvatarId
 from saslsmtp.errors import AuthRejected, TemporaryFailure, UnknownUser
@@ -186,6 +187,15 @@ def _access(fields: dict[str, str]) -> Access:
                   uncheckable=tuple(sorted(UNCHECKABLE_FIELDS & fields.keys())))
 
 
+def _reason_text(reason: str, user: str, remote_ip: str, local_ip: str) -> str:
+    """``reason`` with Dovecot's variables filled in; as written when one is unknown
+    (a load warning said so)."""
+    try:
+        return FieldTemplate.parse(reason).expand(user, remote_ip, local_ip)
+    except ValueError:
+        return reason
+
+
 def _empty_password(secret: str) -> bool:
     """An empty password field, or a ``{SCHEME}`` with no data (what ``nopassword`` wants)."""
     return not secret or (secret.startswith("{") and secret.endswith("}") and "}" not in secret[:-1])
@@ -236,6 +246,11 @@ def parse_users(data: bytes, default_scheme: str = "CRYPT") -> ParsedUsers:
         if user in users:
             problems.append((number, f"duplicate user (first defined on line {users[user].line})"))
             continue
+        if access.reason:
+            try:
+                FieldTemplate.parse(access.reason)  # Dovecot's %u, %%...: filled in at the refusal
+            except ValueError as e:
+                warnings.append((number, f"user {user!r}: reason: {e}; it is shown as written"))
         if access.nopassword:
             warnings.append((number, f"user {user!r} logs in with any password (nopassword)"
                                      " from allow_nets"))
@@ -442,7 +457,7 @@ class FileChecker:
                 raise UnauthorizedLogin("wrong password")
             if entry.access.restricted:
                 session = getattr(credentials, "session", None)
-                refusal = self._refusal(entry, getattr(session, "remote_ip", "") or "")
+                refusal = self._refusal(entry, session)
                 if refusal is not None:
                     log.info("{why}", why=refusal.why, file=self.path, line=entry.line,
                              user=entry.username)
@@ -471,12 +486,14 @@ class FileChecker:
         decided: Deferred[AvatarId] = d.addCallback(decide)
         return decided.addErrback(trouble)
 
-    def _refusal(self, entry: UserEntry, remote_ip: str) -> Refusal | None:
-        """What the extra fields say to ``entry``'s right password from ``remote_ip``
-        (``None``: nothing; ``""``: no IP address): refused logins answer like a wrong
-        password (535 5.7.8), except ``nologin`` with a ``reason``, which the user is meant
-        to read (525 5.7.13 User Account Disabled, with the reason)."""
+    def _refusal(self, entry: UserEntry, session: Session | None) -> Refusal | None:
+        """What the extra fields say to ``entry``'s right password from ``session``'s
+        client (no session or no IP address: ``local``): refused logins answer like a
+        wrong password (535 5.7.8), except ``nologin`` with a ``reason``, which the user is
+        meant to read (525 5.7.13 User Account Disabled, with the reason, its Dovecot
+        variables filled in)."""
         access = entry.access
+        remote_ip = getattr(session, "remote_ip", "") or ""
         if access.uncheckable:
             why = f"{', '.join(access.uncheckable)} cannot be checked here"
         elif access.nologin:
@@ -487,7 +504,9 @@ class FileChecker:
             return None
         reply = WRONG_PASSWORD
         if access.nologin and access.reason and not access.uncheckable:
-            reply = Reject(access.reason, code=525, enhanced="5.7.13")
+            reason = _reason_text(access.reason, entry.username, remote_ip,
+                                  getattr(session, "local_ip", "") or "")
+            reply = Reject(reason, code=525, enhanced="5.7.13")
         return Refusal(reply, f"{self.path}:{entry.line}: user {entry.username!r} refused: {why}")
 
     def cache_scope(self, credentials: IUsernamePassword) -> object:
@@ -533,7 +552,7 @@ class FileChecker:
             return succeed(None)
         refusal = None
         if entry.access.restricted:
-            refusal = self._refusal(entry, getattr(session, "remote_ip", "") or "")
+            refusal = self._refusal(entry, session)
         available = self._secrets.get(username)
         if available is None:  # decoded once per user and file version (SCRAM: base64)
             available = self._secrets[username] = passwords.stored_secrets(entry.password)
