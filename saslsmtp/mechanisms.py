@@ -9,7 +9,7 @@ Add a mechanism: write a sans-I/O state machine in ``saslsmtp/sasl/`` with a ``S
 from __future__ import annotations
 
 import importlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 from saslsmtp.sasl import scram
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -24,16 +24,18 @@ BUILTIN_MODULES = (
 )
 
 
-def builtin_mechanisms(configured: Iterable[str] | None = None) -> dict[str, MechanismSpec]:
+def builtin_mechanisms(configured: Iterable[str] | None = None,
+                       salt_key: Callable[[], bytes | None] | None = None) -> dict[str, MechanismSpec]:
     """Every mechanism the server implements itself.  With ``configured``, the SCRAM
-    specs know whether their ``-PLUS`` sibling is offered (the ``y`` downgrade check)."""
+    specs know whether their ``-PLUS`` sibling is offered (the ``y`` downgrade check) and
+    derive salts with ``salt_key`` (the users file's: ``FileChecker.salt_key``)."""
     specs: dict[str, MechanismSpec] = {}
     for name in BUILTIN_MODULES:
         module = importlib.import_module(name)
         for spec in getattr(module, "SPECS", ()) or (module.SPEC,):
             specs[spec.name] = spec
     if configured is not None:
-        specs.update(scram.specs_for(configured))
+        specs.update(scram.specs_for(configured, salt_key))
     return specs
 
 

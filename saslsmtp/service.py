@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from saslsmtp.auth import PasswordScript, Resolver, no_resolver
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
+from saslsmtp.checkers.file import salt_key_source
 from saslsmtp.checkers.registry import BackendDeps, build_checker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import (Config, ConfigError, ConfigProblem, DeliveryConfig, file_key_line,
@@ -131,7 +132,8 @@ def wire(config: Config, reactor: Any) -> Wiring:
                  " (use a redis:// store to share them)", n=config.ops.worker_count(None))
     checkers = build_checkers(config, BackendDeps(reactor, hash_runner, make_runner))
     realm, upstream = delivery_realm(config, reactor, make_runner)
-    builtins = builtin_mechanisms(config.auth.mechanisms)
+    builtins = builtin_mechanisms(config.auth.mechanisms, salt_key_source(
+        checkers[name] for name in config.auth.backends))  # SCRAM salts: one key everywhere
     mechanisms = {name: spec for name, spec in builtins.items() if name in config.auth.mechanisms}
     password_checker: ICredentialsChecker = controls.wrap_checker(BackendChain(
         [(name, checkers[name]) for name in config.auth.backends]),

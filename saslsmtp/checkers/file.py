@@ -40,6 +40,7 @@ exactly, as Dovecot does by default.  uid, gid, gecos, home and shell are not us
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from collections import Counter
@@ -194,6 +195,22 @@ def _reason_text(reason: str, user: str, remote_ip: str, local_ip: str) -> str:
         return FieldTemplate.parse(reason).expand(user, remote_ip, local_ip)
     except ValueError:
         return reason
+
+
+def _has_password(users: Mapping[str, UserEntry]) -> bool:
+    return any(entry.password is not None for entry in users.values())
+
+
+def salt_key_of(stored: StoredPassword) -> bytes:
+    """``FileChecker.salt_key`` made from ``stored`` (the dummy's password)."""
+    return hashlib.sha256(b"saslsmtp scram salt key\0" + stored.scheme.encode("utf-8")
+                          + b"\0" + stored.raw).digest()
+
+
+def salt_key_source(checkers: Iterable[Any]) -> Callable[[], bytes | None] | None:
+    """The first users file's ``salt_key`` among ``checkers`` (for ``builtin_mechanisms``),
+    or ``None``."""
+    return next((c.salt_key for c in checkers if isinstance(c, FileChecker)), None)
 
 
 def _empty_password(secret: str) -> bool:
@@ -376,6 +393,7 @@ class FileChecker:
         self._users: Mapping[str, UserEntry] = {}
         self._secrets: dict[str, Mapping[str, object]] = {}  # per user, until the file changes
         self._dummy = passwords.parse_password(FALLBACK_DUMMY)
+        self._salt_key: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<FileChecker {self.name} path={self.path!r}>"
@@ -412,10 +430,22 @@ class FileChecker:
         self._users = parsed.users
         self._secrets = {}
         self._dummy = pick_dummy(parsed.users)
+        self._salt_key = salt_key_of(self._dummy) if _has_password(parsed.users) else None
         self._signature = signature
         log.info("backend {name}: loaded {count} users from {file}", name=self.name,
                  count=len(parsed.users), file=self.path)
         return self._users
+
+    def salt_key(self) -> bytes | None:
+        """The key SCRAM derives salts with (an unknown user's, a ``{PLAIN}`` entry's),
+        ``None`` until the file was read or when no line has a password.  Made from the
+        stored password an unknown user is checked against: every worker and the server
+        after a restart derive the same salts, and nobody without the file can compute
+        them (a per-process key let an unknown user's salt change from one connection to
+        the next while a stored SCRAM verifier's stayed: a way to tell them apart).
+        It changes only when that line's password does.  No I/O: read after the lookup,
+        maybe in a thread."""
+        return self._salt_key
 
     def generation(self) -> object:
         """What the file's verdicts depend on, for the auth cache: the signature of the

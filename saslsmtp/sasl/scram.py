@@ -73,7 +73,10 @@ _CB_NAME = re.compile(r"[A-Za-z0-9.\-]+")
 _NONCE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 _ATTR = re.compile(r"[A-Za-z]=")
 
-# A secret for this process only: derived salts (unknown users, plaintext entries).
+# A secret for this process only: derived salts (unknown users, plaintext entries) when no
+# ``salt_key`` gives one that every process shares (another worker, or the server after a
+# restart, would derive other salts: an unknown user's salt would change, a stored
+# verifier's would not, and that tells them apart).
 _PROCESS_SECRET = secrets.token_bytes(32)
 
 
@@ -165,7 +168,10 @@ class Scram(ClientFirst):
     the ``y`` flag) when the session has channel bindings and the ``-PLUS`` variant is
     configured: ``plus_configured`` says whether it is (``None``: assume it is, the
     cautious choice; ``specs_for`` fills it from the configured list).  ``nonce``
-    (server nonce) and ``server_secret`` are injectable for tests.
+    (server nonce) and ``server_secret`` are injectable for tests.  ``salt_key`` gives the
+    key of derived salts, asked once the lookup is done (``None`` from it, or no
+    ``salt_key``: ``server_secret``): the users file's, the same in every worker and
+    after a restart, so an unknown user's salt is as stable as a stored one.
     """
 
     first_stage = "client-first"
@@ -179,6 +185,7 @@ class Scram(ClientFirst):
         nonce: Callable[[], str] | None = None,
         server_secret: bytes | None = None,
         iterations: int = DEFAULT_ITERATIONS,
+        salt_key: Callable[[], bytes | None] | None = None,
     ) -> None:
         self._session = session or Session()
         self.plus = name.endswith("-PLUS")
@@ -192,6 +199,7 @@ class Scram(ClientFirst):
         self._plus_offered = bool(self._session.channel_bindings) and plus_configured is not False
         self._nonce_factory = nonce or _default_nonce
         self._server_secret = _PROCESS_SECRET if server_secret is None else server_secret
+        self._salt_key = salt_key
         self._iterations = iterations
         self._stage = "new"
         self._username = ""
@@ -227,7 +235,7 @@ class Scram(ClientFirst):
             self._unknown = True
             self._keys = ScramKeys(
                 self._iterations,
-                derived_salt(self._server_secret, self._base, self._username),
+                derived_salt(self._salt_secret(), self._base, self._username),
                 secrets.token_bytes(self._digest_size),
                 secrets.token_bytes(self._digest_size),
             )
@@ -261,9 +269,14 @@ class Scram(ClientFirst):
         password = secret.value
         if not isinstance(password, str):
             raise MechanismStateError("a plaintext secret is a str")
-        salt = derived_salt(self._server_secret, self._base, self._username)
+        salt = derived_salt(self._salt_secret(), self._base, self._username)
         keys = _derive_cached(self._hash, password, salt, self._iterations)
         return Secret(self._kind, keys.as_tuple(), secret.refusal)
+
+    def _salt_secret(self) -> bytes:
+        """The key of derived salts: ``salt_key``'s when it has one."""
+        key = self._salt_key() if self._salt_key is not None else None
+        return key if key is not None else self._server_secret
 
     # -- messages ---------------------------------------------------------------
 
@@ -400,9 +413,12 @@ def lookup_kinds(name: str) -> tuple[str, ...]:
     return (HASHES[base][1], "plaintext")
 
 
-def make_spec(name: str, plus_configured: bool | None = None) -> MechanismSpec:
-    """The ``MechanismSpec`` for one SCRAM name (``plus_configured`` goes to ``Scram``)."""
-    factory = functools.partial(Scram, name=name, plus_configured=plus_configured)
+def make_spec(name: str, plus_configured: bool | None = None,
+              salt_key: Callable[[], bytes | None] | None = None) -> MechanismSpec:
+    """The ``MechanismSpec`` for one SCRAM name (``plus_configured`` and ``salt_key`` go to
+    ``Scram``)."""
+    factory = functools.partial(Scram, name=name, plus_configured=plus_configured,
+                                salt_key=salt_key)
     return MechanismSpec(name, factory, plaintext=False, client_first=True, needs_tls=name.endswith("-PLUS"),
                          secret_kinds=lookup_kinds(name))
 
@@ -412,12 +428,15 @@ NAMES = ("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS
 SPECS: tuple[MechanismSpec, ...] = tuple(make_spec(name) for name in NAMES)
 
 
-def specs_for(configured: Iterable[str]) -> dict[str, MechanismSpec]:
+def specs_for(configured: Iterable[str],
+              salt_key: Callable[[], bytes | None] | None = None) -> dict[str, MechanismSpec]:
     """The SCRAM specs for the configured mechanism names, each plain variant knowing
-    whether its ``-PLUS`` sibling is configured (for the ``y`` downgrade check)."""
+    whether its ``-PLUS`` sibling is configured (for the ``y`` downgrade check), with
+    ``salt_key`` (see ``Scram``)."""
     names = {n.upper() for n in configured}
     return {
-        name: make_spec(name, None if name.endswith("-PLUS") else f"{name}-PLUS" in names)
+        name: make_spec(name, None if name.endswith("-PLUS") else f"{name}-PLUS" in names,
+                        salt_key)
         for name in NAMES
         if name in names
     }
