@@ -23,6 +23,7 @@ import functools
 import glob
 import json
 import os
+import re
 import stat
 import string
 import sys
@@ -514,6 +515,25 @@ def twistd_logger() -> ILogObserver:
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
 
 
+#: A ``key=value`` value that needs no quotes: no space, quote, backslash, ``=`` or control.
+_BARE_VALUE = re.compile(r'[^\s"\\=\x00-\x1f\x7f-\x9f]+')
+
+
+class LoggedName(str):
+    """A login name in a ``key=value`` log line (``session end``, ``message accepted``):
+    the text shows it bare when it is one plain word (``user=alice``), else as a JSON
+    string (``user="john doe tls=TLSv1.3"``), so that no name can pass for more fields
+    or for no login (``-``); JSON lines and the master get the name itself (a ``str``)."""
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        text = str(self)
+        if text == "-" or not _BARE_VALUE.fullmatch(text):
+            text = json.dumps(text, ensure_ascii=False)
+        return format(text, spec)
+
+
 @dataclass(frozen=True)
 class SessionSummary:
     """What one SMTP session did (never a password, never message content)."""
@@ -531,6 +551,7 @@ def session_ended(log: Any, summary: SessionSummary) -> None:
     """The one line per session, at connection loss: fields for JSON, readable as text."""
     log.info("session end client={client} user={user} mechanism={mechanism} tls={tls}"
              " messages={messages} bytes={bytes} duration={duration:.3f}s",
-             client=summary.client, user=summary.user or "-",
+             client=summary.client,
+             user=LoggedName(summary.user) if summary.user is not None else "-",
              mechanism=summary.mechanism or "-", tls=summary.tls or "none",
              messages=summary.messages, bytes=summary.bytes, duration=summary.duration)

@@ -28,6 +28,7 @@ from saslsmtp.events import NoSessionEvents, SessionEvents
 from saslsmtp.body import LINE_LIMIT, BodyReader
 from saslsmtp.envelope import (Client, Envelope, MessageSink, StockEnvelope,
                                delivery_error_reply)
+from saslsmtp.logs import LoggedName
 from saslsmtp.replies import REPLIES, SMTPReply, clean_text
 from saslsmtp.sessionlogger import Logger
 from saslsmtp.utf8address import SMTPUTF8Undeclared, parsed_path
@@ -342,7 +343,7 @@ class MailTransaction:
                 log.info("message {id} accepted: from=<{sender}> recipients={count}"
                          " size={size} user={user} reply={reply}", id=sink.queue_id,
                          sender=str(sender), count=count, size=size,
-                         user=client.login if client else None,
+                         user=_logged(client.login if client else None),
                          reply=f"{reply.code} {one_line(reply.text)}")
             else:
                 if reply.code // 100 == 4:
@@ -350,7 +351,7 @@ class MailTransaction:
                 log.info("message {id} not accepted: from=<{sender}> recipients={count}"
                          " size={size} user={user} reply={reply}", id=sink.queue_id,
                          sender=str(sender), count=count, size=size,
-                         user=client.login if client else None,
+                         user=_logged(client.login if client else None),
                          reply=f"{reply.code} {one_line(reply.text)}")
             return reply
         return d.addCallbacks(ended, self._not_stored)
@@ -422,6 +423,10 @@ def _received_from(stamp: Stamp) -> str:
     literal = f"IPv6:{stamp.peer_ip}" if ":" in stamp.peer_ip else stamp.peer_ip
     return (f"Received: from {helo} ([{literal}])\r\n\tby {stamp.hostname}"
             f" (saslsmtp) with {protocol}{auth}")
+
+
+def _logged(login: str | None) -> LoggedName | None:
+    return LoggedName(login) if login is not None else None
 
 
 def _utf8_text(text: str) -> str:

@@ -66,6 +66,46 @@ def test_session_end_line() -> None:
     assert idle["message"].startswith("session end client=192.0.2.8 user=- mechanism=- tls=none")
 
 
+def test_a_login_name_cannot_pass_for_more_fields_in_the_key_value_lines() -> None:
+    """The session-end and message lines write ``user=NAME`` bare: a name with a space,
+    a quote, a backslash or ``=`` (a users file, an HTTP API or a token claim may allow
+    one) would read as more fields (``tls=TLSv1.3``), and ``-`` as no login.  Such a name
+    is a JSON string in the text (the fail2ban line's quoting); the JSON field and a plain
+    name stay as they were."""
+    for log_format in ("text", "json"):
+        out = io.StringIO()
+        log = logger_into(out, log_format)
+        for user in ('john doe tls=TLSv1.3 x="', "-", "back\\", "alice"):
+            session_ended(log, SessionSummary("192.0.2.7", user, "PLAIN", None, 0, 0, 1.0))
+        lines = out.getvalue().splitlines()
+        if log_format == "json":
+            records = [json.loads(line) for line in lines]
+            assert [r["user"] for r in records] == ['john doe tls=TLSv1.3 x="', "-", "back\\", "alice"]
+            lines = [r["message"] for r in records]
+        assert [line[line.index("session end"):].split(" mechanism=")[0] for line in lines] == [
+            'session end client=192.0.2.7 user="john doe tls=TLSv1.3 x=\\""',
+            'session end client=192.0.2.7 user="-"',
+            'session end client=192.0.2.7 user="back\\\\"',
+            "session end client=192.0.2.7 user=alice"]
+
+
+def test_the_message_line_quotes_such_a_login_name_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``message ... accepted: ... user=NAME``, written by the transaction, over a real
+    submission (a string transport)."""
+    from twisted.logger import formatEvent
+    from saslsmtp import transaction
+    from saslsmtp.testing import SMTPHarness
+    seen: list[str] = []
+    monkeypatch.setattr(transaction.log, "observer", lambda event: seen.append(formatEvent(event)))
+    h = SMTPHarness(users={"john doe size=1": "pw"})
+    assert h.login("john doe size=1", "pw") == b"235 2.7.0 Authentication successful\r\n"
+    h.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert h.send(b"\r\nbody\r\n.\r\n") == b"250 2.0.0 OK: queued\r\n"
+    assert [line for line in seen if " accepted: " in line] == [
+        'message - accepted: from=<a@example.test> recipients=1 size=8'
+        ' user="john doe size=1" reply=250 OK: queued']
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_writes_json_lines(tmp_path: Path, workers: int) -> None:
     """The real daemon with log_format = "json": every stdout line is a JSON object; with
