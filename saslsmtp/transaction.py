@@ -404,20 +404,25 @@ def received_header(stamp: Stamp, recipients: Sequence[str]) -> bytes:
     return f"{_received_from(stamp)}{rcpt}; {_date()}".encode("utf-8")
 
 
+_NOT_IN_HELO = str.maketrans("()\\", "???")
+
+
 @functools.lru_cache(maxsize=256)
 def _received_from(stamp: Stamp) -> str:
     """The part of the Received header that depends on the connection only (one per
     session, the same for each of its messages)."""
     protocol = (("UTF8SMTP" if stamp.smtputf8 else "ESMTP") + ("S" if stamp.tls else "")
                 + ("A" if stamp.user is not None else ""))
-    helo = clean_text(stamp.helo) or "unknown"
+    # "(", ")" and "\\" would open, close or escape a comment (RFC 5322 3.2.2): in the
+    # HELO name they could hide the rest of the header in one, or end a comment early
+    helo = clean_text(stamp.helo).translate(_NOT_IN_HELO) or "unknown"
     auth = ""
     if stamp.user is not None:
         # a UTF-8 login stays UTF-8 where the header may be (RFC 6532: an SMTPUTF8
         # message); elsewhere its non-ASCII characters become "?"
         user = (_utf8_text(stamp.user) if stamp.smtputf8 else
                 clean_text("".join(c if c.isascii() else "?" for c in stamp.user)))
-        user = user.replace("(", "").replace(")", "")
+        user = user.replace("(", "").replace(")", "").replace("\\", "\\\\")  # a quoted-pair
         auth = f"\r\n\t(authenticated user {user})"
     # an IPv6 address literal carries its tag (RFC 5321 4.1.3: "[IPv6:2001:db8::1]")
     literal = f"IPv6:{stamp.peer_ip}" if ":" in stamp.peer_ip else stamp.peer_ip

@@ -285,6 +285,22 @@ def test_full_submission_and_received_header() -> None:
     assert message.endswith(b"Subject: t\r\n\r\n.leading dot\r\n")
 
 
+def test_received_header_keeps_its_comments_whatever_the_helo_and_login() -> None:
+    """A HELO name with "(" or ")" would open or close a comment of the Received header
+    (hiding "by ... with ESMTPA (authenticated user ...)" in one), a login ending in "\\"
+    would escape the ")" that closes its comment: the HELO's are "?", the login's "\\" a
+    quoted-pair (RFC 5322 3.2.2)."""
+    h = SMTPHarness(users={"back\\slash\\": "pw"})
+    h.send(b"EHLO h(x)y\\z\r\n")
+    assert h.send(b"AUTH PLAIN " + base64.b64encode(b"\0back\\slash\\\0pw") + b"\r\n") == (
+        b"235 2.7.0 Authentication successful\r\n")
+    h.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert h.send(b"Subject: t\r\n\r\nbody\r\n.\r\n") == b"250 2.0.0 OK: queued\r\n"
+    [message] = h.realm.messages
+    assert message.startswith(b"Received: from h?x?y?z ([192.0.2.10])\r\n\tby ")
+    assert b"with ESMTPA\r\n\t(authenticated user back\\\\slash\\\\)\r\n\tfor <b@example.test>; " in message
+
+
 def test_size_enforced() -> None:
     """SIZE= over the limit: 552 at MAIL; a body over the limit: 552 at the end of DATA."""
     h = harness(max_message_size=1000)
