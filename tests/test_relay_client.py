@@ -486,6 +486,16 @@ def test_a_helo_cannot_add_a_field_to_the_trace_header():
                                 b" client=[192.0.2.7]:1; helo=laptop?login?root\r\n")
 
 
+def test_a_login_name_cannot_add_a_field_to_the_trace_header():
+    """A login name with a space, ";", "=" or a quote (a users file or an HTTP API may
+    accept one) must not read as a second ``client=`` or ``login=``."""
+    client, _, _ = make(trace_header="X-Authenticated-User")
+    tx = client.transaction(RelaySession(login='bob; client=[10.0.0.1]:25 "x\\', client_address="192.0.2.7",
+                                         client_port=1, helo="laptop"))
+    assert tx._trace_line() == (b"X-Authenticated-User: login=bob??client?[10.0.0.1]:25??x?;"
+                                b" client=[192.0.2.7]:1; helo=laptop\r\n")
+
+
 def lmtp_transaction(recipients: list[tuple[str, bytes]]) -> tuple[UpstreamTransaction, FakeUpstream]:
     client, upstream, _ = make(lmtp=True)
     tx = client.transaction(SESSION)

@@ -85,6 +85,7 @@ log = Logger(namespace="saslsmtp.relay.client")
 
 XCLIENT_ATTRIBUTES = ("NAME", "ADDR", "PORT", "HELO", "LOGIN")
 _HELO_FIELD = re.compile(r"[^A-Za-z0-9.:_\[\]-]")  # what a trace header's helo= may carry
+_LOGIN_FIELD = re.compile(r'[\s;="\\]')  # what would end login= or start another field
 #: MAIL parameter -> the EHLO keyword the upstream must announce for us to forward it
 MAIL_PARAMETERS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
                    "RET": "DSN", "ENVID": "DSN"}
@@ -357,7 +358,9 @@ class UpstreamTransaction:
         s = self.session
         # the HELO is the client's own word: no ";" or "=" that would add a field
         helo = _HELO_FIELD.sub("?", s.helo) if s.helo else "-"
-        text = (f"{self.client.trace_header}: login={s.login or '-'};"
+        # a login name may have a space or ";" too (a users file, an HTTP API allow one)
+        login = _LOGIN_FIELD.sub("?", s.login) if s.login else "-"
+        text = (f"{self.client.trace_header}: login={login};"
                 f" client=[{s.client_address or 'unknown'}]:{s.client_port or 0};"
                 f" helo={helo}")
         return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:998].encode() + b"\r\n"
