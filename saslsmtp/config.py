@@ -79,9 +79,18 @@ class ServerConfig(Options):
     junk_command_limit: int = 100  # NOOP/RSET/VRFY/HELP/unknown per session before 421
     max_unauthenticated_time: float = 300.0  # seconds a session may last before AUTH
     tls_handshake_timeout: float = 30.0  # seconds for a TLS handshake (ssl: or STARTTLS)
+    #: the proxies whose PROXY header a haproxy: listener believes; None: every peer
+    proxy_trusted_networks: tuple[str, ...] | None = None
 
     def check(self) -> Iterable[OptionProblem]:
-        return [*problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
+        from saslsmtp.proxytrust import network_problem
+        trusted = self.proxy_trusted_networks
+        return [*problem_if(trusted == (), "proxy_trusted_networks",
+                            "is empty: every haproxy: connection would be refused (leave it"
+                            " out to believe every peer)"),
+                *[OptionProblem("proxy_trusted_networks", why) for why in
+                  map(network_problem, trusted or ()) if why is not None],
+                *problem_if(self.max_message_size <= 0, "max_message_size", "must be positive"),
                 *problem_if(not self.listen, "listen", "needs at least one endpoint"),
                 *hostname_problem("hostname", self.hostname),
                 *problem_if(self.max_recipients < 1, "max_recipients", "must be at least 1"),

@@ -267,6 +267,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
 
     from saslsmtp.descriptors import AcceptLogEndpoint
     from saslsmtp.proxyheader import proxy_endpoint
+    from saslsmtp.proxytrust import configured
     from saslsmtp.sendnow import send_now_reactor
     if spec.kind == "systemd":
         from saslsmtp.activation import socket_family
@@ -275,7 +276,8 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
         family = spec.family
     endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, family)
     if spec.proxy:
-        endpoint = proxy_endpoint(endpoint, reactor)
+        endpoint = proxy_endpoint(endpoint, reactor, trusted=configured(factory),
+                                  name=spec.description)
     if spec.implicit_tls:
         options = dict(spec.options)
         if "privateKey" in options:

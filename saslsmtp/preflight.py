@@ -240,6 +240,23 @@ def check_worker_timeout(config: Config, workers: int, report: _Report) -> None:
                     " master watches it; under systemd, WatchdogSec= restarts a stuck process")
 
 
+def check_proxy_trust(config: Config, report: _Report) -> None:
+    """A ``haproxy:`` listener without ``proxy_trusted_networks`` believes whoever
+    connects; the setting without such a listener does nothing.  Warnings: a listener
+    that worked before the setting existed keeps working."""
+    proxied = [entry for entry in config.server.listen if entry.startswith("haproxy:")]
+    trusted = config.server.proxy_trusted_networks
+    if proxied and trusted is None:
+        report.warn("server.listen", f"{proxied[0]!r} believes the PROXY header of every peer"
+                    " that can connect, so anyone who reaches it directly can claim any client"
+                    " address (allow_nets, [limits] trusted_networks and the per-address limits"
+                    " judge that address): set [server] proxy_trusted_networks to the proxies'"
+                    " addresses")
+    elif trusted is not None and not proxied:
+        report.warn("server.proxy_trusted_networks", "has no effect: no server.listen entry"
+                    " starts with haproxy:")
+
+
 def _as(error: OSError) -> str:
     """For a file this process may not read: as whom it read, and the usual fix."""
     if not isinstance(error, PermissionError):
@@ -606,6 +623,7 @@ def preflight(config: Config, reactor: Any, who: RunAs | None = None,
     check_paths(config, who, report)
     check_control_socket(config, who, count, report)
     check_worker_timeout(config, count, report)
+    check_proxy_trust(config, report)
     check_login_possible(config, report)
     check_secrets_readable(config, report)
     check_pidfile(pidfile, who, report)

@@ -20,12 +20,14 @@ connection) and resets the connection some microseconds later; the session of a 
 naming the proxy's own connection therefore starts ``LOCAL_START_DELAY`` after it (or at
 the first byte after it), and not at all when the connection is gone by then.  TLS
 handshake notifications are passed through to the SMTP protocol (the handshake deadline
-needs them when STARTTLS runs behind the wrapper).
+needs them when STARTTLS runs behind the wrapper).  A peer outside
+``server.proxy_trusted_networks`` is closed at the accept (``saslsmtp.proxytrust``): no
+protocol is built, nothing is read or sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
@@ -38,6 +40,8 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
+
+from saslsmtp.proxytrust import RefusalLog, Trusted, believed, peer_host
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -182,27 +186,52 @@ class HeaderFirstFactory(HAProxyWrappingFactory):
     noisy = False  # the listening port already logs its start
 
     def __init__(self, wrappedFactory: Any, clock: IReactorTime,
-                 timeout: float = PROXY_HEADER_TIMEOUT) -> None:
+                 timeout: float = PROXY_HEADER_TIMEOUT,
+                 trusted: Callable[[], Trusted] = lambda: None,
+                 name: str = "a haproxy: listener") -> None:
         super().__init__(wrappedFactory)
         self.clock = clock
         self.timeout = timeout
+        self.trusted = trusted
+        self.refusals = RefusalLog(clock, name)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """``None`` (Twisted closes the socket at once) for a peer whose header is not to
+        be believed; the wrapper otherwise."""
+        host = peer_host(addr)
+        if not believed(host, self.trusted()):
+            self.refusals.refused(host or "?", getattr(addr, "port", 0))
+            return None
+        return super().buildProtocol(addr)
+
+    def doStop(self) -> None:
+        self.refusals.stop()
+        super().doStop()
 
 
 @implementer(IStreamServerEndpoint)
 class ProxyEndpoint:
     """``endpoint`` with a PROXY header read before anything else (like Twisted's
-    ``proxyEndpoint``), logging connections that lack one."""
+    ``proxyEndpoint``), logging connections that lack one; ``trusted()`` is
+    ``proxy_trusted_networks`` as configured now (``proxytrust.configured``)."""
 
     def __init__(self, endpoint: Any, clock: IReactorTime,
-                 timeout: float = PROXY_HEADER_TIMEOUT) -> None:
+                 timeout: float = PROXY_HEADER_TIMEOUT,
+                 trusted: Callable[[], Trusted] = lambda: None,
+                 name: str = "a haproxy: listener") -> None:
         self.endpoint = endpoint
         self.clock = clock
         self.timeout = timeout
+        self.trusted = trusted
+        self.name = name
 
     def listen(self, factory: Any) -> Any:
-        return self.endpoint.listen(HeaderFirstFactory(factory, self.clock, self.timeout))
+        return self.endpoint.listen(HeaderFirstFactory(factory, self.clock, self.timeout,
+                                                       self.trusted, self.name))
 
 
 def proxy_endpoint(endpoint: Any, clock: IReactorTime,
-                   timeout: float = PROXY_HEADER_TIMEOUT) -> ProxyEndpoint:
-    return ProxyEndpoint(endpoint, clock, timeout)
+                   timeout: float = PROXY_HEADER_TIMEOUT,
+                   trusted: Callable[[], Trusted] = lambda: None,
+                   name: str = "a haproxy: listener") -> ProxyEndpoint:
+    return ProxyEndpoint(endpoint, clock, timeout, trusted, name)
