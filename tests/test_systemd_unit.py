@@ -188,3 +188,48 @@ def test_a_start_that_fails_never_says_ready(tmp_path: Path) -> None:
             listening.close()
     finally:
         busy.close()
+
+
+def unit_lines(path: Path, section: str) -> list[str]:
+    """The setting lines of ``[section]`` in a unit file (comments left out)."""
+    lines, inside = [], False
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            inside = line == f"[{section}]"
+        elif inside and line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def test_restarting_the_service_leaves_the_socket_unit_alone() -> None:
+    """systemd.unit(5), PartOf=: "When systemd stops or restarts the units listed here, the
+    action is propagated to this unit".  With ``PartOf=saslsmtp.service`` in the socket
+    unit, ``systemctl restart saslsmtp`` restarted saslsmtp.socket too: its ports closed,
+    the clients waiting in the backlog were dropped and new ones refused, the very thing
+    the socket unit is there to prevent.  No dependency of the socket on the service may
+    propagate a stop or a restart (BindsTo= neither)."""
+    for line in unit_lines(SOCKET, "Unit"):
+        key, _, value = line.partition("=")
+        assert not (key in ("PartOf", "BindsTo") and "saslsmtp.service" in value), line
+    assert "Service=saslsmtp.service" in unit_lines(SOCKET, "Socket")
+
+
+def switch_commands(text: str) -> list[str]:
+    """The systemctl commands of a switch to socket activation, in the order given."""
+    start = text.index("systemctl daemon-reload")
+    return re.findall(r"systemctl (daemon-reload|stop saslsmtp|enable --now\s+(?:#\s*)?"
+                      r"saslsmtp\.socket|start saslsmtp|restart saslsmtp)", text[start:start + 600])
+
+
+def test_the_switch_stops_the_service_before_the_socket_unit_binds() -> None:
+    """The documented switch enabled saslsmtp.socket while the service still listened on
+    587 and 465: the socket unit's bind fails (Address already in use; the test suite's
+    ``systemd-socket-activate -l`` against a running saslsmtp says the same), and the
+    service's Requires= then fails its restart.  Every copy of the steps stops the
+    service first and starts it after the socket."""
+    for path in (UNIT, SOCKET, ROOT / "docs" / "operations.md"):
+        steps = [" ".join(step.replace("#", " ").split()) for step in
+                 switch_commands(path.read_text())]
+        assert steps[:4] == ["daemon-reload", "stop saslsmtp", "enable --now saslsmtp.socket",
+                             "start saslsmtp"], (path.name, steps)
