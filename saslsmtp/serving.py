@@ -40,6 +40,11 @@ log = Logger(namespace="saslsmtp")
 #: workers that have not ended 5 s after its own grace, 10 s).
 SHUTDOWN_GRACE = 8.0
 SWEEP_INTERVAL = 0.1
+#: Seconds a closed TLS session may take to answer our close_notify at shutdown.  Twisted
+#: waits for the client's before it closes the TCP connection, and a client that neither
+#: reads nor hangs up (a mail client keeping its connection) never sends it: the stop
+#: waited for the whole grace, and a socket-activated restart kept its queue waiting.
+CLOSE_WAIT = 1.0
 
 
 def busy(connection: Any) -> bool:
@@ -63,23 +68,29 @@ class MeteredFactory(SubmissionFactory):
         """Shutdown: an idle session gets ``421 4.3.2`` and is closed at once; one inside
         AUTH or DATA (or waiting for its reply) finishes that step first, and is closed
         when it is idle, within ``grace`` seconds; after that every session left is
-        closed.  Fires when all are gone."""
+        closed.  A closed session still open ``CLOSE_WAIT`` seconds later (a TLS client
+        that does not answer the close) is aborted.  Fires when all are gone."""
         if not self.connections:
             return defer.succeed(None)
         done: defer.Deferred[None] = defer.Deferred()
         self._idle.append(done)
         deadline = self.clock.seconds() + grace
-        closing: set[Any] = set()
+        closing: dict[Any, float] = {}  # session -> when it was sent its 421
+        aborted: set[Any] = set()
 
         def sweep() -> None:
-            late = self.clock.seconds() >= deadline
-            for connection in list(self.connections - closing):
-                if late or not busy(connection):
-                    closing.add(connection)
-                    connection.send(REPLIES["shutting_down"])
-                    connection.transport.loseConnection()
-            if not self.connections - closing and loop.running:
-                loop.stop()
+            now = self.clock.seconds()
+            late = now >= deadline
+            for connection in list(self.connections):
+                since = closing.get(connection)
+                if since is None:
+                    if late or not busy(connection):
+                        closing[connection] = now
+                        connection.send(REPLIES["shutting_down"])
+                        connection.transport.loseConnection()
+                elif connection not in aborted and (late or now - since >= CLOSE_WAIT):
+                    aborted.add(connection)  # its client never answered the TLS close
+                    connection.transport.abortConnection()
 
         loop = task.LoopingCall(sweep)
         loop.clock = self.clock

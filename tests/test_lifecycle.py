@@ -129,3 +129,46 @@ def test_sigterm_lets_data_and_auth_finish(daemon: Running) -> None:
     [message] = list((daemon.config.parent / "mail" / "new").iterdir())
     assert message.read_bytes().endswith(b"first half\nsecond half\n")
     assert "Traceback" not in daemon.text()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_sigterm_does_not_wait_for_a_tls_client_that_keeps_its_connection(
+        tmp_path: Path, workers: int) -> None:
+    """A logged-in client on an ``ssl:`` listener that neither reads nor hangs up (a mail
+    client keeping its connection) gets its 421 4.3.2, and the stop does not wait for its
+    TLS close_notify: it took the whole grace and more (9-11 s) before, during which a
+    socket-activated restart kept every queued client waiting."""
+    import smtplib
+    import ssl
+
+    from tests.tlsutil import issue_cert, make_ca
+    ca = make_ca(tmp_path)
+    cert = issue_cert(ca, tmp_path)
+    (tmp_path / "auth.py").write_text(SCRIPT.format(password="one"))
+    port = free_port()
+    config = write_config(tmp_path, mechanisms=["PLAIN"], script="auth.py",
+                          listen=[f"ssl:{port}:interface=127.0.0.1"],
+                          tls=(str(cert.chain_path), str(cert.key_path)))
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, "--workers", str(workers)), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        text = lambda: log.read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: text().count("saslsmtp ready") == workers or proc.poll() is not None,
+                 what="the daemon")
+        context = ssl.create_default_context(cafile=ca.cert_path)
+        client = smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=context)
+        client.ehlo("client.example")
+        client.login("alice", "one")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, text()
+        stopped = time.monotonic() - started
+        assert client.sock.recv(200) == b"421 4.3.2 Service shutting down, closing connection\r\n"
+        assert stopped < 5.0, f"the stop took {stopped:.1f}s"
+        client.sock.close()
+        assert "Traceback" not in text()
+    finally:
+        kill_leftovers(proc, log)
