@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,7 +21,7 @@ import pytest
 from tests.activate import activated_command
 from tests.conftest import require_binary
 from tests.support import (ROOT, _smtplib_login, alive, alice_config, free_port, kill_leftovers,
-                           twistd_command, wait_for, worker_pids)
+                           twistd_command, wait_for, worker_pids, write_config)
 from tests.tlsutil import issue_cert, make_ca
 
 LOGGED_IN = (235, b"2.7.0 Authentication successful")
@@ -285,3 +286,32 @@ def test_a_passed_socket_nobody_names_is_a_warning(tmp_path: Path, held_socket: 
         assert status == 0 and warning in out.splitlines(), out
         status, out = run_activated(config, [held_socket, spare], ["saslsmtp", "spare"])
         assert status == 0 and warning in out.splitlines() and "saslsmtp ready" in out, out
+
+
+def test_the_documented_check_under_the_sockets_runs(tmp_path: Path) -> None:
+    """docs/operations.md's ``systemd-socket-activate ... --check`` recipe, run as written
+    (free loopback ports for 587 and 465, this test's configuration): the tool execs its
+    command only at the first connection, so the recipe must make one; before, it gave
+    the bare command, which waited there for a client that never came."""
+    require_binary("systemd-socket-activate", "systemd")
+    text = (ROOT / "docs" / "operations.md").read_text()
+    assert "runs its command only when a client connects" in text
+    block = text.split("runs its command only when a client connects", 1)[1]
+    block = block.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "systemd-socket-activate" in block and "/dev/tcp/" in block, block
+    port, tls_port = free_port(), free_port()
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    config = write_config(tmp_path, '[backends.users]\ntype = "file"\npath = "users"\n',
+                          listen=[f"systemd:name=saslsmtp:port={port}"])
+    script = "\n".join(line.strip() for line in block.replace("\\\n", " ").splitlines())
+    script = (script.replace("-l 587", f"-l 127.0.0.1:{port}")
+              .replace("-l 465", f"-l 127.0.0.1:{tls_port}")
+              .replace("/587", f"/{port}")
+              .replace("/etc/saslsmtp/saslsmtp.toml", str(config)))
+    done = subprocess.run(["bash", "-c", script + "\nexit $?"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    # the check saw the sockets: the one on tls_port is named by no entry
+    assert f"systemd passed saslsmtp (fd 4, port {tls_port})" in done.stderr, done.stderr
+    assert f"{config}: OK" in done.stdout and done.returncode == 0, (done.stdout, done.stderr)
