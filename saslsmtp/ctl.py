@@ -220,24 +220,66 @@ def flush(args: argparse.Namespace, reach: Reach, stdout: TextIO,
     return EX_OK  # a worker that did not answer was named; the others were flushed
 
 
+DESCRIPTION = """\
+Sessions and auth cache of a running saslsmtp, like doveadm who, doveadm kick and doveadm
+auth cache flush.  Every serving process (each worker) is asked through its control
+socket: [server] control_socket in FILE (e.g. "/run/saslsmtp/control.sock", read at the
+server's start); run as root or as the server's user."""
+
+EPILOG = """\
+commands:
+  who [--user USER] [--client ADDRESS[/PREFIX]] [--json]
+      every open session, oldest first: PID, CLIENT (the real one behind haproxy:),
+      LISTENER, USER, MECHANISM, TLS, SINCE (UTC), MESSAGES; no password or message
+  kick USER | kick --client ADDRESS[/PREFIX]
+      closes those sessions with 421 4.7.0 (a message still arriving is discarded) and,
+      for USER, first drops USER's auth cache entries.  A kick is no ban: change the
+      password first, then kick
+  flush [USER]
+      forgets the cached logins of every user, or of USER (any case)
+
+exit status:
+  0 done (also when no session matched), 1 no server is running, 64 usage,
+  75 a process holds its socket but did not answer, 77 permission denied,
+  78 no control socket in FILE, or FILE does not load
+
+examples (a stolen account):
+  saslsmtp-ctl --config /etc/saslsmtp/saslsmtp.toml who --user alice
+  saslsmtp-passwd alice    # the new line replaces alice's in the users file
+  saslsmtp-ctl --config /etc/saslsmtp/saslsmtp.toml kick alice
+
+docs/operations.md, "Sessions: saslsmtp-ctl who and kick", says more."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="saslsmtp-ctl",
-        description="Sessions and auth cache of a running saslsmtp (its control socket).")
-    parser.add_argument("--config", required=True, help="the server's configuration file")
-    commands = parser.add_subparsers(dest="command", required=True)
-    who_cmd = commands.add_parser("who", help="list the open sessions of every process")
+        prog="saslsmtp-ctl", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="the running server's configuration file")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    who_cmd = commands.add_parser("who", help="list the open sessions of every process",
+                                  description="List the open sessions of every process,"
+                                  " oldest first (like doveadm who).")
     who_cmd.add_argument("--user", help="only sessions logged in as this user (any case)")
     who_cmd.add_argument("--client", metavar="ADDRESS[/PREFIX]",
                          help="only sessions from this address or network")
     who_cmd.add_argument("--json", action="store_true", help="a JSON list, for scripts")
-    kick_cmd = commands.add_parser("kick", help="close sessions (421 4.7.0), in every process")
-    kick_cmd.add_argument("user", nargs="?", help="every session logged in as USER (any case);"
-                          " also drops USER's auth cache entries")
+    kick_cmd = commands.add_parser(
+        "kick", help="close sessions (421 4.7.0), in every process",
+        description="Close every session of USER, or from ADDRESS[/PREFIX], in every process"
+        " (like doveadm kick): 421 4.7.0, a message still arriving is discarded.  A kick is"
+        " no ban: change the password first.")
+    kick_cmd.add_argument("user", nargs="?", metavar="USER",
+                          help="every session logged in as USER (any case); also drops"
+                          " USER's auth cache entries")
     kick_cmd.add_argument("--client", metavar="ADDRESS[/PREFIX]",
                           help="every session from this address or network instead")
-    flush_cmd = commands.add_parser("flush", help="forget cached logins (all, or one user's)")
-    flush_cmd.add_argument("user", nargs="?", help="only this user (any case)")
+    flush_cmd = commands.add_parser(
+        "flush", help="forget cached logins (all, or one user's)",
+        description="Forget the auth cache's logins in every process (like doveadm auth"
+        " cache flush): the next login asks the backends.")
+    flush_cmd.add_argument("user", nargs="?", metavar="USER", help="only this user (any case)")
     return parser
 
 

@@ -446,3 +446,26 @@ def test_the_table_escapes_what_a_client_chose() -> None:
     assert row[1].split()[3] == "evil\\x1b]0;owned\\x07\\x20x"
     assert row[2].split()[3] == "jörg"
     assert "\x1b" not in "".join(row)
+
+
+def test_the_help_is_the_manual_an_operator_needs() -> None:
+    """``saslsmtp-ctl --help`` said only "--config CONFIG {who,kick,flush}": not what it
+    needs ([server] control_socket, which user), not the exit statuses scripts test, not
+    that a kick is no ban.  It says them now, with the statuses the command returns."""
+    from saslsmtp import control
+    out, err = io.StringIO(), io.StringIO()
+    assert ctl.main(["--help"], stdout=out, stderr=err) == 0
+    text = " ".join(out.getvalue().split())
+    assert "[server] control_socket" in text and "run as root or as the server's user" in text
+    for status, meaning in ((control.EX_OK, "done"), (control.EX_NOSERVER, "no server is running"),
+                            (control.EX_USAGE, "usage"),
+                            (control.EX_TEMPFAIL, "a process holds its socket but did not answer"),
+                            (control.EX_NOPERM, "permission denied"),
+                            (control.EX_CONFIG, "no control socket")):
+        assert f"{status} {meaning}" in text, (status, meaning)
+    assert "change the password first, then kick" in text
+    assert "kick --client ADDRESS[/PREFIX]" in text and "flush [USER]" in text
+    out = io.StringIO()
+    assert ctl.main(["--config", "x", "kick", "--help"], stdout=out, stderr=err) == 0
+    kick_help = " ".join(out.getvalue().split())
+    assert "[USER]" in kick_help and "A kick is no ban" in kick_help
