@@ -7,6 +7,7 @@ envelope and the sender check as a ``Client``, the Received header as a ``Stamp`
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -76,5 +77,20 @@ _PLAIN_TCP = (tcp.Server, SendNowServer)
 
 
 def _address(addr: Any) -> tuple[str, int]:
-    """(host, port) of a transport address; UNIX and test addresses have neither."""
-    return (str(getattr(addr, "host", "") or ""), int(getattr(addr, "port", 0) or 0))
+    """(host, port) of a transport address; UNIX and test addresses have neither.  An
+    IPv4 client of a dual-stack socket (systemd's ``ListenStream=587`` is ``[::]:587``)
+    comes as ``::ffff:a.b.c.d``: it is ``a.b.c.d``, as Postfix and Dovecot show it, for
+    the logs (fail2ban bans IPv4 clients by their IPv4 address), limits and scripts."""
+    host = str(getattr(addr, "host", "") or "")
+    if host[:7].lower() == "::ffff:":
+        host = ipv4_of(host)
+    return (host, int(getattr(addr, "port", 0) or 0))
+
+
+def ipv4_of(host: str) -> str:
+    """``a.b.c.d`` for an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``), else ``host``."""
+    try:
+        mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host

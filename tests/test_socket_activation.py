@@ -6,6 +6,8 @@ client that connects while the daemon restarts on a socket held across the resta
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 import re
 import signal
@@ -315,3 +317,39 @@ def test_the_documented_check_under_the_sockets_runs(tmp_path: Path) -> None:
     # the check saw the sockets: the one on tls_port is named by no entry
     assert f"systemd passed saslsmtp (fd 4, port {tls_port})" in done.stderr, done.stderr
     assert f"{config}: OK" in done.stdout and done.returncode == 0, (done.stdout, done.stderr)
+
+
+def test_ipv4_clients_of_a_dual_stack_socket_are_seen_as_ipv4(tmp_path: Path) -> None:
+    """saslsmtp.socket's ``ListenStream=587`` is ``[::]:587``, IPv4 too: the kernel gives
+    an IPv4 client the address ``::ffff:a.b.c.d``.  saslsmtp used it as it came: the
+    fail2ban line said ``client=::ffff:7f00:1`` (a ban of that in ip6tables never stops
+    the IPv4 client), ``who`` and the session line ``[::ffff:127.0.0.1]``, where Postfix
+    and Dovecot say 127.0.0.1.  The client is its IPv4 address everywhere."""
+    from saslsmtp import ctl
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # as systemd binds [::]
+        sock.bind(("::", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        control = tmp_path / "ctl.sock"
+        config, _ = alice_config(tmp_path, f'control_socket = "{control}"\n')
+        listening_on(config, "systemd:name=saslsmtp")
+        log = tmp_path / "daemon.log"
+        proc = start_on(sock, config, log, ["saslsmtp"])
+        try:
+            wait_for(lambda: "saslsmtp ready" in log.read_text() or proc.poll() is not None,
+                     what="the daemon")
+            assert _smtplib_login(port, "alice", "wrong", "PLAIN", False, 30)[0] == 535
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert s.recv(200).startswith(b"220 ")
+                out = io.StringIO()
+                assert ctl.main(["--config", str(config), "who", "--json"], stdout=out,
+                                stderr=io.StringIO()) == 0
+                [seen] = json.loads(out.getvalue())
+                assert seen["client"] == "127.0.0.1", seen
+            wait_for(lambda: "session end" in log.read_text(), what="the session line")
+            text = log.read_text()
+            assert 'auth failed: client=127.0.0.1 mechanism=PLAIN user="alice"' in text, text
+            assert "session end client=127.0.0.1 " in text and "::ffff" not in text, text
+        finally:
+            kill_leftovers(proc, log)
