@@ -9,11 +9,10 @@ import argparse
 import sys
 from typing import Sequence, TextIO
 
-from saslsmtp.commandline import parse_arguments
 from saslsmtp.control import (CONTROL_NAME, EX_OK, EX_USAGE, Answer, CacheControlService,
                               ControlProtocol, ask, bind_problem, control_paths,
                               control_service, entries, user_problem, wiring_caches)
-from saslsmtp.ctl import Reach, flush
+from saslsmtp.ctl import Reach, add_config, flush, parsed
 
 __all__ = ["CONTROL_NAME", "Answer", "CacheControlService", "ControlProtocol", "ask",
            "bind_problem", "control_paths", "control_service", "entries", "main",
@@ -24,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saslsmtp-cache", description="Flush the auth cache of a running saslsmtp"
         " (the same as saslsmtp-ctl flush).")
-    parser.add_argument("--config", required=True, help="the server's configuration file")
+    add_config(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     flush_cmd = commands.add_parser("flush", help="forget cached logins (all, or one user's)")
+    add_config(flush_cmd)
     flush_cmd.add_argument("user", nargs="?", help="only this user (any case)")
     return parser
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     but did not answer, 77 permission denied, 78 configuration problem."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    args = parse_arguments(build_parser(), argv, stdout, stderr)
+    args = parsed(build_parser(), argv, stdout, stderr)
     if isinstance(args, int):
         return EX_USAGE if args else EX_OK
     return flush(args, Reach("saslsmtp-cache", stderr), stdout)

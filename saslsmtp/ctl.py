@@ -251,16 +251,36 @@ examples (a stolen account):
 docs/operations.md, "Sessions: saslsmtp-ctl who and kick", says more."""
 
 
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` before the command or after it (``saslsmtp-ctl who --config F``
+    said "required: --config" before); ``parsed`` checks that one was given."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the running server's configuration file (required)")
+
+
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str] | None, stdout: TextIO,
+           stderr: TextIO) -> argparse.Namespace | int:
+    """``parse_arguments``, and ``--config`` given somewhere (else 2, as argparse's own
+    usage errors)."""
+    args = parse_arguments(parser, argv, stdout, stderr)
+    if isinstance(args, argparse.Namespace) and not hasattr(args, "config"):
+        print(parser.format_usage().rstrip(), file=stderr)
+        print(f"{parser.prog}: error: the following arguments are required: --config",
+              file=stderr)
+        return 2
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saslsmtp-ctl", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, metavar="FILE",
-                        help="the running server's configuration file")
+    add_config(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     who_cmd = commands.add_parser("who", help="list the open sessions of every process",
                                   description="List the open sessions of every process,"
                                   " oldest first (like doveadm who).")
+    add_config(who_cmd)
     who_cmd.add_argument("--user", help="only sessions logged in as this user (any case)")
     who_cmd.add_argument("--client", metavar="ADDRESS[/PREFIX]",
                          help="only sessions from this address or network")
@@ -270,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Close every session of USER, or from ADDRESS[/PREFIX], in every process"
         " (like doveadm kick): 421 4.7.0, a message still arriving is discarded.  A kick is"
         " no ban: change the password first.")
+    add_config(kick_cmd)
     kick_cmd.add_argument("user", nargs="?", metavar="USER",
                           help="every session logged in as USER (any case); also drops"
                           " USER's auth cache entries")
@@ -279,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flush", help="forget cached logins (all, or one user's)",
         description="Forget the auth cache's logins in every process (like doveadm auth"
         " cache flush): the next login asks the backends.")
+    add_config(flush_cmd)
     flush_cmd.add_argument("user", nargs="?", metavar="USER", help="only this user (any case)")
     return parser
 
@@ -288,7 +310,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     """Run the command; returns the exit status (the module docstring)."""
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
-    args = parse_arguments(build_parser(), argv, stdout, stderr)
+    args = parsed(build_parser(), argv, stdout, stderr)
     if isinstance(args, int):
         return EX_USAGE if args else EX_OK
     reach = Reach("saslsmtp-ctl", stderr)

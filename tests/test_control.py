@@ -469,3 +469,22 @@ def test_the_help_is_the_manual_an_operator_needs() -> None:
     assert ctl.main(["--config", "x", "kick", "--help"], stdout=out, stderr=err) == 0
     kick_help = " ".join(out.getvalue().split())
     assert "[USER]" in kick_help and "A kick is no ban" in kick_help
+
+
+@pytest.mark.parametrize("command", ["ctl", "cache"])
+def test_config_may_follow_the_command(tmp_path: Path, command: str) -> None:
+    """``saslsmtp-ctl kick alice --config F`` (as one types after ``doveadm kick``) said
+    "the following arguments are required: --config" although it was given.  Either
+    place works; none is still a usage error."""
+    from saslsmtp import cachectl
+    config = ctl_config(tmp_path, tmp_path / "control.sock")  # nothing listens there
+    main = ctl.main if command == "ctl" else cachectl.main
+    argv = [["who"], ["kick", "alice"], ["flush", "alice"]] if command == "ctl" else [["flush"]]
+    for args in argv:
+        for order in (["--config", str(config), *args], [*args, "--config", str(config)]):
+            err = io.StringIO()
+            assert main(order, stdout=io.StringIO(), stderr=err) == 1, (order, err.getvalue())
+            assert "no saslsmtp server is running" in err.getvalue()
+        err = io.StringIO()
+        assert main(args, stdout=io.StringIO(), stderr=err) == 64
+        assert err.getvalue().endswith("error: the following arguments are required: --config\n")
