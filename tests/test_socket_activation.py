@@ -310,10 +310,20 @@ def test_the_documented_check_under_the_sockets_runs(tmp_path: Path) -> None:
               .replace("-l 465", f"-l 127.0.0.1:{tls_port}")
               .replace("/587", f"/{port}")
               .replace("/etc/saslsmtp/saslsmtp.toml", str(config)))
-    done = subprocess.run(["bash", "-c", script + "\nexit $?"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    shell = subprocess.Popen(["bash", "-c", script + "\nexit $?"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             start_new_session=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                      PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    try:
+        stdout, stderr = shell.communicate(timeout=60)
+    finally:  # a recipe that waits would leave systemd-socket-activate behind
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shell.wait()
+    done = subprocess.CompletedProcess(shell.args, shell.returncode, stdout, stderr)
     # the check saw the sockets: the one on tls_port is named by no entry
     assert f"systemd passed saslsmtp (fd 4, port {tls_port})" in done.stderr, done.stderr
     assert f"{config}: OK" in done.stdout and done.returncode == 0, (done.stdout, done.stderr)
