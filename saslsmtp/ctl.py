@@ -137,7 +137,9 @@ def argument_problem(value: str | None, what: str) -> str | None:
     return None
 
 
-def who(args: argparse.Namespace, reach: Reach, stdout: TextIO) -> int:
+def _selected(args: argparse.Namespace, reach: Reach) -> Selector | int:
+    """The sessions ``args`` name (``--user``, ``--client``), once the arguments and the
+    configuration are checked; else the exit status (the problem said)."""
     selector = Selector(user=args.user, client=args.client)
     problem = (argument_problem(args.user, "user name") or argument_problem(args.client, "address")
                or selector.problem())
@@ -145,8 +147,13 @@ def who(args: argparse.Namespace, reach: Reach, stdout: TextIO) -> int:
         reach.say(problem)
         return EX_USAGE
     configured = reach.configure(args.config)
-    if configured is not None:
-        return configured
+    return selector if configured is None else configured
+
+
+def who(args: argparse.Namespace, reach: Reach, stdout: TextIO) -> int:
+    selector = _selected(args, reach)
+    if isinstance(selector, int):
+        return selector
     answers, status = reach.ask(b"who", "no session was listed")
     if not answers:
         return status
@@ -166,15 +173,9 @@ def kick(args: argparse.Namespace, reach: Reach, stdout: TextIO) -> int:
     if (args.user is None) == (args.client is None):
         reach.say("kick needs USER or --client ADDRESS (one of them)")
         return EX_USAGE
-    selector = Selector(user=args.user, client=args.client)
-    problem = (argument_problem(args.user, "user name") or argument_problem(args.client, "address")
-               or selector.problem())
-    if problem:
-        reach.say(problem)
-        return EX_USAGE
-    configured = reach.configure(args.config)
-    if configured is not None:
-        return configured
+    selected = _selected(args, reach)
+    if isinstance(selected, int):
+        return selected
     kind, value = ("user", args.user) if args.user is not None else ("client", args.client)
     line = f"kick {kind} {value}".encode("utf-8", "surrogateescape")
     answers, status = reach.ask(line, "it may not have closed any session")

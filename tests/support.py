@@ -262,6 +262,26 @@ def run_each(commands: Sequence[Sequence[str]], timeout: float = 30.0, *, cwd: s
         return list(pool.map(one, commands))
 
 
+def haproxy_checking(folder: Path, front: int, backend: int, send: str = "send-proxy-v2",
+                     smtpchk: bool = False) -> subprocess.Popen:
+    """A real HAProxy on 127.0.0.1 as the README's recipe has it: ``front`` to ``backend``
+    with ``send`` (``send-proxy-v2`` or ``send-proxy``) and a check every 50 ms, with
+    ``option smtpchk`` (a session per check) or without (a LOCAL header, a reset)."""
+    from tests.conftest import require_binary
+    binary = require_binary("haproxy", "haproxy")
+    config = folder / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 64\n\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n    timeout check 5s\n\n"
+        f"frontend submission\n    bind 127.0.0.1:{front}\n    default_backend saslsmtp\n\n"
+        "backend saslsmtp\n" + ("    option smtpchk EHLO haproxy.example\n" if smtpchk else "")
+        + f"    server mx1 127.0.0.1:{backend} {send} check inter 50ms rise 1\n")
+    with open(folder / "haproxy.log", "wb") as log:
+        return subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
 def twistd_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile=", "--logfile=-", "saslsmtp", "--config", str(config), *extra]

@@ -7,7 +7,6 @@ StringTransport and a Clock for the timing."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from twisted.python.failure import Failure
 
 from saslsmtp.proxyheader import LOCAL_START_DELAY, HeaderFirstFactory, HeaderFirstWrapper
 from saslsmtp.service import SubmissionFactory, listener, load, wire
-from tests.conftest import require_binary
 from tests.limitsnet import PASSWORD, auth_plain, daemon, users_toml, wait_for_log
-from tests.support import free_port, wait_for, write_config
+from tests.support import free_port, haproxy_checking, wait_for, write_config
 
 
 @pytest.fixture
@@ -254,24 +252,6 @@ def test_bytes_after_a_local_header_start_the_session_at_once() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def _haproxy_checking(folder: Path, front: int, backend: int, send: str) -> subprocess.Popen:
-    """HAProxy as the README's recipe has it (``send-proxy-v2 check``), checking every
-    50 ms."""
-    binary = require_binary("haproxy", "haproxy")
-    config = folder / "haproxy.cfg"
-    config.write_text(
-        "global\n    maxconn 64\n\n"
-        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
-        "    timeout server 30s\n    timeout check 5s\n\n"
-        f"frontend submission\n    bind 127.0.0.1:{front}\n    default_backend saslsmtp\n\n"
-        "backend saslsmtp\n"
-        f"    server mx1 127.0.0.1:{backend} {send} check inter 50ms rise 1\n")
-    log = open(folder / "haproxy.log", "wb")
-    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
-                               stderr=subprocess.STDOUT)
-    log.close()
-    return process
-
 
 def _metric(port: int, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -287,7 +267,7 @@ def test_haproxy_checks_start_no_sessions(tmp_path: Path, send: str) -> None:
     backends = users_toml(tmp_path, {"alice": PASSWORD})
     server = daemon(tmp_path, "d", "", backends, listen="haproxy:tcp",
                     extra=f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n')
-    proxy = _haproxy_checking(tmp_path, front, server.port, send)
+    proxy = haproxy_checking(tmp_path, front, server.port, send)
     try:
         base = _metric(metrics, "saslsmtp_connections_total")
         wait_for(lambda: _metric(metrics, "saslsmtp_connections_total") >= base + 20,

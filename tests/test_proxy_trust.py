@@ -23,10 +23,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.proxyheader import LOCAL_START_DELAY, HeaderFirstFactory
 from saslsmtp.proxytrust import believed
-from tests.conftest import require_binary
 from tests.limitsnet import PASSWORD, auth_plain, users_toml, wait_for_log
-from tests.support import (ROOT, free_port, start_daemon, twistd_command, wait_for,
-                           workers_daemon, write_config)
+from tests.support import (ROOT, free_port, haproxy_checking, start_daemon, twistd_command,
+                           wait_for, workers_daemon, write_config)
 from tests.test_proxy_header import HEADER_V2, LOCAL_V2, OWN_V1, _metric, _Recorder
 
 #: HAProxy-style v2 header naming 203.0.113.9 as the client (HEADER_V2's address)
@@ -228,24 +227,6 @@ def _direct(port: int, source: str, first: bytes) -> bytes:
 CLAIM = HEADER_V2 + b"EHLO spoof.example\r\n"
 
 
-def _haproxy(folder: Path, front: int, backend: int, smtpchk: bool) -> subprocess.Popen:
-    """HAProxy on 127.0.0.1 as the README has it: ``send-proxy-v2 check`` every 50 ms,
-    with ``option smtpchk`` (a session per check) or without (a LOCAL header, a reset)."""
-    binary = require_binary("haproxy", "haproxy")
-    config = folder / "haproxy.cfg"
-    config.write_text(
-        "global\n    maxconn 64\n\n"
-        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
-        "    timeout server 30s\n    timeout check 5s\n\n"
-        f"frontend submission\n    bind 127.0.0.1:{front}\n    default_backend saslsmtp\n\n"
-        "backend saslsmtp\n" + ("    option smtpchk EHLO haproxy.example\n" if smtpchk else "")
-        + f"    server mx1 127.0.0.1:{backend} send-proxy-v2 check inter 50ms rise 1\n")
-    log = open(folder / "haproxy.log", "wb")
-    process = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
-                               stderr=subprocess.STDOUT)
-    log.close()
-    return process
-
 
 def _trusting_config(folder: Path, port: int, trusted: str, extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -266,7 +247,7 @@ def test_a_direct_claim_is_refused_while_haproxy_and_its_checks_work(
     config = _trusting_config(tmp_path, port, '["127.0.0.1"]',
                               f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n')
     server = start_daemon(config, port, tmp_path / "daemon.log")
-    proxy = _haproxy(tmp_path, front, port, smtpchk)
+    proxy = haproxy_checking(tmp_path, front, port, smtpchk=smtpchk)
     try:
         base = _metric(metrics, "saslsmtp_connections_total")
         assert _direct(port, "127.0.0.2", CLAIM) == b""
