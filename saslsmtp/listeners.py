@@ -215,7 +215,7 @@ def not_passed(description: str) -> str:
     """Why a ``systemd:`` listener cannot listen when systemd passed no sockets."""
     return (f"cannot listen on {description}: systemd passed no sockets to this process"
             " (no LISTEN_FDS for it): start the .socket unit (systemctl start"
-            " saslsmtp.socket), or listen on tcp:")
+            " saslsmtp.socket), or use a tcp: listener instead")
 
 
 @implementer(IStreamServerEndpoint)

@@ -250,7 +250,7 @@ def test_a_start_without_passed_sockets_stops_in_one_line(tmp_path: Path, worker
     assert lines and all(line.endswith(
         "saslsmtp: cannot listen on systemd:name=submission: systemd passed no sockets to this"
         " process (no LISTEN_FDS for it): start the .socket unit (systemctl start"
-        " saslsmtp.socket), or listen on tcp:") for line in lines), out
+        " saslsmtp.socket), or use a tcp: listener instead") for line in lines), out
     assert "saslsmtp ready" not in out and "Traceback" not in out
 
 
