@@ -26,18 +26,11 @@ from saslsmtp.proxytrust import believed
 from tests.limitsnet import PASSWORD, auth_plain, users_toml, wait_for_log
 from tests.support import (ROOT, free_port, haproxy_checking, start_daemon, twistd_command,
                            wait_for, workers_daemon, write_config)
-from tests.test_proxy_header import HEADER_V2, LOCAL_V2, OWN_V1, _metric, _Recorder
+from tests.test_proxy_header import (HEADER_V2, LOCAL_V2, OWN_V1, _metric, _Recorder,
+                                     logged)  # noqa: F401 (logged: a fixture)
 
 #: HAProxy-style v2 header naming 203.0.113.9 as the client (HEADER_V2's address)
 CLAIMED = "203.0.113.9"
-
-
-@pytest.fixture
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def _refusals(events: list[dict]) -> list[str]:
