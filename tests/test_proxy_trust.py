@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from saslsmtp.config import ConfigError, parse_config
 from saslsmtp.proxyheader import LOCAL_START_DELAY, HeaderFirstFactory
