@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from twisted.logger import Logger
 
+from saslsmtp.logs import LoggedName
 from saslsmtp.replies import REPLIES
 
 log = Logger(namespace="saslsmtp")
@@ -165,7 +166,8 @@ class SessionControl:
             if selector.matches(info):
                 kicked += 1
                 log.info("session closed by the administrator: client={client} user={user}",
-                         client=info.client or "-", user=info.user or "-")
+                         client=info.client or "-",
+                         user=LoggedName(info.user) if info.user is not None else "-")
                 kick(connection)
         return kicked, dropped
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 
 from saslsmtp import ctl
 from saslsmtp.control import ControlProtocol
@@ -488,3 +489,21 @@ def test_config_may_follow_the_command(tmp_path: Path, command: str) -> None:
         err = io.StringIO()
         assert main(args, stdout=io.StringIO(), stderr=err) == 64
         assert err.getvalue().endswith("error: the following arguments are required: --config\n")
+
+
+def test_the_kick_line_quotes_a_login_that_could_pass_for_more_fields() -> None:
+    """The ``session closed by the administrator`` line writes an odd login name as a
+    JSON string, as the session-end line does, so it cannot pose as another client."""
+    odd = "john doe client=203.0.113.9"
+    session = SMTPHarness(users={odd: "odd-password-1"})
+    assert session.login(odd, "odd-password-1").startswith(b"235")
+    protocol, transport = control(Factory(session))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert ask(protocol, transport, b"kick client 192.0.2.10") == b"ok 1 0\n"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if "by the administrator" in formatEvent(e)]
+    assert lines == ['session closed by the administrator: client=192.0.2.10'
+                     ' user="john doe client=203.0.113.9"']
