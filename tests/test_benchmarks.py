@@ -227,3 +227,31 @@ def test_c_generator_mail_sessions_land_in_the_maildir(tmp_path) -> None:
         assert "not a readable message ending CRLF.CRLF" in done.stderr
     finally:
         daemon.stop()
+
+
+def test_ab_runs_two_checkouts_in_turns(tmp_path) -> None:
+    """benchmarks/ab.py: each daemon imports its own checkout, each round measures both,
+    and the report has one row per round and the medians."""
+    ab = load_bench_module("ab")
+    own, load = ab.parse_args([str(ROOT), str(ROOT), "--rounds", "2"])
+    (tmp_path / "d").mkdir()
+    server = ab.daemon("old", own.old, tmp_path / "d", load)
+    assert server.env["PYTHONPATH"] == str(ROOT) and server.name == "old"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", str(ROOT), "--rounds", "2", "-d", "0.5",
+         "--warmup", "0", "-c", "2", "--results-dir", str(tmp_path), "--label", "t"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 1", "| 2", "| median"]
+    assert "C = 2" in done.stdout
+    [saved] = tmp_path.glob("*-ab-t.md")
+    assert saved.read_text() + "\n" == done.stdout
+
+
+def test_ab_refuses_a_folder_that_is_not_a_checkout(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "benchmarks/ab.py", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{tmp_path}: not a saslsmtp checkout" in done.stderr
+    assert "Traceback" not in done.stderr
