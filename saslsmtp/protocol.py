@@ -202,6 +202,42 @@ class SubmissionESMTP(smtp.ESMTP):
         ``ConnectionGuards.close``)."""
         self.guards.close()
 
+    @property
+    def busy(self) -> bool:
+        """Inside a step a shutdown lets finish: an AUTH exchange, a message being
+        received, or an answer being worked out (a backend, the relay, the Maildir)."""
+        return (self.auth.exchange is not None or self.transaction.receiving
+                or self._pending is not None)
+
+    def end(self, reply: SMTPReply, *, answer_first: bool = True) -> None:
+        """End the session from outside (``saslsmtp-ctl kick``, a shutdown) with
+        ``reply`` (a 421 from ``saslsmtp.replies``), as if its client had hung up now.
+
+        A message still arriving (between the 354 and the final dot) is discarded and
+        its temporary file removed: an unfinished DATA is no message (RFC 5321
+        4.1.1.4).  An answer being worked out (the final dot was read and the message is
+        being stored, a backend is checking a password) is sent first, then ``reply``:
+        the client learns its message went through and does not send it again.  With
+        ``answer_first=False`` (a shutdown whose grace is over) it is not waited for.
+        A session already closing is left alone.  The one way kick and shutdown close a
+        session, so they cannot treat a message differently."""
+        pending = self._pending
+        if pending is None or not answer_first or self.transaction.receiving:
+            return self._end_now(reply)
+
+        def then(result: Any) -> Any:
+            self._end_now(reply)  # after the answer and whatever it let through
+            return result
+        pending.addBoth(then)
+
+    def _end_now(self, reply: SMTPReply) -> None:
+        if self._stopped():
+            return
+        if self.transaction.receiving:
+            self.transaction.abort()  # the partial message: never delivered
+        self.send(reply)
+        self.close()
+
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake finished, its deadline no longer applies."""
         self.guards.handshake_done()

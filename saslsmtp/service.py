@@ -308,8 +308,7 @@ class SubmissionFactory(protocol.ServerFactory):
         d: defer.Deferred[None] = defer.Deferred()
         self._idle.append(d)
         for connection in list(self.connections):
-            connection.send(REPLIES["shutting_down"])
-            connection.close()
+            connection.end(REPLIES["shutting_down"], answer_first=False)
         return d.addTimeout(grace, self.clock, onTimeoutCancel=lambda *_: None)
 
     def session_events(self) -> SessionEvents:

@@ -47,12 +47,6 @@ SWEEP_INTERVAL = 0.1
 CLOSE_WAIT = 1.0
 
 
-def busy(connection: Any) -> bool:
-    """Inside an AUTH exchange, receiving a message, or waiting for a reply to be sent."""
-    return bool(connection.auth.exchange is not None or connection.transaction.receiving
-                or connection._pending is not None)
-
-
 class MeteredFactory(SubmissionFactory):
     """``SubmissionFactory`` that tells ``metrics`` when a session ends."""
 
@@ -84,10 +78,9 @@ class MeteredFactory(SubmissionFactory):
             for connection in list(self.connections):
                 since = closing.get(connection)
                 if since is None:
-                    if late or not busy(connection):
+                    if late or not connection.busy:  # idle, or its grace is over
                         closing[connection] = now
-                        connection.send(REPLIES["shutting_down"])
-                        connection.transport.loseConnection()
+                        connection.end(REPLIES["shutting_down"], answer_first=False)
                 elif connection not in aborted and (late or now - since >= CLOSE_WAIT):
                     aborted.add(connection)  # its client never answered the TLS close
                     connection.transport.abortConnection()

@@ -4,11 +4,12 @@ requests).
 
 ``SessionControl(factory, caches, clock, pid)`` reads the factory's open sessions.  A
 kicked session gets ``421 4.7.0`` and is closed as if its client had hung up at that
-moment: a message still arriving (between the 354 and the final dot) is discarded, never
-delivered in part or in full (RFC 5321 4.1.1.4: an unfinished DATA is no message); a
-session waiting for an answer (its final dot was read, a backend or the relay is
-answering) gets that answer first, then the 421.  ``kick`` of a user also drops that
-user's auth cache entries, so the next login asks the backends.
+moment (``SubmissionESMTP.end``, which a shutdown uses too): a message still arriving
+(between the 354 and the final dot) is discarded, never delivered in part or in full
+(RFC 5321 4.1.1.4: an unfinished DATA is no message); a session waiting for an answer
+(its final dot was read, a backend or the relay is answering) gets that answer first,
+then the 421.  ``kick`` of a user also drops that user's auth cache entries, so the next
+login asks the backends.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class SessionControl:
                 log.info("session closed by the administrator: client={client} user={user}",
                          client=info.client or "-",
                          user=LoggedName(info.user) if info.user is not None else "-")
-                kick(connection)
+                connection.end(KICKED)  # as a shutdown ends one: SubmissionESMTP.end
         return kicked, dropped
 
 
@@ -176,29 +177,3 @@ def closing(connection: Any) -> bool:
     """Already on its way out: not listed, not kicked twice."""
     return bool(connection.lost or connection.guards.closing
                 or getattr(connection.transport, "disconnecting", False))
-
-
-def kick(connection: Any) -> None:
-    """421 and close: a message still arriving is discarded now; an answer being worked
-    out is sent first."""
-    if connection.transaction.receiving:
-        connection.transaction.abort()  # the partial message: never delivered
-        _close(connection)
-        return
-    pending = connection._pending
-    if pending is not None:
-        def then(result: Any) -> Any:
-            _close(connection)
-            return result
-        pending.addBoth(then)
-        return
-    _close(connection)
-
-
-def _close(connection: Any) -> None:
-    if closing(connection):
-        return
-    if connection.transaction.receiving:
-        connection.transaction.abort()
-    connection.send(KICKED)
-    connection.close()
