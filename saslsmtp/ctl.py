@@ -234,8 +234,10 @@ commands:
       LISTENER, USER, MECHANISM, TLS, SINCE (UTC), MESSAGES; no password or message
   kick USER | kick --client ADDRESS[/PREFIX]
       closes those sessions with 421 4.7.0 (a message still arriving is discarded) and,
-      for USER, first drops USER's auth cache entries.  A kick is no ban: change the
-      password first, then kick
+      for USER, first drops USER's entries in saslsmtp's auth cache.  A kick is no ban:
+      change the password first, then kick.  A type = "dovecot" backend's own cache
+      (Dovecot's auth_cache_size) is Dovecot's: it may accept the old password until
+      its auth_cache_ttl passes; empty it with doveadm auth cache flush USER
   flush [USER]
       forgets the cached logins of every user, or of USER (any case)
 
@@ -247,6 +249,8 @@ exit status:
 examples (a stolen account):
   saslsmtp-ctl --config /etc/saslsmtp/saslsmtp.toml who --user alice
   saslsmtp-passwd alice    # the new line replaces alice's in the users file
+  doveadm auth cache flush alice    # only with a type = "dovecot" backend, on the
+                                    # Dovecot host, as root: Dovecot's own auth cache
   saslsmtp-ctl --config /etc/saslsmtp/saslsmtp.toml kick alice
 
 docs/operations.md, "Sessions: saslsmtp-ctl who and kick", says more."""
@@ -294,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(kick_cmd)
     kick_cmd.add_argument("user", nargs="?", metavar="USER",
                           help="every session logged in as USER (any case); also drops"
-                          " USER's auth cache entries")
+                          " USER's entries in saslsmtp's auth cache (a Dovecot backend's own"
+                          " cache: doveadm auth cache flush USER)")
     kick_cmd.add_argument("--client", metavar="ADDRESS[/PREFIX]",
                           help="every session from this address or network instead")
     flush_cmd = commands.add_parser(

@@ -472,6 +472,30 @@ def test_the_help_is_the_manual_an_operator_needs() -> None:
     assert "[USER]" in kick_help and "A kick is no ban" in kick_help
 
 
+def test_the_stolen_account_steps_flush_dovecots_own_cache_too() -> None:
+    """The help and the docs said a kick makes a changed password stop working at once; a
+    ``type = "dovecot"`` backend's Dovecot may cache the login itself (``auth_cache_size``)
+    and keep accepting the old password, out of the kick's reach.  The steps say so and
+    give ``doveadm auth cache flush USER`` between the password change and the kick."""
+    from pathlib import Path
+    out = io.StringIO()
+    assert ctl.main(["--help"], stdout=out, stderr=io.StringIO()) == 0
+    steps = out.getvalue().split("examples (a stolen account):", 1)[1].splitlines()
+    commands = [line.split()[0] for line in steps if line.startswith("  ") and line.split()[0] != "#"]
+    assert commands[:4] == ["saslsmtp-ctl", "saslsmtp-passwd", "doveadm", "saslsmtp-ctl"]
+    assert "doveadm auth cache flush alice" in out.getvalue()
+    assert "auth_cache_size" in " ".join(out.getvalue().split())
+    out = io.StringIO()
+    assert ctl.main(["--config", "x", "kick", "--help"], stdout=out, stderr=io.StringIO()) == 0
+    assert "doveadm auth cache flush USER" in " ".join(out.getvalue().split())
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    operations = " ".join((docs / "operations.md").read_text().split())
+    assert "LDAP, an HTTP API or Dovecot stops working at once" not in operations
+    steps_md = operations.split("The steps for a stolen account:", 1)[1].split("```")[1]
+    assert steps_md.index("doveadm auth cache flush alice") < steps_md.index("kick alice")
+    assert "doveadm auth cache flush USER" in " ".join((docs / "backend-dovecot.md").read_text().split())
+
+
 @pytest.mark.parametrize("command", ["ctl", "cache"])
 def test_config_may_follow_the_command(tmp_path: Path, command: str) -> None:
     """``saslsmtp-ctl kick alice --config F`` (as one types after ``doveadm kick``) said
