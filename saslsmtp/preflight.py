@@ -534,6 +534,27 @@ def twistd_problems(options: Any) -> list[str]:
     return problems
 
 
+def pidfile_unwritable(pidfile: str | None) -> str | None:
+    """A start's try at writing ``--pidfile``: why it cannot be, or ``None``.
+
+    twistd writes it after saslsmtp is built, and a failure there is a traceback.
+    ``twistd_problems`` checks the folder's mode, but root passes every mode check where
+    the file system itself refuses (``/proc``, ``/sys``, a root-squashed NFS export, a
+    security module's rule).  So a start creates the file and removes it at once (one
+    that exists is opened for writing, not changed); ``--check`` writes nothing."""
+    if not pidfile:
+        return None
+    try:
+        if os.path.lexists(pidfile):
+            os.close(os.open(pidfile, os.O_WRONLY | os.O_APPEND))
+        else:
+            os.close(os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(pidfile)
+    except OSError as e:
+        return f"--pidfile {pidfile}: cannot be written: {e.strerror}"
+    return None
+
+
 def _has_passwd_entry(uid: int) -> bool:
     """twistd needs one to switch to ``uid`` (initgroups; without ``--gid``, the primary
     group): without it, it failed after binding, with a ``KeyError`` traceback."""

@@ -46,7 +46,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        from saslsmtp.preflight import pidfile_in_the_way, twistd_problems, twistd_warnings
+        from saslsmtp.preflight import (pidfile_in_the_way, pidfile_unwritable, twistd_problems,
+                                        twistd_warnings)
         if self.parent is not None and not self["check"]:  # a start: a SIGHUP (logrotate...)
             from saslsmtp.heldsignals import STARTING  # until the daemon serves must not end it
             STARTING.hold()
@@ -57,6 +58,9 @@ class Options(usage.Options):
             problem, note = pidfile_in_the_way(parent.get("pidfile"))
             problems += [problem] if problem else []
             notes += [note] if note else []
+        if not problems and not self["check"]:  # one the file system refuses, root or not
+            problem = pidfile_unwritable(parent.get("pidfile"))
+            problems += [problem] if problem else []
         if problems:
             print("saslsmtp: cannot start: " + "; ".join(problems), file=sys.stderr)
             raise SystemExit(1)

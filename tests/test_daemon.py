@@ -82,6 +82,43 @@ def test_twistd_options_that_cannot_work_are_one_line(tmp_path: Path, option: st
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def test_a_pidfile_the_file_system_refuses_is_one_line() -> None:
+    """``/proc`` passes root's mode check (``os.access``) yet refuses a new file: twistd
+    then failed writing its pid file, after saslsmtp was built, with a traceback.  A
+    start now tries first: one line, exit status 1.  (Not root: the folder's mode is
+    checked before, also one line.)"""
+    pidfile = f"/proc/saslsmtp-test-{os.getpid()}.pid"
+    argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", f"--pidfile={pidfile}",
+            "--logfile=-", "saslsmtp", "--config", str(ETC / "saslsmtp.toml")]
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=30,
+                         cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    reason = "cannot be written: No such file or directory" if os.geteuid() == 0 else "/proc is not writable"
+    assert (out.returncode, out.stderr) == (1, f"saslsmtp: cannot start: --pidfile {pidfile}: {reason}\n")
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("option, name, lookup", [("--uid", "nosuchuser", "getpwnam"),
+                                                  ("--gid", "nosuchgroup", "getgrnam")])
+def test_an_unknown_uid_name_is_twistds_own_error_before_saslsmtp_loads(
+        option: str, name: str, lookup: str) -> None:
+    """``--uid nosuchuser`` and ``--gid nosuchgroup`` fail inside twistd's own option
+    parsing, before the plugin is imported (no saslsmtp module in ``-X importtime``): a
+    traceback saslsmtp cannot replace.  The docs give the check to run instead
+    (``getent``), and this test notices the day twistd lets a plugin run first."""
+    argv = ["-X", "importtime", "-c", "from twisted.scripts.twistd import run; run()", "-n",
+            "--pidfile=", "--logfile=-", option, name, "saslsmtp", "--config",
+            str(ETC / "saslsmtp.toml")]
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=30,
+                         cwd=ETC, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1
+    assert out.stderr.rstrip().endswith(f"KeyError: \"{lookup}(): name not found: '{name}'\"")
+    imported = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not [line for line in imported if "saslsmtp" in line]
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    database = "passwd" if option == "--uid" else "group"
+    assert f"getent {database} saslsmtp >/dev/null ||" in operations
+
+
 def start_with_pidfile(config: Path, pidfile: Path, log: Path) -> subprocess.Popen:
     argv = ["-c", "from twisted.scripts.twistd import run; run()", "-n", f"--pidfile={pidfile}",
             "--logfile=-", "saslsmtp", "--config", str(config)]
