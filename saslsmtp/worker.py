@@ -166,6 +166,13 @@ class MasterGone:
         self.exit(1)
 
 
+def metric_file_failed(name: str, error: OSError) -> None:
+    """A metric file that cannot have its disk space (``metricfiles``): said once per file."""
+    log.error("metrics: cannot write {file}: {reason}; this worker keeps those values in"
+              " memory, missing from /metrics until it is restarted", file=name,
+              reason=error.strerror or str(error))
+
+
 class StartStatus:
     """The master's view of this worker's start: one line on ``--status-fd``, ``ready``
     once it serves or ``failed REASON`` when it cannot, so a start that cannot work
@@ -259,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saslsmtp import privileges
     from saslsmtp.config import ConfigError
     from saslsmtp.parentdeath import signal_when_parent_dies
+    from saslsmtp import metricfiles
     from saslsmtp.metrics import Metrics, multiprocess_enabled
     from saslsmtp.logs import AppendLogFile, FdLineWriter, RelayObserver, worker_observer
     out: FdLineWriter | None = None
@@ -300,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = None
         if multiprocess_enabled():
+            metricfiles.install(metric_file_failed)
             metrics = Metrics(None)
         service = build_worker_service(args.config, args.listener, reactor, metrics)
         service.control_suffix = f".{args.slot}"  # its own control socket
