@@ -177,8 +177,26 @@ def await_ready(pipes: dict[int, int], timeout: float,
                 continue
             if text.startswith("failed "):
                 return slot, text[len("failed "):]
-            return slot, f"worker {slot} ended before it was ready (its log lines say why)"
+            return slot, ended_unready(slot)
     return None
+
+
+def ended_unready(slot: int, status: int | None = None) -> str:
+    """The start's reason when worker ``slot`` ended without saying ``ready`` or
+    ``failed``: with its wait ``status`` when known, a signal is named (a SIGKILL from the
+    OOM killer, a SIGBUS, a SIGSEGV end it with no log line of its own)."""
+    if status is not None and os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        return (f"worker {slot} was killed by signal {number}{name} before it was ready"
+                " (no log line of its own can say why)")
+    if status is not None and os.WIFEXITED(status):
+        return (f"worker {slot} ended with exit status {os.WEXITSTATUS(status)} before it was"
+                " ready (its log lines say why)")
+    return f"worker {slot} ended before it was ready (its log lines say why)"
 
 
 def describe_end(value: Any) -> str:
@@ -318,8 +336,29 @@ class MasterService(service.MultiService):
                 os.close(fd)
         if problem is not None:
             slot, reason = problem
+            if reason == ended_unready(slot):
+                reason = ended_unready(slot, self._end_status(slot))
             self.abort_start(slot, reason, signals)
         self.reactor.callWhenRunning(self._stop_if_signalled, signals)
+
+    def _end_status(self, slot: int, wait: float = 2.0) -> int | None:
+        """The wait status of worker ``slot``, which closed its status pipe, once it has
+        ended (within ``wait`` seconds; before the reactor runs nothing else reaps it);
+        ``None`` when it is not known."""
+        worker = self.workers.get(slot)
+        if worker is None or worker.pid is None:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid:
+                return status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _stop_if_signalled(self, signals: StartSignals) -> None:
         """Running now, with twistd's handlers: a stop signal that came just before is

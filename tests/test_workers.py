@@ -304,3 +304,40 @@ def test_a_sighup_to_every_process_while_the_workers_start(tmp_path: Path) -> No
     finally:
         (tmp_path / "go").touch()
         kill_leftovers(proc, log)
+
+
+#: An AUTH script that kills the worker importing it (not the master, which imports it
+#: for its checks) with SIGBUS: a worker ended by a signal, which writes no line of its own.
+SIGNALLED_WORKER_SCRIPT = '''\
+import os, signal, sys
+if sys.argv[0].endswith("worker.py"):
+    os.kill(os.getpid(), signal.SIGBUS)
+
+def auth(arguments, context):
+    return None
+'''
+
+
+def test_a_worker_killed_by_a_signal_at_start_is_named_with_it(tmp_path: Path) -> None:
+    """A worker that a signal ends before it is ready (a SIGBUS, the OOM killer's SIGKILL)
+    writes nothing; the start said "ended before it was ready (its log lines say why)",
+    and no line did.  Now the start's one line names the signal, exit status 1."""
+    (tmp_path / "users").write_text(USERS)
+    (tmp_path / "dies.py").write_text(SIGNALLED_WORKER_SCRIPT)
+    port = free_port()
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="dies.py",
+                          listen=[f"tcp:{port}:interface=127.0.0.1"])
+    log = tmp_path / "saslsmtp.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.wait(60) == 1
+        text = log.read_text()
+        assert re.search(r"saslsmtp: worker [01] was killed by signal 7 \(SIGBUS\) before it was"
+                         r" ready \(no log line of its own can say why\)$", text, re.M), text
+        assert "its log lines say why" not in text, text
+        assert "Traceback" not in text, text
+    finally:
+        kill_leftovers(proc, log)
