@@ -82,6 +82,9 @@ class Maildir:
         dirfd = os.open(self._new, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(dirfd)
+        except OSError as e:
+            e.filename = e.filename or self._new  # (the log line names what failed)
+            raise
         finally:
             os.close(dirfd)
 
@@ -252,7 +255,17 @@ class MaildirSink:
         if self._fd is None:
             self._fd = self._maildir.create(self.queue_id)
             self._created = True
-        write_all(self._fd, data)
+        try:
+            write_all(self._fd, data)
+        except OSError as e:
+            raise self._named(e)
+
+    def _named(self, error: OSError) -> OSError:
+        """``error`` of a write or fsync of the ``tmp/`` file (which carry no file name)
+        with that file's path, for the one log line a failed message gets."""
+        if error.filename is None:
+            error.filename = self._maildir.tmp_path(self.queue_id)
+        return error
 
     def _write_rest(self, data: bytes) -> None:
         """GroupCommit's first pass: the last bytes into ``tmp/`` (the file is made now
@@ -271,6 +284,8 @@ class MaildirSink:
         assert fd is not None
         try:
             os.fsync(fd)
+        except OSError as e:
+            raise self._named(e)
         finally:
             os.close(fd)
 

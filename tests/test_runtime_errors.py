@@ -91,3 +91,55 @@ async def test_a_maildir_that_cannot_be_written_is_451_and_one_error_line(tmp_pa
     assert len(errors) == 1 and errors[0].startswith("message not stored: ") \
         and str(tmp) in errors[0], errors
     assert not any(e.get("log_failure") for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_maildir_is_451_and_one_error_line_naming_the_file(tmp_path: Path) -> None:
+    """The Maildir on a filesystem with no block left (a real tmpfs, filled): DATA gets
+    451, and the one error line names the message's ``tmp/`` file (a failed ``write`` or
+    ``fsync`` carries no file name: the line read ``message not stored: ?: No space left
+    on device``); nothing is left in ``tmp/`` or ``new/``."""
+    import os
+    import subprocess
+
+    from tests.conftest import require, require_binary
+    from tests.test_metrics_full_disk import fill
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    subprocess.run([require_binary("mount", "mount"), "-t", "tmpfs", "-o", "size=256k",
+                    "tmpfs", str(mail)], check=True, capture_output=True, timeout=30)
+    try:
+        (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+        server = await start_server(tmp_path, BACKEND.format(path=tmp_path / "users"))
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (server.maildir / sub).mkdir(parents=True, exist_ok=True)
+            fill(mail)
+            from twisted.internet import threads
+
+            def send() -> tuple[int, bytes]:
+                import smtplib
+                with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
+                    s.login("demo", "pw")
+                    try:
+                        s.sendmail("demo@example.test", ["x@example.test"],
+                                   b"Subject: x\r\n\r\n" + (b"y" * 70 + b"\r\n") * 1000)
+                    except smtplib.SMTPDataError as e:
+                        return e.smtp_code, e.smtp_error
+                    return 250, b""
+            with Events() as events:
+                code, text = await threads.deferToThread(send)
+        finally:
+            await server.stop()
+        assert code == 451, text
+        errors = events.at(LogLevel.error) + events.at(LogLevel.critical)
+        assert len(errors) == 1 and errors[0].startswith(
+            f"message not stored: {server.maildir / 'tmp'}/") \
+            and errors[0].endswith(": No space left on device"), errors
+        assert not any(e.get("log_failure") for e in events)
+        assert not list((server.maildir / "tmp").iterdir())
+        assert not list((server.maildir / "new").iterdir())
+    finally:
+        subprocess.run([require_binary("umount", "mount"), "-l", str(mail)],
+                       capture_output=True, timeout=30)
