@@ -10,7 +10,7 @@ again in every worker that replaces it.
 ``AllocatedMmapedDict`` takes the blocks with ``posix_fallocate`` when it creates or grows
 a file, where a full disk is an ``OSError`` it can answer: from then on that file's
 values are kept in this process's memory (the serving goes on; ``/metrics`` misses them
-until the worker is replaced) and ``on_failure`` is told once, to log it.
+until the worker is replaced) and ``install``'s handler is told once, to log it.
 ``install(on_failure)`` makes prometheus_client use it; the worker calls it before it
 creates its metrics.
 """
@@ -25,6 +25,14 @@ from prometheus_client.mmap_dict import MmapedDict
 
 #: Told (file name, error) when a file cannot be made or grown.
 FailureHandler = Callable[[str, OSError], None]
+
+
+def _ignore(name: str, error: OSError) -> None:
+    pass
+
+
+#: ``install``'s handler (one per process: prometheus_client's files are per process).
+_told: list[FailureHandler] = [_ignore]
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -44,8 +52,6 @@ def _entry_size(key: str) -> int:
 class AllocatedMmapedDict(MmapedDict):
     """``MmapedDict`` whose file never has a page without its disk block; on a filesystem
     that has none left it keeps the values in memory."""
-
-    on_failure: FailureHandler = staticmethod(lambda name, error: None)  # type: ignore[assignment]
 
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         self._memory: dict[str, tuple[float, float]] | None = None
@@ -77,7 +83,7 @@ class AllocatedMmapedDict(MmapedDict):
             self._f.close()
         self._m = self._f = None
         self._memory = kept
-        type(self).on_failure(self._fname, error)
+        _told[0](self._fname, error)
 
     def _room_for(self, key: str) -> bool:
         """Whether ``key`` can be written to the file: there is room, or the file grew."""
@@ -117,5 +123,5 @@ class AllocatedMmapedDict(MmapedDict):
 def install(on_failure: FailureHandler) -> None:
     """Make prometheus_client create this process's metric files as ``AllocatedMmapedDict``
     and tell ``on_failure`` about each one that cannot have its disk space."""
-    AllocatedMmapedDict.on_failure = staticmethod(on_failure)  # type: ignore[assignment]
-    values.MmapedDict = AllocatedMmapedDict  # type: ignore[misc]
+    _told[0] = on_failure
+    setattr(values, "MmapedDict", AllocatedMmapedDict)  # (looked up there at each new file)

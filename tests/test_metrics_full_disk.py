@@ -92,9 +92,9 @@ def test_workers_serve_when_the_metrics_folder_is_full(tmp_path: Path, full_tmpf
 
 GROW = textwrap.dedent("""
     import errno, os, sys
-    from saslsmtp.metricfiles import AllocatedMmapedDict
+    from saslsmtp.metricfiles import AllocatedMmapedDict, install
     told = []
-    AllocatedMmapedDict.on_failure = staticmethod(lambda name, error: told.append(error.errno))
+    install(lambda name, error: told.append(error.errno))
     folder = sys.argv[1]
     values = AllocatedMmapedDict(os.path.join(folder, "counter_1.db"))
     values.write_value("first", 1.0, 0.0)
