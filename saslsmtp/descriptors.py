@@ -11,8 +11,8 @@ clients are not left hanging) and re-reserves it, logging three lines per attemp
 accept errors (ENFILE, ENOBUFS, ENOMEM) leave the socket readable, so the reactor calls
 ``doRead`` again at once: a busy loop with a log line each time.  ``AcceptFailureLog``
 replaces the port's logger: the first failure is logged, further ones are counted and
-reported at most once per ``interval``; after one of the other errors the port stops
-accepting for ``pause`` seconds.  As soon as descriptors are free the next ``accept``
+reported at most once per ``interval`` (``repeats.PacedWarning``); after one of the other
+errors the port stops accepting for ``pause`` seconds.  As soon as descriptors are free the next ``accept``
 succeeds: nothing else is throttled.
 """
 
@@ -24,6 +24,8 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from zope.interface import implementer
+
+from saslsmtp.repeats import PacedWarning
 
 log = Logger(namespace="saslsmtp.listen")
 
@@ -63,9 +65,7 @@ class AcceptFailureLog:
         self.interval = interval
         self.pause = pause
         self.forward = forward
-        self.refused = 0  # since the last line
-        self.error = ""
-        self._report: Any = None  # the pending summary
+        self._failures: PacedWarning[str] = PacedWarning(clock, self._first, self._more, interval)
         self._resume: Any = None
 
     def __call__(self, event: dict) -> None:
@@ -81,23 +81,17 @@ class AcceptFailureLog:
             self.forward(event)
 
     def _failed(self, error: str) -> None:
-        self.error = error
-        if self._report is None:
-            log.error("listener {listener}: cannot accept a connection ({error}: out of file"
-                      " descriptors or memory); refusing clients until some are free",
-                      listener=self._name(), error=error)
-            self._report = self.clock.callLater(self.interval, self._summary)
-        else:
-            self.refused += 1
+        self._failures.occurred(error)
 
-    def _summary(self) -> None:
-        self._report = None
-        if self.refused:
-            log.error("listener {listener}: refused {count} more connections in {seconds:.0f} s"
-                      " ({error})", listener=self._name(), count=self.refused,
-                      seconds=self.interval, error=self.error)
-            self.refused = 0
-            self._report = self.clock.callLater(self.interval, self._summary)
+    def _first(self, error: str) -> None:
+        log.error("listener {listener}: cannot accept a connection ({error}: out of file"
+                  " descriptors or memory); refusing clients until some are free",
+                  listener=self._name(), error=error)
+
+    def _more(self, count: int, error: str) -> None:
+        log.error("listener {listener}: refused {count} more connections in {seconds:.0f} s"
+                  " ({error})", listener=self._name(), count=count, seconds=self.interval,
+                  error=error)
 
     def _pause_accepting(self) -> None:
         """The socket stays readable after these errors: do not spin on it."""
@@ -119,10 +113,10 @@ class AcceptFailureLog:
         return f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}".rstrip(":")
 
     def stop(self) -> None:
-        for call in (self._report, self._resume):
-            if call is not None and call.active():
-                call.cancel()
-        self._report = self._resume = None
+        self._failures.stop()
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None
 
 
 def summarise_accept_failures(port: Any, clock: Any, interval: float = 60.0) -> Any:

@@ -266,7 +266,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from saslsmtp.descriptors import AcceptLogEndpoint
-    from saslsmtp.proxyheader import proxy_endpoint
+    from saslsmtp.proxyheader import metered, proxy_endpoint
     from saslsmtp.proxytrust import configured
     from saslsmtp.sendnow import send_now_reactor
     if spec.kind == "systemd":
@@ -277,7 +277,7 @@ def adopt(reactor: Any, fd: int, spec: ListenerSpec, factory: Any, tls_context: 
     endpoint: Any = AdoptedStreamServerEndpoint(send_now_reactor(reactor), fd, family)
     if spec.proxy:
         endpoint = proxy_endpoint(endpoint, reactor, trusted=configured(factory),
-                                  name=spec.description)
+                                  name=spec.description, metrics=metered(factory))
     if spec.implicit_tls:
         options = dict(spec.options)
         if "privateKey" in options:

@@ -30,9 +30,14 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 AUTH_RESULTS = ("success", "failure", "tempfail", "aborted", "limited")
 #: ``backend_finished`` results.
 BACKEND_RESULTS = ("accept", "reject", "tempfail")
+#: ``proxy_refused`` reasons: a peer not in ``proxy_trusted_networks``; no complete header
+#: within the wait; bytes that cannot start a PROXY header; a v1 or v2 header that does
+#: not parse.
+PROXY_REFUSALS = ("untrusted", "timeout", "not_proxy", "invalid_v1", "invalid_v2")
 #: Seconds; AUTH spans a thread-pool hash (~0.1 s) up to a slow remote backend (timeout 5-10 s).
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:=/\[\]-]{1,64}$")
+#: An IPv6 listener escapes its colons (``tcp6:587:interface=\:\:1``): backslashes are allowed.
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:=/\\\[\]-]{1,64}$")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -80,6 +85,9 @@ class Metrics:
             "saslsmtp_delivery_failures", "Messages refused because delivery failed.", registry=registry)
         self.redis_unavailable = Counter(
             "saslsmtp_redis_unavailable", "Operations that found Redis unreachable.", registry=registry)
+        self.proxy_refusals = Counter(
+            "saslsmtp_proxy_refusals", "Connections a haproxy: listener closed without a session:"
+            " an untrusted peer or no valid PROXY header.", ["listener", "reason"], registry=registry)
         self.reloads = Counter("saslsmtp_reloads", "Configuration reloads by result.", ["result"], registry=registry)
         self.tls_certificate_expiry = Gauge(
             "saslsmtp_tls_certificate_expiry_timestamp_seconds",
@@ -142,6 +150,12 @@ class Metrics:
 
     def redis_down(self) -> None:
         self.redis_unavailable.inc()
+
+    def proxy_refused(self, listener: str, reason: str) -> None:
+        """A ``haproxy:`` listener closed a connection for ``reason`` (``PROXY_REFUSALS``)."""
+        if reason not in PROXY_REFUSALS:
+            raise ValueError(f"unknown PROXY refusal reason {reason!r}")
+        self.proxy_refusals.labels(_bounded(listener), reason).inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "invalid").inc()

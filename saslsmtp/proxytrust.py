@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from saslsmtp.limits.settings import Network, _ip
+from saslsmtp.limits.settings import Network, client_ip
+from saslsmtp.repeats import PacedWarning
 
 log = Logger(namespace="saslsmtp.smtp")
 
@@ -54,7 +55,7 @@ def believed(host: str | None, items: Trusted) -> bool:
     if items is None or host is None:
         return True
     try:
-        ip = _ip(host)  # an IPv4-mapped IPv6 peer (a dual-stack socket) as its IPv4 address
+        ip = client_ip(host)  # an IPv4-mapped IPv6 peer (a dual-stack socket) as its IPv4 address
     except ValueError:
         return False
     return any(ip.version == net.version and ip in net for net in networks(items))
@@ -66,42 +67,23 @@ def peer_host(addr: Any) -> str | None:
     return host if isinstance(host, str) else None
 
 
-class RefusalLog:
-    """One log line for the first refused peer, then at most one line per ``interval``
-    counting the others, so a scan or a flood cannot fill the log."""
+def refusal_log(clock: Any, name: str,
+                interval: float = REFUSAL_LOG_INTERVAL) -> PacedWarning[tuple[str, int]]:
+    """The refusals of listener ``name``: one line for the first refused peer
+    (``occurred((host, port))``), then at most one line per ``interval`` counting the
+    others, so a scan or a flood cannot fill the log."""
 
-    def __init__(self, clock: Any, name: str, interval: float = REFUSAL_LOG_INTERVAL) -> None:
-        self.clock = clock
-        self.interval = interval
-        self.name = name
-        self.count = 0  # refused since the last line
-        self.last = ""
-        self._report: Any = None
+    def first(peer: tuple[str, int]) -> None:
+        log.warn("PROXY header from {peer} refused on {listener}: {host} is not in"
+                 " server.proxy_trusted_networks; closed without a greeting",
+                 peer="%s:%d" % peer, host=peer[0], listener=name)
 
-    def refused(self, host: str, port: int) -> None:
-        self.last = f"{host}:{port}"
-        if self._report is None:
-            log.warn("PROXY header from {peer} refused on {listener}: {host} is not in"
-                     " server.proxy_trusted_networks; closed without a greeting",
-                     peer=self.last, host=host, listener=self.name)
-            self._report = self.clock.callLater(self.interval, self._summary)
-        else:
-            self.count += 1
+    def more(count: int, peer: tuple[str, int]) -> None:
+        log.warn("refused {count} more connections on {listener} from peers not in"
+                 " server.proxy_trusted_networks in {seconds:.0f} s (the last from {peer})",
+                 count=count, listener=name, seconds=interval, peer="%s:%d" % peer)
 
-    def _summary(self) -> None:
-        self._report = None
-        if self.count:
-            log.warn("refused {count} more connections on {listener} from peers not in"
-                     " server.proxy_trusted_networks in {seconds:.0f} s (the last from {peer})",
-                     count=self.count, listener=self.name, seconds=self.interval,
-                     peer=self.last)
-            self.count = 0
-            self._report = self.clock.callLater(self.interval, self._summary)
-
-    def stop(self) -> None:
-        if self._report is not None and self._report.active():
-            self._report.cancel()
-        self._report = None
+    return PacedWarning(clock, first, more, interval)
 
 
 def configured(factory: Any) -> Callable[[], Trusted]:

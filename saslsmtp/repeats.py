@@ -6,12 +6,23 @@ every login through it).  A line per attempt fills the log; no line hides the pr
 ``RepeatedWarning`` says a line is due the first time, when what it would say changes,
 and then at most once per ``interval`` seconds, with the number of occurrences left out
 since the previous line.  Occurrences are keyed (a peer, a store), so one condition
-never silences another.  Only the clock is injected; nothing here logs.
+never silences another.
+
+``PacedWarning`` is for floods rather than outages (peers refused at the accept, bytes
+that are no PROXY header): the first occurrence gets its line at once, the others within
+``interval`` seconds are counted, and the count is told when the interval ends, on a
+timer, so a flood that stops is still reported whole; a quiet interval ends it, and the
+next occurrence gets its own line again.  ``RepeatedWarning`` needs no timer (its count
+waits for the next occurrence), which is what a verify callback without a reactor can
+use; the two say different things at different times, so both stay.  Only the clock is
+injected; the lines are the caller's callbacks, nothing here logs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from typing import Any, Callable, Generic, Hashable, TypeVar
+
+T = TypeVar("T")
 
 
 class RepeatedWarning:
@@ -33,3 +44,41 @@ class RepeatedWarning:
             return None
         self._last[key] = (now, text)
         return self._left_out.pop(key, 0)
+
+
+class PacedWarning(Generic[T]):
+    """A line for the first occurrence, then one per ``interval`` counting the others
+    (see the module docstring): ``first(what)`` and ``more(count, last what)`` write
+    them; ``clock`` is an ``IReactorTime``."""
+
+    def __init__(self, clock: Any, first: Callable[[T], None],
+                 more: Callable[[int, T], None], interval: float = 60.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._first = first
+        self._more = more
+        self.count = 0  # occurrences since the last line
+        self._last: T | None = None
+        self._report: Any = None  # the pending summary
+
+    def occurred(self, what: T) -> None:
+        """One occurrence, described by ``what`` (the summary names the last one)."""
+        self._last = what
+        if self._report is None:
+            self._first(what)
+            self._report = self.clock.callLater(self.interval, self._summary)
+        else:
+            self.count += 1
+
+    def _summary(self) -> None:
+        self._report = None
+        if self.count and self._last is not None:
+            self._more(self.count, self._last)
+            self.count = 0
+            self._report = self.clock.callLater(self.interval, self._summary)
+
+    def stop(self) -> None:
+        """Cancel the pending summary (the listener stops)."""
+        if self._report is not None and self._report.active():
+            self._report.cancel()
+        self._report = None

@@ -416,20 +416,21 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from saslsmtp.descriptors import AcceptLogEndpoint
-    from saslsmtp.proxyheader import proxy_endpoint
+    from saslsmtp.proxyheader import metered, proxy_endpoint
     from saslsmtp.proxytrust import configured
     from saslsmtp.sendnow import send_now_reactor
     prefix = "haproxy:" if description.startswith("haproxy:") else ""
     inner = description[len(prefix):]
     listening = send_now_reactor(reactor)
-    trusted = configured(factory)  # before TLS wraps it
+    trusted, metrics = configured(factory), metered(factory)  # before TLS wraps it
     if inner.startswith("ssl:") and "privateKey=" not in inner and tls is not None:
         endpoint = endpoints.serverFromString(listening, "tcp:" + inner[len("ssl:"):])
         factory = TLSMemoryBIOFactory(tls, False, factory)
     else:
         endpoint = endpoints.serverFromString(listening, inner)
     if prefix:
-        endpoint = proxy_endpoint(endpoint, reactor, trusted=trusted, name=description)
+        endpoint = proxy_endpoint(endpoint, reactor, trusted=trusted, name=description,
+                                  metrics=metrics)
     return AcceptLogEndpoint(endpoint, reactor), factory
 
 

@@ -214,6 +214,113 @@ def test_bytes_that_cannot_start_a_header_close_at_once(logged: list[dict]) -> N
     assert len(_proxy_lines(logged)) == 1
 
 
+# ---- many connections without a header: one line, then a count; metrics by reason ------
+
+BAD_V2 = b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x04" + b"\x01" * 4  # TCP4 needs 12 bytes
+WRONG_VERSION_V2 = b"\r\n\r\n\x00\r\nQUIT\n" + b"\x11\x11\x00\x0c"  # version 1 in a v2 frame
+
+
+def _refusal_counts(registry) -> dict[tuple[str, str], float]:
+    return {(sample.labels["listener"], sample.labels["reason"]): sample.value
+            for family in registry.collect() if family.name == "saslsmtp_proxy_refusals"
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
+def _peer_wrapper(factory: HeaderFirstFactory, peer) -> tuple[HeaderFirstWrapper, StringTransport]:
+    wrapper = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    wrapper.makeConnection(transport)
+    return wrapper, transport
+
+
+def test_bad_headers_are_one_line_then_one_count_per_minute(logged: list[dict]) -> None:
+    """A scanner sending junk: the first connection is a line naming the peer and the
+    listener; the next ones within the minute are one line counting them (they were one
+    line each); a quiet minute ends it.  A dual-stack socket's IPv4 peer is written as
+    its IPv4 address, as the session lines write it."""
+    from twisted.internet.address import IPv6Address
+    clock = Clock()
+    factory = HeaderFirstFactory(Factory.forProtocol(_Recorder), clock, 5.0,
+                                 name="haproxy:tcp6:2587")
+    for port in range(40000, 40020):
+        wrapper, transport = _peer_wrapper(factory, IPv6Address("TCP", "::ffff:192.0.2.7", port))
+        wrapper.dataReceived(b"EHLO scanner.example\r\n")
+        assert transport.disconnecting
+    wrapper, transport = _peer_wrapper(factory, IPv6Address("TCP", "::ffff:192.0.2.8", 40100))
+    clock.advance(5)  # the last one says nothing
+    assert _proxy_lines(logged) == [
+        "no valid PROXY protocol header from 192.0.2.7:40000 on haproxy:tcp6:2587 (not a PROXY"
+        " header); closing"]
+    clock.advance(55)
+    assert _proxy_lines(logged)[1:] == [
+        "closed 20 more connections without a valid PROXY protocol header on haproxy:tcp6:2587"
+        " in 60 s (the last from 192.0.2.8:40100: nothing within 5 s)"]
+    clock.advance(60)  # a quiet minute: no line, no timer left
+    assert len(_proxy_lines(logged)) == 2 and clock.getDelayedCalls() == []
+    wrapper, transport = _peer_wrapper(factory, IPv6Address("TCP", "2001:db8::5", 40200))
+    wrapper.dataReceived(b"PROXY TCP4 1.2.3.4\r\n")
+    assert _proxy_lines(logged)[2:] == [
+        "no valid PROXY protocol header from 2001:db8::5:40200 on haproxy:tcp6:2587 (an invalid"
+        " v1 header); closing"]
+
+
+def test_an_untrusted_dual_stack_peer_is_written_as_its_ipv4_address(logged: list[dict]) -> None:
+    from twisted.internet.address import IPv6Address
+    factory = HeaderFirstFactory(Factory.forProtocol(_Recorder), Clock(), 5.0,
+                                 trusted=lambda: ("127.0.0.1",), name="haproxy:tcp6:2587")
+    assert factory.buildProtocol(IPv6Address("TCP", "::ffff:127.0.0.2", 40001)) is None
+    from twisted.logger import formatEvent
+    assert [formatEvent(e) for e in logged if "proxy_trusted" in formatEvent(e)] == [
+        "PROXY header from 127.0.0.2:40001 refused on haproxy:tcp6:2587: 127.0.0.2 is not in"
+        " server.proxy_trusted_networks; closed without a greeting"]
+
+
+@pytest.mark.parametrize("first, reason", [
+    (b"EHLO c.example\r\n", "not_proxy"),
+    (b"\x16\x03\x01\x02\x00\x01", "not_proxy"),  # a TLS ClientHello on a plain haproxy: port
+    (b"PROXY TCP4 198.51.100.7\r\n", "invalid_v1"),
+    (b"PROXY TCP4 198.51.100.7 192.0.2.1 x 587\r\n", "invalid_v1"),  # was a traceback
+    (b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 70000\r\n", "invalid_v1"),
+    (b"PROXY TCP4 mail.example 192.0.2.1 40000 587\r\n", "invalid_v1"),  # was believed
+    (b"PROXY TCP6 198.51.100.7 192.0.2.1 40000 587\r\n", "invalid_v1"),
+    (b"PROXY " + b"1" * 120, "invalid_v1"),  # no line end within v1's 107 bytes
+    (BAD_V2, "invalid_v2"),
+    (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x99\x00\x00", "invalid_v2"),  # no such family
+    (WRONG_VERSION_V2, "invalid_v2"),
+    (HEADER_V1[:20], "timeout"),
+    (b"", "timeout"),
+])
+def test_each_refusal_is_counted_by_reason(first: bytes, reason: str) -> None:
+    """``saslsmtp_proxy_refusals_total{listener, reason}``: one sample per connection
+    closed without a valid header, by a reason from a small fixed set."""
+    from prometheus_client import CollectorRegistry
+    from saslsmtp.metrics import Metrics
+    registry = CollectorRegistry()
+    clock = Clock()
+    factory = HeaderFirstFactory(Factory.forProtocol(_Recorder), clock, 5.0,
+                                 name="haproxy:tcp:2587", metrics=Metrics(registry))
+    wrapper, transport = _peer_wrapper(factory, IPv4Address("TCP", "10.0.0.1", 50000))
+    if first:
+        wrapper.dataReceived(first)
+    clock.advance(5)
+    assert transport.disconnecting
+    assert _refusal_counts(registry) == {("haproxy:tcp:2587", reason): 1.0}
+
+
+def test_untrusted_peers_are_counted() -> None:
+    from prometheus_client import CollectorRegistry
+    from saslsmtp.metrics import Metrics
+    registry = CollectorRegistry()
+    factory = HeaderFirstFactory(Factory.forProtocol(_Recorder), Clock(), 5.0,
+                                 trusted=lambda: ("10.0.0.1",), name="haproxy:tcp:2587",
+                                 metrics=Metrics(registry))
+    for port in (40001, 40002, 40003):
+        assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", port)) is None
+    wrapper, transport = _peer_wrapper(factory, IPv4Address("TCP", "10.0.0.1", 40004))
+    wrapper.dataReceived(HEADER_V2)  # the trusted proxy: served, not counted
+    assert _refusal_counts(registry) == {("haproxy:tcp:2587", "untrusted"): 3.0}
+
+
 # ---- the proxy's own connections (a header without a client address) --------------------
 
 OWN_V1 = b"PROXY TCP4 10.0.0.1 10.0.0.2 50000 587\r\n"  # HAProxy's v1 check: its own connection

@@ -296,3 +296,92 @@ def test_a_reload_narrows_the_list_of_a_single_process(tmp_path: Path) -> None:
         wait_for_log(server, "PROXY header from 127.0.0.2:")
     finally:
         server.stop()
+
+
+# ---- a flood of refused connections: exact lines, counts by reason -------------------
+
+def _from(port: int, source: str, first: bytes) -> tuple[bytes, int]:
+    """From ``source``, connect, send ``first``, read until the server closes: (what came,
+    the client's port, as the log names it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as s:
+        sport = s.getsockname()[1]
+        got = b""
+        try:
+            if first:
+                s.sendall(first)
+            while data := s.recv(4096):
+                got += data
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        return got, sport
+
+
+def _refusal_samples(port: int) -> dict[tuple[str, str], float]:
+    """``saslsmtp_proxy_refusals_total`` from the daemon's /metrics, by (listener, reason)."""
+    import re
+    import urllib.request
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for m in re.finditer(r'^saslsmtp_proxy_refusals_total\{listener="((?:[^"\\]|\\.)*)",'
+                         r'reason="([a-z_0-9]+)"\} (\S+)$', body, re.M):
+        found[(m.group(1).replace("\\\\", "\\"), m.group(2))] = float(m.group(3))
+    return found
+
+
+def _proxy_log_lines(text: str) -> list[str]:
+    """The daemon's PROXY lines without their time and namespace prefix."""
+    return [line.split("] ", 1)[1] for line in text.splitlines()
+            if "PROXY protocol header" in line or "PROXY header from" in line
+            or "proxy_trusted_networks from" in line]
+
+
+def test_refused_connections_are_logged_once_and_counted_by_reason(tmp_path: Path) -> None:
+    """A real daemon with two haproxy: listeners, one of them an IPv6 socket bound to
+    ``::ffff:127.0.0.1`` (an IPv4 client there is ``::ffff:127.0.0.1``, as on a
+    dual-stack ``[::]`` listener).  Ten connections without a valid header and four from
+    an untrusted peer make one line each kind per listener (they were a line each), with
+    the peer as its IPv4 address; /metrics counts every one by reason."""
+    metrics, port, mapped = free_port(), free_port(), free_port()
+    plain = f"haproxy:tcp:{port}:interface=127.0.0.1"
+    dual = f"haproxy:tcp6:{mapped}:interface=\\:\\:ffff\\:127.0.0.1"
+    config = _trusting_config(tmp_path, port, '["127.0.0.1"]',
+                              f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n')
+    config.write_text(config.read_text().replace(
+        f'listen = ["{plain}"]', f'listen = ["{plain}", "{dual.replace(chr(92), chr(92) * 2)}"]'))
+    server = start_daemon(config, port, tmp_path / "daemon.log")
+    try:
+        sent = [b"EHLO scanner.example\r\n", b"GET / HTTP/1.0\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # TLS on the plain port
+                b"PROXY TCP4 198.51.100.7\r\n", b"PROXY TCP4 198.51.100.7 192.0.2.1 x 587\r\n",
+                b"PROXY TCP4 mail.example 192.0.2.1 40000 587\r\n",
+                b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04\x01\x01\x01\x01",
+                b"\r\n\r\n\x00\r\nQUIT\n\x21\x99\x00\x00"]
+        answers = [_from(port, "127.0.0.1", first) for first in sent]
+        assert [got for got, _ in answers] == [b""] * len(sent)
+        untrusted = [_from(port, "127.0.0.2", CLAIM) for _ in range(4)]
+        assert [got for got, _ in untrusted] == [b""] * 4
+        silent = [_from(port, "127.0.0.1", b""), _from(port, "127.0.0.1", b"PROXY TCP4 1")]
+        assert [got for got, _ in silent] == [b""] * 2  # closed after 5 s each (in turn)
+        on_dual = _from(mapped, "127.0.0.1", b"EHLO scanner.example\r\n")
+        refused_dual = _from(mapped, "127.0.0.2", CLAIM)
+        assert on_dual[0] == refused_dual[0] == b""
+        expected = {(plain, "not_proxy"): 3.0, (plain, "invalid_v1"): 3.0,
+                    (plain, "invalid_v2"): 2.0, (plain, "untrusted"): 4.0,
+                    (plain, "timeout"): 2.0, (dual, "not_proxy"): 1.0, (dual, "untrusted"): 1.0}
+        wait_for(lambda: _refusal_samples(metrics) == expected, timeout=5,
+                 what=f"the refusals counted (got {_refusal_samples(metrics)})")
+        log = server.log_text()
+        assert _proxy_log_lines(log) == [
+            f"no valid PROXY protocol header from 127.0.0.1:{answers[0][1]} on {plain}"
+            " (not a PROXY header); closing",
+            f"PROXY header from 127.0.0.2:{untrusted[0][1]} refused on {plain}: 127.0.0.2 is"
+            " not in server.proxy_trusted_networks; closed without a greeting",
+            f"no valid PROXY protocol header from 127.0.0.1:{on_dual[1]} on {dual}"
+            " (not a PROXY header); closing",
+            f"PROXY header from 127.0.0.2:{refused_dual[1]} refused on {dual}: 127.0.0.2 is"
+            " not in server.proxy_trusted_networks; closed without a greeting",
+        ], log[-4000:]
+        assert "::ffff:" not in log and "Traceback" not in log, log[-4000:]
+    finally:
+        server.stop()

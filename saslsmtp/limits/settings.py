@@ -98,7 +98,11 @@ class AuthCacheSettings:
         return self.ttl > 0
 
 
-def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IP address a client is judged by: an IPv4-mapped IPv6 address (an IPv4 client
+    of a dual-stack socket) as its IPv4 address, an IPv6 zone (``%eth0``) dropped;
+    ``ValueError`` for anything else (a UNIX-socket peer).  The limits, their
+    ``trusted_networks`` and ``proxy_trusted_networks`` all judge this form."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -110,7 +114,7 @@ def client_key(address: str, ipv6_prefix: int = 64) -> str:
     folded to IPv4), an IPv6 address as its ``/ipv6_prefix`` network, since one host
     usually holds a whole /64.  Anything unparsable (a UNIX socket peer) is kept as is."""
     try:
-        ip = _ip(address)
+        ip = client_ip(address)
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv6Address) and ipv6_prefix < 128:
@@ -123,7 +127,7 @@ def _classify(address: str, prefix: int, trusted: tuple[Network, ...]) -> tuple[
     """(client key, trusted?) for an address; cached, since parsing an address costs more
     than a whole in-memory rate check and one session asks several times."""
     try:
-        ip = _ip(address)
+        ip = client_ip(address)
     except ValueError:
         return address, False
     return (client_key(address, prefix),
