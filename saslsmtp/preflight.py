@@ -193,7 +193,11 @@ def check_endpoints(config: Config, reactor: Any, report: _Report, workers: int 
         try:
             endpoints.serverFromString(reactor, built)
         except Exception as e:
-            if isinstance(e, IndexError) and inner.startswith("systemd:"):
+            if key == "metrics.listen" and inner.startswith("systemd:"):
+                report.problem(key, f"{description!r}: socket activation is for server.listen"
+                                    " entries only; [metrics] listen binds its own port (like"
+                                    ' "tcp:9125:interface=127.0.0.1")')
+            elif isinstance(e, IndexError) and inner.startswith("systemd:"):
                 report.problem(key, f"{description!r}: systemd passed no socket at that index"
                                     " (socket activation: a .socket unit passes them; a start"
                                     " or --check outside it has none)")

@@ -435,7 +435,9 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
 
 
 def build(config: Config, reactor: Any) -> SaslSmtpService:
-    """The whole daemon as a service (not started)."""
+    """The whole daemon as a service (not started).  Every ``server.listen`` entry is a
+    Twisted endpoint string (``listener``): a ``systemd:`` entry is Twisted's, not matched
+    to the sockets systemd passed as the daemon's are (``daemon.make_service``)."""
     wiring = wire(config, reactor)
     factory = SubmissionFactory(wiring, reactor)
     top = SaslSmtpService(wiring, factory)

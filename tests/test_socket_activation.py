@@ -282,6 +282,25 @@ def test_check_and_start_refuse_a_datagram_socket(tmp_path: Path) -> None:
             assert status == 1 and problem in out.splitlines(), out
 
 
+def test_a_systemd_metrics_listener_is_refused_in_words(tmp_path: Path,
+                                                       held_socket: socket.socket) -> None:
+    """``[metrics] listen`` binds its own port: a ``systemd:`` entry there is refused at
+    its line, with the sockets passed or not, in words (it was Twisted's
+    ``_SystemdParser._parseServer() missing 1 required positional argument``)."""
+    config, _ = alice_config(tmp_path)
+    listening_on(config, "systemd:name=saslsmtp")
+    config.write_text(config.read_text() + '\n[metrics]\nlisten = "systemd:name=metrics"\n')
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1)
+                if text.startswith("listen = \"systemd:name=metrics"))
+    problem = (f"{config}:{line}: metrics.listen: 'systemd:name=metrics': socket activation is"
+               " for server.listen entries only; [metrics] listen binds its own port (like"
+               ' "tcp:9125:interface=127.0.0.1")')
+    for sockets, names, extra in (([], [], ("--check",)), ([held_socket], ["saslsmtp"], ())):
+        status, out = run_activated(config, sockets, names, *extra)
+        assert status == 1 and problem in out.splitlines(), out
+        assert "saslsmtp ready" not in out and "Traceback" not in out and "_Systemd" not in out
+
+
 def test_a_passed_socket_nobody_names_is_a_warning(tmp_path: Path, held_socket: socket.socket) -> None:
     """--check and the start warn about it; the start serves the other one."""
     config, _ = alice_config(tmp_path)
