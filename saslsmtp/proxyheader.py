@@ -84,11 +84,11 @@ def no_header_log(clock: Any, name: str, timeout: float,
         if what.reason == "timeout":
             log.warn("no PROXY protocol header within {timeout:g} s from {peer}:{port} on"
                      " {listener} ({got}); closing", timeout=timeout, peer=what.peer,
-                     port=what.port, listener=name, got=what.why)
+                     port=what.port, listener=name, got=what.why, reason=what.reason)
         else:
             log.warn("no valid PROXY protocol header from {peer}:{port} on {listener}"
                      " ({why}); closing", peer=what.peer, port=what.port, listener=name,
-                     why=what.why)
+                     why=what.why, reason=what.reason)
 
     def more(count: int, what: NoHeader) -> None:
         why = what.why + f" within {timeout:g} s" if what.reason == "timeout" else what.why
