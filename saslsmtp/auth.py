@@ -27,10 +27,12 @@ anything else -> ``Defer()`` and a log line.  So the protocol sees exactly one o
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Union, assert_never
+from typing import Any, Awaitable, Callable, Protocol, Union, assert_never
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory
@@ -39,6 +41,7 @@ from twisted.python.failure import Failure
 from saslsmtp.credentials import AuthenticatedIdentity, PasswordCredentials
 from saslsmtp.errors import TemporaryFailure, failure_outcome
 from saslsmtp.limits.fairpool import client_key_set
+from saslsmtp.redact import scrubbed_failure
 from saslsmtp.sasl.mechanism import AnyMechanism, MechanismSpec, prepares_secret
 from saslsmtp.sasl.outcome import (Accept, Defer, Lookup, Outcome, Refusal, Reject, Reply,
                                    Secret, Session, ValidateToken, Verify)
@@ -79,6 +82,11 @@ class PasswordScript(Protocol):
 def no_resolver(request: SecretRequest, session: Session) -> "defer.Deferred[Secret | None]":
     """The resolver when no backend can answer: every request is a temporary failure."""
     return defer.fail(TemporaryFailure(f"no resolver for {type(request).__name__}"))
+
+
+async def _awaited(step: Awaitable[Outcome]) -> Outcome:
+    """The outcome of an awaitable step that is no Deferred (a coroutine)."""
+    return await step
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,10 @@ class AuthExchange:
             case Lookup() | ValidateToken():
                 return self._admitted(outcome.username, None, lambda: self._resolve(outcome))
             case _:
+                if inspect.isawaitable(outcome):  # an ``async def`` step (AsyncMechanism):
+                    # Deferreds were taken before, a coroutine is awaited here (only here:
+                    # the usual outcomes never pay for the check)
+                    return defer.ensureDeferred(_awaited(outcome)).addCallback(self._act)
                 assert_never(outcome)
 
     def _verify(self, request: Verify) -> "defer.Deferred[StepResult]":
@@ -252,7 +264,11 @@ class AuthExchange:
             with client_key_set(self._client_key()):
                 return self.script.verify_password(request, self.session).addCallback(self._act)
         credentials = PasswordCredentials.from_request(request, self.session)
-        return self._login(credentials, request.username, None)
+        # A checker of the application's own that fails may quote the password in its
+        # message: the log line gets it redacted (the backend chain does so for ours).
+        return self._login(credentials, request.username, None).addErrback(
+            lambda failure: failure if failure.check(UnauthorizedLogin)
+            else scrubbed_failure(failure, [request.password]))
 
     def _client_key(self) -> str:
         return self.guard.client_key if self.guard is not None else ""
