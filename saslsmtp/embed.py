@@ -33,7 +33,9 @@ from saslsmtp.config import ConfigError
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.options import OptionProblem, OptionsError
 from saslsmtp.resolver import secret_resolver
-from saslsmtp.sasl.mechanism import MechanismSpec
+from saslsmtp.sasl import scram
+from saslsmtp.sasl.mechanism import Mechanism, MechanismSpec
+from saslsmtp.sasl.outcome import Session
 from saslsmtp.script import (AuthScript, Backends, ScriptPasswordChecker, ScriptRunner,
                              load_script, scripted_spec)
 from saslsmtp.threads import BlockingRunner, ThreadPoolRunner
@@ -55,13 +57,50 @@ __all__ = [
     "SubmissionAuth", "Resolver", "auth_script", "script_password_checker",
     "checker", "file_checker", "ldap_checker", "smtp_checker", "http_checker",
     "dovecot_checker", "oauth2_checker", "thread_pool", "OptionsError", "ConfigError",
-    "MechanismAdapter", "ScriptRunner",
+    "MechanismAdapter", "ScriptRunner", "ISecretSource", "ITokenValidator", "mechanism",
+    "scram_keys",
 ]
 
 #: The built-in mechanisms a stock Twisted protocol can run.  The others need what only
 #: ``SubmissionESMTP`` gives a mechanism: TLS facts (OAUTHBEARER, XOAUTH2 and the -PLUS
 #: variants) or the client certificate (EXTERNAL).
 STOCK_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")
+
+
+def _mechanism_items(mechanisms: Iterable[str | MechanismSpec]) -> list[str | MechanismSpec]:
+    """``mechanisms`` as a list, each a name or a ``MechanismSpec``: one string is not a
+    list of names (it would be read letter by letter: "P is not built in")."""
+    if isinstance(mechanisms, (str, bytes)):
+        raise TypeError(f"mechanisms must be a list of names, not one {type(mechanisms).__name__}:"
+                        f" [{mechanisms!r}]")
+    items = list(mechanisms)
+    for item in items:
+        if not isinstance(item, (str, MechanismSpec)):
+            raise TypeError("mechanisms: each item must be a name (str) or a MechanismSpec,"
+                            f" not {type(item).__name__}")
+    return items
+
+
+def _providing(items: Iterable[Any], what: str, fits: Callable[[Any], bool], needs: str,
+               example: str, wrong_item: type[Exception] = ValueError) -> list[Any]:
+    """``items`` as a list of objects that ``fits``: one object passed where a list was
+    meant is a ``TypeError``, an item that does not fit ``wrong_item``; both name the
+    argument."""
+    if fits(items) or isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"{what} must be a list ({what}=[{example}]), not"
+                        f" {type(items).__name__}")
+    given = list(items)
+    for item in given:
+        if not fits(item):
+            raise wrong_item(f"{what}: every item must be a checker that provides {needs}"
+                             f" ({example}), not {type(item).__name__}")
+    return given
+
+
+def _is_checker(item: Any) -> bool:
+    """What ``Portal`` needs of a checker (it does not ask for ``@implementer``)."""
+    return hasattr(item, "credentialInterfaces") and callable(
+        getattr(item, "requestAvatarId", None))
 
 
 def challengers(mechanisms: Iterable[str | MechanismSpec], *, script: ScriptRunner | None = None,
@@ -76,17 +115,15 @@ def challengers(mechanisms: Iterable[str | MechanismSpec], *, script: ScriptRunn
     and SCRAM need one.  ``hostname`` goes into the CRAM-MD5 challenge.  ``pool`` runs
     SCRAM's PBKDF2 for ``{PLAIN}`` entries (that step is then asynchronous, which a stock
     protocol cannot wait for in the middle of an exchange: store SCRAM secrets instead).
-    Anything that cannot work raises ``ValueError`` naming the mechanism.
+    Anything that cannot work raises ``ValueError`` naming the mechanism; arguments of
+    the wrong type (one string for the list, one checker for ``secrets``) ``TypeError``.
     """
     specs: list[MechanismSpec] = []
-    items = list(mechanisms)
+    items = _mechanism_items(mechanisms)
     names = [m.name if isinstance(m, MechanismSpec) else m.upper() for m in items]
     builtins = builtin_mechanisms(names)
-    given = list(secrets)
-    sources = [s for s in given if ISecretSource.providedBy(s)]
-    if len(sources) != len(given):
-        raise ValueError("secrets: every item must be a checker that provides ISecretSource"
-                         " (file_checker)")
+    sources = _providing(secrets, "secrets", ISecretSource.providedBy, "ISecretSource",
+                         "file_checker(...)")
     declared = script.script.mechanisms if script is not None else None
     for item in items:
         if isinstance(item, MechanismSpec):
@@ -125,7 +162,8 @@ def portal(realm: IRealm, checkers: Iterable[ICredentialsChecker] = (), *,
     Added: ``TrustedIdentityChecker`` (a mechanism or the script accepted someone) and
     ``ExchangeChecker`` (an exchange failed, or its last step was asynchronous).
     """
-    given: list[Any] = list(checkers)
+    given: list[Any] = _providing(
+        checkers, "checkers", _is_checker, "ICredentialsChecker", "file_checker(...)", TypeError)
     passwords = [c for c in given if IUsernamePassword in tuple(c.credentialInterfaces)]
     others = [c for c in given if IUsernamePassword not in tuple(c.credentialInterfaces)]
     if script is not None and passwords:
@@ -164,6 +202,46 @@ class SubmissionAuth:
         return tuple(self.mechanisms)
 
 
+def mechanism(name: str, session: Session | None = None) -> Mechanism:
+    """A fresh built-in mechanism (``PLAIN``, ``CRAM-MD5``, ``SCRAM-SHA-256`` ...) for one
+    exchange, to drive yourself in any protocol: ``start``, ``receive`` and ``resume``
+    return outcomes (``saslsmtp.sasl.outcome``); answer a ``Verify`` by checking the
+    password, a ``Lookup`` with ``resume(Secret(kind, value))`` or ``resume(None)`` (no
+    such user).  ``session``: what the mechanism may know of the connection (its
+    ``hostname`` goes into CRAM-MD5's challenge).  ``ValueError`` for a name that is not
+    built in."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a mechanism name (str), not {type(name).__name__}")
+    if session is not None and not isinstance(session, Session):
+        raise TypeError(f"session must be a Session, not {type(session).__name__}")
+    spec = builtin_mechanisms([name.upper()]).get(name.upper())
+    if spec is None:
+        raise ValueError(f"{name} is not built in (built in:"
+                         f" {', '.join(sorted(builtin_mechanisms()))})")
+    return cast(Mechanism, spec.factory(session if session is not None else Session()))
+
+
+def scram_keys(password: str, mechanism: str = "SCRAM-SHA-256", *, salt: bytes | None = None,
+               iterations: int = scram.DEFAULT_ITERATIONS) -> tuple[int, bytes, bytes, bytes]:
+    """What to store for SCRAM instead of the password: ``(iterations, salt, stored_key,
+    server_key)``, the value of ``Secret("scram-sha-256", ...)`` (``"scram-sha-1"`` for
+    SCRAM-SHA-1) that a ``Lookup`` is answered with.  ``salt``: 16 random bytes unless
+    given.  PBKDF2 takes about a millisecond at 4096 iterations: compute it when the
+    password is set, not at login."""
+    base = mechanism.upper().removesuffix("-PLUS") if isinstance(mechanism, str) else mechanism
+    if base not in scram.HASHES:
+        raise ValueError(f"mechanism must be one of {', '.join(scram.HASHES)}, not {mechanism!r}")
+    if not isinstance(password, str):
+        raise TypeError(f"password must be a str, not {type(password).__name__}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, not {iterations!r}")
+    if salt is None:
+        salt = os.urandom(16)
+    elif not isinstance(salt, bytes) or not salt:
+        raise TypeError("salt must be non-empty bytes")
+    return scram.derive_keys(scram.HASHES[base][0], password, salt, iterations).as_tuple()
+
+
 def submission_auth(mechanisms: Iterable[str | MechanismSpec], *,
                     script: ScriptRunner | None = None, secrets: Iterable[Any] = (),
                     tokens: Iterable[Any] = (), pool: BlockingRunner | None = None
@@ -180,16 +258,13 @@ def submission_auth(mechanisms: Iterable[str | MechanismSpec], *,
     never succeed.  PLAIN and LOGIN go to the portal's password checkers, or to the
     script when you pass ``script=`` to ``SubmissionESMTP`` too.
     """
-    items = list(mechanisms)
+    items = _mechanism_items(mechanisms)
     names = [m.name if isinstance(m, MechanismSpec) else m.upper() for m in items]
     builtins = builtin_mechanisms(names)
-    sources, validators = list(secrets), list(tokens)
-    if not all(ISecretSource.providedBy(s) for s in sources):
-        raise ValueError("secrets: every item must be a checker that provides ISecretSource"
-                         " (file_checker)")
-    if not all(ITokenValidator.providedBy(v) for v in validators):
-        raise ValueError("tokens: every item must be a checker that provides ITokenValidator"
-                         " (oauth2_checker)")
+    sources = _providing(secrets, "secrets", ISecretSource.providedBy, "ISecretSource",
+                         "file_checker(...)")
+    validators = _providing(tokens, "tokens", ITokenValidator.providedBy, "ITokenValidator",
+                            "oauth2_checker(...)")
     declared = script.script.mechanisms if script is not None else None
     specs: dict[str, MechanismSpec] = {}
     for item, name in zip(items, names):
@@ -229,6 +304,9 @@ def auth_script(script: str | Callable[..., Any], *, clock: Any, timeout: float 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
             0 < timeout < math.inf):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if not callable(getattr(clock, "callLater", None)):
+        raise TypeError("clock must provide callLater (the reactor, or a task.Clock in"
+                        f" tests), not {type(clock).__name__}")
     if not callable(script) and not isinstance(script, (str, os.PathLike)):
         raise TypeError("script must be a path to an AUTH script or an"
                         f" auth(arguments, context) callable, not {type(script).__name__}")

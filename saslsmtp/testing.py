@@ -217,6 +217,9 @@ class SMTPHarness:
             named["users"] = MemoryUsers(users)
         named.update(backends or {})
         self.backends = named
+        if isinstance(mechanism_names, (str, bytes)):  # read letter by letter otherwise
+            raise TypeError("mechanism_names must be a list of names, not one"
+                            f" {type(mechanism_names).__name__}: [{mechanism_names!r}]")
         names = tuple(m.upper() for m in mechanism_names) if mechanism_names is not None else None
         specs = dict(mechanisms) if mechanisms is not None else builtin_mechanisms(names or ())
         password_checker: ICredentialsChecker = BackendChain(list(named.items()))

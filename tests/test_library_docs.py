@@ -5,7 +5,7 @@ temporary folder under that name.  The three servers run as programs (the way a 
 would run them) on loopback, against real clients: smtplib and swaks for stock ESMTP and
 SubmissionESMTP, imaplib and curl for IMAP4Server.  The web example serves HTTP Basic auth
 against a real slapd.  The own-portal example, the token mechanism and the testing example
-are pytest tests themselves."""
+are pytest tests themselves, and so is the example that drives mechanisms without a server."""
 
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def test_examples_are_marked() -> None:
     """Each example this module runs is in the page (a renamed one fails here, not silently)."""
     assert set(examples()) == {"esmtp_server.py", "users.passwd", "auth_password.py",
                                "own_portal.py", "token_mechanism.py", "imap_server.py",
-                               "web_site.py", "submission_server.py", "test_auth_password.py"}
+                               "web_site.py", "submission_server.py", "test_auth_password.py",
+                               "sasl_steps.py"}
 
 
 def saslsmtp_imports(code: str) -> set[tuple[str, str]]:
@@ -188,6 +189,12 @@ def test_own_portal_example(folder: Path) -> None:
 def test_token_mechanism_example(folder: Path) -> None:
     """A mechanism written in Python, in stock ESMTP."""
     assert run_tests_in(folder / "token_mechanism.py") == 1
+
+
+def test_sasl_steps_example(folder: Path) -> None:
+    """Built-in mechanisms driven step by step against a store of one's own: PLAIN,
+    CRAM-MD5 and SCRAM-SHA-256 against stored keys, and the store behind challengers."""
+    assert run_tests_in(folder / "sasl_steps.py") == 2
 
 
 def test_testing_example(folder: Path) -> None:

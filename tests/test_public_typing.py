@@ -88,6 +88,45 @@ class Pin:
 PIN = MechanismSpec("X-PIN", Pin)
 
 
+class AsyncPin:
+    """A mechanism with ``async def`` steps (awaiting the application's service)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def start(self, initial: bytes | None) -> Outcome:
+        return Reply(b"")
+
+    async def receive(self, response: bytes) -> Outcome:
+        return Lookup("alice", ("plaintext",))
+
+    async def resume(self, secret: Secret | None) -> Outcome:
+        return Accept(username="alice") if secret is not None else Reject()
+
+
+ASYNC_PIN = MechanismSpec("X-ASYNC-PIN", AsyncPin)
+
+
+@implementer(embed.ISecretSource)
+class Keys:
+    """A store of the application's own, for secrets=."""
+
+    def secret_kinds(self) -> frozenset[str]:
+        return frozenset({"scram-sha-256"})
+
+    def lookup_secret(self, username: str, kinds: tuple[str, ...],
+                      session: Session | None = None) -> defer.Deferred[Secret | None]:
+        return defer.succeed(Secret("scram-sha-256", embed.scram_keys("pw")))
+
+
+def step_by_step() -> Outcome:
+    mechanism = embed.mechanism("SCRAM-SHA-256", Session(hostname="imap.example.test"))
+    outcome = mechanism.start(b"n,,n=alice,r=nonce")
+    if isinstance(outcome, Lookup):
+        outcome = mechanism.resume(Secret("scram-sha-256", embed.scram_keys("pw")))
+    return outcome
+
+
 def no_secrets(request: Lookup | ValidateToken, session: Session) -> defer.Deferred[Secret | None]:
     return defer.succeed(None)
 
@@ -114,9 +153,10 @@ def serve(reactor: Clock) -> list[Any]:
     resolver: Resolver = auth.resolver
     SubmissionESMTP(portal=portal, settings=EngineSettings(), clock=reactor,
                     mechanisms=auth.mechanisms, resolver=no_secrets, script=script)
-    adapter: MechanismAdapter = embed.challengers([PIN])[b"X-PIN"]()
+    adapter: MechanismAdapter = embed.challengers([PIN, ASYNC_PIN, "SCRAM-SHA-256"],
+                                                  secrets=[Keys()])[b"X-PIN"]()
     harness = SMTPHarness(starttls=True)
-    return [Factory(reactor, portal, auth).buildProtocol(None), resolver, adapter,
+    return [Factory(reactor, portal, auth).buildProtocol(None), resolver, adapter, step_by_step(),
             MechanismAdapter(PIN, resolver=no_secrets), harness.tls_started_with]
 '''
 
