@@ -12,7 +12,7 @@ import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.application import internet, service
 from twisted.cred.checkers import ICredentialsChecker
@@ -434,14 +434,34 @@ def listener(description: str, config: Config, reactor: Any, factory: Any,
     return AcceptLogEndpoint(endpoint, reactor), factory
 
 
-def build(config: Config, reactor: Any) -> SaslSmtpService:
-    """The whole daemon as a service (not started).  Every ``server.listen`` entry is a
-    Twisted endpoint string (``listener``): a ``systemd:`` entry is Twisted's, not matched
-    to the sockets systemd passed as the daemon's are (``daemon.make_service``)."""
+def build(config: Config, reactor: Any,
+          passed: Mapping[str, int] | None = None) -> SaslSmtpService:
+    """The whole daemon as a service (not started), e.g. for a ``.tac`` file.
+
+    A ``systemd:`` listener serves the socket systemd passed for it, as the daemon does
+    (Twisted's own ``systemd:`` parser knows neither ``name=`` with ``port=`` nor the
+    sockets the daemon takes from the environment): ``passed`` maps each such entry to
+    its descriptor; by default they are taken from this process's environment
+    (``daemon.activated_sockets``: sockets that do not fit stop the start in one line,
+    and an entry systemd passed nothing for stops it where it would listen)."""
+    from saslsmtp import listeners
     wiring = wire(config, reactor)
     factory = SubmissionFactory(wiring, reactor)
     top = SaslSmtpService(wiring, factory)
+    activated = [d for d in config.server.listen
+                 if d.removeprefix("haproxy:").startswith("systemd:")]
+    if passed is None and activated:
+        from saslsmtp.daemon import activated_sockets
+        passed = activated_sockets(config)
     for description in config.server.listen:
-        endpoint, wrapped = listener(description, config, reactor, factory, wiring.tls_context)
+        if passed and description in passed:
+            endpoint, wrapped = listeners.adopt(reactor, passed[description],
+                                                listeners.parse(description), factory,
+                                                wiring.tls_context)
+        elif description in activated:
+            endpoint, wrapped = listeners.NotPassedEndpoint(description), factory
+        else:
+            endpoint, wrapped = listener(description, config, reactor, factory,
+                                         wiring.tls_context)
         listening_service(endpoint, wrapped).setServiceParent(top)
     return top
