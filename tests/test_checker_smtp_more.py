@@ -108,6 +108,39 @@ def test_odd_answers_to_the_credentials(reply: bytes, why: str) -> None:
     temporary(u, why)
 
 
+@pytest.mark.parametrize("reply", [
+    b"500 Error: (ConnectionError) user database unreachable\r\n",  # aiosmtpd, check raised
+    b"502 5.5.1 Command not implemented\r\n",
+    b"503 5.5.1 Error: authentication not enabled\r\n",  # Postfix, SASL off
+    b"504 5.5.4 Unrecognized authentication type\r\n",
+    b"538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+    b"554 5.3.0 internal error\r\n",
+])
+def test_a_5xx_that_judges_nothing_is_temporary(reply: bytes) -> None:
+    """An upstream that cannot judge the password (its own check broken, AUTH not
+    enabled, a mechanism or TLS mismatch) fails every user alike: 454, not 535."""
+    u = Upstream()
+    to_auth(u)
+    u.say(reply)
+    temporary(u, "AUTH answered " + reply[:3].decode())
+
+
+@pytest.mark.parametrize("reply", [
+    b"535 5.7.8 Authentication credentials invalid\r\n",
+    b"535 Incorrect authentication data\r\n",  # Exim, no enhanced codes
+    b"534 5.7.9 Application-specific password required\r\n",
+    b"535 5.7.139 Authentication unsuccessful\r\n",
+    b"554 5.7.1 account disabled\r\n",
+])
+def test_a_5xx_about_the_credentials_is_a_refusal(reply: bytes) -> None:
+    u = Upstream()
+    to_auth(u)
+    u.say(reply)
+    failure = u.verdict()
+    assert failure.check(UnauthorizedLogin), failure
+    failure.trap(UnauthorizedLogin)
+
+
 @pytest.mark.parametrize(("ehlo", "why"), [
     (b"250 up.example\r\n", "AUTH is not offered"),
     (b"250-up\r\n250 AUTH CRAM-MD5 GSSAPI\r\n", "neither PLAIN nor LOGIN is offered"),

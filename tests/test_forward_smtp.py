@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
 
 from saslsmtp.replies import REPLIES
+from tests.test_outage import LevelCapture
 from tests.support import free_port, silent_port, smtp_login, start_server
 from tests.tlsutil import issue_cert, make_ca
 from tests.upstreams import USERS, AiosmtpdUpstream, AuthAPI, WebServer
@@ -108,6 +110,35 @@ async def test_smtp_backend_upstream_454_is_454(tmp_path):
     finally:
         await server.stop()
         await deferToThread(upstream.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_backend_broken_upstream_is_454_not_535(tmp_path):
+    """An upstream whose own password check is failing answers AUTH with a 5xx that
+    judges nothing (aiosmtpd: ``500 Error: (ConnectionError) ...``): every login, right
+    password or wrong, gets 454 4.7.0 (a 535 would tell users their password is wrong
+    and count against them); the outage is one warning, its end one info line."""
+    upstream = AiosmtpdUpstream("plain")
+    await deferToThread(upstream.start)
+    server = await start_server(tmp_path, smtp_table(upstream.port))
+    capture = LevelCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        upstream.recorder.broken = True
+        for password in (USERS["alice"], "wrong", USERS["alice"]):
+            expect(await smtp_login(server.port, "alice", password), TEMPFAIL)
+        assert upstream.recorder.commands == ["PLAIN"] * 3
+        upstream.recorder.broken = False
+        expect(await smtp_login(server.port, "alice", USERS["alice"]), OK)
+    finally:
+        globalLogPublisher.removeObserver(capture)
+        await server.stop()
+        await deferToThread(upstream.stop)
+    [warned] = capture.at(LogLevel.warn)
+    assert warned.startswith("backend upstream unreachable: upstream 127.0.0.1:"), warned
+    assert "AUTH answered 500" in warned, warned
+    assert any(line.startswith("backend upstream reachable again after ")
+               for line in capture.at(LogLevel.info))
 
 
 @pytest.mark.alone

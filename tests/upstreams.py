@@ -37,18 +37,23 @@ def free_port() -> int:
 
 
 class Recorder:
-    """aiosmtpd authenticator checking ``USERS``; records each call; ``tempfail`` mode."""
+    """aiosmtpd authenticator checking ``USERS``; records each call; ``tempfail`` mode
+    (it answers 454), ``broken`` mode (it raises, as when its own user database is down:
+    aiosmtpd then answers ``500 Error: (ConnectionError) ...``)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes]] = []
         self.commands: list[str] = []  # every AUTH command line's mechanism
         self.tempfail = False
+        self.broken = False
 
     def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
                  auth_data: Any) -> AuthResult:
         self.calls.append((mechanism, auth_data.login))
         if self.tempfail:
             return AuthResult(success=False, handled=False, message=TEMPFAIL_REPLY)
+        if self.broken:
+            raise ConnectionError("user database unreachable")
         ok = USERS_BYTES.get(auth_data.login) == auth_data.password
         return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
@@ -105,6 +110,7 @@ class AiosmtpdUpstream:
         self.recorder.calls.clear()
         self.recorder.commands.clear()
         self.recorder.tempfail = False
+        self.recorder.broken = False
 
 
 class _Handler:

@@ -4,10 +4,12 @@ One check = one fresh connection: greeting, ``EHLO``, ``STARTTLS`` + ``EHLO`` wh
 configured, the peer certificate checked again, **one** ``AUTH`` (PLAIN with an initial
 response, or LOGIN when only that is offered), then ``QUIT``.  No mail is ever sent.
 
-Verdicts: ``235`` -> the username; ``535`` or any other ``5xx`` to the AUTH exchange ->
-``UnauthorizedLogin``; ``454``, other ``4xx``, a refused connection, a TLS or certificate
-failure, a protocol error or no verdict within ``timeout`` (the whole check) ->
-``TemporaryFailure``.
+Verdicts: ``235`` -> the username; ``535``, ``534`` or another ``5xx`` with a ``5.7.x``
+enhanced code (but ``5.7.11``) to the AUTH exchange -> ``UnauthorizedLogin``; ``454``,
+other ``4xx``, a ``5xx`` that judges nothing (``500`` from a broken upstream, ``502``,
+``503``, ``504``, ``538``), a refused connection, a TLS or certificate failure, a
+protocol error or no verdict within ``timeout`` (the whole check) -> ``TemporaryFailure``
+(see ``judges_credentials``).
 
 Why a small ``LineOnlyReceiver`` instead of Twisted's ``ESMTPClient``:
 the stock PLAIN authenticator retries with another authzid after any non-235 reply (two
@@ -352,12 +354,12 @@ class AuthProbe(LineOnlyReceiver):
             self._auth_failed(reply)
 
     def _auth_failed(self, reply: UpstreamReply) -> None:
-        if 500 <= reply.code < 600:
+        if judges_credentials(reply):
             if reply.code != 535:
                 log.warn("smtp upstream {upstream} refused AUTH with {status}",
                          upstream=self._upstream, status=reply.status())
             self._verdict(Failure(UnauthorizedLogin(f"upstream answered {reply.status()}")))
-        elif 400 <= reply.code < 500:
+        elif 400 <= reply.code < 600:
             self._verdict(Failure(TemporaryFailure(
                 f"upstream {self._upstream}: AUTH answered {reply.status()}")))
         else:
@@ -366,6 +368,27 @@ class AuthProbe(LineOnlyReceiver):
     def _on_quit(self, reply: UpstreamReply) -> None:
         self._state = "done"
         self._connection.loseConnection()
+
+
+def judges_credentials(reply: UpstreamReply) -> bool:
+    """Whether a 5xx to AUTH is a verdict on these credentials (our 535), rather than
+    the upstream failing to judge them (our 454).
+
+    A verdict: ``535`` (credentials invalid) and ``534`` (mechanism too weak *for that
+    user*, RFC 4954; Gmail's "application-specific password required"), and any other
+    5xx whose enhanced code is in the security and policy class ``5.7.x`` (``550 5.7.1``
+    blocked), except ``5.7.11`` (encryption required: our TLS settings).  Not a verdict:
+    ``500`` (aiosmtpd's answer when its password check raises), ``502``/``503``/``504``
+    (AUTH not enabled, out of sequence, mechanism unknown), ``538``: the upstream's own
+    trouble or a configuration mismatch that fails every user alike, so a 535 would tell
+    users their password is wrong, count against them and drop their cached logins.
+    """
+    if not 500 <= reply.code < 600:
+        return False
+    if reply.code in (534, 535):
+        return True
+    enhanced = reply.status().partition(" ")[2]
+    return enhanced.startswith("5.7.") and enhanced != "5.7.11"
 
 
 def _capabilities(lines: list[bytes]) -> dict[str, list[str]]:
