@@ -549,6 +549,35 @@ async def test_jwks_url_unknown_kid_refetches_rate_limited(idp, keys):
     await v.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_new_kid_while_the_key_set_cannot_be_refreshed_is_temporary(idp, keys):
+    """The IdP rotates its key and its JWKS endpoint fails (500, then gone) before
+    saslsmtp saw the new key: a token naming the new kid cannot be judged, so 454
+    (TemporaryFailure), not 535 (a client would throw away a good token); also while
+    the next refetch waits for ``jwks_min_refresh``.  Tokens under the known key still
+    pass, and once a refetch works the new kid does too."""
+    v = remote(base(idp), **jwks_options(idp, jwks_min_refresh=60.0))
+    assert (await v.validate_token(request(signed(keys["ec"], claims())))).ok
+    idp.resource.keyset = jwks(keys["ec"], keys["ec2"])
+    idp.resource.mode = "500"
+    v.keys._attempted_at -= 61  # a refetch is allowed
+    new = signed(keys["ec2"], claims())
+    with pytest.raises(TemporaryFailure, match="cannot refresh its key set"):
+        await v.validate_token(request(new))
+    assert len(idp.resource.requests) == 2
+    idp.resource.mode = "normal"
+    with pytest.raises(TemporaryFailure, match="cannot refresh its key set"):
+        await v.validate_token(request(new))  # within min_refresh of the failed attempt
+    assert len(idp.resource.requests) == 2
+    assert (await v.validate_token(request(signed(keys["ec"], claims())))).ok
+    v.keys._attempted_at -= 61
+    assert (await v.validate_token(request(new))).ok
+    assert len(idp.resource.requests) == 3
+    # a kid the IdP does not have, once the key set is fresh again: a refusal
+    assert not (await v.validate_token(request(signed(keys["other"], claims(), kid="nope")))).ok
+    await v.stop()
+
+
 @pytest.mark.alone
 @pytest_twisted.ensureDeferred
 async def test_jwks_url_down_hung_or_broken_is_temporary(idp, keys):

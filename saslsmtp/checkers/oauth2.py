@@ -31,7 +31,9 @@ then 535).
 
 The key set or the introspection endpoint unreachable, a non-200 answer, a malformed
 answer, or no answer within ``timeout`` -> ``TemporaryFailure`` (454).  A ``jwks_url``
-that cannot be refreshed while older keys are known keeps using the older keys.
+that cannot be refreshed while older keys are known keeps using the older keys; a token
+naming a ``kid`` not among them is then ``TemporaryFailure`` too (the IdP may have
+rotated its key meanwhile), until a fetch works again (at most one per ``min_refresh``).
 
 Tokens are never logged, and never part of an exception message or repr.
 
@@ -357,6 +359,8 @@ class RemoteKeys:
         self._attempted_at = float("-inf")
         self._waiting: list[Deferred[KeySet]] | None = None
         self.outages = OutageLog(name, reactor.seconds)
+        # the last fetch failed: the keys held may lack one the IdP has rotated in since
+        self.outdated = False
 
     def current(self) -> "Deferred[KeySet]":
         """The cached keys, fetched first when there are none or they are too old."""
@@ -383,6 +387,7 @@ class RemoteKeys:
             waiting, self._waiting = self._waiting or [], None
             if isinstance(outcome, Failure):
                 why = _describe(outcome)
+                self.outdated = True
                 if self._keys is not None:
                     self.outages.down(f"cannot refresh {self.shown} ({why}); keeping the keys"
                                       " fetched before")
@@ -393,6 +398,7 @@ class RemoteKeys:
                         f"oauth2 backend {self.name}: key set unavailable ({why})"))
             else:
                 self.outages.up()
+                self.outdated = False
                 self._keys = outcome
                 self._fetched_at = self._reactor.seconds()
             for w in waiting:
@@ -538,6 +544,12 @@ class JwtValidator(_TokenValidator):
         if not candidates and kid is not None:
             keyset = await self.keys.refresh()
             candidates = _candidates(keyset, alg, kid)
+            if not candidates and getattr(self.keys, "outdated", False):
+                # the IdP may have rotated its key while its key set cannot be fetched:
+                # this token cannot be judged (454), it is not known to be bad (535)
+                raise TemporaryFailure(f"oauth2 backend {self.name}: the token names a key"
+                                       " not among those fetched before, and the backend"
+                                       " cannot refresh its key set")
         if not candidates:
             return self._log(request, self.policy.refuse(), "no key for this kid/algorithm")
         claims = None
