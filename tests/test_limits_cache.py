@@ -72,6 +72,47 @@ async def test_second_login_is_served_from_the_cache(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_stale_logins_during_an_outage_are_one_warning_and_one_recovery_line(
+        tmp_path: Path) -> None:
+    """The API fails (500) past the ttl: each cached user still gets in, and the log says
+    so once (a warning when the first stale success is used), not once per login; the
+    logins after it are at debug, each with its user; the first verdict of the backends
+    afterwards ends it with one info line that counts them."""
+    api = AuthAPI()
+    web = WebServer(api)
+    web.start()
+    events: list[tuple[str, str]] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("saslsmtp.limits"):
+            events.append((event["log_level"].name, event_text(event)))
+    server = await start_server(tmp_path, api_backend(web),
+                                extra="[auth.cache]\nttl = 1\nstale_if_error = 300\n")
+    globalLogPublisher.addObserver(observe)
+    try:
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+        await threads.deferToThread(time.sleep, 1.1)  # past the ttl
+        api.mode = "500"
+        for _ in range(4):
+            assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+        assert server.wiring.controls.cache.stale_hits == 4
+        api.mode = "normal"
+        assert (await smtp_login(server.port, "alice", PASSWORD))[0] == 235
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await server.stop()
+        await web.stop()
+    warned = [text for level, text in events if level == "warn"]
+    assert len(warned) == 1, warned
+    assert "stale" in warned[0] and "until they answer again" in warned[0], warned[0]
+    later = [text for level, text in events if level == "debug" and "stale" in text]
+    assert len(later) == 3 and all("'alice'" in text for text in later), later
+    [ended] = [text for level, text in events if level == "info" and "stale" in text]
+    assert "4 logins accepted from stale entries" in ended, ended
+    assert not any(PASSWORD in text for _, text in events)
+
+
+@pytest_twisted.ensureDeferred
 async def test_reload_flushes_the_cache_of_a_running_daemon(tmp_path: Path) -> None:
     """``kill -HUP``: the daemon re-reads its configuration and starts with an empty
     cache, so the next login asks the backend again."""

@@ -10,7 +10,9 @@ that could be brute-forced offline).  The rules, as Dovecot's auth cache:
 * negative entries only for users the backends do not know (``UnknownUser``), for
   ``negative_ttl`` seconds; a wrong password is never cached;
 * ``stale_if_error``: when the backends fail temporarily, a success that has been stale
-  for at most this many seconds (RFC 5861's meaning) still accepts, and says so in the log;
+  for at most this many seconds (RFC 5861's meaning) still accepts, and says so in the log
+  once per outage (a warning at the first stale success, ``debug`` for the next ones, an
+  info line with their count at the backends' next verdict), as backend outages are;
 * bounded LRU (``size`` entries); ``flush(user=None)`` empties it or drops one user;
 * a backend that knows when its data changed (a users file) is not outrun: an entry made
   under another ``generation()`` of the checker (the file's signature) is not reused, so an
@@ -194,6 +196,9 @@ class CachingChecker:
         # what else the inner checker's verdict depends on (the client's address)
         scope = getattr(inner, "cache_scope", None)
         self._scope: Callable[[Any], object] | None = scope if callable(scope) else None
+        # since when stale successes are served (the backends failing), and how many
+        self._stale_since: float | None = None
+        self._stale_served = 0
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> "Deferred[Any]":
         username, password = credentials.username, credentials.password
@@ -211,11 +216,15 @@ class CachingChecker:
         d: Deferred[Any] = maybeDeferred(self.inner.requestAvatarId, credentials)
 
         def accepted(avatar_id: Any) -> Any:
+            if self._stale_since is not None:
+                self._answered_again()
             self.cache.remember_success(self.chain_id, username, password, avatar_id,
                                         generation)
             return avatar_id
 
         def refused(f: Failure) -> Any:
+            if f.check(UnauthorizedLogin) and self._stale_since is not None:
+                self._answered_again()
             if f.check(UnknownUser):
                 self.cache.drop(self.chain_id, username)
                 self.cache.remember_unknown(self.chain_id, username, generation)
@@ -225,9 +234,31 @@ class CachingChecker:
                 return f
             stale = self.cache.stale(self.chain_id, username, password, generation)
             if stale is not None:
-                log.warn("auth cache: backends failed ({why}); accepting a stale cached"
-                         " success", why=type(f.value).__name__)
+                self._served_stale(username, type(f.value).__name__)
                 return stale
             return f
 
         return d.addCallbacks(accepted, refused)
+
+    def _served_stale(self, username: bytes | str, why: str) -> None:
+        """One warning per outage, not one per login (a busy server logs thousands)."""
+        user = _bytes(username).decode("utf-8", "backslashreplace")
+        if self._stale_since is None:
+            self._stale_since = self.cache.clock.seconds()
+            self._stale_served = 1
+            log.warn("auth cache: backends failed ({why}); accepting stale cached successes up to"
+                     " {grace:g} s past their ttl (this very password only) until they answer"
+                     " again; first for {user!r}", why=why,
+                     grace=self.cache.settings.stale_if_error, user=user)
+        else:
+            self._stale_served += 1
+            log.debug("auth cache: stale cached success accepted for {user!r}", user=user)
+
+    def _answered_again(self) -> None:
+        """The backends gave a verdict: the stale period is over."""
+        assert self._stale_since is not None
+        seconds = self.cache.clock.seconds() - self._stale_since
+        log.info("auth cache: backends answer again; {count} logins accepted from stale"
+                 " entries over {seconds:.1f} s", count=self._stale_served, seconds=seconds)
+        self._stale_since = None
+        self._stale_served = 0
