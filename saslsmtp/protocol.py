@@ -116,7 +116,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.peer = Peer(settings.hostname, client_identity)  # addresses, HELO name
         self.context = self.peer.context  # the AUTH script's per-connection context
         self.guards = ConnectionGuards(self, call_later, settings)
-        self.reader = LineReader(self._line, self._stopped, on_flood=self.guards.flooded)
+        self.reader = LineReader(self._line, self._leaving, on_flood=self.guards.flooded)
         self._paused = False
         self._pending: defer.Deferred | None = None
         self._waited_out = False  # idle_timeout came while the server was answering
@@ -231,7 +231,7 @@ class SubmissionESMTP(smtp.ESMTP):
         pending.addBoth(then)
 
     def _end_now(self, reply: SMTPReply) -> None:
-        if self._stopped():
+        if self.leaving:
             return
         if self.transaction.receiving:
             self.transaction.abort()  # the partial message: never delivered
@@ -249,7 +249,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader.block()
 
     def resumeProducing(self) -> None:
-        if self._stopped():
+        if self.leaving:
             self.close()  # closing while paused: the transport waits for its producer
             return
         self.reader.unblock()
@@ -282,8 +282,15 @@ class SubmissionESMTP(smtp.ESMTP):
             self.transport.pauseProducing()
         self.reader.feed(data)
 
-    def _stopped(self) -> bool:
+    @property
+    def leaving(self) -> bool:
+        """Already on its way out (the client hung up, a guard or ``end`` is closing it,
+        or the transport is disconnecting): no more lines are read, nothing more is
+        started, and ``who`` and ``kick`` pass it over."""
         return self.lost or self.guards.closing or bool(self.transport.disconnecting)
+
+    def _leaving(self) -> bool:  # the line reader asks this (a bound method, made once)
+        return self.leaving
 
     def _line(self, line: bytes) -> None:
         """One line, in order: the body of a message, an AUTH response or a command."""
@@ -321,7 +328,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if self._waited_out:
             self._waited_out = False
             self.resetTimeout()
-        if self._stopped():
+        if self.leaving:
             self.reader.busy = False
             return None
         if self._paused:
@@ -392,7 +399,7 @@ class SubmissionESMTP(smtp.ESMTP):
         command line is read and dropped, so its bytes are not taken for commands."""
         self.error(REPLIES["not_implemented"].with_text("BDAT not implemented; use DATA"))
         size = _BDAT.match(arg.strip())
-        if size is None or self._stopped() or not int(size.group(1)):
+        if size is None or self.leaving or not int(size.group(1)):
             return
         left = int(size.group(1))
 
@@ -538,7 +545,7 @@ class SubmissionESMTP(smtp.ESMTP):
                 self.reader.raw = self._body_bytes
                 return self.send(answer)
             self.send(answer)
-        if self.reader.input_waiting() and not self._stopped():
+        if self.reader.input_waiting() and not self.leaving:
             log.info("{peer} sent more input before the reply to its DATA; closing",
                      peer=self.peer.ip)
             self.send(REPLIES["out_of_sync"])

@@ -174,6 +174,5 @@ class SessionControl:
 
 
 def closing(connection: Any) -> bool:
-    """Already on its way out: not listed, not kicked twice."""
-    return bool(connection.lost or connection.guards.closing
-                or getattr(connection.transport, "disconnecting", False))
+    """Already on its way out (``SubmissionESMTP.leaving``): not listed, not kicked twice."""
+    return bool(connection.leaving)
