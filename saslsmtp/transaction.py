@@ -361,8 +361,13 @@ class MailTransaction:
             failure = failure.value.subFailure
         if isinstance(failure.value, OSError):  # unwritable or full disk: one line, no traceback
             error = failure.value
-            log.error("message not stored: {path}: {why}", path=error.filename or "?",
-                      why=error.strerror or type(error).__name__)
+            why = error.strerror or type(error).__name__
+            if error.filename2:  # a rename into new/: what failed is the move, not tmp/
+                log.error("message not stored: cannot rename {path} to {destination}: {why}",
+                          path=error.filename, destination=error.filename2, why=why)
+            else:
+                log.error("message not stored: {path}: {why}", path=error.filename or "?",
+                          why=why)
             self.events.delivery_failed()
             self.reset()
             return REPLIES["local_error"]

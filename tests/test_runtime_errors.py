@@ -3,6 +3,7 @@ a users file that becomes unreadable, a Maildir that cannot be written."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -143,3 +144,43 @@ async def test_a_full_maildir_is_451_and_one_error_line_naming_the_file(tmp_path
     finally:
         subprocess.run([require_binary("umount", "mount"), "-l", str(mail)],
                        capture_output=True, timeout=30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_rename_into_new_names_the_rename(tmp_path: Path) -> None:
+    """``new/`` cannot take the message (replaced by a file here: the same failed rename a
+    ``chmod 500 new/`` gives a server that is not root): DATA gets 451, and the one error
+    line names the move into ``new/`` with both paths (it named only the ``tmp/`` file,
+    as if writing it had failed); nothing is left in ``tmp/``."""
+    (tmp_path / "users").write_text("demo:{PLAIN}pw\n")
+    server = await start_server(tmp_path, BACKEND.format(path=tmp_path / "users"))
+    try:
+        for sub in ("tmp", "cur"):
+            (server.maildir / sub).mkdir(parents=True, exist_ok=True)
+        new = server.maildir / "new"
+        if new.exists():
+            shutil.rmtree(new)
+        new.write_text("not a folder")
+        from twisted.internet import threads
+
+        def send() -> tuple[int, bytes]:
+            import smtplib
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
+                s.login("demo", "pw")
+                try:
+                    s.sendmail("demo@example.test", ["x@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+                except smtplib.SMTPDataError as e:
+                    return e.smtp_code, e.smtp_error
+                return 250, b""
+        with Events() as events:
+            code, text = await threads.deferToThread(send)
+    finally:
+        await server.stop()
+    assert code == 451, text
+    errors = events.at(LogLevel.error) + events.at(LogLevel.critical)
+    tmp = server.maildir / "tmp"
+    assert len(errors) == 1, errors
+    assert re.fullmatch(rf"message not stored: cannot rename {re.escape(str(tmp))}/(\S+)"
+                        rf" to {re.escape(str(new))}/\1: Not a directory", errors[0]), errors
+    assert not any(e.get("log_failure") for e in events)
+    assert not list(tmp.iterdir())
