@@ -108,12 +108,29 @@ def classic_text(event: dict, clock: _SecondClock | None = None) -> str | None:
     return f"{(clock or formatTime)(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
 
+#: What txredisapi says with ``twisted.python.log.msg`` (no namespace of its own: the
+#: legacy bridge's ``log_legacy``) each time it finds a connection that was lost, again
+#: and again while Redis is down or stopped.
+_TXREDISAPI_NOISE = frozenset({("Discarding dead connection.",)})
+#: Namespaces that hold such lines: only these events are looked at more closely.
+_NOISY = frozenset({"log_legacy"})
+_QUIET_BELOW = frozenset(level for level in LogLevel.iterconstants() if level < LogLevel.warn)
+
+
+def library_noise(event: dict) -> bool:
+    """txredisapi's info line, repeated during an outage that our own warning already
+    reports, once a minute with a count (``limits.redisstore``): not written."""
+    return (event.get("log_level") in _QUIET_BELOW and event.get("log_namespace") == "log_legacy"
+            and event.get("message") in _TXREDISAPI_NOISE)
+
+
 @implementer(ILogObserver)
 class TextLinesObserver:
     """twistd's text lines (``textFileLogObserver``, formatted by ``classic_text``) at or
-    above ``log_level``: the level check, the text and the write in one call, where
-    ``FilteringLogObserver`` over a ``FileLogObserver`` took three (two lines per session
-    go through here, and the layers were a third of their cost)."""
+    above ``log_level``, without ``library_noise``: the level check, the text and the
+    write in one call, where ``FilteringLogObserver`` over a ``FileLogObserver`` took
+    three (two lines per session go through here, and the layers were a third of their
+    cost)."""
 
     def __init__(self, out: Any, log_level: str) -> None:
         self.out = out
@@ -121,7 +138,9 @@ class TextLinesObserver:
         self.clock = _SecondClock()
 
     def __call__(self, event: dict) -> None:
-        if event.get("log_level") not in self.passing or not event.get("log_namespace"):
+        namespace = event.get("log_namespace")
+        if event.get("log_level") not in self.passing or not namespace \
+                or namespace in _NOISY and library_noise(event):
             return
         text = classic_text(event, self.clock)
         if text:
@@ -370,7 +389,8 @@ class WorkerTag:
 
 @implementer(ILogFilterPredicate)
 class LevelFloor:
-    """The ``log_level`` filter: events at or above one level pass, whatever their namespace.
+    """The ``log_level`` filter: events at or above one level pass, whatever their namespace
+    (but for ``library_noise``).
 
     What ``LogLevelFilterPredicate`` answers with only a default level, decided by a set
     lookup instead of a walk up the namespace and a ``NamedConstant`` comparison per event
@@ -381,7 +401,9 @@ class LevelFloor:
         self.passing = frozenset(level for level in LogLevel.iterconstants() if level >= floor)
 
     def __call__(self, event: dict) -> Any:
-        if event.get("log_level") in self.passing and event.get("log_namespace"):
+        namespace = event.get("log_namespace")
+        if event.get("log_level") in self.passing and namespace \
+                and not (namespace in _NOISY and library_noise(event)):
             return PredicateResult.maybe
         return PredicateResult.no
 

@@ -610,3 +610,53 @@ async def test_a_refused_password_is_not_logged(redis):
     texts = [event_text(e) for e in events]
     assert any("Redis store redis://127.0.0.1:" in t for t in texts)
     assert not [t for t in texts if STORE_SECRET in t]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_redis_client_library_does_not_flood_our_log_during_an_outage(redis):
+    """Redis held (SIGSTOP) then stopped: txredisapi says ``Discarding dead connection.``
+    (an info line through ``twisted.python.log``) at each lost connection it meets, over
+    and over beside our own once-a-minute warning.  What the daemon writes (its text and
+    JSON observers, ``log_level = "info"``) keeps our warning and drops that line (the
+    reconnect attempts' ``Scheduling retry`` lines stay: tests/test_limits_traffic.py)."""
+    import io
+    import json
+    import os
+    import signal
+
+    from saslsmtp.logs import make_observer
+    raw, text, lines = [], io.StringIO(), io.StringIO()
+    observers = [raw.append, make_observer(text, "text", "info"), make_observer(lines, "json", "info")]
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+    # a beat every 0.1 s: the heartbeat's PING goes through txredisapi's own pool lookup
+    store = await make_store(redis.url, timeout=0.3, slot_ttl=0.3)
+    held = True
+    os.kill(redis.process.pid, signal.SIGSTOP)
+    try:
+        rate = Rate(1000, 60.0)
+
+        def library(words):
+            return [e for e in raw if words in formatEvent(e)]
+        deadline = time.monotonic() + 15
+        while not library("Discarding dead connection"):
+            assert time.monotonic() < deadline, "txredisapi never met a dead connection"
+            await store.hit("k", rate)
+            await sleep(0.1)
+        os.kill(redis.process.pid, signal.SIGCONT)
+        held = False
+        redis.stop()
+        for _ in range(10):
+            await store.hit("k", rate)
+            await sleep(0.1)
+    finally:
+        if held:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        await store.close()
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+    written = text.getvalue()
+    messages = [json.loads(line)["message"] for line in lines.getvalue().splitlines()]
+    for out in (written, "\n".join(messages)):
+        assert "limits: Redis store redis://127.0.0.1:" in out and " unavailable (" in out, out
+        assert "Discarding dead connection" not in out, out
