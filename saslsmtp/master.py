@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,7 +32,7 @@ from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger, globalLogPublisher
 
 import saslsmtp
-from saslsmtp import listeners, privileges
+from saslsmtp import listeners, metricsdir, privileges
 from saslsmtp.config import Config, ConfigError
 from saslsmtp.daemon import clean_exit, configured_listeners, guard_stop_signals, harmless_sigusr1
 from saslsmtp.logs import AppendLogFile, FdLineWriter, relayed_event, shared_output
@@ -265,18 +264,36 @@ class MasterService(service.MultiService):
         # server.group itself right after adopting the sockets, before it serves.
         identity = self.identity = privileges.resolve(self.config.ops.user, self.config.ops.group)
         privileges.check(identity)
-        if self.config.ops.metrics is not None:
-            where = os.environ.get(MULTIPROC_ENV)
-            if not where:
-                where = self._own_metrics_dir = tempfile.mkdtemp(prefix="saslsmtp-metrics-")
-            self.metrics_dir = prepare_multiprocess_dir(where)
-            if identity is not None and os.getuid() == 0:
-                os.chown(self.metrics_dir, identity.uid, identity.gid)
-            registry = multiprocess_registry(self.metrics_dir, self.reloads)
-            metrics_service(self.config.ops.metrics.listen, self.reactor, registry).setServiceParent(self)
-        listeners.start_or_exit(super().privilegedStartService, configured_listeners(self.config))
+        try:
+            if self.config.ops.metrics is not None:
+                where = os.environ.get(MULTIPROC_ENV)
+                if not where:
+                    self._remove_stale_metrics_dirs(identity)
+                    where = self._own_metrics_dir = str(metricsdir.make())
+                self.metrics_dir = prepare_multiprocess_dir(where)
+                if identity is not None and os.getuid() == 0:
+                    os.chown(self.metrics_dir, identity.uid, identity.gid)
+                registry = multiprocess_registry(self.metrics_dir, self.reloads)
+                metrics_service(self.config.ops.metrics.listen, self.reactor, registry).setServiceParent(self)
+            listeners.start_or_exit(super().privilegedStartService, configured_listeners(self.config))
+        except BaseException:  # the metrics port in use...: nothing may stay behind in /tmp
+            self._remove_metrics_dir()
+            raise
+
+    def _remove_stale_metrics_dirs(self, identity: privileges.Identity | None) -> None:
+        """The folders that masters killed before they could remove them left behind."""
+        owners = {os.geteuid(), *([identity.uid] if identity is not None else [])}
+        for path in metricsdir.remove_stale(owners):
+            log.info("removed {path}, left by a master that is no longer running", path=str(path))
 
     def startService(self) -> None:
+        try:
+            self._start()
+        except BaseException:  # (abort_start has removed it already)
+            self._remove_metrics_dir()
+            raise
+
+    def _start(self) -> None:
         super().startService()
         self._restore_sighup = install_sighup(self.reactor, self.reload)
         if isinstance(self.log_output(), AppendLogFile):
@@ -693,7 +710,11 @@ class MasterService(service.MultiService):
         for sock in self.sockets:
             sock.close()
         self.sockets = []
+        self._remove_metrics_dir()
+        return result
+
+    def _remove_metrics_dir(self) -> None:
+        """The metrics folder this master made (not one ``PROMETHEUS_MULTIPROC_DIR`` named)."""
         if self._own_metrics_dir is not None:
             shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
             self._own_metrics_dir = None
-        return result
