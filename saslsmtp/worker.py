@@ -11,9 +11,9 @@ standard output), else it sends its events as compact JSON lines on standard out
 tell a worker whose reactor stopped turning (an AUTH script looping forever) and
 replace it.  It stops when standard input reaches end of file (the master is gone), on
 SIGTERM (like the single-process daemon: 421 to idle sessions) and reloads on SIGHUP.
-On Linux the kernel also sends it SIGTERM when the master dies (``parentdeath``): a
-worker whose reactor is held then, and so never reads that end of file, exits at once
-(``MasterGone``) instead of keeping the listening sockets forever.
+On Linux the kernel also sends it ``MASTER_GONE_SIGNAL`` when the master dies
+(``parentdeath``): a worker whose reactor is held then, and so never reads that end of
+file, exits at once (``MasterGone``) instead of keeping the listening sockets forever.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ log = Logger(namespace="saslsmtp")
 
 #: What a worker's reactor writes on its heartbeat pipe to say it still turns.
 HEARTBEAT = b"."
+#: The kernel's word that the master is dying (``PR_SET_PDEATHSIG``): a signal of its
+#: own, never the SIGTERM the master forwards.  It comes when the master's thread that
+#: started the worker ends, and a master with other threads (its thread pool, after a
+#: /metrics scrape) still has them for a moment: ``getppid()`` names the master then, and
+#: a SIGTERM was taken for an ordinary stop, so the worker never said its master was gone.
+#: Its default action ends the process, as SIGTERM's did, while the worker starts.
+MASTER_GONE_SIGNAL = signal.SIGUSR2
 #: Seconds the reactor of a worker whose master is gone gets to answer at all; one that
 #: does not is held (stuck), and the worker exits at once.
 ORPHAN_ANSWER = 2.0
@@ -116,7 +123,7 @@ class StdinWatcher(abstract.FileDescriptor):
 
 class MasterGone:
     """What a worker does when its master dies, told from a signal handler (the kernel's
-    parent-death SIGTERM), in the main thread: the reactor is asked to stop as at the end
+    parent-death ``MASTER_GONE_SIGNAL``), in the main thread: the reactor is asked to stop as at the end
     of standard input (``on_gone``), and a thread watches.  A reactor that has not
     answered within ``answer`` seconds is held (an AUTH script looping forever), so
     nothing would ever stop it: the worker says where it is stuck and exits (``exit``).  One
@@ -297,10 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (systemctl kill) must not end a worker: it reopens if the file was renamed away.
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(
         lambda: reopen_log() if isinstance(out, AppendLogFile) and out.moved() else None))
-    # Until it serves, SIGTERM's default action ends a worker: so does its master's death
-    # meanwhile (an AUTH script whose import never ends), told by the kernel.  A master
-    # already gone sends nothing: there is nobody to start for.
-    signal_when_parent_dies(signal.SIGTERM)
+    # Until it serves, the default action of MASTER_GONE_SIGNAL ends a worker: so does its
+    # master's death meanwhile (an AUTH script whose import never ends), told by the
+    # kernel.  A master already gone sends nothing: there is nobody to start for.
+    signal_when_parent_dies(MASTER_GONE_SIGNAL)
     if args.master_pid is not None and os.getppid() != args.master_pid:
         log.warn("worker {slot} (pid {pid}): the master (pid {master}) is gone; not starting",
                  slot=args.slot, pid=os.getpid(), master=args.master_pid)
@@ -350,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     master_gone = MasterGone(reactor, eof, args.slot)
 
     def on_stop_signal(signum: int, frame: Any) -> None:
-        if os.getppid() != master_pid:  # the kernel's word (parentdeath), or a late one
+        if os.getppid() != master_pid:  # e.g. systemd's SIGTERM after the master died
             master_gone(frame)
             return
         # A reactor that missed its beats cannot run the stop: the master is replacing
@@ -369,11 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # when it comes while this start fails and stops the reactor itself).
         signal.signal(signal.SIGTERM, on_stop_signal)
         signal.signal(signal.SIGINT, on_stop_signal)
+        signal.signal(MASTER_GONE_SIGNAL, lambda signum, frame: master_gone(frame))
         try:
             service.privilegedStartService()
             privileges.drop(privileges.resolve(service.config.ops.user, service.config.ops.group))
             # after the drop, which clears it; a master gone before is the end of stdin
-            signal_when_parent_dies(signal.SIGTERM)
+            signal_when_parent_dies(MASTER_GONE_SIGNAL)
             service.startService()
         except BaseException as e:  # SystemExit included: its text is the reason
             log.critical("worker cannot listen: {error}", error=f"{type(e).__name__}: {e}")
@@ -393,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reactor.callWhenRunning(start)
     reactor.run()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a late second SIGTERM must not kill the exit
+    for late in (signal.SIGTERM, MASTER_GONE_SIGNAL):  # a late one must not kill the exit
+        signal.signal(late, signal.SIG_IGN)
     return 1 if failed else 0
 
 

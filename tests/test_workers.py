@@ -172,6 +172,41 @@ def test_workers_exit_when_the_master_dies(two_workers) -> None:
     assert not serving(port)
 
 
+def test_each_worker_says_once_that_the_master_is_gone(tmp_path: Path) -> None:
+    """kill -9 of a master whose /metrics was scraped (its thread pool then has threads):
+    the kernel's parent-death signal comes as the master's main thread ends, while its
+    other threads still run, and a worker took it for the master's own SIGTERM, stopping
+    without a word (one or both only logged "Main loop terminated").  Each worker now says
+    ``the master is gone; stopping`` exactly once.  That order of the master's threads'
+    ends is the kernel's choice, so a few masters are killed in a row."""
+    import concurrent.futures
+    (tmp_path / "users").write_text(USERS)
+    for attempt in range(5):
+        home = tmp_path / str(attempt)
+        home.mkdir()
+        port, metrics_port = free_port(), free_port()
+        config = write_config(home, BACKEND.format(path=tmp_path / "users"), mechanisms=["PLAIN"],
+                              listen=[f"tcp:{port}:interface=127.0.0.1"],
+                              extra=f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
+        log = home / "master.log"
+        master = start(config, log, "--workers", "2")
+        try:
+            wait_for(lambda: log.read_text().count(" serving ") == 2, what="two workers serving")
+            pids = worker_pids(log)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                assert all(pool.map(lambda _: worker_sessions(metrics_port) is not None, range(16)))
+            master.kill()
+            master.wait(10)
+            wait_for(lambda: not any(alive(p) for p in pids.values()), what="the workers' end")
+        finally:
+            kill_leftovers(master, log)
+        text = log.read_text()
+        for slot, pid in pids.items():
+            said = f"worker {slot} (pid {pid}): the master is gone; stopping"
+            assert text.count(said) == 1, text
+        assert "Traceback" not in text
+
+
 def test_sighup_with_a_broken_config_keeps_serving(two_workers, tmp_path: Path) -> None:
     """The master validates before forwarding: a broken file is logged as
     file:line: key: message and the workers keep the running configuration.  /metrics
