@@ -231,7 +231,7 @@ class SubmissionESMTP(smtp.ESMTP):
         pending.addBoth(then)
 
     def _end_now(self, reply: SMTPReply) -> None:
-        if self.leaving:
+        if self._leaving():
             return
         if self.transaction.receiving:
             self.transaction.abort()  # the partial message: never delivered
@@ -249,7 +249,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.reader.block()
 
     def resumeProducing(self) -> None:
-        if self.leaving:
+        if self._leaving():
             self.close()  # closing while paused: the transport waits for its producer
             return
         self.reader.unblock()
@@ -287,10 +287,12 @@ class SubmissionESMTP(smtp.ESMTP):
         """Already on its way out (the client hung up, a guard or ``end`` is closing it,
         or the transport is disconnecting): no more lines are read, nothing more is
         started, and ``who`` and ``kick`` pass it over."""
-        return self.lost or self.guards.closing or bool(self.transport.disconnecting)
+        return self._leaving()
 
-    def _leaving(self) -> bool:  # the line reader asks this (a bound method, made once)
-        return self.leaving
+    def _leaving(self) -> bool:
+        """``leaving`` in one call: the line reader asks it before every line (a bound
+        method, made once), and so does the protocol itself."""
+        return self.lost or self.guards.closing or bool(self.transport.disconnecting)
 
     def _line(self, line: bytes) -> None:
         """One line, in order: the body of a message, an AUTH response or a command."""
@@ -328,7 +330,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if self._waited_out:
             self._waited_out = False
             self.resetTimeout()
-        if self.leaving:
+        if self._leaving():
             self.reader.busy = False
             return None
         if self._paused:
@@ -399,7 +401,7 @@ class SubmissionESMTP(smtp.ESMTP):
         command line is read and dropped, so its bytes are not taken for commands."""
         self.error(REPLIES["not_implemented"].with_text("BDAT not implemented; use DATA"))
         size = _BDAT.match(arg.strip())
-        if size is None or self.leaving or not int(size.group(1)):
+        if size is None or self._leaving() or not int(size.group(1)):
             return
         left = int(size.group(1))
 
@@ -545,7 +547,7 @@ class SubmissionESMTP(smtp.ESMTP):
                 self.reader.raw = self._body_bytes
                 return self.send(answer)
             self.send(answer)
-        if self.reader.input_waiting() and not self.leaving:
+        if self.reader.input_waiting() and not self._leaving():
             log.info("{peer} sent more input before the reply to its DATA; closing",
                      peer=self.peer.ip)
             self.send(REPLIES["out_of_sync"])
