@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -60,6 +61,25 @@ def test_an_unreadable_users_file_is_one_error_per_outage(tmp_path: Path) -> Non
     assert not any(e.get("log_failure") for e in events)
 
 
+async def send_one(server: Any, body: bytes = b"Subject: x\r\n\r\nhi\r\n") -> tuple[int, bytes, Any]:
+    """One message from ``demo`` over smtplib (in a thread): the reply to its DATA (250
+    when accepted) and the log events while it was sent."""
+    from twisted.internet import threads
+
+    def send() -> tuple[int, bytes]:
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
+            s.login("demo", "pw")
+            try:
+                s.sendmail("demo@example.test", ["x@example.test"], body)
+            except smtplib.SMTPDataError as e:
+                return e.smtp_code, e.smtp_error
+            return 250, b""
+    with Events() as events:
+        code, text = await threads.deferToThread(send)
+    return code, text, events
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_maildir_that_cannot_be_written_is_451_and_one_error_line(tmp_path: Path) -> None:
     """tmp/ replaced by a file after the start: DATA gets 451, the log one error line
@@ -72,19 +92,7 @@ async def test_a_maildir_that_cannot_be_written_is_451_and_one_error_line(tmp_pa
             shutil.rmtree(tmp)
         server.maildir.mkdir(parents=True, exist_ok=True)
         tmp.write_text("not a folder")
-        from twisted.internet import threads
-
-        def send() -> tuple[int, bytes]:
-            import smtplib
-            with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
-                s.login("demo", "pw")
-                try:
-                    s.sendmail("demo@example.test", ["x@example.test"], b"Subject: x\r\n\r\nhi\r\n")
-                except smtplib.SMTPDataError as e:
-                    return e.smtp_code, e.smtp_error
-                return 250, b""
-        with Events() as events:
-            code, text = await threads.deferToThread(send)
+        code, text, events = await send_one(server)
     finally:
         await server.stop()
     assert code == 451, text
@@ -117,20 +125,8 @@ async def test_a_full_maildir_is_451_and_one_error_line_naming_the_file(tmp_path
             for sub in ("tmp", "new", "cur"):
                 (server.maildir / sub).mkdir(parents=True, exist_ok=True)
             fill(mail)
-            from twisted.internet import threads
-
-            def send() -> tuple[int, bytes]:
-                import smtplib
-                with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
-                    s.login("demo", "pw")
-                    try:
-                        s.sendmail("demo@example.test", ["x@example.test"],
-                                   b"Subject: x\r\n\r\n" + (b"y" * 70 + b"\r\n") * 1000)
-                    except smtplib.SMTPDataError as e:
-                        return e.smtp_code, e.smtp_error
-                    return 250, b""
-            with Events() as events:
-                code, text = await threads.deferToThread(send)
+            code, text, events = await send_one(
+                server, b"Subject: x\r\n\r\n" + (b"y" * 70 + b"\r\n") * 1000)
         finally:
             await server.stop()
         assert code == 451, text
@@ -161,19 +157,7 @@ async def test_a_failed_rename_into_new_names_the_rename(tmp_path: Path) -> None
         if new.exists():
             shutil.rmtree(new)
         new.write_text("not a folder")
-        from twisted.internet import threads
-
-        def send() -> tuple[int, bytes]:
-            import smtplib
-            with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as s:
-                s.login("demo", "pw")
-                try:
-                    s.sendmail("demo@example.test", ["x@example.test"], b"Subject: x\r\n\r\nhi\r\n")
-                except smtplib.SMTPDataError as e:
-                    return e.smtp_code, e.smtp_error
-                return 250, b""
-        with Events() as events:
-            code, text = await threads.deferToThread(send)
+        code, text, events = await send_one(server)
     finally:
         await server.stop()
     assert code == 451, text

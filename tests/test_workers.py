@@ -267,14 +267,15 @@ def auth(arguments, context):
 '''
 
 
-def workers_importing_a_slow_script(tmp_path: Path, start_new_session: bool = False
-                                     ) -> tuple[int, Path, subprocess.Popen]:
-    """A master whose two workers are importing ``SLOW_WORKER_SCRIPT`` (it waits for a
-    ``go`` file): (port, log, master)."""
+def two_workers_with_script(tmp_path: Path, script: str, name: str,
+                            start_new_session: bool = False
+                            ) -> tuple[int, Path, subprocess.Popen]:
+    """A master started with two workers whose AUTH script is ``script`` (written to
+    ``name``), its output in ``saslsmtp.log``: (port, log, master)."""
     (tmp_path / "users").write_text(USERS)
-    (tmp_path / "slow.py").write_text(SLOW_WORKER_SCRIPT)
+    (tmp_path / name).write_text(script)
     port = free_port()
-    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="slow.py",
+    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script=name,
                           listen=[f"tcp:{port}:interface=127.0.0.1"])
     log = tmp_path / "saslsmtp.log"
     with open(log, "wb") as out:
@@ -282,6 +283,15 @@ def workers_importing_a_slow_script(tmp_path: Path, start_new_session: bool = Fa
                                 stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=start_new_session,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return port, log, proc
+
+
+def workers_importing_a_slow_script(tmp_path: Path, start_new_session: bool = False
+                                     ) -> tuple[int, Path, subprocess.Popen]:
+    """A master whose two workers are importing ``SLOW_WORKER_SCRIPT`` (it waits for a
+    ``go`` file): (port, log, master)."""
+    port, log, proc = two_workers_with_script(tmp_path, SLOW_WORKER_SCRIPT, "slow.py",
+                                              start_new_session)
     try:
         wait_for(lambda: len(list(tmp_path.glob("importing.*"))) == 2 or proc.poll() is not None,
                  what="both workers importing the script")
@@ -357,16 +367,7 @@ def test_a_worker_killed_by_a_signal_at_start_is_named_with_it(tmp_path: Path) -
     """A worker that a signal ends before it is ready (a SIGBUS, the OOM killer's SIGKILL)
     writes nothing; the start said "ended before it was ready (its log lines say why)",
     and no line did.  Now the start's one line names the signal, exit status 1."""
-    (tmp_path / "users").write_text(USERS)
-    (tmp_path / "dies.py").write_text(SIGNALLED_WORKER_SCRIPT)
-    port = free_port()
-    config = write_config(tmp_path, BACKEND.format(path=tmp_path / "users"), script="dies.py",
-                          listen=[f"tcp:{port}:interface=127.0.0.1"])
-    log = tmp_path / "saslsmtp.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(twistd_command(config, "--workers", "2"), cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _, log, proc = two_workers_with_script(tmp_path, SIGNALLED_WORKER_SCRIPT, "dies.py")
     try:
         assert proc.wait(60) == 1
         text = log.read_text()
