@@ -18,7 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from saslsmtp.config import key_lines, parse_config
 from saslsmtp.mechanisms import BUILTIN_NAMES
 from tests.conftest import require
-from tests.support import ROOT, run_each, twistd_command
+from tests.support import ROOT, check_here, run_each, twistd_command
 from tests.tlsutil import make_ca
 
 USERS = "demo:{PLAIN}demo-password\n"
@@ -146,16 +146,15 @@ def test_check_and_start_refuse_them_alike(tmp_path: Path) -> None:
     """Each case: ``--check`` exits 1 and a real start exits non-zero, naming
     ``file:line: key: message``, with no traceback and never "ready"."""
     require(Path("/proc/self").is_dir(), "needs /proc (Linux)")
-    cases, commands = [], []
+    cases, configs = [], []
     for n, (name, make, key, message) in enumerate(CASES):
         config = write_case(tmp_path / f"case{n}", make)
         cases.append((name, expected(config, key, message)))
-        commands += [twistd_command(config, "--check"), twistd_command(config)]
-    results = iter(run_each(commands, 30, env=_env()))
+        configs.append(config)
+    starts = run_each([twistd_command(config) for config in configs], 30, env=_env())
     failures = []
-    for name, want in cases:
-        for what in ("--check", "start"):
-            status, out = next(results)
+    for (name, want), config, start in zip(cases, configs, starts):
+        for what, (status, out) in (("--check", check_here(config)), ("start", start)):
             if status in (0, None) or want not in out or "Traceback" in out \
                     or "saslsmtp ready" in out:
                 failures.append(f"{name} ({what}): exit {status}, want {want!r} in:\n{out}")

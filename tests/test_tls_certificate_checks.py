@@ -23,7 +23,7 @@ from saslsmtp.preflight import preflight
 from saslsmtp.serving import ReloadableService, build_factory, stop_wiring
 from saslsmtp.service import load
 from saslsmtp.tlscert import ExpiryWatch, leaf_certificate
-from tests.support import ROOT, free_port, twistd_command, workers_daemon, write_config
+from tests.support import ROOT, check_here, free_port, twistd_command, workers_daemon, write_config
 from tests.tlsutil import IssuedCert, issue_cert, make_ca
 
 BACKEND = '[backends.users]\ntype = "file"\npath = "users"\n'
@@ -234,15 +234,16 @@ def test_check_and_start_name_each_tls_file_mistake(tmp_path: Path) -> None:
         line = next(i for i, text in enumerate(config.read_text().splitlines(), 1)
                     if text.startswith(refused.split(".")[1] + " ="))
         want = f"{config}:{line}: {refused}: {message}"
-        for extra in (("--check",), ()):
-            runs.append((name, extra, want, subprocess.Popen(
-                twistd_command(config, *extra), cwd="/", env=env, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True)))
+        runs.append((name, want, config, subprocess.Popen(
+            twistd_command(config), cwd="/", env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)))
     failures = []
-    for name, extra, want, proc in runs:
-        out, _ = proc.communicate(timeout=60)
-        if proc.returncode != 1 or want not in out or "Traceback" in out or "ready" in out:
-            failures.append(f"{name} {extra}: exit {proc.returncode}, want {want!r} in:\n{out}")
+    for name, want, config, proc in runs:
+        started, _ = proc.communicate(timeout=60)
+        for what, (status, out) in (("--check", check_here(config)),
+                                    ("start", (proc.returncode, started))):
+            if status != 1 or want not in out or "Traceback" in out or "ready" in out:
+                failures.append(f"{name} ({what}): exit {status}, want {want!r} in:\n{out}")
     assert not failures, "\n\n".join(failures)
 
 
