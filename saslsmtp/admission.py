@@ -33,7 +33,8 @@ class LimitedConnection(Protocol):
     def greet(self) -> None: ...
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
-    def busy_until(self, d: "defer.Deferred[Any]") -> None: ...
+    def busy_until(self, d: "defer.Deferred[Any]",
+                   then: "Callable[[Any], Any] | None" = None) -> None: ...
 
 
 class ConnectionAdmission:
@@ -60,7 +61,7 @@ class ConnectionAdmission:
             connection.busy_until(defer.fail())  # the protocol's internal-error reply
             return
         if is_deferred(verdict):  # a shared store (Redis) answers later
-            connection.busy_until(verdict.addCallback(self._decided))
+            connection.busy_until(verdict, self._decided)
         else:  # the memory store answered at once: no busy round
             self._decided(verdict)
 

@@ -175,15 +175,21 @@ class AuthExchange:
         return self._failed(judged) if isinstance(judged, Failure) else judged
 
     def _later(self, d: "defer.Deferred[Any]") -> "defer.Deferred[StepResult]":
-        """A step still waiting (a thread, a network backend, a timer)."""
-        d.addErrback(self._failed)
+        """A step still waiting (a thread, a network backend, a timer, a shared limits
+        store)."""
         if self.guard is None:
-            return d
-        d.addBoth(self._step_done)
+            return d.addErrback(self._failed)
         # With limits, a verdict is counted even if the client hangs up before it is
         # known: cancelling the answer does not cancel the check (hang-up trick).
-        d.addCallback(self._judge)
-        return self._shielded(d)
+        return self._shielded(d.addBoth(self._judge_later))
+
+    def _judge_later(self, result: Any) -> "StepResult | defer.Deferred[StepResult]":
+        """A late step's end, in one callback (every AUTH over a Redis store takes
+        this path): the step is over, a failure becomes its reply, the guard judges."""
+        self.running = False
+        if isinstance(result, Failure):
+            result = self._failed(result)
+        return self._judge(result)
 
     @staticmethod
     def _shielded(d: "defer.Deferred[StepResult]") -> "defer.Deferred[StepResult]":
@@ -191,10 +197,6 @@ class AuthExchange:
         shielded: defer.Deferred[StepResult] = defer.Deferred(lambda _: None)
         d.addBoth(lambda result: None if shielded.called else shielded.callback(result))
         return shielded
-
-    def _step_done(self, result: Any) -> Any:
-        self.running = False
-        return result
 
     def _judge(self, result: StepResult) -> "StepResult | defer.Deferred[StepResult]":
         """Tell the guard the verdict now; answer after its penalty delay."""

@@ -33,7 +33,7 @@ Every reply comes from ``saslsmtp.replies`` and carries its enhanced code.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, cast
+from typing import Any, Callable, Mapping, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
@@ -306,13 +306,29 @@ class SubmissionESMTP(smtp.ESMTP):
         else:
             self._command_line(line)
 
-    def busy_until(self, d: "defer.Deferred[Any]") -> None:
-        """Be busy until ``d`` (whose callbacks write the reply) has fired, then replay
-        queued lines.  The drain runs last, after the reply."""
+    def busy_until(self, d: "defer.Deferred[Any]",
+                   then: "Callable[[Any], Any] | None" = None) -> None:
+        """Be busy until ``d`` (whose callbacks write the reply) has fired, and
+        ``then(result)`` has written it (it may return a Deferred to wait for too), then
+        replay queued lines.  The drain runs last, after the reply.  One callback on
+        ``d`` for all of it: over a Redis store every session waits here twice."""
         self.reader.hold()
         self._pending = d
-        d.addErrback(self._internal_error)
-        d.addBoth(self._settled)
+        if then is None:
+            d.addBoth(self._settled)
+        else:
+            d.addBoth(self._answered, then)
+
+    def _answered(self, result: Any, then: Callable[[Any], Any]) -> Any:
+        if not isinstance(result, Failure):
+            try:
+                later = then(result)
+            except Exception:
+                result = Failure()
+            else:
+                if later is not None and is_deferred(later):
+                    return later.addBoth(self._settled)
+        return self._settled(result)
 
     def _internal_error(self, failure: Failure) -> None:
         if self.lost:
@@ -325,7 +341,11 @@ class SubmissionESMTP(smtp.ESMTP):
             self.send(REPLIES["local_error"])
         return None
 
-    def _settled(self, _: Any) -> None:
+    def _settled(self, result: Any) -> None:
+        """``busy_until``'s Deferred has fired: a failure gets the internal-error reply,
+        then the queued lines are replayed."""
+        if isinstance(result, Failure):
+            self._internal_error(result)
         self._pending = None
         if self._waited_out:
             self._waited_out = False
@@ -358,7 +378,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def _answer(self, answer: Any) -> None:
         """Send what the mail transaction answered, now or when its Deferred fires."""
         if is_deferred(answer):
-            self.busy_until(answer.addCallback(self._answer))
+            self.busy_until(answer, self._answer)
         elif isinstance(answer, ProtocolError):
             self.error(answer.reply)
         else:
@@ -520,7 +540,7 @@ class SubmissionESMTP(smtp.ESMTP):
         stamp = self.peer.stamp(self.tls, self.auth_user if self.authenticated else None)
         answer = self.transaction.data(arg, stamp, self.transport)
         if is_deferred(answer):
-            self.busy_until(answer.addCallback(self._data_answered))
+            self.busy_until(answer, self._data_answered)
         else:
             self._data_answered(cast("SMTPReply | ProtocolError", answer))
 

@@ -36,7 +36,9 @@ def result_now(value: Any) -> Any:
     result will flow on to the callbacks added later)."""
     if not is_deferred(value):
         return value
-    if value.called and not value.paused:
+    if not value.called:  # still waiting (a Redis store's gate): nothing to take, no hop
+        return value
+    if not value.paused:
         # Fired and not waiting on another Deferred: every callback has run (this is never
         # called from inside ``value``'s own callbacks), so the result is read directly.
         result = value.result

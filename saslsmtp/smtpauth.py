@@ -10,7 +10,7 @@ AUTH command and answers each step: ``Reply`` -> 334, ``LoggedIn`` -> 235 (with 
 from __future__ import annotations
 
 import base64
-from typing import Any, Mapping, Protocol, assert_never, cast
+from typing import Any, Callable, Mapping, Protocol, assert_never, cast
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -46,7 +46,8 @@ class AuthHost(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def busy_until(self, d: "defer.Deferred[Any]") -> None: ...
+    def busy_until(self, d: "defer.Deferred[Any]",
+                   then: "Callable[[Any], Any] | None" = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -156,7 +157,7 @@ class SmtpAuth:
     def _answer_step(self, step: "StepResult | defer.Deferred[StepResult]") -> None:
         """Answer a step now if it has finished, else be busy until it does."""
         if is_deferred(step):
-            return self.host.busy_until(step.addCallback(self.answer))
+            return self.host.busy_until(step, self.answer)
         try:
             later = self.answer(cast("StepResult", step))
         except Exception:

@@ -38,6 +38,18 @@ def test_a_waiting_deferred_is_returned_and_its_result_flows_on() -> None:
     assert seen == ["later"]
 
 
+def test_a_paused_deferred_is_returned_and_its_result_flows_on() -> None:
+    """Fired but waiting on another Deferred: its result is not there yet either."""
+    inner: defer.Deferred[str] = defer.Deferred()
+    d: defer.Deferred[str] = defer.succeed("first")
+    d.addCallback(lambda _: inner)
+    assert result_now(d) is d
+    seen: list[Any] = []
+    d.addCallback(seen.append)
+    inner.callback("later")
+    assert seen == ["later"]
+
+
 def test_is_deferred_agrees_with_isinstance() -> None:
     """The per-type answer is isinstance's, for Deferreds, their subclasses and the
     plain values AUTH steps return, asked more than once (the cached answer)."""

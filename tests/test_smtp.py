@@ -716,3 +716,18 @@ def test_every_reply_has_an_enhanced_code() -> None:
     for name, reply in REPLIES.items():
         if reply.code != 354:
             assert reply.enhanced and reply.enhanced[0] == str(reply.code)[0], name
+
+
+def test_a_late_rejection_waits_failure_delay_then_answers_the_queued_lines() -> None:
+    """A checker that answers later (a network backend), then the 535's failure_delay:
+    nothing is written until both are over, then the 535 and the pipelined NOOP's reply,
+    in order (the step's Deferred and the delay's, one after the other)."""
+    checker = PendingChecker()
+    h = SMTPHarness(checkers=[checker], failure_delay=2.0)
+    h.send(EHLO)
+    assert h.send(b"AUTH PLAIN " + b64(b"\0tim\0bad") + b"\r\nNOOP\r\n") == b""
+    checker.calls[0][1].errback(UnauthorizedLogin())
+    h.clock.advance(1.9)
+    assert h.take() == b""
+    h.clock.advance(0.2)
+    assert h.take() == INVALID + b"250 2.0.0 OK\r\n"
