@@ -26,3 +26,17 @@ class EngineSettings:
     junk_command_limit: int = 100
     max_unauthenticated_time: float = 300.0
     tls_handshake_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        """``mechanisms`` as a tuple of names, checked now: ``mechanisms="PLAIN"`` was
+        taken letter by letter and failed only at the first connection ("P, L, A, I, N")."""
+        names = self.mechanisms
+        if isinstance(names, (str, bytes)):
+            raise TypeError(f"EngineSettings: mechanisms must be a list of names, not one"
+                            f" {type(names).__name__}: {names!r}")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"EngineSettings: mechanisms: each item must be a name (str),"
+                                f" not {type(name).__name__}")
+        if not isinstance(names, tuple):  # a list from the caller: frozen, so a tuple
+            object.__setattr__(self, "mechanisms", tuple(names))

@@ -276,6 +276,10 @@ def test_scram_against_stored_keys_step_by_step() -> None:
     (lambda: embed.auth_script(lambda arguments, context: Accept(), clock=None),
      "clock must provide callLater"),
     (lambda: SMTPHarness(mechanism_names="PLAIN"), "mechanism_names must be a list of names"),
+    (lambda: EngineSettings(mechanisms="PLAIN"),  # type: ignore[arg-type]
+     "EngineSettings: mechanisms must be a list of names, not one str: 'PLAIN'"),
+    (lambda: EngineSettings(mechanisms=[b"PLAIN"]),  # type: ignore[list-item]
+     r"EngineSettings: mechanisms: each item must be a name \(str\), not bytes"),
 ])
 def test_a_wrong_argument_type_is_a_type_error_that_names_it(build: Any, message: str) -> None:
     """Not a ValueError about the letter P, nor a traceback at the first login."""
