@@ -115,7 +115,10 @@ def wire(config: Config, reactor: Any) -> Wiring:
     runners: list[Any] = []
 
     def make_runner(name: str, max_threads: int) -> ThreadPoolRunner:
-        runner = ThreadPoolRunner(reactor, name, max_threads)
+        # Every thread starts with the service: a pool that grows on demand starts its
+        # threads on the reactor thread, inside run(), and Thread.start waits until the new
+        # thread gets the GIL, about 1 ms each while a burst of ldap3 threads holds it.
+        runner = ThreadPoolRunner(reactor, name, max_threads, min_threads=max_threads)
         runners.append(runner)
         return runner
 

@@ -61,7 +61,8 @@ class BackendDeps:
     ``reactor``: the reactor (time, TCP/UNIX connections, threads).
     ``hash_runner``: the shared bounded pool for password hashing.
     ``make_runner(name, max_threads)``: a dedicated bounded pool (e.g. for ldap3);
-    the caller starts and stops it with the service.
+    the caller starts and stops it with the service (the daemon's start all
+    ``max_threads`` threads then, so ``run`` never starts one on the reactor thread).
     """
 
     reactor: Any
