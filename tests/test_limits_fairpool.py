@@ -148,6 +148,18 @@ def test_default_workers_leave_a_core():
     assert default_workers() == max(1, (os.cpu_count() or 2) - 1)
 
 
+def test_every_hash_thread_starts_with_the_pool():
+    """All its threads run once the pool starts, so ``run`` never starts one on the
+    reactor thread (``Thread.start`` waits there for the GIL)."""
+    from twisted.internet import reactor
+    runner = FairThreadPoolRunner(reactor, "saslsmtp-hash-test", 3)
+    runner.start()
+    try:
+        assert len(runner.pool.threads) == 3
+    finally:
+        runner.stop()
+
+
 @pytest_twisted.inlineCallbacks
 def test_real_threads_and_a_checker_through_inline_callbacks(tmp_path):
     """With real threads: work runs off the reactor thread, concurrency stays within the

@@ -193,7 +193,9 @@ class FairThreadPoolRunner(FairScheduler):
                  max_queued_per_key: int | None = None) -> None:
         workers = max_threads or default_workers()
         self._reactor = reactor
-        self.pool = ThreadPool(0, workers, name)
+        # every thread starts with the pool: one started on demand would start on the
+        # reactor thread, inside run(), waiting there for the GIL (see service.make_runner)
+        self.pool = ThreadPool(workers, workers, name)
         super().__init__(self._in_thread, workers, share=share, max_queued=max_queued,
                          max_queued_per_key=max_queued_per_key)
 
