@@ -434,12 +434,15 @@ def use_for_twistd(twistd_options: Any, log_format: str, log_level: str,
     """The ``--logger`` value making twistd write ``log_format`` lines at ``log_level``
     where its options say (stdout with ``-n`` or ``--logfile=-``, else the log file,
     rotated at ``rotate_size`` bytes (1 MB, like twistd's own; 0: never by size) and on
-    SIGUSR1), or ``None`` to keep twistd's observer (``--syslog``, an explicit
-    ``--logger``).  Text lines look like twistd's, made three times faster
-    (``classic_text``).  With ``workers`` > 1 the output is one the workers can share
-    (``shared_output``)."""
-    if twistd_options.get("logger") or twistd_options.get("syslog"):
+    SIGUSR1), or ``None`` to keep an explicit ``--logger``.  Text lines look like
+    twistd's, made three times faster (``classic_text``).  With ``workers`` > 1 the
+    output is one the workers can share (``shared_output``).  With ``--syslog`` it is
+    twistd's own syslog observer behind ``log_level`` (``twistd_syslog_logger``)."""
+    if twistd_options.get("logger"):
         return None
+    if twistd_options.get("syslog"):
+        _TWISTD.update(level=log_level, syslog_prefix=twistd_options.get("prefix") or "twisted")
+        return f"{__name__}.twistd_syslog_logger"
     _TWISTD.update(format=log_format, level=log_level, logfile=twistd_options.get("logfile"),
                    nodaemon=twistd_options.get("nodaemon"), shared=workers > 1,
                    rotate_size=rotate_size)
@@ -535,6 +538,20 @@ def twistd_logger() -> ILogObserver:
             _rotate_on_sigusr1(None if special else out)
     _TWISTD["output"] = out
     return make_observer(out, _TWISTD.get("format", "text"), _TWISTD.get("level", "info"))
+
+
+def twistd_syslog_logger() -> ILogObserver:
+    """twistd's ``--logger`` for ``--syslog``: twistd's own syslog observer (its
+    ``--prefix``, its priorities, the message text only) behind ``log_level`` and the
+    library-noise filter, which twistd's would not apply: a ``log_level = "warn"`` daemon
+    sent every info line, and debug ones too, to syslog.  ``log_format`` does not apply:
+    syslog stamps its own lines."""
+    from twisted.logger import LegacyLogObserverWrapper
+    from twisted.python.syslog import SyslogObserver
+    syslog = SyslogObserver(_TWISTD.get("syslog_prefix", "twisted"))
+    legacy: Any = syslog.emit  # a legacy observer: a callable of the old event dict
+    return FilteringLogObserver(LegacyLogObserverWrapper(legacy),
+                                [LevelFloor(_TWISTD.get("level", "info"))])
 
 
 #: A ``key=value`` value that needs no quotes: no space, quote, backslash, ``=`` or control.

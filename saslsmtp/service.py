@@ -359,7 +359,12 @@ class SaslSmtpService(service.MultiService):
         prepare_delivery(self.wiring.config)
         for runner in self.wiring.runners:
             runner.start()
-        super().startService()
+        try:
+            super().startService()
+        except BaseException:  # a listener or the control socket refused the start: the
+            for runner in self.wiring.runners:  # pools' threads must not keep the process
+                runner.stop()
+            raise
         # What exists now lives as long as the process: kept out of the cyclic GC's full
         # collections, which would walk all of it every few thousand sessions (more often
         # while sessions wait on a shared limits store, which ages their objects).

@@ -291,3 +291,36 @@ def test_scrubbed_failure_keeps_type_and_frames() -> None:
         assert "in parse" in text and clean.check(ValueError)
         assert secret not in text and "p\\xe4ss" not in text
     assert scrubbed_failure(failure, ["elsewhere"]) is failure
+
+
+@pytest.mark.parametrize("level, lines", [
+    ("warn", ["a warning"]),
+    ("info", ["an info line", "a warning"]),
+])
+def test_syslog_lines_follow_log_level_and_leave_out_library_noise(
+        monkeypatch: pytest.MonkeyPatch, level: str, lines: list[str]) -> None:
+    """``--syslog`` keeps twistd's syslog observer (its ``--prefix``, its priorities) but
+    behind ``log_level``: it sent every info and debug line, and txredisapi's repeated
+    "Discarding dead connection." during a Redis outage, whatever the level."""
+    from twisted.logger import LogLevel
+    from twisted.python.syslog import SyslogObserver
+
+    from saslsmtp import logs
+    opened: list[str] = []
+    sent: list[str] = []
+    monkeypatch.setattr(SyslogObserver, "openlog", lambda self, prefix, *a: opened.append(prefix))
+    monkeypatch.setattr(SyslogObserver, "syslog", lambda self, priority, text: sent.append(text))
+    monkeypatch.setattr(logs, "_TWISTD", {})
+    assert logs.use_for_twistd({"syslog": True, "prefix": "submission"}, "json", level) \
+        == "saslsmtp.logs.twistd_syslog_logger"
+    observer = logs.twistd_syslog_logger()
+    assert opened == ["submission"]
+    publisher = LogPublisher(observer)
+    for what, at in (("a debug line", LogLevel.debug), ("an info line", LogLevel.info),
+                     ("a warning", LogLevel.warn)):
+        Logger(namespace="saslsmtp.test", observer=publisher).emit(at, what)
+    # what txredisapi's log.msg("Discarding dead connection.") becomes
+    publisher({"log_namespace": "log_legacy", "log_level": LogLevel.info, "isError": 0,
+               "message": ("Discarding dead connection.",), "log_format": "{log_text}",
+               "log_text": "Discarding dead connection.", "system": "-", "log_time": 0.0})
+    assert sent == [f"[-] {line}" for line in lines]
