@@ -30,6 +30,7 @@ from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.registry import BACKEND_TYPES, BackendDeps, checker_from_options
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.config import ConfigError
+from saslsmtp.engine_settings import not_one_name
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.options import OptionProblem, OptionsError
 from saslsmtp.resolver import secret_resolver
@@ -70,9 +71,7 @@ STOCK_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"
 def _mechanism_items(mechanisms: Iterable[str | MechanismSpec]) -> list[str | MechanismSpec]:
     """``mechanisms`` as a list, each a name or a ``MechanismSpec``: one string is not a
     list of names (it would be read letter by letter: "P is not built in")."""
-    if isinstance(mechanisms, (str, bytes)):
-        raise TypeError(f"mechanisms must be a list of names, not one {type(mechanisms).__name__}:"
-                        f" [{mechanisms!r}]")
+    not_one_name(mechanisms, "mechanisms")
     items = list(mechanisms)
     for item in items:
         if not isinstance(item, (str, MechanismSpec)):

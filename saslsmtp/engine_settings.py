@@ -9,6 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def not_one_name(value: object, what: str) -> None:
+    """One string where a list of mechanism names is meant would be read letter by letter
+    ("P, L, A, I, N"): a ``TypeError`` naming the argument ``what``."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be a list of names, not one {type(value).__name__}:"
+                        f" [{value!r}]")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Per-listener behaviour of ``SubmissionESMTP`` (built from ``saslsmtp.config``)."""
@@ -31,9 +39,7 @@ class EngineSettings:
         """``mechanisms`` as a tuple of names, checked now: ``mechanisms="PLAIN"`` was
         taken letter by letter and failed only at the first connection ("P, L, A, I, N")."""
         names = self.mechanisms
-        if isinstance(names, (str, bytes)):
-            raise TypeError(f"EngineSettings: mechanisms must be a list of names, not one"
-                            f" {type(names).__name__}: {names!r}")
+        not_one_name(names, "EngineSettings: mechanisms")
         for name in names:
             if not isinstance(name, str):
                 raise TypeError(f"EngineSettings: mechanisms: each item must be a name (str),"

@@ -43,6 +43,7 @@ from saslsmtp.octets import as_bytes
 from saslsmtp.resolver import secret_resolver
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Secret, Session
+from saslsmtp.engine_settings import not_one_name
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 
 __all__ = ["SMTPHarness", "MemoryRealm", "MemoryDelivery", "MemoryMessage", "MemoryUsers",
@@ -217,9 +218,7 @@ class SMTPHarness:
             named["users"] = MemoryUsers(users)
         named.update(backends or {})
         self.backends = named
-        if isinstance(mechanism_names, (str, bytes)):  # read letter by letter otherwise
-            raise TypeError("mechanism_names must be a list of names, not one"
-                            f" {type(mechanism_names).__name__}: [{mechanism_names!r}]")
+        not_one_name(mechanism_names, "mechanism_names")
         names = tuple(m.upper() for m in mechanism_names) if mechanism_names is not None else None
         specs = dict(mechanisms) if mechanisms is not None else builtin_mechanisms(names or ())
         password_checker: ICredentialsChecker = BackendChain(list(named.items()))

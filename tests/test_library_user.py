@@ -277,7 +277,7 @@ def test_scram_against_stored_keys_step_by_step() -> None:
      "clock must provide callLater"),
     (lambda: SMTPHarness(mechanism_names="PLAIN"), "mechanism_names must be a list of names"),
     (lambda: EngineSettings(mechanisms="PLAIN"),  # type: ignore[arg-type]
-     "EngineSettings: mechanisms must be a list of names, not one str: 'PLAIN'"),
+     r"EngineSettings: mechanisms must be a list of names, not one str: \['PLAIN'\]"),
     (lambda: EngineSettings(mechanisms=[b"PLAIN"]),  # type: ignore[list-item]
      r"EngineSettings: mechanisms: each item must be a name \(str\), not bytes"),
 ])
