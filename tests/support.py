@@ -370,11 +370,17 @@ def worker_pids(log: Path) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie.  A process reaped between opening
-    its status file and reading it fails the read with ESRCH: gone, too."""
+    """True while ``pid`` exists and is not a zombie, or is a zombie whose other threads
+    are still ending.  A process with threads (the pools start theirs with the service)
+    shows its first thread as a zombie while another thread is still on its way out and
+    still holds the open files, the listening socket too; the process is gone only when
+    that thread is.  A process reaped between opening its status file and reading it
+    fails the read with ESRCH: gone, too."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
+            if "State:\tZ" not in f.read():
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (FileNotFoundError, ProcessLookupError):
         return False
 
