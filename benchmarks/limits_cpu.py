@@ -10,6 +10,7 @@ Redis over its UNIX socket).
     python3 benchmarks/limits_cpu.py --redis-batch   # redis-server cannot preempt the daemon
     python3 benchmarks/limits_cpu.py --split         # + Redis with only the connection limits,
                                                      #   and with only the AUTH limits
+    python3 benchmarks/limits_cpu.py --cpu-part user # only user time (or: system)
 
 Uses benchmarks/run.py's server and measurement code and a throwaway redis-server on a
 free loopback port.  Writes benchmarks/results/<date>-limits-cpu.md (and prints it).
@@ -121,7 +122,11 @@ def main() -> int:
                              " only the AUTH limits (redis-auth): the cost of each wait")
     parser.add_argument("--unix", action="store_true",
                         help="also Redis over its UNIX socket (variant redis-unix)")
+    parser.add_argument("--cpu-part", choices=sorted(bench.CPU_PARTS), default="all",
+                        help="count only the server's user time (Python) or only its system"
+                             " time (the kernel: sockets, epoll) as its CPU")
     args = parser.parse_args()
+    bench.CPU_FIELDS = bench.CPU_PARTS[args.cpu_part]
     with tempfile.TemporaryDirectory(prefix="saslsmtp-limits-cpu-") as tmp:
         root = Path(tmp)
         redis, redis_port = start_redis(root, batch=args.redis_batch)
@@ -178,7 +183,8 @@ def main() -> int:
         f"`python3 benchmarks/limits_cpu.py --concurrency {args.concurrency} --duration"
         f" {args.duration:g} --repeats {args.repeats}{' --unix' if args.unix else ''}"
         f"{' --generator c' if args.generator == 'c' else ''}"
-        f"{' --redis-batch' if args.redis_batch else ''}{' --split' if args.split else ''}`:"
+        f"{' --redis-batch' if args.redis_batch else ''}{' --split' if args.split else ''}"
+        f"{f' --cpu-part {args.cpu_part}' if args.cpu_part != 'all' else ''}`:"
         " twistd saslsmtp, file backend"
         " ({PLAIN} entry), failure_delay 0, EHLO + AUTH PLAIN + QUIT per session; the"
         " variants interleaved, median of the repeats. \"All on\": every [limits]"
@@ -187,6 +193,9 @@ def main() -> int:
         " trusted, so every check runs.", "",
         f"Machine: {os.cpu_count()} CPUs, shared with other work while measuring. Load:"
         f" {'smtp_load.c' if args.generator == 'c' else 'smtp_auth_load.py'}.", "",
+        *([f"CPU counted: the server's {args.cpu_part} time only"
+           f" ({'utime' if args.cpu_part == 'user' else 'stime'} in /proc/PID/stat).", ""]
+          if args.cpu_part != "all" else []),
         "| limits | CPU ms/session | vs off | sessions/s | AUTH p99 ms | preempted/session"
         " | generator CPU % |",
         "| --- | --- | --- | --- | --- | --- | --- |",

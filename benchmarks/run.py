@@ -76,6 +76,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Which /proc/PID/stat times count as the server's CPU (indexes into the fields after
+#: "pid (comm) ", so fields[0] is field 3, state): utime, stime, cutime, cstime (fields
+#: 14-17).  ``CPU_PARTS`` narrows it to the user or the kernel part (limits_cpu --cpu-part).
+CPU_PARTS = {"all": (11, 12, 13, 14), "user": (11, 13), "system": (12, 14)}
+CPU_FIELDS = CPU_PARTS["all"]
+
+
 def process_cpu_s(pid: int) -> float:
     """utime+stime (+ waited-for children) of ``pid`` in seconds, from /proc/PID/stat."""
     try:
@@ -83,8 +90,7 @@ def process_cpu_s(pid: int) -> float:
     except OSError:  # the process is gone
         return float("nan")
     fields = raw[raw.rindex(")") + 2:].split()  # fields after "pid (comm) "
-    # fields[0] is field 3 (state); utime, stime, cutime, cstime are fields 14-17.
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+    return sum(int(fields[i]) for i in CPU_FIELDS) / CLK_TCK
 
 
 def process_family(pid: int) -> list[int]:

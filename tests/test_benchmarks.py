@@ -122,6 +122,39 @@ def test_tree_cpu_counts_children_that_exited() -> None:
         child.wait()
 
 
+#: User time in a loop, then kernel time in getppid() calls, then a pause: fixed figures.
+BURN_USER_THEN_KERNEL = """
+import os, sys, time
+end = time.process_time() + 0.3
+while time.process_time() < end: pass
+start = os.times()
+while os.times().system - start.system < 0.3:
+    for _ in range(1000): os.stat("/")
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_cpu_part_counts_user_or_kernel_time_only() -> None:
+    """``limits_cpu --cpu-part``: the server's user time and its kernel time, apart; the two
+    add up to what every other benchmark counts."""
+    bench = load_bench_module("run")
+    child = subprocess.Popen([sys.executable, "-c", BURN_USER_THEN_KERNEL],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "done\n"
+        parts = {}
+        for part, fields in bench.CPU_PARTS.items():
+            bench.CPU_FIELDS = fields
+            parts[part] = bench.process_cpu_s(child.pid)
+        assert parts["user"] >= 0.3 and parts["system"] >= 0.3, parts
+        assert parts["user"] + parts["system"] == pytest.approx(parts["all"]), parts
+    finally:
+        bench.CPU_FIELDS = bench.CPU_PARTS["all"]
+        child.kill()
+        child.wait()
+
+
 def test_postfix_peer_serves_auth_plain_and_delivers() -> None:
     """The Postfix peer (Postfix smtpd + Dovecot SASL) accepts the bench user with AUTH
     PLAIN, refuses a wrong password, delivers a message into its Maildir, and its CPU
