@@ -162,6 +162,9 @@ def main() -> int:
                         m = bench.measure(server, "PLAIN", args.concurrency, repeat, ns)
                         if not m.ok:
                             raise bench.BenchError(f"{name}: {m.problem}")
+                        if m.server_cpu_ms_per_session is None:
+                            raise bench.BenchError(f"{name}: no CPU figure (nothing served,"
+                                                   " or the server's /proc entry is gone)")
                         runs[name].append(m)
                         switched[name].append((preemptions(server.pid) - before)
                                               / max(m.sessions, 1))
@@ -170,9 +173,10 @@ def main() -> int:
         finally:
             redis.kill()
             redis.wait()
-    cpu = {name: statistics.median(m.server_cpu_ms_per_session for m in ms)
-           for name, ms in runs.items()}
-    rate = {name: statistics.median(m.handshakes_per_s for m in ms) for name, ms in runs.items()}
+    cpu = {name: statistics.median(m.server_cpu_ms_per_session or 0.0 for m in ms)
+           for name, ms in runs.items()}  # (never None: refused above)
+    rate = {name: statistics.median(m.handshakes_per_s or 0.0 for m in ms)
+            for name, ms in runs.items()}
     p99 = {name: statistics.median(m.auth_ms.get("p99") or 0 for m in ms)
            for name, ms in runs.items()}
     loadgen = {name: statistics.median(m.client_cpu_pct or 0 for m in ms)
