@@ -38,12 +38,12 @@ from zope.interface import alsoProvides, implementer
 from saslsmtp.checkers.chain import BackendChain, TrustedIdentityChecker
 from saslsmtp.checkers.secrets import ISecretSource, ITokenValidator
 from saslsmtp.credentials import AvatarId
+from saslsmtp.engine_settings import not_one_name
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.octets import as_bytes
 from saslsmtp.resolver import secret_resolver
 from saslsmtp.sasl.mechanism import MechanismSpec
 from saslsmtp.sasl.outcome import Secret, Session
-from saslsmtp.engine_settings import not_one_name
 from saslsmtp.protocol import EngineSettings, SubmissionESMTP
 
 __all__ = ["SMTPHarness", "MemoryRealm", "MemoryDelivery", "MemoryMessage", "MemoryUsers",
