@@ -526,6 +526,53 @@ async def test_slots_released_without_waiting_are_released_exactly(redis):
         await store.close()
 
 
+def _script_calls(redis):
+    """How many EVALSHA and EVAL commands Redis has run."""
+    stats = redis.command("INFO", "commandstats").decode()
+    return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+               if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+
+
+@pytest_twisted.ensureDeferred
+async def test_seats_given_back_go_inside_the_next_call(redis):
+    """A connection's slot and a successful attempt's seat, given back without waiting,
+    travel inside the next admission's or AUTH gate's script: one command, and they
+    count as free in it (``connections_per_ip = 1`` admits the next connection)."""
+    from saslsmtp.limits.session import ConnectionLimits
+    store = await make_store(redis.url)
+    try:
+        settings = parse_limits({"connections_per_ip": 1, "auth_failures_per_user": "5/1m"},
+                                lambda k, m: None)
+        limiter = Limiter(settings, store, reactor())
+        first = ConnectionLimits(limiter)
+        assert (await _maybe(first.admit("192.0.2.6"))).allowed
+        attempt = first.attempt("192.0.2.6", "PLAIN")
+        assert await _maybe(attempt.admit("frank", "pw")) is None
+        assert attempt.judged(True, "frank") is None
+        first.release()
+        before = _script_calls(redis)
+        second = ConnectionLimits(limiter)
+        assert (await _maybe(second.admit("192.0.2.6"))).allowed
+        assert _script_calls(redis) - before == 1
+        assert _zcard(redis, "saslsmtp:conn:192.0.2.6") == 1
+        assert _zcard(redis, "saslsmtp:flight:user:u:frank") == 0
+        again = second.attempt("192.0.2.6", "PLAIN")
+        assert await _maybe(again.admit("frank", "pw")) is None
+        assert again.judged(True, "frank") is None
+        before = _script_calls(redis)
+        third = second.attempt("192.0.2.6", "PLAIN")
+        assert await _maybe(third.admit("frank", "pw")) is None
+        assert _script_calls(redis) - before == 1
+        assert _zcard(redis, "saslsmtp:flight:user:u:frank") == 1  # the third's seat only
+        third.judged(True, "frank")
+        second.release()
+        await until(lambda: _zcard(redis, "saslsmtp:conn:192.0.2.6") == 0
+                    and _zcard(redis, "saslsmtp:flight:user:u:frank") == 0, "the last batch")
+        assert store.unavailable == 0
+    finally:
+        await store.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_session_calls_resend_flushed_scripts_and_fail_open(redis):
     """The session's calls without Deferreds answer EVALSHA's NOSCRIPT by sending the

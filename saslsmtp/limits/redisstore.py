@@ -116,6 +116,8 @@ ADMIT_SCRIPT = """
 -- A new connection: KEYS[1] the rate counter, KEYS[2] the slot set; ARGV: holder, then
 -- period_ms and count (0: no rate limit), slot limit (0: none), slot ttl_ms.
 -- Returns 2 (admitted), 1 (no free slot) or 0 (over the rate): one integer, cheap to parse.
+-- First, the releases queued since the last call: KEYS[3..] with their holders ARGV[6..].
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 3]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local count = tonumber(ARGV[3])
@@ -154,10 +156,12 @@ GATE_SCRIPT = """
 -- alone reach its count (refused, nothing taken), -i when its failures plus attempts in
 -- flight do (nothing taken: the caller may look again once some landed), or 0:
 -- admitted, and the token is in every in-flight set until LAND_SCRIPT or a release
--- takes it out.
+-- takes it out.  First, the releases queued since the last call: KEYS[2n+1..], with
+-- their holders after the counters' arguments (ARGV[2n+4..]).
+local n = tonumber(ARGV[2])
+for i = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 3]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local used = {}
 for i = 1, n do
@@ -336,8 +340,8 @@ class RedisStore:
         self._held: dict[tuple[str, str], None] = {}
         # The encoded arguments that depend on the limits only, for the last limits seen
         # (compared by identity: the limiter passes the same objects every time).
-        self._admit_tail: tuple[Any, Any, bytes] = (None, -1, b"")
-        self._gate_tail: tuple[Any, Any, bytes] = (None, -1, b"")
+        self._admit_tail: tuple[Any, Any, bytes, int] = (None, -1, b"", 0)
+        self._gate_tail: tuple[Any, Any, bytes, int] = (None, -1, b"", 0)
         self._releases: list[tuple[str, str]] = []
         self._released: list[Deferred[None]] = []
         self._release_call: Any = None
@@ -398,15 +402,36 @@ class RedisStore:
         if self._watch is None:
             self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
 
-    def _call_then(self, script: str, items: int, rest: bytes,
-                   then: Callable[[Any], object]) -> None:
-        """``_call`` without a Deferred, for the calls of every session: ``then(reply)``
-        once Redis answers, ``then(None)`` when it cannot (counted and logged as
-        unavailable).  ``then`` may run before this returns (not connected)."""
-        if self._releases:  # sent first, so that a slot or seat given back counts as free
-            self._flush_now()
+    def _call_then(self, script: str, keys: tuple[str, ...], first: str, tail: bytes,
+                   tail_items: int, then: Callable[[Any], object]) -> None:
+        """``_call`` without a Deferred, for the calls of every session (``ADMIT_SCRIPT``,
+        ``GATE_SCRIPT``): ``keys``, then ``first`` and ``tail`` (``tail_items`` encoded
+        arguments) as its arguments; ``then(reply)`` once Redis answers, ``then(None)``
+        when it cannot (counted and logged as unavailable).  ``then`` may run before this
+        returns (not connected).
+
+        The releases queued since the last call go first, so that a slot or seat given
+        back counts as free: inside this call's script (its extra keys, with their
+        holders after ``tail``), one command and one reply fewer than a release batch of
+        their own; on their own ahead of it when someone waits for their answer."""
         conn = self._connection()
-        if conn is None or conn.replyQueue.pending:
+        lean = conn is not None and not conn.replyQueue.pending
+        gone: list[str] | tuple[()] = ()
+        holders = b""
+        if self._releases:
+            if lean and not self._released:
+                pairs, self._releases = self._releases, []
+                if self._release_call is not None and self._release_call.active():
+                    self._release_call.cancel()
+                self._release_call = None
+                gone = [k for k, _ in pairs]
+                holders = _frame([h for _, h in pairs])
+            else:
+                self._flush_now()
+        count = len(keys) + len(gone)
+        rest = _frame((str(count), *keys, *gone, first)) + tail + holders
+        items = 4 + count + tail_items + len(gone)
+        if not lean:
             self._call(script, items, rest).addCallbacks(then, lambda f: then(None))
             return
         self._written(conn, b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
@@ -621,8 +646,7 @@ class RedisStore:
         if cached[0] is not rate or cached[1] != limit:
             cached = self._admit_tail = (rate, limit, _bulks([
                 int(rate.period * 1000) if rate else 0, rate.count if rate else 0,
-                limit or 0, self.slot_ttl_ms]))
-        tail = cached[2]
+                limit or 0, self.slot_ttl_ms]), 4)
         full = self.prefix + slot_key
 
         def answered(reply: int | None) -> None:
@@ -632,8 +656,8 @@ class RedisStore:
                 then(2)
             else:
                 then(reply)
-        self._call_then(ADMIT_SCRIPT, 10,
-                        _frame(("2", self.prefix + rate_key, full, holder)) + tail, answered)
+        self._call_then(ADMIT_SCRIPT, (self.prefix + rate_key, full), holder, cached[2],
+                        cached[3], answered)
 
     def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
                 ttl: float) -> "Deferred[int]":
@@ -660,13 +684,11 @@ class RedisStore:
             values: list[Any] = [len(rates), int(ttl * 1000)]
             for rate in rates:
                 values += [int(rate.period * 1000), rate.count]
-            cached = self._gate_tail = (rates, ttl, _bulks(values))
-        tail = cached[2]
+            cached = self._gate_tail = (rates, ttl, _bulks(values), len(values))
         prefix = self.prefix
-        n = len(flights)
-        self._call_then(GATE_SCRIPT, 6 + 2 * n + 2 * len(rates),
-                        _frame((str(2 * n), *[prefix + "authfail:" + f for f in flights],
-                                *[prefix + "flight:" + f for f in flights], token)) + tail,
+        self._call_then(GATE_SCRIPT, (*[prefix + "authfail:" + f for f in flights],
+                                      *[prefix + "flight:" + f for f in flights]),
+                        token, cached[2], cached[3],
                         lambda reply: then(int(reply) if reply is not None else 0))
 
     def land(self, flights: list[str], token: str,
