@@ -420,10 +420,9 @@ class RedisStore:
         holders = b""
         if self._releases:
             if lean and not self._released:
+                # (the batch's timer stays: finding nothing queued costs less than
+                # cancelling and arming one for every session)
                 pairs, self._releases = self._releases, []
-                if self._release_call is not None and self._release_call.active():
-                    self._release_call.cancel()
-                self._release_call = None
                 gone = [k for k, _ in pairs]
                 holders = _frame([h for _, h in pairs])
             else:
