@@ -702,7 +702,8 @@ class RedisStore:
         return d.addCallbacks(lambda _: None, lambda f: None)
 
     def release_soon(self, key: str, holder: str) -> None:
-        """``release`` with no answer to wait for: the slot goes with the next batch."""
+        """``release`` with no answer to wait for: the slot goes inside the next
+        admission or gate call, or with the batch after ``RELEASE_BATCH_DELAY``."""
         full = self.prefix + key
         self._held.pop((full, holder), None)
         if self.connected:
@@ -710,7 +711,7 @@ class RedisStore:
 
     def unreserve(self, flights: list[str], token: str) -> None:
         """The attempt ended with nothing to count (a success, an abort): ``token``
-        leaves ``flights`` with the next batch of releases."""
+        leaves ``flights`` as ``release_soon`` gives a slot back."""
         if self.connected:
             for flight in flights:
                 self._queue_release(self.prefix + flight, token)
