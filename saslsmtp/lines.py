@@ -157,7 +157,7 @@ class LineReader:
             self._next += 1
             self._queued_bytes -= len(line)
             self._on_line(line[:-1] if line[-1:] == b"\r" else line)
-        if self._next >= len(self._queue):
+        if self._queue and self._next >= len(self._queue):  # (nothing to clear: no call)
             self.clear()
 
     @property

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from saslsmtp.checkers.chain import BackendChain
 from saslsmtp.limits.authcache import CachingChecker
-from saslsmtp.limits.build import build_controls
+from saslsmtp.limits.build import LateStore, build_controls
 from saslsmtp.limits.settings import AuthCacheSettings, LimitsSettings, parse_limits
 from saslsmtp.limits.store import MemoryStore
 from tests.redis import start_redis
@@ -116,3 +116,49 @@ def test_carry_over_keeps_stretches_or_drops_the_counters():
     again = build_controls(_limits(auth_failures_per_ip="6/1m"), AuthCacheSettings(), clock)
     again.carry_over(off)
     assert _allowed(again, "192.0.2.1")
+
+
+class SessionCalls:
+    """Records the calls a session makes of a shared store."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def admit_then(self, rate_key, rate, slot_key, limit, holder, then):
+        self.calls.append("admit")
+        then(1)
+
+    def reserve_then(self, flights, rates, token, ttl, then):
+        self.calls.append("reserve")
+        then(-1)
+
+    def release_soon(self, key, holder):
+        self.calls.append("release")
+
+    def unreserve(self, flights, token):
+        self.calls.append("unreserve")
+
+
+def test_a_late_store_calls_its_store_directly_and_allows_before_start_and_after_stop():
+    """Once built, a session's calls go straight to the store's own methods (no hop for
+    every session); before ``start`` and after ``stop`` every call allows (fail open)."""
+    inner = SessionCalls()
+    late = LateStore(lambda: inner)  # type: ignore[arg-type,return-value]
+    codes: list[int] = []
+    late.admit_then("r", None, "s", 1, "h", codes.append)
+    late.reserve_then(("ip:x",), (), "t", 1.0, codes.append)
+    assert codes == [2, 0] and inner.calls == []
+    late.start()
+    assert late.admit_then == inner.admit_then  # bound to the store itself
+    late.admit_then("r", None, "s", 1, "h", codes.append)
+    late.reserve_then(("ip:x",), (), "t", 1.0, codes.append)
+    late.release_soon("s", "h")
+    late.unreserve(["flight:ip:x"], "t")
+    assert codes == [2, 0, 1, -1]
+    assert inner.calls == ["admit", "reserve", "release", "unreserve"]
+    late.stop()
+    late.admit_then("r", None, "s", 1, "h", codes.append)
+    late.reserve_then(("ip:x",), (), "t", 1.0, codes.append)
+    late.release_soon("s", "h")
+    late.unreserve(["flight:ip:x"], "t")
+    assert codes == [2, 0, 1, -1, 2, 0] and len(inner.calls) == 4

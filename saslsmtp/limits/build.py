@@ -94,13 +94,22 @@ class LateStore:
         self.store: RateStore | None = None
         self.metrics: Any = NO_METRICS  # handed on to the store it builds (redis_down)
 
+    #: The calls of every session: once the store is built they are its own bound
+    #: methods, set on this instance, so that a session does not pay for a hop here.
+    _DIRECT = ("admit_then", "reserve_then", "release_soon", "unreserve")
+
     def start(self) -> None:
         if self.store is None:
             self.store = self._make()
             if hasattr(self.store, "metrics"):
                 self.store.metrics = self.metrics
+            for name in self._DIRECT:
+                if hasattr(self.store, name):
+                    setattr(self, name, getattr(self.store, name))
 
     def stop(self) -> "Deferred[Any]":
+        for name in self._DIRECT:  # the forwarders again, which allow once stopped
+            self.__dict__.pop(name, None)
         store, self.store = self.store, None
         close = getattr(store, "close", None)
         if close is None:

@@ -251,24 +251,17 @@ def _frame(values: Sequence[str]) -> bytes:
     return _bulks(values)  # lengths are in bytes
 
 
-class _Answer:
+class _Answer(tuple):
     """A place in txredisapi's reply queue without a Deferred: the queue hands each
     reply, in order, to its waiter's ``callback`` (a ``ConnectionError`` when the
-    connection is lost), which is all a Deferred would do there."""
+    connection is lost), which is all a Deferred would do there.  A tuple (made in C, no
+    ``__init__`` to run for every call): (store, then, default, script, items, rest,
+    again), see ``RedisStore._call_then``."""
 
-    __slots__ = ("store", "then", "script", "items", "rest", "again")
-
-    def __init__(self, store: "RedisStore", then: Callable[[Any], object], script: str,
-                 items: int, rest: bytes) -> None:
-        self.store = store
-        self.then = then
-        self.script = script
-        self.items = items
-        self.rest = rest
-        self.again = False
+    __slots__ = ()
 
     def callback(self, value: Any) -> None:
-        self.store._answered(self, value)
+        self[0]._answered(self, value)
 
 
 def _zero(_: object) -> int:
@@ -403,10 +396,10 @@ class RedisStore:
             self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
 
     def _call_then(self, script: str, keys: tuple[str, ...], first: str, tail: bytes,
-                   tail_items: int, then: Callable[[Any], object]) -> None:
+                   tail_items: int, then: Callable[[Any], object], default: Any) -> None:
         """``_call`` without a Deferred, for the calls of every session (``ADMIT_SCRIPT``,
         ``GATE_SCRIPT``): ``keys``, then ``first`` and ``tail`` (``tail_items`` encoded
-        arguments) as its arguments; ``then(reply)`` once Redis answers, ``then(None)``
+        arguments) as its arguments; ``then(reply)`` once Redis answers, ``then(default)``
         when it cannot (counted and logged as unavailable).  ``then`` may run before this
         returns (not connected).
 
@@ -414,50 +407,57 @@ class RedisStore:
         back counts as free: inside this call's script (its extra keys, with their
         holders after ``tail``), one command and one reply fewer than a release batch of
         their own; on their own ahead of it when someone waits for their answer."""
-        conn = self._connection()
+        pool = self._factory.pool  # (``_connection``, inline: every session comes here twice)
+        conn: Any = pool[0] if pool and pool[0].connected else None
         lean = conn is not None and not conn.replyQueue.pending
-        gone: list[str] | tuple[()] = ()
+        gone: tuple[str, ...] = ()
         holders = b""
         if self._releases:
             if lean and not self._released:
                 # (the batch's timer stays: finding nothing queued costs less than
                 # cancelling and arming one for every session)
                 pairs, self._releases = self._releases, []
-                gone = [k for k, _ in pairs]
-                holders = _frame([h for _, h in pairs])
+                gone, held = zip(*pairs)
+                holders = _frame(held)
             else:
                 self._flush_now()
         count = len(keys) + len(gone)
         rest = _frame((str(count), *keys, *gone, first)) + tail + holders
         items = 4 + count + tail_items + len(gone)
         if not lean:
-            self._call(script, items, rest).addCallbacks(then, lambda f: then(None))
+            self._call(script, items, rest).addCallbacks(then, lambda f: then(default))
             return
-        self._written(conn, b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
-        conn.replyQueue.waiting.append(_Answer(self, then, script, items, rest))
+        # (``_written``, inline)
+        conn.transport.write(b"*%d\r\n%s%s" % (items, _script(script)[0], rest))
+        if not self._waiting:
+            self._progress = self._reactor.seconds()
+        self._waiting += 1
+        if self._watch is None:
+            self._watch = self._reactor.callLater(self.timeout, self._check_stuck)
+        conn.replyQueue.waiting.append(_Answer((self, then, default, script, items, rest, False)))
 
     def _answered(self, answer: "_Answer", value: Any) -> None:
         """A reply (or the connection's loss) for a ``_call_then``."""
         self._waiting -= 1
         self._progress = self._reactor.seconds()
+        _, then, default, script, items, rest, again = answer
         if isinstance(value, Exception):
-            if isinstance(value, txredisapi.ResponseError) and not answer.again \
+            if isinstance(value, txredisapi.ResponseError) and not again \
                     and str(value).startswith("NOSCRIPT"):
                 conn = self._connection()
                 if conn is not None:  # Redis forgot the script: send it once with its text
-                    answer.again = True
-                    self._written(conn, b"*%d\r\n%s%s" % (
-                        answer.items, _script(answer.script)[1], answer.rest))
-                    conn.replyQueue.waiting.append(answer)
+                    self._written(conn, b"*%d\r\n%s%s" % (items, _script(script)[1], rest))
+                    conn.replyQueue.waiting.append(
+                        _Answer((self, then, default, script, items, rest, True)))
                     return
             self._unavailable(Failure(value))
-            value = None
+            value = default
         elif self._down:
             self._down = False
             log.info("limits: Redis store {url} is answering again; limits apply",
                      url=self.url.describe())
         try:
-            answer.then(value)
+            then(value)
         except Exception:  # never into txredisapi's parser
             log.failure("limits: handling a Redis reply")
 
@@ -656,7 +656,7 @@ class RedisStore:
             else:
                 then(reply)
         self._call_then(ADMIT_SCRIPT, (self.prefix + rate_key, full), holder, cached[2],
-                        cached[3], answered)
+                        cached[3], answered, None)
 
     def reserve(self, counters: list[tuple[str, Rate]], flights: list[str], token: str,
                 ttl: float) -> "Deferred[int]":
@@ -684,11 +684,10 @@ class RedisStore:
             for rate in rates:
                 values += [int(rate.period * 1000), rate.count]
             cached = self._gate_tail = (rates, ttl, _bulks(values), len(values))
-        prefix = self.prefix
-        self._call_then(GATE_SCRIPT, (*[prefix + "authfail:" + f for f in flights],
-                                      *[prefix + "flight:" + f for f in flights]),
-                        token, cached[2], cached[3],
-                        lambda reply: then(int(reply) if reply is not None else 0))
+        # (``map`` of a str method: no Python frame per key, as a comprehension has)
+        keys = (*map((self.prefix + "authfail:").__add__, flights),
+                *map((self.prefix + "flight:").__add__, flights))
+        self._call_then(GATE_SCRIPT, keys, token, cached[2], cached[3], then, 0)
 
     def land(self, flights: list[str], token: str,
              counters: list[tuple[str, Rate]]) -> "Deferred[None]":
@@ -706,15 +705,20 @@ class RedisStore:
         admission or gate call, or with the batch after ``RELEASE_BATCH_DELAY``."""
         full = self.prefix + key
         self._held.pop((full, holder), None)
-        if self.connected:
-            self._queue_release(full, holder)
+        if self._factory.size > 0:  # (``connected`` and ``_queue_release``, inline)
+            self._releases.append((full, holder))
+            if self._release_call is None:
+                self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
 
     def unreserve(self, flights: list[str], token: str) -> None:
         """The attempt ended with nothing to count (a success, an abort): ``token``
         leaves ``flights`` as ``release_soon`` gives a slot back."""
-        if self.connected:
+        if self._factory.size > 0:
+            prefix, releases = self.prefix, self._releases
             for flight in flights:
-                self._queue_release(self.prefix + flight, token)
+                releases.append((prefix + flight, token))
+            if self._release_call is None:
+                self._release_call = self._reactor.callLater(RELEASE_BATCH_DELAY, self._flush)
 
     # ---- heartbeat and shutdown ------------------------------------------------------
 
