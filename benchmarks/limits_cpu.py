@@ -105,6 +105,12 @@ def namespace(args: argparse.Namespace, fragment: Path | None) -> argparse.Names
         tls_files=None, starttls=False, generator=args.generator)
 
 
+def paired_ratio(base: list[float], values: list[float]) -> float:
+    """The median of ``values[i] / base[i] - 1``: each repeat against the base's run in the
+    same round, so that a slow minute of the machine cancels out."""
+    return statistics.median(v / b - 1 for b, v in zip(base, values))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -181,6 +187,10 @@ def main() -> int:
            for name, ms in runs.items()}
     loadgen = {name: statistics.median(m.client_cpu_pct or 0 for m in ms)
                for name, ms in runs.items()}
+    per_repeat = {name: [m.server_cpu_ms_per_session or 0.0 for m in ms]
+                  for name, ms in runs.items()}
+    paired = {name: paired_ratio(per_repeat["off"], values)
+              for name, values in per_repeat.items()}
     now = dt.datetime.now(dt.timezone.utc)
     lines = [
         f"# Abuse limits: server CPU per AUTH PLAIN session ({now:%Y-%m-%d %H:%M} UTC)", "",
@@ -200,19 +210,24 @@ def main() -> int:
         *([f"CPU counted: the server's {args.cpu_part} time only"
            f" ({'utime' if args.cpu_part == 'user' else 'stime'} in /proc/PID/stat).", ""]
           if args.cpu_part != "all" else []),
-        "| limits | CPU ms/session | vs off | sessions/s | AUTH p99 ms | preempted/session"
-        " | generator CPU % |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| limits | CPU ms/session | vs off | vs off, paired | sessions/s | AUTH p99 ms"
+        " | preempted/session | generator CPU % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in runs:
         lines.append(f"| {name} | {cpu[name]:.3f} | {100 * (cpu[name] / cpu['off'] - 1):+.1f}% |"
-                     f" {rate[name]:.0f} | {p99[name]:.1f} |"
+                     f" {100 * paired[name]:+.1f}% | {rate[name]:.0f} | {p99[name]:.1f} |"
                      f" {statistics.median(switched[name]):.2f} | {loadgen[name]:.0f} |")
     if args.split:
         lines += ["", "redis-conn: only connections_per_ip and connection_rate_per_ip (the"
                   " admission before the greeting); redis-auth: only auth_failures_per_ip,"
                   " auth_failures_per_user and auth_penalty_max (the gate before the"
                   " credentials)."]
+    lines += ["", "\"vs off\": the ratio of the medians; \"vs off, paired\": the median, over the"
+              " repeats, of each repeat's ratio to the off run of the same round (seconds"
+              " apart, where one variant's repeats are minutes apart: on a machine whose"
+              " speed drifts, the paired figure is the steadier one; `limits_pool.py` pools"
+              " several runs)."]
     lines += ["", "\"preempted\": the server's involuntary context switches per session (another"
               " process, such as redis-server, took its CPU); \"generator CPU\": the load"
               " generator's share of one core.", "", "Every repeat (CPU ms/session):", ""]

@@ -141,13 +141,20 @@ class AuthExchange:
         mechanism = self.mechanism
         return self._step(lambda: mechanism.receive(response))
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """The exchange ended early (the connection went away, the client aborted): a
-        login that still completes is logged out at once."""
+        login that still completes is logged out at once.
+
+        ``True`` when a step is still running under the limits' guard: its verdict must
+        still count (the hang-up trick), so the caller must let the step's Deferred run
+        to its end instead of cancelling it."""
         self.cancelled = True
-        if self.guard is not None and not self.running:
-            # A check still running keeps its place until its verdict counts (hang-ups).
+        if self.guard is None:
+            return False
+        if not self.running:
             self.guard.abandon()
+            return False
+        return True  # a check still running keeps its place until its verdict counts
 
     def _step(self, call: Callable[[], Any]) -> "StepResult | defer.Deferred[StepResult]":
         self.running = True
@@ -176,12 +183,12 @@ class AuthExchange:
 
     def _later(self, d: "defer.Deferred[Any]") -> "defer.Deferred[StepResult]":
         """A step still waiting (a thread, a network backend, a timer, a shared limits
-        store)."""
+        store).  With limits, a verdict is counted even if the client hangs up before it
+        is known: ``cancel`` says so, and the protocol then does not cancel ``d`` (no
+        shielding Deferred for every AUTH over a shared store)."""
         if self.guard is None:
             return d.addErrback(self._failed)
-        # With limits, a verdict is counted even if the client hangs up before it is
-        # known: cancelling the answer does not cancel the check (hang-up trick).
-        return self._shielded(d.addBoth(self._judge_later))
+        return d.addBoth(self._judge_later)
 
     def _judge_later(self, result: Any) -> "StepResult | defer.Deferred[StepResult]":
         """A late step's end, in one callback (every AUTH over a Redis store takes

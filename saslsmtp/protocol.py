@@ -174,9 +174,9 @@ class SubmissionESMTP(smtp.ESMTP):
             if why is not None:  # plaintext on a TLS port, a certificate refused by either side
                 log.info("TLS handshake with {peer} failed: {why}", peer=self.peer.ip, why=why)
         self.guards.lost()
-        self.auth.end()
+        keep = self.auth.end()  # a check under the limits runs on: its verdict counts
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and not keep:
             pending.cancel()
         self.transaction.abort()
         self.reader.raw = None

@@ -233,12 +233,16 @@ class SmtpAuth:
         answer()
         return None
 
-    def end(self) -> None:
-        """Forget the exchange (a late login is logged out) and log out (STARTTLS, lost)."""
+    def end(self) -> bool:
+        """Forget the exchange (a late login is logged out) and log out (the connection
+        is lost).  ``True`` when its step must run to its end all the same (a credential
+        check under the limits, whose verdict counts): the caller must not cancel it."""
+        keep = False
         if self.exchange is not None:
-            self.exchange.cancel()
+            keep = self.exchange.cancel()
             self._finish("aborted")
         self.logout()
+        return keep
 
     def logout(self) -> None:
         login, self.login = self.login, None
