@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import globalLogPublisher
@@ -17,6 +18,10 @@ from zope.interface import implementer
 
 from saslsmtp.auth import AuthExchange, FailurePolicy, LoggedIn, failure_outcome
 from saslsmtp.errors import AuthRejected, TemporaryFailure
+from saslsmtp.limits.limiter import Limiter
+from saslsmtp.limits.session import GATE_REFUSAL, ConnectionLimits
+from saslsmtp.limits.settings import parse_limits
+from saslsmtp.limits.store import MemoryStore
 from saslsmtp.mechanisms import builtin_mechanisms
 from saslsmtp.replies import REPLIES, auth_reply
 from saslsmtp.sasl.mechanism import MechanismSpec
@@ -287,3 +292,30 @@ def test_tls_facts_read_once_per_exchange(monkeypatch: pytest.MonkeyPatch) -> No
     assert h.send(b"AUTH PLAIN " + PLAIN_TIM + b"\r\n").startswith(b"235 ")
     assert len(calls) == 1
     assert checker.seen[0].session.channel_bindings == {"tls-unique": b"binding"}
+
+
+def test_a_check_under_the_limits_runs_on_when_the_client_leaves() -> None:
+    """With the limits' guard, ``cancel`` (the connection went away) says the step must
+    run on, so the protocol leaves its Deferred alone: the verdict still counts, and the
+    next attempt from the address is refused unchecked.  Without a guard nothing needs
+    to run on (the protocol cancels the step)."""
+    clock = Clock()
+    settings = parse_limits({"auth_failures_per_ip": "1/1m"}, lambda key, message: None)
+    limits = ConnectionLimits(Limiter(settings, MemoryStore(clock), clock))
+    d: defer.Deferred[Any] = defer.Deferred()
+
+    class SlowPortal:
+        def login(self, *args: Any) -> "defer.Deferred[Any]":
+            return d
+    ex = AuthExchange(builtin_mechanisms()["PLAIN"], Session(), portal=SlowPortal(),
+                      guard=limits.attempt("192.0.2.7", "PLAIN"))
+    step = ex.start(b"\0tim\0wrong")
+    assert isinstance(step, defer.Deferred) and not step.called
+    assert ex.cancel() is True
+    d.errback(UnauthorizedLogin())
+    assert result(step) == Reject()
+    assert limits.attempt("192.0.2.7", "PLAIN").admit("tim") is GATE_REFUSAL
+
+    unguarded = AuthExchange(builtin_mechanisms()["PLAIN"], Session(), portal=SlowPortal())
+    unguarded.start(b"\0tim\0wrong")
+    assert unguarded.cancel() is False
