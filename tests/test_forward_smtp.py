@@ -10,7 +10,6 @@ password -> 235 2.7.0, wrong -> 535 5.7.8, server stopped -> 454 4.7.0, server b
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from saslsmtp.replies import REPLIES
 from tests.test_outage import LevelCapture
-from tests.support import free_port, silent_port, smtp_login, start_server
+from tests.support import free_port, reactor_seconds, silent_port, smtp_login, start_server
 from tests.tlsutil import issue_cert, make_ca
 from tests.upstreams import USERS, AiosmtpdUpstream, AuthAPI, WebServer
 
@@ -65,9 +64,9 @@ async def assert_hang_is_454_within_timeout(tmp_path: Path, table: str) -> None:
     """A saslsmtp whose backend never answers replies 454 4.7.0 about ``timeout`` later."""
     server = await start_server(tmp_path, table)
     try:
-        started = time.monotonic()
+        started = reactor_seconds()
         expect(await smtp_login(server.port, "alice", USERS["alice"]), TEMPFAIL)
-        elapsed = time.monotonic() - started
+        elapsed = reactor_seconds() - started
         assert HANG_TIMEOUT <= elapsed < HANG_TIMEOUT + 1.5, elapsed
     finally:
         await server.stop()

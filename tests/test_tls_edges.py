@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from twisted.internet import reactor, threads
 
 from saslsmtp.service import SubmissionFactory, listener, load, wire
 from tests.conftest import require_binary
-from tests.support import write_config
+from tests.support import reactor_seconds, write_config
 from tests.test_tls_context import LineClient, client_context
 from tests.test_tls_deadline import _half_client_hello
 from tests.test_tls_failures import LogWatch
@@ -77,14 +76,14 @@ def auth_then_starttls(port: int) -> tuple[list[bytes], float]:
     try:
         client = LineClient(raw)
         replies = [client.reply(), client.command(b"EHLO client.example"), client.command(GOOD)]
-        started = time.monotonic()
+        started = reactor_seconds()
         replies.append(client.command(b"STARTTLS"))
         client.sock = client_context().wrap_socket(raw)
         replies += [client.command(b"EHLO client.example").split(b"\r\n")[-1],
                     client.command(b"MAIL FROM:<alice@example.test>"), client.reply()]
         while client.sock.recv(4096):
             pass
-        return replies, time.monotonic() - started
+        return replies, reactor_seconds() - started
     finally:
         raw.close()
 
@@ -136,7 +135,7 @@ def starttls_then_half_a_hello(port: int) -> float:
         client = LineClient(raw)
         client.reply()
         client.command(b"EHLO client.example")
-        started = time.monotonic()  # the deadline starts when the server takes the STARTTLS
+        started = reactor_seconds()  # the deadline starts when the server takes the STARTTLS
         assert client.command(b"STARTTLS") == b"220 2.0.0 Ready to start TLS"
         raw.sendall(_half_client_hello())
         try:
@@ -144,7 +143,7 @@ def starttls_then_half_a_hello(port: int) -> float:
                 pass
         except ConnectionResetError:
             pass
-        return time.monotonic() - started
+        return reactor_seconds() - started
 
 
 @pytest_twisted.ensureDeferred
