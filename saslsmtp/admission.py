@@ -30,9 +30,13 @@ class LimitedConnection(Protocol):
 
     @property
     def auth_user(self) -> str | None: ...
+    @property
+    def leaving(self) -> bool: ...
     def greet(self) -> None: ...
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
+    def hold(self) -> None: ...
+    def settled(self, failure: Failure | None = None) -> None: ...
     def busy_until(self, d: "defer.Deferred[Any]",
                    then: "Callable[[Any], Any] | None" = None) -> None: ...
 
@@ -53,17 +57,31 @@ class ConnectionAdmission:
             self._admit()
 
     def _admit(self) -> None:
-        """Ask the limits whether this client may stay: 421 4.7.0 and close if not."""
+        """Ask the limits whether this client may stay: 421 4.7.0 and close if not.
+        A shared store (Redis) answers later: the connection holds its input until
+        then, with no Deferred in between (every connection over Redis waits here)."""
         connection = self.connection
         try:
-            verdict = self.limits.admit(connection.peer.ip)
+            verdict = self.limits.admit_then(connection.peer.ip, self._answered)
         except Exception:
             connection.busy_until(defer.fail())  # the protocol's internal-error reply
             return
-        if is_deferred(verdict):  # a shared store (Redis) answers later
-            connection.busy_until(verdict, self._decided)
+        if verdict is None:
+            connection.hold()
         else:  # the memory store answered at once: no busy round
             self._decided(verdict)
+
+    def _answered(self, verdict: Any) -> None:
+        """A shared store's verdict (never after the connection was lost: ``release``
+        stops it); a connection already closing (kicked, shut down) is not greeted."""
+        connection = self.connection
+        failure = None
+        try:
+            if not connection.leaving:
+                self._decided(verdict)
+        except Exception:
+            failure = Failure()  # the protocol's internal-error reply
+        connection.settled(failure)
 
     def _decided(self, verdict: Any) -> None:
         if not verdict.allowed:

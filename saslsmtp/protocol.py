@@ -75,6 +75,19 @@ _NOT_SMTP = re.compile(rb"^\s*(?:(?:CONNECT|DELETE|GET|HEAD|OPTIONS|POST|PUT)\s|
 _BDAT = re.compile(rb"^(\d{1,20})(?:[ \t]+LAST)?[ \t]*$", re.IGNORECASE)
 
 
+class _Held:
+    """What a connection in ``hold`` waits on instead of a Deferred.  Cancelling it does
+    nothing: the answer is stopped by ``ConnectionLimits.release``."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+HELD = _Held()
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class SubmissionESMTP(smtp.ESMTP):
     """The submission protocol.  One instance per connection; see the module docstring.
@@ -118,7 +131,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.guards = ConnectionGuards(self, call_later, settings)
         self.reader = LineReader(self._line, self._leaving, on_flood=self.guards.flooded)
         self._paused = False
-        self._pending: defer.Deferred | None = None
+        self._pending: defer.Deferred | _Held | None = None  # what the connection waits on
         self._waited_out = False  # idle_timeout came while the server was answering
         self.lost = False
         self.tls = False
@@ -222,8 +235,8 @@ class SubmissionESMTP(smtp.ESMTP):
         A session already closing is left alone.  The one way kick and shutdown close a
         session, so they cannot treat a message differently."""
         pending = self._pending
-        if pending is None or not answer_first or self.transaction.receiving:
-            return self._end_now(reply)
+        if pending is None or isinstance(pending, _Held) or not answer_first or self.transaction.receiving:
+            return self._end_now(reply)  # (``HELD``: no answer yet, only the greeting)
 
         def then(result: Any) -> Any:
             self._end_now(reply)  # after the answer and whatever it let through
@@ -318,6 +331,17 @@ class SubmissionESMTP(smtp.ESMTP):
             d.addBoth(self._settled)
         else:
             d.addBoth(self._answered, then)
+
+    def hold(self) -> None:
+        """``busy_until`` without a Deferred: busy until ``settled()`` (the admission's
+        wait for a shared store, which every session over Redis makes)."""
+        self.reader.hold()
+        self._pending = HELD
+
+    def settled(self, failure: Failure | None = None) -> None:
+        """The end of a ``hold``: a failure gets the internal-error reply, then the
+        queued lines are replayed."""
+        self._settled(failure)
 
     def _answered(self, result: Any, then: Callable[[Any], Any]) -> Any:
         if not isinstance(result, Failure):

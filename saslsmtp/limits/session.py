@@ -7,8 +7,9 @@ answer; what is counted where, and the fail2ban line, live here.
 ==============================  ================================================
 event                           call
 ==============================  ================================================
-connection made (address known) ``limits.admit(ip)`` -> ``Verdict`` (421), or a
-                                Deferred of it (a shared store)
+connection made (address known) ``limits.admit_then(ip, then)`` -> ``Verdict``
+                                (421), or ``None`` and ``then(verdict)`` later (a
+                                shared store)
 connection lost                 ``limits.release()``
 AUTH exchange starts            ``attempt = limits.attempt(ip, mechanism)``
 username known (Verify, Lookup) ``refusal = attempt.admit(user, password)`` (maybe a
@@ -21,6 +22,8 @@ MAIL / RCPT / message stored    ``mail_allowed`` / ``recipient_allowed`` /
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -124,43 +127,59 @@ class ConnectionLimits:
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
         self._admission: Admission | None = None
+        self._then: Callable[[Verdict], object] | None = None  # who waits for the verdict
+        self._waiting = False  # ``admit_then`` returned before the store answered
         self._pending: Deferred[Verdict] | None = None
         self.trusted = False  # a client in trusted_networks: its mail is not counted either
 
-    def admit(self, address: str) -> "Verdict | Deferred[Verdict]":
+    def admit_then(self, address: str, then: Callable[[Verdict], object]) -> Verdict | None:
         """A new connection from ``address``: its verdict (``421 4.7.0`` when over a
-        limit), at once when the store answers at once, else through a Deferred."""
+        limit) when the store answers at once; else ``None``, and ``then(verdict)``
+        once it answers, unless ``release`` came first (a seat that still comes is then
+        given back).  No Deferred: over a shared store every connection waits here."""
         if not address:  # a UNIX socket: no client address to count
             return ALLOWED
         self.trusted = self.limiter.settings.is_trusted(address)
+        self._then = then
         admission = self.limiter.seat_then(address, self._seated)
-        if admission is not None:
-            self._admission = admission
-            return admission.verdict
-        if self._admission is not None:  # answered before seat_then returned
-            return self._admission.verdict
-        # What the connection waits on; cancelling it (the connection is gone) leaves
-        # the store's call running, and a seat that still comes is given back.
+        if admission is None:
+            admission = self._admission  # answered before seat_then returned
+            if admission is None:
+                self._waiting = True
+                return None
+        self._then = None
+        self._admission = admission
+        return admission.verdict
+
+    def admit(self, address: str) -> "Verdict | Deferred[Verdict]":
+        """``admit_then`` with a Deferred for the verdict that comes later; cancelled
+        (and the seat that still comes given back) by ``release``."""
         pending: Deferred[Verdict] = Deferred()
+        verdict = self.admit_then(address, pending.callback)
+        if verdict is not None:
+            return verdict
         self._pending = pending
         return pending
 
     def _seated(self, admission: Admission) -> None:
         """A shared store's answer."""
-        pending, self._pending = self._pending, None
-        if pending is None:  # before ``admit`` returned
+        if not self._waiting:  # before ``admit_then`` returned
             self._admission = admission
-        elif pending.called:  # the connection went away meanwhile
+            return
+        self._waiting = False
+        then, self._then = self._then, None
+        if then is None:  # the connection went away meanwhile
             admission.release()
-        else:
-            self._admission = admission
-            pending.callback(admission.verdict)
+            return
+        self._admission = admission
+        then(admission.verdict)
 
     def release(self) -> None:
         """The connection is gone: give its slot back (or stop waiting for one)."""
-        pending = self._pending
+        self._then = None  # a seat that still comes is given back
+        pending, self._pending = self._pending, None
         if pending is not None and not pending.called:
-            pending.cancel()  # stays there: a seat that still comes is given back
+            pending.cancel()
             pending.addErrback(lambda f: None)  # the cancellation is no error
         admission, self._admission = self._admission, None
         if admission is not None:
