@@ -18,7 +18,6 @@ from twisted.python.failure import Failure
 from saslsmtp.limits.session import ConnectionLimits, refusal_line
 from saslsmtp.peer import Peer
 from saslsmtp.replies import SMTPReply
-from saslsmtp.settled import is_deferred
 
 
 class LimitedConnection(Protocol):
