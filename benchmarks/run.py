@@ -382,11 +382,12 @@ def make_certificate(workdir: Path, kind: str) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def running(servers: list[Server]) -> Iterator[None]:
-    """Start every server; stop them all on the way out, whatever happens."""
+def running(servers: list[Server], timeout: float = 30.0) -> Iterator[None]:
+    """Start every server (each has ``timeout`` seconds to greet); stop them all on the
+    way out, whatever happens."""
     try:
         for server in servers:
-            server.start()
+            server.start(timeout)
         yield
     finally:
         for server in servers:

@@ -53,6 +53,8 @@ declare -A BINARY_PACKAGE=(
     [cc]=gcc
     [logrotate]=logrotate
     [mkpasswd]=whois
+    [valgrind]=valgrind
+    [callgrind_control]=valgrind
 )
 # Packages that provide no binary of their own but that a binary above needs
 # (swaks' --tls needs Net::SSLeay; its CRAM-MD5 needs Authen::SASL-era modules).

@@ -289,3 +289,37 @@ def test_ab_refuses_a_folder_that_is_not_a_checkout(tmp_path) -> None:
     assert done.returncode == 2
     assert f"{tmp_path}: not a saslsmtp checkout" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ab_instructions_counts_what_each_daemon_executes_per_session(tmp_path) -> None:
+    """benchmarks/ab_instructions.py: both daemons under callgrind, a counted load each,
+    a plausible instruction count per session for each (one checkout against itself:
+    about the same), the report saved as printed."""
+    from tests.conftest import require_binary
+    require_binary("valgrind", "valgrind")
+    require_binary("callgrind_control", "valgrind")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ab_instructions.py", str(ROOT), "--count", "30",
+         "--repeats", "1", "--warmup-sessions", "10", "--results-dir", str(tmp_path),
+         "--label", "t"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in rows[2:]] == ["| 1", "| median"]
+    old, new = (int(v.replace(",", "")) for v in rows[2][1:3])
+    assert 100_000 < old < 20_000_000 and 100_000 < new < 20_000_000, rows[2]
+    assert abs(new - old) / old < 0.15, rows[2]
+    [saved] = tmp_path.glob("*-ab-instructions-t.md")
+    assert saved.read_text() + "\n" == done.stdout
+
+
+def test_ab_instructions_without_valgrind_says_so(tmp_path) -> None:
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "git").symlink_to("/usr/bin/git")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ab_instructions.py", str(ROOT)], cwd=ROOT,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": str(bare)})
+    assert done.returncode == 1
+    assert "valgrind and callgrind_control not found" in done.stderr
+    assert "Traceback" not in done.stderr
