@@ -54,21 +54,30 @@ def daemon(name: str, tree: Path, workdir: Path, args: argparse.Namespace) -> be
     return server
 
 
+def add_checkout_arguments(p: argparse.ArgumentParser, label_help: str) -> None:
+    """What every A/B takes: the two checkouts, the results file's label, ``--no-save``."""
+    p.add_argument("old", type=Path, help="the checkout to compare against")
+    p.add_argument("new", type=Path, nargs="?", default=bench.REPO,
+                   help="the checkout under test (default: this one)")
+    p.add_argument("--label", default="", help=label_help)
+    p.add_argument("--no-save", action="store_true", help="print only")
+
+
+def check_checkouts(p: argparse.ArgumentParser, own: argparse.Namespace) -> None:
+    for tree in (own.old, own.new):
+        if not (tree / "saslsmtp" / "__init__.py").is_file():
+            p.error(f"{tree}: not a saslsmtp checkout")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Namespace]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other options are run.py's load and configuration options (one -c value).")
-    p.add_argument("old", type=Path, help="the checkout to compare against")
-    p.add_argument("new", type=Path, nargs="?", default=bench.REPO,
-                   help="the checkout under test (default: this one)")
+    add_checkout_arguments(p, "results file label (default: the mode)")
     p.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
-    p.add_argument("--label", default="", help="results file label (default: the mode)")
-    p.add_argument("--no-save", action="store_true", help="print only")
     own, rest = p.parse_known_args(argv)
-    for tree in (own.old, own.new):
-        if not (tree / "saslsmtp" / "__init__.py").is_file():
-            p.error(f"{tree}: not a saslsmtp checkout")
+    check_checkouts(p, own)
     if own.rounds < 2:
         p.error("--rounds 2 or more please")
     load = bench.parse_args(rest + (["-c", "16"] if not {"-c", "--concurrency"} & set(rest)
@@ -125,14 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     except bench.BenchError as e:
         print(f"ab.py: {e}", file=sys.stderr)
         return 1
-    text = report(own, load, started, servers, cpu)
+    publish(report(own, load, started, servers, cpu), None if own.no_save else load.results_dir,
+            started, "ab-" + (own.label or load.mode))
+    return 0
+
+
+def publish(text: str, results_dir: str | None, started: dt.datetime, name: str) -> None:
+    """Print the report, and keep it as ``<results_dir>/<date>-<name>.md`` (not with
+    ``--no-save``: ``results_dir`` ``None``)."""
     print(text)
-    if not own.no_save:
-        label = own.label or load.mode
-        path = Path(load.results_dir) / f"{started:%Y%m%d-%H%M%S}-ab-{label}.md"
+    if results_dir is not None:
+        path = Path(results_dir) / f"{started:%Y%m%d-%H%M%S}-{name}.md"
         path.write_text(text)
         print(f"saved {path}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

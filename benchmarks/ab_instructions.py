@@ -51,21 +51,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Nam
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other options are run.py's configuration options (-c is 16).")
-    p.add_argument("old", type=Path, help="the checkout to compare against")
-    p.add_argument("new", type=Path, nargs="?", default=bench.REPO,
-                   help="the checkout under test (default: this one)")
+    ab.add_checkout_arguments(p, "results file label")
     p.add_argument("--count", type=int, default=400, help="sessions measured per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup-sessions", type=int, default=100,
                    help="sessions run before the counters are zeroed, each repeat")
     p.add_argument("--old-config-fragment", default=None,
                    help="the old daemon's own config fragment ('' for none)")
-    p.add_argument("--label", default="", help="results file label")
-    p.add_argument("--no-save", action="store_true", help="print only")
     own, rest = p.parse_known_args(argv)
-    for tree in (own.old, own.new):
-        if not (tree / "saslsmtp" / "__init__.py").is_file():
-            p.error(f"{tree}: not a saslsmtp checkout")
+    ab.check_checkouts(p, own)
     if own.count < 1 or own.repeats < 1 or own.warmup_sessions < 0:
         p.error("--count and --repeats must be 1 or more, --warmup-sessions 0 or more")
     load = bench.parse_args(rest + ["-c", "16"])
@@ -191,13 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (bench.BenchError, subprocess.SubprocessError) as e:
         print(f"ab_instructions.py: {e}", file=sys.stderr)
         return 1
-    text = report(own, load, old_load, started, servers, ir)
-    print(text)
-    if not own.no_save:
-        label = "-" + own.label if own.label else ""
-        path = Path(load.results_dir) / f"{started:%Y%m%d-%H%M%S}-ab-instructions{label}.md"
-        path.write_text(text)
-        print(f"saved {path}", file=sys.stderr)
+    ab.publish(report(own, load, old_load, started, servers, ir),
+               None if own.no_save else load.results_dir, started,
+               "ab-instructions" + ("-" + own.label if own.label else ""))
     return 0
 
 
