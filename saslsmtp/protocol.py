@@ -11,6 +11,8 @@ job:
   command whose answer may come later marks the connection *busy* (``busy_until``): the
   transport is paused, further lines queue, and the queue is drained only after the
   reply for the current step was written, so pipelined commands are answered in order.
+  The admission over a shared limits store waits the same way without a Deferred
+  (``hold``, then ``settled``).
 * ``saslsmtp.smtpauth.SmtpAuth``: the AUTH command and its replies, driving one
   ``saslsmtp.auth.AuthExchange`` per AUTH.
 * ``saslsmtp.transaction.MailTransaction``: MAIL, RCPT, DATA.
