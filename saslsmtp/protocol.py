@@ -234,11 +234,14 @@ class SubmissionESMTP(smtp.ESMTP):
         being stored, a backend is checking a password) is sent first, then ``reply``:
         the client learns its message went through and does not send it again.  With
         ``answer_first=False`` (a shutdown whose grace is over) it is not waited for.
+        A session still waiting for its admission (``hold``) has no answer to send: it
+        gets ``reply`` at once, and no greeting after it.
         A session already closing is left alone.  The one way kick and shutdown close a
         session, so they cannot treat a message differently."""
         pending = self._pending
-        if pending is None or isinstance(pending, _Held) or not answer_first or self.transaction.receiving:
-            return self._end_now(reply)  # (``HELD``: no answer yet, only the greeting)
+        if (pending is None or isinstance(pending, _Held) or not answer_first
+                or self.transaction.receiving):
+            return self._end_now(reply)
 
         def then(result: Any) -> Any:
             self._end_now(reply)  # after the answer and whatever it let through
